@@ -1,0 +1,178 @@
+"""The ledger's interface, shared by the SQLite and PostgreSQL backends.
+
+Amounts are integers: nano-dollars, tokens, requests. A request gets exactly one
+decision row; a forwarded request gets exactly one hold, which ends exactly once
+(committed, released or expired).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from ..money import format_usd
+
+UNITS = ("usd", "tokens", "requests")
+SCHEMA_VERSION = 1
+
+
+class LedgerError(Exception):
+    """The ledger could not answer (locked, disk full, read-only, corrupt, unreachable)."""
+
+
+class LedgerTooNew(LedgerError):
+    """The ledger was written by a newer drawdown; refusing to touch it."""
+
+
+@dataclass(frozen=True)
+class Amount:
+    usd: int = 0  # nano-dollars
+    tokens: int = 0
+    requests: int = 0
+
+    def get(self, unit: str) -> int:
+        return getattr(self, unit)
+
+
+@dataclass(frozen=True)
+class Claim:
+    """One budget instance a request must fit into (SPEC §4)."""
+
+    budget: str  # the budget's key
+    scope: str  # the instance, e.g. agent:research/run:7f3a
+    limit_usd: int | None
+    limit_tokens: int | None
+    limit_requests: int | None
+    per: str | None = None
+    window_start: int = 0  # epoch seconds of the window's start; 0 for lifetime budgets
+    window_end: int | None = None
+    shadow: bool = False  # a shadow claim never denies; its shortfall is recorded as would_deny
+
+    def limit(self, unit: str) -> int | None:
+        return getattr(self, f"limit_{unit}")
+
+
+@dataclass(frozen=True)
+class Shortfall:
+    """Why a claim cannot take a request's estimate."""
+
+    claim: Claim
+    unit: str
+    limit: int
+    spent: int
+    reserved: int
+    needed: int
+
+    def describe(self) -> str:
+        c = self.claim
+        window = f" per {c.per}" if c.per else ""
+        if self.unit == "usd":
+            amounts = (
+                f"usd {format_usd(self.limit, 2)}{window} exhausted "
+                f"(spent {format_usd(self.spent)}"
+                + (f", held {format_usd(self.reserved)}" if self.reserved else "")
+                + f", this call needs ≈{format_usd(self.needed)})"
+            )
+        else:
+            amounts = (
+                f"{self.unit} {self.limit}{window} exhausted (used {self.spent}"
+                + (f", held {self.reserved}" if self.reserved else "")
+                + f", this call needs {self.needed})"
+            )
+        return f"budget {c.scope} {amounts}"
+
+
+@dataclass
+class DecisionRow:
+    """The one row a request leaves in the ledger. Never holds secrets: no headers, no query, no body."""
+
+    request_id: str
+    ts: float
+    decision: str  # allow | deny | would_deny
+    mode: str
+    scope: str
+    tenant: str | None = None
+    workflow: str | None = None
+    agent: str | None = None
+    run: str | None = None
+    action: str | None = None
+    provider: str | None = None
+    model: str | None = None
+    method: str = ""
+    host: str = ""
+    path: str = ""
+    reason_code: str | None = None
+    reason: str | None = None
+    est_usd: int = 0
+    est_tokens: int = 0
+    stream: bool = False
+    fingerprint: str | None = None  # hash of the request's action + body, for loop detection
+    status: int | None = None  # set now for denials, at completion otherwise
+    policy_digest: str = ""
+    budget: str | None = None  # the budget instance that denied (or would have)
+
+
+@dataclass(frozen=True)
+class ReserveOutcome:
+    decision: str  # allow | deny | would_deny, as recorded
+    hold_id: int | None  # None when denied
+    shortfalls: tuple[Shortfall, ...] = ()  # enforced claims that could not take the estimate
+    shadow_shortfalls: tuple[Shortfall, ...] = ()  # shadow claims that could not (hold made anyway)
+
+    @property
+    def first(self) -> Shortfall | None:
+        found = self.shortfalls or self.shadow_shortfalls
+        return found[0] if found else None
+
+
+@dataclass(frozen=True)
+class Completion:
+    """What is known when a forwarded request ends."""
+
+    actual: Amount = field(default_factory=Amount)
+    status: int | None = None
+    tokens_in: int = 0
+    tokens_out: int = 0
+    usage_source: str | None = None  # usage | counted | estimate
+    model: str | None = None
+    latency_ms: float | None = None
+    upstream_ms: float | None = None
+    note: str | None = None  # e.g. the upstream error
+
+
+@dataclass(frozen=True)
+class Settled:
+    applied: bool  # False: the hold had already ended; nothing changed (or, for a late commit, charged only)
+    state: str  # the hold's state afterwards
+    overage: bool = False
+
+
+class Ledger(Protocol):
+    """Both backends implement this synchronously; `AsyncLedger` runs it off the event loop."""
+
+    process_id: str
+
+    def reserve(
+        self, row: DecisionRow, claims: Sequence[Claim], estimate: Amount, expires_at: float
+    ) -> ReserveOutcome: ...
+
+    def record(self, row: DecisionRow) -> None: ...
+
+    def commit(
+        self, request_id: str, hold_id: int, completion: Completion, now: float
+    ) -> Settled: ...
+
+    def release(
+        self, request_id: str, hold_id: int, completion: Completion, reason: str, now: float
+    ) -> Settled: ...
+
+    def extend(self, hold_ids: Sequence[int], expires_at: float) -> None: ...
+
+    def heartbeat(self, now: float) -> None: ...
+
+    def sweep(self, now: float, lease_seconds: float) -> int: ...
+
+    def release_mine(self, now: float, reason: str) -> int: ...
+
+    def close(self) -> None: ...

@@ -1,0 +1,55 @@
+"""Read-only access to a ledger for reports, replay and explain — off the proxy's hot path."""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+from .api import LedgerError
+
+_NAMED = re.compile(r":([A-Za-z_][A-Za-z0-9_]*)")
+
+
+class Reader:
+    """`query(sql, params)` with `:name` placeholders on either backend; rows as dicts."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        if url.startswith(("postgresql://", "postgres://")):
+            try:
+                import psycopg
+                from psycopg.rows import dict_row
+            except ImportError as exc:
+                raise LedgerError(f"reading a PostgreSQL ledger needs psycopg: {exc}") from exc
+            try:
+                self._pg = psycopg.connect(url, row_factory=dict_row, autocommit=True)
+            except psycopg.Error as exc:
+                raise LedgerError(f"cannot open ledger {url}: {exc}") from exc
+            self._sqlite = None
+        else:
+            path = url.removeprefix("sqlite:///")
+            if not Path(path).exists():
+                raise LedgerError(
+                    f"no ledger at {path} (start `drawdown run --db {path}` first, or pass --db)"
+                )
+            try:
+                self._sqlite = sqlite3.connect(f"file:{Path(path).resolve()}?mode=ro", uri=True)
+                self._sqlite.row_factory = sqlite3.Row
+                self._sqlite.execute("SELECT 1 FROM decisions LIMIT 1")
+            except sqlite3.Error as exc:
+                raise LedgerError(f"cannot read ledger {path}: {exc}") from exc
+            self._pg = None
+
+    def query(self, sql: str, params: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+        params = params or {}
+        try:
+            if self._sqlite is not None:
+                return [dict(row) for row in self._sqlite.execute(sql, params)]
+            return list(self._pg.execute(_NAMED.sub(r"%(\1)s", sql), params))
+        except Exception as exc:  # sqlite3.Error / psycopg.Error: both mean "cannot read"
+            raise LedgerError(f"cannot read ledger {self.url}: {exc}") from exc
+
+    def close(self) -> None:
+        (self._sqlite or self._pg).close()

@@ -1,0 +1,161 @@
+"""The ledger's tables, one list of versioned migrations.
+
+SQLite migrations are written with sqlite-utils; the PostgreSQL backend carries
+the same tables as SQL (see postgres.py). A ledger newer than this code is refused.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import sqlite_utils
+
+from .api import SCHEMA_VERSION, LedgerTooNew
+
+DECISION_COLUMNS: dict[str, type] = {
+    "id": int,
+    "request_id": str,
+    "ts": float,
+    "decision": str,
+    "reason_code": str,
+    "reason": str,
+    "mode": str,
+    "scope": str,
+    "tenant": str,
+    "workflow": str,
+    "agent": str,
+    "run": str,
+    "action": str,
+    "provider": str,
+    "model": str,
+    "method": str,
+    "host": str,
+    "path": str,
+    "est_usd": int,
+    "est_tokens": int,
+    "actual_usd": int,
+    "tokens_in": int,
+    "tokens_out": int,
+    "usage_source": str,
+    "status": int,
+    "latency_ms": float,
+    "upstream_ms": float,
+    "stream": int,
+    "fingerprint": str,
+    "hold_id": int,
+    "budget": str,
+    "policy_digest": str,
+    "completed_at": float,
+    "note": str,
+}
+
+
+def _v1(db: sqlite_utils.Database) -> None:
+    db["budget_instances"].create(
+        {
+            "id": int,
+            "budget": str,
+            "scope": str,
+            "window_start": int,
+            "per": str,
+            "limit_usd": int,
+            "limit_tokens": int,
+            "limit_requests": int,
+            "spent_usd": int,
+            "spent_tokens": int,
+            "spent_requests": int,
+            "reserved_usd": int,
+            "reserved_tokens": int,
+            "reserved_requests": int,
+            "created_at": float,
+            "updated_at": float,
+        },
+        pk="id",
+        not_null={"budget", "scope", "window_start"},
+        defaults={
+            "spent_usd": 0,
+            "spent_tokens": 0,
+            "spent_requests": 0,
+            "reserved_usd": 0,
+            "reserved_tokens": 0,
+            "reserved_requests": 0,
+        },
+    )
+    db["budget_instances"].create_index(["budget", "scope", "window_start"], unique=True)
+    db["budget_instances"].create_index(["scope"])
+    db["processes"].create(
+        {
+            "id": str,
+            "pid": int,
+            "host": str,
+            "started_at": float,
+            "heartbeat_at": float,
+            "stopped_at": float,
+        },
+        pk="id",
+    )
+    db["holds"].create(
+        {
+            "id": int,
+            "request_id": str,
+            "process_id": str,
+            "state": str,  # active | committed | released | expired
+            "created_at": float,
+            "expires_at": float,
+            "settled_at": float,
+            "settle_reason": str,
+            "instance_ids": str,  # comma-separated budget_instances ids the estimate is held on
+            "est_usd": int,
+            "est_tokens": int,
+            "est_requests": int,
+            "actual_usd": int,
+            "actual_tokens": int,
+            "actual_requests": int,
+            "usage_source": str,
+        },
+        pk="id",
+        not_null={"request_id", "process_id", "state"},
+    )
+    db["holds"].create_index(["request_id"], unique=True)
+    db.execute("CREATE INDEX idx_holds_active ON holds (expires_at) WHERE state = 'active'")
+    db.execute("CREATE INDEX idx_holds_process_active ON holds (process_id) WHERE state = 'active'")
+    db["decisions"].create(DECISION_COLUMNS, pk="id", not_null={"request_id", "ts", "decision"})
+    db["decisions"].create_index(["request_id"], unique=True)
+    db["decisions"].create_index(["ts"])
+    db["decisions"].create_index(["agent", "run", "ts"])
+    db["events"].create(
+        {
+            "id": int,
+            "ts": float,
+            "kind": str,
+            "request_id": str,
+            "hold_id": int,
+            "instance_id": int,
+            "detail": str,
+        },
+        pk="id",
+    )
+    db["events"].create_index(["kind", "ts"])
+
+
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1]
+assert len(MIGRATIONS) == SCHEMA_VERSION
+
+
+def migrate(db: sqlite_utils.Database) -> int:
+    """Bring the ledger to SCHEMA_VERSION. Call inside a write transaction. Returns the old version."""
+    db["meta"].create({"key": str, "value": str}, pk="key", if_not_exists=True)
+    row = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+    version = int(row[0]) if row else 0
+    if version > SCHEMA_VERSION:
+        raise LedgerTooNew(
+            f"this ledger has schema version {version}, newer than this drawdown understands ({SCHEMA_VERSION}); upgrade drawdown"
+        )
+    for number in range(version, SCHEMA_VERSION):
+        MIGRATIONS[number](db)
+    if version != SCHEMA_VERSION:
+        db.execute(
+            "INSERT INTO meta (key, value) VALUES ('schema_version', ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            [str(SCHEMA_VERSION)],
+        )
+    return version

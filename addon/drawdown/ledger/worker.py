@@ -1,0 +1,86 @@
+"""Run a synchronous ledger off the event loop: one writer thread, awaited futures.
+
+mitmproxy runs every hook on one asyncio loop, so the loop never touches the
+database. Operations queued while the writer is busy are applied together in one
+transaction (one lock, one WAL commit) — each keeps its own savepoint, result and
+decision, so batching changes throughput, never outcomes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from typing import Any
+
+from .api import LedgerError
+
+log = logging.getLogger(__name__)
+
+_STOP = object()
+
+
+def _resolve(future: asyncio.Future[Any], result: Any) -> None:
+    if future.cancelled():
+        return
+    if isinstance(result, BaseException):
+        future.set_exception(result)
+    else:
+        future.set_result(result)
+
+
+class AsyncLedger:
+    def __init__(self, ledger: Any, *, max_batch: int = 128) -> None:
+        self.ledger = ledger
+        self.max_batch = max_batch
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="drawdown-ledger", daemon=True)
+        self._thread.start()
+
+    @property
+    def process_id(self) -> str:
+        return self.ledger.process_id
+
+    async def call(self, name: str, *args: Any) -> Any:
+        """Queue `ledger.<name>(*args)` for the writer thread and await its result."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._queue.put((name, args, future, loop))
+        return await future
+
+    def call_sync(self, name: str, *args: Any) -> Any:
+        """For callers outside the event loop (shutdown, CLI): run directly, under the ledger's lock."""
+        return getattr(self.ledger, name)(*args)
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is _STOP:
+                return
+            batch = [item]
+            while len(batch) < self.max_batch:
+                try:
+                    more = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if more is _STOP:
+                    self._queue.put(_STOP)  # finish this batch, then stop
+                    break
+                batch.append(more)
+            try:
+                results = self.ledger.run_batch([(name, args) for name, args, _, _ in batch])
+            except LedgerError as exc:
+                results = [exc] * len(batch)
+            except Exception as exc:  # a bug, not a ledger fault: surface it to every waiter
+                log.exception("ledger batch failed")
+                results = [LedgerError(f"ledger failure: {exc}")] * len(batch)
+            for (_, _, future, loop), result in zip(batch, results, strict=True):
+                try:
+                    loop.call_soon_threadsafe(_resolve, future, result)
+                except RuntimeError:  # the loop has closed; nobody is waiting any more
+                    pass
+
+    def close(self, timeout: float = 10.0) -> None:
+        self._queue.put(_STOP)
+        self._thread.join(timeout)

@@ -1,0 +1,38 @@
+"""Money is integers: nano-dollars (1e-9 USD) in the ledger, Decimal at the edges, never floats.
+
+A nano-dollar is fine enough that per-token prices (e.g. $0.075 per million tokens
+= 75 nano-dollars per token) stay exact.
+"""
+
+from __future__ import annotations
+
+from decimal import ROUND_CEILING, Decimal
+
+NANOS_PER_USD = 1_000_000_000
+
+
+def usd_to_nanos(amount: Decimal | int | str, *, exact: bool = False) -> int:
+    """USD → nano-dollars. Rounds up (charges never round down) unless `exact` demands no rounding."""
+    value = Decimal(amount) * NANOS_PER_USD
+    rounded = value.to_integral_value(rounding=ROUND_CEILING)
+    if exact and rounded != value:
+        raise ValueError(f"{amount} USD is more precise than a nano-dollar")
+    return int(rounded)
+
+
+def nanos_to_usd(nanos: int) -> Decimal:
+    return Decimal(nanos) / NANOS_PER_USD
+
+
+def usd_float(nanos: int | None) -> float | None:
+    """For JSON reports only: a float for display, never fed back into accounting."""
+    return None if nanos is None else float(nanos_to_usd(nanos))
+
+
+def format_usd(nanos: int, places: int = 4) -> str:
+    """`0.4812` style; at least `places` decimals, more if the amount needs them to be non-zero."""
+    value = nanos_to_usd(nanos)
+    text = f"{value:.{places}f}"
+    if nanos and Decimal(text) == 0:
+        text = f"{value:.9f}".rstrip("0")
+    return text

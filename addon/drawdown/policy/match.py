@@ -1,0 +1,308 @@
+"""Compiled matchers: globs, host and path patterns, scope patterns, field conditions.
+
+Everything here is compiled once when a policy loads; matching a request is then
+a handful of regex calls. Compile functions raise ValueError with a message meant
+for the policy author; the schema turns it into `FILE:LINE: message`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+LEVELS = ("tenant", "workflow", "agent", "run")
+
+_MISSING = object()
+
+
+def glob_regex(pattern: str, *, separator: str | None = None) -> str:
+    """Translate a glob to a regex body. `*` stops at `separator` (if any), `**` never does.
+
+    `?` is one character, `[abc]` a class; everything else is literal.
+    """
+    out: list[str] = []
+    i, n = 0, len(pattern)
+    while i < n:
+        c = pattern[i]
+        if c == "*":
+            if pattern.startswith("**", i):
+                out.append(".*")
+                i += 2
+                continue
+            out.append(f"[^{re.escape(separator)}]*" if separator else ".*")
+        elif c == "?":
+            out.append(f"[^{re.escape(separator)}]" if separator else ".")
+        elif c == "[":
+            end = pattern.find("]", i + 1)
+            if end == -1:
+                raise ValueError(f"unclosed '[' in pattern '{pattern}'")
+            body = pattern[i + 1 : end]
+            if not body:
+                raise ValueError(f"empty '[]' in pattern '{pattern}'")
+            if body.startswith("!"):
+                body = "^" + body[1:]
+            out.append("[" + body.replace("\\", "\\\\") + "]")
+            i = end + 1
+            continue
+        else:
+            out.append(re.escape(c))
+        i += 1
+    return "".join(out)
+
+
+def compile_glob(pattern: str, *, ignore_case: bool = False) -> re.Pattern[str]:
+    flags = re.IGNORECASE if ignore_case else 0
+    return re.compile(glob_regex(pattern) + r"\Z", flags)
+
+
+def is_glob(pattern: str) -> bool:
+    return any(c in pattern for c in "*?[")
+
+
+@dataclass(frozen=True)
+class HostPattern:
+    """`api.openai.com` (any port) or `localhost:8443` (that port only); globs allowed."""
+
+    text: str
+    host: re.Pattern[str]
+    port: int | None
+
+    def matches(self, host: str, port: int) -> bool:
+        if self.port is not None and port != self.port:
+            return False
+        return self.host.match(host.lower()) is not None
+
+
+def compile_host(text: str) -> HostPattern:
+    if not text or any(c in text for c in "/ \t"):
+        raise ValueError(
+            f"host pattern '{text}' must be a host name or glob, optionally with :PORT"
+        )
+    host, port = text, None
+    if text.count(":") == 1:  # host:port (IPv6 literals must be bracketed)
+        host, _, port_text = text.partition(":")
+        if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+            raise ValueError(f"host pattern '{text}' has an invalid port")
+        port = int(port_text)
+    host = host.strip("[]").lower()
+    return HostPattern(text, compile_glob(host), port)
+
+
+@dataclass(frozen=True)
+class PathPattern:
+    """A path glob: `*` one segment, `**` any number, `{name}` captures one segment."""
+
+    text: str
+    regex: re.Pattern[str]
+    names: tuple[str, ...]
+
+    def match(self, path: str) -> dict[str, str] | None:
+        found = self.regex.match(path)
+        return found.groupdict() if found else None
+
+
+_CAPTURE = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def compile_path(text: str) -> PathPattern:
+    if not text.startswith("/") and not text.startswith("*"):
+        raise ValueError(f"path pattern '{text}' must start with '/'")
+    parts: list[str] = []
+    names: list[str] = []
+    pos = 0
+    for found in _CAPTURE.finditer(text):
+        parts.append(glob_regex(text[pos : found.start()], separator="/"))
+        name = found.group(1)
+        if name in names:
+            raise ValueError(f"path pattern '{text}' captures '{name}' twice")
+        names.append(name)
+        parts.append(f"(?P<{name}>[^/]+)")
+        pos = found.end()
+    rest = text[pos:]
+    if "{" in rest or "}" in rest:
+        raise ValueError(f"path pattern '{text}': captures look like {{name}} with a letter first")
+    parts.append(glob_regex(rest, separator="/"))
+    return PathPattern(text, re.compile("".join(parts) + r"/?\Z"), tuple(names))
+
+
+# --- scope patterns -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ScopePattern:
+    """`tenant:acme/agent:*` — a glob per named level; levels not named are ignored.
+
+    `*` alone (or an empty pattern) matches every scope and names no level.
+    """
+
+    text: str
+    levels: tuple[tuple[str, re.Pattern[str]], ...]
+
+    @property
+    def level_names(self) -> tuple[str, ...]:
+        return tuple(name for name, _ in self.levels)
+
+    def matches(self, scope: Mapping[str, str]) -> bool:
+        for level, glob in self.levels:
+            value = scope.get(level)
+            if value is None or glob.match(value) is None:
+                return False
+        return True
+
+    def instance(self, scope: Mapping[str, str]) -> str:
+        """The concrete budget instance this scope falls in: the named levels' values."""
+        return "/".join(f"{level}:{scope[level]}" for level, _ in self.levels)
+
+
+def compile_scope(text: str) -> ScopePattern:
+    text = text.strip()
+    if text in ("", "*", "**"):
+        return ScopePattern(text or "*", ())
+    levels: dict[str, re.Pattern[str]] = {}
+    for segment in text.split("/"):
+        level, sep, value = segment.partition(":")
+        if not sep:
+            raise ValueError(
+                f"scope segment '{segment}' must look like LEVEL:VALUE with LEVEL one of {', '.join(LEVELS)}"
+            )
+        if level not in LEVELS:
+            raise ValueError(f"unknown scope level '{level}' (expected one of {', '.join(LEVELS)})")
+        if level in levels:
+            raise ValueError(f"scope names level '{level}' twice")
+        if not value:
+            raise ValueError(f"scope level '{level}' has no value (use '{level}:*' for any)")
+        levels[level] = compile_glob(value)
+    ordered = tuple((level, levels[level]) for level in LEVELS if level in levels)
+    return ScopePattern(text, ordered)
+
+
+# --- conditions on request fields --------------------------------------------------------
+
+OPERATORS = ("eq", "ne", "gt", "gte", "lt", "lte", "in", "not_in", "regex", "exists")
+
+Condition = Callable[[Any], bool]  # takes the field value, or MISSING
+
+
+def missing() -> Any:
+    return _MISSING
+
+
+def _number(value: Any) -> Decimal | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | Decimal):
+        return Decimal(value)
+    if isinstance(value, float):
+        return Decimal(repr(value))
+    if isinstance(value, str):
+        try:
+            return Decimal(value.strip())
+        except ArithmeticError:
+            return None
+    return None
+
+
+def _equal(left: Any, right: Any) -> bool:
+    if isinstance(left, bool) or isinstance(right, bool):
+        return left is right or (
+            isinstance(left, bool) and isinstance(right, bool) and left == right
+        )
+    if isinstance(left, int | float | Decimal) and isinstance(right, int | float | Decimal):
+        return _number(left) == _number(right)
+    return left == right
+
+
+def compile_condition(spec: Any) -> Condition:
+    """A condition is a value (equality) or a mapping of operators, all of which must hold."""
+    if not isinstance(spec, Mapping):
+        return lambda value: value is not _MISSING and _equal(value, spec)
+    checks: list[Condition] = []
+    for op, arg in spec.items():
+        if op not in OPERATORS:
+            raise ValueError(f"unknown operator '{op}' (expected one of {', '.join(OPERATORS)})")
+        checks.append(_operator(op, arg))
+    return lambda value: all(check(value) for check in checks)
+
+
+def _operator(op: str, arg: Any) -> Condition:
+    if op == "exists":
+        if not isinstance(arg, bool):
+            raise ValueError("'exists' takes true or false")
+        return lambda value: (value is not _MISSING and value is not None) is arg
+    if op == "eq":
+        return lambda value: value is not _MISSING and _equal(value, arg)
+    if op == "ne":
+        return lambda value: value is _MISSING or not _equal(value, arg)
+    if op in ("in", "not_in"):
+        if not isinstance(arg, list):
+            raise ValueError(f"'{op}' takes a list")
+        options = list(arg)
+        if op == "in":
+            return lambda value: value is not _MISSING and any(_equal(value, o) for o in options)
+        return lambda value: value is _MISSING or not any(_equal(value, o) for o in options)
+    if op == "regex":
+        if not isinstance(arg, str):
+            raise ValueError("'regex' takes a string")
+        try:
+            rx = re.compile(arg)
+        except re.error as exc:
+            raise ValueError(f"invalid regex '{arg}': {exc}") from None
+        return lambda value: isinstance(value, str) and rx.search(value) is not None
+    bound = _number(arg)
+    if bound is None:
+        raise ValueError(f"'{op}' takes a number")
+    compare = {
+        "gt": lambda v: v > bound,
+        "gte": lambda v: v >= bound,
+        "lt": lambda v: v < bound,
+        "lte": lambda v: v <= bound,
+    }[op]
+
+    def numeric(value: Any) -> bool:
+        number = _number(value) if value is not _MISSING else None
+        return number is not None and compare(number)
+
+    return numeric
+
+
+def dig(document: Any, dotted: str) -> Any:
+    """Value at a dotted path into nested objects and arrays (`items.0.sku`), or MISSING.
+
+    A `*` segment fans out over a list's items and yields a list of the found values.
+    """
+    current = document
+    parts = dotted.split(".")
+    for index, part in enumerate(parts):
+        if part == "*":
+            if not isinstance(current, list):
+                return _MISSING
+            rest = ".".join(parts[index + 1 :])
+            found = [dig(item, rest) if rest else item for item in current]
+            return _AnyOf([v for v in found if v is not _MISSING])
+        if isinstance(current, Mapping):
+            if part not in current:
+                return _MISSING
+            current = current[part]
+        elif isinstance(current, list) and (
+            part.isdigit() or (part.startswith("-") and part[1:].isdigit())
+        ):
+            position = int(part)
+            if not -len(current) <= position < len(current):
+                return _MISSING
+            current = current[position]
+        else:
+            return _MISSING
+    return current
+
+
+class _AnyOf(list):
+    """Values fanned out by `*`: a condition holds if it holds for any of them."""
+
+
+def holds(condition: Condition, value: Any) -> bool:
+    if isinstance(value, _AnyOf):
+        return any(condition(v) for v in value)
+    return condition(value)

@@ -1,0 +1,131 @@
+"""The compiled policy: what the proxy consults on every request. Immutable."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..meter.config import MeterConfig, PricePerMillion
+from .match import Condition, HostPattern, PathPattern, ScopePattern
+
+MODES = ("enforce", "shadow")
+WINDOWS = ("minute", "hour", "day", "month")
+UNITS = ("usd", "tokens", "requests")
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where an identity level's value may come from (SPEC §2)."""
+
+    kind: str  # header | proxy_user | proxy_password | client_ip | value | idle_split
+    arg: str | int | None = None
+
+
+@dataclass(frozen=True)
+class FieldTest:
+    """`json.amount: {gt: 5000}` — a request field and the condition it must meet."""
+
+    field: str  # json.<path> | query.<name> | header.<name> | path.<name> | model
+    condition: Condition
+    line: int = 0
+
+
+@dataclass(frozen=True)
+class ActionMatch:
+    hosts: tuple[HostPattern, ...] = ()  # any of them; empty = any host
+    methods: tuple[str, ...] = ()  # upper-case; empty = any method
+    path: PathPattern | None = None
+    tests: tuple[FieldTest, ...] = ()  # query/json/header conditions, all must hold
+
+    @property
+    def needs_body(self) -> bool:
+        return any(t.field.startswith("json.") for t in self.tests)
+
+
+@dataclass(frozen=True)
+class Action:
+    kind: str
+    match: ActionMatch
+    provider: str | None = None  # LLM actions: openai | anthropic | gemini | mcp
+    cost_usd_nanos: int | None = None  # fixed cost of a tool action
+    cost_header: str | None = None  # response header holding the actual cost in USD
+    cost_json: str | None = None  # dotted path in the JSON response holding the actual cost in USD
+    price: PricePerMillion | None = None  # price override for OpenAI-compatible hosts
+    file: str = ""
+    line: int = 0
+
+    @property
+    def is_llm(self) -> bool:
+        return self.provider in ("openai", "anthropic", "gemini")
+
+    @property
+    def where(self) -> str:
+        return f"{self.file}:{self.line}"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-unit limits of a budget; None means the unit is not limited."""
+
+    usd_nanos: int | None = None
+    tokens: int | None = None
+    requests: int | None = None
+
+
+@dataclass(frozen=True)
+class Budget:
+    key: str  # stable identity of the budget across reloads: its name, or scope|per|actions
+    scope: ScopePattern
+    limits: Limits
+    per: str | None = None  # minute | hour | day | month | None (lifetime)
+    actions: tuple[Any, ...] = ()  # compiled globs over action kinds; empty = every action
+    action_texts: tuple[str, ...] = ()
+    mode: str | None = None  # per-budget override of the policy mode
+    file: str = ""
+    line: int = 0
+
+    def covers_action(self, kind: str | None) -> bool:
+        if not self.actions:
+            return True
+        return kind is not None and any(glob.match(kind) for glob in self.actions)
+
+    @property
+    def where(self) -> str:
+        return f"{self.file}:{self.line}"
+
+
+@dataclass(frozen=True)
+class HoldSettings:
+    ttl_seconds: int = 900  # a hold lives this long unless its stream is still flowing
+    lease_seconds: int = 30  # a dead proxy's holds are released this long after its last heartbeat
+
+
+@dataclass(frozen=True)
+class Policy:
+    mode: str = "enforce"
+    unknown_hosts: str = "allow"  # allow | deny | passthrough
+    on_ledger_error: str | None = None  # deny | allow; None = deny in enforce mode, allow in shadow
+    identity: dict[str, tuple[Source, ...]] = field(default_factory=dict)
+    actions: tuple[Action, ...] = ()
+    budgets: tuple[Budget, ...] = ()
+    meter: MeterConfig = field(default_factory=MeterConfig)
+    holds: HoldSettings = field(default_factory=HoldSettings)
+    files: tuple[str, ...] = ()
+    digest: str = ""  # sha256 of the policy text, recorded with decisions
+
+    @property
+    def ledger_error_allows(self) -> bool:
+        if self.on_ledger_error is not None:
+            return self.on_ledger_error == "allow"
+        return self.mode == "shadow"
+
+    @property
+    def uses_proxy_auth(self) -> bool:
+        return any(
+            s.kind in ("proxy_user", "proxy_password")
+            for sources in self.identity.values()
+            for s in sources
+        )
+
+    def budget_mode(self, budget: Budget) -> str:
+        return budget.mode or self.mode

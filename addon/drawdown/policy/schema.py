@@ -1,0 +1,621 @@
+"""Validate policy documents and compile them into a `Policy`.
+
+Every problem is reported with the file and line it comes from; nothing here
+raises for a user's mistake except `PolicyInvalid` carrying all of them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from decimal import Decimal
+from typing import Any
+
+from ..meter.config import MeterConfig, PricePerMillion
+from ..money import usd_to_nanos
+from .match import (
+    LEVELS,
+    compile_condition,
+    compile_glob,
+    compile_host,
+    compile_path,
+    compile_scope,
+)
+from .model import (
+    MODES,
+    UNITS,
+    WINDOWS,
+    Action,
+    ActionMatch,
+    Budget,
+    FieldTest,
+    HoldSettings,
+    Limits,
+    Policy,
+    Source,
+)
+from .source import LList, LMap, PolicyInvalid, Problem, line_of
+
+DEFAULT_IDENTITY: dict[str, tuple[Source, ...]] = {
+    "tenant": (Source("header", "X-Drawdown-Tenant"), Source("value", "default")),
+    "workflow": (Source("header", "X-Drawdown-Workflow"),),
+    "agent": (
+        Source("proxy_user"),
+        Source("header", "X-Drawdown-Agent"),
+        Source("value", "anonymous"),
+    ),
+    "run": (
+        Source("header", "X-Drawdown-Run"),
+        Source("proxy_password"),
+        Source("idle_split", 300),
+    ),
+}
+
+PROVIDERS = ("openai", "anthropic", "gemini", "mcp")
+_KIND = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
+_HEADER = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")
+
+
+class _Checker:
+    """Collects problems; each check returns None when the value is unusable."""
+
+    def __init__(self) -> None:
+        self.problems: list[Problem] = []
+
+    def error(self, container: Any, key: str | int | None, message: str) -> None:
+        self.problems.append(
+            Problem(getattr(container, "file", "?"), line_of(container, key), message)
+        )
+
+    def mapping(self, parent: Any, key: str | int, what: str) -> LMap | None:
+        value = parent[key]
+        if not isinstance(value, LMap):
+            self.error(parent, key, f"{what} must be a mapping, not {_kind(value)}")
+            return None
+        return value
+
+    def sequence(self, parent: Any, key: str | int, what: str) -> LList | None:
+        value = parent[key]
+        if not isinstance(value, LList):
+            self.error(parent, key, f"{what} must be a list, not {_kind(value)}")
+            return None
+        return value
+
+    def keys(
+        self, value: LMap, allowed: tuple[str, ...], what: str, required: tuple[str, ...] = ()
+    ) -> bool:
+        ok = True
+        for key in value:
+            if key not in allowed:
+                hint = _closest(key, allowed)
+                self.error(
+                    value,
+                    key,
+                    f"unknown key '{key}' in {what}"
+                    + (
+                        f" (did you mean '{hint}'?)"
+                        if hint
+                        else f" (expected one of: {', '.join(allowed)})"
+                    ),
+                )
+                ok = False
+        for key in required:
+            if key not in value:
+                self.error(value, None, f"{what} needs '{key}'")
+                ok = False
+        return ok
+
+    def text(self, parent: Any, key: str | int, what: str) -> str | None:
+        value = parent[key]
+        if not isinstance(value, str) or not value.strip():
+            self.error(parent, key, f"{what} must be non-empty text, not {_kind(value)}")
+            return None
+        return value
+
+    def choice(self, parent: Any, key: str, options: tuple[str, ...], what: str) -> str | None:
+        value = parent[key]
+        if value not in options:
+            self.error(parent, key, f"{what} must be one of {', '.join(options)}, not {_show(value)}")
+            return None
+        return value
+
+    def integer(self, parent: Any, key: str | int, what: str, minimum: int = 0) -> int | None:
+        value = parent[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            self.error(parent, key, f"{what} must be a whole number ≥ {minimum}, not {_show(value)}")
+            return None
+        return value
+
+    def number(
+        self, parent: Any, key: str | int, what: str, minimum: Decimal = Decimal(0)
+    ) -> Decimal | None:
+        value = parent[key]
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | Decimal)
+            or Decimal(value) < minimum
+        ):
+            self.error(parent, key, f"{what} must be a number ≥ {minimum}, not {_show(value)}")
+            return None
+        return Decimal(value)
+
+    def usd(self, parent: Any, key: str | int, what: str) -> int | None:
+        amount = self.number(parent, key, what)
+        if amount is None:
+            return None
+        try:
+            return usd_to_nanos(amount, exact=True)
+        except ValueError as exc:
+            self.error(parent, key, f"{what}: {exc}")
+            return None
+
+    def strings(self, parent: Any, key: str, what: str) -> list[str] | None:
+        """A string or a list of strings."""
+        value = parent[key]
+        if isinstance(value, str) and value:
+            return [value]
+        if isinstance(value, LList) and value and all(isinstance(v, str) and v for v in value):
+            return list(value)
+        self.error(parent, key, f"{what} must be text or a list of text")
+        return None
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, Decimal):
+        return str(value)
+    if isinstance(value, LMap | LList):
+        return _kind(value)
+    return repr(value)
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "empty"
+    return {
+        LMap: "a mapping",
+        LList: "a list",
+        str: f"text {value!r}",
+        bool: f"{value}".lower(),
+    }.get(type(value), repr(value))
+
+
+def _closest(word: str, options: tuple[str, ...]) -> str | None:
+    import difflib
+
+    found = difflib.get_close_matches(word, options, n=1, cutoff=0.75)
+    return found[0] if found else None
+
+
+# --- sections ---------------------------------------------------------------------------
+
+TOP_LEVEL = (
+    "version",
+    "mode",
+    "unknown_hosts",
+    "on_ledger_error",
+    "identity",
+    "actions",
+    "budgets",
+    "meter",
+    "holds",
+)
+SCALARS = ("version", "mode", "unknown_hosts", "on_ledger_error")
+
+
+class _Partial:
+    """What one file contributes; merged across the files of a folder."""
+
+    def __init__(self) -> None:
+        self.scalars: dict[str, tuple[Any, str]] = {}  # key -> (value, "file:line")
+        self.identity: dict[str, tuple[tuple[Source, ...], str]] = {}
+        self.actions: list[Action] = []
+        self.budgets: list[Budget] = []
+        self.meter: tuple[dict[str, Any], str] | None = None
+        self.holds: tuple[HoldSettings, str] | None = None
+
+
+def _check_document(check: _Checker, doc: Any, file: str) -> _Partial:
+    part = _Partial()
+    if doc is None:
+        return part
+    if not isinstance(doc, LMap):
+        check.problems.append(
+            Problem(file, getattr(doc, "line", 1), "a policy file must be a mapping of sections")
+        )
+        return part
+    check.keys(doc, TOP_LEVEL, "the policy")
+    where = lambda key: f"{file}:{line_of(doc, key)}"  # noqa: E731
+    if "version" in doc and doc["version"] != 1:
+        check.error(
+            doc,
+            "version",
+            f"unsupported policy version {doc['version']!r} (this drawdown reads version 1)",
+        )
+    if "mode" in doc and (mode := check.choice(doc, "mode", MODES, "mode")):
+        part.scalars["mode"] = (mode, where("mode"))
+    if "unknown_hosts" in doc and (
+        value := check.choice(
+            doc, "unknown_hosts", ("allow", "deny", "passthrough"), "unknown_hosts"
+        )
+    ):
+        part.scalars["unknown_hosts"] = (value, where("unknown_hosts"))
+    if "on_ledger_error" in doc and (
+        value := check.choice(doc, "on_ledger_error", ("deny", "allow"), "on_ledger_error")
+    ):
+        part.scalars["on_ledger_error"] = (value, where("on_ledger_error"))
+    if "identity" in doc and (identity := check.mapping(doc, "identity", "identity")) is not None:
+        for level, sources in _identity(check, identity).items():
+            part.identity[level] = (sources, f"{file}:{line_of(identity, level)}")
+    if "actions" in doc and (actions := check.sequence(doc, "actions", "actions")) is not None:
+        part.actions = [
+            a for i in range(len(actions)) if (a := _action(check, actions, i)) is not None
+        ]
+    if "budgets" in doc and (budgets := check.sequence(doc, "budgets", "budgets")) is not None:
+        part.budgets = [
+            b for i in range(len(budgets)) if (b := _budget(check, budgets, i)) is not None
+        ]
+    if "meter" in doc and (meter := check.mapping(doc, "meter", "meter")) is not None:
+        part.meter = (_meter(check, meter), where("meter"))
+    if "holds" in doc and (holds := check.mapping(doc, "holds", "holds")) is not None:
+        part.holds = (_holds(check, holds), where("holds"))
+    return part
+
+
+SOURCE_KINDS = ("header", "proxy_user", "proxy_password", "client_ip", "value", "idle_split")
+
+
+def _identity(check: _Checker, identity: LMap) -> dict[str, tuple[Source, ...]]:
+    check.keys(identity, LEVELS, "identity")
+    result: dict[str, tuple[Source, ...]] = {}
+    for level in LEVELS:
+        if level not in identity:
+            continue
+        sources_list = check.sequence(identity, level, f"identity.{level}")
+        if sources_list is None:
+            continue
+        sources: list[Source] = []
+        for index, item in enumerate(sources_list):
+            if not isinstance(item, LMap) or len(item) != 1:
+                check.error(
+                    sources_list,
+                    index,
+                    f"each identity source is one of {{{': …}, {'.join(SOURCE_KINDS)}: …}}",
+                )
+                continue
+            ((kind, arg),) = item.items()
+            if kind not in SOURCE_KINDS:
+                check.keys(item, SOURCE_KINDS, f"identity.{level} source")
+                continue
+            if kind == "header":
+                name = check.text(item, kind, "header")
+                if name is not None and not _HEADER.match(name):
+                    check.error(item, kind, f"'{name}' is not a valid header name")
+                elif name is not None:
+                    sources.append(Source("header", name))
+            elif kind in ("proxy_user", "proxy_password", "client_ip"):
+                if arg is not True:
+                    check.error(item, kind, f"{kind} takes true")
+                else:
+                    sources.append(Source(kind))
+            elif kind == "value":
+                if isinstance(arg, bool) or not isinstance(arg, str | int) or str(arg) == "":
+                    check.error(item, kind, "value takes non-empty text")
+                else:
+                    sources.append(Source("value", str(arg)))
+            else:  # idle_split
+                if level != "run":
+                    check.error(item, kind, "idle_split only applies to the run level")
+                elif (seconds := check.integer(item, kind, "idle_split seconds", 1)) is not None:
+                    sources.append(Source("idle_split", seconds))
+        result[level] = tuple(sources)
+    return result
+
+
+ACTION_KEYS = ("kind", "provider", "match", "cost", "cost_header", "cost_json", "price")
+MATCH_KEYS = ("host", "method", "path", "query", "json", "header")
+
+
+def _action(check: _Checker, actions: LList, index: int) -> Action | None:
+    item = actions[index]
+    if not isinstance(item, LMap):
+        check.error(actions, index, f"each action must be a mapping, not {_kind(item)}")
+        return None
+    ok = check.keys(item, ACTION_KEYS, "action", required=("kind", "match"))
+    kind = check.text(item, "kind", "kind") if "kind" in item else None
+    if kind is not None and not _KIND.match(kind):
+        check.error(
+            item, "kind", f"action kind '{kind}' may hold letters, digits, '_', '-' and '.' only"
+        )
+        ok = False
+    provider = None
+    if "provider" in item:
+        provider = check.choice(item, "provider", PROVIDERS, "provider")
+        ok = ok and provider is not None
+    match = _match(check, item) if "match" in item else None
+    cost = None
+    cost_map = check.mapping(item, "cost", "cost") if "cost" in item else None
+    if cost_map is not None and check.keys(cost_map, ("usd",), "cost", required=("usd",)):
+        cost = check.usd(cost_map, "usd", "cost.usd")
+    if "cost" in item and provider in ("openai", "anthropic", "gemini"):
+        check.error(
+            item, "cost", "an LLM action is priced from its tokens; 'cost' is for tool actions"
+        )
+        ok = False
+    cost_header = check.text(item, "cost_header", "cost_header") if "cost_header" in item else None
+    cost_json = check.text(item, "cost_json", "cost_json") if "cost_json" in item else None
+    price = None
+    if "price" in item:
+        if provider not in ("openai", "anthropic", "gemini"):
+            check.error(item, "price", "'price' (per million tokens) applies to LLM actions only")
+            ok = False
+        elif (price_map := check.mapping(item, "price", "price")) is not None:
+            price = _price(check, price_map, "price")
+    if not ok or kind is None or match is None:
+        return None
+    return Action(
+        kind=kind,
+        match=match,
+        provider=provider,
+        cost_usd_nanos=cost,
+        cost_header=cost_header,
+        cost_json=cost_json,
+        price=price,
+        file=item.file,
+        line=item.line,
+    )
+
+
+def _match(check: _Checker, action: LMap) -> ActionMatch | None:
+    spec = check.mapping(action, "match", "match")
+    if spec is None:
+        return None
+    ok = check.keys(spec, MATCH_KEYS, "match")
+    hosts = []
+    if "host" in spec and (texts := check.strings(spec, "host", "match.host")) is not None:
+        for text in texts:
+            try:
+                hosts.append(compile_host(text))
+            except ValueError as exc:
+                check.error(spec, "host", str(exc))
+                ok = False
+    methods: list[str] = []
+    if "method" in spec and (texts := check.strings(spec, "method", "match.method")) is not None:
+        methods = [m.upper() for m in texts]
+    path = None
+    if "path" in spec and (text := check.text(spec, "path", "match.path")) is not None:
+        try:
+            path = compile_path(text)
+        except ValueError as exc:
+            check.error(spec, "path", str(exc))
+            ok = False
+    tests: list[FieldTest] = []
+    for prefix in ("query", "json", "header"):
+        if (
+            prefix in spec
+            and (conditions := check.mapping(spec, prefix, f"match.{prefix}")) is not None
+        ):
+            found = conditions_of(check, conditions, prefix)
+            if found is None:
+                ok = False
+            else:
+                tests.extend(found)
+    if not ok:
+        return None
+    return ActionMatch(hosts=tuple(hosts), methods=tuple(methods), path=path, tests=tuple(tests))
+
+
+def conditions_of(check: _Checker, conditions: LMap, prefix: str) -> list[FieldTest] | None:
+    """`{amount: {gt: 5}, "metadata.tier": gold}` under `json`/`query`/`header` (or top-level fields)."""
+    tests: list[FieldTest] = []
+    ok = True
+    for name, spec in conditions.items():
+        field = f"{prefix}.{name.lower() if prefix == 'header' else name}" if prefix else name
+        try:
+            tests.append(FieldTest(field, compile_condition(spec), line_of(conditions, name)))
+        except ValueError as exc:
+            check.error(conditions, name, f"condition on '{field}': {exc}")
+            ok = False
+    return tests if ok else None
+
+
+BUDGET_KEYS = ("name", "scope", "per", "actions", "mode", *UNITS)
+
+
+def _budget(check: _Checker, budgets: LList, index: int) -> Budget | None:
+    item = budgets[index]
+    if not isinstance(item, LMap):
+        check.error(budgets, index, f"each budget must be a mapping, not {_kind(item)}")
+        return None
+    ok = check.keys(item, BUDGET_KEYS, "budget", required=("scope",))
+    scope = None
+    if "scope" in item and (text := check.text(item, "scope", "scope")) is not None:
+        try:
+            scope = compile_scope(text)
+        except ValueError as exc:
+            check.error(item, "scope", str(exc))
+    per = None
+    if "per" in item:
+        per = check.choice(item, "per", WINDOWS, "per")
+        ok = ok and per is not None
+    if not any(unit in item for unit in UNITS):
+        check.error(item, None, "a budget needs at least one limit: usd, tokens or requests")
+        ok = False
+    usd = check.usd(item, "usd", "usd") if "usd" in item else None
+    tokens = check.integer(item, "tokens", "tokens") if "tokens" in item else None
+    requests = check.integer(item, "requests", "requests") if "requests" in item else None
+    if any(
+        unit in item and value is None
+        for unit, value in zip(UNITS, (usd, tokens, requests), strict=True)
+    ):
+        ok = False
+    actions: list[Any] = []
+    action_texts: list[str] = []
+    if "actions" in item and (texts := check.strings(item, "actions", "actions")) is not None:
+        for text in texts:
+            if not _KIND.match(text.replace("*", "x").replace("?", "x")):
+                check.error(item, "actions", f"'{text}' is not an action kind or glob")
+                ok = False
+            else:
+                actions.append(compile_glob(text))
+                action_texts.append(text)
+    mode = None
+    if "mode" in item:
+        mode = check.choice(item, "mode", MODES, "mode")
+        ok = ok and mode is not None
+    name = check.text(item, "name", "name") if "name" in item else None
+    if not ok or scope is None:
+        return None
+    key = name or _budget_key(scope.text, per, action_texts)
+    return Budget(
+        key=key,
+        scope=scope,
+        limits=Limits(usd, tokens, requests),
+        per=per,
+        actions=tuple(actions),
+        action_texts=tuple(action_texts),
+        mode=mode,
+        file=item.file,
+        line=item.line,
+    )
+
+
+def _budget_key(scope: str, per: str | None, actions: list[str]) -> str:
+    """Budgets are identified by what they cover, not their limits, so a raised limit keeps the spend."""
+    key = scope
+    if per:
+        key += f" per {per}"
+    if actions:
+        key += f" [{','.join(actions)}]"
+    return key
+
+
+METER_KEYS = ("default_max_output_tokens", "max_output_tokens", "fallback_price", "safety_factor")
+
+
+def _meter(check: _Checker, meter: LMap) -> dict[str, Any]:
+    check.keys(meter, METER_KEYS, "meter")
+    result: dict[str, Any] = {}
+    if "default_max_output_tokens" in meter:
+        value = check.integer(meter, "default_max_output_tokens", "default_max_output_tokens", 1)
+        if value is not None:
+            result["default_max_output_tokens"] = value
+    if "max_output_tokens" in meter and (
+        caps := check.mapping(meter, "max_output_tokens", "max_output_tokens")
+    ):
+        pairs = []
+        for pattern in caps:
+            value = check.integer(caps, pattern, f"max_output_tokens['{pattern}']", 1)
+            if value is not None:
+                pairs.append((pattern, value))
+        result["max_output_tokens"] = tuple(pairs)
+    if "fallback_price" in meter and (
+        price := check.mapping(meter, "fallback_price", "fallback_price")
+    ):
+        fallback = _price(check, price, "fallback_price")
+        if fallback is not None:
+            result["fallback_price"] = fallback
+    if "safety_factor" in meter and (
+        factors := check.mapping(meter, "safety_factor", "safety_factor")
+    ):
+        values = {}
+        for family in factors:
+            value = check.number(factors, family, f"safety_factor.{family}", Decimal(1))
+            if value is not None:
+                values[family] = value
+        result["safety_factors"] = values
+    return result
+
+
+def _price(check: _Checker, price: LMap, what: str) -> PricePerMillion | None:
+    if not check.keys(
+        price, ("input", "output", "cache_read", "cache_write"), what, required=("input", "output")
+    ):
+        return None
+    values = {
+        key: check.number(price, key, f"{what}.{key} (USD per million tokens)") for key in price
+    }
+    if any(v is None for v in values.values()):
+        return None
+    return PricePerMillion(**values)  # type: ignore[arg-type]
+
+
+def _holds(check: _Checker, holds: LMap) -> HoldSettings:
+    check.keys(holds, ("ttl", "lease"), "holds")
+    ttl = check.integer(holds, "ttl", "holds.ttl (seconds)", 1) if "ttl" in holds else None
+    lease = check.integer(holds, "lease", "holds.lease (seconds)", 1) if "lease" in holds else None
+    defaults = HoldSettings()
+    return HoldSettings(
+        ttl_seconds=ttl or defaults.ttl_seconds, lease_seconds=lease or defaults.lease_seconds
+    )
+
+
+# --- merge ------------------------------------------------------------------------------
+
+
+def compile_policy(
+    documents: list[tuple[str, Any]], texts: list[bytes], problems: list[Problem]
+) -> Policy:
+    """Check every document, merge a folder's files, and compile; raise PolicyInvalid on any problem."""
+    check = _Checker()
+    check.problems.extend(problems)
+    parts = [(file, _check_document(check, doc, file)) for file, doc in documents]
+
+    scalars: dict[str, tuple[Any, str]] = {}
+    identity = dict(DEFAULT_IDENTITY)
+    identity_from: dict[str, str] = {}
+    meter_from = holds_from = None
+    meter_kwargs: dict[str, Any] = {}
+    holds = HoldSettings()
+    actions: list[Action] = []
+    budgets: list[Budget] = []
+    for _file, part in parts:
+        for key, (value, where) in part.scalars.items():
+            _merge_once(check, key, where, scalars.get(key, (None, None))[1])
+            scalars[key] = (value, where)
+        for level, (sources, where) in part.identity.items():
+            _merge_once(check, f"identity.{level}", where, identity_from.get(level))
+            identity[level] = sources
+            identity_from[level] = where
+        if part.meter is not None:
+            _merge_once(check, "meter", part.meter[1], meter_from)
+            meter_kwargs, meter_from = part.meter
+        if part.holds is not None:
+            _merge_once(check, "holds", part.holds[1], holds_from)
+            holds, holds_from = part.holds
+        actions.extend(part.actions)
+        budgets.extend(part.budgets)
+
+    seen: dict[str, Budget] = {}
+    for budget in budgets:
+        if budget.key in seen:
+            first = seen[budget.key]
+            check.problems.append(
+                Problem(
+                    budget.file,
+                    budget.line,
+                    f"budget '{budget.key}' is defined twice (first at {first.where}); give one a distinct name",
+                )
+            )
+        seen[budget.key] = budget
+
+    if check.problems:
+        raise PolicyInvalid(sorted(check.problems, key=lambda p: (p.file, p.line)))
+    return Policy(
+        mode=scalars.get("mode", ("enforce", ""))[0],
+        unknown_hosts=scalars.get("unknown_hosts", ("allow", ""))[0],
+        on_ledger_error=scalars.get("on_ledger_error", (None, ""))[0],
+        identity=identity,
+        actions=tuple(actions),
+        budgets=tuple(budgets),
+        meter=MeterConfig(**meter_kwargs),
+        holds=holds,
+        files=tuple(file for file, _ in documents),
+        digest=hashlib.sha256(b"\0".join(texts)).hexdigest(),
+    )
+
+
+def _merge_once(check: _Checker, key: str, where: str, earlier: str | None) -> None:
+    """A folder's files may each add actions and budgets, but a setting is made in one place only."""
+    if earlier is not None:
+        file, _, line = where.rpartition(":")
+        check.problems.append(Problem(file, int(line), f"'{key}' is already set at {earlier}"))

@@ -1,0 +1,192 @@
+"""Read policy YAML keeping the line of every key and item, for `FILE:LINE: message` errors."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a policy, located in its file."""
+
+    file: str
+    line: int
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}: {self.message}"
+
+
+class PolicyInvalid(Exception):
+    """The policy cannot be used; `problems` says where and why."""
+
+    def __init__(self, problems: list[Problem]) -> None:
+        self.problems = problems
+        super().__init__("\n".join(str(p) for p in problems))
+
+
+class LMap(dict):
+    """A YAML mapping that remembers where it and each of its keys stand."""
+
+    file: str
+    line: int
+    key_lines: dict[str, int]
+
+
+class LList(list):
+    """A YAML sequence that remembers where it and each of its items stand."""
+
+    file: str
+    line: int
+    item_lines: list[int]
+
+
+def line_of(container: Any, key: str | int | None = None) -> int:
+    """Line of `container[key]` (or of the container itself), 1-based; 0 if unknown."""
+    if key is not None:
+        if isinstance(container, LMap):
+            return container.key_lines.get(str(key), container.line)
+        if (
+            isinstance(container, LList)
+            and isinstance(key, int)
+            and key < len(container.item_lines)
+        ):
+            return container.item_lines[key]
+    return getattr(container, "line", 0)
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader with YAML 1.2 scalars: no implicit dates, and yes/no/on/off stay text."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [
+        (tag, rx)
+        for tag, rx in resolvers
+        if tag not in ("tag:yaml.org,2002:timestamp", "tag:yaml.org,2002:bool")
+    ]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+
+
+def _decimal(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> Decimal | float:
+    # Money in policies must be exact: 0.1 stays Decimal("0.1"), never a binary float.
+    text = node.value.replace("_", "")
+    try:
+        value = Decimal(text)
+    except InvalidOperation:
+        return loader.construct_yaml_float(node)
+    return value if value.is_finite() else float(value)
+
+
+_Loader.add_constructor("tag:yaml.org,2002:float", _decimal)
+
+
+def _construct(node: yaml.Node, file: str, problems: list[Problem]) -> Any:
+    if isinstance(node, yaml.MappingNode):
+        result = LMap()
+        result.file, result.line, result.key_lines = file, node.start_mark.line + 1, {}
+        for key_node, value_node in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                problems.append(
+                    Problem(
+                        file,
+                        key_node.start_mark.line + 1,
+                        "YAML merge keys (<<) are not supported in policies",
+                    )
+                )
+                continue
+            key = _construct(key_node, file, problems)
+            if not isinstance(key, str | int | float | bool) or key is None:
+                problems.append(
+                    Problem(file, key_node.start_mark.line + 1, "mapping keys must be plain text")
+                )
+                continue
+            key = str(key)
+            if key in result:
+                problems.append(
+                    Problem(
+                        file,
+                        key_node.start_mark.line + 1,
+                        f"duplicate key '{key}' (first at line {result.key_lines[key]})",
+                    )
+                )
+                continue
+            result[key] = _construct(value_node, file, problems)
+            result.key_lines[key] = key_node.start_mark.line + 1
+        return result
+    if isinstance(node, yaml.SequenceNode):
+        result_list = LList()
+        result_list.file, result_list.line = file, node.start_mark.line + 1
+        result_list.item_lines = []
+        for item in node.value:
+            result_list.append(_construct(item, file, problems))
+            result_list.item_lines.append(item.start_mark.line + 1)
+        return result_list
+    # Scalars: let the safe constructor resolve int/float/bool/null/str.
+    return _Loader.construct_object(_ScalarLoader.instance, node, deep=True)  # type: ignore[arg-type]
+
+
+class _ScalarLoader:
+    """A throwaway loader instance, used only to construct scalar values."""
+
+    instance: _Loader = _Loader("")
+
+
+def parse_yaml(text: str, file: str) -> tuple[Any, list[Problem]]:
+    """Parse one YAML document into LMap/LList/scalars; syntax errors become Problems."""
+    problems: list[Problem] = []
+    try:
+        node = yaml.compose(text, Loader=_Loader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark else 1
+        what = exc.problem or "invalid YAML"
+        return None, [Problem(file, line, f"YAML syntax error: {what}")]
+    except yaml.YAMLError as exc:  # composer errors without marks, e.g. several documents
+        return None, [Problem(file, 1, f"YAML error: {exc}")]
+    if node is None:
+        return None, []
+    return _construct(node, file, problems), problems
+
+
+def policy_files(path: Path) -> list[Path]:
+    """A policy is one YAML file or every *.yaml / *.yml in a folder, in name order."""
+    if path.is_dir():
+        return sorted(p for p in path.iterdir() if p.suffix in (".yaml", ".yml") and p.is_file())
+    return [path]
+
+
+def read_documents(path: Path) -> tuple[list[tuple[str, Any]], list[Problem]]:
+    """Read and parse every file of a policy; returns (file, document) pairs and problems."""
+    problems: list[Problem] = []
+    documents: list[tuple[str, Any]] = []
+    if not path.exists():
+        return [], [Problem(str(path), 0, "no such file or folder")]
+    files = policy_files(path)
+    if not files:
+        return [], [Problem(str(path), 0, "folder holds no *.yaml policy files")]
+    for file in files:
+        name = str(file)
+        try:
+            text = file.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as exc:
+            problems.append(Problem(name, 1, f"not UTF-8 text ({exc.reason} at byte {exc.start})"))
+            continue
+        except OSError as exc:
+            problems.append(Problem(name, 0, f"cannot read: {exc.strerror or exc}"))
+            continue
+        document, found = parse_yaml(text, name)
+        problems.extend(found)
+        if document is not None:
+            documents.append((name, document))
+    return documents, problems

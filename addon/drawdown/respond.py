@@ -1,0 +1,115 @@
+"""Denials in the shape each API's own SDK understands (SPEC §6).
+
+Every denial says `x-should-retry: false` (the official OpenAI and Anthropic SDKs
+honour it, so they raise at once instead of retrying a denial) and carries
+`X-Drawdown-Decision` / `X-Drawdown-Reason` for humans and tools.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+# reason code → HTTP status (windowed budgets use 429 + Retry-After; see status_for)
+STATUS = {
+    "budget_exhausted": 402,
+    "not_authorized": 403,
+    "requires_unmet": 403,
+    "unknown_host": 403,
+    "anomaly": 429,
+    "ledger_unavailable": 503,
+    "bad_request": 400,
+    "body_too_large": 413,
+}
+
+_OPENAI_TYPE = {
+    400: "invalid_request_error",
+    402: "insufficient_quota",
+    403: "permission_denied",
+    413: "invalid_request_error",
+    429: "rate_limit_exceeded",
+    503: "service_unavailable",
+}
+_ANTHROPIC_TYPE = {
+    400: "invalid_request_error",
+    402: "billing_error",
+    403: "permission_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    503: "api_error",
+}
+_GOOGLE_STATUS = {
+    400: "INVALID_ARGUMENT",
+    402: "RESOURCE_EXHAUSTED",
+    403: "PERMISSION_DENIED",
+    413: "INVALID_ARGUMENT",
+    429: "RESOURCE_EXHAUSTED",
+    503: "UNAVAILABLE",
+}
+
+
+@dataclass(frozen=True)
+class Denial:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+
+def denial(
+    provider: str | None,
+    reason_code: str,
+    message: str,
+    *,
+    status: int | None = None,
+    retry_after: int | None = None,
+    jsonrpc_id: Any = None,
+    shadow: bool = False,
+) -> Denial:
+    status = status or STATUS.get(reason_code, 403)
+    headers = {
+        "content-type": "application/json",
+        "x-should-retry": "false",
+        "x-drawdown-decision": "deny",
+        "x-drawdown-reason": reason_code,
+    }
+    if retry_after is not None:
+        headers["retry-after"] = str(max(1, retry_after))
+    body: dict[str, Any]
+    if provider == "openai":
+        body = {
+            "error": {
+                "message": message,
+                "type": _OPENAI_TYPE.get(status, "drawdown_denied"),
+                "param": None,
+                "code": reason_code,
+            }
+        }
+    elif provider == "anthropic":
+        body = {
+            "type": "error",
+            "error": {"type": _ANTHROPIC_TYPE.get(status, "api_error"), "message": message},
+        }
+    elif provider == "gemini":
+        body = {
+            "error": {
+                "code": status,
+                "message": message,
+                "status": _GOOGLE_STATUS.get(status, "FAILED_PRECONDITION"),
+            }
+        }
+    elif provider == "mcp":
+        # A JSON-RPC error the MCP client matches to its pending call by id; HTTP 200 as the transport expects.
+        body = {
+            "jsonrpc": "2.0",
+            "id": jsonrpc_id,
+            "error": {
+                "code": -32001,
+                "message": message,
+                "data": {"reason": reason_code, "status": status},
+            },
+        }
+        status = 200
+    else:
+        body = {"error": {"code": reason_code, "message": message}}
+    return Denial(status, headers, json.dumps(body, ensure_ascii=False).encode())

@@ -1,0 +1,79 @@
+"""Identity: scope paths from headers, proxy credentials, constants and idle-split runs."""
+
+from __future__ import annotations
+
+from drawdown.identity import Caller, IdleRuns, clean_value, identify, identity_headers
+from drawdown.policy.model import Source
+from drawdown.policy.schema import DEFAULT_IDENTITY
+
+
+def caller(headers: dict[str, str] | None = None, **kw: str) -> Caller:
+    return Caller(headers={k.lower(): v for k, v in (headers or {}).items()}, **kw)
+
+
+def test_default_identity_from_headers() -> None:
+    ident = identify(
+        DEFAULT_IDENTITY,
+        caller({"X-Drawdown-Tenant": "acme", "X-Drawdown-Agent": "research", "X-Drawdown-Run": "7f3a"}),
+        IdleRuns(),
+        0,
+    )
+    assert ident.path == "tenant:acme/agent:research/run:7f3a"
+
+
+def test_proxy_user_wins_over_header_and_constants_fill_in() -> None:
+    ident = identify(DEFAULT_IDENTITY, caller({"X-Drawdown-Agent": "spoofed"}, proxy_user="research", proxy_password="r9"), IdleRuns(), 0)
+    assert ident.path == "tenant:default/agent:research/run:r9"
+    assert ident.sources["agent"] == "proxy user"
+
+
+def test_levels_without_values_are_left_out() -> None:
+    sources = {"tenant": (Source("header", "X-T"),), "agent": (Source("value", "bot"),)}
+    assert identify(sources, caller(), IdleRuns(), 0).path == "agent:bot"
+
+
+def test_client_ip_source() -> None:
+    sources = {"agent": (Source("client_ip"),)}
+    assert identify(sources, caller(client_ip="10.0.0.7"), IdleRuns(), 0).path == "agent:10.0.0.7"
+
+
+def test_idle_split_mints_a_new_run_after_idle_time() -> None:
+    runs = IdleRuns()
+    sources = {"agent": (Source("value", "bot"),), "run": (Source("idle_split", 300),)}
+    first = identify(sources, caller(), runs, 1000).get("run")
+    assert identify(sources, caller(), runs, 1100).get("run") == first  # busy: same run
+    assert identify(sources, caller(), runs, 1399).get("run") == first  # 299 s idle: same run
+    later = identify(sources, caller(), runs, 1700).get("run")  # 301 s idle: new run
+    assert later != first and len(later) == 8
+
+
+def test_idle_split_is_per_agent() -> None:
+    runs = IdleRuns()
+    sources = {"agent": (Source("header", "X-A"),), "run": (Source("idle_split", 300),)}
+    a = identify(sources, caller({"X-A": "a"}), runs, 0).get("run")
+    b = identify(sources, caller({"X-A": "b"}), runs, 0).get("run")
+    assert a != b
+
+
+def test_idle_runs_memory_is_bounded() -> None:
+    runs = IdleRuns(max_entries=10)
+    for i in range(100):
+        runs.run_for((f"agent:{i}",), 300, 0)
+    assert len(runs) == 10
+
+
+def test_hostile_values_cannot_escape_their_level() -> None:
+    ident = identify(DEFAULT_IDENTITY, caller({"X-Drawdown-Agent": "evil/run:victim", "X-Drawdown-Run": "a:b\x00\n"}), IdleRuns(), 0)
+    assert ident.path == "tenant:default/agent:evil%2Frun%3Avictim/run:a%3Ab"
+    assert ident.path.count("/") == 2
+    long = clean_value("x" * 10_000)
+    assert long is not None and len(long) == 128
+    assert clean_value("x" * 10_000) == long and clean_value("x" * 9_999) != long  # distinct ids stay distinct
+    assert clean_value(" \t ") is None
+
+
+def test_identity_headers_to_strip() -> None:
+    assert identity_headers(["X-Drawdown-Agent", "x-drawdown-run", "Authorization", "Content-Type"]) == [
+        "X-Drawdown-Agent",
+        "x-drawdown-run",
+    ]

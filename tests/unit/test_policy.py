@@ -1,0 +1,146 @@
+"""Policy loading: every problem is reported as FILE:LINE: message, never a traceback."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+
+from drawdown.policy import PolicyInvalid, load_policy
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def write(tmp_path: Path, text: str, name: str = "policy.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def problems(tmp_path: Path, text: str) -> list[str]:
+    with pytest.raises(PolicyInvalid) as caught:
+        load_policy(write(tmp_path, text))
+    return [str(p) for p in caught.value.problems]
+
+
+@pytest.mark.parametrize("name", ["default.yaml", "example.yaml"])
+def test_shipped_policies_are_valid(name: str) -> None:
+    policy = load_policy(ROOT / "policies" / name)
+    assert policy.actions and policy.budgets
+
+
+def test_default_policy_is_shadow_mode() -> None:
+    assert load_policy(ROOT / "policies" / "default.yaml").mode == "shadow"
+
+
+def test_compiles_budgets_exactly(tmp_path: Path) -> None:
+    policy = load_policy(
+        write(
+            tmp_path,
+            """
+budgets:
+  - {scope: "agent:*/run:*", usd: 0.10, tokens: 5000, requests: 3}
+  - {scope: "tenant:*", per: day, usd: 100}
+  - {name: refunds, scope: "agent:support-*/run:*", actions: [refund.*], requests: 3, mode: shadow}
+""",
+        )
+    )
+    run, tenant, refunds = policy.budgets
+    # Money is exact: 0.10 USD is 100,000,000 nano-dollars, not a float approximation.
+    assert run.limits.usd_nanos == 100_000_000
+    assert (run.limits.tokens, run.limits.requests, run.per) == (5000, 3, None)
+    assert tenant.per == "day" and tenant.limits.usd_nanos == 100 * 10**9
+    assert refunds.key == "refunds" and refunds.mode == "shadow"
+    assert refunds.covers_action("refund.issue") and not refunds.covers_action("crm.read")
+    assert run.key == "agent:*/run:*" and tenant.key == "tenant:* per day"
+
+
+def test_unknown_keys_wrong_types_and_bad_values_have_lines(tmp_path: Path) -> None:
+    found = problems(
+        tmp_path,
+        """mode: enforcee
+identity:
+  agent: [{headr: X}]
+actions:
+  - {kind: llm, provider: openia, match: {host: api.openai.com}}
+  - {kind: x, match: {path: "v1/x"}}
+  - {kind: y, match: {json: {amount: {gtt: 5}}}}
+  - {kind: z, match: {json: {name: {regex: "("}}}}
+budgets:
+  - {scope: "agnt:*", usd: 1}
+  - {scope: "agent:*", per: week, usd: -1}
+  - {scope: "agent:*", usdd: 3}
+  - {scope: "agent:*", tokens: 1.5}
+  - {scope: "agent:*", usd: 0.0000000001}
+""",
+    )
+    f = str(tmp_path / "policy.yaml")
+    assert f"{f}:1: mode must be one of enforce, shadow, not 'enforcee'" in found
+    assert any(p.startswith(f"{f}:3: unknown key 'headr'") and "did you mean 'header'" in p for p in found)
+    assert any(p.startswith(f"{f}:5: provider must be one of") for p in found)
+    assert f"{f}:6: path pattern 'v1/x' must start with '/'" in found
+    assert any(p.startswith(f"{f}:7: condition on 'json.amount': unknown operator 'gtt'") for p in found)
+    assert any(p.startswith(f"{f}:8: condition on 'json.name': invalid regex") for p in found)
+    assert any(p.startswith(f"{f}:10: unknown scope level 'agnt'") for p in found)
+    assert any(p.startswith(f"{f}:11: per must be one of") for p in found)
+    assert any(p.startswith(f"{f}:11: usd must be a number") for p in found)
+    assert any(p.startswith(f"{f}:12: unknown key 'usdd'") for p in found)
+    assert f"{f}:13: tokens must be a whole number ≥ 0, not 1.5" in found
+    assert any(p.startswith(f"{f}:14: usd:") and "nano-dollar" in p for p in found)
+
+
+def test_yaml_syntax_error_is_located(tmp_path: Path) -> None:
+    found = problems(tmp_path, "budgets:\n  - {scope: 'a:*', usd: 1\n")
+    assert len(found) == 1 and found[0].startswith(f"{tmp_path / 'policy.yaml'}:") and "YAML syntax error" in found[0]
+
+
+def test_duplicate_keys_are_errors(tmp_path: Path) -> None:
+    found = problems(tmp_path, "mode: shadow\nmode: enforce\n")
+    assert found == [f"{tmp_path / 'policy.yaml'}:2: duplicate key 'mode' (first at line 1)"]
+
+
+def test_not_a_mapping_and_non_utf8(tmp_path: Path) -> None:
+    assert problems(tmp_path, "- just\n- a list\n")[0].endswith("a policy file must be a mapping of sections")
+    bad = tmp_path / "latin1.yaml"
+    bad.write_bytes(b"mode: \xe9\n")
+    with pytest.raises(PolicyInvalid) as caught:
+        load_policy(bad)
+    assert "not UTF-8" in str(caught.value)
+
+
+def test_yaml_1_1_surprises_are_not_applied(tmp_path: Path) -> None:
+    # `yes` stays text (not true), so a typo'd boolean is reported instead of silently accepted.
+    found = problems(tmp_path, "identity:\n  agent: [{proxy_user: yes}]\n")
+    assert found == [f"{tmp_path / 'policy.yaml'}:2: proxy_user takes true"]
+
+
+def test_folder_policies_merge_and_conflicts_are_reported(tmp_path: Path) -> None:
+    write(tmp_path, "mode: enforce\nactions:\n  - {kind: llm, provider: openai, match: {host: api.openai.com}}\n", "10-base.yaml")
+    write(tmp_path, "budgets:\n  - {scope: 'agent:*/run:*', usd: 1}\n", "20-budgets.yaml")
+    policy = load_policy(tmp_path)
+    assert len(policy.actions) == 1 and len(policy.budgets) == 1 and len(policy.files) == 2
+    write(tmp_path, "mode: shadow\nbudgets:\n  - {scope: 'agent:*/run:*', usd: 2}\n", "30-more.yaml")
+    with pytest.raises(PolicyInvalid) as caught:
+        load_policy(tmp_path)
+    text = str(caught.value)
+    assert f"{tmp_path / '30-more.yaml'}:1: 'mode' is already set at {tmp_path / '10-base.yaml'}:1" in text
+    assert "budget 'agent:*/run:*' is defined twice" in text
+
+
+def test_missing_path_and_empty_folder(tmp_path: Path) -> None:
+    with pytest.raises(PolicyInvalid, match="no such file"):
+        load_policy(tmp_path / "nope.yaml")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(PolicyInvalid, match="no \\*.yaml policy files"):
+        load_policy(empty)
+
+
+def test_identity_defaults_and_overrides(tmp_path: Path) -> None:
+    policy = load_policy(write(tmp_path, "identity:\n  agent: [{header: X-Agent}]\n"))
+    assert [s.kind for s in policy.identity["agent"]] == ["header"]
+    assert [s.kind for s in policy.identity["run"]] == ["header", "proxy_password", "idle_split"]
+    assert policy.uses_proxy_auth  # the default run level still reads the proxy password
+    plain = load_policy(write(tmp_path, "identity:\n  agent: [{header: X-Agent}]\n  run: [{header: X-Run}]\n", "p2.yaml"))
+    assert not plain.uses_proxy_auth
