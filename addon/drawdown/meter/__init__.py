@@ -1,0 +1,53 @@
+"""Metering of LLM API calls: estimate before forwarding, measure the actual usage after.
+
+Pure Python (no mitmproxy, no network). The proxy uses only this facade:
+
+* inspect_request(...) -> LLMRequest        before forwarding (may raise MeterRequestError)
+* measure_body(...) -> Measurement          a complete response body
+* open_stream_meter(...) -> StreamMeter     a streamed response: feed() / finish() / partial()
+* price_usage(...), count_tokens(...), encoding_for(...)
+
+Wiring a streamed response into mitmproxy (responseheaders hook)::
+
+    meter = open_stream_meter(req, content_type, content_encoding, config, override,
+                              status=flow.response.status_code)
+    if meter.rewrites:  # decoded bytes, minus the usage chunk we asked for
+        flow.response.headers.pop("content-encoding", None)
+        flow.response.headers.pop("content-length", None)
+
+    def stream(chunk: bytes) -> bytes | list[bytes]:
+        if not chunk:  # mitmproxy calls with b"" at the end of the stream
+            rest, measurement = meter.finish()
+            ...  # commit measurement
+            return rest
+        out = meter.feed(chunk)
+        return out or []  # never b"" mid-stream: HTTP/1.1 would send the last-chunk marker
+
+    flow.response.stream = stream
+
+and, when the flow dies before the end (error hook), commit `meter.partial()`.
+"""
+
+from .api import StreamMeter, inspect_request, measure_body, open_stream_meter
+from .config import DEFAULT_FALLBACK_PRICE, DEFAULT_SAFETY_FACTORS, MeterConfig, PricePerMillion
+from .prices import price_usage
+from .tokens import count_tokens, encoding_for
+from .types import LLMRequest, Measurement, MeterRequestError, TokenUsage
+
+__all__ = [
+    "DEFAULT_FALLBACK_PRICE",
+    "DEFAULT_SAFETY_FACTORS",
+    "LLMRequest",
+    "Measurement",
+    "MeterConfig",
+    "MeterRequestError",
+    "PricePerMillion",
+    "StreamMeter",
+    "TokenUsage",
+    "count_tokens",
+    "encoding_for",
+    "inspect_request",
+    "measure_body",
+    "open_stream_meter",
+    "price_usage",
+]

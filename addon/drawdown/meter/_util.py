@@ -1,0 +1,161 @@
+"""Small helpers shared by the provider modules."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from .types import MeterRequestError, TokenUsage
+
+
+def as_int(value: Any) -> int:
+    """A non-negative int from a usage field; anything else (null, str, bool, <0) is 0."""
+    if isinstance(value, bool):
+        return 0
+    if isinstance(value, int):
+        return max(value, 0)
+    if isinstance(value, float) and value.is_integer() and value > 0:
+        return int(value)
+    return 0
+
+
+def items(value: Any) -> list[Any]:
+    """`value` if it is a JSON array, else an empty list (never iterate a surprise type)."""
+    return value if isinstance(value, list) else []
+
+
+def dig(obj: Any, *keys: str) -> Any:
+    for key in keys:
+        if not isinstance(obj, dict):
+            return None
+        obj = obj.get(key)
+    return obj
+
+
+def loads(data: bytes | str) -> Any:
+    """Parse JSON; None on any error (responses are metered best-effort, never raised on)."""
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError):
+        return None
+
+
+def compact(obj: Any) -> str:
+    """A JSON rendering of a structure for the tokenizer (tool schemas, arguments...)."""
+    try:
+        return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+    except (TypeError, ValueError, RecursionError):
+        return ""
+
+
+def parse_body(body: bytes) -> dict[str, Any]:
+    """The request body as a JSON object, or MeterRequestError in plain words."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise MeterRequestError(
+            f"request body is not valid UTF-8 (bad byte at offset {exc.start})"
+        ) from None
+    if not text.strip():
+        raise MeterRequestError("request body is empty; expected a JSON object")
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise MeterRequestError(
+            f"request body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
+        ) from None
+    except RecursionError:
+        raise MeterRequestError("request body is nested too deeply") from None
+    if not isinstance(obj, dict):
+        raise MeterRequestError(f"request body must be a JSON object, not {kind(obj)}")
+    return obj
+
+
+def kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    return {
+        bool: "a boolean",
+        int: "a number",
+        float: "a number",
+        str: "a string",
+        list: "an array",
+        dict: "an object",
+    }.get(type(value), type(value).__name__)
+
+
+def opt_int(obj: dict[str, Any], key: str, where: str = "") -> int | None:
+    """An optional non-negative integer field; MeterRequestError when it has another type."""
+    value = obj.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        if isinstance(value, float) and value.is_integer() and value >= 0:
+            return int(value)
+        raise MeterRequestError(f"{where}{key} must be a non-negative integer, not {kind(value)}")
+    return value
+
+
+def opt_bool(obj: dict[str, Any], key: str) -> bool:
+    value = obj.get(key)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise MeterRequestError(f"{key} must be true or false, not {kind(value)}")
+    return value
+
+
+def req_list(obj: dict[str, Any], key: str, where: str = "") -> list[Any]:
+    value = obj.get(key)
+    if value is None:
+        raise MeterRequestError(f"{where}{key} is missing; expected an array")
+    if not isinstance(value, list):
+        raise MeterRequestError(f"{where}{key} must be an array, not {kind(value)}")
+    return value
+
+
+@dataclass
+class Prompt:
+    """What a request bills as input, gathered by a provider module."""
+
+    texts: list[str] = field(default_factory=list)  # tokenized (then x safety factor)
+    overhead: int = 0  # message framing tokens, in tiktoken units (x safety factor)
+    exact: int = 0  # tokens already in the provider's own units (images, tool prompts)
+
+    def add(self, value: Any) -> None:
+        if isinstance(value, str):
+            if value:
+                self.texts.append(value)
+        elif value is not None:
+            self.texts.append(compact(value))
+
+
+@dataclass
+class Extracted:
+    """What a response (JSON body or stream so far) says about the call's usage."""
+
+    usage: TokenUsage | None = None  # provider-reported and final
+    # Provider-reported input side known but output not final (Anthropic message_start):
+    # the meter adds counted output to it.
+    early_usage: TokenUsage | None = None
+    model: str | None = None
+    extras: dict[str, int] = field(default_factory=dict)
+    other_models: dict[str, TokenUsage] = field(default_factory=dict)
+    texts: list[str] = field(default_factory=list)  # returned text, to count without usage
+    price_context: dict[str, str] = field(default_factory=dict)
+    seen: bool = False  # a well-formed response object (or stream event) was read
+
+
+@dataclass
+class ParsedRequest:
+    endpoint: str
+    model: str | None
+    stream: bool = False
+    billable: bool = True
+    prompt: Prompt = field(default_factory=Prompt)
+    cap: int | None = None  # the request's own output cap, already times n
+    rewritten_body: bytes | None = None
+    strip_usage_chunk: bool = False
+    expected_extras: dict[str, int] = field(default_factory=dict)
+    price_context: dict[str, str] = field(default_factory=dict)

@@ -1,0 +1,347 @@
+"""Anthropic Messages API: request estimates and usage from JSON bodies and SSE streams.
+
+Usage rules (see the corpus README):
+* `input_tokens` excludes cache reads and writes; the billed input is the sum of the three.
+* In streams `message_start.message.usage` comes first and `message_delta.usage` carries
+  the final, cumulative figures; a field present in the delta replaces the start's value.
+* `usage.iterations[]` (compaction, advisor tool) lists every sampling pass of the call.
+  When present, it is what is billed: iterations without a `model` (or with the request's
+  model) are summed into the call's usage (the top level covers only the last pass after a
+  compaction); iterations on another model (the advisor) are billed at that model's price
+  and reported in Measurement.other_models.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from . import images
+from ._util import (
+    Extracted,
+    ParsedRequest,
+    Prompt,
+    as_int,
+    compact,
+    dig,
+    items,
+    kind,
+    loads,
+    opt_bool,
+    opt_int,
+    req_list,
+)
+from .types import MeterRequestError, TokenUsage
+
+# Tokens Anthropic adds to the system prompt when tools are offered ("Tool use > Pricing":
+# 346 for tool_choice auto/none, 313 for any/tool on current models). In Claude tokens.
+TOOLS_SYSTEM_PROMPT_TOKENS = 346
+# Framing per message (role markers) and per request, in tiktoken units; measured on the
+# corpus, see ESTIMATION.md.
+MESSAGE_OVERHEAD = 4
+REQUEST_OVERHEAD = 6
+# Hidden prompt tokens, in Claude tokens, measured on the recorded corpus (ESTIMATION.md):
+# extended thinking (-07, -13, -14) and server tools' own instructions on the first pass
+# (web_search -17, tool_search -12, advisor -09/-16). What a server tool fetches later
+# (search results) is billed too but cannot be known before the call.
+THINKING_TOKENS = 30
+SERVER_TOOL_TOKENS = {"web_search_": 2300, "tool_search_tool_": 200, "advisor_": 750}
+
+_VERTEX = re.compile(r"/publishers/anthropic/models/([^/:]+):(streamRawPredict|rawPredict)$")
+
+
+def route(method: str, path: str) -> tuple[str, str | None, bool]:
+    """(endpoint, model from the path or None, stream implied by the path)."""
+    p = path.rstrip("/")
+    if method.upper() != "POST":
+        return "other", None, False
+    if p.endswith("/v1/messages"):
+        return "messages", None, False
+    if p.endswith("/v1/messages/count_tokens"):
+        return "messages.count_tokens", None, False
+    m = _VERTEX.search(p)  # Claude on Vertex AI: the model is in the path
+    if m:
+        return "messages", m.group(1), m.group(2) == "streamRawPredict"
+    return "other", None, False
+
+
+# --- requests ---------------------------------------------------------------------------
+
+
+def parse_request(body: dict[str, Any], path_model: str | None, path_stream: bool) -> ParsedRequest:
+    model = body.get("model", path_model)
+    if model is None:
+        raise MeterRequestError("model is missing from the request body")
+    if not isinstance(model, str) or not model.strip():
+        raise MeterRequestError(f"model must be a non-empty string, not {kind(model)}")
+    parsed = ParsedRequest(
+        endpoint="messages", model=model, stream=opt_bool(body, "stream") or path_stream
+    )
+    prompt = parsed.prompt
+    prompt.overhead += REQUEST_OVERHEAD
+    system = body.get("system")
+    if isinstance(system, list):
+        _blocks(system, prompt, "system")
+    elif system is not None and not isinstance(system, str):
+        raise MeterRequestError(f"system must be a string or an array, not {kind(system)}")
+    else:
+        prompt.add(system)
+    for i, msg in enumerate(req_list(body, "messages")):
+        if not isinstance(msg, dict):
+            raise MeterRequestError(f"messages[{i}] must be an object, not {kind(msg)}")
+        prompt.overhead += MESSAGE_OVERHEAD
+        content = msg.get("content")
+        if isinstance(content, list):
+            _blocks(content, prompt, f"messages[{i}].content")
+        elif content is None or isinstance(content, str):
+            prompt.add(content)
+        else:
+            raise MeterRequestError(
+                f"messages[{i}].content must be a string or an array, not {kind(content)}"
+            )
+    tools = body.get("tools")
+    if tools:
+        if not isinstance(tools, list):
+            raise MeterRequestError(f"tools must be an array, not {kind(tools)}")
+        prompt.add(tools)
+        prompt.exact += TOOLS_SYSTEM_PROMPT_TOKENS
+        for tool in tools:
+            ttype = tool.get("type") if isinstance(tool, dict) else None
+            for prefix, tokens in SERVER_TOOL_TOKENS.items():
+                if isinstance(ttype, str) and ttype.startswith(prefix):
+                    prompt.exact += tokens
+    if dig(body, "thinking", "type") in ("enabled", "adaptive"):
+        prompt.exact += THINKING_TOKENS
+    fmt = dig(body, "output_format", "schema") or dig(body, "output_config", "format", "schema")
+    if fmt:
+        prompt.add(fmt)
+    parsed.cap = opt_int(body, "max_tokens")
+    return parsed
+
+
+def _blocks(blocks: list[Any], prompt: Prompt, where: str) -> None:
+    for block in blocks:
+        if isinstance(block, str):
+            prompt.add(block)
+            continue
+        if not isinstance(block, dict):
+            continue
+        btype = block.get("type")
+        if btype == "text":
+            prompt.add(block.get("text"))
+        elif btype == "image":
+            prompt.exact += _image(block.get("source"))
+        elif btype == "document":
+            _document(block, prompt)
+        elif btype in ("tool_use", "server_tool_use"):
+            prompt.add(block.get("name"))
+            prompt.add(block.get("input"))
+        elif btype == "tool_result":
+            content = block.get("content")
+            if isinstance(content, list):
+                _blocks(content, prompt, where)
+            else:
+                prompt.add(content)
+        elif btype == "thinking":
+            prompt.add(block.get("thinking"))
+        elif btype == "redacted_thinking":
+            pass  # encrypted and dropped from earlier turns' context
+        elif btype == "search_result":
+            prompt.add(block.get("title"))
+            prompt.add(block.get("source"))
+            content = block.get("content")
+            if isinstance(content, list):
+                _blocks(content, prompt, where)
+        else:
+            # web_search_tool_result, web_fetch_tool_result, container_upload, ...
+            prompt.add({k: v for k, v in block.items() if k not in ("cache_control", "citations")})
+
+
+def _image(source: Any) -> int:
+    size = None
+    if isinstance(source, dict) and source.get("type") == "base64":
+        data = source.get("data")
+        if isinstance(data, str):
+            size = images.size_from_b64(data)
+    return images.anthropic_image_tokens(size)
+
+
+def _document(block: dict[str, Any], prompt: Prompt) -> None:
+    prompt.add(block.get("title"))
+    prompt.add(block.get("context"))
+    source = block.get("source")
+    if not isinstance(source, dict):
+        prompt.exact += images.UNKNOWN_MEDIA_TOKENS
+        return
+    stype = source.get("type")
+    if stype == "text":
+        prompt.add(source.get("data"))
+    elif stype == "content":
+        content = source.get("content")
+        if isinstance(content, list):
+            _blocks(content, prompt, "document")
+        else:
+            prompt.add(content)
+    elif stype == "base64":
+        data = source.get("data")
+        prompt.exact += images.media_tokens(
+            "anthropic",
+            source.get("media_type") or "application/pdf",
+            data if isinstance(data, str) else None,
+            prompt.texts,
+        )
+    else:  # url, file
+        prompt.exact += images.UNKNOWN_MEDIA_TOKENS
+
+
+# --- responses --------------------------------------------------------------------------
+
+
+def usage_from(u: dict[str, Any]) -> TokenUsage:
+    """One Anthropic usage object (top level, message_start, or an iteration)."""
+    fresh = as_int(u.get("input_tokens"))
+    read = as_int(u.get("cache_read_input_tokens"))
+    cc = u.get("cache_creation") if isinstance(u.get("cache_creation"), dict) else {}
+    write_1h = as_int(cc.get("ephemeral_1h_input_tokens"))
+    write = u.get("cache_creation_input_tokens")
+    write = (
+        as_int(write)
+        if write is not None
+        else as_int(cc.get("ephemeral_5m_input_tokens")) + write_1h
+    )
+    return TokenUsage(
+        input_tokens=fresh + read + write,
+        output_tokens=as_int(u.get("output_tokens")),
+        cache_read_tokens=read,
+        cache_write_tokens=write,
+        cache_write_1h_tokens=min(write_1h, write),
+        reasoning_tokens=as_int(dig(u, "output_tokens_details", "thinking_tokens")),
+    )
+
+
+def billed(u: dict[str, Any], model: str | None) -> tuple[TokenUsage, dict[str, TokenUsage]]:
+    """(usage billed on the call's model, usage billed on other models) per the module doc."""
+    iterations = u.get("iterations")
+    if not isinstance(iterations, list) or not any(isinstance(it, dict) for it in iterations):
+        return usage_from(u), {}
+    own = TokenUsage()
+    other: dict[str, TokenUsage] = {}
+    for it in iterations:
+        if not isinstance(it, dict):
+            continue
+        it_model = it.get("model")
+        if isinstance(it_model, str) and it_model and it_model != model:
+            other[it_model] = other.get(it_model, TokenUsage()) + usage_from(it)
+        else:
+            own = own + usage_from(it)
+    # Thinking tokens are reported only at the top level; keep them as a subset.
+    reasoning = min(as_int(dig(u, "output_tokens_details", "thinking_tokens")), own.output_tokens)
+    own = TokenUsage(**{**own.__dict__, "reasoning_tokens": reasoning})
+    return own, other
+
+
+def _server_tools(u: dict[str, Any], ex: Extracted) -> None:
+    stu = u.get("server_tool_use")
+    if not isinstance(stu, dict):
+        return
+    for src, dst in (
+        ("web_search_requests", "web_search_calls"),
+        ("web_fetch_requests", "web_fetch_calls"),
+        ("code_execution_requests", "code_execution_calls"),
+    ):
+        n = as_int(stu.get(src))
+        if n:
+            ex.extras[dst] = n
+
+
+def _content_texts(content: Any, texts: list[str]) -> None:
+    for block in items(content):
+        if not isinstance(block, dict):
+            continue
+        for key in ("text", "thinking"):
+            v = block.get(key)
+            if isinstance(v, str) and v:
+                texts.append(v)
+        if block.get("type") in ("tool_use", "server_tool_use"):
+            texts.append(str(block.get("name") or ""))
+            texts.append(compact(block.get("input")))
+
+
+def extract_json(obj: Any) -> Extracted:
+    ex = Extracted()
+    if not isinstance(obj, dict):
+        return ex
+    ex.seen = True
+    if isinstance(obj.get("model"), str):
+        ex.model = obj["model"]
+    u = obj.get("usage")
+    if isinstance(u, dict):
+        ex.usage, ex.other_models = billed(u, ex.model)
+        _server_tools(u, ex)
+    _content_texts(obj.get("content"), ex.texts)
+    return ex
+
+
+class MessagesStream:
+    """message_start (usage: input side + first output) ... message_delta (final usage)."""
+
+    def __init__(self) -> None:
+        self._ex = Extracted()
+        self._start: dict[str, Any] | None = None
+        self._delta: dict[str, Any] | None = None
+
+    def on_event(self, event: str | None, data: bytes) -> bool:
+        obj = loads(data)
+        if not isinstance(obj, dict):
+            return True
+        self._ex.seen = True
+        etype = obj.get("type") or event
+        ex = self._ex
+        if etype == "content_block_delta":
+            delta = obj.get("delta")
+            if isinstance(delta, dict):
+                for key in ("text", "partial_json", "thinking", "content"):
+                    v = delta.get(key)
+                    if isinstance(v, str) and v:
+                        ex.texts.append(v)
+                        break
+        elif etype == "content_block_start":
+            block = obj.get("content_block")
+            if isinstance(block, dict) and isinstance(block.get("name"), str):
+                ex.texts.append(block["name"])
+        elif etype == "message_start":
+            msg = obj.get("message")
+            if isinstance(msg, dict):
+                if isinstance(msg.get("model"), str):
+                    ex.model = msg["model"]
+                if isinstance(msg.get("usage"), dict):
+                    self._start = msg["usage"]
+        elif etype == "message_delta":
+            u = obj.get("usage")
+            if isinstance(u, dict):
+                # Cumulative: a later delta supersedes an earlier one field by field.
+                self._delta = {
+                    **(self._delta or {}),
+                    **{k: v for k, v in u.items() if v is not None},
+                }
+        return True
+
+    def result(self) -> Extracted:
+        ex = self._ex
+        ex.extras = {}
+        if self._delta is not None:
+            merged = {**(self._start or {}), **self._delta}
+            if "cache_creation" not in self._delta and "cache_creation_input_tokens" in self._delta:
+                # The split (5m/1h) is only in message_start; keep it within the final total.
+                cc = merged.get("cache_creation")
+                cc = dict(cc) if isinstance(cc, dict) else {}
+                total = as_int(self._delta["cache_creation_input_tokens"])
+                cc["ephemeral_1h_input_tokens"] = min(
+                    as_int(cc.get("ephemeral_1h_input_tokens")), total
+                )
+                merged["cache_creation"] = cc
+            ex.usage, ex.other_models = billed(merged, ex.model)
+            _server_tools(merged, ex)
+        elif self._start is not None:
+            ex.early_usage = usage_from(self._start)
+        return ex

@@ -1,0 +1,410 @@
+"""The metering facade the proxy calls: estimate a request, measure its response."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Protocol
+
+from . import anthropic, gemini, openai
+from ._util import Extracted, ParsedRequest, loads, parse_body
+from .config import MeterConfig, PricePerMillion, model_family
+from .decode import Decoder, UnsupportedEncoding, make_decoder
+from .prices import price_first_known, price_usage, to_nanos
+from .sse import SSEParser
+from .tokens import count_tokens
+from .types import LLMRequest, Measurement, TokenUsage
+
+# A non-SSE body read through a StreamMeter is kept (decoded) up to this size for parsing.
+MAX_BUFFERED_BODY = 64 * 1024 * 1024
+
+_NO_EXTRAS: Mapping[str, int] = MappingProxyType({})
+
+
+# --- before the call --------------------------------------------------------------------
+
+
+def _passthrough(provider: str, endpoint: str, model: str | None) -> LLMRequest:
+    return LLMRequest(
+        provider=provider,
+        endpoint=endpoint,
+        model=model,
+        stream=False,
+        billable=False,
+        input_tokens=0,
+        max_output_tokens=0,
+        estimate_usd_nanos=0,
+        priced=True,
+        rewritten_body=None,
+        strip_usage_chunk=False,
+    )
+
+
+def parse(provider: str, method: str, path: str, body: bytes) -> ParsedRequest | LLMRequest:
+    if provider == "openai":
+        endpoint, deployment = openai.route(method, path)
+        if endpoint == "other":
+            return _passthrough(provider, endpoint, deployment)
+        return openai.parse_request(endpoint, parse_body(body), deployment, body)
+    if provider == "anthropic":
+        endpoint, path_model, path_stream = anthropic.route(method, path)
+        if endpoint != "messages":
+            return _passthrough(provider, endpoint, path_model)
+        return anthropic.parse_request(parse_body(body), path_model, path_stream)
+    if provider == "gemini":
+        endpoint, model = gemini.route(method, path)
+        if endpoint in ("other", "countTokens") or not model:
+            return _passthrough(provider, endpoint, model)
+        return gemini.parse_request(endpoint, model, parse_body(body))
+    return _passthrough(provider, "other", None)
+
+
+def prompt_counts(parsed: ParsedRequest) -> tuple[int, int]:
+    """(tiktoken count plus framing, to be scaled by the safety factor; tokens already in the
+    provider's units: images, hidden tool prompts)."""
+    prompt = parsed.prompt
+    raw = count_tokens("\n".join(prompt.texts), parsed.model) + prompt.overhead
+    return raw, prompt.exact
+
+
+def inspect_request(
+    provider: str,
+    method: str,
+    path: str,
+    query: Mapping[str, str],
+    body: bytes,
+    config: MeterConfig,
+    price_override: PricePerMillion | None = None,
+    *,
+    inject_include_usage: bool = True,
+) -> LLMRequest:
+    """Classify an LLM API request and estimate its cost before it is forwarded.
+
+    Raises MeterRequestError for a malformed request to a billable endpoint. Thread-safe:
+    the proxy may run it in a worker thread for big bodies (tiktoken releases the GIL).
+    `inject_include_usage=False` leaves a streamed OpenAI chat request as sent (for an
+    OpenAI-compatible host that rejects stream_options); its stream is then "counted".
+    """
+    provider = provider.lower()
+    parsed = parse(provider, method, path.split("?", 1)[0], body)
+    if isinstance(parsed, LLMRequest):
+        return parsed
+    if not inject_include_usage:
+        parsed.rewritten_body, parsed.strip_usage_chunk = None, False
+    model = parsed.model
+    factor = config.safety_factor(provider, model)
+    raw, exact = prompt_counts(parsed)
+    input_tokens = math.ceil(raw * factor) + exact
+    cap = parsed.cap if parsed.cap is not None else config.output_cap(provider, model)
+    nanos, priced = price_usage(
+        provider,
+        model,
+        TokenUsage(input_tokens=input_tokens, output_tokens=cap),
+        config,
+        price_override,
+        extras=parsed.expected_extras,
+        price_context=parsed.price_context,
+    )
+    return LLMRequest(
+        provider=provider,
+        endpoint=parsed.endpoint,
+        model=model,
+        stream=parsed.stream,
+        billable=True,
+        input_tokens=input_tokens,
+        max_output_tokens=cap,
+        estimate_usd_nanos=nanos,
+        priced=priced,
+        rewritten_body=parsed.rewritten_body,
+        strip_usage_chunk=parsed.strip_usage_chunk,
+        safety_factor=factor,
+        expected_extras=MappingProxyType(dict(parsed.expected_extras)),
+    )
+
+
+# --- after the call ---------------------------------------------------------------------
+
+
+def _counted_output(request: LLMRequest, texts: list[str], config: MeterConfig) -> int:
+    tokens = count_tokens("".join(texts), request.model)
+    if model_family(request.provider, request.model) is not None:
+        tokens = math.ceil(tokens * config.safety_factor(request.provider, request.model))
+    return tokens
+
+
+def _zero(request: LLMRequest, model: str | None = None) -> Measurement:
+    return Measurement(
+        usage=TokenUsage(),
+        usd_nanos=0,
+        source="usage",
+        priced=True,
+        model=model or request.model,
+        extras=_NO_EXTRAS,
+    )
+
+
+def _estimate(request: LLMRequest) -> Measurement:
+    return Measurement(
+        usage=TokenUsage(
+            input_tokens=request.input_tokens, output_tokens=request.max_output_tokens
+        ),
+        usd_nanos=request.estimate_usd_nanos,
+        source="estimate",
+        priced=request.priced,
+        model=request.model,
+        extras=MappingProxyType(dict(request.expected_extras)),
+    )
+
+
+def _measurement(
+    request: LLMRequest,
+    ex: Extracted,
+    status: int,
+    config: MeterConfig,
+    price_override: PricePerMillion | None,
+    cut_short: bool = False,
+) -> Measurement:
+    if not request.billable:
+        return _zero(request, ex.model)
+    ok = 200 <= status < 300
+    if ex.usage is not None:
+        usage, source = ex.usage, "usage"
+    elif not ok:
+        # Providers do not bill a request they refused or failed (4xx/5xx without usage).
+        return _zero(request, ex.model)
+    elif ex.early_usage is not None:
+        # Input side reported (Anthropic message_start), output cut short: count it.
+        out = max(ex.early_usage.output_tokens, _counted_output(request, ex.texts, config))
+        usage = TokenUsage(**{**ex.early_usage.__dict__, "output_tokens": out})
+        source = "counted"
+    elif ex.seen or cut_short:
+        # No usage: the prompt estimate plus the text returned (or streamed before the cut).
+        usage = TokenUsage(
+            input_tokens=request.input_tokens,
+            output_tokens=_counted_output(request, ex.texts, config),
+        )
+        source = "counted"
+    else:
+        return _estimate(request)
+    extras = dict(ex.extras)
+    if source != "usage":
+        for key, n in request.expected_extras.items():
+            extras.setdefault(key, n)
+    elif request.expected_extras and not extras:
+        extras.update(request.expected_extras)
+    usd, priced = price_first_known(
+        request.provider,
+        (ex.model, request.model),
+        usage,
+        config,
+        price_override,
+        extras=extras,
+        price_context=ex.price_context,
+    )
+    total = usd
+    for other_model, other_usage in ex.other_models.items():
+        other_usd, other_priced = price_first_known(
+            request.provider, (other_model,), other_usage, config, price_override
+        )
+        total += other_usd
+        priced = priced and other_priced
+    return Measurement(
+        usage=usage,
+        usd_nanos=to_nanos(total),
+        source=source,
+        priced=priced,
+        model=ex.model or request.model,
+        extras=MappingProxyType(extras),
+        other_models=MappingProxyType(dict(ex.other_models)),
+    )
+
+
+def _extract_json(request: LLMRequest, obj: object) -> Extracted:
+    if request.provider == "openai":
+        return openai.extract_json(request.endpoint, obj)
+    if request.provider == "anthropic":
+        return anthropic.extract_json(obj)
+    if request.provider == "gemini":
+        return gemini.extract_json(obj, request.model)
+    return Extracted()
+
+
+def _looks_like_sse(body: bytes) -> bool:
+    head = body[:64].lstrip()
+    return head.startswith((b"data:", b"event:", b":", b"id:"))
+
+
+def measure_body(
+    request: LLMRequest,
+    status: int,
+    body: bytes,
+    config: MeterConfig,
+    price_override: PricePerMillion | None = None,
+) -> Measurement:
+    """Meter a complete (content-decoded) response body.
+
+    2xx with usage -> source "usage"; 2xx without usage -> the returned text counted,
+    source "counted"; unreadable 2xx body -> the request's estimate, source "estimate";
+    non-2xx without usage -> zero cost (providers do not bill refused or failed calls).
+    """
+    if not request.billable:
+        return _zero(request)
+    obj = loads(body) if body else None
+    if obj is None and body and _looks_like_sse(body):
+        # A streamed response the proxy buffered after all.
+        meter = StreamMeter(request, "text/event-stream", None, config, price_override, status)
+        meter.feed(body)
+        return meter.finish()[1]
+    return _measurement(request, _extract_json(request, obj), status, config, price_override)
+
+
+class _StreamState(Protocol):
+    def on_event(self, event: str | None, data: bytes) -> bool: ...
+    def result(self) -> Extracted: ...
+
+
+def _stream_state(request: LLMRequest) -> _StreamState:
+    if request.provider == "anthropic":
+        return anthropic.MessagesStream()
+    if request.provider == "gemini":
+        return gemini.GenerateStream(request.model)
+    if request.endpoint == "responses":
+        return openai.ResponsesStream()
+    return openai.ChatStream(request.strip_usage_chunk)
+
+
+class StreamMeter:
+    """Meters a streamed response chunk by chunk, passing the bytes on as they arrive.
+
+    `rewrites` is True only when we must remove the usage chunk we asked OpenAI for; then
+    the bytes returned are the decoded stream minus that one event, and the proxy must drop
+    Content-Encoding / Content-Length. Otherwise feed() returns its argument unchanged.
+    feed(), finish() and partial() never raise.
+    """
+
+    def __init__(
+        self,
+        request: LLMRequest,
+        content_type: str,
+        content_encoding: str | None,
+        config: MeterConfig,
+        price_override: PricePerMillion | None = None,
+        status: int = 200,
+    ) -> None:
+        self.request = request
+        self._config = config
+        self._override = price_override
+        self._status = status
+        self._broken = False  # undecodable: stop parsing, keep forwarding
+        self._result: tuple[bytes, Measurement] | None = None
+        self._decoder: Decoder | None = None
+        try:
+            self._decoder = make_decoder(content_encoding)
+        except UnsupportedEncoding:
+            self._broken = True
+        self._sse = "event-stream" in (content_type or "").lower()
+        self._state = _stream_state(request) if request.billable else None
+        self.rewrites = bool(
+            self._sse and request.strip_usage_chunk and self._state is not None and not self._broken
+        )
+        self._parser: SSEParser | None = None
+        self._body: bytearray | None = None
+        if self._state is not None and not self._broken:
+            if self._sse:
+                self._parser = SSEParser(self._state.on_event, keep_raw=self.rewrites)
+            else:
+                self._body = bytearray()
+
+    def feed(self, chunk: bytes) -> bytes:
+        if self._broken:
+            # Rewriting, the client was promised decoded bytes; undecodable ones are useless.
+            return b"" if self.rewrites and self._decoder is not None else chunk
+        if self._result is not None or (self._parser is None and self._body is None):
+            return chunk
+        try:
+            data = self._decoder.decode(chunk) if self._decoder is not None else chunk
+        except Exception:
+            self._broken = True
+            return b"" if self.rewrites and self._decoder is not None else chunk
+        try:
+            if self._parser is not None:
+                out = self._parser.feed(data)
+                return out if self.rewrites else chunk
+            if self._body is not None:
+                if len(self._body) + len(data) <= MAX_BUFFERED_BODY:
+                    self._body += data
+                else:
+                    self._broken = True
+        except Exception:
+            self._broken = True
+            return data if self.rewrites else chunk
+        return chunk
+
+    def finish(self) -> tuple[bytes, Measurement]:
+        """End of stream: (bytes still to forward, the measurement)."""
+        if self._result is not None:
+            return b"", self._result[1]
+        out = b""
+        try:
+            if not self._broken:
+                tail = self._decoder.flush() if self._decoder is not None else b""
+                if self._parser is not None:
+                    out = (self._parser.feed(tail) if tail else b"") + self._parser.finish()
+                elif self._body is not None:
+                    self._body += tail
+        except Exception:
+            self._broken = True
+        if not self.rewrites:
+            out = b""
+        self._result = (out, self._measure(cut_short=False))
+        return self._result
+
+    def partial(self) -> Measurement:
+        """The stream was cut short (client abort, upstream reset): the provider's usage if
+        already seen, else the prompt estimate plus the text streamed so far, "counted"."""
+        if self._result is not None:
+            return self._result[1]
+        return self._measure(cut_short=not self._broken)
+
+    def _measure(self, cut_short: bool) -> Measurement:
+        try:
+            return _measurement(
+                self.request,
+                self._extracted(),
+                self._status,
+                self._config,
+                self._override,
+                cut_short,
+            )
+        except Exception:
+            return _estimate(self.request)
+
+    def _extracted(self) -> Extracted:
+        if self._state is None:
+            return Extracted()
+        if self._body is not None:
+            body = bytes(self._body)
+            obj = loads(body) if body and not self._broken else None
+            if obj is None and _looks_like_sse(body):
+                state = _stream_state(self.request)  # fresh: partial() may run more than once
+                parser = SSEParser(state.on_event)
+                parser.feed(body)
+                parser.finish()
+                return state.result()
+            return _extract_json(self.request, obj)
+        return self._state.result()
+
+
+def open_stream_meter(
+    request: LLMRequest,
+    content_type: str,
+    content_encoding: str | None,
+    config: MeterConfig,
+    price_override: PricePerMillion | None = None,
+    *,
+    status: int = 200,
+) -> StreamMeter:
+    """A StreamMeter for one streamed response (any content type; SSE is parsed as it comes,
+    anything else is collected for parsing at the end)."""
+    return StreamMeter(request, content_type, content_encoding, config, price_override, status)

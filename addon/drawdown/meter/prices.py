@@ -1,0 +1,157 @@
+"""Pricing with genai-prices: integer nano-dollars, Decimal arithmetic, always rounded up."""
+
+from __future__ import annotations
+
+import decimal
+from collections.abc import Iterable, Mapping
+from decimal import Decimal
+from functools import lru_cache
+
+import genai_prices
+from genai_prices import data_snapshot
+
+from .config import MeterConfig, PricePerMillion
+from .types import TokenUsage
+
+_NANOS_PER_USD = Decimal(1_000_000_000)
+_MILLION = Decimal(1_000_000)
+_CTX = decimal.Context(prec=60, rounding=decimal.ROUND_CEILING)
+
+# drawdown provider name -> genai-prices provider id
+PROVIDER_IDS = {"openai": "openai", "anthropic": "anthropic", "gemini": "google"}
+
+# Measurement.extras keys that genai-prices can price, and the genai-prices usage key.
+EXTRA_UNITS = {"web_search_calls": "web_searches", "file_search_calls": "storage_searches"}
+
+
+def to_nanos(usd: Decimal) -> int:
+    """USD -> integer nano-dollars, rounded up (a reservation must never be short)."""
+    return int(
+        (usd * _NANOS_PER_USD).to_integral_value(rounding=decimal.ROUND_CEILING, context=_CTX)
+    )
+
+
+@lru_cache(maxsize=4096)
+def _known(provider_id: str, model: str) -> bool:
+    # genai-prices caches hits but not misses; an unknown model would be searched for (regex
+    # over every model of the provider) on every call, so remember both answers.
+    try:
+        data_snapshot.get_snapshot().find_provider_model(model, None, provider_id, None)
+    except LookupError:
+        return False
+    return True
+
+
+def _genai_usage(usage: TokenUsage, extras: Mapping[str, int]) -> genai_prices.Usage:
+    values: dict[str, int] = {
+        "input_tokens": usage.input_tokens,
+        "output_tokens": usage.output_tokens,
+        "cache_read_tokens": usage.cache_read_tokens,
+        "cache_write_tokens": usage.cache_write_tokens,
+        "cache_write_1h_tokens": usage.cache_write_1h_tokens,
+        "output_reasoning_tokens": usage.reasoning_tokens,
+        "input_audio_tokens": usage.input_audio_tokens,
+        "cache_audio_read_tokens": usage.cache_audio_read_tokens,
+        "output_audio_tokens": usage.output_audio_tokens,
+    }
+    for extra, unit in EXTRA_UNITS.items():
+        if extras.get(extra):
+            values[unit] = values.get(unit, 0) + int(extras[extra])
+    # Zeros are left out: genai-prices treats a reported subset key as authoritative.
+    return genai_prices.Usage(**{k: v for k, v in values.items() if v > 0})
+
+
+def _plain(usage: TokenUsage) -> TokenUsage:
+    # Only the top-level counts: a last resort when a provider's breakdown is inconsistent
+    # (e.g. a subset larger than its parent) and genai-prices refuses it.
+    return TokenUsage(input_tokens=usage.input_tokens, output_tokens=usage.output_tokens)
+
+
+def genai_price(
+    provider: str,
+    model: str,
+    usage: TokenUsage,
+    extras: Mapping[str, int] | None = None,
+    price_context: Mapping[str, str] | None = None,
+) -> Decimal | None:
+    """Exact USD price from genai-prices, or None when it does not know the model."""
+    provider_id = PROVIDER_IDS.get(provider, provider)
+    if model and not _known(provider_id, model) and "/" in model:
+        model = model.rsplit("/", 1)[-1]  # "models/gemini-2.5-flash", "openai/gpt-4o"
+    if not model or not _known(provider_id, model):
+        return None
+    extras = extras or {}
+    for attempt in (usage, _plain(usage)):
+        try:
+            calc = genai_prices.calc_price(
+                _genai_usage(attempt, extras),
+                model,
+                provider_id=provider_id,
+                price_context=dict(price_context) if price_context else None,
+            )
+        except (ValueError, LookupError, ArithmeticError):
+            continue
+        total = calc.total_price
+        if total <= 0 and (usage.input_tokens or usage.output_tokens):
+            return None  # a model listed without token prices: not a silent 0
+        return total
+    return None
+
+
+def flat_price(usage: TokenUsage, price: PricePerMillion) -> Decimal:
+    """USD for `usage` at a per-million price (policy override or fallback)."""
+    cache_read = min(usage.cache_read_tokens, usage.input_tokens)
+    cache_write = min(usage.cache_write_tokens, usage.input_tokens - cache_read)
+    fresh = usage.input_tokens - cache_read - cache_write
+    with decimal.localcontext(_CTX):
+        total = (
+            fresh * price.input
+            + cache_read * (price.input if price.cache_read is None else price.cache_read)
+            + cache_write * (price.input if price.cache_write is None else price.cache_write)
+            + usage.output_tokens * price.output
+        )
+        return total / _MILLION
+
+
+def price_first_known(
+    provider: str,
+    models: Iterable[str | None],
+    usage: TokenUsage,
+    config: MeterConfig,
+    price_override: PricePerMillion | None = None,
+    *,
+    extras: Mapping[str, int] | None = None,
+    price_context: Mapping[str, str] | None = None,
+) -> tuple[Decimal, bool]:
+    """USD (exact) and priced flag, trying each model name in turn before the fallback."""
+    if price_override is not None:
+        return flat_price(usage, price_override), True
+    for model in models:
+        if model:
+            total = genai_price(provider, model, usage, extras, price_context)
+            if total is not None:
+                return total, True
+    return flat_price(usage, config.fallback_price), False
+
+
+def price_usage(
+    provider: str,
+    model: str | None,
+    usage: TokenUsage,
+    config: MeterConfig,
+    price_override: PricePerMillion | None = None,
+    *,
+    extras: Mapping[str, int] | None = None,
+    price_context: Mapping[str, str] | None = None,
+) -> tuple[int, bool]:
+    """(usd_nanos rounded up, priced). Unknown model -> config.fallback_price, priced=False."""
+    usd, priced = price_first_known(
+        provider,
+        (model,),
+        usage,
+        config,
+        price_override,
+        extras=extras,
+        price_context=price_context,
+    )
+    return to_nanos(usd), priced

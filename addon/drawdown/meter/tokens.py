@@ -1,0 +1,68 @@
+"""tiktoken encodings, loaded lazily and once, from the files shipped as package data."""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import tiktoken
+
+# tiktoken looks a cached encoding up by sha1(download URL); these two files are shipped in
+# drawdown/data/tiktoken/ so that the proxy never downloads at start-up or at runtime.
+_DATA_DIR = Path(__file__).resolve().parent.parent / "data" / "tiktoken"
+_CACHE_FILES = {
+    "cl100k_base": "9b5ad71b2ce5302211f9c61530b329a4922fc6a4",
+    "o200k_base": "fb374d419588a4632f3f557e76b4b70aebbca790",
+}
+
+_lock = threading.Lock()
+_encodings: dict[str, tiktoken.Encoding] = {}
+
+# Prefixes of OpenAI models that predate o200k_base.
+_CL100K_PREFIXES = (
+    "gpt-4-",
+    "gpt-4",  # exact "gpt-4" and "gpt-4-0613"...; gpt-4o/4.1/4.5 are caught first below
+    "gpt-3.5",
+    "gpt-35",  # Azure spelling
+    "text-embedding-3",
+    "text-embedding-ada",
+    "davinci-002",
+    "babbage-002",
+)
+_O200K_PREFIXES = ("gpt-4o", "gpt-4.1", "gpt-4.5", "chatgpt-4o")
+
+
+def _load(name: str) -> tiktoken.Encoding:
+    enc = _encodings.get(name)
+    if enc is not None:
+        return enc
+    with _lock:
+        enc = _encodings.get(name)
+        if enc is None:
+            if not (_DATA_DIR / _CACHE_FILES[name]).is_file():
+                raise RuntimeError(f"tiktoken data for {name} missing from {_DATA_DIR}")
+            os.environ["TIKTOKEN_CACHE_DIR"] = str(_DATA_DIR)
+            enc = tiktoken.get_encoding(name)
+            _encodings[name] = enc
+    return enc
+
+
+def encoding_name_for(model: str | None) -> str:
+    name = (model or "").lower().rsplit("/", 1)[-1]
+    if name.startswith(_O200K_PREFIXES):
+        return "o200k_base"
+    if name.startswith(_CL100K_PREFIXES):
+        return "cl100k_base"
+    return "o200k_base"  # gpt-5, o-series, Claude/Gemini approximations and anything unknown
+
+
+def encoding_for(model: str | None) -> tiktoken.Encoding:
+    return _load(encoding_name_for(model))
+
+
+def count_tokens(text: str, model: str | None) -> int:
+    """Number of tokens in `text` (special-token text counts as ordinary text)."""
+    if not text:
+        return 0
+    return len(encoding_for(model).encode_ordinary(text))

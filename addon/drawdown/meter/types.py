@@ -1,0 +1,86 @@
+"""Value types shared by the metering modules and their callers."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from decimal import Decimal
+from types import MappingProxyType
+
+_EMPTY: Mapping[str, int] = MappingProxyType({})
+
+
+@dataclass(frozen=True)
+class TokenUsage:
+    """Token counts normalised across providers (all integers).
+
+    The subset fields are *included* in their parent, as genai-prices expects:
+    cache reads/writes and input audio are part of `input_tokens`; reasoning and output
+    audio are part of `output_tokens`; `cache_write_1h_tokens` is part of
+    `cache_write_tokens`; `cache_audio_read_tokens` is part of both `cache_read_tokens`
+    and `input_audio_tokens`.
+    """
+
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_read_tokens: int = 0
+    cache_write_tokens: int = 0
+    cache_write_1h_tokens: int = 0
+    reasoning_tokens: int = 0
+    input_audio_tokens: int = 0
+    cache_audio_read_tokens: int = 0
+    output_audio_tokens: int = 0
+
+    def __add__(self, other: TokenUsage) -> TokenUsage:
+        if not isinstance(other, TokenUsage):
+            return NotImplemented
+        return TokenUsage(
+            **{f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)}
+        )
+
+    @property
+    def total_tokens(self) -> int:
+        return self.input_tokens + self.output_tokens
+
+
+class MeterRequestError(ValueError):
+    """A malformed LLM request. The message is plain words meant for the agent."""
+
+
+@dataclass(frozen=True)
+class LLMRequest:
+    provider: str  # "openai" | "anthropic" | "gemini"
+    # "chat.completions" | "responses" | "completions" | "embeddings" | "messages" |
+    # "messages.count_tokens" | "generateContent" | "streamGenerateContent" | "countTokens" | "other"
+    endpoint: str
+    model: str | None
+    stream: bool
+    billable: bool  # False: pass through uncharged
+    input_tokens: int  # estimate, after the safety factor
+    max_output_tokens: int  # the request's own cap (times n), else the configured default
+    estimate_usd_nanos: int  # integer nano-dollars, rounded up
+    priced: bool  # False: model unknown to genai-prices, fallback_price used
+    rewritten_body: bytes | None  # forward this instead of the original body, when set
+    strip_usage_chunk: bool  # we injected include_usage: drop the usage-only chunk
+    # Additions beyond the facade:
+    safety_factor: Decimal = Decimal(1)  # the multiplier applied to the tiktoken count
+    # Web searches etc. the request may trigger that are billed outside tokens, when known
+    # before the call (e.g. OpenAI *-search-preview chat models search on every call).
+    expected_extras: Mapping[str, int] = field(default_factory=lambda: _EMPTY)
+
+
+@dataclass(frozen=True)
+class Measurement:
+    usage: TokenUsage
+    usd_nanos: int  # integer nano-dollars, rounded up
+    # "usage": provider reported; "counted": we counted returned text with tiktoken;
+    # "estimate": nothing to go on, the request's estimate
+    source: str
+    priced: bool
+    model: str | None  # model as billed (the response's model when present)
+    # Built-in tools billed outside usage, e.g. {"web_search_calls": 2}
+    extras: Mapping[str, int] = field(default_factory=lambda: _EMPTY)
+    # Additions beyond the facade:
+    # Usage billed on *other* models inside the same call (Anthropic advisor iterations),
+    # already included in usd_nanos; keyed by model name.
+    other_models: Mapping[str, TokenUsage] = field(default_factory=lambda: MappingProxyType({}))
