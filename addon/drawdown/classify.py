@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -60,13 +61,64 @@ class RequestView:
 
 
 @dataclass(frozen=True)
+class McpMessage:
+    """One JSON-RPC message of an MCP request (streamable HTTP transport)."""
+
+    method: str | None
+    id: Any  # None for notifications
+    tool: str | None = None  # for tools/call
+    kind: str = ""
+
+
+@dataclass(frozen=True)
 class Classification:
     action: Action | None  # None: no action matched (an unknown host, handled by `unknown_hosts`)
     path_params: Mapping[str, str] = field(default_factory=dict)
+    mcp: tuple[McpMessage, ...] = ()  # the JSON-RPC messages of an MCP request
+    mcp_batch: bool = False
 
     @property
     def kind(self) -> str | None:
+        """The action kind: an MCP tools/call is `<action kind>.<tool>` (the first call's, for a batch)."""
+        for message in self.mcp:
+            if message.tool is not None:
+                return message.kind
         return self.action.kind if self.action else None
+
+    @property
+    def kinds(self) -> list[str]:
+        """Every kind this request exercises (several for a batch of MCP tool calls)."""
+        tools = [m.kind for m in self.mcp if m.tool is not None]
+        if tools:
+            return tools
+        return [self.action.kind] if self.action else []
+
+    @property
+    def jsonrpc_ids(self) -> list[Any]:
+        return [m.id for m in self.mcp if m.id is not None]
+
+
+_TOOL_CHARS = re.compile(r"[^A-Za-z0-9_.\-]")
+
+
+def mcp_messages(action: Action, document: Any) -> tuple[tuple[McpMessage, ...], bool]:
+    """JSON-RPC messages of an MCP request; a `tools/call` of tool T is kind `<kind>.T` (or as `tools:` maps it)."""
+    batch = isinstance(document, list)
+    items = document if batch else [document]
+    messages = []
+    for item in items:
+        if not isinstance(item, dict):
+            continue
+        method = item.get("method") if isinstance(item.get("method"), str) else None
+        tool = None
+        kind = action.kind
+        if method == "tools/call":
+            params = item.get("params") if isinstance(item.get("params"), dict) else {}
+            name = params.get("name")
+            tool = name if isinstance(name, str) and name else "unknown"
+            kind = action.tool_kind(tool) or f"{action.kind}.{_TOOL_CHARS.sub('_', tool)}"
+        messages.append(McpMessage(method, item.get("id"), tool, kind))
+    return tuple(messages), batch
 
 
 def match_action(spec: ActionMatch, view: RequestView) -> dict[str, str] | None:
@@ -95,5 +147,10 @@ def classify(policy: Policy, view: RequestView) -> Classification:
         params = match_action(action.match, view)
         if params is not None:
             view.path_params = params
+            if action.provider == "mcp" and view.method.upper() == "POST":
+                document = view.json
+                if document is not missing():
+                    messages, batch = mcp_messages(action, document)
+                    return Classification(action, params, messages, batch)
             return Classification(action, params)
     return Classification(None)

@@ -61,6 +61,9 @@ class Caller:
     proxy_user: str | None = None
     proxy_password: str | None = None
     client_ip: str | None = None
+    # Set when the proxy itself validated the credentials (mitmproxy's proxyauth): then the
+    # agent IS this user, whatever the policy's source order or any header says.
+    authenticated_user: str | None = None
 
     def header(self, name: str) -> str | None:
         value = self.headers.get(name)
@@ -106,6 +109,10 @@ def identify(
     levels: dict[str, str] = {}
     origins: dict[str, str] = {}
     for level in LEVELS:
+        if level == "agent" and (user := clean_value(caller.authenticated_user)) is not None:
+            levels[level] = user
+            origins[level] = "authenticated proxy user"
+            continue
         for source in sources_by_level.get(level, ()):
             if source.kind == "idle_split":
                 key = tuple(

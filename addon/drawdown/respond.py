@@ -63,8 +63,8 @@ def denial(
     *,
     status: int | None = None,
     retry_after: int | None = None,
-    jsonrpc_id: Any = None,
-    shadow: bool = False,
+    jsonrpc_ids: list[Any] | None = None,
+    batch: bool = False,
 ) -> Denial:
     status = status or STATUS.get(reason_code, 403)
     headers = {
@@ -98,18 +98,25 @@ def denial(
                 "status": _GOOGLE_STATUS.get(status, "FAILED_PRECONDITION"),
             }
         }
-    elif provider == "mcp":
-        # A JSON-RPC error the MCP client matches to its pending call by id; HTTP 200 as the transport expects.
-        body = {
-            "jsonrpc": "2.0",
-            "id": jsonrpc_id,
-            "error": {
-                "code": -32001,
-                "message": message,
-                "data": {"reason": reason_code, "status": status},
-            },
-        }
-        status = 200
+    elif provider == "mcp" and jsonrpc_ids:
+        # JSON-RPC errors the MCP client matches to its pending calls by id (one per call of a
+        # batch), with HTTP 200 as the streamable HTTP transport expects for a JSON-RPC response.
+        errors = [
+            {
+                "jsonrpc": "2.0",
+                "id": rpc_id,
+                "error": {
+                    "code": -32001,
+                    "message": message,
+                    "data": {"reason": reason_code, "status": status},
+                },
+            }
+            for rpc_id in jsonrpc_ids
+        ]
+        headers["x-drawdown-status"] = str(status)
+        return Denial(
+            200, headers, json.dumps(errors if batch else errors[0], ensure_ascii=False).encode()
+        )
     else:
         body = {"error": {"code": reason_code, "message": message}}
     return Denial(status, headers, json.dumps(body, ensure_ascii=False).encode())

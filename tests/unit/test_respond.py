@@ -41,6 +41,10 @@ def test_statuses_by_reason() -> None:
 
 
 def test_mcp_denial_is_a_jsonrpc_error_for_the_request_id() -> None:
-    d = denial("mcp", "not_authorized", "drawdown: no", jsonrpc_id=7)
+    d = denial("mcp", "not_authorized", "drawdown: no", jsonrpc_ids=[7])
     body = json.loads(d.body)
     assert d.status == 200 and body["id"] == 7 and body["jsonrpc"] == "2.0" and body["error"]["message"] == "drawdown: no"
+    batch = json.loads(denial("mcp", "not_authorized", "no", jsonrpc_ids=[1, "b"], batch=True).body)
+    assert [e["id"] for e in batch] == [1, "b"]
+    # A notification (no id) cannot get a JSON-RPC answer: a plain JSON error with the HTTP status.
+    assert denial("mcp", "not_authorized", "no", jsonrpc_ids=[]).status == 403

@@ -127,6 +127,26 @@ class ReserveOutcome:
 
 
 @dataclass(frozen=True)
+class Fact:
+    """A successful action's field value, kept so later `requires … same:` rules can find it."""
+
+    scope: str  # the run's scope path
+    action: str
+    field: str  # "" records only that the action succeeded
+    value: str
+
+
+@dataclass(frozen=True)
+class HistoryQuery:
+    """Did `scope` already succeed at an action matching one of `actions` (globs) with `field` == `value`?"""
+
+    scope: str
+    actions: tuple[str, ...]
+    field: str
+    value: str | None
+
+
+@dataclass(frozen=True)
 class Completion:
     """What is known when a forwarded request ends."""
 
@@ -139,6 +159,7 @@ class Completion:
     latency_ms: float | None = None
     upstream_ms: float | None = None
     note: str | None = None  # e.g. the upstream error
+    facts: tuple[Fact, ...] = ()  # recorded on commit, for later `requires` checks
 
 
 @dataclass(frozen=True)
@@ -166,6 +187,8 @@ class Ledger(Protocol):
     def release(
         self, request_id: str, hold_id: int, completion: Completion, reason: str, now: float
     ) -> Settled: ...
+
+    def history(self, queries: Sequence[HistoryQuery]) -> list[bool]: ...
 
     def extend(self, hold_ids: Sequence[int], expires_at: float) -> None: ...
 

@@ -136,6 +136,20 @@ def _v1(db: sqlite_utils.Database) -> None:
         pk="id",
     )
     db["events"].create_index(["kind", "ts"])
+    db["facts"].create(
+        {
+            "id": int,
+            "scope": str,
+            "action": str,
+            "field": str,
+            "value": str,
+            "request_id": str,
+            "ts": float,
+        },
+        pk="id",
+        not_null={"scope", "action", "field", "value"},
+    )
+    db["facts"].create_index(["scope", "field", "value"])
 
 
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1]

@@ -27,6 +27,7 @@ from .api import (
     Claim,
     Completion,
     DecisionRow,
+    HistoryQuery,
     LedgerError,
     ReserveOutcome,
     Settled,
@@ -139,6 +140,9 @@ class SQLiteLedger:
         self, request_id: str, hold_id: int, completion: Completion, reason: str, now: float
     ) -> Settled:
         return self._write(lambda: self._release(request_id, hold_id, completion, reason, now))
+
+    def history(self, queries: Sequence[HistoryQuery]) -> list[bool]:
+        return self._write(lambda: self._history(queries))
 
     def extend(self, hold_ids: Sequence[int], expires_at: float) -> None:
         self._write(lambda: self._extend(hold_ids, expires_at))
@@ -303,6 +307,7 @@ class SQLiteLedger:
             )
             overage = self._note_overage(ids, request_id, hold_id, now)
             self._complete(request_id, completion, now)
+            self._facts(request_id, completion, now)
             return Settled(True, "committed", overage)
         if state == "expired" and already_charged is None:
             # The sweeper released this hold (its proxy looked dead or it outlived its TTL), but the
@@ -399,6 +404,29 @@ class SQLiteLedger:
             ),
         )
 
+    def _facts(self, request_id: str, completion: Completion, now: float) -> None:
+        if completion.facts:
+            self.conn.executemany(
+                "INSERT INTO facts (scope, action, field, value, request_id, ts) VALUES (?, ?, ?, ?, ?, ?)",
+                [(f.scope, f.action, f.field, f.value, request_id, now) for f in completion.facts],
+            )
+
+    def _history(self, queries: Sequence[HistoryQuery]) -> list[bool]:
+        answers = []
+        for query in queries:
+            likes = " OR ".join("action LIKE ? ESCAPE '\\'" for _ in query.actions)
+            found = self.conn.execute(
+                f"SELECT 1 FROM facts WHERE scope = ? AND field = ? AND value = ? AND ({likes}) LIMIT 1",
+                (
+                    query.scope,
+                    query.field,
+                    query.value or "",
+                    *(glob_to_like(a) for a in query.actions),
+                ),
+            ).fetchone()
+            answers.append(found is not None)
+        return answers
+
     def _event(
         self,
         kind: str,
@@ -464,6 +492,12 @@ class SQLiteLedger:
 
     def _release_mine(self, now: float, reason: str) -> int:
         return self._expire("process_id = ?", (self.process_id,), now, reason, state="released")
+
+
+def glob_to_like(pattern: str) -> str:
+    """An action-kind glob as a SQL LIKE pattern (portable to PostgreSQL, unlike GLOB)."""
+    escaped = pattern.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return escaped.replace("*", "%").replace("?", "_")
 
 
 def open_sqlite(url: str, **kwargs: Any) -> SQLiteLedger:

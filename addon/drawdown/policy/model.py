@@ -51,8 +51,17 @@ class Action:
     cost_header: str | None = None  # response header holding the actual cost in USD
     cost_json: str | None = None  # dotted path in the JSON response holding the actual cost in USD
     price: PricePerMillion | None = None  # price override for OpenAI-compatible hosts
+    tools: tuple[
+        tuple[Any, str], ...
+    ] = ()  # MCP: (compiled glob over tool names, kind), first match wins
     file: str = ""
     line: int = 0
+
+    def tool_kind(self, tool: str) -> str | None:
+        for glob, kind in self.tools:
+            if glob.match(tool):
+                return kind
+        return None
 
     @property
     def is_llm(self) -> bool:
@@ -95,6 +104,71 @@ class Budget:
 
 
 @dataclass(frozen=True)
+class Requirement:
+    """`requires: [{action: crm.read, same: {json.customer_id: path.id}}]`: an earlier 2xx action in the run."""
+
+    actions: tuple[str, ...]  # globs over action kinds
+    here: str | None = None  # field of this request…
+    there: str | None = None  # …that must equal this field of the earlier one
+
+    def describe(self) -> str:
+        what = " or ".join(self.actions)
+        if self.here is None:
+            return f"an earlier successful {what} in this run"
+        if self.here == self.there:
+            return f"an earlier successful {what} in this run with the same {self.here}"
+        return f"an earlier successful {what} in this run whose {self.there} equals this request's {self.here}"
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One authority rule (SPEC §5)."""
+
+    effect: str  # allow | deny | constrain (action + when) | require (action + requires)
+    scope: ScopePattern
+    actions: tuple[Any, ...]  # compiled globs over action kinds
+    action_texts: tuple[str, ...]
+    when: tuple[FieldTest, ...] = ()
+    requires: tuple[Requirement, ...] = ()
+    mode: str | None = None
+    name: str | None = None
+    file: str = ""
+    line: int = 0
+
+    def covers(self, kind: str | None) -> bool:
+        return kind is not None and any(glob.match(kind) for glob in self.actions)
+
+    @property
+    def where(self) -> str:
+        return f"{self.file}:{self.line}"
+
+    def describe(self) -> str:
+        label = f"rule '{self.name}'" if self.name else "rule"
+        return f"{label} at {self.where}"
+
+
+@dataclass(frozen=True)
+class Authority:
+    default: str = "allow"  # allow | deny
+    rules: tuple[Rule, ...] = ()
+
+    def fact_fields(self, kind: str) -> frozenset[str]:
+        """Fields of a successful `kind` request that later `requires … same:` checks will compare."""
+        fields: set[str] = set()
+        for rule in self.rules:
+            for requirement in rule.requires:
+                if any(_glob_match(pattern, kind) for pattern in requirement.actions):
+                    fields.add(requirement.there or "")
+        return frozenset(fields)
+
+
+def _glob_match(pattern: str, kind: str) -> bool:
+    from fnmatch import fnmatchcase
+
+    return fnmatchcase(kind, pattern)
+
+
+@dataclass(frozen=True)
 class HoldSettings:
     ttl_seconds: int = 900  # a hold lives this long unless its stream is still flowing
     lease_seconds: int = 30  # a dead proxy's holds are released this long after its last heartbeat
@@ -108,6 +182,7 @@ class Policy:
     identity: dict[str, tuple[Source, ...]] = field(default_factory=dict)
     actions: tuple[Action, ...] = ()
     budgets: tuple[Budget, ...] = ()
+    authority: Authority = field(default_factory=Authority)
     meter: MeterConfig = field(default_factory=MeterConfig)
     holds: HoldSettings = field(default_factory=HoldSettings)
     files: tuple[str, ...] = ()

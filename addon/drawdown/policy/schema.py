@@ -27,11 +27,14 @@ from .model import (
     WINDOWS,
     Action,
     ActionMatch,
+    Authority,
     Budget,
     FieldTest,
     HoldSettings,
     Limits,
     Policy,
+    Requirement,
+    Rule,
     Source,
 )
 from .source import LList, LMap, PolicyInvalid, Problem, line_of
@@ -115,14 +118,18 @@ class _Checker:
     def choice(self, parent: Any, key: str, options: tuple[str, ...], what: str) -> str | None:
         value = parent[key]
         if value not in options:
-            self.error(parent, key, f"{what} must be one of {', '.join(options)}, not {_show(value)}")
+            self.error(
+                parent, key, f"{what} must be one of {', '.join(options)}, not {_show(value)}"
+            )
             return None
         return value
 
     def integer(self, parent: Any, key: str | int, what: str, minimum: int = 0) -> int | None:
         value = parent[key]
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            self.error(parent, key, f"{what} must be a whole number ≥ {minimum}, not {_show(value)}")
+            self.error(
+                parent, key, f"{what} must be a whole number ≥ {minimum}, not {_show(value)}"
+            )
             return None
         return value
 
@@ -196,6 +203,7 @@ TOP_LEVEL = (
     "identity",
     "actions",
     "budgets",
+    "authority",
     "meter",
     "holds",
 )
@@ -210,6 +218,8 @@ class _Partial:
         self.identity: dict[str, tuple[tuple[Source, ...], str]] = {}
         self.actions: list[Action] = []
         self.budgets: list[Budget] = []
+        self.authority_default: tuple[str, str] | None = None
+        self.rules: list[Rule] = []
         self.meter: tuple[dict[str, Any], str] | None = None
         self.holds: tuple[HoldSettings, str] | None = None
 
@@ -254,6 +264,20 @@ def _check_document(check: _Checker, doc: Any, file: str) -> _Partial:
         part.budgets = [
             b for i in range(len(budgets)) if (b := _budget(check, budgets, i)) is not None
         ]
+    if (
+        "authority" in doc
+        and (authority := check.mapping(doc, "authority", "authority")) is not None
+    ):
+        check.keys(authority, ("default", "rules"), "authority")
+        if "default" in authority and (
+            default := check.choice(authority, "default", ("allow", "deny"), "authority.default")
+        ):
+            part.authority_default = (default, f"{file}:{line_of(authority, 'default')}")
+        if (
+            "rules" in authority
+            and (rules := check.sequence(authority, "rules", "authority.rules")) is not None
+        ):
+            part.rules = [r for i in range(len(rules)) if (r := _rule(check, rules, i)) is not None]
     if "meter" in doc and (meter := check.mapping(doc, "meter", "meter")) is not None:
         part.meter = (_meter(check, meter), where("meter"))
     if "holds" in doc and (holds := check.mapping(doc, "holds", "holds")) is not None:
@@ -311,7 +335,7 @@ def _identity(check: _Checker, identity: LMap) -> dict[str, tuple[Source, ...]]:
     return result
 
 
-ACTION_KEYS = ("kind", "provider", "match", "cost", "cost_header", "cost_json", "price")
+ACTION_KEYS = ("kind", "provider", "match", "cost", "cost_header", "cost_json", "price", "tools")
 MATCH_KEYS = ("host", "method", "path", "query", "json", "header")
 
 
@@ -350,9 +374,26 @@ def _action(check: _Checker, actions: LList, index: int) -> Action | None:
             ok = False
         elif (price_map := check.mapping(item, "price", "price")) is not None:
             price = _price(check, price_map, "price")
+    tools: list[tuple[Any, str]] = []
+    if "tools" in item:
+        if provider != "mcp":
+            check.error(
+                item,
+                "tools",
+                "'tools' (tool name → action kind) applies to provider: mcp actions only",
+            )
+            ok = False
+        elif (tool_map := check.mapping(item, "tools", "tools")) is not None:
+            for tool, mapped in tool_map.items():
+                if not isinstance(mapped, str) or not _KIND.match(mapped):
+                    check.error(tool_map, tool, f"tools['{tool}'] must be an action kind")
+                    ok = False
+                else:
+                    tools.append((compile_glob(tool), mapped))
     if not ok or kind is None or match is None:
         return None
     return Action(
+        tools=tuple(tools),
         kind=kind,
         match=match,
         provider=provider,
@@ -489,6 +530,157 @@ def _budget_key(scope: str, per: str | None, actions: list[str]) -> str:
     return key
 
 
+RULE_KEYS = ("name", "scope", "allow", "deny", "action", "when", "requires", "mode")
+WHEN_PREFIXES = ("json", "query", "header", "path")
+
+
+def _rule(check: _Checker, rules: LList, index: int) -> Rule | None:
+    item = rules[index]
+    if not isinstance(item, LMap):
+        check.error(rules, index, f"each rule must be a mapping, not {_kind(item)}")
+        return None
+    ok = check.keys(item, RULE_KEYS, "rule", required=("scope",))
+    effects = [key for key in ("allow", "deny", "action") if key in item]
+    if len(effects) != 1:
+        check.error(
+            item,
+            None,
+            "a rule names its actions with exactly one of allow: [...], deny: [...] or action: KIND",
+        )
+        return None
+    effect_key = effects[0]
+    scope = None
+    if "scope" in item and (text := check.text(item, "scope", "scope")) is not None:
+        try:
+            scope = compile_scope(text)
+        except ValueError as exc:
+            check.error(item, "scope", str(exc))
+    texts = check.strings(item, effect_key, effect_key)
+    globs = []
+    for text in texts or []:
+        if not _KIND.match(text.replace("*", "x").replace("?", "x")):
+            check.error(item, effect_key, f"'{text}' is not an action kind or glob")
+            ok = False
+        else:
+            globs.append(compile_glob(text))
+    when: list[FieldTest] = []
+    if "when" in item and (conditions := check.mapping(item, "when", "when")) is not None:
+        found = _when(check, conditions)
+        ok = ok and found is not None
+        when = found or []
+    requires: list[Requirement] = []
+    if "requires" in item:
+        if effect_key != "action":
+            check.error(
+                item,
+                "requires",
+                "'requires' goes with 'action: KIND' (a sequence rule), not allow/deny",
+            )
+            ok = False
+        elif (items := check.sequence(item, "requires", "requires")) is not None:
+            for i in range(len(items)):
+                requirement = _requirement(check, items, i)
+                ok = ok and requirement is not None
+                if requirement is not None:
+                    requires.append(requirement)
+    if effect_key == "action" and not requires and not when:
+        check.error(
+            item,
+            None,
+            "a rule with 'action:' needs 'requires:' or 'when:' (use allow/deny to grant or refuse)",
+        )
+        ok = False
+    mode = None
+    if "mode" in item:
+        mode = check.choice(item, "mode", MODES, "mode")
+        ok = ok and mode is not None
+    name = check.text(item, "name", "name") if "name" in item else None
+    if not ok or scope is None or texts is None:
+        return None
+    effect = effect_key if effect_key != "action" else ("require" if requires else "constrain")
+    return Rule(
+        effect=effect,
+        scope=scope,
+        actions=tuple(globs),
+        action_texts=tuple(texts),
+        when=tuple(when),
+        requires=tuple(requires),
+        mode=mode,
+        name=name,
+        file=item.file,
+        line=item.line,
+    )
+
+
+def _when(check: _Checker, conditions: LMap) -> list[FieldTest] | None:
+    """`when: {json: {amount: {lte: 5000}}, model: {in: [...]}}` — also `"json.amount": …` spelled flat."""
+    tests: list[FieldTest] = []
+    ok = True
+    for key, spec in conditions.items():
+        if key in WHEN_PREFIXES:
+            if not isinstance(spec, LMap):
+                check.error(conditions, key, f"when.{key} must map field names to conditions")
+                ok = False
+                continue
+            found = conditions_of(check, spec, key)
+        elif key == "model" or (key.split(".", 1)[0] in WHEN_PREFIXES and "." in key):
+            found = None
+            try:
+                found = [FieldTest(key, compile_condition(spec), line_of(conditions, key))]
+            except ValueError as exc:
+                check.error(conditions, key, f"condition on '{key}': {exc}")
+        else:
+            check.error(
+                conditions,
+                key,
+                f"unknown field '{key}' in when (expected json, query, header, path or model)",
+            )
+            found = None
+        if found is None:
+            ok = False
+        else:
+            tests.extend(found)
+    return tests if ok else None
+
+
+_FIELD = re.compile(r"^(model|(json|query|header|path)\.[^\s]+)$")
+
+
+def _requirement(check: _Checker, items: LList, index: int) -> Requirement | None:
+    item = items[index]
+    if isinstance(item, str):
+        return Requirement((item,))
+    if not isinstance(item, LMap):
+        check.error(items, index, "a requirement is an action kind or {action: KIND, same: FIELD}")
+        return None
+    if not check.keys(item, ("action", "same"), "requirement", required=("action",)):
+        return None
+    actions = check.strings(item, "action", "requirement action")
+    if actions is None:
+        return None
+    here = there = None
+    if "same" in item:
+        same = item["same"]
+        if isinstance(same, str):
+            here = there = same
+        elif isinstance(same, LMap) and len(same) == 1:
+            ((here, there),) = same.items()
+        else:
+            check.error(
+                item, "same", "same: takes a field (json.customer_id) or {FIELD_HERE: FIELD_THERE}"
+            )
+            return None
+        for field in (here, there):
+            if not isinstance(field, str) or not _FIELD.match(field):
+                check.error(
+                    item,
+                    "same",
+                    f"'{field}' is not a request field (json.…, query.…, header.…, path.… or model)",
+                )
+                return None
+    return Requirement(tuple(actions), here, there)
+
+
 METER_KEYS = ("default_max_output_tokens", "max_output_tokens", "fallback_price", "safety_factor")
 
 
@@ -568,6 +760,8 @@ def compile_policy(
     holds = HoldSettings()
     actions: list[Action] = []
     budgets: list[Budget] = []
+    rules: list[Rule] = []
+    authority_default, default_from = "allow", None
     for _file, part in parts:
         for key, (value, where) in part.scalars.items():
             _merge_once(check, key, where, scalars.get(key, (None, None))[1])
@@ -582,8 +776,12 @@ def compile_policy(
         if part.holds is not None:
             _merge_once(check, "holds", part.holds[1], holds_from)
             holds, holds_from = part.holds
+        if part.authority_default is not None:
+            _merge_once(check, "authority.default", part.authority_default[1], default_from)
+            authority_default, default_from = part.authority_default
         actions.extend(part.actions)
         budgets.extend(part.budgets)
+        rules.extend(part.rules)
 
     seen: dict[str, Budget] = {}
     for budget in budgets:
@@ -607,6 +805,7 @@ def compile_policy(
         identity=identity,
         actions=tuple(actions),
         budgets=tuple(budgets),
+        authority=Authority(authority_default, tuple(rules)),
         meter=MeterConfig(**meter_kwargs),
         holds=holds,
         files=tuple(file for file, _ in documents),

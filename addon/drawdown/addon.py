@@ -1,0 +1,818 @@
+"""The mitmproxy addon: a thin hook class wiring the pipeline's stages together.
+
+    requestheaders  identify (scope path), strip identity headers
+    request         classify → estimate → authorize → reserve (ledger, off the loop) → forward or deny
+    responseheaders attach the stream meter to SSE responses (bytes pass through as they arrive)
+    response        measure → commit (or release on an upstream error)
+    error           commit what was streamed, or release
+
+Per-flow state lives in `flow.metadata["drawdown"]`; every stage below is a plain
+function in its own module, testable without a proxy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import binascii
+import hashlib
+import ipaddress
+import json
+import logging
+import time
+import weakref
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from mitmproxy import connection, ctx, exceptions, http
+
+from . import meter
+from .authority import evaluate, facts_of
+from .budgets import claims_for
+from .classify import Classification, RequestView, classify
+from .identity import Caller, Identity, IdleRuns, identify, identity_headers
+from .ledger import open_ledger
+from .ledger.api import (
+    Amount,
+    Completion,
+    DecisionRow,
+    Fact,
+    HistoryQuery,
+    LedgerError,
+    LedgerTooNew,
+    ReserveOutcome,
+)
+from .ledger.worker import AsyncLedger
+from .money import usd_to_nanos
+from .policy import Policy, PolicyInvalid, load_policy, policy_fingerprint
+from .policy.match import dig, glob_regex, missing
+from .respond import denial
+
+log = logging.getLogger("drawdown")
+
+STATE = "drawdown"
+# Prompts above this size are tokenized on a worker thread (tiktoken releases the GIL);
+# smaller ones cost less than the thread hop.
+INLINE_TOKENIZE_BYTES = 16 * 1024
+
+
+@dataclass
+class FlowState:
+    """What drawdown knows about one request, kept in flow.metadata[STATE]."""
+
+    identity: Identity
+    started: float
+    policy: Policy | None = None
+    classification: Classification | None = None
+    llm: meter.LLMRequest | None = None
+    view: RequestView | None = None
+    row: DecisionRow | None = None
+    facts: tuple[Fact, ...] = ()
+    decision: str = "allow"
+    hold_id: int | None = None
+    estimate: Amount = field(default_factory=Amount)
+    stream_meter: Any = None
+    measurement: meter.Measurement | None = None
+    streamed_bytes: int = 0
+    settled: bool = False
+    denied: bool = False
+
+
+def _loopback(host: str) -> bool:
+    if host in ("localhost", ""):
+        return host == "localhost"
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def allow_hosts_regex(pattern: Any) -> str:
+    """An action's host pattern as mitmproxy matches allow_hosts: a regex searched in "host:port"."""
+    host = pattern.text.rsplit(":", 1)[0] if pattern.port is not None else pattern.text
+    port = str(pattern.port) if pattern.port is not None else r"\d+"
+    return f"^{glob_regex(host.strip('[]').lower())}:{port}$"
+
+
+def _jsonrpc_error(state: FlowState, response: http.Response) -> bool:
+    """An MCP call answered 200 with a JSON-RPC error did not succeed (no fact for `requires`)."""
+    if not state.classification or not state.classification.mcp:
+        return False
+    if not response.headers.get("content-type", "").startswith("application/json"):
+        return False
+    try:
+        document = json.loads(response.get_content(strict=False) or b"null")
+    except ValueError:
+        return True
+    items = document if isinstance(document, list) else [document]
+    return any(isinstance(item, dict) and "error" in item for item in items)
+
+
+def _basic_credentials(value: str) -> tuple[str, str] | None:
+    scheme, _, encoded = value.strip().partition(" ")
+    if scheme.lower() != "basic":
+        return None
+    try:
+        user, _, password = (
+            binascii.a2b_base64(encoded.strip()).decode("utf-8", "replace").partition(":")
+        )
+    except (binascii.Error, ValueError):
+        return None
+    return user, password
+
+
+class Drawdown:
+    def __init__(self) -> None:
+        self.policy: Policy | None = None
+        self.ledger: AsyncLedger | None = None
+        self.ledger_url: str | None = None
+        self.idle_runs = IdleRuns()
+        # Credentials an agent sent on its CONNECT, for every request of that tunnel.
+        self.tunnel_credentials: weakref.WeakKeyDictionary[connection.Client, tuple[str, str]] = (
+            weakref.WeakKeyDictionary()
+        )
+        self.inflight: dict[str, FlowState] = {}
+        self.tasks: set[asyncio.Task[Any]] = set()
+        self._policy_seen: tuple[Any, ...] = ()
+        self._managed_allow_hosts: list[str] = []  # what we set allow_hosts to (never a user's own value)
+
+    # --- mitmproxy lifecycle -------------------------------------------------------------
+
+    def load(self, loader: Any) -> None:
+        loader.add_option(
+            "drawdown_policy", str, "", "drawdown policy: a YAML file or a folder of *.yaml files."
+        )
+        loader.add_option(
+            "drawdown_db",
+            str,
+            "drawdown.db",
+            "drawdown ledger: PATH, sqlite:///PATH or postgresql://…",
+        )
+        loader.add_option(
+            "drawdown_mode",
+            str,
+            "",
+            "Override the policy's mode: 'enforce' or 'shadow' (empty: as the policy says).",
+        )
+        loader.add_option(
+            "drawdown_reload_interval",
+            float,
+            1.0,
+            "Seconds between checks of the policy files for edits.",
+        )
+        loader.add_option(
+            "drawdown_maintenance_interval",
+            float,
+            5.0,
+            "Seconds between ledger heartbeats, sweeps of expired holds and TTL extensions of in-flight calls.",
+        )
+
+    def configure(self, updated: set[str]) -> None:
+        if "drawdown_mode" in updated and ctx.options.drawdown_mode not in (
+            "",
+            "enforce",
+            "shadow",
+        ):
+            raise exceptions.OptionsError("drawdown_mode must be 'enforce' or 'shadow'")
+        if updated & {"drawdown_policy", "drawdown_mode"}:
+            if not ctx.options.drawdown_policy:
+                raise exceptions.OptionsError(
+                    "drawdown_policy is not set: point it at a policy file or folder"
+                )
+            try:
+                self._install_policy(load_policy(ctx.options.drawdown_policy))
+            except PolicyInvalid as exc:
+                raise exceptions.OptionsError(f"invalid drawdown policy:\n{exc}") from None
+            self._policy_seen = policy_fingerprint(ctx.options.drawdown_policy)
+        if "drawdown_db" in updated and ctx.options.drawdown_db != self.ledger_url:
+            self._open_ledger(ctx.options.drawdown_db)
+        if updated & {"listen_host", "proxyauth"}:
+            host = ctx.options.listen_host
+            if not _loopback(host) and not ctx.options.proxyauth:
+                raise exceptions.OptionsError(
+                    f"refusing to listen on {host or 'all interfaces'} without proxy authentication: "
+                    "anyone who can reach the proxy could claim any agent identity. Listen on 127.0.0.1, "
+                    "or configure credentials with --set proxyauth=@/path/to/htpasswd."
+                )
+
+    def running(self) -> None:
+        self._spawn(self._maintain())
+        self._spawn(self._watch_policy())
+
+    def done(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        if self.ledger is not None:
+            try:
+                released = self.ledger.call_sync("release_mine", time.time(), "proxy shut down")
+                if released:
+                    log.info(
+                        "drawdown: released %d hold(s) of in-flight requests at shutdown", released
+                    )
+            except LedgerError as exc:
+                log.warning(
+                    "drawdown: could not release holds at shutdown (%s); they lapse with this proxy's lease",
+                    exc,
+                )
+            self.ledger.close()
+            try:
+                self.ledger.ledger.close()
+            except LedgerError:
+                pass
+            self.ledger = None
+
+    # --- policy and ledger ---------------------------------------------------------------
+
+    def _install_policy(self, policy: Policy) -> None:
+        mode = ctx.options.drawdown_mode
+        if mode:
+            policy = replace(policy, mode=mode)
+        self.policy = policy
+        self._apply_passthrough(policy)
+
+    def _apply_passthrough(self, policy: Policy) -> None:
+        """`unknown_hosts: passthrough`: only the hosts actions name are decrypted (mitmproxy's allow_hosts)."""
+        wanted: list[str] = []
+        if policy.unknown_hosts == "passthrough":
+            hostless = [a for a in policy.actions if not a.match.hosts]
+            if hostless:
+                log.warning(
+                    "drawdown: unknown_hosts: passthrough has no effect: the action at %s matches every host",
+                    hostless[0].where,
+                )
+            else:
+                wanted = sorted({allow_hosts_regex(h) for a in policy.actions for h in a.match.hosts})
+        current = list(ctx.options.allow_hosts)
+        if current == self._managed_allow_hosts and current != wanted:
+            ctx.options.update(allow_hosts=wanted)
+            self._managed_allow_hosts = wanted
+        elif current != self._managed_allow_hosts and wanted:
+            log.warning("drawdown: allow_hosts is set by hand; unknown_hosts: passthrough leaves it as it is")
+
+    def _open_ledger(self, url: str) -> None:
+        if self.ledger is not None:
+            self.ledger.close()
+            self.ledger = None
+        self.ledger_url = url
+        try:
+            backend = open_ledger(url)
+        except LedgerTooNew as exc:
+            raise exceptions.OptionsError(str(exc)) from None
+        except LedgerError as exc:
+            # Stay up: requests are answered per on_ledger_error until the ledger can be opened.
+            log.error(
+                "drawdown: %s — answering requests per on_ledger_error until it can be opened", exc
+            )
+            return
+        self.ledger = AsyncLedger(backend)
+        lease = self.policy.holds.lease_seconds if self.policy else 30
+        swept = backend.sweep(time.time(), lease)
+        if swept:
+            log.info("drawdown: start-up sweep released %d hold(s) left by stopped proxies", swept)
+
+    async def _maintain(self) -> None:
+        """Heartbeat this proxy's lease, sweep expired holds, keep in-flight calls' holds alive."""
+        while True:
+            await asyncio.sleep(ctx.options.drawdown_maintenance_interval)
+            if self.ledger is None:
+                if self.ledger_url:
+                    await asyncio.to_thread(self._reopen_ledger)
+                continue
+            policy = self.policy
+            now = time.time()
+            try:
+                await self.ledger.call("heartbeat", now)
+                live = [
+                    s.hold_id
+                    for s in self.inflight.values()
+                    if s.hold_id is not None and not s.settled
+                ]
+                if live and policy:
+                    await self.ledger.call("extend", live, now + policy.holds.ttl_seconds)
+                if policy:
+                    swept = await self.ledger.call("sweep", now, policy.holds.lease_seconds)
+                    if swept:
+                        log.info("drawdown: sweeper released %d expired hold(s)", swept)
+            except LedgerError as exc:
+                log.warning("drawdown: ledger maintenance failed: %s", exc)
+
+    def _reopen_ledger(self) -> None:
+        try:
+            backend = open_ledger(self.ledger_url or "")
+        except LedgerError:
+            return
+        self.ledger = AsyncLedger(backend)
+        log.info("drawdown: ledger %s is available again", self.ledger_url)
+
+    async def _watch_policy(self) -> None:
+        """Hot reload: a good edit takes over for new requests; a broken one is reported and ignored."""
+        path = ctx.options.drawdown_policy
+        while True:
+            await asyncio.sleep(ctx.options.drawdown_reload_interval)
+            seen = await asyncio.to_thread(policy_fingerprint, path)
+            if seen == self._policy_seen:
+                continue
+            self._policy_seen = seen
+            try:
+                policy = await asyncio.to_thread(load_policy, path)
+            except PolicyInvalid as exc:
+                log.error(
+                    "drawdown: policy edit rejected, the last good policy stays in force:\n%s", exc
+                )
+                continue
+            self._install_policy(policy)
+            log.info("drawdown: policy reloaded from %s", path)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    # --- hooks ---------------------------------------------------------------------------
+
+    def http_connect(self, flow: http.HTTPFlow) -> None:
+        # An unmodified agent names itself in HTTPS_PROXY=http://AGENT:RUN@host:port; the
+        # credentials arrive once, on the CONNECT, and apply to every request in the tunnel.
+        if flow.response or flow.error:
+            return
+        if "proxyauth" in flow.metadata:  # mitmproxy's own ProxyAuth validated them
+            self.tunnel_credentials[flow.client_conn] = flow.metadata["proxyauth"]
+            return
+        value = flow.request.headers.get("proxy-authorization")
+        if value and (credentials := _basic_credentials(value)):
+            self.tunnel_credentials[flow.client_conn] = credentials
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        if flow.response or flow.error or self.policy is None:
+            return
+        validated = flow.metadata.get("proxyauth")  # set by mitmproxy's ProxyAuth when it checked them
+        credentials = validated or self.tunnel_credentials.get(flow.client_conn)
+        if credentials is None and (value := flow.request.headers.get("proxy-authorization")):
+            credentials = _basic_credentials(value)
+        # With real credentials configured (htpasswd, user:pass) the password is a secret:
+        # it must never become a run id in the ledger.
+        secret_password = bool(ctx.options.proxyauth) and ctx.options.proxyauth != "any"
+        caller = Caller(
+            headers=flow.request.headers,
+            proxy_user=credentials[0] if credentials else None,
+            proxy_password=credentials[1] if credentials and not secret_password else None,
+            client_ip=flow.client_conn.peername[0] if flow.client_conn.peername else None,
+            authenticated_user=validated[0] if validated else None,
+        )
+        now = time.time()
+        identity = identify(self.policy.identity, caller, self.idle_runs, now)
+        for name in identity_headers(list(flow.request.headers.keys())):
+            del flow.request.headers[name]
+        flow.request.headers.pop("proxy-authorization", None)
+        flow.metadata[STATE] = FlowState(identity=identity, started=now)
+
+    async def request(self, flow: http.HTTPFlow) -> None:
+        if flow.response or flow.error or not flow.live:
+            return
+        state: FlowState | None = flow.metadata.get(STATE)
+        if state is None:
+            return
+        # One policy object for the whole life of the flow: a reload mid-flight never mixes two.
+        policy = state.policy = self.policy
+        assert policy is not None
+        view = state.view = RequestView(
+            method=flow.request.method,
+            host=flow.request.host,
+            port=flow.request.port,
+            path=flow.request.path.split("?", 1)[0],
+            query=dict(flow.request.query.items()),
+            headers=flow.request.headers,
+            body=flow.request.get_content(strict=False) or b"",
+        )
+        classification = state.classification = classify(policy, view)
+        action = classification.action
+        row = state.row = DecisionRow(
+            request_id=flow.id,
+            ts=state.started,
+            decision="allow",
+            mode=policy.mode,
+            scope=state.identity.path,
+            tenant=state.identity.get("tenant"),
+            workflow=state.identity.get("workflow"),
+            agent=state.identity.get("agent"),
+            run=state.identity.get("run"),
+            action=classification.kind,
+            provider=action.provider if action else None,
+            method=view.method,
+            host=view.host,
+            path=view.path,
+            policy_digest=policy.digest[:16],
+        )
+
+        if action is None:
+            if policy.unknown_hosts == "deny":
+                message = (
+                    f"drawdown: {view.host} is not a host any action names (unknown_hosts: deny)"
+                )
+                if await self._deny_before_budgets(flow, state, "unknown_host", message):
+                    return
+            await self._reserve(flow, state, [], Amount())
+            return
+
+        estimate = Amount(
+            usd=action.cost_usd_nanos or 0, requests=max(1, len(classification.kinds))
+        )
+        if action.is_llm:
+            try:
+                llm = await self._inspect(policy, action, view)
+            except meter.MeterRequestError as exc:
+                message = f"drawdown: cannot read this {action.provider} request: {exc}"
+                if not await self._deny_before_budgets(flow, state, "bad_request", message):
+                    await self._reserve(flow, state, [], Amount())
+                return
+            state.llm = llm
+            view.model = row.model = llm.model
+            row.stream = llm.stream
+            estimate = Amount(
+                usd=llm.estimate_usd_nanos,
+                tokens=llm.input_tokens + llm.max_output_tokens,
+                requests=1,
+            )
+
+        kind = classification.kind
+        assert kind is not None
+        governed = policy.authority.rules or policy.authority.default == "deny"
+        if governed and not await self._authorize(flow, state, policy, classification, view):
+            return
+        state.facts = tuple(
+            Fact(state.identity.path, kind, name, value)
+            for name, value in facts_of(policy.authority, kind, view)
+        )
+        if state.llm is not None and not state.llm.billable:  # e.g. count_tokens: uncharged
+            await self._reserve(flow, state, [], Amount())
+            return
+        row.fingerprint = hashlib.sha256(
+            b"%s\0%s\0%s\0%s" % (kind.encode(), view.method.encode(), view.path.encode(), view.body)
+        ).hexdigest()[:32]
+        claims = claims_for(policy, state.identity.levels, kind, state.started)
+        await self._reserve(flow, state, claims, estimate)
+        if not state.denied and state.llm is not None and state.llm.rewritten_body is not None:
+            flow.request.content = state.llm.rewritten_body
+
+    async def _inspect(self, policy: Policy, action: Any, view: RequestView) -> meter.LLMRequest:
+        args = (
+            action.provider,
+            view.method,
+            view.path,
+            view.query,
+            view.body,
+            policy.meter,
+            action.price,
+        )
+        if len(view.body) > INLINE_TOKENIZE_BYTES:  # big prompts are tokenized off the event loop
+            return await asyncio.to_thread(meter.inspect_request, *args)
+        return meter.inspect_request(*args)
+
+    async def _authorize(
+        self,
+        flow: http.HTTPFlow,
+        state: FlowState,
+        policy: Policy,
+        classification: Classification,
+        view: RequestView,
+    ) -> bool:
+        """Rules, conditions and `requires` for every kind the request exercises; False if it was denied."""
+        row = state.row
+        assert row is not None
+        for kind in classification.kinds:
+            evaluation = evaluate(
+                policy.authority, state.identity.levels, state.identity.path, kind, view
+            )
+            present: list[bool] = []
+            if evaluation.checks:
+                queries = [
+                    HistoryQuery(
+                        state.identity.path,
+                        c.requirement.actions,
+                        c.requirement.there or "",
+                        c.value,
+                    )
+                    for c in evaluation.checks
+                ]
+                try:
+                    present = await self._ledger().call("history", queries)
+                except LedgerError as exc:
+                    return await self._ledger_down(flow, state, str(exc))
+            verdict = evaluation.finish(present)
+            if verdict.decision == "deny":
+                message = f"drawdown: {verdict.reason}"
+                return not await self._deny_before_budgets(
+                    flow, state, verdict.reason_code or "not_authorized", message
+                )
+            if verdict.decision == "would_deny" and row.decision == "allow":
+                row.decision, row.reason_code, row.reason = (
+                    "would_deny",
+                    verdict.reason_code,
+                    verdict.reason,
+                )
+                log.info(
+                    "drawdown: would deny %s %s %s: %s", row.scope, kind, flow.id, verdict.reason
+                )
+        return True
+
+    def _ledger(self) -> AsyncLedger:
+        if self.ledger is None:
+            raise LedgerError(f"ledger {self.ledger_url} is not open")
+        return self.ledger
+
+    async def _reserve(
+        self, flow: http.HTTPFlow, state: FlowState, claims: list[Any], estimate: Amount
+    ) -> None:
+        policy, row = state.policy, state.row
+        assert policy is not None and row is not None
+        row.est_usd, row.est_tokens = estimate.usd, estimate.tokens
+        state.estimate = estimate
+        try:
+            outcome: ReserveOutcome = await self._ledger().call(
+                "reserve", row, claims, estimate, state.started + policy.holds.ttl_seconds
+            )
+        except LedgerError as exc:
+            await self._ledger_down(flow, state, str(exc))
+            return
+        state.decision = outcome.decision
+        if outcome.decision == "deny":
+            short = outcome.first
+            assert short is not None
+            status, retry_after = 402, None
+            if short.claim.per is not None and short.claim.window_end is not None:
+                status, retry_after = 429, int(short.claim.window_end - time.time()) + 1
+            log.info("drawdown: deny %s %s %s: %s", row.scope, row.action, flow.id, row.reason)
+            self._respond(
+                flow, state, "budget_exhausted", f"drawdown: {row.reason}", status, retry_after
+            )
+            return
+        state.hold_id = outcome.hold_id
+        self.inflight[flow.id] = state
+        if outcome.decision == "would_deny" and outcome.shadow_shortfalls:
+            log.info(
+                "drawdown: would deny %s %s %s: %s", row.scope, row.action, flow.id, row.reason
+            )
+
+    async def _ledger_down(self, flow: http.HTTPFlow, state: FlowState, error: str) -> bool:
+        """Answer per `on_ledger_error`; True if the request goes on (unaccounted)."""
+        policy = state.policy
+        assert policy is not None
+        if policy.ledger_error_allows:
+            log.warning(
+                "drawdown: ledger unavailable (%s); forwarding %s unaccounted (on_ledger_error: allow)",
+                error,
+                flow.id,
+            )
+            state.settled = True  # nothing held, nothing to settle
+            return True
+        log.error(
+            "drawdown: ledger unavailable (%s); denying %s (on_ledger_error: deny)", error, flow.id
+        )
+        self._respond(
+            flow,
+            state,
+            "ledger_unavailable",
+            f"drawdown: ledger unavailable, request not forwarded ({error})",
+        )
+        return False
+
+    async def _deny_before_budgets(
+        self, flow: http.HTTPFlow, state: FlowState, code: str, message: str
+    ) -> bool:
+        """A denial by authority or classification. Enforce mode: record, answer, True. Shadow: would_deny, False."""
+        policy, row = state.policy, state.row
+        assert policy is not None and row is not None
+        row.reason_code, row.reason = code, message.removeprefix("drawdown: ")
+        if policy.mode == "shadow":
+            row.decision = "would_deny"
+            log.info(
+                "drawdown: would deny %s %s %s: %s", row.scope, row.action, flow.id, row.reason
+            )
+            return False
+        row.decision = "deny"
+        response = self._respond(flow, state, code, message)
+        row.status = response.status_code
+        try:
+            await self._ledger().call("record", row)
+        except LedgerError as exc:
+            log.warning("drawdown: could not record the denial of %s: %s", flow.id, exc)
+        log.info("drawdown: deny %s %s %s: %s", row.scope, row.action, flow.id, row.reason)
+        return True
+
+    def _respond(
+        self,
+        flow: http.HTTPFlow,
+        state: FlowState,
+        code: str,
+        message: str,
+        status: int | None = None,
+        retry_after: int | None = None,
+    ) -> http.Response:
+        """Answer in the shape the caller's SDK understands; the request never reaches the upstream."""
+        classification = state.classification
+        provider = (
+            classification.action.provider if classification and classification.action else None
+        )
+        jsonrpc_ids: list[Any] = classification.jsonrpc_ids if classification else []
+        made = denial(
+            provider,
+            code,
+            message,
+            status=status,
+            retry_after=retry_after,
+            jsonrpc_ids=jsonrpc_ids,
+            batch=bool(classification and classification.mcp_batch),
+        )
+        state.denied = state.settled = True
+        state.decision = "deny"
+        flow.response = http.Response.make(made.status, made.body, made.headers)
+        return flow.response
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        state: FlowState | None = flow.metadata.get(STATE)
+        response = flow.response
+        assert response is not None
+        is_sse = response.headers.get("content-type", "").startswith("text/event-stream")
+        if state is None or state.denied or state.settled:
+            if is_sse:
+                response.stream = True  # never buffer an event stream
+            return
+        if not is_sse:
+            return
+        if state.llm is None or not state.llm.billable or not 200 <= response.status_code < 300:
+            response.stream = True
+            return
+        stream_meter = meter.open_stream_meter(
+            state.llm,
+            response.headers.get("content-type", ""),
+            response.headers.get("content-encoding"),
+            state.policy.meter,
+            state.classification.action.price,
+        )
+        state.stream_meter = stream_meter
+        if stream_meter.rewrites:
+            response.headers.pop("content-encoding", None)
+            response.headers.pop("content-length", None)
+
+        def on_chunk(data: bytes) -> bytes | list[bytes]:
+            if data:
+                state.streamed_bytes += len(data)
+                # Never b"" mid-stream: mitmproxy's HTTP/1 layer would send it as the last chunk.
+                return stream_meter.feed(data) or []
+            tail, state.measurement = stream_meter.finish()
+            return tail
+
+        response.stream = on_chunk
+
+    async def response(self, flow: http.HTTPFlow) -> None:
+        state: FlowState | None = flow.metadata.get(STATE)
+        if state is None or state.settled or state.hold_id is None:
+            return
+        response = flow.response
+        assert response is not None
+        status = response.status_code
+        if status >= 400:
+            await self._settle(flow, state, None, status, f"upstream answered {status}")
+            return
+        action = state.classification.action if state.classification else None
+        if state.llm is not None and state.llm.billable:
+            measurement = state.measurement
+            if measurement is None and state.stream_meter is not None:
+                _, measurement = state.stream_meter.finish()
+            if measurement is None:
+                body = response.get_content(strict=False) or b""
+                args = (
+                    state.llm,
+                    status,
+                    body,
+                    state.policy.meter,
+                    action.price if action else None,
+                )
+                if len(body) > INLINE_TOKENIZE_BYTES:
+                    measurement = await asyncio.to_thread(meter.measure_body, *args)
+                else:
+                    measurement = meter.measure_body(*args)
+            usage = measurement.usage
+            actual = Amount(
+                usd=measurement.usd_nanos,
+                tokens=usage.input_tokens + usage.output_tokens,
+                requests=1,
+            )
+            completion = Completion(
+                actual=actual,
+                status=status,
+                tokens_in=usage.input_tokens,
+                tokens_out=usage.output_tokens,
+                usage_source=measurement.source,
+                model=measurement.model,
+            )
+        elif action is not None:
+            completion = Completion(
+                actual=Amount(
+                    usd=self._tool_cost(action, response), requests=state.estimate.requests
+                ),
+                status=status,
+                usage_source="estimate" if action.cost_usd_nanos else None,
+            )
+        else:
+            completion = Completion(status=status)
+        if state.facts and 200 <= status < 300 and not _jsonrpc_error(state, response):
+            completion = replace(completion, facts=state.facts)
+        await self._settle(flow, state, completion, status, None)
+
+    def _tool_cost(self, action: Any, response: http.Response) -> int:
+        """A tool's actual cost: reported in a header or JSON field when the policy says where, else the fixed cost."""
+        reported: Any = None
+        if action.cost_header:
+            reported = response.headers.get(action.cost_header)
+        if reported is None and action.cost_json:
+            try:
+                reported = dig(
+                    json.loads(response.get_content(strict=False) or b"null"), action.cost_json
+                )
+            except ValueError:
+                reported = None
+            if reported is missing():
+                reported = None
+        if reported is not None:
+            try:
+                return usd_to_nanos(str(reported).strip())
+            except (ArithmeticError, ValueError):
+                log.warning(
+                    "drawdown: %s reported an unreadable cost %r; charging its fixed cost",
+                    action.kind,
+                    reported,
+                )
+        return action.cost_usd_nanos or 0
+
+    async def error(self, flow: http.HTTPFlow) -> None:
+        state: FlowState | None = flow.metadata.get(STATE)
+        if state is None or state.settled or state.hold_id is None:
+            return
+        reason = flow.error.msg if flow.error else "connection failed"
+        if state.stream_meter is not None and state.streamed_bytes:
+            # The stream was cut short after the upstream started answering: the provider bills what
+            # it generated, so commit what was streamed so far (counted) plus the prompt.
+            measurement = state.stream_meter.partial()
+            usage = measurement.usage
+            completion = Completion(
+                actual=Amount(
+                    usd=measurement.usd_nanos,
+                    tokens=usage.input_tokens + usage.output_tokens,
+                    requests=1,
+                ),
+                status=flow.response.status_code if flow.response else None,
+                tokens_in=usage.input_tokens,
+                tokens_out=usage.output_tokens,
+                usage_source=measurement.source,
+                model=measurement.model,
+                note=f"stream cut short: {reason}",
+            )
+            await self._settle(flow, state, completion, completion.status, None)
+            return
+        await self._settle(
+            flow, state, None, flow.response.status_code if flow.response else None, reason
+        )
+
+    async def _settle(
+        self,
+        flow: http.HTTPFlow,
+        state: FlowState,
+        completion: Completion | None,
+        status: int | None,
+        release_reason: str | None,
+    ) -> None:
+        """Commit or release the hold, exactly once."""
+        if state.settled:
+            return
+        state.settled = True
+        self.inflight.pop(flow.id, None)
+        now = time.time()
+        latency = (
+            (now - flow.request.timestamp_start) * 1000 if flow.request.timestamp_start else None
+        )
+        upstream = None
+        if flow.response and flow.response.timestamp_start and flow.request.timestamp_end:
+            upstream = (flow.response.timestamp_start - flow.request.timestamp_end) * 1000
+        if self.ledger is None or state.hold_id is None:
+            return
+        try:
+            if completion is not None:
+                completion = replace(completion, latency_ms=latency, upstream_ms=upstream)
+                settled = await self.ledger.call("commit", flow.id, state.hold_id, completion, now)
+                if settled.overage:
+                    log.warning(
+                        "drawdown: %s went over a budget (actual above estimate): further calls will be denied",
+                        state.identity.path,
+                    )
+            else:
+                completion = Completion(
+                    status=status, latency_ms=latency, upstream_ms=upstream, note=release_reason
+                )
+                await self.ledger.call(
+                    "release", flow.id, state.hold_id, completion, release_reason or "released", now
+                )
+        except LedgerError as exc:
+            # The hold stays active in the ledger and is returned by the sweeper when its TTL lapses.
+            log.error(
+                "drawdown: could not settle %s (%s); its hold expires with its TTL", flow.id, exc
+            )

@@ -1,0 +1,59 @@
+"""The CA an agent must trust: mitmproxy's CA in the confdir, bundled with the system's CAs.
+
+Pointing SSL_CERT_FILE at mitmproxy's CA alone would break every other TLS connection
+the agent makes; the bundle keeps them working.
+"""
+
+from __future__ import annotations
+
+import os
+import ssl
+from pathlib import Path
+
+CA_CERT = "mitmproxy-ca-cert.pem"
+BUNDLE = "drawdown-ca-bundle.pem"
+
+
+def ensure_ca(confdir: Path) -> Path:
+    """mitmproxy's CA certificate, created (key mode 0600) if the proxy never ran with this confdir."""
+    cert = confdir / CA_CERT
+    if not cert.exists():
+        from mitmproxy.certs import CertStore
+
+        confdir.mkdir(parents=True, exist_ok=True)
+        CertStore.from_store(str(confdir), "mitmproxy", 2048)
+    return cert
+
+
+def system_ca_file() -> Path | None:
+    candidates = [
+        os.environ.get("DRAWDOWN_SYSTEM_CA"),
+        ssl.get_default_verify_paths().cafile,
+        "/etc/ssl/certs/ca-certificates.crt",
+        "/etc/pki/tls/certs/ca-bundle.crt",
+        "/etc/ssl/cert.pem",
+    ]
+    for candidate in candidates:
+        if candidate and Path(candidate).is_file():
+            return Path(candidate)
+    try:
+        import certifi
+
+        return Path(certifi.where())
+    except ImportError:
+        return None
+
+
+def ca_bundle(confdir: Path) -> Path:
+    """Write (or refresh) the bundle of system CAs + drawdown's CA and return its path."""
+    cert = ensure_ca(confdir)
+    system = system_ca_file()
+    parts = [system.read_text()] if system else []
+    parts.append(cert.read_text())
+    bundle = confdir / BUNDLE
+    text = "\n".join(p.rstrip("\n") + "\n" for p in parts)
+    if not bundle.exists() or bundle.read_text() != text:
+        tmp = bundle.with_suffix(".tmp")
+        tmp.write_text(text)
+        tmp.replace(bundle)
+    return bundle

@@ -1,0 +1,313 @@
+"""`drawdown` — run | env | check | explain | report | demo (SPEC §8)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+DEFAULT_LISTEN = "127.0.0.1:8080"
+DEFAULT_DB = "./drawdown.db"
+DEFAULT_CONFDIR = "~/.drawdown"
+
+
+class UsageError(Exception):
+    """A mistake on the command line: printed as one line, exit status 2."""
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise UsageError(f"--listen wants HOST:PORT, e.g. {DEFAULT_LISTEN}; got {text!r}")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+# --- run ------------------------------------------------------------------------------------
+
+
+class Announce:
+    """Prints the one line scripts and tests wait for, once the proxy accepts connections."""
+
+    def running(self) -> None:
+        from mitmproxy import ctx
+
+        for host, port, *_ in ctx.master.addons.get("proxyserver").listen_addrs():
+            shown = f"[{host}]" if ":" in host else host
+            print(f"drawdown listening on http://{shown}:{port}", flush=True)
+            break
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .addon import _loopback
+    from .policy import PolicyInvalid, load_policy
+
+    host, port = parse_listen(args.listen)
+    try:
+        load_policy(args.policy)  # fail fast with FILE:LINE messages before starting anything
+    except PolicyInvalid as exc:
+        print(f"drawdown: invalid policy, not starting:\n{exc}", file=sys.stderr)
+        return 1
+    sets = list(args.set or [])
+    has_auth = any(
+        s.split("=", 1)[0].strip() == "proxyauth" and s.split("=", 1)[1:] != [""] for s in sets
+    )
+    if not _loopback(host) and not has_auth:
+        raise UsageError(
+            f"refusing to listen on {host} without proxy authentication: add --set proxyauth=@/path/to/htpasswd "
+            "(or listen on 127.0.0.1)"
+        )
+    return asyncio.run(_run_proxy(args, host, port, sets))
+
+
+async def _run_proxy(args: argparse.Namespace, host: str, port: int, sets: list[str]) -> int:
+    from mitmproxy import exceptions, options
+    from mitmproxy.tools.dump import DumpMaster
+
+    from .addon import Drawdown
+
+    logging.getLogger().setLevel(logging.INFO)
+    for noisy in ("hpack", "asyncio", "passlib"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    confdir = str(Path(args.confdir).expanduser())
+    Path(confdir).mkdir(parents=True, exist_ok=True)
+    opts = options.Options(listen_host=host, listen_port=port, confdir=confdir)
+    master = DumpMaster(opts, with_termlog=True, with_dumper=False)
+    # Add the addons first, then set their options, so that their `configure` sees every value.
+    master.addons.add(Drawdown(), Announce())
+    try:
+        opts.update(drawdown_policy=args.policy, drawdown_db=args.db, drawdown_mode=args.mode or "")
+        if sets:
+            opts.set(*sets)
+    except exceptions.OptionsError as exc:
+        print(f"drawdown: {exc}", file=sys.stderr)
+        return 1
+    except KeyError as exc:
+        print(f"drawdown: unknown mitmproxy option {exc}", file=sys.stderr)
+        return 2
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, master.shutdown)
+    if hasattr(signal, "SIGPIPE"):
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    await master.run()
+    errors = master.addons.get("errorcheck")
+    return 1 if errors and errors.logger.has_errored else 0
+
+
+# --- env ------------------------------------------------------------------------------------
+
+
+def cmd_env(args: argparse.Namespace) -> int:
+    from .cacerts import ca_bundle
+
+    host, port = parse_listen(args.listen)
+    bundle = ca_bundle(Path(args.confdir).expanduser())
+    credentials = ""
+    if args.agent:
+        from urllib.parse import quote
+
+        credentials = quote(args.agent, safe="") + ":" + quote(args.run or "", safe="") + "@"
+    url = f"http://{credentials}{host}:{port}"
+    for name, value in (
+        ("HTTPS_PROXY", url),
+        ("HTTP_PROXY", url),
+        ("https_proxy", url),
+        ("http_proxy", url),
+        ("SSL_CERT_FILE", str(bundle)),
+        ("REQUESTS_CA_BUNDLE", str(bundle)),
+        ("NODE_EXTRA_CA_CERTS", str(bundle)),
+    ):
+        print(f"export {name}={_shell_quote(value)}")
+    return 0
+
+
+def _shell_quote(value: str) -> str:
+    import shlex
+
+    return shlex.quote(value)
+
+
+# --- check / explain ------------------------------------------------------------------------
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from .policy import PolicyInvalid, load_policy
+
+    status = 0
+    for path in args.paths:
+        try:
+            policy = load_policy(path)
+        except PolicyInvalid as exc:
+            for problem in exc.problems:
+                print(problem)
+            status = 1
+            continue
+        print(
+            f"{path}: ok — mode {policy.mode}, {len(policy.actions)} action(s), {len(policy.budgets)} budget(s)"
+            f" from {len(policy.files)} file(s)"
+        )
+    return status
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from .explain import explain
+    from .policy import PolicyInvalid, load_policy
+
+    try:
+        policy = load_policy(args.policy)
+    except PolicyInvalid as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    headers: list[tuple[str, str]] = []
+    for item in args.header or []:
+        name, sep, value = item.partition(":")
+        if not sep or not name.strip():
+            raise UsageError(f"--header wants NAME:VALUE, got {item!r}")
+        headers.append((name.strip(), value.strip()))
+    body = args.json.encode() if args.json is not None else b""
+    if args.json is not None:
+        try:
+            json.loads(args.json)
+        except ValueError as exc:
+            raise UsageError(f"--json is not valid JSON: {exc}") from None
+    result = explain(
+        policy,
+        url=args.url,
+        method=args.method,
+        headers=headers,
+        body=body,
+        proxy_user=args.proxy_user,
+        db=args.db,
+    )
+    if args.as_json:
+        print(json.dumps(result.as_dict(), indent=2))
+    else:
+        print(result.text())
+    return 0
+
+
+# --- report ---------------------------------------------------------------------------------
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from . import report
+    from .ledger.api import LedgerError
+
+    try:
+        since = report.parse_duration(args.since) if args.since else None
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    try:
+        data = report.build(args.db, run=args.run, since=since)
+    except LedgerError as exc:
+        print(f"drawdown: {exc}", file=sys.stderr)
+        return 1
+    if args.as_json:
+        print(json.dumps(data, indent=2))
+    else:
+        print(report.render_text(data))
+    return 0
+
+
+# --- demo -----------------------------------------------------------------------------------
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo.run import run_demo
+
+    return run_demo(keep=args.keep)
+
+
+# --- main -----------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="drawdown",
+        description="Runtime authority for AI agents: a proxy that reserves before and commits after every call.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser("run", help="start the proxy")
+    run.add_argument("--policy", required=True, help="policy file or folder of *.yaml")
+    run.add_argument(
+        "--db",
+        default=DEFAULT_DB,
+        help=f"ledger: PATH, sqlite:///PATH or postgresql://… [{DEFAULT_DB}]",
+    )
+    run.add_argument(
+        "--listen",
+        default=DEFAULT_LISTEN,
+        help=f"HOST:PORT [{DEFAULT_LISTEN}]; port 0 picks a free one",
+    )
+    run.add_argument(
+        "--confdir",
+        default=DEFAULT_CONFDIR,
+        help=f"where mitmproxy keeps its CA [{DEFAULT_CONFDIR}]",
+    )
+    run.add_argument("--mode", choices=("enforce", "shadow"), help="override the policy's mode")
+    run.add_argument(
+        "--set", action="append", metavar="OPTION=VALUE", help="any mitmproxy option, repeatable"
+    )
+    run.set_defaults(func=cmd_run)
+
+    env = commands.add_parser("env", help="print the exports an unmodified agent needs")
+    env.add_argument("--confdir", default=DEFAULT_CONFDIR)
+    env.add_argument("--listen", default=DEFAULT_LISTEN)
+    env.add_argument("--agent", help="name the agent in the proxy URL (identity source proxy_user)")
+    env.add_argument("--run", help="name the run in the proxy URL (identity source proxy_password)")
+    env.set_defaults(func=cmd_env)
+
+    check = commands.add_parser("check", help="validate policy files")
+    check.add_argument("paths", nargs="+", metavar="PATH")
+    check.set_defaults(func=cmd_check)
+
+    explain = commands.add_parser(
+        "explain", help="how a request would be classified and decided, and why"
+    )
+    explain.add_argument("--policy", required=True)
+    explain.add_argument("--url", required=True)
+    explain.add_argument("--method", default=None, help="default: POST with --json, else GET")
+    explain.add_argument("--header", action="append", metavar="NAME:VALUE")
+    explain.add_argument("--json", metavar="BODY", help="request body (JSON)")
+    explain.add_argument(
+        "--proxy-user", help="as if the agent authenticated to the proxy as this user"
+    )
+    explain.add_argument("--db", help="also show what the ledger holds for the matching budgets")
+    explain.add_argument("--as-json", action="store_true", help="machine-readable output")
+    explain.set_defaults(func=cmd_explain)
+
+    report = commands.add_parser("report", help="runs, budgets, decisions and anomalies")
+    report.add_argument("--db", default=DEFAULT_DB)
+    report.add_argument("--run", help="only this run id")
+    report.add_argument("--since", metavar="DURATION", help="e.g. 15m, 24h, 7d")
+    report.add_argument(
+        "--json", dest="as_json", action="store_true", help="the JSON contract (SPEC §8)"
+    )
+    report.set_defaults(func=cmd_report)
+
+    demo = commands.add_parser(
+        "demo", help="the 60-second demo: a runaway agent stopped by its run budget"
+    )
+    demo.add_argument("--keep", action="store_true", help="keep the demo's temporary folder")
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except UsageError as exc:
+        print(f"drawdown: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        os._exit(0)

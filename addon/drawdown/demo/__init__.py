@@ -1,0 +1,1 @@
+"""`drawdown demo`: a runaway agent (official openai SDK) stopped by its run budget."""

@@ -1,0 +1,123 @@
+"""Orchestrates the demo: stand-in LLM, a real `drawdown run` process, the agent, the run report."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from ..cacerts import ca_bundle
+from ..report import build, render_text
+from .upstream import Upstream
+
+RUN_BUDGET_USD = "0.05"
+POLICY = """\
+# The demo's policy: one OpenAI-compatible host, and a $%(budget)s budget per agent run.
+mode: enforce
+identity:
+  agent: [{proxy_user: true}, {value: anonymous}]
+  run:   [{proxy_password: true}, {idle_split: 300}]
+actions:
+  - {kind: llm, provider: openai, match: {host: "127.0.0.1:%(port)d", path: "/v1/**"}}
+budgets:
+  - {scope: "agent:*/run:*", usd: %(budget)s}
+"""
+
+
+def _start_proxy(
+    folder: Path, policy: Path, ca: Path
+) -> tuple[subprocess.Popen[str], str, list[str]]:
+    command = [
+        sys.executable, "-m", "drawdown", "run",
+        "--policy", str(policy), "--db", str(folder / "demo.db"),
+        "--listen", "127.0.0.1:0", "--confdir", str(folder / "confdir"),
+        "--set", f"ssl_verify_upstream_trusted_ca={ca}",
+    ]  # fmt: skip
+    proc = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+    )
+    lines: list[str] = []
+    deadline = time.monotonic() + 60
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        lines.append(line.rstrip())
+        if line.startswith("drawdown listening on "):
+            url = line.split()[-1]
+            threading.Thread(
+                target=lambda: lines.extend(text.rstrip() for text in proc.stdout), daemon=True
+            ).start()
+            return proc, url, lines
+        if time.monotonic() > deadline:
+            break
+    proc.kill()
+    raise RuntimeError("the proxy did not start:\n" + "\n".join(lines))
+
+
+def run_demo(keep: bool = False) -> int:
+    folder = Path(tempfile.mkdtemp(prefix="drawdown-demo-"))
+    started = time.monotonic()
+    try:
+        print("drawdown demo — a runaway agent meets its run budget\n")
+        with Upstream(folder) as upstream:
+            policy = folder / "policy.yaml"
+            policy.write_text(POLICY % {"port": upstream.port, "budget": RUN_BUDGET_USD})
+            print(f"  stand-in LLM (OpenAI API format)  {upstream.url}")
+            proxy, proxy_url, proxy_log = _start_proxy(folder, policy, upstream.ca)
+            try:
+                print(
+                    f"  drawdown proxy                    {proxy_url}   (run budget ${RUN_BUDGET_USD})"
+                )
+                host_port = proxy_url.removeprefix("http://")
+                bundle = ca_bundle(folder / "confdir")
+                env = dict(os.environ)
+                # What `eval "$(drawdown env --agent researcher --run run-1)"` sets: nothing else changes.
+                proxy_with_identity = f"http://researcher:run-1@{host_port}"
+                env.update(
+                    HTTPS_PROXY=proxy_with_identity,
+                    HTTP_PROXY=proxy_with_identity,
+                    SSL_CERT_FILE=str(bundle),
+                )
+                env.pop("NO_PROXY", None)
+                env.pop("no_proxy", None)
+                print(
+                    "  agent: official openai SDK, HTTPS_PROXY → drawdown, looping on tool calls\n"
+                )
+                agent = subprocess.run(
+                    [sys.executable, "-m", "drawdown.demo.agent", f"{upstream.url}/v1"],
+                    env=env,
+                    timeout=120,
+                )
+            finally:
+                proxy.send_signal(signal.SIGTERM)
+                try:
+                    proxy.wait(20)
+                except subprocess.TimeoutExpired:
+                    proxy.kill()
+            reached = upstream.calls
+        report = build(str(folder / "demo.db"), run="run-1")
+        print("\nThe run report (drawdown report --run run-1):\n")
+        print("  " + render_text(report).replace("\n", "\n  "))
+        runs = report["runs"]
+        stopped = agent.returncode == 0 and runs and runs[0]["status"] == "budget_exhausted"
+        print(
+            f"\n  {reached} calls reached the LLM; the denied one never left the proxy. "
+            f"({time.monotonic() - started:.1f} s)"
+        )
+        if keep:
+            print(f"  demo files kept in {folder} (ledger: {folder / 'demo.db'})")
+        if not stopped:
+            print(
+                "\nthe demo did not end as expected; proxy log:\n" + "\n".join(proxy_log),
+                file=sys.stderr,
+            )
+            return 1
+        return 0
+    finally:
+        if not keep:
+            shutil.rmtree(folder, ignore_errors=True)

@@ -1,0 +1,265 @@
+"""`drawdown explain`: how one request would be classified and decided, and why — no proxy needed."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qsl, urlsplit
+
+from . import meter
+from .authority import evaluate
+from .budgets import claims_for
+from .classify import RequestView, classify
+from .identity import Caller, IdleRuns, identify
+from .ledger.api import Amount
+from .money import format_usd
+from .policy import Policy
+
+
+class _Headers(dict):
+    """Case-insensitive enough for explain: keys are stored lower-case."""
+
+    def get(self, key: str, default: Any = None) -> Any:  # type: ignore[override]
+        return super().get(key.lower(), default)
+
+
+@dataclass
+class Explanation:
+    steps: list[tuple[str, str]] = field(default_factory=list)  # (stage, what happened)
+    decision: str = "allow"
+    reason: str = ""
+    data: dict[str, Any] = field(default_factory=dict)
+
+    def add(self, stage: str, text: str) -> None:
+        self.steps.append((stage, text))
+
+    def text(self) -> str:
+        width = max(len(stage) for stage, _ in self.steps) if self.steps else 0
+        lines = [f"{stage.ljust(width)}  {text}" for stage, text in self.steps]
+        lines.append("")
+        lines.append(f"decision: {self.decision}" + (f" — {self.reason}" if self.reason else ""))
+        return "\n".join(lines)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "decision": self.decision,
+            "reason": self.reason,
+            "steps": [list(s) for s in self.steps],
+            **self.data,
+        }
+
+
+def explain(
+    policy: Policy,
+    *,
+    url: str,
+    method: str | None,
+    headers: list[tuple[str, str]],
+    body: bytes,
+    proxy_user: str | None = None,
+    db: str | None = None,
+) -> Explanation:
+    out = Explanation()
+    parts = urlsplit(url if "://" in url else f"https://{url}")
+    host = (parts.hostname or "").lower()
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    method = (method or ("POST" if body else "GET")).upper()
+    header_map = _Headers({k.lower(): v for k, v in headers})
+    view = RequestView(
+        method=method,
+        host=host,
+        port=port,
+        path=parts.path or "/",
+        query=dict(parse_qsl(parts.query)),
+        headers=header_map,
+        body=body,
+    )
+    now = time.time()
+    identity = identify(policy.identity, Caller(header_map, proxy_user=proxy_user), IdleRuns(), now)
+    origin = ", ".join(f"{level} from {source}" for level, source in identity.sources.items())
+    out.add("identity", f"{identity.path or '(no levels)'}  ({origin})")
+    out.data["scope"] = identity.path
+
+    classification = classify(policy, view)
+    action = classification.action
+    if action is None:
+        out.add(
+            "action",
+            f"no action matches {method} {host}{view.path}; unknown_hosts: {policy.unknown_hosts}",
+        )
+        out.data["action"] = None
+        if policy.unknown_hosts == "deny":
+            out.decision = "would_deny" if policy.mode == "shadow" else "deny"
+            out.reason = "unknown_host (403)"
+        else:
+            out.reason = f"forwarded without accounting (unknown_hosts: {policy.unknown_hosts})"
+        return out
+    captured = (
+        f", captured {dict(classification.path_params)}" if classification.path_params else ""
+    )
+    out.add(
+        "action",
+        f"{action.kind} (the action at {action.where}{', provider ' + action.provider if action.provider else ''}{captured})",
+    )
+    out.data["action"] = action.kind
+
+    estimate = Amount(usd=action.cost_usd_nanos or 0, requests=1)
+    if action.is_llm:
+        try:
+            llm = meter.inspect_request(
+                action.provider, method, view.path, view.query, body, policy.meter, action.price
+            )
+        except meter.MeterRequestError as exc:
+            out.add("estimate", f"cannot read the request: {exc}")
+            out.decision = "would_deny" if policy.mode == "shadow" else "deny"
+            out.reason = "bad_request (400)"
+            return out
+        priced = "" if llm.priced else " (model unknown to genai-prices: fallback price)"
+        out.add(
+            "estimate",
+            f"{llm.provider} {llm.endpoint} model {llm.model}: {llm.input_tokens} input tokens + up to "
+            f"{llm.max_output_tokens} output = ≈${format_usd(llm.estimate_usd_nanos)}{priced}",
+        )
+        if not llm.billable:
+            out.reason = "passes through uncharged"
+            return out
+        estimate = Amount(
+            usd=llm.estimate_usd_nanos, tokens=llm.input_tokens + llm.max_output_tokens, requests=1
+        )
+    elif action.cost_usd_nanos:
+        out.add("estimate", f"fixed cost ${format_usd(action.cost_usd_nanos)}")
+    out.data["estimate"] = {
+        "usd_nanos": estimate.usd,
+        "tokens": estimate.tokens,
+        "requests": estimate.requests,
+    }
+
+    kind = classification.kind or action.kind
+    if classification.mcp:
+        calls = ", ".join(
+            f"{m.method}{'(' + m.tool + ')' if m.tool else ''} → {m.kind}"
+            for m in classification.mcp
+        )
+        out.add("mcp", calls)
+    out.data["action"] = kind
+    if policy.authority.rules or policy.authority.default == "deny":
+        for each in classification.kinds or [kind]:
+            evaluation = evaluate(policy.authority, identity.levels, identity.path, each, view)
+            for line in evaluation.trace:
+                out.add("authority", line)
+            if not evaluation.trace:
+                out.add("authority", f"no rule matches {each}; default: {policy.authority.default}")
+            for check in evaluation.checks:
+                out.add(
+                    "requires",
+                    check.requirement.describe() + ("" if db else " (pass --db to look it up)"),
+                )
+            # Without a ledger, assume the run's history meets the requirements and say so.
+            history = (
+                _history(db, identity.path, evaluation.checks)
+                if db
+                else [True] * len(evaluation.checks)
+            )
+            verdict = evaluation.finish(history)
+            if verdict.decision != "allow":
+                out.decision = (
+                    "would_deny"
+                    if policy.mode == "shadow" or verdict.decision == "would_deny"
+                    else "deny"
+                )
+                out.reason = f"{verdict.reason_code} ({403 if verdict.decision == 'deny' else 'shadow'}): {verdict.reason}"
+                if verdict.decision == "deny":
+                    return out
+            elif evaluation.checks and not db:
+                out.reason = "only if the run's history meets the requirement(s) above, else requires_unmet (403)"
+            elif verdict.rule is not None:
+                out.add("authority", f"allowed by {verdict.rule.describe()}")
+
+    claims = claims_for(policy, identity.levels, kind, now)
+    if not claims:
+        out.add("budgets", "none cover this scope and action")
+    state = _ledger_state(db, claims) if db else {}
+    shortfalls = []
+    for claim in claims:
+        limits = ", ".join(
+            f"{unit} {format_usd(claim.limit_usd, 2) if unit == 'usd' else claim.limit(unit)}"
+            for unit in ("usd", "tokens", "requests")
+            if claim.limit(unit) is not None
+        )
+        line = f"{claim.scope} ({claim.budget}; {limits}{' per ' + claim.per if claim.per else ''}{'; shadow' if claim.shadow else ''})"
+        held = state.get((claim.budget, claim.scope, claim.window_start))
+        if held is not None:
+            for unit in ("usd", "tokens", "requests"):
+                limit = claim.limit(unit)
+                if limit is None:
+                    continue
+                used = held[f"spent_{unit}"] + held[f"reserved_{unit}"]
+                if used + estimate.get(unit) > limit:
+                    shortfalls.append((claim, unit))
+            line += (
+                f" — spent ${format_usd(held['spent_usd'])}, {held['spent_requests']} request(s)"
+            )
+        out.add("budget", line)
+    if db:
+        enforced = [s for s in shortfalls if not s[0].shadow]
+        if enforced:
+            claim, unit = enforced[0]
+            out.decision = "would_deny" if policy.mode == "shadow" else "deny"
+            status = "429" if claim.per else "402"
+            out.reason = f"budget {claim.scope} {unit} exhausted ({status})"
+        elif shortfalls:
+            out.decision = "would_deny"
+            out.reason = f"shadow budget {shortfalls[0][0].scope} {shortfalls[0][1]} exhausted"
+        elif not out.reason:
+            out.reason = "fits every budget" if claims else "no budget applies"
+    elif not out.reason:
+        out.reason = (
+            "if every budget above has room (pass --db to check the ledger)"
+            if claims
+            else "no budget applies"
+        )
+    elif claims:
+        out.reason += "; and if every budget above has room"
+    return out
+
+
+def _history(db: str, scope: str, checks: list[Any]) -> list[bool]:
+    from .ledger.reader import Reader
+    from .ledger.sqlite import glob_to_like
+
+    reader = Reader(db)
+    try:
+        answers = []
+        for check in checks:
+            likes = " OR ".join(
+                f"action LIKE :a{i} ESCAPE '\\'" for i in range(len(check.requirement.actions))
+            )
+            params = {f"a{i}": glob_to_like(a) for i, a in enumerate(check.requirement.actions)}
+            params.update(scope=scope, field=check.requirement.there or "", value=check.value or "")
+            rows = reader.query(
+                f"SELECT 1 FROM facts WHERE scope = :scope AND field = :field AND value = :value AND ({likes}) LIMIT 1",
+                params,
+            )
+            answers.append(bool(rows))
+        return answers
+    finally:
+        reader.close()
+
+
+def _ledger_state(db: str, claims: list[Any]) -> dict[tuple[str, str, int], dict[str, Any]]:
+    from .ledger.reader import Reader
+
+    reader = Reader(db)
+    try:
+        found = {}
+        for claim in claims:
+            rows = reader.query(
+                "SELECT * FROM budget_instances WHERE budget = :budget AND scope = :scope AND window_start = :ws",
+                {"budget": claim.budget, "scope": claim.scope, "ws": claim.window_start},
+            )
+            if rows:
+                found[(claim.budget, claim.scope, claim.window_start)] = rows[0]
+        return found
+    finally:
+        reader.close()
