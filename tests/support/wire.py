@@ -1,0 +1,784 @@
+"""Provider wire formats, byte-compatible with what the real APIs send.
+
+Pure functions: they build response bodies (JSON bytes or raw SSE bytes) and hold the
+stand-in's deterministic usage rules. Shapes follow the recorded corpus in
+tests/fixtures/recorded/ (see its README for every quirk reproduced here):
+
+* OpenAI JSON is pretty-printed (2-space indent); its SSE `data:` JSON is compact.
+  Chat chunks carry `"usage": null` on every chunk plus one extra `choices: []`
+  usage chunk only when `stream_options.include_usage` is true, and no `usage` key at
+  all otherwise; every chunk has an `obfuscation` padding field; `data: [DONE]` ends it.
+* Anthropic JSON is compact; SSE data is compact but padded with spaces before the
+  closing brace, and `ping` uses `{"type": "ping"}` spacing. `message_delta.usage`
+  repeats the (final) input and cache counts.
+* Gemini JSON is pretty-printed; SSE chunks use `": "` after colons but no space after
+  commas, `\\r\\n\\r\\n` separators, no `[DONE]`, and a cumulative `usageMetadata` in
+  every chunk.
+
+Usage rules (deterministic, so tests know the numbers before they send):
+
+* input tokens = the number of whitespace-separated words in every string found
+  (recursively) under the request's prompt fields, PROMPT_FIELDS below, ignoring the
+  values of "role" and "type" keys; integers inside an embeddings `input` (token ids)
+  count one each; never less than 1.
+* output tokens = the number of words in the reply text (StandIn.reply_text, default
+  DEFAULT_REPLY_TEXT), cut to the request's max output tokens when that is smaller
+  (finish reason length / max_tokens / MAX_TOKENS / incomplete). Streams send one
+  word per delta: "This", " is", " a", ...
+* an override (StandIn.set_usage or the x-standin-input-tokens /
+  x-standin-output-tokens request headers) is reported verbatim; an output override
+  makes the reply exactly that many words (the reply text's words, cycled).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import struct
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+DEFAULT_REPLY_TEXT = "This is a deterministic reply from the stand-in upstream."
+
+#: API name -> request body fields whose text counts as prompt (input) tokens.
+PROMPT_FIELDS: dict[str, tuple[str, ...]] = {
+    "openai.chat": ("messages",),
+    "openai.completions": ("prompt",),
+    "openai.responses": ("instructions", "input"),
+    "openai.embeddings": ("input",),
+    "anthropic.messages": ("system", "messages"),
+    "gemini.generate": ("systemInstruction", "contents"),
+}
+
+#: API name -> request body field (dotted) that caps the output tokens.
+MAX_OUTPUT_FIELDS: dict[str, tuple[str, ...]] = {
+    "openai.chat": ("max_completion_tokens", "max_tokens"),
+    "openai.completions": ("max_tokens",),
+    "openai.responses": ("max_output_tokens",),
+    "anthropic.messages": ("max_tokens",),
+    "gemini.generate": ("generationConfig.maxOutputTokens",),
+}
+
+_SKIP_KEYS = frozenset({"role", "type"})
+
+
+def count_words(value: Any) -> int:
+    """Whitespace-separated words in every string under `value` (skipping role/type values)."""
+    if isinstance(value, str):
+        return len(value.split())
+    if isinstance(value, Mapping):
+        return sum(count_words(v) for k, v in value.items() if k not in _SKIP_KEYS)
+    if isinstance(value, list | tuple):
+        return sum(count_words(v) for v in value)
+    return 0
+
+
+def _dotted(body: Mapping[str, Any], path: str) -> Any:
+    cur: Any = body
+    for part in path.split("."):
+        if not isinstance(cur, Mapping) or part not in cur:
+            return None
+        cur = cur[part]
+    return cur
+
+
+def expected_input_tokens(api: str, body: Mapping[str, Any]) -> int:
+    """The input token count the stand-in reports for `body` sent to `api` (see module doc)."""
+    total = 0
+    for field in PROMPT_FIELDS[api]:
+        value = body.get(field)
+        if api == "openai.embeddings":
+            total += _embedding_input_tokens(value)
+        else:
+            total += count_words(value)
+    return max(1, total)
+
+
+def _embedding_input_tokens(value: Any) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return 1
+    if isinstance(value, list):
+        return sum(_embedding_input_tokens(v) for v in value)
+    return count_words(value)
+
+
+def max_output_tokens(api: str, body: Mapping[str, Any]) -> int | None:
+    """The request's cap on output tokens, or None."""
+    for path in MAX_OUTPUT_FIELDS.get(api, ()):
+        value = _dotted(body, path)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return None
+
+
+@dataclass(frozen=True)
+class ReplyPlan:
+    """What a synthetic reply will say and report."""
+
+    words: tuple[str, ...]
+    input_tokens: int
+    cached_tokens: int
+    truncated: bool
+
+    @property
+    def output_tokens(self) -> int:
+        return len(self.words)
+
+    @property
+    def text(self) -> str:
+        return " ".join(self.words)
+
+    def deltas(self) -> list[str]:
+        """Streamed pieces: one word per delta, later words with a leading space."""
+        return [w if i == 0 else " " + w for i, w in enumerate(self.words)]
+
+
+def plan_reply(
+    api: str,
+    body: Mapping[str, Any],
+    reply_text: str,
+    *,
+    input_override: int | None = None,
+    output_override: int | None = None,
+    cached_tokens: int = 0,
+) -> ReplyPlan:
+    """Decide the reply words and token counts for a synthetic response."""
+    base = reply_text.split() or ["ok"]
+    input_tokens = (
+        input_override if input_override is not None else expected_input_tokens(api, body)
+    )
+    if output_override is not None:
+        words = [base[i % len(base)] for i in range(output_override)]
+        return ReplyPlan(tuple(words), input_tokens, cached_tokens, truncated=False)
+    cap = max_output_tokens(api, body)
+    truncated = cap is not None and cap < len(base)
+    words = base[: max(cap, 0)] if truncated and cap is not None else base
+    return ReplyPlan(tuple(words), input_tokens, cached_tokens, truncated)
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def _compact(obj: Any) -> str:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+
+
+def _pretty(obj: Any) -> bytes:
+    return json.dumps(obj, indent=2, ensure_ascii=False).encode()
+
+
+def sse_event(data: str, event: str | None = None, *, sep: str = "\n\n") -> bytes:
+    """One SSE event: optional `event:` line, one `data:` line, then the separator."""
+    newline = "\r\n" if sep == "\r\n\r\n" else "\n"
+    head = f"event: {event}{newline}" if event else ""
+    return f"{head}data: {data}{sep}".encode()
+
+
+def split_sse_events(body: bytes) -> list[bytes]:
+    """Split a raw SSE body after each event separator (\\n\\n or \\r\\n\\r\\n)."""
+    pieces: list[bytes] = []
+    start = 0
+    i = 0
+    while i < len(body):
+        if body.startswith(b"\r\n\r\n", i):
+            pieces.append(body[start : i + 4])
+            start = i = i + 4
+        elif body.startswith(b"\n\n", i):
+            pieces.append(body[start : i + 2])
+            start = i = i + 2
+        else:
+            i += 1
+    if start < len(body):
+        pieces.append(body[start:])
+    return pieces
+
+
+def _obfuscation(i: int) -> str:
+    # Real chunks carry random padding of varying length; deterministic here.
+    return "standinpad"[: (i * 3) % 11]
+
+
+# ---------------------------------------------------------------------------- OpenAI
+
+
+def openai_chat_usage(prompt: int, completion: int, cached: int = 0) -> dict[str, Any]:
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": cached, "audio_tokens": 0},
+        "completion_tokens_details": {
+            "reasoning_tokens": 0,
+            "audio_tokens": 0,
+            "accepted_prediction_tokens": 0,
+            "rejected_prediction_tokens": 0,
+        },
+    }
+
+
+def openai_chat_json(
+    *,
+    id: str,
+    created: int,
+    model: str,
+    text: str | None,
+    usage: Mapping[str, Any],
+    finish_reason: str = "stop",
+    tool_calls: Sequence[Mapping[str, Any]] | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> bytes:
+    message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
+    if tool_calls:
+        message["tool_calls"] = list(tool_calls)
+    message["annotations"] = []
+    body: dict[str, Any] = {
+        "id": id,
+        "object": "chat.completion",
+        "created": created,
+        "model": model,
+        "choices": [
+            {"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}
+        ],
+        "usage": dict(usage),
+        "service_tier": "default",
+        "system_fingerprint": "fp_standin",
+    }
+    body.update(extra or {})
+    return _pretty(body)
+
+
+def openai_chat_sse(
+    *,
+    id: str,
+    created: int,
+    model: str,
+    deltas: Iterable[str],
+    usage: Mapping[str, Any],
+    include_usage: bool,
+    finish_reason: str = "stop",
+) -> list[bytes]:
+    """Chat completion chunks, one SSE event per list item, ending with `data: [DONE]`."""
+    events: list[bytes] = []
+
+    def chunk(choices: list[dict[str, Any]], usage_value: Any = None) -> None:
+        obj: dict[str, Any] = {
+            "id": id,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model,
+            "service_tier": "default",
+            "system_fingerprint": "fp_standin",
+            "choices": choices,
+        }
+        if include_usage:
+            obj["usage"] = usage_value
+        obj["obfuscation"] = _obfuscation(len(events))
+        events.append(sse_event(_compact(obj)))
+
+    def choice(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+        return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+
+    chunk([choice({"role": "assistant", "content": "", "refusal": None})])
+    for piece in deltas:
+        chunk([choice({"content": piece})])
+    chunk([choice({}, finish_reason)])
+    if include_usage:
+        chunk([], dict(usage))
+    events.append(b"data: [DONE]\n\n")
+    return events
+
+
+def openai_completion_usage(prompt: int, completion: int) -> dict[str, Any]:
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    }
+
+
+def openai_completion_json(
+    *, id: str, created: int, model: str, text: str, usage: Mapping[str, Any], finish_reason: str
+) -> bytes:
+    return _pretty(
+        {
+            "id": id,
+            "object": "text_completion",
+            "created": created,
+            "model": model,
+            "choices": [
+                {"text": text, "index": 0, "logprobs": None, "finish_reason": finish_reason}
+            ],
+            "usage": dict(usage),
+        }
+    )
+
+
+def openai_completion_sse(
+    *,
+    id: str,
+    created: int,
+    model: str,
+    deltas: Iterable[str],
+    usage: Mapping[str, Any],
+    include_usage: bool,
+    finish_reason: str,
+) -> list[bytes]:
+    events: list[bytes] = []
+
+    def chunk(choices: list[dict[str, Any]], usage_value: Any = None) -> None:
+        obj: dict[str, Any] = {
+            "id": id,
+            "object": "text_completion",
+            "created": created,
+            "choices": choices,
+            "model": model,
+        }
+        if include_usage:
+            obj["usage"] = usage_value
+        events.append(sse_event(_compact(obj)))
+
+    pieces = list(deltas)
+    for i, piece in enumerate(pieces):
+        last = i == len(pieces) - 1
+        chunk(
+            [
+                {
+                    "text": piece,
+                    "index": 0,
+                    "logprobs": None,
+                    "finish_reason": finish_reason if last else None,
+                }
+            ]
+        )
+    if include_usage:
+        chunk([], dict(usage))
+    events.append(b"data: [DONE]\n\n")
+    return events
+
+
+def openai_responses_usage(input_tokens: int, output_tokens: int, cached: int = 0) -> dict:
+    return {
+        "input_tokens": input_tokens,
+        "input_tokens_details": {"cached_tokens": cached},
+        "output_tokens": output_tokens,
+        "output_tokens_details": {"reasoning_tokens": 0},
+        "total_tokens": input_tokens + output_tokens,
+    }
+
+
+def _responses_object(
+    *,
+    id: str,
+    created: int,
+    model: str,
+    status: str,
+    output: list[dict[str, Any]],
+    usage: Mapping[str, Any] | None,
+    max_output: int | None,
+    instructions: Any,
+) -> dict[str, Any]:
+    return {
+        "id": id,
+        "object": "response",
+        "created_at": created,
+        "status": status,
+        "background": False,
+        "completed_at": created if status in ("completed", "incomplete") else None,
+        "error": None,
+        "frequency_penalty": 0.0,
+        "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
+        "instructions": instructions,
+        "max_output_tokens": max_output,
+        "max_tool_calls": None,
+        "model": model,
+        "output": output,
+        "parallel_tool_calls": True,
+        "presence_penalty": 0.0,
+        "previous_response_id": None,
+        "prompt_cache_key": None,
+        "reasoning": {"effort": None, "summary": None},
+        "safety_identifier": None,
+        "service_tier": "default",
+        "store": False,
+        "temperature": 1.0,
+        "text": {"format": {"type": "text"}, "verbosity": "medium"},
+        "tool_choice": "auto",
+        "tools": [],
+        "top_logprobs": 0,
+        "top_p": 1.0,
+        "truncation": "disabled",
+        "usage": dict(usage) if usage is not None else None,
+        "user": None,
+        "metadata": {},
+    }
+
+
+def _responses_message(msg_id: str, text: str, status: str) -> dict[str, Any]:
+    return {
+        "id": msg_id,
+        "type": "message",
+        "status": status,
+        "content": [{"type": "output_text", "annotations": [], "logprobs": [], "text": text}],
+        "role": "assistant",
+    }
+
+
+def openai_responses_json(
+    *,
+    id: str,
+    msg_id: str,
+    created: int,
+    model: str,
+    text: str,
+    usage: Mapping[str, Any],
+    truncated: bool,
+    max_output: int | None,
+    instructions: Any = None,
+) -> bytes:
+    status = "incomplete" if truncated else "completed"
+    return _pretty(
+        _responses_object(
+            id=id,
+            created=created,
+            model=model,
+            status=status,
+            output=[_responses_message(msg_id, text, status)],
+            usage=usage,
+            max_output=max_output,
+            instructions=instructions,
+        )
+    )
+
+
+def openai_responses_sse(
+    *,
+    id: str,
+    msg_id: str,
+    created: int,
+    model: str,
+    deltas: Sequence[str],
+    usage: Mapping[str, Any],
+    truncated: bool,
+    max_output: int | None,
+    instructions: Any = None,
+) -> list[bytes]:
+    """created, in_progress, item/part added, text deltas, done events, completed/incomplete."""
+    events: list[bytes] = []
+    text = "".join(deltas)
+    final_status = "incomplete" if truncated else "completed"
+
+    def emit(kind: str, payload: dict[str, Any]) -> None:
+        obj = {"type": kind, **payload, "sequence_number": len(events)}
+        events.append(sse_event(_compact(obj), kind))
+
+    def response(status: str, output: list[dict[str, Any]], with_usage: bool) -> dict:
+        return _responses_object(
+            id=id,
+            created=created,
+            model=model,
+            status=status,
+            output=output,
+            usage=usage if with_usage else None,
+            max_output=max_output,
+            instructions=instructions,
+        )
+
+    part_empty = {"type": "output_text", "annotations": [], "logprobs": [], "text": ""}
+    part_full = {**part_empty, "text": text}
+    emit("response.created", {"response": response("in_progress", [], False)})
+    emit("response.in_progress", {"response": response("in_progress", [], False)})
+    emit(
+        "response.output_item.added",
+        {
+            "item": {
+                "id": msg_id,
+                "type": "message",
+                "status": "in_progress",
+                "content": [],
+                "role": "assistant",
+            },
+            "output_index": 0,
+        },
+    )
+    emit(
+        "response.content_part.added",
+        {"content_index": 0, "item_id": msg_id, "output_index": 0, "part": part_empty},
+    )
+    for i, piece in enumerate(deltas):
+        emit(
+            "response.output_text.delta",
+            {
+                "content_index": 0,
+                "delta": piece,
+                "item_id": msg_id,
+                "logprobs": [],
+                "obfuscation": _obfuscation(i),
+                "output_index": 0,
+            },
+        )
+    emit(
+        "response.output_text.done",
+        {"content_index": 0, "item_id": msg_id, "logprobs": [], "output_index": 0, "text": text},
+    )
+    emit(
+        "response.content_part.done",
+        {"content_index": 0, "item_id": msg_id, "output_index": 0, "part": part_full},
+    )
+    message = _responses_message(msg_id, text, final_status)
+    emit("response.output_item.done", {"item": message, "output_index": 0})
+    emit(f"response.{final_status}", {"response": response(final_status, [message], True)})
+    return events
+
+
+def openai_embeddings_json(
+    *,
+    model: str,
+    inputs: Sequence[Any],
+    prompt_tokens: int,
+    encoding_format: str,
+    dimensions: int,
+) -> bytes:
+    data = []
+    for i, item in enumerate(inputs):
+        vector = embedding_vector(item, dimensions)
+        embedding: Any
+        if encoding_format == "base64":
+            embedding = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+        else:
+            embedding = vector
+        data.append({"object": "embedding", "index": i, "embedding": embedding})
+    return _pretty(
+        {
+            "object": "list",
+            "data": data,
+            "model": model,
+            "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
+        }
+    )
+
+
+def embedding_vector(item: Any, dimensions: int) -> list[float]:
+    """A deterministic unit-ish vector derived from the input item."""
+    digest = hashlib.sha256(json.dumps(item).encode()).digest()
+    raw = [(digest[i % len(digest)] - 128) / 128.0 for i in range(dimensions)]
+    # float32 round trip so JSON floats equal decoded base64 floats.
+    return list(struct.unpack(f"<{dimensions}f", struct.pack(f"<{dimensions}f", *raw)))
+
+
+def openai_models_json(models: Sequence[str], created: int) -> bytes:
+    return _pretty(
+        {
+            "object": "list",
+            "data": [
+                {"id": m, "object": "model", "created": created, "owned_by": "system"}
+                for m in models
+            ],
+        }
+    )
+
+
+def openai_error(message: str, type: str = "invalid_request_error", code: Any = None) -> bytes:
+    return _pretty({"error": {"message": message, "type": type, "param": None, "code": code}})
+
+
+# ---------------------------------------------------------------------------- Anthropic
+
+
+def anthropic_usage(input_tokens: int, output_tokens: int, cache_read: int = 0) -> dict:
+    return {
+        "input_tokens": input_tokens,
+        "cache_creation_input_tokens": 0,
+        "cache_read_input_tokens": cache_read,
+        "cache_creation": {"ephemeral_5m_input_tokens": 0, "ephemeral_1h_input_tokens": 0},
+        "output_tokens": output_tokens,
+        "service_tier": "standard",
+    }
+
+
+def anthropic_message_json(
+    *, id: str, model: str, text: str, usage: Mapping[str, Any], stop_reason: str
+) -> bytes:
+    return _compact(
+        {
+            "model": model,
+            "id": id,
+            "type": "message",
+            "role": "assistant",
+            "content": [{"type": "text", "text": text}],
+            "stop_reason": stop_reason,
+            "stop_sequence": None,
+            "usage": dict(usage),
+        }
+    ).encode()
+
+
+def _anthropic_data(obj: Mapping[str, Any], pad: int) -> str:
+    # The real API pads compact JSON with spaces before the closing brace.
+    return _compact(obj)[:-1] + " " * pad + "}"
+
+
+def anthropic_sse(
+    *,
+    id: str,
+    model: str,
+    deltas: Sequence[str],
+    usage: Mapping[str, Any],
+    stop_reason: str,
+) -> list[bytes]:
+    """message_start, content_block_start, ping, deltas, block stop, message_delta, stop."""
+    start_usage = {
+        "input_tokens": usage["input_tokens"],
+        "cache_creation_input_tokens": usage.get("cache_creation_input_tokens", 0),
+        "cache_read_input_tokens": usage.get("cache_read_input_tokens", 0),
+        "cache_creation": usage.get(
+            "cache_creation", {"ephemeral_5m_input_tokens": 0, "ephemeral_1h_input_tokens": 0}
+        ),
+        "output_tokens": min(1, usage["output_tokens"]),
+        "service_tier": "standard",
+    }
+    delta_usage = {
+        "input_tokens": usage["input_tokens"],
+        "cache_creation_input_tokens": usage.get("cache_creation_input_tokens", 0),
+        "cache_read_input_tokens": usage.get("cache_read_input_tokens", 0),
+        "output_tokens": usage["output_tokens"],
+    }
+    message = {
+        "model": model,
+        "id": id,
+        "type": "message",
+        "role": "assistant",
+        "content": [],
+        "stop_reason": None,
+        "stop_sequence": None,
+        "usage": start_usage,
+    }
+    events = [
+        sse_event(
+            _anthropic_data({"type": "message_start", "message": message}, 12), "message_start"
+        ),
+        sse_event(
+            _anthropic_data(
+                {
+                    "type": "content_block_start",
+                    "index": 0,
+                    "content_block": {"type": "text", "text": ""},
+                },
+                8,
+            ),
+            "content_block_start",
+        ),
+        sse_event('{"type": "ping"}', "ping"),
+    ]
+    for piece in deltas:
+        events.append(
+            sse_event(
+                _anthropic_data(
+                    {
+                        "type": "content_block_delta",
+                        "index": 0,
+                        "delta": {"type": "text_delta", "text": piece},
+                    },
+                    6,
+                ),
+                "content_block_delta",
+            )
+        )
+    events.append(
+        sse_event(
+            _anthropic_data({"type": "content_block_stop", "index": 0}, 8), "content_block_stop"
+        )
+    )
+    events.append(
+        sse_event(
+            _anthropic_data(
+                {
+                    "type": "message_delta",
+                    "delta": {"stop_reason": stop_reason, "stop_sequence": None},
+                    "usage": delta_usage,
+                },
+                7,
+            ),
+            "message_delta",
+        )
+    )
+    events.append(sse_event(_anthropic_data({"type": "message_stop"}, 4), "message_stop"))
+    return events
+
+
+def anthropic_error(type: str, message: str) -> bytes:
+    return _compact({"type": "error", "error": {"type": type, "message": message}}).encode()
+
+
+# ---------------------------------------------------------------------------- Gemini
+
+
+def _gemini_chunk_json(obj: Any) -> str:
+    # Recorded Gemini chunks: a space after each colon, none after commas.
+    return json.dumps(obj, separators=(",", ": "), ensure_ascii=False)
+
+
+def gemini_usage(prompt: int, candidates: int | None, cached: int = 0) -> dict[str, Any]:
+    usage: dict[str, Any] = {"promptTokenCount": prompt}
+    if candidates is not None:
+        usage["candidatesTokenCount"] = candidates
+    usage["totalTokenCount"] = prompt + (candidates or 0)
+    if cached:
+        usage["cachedContentTokenCount"] = cached
+    usage["promptTokensDetails"] = [{"modality": "TEXT", "tokenCount": prompt}]
+    return usage
+
+
+def gemini_json(
+    *, model: str, text: str, usage: Mapping[str, Any], finish_reason: str, response_id: str
+) -> bytes:
+    return _pretty(
+        {
+            "candidates": [
+                {
+                    "content": {"parts": [{"text": text}], "role": "model"},
+                    "finishReason": finish_reason,
+                    "index": 0,
+                }
+            ],
+            "usageMetadata": dict(usage),
+            "modelVersion": model,
+            "responseId": response_id,
+        }
+    )
+
+
+def gemini_chunks(
+    *,
+    model: str,
+    deltas: Sequence[str],
+    prompt_tokens: int,
+    cached: int,
+    finish_reason: str,
+    response_id: str,
+) -> list[dict[str, Any]]:
+    """Stream chunk objects; usageMetadata is cumulative (candidates so far)."""
+    chunks = []
+    for i, piece in enumerate(deltas or [""]):
+        last = i == max(len(deltas), 1) - 1
+        candidate: dict[str, Any] = {"content": {"parts": [{"text": piece}], "role": "model"}}
+        if last:
+            candidate["finishReason"] = finish_reason
+        chunks.append(
+            {
+                "candidates": [candidate],
+                "usageMetadata": gemini_usage(prompt_tokens, min(i + 1, len(deltas)), cached),
+                "modelVersion": model,
+                "responseId": response_id,
+            }
+        )
+    return chunks
+
+
+def gemini_sse(chunks: Sequence[Mapping[str, Any]]) -> list[bytes]:
+    return [sse_event(_gemini_chunk_json(c), sep="\r\n\r\n") for c in chunks]
+
+
+def gemini_error(code: int, message: str, status: str) -> bytes:
+    return _pretty({"error": {"code": code, "message": message, "status": status}})
