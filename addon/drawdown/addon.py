@@ -36,6 +36,7 @@ from .ledger.api import (
     Completion,
     DecisionRow,
     Fact,
+    Guards,
     HistoryQuery,
     LedgerError,
     LedgerTooNew,
@@ -86,6 +87,21 @@ def _loopback(host: str) -> bool:
         return False
 
 
+def guards_for(policy: Policy, kind: str) -> Guards | None:
+    """The anomaly detectors set to `on_detect: deny` that apply to this action, as reserve-time guards."""
+    settings = policy.anomalies
+    loop, steps, fan_out = (settings.denying(name) for name in ("loop", "step_count", "fan_out"))
+    guards = Guards(
+        max_repeats=loop.param("repeats") if loop and loop.covers(kind) else None,
+        max_steps=steps.param("max") if steps and steps.covers(kind) else None,
+        max_runs_per_workflow=fan_out.param("max_runs_per_workflow")
+        if fan_out and fan_out.covers(kind)
+        else None,
+        shadow=policy.mode == "shadow",
+    )
+    return guards if guards.any else None
+
+
 def allow_hosts_regex(pattern: Any) -> str:
     """An action's host pattern as mitmproxy matches allow_hosts: a regex searched in "host:port"."""
     host = pattern.text.rsplit(":", 1)[0] if pattern.port is not None else pattern.text
@@ -133,7 +149,9 @@ class Drawdown:
         self.inflight: dict[str, FlowState] = {}
         self.tasks: set[asyncio.Task[Any]] = set()
         self._policy_seen: tuple[Any, ...] = ()
-        self._managed_allow_hosts: list[str] = []  # what we set allow_hosts to (never a user's own value)
+        self._managed_allow_hosts: list[
+            str
+        ] = []  # what we set allow_hosts to (never a user's own value)
 
     # --- mitmproxy lifecycle -------------------------------------------------------------
 
@@ -240,13 +258,17 @@ class Drawdown:
                     hostless[0].where,
                 )
             else:
-                wanted = sorted({allow_hosts_regex(h) for a in policy.actions for h in a.match.hosts})
+                wanted = sorted(
+                    {allow_hosts_regex(h) for a in policy.actions for h in a.match.hosts}
+                )
         current = list(ctx.options.allow_hosts)
         if current == self._managed_allow_hosts and current != wanted:
             ctx.options.update(allow_hosts=wanted)
             self._managed_allow_hosts = wanted
         elif current != self._managed_allow_hosts and wanted:
-            log.warning("drawdown: allow_hosts is set by hand; unknown_hosts: passthrough leaves it as it is")
+            log.warning(
+                "drawdown: allow_hosts is set by hand; unknown_hosts: passthrough leaves it as it is"
+            )
 
     def _open_ledger(self, url: str) -> None:
         if self.ledger is not None:
@@ -344,7 +366,9 @@ class Drawdown:
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or self.policy is None:
             return
-        validated = flow.metadata.get("proxyauth")  # set by mitmproxy's ProxyAuth when it checked them
+        validated = flow.metadata.get(
+            "proxyauth"
+        )  # set by mitmproxy's ProxyAuth when it checked them
         credentials = validated or self.tunnel_credentials.get(flow.client_conn)
         if credentials is None and (value := flow.request.headers.get("proxy-authorization")):
             credentials = _basic_credentials(value)
@@ -449,7 +473,7 @@ class Drawdown:
             b"%s\0%s\0%s\0%s" % (kind.encode(), view.method.encode(), view.path.encode(), view.body)
         ).hexdigest()[:32]
         claims = claims_for(policy, state.identity.levels, kind, state.started)
-        await self._reserve(flow, state, claims, estimate)
+        await self._reserve(flow, state, claims, estimate, guards_for(policy, kind))
         if not state.denied and state.llm is not None and state.llm.rewritten_body is not None:
             flow.request.content = state.llm.rewritten_body
 
@@ -520,7 +544,12 @@ class Drawdown:
         return self.ledger
 
     async def _reserve(
-        self, flow: http.HTTPFlow, state: FlowState, claims: list[Any], estimate: Amount
+        self,
+        flow: http.HTTPFlow,
+        state: FlowState,
+        claims: list[Any],
+        estimate: Amount,
+        guards: Guards | None = None,
     ) -> None:
         policy, row = state.policy, state.row
         assert policy is not None and row is not None
@@ -528,12 +557,16 @@ class Drawdown:
         state.estimate = estimate
         try:
             outcome: ReserveOutcome = await self._ledger().call(
-                "reserve", row, claims, estimate, state.started + policy.holds.ttl_seconds
+                "reserve", row, claims, estimate, state.started + policy.holds.ttl_seconds, guards
             )
         except LedgerError as exc:
             await self._ledger_down(flow, state, str(exc))
             return
         state.decision = outcome.decision
+        if outcome.decision == "deny" and outcome.tripped is not None:
+            log.info("drawdown: deny %s %s %s: %s", row.scope, row.action, flow.id, row.reason)
+            self._respond(flow, state, "anomaly", f"drawdown: {row.reason}", 429)
+            return
         if outcome.decision == "deny":
             short = outcome.first
             assert short is not None

@@ -114,11 +114,41 @@ class DecisionRow:
 
 
 @dataclass(frozen=True)
+class Guards:
+    """Structural checks made inside the reserve transaction (anomaly detectors set to deny).
+
+    Counted over the decision rows already in the ledger, so they hold across proxies.
+    """
+
+    max_repeats: int | None = (
+        None  # loop: at most N earlier identical requests (same fingerprint) in the run
+    )
+    max_steps: int | None = None  # step_count: at most N earlier requests in the run
+    max_runs_per_workflow: int | None = None  # fan_out: at most N distinct runs under the workflow
+    shadow: bool = False  # record would_deny instead of denying
+
+    @property
+    def any(self) -> bool:
+        return any(
+            v is not None for v in (self.max_repeats, self.max_steps, self.max_runs_per_workflow)
+        )
+
+
+@dataclass(frozen=True)
+class Tripped:
+    """A guard that refused (or would have refused) a request."""
+
+    detector: str  # loop | step_count | fan_out
+    detail: str
+
+
+@dataclass(frozen=True)
 class ReserveOutcome:
     decision: str  # allow | deny | would_deny, as recorded
     hold_id: int | None  # None when denied
     shortfalls: tuple[Shortfall, ...] = ()  # enforced claims that could not take the estimate
     shadow_shortfalls: tuple[Shortfall, ...] = ()  # shadow claims that could not (hold made anyway)
+    tripped: Tripped | None = None  # an anomaly guard that denied (or, shadow, would have)
 
     @property
     def first(self) -> Shortfall | None:
@@ -175,7 +205,12 @@ class Ledger(Protocol):
     process_id: str
 
     def reserve(
-        self, row: DecisionRow, claims: Sequence[Claim], estimate: Amount, expires_at: float
+        self,
+        row: DecisionRow,
+        claims: Sequence[Claim],
+        estimate: Amount,
+        expires_at: float,
+        guards: Guards | None = None,
     ) -> ReserveOutcome: ...
 
     def record(self, row: DecisionRow) -> None: ...

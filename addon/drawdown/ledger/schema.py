@@ -123,6 +123,8 @@ def _v1(db: sqlite_utils.Database) -> None:
     db["decisions"].create_index(["request_id"], unique=True)
     db["decisions"].create_index(["ts"])
     db["decisions"].create_index(["agent", "run", "ts"])
+    db["decisions"].create_index(["scope", "fingerprint"])
+    db["decisions"].create_index(["workflow", "scope"])
     db["events"].create(
         {
             "id": int,

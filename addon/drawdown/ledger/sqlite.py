@@ -27,11 +27,13 @@ from .api import (
     Claim,
     Completion,
     DecisionRow,
+    Guards,
     HistoryQuery,
     LedgerError,
     ReserveOutcome,
     Settled,
     Shortfall,
+    Tripped,
 )
 from .schema import migrate
 
@@ -126,9 +128,14 @@ class SQLiteLedger:
     # --- public operations (each its own transaction) --------------------------------------
 
     def reserve(
-        self, row: DecisionRow, claims: Sequence[Claim], estimate: Amount, expires_at: float
+        self,
+        row: DecisionRow,
+        claims: Sequence[Claim],
+        estimate: Amount,
+        expires_at: float,
+        guards: Guards | None = None,
     ) -> ReserveOutcome:
-        return self._write(lambda: self._reserve(row, claims, estimate, expires_at))
+        return self._write(lambda: self._reserve(row, claims, estimate, expires_at, guards))
 
     def record(self, row: DecisionRow) -> None:
         self._write(lambda: self._record(row))
@@ -167,9 +174,22 @@ class SQLiteLedger:
     # --- operations, inside a transaction ---------------------------------------------------
 
     def _reserve(
-        self, row: DecisionRow, claims: Sequence[Claim], estimate: Amount, expires_at: float
+        self,
+        row: DecisionRow,
+        claims: Sequence[Claim],
+        estimate: Amount,
+        expires_at: float,
+        guards: Guards | None = None,
     ) -> ReserveOutcome:
         cur = self.conn
+        tripped = self._check_guards(row, guards) if guards is not None and guards.any else None
+        if tripped is not None:
+            if not guards.shadow:
+                row.decision, row.reason_code, row.reason = "deny", "anomaly", tripped.detail
+                self._record(row)
+                return ReserveOutcome("deny", None, tripped=tripped)
+            if row.decision == "allow":
+                row.decision, row.reason_code, row.reason = "would_deny", "anomaly", tripped.detail
         instance_ids: list[int] = []
         shortfalls: list[Shortfall] = []
         shadow_shortfalls: list[Shortfall] = []
@@ -246,7 +266,47 @@ class SQLiteLedger:
             ),
         ).fetchone()[0]
         self._record(row, hold_id)
-        return ReserveOutcome(row.decision, hold_id, (), tuple(shadow_shortfalls))
+        return ReserveOutcome(row.decision, hold_id, (), tuple(shadow_shortfalls), tripped)
+
+    def _check_guards(self, row: DecisionRow, guards: Guards) -> Tripped | None:
+        """Loop, step-count and fan-out limits, counted over this run's (or workflow's) decisions."""
+        if guards.max_repeats is not None and row.fingerprint:
+            (repeats,) = self.conn.execute(
+                "SELECT COUNT(*) FROM decisions WHERE scope = ? AND fingerprint = ?",
+                (row.scope, row.fingerprint),
+            ).fetchone()
+            if repeats >= guards.max_repeats:
+                return Tripped(
+                    "loop",
+                    f"loop: this identical {row.action} request was already made {repeats} times in "
+                    f"{row.scope} (anomalies.loop.repeats: {guards.max_repeats})",
+                )
+        if guards.max_steps is not None:
+            (steps,) = self.conn.execute(
+                "SELECT COUNT(*) FROM decisions WHERE scope = ?", (row.scope,)
+            ).fetchone()
+            if steps >= guards.max_steps:
+                return Tripped(
+                    "step_count",
+                    f"step_count: {row.scope} already took {steps} steps (anomalies.step_count.max: {guards.max_steps})",
+                )
+        if guards.max_runs_per_workflow is not None and row.workflow is not None:
+            known = self.conn.execute(
+                "SELECT 1 FROM decisions WHERE workflow = ? AND scope = ? LIMIT 1",
+                (row.workflow, row.scope),
+            ).fetchone()
+            if known is None:
+                (runs,) = self.conn.execute(
+                    "SELECT COUNT(DISTINCT scope) FROM decisions WHERE workflow = ? AND COALESCE(tenant, '') = ?",
+                    (row.workflow, row.tenant or ""),
+                ).fetchone()
+                if runs >= guards.max_runs_per_workflow:
+                    return Tripped(
+                        "fan_out",
+                        f"fan_out: workflow {row.workflow} already has {runs} runs "
+                        f"(anomalies.fan_out.max_runs_per_workflow: {guards.max_runs_per_workflow})",
+                    )
+        return None
 
     def _record(self, row: DecisionRow, hold_id: int | None = None) -> None:
         self.conn.execute(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any
 
 from ..meter.config import MeterConfig, PricePerMillion
@@ -169,6 +170,64 @@ def _glob_match(pattern: str, kind: str) -> bool:
 
 
 @dataclass(frozen=True)
+class Detector:
+    """One structural anomaly detector (SPEC §9): thresholds, which actions, flag or deny."""
+
+    name: str
+    on_detect: str = "flag"  # flag | deny
+    actions: tuple[str, ...] = ()  # globs over action kinds; empty = every action
+    params: tuple[tuple[str, Any], ...] = ()  # the detector's thresholds, e.g. (("repeats", 5),)
+
+    def param(self, key: str, default: Any = None) -> Any:
+        return dict(self.params).get(key, default)
+
+    def covers(self, kind: str | None) -> bool:
+        from fnmatch import fnmatchcase
+
+        return not self.actions or (
+            kind is not None and any(fnmatchcase(kind, a) for a in self.actions)
+        )
+
+
+# name → (parameter → default). Detectors a policy does not name keep these, and flag.
+DETECTORS: dict[str, dict[str, Any]] = {
+    "loop": {"repeats": 5},  # the same request (action + body) more than N times in a run
+    "under_commit": {
+        "ratio": Decimal("0.1")
+    },  # a costed call committed at < ratio × its reservation
+    "fast_commit": {"latency_ms": 5},  # a call that should take time answered in < N ms
+    "step_count": {
+        "max": 60,
+        "history_runs": 100,
+        "history_percentile": 99,
+    },  # run far above expected
+    "fan_out": {"max_runs_per_workflow": 5, "max_agents_per_workflow": 10},
+    "handoff": {"ratio": Decimal("3")},  # two agents of a workflow with step counts this far apart
+    "drift": {"ratio": Decimal("2.0")},  # actual above ratio × estimate
+    "unpriced_model": {},  # a model genai-prices does not know (charged at the fallback price)
+}
+# Only these can refuse a request before it runs; the others are known after the call.
+DENIABLE = ("loop", "step_count", "fan_out")
+
+
+@dataclass(frozen=True)
+class AnomalySettings:
+    detectors: tuple[Detector, ...] = tuple(
+        Detector(name, params=tuple(p.items())) for name, p in DETECTORS.items()
+    )
+
+    def get(self, name: str) -> Detector:
+        for detector in self.detectors:
+            if detector.name == name:
+                return detector
+        return Detector(name, params=tuple(DETECTORS.get(name, {}).items()))
+
+    def denying(self, name: str) -> Detector | None:
+        detector = self.get(name)
+        return detector if detector.on_detect == "deny" else None
+
+
+@dataclass(frozen=True)
 class HoldSettings:
     ttl_seconds: int = 900  # a hold lives this long unless its stream is still flowing
     lease_seconds: int = 30  # a dead proxy's holds are released this long after its last heartbeat
@@ -183,6 +242,7 @@ class Policy:
     actions: tuple[Action, ...] = ()
     budgets: tuple[Budget, ...] = ()
     authority: Authority = field(default_factory=Authority)
+    anomalies: AnomalySettings = field(default_factory=AnomalySettings)
     meter: MeterConfig = field(default_factory=MeterConfig)
     holds: HoldSettings = field(default_factory=HoldSettings)
     files: tuple[str, ...] = ()

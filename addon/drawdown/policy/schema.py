@@ -22,13 +22,17 @@ from .match import (
     compile_scope,
 )
 from .model import (
+    DENIABLE,
+    DETECTORS,
     MODES,
     UNITS,
     WINDOWS,
     Action,
     ActionMatch,
+    AnomalySettings,
     Authority,
     Budget,
+    Detector,
     FieldTest,
     HoldSettings,
     Limits,
@@ -204,6 +208,7 @@ TOP_LEVEL = (
     "actions",
     "budgets",
     "authority",
+    "anomalies",
     "meter",
     "holds",
 )
@@ -220,6 +225,7 @@ class _Partial:
         self.budgets: list[Budget] = []
         self.authority_default: tuple[str, str] | None = None
         self.rules: list[Rule] = []
+        self.anomalies: tuple[list[Detector], str] | None = None
         self.meter: tuple[dict[str, Any], str] | None = None
         self.holds: tuple[HoldSettings, str] | None = None
 
@@ -278,6 +284,11 @@ def _check_document(check: _Checker, doc: Any, file: str) -> _Partial:
             and (rules := check.sequence(authority, "rules", "authority.rules")) is not None
         ):
             part.rules = [r for i in range(len(rules)) if (r := _rule(check, rules, i)) is not None]
+    if (
+        "anomalies" in doc
+        and (anomalies := check.mapping(doc, "anomalies", "anomalies")) is not None
+    ):
+        part.anomalies = (_anomalies(check, anomalies), where("anomalies"))
     if "meter" in doc and (meter := check.mapping(doc, "meter", "meter")) is not None:
         part.meter = (_meter(check, meter), where("meter"))
     if "holds" in doc and (holds := check.mapping(doc, "holds", "holds")) is not None:
@@ -681,6 +692,53 @@ def _requirement(check: _Checker, items: LList, index: int) -> Requirement | Non
     return Requirement(tuple(actions), here, there)
 
 
+def _anomalies(check: _Checker, section: LMap) -> list[Detector]:
+    check.keys(section, tuple(DETECTORS), "anomalies")
+    detectors = []
+    for name, defaults in DETECTORS.items():
+        if name not in section:
+            detectors.append(Detector(name, params=tuple(defaults.items())))
+            continue
+        spec = section[name]
+        if spec is None:
+            spec = LMap()
+            spec.file, spec.line, spec.key_lines = section.file, line_of(section, name), {}
+        if not isinstance(spec, LMap):
+            check.error(
+                section, name, f"anomalies.{name} must be a mapping (or {{}} for the defaults)"
+            )
+            continue
+        check.keys(spec, (*defaults, "on_detect", "actions"), f"anomalies.{name}")
+        on_detect = "flag"
+        if "on_detect" in spec:
+            on_detect = (
+                check.choice(spec, "on_detect", ("flag", "deny"), f"anomalies.{name}.on_detect")
+                or "flag"
+            )
+            if on_detect == "deny" and name not in DENIABLE:
+                check.error(
+                    spec,
+                    "on_detect",
+                    f"anomalies.{name} is known only after a call completes, so it can flag but not deny "
+                    f"(deny works for {', '.join(DENIABLE)})",
+                )
+        actions = (
+            check.strings(spec, "actions", f"anomalies.{name}.actions") if "actions" in spec else []
+        )
+        params = dict(defaults)
+        for key, default in defaults.items():
+            if key not in spec:
+                continue
+            if isinstance(default, Decimal):
+                value = check.number(spec, key, f"anomalies.{name}.{key}")
+            else:
+                value = check.integer(spec, key, f"anomalies.{name}.{key}", 1)
+            if value is not None:
+                params[key] = value
+        detectors.append(Detector(name, on_detect, tuple(actions or ()), tuple(params.items())))
+    return detectors
+
+
 METER_KEYS = ("default_max_output_tokens", "max_output_tokens", "fallback_price", "safety_factor")
 
 
@@ -755,7 +813,8 @@ def compile_policy(
     scalars: dict[str, tuple[Any, str]] = {}
     identity = dict(DEFAULT_IDENTITY)
     identity_from: dict[str, str] = {}
-    meter_from = holds_from = None
+    meter_from = holds_from = anomalies_from = None
+    anomalies = AnomalySettings()
     meter_kwargs: dict[str, Any] = {}
     holds = HoldSettings()
     actions: list[Action] = []
@@ -773,6 +832,9 @@ def compile_policy(
         if part.meter is not None:
             _merge_once(check, "meter", part.meter[1], meter_from)
             meter_kwargs, meter_from = part.meter
+        if part.anomalies is not None:
+            _merge_once(check, "anomalies", part.anomalies[1], anomalies_from)
+            anomalies, anomalies_from = AnomalySettings(tuple(part.anomalies[0])), part.anomalies[1]
         if part.holds is not None:
             _merge_once(check, "holds", part.holds[1], holds_from)
             holds, holds_from = part.holds
@@ -806,6 +868,7 @@ def compile_policy(
         actions=tuple(actions),
         budgets=tuple(budgets),
         authority=Authority(authority_default, tuple(rules)),
+        anomalies=anomalies,
         meter=MeterConfig(**meter_kwargs),
         holds=holds,
         files=tuple(file for file, _ in documents),

@@ -1,0 +1,369 @@
+"""The core proxy, end to end: a real `drawdown run`, the official openai SDK through HTTPS_PROXY,
+a TLS stand-in for api.openai.com. Reserve before, commit after, deny without forwarding."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import textwrap
+from collections.abc import Callable
+from pathlib import Path
+
+import openai
+import pytest
+
+from tests.support.proxy import DrawdownProcess
+from tests.support.standin import Reply, StandIn
+
+pytestmark = pytest.mark.e2e
+
+Factory = Callable[..., DrawdownProcess]
+
+POLICY = """
+mode: {mode}
+identity:
+  tenant: [{{header: X-Drawdown-Tenant}}, {{value: acme}}]
+  agent: [{{proxy_user: true}}, {{header: X-Drawdown-Agent}}, {{value: anonymous}}]
+  run: [{{header: X-Drawdown-Run}}, {{proxy_password: true}}, {{idle_split: 300}}]
+actions:
+  - {{kind: llm, provider: openai, match: {{host: api.openai.com}}}}
+budgets:
+{budgets}
+"""
+MESSAGES = [{"role": "user", "content": "Say hello to the proxy."}]
+
+
+def policy(budgets: str, mode: str = "enforce") -> str:
+    return POLICY.format(mode=mode, budgets=textwrap.indent(budgets.strip(), "  "))
+
+
+def rows(proxy: DrawdownProcess, sql: str, *params: object) -> list[tuple]:
+    with proxy.ledger() as db:
+        return db.execute(sql, params).fetchall()
+
+
+def decision_of(proxy: DrawdownProcess, settled: int = 0) -> list[tuple]:
+    """Decision rows; with `settled`, wait until that many have completed (a stream commits after the
+    SDK has returned at `data: [DONE]`)."""
+    sql = "SELECT decision, reason_code, status, tokens_in, tokens_out, usage_source, scope FROM decisions ORDER BY ts"
+    if settled:
+        return proxy.wait_for_query(sql, until=lambda found: sum(r[2] is not None for r in found) >= settled)
+    return rows(proxy, sql)
+
+
+def test_allowed_call_is_committed_with_the_upstreams_usage(drawdown_proxy: Factory, standin: StandIn) -> None:
+    proxy = drawdown_proxy(policy('- {scope: "agent:*/run:*", usd: 1.00}'))
+    with proxy.openai_client(default_headers={"X-Drawdown-Agent": "research", "X-Drawdown-Run": "r1"}) as client:
+        reply = client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, max_tokens=50)
+    upstream = standin.wait_for("/v1/chat/completions")
+    assert reply.usage.prompt_tokens == upstream.usage["prompt_tokens"]
+    # Identity headers never leave the proxy.
+    assert not [h for h in upstream.headers if h[0].lower().startswith("x-drawdown-")]
+    assert upstream.header("proxy-authorization") is None
+    ((decision, reason, status, tokens_in, tokens_out, source, scope),) = decision_of(proxy)
+    assert (decision, status, source, scope) == ("allow", 200, "usage", "tenant:acme/agent:research/run:r1")
+    assert (tokens_in, tokens_out) == (upstream.usage["prompt_tokens"], upstream.usage["completion_tokens"])
+    ((spent_usd, spent_tokens, spent_requests, reserved_usd),) = rows(
+        proxy, "SELECT spent_usd, spent_tokens, spent_requests, reserved_usd FROM budget_instances"
+    )
+    assert spent_tokens == tokens_in + tokens_out and spent_requests == 1 and reserved_usd == 0
+    assert spent_usd > 0  # priced by genai-prices, in nano-dollars
+    ((hold_state, hold_actual),) = rows(proxy, "SELECT state, actual_usd FROM holds")
+    assert (hold_state, hold_actual) == ("committed", spent_usd)
+
+
+def test_over_budget_call_gets_402_and_never_reaches_the_upstream(drawdown_proxy: Factory, standin: StandIn) -> None:
+    proxy = drawdown_proxy(policy('- {scope: "agent:*/run:*", requests: 2}'))
+    with proxy.openai_client(default_headers={"X-Drawdown-Agent": "a", "X-Drawdown-Run": "r"}) as client:
+        for _ in range(2):
+            client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+        with pytest.raises(openai.APIStatusError) as caught:
+            client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+    error = caught.value
+    assert error.status_code == 402
+    assert error.response.headers["x-should-retry"] == "false"
+    assert error.response.headers["x-drawdown-decision"] == "deny"
+    assert error.response.headers["x-drawdown-reason"] == "budget_exhausted"
+    body = error.response.json()["error"]
+    assert body["code"] == "budget_exhausted" and "budget agent:a/run:r requests 2 exhausted" in body["message"]
+    # The SDK did not retry (x-should-retry: false), and the denied call never left the proxy.
+    assert standin.count("/v1/chat/completions") == 2
+    assert [d[0] for d in decision_of(proxy)] == ["allow", "allow", "deny"]
+
+
+def test_windowed_budget_denies_with_429_and_retry_after(drawdown_proxy: Factory, standin: StandIn) -> None:
+    proxy = drawdown_proxy(policy('- {scope: "agent:*", per: hour, requests: 1}'))
+    with proxy.openai_client(default_headers={"X-Drawdown-Agent": "w"}, max_retries=3) as client:
+        client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+        with pytest.raises(openai.RateLimitError) as caught:
+            client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+    assert 1 <= int(caught.value.response.headers["retry-after"]) <= 3601
+    assert standin.count("/v1/chat/completions") == 1  # no retry despite max_retries=3
+
+
+def test_shadow_mode_forwards_and_records_would_deny(drawdown_proxy: Factory, standin: StandIn) -> None:
+    proxy = drawdown_proxy(policy('- {scope: "agent:*/run:*", requests: 1}', mode="shadow"))
+    with proxy.openai_client(default_headers={"X-Drawdown-Agent": "s", "X-Drawdown-Run": "r"}) as client:
+        for _ in range(3):
+            client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+    assert standin.count("/v1/chat/completions") == 3
+    decisions = decision_of(proxy)
+    assert [(d[0], d[1], d[2]) for d in decisions] == [
+        ("allow", None, 200),
+        ("would_deny", "budget_exhausted", 200),
+        ("would_deny", "budget_exhausted", 200),
+    ]
+    # Shadow mode still accounts: the spend is real.
+    assert rows(proxy, "SELECT spent_requests FROM budget_instances") == [(3,)]
+
+
+def test_mode_flag_overrides_the_policy(drawdown_proxy: Factory, standin: StandIn) -> None:
+    proxy = drawdown_proxy(policy('- {scope: "agent:*", requests: 0}'), extra_args=["--mode", "shadow"])
+    with proxy.openai_client() as client:
+        client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+    assert decision_of(proxy)[0][0] == "would_deny"
+
+
+def test_stream_with_include_usage_is_passed_through_and_committed(drawdown_proxy: Factory, standin: StandIn) -> None:
+    proxy = drawdown_proxy(policy('- {scope: "agent:*", usd: 1}'))
+    with proxy.openai_client() as client:
+        chunks = list(
+            client.chat.completions.create(
+                model="gpt-4o-mini", messages=MESSAGES, stream=True, stream_options={"include_usage": True}
+            )
+        )
+    upstream = standin.wait_for("/v1/chat/completions")
+    usage_chunks = [c for c in chunks if c.usage is not None]
+    assert len(usage_chunks) == 1 and usage_chunks[0].choices == []
+    assert usage_chunks[0].usage.prompt_tokens == upstream.usage["prompt_tokens"]
+    ((_, _, status, tokens_in, tokens_out, source, _),) = decision_of(proxy, settled=1)
+    assert (status, source) == (200, "usage")
+    assert (tokens_in, tokens_out) == (upstream.usage["prompt_tokens"], upstream.usage["completion_tokens"])
+
+
+def test_stream_without_include_usage_is_metered_and_looks_untouched(drawdown_proxy: Factory, standin: StandIn) -> None:
+    proxy = drawdown_proxy(policy('- {scope: "agent:*", usd: 1}'))
+    with proxy.openai_client() as client:
+        chunks = list(client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, stream=True))
+        text = "".join(c.choices[0].delta.content or "" for c in chunks)  # the usual loop: must not crash
+    upstream = standin.wait_for("/v1/chat/completions")
+    # drawdown asked the upstream for usage on the agent's behalf...
+    assert upstream.json["stream_options"] == {"include_usage": True}
+    # ...and removed the usage-only chunk the agent never asked for.
+    assert all(c.choices for c in chunks) and all(c.usage is None for c in chunks)
+    assert text
+    ((_, _, status, tokens_in, tokens_out, source, _),) = decision_of(proxy, settled=1)
+    assert (status, source) == (200, "usage")
+    assert (tokens_in, tokens_out) == (upstream.usage["prompt_tokens"], upstream.usage["completion_tokens"])
+
+
+def test_sse_events_are_forwarded_as_they_arrive(drawdown_proxy: Factory, standin: StandIn) -> None:
+    import threading
+
+    gate = threading.Event()
+    body = (
+        b'data: {"id":"c1","object":"chat.completion.chunk","created":1,"model":"gpt-4o-mini","choices":[{"index":0,"delta":{"role":"assistant","content":"first"},"finish_reason":null}]}\n\n'
+        b'data: {"id":"c1","object":"chat.completion.chunk","created":1,"model":"gpt-4o-mini","choices":[{"index":0,"delta":{"content":" second"},"finish_reason":"stop"}]}\n\n'
+        b"data: [DONE]\n\n"
+    )
+    first, rest = body.split(b"\n\n", 1)
+    standin.script("POST", "/v1/chat/completions", Reply(body=body, content_type="text/event-stream", chunks=[first + b"\n\n", gate, rest]))
+    proxy = drawdown_proxy(policy('- {scope: "agent:*", usd: 1}', mode="shadow"))
+    with proxy.openai_client() as client:
+        stream = client.chat.completions.create(
+            model="gpt-4o-mini", messages=MESSAGES, stream=True, stream_options={"include_usage": True}
+        )
+        # The first event reaches the agent while the upstream is still holding the rest back.
+        assert next(iter(stream)).choices[0].delta.content == "first"
+        gate.set()
+        assert [c.choices[0].delta.content for c in stream] == [" second"]
+    ((_, _, status, _, _, source, _),) = decision_of(proxy, settled=1)
+    assert (status, source) == (200, "counted")  # no usage in the stream: counted, marked as such
+
+
+def test_upstream_error_releases_the_hold(drawdown_proxy: Factory, standin: StandIn) -> None:
+    standin.script("POST", "/v1/chat/completions", Reply(status=500, json={"error": {"message": "boom", "type": "server_error"}}), times=1)
+    proxy = drawdown_proxy(policy('- {scope: "agent:*", requests: 5}'))
+    with proxy.openai_client(max_retries=0) as client, pytest.raises(openai.InternalServerError):
+        client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+    assert rows(proxy, "SELECT state, settle_reason FROM holds") == [("released", "upstream answered 500")]
+    assert rows(proxy, "SELECT spent_requests, reserved_requests FROM budget_instances") == [(0, 0)]
+
+
+async def _race(proxy: DrawdownProcess, n: int) -> list[int]:
+    async with proxy.async_openai_client(default_headers={"X-Drawdown-Agent": "racer", "X-Drawdown-Run": "r"}, max_retries=0) as client:
+
+        async def one() -> int:
+            try:
+                await client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, max_tokens=20)
+                return 200
+            except openai.APIStatusError as exc:
+                return exc.status_code
+
+        return await asyncio.gather(*(one() for _ in range(n)))
+
+
+def test_concurrent_calls_racing_for_a_budget_admit_at_most_what_fits(drawdown_proxy: Factory, standin: StandIn) -> None:
+    proxy = drawdown_proxy(policy('- {scope: "agent:*/run:*", requests: 10}'))
+    statuses = asyncio.run(_race(proxy, 40))
+    assert statuses.count(200) == 10 and statuses.count(402) == 30
+    assert standin.count("/v1/chat/completions") == 10
+    assert rows(proxy, "SELECT spent_requests, reserved_requests FROM budget_instances") == [(10, 0)]
+    assert rows(proxy, "SELECT COUNT(*) FROM decisions") == [(40,)]
+
+
+def test_two_proxies_on_one_ledger_never_overspend_together(drawdown_proxy: Factory, standin: StandIn, tmp_path: Path) -> None:
+    text = policy('- {scope: "agent:*/run:*", requests: 12}')
+    first = drawdown_proxy(text)
+    second = drawdown_proxy(text)
+
+    async def both() -> list[int]:
+        results = await asyncio.gather(_race(first, 15), _race(second, 15))
+        return [s for group in results for s in group]
+
+    statuses = asyncio.run(both())
+    assert statuses.count(200) == 12
+    assert standin.count("/v1/chat/completions") == 12
+    assert rows(first, "SELECT spent_requests, reserved_requests FROM budget_instances") == [(12, 0)]
+
+
+def test_proxy_credentials_name_the_agent_and_run(drawdown_proxy: Factory, standin: StandIn) -> None:
+    proxy = drawdown_proxy(policy('- {scope: "agent:*/run:*", usd: 1}'), proxy_auth=("planner", "run-42"))
+    with proxy.openai_client() as client:
+        client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+    assert decision_of(proxy)[0][6] == "tenant:acme/agent:planner/run:run-42"
+    assert standin.last().header("proxy-authorization") is None
+
+
+def test_idle_split_gives_an_unmodified_agent_per_run_budgets(drawdown_proxy: Factory, standin: StandIn) -> None:
+    text = policy('- {scope: "agent:*/run:*", requests: 2}').replace("{idle_split: 300}", "{idle_split: 2}")
+    proxy = drawdown_proxy(text)
+    with proxy.openai_client(max_retries=0) as client:
+        client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+        client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+        with pytest.raises(openai.APIStatusError):
+            client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+    runs = rows(proxy, "SELECT DISTINCT run FROM decisions")
+    assert len(runs) == 1
+    import time
+
+    time.sleep(2.5)  # the agent goes idle longer than idle_split: its next call starts a new run
+    with proxy.openai_client() as client:
+        client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+    assert len(rows(proxy, "SELECT DISTINCT run FROM decisions")) == 2
+
+
+def test_unmodified_agent_uses_drawdown_env(drawdown_proxy: Factory, standin: StandIn, tmp_path: Path) -> None:
+    """An agent process that knows nothing of drawdown: only `eval "$(drawdown env …)"` in its shell."""
+    proxy = drawdown_proxy(policy('- {scope: "agent:*/run:*", requests: 1}'))
+    host, port = proxy.address
+    agent = textwrap.dedent(
+        """
+        import openai, sys
+        client = openai.OpenAI(api_key="sk-test-agent")
+        try:
+            for _ in range(2):
+                client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}])
+                print("ok", flush=True)
+        except openai.APIStatusError as exc:
+            print("denied", exc.status_code, flush=True)
+        """
+    )
+    script = (
+        f'eval "$({sys.executable} -m drawdown env --confdir {proxy.confdir} --listen {host}:{port} --agent envagent --run e1)" '
+        f'&& unset NO_PROXY no_proxy SSL_CERT_DIR && exec {sys.executable} -c "$AGENT"'
+    )
+    result = subprocess.run(["bash", "-c", script], env={"PATH": "/usr/bin:/bin", "AGENT": agent, "HOME": str(tmp_path)}, capture_output=True, text=True, timeout=60)
+    assert result.stdout.split("\n")[:2] == ["ok", "denied 402"], result.stderr
+    assert decision_of(proxy)[0][6] == "tenant:acme/agent:envagent/run:e1"
+
+
+def test_hot_reload_applies_good_edits_and_keeps_the_last_good_policy(drawdown_proxy: Factory, standin: StandIn) -> None:
+    proxy = drawdown_proxy(policy('- {scope: "agent:*", requests: 1}'))
+    with proxy.openai_client(max_retries=0) as client:
+        client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+        with pytest.raises(openai.APIStatusError):
+            client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+        proxy.reload_policy(policy('- {scope: "agent:*", requests: 3}'))
+        proxy.wait_for_log("policy reloaded")
+        client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)  # the raised limit applies
+        proxy.reload_policy(policy('- {scope: "agent:*", requests: 100, usdd: 3}'))
+        line = proxy.wait_for_log(r"policy edit rejected")
+        assert line
+        proxy.wait_for_log(r"unknown key 'usdd' in budget")
+        client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)  # 3rd of 3: still the last good policy
+        with pytest.raises(openai.APIStatusError):
+            client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+    assert proxy.is_running()
+
+
+def test_plain_mitmdump_with_the_addon_script(drawdown_proxy: Factory, standin: StandIn) -> None:
+    proxy = drawdown_proxy(policy('- {scope: "agent:*", requests: 1}'), mode="mitmdump", ready="mitmproxy")
+    with proxy.openai_client(max_retries=0) as client:
+        client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+        with pytest.raises(openai.APIStatusError) as caught:
+            client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+    assert caught.value.status_code == 402
+    assert [d[0] for d in decision_of(proxy)] == ["allow", "deny"]
+
+
+def test_invalid_policy_is_refused_at_start_with_file_and_line(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("budgets:\n  - {scope: 'agent:*', usd: lots}\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "drawdown", "run", "--policy", str(bad), "--listen", "127.0.0.1:0", "--db", str(tmp_path / "x.db"), "--confdir", str(tmp_path / "c")],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert f"{bad}:2: usd must be a number" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_run_refuses_a_public_listen_address_without_proxy_auth(tmp_path: Path) -> None:
+    good = tmp_path / "p.yaml"
+    good.write_text("actions: []\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "drawdown", "run", "--policy", str(good), "--listen", "0.0.0.0:0", "--db", str(tmp_path / "x.db")],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 2 and "refusing to listen on 0.0.0.0" in result.stderr
+
+
+def test_json_body_is_the_one_the_agent_sent_when_not_streaming(drawdown_proxy: Factory, standin: StandIn) -> None:
+    proxy = drawdown_proxy(policy('- {scope: "agent:*", usd: 1}'))
+    with proxy.openai_client() as client:
+        client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, temperature=0.25)
+    sent = standin.wait_for("/v1/chat/completions").json
+    assert sent["temperature"] == 0.25 and "stream_options" not in sent and json.dumps(sent["messages"]) == json.dumps(MESSAGES)
+
+
+def test_client_abort_mid_stream_commits_what_was_streamed(drawdown_proxy: Factory, standin: StandIn) -> None:
+    import threading
+
+    gate = threading.Event()
+    chunk = (
+        b'data: {"id":"c1","object":"chat.completion.chunk","created":1,"model":"gpt-4o-mini",'
+        b'"choices":[{"index":0,"delta":{"content":"%s"},"finish_reason":null}],"usage":null}\n\n'
+    )
+    body = chunk % b"one two three four five" + chunk % b"six seven" + b"data: [DONE]\n\n"
+    first = chunk % b"one two three four five"
+    standin.script("POST", "/v1/chat/completions", Reply(body=body, content_type="text/event-stream", chunks=[first, gate, body[len(first):]]))
+    proxy = drawdown_proxy(policy('- {scope: "agent:*", usd: 1}'))
+    try:
+        with proxy.openai_client() as client:
+            stream = client.chat.completions.create(
+                model="gpt-4o-mini", messages=MESSAGES, stream=True, stream_options={"include_usage": True}
+            )
+            assert next(iter(stream)).choices[0].delta.content == "one two three four five"
+            stream.close()  # the agent gives up mid-stream
+        held = proxy.wait_for_query("SELECT state, usage_source, actual_tokens FROM holds", until=lambda r: r and r[0][0] != "active")
+    finally:
+        gate.set()
+    ((state, source, actual_tokens),) = held
+    # The provider bills what it generated: the prompt plus the text streamed so far, counted.
+    assert (state, source) == ("committed", "counted")
+    assert actual_tokens >= 5
+    assert rows(proxy, "SELECT COUNT(*) FROM decisions") == [(1,)]
+    assert rows(proxy, "SELECT reserved_usd FROM budget_instances") == [(0,)]
