@@ -87,6 +87,24 @@ def _loopback(host: str) -> bool:
         return False
 
 
+def fingerprint(kind: str, view: RequestView, classification: Classification) -> str:
+    """What makes two requests "the same" for loop detection: action, method, path, query and body.
+
+    For MCP the JSON-RPC ids differ on every call, so only each message's method and params count.
+    """
+    body = view.body
+    if classification.mcp:
+        document = view.json
+        items = document if isinstance(document, list) else [document]
+        body = json.dumps(
+            [[i.get("method"), i.get("params")] for i in items if isinstance(i, dict)], sort_keys=True
+        ).encode()
+    query = "&".join(f"{k}={v}" for k, v in sorted(view.query.items()))
+    return hashlib.sha256(
+        b"\0".join((kind.encode(), view.method.encode(), view.path.encode(), query.encode(), body))
+    ).hexdigest()[:32]
+
+
 def guards_for(policy: Policy, kind: str) -> Guards | None:
     """The anomaly detectors set to `on_detect: deny` that apply to this action, as reserve-time guards."""
     settings = policy.anomalies
@@ -469,9 +487,7 @@ class Drawdown:
         if state.llm is not None and not state.llm.billable:  # e.g. count_tokens: uncharged
             await self._reserve(flow, state, [], Amount())
             return
-        row.fingerprint = hashlib.sha256(
-            b"%s\0%s\0%s\0%s" % (kind.encode(), view.method.encode(), view.path.encode(), view.body)
-        ).hexdigest()[:32]
+        row.fingerprint = fingerprint(kind, view, classification)
         claims = claims_for(policy, state.identity.levels, kind, state.started)
         await self._reserve(flow, state, claims, estimate, guards_for(policy, kind))
         if not state.denied and state.llm is not None and state.llm.rewritten_body is not None:

@@ -7,11 +7,27 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
+from urllib.parse import parse_qsl
 
 from .policy.match import dig, holds, missing
 from .policy.model import Action, ActionMatch, FieldTest, Policy
 
 _UNPARSED = object()
+
+
+def _parse_body(body: bytes, content_type: str) -> Any:
+    """JSON bodies, and form-encoded ones (Stripe-style APIs) as a flat mapping of strings."""
+    if not body:
+        return missing()
+    if content_type.split(";", 1)[0].strip().lower() == "application/x-www-form-urlencoded":
+        try:
+            return dict(parse_qsl(body.decode("utf-8"), keep_blank_values=True))
+        except (UnicodeDecodeError, ValueError):
+            return missing()
+    try:
+        return json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return missing()
 
 
 @dataclass
@@ -31,12 +47,9 @@ class RequestView:
 
     @property
     def json(self) -> Any:
-        """The body as JSON, parsed once on first use; MISSING if it is not JSON."""
+        """The body as JSON (or form fields), parsed once on first use; MISSING if it is neither."""
         if self._json is _UNPARSED:
-            try:
-                self._json = json.loads(self.body) if self.body else missing()
-            except (ValueError, UnicodeDecodeError):
-                self._json = missing()
+            self._json = _parse_body(self.body, self.headers.get("content-type") or "")
         return self._json
 
     def field(self, name: str) -> Any:

@@ -146,22 +146,18 @@ def explain(
     if policy.authority.rules or policy.authority.default == "deny":
         for each in classification.kinds or [kind]:
             evaluation = evaluate(policy.authority, identity.levels, identity.path, each, view)
-            for line in evaluation.trace:
+            # Without a ledger, assume the run's history meets the requirements and say so.
+            if evaluation.checks and db:
+                history = _history(db, identity.path, evaluation.checks)
+            else:
+                history = [True] * len(evaluation.checks)
+                for check in evaluation.checks:
+                    out.add("requires", f"{check.requirement.describe()} (pass --db to look it up)")
+            verdict = evaluation.finish(history)
+            for line in evaluation.trace if db else [t for t in evaluation.trace if "requirement met" not in t]:
                 out.add("authority", line)
             if not evaluation.trace:
                 out.add("authority", f"no rule matches {each}; default: {policy.authority.default}")
-            for check in evaluation.checks:
-                out.add(
-                    "requires",
-                    check.requirement.describe() + ("" if db else " (pass --db to look it up)"),
-                )
-            # Without a ledger, assume the run's history meets the requirements and say so.
-            history = (
-                _history(db, identity.path, evaluation.checks)
-                if db
-                else [True] * len(evaluation.checks)
-            )
-            verdict = evaluation.finish(history)
             if verdict.decision != "allow":
                 out.decision = (
                     "would_deny"
