@@ -56,6 +56,31 @@ STATE = "drawdown"
 INLINE_TOKENIZE_BYTES = 16 * 1024
 
 
+SECONDS_OPTIONS = (
+    ("drawdown_reload_interval", "1", "Seconds between checks of the policy files for edits."),
+    (
+        "drawdown_maintenance_interval",
+        "5",
+        "Seconds between ledger heartbeats, sweeps of expired holds and TTL extensions of in-flight calls.",
+    ),
+    (
+        "drawdown_ledger_timeout",
+        "5",
+        "Seconds one ledger operation may wait for a lock before the request is answered per on_ledger_error.",
+    ),
+)
+
+
+def _seconds(name: str, text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < 86400:
+        raise exceptions.OptionsError(f"{name} must be a number of seconds, e.g. 0.5 or 5; got {text!r}")
+    return value
+
+
 @dataclass
 class FlowState:
     """What drawdown knows about one request, kept in flow.metadata[STATE]."""
@@ -167,9 +192,9 @@ class Drawdown:
         self.inflight: dict[str, FlowState] = {}
         self.tasks: set[asyncio.Task[Any]] = set()
         self._policy_seen: tuple[Any, ...] = ()
-        self._managed_allow_hosts: list[
-            str
-        ] = []  # what we set allow_hosts to (never a user's own value)
+        self.seconds: dict[str, float] = {name: float(default) for name, default, _ in SECONDS_OPTIONS}
+        # What we set allow_hosts to for `unknown_hosts: passthrough` (never a user's own value).
+        self._managed_allow_hosts: list[str] = []
 
     # --- mitmproxy lifecycle -------------------------------------------------------------
 
@@ -189,20 +214,14 @@ class Drawdown:
             "",
             "Override the policy's mode: 'enforce' or 'shadow' (empty: as the policy says).",
         )
-        loader.add_option(
-            "drawdown_reload_interval",
-            float,
-            1.0,
-            "Seconds between checks of the policy files for edits.",
-        )
-        loader.add_option(
-            "drawdown_maintenance_interval",
-            float,
-            5.0,
-            "Seconds between ledger heartbeats, sweeps of expired holds and TTL extensions of in-flight calls.",
-        )
+        # Durations are text (mitmproxy's --set parses no floats): seconds, decimals allowed.
+        for name, default, help_text in SECONDS_OPTIONS:
+            loader.add_option(name, str, default, help_text)
 
     def configure(self, updated: set[str]) -> None:
+        for name, _, _ in SECONDS_OPTIONS:
+            if name in updated:
+                self.seconds[name] = _seconds(name, getattr(ctx.options, name))
         if "drawdown_mode" in updated and ctx.options.drawdown_mode not in (
             "",
             "enforce",
@@ -294,12 +313,13 @@ class Drawdown:
             self.ledger = None
         self.ledger_url = url
         try:
-            backend = open_ledger(url)
+            backend = open_ledger(url, timeout=self.seconds["drawdown_ledger_timeout"])
         except LedgerTooNew as exc:
             raise exceptions.OptionsError(str(exc)) from None
         except LedgerError as exc:
             # Stay up: requests are answered per on_ledger_error until the ledger can be opened.
-            log.error(
+            # (A warning, not an error: mitmproxy exits on errors logged during start-up.)
+            log.warning(
                 "drawdown: %s — answering requests per on_ledger_error until it can be opened", exc
             )
             return
@@ -312,7 +332,7 @@ class Drawdown:
     async def _maintain(self) -> None:
         """Heartbeat this proxy's lease, sweep expired holds, keep in-flight calls' holds alive."""
         while True:
-            await asyncio.sleep(ctx.options.drawdown_maintenance_interval)
+            await asyncio.sleep(self.seconds["drawdown_maintenance_interval"])
             if self.ledger is None:
                 if self.ledger_url:
                     await asyncio.to_thread(self._reopen_ledger)
@@ -337,7 +357,7 @@ class Drawdown:
 
     def _reopen_ledger(self) -> None:
         try:
-            backend = open_ledger(self.ledger_url or "")
+            backend = open_ledger(self.ledger_url or "", timeout=self.seconds["drawdown_ledger_timeout"])
         except LedgerError:
             return
         self.ledger = AsyncLedger(backend)
@@ -347,7 +367,7 @@ class Drawdown:
         """Hot reload: a good edit takes over for new requests; a broken one is reported and ignored."""
         path = ctx.options.drawdown_policy
         while True:
-            await asyncio.sleep(ctx.options.drawdown_reload_interval)
+            await asyncio.sleep(self.seconds["drawdown_reload_interval"])
             seen = await asyncio.to_thread(policy_fingerprint, path)
             if seen == self._policy_seen:
                 continue
@@ -818,9 +838,10 @@ class Drawdown:
             )
             await self._settle(flow, state, completion, completion.status, None)
             return
-        await self._settle(
-            flow, state, None, flow.response.status_code if flow.response else None, reason
-        )
+        status = flow.response.status_code if flow.response else None
+        if status is None and "client" not in reason.lower() and "killed" not in reason.lower():
+            status = 502  # mitmproxy answers an upstream failure with 502 Bad Gateway
+        await self._settle(flow, state, None, status, reason)
 
     async def _settle(
         self,

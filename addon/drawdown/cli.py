@@ -77,6 +77,9 @@ async def _run_proxy(args: argparse.Namespace, host: str, port: int, sets: list[
     Path(confdir).mkdir(parents=True, exist_ok=True)
     opts = options.Options(listen_host=host, listen_port=port, confdir=confdir)
     master = DumpMaster(opts, with_termlog=True, with_dumper=False)
+    # lazy: nothing is opened upstream before drawdown has decided on the request itself, so a
+    # denied call never so much as connects to its destination (override with --set).
+    opts.update(connection_strategy="lazy")
     # Add the addons first, then set their options, so that their `configure` sees every value.
     master.addons.add(Drawdown(), Announce())
     try:
@@ -194,6 +197,32 @@ def cmd_explain(args: argparse.Namespace) -> int:
 # --- report ---------------------------------------------------------------------------------
 
 
+def cmd_verify(args: argparse.Namespace) -> int:
+    from .ledger.api import LedgerError
+    from .ledger.integrity import summary, verify
+    from .ledger.reader import Reader
+
+    try:
+        reader = Reader(args.db)
+        try:
+            problems = verify(reader, settled=args.settled)
+            counts = summary(reader)
+        finally:
+            reader.close()
+    except LedgerError as exc:
+        print(f"drawdown: {exc}", file=sys.stderr)
+        return 1
+    if args.as_json:
+        print(json.dumps({"ok": not problems, "problems": problems, **counts}, indent=2))
+    else:
+        holds = ", ".join(f"{n} {state}" for state, n in sorted(counts["holds"].items())) or "no holds"
+        print(f"{args.db}: {counts['decisions']} decision(s); holds: {holds}")
+        for problem in problems:
+            print(f"  ✗ {problem}")
+        print("ledger invariants hold" if not problems else f"{len(problems)} problem(s)")
+    return 1 if problems else 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from . import report
     from .ledger.api import LedgerError
@@ -281,6 +310,12 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--db", help="also show what the ledger holds for the matching budgets")
     explain.add_argument("--as-json", action="store_true", help="machine-readable output")
     explain.set_defaults(func=cmd_explain)
+
+    verify = commands.add_parser("verify", help="check the ledger's invariants (reserved, spent, one decision per request)")
+    verify.add_argument("--db", default=DEFAULT_DB)
+    verify.add_argument("--settled", action="store_true", help="also require that no hold is still active")
+    verify.add_argument("--json", dest="as_json", action="store_true")
+    verify.set_defaults(func=cmd_verify)
 
     report = commands.add_parser("report", help="runs, budgets, decisions and anomalies")
     report.add_argument("--db", default=DEFAULT_DB)

@@ -28,9 +28,15 @@ __all__ = [
 ]
 
 
-def open_ledger(url: str, **kwargs: Any) -> Ledger:
-    """`PATH`, `sqlite:///PATH` → SQLite; `postgresql://…` → PostgreSQL."""
+def open_ledger(url: str, *, timeout: float | None = None, **kwargs: Any) -> Ledger:
+    """`PATH`, `sqlite:///PATH` → SQLite; `postgresql://…` → PostgreSQL.
+
+    `timeout`: how long one operation may wait for a lock before it fails with LedgerError
+    (SQLite's busy timeout, PostgreSQL's lock_timeout).
+    """
     if url.startswith(("postgresql://", "postgres://")):
+        if timeout is not None:
+            kwargs.setdefault("lock_timeout", timeout)
         try:
             from .postgres import PostgresLedger
         except ImportError as exc:
@@ -40,4 +46,6 @@ def open_ledger(url: str, **kwargs: Any) -> Ledger:
         return PostgresLedger(url, **kwargs)
     from .sqlite import open_sqlite
 
+    if timeout is not None:
+        kwargs.setdefault("busy_timeout", timeout)
     return open_sqlite(url, **kwargs)
