@@ -42,6 +42,7 @@ from .ledger.api import (
     LedgerTooNew,
     ReserveOutcome,
 )
+from .ledger.dsn import redact_dsn
 from .ledger.worker import AsyncLedger
 from .money import usd_to_nanos
 from .policy import Policy, PolicyInvalid, load_policy, policy_fingerprint
@@ -361,7 +362,7 @@ class Drawdown:
         except LedgerError:
             return
         self.ledger = AsyncLedger(backend)
-        log.info("drawdown: ledger %s is available again", self.ledger_url)
+        log.info("drawdown: ledger %s is available again", redact_dsn(self.ledger_url or ""))
 
     async def _watch_policy(self) -> None:
         """Hot reload: a good edit takes over for new requests; a broken one is reported and ignored."""
@@ -576,7 +577,7 @@ class Drawdown:
 
     def _ledger(self) -> AsyncLedger:
         if self.ledger is None:
-            raise LedgerError(f"ledger {self.ledger_url} is not open")
+            raise LedgerError(f"ledger {redact_dsn(self.ledger_url or '')} is not open")
         return self.ledger
 
     async def _reserve(

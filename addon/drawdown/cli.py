@@ -1,4 +1,4 @@
-"""`drawdown` — run | env | check | explain | report | demo (SPEC §8)."""
+"""`drawdown` — run | env | check | explain | report | budgets | demo (SPEC §8)."""
 
 from __future__ import annotations
 
@@ -199,6 +199,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     from .ledger.api import LedgerError
+    from .ledger.dsn import redact_dsn
     from .ledger.integrity import summary, verify
     from .ledger.reader import Reader
 
@@ -216,7 +217,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         print(json.dumps({"ok": not problems, "problems": problems, **counts}, indent=2))
     else:
         holds = ", ".join(f"{n} {state}" for state, n in sorted(counts["holds"].items())) or "no holds"
-        print(f"{args.db}: {counts['decisions']} decision(s); holds: {holds}")
+        print(f"{redact_dsn(args.db)}: {counts['decisions']} decision(s); holds: {holds}")
         for problem in problems:
             print(f"  ✗ {problem}")
         print("ledger invariants hold" if not problems else f"{len(problems)} problem(s)")
@@ -240,6 +241,62 @@ def cmd_report(args: argparse.Namespace) -> int:
         print(json.dumps(data, indent=2))
     else:
         print(report.render_text(data))
+    return 0
+
+
+def cmd_budgets(args: argparse.Namespace) -> int:
+    """Every budget instance in the ledger: limit, spent and held per unit."""
+    from datetime import UTC, datetime
+
+    from .ledger.api import UNITS, LedgerError
+    from .ledger.dsn import redact_dsn
+    from .ledger.reader import budget_instances
+    from .money import format_usd, usd_float
+
+    try:
+        rows = budget_instances(args.db)
+    except LedgerError as exc:
+        print(f"drawdown: {exc}", file=sys.stderr)
+        return 1
+
+    def window(row: dict) -> str | None:
+        start = row["window_start"]
+        return datetime.fromtimestamp(start, UTC).strftime("%Y-%m-%dT%H:%MZ") if start else None
+
+    if args.as_json:
+        out = []
+        for row in rows:
+            item: dict = {"budget": row["budget"], "scope": row["scope"], "per": row["per"]}
+            item["window_start"] = window(row)
+            for key, column in (("limit", "limit"), ("spent", "spent"), ("held", "reserved")):
+                item[key] = {u: row[f"{column}_{u}"] for u in UNITS}
+                item[key]["usd"] = usd_float(row[f"{column}_usd"])  # display; exact in usd_nanos
+                item[key]["usd_nanos"] = row[f"{column}_usd"]
+            out.append(item)
+        print(json.dumps(out, indent=2))
+        return 0
+    if not rows:
+        print(f"no budget instances in {redact_dsn(args.db)} yet")
+        return 0
+
+    def cell(row: dict, unit: str) -> str:  # "spent + held / limit"
+        show = format_usd if unit == "usd" else str
+        spent, held, limit = (row[f"{c}_{unit}"] for c in ("spent", "reserved", "limit"))
+        if limit is None and not spent and not held:
+            return "-"
+        text = show(spent) + (f" + {show(held)}" if held else "")
+        return text + " / " + (show(limit) if limit is not None else "∞")
+
+    table = [["budget", "scope", "window", "usd", "tokens", "requests"]]
+    for row in rows:
+        when = f"{row['per']} from {window(row)}" if row["per"] else "lifetime"
+        table.append([row["budget"], row["scope"], when, *(cell(row, u) for u in UNITS)])
+    widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
+    for number, line in enumerate(table):
+        print("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip())
+        if number == 0:
+            print("  ".join("-" * w for w in widths))
+    print("(spent + held / limit)")
     return 0
 
 
@@ -325,6 +382,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--json", dest="as_json", action="store_true", help="the JSON contract (SPEC §8)"
     )
     report.set_defaults(func=cmd_report)
+
+    budgets = commands.add_parser("budgets", help="budget instances: limit, spent and held")
+    budgets.add_argument("--db", default=DEFAULT_DB, help="PATH, sqlite:///PATH or postgresql://…")
+    budgets.add_argument("--json", dest="as_json", action="store_true", help="machine-readable")
+    budgets.set_defaults(func=cmd_budgets)
 
     demo = commands.add_parser(
         "demo", help="the 60-second demo: a runaway agent stopped by its run budget"

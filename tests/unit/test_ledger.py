@@ -1,57 +1,103 @@
-"""The SQLite ledger: reserve is check-then-apply across every instance, settle exactly once."""
+"""The ledger, on both backends: reserve is check-then-apply across every instance, settle exactly once.
+
+Every test taking `backend` runs against SQLite and PostgreSQL (marked `postgres`; a
+schema of its own per test). The PostgreSQL-only tests at the end cover what only a
+networked database has: concurrent migrations, concurrent sweepers, retries, lost
+connections and secrets in messages.
+"""
 
 from __future__ import annotations
 
 import multiprocessing
-import sqlite3
+import socket
 import threading
+import time
 import uuid
-from pathlib import Path
+from collections.abc import Iterator
+from typing import Any
 
+import psycopg
 import pytest
-
-from drawdown.ledger.api import Amount, Claim, Completion, DecisionRow, LedgerError, LedgerTooNew
+from drawdown.ledger import open_ledger
+from drawdown.ledger.api import (
+    Amount,
+    Claim,
+    Completion,
+    DecisionRow,
+    Fact,
+    Guards,
+    HistoryQuery,
+    LedgerError,
+    LedgerTooNew,
+)
+from drawdown.ledger.dsn import redact_dsn
+from drawdown.ledger.postgres import PostgresLedger
 from drawdown.ledger.sqlite import SQLiteLedger
+from drawdown.ledger.worker import AsyncLedger
+
+from tests.support_pg import LedgerBackend
 
 NOW = 1_700_000_000.0
 
 
 def row(request_id: str | None = None, decision: str = "allow") -> DecisionRow:
     return DecisionRow(
-        request_id=request_id or uuid.uuid4().hex, ts=NOW, decision=decision, mode="enforce", scope="agent:a/run:r1",
-        agent="a", run="r1", action="llm",
+        request_id=request_id or uuid.uuid4().hex,
+        ts=NOW,
+        decision=decision,
+        mode="enforce",
+        scope="agent:a/run:r1",
+        agent="a",
+        run="r1",
+        action="llm",
     )
 
 
-def claim(budget: str = "run", scope: str = "agent:a/run:r1", usd: int | None = None, requests: int | None = None,
-          tokens: int | None = None, shadow: bool = False, per: str | None = None) -> Claim:
+def claim(
+    budget: str = "run",
+    scope: str = "agent:a/run:r1",
+    usd: int | None = None,
+    requests: int | None = None,
+    tokens: int | None = None,
+    shadow: bool = False,
+    per: str | None = None,
+) -> Claim:
     return Claim(budget, scope, usd, tokens, requests, per=per, shadow=shadow)
 
 
-def instance(ledger: SQLiteLedger, budget: str, scope: str) -> dict:
-    cur = ledger.conn.execute("SELECT * FROM budget_instances WHERE budget = ? AND scope = ?", (budget, scope))
-    names = [c[0] for c in cur.description]
-    return dict(zip(names, cur.fetchone(), strict=True))
+def instance(backend: LedgerBackend, budget: str, scope: str) -> dict[str, Any]:
+    (found,) = backend.dicts(
+        "SELECT * FROM budget_instances WHERE budget = ? AND scope = ?", budget, scope
+    )
+    return found
 
 
 @pytest.fixture
-def ledger(tmp_path: Path) -> SQLiteLedger:
-    db = SQLiteLedger(tmp_path / "ledger.db")
+def ledger(backend: LedgerBackend) -> Iterator[Any]:
+    db = backend.open()
     yield db
     db.close()
 
 
-def test_reserve_holds_on_every_matching_instance(ledger: SQLiteLedger) -> None:
-    claims = [claim("run", usd=1000), claim("agent", "agent:a", usd=5000), claim("tenant", "tenant:t", requests=10)]
+def test_reserve_holds_on_every_matching_instance(backend: LedgerBackend, ledger: Any) -> None:
+    claims = [
+        claim("run", usd=1000),
+        claim("agent", "agent:a", usd=5000),
+        claim("tenant", "tenant:t", requests=10),
+    ]
     outcome = ledger.reserve(row(), claims, Amount(usd=300, tokens=50, requests=1), NOW + 900)
     assert outcome.decision == "allow" and outcome.hold_id is not None
     for budget, scope in (("run", "agent:a/run:r1"), ("agent", "agent:a"), ("tenant", "tenant:t")):
-        got = instance(ledger, budget, scope)
-        assert (got["reserved_usd"], got["reserved_tokens"], got["reserved_requests"]) == (300, 50, 1)
+        got = instance(backend, budget, scope)
+        assert (got["reserved_usd"], got["reserved_tokens"], got["reserved_requests"]) == (
+            300,
+            50,
+            1,
+        )
         assert got["spent_usd"] == 0
 
 
-def test_reserve_is_all_or_nothing(ledger: SQLiteLedger) -> None:
+def test_reserve_is_all_or_nothing(backend: LedgerBackend, ledger: Any) -> None:
     claims = [claim("run", usd=1000), claim("agent", "agent:a", usd=200)]
     r = row()
     outcome = ledger.reserve(r, claims, Amount(usd=300, requests=1), NOW + 900)
@@ -59,13 +105,16 @@ def test_reserve_is_all_or_nothing(ledger: SQLiteLedger) -> None:
     (short,) = outcome.shortfalls
     assert (short.claim.budget, short.unit, short.limit, short.needed) == ("agent", "usd", 200, 300)
     # The run instance, which had room, holds nothing: the check came before any apply.
-    assert instance(ledger, "run", "agent:a/run:r1")["reserved_usd"] == 0
-    assert ledger.conn.execute("SELECT COUNT(*) FROM holds").fetchone()[0] == 0
-    decision = ledger.conn.execute("SELECT decision, reason_code, budget FROM decisions WHERE request_id = ?", (r.request_id,)).fetchone()
-    assert decision == ("deny", "budget_exhausted", "agent:a")
+    assert instance(backend, "run", "agent:a/run:r1")["reserved_usd"] == 0
+    assert backend.scalar("SELECT COUNT(*) FROM holds") == 0
+    decision = backend.rows(
+        "SELECT decision, reason_code, budget FROM decisions WHERE request_id = ?", r.request_id
+    )
+    assert decision == [("deny", "budget_exhausted", "agent:a")]
+    assert r.decision == "deny" and "agent:a" in (r.reason or "")  # the caller's row says why
 
 
-def test_limit_is_inclusive_and_counts_holds(ledger: SQLiteLedger) -> None:
+def test_limit_is_inclusive_and_counts_holds(ledger: Any) -> None:
     claims = [claim(requests=2)]
     first = ledger.reserve(row(), claims, Amount(requests=1), NOW + 900)
     second = ledger.reserve(row(), claims, Amount(requests=1), NOW + 900)
@@ -74,64 +123,103 @@ def test_limit_is_inclusive_and_counts_holds(ledger: SQLiteLedger) -> None:
     assert third.shortfalls[0].reserved == 2  # held, not yet spent, still counts
 
 
-def test_commit_charges_actual_and_releases_hold_exactly_once(ledger: SQLiteLedger) -> None:
+def test_commit_charges_actual_and_releases_hold_exactly_once(
+    backend: LedgerBackend, ledger: Any
+) -> None:
     r = row()
-    outcome = ledger.reserve(r, [claim(usd=1000, tokens=10_000, requests=5)], Amount(usd=400, tokens=900, requests=1), NOW + 900)
-    done = Completion(actual=Amount(usd=120, tokens=210, requests=1), status=200, tokens_in=200, tokens_out=10, usage_source="usage")
+    outcome = ledger.reserve(
+        r,
+        [claim(usd=1000, tokens=10_000, requests=5)],
+        Amount(usd=400, tokens=900, requests=1),
+        NOW + 900,
+    )
+    done = Completion(
+        actual=Amount(usd=120, tokens=210, requests=1),
+        status=200,
+        tokens_in=200,
+        tokens_out=10,
+        usage_source="usage",
+    )
     first = ledger.commit(r.request_id, outcome.hold_id, done, NOW + 1)
     again = ledger.commit(r.request_id, outcome.hold_id, done, NOW + 2)
     late_release = ledger.release(r.request_id, outcome.hold_id, Completion(), "late", NOW + 3)
     assert (first.applied, again.applied, late_release.applied) == (True, False, False)
-    got = instance(ledger, "run", "agent:a/run:r1")
+    got = instance(backend, "run", "agent:a/run:r1")
     assert (got["spent_usd"], got["spent_tokens"], got["spent_requests"]) == (120, 210, 1)
     assert (got["reserved_usd"], got["reserved_tokens"], got["reserved_requests"]) == (0, 0, 0)
-    decision = ledger.conn.execute(
-        "SELECT status, actual_usd, tokens_in, tokens_out, usage_source FROM decisions WHERE request_id = ?", (r.request_id,)
-    ).fetchone()
-    assert decision == (200, 120, 200, 10, "usage")
+    decision = backend.rows(
+        "SELECT status, actual_usd, tokens_in, tokens_out, usage_source FROM decisions "
+        "WHERE request_id = ?",
+        r.request_id,
+    )
+    assert decision == [(200, 120, 200, 10, "usage")]
 
 
-def test_release_returns_the_estimate(ledger: SQLiteLedger) -> None:
+def test_release_returns_the_estimate(backend: LedgerBackend, ledger: Any) -> None:
     r = row()
     outcome = ledger.reserve(r, [claim(usd=1000)], Amount(usd=700, requests=1), NOW + 900)
-    assert ledger.reserve(row(), [claim(usd=1000)], Amount(usd=700, requests=1), NOW + 900).decision == "deny"
-    assert ledger.release(r.request_id, outcome.hold_id, Completion(status=500), "upstream answered 500", NOW).applied
-    assert ledger.reserve(row(), [claim(usd=1000)], Amount(usd=700, requests=1), NOW + 900).decision == "allow"
-    state, reason = ledger.conn.execute("SELECT state, settle_reason FROM holds WHERE id = ?", (outcome.hold_id,)).fetchone()
-    assert (state, reason) == ("released", "upstream answered 500")
+    assert (
+        ledger.reserve(row(), [claim(usd=1000)], Amount(usd=700, requests=1), NOW + 900).decision
+        == "deny"
+    )
+    assert ledger.release(
+        r.request_id, outcome.hold_id, Completion(status=500), "upstream answered 500", NOW
+    ).applied
+    assert (
+        ledger.reserve(row(), [claim(usd=1000)], Amount(usd=700, requests=1), NOW + 900).decision
+        == "allow"
+    )
+    found = backend.rows("SELECT state, settle_reason FROM holds WHERE id = ?", outcome.hold_id)
+    assert found == [("released", "upstream answered 500")]
 
 
-def test_overage_is_charged_recorded_and_closes_the_instance(ledger: SQLiteLedger) -> None:
+def test_overage_is_charged_recorded_and_closes_the_instance(
+    backend: LedgerBackend, ledger: Any
+) -> None:
     r = row()
     outcome = ledger.reserve(r, [claim(usd=1000)], Amount(usd=600, requests=1), NOW + 900)
-    settled = ledger.commit(r.request_id, outcome.hold_id, Completion(actual=Amount(usd=1500, requests=1)), NOW)
+    settled = ledger.commit(
+        r.request_id, outcome.hold_id, Completion(actual=Amount(usd=1500, requests=1)), NOW
+    )
     assert settled.overage
-    assert instance(ledger, "run", "agent:a/run:r1")["spent_usd"] == 1500  # the money was spent
-    assert ledger.conn.execute("SELECT COUNT(*) FROM events WHERE kind = 'overage'").fetchone()[0] == 1
+    assert instance(backend, "run", "agent:a/run:r1")["spent_usd"] == 1500  # the money was spent
+    assert backend.scalar("SELECT COUNT(*) FROM events WHERE kind = 'overage'") == 1
     zero_cost = ledger.reserve(row(), [claim(usd=1000)], Amount(usd=0, requests=1), NOW + 900)
     assert zero_cost.decision == "deny"  # over its limit: closed to new reserves
 
 
-def test_shadow_claims_record_would_deny_and_still_hold(ledger: SQLiteLedger) -> None:
-    outcome = ledger.reserve(row(), [claim(usd=100, shadow=True)], Amount(usd=300, requests=1), NOW + 900)
+def test_shadow_claims_record_would_deny_and_still_hold(
+    backend: LedgerBackend, ledger: Any
+) -> None:
+    outcome = ledger.reserve(
+        row(), [claim(usd=100, shadow=True)], Amount(usd=300, requests=1), NOW + 900
+    )
     assert outcome.decision == "would_deny" and outcome.hold_id is not None
     assert outcome.shadow_shortfalls[0].unit == "usd"
-    assert instance(ledger, "run", "agent:a/run:r1")["reserved_usd"] == 300
+    assert instance(backend, "run", "agent:a/run:r1")["reserved_usd"] == 300
 
 
-def test_enforced_shortfall_wins_over_shadow(ledger: SQLiteLedger) -> None:
+def test_enforced_shortfall_wins_over_shadow(ledger: Any) -> None:
     claims = [claim("shadow", usd=100, shadow=True), claim("hard", requests=0)]
     assert ledger.reserve(row(), claims, Amount(usd=300, requests=1), NOW + 900).decision == "deny"
 
 
-def test_new_limits_from_a_reloaded_policy_apply(ledger: SQLiteLedger) -> None:
-    assert ledger.reserve(row(), [claim(requests=1)], Amount(requests=1), NOW + 900).decision == "allow"
-    assert ledger.reserve(row(), [claim(requests=1)], Amount(requests=1), NOW + 900).decision == "deny"
-    assert ledger.reserve(row(), [claim(requests=3)], Amount(requests=1), NOW + 900).decision == "allow"
-    assert instance(ledger, "run", "agent:a/run:r1")["limit_requests"] == 3
+def test_new_limits_from_a_reloaded_policy_apply(backend: LedgerBackend, ledger: Any) -> None:
+    assert (
+        ledger.reserve(row(), [claim(requests=1)], Amount(requests=1), NOW + 900).decision
+        == "allow"
+    )
+    assert (
+        ledger.reserve(row(), [claim(requests=1)], Amount(requests=1), NOW + 900).decision == "deny"
+    )
+    assert (
+        ledger.reserve(row(), [claim(requests=3)], Amount(requests=1), NOW + 900).decision
+        == "allow"
+    )
+    assert instance(backend, "run", "agent:a/run:r1")["limit_requests"] == 3
 
 
-def test_windows_are_separate_instances(ledger: SQLiteLedger) -> None:
+def test_windows_are_separate_instances(ledger: Any) -> None:
     hour1 = Claim("h", "agent:a", None, None, 1, per="hour", window_start=3600, window_end=7200)
     hour2 = Claim("h", "agent:a", None, None, 1, per="hour", window_start=7200, window_end=10800)
     assert ledger.reserve(row(), [hour1], Amount(requests=1), NOW + 900).decision == "allow"
@@ -139,57 +227,75 @@ def test_windows_are_separate_instances(ledger: SQLiteLedger) -> None:
     assert ledger.reserve(row(), [hour2], Amount(requests=1), NOW + 900).decision == "allow"
 
 
-def test_request_id_is_unique(ledger: SQLiteLedger) -> None:
+def test_request_id_is_unique(backend: LedgerBackend, ledger: Any) -> None:
     r = row("same-id")
     ledger.reserve(r, [claim(requests=5)], Amount(requests=1), NOW + 900)
     with pytest.raises(LedgerError):
         ledger.reserve(row("same-id"), [claim(requests=5)], Amount(requests=1), NOW + 900)
     # The failed second reserve left nothing behind.
-    assert instance(ledger, "run", "agent:a/run:r1")["reserved_requests"] == 1
+    assert instance(backend, "run", "agent:a/run:r1")["reserved_requests"] == 1
 
 
-def test_sweep_expires_holds_past_ttl_exactly_once(ledger: SQLiteLedger) -> None:
+def test_sweep_expires_holds_past_ttl_exactly_once(backend: LedgerBackend, ledger: Any) -> None:
     r = row()
     outcome = ledger.reserve(r, [claim(usd=1000)], Amount(usd=400, requests=1), NOW + 10)
     assert ledger.sweep(NOW + 5, 30) == 0
     assert ledger.sweep(NOW + 11, 30) == 1
     assert ledger.sweep(NOW + 12, 30) == 0
-    assert instance(ledger, "run", "agent:a/run:r1")["reserved_usd"] == 0
+    assert instance(backend, "run", "agent:a/run:r1")["reserved_usd"] == 0
     # The call finished after all: a late commit charges what was spent, once.
     done = Completion(actual=Amount(usd=90, requests=1), status=200)
     assert ledger.commit(r.request_id, outcome.hold_id, done, NOW + 13).state == "expired"
     assert not ledger.commit(r.request_id, outcome.hold_id, done, NOW + 14).applied
-    assert instance(ledger, "run", "agent:a/run:r1")["spent_usd"] == 90
+    assert instance(backend, "run", "agent:a/run:r1")["spent_usd"] == 90
+    assert backend.scalar("SELECT COUNT(*) FROM events WHERE kind = 'late_commit'") == 1
 
 
-def test_dead_process_holds_are_released_after_its_lease(tmp_path: Path) -> None:
-    path = tmp_path / "shared.db"
-    dead = SQLiteLedger(path, process_id="dead")
+def test_dead_process_holds_are_released_after_its_lease(backend: LedgerBackend) -> None:
+    dead = backend.open(process_id="dead")
     dead.heartbeat(NOW)
     dead.reserve(row(), [claim(usd=1000)], Amount(usd=999, requests=1), NOW + 900)
-    dead.conn.close()  # crashed: no clean shutdown, its hold stays active
-    alive = SQLiteLedger(path, process_id="alive")
+    backend.crash(dead)  # no clean shutdown: its hold stays active
+    alive = backend.open(process_id="alive")
     alive.heartbeat(NOW + 20)
     assert alive.sweep(NOW + 20, lease_seconds=30) == 0  # lease still running
     assert alive.sweep(NOW + 31, lease_seconds=30) == 1
-    assert instance(alive, "run", "agent:a/run:r1")["reserved_usd"] == 0
+    assert instance(backend, "run", "agent:a/run:r1")["reserved_usd"] == 0
+    assert backend.rows("SELECT state, settle_reason FROM holds") == [
+        ("expired", "proxy lease lapsed")
+    ]
     alive.close()
 
 
-def test_release_mine_on_shutdown(ledger: SQLiteLedger) -> None:
+def test_release_mine_on_shutdown(backend: LedgerBackend, ledger: Any) -> None:
     ledger.reserve(row(), [claim(usd=1000)], Amount(usd=10, requests=1), NOW + 900)
     ledger.reserve(row(), [claim(usd=1000)], Amount(usd=10, requests=1), NOW + 900)
     assert ledger.release_mine(NOW, "proxy shut down") == 2
-    assert ledger.conn.execute("SELECT COUNT(*) FROM holds WHERE state = 'active'").fetchone()[0] == 0
+    assert backend.scalar("SELECT COUNT(*) FROM holds WHERE state = 'active'") == 0
+    assert instance(backend, "run", "agent:a/run:r1")["reserved_usd"] == 0
 
 
-def test_extend_keeps_live_holds(ledger: SQLiteLedger) -> None:
+def test_extend_keeps_live_holds(ledger: Any) -> None:
     outcome = ledger.reserve(row(), [claim(usd=1000)], Amount(usd=10, requests=1), NOW + 10)
     ledger.extend([outcome.hold_id], NOW + 100)
     assert ledger.sweep(NOW + 50, 30) == 0
 
 
-def test_batch_isolates_a_failing_operation(ledger: SQLiteLedger) -> None:
+def test_facts_answer_history(ledger: Any) -> None:
+    r = row()
+    outcome = ledger.reserve(r, [], Amount(requests=1), NOW + 900)
+    fact = Fact("agent:a/run:r1", "crm.read", "json.customer_id", "c-42")
+    ledger.commit(r.request_id, outcome.hold_id, Completion(status=200, facts=(fact,)), NOW)
+    asks = [
+        HistoryQuery("agent:a/run:r1", ("crm.*",), "json.customer_id", "c-42"),
+        HistoryQuery("agent:a/run:r1", ("crm.*",), "json.customer_id", "c-43"),
+        HistoryQuery("agent:a/run:r2", ("crm.read",), "json.customer_id", "c-42"),
+        HistoryQuery("agent:a/run:r1", ("crm_read",), "json.customer_id", "c-42"),  # _ is literal
+    ]
+    assert ledger.history(asks) == [True, False, False, False]
+
+
+def test_batch_isolates_a_failing_operation(backend: LedgerBackend, ledger: Any) -> None:
     good = row()
     results = ledger.run_batch(
         [
@@ -198,82 +304,467 @@ def test_batch_isolates_a_failing_operation(ledger: SQLiteLedger) -> None:
             ("reserve", (row(), [claim(requests=5)], Amount(requests=1), NOW + 900)),
         ]
     )
-    assert results[0].decision == "allow" and isinstance(results[1], LedgerError) and results[2].decision == "allow"
-    assert instance(ledger, "run", "agent:a/run:r1")["reserved_requests"] == 2
+    assert (
+        results[0].decision == "allow"
+        and isinstance(results[1], LedgerError)
+        and results[2].decision == "allow"
+    )
+    assert instance(backend, "run", "agent:a/run:r1")["reserved_requests"] == 2
 
 
-def test_refuses_a_newer_ledger(tmp_path: Path) -> None:
-    path = tmp_path / "future.db"
-    SQLiteLedger(path).close()
-    with sqlite3.connect(path) as conn:
-        conn.execute("UPDATE meta SET value = '999' WHERE key = 'schema_version'")
+def test_batch_isolates_a_failing_statement(backend: LedgerBackend, ledger: Any) -> None:
+    ledger.reserve(row("taken"), [claim(requests=5)], Amount(requests=1), NOW + 900)
+    first, second = row(), row()
+    results = ledger.run_batch(
+        [
+            ("reserve", (first, [claim(requests=5)], Amount(requests=1), NOW + 900)),
+            ("reserve", (row("taken"), [claim(requests=5)], Amount(requests=1), NOW + 900)),
+            ("record", (row(decision="deny"),)),
+            ("reserve", (second, [claim(requests=5)], Amount(requests=1), NOW + 900)),
+            ("heartbeat", (NOW,)),
+        ]
+    )
+    assert results[0].decision == "allow" and results[3].decision == "allow"
+    assert isinstance(results[1], LedgerError) and results[2] is None and results[4] is None
+    assert instance(backend, "run", "agent:a/run:r1")["reserved_requests"] == 3
+    assert backend.scalar("SELECT COUNT(*) FROM decisions") == 4
+
+
+def test_a_batch_decides_in_order_on_shared_instances(backend: LedgerBackend, ledger: Any) -> None:
+    claims = [claim(requests=3), claim("agent", "agent:a", usd=1000)]
+    results = ledger.run_batch(
+        [("reserve", (row(), claims, Amount(usd=300, requests=1), NOW + 900)) for _ in range(5)]
+    )
+    assert [r.decision for r in results] == ["allow", "allow", "allow", "deny", "deny"]
+    assert instance(backend, "agent", "agent:a")["reserved_usd"] == 900
+
+
+def guarded(
+    fingerprint: str = "fp", scope: str = "agent:a/run:r1", workflow: str | None = None
+) -> DecisionRow:
+    r = row()
+    r.fingerprint, r.scope, r.workflow, r.tenant = fingerprint, scope, workflow, "t"
+    return r
+
+
+def test_loop_guard_denies_the_request_after_n_repeats(backend: LedgerBackend, ledger: Any) -> None:
+    guards = Guards(max_repeats=2)
+    decisions = [
+        ledger.reserve(guarded(), [claim(requests=10)], Amount(requests=1), NOW + 900, guards)
+        for _ in range(3)
+    ]
+    assert [d.decision for d in decisions] == ["allow", "allow", "deny"]
+    assert decisions[2].tripped is not None and decisions[2].tripped.detector == "loop"
+    assert decisions[2].hold_id is None and decisions[2].shortfalls == ()
+    # A different request body is not a repeat; the denied repeat still counts as a step.
+    other = ledger.reserve(
+        guarded("other"), [claim(requests=10)], Amount(requests=1), NOW + 900, guards
+    )
+    assert other.decision == "allow"
+    assert instance(backend, "run", "agent:a/run:r1")["reserved_requests"] == 3
+    assert backend.rows("SELECT reason_code FROM decisions WHERE decision = 'deny'") == [
+        ("anomaly",)
+    ]
+
+
+def test_step_count_and_fan_out_guards(backend: LedgerBackend, ledger: Any) -> None:
+    steps = Guards(max_steps=2)
+    got = [
+        ledger.reserve(guarded(f"f{i}"), [], Amount(requests=1), NOW + 900, steps).decision
+        for i in range(3)
+    ]
+    assert got == ["allow", "allow", "deny"]
+    fan = Guards(max_runs_per_workflow=2)
+    runs = [
+        ledger.reserve(
+            guarded(scope=f"agent:a/run:w{i}", workflow="wf"), [], Amount(), NOW + 900, fan
+        )
+        for i in (1, 2, 3, 1)
+    ]
+    assert [r.decision for r in runs] == ["allow", "allow", "deny", "allow"]  # run w1 is known
+    assert runs[2].tripped is not None and runs[2].tripped.detector == "fan_out"
+    # A guard-denied reserve creates no budget instance (its claims are never looked at).
+    denied = ledger.reserve(
+        guarded(scope="agent:a/run:w4", workflow="wf"), [claim("x", "agent:a/run:w4", requests=1)],
+        Amount(requests=1), NOW + 900, fan,
+    )  # fmt: skip
+    assert denied.decision == "deny"
+    assert backend.scalar("SELECT COUNT(*) FROM budget_instances WHERE budget = 'x'") == 0
+
+
+def test_shadow_guard_records_would_deny_and_holds(backend: LedgerBackend, ledger: Any) -> None:
+    guards = Guards(max_repeats=1, shadow=True)
+    first = ledger.reserve(guarded(), [claim(requests=10)], Amount(requests=1), NOW + 900, guards)
+    second = ledger.reserve(guarded(), [claim(requests=10)], Amount(requests=1), NOW + 900, guards)
+    assert (first.decision, second.decision) == ("allow", "would_deny")
+    assert second.hold_id is not None and second.tripped is not None
+    assert instance(backend, "run", "agent:a/run:r1")["reserved_requests"] == 2
+
+
+def test_guards_count_earlier_requests_of_the_same_batch(
+    backend: LedgerBackend, ledger: Any
+) -> None:
+    guards = Guards(max_repeats=2)
+    again = ("reserve", (guarded(), [claim(requests=10)], Amount(requests=1), NOW + 900, guards))
+    results = ledger.run_batch(
+        [("record", (guarded(),)), again, (again[0], (guarded(), *again[1][1:])), again]
+    )
+    assert results[0] is None and isinstance(results[3], LedgerError)  # same request id twice
+    assert [r.decision for r in results[1:3]] == ["allow", "deny"]
+
+
+def test_guards_hold_across_proxies(backend: LedgerBackend) -> None:
+    backend.open().close()
+    allowed: list[str] = []
+    lock = threading.Lock()
+
+    def proxy() -> None:
+        ledger = backend.open(**({"busy_timeout": 30} if backend.kind == "sqlite" else {}))
+        for i in range(10):
+            r = guarded(f"f{threading.get_ident()}-{i}")
+            outcome = ledger.reserve(r, [], Amount(requests=1), NOW + 900, Guards(max_steps=12))
+            if outcome.decision == "allow":
+                with lock:
+                    allowed.append(r.request_id)
+        ledger.close()
+
+    threads = [threading.Thread(target=proxy) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(allowed) == 12
+    assert backend.scalar("SELECT COUNT(*) FROM decisions") == 40
+
+
+def test_refuses_a_newer_ledger(backend: LedgerBackend) -> None:
+    backend.open().close()
+    backend.execute("UPDATE meta SET value = '999' WHERE key = 'schema_version'")
     with pytest.raises(LedgerTooNew):
-        SQLiteLedger(path)
+        backend.open()
 
 
-def test_unopenable_file_is_a_ledger_error(tmp_path: Path) -> None:
+def test_async_ledger_batches_concurrent_calls(backend: LedgerBackend, ledger: Any) -> None:
+    import asyncio
+
+    async def main() -> list[Any]:
+        worker = AsyncLedger(ledger)
+        try:
+
+            async def one() -> str:
+                r = row()
+                outcome = await worker.call(
+                    "reserve", r, [claim(requests=30)], Amount(requests=1), NOW + 900
+                )
+                if outcome.hold_id is not None:
+                    await worker.call(
+                        "commit",
+                        r.request_id,
+                        outcome.hold_id,
+                        Completion(actual=Amount(requests=1)),
+                        NOW,
+                    )
+                return outcome.decision
+
+            return await asyncio.gather(*(one() for _ in range(50)))
+        finally:
+            worker.close()
+
+    decisions = asyncio.run(main())
+    assert decisions.count("allow") == 30
+    got = instance(backend, "run", "agent:a/run:r1")
+    assert (got["spent_requests"], got["reserved_requests"]) == (30, 0)
+
+
+def test_unopenable_file_is_a_ledger_error(tmp_path: Any) -> None:
     path = tmp_path / "garbage.db"
     path.write_bytes(b"this is not a database" * 100)
     with pytest.raises(LedgerError):
         SQLiteLedger(path)
 
 
-def test_threads_with_separate_connections_never_overspend(tmp_path: Path) -> None:
-    path = tmp_path / "race.db"
-    SQLiteLedger(path).close()
+def test_unreachable_server_is_a_ledger_error_without_the_password() -> None:
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"postgresql://drawdown:s3cr3t-pw@127.0.0.1:{port}/ledger"
+    started = time.monotonic()
+    with pytest.raises(LedgerError) as caught:
+        open_ledger(url, connect_timeout=2)
+    assert time.monotonic() - started < 10
+    assert "s3cr3t" not in str(caught.value) and "drawdown:***@127.0.0.1" in str(caught.value)
+    assert redact_dsn("postgresql://u@h/d?password=x&sslmode=require") == (
+        "postgresql://u@h/d?password=***&sslmode=require"
+    )
+
+
+def test_threads_with_separate_connections_never_overspend(backend: LedgerBackend) -> None:
+    backend.open().close()
     admitted: list[int] = []
     lock = threading.Lock()
+    errors: list[BaseException] = []
 
     def worker() -> None:
-        ledger = SQLiteLedger(path, busy_timeout=30)
-        for _ in range(25):
-            outcome = ledger.reserve(row(), [claim(usd=37 * 100), claim("agent", "agent:a", requests=1000)], Amount(usd=100, requests=1), NOW + 900)
-            if outcome.hold_id is not None:
-                with lock:
-                    admitted.append(outcome.hold_id)
-        ledger.close()
+        try:
+            ledger = backend.open(**({"busy_timeout": 30} if backend.kind == "sqlite" else {}))
+            for _ in range(25):
+                outcome = ledger.reserve(
+                    row(),
+                    [claim(usd=37 * 100), claim("agent", "agent:a", requests=1000)],
+                    Amount(usd=100, requests=1),
+                    NOW + 900,
+                )
+                if outcome.hold_id is not None:
+                    with lock:
+                        admitted.append(outcome.hold_id)
+            ledger.close()
+        except BaseException as exc:
+            errors.append(exc)
 
     threads = [threading.Thread(target=worker) for _ in range(8)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    assert not errors
     assert len(admitted) == 37
-    check = SQLiteLedger(path)
-    assert instance(check, "run", "agent:a/run:r1")["reserved_usd"] == 3700
-    assert instance(check, "agent", "agent:a")["reserved_requests"] == 37
-    check.close()
+    assert instance(backend, "run", "agent:a/run:r1")["reserved_usd"] == 3700
+    assert instance(backend, "agent", "agent:a")["reserved_requests"] == 37
 
 
-def _process_worker(path: str, attempts: int, out: multiprocessing.Queue) -> None:
-    ledger = SQLiteLedger(path, busy_timeout=60)
+def _process_worker(kind: str, url: str, attempts: int, out: Any) -> None:
+    ledger = SQLiteLedger(url, busy_timeout=60) if kind == "sqlite" else PostgresLedger(url)
     admitted = 0
     for _ in range(attempts):
         r = row()
-        outcome = ledger.reserve(r, [claim(usd=37 * 100)], Amount(usd=100, requests=1), NOW + 900)
+        # Overlapping instances in different orders: lock ordering, not claim order, must rule.
+        claims = [claim(usd=37 * 100), claim("agent", "agent:a", requests=1000)]
+        outcome = ledger.reserve(
+            r, claims if admitted % 2 else claims[::-1], Amount(usd=100, requests=1), NOW + 900
+        )
         if outcome.hold_id is not None:
             admitted += 1
-            ledger.commit(r.request_id, outcome.hold_id, Completion(actual=Amount(usd=100, requests=1)), NOW)
+            ledger.commit(
+                r.request_id, outcome.hold_id, Completion(actual=Amount(usd=100, requests=1)), NOW
+            )
     ledger.close()
     out.put(admitted)
 
 
-def test_processes_sharing_one_file_never_overspend(tmp_path: Path) -> None:
-    path = str(tmp_path / "procs.db")
-    SQLiteLedger(path).close()
+def test_processes_sharing_one_ledger_never_overspend(backend: LedgerBackend) -> None:
+    backend.open().close()
     ctx = multiprocessing.get_context("spawn")
-    out: multiprocessing.Queue = ctx.Queue()
-    procs = [ctx.Process(target=_process_worker, args=(path, 50, out)) for _ in range(4)]
+    out: Any = ctx.Queue()
+    procs = [
+        ctx.Process(target=_process_worker, args=(backend.kind, backend.url, 50, out))
+        for _ in range(4)
+    ]
     for p in procs:
         p.start()
     total = sum(out.get(timeout=120) for _ in procs)
     for p in procs:
         p.join(30)
     assert total == 37
-    check = SQLiteLedger(path)
-    got = instance(check, "run", "agent:a/run:r1")
+    got = instance(backend, "run", "agent:a/run:r1")
     assert (got["spent_usd"], got["reserved_usd"]) == (3700, 0)
-    committed = check.conn.execute("SELECT COUNT(*), SUM(actual_usd) FROM holds WHERE state = 'committed'").fetchone()
-    assert committed == (37, 3700)
-    assert check.conn.execute("SELECT COUNT(*) FROM decisions").fetchone()[0] == 200
-    check.close()
+    committed = backend.rows(
+        "SELECT COUNT(*), SUM(actual_usd) FROM holds WHERE state = 'committed'"
+    )
+    assert [tuple(int(v) for v in r) for r in committed] == [(37, 3700)]
+    assert backend.scalar("SELECT COUNT(*) FROM decisions") == 200
+
+
+# --- PostgreSQL only ------------------------------------------------------------------------
+
+
+@pytest.mark.postgres
+def test_proxies_starting_together_migrate_once(pg_url: str) -> None:
+    opened: list[PostgresLedger] = []
+    failures: list[BaseException] = []
+    barrier = threading.Barrier(6)
+
+    def start() -> None:
+        try:
+            barrier.wait()
+            opened.append(PostgresLedger(pg_url))
+        except BaseException as exc:
+            failures.append(exc)
+
+    threads = [threading.Thread(target=start) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not failures and len(opened) == 6
+    with psycopg.connect(pg_url) as conn:
+        assert conn.execute("SELECT value FROM meta").fetchall() == [("1",)]
+        assert conn.execute("SELECT COUNT(*) FROM processes").fetchone() == (6,)
+    for ledger in opened:
+        ledger.close()
+
+
+@pytest.mark.postgres
+def test_concurrent_sweepers_expire_each_hold_once(pg_url: str) -> None:
+    maker = PostgresLedger(pg_url, process_id="crashed")
+    claims = [claim(usd=10**9), claim("agent", "agent:a", requests=10**6)]
+    for _ in range(300):
+        maker.reserve(row(), claims, Amount(usd=7, requests=1), NOW + 10)
+    LedgerBackend.crash(maker)
+    sweepers = [PostgresLedger(pg_url, process_id=f"sweeper-{i}") for i in range(4)]
+    counts: list[int] = []
+    barrier = threading.Barrier(len(sweepers))
+
+    def sweep(ledger: PostgresLedger) -> None:
+        barrier.wait()
+        counts.append(sum(ledger.sweep(NOW + 60, 30) for _ in range(3)))
+
+    threads = [threading.Thread(target=sweep, args=(s,)) for s in sweepers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sum(counts) == 300
+    backend = LedgerBackend("postgres", pg_url)
+    assert backend.rows("SELECT state, COUNT(*) FROM holds GROUP BY state") == [("expired", 300)]
+    assert instance(backend, "run", "agent:a/run:r1")["reserved_usd"] == 0
+    assert instance(backend, "agent", "agent:a")["reserved_requests"] == 0
+    backend.close()
+    for s in sweepers:
+        s.close()
+
+
+@pytest.mark.postgres
+def test_conflicts_are_retried(pg_url: str) -> None:
+    ledger = PostgresLedger(pg_url)
+    failures = [psycopg.errors.SerializationFailure("x"), psycopg.errors.DeadlockDetected("y")]
+
+    def flaky(conn: Any, replay: bool) -> int:
+        if failures:
+            raise failures.pop(0)
+        return conn.execute("SELECT 7").fetchone()[0]
+
+    assert ledger._transaction(flaky) == 7 and not failures
+    ledger.close()
+
+
+@pytest.mark.postgres
+def test_lost_connections_are_retried_and_a_lost_ack_is_not_applied_twice(pg_url: str) -> None:
+    ledger = PostgresLedger(pg_url)
+    backend = LedgerBackend("postgres", pg_url)
+    ledger.reserve(row(), [claim(requests=10)], Amount(requests=1), NOW + 900)
+    # The server drops every session of this ledger: the next call reconnects.
+    killed = backend.rows(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = ?",
+        f"drawdown {ledger.process_id}"[:63],
+    )
+    assert killed and all(ok for (ok,) in killed)
+    assert ledger.reserve(row(), [claim(requests=10)], Amount(requests=1), NOW + 900).hold_id
+
+    # COMMIT reaches the server but its acknowledgement is lost: the retry must find the
+    # reserve already made (same hold), not fail as a duplicate nor hold twice.
+    real_getconn = ledger.pool.getconn
+    lose = [True]
+
+    def getconn(timeout: float | None = None) -> Any:
+        conn = real_getconn(timeout)
+        if lose:
+            lose.pop()
+
+            def commit() -> None:
+                type(conn).commit(conn)
+                del conn.commit
+                conn.close()  # as if the network dropped right after the server committed
+                raise psycopg.OperationalError("server closed the connection unexpectedly")
+
+            conn.commit = commit
+        return conn
+
+    ledger.pool.getconn = getconn  # type: ignore[method-assign]
+    r = row()
+    outcome = ledger.reserve(r, [claim(requests=10)], Amount(requests=1), NOW + 900)
+    assert outcome.decision == "allow" and outcome.hold_id is not None and not lose
+    assert backend.rows("SELECT id FROM holds WHERE request_id = ?", r.request_id) == [
+        (outcome.hold_id,)
+    ]
+    assert instance(backend, "run", "agent:a/run:r1")["reserved_requests"] == 3
+    backend.close()
+    ledger.close()
+
+
+class _Relay:
+    """A TCP relay to the PostgreSQL server that can be cut (the database 'goes away')."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self.up = threading.Event()
+        self.up.set()
+        self.socks: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            if not self.up.is_set():
+                client.close()
+                continue
+            upstream = socket.create_connection(self.target)
+            self.socks += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(a: socket.socket, b: socket.socket) -> None:
+        try:
+            while data := a.recv(65536):
+                b.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (a, b):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def cut(self) -> None:
+        self.up.clear()
+        for s in self.socks:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        self.socks.clear()
+
+    def close(self) -> None:
+        self.cut()
+        self.server.close()
+
+
+@pytest.mark.postgres
+def test_unreachable_database_raises_then_recovers_without_losing_commits(pg_url: str) -> None:
+    info = psycopg.conninfo.conninfo_to_dict(pg_url)
+    relay = _Relay((str(info.get("host") or "127.0.0.1"), int(info.get("port") or 5432)))
+    via_relay = pg_url.replace(f":{info.get('port') or 5432}/", f":{relay.port}/", 1)
+    assert via_relay != pg_url
+    ledger = PostgresLedger(via_relay, retry_seconds=1.0, connect_timeout=1)
+    r = row()
+    outcome = ledger.reserve(r, [claim(requests=10)], Amount(requests=1), NOW + 900)
+    ledger.commit(r.request_id, outcome.hold_id, Completion(actual=Amount(requests=1)), NOW)
+    relay.cut()
+    started = time.monotonic()
+    with pytest.raises(LedgerError, match="unavailable"):
+        ledger.reserve(row(), [claim(requests=10)], Amount(requests=1), NOW + 900)
+    assert time.monotonic() - started < 8
+    relay.up.set()  # the database is back
+    assert ledger.reserve(row(), [claim(requests=10)], Amount(requests=1), NOW + 900).hold_id
+    backend = LedgerBackend("postgres", pg_url)
+    got = instance(backend, "run", "agent:a/run:r1")
+    assert (got["spent_requests"], got["reserved_requests"]) == (1, 1)  # nothing committed lost
+    backend.close()
+    ledger.close()
+    relay.close()

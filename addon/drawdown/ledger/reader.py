@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import re
 import sqlite3
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 from .api import LedgerError
+from .dsn import redact_dsn
 
 _NAMED = re.compile(r":([A-Za-z_][A-Za-z0-9_]*)")
 
@@ -23,10 +25,14 @@ class Reader:
                 from psycopg.rows import dict_row
             except ImportError as exc:
                 raise LedgerError(f"reading a PostgreSQL ledger needs psycopg: {exc}") from exc
+            self.url = redact_dsn(url)  # error messages name the ledger, never its password
             try:
-                self._pg = psycopg.connect(url, row_factory=dict_row, autocommit=True)
+                self._pg = psycopg.connect(
+                    url, row_factory=dict_row, autocommit=True, connect_timeout=10
+                )
             except psycopg.Error as exc:
-                raise LedgerError(f"cannot open ledger {url}: {exc}") from exc
+                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                raise LedgerError(f"cannot open ledger {self.url}: {first}") from None
             self._sqlite = None
         else:
             path = url.removeprefix("sqlite:///")
@@ -47,9 +53,30 @@ class Reader:
         try:
             if self._sqlite is not None:
                 return [dict(row) for row in self._sqlite.execute(sql, params)]
-            return list(self._pg.execute(_NAMED.sub(r"%(\1)s", sql), params))
+            rows = self._pg.execute(_NAMED.sub(r"%(\1)s", sql), params).fetchall()
         except Exception as exc:  # sqlite3.Error / psycopg.Error: both mean "cannot read"
             raise LedgerError(f"cannot read ledger {self.url}: {exc}") from exc
+        # SUM() of a BIGINT is NUMERIC in PostgreSQL: give integers back as int, as SQLite does.
+        return [{k: _plain(v) for k, v in row.items()} for row in rows]
 
     def close(self) -> None:
         (self._sqlite or self._pg).close()
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Decimal):
+        return int(value) if value == value.to_integral_value() else float(value)
+    return value
+
+
+def budget_instances(url: str) -> list[dict[str, Any]]:
+    """Every budget instance with its limits, spend and holds (`drawdown budgets`)."""
+    reader = Reader(url)
+    try:
+        return reader.query(
+            "SELECT budget, scope, per, window_start, limit_usd, limit_tokens, limit_requests, "
+            "spent_usd, spent_tokens, spent_requests, reserved_usd, reserved_tokens, "
+            "reserved_requests, updated_at FROM budget_instances ORDER BY budget, scope, window_start"
+        )
+    finally:
+        reader.close()

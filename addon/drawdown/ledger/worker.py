@@ -1,9 +1,12 @@
-"""Run a synchronous ledger off the event loop: one writer thread, awaited futures.
+"""Run a synchronous ledger off the event loop: writer threads, awaited futures.
 
 mitmproxy runs every hook on one asyncio loop, so the loop never touches the
 database. Operations queued while the writer is busy are applied together in one
 transaction (one lock, one WAL commit) — each keeps its own savepoint, result and
 decision, so batching changes throughput, never outcomes.
+
+SQLite gets one writer (it has one write lock anyway). A ledger may ask for more with a
+`writers` attribute (PostgreSQL: row locks, so batches on different budgets overlap).
 """
 
 from __future__ import annotations
@@ -21,22 +24,28 @@ log = logging.getLogger(__name__)
 _STOP = object()
 
 
-def _resolve(future: asyncio.Future[Any], result: Any) -> None:
-    if future.cancelled():
-        return
-    if isinstance(result, BaseException):
-        future.set_exception(result)
-    else:
-        future.set_result(result)
+def _resolve(settled: list[tuple[asyncio.Future[Any], Any]]) -> None:
+    for future, result in settled:
+        if future.cancelled():
+            continue
+        if isinstance(result, BaseException):
+            future.set_exception(result)
+        else:
+            future.set_result(result)
 
 
 class AsyncLedger:
-    def __init__(self, ledger: Any, *, max_batch: int = 128) -> None:
+    def __init__(self, ledger: Any, *, max_batch: int = 128, writers: int | None = None) -> None:
         self.ledger = ledger
         self.max_batch = max_batch
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name="drawdown-ledger", daemon=True)
-        self._thread.start()
+        count = max(1, writers or getattr(ledger, "writers", 1))
+        self._threads = [
+            threading.Thread(target=self._run, name=f"drawdown-ledger-{i}", daemon=True)
+            for i in range(count)
+        ]
+        for thread in self._threads:
+            thread.start()
 
     @property
     def process_id(self) -> str:
@@ -75,12 +84,18 @@ class AsyncLedger:
             except Exception as exc:  # a bug, not a ledger fault: surface it to every waiter
                 log.exception("ledger batch failed")
                 results = [LedgerError(f"ledger failure: {exc}")] * len(batch)
+            # One wake-up per event loop for the whole batch, not one per operation.
+            by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], Any]]] = {}
             for (_, _, future, loop), result in zip(batch, results, strict=True):
+                by_loop.setdefault(loop, []).append((future, result))
+            for loop, settled in by_loop.items():
                 try:
-                    loop.call_soon_threadsafe(_resolve, future, result)
+                    loop.call_soon_threadsafe(_resolve, settled)
                 except RuntimeError:  # the loop has closed; nobody is waiting any more
                     pass
 
     def close(self, timeout: float = 10.0) -> None:
-        self._queue.put(_STOP)
-        self._thread.join(timeout)
+        for _ in self._threads:
+            self._queue.put(_STOP)
+        for thread in self._threads:
+            thread.join(timeout)

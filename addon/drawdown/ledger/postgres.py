@@ -1,0 +1,1119 @@
+"""The PostgreSQL ledger: one database shared by a fleet of proxies on any number of hosts.
+
+Same operations and outcomes as the SQLite ledger (sqlite.py); only the way a
+transaction gets exclusive use of the rows it decides on differs.
+
+Isolation and locking. Every transaction runs at READ COMMITTED and takes row locks
+(`SELECT … FOR UPDATE`) on every row whose value it decides on, before it decides:
+
+1. the holds it settles (commit/release), `ORDER BY id`;
+2. the anomaly-guard keys of its reserves (transaction advisory locks, see pg_guards.py);
+3. the budget instances it needs, after creating missing ones with
+   `INSERT … WHERE NOT EXISTS … ON CONFLICT DO NOTHING` in key order;
+4. those instances, `ORDER BY id FOR UPDATE`.
+
+Once a row is locked no other transaction can change it until we commit, and READ
+COMMITTED's FOR UPDATE returns the row's latest committed version (not a stale
+snapshot), so the check "spent + reserved + estimate ≤ limit on every instance" and the
+writes that follow act on the same values: no lost update, no overspend — the argument
+is the same as SQLite's single write lock, narrowed to the rows involved. SERIALIZABLE
+would add nothing but aborts. Holds are then written with `AND state = <the state we
+read>` guards and the batch is rolled back if any guard misses.
+
+No deadlocks: every transaction waits for locks in that one global order and never
+waits for a lock that ranks below one it holds, so no cycle of waits can form. The
+sweeper takes hold locks with SKIP LOCKED (it never waits for a hold: a locked hold is
+being settled right now, and a later sweep sees it if it is still active), then instance
+locks in id order; a decision row is only updated by the transaction holding its hold's
+lock. Should PostgreSQL still report a deadlock (40P01), the transaction is retried.
+
+A hold ends exactly once: it leaves `active` only under its row lock, and the new state
+is written with `WHERE state = 'active'`; proxies sweeping at once skip each other's
+locked holds and re-check the state of the rest.
+
+Throughput. AsyncLedger hands `run_batch` every operation queued while the previous
+batch ran; the hot ones (reserve, record, commit, release, history) share ONE
+transaction: the locks for the whole batch are taken up front (in the order above), the
+decisions are computed in Python on the locked values, and the writes go out as one
+statement per kind in one pipeline (psycopg pipeline mode) — three round trips and one
+WAL flush per batch instead of per operation. If a statement fails (e.g. a duplicate
+request id) the batch is re-run one operation per transaction, so a bad operation fails
+alone. Maintenance (heartbeat, extend, sweep, release_mine) runs in transactions of its
+own. Connections come from a psycopg_pool ConnectionPool (writers + 2).
+
+Retries. Serialization failures, deadlocks (40001, 40P01) and lock timeouts are retried
+at once with jitter; lost connections are retried with backoff for `retry_seconds`, then
+the operation raises LedgerError (the proxy answers per on_ledger_error). A COMMIT whose
+acknowledgement was lost may have happened, so after a lost connection the batch is
+re-run in replay mode: a reserve or record whose decision row already exists returns
+that decision (request ids are unique) instead of holding twice, and a commit or
+release finds its hold already settled (applied=False) instead of charging twice.
+Nothing committed is lost: every write is in a committed transaction or in none.
+Messages never contain the DSN's password (redact_dsn).
+
+CockroachDB / YugabyteDB speak this protocol but run SERIALIZABLE (or emulate READ
+COMMITTED) and abort far more often — hence the 40001 retry loop. For them,
+`pg_advisory_xact_lock` (migrations, guards) would become lock rows, `hashtextextended`
+has no equivalent in CockroachDB, and identity sequences would better be unique_rowid()
+or UUID keys (hot ranges); SKIP LOCKED needs a recent version.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import os
+import random
+import socket
+import time
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import psycopg
+from psycopg import errors
+from psycopg_pool import ConnectionPool, PoolTimeout
+
+from . import pg_guards
+from .api import (
+    UNITS,
+    Amount,
+    Claim,
+    Completion,
+    DecisionRow,
+    Guards,
+    HistoryQuery,
+    LedgerError,
+    ReserveOutcome,
+    Settled,
+    Shortfall,
+    Tripped,
+)
+from .dsn import redact_dsn
+from .pg_schema import migrate
+from .sqlite import glob_to_like
+
+T = TypeVar("T")
+log = logging.getLogger(__name__)
+# psycopg_pool logs every checkout at INFO; the proxy logs at INFO. Keep its warnings.
+if logging.getLogger("psycopg.pool").level == logging.NOTSET:
+    logging.getLogger("psycopg.pool").setLevel(logging.WARNING)
+
+_HOT = frozenset({"reserve", "record", "commit", "release", "history"})
+# Retry at once: the transaction was rolled back and re-running it is safe.
+_CONFLICTS = (errors.SerializationFailure, errors.DeadlockDetected, errors.LockNotAvailable)
+_MAX_CONFLICT_RETRIES = 20
+
+_INSTANCE_COLUMNS = (
+    "id, budget, scope, window_start, limit_usd, limit_tokens, limit_requests, spent_usd, "
+    "spent_tokens, spent_requests, reserved_usd, reserved_tokens, reserved_requests, updated_at"
+)
+_HOLD_COLUMNS = (
+    "id, request_id, process_id, state, expires_at, settled_at, settle_reason, instance_ids, "
+    "est_usd, est_tokens, est_requests, actual_usd, actual_tokens, actual_requests, usage_source"
+)
+_LOCK_HOLDS = (
+    f"SELECT {_HOLD_COLUMNS} FROM holds WHERE id = ANY(%s) ORDER BY id FOR UPDATE OF holds"
+)
+# Rows that must exist before they can be locked; NOT EXISTS spares a sequence value per
+# known key, ON CONFLICT absorbs a concurrent creator (we wait for it, then skip), and
+# ORDER BY makes every transaction create keys in the same order.
+_CREATE_INSTANCES = """
+INSERT INTO budget_instances (budget, scope, window_start, per, limit_usd, limit_tokens,
+                              limit_requests, created_at, updated_at)
+SELECT k.budget, k.scope, k.window_start, k.per, k.limit_usd, k.limit_tokens, k.limit_requests,
+       k.ts, k.ts
+FROM unnest(%s::text[], %s::text[], %s::bigint[], %s::text[], %s::bigint[], %s::bigint[],
+            %s::bigint[], %s::float8[])
+     AS k(budget, scope, window_start, per, limit_usd, limit_tokens, limit_requests, ts)
+WHERE NOT EXISTS (SELECT 1 FROM budget_instances b
+                  WHERE b.budget = k.budget AND b.scope = k.scope AND b.window_start = k.window_start)
+ORDER BY k.budget, k.scope, k.window_start
+ON CONFLICT (budget, scope, window_start) DO NOTHING
+"""
+_LOCK_INSTANCES = f"""
+SELECT {_INSTANCE_COLUMNS} FROM budget_instances WHERE id IN (
+    SELECT unnest(string_to_array(h.instance_ids, ',')::bigint[]) FROM holds h WHERE h.id = ANY(%s)
+    UNION
+    SELECT b.id FROM budget_instances b
+    JOIN unnest(%s::text[], %s::text[], %s::bigint[]) AS k(budget, scope, window_start)
+      ON b.budget = k.budget AND b.scope = k.scope AND b.window_start = k.window_start
+) ORDER BY id FOR UPDATE OF budget_instances
+"""
+_LOCK_INSTANCE_IDS = (
+    f"SELECT {_INSTANCE_COLUMNS} FROM budget_instances WHERE id = ANY(%s) "
+    "ORDER BY id FOR UPDATE OF budget_instances"
+)
+
+
+@dataclass(frozen=True)
+class _Bulk:
+    """One statement writing any number of rows: the rows travel as ONE JSON parameter (an
+    array of arrays) that the statement unpacks into typed columns — one execution instead
+    of one per row, and json.dumps (C) instead of adapting every value in Python."""
+
+    sql: str  # `{rows}` stands for the unpacked rows, a subquery `v` with `columns`
+    columns: tuple[tuple[str, str], ...]  # (name, PostgreSQL type)
+
+    def statement(self) -> str:
+        fields = ", ".join(
+            f"(e->>{i})::{kind} AS {name}" for i, (name, kind) in enumerate(self.columns)
+        )
+        return self.sql.format(
+            rows=f"(SELECT {fields} FROM json_array_elements(%s::json) AS e) AS v"
+        )
+
+    def params(self, rows: Sequence[Sequence[Any]]) -> tuple[str]:
+        try:
+            return (json.dumps(rows, allow_nan=False),)
+        except ValueError:  # JSON has no NaN/Infinity (a latency might be one): store NULL
+            clean = [
+                [None if isinstance(v, float) and not math.isfinite(v) else v for v in row]
+                for row in rows
+            ]
+            return (json.dumps(clean, allow_nan=False),)
+
+
+def _columns(kinds: str) -> tuple[tuple[str, str], ...]:
+    """'id:bigint name:text …' → ((id, bigint), (name, text), …)."""
+    return tuple(tuple(item.split(":")) for item in kinds.split())  # type: ignore[misc]
+
+
+# Absolute values are safe: every row written here is locked by this transaction.
+_WRITE_INSTANCES = _Bulk(
+    """UPDATE budget_instances AS b SET
+    limit_usd = v.limit_usd, limit_tokens = v.limit_tokens, limit_requests = v.limit_requests,
+    spent_usd = v.spent_usd, spent_tokens = v.spent_tokens, spent_requests = v.spent_requests,
+    reserved_usd = v.reserved_usd, reserved_tokens = v.reserved_tokens,
+    reserved_requests = v.reserved_requests, updated_at = v.updated_at
+    FROM {rows} WHERE b.id = v.id""",
+    _columns(
+        "id:bigint limit_usd:bigint limit_tokens:bigint limit_requests:bigint spent_usd:bigint "
+        "spent_tokens:bigint spent_requests:bigint reserved_usd:bigint reserved_tokens:bigint "
+        "reserved_requests:bigint updated_at:float8"
+    ),
+)
+# Guarded by the state read under the lock: a miss rolls the batch back (see _check).
+_WRITE_HOLDS = _Bulk(
+    """UPDATE holds AS h SET
+    state = v.state, settled_at = v.settled_at, settle_reason = v.settle_reason,
+    actual_usd = v.actual_usd, actual_tokens = v.actual_tokens,
+    actual_requests = v.actual_requests, usage_source = v.usage_source
+    FROM {rows} WHERE h.id = v.id AND h.state = v.was""",
+    _columns(
+        "id:bigint was:text state:text settled_at:float8 settle_reason:text actual_usd:bigint "
+        "actual_tokens:bigint actual_requests:bigint usage_source:text"
+    ),
+)
+_HOLD_INSERT_COLUMNS = _columns(
+    "id:bigint request_id:text process_id:text created_at:float8 expires_at:float8 "
+    "instance_ids:text est_usd:bigint est_tokens:bigint est_requests:bigint"
+)
+_INSERT_HOLDS = _Bulk(
+    "INSERT INTO holds (state, {names}) SELECT 'active', v.* FROM {{rows}}".format(
+        names=", ".join(name for name, _ in _HOLD_INSERT_COLUMNS)
+    ),
+    _HOLD_INSERT_COLUMNS,
+)
+_DECISION_INSERT_COLUMNS = _columns(
+    "request_id:text ts:float8 decision:text reason_code:text reason:text mode:text scope:text "
+    "tenant:text workflow:text agent:text run:text action:text provider:text model:text "
+    "method:text host:text path:text est_usd:bigint est_tokens:bigint stream:bigint "
+    "fingerprint:text status:bigint hold_id:bigint budget:text policy_digest:text "
+    "completed_at:float8"
+)
+_INSERT_DECISIONS = _Bulk(
+    "INSERT INTO decisions ({names}) SELECT * FROM {{rows}}".format(
+        names=", ".join(name for name, _ in _DECISION_INSERT_COLUMNS)
+    ),
+    _DECISION_INSERT_COLUMNS,
+)
+_COMPLETE_DECISIONS = _Bulk(
+    """UPDATE decisions AS d SET status = v.status, actual_usd = v.actual_usd,
+    tokens_in = v.tokens_in, tokens_out = v.tokens_out, usage_source = v.usage_source,
+    model = COALESCE(v.model, d.model), latency_ms = v.latency_ms, upstream_ms = v.upstream_ms,
+    completed_at = v.completed_at, note = v.note
+    FROM {rows} WHERE d.request_id = v.request_id""",
+    _columns(
+        "status:bigint actual_usd:bigint tokens_in:bigint tokens_out:bigint usage_source:text "
+        "model:text latency_ms:float8 upstream_ms:float8 completed_at:float8 note:text "
+        "request_id:text"
+    ),
+)
+_EXPIRE_DECISIONS = _Bulk(
+    """UPDATE decisions AS d SET completed_at = v.completed_at, note = v.note
+    FROM {rows} WHERE d.request_id = v.request_id AND d.completed_at IS NULL""",
+    _columns("completed_at:float8 note:text request_id:text"),
+)
+_INSERT_EVENTS = _Bulk(
+    "INSERT INTO events (ts, kind, request_id, hold_id, instance_id, detail) SELECT * FROM {rows}",
+    _columns("ts:float8 kind:text request_id:text hold_id:bigint instance_id:bigint detail:text"),
+)
+_INSERT_FACTS = _Bulk(
+    "INSERT INTO facts (scope, action, field, value, request_id, ts) SELECT * FROM {rows}",
+    _columns("scope:text action:text field:text value:text request_id:text ts:float8"),
+)
+
+
+# --- secrets ------------------------------------------------------------------------------
+
+
+def _secrets(url: str) -> list[str]:
+    found = []
+    try:
+        password = psycopg.conninfo.conninfo_to_dict(url).get("password")
+        if password:
+            found.append(str(password))
+    except psycopg.Error:
+        pass
+    return [url, *found]
+
+
+# --- the state one transaction works on ------------------------------------------------------
+
+
+@dataclass
+class _Instance:
+    id: int
+    key: tuple[str, str, int]
+    limits: list[int | None]  # usd, tokens, requests (UNITS order)
+    spent: list[int]
+    reserved: list[int]
+    updated_at: float | None
+    dirty: bool = False
+
+    @classmethod
+    def from_row(cls, r: Sequence[Any]) -> _Instance:
+        return cls(r[0], (r[1], r[2], r[3]), list(r[4:7]), list(r[7:10]), list(r[10:13]), r[13])
+
+    def apply(self, reserved: Sequence[int], spent: Sequence[int], now: float) -> None:
+        for i in range(3):
+            self.reserved[i] += reserved[i]
+            self.spent[i] += spent[i]
+        self.updated_at = now
+        self.dirty = True
+
+    def over(self) -> bool:
+        return any(
+            limit is not None and spent > limit
+            for limit, spent in zip(self.limits, self.spent, strict=True)
+        )
+
+
+@dataclass
+class _Hold:
+    id: int
+    request_id: str
+    process_id: str
+    state: str
+    expires_at: float | None
+    settled_at: float | None
+    settle_reason: str | None
+    instance_ids: list[int]
+    est: tuple[int, int, int]
+    actual: list[int | None]
+    usage_source: str | None
+    was: str = ""  # the state read under lock: the write is guarded by it
+    dirty: bool = False
+
+    @classmethod
+    def from_row(cls, r: Sequence[Any]) -> _Hold:
+        ids = [int(i) for i in r[7].split(",")] if r[7] else []
+        return cls(
+            r[0],
+            r[1],
+            r[2],
+            r[3],
+            r[4],
+            r[5],
+            r[6],
+            ids,
+            (r[8], r[9], r[10]),
+            list(r[11:14]),
+            r[14],
+            was=r[3],
+        )
+
+
+@dataclass
+class _Tx:
+    """Locked rows, values computed in Python, writes queued for one pipeline."""
+
+    instances: dict[int, _Instance] = field(default_factory=dict)
+    by_key: dict[tuple[str, str, int], _Instance] = field(default_factory=dict)
+    holds: dict[int, _Hold] = field(default_factory=dict)
+    hold_ids: list[int] = field(default_factory=list)
+    history: list[list[bool]] = field(default_factory=list)
+    replayed: dict[str, tuple[str, int | None, str | None]] = field(default_factory=dict)
+    tripped: dict[int, Tripped | None] = field(default_factory=dict)  # by the op's batch index
+    skip: set[int] = field(default_factory=set)  # reserves a guard denies: no instances needed
+    new_holds: list[tuple[Any, ...]] = field(default_factory=list)
+    new_decisions: list[tuple[Any, ...]] = field(default_factory=list)
+    completions: list[tuple[Any, ...]] = field(default_factory=list)
+    expiries: list[tuple[Any, ...]] = field(default_factory=list)
+    events: list[tuple[Any, ...]] = field(default_factory=list)
+    facts: list[tuple[Any, ...]] = field(default_factory=list)
+
+    def add_instances(self, rows: Iterable[Sequence[Any]]) -> None:
+        for r in rows:
+            inst = _Instance.from_row(r)
+            self.instances[inst.id] = inst
+            self.by_key[inst.key] = inst
+
+    def apply(
+        self, ids: Iterable[int], reserved: Sequence[int], spent: Sequence[int], now: float
+    ) -> None:
+        for instance_id in dict.fromkeys(ids):  # an instance listed twice is charged once
+            self.instances[instance_id].apply(reserved, spent, now)
+
+    def event(
+        self,
+        kind: str,
+        request_id: str | None,
+        hold_id: int | None,
+        instance_id: int | None,
+        detail: str,
+        now: float,
+    ) -> None:
+        self.events.append((now, kind, request_id, hold_id, instance_id, detail))
+
+
+class _StatementFailed(Exception):
+    """A statement of a batch failed for a reason retrying will not cure."""
+
+
+def _negate(values: Sequence[int]) -> tuple[int, int, int]:
+    return (-values[0], -values[1], -values[2])
+
+
+def _amount(a: Amount) -> tuple[int, int, int]:
+    return (a.usd, a.tokens, a.requests)
+
+
+# --- the ledger -------------------------------------------------------------------------------
+
+
+class PostgresLedger:
+    """Thread-safe (a connection pool); AsyncLedger runs `writers` threads over it."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        process_id: str | None = None,
+        register: bool = True,
+        writers: int = 1,
+        pool_size: int | None = None,
+        connect_timeout: float = 5.0,
+        retry_seconds: float = 5.0,
+        lock_timeout: float = 10.0,
+    ) -> None:
+        self.url = url
+        self.safe_url = redact_dsn(url)
+        self._secrets = _secrets(url)
+        self.process_id = (
+            process_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        )
+        self.writers = max(1, writers)
+        self.retry_seconds = retry_seconds
+        self.connect_timeout = connect_timeout
+        self._lock_timeout_ms = int(lock_timeout * 1000)
+        self._closed = False
+        self._hold_sequence: str | None = None
+        try:
+            # One plain connection first: a clear error when the server is unreachable or the
+            # ledger is too new, before a pool starts reconnecting in the background.
+            with psycopg.connect(url, connect_timeout=max(1, round(connect_timeout))) as conn:
+                self._configure(conn)
+                migrate(conn)
+                self._hold_sequence = conn.execute(
+                    "SELECT pg_get_serial_sequence('holds', 'id')"
+                ).fetchone()[0]
+                if register:
+                    now = time.time()
+                    conn.execute(
+                        "INSERT INTO processes (id, pid, host, started_at, heartbeat_at) "
+                        "VALUES (%s, %s, %s, %s, %s)",
+                        (self.process_id, os.getpid(), socket.gethostname(), now, now),
+                    )
+                conn.commit()
+        except psycopg.Error as exc:
+            raise LedgerError(f"cannot open ledger {self.safe_url}: {self._clean(exc)}") from None
+        size = pool_size or self.writers + 2  # the writers, call_sync at shutdown, one spare
+        self.pool = ConnectionPool(
+            url,
+            min_size=1,
+            max_size=size,
+            kwargs={"connect_timeout": max(1, round(connect_timeout))},
+            configure=self._configure,
+            open=False,
+            name="drawdown-ledger",
+            timeout=retry_seconds,
+        )
+        self.pool.open(wait=False)
+
+    # --- connections and retries --------------------------------------------------------------
+
+    def _configure(self, conn: psycopg.Connection[Any]) -> None:
+        conn.autocommit = True
+        conn.isolation_level = psycopg.IsolationLevel.READ_COMMITTED  # the design relies on it
+        # A proxy stuck mid-transaction must not keep budget rows locked for ever; a lock wait
+        # that long means something is wrong: fail (retry, then LedgerError) rather than hang.
+        conn.execute(f"SET lock_timeout = {self._lock_timeout_ms}")
+        conn.execute("SET idle_in_transaction_session_timeout = 30000")
+        # Which proxy a session belongs to, for pg_stat_activity (and for killing it in tests).
+        conn.execute(
+            "SELECT set_config('application_name', %s, false)",
+            (f"drawdown {self.process_id}"[:63],),
+        )
+        conn.autocommit = False
+
+    def _clean(self, exc: BaseException) -> str:
+        text = str(exc).strip() or type(exc).__name__
+        for secret in self._secrets:
+            text = text.replace(secret, self.safe_url if "://" in secret else "***")
+        return text.splitlines()[0] if text else text
+
+    def _transaction(self, fn: Callable[[psycopg.Connection[Any], bool], T]) -> T:
+        """Run `fn(conn, replay)` in one transaction and commit it, retrying what retrying cures."""
+        if self._closed:
+            raise LedgerError(f"ledger {self.safe_url} is closed")
+        deadline = time.monotonic() + self.retry_seconds
+        conflicts = 0
+        replay = False
+        backoff = 0.05
+        while True:
+            try:
+                conn = self.pool.getconn(timeout=max(0.05, deadline - time.monotonic()))
+            except PoolTimeout as exc:
+                raise LedgerError(
+                    f"ledger unavailable: no connection to {self.safe_url} within "
+                    f"{self.retry_seconds:g} s ({self._clean(exc)})"
+                ) from None
+            try:
+                try:
+                    result = fn(conn, replay)
+                    conn.commit()
+                    return result
+                except BaseException:
+                    if not conn.closed:
+                        try:
+                            conn.rollback()
+                        except psycopg.Error:
+                            pass
+                    raise
+                finally:
+                    self.pool.putconn(conn)
+            except _CONFLICTS as exc:
+                conflicts += 1
+                if conflicts > _MAX_CONFLICT_RETRIES or time.monotonic() > deadline:
+                    raise LedgerError(
+                        f"ledger busy: gave up after {conflicts} conflicts ({self._clean(exc)})"
+                    ) from None
+                time.sleep(random.uniform(0, 0.002 * conflicts))  # jitter: do not collide again
+            except psycopg.OperationalError as exc:
+                # Connection lost or server restarting. If COMMIT was in flight it may have
+                # happened: the re-run is a replay (see the module docstring).
+                replay = True
+                if time.monotonic() + backoff > deadline:
+                    raise LedgerError(
+                        f"ledger unavailable: {self.safe_url}: {self._clean(exc)}"
+                    ) from None
+                time.sleep(backoff)
+                backoff = min(backoff * 2, 1.0)
+            except psycopg.Error as exc:
+                raise _StatementFailed(self._clean(exc)) from exc
+
+    # --- batches --------------------------------------------------------------------------------
+
+    def run_batch(self, calls: Sequence[tuple[str, tuple[Any, ...]]]) -> list[Any]:
+        """Run several operations; results (or exceptions) in order. The hot ones share one
+        transaction; maintenance runs in its own (it is rare and scans holds)."""
+        results: list[Any] = [None] * len(calls)
+        hot = [i for i, (name, _) in enumerate(calls) if name in _HOT]
+        if hot:
+            try:
+                out = self._hot([calls[i] for i in hot])
+            except _StatementFailed:
+                # Find the culprit: one transaction per operation, each failing alone.
+                out = [self._one(calls[i]) for i in hot]
+            except LedgerError as exc:
+                out = [exc] * len(hot)
+            for i, result in zip(hot, out, strict=True):
+                results[i] = result
+        for i, call in enumerate(calls):
+            if call[0] not in _HOT:
+                results[i] = self._one(call)
+        return results
+
+    def _one(self, call: tuple[str, tuple[Any, ...]]) -> Any:
+        try:
+            return getattr(self, call[0])(*call[1])
+        except Exception as exc:  # returned, not raised: one op's failure is its own
+            return exc
+
+    def _hot(self, calls: Sequence[tuple[str, tuple[Any, ...]]]) -> list[Any]:
+        rows: dict[int, DecisionRow] = {}
+
+        def attempt(conn: psycopg.Connection[Any], replay: bool) -> list[Any]:
+            # Reserves mutate their DecisionRow; work on copies so a retried attempt starts clean.
+            rows.clear()
+            copied = []
+            for i, (name, args) in enumerate(calls):
+                if name in ("reserve", "record"):
+                    rows[i] = copy.copy(args[0])
+                    args = (rows[i], *args[1:])
+                copied.append((name, args))
+            return self._hot_attempt(conn, copied, replay)
+
+        results = self._transaction(attempt)
+        for i, done in rows.items():  # the attempt that committed: its decisions are the answer
+            calls[i][1][0].__dict__.update(done.__dict__)
+        return results
+
+    def _hot_attempt(
+        self,
+        conn: psycopg.Connection[Any],
+        calls: Sequence[tuple[str, tuple[Any, ...]]],
+        replay: bool,
+    ) -> list[Any]:
+        tx = _Tx()
+        hold_ids = sorted({args[1] for name, args in calls if name in ("commit", "release")})
+        rows = [args[0] for name, args in calls if name in ("reserve", "record")]
+        guarded = [
+            (args[0], guards)
+            for name, args in calls
+            if name == "reserve" and (guards := pg_guards.guards_of(args)) is not None
+        ]
+        with conn.pipeline() as pipeline:
+            # Locks in the global order: holds, guard keys, instance keys, instances.
+            cur_holds = cur_instances = cur_ids = cur_replay = None
+            if hold_ids:
+                cur_holds = conn.cursor()
+                cur_holds.execute(_LOCK_HOLDS, (hold_ids,))
+            if replay and rows:
+                cur_replay = conn.cursor()
+                cur_replay.execute(
+                    "SELECT d.request_id, d.decision, d.hold_id, h.process_id FROM decisions d "
+                    "LEFT JOIN holds h ON h.id = d.hold_id WHERE d.request_id = ANY(%s)",
+                    ([r.request_id for r in rows],),
+                )
+            if guarded:
+                # A reserve a guard denies must not create budget instances (as in SQLite), so
+                # the guards are decided first, at the cost of one more round trip.
+                reader = pg_guards.Reader(conn, guarded, rows)
+                pipeline.sync()
+                self._read_replay(tx, cur_replay)
+                cur_replay = None
+                self._trip(tx, calls, reader.counts())
+            keys: dict[tuple[str, str, int], tuple[Claim, float]] = {}
+            for i, (name, args) in enumerate(calls):
+                if name == "reserve" and i not in tx.skip:
+                    for claim in args[1]:
+                        key = (claim.budget, claim.scope, claim.window_start)
+                        keys.setdefault(key, (claim, args[0].ts))
+            ordered = sorted(keys)
+            key_columns = (
+                [k[0] for k in ordered],
+                [k[1] for k in ordered],
+                [k[2] for k in ordered],
+            )
+            if ordered:
+                claims = [keys[k] for k in ordered]
+                conn.cursor().execute(
+                    _CREATE_INSTANCES,
+                    (
+                        *key_columns,
+                        [c.per for c, _ in claims],
+                        [c.limit_usd for c, _ in claims],
+                        [c.limit_tokens for c, _ in claims],
+                        [c.limit_requests for c, _ in claims],
+                        [ts for _, ts in claims],
+                    ),
+                )
+            if hold_ids or ordered:
+                cur_instances = conn.cursor()
+                cur_instances.execute(_LOCK_INSTANCES, (hold_ids, *key_columns))
+            reserves = sum(1 for i, (name, _) in enumerate(calls) if name == "reserve") - len(
+                tx.skip
+            )
+            if reserves:
+                cur_ids = conn.cursor()
+                cur_ids.execute(
+                    "SELECT nextval(%s::regclass) FROM generate_series(1, %s)",
+                    (self._hold_sequence, reserves),
+                )
+            queries = [q for name, args in calls if name == "history" for q in args[0]]
+            history_cursors = [self._history_query(conn, q) for q in queries]
+            pipeline.sync()
+            if cur_holds is not None:
+                for r in cur_holds.fetchall():
+                    tx.holds[r[0]] = _Hold.from_row(r)
+            if cur_instances is not None:
+                tx.add_instances(cur_instances.fetchall())
+            if cur_ids is not None:
+                tx.hold_ids = [r[0] for r in cur_ids.fetchall()]
+                tx.hold_ids.reverse()  # pop() hands them out in ascending order
+            self._read_replay(tx, cur_replay)
+            answers = [cur.fetchone() is not None for cur in history_cursors]
+
+            results: list[Any] = []
+            for i, (name, args) in enumerate(calls):
+                try:
+                    if name == "history":
+                        count = len(args[0])
+                        results.append(answers[:count])
+                        del answers[:count]
+                    elif name == "reserve":
+                        results.append(
+                            self._reserve(
+                                tx,
+                                *args[:4],
+                                tripped=tx.tripped.get(i),
+                                guards=pg_guards.guards_of(args),
+                            )
+                        )
+                    else:
+                        results.append(getattr(self, f"_{name}")(tx, *args))
+                except Exception as exc:  # e.g. no such hold: this op fails, the batch goes on
+                    results.append(exc)
+            checks = self._flush(conn, tx)
+        self._check(checks)  # the pipeline has synced: row counts are in
+        return results
+
+    @staticmethod
+    def _read_replay(tx: _Tx, cursor: Any) -> None:
+        if cursor is not None:
+            tx.replayed = {r[0]: (r[1], r[2], r[3]) for r in cursor.fetchall()}
+
+    def _trip(
+        self, tx: _Tx, calls: Sequence[tuple[str, tuple[Any, ...]]], counts: pg_guards.Counts
+    ) -> None:
+        """Decide every guard of the batch, in order: each reserve sees the rows before it."""
+        for i, (name, args) in enumerate(calls):
+            if name not in ("reserve", "record"):
+                continue
+            row = args[0]
+            guards = pg_guards.guards_of(args) if name == "reserve" else None
+            if guards is not None and row.request_id not in tx.replayed:
+                tripped = counts.trip(row, guards)
+                tx.tripped[i] = tripped
+                if tripped is not None and not guards.shadow:
+                    tx.skip.add(i)
+            if row.request_id not in tx.replayed:  # a replayed row is already counted
+                counts.add(row)
+
+    def _history_query(self, conn: psycopg.Connection[Any], query: HistoryQuery) -> Any:
+        likes = " OR ".join("action LIKE %s ESCAPE '\\'" for _ in query.actions)
+        cur = conn.cursor()
+        cur.execute(
+            f"SELECT 1 FROM facts WHERE scope = %s AND field = %s AND value = %s AND ({likes}) LIMIT 1",
+            (
+                query.scope,
+                query.field,
+                query.value or "",
+                *(glob_to_like(a) for a in query.actions),
+            ),
+        )
+        return cur
+
+    def _flush(self, conn: psycopg.Connection[Any], tx: _Tx) -> list[tuple[Any, int, str]]:
+        """Queue every write of the transaction, one statement per kind (we are inside a
+        pipeline). Returns the guarded statements with the row counts they must report."""
+        guards: list[tuple[Any, int, str]] = []
+
+        def write(bulk: _Bulk, rows: Sequence[Sequence[Any]], guard: str | None = None) -> None:
+            if rows:
+                cur = conn.cursor()
+                cur.execute(bulk.statement(), bulk.params(rows))
+                if guard:
+                    guards.append((cur, len(rows), guard))
+
+        write(_INSERT_HOLDS, tx.new_holds)
+        write(
+            _WRITE_HOLDS,
+            [
+                (h.id, h.was, h.state, h.settled_at, h.settle_reason, *h.actual, h.usage_source)
+                for h in tx.holds.values()
+                if h.dirty
+            ],
+            "holds changed under their lock",
+        )
+        write(
+            _WRITE_INSTANCES,
+            [
+                (i.id, *i.limits, *i.spent, *i.reserved, i.updated_at)
+                for i in tx.instances.values()
+                if i.dirty
+            ],
+            "budget instances vanished",
+        )
+        write(_INSERT_DECISIONS, tx.new_decisions)
+        write(_COMPLETE_DECISIONS, tx.completions)
+        write(_EXPIRE_DECISIONS, tx.expiries)
+        write(_INSERT_EVENTS, tx.events)
+        write(_INSERT_FACTS, tx.facts)
+        return guards
+
+    @staticmethod
+    def _check(guards: list[tuple[Any, int, str]]) -> None:
+        for cur, expected, what in guards:
+            if cur.rowcount != expected:  # cannot happen under our locks; never commit if it does
+                raise LedgerError(f"ledger invariant violated: {what} ({cur.rowcount}/{expected})")
+
+    # --- public operations (each its own transaction unless batched) ---------------------------
+
+    def reserve(
+        self,
+        row: DecisionRow,
+        claims: Sequence[Claim],
+        estimate: Amount,
+        expires_at: float,
+        guards: Guards | None = None,
+    ) -> ReserveOutcome:
+        return self._single("reserve", (row, claims, estimate, expires_at, guards))
+
+    def record(self, row: DecisionRow) -> None:
+        self._single("record", (row,))
+
+    def commit(self, request_id: str, hold_id: int, completion: Completion, now: float) -> Settled:
+        return self._single("commit", (request_id, hold_id, completion, now))
+
+    def release(
+        self, request_id: str, hold_id: int, completion: Completion, reason: str, now: float
+    ) -> Settled:
+        return self._single("release", (request_id, hold_id, completion, reason, now))
+
+    def history(self, queries: Sequence[HistoryQuery]) -> list[bool]:
+        return self._single("history", (queries,))
+
+    def _single(self, name: str, args: tuple[Any, ...]) -> Any:
+        try:
+            (result,) = self._hot([(name, args)])
+        except _StatementFailed as exc:
+            raise LedgerError(f"ledger refused {name}: {exc}") from None
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    def extend(self, hold_ids: Sequence[int], expires_at: float) -> None:
+        if not hold_ids:
+            return
+
+        def body(conn: psycopg.Connection[Any], replay: bool) -> None:
+            # Hold locks in id order, like every other transaction (see the docstring).
+            conn.execute(
+                "UPDATE holds SET expires_at = GREATEST(expires_at, %s) WHERE id IN ("
+                "SELECT id FROM holds WHERE id = ANY(%s) AND state = 'active' "
+                "ORDER BY id FOR UPDATE)",
+                (expires_at, sorted(hold_ids)),
+            )
+
+        self._maintenance("extend", body)
+
+    def heartbeat(self, now: float) -> None:
+        self._maintenance(
+            "heartbeat",
+            lambda conn, replay: conn.execute(
+                "UPDATE processes SET heartbeat_at = %s WHERE id = %s", (now, self.process_id)
+            ),
+        )
+
+    def sweep(self, now: float, lease_seconds: float) -> int:
+        # SKIP LOCKED: a hold locked right now is being settled (or swept by another proxy);
+        # waiting for it would only serialise the sweepers. A later sweep sees it if still active.
+        return self._maintenance(
+            "sweep",
+            lambda conn, replay: self._expire(
+                conn,
+                "expires_at < %s OR process_id IN "
+                "(SELECT id FROM processes WHERE id <> %s AND heartbeat_at < %s)",
+                (now, self.process_id, now - lease_seconds),
+                now,
+                lambda hold: (
+                    "ttl expired"
+                    if hold.expires_at is not None and hold.expires_at < now
+                    else "proxy lease lapsed"
+                ),
+                skip_locked=True,
+            ),
+        )
+
+    def release_mine(self, now: float, reason: str) -> int:
+        return self._maintenance(
+            "release_mine",
+            lambda conn, replay: self._expire(
+                conn, "process_id = %s", (self.process_id,), now, lambda hold: reason, "released"
+            ),
+        )
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        try:
+            now = time.time()
+            self._maintenance(
+                "close",
+                lambda conn, replay: conn.execute(
+                    "UPDATE processes SET stopped_at = %s, heartbeat_at = %s WHERE id = %s",
+                    (now, now, self.process_id),
+                ),
+            )
+        except LedgerError:
+            pass
+        self._closed = True
+        self.pool.close()
+
+    def _maintenance(self, name: str, body: Callable[[psycopg.Connection[Any], bool], T]) -> T:
+        try:
+            return self._transaction(body)
+        except _StatementFailed as exc:
+            raise LedgerError(f"ledger refused {name}: {exc}") from None
+
+    # --- operations on a transaction's locked rows ---------------------------------------------
+
+    def _reserve(
+        self,
+        tx: _Tx,
+        row: DecisionRow,
+        claims: Sequence[Claim],
+        estimate: Amount,
+        expires_at: float,
+        *,
+        tripped: Tripped | None = None,
+        guards: Guards | None = None,
+    ) -> ReserveOutcome:
+        earlier = tx.replayed.get(row.request_id)
+        if earlier is not None:
+            # Our previous attempt committed before its connection dropped: that is the answer.
+            if earlier[1] is None:  # a denial, whose reasons we no longer have
+                raise LedgerError(
+                    "the ledger connection dropped while this request's denial was committed"
+                )
+            row.decision = earlier[0]
+            return ReserveOutcome(earlier[0], earlier[1])
+        if tripped is not None and guards is not None:
+            if not guards.shadow:
+                row.decision, row.reason_code, row.reason = "deny", "anomaly", tripped.detail
+                self._decision(tx, row)
+                return ReserveOutcome("deny", None, tripped=tripped)
+            if row.decision == "allow":
+                row.decision, row.reason_code, row.reason = "would_deny", "anomaly", tripped.detail
+        instance_ids: list[int] = []
+        shortfalls: list[Shortfall] = []
+        shadow_shortfalls: list[Shortfall] = []
+        needed = _amount(estimate)
+        # Check every instance first...
+        for claim in claims:
+            inst = tx.by_key.get((claim.budget, claim.scope, claim.window_start))
+            if inst is None:
+                raise LedgerError(f"budget instance {claim.budget} {claim.scope} was not locked")
+            limits = [claim.limit_usd, claim.limit_tokens, claim.limit_requests]
+            if inst.limits != limits:  # the policy changed this budget's limits: the new ones apply
+                inst.limits = limits
+                inst.dirty = True
+            instance_ids.append(inst.id)
+            for index, unit in enumerate(UNITS):
+                limit = limits[index]
+                if limit is None:
+                    continue
+                spent, reserved = inst.spent[index], inst.reserved[index]
+                if spent + reserved + needed[index] > limit:
+                    short = Shortfall(claim, unit, limit, spent, reserved, needed[index])
+                    (shadow_shortfalls if claim.shadow else shortfalls).append(short)
+        # ...then apply to all, or to none.
+        if shortfalls:
+            row.decision = "deny"
+            row.reason_code = row.reason_code or "budget_exhausted"
+            row.reason = shortfalls[0].describe()
+            row.budget = shortfalls[0].claim.scope
+            self._decision(tx, row)
+            return ReserveOutcome("deny", None, tuple(shortfalls), tuple(shadow_shortfalls))
+        if shadow_shortfalls and row.decision == "allow":
+            row.decision = "would_deny"
+            row.reason_code = "budget_exhausted"
+            row.reason = shadow_shortfalls[0].describe()
+            row.budget = shadow_shortfalls[0].claim.scope
+        tx.apply(instance_ids, needed, (0, 0, 0), row.ts)
+        hold_id = tx.hold_ids.pop()
+        ids_text = ",".join(map(str, instance_ids))
+        tx.new_holds.append(
+            (hold_id, row.request_id, self.process_id, row.ts, expires_at, ids_text, *needed)
+        )
+        tx.holds[hold_id] = _Hold(
+            hold_id,
+            row.request_id,
+            self.process_id,
+            "active",
+            expires_at,
+            None,
+            None,
+            instance_ids,
+            needed,
+            [None, None, None],
+            None,
+            was="active",
+        )
+        self._decision(tx, row, hold_id)
+        return ReserveOutcome(row.decision, hold_id, (), tuple(shadow_shortfalls), tripped)
+
+    def _record(self, tx: _Tx, row: DecisionRow) -> None:
+        if row.request_id not in tx.replayed:  # else our attempt whose ack was lost recorded it
+            self._decision(tx, row)
+
+    def _decision(self, tx: _Tx, row: DecisionRow, hold_id: int | None = None) -> None:
+        tx.new_decisions.append(
+            (
+                row.request_id,
+                row.ts,
+                row.decision,
+                row.reason_code,
+                row.reason,
+                row.mode,
+                row.scope,
+                row.tenant,
+                row.workflow,
+                row.agent,
+                row.run,
+                row.action,
+                row.provider,
+                row.model,
+                row.method,
+                row.host,
+                row.path,
+                row.est_usd,
+                row.est_tokens,
+                int(row.stream),
+                row.fingerprint,
+                row.status,
+                hold_id,
+                row.budget,
+                row.policy_digest,
+                row.ts if row.decision == "deny" else None,
+            )
+        )
+
+    def _locked_hold(self, tx: _Tx, hold_id: int) -> _Hold:
+        hold = tx.holds.get(hold_id)
+        if hold is None:
+            raise LedgerError(f"no hold {hold_id}")
+        return hold
+
+    def _commit(
+        self, tx: _Tx, request_id: str, hold_id: int, completion: Completion, now: float
+    ) -> Settled:
+        hold = self._locked_hold(tx, hold_id)
+        actual = _amount(completion.actual)
+        if hold.state == "active":
+            tx.apply(hold.instance_ids, _negate(hold.est), actual, now)
+            hold.state, hold.settled_at, hold.actual = "committed", now, list(actual)
+            hold.usage_source, hold.dirty = completion.usage_source, True
+            overage = self._note_overage(tx, hold.instance_ids, request_id, hold_id, now)
+            self._complete(tx, request_id, completion, now)
+            tx.facts.extend(
+                (f.scope, f.action, f.field, f.value, request_id, now) for f in completion.facts
+            )
+            return Settled(True, "committed", overage)
+        if hold.state == "expired" and hold.actual[0] is None:
+            # The sweeper released this hold (its proxy looked dead or it outlived its TTL), but the
+            # call did complete: the money was spent, so charge it without touching reservations.
+            tx.apply(hold.instance_ids, (0, 0, 0), actual, now)
+            hold.actual, hold.usage_source, hold.dirty = list(actual), completion.usage_source, True
+            tx.event(
+                "late_commit",
+                request_id,
+                hold_id,
+                None,
+                f"hold had expired; charged {actual[0]} nano-USD",
+                now,
+            )
+            overage = self._note_overage(tx, hold.instance_ids, request_id, hold_id, now)
+            self._complete(tx, request_id, completion, now)
+            return Settled(True, "expired", overage)
+        return Settled(False, hold.state)
+
+    def _release(
+        self,
+        tx: _Tx,
+        request_id: str,
+        hold_id: int,
+        completion: Completion,
+        reason: str,
+        now: float,
+    ) -> Settled:
+        hold = self._locked_hold(tx, hold_id)
+        if hold.state != "active":
+            return Settled(False, hold.state)
+        tx.apply(hold.instance_ids, _negate(hold.est), (0, 0, 0), now)
+        hold.state, hold.settled_at, hold.settle_reason = "released", now, reason
+        hold.actual, hold.dirty = [0, 0, 0], True
+        self._complete(tx, request_id, completion, now, note=completion.note or reason)
+        return Settled(True, "released")
+
+    def _note_overage(
+        self, tx: _Tx, ids: list[int], request_id: str, hold_id: int, now: float
+    ) -> bool:
+        over = [tx.instances[i] for i in sorted(set(ids)) if tx.instances[i].over()]
+        for inst in over:
+            budget, scope, _ = inst.key
+            tx.event(
+                "overage", request_id, hold_id, inst.id, f"{budget}: {scope} is over its limit", now
+            )
+        return bool(over)
+
+    def _complete(
+        self, tx: _Tx, request_id: str, completion: Completion, now: float, note: str | None = None
+    ) -> None:
+        tx.completions.append(
+            (
+                completion.status,
+                completion.actual.usd,
+                completion.tokens_in,
+                completion.tokens_out,
+                completion.usage_source,
+                completion.model,
+                completion.latency_ms,
+                completion.upstream_ms,
+                now,
+                note or completion.note,
+                request_id,
+            )
+        )
+
+    def _expire(
+        self,
+        conn: psycopg.Connection[Any],
+        where: str,
+        params: Sequence[Any],
+        now: float,
+        reason: Callable[[_Hold], str],
+        state: str = "expired",
+        *,
+        skip_locked: bool = False,
+    ) -> int:
+        """End every active hold matching `where`: hold locks, then instance locks, then writes."""
+        tx = _Tx()
+        found = conn.execute(
+            f"SELECT {_HOLD_COLUMNS} FROM holds WHERE state = 'active' AND ({where}) "
+            f"ORDER BY id FOR UPDATE OF holds{' SKIP LOCKED' if skip_locked else ''}",
+            params,
+        ).fetchall()
+        if not found:
+            return 0
+        holds = [_Hold.from_row(r) for r in found]
+        ids = sorted({i for h in holds for i in h.instance_ids})
+        if ids:
+            tx.add_instances(conn.execute(_LOCK_INSTANCE_IDS, (ids,)).fetchall())
+        for hold in holds:
+            why = reason(hold)
+            tx.apply(hold.instance_ids, _negate(hold.est), (0, 0, 0), now)
+            hold.state, hold.settled_at, hold.settle_reason, hold.dirty = state, now, why, True
+            tx.holds[hold.id] = hold
+            tx.expiries.append((now, why, hold.request_id))
+        with conn.pipeline():
+            checks = self._flush(conn, tx)
+        self._check(checks)
+        return len(holds)

@@ -1,0 +1,198 @@
+#!/usr/bin/env python
+"""Ledger throughput: reserve+commit lifecycles per second, SQLite vs PostgreSQL.
+
+Each lifecycle reserves on 3 budget instances — the tenant's (one row every request
+shares: the hot spot), its agent's (one of 4) and its run's — then commits the actual.
+Two ways of driving the ledger:
+
+  async   as the proxy does: AsyncLedger (writer thread(s) batching queued operations),
+          CONCURRENCY requests in flight on one event loop
+  direct  one caller, one operation per transaction (latency-bound)
+
+    .venv/bin/python scripts/bench_ledger.py [--lifecycles N] [--concurrency C]
+        [--pg DSN] [--writers W] [--backend sqlite|postgres|both] [--json]
+
+PostgreSQL: DSN from --pg, else DRAWDOWN_PG_DSN, else postgresql://127.0.0.1:5432/test;
+the run gets a schema of its own, dropped afterwards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "addon"))
+
+from drawdown.ledger.api import Amount, Claim, Completion, DecisionRow
+from drawdown.ledger.worker import AsyncLedger
+
+ESTIMATE = Amount(usd=2_000_000, tokens=1_500, requests=1)  # ≈ $0.002
+ACTUAL = Completion(actual=Amount(usd=1_200_000, tokens=900, requests=1), status=200)
+
+
+TENANTS = 1  # --tenants: 1 = every lifecycle shares the tenant row (the worst case)
+
+
+def claims_for(n: int) -> tuple[DecisionRow, list[Claim]]:
+    tenant = f"t{n % TENANTS}"
+    agent, run = f"{tenant}-a{n % 4}", f"r{n // 50}"  # a run of 50 calls
+    scope = f"tenant:{tenant}/agent:{agent}/run:{run}"
+    row = DecisionRow(
+        request_id=uuid.uuid4().hex,
+        ts=time.time(),
+        decision="allow",
+        mode="enforce",
+        scope=scope,
+        tenant=tenant,
+        agent=agent,
+        run=run,
+        action="llm",
+        method="POST",
+        host="api.openai.com",
+        path="/v1/chat/completions",
+    )
+    big = 10**18  # the benchmark measures throughput, not denials
+    return row, [
+        Claim("tenant", f"tenant:{tenant}", big, big, big, per="day", window_start=0),
+        Claim("agent", f"tenant:{tenant}/agent:{agent}", big, None, None),
+        Claim("run", scope, big, None, big),
+    ]
+
+
+async def drive_async(ledger: Any, lifecycles: int, concurrency: int, writers: int | None) -> float:
+    worker = AsyncLedger(ledger, writers=writers)
+    counter = iter(range(lifecycles))
+
+    async def client() -> None:
+        for n in counter:
+            row, claims = claims_for(n)
+            outcome = await worker.call("reserve", row, claims, ESTIMATE, row.ts + 900)
+            assert outcome.hold_id is not None, outcome
+            await worker.call("commit", row.request_id, outcome.hold_id, ACTUAL, time.time())
+
+    started = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(concurrency)))
+    elapsed = time.perf_counter() - started
+    worker.close()
+    return lifecycles / elapsed
+
+
+def drive_direct(ledger: Any, lifecycles: int) -> float:
+    started = time.perf_counter()
+    for n in range(lifecycles):
+        row, claims = claims_for(n)
+        outcome = ledger.reserve(row, claims, ESTIMATE, row.ts + 900)
+        ledger.commit(row.request_id, outcome.hold_id, ACTUAL, time.time())
+    return lifecycles / (time.perf_counter() - started)
+
+
+@contextlib.contextmanager
+def pg_schema(dsn: str) -> Iterator[str]:
+    import psycopg
+
+    schema = f"drawdown_bench_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(f'CREATE SCHEMA "{schema}"')
+    try:
+        sep = "&" if "?" in dsn else "?"
+        yield f"{dsn}{sep}options=-c%20search_path%3D{schema}"
+    finally:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
+
+
+def check(ledger_url: str, kind: str, expected: int) -> None:
+    """The sums must be exact after the run, or the figure means nothing."""
+    if kind == "sqlite":
+        import sqlite3
+
+        with contextlib.closing(sqlite3.connect(ledger_url)) as conn:
+            found = conn.execute(
+                "SELECT SUM(spent_requests), SUM(reserved_requests) FROM budget_instances "
+                "WHERE budget = 'tenant'"
+            ).fetchone()
+    else:
+        import psycopg
+
+        with psycopg.connect(ledger_url) as conn:
+            found = conn.execute(
+                "SELECT SUM(spent_requests), SUM(reserved_requests) FROM budget_instances "
+                "WHERE budget = 'tenant'"
+            ).fetchone()
+    assert tuple(int(v) for v in found) == (expected, 0), (
+        f"{kind}: ledger sums off: {found} != ({expected}, 0)"
+    )
+
+
+def bench(kind: str, args: argparse.Namespace) -> dict[str, Any]:
+    result: dict[str, Any] = {"backend": kind}
+    with contextlib.ExitStack() as stack:
+        for mode in ("async", "direct"):
+            if kind == "sqlite":
+                from drawdown.ledger.sqlite import SQLiteLedger
+
+                folder = stack.enter_context(tempfile.TemporaryDirectory())
+                url = str(Path(folder) / f"bench-{mode}.db")
+                ledger: Any = SQLiteLedger(url)
+            else:
+                from drawdown.ledger.postgres import PostgresLedger
+
+                url = stack.enter_context(pg_schema(args.pg))
+                ledger = PostgresLedger(url, writers=args.writers or 1)
+            count = args.lifecycles if mode == "async" else max(200, args.lifecycles // 10)
+            drive_direct(ledger, 50)  # warm up: create the instances, prepare statements
+            if mode == "async":
+                rate = asyncio.run(drive_async(ledger, count, args.concurrency, args.writers))
+            else:
+                rate = drive_direct(ledger, count)
+            ledger.close()
+            check(url, kind, count + 50)
+            result[mode] = round(rate)
+    return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lifecycles", type=int, default=20_000)
+    parser.add_argument("--concurrency", type=int, default=200)
+    parser.add_argument(
+        "--pg", default=os.environ.get("DRAWDOWN_PG_DSN") or "postgresql://127.0.0.1:5432/test"
+    )
+    parser.add_argument("--writers", type=int, default=None, help="AsyncLedger writer threads")
+    parser.add_argument("--backend", choices=("sqlite", "postgres", "both"), default="both")
+    parser.add_argument(
+        "--tenants", type=int, default=1, help="1: all share one hot row (worst case) [1]"
+    )
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    global TENANTS
+    TENANTS = max(1, args.tenants)
+    kinds = ["sqlite", "postgres"] if args.backend == "both" else [args.backend]
+    results = [bench(kind, args) for kind in kinds]
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        print(
+            f"reserve+commit lifecycles/s, 3 budget instances each "
+            f"({args.lifecycles} lifecycles, {args.concurrency} in flight, {args.tenants} tenant(s), "
+            f"{os.cpu_count()} CPUs)"
+        )
+        for r in results:
+            print(
+                f"  {r['backend']:<9} async (proxy path) {r['async']:>7}/s   direct {r['direct']:>6}/s"
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
