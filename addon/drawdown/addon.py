@@ -524,9 +524,13 @@ class Drawdown:
             policy.meter,
             action.price,
         )
+        # `stream_usage: false`: the host rejects stream_options, so its streams are counted.
+        inject = action.stream_usage
         if len(view.body) > INLINE_TOKENIZE_BYTES:  # big prompts are tokenized off the event loop
-            return await asyncio.to_thread(meter.inspect_request, *args)
-        return meter.inspect_request(*args)
+            return await asyncio.to_thread(
+                meter.inspect_request, *args, inject_include_usage=inject
+            )
+        return meter.inspect_request(*args, inject_include_usage=inject)
 
     async def _authorize(
         self,
@@ -706,7 +710,9 @@ class Drawdown:
             if is_sse:
                 response.stream = True  # never buffer an event stream
             return
-        if not is_sse:
+        # A streamed call answered in another format (Gemini without alt=sse streams one JSON
+        # array) is still a stream: forwarded as it comes and metered at its end, never buffered.
+        if not is_sse and not (state.llm is not None and state.llm.stream):
             return
         if state.llm is None or not state.llm.billable or not 200 <= response.status_code < 300:
             response.stream = True
@@ -773,6 +779,7 @@ class Drawdown:
                 tokens_in=usage.input_tokens,
                 tokens_out=usage.output_tokens,
                 usage_source=measurement.source,
+                priced=measurement.priced,
                 model=measurement.model,
             )
         elif action is not None:
@@ -834,6 +841,7 @@ class Drawdown:
                 tokens_in=usage.input_tokens,
                 tokens_out=usage.output_tokens,
                 usage_source=measurement.source,
+                priced=measurement.priced,
                 model=measurement.model,
                 note=f"stream cut short: {reason}",
             )
@@ -870,6 +878,12 @@ class Drawdown:
             if completion is not None:
                 completion = replace(completion, latency_ms=latency, upstream_ms=upstream)
                 settled = await self.ledger.call("commit", flow.id, state.hold_id, completion, now)
+                if completion.priced is False:  # never silent: the fallback price is a guess
+                    log.warning(
+                        "drawdown: model %s is unknown to genai-prices; %s charged at the fallback price",
+                        completion.model,
+                        flow.id,
+                    )
                 if settled.overage:
                     log.warning(
                         "drawdown: %s went over a budget (actual above estimate): further calls will be denied",

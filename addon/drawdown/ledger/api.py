@@ -185,6 +185,9 @@ class Completion:
     tokens_in: int = 0
     tokens_out: int = 0
     usage_source: str | None = None  # usage | counted | estimate
+    # LLM calls: False when genai-prices did not know the model and the fallback price was
+    # charged (never silent); None for anything the meter did not price.
+    priced: bool | None = None
     model: str | None = None
     latency_ms: float | None = None
     upstream_ms: float | None = None

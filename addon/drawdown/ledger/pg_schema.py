@@ -97,6 +97,7 @@ CREATE TABLE decisions (
     tokens_in BIGINT,
     tokens_out BIGINT,
     usage_source TEXT,
+    priced BIGINT,
     status BIGINT,
     latency_ms DOUBLE PRECISION,
     upstream_ms DOUBLE PRECISION,

@@ -234,12 +234,12 @@ _INSERT_DECISIONS = _Bulk(
 _COMPLETE_DECISIONS = _Bulk(
     """UPDATE decisions AS d SET status = v.status, actual_usd = v.actual_usd,
     tokens_in = v.tokens_in, tokens_out = v.tokens_out, usage_source = v.usage_source,
-    model = COALESCE(v.model, d.model), latency_ms = v.latency_ms, upstream_ms = v.upstream_ms,
+    priced = v.priced, model = COALESCE(v.model, d.model), latency_ms = v.latency_ms, upstream_ms = v.upstream_ms,
     completed_at = v.completed_at, note = v.note
     FROM {rows} WHERE d.request_id = v.request_id""",
     _columns(
         "status:bigint actual_usd:bigint tokens_in:bigint tokens_out:bigint usage_source:text "
-        "model:text latency_ms:float8 upstream_ms:float8 completed_at:float8 note:text "
+        "priced:bigint model:text latency_ms:float8 upstream_ms:float8 completed_at:float8 note:text "
         "request_id:text"
     ),
 )
@@ -1074,6 +1074,7 @@ class PostgresLedger:
                 completion.tokens_in,
                 completion.tokens_out,
                 completion.usage_source,
+                None if completion.priced is None else int(completion.priced),
                 completion.model,
                 completion.latency_ms,
                 completion.upstream_ms,

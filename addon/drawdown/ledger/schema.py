@@ -37,6 +37,7 @@ DECISION_COLUMNS: dict[str, type] = {
     "tokens_in": int,
     "tokens_out": int,
     "usage_source": str,
+    "priced": int,  # 1 priced by genai-prices or the action's price; 0 fallback price; NULL n/a
     "status": int,
     "latency_ms": float,
     "upstream_ms": float,

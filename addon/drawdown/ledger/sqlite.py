@@ -447,14 +447,15 @@ class SQLiteLedger:
     ) -> None:
         self.conn.execute(
             "UPDATE decisions SET status = ?, actual_usd = ?, tokens_in = ?, tokens_out = ?, usage_source = ?, "
-            "model = COALESCE(?, model), latency_ms = ?, upstream_ms = ?, completed_at = ?, note = ? "
-            "WHERE request_id = ?",
+            "priced = ?, model = COALESCE(?, model), latency_ms = ?, upstream_ms = ?, completed_at = ?, "
+            "note = ? WHERE request_id = ?",
             (
                 completion.status,
                 completion.actual.usd,
                 completion.tokens_in,
                 completion.tokens_out,
                 completion.usage_source,
+                None if completion.priced is None else int(completion.priced),
                 completion.model,
                 completion.latency_ms,
                 completion.upstream_ms,

@@ -41,16 +41,24 @@ def _passthrough(provider: str, endpoint: str, model: str | None) -> LLMRequest:
     )
 
 
+def _body_model(body: bytes) -> str | None:
+    # An uncharged request's model still feeds `model` conditions and the ledger (count_tokens
+    # for a model a rule allows must not be refused for having "no model").
+    obj = loads(body) if body[:64].lstrip()[:1] == b"{" else None  # not a multipart upload
+    model = obj.get("model") if isinstance(obj, dict) else None
+    return model if isinstance(model, str) and model.strip() else None
+
+
 def parse(provider: str, method: str, path: str, body: bytes) -> ParsedRequest | LLMRequest:
     if provider == "openai":
         endpoint, deployment = openai.route(method, path)
         if endpoint == "other":
-            return _passthrough(provider, endpoint, deployment)
+            return _passthrough(provider, endpoint, _body_model(body) or deployment)
         return openai.parse_request(endpoint, parse_body(body), deployment, body)
     if provider == "anthropic":
         endpoint, path_model, path_stream = anthropic.route(method, path)
         if endpoint != "messages":
-            return _passthrough(provider, endpoint, path_model)
+            return _passthrough(provider, endpoint, path_model or _body_model(body))
         return anthropic.parse_request(parse_body(body), path_model, path_stream)
     if provider == "gemini":
         endpoint, model = gemini.route(method, path)

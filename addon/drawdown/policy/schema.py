@@ -346,7 +346,17 @@ def _identity(check: _Checker, identity: LMap) -> dict[str, tuple[Source, ...]]:
     return result
 
 
-ACTION_KEYS = ("kind", "provider", "match", "cost", "cost_header", "cost_json", "price", "tools")
+ACTION_KEYS = (
+    "kind",
+    "provider",
+    "match",
+    "cost",
+    "cost_header",
+    "cost_json",
+    "price",
+    "stream_usage",
+    "tools",
+)
 MATCH_KEYS = ("host", "method", "path", "query", "json", "header")
 
 
@@ -385,6 +395,24 @@ def _action(check: _Checker, actions: LList, index: int) -> Action | None:
             ok = False
         elif (price_map := check.mapping(item, "price", "price")) is not None:
             price = _price(check, price_map, "price")
+    stream_usage = True
+    if "stream_usage" in item:
+        if provider != "openai":
+            check.error(
+                item,
+                "stream_usage",
+                "'stream_usage' (ask for usage in OpenAI chat streams) applies to provider: openai actions only",
+            )
+            ok = False
+        elif not isinstance(item["stream_usage"], bool):
+            check.error(
+                item,
+                "stream_usage",
+                f"stream_usage must be true or false, not {_show(item['stream_usage'])}",
+            )
+            ok = False
+        else:
+            stream_usage = item["stream_usage"]
     tools: list[tuple[Any, str]] = []
     if "tools" in item:
         if provider != "mcp":
@@ -412,6 +440,7 @@ def _action(check: _Checker, actions: LList, index: int) -> Action | None:
         cost_header=cost_header,
         cost_json=cost_json,
         price=price,
+        stream_usage=stream_usage,
         file=item.file,
         line=item.line,
     )
