@@ -25,7 +25,7 @@ from typing import Any
 
 from mitmproxy import connection, ctx, exceptions, http
 
-from . import meter
+from . import meter, recording
 from .authority import evaluate, facts_of
 from .budgets import claims_for
 from .classify import Classification, RequestView, classify
@@ -50,6 +50,24 @@ from .policy.match import dig, glob_regex, missing
 from .respond import denial
 
 log = logging.getLogger("drawdown")
+
+
+class _PrintableArgs(logging.Filter):
+    """Values quoted in log lines (model names, upstream errors) come from requests and responses:
+    their control characters are escaped, so no one can forge a log line or drive a terminal."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(
+                "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in a)
+                if isinstance(a, str)
+                else a
+                for a in record.args
+            )
+        return True
+
+
+log.addFilter(_PrintableArgs())
 
 STATE = "drawdown"
 # Prompts above this size are tokenized on a worker thread (tiktoken releases the GIL);
@@ -78,7 +96,9 @@ def _seconds(name: str, text: str) -> float:
     except ValueError:
         value = -1.0
     if not 0 < value < 86400:
-        raise exceptions.OptionsError(f"{name} must be a number of seconds, e.g. 0.5 or 5; got {text!r}")
+        raise exceptions.OptionsError(
+            f"{name} must be a number of seconds, e.g. 0.5 or 5; got {text!r}"
+        )
     return value
 
 
@@ -123,7 +143,8 @@ def fingerprint(kind: str, view: RequestView, classification: Classification) ->
         document = view.json
         items = document if isinstance(document, list) else [document]
         body = json.dumps(
-            [[i.get("method"), i.get("params")] for i in items if isinstance(i, dict)], sort_keys=True
+            [[i.get("method"), i.get("params")] for i in items if isinstance(i, dict)],
+            sort_keys=True,
         ).encode()
     query = "&".join(f"{k}={v}" for k, v in sorted(view.query.items()))
     return hashlib.sha256(
@@ -193,7 +214,9 @@ class Drawdown:
         self.inflight: dict[str, FlowState] = {}
         self.tasks: set[asyncio.Task[Any]] = set()
         self._policy_seen: tuple[Any, ...] = ()
-        self.seconds: dict[str, float] = {name: float(default) for name, default, _ in SECONDS_OPTIONS}
+        self.seconds: dict[str, float] = {
+            name: float(default) for name, default, _ in SECONDS_OPTIONS
+        }
         # What we set allow_hosts to for `unknown_hosts: passthrough` (never a user's own value).
         self._managed_allow_hosts: list[str] = []
 
@@ -358,7 +381,9 @@ class Drawdown:
 
     def _reopen_ledger(self) -> None:
         try:
-            backend = open_ledger(self.ledger_url or "", timeout=self.seconds["drawdown_ledger_timeout"])
+            backend = open_ledger(
+                self.ledger_url or "", timeout=self.seconds["drawdown_ledger_timeout"]
+            )
         except LedgerError:
             return
         self.ledger = AsyncLedger(backend)
@@ -429,6 +454,54 @@ class Drawdown:
         flow.metadata[STATE] = FlowState(identity=identity, started=now)
 
     async def request(self, flow: http.HTTPFlow) -> None:
+        try:
+            await self._decide(flow)
+        except Exception:
+            # Fail closed: after an exception in this hook mitmproxy would log it and forward the
+            # request undecided and unaccounted. A bug in drawdown must never do that.
+            log.exception("drawdown: internal error deciding %s; refused, not forwarded", flow.id)
+            try:
+                await self._refuse_after_internal_error(flow)
+            finally:
+                if flow.response is None:
+                    flow.response = http.Response.make(500, b"drawdown: internal error")
+
+    async def _refuse_after_internal_error(self, flow: http.HTTPFlow) -> None:
+        state: FlowState | None = flow.metadata.get(STATE)
+        if state is None:
+            state = flow.metadata[STATE] = FlowState(identity=Identity({}), started=time.time())
+        answered = flow.response is not None  # a denial was already made (and recorded)
+        if not answered:
+            message = "drawdown: internal error, request not forwarded"
+            self._respond(flow, state, "internal_error", message, 500)
+        if state.hold_id is not None:  # reserved: release it; that completes its decision row
+            state.settled = False
+            await self._settle(flow, state, None, 500, "internal error")
+        elif not answered:  # one decision row per request, even this one
+            policy, identity = state.policy or self.policy, state.identity
+            row = state.row or DecisionRow(
+                request_id=flow.id,
+                ts=state.started,
+                decision="deny",
+                mode=policy.mode if policy else "enforce",
+                scope=identity.path,
+                tenant=identity.get("tenant"),
+                workflow=identity.get("workflow"),
+                agent=identity.get("agent"),
+                run=identity.get("run"),
+                method=flow.request.method,
+                host=flow.request.host,
+                path=flow.request.path.split("?", 1)[0],
+                policy_digest=policy.digest[:16] if policy else "",
+            )
+            row.decision, row.reason_code, row.status = "deny", "internal_error", 500
+            row.reason = "internal error, request not forwarded"
+            try:
+                await self._ledger().call("record", row)
+            except Exception as exc:  # the refusal stands even if it cannot be recorded
+                log.warning("drawdown: could not record the refusal of %s: %s", flow.id, exc)
+
+    async def _decide(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live:
             return
         state: FlowState | None = flow.metadata.get(STATE)
@@ -465,6 +538,21 @@ class Drawdown:
             path=view.path,
             policy_digest=policy.digest[:16],
         )
+        # limits.max_request_bytes: refused before it is parsed for replay, tokenized or forwarded
+        # (raw or decoded size: a small gzip bomb counts at its decoded size).
+        size = max(len(view.body), len(flow.request.raw_content or b""))
+        if action is not None and size > policy.limits.max_request_bytes:
+            message = (
+                f"drawdown: the request body ({size} bytes) is larger than this proxy accepts "
+                f"(limits.max_request_bytes: {policy.limits.max_request_bytes})"
+            )
+            if not await self._deny_before_budgets(flow, state, "body_too_large", message):
+                await self._reserve(flow, state, [], Amount())
+            return
+
+        # What `drawdown replay` needs to re-decide this request later (redacted, no headers).
+        for name, value in recording.features(policy, view, classification).items():
+            setattr(row, name, value)
 
         if action is None:
             if policy.unknown_hosts == "deny":

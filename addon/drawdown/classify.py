@@ -26,7 +26,7 @@ def _parse_body(body: bytes, content_type: str) -> Any:
             return missing()
     try:
         return json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: `[[[[…` nested
         return missing()
 
 

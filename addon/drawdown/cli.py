@@ -135,6 +135,15 @@ def _shell_quote(value: str) -> str:
     return shlex.quote(value)
 
 
+def _terminal(text: str) -> str:
+    """Text for a terminal: model names, paths and reasons come from agents' requests, so any
+    control character (an escape sequence, a fake line) is shown escaped, never interpreted."""
+    return "\n".join(
+        "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in line)
+        for line in text.split("\n")
+    )
+
+
 # --- check / explain ------------------------------------------------------------------------
 
 
@@ -190,7 +199,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     if args.as_json:
         print(json.dumps(result.as_dict(), indent=2))
     else:
-        print(result.text())
+        print(_terminal(result.text()))
     return 0
 
 
@@ -216,7 +225,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if args.as_json:
         print(json.dumps({"ok": not problems, "problems": problems, **counts}, indent=2))
     else:
-        holds = ", ".join(f"{n} {state}" for state, n in sorted(counts["holds"].items())) or "no holds"
+        holds = (
+            ", ".join(f"{n} {state}" for state, n in sorted(counts["holds"].items())) or "no holds"
+        )
         print(f"{redact_dsn(args.db)}: {counts['decisions']} decision(s); holds: {holds}")
         for problem in problems:
             print(f"  ✗ {problem}")
@@ -232,16 +243,69 @@ def cmd_report(args: argparse.Namespace) -> int:
         since = report.parse_duration(args.since) if args.since else None
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+    policy = _load_policy_or_none(args.policy)
+    if policy is False:
+        return 1
     try:
-        data = report.build(args.db, run=args.run, since=since)
+        if args.jsonl:
+            report.stream_jsonl(args.db, sys.stdout, run=args.run, since=since)
+            return 0
+        data = report.build(
+            args.db, run=args.run, since=since, policy=policy, timelines=bool(args.html)
+        )
     except LedgerError as exc:
         print(f"drawdown: {exc}", file=sys.stderr)
         return 1
-    if args.as_json:
+    if args.html:
+        Path(args.html).write_text(report.render_html(data), encoding="utf-8")
+        print(
+            f"drawdown: wrote {args.html} ({len(data['runs'])} runs, {len(data['anomalies'])} anomalies)"
+        )
+    elif args.as_json:
         print(json.dumps(data, indent=2))
     else:
-        print(report.render_text(data))
+        print(_terminal(report.render_text(data)))
     return 0
+
+
+def _load_policy_or_none(path: str | None) -> object:
+    """The policy at `path` (None without one); False after printing why it is invalid."""
+    if not path:
+        return None
+    from .policy import PolicyInvalid, load_policy
+
+    try:
+        return load_policy(path)
+    except PolicyInvalid as exc:
+        print(f"drawdown: invalid policy:\n{exc}", file=sys.stderr)
+        return False
+
+
+# --- replay ---------------------------------------------------------------------------------
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from . import replay
+    from .ledger.api import LedgerError
+    from .report import parse_duration
+
+    try:
+        since = parse_duration(args.since) if args.since else None
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    policy = _load_policy_or_none(args.policy)
+    if policy is False:
+        return 1
+    try:
+        data = replay.replay(policy, args.db, since=since)  # type: ignore[arg-type]
+    except LedgerError as exc:
+        print(f"drawdown: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(data, indent=2) if args.as_json else _terminal(replay.render_text(data)))
+    return 0
+
+
+# --- budgets --------------------------------------------------------------------------------
 
 
 def cmd_budgets(args: argparse.Namespace) -> int:
@@ -368,9 +432,13 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--as-json", action="store_true", help="machine-readable output")
     explain.set_defaults(func=cmd_explain)
 
-    verify = commands.add_parser("verify", help="check the ledger's invariants (reserved, spent, one decision per request)")
+    verify = commands.add_parser(
+        "verify", help="check the ledger's invariants (reserved, spent, one decision per request)"
+    )
     verify.add_argument("--db", default=DEFAULT_DB)
-    verify.add_argument("--settled", action="store_true", help="also require that no hold is still active")
+    verify.add_argument(
+        "--settled", action="store_true", help="also require that no hold is still active"
+    )
     verify.add_argument("--json", dest="as_json", action="store_true")
     verify.set_defaults(func=cmd_verify)
 
@@ -378,10 +446,27 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--db", default=DEFAULT_DB)
     report.add_argument("--run", help="only this run id")
     report.add_argument("--since", metavar="DURATION", help="e.g. 15m, 24h, 7d")
-    report.add_argument(
+    output = report.add_mutually_exclusive_group()
+    output.add_argument(
         "--json", dest="as_json", action="store_true", help="the JSON contract (SPEC §8)"
     )
+    output.add_argument(
+        "--jsonl", action="store_true", help="the decision log, one JSON object per decision"
+    )
+    output.add_argument("--html", metavar="FILE", help="write a self-contained HTML page")
+    report.add_argument(
+        "--policy", help="take the anomaly settings from this policy [built-in defaults]"
+    )
     report.set_defaults(func=cmd_report)
+
+    replay = commands.add_parser(
+        "replay", help="re-decide the recorded traffic under another policy"
+    )
+    replay.add_argument("--policy", required=True, help="the policy to replay against")
+    replay.add_argument("--db", default=DEFAULT_DB)
+    replay.add_argument("--since", metavar="DURATION", help="only traffic this recent, e.g. 7d")
+    replay.add_argument("--json", dest="as_json", action="store_true", help="machine-readable")
+    replay.set_defaults(func=cmd_replay)
 
     budgets = commands.add_parser("budgets", help="budget instances: limit, spent and held")
     budgets.add_argument("--db", default=DEFAULT_DB, help="PATH, sqlite:///PATH or postgresql://…")

@@ -154,7 +154,11 @@ def explain(
                 for check in evaluation.checks:
                     out.add("requires", f"{check.requirement.describe()} (pass --db to look it up)")
             verdict = evaluation.finish(history)
-            for line in evaluation.trace if db else [t for t in evaluation.trace if "requirement met" not in t]:
+            for line in (
+                evaluation.trace
+                if db
+                else [t for t in evaluation.trace if "requirement met" not in t]
+            ):
                 out.add("authority", line)
             if not evaluation.trace:
                 out.add("authority", f"no rule matches {each}; default: {policy.authority.default}")

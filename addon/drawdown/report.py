@@ -1,17 +1,46 @@
-"""`drawdown report`: runs, budgets, decisions and anomalies from the ledger (SPEC §8 JSON contract)."""
+"""`drawdown report`: runs, budgets, decisions and anomalies from the ledger (SPEC §8 JSON contract).
+
+`build()` gives the JSON report; `render_text()` the terminal view, `render_html()` one
+self-contained page, and `stream_jsonl()` the decision log for observability pipelines.
+
+A run's `status`, the first that applies (`would_status` applies the same order to its
+would_deny decisions: what shadow mode would have done to the run under enforcement):
+    budget_exhausted  a request of the run was denied because a budget was exhausted
+    denied            a request was denied for another reason (authority, unknown host, …)
+                      — not by an anomaly guard
+    anomalous         an anomaly detector flagged the run (or its guard denied a request)
+    normal            none of these
+Hard stops come first because they say why a run ended; the run's `anomalies` list always
+carries every anomaly, so an anomaly is never hidden by the status.
+"""
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import json
 import re
 import time
+from collections import defaultdict
+from collections.abc import Iterator
 from datetime import UTC, datetime
-from typing import Any
+from importlib import resources
+from typing import IO, Any
 
+from . import anomalies as anomaly_detection
 from .ledger.reader import Reader
 from .money import format_usd, usd_float
+from .policy.model import Policy
+from .recording import redact
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
 _SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+# Spend buckets, finest first: the finest that gives at most MAX_BUCKETS over the report's span.
+BUCKETS = (1, 5, 10, 30, 60, 300, 900, 3600, 21600, 86400, 604800)
+MAX_BUCKETS = 120
+MAX_DENIALS = 500  # the most recent denials listed in the report
+MAX_TIMELINE = 2000  # steps drawn per run in the HTML page
+STATUSES = ("budget_exhausted", "denied", "anomalous", "normal")
 
 
 def parse_duration(text: str) -> float:
@@ -30,16 +59,60 @@ def _iso(ts: float | None) -> str | None:
 
 
 def build(
-    db: str, *, run: str | None = None, since: float | None = None, now: float | None = None
+    db: str,
+    *,
+    run: str | None = None,
+    since: float | None = None,
+    now: float | None = None,
+    policy: Policy | None = None,
+    timelines: bool = False,
 ) -> dict[str, Any]:
+    """The report. `policy` supplies the anomaly settings (defaults otherwise); `timelines`
+    adds every run's steps (for the HTML page)."""
     reader = Reader(db)
     try:
-        return _build(reader, run=run, since=since, now=now or time.time())
+        return _build(
+            reader,
+            run=run,
+            since=since,
+            now=now or time.time(),
+            policy=policy,
+            timelines=timelines,
+        )
     finally:
         reader.close()
 
 
-def _build(reader: Reader, *, run: str | None, since: float | None, now: float) -> dict[str, Any]:
+def _status(row: dict[str, Any], anomalies: list[dict[str, Any]]) -> str:
+    if row["budget_denials"]:
+        return "budget_exhausted"
+    if row["other_denials"]:
+        return "denied"
+    if anomalies:
+        return "anomalous"
+    return "normal"
+
+
+def _would_status(row: dict[str, Any]) -> str | None:
+    """Shadow mode: the status the run would have had if its would_deny decisions were enforced."""
+    if row["would_budget"]:
+        return "budget_exhausted"
+    if row["would_other"]:
+        return "denied"
+    if row["would_anomaly"]:
+        return "anomalous"
+    return None
+
+
+def _build(
+    reader: Reader,
+    *,
+    run: str | None,
+    since: float | None,
+    now: float,
+    policy: Policy | None = None,
+    timelines: bool = False,
+) -> dict[str, Any]:
     floor = now - since if since else 0.0
     where = "ts >= :floor" + (" AND run = :run" if run else "")
     params = {"floor": floor, "run": run}
@@ -50,6 +123,12 @@ def _build(reader: Reader, *, run: str | None, since: float | None, now: float) 
     for row in decisions:
         counts[row["decision"]] = row["n"]
 
+    found, detail_rows = anomaly_detection.find(reader, floor=floor, run=run, policy=policy)
+    by_run: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for anomaly in found:
+        for scope in anomaly["runs"]:
+            by_run[scope].append(anomaly)
+
     run_rows = reader.query(
         f"""SELECT scope, tenant, workflow, agent, run,
                    COUNT(*) AS requests,
@@ -57,8 +136,12 @@ def _build(reader: Reader, *, run: str | None, since: float | None, now: float) 
                    SUM(CASE WHEN decision = 'deny' THEN 1 ELSE 0 END) AS denied,
                    SUM(CASE WHEN decision = 'would_deny' THEN 1 ELSE 0 END) AS would_deny,
                    SUM(CASE WHEN decision = 'deny' AND reason_code = 'budget_exhausted' THEN 1 ELSE 0 END) AS budget_denials,
-                   SUM(CASE WHEN decision = 'deny' AND reason_code <> 'budget_exhausted' THEN 1 ELSE 0 END) AS other_denials,
+                   SUM(CASE WHEN decision = 'deny' AND COALESCE(reason_code, '') NOT IN ('budget_exhausted', 'anomaly') THEN 1 ELSE 0 END) AS other_denials,
+                   SUM(CASE WHEN decision = 'would_deny' AND reason_code = 'budget_exhausted' THEN 1 ELSE 0 END) AS would_budget,
+                   SUM(CASE WHEN decision = 'would_deny' AND COALESCE(reason_code, '') NOT IN ('budget_exhausted', 'anomaly') THEN 1 ELSE 0 END) AS would_other,
+                   SUM(CASE WHEN decision = 'would_deny' AND reason_code = 'anomaly' THEN 1 ELSE 0 END) AS would_anomaly,
                    COALESCE(SUM(actual_usd), 0) AS usd,
+                   COALESCE(SUM(est_usd), 0) AS est_usd,
                    COALESCE(SUM(tokens_in), 0) AS tokens_in,
                    COALESCE(SUM(tokens_out), 0) AS tokens_out,
                    MIN(ts) AS started, MAX(COALESCE(completed_at, ts)) AS ended
@@ -68,35 +151,49 @@ def _build(reader: Reader, *, run: str | None, since: float | None, now: float) 
     )
     runs = []
     for row in run_rows:
-        if row["budget_denials"]:
-            status = "budget_exhausted"
-        elif row["other_denials"]:
-            status = "denied"
-        else:
-            status = "normal"
-        runs.append(
-            {
-                "run": row["run"],
-                "scope": row["scope"],
-                "tenant": row["tenant"],
-                "workflow": row["workflow"],
-                "agent": row["agent"],
-                "requests": row["requests"],
-                "allowed": row["allowed"],
-                "denied": row["denied"],
-                "would_deny": row["would_deny"],
-                "usd": usd_float(row["usd"]),
-                "usd_nanos": row["usd"],
-                "tokens_in": row["tokens_in"],
-                "tokens_out": row["tokens_out"],
-                "started": _iso(row["started"]),
-                "ended": _iso(row["ended"]),
-                "duration_s": round((row["ended"] or row["started"]) - row["started"], 3),
-                "status": status,
-                "anomalies": [],
-            }
-        )
+        run_anomalies = by_run.get(row["scope"], [])
+        entry: dict[str, Any] = {
+            "run": row["run"],
+            "scope": row["scope"],
+            "tenant": row["tenant"],
+            "workflow": row["workflow"],
+            "agent": row["agent"],
+            "requests": row["requests"],
+            "steps": row["requests"],
+            "allowed": row["allowed"],
+            "denied": row["denied"],
+            "would_deny": row["would_deny"],
+            "usd": usd_float(row["usd"]),
+            "usd_nanos": row["usd"],
+            "est_usd": usd_float(row["est_usd"]),
+            "tokens_in": row["tokens_in"],
+            "tokens_out": row["tokens_out"],
+            "tokens": row["tokens_in"] + row["tokens_out"],
+            "started": _iso(row["started"]),
+            "ended": _iso(row["ended"]),
+            "duration_s": round((row["ended"] or row["started"]) - row["started"], 3),
+            "status": _status(row, run_anomalies),
+            "would_status": _would_status(row),
+            "anomalies": run_anomalies,
+        }
+        runs.append(entry)
+    if timelines:
+        _add_timelines(runs, detail_rows, found, floor)
 
+    budgets = _budgets(reader, floor, run)
+    return {
+        "generated_at": _iso(now),
+        "since": _iso(floor) if since else None,
+        "budgets": budgets,
+        "runs": runs,
+        "decisions": counts,
+        "anomalies": found,
+        "spend": _spend(reader, floor, run, budgets),
+        "denials": _denials(reader, where, params),
+    }
+
+
+def _budgets(reader: Reader, floor: float, run: str | None) -> list[dict[str, Any]]:
     budget_where = "updated_at >= :floor" + (" AND scope LIKE :run_scope" if run else "")
     budget_rows = reader.query(
         f"SELECT * FROM budget_instances WHERE {budget_where} ORDER BY budget, scope, window_start",
@@ -106,6 +203,7 @@ def _build(reader: Reader, *, run: str | None, since: float | None, now: float) 
     for row in budget_rows:
         budgets.append(
             {
+                "id": row["id"],
                 "budget": row["budget"],
                 "scope": row["scope"],
                 "per": row["per"],
@@ -132,14 +230,138 @@ def _build(reader: Reader, *, run: str | None, since: float | None, now: float) 
                 ),
             }
         )
-    return {
-        "generated_at": _iso(now),
-        "since": _iso(floor) if since else None,
-        "budgets": budgets,
-        "runs": runs,
-        "decisions": counts,
-        "anomalies": [],
-    }
+    return budgets
+
+
+def _bucket_size(first: float, last: float) -> int:
+    span = max(last - first, 1.0)
+    return next((size for size in BUCKETS if span / size <= MAX_BUCKETS), BUCKETS[-1])
+
+
+def _spend(
+    reader: Reader, floor: float, run: str | None, budgets: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """Budget use over time: what committed calls charged, per budget instance and in total,
+    in time buckets (from the holds: each names the instances it was charged to)."""
+    run_filter = " AND request_id IN (SELECT request_id FROM decisions WHERE run = :run)"
+    holds = reader.query(
+        "SELECT settled_at, instance_ids, actual_usd, actual_tokens, actual_requests FROM holds "
+        "WHERE settled_at >= :floor AND state IN ('committed', 'expired') "
+        "AND actual_usd IS NOT NULL" + (run_filter if run else "") + " ORDER BY settled_at",
+        {"floor": floor, "run": run},
+    )
+    if not holds:
+        return {"bucket_seconds": BUCKETS[0], "series": []}
+    size = _bucket_size(holds[0]["settled_at"], holds[-1]["settled_at"])
+    known = {b["id"]: b for b in budgets}
+    sums: dict[Any, dict[int, list[int]]] = defaultdict(lambda: defaultdict(lambda: [0, 0, 0]))
+    for hold in holds:
+        bucket = int(hold["settled_at"] // size) * size
+        amounts = (
+            hold["actual_usd"] or 0,
+            hold["actual_tokens"] or 0,
+            hold["actual_requests"] or 0,
+        )
+        ids = [int(i) for i in (hold["instance_ids"] or "").split(",") if i]
+        for key in ["total", *(i for i in ids if i in known)]:
+            cell = sums[key][bucket]
+            for index, amount in enumerate(amounts):
+                cell[index] += amount
+    series = []
+    for key, buckets in sums.items():
+        budget = known.get(key)
+        cumulative = 0
+        points = []
+        for start in sorted(buckets):
+            usd, tokens, requests = buckets[start]
+            cumulative += usd
+            points.append(
+                {
+                    "t": start,
+                    "start": _iso(start),
+                    "usd": usd_float(usd),
+                    "tokens": tokens,
+                    "requests": requests,
+                    "cum_usd": usd_float(cumulative),
+                }
+            )
+        series.append(
+            {
+                "scope": budget["scope"] if budget else "all spend",
+                "budget": budget["budget"] if budget else None,
+                "per": budget["per"] if budget else None,
+                "window_start": budget["window_start"] if budget else None,
+                "limit": budget["limit"] if budget else None,
+                "usd": usd_float(cumulative),
+                "points": points,
+            }
+        )
+    series.sort(key=lambda s: (s["budget"] is not None, -(s["usd"] or 0), s["scope"]))
+    return {"bucket_seconds": size, "series": series}
+
+
+def _denials(reader: Reader, where: str, params: dict[str, Any]) -> list[dict[str, Any]]:
+    rows = reader.query(
+        f"""SELECT request_id, ts, decision, reason_code, reason, scope, agent, run, action, budget,
+                   status, est_usd
+            FROM decisions WHERE {where} AND decision IN ('deny', 'would_deny')
+            ORDER BY ts DESC, id DESC LIMIT {MAX_DENIALS}""",
+        params,
+    )
+    return [
+        {**row, "ts": _iso(row["ts"]), "est_usd": usd_float(row["est_usd"])}
+        for row in reversed(rows)
+    ]
+
+
+def _add_timelines(
+    runs: list[dict[str, Any]],
+    rows: list[dict[str, Any]],
+    found: list[dict[str, Any]],
+    floor: float,
+) -> None:
+    flagged: dict[str, list[str]] = defaultdict(list)
+    for anomaly in found:
+        for request_id in anomaly["evidence"]:
+            flagged[request_id].append(anomaly["kind"])
+    steps: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for row in rows:
+        if row["ts"] < floor:
+            continue
+        steps[row["scope"]].append(row)
+    for entry in runs:
+        scope_rows = steps.get(entry["scope"], [])
+        start = scope_rows[0]["ts"] if scope_rows else 0.0
+        timeline = []
+        for row in scope_rows[:MAX_TIMELINE]:
+            ended = row.get("completed_at")
+            duration = row.get("latency_ms")
+            if duration is None and ended:
+                duration = (ended - row["ts"]) * 1000
+            timeline.append(
+                {
+                    "request_id": row["request_id"],
+                    "t": round(row["ts"] - start, 4),
+                    "ts": _iso(row["ts"]),
+                    "ms": round(duration, 2) if duration is not None else None,
+                    "action": row.get("action"),
+                    "model": row.get("model"),
+                    "decision": row["decision"],
+                    "reason_code": row.get("reason_code"),
+                    "reason": row.get("reason"),
+                    "status": row.get("status"),
+                    "usd": usd_float(row.get("actual_usd") or 0),
+                    "est_usd": usd_float(row.get("est_usd") or 0),
+                    "tokens": (row.get("tokens_in") or 0) + (row.get("tokens_out") or 0),
+                    "request": f"{row.get('method') or ''} {row.get('host') or ''}{row.get('path') or ''}".strip(),
+                    "anomalies": flagged.get(row["request_id"], []),
+                }
+            )
+        entry["timeline"] = timeline
+        entry["timeline_total"] = len(scope_rows)
+
+
+# --- text ----------------------------------------------------------------------------------
 
 
 def _table(headers: list[str], rows: list[list[str]]) -> str:
@@ -175,17 +397,19 @@ def render_text(data: dict[str, Any]) -> str:
                 "would_deny",
                 "usd",
                 "tokens in/out",
+                "anomalies",
             ],
             [
                 [
                     r["scope"],
-                    r["status"],
+                    r["status"] + (f" (shadow: {r['would_status']})" if r["would_status"] else ""),
                     str(r["requests"]),
                     str(r["allowed"]),
                     str(r["denied"]),
                     str(r["would_deny"]),
                     format_usd(r["usd_nanos"]),
                     f"{r['tokens_in']}/{r['tokens_out']}",
+                    ",".join(sorted({a["kind"] for a in r["anomalies"]})) or "-",
                 ]
                 for r in data["runs"]
             ],
@@ -220,5 +444,114 @@ def render_text(data: dict[str, Any]) -> str:
     if data["anomalies"]:
         out.append("")
         out.append("ANOMALIES")
-        out.extend(f"  {a['kind']:<14} {a['scope']}: {a['detail']}" for a in data["anomalies"])
+        for a in data["anomalies"]:
+            denied = f" [denied {len(a['denied'])}]" if a.get("denied") else ""
+            out.append(f"  {a['kind']:<14} {a['scope']}: {a['detail']}{denied}")
     return "\n".join(out)
+
+
+# --- decision log (JSON lines) -------------------------------------------------------------
+
+_JSON_COLUMNS = ("query", "body_fields", "body", "mcp")
+_USD_COLUMNS = ("est_usd", "actual_usd")
+PAGE = 1000
+
+
+def decision_log(
+    db: str, *, run: str | None = None, since: float | None = None, now: float | None = None
+) -> Iterator[dict[str, Any]]:
+    """Every decision in the window, oldest first, one dict each (read page by page)."""
+    reader = Reader(db)
+    try:
+        floor = (now or time.time()) - since if since else 0.0
+        where = "id > :after AND ts >= :floor" + (" AND run = :run" if run else "")
+        after = 0
+        while True:
+            page = reader.query(
+                f"SELECT * FROM decisions WHERE {where} ORDER BY id LIMIT {PAGE}",
+                {"after": after, "floor": floor, "run": run},
+            )
+            for row in page:
+                yield _log_entry(row)
+            if len(page) < PAGE:
+                return
+            after = page[-1]["id"]
+    finally:
+        reader.close()
+
+
+def _log_entry(row: dict[str, Any]) -> dict[str, Any]:
+    entry = dict(row)
+    entry["time"] = _iso(row["ts"])
+    for column in _USD_COLUMNS:
+        if column in entry:
+            entry[f"{column}_nanos"] = entry[column]
+            entry[column] = usd_float(entry[column])
+    for column in _JSON_COLUMNS:
+        value = entry.get(column)
+        if isinstance(value, str):
+            try:
+                entry[column] = redact(json.loads(value))  # again: older rows, other writers
+            except ValueError:
+                entry[column] = None
+    if "stream" in entry and entry["stream"] is not None:
+        entry["stream"] = bool(entry["stream"])
+    return entry
+
+
+def stream_jsonl(
+    db: str,
+    out: IO[str],
+    *,
+    run: str | None = None,
+    since: float | None = None,
+    now: float | None = None,
+) -> int:
+    """Write the decision log as JSON lines; returns how many."""
+    count = 0
+    for entry in decision_log(db, run=run, since=since, now=now):
+        out.write(json.dumps(entry, ensure_ascii=False, separators=(",", ":")) + "\n")
+        count += 1
+    return count
+
+
+# --- HTML ----------------------------------------------------------------------------------
+
+
+def _script_json(data: Any) -> str:
+    """JSON safe inside a <script> element: nothing in it can close the element or open a comment."""
+    text = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+    for raw, escaped in (
+        ("<", "\\u003c"),
+        (">", "\\u003e"),
+        ("&", "\\u0026"),
+        ("\u2028", "\\u2028"),
+        ("\u2029", "\\u2029"),
+    ):
+        text = text.replace(raw, escaped)
+    return text
+
+
+def render_html(data: dict[str, Any]) -> str:
+    """One self-contained page (inline CSS, JS and SVG; nothing fetched when it is viewed).
+
+    The data travels as JSON in a non-executable <script> element and the page's script
+    builds the DOM with textContent/setAttribute only, so no agent name, path or reason
+    can become markup.
+    """
+    folder = resources.files("drawdown") / "report_html"
+    page = (folder / "report.html").read_text(encoding="utf-8")
+    script = (folder / "report.js").read_text(encoding="utf-8")
+    digest = base64.b64encode(hashlib.sha256(script.encode()).digest()).decode()
+    parts = {
+        "/*__CSS__*/": (folder / "report.css").read_text(encoding="utf-8"),
+        "/*__JS__*/": script,
+        # Only this exact script may run (Content-Security-Policy): defence in depth.
+        "/*__SCRIPT_HASH__*/": f"sha256-{digest}",
+        "/*__DATA__*/": _script_json(data),
+    }
+    # One pass: text put in is never searched again for markers.
+    return _MARKERS.sub(lambda m: parts[m.group(0)], page)
+
+
+_MARKERS = re.compile(r"/\*__(?:CSS|JS|SCRIPT_HASH|DATA)__\*/")

@@ -55,6 +55,7 @@ class _Handler(BaseHTTPRequestHandler):
             )
             return
         type(self).calls += 1
+        time.sleep(0.05)  # a real model takes time to answer; an instant one would look fabricated
         step = sum(1 for m in body.get("messages", []) if m.get("role") == "tool") + 1
         prompt_tokens = 60 + sum(len(json.dumps(m)) for m in body.get("messages", [])) // 4
         completion_tokens = 24

@@ -85,7 +85,8 @@ class Shortfall:
 
 @dataclass
 class DecisionRow:
-    """The one row a request leaves in the ledger. Never holds secrets: no headers, no query, no body."""
+    """The one row a request leaves in the ledger. Never holds secrets: no headers; the query and
+    body features kept for replay (drawdown.recording) are redacted before they get here."""
 
     request_id: str
     ts: float
@@ -111,6 +112,12 @@ class DecisionRow:
     status: int | None = None  # set now for denials, at completion otherwise
     policy_digest: str = ""
     budget: str | None = None  # the budget instance that denied (or would have)
+    # Request features for `drawdown replay` (JSON text, redacted; see drawdown.recording):
+    port: int | None = None
+    query: str | None = None  # {"name": "value"}, secret-looking names' values redacted
+    body_fields: str | None = None  # {"json.a.b": value} the policy references (record.bodies)
+    body: str | None = None  # the whole JSON body, redacted (record.bodies: full)
+    mcp: str | None = None  # [[method, tool], …] of an MCP request's JSON-RPC messages
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,9 @@ def verify(reader: Reader, *, settled: bool = False) -> list[str]:
         ids = [int(i) for i in (hold["instance_ids"] or "").split(",") if i]
         for instance_id in ids:
             if instance_id not in instances:
-                problems.append(f"hold {hold['id']} names a budget instance {instance_id} that does not exist")
+                problems.append(
+                    f"hold {hold['id']} names a budget instance {instance_id} that does not exist"
+                )
             for unit in UNITS:
                 if hold["state"] == "active":
                     reserved[instance_id][unit] += hold[f"est_{unit}"] or 0
@@ -63,6 +65,9 @@ def verify(reader: Reader, *, settled: bool = False) -> list[str]:
 
 
 def summary(reader: Reader) -> dict[str, Any]:
-    counts = {row["state"]: row["n"] for row in reader.query("SELECT state, COUNT(*) AS n FROM holds GROUP BY state")}
+    counts = {
+        row["state"]: row["n"]
+        for row in reader.query("SELECT state, COUNT(*) AS n FROM holds GROUP BY state")
+    }
     (decisions,) = reader.query("SELECT COUNT(*) AS n FROM decisions")
     return {"holds": counts, "decisions": decisions["n"]}

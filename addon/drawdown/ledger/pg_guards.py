@@ -34,12 +34,12 @@ FROM unnest(%s::text[]) AS k(scope)
 """
 RUNS = """
 SELECT k.w, k.t, (SELECT COUNT(DISTINCT d.scope) FROM decisions d
-                  WHERE d.workflow = k.w AND COALESCE(d.tenant, '') = k.t)
+                  WHERE d.workflow = k.w AND COALESCE(d.tenant, '') = k.t AND d.decision <> 'deny')
 FROM unnest(%s::text[], %s::text[]) AS k(w, t)
 """
 KNOWN = """
 SELECT DISTINCT d.workflow, d.scope, COALESCE(d.tenant, '') FROM decisions d
-WHERE d.workflow = ANY(%s) AND d.scope = ANY(%s)
+WHERE d.workflow = ANY(%s) AND d.scope = ANY(%s) AND d.decision <> 'deny'
 """
 
 
@@ -75,7 +75,9 @@ class Counts:
             self.repeats[row.scope, row.fingerprint] += 1
         if row.scope in self.steps:
             self.steps[row.scope] += 1
-        if row.workflow is not None:
+        # Only runs that got a request through count (as in SQLiteLedger._check_guards): a run
+        # refused at its first request must not become "known" through its own denied row.
+        if row.workflow is not None and row.decision != "deny":
             self.known.add((row.workflow, row.scope))
             run = (row.workflow, row.tenant or "", row.scope)
             if run not in self.seen:

@@ -107,7 +107,12 @@ CREATE TABLE decisions (
     budget TEXT,
     policy_digest TEXT,
     completed_at DOUBLE PRECISION,
-    note TEXT
+    note TEXT,
+    port BIGINT,
+    query TEXT,
+    body_fields TEXT,
+    body TEXT,
+    mcp TEXT
 );
 CREATE UNIQUE INDEX idx_decisions_request_id ON decisions (request_id);
 CREATE INDEX idx_decisions_ts ON decisions (ts);

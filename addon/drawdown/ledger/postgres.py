@@ -223,7 +223,7 @@ _DECISION_INSERT_COLUMNS = _columns(
     "tenant:text workflow:text agent:text run:text action:text provider:text model:text "
     "method:text host:text path:text est_usd:bigint est_tokens:bigint stream:bigint "
     "fingerprint:text status:bigint hold_id:bigint budget:text policy_digest:text "
-    "completed_at:float8"
+    "completed_at:float8 port:bigint query:text body_fields:text body:text mcp:text"
 )
 _INSERT_DECISIONS = _Bulk(
     "INSERT INTO decisions ({names}) SELECT * FROM {{rows}}".format(
@@ -993,6 +993,11 @@ class PostgresLedger:
                 row.budget,
                 row.policy_digest,
                 row.ts if row.decision == "deny" else None,
+                row.port,
+                row.query,
+                row.body_fields,
+                row.body,
+                row.mcp,
             )
         )
 

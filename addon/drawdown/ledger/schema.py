@@ -48,6 +48,12 @@ DECISION_COLUMNS: dict[str, type] = {
     "policy_digest": str,
     "completed_at": float,
     "note": str,
+    # Request features for `drawdown replay` (JSON text, redacted; see drawdown.recording).
+    "port": int,
+    "query": str,
+    "body_fields": str,
+    "body": str,
+    "mcp": str,
 }
 
 

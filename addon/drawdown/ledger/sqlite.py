@@ -291,13 +291,16 @@ class SQLiteLedger:
                     f"step_count: {row.scope} already took {steps} steps (anomalies.step_count.max: {guards.max_steps})",
                 )
         if guards.max_runs_per_workflow is not None and row.workflow is not None:
+            # Only runs that got a request through count: a run refused at its first request
+            # stays refused (its denied row must not make it "known" the next time).
             known = self.conn.execute(
-                "SELECT 1 FROM decisions WHERE workflow = ? AND scope = ? LIMIT 1",
+                "SELECT 1 FROM decisions WHERE workflow = ? AND scope = ? AND decision <> 'deny' LIMIT 1",
                 (row.workflow, row.scope),
             ).fetchone()
             if known is None:
                 (runs,) = self.conn.execute(
-                    "SELECT COUNT(DISTINCT scope) FROM decisions WHERE workflow = ? AND COALESCE(tenant, '') = ?",
+                    "SELECT COUNT(DISTINCT scope) FROM decisions WHERE workflow = ? AND COALESCE(tenant, '') = ? "
+                    "AND decision <> 'deny'",
                     (row.workflow, row.tenant or ""),
                 ).fetchone()
                 if runs >= guards.max_runs_per_workflow:
@@ -312,8 +315,9 @@ class SQLiteLedger:
         self.conn.execute(
             "INSERT INTO decisions (request_id, ts, decision, reason_code, reason, mode, scope, tenant, workflow, "
             "agent, run, action, provider, model, method, host, path, est_usd, est_tokens, stream, fingerprint, "
-            "status, hold_id, budget, policy_digest, completed_at) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "status, hold_id, budget, policy_digest, completed_at, port, query, body_fields, body, mcp) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, "
+            "?, ?, ?, ?, ?)",
             (
                 row.request_id,
                 row.ts,
@@ -341,6 +345,11 @@ class SQLiteLedger:
                 row.budget,
                 row.policy_digest,
                 row.ts if row.decision == "deny" else None,
+                row.port,
+                row.query,
+                row.body_fields,
+                row.body,
+                row.mcp,
             ),
         )
 

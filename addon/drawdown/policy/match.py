@@ -194,15 +194,19 @@ def _number(value: Any) -> Decimal | None:
     if isinstance(value, bool):
         return None
     if isinstance(value, int | Decimal):
-        return Decimal(value)
-    if isinstance(value, float):
-        return Decimal(repr(value))
-    if isinstance(value, str):
+        number = Decimal(value)
+    elif isinstance(value, float):
+        number = Decimal(repr(value))
+    elif isinstance(value, str):
         try:
-            return Decimal(value.strip())
+            number = Decimal(value.strip())
         except ArithmeticError:
             return None
-    return None
+    else:
+        return None
+    # NaN and ±Infinity are no amounts: ordering NaN raises InvalidOperation, and an agent sending
+    # "-Infinity" must not pass `lte: 5000`. (Decimal's own range covers any finite JSON number.)
+    return number if number.is_finite() else None
 
 
 def _equal(left: Any, right: Any) -> bool:
@@ -211,7 +215,8 @@ def _equal(left: Any, right: Any) -> bool:
             isinstance(left, bool) and isinstance(right, bool) and left == right
         )
     if isinstance(left, int | float | Decimal) and isinstance(right, int | float | Decimal):
-        return _number(left) == _number(right)
+        a, b = _number(left), _number(right)
+        return a == b if a is not None and b is not None else left == right  # inf, nan
     return left == right
 
 

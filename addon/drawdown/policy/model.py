@@ -195,17 +195,21 @@ class Detector:
 # name → (parameter → default). Detectors a policy does not name keep these, and flag.
 DETECTORS: dict[str, dict[str, Any]] = {
     "loop": {"repeats": 5},  # the same request (action + body) more than N times in a run
-    "under_commit": {
-        "ratio": Decimal("0.1")
-    },  # a costed call committed at < ratio × its reservation
-    "fast_commit": {"latency_ms": 5},  # a call that should take time answered in < N ms
+    # a costed call committed at < ratio × its reservation (no `actions`: tool calls only, since
+    # an LLM reservation includes the whole max_tokens and a short reply is normal)
+    "under_commit": {"ratio": Decimal("0.1")},
+    # a call that should take time answered by the upstream in < N ms (no `actions`: LLM calls)
+    "fast_commit": {"latency_ms": 5},
     "step_count": {
         "max": 60,
         "history_runs": 100,
         "history_percentile": 99,
+        "history_min_runs": 20,  # fewer earlier runs of the agent: only `max` applies
+        "history_factor": Decimal("2"),  # flag above factor × the agent's percentile
     },  # run far above expected
     "fan_out": {"max_runs_per_workflow": 5, "max_agents_per_workflow": 10},
-    "handoff": {"ratio": Decimal("3")},  # two agents of a workflow with step counts this far apart
+    # two agents of a workflow with step counts this far apart (the busier one at least min_steps)
+    "handoff": {"ratio": Decimal("3"), "min_steps": 10},
     "drift": {"ratio": Decimal("2.0")},  # actual above ratio × estimate
     "unpriced_model": {},  # a model genai-prices does not know (charged at the fallback price)
 }
@@ -230,6 +234,31 @@ class AnomalySettings:
         return detector if detector.on_detect == "deny" else None
 
 
+RECORD_BODIES = ("none", "fields", "full")
+
+
+@dataclass(frozen=True)
+class RecordSettings:
+    """What the ledger keeps of each request for `drawdown replay` (never headers; secrets redacted).
+
+    bodies: none — no body; fields — the json.* fields this policy references plus `fields`;
+    full — the whole JSON body (up to max_body_bytes).
+    """
+
+    bodies: str = "fields"
+    fields: tuple[str, ...] = ()  # extra json.* fields to keep, for policies not written yet
+    max_body_bytes: int = 65536
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """`limits:` — a request body above max_request_bytes (raw or decoded) is refused with 413,
+    before it is tokenized or forwarded. Applies to requests an action matches. The default is
+    the largest request any supported provider accepts (Anthropic's 32 MB)."""
+
+    max_request_bytes: int = 32 * 1024 * 1024
+
+
 @dataclass(frozen=True)
 class HoldSettings:
     ttl_seconds: int = 900  # a hold lives this long unless its stream is still flowing
@@ -248,6 +277,8 @@ class Policy:
     anomalies: AnomalySettings = field(default_factory=AnomalySettings)
     meter: MeterConfig = field(default_factory=MeterConfig)
     holds: HoldSettings = field(default_factory=HoldSettings)
+    record: RecordSettings = field(default_factory=RecordSettings)
+    limits: RequestLimits = field(default_factory=RequestLimits)
     files: tuple[str, ...] = ()
     digest: str = ""  # sha256 of the policy text, recorded with decisions
 

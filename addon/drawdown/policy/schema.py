@@ -25,6 +25,7 @@ from .model import (
     DENIABLE,
     DETECTORS,
     MODES,
+    RECORD_BODIES,
     UNITS,
     WINDOWS,
     Action,
@@ -37,6 +38,8 @@ from .model import (
     HoldSettings,
     Limits,
     Policy,
+    RecordSettings,
+    RequestLimits,
     Requirement,
     Rule,
     Source,
@@ -211,6 +214,8 @@ TOP_LEVEL = (
     "anomalies",
     "meter",
     "holds",
+    "record",
+    "limits",
 )
 SCALARS = ("version", "mode", "unknown_hosts", "on_ledger_error")
 
@@ -228,6 +233,8 @@ class _Partial:
         self.anomalies: tuple[list[Detector], str] | None = None
         self.meter: tuple[dict[str, Any], str] | None = None
         self.holds: tuple[HoldSettings, str] | None = None
+        self.record: tuple[RecordSettings, str] | None = None
+        self.limits: tuple[RequestLimits, str] | None = None
 
 
 def _check_document(check: _Checker, doc: Any, file: str) -> _Partial:
@@ -293,6 +300,10 @@ def _check_document(check: _Checker, doc: Any, file: str) -> _Partial:
         part.meter = (_meter(check, meter), where("meter"))
     if "holds" in doc and (holds := check.mapping(doc, "holds", "holds")) is not None:
         part.holds = (_holds(check, holds), where("holds"))
+    if "record" in doc and (record := check.mapping(doc, "record", "record")) is not None:
+        part.record = (_record(check, record), where("record"))
+    if "limits" in doc and (limits := check.mapping(doc, "limits", "limits")) is not None:
+        part.limits = (_limits(check, limits), where("limits"))
     return part
 
 
@@ -828,6 +839,45 @@ def _holds(check: _Checker, holds: LMap) -> HoldSettings:
     )
 
 
+def _record(check: _Checker, record: LMap) -> RecordSettings:
+    """`record: {bodies: none | fields | full, fields: [json.…], max_body_bytes: N}` (for replay)."""
+    check.keys(record, ("bodies", "fields", "max_body_bytes"), "record")
+    defaults = RecordSettings()
+    bodies = (
+        check.choice(record, "bodies", RECORD_BODIES, "record.bodies")
+        if "bodies" in record
+        else None
+    )
+    fields: list[str] = []
+    named = check.strings(record, "fields", "record.fields") if "fields" in record else None
+    for name in named or []:
+        if not name.startswith("json.") or not _FIELD.match(name):
+            check.error(record, "fields", f"record.fields: '{name}' is not a json.<path> field")
+        else:
+            fields.append(name)
+    limit = (
+        check.integer(record, "max_body_bytes", "record.max_body_bytes", 1)
+        if "max_body_bytes" in record
+        else None
+    )
+    return RecordSettings(
+        bodies=bodies or defaults.bodies,
+        fields=tuple(fields),
+        max_body_bytes=limit or defaults.max_body_bytes,
+    )
+
+
+def _limits(check: _Checker, limits: LMap) -> RequestLimits:
+    """`limits: {max_request_bytes: N}` — larger request bodies are refused with 413."""
+    check.keys(limits, ("max_request_bytes",), "limits")
+    size = (
+        check.integer(limits, "max_request_bytes", "limits.max_request_bytes", 1)
+        if "max_request_bytes" in limits
+        else None
+    )
+    return RequestLimits(max_request_bytes=size) if size else RequestLimits()
+
+
 # --- merge ------------------------------------------------------------------------------
 
 
@@ -842,10 +892,12 @@ def compile_policy(
     scalars: dict[str, tuple[Any, str]] = {}
     identity = dict(DEFAULT_IDENTITY)
     identity_from: dict[str, str] = {}
-    meter_from = holds_from = anomalies_from = None
+    meter_from = holds_from = anomalies_from = record_from = None
     anomalies = AnomalySettings()
     meter_kwargs: dict[str, Any] = {}
     holds = HoldSettings()
+    record = RecordSettings()
+    limits, limits_from = RequestLimits(), None
     actions: list[Action] = []
     budgets: list[Budget] = []
     rules: list[Rule] = []
@@ -867,6 +919,12 @@ def compile_policy(
         if part.holds is not None:
             _merge_once(check, "holds", part.holds[1], holds_from)
             holds, holds_from = part.holds
+        if part.record is not None:
+            _merge_once(check, "record", part.record[1], record_from)
+            record, record_from = part.record
+        if part.limits is not None:
+            _merge_once(check, "limits", part.limits[1], limits_from)
+            limits, limits_from = part.limits
         if part.authority_default is not None:
             _merge_once(check, "authority.default", part.authority_default[1], default_from)
             authority_default, default_from = part.authority_default
@@ -900,6 +958,8 @@ def compile_policy(
         anomalies=anomalies,
         meter=MeterConfig(**meter_kwargs),
         holds=holds,
+        record=record,
+        limits=limits,
         files=tuple(file for file, _ in documents),
         digest=hashlib.sha256(b"\0".join(texts)).hexdigest(),
     )

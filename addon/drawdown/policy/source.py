@@ -20,7 +20,12 @@ class Problem:
     message: str
 
     def __str__(self) -> str:
-        return f"{self.file}:{self.line}: {self.message}"
+        # One problem, one line: a message quoting a user's text (a key with a newline, U+2028…)
+        # must not break the format, so anything unprintable is escaped.
+        message = "".join(
+            ch if ch.isprintable() else ch.encode("unicode_escape").decode() for ch in self.message
+        )
+        return f"{self.file}:{self.line}: {message}"
 
 
 class PolicyInvalid(Exception):
@@ -133,7 +138,20 @@ def _construct(node: yaml.Node, file: str, problems: list[Problem]) -> Any:
             result_list.item_lines.append(item.start_mark.line + 1)
         return result_list
     # Scalars: let the safe constructor resolve int/float/bool/null/str.
-    return _Loader.construct_object(_ScalarLoader.instance, node, deep=True)  # type: ignore[arg-type]
+    loader = _ScalarLoader.instance
+    try:
+        return _Loader.construct_object(loader, node, deep=True)  # type: ignore[arg-type]
+    except Exception:  # PyYAML's constructors raise anything on a bad explicit tag:
+        # `=`, `!tag x`, `!!int abc`, `!!int ''`, `!!timestamp x`: a value no policy key takes
+        problems.append(
+            Problem(
+                file, node.start_mark.line + 1, f"cannot read the value {node.value!r} ({node.tag})"
+            )
+        )
+        return None
+    finally:  # the shared loader caches every node it built: forget them (hot reloads add up)
+        loader.constructed_objects.pop(node, None)
+        loader.recursive_objects.pop(node, None)
 
 
 class _ScalarLoader:
@@ -152,6 +170,11 @@ def parse_yaml(text: str, file: str) -> tuple[Any, list[Problem]]:
         line = mark.line + 1 if mark else 1
         what = exc.problem or "invalid YAML"
         return None, [Problem(file, line, f"YAML syntax error: {what}")]
+    except yaml.reader.ReaderError as exc:  # a control character: place it by its position
+        line = text.count("\n", 0, exc.position) + 1
+        return None, [
+            Problem(file, line, f"character #x{exc.character:04x} is not allowed in YAML")
+        ]
     except yaml.YAMLError as exc:  # composer errors without marks, e.g. several documents
         return None, [Problem(file, 1, f"YAML error: {exc}")]
     if node is None:

@@ -1,0 +1,594 @@
+"""Structural anomaly detection (SPEC §9): deterministic signals read from the ledger, no LLM judge.
+
+Every detector looks only at what the reserve/commit record holds — decision rows, their
+holds, fingerprints, estimates, actuals and latencies — so the same ledger and the same
+settings always give the same anomalies. Settings come from the policy's `anomalies:`
+section (`policy.model.DETECTORS` holds the defaults):
+
+    loop            the same request (decisions.fingerprint: action + method + path + body)
+                    made more than `repeats` times in one scope (a run)
+    step_count      a run with more than `max` steps; or, once the agent has
+                    `history_min_runs` earlier runs, more than `history_factor` × the
+                    `history_percentile` of its last `history_runs` runs
+    fan_out         a workflow with more than `max_runs_per_workflow` runs (distinct scopes)
+                    or `max_agents_per_workflow` agents
+    handoff         two agents of one workflow whose step counts differ by more than
+                    `ratio` (the busier one with at least `min_steps`)
+    under_commit    a committed, costed call charged below `ratio` × its reservation
+                    (default actions: tool calls — an LLM reservation holds max_tokens)
+    fast_commit     a call the upstream answered in under `latency_ms` (default actions:
+                    billable LLM calls — no real model answers in a few milliseconds)
+    drift           a committed call charged above `ratio` × its estimate
+    unpriced_model  an LLM call on a model genai-prices does not know, charged at the
+                    fallback price
+
+loop, step_count and fan_out count exactly what the reserve-time guards count
+(ledger `_check_guards`), so a detector set to `on_detect: deny` flags the runs it denied.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+
+from .ledger.api import LedgerError
+from .ledger.reader import Reader
+from .money import format_usd
+from .policy.model import AnomalySettings, Detector, Policy
+
+LLM_PROVIDERS = ("openai", "anthropic", "gemini")
+MAX_EVIDENCE = 200  # ids listed per anomaly; `evidence_total` tells how many there were
+GUARDED = ("loop", "step_count", "fan_out")  # detectors that may deny at reserve time
+
+
+@dataclass
+class Anomaly:
+    kind: str
+    scope: str  # the run's scope path, or tenant/workflow for workflow-wide anomalies
+    detail: str  # plain words
+    evidence: list[str]  # request ids of the decisions involved, oldest first
+    run: str | None = None
+    agent: str | None = None
+    workflow: str | None = None
+    tenant: str | None = None
+    on_detect: str = "flag"
+    denied: list[str] = field(default_factory=list)  # evidence the guard refused (on_detect: deny)
+    runs: list[str] = field(default_factory=list)  # run scopes the anomaly concerns
+    first_ts: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "scope": self.scope,
+            "run": self.run,
+            "agent": self.agent,
+            "workflow": self.workflow,
+            "tenant": self.tenant,
+            "detail": self.detail,
+            "evidence": self.evidence[:MAX_EVIDENCE],
+            "evidence_total": len(self.evidence),
+            "on_detect": self.on_detect,
+            "denied": self.denied[:MAX_EVIDENCE],
+            "runs": self.runs or [self.scope],
+        }
+
+
+def _ids(rows: Iterable[dict[str, Any]]) -> list[str]:
+    return [r["request_id"] for r in rows]
+
+
+def _committed(row: dict[str, Any]) -> bool:
+    """Forwarded, answered 2xx and committed (not released, not denied)."""
+    status = row.get("status")
+    return (
+        row.get("decision") != "deny"
+        and row.get("hold_state") == "committed"
+        and status is not None
+        and 200 <= int(status) < 300
+    )
+
+
+def _is_llm(row: dict[str, Any]) -> bool:
+    return row.get("provider") in LLM_PROVIDERS
+
+
+def _run_of(row: dict[str, Any], kind: str, detail: str, rows: list[dict[str, Any]]) -> Anomaly:
+    return Anomaly(
+        kind=kind,
+        scope=row["scope"],
+        detail=detail,
+        evidence=_ids(rows),
+        run=row.get("run"),
+        agent=row.get("agent"),
+        workflow=row.get("workflow"),
+        tenant=row.get("tenant"),
+        first_ts=rows[0]["ts"],
+    )
+
+
+def _by_scope(rows: Iterable[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    grouped: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for row in rows:
+        grouped[row["scope"]].append(row)
+    return grouped
+
+
+def _usd(nanos: int | None) -> str:
+    return format_usd(nanos or 0)
+
+
+# --- per-call detectors, reported once per run ---------------------------------------------
+
+
+def under_commit(rows: Sequence[dict[str, Any]], detector: Detector) -> list[Anomaly]:
+    ratio = Decimal(detector.param("ratio"))
+    hits = [
+        r
+        for r in rows
+        if _committed(r)
+        and (r.get("est_usd") or 0) > 0
+        and (detector.covers(r.get("action")) if detector.actions else not _is_llm(r))
+        and Decimal(r.get("actual_usd") or 0) < ratio * Decimal(r["est_usd"])
+    ]
+    found = []
+    for scope_rows in _by_scope(hits).values():
+        first = scope_rows[0]
+        kinds = ", ".join(sorted({str(r.get("action")) for r in scope_rows}))
+        found.append(
+            _run_of(
+                first,
+                "under_commit",
+                f"{len(scope_rows)} {kinds} call(s) committed far below their reservation "
+                f"(first: {_usd(first.get('actual_usd'))} of {_usd(first['est_usd'])}, under "
+                f"{ratio} × the reservation): the result may be fabricated or cached",
+                scope_rows,
+            )
+        )
+    return found
+
+
+def fast_commit(rows: Sequence[dict[str, Any]], detector: Detector) -> list[Anomaly]:
+    limit = float(detector.param("latency_ms"))
+
+    def latency(row: dict[str, Any]) -> float | None:
+        value = row.get("upstream_ms")
+        return row.get("latency_ms") if value is None else value
+
+    hits = [
+        r
+        for r in rows
+        if _committed(r)
+        and latency(r) is not None
+        and latency(r) < limit
+        and (
+            detector.covers(r.get("action"))
+            if detector.actions
+            else _is_llm(r) and (r.get("est_usd") or 0) > 0
+        )
+    ]
+    found = []
+    for scope_rows in _by_scope(hits).values():
+        first = scope_rows[0]
+        kinds = ", ".join(sorted({str(r.get("action")) for r in scope_rows}))
+        found.append(
+            _run_of(
+                first,
+                "fast_commit",
+                f"{len(scope_rows)} {kinds} call(s) answered in under {limit:g} ms "
+                f"(first: {latency(first):.1f} ms), too fast for a real call: "
+                "a cache, a mock or a fabricated answer",
+                scope_rows,
+            )
+        )
+    return found
+
+
+def drift(rows: Sequence[dict[str, Any]], detector: Detector) -> list[Anomaly]:
+    ratio = Decimal(detector.param("ratio"))
+    hits = [
+        r
+        for r in rows
+        if _committed(r)
+        and (r.get("est_usd") or 0) > 0
+        and detector.covers(r.get("action"))
+        and Decimal(r.get("actual_usd") or 0) > ratio * Decimal(r["est_usd"])
+    ]
+    found = []
+    for scope_rows in _by_scope(hits).values():
+        first = scope_rows[0]
+        kinds = ", ".join(sorted({str(r.get("action")) for r in scope_rows}))
+        found.append(
+            _run_of(
+                first,
+                "drift",
+                f"{len(scope_rows)} {kinds} call(s) cost more than {ratio} × their estimate "
+                f"(first: {_usd(first.get('actual_usd'))} against {_usd(first['est_usd'])} "
+                "estimated): the estimates no longer fit this traffic",
+                scope_rows,
+            )
+        )
+    return found
+
+
+def _model_known(provider: str, model: str) -> bool:
+    from .meter.prices import PROVIDER_IDS, _known
+
+    provider_id = PROVIDER_IDS.get(provider, provider)
+    if _known(provider_id, model):
+        return True
+    return "/" in model and _known(provider_id, model.rsplit("/", 1)[-1])
+
+
+def unpriced_model(
+    rows: Sequence[dict[str, Any]], detector: Detector, overridden: frozenset[str] = frozenset()
+) -> list[Anomaly]:
+    """`overridden`: action kinds whose policy names a `price:`, so they never use the fallback."""
+
+    def unpriced(row: dict[str, Any]) -> bool:
+        if row.get("priced") is not None:  # recorded by the meter when the ledger has the column
+            return not row["priced"]
+        # TODO(priced column): until every ledger records `priced`, ask genai-prices again.
+        model = row.get("model")
+        return (
+            bool(model)
+            and row.get("action") not in overridden
+            and not _model_known(row["provider"], model)
+        )
+
+    hits = [
+        r
+        for r in rows
+        if _committed(r) and _is_llm(r) and detector.covers(r.get("action")) and unpriced(r)
+    ]
+    found = []
+    for scope_rows in _by_scope(hits).values():
+        models = ", ".join(sorted({str(r.get("model")) for r in scope_rows}))
+        found.append(
+            _run_of(
+                scope_rows[0],
+                "unpriced_model",
+                f"{len(scope_rows)} call(s) on {models}, a model genai-prices does not know: "
+                "charged at the fallback price (meter.fallback_price), not the real one",
+                scope_rows,
+            )
+        )
+    return found
+
+
+# --- run and workflow structure ------------------------------------------------------------
+
+
+def loop(rows: Sequence[dict[str, Any]], detector: Detector) -> list[Anomaly]:
+    repeats = int(detector.param("repeats"))
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    for row in rows:
+        if row.get("fingerprint") and detector.covers(row.get("action")):
+            groups[(row["scope"], row["fingerprint"])].append(row)
+    found = []
+    for group in groups.values():
+        if len(group) <= repeats:
+            continue
+        first = group[0]
+        where = f"{first.get('method') or ''} {first.get('host') or ''}{first.get('path') or ''}"
+        found.append(
+            _run_of(
+                first,
+                "loop",
+                f"the same {first.get('action')} request ({where.strip()}, body "
+                f"#{first['fingerprint'][:8]}) was made {len(group)} times in this run "
+                f"(anomalies.loop.repeats: {repeats})",
+                group,
+            )
+        )
+    return found
+
+
+def percentile(values: Sequence[int], pct: float) -> int:
+    """Nearest-rank percentile (an observed value, no interpolation)."""
+    ordered = sorted(values)
+    rank = max(1, math.ceil(pct / 100 * len(ordered)))
+    return ordered[min(rank, len(ordered)) - 1]
+
+
+def step_count(
+    rows: Sequence[dict[str, Any]],
+    detector: Detector,
+    history: Sequence[dict[str, Any]] = (),
+) -> list[Anomaly]:
+    """`history`: {tenant, agent, scope, steps, started} for every run in the ledger."""
+    limit = int(detector.param("max"))
+    window = int(detector.param("history_runs"))
+    pct = float(detector.param("history_percentile"))
+    minimum = int(detector.param("history_min_runs"))
+    factor = Decimal(detector.param("history_factor"))
+    by_agent: dict[tuple[Any, Any], list[dict[str, Any]]] = defaultdict(list)
+    for run in history:
+        by_agent[(run.get("tenant"), run.get("agent"))].append(run)
+    found = []
+    for scope, scope_rows in _by_scope(rows).items():
+        first = scope_rows[0]
+        if first.get("run") is None:
+            continue
+        # The guard refuses a covered request once `max` decisions precede it in the scope.
+        over = [r for i, r in enumerate(scope_rows) if i >= limit and detector.covers(r["action"])]
+        if over:
+            anomaly = _run_of(
+                first,
+                "step_count",
+                f"this run took {len(scope_rows)} steps, above anomalies.step_count.max ({limit})",
+                over,
+            )
+            found.append(anomaly)
+            continue
+        earlier = sorted(
+            (
+                r
+                for r in by_agent.get((first.get("tenant"), first.get("agent")), [])
+                if r["started"] < first["ts"] and r["scope"] != scope
+            ),
+            key=lambda r: r["started"],
+        )[-window:]
+        if len(earlier) < minimum:
+            continue
+        expected = percentile([int(r["steps"]) for r in earlier], pct)
+        threshold = factor * expected
+        steps = len(scope_rows)
+        if steps > threshold:
+            found.append(
+                _run_of(
+                    first,
+                    "step_count",
+                    f"this run took {steps} steps; the agent's last {len(earlier)} runs took "
+                    f"{expected} at the {pct:g}th percentile (flagged above {factor} × that)",
+                    scope_rows[int(threshold) :] or scope_rows,
+                )
+            )
+    return found
+
+
+def _workflows(rows: Iterable[dict[str, Any]]) -> dict[tuple[Any, str], list[dict[str, Any]]]:
+    grouped: dict[tuple[Any, str], list[dict[str, Any]]] = defaultdict(list)
+    for row in rows:
+        if row.get("workflow"):
+            grouped[(row.get("tenant"), row["workflow"])].append(row)
+    return grouped
+
+
+def _workflow_anomaly(
+    key: tuple[Any, str], kind: str, detail: str, evidence: list[dict[str, Any]], runs: list[str]
+) -> Anomaly:
+    tenant, workflow = key
+    scope = (f"tenant:{tenant}/" if tenant else "") + f"workflow:{workflow}"
+    return Anomaly(
+        kind=kind,
+        scope=scope,
+        detail=detail,
+        evidence=_ids(evidence),
+        workflow=workflow,
+        tenant=tenant,
+        runs=runs,
+        first_ts=evidence[0]["ts"] if evidence else 0.0,
+    )
+
+
+def fan_out(rows: Sequence[dict[str, Any]], detector: Detector) -> list[Anomaly]:
+    """`rows`: every decision of the workflows concerned.
+
+    Like the guard, a run counts from its first request of any kind, and a run beyond the
+    limit is reported when that first request is one of the detector's actions.
+    """
+    max_runs = int(detector.param("max_runs_per_workflow"))
+    max_agents = int(detector.param("max_agents_per_workflow"))
+    found = []
+    for key, wf_rows in _workflows(rows).items():
+        firsts: dict[str, dict[str, Any]] = {}
+        agents: dict[Any, dict[str, Any]] = {}
+        for row in wf_rows:
+            # As the guard counts: runs that got a request through, and runs it refused.
+            if row.get("decision") == "deny" and not (row.get("reason") or "").startswith(
+                "fan_out:"
+            ):
+                continue
+            firsts.setdefault(row["scope"], row)
+            agents.setdefault(row.get("agent"), row)
+        extra = [r for r in list(firsts.values())[max_runs:] if detector.covers(r.get("action"))]
+        if extra:
+            found.append(
+                _workflow_anomaly(
+                    key,
+                    "fan_out",
+                    f"workflow {key[1]} started {len(firsts)} runs "
+                    f"(anomalies.fan_out.max_runs_per_workflow: {max_runs})",
+                    extra,
+                    [r["scope"] for r in extra],
+                )
+            )
+        extra = [r for r in list(agents.values())[max_agents:] if detector.covers(r.get("action"))]
+        if extra:
+            found.append(
+                _workflow_anomaly(
+                    key,
+                    "fan_out",
+                    f"workflow {key[1]} involved {len(agents)} agents "
+                    f"(anomalies.fan_out.max_agents_per_workflow: {max_agents})",
+                    extra,
+                    [r["scope"] for r in extra],
+                )
+            )
+    return found
+
+
+def handoff(rows: Sequence[dict[str, Any]], detector: Detector) -> list[Anomaly]:
+    ratio = Decimal(detector.param("ratio"))
+    min_steps = int(detector.param("min_steps"))
+    found = []
+    for key, wf_rows in _workflows(r for r in rows if detector.covers(r.get("action"))).items():
+        per_agent: dict[Any, list[dict[str, Any]]] = defaultdict(list)
+        for row in wf_rows:
+            per_agent[row.get("agent")].append(row)
+        if len(per_agent) < 2:
+            continue
+        ordered = sorted(per_agent.items(), key=lambda item: (len(item[1]), str(item[0])))
+        (quiet, quiet_rows), (busy, busy_rows) = ordered[0], ordered[-1]
+        if len(busy_rows) < min_steps or len(busy_rows) <= ratio * len(quiet_rows):
+            continue
+        evidence = sorted(quiet_rows + busy_rows, key=lambda r: r["ts"])
+        runs = sorted({r["scope"] for r in evidence})
+        found.append(
+            _workflow_anomaly(
+                key,
+                "handoff",
+                f"in workflow {key[1]}, agent {busy} took {len(busy_rows)} steps and agent "
+                f"{quiet} {len(quiet_rows)}: more than {ratio} × apart, so work handed from one "
+                "to the other may have been dropped or repeated",
+                evidence,
+                runs,
+            )
+        )
+    return found
+
+
+# --- all of them ---------------------------------------------------------------------------
+
+
+def _guard_denials(rows: Sequence[dict[str, Any]]) -> dict[tuple[str, str], list[dict[str, Any]]]:
+    """Requests a reserve-time guard refused, by (detector, scope). (In shadow mode a guard only
+    records would_deny: nothing was refused, and the flag itself reports the anomaly.)"""
+    denied: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    for row in rows:
+        if row.get("reason_code") == "anomaly" and row.get("decision") == "deny":
+            kind = (row.get("reason") or "").split(":", 1)[0]
+            denied[(kind if kind in GUARDED else "anomaly", row["scope"])].append(row)
+    return denied
+
+
+def detect(
+    rows: Sequence[dict[str, Any]],
+    settings: AnomalySettings | None = None,
+    *,
+    history: Sequence[dict[str, Any]] = (),
+    workflow_rows: Sequence[dict[str, Any]] | None = None,
+    priced_actions: frozenset[str] = frozenset(),
+) -> list[dict[str, Any]]:
+    """Every anomaly in `rows` (decision rows + `hold_state`, oldest first), as report dicts.
+
+    `workflow_rows`: every decision of the workflows in `rows` (default: `rows`);
+    `history`: step counts of every run, for step_count's history rule.
+    """
+    settings = settings or AnomalySettings()
+    rows = sorted(rows, key=lambda r: (r["ts"], r.get("id") or 0))
+    wf_rows = sorted(workflow_rows if workflow_rows is not None else rows, key=lambda r: r["ts"])
+    found: list[Anomaly] = [
+        *loop(rows, settings.get("loop")),
+        *step_count(rows, settings.get("step_count"), history),
+        *fan_out(wf_rows, settings.get("fan_out")),
+        *handoff(wf_rows, settings.get("handoff")),
+        *under_commit(rows, settings.get("under_commit")),
+        *fast_commit(rows, settings.get("fast_commit")),
+        *drift(rows, settings.get("drift")),
+        *unpriced_model(rows, settings.get("unpriced_model"), priced_actions),
+    ]
+    # Requests a guard denied belong to the anomaly that explains them; a denial with no
+    # matching flag (the report was run with other settings than the proxy) stands alone.
+    alone: dict[tuple[str, str, Any], Anomaly] = {}
+    for (kind, scope), denied in _guard_denials(rows).items():
+        for row in denied:
+            # The anomaly whose evidence holds this request (a loop: the same fingerprint),
+            # else one of the same kind on this run (a run refused after its first request).
+            candidates = [a for a in found if a.kind == kind]
+            match = next((a for a in candidates if row["request_id"] in a.evidence), None)
+            if match is None and kind != "loop":
+                match = next((a for a in candidates if a.scope == scope or scope in a.runs), None)
+            if match is None:
+                key = (kind, scope, row.get("fingerprint") if kind == "loop" else None)
+                match = alone.get(key)
+                if match is None:
+                    involved = [row]
+                    detail = row.get("reason") or kind
+                    if kind == "loop" and row.get("fingerprint"):
+                        involved = [
+                            r
+                            for r in rows
+                            if r["scope"] == scope and r.get("fingerprint") == row["fingerprint"]
+                        ]
+                        detail += f" (body #{row['fingerprint'][:8]})"
+                    match = alone[key] = _run_of(involved[0], kind, detail, involved)
+                    found.append(match)
+            match.on_detect = "deny"
+            if row["request_id"] not in match.denied:
+                match.denied.append(row["request_id"])
+            if row["request_id"] not in match.evidence:
+                match.evidence.append(row["request_id"])
+    for anomaly in found:
+        if anomaly.on_detect == "flag" and settings.get(anomaly.kind).on_detect == "deny":
+            anomaly.on_detect = "deny"
+    found.sort(key=lambda a: (a.first_ts, a.kind, a.scope))
+    return [a.as_dict() for a in found]
+
+
+# --- from a ledger -------------------------------------------------------------------------
+
+DECISION_FIELDS = (
+    "d.id, d.request_id, d.ts, d.decision, d.reason_code, d.reason, d.mode, d.scope, d.tenant, "
+    "d.workflow, d.agent, d.run, d.action, d.provider, d.model, d.method, d.host, d.path, "
+    "d.est_usd, d.est_tokens, d.actual_usd, d.tokens_in, d.tokens_out, d.usage_source, "
+    "d.status, d.latency_ms, d.upstream_ms, d.stream, d.fingerprint, d.hold_id, d.budget, "
+    "d.completed_at, d.note, h.state AS hold_state"
+)
+
+
+def _priced_column(reader: Reader) -> str:
+    """`d.priced` once the meter records it on the decision row (a column another change adds)."""
+    try:
+        reader.query("SELECT priced FROM decisions WHERE 1 = 0")
+    except LedgerError:  # no such column in this ledger yet
+        return ""
+    return ", d.priced"
+
+
+def find(
+    reader: Reader,
+    *,
+    floor: float = 0.0,
+    run: str | None = None,
+    policy: Policy | None = None,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(anomalies, the decision rows they were computed from) for the runs active since `floor`.
+
+    Whole runs and whole workflows are read, not just the window, so counts match the guards.
+    """
+    where = "ts >= :floor" + (" AND run = :run" if run else "")
+    params = {"floor": floor, "run": run}
+    columns = DECISION_FIELDS + _priced_column(reader)
+    rows = reader.query(
+        f"""SELECT {columns} FROM decisions d LEFT JOIN holds h ON h.id = d.hold_id
+            WHERE d.scope IN (SELECT DISTINCT scope FROM decisions WHERE {where})
+            ORDER BY d.ts, d.id""",
+        params,
+    )
+    workflow_rows = reader.query(
+        f"""SELECT d.id, d.request_id, d.ts, d.decision, d.reason, d.scope, d.tenant, d.workflow,
+                   d.agent, d.run, d.action
+            FROM decisions d WHERE d.workflow IN
+              (SELECT DISTINCT workflow FROM decisions WHERE {where} AND workflow IS NOT NULL)
+            ORDER BY d.ts, d.id""",
+        params,
+    )
+    history = reader.query(
+        """SELECT tenant, agent, scope, COUNT(*) AS steps, MIN(ts) AS started
+           FROM decisions WHERE run IS NOT NULL GROUP BY tenant, agent, scope"""
+    )
+    settings = policy.anomalies if policy else AnomalySettings()
+    priced = frozenset(a.kind for a in policy.actions if a.price is not None) if policy else None
+    found = detect(
+        rows,
+        settings,
+        history=history,
+        workflow_rows=workflow_rows,
+        priced_actions=priced or frozenset(),
+    )
+    return found, rows

@@ -1,0 +1,643 @@
+"""`drawdown replay` (SPEC §10): re-decide the recorded traffic under another policy.
+
+Every recorded request is taken in the order it arrived and walked through the same stages
+the proxy runs — classify, authorize (with `requires` answered from the replay's own
+history), the anomaly guards set to deny, then the budgets — with the new policy. Budgets
+are simulated: a request that passes holds its estimate on every matching instance and is
+charged its recorded actual when it completed, exactly as reserve and commit did live, so
+a run budget runs out at the same request it would have under enforcement.
+
+What the ledger recorded is what replay knows (see drawdown.recording): method, host,
+port, path, query, the identity levels, model, estimate, actuals, status, the body's JSON
+fields the recording policy referenced (or the whole body with `record: {bodies: full}`).
+Headers are never recorded, so `header.*` conditions see nothing; a json field the new
+policy reads but the ledger did not keep is reported as a warning. Identity is taken as
+recorded (the new policy's `identity:` section is not re-applied). A request the new policy
+allows that was never forwarded when it was recorded (the recording policy denied it) is
+assumed to have succeeded at its estimate (`assumed: true`).
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import time
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
+from typing import Any
+
+from .addon import guards_for
+from .authority import evaluate, facts_of
+from .budgets import claims_for
+from .classify import RequestView, classify
+from .ledger.api import UNITS, Amount, Claim, Guards, LedgerError, Shortfall
+from .ledger.reader import Reader
+from .money import format_usd, usd_float
+from .policy.match import LEVELS
+from .policy.model import Policy
+from .recording import body_fields, omitted_fields, rebuild_json
+from .report import _iso
+from .respond import STATUS
+
+_COLUMNS = (
+    "d.id, d.request_id, d.ts, d.decision, d.reason_code, d.reason, d.scope, d.tenant, d.workflow, "
+    "d.agent, d.run, d.action, d.provider, d.model, d.method, d.host, d.path, d.est_usd, "
+    "d.est_tokens, d.actual_usd, d.tokens_in, d.tokens_out, d.status, d.fingerprint, d.completed_at, "
+    "h.state AS hold_state, h.est_requests"
+)
+_FEATURES = ("port", "query", "body_fields", "body", "mcp")
+
+
+@dataclass
+class Replayed:
+    """One recorded request, decided again."""
+
+    request_id: str
+    ts: float
+    scope: str
+    run: str | None
+    agent: str | None
+    action: str | None
+    recorded: str  # the decision recorded live: allow | deny | would_deny
+    decision: str  # the new policy's decision
+    reason_code: str | None = None
+    reason: str | None = None
+    by: str | None = None  # the rule (file:line), budget instance or detector that decided
+    status: int | None = None  # the HTTP status the proxy would have answered a denial with
+    usd_recorded: int = 0  # nano-USD charged live
+    usd_replayed: int = 0  # nano-USD it would have been charged under the new policy
+    assumed: bool = False  # never forwarded live: success at its estimate is assumed
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "request_id": self.request_id,
+            "ts": _iso(self.ts),
+            "scope": self.scope,
+            "run": self.run,
+            "agent": self.agent,
+            "action": self.action,
+            "recorded": self.recorded,
+            "decision": self.decision,
+            "reason_code": self.reason_code,
+            "reason": self.reason,
+            "by": self.by,
+            "status": self.status,
+            "usd_recorded": usd_float(self.usd_recorded),
+            "usd_replayed": usd_float(self.usd_replayed),
+            "assumed": self.assumed,
+        }
+
+
+@dataclass(order=True)
+class _Pending:
+    """A forwarded request that settles (commit or release) when it completed live."""
+
+    at: float
+    seq: int
+    keys: list[tuple[str, str, int]] = field(compare=False)
+    estimate: Amount = field(compare=False)
+    actual: Amount | None = field(compare=False)  # None: released (upstream error)
+    facts: list[tuple[str, str, str, str]] = field(compare=False)
+
+
+class Simulation:
+    """The ledger's state as the new policy would have left it, request by request."""
+
+    def __init__(self, policy: Policy) -> None:
+        self.policy = policy
+        # (budget key, instance scope, window start) -> [spent usd, tokens, requests, reserved …]
+        self.instances: dict[tuple[str, str, int], list[int]] = defaultdict(lambda: [0] * 6)
+        self.facts: set[tuple[str, str, str, str]] = set()
+        self.pending: list[_Pending] = []
+        self.repeats: Counter[tuple[str, str]] = Counter()  # (scope, fingerprint) -> decisions
+        self.steps: Counter[str] = Counter()  # scope -> decisions
+        self.runs: dict[tuple[str, str], set[str]] = defaultdict(
+            set
+        )  # (tenant, workflow) -> scopes
+        self._seq = 0
+
+    def settle_until(self, ts: float) -> None:
+        while self.pending and self.pending[0].at <= ts:
+            self._settle(heapq.heappop(self.pending))
+
+    def _settle(self, item: _Pending) -> None:
+        for key in item.keys:
+            cell = self.instances[key]
+            for i, unit in enumerate(UNITS):
+                cell[3 + i] -= item.estimate.get(unit)
+                if item.actual is not None:
+                    cell[i] += item.actual.get(unit)
+        if item.actual is not None:
+            self.facts.update(item.facts)
+
+    def history(self, scope: str, actions: Sequence[str], name: str, value: str | None) -> bool:
+        return any(
+            s == scope
+            and f == name
+            and v == (value or "")
+            and any(fnmatchcase(a, g) for g in actions)
+            for s, a, f, v in self.facts
+        )
+
+    def check_guards(self, row: dict[str, Any], guards: Guards) -> tuple[str, str] | None:
+        """(detector, detail) when a guard refuses — the same counts as the ledger's `_check_guards`."""
+        scope = row["scope"]
+        if guards.max_repeats is not None and row.get("fingerprint"):
+            repeats = self.repeats[(scope, row["fingerprint"])]
+            if repeats >= guards.max_repeats:
+                return (
+                    "loop",
+                    f"loop: this identical {row['kind']} request was already made {repeats} times in "
+                    f"{scope} (anomalies.loop.repeats: {guards.max_repeats})",
+                )
+        if guards.max_steps is not None and self.steps[scope] >= guards.max_steps:
+            return (
+                "step_count",
+                f"step_count: {scope} already took {self.steps[scope]} steps "
+                f"(anomalies.step_count.max: {guards.max_steps})",
+            )
+        workflow = row.get("workflow")
+        if guards.max_runs_per_workflow is not None and workflow is not None:
+            runs = self.runs[(row.get("tenant") or "", workflow)]
+            if scope not in runs and len(runs) >= guards.max_runs_per_workflow:
+                return (
+                    "fan_out",
+                    f"fan_out: workflow {workflow} already has {len(runs)} runs "
+                    f"(anomalies.fan_out.max_runs_per_workflow: {guards.max_runs_per_workflow})",
+                )
+        return None
+
+    def shortfalls(self, claims: Sequence[Claim], estimate: Amount) -> list[Shortfall]:
+        found = []
+        for claim in claims:
+            cell = self.instances[(claim.budget, claim.scope, claim.window_start)]
+            for i, unit in enumerate(UNITS):
+                limit = claim.limit(unit)
+                needed = estimate.get(unit)
+                if limit is not None and cell[i] + cell[3 + i] + needed > limit:
+                    found.append(Shortfall(claim, unit, limit, cell[i], cell[3 + i], needed))
+                    break
+        return found
+
+    def hold(
+        self,
+        claims: Sequence[Claim],
+        estimate: Amount,
+        at: float,
+        actual: Amount | None,
+        facts: list[tuple[str, str, str, str]],
+    ) -> None:
+        keys = [(c.budget, c.scope, c.window_start) for c in claims]
+        for key in keys:
+            cell = self.instances[key]
+            for i, unit in enumerate(UNITS):
+                cell[3 + i] += estimate.get(unit)
+        self._seq += 1
+        heapq.heappush(self.pending, _Pending(at, self._seq, keys, estimate, actual, facts))
+
+    def count(self, row: dict[str, Any], decision: str, fingerprint: str | None) -> None:
+        """Every decision row counts for the guards, as it does in the ledger."""
+        self.steps[row["scope"]] += 1
+        if fingerprint:
+            self.repeats[(row["scope"], fingerprint)] += 1
+        if row.get("workflow") is not None and decision != "deny":
+            self.runs[(row.get("tenant") or "", row["workflow"])].add(row["scope"])
+
+
+def _view(row: dict[str, Any]) -> RequestView:
+    query = json.loads(row["query"]) if row.get("query") else {}
+    view = RequestView(
+        method=row.get("method") or "GET",
+        host=row.get("host") or "",
+        port=int(row.get("port") or 443),
+        path=row.get("path") or "/",
+        query={str(k): str(v) for k, v in query.items()},
+        headers={},
+        body=b"",
+        model=row.get("model"),
+    )
+    view._json = rebuild_json(row.get("body"), row.get("body_fields"), row.get("mcp"))
+    return view
+
+
+def _levels(row: dict[str, Any]) -> dict[str, str]:
+    return {level: row[level] for level in LEVELS if row.get(level) is not None}
+
+
+def _forwarded(row: dict[str, Any]) -> bool:
+    return row["decision"] != "deny"
+
+
+def _succeeded(row: dict[str, Any]) -> bool:
+    status = row.get("status")
+    return (
+        row.get("hold_state") in ("committed", "expired")
+        and status is not None
+        and (200 <= int(status) < 300)
+    )
+
+
+def _decide(sim: Simulation, row: dict[str, Any]) -> Replayed:
+    """One request through the new policy's pipeline (addon.Drawdown.request, step by step)."""
+    policy = sim.policy
+    view = _view(row)
+    classification = classify(policy, view)
+    action = classification.action
+    levels = _levels(row)
+    scope = row["scope"]
+    out = Replayed(
+        request_id=row["request_id"],
+        ts=row["ts"],
+        scope=scope,
+        run=row.get("run"),
+        agent=row.get("agent"),
+        action=classification.kind,
+        recorded=row["decision"],
+        decision="allow",
+        usd_recorded=row.get("actual_usd") or 0 if _forwarded(row) else 0,
+    )
+    shadow = policy.mode == "shadow"
+
+    def deny(code: str, reason: str, by: str | None, status: int | None = None) -> None:
+        # An enforced denial in a shadow policy is only reported (the request goes on).
+        if shadow:
+            if out.decision == "allow":
+                out.decision, out.reason_code, out.reason, out.by = "would_deny", code, reason, by
+            return
+        out.decision, out.reason_code, out.reason, out.by = "deny", code, reason, by
+        out.status = status or STATUS.get(code, 403)
+
+    def finish(claims: Sequence[Claim], estimate: Amount, fingerprint: str | None) -> Replayed:
+        sim.count(row, out.decision, fingerprint)
+        if out.decision == "deny":
+            return out
+        actual = _actual(row, action, estimate)
+        if not _forwarded(row):
+            out.assumed = True
+        out.usd_replayed = actual.usd if actual else 0
+        facts = []
+        if actual is not None and (_succeeded(row) or out.assumed) and kind is not None:
+            facts = [
+                (scope, kind, name, value) for name, value in facts_of(policy.authority, kind, view)
+            ]
+        done = row.get("completed_at") if _forwarded(row) else None
+        sim.hold(claims, estimate, done or row["ts"], actual, facts)
+        return out
+
+    kind = classification.kind
+    if action is None:
+        if policy.unknown_hosts == "deny":
+            deny(
+                "unknown_host",
+                f"{view.host} is not a host any action names (unknown_hosts: deny)",
+                None,
+            )
+        return finish([], Amount(), None)
+
+    estimate = Amount(usd=action.cost_usd_nanos or 0, requests=max(1, len(classification.kinds)))
+    billable = True
+    if action.is_llm:
+        if row.get("reason_code") == "bad_request":
+            deny("bad_request", row.get("reason") or "unreadable request", None)
+            return finish([], Amount(), None)
+        billable = _billable(action.provider, view.method, view.path)
+        estimate = _llm_estimate(policy, action, view, row)
+
+    assert kind is not None
+    if policy.authority.rules or policy.authority.default == "deny":
+        for each in classification.kinds:
+            evaluation = evaluate(policy.authority, levels, scope, each, view)
+            present = [
+                sim.history(scope, c.requirement.actions, c.requirement.there or "", c.value)
+                for c in evaluation.checks
+            ]
+            verdict = evaluation.finish(present)
+            rule = verdict.rule.describe() if verdict.rule else "authority.default"
+            if verdict.decision == "deny":
+                deny(verdict.reason_code or "not_authorized", verdict.reason or "", rule)
+                if out.decision == "deny":
+                    return finish([], Amount(), None)
+                break
+            if verdict.decision == "would_deny" and out.decision == "allow":
+                out.decision, out.reason_code, out.reason, out.by = (
+                    "would_deny",
+                    verdict.reason_code,
+                    verdict.reason,
+                    rule,
+                )
+    if action.is_llm and not billable:  # e.g. count_tokens: uncharged, unguarded
+        return finish([], Amount(), None)
+
+    fingerprint = row.get("fingerprint")
+    claims = claims_for(policy, levels, kind, row["ts"])
+    guards = guards_for(policy, kind)
+    if guards is not None:
+        tripped = sim.check_guards({**row, "kind": kind, "fingerprint": fingerprint}, guards)
+        if tripped is not None:
+            detector, detail = tripped
+            if not guards.shadow:
+                out.decision, out.reason_code, out.reason, out.by = (
+                    "deny",
+                    "anomaly",
+                    detail,
+                    (f"anomalies.{detector}"),
+                )
+                out.status = STATUS["anomaly"]
+                return finish([], Amount(), fingerprint)
+            if out.decision == "allow":
+                out.decision, out.reason_code, out.reason, out.by = (
+                    "would_deny",
+                    "anomaly",
+                    detail,
+                    f"anomalies.{detector}",
+                )
+    shortfalls = sim.shortfalls(claims, estimate)
+    enforced = [s for s in shortfalls if not s.claim.shadow]
+    if enforced:
+        first = enforced[0]
+        out.decision, out.reason_code, out.reason = "deny", "budget_exhausted", first.describe()
+        out.by = f"budget '{first.claim.budget}' on {first.claim.scope}"
+        out.status = 429 if first.claim.per else 402
+        return finish([], Amount(), fingerprint)
+    if shortfalls and out.decision == "allow":
+        first = shortfalls[0]
+        out.decision, out.reason_code, out.reason = (
+            "would_deny",
+            "budget_exhausted",
+            first.describe(),
+        )
+        out.by = f"budget '{first.claim.budget}' on {first.claim.scope}"
+    return finish(claims, estimate, fingerprint)
+
+
+def _billable(provider: str, method: str, path: str) -> bool:
+    """As the meter routes it: count_tokens, model listings and the like are not charged."""
+    from .meter import anthropic, gemini, openai
+
+    if provider == "openai":
+        return openai.route(method, path)[0] != "other"
+    if provider == "anthropic":
+        return anthropic.route(method, path)[0] == "messages"
+    endpoint, model = gemini.route(method, path)
+    return endpoint not in ("other", "countTokens") and bool(model)
+
+
+def _llm_estimate(policy: Policy, action: Any, view: RequestView, row: dict[str, Any]) -> Amount:
+    """The estimate made live; for a request the recording policy denied before estimating it,
+    the meter's estimate from the recorded body (`record: {bodies: full}`), else its actual."""
+    if row.get("est_usd"):
+        return Amount(usd=row["est_usd"], tokens=row.get("est_tokens") or 0, requests=1)
+    if row.get("body"):
+        from . import meter
+
+        try:
+            llm = meter.inspect_request(
+                action.provider, view.method, view.path, view.query, row["body"].encode(),
+                policy.meter, action.price,
+            )  # fmt: skip
+            return Amount(
+                usd=llm.estimate_usd_nanos,
+                tokens=llm.input_tokens + llm.max_output_tokens,
+                requests=1,
+            )
+        except meter.MeterRequestError:
+            pass
+    tokens = (row.get("tokens_in") or 0) + (row.get("tokens_out") or 0)
+    return Amount(usd=row.get("actual_usd") or 0, tokens=tokens, requests=1)
+
+
+def _actual(row: dict[str, Any], action: Any, estimate: Amount) -> Amount | None:
+    """What the request is charged when it completes; None when it was released live."""
+    if not _forwarded(row):
+        return estimate  # never ran: assume it costs its estimate
+    state = row.get("hold_state")
+    committed = state == "committed" or (state == "expired" and row.get("actual_usd") is not None)
+    if not committed:
+        return None
+    if action is None:
+        return Amount()
+    if action.is_llm:
+        tokens = (row.get("tokens_in") or 0) + (row.get("tokens_out") or 0)
+        return Amount(usd=row.get("actual_usd") or 0, tokens=tokens, requests=1)
+    usd = action.cost_usd_nanos or 0
+    if (action.cost_header or action.cost_json) and row.get("actual_usd"):
+        usd = row["actual_usd"]  # the tool reported its cost live
+    return Amount(usd=usd, requests=estimate.requests)
+
+
+def _warnings(policy: Policy, rows: Sequence[dict[str, Any]]) -> list[str]:
+    found = []
+    wanted = body_fields(policy)
+    kept: set[str] = set()
+    full = False
+    omitted: set[str] = set()
+    for row in rows:
+        if row.get("body"):
+            full = True
+        if row.get("body_fields"):
+            kept.update(k for k in json.loads(row["body_fields"]) if k.startswith("json."))
+            omitted.update(omitted_fields(row["body_fields"]))
+    missing = sorted(wanted - kept - omitted) if not full else []
+    if missing:
+        found.append(
+            "the new policy reads "
+            + ", ".join(missing)
+            + ", which the ledger did not record for any request: those conditions saw no value "
+            "(record them with `record: {fields: [...]}` or `record: {bodies: full}`)"
+        )
+    if omitted & wanted:
+        found.append(
+            "some requests' " + ", ".join(sorted(omitted & wanted)) + " were too large to record"
+        )
+    headers = sorted(
+        {t.field for a in policy.actions for t in a.match.tests if t.field.startswith("header.")}
+        | {t.field for r in policy.authority.rules for t in r.when if t.field.startswith("header.")}
+    )
+    if headers:
+        found.append(
+            "the new policy reads "
+            + ", ".join(headers)
+            + "; headers are never recorded, so replay treats them as absent"
+        )
+    if rows and not any(row.get("port") is not None for row in rows):
+        found.append(
+            "this ledger holds no request features (port, query, body fields): it was written by "
+            "an older drawdown, so conditions on them saw nothing"
+        )
+    return found
+
+
+def replay(
+    policy: Policy, db: str, *, since: float | None = None, now: float | None = None
+) -> dict[str, Any]:
+    """Re-decide every recorded request since `since` seconds ago under `policy`."""
+    reader = Reader(db)
+    try:
+        floor = (now or time.time()) - since if since else 0.0
+        features = _feature_columns(reader)
+        rows = reader.query(
+            f"SELECT {_COLUMNS}{features} FROM decisions d LEFT JOIN holds h ON h.id = d.hold_id "
+            "WHERE d.ts >= :floor ORDER BY d.ts, d.id",
+            {"floor": floor},
+        )
+    finally:
+        reader.close()
+    sim = Simulation(policy)
+    results = []
+    for row in rows:
+        sim.settle_until(row["ts"])
+        results.append(_decide(sim, row))
+    return _summary(policy, rows, results, since=_iso(floor) if since else None)
+
+
+def _feature_columns(reader: Reader) -> str:
+    """The replay columns this ledger has (a ledger from before they existed has none)."""
+    try:
+        reader.query("SELECT port FROM decisions WHERE 1 = 0")
+    except LedgerError:  # a ledger from before these columns
+        return ""
+    return "".join(f", d.{name}" for name in _FEATURES)
+
+
+def _summary(
+    policy: Policy, rows: Sequence[dict[str, Any]], results: list[Replayed], since: str | None
+) -> dict[str, Any]:
+    recorded = Counter(r.recorded for r in results)
+    replayed = Counter(r.decision for r in results)
+    runs: dict[str, dict[str, Any]] = {}
+    for r in results:
+        entry = runs.setdefault(
+            r.scope,
+            {
+                "scope": r.scope,
+                "run": r.run,
+                "agent": r.agent,
+                "requests": 0,
+                "blocked": 0,
+                "would_deny": 0,
+                "first_blocked": None,
+                "usd_recorded": 0,
+                "usd_replayed": 0,
+            },
+        )
+        entry["requests"] += 1
+        entry["usd_recorded"] += r.usd_recorded
+        entry["usd_replayed"] += r.usd_replayed
+        if r.decision == "deny":
+            entry["blocked"] += 1
+            if entry["first_blocked"] is None:
+                entry["first_blocked"] = {
+                    "request_id": r.request_id,
+                    "ts": _iso(r.ts),
+                    "action": r.action,
+                    "reason_code": r.reason_code,
+                    "reason": r.reason,
+                    "by": r.by,
+                }
+        elif r.decision == "would_deny":
+            entry["would_deny"] += 1
+    for entry in runs.values():
+        for key in ("usd_recorded", "usd_replayed"):
+            entry[f"{key}_nanos"] = entry[key]
+            entry[key] = usd_float(entry[key])
+    by: Counter[tuple[str, str]] = Counter(
+        (r.reason_code or "", r.by or "") for r in results if r.decision != "allow"
+    )
+    return {
+        "policy": list(policy.files),
+        "policy_digest": policy.digest[:16],
+        "mode": policy.mode,
+        "since": since,
+        "requests": len(results),
+        "recorded": {k: recorded.get(k, 0) for k in ("allow", "deny", "would_deny")},
+        "decisions": {k: replayed.get(k, 0) for k in ("allow", "deny", "would_deny")},
+        "changed": sum(1 for r in results if r.decision != r.recorded),
+        "blocked": [r.as_dict() for r in results if r.decision == "deny"],
+        "would_deny": [r.as_dict() for r in results if r.decision == "would_deny"],
+        "runs": sorted(
+            (e for e in runs.values() if e["blocked"] or e["would_deny"]),
+            key=lambda e: (e["first_blocked"] or {}).get("ts") or "",
+        ),
+        "all_runs": len(runs),
+        "by": [
+            {"reason_code": code, "by": rule, "requests": n}
+            for (code, rule), n in sorted(by.items(), key=lambda item: -item[1])
+        ],
+        "usd_recorded": usd_float(sum(r.usd_recorded for r in results)),
+        "usd_replayed": usd_float(sum(r.usd_replayed for r in results)),
+        "warnings": _warnings(policy, rows),
+    }
+
+
+def render_text(data: dict[str, Any]) -> str:
+    from .report import _table
+
+    rec, new = data["recorded"], data["decisions"]
+    out = [
+        f"replayed {data['requests']} recorded request(s) in {data['all_runs']} scope(s)"
+        + (f" since {data['since']}" if data["since"] else "")
+        + f" against {', '.join(data['policy'])} (mode {data['mode']})",
+        f"  as recorded: {rec['allow']} allowed, {rec['deny']} denied, {rec['would_deny']} would deny",
+        f"  new policy:  {new['allow']} allowed, {new['deny']} denied, {new['would_deny']} would deny"
+        f"  ({data['changed']} decision(s) changed)",
+        f"  spend: ${data['usd_recorded']:.4f} as recorded, ${data['usd_replayed']:.4f} under the new policy",
+    ]
+    for warning in data["warnings"]:
+        out.append(f"  warning: {warning}")
+    out.append("")
+    out.append("RUNS THE NEW POLICY STOPS OR FLAGS")
+    if data["runs"]:
+        out.append(
+            _table(
+                [
+                    "scope",
+                    "requests",
+                    "blocked",
+                    "would_deny",
+                    "first blocked by",
+                    "spent then",
+                    "spent now",
+                ],
+                [
+                    [
+                        e["scope"],
+                        str(e["requests"]),
+                        str(e["blocked"]),
+                        str(e["would_deny"]),
+                        (e["first_blocked"] or {}).get("by") or "-",
+                        format_usd(e["usd_recorded_nanos"]),
+                        format_usd(e["usd_replayed_nanos"]),
+                    ]
+                    for e in data["runs"]
+                ],
+            )
+        )
+    else:
+        out.append("(none: the new policy would have let every recorded request through)")
+    if data["blocked"]:
+        out.append("")
+        out.append("BLOCKED REQUESTS")
+        out.append(
+            _table(
+                ["time", "scope", "action", "status", "reason"],
+                [
+                    [
+                        b["ts"] or "",
+                        b["scope"],
+                        b["action"] or "-",
+                        str(b["status"]),
+                        f"{b['reason_code']}: {b['reason']}",
+                    ]
+                    for b in data["blocked"]
+                ],
+            )
+        )
+    if data["by"]:
+        out.append("")
+        out.append("BY RULE, BUDGET OR DETECTOR")
+        out.extend(
+            f"  {b['requests']:>5}  {b['reason_code']:<17} {b['by'] or '-'}" for b in data["by"]
+        )
+    return "\n".join(out)

@@ -1,0 +1,301 @@
+"""Structural anomaly detectors over seeded ledgers: each kind fires with the right evidence,
+normal traffic of the same shape raises none, and flag agrees with the reserve-time guards."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from drawdown import anomalies
+from drawdown.ledger.api import Guards
+from drawdown.ledger.reader import Reader
+from drawdown.policy import load_policy
+from drawdown.policy.model import Policy
+
+from tests.unit.seeding import Seeder
+
+
+@pytest.fixture
+def seed(tmp_path: Path) -> Seeder:
+    seeder = Seeder(tmp_path / "ledger.db")
+    yield seeder
+    seeder.close()
+
+
+def policy(tmp_path: Path, text: str) -> Policy:
+    path = tmp_path / "policy.yaml"
+    path.write_text(text)
+    return load_policy(str(path))
+
+
+def found(seed: Seeder, settings: Policy | None = None) -> list[dict[str, Any]]:
+    reader = Reader(str(seed.path))
+    try:
+        result, _ = anomalies.find(reader, policy=settings)
+        return result
+    finally:
+        reader.close()
+
+
+def kinds(result: list[dict[str, Any]]) -> list[str]:
+    return sorted(a["kind"] for a in result)
+
+
+def normal_workflow(seed: Seeder, workflow: str, runs: int = 3) -> None:
+    """A planner and two workers: LLM calls with varying prompts, tool reads, an upstream error."""
+    for r in range(runs):
+        for agent, steps in (("planner", 6), ("researcher", 8), ("writer", 7)):
+            for i in range(steps):
+                seed.call(agent=agent, run=f"{workflow}-{agent}-{r}", workflow=workflow, body=f"{agent} step {i} of {r}",
+                          actual_usd=300_000 + 1000 * i, tokens=(200 + i, 50))  # fmt: skip
+            seed.call(agent=agent, run=f"{workflow}-{agent}-{r}", workflow=workflow, action="crm.read",
+                      provider=None, model=None, host="crm.example.com", method="GET", path=f"/customers/{r}",
+                      est_usd=2_000_000, actual_usd=2_000_000, latency_ms=40, upstream_ms=35)  # fmt: skip
+        seed.call(
+            agent="writer",
+            run=f"{workflow}-writer-{r}",
+            workflow=workflow,
+            actual_usd=None,
+            status=503,
+        )
+
+
+def test_normal_runs_raise_no_anomaly_with_the_defaults(seed: Seeder) -> None:
+    for w in range(4):
+        normal_workflow(seed, f"wf{w}", runs=1)
+    # The same polling GET a few times (≤ repeats) and an LLM reply far below its max_tokens hold.
+    for _ in range(5):
+        seed.call(agent="poller", run="p1", action="jobs.status", provider=None, model=None, method="GET",
+                  host="jobs.example.com", path="/jobs/7", body="", est_usd=0, actual_usd=0, upstream_ms=20)  # fmt: skip
+    seed.call(agent="poller", run="p1", est_usd=40_000_000, actual_usd=90_000)
+    assert found(seed) == []
+
+
+def test_loop_flags_the_sixth_identical_request_with_all_six_as_evidence(seed: Seeder) -> None:
+    ids = [seed.call(run="looping", body="same prompt").request_id for _ in range(6)]
+    five = [seed.call(run="fine", body="same prompt").request_id for _ in range(5)]
+    (loop,) = found(seed)
+    assert loop["kind"] == "loop" and loop["scope"] == "tenant:acme/agent:worker/run:looping"
+    assert loop["run"] == "looping" and loop["evidence"] == ids and loop["on_detect"] == "flag"
+    assert "6 times" in loop["detail"] and "repeats: 5" in loop["detail"]
+    assert not set(five) & set(loop["evidence"])
+
+
+def test_loop_denied_by_the_guard_is_the_same_anomaly(seed: Seeder, tmp_path: Path) -> None:
+    settings = policy(tmp_path, "anomalies:\n  loop: {repeats: 5, on_detect: deny}\n")
+    rows = [seed.call(run="r", body="again", guards=Guards(max_repeats=5)) for _ in range(7)]
+    assert [r.decision for r in rows] == ["allow"] * 5 + ["deny"] * 2
+    (loop,) = found(seed, settings)
+    assert loop["on_detect"] == "deny" and loop["denied"] == [r.request_id for r in rows[5:]]
+    assert loop["evidence"] == [r.request_id for r in rows]
+    # A report made without the policy still shows what the guard did.
+    (alone,) = found(seed)
+    assert alone["kind"] == "loop" and alone["denied"] == [r.request_id for r in rows[5:]]
+
+
+def test_two_loops_in_one_run_keep_their_own_denials(seed: Seeder) -> None:
+    rows = [
+        seed.call(run="r", body=f"prompt {i % 2}", guards=Guards(max_repeats=2)) for i in range(8)
+    ]
+    first, second = found(seed)
+    assert first["detail"] != second["detail"]  # each names its own request
+    for loop, parity in ((first, 0), (second, 1)):
+        mine = [r for i, r in enumerate(rows) if i % 2 == parity]
+        assert loop["evidence"] == [r.request_id for r in mine]
+        assert loop["denied"] == [r.request_id for r in mine[2:]]
+
+
+def test_a_shadow_guard_denies_nothing(seed: Seeder, tmp_path: Path) -> None:
+    rows = [
+        seed.call(run="r", body="same", mode="shadow", guards=Guards(max_repeats=2, shadow=True))
+        for _ in range(4)
+    ]
+    assert [r.decision for r in rows] == ["allow", "allow", "would_deny", "would_deny"]
+    (loop,) = found(
+        seed, policy(tmp_path, "mode: shadow\nanomalies:\n  loop: {repeats: 2, on_detect: deny}\n")
+    )
+    assert loop["denied"] == [] and loop["evidence"] == [r.request_id for r in rows]
+
+
+def test_step_count_above_max(seed: Seeder, tmp_path: Path) -> None:
+    settings = policy(tmp_path, "anomalies:\n  step_count: {max: 10}\n")
+    long = [seed.call(run="long", body=f"s{i}") for i in range(12)]
+    for i in range(10):
+        seed.call(run="exactly-ten", body=f"t{i}")
+    (steps,) = found(seed, settings)
+    assert steps["kind"] == "step_count" and steps["run"] == "long"
+    assert steps["evidence"] == [r.request_id for r in long[10:]]
+    assert "12 steps" in steps["detail"]
+    assert found(seed) == []  # the default max (60) is far away
+
+
+def test_step_count_against_the_agents_history(seed: Seeder) -> None:
+    for r in range(25):
+        for i in range(10):
+            seed.call(agent="etl", run=f"h{r}", body=f"{r}-{i}")
+    for i in range(19):
+        seed.call(agent="etl", run="busy-but-normal", body=f"b{i}")
+    assert found(seed) == []  # 19 ≤ 2 × p99 (10)
+    for i in range(45):
+        seed.call(agent="etl", run="runaway", body=f"x{i}")
+    (steps,) = found(seed)
+    # p99 of the 26 earlier runs is the busy one's 19 steps: flagged above 38.
+    assert steps["run"] == "runaway" and "last 26 runs took 19" in steps["detail"]
+    assert len(steps["evidence"]) == 45 - 38
+
+
+def test_step_count_history_needs_enough_runs(seed: Seeder) -> None:
+    for r in range(10):
+        for i in range(3):
+            seed.call(agent="etl", run=f"h{r}", body=f"{r}-{i}")
+    for i in range(30):
+        seed.call(agent="etl", run="long", body=f"x{i}")
+    assert found(seed) == []  # 10 earlier runs < history_min_runs (20); 30 < max (60)
+
+
+def test_fan_out_counts_runs_under_a_workflow(seed: Seeder) -> None:
+    firsts = []
+    for r in range(7):
+        firsts.append(seed.call(agent=f"sub{r % 2}", run=f"f{r}", workflow="fan").request_id)
+        seed.call(agent=f"sub{r % 2}", run=f"f{r}", workflow="fan")
+    for r in range(5):
+        seed.call(run=f"ok{r}", workflow="calm")
+    (fan,) = found(seed)
+    assert (
+        fan["kind"] == "fan_out"
+        and fan["scope"] == "tenant:acme/workflow:fan"
+        and fan["run"] is None
+    )
+    assert fan["evidence"] == firsts[5:]
+    assert fan["runs"] == [
+        "tenant:acme/workflow:fan/agent:sub1/run:f5",
+        "tenant:acme/workflow:fan/agent:sub0/run:f6",
+    ]
+    assert "7 runs" in fan["detail"]
+
+
+def test_fan_out_counts_agents_too(seed: Seeder, tmp_path: Path) -> None:
+    settings = policy(
+        tmp_path, "anomalies:\n  fan_out: {max_agents_per_workflow: 2, max_runs_per_workflow: 50}\n"
+    )
+    ids = [seed.call(agent=f"a{i}", run="one", workflow="crowd").request_id for i in range(3)]
+    (fan,) = found(seed, settings)
+    assert "3 agents" in fan["detail"] and fan["evidence"] == ids[2:]
+
+
+def test_fan_out_guard_keeps_refusing_a_refused_run(seed: Seeder) -> None:
+    guard = Guards(max_runs_per_workflow=2)
+    for r in range(2):
+        assert seed.call(run=f"ok{r}", workflow="w", guards=guard).decision == "allow"
+    third = [seed.call(run="third", workflow="w", guards=guard) for _ in range(2)]
+    assert [r.decision for r in third] == ["deny", "deny"]
+    assert (
+        seed.call(run="ok0", workflow="w", guards=guard).decision == "allow"
+    )  # a known run goes on
+    (fan,) = found(seed)
+    assert fan["denied"] == [r.request_id for r in third] and fan["on_detect"] == "deny"
+
+
+def test_handoff_between_agents_of_one_workflow(seed: Seeder) -> None:
+    quiet = [seed.call(agent="planner", run="p", workflow="hand", body=f"p{i}") for i in range(2)]
+    busy = [seed.call(agent="executor", run="e", workflow="hand", body=f"e{i}") for i in range(12)]
+    for i in range(5):
+        seed.call(agent="planner", run="p", workflow="balanced", body=f"p{i}")
+    for i in range(12):
+        seed.call(agent="executor", run="e", workflow="balanced", body=f"e{i}")
+    for i in range(8):  # far apart, but too small to matter (min_steps 10)
+        seed.call(agent="executor", run="e", workflow="small", body=f"e{i}")
+    seed.call(agent="planner", run="p", workflow="small")
+    (handoff,) = found(seed)
+    assert handoff["kind"] == "handoff" and handoff["workflow"] == "hand"
+    assert set(handoff["evidence"]) == {r.request_id for r in quiet + busy}
+    assert "executor took 12 steps" in handoff["detail"] and "planner 2" in handoff["detail"]
+    assert sorted(handoff["runs"]) == [
+        "tenant:acme/workflow:hand/agent:executor/run:e",
+        "tenant:acme/workflow:hand/agent:planner/run:p",
+    ]
+
+
+def test_under_commit_on_a_costed_tool_call(seed: Seeder, tmp_path: Path) -> None:
+    tool = {
+        "action": "crm.read",
+        "provider": None,
+        "model": None,
+        "host": "crm.example.com",
+        "method": "GET",
+        "upstream_ms": 30,
+    }
+    cheap = seed.call(run="r", est_usd=2_000_000, actual_usd=100_000, **tool)
+    seed.call(run="r", est_usd=2_000_000, actual_usd=2_000_000, **tool)
+    seed.call(
+        run="r", est_usd=2_000_000, actual_usd=None, status=500, **tool
+    )  # released: not a commit
+    seed.call(run="r", est_usd=40_000_000, actual_usd=50_000)  # an LLM call: normal by default
+    (under,) = found(seed)
+    assert under["kind"] == "under_commit" and under["evidence"] == [cheap.request_id]
+    assert "crm.read" in under["detail"] and "fabricated or cached" in under["detail"]
+    llm_too = policy(tmp_path, "anomalies:\n  under_commit: {ratio: 0.1, actions: [llm]}\n")
+    (under,) = found(seed, llm_too)
+    assert "llm" in under["detail"] and len(under["evidence"]) == 1
+
+
+def test_fast_commit_on_llm_calls(seed: Seeder, tmp_path: Path) -> None:
+    fast = seed.call(run="r", upstream_ms=1.5, latency_ms=3.0)
+    seed.call(run="r", upstream_ms=900)
+    seed.call(
+        run="r", action="cache.get", provider=None, model=None, upstream_ms=0.4
+    )  # a tool: fast is fine
+    (quick,) = found(seed)
+    assert quick["kind"] == "fast_commit" and quick["evidence"] == [fast.request_id]
+    assert "under 5 ms" in quick["detail"]
+    tools = policy(tmp_path, "anomalies:\n  fast_commit: {latency_ms: 50, actions: ['cache.*']}\n")
+    (quick,) = found(seed, tools)
+    assert "cache.get" in quick["detail"]
+
+
+def test_drift_when_actual_is_far_above_the_estimate(seed: Seeder) -> None:
+    over = seed.call(run="r", est_usd=1_000_000, actual_usd=3_000_000)
+    seed.call(run="r", est_usd=1_000_000, actual_usd=1_500_000)
+    (drift,) = found(seed)
+    assert drift["kind"] == "drift" and drift["evidence"] == [over.request_id]
+    assert "2.0 × their estimate" in drift["detail"]
+
+
+def test_unpriced_model(seed: Seeder, tmp_path: Path) -> None:
+    odd = seed.call(run="r", model="acme-secret-model-9000")
+    seed.call(run="r", model="gpt-4o-mini")
+    seed.call(run="r", model="claude-haiku-4-5", provider="anthropic", host="api.anthropic.com")
+    (unpriced,) = found(seed)
+    assert unpriced["kind"] == "unpriced_model" and unpriced["evidence"] == [odd.request_id]
+    assert "acme-secret-model-9000" in unpriced["detail"] and "fallback price" in unpriced["detail"]
+    priced = policy(
+        tmp_path,
+        "actions:\n  - {kind: llm, provider: openai, match: {host: api.openai.com}, price: {input: 1, output: 2}}\n",
+    )
+    assert found(seed, priced) == []  # the policy prices that action itself
+
+
+def test_detectors_can_be_limited_to_actions(seed: Seeder, tmp_path: Path) -> None:
+    for _ in range(6):
+        seed.call(run="r", body="same", action="search")
+    only_llm = policy(tmp_path, "anomalies:\n  loop: {repeats: 5, actions: [llm]}\n")
+    assert found(seed, only_llm) == []
+    assert kinds(found(seed)) == ["loop"]
+
+
+def test_every_anomaly_has_the_contract_fields(seed: Seeder) -> None:
+    for _ in range(6):
+        seed.call(run="r", body="same")
+    seed.call(run="r", model="unknown-model-x")
+    for anomaly in found(seed):
+        assert {"kind", "scope", "run", "detail", "evidence"} <= set(anomaly)
+        assert anomaly["detail"] and all(
+            isinstance(i, str) and len(i) == 32 for i in anomaly["evidence"]
+        )
+
+
+def test_percentile_is_nearest_rank() -> None:
+    assert anomalies.percentile([1, 2, 3, 4, 100], 99) == 100
+    assert anomalies.percentile([5] * 30 + [9], 50) == 5
+    assert anomalies.percentile([7], 99) == 7

@@ -1,0 +1,381 @@
+"""`drawdown replay` over seeded ledgers, and what the ledger records for it (redacted)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from drawdown import replay
+from drawdown.classify import RequestView, classify
+from drawdown.cli import main
+from drawdown.policy import PolicyInvalid, load_policy
+from drawdown.policy.match import missing
+from drawdown.policy.model import Policy
+from drawdown.recording import features, rebuild_json, redact
+
+from tests.unit.seeding import Seeder
+
+
+@pytest.fixture
+def seed(tmp_path: Path) -> Seeder:
+    seeder = Seeder(tmp_path / "ledger.db")
+    yield seeder
+    seeder.close()
+
+
+def policy(tmp_path: Path, text: str, name: str = "policy.yaml") -> Policy:
+    path = tmp_path / name
+    path.write_text(text)
+    return load_policy(str(path))
+
+
+ACTIONS = """
+actions:
+  - {kind: llm, provider: openai, match: {host: api.openai.com}}
+  - {kind: crm.read, match: {host: crm.example.com, method: GET, path: "/customers/{id}"}, cost: {usd: 0.002}}
+  - {kind: refund.issue, match: {host: api.stripe.com, method: POST, path: /v1/refunds}, cost: {usd: 0.01}}
+"""
+
+
+def view(
+    method: str,
+    url_path: str,
+    body: Any = None,
+    query: dict[str, str] | None = None,
+    host: str = "api.stripe.com",
+) -> RequestView:
+    return RequestView(
+        method,
+        host,
+        443,
+        url_path,
+        query or {},
+        {},
+        json.dumps(body).encode() if body is not None else b"",
+    )
+
+
+# --- recording -------------------------------------------------------------------------------
+
+
+def test_query_values_with_secret_names_are_redacted(tmp_path: Path) -> None:
+    p = policy(tmp_path, ACTIONS)
+    v = view("GET", "/v1/models", query={"key": "AIzaSyD-secret-gemini-key-000000000", "alt": "sse", "access_token": "t0k",
+                                         "x": "sk-proj-abcdef", "page": "2"})  # fmt: skip
+    got = features(p, v, classify(p, v))
+    assert json.loads(got["query"]) == {
+        "key": "[redacted]",
+        "alt": "sse",
+        "access_token": "[redacted]",
+        "x": "[redacted]",
+        "page": "2",
+    }
+    assert got["port"] == 443 and got["body_fields"] is None and got["body"] is None
+
+
+def test_fields_mode_keeps_only_what_policies_read(tmp_path: Path) -> None:
+    p = policy(
+        tmp_path,
+        ACTIONS
+        + """
+authority:
+  rules:
+    - {scope: "*", action: refund.issue, requires: [{action: crm.read, same: {json.customer_id: path.id}}]}
+    - {scope: "*", action: refund.issue, when: {json: {amount: {lte: 5000}, "metadata.api_key": {exists: true}}}}
+record: {fields: [json.reason]}
+""",
+    )
+    body = {
+        "amount": 1200,
+        "customer_id": "c-7",
+        "reason": "damaged",
+        "card": "4242424242424242",
+        "metadata": {"api_key": "k"},
+    }
+    v = view("POST", "/v1/refunds", body)
+    got = features(p, v, classify(p, v))
+    assert json.loads(got["body_fields"]) == {"json.amount": 1200, "json.customer_id": "c-7", "json.reason": "damaged",
+                                              "json.metadata.api_key": "[redacted]"}  # fmt: skip
+    assert got["body"] is None and "4242" not in json.dumps(got)
+
+
+def test_full_mode_keeps_the_body_redacted(tmp_path: Path) -> None:
+    p = policy(tmp_path, ACTIONS + "record: {bodies: full}\n")
+    body = {
+        "amount": 5,
+        "auth": {"user": "u", "password": "hunter2"},
+        "items": [{"token": "x"}, {"note": "Bearer abc.def"}],
+        "apiKey": "z",
+    }
+    v = view("POST", "/v1/refunds", body)
+    kept = json.loads(features(p, v, classify(p, v))["body"])
+    assert kept == {
+        "amount": 5,
+        "auth": "[redacted]",
+        "items": [{"token": "[redacted]"}, {"note": "[redacted]"}],
+        "apiKey": "[redacted]",
+    }
+
+
+def test_none_mode_keeps_no_body(tmp_path: Path) -> None:
+    p = policy(
+        tmp_path,
+        ACTIONS
+        + "record: {bodies: none}\nauthority:\n  rules:\n    - {scope: '*', action: refund.issue, when: {json: {amount: {lte: 5}}}}\n",
+    )
+    v = view("POST", "/v1/refunds", {"amount": 1})
+    got = features(p, v, classify(p, v))
+    assert got["body_fields"] is None and got["body"] is None
+
+
+def test_big_bodies_are_not_kept_whole(tmp_path: Path) -> None:
+    p = policy(tmp_path, ACTIONS + "record: {bodies: full, max_body_bytes: 100}\n")
+    v = view("POST", "/v1/refunds", {"text": "x" * 500})
+    assert features(p, v, classify(p, v))["body"] is None
+
+
+def test_mcp_calls_are_recorded_and_rebuilt(tmp_path: Path) -> None:
+    p = policy(
+        tmp_path, "actions:\n  - {kind: mcp.docs, provider: mcp, match: {host: mcp.example.com}}\n"
+    )
+    v = view("POST", "/mcp", {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "search", "arguments": {"q": "x"}}},
+             host="mcp.example.com")  # fmt: skip
+    got = features(p, v, classify(p, v))
+    assert json.loads(got["mcp"]) == {"batch": False, "calls": [["tools/call", "search"]]}
+    again = view("POST", "/mcp", host="mcp.example.com")
+    again._json = rebuild_json(None, None, got["mcp"])
+    assert classify(p, again).kind == "mcp.docs.search"
+
+
+def test_rebuild_json_from_fields() -> None:
+    fields = json.dumps(
+        {"json.amount": 3, "json.metadata.tier": "gold", "json.items.*.sku": ["a", "b"]}
+    )
+    doc = rebuild_json(None, fields, None)
+    assert doc == {"amount": 3, "metadata": {"tier": "gold"}, "items": [{"sku": "a"}, {"sku": "b"}]}
+    assert rebuild_json(None, None, None) is missing()
+    assert rebuild_json('{"a": 1}', fields, None) == {"a": 1}
+
+
+def test_redact_keeps_ordinary_fields() -> None:
+    assert redact({"max_tokens": 10, "tokens": 3, "model": "gpt-4o", "keyboard": "qwerty"}) == {
+        "max_tokens": 10, "tokens": 3, "model": "gpt-4o", "keyboard": "qwerty"}  # fmt: skip
+
+
+def test_record_section_is_validated(tmp_path: Path) -> None:
+    with pytest.raises(PolicyInvalid) as caught:
+        policy(tmp_path, "record:\n  bodies: everything\n  fields: [query.x]\n  colour: red\n")
+    text = str(caught.value)
+    assert "policy.yaml:2: record.bodies must be one of none, fields, full" in text
+    assert "policy.yaml:3: record.fields: 'query.x' is not a json.<path> field" in text
+    assert "policy.yaml:4: unknown key 'colour' in record" in text
+    assert policy(tmp_path, "actions: []\n").record.bodies == "fields"
+
+
+# --- replay ----------------------------------------------------------------------------------
+
+
+def llm(seed: Seeder, run: str, agent: str = "research", body: str | None = None, **kw: Any) -> Any:
+    return seed.call(agent=agent, run=run, body=body, features={"port": 443}, **kw)
+
+
+def tool(seed: Seeder, run: str, method: str, host: str, path: str, fields: dict[str, Any] | None = None,
+         agent: str = "support-1", **kw: Any) -> Any:  # fmt: skip
+    return seed.call(agent=agent, run=run, action="tool", provider=None, model=None, method=method, host=host, path=path,
+                     est_usd=0, actual_usd=0, features={"port": 443, "body_fields": json.dumps(fields) if fields else None}, **kw)  # fmt: skip
+
+
+def test_run_budget_blocks_where_enforcement_would_have(seed: Seeder, tmp_path: Path) -> None:
+    calls = [
+        llm(seed, "r1", body=f"step {i}", est_usd=2_000_000, actual_usd=1_000_000) for i in range(5)
+    ]
+    other = [
+        llm(seed, "r2", body=f"s{i}", est_usd=2_000_000, actual_usd=1_000_000) for i in range(2)
+    ]
+    p = policy(tmp_path, ACTIONS + 'budgets:\n  - {scope: "agent:*/run:*", usd: 0.004}\n')
+    data = replay.replay(p, str(seed.path))
+    assert data["requests"] == 7 and data["recorded"] == {"allow": 7, "deny": 0, "would_deny": 0}
+    assert data["decisions"] == {"allow": 5, "deny": 2, "would_deny": 0}
+    assert [b["request_id"] for b in data["blocked"]] == [c.request_id for c in calls[3:]]
+    first = data["blocked"][0]
+    assert first["reason_code"] == "budget_exhausted" and first["status"] == 402
+    assert first["by"] == "budget 'agent:*/run:*' on agent:research/run:r1"
+    assert "budget agent:research/run:r1 usd 0.004 exhausted (spent 0.0030" in first["reason"]
+    (run,) = data["runs"]
+    assert run["scope"] == "tenant:acme/agent:research/run:r1" and run["blocked"] == 2
+    assert run["usd_recorded"] == 0.005 and run["usd_replayed"] == 0.003
+    assert run["first_blocked"]["request_id"] == calls[3].request_id
+    assert not {o.request_id for o in other} & {b["request_id"] for b in data["blocked"]}
+
+
+def test_windowed_budget_answers_429(seed: Seeder, tmp_path: Path) -> None:
+    for i in range(3):
+        llm(seed, "r", body=str(i))
+    p = policy(tmp_path, ACTIONS + 'budgets:\n  - {scope: "agent:*", per: hour, requests: 2}\n')
+    (blocked,) = replay.replay(p, str(seed.path))["blocked"]
+    assert blocked["status"] == 429
+
+
+def test_rules_and_requires_use_recorded_fields(seed: Seeder, tmp_path: Path) -> None:
+    tool(seed, "s1", "GET", "crm.example.com", "/customers/c1")
+    ok = tool(
+        seed,
+        "s1",
+        "POST",
+        "api.stripe.com",
+        "/v1/refunds",
+        {"json.customer_id": "c1", "json.amount": 100},
+    )
+    wrong = tool(
+        seed,
+        "s1",
+        "POST",
+        "api.stripe.com",
+        "/v1/refunds",
+        {"json.customer_id": "c2", "json.amount": 100},
+    )
+    big = tool(
+        seed,
+        "s1",
+        "POST",
+        "api.stripe.com",
+        "/v1/refunds",
+        {"json.customer_id": "c1", "json.amount": 9000},
+    )
+    intern = tool(
+        seed,
+        "s2",
+        "POST",
+        "api.stripe.com",
+        "/v1/refunds",
+        {"json.customer_id": "c1", "json.amount": 1},
+        agent="intern",
+    )
+    p = policy(
+        tmp_path,
+        ACTIONS
+        + """
+authority:
+  rules:
+    - {name: no-interns, scope: "agent:intern", deny: [refund.issue]}
+    - {name: lookup-first, scope: "*", action: refund.issue, requires: [{action: crm.read, same: {json.customer_id: path.id}}]}
+    - {name: small-only, scope: "*", action: refund.issue, when: {json: {amount: {lte: 5000}}}}
+""",
+    )
+    data = replay.replay(p, str(seed.path))
+    blocked = {b["request_id"]: b for b in data["blocked"]}
+    assert set(blocked) == {wrong.request_id, big.request_id, intern.request_id}
+    assert ok.request_id not in blocked
+    assert (
+        blocked[wrong.request_id]["reason_code"] == "requires_unmet"
+        and "lookup-first" in blocked[wrong.request_id]["by"]
+    )
+    assert (
+        "small-only" in blocked[big.request_id]["by"] and blocked[big.request_id]["status"] == 403
+    )
+    assert "no-interns" in blocked[intern.request_id]["by"]
+    assert data["warnings"] == []
+
+
+def test_a_lookup_the_new_policy_blocks_leaves_no_fact(seed: Seeder, tmp_path: Path) -> None:
+    tool(seed, "s", "GET", "crm.example.com", "/customers/c1")
+    refund = tool(seed, "s", "POST", "api.stripe.com", "/v1/refunds", {"json.customer_id": "c1"})
+    p = policy(
+        tmp_path,
+        ACTIONS
+        + """
+authority:
+  rules:
+    - {scope: "*", deny: [crm.read]}
+    - {scope: "*", action: refund.issue, requires: [{action: crm.read, same: {json.customer_id: path.id}}]}
+""",
+    )
+    assert {b["request_id"] for b in replay.replay(p, str(seed.path))["blocked"]} >= {
+        refund.request_id
+    }
+
+
+def test_loop_guard_in_the_new_policy(seed: Seeder, tmp_path: Path) -> None:
+    same = [llm(seed, "r", body="same prompt") for _ in range(4)]
+    p = policy(tmp_path, ACTIONS + "anomalies:\n  loop: {repeats: 2, on_detect: deny}\n")
+    data = replay.replay(p, str(seed.path))
+    assert [b["request_id"] for b in data["blocked"]] == [s.request_id for s in same[2:]]
+    assert data["blocked"][0]["by"] == "anomalies.loop" and data["blocked"][0]["status"] == 429
+
+
+def test_a_shadow_policy_only_flags(seed: Seeder, tmp_path: Path) -> None:
+    for i in range(3):
+        llm(seed, "r", body=str(i))
+    p = policy(
+        tmp_path,
+        "mode: shadow\n" + ACTIONS + 'budgets:\n  - {scope: "agent:*/run:*", requests: 1}\n',
+    )
+    data = replay.replay(p, str(seed.path))
+    assert data["blocked"] == [] and data["decisions"] == {"allow": 1, "deny": 0, "would_deny": 2}
+    assert data["runs"][0]["would_deny"] == 2
+
+
+def test_requests_denied_live_are_assumed_to_succeed_when_now_allowed(
+    seed: Seeder, tmp_path: Path
+) -> None:
+    tool(
+        seed,
+        "s",
+        "POST",
+        "api.stripe.com",
+        "/v1/refunds",
+        {"json.amount": 1},
+        deny=("not_authorized", "no"),
+    )
+    data = replay.replay(policy(tmp_path, ACTIONS), str(seed.path))
+    assert (
+        data["recorded"]["deny"] == 1 and data["decisions"]["allow"] == 1 and data["changed"] == 1
+    )
+    assert data["usd_replayed"] == 0.01  # the refund's fixed cost, as its estimate
+
+
+def test_warns_about_fields_the_ledger_never_recorded(seed: Seeder, tmp_path: Path) -> None:
+    tool(seed, "s", "POST", "api.stripe.com", "/v1/refunds", {"json.amount": 1})
+    p = policy(
+        tmp_path,
+        ACTIONS
+        + """
+authority:
+  rules:
+    - {scope: "*", action: refund.issue, when: {json: {currency: {eq: usd}}, header.x-tier: {eq: gold}}}
+""",
+    )
+    warnings = replay.replay(p, str(seed.path))["warnings"]
+    assert any("json.currency" in w and "did not record" in w for w in warnings)
+    assert any("header.x-tier" in w and "never recorded" in w for w in warnings)
+
+
+def test_since_limits_the_replayed_traffic(seed: Seeder, tmp_path: Path) -> None:
+    for i in range(4):
+        llm(seed, "r", body=str(i), gap=3600)
+    p = policy(tmp_path, ACTIONS)
+    assert replay.replay(p, str(seed.path), since=3 * 3600, now=seed.now)["requests"] == 2
+
+
+def test_cli_replay_text_and_json(
+    seed: Seeder, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for i in range(3):
+        llm(seed, "r1", body=str(i))
+    path = tmp_path / "enforce.yaml"
+    path.write_text(ACTIONS + 'budgets:\n  - {scope: "agent:*/run:*", requests: 2}\n')
+    assert main(["replay", "--policy", str(path), "--db", str(seed.path)]) == 0
+    text = capsys.readouterr().out
+    assert (
+        "1 denied" in text
+        and "tenant:acme/agent:research/run:r1" in text
+        and "BLOCKED REQUESTS" in text
+    )
+    assert main(["replay", "--policy", str(path), "--db", str(seed.path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["decisions"]["deny"] == 1
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("budgets: 3\n")
+    assert main(["replay", "--policy", str(bad), "--db", str(seed.path)]) == 1
+    assert main(["replay", "--policy", str(path), "--db", str(tmp_path / "nope.db")]) == 1

@@ -1,0 +1,352 @@
+"""`drawdown report`: the JSON contract and its extensions, run status precedence, spend over
+time, the JSON-lines decision log (redacted), and the HTML page rendered in headless Chromium."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from decimal import Decimal
+from html.parser import HTMLParser
+from pathlib import Path
+from typing import Any
+
+import pytest
+from drawdown import report
+from drawdown.cli import main
+from drawdown.ledger.api import Guards
+
+from tests.unit.seeding import T0, Seeder, claim
+
+NOW = T0 + 3 * 3600
+
+
+@pytest.fixture
+def seed(tmp_path: Path) -> Seeder:
+    seeder = Seeder(tmp_path / "ledger.db")
+    yield seeder
+    seeder.close()
+
+
+def four_runs(seed: Seeder) -> dict[str, str]:
+    """One run of each status; returns status -> run id."""
+    budget = claim("agent:worker/run:broke", usd=3_000_000)
+    for _ in range(3):  # the third does not fit: 2 × 1.0 spent + 2.0 estimate > 3.0
+        seed.call(run="broke", claims=[budget], est_usd=2_000_000, actual_usd=1_000_000)
+    for _ in range(6):  # a loop as well: the budget denial still names the status
+        seed.call(run="broke", body="again", claims=[budget], est_usd=1, actual_usd=0)
+    seed.call(
+        run="refused",
+        action="refund.issue",
+        provider=None,
+        deny=("not_authorized", "refund.issue is not allowed"),
+    )
+    seed.call(run="refused", body="x")
+    for _ in range(6):
+        seed.call(run="loopy", body="same")
+    for i in range(4):
+        seed.call(run="fine", body=f"step {i}")
+    return {
+        "budget_exhausted": "broke",
+        "denied": "refused",
+        "anomalous": "loopy",
+        "normal": "fine",
+    }
+
+
+def test_contract_fields_and_status_precedence(seed: Seeder) -> None:
+    expected = four_runs(seed)
+    data = report.build(str(seed.path), now=NOW)
+    for key in ("budgets", "runs", "decisions", "anomalies", "spend", "denials"):
+        assert key in data
+    statuses = {r["run"]: r["status"] for r in data["runs"]}
+    assert statuses == {run: status for status, run in expected.items()}
+    broke = next(r for r in data["runs"] if r["run"] == "broke")
+    assert broke["denied"] == 1 and {a["kind"] for a in broke["anomalies"]} == {"loop"}
+    for run in data["runs"]:
+        for key in ("run", "scope", "requests", "steps", "allowed", "denied", "would_deny", "usd", "tokens_in",
+                    "tokens_out", "tokens", "duration_s", "status", "anomalies", "started", "ended"):  # fmt: skip
+            assert key in run, key
+        assert run["steps"] == run["requests"] == run["allowed"] + run["denied"] + run["would_deny"]
+        assert run["tokens"] == run["tokens_in"] + run["tokens_out"]
+    assert {a["kind"] for a in data["anomalies"]} == {"loop"}
+    assert sorted(a["run"] for a in data["anomalies"]) == ["broke", "loopy"]
+    fine = next(r for r in data["runs"] if r["run"] == "fine")
+    assert fine["duration_s"] == pytest.approx(4 * 0.8 + 3 * 0.5)
+
+
+def test_a_run_denied_only_by_an_anomaly_guard_is_anomalous(seed: Seeder) -> None:
+    for _ in range(3):
+        seed.call(run="guarded", body="same", guards=Guards(max_repeats=2))
+    (run,) = report.build(str(seed.path), now=NOW)["runs"]
+    assert run["denied"] == 1 and run["status"] == "anomalous"
+    assert run["anomalies"][0]["denied"] and run["anomalies"][0]["on_detect"] == "deny"
+
+
+def test_shadow_runs_say_what_enforcement_would_have_made_of_them(seed: Seeder) -> None:
+    seed.call(
+        run="s", mode="shadow", action="refund.issue", deny=("not_authorized", "not for interns")
+    )
+    seed.call(run="s", mode="shadow")
+    seed.call(run="t", mode="shadow")
+    runs = {r["run"]: r for r in report.build(str(seed.path), now=NOW)["runs"]}
+    assert runs["s"]["status"] == "normal" and runs["s"]["would_status"] == "denied"
+    assert runs["s"]["would_deny"] == 1 and runs["t"]["would_status"] is None
+    assert "normal (shadow: denied)" in report.render_text(report.build(str(seed.path), now=NOW))
+
+
+def test_spend_over_time_per_budget_instance(seed: Seeder) -> None:
+    tenant = claim("tenant:acme", usd=10_000_000_000, budget="tenant:*")
+    for i in range(10):
+        seed.call(run=f"r{i % 2}", claims=[tenant], actual_usd=1_000_000 * (i + 1), gap=200)
+    data = report.build(str(seed.path), now=NOW)
+    spend = data["spend"]
+    assert spend["bucket_seconds"] == 30  # ~35 minutes of traffic: at most 120 buckets
+    total, instance = spend["series"]
+    assert total["scope"] == "all spend" and total["budget"] is None
+    assert instance["scope"] == "tenant:acme" and instance["limit"]["usd"] == 10.0
+    assert total["usd"] == instance["usd"] == pytest.approx(0.055)
+    assert sum(p["usd"] for p in total["points"]) == pytest.approx(0.055)
+    assert total["points"][-1]["cum_usd"] == pytest.approx(0.055)
+    assert all(p["t"] % 30 == 0 for p in total["points"])
+    assert sum(r["usd"] for r in data["runs"]) == pytest.approx(total["usd"])
+
+
+def test_text_report_lists_anomalies(seed: Seeder) -> None:
+    four_runs(seed)
+    text = report.render_text(report.build(str(seed.path), now=NOW))
+    assert "ANOMALIES" in text and "loop" in text and "budget_exhausted" in text
+
+
+def test_jsonl_streams_every_decision_redacted(
+    seed: Seeder, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    seed.call(run="r", features={"query": json.dumps({"key": "[redacted]", "q": "shoes"}), "port": 443,
+                                 "body_fields": json.dumps({"json.amount": 12})})  # fmt: skip
+    # A row written by something that did not redact: the log redacts again on the way out.
+    seed.call(run="r", features={"query": json.dumps({"api_key": "sk-live-leaked", "page": "2"})})
+    for _ in range(3):
+        seed.call(run="r2")
+    assert main(["report", "--db", str(seed.path), "--jsonl"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    entries = [json.loads(line) for line in lines]
+    assert len(entries) == 5 and len({e["request_id"] for e in entries}) == 5
+    assert entries[0]["query"] == {"key": "[redacted]", "q": "shoes"} and entries[0][
+        "body_fields"
+    ] == {"json.amount": 12}
+    assert entries[1]["query"] == {"api_key": "[redacted]", "page": "2"}
+    assert "sk-live-leaked" not in "\n".join(lines)
+    first = entries[0]
+    assert (
+        first["decision"] == "allow"
+        and first["time"].endswith("Z")
+        and first["actual_usd"] == 0.001
+    )
+    assert (
+        first["actual_usd_nanos"] == 1_000_000
+        and first["scope"] == "tenant:acme/agent:worker/run:r"
+    )
+
+
+def test_jsonl_pages_through_a_long_log(seed: Seeder, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(report, "PAGE", 7)
+    for i in range(23):
+        seed.call(run="r", body=str(i), gap=0.01, took=0.01)
+    entries = list(report.decision_log(str(seed.path)))
+    assert len(entries) == 23 and [e["id"] for e in entries] == sorted(e["id"] for e in entries)
+
+
+def test_cli_report_policy_supplies_the_anomaly_settings(
+    seed: Seeder, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for _ in range(3):
+        seed.call(run="r", body="same")
+    assert main(["report", "--db", str(seed.path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["anomalies"] == []
+    strict = tmp_path / "strict.yaml"
+    strict.write_text("anomalies:\n  loop: {repeats: 2}\n")
+    assert main(["report", "--db", str(seed.path), "--json", "--policy", str(strict)]) == 0
+    assert [a["kind"] for a in json.loads(capsys.readouterr().out)["anomalies"]] == ["loop"]
+
+
+# --- the HTML page -----------------------------------------------------------------------------
+
+
+CHROMIUM = (
+    shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+)
+needs_chromium = pytest.mark.skipif(
+    CHROMIUM is None,
+    reason="headless Chromium is not installed (apt-get install chromium; CI installs it)",
+)
+
+
+def dump_dom(page: Path, tmp_path: Path, fragment: str = "") -> str:
+    """The page's DOM after its scripts ran, from headless Chromium (no network, no profile)."""
+    assert CHROMIUM is not None
+    profile = tmp_path / f"chromium-profile{len(list(tmp_path.glob('chromium-profile*')))}"
+    result = subprocess.run(
+        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
+         f"--user-data-dir={profile}", "--dump-dom", page.resolve().as_uri() + fragment],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout
+
+
+class DomIndex(HTMLParser):
+    """Elements by tag with their attributes and text (enough to read tables back)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.elements: list[dict[str, Any]] = []
+        self._open: list[dict[str, Any]] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        node = {
+            "tag": tag,
+            "attrs": dict(attrs),
+            "text": "",
+            "parent": self._open[-1] if self._open else None,
+        }
+        self.elements.append(node)
+        if tag not in ("meta", "link", "br", "img", "input", "col", "line", "rect", "path"):
+            self._open.append(node)
+
+    def handle_endtag(self, tag: str) -> None:
+        while self._open:
+            node = self._open.pop()
+            if node["tag"] == tag:
+                break
+
+    def handle_data(self, data: str) -> None:
+        for node in self._open:
+            node["text"] += data
+
+    def find(self, tag: str | None = None, **attrs: str) -> list[dict[str, Any]]:
+        return [
+            e for e in self.elements
+            if (tag is None or e["tag"] == tag)
+            and all(e["attrs"].get(k.replace("_", "-")) == v or (v == "*" and k.replace("_", "-") in e["attrs"]) for k, v in attrs.items())
+        ]  # fmt: skip
+
+    def cells(self, row: dict[str, Any]) -> dict[str, dict[str, Any]]:
+        return {
+            e["attrs"]["data-k"]: e
+            for e in self.elements
+            if e["parent"] is row and "data-k" in e["attrs"]
+        }
+
+
+def parse(dom: str) -> DomIndex:
+    index = DomIndex()
+    index.feed(dom)
+    return index
+
+
+def shown_usd(text: str) -> Decimal:
+    return Decimal(text.strip().removeprefix("$"))
+
+
+def test_html_page_renders_the_same_numbers_as_the_json(seed: Seeder, tmp_path: Path) -> None:
+    four_runs(seed)
+    tenant = claim("tenant:acme", usd=10_000_000_000, budget="tenant:*")
+    for i in range(5):
+        seed.call(run="spender", claims=[tenant], actual_usd=3_000_000 * (i + 1), gap=120)
+    data = report.build(str(seed.path), now=NOW)
+    page = tmp_path / "report.html"
+    assert main(["report", "--db", str(seed.path), "--html", str(page)]) == 0
+    html = page.read_text()
+    assert (
+        "http://" not in html.replace("http://www.w3.org/2000/svg", "") and "https://" not in html
+    )
+    if CHROMIUM is None:
+        pytest.skip("headless Chromium is not installed (apt-get install chromium; CI installs it)")
+    dom = parse(dump_dom(page, tmp_path))
+    (app,) = dom.find("main", id="app")
+    assert app["attrs"]["data-ready"] == "1"  # the page's script ran to the end
+    rows = dom.find("tr", **{"class": "run"})
+    assert [r["attrs"]["data-scope"] for r in rows] == [r["scope"] for r in data["runs"]]
+    for row, run in zip(rows, data["runs"], strict=True):
+        cells = dom.cells(row)
+        assert cells["status"]["attrs"]["data-v"] == run["status"]
+        for key in ("steps", "allowed", "denied", "would_deny", "tokens"):
+            assert int(cells[key]["attrs"]["data-v"]) == run[key]
+            assert int(cells[key]["text"].replace(",", "")) == run[key]
+        assert float(cells["usd"]["attrs"]["data-v"]) == run["usd"]
+        places = 4 if run["usd"] >= 0.01 else 6
+        assert (
+            abs(shown_usd(cells["usd"]["text"]) - Decimal(str(run["usd"])))
+            <= Decimal(1).scaleb(-places) / 2
+        )
+        assert int(cells["anomalies"]["attrs"]["data-v"]) == len(run["anomalies"])
+    for card, value in (("card-allow", data["decisions"]["allow"]), ("card-deny", data["decisions"]["deny"]),
+                        ("card-would", data["decisions"]["would_deny"]), ("card-runs", len(data["runs"])),
+                        ("card-anomalies", len(data["anomalies"]))):  # fmt: skip
+        (node,) = dom.find("div", id=card)
+        assert int(node["attrs"]["data-v"]) == value and str(value) in node["text"]
+    (spend_card,) = dom.find("div", id="card-spend")
+    assert float(spend_card["attrs"]["data-v"]) == data["spend"]["series"][0]["usd"]
+    assert len(dom.find("tr", **{"class": "anomaly"})) == len(data["anomalies"])
+    assert len(dom.find("tr", **{"class": "denial"})) == len(data["denials"]) > 0
+    assert len(dom.find("option")) == len(data["spend"]["series"])
+    (chart,) = dom.find("div", id="spend-chart")
+    assert any(e["tag"] == "svg" and e["parent"] is chart for e in dom.elements)
+    assert len(dom.find("rect", **{"class": "bar"})) == len(data["spend"]["series"][0]["points"])
+    budget_rows = dom.find("tr", **{"class": "budget"})
+    assert len(budget_rows) == sum(
+        1
+        for b in data["budgets"]
+        for u in ("usd", "tokens", "requests")
+        if b["limit"][u] is not None
+    )
+
+    # With #all every run's timeline is drawn: one bar per step, anomaly evidence outlined.
+    dom = parse(dump_dom(page, tmp_path, "#all"))
+    details = dom.find("div", **{"class": "run-detail"})
+    assert [d["attrs"]["data-scope"] for d in details] == [r["scope"] for r in data["runs"]]
+    steps = [
+        e
+        for e in dom.elements
+        if e["tag"] == "rect" and e["attrs"].get("class", "").startswith("step ")
+    ]
+    assert len(steps) == sum(r["steps"] for r in data["runs"])
+    flagged = {e["attrs"]["data-request"] for e in steps if "flagged" in e["attrs"]["class"]}
+    assert flagged == {i for a in data["anomalies"] for i in a["evidence"]}
+    denied = [e for e in steps if e["attrs"]["class"].startswith("step deny")]
+    assert len(denied) == data["decisions"]["deny"]
+
+
+HOSTILE_AGENT = "\"><img src=x onerror=\"document.body.setAttribute('data-pwned','agent')\">"
+HOSTILE_PATH = "/</script><script>document.body.setAttribute('data-pwned','path')</script>"
+
+
+@needs_chromium
+def test_html_page_escapes_hostile_names_paths_and_reasons(seed: Seeder, tmp_path: Path) -> None:
+    for _ in range(6):  # a loop, so the hostile scope also appears among the anomalies
+        seed.call(agent=HOSTILE_AGENT, run="<b>run</b>", path=HOSTILE_PATH, body="same")
+    seed.call(
+        agent=HOSTILE_AGENT,
+        run="<b>run</b>",
+        action="x",
+        deny=("not_authorized", f"<svg onload=alert(1)> {HOSTILE_PATH}"),
+    )
+    data = report.build(str(seed.path), now=NOW, timelines=True)
+    page = tmp_path / "hostile.html"
+    page.write_text(report.render_html(data))
+    html = page.read_text()
+    assert html.count("</script") == 2  # the data cannot close its <script> element
+    assert "<img src=x" not in html
+    raw = dump_dom(page, tmp_path, "#all")
+    assert "data-pwned" not in raw.split("<main", 1)[0] and "data-pwned=" not in raw
+    dom = parse(raw)
+    assert dom.find("main", id="app")[0]["attrs"]["data-ready"] == "1"
+    assert len(dom.find("script")) == 2 and dom.find("img") == [] and dom.find("b") == []
+    (row,) = [e for e in dom.find("tr") if "run" in e["attrs"].get("class", "").split()]
+    assert HOSTILE_AGENT in row["attrs"]["data-scope"]  # shown as text, verbatim
+    assert HOSTILE_AGENT in dom.cells(row)["scope"]["text"]
+    assert any(HOSTILE_PATH in e["text"] for e in dom.find("td", **{"class": "mono"}))
+    assert any(
+        "<svg onload=alert(1)>" in e["text"] for e in dom.find("span", **{"class": "reason"})
+    )
