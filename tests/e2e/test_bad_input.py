@@ -1,0 +1,463 @@
+"""Bad input through a real proxy: malformed LLM requests and hostile identity values.
+
+Every malformed request gets a clear 4xx in the provider's own error shape (400, or 413 above
+`limits.max_request_bytes`), is never forwarded, leaves exactly one decision row and no
+traceback in the proxy's log. Identity values built to forge or escape a scope (separators,
+globs, 10 kB ids, control characters, look-alikes, header tricks) stay inside their own scope.
+"""
+
+from __future__ import annotations
+
+import gzip
+import http.client
+import json
+import socket
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import anthropic
+import openai
+import pytest
+from drawdown.identity import MAX_VALUE_LENGTH, clean_value
+
+from tests.support.proxy import DrawdownProcess
+from tests.support.standin import StandIn
+
+pytestmark = pytest.mark.e2e
+
+Factory = Callable[..., DrawdownProcess]
+LIMIT = 64 * 1024
+POLICY = f"""
+limits: {{max_request_bytes: {LIMIT}}}
+identity:
+  tenant: [{{header: X-Drawdown-Tenant}}, {{value: acme}}]
+  agent: [{{header: X-Drawdown-Agent}}, {{value: anonymous}}]
+  run: [{{header: X-Drawdown-Run}}, {{value: none}}]
+actions:
+  - {{kind: llm, provider: openai, match: {{host: api.openai.com}}}}
+  - {{kind: llm, provider: anthropic, match: {{host: api.anthropic.com}}}}
+  - {{kind: llm, provider: gemini, match: {{host: generativelanguage.googleapis.com}}}}
+  - {{kind: refund.issue, match: {{host: api.stripe.com, method: POST, path: /v1/refunds}}, cost: {{usd: 0.01}}}}
+authority:
+  default: deny
+  rules:
+    - {{scope: "*", allow: [llm]}}
+    - {{scope: "agent:support", allow: [refund.issue], when: {{json: {{amount: {{lte: 5000}}}}}}}}
+budgets:
+  - {{scope: "agent:*/run:*", requests: 2}}
+  - {{scope: "agent:*", usd: 5}}
+"""
+OPENAI = "https://api.openai.com/v1/chat/completions"
+ANTHROPIC = "https://api.anthropic.com/v1/messages"
+GEMINI = "https://generativelanguage.googleapis.com/v1beta/models/gemini-2.5-flash:generateContent"
+HI = [{"role": "user", "content": "hi"}]
+
+
+def verify(db: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "drawdown", "verify", "--db", str(db), "--settled"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def assert_no_traceback(proxy: DrawdownProcess) -> None:
+    log = proxy.log_text()
+    assert "Traceback" not in log and "Addon error" not in log, log[-4000:]
+
+
+# --- malformed LLM requests -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Bad:
+    name: str
+    url: str
+    body: bytes
+    status: int = 400
+    reason: str = "bad_request"
+    says: str = ""  # a phrase the error message must contain
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+def _json(value: object) -> bytes:
+    return json.dumps(value).encode()
+
+
+BIG_PROMPT = "word " * (LIMIT // 4)
+# fmt: off
+BAD_REQUESTS = [
+    # OpenAI
+    Bad("openai invalid JSON", OPENAI, b'{"model": "gpt-4o-mini", "messages": [', says="not valid JSON"),
+    Bad("openai messages not a list", OPENAI, _json({"model": "gpt-4o-mini", "messages": "hi"}), says="messages must be an array"),
+    Bad("openai model a number", OPENAI, _json({"model": 4, "messages": HI}), says="model must be a non-empty string"),
+    Bad("openai model missing", OPENAI, _json({"messages": HI}), says="model is missing"),
+    Bad("openai non-UTF-8", OPENAI, b'{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "\xff\xfe"}]}', says="not valid UTF-8"),
+    Bad("openai empty body", OPENAI, b"", says="empty"),
+    Bad("openai top-level array", OPENAI, b"[1, 2]", says="must be a JSON object"),
+    Bad("openai max_tokens a string", OPENAI, _json({"model": "gpt-4o-mini", "messages": HI, "max_tokens": "lots"}), says="max_tokens"),
+    Bad("openai deeply nested", OPENAI, b'{"model": "gpt-4o-mini", "messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", status=413, reason="body_too_large"),
+    Bad("openai nested within the limit", OPENAI, b'{"model": "gpt-4o-mini", "messages": [' + b"[" * 30_000 + b"]" * 30_000 + b"]}", says="nested too deeply"),
+    Bad("openai too large", OPENAI, _json({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": BIG_PROMPT}]}), status=413, reason="body_too_large", says="max_request_bytes"),
+    Bad(
+        "openai gzip bomb (small on the wire, too large decoded)", OPENAI,
+        gzip.compress(_json({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": BIG_PROMPT}]})),
+        status=413, reason="body_too_large", headers=(("content-encoding", "gzip"),),
+    ),
+    # Anthropic
+    Bad("anthropic invalid JSON", ANTHROPIC, b'{"model": "claude-haiku-4-5",', says="not valid JSON"),
+    Bad("anthropic messages not a list", ANTHROPIC, _json({"model": "claude-haiku-4-5", "max_tokens": 5, "messages": {"role": "user"}}), says="messages must be an array"),
+    Bad("anthropic model a number", ANTHROPIC, _json({"model": 3.5, "max_tokens": 5, "messages": HI}), says="model"),
+    Bad("anthropic non-UTF-8", ANTHROPIC, b'{"model": "claude-haiku-4-5", "max_tokens": 5, "messages": [{"role": "user", "content": "\xc3\x28"}]}', says="UTF-8"),
+    Bad("anthropic too large", ANTHROPIC, _json({"model": "claude-haiku-4-5", "max_tokens": 5, "messages": [{"role": "user", "content": BIG_PROMPT}]}), status=413, reason="body_too_large"),
+    # Gemini (the model is in the path)
+    Bad("gemini invalid JSON", GEMINI, b"{contents: [}", says="not valid JSON"),
+    Bad("gemini contents not a list", GEMINI, _json({"contents": "hi"}), says="contents"),
+    Bad("gemini non-UTF-8", GEMINI, b'{"contents": [{"parts": [{"text": "\xff"}]}]}', says="UTF-8"),
+    Bad("gemini too large", GEMINI, _json({"contents": [{"parts": [{"text": BIG_PROMPT}]}]}), status=413, reason="body_too_large"),
+]
+# fmt: on
+
+
+def error_message(url: str, body: dict) -> str:
+    """The message of a provider-shaped error body; asserts the shape."""
+    if url == ANTHROPIC:
+        assert body["type"] == "error" and set(body["error"]) == {"type", "message"}
+        return body["error"]["message"]
+    error = body["error"]
+    if url == GEMINI:
+        assert isinstance(error["code"], int) and error["status"] == "INVALID_ARGUMENT"
+    else:
+        assert error["type"] == "invalid_request_error" and "code" in error
+    return error["message"]
+
+
+def test_malformed_llm_requests_get_a_clear_4xx_and_are_never_forwarded(
+    drawdown_proxy: Factory, standin: StandIn, tmp_db: Path
+) -> None:
+    proxy = drawdown_proxy(POLICY)
+    with proxy.http_client(timeout=60) as client:
+        for i, bad in enumerate(BAD_REQUESTS):
+            headers = {
+                "content-type": "application/json",
+                "x-drawdown-agent": "fuzzer",
+                "x-drawdown-run": f"bad-{i}",
+                **dict(bad.headers),
+            }
+            response = client.post(bad.url, content=bad.body, headers=headers)
+            assert response.status_code == bad.status, (
+                bad.name,
+                response.status_code,
+                response.text[:300],
+            )
+            assert response.headers["x-drawdown-reason"] == bad.reason, bad.name
+            assert response.headers["x-should-retry"] == "false"
+            message = error_message(bad.url, response.json())
+            assert message.startswith("drawdown: ") and bad.says in message, (bad.name, message)
+            assert "Traceback" not in response.text
+    assert standin.count("*") == 0, [r.path for r in standin.requests]  # nothing was forwarded
+    decisions = proxy.query("SELECT run, decision, reason_code, status FROM decisions ORDER BY ts")
+    assert len(decisions) == len(BAD_REQUESTS)  # one row per request
+    assert sorted(decisions) == sorted(
+        (f"bad-{i}", "deny", b.reason, b.status) for i, b in enumerate(BAD_REQUESTS)
+    )
+    assert proxy.query("SELECT COUNT(*) FROM holds") == [(0,)]  # nothing was reserved
+    assert_no_traceback(proxy)
+    proxy.stop()
+    verify(tmp_db)
+
+
+def test_the_sdks_surface_a_malformed_request_as_their_own_error(
+    drawdown_proxy: Factory, standin: StandIn
+) -> None:
+    proxy = drawdown_proxy(POLICY)
+    with proxy.openai_client(max_retries=2) as client:
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.chat.completions.create(model="gpt-4o-mini", messages="hi")  # type: ignore[arg-type]
+        assert "messages must be an array" in caught.value.message
+        with pytest.raises(openai.APIStatusError) as too_big:
+            client.chat.completions.create(
+                model="gpt-4o-mini", messages=[{"role": "user", "content": BIG_PROMPT}]
+            )
+        assert too_big.value.status_code == 413
+    with (
+        proxy.anthropic_client(max_retries=2) as claude,
+        pytest.raises(anthropic.BadRequestError) as caught_a,
+    ):
+        claude.messages.create(model="claude-haiku-4-5", max_tokens=5, messages={"role": "user"})  # type: ignore[arg-type]
+    assert caught_a.value.body["error"]["type"] == "invalid_request_error"
+    assert standin.count("*") == 0  # and no SDK retried a denial
+    assert proxy.query("SELECT COUNT(*), COUNT(DISTINCT request_id) FROM decisions") == [(3, 3)]
+    assert_no_traceback(proxy)
+
+
+def test_hostile_json_values_in_a_tool_call_are_decided_not_crashed_on(
+    drawdown_proxy: Factory, standin: StandIn, tmp_db: Path
+) -> None:
+    """`amount: "NaN"` once made the condition raise — and an exception in a hook lets mitmproxy
+    forward the request undecided. NaN, infinities, deep nesting and non-numbers are not numbers:
+    each is refused by the `when` (403) and never sent."""
+    proxy = drawdown_proxy(POLICY)
+    values = [
+        "NaN",
+        "nan",
+        "sNaN",
+        "-NaN",
+        "Infinity",
+        "1e999999",
+        [],
+        {},
+        None,
+        True,
+        "5000 ",
+        "0x10",
+    ]
+    raw = [
+        b'{"amount": NaN}',
+        b'{"amount": Infinity}',
+        b'{"amount": -Infinity}',
+        b'{"amount": 1e99999}',
+        b'{"amount": ' + b"[" * 20_000 + b"]" * 20_000 + b"}",
+        b'{"amount": ' + b"[" * 3_000 + b"]" * 3_000 + b"}",
+    ]
+    bodies = [_json({"amount": v}) for v in values] + raw
+    with proxy.http_client(timeout=60) as client:
+        statuses = [
+            client.post(
+                "https://api.stripe.com/v1/refunds",
+                content=body,
+                headers={"content-type": "application/json", "x-drawdown-agent": "support"},
+            ).status_code
+            for body in bodies
+        ]
+        allowed = client.post(
+            "https://api.stripe.com/v1/refunds",
+            json={"amount": "4999.5"},
+            headers={"x-drawdown-agent": "support"},
+        )
+    expected = [403] * len(bodies)
+    expected[values.index("5000 ")] = 200  # a number in text is still the number 5000
+    assert statuses == expected
+    assert allowed.status_code == 200
+    assert standin.count("/v1/refunds") == 2
+    assert proxy.query("SELECT COUNT(*) FROM decisions") == [(len(bodies) + 1,)]
+    assert_no_traceback(proxy)
+    proxy.stop()
+    verify(tmp_db)
+
+
+# --- hostile identity values ----------------------------------------------------------------
+
+HOSTILE = [
+    "a/run:evil",
+    "run:x/agent:victim",
+    "../../etc/passwd",
+    "a:b",
+    "tenant:acme",
+    "*",
+    "?",
+    "agent:*",
+    "[abc]",
+    "%",
+    "%2F",  # already "escaped": must not become a "/"
+    "a%3Ab",
+    "_",
+    "' OR 1=1 --",
+    "x" * 10_000,
+    "x" * 9_999 + "y",  # same first 10 kB but one byte: a different run
+    "ctl\x01\x02\x7fchars",
+    "nul\x00byte",
+    "tab\tand space",
+    "\u202eevil",  # right-to-left override
+    "\u200bvictim",  # zero-width space + victim
+    "ｖｉｃｔｉｍ",  # fullwidth look-alike
+    "vіctim",  # Cyrillic і
+    "r1\u2028line",
+    "é" * 200,
+    "victim, r1",
+]
+
+
+def raw_request(proxy: DrawdownProcess, headers: list[tuple[bytes, bytes]], body: bytes) -> int:
+    """A plain-HTTP request through the proxy, byte for byte (no client library in the way)."""
+    host, port = proxy.address
+    head = b"POST http://api.openai.com/v1/chat/completions HTTP/1.1\r\nHost: api.openai.com\r\n"
+    head += b"".join(name + b": " + value + b"\r\n" for name, value in headers)
+    head += (
+        b"Content-Type: application/json\r\nContent-Length: %d\r\nConnection: close\r\n\r\n"
+        % len(body)
+    )
+    with socket.create_connection((host, port), timeout=60) as sock:
+        sock.sendall(head + body)
+        response = http.client.HTTPResponse(sock)
+        response.begin()
+        response.read()
+        return response.status
+
+
+CHAT = _json({"model": "gpt-4o-mini", "messages": HI, "max_tokens": 5})
+
+
+def test_hostile_identity_values_never_escape_their_scope(
+    drawdown_proxy: Factory, standin: StandIn, tmp_db: Path
+) -> None:
+    proxy = drawdown_proxy(POLICY)
+    assert (
+        raw_request(proxy, [(b"X-Drawdown-Agent", b"victim"), (b"X-Drawdown-Run", b"r1")], CHAT)
+        == 200
+    )
+    outcomes: dict[str, list[int]] = {}
+    for value in HOSTILE:
+        encoded = value.encode("utf-8")
+        # As a run of one agent: its own run budget (2 requests), shared with no other run.
+        outcomes[value] = [
+            raw_request(
+                proxy, [(b"X-Drawdown-Agent", b"mallory"), (b"X-Drawdown-Run", encoded)], CHAT
+            )
+            for _ in range(3)
+        ]
+        # As an agent name and as a tenant: stored sanitised, in its own level.
+        raw_request(proxy, [(b"X-Drawdown-Agent", encoded), (b"X-Drawdown-Run", b"probe")], CHAT)
+        raw_request(
+            proxy, [(b"X-Drawdown-Tenant", encoded), (b"X-Drawdown-Agent", b"tenant-probe")], CHAT
+        )
+    # Header tricks: a repeated identity header, a folded continuation line, the prefix in odd case.
+    tricks = [
+        [
+            (b"X-Drawdown-Agent", b"mallory"),
+            (b"X-Drawdown-Agent", b"victim"),
+            (b"X-Drawdown-Run", b"r1"),
+        ],
+        [
+            (b"X-Drawdown-Agent", b"mallory"),
+            (b"X-Drawdown-Run", b"trick"),
+            (b" X-Drawdown-Run", b"r1"),
+        ],
+        [(b"x-DRAWDOWN-agent", b"mallory2"), (b"X-Drawdown-Run", b"r1")],
+    ]
+    for headers in tricks:
+        raw_request(proxy, headers, CHAT)
+
+    for value, statuses in outcomes.items():
+        assert statuses == [200, 200, 402], (value[:40], statuses)
+    # Each hostile run is an instance of its own: no two values collapsed, none reached another run.
+    runs = {
+        r[0]
+        for r in proxy.query(
+            "SELECT scope FROM budget_instances WHERE scope LIKE 'agent:mallory/run:%'"
+        )
+    }
+    assert {f"agent:mallory/run:{clean_value(v)}" for v in HOSTILE} <= runs
+    assert len({clean_value(v) for v in HOSTILE}) == len(HOSTILE)
+    for value in HOSTILE:
+        ((spent,),) = proxy.query(
+            "SELECT spent_requests FROM budget_instances WHERE scope = ?",
+            f"agent:mallory/run:{clean_value(value)}",
+        )
+        assert spent == 2, value[:40]
+    # The victim's run was charged by the victim's one request and by nothing else.
+    assert proxy.query(
+        "SELECT spent_requests FROM budget_instances WHERE scope = 'agent:victim/run:r1'"
+    ) == [(1,)]
+    assert proxy.query(
+        "SELECT COUNT(*) FROM decisions WHERE scope = 'tenant:acme/agent:victim/run:r1'"
+    ) == [(1,)]
+    # Stored safely: every scope has exactly its three levels, in order; each value is the
+    # sanitised header (bounded, printable, no separators) and matches its level column.
+    for scope, tenant, agent, run in proxy.query("SELECT scope, tenant, agent, run FROM decisions"):
+        levels = [segment.split(":") for segment in scope.split("/")]
+        assert [level[0] for level in levels] == ["tenant", "agent", "run"] and all(
+            len(level) == 2 for level in levels
+        ), scope[:200]
+        assert [level[1] for level in levels] == [tenant, agent, run]
+        for value in (tenant, agent, run):
+            assert (
+                value.isprintable()
+                and len(value) <= MAX_VALUE_LENGTH
+                and not set(value) & set("/:")
+            )
+    agents = {a for (a,) in proxy.query("SELECT DISTINCT agent FROM decisions")}
+    tenants = {t for (t,) in proxy.query("SELECT DISTINCT tenant FROM decisions")}
+    assert {clean_value(v) for v in HOSTILE} <= agents and {
+        clean_value(v) for v in HOSTILE
+    } <= tenants
+    # No header trick made the caller "victim" (an invisible character is dropped, so
+    # "\u200bvictim" *is* "victim" — which a caller may claim by header anyway; with proxy
+    # authentication the agent is the authenticated user and no header can claim it).
+    assert proxy.query(
+        "SELECT COUNT(*) FROM decisions WHERE agent = 'victim' AND run <> 'probe'"
+    ) == [(1,)]
+    assert not [
+        h for r in standin.requests for h in r.headers if h[0].lower().startswith("x-drawdown")
+    ]
+    assert_no_traceback(proxy)
+    proxy.stop()
+    verify(tmp_db)
+
+
+# --- a bug in drawdown fails closed ------------------------------------------------------------
+
+FAULTS = '''
+"""Test-only mitmproxy script: make drawdown's own code raise on request."""
+import drawdown.addon as addon
+
+_classify, _reserve = addon.classify, addon.Drawdown._reserve
+
+
+def classify(policy, view):
+    if view.headers.get("x-test-fault") == "classify":
+        raise RuntimeError("injected fault before the reservation")
+    return _classify(policy, view)
+
+
+async def reserve_then_fail(self, flow, state, *args, **kwargs):
+    await _reserve(self, flow, state, *args, **kwargs)
+    if flow.request.headers.get("x-test-fault") == "after-reserve":
+        raise RuntimeError("injected fault after the reservation")
+
+
+addon.classify, addon.Drawdown._reserve = classify, reserve_then_fail
+addons = []
+'''
+
+
+def test_an_internal_error_fails_closed(
+    drawdown_proxy: Factory, standin: StandIn, tmp_path: Path, tmp_db: Path
+) -> None:
+    """mitmproxy forwards a request whose hook raised; drawdown refuses it instead (500), records
+    it and releases anything it had reserved."""
+    script = tmp_path / "faults.py"
+    script.write_text(FAULTS)
+    proxy = drawdown_proxy(POLICY, extra_args=["--set", f"scripts={script}"])
+    statuses = []
+    with proxy.openai_client(
+        max_retries=0, default_headers={"X-Drawdown-Agent": "a", "X-Drawdown-Run": "r"}
+    ) as client:
+        for fault in ("classify", "after-reserve", None):
+            try:
+                client.chat.completions.create(
+                    model="gpt-4o-mini",
+                    messages=HI,
+                    extra_headers={"x-test-fault": fault} if fault else None,
+                )
+                statuses.append(200)
+            except openai.APIStatusError as exc:
+                statuses.append(exc.status_code)
+                assert exc.response.headers["x-drawdown-reason"] == "internal_error"
+    assert statuses == [500, 500, 200]
+    assert standin.count("*") == 1
+    decisions = proxy.wait_for_query(
+        "SELECT decision, reason_code, status FROM decisions ORDER BY ts",
+        until=lambda r: len(r) == 3 and all(s is not None for *_, s in r),
+    )
+    assert [(d, s) for d, _, s in decisions] == [("deny", 500), ("allow", 500), ("allow", 200)]
+    assert proxy.query("SELECT state FROM holds ORDER BY id") == [("released",), ("committed",)]
+    assert proxy.query(
+        "SELECT reserved_requests, spent_requests FROM budget_instances WHERE scope = 'agent:a/run:r'"
+    ) == [(0, 1)]
+    assert proxy.log_text().count("internal error deciding") == 2
+    proxy.stop()
+    verify(tmp_db)
