@@ -49,22 +49,38 @@ def decision_of(proxy: DrawdownProcess, settled: int = 0) -> list[tuple]:
     SDK has returned at `data: [DONE]`)."""
     sql = "SELECT decision, reason_code, status, tokens_in, tokens_out, usage_source, scope FROM decisions ORDER BY ts"
     if settled:
-        return proxy.wait_for_query(sql, until=lambda found: sum(r[2] is not None for r in found) >= settled)
+        return proxy.wait_for_query(
+            sql, until=lambda found: sum(r[2] is not None for r in found) >= settled
+        )
     return rows(proxy, sql)
 
 
-def test_allowed_call_is_committed_with_the_upstreams_usage(drawdown_proxy: Factory, standin: StandIn) -> None:
+def test_allowed_call_is_committed_with_the_upstreams_usage(
+    drawdown_proxy: Factory, standin: StandIn
+) -> None:
     proxy = drawdown_proxy(policy('- {scope: "agent:*/run:*", usd: 1.00}'))
-    with proxy.openai_client(default_headers={"X-Drawdown-Agent": "research", "X-Drawdown-Run": "r1"}) as client:
-        reply = client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, max_tokens=50)
+    with proxy.openai_client(
+        default_headers={"X-Drawdown-Agent": "research", "X-Drawdown-Run": "r1"}
+    ) as client:
+        reply = client.chat.completions.create(
+            model="gpt-4o-mini", messages=MESSAGES, max_tokens=50
+        )
     upstream = standin.wait_for("/v1/chat/completions")
     assert reply.usage.prompt_tokens == upstream.usage["prompt_tokens"]
     # Identity headers never leave the proxy.
     assert not [h for h in upstream.headers if h[0].lower().startswith("x-drawdown-")]
     assert upstream.header("proxy-authorization") is None
-    ((decision, reason, status, tokens_in, tokens_out, source, scope),) = decision_of(proxy)
-    assert (decision, status, source, scope) == ("allow", 200, "usage", "tenant:acme/agent:research/run:r1")
-    assert (tokens_in, tokens_out) == (upstream.usage["prompt_tokens"], upstream.usage["completion_tokens"])
+    ((decision, _reason, status, tokens_in, tokens_out, source, scope),) = decision_of(proxy)
+    assert (decision, status, source, scope) == (
+        "allow",
+        200,
+        "usage",
+        "tenant:acme/agent:research/run:r1",
+    )
+    assert (tokens_in, tokens_out) == (
+        upstream.usage["prompt_tokens"],
+        upstream.usage["completion_tokens"],
+    )
     ((spent_usd, spent_tokens, spent_requests, reserved_usd),) = rows(
         proxy, "SELECT spent_usd, spent_tokens, spent_requests, reserved_usd FROM budget_instances"
     )
@@ -74,9 +90,13 @@ def test_allowed_call_is_committed_with_the_upstreams_usage(drawdown_proxy: Fact
     assert (hold_state, hold_actual) == ("committed", spent_usd)
 
 
-def test_over_budget_call_gets_402_and_never_reaches_the_upstream(drawdown_proxy: Factory, standin: StandIn) -> None:
+def test_over_budget_call_gets_402_and_never_reaches_the_upstream(
+    drawdown_proxy: Factory, standin: StandIn
+) -> None:
     proxy = drawdown_proxy(policy('- {scope: "agent:*/run:*", requests: 2}'))
-    with proxy.openai_client(default_headers={"X-Drawdown-Agent": "a", "X-Drawdown-Run": "r"}) as client:
+    with proxy.openai_client(
+        default_headers={"X-Drawdown-Agent": "a", "X-Drawdown-Run": "r"}
+    ) as client:
         for _ in range(2):
             client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
         with pytest.raises(openai.APIStatusError) as caught:
@@ -87,13 +107,18 @@ def test_over_budget_call_gets_402_and_never_reaches_the_upstream(drawdown_proxy
     assert error.response.headers["x-drawdown-decision"] == "deny"
     assert error.response.headers["x-drawdown-reason"] == "budget_exhausted"
     body = error.response.json()["error"]
-    assert body["code"] == "budget_exhausted" and "budget agent:a/run:r requests 2 exhausted" in body["message"]
+    assert (
+        body["code"] == "budget_exhausted"
+        and "budget agent:a/run:r requests 2 exhausted" in body["message"]
+    )
     # The SDK did not retry (x-should-retry: false), and the denied call never left the proxy.
     assert standin.count("/v1/chat/completions") == 2
     assert [d[0] for d in decision_of(proxy)] == ["allow", "allow", "deny"]
 
 
-def test_windowed_budget_denies_with_429_and_retry_after(drawdown_proxy: Factory, standin: StandIn) -> None:
+def test_windowed_budget_denies_with_429_and_retry_after(
+    drawdown_proxy: Factory, standin: StandIn
+) -> None:
     proxy = drawdown_proxy(policy('- {scope: "agent:*", per: hour, requests: 1}'))
     with proxy.openai_client(default_headers={"X-Drawdown-Agent": "w"}, max_retries=3) as client:
         client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
@@ -103,9 +128,13 @@ def test_windowed_budget_denies_with_429_and_retry_after(drawdown_proxy: Factory
     assert standin.count("/v1/chat/completions") == 1  # no retry despite max_retries=3
 
 
-def test_shadow_mode_forwards_and_records_would_deny(drawdown_proxy: Factory, standin: StandIn) -> None:
+def test_shadow_mode_forwards_and_records_would_deny(
+    drawdown_proxy: Factory, standin: StandIn
+) -> None:
     proxy = drawdown_proxy(policy('- {scope: "agent:*/run:*", requests: 1}', mode="shadow"))
-    with proxy.openai_client(default_headers={"X-Drawdown-Agent": "s", "X-Drawdown-Run": "r"}) as client:
+    with proxy.openai_client(
+        default_headers={"X-Drawdown-Agent": "s", "X-Drawdown-Run": "r"}
+    ) as client:
         for _ in range(3):
             client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
     assert standin.count("/v1/chat/completions") == 3
@@ -120,18 +149,25 @@ def test_shadow_mode_forwards_and_records_would_deny(drawdown_proxy: Factory, st
 
 
 def test_mode_flag_overrides_the_policy(drawdown_proxy: Factory, standin: StandIn) -> None:
-    proxy = drawdown_proxy(policy('- {scope: "agent:*", requests: 0}'), extra_args=["--mode", "shadow"])
+    proxy = drawdown_proxy(
+        policy('- {scope: "agent:*", requests: 0}'), extra_args=["--mode", "shadow"]
+    )
     with proxy.openai_client() as client:
         client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
     assert decision_of(proxy)[0][0] == "would_deny"
 
 
-def test_stream_with_include_usage_is_passed_through_and_committed(drawdown_proxy: Factory, standin: StandIn) -> None:
+def test_stream_with_include_usage_is_passed_through_and_committed(
+    drawdown_proxy: Factory, standin: StandIn
+) -> None:
     proxy = drawdown_proxy(policy('- {scope: "agent:*", usd: 1}'))
     with proxy.openai_client() as client:
         chunks = list(
             client.chat.completions.create(
-                model="gpt-4o-mini", messages=MESSAGES, stream=True, stream_options={"include_usage": True}
+                model="gpt-4o-mini",
+                messages=MESSAGES,
+                stream=True,
+                stream_options={"include_usage": True},
             )
         )
     upstream = standin.wait_for("/v1/chat/completions")
@@ -140,14 +176,23 @@ def test_stream_with_include_usage_is_passed_through_and_committed(drawdown_prox
     assert usage_chunks[0].usage.prompt_tokens == upstream.usage["prompt_tokens"]
     ((_, _, status, tokens_in, tokens_out, source, _),) = decision_of(proxy, settled=1)
     assert (status, source) == (200, "usage")
-    assert (tokens_in, tokens_out) == (upstream.usage["prompt_tokens"], upstream.usage["completion_tokens"])
+    assert (tokens_in, tokens_out) == (
+        upstream.usage["prompt_tokens"],
+        upstream.usage["completion_tokens"],
+    )
 
 
-def test_stream_without_include_usage_is_metered_and_looks_untouched(drawdown_proxy: Factory, standin: StandIn) -> None:
+def test_stream_without_include_usage_is_metered_and_looks_untouched(
+    drawdown_proxy: Factory, standin: StandIn
+) -> None:
     proxy = drawdown_proxy(policy('- {scope: "agent:*", usd: 1}'))
     with proxy.openai_client() as client:
-        chunks = list(client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, stream=True))
-        text = "".join(c.choices[0].delta.content or "" for c in chunks)  # the usual loop: must not crash
+        chunks = list(
+            client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, stream=True)
+        )
+        text = "".join(
+            c.choices[0].delta.content or "" for c in chunks
+        )  # the usual loop: must not crash
     upstream = standin.wait_for("/v1/chat/completions")
     # drawdown asked the upstream for usage on the agent's behalf...
     assert upstream.json["stream_options"] == {"include_usage": True}
@@ -156,7 +201,10 @@ def test_stream_without_include_usage_is_metered_and_looks_untouched(drawdown_pr
     assert text
     ((_, _, status, tokens_in, tokens_out, source, _),) = decision_of(proxy, settled=1)
     assert (status, source) == (200, "usage")
-    assert (tokens_in, tokens_out) == (upstream.usage["prompt_tokens"], upstream.usage["completion_tokens"])
+    assert (tokens_in, tokens_out) == (
+        upstream.usage["prompt_tokens"],
+        upstream.usage["completion_tokens"],
+    )
 
 
 def test_sse_events_are_forwarded_as_they_arrive(drawdown_proxy: Factory, standin: StandIn) -> None:
@@ -169,11 +217,18 @@ def test_sse_events_are_forwarded_as_they_arrive(drawdown_proxy: Factory, standi
         b"data: [DONE]\n\n"
     )
     first, rest = body.split(b"\n\n", 1)
-    standin.script("POST", "/v1/chat/completions", Reply(body=body, content_type="text/event-stream", chunks=[first + b"\n\n", gate, rest]))
+    standin.script(
+        "POST",
+        "/v1/chat/completions",
+        Reply(body=body, content_type="text/event-stream", chunks=[first + b"\n\n", gate, rest]),
+    )
     proxy = drawdown_proxy(policy('- {scope: "agent:*", usd: 1}', mode="shadow"))
     with proxy.openai_client() as client:
         stream = client.chat.completions.create(
-            model="gpt-4o-mini", messages=MESSAGES, stream=True, stream_options={"include_usage": True}
+            model="gpt-4o-mini",
+            messages=MESSAGES,
+            stream=True,
+            stream_options={"include_usage": True},
         )
         # The first event reaches the agent while the upstream is still holding the rest back.
         assert next(iter(stream)).choices[0].delta.content == "first"
@@ -184,20 +239,31 @@ def test_sse_events_are_forwarded_as_they_arrive(drawdown_proxy: Factory, standi
 
 
 def test_upstream_error_releases_the_hold(drawdown_proxy: Factory, standin: StandIn) -> None:
-    standin.script("POST", "/v1/chat/completions", Reply(status=500, json={"error": {"message": "boom", "type": "server_error"}}), times=1)
+    standin.script(
+        "POST",
+        "/v1/chat/completions",
+        Reply(status=500, json={"error": {"message": "boom", "type": "server_error"}}),
+        times=1,
+    )
     proxy = drawdown_proxy(policy('- {scope: "agent:*", requests: 5}'))
     with proxy.openai_client(max_retries=0) as client, pytest.raises(openai.InternalServerError):
         client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
-    assert rows(proxy, "SELECT state, settle_reason FROM holds") == [("released", "upstream answered 500")]
+    assert rows(proxy, "SELECT state, settle_reason FROM holds") == [
+        ("released", "upstream answered 500")
+    ]
     assert rows(proxy, "SELECT spent_requests, reserved_requests FROM budget_instances") == [(0, 0)]
 
 
 async def _race(proxy: DrawdownProcess, n: int) -> list[int]:
-    async with proxy.async_openai_client(default_headers={"X-Drawdown-Agent": "racer", "X-Drawdown-Run": "r"}, max_retries=0) as client:
+    async with proxy.async_openai_client(
+        default_headers={"X-Drawdown-Agent": "racer", "X-Drawdown-Run": "r"}, max_retries=0
+    ) as client:
 
         async def one() -> int:
             try:
-                await client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, max_tokens=20)
+                await client.chat.completions.create(
+                    model="gpt-4o-mini", messages=MESSAGES, max_tokens=20
+                )
                 return 200
             except openai.APIStatusError as exc:
                 return exc.status_code
@@ -205,16 +271,22 @@ async def _race(proxy: DrawdownProcess, n: int) -> list[int]:
         return await asyncio.gather(*(one() for _ in range(n)))
 
 
-def test_concurrent_calls_racing_for_a_budget_admit_at_most_what_fits(drawdown_proxy: Factory, standin: StandIn) -> None:
+def test_concurrent_calls_racing_for_a_budget_admit_at_most_what_fits(
+    drawdown_proxy: Factory, standin: StandIn
+) -> None:
     proxy = drawdown_proxy(policy('- {scope: "agent:*/run:*", requests: 10}'))
     statuses = asyncio.run(_race(proxy, 40))
     assert statuses.count(200) == 10 and statuses.count(402) == 30
     assert standin.count("/v1/chat/completions") == 10
-    assert rows(proxy, "SELECT spent_requests, reserved_requests FROM budget_instances") == [(10, 0)]
+    assert rows(proxy, "SELECT spent_requests, reserved_requests FROM budget_instances") == [
+        (10, 0)
+    ]
     assert rows(proxy, "SELECT COUNT(*) FROM decisions") == [(40,)]
 
 
-def test_two_proxies_on_one_ledger_never_overspend_together(drawdown_proxy: Factory, standin: StandIn, tmp_path: Path) -> None:
+def test_two_proxies_on_one_ledger_never_overspend_together(
+    drawdown_proxy: Factory, standin: StandIn, tmp_path: Path
+) -> None:
     text = policy('- {scope: "agent:*/run:*", requests: 12}')
     first = drawdown_proxy(text)
     second = drawdown_proxy(text)
@@ -226,19 +298,29 @@ def test_two_proxies_on_one_ledger_never_overspend_together(drawdown_proxy: Fact
     statuses = asyncio.run(both())
     assert statuses.count(200) == 12
     assert standin.count("/v1/chat/completions") == 12
-    assert rows(first, "SELECT spent_requests, reserved_requests FROM budget_instances") == [(12, 0)]
+    assert rows(first, "SELECT spent_requests, reserved_requests FROM budget_instances") == [
+        (12, 0)
+    ]
 
 
-def test_proxy_credentials_name_the_agent_and_run(drawdown_proxy: Factory, standin: StandIn) -> None:
-    proxy = drawdown_proxy(policy('- {scope: "agent:*/run:*", usd: 1}'), proxy_auth=("planner", "run-42"))
+def test_proxy_credentials_name_the_agent_and_run(
+    drawdown_proxy: Factory, standin: StandIn
+) -> None:
+    proxy = drawdown_proxy(
+        policy('- {scope: "agent:*/run:*", usd: 1}'), proxy_auth=("planner", "run-42")
+    )
     with proxy.openai_client() as client:
         client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
     assert decision_of(proxy)[0][6] == "tenant:acme/agent:planner/run:run-42"
     assert standin.last().header("proxy-authorization") is None
 
 
-def test_idle_split_gives_an_unmodified_agent_per_run_budgets(drawdown_proxy: Factory, standin: StandIn) -> None:
-    text = policy('- {scope: "agent:*/run:*", requests: 2}').replace("{idle_split: 300}", "{idle_split: 2}")
+def test_idle_split_gives_an_unmodified_agent_per_run_budgets(
+    drawdown_proxy: Factory, standin: StandIn
+) -> None:
+    text = policy('- {scope: "agent:*/run:*", requests: 2}').replace(
+        "{idle_split: 300}", "{idle_split: 2}"
+    )
     proxy = drawdown_proxy(text)
     with proxy.openai_client(max_retries=0) as client:
         client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
@@ -255,7 +337,9 @@ def test_idle_split_gives_an_unmodified_agent_per_run_budgets(drawdown_proxy: Fa
     assert len(rows(proxy, "SELECT DISTINCT run FROM decisions")) == 2
 
 
-def test_unmodified_agent_uses_drawdown_env(drawdown_proxy: Factory, standin: StandIn, tmp_path: Path) -> None:
+def test_unmodified_agent_uses_drawdown_env(
+    drawdown_proxy: Factory, standin: StandIn, tmp_path: Path
+) -> None:
     """An agent process that knows nothing of drawdown: only `eval "$(drawdown env …)"` in its shell."""
     proxy = drawdown_proxy(policy('- {scope: "agent:*/run:*", requests: 1}'))
     host, port = proxy.address
@@ -275,12 +359,20 @@ def test_unmodified_agent_uses_drawdown_env(drawdown_proxy: Factory, standin: St
         f'eval "$({sys.executable} -m drawdown env --confdir {proxy.confdir} --listen {host}:{port} --agent envagent --run e1)" '
         f'&& unset NO_PROXY no_proxy SSL_CERT_DIR && exec {sys.executable} -c "$AGENT"'
     )
-    result = subprocess.run(["bash", "-c", script], env={"PATH": "/usr/bin:/bin", "AGENT": agent, "HOME": str(tmp_path)}, capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        ["bash", "-c", script],
+        env={"PATH": "/usr/bin:/bin", "AGENT": agent, "HOME": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.stdout.split("\n")[:2] == ["ok", "denied 402"], result.stderr
     assert decision_of(proxy)[0][6] == "tenant:acme/agent:envagent/run:e1"
 
 
-def test_hot_reload_applies_good_edits_and_keeps_the_last_good_policy(drawdown_proxy: Factory, standin: StandIn) -> None:
+def test_hot_reload_applies_good_edits_and_keeps_the_last_good_policy(
+    drawdown_proxy: Factory, standin: StandIn
+) -> None:
     proxy = drawdown_proxy(policy('- {scope: "agent:*", requests: 1}'))
     with proxy.openai_client(max_retries=0) as client:
         client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
@@ -288,19 +380,25 @@ def test_hot_reload_applies_good_edits_and_keeps_the_last_good_policy(drawdown_p
             client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
         proxy.reload_policy(policy('- {scope: "agent:*", requests: 3}'))
         proxy.wait_for_log("policy reloaded")
-        client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)  # the raised limit applies
+        client.chat.completions.create(
+            model="gpt-4o-mini", messages=MESSAGES
+        )  # the raised limit applies
         proxy.reload_policy(policy('- {scope: "agent:*", requests: 100, usdd: 3}'))
         line = proxy.wait_for_log(r"policy edit rejected")
         assert line
         proxy.wait_for_log(r"unknown key 'usdd' in budget")
-        client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)  # 3rd of 3: still the last good policy
+        client.chat.completions.create(
+            model="gpt-4o-mini", messages=MESSAGES
+        )  # 3rd of 3: still the last good policy
         with pytest.raises(openai.APIStatusError):
             client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
     assert proxy.is_running()
 
 
 def test_plain_mitmdump_with_the_addon_script(drawdown_proxy: Factory, standin: StandIn) -> None:
-    proxy = drawdown_proxy(policy('- {scope: "agent:*", requests: 1}'), mode="mitmdump", ready="mitmproxy")
+    proxy = drawdown_proxy(
+        policy('- {scope: "agent:*", requests: 1}'), mode="mitmdump", ready="mitmproxy"
+    )
     with proxy.openai_client(max_retries=0) as client:
         client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
         with pytest.raises(openai.APIStatusError) as caught:
@@ -331,15 +429,23 @@ def test_run_refuses_a_public_listen_address_without_proxy_auth(tmp_path: Path) 
     assert result.returncode == 2 and "refusing to listen on 0.0.0.0" in result.stderr
 
 
-def test_json_body_is_the_one_the_agent_sent_when_not_streaming(drawdown_proxy: Factory, standin: StandIn) -> None:
+def test_json_body_is_the_one_the_agent_sent_when_not_streaming(
+    drawdown_proxy: Factory, standin: StandIn
+) -> None:
     proxy = drawdown_proxy(policy('- {scope: "agent:*", usd: 1}'))
     with proxy.openai_client() as client:
         client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, temperature=0.25)
     sent = standin.wait_for("/v1/chat/completions").json
-    assert sent["temperature"] == 0.25 and "stream_options" not in sent and json.dumps(sent["messages"]) == json.dumps(MESSAGES)
+    assert (
+        sent["temperature"] == 0.25
+        and "stream_options" not in sent
+        and json.dumps(sent["messages"]) == json.dumps(MESSAGES)
+    )
 
 
-def test_client_abort_mid_stream_commits_what_was_streamed(drawdown_proxy: Factory, standin: StandIn) -> None:
+def test_client_abort_mid_stream_commits_what_was_streamed(
+    drawdown_proxy: Factory, standin: StandIn
+) -> None:
     import threading
 
     gate = threading.Event()
@@ -349,16 +455,28 @@ def test_client_abort_mid_stream_commits_what_was_streamed(drawdown_proxy: Facto
     )
     body = chunk % b"one two three four five" + chunk % b"six seven" + b"data: [DONE]\n\n"
     first = chunk % b"one two three four five"
-    standin.script("POST", "/v1/chat/completions", Reply(body=body, content_type="text/event-stream", chunks=[first, gate, body[len(first):]]))
+    standin.script(
+        "POST",
+        "/v1/chat/completions",
+        Reply(
+            body=body, content_type="text/event-stream", chunks=[first, gate, body[len(first) :]]
+        ),
+    )
     proxy = drawdown_proxy(policy('- {scope: "agent:*", usd: 1}'))
     try:
         with proxy.openai_client() as client:
             stream = client.chat.completions.create(
-                model="gpt-4o-mini", messages=MESSAGES, stream=True, stream_options={"include_usage": True}
+                model="gpt-4o-mini",
+                messages=MESSAGES,
+                stream=True,
+                stream_options={"include_usage": True},
             )
             assert next(iter(stream)).choices[0].delta.content == "one two three four five"
             stream.close()  # the agent gives up mid-stream
-        held = proxy.wait_for_query("SELECT state, usage_source, actual_tokens FROM holds", until=lambda r: r and r[0][0] != "active")
+        held = proxy.wait_for_query(
+            "SELECT state, usage_source, actual_tokens FROM holds",
+            until=lambda r: r and r[0][0] != "active",
+        )
     finally:
         gate.set()
     ((state, source, actual_tokens),) = held

@@ -42,7 +42,9 @@ def policy(mode: str = "enforce", requests: int = 1000, ttl: int = 900) -> str:
 
 def verify(db: Path | str, *, settled: bool = True) -> None:
     """The ledger's invariants hold (drawdown verify exits 0)."""
-    args = [sys.executable, "-m", "drawdown", "verify", "--db", str(db)] + (["--settled"] if settled else [])
+    args = [sys.executable, "-m", "drawdown", "verify", "--db", str(db)] + (
+        ["--settled"] if settled else []
+    )
     result = subprocess.run(args, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
 
@@ -62,10 +64,15 @@ def _closed_port() -> int:
     return port
 
 
-def test_connection_refused_gives_502_and_releases(drawdown_proxy: Factory, standin: StandIn, tmp_db: Path) -> None:
+def test_connection_refused_gives_502_and_releases(
+    drawdown_proxy: Factory, standin: StandIn, tmp_db: Path
+) -> None:
     resolve = {"tls": {"api.openai.com": f"127.0.0.1:{_closed_port()}"}, "plain": {}}
     proxy = drawdown_proxy(policy(), resolve=resolve)
-    with proxy.openai_client(max_retries=0) as client, pytest.raises(openai.APIStatusError) as caught:
+    with (
+        proxy.openai_client(max_retries=0) as client,
+        pytest.raises(openai.APIStatusError) as caught,
+    ):
         chat(client)
     assert caught.value.status_code == 502
     assert proxy.query("SELECT state FROM holds") == [("released",)]
@@ -73,13 +80,19 @@ def test_connection_refused_gives_502_and_releases(drawdown_proxy: Factory, stan
     verify(tmp_db)
 
 
-def test_tls_failure_gives_502_and_releases(drawdown_proxy: Factory, standin: StandIn, tmp_db: Path) -> None:
+def test_tls_failure_gives_502_and_releases(
+    drawdown_proxy: Factory, standin: StandIn, tmp_db: Path
+) -> None:
     resolve = standin_resolve(standin)
-    resolve["tls"]["api.untrusted-llm.test"] = standin.host_port  # its certificate does not name this host
+    resolve["tls"]["api.untrusted-llm.test"] = (
+        standin.host_port
+    )  # its certificate does not name this host
     proxy = drawdown_proxy(policy(), resolve=resolve)
-    with proxy.openai_client("https://api.untrusted-llm.test/v1", max_retries=0) as client:
-        with pytest.raises(openai.APIStatusError) as caught:
-            chat(client)
+    with (
+        proxy.openai_client("https://api.untrusted-llm.test/v1", max_retries=0) as client,
+        pytest.raises(openai.APIStatusError) as caught,
+    ):
+        chat(client)
     assert caught.value.status_code == 502
     assert standin.count("*") == 0
     ((state, reason),) = proxy.query("SELECT state, settle_reason FROM holds")
@@ -87,9 +100,15 @@ def test_tls_failure_gives_502_and_releases(drawdown_proxy: Factory, standin: St
     verify(tmp_db)
 
 
-def test_reset_before_headers_and_5xx_release(drawdown_proxy: Factory, standin: StandIn, tmp_db: Path) -> None:
+def test_reset_before_headers_and_5xx_release(
+    drawdown_proxy: Factory, standin: StandIn, tmp_db: Path
+) -> None:
     standin.script("POST", "/v1/chat/completions", Reply(reset_before_headers=True))
-    standin.script("POST", "/v1/chat/completions", Reply(status=503, json={"error": {"message": "overloaded", "type": "server_error"}}))
+    standin.script(
+        "POST",
+        "/v1/chat/completions",
+        Reply(status=503, json={"error": {"message": "overloaded", "type": "server_error"}}),
+    )
     proxy = drawdown_proxy(policy())
     with proxy.openai_client(max_retries=0) as client:
         with pytest.raises(openai.APIStatusError) as first:
@@ -98,12 +117,18 @@ def test_reset_before_headers_and_5xx_release(drawdown_proxy: Factory, standin: 
             chat(client)
         chat(client)  # the upstream recovers: charged normally
     assert (first.value.status_code, second.value.status_code) == (502, 503)
-    assert proxy.query("SELECT state FROM holds ORDER BY id") == [("released",), ("released",), ("committed",)]
+    assert proxy.query("SELECT state FROM holds ORDER BY id") == [
+        ("released",),
+        ("released",),
+        ("committed",),
+    ]
     assert proxy.query("SELECT spent_requests, reserved_requests FROM budget_instances") == [(1, 0)]
     verify(tmp_db)
 
 
-def test_reset_mid_stream_commits_what_was_streamed(drawdown_proxy: Factory, standin: StandIn, tmp_db: Path) -> None:
+def test_reset_mid_stream_commits_what_was_streamed(
+    drawdown_proxy: Factory, standin: StandIn, tmp_db: Path
+) -> None:
     event = (
         b'data: {"id":"c","object":"chat.completion.chunk","created":1,"model":"gpt-4o-mini",'
         b'"choices":[{"index":0,"delta":{"content":"word %d "},"finish_reason":null}]}\n\n'
@@ -116,31 +141,43 @@ def test_reset_mid_stream_commits_what_was_streamed(drawdown_proxy: Factory, sta
     proxy = drawdown_proxy(policy())
     with proxy.openai_client(max_retries=0) as client, pytest.raises(openai.APIConnectionError):
         list(chat(client, stream=True))
-    rows = proxy.wait_for_query("SELECT state, usage_source FROM holds", until=lambda r: r and r[0][0] != "active")
+    rows = proxy.wait_for_query(
+        "SELECT state, usage_source FROM holds", until=lambda r: r and r[0][0] != "active"
+    )
     assert rows == [("committed", "counted")]
     verify(tmp_db)
 
 
-def test_slow_trickle_keeps_its_hold_alive_and_commits(drawdown_proxy: Factory, standin: StandIn, tmp_db: Path) -> None:
+def test_slow_trickle_keeps_its_hold_alive_and_commits(
+    drawdown_proxy: Factory, standin: StandIn, tmp_db: Path
+) -> None:
     # The hold's TTL (2 s) is shorter than the stream (≈4 s): the proxy extends it while the call is in flight.
     standin.stream_delay = 0.4
     proxy = drawdown_proxy(policy(ttl=2), extra_args=["--set", "drawdown_maintenance_interval=0.5"])
     with proxy.openai_client(max_retries=0) as client:
-        text = "".join(c.choices[0].delta.content or "" for c in chat(client, stream=True) if c.choices)
+        text = "".join(
+            c.choices[0].delta.content or "" for c in chat(client, stream=True) if c.choices
+        )
     assert text
-    rows = proxy.wait_for_query("SELECT state, usage_source FROM holds", until=lambda r: r and r[0][0] != "active")
+    rows = proxy.wait_for_query(
+        "SELECT state, usage_source FROM holds", until=lambda r: r and r[0][0] != "active"
+    )
     assert rows == [("committed", "usage")]
     verify(tmp_db)
 
 
-def test_silent_upstream_is_cut_by_tcp_timeout_and_released(drawdown_proxy: Factory, standin: StandIn, tmp_db: Path) -> None:
+def test_silent_upstream_is_cut_by_tcp_timeout_and_released(
+    drawdown_proxy: Factory, standin: StandIn, tmp_db: Path
+) -> None:
     gate = threading.Event()
     standin.script("POST", "/v1/chat/completions", Reply(hold_headers=gate))
     proxy = drawdown_proxy(policy(), extra_args=["--set", "tcp_timeout=2"])
     try:
         with proxy.openai_client(max_retries=0) as client, pytest.raises(openai.APIConnectionError):
             chat(client)
-        rows = proxy.wait_for_query("SELECT state FROM holds", until=lambda r: r and r[0][0] != "active")
+        rows = proxy.wait_for_query(
+            "SELECT state FROM holds", until=lambda r: r and r[0][0] != "active"
+        )
     finally:
         gate.set()
     assert rows == [("released",)]
@@ -150,12 +187,16 @@ def test_silent_upstream_is_cut_by_tcp_timeout_and_released(drawdown_proxy: Fact
 # --- ledger faults --------------------------------------------------------------------------
 
 
-def test_locked_ledger_is_answered_per_on_ledger_error(drawdown_proxy: Factory, standin: StandIn, tmp_db: Path) -> None:
+def test_locked_ledger_is_answered_per_on_ledger_error(
+    drawdown_proxy: Factory, standin: StandIn, tmp_db: Path
+) -> None:
     proxy = drawdown_proxy(policy(), extra_args=["--set", "drawdown_ledger_timeout=0.5"])
     with proxy.openai_client(max_retries=0) as client:
         chat(client)
         locker = sqlite3.connect(tmp_db, isolation_level=None)
-        locker.execute("BEGIN EXCLUSIVE")  # another process holds the write lock for longer than the timeout
+        locker.execute(
+            "BEGIN EXCLUSIVE"
+        )  # another process holds the write lock for longer than the timeout
         try:
             with pytest.raises(openai.APIStatusError) as caught:
                 chat(client)
@@ -171,8 +212,12 @@ def test_locked_ledger_is_answered_per_on_ledger_error(drawdown_proxy: Factory, 
     verify(tmp_db)
 
 
-def test_locked_ledger_in_shadow_mode_forwards_and_says_so(drawdown_proxy: Factory, standin: StandIn, tmp_db: Path) -> None:
-    proxy = drawdown_proxy(policy(mode="shadow"), extra_args=["--set", "drawdown_ledger_timeout=0.5"])
+def test_locked_ledger_in_shadow_mode_forwards_and_says_so(
+    drawdown_proxy: Factory, standin: StandIn, tmp_db: Path
+) -> None:
+    proxy = drawdown_proxy(
+        policy(mode="shadow"), extra_args=["--set", "drawdown_ledger_timeout=0.5"]
+    )
     with proxy.openai_client(max_retries=0) as client:
         chat(client)
         locker = sqlite3.connect(tmp_db, isolation_level=None)
@@ -187,7 +232,9 @@ def test_locked_ledger_in_shadow_mode_forwards_and_says_so(drawdown_proxy: Facto
     verify(tmp_db)
 
 
-def test_disk_full_is_answered_per_on_ledger_error_and_nothing_committed_is_lost(drawdown_proxy: Factory, standin: StandIn, tmp_db: Path) -> None:
+def test_disk_full_is_answered_per_on_ledger_error_and_nothing_committed_is_lost(
+    drawdown_proxy: Factory, standin: StandIn, tmp_db: Path
+) -> None:
     proxy = drawdown_proxy(policy(), extra_args=["--set", "drawdown_ledger_timeout=0.5"])
     with proxy.openai_client(max_retries=0) as client:
         for _ in range(3):
@@ -195,7 +242,9 @@ def test_disk_full_is_answered_per_on_ledger_error_and_nothing_committed_is_lost
         committed = proxy.query("SELECT COUNT(*) FROM holds WHERE state = 'committed'")
         # Cap the proxy's file size (RLIMIT_FSIZE) at what its ledger files use now: the disk is "full".
         sizes = [p.stat().st_size for p in tmp_db.parent.glob(tmp_db.name + "*")]
-        subprocess.run(["prlimit", f"--pid={proxy.pid}", f"--fsize={max(sizes)}:unlimited"], check=True)
+        subprocess.run(
+            ["prlimit", f"--pid={proxy.pid}", f"--fsize={max(sizes)}:unlimited"], check=True
+        )
         try:
             statuses = []
             for _ in range(30):  # until the ledger needs a new page
@@ -206,11 +255,16 @@ def test_disk_full_is_answered_per_on_ledger_error_and_nothing_committed_is_lost
                     statuses.append(exc.status_code)
                     break
         finally:
-            subprocess.run(["prlimit", f"--pid={proxy.pid}", "--fsize=unlimited:unlimited"], check=True)
+            subprocess.run(
+                ["prlimit", f"--pid={proxy.pid}", "--fsize=unlimited:unlimited"], check=True
+            )
         assert statuses[-1] == 503 and proxy.is_running()
         chat(client)  # space is back
     proxy.wait_for_log("ledger unavailable")
-    assert proxy.query("SELECT COUNT(*) FROM holds WHERE state = 'committed'")[0][0] >= committed[0][0] + 1
+    assert (
+        proxy.query("SELECT COUNT(*) FROM holds WHERE state = 'committed'")[0][0]
+        >= committed[0][0] + 1
+    )
     proxy.stop()
     verify(tmp_db)
 
@@ -228,8 +282,13 @@ def immutable(tmp_path: Path) -> Iterator[Callable[[Path], None]]:
         subprocess.run(["chattr", "-i", str(path)], check=False)
 
 
-@pytest.mark.skipif(shutil.which("chattr") is None, reason="needs chattr (e2fsprogs) to make a file read-only for root")
-def test_read_only_ledger_keeps_the_proxy_up_until_it_is_writable_again(drawdown_proxy: Factory, standin: StandIn, tmp_path: Path, immutable: Callable[[Path], None]) -> None:
+@pytest.mark.skipif(
+    shutil.which("chattr") is None,
+    reason="needs chattr (e2fsprogs) to make a file read-only for root",
+)
+def test_read_only_ledger_keeps_the_proxy_up_until_it_is_writable_again(
+    drawdown_proxy: Factory, standin: StandIn, tmp_path: Path, immutable: Callable[[Path], None]
+) -> None:
     db = tmp_path / "ro" / "ledger.db"
     db.parent.mkdir()
     first = drawdown_proxy(policy(), db=db)
@@ -239,7 +298,9 @@ def test_read_only_ledger_keeps_the_proxy_up_until_it_is_writable_again(drawdown
     for path in db.parent.iterdir():
         immutable(path)
     immutable(db.parent)  # not even a -wal file can be created
-    proxy = drawdown_proxy(policy(), db=db, extra_args=["--set", "drawdown_maintenance_interval=0.5"])
+    proxy = drawdown_proxy(
+        policy(), db=db, extra_args=["--set", "drawdown_maintenance_interval=0.5"]
+    )
     with proxy.openai_client(max_retries=0) as client:
         with pytest.raises(openai.APIStatusError) as caught:
             chat(client)
@@ -252,36 +313,62 @@ def test_read_only_ledger_keeps_the_proxy_up_until_it_is_writable_again(drawdown
     assert proxy.query("SELECT COUNT(*) FROM holds WHERE state = 'committed'") == [(2,)]
 
 
-def test_corrupted_ledger_keeps_the_proxy_up(drawdown_proxy: Factory, standin: StandIn, tmp_path: Path) -> None:
+def test_corrupted_ledger_keeps_the_proxy_up(
+    drawdown_proxy: Factory, standin: StandIn, tmp_path: Path
+) -> None:
     db = tmp_path / "corrupt.db"
     db.write_bytes(b"this is not a sqlite database, it was overwritten by accident " * 200)
     proxy = drawdown_proxy(policy(), db=db)
-    with proxy.openai_client(max_retries=0) as client, pytest.raises(openai.APIStatusError) as caught:
+    with (
+        proxy.openai_client(max_retries=0) as client,
+        pytest.raises(openai.APIStatusError) as caught,
+    ):
         chat(client)
-    assert caught.value.status_code == 503 and "ledger unavailable" in caught.value.response.json()["error"]["message"]
+    assert (
+        caught.value.status_code == 503
+        and "ledger unavailable" in caught.value.response.json()["error"]["message"]
+    )
     proxy.wait_for_log("cannot open ledger")
     assert standin.count("*") == 0 and proxy.is_running()
-    assert b"overwritten by accident" in db.read_bytes()[:100]  # drawdown never "repairs" a ledger by replacing it
+    assert (
+        b"overwritten by accident" in db.read_bytes()[:100]
+    )  # drawdown never "repairs" a ledger by replacing it
 
 
 # --- a crash with calls in flight -------------------------------------------------------------
 
 
-def test_crash_with_calls_in_flight_strands_no_budget(drawdown_proxy: Factory, standin: StandIn, tmp_db: Path) -> None:
+def test_crash_with_calls_in_flight_strands_no_budget(
+    drawdown_proxy: Factory, standin: StandIn, tmp_db: Path
+) -> None:
     gate = threading.Event()
     text = policy(requests=1000)
     proxy = drawdown_proxy(text)
     with proxy.openai_client(max_retries=0) as client:
         for _ in range(5):  # completed calls before the crash
             chat(client)
-    standin.script("POST", "/v1/chat/completions", Reply(body=b'data: {"id":"x","object":"chat.completion.chunk","created":1,"model":"gpt-4o-mini","choices":[{"index":0,"delta":{"content":"partial "},"finish_reason":null}]}\n\n', content_type="text/event-stream", chunks=[b'data: {"id":"x","object":"chat.completion.chunk","created":1,"model":"gpt-4o-mini","choices":[{"index":0,"delta":{"content":"partial "},"finish_reason":null}]}\n\n', gate]), times=None)
+    standin.script(
+        "POST",
+        "/v1/chat/completions",
+        Reply(
+            body=b'data: {"id":"x","object":"chat.completion.chunk","created":1,"model":"gpt-4o-mini","choices":[{"index":0,"delta":{"content":"partial "},"finish_reason":null}]}\n\n',
+            content_type="text/event-stream",
+            chunks=[
+                b'data: {"id":"x","object":"chat.completion.chunk","created":1,"model":"gpt-4o-mini","choices":[{"index":0,"delta":{"content":"partial "},"finish_reason":null}]}\n\n',
+                gate,
+            ],
+        ),
+        times=None,
+    )
 
     async def in_flight() -> None:
         async with proxy.async_openai_client(max_retries=0) as client:
 
             async def one() -> None:
                 try:
-                    stream = await client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, stream=True)
+                    stream = await client.chat.completions.create(
+                        model="gpt-4o-mini", messages=MESSAGES, stream=True
+                    )
                     async for _ in stream:
                         pass
                 except (openai.APIError, httpx2.HTTPError):
@@ -303,9 +390,17 @@ def test_crash_with_calls_in_flight_strands_no_budget(drawdown_proxy: Factory, s
     # A new proxy on the same ledger: once the dead one's lease (2 s) lapses, its holds are returned.
     standin.reset()
     survivor = drawdown_proxy(text, extra_args=["--set", "drawdown_maintenance_interval=0.5"])
-    survivor.wait_for_query("SELECT COUNT(*) FROM holds WHERE state = 'active'", until=lambda r: r[0][0] == 0, timeout=30)
-    assert survivor.query("SELECT COUNT(*) FROM holds WHERE state = 'committed'") == [(5,)]  # completed calls all recorded
-    assert survivor.query("SELECT reserved_requests, spent_requests FROM budget_instances") == [(0, 5)]
+    survivor.wait_for_query(
+        "SELECT COUNT(*) FROM holds WHERE state = 'active'",
+        until=lambda r: r[0][0] == 0,
+        timeout=30,
+    )
+    assert survivor.query("SELECT COUNT(*) FROM holds WHERE state = 'committed'") == [
+        (5,)
+    ]  # completed calls all recorded
+    assert survivor.query("SELECT reserved_requests, spent_requests FROM budget_instances") == [
+        (0, 5)
+    ]
     survivor.stop()
     verify(tmp_db)
 
@@ -313,7 +408,9 @@ def test_crash_with_calls_in_flight_strands_no_budget(drawdown_proxy: Factory, s
 # --- four proxies, one ledger file --------------------------------------------------------------
 
 
-def test_four_proxies_racing_for_37_admit_exactly_37(drawdown_proxy: Factory, standin: StandIn, tmp_db: Path) -> None:
+def test_four_proxies_racing_for_37_admit_exactly_37(
+    drawdown_proxy: Factory, standin: StandIn, tmp_db: Path
+) -> None:
     text = """
 actions:
   - {kind: llm, provider: openai, match: {host: api.openai.com}}
@@ -324,11 +421,15 @@ budgets:
 
     async def race() -> list[int]:
         async def through(proxy: DrawdownProcess, n: int) -> list[int]:
-            async with proxy.async_openai_client(default_headers={"X-Drawdown-Agent": "fleet", "X-Drawdown-Run": "r1"}, max_retries=0) as client:
+            async with proxy.async_openai_client(
+                default_headers={"X-Drawdown-Agent": "fleet", "X-Drawdown-Run": "r1"}, max_retries=0
+            ) as client:
 
                 async def one() -> int:
                     try:
-                        await client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, max_tokens=16)
+                        await client.chat.completions.create(
+                            model="gpt-4o-mini", messages=MESSAGES, max_tokens=16
+                        )
                         return 200
                     except openai.APIStatusError as exc:
                         return exc.status_code
@@ -341,7 +442,9 @@ budgets:
     statuses = asyncio.run(race())
     assert statuses.count(200) == 37 and statuses.count(402) == 163
     assert standin.count("/v1/chat/completions") == 37
-    assert proxies[0].query("SELECT spent_requests, reserved_requests FROM budget_instances") == [(37, 0)]
+    assert proxies[0].query("SELECT spent_requests, reserved_requests FROM budget_instances") == [
+        (37, 0)
+    ]
     assert proxies[0].query("SELECT COUNT(*) FROM decisions") == [(200,)]
     for proxy in proxies:
         proxy.stop()

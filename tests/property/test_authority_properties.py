@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import random
 
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
 from drawdown.authority import evaluate
 from drawdown.classify import RequestView
 from drawdown.policy.match import compile_condition, compile_glob, compile_scope
 from drawdown.policy.model import Authority, FieldTest, Requirement, Rule
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 KINDS = ["llm", "crm.read", "refund.issue", "repo.write"]
 AGENTS = ["support-1", "support-lead", "coder", "research"]
@@ -21,7 +20,9 @@ rule_strategy = st.builds(
         scope=compile_scope(scope),
         actions=tuple(compile_glob(k) for k in kinds),
         action_texts=tuple(kinds),
-        when=(FieldTest("json.amount", compile_condition({"lte": amount})),) if amount is not None else (),
+        when=(FieldTest("json.amount", compile_condition({"lte": amount})),)
+        if amount is not None
+        else (),
         requires=(Requirement(("crm.read",)),) if effect == "require" else (),
         mode="shadow" if shadow else None,
     ),
@@ -43,12 +44,16 @@ rule_strategy = st.builds(
     history=st.booleans(),
     seed=st.integers(0, 2**32),
 )
-def test_decision_is_deterministic_and_order_independent(rules, default, agent, kind, amount, history, seed) -> None:
+def test_decision_is_deterministic_and_order_independent(
+    rules, default, agent, kind, amount, history, seed
+) -> None:
     view = RequestView("POST", "h", 443, "/", body=b'{"amount": %d}' % amount)
     levels = {"agent": agent, "run": "r"}
 
     def decide(ordered: list[Rule]) -> str:
-        evaluation = evaluate(Authority(default, tuple(ordered)), levels, "agent:x/run:r", kind, view)
+        evaluation = evaluate(
+            Authority(default, tuple(ordered)), levels, "agent:x/run:r", kind, view
+        )
         return evaluation.finish([history] * len(evaluation.checks)).decision
 
     first = decide(rules)

@@ -48,7 +48,9 @@ class DocsMcpServer:
 
         # Behind the proxy the Host header is mcp.example.com, not the loopback address.
         security = TransportSecuritySettings(enable_dns_rebinding_protection=False)
-        self.app = server.streamable_http_app(streamable_http_path=PATH, transport_security=security)
+        self.app = server.streamable_http_app(
+            streamable_http_path=PATH, transport_security=security
+        )
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._sock.bind(("127.0.0.1", 0))

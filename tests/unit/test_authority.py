@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from drawdown.authority import canonical, evaluate, facts_of
 from drawdown.classify import RequestView
 from drawdown.policy import PolicyInvalid, load_policy
@@ -47,7 +46,9 @@ def decide(policy, agent: str, kind: str, v: RequestView, history: list[bool] | 
 def test_explicit_deny_wins_over_allow(tmp_path: Path) -> None:
     policy = policy_from(tmp_path, SUPPORT)
     # support-lead is allowed refunds ≤ 5000, but the support-* deny rule also matches it: deny wins.
-    _, verdict = decide(policy, "support-lead", "refund.issue", view({"amount": 100, "customer_id": "c1"}))
+    _, verdict = decide(
+        policy, "support-lead", "refund.issue", view({"amount": 100, "customer_id": "c1"})
+    )
     assert verdict.decision == "deny" and verdict.reason_code == "not_authorized"
     assert verdict.rule is not None and verdict.rule.line == 6
 
@@ -69,9 +70,13 @@ authority:
 
 
 def test_default_applies_when_no_rule_matches(tmp_path: Path) -> None:
-    allow = policy_from(tmp_path, "authority: {default: allow, rules: [{scope: 'agent:x', deny: [a]}]}")
+    allow = policy_from(
+        tmp_path, "authority: {default: allow, rules: [{scope: 'agent:x', deny: [a]}]}"
+    )
     assert decide(allow, "y", "a", view())[1].decision == "allow"
-    deny = policy_from(tmp_path, "authority: {default: deny, rules: [{scope: 'agent:x', allow: [a]}]}")
+    deny = policy_from(
+        tmp_path, "authority: {default: deny, rules: [{scope: 'agent:x', allow: [a]}]}"
+    )
     assert decide(deny, "y", "a", view())[1].decision == "deny"
     assert decide(deny, "x", "a", view())[1].decision == "allow"
 
@@ -87,38 +92,49 @@ authority:
     - {scope: "*", action: refund.issue, requires: [crm.read]}
 """,
     )
-    evaluation, verdict = decide(policy, "a", "refund.issue", view({"amount": 1}), history=[False])
+    _evaluation, verdict = decide(policy, "a", "refund.issue", view({"amount": 1}), history=[False])
     assert verdict.decision == "deny" and verdict.reason_code == "requires_unmet"
     assert "an earlier successful crm.read in this run" in (verdict.reason or "")
-    assert decide(policy, "a", "refund.issue", view({"amount": 1}), history=[True])[1].decision == "allow"
+    assert (
+        decide(policy, "a", "refund.issue", view({"amount": 1}), history=[True])[1].decision
+        == "allow"
+    )
 
 
 def test_met_requirement_allows_nothing_by_itself(tmp_path: Path) -> None:
     policy = policy_from(
-        tmp_path, "authority:\n  default: deny\n  rules:\n    - {scope: '*', action: refund.issue, requires: [crm.read]}\n"
+        tmp_path,
+        "authority:\n  default: deny\n  rules:\n    - {scope: '*', action: refund.issue, requires: [crm.read]}\n",
     )
     assert decide(policy, "a", "refund.issue", view(), history=[True])[1].decision == "deny"
 
 
 def test_requires_same_field_checks_the_value(tmp_path: Path) -> None:
     policy = policy_from(tmp_path, SUPPORT)
-    evaluation, _ = decide(policy, "agent-x", "refund.issue", view({"customer_id": 42, "amount": 10}))
+    evaluation, _ = decide(
+        policy, "agent-x", "refund.issue", view({"customer_id": 42, "amount": 10})
+    )
     queries = [(c.requirement.actions, c.requirement.there, c.value) for c in evaluation.checks]
     assert queries == [(("crm.read",), None, None), (("crm.read",), "path.id", "42")]
     missing_field = decide(policy, "agent-x", "refund.issue", view({"amount": 10}))[1]
-    assert missing_field.decision == "deny" and "has no json.customer_id" in (missing_field.reason or "")
+    assert missing_field.decision == "deny" and "has no json.customer_id" in (
+        missing_field.reason or ""
+    )
 
 
 def test_constraint_rule_on_model(tmp_path: Path) -> None:
     policy = policy_from(tmp_path, SUPPORT)
     assert decide(policy, "research", "llm", view(model="gpt-4o-mini"))[1].decision == "allow"
     expensive = decide(policy, "research", "llm", view(model="gpt-5"))[1]
-    assert expensive.decision == "deny" and "does not meet the condition" in (expensive.reason or "")
+    assert expensive.decision == "deny" and "does not meet the condition" in (
+        expensive.reason or ""
+    )
 
 
 def test_shadow_rule_reports_would_deny(tmp_path: Path) -> None:
     policy = policy_from(
-        tmp_path, "authority:\n  rules:\n    - {scope: 'agent:coder', deny: [repo.write], mode: shadow}\n"
+        tmp_path,
+        "authority:\n  rules:\n    - {scope: 'agent:coder', deny: [repo.write], mode: shadow}\n",
     )
     verdict = decide(policy, "coder", "repo.write", view())[1]
     assert verdict.decision == "would_deny" and verdict.reason_code == "not_authorized"
@@ -138,7 +154,8 @@ def test_facts_recorded_for_later_requirements(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("a", "b"), [(42, "42"), (42, 42.0), ("c-1", "c-1"), (True, True), ({"x": 1, "y": 2}, {"y": 2, "x": 1})]
+    ("a", "b"),
+    [(42, "42"), (42, 42.0), ("c-1", "c-1"), (True, True), ({"x": 1, "y": 2}, {"y": 2, "x": 1})],
 )
 def test_canonical_values_compare_across_requests(a: object, b: object) -> None:
     assert canonical(a) == canonical(b)

@@ -24,24 +24,50 @@ budgets:
 """
 
 
-def view(method: str, host: str, path: str, body: object = None, query: dict[str, str] | None = None) -> RequestView:
-    return RequestView(method, host, 443, path, query or {}, {}, json.dumps(body).encode() if body is not None else b"")
+def view(
+    method: str, host: str, path: str, body: object = None, query: dict[str, str] | None = None
+) -> RequestView:
+    return RequestView(
+        method,
+        host,
+        443,
+        path,
+        query or {},
+        {},
+        json.dumps(body).encode() if body is not None else b"",
+    )
 
 
 def test_first_match_wins_with_body_conditions(tmp_path: Path) -> None:
     (tmp_path / "p.yaml").write_text(POLICY)
     policy = load_policy(tmp_path / "p.yaml")
     assert classify(policy, view("POST", "api.openai.com", "/v1/chat/completions")).kind == "llm"
-    assert classify(policy, view("POST", "api.stripe.com", "/v1/refunds", {"amount": 9000})).kind == "refund.big"
-    assert classify(policy, view("POST", "api.stripe.com", "/v1/refunds", {"amount": 100})).kind == "refund.issue"
-    assert classify(policy, view("POST", "api.stripe.com", "/v1/refunds", None)).kind == "refund.issue"
+    assert (
+        classify(policy, view("POST", "api.stripe.com", "/v1/refunds", {"amount": 9000})).kind
+        == "refund.big"
+    )
+    assert (
+        classify(policy, view("POST", "api.stripe.com", "/v1/refunds", {"amount": 100})).kind
+        == "refund.issue"
+    )
+    assert (
+        classify(policy, view("POST", "api.stripe.com", "/v1/refunds", None)).kind == "refund.issue"
+    )
     crm = classify(policy, view("GET", "crm.example.com", "/api/customers/c-9"))
     assert crm.kind == "crm.read" and crm.path_params == {"id": "c-9"}
     assert classify(policy, view("DELETE", "crm.example.com", "/api/customers/c-9")).action is None
-    assert classify(policy, view("GET", "api.search.example", "/s", query={"q": "x"})).kind == "search"
+    assert (
+        classify(policy, view("GET", "api.search.example", "/s", query={"q": "x"})).kind == "search"
+    )
     assert classify(policy, view("GET", "api.search.example", "/s")).action is None
-    assert classify(policy, view("PUT", "api.github.com", "/repos/app/contents/tests/unit/a.py")).kind == "repo.write"
-    assert classify(policy, view("PUT", "api.github.com", "/repos/app/contents/src/a.py")).action is None
+    assert (
+        classify(policy, view("PUT", "api.github.com", "/repos/app/contents/tests/unit/a.py")).kind
+        == "repo.write"
+    )
+    assert (
+        classify(policy, view("PUT", "api.github.com", "/repos/app/contents/src/a.py")).action
+        is None
+    )
     assert classify(policy, view("GET", "example.org", "/")).action is None
 
 
@@ -51,13 +77,22 @@ def test_budget_instances_per_scope_and_action(tmp_path: Path) -> None:
     levels = {"tenant": "acme", "agent": "support-2", "run": "r7"}
     now = 1_700_000_123.0
     llm = claims_for(policy, levels, "llm", now)
-    assert [(c.budget, c.scope) for c in llm] == [("tenant:* per day", "tenant:acme"), ("agent:*/run:*", "agent:support-2/run:r7")]
+    assert [(c.budget, c.scope) for c in llm] == [
+        ("tenant:* per day", "tenant:acme"),
+        ("agent:*/run:*", "agent:support-2/run:r7"),
+    ]
     assert llm[0].window_start == 1_699_920_000 and llm[0].window_end == 1_700_006_400
     refund = claims_for(policy, levels, "refund.issue", now)
-    assert [c.scope for c in refund] == ["tenant:acme", "agent:support-2/run:r7", "agent:support-2/run:r7"]
+    assert [c.scope for c in refund] == [
+        "tenant:acme",
+        "agent:support-2/run:r7",
+        "agent:support-2/run:r7",
+    ]
     assert refund[2].limit_requests == 3
     # No run level: run budgets do not apply.
-    assert [c.budget for c in claims_for(policy, {"tenant": "acme", "agent": "x"}, "llm", now)] == ["tenant:* per day"]
+    assert [c.budget for c in claims_for(policy, {"tenant": "acme", "agent": "x"}, "llm", now)] == [
+        "tenant:* per day"
+    ]
 
 
 def test_windows() -> None:

@@ -7,7 +7,6 @@ import uuid
 from pathlib import Path
 
 import pytest
-
 from drawdown.cli import main
 from drawdown.ledger.api import Amount, Claim, Completion, DecisionRow
 from drawdown.ledger.sqlite import SQLiteLedger
@@ -26,9 +25,28 @@ def test_check_valid_and_invalid(tmp_path: Path, capsys: pytest.CaptureFixture[s
 
 def test_env_prints_what_an_agent_needs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     confdir = tmp_path / "conf"
-    assert main(["env", "--confdir", str(confdir), "--listen", "127.0.0.1:9090", "--agent", "research bot", "--run", "r/1"]) == 0
-    lines = dict(line.removeprefix("export ").split("=", 1) for line in capsys.readouterr().out.splitlines())
-    assert lines["HTTPS_PROXY"] == lines["HTTP_PROXY"] == "http://research%20bot:r%2F1@127.0.0.1:9090"
+    assert (
+        main(
+            [
+                "env",
+                "--confdir",
+                str(confdir),
+                "--listen",
+                "127.0.0.1:9090",
+                "--agent",
+                "research bot",
+                "--run",
+                "r/1",
+            ]
+        )
+        == 0
+    )
+    lines = dict(
+        line.removeprefix("export ").split("=", 1) for line in capsys.readouterr().out.splitlines()
+    )
+    assert (
+        lines["HTTPS_PROXY"] == lines["HTTP_PROXY"] == "http://research%20bot:r%2F1@127.0.0.1:9090"
+    )
     bundle = Path(lines["SSL_CERT_FILE"])
     assert lines["REQUESTS_CA_BUNDLE"] == lines["NODE_EXTRA_CA_CERTS"] == str(bundle)
     text = bundle.read_text()
@@ -40,7 +58,9 @@ def test_env_prints_what_an_agent_needs(tmp_path: Path, capsys: pytest.CaptureFi
 
 
 def test_explain_shows_the_decision_path(capsys: pytest.CaptureFixture[str]) -> None:
-    body = json.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10})
+    body = json.dumps(
+        {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10}
+    )
     code = main(
         ["explain", "--policy", str(ROOT / "policies" / "example.yaml"), "--url", "https://api.openai.com/v1/chat/completions",
          "--header", "X-Drawdown-Agent:research", "--header", "X-Drawdown-Run:r1", "--json", body, "--as-json"]
@@ -54,7 +74,17 @@ def test_explain_shows_the_decision_path(capsys: pytest.CaptureFixture[str]) -> 
 
 
 def test_explain_rejects_bad_json(capsys: pytest.CaptureFixture[str]) -> None:
-    code = main(["explain", "--policy", str(ROOT / "policies" / "example.yaml"), "--url", "https://x/", "--json", "{nope"])
+    code = main(
+        [
+            "explain",
+            "--policy",
+            str(ROOT / "policies" / "example.yaml"),
+            "--url",
+            "https://x/",
+            "--json",
+            "{nope",
+        ]
+    )
     assert code == 2 and "--json is not valid JSON" in capsys.readouterr().err
 
 
@@ -62,13 +92,42 @@ def _traffic(db: Path) -> None:
     ledger = SQLiteLedger(db)
     claims = [Claim("agent:*/run:*", "agent:research/run:7f3a", 500_000_000, None, 200)]
     for i in range(3):
-        row = DecisionRow(uuid.uuid4().hex, 1000.0 + i, "allow", "enforce", "agent:research/run:7f3a", agent="research", run="7f3a", action="llm")
+        row = DecisionRow(
+            uuid.uuid4().hex,
+            1000.0 + i,
+            "allow",
+            "enforce",
+            "agent:research/run:7f3a",
+            agent="research",
+            run="7f3a",
+            action="llm",
+        )
         outcome = ledger.reserve(row, claims, Amount(usd=40_000_000, tokens=900, requests=1), 5000)
         if i < 2:
-            ledger.commit(row.request_id, outcome.hold_id, Completion(Amount(usd=30_000_000, tokens=700, requests=1), 200, 600, 100, "usage"), 1001.0 + i)
+            ledger.commit(
+                row.request_id,
+                outcome.hold_id,
+                Completion(Amount(usd=30_000_000, tokens=700, requests=1), 200, 600, 100, "usage"),
+                1001.0 + i,
+            )
         else:
-            ledger.release(row.request_id, outcome.hold_id, Completion(status=500), "upstream answered 500", 1003.0)
-    denied = DecisionRow(uuid.uuid4().hex, 1004.0, "allow", "enforce", "agent:research/run:7f3a", agent="research", run="7f3a", action="llm")
+            ledger.release(
+                row.request_id,
+                outcome.hold_id,
+                Completion(status=500),
+                "upstream answered 500",
+                1003.0,
+            )
+    denied = DecisionRow(
+        uuid.uuid4().hex,
+        1004.0,
+        "allow",
+        "enforce",
+        "agent:research/run:7f3a",
+        agent="research",
+        run="7f3a",
+        action="llm",
+    )
     ledger.reserve(denied, claims, Amount(usd=600_000_000, requests=1), 5000)
     ledger.close()
 
@@ -80,7 +139,11 @@ def test_report_json_contract(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     report = json.loads(capsys.readouterr().out)
     assert report["decisions"] == {"allow": 3, "deny": 1, "would_deny": 0}
     (budget,) = report["budgets"]
-    assert budget["scope"] == "agent:research/run:7f3a" and budget["per"] is None and budget["window_start"] is None
+    assert (
+        budget["scope"] == "agent:research/run:7f3a"
+        and budget["per"] is None
+        and budget["window_start"] is None
+    )
     assert budget["limit"] == {"usd": 0.5, "tokens": None, "requests": 200}
     assert budget["spent"] == {"usd": 0.06, "tokens": 1400, "requests": 2}
     assert budget["reserved"] == {"usd": 0.0, "tokens": 0, "requests": 0}

@@ -14,7 +14,9 @@ def caller(headers: dict[str, str] | None = None, **kw: str) -> Caller:
 def test_default_identity_from_headers() -> None:
     ident = identify(
         DEFAULT_IDENTITY,
-        caller({"X-Drawdown-Tenant": "acme", "X-Drawdown-Agent": "research", "X-Drawdown-Run": "7f3a"}),
+        caller(
+            {"X-Drawdown-Tenant": "acme", "X-Drawdown-Agent": "research", "X-Drawdown-Run": "7f3a"}
+        ),
         IdleRuns(),
         0,
     )
@@ -22,7 +24,12 @@ def test_default_identity_from_headers() -> None:
 
 
 def test_proxy_user_wins_over_header_and_constants_fill_in() -> None:
-    ident = identify(DEFAULT_IDENTITY, caller({"X-Drawdown-Agent": "spoofed"}, proxy_user="research", proxy_password="r9"), IdleRuns(), 0)
+    ident = identify(
+        DEFAULT_IDENTITY,
+        caller({"X-Drawdown-Agent": "spoofed"}, proxy_user="research", proxy_password="r9"),
+        IdleRuns(),
+        0,
+    )
     assert ident.path == "tenant:default/agent:research/run:r9"
     assert ident.sources["agent"] == "proxy user"
 
@@ -63,17 +70,26 @@ def test_idle_runs_memory_is_bounded() -> None:
 
 
 def test_hostile_values_cannot_escape_their_level() -> None:
-    ident = identify(DEFAULT_IDENTITY, caller({"X-Drawdown-Agent": "evil/run:victim", "X-Drawdown-Run": "a:b\x00\n"}), IdleRuns(), 0)
+    ident = identify(
+        DEFAULT_IDENTITY,
+        caller({"X-Drawdown-Agent": "evil/run:victim", "X-Drawdown-Run": "a:b\x00\n"}),
+        IdleRuns(),
+        0,
+    )
     assert ident.path == "tenant:default/agent:evil%2Frun%3Avictim/run:a%3Ab"
     assert ident.path.count("/") == 2
     long = clean_value("x" * 10_000)
     assert long is not None and len(long) == 128
-    assert clean_value("x" * 10_000) == long and clean_value("x" * 9_999) != long  # distinct ids stay distinct
+    assert (
+        clean_value("x" * 10_000) == long and clean_value("x" * 9_999) != long
+    )  # distinct ids stay distinct
     assert clean_value(" \t ") is None
 
 
 def test_identity_headers_to_strip() -> None:
-    assert identity_headers(["X-Drawdown-Agent", "x-drawdown-run", "Authorization", "Content-Type"]) == [
+    assert identity_headers(
+        ["X-Drawdown-Agent", "x-drawdown-run", "Authorization", "Content-Type"]
+    ) == [
         "X-Drawdown-Agent",
         "x-drawdown-run",
     ]

@@ -5,7 +5,6 @@ from __future__ import annotations
 from decimal import Decimal
 
 import pytest
-
 from drawdown.policy.match import (
     compile_condition,
     compile_host,
@@ -114,7 +113,9 @@ def test_operators(spec: object, value: object, expected: bool) -> None:
     assert compile_condition(spec)(value) is expected
 
 
-@pytest.mark.parametrize("spec", [{"gtt": 1}, {"in": "x"}, {"regex": "("}, {"gt": "abc"}, {"exists": "yes"}])
+@pytest.mark.parametrize(
+    "spec", [{"gtt": 1}, {"in": "x"}, {"regex": "("}, {"gt": "abc"}, {"exists": "yes"}]
+)
 def test_bad_conditions(spec: object) -> None:
     with pytest.raises(ValueError):
         compile_condition(spec)

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from decimal import Decimal
 from pathlib import Path
 
 import pytest
-
 from drawdown.policy import PolicyInvalid, load_policy
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -77,10 +75,14 @@ budgets:
     )
     f = str(tmp_path / "policy.yaml")
     assert f"{f}:1: mode must be one of enforce, shadow, not 'enforcee'" in found
-    assert any(p.startswith(f"{f}:3: unknown key 'headr'") and "did you mean 'header'" in p for p in found)
+    assert any(
+        p.startswith(f"{f}:3: unknown key 'headr'") and "did you mean 'header'" in p for p in found
+    )
     assert any(p.startswith(f"{f}:5: provider must be one of") for p in found)
     assert f"{f}:6: path pattern 'v1/x' must start with '/'" in found
-    assert any(p.startswith(f"{f}:7: condition on 'json.amount': unknown operator 'gtt'") for p in found)
+    assert any(
+        p.startswith(f"{f}:7: condition on 'json.amount': unknown operator 'gtt'") for p in found
+    )
     assert any(p.startswith(f"{f}:8: condition on 'json.name': invalid regex") for p in found)
     assert any(p.startswith(f"{f}:10: unknown scope level 'agnt'") for p in found)
     assert any(p.startswith(f"{f}:11: per must be one of") for p in found)
@@ -92,7 +94,11 @@ budgets:
 
 def test_yaml_syntax_error_is_located(tmp_path: Path) -> None:
     found = problems(tmp_path, "budgets:\n  - {scope: 'a:*', usd: 1\n")
-    assert len(found) == 1 and found[0].startswith(f"{tmp_path / 'policy.yaml'}:") and "YAML syntax error" in found[0]
+    assert (
+        len(found) == 1
+        and found[0].startswith(f"{tmp_path / 'policy.yaml'}:")
+        and "YAML syntax error" in found[0]
+    )
 
 
 def test_duplicate_keys_are_errors(tmp_path: Path) -> None:
@@ -101,7 +107,9 @@ def test_duplicate_keys_are_errors(tmp_path: Path) -> None:
 
 
 def test_not_a_mapping_and_non_utf8(tmp_path: Path) -> None:
-    assert problems(tmp_path, "- just\n- a list\n")[0].endswith("a policy file must be a mapping of sections")
+    assert problems(tmp_path, "- just\n- a list\n")[0].endswith(
+        "a policy file must be a mapping of sections"
+    )
     bad = tmp_path / "latin1.yaml"
     bad.write_bytes(b"mode: \xe9\n")
     with pytest.raises(PolicyInvalid) as caught:
@@ -116,15 +124,24 @@ def test_yaml_1_1_surprises_are_not_applied(tmp_path: Path) -> None:
 
 
 def test_folder_policies_merge_and_conflicts_are_reported(tmp_path: Path) -> None:
-    write(tmp_path, "mode: enforce\nactions:\n  - {kind: llm, provider: openai, match: {host: api.openai.com}}\n", "10-base.yaml")
+    write(
+        tmp_path,
+        "mode: enforce\nactions:\n  - {kind: llm, provider: openai, match: {host: api.openai.com}}\n",
+        "10-base.yaml",
+    )
     write(tmp_path, "budgets:\n  - {scope: 'agent:*/run:*', usd: 1}\n", "20-budgets.yaml")
     policy = load_policy(tmp_path)
     assert len(policy.actions) == 1 and len(policy.budgets) == 1 and len(policy.files) == 2
-    write(tmp_path, "mode: shadow\nbudgets:\n  - {scope: 'agent:*/run:*', usd: 2}\n", "30-more.yaml")
+    write(
+        tmp_path, "mode: shadow\nbudgets:\n  - {scope: 'agent:*/run:*', usd: 2}\n", "30-more.yaml"
+    )
     with pytest.raises(PolicyInvalid) as caught:
         load_policy(tmp_path)
     text = str(caught.value)
-    assert f"{tmp_path / '30-more.yaml'}:1: 'mode' is already set at {tmp_path / '10-base.yaml'}:1" in text
+    assert (
+        f"{tmp_path / '30-more.yaml'}:1: 'mode' is already set at {tmp_path / '10-base.yaml'}:1"
+        in text
+    )
     assert "budget 'agent:*/run:*' is defined twice" in text
 
 
@@ -133,7 +150,7 @@ def test_missing_path_and_empty_folder(tmp_path: Path) -> None:
         load_policy(tmp_path / "nope.yaml")
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(PolicyInvalid, match="no \\*.yaml policy files"):
+    with pytest.raises(PolicyInvalid, match=r"no \*\.yaml policy files"):
         load_policy(empty)
 
 
@@ -142,5 +159,11 @@ def test_identity_defaults_and_overrides(tmp_path: Path) -> None:
     assert [s.kind for s in policy.identity["agent"]] == ["header"]
     assert [s.kind for s in policy.identity["run"]] == ["header", "proxy_password", "idle_split"]
     assert policy.uses_proxy_auth  # the default run level still reads the proxy password
-    plain = load_policy(write(tmp_path, "identity:\n  agent: [{header: X-Agent}]\n  run: [{header: X-Run}]\n", "p2.yaml"))
+    plain = load_policy(
+        write(
+            tmp_path,
+            "identity:\n  agent: [{header: X-Agent}]\n  run: [{header: X-Run}]\n",
+            "p2.yaml",
+        )
+    )
     assert not plain.uses_proxy_auth

@@ -5,17 +5,39 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from drawdown.respond import denial
 
 
 @pytest.mark.parametrize(
     ("provider", "check"),
     [
-        ("openai", lambda b: b["error"]["code"] == "budget_exhausted" and b["error"]["type"] == "insufficient_quota" and "message" in b["error"]),
-        ("anthropic", lambda b: b["type"] == "error" and b["error"]["type"] == "billing_error" and b["error"]["message"]),
-        ("gemini", lambda b: b["error"]["code"] == 402 and b["error"]["status"] == "RESOURCE_EXHAUSTED"),
-        (None, lambda b: b["error"] == {"code": "budget_exhausted", "message": "drawdown: budget x usd 0.50 exhausted"}),
+        (
+            "openai",
+            lambda b: (
+                b["error"]["code"] == "budget_exhausted"
+                and b["error"]["type"] == "insufficient_quota"
+                and "message" in b["error"]
+            ),
+        ),
+        (
+            "anthropic",
+            lambda b: (
+                b["type"] == "error"
+                and b["error"]["type"] == "billing_error"
+                and b["error"]["message"]
+            ),
+        ),
+        (
+            "gemini",
+            lambda b: b["error"]["code"] == 402 and b["error"]["status"] == "RESOURCE_EXHAUSTED",
+        ),
+        (
+            None,
+            lambda b: (
+                b["error"]
+                == {"code": "budget_exhausted", "message": "drawdown: budget x usd 0.50 exhausted"}
+            ),
+        ),
     ],
 )
 def test_budget_denial_shapes(provider: str | None, check) -> None:
@@ -35,7 +57,10 @@ def test_windowed_budget_gets_429_with_retry_after() -> None:
 
 def test_statuses_by_reason() -> None:
     assert denial("anthropic", "not_authorized", "m").status == 403
-    assert json.loads(denial("anthropic", "not_authorized", "m").body)["error"]["type"] == "permission_error"
+    assert (
+        json.loads(denial("anthropic", "not_authorized", "m").body)["error"]["type"]
+        == "permission_error"
+    )
     assert denial(None, "ledger_unavailable", "m").status == 503
     assert denial(None, "anomaly", "m").status == 429
 
@@ -43,7 +68,12 @@ def test_statuses_by_reason() -> None:
 def test_mcp_denial_is_a_jsonrpc_error_for_the_request_id() -> None:
     d = denial("mcp", "not_authorized", "drawdown: no", jsonrpc_ids=[7])
     body = json.loads(d.body)
-    assert d.status == 200 and body["id"] == 7 and body["jsonrpc"] == "2.0" and body["error"]["message"] == "drawdown: no"
+    assert (
+        d.status == 200
+        and body["id"] == 7
+        and body["jsonrpc"] == "2.0"
+        and body["error"]["message"] == "drawdown: no"
+    )
     batch = json.loads(denial("mcp", "not_authorized", "no", jsonrpc_ids=[1, "b"], batch=True).body)
     assert [e["id"] for e in batch] == [1, "b"]
     # A notification (no id) cannot get a JSON-RPC answer: a plain JSON error with the HTTP status.
