@@ -376,6 +376,8 @@ class Drawdown:
                     swept = await self.ledger.call("sweep", now, policy.holds.lease_seconds)
                     if swept:
                         log.info("drawdown: sweeper released %d expired hold(s)", swept)
+                if checkpoint := getattr(self.ledger.ledger, "checkpoint", None):
+                    await asyncio.to_thread(checkpoint)
             except LedgerError as exc:
                 log.warning("drawdown: ledger maintenance failed: %s", exc)
 

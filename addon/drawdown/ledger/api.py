@@ -17,6 +17,15 @@ UNITS = ("usd", "tokens", "requests")
 SCHEMA_VERSION = 1
 
 
+# One statement on both backends: keep the run while the agent is busy, mint after silence.
+IDLE_RUN_SQL = (
+    "INSERT INTO idle_runs (key, run, last_seen) VALUES (%s, %s, %s) "
+    "ON CONFLICT (key) DO UPDATE SET "
+    "run = CASE WHEN %s - idle_runs.last_seen >= %s THEN excluded.run ELSE idle_runs.run END, "
+    "last_seen = excluded.last_seen RETURNING run"
+)
+
+
 class LedgerError(Exception):
     """The ledger could not answer (locked, disk full, read-only, corrupt, unreachable)."""
 
@@ -234,6 +243,8 @@ class Ledger(Protocol):
     ) -> Settled: ...
 
     def history(self, queries: Sequence[HistoryQuery]) -> list[bool]: ...
+
+    def idle_run(self, key: str, idle_seconds: float, candidate: str, now: float) -> str: ...
 
     def extend(self, hold_ids: Sequence[int], expires_at: float) -> None: ...
 

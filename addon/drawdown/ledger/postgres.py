@@ -79,6 +79,7 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 
 from . import pg_guards
 from .api import (
+    IDLE_RUN_SQL,
     UNITS,
     Amount,
     Claim,
@@ -813,6 +814,15 @@ class PostgresLedger:
             )
 
         self._maintenance("extend", body)
+
+    def idle_run(self, key: str, idle_seconds: float, candidate: str, now: float) -> str:
+        """The agent's current idle-split run, shared by every proxy on this ledger."""
+        return self._maintenance(
+            "idle_run",
+            lambda conn, replay: conn.execute(
+                IDLE_RUN_SQL, (key, candidate, now, now, idle_seconds)
+            ).fetchone()[0],
+        )
 
     def heartbeat(self, now: float) -> None:
         self._maintenance(

@@ -159,6 +159,8 @@ def _v1(db: sqlite_utils.Database) -> None:
         not_null={"scope", "action", "field", "value"},
     )
     db["facts"].create_index(["scope", "field", "value"])
+    # Runs minted by idle_split, shared by every proxy process on this ledger (--workers).
+    db["idle_runs"].create({"key": str, "run": str, "last_seen": float}, pk="key")
 
 
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1]

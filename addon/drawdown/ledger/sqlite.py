@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 import sqlite_utils
 
 from .api import (
+    IDLE_RUN_SQL,
     UNITS,
     Amount,
     Claim,
@@ -72,6 +73,11 @@ class SQLiteLedger:
             # NORMAL in WAL mode: a commit survives a crash of this process (the WAL is
             # written before COMMIT returns) but not a power loss; FULL adds an fsync per batch.
             self.conn.execute(f"PRAGMA synchronous = {synchronous}")
+            # Checkpoints (copying the WAL into the database, with an fsync) are run by the
+            # proxy's maintenance task on its own connection, so a reserve never waits for one;
+            # this large automatic threshold is only the backstop when nothing else checkpoints.
+            self.conn.execute("PRAGMA wal_autocheckpoint = 10000")
+            self._checkpointer: sqlite3.Connection | None = None
             self.db = sqlite_utils.Database(self.conn)
             self._write(lambda: migrate(self.db))
             if register:
@@ -151,6 +157,9 @@ class SQLiteLedger:
     def history(self, queries: Sequence[HistoryQuery]) -> list[bool]:
         return self._write(lambda: self._history(queries))
 
+    def idle_run(self, key: str, idle_seconds: float, candidate: str, now: float) -> str:
+        return self._write(lambda: self._idle_run(key, idle_seconds, candidate, now))
+
     def extend(self, hold_ids: Sequence[int], expires_at: float) -> None:
         self._write(lambda: self._extend(hold_ids, expires_at))
 
@@ -163,6 +172,18 @@ class SQLiteLedger:
     def release_mine(self, now: float, reason: str) -> int:
         return self._write(lambda: self._release_mine(now, reason))
 
+    def checkpoint(self) -> None:
+        """Move the WAL into the database without blocking writers (PASSIVE), on a second
+        connection so the writer thread never waits for the checkpoint's fsync."""
+        try:
+            if self._checkpointer is None:
+                self._checkpointer = sqlite3.connect(
+                    self.path, timeout=1.0, check_same_thread=False
+                )
+            self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        except sqlite3.Error as exc:
+            raise LedgerError(f"checkpoint of {self.path} failed: {exc}") from exc
+
     def close(self) -> None:
         with self._lock:
             try:
@@ -170,6 +191,8 @@ class SQLiteLedger:
             except LedgerError:
                 pass
             self.conn.close()
+            if self._checkpointer is not None:
+                self._checkpointer.close()
 
     # --- operations, inside a transaction ---------------------------------------------------
 
@@ -480,6 +503,13 @@ class SQLiteLedger:
                 "INSERT INTO facts (scope, action, field, value, request_id, ts) VALUES (?, ?, ?, ?, ?, ?)",
                 [(f.scope, f.action, f.field, f.value, request_id, now) for f in completion.facts],
             )
+
+    def _idle_run(self, key: str, idle_seconds: float, candidate: str, now: float) -> str:
+        """The agent's current idle-split run: `candidate` becomes it after `idle_seconds` of silence."""
+        (run,) = self.conn.execute(
+            IDLE_RUN_SQL.replace("%s", "?"), (key, candidate, now, now, idle_seconds)
+        ).fetchone()
+        return run
 
     def _history(self, queries: Sequence[HistoryQuery]) -> list[bool]:
         answers = []

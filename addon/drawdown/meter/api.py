@@ -13,7 +13,7 @@ from .config import MeterConfig, PricePerMillion, model_family
 from .decode import Decoder, UnsupportedEncoding, make_decoder
 from .prices import price_first_known, price_usage, to_nanos
 from .sse import SSEParser
-from .tokens import count_tokens
+from .tokens import count_texts, count_tokens
 from .types import LLMRequest, Measurement, TokenUsage
 
 # A non-SSE body read through a StreamMeter is kept (decoded) up to this size for parsing.
@@ -72,7 +72,7 @@ def prompt_counts(parsed: ParsedRequest) -> tuple[int, int]:
     """(tiktoken count plus framing, to be scaled by the safety factor; tokens already in the
     provider's units: images, hidden tool prompts)."""
     prompt = parsed.prompt
-    raw = count_tokens("\n".join(prompt.texts), parsed.model) + prompt.overhead
+    raw = count_texts(prompt.texts, parsed.model) + prompt.overhead
     return raw, prompt.exact
 
 

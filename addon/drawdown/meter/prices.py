@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import decimal
+import threading
+import time
 from collections.abc import Iterable, Mapping
 from decimal import Decimal
 from functools import lru_cache
@@ -75,6 +77,38 @@ def genai_price(
     price_context: Mapping[str, str] | None = None,
 ) -> Decimal | None:
     """Exact USD price from genai-prices, or None when it does not know the model."""
+    # genai-prices may price by date or time of day, so a remembered answer is kept for one
+    # minute at most. A looping agent resends identical requests: those cost nothing to price.
+    key = (
+        provider,
+        model,
+        usage,
+        tuple(sorted((extras or {}).items())),
+        tuple(sorted((price_context or {}).items())),
+        int(time.time() // 60),
+    )
+    with _memo_lock:
+        if key in _memo:
+            return _memo[key]
+    total = _genai_price(provider, model, usage, extras, price_context)
+    with _memo_lock:
+        _memo[key] = total
+        if len(_memo) > 8192:
+            _memo.pop(next(iter(_memo)))  # the oldest entry: dicts keep insertion order
+    return total
+
+
+_memo: dict[tuple[object, ...], Decimal | None] = {}
+_memo_lock = threading.Lock()
+
+
+def _genai_price(
+    provider: str,
+    model: str,
+    usage: TokenUsage,
+    extras: Mapping[str, int] | None = None,
+    price_context: Mapping[str, str] | None = None,
+) -> Decimal | None:
     provider_id = PROVIDER_IDS.get(provider, provider)
     if model and not _known(provider_id, model) and "/" in model:
         model = model.rsplit("/", 1)[-1]  # "models/gemini-2.5-flash", "openai/gpt-4o"

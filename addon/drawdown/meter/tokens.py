@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import threading
+from collections import OrderedDict
+from collections.abc import Iterable
 from pathlib import Path
 
 import tiktoken
@@ -66,3 +68,62 @@ def count_tokens(text: str, model: str | None) -> int:
     if not text:
         return 0
     return len(encoding_for(model).encode_ordinary(text))
+
+
+class _CountCache:
+    """Token counts of recently seen texts, bounded by their total size.
+
+    An agent resends its whole conversation on every turn: the system prompt, tool definitions
+    and every earlier message come back unchanged, so counting each text once saves nearly all
+    of the tokenizing. Thread-safe (prompts may be counted on worker threads).
+    """
+
+    def __init__(self, max_chars: int = 16 * 1024 * 1024) -> None:
+        self._counts: OrderedDict[tuple[str, str], int] = OrderedDict()
+        self._chars = 0
+        self._max_chars = max_chars
+        self._lock = threading.Lock()
+
+    def count(self, encoding: str, text: str) -> int:
+        key = (encoding, text)
+        with self._lock:
+            found = self._counts.get(key)
+            if found is not None:
+                self._counts.move_to_end(key)
+                return found
+        counted = len(
+            _load(encoding).encode_ordinary(text)
+        )  # outside the lock: tiktoken releases the GIL
+        with self._lock:
+            if key not in self._counts and len(text) <= self._max_chars // 4:
+                self._counts[key] = counted
+                self._chars += len(text)
+                while self._chars > self._max_chars:
+                    (_, old), _ = self._counts.popitem(last=False)
+                    self._chars -= len(old)
+        return counted
+
+
+_cache = _CountCache()
+# Short texts cost less to tokenize than to look up.
+_CACHE_FROM_CHARS = 256
+
+
+def count_texts(texts: Iterable[str], model: str | None, separator_tokens: int = 1) -> int:
+    """Tokens of `texts` as if joined by a newline, counting each text once per cache lifetime.
+
+    Each text is tokenized on its own (a BPE merge never spans two texts, so this is never below
+    the joined count by more than the separators, which are added as `separator_tokens` each).
+    """
+    name = encoding_name_for(model)
+    total = 0
+    parts = 0
+    for text in texts:
+        parts += 1
+        if not text:
+            continue
+        if len(text) < _CACHE_FROM_CHARS:
+            total += len(_load(name).encode_ordinary(text))
+        else:
+            total += _cache.count(name, text)
+    return total + max(0, parts - 1) * separator_tokens

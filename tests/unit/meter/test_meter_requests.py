@@ -20,6 +20,7 @@ from drawdown.meter import (
     price_usage,
 )
 from drawdown.meter.anthropic import TOOLS_SYSTEM_PROMPT_TOKENS
+from drawdown.meter.tokens import count_texts
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from meter_corpus import CONFIG
@@ -217,7 +218,8 @@ def test_openai_chat_estimate():
         False,
         True,
     )
-    text = count_tokens("system\nYou are terse.\nuser\nbob\nHello there", "gpt-4o")
+    # Each text is counted on its own (cached across turns), plus one token per newline between them.
+    text = count_texts(["system", "You are terse.", "user", "bob", "Hello there"], "gpt-4o")
     assert r.input_tokens == text + 3 * 2 + 1 + 3  # per message, name, reply priming
     assert r.max_output_tokens == CONFIG.default_max_output_tokens
     assert r.safety_factor == 1
@@ -277,7 +279,7 @@ def test_openai_responses_input_forms():
         "/v1/responses",
         {"model": "gpt-5", "instructions": "Be brief.", "input": "What is 2+2?"},
     )
-    assert r.input_tokens == count_tokens("Be brief.\nWhat is 2+2?", "gpt-5") + 3 + 3
+    assert r.input_tokens == count_texts(["Be brief.", "What is 2+2?"], "gpt-5") + 3 + 3
     items = {
         "model": "gpt-5",
         "input": [
