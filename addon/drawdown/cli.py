@@ -61,7 +61,21 @@ def cmd_run(args: argparse.Namespace) -> int:
             f"refusing to listen on {host} without proxy authentication: add --set proxyauth=@/path/to/htpasswd "
             "(or listen on 127.0.0.1)"
         )
+    if args.workers > 1:
+        from .workers import supervise
+
+        return supervise(_worker_args(args), args.workers, host, port)
     return asyncio.run(_run_proxy(args, host, port, sets))
+
+
+def _worker_args(args: argparse.Namespace) -> list[str]:
+    """A worker's command line: this one's, without --workers and --listen (the supervisor sets it)."""
+    out = ["--policy", args.policy, "--db", args.db, "--confdir", args.confdir]
+    if args.mode:
+        out += ["--mode", args.mode]
+    for item in args.set or []:
+        out += ["--set", item]
+    return out
 
 
 async def _run_proxy(args: argparse.Namespace, host: str, port: int, sets: list[str]) -> int:
@@ -69,7 +83,10 @@ async def _run_proxy(args: argparse.Namespace, host: str, port: int, sets: list[
     from mitmproxy.tools.dump import DumpMaster
 
     from .addon import Drawdown
+    from .workers import REUSE_PORT_ENV, enable_reuse_port
 
+    if os.environ.get(REUSE_PORT_ENV):
+        enable_reuse_port()
     logging.getLogger().setLevel(logging.INFO)
     for noisy in ("hpack", "asyncio", "passlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -401,6 +418,13 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"where mitmproxy keeps its CA [{DEFAULT_CONFDIR}]",
     )
     run.add_argument("--mode", choices=("enforce", "shadow"), help="override the policy's mode")
+    run.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="N proxy processes on one address (SO_REUSEPORT) sharing the ledger [1]",
+    )
     run.add_argument(
         "--set", action="append", metavar="OPTION=VALUE", help="any mitmproxy option, repeatable"
     )

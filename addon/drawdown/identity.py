@@ -39,9 +39,17 @@ def clean_value(raw: str | None) -> str | None:
 @dataclass(frozen=True)
 class Identity:
     levels: Mapping[str, str]  # level → value, only the levels that have one
-    sources: Mapping[str, str] = field(
-        default_factory=dict
-    )  # level → where its value came from (for explain)
+    # level → where its value came from (for explain)
+    sources: Mapping[str, str] = field(default_factory=dict)
+    # An idle-split run still to be resolved in the shared ledger: (agent key, idle seconds).
+    pending_idle: tuple[str, int] | None = None
+
+    def with_run(self, run: str) -> Identity:
+        """This identity with its idle-split run resolved."""
+        assert self.pending_idle is not None
+        levels = {**self.levels, "run": run}
+        sources = {**self.sources, "run": f"idle_split {self.pending_idle[1]}s (shared ledger)"}
+        return Identity(levels, sources)
 
     @property
     def path(self) -> str:
@@ -103,9 +111,11 @@ class IdleRuns:
 def identify(
     sources_by_level: Mapping[str, tuple[Source, ...]],
     caller: Caller,
-    idle_runs: IdleRuns,
+    idle_runs: IdleRuns | None,
     now: float,
 ) -> Identity:
+    """The caller's scope path. With `idle_runs` None, an idle-split run is left pending, to be
+    resolved in the ledger (several proxy processes serving one agent must agree on its run)."""
     levels: dict[str, str] = {}
     origins: dict[str, str] = {}
     for level in LEVELS:
@@ -118,6 +128,8 @@ def identify(
                 key = tuple(
                     f"{lvl}:{levels.get(lvl, '')}" for lvl in ("tenant", "workflow", "agent")
                 )
+                if idle_runs is None:
+                    return Identity(levels, origins, ("/".join(key), int(source.arg or 300)))
                 value: str | None = idle_runs.run_for(key, int(source.arg or 300), now)
             else:
                 value = clean_value(_raw_value(source, caller))

@@ -194,10 +194,19 @@ def _build(
 
 
 def _budgets(reader: Reader, floor: float, run: str | None) -> list[dict[str, Any]]:
-    budget_where = "updated_at >= :floor" + (" AND scope LIKE :run_scope" if run else "")
+    # An instance belongs to the run when its scope ends with that run level (run is the last
+    # level); LIKE wildcards in a run id are escaped so `r_1` matches only `r_1`.
+    budget_where = "updated_at >= :floor" + (
+        " AND (scope = :run_only OR scope LIKE :run_scope ESCAPE '\\')" if run else ""
+    )
     budget_rows = reader.query(
         f"SELECT * FROM budget_instances WHERE {budget_where} ORDER BY budget, scope, window_start",
-        {"floor": floor, "run_scope": f"%run:{run}%"},
+        {
+            "floor": floor,
+            "run_only": f"run:{run}",
+            "run_scope": "%/run:"
+            + (run or "").replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_"),
+        },
     )
     budgets = []
     for row in budget_rows:

@@ -209,6 +209,7 @@ class SQLiteLedger:
         if tripped is not None:
             if not guards.shadow:
                 row.decision, row.reason_code, row.reason = "deny", "anomaly", tripped.detail
+                row.status = 429
                 self._record(row)
                 return ReserveOutcome("deny", None, tripped=tripped)
             if row.decision == "allow":
@@ -260,6 +261,7 @@ class SQLiteLedger:
             row.reason_code = row.reason_code or "budget_exhausted"
             row.reason = shortfalls[0].describe()
             row.budget = shortfalls[0].claim.scope
+            row.status = 429 if shortfalls[0].claim.per else 402  # what the agent is answered
             self._record(row)
             return ReserveOutcome("deny", None, tuple(shortfalls), tuple(shadow_shortfalls))
         if shadow_shortfalls and row.decision == "allow":

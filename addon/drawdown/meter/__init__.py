@@ -34,6 +34,18 @@ from .prices import price_usage
 from .tokens import count_tokens, encoding_for
 from .types import LLMRequest, Measurement, MeterRequestError, TokenUsage
 
+
+def warm_up() -> None:
+    """Load the tiktoken encodings and genai-prices' price data now (hundreds of ms), so the
+    first request does not pay for them on the proxy's event loop."""
+    from .tokens import encoding_name_for
+
+    for model in ("gpt-4o", "gpt-4"):
+        count_tokens("warm up", model)
+        encoding_name_for(model)
+    price_usage("openai", "gpt-4o-mini", TokenUsage(input_tokens=1, output_tokens=1), MeterConfig())
+
+
 __all__ = [
     "DEFAULT_FALLBACK_PRICE",
     "DEFAULT_SAFETY_FACTORS",
@@ -50,4 +62,5 @@ __all__ = [
     "measure_body",
     "open_stream_meter",
     "price_usage",
+    "warm_up",
 ]

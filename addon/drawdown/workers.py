@@ -1,0 +1,101 @@
+"""`drawdown run --workers N`: N proxy processes on one listen address, one ledger.
+
+mitmproxy serves from one event loop in one process. To use more cores, the supervisor
+starts N `drawdown run` workers that all bind the same HOST:PORT with SO_REUSEPORT (the
+kernel spreads connections over them) and share the ledger, whose reserve is atomic across
+processes. Idle-split runs are minted in the ledger (drawdown_shared_runs) so an agent whose
+connections land on different workers keeps one run. The supervisor prints the usual
+`drawdown listening on …` line once every worker accepts connections, relays their logs, and
+passes SIGTERM/SIGINT on.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+REUSE_PORT_ENV = "DRAWDOWN_REUSE_PORT"
+
+
+def enable_reuse_port() -> None:
+    """In a worker: make mitmproxy's listening sockets SO_REUSEPORT (mitmproxy has no option for it)."""
+    import asyncio
+
+    start_server = asyncio.start_server
+
+    async def reusing(*args: Any, **kwargs: Any) -> Any:
+        kwargs.setdefault("reuse_port", True)
+        return await start_server(*args, **kwargs)
+
+    asyncio.start_server = reusing  # type: ignore[assignment]
+
+
+def _free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def supervise(worker_args: Sequence[str], workers: int, host: str, port: int) -> int:
+    """Run `workers` copies of `drawdown run <worker_args> --listen host:port` until signalled."""
+    port = port or _free_port(host)
+    shown = f"[{host}]" if ":" in host else host
+    command = [
+        sys.executable, "-m", "drawdown", "run", *worker_args,
+        "--listen", f"{shown}:{port}", "--set", "drawdown_shared_runs=true",
+    ]  # fmt: skip
+    env = {**os.environ, REUSE_PORT_ENV: "1"}
+    procs = [
+        subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, env=env
+        )
+        for _ in range(workers)
+    ]
+    ready = threading.Semaphore(0)
+    announced = threading.Event()
+
+    def relay(index: int, proc: subprocess.Popen[str]) -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if line.startswith("drawdown listening on "):
+                ready.release()
+                continue
+            print(f"[worker {index}] {line}", end="", flush=True)
+
+    threads = [
+        threading.Thread(target=relay, args=(i + 1, p), daemon=True) for i, p in enumerate(procs)
+    ]
+    for thread in threads:
+        thread.start()
+
+    def stop(*_: object) -> None:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+
+    def announce() -> None:
+        for _ in procs:
+            ready.acquire()
+        announced.set()
+        print(f"drawdown listening on http://{shown}:{port}", flush=True)
+
+    threading.Thread(target=announce, daemon=True).start()
+    codes = []
+    for proc in procs:
+        code = proc.wait()
+        codes.append(code)
+        stop()  # one worker gone (crash or signal): stop the others rather than serve half-staffed
+    for thread in threads:
+        thread.join(5)
+    if not announced.is_set():
+        print("drawdown: the workers did not start", file=sys.stderr)
+    return max(codes) if any(codes) else 0

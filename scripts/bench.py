@@ -1,0 +1,463 @@
+#!/usr/bin/env python
+"""drawdown vs bare mitmproxy, side by side on this machine (run it with ./scripts/bench).
+
+Starts a fast local stand-in upstream (plain HTTP, so both proxies pay the same nothing for
+upstream TLS), bare `mitmdump -q` and `drawdown run` (enforce mode, an OpenAI chat request with
+a ~1,000-token prompt, 3 matching budget instances, tiktoken estimate, reserve, forward, commit),
+drives each with the same load (wrk when installed, else a Python load generator), and prints
+req/s and p50/p99 with the ratios, then the ledger, big-prompt, streaming, memory and worker
+figures. Nothing here asserts anything: speed belongs in numbers, not in tests.
+
+    ./scripts/bench [--seconds 10] [--quick] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+RESPONSE = json.dumps(
+    {
+        "id": "chatcmpl-bench",
+        "object": "chat.completion",
+        "created": 1,
+        "model": "gpt-4o-mini-2024-07-18",
+        "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}
+        ],
+        "usage": {"prompt_tokens": 1040, "completion_tokens": 2, "total_tokens": 1042},
+    }
+).encode()
+SSE_EVENTS = 20
+
+
+def prompt_body(words: int, max_tokens: int = 50) -> bytes:
+    sentence = "The quick brown fox jumps over the lazy dog while the agent keeps on searching. "
+    text = (sentence * (words // 15 + 1))[: words * 6]  # ≈ 1.07 tokens per "word" here
+    return json.dumps(
+        {
+            "model": "gpt-4o-mini",
+            "messages": [
+                {"role": "system", "content": "You are a helpful agent."},
+                {"role": "user", "content": text},
+            ],
+            "max_tokens": max_tokens,
+        }
+    ).encode()
+
+
+# --- the stand-in upstream ----------------------------------------------------------------------
+
+
+class _Upstream(asyncio.Protocol):
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.buffer = b""
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        while (end := self.buffer.find(b"\r\n\r\n")) >= 0:
+            head = self.buffer[:end].decode("latin-1")
+            length = (
+                int(m.group(1)) if (m := re.search(r"(?im)^content-length:\s*(\d+)", head)) else 0
+            )
+            if len(self.buffer) < end + 4 + length:
+                return
+            body = self.buffer[end + 4 : end + 4 + length]
+            self.buffer = self.buffer[end + 4 + length :]
+            if b'"stream": true' in body or b'"stream":true' in body:
+                asyncio.get_running_loop().create_task(self._stream())
+            else:
+                self.transport.write(  # type: ignore[attr-defined]
+                    b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
+                    % (len(RESPONSE), RESPONSE)
+                )
+
+    async def _stream(self) -> None:
+        write = self.transport.write  # type: ignore[attr-defined]
+        write(
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+        )
+        for i in range(SSE_EVENTS):
+            chunk = (
+                b'data: {"id":"c","object":"chat.completion.chunk","created":1,"model":"gpt-4o-mini",'
+                b'"choices":[{"index":0,"delta":{"content":"w%d "},"finish_reason":null}],"usage":null}\n\n'
+                % i
+            )
+            write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+            await asyncio.sleep(0.005)
+        tail = (
+            b'data: {"id":"c","object":"chat.completion.chunk","created":1,"model":"gpt-4o-mini","choices":[],'
+            b'"usage":{"prompt_tokens":1040,"completion_tokens":20,"total_tokens":1060}}\n\ndata: [DONE]\n\n'
+        )
+        write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(tail), tail))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _serve_upstream(port: int) -> None:
+    loop = asyncio.new_event_loop()
+    loop.run_until_complete(loop.create_server(_Upstream, "127.0.0.1", port, backlog=1024))
+    loop.run_forever()
+
+
+@contextmanager
+def upstream() -> Iterator[int]:
+    """The stand-in in a process of its own, so it never competes with the bench for the GIL."""
+    import multiprocessing
+
+    port = free_port()
+    proc = multiprocessing.get_context("fork").Process(target=_serve_upstream, args=(port,), daemon=True)
+    proc.start()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                break
+        except OSError:
+            time.sleep(0.05)
+    try:
+        yield port
+    finally:
+        proc.terminate()
+        proc.join(5)
+
+
+# --- the proxies ------------------------------------------------------------------------------
+
+
+@contextmanager
+def proxy(
+    kind: str, workdir: Path, upstream_port: int, extra: list[str] | None = None
+) -> Iterator[tuple[int, subprocess.Popen[bytes]]]:
+    port = free_port()
+    if kind == "bare":
+        cmd = [str(BIN / "mitmdump"), "-q", "--listen-host", "127.0.0.1", "--listen-port", str(port),
+               "--set", "connection_strategy=lazy", "--set", f"confdir={workdir / 'conf-bare'}",
+               # stream bodies as drawdown streams event streams (mitmproxy buffers them otherwise)
+               "--set", "stream_large_bodies=1"]  # fmt: skip
+    else:
+        policy = workdir / "bench.yaml"
+        policy.write_text(
+            f"""mode: enforce
+actions:
+  - {{kind: llm, provider: openai, match: {{host: "127.0.0.1:{upstream_port}"}}}}
+budgets:
+  - {{scope: "tenant:*", per: day, usd: 1000000}}
+  - {{scope: "agent:*", usd: 1000000}}
+  - {{scope: "agent:*/run:*", usd: 1000000, requests: 1000000000}}
+"""
+        )
+        db = workdir / f"bench-{port}.db"
+        cmd = [str(BIN / "drawdown"), "run", "--policy", str(policy), "--db", str(db),
+               "--listen", f"127.0.0.1:{port}", "--confdir", str(workdir / "conf"),
+               "--set", "termlog_verbosity=error", *(extra or [])]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                break
+        except OSError:
+            time.sleep(0.2)
+    time.sleep(0.5)
+    try:
+        yield port, proc
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+# --- load ---------------------------------------------------------------------------------------
+
+
+def wrk(
+    proxy_port: int, upstream_port: int, body: bytes, connections: int, seconds: int, workdir: Path
+) -> dict[str, float]:
+    body_file = workdir / f"body-{len(body)}.json"
+    body_file.write_bytes(body)
+    script = workdir / "post.lua"
+    script.write_text(
+        f"""local f = io.open("{body_file}", "rb"); local body = f:read("*a"); f:close()
+wrk.method = "POST"
+wrk.body = body
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer sk-bench-not-a-key"
+wrk.headers["X-Drawdown-Agent"] = "bench"
+wrk.headers["X-Drawdown-Run"] = "r1"
+wrk.headers["Host"] = "127.0.0.1:{upstream_port}"
+function request() return wrk.format(nil, "http://127.0.0.1:{upstream_port}/v1/chat/completions") end
+"""
+    )
+    out = subprocess.run(
+        ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", str(script), f"http://127.0.0.1:{proxy_port}"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+
+    def ms(label: str) -> float:
+        found = re.search(rf"{label}\s+([\d.]+)(us|ms|s)", out)
+        if not found:
+            return float("nan")
+        value, unit = float(found.group(1)), found.group(2)
+        return value / 1000 if unit == "us" else value * 1000 if unit == "s" else value
+
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    return {
+        "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),  # type: ignore[union-attr]
+        "p50": ms("50%"),
+        "p99": ms("99%"),
+        "errors": float(errors.group(1)) if errors else 0.0,
+    }
+
+
+async def _python_load(
+    proxy_port: int, upstream_port: int, body: bytes, connections: int, seconds: float
+) -> dict[str, float]:
+    request = (
+        b"POST http://127.0.0.1:%d/v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n"
+        b"Content-Type: application/json\r\nX-Drawdown-Agent: bench\r\nX-Drawdown-Run: r1\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (upstream_port, upstream_port, len(body), body)
+    )
+    latencies: list[float] = []
+    errors = 0
+    stop = time.monotonic() + seconds
+
+    async def client() -> None:
+        nonlocal errors
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy_port)
+        while time.monotonic() < stop:
+            started = time.perf_counter()
+            writer.write(request)
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = int(re.search(rb"(?i)content-length:\s*(\d+)", head).group(1))  # type: ignore[union-attr]
+            await reader.readexactly(length)
+            latencies.append(time.perf_counter() - started)
+            if not head.startswith(b"HTTP/1.1 200"):
+                errors += 1
+        writer.close()
+
+    began = time.monotonic()
+    await asyncio.gather(*(client() for _ in range(connections)))
+    elapsed = time.monotonic() - began
+    latencies.sort()
+    return {
+        "rps": len(latencies) / elapsed,
+        "p50": latencies[len(latencies) // 2] * 1000,
+        "p99": latencies[int(len(latencies) * 0.99)] * 1000,
+        "errors": float(errors),
+    }
+
+
+def load(
+    proxy_port: int, upstream_port: int, body: bytes, connections: int, seconds: int, workdir: Path
+) -> dict[str, float]:
+    if shutil.which("wrk"):
+        return wrk(proxy_port, upstream_port, body, connections, seconds, workdir)
+    return asyncio.run(_python_load(proxy_port, upstream_port, body, connections, seconds))
+
+
+def one_request(
+    proxy_port: int, upstream_port: int, body: bytes, stream: bool = False
+) -> tuple[float, float]:
+    """(seconds to the first body byte, seconds to the end) of one request through the proxy."""
+    if stream:
+        body = body.replace(b'"max_tokens"', b'"stream": true, "max_tokens"')
+    request = (
+        b"POST http://127.0.0.1:%d/v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n"
+        b"Content-Type: application/json\r\nX-Drawdown-Agent: bench\r\nX-Drawdown-Run: r1\r\n"
+        b"Connection: close\r\nContent-Length: %d\r\n\r\n%s"
+        % (upstream_port, upstream_port, len(body), body)
+    )
+    with socket.create_connection(("127.0.0.1", proxy_port)) as sock:
+        started = time.perf_counter()
+        sock.sendall(request)
+        received = b""
+        first = None
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            received += chunk
+            if first is None and b"data:" in received:
+                first = time.perf_counter() - started
+        end = time.perf_counter() - started
+    if first is None:
+        first = end
+    return first, end
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+# --- the run ------------------------------------------------------------------------------------
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--seconds", type=int, default=10, help="per load run [10]")
+    parser.add_argument("--quick", action="store_true", help="3-second runs, fewer samples")
+    parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
+    args = parser.parse_args()
+    seconds = 3 if args.quick else args.seconds
+    figures: dict[str, Any] = {"machine": machine()}
+    body = prompt_body(1000)
+    big = prompt_body(94_000, max_tokens=50)  # ~100k tokens
+    print(f"drawdown bench — {figures['machine']}")
+    print(
+        f"load: {'wrk' if shutil.which('wrk') else 'python'}; {seconds} s per run; request body {len(body)} bytes\n"
+    )
+    with tempfile.TemporaryDirectory(prefix="drawdown-bench-") as tmp, upstream() as up:
+        workdir = Path(tmp)
+        rows = []
+        for connections in (1, 16):
+            with proxy("bare", workdir, up) as (bare_port, _):
+                load(bare_port, up, body, connections, 2, workdir)  # warm-up
+                bare = load(bare_port, up, body, connections, seconds, workdir)
+            with proxy("drawdown", workdir, up) as (dd_port, _):
+                load(dd_port, up, body, connections, 2, workdir)
+                dd = load(dd_port, up, body, connections, seconds, workdir)
+            rows.append((connections, bare, dd))
+        print("throughput and latency (POST chat completion, ~1,000-token prompt, 3 budgets)")
+        print(
+            f"{'conc':>4}  {'bare req/s':>10}  {'drawdown req/s':>14}  {'ratio':>6}  {'bare p50/p99 ms':>16}  {'drawdown p50/p99 ms':>19}  {'added p50/p99':>14}"
+        )
+        for connections, bare, dd in rows:
+            print(
+                f"{connections:>4}  {bare['rps']:>10.0f}  {dd['rps']:>14.0f}  {dd['rps'] / bare['rps']:>6.0%}  "
+                f"{bare['p50']:>7.2f}/{bare['p99']:<8.2f}  {dd['p50']:>9.2f}/{dd['p99']:<9.2f}  "
+                f"{dd['p50'] - bare['p50']:>+6.2f}/{dd['p99'] - bare['p99']:<+7.2f}"
+            )
+            figures[f"c{connections}"] = {"bare": bare, "drawdown": dd}
+
+        # Streaming: time to the first SSE event, bare vs drawdown.
+        ttfb: dict[str, list[float]] = {"bare": [], "drawdown": []}
+        for kind in ("bare", "drawdown"):
+            with proxy(kind, workdir, up) as (port, _):
+                one_request(port, up, body, stream=True)
+                for _ in range(10 if args.quick else 30):
+                    ttfb[kind].append(one_request(port, up, body, stream=True)[0] * 1000)
+        bare_ttfb, dd_ttfb = statistics.median(ttfb["bare"]), statistics.median(ttfb["drawdown"])
+        print(
+            f"\nstreaming: time to first SSE event, median ms: bare {bare_ttfb:.2f}, drawdown {dd_ttfb:.2f} ({dd_ttfb - bare_ttfb:+.2f})"
+        )
+        figures["ttfb_ms"] = {"bare": bare_ttfb, "drawdown": dd_ttfb}
+
+        # A 100k-token prompt: its own added latency, and the p99 of small requests meanwhile.
+        with proxy("bare", workdir, up) as (port, _):
+            one_request(port, up, big)
+            bare_big = statistics.median(one_request(port, up, big)[1] * 1000 for _ in range(3))
+        with proxy("drawdown", workdir, up) as (port, _):
+            one_request(port, up, big)
+            varied = [
+                big.replace(b"quick", f"quick{i}".encode(), 1) for i in range(4)
+            ]  # no token-cache hits
+            dd_big = statistics.median(one_request(port, up, v)[1] * 1000 for v in varied[:3])
+            quiet = load(port, up, body, 4, max(3, seconds // 2), workdir)
+            stop = threading.Event()
+
+            def hammer() -> None:
+                i = 10
+                while not stop.is_set():
+                    one_request(port, up, big.replace(b"quick", f"quick{i}".encode(), 1))
+                    i += 1
+
+            thread = threading.Thread(target=hammer, daemon=True)
+            thread.start()
+            busy = load(port, up, body, 4, max(3, seconds // 2), workdir)
+            stop.set()
+            thread.join(60)
+        print(
+            f"100k-token prompt: bare {bare_big:.1f} ms, drawdown {dd_big:.1f} ms ({dd_big - bare_big:+.1f} ms); "
+            f"small requests' p99 meanwhile {busy['p99']:.2f} ms (alone {quiet['p99']:.2f} ms)"
+        )
+        figures["big_prompt"] = {
+            "bare_ms": bare_big,
+            "drawdown_ms": dd_big,
+            "p99_alone": quiet["p99"],
+            "p99_meanwhile": busy["p99"],
+        }
+
+        # Memory: RSS of one drawdown process before and after N requests.
+        with proxy("drawdown", workdir, up) as (port, proc):
+            load(port, up, body, 8, 2, workdir)
+            before = rss_kib(proc.pid)
+            run = load(port, up, body, 8, seconds * 2, workdir)
+            after = rss_kib(proc.pid)
+        served = int(run["rps"] * seconds * 2)
+        print(
+            f"memory: RSS {before / 1024:.1f} MiB after warm-up, {after / 1024:.1f} MiB after {served:,} more requests"
+        )
+        figures["memory"] = {"rss_before_kib": before, "rss_after_kib": after, "requests": served}
+
+        # Workers: several processes on one listen address (SO_REUSEPORT), one ledger.
+        scaling = {}
+        for workers in (1, 2):
+            with proxy("drawdown", workdir, up, ["--workers", str(workers)]) as (port, _):
+                load(port, up, body, 16, 2, workdir)
+                scaling[workers] = load(port, up, body, 16, seconds, workdir)["rps"]
+        print(
+            f"workers: 1 → {scaling[1]:.0f} req/s, 2 → {scaling[2]:.0f} req/s ({scaling[2] / scaling[1]:.2f}×)"
+        )
+        figures["workers"] = scaling
+
+    # The ledger alone.
+    ledger = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "bench_ledger.py"), "--backend", "both", "--json",
+         "--lifecycles", "3000" if args.quick else "10000"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    try:
+        figures["ledger"] = json.loads(ledger.stdout)
+        print("\nledger alone (reserve+commit, 3 budget instances each):")
+        print(json.dumps(figures["ledger"], indent=2))
+    except ValueError:
+        print("\nledger bench failed:\n" + ledger.stdout + ledger.stderr)
+    if args.json:
+        Path(args.json).write_text(json.dumps(figures, indent=2))
+    return 0
+
+
+def machine() -> str:
+    cpu = "?"
+    with open("/proc/cpuinfo") as info:
+        for line in info:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return f"{os.cpu_count()} CPU ({cpu}), Python {sys.version.split()[0]}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
