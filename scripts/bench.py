@@ -130,7 +130,9 @@ def upstream() -> Iterator[int]:
     import multiprocessing
 
     port = free_port()
-    proc = multiprocessing.get_context("fork").Process(target=_serve_upstream, args=(port,), daemon=True)
+    proc = multiprocessing.get_context("fork").Process(
+        target=_serve_upstream, args=(port,), daemon=True
+    )
     proc.start()
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
@@ -157,8 +159,7 @@ def proxy(
     if kind == "bare":
         cmd = [str(BIN / "mitmdump"), "-q", "--listen-host", "127.0.0.1", "--listen-port", str(port),
                "--set", "connection_strategy=lazy", "--set", f"confdir={workdir / 'conf-bare'}",
-               # stream bodies as drawdown streams event streams (mitmproxy buffers them otherwise)
-               "--set", "stream_large_bodies=1"]  # fmt: skip
+               *(extra or [])]  # fmt: skip
     else:
         policy = workdir / "bench.yaml"
         policy.write_text(
@@ -364,7 +365,9 @@ def main() -> int:
         # Streaming: time to the first SSE event, bare vs drawdown.
         ttfb: dict[str, list[float]] = {"bare": [], "drawdown": []}
         for kind in ("bare", "drawdown"):
-            with proxy(kind, workdir, up) as (port, _):
+            # bare mitmproxy buffers event streams unless told to stream bodies; drawdown streams them
+            streaming = ["--set", "stream_large_bodies=1"] if kind == "bare" else None
+            with proxy(kind, workdir, up, streaming) as (port, _):
                 one_request(port, up, body, stream=True)
                 for _ in range(10 if args.quick else 30):
                     ttfb[kind].append(one_request(port, up, body, stream=True)[0] * 1000)
