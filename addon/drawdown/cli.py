@@ -64,7 +64,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.workers > 1:
         from .workers import supervise
 
-        return supervise(_worker_args(args), args.workers, host, port)
+        confdir = Path(args.confdir).expanduser()
+        return supervise(_worker_args(args), args.workers, host, port, str(confdir))
     return asyncio.run(_run_proxy(args, host, port, sets))
 
 

@@ -42,9 +42,23 @@ def _free_port(host: str) -> int:
         return sock.getsockname()[1]
 
 
-def supervise(worker_args: Sequence[str], workers: int, host: str, port: int) -> int:
+def ensure_ca(confdir: str) -> None:
+    """Create the interception CA once, before the workers start.
+
+    Each mitmproxy process creates a missing CA on start; N workers starting together on a
+    fresh confdir would each mint a different one, and clients would trust only the last
+    written to disk, so connections landing on the other workers would fail their handshake.
+    """
+    from mitmproxy import certs
+    from mitmproxy.options import CONF_BASENAME, Options
+
+    certs.CertStore.from_store(confdir, CONF_BASENAME, Options().key_size)
+
+
+def supervise(worker_args: Sequence[str], workers: int, host: str, port: int, confdir: str) -> int:
     """Run `workers` copies of `drawdown run <worker_args> --listen host:port` until signalled."""
     port = port or _free_port(host)
+    ensure_ca(confdir)
     shown = f"[{host}]" if ":" in host else host
     command = [
         sys.executable, "-m", "drawdown", "run", *worker_args,

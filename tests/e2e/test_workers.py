@@ -29,9 +29,13 @@ def test_workers_share_the_address_the_ledger_and_the_agents_run(
     proxy = drawdown_proxy(POLICY, extra_args=["--workers", "2"])
     statuses = []
     for _ in range(16):  # a fresh connection each time: the kernel spreads them over the workers
-        with proxy.openai_client(default_headers={"X-Drawdown-Agent": "unmodified"}, max_retries=0) as client:
+        with proxy.openai_client(
+            default_headers={"X-Drawdown-Agent": "unmodified"}, max_retries=0
+        ) as client:
             try:
-                client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}])
+                client.chat.completions.create(
+                    model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}]
+                )
                 statuses.append(200)
             except openai.APIStatusError as exc:
                 statuses.append(exc.status_code)

@@ -98,6 +98,9 @@ def test_identity_headers_to_strip() -> None:
 def test_idle_split_can_be_left_to_the_shared_ledger() -> None:
     sources = {"agent": (Source("value", "bot"),), "run": (Source("idle_split", 120),)}
     pending = identify(sources, caller(), None, 0)
-    assert pending.get("run") is None and pending.pending_idle == ("tenant:/workflow:/agent:bot", 120)
+    assert pending.get("run") is None and pending.pending_idle == (
+        "tenant:/workflow:/agent:bot",
+        120,
+    )
     resolved = pending.with_run("r7")
     assert resolved.path == "agent:bot/run:r7" and resolved.pending_idle is None
