@@ -89,6 +89,14 @@ SECONDS_OPTIONS = (
         "5",
         "Seconds one ledger operation may wait for a lock before the request is answered per on_ledger_error.",
     ),
+    (
+        "drawdown_upstream_timeout",
+        "590",
+        "Seconds a forwarded call may wait for the upstream's response headers before drawdown "
+        "closes that upstream connection, the agent gets a 502 and the hold is released. Kept "
+        "below mitmproxy's tcp_timeout (600), which would otherwise cut the agent's connection "
+        "without an answer.",
+    ),
 )
 
 
@@ -124,6 +132,8 @@ class FlowState:
     streamed_bytes: int = 0
     settled: bool = False
     denied: bool = False
+    upstream_timer: asyncio.TimerHandle | None = None
+    upstream_timed_out: bool = False
 
 
 def _loopback(host: str) -> bool:
@@ -496,6 +506,44 @@ class Drawdown:
             finally:
                 if flow.response is None:
                     flow.response = http.Response.make(500, b"drawdown: internal error")
+            return
+        state: FlowState | None = flow.metadata.get(STATE)
+        if state is not None and state.hold_id is not None and flow.response is None:
+            # Forwarded: wait no longer than drawdown_upstream_timeout for its response headers.
+            state.upstream_timer = asyncio.get_running_loop().call_later(
+                self.seconds["drawdown_upstream_timeout"], self._upstream_silent, flow
+            )
+
+    def _upstream_silent(self, flow: http.HTTPFlow) -> None:
+        """The upstream has not begun to answer in time: close its connection.
+
+        mitmproxy then reports "server closed connection" to the flow (our `error` hook releases
+        the hold) and answers the agent 502 Bad Gateway, which its SDK reports (and may retry)
+        like any gateway error. Without this, only tcp_timeout would end the wait, by closing
+        the agent's connection without any answer.
+        """
+        state: FlowState | None = flow.metadata.get(STATE)
+        if state is None or flow.response is not None or flow.error is not None or not flow.live:
+            return
+        if flow.server_conn.alpn == b"h2":
+            # Other calls share an HTTP/2 connection: closing it would cut them too. tcp_timeout
+            # remains the bound for this one.
+            return
+        proxyserver = ctx.master.addons.get("proxyserver")
+        for handler in list(getattr(proxyserver, "connections", {}).values()):
+            if handler.client is not flow.client_conn:
+                continue
+            io = handler.transports.get(flow.server_conn)
+            if io is not None and io.writer is not None:
+                state.upstream_timed_out = True
+                log.warning(
+                    "drawdown: %s %s sent no response within %gs; closing the upstream connection",
+                    flow.request.host,
+                    flow.request.path.split("?", 1)[0],
+                    self.seconds["drawdown_upstream_timeout"],
+                )
+                io.writer.close()
+            return
 
     async def _refuse_after_internal_error(self, flow: http.HTTPFlow) -> None:
         state: FlowState | None = flow.metadata.get(STATE)
@@ -837,6 +885,8 @@ class Drawdown:
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         state: FlowState | None = flow.metadata.get(STATE)
+        if state is not None and state.upstream_timer is not None:
+            state.upstream_timer.cancel()  # the upstream is answering; streams may take their time
         response = flow.response
         assert response is not None
         is_sse = response.headers.get("content-type", "").startswith("text/event-stream")
@@ -957,9 +1007,14 @@ class Drawdown:
 
     async def error(self, flow: http.HTTPFlow) -> None:
         state: FlowState | None = flow.metadata.get(STATE)
+        if state is not None and state.upstream_timer is not None:
+            state.upstream_timer.cancel()
         if state is None or state.settled or state.hold_id is None:
             return
         reason = flow.error.msg if flow.error else "connection failed"
+        if state.upstream_timed_out:
+            seconds = self.seconds["drawdown_upstream_timeout"]
+            reason = f"upstream timeout: no response within {seconds:g}s"
         if state.stream_meter is not None and state.streamed_bytes:
             # The stream was cut short after the upstream started answering: the provider bills what
             # it generated, so commit what was streamed so far (counted) plus the prompt.

@@ -184,6 +184,50 @@ def test_silent_upstream_is_cut_by_tcp_timeout_and_released(
     verify(tmp_db)
 
 
+def test_upstream_timeout_answers_502_and_releases(
+    drawdown_proxy: Factory, standin: StandIn, tmp_db: Path
+) -> None:
+    gate = threading.Event()
+    standin.script("POST", "/v1/chat/completions", Reply(hold_headers=gate))
+    proxy = drawdown_proxy(policy(), extra_args=["--set", "drawdown_upstream_timeout=1"])
+    try:
+        # The client's own timeout (20 s) is only there so a regression fails rather than hangs.
+        with proxy.openai_client(max_retries=0, timeout=20) as client:
+            with pytest.raises(openai.APIStatusError) as caught:
+                chat(client)
+            # An answer, not a cut connection: the SDK reports a gateway error.
+            assert caught.value.status_code == 502
+            rows = proxy.wait_for_query(
+                "SELECT state, settle_reason FROM holds", until=lambda r: r and r[0][0] != "active"
+            )
+            assert rows == [("released", "upstream timeout: no response within 1s")]
+            assert proxy.wait_for_query("SELECT status FROM decisions") == [(502,)]
+            proxy.wait_for_log("sent no response within 1s")
+            # The next call (the script answered once) is served normally, on a new connection.
+            assert chat(client).choices[0].message.content
+    finally:
+        gate.set()
+    verify(tmp_db)
+
+
+def test_a_slow_stream_is_not_cut_once_its_headers_arrived(
+    drawdown_proxy: Factory, standin: StandIn, tmp_db: Path
+) -> None:
+    # The timeout bounds the wait for the answer to begin, never the length of a stream.
+    standin.stream_delay = 0.4  # ≈4 s of stream
+    proxy = drawdown_proxy(policy(), extra_args=["--set", "drawdown_upstream_timeout=1"])
+    with proxy.openai_client(max_retries=0) as client:
+        text = "".join(
+            c.choices[0].delta.content or "" for c in chat(client, stream=True) if c.choices
+        )
+    assert text
+    rows = proxy.wait_for_query(
+        "SELECT state FROM holds", until=lambda r: r and r[0][0] != "active"
+    )
+    assert rows == [("committed",)]
+    verify(tmp_db)
+
+
 # --- ledger faults --------------------------------------------------------------------------
 
 
