@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from ..money import format_usd
 
@@ -127,6 +127,27 @@ class DecisionRow:
     body_fields: str | None = None  # {"json.a.b": value} the policy references (record.bodies)
     body: str | None = None  # the whole JSON body, redacted (record.bodies: full)
     mcp: str | None = None  # [[method, tool], …] of an MCP request's JSON-RPC messages
+
+
+# The columns a new decision row is inserted with, in order (both backends).
+DECISION_INSERT_FIELDS = (
+    "request_id", "ts", "decision", "reason_code", "reason", "mode", "scope", "tenant",
+    "workflow", "agent", "run", "action", "provider", "model", "method", "host", "path",
+    "est_usd", "est_tokens", "stream", "fingerprint", "status", "hold_id", "budget",
+    "policy_digest", "completed_at", "port", "query", "body_fields", "body", "mcp",
+)  # fmt: skip
+
+
+def decision_values(row: DecisionRow, hold_id: int | None) -> tuple[Any, ...]:
+    """A new decision row's values in DECISION_INSERT_FIELDS order."""
+    derived = {
+        "stream": int(row.stream),
+        "hold_id": hold_id,
+        "completed_at": row.ts if row.decision == "deny" else None,  # a denial is complete
+    }
+    return tuple(
+        derived[name] if name in derived else getattr(row, name) for name in DECISION_INSERT_FIELDS
+    )
 
 
 @dataclass(frozen=True)

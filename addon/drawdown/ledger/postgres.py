@@ -79,6 +79,7 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 
 from . import pg_guards
 from .api import (
+    DECISION_INSERT_FIELDS,
     IDLE_RUN_SQL,
     UNITS,
     Amount,
@@ -92,6 +93,7 @@ from .api import (
     Settled,
     Shortfall,
     Tripped,
+    decision_values,
 )
 from .dsn import redact_dsn
 from .pg_schema import migrate
@@ -226,6 +228,7 @@ _DECISION_INSERT_COLUMNS = _columns(
     "fingerprint:text status:bigint hold_id:bigint budget:text policy_digest:text "
     "completed_at:float8 port:bigint query:text body_fields:text body:text mcp:text"
 )
+assert tuple(name for name, _ in _DECISION_INSERT_COLUMNS) == DECISION_INSERT_FIELDS
 _INSERT_DECISIONS = _Bulk(
     "INSERT INTO decisions ({names}) SELECT * FROM {{rows}}".format(
         names=", ".join(name for name, _ in _DECISION_INSERT_COLUMNS)
@@ -977,41 +980,7 @@ class PostgresLedger:
             self._decision(tx, row)
 
     def _decision(self, tx: _Tx, row: DecisionRow, hold_id: int | None = None) -> None:
-        tx.new_decisions.append(
-            (
-                row.request_id,
-                row.ts,
-                row.decision,
-                row.reason_code,
-                row.reason,
-                row.mode,
-                row.scope,
-                row.tenant,
-                row.workflow,
-                row.agent,
-                row.run,
-                row.action,
-                row.provider,
-                row.model,
-                row.method,
-                row.host,
-                row.path,
-                row.est_usd,
-                row.est_tokens,
-                int(row.stream),
-                row.fingerprint,
-                row.status,
-                hold_id,
-                row.budget,
-                row.policy_digest,
-                row.ts if row.decision == "deny" else None,
-                row.port,
-                row.query,
-                row.body_fields,
-                row.body,
-                row.mcp,
-            )
-        )
+        tx.new_decisions.append(decision_values(row, hold_id))
 
     def _locked_hold(self, tx: _Tx, hold_id: int) -> _Hold:
         hold = tx.holds.get(hold_id)

@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 import sqlite_utils
 
 from .api import (
+    DECISION_INSERT_FIELDS,
     IDLE_RUN_SQL,
     UNITS,
     Amount,
@@ -35,8 +36,13 @@ from .api import (
     Settled,
     Shortfall,
     Tripped,
+    decision_values,
 )
 from .schema import migrate
+
+_INSERT_DECISION = "INSERT INTO decisions ({}) VALUES ({})".format(
+    ", ".join(DECISION_INSERT_FIELDS), ", ".join("?" * len(DECISION_INSERT_FIELDS))
+)
 
 T = TypeVar("T")
 
@@ -337,46 +343,7 @@ class SQLiteLedger:
         return None
 
     def _record(self, row: DecisionRow, hold_id: int | None = None) -> None:
-        self.conn.execute(
-            "INSERT INTO decisions (request_id, ts, decision, reason_code, reason, mode, scope, tenant, workflow, "
-            "agent, run, action, provider, model, method, host, path, est_usd, est_tokens, stream, fingerprint, "
-            "status, hold_id, budget, policy_digest, completed_at, port, query, body_fields, body, mcp) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, "
-            "?, ?, ?, ?, ?)",
-            (
-                row.request_id,
-                row.ts,
-                row.decision,
-                row.reason_code,
-                row.reason,
-                row.mode,
-                row.scope,
-                row.tenant,
-                row.workflow,
-                row.agent,
-                row.run,
-                row.action,
-                row.provider,
-                row.model,
-                row.method,
-                row.host,
-                row.path,
-                row.est_usd,
-                row.est_tokens,
-                int(row.stream),
-                row.fingerprint,
-                row.status,
-                hold_id,
-                row.budget,
-                row.policy_digest,
-                row.ts if row.decision == "deny" else None,
-                row.port,
-                row.query,
-                row.body_fields,
-                row.body,
-                row.mcp,
-            ),
-        )
+        self.conn.execute(_INSERT_DECISION, decision_values(row, hold_id))
 
     def _hold(self, hold_id: int) -> tuple[Any, ...] | None:
         return self.conn.execute(
