@@ -1,0 +1,183 @@
+"""pytest-benchmark suite for the functions every proxied request runs through.
+
+Numbers, not assertions on speed: `./scripts/bench --hot` runs these with timing
+(`pytest benchmarks --benchmark-enable`) and prints a table to compare across changes, e.g.
+`--benchmark-autosave` then `--benchmark-compare`. In `./scripts/test` each runs once,
+untimed, with its result checked, so a benchmark that stops measuring the real thing fails.
+
+The request is the one `scripts/bench` sends: an OpenAI chat call with a ~1,000-token
+prompt, classified by policies/example.yaml, whose budgets give it 4 instances to reserve on.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+from drawdown import meter
+from drawdown.budgets import claims_for
+from drawdown.classify import RequestView, classify
+from drawdown.identity import Caller, IdleRuns, identify
+from drawdown.ledger.api import Amount, Completion, DecisionRow
+from drawdown.ledger.sqlite import open_sqlite
+from drawdown.policy import Policy, load_policy
+
+ROOT = Path(__file__).resolve().parent.parent
+PROMPT = " ".join(f"word{i % 97} of the agent's long context" for i in range(170))  # ≈1,000 tokens
+BODY = json.dumps(
+    {
+        "model": "gpt-4o-mini",
+        "max_tokens": 256,
+        "messages": [
+            {"role": "system", "content": "You are a research agent."},
+            {"role": "user", "content": PROMPT},
+        ],
+    }
+).encode()
+HEADERS = {"x-drawdown-tenant": "acme", "x-drawdown-agent": "research", "x-drawdown-run": "r1"}
+USAGE = {"prompt_tokens": 1012, "completion_tokens": 31, "total_tokens": 1043}
+RESPONSE = json.dumps(
+    {
+        "id": "chatcmpl-1",
+        "object": "chat.completion",
+        "model": "gpt-4o-mini-2024-07-18",
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": "Here is what I found. " * 6},
+                "finish_reason": "stop",
+            }
+        ],
+        "usage": USAGE,
+    }
+).encode()
+
+
+def sse_chunks() -> list[bytes]:
+    """A streamed answer of 40 content events and the usage chunk, cut into 512-byte pieces."""
+    events = [
+        {"id": "c", "object": "chat.completion.chunk", "model": "gpt-4o-mini",
+         "choices": [{"index": 0, "delta": {"content": f"token{i} "}}]}
+        for i in range(40)
+    ]  # fmt: skip
+    events.append(
+        {"id": "c", "object": "chat.completion.chunk", "model": "gpt-4o-mini", "choices": [],
+         "usage": USAGE}
+    )  # fmt: skip
+    text = "".join(f"data: {json.dumps(e)}\n\n" for e in events) + "data: [DONE]\n\n"
+    raw = text.encode()
+    return [raw[i : i + 512] for i in range(0, len(raw), 512)]
+
+
+@pytest.fixture(scope="module")
+def policy() -> Policy:
+    return load_policy(str(ROOT / "policies" / "example.yaml"))
+
+
+def view() -> RequestView:
+    return RequestView("POST", "api.openai.com", 443, "/v1/chat/completions", {}, HEADERS, BODY)
+
+
+def test_identify(benchmark: Any, policy: Policy) -> None:
+    caller = Caller(headers=HEADERS)
+    identity = benchmark(identify, policy.identity, caller, IdleRuns(), time.time())
+    assert identity.path == "tenant:acme/agent:research/run:r1"
+
+
+def test_classify(benchmark: Any, policy: Policy) -> None:
+    classification = benchmark(classify, policy, view())
+    assert classification.kind == "llm"
+
+
+def test_claims_for(benchmark: Any, policy: Policy) -> None:
+    identity = identify(policy.identity, Caller(headers=HEADERS), IdleRuns(), time.time())
+    claims = benchmark(claims_for, policy, identity.levels, "llm", time.time())
+    assert len(claims) == 4  # tenant per day, agent, run, and the shadow-trial budget
+
+
+def _estimate(policy: Policy) -> meter.LLMRequest:
+    return meter.inspect_request("openai", "POST", "/v1/chat/completions", {}, BODY, policy.meter)
+
+
+def test_estimate_repeated_prompt(benchmark: Any, policy: Policy) -> None:
+    """The common case: an agent resends its conversation, whose texts were counted before."""
+    _estimate(policy)  # counted once, as by the agent's previous turn
+    llm = benchmark(_estimate, policy)
+    assert llm.input_tokens > 900 and llm.max_output_tokens == 256 and llm.estimate_usd_nanos > 0
+
+
+def test_estimate_new_prompt(benchmark: Any, policy: Policy) -> None:
+    """A prompt never seen before: tokenized by tiktoken (a fresh text each round)."""
+
+    def fresh() -> bytes:
+        body = json.loads(BODY)
+        body["messages"][1]["content"] = f"{uuid.uuid4().hex} {PROMPT}"
+        return json.dumps(body).encode()
+
+    llm = benchmark.pedantic(
+        lambda body: meter.inspect_request(
+            "openai", "POST", "/v1/chat/completions", {}, body, policy.meter
+        ),
+        setup=lambda: ((fresh(),), {}),
+        rounds=50,
+    )
+    assert llm.input_tokens > 900
+
+
+def test_measure_json_response(benchmark: Any, policy: Policy) -> None:
+    llm = _estimate(policy)
+    measurement = benchmark(meter.measure_body, llm, 200, RESPONSE, policy.meter)
+    assert measurement.source == "usage"
+    assert (measurement.usage.input_tokens, measurement.usage.output_tokens) == (1012, 31)
+
+
+def test_meter_sse_stream(benchmark: Any, policy: Policy) -> None:
+    llm = _estimate(policy)
+    chunks = sse_chunks()
+
+    def stream() -> meter.Measurement:
+        stream_meter = meter.open_stream_meter(llm, "text/event-stream", None, policy.meter)
+        for chunk in chunks:
+            stream_meter.feed(chunk)
+        return stream_meter.finish()[1]
+
+    measurement = benchmark(stream)
+    assert measurement.source == "usage" and measurement.usage.output_tokens == 31
+
+
+def test_reserve_and_commit_sqlite(benchmark: Any, policy: Policy, tmp_path: Path) -> None:
+    """One reserve + commit lifecycle on the 4 instances, one transaction each (no batching)."""
+    ledger = open_sqlite(str(tmp_path / "bench.db"))
+    # Tiny amounts, so that the thousands of lifecycles a calibrated run makes fit the example
+    # policy's budgets: the statements are the same whatever the figures.
+    estimate = Amount(usd=2_000, tokens=1_300, requests=1)
+    actual = Completion(actual=Amount(usd=1_000, tokens=1_043, requests=1), status=200)
+    calls = iter(range(10**9))
+
+    def lifecycle() -> int:
+        now = time.time()
+        run = f"r{next(calls) // 100}"  # a run of 100 calls (the example caps runs at 200 requests)
+        headers = {**HEADERS, "x-drawdown-run": run}
+        identity = identify(policy.identity, Caller(headers=headers), IdleRuns(), now)
+        row = DecisionRow(
+            request_id=uuid.uuid4().hex, ts=now, decision="allow", mode="enforce",
+            scope=identity.path, tenant="acme", agent="research", run=run, action="llm",
+        )  # fmt: skip
+        claims = claims_for(policy, identity.levels, "llm", now)
+        outcome = ledger.reserve(row, claims, estimate, now + 900)
+        assert outcome.hold_id is not None, outcome
+        ledger.commit(row.request_id, outcome.hold_id, actual, time.time())
+        return outcome.hold_id
+
+    try:
+        assert benchmark(lifecycle) >= 1
+        (committed,) = ledger.conn.execute(
+            "SELECT COUNT(*) FROM holds WHERE state = 'committed'"
+        ).fetchone()
+        assert committed >= 1
+    finally:
+        ledger.close()
