@@ -132,8 +132,13 @@ class FlowState:
     streamed_bytes: int = 0
     settled: bool = False
     denied: bool = False
-    upstream_timer: asyncio.TimerHandle | None = None
+    upstream_timer: asyncio.TimerHandle | None = None  # drawdown_upstream_timeout, once forwarded
     upstream_timed_out: bool = False
+
+    def stop_upstream_timer(self) -> None:
+        if self.upstream_timer is not None:
+            self.upstream_timer.cancel()
+            self.upstream_timer = None
 
 
 def _loopback(host: str) -> bool:
@@ -885,8 +890,8 @@ class Drawdown:
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         state: FlowState | None = flow.metadata.get(STATE)
-        if state is not None and state.upstream_timer is not None:
-            state.upstream_timer.cancel()  # the upstream is answering; streams may take their time
+        if state is not None:
+            state.stop_upstream_timer()  # the upstream is answering; streams may take their time
         response = flow.response
         assert response is not None
         is_sse = response.headers.get("content-type", "").startswith("text/event-stream")
@@ -925,6 +930,8 @@ class Drawdown:
 
     async def response(self, flow: http.HTTPFlow) -> None:
         state: FlowState | None = flow.metadata.get(STATE)
+        if state is not None:
+            state.stop_upstream_timer()  # e.g. answered by another addon, with no headers hook
         if state is None or state.settled or state.hold_id is None:
             return
         response = flow.response
@@ -1007,8 +1014,8 @@ class Drawdown:
 
     async def error(self, flow: http.HTTPFlow) -> None:
         state: FlowState | None = flow.metadata.get(STATE)
-        if state is not None and state.upstream_timer is not None:
-            state.upstream_timer.cancel()
+        if state is not None:
+            state.stop_upstream_timer()
         if state is None or state.settled or state.hold_id is None:
             return
         reason = flow.error.msg if flow.error else "connection failed"
