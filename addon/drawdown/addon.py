@@ -548,6 +548,12 @@ class Drawdown:
                     self.seconds["drawdown_upstream_timeout"],
                 )
                 io.writer.close()
+            else:  # still connecting: the OS's connect timeout ends it, with a 502
+                log.info(
+                    "drawdown: %s still connecting after %gs; left to the connect timeout",
+                    flow.request.host,
+                    self.seconds["drawdown_upstream_timeout"],
+                )
             return
 
     async def _refuse_after_internal_error(self, flow: http.HTTPFlow) -> None:
