@@ -4,6 +4,7 @@ time, the JSON-lines decision log (redacted), and the HTML page rendered in head
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 from decimal import Decimal
@@ -175,10 +176,17 @@ def test_cli_report_policy_supplies_the_anomaly_settings(
 CHROMIUM = (
     shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 )
-needs_chromium = pytest.mark.skipif(
-    CHROMIUM is None,
-    reason="headless Chromium is not installed (apt-get install chromium; CI installs it)",
-)
+NO_CHROMIUM = "headless Chromium is not installed (apt-get install chromium; CI installs it)"
+
+
+def require_chromium() -> None:
+    """Skip without a browser; but in CI (DRAWDOWN_REQUIRE_CHROMIUM=1) its absence is a failure,
+    so a failed install cannot turn the browser checks into silent skips."""
+    if CHROMIUM is not None:
+        return
+    if os.environ.get("DRAWDOWN_REQUIRE_CHROMIUM", "") not in ("", "0"):
+        pytest.fail(f"{NO_CHROMIUM}; DRAWDOWN_REQUIRE_CHROMIUM=1 demands it", pytrace=False)
+    pytest.skip(NO_CHROMIUM)
 
 
 def dump_dom(page: Path, tmp_path: Path, fragment: str = "") -> str:
@@ -261,8 +269,7 @@ def test_html_page_renders_the_same_numbers_as_the_json(seed: Seeder, tmp_path: 
     assert (
         "http://" not in html.replace("http://www.w3.org/2000/svg", "") and "https://" not in html
     )
-    if CHROMIUM is None:
-        pytest.skip("headless Chromium is not installed (apt-get install chromium; CI installs it)")
+    require_chromium()
     dom = parse(dump_dom(page, tmp_path))
     (app,) = dom.find("main", id="app")
     assert app["attrs"]["data-ready"] == "1"  # the page's script ran to the end
@@ -322,8 +329,8 @@ HOSTILE_AGENT = "\"><img src=x onerror=\"document.body.setAttribute('data-pwned'
 HOSTILE_PATH = "/</script><script>document.body.setAttribute('data-pwned','path')</script>"
 
 
-@needs_chromium
 def test_html_page_escapes_hostile_names_paths_and_reasons(seed: Seeder, tmp_path: Path) -> None:
+    require_chromium()
     for _ in range(6):  # a loop, so the hostile scope also appears among the anomalies
         seed.call(agent=HOSTILE_AGENT, run="<b>run</b>", path=HOSTILE_PATH, body="same")
     seed.call(
