@@ -23,7 +23,7 @@ section (`policy.model.DETECTORS` holds the defaults):
                     fallback price
 
 loop, step_count and fan_out count exactly what the reserve-time guards count
-(ledger `_check_guards`), so a detector set to `on_detect: deny` flags the runs it denied.
+(the ledger's `plan.Counts.trip`), so a detector set to `on_detect: deny` flags the runs it denied.
 """
 
 from __future__ import annotations

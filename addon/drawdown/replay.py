@@ -142,7 +142,7 @@ class Simulation:
         )
 
     def check_guards(self, row: dict[str, Any], guards: Guards) -> tuple[str, str] | None:
-        """(detector, detail) when a guard refuses — the same counts as the ledger's `_check_guards`."""
+        """(detector, detail) when a guard refuses — the same counts as the ledger's `plan.Counts.trip`."""
         scope = row["scope"]
         if guards.max_repeats is not None and row.get("fingerprint"):
             repeats = self.repeats[(scope, row["fingerprint"])]

@@ -339,6 +339,60 @@ def test_a_batch_decides_in_order_on_shared_instances(backend: LedgerBackend, le
     assert instance(backend, "agent", "agent:a")["reserved_usd"] == 900
 
 
+def test_a_sqlite_batch_reads_and_writes_each_instance_once(tmp_path: Any) -> None:
+    """The planner: 40 reserves and 40 commits on the same 3 instances cost 3 instance
+    reads and 3 instance writes per batch, not 3 per operation."""
+    ledger = SQLiteLedger(tmp_path / "ledger.db")
+    claims = [claim(requests=100), claim("agent", "agent:a", usd=10**9), claim("t", "tenant:t")]
+    statements: list[str] = []
+    ledger.conn.set_trace_callback(statements.append)  # once per statement run (per row)
+    rows = [row() for _ in range(40)]
+    held = ledger.run_batch(
+        [("reserve", (r, claims, Amount(usd=5, requests=1), NOW + 900)) for r in rows]
+    )
+    assert [h.decision for h in held] == ["allow"] * 40
+    settled = ledger.run_batch(
+        [
+            ("commit", (r.request_id, h.hold_id, Completion(actual=Amount(usd=3, requests=1)), NOW))
+            for r, h in zip(rows, held, strict=True)
+        ]
+    )
+    assert all(s.applied for s in settled)
+    touching = [s for s in statements if "budget_instances" in s]
+    reads = [s for s in touching if s.lstrip().startswith("SELECT")]
+    writes = [s for s in touching if s.lstrip().startswith(("UPDATE", "INSERT"))]
+    # Batch 1: 3 reads (creating the 3 instances: 3 inserts), 3 writes. Batch 2: 1 read, 3 writes.
+    assert (len(reads), len(writes)) == (3 + 1, 3 + 3 + 3), touching
+    ledger.conn.set_trace_callback(None)
+    assert ledger.conn.execute(
+        "SELECT SUM(spent_usd), SUM(spent_requests), SUM(reserved_requests) FROM budget_instances"
+    ).fetchone() == (3 * 40 * 3, 40 * 3, 0)
+    ledger.close()
+
+
+def test_a_rolled_back_batch_leaves_the_callers_rows_undecided(
+    backend: LedgerBackend, ledger: Any
+) -> None:
+    ledger.reserve(row("taken"), [claim(requests=5)], Amount(requests=1), NOW + 900)
+    # A shadow shortfall: deciding the reserve writes would_deny and its reason into the row.
+    claims = [claim(requests=5), claim("cap", "agent:a", requests=0, shadow=True)]
+    fresh, again = row(), row("taken")
+    results = ledger.run_batch(
+        [
+            ("reserve", (fresh, claims, Amount(requests=1), NOW + 900)),
+            ("reserve", (again, claims, Amount(requests=1), NOW + 900)),  # a duplicate id
+        ]
+    )
+    assert results[0].decision == "would_deny" and fresh.decision == "would_deny"
+    assert fresh.reason_code == "budget_exhausted" and fresh.budget == "agent:a"
+    # The duplicate fails alone, and its row says nothing was decided.
+    assert isinstance(results[1], LedgerError)
+    assert (again.decision, again.reason_code, again.reason, again.budget) == (
+        "allow", None, None, None,
+    )  # fmt: skip
+    assert instance(backend, "run", "agent:a/run:r1")["reserved_requests"] == 2
+
+
 def guarded(
     fingerprint: str = "fp", scope: str = "agent:a/run:r1", workflow: str | None = None
 ) -> DecisionRow:
@@ -768,3 +822,4 @@ def test_unreachable_database_raises_then_recovers_without_losing_commits(pg_url
     backend.close()
     ledger.close()
     relay.close()
+

@@ -1,8 +1,7 @@
 """Reserve-time anomaly guards (loop, step_count, fan_out) for the PostgreSQL ledger.
 
-The SQLite ledger counts decision rows inside its one write lock. The PostgreSQL ledger
-decides a whole batch at once, its decision rows not yet written, so it counts what
-the ledger holds (read under transaction-scoped advisory locks, one per run scope and
+The PostgreSQL ledger decides a whole batch at once, its decision rows not yet written,
+so it counts what the ledger holds (read under transaction-scoped advisory locks, one per run scope and
 per workflow, taken in a fixed order so that proxies guarding the same run queue up
 instead of counting past each other) plus the rows this batch adds before each reserve.
 Every reserve and record adds exactly one decision row whatever it decides, so the
@@ -12,10 +11,10 @@ counts before each reserve are known before any budget is looked at.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from typing import Any
 
-from .api import DecisionRow, Guards, Tripped
+from .api import DecisionRow, Guards
+from .plan import Counts, GuardKeys
 
 # Sorted by hash, taken in that order (the subquery keeps the order for the outer call).
 LOCK = """
@@ -43,12 +42,6 @@ WHERE d.workflow = ANY(%s) AND d.scope = ANY(%s) AND d.decision <> 'deny'
 """
 
 
-def guards_of(args: tuple[Any, ...]) -> Guards | None:
-    """The guards of a `reserve` call's arguments, if it has any that apply."""
-    guards = args[4] if len(args) > 4 else None
-    return guards if guards is not None and guards.any else None
-
-
 def lock_keys(reserves: Iterable[tuple[DecisionRow, Guards]]) -> list[str]:
     keys = set()
     for row, guards in reserves:
@@ -59,64 +52,6 @@ def lock_keys(reserves: Iterable[tuple[DecisionRow, Guards]]) -> list[str]:
     return sorted(keys)
 
 
-@dataclass
-class Counts:
-    """What the guards count, kept current as the batch adds decision rows."""
-
-    repeats: dict[tuple[str, str], int] = field(default_factory=dict)
-    steps: dict[str, int] = field(default_factory=dict)
-    runs: dict[tuple[str, str], int] = field(default_factory=dict)
-    known: set[tuple[str, str]] = field(default_factory=set)  # (workflow, scope) seen
-    seen: set[tuple[str, str, str]] = field(default_factory=set)  # (workflow, tenant, scope)
-
-    def add(self, row: DecisionRow) -> None:
-        """A decision row the batch records (before the next reserve is checked)."""
-        if row.fingerprint and (row.scope, row.fingerprint) in self.repeats:
-            self.repeats[row.scope, row.fingerprint] += 1
-        if row.scope in self.steps:
-            self.steps[row.scope] += 1
-        # Only runs that got a request through count (as in SQLiteLedger._check_guards): a run
-        # refused at its first request must not become "known" through its own denied row.
-        if row.workflow is not None and row.decision != "deny":
-            self.known.add((row.workflow, row.scope))
-            run = (row.workflow, row.tenant or "", row.scope)
-            if run not in self.seen:
-                self.seen.add(run)
-                if run[:2] in self.runs:
-                    self.runs[run[:2]] += 1
-
-    def trip(self, row: DecisionRow, guards: Guards) -> Tripped | None:
-        """The same checks, in the same order and words, as SQLiteLedger._check_guards."""
-        if guards.max_repeats is not None and row.fingerprint:
-            repeats = self.repeats[row.scope, row.fingerprint]
-            if repeats >= guards.max_repeats:
-                return Tripped(
-                    "loop",
-                    f"loop: this identical {row.action} request was already made {repeats} times in "
-                    f"{row.scope} (anomalies.loop.repeats: {guards.max_repeats})",
-                )
-        if guards.max_steps is not None:
-            steps = self.steps[row.scope]
-            if steps >= guards.max_steps:
-                return Tripped(
-                    "step_count",
-                    f"step_count: {row.scope} already took {steps} steps (anomalies.step_count.max: {guards.max_steps})",
-                )
-        if (
-            guards.max_runs_per_workflow is not None
-            and row.workflow is not None
-            and (row.workflow, row.scope) not in self.known  # a new run of the workflow
-        ):
-            runs = self.runs[row.workflow, row.tenant or ""]
-            if runs >= guards.max_runs_per_workflow:
-                return Tripped(
-                    "fan_out",
-                    f"fan_out: workflow {row.workflow} already has {runs} runs "
-                    f"(anomalies.fan_out.max_runs_per_workflow: {guards.max_runs_per_workflow})",
-                )
-        return None
-
-
 class Reader:
     """Queues the guard queries of a batch (inside a pipeline) and reads their answers."""
 
@@ -125,27 +60,19 @@ class Reader:
     ):
         self.cursors: dict[str, Any] = {}
         conn.cursor().execute(LOCK, (lock_keys(guarded),))
-        repeats = sorted(
-            {
-                (r.scope, r.fingerprint)
-                for r, g in guarded
-                if g.max_repeats is not None and r.fingerprint
-            }
-        )
-        steps = sorted({r.scope for r, g in guarded if g.max_steps is not None})
-        fan = [(r, g) for r, g in guarded if g.max_runs_per_workflow is not None and r.workflow]
-        runs = sorted({(r.workflow or "", r.tenant or "") for r, _ in fan})
-        if repeats:
+        keys = GuardKeys.of(guarded, rows)
+        if keys.repeats:
             self._query(
-                conn, "repeats", REPEATS, ([s for s, _ in repeats], [f for _, f in repeats])
+                conn,
+                "repeats",
+                REPEATS,
+                ([s for s, _ in keys.repeats], [f for _, f in keys.repeats]),
             )
-        if steps:
-            self._query(conn, "steps", STEPS, (steps,))
-        if runs:
-            self._query(conn, "runs", RUNS, ([w for w, _ in runs], [t for _, t in runs]))
-            workflows = sorted({r.workflow for r in rows if r.workflow is not None})
-            scopes = sorted({r.scope for r in rows if r.workflow is not None})
-            self._query(conn, "known", KNOWN, (workflows, scopes))
+        if keys.steps:
+            self._query(conn, "steps", STEPS, (keys.steps,))
+        if keys.runs:
+            self._query(conn, "runs", RUNS, ([w for w, _ in keys.runs], [t for _, t in keys.runs]))
+            self._query(conn, "known", KNOWN, (keys.workflows, keys.scopes))
 
     def _query(self, conn: Any, name: str, sql: str, params: tuple[Any, ...]) -> None:
         self.cursors[name] = conn.cursor()

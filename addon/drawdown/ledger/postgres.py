@@ -60,7 +60,6 @@ or UUID keys (hot ranges); SKIP LOCKED needs a recent version.
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import math
@@ -69,8 +68,8 @@ import random
 import socket
 import time
 import uuid
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import psycopg
@@ -81,7 +80,6 @@ from . import pg_guards
 from .api import (
     DECISION_INSERT_FIELDS,
     IDLE_RUN_SQL,
-    UNITS,
     Amount,
     Claim,
     Completion,
@@ -91,12 +89,20 @@ from .api import (
     LedgerError,
     ReserveOutcome,
     Settled,
-    Shortfall,
-    Tripped,
-    decision_values,
 )
 from .dsn import redact_dsn
 from .pg_schema import migrate
+from .plan import (
+    HOLD_COLUMNS,
+    HOT,
+    INSTANCE_COLUMNS,
+    Hold,
+    Plan,
+    decision_rows,
+    guarded_reserves,
+    restore,
+    snapshot,
+)
 from .sqlite import glob_to_like
 
 T = TypeVar("T")
@@ -105,22 +111,11 @@ log = logging.getLogger(__name__)
 if logging.getLogger("psycopg.pool").level == logging.NOTSET:
     logging.getLogger("psycopg.pool").setLevel(logging.WARNING)
 
-_HOT = frozenset({"reserve", "record", "commit", "release", "history"})
 # Retry at once: the transaction was rolled back and re-running it is safe.
 _CONFLICTS = (errors.SerializationFailure, errors.DeadlockDetected, errors.LockNotAvailable)
 _MAX_CONFLICT_RETRIES = 20
 
-_INSTANCE_COLUMNS = (
-    "id, budget, scope, window_start, limit_usd, limit_tokens, limit_requests, spent_usd, "
-    "spent_tokens, spent_requests, reserved_usd, reserved_tokens, reserved_requests, updated_at"
-)
-_HOLD_COLUMNS = (
-    "id, request_id, process_id, state, expires_at, settled_at, settle_reason, instance_ids, "
-    "est_usd, est_tokens, est_requests, actual_usd, actual_tokens, actual_requests, usage_source"
-)
-_LOCK_HOLDS = (
-    f"SELECT {_HOLD_COLUMNS} FROM holds WHERE id = ANY(%s) ORDER BY id FOR UPDATE OF holds"
-)
+_LOCK_HOLDS = f"SELECT {HOLD_COLUMNS} FROM holds WHERE id = ANY(%s) ORDER BY id FOR UPDATE OF holds"
 # Rows that must exist before they can be locked; NOT EXISTS spares a sequence value per
 # known key, ON CONFLICT absorbs a concurrent creator (we wait for it, then skip), and
 # ORDER BY makes every transaction create keys in the same order.
@@ -138,7 +133,7 @@ ORDER BY k.budget, k.scope, k.window_start
 ON CONFLICT (budget, scope, window_start) DO NOTHING
 """
 _LOCK_INSTANCES = f"""
-SELECT {_INSTANCE_COLUMNS} FROM budget_instances WHERE id IN (
+SELECT {INSTANCE_COLUMNS} FROM budget_instances WHERE id IN (
     SELECT unnest(string_to_array(h.instance_ids, ',')::bigint[]) FROM holds h WHERE h.id = ANY(%s)
     UNION
     SELECT b.id FROM budget_instances b
@@ -147,7 +142,7 @@ SELECT {_INSTANCE_COLUMNS} FROM budget_instances WHERE id IN (
 ) ORDER BY id FOR UPDATE OF budget_instances
 """
 _LOCK_INSTANCE_IDS = (
-    f"SELECT {_INSTANCE_COLUMNS} FROM budget_instances WHERE id = ANY(%s) "
+    f"SELECT {INSTANCE_COLUMNS} FROM budget_instances WHERE id = ANY(%s) "
     "ORDER BY id FOR UPDATE OF budget_instances"
 )
 
@@ -276,125 +271,8 @@ def _secrets(url: str) -> list[str]:
     return [url, *found]
 
 
-# --- the state one transaction works on ------------------------------------------------------
-
-
-@dataclass
-class _Instance:
-    id: int
-    key: tuple[str, str, int]
-    limits: list[int | None]  # usd, tokens, requests (UNITS order)
-    spent: list[int]
-    reserved: list[int]
-    updated_at: float | None
-    dirty: bool = False
-
-    @classmethod
-    def from_row(cls, r: Sequence[Any]) -> _Instance:
-        return cls(r[0], (r[1], r[2], r[3]), list(r[4:7]), list(r[7:10]), list(r[10:13]), r[13])
-
-    def apply(self, reserved: Sequence[int], spent: Sequence[int], now: float) -> None:
-        for i in range(3):
-            self.reserved[i] += reserved[i]
-            self.spent[i] += spent[i]
-        self.updated_at = now
-        self.dirty = True
-
-    def over(self) -> bool:
-        return any(
-            limit is not None and spent > limit
-            for limit, spent in zip(self.limits, self.spent, strict=True)
-        )
-
-
-@dataclass
-class _Hold:
-    id: int
-    request_id: str
-    process_id: str
-    state: str
-    expires_at: float | None
-    settled_at: float | None
-    settle_reason: str | None
-    instance_ids: list[int]
-    est: tuple[int, int, int]
-    actual: list[int | None]
-    usage_source: str | None
-    was: str = ""  # the state read under lock: the write is guarded by it
-    dirty: bool = False
-
-    @classmethod
-    def from_row(cls, r: Sequence[Any]) -> _Hold:
-        ids = [int(i) for i in r[7].split(",")] if r[7] else []
-        return cls(
-            r[0],
-            r[1],
-            r[2],
-            r[3],
-            r[4],
-            r[5],
-            r[6],
-            ids,
-            (r[8], r[9], r[10]),
-            list(r[11:14]),
-            r[14],
-            was=r[3],
-        )
-
-
-@dataclass
-class _Tx:
-    """Locked rows, values computed in Python, writes queued for one pipeline."""
-
-    instances: dict[int, _Instance] = field(default_factory=dict)
-    by_key: dict[tuple[str, str, int], _Instance] = field(default_factory=dict)
-    holds: dict[int, _Hold] = field(default_factory=dict)
-    hold_ids: list[int] = field(default_factory=list)
-    history: list[list[bool]] = field(default_factory=list)
-    replayed: dict[str, tuple[str, int | None, str | None]] = field(default_factory=dict)
-    tripped: dict[int, Tripped | None] = field(default_factory=dict)  # by the op's batch index
-    skip: set[int] = field(default_factory=set)  # reserves a guard denies: no instances needed
-    new_holds: list[tuple[Any, ...]] = field(default_factory=list)
-    new_decisions: list[tuple[Any, ...]] = field(default_factory=list)
-    completions: list[tuple[Any, ...]] = field(default_factory=list)
-    expiries: list[tuple[Any, ...]] = field(default_factory=list)
-    events: list[tuple[Any, ...]] = field(default_factory=list)
-    facts: list[tuple[Any, ...]] = field(default_factory=list)
-
-    def add_instances(self, rows: Iterable[Sequence[Any]]) -> None:
-        for r in rows:
-            inst = _Instance.from_row(r)
-            self.instances[inst.id] = inst
-            self.by_key[inst.key] = inst
-
-    def apply(
-        self, ids: Iterable[int], reserved: Sequence[int], spent: Sequence[int], now: float
-    ) -> None:
-        for instance_id in dict.fromkeys(ids):  # an instance listed twice is charged once
-            self.instances[instance_id].apply(reserved, spent, now)
-
-    def event(
-        self,
-        kind: str,
-        request_id: str | None,
-        hold_id: int | None,
-        instance_id: int | None,
-        detail: str,
-        now: float,
-    ) -> None:
-        self.events.append((now, kind, request_id, hold_id, instance_id, detail))
-
-
 class _StatementFailed(Exception):
     """A statement of a batch failed for a reason retrying will not cure."""
-
-
-def _negate(values: Sequence[int]) -> tuple[int, int, int]:
-    return (-values[0], -values[1], -values[2])
-
-
-def _amount(a: Amount) -> tuple[int, int, int]:
-    return (a.usd, a.tokens, a.requests)
 
 
 # --- the ledger -------------------------------------------------------------------------------
@@ -537,7 +415,7 @@ class PostgresLedger:
         """Run several operations; results (or exceptions) in order. The hot ones share one
         transaction; maintenance runs in its own (it is rare and scans holds)."""
         results: list[Any] = [None] * len(calls)
-        hot = [i for i, (name, _) in enumerate(calls) if name in _HOT]
+        hot = [i for i, (name, _) in enumerate(calls) if name in HOT]
         if hot:
             try:
                 out = self._hot([calls[i] for i in hot])
@@ -549,7 +427,7 @@ class PostgresLedger:
             for i, result in zip(hot, out, strict=True):
                 results[i] = result
         for i, call in enumerate(calls):
-            if call[0] not in _HOT:
+            if call[0] not in HOT:
                 results[i] = self._one(call)
         return results
 
@@ -560,23 +438,17 @@ class PostgresLedger:
             return exc
 
     def _hot(self, calls: Sequence[tuple[str, tuple[Any, ...]]]) -> list[Any]:
-        rows: dict[int, DecisionRow] = {}
+        saved = snapshot(calls)
 
         def attempt(conn: psycopg.Connection[Any], replay: bool) -> list[Any]:
-            # Reserves mutate their DecisionRow; work on copies so a retried attempt starts clean.
-            rows.clear()
-            copied = []
-            for i, (name, args) in enumerate(calls):
-                if name in ("reserve", "record"):
-                    rows[i] = copy.copy(args[0])
-                    args = (rows[i], *args[1:])
-                copied.append((name, args))
-            return self._hot_attempt(conn, copied, replay)
+            restore(saved)  # a retried attempt starts from the rows as the caller made them
+            return self._hot_attempt(conn, calls, replay)
 
-        results = self._transaction(attempt)
-        for i, done in rows.items():  # the attempt that committed: its decisions are the answer
-            calls[i][1][0].__dict__.update(done.__dict__)
-        return results
+        try:
+            return self._transaction(attempt)
+        except BaseException:
+            restore(saved)
+            raise
 
     def _hot_attempt(
         self,
@@ -584,14 +456,10 @@ class PostgresLedger:
         calls: Sequence[tuple[str, tuple[Any, ...]]],
         replay: bool,
     ) -> list[Any]:
-        tx = _Tx()
+        tx = Plan(self.process_id)
         hold_ids = sorted({args[1] for name, args in calls if name in ("commit", "release")})
-        rows = [args[0] for name, args in calls if name in ("reserve", "record")]
-        guarded = [
-            (args[0], guards)
-            for name, args in calls
-            if name == "reserve" and (guards := pg_guards.guards_of(args)) is not None
-        ]
+        rows = decision_rows(calls)
+        guarded = guarded_reserves(calls)
         with conn.pipeline() as pipeline:
             # Locks in the global order: holds, guard keys, instance keys, instances.
             cur_holds = cur_instances = cur_ids = cur_replay = None
@@ -612,13 +480,8 @@ class PostgresLedger:
                 pipeline.sync()
                 self._read_replay(tx, cur_replay)
                 cur_replay = None
-                self._trip(tx, calls, reader.counts())
-            keys: dict[tuple[str, str, int], tuple[Claim, float]] = {}
-            for i, (name, args) in enumerate(calls):
-                if name == "reserve" and i not in tx.skip:
-                    for claim in args[1]:
-                        key = (claim.budget, claim.scope, claim.window_start)
-                        keys.setdefault(key, (claim, args[0].ts))
+                tx.trip(calls, reader.counts())
+            keys = tx.claimed_keys(calls)
             ordered = sorted(keys)
             key_columns = (
                 [k[0] for k in ordered],
@@ -641,9 +504,7 @@ class PostgresLedger:
             if hold_ids or ordered:
                 cur_instances = conn.cursor()
                 cur_instances.execute(_LOCK_INSTANCES, (hold_ids, *key_columns))
-            reserves = sum(1 for i, (name, _) in enumerate(calls) if name == "reserve") - len(
-                tx.skip
-            )
+            reserves = tx.reserves(calls)
             if reserves:
                 cur_ids = conn.cursor()
                 cur_ids.execute(
@@ -654,8 +515,7 @@ class PostgresLedger:
             history_cursors = [self._history_query(conn, q) for q in queries]
             pipeline.sync()
             if cur_holds is not None:
-                for r in cur_holds.fetchall():
-                    tx.holds[r[0]] = _Hold.from_row(r)
+                tx.add_holds(cur_holds.fetchall())
             if cur_instances is not None:
                 tx.add_instances(cur_instances.fetchall())
             if cur_ids is not None:
@@ -664,51 +524,15 @@ class PostgresLedger:
             self._read_replay(tx, cur_replay)
             answers = [cur.fetchone() is not None for cur in history_cursors]
 
-            results: list[Any] = []
-            for i, (name, args) in enumerate(calls):
-                try:
-                    if name == "history":
-                        count = len(args[0])
-                        results.append(answers[:count])
-                        del answers[:count]
-                    elif name == "reserve":
-                        results.append(
-                            self._reserve(
-                                tx,
-                                *args[:4],
-                                tripped=tx.tripped.get(i),
-                                guards=pg_guards.guards_of(args),
-                            )
-                        )
-                    else:
-                        results.append(getattr(self, f"_{name}")(tx, *args))
-                except Exception as exc:  # e.g. no such hold: this op fails, the batch goes on
-                    results.append(exc)
+            results = tx.decide(calls, answers)
             checks = self._flush(conn, tx)
         self._check(checks)  # the pipeline has synced: row counts are in
         return results
 
     @staticmethod
-    def _read_replay(tx: _Tx, cursor: Any) -> None:
+    def _read_replay(tx: Plan, cursor: Any) -> None:
         if cursor is not None:
             tx.replayed = {r[0]: (r[1], r[2], r[3]) for r in cursor.fetchall()}
-
-    def _trip(
-        self, tx: _Tx, calls: Sequence[tuple[str, tuple[Any, ...]]], counts: pg_guards.Counts
-    ) -> None:
-        """Decide every guard of the batch, in order: each reserve sees the rows before it."""
-        for i, (name, args) in enumerate(calls):
-            if name not in ("reserve", "record"):
-                continue
-            row = args[0]
-            guards = pg_guards.guards_of(args) if name == "reserve" else None
-            if guards is not None and row.request_id not in tx.replayed:
-                tripped = counts.trip(row, guards)
-                tx.tripped[i] = tripped
-                if tripped is not None and not guards.shadow:
-                    tx.skip.add(i)
-            if row.request_id not in tx.replayed:  # a replayed row is already counted
-                counts.add(row)
 
     def _history_query(self, conn: psycopg.Connection[Any], query: HistoryQuery) -> Any:
         likes = " OR ".join("action LIKE %s ESCAPE '\\'" for _ in query.actions)
@@ -724,7 +548,7 @@ class PostgresLedger:
         )
         return cur
 
-    def _flush(self, conn: psycopg.Connection[Any], tx: _Tx) -> list[tuple[Any, int, str]]:
+    def _flush(self, conn: psycopg.Connection[Any], tx: Plan) -> list[tuple[Any, int, str]]:
         """Queue every write of the transaction, one statement per kind (we are inside a
         pipeline). Returns the guarded statements with the row counts they must report."""
         guards: list[tuple[Any, int, str]] = []
@@ -739,20 +563,12 @@ class PostgresLedger:
         write(_INSERT_HOLDS, tx.new_holds)
         write(
             _WRITE_HOLDS,
-            [
-                (h.id, h.was, h.state, h.settled_at, h.settle_reason, *h.actual, h.usage_source)
-                for h in tx.holds.values()
-                if h.dirty
-            ],
+            tx.dirty_holds(),
             "holds changed under their lock",
         )
         write(
             _WRITE_INSTANCES,
-            [
-                (i.id, *i.limits, *i.spent, *i.reserved, i.updated_at)
-                for i in tx.instances.values()
-                if i.dirty
-            ],
+            tx.dirty_instances(),
             "budget instances vanished",
         )
         write(_INSERT_DECISIONS, tx.new_decisions)
@@ -886,189 +702,7 @@ class PostgresLedger:
         except _StatementFailed as exc:
             raise LedgerError(f"ledger refused {name}: {exc}") from None
 
-    # --- operations on a transaction's locked rows ---------------------------------------------
-
-    def _reserve(
-        self,
-        tx: _Tx,
-        row: DecisionRow,
-        claims: Sequence[Claim],
-        estimate: Amount,
-        expires_at: float,
-        *,
-        tripped: Tripped | None = None,
-        guards: Guards | None = None,
-    ) -> ReserveOutcome:
-        earlier = tx.replayed.get(row.request_id)
-        if earlier is not None:
-            # Our previous attempt committed before its connection dropped: that is the answer.
-            if earlier[1] is None:  # a denial, whose reasons we no longer have
-                raise LedgerError(
-                    "the ledger connection dropped while this request's denial was committed"
-                )
-            row.decision = earlier[0]
-            return ReserveOutcome(earlier[0], earlier[1])
-        if tripped is not None and guards is not None:
-            if not guards.shadow:
-                row.decision, row.reason_code, row.reason = "deny", "anomaly", tripped.detail
-                row.status = 429
-                self._decision(tx, row)
-                return ReserveOutcome("deny", None, tripped=tripped)
-            if row.decision == "allow":
-                row.decision, row.reason_code, row.reason = "would_deny", "anomaly", tripped.detail
-        instance_ids: list[int] = []
-        shortfalls: list[Shortfall] = []
-        shadow_shortfalls: list[Shortfall] = []
-        needed = _amount(estimate)
-        # Check every instance first...
-        for claim in claims:
-            inst = tx.by_key.get((claim.budget, claim.scope, claim.window_start))
-            if inst is None:
-                raise LedgerError(f"budget instance {claim.budget} {claim.scope} was not locked")
-            limits = [claim.limit_usd, claim.limit_tokens, claim.limit_requests]
-            if inst.limits != limits:  # the policy changed this budget's limits: the new ones apply
-                inst.limits = limits
-                inst.dirty = True
-            instance_ids.append(inst.id)
-            for index, unit in enumerate(UNITS):
-                limit = limits[index]
-                if limit is None:
-                    continue
-                spent, reserved = inst.spent[index], inst.reserved[index]
-                if spent + reserved + needed[index] > limit:
-                    short = Shortfall(claim, unit, limit, spent, reserved, needed[index])
-                    (shadow_shortfalls if claim.shadow else shortfalls).append(short)
-        # ...then apply to all, or to none.
-        if shortfalls:
-            row.decision = "deny"
-            row.reason_code = row.reason_code or "budget_exhausted"
-            row.reason = shortfalls[0].describe()
-            row.budget = shortfalls[0].claim.scope
-            row.status = 429 if shortfalls[0].claim.per else 402  # what the agent is answered
-            self._decision(tx, row)
-            return ReserveOutcome("deny", None, tuple(shortfalls), tuple(shadow_shortfalls))
-        if shadow_shortfalls and row.decision == "allow":
-            row.decision = "would_deny"
-            row.reason_code = "budget_exhausted"
-            row.reason = shadow_shortfalls[0].describe()
-            row.budget = shadow_shortfalls[0].claim.scope
-        tx.apply(instance_ids, needed, (0, 0, 0), row.ts)
-        hold_id = tx.hold_ids.pop()
-        ids_text = ",".join(map(str, instance_ids))
-        tx.new_holds.append(
-            (hold_id, row.request_id, self.process_id, row.ts, expires_at, ids_text, *needed)
-        )
-        tx.holds[hold_id] = _Hold(
-            hold_id,
-            row.request_id,
-            self.process_id,
-            "active",
-            expires_at,
-            None,
-            None,
-            instance_ids,
-            needed,
-            [None, None, None],
-            None,
-            was="active",
-        )
-        self._decision(tx, row, hold_id)
-        return ReserveOutcome(row.decision, hold_id, (), tuple(shadow_shortfalls), tripped)
-
-    def _record(self, tx: _Tx, row: DecisionRow) -> None:
-        if row.request_id not in tx.replayed:  # else our attempt whose ack was lost recorded it
-            self._decision(tx, row)
-
-    def _decision(self, tx: _Tx, row: DecisionRow, hold_id: int | None = None) -> None:
-        tx.new_decisions.append(decision_values(row, hold_id))
-
-    def _locked_hold(self, tx: _Tx, hold_id: int) -> _Hold:
-        hold = tx.holds.get(hold_id)
-        if hold is None:
-            raise LedgerError(f"no hold {hold_id}")
-        return hold
-
-    def _commit(
-        self, tx: _Tx, request_id: str, hold_id: int, completion: Completion, now: float
-    ) -> Settled:
-        hold = self._locked_hold(tx, hold_id)
-        actual = _amount(completion.actual)
-        if hold.state == "active":
-            tx.apply(hold.instance_ids, _negate(hold.est), actual, now)
-            hold.state, hold.settled_at, hold.actual = "committed", now, list(actual)
-            hold.usage_source, hold.dirty = completion.usage_source, True
-            overage = self._note_overage(tx, hold.instance_ids, request_id, hold_id, now)
-            self._complete(tx, request_id, completion, now)
-            tx.facts.extend(
-                (f.scope, f.action, f.field, f.value, request_id, now) for f in completion.facts
-            )
-            return Settled(True, "committed", overage)
-        if hold.state == "expired" and hold.actual[0] is None:
-            # The sweeper released this hold (its proxy looked dead or it outlived its TTL), but the
-            # call did complete: the money was spent, so charge it without touching reservations.
-            tx.apply(hold.instance_ids, (0, 0, 0), actual, now)
-            hold.actual, hold.usage_source, hold.dirty = list(actual), completion.usage_source, True
-            tx.event(
-                "late_commit",
-                request_id,
-                hold_id,
-                None,
-                f"hold had expired; charged {actual[0]} nano-USD",
-                now,
-            )
-            overage = self._note_overage(tx, hold.instance_ids, request_id, hold_id, now)
-            self._complete(tx, request_id, completion, now)
-            return Settled(True, "expired", overage)
-        return Settled(False, hold.state)
-
-    def _release(
-        self,
-        tx: _Tx,
-        request_id: str,
-        hold_id: int,
-        completion: Completion,
-        reason: str,
-        now: float,
-    ) -> Settled:
-        hold = self._locked_hold(tx, hold_id)
-        if hold.state != "active":
-            return Settled(False, hold.state)
-        tx.apply(hold.instance_ids, _negate(hold.est), (0, 0, 0), now)
-        hold.state, hold.settled_at, hold.settle_reason = "released", now, reason
-        hold.actual, hold.dirty = [0, 0, 0], True
-        self._complete(tx, request_id, completion, now, note=completion.note or reason)
-        return Settled(True, "released")
-
-    def _note_overage(
-        self, tx: _Tx, ids: list[int], request_id: str, hold_id: int, now: float
-    ) -> bool:
-        over = [tx.instances[i] for i in sorted(set(ids)) if tx.instances[i].over()]
-        for inst in over:
-            budget, scope, _ = inst.key
-            tx.event(
-                "overage", request_id, hold_id, inst.id, f"{budget}: {scope} is over its limit", now
-            )
-        return bool(over)
-
-    def _complete(
-        self, tx: _Tx, request_id: str, completion: Completion, now: float, note: str | None = None
-    ) -> None:
-        tx.completions.append(
-            (
-                completion.status,
-                completion.actual.usd,
-                completion.tokens_in,
-                completion.tokens_out,
-                completion.usage_source,
-                None if completion.priced is None else int(completion.priced),
-                completion.model,
-                completion.latency_ms,
-                completion.upstream_ms,
-                now,
-                note or completion.note,
-                request_id,
-            )
-        )
+    # --- maintenance on a transaction's locked rows -------------------------------------------
 
     def _expire(
         self,
@@ -1076,30 +710,26 @@ class PostgresLedger:
         where: str,
         params: Sequence[Any],
         now: float,
-        reason: Callable[[_Hold], str],
+        reason: Callable[[Hold], str],
         state: str = "expired",
         *,
         skip_locked: bool = False,
     ) -> int:
         """End every active hold matching `where`: hold locks, then instance locks, then writes."""
-        tx = _Tx()
+        tx = Plan(self.process_id)
         found = conn.execute(
-            f"SELECT {_HOLD_COLUMNS} FROM holds WHERE state = 'active' AND ({where}) "
+            f"SELECT {HOLD_COLUMNS} FROM holds WHERE state = 'active' AND ({where}) "
             f"ORDER BY id FOR UPDATE OF holds{' SKIP LOCKED' if skip_locked else ''}",
             params,
         ).fetchall()
         if not found:
             return 0
-        holds = [_Hold.from_row(r) for r in found]
+        holds = [Hold.from_row(r) for r in found]
         ids = sorted({i for h in holds for i in h.instance_ids})
         if ids:
             tx.add_instances(conn.execute(_LOCK_INSTANCE_IDS, (ids,)).fetchall())
         for hold in holds:
-            why = reason(hold)
-            tx.apply(hold.instance_ids, _negate(hold.est), (0, 0, 0), now)
-            hold.state, hold.settled_at, hold.settle_reason, hold.dirty = state, now, why, True
-            tx.holds[hold.id] = hold
-            tx.expiries.append((now, why, hold.request_id))
+            tx.expire(hold, state, reason(hold), now)
         with conn.pipeline():
             checks = self._flush(conn, tx)
         self._check(checks)

@@ -5,6 +5,13 @@ write lock up front: a reserve reads every matching budget instance, checks them
 all, then holds on all of them, and no other process can interleave between the
 check and the apply. That is the whole atomicity argument, across threads and
 processes alike.
+
+Throughput. The writer thread hands `run_batch` every operation queued meanwhile;
+they share one transaction, and the hot ones are decided together by the planner
+(plan.py, shared with the PostgreSQL backend): each budget instance and hold the
+batch touches is read once, every operation is decided in order on those values,
+and each kind of row is written with one executemany — so a batch costs a few
+statements per budget instance rather than a dozen per operation.
 """
 
 from __future__ import annotations
@@ -24,7 +31,6 @@ import sqlite_utils
 from .api import (
     DECISION_INSERT_FIELDS,
     IDLE_RUN_SQL,
-    UNITS,
     Amount,
     Claim,
     Completion,
@@ -34,9 +40,20 @@ from .api import (
     LedgerError,
     ReserveOutcome,
     Settled,
-    Shortfall,
-    Tripped,
-    decision_values,
+)
+from .plan import (
+    COMPLETION_FIELDS,
+    HOLD_COLUMNS,
+    HOT,
+    INSTANCE_COLUMNS,
+    NEW_HOLD_FIELDS,
+    Counts,
+    GuardKeys,
+    Plan,
+    decision_rows,
+    guarded_reserves,
+    restore,
+    snapshot,
 )
 from .schema import migrate
 
@@ -44,12 +61,46 @@ _INSERT_DECISION = "INSERT INTO decisions ({}) VALUES ({})".format(
     ", ".join(DECISION_INSERT_FIELDS), ", ".join("?" * len(DECISION_INSERT_FIELDS))
 )
 
+_SELECT_INSTANCE = (
+    f"SELECT {INSTANCE_COLUMNS} FROM budget_instances "
+    "WHERE budget = ? AND scope = ? AND window_start = ?"
+)
+_CREATE_INSTANCE = (
+    "INSERT INTO budget_instances (budget, scope, window_start, per, limit_usd, limit_tokens, "
+    f"limit_requests, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING {INSTANCE_COLUMNS}"
+)
+_INSERT_HOLD = "INSERT INTO holds (state, {}) VALUES ('active', {})".format(
+    ", ".join(NEW_HOLD_FIELDS), ", ".join("?" * len(NEW_HOLD_FIELDS))
+)
+# Numbered parameters follow Hold.values() and Instance.values(): id first, then the values.
+_WRITE_HOLD = (
+    "UPDATE holds SET state = ?3, settled_at = ?4, settle_reason = ?5, actual_usd = ?6, "
+    "actual_tokens = ?7, actual_requests = ?8, usage_source = ?9 WHERE id = ?1 AND state = ?2"
+)
+_WRITE_INSTANCE = (
+    "UPDATE budget_instances SET limit_usd = ?2, limit_tokens = ?3, limit_requests = ?4, "
+    "spent_usd = ?5, spent_tokens = ?6, spent_requests = ?7, reserved_usd = ?8, "
+    "reserved_tokens = ?9, reserved_requests = ?10, updated_at = ?11 WHERE id = ?1"
+)
+_COMPLETE_DECISION = (
+    "UPDATE decisions SET status = ?, actual_usd = ?, tokens_in = ?, tokens_out = ?, "
+    "usage_source = ?, priced = ?, model = COALESCE(?, model), latency_ms = ?, upstream_ms = ?, "
+    "completed_at = ?, note = ? WHERE request_id = ?"
+)
+assert _COMPLETE_DECISION.count("?") == len(COMPLETION_FIELDS)
+_INSERT_EVENT = (
+    "INSERT INTO events (ts, kind, request_id, hold_id, instance_id, detail) "
+    "VALUES (?, ?, ?, ?, ?, ?)"
+)
+_INSERT_FACT = (
+    "INSERT INTO facts (scope, action, field, value, request_id, ts) VALUES (?, ?, ?, ?, ?, ?)"
+)
+
 T = TypeVar("T")
 
-_INSTANCE_COLUMNS = (
-    "id, limit_usd, limit_tokens, limit_requests, spent_usd, spent_tokens, spent_requests, "
-    "reserved_usd, reserved_tokens, reserved_requests"
-)
+
+def _marks(values: Sequence[Any]) -> str:
+    return ",".join("?" * len(values))
 
 
 class SQLiteLedger:
@@ -119,23 +170,152 @@ class SQLiteLedger:
                 raise
 
     def run_batch(self, calls: Sequence[tuple[str, tuple[Any, ...]]]) -> list[Any]:
-        """Run several operations in ONE transaction (one lock, one WAL commit), each in its own
-        savepoint so a failing one leaves the others intact. Returns results or exceptions."""
+        """Run several operations in ONE transaction (one lock, one WAL commit). The hot ones
+        are decided together by the planner (plan.py): each budget instance and hold is read
+        once and written once, however many operations touch it. Should a write fail (say a
+        duplicate request id), they are re-run one by one, each in its own savepoint, so a
+        bad operation fails alone. Returns results or exceptions, in order."""
+        saved = snapshot(calls)
+        try:
+            return self._write(lambda: self._run(calls, saved))
+        except BaseException:
+            restore(saved)  # nothing was written, so nothing was decided
+            raise
 
-        def body() -> list[Any]:
-            results: list[Any] = []
-            for name, args in calls:
-                self.conn.execute("SAVEPOINT op")
-                try:
-                    results.append(getattr(self, f"_{name}")(*args))
-                    self.conn.execute("RELEASE op")
-                except Exception as exc:  # one op's failure must not undo the others
-                    self.conn.execute("ROLLBACK TO op")
-                    self.conn.execute("RELEASE op")
-                    results.append(LedgerError(str(exc)) if isinstance(exc, sqlite3.Error) else exc)
-            return results
+    def _run(
+        self,
+        calls: Sequence[tuple[str, tuple[Any, ...]]],
+        saved: list[tuple[DecisionRow, dict[str, Any]]],
+    ) -> list[Any]:
+        if len(calls) == 1 and calls[0][0] in HOT:
+            return self._planned(calls)  # alone in its transaction: a failure rolls it all back
+        results: list[Any] = [None] * len(calls)
+        hot = [i for i, (name, _) in enumerate(calls) if name in HOT]
+        if hot:
+            batch = [calls[i] for i in hot]
+            try:
+                out = self._in_savepoint(lambda: self._planned(batch))
+            except sqlite3.Error:
+                restore(saved)
+                out = [self._alone(call) for call in batch]
+            for i, result in zip(hot, out, strict=True):
+                results[i] = result
+        for i, call in enumerate(calls):
+            if call[0] not in HOT:
+                results[i] = self._alone(call)
+        return results
 
-        return self._write(body)
+    def _in_savepoint(self, fn: Callable[[], T]) -> T:
+        self.conn.execute("SAVEPOINT op")
+        try:
+            result = fn()
+        except BaseException:
+            self.conn.execute("ROLLBACK TO op")
+            self.conn.execute("RELEASE op")
+            raise
+        self.conn.execute("RELEASE op")
+        return result
+
+    def _alone(self, call: tuple[str, tuple[Any, ...]]) -> Any:
+        """One operation in its own savepoint: its failure (returned) leaves the others intact."""
+        name, args = call
+        saved = snapshot([call])
+        try:
+            if name in HOT:
+                return self._in_savepoint(lambda: self._planned([call]))[0]
+            return self._in_savepoint(lambda: getattr(self, f"_{name}")(*args))
+        except Exception as exc:
+            restore(saved)
+            return LedgerError(str(exc)) if isinstance(exc, sqlite3.Error) else exc
+
+    def _planned(self, calls: Sequence[tuple[str, tuple[Any, ...]]]) -> list[Any]:
+        """Read what the hot operations need, decide them in order, write the outcome.
+        Inside the write transaction: nothing read here can change before we commit."""
+        plan = Plan(self.process_id)
+        conn = self.conn
+        guarded = guarded_reserves(calls)
+        if guarded:
+            plan.trip(calls, self._guard_counts(GuardKeys.of(guarded, decision_rows(calls))))
+        hold_ids = sorted({args[1] for name, args in calls if name in ("commit", "release")})
+        if hold_ids:
+            plan.add_holds(
+                conn.execute(
+                    f"SELECT {HOLD_COLUMNS} FROM holds WHERE id IN ({_marks(hold_ids)})", hold_ids
+                )
+            )
+        for (budget, scope, window_start), (claim, ts) in plan.claimed_keys(calls).items():
+            found = conn.execute(_SELECT_INSTANCE, (budget, scope, window_start)).fetchone()
+            if found is None:
+                limits = (claim.limit_usd, claim.limit_tokens, claim.limit_requests)
+                found = conn.execute(
+                    _CREATE_INSTANCE, (budget, scope, window_start, claim.per, *limits, ts, ts)
+                ).fetchone()
+            plan.add_instances((found,))
+        held = sorted(
+            {i for h in plan.holds.values() for i in h.instance_ids} - plan.instances.keys()
+        )
+        if held:
+            plan.add_instances(
+                conn.execute(
+                    f"SELECT {INSTANCE_COLUMNS} FROM budget_instances WHERE id IN ({_marks(held)})",
+                    held,
+                )
+            )
+        new_holds = plan.reserves(calls)
+        if new_holds:
+            # Under the write lock no one else inserts a hold: the next ids are ours.
+            (top,) = conn.execute("SELECT COALESCE(MAX(id), 0) FROM holds").fetchone()
+            plan.hold_ids = list(range(top + new_holds, top, -1))  # pop() hands out top+1 first
+        answers = self._history([q for name, args in calls if name == "history" for q in args[0]])
+        results = plan.decide(calls, answers)
+        self._flush(plan)
+        return results
+
+    def _guard_counts(self, keys: GuardKeys) -> Counts:
+        conn, counts = self.conn, Counts()
+        for scope, fingerprint in keys.repeats:
+            (counts.repeats[scope, fingerprint],) = conn.execute(
+                "SELECT COUNT(*) FROM decisions WHERE scope = ? AND fingerprint = ?",
+                (scope, fingerprint),
+            ).fetchone()
+        for scope in keys.steps:
+            (counts.steps[scope],) = conn.execute(
+                "SELECT COUNT(*) FROM decisions WHERE scope = ?", (scope,)
+            ).fetchone()
+        for workflow, tenant in keys.runs:
+            (counts.runs[workflow, tenant],) = conn.execute(
+                "SELECT COUNT(DISTINCT scope) FROM decisions WHERE workflow = ? "
+                "AND COALESCE(tenant, '') = ? AND decision <> 'deny'",
+                (workflow, tenant),
+            ).fetchone()
+        if keys.runs:
+            for workflow, scope, tenant in conn.execute(
+                "SELECT DISTINCT workflow, scope, COALESCE(tenant, '') FROM decisions "
+                f"WHERE workflow IN ({_marks(keys.workflows)}) AND scope IN ({_marks(keys.scopes)}) "
+                "AND decision <> 'deny'",
+                (*keys.workflows, *keys.scopes),
+            ):
+                counts.known.add((workflow, scope))
+                counts.seen.add((workflow, tenant, scope))
+        return counts
+
+    def _flush(self, plan: Plan) -> None:
+        """Every write of the plan, one executemany per kind."""
+        conn = self.conn
+
+        def write(sql: str, rows: Sequence[Sequence[Any]], guard: str | None = None) -> None:
+            if rows:
+                changed = conn.executemany(sql, rows).rowcount
+                if guard and changed != len(rows):  # cannot happen under the write lock
+                    raise LedgerError(f"ledger invariant violated: {guard} ({changed}/{len(rows)})")
+
+        write(_INSERT_HOLD, plan.new_holds)
+        write(_WRITE_HOLD, plan.dirty_holds(), "holds changed under the write lock")
+        write(_WRITE_INSTANCE, plan.dirty_instances(), "budget instances vanished")
+        write(_INSERT_DECISION, plan.new_decisions)
+        write(_COMPLETE_DECISION, plan.completions)
+        write(_INSERT_EVENT, plan.events)
+        write(_INSERT_FACT, plan.facts)
 
     # --- public operations (each its own transaction) --------------------------------------
 
@@ -147,21 +327,27 @@ class SQLiteLedger:
         expires_at: float,
         guards: Guards | None = None,
     ) -> ReserveOutcome:
-        return self._write(lambda: self._reserve(row, claims, estimate, expires_at, guards))
+        return self._single("reserve", (row, claims, estimate, expires_at, guards))
 
     def record(self, row: DecisionRow) -> None:
-        self._write(lambda: self._record(row))
+        self._single("record", (row,))
 
     def commit(self, request_id: str, hold_id: int, completion: Completion, now: float) -> Settled:
-        return self._write(lambda: self._commit(request_id, hold_id, completion, now))
+        return self._single("commit", (request_id, hold_id, completion, now))
 
     def release(
         self, request_id: str, hold_id: int, completion: Completion, reason: str, now: float
     ) -> Settled:
-        return self._write(lambda: self._release(request_id, hold_id, completion, reason, now))
+        return self._single("release", (request_id, hold_id, completion, reason, now))
 
     def history(self, queries: Sequence[HistoryQuery]) -> list[bool]:
         return self._write(lambda: self._history(queries))
+
+    def _single(self, name: str, args: tuple[Any, ...]) -> Any:
+        (result,) = self.run_batch([(name, args)])
+        if isinstance(result, BaseException):
+            raise result
+        return result
 
     def idle_run(self, key: str, idle_seconds: float, candidate: str, now: float) -> str:
         return self._write(lambda: self._idle_run(key, idle_seconds, candidate, now))
@@ -200,215 +386,7 @@ class SQLiteLedger:
             if self._checkpointer is not None:
                 self._checkpointer.close()
 
-    # --- operations, inside a transaction ---------------------------------------------------
-
-    def _reserve(
-        self,
-        row: DecisionRow,
-        claims: Sequence[Claim],
-        estimate: Amount,
-        expires_at: float,
-        guards: Guards | None = None,
-    ) -> ReserveOutcome:
-        cur = self.conn
-        tripped = self._check_guards(row, guards) if guards is not None and guards.any else None
-        if tripped is not None:
-            if not guards.shadow:
-                row.decision, row.reason_code, row.reason = "deny", "anomaly", tripped.detail
-                row.status = 429
-                self._record(row)
-                return ReserveOutcome("deny", None, tripped=tripped)
-            if row.decision == "allow":
-                row.decision, row.reason_code, row.reason = "would_deny", "anomaly", tripped.detail
-        instance_ids: list[int] = []
-        shortfalls: list[Shortfall] = []
-        shadow_shortfalls: list[Shortfall] = []
-        # Check every instance first...
-        for claim in claims:
-            found = cur.execute(
-                f"SELECT {_INSTANCE_COLUMNS} FROM budget_instances WHERE budget = ? AND scope = ? AND window_start = ?",
-                (claim.budget, claim.scope, claim.window_start),
-            ).fetchone()
-            limits = (claim.limit_usd, claim.limit_tokens, claim.limit_requests)
-            if found is None:
-                found = cur.execute(
-                    "INSERT INTO budget_instances (budget, scope, window_start, per, limit_usd, limit_tokens, "
-                    "limit_requests, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
-                    f"RETURNING {_INSTANCE_COLUMNS}",
-                    (
-                        claim.budget,
-                        claim.scope,
-                        claim.window_start,
-                        claim.per,
-                        *limits,
-                        row.ts,
-                        row.ts,
-                    ),
-                ).fetchone()
-            elif (
-                tuple(found[1:4]) != limits
-            ):  # the policy changed this budget's limits: the new ones apply
-                cur.execute(
-                    "UPDATE budget_instances SET limit_usd = ?, limit_tokens = ?, limit_requests = ? WHERE id = ?",
-                    (*limits, found[0]),
-                )
-            instance_ids.append(found[0])
-            for index, unit in enumerate(UNITS):
-                limit = limits[index]
-                if limit is None:
-                    continue
-                spent, reserved, needed = found[4 + index], found[7 + index], estimate.get(unit)
-                if spent + reserved + needed > limit:
-                    short = Shortfall(claim, unit, limit, spent, reserved, needed)
-                    (shadow_shortfalls if claim.shadow else shortfalls).append(short)
-        # ...then apply to all, or to none.
-        if shortfalls:
-            row.decision = "deny"
-            row.reason_code = row.reason_code or "budget_exhausted"
-            row.reason = shortfalls[0].describe()
-            row.budget = shortfalls[0].claim.scope
-            row.status = 429 if shortfalls[0].claim.per else 402  # what the agent is answered
-            self._record(row)
-            return ReserveOutcome("deny", None, tuple(shortfalls), tuple(shadow_shortfalls))
-        if shadow_shortfalls and row.decision == "allow":
-            row.decision = "would_deny"
-            row.reason_code = "budget_exhausted"
-            row.reason = shadow_shortfalls[0].describe()
-            row.budget = shadow_shortfalls[0].claim.scope
-        if instance_ids:
-            placeholders = ",".join("?" * len(instance_ids))
-            cur.execute(
-                "UPDATE budget_instances SET reserved_usd = reserved_usd + ?, reserved_tokens = reserved_tokens + ?, "
-                f"reserved_requests = reserved_requests + ?, updated_at = ? WHERE id IN ({placeholders})",
-                (estimate.usd, estimate.tokens, estimate.requests, row.ts, *instance_ids),
-            )
-        hold_id = cur.execute(
-            "INSERT INTO holds (request_id, process_id, state, created_at, expires_at, instance_ids, "
-            "est_usd, est_tokens, est_requests) VALUES (?, ?, 'active', ?, ?, ?, ?, ?, ?) RETURNING id",
-            (
-                row.request_id,
-                self.process_id,
-                row.ts,
-                expires_at,
-                ",".join(map(str, instance_ids)),
-                estimate.usd,
-                estimate.tokens,
-                estimate.requests,
-            ),
-        ).fetchone()[0]
-        self._record(row, hold_id)
-        return ReserveOutcome(row.decision, hold_id, (), tuple(shadow_shortfalls), tripped)
-
-    def _check_guards(self, row: DecisionRow, guards: Guards) -> Tripped | None:
-        """Loop, step-count and fan-out limits, counted over this run's (or workflow's) decisions."""
-        if guards.max_repeats is not None and row.fingerprint:
-            (repeats,) = self.conn.execute(
-                "SELECT COUNT(*) FROM decisions WHERE scope = ? AND fingerprint = ?",
-                (row.scope, row.fingerprint),
-            ).fetchone()
-            if repeats >= guards.max_repeats:
-                return Tripped(
-                    "loop",
-                    f"loop: this identical {row.action} request was already made {repeats} times in "
-                    f"{row.scope} (anomalies.loop.repeats: {guards.max_repeats})",
-                )
-        if guards.max_steps is not None:
-            (steps,) = self.conn.execute(
-                "SELECT COUNT(*) FROM decisions WHERE scope = ?", (row.scope,)
-            ).fetchone()
-            if steps >= guards.max_steps:
-                return Tripped(
-                    "step_count",
-                    f"step_count: {row.scope} already took {steps} steps (anomalies.step_count.max: {guards.max_steps})",
-                )
-        if guards.max_runs_per_workflow is not None and row.workflow is not None:
-            # Only runs that got a request through count: a run refused at its first request
-            # stays refused (its denied row must not make it "known" the next time).
-            known = self.conn.execute(
-                "SELECT 1 FROM decisions WHERE workflow = ? AND scope = ? AND decision <> 'deny' LIMIT 1",
-                (row.workflow, row.scope),
-            ).fetchone()
-            if known is None:
-                (runs,) = self.conn.execute(
-                    "SELECT COUNT(DISTINCT scope) FROM decisions WHERE workflow = ? AND COALESCE(tenant, '') = ? "
-                    "AND decision <> 'deny'",
-                    (row.workflow, row.tenant or ""),
-                ).fetchone()
-                if runs >= guards.max_runs_per_workflow:
-                    return Tripped(
-                        "fan_out",
-                        f"fan_out: workflow {row.workflow} already has {runs} runs "
-                        f"(anomalies.fan_out.max_runs_per_workflow: {guards.max_runs_per_workflow})",
-                    )
-        return None
-
-    def _record(self, row: DecisionRow, hold_id: int | None = None) -> None:
-        self.conn.execute(_INSERT_DECISION, decision_values(row, hold_id))
-
-    def _hold(self, hold_id: int) -> tuple[Any, ...] | None:
-        return self.conn.execute(
-            "SELECT state, est_usd, est_tokens, est_requests, instance_ids, actual_usd FROM holds WHERE id = ?",
-            (hold_id,),
-        ).fetchone()
-
-    def _commit(self, request_id: str, hold_id: int, completion: Completion, now: float) -> Settled:
-        hold = self._hold(hold_id)
-        if hold is None:
-            raise LedgerError(f"no hold {hold_id}")
-        state, est_usd, est_tokens, est_requests, ids_text, already_charged = hold
-        ids = [int(i) for i in ids_text.split(",")] if ids_text else []
-        actual = completion.actual
-        overage = False
-        if state == "active":
-            self._apply(ids, -est_usd, -est_tokens, -est_requests, actual, now)
-            self.conn.execute(
-                "UPDATE holds SET state = 'committed', settled_at = ?, actual_usd = ?, actual_tokens = ?, "
-                "actual_requests = ?, usage_source = ? WHERE id = ?",
-                (now, actual.usd, actual.tokens, actual.requests, completion.usage_source, hold_id),
-            )
-            overage = self._note_overage(ids, request_id, hold_id, now)
-            self._complete(request_id, completion, now)
-            self._facts(request_id, completion, now)
-            return Settled(True, "committed", overage)
-        if state == "expired" and already_charged is None:
-            # The sweeper released this hold (its proxy looked dead or it outlived its TTL), but the
-            # call did complete: the money was spent, so charge it without touching reservations.
-            self._apply(ids, 0, 0, 0, actual, now)
-            self.conn.execute(
-                "UPDATE holds SET actual_usd = ?, actual_tokens = ?, actual_requests = ?, usage_source = ? WHERE id = ?",
-                (actual.usd, actual.tokens, actual.requests, completion.usage_source, hold_id),
-            )
-            self._event(
-                "late_commit",
-                request_id,
-                hold_id,
-                None,
-                f"hold had expired; charged {actual.usd} nano-USD",
-                now,
-            )
-            overage = self._note_overage(ids, request_id, hold_id, now)
-            self._complete(request_id, completion, now)
-            return Settled(True, "expired", overage)
-        return Settled(False, state)
-
-    def _release(
-        self, request_id: str, hold_id: int, completion: Completion, reason: str, now: float
-    ) -> Settled:
-        hold = self._hold(hold_id)
-        if hold is None:
-            raise LedgerError(f"no hold {hold_id}")
-        state, est_usd, est_tokens, est_requests, ids_text, _ = hold
-        if state != "active":
-            return Settled(False, state)
-        ids = [int(i) for i in ids_text.split(",")] if ids_text else []
-        self._apply(ids, -est_usd, -est_tokens, -est_requests, Amount(), now)
-        self.conn.execute(
-            "UPDATE holds SET state = 'released', settled_at = ?, settle_reason = ?, actual_usd = 0, "
-            "actual_tokens = 0, actual_requests = 0 WHERE id = ?",
-            (now, reason, hold_id),
-        )
-        self._complete(request_id, completion, now, note=completion.note or reason)
-        return Settled(True, "released")
+    # --- maintenance, inside a transaction ---------------------------------------------------
 
     def _apply(
         self, ids: list[int], d_usd: int, d_tokens: int, d_requests: int, actual: Amount, now: float
@@ -422,56 +400,6 @@ class SQLiteLedger:
             f"spent_requests = spent_requests + ?, updated_at = ? WHERE id IN ({placeholders})",
             (d_usd, d_tokens, d_requests, actual.usd, actual.tokens, actual.requests, now, *ids),
         )
-
-    def _note_overage(self, ids: list[int], request_id: str, hold_id: int, now: float) -> bool:
-        if not ids:
-            return False
-        placeholders = ",".join("?" * len(ids))
-        over = self.conn.execute(
-            f"SELECT id, scope, budget FROM budget_instances WHERE id IN ({placeholders}) AND ("
-            "spent_usd > limit_usd OR spent_tokens > limit_tokens OR spent_requests > limit_requests)",
-            ids,
-        ).fetchall()
-        for instance_id, scope, budget in over:
-            self._event(
-                "overage",
-                request_id,
-                hold_id,
-                instance_id,
-                f"{budget}: {scope} is over its limit",
-                now,
-            )
-        return bool(over)
-
-    def _complete(
-        self, request_id: str, completion: Completion, now: float, note: str | None = None
-    ) -> None:
-        self.conn.execute(
-            "UPDATE decisions SET status = ?, actual_usd = ?, tokens_in = ?, tokens_out = ?, usage_source = ?, "
-            "priced = ?, model = COALESCE(?, model), latency_ms = ?, upstream_ms = ?, completed_at = ?, "
-            "note = ? WHERE request_id = ?",
-            (
-                completion.status,
-                completion.actual.usd,
-                completion.tokens_in,
-                completion.tokens_out,
-                completion.usage_source,
-                None if completion.priced is None else int(completion.priced),
-                completion.model,
-                completion.latency_ms,
-                completion.upstream_ms,
-                now,
-                note or completion.note,
-                request_id,
-            ),
-        )
-
-    def _facts(self, request_id: str, completion: Completion, now: float) -> None:
-        if completion.facts:
-            self.conn.executemany(
-                "INSERT INTO facts (scope, action, field, value, request_id, ts) VALUES (?, ?, ?, ?, ?, ?)",
-                [(f.scope, f.action, f.field, f.value, request_id, now) for f in completion.facts],
-            )
 
     def _idle_run(self, key: str, idle_seconds: float, candidate: str, now: float) -> str:
         """The agent's current idle-split run: `candidate` becomes it after `idle_seconds` of silence."""
@@ -495,20 +423,6 @@ class SQLiteLedger:
             ).fetchone()
             answers.append(found is not None)
         return answers
-
-    def _event(
-        self,
-        kind: str,
-        request_id: str | None,
-        hold_id: int | None,
-        instance_id: int | None,
-        detail: str,
-        now: float,
-    ) -> None:
-        self.conn.execute(
-            "INSERT INTO events (ts, kind, request_id, hold_id, instance_id, detail) VALUES (?, ?, ?, ?, ?, ?)",
-            (now, kind, request_id, hold_id, instance_id, detail),
-        )
 
     def _extend(self, hold_ids: Sequence[int], expires_at: float) -> None:
         if hold_ids:

@@ -1,0 +1,577 @@
+"""A batch's decisions, computed in Python on rows its backend holds exclusively.
+
+Both backends run the hot operations (reserve, record, commit, release) of a batch the
+same way: read every budget instance and hold the batch touches once — SQLite under its
+single write lock, PostgreSQL under row locks — decide each operation in order on those
+values (check every instance first, then apply to all or none), and write the result
+back with one statement per kind. Only the reading and the writing differ per backend;
+what is decided, and in which words, is this module's, so the two cannot drift apart.
+
+The anomaly guards (loop, step_count, fan_out) work the same way: the backend reads
+the counts the batch needs, and `Counts` keeps them current as each operation of the
+batch adds its decision row, so every reserve sees the rows before it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .api import (
+    UNITS,
+    Amount,
+    Claim,
+    Completion,
+    DecisionRow,
+    Guards,
+    LedgerError,
+    ReserveOutcome,
+    Settled,
+    Shortfall,
+    Tripped,
+    decision_values,
+)
+
+# Operations decided by the planner; everything else (maintenance) runs as SQL of its own.
+HOT = frozenset({"reserve", "record", "commit", "release", "history"})
+
+INSTANCE_COLUMNS = (
+    "id, budget, scope, window_start, limit_usd, limit_tokens, limit_requests, spent_usd, "
+    "spent_tokens, spent_requests, reserved_usd, reserved_tokens, reserved_requests, updated_at"
+)
+HOLD_COLUMNS = (
+    "id, request_id, process_id, state, expires_at, settled_at, settle_reason, instance_ids, "
+    "est_usd, est_tokens, est_requests, actual_usd, actual_tokens, actual_requests, usage_source"
+)
+# The column order of Plan.new_holds (state is always 'active').
+NEW_HOLD_FIELDS = (
+    "id",
+    "request_id",
+    "process_id",
+    "created_at",
+    "expires_at",
+    "instance_ids",
+    "est_usd",
+    "est_tokens",
+    "est_requests",
+)
+# The column order of Plan.completions (the decision row a settlement completes).
+COMPLETION_FIELDS = (
+    "status",
+    "actual_usd",
+    "tokens_in",
+    "tokens_out",
+    "usage_source",
+    "priced",
+    "model",
+    "latency_ms",
+    "upstream_ms",
+    "completed_at",
+    "note",
+    "request_id",
+)
+
+
+def negate(values: Sequence[int]) -> tuple[int, int, int]:
+    return (-values[0], -values[1], -values[2])
+
+
+def amount(a: Amount) -> tuple[int, int, int]:
+    return (a.usd, a.tokens, a.requests)
+
+
+def guards_of(args: tuple[Any, ...]) -> Guards | None:
+    """The guards of a `reserve` call's arguments, if it has any that apply."""
+    guards = args[4] if len(args) > 4 else None
+    return guards if guards is not None and guards.any else None
+
+
+@dataclass
+class Instance:
+    id: int
+    key: tuple[str, str, int]
+    limits: list[int | None]  # usd, tokens, requests (UNITS order)
+    spent: list[int]
+    reserved: list[int]
+    updated_at: float | None
+    dirty: bool = False
+
+    @classmethod
+    def from_row(cls, r: Sequence[Any]) -> Instance:
+        """A row of INSTANCE_COLUMNS."""
+        return cls(r[0], (r[1], r[2], r[3]), list(r[4:7]), list(r[7:10]), list(r[10:13]), r[13])
+
+    def apply(self, reserved: Sequence[int], spent: Sequence[int], now: float) -> None:
+        for i in range(3):
+            self.reserved[i] += reserved[i]
+            self.spent[i] += spent[i]
+        self.updated_at = now
+        self.dirty = True
+
+    def over(self) -> bool:
+        return any(
+            limit is not None and spent > limit
+            for limit, spent in zip(self.limits, self.spent, strict=True)
+        )
+
+    def values(self) -> tuple[Any, ...]:
+        """id, limits, spent, reserved, updated_at: what a write of the instance sets."""
+        return (self.id, *self.limits, *self.spent, *self.reserved, self.updated_at)
+
+
+@dataclass
+class Hold:
+    id: int
+    request_id: str
+    process_id: str
+    state: str
+    expires_at: float | None
+    settled_at: float | None
+    settle_reason: str | None
+    instance_ids: list[int]
+    est: tuple[int, int, int]
+    actual: list[int | None]
+    usage_source: str | None
+    was: str = ""  # the state read: the write is guarded by it
+    dirty: bool = False
+
+    @classmethod
+    def from_row(cls, r: Sequence[Any]) -> Hold:
+        """A row of HOLD_COLUMNS."""
+        ids = [int(i) for i in r[7].split(",")] if r[7] else []
+        return cls(
+            r[0],
+            r[1],
+            r[2],
+            r[3],
+            r[4],
+            r[5],
+            r[6],
+            ids,
+            (r[8], r[9], r[10]),
+            list(r[11:14]),
+            r[14],
+            was=r[3],
+        )
+
+    def values(self) -> tuple[Any, ...]:
+        """id, the state read, then what a write of the hold sets."""
+        return (
+            self.id,
+            self.was,
+            self.state,
+            self.settled_at,
+            self.settle_reason,
+            *self.actual,
+            self.usage_source,
+        )
+
+
+@dataclass
+class Counts:
+    """What the anomaly guards count, kept current as the batch adds decision rows."""
+
+    repeats: dict[tuple[str, str], int] = field(default_factory=dict)
+    steps: dict[str, int] = field(default_factory=dict)
+    runs: dict[tuple[str, str], int] = field(default_factory=dict)
+    known: set[tuple[str, str]] = field(default_factory=set)  # (workflow, scope) seen
+    seen: set[tuple[str, str, str]] = field(default_factory=set)  # (workflow, tenant, scope)
+
+    def add(self, row: DecisionRow) -> None:
+        """A decision row the batch records (before the next reserve is checked)."""
+        if row.fingerprint and (row.scope, row.fingerprint) in self.repeats:
+            self.repeats[row.scope, row.fingerprint] += 1
+        if row.scope in self.steps:
+            self.steps[row.scope] += 1
+        # Only runs that got a request through count: a run refused at its first request
+        # must not become "known" through its own denied row.
+        if row.workflow is not None and row.decision != "deny":
+            self.known.add((row.workflow, row.scope))
+            run = (row.workflow, row.tenant or "", row.scope)
+            if run not in self.seen:
+                self.seen.add(run)
+                if run[:2] in self.runs:
+                    self.runs[run[:2]] += 1
+
+    def trip(self, row: DecisionRow, guards: Guards) -> Tripped | None:
+        """The first guard this reserve would trip (drawdown replay asks the same questions)."""
+        if guards.max_repeats is not None and row.fingerprint:
+            repeats = self.repeats[row.scope, row.fingerprint]
+            if repeats >= guards.max_repeats:
+                return Tripped(
+                    "loop",
+                    f"loop: this identical {row.action} request was already made {repeats} times in "
+                    f"{row.scope} (anomalies.loop.repeats: {guards.max_repeats})",
+                )
+        if guards.max_steps is not None:
+            steps = self.steps[row.scope]
+            if steps >= guards.max_steps:
+                return Tripped(
+                    "step_count",
+                    f"step_count: {row.scope} already took {steps} steps (anomalies.step_count.max: {guards.max_steps})",
+                )
+        if (
+            guards.max_runs_per_workflow is not None
+            and row.workflow is not None
+            and (row.workflow, row.scope) not in self.known  # a new run of the workflow
+        ):
+            runs = self.runs[row.workflow, row.tenant or ""]
+            if runs >= guards.max_runs_per_workflow:
+                return Tripped(
+                    "fan_out",
+                    f"fan_out: workflow {row.workflow} already has {runs} runs "
+                    f"(anomalies.fan_out.max_runs_per_workflow: {guards.max_runs_per_workflow})",
+                )
+        return None
+
+
+@dataclass(frozen=True)
+class GuardKeys:
+    """What a batch's guards must count, for the backend to read."""
+
+    repeats: list[tuple[str, str]]  # (scope, fingerprint)
+    steps: list[str]  # scopes
+    runs: list[tuple[str, str]]  # (workflow, tenant or '')
+    workflows: list[str]  # for the (workflow, scope) pairs already known
+    scopes: list[str]
+
+    @classmethod
+    def of(cls, guarded: list[tuple[DecisionRow, Guards]], rows: list[DecisionRow]) -> GuardKeys:
+        fan = [r for r, g in guarded if g.max_runs_per_workflow is not None and r.workflow]
+        return cls(
+            repeats=sorted(
+                {
+                    (r.scope, r.fingerprint)
+                    for r, g in guarded
+                    if g.max_repeats is not None and r.fingerprint
+                }
+            ),
+            steps=sorted({r.scope for r, g in guarded if g.max_steps is not None}),
+            runs=sorted({(r.workflow or "", r.tenant or "") for r in fan}),
+            workflows=sorted({r.workflow for r in rows if r.workflow is not None}) if fan else [],
+            scopes=sorted({r.scope for r in rows if r.workflow is not None}) if fan else [],
+        )
+
+
+def guarded_reserves(
+    calls: Sequence[tuple[str, tuple[Any, ...]]],
+) -> list[tuple[DecisionRow, Guards]]:
+    return [
+        (args[0], guards)
+        for name, args in calls
+        if name == "reserve" and (guards := guards_of(args)) is not None
+    ]
+
+
+def decision_rows(calls: Sequence[tuple[str, tuple[Any, ...]]]) -> list[DecisionRow]:
+    return [args[0] for name, args in calls if name in ("reserve", "record")]
+
+
+def snapshot(
+    calls: Sequence[tuple[str, tuple[Any, ...]]],
+) -> list[tuple[DecisionRow, dict[str, Any]]]:
+    """The DecisionRows of the calls as the caller made them: deciding a reserve writes its
+    decision into its row, and an attempt that is rolled back must not leave one behind."""
+    return [
+        (args[0], dict(args[0].__dict__)) for name, args in calls if name in ("reserve", "record")
+    ]
+
+
+def restore(saved: list[tuple[DecisionRow, dict[str, Any]]]) -> None:
+    for row, fields in saved:
+        row.__dict__.clear()
+        row.__dict__.update(fields)
+
+
+@dataclass
+class Plan:
+    """The rows one transaction decides on, the decisions, and the writes they queue."""
+
+    process_id: str
+    instances: dict[int, Instance] = field(default_factory=dict)
+    by_key: dict[tuple[str, str, int], Instance] = field(default_factory=dict)
+    holds: dict[int, Hold] = field(default_factory=dict)
+    hold_ids: list[int] = field(default_factory=list)  # new hold ids, handed out by pop()
+    replayed: dict[str, tuple[str, int | None, str | None]] = field(default_factory=dict)
+    tripped: dict[int, Tripped | None] = field(default_factory=dict)  # by the op's batch index
+    skip: set[int] = field(default_factory=set)  # reserves a guard denies: no instances needed
+    new_holds: list[tuple[Any, ...]] = field(default_factory=list)
+    new_decisions: list[tuple[Any, ...]] = field(default_factory=list)
+    completions: list[tuple[Any, ...]] = field(default_factory=list)
+    expiries: list[tuple[Any, ...]] = field(default_factory=list)
+    events: list[tuple[Any, ...]] = field(default_factory=list)
+    facts: list[tuple[Any, ...]] = field(default_factory=list)
+
+    # --- what the backend reads in -------------------------------------------------------------
+
+    def add_instances(self, rows: Iterable[Sequence[Any]]) -> None:
+        for r in rows:
+            inst = Instance.from_row(r)
+            self.instances[inst.id] = inst
+            self.by_key[inst.key] = inst
+
+    def add_holds(self, rows: Iterable[Sequence[Any]]) -> None:
+        for r in rows:
+            hold = Hold.from_row(r)
+            self.holds[hold.id] = hold
+
+    def trip(self, calls: Sequence[tuple[str, tuple[Any, ...]]], counts: Counts) -> None:
+        """Decide every guard of the batch, in order: each reserve sees the rows before it."""
+        for i, (name, args) in enumerate(calls):
+            if name not in ("reserve", "record"):
+                continue
+            row = args[0]
+            guards = guards_of(args) if name == "reserve" else None
+            if guards is not None and row.request_id not in self.replayed:
+                tripped = counts.trip(row, guards)
+                self.tripped[i] = tripped
+                if tripped is not None and not guards.shadow:
+                    self.skip.add(i)
+            if row.request_id not in self.replayed:  # a replayed row is already counted
+                counts.add(row)
+
+    def claimed_keys(
+        self, calls: Sequence[tuple[str, tuple[Any, ...]]]
+    ) -> dict[tuple[str, str, int], tuple[Claim, float]]:
+        """Every budget instance the batch's reserves need (by key, in first-claim order), with
+        the claim and time to create it from if it does not exist yet."""
+        keys: dict[tuple[str, str, int], tuple[Claim, float]] = {}
+        for i, (name, args) in enumerate(calls):
+            if name == "reserve" and i not in self.skip:
+                for claim in args[1]:
+                    keys.setdefault(
+                        (claim.budget, claim.scope, claim.window_start), (claim, args[0].ts)
+                    )
+        return keys
+
+    def reserves(self, calls: Sequence[tuple[str, tuple[Any, ...]]]) -> int:
+        """How many new holds the batch may create."""
+        return sum(1 for name, _ in calls if name == "reserve") - len(self.skip)
+
+    # --- deciding ----------------------------------------------------------------------------
+
+    def decide(
+        self, calls: Sequence[tuple[str, tuple[Any, ...]]], answers: list[bool]
+    ) -> list[Any]:
+        """Each operation's result (or exception), in order. `answers`: the batch's history
+        queries, answered by the backend, in order."""
+        results: list[Any] = []
+        for i, (name, args) in enumerate(calls):
+            try:
+                if name == "history":
+                    count = len(args[0])
+                    results.append(answers[:count])
+                    del answers[:count]
+                elif name == "reserve":
+                    results.append(
+                        self.reserve(*args[:4], tripped=self.tripped.get(i), guards=guards_of(args))
+                    )
+                else:
+                    results.append(getattr(self, name)(*args))
+            except Exception as exc:  # e.g. no such hold: this op fails, the batch goes on
+                results.append(exc)
+        return results
+
+    def apply(
+        self, ids: Iterable[int], reserved: Sequence[int], spent: Sequence[int], now: float
+    ) -> None:
+        for instance_id in dict.fromkeys(ids):  # an instance listed twice is charged once
+            self.instances[instance_id].apply(reserved, spent, now)
+
+    def event(
+        self,
+        kind: str,
+        request_id: str | None,
+        hold_id: int | None,
+        instance_id: int | None,
+        detail: str,
+        now: float,
+    ) -> None:
+        self.events.append((now, kind, request_id, hold_id, instance_id, detail))
+
+    def reserve(
+        self,
+        row: DecisionRow,
+        claims: Sequence[Claim],
+        estimate: Amount,
+        expires_at: float,
+        *,
+        tripped: Tripped | None = None,
+        guards: Guards | None = None,
+    ) -> ReserveOutcome:
+        earlier = self.replayed.get(row.request_id)
+        if earlier is not None:
+            # Our previous attempt committed before its connection dropped: that is the answer.
+            if earlier[1] is None:  # a denial, whose reasons we no longer have
+                raise LedgerError(
+                    "the ledger connection dropped while this request's denial was committed"
+                )
+            row.decision = earlier[0]
+            return ReserveOutcome(earlier[0], earlier[1])
+        if tripped is not None and guards is not None:
+            if not guards.shadow:
+                row.decision, row.reason_code, row.reason = "deny", "anomaly", tripped.detail
+                row.status = 429
+                self.decision(row)
+                return ReserveOutcome("deny", None, tripped=tripped)
+            if row.decision == "allow":
+                row.decision, row.reason_code, row.reason = "would_deny", "anomaly", tripped.detail
+        instance_ids: list[int] = []
+        shortfalls: list[Shortfall] = []
+        shadow_shortfalls: list[Shortfall] = []
+        needed = amount(estimate)
+        # Check every instance first...
+        for claim in claims:
+            inst = self.by_key.get((claim.budget, claim.scope, claim.window_start))
+            if inst is None:
+                raise LedgerError(f"budget instance {claim.budget} {claim.scope} was not read")
+            limits = [claim.limit_usd, claim.limit_tokens, claim.limit_requests]
+            if inst.limits != limits:  # the policy changed this budget's limits: the new ones apply
+                inst.limits = limits
+                inst.dirty = True
+            instance_ids.append(inst.id)
+            for index, unit in enumerate(UNITS):
+                limit = limits[index]
+                if limit is None:
+                    continue
+                spent, reserved = inst.spent[index], inst.reserved[index]
+                if spent + reserved + needed[index] > limit:
+                    short = Shortfall(claim, unit, limit, spent, reserved, needed[index])
+                    (shadow_shortfalls if claim.shadow else shortfalls).append(short)
+        # ...then apply to all, or to none.
+        if shortfalls:
+            row.decision = "deny"
+            row.reason_code = row.reason_code or "budget_exhausted"
+            row.reason = shortfalls[0].describe()
+            row.budget = shortfalls[0].claim.scope
+            row.status = 429 if shortfalls[0].claim.per else 402  # what the agent is answered
+            self.decision(row)
+            return ReserveOutcome("deny", None, tuple(shortfalls), tuple(shadow_shortfalls))
+        if shadow_shortfalls and row.decision == "allow":
+            row.decision = "would_deny"
+            row.reason_code = "budget_exhausted"
+            row.reason = shadow_shortfalls[0].describe()
+            row.budget = shadow_shortfalls[0].claim.scope
+        self.apply(instance_ids, needed, (0, 0, 0), row.ts)
+        hold_id = self.hold_ids.pop()
+        ids_text = ",".join(map(str, instance_ids))
+        self.new_holds.append(
+            (hold_id, row.request_id, self.process_id, row.ts, expires_at, ids_text, *needed)
+        )
+        self.holds[hold_id] = Hold(
+            hold_id,
+            row.request_id,
+            self.process_id,
+            "active",
+            expires_at,
+            None,
+            None,
+            instance_ids,
+            needed,
+            [None, None, None],
+            None,
+            was="active",
+        )
+        self.decision(row, hold_id)
+        return ReserveOutcome(row.decision, hold_id, (), tuple(shadow_shortfalls), tripped)
+
+    def record(self, row: DecisionRow) -> None:
+        if row.request_id not in self.replayed:  # else our attempt whose ack was lost recorded it
+            self.decision(row)
+
+    def decision(self, row: DecisionRow, hold_id: int | None = None) -> None:
+        self.new_decisions.append(decision_values(row, hold_id))
+
+    def hold(self, hold_id: int) -> Hold:
+        hold = self.holds.get(hold_id)
+        if hold is None:
+            raise LedgerError(f"no hold {hold_id}")
+        return hold
+
+    def commit(self, request_id: str, hold_id: int, completion: Completion, now: float) -> Settled:
+        hold = self.hold(hold_id)
+        actual = amount(completion.actual)
+        if hold.state == "active":
+            self.apply(hold.instance_ids, negate(hold.est), actual, now)
+            hold.state, hold.settled_at, hold.actual = "committed", now, list(actual)
+            hold.usage_source, hold.dirty = completion.usage_source, True
+            overage = self.note_overage(hold.instance_ids, request_id, hold_id, now)
+            self.complete(request_id, completion, now)
+            self.facts.extend(
+                (f.scope, f.action, f.field, f.value, request_id, now) for f in completion.facts
+            )
+            return Settled(True, "committed", overage)
+        if hold.state == "expired" and hold.actual[0] is None:
+            # The sweeper released this hold (its proxy looked dead or it outlived its TTL), but the
+            # call did complete: the money was spent, so charge it without touching reservations.
+            self.apply(hold.instance_ids, (0, 0, 0), actual, now)
+            hold.actual, hold.usage_source, hold.dirty = list(actual), completion.usage_source, True
+            self.event(
+                "late_commit",
+                request_id,
+                hold_id,
+                None,
+                f"hold had expired; charged {actual[0]} nano-USD",
+                now,
+            )
+            overage = self.note_overage(hold.instance_ids, request_id, hold_id, now)
+            self.complete(request_id, completion, now)
+            return Settled(True, "expired", overage)
+        return Settled(False, hold.state)
+
+    def release(
+        self, request_id: str, hold_id: int, completion: Completion, reason: str, now: float
+    ) -> Settled:
+        hold = self.hold(hold_id)
+        if hold.state != "active":
+            return Settled(False, hold.state)
+        self.apply(hold.instance_ids, negate(hold.est), (0, 0, 0), now)
+        hold.state, hold.settled_at, hold.settle_reason = "released", now, reason
+        hold.actual, hold.dirty = [0, 0, 0], True
+        self.complete(request_id, completion, now, note=completion.note or reason)
+        return Settled(True, "released")
+
+    def expire(self, hold: Hold, state: str, reason: str, now: float) -> None:
+        """End an active hold the sweeper (or shutdown) found: return its estimate."""
+        self.apply(hold.instance_ids, negate(hold.est), (0, 0, 0), now)
+        hold.state, hold.settled_at, hold.settle_reason, hold.dirty = state, now, reason, True
+        self.holds[hold.id] = hold
+        self.expiries.append((now, reason, hold.request_id))
+
+    def note_overage(self, ids: list[int], request_id: str, hold_id: int, now: float) -> bool:
+        over = [self.instances[i] for i in sorted(set(ids)) if self.instances[i].over()]
+        for inst in over:
+            budget, scope, _ = inst.key
+            self.event(
+                "overage", request_id, hold_id, inst.id, f"{budget}: {scope} is over its limit", now
+            )
+        return bool(over)
+
+    def complete(
+        self, request_id: str, completion: Completion, now: float, note: str | None = None
+    ) -> None:
+        self.completions.append(
+            (
+                completion.status,
+                completion.actual.usd,
+                completion.tokens_in,
+                completion.tokens_out,
+                completion.usage_source,
+                None if completion.priced is None else int(completion.priced),
+                completion.model,
+                completion.latency_ms,
+                completion.upstream_ms,
+                now,
+                note or completion.note,
+                request_id,
+            )
+        )
+
+    # --- what the backend writes out ------------------------------------------------------------
+
+    def dirty_holds(self) -> list[tuple[Any, ...]]:
+        return [h.values() for h in self.holds.values() if h.dirty]
+
+    def dirty_instances(self) -> list[tuple[Any, ...]]:
+        return [i.values() for i in self.instances.values() if i.dirty]
