@@ -33,7 +33,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "addon"))
 
-from drawdown.ledger.api import Amount, Claim, Completion, DecisionRow
+from drawdown.ledger.api import Amount, Claim, Completion, DecisionRow, new_request_id
 from drawdown.ledger.worker import AsyncLedger
 
 ESTIMATE = Amount(usd=2_000_000, tokens=1_500, requests=1)  # ≈ $0.002
@@ -48,7 +48,7 @@ def claims_for(n: int) -> tuple[DecisionRow, list[Claim]]:
     agent, run = f"{tenant}-a{n % 4}", f"r{n // 50}"  # a run of 50 calls
     scope = f"tenant:{tenant}/agent:{agent}/run:{run}"
     row = DecisionRow(
-        request_id=uuid.uuid4().hex,
+        request_id=new_request_id(),  # as the proxy makes them
         ts=time.time(),
         decision="allow",
         mode="enforce",

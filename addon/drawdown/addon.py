@@ -43,6 +43,7 @@ from .ledger.api import (
     LedgerError,
     LedgerTooNew,
     ReserveOutcome,
+    new_request_id,
 )
 from .ledger.dsn import redact_dsn
 from .ledger.worker import AsyncLedger
@@ -118,6 +119,8 @@ class FlowState:
 
     identity: Identity
     started: float
+    # The ledger's key for this request: time-ordered, so its indexes grow at one edge.
+    request_id: str = field(default_factory=new_request_id)
     policy: Policy | None = None
     classification: Classification | None = None
     llm: meter.LLMRequest | None = None
@@ -570,7 +573,7 @@ class Drawdown:
         elif not answered:  # one decision row per request, even this one
             policy, identity = state.policy or self.policy, state.identity
             row = state.row or DecisionRow(
-                request_id=flow.id,
+                request_id=state.request_id,
                 ts=state.started,
                 decision="deny",
                 mode=policy.mode if policy else "enforce",
@@ -589,7 +592,9 @@ class Drawdown:
             try:
                 await self._ledger().call("record", row)
             except Exception as exc:  # the refusal stands even if it cannot be recorded
-                log.warning("drawdown: could not record the refusal of %s: %s", flow.id, exc)
+                log.warning(
+                    "drawdown: could not record the refusal of %s: %s", state.request_id, exc
+                )
 
     async def _shared_run(self, identity: Identity, now: float) -> Identity:
         """Resolve an idle-split run in the ledger, which every proxy process sharing it agrees on."""
@@ -627,7 +632,7 @@ class Drawdown:
         classification = state.classification = classify(policy, view)
         action = classification.action
         row = state.row = DecisionRow(
-            request_id=flow.id,
+            request_id=state.request_id,
             ts=state.started,
             decision="allow",
             mode=policy.mode,
@@ -768,7 +773,11 @@ class Drawdown:
                     verdict.reason,
                 )
                 log.info(
-                    "drawdown: would deny %s %s %s: %s", row.scope, kind, flow.id, verdict.reason
+                    "drawdown: would deny %s %s %s: %s",
+                    row.scope,
+                    kind,
+                    row.request_id,
+                    verdict.reason,
                 )
         return True
 
@@ -798,7 +807,9 @@ class Drawdown:
             return
         state.decision = outcome.decision
         if outcome.decision == "deny" and outcome.tripped is not None:
-            log.info("drawdown: deny %s %s %s: %s", row.scope, row.action, flow.id, row.reason)
+            log.info(
+                "drawdown: deny %s %s %s: %s", row.scope, row.action, row.request_id, row.reason
+            )
             self._respond(flow, state, "anomaly", f"drawdown: {row.reason}", 429)
             return
         if outcome.decision == "deny":
@@ -807,7 +818,9 @@ class Drawdown:
             status, retry_after = 402, None
             if short.claim.per is not None and short.claim.window_end is not None:
                 status, retry_after = 429, int(short.claim.window_end - time.time()) + 1
-            log.info("drawdown: deny %s %s %s: %s", row.scope, row.action, flow.id, row.reason)
+            log.info(
+                "drawdown: deny %s %s %s: %s", row.scope, row.action, row.request_id, row.reason
+            )
             self._respond(
                 flow, state, "budget_exhausted", f"drawdown: {row.reason}", status, retry_after
             )
@@ -816,7 +829,11 @@ class Drawdown:
         self.inflight[flow.id] = state
         if outcome.decision == "would_deny" and outcome.shadow_shortfalls:
             log.info(
-                "drawdown: would deny %s %s %s: %s", row.scope, row.action, flow.id, row.reason
+                "drawdown: would deny %s %s %s: %s",
+                row.scope,
+                row.action,
+                row.request_id,
+                row.reason,
             )
 
     async def _ledger_down(self, flow: http.HTTPFlow, state: FlowState, error: str) -> bool:
@@ -827,12 +844,14 @@ class Drawdown:
             log.warning(
                 "drawdown: ledger unavailable (%s); forwarding %s unaccounted (on_ledger_error: allow)",
                 error,
-                flow.id,
+                state.request_id,
             )
             state.settled = True  # nothing held, nothing to settle
             return True
         log.error(
-            "drawdown: ledger unavailable (%s); denying %s (on_ledger_error: deny)", error, flow.id
+            "drawdown: ledger unavailable (%s); denying %s (on_ledger_error: deny)",
+            error,
+            state.request_id,
         )
         self._respond(
             flow,
@@ -852,7 +871,11 @@ class Drawdown:
         if policy.mode == "shadow":
             row.decision = "would_deny"
             log.info(
-                "drawdown: would deny %s %s %s: %s", row.scope, row.action, flow.id, row.reason
+                "drawdown: would deny %s %s %s: %s",
+                row.scope,
+                row.action,
+                row.request_id,
+                row.reason,
             )
             return False
         row.decision = "deny"
@@ -861,8 +884,8 @@ class Drawdown:
         try:
             await self._ledger().call("record", row)
         except LedgerError as exc:
-            log.warning("drawdown: could not record the denial of %s: %s", flow.id, exc)
-        log.info("drawdown: deny %s %s %s: %s", row.scope, row.action, flow.id, row.reason)
+            log.warning("drawdown: could not record the denial of %s: %s", row.request_id, exc)
+        log.info("drawdown: deny %s %s %s: %s", row.scope, row.action, row.request_id, row.reason)
         return True
 
     def _respond(
@@ -1079,12 +1102,14 @@ class Drawdown:
         try:
             if completion is not None:
                 completion = replace(completion, latency_ms=latency, upstream_ms=upstream)
-                settled = await self.ledger.call("commit", flow.id, state.hold_id, completion, now)
+                settled = await self.ledger.call(
+                    "commit", state.request_id, state.hold_id, completion, now
+                )
                 if completion.priced is False:  # never silent: the fallback price is a guess
                     log.warning(
                         "drawdown: model %s is unknown to genai-prices; %s charged at the fallback price",
                         completion.model,
-                        flow.id,
+                        state.request_id,
                     )
                 if settled.overage:
                     log.warning(
@@ -1096,10 +1121,17 @@ class Drawdown:
                     status=status, latency_ms=latency, upstream_ms=upstream, note=release_reason
                 )
                 await self.ledger.call(
-                    "release", flow.id, state.hold_id, completion, release_reason or "released", now
+                    "release",
+                    state.request_id,
+                    state.hold_id,
+                    completion,
+                    release_reason or "released",
+                    now,
                 )
         except LedgerError as exc:
             # The hold stays active in the ledger and is returned by the sweeper when its TTL lapses.
             log.error(
-                "drawdown: could not settle %s (%s); its hold expires with its TTL", flow.id, exc
+                "drawdown: could not settle %s (%s); its hold expires with its TTL",
+                state.request_id,
+                exc,
             )

@@ -823,3 +823,35 @@ def test_unreachable_database_raises_then_recovers_without_losing_commits(pg_url
     ledger.close()
     relay.close()
 
+
+def test_request_ids_are_time_ordered_uuid7s() -> None:
+    from drawdown.ledger.api import new_request_id
+
+    ids = [new_request_id() for _ in range(10_000)]
+    assert len(set(ids)) == len(ids)
+    parsed = [uuid.UUID(i) for i in ids]
+    assert {(u.version, u.variant) for u in parsed} == {(7, uuid.RFC_4122)}
+    assert abs((parsed[0].int >> 80) - time.time() * 1000) < 5_000  # Unix milliseconds
+    first = new_request_id()
+    time.sleep(0.002)
+    assert new_request_id() > first  # a later millisecond sorts later: index inserts append
+
+
+def test_a_forked_worker_does_not_repeat_the_parents_request_ids() -> None:
+    import os
+
+    from drawdown.ledger.api import new_request_id
+
+    new_request_id()  # the parent's generator exists before the fork
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # the child: its next id, then leave without pytest's clean-up
+        os.write(write, new_request_id().encode())
+        os._exit(0)
+    os.close(write)
+    ours = new_request_id()
+    with os.fdopen(read) as pipe:
+        theirs = pipe.read()
+    os.waitpid(child, 0)
+    random_bits = (1 << 74) - 1  # compare the random parts: the milliseconds may coincide
+    assert uuid.UUID(ours).int & random_bits != uuid.UUID(theirs).int & random_bits
