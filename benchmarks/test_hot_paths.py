@@ -22,7 +22,7 @@ from drawdown import meter
 from drawdown.budgets import claims_for
 from drawdown.classify import RequestView, classify
 from drawdown.identity import Caller, IdleRuns, identify
-from drawdown.ledger.api import Amount, Completion, DecisionRow
+from drawdown.ledger.api import Amount, Completion, DecisionRow, new_request_id
 from drawdown.ledger.sqlite import open_sqlite
 from drawdown.policy import Policy, load_policy
 
@@ -164,7 +164,7 @@ def test_reserve_and_commit_sqlite(benchmark: Any, policy: Policy, tmp_path: Pat
         headers = {**HEADERS, "x-drawdown-run": run}
         identity = identify(policy.identity, Caller(headers=headers), IdleRuns(), now)
         row = DecisionRow(
-            request_id=uuid.uuid4().hex, ts=now, decision="allow", mode="enforce",
+            request_id=new_request_id(), ts=now, decision="allow", mode="enforce",
             scope=identity.path, tenant="acme", agent="research", run=run, action="llm",
         )  # fmt: skip
         claims = claims_for(policy, identity.levels, "llm", now)
@@ -179,5 +179,40 @@ def test_reserve_and_commit_sqlite(benchmark: Any, policy: Policy, tmp_path: Pat
             "SELECT COUNT(*) FROM holds WHERE state = 'committed'"
         ).fetchone()
         assert committed >= 1
+    finally:
+        ledger.close()
+
+
+def test_reserve_and_commit_batches_sqlite(benchmark: Any, policy: Policy, tmp_path: Path) -> None:
+    """100 lifecycles as the writer thread runs them under load: 100 reserves in one batch
+    (one transaction), then their 100 commits in another. Divide the time by 100."""
+    ledger = open_sqlite(str(tmp_path / "bench.db"))
+    estimate = Amount(usd=2_000, tokens=1_300, requests=1)
+    actual = Completion(actual=Amount(usd=1_000, tokens=1_043, requests=1), status=200)
+    batches = iter(range(10**9))
+
+    def hundred_lifecycles() -> int:
+        now = time.time()
+        run = f"b{next(batches)}"  # a run per batch (the example caps runs at 200 requests)
+        identity = identify(
+            policy.identity, Caller(headers={**HEADERS, "x-drawdown-run": run}), IdleRuns(), now
+        )
+        claims = claims_for(policy, identity.levels, "llm", now)
+        fields = dict(
+            ts=now, decision="allow", mode="enforce", scope=identity.path, tenant="acme",
+            agent="research", run=run, action="llm",
+        )  # fmt: skip
+        rows = [DecisionRow(request_id=new_request_id(), **fields) for _ in range(100)]
+        held = ledger.run_batch([("reserve", (r, claims, estimate, now + 900)) for r in rows])
+        settled = ledger.run_batch(
+            [
+                ("commit", (r.request_id, h.hold_id, actual, time.time()))
+                for r, h in zip(rows, held, strict=True)
+            ]
+        )
+        return sum(1 for s in settled if s.applied)
+
+    try:
+        assert benchmark(hundred_lifecycles) == 100
     finally:
         ledger.close()
