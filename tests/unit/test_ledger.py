@@ -302,12 +302,14 @@ def test_batch_isolates_a_failing_operation(backend: LedgerBackend, ledger: Any)
             ("reserve", (good, [claim(requests=5)], Amount(requests=1), NOW + 900)),
             ("commit", ("nope", 424242, Completion(), NOW)),
             ("reserve", (row(), [claim(requests=5)], Amount(requests=1), NOW + 900)),
+            ("release", ("denied", None, Completion(), "no hold was made", NOW)),  # a caller's bug
         ]
     )
     assert (
         results[0].decision == "allow"
         and isinstance(results[1], LedgerError)
         and results[2].decision == "allow"
+        and isinstance(results[3], LedgerError)
     )
     assert instance(backend, "run", "agent:a/run:r1")["reserved_requests"] == 2
 
@@ -837,6 +839,8 @@ def test_request_ids_are_time_ordered_uuid7s() -> None:
     assert new_request_id() > first  # a later millisecond sorts later: index inserts append
 
 
+# The child only writes one id to a pipe and exits: no lock of another thread is involved.
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
 def test_a_forked_worker_does_not_repeat_the_parents_request_ids() -> None:
     import os
 

@@ -264,6 +264,14 @@ def guarded_reserves(
     ]
 
 
+def settled_hold_ids(calls: Sequence[tuple[str, tuple[Any, ...]]]) -> list[int]:
+    """The holds the batch's commits and releases settle, in id order (the lock order). A
+    malformed id is left out here and fails its own operation ("no hold") in `decide`."""
+    return sorted(
+        {args[1] for name, args in calls if name in ("commit", "release") and type(args[1]) is int}
+    )
+
+
 def decision_rows(calls: Sequence[tuple[str, tuple[Any, ...]]]) -> list[DecisionRow]:
     return [args[0] for name, args in calls if name in ("reserve", "record")]
 

@@ -101,6 +101,7 @@ from .plan import (
     decision_rows,
     guarded_reserves,
     restore,
+    settled_hold_ids,
     snapshot,
 )
 from .sqlite import glob_to_like
@@ -457,7 +458,7 @@ class PostgresLedger:
         replay: bool,
     ) -> list[Any]:
         tx = Plan(self.process_id)
-        hold_ids = sorted({args[1] for name, args in calls if name in ("commit", "release")})
+        hold_ids = settled_hold_ids(calls)
         rows = decision_rows(calls)
         guarded = guarded_reserves(calls)
         with conn.pipeline() as pipeline:

@@ -53,6 +53,7 @@ from .plan import (
     decision_rows,
     guarded_reserves,
     restore,
+    settled_hold_ids,
     snapshot,
 )
 from .schema import migrate
@@ -236,7 +237,7 @@ class SQLiteLedger:
         guarded = guarded_reserves(calls)
         if guarded:
             plan.trip(calls, self._guard_counts(GuardKeys.of(guarded, decision_rows(calls))))
-        hold_ids = sorted({args[1] for name, args in calls if name in ("commit", "release")})
+        hold_ids = settled_hold_ids(calls)
         if hold_ids:
             plan.add_holds(
                 conn.execute(
