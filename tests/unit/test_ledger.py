@@ -859,3 +859,31 @@ def test_a_forked_worker_does_not_repeat_the_parents_request_ids() -> None:
     os.waitpid(child, 0)
     random_bits = (1 << 74) - 1  # compare the random parts: the milliseconds may coincide
     assert uuid.UUID(ours).int & random_bits != uuid.UUID(theirs).int & random_bits
+
+
+def test_closing_waits_for_a_checkpoint_in_progress(tmp_path: Any) -> None:
+    """The proxy checkpoints from a thread every second; shutdown closes the ledger from the
+    event loop. A checkpoint must never run on a connection being closed (a crash, SIGSEGV)."""
+    ledger = SQLiteLedger(tmp_path / "ledger.db")
+    ledger.reserve(row(), [claim(requests=5)], Amount(requests=1), NOW + 900)
+    stop, errors, runs = threading.Event(), [], [0]
+
+    def checkpoints() -> None:
+        while not stop.is_set():
+            try:
+                ledger.checkpoint()
+                runs[0] += 1
+            except LedgerError as exc:
+                errors.append(str(exc))
+                return
+
+    thread = threading.Thread(target=checkpoints)
+    thread.start()
+    while runs[0] < 20:
+        time.sleep(0.001)
+    ledger.close()
+    thread.join(5)
+    stop.set()
+    assert errors and "is closed" in errors[0]
+    with pytest.raises(LedgerError, match="is closed"):
+        ledger.checkpoint()

@@ -136,6 +136,10 @@ class SQLiteLedger:
             # this large automatic threshold is only the backstop when nothing else checkpoints.
             self.conn.execute("PRAGMA wal_autocheckpoint = 10000")
             self._checkpointer: sqlite3.Connection | None = None
+            # Checkpoints run on a thread of their own: closing their connection while one is
+            # in progress would free it under that thread (a crash at shutdown), hence the lock.
+            self._checkpoint_lock = threading.Lock()
+            self._closed = False
             self.db = sqlite_utils.Database(self.conn)
             self._write(lambda: migrate(self.db))
             if register:
@@ -368,14 +372,17 @@ class SQLiteLedger:
     def checkpoint(self) -> None:
         """Move the WAL into the database without blocking writers (PASSIVE), on a second
         connection so the writer thread never waits for the checkpoint's fsync."""
-        try:
-            if self._checkpointer is None:
-                self._checkpointer = sqlite3.connect(
-                    self.path, timeout=1.0, check_same_thread=False
-                )
-            self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)")
-        except sqlite3.Error as exc:
-            raise LedgerError(f"checkpoint of {self.path} failed: {exc}") from exc
+        with self._checkpoint_lock:
+            if self._closed:
+                raise LedgerError(f"ledger {self.path} is closed")
+            try:
+                if self._checkpointer is None:
+                    self._checkpointer = sqlite3.connect(
+                        self.path, timeout=1.0, check_same_thread=False
+                    )
+                self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)")
+            except sqlite3.Error as exc:
+                raise LedgerError(f"checkpoint of {self.path} failed: {exc}") from exc
 
     def close(self) -> None:
         with self._lock:
@@ -384,6 +391,8 @@ class SQLiteLedger:
             except LedgerError:
                 pass
             self.conn.close()
+        with self._checkpoint_lock:  # waits for a checkpoint in progress
+            self._closed = True
             if self._checkpointer is not None:
                 self._checkpointer.close()
 
