@@ -887,3 +887,51 @@ def test_closing_waits_for_a_checkpoint_in_progress(tmp_path: Any) -> None:
     assert errors and "is closed" in errors[0]
     with pytest.raises(LedgerError, match="is closed"):
         ledger.checkpoint()
+
+
+def test_a_writer_polls_for_the_lock_another_process_holds(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQLite's busy handler backs off to 100 ms sleeps, so a proxy kept losing the lock to
+    another proxy's busy writer (a 0.7 s p99 with --workers 2). The ledger polls in short,
+    jittered steps instead, and gives up only after its busy timeout."""
+    import sqlite3
+
+    from drawdown.ledger import sqlite as sqlite_module
+
+    ledger = SQLiteLedger(tmp_path / "ledger.db")
+    other = sqlite3.connect(tmp_path / "ledger.db", isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # another process's writer, mid-batch
+    sleeps: list[float] = []
+    polled = threading.Event()
+    real_sleep = time.sleep
+
+    def recorded(seconds: float) -> None:
+        sleeps.append(seconds)
+        if len(sleeps) >= 5:
+            polled.set()
+        real_sleep(seconds)
+
+    monkeypatch.setattr(sqlite_module.time, "sleep", recorded)
+    outcome: list[Any] = []
+    waiter = threading.Thread(
+        target=lambda: outcome.append(
+            ledger.reserve(row(), [claim(requests=5)], Amount(requests=1), NOW + 900)
+        )
+    )
+    waiter.start()
+    polled.wait(5)  # without polling nothing is recorded: the lock is let go after 5 s
+    other.execute("COMMIT")
+    waiter.join(10)
+    assert outcome and outcome[0].decision == "allow"
+    assert len(sleeps) >= 5 and max(sleeps) <= 0.0004, sleeps[:10]
+
+    # Held for longer than the busy timeout: a LedgerError (the proxy answers per on_ledger_error).
+    impatient = SQLiteLedger(tmp_path / "ledger.db", busy_timeout=0.05)
+    other.execute("BEGIN IMMEDIATE")
+    with pytest.raises(LedgerError, match="database is locked"):
+        impatient.reserve(row(), [claim(requests=5)], Amount(requests=1), NOW + 900)
+    other.execute("COMMIT")
+    other.close()
+    impatient.close()
+    ledger.close()
