@@ -31,7 +31,7 @@ from . import meter, recording
 from .authority import evaluate, facts_of
 from .budgets import claims_for
 from .classify import Classification, RequestView, classify
-from .identity import Caller, Identity, IdleRuns, identify, identity_headers
+from .identity import Caller, Identity, IdleRuns, header_map, identify, identity_headers
 from .ledger import open_ledger
 from .ledger.api import (
     Amount,
@@ -488,7 +488,7 @@ class Drawdown:
         # it must never become a run id in the ledger.
         secret_password = bool(ctx.options.proxyauth) and ctx.options.proxyauth != "any"
         caller = Caller(
-            headers=flow.request.headers,
+            headers=header_map(flow.request.headers.fields),
             proxy_user=credentials[0] if credentials else None,
             proxy_password=credentials[1] if credentials and not secret_password else None,
             client_ip=flow.client_conn.peername[0] if flow.client_conn.peername else None,

@@ -11,7 +11,7 @@ import hashlib
 import secrets
 import threading
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from .policy.match import LEVELS
@@ -78,6 +78,18 @@ class Caller:
         if value is None and name.lower() != name:
             value = self.headers.get(name.lower())
         return value
+
+
+def header_map(fields: Iterable[tuple[bytes, bytes]]) -> dict[str, str]:
+    """Raw header fields as {lower-case name: value}, a repeated header folded with ", " as
+    mitmproxy's Headers.get folds it. Built once per request: the identity sources look up
+    a dozen names, and each lookup on Headers scans and lower-cases every field."""
+    found: dict[str, str] = {}
+    for raw_name, raw_value in fields:
+        name = raw_name.lower().decode("utf-8", "surrogateescape")
+        value = raw_value.decode("utf-8", "surrogateescape")
+        found[name] = f"{found[name]}, {value}" if name in found else value
+    return found
 
 
 class IdleRuns:

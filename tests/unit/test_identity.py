@@ -104,3 +104,19 @@ def test_idle_split_can_be_left_to_the_shared_ledger() -> None:
     )
     resolved = pending.with_run("r7")
     assert resolved.path == "agent:bot/run:r7" and resolved.pending_idle is None
+
+
+def test_header_map_looks_up_like_mitmproxy_headers() -> None:
+    from drawdown.identity import header_map
+    from mitmproxy.http import Headers
+
+    fields = [
+        (b"X-Drawdown-Agent", b"support"),
+        (b"x-drawdown-agent", b"billing"),  # repeated, other case: folded like Headers.get
+        (b"X-Drawdown-Run", "r\u00e9".encode()),
+        (b"Host", b"api.openai.com"),
+    ]
+    mapped, headers = header_map(fields), Headers(fields)
+    for name in ("x-drawdown-agent", "X-Drawdown-Run", "host", "x-drawdown-tenant"):
+        assert Caller(headers=mapped).header(name) == headers.get(name)
+    assert mapped["x-drawdown-agent"] == "support, billing"
