@@ -105,8 +105,6 @@ class _CountCache:
 
 
 _cache = _CountCache()
-# Short texts cost less to tokenize than to look up.
-_CACHE_FROM_CHARS = 256
 
 
 def count_texts(texts: Iterable[str], model: str | None, separator_tokens: int = 1) -> int:
@@ -122,8 +120,7 @@ def count_texts(texts: Iterable[str], model: str | None, separator_tokens: int =
         parts += 1
         if not text:
             continue
-        if len(text) < _CACHE_FROM_CHARS:
-            total += len(_load(name).encode_ordinary(text))
-        else:
-            total += _cache.count(name, text)
+        # Short texts too: tiktoken releases the GIL, and taking it back on the event loop
+        # can wait for another thread's switch interval; an agent resends them every turn.
+        total += _cache.count(name, text)
     return total + max(0, parts - 1) * separator_tokens

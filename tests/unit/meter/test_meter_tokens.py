@@ -95,3 +95,24 @@ def test_meter_package_is_pure():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
+
+
+def test_short_texts_are_counted_once_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An agent resends its short messages every turn; tokenizing them again would release the
+    GIL on the event loop each time (tiktoken does), so they are cached like long ones."""
+    from drawdown.meter import tokens
+
+    encoding = tokens._load("o200k_base")
+    calls: list[str] = []
+
+    class Counting:
+        def encode_ordinary(self, text: str) -> list[int]:
+            calls.append(text)
+            return encoding.encode_ordinary(text)
+
+    monkeypatch.setattr(tokens, "_load", lambda name: Counting())
+    monkeypatch.setattr(tokens, "_cache", tokens._CountCache())
+    texts = ["system", "You are terse.", "user", "What is 2+2? " * 40]  # short ones and a long one
+    first = tokens.count_texts(texts, "gpt-4o")
+    assert tokens.count_texts(texts, "gpt-4o") == first
+    assert sorted(calls) == sorted(texts)  # each text tokenized once, on its first sighting
