@@ -935,3 +935,19 @@ def test_a_writer_polls_for_the_lock_another_process_holds(
     other.close()
     impatient.close()
     ledger.close()
+
+
+def test_a_new_sqlite_ledger_uses_small_pages_and_an_old_one_keeps_its_own(tmp_path: Any) -> None:
+    import sqlite3
+
+    fresh = SQLiteLedger(tmp_path / "new.db")
+    assert fresh.conn.execute("PRAGMA page_size").fetchone() == (1024,)
+    fresh.close()
+    old = sqlite3.connect(tmp_path / "old.db")
+    old.execute("PRAGMA page_size = 4096")
+    old.execute("CREATE TABLE t (x)")  # the page size is fixed once the file has content
+    old.close()
+    kept = SQLiteLedger(tmp_path / "old.db")
+    assert kept.conn.execute("PRAGMA page_size").fetchone() == (4096,)
+    kept.reserve(row(), [claim(requests=5)], Amount(requests=1), NOW + 900)
+    kept.close()

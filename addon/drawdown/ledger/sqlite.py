@@ -129,6 +129,11 @@ class SQLiteLedger:
             self.conn = sqlite3.connect(
                 self.path, timeout=busy_timeout, isolation_level=None, check_same_thread=False
             )
+            # A new ledger gets 1 KiB pages: a transaction changes a few small rows in about a
+            # dozen b-tree pages, and each changed page goes whole into the WAL — with 4 KiB pages
+            # a lone reserve or commit wrote ~4× the bytes (measured: one operation per
+            # transaction 20 % faster, batches 4 %). Fixed at creation; an existing file keeps its own.
+            self.conn.execute("PRAGMA page_size = 1024")
             self.conn.execute("PRAGMA journal_mode = WAL")
             # NORMAL in WAL mode: a commit survives a crash of this process (the WAL is
             # written before COMMIT returns) but not a power loss; FULL adds an fsync per batch.
