@@ -951,3 +951,31 @@ def test_a_new_sqlite_ledger_uses_small_pages_and_an_old_one_keeps_its_own(tmp_p
     assert kept.conn.execute("PRAGMA page_size").fetchone() == (4096,)
     kept.reserve(row(), [claim(requests=5)], Amount(requests=1), NOW + 900)
     kept.close()
+
+
+def _open_fresh(path: str, barrier: Any, out: Any) -> None:
+    barrier.wait()  # every process opens the new file at the same moment
+    try:
+        SQLiteLedger(path).close()
+        out.put("ok")
+    except LedgerError as exc:
+        out.put(str(exc))
+
+
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
+def test_proxies_opening_a_new_ledger_file_together_all_open_it(tmp_path: Any) -> None:
+    """`drawdown run --workers N` starts N processes on one new file. Switching it to WAL
+    could fail at once with 'database is locked' (SQLite does not call its busy handler
+    there): one worker then answered 503 until it reopened the ledger."""
+    ctx = multiprocessing.get_context("fork")  # the children only open and close a ledger
+    outcomes = []
+    for round_ in range(12):
+        path = str(tmp_path / f"ledger-{round_}.db")
+        barrier, out = ctx.Barrier(4), ctx.Queue()
+        processes = [ctx.Process(target=_open_fresh, args=(path, barrier, out)) for _ in range(4)]
+        for p in processes:
+            p.start()
+        outcomes += [out.get(timeout=60) for _ in processes]
+        for p in processes:
+            p.join(60)
+    assert outcomes == ["ok"] * 48, [o for o in outcomes if o != "ok"]

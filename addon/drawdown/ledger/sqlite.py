@@ -134,7 +134,7 @@ class SQLiteLedger:
             # a lone reserve or commit wrote ~4× the bytes (measured: one operation per
             # transaction 20 % faster, batches 4 %). Fixed at creation; an existing file keeps its own.
             self.conn.execute("PRAGMA page_size = 1024")
-            self.conn.execute("PRAGMA journal_mode = WAL")
+            self._when_free("PRAGMA journal_mode = WAL")
             # NORMAL in WAL mode: a commit survives a crash of this process (the WAL is
             # written before COMMIT returns) but not a power loss; FULL adds an fsync per batch.
             self.conn.execute(f"PRAGMA synchronous = {synchronous}")
@@ -164,25 +164,34 @@ class SQLiteLedger:
 
     # --- transactions ------------------------------------------------------------------
 
-    def _begin(self) -> None:
-        """Take the write lock, waiting up to busy_timeout for another process to let go of it.
+    def _when_free(self, sql: str) -> None:
+        """Run `sql`, retrying while another process holds the lock it needs, up to busy_timeout.
 
         SQLite's own busy handler sleeps 1, 2, 5, 10 … 100 ms between tries: against another
-        proxy whose writer commits a batch every millisecond, it lost the race for the lock
-        again and again (p99 of 0.7 s with two workers). Short, jittered polls find the gap
-        between the other writer's batches within a few milliseconds."""
+        proxy whose writer commits a batch every millisecond, it lost the race for the write
+        lock again and again (p99 of 0.7 s with two workers). Short, jittered polls find the
+        gap between the other writer's batches within a few milliseconds. And some refusals
+        never reach the busy handler at all (two proxies switching a new file to WAL at once)."""
         deadline: float | None = None  # set at the first refusal: no clock read when free
         while True:
             try:
-                self.conn.execute("BEGIN IMMEDIATE")
+                self.conn.execute(sql)
                 return
             except sqlite3.Error as exc:
-                busy = getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_BUSY
+                # Extended codes (SQLITE_BUSY_RECOVERY, _SNAPSHOT, …) are busy too.
+                busy = getattr(exc, "sqlite_errorcode", 0) & 0xFF == sqlite3.SQLITE_BUSY
                 if deadline is None:
                     deadline = time.monotonic() + self.busy_timeout
                 if not busy or time.monotonic() >= deadline:
-                    raise LedgerError(f"ledger unavailable: {exc}") from exc
+                    raise
             time.sleep(random.uniform(0.0001, 0.0004))
+
+    def _begin(self) -> None:
+        """Take the write lock, waiting up to busy_timeout for another process to let go of it."""
+        try:
+            self._when_free("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            raise LedgerError(f"ledger unavailable: {exc}") from exc
 
     def _write(self, fn: Callable[[], T]) -> T:
         with self._lock:
