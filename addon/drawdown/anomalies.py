@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
@@ -121,6 +121,20 @@ def _usd(nanos: int | None) -> str:
     return format_usd(nanos or 0)
 
 
+def _once_per_run(
+    hits: Iterable[dict[str, Any]],
+    kind: str,
+    describe: Callable[[list[dict[str, Any]], str], str],
+) -> list[Anomaly]:
+    """One anomaly per run for the calls a per-call detector flagged; `describe(rows, kinds)`
+    words it from the run's flagged rows (oldest first) and their action kinds."""
+    found = []
+    for scope_rows in _by_scope(hits).values():
+        kinds = ", ".join(sorted({str(r.get("action")) for r in scope_rows}))
+        found.append(_run_of(scope_rows[0], kind, describe(scope_rows, kinds), scope_rows))
+    return found
+
+
 # --- per-call detectors, reported once per run ---------------------------------------------
 
 
@@ -134,21 +148,15 @@ def under_commit(rows: Sequence[dict[str, Any]], detector: Detector) -> list[Ano
         and (detector.covers(r.get("action")) if detector.actions else not _is_llm(r))
         and Decimal(r.get("actual_usd") or 0) < ratio * Decimal(r["est_usd"])
     ]
-    found = []
-    for scope_rows in _by_scope(hits).values():
-        first = scope_rows[0]
-        kinds = ", ".join(sorted({str(r.get("action")) for r in scope_rows}))
-        found.append(
-            _run_of(
-                first,
-                "under_commit",
-                f"{len(scope_rows)} {kinds} call(s) committed far below their reservation "
-                f"(first: {_usd(first.get('actual_usd'))} of {_usd(first['est_usd'])}, under "
-                f"{ratio} × the reservation): the result may be fabricated or cached",
-                scope_rows,
-            )
-        )
-    return found
+    return _once_per_run(
+        hits,
+        "under_commit",
+        lambda rows, kinds: (
+            f"{len(rows)} {kinds} call(s) committed far below their reservation "
+            f"(first: {_usd(rows[0].get('actual_usd'))} of {_usd(rows[0]['est_usd'])}, under "
+            f"{ratio} × the reservation): the result may be fabricated or cached"
+        ),
+    )
 
 
 def fast_commit(rows: Sequence[dict[str, Any]], detector: Detector) -> list[Anomaly]:
@@ -170,21 +178,15 @@ def fast_commit(rows: Sequence[dict[str, Any]], detector: Detector) -> list[Anom
             else _is_llm(r) and (r.get("est_usd") or 0) > 0
         )
     ]
-    found = []
-    for scope_rows in _by_scope(hits).values():
-        first = scope_rows[0]
-        kinds = ", ".join(sorted({str(r.get("action")) for r in scope_rows}))
-        found.append(
-            _run_of(
-                first,
-                "fast_commit",
-                f"{len(scope_rows)} {kinds} call(s) answered in under {limit:g} ms "
-                f"(first: {latency(first):.1f} ms), too fast for a real call: "
-                "a cache, a mock or a fabricated answer",
-                scope_rows,
-            )
-        )
-    return found
+    return _once_per_run(
+        hits,
+        "fast_commit",
+        lambda rows, kinds: (
+            f"{len(rows)} {kinds} call(s) answered in under {limit:g} ms "
+            f"(first: {latency(rows[0]):.1f} ms), too fast for a real call: "
+            "a cache, a mock or a fabricated answer"
+        ),
+    )
 
 
 def drift(rows: Sequence[dict[str, Any]], detector: Detector) -> list[Anomaly]:
@@ -197,21 +199,15 @@ def drift(rows: Sequence[dict[str, Any]], detector: Detector) -> list[Anomaly]:
         and detector.covers(r.get("action"))
         and Decimal(r.get("actual_usd") or 0) > ratio * Decimal(r["est_usd"])
     ]
-    found = []
-    for scope_rows in _by_scope(hits).values():
-        first = scope_rows[0]
-        kinds = ", ".join(sorted({str(r.get("action")) for r in scope_rows}))
-        found.append(
-            _run_of(
-                first,
-                "drift",
-                f"{len(scope_rows)} {kinds} call(s) cost more than {ratio} × their estimate "
-                f"(first: {_usd(first.get('actual_usd'))} against {_usd(first['est_usd'])} "
-                "estimated): the estimates no longer fit this traffic",
-                scope_rows,
-            )
-        )
-    return found
+    return _once_per_run(
+        hits,
+        "drift",
+        lambda rows, kinds: (
+            f"{len(rows)} {kinds} call(s) cost more than {ratio} × their estimate "
+            f"(first: {_usd(rows[0].get('actual_usd'))} against {_usd(rows[0]['est_usd'])} "
+            "estimated): the estimates no longer fit this traffic"
+        ),
+    )
 
 
 def _model_known(provider: str, model: str) -> bool:
@@ -244,19 +240,15 @@ def unpriced_model(
         for r in rows
         if _committed(r) and _is_llm(r) and detector.covers(r.get("action")) and unpriced(r)
     ]
-    found = []
-    for scope_rows in _by_scope(hits).values():
-        models = ", ".join(sorted({str(r.get("model")) for r in scope_rows}))
-        found.append(
-            _run_of(
-                scope_rows[0],
-                "unpriced_model",
-                f"{len(scope_rows)} call(s) on {models}, a model genai-prices does not know: "
-                "charged at the fallback price (meter.fallback_price), not the real one",
-                scope_rows,
-            )
-        )
-    return found
+    return _once_per_run(
+        hits,
+        "unpriced_model",
+        lambda rows, kinds: (
+            f"{len(rows)} call(s) on {', '.join(sorted({str(r.get('model')) for r in rows}))}, "
+            "a model genai-prices does not know: "
+            "charged at the fallback price (meter.fallback_price), not the real one"
+        ),
+    )
 
 
 # --- run and workflow structure ------------------------------------------------------------

@@ -90,6 +90,9 @@ _COMPLETE_DECISION = (
     "completed_at = ?, note = ? WHERE request_id = ?"
 )
 assert _COMPLETE_DECISION.count("?") == len(COMPLETION_FIELDS)
+_EXPIRE_DECISION = (
+    "UPDATE decisions SET completed_at = ?, note = ? WHERE request_id = ? AND completed_at IS NULL"
+)
 _INSERT_EVENT = (
     "INSERT INTO events (ts, kind, request_id, hold_id, instance_id, detail) "
     "VALUES (?, ?, ?, ?, ?, ?)"
@@ -291,16 +294,7 @@ class SQLiteLedger:
                     _CREATE_INSTANCE, (budget, scope, window_start, claim.per, *limits, ts, ts)
                 ).fetchone()
             plan.add_instances((found,))
-        held = sorted(
-            {i for h in plan.holds.values() for i in h.instance_ids} - plan.instances.keys()
-        )
-        if held:
-            plan.add_instances(
-                conn.execute(
-                    f"SELECT {INSTANCE_COLUMNS} FROM budget_instances WHERE id IN ({_marks(held)})",
-                    held,
-                )
-            )
+        self._read_held_instances(plan)
         new_holds = plan.reserves(calls)
         if new_holds:
             # Under the write lock no one else inserts a hold: the next ids are ours.
@@ -310,6 +304,19 @@ class SQLiteLedger:
         results = plan.decide(calls, answers)
         self._flush(plan)
         return results
+
+    def _read_held_instances(self, plan: Plan) -> None:
+        """The budget instances the plan's holds are on, those not read yet."""
+        held = sorted(
+            {i for h in plan.holds.values() for i in h.instance_ids} - plan.instances.keys()
+        )
+        if held:
+            plan.add_instances(
+                self.conn.execute(
+                    f"SELECT {INSTANCE_COLUMNS} FROM budget_instances WHERE id IN ({_marks(held)})",
+                    held,
+                )
+            )
 
     def _guard_counts(self, keys: GuardKeys) -> Counts:
         conn, counts = self.conn, Counts()
@@ -354,6 +361,7 @@ class SQLiteLedger:
         write(_WRITE_INSTANCE, plan.dirty_instances(), "budget instances vanished")
         write(_INSERT_DECISION, plan.new_decisions)
         write(_COMPLETE_DECISION, plan.completions)
+        write(_EXPIRE_DECISION, plan.expiries)
         write(_INSERT_EVENT, plan.events)
         write(_INSERT_FACT, plan.facts)
 
@@ -433,19 +441,6 @@ class SQLiteLedger:
 
     # --- maintenance, inside a transaction ---------------------------------------------------
 
-    def _apply(
-        self, ids: list[int], d_usd: int, d_tokens: int, d_requests: int, actual: Amount, now: float
-    ) -> None:
-        if not ids:
-            return
-        placeholders = ",".join("?" * len(ids))
-        self.conn.execute(
-            "UPDATE budget_instances SET reserved_usd = reserved_usd + ?, reserved_tokens = reserved_tokens + ?, "
-            "reserved_requests = reserved_requests + ?, spent_usd = spent_usd + ?, spent_tokens = spent_tokens + ?, "
-            f"spent_requests = spent_requests + ?, updated_at = ? WHERE id IN ({placeholders})",
-            (d_usd, d_tokens, d_requests, actual.usd, actual.tokens, actual.requests, now, *ids),
-        )
-
     def _idle_run(self, key: str, idle_seconds: float, candidate: str, now: float) -> str:
         """The agent's current idle-split run: `candidate` becomes it after `idle_seconds` of silence."""
         (run,) = self.conn.execute(
@@ -491,22 +486,18 @@ class SQLiteLedger:
     def _expire(
         self, where: str, params: Sequence[Any], now: float, reason: str, state: str = "expired"
     ) -> int:
-        holds = self.conn.execute(
-            f"SELECT id, request_id, est_usd, est_tokens, est_requests, instance_ids FROM holds WHERE state = 'active' AND ({where})",
-            params,
-        ).fetchall()
-        for hold_id, request_id, est_usd, est_tokens, est_requests, ids_text in holds:
-            ids = [int(i) for i in ids_text.split(",")] if ids_text else []
-            self._apply(ids, -est_usd, -est_tokens, -est_requests, Amount(), now)
+        """End every active hold matching `where`, returning its estimate (the planner's expire)."""
+        plan = Plan(self.process_id)
+        plan.add_holds(
             self.conn.execute(
-                "UPDATE holds SET state = ?, settled_at = ?, settle_reason = ? WHERE id = ? AND state = 'active'",
-                (state, now, reason, hold_id),
+                f"SELECT {HOLD_COLUMNS} FROM holds WHERE state = 'active' AND ({where})", params
             )
-            self.conn.execute(
-                "UPDATE decisions SET completed_at = ?, note = ? WHERE request_id = ? AND completed_at IS NULL",
-                (now, reason, request_id),
-            )
-        return len(holds)
+        )
+        self._read_held_instances(plan)
+        for hold in list(plan.holds.values()):
+            plan.expire(hold, state, reason, now)
+        self._flush(plan)
+        return len(plan.holds)
 
     def _sweep(self, now: float, lease_seconds: float) -> int:
         expired = self._expire("expires_at < ?", (now,), now, "ttl expired")
