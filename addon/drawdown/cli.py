@@ -81,9 +81,9 @@ def _worker_args(args: argparse.Namespace) -> list[str]:
 
 async def _run_proxy(args: argparse.Namespace, host: str, port: int, sets: list[str]) -> int:
     from mitmproxy import exceptions, options
-    from mitmproxy.tools.dump import DumpMaster
 
     from .addon import Drawdown
+    from .master import DrawdownMaster
     from .workers import REUSE_PORT_ENV, enable_reuse_port
 
     if os.environ.get(REUSE_PORT_ENV):
@@ -94,12 +94,11 @@ async def _run_proxy(args: argparse.Namespace, host: str, port: int, sets: list[
     confdir = str(Path(args.confdir).expanduser())
     Path(confdir).mkdir(parents=True, exist_ok=True)
     opts = options.Options(listen_host=host, listen_port=port, confdir=confdir)
-    master = DumpMaster(opts, with_termlog=True, with_dumper=False)
+    # Add the addons first, then set their options, so that their `configure` sees every value.
+    master = DrawdownMaster(opts, tail=[Drawdown(), Announce()])
     # lazy: nothing is opened upstream before drawdown has decided on the request itself, so a
     # denied call never so much as connects to its destination (override with --set).
     opts.update(connection_strategy="lazy")
-    # Add the addons first, then set their options, so that their `configure` sees every value.
-    master.addons.add(Drawdown(), Announce())
     try:
         opts.update(drawdown_policy=args.policy, drawdown_db=args.db, drawdown_mode=args.mode or "")
         if sets:
