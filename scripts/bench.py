@@ -313,6 +313,22 @@ def one_request(
     return first, end
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process, all its threads (a steadier figure than req/s on a shared VM)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measured(port: int, proc: subprocess.Popen[bytes], up: int, body: bytes, connections: int,
+             seconds: int, workdir: Path) -> dict[str, float]:  # fmt: skip
+    """A load run, with the proxy's CPU time per request served."""
+    before = cpu_seconds(proc.pid)
+    result = load(port, up, body, connections, seconds, workdir)
+    served = result["rps"] * seconds
+    result["cpu_ms"] = (cpu_seconds(proc.pid) - before) * 1000 / served if served else float("nan")
+    return result
+
+
 def rss_kib(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -343,22 +359,23 @@ def main() -> int:
         workdir = Path(tmp)
         rows = []
         for connections in (1, 16):
-            with proxy("bare", workdir, up) as (bare_port, _):
+            with proxy("bare", workdir, up) as (bare_port, bare_proc):
                 load(bare_port, up, body, connections, 2, workdir)  # warm-up
-                bare = load(bare_port, up, body, connections, seconds, workdir)
-            with proxy("drawdown", workdir, up) as (dd_port, _):
+                bare = measured(bare_port, bare_proc, up, body, connections, seconds, workdir)
+            with proxy("drawdown", workdir, up) as (dd_port, dd_proc):
                 load(dd_port, up, body, connections, 2, workdir)
-                dd = load(dd_port, up, body, connections, seconds, workdir)
+                dd = measured(dd_port, dd_proc, up, body, connections, seconds, workdir)
             rows.append((connections, bare, dd))
         print("throughput and latency (POST chat completion, ~1,000-token prompt, 3 budgets)")
         print(
-            f"{'conc':>4}  {'bare req/s':>10}  {'drawdown req/s':>14}  {'ratio':>6}  {'bare p50/p99 ms':>16}  {'drawdown p50/p99 ms':>19}  {'added p50/p99':>14}"
+            f"{'conc':>4}  {'bare req/s':>10}  {'drawdown req/s':>14}  {'ratio':>6}  {'bare p50/p99 ms':>16}  {'drawdown p50/p99 ms':>19}  {'added p50/p99':>14}  {'CPU ms/req bare → drawdown':>26}"
         )
         for connections, bare, dd in rows:
             print(
                 f"{connections:>4}  {bare['rps']:>10.0f}  {dd['rps']:>14.0f}  {dd['rps'] / bare['rps']:>6.0%}  "
                 f"{bare['p50']:>7.2f}/{bare['p99']:<8.2f}  {dd['p50']:>9.2f}/{dd['p99']:<9.2f}  "
-                f"{dd['p50'] - bare['p50']:>+6.2f}/{dd['p99'] - bare['p99']:<+7.2f}"
+                f"{dd['p50'] - bare['p50']:>+6.2f}/{dd['p99'] - bare['p99']:<+7.2f}  "
+                f"{bare['cpu_ms']:>15.2f} → {dd['cpu_ms']:.2f}"
             )
             figures[f"c{connections}"] = {"bare": bare, "drawdown": dd}
 

@@ -7,6 +7,7 @@ decision row; a forwarded request gets exactly one hold, which ends exactly once
 
 from __future__ import annotations
 
+import operator
 import os
 import random
 import time
@@ -160,6 +161,14 @@ DECISION_INSERT_FIELDS = (
 )  # fmt: skip
 
 
+# The row's own fields, read in one C call (the writer thread builds one tuple per decision);
+# stream, hold_id and completed_at are not the row's and are filled in by position.
+_DERIVED = ("stream", "hold_id", "completed_at")
+_ROW_FIELDS = tuple(name for name in DECISION_INSERT_FIELDS if name not in _DERIVED)
+_read_row_fields = operator.attrgetter(*_ROW_FIELDS)
+_DERIVED_AT = sorted((DECISION_INSERT_FIELDS.index(name), name) for name in _DERIVED)
+
+
 def decision_values(row: DecisionRow, hold_id: int | None) -> tuple[Any, ...]:
     """A new decision row's values in DECISION_INSERT_FIELDS order."""
     derived = {
@@ -167,9 +176,10 @@ def decision_values(row: DecisionRow, hold_id: int | None) -> tuple[Any, ...]:
         "hold_id": hold_id,
         "completed_at": row.ts if row.decision == "deny" else None,  # a denial is complete
     }
-    return tuple(
-        derived[name] if name in derived else getattr(row, name) for name in DECISION_INSERT_FIELDS
-    )
+    values = list(_read_row_fields(row))
+    for at, name in _DERIVED_AT:  # ascending: each insert lands where the tuple wants it
+        values.insert(at, derived[name])
+    return tuple(values)
 
 
 @dataclass(frozen=True)

@@ -110,10 +110,10 @@ class Instance:
         self.dirty = True
 
     def over(self) -> bool:
-        return any(
-            limit is not None and spent > limit
-            for limit, spent in zip(self.limits, self.spent, strict=True)
-        )
+        for limit, spent in zip(self.limits, self.spent, strict=True):
+            if limit is not None and spent > limit:
+                return True
+        return False
 
     def values(self) -> tuple[Any, ...]:
         """id, limits, spent, reserved, updated_at: what a write of the instance sets."""
