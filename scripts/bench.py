@@ -8,7 +8,7 @@ drives each with the same load (wrk when installed, else a Python load generator
 req/s and p50/p99 with the ratios, then the ledger, big-prompt, streaming, memory and worker
 figures. Nothing here asserts anything: speed belongs in numbers, not in tests.
 
-    ./scripts/bench [--seconds 10] [--quick] [--json FILE]
+    ./scripts/bench [--seconds 6] [--rounds 5] [--quick] [--json FILE]
 """
 
 from __future__ import annotations
@@ -343,11 +343,16 @@ def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--seconds", type=int, default=10, help="per load run [10]")
+    parser.add_argument("--seconds", type=int, default=6, help="per load run [6]")
+    parser.add_argument(
+        "--rounds", type=int, default=5, help="interleaved rounds per comparison [5]"
+    )
     parser.add_argument("--quick", action="store_true", help="3-second runs, fewer samples")
     parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     args = parser.parse_args()
     seconds = 3 if args.quick else args.seconds
+    if args.quick:
+        args.rounds = 1
     figures: dict[str, Any] = {"machine": machine()}
     body = prompt_body(1000)
     big = prompt_body(94_000, max_tokens=50)  # ~100k tokens
@@ -357,27 +362,54 @@ def main() -> int:
     )
     with tempfile.TemporaryDirectory(prefix="drawdown-bench-") as tmp, upstream() as up:
         workdir = Path(tmp)
+        # Both proxies stay up and take turns, round after round: on a shared VM the machine's
+        # speed drifts by tens of percent within a minute, and alternating short rounds puts
+        # the drift on both sides. The median round is the figure.
         rows = []
-        for connections in (1, 16):
-            with proxy("bare", workdir, up) as (bare_port, bare_proc):
+        with (
+            proxy("bare", workdir, up) as (bare_port, bare_proc),
+            proxy("drawdown", workdir, up) as (dd_port, dd_proc),
+        ):
+            for connections in (1, 16):
                 load(bare_port, up, body, connections, 2, workdir)  # warm-up
-                bare = measured(bare_port, bare_proc, up, body, connections, seconds, workdir)
-            with proxy("drawdown", workdir, up) as (dd_port, dd_proc):
                 load(dd_port, up, body, connections, 2, workdir)
-                dd = measured(dd_port, dd_proc, up, body, connections, seconds, workdir)
-            rows.append((connections, bare, dd))
-        print("throughput and latency (POST chat completion, ~1,000-token prompt, 3 budgets)")
+                rounds = []
+                for _ in range(args.rounds):
+                    bare = measured(bare_port, bare_proc, up, body, connections, seconds, workdir)
+                    dd = measured(dd_port, dd_proc, up, body, connections, seconds, workdir)
+                    rounds.append((bare, dd))
+                rows.append((connections, rounds))
         print(
-            f"{'conc':>4}  {'bare req/s':>10}  {'drawdown req/s':>14}  {'ratio':>6}  {'bare p50/p99 ms':>16}  {'drawdown p50/p99 ms':>19}  {'added p50/p99':>14}  {'CPU ms/req bare → drawdown':>26}"
+            "throughput and latency (POST chat completion, ~1,000-token prompt, 3 budgets), "
+            f"{args.rounds} interleaved rounds of {seconds} s"
         )
-        for connections, bare, dd in rows:
+        print(
+            f"{'conc':>4}  {'round':>5}  {'bare req/s':>10}  {'drawdown req/s':>14}  {'ratio':>6}  {'bare p50/p99 ms':>16}  {'drawdown p50/p99 ms':>19}  {'added p50/p99':>14}  {'CPU ms/req bare → drawdown':>26}"
+        )
+        for connections, rounds in rows:
+            for number, (bare, dd) in enumerate(rounds, 1):
+                print(
+                    f"{connections:>4}  {number:>5}  {bare['rps']:>10.0f}  {dd['rps']:>14.0f}  {dd['rps'] / bare['rps']:>6.0%}  "
+                    f"{bare['p50']:>7.2f}/{bare['p99']:<8.2f}  {dd['p50']:>9.2f}/{dd['p99']:<9.2f}  "
+                    f"{dd['p50'] - bare['p50']:>+6.2f}/{dd['p99'] - bare['p99']:<+7.2f}  "
+                    f"{bare['cpu_ms']:>15.2f} → {dd['cpu_ms']:.2f}"
+                )
+            median = {
+                "ratio": statistics.median(dd["rps"] / bare["rps"] for bare, dd in rounds),
+                "added_p50": statistics.median(dd["p50"] - bare["p50"] for bare, dd in rounds),
+                "added_p99": statistics.median(dd["p99"] - bare["p99"] for bare, dd in rounds),
+                "cpu_ms_bare": statistics.median(bare["cpu_ms"] for bare, _ in rounds),
+                "cpu_ms_drawdown": statistics.median(dd["cpu_ms"] for _, dd in rounds),
+            }
             print(
-                f"{connections:>4}  {bare['rps']:>10.0f}  {dd['rps']:>14.0f}  {dd['rps'] / bare['rps']:>6.0%}  "
-                f"{bare['p50']:>7.2f}/{bare['p99']:<8.2f}  {dd['p50']:>9.2f}/{dd['p99']:<9.2f}  "
-                f"{dd['p50'] - bare['p50']:>+6.2f}/{dd['p99'] - bare['p99']:<+7.2f}  "
-                f"{bare['cpu_ms']:>15.2f} → {dd['cpu_ms']:.2f}"
+                f"{connections:>4}  {'median':>6} {'':>10}  {'':>14}  {median['ratio']:>6.0%}  {'':>16}  {'':>19}  "
+                f"{median['added_p50']:>+6.2f}/{median['added_p99']:<+7.2f}  "
+                f"{median['cpu_ms_bare']:>15.2f} → {median['cpu_ms_drawdown']:.2f}"
             )
-            figures[f"c{connections}"] = {"bare": bare, "drawdown": dd}
+            figures[f"c{connections}"] = {
+                "rounds": [{"bare": bare, "drawdown": dd} for bare, dd in rounds],
+                "median": median,
+            }
 
         # Streaming: time to the first SSE event, bare vs drawdown.
         ttfb: dict[str, list[float]] = {"bare": [], "drawdown": []}
@@ -441,16 +473,30 @@ def main() -> int:
         )
         figures["memory"] = {"rss_before_kib": before, "rss_after_kib": after, "requests": served}
 
-        # Workers: several processes on one listen address (SO_REUSEPORT), one ledger.
-        scaling = {}
-        for workers in (1, 2):
-            with proxy("drawdown", workdir, up, ["--workers", str(workers)]) as (port, _):
-                load(port, up, body, 16, 2, workdir)
-                scaling[workers] = load(port, up, body, 16, seconds, workdir)["rps"]
+        # Workers: several processes on one listen address (SO_REUSEPORT), one ledger; one
+        # worker and two take turns, as above.
+        with (
+            proxy("drawdown", workdir, up, ["--workers", "1"]) as (one_port, _),
+            proxy("drawdown", workdir, up, ["--workers", "2"]) as (two_port, _),
+        ):
+            load(one_port, up, body, 16, 2, workdir)
+            load(two_port, up, body, 16, 2, workdir)
+            turns = [
+                (load(one_port, up, body, 16, seconds, workdir)["rps"],
+                 load(two_port, up, body, 16, seconds, workdir)["rps"])
+                for _ in range(args.rounds)
+            ]  # fmt: skip
         print(
-            f"workers: 1 → {scaling[1]:.0f} req/s, 2 → {scaling[2]:.0f} req/s ({scaling[2] / scaling[1]:.2f}×)"
+            "workers (c=16): "
+            + ", ".join(
+                f"1 → {one:.0f}, 2 → {two:.0f} req/s ({two / one:.2f}×)" for one, two in turns
+            )
+            + f"; median {statistics.median(two / one for one, two in turns):.2f}×"
         )
-        figures["workers"] = scaling
+        figures["workers"] = {
+            "rounds": [{"1": one, "2": two} for one, two in turns],
+            "median_speedup": statistics.median(two / one for one, two in turns),
+        }
 
     # The ledger alone.
     ledger = subprocess.run(
