@@ -47,7 +47,6 @@ from .ledger.api import (
 )
 from .ledger.dsn import redact_dsn
 from .ledger.worker import AsyncLedger
-from .meter.offload import Offload
 from .money import usd_to_nanos
 from .policy import Policy, PolicyInvalid, load_policy, policy_fingerprint
 from .policy.match import dig, glob_regex, missing
@@ -234,7 +233,6 @@ class Drawdown:
         )
         self.inflight: dict[str, FlowState] = {}
         self.tasks: set[asyncio.Task[Any]] = set()
-        self.offload = Offload()  # big prompts and bodies: tokenized on niced threads
         self._policy_seen: tuple[Any, ...] = ()
         self.seconds: dict[str, float] = {
             name: float(default) for name, default, _ in SECONDS_OPTIONS
@@ -330,7 +328,6 @@ class Drawdown:
     def done(self) -> None:
         for task in self.tasks:
             task.cancel()
-        self.offload.close()
         if self.ledger is not None:
             try:
                 released = self.ledger.call_sync("release_mine", time.time(), "proxy shut down")
@@ -728,7 +725,9 @@ class Drawdown:
         # `stream_usage: false`: the host rejects stream_options, so its streams are counted.
         inject = action.stream_usage
         if len(view.body) > INLINE_TOKENIZE_BYTES:  # big prompts are tokenized off the event loop
-            return await self.offload.run(meter.inspect_request, *args, inject_include_usage=inject)
+            return await asyncio.to_thread(
+                meter.inspect_request, *args, inject_include_usage=inject
+            )
         return meter.inspect_request(*args, inject_include_usage=inject)
 
     async def _authorize(
@@ -985,7 +984,7 @@ class Drawdown:
                     action.price if action else None,
                 )
                 if len(body) > INLINE_TOKENIZE_BYTES:
-                    measurement = await self.offload.run(meter.measure_body, *args)
+                    measurement = await asyncio.to_thread(meter.measure_body, *args)
                 else:
                     measurement = meter.measure_body(*args)
             usage = measurement.usage
