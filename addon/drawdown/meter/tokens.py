@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable
@@ -70,19 +71,29 @@ def count_tokens(text: str, model: str | None) -> int:
     return len(encoding_for(model).encode_ordinary(text))
 
 
+# What an entry costs beyond its text (the key tuple, the ordered dict's slot and node, the
+# count), measured with tracemalloc. Short texts are mostly this: a bound in characters alone
+# let 16 M characters of 26-character texts take 120 MiB.
+_ENTRY_OVERHEAD = 128
+
+
 class _CountCache:
-    """Token counts of recently seen texts, bounded by their total size.
+    """Token counts of recently seen texts, bounded by the memory they take (`max_bytes`).
 
     An agent resends its whole conversation on every turn: the system prompt, tool definitions
     and every earlier message come back unchanged, so counting each text once saves nearly all
     of the tokenizing. Thread-safe (prompts may be counted on worker threads).
     """
 
-    def __init__(self, max_chars: int = 16 * 1024 * 1024) -> None:
+    def __init__(self, max_bytes: int = 32 * 1024 * 1024) -> None:
         self._counts: OrderedDict[tuple[str, str], int] = OrderedDict()
-        self._chars = 0
-        self._max_chars = max_chars
+        self._bytes = 0
+        self._max_bytes = max_bytes
         self._lock = threading.Lock()
+
+    @staticmethod
+    def _cost(text: str) -> int:
+        return sys.getsizeof(text) + _ENTRY_OVERHEAD
 
     def count(self, encoding: str, text: str) -> int:
         key = (encoding, text)
@@ -94,14 +105,18 @@ class _CountCache:
         counted = len(
             _load(encoding).encode_ordinary(text)
         )  # outside the lock: tiktoken releases the GIL
+        cost = self._cost(text)
         with self._lock:
-            if key not in self._counts and len(text) <= self._max_chars // 4:
+            if key not in self._counts and cost <= self._max_bytes // 4:
                 self._counts[key] = counted
-                self._chars += len(text)
-                while self._chars > self._max_chars:
+                self._bytes += cost
+                while self._bytes > self._max_bytes:
                     (_, old), _ = self._counts.popitem(last=False)
-                    self._chars -= len(old)
+                    self._bytes -= self._cost(old)
         return counted
+
+    def __len__(self) -> int:
+        return len(self._counts)
 
 
 _cache = _CountCache()

@@ -116,3 +116,33 @@ def test_short_texts_are_counted_once_too(monkeypatch: pytest.MonkeyPatch) -> No
     first = tokens.count_texts(texts, "gpt-4o")
     assert tokens.count_texts(texts, "gpt-4o") == first
     assert sorted(calls) == sorted(texts)  # each text tokenized once, on its first sighting
+
+
+def test_the_count_cache_stays_within_its_memory_bound_for_many_short_texts(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Short texts are mostly per-entry overhead: bounding the cache by characters alone let it
+    grow to ~8x its bound. Filled with 100k distinct short texts, the cache's memory (traced)
+    must stay near max_bytes."""
+    import tracemalloc
+
+    from drawdown.meter import tokens
+
+    class Fixed:
+        def encode_ordinary(self, text: str) -> list[int]:
+            return [0] * 5
+
+    monkeypatch.setattr(tokens, "_load", lambda name: Fixed())
+    bound = 2 * 1024 * 1024
+    tracemalloc.start()
+    try:
+        before, _ = tracemalloc.get_traced_memory()
+        cache = tokens._CountCache(max_bytes=bound)
+        for n in range(100_000):
+            cache.count("o200k_base", f"short message number {n}")
+        held, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert 0 < len(cache) < 100_000  # the oldest were evicted
+    assert held - before <= bound * 1.25, f"{(held - before) / 2**20:.1f} MiB for a 2 MiB bound"
+    assert cache.count("o200k_base", "short message number 99999") == 5  # the newest are kept
