@@ -85,7 +85,7 @@ class _CountCache:
     of the tokenizing. Thread-safe (prompts may be counted on worker threads).
     """
 
-    def __init__(self, max_bytes: int = 32 * 1024 * 1024) -> None:
+    def __init__(self, max_bytes: int = 16 * 1024 * 1024) -> None:
         self._counts: OrderedDict[tuple[str, str], int] = OrderedDict()
         self._bytes = 0
         self._max_bytes = max_bytes
