@@ -194,6 +194,20 @@ def allow_hosts_regex(pattern: Any) -> str:
     return f"^{glob_regex(host.strip('[]').lower())}:{port}$"
 
 
+def _log_denial(
+    row: DecisionRow, *, shadow: bool, kind: str | None = None, reason: str | None = None
+) -> None:
+    """The one log line of a denial (or, in shadow mode, of what would have been denied)."""
+    log.info(
+        "drawdown: %s %s %s %s: %s",
+        "would deny" if shadow else "deny",
+        row.scope,
+        row.action if kind is None else kind,
+        row.request_id,
+        row.reason if reason is None else reason,
+    )
+
+
 def _jsonrpc_error(state: FlowState, response: http.Response) -> bool:
     """An MCP call answered 200 with a JSON-RPC error did not succeed (no fact for `requires`)."""
     if not state.classification or not state.classification.mcp:
@@ -772,13 +786,7 @@ class Drawdown:
                     verdict.reason_code,
                     verdict.reason,
                 )
-                log.info(
-                    "drawdown: would deny %s %s %s: %s",
-                    row.scope,
-                    kind,
-                    row.request_id,
-                    verdict.reason,
-                )
+                _log_denial(row, shadow=True, kind=kind, reason=verdict.reason)
         return True
 
     def _ledger(self) -> AsyncLedger:
@@ -807,9 +815,7 @@ class Drawdown:
             return
         state.decision = outcome.decision
         if outcome.decision == "deny" and outcome.tripped is not None:
-            log.info(
-                "drawdown: deny %s %s %s: %s", row.scope, row.action, row.request_id, row.reason
-            )
+            _log_denial(row, shadow=False)
             self._respond(flow, state, "anomaly", f"drawdown: {row.reason}", 429)
             return
         if outcome.decision == "deny":
@@ -818,9 +824,7 @@ class Drawdown:
             status, retry_after = 402, None
             if short.claim.per is not None and short.claim.window_end is not None:
                 status, retry_after = 429, int(short.claim.window_end - time.time()) + 1
-            log.info(
-                "drawdown: deny %s %s %s: %s", row.scope, row.action, row.request_id, row.reason
-            )
+            _log_denial(row, shadow=False)
             self._respond(
                 flow, state, "budget_exhausted", f"drawdown: {row.reason}", status, retry_after
             )
@@ -828,13 +832,7 @@ class Drawdown:
         state.hold_id = outcome.hold_id
         self.inflight[flow.id] = state
         if outcome.decision == "would_deny" and outcome.shadow_shortfalls:
-            log.info(
-                "drawdown: would deny %s %s %s: %s",
-                row.scope,
-                row.action,
-                row.request_id,
-                row.reason,
-            )
+            _log_denial(row, shadow=True)
 
     async def _ledger_down(self, flow: http.HTTPFlow, state: FlowState, error: str) -> bool:
         """Answer per `on_ledger_error`; True if the request goes on (unaccounted)."""
@@ -870,13 +868,7 @@ class Drawdown:
         row.reason_code, row.reason = code, message.removeprefix("drawdown: ")
         if policy.mode == "shadow":
             row.decision = "would_deny"
-            log.info(
-                "drawdown: would deny %s %s %s: %s",
-                row.scope,
-                row.action,
-                row.request_id,
-                row.reason,
-            )
+            _log_denial(row, shadow=True)
             return False
         row.decision = "deny"
         response = self._respond(flow, state, code, message)
@@ -885,7 +877,7 @@ class Drawdown:
             await self._ledger().call("record", row)
         except LedgerError as exc:
             log.warning("drawdown: could not record the denial of %s: %s", row.request_id, exc)
-        log.info("drawdown: deny %s %s %s: %s", row.scope, row.action, row.request_id, row.reason)
+        _log_denial(row, shadow=False)
         return True
 
     def _respond(

@@ -14,7 +14,7 @@ batch adds its decision row, so every reserve sees the rows before it.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -270,6 +270,24 @@ def settled_hold_ids(calls: Sequence[tuple[str, tuple[Any, ...]]]) -> list[int]:
     return sorted(
         {args[1] for name, args in calls if name in ("commit", "release") and type(args[1]) is int}
     )
+
+
+def in_order(
+    calls: Sequence[tuple[str, tuple[Any, ...]]],
+    together: Callable[[list[tuple[str, tuple[Any, ...]]]], list[Any]],
+    alone: Callable[[tuple[str, tuple[Any, ...]]], Any],
+) -> list[Any]:
+    """A batch's results (or exceptions) in call order: the hot operations decided together
+    by `together` (which falls back as its backend sees fit), the rest each by `alone`."""
+    results: list[Any] = [None] * len(calls)
+    hot = [i for i, (name, _) in enumerate(calls) if name in HOT]
+    if hot:
+        for i, result in zip(hot, together([calls[i] for i in hot]), strict=True):
+            results[i] = result
+    for i, call in enumerate(calls):
+        if call[0] not in HOT:
+            results[i] = alone(call)
+    return results
 
 
 def decision_rows(calls: Sequence[tuple[str, tuple[Any, ...]]]) -> list[DecisionRow]:

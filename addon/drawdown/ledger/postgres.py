@@ -94,12 +94,12 @@ from .dsn import redact_dsn
 from .pg_schema import migrate
 from .plan import (
     HOLD_COLUMNS,
-    HOT,
     INSTANCE_COLUMNS,
     Hold,
     Plan,
     decision_rows,
     guarded_reserves,
+    in_order,
     restore,
     settled_hold_ids,
     snapshot,
@@ -415,22 +415,17 @@ class PostgresLedger:
     def run_batch(self, calls: Sequence[tuple[str, tuple[Any, ...]]]) -> list[Any]:
         """Run several operations; results (or exceptions) in order. The hot ones share one
         transaction; maintenance runs in its own (it is rare and scans holds)."""
-        results: list[Any] = [None] * len(calls)
-        hot = [i for i, (name, _) in enumerate(calls) if name in HOT]
-        if hot:
+
+        def together(batch: list[tuple[str, tuple[Any, ...]]]) -> list[Any]:
             try:
-                out = self._hot([calls[i] for i in hot])
+                return self._hot(batch)
             except _StatementFailed:
                 # Find the culprit: one transaction per operation, each failing alone.
-                out = [self._one(calls[i]) for i in hot]
+                return [self._one(call) for call in batch]
             except LedgerError as exc:
-                out = [exc] * len(hot)
-            for i, result in zip(hot, out, strict=True):
-                results[i] = result
-        for i, call in enumerate(calls):
-            if call[0] not in HOT:
-                results[i] = self._one(call)
-        return results
+                return [exc] * len(batch)
+
+        return in_order(calls, together, self._one)
 
     def _one(self, call: tuple[str, tuple[Any, ...]]) -> Any:
         try:

@@ -53,6 +53,7 @@ from .plan import (
     Plan,
     decision_rows,
     guarded_reserves,
+    in_order,
     restore,
     settled_hold_ids,
     snapshot,
@@ -232,21 +233,15 @@ class SQLiteLedger:
     ) -> list[Any]:
         if len(calls) == 1 and calls[0][0] in HOT:
             return self._planned(calls)  # alone in its transaction: a failure rolls it all back
-        results: list[Any] = [None] * len(calls)
-        hot = [i for i, (name, _) in enumerate(calls) if name in HOT]
-        if hot:
-            batch = [calls[i] for i in hot]
+
+        def together(batch: list[tuple[str, tuple[Any, ...]]]) -> list[Any]:
             try:
-                out = self._in_savepoint(lambda: self._planned(batch))
+                return self._in_savepoint(lambda: self._planned(batch))
             except sqlite3.Error:
                 restore(saved)
-                out = [self._alone(call) for call in batch]
-            for i, result in zip(hot, out, strict=True):
-                results[i] = result
-        for i, call in enumerate(calls):
-            if call[0] not in HOT:
-                results[i] = self._alone(call)
-        return results
+                return [self._alone(call) for call in batch]
+
+        return in_order(calls, together, self._alone)
 
     def _in_savepoint(self, fn: Callable[[], T]) -> T:
         self.conn.execute("SAVEPOINT op")
