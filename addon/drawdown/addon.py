@@ -47,6 +47,7 @@ from .ledger.api import (
 )
 from .ledger.dsn import redact_dsn
 from .ledger.worker import AsyncLedger
+from .meter import tokenizer_process
 from .money import usd_to_nanos
 from .policy import Policy, PolicyInvalid, load_policy, policy_fingerprint
 from .policy.match import dig, glob_regex, missing
@@ -253,6 +254,7 @@ class Drawdown:
         }
         # What we set allow_hosts to for `unknown_hosts: passthrough` (never a user's own value).
         self._managed_allow_hosts: list[str] = []
+        self._running = False
 
     # --- mitmproxy lifecycle -------------------------------------------------------------
 
@@ -282,6 +284,13 @@ class Drawdown:
             "Mint idle-split runs in the ledger rather than in this process, so that several proxy "
             "processes serving one agent agree on its run (set by drawdown run --workers).",
         )
+        loader.add_option(
+            "drawdown_tokenizer_process",
+            bool,
+            True,
+            "Count big prompt texts (32k characters or more) in a child process, so that their "
+            "encode does not hold the GIL the event loop needs. Off: a worker thread counts them.",
+        )
 
     def configure(self, updated: set[str]) -> None:
         for name, _, _ in SECONDS_OPTIONS:
@@ -305,6 +314,11 @@ class Drawdown:
             self._policy_seen = policy_fingerprint(ctx.options.drawdown_policy)
         if "drawdown_db" in updated and ctx.options.drawdown_db != self.ledger_url:
             self._open_ledger(ctx.options.drawdown_db)
+        if "drawdown_tokenizer_process" in updated and self._running:
+            if ctx.options.drawdown_tokenizer_process:
+                self._spawn(self._start_tokenizer())
+            else:  # joining the child is blocking
+                self._spawn(asyncio.to_thread(tokenizer_process.stop_tokenizer_process))
         if updated & {"listen_host", "proxyauth"}:
             host = ctx.options.listen_host
             if not _loopback(host) and not ctx.options.proxyauth:
@@ -315,6 +329,7 @@ class Drawdown:
                 )
 
     def running(self) -> None:
+        self._running = True
         self._spawn(self._warm_up())
         self._spawn(self._maintain())
         self._spawn(self._checkpoints())
@@ -334,14 +349,34 @@ class Drawdown:
 
     async def _warm_up(self) -> None:
         await asyncio.to_thread(meter.warm_up)
+        if ctx.options.drawdown_tokenizer_process:
+            await self._start_tokenizer()
         # Everything loaded so far (mitmproxy, price data, policies) lives as long as the process:
         # freezing it keeps the garbage collector's full passes from rescanning it while traffic
         # flows (they paused the loop ~80 ms each).
         gc.freeze()
 
+    async def _start_tokenizer(self) -> None:
+        try:
+            process = await asyncio.to_thread(tokenizer_process.start_tokenizer_process)
+            pid = await asyncio.to_thread(process.pid)
+        except Exception as exc:  # counting on worker threads still works
+            tokenizer_process.stop_tokenizer_process()
+            log.warning(
+                "drawdown: no tokenizer process (%s); big prompts are counted in threads", exc
+            )
+            return
+        log.info(
+            "drawdown: tokenizer process %s counts prompt texts of %d characters or more",
+            pid,
+            tokenizer_process.OFFLOAD_CHARS,
+        )
+
     def done(self) -> None:
+        self._running = False
         for task in self.tasks:
             task.cancel()
+        tokenizer_process.stop_tokenizer_process()
         if self.ledger is not None:
             try:
                 released = self.ledger.call_sync("release_mine", time.time(), "proxy shut down")

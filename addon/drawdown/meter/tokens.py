@@ -6,7 +6,7 @@ import os
 import sys
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import tiktoken
@@ -36,7 +36,7 @@ _CL100K_PREFIXES = (
 _O200K_PREFIXES = ("gpt-4o", "gpt-4.1", "gpt-4.5", "chatgpt-4o")
 
 
-def _load(name: str) -> tiktoken.Encoding:
+def load_encoding(name: str) -> tiktoken.Encoding:
     enc = _encodings.get(name)
     if enc is not None:
         return enc
@@ -61,7 +61,7 @@ def encoding_name_for(model: str | None) -> str:
 
 
 def encoding_for(model: str | None) -> tiktoken.Encoding:
-    return _load(encoding_name_for(model))
+    return load_encoding(encoding_name_for(model))
 
 
 def count_tokens(text: str, model: str | None) -> int:
@@ -102,9 +102,11 @@ class _CountCache:
             if found is not None:
                 self._counts.move_to_end(key)
                 return found
-        counted = len(
-            _load(encoding).encode_ordinary(text)
-        )  # outside the lock: tiktoken releases the GIL
+        counted = None
+        if _offload is not None and len(text) >= _offload_chars:
+            counted = _offload(encoding, text)
+        if counted is None:  # outside the lock: tiktoken releases the GIL for part of it
+            counted = len(load_encoding(encoding).encode_ordinary(text))
         cost = self._cost(text)
         with self._lock:
             if key not in self._counts and cost <= self._max_bytes // 4:
@@ -120,6 +122,16 @@ class _CountCache:
 
 
 _cache = _CountCache()
+
+# Set by tokenizer_process: counts a big text in a child process, or None if it could not.
+_offload: Callable[[str, str], int | None] | None = None
+_offload_chars = 0
+
+
+def offload_big_texts(count: Callable[[str, str], int | None] | None, min_chars: int = 0) -> None:
+    """Count texts of `min_chars` or more with `count(encoding, text)` (None: in this process)."""
+    global _offload, _offload_chars
+    _offload, _offload_chars = count, min_chars
 
 
 def count_texts(texts: Iterable[str], model: str | None, separator_tokens: int = 1) -> int:

@@ -102,7 +102,7 @@ def test_short_texts_are_counted_once_too(monkeypatch: pytest.MonkeyPatch) -> No
     GIL on the event loop each time (tiktoken does), so they are cached like long ones."""
     from drawdown.meter import tokens
 
-    encoding = tokens._load("o200k_base")
+    encoding = tokens.load_encoding("o200k_base")
     calls: list[str] = []
 
     class Counting:
@@ -110,7 +110,7 @@ def test_short_texts_are_counted_once_too(monkeypatch: pytest.MonkeyPatch) -> No
             calls.append(text)
             return encoding.encode_ordinary(text)
 
-    monkeypatch.setattr(tokens, "_load", lambda name: Counting())
+    monkeypatch.setattr(tokens, "load_encoding", lambda name: Counting())
     monkeypatch.setattr(tokens, "_cache", tokens._CountCache())
     texts = ["system", "You are terse.", "user", "What is 2+2? " * 40]  # short ones and a long one
     first = tokens.count_texts(texts, "gpt-4o")
@@ -132,7 +132,7 @@ def test_the_count_cache_stays_within_its_memory_bound_for_many_short_texts(
         def encode_ordinary(self, text: str) -> list[int]:
             return [0] * 5
 
-    monkeypatch.setattr(tokens, "_load", lambda name: Fixed())
+    monkeypatch.setattr(tokens, "load_encoding", lambda name: Fixed())
     bound = 2 * 1024 * 1024
     tracemalloc.start()
     try:
