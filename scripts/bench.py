@@ -430,28 +430,40 @@ def main() -> int:
         # A 100k-token prompt: its own added latency, and the p99 of small requests while such
         # prompts go through. Bare mitmdump's own p99 rises under the same bodies, so all three
         # take turns: bare, drawdown (big prompts counted in its tokenizer process) and drawdown
-        # with `drawdown_tokenizer_process=false` (counted on a worker thread).
+        # with `drawdown_tokenizer_process=false` (counted on a worker thread). A probe loaded
+        # into each (scripts/loop_probe.py) times how late their event loop runs meanwhile.
+        probe = ROOT / "scripts" / "loop_probe.py"
         varieties = {
-            "bare": ("bare", None),
-            "drawdown": ("drawdown", None),
-            "drawdown, thread": ("drawdown", ["--set", "drawdown_tokenizer_process=false"]),
+            "bare": ("bare", ["-s", str(probe)]),
+            "drawdown": ("drawdown", ["--set", f"scripts={probe}"]),
+            "drawdown, thread": (
+                "drawdown",
+                ["--set", f"scripts={probe}", "--set", "drawdown_tokenizer_process=false"],
+            ),
         }
         big_rounds = min(args.rounds, 3)
+        probe_dir = workdir / "probe"
+        probe_dir.mkdir()
+        os.environ["DRAWDOWN_BENCH_PROBE_DIR"] = str(probe_dir)
         with contextlib.ExitStack() as stack:
-            ports = {}
+            ports, pids = {}, {}
             for label, (kind, extra) in varieties.items():
                 port, proc = stack.enter_context(proxy(kind, workdir, up, extra))
-                ports[label] = port
+                ports[label], pids[label] = port, proc.pid
                 if label == "drawdown":
                     wait_for_children(proc.pid, 2)  # the tokenizer process and its tracker
             own: dict[str, float] = {}
+            lateness: dict[str, dict[str, float]] = {}
             p99s: dict[str, list[tuple[float, float]]] = {label: [] for label in varieties}
             for label, port in ports.items():
                 one_request(port, up, big)
                 varied = [
-                    big.replace(b"quick", f"quick{label}{i}".encode(), 1) for i in range(3)
+                    big.replace(b"quick", f"quick{label}{i}".encode(), 1) for i in range(13)
                 ]  # no token-cache hits
-                own[label] = statistics.median(one_request(port, up, v)[1] * 1000 for v in varied)
+                probe_command(probe_dir, pids[label], "reset")
+                times = [one_request(port, up, v)[1] * 1000 for v in varied]
+                lateness[label] = probe_command(probe_dir, pids[label], "dump")
+                own[label] = statistics.median(times)
             for number in range(big_rounds):
                 for label, port in ports.items():
                     quiet = load(port, up, body, 4, max(3, seconds // 2), workdir)
@@ -461,13 +473,19 @@ def main() -> int:
                     p99s[label].append((quiet["p99"], busy["p99"]))
         added_own = own["drawdown"] - own["bare"]
         print(
-            f"\n100k-token prompt, own latency: bare {own['bare']:.1f} ms, drawdown {own['drawdown']:.1f} ms "
+            f"\n100k-token prompt, own latency (median of 13): bare {own['bare']:.1f} ms, drawdown {own['drawdown']:.1f} ms "
             f"({added_own:+.1f} ms), drawdown counting on a thread {own['drawdown, thread']:.1f} ms"
         )
+        print("event loop lateness of a 1 ms timer while those 13 prompts went through (ms):")
+        for label, late in lateness.items():
+            print(
+                f"  {label:<17} p50 {late['p50']:.2f}  p99 {late['p99']:.2f}  p99.9 {late['p999']:.2f}  "
+                f"max {late['max']:.2f}  ({late['samples']} timers)"
+            )
         print(
             f"small requests' p99 alone → while 100k-token prompts go through, {big_rounds} interleaved rounds:"
         )
-        figures["big_prompt"] = {"own_ms": own}
+        figures["big_prompt"] = {"own_ms": own, "loop_lateness_ms": lateness}
         for label, pairs in p99s.items():
             rises = [busy - quiet for quiet, busy in pairs]
             print(
@@ -561,6 +579,19 @@ def while_big_prompts(
     finally:
         stop.set()
         thread.join(60)
+
+
+def probe_command(probe_dir: Path, pid: int, command: str) -> dict[str, float]:
+    """Tell a proxy's loop_probe.py to reset or dump its sample (it polls every ~20 ms)."""
+    (probe_dir / f"{pid}.{command}").touch()
+    deadline = time.monotonic() + 10
+    while (probe_dir / f"{pid}.{command}").exists():
+        if time.monotonic() > deadline:
+            raise SystemExit(f"bench: the loop probe in pid {pid} did not answer")
+        time.sleep(0.02)
+    if command != "dump":
+        return {}
+    return json.loads((probe_dir / f"{pid}.json").read_text())
 
 
 def children_of(pid: int) -> list[int]:
