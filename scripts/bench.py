@@ -466,7 +466,7 @@ def main() -> int:
                 own[label] = statistics.median(times)
             for number in range(big_rounds):
                 for label, port in ports.items():
-                    quiet = load(port, up, body, 4, max(3, seconds // 2), workdir)
+                    quiet = load(port, up, body, 4, big_seconds(seconds), workdir)
                     busy = while_big_prompts(
                         port, up, body, big, seconds, workdir, f"{label}{number}"
                     )
@@ -503,10 +503,10 @@ def main() -> int:
             children = wait_for_children(proc.pid, 2)
             load(port, up, body, 8, 2, workdir)
             before = rss_kib(proc.pid)
-            run = load(port, up, body, 8, seconds * 2, workdir)
+            run = load(port, up, body, 8, seconds, workdir)
             after = rss_kib(proc.pid)
             tokenizer = max(rss_kib(child) for child in children)
-        served = int(run["rps"] * seconds * 2)
+        served = int(run["rps"] * seconds)
         print(
             f"memory: RSS {before / 1024:.1f} MiB after warm-up, {after / 1024:.1f} MiB after {served:,} more requests; "
             f"tokenizer process {tokenizer / 1024:.1f} MiB"
@@ -546,7 +546,7 @@ def main() -> int:
     # The ledger alone.
     ledger = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "bench_ledger.py"), "--backend", "both", "--json",
-         "--lifecycles", "3000" if args.quick else "10000"],
+         "--lifecycles", "3000" if args.quick else "6000"],
         capture_output=True, text=True,
     )  # fmt: skip
     try:
@@ -575,10 +575,16 @@ def while_big_prompts(
     thread = threading.Thread(target=hammer, daemon=True)
     thread.start()
     try:
-        return load(port, upstream_port, body, 4, max(3, seconds // 2), workdir)
+        return load(port, upstream_port, body, 4, big_seconds(seconds), workdir)
     finally:
         stop.set()
         thread.join(60)
+
+
+def big_seconds(seconds: int) -> int:
+    """Each small-request load beside big prompts: three proxies x rounds x (alone, busy) of
+    them must fit the bench's 5 minutes."""
+    return max(2, seconds // 3)
 
 
 def probe_command(probe_dir: Path, pid: int, command: str) -> dict[str, float]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
 import signal
 import subprocess
@@ -158,3 +160,21 @@ def test_the_child_exits_when_its_parent_is_killed() -> None:
     finally:
         if parent.poll() is None:
             parent.kill()
+
+
+def test_a_proxy_whose_tokenizer_process_cannot_start_counts_on_threads(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from drawdown.addon import Drawdown
+
+    def refuse() -> TokenizerProcess:
+        raise OSError("no /dev/shm")
+
+    monkeypatch.setattr(tokenizer_process, "start_tokenizer_process", refuse)
+    with caplog.at_level(logging.WARNING):
+        asyncio.run(Drawdown()._start_tokenizer())
+    assert tokens._offload is None
+    assert "no tokenizer process (no /dev/shm); big prompts are counted in threads" in caplog.text
+    text = fresh_text(5000)
+    encoding = tokens.load_encoding("o200k_base")
+    assert tokens.count_texts([text], "gpt-4o") == len(encoding.encode_ordinary(text))
