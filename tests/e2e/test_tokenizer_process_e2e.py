@@ -4,12 +4,12 @@ the proxy, whether it is stopped or killed."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from tests.support.procfs import alive, children_of, wait_until_gone
 from tests.support.proxy import DrawdownProcess
 
 pytestmark = pytest.mark.e2e
@@ -27,30 +27,6 @@ budgets:
   - {scope: "agent:*", usd: 100}
 """
 STARTED = r"tokenizer process (\d+) counts prompt texts of (\d+) characters or more"
-
-
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/status") as status:
-            return "State:\tZ" not in status.read()
-    except FileNotFoundError:
-        return False
-
-
-def wait_until_gone(pid: int, timeout: float = 20.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not alive(pid):
-            return True
-        time.sleep(0.05)
-    return False
-
-
-def children_of(pid: int) -> set[int]:
-    found: set[int] = set()
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        found |= {int(child) for child in (task / "children").read_text().split()}
-    return found
 
 
 def tokenizer_child(proxy: DrawdownProcess) -> tuple[int, int]:

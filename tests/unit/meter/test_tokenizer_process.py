@@ -17,22 +17,7 @@ import pytest
 from drawdown.meter import tokenizer_process, tokens
 from drawdown.meter.tokenizer_process import TokenizerProcess
 
-
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/status") as status:
-            return "State:\tZ" not in status.read()  # a zombie has exited
-    except FileNotFoundError:
-        return False
-
-
-def wait_until_gone(pid: int, timeout: float = 20.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not alive(pid):
-            return True
-        time.sleep(0.05)
-    return False
+from tests.support.procfs import alive, wait_until_gone
 
 
 def fresh_text(words: int) -> str:
@@ -147,12 +132,14 @@ def test_the_child_exits_when_its_parent_is_killed() -> None:
     parent = subprocess.Popen(
         [sys.executable, "-c", code],
         stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
         text=True,
     )
     try:
-        assert parent.stdout is not None
-        child_pid = int(parent.stdout.readline())
+        assert parent.stdout is not None and parent.stderr is not None
+        line = parent.stdout.readline()
+        assert line.strip().isdigit(), parent.stderr.read()
+        child_pid = int(line)
         assert alive(child_pid)
         parent.kill()
         parent.wait(10)
