@@ -316,7 +316,7 @@ class Drawdown:
             self._open_ledger(ctx.options.drawdown_db)
         if "drawdown_tokenizer_process" in updated and self._running:
             if ctx.options.drawdown_tokenizer_process:
-                self._spawn(self._start_tokenizer())
+                tokenizer_process.use_tokenizer_process()
             else:  # joining the child is blocking
                 self._spawn(asyncio.to_thread(tokenizer_process.stop_tokenizer_process))
         if updated & {"listen_host", "proxyauth"}:
@@ -330,6 +330,8 @@ class Drawdown:
 
     def running(self) -> None:
         self._running = True
+        if ctx.options.drawdown_tokenizer_process:
+            tokenizer_process.use_tokenizer_process()  # its child starts on the first big text
         self._spawn(self._warm_up())
         self._spawn(self._maintain())
         self._spawn(self._checkpoints())
@@ -349,28 +351,10 @@ class Drawdown:
 
     async def _warm_up(self) -> None:
         await asyncio.to_thread(meter.warm_up)
-        if ctx.options.drawdown_tokenizer_process:
-            await self._start_tokenizer()
         # Everything loaded so far (mitmproxy, price data, policies) lives as long as the process:
         # freezing it keeps the garbage collector's full passes from rescanning it while traffic
         # flows (they paused the loop ~80 ms each).
         gc.freeze()
-
-    async def _start_tokenizer(self) -> None:
-        try:
-            process = await asyncio.to_thread(tokenizer_process.start_tokenizer_process)
-            pid = await asyncio.to_thread(process.pid)
-        except Exception as exc:  # counting on worker threads still works
-            tokenizer_process.stop_tokenizer_process()
-            log.warning(
-                "drawdown: no tokenizer process (%s); big prompts are counted in threads", exc
-            )
-            return
-        log.info(
-            "drawdown: tokenizer process %s counts prompt texts of %d characters or more",
-            pid,
-            tokenizer_process.OFFLOAD_CHARS,
-        )
 
     def done(self) -> None:
         self._running = False

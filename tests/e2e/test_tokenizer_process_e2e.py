@@ -43,7 +43,7 @@ def estimate_of(proxy: DrawdownProcess, run: str) -> tuple[int, int]:
     return tokens, usd
 
 
-def send_big_prompt(proxy: DrawdownProcess, run: str, size: int) -> None:
+def send_prompt(proxy: DrawdownProcess, run: str, size: int) -> None:
     text = " ".join(
         f"paragraph {i} of a long document the agent pasted." for i in range(size // 45)
     )
@@ -59,9 +59,12 @@ def test_a_big_prompt_is_charged_the_same_when_counted_in_the_tokenizer_process(
     drawdown_proxy: Factory, tmp_path: Path
 ) -> None:
     proxy = drawdown_proxy(POLICY)
+    send_prompt(proxy, "small", 2000)
+    assert not children_of(proxy.pid)  # no child until a prompt needs one
+    send_prompt(proxy, "first", 40_000)  # counted on a thread while the child starts
     child, threshold = tokenizer_child(proxy)
     assert child in children_of(proxy.pid)
-    send_big_prompt(proxy, "in-process", 4 * threshold)
+    send_prompt(proxy, "in-process", 4 * threshold)
     assert alive(child)  # it counted the prompt and is still there for the next one
 
     threaded = drawdown_proxy(
@@ -69,7 +72,8 @@ def test_a_big_prompt_is_charged_the_same_when_counted_in_the_tokenizer_process(
         db=tmp_path / "threaded.db",
         extra_args=["--set", "drawdown_tokenizer_process=false"],
     )
-    send_big_prompt(threaded, "on-a-thread", 4 * threshold)
+    send_prompt(threaded, "first", 40_000)
+    send_prompt(threaded, "on-a-thread", 4 * threshold)
     assert "tokenizer process" not in threaded.log_text()
     assert not children_of(threaded.pid)
 
@@ -83,6 +87,7 @@ def test_a_big_prompt_is_charged_the_same_when_counted_in_the_tokenizer_process(
 
 def test_a_killed_proxy_leaves_no_tokenizer_process(drawdown_proxy: Factory) -> None:
     proxy = drawdown_proxy(POLICY)
+    send_prompt(proxy, "first", 40_000)
     child, _ = tokenizer_child(proxy)
     proxy.kill()
     assert wait_until_gone(child), "the tokenizer process outlived a killed proxy"

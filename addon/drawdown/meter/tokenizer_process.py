@@ -6,10 +6,10 @@ with the encode in a child process they ran late by 0.4 ms at p99 (BENCHMARKS.md
 request in flight pays that lateness, so a proxy counts big prompts out of process.
 
 The child is a `concurrent.futures.ProcessPoolExecutor` of one spawned process (never forked: the
-proxy runs threads). It receives the text, returns an int. If it is missing or dies, the text is
-counted in the calling thread and a new child is started for the next one: a request is never
-held up or dropped because the tokenizer process is gone. A child whose parent dies exits when
-its end of the pipe closes.
+proxy runs threads), started on the first big text. It receives the text, returns an int. While
+it starts, or if it is missing or dies, texts are counted in the calling thread (and a new child
+is started): a request is never held up or dropped because of the tokenizer process. The child
+ignores Ctrl-C (the proxy stops it) and exits with its parent, even one killed with SIGKILL.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ import multiprocessing.connection
 import os
 import signal
 import threading
-from concurrent.futures import ProcessPoolExecutor
+import time
+from concurrent.futures import Future, ProcessPoolExecutor
 
 from . import tokens
 
@@ -29,6 +30,8 @@ log = logging.getLogger(__name__)
 # Texts shorter than this are counted in the calling thread: a round trip to the child costs
 # about 0.2 ms, an encode of 32k characters about 3 ms.
 OFFLOAD_CHARS = 32 * 1024
+# After a child failed to start, texts are counted in threads for this long before a retry.
+RETRY_SECONDS = 60.0
 
 
 def _count_in_child(encoding: str, text: str) -> int:
@@ -57,36 +60,88 @@ def _exit_with(sentinel: int) -> None:
 
 
 class TokenizerProcess:
-    """One child process that counts texts; `count` is called from worker threads and blocks."""
+    """One child process that counts texts; `count` is called from worker threads and blocks.
+
+    Started on the first text that needs it (`count` answers None until the child is ready, so
+    that text and any others meanwhile are counted by their caller): a proxy whose agents never
+    send a big prompt spends neither the child's memory nor its start-up CPU.
+    """
 
     # o200k_base alone takes ~77 MB in the child; cl100k_base (older models) loads on first use.
     def __init__(self, encodings: tuple[str, ...] = ("o200k_base",)) -> None:
         self._encodings = encodings
         self._lock = threading.Lock()
         self._executor: ProcessPoolExecutor | None = None
+        self._starting: Future[int] | None = None
+        self._ready = False
+        self._failed_at = -RETRY_SECONDS
         self._closed = False
         self.counted = 0  # texts the child has counted, for tests and the bench
+        self.starts = 0  # children spawned
 
     def start(self, wait: bool = True) -> None:
-        """Spawn the child and load its encodings (about a second; call it off the event loop)."""
+        """Spawn the child (unless there is one) and load its encodings: about a second, in the
+        background unless `wait`. Raises, with `wait`, if the child could not start."""
         with self._lock:
             if self._closed:
                 return
             if self._executor is None:
-                self._executor = ProcessPoolExecutor(
-                    max_workers=1,
-                    mp_context=multiprocessing.get_context("spawn"),
-                    initializer=_init_child,
-                    initargs=(self._encodings,),
-                )
-            warmed = self._executor.submit(_child_pid)
-        if wait:
-            warmed.result()
+                self._ready = False
+                self.starts += 1
+                try:
+                    self._executor = ProcessPoolExecutor(
+                        max_workers=1,
+                        mp_context=multiprocessing.get_context("spawn"),
+                        initializer=_init_child,
+                        initargs=(self._encodings,),
+                    )
+                    self._starting = self._executor.submit(_child_pid)
+                except Exception as exc:
+                    self._executor, self._starting = None, None
+                    self._failed(exc)
+                    if wait:
+                        raise
+                    return
+                self._starting.add_done_callback(self._started)
+            starting = self._starting
+        if wait and starting is not None:
+            starting.result()
+            self._started(starting)  # its callback may run just after result() returns
+
+    def _started(self, future: Future[int]) -> None:
+        exc = future.exception() if not future.cancelled() else None
+        if future.cancelled() or exc is not None:
+            with self._lock:
+                executor = self._executor if self._starting is future else None
+                if executor is not None:
+                    self._executor, self._starting = None, None
+            if executor is not None:
+                executor.shutdown(wait=False, cancel_futures=True)
+                self._failed(exc)
+            return
+        with self._lock:
+            if self._starting is not future or self._ready:
+                return  # a replaced child's, or told already (by start(wait=True))
+            self._ready = True
+        log.info(
+            "drawdown: tokenizer process %s counts prompt texts of %d characters or more",
+            future.result(),
+            OFFLOAD_CHARS,
+        )
+
+    def _failed(self, exc: BaseException | None) -> None:
+        self._failed_at = time.monotonic()
+        log.warning(
+            "drawdown: the tokenizer process could not start (%s); big prompts are counted in "
+            "threads, and it is tried again in %d s",
+            exc,
+            RETRY_SECONDS,
+        )
 
     def pid(self) -> int | None:
-        """The child's process id, or None when there is none."""
+        """The child's process id, or None when there is none (or it is not ready yet)."""
         with self._lock:
-            executor = self._executor
+            executor = self._executor if self._ready else None
         if executor is None:
             return None
         try:
@@ -95,10 +150,14 @@ class TokenizerProcess:
             return None
 
     def count(self, encoding: str, text: str) -> int | None:
-        """The token count of `text`, or None if the child could not give it (count it here)."""
+        """The token count of `text`, or None if the child cannot give it now (count it here)."""
         with self._lock:
-            executor = self._executor
+            executor, ready = self._executor, self._ready
         if executor is None:
+            if time.monotonic() - self._failed_at >= RETRY_SECONDS:
+                self.start(wait=False)
+            return None
+        if not ready:
             return None
         try:
             counted = executor.submit(_count_in_child, encoding, text).result()
@@ -113,7 +172,7 @@ class TokenizerProcess:
         with self._lock:
             if self._executor is not broken or self._closed:
                 return  # another thread replaced it already, or we are shutting down
-            self._executor = None
+            self._executor, self._starting, self._ready = None, None, False
         log.warning("drawdown: the tokenizer process failed (%s); starting a new one", exc)
         broken.shutdown(wait=False, cancel_futures=True)
         self.start(wait=False)  # spawned in the background while this text is counted here
@@ -121,7 +180,7 @@ class TokenizerProcess:
     def close(self) -> None:
         with self._lock:
             self._closed = True
-            executor, self._executor = self._executor, None
+            executor, self._executor, self._ready = self._executor, None, False
         if executor is not None:
             executor.shutdown(wait=True, cancel_futures=True)
 
@@ -129,12 +188,11 @@ class TokenizerProcess:
 _current: TokenizerProcess | None = None
 
 
-def start_tokenizer_process() -> TokenizerProcess:
-    """Start the process-wide tokenizer child and count texts of OFFLOAD_CHARS or more in it."""
+def use_tokenizer_process() -> TokenizerProcess:
+    """Count texts of OFFLOAD_CHARS or more in a process-wide child, started on first need."""
     global _current
     if _current is None:
         _current = TokenizerProcess()
-    _current.start()
     tokens.offload_big_texts(_current.count, OFFLOAD_CHARS)
     return _current
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import signal
@@ -73,9 +72,9 @@ def test_a_killed_child_loses_no_count_and_is_replaced(offloaded: TokenizerProce
     text = fresh_text(5000)
     # Counted in this thread while a new child starts.
     assert tokens.count_texts([text], "gpt-4o") == len(encoding.encode_ordinary(text))
-    assert offloaded.counted == 0
-    second = offloaded.pid()
-    assert second is not None and second != first
+    assert (offloaded.counted, offloaded.starts) == (0, 2)
+    second = wait_until_ready(offloaded)
+    assert second != first
     again = fresh_text(5000)
     assert tokens.count_texts([again], "gpt-4o") == len(encoding.encode_ordinary(again))
     assert offloaded.counted == 1
@@ -104,17 +103,53 @@ def test_close_ends_the_child_and_counting_falls_back() -> None:
     assert process.pid() is None
 
 
-def test_the_module_wide_process_is_wired_into_count_texts() -> None:
-    process = tokenizer_process.start_tokenizer_process()
+def wait_until_ready(process: TokenizerProcess, timeout: float = 30.0) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        pid = process.pid()
+        if pid is not None:
+            return pid
+        time.sleep(0.05)
+    raise AssertionError("the tokenizer process did not start")
+
+
+def test_the_child_starts_on_the_first_big_text_which_is_counted_meanwhile() -> None:
+    process = tokenizer_process.use_tokenizer_process()
     try:
-        text = "x " * tokenizer_process.OFFLOAD_CHARS
-        tokens.count_texts([text + str(uuid.uuid4())], "gpt-4o")
-        assert process.counted == 1
+        assert process.starts == 0 and process.pid() is None  # nothing spawned at start-up
+        encoding = tokens.load_encoding("o200k_base")
+        first = "x " * tokenizer_process.OFFLOAD_CHARS + str(uuid.uuid4())
+        assert tokens.count_texts([first], "gpt-4o") == len(encoding.encode_ordinary(first))
+        assert (process.starts, process.counted) == (1, 0)  # counted here while it starts
+        child = wait_until_ready(process)
+        assert child != os.getpid()
+        second = "y " * tokenizer_process.OFFLOAD_CHARS + str(uuid.uuid4())
+        assert tokens.count_texts([second], "gpt-4o") == len(encoding.encode_ordinary(second))
+        assert (process.starts, process.counted) == (1, 1)
     finally:
         tokenizer_process.stop_tokenizer_process()
     assert tokens._offload is None
-    pid = process.pid()
-    assert pid is None
+    assert wait_until_gone(child)
+
+
+def test_a_child_that_cannot_start_is_retried_later_and_counting_goes_on(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise OSError("no /dev/shm")
+
+    monkeypatch.setattr(tokenizer_process, "ProcessPoolExecutor", refuse)
+    process = TokenizerProcess()
+    with caplog.at_level(logging.WARNING):
+        assert process.count("o200k_base", "hello world") is None
+    assert "could not start (no /dev/shm); big prompts are counted in threads" in caplog.text
+    assert process.count("o200k_base", "hello world") is None
+    assert process.starts == 1  # not retried on every big text
+    process._failed_at -= tokenizer_process.RETRY_SECONDS
+    assert process.count("o200k_base", "hello world") is None
+    assert process.starts == 2
+    with pytest.raises(OSError):
+        process.start(wait=True)
 
 
 def test_the_child_exits_when_its_parent_is_killed() -> None:
@@ -147,21 +182,3 @@ def test_the_child_exits_when_its_parent_is_killed() -> None:
     finally:
         if parent.poll() is None:
             parent.kill()
-
-
-def test_a_proxy_whose_tokenizer_process_cannot_start_counts_on_threads(
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    from drawdown.addon import Drawdown
-
-    def refuse() -> TokenizerProcess:
-        raise OSError("no /dev/shm")
-
-    monkeypatch.setattr(tokenizer_process, "start_tokenizer_process", refuse)
-    with caplog.at_level(logging.WARNING):
-        asyncio.run(Drawdown()._start_tokenizer())
-    assert tokens._offload is None
-    assert "no tokenizer process (no /dev/shm); big prompts are counted in threads" in caplog.text
-    text = fresh_text(5000)
-    encoding = tokens.load_encoding("o200k_base")
-    assert tokens.count_texts([text], "gpt-4o") == len(encoding.encode_ordinary(text))
