@@ -82,6 +82,7 @@ class TokenizerProcess:
     def start(self, wait: bool = True) -> None:
         """Spawn the child (unless there is one) and load its encodings: about a second, in the
         background unless `wait`. Raises, with `wait`, if the child could not start."""
+        spawned = False
         with self._lock:
             if self._closed:
                 return
@@ -102,8 +103,10 @@ class TokenizerProcess:
                     if wait:
                         raise
                     return
-                self._starting.add_done_callback(self._started)
+                spawned = True
             starting = self._starting
+        if spawned and starting is not None:  # outside the lock: a done future calls back at once
+            starting.add_done_callback(self._started)
         if wait and starting is not None:
             starting.result()
             self._started(starting)  # its callback may run just after result() returns

@@ -8,9 +8,11 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import Future
 
 import pytest
 from drawdown.meter import tokenizer_process, tokens
@@ -182,3 +184,29 @@ def test_the_child_exits_when_its_parent_is_killed() -> None:
     finally:
         if parent.poll() is None:
             parent.kill()
+
+
+def test_a_child_ready_at_once_does_not_deadlock_its_start(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The start callback takes the lock: it must not be attached while start() holds it."""
+
+    class Instant:
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            pass
+
+        def submit(self, fn: object, *args: object) -> Future[int]:
+            done: Future[int] = Future()
+            done.set_result(4242)
+            return done
+
+        def shutdown(self, *args: object, **kwargs: object) -> None:
+            pass
+
+    monkeypatch.setattr(tokenizer_process, "ProcessPoolExecutor", Instant)
+    process = TokenizerProcess()
+    starter = threading.Thread(target=process.start, kwargs={"wait": False}, daemon=True)
+    starter.start()
+    starter.join(5)
+    assert not starter.is_alive(), "start() deadlocked on its own lock"
+    assert process.pid() == 4242
