@@ -34,10 +34,6 @@ OFFLOAD_CHARS = 32 * 1024
 RETRY_SECONDS = 60.0
 
 
-def _count_in_child(encoding: str, text: str) -> int:
-    return len(tokens.load_encoding(encoding).encode_ordinary(text))
-
-
 def _child_pid() -> int:
     return os.getpid()
 
@@ -72,8 +68,7 @@ class TokenizerProcess:
         self._encodings = encodings
         self._lock = threading.Lock()
         self._executor: ProcessPoolExecutor | None = None
-        self._starting: Future[int] | None = None
-        self._ready = False
+        self._starting: Future[int] | None = None  # the child's first answer: ready when done
         self._failed_at = -RETRY_SECONDS
         self._closed = False
         self.counted = 0  # texts the child has counted, for tests and the bench
@@ -87,7 +82,6 @@ class TokenizerProcess:
             if self._closed:
                 return
             if self._executor is None:
-                self._ready = False
                 self.starts += 1
                 try:
                     self._executor = ProcessPoolExecutor(
@@ -109,7 +103,6 @@ class TokenizerProcess:
             starting.add_done_callback(self._started)
         if wait and starting is not None:
             starting.result()
-            self._started(starting)  # its callback may run just after result() returns
 
     def _started(self, future: Future[int]) -> None:
         exc = future.exception() if not future.cancelled() else None
@@ -123,9 +116,8 @@ class TokenizerProcess:
                 self._failed(exc)
             return
         with self._lock:
-            if self._starting is not future or self._ready:
-                return  # a replaced child's, or told already (by start(wait=True))
-            self._ready = True
+            if self._starting is not future:
+                return  # a replaced child's
         log.info(
             "drawdown: tokenizer process %s counts prompt texts of %d characters or more",
             future.result(),
@@ -141,10 +133,17 @@ class TokenizerProcess:
             RETRY_SECONDS,
         )
 
+    def _ready(self) -> ProcessPoolExecutor | None:
+        """The executor, if its child has started and answered."""
+        with self._lock:
+            executor, starting = self._executor, self._starting
+        if starting is None or not starting.done() or starting.cancelled():
+            return None
+        return executor if starting.exception() is None else None
+
     def pid(self) -> int | None:
         """The child's process id, or None when there is none (or it is not ready yet)."""
-        with self._lock:
-            executor = self._executor if self._ready else None
+        executor = self._ready()
         if executor is None:
             return None
         try:
@@ -154,16 +153,15 @@ class TokenizerProcess:
 
     def count(self, encoding: str, text: str) -> int | None:
         """The token count of `text`, or None if the child cannot give it now (count it here)."""
-        with self._lock:
-            executor, ready = self._executor, self._ready
+        executor = self._ready()
         if executor is None:
-            if time.monotonic() - self._failed_at >= RETRY_SECONDS:
+            with self._lock:
+                idle = self._executor is None
+            if idle and time.monotonic() - self._failed_at >= RETRY_SECONDS:
                 self.start(wait=False)
             return None
-        if not ready:
-            return None
         try:
-            counted = executor.submit(_count_in_child, encoding, text).result()
+            counted = executor.submit(tokens.count_encoded, encoding, text).result()
         except Exception as exc:
             self._replace(executor, exc)
             return None
@@ -175,7 +173,7 @@ class TokenizerProcess:
         with self._lock:
             if self._executor is not broken or self._closed:
                 return  # another thread replaced it already, or we are shutting down
-            self._executor, self._starting, self._ready = None, None, False
+            self._executor, self._starting = None, None
         log.warning("drawdown: the tokenizer process failed (%s); starting a new one", exc)
         broken.shutdown(wait=False, cancel_futures=True)
         self.start(wait=False)  # spawned in the background while this text is counted here
@@ -183,7 +181,7 @@ class TokenizerProcess:
     def close(self) -> None:
         with self._lock:
             self._closed = True
-            executor, self._executor, self._ready = self._executor, None, False
+            executor, self._executor = self._executor, None
         if executor is not None:
             executor.shutdown(wait=True, cancel_futures=True)
 

@@ -64,6 +64,11 @@ def encoding_for(model: str | None) -> tiktoken.Encoding:
     return load_encoding(encoding_name_for(model))
 
 
+def count_encoded(encoding: str, text: str) -> int:
+    """Tokens of `text` in the encoding named `encoding` (also what the tokenizer process runs)."""
+    return len(load_encoding(encoding).encode_ordinary(text))
+
+
 def count_tokens(text: str, model: str | None) -> int:
     """Number of tokens in `text` (special-token text counts as ordinary text)."""
     if not text:
@@ -106,7 +111,7 @@ class _CountCache:
         if _offload is not None and len(text) >= _offload_chars:
             counted = _offload(encoding, text)
         if counted is None:  # outside the lock: tiktoken releases the GIL for part of it
-            counted = len(load_encoding(encoding).encode_ordinary(text))
+            counted = count_encoded(encoding, text)
         cost = self._cost(text)
         with self._lock:
             if key not in self._counts and cost <= self._max_bytes // 4:
