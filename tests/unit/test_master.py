@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import pytest
 from drawdown.addon import Drawdown
 from drawdown.cli import Announce
 from drawdown.master import AddonGroup, DrawdownMaster
@@ -83,3 +84,96 @@ def test_a_failing_user_script_does_not_skip_mitmproxys_later_addons(tmp_path: A
     flow = asyncio.run(main())
     # modifyheaders runs after ScriptLoader in mitmdump's order; the script has its own entry
     assert flow.request.headers["x-added"] == "yes"
+
+
+def test_a_groups_hooks_are_looked_up_once_per_event(tmp_path: Any) -> None:
+    lookups: list[str] = []
+    ran: list[str] = []
+
+    class Counted:
+        def __getattribute__(self, name: str) -> Any:
+            if name in ("requestheaders", "update"):
+                lookups.append(name)
+            return object.__getattribute__(self, name)
+
+        def requestheaders(self, flow: Any) -> None:
+            ran.append(flow.id)
+
+    async def main() -> list[Any]:
+        master = DrawdownMaster(options.Options(confdir=str(tmp_path)), tail=[Counted()])
+        lookups.clear()  # registering it looked at it too
+        flows = [tflow.tflow() for _ in range(3)]
+        for flow in flows:
+            await master.addons.handle_lifecycle(HttpRequestHeadersHook(flow))
+        return flows
+
+    flows = asyncio.run(main())
+    assert ran == [flow.id for flow in flows]  # every event still reaches the hook ...
+    # ... found once, and the `update` pass after each event once too (it reaches no one)
+    assert lookups == ["requestheaders", "update"]
+
+
+def test_grouped_dispatch_reaches_what_mitmproxys_own_lookup_finds(tmp_path: Any) -> None:
+    from mitmproxy.proxy.layers import http as layers
+
+    flow = tflow.tflow(resp=True)
+    events = [
+        layers.HttpRequestHeadersHook(flow),
+        layers.HttpRequestHook(flow),
+        layers.HttpResponseHeadersHook(flow),
+        layers.HttpResponseHook(flow),
+        layers.HttpErrorHook(flow),
+    ]
+
+    def build() -> Any:
+        return DrawdownMaster(options.Options(confdir=str(tmp_path)), tail=[Drawdown()])
+
+    master = _in_loop(build)
+    groups = [a for a in master.addons.chain if isinstance(a, AddonGroup)]
+    for event in events:
+        for group in groups:
+            cached = list(master.addons._iter_hooks(group, event))
+            uncached = list(super(type(master.addons), master.addons)._iter_hooks(group, event))
+            assert cached == uncached, event.name
+
+
+def test_an_addon_with_children_of_its_own_cannot_join_a_group() -> None:
+    from mitmproxy.addons.script import ScriptLoader
+
+    with pytest.raises(ValueError, match="ScriptLoader"):
+        AddonGroup("bad", [ScriptLoader()])
+
+
+def test_the_update_pass_runs_only_when_some_addon_has_an_update_hook(tmp_path: Any) -> None:
+    script = tmp_path / "updates.py"
+    script.write_text("seen = []\ndef update(flows):\n    seen.extend(f.id for f in flows)\n")
+
+    async def main() -> tuple[list[str], list[str], Any, Any]:
+        master = DrawdownMaster(options.Options(confdir=str(tmp_path)), tail=[Drawdown()])
+        passes: list[str] = []
+        trigger = master.addons.trigger_event
+
+        async def recorded(event: Any) -> None:
+            passes.append(event.name)
+            await trigger(event)
+
+        master.addons.trigger_event = recorded  # type: ignore[method-assign]
+        first = tflow.tflow()
+        await master.addons.handle_lifecycle(HttpRequestHeadersHook(first))
+        before = list(passes)
+
+        master.options.update(scripts=[str(script)])
+        loader = master.addons.get("scriptloader")
+        for _ in range(200):  # mitmproxy loads scripts on a task of their own
+            if loader.addons and loader.addons[0].ns is not None:
+                break
+            await asyncio.sleep(0.01)
+        passes.clear()
+        second = tflow.tflow()
+        await master.addons.handle_lifecycle(HttpRequestHeadersHook(second))
+        return before, passes, loader.addons[0].ns, second
+
+    before, after, namespace, second = asyncio.run(main())
+    assert before == ["requestheaders"]  # no addon of mitmdump's or drawdown's has `update`
+    assert after == ["requestheaders", "update"]
+    assert namespace.seen == [second.id]
