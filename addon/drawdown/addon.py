@@ -255,6 +255,9 @@ class Drawdown:
         # What we set allow_hosts to for `unknown_hosts: passthrough` (never a user's own value).
         self._managed_allow_hosts: list[str] = []
         self._running = False
+        # Option values every request needs, kept as configure sees them change.
+        self._secret_password = False
+        self._shared_runs = False
 
     # --- mitmproxy lifecycle -------------------------------------------------------------
 
@@ -319,6 +322,12 @@ class Drawdown:
                 tokenizer_process.use_tokenizer_process()
             else:  # joining the child is blocking
                 self._spawn(asyncio.to_thread(tokenizer_process.stop_tokenizer_process))
+        if "proxyauth" in updated:
+            # With real credentials (htpasswd, user:pass) the password is a secret.
+            auth = ctx.options.proxyauth
+            self._secret_password = bool(auth) and auth != "any"
+        if "drawdown_shared_runs" in updated:
+            self._shared_runs = ctx.options.drawdown_shared_runs
         if updated & {"listen_host", "proxyauth"}:
             host = ctx.options.listen_host
             if not _loopback(host) and not ctx.options.proxyauth:
@@ -517,22 +526,23 @@ class Drawdown:
         credentials = validated or self.tunnel_credentials.get(flow.client_conn)
         if credentials is None and (value := flow.request.headers.get("proxy-authorization")):
             credentials = _basic_credentials(value)
-        # With real credentials configured (htpasswd, user:pass) the password is a secret:
-        # it must never become a run id in the ledger.
-        secret_password = bool(ctx.options.proxyauth) and ctx.options.proxyauth != "any"
+        headers = header_map(flow.request.headers.fields)
         caller = Caller(
-            headers=header_map(flow.request.headers.fields),
+            headers=headers,
             proxy_user=credentials[0] if credentials else None,
-            proxy_password=credentials[1] if credentials and not secret_password else None,
+            # A password that is a real secret must never become a run id in the ledger.
+            proxy_password=credentials[1] if credentials and not self._secret_password else None,
             client_ip=flow.client_conn.peername[0] if flow.client_conn.peername else None,
             authenticated_user=validated[0] if validated else None,
         )
         now = time.time()
-        idle_runs = None if ctx.options.drawdown_shared_runs else self.idle_runs
+        idle_runs = None if self._shared_runs else self.idle_runs
         identity = identify(self.policy.identity, caller, idle_runs, now)
-        for name in identity_headers(list(flow.request.headers.keys())):
+        # Names from the map built above: Headers.keys() looks every name up again, a scan each.
+        for name in identity_headers(list(headers)):
             del flow.request.headers[name]
-        flow.request.headers.pop("proxy-authorization", None)
+        if "proxy-authorization" in headers:
+            del flow.request.headers["proxy-authorization"]
         flow.metadata[STATE] = FlowState(identity=identity, started=now)
 
     async def request(self, flow: http.HTTPFlow) -> None:
@@ -658,7 +668,8 @@ class Drawdown:
             host=flow.request.host,
             port=flow.request.port,
             path=flow.request.path.split("?", 1)[0],
-            query=dict(flow.request.query.items()),
+            # Parsing an absent query string still builds a MultiDictView: skip it.
+            query=dict(flow.request.query.items()) if "?" in flow.request.path else {},
             headers=flow.request.headers,
             body=flow.request.get_content(strict=False) or b"",
         )

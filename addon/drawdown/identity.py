@@ -8,6 +8,7 @@ can forge extra levels or escape its scope with `/`, `:` or control characters.
 from __future__ import annotations
 
 import hashlib
+import re
 import secrets
 import threading
 from collections import OrderedDict
@@ -22,10 +23,15 @@ IDENTITY_HEADER_PREFIX = "x-drawdown-"
 _ESCAPE = {"%": "%25", "/": "%2F", ":": "%3A"}
 
 
+_ALREADY_CLEAN = re.compile(rf"[A-Za-z0-9._~@+=-]{{1,{MAX_VALUE_LENGTH}}}")
+
+
 def clean_value(raw: str | None) -> str | None:
     """A value safe to put in a scope path: no separators, no control characters, bounded length."""
     if raw is None:
         return None
+    if _ALREADY_CLEAN.fullmatch(raw):  # the usual agent or run name: nothing to strip or escape
+        return raw
     text = "".join(ch for ch in raw.strip() if ch.isprintable())
     text = "".join(_ESCAPE.get(ch, "%20" if ch.isspace() else ch) for ch in text)
     if not text:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from drawdown.identity import Caller, IdleRuns, clean_value, identify, identity_headers
 from drawdown.policy.model import Source
 from drawdown.policy.schema import DEFAULT_IDENTITY
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 
 def caller(headers: dict[str, str] | None = None, **kw: str) -> Caller:
@@ -84,6 +86,26 @@ def test_hostile_values_cannot_escape_their_level() -> None:
         clean_value("x" * 10_000) == long and clean_value("x" * 9_999) != long
     )  # distinct ids stay distinct
     assert clean_value(" \t ") is None
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=200))
+def test_any_value_comes_out_safe_for_a_scope_path(raw: str) -> None:
+    value = clean_value(raw)
+    if value is None:
+        return
+    assert 0 < len(value) <= 128
+    assert "/" not in value and ":" not in value
+    assert value.isprintable() and not any(ch.isspace() for ch in value)
+
+
+def test_plain_values_pass_unchanged_up_to_the_length_bound() -> None:
+    plain = "run-2026.11_26~a@b+c=d"
+    assert clean_value(plain) == plain
+    assert clean_value("r" * 128) == "r" * 128
+    hashed = clean_value("r" * 129)  # one over the bound: shortened, with a digest
+    assert hashed is not None and len(hashed) == 128 and hashed != "r" * 128
+    assert clean_value("a b") == "a%20b" and clean_value(" ab ") == "ab"
 
 
 def test_identity_headers_to_strip() -> None:
