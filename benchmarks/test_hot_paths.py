@@ -218,3 +218,85 @@ def test_reserve_and_commit_batches_sqlite(benchmark: Any, policy: Policy, tmp_p
         assert benchmark(hundred_lifecycles) == 100
     finally:
         ledger.close()
+
+
+def test_dispatch_a_requests_events(benchmark: Any, tmp_path: Path) -> None:
+    """mitmproxy's addon dispatch as `drawdown run` drives it (every mitmdump addon, grouped):
+    a request's four flow events, each followed by mitmproxy's `update` pass when one is due."""
+    import asyncio
+
+    from drawdown.master import DrawdownMaster
+    from mitmproxy import options
+    from mitmproxy.proxy.layers import http as layers
+    from mitmproxy.test import tflow
+
+    reached: list[str] = []
+
+    class Tail:  # stands in for drawdown's hooks, which the other benchmarks time
+        def requestheaders(self, flow: Any) -> None:
+            reached.append("requestheaders")
+
+        def response(self, flow: Any) -> None:
+            reached.append("response")
+
+    loop = asyncio.new_event_loop()
+
+    async def build() -> Any:
+        return DrawdownMaster(options.Options(confdir=str(tmp_path)), tail=[Tail()])
+
+    master = loop.run_until_complete(build())
+    flow = tflow.tflow(resp=True)
+    events = [
+        layers.HttpRequestHeadersHook(flow),
+        layers.HttpRequestHook(flow),
+        layers.HttpResponseHeadersHook(flow),
+        layers.HttpResponseHook(flow),
+    ]
+
+    async def dispatch() -> None:
+        for event in events:
+            await master.addons.handle_lifecycle(event)
+
+    try:
+        benchmark(lambda: loop.run_until_complete(dispatch()))
+    finally:
+        loop.close()
+    assert reached[-2:] == ["requestheaders", "response"]
+
+
+def test_requestheaders_hook(benchmark: Any, tmp_path: Path) -> None:
+    """drawdown's first hook on every request: identity from headers and proxy credentials,
+    identity headers stripped before forwarding."""
+    from drawdown.addon import STATE, Drawdown
+    from mitmproxy import http
+    from mitmproxy.addons import proxyauth
+    from mitmproxy.test import taddons, tflow
+
+    fields = (
+        (b"Host", b"api.openai.com"), (b"Content-Type", b"application/json"),
+        (b"Authorization", b"Bearer sk-not-a-key"), (b"User-Agent", b"OpenAI/Python 1.99"),
+        (b"X-Drawdown-Tenant", b"acme"), (b"X-Drawdown-Agent", b"research"),
+        (b"X-Drawdown-Run", b"r1"), (b"Content-Length", b"%d" % len(BODY)),
+    )  # fmt: skip
+    addon = Drawdown()
+    with taddons.context(proxyauth.ProxyAuth(), addon) as tctx:
+        tctx.configure(
+            addon,
+            drawdown_policy=str(ROOT / "policies" / "example.yaml"),
+            drawdown_db=str(tmp_path / "bench.db"),
+            drawdown_tokenizer_process=False,
+        )
+        flow = tflow.tflow()
+
+        def hook() -> Any:
+            flow.request.headers = http.Headers(fields)
+            flow.metadata.clear()
+            addon.requestheaders(flow)
+            return flow.metadata[STATE].identity
+
+        try:
+            identity = benchmark(hook)
+        finally:
+            addon.done()
+    assert identity.path == "tenant:acme/agent:research/run:r1"
+    assert not any(k.lower().startswith("x-drawdown-") for k in flow.request.headers)
