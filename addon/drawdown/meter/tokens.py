@@ -73,7 +73,7 @@ def count_tokens(text: str, model: str | None) -> int:
     """Number of tokens in `text` (special-token text counts as ordinary text)."""
     if not text:
         return 0
-    return len(encoding_for(model).encode_ordinary(text))
+    return count_encoded(encoding_name_for(model), text)
 
 
 # What an entry costs beyond its text (the key tuple, the ordered dict's slot and node, the
