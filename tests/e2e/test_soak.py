@@ -12,11 +12,11 @@ and breaks the bound.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.support.scripts import load_script
 
 pytestmark = pytest.mark.e2e
 
@@ -25,18 +25,8 @@ SAMPLE_EVERY = 500
 MAX_GROWTH_KIB = 3_072  # per 1,000 requests over the second half: 3 KiB a request
 
 
-def _soak_module():
-    path = Path(__file__).resolve().parents[2] / "scripts" / "soak.py"
-    spec = importlib.util.spec_from_file_location("drawdown_soak", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve their module by name
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_reduced_soak_balances_its_books_and_levels_off(tmp_path: Path) -> None:
-    soak = _soak_module()
+    soak = load_script("soak")
     result = soak.soak(REQUESTS, concurrency=12, sample_every=SAMPLE_EVERY, directory=tmp_path)
     report = result.table(1_000)
     assert result.ok, (
