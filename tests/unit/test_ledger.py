@@ -8,6 +8,7 @@ connections and secrets in messages.
 
 from __future__ import annotations
 
+import asyncio
 import multiprocessing
 import socket
 import threading
@@ -363,12 +364,88 @@ def test_a_sqlite_batch_reads_and_writes_each_instance_once(tmp_path: Any) -> No
     touching = [s for s in statements if "budget_instances" in s]
     reads = [s for s in touching if s.lstrip().startswith("SELECT")]
     writes = [s for s in touching if s.lstrip().startswith(("UPDATE", "INSERT"))]
-    # Batch 1: 3 reads (creating the 3 instances: 3 inserts), 3 writes. Batch 2: 1 read, 3 writes.
-    assert (len(reads), len(writes)) == (3 + 1, 3 + 3 + 3), touching
+    # Batch 1: 3 reads (creating the 3 instances: 3 inserts), 3 writes. Batch 2: no read (the
+    # connection wrote them last, and no one else has since: see the next tests), 3 writes.
+    assert (len(reads), len(writes)) == (3, 3 + 3 + 3), touching
+    hold_reads = [s for s in statements if s.lstrip().startswith("SELECT") and "FROM holds" in s]
+    assert len(hold_reads) == 1, hold_reads  # the top hold id, once; the commits read none
     ledger.conn.set_trace_callback(None)
     assert ledger.conn.execute(
         "SELECT SUM(spent_usd), SUM(spent_requests), SUM(reserved_requests) FROM budget_instances"
     ).fetchone() == (3 * 40 * 3, 40 * 3, 0)
+    ledger.close()
+
+
+def _sqlite_reserved(ledger: SQLiteLedger) -> tuple[int, int]:
+    """(reserved, spent) requests of the run instance, as the file has them."""
+    return ledger.conn.execute(
+        "SELECT reserved_requests, spent_requests FROM budget_instances WHERE budget = 'run'"
+    ).fetchone()
+
+
+def test_a_sqlite_ledger_reads_again_what_another_connection_changed(tmp_path: Any) -> None:
+    """Rows a connection wrote last are reused only while no other connection has committed
+    (PRAGMA data_version): another proxy's reserves must count against the limit."""
+    path = tmp_path / "ledger.db"
+    first, second = SQLiteLedger(path, process_id="p1"), SQLiteLedger(path, process_id="p2")
+    claims = [claim(requests=3)]
+    outcomes = [
+        ledger.reserve(row(), claims, Amount(requests=1), NOW + 900)
+        for ledger in (first, second, second, first)
+    ]
+    assert [o.decision for o in outcomes] == ["allow", "allow", "allow", "deny"]
+    assert _sqlite_reserved(first) == (3, 0)
+    # And holds: the other process's sweeper expired this one's hold before its commit.
+    hold_row = row()
+    held = first.reserve(hold_row, [claim("agent", "agent:a")], Amount(requests=1), NOW + 1)
+    assert second.sweep(NOW + 10, lease_seconds=60) == 1
+    settled = first.commit(
+        hold_row.request_id, held.hold_id, Completion(actual=Amount(requests=1)), NOW + 10
+    )
+    assert (settled.applied, settled.state) == (True, "expired")  # a late commit, not "committed"
+    assert first.conn.execute(
+        "SELECT reserved_requests, spent_requests FROM budget_instances WHERE budget = 'agent'"
+    ).fetchone() == (0, 1)
+    first.close()
+    second.close()
+
+
+def test_a_sqlite_ledger_reads_again_after_its_own_maintenance_writes(tmp_path: Any) -> None:
+    ledger = SQLiteLedger(tmp_path / "ledger.db")
+    r = row()
+    held = ledger.reserve(r, [claim(requests=5)], Amount(requests=2), NOW + 1)
+    assert ledger.sweep(NOW + 10, lease_seconds=60) == 1  # the same connection returns the hold
+    settled = ledger.commit(r.request_id, held.hold_id, Completion(actual=Amount(requests=1)), NOW)
+    assert (settled.applied, settled.state) == (True, "expired")
+    assert _sqlite_reserved(ledger) == (0, 1)
+    # Queued through the writer thread as the proxy does: a sweep between two batches.
+    r2 = row()
+    worker = AsyncLedger(ledger)
+
+    async def reserve_sweep_commit() -> Any:
+        held = await worker.call("reserve", r2, [claim(requests=5)], Amount(requests=2), NOW + 1)
+        assert await worker.call("sweep", NOW + 10, 60.0) == 1
+        return await worker.call(
+            "commit", r2.request_id, held.hold_id, Completion(actual=Amount(requests=1)), NOW
+        )
+
+    settled = asyncio.run(reserve_sweep_commit())
+    worker.close()
+    assert settled.state == "expired" and _sqlite_reserved(ledger) == (0, 2)
+    ledger.close()
+
+
+def test_a_failed_sqlite_batch_leaves_no_rows_known(tmp_path: Any) -> None:
+    """A batch whose writes fail rolls back; the instances it had already decided on (in
+    memory) must not be reused by the next batch, or a reservation the file never took counts."""
+    ledger = SQLiteLedger(tmp_path / "ledger.db")
+    first = row()
+    assert ledger.reserve(first, [claim(requests=5)], Amount(requests=1), NOW + 900).hold_id
+    with pytest.raises(LedgerError):  # its request id is taken: the decision insert fails
+        ledger.reserve(row(first.request_id), [claim(requests=5)], Amount(requests=1), NOW + 900)
+    assert _sqlite_reserved(ledger) == (1, 0)
+    assert ledger.reserve(row(), [claim(requests=5)], Amount(requests=1), NOW + 900).hold_id
+    assert _sqlite_reserved(ledger) == (2, 0)
     ledger.close()
 
 

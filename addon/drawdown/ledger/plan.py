@@ -342,6 +342,15 @@ class Plan:
             hold = Hold.from_row(r)
             self.holds[hold.id] = hold
 
+    def use_instance(self, inst: Instance) -> None:
+        """A budget instance as the backend already knows it to stand (not read again)."""
+        self.instances[inst.id] = inst
+        self.by_key[inst.key] = inst
+
+    def use_holds(self, holds: Iterable[Hold]) -> None:
+        for hold in holds:
+            self.holds[hold.id] = hold
+
     def trip(self, calls: Sequence[tuple[str, tuple[Any, ...]]], counts: Counts) -> None:
         """Decide every guard of the batch, in order: each reserve sees the rows before it."""
         for i, (name, args) in enumerate(calls):

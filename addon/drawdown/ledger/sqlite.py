@@ -11,7 +11,12 @@ they share one transaction, and the hot ones are decided together by the planner
 (plan.py, shared with the PostgreSQL backend): each budget instance and hold the
 batch touches is read once, every operation is decided in order on those values,
 and each kind of row is written with one executemany — so a batch costs a few
-statements per budget instance rather than a dozen per operation.
+statements per budget instance rather than a dozen per operation. And a batch need not read
+at all what this connection wrote last: while PRAGMA data_version says no other connection has
+committed since, the last batch's budget instances and this process's active holds are still
+exactly what the file holds (KnownRows), so the next batch decides on them as they are. Any
+other connection's commit, or a maintenance write of this one (sweep, extend), and they are
+read again; a failed transaction forgets them.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -50,6 +56,8 @@ from .plan import (
     NEW_HOLD_FIELDS,
     Counts,
     GuardKeys,
+    Hold,
+    Instance,
     Plan,
     decision_rows,
     guarded_reserves,
@@ -104,6 +112,25 @@ _INSERT_FACT = (
 
 T = TypeVar("T")
 
+# Operations that never touch holds or budget instances: the rows this connection knows stay known.
+_KEEPS_ROWS = frozenset({"idle_run", "heartbeat", "history"})
+# Active holds kept beyond the last batch (for their commit): about the requests in flight.
+_MAX_KNOWN_HOLDS = 65_536
+
+
+@dataclass
+class KnownRows:
+    """The hot rows as this connection last wrote them: the last batch's budget instances and
+    the active holds it has made. Valid while PRAGMA data_version stays the same, i.e. while no
+    other connection (another proxy process, a sweeper, the CLI) commits to the file: the next
+    batch then decides on these instead of reading them again."""
+
+    version: int
+    instances: dict[int, Instance]
+    by_key: dict[tuple[str, str, int], Instance]
+    holds: dict[int, Hold]
+    top_hold_id: int | None  # the largest hold id in the file, if known
+
 
 def _marks(values: Sequence[Any]) -> str:
     return ",".join("?" * len(values))
@@ -151,6 +178,11 @@ class SQLiteLedger:
             # in progress would free it under that thread (a crash at shutdown), hence the lock.
             self._checkpoint_lock = threading.Lock()
             self._closed = False
+            # What this connection last committed of the hot rows (see KnownRows), and, inside
+            # a transaction, what it knows of them now; None: read them from the file.
+            self._known: KnownRows | None = None
+            self._rows: KnownRows | None = None
+            self._version = 0
             self.db = sqlite_utils.Database(self.conn)
             self._write(lambda: migrate(self.db))
             if register:
@@ -197,12 +229,21 @@ class SQLiteLedger:
         except sqlite3.Error as exc:
             raise LedgerError(f"ledger unavailable: {exc}") from exc
 
-    def _write(self, fn: Callable[[], T]) -> T:
+    def _write(self, fn: Callable[[], T], *, keeps_rows: bool = False) -> T:
+        """Run `fn` in one write transaction. `keeps_rows`: `fn` leaves holds and budget
+        instances alone, or keeps `self._rows` current as it changes them (run_batch)."""
         with self._lock:
             self._begin()
+            known, self._known = self._known, None  # taken: a failure leaves nothing known
             try:
+                # Under the write lock: no other connection can commit until we do, so this is
+                # the version our own commit leaves too (a connection's own writes don't count).
+                (self._version,) = self.conn.execute("PRAGMA data_version").fetchone()
+                fresh = keeps_rows and known is not None and known.version == self._version
+                self._rows = known if fresh else None
                 result = fn()
                 self.conn.execute("COMMIT")
+                self._known = self._rows
                 return result
             except BaseException as exc:
                 try:
@@ -221,7 +262,7 @@ class SQLiteLedger:
         bad operation fails alone. Returns results or exceptions, in order."""
         saved = snapshot(calls)
         try:
-            return self._write(lambda: self._run(calls, saved))
+            return self._write(lambda: self._run(calls, saved), keeps_rows=True)
         except BaseException:
             restore(saved)  # nothing was written, so nothing was decided
             raise
@@ -258,6 +299,8 @@ class SQLiteLedger:
         """One operation in its own savepoint: its failure (returned) leaves the others intact."""
         name, args = call
         saved = snapshot([call])
+        if name not in HOT and name not in _KEEPS_ROWS:
+            self._rows = None  # a maintenance write (sweep, extend …) may change any of them
         try:
             if name in HOT:
                 return self._in_savepoint(lambda: self._planned([call]))[0]
@@ -271,45 +314,79 @@ class SQLiteLedger:
         Inside the write transaction: nothing read here can change before we commit."""
         plan = Plan(self.process_id)
         conn = self.conn
+        # Taken: the plan changes these objects as it decides, so a failure must drop them.
+        rows, self._rows = self._rows, None
         guarded = guarded_reserves(calls)
         if guarded:
             plan.trip(calls, self._guard_counts(GuardKeys.of(guarded, decision_rows(calls))))
         hold_ids = settled_hold_ids(calls)
+        if rows is not None:
+            plan.use_holds(rows.holds.pop(i) for i in hold_ids if i in rows.holds)
+            hold_ids = [i for i in hold_ids if i not in plan.holds]
         if hold_ids:
             plan.add_holds(
                 conn.execute(
                     f"SELECT {HOLD_COLUMNS} FROM holds WHERE id IN ({_marks(hold_ids)})", hold_ids
                 )
             )
-        for (budget, scope, window_start), (claim, ts) in plan.claimed_keys(calls).items():
-            found = conn.execute(_SELECT_INSTANCE, (budget, scope, window_start)).fetchone()
+        for key, (claim, ts) in plan.claimed_keys(calls).items():
+            known = rows.by_key.get(key) if rows is not None else None
+            if known is not None:
+                plan.use_instance(known)
+                continue
+            found = conn.execute(_SELECT_INSTANCE, key).fetchone()
             if found is None:
+                budget, scope, window_start = key
                 limits = (claim.limit_usd, claim.limit_tokens, claim.limit_requests)
                 found = conn.execute(
                     _CREATE_INSTANCE, (budget, scope, window_start, claim.per, *limits, ts, ts)
                 ).fetchone()
             plan.add_instances((found,))
-        self._read_held_instances(plan)
+        self._read_held_instances(plan, rows)
         new_holds = plan.reserves(calls)
+        top = rows.top_hold_id if rows is not None else None
         if new_holds:
-            # Under the write lock no one else inserts a hold: the next ids are ours.
-            (top,) = conn.execute("SELECT COALESCE(MAX(id), 0) FROM holds").fetchone()
+            if top is None:
+                # Under the write lock no one else inserts a hold: the next ids are ours.
+                (top,) = conn.execute("SELECT COALESCE(MAX(id), 0) FROM holds").fetchone()
             plan.hold_ids = list(range(top + new_holds, top, -1))  # pop() hands out top+1 first
         answers = self._history([q for name, args in calls if name == "history" for q in args[0]])
         results = plan.decide(calls, answers)
         self._flush(plan)
+        if top is not None:
+            top += new_holds - len(plan.hold_ids)  # the ids handed out
+        self._rows = self._known_after(plan, rows, top)
         return results
 
-    def _read_held_instances(self, plan: Plan) -> None:
+    def _known_after(self, plan: Plan, before: KnownRows | None, top: int | None) -> KnownRows:
+        """What this connection knows of the hot rows once the plan is written: the plan's
+        instances, and the active holds (earlier batches' not settled here, and this one's)."""
+        holds = before.holds if before is not None else {}
+        for hold in plan.holds.values():
+            if hold.state == "active":
+                hold.was, hold.dirty = hold.state, False
+                holds[hold.id] = hold
+            else:
+                holds.pop(hold.id, None)
+        if len(holds) > _MAX_KNOWN_HOLDS:  # settled elsewhere or forgotten: read them again
+            holds = {i: h for i, h in holds.items() if i in plan.holds}
+        for inst in plan.instances.values():
+            inst.dirty = False
+        return KnownRows(self._version, plan.instances, plan.by_key, holds, top)
+
+    def _read_held_instances(self, plan: Plan, rows: KnownRows | None = None) -> None:
         """The budget instances the plan's holds are on, those not read yet."""
-        held = sorted(
-            {i for h in plan.holds.values() for i in h.instance_ids} - plan.instances.keys()
-        )
+        held = {i for h in plan.holds.values() for i in h.instance_ids} - plan.instances.keys()
+        if rows is not None:
+            for i in [i for i in held if i in rows.instances]:
+                plan.use_instance(rows.instances[i])
+                held.discard(i)
         if held:
+            ids = sorted(held)
             plan.add_instances(
                 self.conn.execute(
-                    f"SELECT {INSTANCE_COLUMNS} FROM budget_instances WHERE id IN ({_marks(held)})",
-                    held,
+                    f"SELECT {INSTANCE_COLUMNS} FROM budget_instances WHERE id IN ({_marks(ids)})",
+                    ids,
                 )
             )
 
@@ -384,7 +461,7 @@ class SQLiteLedger:
         return self._single("release", (request_id, hold_id, completion, reason, now))
 
     def history(self, queries: Sequence[HistoryQuery]) -> list[bool]:
-        return self._write(lambda: self._history(queries))
+        return self._write(lambda: self._history(queries), keeps_rows=True)
 
     def _single(self, name: str, args: tuple[Any, ...]) -> Any:
         (result,) = self.run_batch([(name, args)])
@@ -393,13 +470,15 @@ class SQLiteLedger:
         return result
 
     def idle_run(self, key: str, idle_seconds: float, candidate: str, now: float) -> str:
-        return self._write(lambda: self._idle_run(key, idle_seconds, candidate, now))
+        return self._write(
+            lambda: self._idle_run(key, idle_seconds, candidate, now), keeps_rows=True
+        )
 
     def extend(self, hold_ids: Sequence[int], expires_at: float) -> None:
         self._write(lambda: self._extend(hold_ids, expires_at))
 
     def heartbeat(self, now: float) -> None:
-        self._write(lambda: self._heartbeat(now))
+        self._write(lambda: self._heartbeat(now), keeps_rows=True)
 
     def sweep(self, now: float, lease_seconds: float) -> int:
         return self._write(lambda: self._sweep(now, lease_seconds))
