@@ -385,24 +385,30 @@ def _sqlite_reserved(ledger: SQLiteLedger) -> tuple[int, int]:
 
 def test_a_sqlite_ledger_reads_again_what_another_connection_changed(tmp_path: Any) -> None:
     """Rows a connection wrote last are reused only while no other connection has committed
-    (PRAGMA data_version): another proxy's reserves must count against the limit."""
+    (PRAGMA data_version): what another proxy charged must count against the limit."""
     path = tmp_path / "ledger.db"
     first, second = SQLiteLedger(path, process_id="p1"), SQLiteLedger(path, process_id="p2")
-    claims = [claim(requests=3)]
-    outcomes = [
-        ledger.reserve(row(), claims, Amount(requests=1), NOW + 900)
-        for ledger in (first, second, second, first)
-    ]
-    assert [o.decision for o in outcomes] == ["allow", "allow", "allow", "deny"]
-    assert _sqlite_reserved(first) == (3, 0)
-    # And holds: the other process's sweeper expired this one's hold before its commit.
+    claims = [claim(usd=300)]
+    r1 = row()
+    held = first.reserve(r1, claims, Amount(usd=100, requests=1), NOW + 900)
+    # Another proxy settles that hold, charging more than its estimate: spent 250, reserved 0.
+    overage = Completion(actual=Amount(usd=250, requests=1))
+    assert second.commit(r1.request_id, held.hold_id, overage, NOW).applied
+    # first last wrote spent 0 / reserved 100: deciding on that would allow (0 + 100 + 100).
+    assert first.reserve(row(), claims, Amount(usd=100), NOW + 900).decision == "deny"
+    settled = first.commit(r1.request_id, held.hold_id, Completion(actual=Amount(usd=1)), NOW)
+    assert (settled.applied, settled.state) == (False, "committed")  # not settled twice
+    assert first.conn.execute(
+        "SELECT spent_usd, reserved_usd FROM budget_instances WHERE budget = 'run'"
+    ).fetchone() == (250, 0)
+    # And another proxy's sweeper expiring this one's hold before its commit.
     hold_row = row()
     held = first.reserve(hold_row, [claim("agent", "agent:a")], Amount(requests=1), NOW + 1)
     assert second.sweep(NOW + 10, lease_seconds=60) == 1
     settled = first.commit(
         hold_row.request_id, held.hold_id, Completion(actual=Amount(requests=1)), NOW + 10
     )
-    assert (settled.applied, settled.state) == (True, "expired")  # a late commit, not "committed"
+    assert (settled.applied, settled.state) == (True, "expired")  # a late commit
     assert first.conn.execute(
         "SELECT reserved_requests, spent_requests FROM budget_instances WHERE budget = 'agent'"
     ).fetchone() == (0, 1)
