@@ -369,6 +369,8 @@ def test_a_sqlite_batch_reads_and_writes_each_instance_once(tmp_path: Any) -> No
     assert (len(reads), len(writes)) == (3, 3 + 3 + 3), touching
     hold_reads = [s for s in statements if s.lstrip().startswith("SELECT") and "FROM holds" in s]
     assert len(hold_reads) == 1, hold_reads  # the top hold id, once; the commits read none
+    # What it keeps stays the size of what is in flight: settled holds are let go.
+    assert ledger._known is not None and not ledger._known.holds
     ledger.conn.set_trace_callback(None)
     assert ledger.conn.execute(
         "SELECT SUM(spent_usd), SUM(spent_requests), SUM(reserved_requests) FROM budget_instances"

@@ -361,13 +361,11 @@ class SQLiteLedger:
     def _known_after(self, plan: Plan, before: KnownRows | None, top: int | None) -> KnownRows:
         """What this connection knows of the hot rows once the plan is written: the plan's
         instances, and the active holds (earlier batches' not settled here, and this one's)."""
-        holds = before.holds if before is not None else {}
+        holds = before.holds if before is not None else {}  # the plan's holds were taken out
         for hold in plan.holds.values():
             if hold.state == "active":
                 hold.was, hold.dirty = hold.state, False
                 holds[hold.id] = hold
-            else:
-                holds.pop(hold.id, None)
         if len(holds) > _MAX_KNOWN_HOLDS:  # settled elsewhere or forgotten: read them again
             holds = {i: h for i, h in holds.items() if i in plan.holds}
         for inst in plan.instances.values():
