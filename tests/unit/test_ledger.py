@@ -220,6 +220,17 @@ def test_new_limits_from_a_reloaded_policy_apply(backend: LedgerBackend, ledger:
     assert instance(backend, "run", "agent:a/run:r1")["limit_requests"] == 3
 
 
+def test_two_claims_on_one_instance_hold_on_it_once(backend: LedgerBackend, ledger: Any) -> None:
+    r = row()
+    twice = [claim(requests=5), claim(requests=5)]
+    held = ledger.reserve(r, twice, Amount(requests=2), NOW + 900)
+    assert instance(backend, "run", "agent:a/run:r1")["reserved_requests"] == 2
+    ledger.commit(r.request_id, held.hold_id, Completion(actual=Amount(requests=1)), NOW)
+    got = instance(backend, "run", "agent:a/run:r1")
+    assert (got["reserved_requests"], got["spent_requests"]) == (0, 1)
+    assert backend.scalar("SELECT instance_ids FROM holds") == str(got["id"])
+
+
 def test_windows_are_separate_instances(ledger: Any) -> None:
     hour1 = Claim("h", "agent:a", None, None, 1, per="hour", window_start=3600, window_end=7200)
     hour2 = Claim("h", "agent:a", None, None, 1, per="hour", window_start=7200, window_end=10800)

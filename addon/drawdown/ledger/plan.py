@@ -103,17 +103,24 @@ class Instance:
         return cls(r[0], (r[1], r[2], r[3]), list(r[4:7]), list(r[7:10]), list(r[10:13]), r[13])
 
     def apply(self, reserved: Sequence[int], spent: Sequence[int], now: float) -> None:
-        for i in range(3):
-            self.reserved[i] += reserved[i]
-            self.spent[i] += spent[i]
+        # Unrolled: this runs for every instance of every operation in a batch.
+        r, s = self.reserved, self.spent
+        r[0] += reserved[0]
+        r[1] += reserved[1]
+        r[2] += reserved[2]
+        s[0] += spent[0]
+        s[1] += spent[1]
+        s[2] += spent[2]
         self.updated_at = now
         self.dirty = True
 
     def over(self) -> bool:
-        for limit, spent in zip(self.limits, self.spent, strict=True):
-            if limit is not None and spent > limit:
-                return True
-        return False
+        (usd, tokens, requests), s = self.limits, self.spent
+        return (
+            (usd is not None and s[0] > usd)
+            or (tokens is not None and s[1] > tokens)
+            or (requests is not None and s[2] > requests)
+        )
 
     def values(self) -> tuple[Any, ...]:
         """id, limits, spent, reserved, updated_at: what a write of the instance sets."""
@@ -139,7 +146,8 @@ class Hold:
     @classmethod
     def from_row(cls, r: Sequence[Any]) -> Hold:
         """A row of HOLD_COLUMNS."""
-        ids = [int(i) for i in r[7].split(",")] if r[7] else []
+        # Unique, as reserve writes them (dict.fromkeys: a row from before it did, too).
+        ids = list(dict.fromkeys(int(i) for i in r[7].split(","))) if r[7] else []
         return cls(
             r[0],
             r[1],
@@ -411,8 +419,9 @@ class Plan:
     def apply(
         self, ids: Iterable[int], reserved: Sequence[int], spent: Sequence[int], now: float
     ) -> None:
-        for instance_id in dict.fromkeys(ids):  # an instance listed twice is charged once
-            self.instances[instance_id].apply(reserved, spent, now)
+        instances = self.instances
+        for instance_id in ids:  # each listed once: reserve and Hold.from_row see to it
+            instances[instance_id].apply(reserved, spent, now)
 
     def event(
         self,
@@ -465,7 +474,8 @@ class Plan:
             if inst.limits != limits:  # the policy changed this budget's limits: the new ones apply
                 inst.limits = limits
                 inst.dirty = True
-            instance_ids.append(inst.id)
+            if inst.id not in instance_ids:  # two claims on one instance hold on it once
+                instance_ids.append(inst.id)
             for index, unit in enumerate(UNITS):
                 limit = limits[index]
                 if limit is None:
@@ -575,7 +585,7 @@ class Plan:
         self.expiries.append((now, reason, hold.request_id))
 
     def note_overage(self, ids: list[int], request_id: str, hold_id: int, now: float) -> bool:
-        over = [self.instances[i] for i in sorted(set(ids)) if self.instances[i].over()]
+        over = [self.instances[i] for i in sorted(i for i in ids if self.instances[i].over())]
         for inst in over:
             budget, scope, _ = inst.key
             self.event(
