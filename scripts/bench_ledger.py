@@ -12,6 +12,11 @@ Two ways of driving the ledger:
     .venv/bin/python scripts/bench_ledger.py [--lifecycles N] [--concurrency C]
         [--pg DSN] [--writers W] [--backend sqlite|postgres|both] [--json]
 
+--instructions instead counts, with valgrind's callgrind, the CPU instructions one batched
+SQLite lifecycle costs (batches of 100 reserves, then their 100 commits). Req/s on a shared
+VM moves by ±20 % from one hour to the next; this count stays put to a few hundredths of a
+percent, so a change to the ledger's code shows in it whatever the machine is doing.
+
 PostgreSQL: DSN from --pg, else DRAWDOWN_PG_DSN, else postgresql://127.0.0.1:5432/test;
 the run gets a schema of its own, dropped afterwards.
 """
@@ -23,6 +28,9 @@ import asyncio
 import contextlib
 import json
 import os
+import re
+import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -95,6 +103,51 @@ def drive_direct(ledger: Any, lifecycles: int) -> float:
         outcome = ledger.reserve(row, claims, ESTIMATE, row.ts + 900)
         ledger.commit(row.request_id, outcome.hold_id, ACTUAL, time.time())
     return lifecycles / (time.perf_counter() - started)
+
+
+COUNTED_BATCH = 100  # lifecycles per batch in the instruction count
+
+
+def run_batches(batches: int, built: int) -> None:
+    """The instruction count's workload: `batches` batches of reserves, each followed by the
+    batch of their commits, on a new SQLite ledger. `built` batches of requests are made
+    first, whatever `batches` is, so two runs differ only in the ledger's work."""
+    from drawdown.ledger.sqlite import SQLiteLedger
+
+    inputs = [claims_for(n) for n in range(built * COUNTED_BATCH)]
+    with tempfile.TemporaryDirectory() as folder:
+        ledger = SQLiteLedger(Path(folder) / "count.db", process_id="count")
+        drive_direct(ledger, 50)  # warm up: create the instances, prepare statements
+        for b in range(batches):
+            batch = inputs[b * COUNTED_BATCH : (b + 1) * COUNTED_BATCH]
+            outcomes = ledger.run_batch(
+                [("reserve", (row, claims, ESTIMATE, row.ts + 900)) for row, claims in batch]
+            )
+            commits = [
+                ("commit", (row.request_id, outcome.hold_id, ACTUAL, row.ts))
+                for (row, _), outcome in zip(batch, outcomes, strict=True)
+            ]
+            assert all(settled.applied for settled in ledger.run_batch(commits))
+        ledger.close()
+
+
+def count_instructions(low: int = 2, high: int = 22) -> int:
+    """Instructions per batched lifecycle: the same run with `high` and with `low` batches,
+    each under callgrind, differenced, so start-up, imports and warm-up cancel out."""
+    valgrind = shutil.which("valgrind")
+    if valgrind is None:
+        raise SystemExit("bench_ledger: --instructions needs valgrind (apt-get install valgrind)")
+
+    def total(batches: int) -> int:
+        command = [valgrind, "--tool=callgrind", "--callgrind-out-file=/dev/null",
+                   sys.executable, __file__, "--run-batches", str(batches), str(high)]  # fmt: skip
+        done = subprocess.run(command, capture_output=True, text=True)
+        found = re.search(r"Collected : (\d+)", done.stderr)
+        if done.returncode != 0 or found is None:
+            raise SystemExit(f"bench_ledger: the counted run failed:\n{done.stderr[-2000:]}")
+        return int(found.group(1))
+
+    return (total(high) - total(low)) // ((high - low) * COUNTED_BATCH)
 
 
 @contextlib.contextmanager
@@ -175,9 +228,26 @@ def main() -> int:
         "--tenants", type=int, default=1, help="1: all share one hot row (worst case) [1]"
     )
     parser.add_argument("--json", action="store_true")
+    parser.add_argument(
+        "--instructions", action="store_true", help="count instructions per lifecycle (valgrind)"
+    )
+    parser.add_argument("--run-batches", nargs=2, type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     global TENANTS
     TENANTS = max(1, args.tenants)
+    if args.run_batches:  # the counted run itself, under callgrind
+        run_batches(*args.run_batches)
+        return 0
+    if args.instructions:
+        count = count_instructions()
+        if args.json:
+            print(json.dumps({"backend": "sqlite", "instructions_per_lifecycle": count}))
+        else:
+            print(
+                f"reserve+commit, 3 budget instances, batches of {COUNTED_BATCH}, SQLite: "
+                f"{count:,} instructions per lifecycle (callgrind)"
+            )
+        return 0
     kinds = ["sqlite", "postgres"] if args.backend == "both" else [args.backend]
     results = [bench(kind, args) for kind in kinds]
     if args.json:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import os
+import shutil
 import threading
 import time
 from collections.abc import Iterator
@@ -57,3 +59,19 @@ def test_big_prompts_go_at_the_fixed_rate_whatever_the_proxy_keeps_up_with(
     # The bound only tells a fixed rate from back to back when one prompt takes well under the
     # interval here; it does on any machine the suite runs on, and this says so if not.
     assert alone < 0.5 / bench.BIG_PROMPTS_PER_SECOND, f"one big prompt took {alone * 1000:.0f} ms"
+
+
+def test_the_ledger_instruction_count_counts_the_ledgers_work() -> None:
+    """scripts/bench_ledger.py --instructions: callgrind's totals of two runs, differenced.
+    The count must be the ledger's batches alone (the requests are built in both runs)."""
+    if shutil.which("valgrind") is None:
+        # As for Chromium: skipped where it is missing, a failure in CI, which installs it.
+        if os.environ.get("DRAWDOWN_REQUIRE_VALGRIND", "") not in ("", "0"):
+            pytest.fail("valgrind is not installed; DRAWDOWN_REQUIRE_VALGRIND=1", pytrace=False)
+        pytest.skip("valgrind is not installed (apt-get install valgrind)")
+    bench_ledger = load_script("bench_ledger")
+    count = bench_ledger.count_instructions(low=1, high=3)
+    # A lifecycle is two planned operations and their share of two SQLite transactions:
+    # hundreds of thousands of instructions, not the tens of millions of an interpreter's
+    # start-up (which a run that failed to cancel out would leave in the difference).
+    assert 50_000 < count < 2_000_000, count
