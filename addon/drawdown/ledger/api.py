@@ -152,34 +152,23 @@ class DecisionRow:
     mcp: str | None = None  # [[method, tool], …] of an MCP request's JSON-RPC messages
 
 
-# The columns a new decision row is inserted with, in order (both backends).
-DECISION_INSERT_FIELDS = (
+# The columns a new decision row is inserted with, in order (both backends):
+# DECISION_INSERT_FIELDS. The row's own fields first, read in one C call (the writer thread
+# builds one tuple per decision); then the three that are not the row's as it stands.
+_ROW_FIELDS = (
     "request_id", "ts", "decision", "reason_code", "reason", "mode", "scope", "tenant",
     "workflow", "agent", "run", "action", "provider", "model", "method", "host", "path",
-    "est_usd", "est_tokens", "stream", "fingerprint", "status", "hold_id", "budget",
-    "policy_digest", "completed_at", "port", "query", "body_fields", "body", "mcp",
+    "est_usd", "est_tokens", "fingerprint", "status", "budget", "policy_digest", "port",
+    "query", "body_fields", "body", "mcp",
 )  # fmt: skip
-
-
-# The row's own fields, read in one C call (the writer thread builds one tuple per decision);
-# stream, hold_id and completed_at are not the row's and are filled in by position.
-_DERIVED = ("stream", "hold_id", "completed_at")
-_ROW_FIELDS = tuple(name for name in DECISION_INSERT_FIELDS if name not in _DERIVED)
+DECISION_INSERT_FIELDS = (*_ROW_FIELDS, "stream", "hold_id", "completed_at")
 _read_row_fields = operator.attrgetter(*_ROW_FIELDS)
-_DERIVED_AT = sorted((DECISION_INSERT_FIELDS.index(name), name) for name in _DERIVED)
 
 
 def decision_values(row: DecisionRow, hold_id: int | None) -> tuple[Any, ...]:
     """A new decision row's values in DECISION_INSERT_FIELDS order."""
-    derived = {
-        "stream": int(row.stream),
-        "hold_id": hold_id,
-        "completed_at": row.ts if row.decision == "deny" else None,  # a denial is complete
-    }
-    values = list(_read_row_fields(row))
-    for at, name in _DERIVED_AT:  # ascending: each insert lands where the tuple wants it
-        values.insert(at, derived[name])
-    return tuple(values)
+    completed_at = row.ts if row.decision == "deny" else None  # a denial is complete
+    return (*_read_row_fields(row), int(row.stream), hold_id, completed_at)
 
 
 @dataclass(frozen=True)

@@ -114,6 +114,15 @@ class Instance:
         self.updated_at = now
         self.dirty = True
 
+    def has_room(self, needed: Sequence[int]) -> bool:
+        """spent + reserved + needed ≤ limit, for every unit that has a limit."""
+        (usd, tokens, requests), s, r = self.limits, self.spent, self.reserved
+        return (
+            (usd is None or s[0] + r[0] + needed[0] <= usd)
+            and (tokens is None or s[1] + r[1] + needed[1] <= tokens)
+            and (requests is None or s[2] + r[2] + needed[2] <= requests)
+        )
+
     def over(self) -> bool:
         (usd, tokens, requests), s = self.limits, self.spent
         return (
@@ -476,6 +485,8 @@ class Plan:
                 inst.dirty = True
             if inst.id not in instance_ids:  # two claims on one instance hold on it once
                 instance_ids.append(inst.id)
+            if inst.has_room(needed):
+                continue  # the common case, decided without building anything
             for index, unit in enumerate(UNITS):
                 limit = limits[index]
                 if limit is None:

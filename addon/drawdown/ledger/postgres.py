@@ -220,9 +220,9 @@ _INSERT_HOLDS = _Bulk(
 _DECISION_INSERT_COLUMNS = _columns(
     "request_id:text ts:float8 decision:text reason_code:text reason:text mode:text scope:text "
     "tenant:text workflow:text agent:text run:text action:text provider:text model:text "
-    "method:text host:text path:text est_usd:bigint est_tokens:bigint stream:bigint "
-    "fingerprint:text status:bigint hold_id:bigint budget:text policy_digest:text "
-    "completed_at:float8 port:bigint query:text body_fields:text body:text mcp:text"
+    "method:text host:text path:text est_usd:bigint est_tokens:bigint fingerprint:text "
+    "status:bigint budget:text policy_digest:text port:bigint query:text body_fields:text "
+    "body:text mcp:text stream:bigint hold_id:bigint completed_at:float8"
 )
 assert tuple(name for name, _ in _DECISION_INSERT_COLUMNS) == DECISION_INSERT_FIELDS
 _INSERT_DECISIONS = _Bulk(
