@@ -350,17 +350,13 @@ class Plan:
 
     def add_instances(self, rows: Iterable[Sequence[Any]]) -> None:
         for r in rows:
-            inst = Instance.from_row(r)
-            self.instances[inst.id] = inst
-            self.by_key[inst.key] = inst
+            self.use_instance(Instance.from_row(r))
 
     def add_holds(self, rows: Iterable[Sequence[Any]]) -> None:
-        for r in rows:
-            hold = Hold.from_row(r)
-            self.holds[hold.id] = hold
+        self.use_holds(Hold.from_row(r) for r in rows)
 
     def use_instance(self, inst: Instance) -> None:
-        """A budget instance as the backend already knows it to stand (not read again)."""
+        """A budget instance as read, or as the backend already knows it to stand."""
         self.instances[inst.id] = inst
         self.by_key[inst.key] = inst
 

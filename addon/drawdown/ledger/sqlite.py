@@ -376,9 +376,10 @@ class SQLiteLedger:
         """The budget instances the plan's holds are on, those not read yet."""
         held = {i for h in plan.holds.values() for i in h.instance_ids} - plan.instances.keys()
         if rows is not None:
-            for i in [i for i in held if i in rows.instances]:
+            known = held & rows.instances.keys()
+            for i in known:
                 plan.use_instance(rows.instances[i])
-                held.discard(i)
+            held -= known
         if held:
             ids = sorted(held)
             plan.add_instances(
