@@ -8,7 +8,11 @@ drives each with the same load (wrk when installed, else a Python load generator
 req/s and p50/p99 with the ratios, then the ledger, big-prompt, streaming, memory and worker
 figures. Nothing here asserts anything: speed belongs in numbers, not in tests.
 
-    ./scripts/bench [--seconds 6] [--rounds 5] [--quick] [--json FILE]
+The scheduler places the proxies and the load. `--split` runs the throughput and latency rounds
+with each proxy on one CPU and the load on the others, as a server is often benched on one
+machine; the other figures always run on every CPU (drawdown's tokenizer process needs one).
+
+    ./scripts/bench [--seconds 6] [--rounds 5] [--quick] [--split] [--json FILE]
 """
 
 from __future__ import annotations
@@ -125,6 +129,9 @@ def _serve_upstream(port: int) -> None:
     loop.run_forever()
 
 
+UPSTREAM_PIDS: list[int] = []  # the stand-in's process, for `cpus_apart`
+
+
 @contextmanager
 def upstream() -> Iterator[int]:
     """The stand-in in a process of its own, so it never competes with the bench for the GIL."""
@@ -135,6 +142,8 @@ def upstream() -> Iterator[int]:
         target=_serve_upstream, args=(port,), daemon=True
     )
     proc.start()
+    assert proc.pid is not None
+    UPSTREAM_PIDS.append(proc.pid)
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         try:
@@ -145,8 +154,61 @@ def upstream() -> Iterator[int]:
     try:
         yield port
     finally:
+        UPSTREAM_PIDS.remove(proc.pid)
         proc.terminate()
         proc.join(5)
+
+
+# --- where each side runs -----------------------------------------------------------------------
+
+
+class Split:
+    """The proxy under test on one CPU, the load (wrk or the Python generator, and the stand-in
+    upstream) on the others: the usual way to bench a server on one machine. Left to the
+    scheduler on two vCPUs, a proxy's threads land beside wrk in some rounds and not in others,
+    and the rounds fall into two groups tens of percent apart (BENCHMARKS.md)."""
+
+    def __init__(self) -> None:
+        available = sorted(os.sched_getaffinity(0))
+        self.proxy = available[:1]
+        self.load = available[1:]
+
+    @staticmethod
+    def possible() -> bool:
+        return len(os.sched_getaffinity(0)) >= 2 and shutil.which("taskset") is not None
+
+    def describe(self) -> str:
+        return (
+            f"proxy on CPU {_cpu_list(self.proxy)}, load and upstream on CPU {_cpu_list(self.load)}"
+        )
+
+
+def _cpu_list(cpus: list[int]) -> str:
+    return ",".join(map(str, cpus))
+
+
+def _pin_tree(pid: int, cpus: set[int]) -> None:
+    """Every thread of a process (new threads inherit from the one that starts them)."""
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            os.sched_setaffinity(int(task.name), cpus)
+
+
+@contextmanager
+def cpus_apart(split: Split | None) -> Iterator[None]:
+    """Run the bench itself (its Python load generator, the wrk it starts) and the stand-in on the
+    load's CPUs for the duration; everything back on every CPU afterwards."""
+    if split is None:
+        yield
+        return
+    everything = os.sched_getaffinity(0)
+    for pid in (os.getpid(), *UPSTREAM_PIDS):
+        _pin_tree(pid, set(split.load))
+    try:
+        yield
+    finally:
+        for pid in (os.getpid(), *UPSTREAM_PIDS):
+            _pin_tree(pid, everything)
 
 
 # --- the proxies ------------------------------------------------------------------------------
@@ -154,7 +216,11 @@ def upstream() -> Iterator[int]:
 
 @contextmanager
 def proxy(
-    kind: str, workdir: Path, upstream_port: int, extra: list[str] | None = None
+    kind: str,
+    workdir: Path,
+    upstream_port: int,
+    extra: list[str] | None = None,
+    cpus: list[int] | None = None,
 ) -> Iterator[tuple[int, subprocess.Popen[bytes]]]:
     port = free_port()
     if kind == "bare":
@@ -177,6 +243,8 @@ budgets:
         cmd = [str(BIN / "drawdown"), "run", "--policy", str(policy), "--db", str(db),
                "--listen", f"127.0.0.1:{port}", "--confdir", str(workdir / "conf"),
                "--set", "termlog_verbosity=error", *(extra or [])]  # fmt: skip
+    if cpus:  # from exec on, so every thread and child process starts there
+        cmd = ["taskset", "--cpu-list", _cpu_list(cpus), *cmd]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -350,6 +418,11 @@ def main() -> int:
     )
     parser.add_argument("--quick", action="store_true", help="3-second runs, fewer samples")
     parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
+    parser.add_argument(
+        "--split",
+        action="store_true",
+        help="throughput and latency runs with each proxy on one CPU and the load on the rest",
+    )
     args = parser.parse_args()
     seconds = 3 if args.quick else args.seconds
     if args.quick:
@@ -358,8 +431,17 @@ def main() -> int:
     body = prompt_body(1000)
     big = prompt_body(94_000, max_tokens=50)  # ~100k tokens
     print(f"drawdown bench — {figures['machine']}")
+    if args.split and not Split.possible():
+        parser.error("--split needs two CPUs and taskset (util-linux)")
+    split = Split() if args.split else None
+    figures["cpus"] = (
+        {"proxy": split.proxy, "load": split.load} if split else "placed by the scheduler"
+    )
     print(
-        f"load: {'wrk' if shutil.which('wrk') else 'python'}; {seconds} s per run; request body {len(body)} bytes\n"
+        f"load: {'wrk' if shutil.which('wrk') else 'python'}; {seconds} s per run; request body {len(body)} bytes"
+    )
+    print(
+        f"throughput and latency runs: {split.describe() if split else 'CPUs placed by the scheduler'}\n"
     )
     with tempfile.TemporaryDirectory(prefix="drawdown-bench-") as tmp, upstream() as up:
         workdir = Path(tmp)
@@ -367,9 +449,11 @@ def main() -> int:
         # speed drifts by tens of percent within a minute, and alternating short rounds puts
         # the drift on both sides. The median round is the figure.
         rows = []
+        proxy_cpus = split.proxy if split else None
         with (
-            proxy("bare", workdir, up) as (bare_port, bare_proc),
-            proxy("drawdown", workdir, up) as (dd_port, dd_proc),
+            proxy("bare", workdir, up, cpus=proxy_cpus) as (bare_port, bare_proc),
+            proxy("drawdown", workdir, up, cpus=proxy_cpus) as (dd_port, dd_proc),
+            cpus_apart(split),
         ):
             for connections in (1, 16):
                 load(bare_port, up, body, connections, 2, workdir)  # warm-up
@@ -382,7 +466,8 @@ def main() -> int:
                 rows.append((connections, rounds))
         print(
             "throughput and latency (POST chat completion, ~1,000-token prompt, 3 budgets), "
-            f"{args.rounds} interleaved rounds of {seconds} s"
+            f"{args.rounds} interleaved rounds of {seconds} s; "
+            + (split.describe() if split else "CPUs placed by the scheduler")
         )
         print(
             f"{'conc':>4}  {'round':>5}  {'bare req/s':>10}  {'drawdown req/s':>14}  {'ratio':>6}  {'bare p50/p99 ms':>16}  {'drawdown p50/p99 ms':>19}  {'added p50/p99':>14}  {'CPU ms/req bare → drawdown':>26}"

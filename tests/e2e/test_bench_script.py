@@ -8,6 +8,8 @@ import contextlib
 import math
 import os
 import shutil
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -75,3 +77,41 @@ def test_the_ledger_instruction_count_counts_the_ledgers_work() -> None:
     # hundreds of thousands of instructions, not the tens of millions of an interpreter's
     # start-up (which a run that failed to cancel out would leave in the difference).
     assert 50_000 < count < 2_000_000, count
+
+
+def test_the_throughput_runs_keep_the_proxy_and_the_load_on_separate_cpus(tmp_path: Path) -> None:
+    """The proxy (every thread of it) on one CPU; the bench, what it starts and the stand-in on the
+    others while the runs last, and back on every CPU afterwards."""
+    bench = load_script("bench")
+    if not bench.Split.possible():
+        pytest.skip("needs two CPUs and taskset (util-linux)")
+    split = bench.Split()
+    everything = os.sched_getaffinity(0)
+    stand_in_process = subprocess.Popen(["sleep", "60"])
+    bench.UPSTREAM_PIDS.append(stand_in_process.pid)
+    try:
+        with (
+            stand_in(bench) as up,
+            bench.proxy("drawdown", tmp_path, up, cpus=split.proxy) as (port, proc),
+        ):
+            # taskset exec'd drawdown in its own process: the pid is drawdown's
+            assert b"drawdown" in Path(f"/proc/{proc.pid}/cmdline").read_bytes()
+            threads = list(Path(f"/proc/{proc.pid}/task").iterdir())
+            assert len(threads) > 1  # its ledger writer and others, started after exec
+            for task in threads:
+                assert os.sched_getaffinity(int(task.name)) == set(split.proxy), task
+            with bench.cpus_apart(split):
+                assert os.sched_getaffinity(0) == set(split.load)
+                assert os.sched_getaffinity(stand_in_process.pid) == set(split.load)
+                started = subprocess.run(
+                    [sys.executable, "-c", "import os; print(sorted(os.sched_getaffinity(0)))"],
+                    capture_output=True, text=True, check=True,
+                )  # fmt: skip
+                assert started.stdout.strip() == str(split.load)
+                assert bench.load(port, up, bench.prompt_body(100), 2, 1, tmp_path)["errors"] == 0
+            assert os.sched_getaffinity(0) == everything
+            assert os.sched_getaffinity(stand_in_process.pid) == everything
+    finally:
+        bench.UPSTREAM_PIDS.remove(stand_in_process.pid)
+        stand_in_process.kill()
+        stand_in_process.wait()
