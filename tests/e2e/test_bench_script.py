@@ -115,3 +115,21 @@ def test_the_throughput_runs_keep_the_proxy_and_the_load_on_separate_cpus(tmp_pa
         bench.UPSTREAM_PIDS.remove(stand_in_process.pid)
         stand_in_process.kill()
         stand_in_process.wait()
+
+
+def test_the_cpu_per_request_is_split_between_the_loop_and_the_ledger_writer(
+    tmp_path: Path,
+) -> None:
+    """measured(): on-CPU time per request of drawdown's event loop and of its other threads,
+    which in enforce mode are busy with the ledger's reserve and commit transactions."""
+    bench = load_script("bench")
+    with (
+        stand_in(bench) as up,
+        bench.proxy("drawdown", tmp_path, up) as (port, proc),
+    ):
+        result = bench.measured(port, proc, up, bench.prompt_body(100), 1, 2, tmp_path)
+    assert result["errors"] == 0 and result["rps"] > 0, result
+    assert result["cpu_ms_loop"] > 0 and result["cpu_ms_threads"] > 0, result
+    assert result["cpu_ms"] == result["cpu_ms_loop"] + result["cpu_ms_threads"]
+    # Each request's two transactions are far more than the threads' idle wake-ups.
+    assert result["cpu_ms_threads"] > 0.01, result
