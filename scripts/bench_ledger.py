@@ -17,6 +17,12 @@ SQLite lifecycle costs (batches of 100 reserves, then their 100 commits). Req/s 
 VM moves by ±20 % from one hour to the next; this count stays put to a few hundredths of a
 percent, so a change to the ledger's code shows in it whatever the machine is doing.
 
+--handoff instead measures what a lone request (concurrency 1 in the proxy) pays for the
+writer thread: one lifecycle in flight through AsyncLedger, against the same transactions run
+on the calling thread itself, with and without 1 ms of other work on the calling thread
+between operations (the proxy's loop forwards the request and the response in between, while
+the writer idles), and a ledger that does nothing (the hand-off alone). Each thread's on-CPU time comes from the scheduler (schedstat).
+
 PostgreSQL: DSN from --pg, else DRAWDOWN_PG_DSN, else postgresql://127.0.0.1:5432/test;
 the run gets a schema of its own, dropped afterwards.
 """
@@ -150,6 +156,84 @@ def count_instructions(low: int = 2, high: int = 22) -> int:
     return (total(high) - total(low)) // ((high - low) * COUNTED_BATCH)
 
 
+class _NullLedger:
+    """Answers every operation at once: what is left is the hand-off itself."""
+
+    process_id = "handoff"
+
+    def run_batch(self, operations: list[tuple[str, tuple[Any, ...]]]) -> list[Any]:
+        return [None] * len(operations)
+
+
+def _busy(seconds: float) -> None:
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
+def _on_cpu_ns(native_id: int) -> int:
+    return int(Path(f"/proc/self/task/{native_id}/schedstat").read_text().split()[0])
+
+
+async def handoff_costs(
+    ledger: Any, lifecycles: int, gap: float, on_writer: bool, first: int = 100
+) -> dict[str, float]:
+    """One lifecycle at a time: reserve, `gap` seconds of other work, commit, `gap` again. With
+    `on_writer`, through AsyncLedger as the proxy does; otherwise run_batch on this thread.
+    Per lifecycle, beyond the gaps: µs on-CPU of this thread and of the writer, and µs of
+    wall time."""
+    import threading
+
+    worker = AsyncLedger(ledger)
+    inputs = [claims_for(n) for n in range(first, first + lifecycles)]
+    await asyncio.sleep(0.05)
+
+    async def run(name: str, *args: Any) -> Any:
+        if on_writer:
+            return await worker.call(name, *args)
+        return ledger.run_batch([(name, args)])[0]
+
+    caller = threading.get_native_id()
+    writers = [thread.native_id for thread in worker._threads if thread.native_id]
+    caller_before = _on_cpu_ns(caller)
+    writer_before = sum(map(_on_cpu_ns, writers))
+    started = time.perf_counter()
+    for row, claims in inputs:
+        outcome = await run("reserve", row, claims, ESTIMATE, row.ts + 900)
+        _busy(gap)  # the loop's other work (mitmproxy's) while the writer idles
+        hold = outcome.hold_id if outcome is not None else None
+        await run("commit", row.request_id, hold, ACTUAL, time.time())
+        _busy(gap)
+    wall = time.perf_counter() - started
+    caller_ns = _on_cpu_ns(caller) - caller_before
+    writer_ns = sum(map(_on_cpu_ns, writers)) - writer_before
+    worker.close()
+    return {
+        "caller_us": caller_ns / lifecycles / 1000 - 2 * gap * 1e6,
+        "writer_us": writer_ns / lifecycles / 1000,
+        "wall_us": (wall / lifecycles - 2 * gap) * 1e6,
+    }
+
+
+def handoff_table(lifecycles: int, gaps: tuple[float, ...] = (0.0, 0.001)) -> list[dict[str, Any]]:
+    from drawdown.ledger.sqlite import SQLiteLedger
+
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        for gap in gaps:
+            for label, on_writer in (("writer thread", True), ("calling thread", False)):
+                path = str(Path(folder) / f"handoff-{gap}-{on_writer}.db")
+                ledger = SQLiteLedger(path)
+                drive_direct(ledger, 50)  # warm up: create the instances, prepare statements
+                costs = asyncio.run(handoff_costs(ledger, lifecycles, gap, on_writer))
+                ledger.close()
+                check(path, "sqlite", lifecycles + 50)
+                rows.append({"ledger": "sqlite", "gap_ms": gap * 1000, "on": label, **costs})
+            costs = asyncio.run(handoff_costs(_NullLedger(), lifecycles, gap, True))
+            rows.append({"ledger": "none", "gap_ms": gap * 1000, "on": "writer thread", **costs})
+    return rows
+
+
 @contextlib.contextmanager
 def pg_schema(dsn: str) -> Iterator[str]:
     import psycopg
@@ -231,12 +315,30 @@ def main() -> int:
     parser.add_argument(
         "--instructions", action="store_true", help="count instructions per lifecycle (valgrind)"
     )
+    parser.add_argument(
+        "--handoff", action="store_true", help="one lifecycle in flight: the writer thread's cost"
+    )
     parser.add_argument("--run-batches", nargs=2, type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     global TENANTS
     TENANTS = max(1, args.tenants)
     if args.run_batches:  # the counted run itself, under callgrind
         run_batches(*args.run_batches)
+        return 0
+    if args.handoff:
+        rows = handoff_table(min(args.lifecycles, 3000))
+        if args.json:
+            print(json.dumps(rows, indent=2))
+            return 0
+        print("one reserve+commit lifecycle in flight, SQLite, µs per lifecycle (schedstat):")
+        print(
+            f"  {'ledger':<7} {'gap':>6}  {'run on':<15} {'caller CPU':>10} {'writer CPU':>10} {'wall':>7}"
+        )
+        for row in rows:
+            print(
+                f"  {row['ledger']:<7} {row['gap_ms']:>4.1f}ms  {row['on']:<15} "
+                f"{row['caller_us']:>10.0f} {row['writer_us']:>10.0f} {row['wall_us']:>7.0f}"
+            )
         return 0
     if args.instructions:
         count = count_instructions()

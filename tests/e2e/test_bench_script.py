@@ -133,3 +133,24 @@ def test_the_cpu_per_request_is_split_between_the_loop_and_the_ledger_writer(
     assert result["cpu_ms"] == result["cpu_ms_loop"] + result["cpu_ms_threads"]
     # Each request's two transactions are far more than the threads' idle wake-ups.
     assert result["cpu_ms_threads"] > 0.01, result
+
+
+def test_the_handoff_figures_compare_the_same_transactions_on_two_threads() -> None:
+    """scripts/bench_ledger.py --handoff: every lifecycle committed in both arrangements (the
+    sums are checked), the writer busy only when it is used, the null ledger's row beside."""
+    bench_ledger = load_script("bench_ledger")
+    rows = bench_ledger.handoff_table(60, gaps=(0.0, 0.0002))
+    assert [(row["ledger"], row["gap_ms"], row["on"]) for row in rows] == [
+        ("sqlite", 0.0, "writer thread"),
+        ("sqlite", 0.0, "calling thread"),
+        ("none", 0.0, "writer thread"),
+        ("sqlite", 0.2, "writer thread"),
+        ("sqlite", 0.2, "calling thread"),
+        ("none", 0.2, "writer thread"),
+    ]
+    for row in rows:
+        if row["on"] == "writer thread":
+            assert row["writer_us"] > 0, row
+        else:  # an idle writer thread: no transaction ran there
+            assert row["writer_us"] < 1, row
+        assert row["wall_us"] > 0, row
