@@ -164,9 +164,10 @@ def upstream() -> Iterator[int]:
 
 class Split:
     """The proxy under test on one CPU, the load (wrk or the Python generator, and the stand-in
-    upstream) on the others: the usual way to bench a server on one machine. Left to the
-    scheduler on two vCPUs, a proxy's threads land beside wrk in some rounds and not in others,
-    and the rounds fall into two groups tens of percent apart (BENCHMARKS.md)."""
+    upstream) on the others, as a server is often benched on one machine. Left to the
+    scheduler on two vCPUs, a proxy's threads land beside wrk in some rounds and not in others;
+    this takes that placement out of a comparison (not the VM's own drift, BENCHMARKS.md). It
+    also puts drawdown's ledger writer on its loop's CPU, which helps c=1 and costs c=16."""
 
     def __init__(self) -> None:
         available = sorted(os.sched_getaffinity(0))
@@ -393,7 +394,7 @@ def thread_cpu_seconds(pid: int) -> tuple[float, float]:
         try:
             seconds = int((task / "schedstat").read_text().split()[0]) / 1e9
         except (OSError, ValueError, IndexError):
-            continue  # a thread that just ended
+            continue  # a thread that just ended (an ended thread's time is lost: none end mid-run)
         if task.name == str(pid):
             main += seconds
         else:
