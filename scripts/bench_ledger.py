@@ -21,7 +21,8 @@ percent, so a change to the ledger's code shows in it whatever the machine is do
 writer thread: one lifecycle in flight through AsyncLedger, against the same transactions run
 on the calling thread itself, with and without 1 ms of other work on the calling thread
 between operations (the proxy's loop forwards the request and the response in between, while
-the writer idles), and a ledger that does nothing (the hand-off alone). Each thread's on-CPU time comes from the scheduler (schedstat).
+the writer idles), and a ledger that does nothing (the hand-off alone). Each thread's on-CPU
+time comes from the scheduler (schedstat).
 
 PostgreSQL: DSN from --pg, else DRAWDOWN_PG_DSN, else postgresql://127.0.0.1:5432/test;
 the run gets a schema of its own, dropped afterwards.
@@ -39,6 +40,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -181,9 +183,7 @@ async def handoff_costs(
     """One lifecycle at a time: reserve, `gap` seconds of other work, commit, `gap` again. With
     `on_writer`, through AsyncLedger as the proxy does; otherwise run_batch on this thread.
     Per lifecycle, beyond the gaps: µs on-CPU of this thread and of the writer, and µs of
-    wall time."""
-    import threading
-
+    wall time. The writer thread exists in both arrangements: idle, it should cost nothing."""
     worker = AsyncLedger(ledger)
     inputs = [claims_for(n) for n in range(first, first + lifecycles)]
     await asyncio.sleep(0.05)
