@@ -451,7 +451,9 @@ def main() -> int:
     figures: dict[str, Any] = {"machine": machine()}
     body = prompt_body(1000)
     big = prompt_body(94_000, max_tokens=50)  # ~100k tokens
+    figures["idle"] = idle_policy()
     print(f"drawdown bench — {figures['machine']}")
+    print(f"idle CPUs: {describe_idle(figures['idle'])}")
     if args.split and not Split.possible():
         parser.error("--split needs two CPUs and taskset (util-linux)")
     split = Split() if args.split else None
@@ -765,6 +767,44 @@ def machine() -> str:
                 cpu = line.split(":", 1)[1].strip()
                 break
     return f"{os.cpu_count()} CPU ({cpu}), Python {sys.version.split()[0]}"
+
+
+def idle_policy(sys_root: Path = Path("/sys")) -> dict[str, Any]:
+    """How this machine's idle CPUs wait: the cpuidle driver and governor, and under the
+    haltpoll driver (KVM guests) how long an idle vCPU polls before it halts. A halted vCPU
+    takes a trip through the hypervisor to wake, and drawdown wakes its ledger writer and is
+    woken back twice per request: at c=1 this is worth several points of the ratio to bare
+    (BENCHMARKS.md). Empty where the kernel does not say."""
+    policy: dict[str, Any] = {}
+    cpuidle = sys_root / "devices/system/cpu/cpuidle"
+    for name, path in (
+        ("driver", cpuidle / "current_driver"),
+        ("governor", cpuidle / "current_governor_ro"),
+        ("governor", cpuidle / "current_governor"),
+        ("halt_poll_ns", sys_root / "module/haltpoll/parameters/guest_halt_poll_ns"),
+    ):
+        if name in policy:
+            continue
+        try:
+            value = path.read_text().strip()
+        except OSError:
+            continue
+        policy[name] = int(value) if name == "halt_poll_ns" and value.isdigit() else value
+    return policy
+
+
+def describe_idle(policy: dict[str, Any]) -> str:
+    if not policy:
+        return "not reported by the kernel"
+    text = f"cpuidle {policy.get('driver', '?')}/{policy.get('governor', '?')}"
+    if "halt_poll_ns" in policy:
+        ns = policy["halt_poll_ns"]
+        text += (
+            ", guest halt polling off (an idle vCPU halts at once)"
+            if ns == 0
+            else f", an idle vCPU polls {ns / 1000:g} µs before it halts"
+        )
+    return text
 
 
 if __name__ == "__main__":

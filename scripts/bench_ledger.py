@@ -234,6 +234,80 @@ def handoff_table(lifecycles: int, gaps: tuple[float, ...] = (0.0, 0.001)) -> li
     return rows
 
 
+class _TimedConnection:
+    """The ledger's connection, timing each statement it runs (keyed by its first words)."""
+
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
+        self.spent: dict[str, int] = {}  # ns
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.conn, name)
+
+    def _timed(self, method: Any, sql: str, *args: Any) -> Any:
+        started = time.perf_counter_ns()
+        try:
+            return method(sql, *args)
+        finally:
+            key = " ".join(sql.split()[:3])
+            self.spent[key] = self.spent.get(key, 0) + time.perf_counter_ns() - started
+
+    def execute(self, sql: str, *args: Any) -> Any:
+        return self._timed(self.conn.execute, sql, *args)
+
+    def executemany(self, sql: str, *args: Any) -> Any:
+        return self._timed(self.conn.executemany, sql, *args)
+
+
+def anatomy(lifecycles: int) -> dict[str, Any]:
+    """A lone request's two transactions, as the proxy runs them (one operation per batch, the
+    bench's one agent run, so the rows this connection wrote last are not read again): µs per
+    transaction, per statement and in Python around them, and the pages each appends to the
+    WAL (each page a 24-byte frame header and the page, two pwrite calls)."""
+    from drawdown.ledger.sqlite import SQLiteLedger
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "anatomy.db"
+        ledger = SQLiteLedger(str(path))
+        drive_direct(ledger, 50)
+        (page_size,) = ledger.conn.execute("PRAGMA page_size").fetchone()
+        ledger.conn.execute("PRAGMA wal_autocheckpoint = 0")  # the WAL only grows while counted
+        ledger.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        wal = Path(f"{path}-wal")
+        inputs = [claims_for(200) for _ in range(lifecycles)]  # one run, new request ids
+        figures: dict[str, Any] = {}
+        for kind in ("reserve", "commit"):
+            figures[kind] = {"us": 0.0, "statements_us": {}, "wal_pages": 0}
+        timed = ledger.conn = _TimedConnection(ledger.conn)  # type: ignore[assignment]
+
+        def run(kind: str, args: tuple[Any, ...]) -> Any:
+            before, spent_before = wal.stat().st_size, dict(timed.spent)
+            started = time.perf_counter_ns()
+            result = ledger.run_batch([(kind, args)])[0]
+            figures[kind]["us"] += (time.perf_counter_ns() - started) / 1000
+            grown = wal.stat().st_size - before
+            figures[kind]["wal_pages"] += grown // (page_size + 24)
+            statements = figures[kind]["statements_us"]
+            for key, ns in timed.spent.items():
+                statements[key] = statements.get(key, 0) + (ns - spent_before.get(key, 0)) / 1000
+            return result
+
+        for row, claims in inputs:
+            outcome = run("reserve", (row, claims, ESTIMATE, row.ts + 900))
+            run("commit", (row.request_id, outcome.hold_id, ACTUAL, time.time()))
+        ledger.conn = timed.conn
+        ledger.close()
+        check(str(path), "sqlite", lifecycles + 50)
+    for part in figures.values():
+        part["us"] /= lifecycles
+        part["wal_pages"] /= lifecycles
+        part["statements_us"] = {
+            key: us / lifecycles for key, us in part["statements_us"].items() if us
+        }
+        part["python_us"] = part["us"] - sum(part["statements_us"].values())
+    return {"page_size": page_size, "lifecycles": lifecycles, **figures}
+
+
 @contextlib.contextmanager
 def pg_schema(dsn: str) -> Iterator[str]:
     import psycopg
@@ -318,6 +392,9 @@ def main() -> int:
     parser.add_argument(
         "--handoff", action="store_true", help="one lifecycle in flight: the writer thread's cost"
     )
+    parser.add_argument(
+        "--anatomy", action="store_true", help="a lone lifecycle's statements and WAL pages"
+    )
     parser.add_argument("--run-batches", nargs=2, type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     global TENANTS
@@ -339,6 +416,24 @@ def main() -> int:
                 f"  {row['ledger']:<7} {row['gap_ms']:>4.1f}ms  {row['on']:<15} "
                 f"{row['caller_us']:>10.0f} {row['writer_us']:>10.0f} {row['wall_us']:>7.0f}"
             )
+        return 0
+    if args.anatomy:
+        parts = anatomy(min(args.lifecycles, 2000))
+        if args.json:
+            print(json.dumps(parts, indent=2))
+            return 0
+        print(
+            f"one operation per transaction, SQLite, {parts['page_size']}-byte pages, "
+            f"µs per transaction ({parts['lifecycles']} lifecycles):"
+        )
+        for kind in ("reserve", "commit"):
+            part = parts[kind]
+            print(
+                f"  {kind}: {part['us']:.0f} µs, {part['wal_pages']:.1f} pages to the WAL; "
+                f"Python around the statements {part['python_us']:.0f} µs"
+            )
+            for key, us in sorted(part["statements_us"].items(), key=lambda item: -item[1]):
+                print(f"    {us:>6.1f}  {key}")
         return 0
     if args.instructions:
         count = count_instructions()

@@ -154,3 +154,50 @@ def test_the_handoff_figures_compare_the_same_transactions_on_two_threads() -> N
         else:  # an idle writer thread: no transaction ran there
             assert row["writer_us"] < 1, row
         assert row["wall_us"] > 0, row
+
+
+def test_the_anatomy_times_a_lone_lifecycles_statements_and_counts_its_wal_pages() -> None:
+    """scripts/bench_ledger.py --anatomy: the statements each transaction runs, timed, and the
+    pages it appends to the WAL; the lifecycles themselves are checked in the ledger's sums."""
+    bench_ledger = load_script("bench_ledger")
+    parts = bench_ledger.anatomy(30)
+    assert parts["page_size"] == 1024 and parts["lifecycles"] == 30
+    reserve, commit = parts["reserve"], parts["commit"]
+    assert {"BEGIN IMMEDIATE", "COMMIT", "INSERT INTO decisions", "INSERT INTO holds"} <= set(
+        reserve["statements_us"]
+    ), reserve
+    assert {"UPDATE holds SET", "UPDATE decisions SET", "COMMIT"} <= set(commit["statements_us"])
+    assert "INSERT INTO decisions" not in commit["statements_us"]
+    for part in (reserve, commit):
+        # A decision row, a hold and three instances change: several pages, whole, each time.
+        assert part["wal_pages"] >= 3, part
+        assert 0 < sum(part["statements_us"].values()) < part["us"], part
+    assert reserve["wal_pages"] > commit["wal_pages"]  # the reserve also inserts into 8 indexes
+
+
+def test_the_header_says_how_idle_cpus_wait(tmp_path: Path) -> None:
+    """idle_policy(): read from the kernel's cpuidle and haltpoll files, said in the header,
+    because at c=1 a halted vCPU's wake-up is a visible part of drawdown's ratio to bare."""
+    bench = load_script("bench")
+    assert bench.idle_policy(tmp_path) == {}
+    assert bench.describe_idle({}) == "not reported by the kernel"
+
+    cpuidle = tmp_path / "devices/system/cpu/cpuidle"
+    cpuidle.mkdir(parents=True)
+    (cpuidle / "current_driver").write_text("acpi_idle\n")
+    (cpuidle / "current_governor").write_text("menu\n")
+    assert bench.idle_policy(tmp_path) == {"driver": "acpi_idle", "governor": "menu"}
+    assert bench.describe_idle(bench.idle_policy(tmp_path)) == "cpuidle acpi_idle/menu"
+
+    (cpuidle / "current_driver").write_text("haltpoll\n")
+    (cpuidle / "current_governor_ro").write_text("haltpoll\n")  # preferred where both exist
+    params = tmp_path / "module/haltpoll/parameters"
+    params.mkdir(parents=True)
+    (params / "guest_halt_poll_ns").write_text("0\n")
+    policy = bench.idle_policy(tmp_path)
+    assert policy == {"driver": "haltpoll", "governor": "haltpoll", "halt_poll_ns": 0}
+    assert "polling off" in bench.describe_idle(policy)
+    (params / "guest_halt_poll_ns").write_text("200000\n")
+    assert bench.describe_idle(bench.idle_policy(tmp_path)).endswith(
+        "an idle vCPU polls 200 µs before it halts"
+    )
