@@ -275,9 +275,9 @@ def anatomy(lifecycles: int) -> dict[str, Any]:
         ledger.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         wal = Path(f"{path}-wal")
         inputs = [claims_for(200) for _ in range(lifecycles)]  # one run, new request ids
-        figures: dict[str, Any] = {}
-        for kind in ("reserve", "commit"):
-            figures[kind] = {"us": 0.0, "statements_us": {}, "wal_pages": 0}
+        figures: dict[str, Any] = {
+            kind: {"us": 0.0, "statements_us": {}, "wal_pages": 0} for kind in ("reserve", "commit")
+        }
         timed = ledger.conn = _TimedConnection(ledger.conn)  # type: ignore[assignment]
 
         def run(kind: str, args: tuple[Any, ...]) -> Any:
@@ -373,6 +373,41 @@ def bench(kind: str, args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def _emit(figures: Any, show: Any, as_json: bool) -> int:
+    if as_json:
+        print(json.dumps(figures, indent=2))
+    else:
+        show(figures)
+    return 0
+
+
+def print_handoff(rows: list[dict[str, Any]]) -> None:
+    print("one reserve+commit lifecycle in flight, SQLite, µs per lifecycle (schedstat):")
+    print(
+        f"  {'ledger':<7} {'gap':>6}  {'run on':<15} {'caller CPU':>10} {'writer CPU':>10} {'wall':>7}"
+    )
+    for row in rows:
+        print(
+            f"  {row['ledger']:<7} {row['gap_ms']:>4.1f}ms  {row['on']:<15} "
+            f"{row['caller_us']:>10.0f} {row['writer_us']:>10.0f} {row['wall_us']:>7.0f}"
+        )
+
+
+def print_anatomy(parts: dict[str, Any]) -> None:
+    print(
+        f"one operation per transaction, SQLite, {parts['page_size']}-byte pages, "
+        f"µs per transaction ({parts['lifecycles']} lifecycles):"
+    )
+    for kind in ("reserve", "commit"):
+        part = parts[kind]
+        print(
+            f"  {kind}: {part['us']:.0f} µs, {part['wal_pages']:.1f} pages to the WAL; "
+            f"Python around the statements {part['python_us']:.0f} µs"
+        )
+        for key, us in sorted(part["statements_us"].items(), key=lambda item: -item[1]):
+            print(f"    {us:>6.1f}  {key}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lifecycles", type=int, default=20_000)
@@ -403,38 +438,9 @@ def main() -> int:
         run_batches(*args.run_batches)
         return 0
     if args.handoff:
-        rows = handoff_table(min(args.lifecycles, 3000))
-        if args.json:
-            print(json.dumps(rows, indent=2))
-            return 0
-        print("one reserve+commit lifecycle in flight, SQLite, µs per lifecycle (schedstat):")
-        print(
-            f"  {'ledger':<7} {'gap':>6}  {'run on':<15} {'caller CPU':>10} {'writer CPU':>10} {'wall':>7}"
-        )
-        for row in rows:
-            print(
-                f"  {row['ledger']:<7} {row['gap_ms']:>4.1f}ms  {row['on']:<15} "
-                f"{row['caller_us']:>10.0f} {row['writer_us']:>10.0f} {row['wall_us']:>7.0f}"
-            )
-        return 0
+        return _emit(handoff_table(min(args.lifecycles, 3000)), print_handoff, args.json)
     if args.anatomy:
-        parts = anatomy(min(args.lifecycles, 2000))
-        if args.json:
-            print(json.dumps(parts, indent=2))
-            return 0
-        print(
-            f"one operation per transaction, SQLite, {parts['page_size']}-byte pages, "
-            f"µs per transaction ({parts['lifecycles']} lifecycles):"
-        )
-        for kind in ("reserve", "commit"):
-            part = parts[kind]
-            print(
-                f"  {kind}: {part['us']:.0f} µs, {part['wal_pages']:.1f} pages to the WAL; "
-                f"Python around the statements {part['python_us']:.0f} µs"
-            )
-            for key, us in sorted(part["statements_us"].items(), key=lambda item: -item[1]):
-                print(f"    {us:>6.1f}  {key}")
-        return 0
+        return _emit(anatomy(min(args.lifecycles, 2000)), print_anatomy, args.json)
     if args.instructions:
         count = count_instructions()
         if args.json:
