@@ -201,3 +201,50 @@ def test_the_header_says_how_idle_cpus_wait(tmp_path: Path) -> None:
     assert bench.describe_idle(bench.idle_policy(tmp_path)).endswith(
         "an idle vCPU polls 200 µs before it halts"
     )
+
+
+def test_the_writer_probe_tells_a_batch_that_waited_from_one_that_worked() -> None:
+    """scripts/writer_probe.py: each batch the writer thread runs is timed on the wall clock
+    and on the writer's own CPU clock; a batch spent off the CPU counts as waited."""
+    from drawdown.ledger.worker import AsyncLedger
+
+    writer_probe = load_script("writer_probe")
+
+    class Backend:
+        process_id = "probe-test"
+
+        def run_batch(self, calls: list[tuple[str, tuple[object, ...]]]) -> list[str]:
+            if calls[0][0] == "wait":
+                time.sleep(0.005)  # off the CPU, as a writer waiting for the GIL or a lock is
+            else:
+                started = time.thread_time()
+                while time.thread_time() - started < 0.002:
+                    pass
+            return [name for name, _ in calls]
+
+    ledger = AsyncLedger(Backend())
+    probe = writer_probe.WriterProbe()
+    probe.watch(ledger)
+
+    async def lone_calls() -> list[str]:
+        return [await ledger.call(name) for name in ("work", "wait") * 4]
+
+    try:
+        assert asyncio.run(lone_calls()) == ["work", "wait"] * 4  # results pass through
+    finally:
+        ledger.close()
+    assert len(probe.samples) == 8 and all(ops == 1 for ops, _, _ in probe.samples)
+    work, wait = probe.samples[0::2], probe.samples[1::2]
+    assert all(2.0 <= cpu <= wall + 0.1 for _, wall, cpu in work), work
+    assert all(wall >= 5.0 and wall - cpu > writer_probe.WAITED_MS for _, wall, cpu in wait), wait
+    figures = writer_probe.summarize(probe.samples)
+    assert figures["batches"] == 8 and figures["operations"] == 8
+    assert figures["waited"] >= 4 and figures["waited_ms"] >= 4 * 4.0
+    assert figures["cpu_ms_total"] >= 4 * 2.0
+    assert "8 batches, 1.0 operations each" in writer_probe.describe(figures)
+    assert writer_probe.summarize([]) == {"batches": 0}
+    # Waited: more than 1 ms off the CPU, and wall time more than half again the CPU time.
+    worked, waited, long_but_busy = (3, 3.0, 2.9), (2, 5.0, 0.5), (40, 9.0, 7.0)
+    figures = writer_probe.summarize([worked, waited, long_but_busy])
+    assert (figures["waited"], figures["waited_ms"], figures["operations"]) == (1, 4.5, 45)
+    assert (figures["wall_ms_p50"], figures["cpu_ms_p99"]) == (5.0, 7.0)
