@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib.util
 import json
 import os
 import re
@@ -35,6 +36,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -419,6 +421,38 @@ def measured(port: int, proc: subprocess.Popen[bytes], up: int, body: bytes, con
     return result
 
 
+def _writer_probe() -> ModuleType:
+    """scripts/writer_probe.py, the mitmproxy script the writer run loads, for its summary."""
+    spec = importlib.util.spec_from_file_location(
+        "writer_probe", ROOT / "scripts" / "writer_probe.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def writer_batches(
+    workdir: Path, upstream_port: int, body: bytes, connections: int, seconds: int
+) -> dict[str, Any]:
+    """One load run through a drawdown with scripts/writer_probe.py loaded: the summary of
+    the batches its ledger writer ran (operations, wall and CPU ms, how many waited), and the
+    requests the run served."""
+    out = workdir / "writer-probe.json"
+    out.unlink(missing_ok=True)
+    os.environ["DRAWDOWN_WRITER_PROBE"] = str(out)
+    try:
+        extra = ["--set", f"scripts={ROOT / 'scripts' / 'writer_probe.py'}"]
+        with proxy("drawdown", workdir, upstream_port, extra) as (port, _):
+            run = load(port, upstream_port, body, connections, seconds, workdir)
+    finally:
+        del os.environ["DRAWDOWN_WRITER_PROBE"]
+    figures = json.loads(out.read_text())  # written when the proxy stopped
+    del figures["samples"]
+    figures["requests"] = int(run["rps"] * seconds)
+    return figures
+
+
 def rss_kib(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -637,6 +671,12 @@ def main() -> int:
             "requests": served,
             "tokenizer_process_kib": tokenizer_kib,
         }
+
+        # The ledger writer under load: how many of its batches waited (in one process: for
+        # the GIL, while the loop ran) rather than worked. BENCHMARKS.md, run K, reads them.
+        writer = writer_batches(workdir, up, body, 16, seconds)
+        print(f"ledger writer at c=16, {_writer_probe().describe(writer)}")
+        figures["writer_c16"] = writer
 
         # Workers: several processes on one listen address (SO_REUSEPORT), one ledger; one
         # worker and two take turns, as above.

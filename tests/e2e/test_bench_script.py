@@ -248,3 +248,18 @@ def test_the_writer_probe_tells_a_batch_that_waited_from_one_that_worked() -> No
     figures = writer_probe.summarize([worked, waited, long_but_busy])
     assert (figures["waited"], figures["waited_ms"], figures["operations"]) == (1, 4.5, 45)
     assert (figures["wall_ms_p50"], figures["cpu_ms_p99"]) == (5.0, 7.0)
+
+
+def test_the_bench_reads_the_writer_probe_of_a_real_drawdown(tmp_path: Path) -> None:
+    """writer_batches(): a load run through `drawdown run` with scripts/writer_probe.py loaded;
+    every request's reserve and commit is among the batches it reports."""
+    bench = load_script("bench")
+    with stand_in(bench) as up:
+        figures = bench.writer_batches(tmp_path, up, bench.prompt_body(100), 4, 2)
+    served = figures["requests"]
+    assert served > 0 and figures["batches"] > 0, figures
+    # Two operations a request, plus those in flight when the load stopped and the heartbeats.
+    assert 2 * served <= figures["operations"] <= 2 * served + 2 * 4 + 20, figures
+    assert 0 < figures["cpu_ms_total"] <= figures["wall_ms_total"], figures
+    assert "DRAWDOWN_WRITER_PROBE" not in os.environ
+    assert bench._writer_probe().describe(figures).startswith(f"writer probe: {figures['batches']}")
