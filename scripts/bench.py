@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import importlib.util
 import json
 import os
 import re
@@ -40,6 +39,8 @@ from types import ModuleType
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # tests.support holds the loader for scripts/*.py
+    sys.path.insert(0, str(ROOT))
 BIN = Path(sys.executable).parent
 
 RESPONSE = json.dumps(
@@ -423,13 +424,9 @@ def measured(port: int, proc: subprocess.Popen[bytes], up: int, body: bytes, con
 
 def _writer_probe() -> ModuleType:
     """scripts/writer_probe.py, the mitmproxy script the writer run loads, for its summary."""
-    spec = importlib.util.spec_from_file_location(
-        "writer_probe", ROOT / "scripts" / "writer_probe.py"
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from tests.support.scripts import load_script  # the loader the e2e suite uses for scripts
+
+    return load_script("writer_probe")
 
 
 def writer_batches(

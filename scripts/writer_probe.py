@@ -27,7 +27,9 @@ log = logging.getLogger(__name__)
 WAITED_MS = 1.0
 
 
-def timed(run_batch: Callable[[Sequence[Any]], list[Any]], samples: list[tuple[int, float, float]]):
+def timed(
+    run_batch: Callable[[Sequence[Any]], list[Any]], samples: list[tuple[int, float, float]]
+) -> Callable[[Sequence[Any]], list[Any]]:
     """`run_batch`, recording (operations, wall ms, writer CPU ms) of each call into `samples`."""
 
     def run(calls: Sequence[Any]) -> list[Any]:
@@ -46,16 +48,15 @@ def timed(run_batch: Callable[[Sequence[Any]], list[Any]], samples: list[tuple[i
     return run
 
 
-def _quantile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
+def _quantile(ordered: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(len(ordered) * q))]
 
 
 def summarize(samples: Sequence[tuple[int, float, float]]) -> dict[str, Any]:
     if not samples:
         return {"batches": 0}
-    walls = [wall for _, wall, _ in samples]
-    cpus = [cpu for _, _, cpu in samples]
+    walls = sorted(wall for _, wall, _ in samples)
+    cpus = sorted(cpu for _, _, cpu in samples)
     waited = [s for s in samples if s[1] - s[2] > WAITED_MS and s[1] > 1.5 * s[2]]
     figures: dict[str, Any] = {
         "batches": len(samples),
