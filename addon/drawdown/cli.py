@@ -61,12 +61,31 @@ def cmd_run(args: argparse.Namespace) -> int:
             f"refusing to listen on {host} without proxy authentication: add --set proxyauth=@/path/to/htpasswd "
             "(or listen on 127.0.0.1)"
         )
+    cpus = _cpus_for_workers(args)
     if args.workers > 1:
         from .workers import supervise
 
         confdir = Path(args.confdir).expanduser()
-        return supervise(_worker_args(args), args.workers, host, port, str(confdir))
+        return supervise(_worker_args(args), args.workers, host, port, str(confdir), cpus)
+    if cpus:
+        from .affinity import pin_process
+
+        pin_process(cpus[0])  # before mitmproxy starts a thread: each inherits the CPU
     return asyncio.run(_run_proxy(args, host, port, sets))
+
+
+def _cpus_for_workers(args: argparse.Namespace) -> list[int] | None:
+    """--cpu-affinity, checked against this machine: one CPU per worker, or None."""
+    if args.cpu_affinity is None:
+        return None
+    from .affinity import AffinityError, supported, worker_cpus
+
+    if not supported():
+        raise UsageError("--cpu-affinity needs Linux (sched_setaffinity and /proc)")
+    try:
+        return worker_cpus(args.cpu_affinity, max(1, args.workers), os.sched_getaffinity(0))
+    except AffinityError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def _worker_args(args: argparse.Namespace) -> list[str]:
@@ -83,6 +102,7 @@ async def _run_proxy(args: argparse.Namespace, host: str, port: int, sets: list[
     from mitmproxy import exceptions, options
 
     from .addon import Drawdown
+    from .affinity import format_cpus
     from .master import DrawdownMaster
     from .workers import REUSE_PORT_ENV, enable_reuse_port
 
@@ -114,6 +134,11 @@ async def _run_proxy(args: argparse.Namespace, host: str, port: int, sets: list[
         loop.add_signal_handler(sig, master.shutdown)
     if hasattr(signal, "SIGPIPE"):
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    if args.cpu_affinity is not None:
+        logging.getLogger("drawdown").info(
+            "drawdown: pinned to CPU %s (event loop and ledger writer)",
+            format_cpus(os.sched_getaffinity(0)),
+        )
     await master.run()
     errors = master.addons.get("errorcheck")
     return 1 if errors and errors.logger.has_errored else 0
@@ -424,6 +449,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         metavar="N",
         help="N proxy processes on one address (SO_REUSEPORT) sharing the ledger [1]",
+    )
+    run.add_argument(
+        "--cpu-affinity",
+        metavar="CPUS",
+        help="pin each worker (its event loop and ledger writer) to one CPU: auto, or a list "
+        "such as 0,2-3 (worker i takes the i-th) [the scheduler places them]",
     )
     run.add_argument(
         "--set", action="append", metavar="OPTION=VALUE", help="any mitmproxy option, repeatable"

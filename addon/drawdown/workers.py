@@ -55,8 +55,16 @@ def ensure_ca(confdir: str) -> None:
     certs.CertStore.from_store(confdir, CONF_BASENAME, Options().key_size)
 
 
-def supervise(worker_args: Sequence[str], workers: int, host: str, port: int, confdir: str) -> int:
-    """Run `workers` copies of `drawdown run <worker_args> --listen host:port` until signalled."""
+def supervise(
+    worker_args: Sequence[str],
+    workers: int,
+    host: str,
+    port: int,
+    confdir: str,
+    cpus: Sequence[int] | None = None,
+) -> int:
+    """Run `workers` copies of `drawdown run <worker_args> --listen host:port` until signalled;
+    with `cpus`, worker i is pinned to cpus[i] (`--cpu-affinity`)."""
     port = port or _free_port(host)
     ensure_ca(confdir)
     shown = f"[{host}]" if ":" in host else host
@@ -65,11 +73,17 @@ def supervise(worker_args: Sequence[str], workers: int, host: str, port: int, co
         "--listen", f"{shown}:{port}", "--set", "drawdown_shared_runs=true",
     ]  # fmt: skip
     env = {**os.environ, REUSE_PORT_ENV: "1"}
+    pinned = [["--cpu-affinity", str(cpus[i])] if cpus else [] for i in range(workers)]
     procs = [
         subprocess.Popen(
-            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, env=env
+            [*command, *pin],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            bufsize=1,
+            env=env,
         )
-        for _ in range(workers)
+        for pin in pinned
     ]
     ready = threading.Semaphore(0)
     announced = threading.Event()

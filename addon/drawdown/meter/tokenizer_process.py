@@ -23,6 +23,7 @@ import threading
 import time
 from concurrent.futures import Future, ProcessPoolExecutor
 
+from ..affinity import unpin_child
 from . import tokens
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,7 @@ def _child_pid() -> int:
 
 
 def _init_child(encodings: tuple[str, ...]) -> None:
+    unpin_child()  # a proxy held to one CPU (--cpu-affinity) counts big prompts beside it
     # Ctrl-C reaches the whole process group: the proxy shuts the child down itself.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # The executor's queues hold both ends of their pipes in the child, so the child would not
