@@ -28,6 +28,7 @@ from typing import Any
 from mitmproxy import connection, ctx, exceptions, http
 
 from . import meter, recording
+from .affinity import WriterPlacement
 from .authority import evaluate, facts_of
 from .budgets import claims_for
 from .classify import Classification, RequestView, classify
@@ -437,7 +438,7 @@ class Drawdown:
                 "drawdown: %s — answering requests per on_ledger_error until it can be opened", exc
             )
             return
-        self.ledger = AsyncLedger(backend)
+        self.ledger = AsyncLedger(backend, placement=WriterPlacement.from_environment())
         lease = self.policy.holds.lease_seconds if self.policy else 30
         swept = backend.sweep(time.time(), lease)
         if swept:
@@ -476,7 +477,7 @@ class Drawdown:
             )
         except LedgerError:
             return
-        self.ledger = AsyncLedger(backend)
+        self.ledger = AsyncLedger(backend, placement=WriterPlacement.from_environment())
         log.info("drawdown: ledger %s is available again", redact_dsn(self.ledger_url or ""))
 
     async def _watch_policy(self) -> None:

@@ -68,9 +68,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         confdir = Path(args.confdir).expanduser()
         return supervise(_worker_args(args), args.workers, host, port, str(confdir), cpus)
     if cpus:
-        from .affinity import pin_process
+        from .affinity import pin_process, spare_cpus
 
-        pin_process(cpus[0])  # before mitmproxy starts a thread: each inherits the CPU
+        # Before mitmproxy starts a thread: each inherits the CPU.
+        pin_process(cpus[0], spare_cpus(cpus[0], cpus, os.sched_getaffinity(0)))
     return asyncio.run(_run_proxy(args, host, port, sets))
 
 
@@ -102,7 +103,7 @@ async def _run_proxy(args: argparse.Namespace, host: str, port: int, sets: list[
     from mitmproxy import exceptions, options
 
     from .addon import Drawdown
-    from .affinity import format_cpus
+    from .affinity import WriterPlacement, format_cpus
     from .master import DrawdownMaster
     from .workers import REUSE_PORT_ENV, enable_reuse_port
 
@@ -135,9 +136,13 @@ async def _run_proxy(args: argparse.Namespace, host: str, port: int, sets: list[
     if hasattr(signal, "SIGPIPE"):
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     if args.cpu_affinity is not None:
+        placement = WriterPlacement.from_environment()
         logging.getLogger("drawdown").info(
-            "drawdown: pinned to CPU %s (event loop and ledger writer)",
+            "drawdown: pinned to CPU %s (event loop and ledger writer%s)",
             format_cpus(os.sched_getaffinity(0)),
+            f"; under load the writer spreads to CPU {format_cpus(placement.spread)}"
+            if placement
+            else "",
         )
     await master.run()
     errors = master.addons.get("errorcheck")

@@ -55,6 +55,13 @@ def ensure_ca(confdir: str) -> None:
     certs.CertStore.from_store(confdir, CONF_BASENAME, Options().key_size)
 
 
+def _writer_cpus(cpu: int, cpus: Sequence[int]) -> dict[str, str]:
+    """A pinned worker's ledger writer may spread to the CPUs no worker is pinned to."""
+    from .affinity import WRITER_CPUS_ENV, format_cpus, spare_cpus
+
+    return {WRITER_CPUS_ENV: format_cpus(spare_cpus(cpu, cpus, os.sched_getaffinity(0)))}
+
+
 def supervise(
     worker_args: Sequence[str],
     workers: int,
@@ -73,17 +80,16 @@ def supervise(
         "--listen", f"{shown}:{port}", "--set", "drawdown_shared_runs=true",
     ]  # fmt: skip
     env = {**os.environ, REUSE_PORT_ENV: "1"}
-    pinned = [["--cpu-affinity", str(cpus[i])] if cpus else [] for i in range(workers)]
     procs = [
         subprocess.Popen(
-            [*command, *pin],
+            [*command, *(["--cpu-affinity", str(cpus[i])] if cpus else [])],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
             bufsize=1,
-            env=env,
+            env={**env, **_writer_cpus(cpus[i], cpus)} if cpus else env,
         )
-        for pin in pinned
+        for i in range(workers)
     ]
     ready = threading.Semaphore(0)
     announced = threading.Event()

@@ -1,17 +1,29 @@
-"""`--cpu-affinity`: CPU lists, one CPU per worker, and pinning a process but not its tokenizer."""
+"""`--cpu-affinity`: CPU lists, one CPU per worker, pinning a process but not its tokenizer, and
+its ledger writer following its batches."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
-from drawdown.affinity import AffinityError, format_cpus, parse_cpus, worker_cpus
+from drawdown.affinity import (
+    WRITER_CPUS_ENV,
+    AffinityError,
+    WriterPlacement,
+    format_cpus,
+    parse_cpus,
+    spare_cpus,
+    worker_cpus,
+)
 from drawdown.cli import main
+from drawdown.ledger.worker import AsyncLedger
 
 
 @pytest.mark.parametrize(
@@ -115,3 +127,78 @@ def test_a_pinned_process_holds_every_thread_to_its_cpu_and_its_children_get_the
     assert len(seen["threads"]) >= 3
     assert set(map(tuple, seen["threads"].values())) == {(allowed[-1],)}
     assert seen["child"] == allowed
+
+
+def test_the_writer_stays_home_for_lone_operations_and_spreads_while_batches_are_big() -> None:
+    placed: list[frozenset[int]] = []
+    placement = WriterPlacement(home=frozenset({0}), spread=frozenset({0, 1}))
+    after_batch = placement.follower(placed.append)
+    assert placed == [{0}]  # the thread is put at home first, whatever it inherited
+    for _ in range(100):
+        after_batch(1)  # one agent, one call at a time
+    after_batch(12)
+    assert placed == [{0}]  # one big batch among lone ones is not a load
+    for _ in range(100):
+        after_batch(2)  # a light load in between: no flapping
+    assert placed == [{0}]
+    after_batch(12)
+    assert placed == [{0}, {0, 1}]
+    for _ in range(100):
+        after_batch(2)
+        after_batch(12)
+    assert placed == [{0}, {0, 1}]
+    for _ in range(100):
+        after_batch(1)
+    assert placed == [{0}, {0, 1}, {0}]
+
+
+def test_only_a_pinned_proxy_with_a_spare_cpu_places_its_writer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv(WRITER_CPUS_ENV, raising=False)
+    assert WriterPlacement.from_environment() is None  # not pinned
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _: {1})
+    monkeypatch.setenv(WRITER_CPUS_ENV, "0-1")
+    assert WriterPlacement.from_environment() == WriterPlacement(frozenset({1}), frozenset({0, 1}))
+    monkeypatch.setenv(WRITER_CPUS_ENV, "1")  # every CPU has its worker
+    assert WriterPlacement.from_environment() is None
+    assert spare_cpus(1, [0, 1], {0, 1, 2, 3}) == {1, 2, 3}
+    assert spare_cpus(0, [0], {0, 1}) == {0, 1}
+
+
+class SlowBackend:
+    """A ledger whose batches take 3 ms: operations queue up behind them, as under load."""
+
+    def run_batch(self, calls: list[tuple[str, tuple[int, ...]]]) -> list[int]:
+        time.sleep(0.003)
+        return [args[0] for _, args in calls]
+
+
+@pytest.mark.skipif(
+    not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2,
+    reason="placement is only observable with two CPUs or more to choose from",
+)
+def test_a_real_writer_thread_moves_with_its_batches() -> None:
+    allowed = frozenset(os.sched_getaffinity(0))
+    home = frozenset({min(allowed)})
+    ledger = AsyncLedger(SlowBackend(), placement=WriterPlacement(home, allowed))
+    writer = ledger._threads[0].native_id
+    assert writer is not None
+
+    async def one_at_a_time(count: int) -> None:
+        for i in range(count):
+            assert await ledger.call("echo", i) == i
+
+    async def sixteen_at_once(rounds: int) -> None:
+        for _ in range(rounds):
+            await asyncio.gather(*(ledger.call("echo", i) for i in range(16)))
+
+    try:
+        asyncio.run(one_at_a_time(5))
+        assert os.sched_getaffinity(writer) == home
+        asyncio.run(sixteen_at_once(5))
+        assert os.sched_getaffinity(writer) == allowed
+        asyncio.run(one_at_a_time(30))
+        assert os.sched_getaffinity(writer) == home
+    finally:
+        ledger.close()

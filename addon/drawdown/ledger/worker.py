@@ -17,6 +17,7 @@ import queue
 import threading
 from typing import Any
 
+from ..affinity import WriterPlacement
 from .api import LedgerError
 
 log = logging.getLogger(__name__)
@@ -35,9 +36,17 @@ def _resolve(settled: list[tuple[asyncio.Future[Any], Any]]) -> None:
 
 
 class AsyncLedger:
-    def __init__(self, ledger: Any, *, max_batch: int = 128, writers: int | None = None) -> None:
+    def __init__(
+        self,
+        ledger: Any,
+        *,
+        max_batch: int = 128,
+        writers: int | None = None,
+        placement: WriterPlacement | None = None,
+    ) -> None:
         self.ledger = ledger
         self.max_batch = max_batch
+        self.placement = placement  # --cpu-affinity: where each writer thread runs
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         count = max(1, writers or getattr(ledger, "writers", 1))
         self._threads = [
@@ -63,6 +72,7 @@ class AsyncLedger:
         return getattr(self.ledger, name)(*args)
 
     def _run(self) -> None:
+        after_batch = self.placement.follower() if self.placement else None
         while True:
             item = self._queue.get()
             if item is _STOP:
@@ -84,6 +94,8 @@ class AsyncLedger:
             except Exception as exc:  # a bug, not a ledger fault: surface it to every waiter
                 log.exception("ledger batch failed")
                 results = [LedgerError(f"ledger failure: {exc}")] * len(batch)
+            if after_batch is not None:
+                after_batch(len(batch))
             # One wake-up per event loop for the whole batch, not one per operation.
             by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], Any]]] = {}
             for (_, _, future, loop), result in zip(batch, results, strict=True):
