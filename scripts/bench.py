@@ -8,11 +8,15 @@ drives each with the same load (wrk when installed, else a Python load generator
 req/s and p50/p99 with the ratios, then the ledger, big-prompt, streaming, memory and worker
 figures. Nothing here asserts anything: speed belongs in numbers, not in tests.
 
+drawdown's throughput and latency, and its `--workers 2`, are measured twice: as it starts by
+default and with `--cpu-affinity auto` (each process, its event loop and ledger writer, on one
+CPU; addon/drawdown/affinity.py says why).
+
 The scheduler places the proxies and the load. `--split` runs the throughput and latency rounds
 with each proxy on one CPU and the load on the others, as a server is often benched on one
 machine; the other figures always run on every CPU (drawdown's tokenizer process needs one).
 
-    ./scripts/bench [--seconds 6] [--rounds 5] [--quick] [--split] [--json FILE]
+    ./scripts/bench [--seconds 4] [--rounds 5] [--quick] [--split] [--json FILE]
 """
 
 from __future__ import annotations
@@ -457,6 +461,32 @@ def rss_kib(pid: int) -> int:
     return 0
 
 
+# The throughput and latency rounds' proxies: (kind, extra arguments), by label.
+THROUGHPUT_PROXIES: dict[str, tuple[str, list[str] | None]] = {
+    "bare": ("bare", None),
+    "drawdown": ("drawdown", None),
+    "drawdown --cpu-affinity auto": ("drawdown", ["--cpu-affinity", "auto"]),
+}
+
+
+def medians(pairs: list[tuple[dict[str, float], dict[str, float]]]) -> dict[str, float]:
+    """The median round of (bare, drawdown) runs: drawdown's rate as a share of bare's, its
+    added latency, and each one's CPU per request."""
+
+    def median(figure: Any) -> float:
+        return statistics.median(figure(bare, dd) for bare, dd in pairs)
+
+    return {
+        "ratio": median(lambda bare, dd: dd["rps"] / bare["rps"]),
+        "added_p50": median(lambda bare, dd: dd["p50"] - bare["p50"]),
+        "added_p99": median(lambda bare, dd: dd["p99"] - bare["p99"]),
+        "cpu_ms_bare": median(lambda bare, _: bare["cpu_ms"]),
+        "cpu_ms_drawdown": median(lambda _, dd: dd["cpu_ms"]),
+        "cpu_ms_drawdown_loop": median(lambda _, dd: dd["cpu_ms_loop"]),
+        "cpu_ms_drawdown_threads": median(lambda _, dd: dd["cpu_ms_threads"]),
+    }
+
+
 # --- the run ------------------------------------------------------------------------------------
 
 
@@ -464,7 +494,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--seconds", type=int, default=6, help="per load run [6]")
+    parser.add_argument("--seconds", type=int, default=4, help="per load run [4]")
     parser.add_argument(
         "--rounds", type=int, default=5, help="interleaved rounds per comparison [5]"
     )
@@ -499,62 +529,62 @@ def main() -> int:
     )
     with tempfile.TemporaryDirectory(prefix="drawdown-bench-") as tmp, upstream() as up:
         workdir = Path(tmp)
-        # Both proxies stay up and take turns, round after round: on a shared VM the machine's
+        # The proxies stay up and take turns, round after round: on a shared VM the machine's
         # speed drifts by tens of percent within a minute, and alternating short rounds puts
-        # the drift on both sides. The median round is the figure.
-        rows = []
+        # the drift on every side. The median round is the figure. drawdown runs twice: as it
+        # starts by default (threads placed by the scheduler) and with --cpu-affinity.
+        rows: list[tuple[int, list[dict[str, dict[str, float]]]]] = []
         proxy_cpus = split.proxy if split else None
-        with (
-            proxy("bare", workdir, up, cpus=proxy_cpus) as (bare_port, bare_proc),
-            proxy("drawdown", workdir, up, cpus=proxy_cpus) as (dd_port, dd_proc),
-            cpus_apart(split),
-        ):
+        with contextlib.ExitStack() as stack:
+            proxies = {
+                label: stack.enter_context(proxy(kind, workdir, up, extra, cpus=proxy_cpus))
+                for label, (kind, extra) in THROUGHPUT_PROXIES.items()
+            }
+            stack.enter_context(cpus_apart(split))
             for connections in (1, 16):
-                load(bare_port, up, body, connections, 2, workdir)  # warm-up
-                load(dd_port, up, body, connections, 2, workdir)
-                rounds = []
-                for _ in range(args.rounds):
-                    bare = measured(bare_port, bare_proc, up, body, connections, seconds, workdir)
-                    dd = measured(dd_port, dd_proc, up, body, connections, seconds, workdir)
-                    rounds.append((bare, dd))
+                for port, _ in proxies.values():  # warm-up
+                    load(port, up, body, connections, 2, workdir)
+                rounds = [
+                    {
+                        label: measured(port, proc, up, body, connections, seconds, workdir)
+                        for label, (port, proc) in proxies.items()
+                    }
+                    for _ in range(args.rounds)
+                ]
                 rows.append((connections, rounds))
         print(
             "throughput and latency (POST chat completion, ~1,000-token prompt, 3 budgets), "
             f"{args.rounds} interleaved rounds of {seconds} s; "
             + (split.describe() if split else "CPUs placed by the scheduler")
         )
-        print(
-            f"{'conc':>4}  {'round':>5}  {'bare req/s':>10}  {'drawdown req/s':>14}  {'ratio':>6}  {'bare p50/p99 ms':>16}  {'drawdown p50/p99 ms':>19}  {'added p50/p99':>14}  {'CPU ms/req bare → drawdown (loop + threads)':>42}"
-        )
-        for connections, rounds in rows:
-            for number, (bare, dd) in enumerate(rounds, 1):
-                print(
-                    f"{connections:>4}  {number:>5}  {bare['rps']:>10.0f}  {dd['rps']:>14.0f}  {dd['rps'] / bare['rps']:>6.0%}  "
-                    f"{bare['p50']:>7.2f}/{bare['p99']:<8.2f}  {dd['p50']:>9.2f}/{dd['p99']:<9.2f}  "
-                    f"{dd['p50'] - bare['p50']:>+6.2f}/{dd['p99'] - bare['p99']:<+7.2f}  "
-                    f"{bare['cpu_ms']:>15.2f} → {dd['cpu_ms']:.2f} ({dd['cpu_ms_loop']:.2f} + {dd['cpu_ms_threads']:.2f})"
-                )
-            median = {
-                "ratio": statistics.median(dd["rps"] / bare["rps"] for bare, dd in rounds),
-                "added_p50": statistics.median(dd["p50"] - bare["p50"] for bare, dd in rounds),
-                "added_p99": statistics.median(dd["p99"] - bare["p99"] for bare, dd in rounds),
-                "cpu_ms_bare": statistics.median(bare["cpu_ms"] for bare, _ in rounds),
-                "cpu_ms_drawdown": statistics.median(dd["cpu_ms"] for _, dd in rounds),
-                "cpu_ms_drawdown_loop": statistics.median(dd["cpu_ms_loop"] for _, dd in rounds),
-                "cpu_ms_drawdown_threads": statistics.median(
-                    dd["cpu_ms_threads"] for _, dd in rounds
-                ),
-            }
+        for label in THROUGHPUT_PROXIES:
+            if label == "bare":
+                continue
+            print(f"\nbare mitmdump → {label}")
             print(
-                f"{connections:>4}  {'median':>6} {'':>10}  {'':>14}  {median['ratio']:>6.0%}  {'':>16}  {'':>19}  "
-                f"{median['added_p50']:>+6.2f}/{median['added_p99']:<+7.2f}  "
-                f"{median['cpu_ms_bare']:>15.2f} → {median['cpu_ms_drawdown']:.2f} "
-                f"({median['cpu_ms_drawdown_loop']:.2f} + {median['cpu_ms_drawdown_threads']:.2f})"
+                f"{'conc':>4}  {'round':>5}  {'bare req/s':>10}  {'drawdown req/s':>14}  {'ratio':>6}  {'bare p50/p99 ms':>16}  {'drawdown p50/p99 ms':>19}  {'added p50/p99':>14}  {'CPU ms/req bare → drawdown (loop + threads)':>42}"
             )
-            figures[f"c{connections}"] = {
-                "rounds": [{"bare": bare, "drawdown": dd} for bare, dd in rounds],
-                "median": median,
-            }
+            for connections, rounds in rows:
+                pairs = [(each["bare"], each[label]) for each in rounds]
+                for number, (bare, dd) in enumerate(pairs, 1):
+                    print(
+                        f"{connections:>4}  {number:>5}  {bare['rps']:>10.0f}  {dd['rps']:>14.0f}  {dd['rps'] / bare['rps']:>6.0%}  "
+                        f"{bare['p50']:>7.2f}/{bare['p99']:<8.2f}  {dd['p50']:>9.2f}/{dd['p99']:<9.2f}  "
+                        f"{dd['p50'] - bare['p50']:>+6.2f}/{dd['p99'] - bare['p99']:<+7.2f}  "
+                        f"{bare['cpu_ms']:>15.2f} → {dd['cpu_ms']:.2f} ({dd['cpu_ms_loop']:.2f} + {dd['cpu_ms_threads']:.2f})"
+                    )
+                median = medians(pairs)
+                print(
+                    f"{connections:>4}  {'median':>6} {'':>10}  {'':>14}  {median['ratio']:>6.0%}  {'':>16}  {'':>19}  "
+                    f"{median['added_p50']:>+6.2f}/{median['added_p99']:<+7.2f}  "
+                    f"{median['cpu_ms_bare']:>15.2f} → {median['cpu_ms_drawdown']:.2f} "
+                    f"({median['cpu_ms_drawdown_loop']:.2f} + {median['cpu_ms_drawdown_threads']:.2f})"
+                )
+                key = f"c{connections}" if label == "drawdown" else f"c{connections}_cpu_affinity"
+                figures[key] = {
+                    "rounds": [{"bare": bare, "drawdown": dd} for bare, dd in pairs],
+                    "median": median,
+                }
 
         # Streaming: time to the first SSE event, bare vs drawdown.
         ttfb: dict[str, list[float]] = {"bare": [], "drawdown": []}
@@ -675,29 +705,49 @@ def main() -> int:
         print(f"ledger writer at c=16, {_writer_probe().describe(writer)}")
         figures["writer_c16"] = writer
 
-        # Workers: several processes on one listen address (SO_REUSEPORT), one ledger; one
-        # worker and two take turns, as above.
-        with (
-            proxy("drawdown", workdir, up, ["--workers", "1"]) as (one_port, _),
-            proxy("drawdown", workdir, up, ["--workers", "2"]) as (two_port, _),
-        ):
-            load(one_port, up, body, 16, 2, workdir)
-            load(two_port, up, body, 16, 2, workdir)
+        # Workers: several processes on one listen address (SO_REUSEPORT), one ledger. One
+        # worker, two, and two with one CPU each (--cpu-affinity auto) take turns, as above;
+        # both pairs are measured against the one worker as it starts by default.
+        workers = {
+            "1": ["--workers", "1"],
+            "2": ["--workers", "2"],
+            "2 --cpu-affinity auto": ["--workers", "2", "--cpu-affinity", "auto"],
+        }
+        with contextlib.ExitStack() as stack:
+            ports = {
+                label: stack.enter_context(proxy("drawdown", workdir, up, extra))[0]
+                for label, extra in workers.items()
+            }
+            for port in ports.values():
+                load(port, up, body, 16, 2, workdir)
             turns = [
-                (load(one_port, up, body, 16, seconds, workdir)["rps"],
-                 load(two_port, up, body, 16, seconds, workdir)["rps"])
+                {label: load(port, up, body, 16, seconds, workdir) for label, port in ports.items()}
                 for _ in range(args.rounds)
-            ]  # fmt: skip
-        print(
-            "workers (c=16): "
-            + ", ".join(
-                f"1 → {one:.0f}, 2 → {two:.0f} req/s ({two / one:.2f}×)" for one, two in turns
+            ]
+        speedups = {
+            label: statistics.median(turn[label]["rps"] / turn["1"]["rps"] for turn in turns)
+            for label in workers
+            if label != "1"
+        }
+        print("\nworkers (c=16), req/s and p99 ms per round:")
+        for number, turn in enumerate(turns, 1):
+            print(
+                f"  {number}: "
+                + ", ".join(
+                    f"{label} → {run['rps']:.0f} ({run['rps'] / turn['1']['rps']:.2f}×, p99 {run['p99']:.1f})"
+                    for label, run in turn.items()
+                )
             )
-            + f"; median {statistics.median(two / one for one, two in turns):.2f}×"
+        print(
+            "  median: "
+            + ", ".join(
+                f"{label} → {speedup:.2f}× one worker" for label, speedup in speedups.items()
+            )
         )
         figures["workers"] = {
-            "rounds": [{"1": one, "2": two} for one, two in turns],
-            "median_speedup": statistics.median(two / one for one, two in turns),
+            "rounds": turns,
+            "median_speedup": speedups["2"],
+            "median_speedup_cpu_affinity": speedups["2 --cpu-affinity auto"],
         }
 
     # The ledger alone.
