@@ -382,6 +382,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--set", action="append", default=[], metavar="OPTION=VALUE", help="passed to drawdown run"
     )
+    parser.add_argument("--cpu-affinity", metavar="CPUS", help="passed to drawdown run (e.g. auto)")
     parser.add_argument("--serve-standin", metavar="DIR", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve_standin:
@@ -396,7 +397,10 @@ def main(argv: list[str] | None = None) -> int:
         concurrency=args.concurrency,
         sample_every=args.sample_every,
         directory=Path(args.keep) if args.keep else None,
-        proxy_args=tuple(a for option in args.set for a in ("--set", option)),
+        proxy_args=(
+            *(a for option in args.set for a in ("--set", option)),
+            *(("--cpu-affinity", args.cpu_affinity) if args.cpu_affinity else ()),
+        ),
         progress=lambda line: print(line, flush=True),
     )
     print()
