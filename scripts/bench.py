@@ -461,11 +461,12 @@ def rss_kib(pid: int) -> int:
     return 0
 
 
-# The throughput and latency rounds' proxies: (kind, extra arguments), by label.
-THROUGHPUT_PROXIES: dict[str, tuple[str, list[str] | None]] = {
-    "bare": ("bare", None),
-    "drawdown": ("drawdown", None),
-    "drawdown --cpu-affinity auto": ("drawdown", ["--cpu-affinity", "auto"]),
+# The throughput and latency rounds' proxies, by label: (kind, extra arguments, the suffix of
+# their figures' JSON keys: c1, c16 for drawdown as it starts by default).
+THROUGHPUT_PROXIES: dict[str, tuple[str, list[str] | None, str]] = {
+    "bare": ("bare", None, ""),
+    "drawdown": ("drawdown", None, ""),
+    "drawdown --cpu-affinity auto": ("drawdown", ["--cpu-affinity", "auto"], "_cpu_affinity"),
 }
 
 
@@ -538,7 +539,7 @@ def main() -> int:
         with contextlib.ExitStack() as stack:
             proxies = {
                 label: stack.enter_context(proxy(kind, workdir, up, extra, cpus=proxy_cpus))
-                for label, (kind, extra) in THROUGHPUT_PROXIES.items()
+                for label, (kind, extra, _) in THROUGHPUT_PROXIES.items()
             }
             stack.enter_context(cpus_apart(split))
             for connections in (1, 16):
@@ -557,8 +558,8 @@ def main() -> int:
             f"{args.rounds} interleaved rounds of {seconds} s; "
             + (split.describe() if split else "CPUs placed by the scheduler")
         )
-        for label in THROUGHPUT_PROXIES:
-            if label == "bare":
+        for label, (kind, _, suffix) in THROUGHPUT_PROXIES.items():
+            if kind == "bare":
                 continue
             print(f"\nbare mitmdump → {label}")
             print(
@@ -580,8 +581,7 @@ def main() -> int:
                     f"{median['cpu_ms_bare']:>15.2f} → {median['cpu_ms_drawdown']:.2f} "
                     f"({median['cpu_ms_drawdown_loop']:.2f} + {median['cpu_ms_drawdown_threads']:.2f})"
                 )
-                key = f"c{connections}" if label == "drawdown" else f"c{connections}_cpu_affinity"
-                figures[key] = {
+                figures[f"c{connections}{suffix}"] = {
                     "rounds": [{"bare": bare, "drawdown": dd} for bare, dd in pairs],
                     "median": median,
                 }

@@ -88,14 +88,17 @@ def spare_cpus(cpu: int, workers: Sequence[int], allowed: set[int]) -> set[int]:
     return {cpu} | (allowed - set(workers))
 
 
-def pin_process(cpu: int, writer_cpus: set[int] | None = None) -> set[int]:
-    """Hold every thread of this process, and every thread it starts later, to `cpu`; its
-    ledger writer may spread to `writer_cpus` under load. Returns the CPUs it could use
-    before, also left in the environment for its children (and `writer_cpus` for the ledger)."""
+def writer_environment(cpu: int, workers: Sequence[int]) -> dict[str, str]:
+    """The environment that tells the proxy pinned to `cpu` where its ledger writer may spread
+    (WriterPlacement.from_environment reads it), given every worker's CPU."""
+    return {WRITER_CPUS_ENV: format_cpus(spare_cpus(cpu, workers, os.sched_getaffinity(0)))}
+
+
+def pin_process(cpu: int) -> set[int]:
+    """Hold every thread of this process, and every thread it starts later, to `cpu`. Returns
+    the CPUs it could use before, also left in the environment for its children."""
     allowed = os.sched_getaffinity(0)
     os.environ.setdefault(UNPINNED_ENV, format_cpus(allowed))
-    if writer_cpus is not None:  # a worker's comes from its supervisor, who knows the others
-        os.environ.setdefault(WRITER_CPUS_ENV, format_cpus(writer_cpus))
     for task in Path("/proc/self/task").iterdir():  # Linux applies affinity per thread
         try:
             os.sched_setaffinity(int(task.name), {cpu})

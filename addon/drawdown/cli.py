@@ -68,10 +68,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         confdir = Path(args.confdir).expanduser()
         return supervise(_worker_args(args), args.workers, host, port, str(confdir), cpus)
     if cpus:
-        from .affinity import pin_process, spare_cpus
+        from .affinity import pin_process, writer_environment
 
-        # Before mitmproxy starts a thread: each inherits the CPU.
-        pin_process(cpus[0], spare_cpus(cpus[0], cpus, os.sched_getaffinity(0)))
+        # A worker's writer CPUs were set by its supervisor, who knows the other workers.
+        for name, value in writer_environment(cpus[0], cpus).items():
+            os.environ.setdefault(name, value)
+        pin_process(cpus[0])  # before mitmproxy starts a thread: each inherits the CPU
     return asyncio.run(_run_proxy(args, host, port, sets))
 
 

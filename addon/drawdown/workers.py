@@ -20,6 +20,8 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
+from .affinity import writer_environment
+
 REUSE_PORT_ENV = "DRAWDOWN_REUSE_PORT"
 
 
@@ -55,13 +57,6 @@ def ensure_ca(confdir: str) -> None:
     certs.CertStore.from_store(confdir, CONF_BASENAME, Options().key_size)
 
 
-def _writer_cpus(cpu: int, cpus: Sequence[int]) -> dict[str, str]:
-    """A pinned worker's ledger writer may spread to the CPUs no worker is pinned to."""
-    from .affinity import WRITER_CPUS_ENV, format_cpus, spare_cpus
-
-    return {WRITER_CPUS_ENV: format_cpus(spare_cpus(cpu, cpus, os.sched_getaffinity(0)))}
-
-
 def supervise(
     worker_args: Sequence[str],
     workers: int,
@@ -87,7 +82,7 @@ def supervise(
             stderr=subprocess.STDOUT,
             text=True,
             bufsize=1,
-            env={**env, **_writer_cpus(cpus[i], cpus)} if cpus else env,
+            env={**env, **writer_environment(cpus[i], cpus)} if cpus else env,
         )
         for i in range(workers)
     ]

@@ -12,11 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.test_bench_script import stand_in
 from tests.e2e.test_tokenizer_process_e2e import POLICY, send_prompt, tokenizer_child
 from tests.support.procfs import children_of
 from tests.support.proxy import DrawdownProcess
-from tests.support.scripts import load_script
+from tests.support.scripts import load_script, stand_in
 
 pytestmark = [
     pytest.mark.e2e,

@@ -4,40 +4,19 @@ someone runs it. These drive its parts against a real bare mitmdump and the benc
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import math
 import os
 import shutil
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 
-from tests.support.scripts import load_script
+from tests.support.scripts import load_script, stand_in
 
 pytestmark = pytest.mark.e2e
-
-
-@contextlib.contextmanager
-def stand_in(bench: ModuleType) -> Iterator[int]:
-    """The bench's stand-in upstream on a thread: its own upstream() forks, which is unsafe
-    from pytest's threaded process (the bench forks before it starts any thread)."""
-    loop = asyncio.new_event_loop()
-    server = loop.run_until_complete(loop.create_server(bench._Upstream, "127.0.0.1", 0))
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    try:
-        yield server.sockets[0].getsockname()[1]
-    finally:
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(5)
-        server.close()
-        loop.close()
 
 
 def test_big_prompts_go_at_the_fixed_rate_whatever_the_proxy_keeps_up_with(
