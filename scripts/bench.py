@@ -229,12 +229,17 @@ def proxy(
     upstream_port: int,
     extra: list[str] | None = None,
     cpus: list[int] | None = None,
+    processes: int = 1,
 ) -> Iterator[tuple[int, subprocess.Popen[bytes]]]:
+    """A proxy on a free port: bare mitmdump or drawdown. `processes` (bare only): that many
+    mitmdumps on the one port, as drawdown's --workers (the first one's process is yielded)."""
     port = free_port()
     if kind == "bare":
         cmd = [str(BIN / "mitmdump"), "-q", "--listen-host", "127.0.0.1", "--listen-port", str(port),
                "--set", "connection_strategy=lazy", "--set", f"confdir={workdir / 'conf-bare'}",
                *(extra or [])]  # fmt: skip
+        if processes > 1:  # mitmdump has no option for it: drawdown's workers bind the same way
+            cmd[:1] = [sys.executable, "-c", BARE_REUSE_PORT]
     else:
         policy = workdir / "bench.yaml"
         policy.write_text(
@@ -253,23 +258,55 @@ budgets:
                "--set", "termlog_verbosity=error", *(extra or [])]  # fmt: skip
     if cpus:  # from exec on, so every thread and child process starts there
         cmd = ["taskset", "--cpu-list", _cpu_list(cpus), *cmd]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                break
-        except OSError:
-            time.sleep(0.2)
-    time.sleep(0.5)
+    procs: list[subprocess.Popen[bytes]] = []
     try:
-        yield port, proc
+        # Bare: one mitmdump after another, each waited for. drawdown's supervisor starts its
+        # --workers itself: wait for all of them to listen.
+        workers = extra[extra.index("--workers") + 1] if extra and "--workers" in extra else "1"
+        listening = range(1, processes + 1) if kind == "bare" else [int(workers)]
+        for sockets in listening:
+            procs.append(
+                subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            )
+            _wait_listening(port, procs[-1], sockets)
+        time.sleep(0.5)
+        yield port, procs[0]
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+# mitmdump with its listening sockets bound SO_REUSEPORT, as each `drawdown run --workers` worker.
+BARE_REUSE_PORT = (
+    "import sys; from drawdown.workers import enable_reuse_port; enable_reuse_port(); "
+    "from mitmproxy.tools.main import mitmdump; sys.exit(mitmdump())"
+)
+
+
+def _wait_listening(port: int, proc: subprocess.Popen[bytes], processes: int) -> None:
+    """Until `processes` processes listen on `port` (ss counts the sockets bound to it), or
+    at least one accepts a connection when ss is missing."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None:
+        if shutil.which("ss"):
+            listed = subprocess.run(
+                ["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True
+            ).stdout
+            if len(listed.splitlines()) >= processes:
+                return
+        else:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                    return
+            except OSError:
+                pass
+        time.sleep(0.2)
+    raise SystemExit(f"bench: proxy process {processes} did not listen on port {port}")
 
 
 # --- load ---------------------------------------------------------------------------------------
@@ -491,6 +528,28 @@ def medians(pairs: list[tuple[dict[str, float], dict[str, float]]]) -> dict[str,
 # --- the run ------------------------------------------------------------------------------------
 
 
+def _single(label: str) -> str:
+    """The one-process run a workers figure is a multiple of."""
+    return "bare 1" if label.startswith("bare") else "1"
+
+
+def scaling(turns: list[dict[str, dict[str, float]]]) -> dict[str, Any]:
+    """Medians over the rounds of the workers' speed-ups, and of two workers against two bare
+    mitmdump processes (each ratio taken within a round, where the machine's speed is one)."""
+
+    def median(top: str, bottom: str) -> float:
+        return statistics.median(turn[top]["rps"] / turn[bottom]["rps"] for turn in turns)
+
+    return {
+        "rounds": turns,
+        "median_speedup": median("2", "1"),
+        "median_speedup_cpu_affinity": median("2 --cpu-affinity auto", "1"),
+        "median_speedup_bare": median("bare 2", "bare 1"),
+        "median_two_vs_bare_two": median("2", "bare 2"),
+        "median_two_cpu_affinity_vs_bare_two": median("2 --cpu-affinity auto", "bare 2"),
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -544,7 +603,7 @@ def main() -> int:
             stack.enter_context(cpus_apart(split))
             for connections in (1, 16):
                 for port, _ in proxies.values():  # warm-up
-                    load(port, up, body, connections, 2, workdir)
+                    load(port, up, body, connections, WARM_UP_SECONDS, workdir)
                 rounds = [
                     {
                         label: measured(port, proc, up, body, connections, seconds, workdir)
@@ -706,49 +765,51 @@ def main() -> int:
         figures["writer_c16"] = writer
 
         # Workers: several processes on one listen address (SO_REUSEPORT), one ledger. One
-        # worker, two, and two with one CPU each (--cpu-affinity auto) take turns, as above;
-        # both pairs are measured against the one worker as it starts by default.
-        workers = {
-            "1": ["--workers", "1"],
-            "2": ["--workers", "2"],
-            "2 --cpu-affinity auto": ["--workers", "2", "--cpu-affinity", "auto"],
+        # worker, two, and two with one CPU each (--cpu-affinity auto) take turns with bare
+        # mitmdump as one process and as two on one port: bare's own scaling is the ceiling on
+        # this machine, where the load and the stand-in share the CPUs with the proxies.
+        workers: dict[str, tuple[str, list[str], int]] = {
+            "1": ("drawdown", ["--workers", "1"], 1),
+            "2": ("drawdown", ["--workers", "2"], 1),
+            "2 --cpu-affinity auto": ("drawdown", ["--workers", "2", "--cpu-affinity", "auto"], 1),
+            "bare 1": ("bare", [], 1),
+            "bare 2": ("bare", [], 2),
         }
         with contextlib.ExitStack() as stack:
             ports = {
-                label: stack.enter_context(proxy("drawdown", workdir, up, extra))[0]
-                for label, extra in workers.items()
+                label: stack.enter_context(proxy(kind, workdir, up, extra, processes=n))[0]
+                for label, (kind, extra, n) in workers.items()
             }
             for port in ports.values():
-                load(port, up, body, 16, 2, workdir)
+                load(port, up, body, 16, WARM_UP_SECONDS, workdir)
             turns = [
-                {label: load(port, up, body, 16, seconds, workdir) for label, port in ports.items()}
+                {
+                    label: load(port, up, body, 16, workers_seconds(seconds), workdir)
+                    for label, port in ports.items()
+                }
                 for _ in range(args.rounds)
             ]
-        speedups = {
-            label: statistics.median(turn[label]["rps"] / turn["1"]["rps"] for turn in turns)
-            for label in workers
-            if label != "1"
-        }
-        print("\nworkers (c=16), req/s and p99 ms per round:")
+        figures["workers"] = scaling(turns)
+        print(
+            f"\nworkers (c=16), {args.rounds} interleaved rounds of {workers_seconds(seconds)} s, "
+            "req/s and p99 ms (× one worker; bare: × one bare process):"
+        )
         for number, turn in enumerate(turns, 1):
             print(
                 f"  {number}: "
                 + ", ".join(
-                    f"{label} → {run['rps']:.0f} ({run['rps'] / turn['1']['rps']:.2f}×, p99 {run['p99']:.1f})"
+                    f"{label} → {run['rps']:.0f} ({run['rps'] / turn[_single(label)]['rps']:.2f}×, p99 {run['p99']:.1f})"
                     for label, run in turn.items()
                 )
             )
+        scaled = figures["workers"]
         print(
-            "  median: "
-            + ", ".join(
-                f"{label} → {speedup:.2f}× one worker" for label, speedup in speedups.items()
-            )
+            f"  median: 2 → {scaled['median_speedup']:.2f}× one worker, "
+            f"2 --cpu-affinity auto → {scaled['median_speedup_cpu_affinity']:.2f}×; "
+            f"bare mitmdump, 2 processes → {scaled['median_speedup_bare']:.2f}× one; "
+            f"drawdown's 2 workers serve {scaled['median_two_vs_bare_two']:.0%} of bare's 2 "
+            f"({scaled['median_two_cpu_affinity_vs_bare_two']:.0%} pinned)"
         )
-        figures["workers"] = {
-            "rounds": turns,
-            "median_speedup": speedups["2"],
-            "median_speedup_cpu_affinity": speedups["2 --cpu-affinity auto"],
-        }
 
     # The ledger alone.
     ledger = subprocess.run(
@@ -802,6 +863,14 @@ def while_big_prompts(
         thread.join(60)
     result["big_prompts"] = sent
     return result
+
+
+WARM_UP_SECONDS = 1  # a thousand requests or so: connections open, caches and SQLite pages warm
+
+
+def workers_seconds(seconds: int) -> int:
+    """Each workers run: five proxies x rounds of them must fit the bench's 5 minutes too."""
+    return max(2, seconds * 3 // 4)
 
 
 def big_seconds(seconds: int) -> int:

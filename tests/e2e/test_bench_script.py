@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -112,6 +113,60 @@ def test_the_cpu_per_request_is_split_between_the_loop_and_the_ledger_writer(
     assert result["cpu_ms"] == result["cpu_ms_loop"] + result["cpu_ms_threads"]
     # Each request's two transactions are far more than the threads' idle wake-ups.
     assert result["cpu_ms_threads"] > 0.01, result
+
+
+def test_bare_mitmdump_runs_as_two_processes_on_one_port_and_both_serve(
+    tmp_path: Path,
+) -> None:
+    """The workers figure's ceiling: bare mitmdump as two processes on one port (SO_REUSEPORT,
+    bound as drawdown's workers bind). Both must listen, and the kernel must hand connections
+    to both: a second process that failed to bind, or never got a connection, would make
+    "bare, 2 processes" one process measured twice."""
+    if shutil.which("ss") is None:
+        pytest.skip("ss (iproute2) is not installed")
+    bench = load_script("bench")
+    with stand_in(bench) as up, bench.proxy("bare", tmp_path, up, processes=2) as (port, _):
+        listed = subprocess.run(
+            ["ss", "-ltnpH", f"sport = :{port}"], capture_output=True, text=True, check=True
+        ).stdout
+        pids = sorted({int(pid) for pid in re.findall(r"pid=(\d+)", listed)})
+        assert len(pids) == 2, listed
+        before = [sum(bench.thread_cpu_seconds(pid)) for pid in pids]
+        result = bench.load(port, up, bench.prompt_body(100), 16, 2, tmp_path)
+        spent = [
+            sum(bench.thread_cpu_seconds(pid)) - was for pid, was in zip(pids, before, strict=True)
+        ]
+    assert result["errors"] == 0 and result["rps"] > 0, result
+    # An idle mitmdump wakes for its timers only (well under a millisecond in 2 s); one
+    # that proxies a share of hundreds of requests spends tens of milliseconds.
+    assert min(spent) > 0.02, spent
+
+
+def test_the_workers_figures_are_ratios_taken_within_each_round() -> None:
+    """scaling(): on a VM whose speed drifts between rounds, each speed-up is the median of
+    per-round ratios, never a ratio of medians taken from different rounds."""
+    bench = load_script("bench")
+
+    def turn(
+        one: float, two: float, bare_one: float, bare_two: float
+    ) -> dict[str, dict[str, float]]:
+        return {
+            "1": {"rps": one},
+            "2": {"rps": two},
+            "2 --cpu-affinity auto": {"rps": two * 1.1},
+            "bare 1": {"rps": bare_one},
+            "bare 2": {"rps": bare_two},
+        }
+
+    # One process at 1000, 500 and 2000 req/s; two workers at 1.7×, 1.6× and 1.4× of it.
+    turns = [turn(1000, 1700, 1000, 1800), turn(500, 800, 500, 900), turn(2000, 2800, 2000, 3800)]
+    figures = bench.scaling(turns)
+    assert figures["median_speedup"] == pytest.approx(1.6)  # a ratio of medians: 1700/1000
+    assert figures["median_speedup_cpu_affinity"] == pytest.approx(1.76)  # 1.87, 1.76, 1.54
+    assert figures["median_speedup_bare"] == pytest.approx(1.8)  # 1.8, 1.8, 1.9
+    # Two workers against two bare processes: 1700/1800, 800/900, 2800/3800.
+    assert figures["median_two_vs_bare_two"] == pytest.approx(800 / 900)
+    assert figures["rounds"] is turns
 
 
 def test_the_handoff_figures_compare_the_same_transactions_on_two_threads() -> None:
