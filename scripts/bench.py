@@ -288,18 +288,25 @@ BARE_REUSE_PORT = (
 )
 
 
+def listening_sockets(port: int) -> int:
+    """How many TCP sockets listen on 127.0.0.1:`port` (Linux's /proc/net/tcp: with
+    SO_REUSEPORT each process has its own), or -1 where that table is not there."""
+    try:
+        table = Path("/proc/net/tcp").read_text().splitlines()[1:]
+    except OSError:
+        return -1
+    local, listen = f"0100007F:{port:04X}", "0A"
+    return sum(1 for line in table if line.split()[1:2] == [local] and line.split()[3] == listen)
+
+
 def _wait_listening(port: int, proc: subprocess.Popen[bytes], processes: int) -> None:
-    """Until `processes` processes listen on `port` (ss counts the sockets bound to it), or
-    at least one accepts a connection when ss is missing."""
+    """Until `processes` sockets listen on `port`, or (without /proc) one accepts a connection."""
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and proc.poll() is None:
-        if shutil.which("ss"):
-            listed = subprocess.run(
-                ["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True
-            ).stdout
-            if len(listed.splitlines()) >= processes:
-                return
-        else:
+        listening = listening_sockets(port)
+        if listening >= processes:
+            return
+        if listening < 0:
             try:
                 with socket.create_connection(("127.0.0.1", port), timeout=0.5):
                     return
