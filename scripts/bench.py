@@ -621,7 +621,7 @@ def main() -> int:
                 rows.append((connections, rounds))
         print(
             "throughput and latency (POST chat completion, ~1,000-token prompt, 3 budgets), "
-            f"{args.rounds} interleaved rounds of {seconds} s; "
+            f"{_rounds(args.rounds)} of {seconds} s; "
             + (split.describe() if split else "CPUs placed by the scheduler")
         )
         for label, (kind, _, suffix) in THROUGHPUT_PROXIES.items():
@@ -798,7 +798,7 @@ def main() -> int:
             ]
         figures["workers"] = scaling(turns)
         print(
-            f"\nworkers (c=16), {args.rounds} interleaved rounds of {workers_seconds(seconds)} s, "
+            f"\nworkers (c=16), {_rounds(args.rounds)} of {workers_seconds(seconds)} s, "
             "req/s and p99 ms (× one worker; bare: × one bare process):"
         )
         for number, turn in enumerate(turns, 1):
@@ -870,6 +870,10 @@ def while_big_prompts(
         thread.join(60)
     result["big_prompts"] = sent
     return result
+
+
+def _rounds(count: int) -> str:
+    return "one round" if count == 1 else f"{count} interleaved rounds"
 
 
 WARM_UP_SECONDS = 1  # a thousand requests or so: connections open, caches and SQLite pages warm
