@@ -730,7 +730,7 @@ def main() -> int:
             )
         print(
             f"small requests' p99 alone → while {BIG_PROMPTS_PER_SECOND} 100k-token prompts/s go through, "
-            f"{big_rounds} interleaved rounds:"
+            f"{_rounds(big_rounds)}:"
         )
         figures["big_prompt"] = {"own_ms": own, "loop_lateness_ms": lateness}
         for label, pairs in p99s.items():
