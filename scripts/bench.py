@@ -240,7 +240,13 @@ def proxy(
                *(extra or [])]  # fmt: skip
         if processes > 1:  # mitmdump has no option for it: drawdown's workers bind the same way
             cmd[:1] = [sys.executable, "-c", BARE_REUSE_PORT]
+        # One mitmdump after another, each waited for: 1 listening socket, then 2, ...
+        listening = list(range(1, processes + 1))
     else:
+        # drawdown's supervisor starts its --workers itself: wait for all of them to listen.
+        listening = [
+            int(extra[extra.index("--workers") + 1]) if extra and "--workers" in extra else 1
+        ]
         policy = workdir / "bench.yaml"
         policy.write_text(
             f"""mode: enforce
@@ -260,10 +266,6 @@ budgets:
         cmd = ["taskset", "--cpu-list", _cpu_list(cpus), *cmd]
     procs: list[subprocess.Popen[bytes]] = []
     try:
-        # Bare: one mitmdump after another, each waited for. drawdown's supervisor starts its
-        # --workers itself: wait for all of them to listen.
-        workers = extra[extra.index("--workers") + 1] if extra and "--workers" in extra else "1"
-        listening = range(1, processes + 1) if kind == "bare" else [int(workers)]
         for sockets in listening:
             procs.append(
                 subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -296,7 +298,8 @@ def listening_sockets(port: int) -> int:
     except OSError:
         return -1
     local, listen = f"0100007F:{port:04X}", "0A"
-    return sum(1 for line in table if line.split()[1:2] == [local] and line.split()[3] == listen)
+    rows = (line.split() for line in table)  # sl, local address, remote address, state, ...
+    return sum(1 for row in rows if row[1:2] == [local] and row[3] == listen)
 
 
 def _wait_listening(port: int, proc: subprocess.Popen[bytes], processes: int) -> None:
