@@ -36,7 +36,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
@@ -456,13 +456,50 @@ def thread_cpu_seconds(pid: int) -> tuple[float, float]:
     return main, others
 
 
-def measured(port: int, proc: subprocess.Popen[bytes], up: int, body: bytes, connections: int,
+def tree_cpu_seconds(roots: Iterable[int]) -> tuple[float, float]:
+    """thread_cpu_seconds summed over processes and all their descendants: `drawdown run
+    --workers N` is a supervisor and N worker processes (event loops: every process's main
+    thread)."""
+    main = others = 0.0
+    seen: set[int] = set()
+    pending = list(roots)
+    while pending:
+        pid = pending.pop()
+        if pid in seen:
+            continue
+        seen.add(pid)
+        try:
+            loop, rest = thread_cpu_seconds(pid)
+        except OSError:
+            continue  # gone
+        main, others = main + loop, others + rest
+        pending += children_of(pid)
+    return main, others
+
+
+def machine_busy_seconds(stat: Path = Path("/proc/stat")) -> float:
+    """CPU-seconds the whole machine has spent busy (every CPU: user, nice, system, irq,
+    softirq), from /proc/stat's clock ticks; NaN where there is no such file."""
+    try:
+        fields = stat.read_text().split("\n", 1)[0].split()
+    except OSError:
+        return float("nan")
+    user, nice, system, _idle, _iowait, irq, softirq = (int(f) for f in fields[1:8])
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+
+
+def measured(port: int, roots: Iterable[int], up: int, body: bytes, connections: int,
              seconds: int, workdir: Path) -> dict[str, float]:  # fmt: skip
     """A load run, with the proxy's CPU time per request served: all of it, then the part on
-    its event loop's thread and the part on its other threads (drawdown's ledger writer)."""
-    loop_before, others_before = thread_cpu_seconds(proc.pid)
+    its event loops' threads and the part on its other threads (drawdown's ledger writer), over
+    the processes `roots` and their children; and how many of the machine's CPUs were busy."""
+    roots = list(roots)
+    loop_before, others_before = tree_cpu_seconds(roots)
+    busy_before, started = machine_busy_seconds(), time.monotonic()
     result = load(port, up, body, connections, seconds, workdir)
-    loop_after, others_after = thread_cpu_seconds(proc.pid)
+    busy_after, ended = machine_busy_seconds(), time.monotonic()
+    loop_after, others_after = tree_cpu_seconds(roots)
+    result["machine_busy_cpus"] = (busy_after - busy_before) / (ended - started)
     served = result["rps"] * seconds
     if not served:
         result["cpu_ms"] = result["cpu_ms_loop"] = result["cpu_ms_threads"] = float("nan")
@@ -557,7 +594,19 @@ def scaling(turns: list[dict[str, dict[str, float]]]) -> dict[str, Any]:
         "median_speedup_bare": median("bare 2", "bare 1"),
         "median_two_vs_bare_two": median("2", "bare 2"),
         "median_two_cpu_affinity_vs_bare_two": median("2 --cpu-affinity auto", "bare 2"),
+        # Each proxy's CPU per request and the machine's busy CPUs, medians over the rounds.
+        "median_cpu": {
+            label: {
+                figure: statistics.median(turn[label][figure] for turn in turns)
+                for figure in CPU_FIGURES
+                if all(figure in turn[label] for turn in turns)
+            }
+            for label in turns[0]
+        },
     }
+
+
+CPU_FIGURES = ("cpu_ms", "cpu_ms_loop", "cpu_ms_threads", "machine_busy_cpus")
 
 
 def main() -> int:
@@ -616,7 +665,7 @@ def main() -> int:
                     load(port, up, body, connections, WARM_UP_SECONDS, workdir)
                 rounds = [
                     {
-                        label: measured(port, proc, up, body, connections, seconds, workdir)
+                        label: measured(port, [proc.pid], up, body, connections, seconds, workdir)
                         for label, (port, proc) in proxies.items()
                     }
                     for _ in range(args.rounds)
@@ -786,16 +835,19 @@ def main() -> int:
             "bare 2": ("bare", [], 2),
         }
         with contextlib.ExitStack() as stack:
-            ports = {
-                label: stack.enter_context(proxy(kind, workdir, up, extra, processes=n))[0]
-                for label, (kind, extra, n) in workers.items()
-            }
-            for port in ports.values():
+            # Each proxy's processes: the children this bench gained by starting it (bare's
+            # second mitmdump is not a child of its first; drawdown's workers are its children).
+            ports: dict[str, tuple[int, set[int]]] = {}
+            for label, (kind, extra, n) in workers.items():
+                with new_children() as roots:
+                    port, _ = stack.enter_context(proxy(kind, workdir, up, extra, processes=n))
+                ports[label] = port, roots
+            for port, _ in ports.values():
                 load(port, up, body, 16, WARM_UP_SECONDS, workdir)
             turns = [
                 {
-                    label: load(port, up, body, 16, workers_seconds(seconds), workdir)
-                    for label, port in ports.items()
+                    label: measured(port, roots, up, body, 16, workers_seconds(seconds), workdir)
+                    for label, (port, roots) in ports.items()
                 }
                 for _ in range(args.rounds)
             ]
@@ -820,6 +872,16 @@ def main() -> int:
             f"drawdown's 2 workers serve {scaled['median_two_vs_bare_two']:.0%} of bare's 2 "
             f"({scaled['median_two_cpu_affinity_vs_bare_two']:.0%} pinned)"
         )
+        # Whether the machine was saturated, and what each proxy spent per request: on a
+        # saturated machine the CPU per request is what sets the speed-up.
+        print(
+            f"  medians: CPU ms per request (event loops + other threads); the machine's busy CPUs (of {os.cpu_count()})"
+        )
+        for label, cpu in scaled["median_cpu"].items():
+            print(
+                f"    {label:<22} {cpu['cpu_ms']:.2f} ({cpu['cpu_ms_loop']:.2f} + "
+                f"{cpu['cpu_ms_threads']:.2f})   {cpu['machine_busy_cpus']:.2f}"
+            )
 
     # The ledger alone.
     ledger = subprocess.run(
@@ -914,6 +976,15 @@ def children_of(pid: int) -> list[int]:
         except OSError:
             pass
     return found
+
+
+@contextmanager
+def new_children() -> Iterator[set[int]]:
+    """The child processes this process gains inside the block (the set is filled as it ends)."""
+    gained: set[int] = set()
+    before = set(children_of(os.getpid()))
+    yield gained
+    gained.update(set(children_of(os.getpid())) - before)
 
 
 def wait_for_children(pid: int, count: int, timeout: float = 30) -> list[int]:

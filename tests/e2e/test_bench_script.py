@@ -4,6 +4,7 @@ someone runs it. These drive its parts against a real bare mitmdump and the benc
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import os
 import shutil
@@ -106,7 +107,7 @@ def test_the_cpu_per_request_is_split_between_the_loop_and_the_ledger_writer(
         stand_in(bench) as up,
         bench.proxy("drawdown", tmp_path, up) as (port, proc),
     ):
-        result = bench.measured(port, proc, up, bench.prompt_body(100), 1, 2, tmp_path)
+        result = bench.measured(port, [proc.pid], up, bench.prompt_body(100), 1, 2, tmp_path)
     assert result["errors"] == 0 and result["rps"] > 0, result
     assert result["cpu_ms_loop"] > 0 and result["cpu_ms_threads"] > 0, result
     assert result["cpu_ms"] == result["cpu_ms_loop"] + result["cpu_ms_threads"]
@@ -122,14 +123,15 @@ def test_bare_mitmdump_runs_as_two_processes_on_one_port_and_both_serve(
     to both: a second process that failed to bind, or never got a connection, would make
     "bare, 2 processes" one process measured twice."""
     bench = load_script("bench")
-    with stand_in(bench) as up, bench.proxy("bare", tmp_path, up, processes=2) as (port, _):
+    with stand_in(bench) as up, contextlib.ExitStack() as stack:
+        with bench.new_children() as pids:
+            port, _ = stack.enter_context(bench.proxy("bare", tmp_path, up, processes=2))
         assert bench.listening_sockets(port) == 2
-        pids = [
-            child
-            for child in bench.children_of(os.getpid())
-            if str(port) in Path(f"/proc/{child}/cmdline").read_text()
-        ]
+        # The bench counts a proxy's CPU over the children it gained by starting it: here both
+        # mitmdumps, each carrying the port.
         assert len(pids) == 2, pids
+        assert all(str(port) in Path(f"/proc/{pid}/cmdline").read_text() for pid in pids)
+        pids = sorted(pids)
         before = [sum(bench.thread_cpu_seconds(pid)) for pid in pids]
         result = bench.load(port, up, bench.prompt_body(100), 16, 2, tmp_path)
         spent = [
@@ -141,6 +143,42 @@ def test_bare_mitmdump_runs_as_two_processes_on_one_port_and_both_serve(
     assert min(spent) > 0.02, spent
 
 
+def test_a_workers_proxy_is_measured_over_its_worker_processes(tmp_path: Path) -> None:
+    """`drawdown run --workers 2` is a supervisor that forwards nothing and two worker processes
+    that forward everything: the workers figure's CPU per request must be theirs, summed."""
+    bench = load_script("bench")
+    with (
+        stand_in(bench) as up,
+        bench.proxy("drawdown", tmp_path, up, ["--workers", "2"]) as (port, supervisor),
+    ):
+        workers = bench.children_of(supervisor.pid)
+        assert len(workers) == 2, workers
+        alone_before = sum(bench.thread_cpu_seconds(supervisor.pid))
+        result = bench.measured(port, [supervisor.pid], up, bench.prompt_body(100), 4, 2, tmp_path)
+        alone = sum(bench.thread_cpu_seconds(supervisor.pid)) - alone_before
+    assert result["errors"] == 0 and result["rps"] > 0, result
+    served = result["rps"] * 2
+    # The supervisor alone spends next to nothing per request; its workers spend what a proxy
+    # spends (a parsed request, a reserve and a commit: far above 0.1 ms).
+    assert alone * 1000 / served < 0.05, (alone, served)
+    assert result["cpu_ms_loop"] > 0.1 and result["cpu_ms_threads"] > 0.01, result
+    # The proxy, wrk and the stand-in were busy: some of the machine's CPUs, never more than all.
+    assert 0.1 < result["machine_busy_cpus"] <= os.cpu_count() + 0.1, result
+
+
+def test_the_machines_busy_time_is_every_cpus_non_idle_ticks(tmp_path: Path) -> None:
+    """/proc/stat's first line: user, nice, system, idle, iowait, irq, softirq, steal, … in
+    clock ticks. Busy is the work done on the machine's CPUs: not idle or iowait, and not
+    steal (time the hypervisor gave to someone else)."""
+    bench = load_script("bench")
+    stat = tmp_path / "stat"
+    stat.write_text(
+        "cpu  1000 20 300 90000 400 5 6 700 0 0\ncpu0 500 10 150 45000 200 2 3 350 0 0\n"
+    )
+    assert bench.machine_busy_seconds(stat) == pytest.approx(1331 / os.sysconf("SC_CLK_TCK"))
+    assert math.isnan(bench.machine_busy_seconds(tmp_path / "missing"))
+
+
 def test_the_workers_figures_are_ratios_taken_within_each_round() -> None:
     """scaling(): on a VM whose speed drifts between rounds, each speed-up is the median of
     per-round ratios, never a ratio of medians taken from different rounds."""
@@ -150,7 +188,7 @@ def test_the_workers_figures_are_ratios_taken_within_each_round() -> None:
         one: float, two: float, bare_one: float, bare_two: float
     ) -> dict[str, dict[str, float]]:
         return {
-            "1": {"rps": one},
+            "1": {"rps": one, "cpu_ms": 1000 / one, "machine_busy_cpus": 1.1},
             "2": {"rps": two},
             "2 --cpu-affinity auto": {"rps": two * 1.1},
             "bare 1": {"rps": bare_one},
@@ -166,6 +204,8 @@ def test_the_workers_figures_are_ratios_taken_within_each_round() -> None:
     # Two workers against two bare processes: 1700/1800, 800/900, 2800/3800.
     assert figures["median_two_vs_bare_two"] == pytest.approx(800 / 900)
     assert figures["rounds"] is turns
+    # CPU per request and busy CPUs: medians over the rounds, per proxy (1.0, 2.0, 0.5 ms).
+    assert figures["median_cpu"]["1"] == {"cpu_ms": 1.0, "machine_busy_cpus": 1.1}
 
 
 def test_the_handoff_figures_compare_the_same_transactions_on_two_threads() -> None:
