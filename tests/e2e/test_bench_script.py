@@ -336,3 +336,89 @@ def test_the_bench_reads_the_writer_probe_of_a_real_drawdown(tmp_path: Path) -> 
     assert 0 < figures["cpu_ms_total"] <= figures["wall_ms_total"], figures
     assert "DRAWDOWN_WRITER_PROBE" not in os.environ
     assert bench._writer_probe().describe(figures).startswith(f"writer probe: {figures['batches']}")
+
+
+def test_the_profile_puts_each_sample_with_the_innermost_frame_that_owns_it() -> None:
+    """bench --profile: a sample belongs to the innermost frame of a known owner, so json.loads
+    counts for the meter that called it and not for the standard library; the frames that start
+    the process sit under every sample and own none of them."""
+    profile = load_script("bench_profile")
+    root = ["<module> (drawdown:6)", "main (drawdown/cli.py:550)", "run (asyncio/runners.py:194)",
+            "BaseEventLoop._run_once (asyncio/base_events.py:2027)", "Handle._run (asyncio/events.py:89)"]  # fmt: skip
+    hook = [
+        *root,
+        "Group.request (drawdown/master.py:140)",
+        "Drawdown.request (drawdown/addon.py:551)",
+    ]
+    meter = [*hook, "estimate (drawdown/meter/openai.py:88)", "loads (json/__init__.py:346)"]
+    assert profile.owner(meter) == "drawdown: meter (tokens, prices, usage)"
+    assert profile.owner(hook) == "drawdown: hooks (addon.py and the rest)"
+    assert profile.owner([*hook, "identify (drawdown/identity.py:120)"]).startswith(
+        "drawdown: identity"
+    )
+    assert profile.owner([*hook, "AsyncLedger.call (drawdown/ledger/worker.py:66)"]).startswith(
+        "drawdown: ledger"
+    )
+    # mitmproxy's own addons, dispatched by drawdown's master, are mitmproxy's.
+    addon = [*root, "Group.request (drawdown/master.py:140)", "ProxyAuth.http_connect (mitmproxy/addons/proxyauth.py:80)"]  # fmt: skip
+    assert profile.owner(addon) == "mitmproxy's addons"
+    assert profile.owner([*root, "Group.request (drawdown/master.py:140)"]).startswith(
+        "addon dispatch"
+    )
+    core = [
+        *root,
+        "ConnectionHandler.server_event (mitmproxy/proxy/server.py:426)",
+        "send (socket.py:1)",
+    ]
+    assert profile.owner(core) == "mitmproxy's proxy core (HTTP, connections, TLS)"
+    # Bare mitmdump starts from mitmproxy/tools: that is not its proxy core.
+    bare_root = ["mitmdump (mitmproxy/tools/main.py:140)", "Master.run (mitmproxy/master.py:60)",
+                 "BaseEventLoop._run_once (asyncio/base_events.py:2027)"]  # fmt: skip
+    assert profile.owner(bare_root) == profile.UNOWNED
+    assert profile.owner([*root, "EpollSelector.select (selectors.py:452)"]) == profile.SELECTOR
+    assert profile.owner([*root, "0x7f428544524a (libc.so.6)"]) == profile.UNOWNED
+
+
+def test_the_profile_reads_py_spys_raw_output_per_thread() -> None:
+    profile = load_script("bench_profile")
+    raw = (
+        "thread (10032): MainThread;main (drawdown/cli.py:550);loads (drawdown/meter/tokens.py:9) 30\n"
+        "thread (10032): MainThread;main (drawdown/cli.py:550);EpollSelector.select (selectors.py:452) 5\n"
+        "thread (10032): MainThread;main (drawdown/cli.py:550);count (drawdown/meter/tokens.py:20) 10\n"
+        "thread (10034): drawdown-ledger-0;AsyncLedger._run (drawdown/ledger/worker.py:80) 12\n"
+        "thread (10035): asyncio_0;worker (concurrent/futures/thread.py:90) 3\n"
+        "thread (10036): asyncio_1;worker (concurrent/futures/thread.py:90) 4\n"
+    )
+    threads = profile.parse_raw(raw)
+    assert threads["MainThread"] == {
+        "drawdown: meter (tokens, prices, usage)": 40,
+        profile.SELECTOR: 5,
+    }
+    assert threads["other threads"] == {"drawdown-ledger": 12, "asyncio": 7}
+    # 40 samples at 200 Hz over 100 requests: 2 ms each.
+    assert profile.per_request(threads["MainThread"], 200, 100)[
+        "drawdown: meter (tokens, prices, usage)"
+    ] == pytest.approx(2.0)
+
+
+def test_the_profile_samples_a_real_drawdown_and_a_real_mitmdump(tmp_path: Path) -> None:
+    """py-spy attached to running proxies under load: drawdown's loop shows its own parts (the
+    meter, its hooks) and its ledger writer thread; bare mitmdump shows none of them."""
+    profile = load_script("bench_profile")
+    bench = sys.modules["bench"]  # the bench module bench_profile imported
+    body = bench.prompt_body(1000)
+    runs = {}
+    with stand_in(bench) as up:
+        for kind in ("bare", "drawdown"):
+            with bench.proxy(kind, tmp_path, up) as (port, proc):
+                bench.load(port, up, body, 4, 1, tmp_path)
+                runs[kind] = profile.profiled(port, proc.pid, up, body, 4, 2, 200, tmp_path)
+    drawdown, bare = runs["drawdown"]["samples"], runs["bare"]["samples"]
+    assert drawdown["MainThread"]["drawdown: meter (tokens, prices, usage)"] > 0, drawdown
+    assert drawdown["MainThread"]["drawdown: hooks (addon.py and the rest)"] > 0, drawdown
+    assert drawdown["other threads"]["drawdown-ledger"] > 0, drawdown
+    assert bare["MainThread"]["mitmproxy's proxy core (HTTP, connections, TLS)"] > 0, bare
+    assert not any(part.startswith("drawdown:") for part in bare["MainThread"]), bare
+    lines = profile.table(runs, 200, 2)
+    assert lines[0].split()[-2:] == ["bare", "drawdown"]
+    assert any(line.strip().startswith("the loop on a CPU (schedstat)") for line in lines)
