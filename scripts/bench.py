@@ -43,8 +43,8 @@ from types import ModuleType
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # tests.support holds the loader for scripts/*.py
-    sys.path.insert(0, str(ROOT))
+if str(ROOT / "scripts") not in sys.path:  # its sibling writer_probe.py, as a module
+    sys.path.insert(0, str(ROOT / "scripts"))
 BIN = Path(sys.executable).parent
 
 RESPONSE = json.dumps(
@@ -512,9 +512,9 @@ def measured(port: int, roots: Iterable[int], up: int, body: bytes, connections:
 
 def _writer_probe() -> ModuleType:
     """scripts/writer_probe.py, the mitmproxy script the writer run loads, for its summary."""
-    from tests.support.scripts import load_script  # the loader the e2e suite uses for scripts
+    import writer_probe
 
-    return load_script("writer_probe")
+    return writer_probe
 
 
 def writer_batches(
