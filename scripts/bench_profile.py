@@ -46,12 +46,11 @@ OWNERS: list[tuple[str, re.Pattern[str]]] = [
         "drawdown: identity, classify, authority, budgets",
         re.compile(r"drawdown/(identity|classify|authority|budgets|money)\.py|drawdown/policy/"),
     ),
-    ("addon dispatch (drawdown's master, mitmproxy's manager)", re.compile(r"drawdown/master\.py")),
-    ("drawdown: hooks (addon.py and the rest)", re.compile(r"drawdown/")),
     (
         "addon dispatch (drawdown's master, mitmproxy's manager)",
-        re.compile(r"mitmproxy/addonmanager\.py"),
+        re.compile(r"drawdown/master\.py|mitmproxy/addonmanager\.py"),
     ),
+    ("drawdown: hooks (addon.py and the rest)", re.compile(r"drawdown/")),
     ("mitmproxy's addons", re.compile(r"mitmproxy/addons/")),
     ("mitmproxy's proxy core (HTTP, connections, TLS)", re.compile(r"mitmproxy/")),
 ]
@@ -137,46 +136,35 @@ def profiled(
 
 def table(runs: dict[str, dict[str, Any]], rate: int, seconds: int) -> list[str]:
     """Lines of the per-request table: one row per part of the work, one column per proxy."""
-    labels = list(runs)
-    loops = {
-        label: per_request(run["samples"].get(LOOP_THREAD, Counter()), rate, run["rps"] * seconds)
+    per_thread = {
+        label: {
+            thread: per_request(run["samples"].get(thread, Counter()), rate, run["rps"] * seconds)
+            for thread in (LOOP_THREAD, "other threads")
+        }
         for label, run in runs.items()
     }
-    others = {
-        label: per_request(
-            run["samples"].get("other threads", Counter()), rate, run["rps"] * seconds
-        )
-        for label, run in runs.items()
-    }
+    loops = {label: threads[LOOP_THREAD] for label, threads in per_thread.items()}
+    others = {label: threads["other threads"] for label, threads in per_thread.items()}
     parts = [name for name, _ in OWNERS] + [UNOWNED, SELECTOR]
-    parts = [p for i, p in enumerate(parts) if p not in parts[:i]]  # dispatch is listed twice
     width = max(len(p) for p in parts) + 2
+
+    def row(name: str, values: Iterable[float], fmt: str = ".3f") -> str:
+        return f"  {name:<{width}}" + "".join(f"{value:>12{fmt}}" for value in values)
+
     lines = [
-        f"  {'event loop thread, ms per request':<{width}}"
-        + "".join(f"{lab:>12}" for lab in labels)
+        f"  {'event loop thread, ms per request':<{width}}" + "".join(f"{lab:>12}" for lab in runs)
     ]
-    for part in parts:
-        if any(loops[lab].get(part) for lab in labels):
-            lines.append(
-                f"  {part:<{width}}"
-                + "".join(f"{loops[lab].get(part, 0.0):>12.3f}" for lab in labels)
-            )
-    lines.append(
-        f"  {'all of the loop, sampled':<{width}}"
-        + "".join(f"{sum(loops[lab].values()):>12.3f}" for lab in labels)
-    )
-    lines.append(
-        f"  {'the loop on a CPU (schedstat)':<{width}}"
-        + "".join(f"{runs[lab]['cpu_ms_loop']:>12.3f}" for lab in labels)
-    )
-    kinds = sorted({kind for lab in labels for kind in others[lab]})
-    for kind in kinds:
-        lines.append(
-            f"  {'thread ' + kind:<{width}}"
-            + "".join(f"{others[lab].get(kind, 0.0):>12.3f}" for lab in labels)
-        )
-    lines.append(f"  {'req/s':<{width}}" + "".join(f"{runs[lab]['rps']:>12.0f}" for lab in labels))
-    return lines  # fmt: skip
+    lines += [
+        row(part, (loops[lab].get(part, 0.0) for lab in runs))
+        for part in parts
+        if any(loops[lab].get(part) for lab in runs)
+    ]
+    lines.append(row("all of the loop, sampled", (sum(loops[lab].values()) for lab in runs)))
+    lines.append(row("the loop on a CPU (schedstat)", (runs[lab]["cpu_ms_loop"] for lab in runs)))
+    for kind in sorted({kind for lab in runs for kind in others[lab]}):
+        lines.append(row(f"thread {kind}", (others[lab].get(kind, 0.0) for lab in runs)))
+    lines.append(row("req/s", (runs[lab]["rps"] for lab in runs), ".0f"))
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
