@@ -1037,8 +1037,13 @@ def idle_policy(sys_root: Path = Path("/sys")) -> dict[str, Any]:
 def describe_idle(policy: dict[str, Any]) -> str:
     if not policy:
         return "not reported by the kernel"
-    text = f"cpuidle {policy.get('driver', '?')}/{policy.get('governor', '?')}"
-    if "halt_poll_ns" in policy:
+    driver = policy.get("driver", "?")
+    text = f"cpuidle {driver}/{policy.get('governor', '?')}"
+    if driver == "none":
+        # No cpuidle driver: the kernel's default idle, HLT, whatever haltpoll's module says;
+        # how soon a halted vCPU runs again is then up to the hypervisor.
+        return text + " (an idle vCPU halts; the hypervisor decides how soon it wakes)"
+    if "halt_poll_ns" in policy and driver == "haltpoll":
         ns = policy["halt_poll_ns"]
         text += (
             ", guest halt polling off (an idle vCPU halts at once)"

@@ -274,6 +274,12 @@ def test_the_header_says_how_idle_cpus_wait(tmp_path: Path) -> None:
     assert bench.describe_idle(bench.idle_policy(tmp_path)).endswith(
         "an idle vCPU polls 200 µs before it halts"
     )
+    # The module's parameter outlives its driver: with no cpuidle driver, idle is a plain HLT.
+    (cpuidle / "current_driver").write_text("none\n")
+    (cpuidle / "current_governor_ro").write_text("menu\n")
+    described = bench.describe_idle(bench.idle_policy(tmp_path))
+    assert described.startswith("cpuidle none/menu (an idle vCPU halts")
+    assert "polls" not in described
 
 
 def test_the_writer_probe_tells_a_batch_that_waited_from_one_that_worked() -> None:
