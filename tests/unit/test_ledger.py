@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
+import os
 import socket
 import threading
 import time
@@ -452,6 +453,25 @@ def test_a_sqlite_ledger_reads_again_after_its_own_maintenance_writes(tmp_path: 
     worker.close()
     assert settled.state == "expired" and _sqlite_reserved(ledger) == (0, 2)
     ledger.close()
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="SCHED_BATCH is Linux's")
+@pytest.mark.parametrize("batch_scheduling", [True, False])
+def test_the_writer_thread_waits_for_its_cpu_rather_than_preempt(
+    tmp_path: Any, batch_scheduling: bool
+) -> None:
+    """SCHED_BATCH on the writer thread only (worker.py says why); the caller's policy stays."""
+    worker = AsyncLedger(SQLiteLedger(tmp_path / "ledger.db"), batch_scheduling=batch_scheduling)
+    try:
+        asyncio.run(worker.call("heartbeat", NOW))  # the thread has started and run a batch
+        writer = worker._threads[0].native_id
+        assert writer is not None
+        expected = os.SCHED_BATCH if batch_scheduling else os.SCHED_OTHER
+        assert os.sched_getscheduler(writer) == expected
+        assert os.sched_getscheduler(0) == os.SCHED_OTHER
+    finally:
+        worker.close()
+        worker.ledger.close()
 
 
 def test_a_failed_sqlite_batch_leaves_no_rows_known(tmp_path: Any) -> None:
