@@ -38,6 +38,17 @@ def enable_reuse_port() -> None:
     asyncio.start_server = reusing  # type: ignore[assignment]
 
 
+def takes_every_cpu(workers: int, available: int | None = None) -> bool:
+    """Whether `workers` event loops keep every CPU this process may use busy. Then each ledger
+    writer is woken beside a busy loop and runs under SCHED_BATCH (ledger/worker.py says why);
+    with a CPU to spare it starts there at once, and keeps the normal policy."""
+    if available is None:
+        available = (
+            len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        ) or 1
+    return workers >= available
+
+
 def _free_port(host: str) -> int:
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
         sock.bind((host, 0))
@@ -73,6 +84,7 @@ def supervise(
     command = [
         sys.executable, "-m", "drawdown", "run", *worker_args,
         "--listen", f"{shown}:{port}", "--set", "drawdown_shared_runs=true",
+        *(["--set", "drawdown_batch_writer=true"] if takes_every_cpu(workers) else []),
     ]  # fmt: skip
     env = {**os.environ, REUSE_PORT_ENV: "1"}
     procs = [

@@ -57,23 +57,45 @@ def policies_of_threads(pid: int) -> dict[int, int]:
     }
 
 
-@pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="SCHED_BATCH is Linux's")
-def test_each_workers_ledger_writer_waits_for_its_cpu_and_its_event_loop_does_not(
-    drawdown_proxy: Callable[..., DrawdownProcess], standin: StandIn
-) -> None:
-    """Two workers on two CPUs: a writer that preempted its loop on every wake-up cut its
-    batches to 2–3 operations (ledger/worker.py). Each writer runs under SCHED_BATCH; the
-    event loop and every other thread keep the normal policy."""
-    proxy = drawdown_proxy(POLICY, extra_args=["--workers", "2"])
+def writer_policies(pid: int) -> list[int]:
+    """The scheduling policy of each thread but the main one (the event loop)."""
+    policies = policies_of_threads(pid)
+    assert policies.pop(pid) == os.SCHED_OTHER
+    return list(policies.values())
+
+
+def ask_once(proxy: DrawdownProcess) -> None:
     with proxy.openai_client(default_headers={"X-Drawdown-Agent": "a"}, max_retries=0) as client:
         client.chat.completions.create(
             model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}]
         )
-    workers = sorted(children_of(proxy.pid))
-    assert len(workers) == 2
-    for worker in workers:
-        policies = policies_of_threads(worker)
-        assert policies[worker] == os.SCHED_OTHER  # the main thread: the event loop
-        assert list(policies.values()).count(os.SCHED_BATCH) == 1  # the one SQLite writer
-    assert set(policies_of_threads(proxy.pid).values()) == {os.SCHED_OTHER}  # the supervisor
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="SCHED_BATCH is Linux's")
+def test_workers_on_every_cpu_have_ledger_writers_that_wait_for_their_loops(
+    drawdown_proxy: Callable[..., DrawdownProcess], standin: StandIn
+) -> None:
+    """A worker per CPU: each writer is woken beside a busy event loop, and preempting it cut
+    its batches to 2–3 operations (ledger/worker.py). Each writer runs under SCHED_BATCH; the
+    event loop, every other thread and the supervisor keep the normal policy."""
+    workers = max(2, len(os.sched_getaffinity(0)))
+    proxy = drawdown_proxy(POLICY, extra_args=["--workers", str(workers)])
+    ask_once(proxy)
+    pids = sorted(children_of(proxy.pid))
+    assert len(pids) == workers
+    for pid in pids:
+        assert writer_policies(pid).count(os.SCHED_BATCH) == 1  # the one SQLite writer
+    assert set(policies_of_threads(proxy.pid).values()) == {os.SCHED_OTHER}
+    proxy.stop()
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="SCHED_BATCH is Linux's")
+def test_one_process_keeps_a_writer_that_preempts(
+    drawdown_proxy: Callable[..., DrawdownProcess], standin: StandIn
+) -> None:
+    """With a CPU to spare the writer starts there at once; beside the tokenizer process or
+    another program, it must preempt them for the requests it answers."""
+    proxy = drawdown_proxy(POLICY)
+    ask_once(proxy)
+    assert set(writer_policies(proxy.pid)) == {os.SCHED_OTHER}
     proxy.stop()

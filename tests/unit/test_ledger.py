@@ -456,12 +456,14 @@ def test_a_sqlite_ledger_reads_again_after_its_own_maintenance_writes(tmp_path: 
 
 
 @pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="SCHED_BATCH is Linux's")
-@pytest.mark.parametrize("batch_scheduling", [True, False])
-def test_the_writer_thread_waits_for_its_cpu_rather_than_preempt(
-    tmp_path: Any, batch_scheduling: bool
+@pytest.mark.parametrize("batch_scheduling", [True, False, None])
+def test_a_batch_writer_thread_waits_for_its_cpu_rather_than_preempt(
+    tmp_path: Any, batch_scheduling: bool | None
 ) -> None:
-    """SCHED_BATCH on the writer thread only (worker.py says why); the caller's policy stays."""
-    worker = AsyncLedger(SQLiteLedger(tmp_path / "ledger.db"), batch_scheduling=batch_scheduling)
+    """SCHED_BATCH on the writer thread only, when asked (worker.py says why and when); the
+    caller's policy stays. None: the default, the normal policy."""
+    options = {} if batch_scheduling is None else {"batch_scheduling": batch_scheduling}
+    worker = AsyncLedger(SQLiteLedger(tmp_path / "ledger.db"), **options)
     try:
         asyncio.run(worker.call("heartbeat", NOW))  # the thread has started and run a batch
         writer = worker._threads[0].native_id
@@ -469,6 +471,9 @@ def test_the_writer_thread_waits_for_its_cpu_rather_than_preempt(
         expected = os.SCHED_BATCH if batch_scheduling else os.SCHED_OTHER
         assert os.sched_getscheduler(writer) == expected
         assert os.sched_getscheduler(0) == os.SCHED_OTHER
+        worker.batch_scheduling = not batch_scheduling  # --set while the proxy runs
+        expected = os.SCHED_OTHER if batch_scheduling else os.SCHED_BATCH
+        assert os.sched_getscheduler(writer) == expected
     finally:
         worker.close()
         worker.ledger.close()

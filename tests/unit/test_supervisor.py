@@ -1,8 +1,10 @@
 """The `--workers` supervisor's start-up duties, without starting a proxy."""
 
+import os
 from pathlib import Path
 
-from drawdown.workers import ensure_ca
+import pytest
+from drawdown.workers import ensure_ca, takes_every_cpu
 
 
 def test_ensure_ca_creates_the_ca_once_so_every_worker_loads_the_same_one(tmp_path: Path) -> None:
@@ -13,3 +15,18 @@ def test_ensure_ca_creates_the_ca_once_so_every_worker_loads_the_same_one(tmp_pa
     assert b"PRIVATE KEY" in first and (confdir / "mitmproxy-ca-cert.pem").exists()
     ensure_ca(str(confdir))  # a second start (or a worker) reuses it rather than minting another
     assert ca.read_bytes() == first
+
+
+def test_workers_that_take_every_cpu_get_writers_that_wait_for_their_loops() -> None:
+    assert takes_every_cpu(2, available=2) and takes_every_cpu(3, available=2)
+    assert not takes_every_cpu(2, available=4)  # a writer wakes on a spare CPU at once
+    assert not takes_every_cpu(1, available=2)
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="Linux's CPU sets")
+def test_the_cpus_counted_are_the_ones_this_process_may_use(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _: {2, 3})  # a cpuset of 2 on a big host
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    assert takes_every_cpu(2) and not takes_every_cpu(1)

@@ -8,13 +8,17 @@ decision, so batching changes throughput, never outcomes.
 SQLite gets one writer (it has one write lock anyway). A ledger may ask for more with a
 `writers` attribute (PostgreSQL: row locks, so batches on different budgets overlap).
 
-On Linux the writers run under SCHED_BATCH: a woken writer does not preempt the thread on its
-CPU, it runs when that thread blocks, its slice ends or another CPU is idle. Under load that
-thread is usually an event loop with requests still to move, and every preemption cut a batch
-short: with two `--workers` on two CPUs each writer's transactions carried 2–3 operations and
-its CPU a request doubled. Left to wait, a batch gathers what the loop queued meanwhile (same
-weight, same share of the CPU; only the moment it starts changes). With a CPU idle, as for a
-lone request, the writer starts at once, as before.
+With `batch_scheduling` (Linux) the writers run under SCHED_BATCH: a woken writer does not
+preempt the thread on its CPU, it runs when that thread blocks, its slice ends or another CPU
+is idle. `drawdown run --workers` asks for it when its workers take every CPU: then a writer
+is always woken beside a busy event loop, and each preemption cut a batch short (two workers
+on two CPUs: 2–3 operations a transaction, each writer's CPU a request doubled). Left to wait,
+a batch gathers what the loop queued meanwhile; same weight, same share of the CPU, only the
+moment it starts changes. Not the default: beside a CPU-bound neighbour that is not its own
+loop (the tokenizer process counting a 100k-token prompt, another program), a writer that
+cannot preempt makes every request wait out the neighbour's slice (small requests' p99 rose
+~7 ms more than bare mitmdump's while big prompts were counted), and one process on a
+machine with CPUs to spare gains nothing from it.
 """
 
 from __future__ import annotations
@@ -32,16 +36,6 @@ from .api import LedgerError
 log = logging.getLogger(__name__)
 
 _STOP = object()
-
-
-def _schedule_as_batch() -> None:
-    """Put the calling thread under SCHED_BATCH (Linux; any user may, at its own nice value)."""
-    if not hasattr(os, "SCHED_BATCH"):
-        return
-    try:
-        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))  # 0: the calling thread
-    except OSError as exc:  # a seccomp profile that refuses it: the writer runs as before
-        log.debug("drawdown: ledger writer keeps its scheduling policy: %s", exc)
 
 
 def _resolve(settled: list[tuple[asyncio.Future[Any], Any]]) -> None:
@@ -62,12 +56,11 @@ class AsyncLedger:
         max_batch: int = 128,
         writers: int | None = None,
         placement: WriterPlacement | None = None,
-        batch_scheduling: bool = True,
+        batch_scheduling: bool = False,
     ) -> None:
         self.ledger = ledger
         self.max_batch = max_batch
         self.placement = placement  # --cpu-affinity: where each writer thread runs
-        self.batch_scheduling = batch_scheduling  # SCHED_BATCH for the writers (module doc)
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         count = max(1, writers or getattr(ledger, "writers", 1))
         self._threads = [
@@ -76,6 +69,27 @@ class AsyncLedger:
         ]
         for thread in self._threads:
             thread.start()
+        self._batch_scheduling = False
+        self.batch_scheduling = batch_scheduling
+
+    @property
+    def batch_scheduling(self) -> bool:
+        """Whether the writer threads run under SCHED_BATCH (see above); settable while they run."""
+        return self._batch_scheduling
+
+    @batch_scheduling.setter
+    def batch_scheduling(self, wanted: bool) -> None:
+        if wanted == self._batch_scheduling or not hasattr(os, "SCHED_BATCH"):
+            return
+        policy = os.SCHED_BATCH if wanted else os.SCHED_OTHER
+        try:
+            for thread in self._threads:
+                if thread.native_id is not None:
+                    os.sched_setscheduler(thread.native_id, policy, os.sched_param(0))
+        except OSError as exc:  # a seccomp profile that refuses it: the writers run as before
+            log.warning("drawdown: the ledger writer keeps its scheduling policy: %s", exc)
+            return
+        self._batch_scheduling = wanted
 
     @property
     def process_id(self) -> str:
@@ -93,8 +107,6 @@ class AsyncLedger:
         return getattr(self.ledger, name)(*args)
 
     def _run(self) -> None:
-        if self.batch_scheduling:
-            _schedule_as_batch()
         after_batch = self.placement.follower() if self.placement else None
         while True:
             item = self._queue.get()
