@@ -173,7 +173,7 @@ class Split:
     """The proxy under test on one CPU, the load (wrk or the Python generator, and the stand-in
     upstream) on the others, as a server is often benched on one machine. Left to the
     scheduler on two vCPUs, a proxy's threads land beside wrk in some rounds and not in others;
-    this takes that placement out of a comparison (not the VM's own drift, BENCHMARKS.md). It
+    this takes that placement out of a comparison (not the VM's own drift, benchmarks/HISTORY.md). It
     also puts drawdown's ledger writer on its loop's CPU, which helps c=1 and costs c=16."""
 
     def __init__(self) -> None:
@@ -818,7 +818,7 @@ def main() -> int:
         }
 
         # The ledger writer under load: how many of its batches waited (in one process: for
-        # the GIL, while the loop ran) rather than worked. BENCHMARKS.md, run K, reads them.
+        # the GIL, while the loop ran) rather than worked. benchmarks/HISTORY.md, run K, reads them.
         writer = writer_batches(workdir, up, body, 16, seconds)
         print(f"ledger writer at c=16, {_writer_probe().describe(writer)}")
         figures["writer_c16"] = writer

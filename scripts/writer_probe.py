@@ -7,7 +7,7 @@ Each batch the writer thread hands the ledger is timed twice: wall clock, and th
 CPU time (`time.thread_time`). A batch whose wall time is far above its CPU time waited — for
 the GIL while the event loop ran Python, or for another process's write lock — not for SQLite's
 work. When the proxy stops, the summary is logged and, if DRAWDOWN_WRITER_PROBE names a file,
-written there as JSON with every batch's (operations, wall ms, CPU ms). BENCHMARKS.md shows
+written there as JSON with every batch's (operations, wall ms, CPU ms). benchmarks/HISTORY.md shows
 what it found under load.
 """
 

@@ -9,7 +9,7 @@ SQLite work is better run beside the loop's, on a spare CPU. So the writer follo
 it stays on the loop's CPU while it hands off one or two operations at a time, and spreads to
 the CPUs no other worker holds once its batches grow (WriterPlacement).
 
-Measured on a 2-vCPU VM (BENCHMARKS.md): a lone request's rate rose from 72–80 % of bare
+Measured on a 2-vCPU VM (benchmarks/HISTORY.md, fifth run): a lone request's rate rose from 72–80 % of bare
 mitmdump's to 80–87 % over full bench runs (93–97 % in shorter interleaved ones), with c=16
 unchanged and two workers' p99 7–8 ms lower. It is an operator's choice, as nginx's
 `worker_cpu_affinity` is, not a default: a pinned event loop cannot move away from whatever

@@ -3,7 +3,7 @@
 mitmproxy's AddonManager delivers every event to every addon in its chain, each inside its
 own `safecall` context manager and coroutine, and after each flow event makes a second pass
 with an `update` event. With mitmdump's thirty-odd addons that dispatch was about a third of
-drawdown's CPU per request (BENCHMARKS.md), most of it on addons with nothing to do. Nested
+drawdown's CPU per request (benchmarks/HISTORY.md), most of it on addons with nothing to do. Nested
 addons (an addon's `addons` attribute, mitmproxy's own convention, as ScriptLoader uses it)
 are found by one traversal inside their parent's single dispatch. So this master nests
 mitmdump's addons under a few parents: every addon, option and command is still there, in

@@ -2,7 +2,7 @@
 
 tiktoken holds the GIL for part of an encode (reading the text, building the list of token ids).
 Beside a 240k-token encode on a worker thread, the event loop's 1 ms timers ran late by 5–9 ms;
-with the encode in a child process they ran late by 0.4 ms at p99 (BENCHMARKS.md). Every other
+with the encode in a child process they ran late by 0.4 ms at p99 (benchmarks/HISTORY.md). Every other
 request in flight pays that lateness, so a proxy counts big prompts out of process.
 
 The child is a `concurrent.futures.ProcessPoolExecutor` of one spawned process (never forked: the
