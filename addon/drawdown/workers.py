@@ -11,6 +11,7 @@ passes SIGTERM/SIGINT on.
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import socket
@@ -49,6 +50,23 @@ def takes_every_cpu(workers: int, available: int | None = None) -> bool:
     return workers >= available
 
 
+def worker_command(worker_args: Sequence[str], workers: int, listen: str) -> list[str]:
+    """One worker's command line: the user's arguments, what every worker must have, and the
+    batch writer where the workers take every CPU, unless the user set it (mitmproxy refuses an
+    option given twice)."""
+    user_sets = {
+        value.split("=", 1)[0].strip()
+        for flag, value in itertools.pairwise(worker_args)
+        if flag == "--set"
+    }
+    batch = takes_every_cpu(workers) and "drawdown_batch_writer" not in user_sets
+    return [
+        sys.executable, "-m", "drawdown", "run", *worker_args,
+        "--listen", listen, "--set", "drawdown_shared_runs=true",
+        *(["--set", "drawdown_batch_writer=true"] if batch else []),
+    ]  # fmt: skip
+
+
 def _free_port(host: str) -> int:
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
         sock.bind((host, 0))
@@ -81,11 +99,7 @@ def supervise(
     port = port or _free_port(host)
     ensure_ca(confdir)
     shown = f"[{host}]" if ":" in host else host
-    command = [
-        sys.executable, "-m", "drawdown", "run", *worker_args,
-        "--listen", f"{shown}:{port}", "--set", "drawdown_shared_runs=true",
-        *(["--set", "drawdown_batch_writer=true"] if takes_every_cpu(workers) else []),
-    ]  # fmt: skip
+    command = worker_command(worker_args, workers, f"{shown}:{port}")
     env = {**os.environ, REUSE_PORT_ENV: "1"}
     procs = [
         subprocess.Popen(

@@ -90,6 +90,24 @@ def test_workers_on_every_cpu_have_ledger_writers_that_wait_for_their_loops(
 
 
 @pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="SCHED_BATCH is Linux's")
+def test_a_user_can_keep_the_normal_policy_for_workers_on_every_cpu(
+    drawdown_proxy: Callable[..., DrawdownProcess], standin: StandIn
+) -> None:
+    """The user's `--set drawdown_batch_writer=false` reaches the workers, and only it
+    (mitmproxy refuses an option given twice: the workers would not start)."""
+    workers = max(2, len(os.sched_getaffinity(0)))
+    proxy = drawdown_proxy(
+        POLICY, extra_args=["--workers", str(workers), "--set", "drawdown_batch_writer=false"]
+    )
+    ask_once(proxy)
+    pids = sorted(children_of(proxy.pid))
+    assert len(pids) == workers
+    for pid in pids:
+        assert set(writer_policies(pid)) == {os.SCHED_OTHER}
+    proxy.stop()
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="SCHED_BATCH is Linux's")
 def test_one_process_keeps_a_writer_that_preempts(
     drawdown_proxy: Callable[..., DrawdownProcess], standin: StandIn
 ) -> None:

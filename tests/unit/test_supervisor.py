@@ -4,7 +4,7 @@ import os
 from pathlib import Path
 
 import pytest
-from drawdown.workers import ensure_ca, takes_every_cpu
+from drawdown.workers import ensure_ca, takes_every_cpu, worker_command
 
 
 def test_ensure_ca_creates_the_ca_once_so_every_worker_loads_the_same_one(tmp_path: Path) -> None:
@@ -30,3 +30,26 @@ def test_the_cpus_counted_are_the_ones_this_process_may_use(
     monkeypatch.setattr(os, "sched_getaffinity", lambda _: {2, 3})  # a cpuset of 2 on a big host
     monkeypatch.setattr(os, "cpu_count", lambda: 64)
     assert takes_every_cpu(2) and not takes_every_cpu(1)
+
+
+def test_a_user_can_keep_the_normal_policy_for_workers_on_every_cpu(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The supervisor adds its `--set` only where the user gave none: mitmproxy refuses an
+    option given twice, and the worker would not start."""
+
+    def sets(command: list[str]) -> list[str]:
+        return [command[i + 1] for i, arg in enumerate(command) if arg == "--set"]
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _: {0, 1}, raising=False)
+    chosen = ["--policy", "p.yaml", "--set", "drawdown_batch_writer=false"]
+    assert sets(worker_command(chosen, 2, "127.0.0.1:8080")) == [
+        "drawdown_batch_writer=false",
+        "drawdown_shared_runs=true",
+    ]
+    assert sets(worker_command(["--policy", "p.yaml"], 2, "127.0.0.1:8080")) == [
+        "drawdown_shared_runs=true",
+        "drawdown_batch_writer=true",
+    ]
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _: {0, 1, 2, 3}, raising=False)
+    assert sets(worker_command([], 2, "127.0.0.1:8080")) == ["drawdown_shared_runs=true"]
