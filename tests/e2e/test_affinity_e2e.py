@@ -8,12 +8,11 @@ import asyncio
 import os
 import threading
 from collections.abc import Callable
-from pathlib import Path
 
 import pytest
 
 from tests.e2e.test_tokenizer_process_e2e import POLICY, send_prompt, tokenizer_child
-from tests.support.procfs import children_of
+from tests.support.procfs import children_of, threads_of
 from tests.support.proxy import DrawdownProcess
 from tests.support.scripts import load_script, stand_in
 
@@ -29,10 +28,7 @@ Factory = Callable[..., DrawdownProcess]
 
 
 def cpus_of_threads(pid: int) -> dict[int, set[int]]:
-    return {
-        int(task.name): os.sched_getaffinity(int(task.name))
-        for task in Path(f"/proc/{pid}/task").iterdir()
-    }
+    return {tid: os.sched_getaffinity(tid) for tid in threads_of(pid)}
 
 
 def test_a_pinned_proxy_keeps_every_thread_on_its_cpu_and_its_tokenizer_on_all(

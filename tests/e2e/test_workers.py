@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from pathlib import Path
 
 import openai
 import pytest
 
-from tests.support.procfs import children_of
+from tests.support.procfs import children_of, threads_of
 from tests.support.proxy import DrawdownProcess
 from tests.support.standin import StandIn
 
@@ -51,10 +50,7 @@ def test_workers_share_the_address_the_ledger_and_the_agents_run(
 
 
 def policies_of_threads(pid: int) -> dict[int, int]:
-    return {
-        int(task.name): os.sched_getscheduler(int(task.name))
-        for task in Path(f"/proc/{pid}/task").iterdir()
-    }
+    return {tid: os.sched_getscheduler(tid) for tid in threads_of(pid)}
 
 
 def writer_policies(pid: int) -> list[int]:

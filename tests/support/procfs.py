@@ -24,8 +24,15 @@ def wait_until_gone(pid: int, timeout: float = 20.0) -> bool:
     return False
 
 
+def threads_of(pid: int) -> list[int]:
+    """The thread ids of `pid` (the first one, equal to `pid`, runs its main thread)."""
+    return [int(task.name) for task in Path(f"/proc/{pid}/task").iterdir()]
+
+
 def children_of(pid: int) -> set[int]:
     found: set[int] = set()
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        found |= {int(child) for child in (task / "children").read_text().split()}
+    for tid in threads_of(pid):
+        found |= {
+            int(child) for child in Path(f"/proc/{pid}/task/{tid}/children").read_text().split()
+        }
     return found
