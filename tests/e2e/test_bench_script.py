@@ -428,3 +428,38 @@ def test_the_profile_samples_a_real_drawdown_and_a_real_mitmdump(tmp_path: Path)
     lines = profile.table(runs, 200, 2)
     assert lines[0].split()[-2:] == ["bare", "drawdown"]
     assert any(line.strip().startswith("the loop on a CPU (schedstat)") for line in lines)
+
+
+def test_the_first_event_test_takes_turns_and_tells_a_buffering_proxy(tmp_path: Path) -> None:
+    """The proxies take turns round by round, so a VM's slower minutes fall on both. The time is
+    to the first event, not to the end: a mitmdump that buffers the stream (no
+    stream_large_bodies) hands the first event over only when the stand-in's last one is sent,
+    ~SSE_EVENTS × 5 ms later than one that streams."""
+    bench = load_script("bench")
+    body = bench.prompt_body(100)
+    order: list[int] = []
+    real_request = bench.one_request
+
+    def recorded(port: int, *args: object, **kwargs: object) -> tuple[float, float]:
+        order.append(port)
+        return real_request(port, *args, **kwargs)
+
+    with stand_in(bench) as up, contextlib.ExitStack() as stack:
+        streaming, _ = stack.enter_context(
+            bench.proxy("bare", tmp_path, up, ["--set", "stream_large_bodies=1"])
+        )
+        buffering, _ = stack.enter_context(bench.proxy("bare", tmp_path, up))
+        bench.one_request = recorded
+        try:
+            times = bench.first_event_times(
+                {"bare": streaming, "drawdown": buffering}, up, body, rounds=2
+            )
+        finally:
+            bench.one_request = real_request
+    each = bench.TTFB_REQUESTS_PER_ROUND
+    assert order == ([streaming] * each + [buffering] * each) * 2
+    assert len(times["bare"]) == len(times["drawdown"]) == 2 * each
+    stream_ms = bench.SSE_EVENTS * 5
+    assert max(times["bare"]) < stream_ms / 2 < min(times["drawdown"]), times
+    added = bench.added_per_round(times["bare"], times["drawdown"])
+    assert len(added) == 2 and all(a > stream_ms / 2 for a in added), added
