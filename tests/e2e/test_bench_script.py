@@ -8,6 +8,7 @@ import contextlib
 import math
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 import time
@@ -463,3 +464,27 @@ def test_the_first_event_test_takes_turns_and_tells_a_buffering_proxy(tmp_path: 
     assert max(times["bare"]) < stream_ms / 2 < min(times["drawdown"]), times
     added = bench.added_per_round(times["bare"], times["drawdown"])
     assert len(added) == 2 and all(a > stream_ms / 2 for a in added), added
+
+
+def test_big_prompts_under_another_host_name_are_forwarded_but_never_counted(
+    tmp_path: Path,
+) -> None:
+    """The big-prompt section's "uncounted" variety sends the same prompts under `localhost`,
+    which the bench policy does not meter: drawdown forwards and records them, but neither
+    parses nor tokenizes them (no tokenizer process starts), so the p99 rise beside it is what
+    forwarding them costs, counting aside. Under 127.0.0.1 the same prompt is counted."""
+    bench = load_script("bench")
+    big = bench.prompt_body(40_000)
+    with stand_in(bench) as up, bench.proxy("drawdown", tmp_path, up) as (port, proc):
+        bench.one_request(port, up, big, host="localhost")
+        time.sleep(1.5)  # a counted prompt starts the tokenizer process within this
+        assert bench.children_of(proc.pid) == []
+        bench.one_request(port, up, big)
+        bench.wait_for_children(proc.pid, 1)
+        db = tmp_path / f"bench-{port}.db"
+        with contextlib.closing(sqlite3.connect(db)) as ledger:
+            rows = ledger.execute(
+                "SELECT host, action, est_tokens, status FROM decisions ORDER BY ts"
+            ).fetchall()
+    assert rows[0][0] == "localhost" and rows[0][1] is None and rows[0][3] == 200, rows
+    assert rows[1][0] == "127.0.0.1" and rows[1][1] == "llm" and rows[1][2] > 40_000, rows
