@@ -750,9 +750,10 @@ def main() -> int:
         os.environ["DRAWDOWN_BENCH_PROBE_DIR"] = str(probe_dir)
         with contextlib.ExitStack() as stack:
             ports, pids = {}, {}
-            for label, (kind, extra, _) in varieties.items():
+            big_hosts: dict[str, str] = {}
+            for label, (kind, extra, big_host) in varieties.items():
                 port, proc = stack.enter_context(proxy(kind, workdir, up, extra))
-                ports[label], pids[label] = port, proc.pid
+                ports[label], pids[label], big_hosts[label] = port, proc.pid, big_host
             own: dict[str, float] = {}
             tokenizer_kib = 0
             lateness: dict[str, dict[str, float]] = {}
@@ -764,7 +765,7 @@ def main() -> int:
             }
             big_sent: dict[str, list[int]] = {label: [] for label in p99s}
             for label, port in ports.items():
-                big_host = varieties[label][2]
+                big_host = big_hosts[label]
                 one_request(port, up, big, host=big_host)
                 if (
                     label == "drawdown"
@@ -783,14 +784,7 @@ def main() -> int:
                     port = ports[label]
                     quiet = load(port, up, body, 4, big_seconds(seconds), workdir)
                     busy = while_big_prompts(
-                        port,
-                        up,
-                        body,
-                        big,
-                        seconds,
-                        workdir,
-                        f"{label}{number}",
-                        varieties[label][2],
+                        port, up, body, big, seconds, workdir, f"{label}{number}", big_hosts[label]
                     )
                     p99s[label].append((quiet["p99"], busy["p99"]))
                     big_sent[label].append(int(busy["big_prompts"]))
