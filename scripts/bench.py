@@ -760,10 +760,7 @@ def main() -> int:
             # The small requests' p99 beside big prompts, for all but the thread variety: what
             # it shows is its loop running late, above; its p99 rounds would push the bench
             # past its 5 minutes.
-            p99s: dict[str, list[tuple[float, float]]] = {
-                label: [] for label in varieties if label != "drawdown, thread"
-            }
-            big_sent: dict[str, list[int]] = {label: [] for label in p99s}
+            in_p99_rounds = [label for label in varieties if label != "drawdown, thread"]
             for label, port in ports.items():
                 big_host = big_hosts[label]
                 one_request(port, up, big, host=big_host)
@@ -779,15 +776,10 @@ def main() -> int:
                 times = [one_request(port, up, v, host=big_host)[1] * 1000 for v in varied]
                 lateness[label] = probe_command(probe_dir, pids[label], "dump")
                 own[label] = statistics.median(times)
-            for number in range(big_rounds):
-                for label in p99s:
-                    port = ports[label]
-                    quiet = load(port, up, body, 4, big_seconds(seconds), workdir)
-                    busy = while_big_prompts(
-                        port, up, body, big, seconds, workdir, f"{label}{number}", big_hosts[label]
-                    )
-                    p99s[label].append((quiet["p99"], busy["p99"]))
-                    big_sent[label].append(int(busy["big_prompts"]))
+            p99s, big_sent = small_p99_rounds(
+                {label: ports[label] for label in in_p99_rounds},
+                big_hosts, up, body, big, seconds, workdir, big_rounds,
+            )  # fmt: skip
         added_own = own["drawdown"] - own["bare"]
         print(
             f"\n100k-token prompt, own latency (median of 13): bare {own['bare']:.1f} ms, drawdown {own['drawdown']:.1f} ms "
@@ -990,6 +982,35 @@ def while_big_prompts(
         thread.join(60)
     result["big_prompts"] = sent
     return result
+
+
+def small_p99_rounds(
+    ports: dict[str, int],
+    big_hosts: dict[str, str],
+    upstream_port: int,
+    body: bytes,
+    big: bytes,
+    seconds: int,
+    workdir: Path,
+    rounds: int,
+) -> tuple[dict[str, list[tuple[float, float]]], dict[str, list[int]]]:
+    """Each proxy's small-request p99 alone, then beside big prompts, the proxies taking turns
+    round after round: (p99 alone, p99 beside) per round, and how many big prompts were sent.
+    Each proxy is warmed up first, as in the throughput runs: bare mitmdump's first full
+    garbage collection (its start-up heap, tens of ms; drawdown freezes its own) otherwise
+    lands in its first round alone and passes for a p99 that big prompts then lower."""
+    for port in ports.values():
+        load(port, upstream_port, body, 4, WARM_UP_SECONDS, workdir)
+    p99s: dict[str, list[tuple[float, float]]] = {label: [] for label in ports}
+    sent: dict[str, list[int]] = {label: [] for label in ports}
+    for number in range(rounds):
+        for label, port in ports.items():
+            quiet = load(port, upstream_port, body, 4, big_seconds(seconds), workdir)
+            tag, host = f"{label}{number}", big_hosts[label]
+            busy = while_big_prompts(port, upstream_port, body, big, seconds, workdir, tag, host)
+            p99s[label].append((quiet["p99"], busy["p99"]))
+            sent[label].append(int(busy["big_prompts"]))
+    return p99s, sent
 
 
 def _rounds(count: int) -> str:
