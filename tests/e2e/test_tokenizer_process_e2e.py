@@ -4,6 +4,7 @@ the proxy, whether it is stopped or killed."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -66,6 +67,7 @@ def test_a_big_prompt_is_charged_the_same_when_counted_in_the_tokenizer_process(
     assert child in children_of(proxy.pid)
     send_prompt(proxy, "in-process", 4 * threshold)
     assert alive(child)  # it counted the prompt and is still there for the next one
+    assert os.sched_getscheduler(child) == os.SCHED_IDLE  # on CPU time the proxy leaves idle
 
     threaded = drawdown_proxy(
         POLICY,

@@ -15,7 +15,7 @@ is always woken beside a busy event loop, and each preemption cut a batch short 
 on two CPUs: 2–3 operations a transaction, each writer's CPU a request doubled). Left to wait,
 a batch gathers what the loop queued meanwhile; same weight, same share of the CPU, only the
 moment it starts changes. Not the default: beside a CPU-bound neighbour that is not its own
-loop (the tokenizer process counting a 100k-token prompt, another program), a writer that
+loop (another program; the tokenizer process before it ran at SCHED_IDLE), a writer that
 cannot preempt makes every request wait out the neighbour's slice (one process: small
 requests' p99 rose 9–11 ms more than bare mitmdump's while big prompts were counted), and one
 process on a machine with CPUs to spare gains nothing from it.

@@ -5,6 +5,15 @@ Beside a 240k-token encode on a worker thread, the event loop's 1 ms timers ran 
 with the encode in a child process they ran late by 0.4 ms at p99 (benchmarks/HISTORY.md). Every other
 request in flight pays that lateness, so a proxy counts big prompts out of process.
 
+The child counts at SCHED_IDLE (Linux): it takes a CPU nothing else wants and gives it up at once
+to the proxy's event loop, its ledger writer or the agent's own processes. At the normal policy,
+each ~15 ms encode took turns with them: beside five 100k-token prompts a second, small requests'
+p99 rose 3.98 ms (bare mitmdump's 1.36; the same prompts forwarded uncounted, 1.70); at
+SCHED_IDLE 2.24 (ten interleaved rounds, BENCHMARKS.md). On a machine busy on every CPU the
+child gets almost nothing, so a text it has not counted in about twice the time the texts queued
+before it and itself should take is counted by its caller, as if there were no child; and until
+the child has caught up (it cannot drop a text once it holds it), so is every other text.
+
 The child is a `concurrent.futures.ProcessPoolExecutor` of one spawned process (never forked: the
 proxy runs threads), started on the first big text. It receives the text, returns an int. While
 it starts, or if it is missing or dies, texts are counted in the calling thread (and a new child
@@ -33,6 +42,12 @@ log = logging.getLogger(__name__)
 OFFLOAD_CHARS = 32 * 1024
 # After a child failed to start, texts are counted in threads for this long before a retry.
 RETRY_SECONDS = 60.0
+# How long a caller waits for the child before counting the text itself: a base, and a time per
+# character queued in the child (its own and earlier callers'): 2-4x an encode's own 25-55 ns a
+# character on the VMs measured, so an idle CPU is found well in time. On a busy machine the
+# first 100k-token prompt the child falls behind on waits ~65 ms for nothing; the next ones don't.
+OVERDUE_BASE_SECONDS = 0.010
+OVERDUE_SECONDS_PER_CHAR = 100e-9
 
 
 def _child_pid() -> int:
@@ -50,6 +65,13 @@ def _init_child(encodings: tuple[str, ...]) -> None:
         threading.Thread(target=_exit_with, args=(parent.sentinel,), daemon=True).start()
     for name in encodings:
         tokens.load_encoding(name)
+    # After the encodings have loaded (at the normal policy: start-up is not starved); on this,
+    # the thread that counts. The watcher above sleeps for good.
+    if hasattr(os, "SCHED_IDLE"):
+        try:
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+        except OSError:  # a seccomp profile that refuses it: count at the normal policy
+            pass
 
 
 def _exit_with(sentinel: int) -> None:
@@ -75,6 +97,9 @@ class TokenizerProcess:
         self._closed = False
         self.counted = 0  # texts the child has counted, for tests and the bench
         self.starts = 0  # children spawned
+        self.overdue = 0  # texts the child did not count in time, or was too far behind for
+        self.queued_chars = 0  # characters submitted to the child and not yet counted
+        self._abandoned: set[Future[int]] = set()  # in the child, their callers gone
 
     def start(self, wait: bool = True) -> None:
         """Spawn the child (unless there is one) and load its encodings: about a second, in the
@@ -162,14 +187,51 @@ class TokenizerProcess:
             if idle and time.monotonic() - self._failed_at >= RETRY_SECONDS:
                 self.start(wait=False)
             return None
+        size = len(text)
+        with self._lock:
+            if self._abandoned:  # behind on texts nobody waits for: the CPUs are busy
+                self.overdue += 1
+                return None
+            self.queued_chars += size
+            patience = OVERDUE_BASE_SECONDS + OVERDUE_SECONDS_PER_CHAR * self.queued_chars
         try:
-            counted = executor.submit(tokens.count_encoded, encoding, text).result()
+            future = executor.submit(tokens.count_encoded, encoding, text)
+        except Exception as exc:
+            self._settled(size, None)
+            self._replace(executor, exc)
+            return None
+        # Once the child has counted it (even after its caller gave up), or it was dropped.
+        future.add_done_callback(lambda done: self._settled(size, done))
+        try:
+            counted = future.result(timeout=patience)
+        except TimeoutError:
+            # Still queued: dropped. Already handed to the child: it will count it for nobody,
+            # and until it has, callers count their own texts instead of queueing behind it.
+            future.cancel()
+            with self._lock:
+                self.overdue += 1
+                falls_behind = not self._abandoned and not future.done()
+                if not future.done():
+                    self._abandoned.add(future)
+            if falls_behind:  # once a spell, not once a text
+                log.info(
+                    "drawdown: the tokenizer process has not counted a prompt text in %.0f ms "
+                    "(no idle CPU, or an encoding loading): big prompts are counted in threads "
+                    "until it catches up",
+                    patience * 1000,
+                )
+            return None
         except Exception as exc:
             self._replace(executor, exc)
             return None
         with self._lock:
             self.counted += 1
         return counted
+
+    def _settled(self, size: int, future: Future[int] | None) -> None:
+        with self._lock:
+            self.queued_chars -= size
+            self._abandoned.discard(future)
 
     def _replace(self, broken: ProcessPoolExecutor, exc: BaseException) -> None:
         with self._lock:

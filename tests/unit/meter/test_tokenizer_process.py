@@ -56,12 +56,25 @@ def test_big_texts_are_counted_in_the_child_with_the_same_counts(
     assert offloaded.counted == 1
     assert tokens.count_texts([small], "gpt-4o") == len(encoding.encode_ordinary(small))
     assert offloaded.counted == 1  # short texts stay in this process
-    # An older model's encoding loads in the child on first use.
+    # An older model's encoding loads in the child on first use, which takes longer than a
+    # caller waits for it: that text is counted by its caller, the next one in the child.
+    legacy_encoding = tokens.load_encoding("cl100k_base")
     legacy = fresh_text(5000)
-    expected = len(tokens.load_encoding("cl100k_base").encode_ordinary(legacy))
-    assert tokens.count_texts([legacy], "gpt-4") == expected
-    assert offloaded.counted == 2
+    assert tokens.count_texts([legacy], "gpt-4") == len(legacy_encoding.encode_ordinary(legacy))
+    wait_for_backlog(offloaded)
+    counted = offloaded.counted
+    again = fresh_text(5000)
+    assert tokens.count_texts([again], "gpt-4") == len(legacy_encoding.encode_ordinary(again))
+    assert offloaded.counted == counted + 1
     assert offloaded.pid() != os.getpid()
+
+
+def wait_for_backlog(process: TokenizerProcess, timeout: float = 30.0) -> None:
+    """Until the child has counted every text handed to it, including those counted late."""
+    deadline = time.monotonic() + timeout
+    while process.queued_chars and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert process.queued_chars == 0
 
 
 def test_a_killed_child_loses_no_count_and_is_replaced(offloaded: TokenizerProcess) -> None:
@@ -80,6 +93,52 @@ def test_a_killed_child_loses_no_count_and_is_replaced(offloaded: TokenizerProce
     again = fresh_text(5000)
     assert tokens.count_texts([again], "gpt-4o") == len(encoding.encode_ordinary(again))
     assert offloaded.counted == 1
+
+
+def test_the_child_counts_at_idle_priority(child: TokenizerProcess) -> None:
+    """SCHED_IDLE: the child takes only a CPU that the proxy's loop and writer leave idle."""
+    pid = child.pid()
+    assert pid is not None
+    assert os.sched_getscheduler(pid) == os.SCHED_IDLE
+    assert os.sched_getscheduler(0) == os.SCHED_OTHER  # the proxy keeps its own
+
+
+def test_a_text_the_child_does_not_count_in_time_is_counted_by_its_caller(
+    offloaded: TokenizerProcess, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A stopped child stands for one that gets no CPU on a machine busy on every CPU: a caller
+    waits about twice what the texts queued in it should take, then counts its own; until the
+    child has caught up, the next callers count theirs without waiting."""
+    encoding = tokens.load_encoding("o200k_base")
+    pid = offloaded.pid()
+    assert pid is not None
+    first, second = fresh_text(5000), fresh_text(5000)
+    counts: list[int] = []
+
+    def count_both() -> None:
+        counts.extend(tokens.count_texts([text], "gpt-4o") for text in (first, second))
+
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        caller = threading.Thread(target=count_both, daemon=True)
+        with caplog.at_level(logging.INFO):
+            caller.start()
+            caller.join(30)  # a caller that waited on the child for good would still be here
+        assert not caller.is_alive(), "the callers waited for a child that gets no CPU"
+        assert counts == [len(encoding.encode_ordinary(t)) for t in (first, second)]
+        assert (offloaded.counted, offloaded.overdue) == (0, 2)
+        # The child holds the first, whose caller gave up; the second never went to it.
+        assert offloaded.queued_chars == len(first)
+        said = [r.getMessage() for r in caplog.records if "has not counted" in r.getMessage()]
+        assert len(said) == 1, said  # once a spell, not once a text
+        assert "big prompts are counted in threads until it catches up" in said[0]
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    wait_for_backlog(offloaded)  # counted late, for nothing: the backlog is gone
+    third = fresh_text(5000)
+    assert tokens.count_texts([third], "gpt-4o") == len(encoding.encode_ordinary(third))
+    assert (offloaded.counted, offloaded.overdue) == (1, 2)
+    assert offloaded.pid() == pid  # the same child, not replaced
 
 
 def test_ctrl_c_is_left_to_the_proxy(child: TokenizerProcess) -> None:
