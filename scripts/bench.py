@@ -36,7 +36,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
@@ -779,6 +779,7 @@ def main() -> int:
             p99s, big_sent = small_p99_rounds(
                 {label: ports[label] for label in in_p99_rounds},
                 big_hosts, up, body, big, seconds, workdir, big_rounds,
+                collect=lambda label: probe_command(probe_dir, pids[label], "collect"),
             )  # fmt: skip
         added_own = own["drawdown"] - own["bare"]
         print(
@@ -993,15 +994,18 @@ def small_p99_rounds(
     seconds: int,
     workdir: Path,
     rounds: int,
+    collect: Callable[[str], object] | None = None,
 ) -> tuple[dict[str, list[tuple[float, float]]], dict[str, list[int]]]:
     """Each proxy's small-request p99 alone, then beside big prompts, the proxies taking turns
     round after round: (p99 alone, p99 beside) per round, and how many big prompts were sent.
-    Each proxy is warmed up first, for longer than the throughput runs: bare mitmdump's first
-    full garbage collection (its start-up heap, 26-57 ms; drawdown freezes its own) comes
-    ~1,100 small requests after the big prompts, and otherwise lands in its first round alone
-    and passes for a p99 that big prompts then lower."""
-    for port in ports.values():
-        load(port, upstream_port, body, 4, BIG_WARM_UP_SECONDS, workdir)
+    Each proxy is warmed up first, then `collect(label)` runs its full garbage collection: bare
+    mitmdump's first (its start-up heap, 26-57 ms; drawdown freezes its own) otherwise comes
+    ~1,100 small requests after the big prompts, lands in its first round alone, and passes for
+    a p99 that big prompts then lower."""
+    for label, port in ports.items():
+        load(port, upstream_port, body, 4, WARM_UP_SECONDS, workdir)
+        if collect is not None:
+            collect(label)
     p99s: dict[str, list[tuple[float, float]]] = {label: [] for label in ports}
     sent: dict[str, list[int]] = {label: [] for label in ports}
     for number in range(rounds):
@@ -1019,7 +1023,6 @@ def _rounds(count: int) -> str:
 
 
 WARM_UP_SECONDS = 1  # a thousand requests or so: connections open, caches and SQLite pages warm
-BIG_WARM_UP_SECONDS = 2  # ~1,500 requests at c=4 on a 2-vCPU VM: see small_p99_rounds
 
 
 def workers_seconds(seconds: int) -> int:
@@ -1034,14 +1037,15 @@ def big_seconds(seconds: int) -> int:
 
 
 def probe_command(probe_dir: Path, pid: int, command: str) -> dict[str, float]:
-    """Tell a proxy's loop_probe.py to reset or dump its sample (it polls every ~20 ms)."""
+    """Tell a proxy's loop_probe.py to reset or dump its sample, or collect garbage (it polls
+    every ~20 ms); what it answers to a dump or a collection."""
     (probe_dir / f"{pid}.{command}").touch()
     deadline = time.monotonic() + 10
     while (probe_dir / f"{pid}.{command}").exists():
         if time.monotonic() > deadline:
             raise SystemExit(f"bench: the loop probe in pid {pid} did not answer")
         time.sleep(0.02)
-    if command != "dump":
+    if command == "reset":
         return {}
     return json.loads((probe_dir / f"{pid}.json").read_text())
 

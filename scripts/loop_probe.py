@@ -4,12 +4,16 @@ Every hook of every flow runs on that loop, so its lateness is what each request
 waits beside whatever holds the GIL (a big prompt being parsed or tokenized, say). Loaded with
 `-s` (mitmdump) or `--set scripts=` (drawdown run). The bench drives it through files in
 $DRAWDOWN_BENCH_PROBE_DIR: creating `<pid>.reset` starts a new sample, `<pid>.dump` writes
-`<pid>.json` with the lateness percentiles in ms.
+`<pid>.json` with the lateness percentiles in ms, and `<pid>.collect` runs a full garbage
+collection and writes what it collected and took. A process's first full collection comes
+after its first thousand requests or so (bare mitmdump's: 26-57 ms over its start-up heap;
+drawdown freezes its own); the bench runs it before the rounds that compare p99s.
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import os
 import time
@@ -53,6 +57,15 @@ class LoopProbe:
                 figures["max"] = lates[-1]
             (self.control / f"{self.pid}.json").write_text(json.dumps(figures))
             dump.unlink()
+        collect = self.control / f"{self.pid}.collect"
+        if collect.exists():
+            started = time.perf_counter()
+            collected = gc.collect()
+            took = (time.perf_counter() - started) * 1000
+            (self.control / f"{self.pid}.json").write_text(
+                json.dumps({"collected": collected, "ms": took})
+            )
+            collect.unlink()
 
 
 addons = [LoopProbe()]

@@ -490,13 +490,15 @@ def test_big_prompts_under_another_host_name_are_forwarded_but_never_counted(
     assert rows[1][0] == "127.0.0.1" and rows[1][1] == "llm" and rows[1][2] > 40_000, rows
 
 
-def test_the_big_prompt_rounds_warm_every_proxy_up_before_the_first_round(tmp_path: Path) -> None:
+def test_the_big_prompt_rounds_warm_every_proxy_up_and_collect_before_the_first_round(
+    tmp_path: Path,
+) -> None:
     """Bare mitmdump's first full garbage collection (26-57 ms, its start-up heap) came in its
     first small-request load, so its first round alone had a p99 of 24-40 ms and big prompts
-    seemed to lower it. Every proxy now gets a warm-up load long enough to take it, left out
-    of the figures, before the proxies take turns."""
+    seemed to lower it. Every proxy now gets a warm-up load, then that collection, both left
+    out of the figures, before the proxies take turns."""
     bench = load_script("bench")
-    calls: list[tuple[str, int, int]] = []
+    calls: list[tuple[str, object, int]] = []
     loads = iter(range(1, 100))
 
     def load(port: int, up: int, body: bytes, connections: int, seconds: int, workdir: Path):
@@ -514,13 +516,14 @@ def test_the_big_prompt_rounds_warm_every_proxy_up_before_the_first_round(tmp_pa
         p99s, sent = bench.small_p99_rounds(
             {"bare": 1, "drawdown": 2}, {"bare": "a", "drawdown": "b"},
             9, b"{}", b"{}", 6, tmp_path, rounds=2,
+            collect=lambda label: calls.append(("collect", label, 0)),
         )  # fmt: skip
     finally:
         bench.load, bench.while_big_prompts = real
-    warm = bench.BIG_WARM_UP_SECONDS
+    warm = bench.WARM_UP_SECONDS
     quiet = bench.big_seconds(6)
     assert calls == [
-        ("load", 1, warm), ("load", 2, warm),
+        ("load", 1, warm), ("collect", "bare", 0), ("load", 2, warm), ("collect", "drawdown", 0),
         ("load", 1, quiet), ("big", 1, 6), ("load", 2, quiet), ("big", 2, 6),
         ("load", 1, quiet), ("big", 1, 6), ("load", 2, quiet), ("big", 2, 6),
     ]  # fmt: skip
@@ -530,3 +533,30 @@ def test_the_big_prompt_rounds_warm_every_proxy_up_before_the_first_round(tmp_pa
         "drawdown": [(5.0, 1006.0), (9.0, 1010.0)],
     }
     assert sent == {"bare": [5, 5], "drawdown": [5, 5]}
+
+
+def test_the_loop_probe_collects_garbage_in_a_real_mitmdump_when_told(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The probe the bench loads into each proxy runs a full collection on request and says
+    what it found: after some traffic, a bare mitmdump always has cycles to collect."""
+    bench = load_script("bench")
+    probe_dir = tmp_path / "probe"
+    probe_dir.mkdir()
+    monkeypatch.setenv("DRAWDOWN_BENCH_PROBE_DIR", str(probe_dir))
+    probe = Path(bench.ROOT) / "scripts" / "loop_probe.py"
+    with (
+        stand_in(bench) as up,
+        bench.proxy("bare", tmp_path, up, ["-s", str(probe)]) as (
+            port,
+            proc,
+        ),
+    ):
+        for _ in range(20):
+            bench.one_request(port, up, bench.prompt_body(100))
+        first = bench.probe_command(probe_dir, proc.pid, "collect")
+        again = bench.probe_command(probe_dir, proc.pid, "collect")
+        lateness = bench.probe_command(probe_dir, proc.pid, "dump")
+    assert first["collected"] > 0 and first["ms"] > 0, first
+    assert again["collected"] < first["collected"], (first, again)  # nothing new meanwhile
+    assert lateness["samples"] > 0, lateness
