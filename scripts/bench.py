@@ -355,6 +355,8 @@ function request() return wrk.format(nil, "http://127.0.0.1:{upstream_port}/v1/c
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     return {
         "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),  # type: ignore[union-attr]
+        # Counted, not rps x seconds: wrk's run lasts a little longer than asked (2.1 s for 2).
+        "requests": float(re.search(r"(\d+) requests in", out).group(1)),  # type: ignore[union-attr]
         "p50": ms("50%"),
         "p99": ms("99%"),
         "errors": float(errors.group(1)) if errors else 0.0,
@@ -393,6 +395,7 @@ async def _python_load(
     latencies.sort()
     return {
         "rps": len(latencies) / elapsed,
+        "requests": float(len(latencies)),
         "p50": latencies[len(latencies) // 2] * 1000,
         "p99": latencies[int(len(latencies) * 0.99)] * 1000,
         "errors": float(errors),
@@ -501,7 +504,7 @@ def measured(port: int, roots: Iterable[int], up: int, body: bytes, connections:
     busy_after, ended = machine_busy_seconds(), time.monotonic()
     loop_after, others_after = tree_cpu_seconds(roots)
     result["machine_busy_cpus"] = (busy_after - busy_before) / (ended - started)
-    served = result["rps"] * seconds
+    served = result["requests"]
     if not served:
         result["cpu_ms"] = result["cpu_ms_loop"] = result["cpu_ms_threads"] = float("nan")
         return result
@@ -535,7 +538,7 @@ def writer_batches(
         del os.environ["DRAWDOWN_WRITER_PROBE"]
     figures = json.loads(out.read_text())  # written when the proxy stopped
     del figures["samples"]
-    figures["requests"] = int(run["rps"] * seconds)
+    figures["requests"] = int(run["requests"])
     return figures
 
 
@@ -818,7 +821,7 @@ def main() -> int:
             before = rss_kib(proc.pid)
             run = load(port, up, body, 8, seconds, workdir)
             after = rss_kib(proc.pid)
-        served = int(run["rps"] * seconds)
+        served = int(run["requests"])
         print(
             f"memory: RSS {before / 1024:.1f} MiB after warm-up, {after / 1024:.1f} MiB after {served:,} more requests; "
             f"tokenizer process (started by the first big prompt) {tokenizer_kib / 1024:.1f} MiB"

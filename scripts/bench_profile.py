@@ -134,11 +134,11 @@ def profiled(
     return result
 
 
-def table(runs: dict[str, dict[str, Any]], rate: int, seconds: int) -> list[str]:
+def table(runs: dict[str, dict[str, Any]], rate: int) -> list[str]:
     """Lines of the per-request table: one row per part of the work, one column per proxy."""
     per_thread = {
         label: {
-            thread: per_request(run["samples"].get(thread, Counter()), rate, run["rps"] * seconds)
+            thread: per_request(run["samples"].get(thread, Counter()), rate, run["requests"])
             for thread in (LOOP_THREAD, "other threads")
         }
         for label, run in runs.items()
@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
                     for kind, (port, proc) in proxies.items()
                 }  # fmt: skip
                 print(f"c={connections}")
-                print("\n".join(table(runs, args.rate, args.seconds)) + "\n")
+                print("\n".join(table(runs, args.rate)) + "\n")
                 figures["runs"][f"c{connections}"] = runs
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=2))
