@@ -753,10 +753,10 @@ def main() -> int:
         os.environ["DRAWDOWN_BENCH_PROBE_DIR"] = str(probe_dir)
         with contextlib.ExitStack() as stack:
             ports, pids = {}, {}
-            big_hosts: dict[str, str] = {}
-            for label, (kind, extra, big_host) in varieties.items():
+            big_hosts = {label: host for label, (_, _, host) in varieties.items()}
+            for label, (kind, extra, _) in varieties.items():
                 port, proc = stack.enter_context(proxy(kind, workdir, up, extra))
-                ports[label], pids[label], big_hosts[label] = port, proc.pid, big_host
+                ports[label], pids[label] = port, proc.pid
             own: dict[str, float] = {}
             tokenizer_kib = 0
             lateness: dict[str, dict[str, float]] = {}
