@@ -222,17 +222,17 @@ def cpus_apart(split: Split | None) -> Iterator[None]:
 # --- the proxies ------------------------------------------------------------------------------
 
 
-@contextmanager
-def proxy(
+def _launch(
     kind: str,
     workdir: Path,
     upstream_port: int,
-    extra: list[str] | None = None,
-    cpus: list[int] | None = None,
-    processes: int = 1,
-) -> Iterator[tuple[int, subprocess.Popen[bytes]]]:
-    """A proxy on a free port: bare mitmdump or drawdown. `processes` (bare only): that many
-    mitmdumps on the one port, as drawdown's --workers (the first one's process is yielded)."""
+    extra: list[str] | None,
+    cpus: list[int] | None,
+    processes: int,
+    procs: list[subprocess.Popen[bytes]],
+) -> int:
+    """Start one proxy, appending its processes to `procs` as they start (so a caller can stop
+    them even when this fails), and wait until it listens: its port."""
     port = free_port()
     if kind == "bare":
         cmd = [str(BIN / "mitmdump"), "-q", "--listen-host", "127.0.0.1", "--listen-port", str(port),
@@ -247,7 +247,7 @@ def proxy(
         listening = [
             int(extra[extra.index("--workers") + 1]) if extra and "--workers" in extra else 1
         ]
-        policy = workdir / "bench.yaml"
+        policy = workdir / f"bench-{port}.yaml"  # one each: proxies may start side by side
         policy.write_text(
             f"""mode: enforce
 actions:
@@ -264,23 +264,86 @@ budgets:
                "--set", "termlog_verbosity=error", *(extra or [])]  # fmt: skip
     if cpus:  # from exec on, so every thread and child process starts there
         cmd = ["taskset", "--cpu-list", _cpu_list(cpus), *cmd]
+    for sockets in listening:
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        _wait_listening(port, procs[-1], sockets)
+    return port
+
+
+def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
+    for proc in procs:
+        proc.send_signal(signal.SIGTERM)
+    for proc in procs:
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def pids(procs: Iterable[subprocess.Popen[bytes]]) -> list[int]:
+    return [proc.pid for proc in procs]
+
+
+def _ensure_cas(workdir: Path) -> None:
+    """Both confdirs' CA, made before any proxy starts: two proxies starting side by side
+    would otherwise each write it."""
+    from drawdown.cacerts import ensure_ca
+
+    for confdir in ("conf", "conf-bare"):
+        ensure_ca(workdir / confdir)
+
+
+@contextmanager
+def proxy(
+    kind: str,
+    workdir: Path,
+    upstream_port: int,
+    extra: list[str] | None = None,
+    cpus: list[int] | None = None,
+    processes: int = 1,
+) -> Iterator[tuple[int, subprocess.Popen[bytes]]]:
+    """A proxy on a free port: bare mitmdump or drawdown. `processes` (bare only): that many
+    mitmdumps on the one port, as drawdown's --workers (the first one's process is yielded)."""
     procs: list[subprocess.Popen[bytes]] = []
     try:
-        for sockets in listening:
-            procs.append(
-                subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            )
-            _wait_listening(port, procs[-1], sockets)
+        port = _launch(kind, workdir, upstream_port, extra, cpus, processes, procs)
         time.sleep(0.5)
         yield port, procs[0]
     finally:
-        for proc in procs:
-            proc.send_signal(signal.SIGTERM)
-        for proc in procs:
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        _stop(procs)
+
+
+# A proxy to start among others: (kind, extra arguments, processes), as proxy() takes them.
+ProxySpec = tuple[str, list[str] | None, int]
+
+
+@contextmanager
+def proxies(
+    specs: dict[str, ProxySpec],
+    workdir: Path,
+    upstream_port: int,
+    cpus: list[int] | None = None,
+) -> Iterator[dict[str, tuple[int, list[subprocess.Popen[bytes]]]]]:
+    """Several proxies started side by side (each start is a second or so of one CPU importing
+    mitmproxy; one after another they took a tenth of the bench's 5 minutes): by label, its
+    port and its processes (a drawdown's workers and tokenizer are children of its first)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    _ensure_cas(workdir)
+    procs: dict[str, list[subprocess.Popen[bytes]]] = {label: [] for label in specs}
+    try:
+        with ThreadPoolExecutor(len(specs)) as pool:
+            starting = {
+                label: pool.submit(
+                    _launch, kind, workdir, upstream_port, extra, cpus, n, procs[label]
+                )
+                for label, (kind, extra, n) in specs.items()
+            }
+        ports = {label: future.result() for label, future in starting.items()}
+        time.sleep(0.5)
+        yield {label: (ports[label], procs[label]) for label in specs}
+    finally:
+        _stop([proc for started in procs.values() for proc in started])
 
 
 # mitmdump with its listening sockets bound SO_REUSEPORT, as each `drawdown run --workers` worker.
@@ -542,6 +605,28 @@ def writer_batches(
     return figures
 
 
+class Laps:
+    """The wall time of each part of the bench, printed at its end: the whole must stay under
+    5 minutes, and on a slow VM this says which part grew."""
+
+    def __init__(self) -> None:
+        self.started = self.last = time.monotonic()
+        self.parts: dict[str, float] = {}
+
+    def lap(self, part: str) -> None:
+        now = time.monotonic()
+        self.parts[part] = now - self.last
+        self.last = now
+
+    def total(self) -> float:
+        return self.last - self.started
+
+    def describe(self) -> str:
+        whole = round(self.total())
+        parts = ", ".join(f"{part} {seconds:.0f} s" for part, seconds in self.parts.items())
+        return f"{whole // 60} min {whole % 60:02d} s ({parts})"
+
+
 def rss_kib(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -632,6 +717,7 @@ def main() -> int:
     seconds = 3 if args.quick else args.seconds
     if args.quick:
         args.rounds = 1
+    laps = Laps()
     figures: dict[str, Any] = {"machine": machine()}
     body = prompt_body(1000)
     big = prompt_body(94_000, max_tokens=50)  # ~100k tokens
@@ -658,23 +744,20 @@ def main() -> int:
         # starts by default (threads placed by the scheduler) and with --cpu-affinity.
         rows: list[tuple[int, list[dict[str, dict[str, float]]]]] = []
         proxy_cpus = split.proxy if split else None
-        with contextlib.ExitStack() as stack:
-            proxies = {
-                label: stack.enter_context(proxy(kind, workdir, up, extra, cpus=proxy_cpus))
-                for label, (kind, extra, _) in THROUGHPUT_PROXIES.items()
-            }
-            stack.enter_context(cpus_apart(split))
+        specs = {label: (kind, extra, 1) for label, (kind, extra, _) in THROUGHPUT_PROXIES.items()}
+        with proxies(specs, workdir, up, proxy_cpus) as started, cpus_apart(split):
             for connections in (1, 16):
-                for port, _ in proxies.values():  # warm-up
+                for port, _ in started.values():  # warm-up
                     load(port, up, body, connections, WARM_UP_SECONDS, workdir)
                 rounds = [
                     {
-                        label: measured(port, [proc.pid], up, body, connections, seconds, workdir)
-                        for label, (port, proc) in proxies.items()
+                        label: measured(port, pids(procs), up, body, connections, seconds, workdir)
+                        for label, (port, procs) in started.items()
                     }
                     for _ in range(args.rounds)
                 ]
                 rows.append((connections, rounds))
+        laps.lap("throughput and latency")
         print(
             "throughput and latency (POST chat completion, ~1,000-token prompt, 3 budgets), "
             f"{_rounds(args.rounds)} of {seconds} s; "
@@ -711,14 +794,17 @@ def main() -> int:
         # Streaming: time to the first SSE event, bare vs drawdown, both up at once and taking
         # turns in rounds, so that a VM's slower minutes fall on both alike (one proxy's 30
         # requests after the other's once put 1 ms between two medians of the same build).
-        with contextlib.ExitStack() as stack:
-            ports = {}
-            for kind in ("bare", "drawdown"):
-                # bare mitmproxy buffers event streams unless told to stream bodies; drawdown streams them
-                streaming = ["--set", "stream_large_bodies=1"] if kind == "bare" else None
-                ports[kind], _ = stack.enter_context(proxy(kind, workdir, up, streaming))
-                one_request(ports[kind], up, body, stream=True)
+        # bare mitmproxy buffers event streams unless told to stream bodies; drawdown streams them
+        streamers: dict[str, ProxySpec] = {
+            "bare": ("bare", ["--set", "stream_large_bodies=1"], 1),
+            "drawdown": ("drawdown", None, 1),
+        }
+        with proxies(streamers, workdir, up) as started:
+            ports = {label: port for label, (port, _) in started.items()}
+            for port in ports.values():
+                one_request(port, up, body, stream=True)
             ttfb = first_event_times(ports, up, body, args.rounds)
+        laps.lap("streaming")
         bare_ttfb, dd_ttfb = statistics.median(ttfb["bare"]), statistics.median(ttfb["drawdown"])
         per_round = added_per_round(ttfb["bare"], ttfb["drawdown"])
         print(
@@ -751,12 +837,11 @@ def main() -> int:
         probe_dir = workdir / "probe"
         probe_dir.mkdir()
         os.environ["DRAWDOWN_BENCH_PROBE_DIR"] = str(probe_dir)
-        with contextlib.ExitStack() as stack:
-            ports, pids = {}, {}
-            big_hosts = {label: host for label, (_, _, host) in varieties.items()}
-            for label, (kind, extra, _) in varieties.items():
-                port, proc = stack.enter_context(proxy(kind, workdir, up, extra))
-                ports[label], pids[label] = port, proc.pid
+        big_hosts = {label: host for label, (_, _, host) in varieties.items()}
+        specs = {label: (kind, extra, 1) for label, (kind, extra, _) in varieties.items()}
+        with proxies(specs, workdir, up) as started:
+            ports = {label: port for label, (port, _) in started.items()}
+            pid_of = {label: procs[0].pid for label, (_, procs) in started.items()}
             own: dict[str, float] = {}
             tokenizer_kib = 0
             lateness: dict[str, dict[str, float]] = {}
@@ -770,20 +855,21 @@ def main() -> int:
                 if (
                     label == "drawdown"
                 ):  # that prompt started the tokenizer process (and its tracker)
-                    children = wait_for_children(pids[label], 2)
+                    children = wait_for_children(pid_of[label], 2)
                     tokenizer_kib = max(rss_kib(child) for child in children)
                 varied = [
                     big.replace(b"quick", f"quick{label}{i}".encode(), 1) for i in range(13)
                 ]  # no token-cache hits
-                probe_command(probe_dir, pids[label], "reset")
+                probe_command(probe_dir, pid_of[label], "reset")
                 times = [one_request(port, up, v, host=big_host)[1] * 1000 for v in varied]
-                lateness[label] = probe_command(probe_dir, pids[label], "dump")
+                lateness[label] = probe_command(probe_dir, pid_of[label], "dump")
                 own[label] = statistics.median(times)
             p99s, big_sent = small_p99_rounds(
                 {label: ports[label] for label in in_p99_rounds},
                 big_hosts, up, body, big, seconds, workdir, big_rounds,
-                collect=lambda label: probe_command(probe_dir, pids[label], "collect"),
+                collect=lambda label: probe_command(probe_dir, pid_of[label], "collect"),
             )  # fmt: skip
+        laps.lap("big prompts")
         added_own = own["drawdown"] - own["bare"]
         print(
             f"\n100k-token prompt, own latency (median of 13): bare {own['bare']:.1f} ms, drawdown {own['drawdown']:.1f} ms "
@@ -821,6 +907,7 @@ def main() -> int:
             before = rss_kib(proc.pid)
             run = load(port, up, body, 8, seconds, workdir)
             after = rss_kib(proc.pid)
+        laps.lap("memory")
         served = int(run["requests"])
         print(
             f"memory: RSS {before / 1024:.1f} MiB after warm-up, {after / 1024:.1f} MiB after {served:,} more requests; "
@@ -836,6 +923,7 @@ def main() -> int:
         # The ledger writer under load: how many of its batches waited (in one process: for
         # the GIL, while the loop ran) rather than worked. benchmarks/HISTORY.md, run K, reads them.
         writer = writer_batches(workdir, up, body, 16, seconds)
+        laps.lap("ledger writer")
         print(f"ledger writer at c=16, {_writer_probe().describe(writer)}")
         figures["writer_c16"] = writer
 
@@ -843,30 +931,28 @@ def main() -> int:
         # worker, two, and two with one CPU each (--cpu-affinity auto) take turns with bare
         # mitmdump as one process and as two on one port: bare's own scaling is the ceiling on
         # this machine, where the load and the stand-in share the CPUs with the proxies.
-        workers: dict[str, tuple[str, list[str], int]] = {
+        workers: dict[str, ProxySpec] = {
             "1": ("drawdown", ["--workers", "1"], 1),
             "2": ("drawdown", ["--workers", "2"], 1),
             "2 --cpu-affinity auto": ("drawdown", ["--workers", "2", "--cpu-affinity", "auto"], 1),
             "bare 1": ("bare", [], 1),
             "bare 2": ("bare", [], 2),
         }
-        with contextlib.ExitStack() as stack:
-            # Each proxy's processes: the children this bench gained by starting it (bare's
-            # second mitmdump is not a child of its first; drawdown's workers are its children).
-            ports: dict[str, tuple[int, set[int]]] = {}
-            for label, (kind, extra, n) in workers.items():
-                with new_children() as roots:
-                    port, _ = stack.enter_context(proxy(kind, workdir, up, extra, processes=n))
-                ports[label] = port, roots
-            for port, _ in ports.values():
+        # Each proxy's processes: bare's second mitmdump is not a child of its first;
+        # drawdown's workers are children of its supervisor.
+        with proxies(workers, workdir, up) as started:
+            for port, _ in started.values():
                 load(port, up, body, 16, WARM_UP_SECONDS, workdir)
             turns = [
                 {
-                    label: measured(port, roots, up, body, 16, workers_seconds(seconds), workdir)
-                    for label, (port, roots) in ports.items()
+                    label: measured(
+                        port, pids(procs), up, body, 16, workers_seconds(seconds), workdir
+                    )
+                    for label, (port, procs) in started.items()
                 }
                 for _ in range(args.rounds)
             ]
+        laps.lap("workers")
         figures["workers"] = scaling(turns)
         print(
             f"\nworkers (c=16), {_rounds(args.rounds)} of {workers_seconds(seconds)} s, "
@@ -905,12 +991,15 @@ def main() -> int:
          "--lifecycles", "3000" if args.quick else "6000"],
         capture_output=True, text=True,
     )  # fmt: skip
+    laps.lap("ledger alone")
     try:
         figures["ledger"] = json.loads(ledger.stdout)
         print("\nledger alone (reserve+commit, 3 budget instances each):")
         print(json.dumps(figures["ledger"], indent=2))
     except ValueError:
         print("\nledger bench failed:\n" + ledger.stdout + ledger.stderr)
+    figures["seconds"] = {"total": laps.total(), **laps.parts}
+    print(f"\nthe bench took {laps.describe()}")
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=2))
     return 0
@@ -1061,15 +1150,6 @@ def children_of(pid: int) -> list[int]:
         except OSError:
             pass
     return found
-
-
-@contextmanager
-def new_children() -> Iterator[set[int]]:
-    """The child processes this process gains inside the block (the set is filled as it ends)."""
-    gained: set[int] = set()
-    before = set(children_of(os.getpid()))
-    yield gained
-    gained.update(set(children_of(os.getpid())) - before)
 
 
 def wait_for_children(pid: int, count: int, timeout: float = 30) -> list[int]:

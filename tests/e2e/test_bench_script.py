@@ -129,12 +129,12 @@ def test_bare_mitmdump_runs_as_two_processes_on_one_port_and_both_serve(
     to both: a second process that failed to bind, or never got a connection, would make
     "bare, 2 processes" one process measured twice."""
     bench = load_script("bench")
-    with stand_in(bench) as up, contextlib.ExitStack() as stack:
-        with bench.new_children() as pids:
-            port, _ = stack.enter_context(bench.proxy("bare", tmp_path, up, processes=2))
+    with stand_in(bench) as up, bench.proxies({"bare 2": ("bare", [], 2)}, tmp_path, up) as started:
+        port, procs = started["bare 2"]
         assert bench.listening_sockets(port) == 2
-        # The bench counts a proxy's CPU over the children it gained by starting it: here both
+        # The bench counts a proxy's CPU over the processes it started for it: here both
         # mitmdumps, each carrying the port.
+        pids = bench.pids(procs)
         assert len(pids) == 2, pids
         assert all(str(port) in Path(f"/proc/{pid}/cmdline").read_text() for pid in pids)
         pids = sorted(pids)
@@ -147,6 +147,39 @@ def test_bare_mitmdump_runs_as_two_processes_on_one_port_and_both_serve(
     # An idle mitmdump wakes for its timers only (well under a millisecond in 2 s); one
     # that proxies a share of hundreds of requests spends tens of milliseconds.
     assert min(spent) > 0.02, spent
+
+
+def test_proxies_started_side_by_side_each_listen_on_their_own_port_and_serve(
+    tmp_path: Path,
+) -> None:
+    """The bench starts each part's proxies at once. Each must come up on its own port with
+    its own processes, from a fresh work folder (the confdirs' CA made once, not by each)."""
+    bench = load_script("bench")
+    specs = {
+        "bare": ("bare", None, 1),
+        "bare 2": ("bare", [], 2),
+        "drawdown": ("drawdown", None, 1),
+        "drawdown 2": ("drawdown", ["--workers", "2"], 1),
+    }
+    with stand_in(bench) as up, bench.proxies(specs, tmp_path, up) as started:
+        assert set(started) == set(specs)
+        ports = [port for port, _ in started.values()]
+        assert len(set(ports)) == len(ports), ports
+        assert [len(procs) for _, procs in started.values()] == [1, 2, 1, 1]
+        assert len(bench.children_of(started["drawdown 2"][1][0].pid)) == 2
+        for label, (port, procs) in started.items():
+            result = bench.load(port, up, bench.prompt_body(100), 2, 1, tmp_path)
+            assert result["errors"] == 0 and result["requests"] > 0, (label, result)
+            assert all(proc.poll() is None for proc in procs), label
+        ledgers = sorted(tmp_path.glob("bench-*.db"))
+    assert len(ledgers) == 2, ledgers  # one ledger and one policy file per drawdown
+    assert len(list(tmp_path.glob("bench-*.yaml"))) == 2
+    for ledger in ledgers:
+        with contextlib.closing(sqlite3.connect(ledger)) as conn:
+            decided = conn.execute("SELECT decision, COUNT(*) FROM decisions GROUP BY 1").fetchall()
+            assert len(decided) == 1 and decided[0][0] == "allow" and decided[0][1] > 0, decided
+    # Every process was stopped when the block ended.
+    assert all(proc.poll() is not None for _, procs in started.values() for proc in procs)
 
 
 def test_a_workers_proxy_is_measured_over_its_worker_processes(tmp_path: Path) -> None:
