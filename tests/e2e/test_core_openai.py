@@ -392,6 +392,13 @@ def test_hot_reload_applies_good_edits_and_keeps_the_last_good_policy(
         )  # 3rd of 3: still the last good policy
         with pytest.raises(openai.APIStatusError):
             client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+        # An editor saving in place leaves the file empty for a moment: not a policy without
+        # budgets, which would let every call through.
+        proxy.reload_policy("")
+        proxy.wait_for_log(r"holds no policy \(empty, or only comments\)")
+        with pytest.raises(openai.APIStatusError) as caught:
+            client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+        assert caught.value.status_code == 402
     assert proxy.is_running()
 
 

@@ -167,3 +167,27 @@ def test_identity_defaults_and_overrides(tmp_path: Path) -> None:
         )
     )
     assert not plain.uses_proxy_auth
+
+
+def test_an_empty_file_is_refused_not_taken_for_a_policy_without_budgets(tmp_path: Path) -> None:
+    """An editor that saves in place truncates the file first; a reload in that moment must
+    keep the last good policy, not enforce nothing."""
+    for text in ("", "\n\n", "# version: 1\n# mode: enforce\n"):
+        assert problems(tmp_path, text) == [
+            f"{tmp_path / 'policy.yaml'}:1: the file holds no policy (empty, or only comments)"
+        ]
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    write(folder, "version: 1\nmode: enforce\n", "a.yaml")
+    write(folder, "", "b.yaml")
+    with pytest.raises(PolicyInvalid) as caught:
+        load_policy(folder)
+    assert [str(p) for p in caught.value.problems] == [
+        f"{folder / 'b.yaml'}:1: the file holds no policy (empty, or only comments)"
+    ]
+
+
+def test_hidden_files_in_a_policy_folder_are_not_read(tmp_path: Path) -> None:
+    write(tmp_path, "version: 1\nmode: enforce\n", "policy.yaml")
+    write(tmp_path, "version: 1\nmode: shadow\n", ".policy.yaml")  # an editor's copy
+    assert load_policy(tmp_path).mode == "enforce"

@@ -183,9 +183,14 @@ def parse_yaml(text: str, file: str) -> tuple[Any, list[Problem]]:
 
 
 def policy_files(path: Path) -> list[Path]:
-    """A policy is one YAML file or every *.yaml / *.yml in a folder, in name order."""
+    """A policy is one YAML file or every *.yaml / *.yml in a folder, in name order (hidden
+    files left out: editors keep their own copies beside the one being edited)."""
     if path.is_dir():
-        return sorted(p for p in path.iterdir() if p.suffix in (".yaml", ".yml") and p.is_file())
+        return sorted(
+            p
+            for p in path.iterdir()
+            if p.suffix in (".yaml", ".yml") and not p.name.startswith(".") and p.is_file()
+        )
     return [path]
 
 
@@ -212,4 +217,8 @@ def read_documents(path: Path) -> tuple[list[tuple[str, Any]], list[Problem]]:
         problems.extend(found)
         if document is not None:
             documents.append((name, document))
+        elif not found:
+            # An editor saving in place truncates the file first: a hot reload that took the
+            # empty file for a policy with no budgets would stop enforcing everything.
+            problems.append(Problem(name, 1, "the file holds no policy (empty, or only comments)"))
     return documents, problems
