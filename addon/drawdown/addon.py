@@ -516,6 +516,16 @@ class Drawdown:
                 continue
             self._install_policy(policy)
             log.info("drawdown: policy reloaded from %s", path)
+            override = ctx.options.drawdown_mode
+            if override and policy.mode != override:
+                # A team switching to enforce edits the file; the flag would silently win.
+                log.warning(
+                    "drawdown: %s says mode: %s, but --mode %s overrides it until the proxy "
+                    "restarts without --mode",
+                    path,
+                    policy.mode,
+                    override,
+                )
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)

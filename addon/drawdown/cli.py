@@ -158,7 +158,8 @@ def cmd_env(args: argparse.Namespace) -> int:
     from .cacerts import ca_bundle
 
     host, port = parse_listen(args.listen)
-    bundle = ca_bundle(Path(args.confdir).expanduser())
+    # Absolute: the agent that evals these lines may start in another directory.
+    bundle = ca_bundle(Path(args.confdir).expanduser().absolute())
     credentials = ""
     if args.agent:
         from urllib.parse import quote
@@ -236,15 +237,21 @@ def cmd_explain(args: argparse.Namespace) -> int:
             json.loads(args.json)
         except ValueError as exc:
             raise UsageError(f"--json is not valid JSON: {exc}") from None
-    result = explain(
-        policy,
-        url=args.url,
-        method=args.method,
-        headers=headers,
-        body=body,
-        proxy_user=args.proxy_user,
-        db=args.db,
-    )
+    from .ledger.api import LedgerError
+
+    try:
+        result = explain(
+            policy,
+            url=args.url,
+            method=args.method,
+            headers=headers,
+            body=body,
+            proxy_user=args.proxy_user,
+            db=args.db,
+        )
+    except LedgerError as exc:  # --db names no ledger, or one it cannot read
+        print(f"drawdown: {exc}", file=sys.stderr)
+        return 1
     if args.as_json:
         print(json.dumps(result.as_dict(), indent=2))
     else:
@@ -306,7 +313,11 @@ def cmd_report(args: argparse.Namespace) -> int:
         print(f"drawdown: {exc}", file=sys.stderr)
         return 1
     if args.html:
-        Path(args.html).write_text(report.render_html(data), encoding="utf-8")
+        try:
+            Path(args.html).write_text(report.render_html(data), encoding="utf-8")
+        except OSError as exc:
+            print(f"drawdown: cannot write {args.html}: {exc.strerror or exc}", file=sys.stderr)
+            return 1
         print(
             f"drawdown: wrote {args.html} ({len(data['runs'])} runs, {len(data['anomalies'])} anomalies)"
         )
@@ -510,7 +521,10 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--since", metavar="DURATION", help="e.g. 15m, 24h, 7d")
     output = report.add_mutually_exclusive_group()
     output.add_argument(
-        "--json", dest="as_json", action="store_true", help="the JSON contract (SPEC §8)"
+        "--json",
+        dest="as_json",
+        action="store_true",
+        help="one JSON document (a stable contract, for tools)",
     )
     output.add_argument(
         "--jsonl", action="store_true", help="the decision log, one JSON object per decision"

@@ -115,6 +115,7 @@ def explain(
             out.decision = "would_deny" if policy.mode == "shadow" else "deny"
             out.reason = "bad_request (400)"
             return out
+        view.model = llm.model  # as the proxy does: authority's `when: {model: …}` reads it
         priced = "" if llm.priced else " (model unknown to genai-prices: fallback price)"
         out.add(
             "estimate",

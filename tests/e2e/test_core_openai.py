@@ -402,6 +402,21 @@ def test_hot_reload_applies_good_edits_and_keeps_the_last_good_policy(
     assert proxy.is_running()
 
 
+def test_a_reload_that_changes_mode_under_a_mode_flag_says_the_flag_still_wins(
+    drawdown_proxy: Factory, standin: StandIn
+) -> None:
+    """Monday starts the proxy with --mode shadow; Friday's `mode: enforce` edit must not look
+    applied while the flag keeps it in shadow."""
+    budgets = '- {scope: "agent:*", requests: 1}'
+    proxy = drawdown_proxy(policy(budgets, mode="shadow"), extra_args=["--mode", "shadow"])
+    proxy.reload_policy(policy(budgets, mode="enforce"))
+    proxy.wait_for_log(r"says mode: enforce, but --mode shadow overrides it")
+    with proxy.openai_client(max_retries=0) as client:
+        for _ in range(2):  # the second is over budget: recorded, not refused
+            client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+    assert [d[0] for d in decision_of(proxy)] == ["allow", "would_deny"]
+
+
 def test_plain_mitmdump_with_the_addon_script(drawdown_proxy: Factory, standin: StandIn) -> None:
     proxy = drawdown_proxy(
         policy('- {scope: "agent:*", requests: 1}'), mode="mitmdump", ready="mitmproxy"

@@ -164,3 +164,68 @@ def test_report_text_and_missing_ledger(tmp_path: Path, capsys: pytest.CaptureFi
     assert main(["report", "--db", str(tmp_path / "none.db")]) == 1
     assert "no ledger at" in capsys.readouterr().err
     assert main(["report", "--db", str(db), "--since", "soon"]) == 2
+
+
+def test_report_html_to_a_path_it_cannot_write_is_a_clear_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    db = tmp_path / "ledger.db"
+    _traffic(db)
+    for target, reason in (
+        (tmp_path / "no" / "such" / "folder" / "week.html", "No such file or directory"),
+        (tmp_path, "Is a directory"),
+    ):
+        assert main(["report", "--db", str(db), "--html", str(target)]) == 1
+        assert capsys.readouterr().err == f"drawdown: cannot write {target}: {reason}\n"
+
+
+def test_explain_with_a_missing_ledger_is_a_clear_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = tmp_path / "none.db"
+    code = main(
+        ["explain", "--policy", str(ROOT / "policies" / "examples" / "support.yaml"),
+         "--url", "https://api.stripe.com/v1/refunds", "--method", "POST",
+         "--header", "X-Drawdown-Agent:support-1", "--json", '{"amount": 100, "customer": "c-42"}',
+         "--db", str(missing)]
+    )  # fmt: skip
+    assert code == 1
+    assert capsys.readouterr().err.startswith(f"drawdown: no ledger at {missing}")
+
+
+def test_explain_reads_the_model_as_the_proxy_does(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The README's `when: {model: {in: [...]}}` rule: explain must see the request's model."""
+    policy = tmp_path / "p.yaml"
+    policy.write_text(
+        "version: 1\nmode: enforce\n"
+        "actions:\n  - {kind: llm, provider: openai, match: {host: api.openai.com}}\n"
+        "authority:\n  default: deny\n  rules:\n"
+        "    - {scope: '*', allow: [llm]}\n"
+        "    - {scope: '*', action: llm, when: {model: {in: [gpt-4o-mini]}}}\n"
+    )
+
+    def decision(model: str) -> str:
+        body = json.dumps({"model": model, "messages": [{"role": "user", "content": "hi"}]})
+        code = main(
+            ["explain", "--policy", str(policy), "--url", "https://api.openai.com/v1/chat/completions",
+             "--json", body, "--as-json"]
+        )  # fmt: skip
+        assert code == 0
+        return json.loads(capsys.readouterr().out)["decision"]
+
+    assert decision("gpt-4o-mini") == "allow"
+    assert decision("gpt-4o") == "deny"
+
+
+def test_env_names_the_ca_bundle_by_an_absolute_path(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The agent that evals these lines may start in another directory."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["env", "--confdir", "conf", "--listen", "127.0.0.1:9090"]) == 0
+    lines = dict(
+        line.removeprefix("export ").split("=", 1) for line in capsys.readouterr().out.splitlines()
+    )
+    assert lines["SSL_CERT_FILE"] == str(tmp_path / "conf" / "drawdown-ca-bundle.pem")
