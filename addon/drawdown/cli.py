@@ -20,6 +20,16 @@ class UsageError(Exception):
     """A mistake on the command line: printed as one line, exit status 2."""
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"wants a whole number of at least 1, got {text!r}")
+    return value
+
+
 def parse_listen(text: str) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
     if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
@@ -62,6 +72,10 @@ def cmd_run(args: argparse.Namespace) -> int:
             "(or listen on 127.0.0.1)"
         )
     cpus = _cpus_for_workers(args)
+    from .workers import REUSE_PORT_ENV
+
+    if port and not os.environ.get(REUSE_PORT_ENV):  # a worker shares its supervisor's port
+        _refuse_a_port_in_use(host, port)
     if args.workers > 1:
         from .workers import supervise
 
@@ -75,6 +89,30 @@ def cmd_run(args: argparse.Namespace) -> int:
             os.environ.setdefault(name, value)
         pin_process(cpus[0])  # before mitmproxy starts a thread: each inherits the CPU
     return asyncio.run(_run_proxy(args, host, port, sets))
+
+
+def _refuse_a_port_in_use(host: str, port: int) -> None:
+    """Say so in drawdown's terms before mitmproxy does in its own (its hint names an option
+    drawdown does not take). Binding as the proxy will, then letting go: a port taken in the
+    instant between still fails, with mitmproxy's message."""
+    import errno
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError:
+        return  # mitmproxy reports a name it cannot resolve
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as asyncio binds
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise UsageError(
+                    f"{host}:{port} is already in use (another drawdown run?); "
+                    "choose another with --listen HOST:PORT, or :0 for a free port"
+                ) from None
 
 
 def _cpus_for_workers(args: argparse.Namespace) -> list[int] | None:
@@ -463,7 +501,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--mode", choices=("enforce", "shadow"), help="override the policy's mode")
     run.add_argument(
         "--workers",
-        type=int,
+        type=_positive_int,
         default=1,
         metavar="N",
         help="N proxy processes on one address (SO_REUSEPORT) sharing the ledger [1]",

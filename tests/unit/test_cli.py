@@ -229,3 +229,37 @@ def test_env_names_the_ca_bundle_by_an_absolute_path(
         line.removeprefix("export ").split("=", 1) for line in capsys.readouterr().out.splitlines()
     )
     assert lines["SSL_CERT_FILE"] == str(tmp_path / "conf" / "drawdown-ca-bundle.pem")
+
+
+def test_run_on_a_port_in_use_says_so_in_drawdowns_terms(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code = main(
+            ["run", "--policy", str(ROOT / "policies" / "default.yaml"), "--db", str(tmp_path / "l.db"),
+             "--listen", f"127.0.0.1:{port}", "--confdir", str(tmp_path / "conf")]
+        )  # fmt: skip
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"drawdown: 127.0.0.1:{port} is already in use (another drawdown run?); "
+        "choose another with --listen HOST:PORT, or :0 for a free port\n"
+    )
+    assert not (tmp_path / "l.db").exists()  # refused before anything started
+
+
+@pytest.mark.parametrize("workers", ["0", "-1", "two"])
+def test_run_wants_at_least_one_worker(
+    workers: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["run", "--policy", str(ROOT / "policies" / "default.yaml"), "--workers", workers])
+    assert exited.value.code == 2
+    assert (
+        f"--workers: wants a whole number of at least 1, got '{workers}'" in capsys.readouterr().err
+    )
