@@ -33,14 +33,22 @@ ensure_venv() {  # $1: pip extras, e.g. "test"
     rm -rf "$VENV"
     "$py" -m venv "$VENV"
   fi
-  local stamp="$VENV/.drawdown-installed" want
-  want="$(cat "$ROOT/pyproject.toml" | sha1sum | cut -d' ' -f1)+${extras}"
-  if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  # The stamp is the pyproject's hash and the extras installed with it: a script that wants
+  # fewer extras than are there (./scripts/run after ./scripts/test) installs nothing.
+  local stamp="$VENV/.drawdown-installed" sha had="" extra missing=""
+  sha="$(sha1sum < "$ROOT/pyproject.toml" | cut -d' ' -f1)"
+  local stamped; stamped="$(cat "$stamp" 2>/dev/null || true)"
+  if [ "${stamped%%+*}" = "$sha" ]; then had="${stamped#*+}"; fi
+  for extra in ${extras//,/ }; do
+    case ",$had," in *",$extra,"*) ;; *) missing=1 ;; esac
+  done
+  if [ "${stamped%%+*}" != "$sha" ] || [ -n "$missing" ]; then
     echo "drawdown: installing the project into $VENV" >&2
     "$VENV/bin/python" -m pip install --quiet --upgrade pip >/dev/null 2>&1 || true
-    local spec="$ROOT"; [ -n "$extras" ] && spec="$ROOT[$extras]"
+    local all="$extras"; [ -n "$had" ] && all="$had${extras:+,$extras}"
+    local spec="$ROOT"; [ -n "$all" ] && spec="$ROOT[$all]"
     "$VENV/bin/python" -m pip install --quiet -e "$spec" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
-    echo "$want" > "$stamp"
+    echo "$sha+$all" > "$stamp"
   fi
   export PATH="$VENV/bin:$PATH"
 }
