@@ -93,7 +93,13 @@ def opt_int(obj: dict[str, Any], key: str, where: str = "") -> int | None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         if isinstance(value, float) and value.is_integer() and value >= 0:
             return int(value)
-        raise MeterRequestError(f"{where}{key} must be a non-negative integer, not {kind(value)}")
+        # A negative or fractional number is named by its value: "not a number" would puzzle.
+        shown = (
+            repr(value)
+            if isinstance(value, int | float) and not isinstance(value, bool)
+            else kind(value)
+        )
+        raise MeterRequestError(f"{where}{key} must be a non-negative integer, not {shown}")
     return value
 
 

@@ -635,6 +635,16 @@ def test_malformed_requests(provider, path, body, message):
     assert isinstance(err.value, ValueError)
 
 
+@pytest.mark.parametrize(
+    ("value", "shown"), [("-5", "-5"), ("2.5", "2.5"), ('"5"', "a string"), ("true", "a boolean")]
+)
+def test_a_bad_max_tokens_is_named_by_its_value(value, shown):
+    body = b'{"model": "gpt-4o-mini", "messages": [], "max_tokens": %s}' % value.encode()
+    with pytest.raises(MeterRequestError) as err:
+        inspect_request("openai", "POST", "/v1/chat/completions", {}, body, CONFIG)
+    assert str(err.value) == f"max_tokens must be a non-negative integer, not {shown}"
+
+
 def test_unknown_provider_passes_through():
     r = inspect_request("mistral", "POST", "/v1/chat/completions", {}, b"{}", CONFIG)
     assert not r.billable and r.endpoint == "other"
