@@ -598,3 +598,16 @@ def test_the_loop_probe_collects_garbage_in_a_real_mitmdump_when_told(
     assert first["collected"] > 0 and first["ms"] > 0, first
     assert again["collected"] < first["collected"], (first, again)  # nothing new meanwhile
     assert lateness["samples"] > 0, lateness
+
+
+def test_the_bench_says_how_long_each_part_took() -> None:
+    """The issue wants the bench under 5 minutes: its last line says where the time went."""
+    bench = load_script("bench")
+    clock = iter([100.0, 229.4, 237.6, 323.9, 399.9])
+    laps = bench.Laps(clock=lambda: next(clock))
+    for part in ("throughput and latency", "streaming", "workers", "ledger alone"):
+        laps.lap(part)
+    assert laps.total() == pytest.approx(299.9)
+    assert laps.describe() == (
+        "5 min 00 s (throughput and latency 129 s, streaming 8 s, workers 86 s, ledger alone 76 s)"
+    )
