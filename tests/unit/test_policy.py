@@ -191,3 +191,109 @@ def test_hidden_files_in_a_policy_folder_are_not_read(tmp_path: Path) -> None:
     write(tmp_path, "version: 1\nmode: enforce\n", "policy.yaml")
     write(tmp_path, "version: 1\nmode: shadow\n", ".policy.yaml")  # an editor's copy
     assert load_policy(tmp_path).mode == "enforce"
+
+
+# A kind named where no action yields it never matches: `deny: [refund.isue]` would deny nothing.
+KIND_ACTIONS = """actions:
+  - {kind: refund.issue, match: {host: api.stripe.com}}
+  - {kind: crm.read, match: {host: crm.example.com}}
+"""
+
+
+def test_a_misspelled_action_kind_is_reported_where_it_is_named(tmp_path: Path) -> None:
+    found = problems(
+        tmp_path,
+        KIND_ACTIONS
+        + """authority:
+  rules:
+    - {scope: "agent:intern", deny: [refund.isue]}
+    - {scope: "agent:lead", allow: [crm.read, refund.isseu]}
+    - scope: "*"
+      action: refnd.issue
+      requires:
+        - {action: crm.raed}
+        - crm.red
+budgets:
+  - scope: "agent:*/run:*"
+    actions:
+      - refund.issue
+      - refund.isue
+    requests: 3
+anomalies:
+  loop: {actions: [crm.rea]}
+  under_commit: {actions: [nothing.like.it]}
+""",
+    )
+    f = tmp_path / "policy.yaml"
+    hint = "names no action kind of this policy (did you mean"
+    assert found == [
+        f"{f}:6: 'refund.isue' {hint} 'refund.issue'?)",
+        f"{f}:7: 'refund.isseu' {hint} 'refund.issue'?)",
+        f"{f}:9: 'refnd.issue' {hint} 'refund.issue'?)",
+        f"{f}:11: 'crm.raed' {hint} 'crm.read'?)",
+        f"{f}:12: 'crm.red' {hint} 'crm.read'?)",
+        f"{f}:17: 'refund.isue' {hint} 'refund.issue'?)",
+        f"{f}:20: 'crm.rea' {hint} 'crm.read'?)",
+        f"{f}:21: 'nothing.like.it' names no action kind of this policy"
+        " (its kinds: crm.read, refund.issue)",
+    ]
+
+
+def test_a_glob_that_matches_no_kind_is_reported(tmp_path: Path) -> None:
+    found = problems(
+        tmp_path, KIND_ACTIONS + 'budgets:\n  - {scope: "agent:*", actions: [refnd.*], usd: 1}\n'
+    )
+    assert found == [
+        f"{tmp_path / 'policy.yaml'}:5: 'refnd.*' matches no action kind of this policy"
+        " (its kinds: crm.read, refund.issue)"
+    ]
+
+
+def test_kinds_defined_in_another_file_of_a_folder_are_known(tmp_path: Path) -> None:
+    write(tmp_path, KIND_ACTIONS, "10-actions.yaml")
+    write(
+        tmp_path,
+        'authority:\n  rules:\n    - {scope: "agent:intern", deny: [refund.issue, refund.isue]}\n',
+        "20-rules.yaml",
+    )
+    with pytest.raises(PolicyInvalid) as caught:
+        load_policy(tmp_path)
+    assert [str(p) for p in caught.value.problems] == [
+        f"{tmp_path / '20-rules.yaml'}:3: 'refund.isue' names no action kind of this policy"
+        " (did you mean 'refund.issue'?)"
+    ]
+
+
+def test_mcp_tool_kinds_and_globs_are_known(tmp_path: Path) -> None:
+    policy = load_policy(
+        write(
+            tmp_path,
+            KIND_ACTIONS
+            + """  - kind: mcp.docs
+    provider: mcp
+    match: {host: mcp.example.com}
+    tools: {"search*": docs.search}
+authority:
+  rules:
+    - {scope: "*", deny: [mcp.docs, mcp.docs.delete_page, docs.search, "mcp.docs.update_*"]}
+    - {scope: "*", allow: ["*", "refund.*", "crm.rea?", "mcp.*", "*.delete"]}
+budgets:
+  - {scope: "agent:*", actions: [mcp.docs.search_docs], requests: 5}
+""",
+        )
+    )
+    assert len(policy.authority.rules) == 2 and len(policy.budgets) == 1
+
+
+def test_a_policy_without_actions_names_kinds_freely(tmp_path: Path) -> None:
+    # Nothing is classified, so there is nothing to check against: e.g. anomaly settings
+    # alone, for `drawdown report --policy` over a ledger another policy wrote.
+    policy = load_policy(write(tmp_path, "anomalies:\n  under_commit: {actions: [llm]}\n"))
+    assert policy.anomalies.get("under_commit").actions == ("llm",)
+
+
+@pytest.mark.parametrize(
+    "path", sorted(p.relative_to(ROOT) for p in (ROOT / "policies").rglob("*.yaml"))
+)
+def test_every_shipped_policy_names_only_kinds_it_defines(path: Path) -> None:
+    assert load_policy(ROOT / path).actions

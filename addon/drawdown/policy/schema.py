@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import re
 from decimal import Decimal
+from fnmatch import fnmatchcase
 from typing import Any
 
 from ..meter.config import MeterConfig, PricePerMillion
@@ -20,6 +21,7 @@ from .match import (
     compile_host,
     compile_path,
     compile_scope,
+    is_glob,
 )
 from .model import (
     DENIABLE,
@@ -71,6 +73,19 @@ class _Checker:
 
     def __init__(self) -> None:
         self.problems: list[Problem] = []
+        # (kind or glob, file, line) named by rules, requirements, budgets and detectors: checked
+        # against the actions only once every file of a folder is compiled.
+        self.kind_refs: list[tuple[str, str, int]] = []
+        # Kinds the actions yield, noted even from an action with another mistake, so fixing
+        # that one does not also bring a "names no action kind" for every rule naming it.
+        self.kinds: set[str] = set()
+        self.tool_prefixes: set[str] = set()  # `K.` of each MCP action: it yields `K.<tool>`
+
+    def refer(self, parent: Any, key: str | int, index: int, text: str) -> None:
+        """Note the action kind `text`, item `index` of `parent[key]` (text or a list of text)."""
+        value = parent[key]
+        line = line_of(value, index) if isinstance(value, LList) else line_of(parent, key)
+        self.kind_refs.append((text, getattr(parent, "file", "?"), line))
 
     def error(self, container: Any, key: str | int | None, message: str) -> None:
         self.problems.append(
@@ -387,6 +402,10 @@ def _action(check: _Checker, actions: LList, index: int) -> Action | None:
     if "provider" in item:
         provider = check.choice(item, "provider", PROVIDERS, "provider")
         ok = ok and provider is not None
+    if kind is not None:
+        check.kinds.add(kind)
+        if provider == "mcp":
+            check.tool_prefixes.add(f"{kind}.")
     match = _match(check, item) if "match" in item else None
     cost = None
     cost_map = check.mapping(item, "cost", "cost") if "cost" in item else None
@@ -440,6 +459,7 @@ def _action(check: _Checker, actions: LList, index: int) -> Action | None:
                     ok = False
                 else:
                     tools.append((compile_glob(tool), mapped))
+                    check.kinds.add(mapped)
     if not ok or kind is None or match is None:
         return None
     return Action(
@@ -543,13 +563,14 @@ def _budget(check: _Checker, budgets: LList, index: int) -> Budget | None:
     actions: list[Any] = []
     action_texts: list[str] = []
     if "actions" in item and (texts := check.strings(item, "actions", "actions")) is not None:
-        for text in texts:
+        for i, text in enumerate(texts):
             if not _KIND.match(text.replace("*", "x").replace("?", "x")):
                 check.error(item, "actions", f"'{text}' is not an action kind or glob")
                 ok = False
             else:
                 actions.append(compile_glob(text))
                 action_texts.append(text)
+                check.refer(item, "actions", i, text)
     mode = None
     if "mode" in item:
         mode = check.choice(item, "mode", MODES, "mode")
@@ -608,12 +629,13 @@ def _rule(check: _Checker, rules: LList, index: int) -> Rule | None:
             check.error(item, "scope", str(exc))
     texts = check.strings(item, effect_key, effect_key)
     globs = []
-    for text in texts or []:
+    for i, text in enumerate(texts or []):
         if not _KIND.match(text.replace("*", "x").replace("?", "x")):
             check.error(item, effect_key, f"'{text}' is not an action kind or glob")
             ok = False
         else:
             globs.append(compile_glob(text))
+            check.refer(item, effect_key, i, text)
     when: list[FieldTest] = []
     if "when" in item and (conditions := check.mapping(item, "when", "when")) is not None:
         found = _when(check, conditions)
@@ -700,6 +722,7 @@ _FIELD = re.compile(r"^(model|(json|query|header|path)\.[^\s]+)$")
 def _requirement(check: _Checker, items: LList, index: int) -> Requirement | None:
     item = items[index]
     if isinstance(item, str):
+        check.refer(items, index, 0, item)
         return Requirement((item,))
     if not isinstance(item, LMap):
         check.error(items, index, "a requirement is an action kind or {action: KIND, same: FIELD}")
@@ -709,6 +732,8 @@ def _requirement(check: _Checker, items: LList, index: int) -> Requirement | Non
     actions = check.strings(item, "action", "requirement action")
     if actions is None:
         return None
+    for i, text in enumerate(actions):
+        check.refer(item, "action", i, text)
     here = there = None
     if "same" in item:
         same = item["same"]
@@ -765,6 +790,8 @@ def _anomalies(check: _Checker, section: LMap) -> list[Detector]:
         actions = (
             check.strings(spec, "actions", f"anomalies.{name}.actions") if "actions" in spec else []
         )
+        for i, text in enumerate(actions or []):
+            check.refer(spec, "actions", i, text)
         params = dict(defaults)
         for key, default in defaults.items():
             if key not in spec:
@@ -944,6 +971,7 @@ def compile_policy(
                 )
             )
         seen[budget.key] = budget
+    _check_kind_refs(check)
 
     if check.problems:
         raise PolicyInvalid(sorted(check.problems, key=lambda p: (p.file, p.line)))
@@ -963,6 +991,32 @@ def compile_policy(
         files=tuple(file for file, _ in documents),
         digest=hashlib.sha256(b"\0".join(texts)).hexdigest(),
     )
+
+
+def _check_kind_refs(check: _Checker) -> None:
+    """A rule, requirement, budget or detector naming a kind no action yields never matches: a
+    typo in `deny: [refund.isue]` would silently deny nothing. Run on the merged folder, since
+    any of its files may define the action."""
+    if not check.kinds:  # no actions: nothing is classified (an anomalies-only policy for report)
+        return
+    kinds = tuple(sorted(check.kinds))
+    prefixes = check.tool_prefixes
+    for text, file, line in check.kind_refs:
+        if is_glob(text):
+            # Accepted if it matches a kind, or its literal start could begin some `K.<tool>`.
+            start = re.split(r"[*?\[]", text, maxsplit=1)[0]
+            if any(fnmatchcase(kind, text) for kind in kinds) or any(
+                start.startswith(p) or p.startswith(start) for p in prefixes
+            ):
+                continue
+            message = f"'{text}' matches no action kind of this policy"
+        elif text in kinds or any(text.startswith(p) and len(text) > len(p) for p in prefixes):
+            continue
+        else:
+            message = f"'{text}' names no action kind of this policy"
+        hint = _closest(text, kinds)
+        message += f" (did you mean '{hint}'?)" if hint else f" (its kinds: {', '.join(kinds)})"
+        check.problems.append(Problem(file, line, message))
 
 
 def _merge_once(check: _Checker, key: str, where: str, earlier: str | None) -> None:
