@@ -363,6 +363,12 @@ def cmd_report(args: argparse.Namespace) -> int:
         print(json.dumps(data, indent=2))
     else:
         print(_terminal(report.render_text(data)))
+    if args.run and not data["runs"]:  # a mistyped id must not read as a quiet run
+        from .ledger.dsn import redact_dsn
+
+        within = f" in the last {args.since}" if args.since else ""
+        print(f"drawdown: no run {args.run!r} in {redact_dsn(args.db)}{within}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -263,3 +263,16 @@ def test_run_wants_at_least_one_worker(
     assert (
         f"--workers: wants a whole number of at least 1, got '{workers}'" in capsys.readouterr().err
     )
+
+
+def test_report_on_a_run_the_ledger_does_not_hold_says_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    db = tmp_path / "ledger.db"
+    _traffic(db)
+    assert main(["report", "--db", str(db), "--run", "7f3a"]) == 0
+    assert "agent:research/run:7f3a" in capsys.readouterr().out
+    assert main(["report", "--db", str(db), "--run", "7f3b", "--json"]) == 1
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["runs"] == []  # the document still comes, for tools
+    assert captured.err == f"drawdown: no run '7f3b' in {db}\n"
