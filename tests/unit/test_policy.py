@@ -297,3 +297,14 @@ def test_a_policy_without_actions_names_kinds_freely(tmp_path: Path) -> None:
 )
 def test_every_shipped_policy_names_only_kinds_it_defines(path: Path) -> None:
     assert load_policy(ROOT / path).actions
+
+
+def test_exponent_numbers_are_numbers_as_in_yaml_1_2(tmp_path: Path) -> None:
+    """YAML 1.1 reads 1e-3 (no dot) and 2.5e3 (no sign) as text; 1.2 and its users do not."""
+    text = "budgets:\n  - {scope: 'agent:*', usd: %s, requests: 1}\n"
+    for written, nanos in (("1e-3", 10**6), ("2.5e3", 2500 * 10**9), ("1E+2", 100 * 10**9)):
+        (budget,) = load_policy(write(tmp_path, text % written)).budgets
+        assert budget.limits.usd_nanos == nanos, written
+    assert problems(tmp_path, text % "'1e-3'") == [
+        f"{tmp_path / 'policy.yaml'}:2: usd must be a number ≥ 0, not '1e-3'"
+    ]  # quoted, it is text: still refused
