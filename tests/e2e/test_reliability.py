@@ -357,6 +357,36 @@ def test_read_only_ledger_keeps_the_proxy_up_until_it_is_writable_again(
     assert proxy.query("SELECT COUNT(*) FROM holds WHERE state = 'committed'") == [(2,)]
 
 
+@pytest.mark.skipif(
+    shutil.which("chattr") is None,
+    reason="needs chattr (e2fsprogs) to make a file read-only for root",
+)
+def test_a_ledger_in_a_folder_the_reader_cannot_write_is_still_read(
+    drawdown_proxy: Factory, standin: StandIn, tmp_path: Path, immutable: Callable[[Path], None]
+) -> None:
+    """`drawdown report` run by someone other than the proxy's user: SQLite could not make the
+    WAL's -shm file beside the ledger, and every read failed."""
+    db = tmp_path / "ro" / "ledger.db"
+    db.parent.mkdir()
+    proxy = drawdown_proxy(policy(), db=db)
+    with proxy.openai_client() as client:
+        chat(client)
+    proxy.stop()
+    assert sorted(path.name for path in db.parent.iterdir()) == ["ledger.db"]  # checkpointed
+    immutable(db)
+    immutable(db.parent)
+    for command in (["report", "--json"], ["budgets"], ["verify"]):
+        result = subprocess.run(
+            [sys.executable, "-m", "drawdown", *command, "--db", str(db)],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert result.returncode == 0, (command, result.stderr)
+    assert '"allow": 1' in subprocess.run(
+        [sys.executable, "-m", "drawdown", "report", "--json", "--db", str(db)],
+        capture_output=True, text=True, timeout=60,
+    ).stdout  # fmt: skip
+
+
 def test_corrupted_ledger_keeps_the_proxy_up(
     drawdown_proxy: Factory, standin: StandIn, tmp_path: Path
 ) -> None:

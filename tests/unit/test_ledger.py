@@ -12,10 +12,12 @@ import asyncio
 import multiprocessing
 import os
 import socket
+import sqlite3
 import threading
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -1100,3 +1102,31 @@ def test_proxies_opening_a_new_ledger_file_together_all_open_it(tmp_path: Any) -
         for p in processes:
             p.join(60)
     assert outcomes == ["ok"] * 48, [o for o in outcomes if o != "ok"]
+
+
+def test_a_reader_opens_a_ledger_as_immutable_only_when_no_process_has_it_open(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where SQLite cannot make the -shm file, the reader falls back to an immutable open; with
+    a -wal or -shm beside the ledger a writer may hold pages the file lacks, so it does not."""
+    from drawdown.ledger import reader as reader_module
+
+    db = tmp_path / "ledger.db"
+    SQLiteLedger(db).close()
+    opened: list[str] = []
+    real_connect = reader_module._connect
+
+    def connect(uri: str) -> sqlite3.Connection:
+        opened.append(uri.rsplit("?", 1)[1])
+        if "immutable" not in uri:
+            raise sqlite3.OperationalError("unable to open database file")
+        return real_connect(uri)
+
+    monkeypatch.setattr(reader_module, "_connect", connect)
+    reader_module.Reader(str(db)).close()
+    assert opened == ["mode=ro", "mode=ro&immutable=1"]
+    (tmp_path / "ledger.db-wal").write_bytes(b"")
+    opened.clear()
+    with pytest.raises(LedgerError, match="unable to open database file"):
+        reader_module.Reader(str(db))
+    assert opened == ["mode=ro"]

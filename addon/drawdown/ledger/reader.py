@@ -41,9 +41,7 @@ class Reader:
                     f"no ledger at {path} (start `drawdown run --db {path}` first, or pass --db)"
                 )
             try:
-                self._sqlite = sqlite3.connect(f"file:{Path(path).resolve()}?mode=ro", uri=True)
-                self._sqlite.row_factory = sqlite3.Row
-                self._sqlite.execute("SELECT 1 FROM decisions LIMIT 1")
+                self._sqlite = _open_read_only(Path(path).resolve())
             except sqlite3.Error as exc:
                 raise LedgerError(f"cannot read ledger {path}: {exc}") from exc
             self._pg = None
@@ -61,6 +59,31 @@ class Reader:
 
     def close(self) -> None:
         (self._sqlite or self._pg).close()
+
+
+def _open_read_only(path: Path) -> sqlite3.Connection:
+    """The SQLite ledger, read-only. SQLite still makes a WAL ledger's `-shm` file beside it,
+    which fails in a folder this user may not write (a report run by someone other than the
+    proxy's user). With no `-wal` or `-shm` there no process has it open for writing, so it is
+    then opened as an immutable file: no locks, no `-shm`, nothing it could miss."""
+    try:
+        return _connect(f"file:{path}?mode=ro")
+    except sqlite3.OperationalError:
+        beside = [path.with_name(path.name + suffix) for suffix in ("-wal", "-shm")]
+        if any(each.exists() for each in beside):
+            raise
+        return _connect(f"file:{path}?mode=ro&immutable=1")
+
+
+def _connect(uri: str) -> sqlite3.Connection:
+    conn = sqlite3.connect(uri, uri=True)
+    try:
+        conn.row_factory = sqlite3.Row
+        conn.execute("SELECT 1 FROM decisions LIMIT 1")
+    except sqlite3.Error:
+        conn.close()
+        raise
+    return conn
 
 
 def _plain(value: Any) -> Any:
