@@ -313,6 +313,24 @@ def test_disk_full_is_answered_per_on_ledger_error_and_nothing_committed_is_lost
     verify(tmp_db)
 
 
+needs_chattr = pytest.mark.skipif(
+    shutil.which("chattr") is None,
+    reason="needs chattr (e2fsprogs) to make a file read-only for root",
+)
+
+
+@pytest.fixture
+def written_ledger(drawdown_proxy: Factory, standin: StandIn, tmp_path: Path) -> Path:
+    """A ledger in a folder of its own, one call recorded, its proxy stopped (checkpointed)."""
+    db = tmp_path / "ro" / "ledger.db"
+    db.parent.mkdir()
+    proxy = drawdown_proxy(policy(), db=db)
+    with proxy.openai_client() as client:
+        chat(client)
+    proxy.stop()
+    return db
+
+
 @pytest.fixture
 def immutable(tmp_path: Path) -> Iterator[Callable[[Path], None]]:
     made: list[Path] = []
@@ -326,19 +344,11 @@ def immutable(tmp_path: Path) -> Iterator[Callable[[Path], None]]:
         subprocess.run(["chattr", "-i", str(path)], check=False)
 
 
-@pytest.mark.skipif(
-    shutil.which("chattr") is None,
-    reason="needs chattr (e2fsprogs) to make a file read-only for root",
-)
+@needs_chattr
 def test_read_only_ledger_keeps_the_proxy_up_until_it_is_writable_again(
-    drawdown_proxy: Factory, standin: StandIn, tmp_path: Path, immutable: Callable[[Path], None]
+    drawdown_proxy: Factory, written_ledger: Path, immutable: Callable[[Path], None]
 ) -> None:
-    db = tmp_path / "ro" / "ledger.db"
-    db.parent.mkdir()
-    first = drawdown_proxy(policy(), db=db)
-    with first.openai_client() as client:
-        chat(client)
-    first.stop()
+    db = written_ledger
     for path in db.parent.iterdir():
         immutable(path)
     immutable(db.parent)  # not even a -wal file can be created
@@ -357,21 +367,13 @@ def test_read_only_ledger_keeps_the_proxy_up_until_it_is_writable_again(
     assert proxy.query("SELECT COUNT(*) FROM holds WHERE state = 'committed'") == [(2,)]
 
 
-@pytest.mark.skipif(
-    shutil.which("chattr") is None,
-    reason="needs chattr (e2fsprogs) to make a file read-only for root",
-)
+@needs_chattr
 def test_a_ledger_in_a_folder_the_reader_cannot_write_is_still_read(
-    drawdown_proxy: Factory, standin: StandIn, tmp_path: Path, immutable: Callable[[Path], None]
+    written_ledger: Path, immutable: Callable[[Path], None]
 ) -> None:
     """`drawdown report` run by someone other than the proxy's user: SQLite could not make the
     WAL's -shm file beside the ledger, and every read failed."""
-    db = tmp_path / "ro" / "ledger.db"
-    db.parent.mkdir()
-    proxy = drawdown_proxy(policy(), db=db)
-    with proxy.openai_client() as client:
-        chat(client)
-    proxy.stop()
+    db = written_ledger
     assert sorted(path.name for path in db.parent.iterdir()) == ["ledger.db"]  # checkpointed
     immutable(db)
     immutable(db.parent)
