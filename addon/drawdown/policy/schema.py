@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import re
 from decimal import Decimal
-from fnmatch import fnmatchcase
 from typing import Any
 
 from ..meter.config import MeterConfig, PricePerMillion
@@ -562,15 +561,11 @@ def _budget(check: _Checker, budgets: LList, index: int) -> Budget | None:
         ok = False
     actions: list[Any] = []
     action_texts: list[str] = []
-    if "actions" in item and (texts := check.strings(item, "actions", "actions")) is not None:
-        for i, text in enumerate(texts):
-            if not _KIND.match(text.replace("*", "x").replace("?", "x")):
-                check.error(item, "actions", f"'{text}' is not an action kind or glob")
-                ok = False
-            else:
-                actions.append(compile_glob(text))
-                action_texts.append(text)
-                check.refer(item, "actions", i, text)
+    if "actions" in item:
+        listed = _kind_globs(check, item, "actions")
+        ok = ok and listed is not None
+        action_texts = [text for text, _ in listed or []]
+        actions = [glob for _, glob in listed or []]
     mode = None
     if "mode" in item:
         mode = check.choice(item, "mode", MODES, "mode")
@@ -602,6 +597,22 @@ def _budget_key(scope: str, per: str | None, actions: list[str]) -> str:
     return key
 
 
+def _kind_globs(check: _Checker, item: LMap, key: str) -> list[tuple[str, Any]] | None:
+    """The action kinds or globs listed at `item[key]`, each with its compiled glob and noted
+    for the check against the actions; None after a mistake (reported)."""
+    texts = check.strings(item, key, key)
+    if texts is None:
+        return None
+    listed = []
+    for i, text in enumerate(texts):
+        if not _KIND.match(text.replace("*", "x").replace("?", "x")):
+            check.error(item, key, f"'{text}' is not an action kind or glob")
+        else:
+            listed.append((text, compile_glob(text)))
+            check.refer(item, key, i, text)
+    return listed if len(listed) == len(texts) else None
+
+
 RULE_KEYS = ("name", "scope", "allow", "deny", "action", "when", "requires", "mode")
 WHEN_PREFIXES = ("json", "query", "header", "path")
 
@@ -627,15 +638,9 @@ def _rule(check: _Checker, rules: LList, index: int) -> Rule | None:
             scope = compile_scope(text)
         except ValueError as exc:
             check.error(item, "scope", str(exc))
-    texts = check.strings(item, effect_key, effect_key)
-    globs = []
-    for i, text in enumerate(texts or []):
-        if not _KIND.match(text.replace("*", "x").replace("?", "x")):
-            check.error(item, effect_key, f"'{text}' is not an action kind or glob")
-            ok = False
-        else:
-            globs.append(compile_glob(text))
-            check.refer(item, effect_key, i, text)
+    listed = _kind_globs(check, item, effect_key)
+    texts = [text for text, _ in listed] if listed is not None else None
+    globs = [glob for _, glob in listed or []]
     when: list[FieldTest] = []
     if "when" in item and (conditions := check.mapping(item, "when", "when")) is not None:
         found = _when(check, conditions)
@@ -1005,7 +1010,8 @@ def _check_kind_refs(check: _Checker) -> None:
         if is_glob(text):
             # Accepted if it matches a kind, or its literal start could begin some `K.<tool>`.
             start = re.split(r"[*?\[]", text, maxsplit=1)[0]
-            if any(fnmatchcase(kind, text) for kind in kinds) or any(
+            pattern = compile_glob(text)
+            if any(pattern.match(kind) for kind in kinds) or any(
                 start.startswith(p) or p.startswith(start) for p in prefixes
             ):
                 continue
