@@ -304,13 +304,9 @@ def proxy(
 ) -> Iterator[tuple[int, subprocess.Popen[bytes]]]:
     """A proxy on a free port: bare mitmdump or drawdown. `processes` (bare only): that many
     mitmdumps on the one port, as drawdown's --workers (the first one's process is yielded)."""
-    procs: list[subprocess.Popen[bytes]] = []
-    try:
-        port = _launch(kind, workdir, upstream_port, extra, cpus, processes, procs)
-        time.sleep(0.5)
+    with proxies({kind: (kind, extra, processes)}, workdir, upstream_port, cpus) as started:
+        port, procs = started[kind]
         yield port, procs[0]
-    finally:
-        _stop(procs)
 
 
 # A proxy to start among others: (kind, extra arguments, processes), as proxy() takes them.
