@@ -347,6 +347,30 @@ def test_batch_isolates_a_failing_statement(backend: LedgerBackend, ledger: Any)
     assert backend.scalar("SELECT COUNT(*) FROM decisions") == 4
 
 
+def test_batch_isolates_an_amount_past_64_bits(backend: LedgerBackend, ledger: Any) -> None:
+    """The policy and the meter keep amounts under 10^18; should one get past them, it fails
+    alone, not with the requests that share its batch."""
+    first, second = row(), row()
+    results = ledger.run_batch(
+        [
+            ("reserve", (first, [claim(requests=5)], Amount(requests=1), NOW + 900)),
+            (
+                "reserve",
+                (
+                    row(),
+                    [claim("agent", "agent:a", usd=10**20)],
+                    Amount(usd=10**19, requests=1),
+                    NOW + 900,
+                ),
+            ),
+            ("reserve", (second, [claim(requests=5)], Amount(requests=1), NOW + 900)),
+        ]
+    )
+    assert results[0].decision == "allow" and results[2].decision == "allow"
+    assert isinstance(results[1], LedgerError)
+    assert instance(backend, "run", "agent:a/run:r1")["reserved_requests"] == 2
+
+
 def test_a_batch_decides_in_order_on_shared_instances(backend: LedgerBackend, ledger: Any) -> None:
     claims = [claim(requests=3), claim("agent", "agent:a", usd=1000)]
     results = ledger.run_batch(

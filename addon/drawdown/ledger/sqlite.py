@@ -278,7 +278,7 @@ class SQLiteLedger:
         def together(batch: list[tuple[str, tuple[Any, ...]]]) -> list[Any]:
             try:
                 return self._in_savepoint(lambda: self._planned(batch))
-            except sqlite3.Error:
+            except (sqlite3.Error, OverflowError):  # OverflowError: an int past SQLite's 64 bits
                 restore(saved)
                 return [self._alone(call) for call in batch]
 
@@ -307,7 +307,7 @@ class SQLiteLedger:
             return self._in_savepoint(lambda: getattr(self, f"_{name}")(*args))
         except Exception as exc:
             restore(saved)
-            return LedgerError(str(exc)) if isinstance(exc, sqlite3.Error) else exc
+            return LedgerError(str(exc)) if isinstance(exc, sqlite3.Error | OverflowError) else exc
 
     def _planned(self, calls: Sequence[tuple[str, tuple[Any, ...]]]) -> list[Any]:
         """Read what the hot operations need, decide them in order, write the outcome.
