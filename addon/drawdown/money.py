@@ -10,6 +10,13 @@ from decimal import ROUND_CEILING, Decimal
 
 NANOS_PER_USD = 1_000_000_000
 
+# The most any one amount may be, in its unit (nano-dollars, tokens, requests): a budget's
+# limit, a call's cost, estimate or usage. The ledger keeps 64-bit integers (SQLite and
+# PostgreSQL alike: at most ~9.2 × 10^18); 10^18 leaves room for a budget's spent and held
+# sums to pass its limit by an overage without leaving that range. In dollars: $1,000,000,000.
+MAX_AMOUNT = 10**18
+MAX_USD = MAX_AMOUNT // NANOS_PER_USD
+
 
 def usd_to_nanos(amount: Decimal | int | str, *, exact: bool = False) -> int:
     """USD → nano-dollars. Rounds up (charges never round down) unless `exact` demands no rounding."""

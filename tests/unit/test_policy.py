@@ -92,6 +92,36 @@ budgets:
     assert any(p.startswith(f"{f}:14: usd:") and "nano-dollar" in p for p in found)
 
 
+def test_amounts_past_the_ledgers_range_are_refused(tmp_path: Path) -> None:
+    """The ledger keeps 64-bit integers: a limit, cost or price it cannot hold would pass
+    `check` and then fail every request at run time as ledger_unavailable."""
+    found = problems(
+        tmp_path,
+        """actions:
+  - {kind: llm, provider: openai, match: {host: api.openai.com}, price: {input: 2e9, output: 1}}
+  - {kind: crm.read, match: {host: crm.example.com}, cost: {usd: 1e30}}
+budgets:
+  - {scope: "agent:*", usd: 1000000001}
+  - {scope: "agent:*", tokens: 1000000000000000001, requests: 1e400}
+  - {scope: "tenant:*", usd: 1000000000, tokens: 1000000000000000000}
+meter: {default_max_output_tokens: 99999999999999999999}
+""",
+    )
+    f = str(tmp_path / "policy.yaml")
+    assert (
+        f"{f}:2: price.input (USD per million tokens) must be at most 1,000,000,000, not 2E+9"
+        in found
+    )
+    assert f"{f}:3: cost.usd must be at most 1,000,000,000, not 1E+30" in found
+    assert f"{f}:5: usd must be at most 1,000,000,000, not 1000000001" in found
+    assert f"{f}:6: tokens must be at most 10^18, not 1000000000000000001" in found
+    assert f"{f}:6: requests must be a whole number ≥ 0, not 1E+400" in found
+    assert (
+        f"{f}:8: default_max_output_tokens must be at most 10^18, not 99999999999999999999" in found
+    )
+    assert not [p for p in found if p.startswith(f"{f}:7:")]  # the bound itself is allowed
+
+
 def test_yaml_syntax_error_is_located(tmp_path: Path) -> None:
     found = problems(tmp_path, "budgets:\n  - {scope: 'a:*', usd: 1\n")
     assert (

@@ -12,7 +12,7 @@ from decimal import Decimal
 from typing import Any
 
 from ..meter.config import MeterConfig, PricePerMillion
-from ..money import usd_to_nanos
+from ..money import MAX_AMOUNT, MAX_USD, usd_to_nanos
 from .match import (
     LEVELS,
     compile_condition,
@@ -152,10 +152,19 @@ class _Checker:
                 parent, key, f"{what} must be a whole number ≥ {minimum}, not {_show(value)}"
             )
             return None
+        if value > MAX_AMOUNT:
+            # Past this the ledger's 64-bit integers would fail every request at run time.
+            self.error(parent, key, f"{what} must be at most 10^18, not {value}")
+            return None
         return value
 
     def number(
-        self, parent: Any, key: str | int, what: str, minimum: Decimal = Decimal(0)
+        self,
+        parent: Any,
+        key: str | int,
+        what: str,
+        minimum: Decimal = Decimal(0),
+        maximum: Decimal | None = None,
     ) -> Decimal | None:
         value = parent[key]
         if (
@@ -165,10 +174,14 @@ class _Checker:
         ):
             self.error(parent, key, f"{what} must be a number ≥ {minimum}, not {_show(value)}")
             return None
+        if maximum is not None and Decimal(value) > maximum:
+            self.error(parent, key, f"{what} must be at most {maximum:,}, not {_show(value)}")
+            return None
         return Decimal(value)
 
     def usd(self, parent: Any, key: str | int, what: str) -> int | None:
-        amount = self.number(parent, key, what)
+        # Dollars past MAX_USD are nano-dollars past what the ledger's integers hold.
+        amount = self.number(parent, key, what, maximum=Decimal(MAX_USD))
         if amount is None:
             return None
         try:
@@ -854,7 +867,10 @@ def _price(check: _Checker, price: LMap, what: str) -> PricePerMillion | None:
     ):
         return None
     values = {
-        key: check.number(price, key, f"{what}.{key} (USD per million tokens)") for key in price
+        key: check.number(
+            price, key, f"{what}.{key} (USD per million tokens)", maximum=Decimal(MAX_USD)
+        )
+        for key in price
     }
     if any(v is None for v in values.values()):
         return None
