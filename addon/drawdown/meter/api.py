@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Protocol
 
+from ..money import MAX_AMOUNT, MAX_USD, format_usd
 from . import anthropic, gemini, openai
 from ._util import Extracted, ParsedRequest, loads, parse_body
 from .config import MeterConfig, PricePerMillion, model_family
@@ -14,7 +15,7 @@ from .decode import Decoder, UnsupportedEncoding, make_decoder
 from .prices import price_first_known, price_usage, to_nanos
 from .sse import SSEParser
 from .tokens import count_texts, count_tokens
-from .types import LLMRequest, Measurement, TokenUsage
+from .types import LLMRequest, Measurement, MeterRequestError, TokenUsage
 
 # A non-SSE body read through a StreamMeter is kept (decoded) up to this size for parsing.
 MAX_BUFFERED_BODY = 64 * 1024 * 1024
@@ -114,6 +115,13 @@ def inspect_request(
         extras=parsed.expected_extras,
         price_context=parsed.price_context,
     )
+    if input_tokens + cap > MAX_AMOUNT or nanos > MAX_AMOUNT:
+        # e.g. max_tokens: 1e26: no provider serves it, and the ledger's integers cannot hold it.
+        raise MeterRequestError(
+            f"it asks for {input_tokens} input + up to {cap} output tokens "
+            f"(≈${format_usd(nanos, 2)}), past what one call may hold "
+            f"(10^18 tokens or ${MAX_USD:,})"
+        )
     return LLMRequest(
         provider=provider,
         endpoint=parsed.endpoint,

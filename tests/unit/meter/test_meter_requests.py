@@ -645,6 +645,41 @@ def test_a_bad_max_tokens_is_named_by_its_value(value, shown):
     assert str(err.value) == f"max_tokens must be a non-negative integer, not {shown}"
 
 
+@pytest.mark.parametrize(
+    ("body", "asked"),
+    [
+        # more tokens than the ledger's integers can hold
+        (
+            b'{"model": "gpt-4o-mini", "messages": [], "max_tokens": 1e26}',
+            "up to 100000000000000004764729344 output tokens",
+        ),
+        # a cap within range whose price is not: 10^17 × 20 choices × $0.60 per million
+        (
+            b'{"model": "gpt-4o-mini", "messages": [], "max_tokens": 100000000000000000, "n": 20}',
+            "up to 2000000000000000000 output",
+        ),
+        (
+            b'{"model": "gpt-4o-mini", "messages": [], "max_tokens": 10000000000000000}',
+            "(≈$6000000000.00)",
+        ),
+    ],
+)
+def test_an_estimate_past_what_the_ledger_holds_is_a_malformed_request(body, asked):
+    """Denied as bad_request (forwarded in shadow mode) rather than failing in the ledger."""
+    with pytest.raises(MeterRequestError) as err:
+        inspect_request("openai", "POST", "/v1/chat/completions", {}, body, CONFIG)
+    assert asked in str(err.value) and "past what one call may hold" in str(err.value)
+    ok = inspect_request(
+        "openai",
+        "POST",
+        "/v1/chat/completions",
+        {},
+        b'{"model": "gpt-4o-mini", "messages": [], "max_tokens": 1000000000000}',
+        CONFIG,
+    )
+    assert ok.max_output_tokens == 10**12  # large, but within range: estimated as asked
+
+
 def test_unknown_provider_passes_through():
     r = inspect_request("mistral", "POST", "/v1/chat/completions", {}, b"{}", CONFIG)
     assert not r.billable and r.endpoint == "other"
