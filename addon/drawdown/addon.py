@@ -49,7 +49,7 @@ from .ledger.api import (
 from .ledger.dsn import redact_dsn
 from .ledger.worker import AsyncLedger
 from .meter import tokenizer_process
-from .money import usd_to_nanos
+from .money import MAX_AMOUNT, usd_to_nanos
 from .policy import Policy, PolicyInvalid, load_policy, policy_fingerprint
 from .policy.match import dig, glob_regex, missing
 from .respond import denial
@@ -207,6 +207,33 @@ def _log_denial(
         row.action if kind is None else kind,
         row.request_id,
         row.reason if reason is None else reason,
+    )
+
+
+def _within_ledger(completion: Completion, request_id: str) -> Completion:
+    """Usage an upstream reports past the ledger's 64-bit range (no real call comes near
+    10^18 tokens or $10^9) is charged at that bound, with a warning: the commit, and the
+    batch it shares with other requests' operations, must not fail on it."""
+    actual = completion.actual
+    if max(actual.usd, actual.tokens, completion.tokens_in, completion.tokens_out) <= MAX_AMOUNT:
+        return completion
+    log.warning(
+        "drawdown: %s: the upstream reported usage past what the ledger holds "
+        "(%d nano-dollars, %d tokens); charged at 10^18 of each",
+        request_id,
+        actual.usd,
+        actual.tokens,
+    )
+    return replace(
+        completion,
+        actual=Amount(
+            usd=min(actual.usd, MAX_AMOUNT),
+            tokens=min(actual.tokens, MAX_AMOUNT),
+            requests=actual.requests,
+        ),
+        tokens_in=min(completion.tokens_in, MAX_AMOUNT),
+        tokens_out=min(completion.tokens_out, MAX_AMOUNT),
+        note=completion.note or "usage past the ledger's range, charged at its bound",
     )
 
 
@@ -1083,7 +1110,10 @@ class Drawdown:
                 reported = None
         if reported is not None:
             try:
-                return usd_to_nanos(str(reported).strip())
+                cost = usd_to_nanos(str(reported).strip())
+                if not 0 <= cost <= MAX_AMOUNT:  # a negative cost would refund the budget
+                    raise ValueError(cost)
+                return cost
             except (ArithmeticError, ValueError):
                 log.warning(
                     "drawdown: %s reported an unreadable cost %r; charging its fixed cost",
@@ -1152,7 +1182,11 @@ class Drawdown:
             return
         try:
             if completion is not None:
-                completion = replace(completion, latency_ms=latency, upstream_ms=upstream)
+                completion = replace(
+                    _within_ledger(completion, state.request_id),
+                    latency_ms=latency,
+                    upstream_ms=upstream,
+                )
                 settled = await self.ledger.call(
                     "commit", state.request_id, state.hold_id, completion, now
                 )

@@ -22,9 +22,11 @@ import anthropic
 import openai
 import pytest
 from drawdown.identity import MAX_VALUE_LENGTH, clean_value
+from drawdown.money import MAX_AMOUNT
 
 from tests.support.proxy import DrawdownProcess
-from tests.support.standin import StandIn
+from tests.support.standin import Reply, StandIn
+from tests.support.wire import openai_chat_json, openai_chat_usage
 
 pytestmark = pytest.mark.e2e
 
@@ -99,6 +101,7 @@ BAD_REQUESTS = [
     Bad("openai empty body", OPENAI, b"", says="empty"),
     Bad("openai top-level array", OPENAI, b"[1, 2]", says="must be a JSON object"),
     Bad("openai max_tokens a string", OPENAI, _json({"model": "gpt-4o-mini", "messages": HI, "max_tokens": "lots"}), says="max_tokens"),
+    Bad("openai max_tokens past the ledger's integers", OPENAI, _json({"model": "gpt-4o-mini", "messages": HI, "max_tokens": 10**26}), says="past what one call may hold"),
     Bad("openai deeply nested", OPENAI, b'{"model": "gpt-4o-mini", "messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", status=413, reason="body_too_large"),
     Bad("openai nested within the limit", OPENAI, b'{"model": "gpt-4o-mini", "messages": [' + b"[" * 30_000 + b"]" * 30_000 + b"]}", says="nested too deeply"),
     Bad("openai too large", OPENAI, _json({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": BIG_PROMPT}]}), status=413, reason="body_too_large", says="max_request_bytes"),
@@ -112,6 +115,7 @@ BAD_REQUESTS = [
     Bad("anthropic messages not a list", ANTHROPIC, _json({"model": "claude-haiku-4-5", "max_tokens": 5, "messages": {"role": "user"}}), says="messages must be an array"),
     Bad("anthropic model a number", ANTHROPIC, _json({"model": 3.5, "max_tokens": 5, "messages": HI}), says="model"),
     Bad("anthropic non-UTF-8", ANTHROPIC, b'{"model": "claude-haiku-4-5", "max_tokens": 5, "messages": [{"role": "user", "content": "\xc3\x28"}]}', says="UTF-8"),
+    Bad("anthropic max_tokens past the ledger's integers", ANTHROPIC, _json({"model": "claude-haiku-4-5", "max_tokens": 10**19, "messages": HI}), says="past what one call may hold"),
     Bad("anthropic too large", ANTHROPIC, _json({"model": "claude-haiku-4-5", "max_tokens": 5, "messages": [{"role": "user", "content": BIG_PROMPT}]}), status=413, reason="body_too_large"),
     # Gemini (the model is in the path)
     Bad("gemini invalid JSON", GEMINI, b"{contents: [}", says="not valid JSON"),
@@ -192,6 +196,60 @@ def test_the_sdks_surface_a_malformed_request_as_their_own_error(
     assert standin.count("*") == 0  # and no SDK retried a denial
     assert proxy.query("SELECT COUNT(*), COUNT(DISTINCT request_id) FROM decisions") == [(3, 3)]
     assert_no_traceback(proxy)
+
+
+UPSTREAM_FIGURES_POLICY = """
+identity:
+  agent: [{header: X-Drawdown-Agent}]
+  run: [{header: X-Drawdown-Run}]
+actions:
+  - {kind: llm, provider: openai, match: {host: api.openai.com}}
+  - {kind: crm.read, match: {host: crm.example.com}, cost: {usd: 0.01}, cost_header: X-Cost}
+budgets:
+  - {scope: "agent:*", usd: 5}
+"""
+
+
+def test_absurd_figures_from_an_upstream_are_charged_within_the_ledger(
+    drawdown_proxy: Factory, standin: StandIn, tmp_db: Path
+) -> None:
+    """Usage past the ledger's 64-bit integers once failed the commit (and every request
+    batched with it) with a traceback; a negative tool cost once refunded the budget."""
+    usage = openai_chat_usage(10**30, 5)
+    standin.script(
+        "POST",
+        "/v1/chat/completions",
+        Reply(
+            body=openai_chat_json(id="c", created=1, model="gpt-4o-mini", text="hi", usage=usage),
+            content_type="application/json",
+        ),
+    )
+    for cost in ("-5", "1e30", "0.25"):
+        standin.script("GET", f"/customers/{cost}", Reply(json={"id": 1}, headers={"X-Cost": cost}))
+    proxy = drawdown_proxy(UPSTREAM_FIGURES_POLICY)
+    with proxy.http_client(headers={"X-Drawdown-Agent": "tools", "X-Drawdown-Run": "t"}) as http:
+        for cost in ("-5", "1e30", "0.25"):
+            assert http.get(f"https://crm.example.com/customers/{cost}").status_code == 200
+    headers = {"X-Drawdown-Agent": "chat", "X-Drawdown-Run": "c"}
+    with proxy.openai_client(max_retries=0, default_headers=headers) as client:
+        client.chat.completions.create(model="gpt-4o-mini", messages=HI)
+        with pytest.raises(openai.APIStatusError) as refused:  # the agent's $5 is spent
+            client.chat.completions.create(model="gpt-4o-mini", messages=HI)
+        assert refused.value.status_code == 402
+    charged = proxy.query(
+        "SELECT agent, actual_usd, tokens_in FROM decisions WHERE decision = 'allow' ORDER BY ts"
+    )
+    assert charged == [
+        ("tools", 10_000_000, 0),  # -5: unreadable, its fixed cost
+        ("tools", 10_000_000, 0),  # 1e30: unreadable, its fixed cost
+        ("tools", 250_000_000, 0),
+        ("chat", MAX_AMOUNT, MAX_AMOUNT),  # charged at the ledger's bound
+    ]
+    log = proxy.log_text()
+    assert "reported an unreadable cost '-5'" in log and "past what the ledger holds" in log
+    assert_no_traceback(proxy)
+    proxy.stop()
+    verify(tmp_db)
 
 
 def test_hostile_json_values_in_a_tool_call_are_decided_not_crashed_on(
