@@ -47,7 +47,9 @@ def parse_duration(text: str) -> float:
     found = _DURATION.match(text)
     if not found:
         raise ValueError(f"--since wants a duration like 30m, 24h or 7d; got {text!r}")
-    return float(found.group(1)) * _SECONDS[found.group(2)]
+    # A window reaching past 1970 holds the whole ledger; unbounded, it would reach past the
+    # dates Python can show (`--since 99999999999d`).
+    return min(float(found.group(1)) * _SECONDS[found.group(2)], time.time())
 
 
 def _iso(ts: float | None) -> str | None:

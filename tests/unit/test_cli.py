@@ -166,6 +166,21 @@ def test_report_text_and_missing_ledger(tmp_path: Path, capsys: pytest.CaptureFi
     assert main(["report", "--db", str(db), "--since", "soon"]) == 2
 
 
+def test_a_since_longer_than_the_ledger_can_be_old_means_everything(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--since 99999999999d` once reached past year 1 and ended in a traceback."""
+    db = tmp_path / "ledger.db"
+    _traffic(db)
+    capsys.readouterr()
+    for since in ("99999999999d", "10000000000000000000000000s"):
+        assert main(["report", "--db", str(db), "--since", since, "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["decisions"]["allow"] == 3
+        policy = Path(__file__).parents[2] / "policies" / "example.yaml"
+        assert main(["replay", "--policy", str(policy), "--db", str(db), "--since", since]) == 0
+        capsys.readouterr()
+
+
 def test_report_html_to_a_path_it_cannot_write_is_a_clear_error(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
