@@ -32,9 +32,18 @@ def _positive_int(text: str) -> int:
 
 def parse_listen(text: str) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
-        raise UsageError(f"--listen wants HOST:PORT, e.g. {DEFAULT_LISTEN}; got {text!r}")
+    bare_ipv6 = ":" in host and not (host.startswith("[") and host.endswith("]"))
+    if not sep or bare_ipv6 or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise UsageError(
+            f"--listen wants HOST:PORT, e.g. {DEFAULT_LISTEN} (an IPv6 address in brackets: "
+            f"[::1]:8080); got {text!r}"
+        )
     return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def url_host(host: str) -> str:
+    """A host as a URL writes it: an IPv6 address in brackets."""
+    return f"[{host}]" if ":" in host else host
 
 
 # --- run ------------------------------------------------------------------------------------
@@ -203,7 +212,7 @@ def cmd_env(args: argparse.Namespace) -> int:
         from urllib.parse import quote
 
         credentials = quote(args.agent, safe="") + ":" + quote(args.run or "", safe="") + "@"
-    url = f"http://{credentials}{host}:{port}"
+    url = f"http://{credentials}{url_host(host)}:{port}"
     for name, value in (
         ("HTTPS_PROXY", url),
         ("HTTP_PROXY", url),
@@ -269,6 +278,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
         if not sep or not name.strip():
             raise UsageError(f"--header wants NAME:VALUE, got {item!r}")
         headers.append((name.strip(), value.strip()))
+    _check_url(args.url)
     body = args.json.encode() if args.json is not None else b""
     if args.json is not None:
         try:
@@ -295,6 +305,21 @@ def cmd_explain(args: argparse.Namespace) -> int:
     else:
         print(_terminal(result.text()))
     return 0
+
+
+def _check_url(text: str) -> None:
+    """What a proxy would see: an http(s) URL with a host (the scheme may be left out)."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(text if "://" in text else f"https://{text}")
+        parts.port  # noqa: B018 - parsing the port is the check
+    except ValueError as exc:
+        raise UsageError(f"--url is not a URL ({exc}): {text!r}") from None
+    if parts.scheme not in ("http", "https"):
+        raise UsageError(f"--url wants an http:// or https:// URL, got {text!r}")
+    if not parts.hostname:
+        raise UsageError(f"--url names no host: {text!r}")
 
 
 # --- report ---------------------------------------------------------------------------------

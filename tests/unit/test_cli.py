@@ -7,7 +7,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from drawdown.cli import main
+from drawdown.cli import UsageError, main, parse_listen
 from drawdown.ledger.api import Amount, Claim, Completion, DecisionRow
 from drawdown.ledger.sqlite import SQLiteLedger
 
@@ -86,6 +86,34 @@ def test_explain_rejects_bad_json(capsys: pytest.CaptureFixture[str]) -> None:
         ]
     )
     assert code == 2 and "--json is not valid JSON" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("url", "says"),
+    [
+        ("ftp://files.example.com/x", "--url wants an http:// or https:// URL"),
+        ("https://", "--url names no host"),
+        ("https://api.openai.com:99999/v1/models", "Port out of range"),
+        ("https://[::1/v1/models", "Invalid IPv6 URL"),
+    ],
+)
+def test_explain_refuses_a_url_no_proxy_would_see(
+    url: str, says: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """These once explained a request to nowhere, or ended in a traceback."""
+    code = main(["explain", "--policy", str(ROOT / "policies" / "example.yaml"), "--url", url])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("drawdown: ") and says in err and "Traceback" not in err
+
+
+def test_listen_takes_ipv6_in_brackets_and_env_writes_it_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert parse_listen("[::1]:9090") == ("::1", 9090)
+    with pytest.raises(UsageError, match=r"in brackets: \[::1\]:8080"):
+        parse_listen("::1")  # once read as host ':' and port 1
+    assert main(["env", "--confdir", str(tmp_path), "--listen", "[::1]:9090"]) == 0
+    assert "export HTTPS_PROXY='http://[::1]:9090'" in capsys.readouterr().out.splitlines()
 
 
 def _traffic(db: Path) -> None:
@@ -176,7 +204,7 @@ def test_a_since_longer_than_the_ledger_can_be_old_means_everything(
     for since in ("99999999999d", "10000000000000000000000000s"):
         assert main(["report", "--db", str(db), "--since", since, "--json"]) == 0
         assert json.loads(capsys.readouterr().out)["decisions"]["allow"] == 3
-        policy = Path(__file__).parents[2] / "policies" / "example.yaml"
+        policy = ROOT / "policies" / "example.yaml"
         assert main(["replay", "--policy", str(policy), "--db", str(db), "--since", since]) == 0
         capsys.readouterr()
 
