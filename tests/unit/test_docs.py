@@ -1,0 +1,24 @@
+"""The user documentation names files a reader will open: each must exist."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+DOCS = ["README.md", "BENCHMARKS.md", "addon/drawdown/meter/ESTIMATION.md"]
+# Paths of the project's own folders, as prose and code blocks name them.
+PATH = re.compile(r"(?<![\w/.-])((?:tests|scripts|addon|policies|benchmarks)/[\w./-]*\w)")
+# Files the reader writes as they follow the walkthrough, not files the project ships.
+WRITTEN_BY_THE_READER = {"policies/enforce.yaml"}
+
+
+@pytest.mark.parametrize("doc", DOCS)
+def test_every_project_path_a_document_names_exists(doc: str) -> None:
+    text = (ROOT / doc).read_text()
+    named = set(PATH.findall(text)) - WRITTEN_BY_THE_READER
+    assert named, f"{doc} names no project path: the pattern is broken"
+    missing = sorted(p for p in named if not (ROOT / p).exists())
+    assert not missing, f"{doc} names files that do not exist: {missing}"
