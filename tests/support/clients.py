@@ -41,12 +41,13 @@ def openai_client(
     verify: ssl.SSLContext,
     proxy: str | None = None,
     api_key: str = OPENAI_TEST_KEY,
+    http2: bool = False,
     **kwargs: Any,
 ) -> openai.OpenAI:
     return openai.OpenAI(
         api_key=api_key,
         base_url=base_url or OPENAI_BASE_URL,
-        http_client=openai.DefaultHttpxClient(**_http_kwargs(verify, proxy)),
+        http_client=openai.DefaultHttpxClient(**_http_kwargs(verify, proxy), http2=http2),
         **kwargs,
     )
 

@@ -207,6 +207,7 @@ class LoggedRequest:
     output_tokens: int | None = None
     cached_tokens: int = 0
     response_body: bytes = b""  # unencoded body as sent
+    http_version: str = "1.1"  # as the ASGI server saw it: "1.1", or "2" over h2
     outcome: Outcome | None = None
     done: threading.Event = field(default_factory=threading.Event, repr=False)
 
@@ -583,6 +584,7 @@ class StandIn:
             time=time.time(),
             scheme=scope["scheme"],
             client=(client[0], client[1]) if client else None,
+            http_version=scope.get("http_version", "1.1"),
         )
         with self._cond:
             entry.index = len(self._log)
