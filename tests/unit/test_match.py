@@ -83,7 +83,13 @@ def test_scope_patterns_and_instances() -> None:
     [
         ({"eq": 5}, 5, True),
         ({"eq": 5}, 5.0, True),
-        ({"eq": "5"}, 5, False),
+        ({"eq": "5"}, 5, True),  # one field as text, the other as a number: numbers
+        ({"eq": 4242}, "4242", True),  # a form body's amount=4242
+        ({"in": [4242]}, "4242", True),  # `deny … in: [4242]` must fire on a form body
+        ({"not_in": [4242]}, "4242.0", False),
+        ({"ne": 4242}, "4242", False),
+        ({"eq": 4242}, "4242x", False),
+        ({"eq": "05"}, "5", False),  # text against text compares as text
         ({"ne": "a"}, "b", True),
         ({"ne": "a"}, missing(), True),
         ({"gt": 5000}, 5001, True),

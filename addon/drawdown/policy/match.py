@@ -214,9 +214,17 @@ def _equal(left: Any, right: Any) -> bool:
         return left is right or (
             isinstance(left, bool) and isinstance(right, bool) and left == right
         )
-    if isinstance(left, int | float | Decimal) and isinstance(right, int | float | Decimal):
+    numeric = (int, float, Decimal)
+    if isinstance(left, numeric) and isinstance(right, numeric):
         a, b = _number(left), _number(right)
         return a == b if a is not None and b is not None else left == right  # inf, nan
+    if (isinstance(left, str) and isinstance(right, numeric)) or (
+        isinstance(left, numeric) and isinstance(right, str)
+    ):
+        # Query parameters, headers and form bodies (Stripe's amount=4242) are always text:
+        # as gt/lte do, compare them as numbers, or `deny … in: [4242]` would never fire.
+        a, b = _number(left), _number(right)
+        return a is not None and a == b
     return left == right
 
 
