@@ -32,7 +32,7 @@ from .addon import guards_for
 from .authority import evaluate, facts_of
 from .budgets import claims_for
 from .classify import RequestView, classify
-from .ledger.api import UNITS, Amount, Claim, Guards, LedgerError, Shortfall
+from .ledger.api import UNITS, Amount, Claim, Guards, LedgerError, Shortfall, deciding_first
 from .ledger.reader import Reader
 from .money import format_usd, usd_float
 from .policy.match import LEVELS
@@ -179,7 +179,7 @@ class Simulation:
                 if limit is not None and cell[i] + cell[3 + i] + needed > limit:
                     found.append(Shortfall(claim, unit, limit, cell[i], cell[3 + i], needed))
                     break
-        return found
+        return deciding_first(found)
 
     def hold(
         self,

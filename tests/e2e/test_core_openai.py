@@ -128,6 +128,25 @@ def test_windowed_budget_denies_with_429_and_retry_after(
     assert standin.count("/v1/chat/completions") == 1  # no retry despite max_retries=3
 
 
+def test_an_exhausted_lifetime_budget_answers_402_whatever_the_policys_order(
+    drawdown_proxy: Factory, standin: StandIn
+) -> None:
+    """Listed after an exhausted windowed budget, the run's lifetime budget once got a 429 with
+    a Retry-After: the agent was told to wait for a call that can never succeed."""
+    budgets = """
+- {scope: "agent:*", per: minute, requests: 1}
+- {scope: "agent:*/run:*", requests: 1}
+"""
+    proxy = drawdown_proxy(policy(budgets))
+    headers = {"X-Drawdown-Agent": "o", "X-Drawdown-Run": "r"}
+    with proxy.openai_client(default_headers=headers, max_retries=0) as client:
+        client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+        with pytest.raises(openai.APIStatusError) as caught:
+            client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+    assert caught.value.status_code == 402 and "retry-after" not in caught.value.response.headers
+    assert "budget agent:o/run:r requests 1 exhausted" in caught.value.message
+
+
 def test_shadow_mode_forwards_and_records_would_deny(
     drawdown_proxy: Factory, standin: StandIn
 ) -> None:

@@ -65,8 +65,11 @@ def claim(
     tokens: int | None = None,
     shadow: bool = False,
     per: str | None = None,
+    window_end: float | None = None,
 ) -> Claim:
-    return Claim(budget, scope, usd, tokens, requests, per=per, shadow=shadow)
+    return Claim(
+        budget, scope, usd, tokens, requests, per=per, shadow=shadow, window_end=window_end
+    )
 
 
 def instance(backend: LedgerBackend, budget: str, scope: str) -> dict[str, Any]:
@@ -308,6 +311,18 @@ def test_facts_answer_history(ledger: Any) -> None:
         HistoryQuery("agent:a/run:r1", ("crm_read",), "json.customer_id", "c-42"),  # _ is literal
     ]
     assert ledger.history(asks) == [True, False, False, False]
+
+
+def test_the_deciding_shortfall_is_a_lifetime_one_else_the_longest_window(
+    backend: LedgerBackend, ledger: Any
+) -> None:
+    minute = claim("agent", "agent:a", requests=1, per="minute", window_end=NOW + 60)
+    day = claim("tenant", "tenant:t", requests=1, per="day", window_end=NOW + 3600)
+    run = claim(requests=1)
+    ledger.reserve(row(), [minute, day, run], Amount(requests=1), NOW + 900)
+    for claims, deciding in (([minute, day, run], run), ([minute, day], day), ([day, minute], day)):
+        outcome = ledger.reserve(row(), claims, Amount(requests=1), NOW + 900)
+        assert outcome.decision == "deny" and outcome.first.claim == deciding
 
 
 def test_batch_isolates_a_failing_operation(backend: LedgerBackend, ledger: Any) -> None:

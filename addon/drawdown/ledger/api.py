@@ -115,6 +115,16 @@ class Shortfall:
         return f"budget {c.scope} {amounts}"
 
 
+def deciding_first(shortfalls: list[Shortfall]) -> list[Shortfall]:
+    """The shortfall that decides the answer first: a lifetime budget's (402: waiting will not
+    help), else the windowed one whose window ends last (429, with the Retry-After after which
+    every exhausted window has reset). Ties keep the policy's order."""
+    return sorted(
+        shortfalls,
+        key=lambda s: (s.claim.per is not None, -(s.claim.window_end or 0)),
+    )
+
+
 @dataclass
 class DecisionRow:
     """The one row a request leaves in the ledger. Never holds secrets: no headers; the query and

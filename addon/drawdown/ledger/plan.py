@@ -30,6 +30,7 @@ from .api import (
     Settled,
     Shortfall,
     Tripped,
+    deciding_first,
     decision_values,
 )
 
@@ -493,6 +494,7 @@ class Plan:
                     (shadow_shortfalls if claim.shadow else shortfalls).append(short)
         # ...then apply to all, or to none.
         if shortfalls:
+            shortfalls = deciding_first(shortfalls)
             row.decision = "deny"
             row.reason_code = row.reason_code or "budget_exhausted"
             row.reason = shortfalls[0].describe()
