@@ -31,7 +31,7 @@ from . import meter, recording
 from .affinity import WriterPlacement
 from .authority import evaluate, facts_of
 from .budgets import claims_for
-from .classify import Classification, RequestView, classify
+from .classify import Classification, RequestView, classify, unmatched
 from .identity import Caller, Identity, IdleRuns, header_map, identify, identity_headers
 from .ledger import open_ledger
 from .ledger.api import (
@@ -766,9 +766,7 @@ class Drawdown:
 
         if action is None:
             if policy.unknown_hosts == "deny":
-                message = (
-                    f"drawdown: {view.host} is not a host any action names (unknown_hosts: deny)"
-                )
+                message = f"drawdown: {unmatched(view)}"
                 if await self._deny_before_budgets(flow, state, "unknown_host", message):
                     return
             await self._reserve(flow, state, [], Amount())

@@ -73,6 +73,12 @@ class RequestView:
         return all(holds(test.condition, self.field(test.field)) for test in tests)
 
 
+def unmatched(view: RequestView) -> str:
+    """Why a request has no action, in the words of `unknown_hosts: deny`'s answer: its host may
+    well be named, by actions for other methods or paths."""
+    return f"no action matches {view.method} {view.host}{view.path} (unknown_hosts: deny)"
+
+
 @dataclass(frozen=True)
 class McpMessage:
     """One JSON-RPC message of an MCP request (streamable HTTP transport)."""

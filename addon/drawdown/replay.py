@@ -31,7 +31,7 @@ from typing import Any
 from .addon import guards_for
 from .authority import evaluate, facts_of
 from .budgets import claims_for
-from .classify import RequestView, classify
+from .classify import RequestView, classify, unmatched
 from .ledger.api import UNITS, Amount, Claim, Guards, LedgerError, Shortfall, deciding_first
 from .ledger.reader import Reader
 from .money import format_usd, usd_float
@@ -291,7 +291,7 @@ def _decide(sim: Simulation, row: dict[str, Any]) -> Replayed:
         if policy.unknown_hosts == "deny":
             deny(
                 "unknown_host",
-                f"{view.host} is not a host any action names (unknown_hosts: deny)",
+                unmatched(view),
                 None,
             )
         return finish([], Amount(), None)

@@ -137,8 +137,17 @@ def test_unknown_hosts_are_denied_by_the_support_policy(
     proxy = drawdown_proxy(EXAMPLES / "support.yaml")
     with proxy.http_client(headers=headers("support-1")) as http:
         response = http.get("https://files.example.org/export.csv")
+        # A named host, but no action for this method: the answer must not call it unknown.
+        deleted = http.delete("https://crm.example.com/api/customers/c-42")
     assert response.status_code == 403 and response.headers["x-drawdown-reason"] == "unknown_host"
-    assert standin.count("/export.csv") == 0
+    assert response.json()["error"]["message"] == (
+        "drawdown: no action matches GET files.example.org/export.csv (unknown_hosts: deny)"
+    )
+    assert deleted.status_code == 403 and deleted.json()["error"]["message"] == (
+        "drawdown: no action matches DELETE crm.example.com/api/customers/c-42"
+        " (unknown_hosts: deny)"
+    )
+    assert standin.count("/export.csv") == 0 and standin.count("/api/customers/c-42") == 0
 
 
 def test_llm_denials_use_the_providers_error_shape(
