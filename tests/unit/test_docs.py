@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 import pytest
+from drawdown.policy import load_policy
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = ["README.md", "BENCHMARKS.md", "addon/drawdown/meter/ESTIMATION.md"]
@@ -22,3 +23,14 @@ def test_every_project_path_a_document_names_exists(doc: str) -> None:
     assert named, f"{doc} names no project path: the pattern is broken"
     missing = sorted(p for p in named if not (ROOT / p).exists())
     assert not missing, f"{doc} names files that do not exist: {missing}"
+
+
+def test_the_readmes_walked_through_policy_passes_check(tmp_path: Path) -> None:
+    """A reader pastes it first; it once named a kind (refund.issue) no action of it yields."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## A policy, walked through", 1)[1]
+    block = section.split("```yaml\n", 1)[1].split("```", 1)[0]
+    path = tmp_path / "walked.yaml"
+    path.write_text(block)
+    policy = load_policy(str(path))
+    assert {"llm", "crm.read", "refund.issue"} <= {a.kind for a in policy.actions}
