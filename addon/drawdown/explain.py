@@ -12,7 +12,8 @@ from .authority import evaluate
 from .budgets import claims_for
 from .classify import RequestView, classify
 from .identity import Caller, IdleRuns, identify
-from .ledger.api import Amount
+from .ledger.api import Amount, DecisionRow, Guards, deciding_order
+from .ledger.plan import Counts
 from .money import format_usd
 from .policy import Policy
 
@@ -177,6 +178,31 @@ def explain(
             elif verdict.rule is not None:
                 out.add("authority", f"allowed by {verdict.rule.describe()}")
 
+    from .addon import fingerprint, guards_for  # as the proxy decides them
+
+    guards = guards_for(policy, kind)
+    if guards is not None and not db:
+        out.add("detectors", "loop, step_count or fan_out may refuse it (pass --db to count)")
+    elif guards is not None:
+        row = DecisionRow(
+            "explain",
+            now,
+            "allow",
+            policy.mode,
+            identity.path,
+            tenant=identity.levels.get("tenant"),
+            workflow=identity.levels.get("workflow"),
+            action=kind,
+            fingerprint=fingerprint(kind, view, classification),
+        )
+        tripped = _guard_counts(db, row, guards).trip(row, guards)
+        if tripped is not None:
+            out.add("detector", tripped.detail)
+            out.decision = "would_deny" if guards.shadow else "deny"
+            out.reason = f"anomaly (429): {tripped.detail}"
+            if not guards.shadow:
+                return out
+
     claims = claims_for(policy, identity.levels, kind, now)
     if not claims:
         out.add("budgets", "none cover this scope and action")
@@ -203,7 +229,9 @@ def explain(
             )
         out.add("budget", line)
     if db:
-        enforced = [s for s in shortfalls if not s[0].shadow]
+        enforced = sorted(
+            (s for s in shortfalls if not s[0].shadow), key=lambda s: deciding_order(s[0])
+        )
         if enforced:
             claim, unit = enforced[0]
             out.decision = "would_deny" if policy.mode == "shadow" else "deny"
@@ -223,6 +251,37 @@ def explain(
     elif claims:
         out.reason += "; and if every budget above has room"
     return out
+
+
+def _guard_counts(db: str, row: DecisionRow, guards: Guards) -> Counts:
+    """What the reserve's guards would count for this request, read from the ledger."""
+    from .ledger.reader import Reader
+
+    counts = Counts()
+    reader = Reader(db)
+    try:
+        where = {"scope": row.scope, "fingerprint": row.fingerprint}
+        if guards.max_repeats is not None:
+            counts.repeats[row.scope, row.fingerprint or ""] = reader.query(
+                "SELECT COUNT(*) AS n FROM decisions WHERE scope = :scope AND fingerprint = :fingerprint",
+                where,
+            )[0]["n"]
+        if guards.max_steps is not None:
+            counts.steps[row.scope] = reader.query(
+                "SELECT COUNT(*) AS n FROM decisions WHERE scope = :scope", where
+            )[0]["n"]
+        if guards.max_runs_per_workflow is not None and row.workflow is not None:
+            runs = reader.query(
+                "SELECT DISTINCT scope FROM decisions WHERE workflow = :workflow "
+                "AND COALESCE(tenant, '') = :tenant AND decision <> 'deny'",
+                {"workflow": row.workflow, "tenant": row.tenant or ""},
+            )
+            counts.runs[row.workflow, row.tenant or ""] = len(runs)
+            if any(r["scope"] == row.scope for r in runs):
+                counts.known.add((row.workflow, row.scope))
+        return counts
+    finally:
+        reader.close()
 
 
 def _history(db: str, scope: str, checks: list[Any]) -> list[bool]:

@@ -282,3 +282,20 @@ def test_loop_set_to_deny_lets_five_through_and_the_sixth_gets_429(
     (run,) = data["runs"]
     assert run["status"] == "anomalous" and run["denied"] == 1 and run["allowed"] == 6
     agent.close()
+    # explain --db counts the same history: the looping request is refused, another is not.
+    looping = standin.requests[0].body.decode()
+    explained = {}
+    for body in (looping, looping.replace("are we", "were we")):
+        result = subprocess.run(
+            [sys.executable, "-m", "drawdown", "explain", "--policy", str(proxy.policy_path),
+             "--db", proxy.db_path, "--url", "https://api.openai.com/v1/chat/completions",
+             "--header", "X-Drawdown-Agent:stuck", "--header", "X-Drawdown-Run:r1",
+             "--json", body, "--as-json"],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        explained[body] = json.loads(result.stdout)
+    assert explained[looping]["decision"] == "deny"
+    assert (
+        "loop: this identical llm request was already made 6 times" in explained[looping]["reason"]
+    )
+    assert next(d for b, d in explained.items() if b != looping)["decision"] == "allow"

@@ -145,6 +145,14 @@ def test_an_exhausted_lifetime_budget_answers_402_whatever_the_policys_order(
             client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
     assert caught.value.status_code == 402 and "retry-after" not in caught.value.response.headers
     assert "budget agent:o/run:r requests 1 exhausted" in caught.value.message
+    explained = subprocess.run(
+        [sys.executable, "-m", "drawdown", "explain", "--policy", str(proxy.policy_path),
+         "--db", proxy.db_path, "--url", "https://api.openai.com/v1/chat/completions",
+         "--header", "X-Drawdown-Agent:o", "--header", "X-Drawdown-Run:r",
+         "--json", json.dumps({"model": "gpt-4o-mini", "messages": MESSAGES}), "--as-json"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert json.loads(explained.stdout)["reason"] == "budget agent:o/run:r requests exhausted (402)"
 
 
 def test_shadow_mode_forwards_and_records_would_deny(

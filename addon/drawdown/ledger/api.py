@@ -115,14 +115,15 @@ class Shortfall:
         return f"budget {c.scope} {amounts}"
 
 
+def deciding_order(claim: Claim) -> tuple[bool, float]:
+    """Which exhausted budget decides the answer: a lifetime one first (402: waiting will not
+    help), else the window that ends last (429, with the Retry-After after which every
+    exhausted window has reset). Sorting by it keeps the policy's order among ties."""
+    return (claim.per is not None, -(claim.window_end or 0))
+
+
 def deciding_first(shortfalls: list[Shortfall]) -> list[Shortfall]:
-    """The shortfall that decides the answer first: a lifetime budget's (402: waiting will not
-    help), else the windowed one whose window ends last (429, with the Retry-After after which
-    every exhausted window has reset). Ties keep the policy's order."""
-    return sorted(
-        shortfalls,
-        key=lambda s: (s.claim.per is not None, -(s.claim.window_end or 0)),
-    )
+    return sorted(shortfalls, key=lambda s: deciding_order(s.claim))
 
 
 @dataclass
