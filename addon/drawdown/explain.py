@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
@@ -77,7 +78,18 @@ def explain(
         body=body,
     )
     now = time.time()
-    identity = identify(policy.identity, Caller(header_map, proxy_user=proxy_user), IdleRuns(), now)
+    caller = Caller(header_map, proxy_user=proxy_user)
+    identity = identify(policy.identity, caller, None if db else IdleRuns(), now)
+    if identity.pending_idle is not None:
+        # An agent that names no run: with a ledger, the run the proxy is still in, if any.
+        seconds = identity.pending_idle[1]
+        run = _current_idle_run(db, identity.levels, seconds, now) if db else None
+        if run is None:
+            identity = identify(policy.identity, caller, IdleRuns(), now)
+        else:
+            resolved = identity.with_run(run)
+            current = f"idle_split {seconds}s (the agent's current run in the ledger)"
+            identity = replace(resolved, sources={**resolved.sources, "run": current})
     origin = ", ".join(f"{level} from {source}" for level, source in identity.sources.items())
     out.add("identity", f"{identity.path or '(no levels)'}  ({origin})")
     out.data["scope"] = identity.path
@@ -251,6 +263,25 @@ def explain(
     elif claims:
         out.reason += "; and if every budget above has room"
     return out
+
+
+def _current_idle_run(
+    db: str, levels: Mapping[str, str], idle_seconds: int, now: float
+) -> str | None:
+    """The run of the agent's latest request, if it came less than `idle_seconds` ago."""
+    from .ledger.reader import Reader
+
+    reader = Reader(db)
+    try:
+        rows = reader.query(
+            "SELECT run, ts FROM decisions WHERE COALESCE(tenant, '') = :tenant "
+            "AND COALESCE(workflow, '') = :workflow AND COALESCE(agent, '') = :agent "
+            "AND run IS NOT NULL ORDER BY ts DESC LIMIT 1",
+            {level: levels.get(level, "") for level in ("tenant", "workflow", "agent")},
+        )
+    finally:
+        reader.close()
+    return rows[0]["run"] if rows and now - rows[0]["ts"] < idle_seconds else None
 
 
 def _guard_counts(db: str, row: DecisionRow, guards: Guards) -> Counts:

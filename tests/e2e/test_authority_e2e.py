@@ -468,3 +468,35 @@ actions:
         ("api.openai.com", "llm")
     ]  # the passthrough request left no decision: drawdown never saw it
     assert standin.count("/health") == 1
+
+
+def test_explain_finds_the_idle_split_run_an_unnamed_agent_is_in(
+    drawdown_proxy: Factory, standin: StandIn
+) -> None:
+    """An agent that names no run gets one by idle_split; explain --db once judged its refund
+    against a brand-new run, and said the lookup the proxy had seen was missing."""
+    proxy = drawdown_proxy(EXAMPLES / "support.yaml")
+    with proxy.http_client(headers={"X-Drawdown-Agent": "support-7"}) as http:
+        assert http.get("https://crm.example.com/api/customers/c-77").status_code == 200
+    (run,) = {r for (r,) in proxy.query("SELECT run FROM decisions")}
+
+    def explain(*extra: str) -> str:
+        result = subprocess.run(
+            [sys.executable, "-m", "drawdown", "explain", "--policy", str(EXAMPLES / "support.yaml"),
+             "--url", "https://api.stripe.com/v1/refunds", "--method", "POST",
+             "--header", "X-Drawdown-Agent:support-7", "--json", '{"amount": 900, "customer": "c-77"}',
+             *extra],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    found = explain("--db", proxy.db_path)
+    assert f"/run:{run}  (" in found and "the agent's current run in the ledger" in found
+    assert "decision: allow" in found
+    assert "(minted)" in explain()  # without the ledger there is no run to find
+    with proxy.http_client(headers={"X-Drawdown-Agent": "support-7"}) as http:
+        refund = http.post(
+            "https://api.stripe.com/v1/refunds", data={"amount": "900", "customer": "c-77"}
+        )
+    assert refund.status_code == 200  # and the proxy agrees
