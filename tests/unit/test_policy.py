@@ -122,6 +122,20 @@ meter: {default_max_output_tokens: 99999999999999999999}
     assert not [p for p in found if p.startswith(f"{f}:7:")]  # the bound itself is allowed
 
 
+def test_a_fallback_price_of_zero_is_refused(tmp_path: Path) -> None:
+    """The README promises an unknown model is never charged at $0; an action's own price may
+    be 0 (a free local model)."""
+    found = problems(
+        tmp_path,
+        """actions:
+  - {kind: llm, provider: openai, match: {host: vllm.internal}, price: {input: 0, output: 0}}
+meter:
+  fallback_price: {input: 15, output: 0}
+""",
+    )
+    assert found == [f"{tmp_path / 'policy.yaml'}:4: fallback_price.output must be above 0, not 0"]
+
+
 def test_yaml_syntax_error_is_located(tmp_path: Path) -> None:
     found = problems(tmp_path, "budgets:\n  - {scope: 'a:*', usd: 1\n")
     assert (

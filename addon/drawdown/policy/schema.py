@@ -874,6 +874,12 @@ def _price(check: _Checker, price: LMap, what: str) -> PricePerMillion | None:
     }
     if any(v is None for v in values.values()):
         return None
+    if what == "fallback_price":
+        # It prices models nobody knows the price of: at $0 they would run uncounted.
+        for key in ("input", "output"):
+            if values[key] == 0:
+                check.error(price, key, f"fallback_price.{key} must be above 0, not 0")
+                return None
     return PricePerMillion(**values)  # type: ignore[arg-type]
 
 
