@@ -956,7 +956,9 @@ class Drawdown:
             return False
         row.decision = "deny"
         response = self._respond(flow, state, code, message)
-        row.status = response.status_code
+        # The refusal's own status, as for a budget's: an MCP client gets it in a JSON-RPC error
+        # (HTTP 200), but the ledger and reports must not show a refused call as a 200.
+        row.status = int(response.headers.get("x-drawdown-status", response.status_code))
         try:
             await self._ledger().call("record", row)
         except LedgerError as exc:

@@ -334,6 +334,9 @@ def test_mcp_tools_are_governed_per_tool(
     assert {row[0] for row in decisions(proxy)} == {
         "research-1"
     }  # the agent named itself in its proxy URL
+    # Answered as a JSON-RPC error over HTTP 200, recorded as what it is: a 403.
+    (refused,) = [row for row in decisions(proxy) if row[2] == "deny"]
+    assert refused[1:] == ("mcp.docs.delete_page", "deny", "not_authorized", 403)
 
 
 def test_mcp_per_tool_budget_and_loop_guard(
