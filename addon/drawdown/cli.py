@@ -72,14 +72,25 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"drawdown: invalid policy, not starting:\n{exc}", file=sys.stderr)
         return 1
     sets = list(args.set or [])
-    has_auth = any(
-        s.split("=", 1)[0].strip() == "proxyauth" and s.split("=", 1)[1:] != [""] for s in sets
+    auth = next(
+        (
+            s.split("=", 1)[1].strip()
+            for s in reversed(sets)
+            if s.split("=", 1)[0].strip() == "proxyauth" and "=" in s
+        ),
+        "",
     )
-    if not _loopback(host) and not has_auth:
-        raise UsageError(
-            f"refusing to listen on {host} without proxy authentication: add --set proxyauth=@/path/to/htpasswd "
-            "(or listen on 127.0.0.1)"
-        )
+    if not _loopback(host):
+        # `any` takes every user name and password: anyone who reaches the proxy could claim any
+        # agent's identity and spend its budget, which is what this refusal is for.
+        if not auth or auth == "any":
+            raise UsageError(
+                f"refusing to listen on {host} without proxy authentication"
+                f"{' (proxyauth=any accepts anyone)' if auth == 'any' else ''}: add --set "
+                "proxyauth=@/path/to/htpasswd (or listen on 127.0.0.1)"
+            )
+        if auth.startswith("@") and not Path(auth[1:]).expanduser().is_file():
+            raise UsageError(f"proxyauth names no credentials file: {auth[1:]}")
     cpus = _cpus_for_workers(args)
     from .workers import REUSE_PORT_ENV
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 
@@ -319,3 +321,27 @@ def test_report_on_a_run_the_ledger_does_not_hold_says_so(
     captured = capsys.readouterr()
     assert json.loads(captured.out)["runs"] == []  # the document still comes, for tools
     assert captured.err == f"drawdown: no run '7f3b' in {db}\n"
+
+
+@pytest.mark.parametrize(
+    ("auth", "says"),
+    [
+        ("proxyauth=any", "without proxy authentication (proxyauth=any accepts anyone)"),
+        (
+            "proxyauth=@/nonexistent/htpasswd",
+            "proxyauth names no credentials file: /nonexistent/htpasswd",
+        ),
+    ],
+)
+def test_a_public_listen_address_wants_real_credentials(
+    auth: str, says: str, tmp_path: Path
+) -> None:
+    """`any` once passed the guard (anyone could claim any agent's budget), and a missing
+    credentials file was reported as no proxy authentication at all. (A subprocess, so that a
+    proxy that wrongly starts fails the test by its timeout instead of holding it.)"""
+    result = subprocess.run(
+        [sys.executable, "-m", "drawdown", "run", "--policy", str(ROOT / "policies" / "default.yaml"),
+         "--db", str(tmp_path / "x.db"), "--listen", "0.0.0.0:0", "--set", auth],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert result.returncode == 2 and says in result.stderr
