@@ -165,10 +165,12 @@ async def _run_proxy(args: argparse.Namespace, host: str, port: int, sets: list[
     from .addon import Drawdown
     from .affinity import WriterPlacement, format_cpus
     from .master import DrawdownMaster
-    from .workers import REUSE_PORT_ENV, enable_reuse_port
+    from .workers import REUSE_PORT_ENV, enable_reuse_port, exit_with_supervisor
 
-    if os.environ.get(REUSE_PORT_ENV):
+    if supervisor := os.environ.get(REUSE_PORT_ENV):
         enable_reuse_port()
+        if supervisor.isdigit():
+            exit_with_supervisor(int(supervisor))
     logging.getLogger().setLevel(logging.INFO)
     for noisy in ("hpack", "asyncio", "passlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -26,6 +26,20 @@ from .affinity import writer_environment
 REUSE_PORT_ENV = "DRAWDOWN_REUSE_PORT"
 
 
+def exit_with_supervisor(supervisor_pid: int) -> None:
+    """In a worker: get SIGTERM (a clean stop, holds released) when the supervisor dies, even
+    by SIGKILL; an orphaned worker would hold the port with no one to stop it (Linux only)."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != supervisor_pid:  # it died before the line above took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def enable_reuse_port() -> None:
     """In a worker: make mitmproxy's listening sockets SO_REUSEPORT (mitmproxy has no option for it)."""
     import asyncio
@@ -100,7 +114,7 @@ def supervise(
     ensure_ca(confdir)
     shown = f"[{host}]" if ":" in host else host
     command = worker_command(worker_args, workers, f"{shown}:{port}")
-    env = {**os.environ, REUSE_PORT_ENV: "1"}
+    env = {**os.environ, REUSE_PORT_ENV: str(os.getpid())}  # the supervisor, for its workers
     procs = [
         subprocess.Popen(
             [*command, *(["--cpu-affinity", str(cpus[i])] if cpus else [])],
@@ -134,8 +148,14 @@ def supervise(
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
 
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
+    asked_to_stop = threading.Event()
+
+    def on_signal(*_: object) -> None:
+        asked_to_stop.set()
+        stop()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
 
     def announce() -> None:
         for _ in procs:
@@ -144,13 +164,38 @@ def supervise(
         print(f"drawdown listening on http://{shown}:{port}", flush=True)
 
     threading.Thread(target=announce, daemon=True).start()
-    codes = []
+    # Whichever worker ends first (crash, kill, or our SIGTERM), stop the others rather than
+    # serve half-staffed. Waiting on one in particular would miss the others' deaths.
+    one_ended = threading.Event()
     for proc in procs:
-        code = proc.wait()
-        codes.append(code)
-        stop()  # one worker gone (crash or signal): stop the others rather than serve half-staffed
+        threading.Thread(target=lambda p=proc: (p.wait(), one_ended.set()), daemon=True).start()
+    while not one_ended.wait(0.5):  # a timeout, so the signal handlers run promptly
+        pass
+    if not asked_to_stop.is_set():
+        for index, proc in enumerate(procs, 1):
+            if proc.poll() is not None:
+                print(
+                    f"drawdown: worker {index} {_ended(proc.returncode)}; stopping the others",
+                    file=sys.stderr,
+                    flush=True,
+                )
+    stop()
+    codes = [proc.wait() for proc in procs]
     for thread in threads:
         thread.join(5)
     if not announced.is_set():
         print("drawdown: the workers did not start", file=sys.stderr)
-    return max(codes) if any(codes) else 0
+    failed = [code for code in codes if code != 0]
+    if not failed and not asked_to_stop.is_set():
+        return 1  # a worker ended on its own: never a clean stop for a service manager
+    # A worker killed by signal N exits 128 + N, as a shell reports it.
+    return 0 if not failed else (128 - failed[0] if failed[0] < 0 else failed[0])
+
+
+def _ended(code: int) -> str:
+    if code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with status {code}"

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import signal
+import socket
+import time
 from collections.abc import Callable
 
 import openai
@@ -113,3 +116,46 @@ def test_one_process_keeps_a_writer_that_preempts(
     ask_once(proxy)
     assert set(writer_policies(proxy.pid)) == {os.SCHED_OTHER}
     proxy.stop()
+
+
+@pytest.mark.parametrize("victim", [0, 1])
+def test_a_worker_that_dies_stops_the_others_and_the_supervisor_fails(
+    drawdown_proxy: Callable[..., DrawdownProcess], standin: StandIn, victim: int
+) -> None:
+    """Killing worker 2 once went unnoticed (the supervisor waited on worker 1 alone, which
+    served on, half-staffed), and either death ended in exit status 0, which no service
+    manager restarts."""
+    proxy = drawdown_proxy(POLICY, extra_args=["--workers", "2"])
+    ask_once(proxy)
+    pids = sorted(children_of(proxy.pid))
+    assert len(pids) == 2
+    os.kill(pids[victim], signal.SIGKILL)
+    proxy.wait_for_log(r"drawdown: worker \d was killed by SIGKILL; stopping the others")
+    assert proxy.stop(check=False) == 128 + signal.SIGKILL
+    assert not [pid for pid in pids if os.path.exists(f"/proc/{pid}")]
+
+
+def test_workers_stop_when_their_supervisor_is_killed(
+    drawdown_proxy: Callable[..., DrawdownProcess], standin: StandIn
+) -> None:
+    """A supervisor killed with SIGKILL once left both workers holding the port, orphaned."""
+    proxy = drawdown_proxy(POLICY, extra_args=["--workers", "2"])
+    ask_once(proxy)
+    pids = children_of(proxy.pid)
+    assert len(pids) == 2
+    proxy.kill()
+    deadline = time.monotonic() + 30
+    while [pid for pid in pids if _alive(pid)] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [pid for pid in pids if _alive(pid)]
+    with socket.socket() as sock:  # and the port is free again
+        sock.bind(proxy.address)
+
+
+def _alive(pid: int) -> bool:
+    """Running, not a zombie: the workers' parent is gone, so PID 1 reaps them."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False

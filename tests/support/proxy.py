@@ -137,6 +137,7 @@ class DrawdownProcess:
         self.port: int | None = None
         self.returncode: int | None = None
         self._proc: subprocess.Popen[bytes] | None = None
+        self._stopped = False
         self._lines: list[str] = []
         self._cond = threading.Condition()
         self._readers: list[threading.Thread] = []
@@ -475,7 +476,9 @@ class DrawdownProcess:
                 ) from None
         self._finish()
         rc = proc.returncode
-        if check and rc != 0 and not self._killed:
+        already = self._stopped  # a test that stopped it itself has already judged its status
+        self._stopped = True
+        if check and rc != 0 and not self._killed and not already:
             raise AssertionError(
                 f"drawdown proxy exited with code {rc} after SIGTERM (expected 0).\n"
                 f"--- output ---\n{self.log_text()}"
