@@ -30,6 +30,22 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def ledger_url(text: str) -> str:
+    """`--db`: a path, `sqlite:///PATH` or `postgresql://…`; any other `scheme://` is a typo
+    (`sqlite://x.db`, `postgresq://…`) that would otherwise become a folder named after it."""
+    scheme, sep, rest = text.partition("://")
+    if not text.strip():
+        raise argparse.ArgumentTypeError("wants a path, sqlite:///PATH or postgresql://…")
+    if sep and not (
+        (scheme == "sqlite" and rest.startswith("/"))
+        or (scheme in ("postgresql", "postgres") and rest)
+    ):
+        raise argparse.ArgumentTypeError(
+            f"wants a path, sqlite:///PATH (three slashes) or postgresql://HOST/DB, got {text!r}"
+        )
+    return text
+
+
 def parse_listen(text: str) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
     bare_ipv6 = ":" in host and not (host.startswith("[") and host.endswith("]"))
@@ -529,6 +545,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--policy", required=True, help="policy file or folder of *.yaml")
     run.add_argument(
         "--db",
+        type=ledger_url,
         default=DEFAULT_DB,
         help=f"ledger: PATH, sqlite:///PATH or postgresql://… [{DEFAULT_DB}]",
     )
@@ -583,14 +600,14 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument(
         "--proxy-user", help="as if the agent authenticated to the proxy as this user"
     )
-    explain.add_argument("--db", help="also show what the ledger holds for the matching budgets")
+    explain.add_argument("--db", type=ledger_url, help="also show what the ledger holds for the matching budgets")
     explain.add_argument("--as-json", action="store_true", help="machine-readable output")
     explain.set_defaults(func=cmd_explain)
 
     verify = commands.add_parser(
         "verify", help="check the ledger's invariants (reserved, spent, one decision per request)"
     )
-    verify.add_argument("--db", default=DEFAULT_DB)
+    verify.add_argument("--db", type=ledger_url, default=DEFAULT_DB)
     verify.add_argument(
         "--settled", action="store_true", help="also require that no hold is still active"
     )
@@ -598,7 +615,7 @@ def build_parser() -> argparse.ArgumentParser:
     verify.set_defaults(func=cmd_verify)
 
     report = commands.add_parser("report", help="runs, budgets, decisions and anomalies")
-    report.add_argument("--db", default=DEFAULT_DB)
+    report.add_argument("--db", type=ledger_url, default=DEFAULT_DB)
     report.add_argument("--run", help="only this run id")
     report.add_argument("--since", metavar="DURATION", help="e.g. 15m, 24h, 7d")
     output = report.add_mutually_exclusive_group()
@@ -621,13 +638,13 @@ def build_parser() -> argparse.ArgumentParser:
         "replay", help="re-decide the recorded traffic under another policy"
     )
     replay.add_argument("--policy", required=True, help="the policy to replay against")
-    replay.add_argument("--db", default=DEFAULT_DB)
+    replay.add_argument("--db", type=ledger_url, default=DEFAULT_DB)
     replay.add_argument("--since", metavar="DURATION", help="only traffic this recent, e.g. 7d")
     replay.add_argument("--json", dest="as_json", action="store_true", help="machine-readable")
     replay.set_defaults(func=cmd_replay)
 
     budgets = commands.add_parser("budgets", help="budget instances: limit, spent and held")
-    budgets.add_argument("--db", default=DEFAULT_DB, help="PATH, sqlite:///PATH or postgresql://…")
+    budgets.add_argument("--db", type=ledger_url, default=DEFAULT_DB, help="PATH, sqlite:///PATH or postgresql://…")
     budgets.add_argument("--json", dest="as_json", action="store_true", help="machine-readable")
     budgets.set_defaults(func=cmd_budgets)
 

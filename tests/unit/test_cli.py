@@ -345,3 +345,17 @@ def test_a_public_listen_address_wants_real_credentials(
         capture_output=True, text=True, timeout=30,
     )  # fmt: skip
     assert result.returncode == 2 and says in result.stderr
+
+
+@pytest.mark.parametrize(
+    "db", ["sqlite://m.db", "postgresq://127.0.0.1/walk", "mysql://x/y", "postgresql://", ""]
+)
+def test_a_ledger_url_with_a_typo_is_refused(
+    db: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """These once became folders named after the scheme (./sqlite:/m.db), silently."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exited:
+        main(["budgets", "--db", db])
+    assert exited.value.code == 2 and "argument --db: wants a path" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
