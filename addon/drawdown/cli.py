@@ -237,6 +237,9 @@ def cmd_env(args: argparse.Namespace) -> int:
     # Absolute: the agent that evals these lines may start in another directory.
     bundle = ca_bundle(Path(args.confdir).expanduser().absolute())
     credentials = ""
+    if args.run and not args.agent:
+        # The run travels as the proxy password, which needs a user name beside it.
+        raise UsageError("--run needs --agent: the run id is sent as the proxy password")
     if args.agent:
         from urllib.parse import quote
 
@@ -250,6 +253,8 @@ def cmd_env(args: argparse.Namespace) -> int:
         ("SSL_CERT_FILE", str(bundle)),
         ("REQUESTS_CA_BUNDLE", str(bundle)),
         ("NODE_EXTRA_CA_CERTS", str(bundle)),
+        # curl reads CURL_CA_BUNDLE before SSL_CERT_FILE: a value preset there would win.
+        ("CURL_CA_BUNDLE", str(bundle)),
     ):
         print(f"export {name}={_shell_quote(value)}")
     return 0
@@ -600,7 +605,9 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument(
         "--proxy-user", help="as if the agent authenticated to the proxy as this user"
     )
-    explain.add_argument("--db", type=ledger_url, help="also show what the ledger holds for the matching budgets")
+    explain.add_argument(
+        "--db", type=ledger_url, help="also show what the ledger holds for the matching budgets"
+    )
     explain.add_argument("--as-json", action="store_true", help="machine-readable output")
     explain.set_defaults(func=cmd_explain)
 
@@ -644,7 +651,9 @@ def build_parser() -> argparse.ArgumentParser:
     replay.set_defaults(func=cmd_replay)
 
     budgets = commands.add_parser("budgets", help="budget instances: limit, spent and held")
-    budgets.add_argument("--db", type=ledger_url, default=DEFAULT_DB, help="PATH, sqlite:///PATH or postgresql://…")
+    budgets.add_argument(
+        "--db", type=ledger_url, default=DEFAULT_DB, help="PATH, sqlite:///PATH or postgresql://…"
+    )
     budgets.add_argument("--json", dest="as_json", action="store_true", help="machine-readable")
     budgets.set_defaults(func=cmd_budgets)
 

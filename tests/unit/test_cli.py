@@ -50,7 +50,12 @@ def test_env_prints_what_an_agent_needs(tmp_path: Path, capsys: pytest.CaptureFi
         lines["HTTPS_PROXY"] == lines["HTTP_PROXY"] == "http://research%20bot:r%2F1@127.0.0.1:9090"
     )
     bundle = Path(lines["SSL_CERT_FILE"])
-    assert lines["REQUESTS_CA_BUNDLE"] == lines["NODE_EXTRA_CA_CERTS"] == str(bundle)
+    assert (
+        lines["REQUESTS_CA_BUNDLE"]
+        == lines["NODE_EXTRA_CA_CERTS"]
+        == lines["CURL_CA_BUNDLE"]  # curl reads it first: a preset value would win
+        == str(bundle)
+    )
     text = bundle.read_text()
     # The bundle holds drawdown's CA *and* the system's CAs, so the agent's other TLS keeps working.
     assert (confdir / "mitmproxy-ca-cert.pem").read_text().strip() in text
@@ -359,3 +364,11 @@ def test_a_ledger_url_with_a_typo_is_refused(
         main(["budgets", "--db", db])
     assert exited.value.code == 2 and "argument --db: wants a path" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_env_refuses_a_run_without_an_agent(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The run once vanished from the output without a word (it rides as the proxy password)."""
+    assert main(["env", "--confdir", str(tmp_path), "--run", "r1"]) == 2
+    assert "--run needs --agent" in capsys.readouterr().err
