@@ -143,9 +143,14 @@ def supervise(
     for thread in threads:
         thread.start()
 
+    signalled: set[int] = set()
+
     def stop(*_: object) -> None:
+        # Once each: a worker whose event loop has closed has no handler left, and a second
+        # SIGTERM would kill it outright in the last instants of a clean stop.
         for proc in procs:
-            if proc.poll() is None:
+            if proc.pid not in signalled and proc.poll() is None:
+                signalled.add(proc.pid)
                 proc.send_signal(signal.SIGTERM)
 
     asked_to_stop = threading.Event()
@@ -181,11 +186,21 @@ def supervise(
                 )
     stop()
     codes = [proc.wait() for proc in procs]
+    for sig in (signal.SIGTERM, signal.SIGINT):  # stopped: a late signal must not kill us now
+        signal.signal(sig, signal.SIG_IGN)
     for thread in threads:
         thread.join(5)
     if not announced.is_set():
         print("drawdown: the workers did not start", file=sys.stderr)
-    failed = [code for code in codes if code != 0]
+    # A stop signal can still reach a worker after its loop closed (a service manager signals
+    # the whole group; Ctrl-C sends SIGINT to every process in the terminal's): by then its
+    # holds are released and its ledger closed, so dying of it is a clean stop, not a failure.
+    stop_signals = {-signal.SIGTERM, -signal.SIGINT}
+    failed = [
+        code
+        for proc, code in zip(procs, codes, strict=True)
+        if code != 0 and not (proc.pid in signalled and code in stop_signals)
+    ]
     if not failed and not asked_to_stop.is_set():
         return 1  # a worker ended on its own: never a clean stop for a service manager
     # A worker killed by signal N exits 128 + N, as a shell reports it.

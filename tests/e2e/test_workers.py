@@ -159,3 +159,30 @@ def _alive(pid: int) -> bool:
             return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def test_workers_signalled_again_while_they_stop_still_exit_cleanly(
+    drawdown_proxy: Callable[..., DrawdownProcess], standin: StandIn
+) -> None:
+    """A second SIGTERM reaching a worker after its event loop had closed (the signal handlers
+    gone) killed it outright, and the supervisor exited 143. It happens whenever a stop signal
+    reaches a worker twice: a service manager signalling the whole group, or Ctrl-C in a
+    terminal (SIGINT to every process, then the supervisor's SIGTERM)."""
+    proxy = drawdown_proxy(POLICY, extra_args=["--workers", "2"])
+    ask_once(proxy)
+    assert proxy.pid is not None
+    workers = [os.pidfd_open(pid) for pid in children_of(proxy.pid)]  # pids that cannot be reused
+    try:
+        os.kill(proxy.pid, signal.SIGTERM)
+        ended: set[int] = set()
+        while len(ended) < len(workers):  # through the whole shutdown, to the last instant
+            for pidfd in set(workers) - ended:
+                try:
+                    signal.pidfd_send_signal(pidfd, signal.SIGTERM)
+                except ProcessLookupError:
+                    ended.add(pidfd)
+            time.sleep(0.001)
+        assert proxy.stop() == 0
+    finally:
+        for pidfd in workers:
+            os.close(pidfd)
