@@ -80,6 +80,7 @@ STATE = "drawdown"
 INLINE_TOKENIZE_BYTES = 16 * 1024
 
 
+DRAIN_DEFAULT = "20"  # under the 30 s a container platform (Kubernetes, ECS) allows after SIGTERM
 SECONDS_OPTIONS = (
     ("drawdown_reload_interval", "1", "Seconds between checks of the policy files for edits."),
     (
@@ -103,12 +104,12 @@ SECONDS_OPTIONS = (
 )
 
 
-def _seconds(name: str, text: str) -> float:
+def _seconds(name: str, text: str, *, zero: bool = False) -> float:
     try:
         value = float(text)
     except ValueError:
         value = -1.0
-    if not 0 < value < 86400:
+    if not (value >= 0 if zero else value > 0) or value >= 86400:
         raise exceptions.OptionsError(
             f"{name} must be a number of seconds, e.g. 0.5 or 5; got {text!r}"
         )
@@ -237,6 +238,27 @@ def _within_ledger(completion: Completion, request_id: str) -> Completion:
     )
 
 
+def _cut_short(state: FlowState, reason: str, status: int | None) -> Completion:
+    """A stream that ended after the upstream began answering: the provider bills what it
+    generated, so the charge is what was streamed so far (counted) plus the prompt."""
+    measurement = state.stream_meter.partial()
+    usage = measurement.usage
+    return Completion(
+        actual=Amount(
+            usd=measurement.usd_nanos,
+            tokens=usage.input_tokens + usage.output_tokens,
+            requests=1,
+        ),
+        status=status,
+        tokens_in=usage.input_tokens,
+        tokens_out=usage.output_tokens,
+        usage_source=measurement.source,
+        priced=measurement.priced,
+        model=measurement.model,
+        note=f"stream cut short: {reason}",
+    )
+
+
 def _jsonrpc_error(state: FlowState, response: http.Response) -> bool:
     """An MCP call answered 200 with a JSON-RPC error did not succeed (no fact for `requires`)."""
     if not state.classification or not state.classification.mcp:
@@ -280,6 +302,8 @@ class Drawdown:
         self.seconds: dict[str, float] = {
             name: float(default) for name, default, _ in SECONDS_OPTIONS
         }
+        self.seconds["drawdown_drain"] = float(DRAIN_DEFAULT)
+        self.draining = False  # `drain` began: no new call is taken
         # What we set allow_hosts to for `unknown_hosts: passthrough` (never a user's own value).
         self._managed_allow_hosts: list[str] = []
         self._running = False
@@ -309,6 +333,15 @@ class Drawdown:
         for name, default, help_text in SECONDS_OPTIONS:
             loader.add_option(name, str, default, help_text)
         loader.add_option(
+            "drawdown_drain",
+            str,
+            DRAIN_DEFAULT,
+            "On SIGTERM/SIGINT (drawdown run): seconds the calls in flight, streams included, get "
+            "to finish before the proxy stops. It stops taking connections at once and answers "
+            "a new request on an open one 503, to be retried elsewhere; a call still streaming "
+            "at the end is charged for what it streamed. 0, or a second signal: stop at once.",
+        )
+        loader.add_option(
             "drawdown_shared_runs",
             bool,
             False,
@@ -335,6 +368,10 @@ class Drawdown:
         for name, _, _ in SECONDS_OPTIONS:
             if name in updated:
                 self.seconds[name] = _seconds(name, getattr(ctx.options, name))
+        if "drawdown_drain" in updated:
+            self.seconds["drawdown_drain"] = _seconds(
+                "drawdown_drain", ctx.options.drawdown_drain, zero=True
+            )
         if "drawdown_mode" in updated and ctx.options.drawdown_mode not in (
             "",
             "enforce",
@@ -409,6 +446,7 @@ class Drawdown:
             task.cancel()
         tokenizer_process.stop_tokenizer_process()
         if self.ledger is not None:
+            self._charge_cut_streams()
             try:
                 released = self.ledger.call_sync("release_mine", time.time(), "proxy shut down")
                 if released:
@@ -426,6 +464,62 @@ class Drawdown:
             except LedgerError:
                 pass
             self.ledger = None
+
+    def _charge_cut_streams(self) -> None:
+        """At shutdown: a stream that had begun answering is charged for what it streamed (the
+        provider bills it), as when its connection breaks; the other holds are released."""
+        assert self.ledger is not None
+        for state in list(self.inflight.values()):
+            if state.settled or state.hold_id is None or not state.streamed_bytes:
+                continue
+            completion = _cut_short(state, "proxy shut down", None)
+            state.settled = True
+            try:
+                self.ledger.call_sync(
+                    "commit",
+                    state.request_id,
+                    state.hold_id,
+                    _within_ledger(completion, state.request_id),
+                    time.time(),
+                )
+            except LedgerError as exc:
+                log.warning(
+                    "drawdown: could not charge %s, cut short at shutdown (%s); its hold is "
+                    "released",
+                    state.request_id,
+                    exc,
+                )
+
+    async def drain(self) -> None:
+        """Stop taking calls, then give those in flight up to drawdown_drain seconds to finish.
+
+        `drawdown run` awaits this on SIGTERM/SIGINT before it shuts mitmproxy down: a deploy
+        or a scale-down would otherwise cut every stream in flight."""
+        if self.draining:
+            return
+        self.draining = True
+        ctx.options.update(server=False)  # closes the listening sockets; open connections go on
+        seconds = self.seconds["drawdown_drain"]
+        if not self.inflight or not seconds:
+            return
+        log.info(
+            "drawdown: stopping; %d call(s) in flight get up to %gs to finish "
+            "(a second signal stops at once)",
+            len(self.inflight),
+            seconds,
+        )
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
+        while self.inflight and (left := deadline - loop.time()) > 0:
+            await asyncio.sleep(min(0.05, left))  # shutdown only: a poll costs nothing
+        if self.inflight:
+            log.warning(
+                "drawdown: %d call(s) still in flight after %gs; stopping anyway",
+                len(self.inflight),
+                seconds,
+            )
+        else:
+            log.info("drawdown: every call in flight finished")
 
     # --- policy and ledger ---------------------------------------------------------------
 
@@ -670,30 +764,36 @@ class Drawdown:
             state.settled = False
             await self._settle(flow, state, None, 500, "internal error")
         elif not answered:  # one decision row per request, even this one
-            policy, identity = state.policy or self.policy, state.identity
-            row = state.row or DecisionRow(
-                request_id=state.request_id,
-                ts=state.started,
-                decision="deny",
-                mode=policy.mode if policy else "enforce",
-                scope=identity.path,
-                tenant=identity.get("tenant"),
-                workflow=identity.get("workflow"),
-                agent=identity.get("agent"),
-                run=identity.get("run"),
-                method=flow.request.method,
-                host=flow.request.host,
-                path=flow.request.path.split("?", 1)[0],
-                policy_digest=policy.digest[:16] if policy else "",
+            await self._record_refusal(
+                flow, state, "internal_error", "internal error, request not forwarded", 500
             )
-            row.decision, row.reason_code, row.status = "deny", "internal_error", 500
-            row.reason = "internal error, request not forwarded"
-            try:
-                await self._ledger().call("record", row)
-            except Exception as exc:  # the refusal stands even if it cannot be recorded
-                log.warning(
-                    "drawdown: could not record the refusal of %s: %s", state.request_id, exc
-                )
+
+    async def _record_refusal(
+        self, flow: http.HTTPFlow, state: FlowState, code: str, reason: str, status: int
+    ) -> None:
+        """The decision row of a request refused before it was decided."""
+        policy, identity = state.policy or self.policy, state.identity
+        row = state.row or DecisionRow(
+            request_id=state.request_id,
+            ts=state.started,
+            decision="deny",
+            mode=policy.mode if policy else "enforce",
+            scope=identity.path,
+            tenant=identity.get("tenant"),
+            workflow=identity.get("workflow"),
+            agent=identity.get("agent"),
+            run=identity.get("run"),
+            method=flow.request.method,
+            host=flow.request.host,
+            path=flow.request.path.split("?", 1)[0],
+            policy_digest=policy.digest[:16] if policy else "",
+        )
+        row.decision, row.reason_code, row.status = "deny", code, status
+        row.reason = reason.removeprefix("drawdown: ")
+        try:
+            await self._ledger().call("record", row)
+        except Exception as exc:  # the refusal stands even if it cannot be recorded
+            log.warning("drawdown: could not record the refusal of %s: %s", state.request_id, exc)
 
     async def _shared_run(self, identity: Identity, now: float) -> Identity:
         """Resolve an idle-split run in the ledger, which every proxy process sharing it agrees on."""
@@ -717,6 +817,11 @@ class Drawdown:
         # One policy object for the whole life of the flow: a reload mid-flight never mixes two.
         policy = state.policy = self.policy
         assert policy is not None
+        if self.draining:  # a new request on a connection opened before the stop began
+            message = "drawdown: this proxy is shutting down; retry the request"
+            self._respond(flow, state, "shutting_down", message, retryable=True)
+            await self._record_refusal(flow, state, "shutting_down", message, 503)
+            return
         if state.identity.pending_idle is not None:
             state.identity = await self._shared_run(state.identity, state.started)
         view = state.view = RequestView(
@@ -974,6 +1079,7 @@ class Drawdown:
         message: str,
         status: int | None = None,
         retry_after: int | None = None,
+        retryable: bool = False,
     ) -> http.Response:
         """Answer in the shape the caller's SDK understands; the request never reaches the upstream."""
         classification = state.classification
@@ -989,11 +1095,20 @@ class Drawdown:
             retry_after=retry_after,
             jsonrpc_ids=jsonrpc_ids,
             batch=bool(classification and classification.mcp_batch),
+            retryable=retryable,
         )
         state.denied = state.settled = True
         state.decision = "deny"
         flow.response = http.Response.make(made.status, made.body, made.headers)
+        self._close_when_draining(flow, flow.response)
         return flow.response
+
+    def _close_when_draining(self, flow: http.HTTPFlow, response: http.Response) -> None:
+        """While the proxy stops, an HTTP/1 client must not send its next request on this
+        connection: `Connection: close` makes mitmproxy close it after this response, and the
+        client reconnects, to another worker or the restarted proxy."""
+        if self.draining and flow.request.http_version.startswith("HTTP/1"):
+            response.headers["connection"] = "close"
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         state: FlowState | None = flow.metadata.get(STATE)
@@ -1001,6 +1116,7 @@ class Drawdown:
             state.stop_upstream_timer()  # the upstream is answering; streams may take their time
         response = flow.response
         assert response is not None
+        self._close_when_draining(flow, response)
         is_sse = response.headers.get("content-type", "").startswith("text/event-stream")
         if state is None or state.denied or state.settled:
             if is_sse:
@@ -1133,25 +1249,8 @@ class Drawdown:
             seconds = self.seconds["drawdown_upstream_timeout"]
             reason = f"upstream timeout: no response within {seconds:g}s"
         if state.stream_meter is not None and state.streamed_bytes:
-            # The stream was cut short after the upstream started answering: the provider bills what
-            # it generated, so commit what was streamed so far (counted) plus the prompt.
-            measurement = state.stream_meter.partial()
-            usage = measurement.usage
-            completion = Completion(
-                actual=Amount(
-                    usd=measurement.usd_nanos,
-                    tokens=usage.input_tokens + usage.output_tokens,
-                    requests=1,
-                ),
-                status=flow.response.status_code if flow.response else None,
-                tokens_in=usage.input_tokens,
-                tokens_out=usage.output_tokens,
-                usage_source=measurement.source,
-                priced=measurement.priced,
-                model=measurement.model,
-                note=f"stream cut short: {reason}",
-            )
-            await self._settle(flow, state, completion, completion.status, None)
+            status = flow.response.status_code if flow.response else None
+            await self._settle(flow, state, _cut_short(state, reason, status), status, None)
             return
         status = flow.response.status_code if flow.response else None
         if status is None and "client" not in reason.lower() and "killed" not in reason.lower():

@@ -194,7 +194,8 @@ async def _run_proxy(args: argparse.Namespace, host: str, port: int, sets: list[
     Path(confdir).mkdir(parents=True, exist_ok=True)
     opts = options.Options(listen_host=host, listen_port=port, confdir=confdir)
     # Add the addons first, then set their options, so that their `configure` sees every value.
-    master = DrawdownMaster(opts, tail=[Drawdown(), Announce()])
+    drawdown = Drawdown()
+    master = DrawdownMaster(opts, tail=[drawdown, Announce()])
     # lazy: nothing is opened upstream before drawdown has decided on the request itself, so a
     # denied call never so much as connects to its destination (override with --set).
     opts.update(connection_strategy="lazy")
@@ -209,8 +210,22 @@ async def _run_proxy(args: argparse.Namespace, host: str, port: int, sets: list[
         print(f"drawdown: unknown mitmproxy option {exc}", file=sys.stderr)
         return 2
     loop = asyncio.get_running_loop()
+    stopping: list[asyncio.Task[None]] = []
+
+    async def drain_then_stop() -> None:
+        await drawdown.drain()
+        master.shutdown()
+
+    def on_stop_signal() -> None:
+        # The first signal lets the calls in flight finish (drawdown_drain); a second one, from
+        # a user who will not wait, stops at once.
+        if stopping:
+            master.shutdown()
+        else:
+            stopping.append(loop.create_task(drain_then_stop()))
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, master.shutdown)
+        loop.add_signal_handler(sig, on_stop_signal)
     if hasattr(signal, "SIGPIPE"):
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     if args.cpu_affinity is not None:

@@ -1,7 +1,8 @@
 """Denials in the shape each API's own SDK understands (SPEC §6).
 
 Every denial says `x-should-retry: false` (the official OpenAI and Anthropic SDKs
-honour it, so they raise at once instead of retrying a denial) and carries
+honour it, so they raise at once instead of retrying a denial), except a proxy that is
+shutting down, whose 503 says `true`: the retry belongs elsewhere. Each carries
 `X-Drawdown-Decision` / `X-Drawdown-Reason` for humans and tools.
 """
 
@@ -19,6 +20,7 @@ STATUS = {
     "unknown_host": 403,
     "anomaly": 429,
     "ledger_unavailable": 503,
+    "shutting_down": 503,
     "bad_request": 400,
     "body_too_large": 413,
 }
@@ -65,11 +67,12 @@ def denial(
     retry_after: int | None = None,
     jsonrpc_ids: list[Any] | None = None,
     batch: bool = False,
+    retryable: bool = False,
 ) -> Denial:
     status = status or STATUS.get(reason_code, 403)
     headers = {
         "content-type": "application/json",
-        "x-should-retry": "false",
+        "x-should-retry": "true" if retryable else "false",
         "x-drawdown-decision": "deny",
         "x-drawdown-reason": reason_code,
     }

@@ -123,6 +123,9 @@ def supervise(
             text=True,
             bufsize=1,
             env={**env, **writer_environment(cpus[i], cpus)} if cpus else env,
+            # Out of the terminal's process group: Ctrl-C reaches the supervisor alone, which
+            # relays it, so a worker counts one stop request, not two (a second one means "now").
+            process_group=0,
         )
         for i in range(workers)
     ]
@@ -146,8 +149,8 @@ def supervise(
     signalled: set[int] = set()
 
     def stop(*_: object) -> None:
-        # Once each: a worker whose event loop has closed has no handler left, and a second
-        # SIGTERM would kill it outright in the last instants of a clean stop.
+        # Once each: to a worker, a second SIGTERM means "stop now, do not wait for the calls in
+        # flight" (drawdown_drain).
         for proc in procs:
             if proc.pid not in signalled and proc.poll() is None:
                 signalled.add(proc.pid)
@@ -156,8 +159,13 @@ def supervise(
     asked_to_stop = threading.Event()
 
     def on_signal(*_: object) -> None:
-        asked_to_stop.set()
-        stop()
+        if not asked_to_stop.is_set():
+            asked_to_stop.set()
+            stop()
+            return
+        for proc in procs:  # asked again: the user will not wait for the drain
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
@@ -192,9 +200,8 @@ def supervise(
         thread.join(5)
     if not announced.is_set():
         print("drawdown: the workers did not start", file=sys.stderr)
-    # A stop signal can still reach a worker after its loop closed (a service manager signals
-    # the whole group; Ctrl-C sends SIGINT to every process in the terminal's): by then its
-    # holds are released and its ledger closed, so dying of it is a clean stop, not a failure.
+    # A second stop signal can reach a worker after its loop closed: by then its holds are
+    # released and its ledger closed, so dying of it is a clean stop, not a failure.
     stop_signals = {-signal.SIGTERM, -signal.SIGINT}
     failed = [
         code

@@ -485,6 +485,19 @@ class DrawdownProcess:
             )
         return rc
 
+    def wait(self, timeout: float = 20.0) -> int:
+        """Wait for an exit the test has set off itself (no signal sent); its status."""
+        proc = self._proc
+        assert proc is not None
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(
+                f"drawdown proxy still running after {timeout:.0f} s.\n"
+                f"--- output ---\n{self.log_text()}"
+            ) from None
+        return self.stop(check=False)
+
     def kill(self) -> None:
         """SIGKILL (a crash, for lease/hold recovery tests)."""
         proc = self._proc

@@ -65,6 +65,18 @@ def test_statuses_by_reason() -> None:
     assert denial(None, "anomaly", "m").status == 429
 
 
+@pytest.mark.parametrize(
+    ("provider", "kind"),
+    [("openai", "service_unavailable"), ("anthropic", "api_error"), ("gemini", "UNAVAILABLE")],
+)
+def test_a_proxy_shutting_down_asks_to_be_retried(provider: str, kind: str) -> None:
+    """Every other refusal tells the SDK not to retry; this one is meant for another proxy."""
+    made = denial(provider, "shutting_down", "m", retryable=True)
+    assert made.status == 503 and made.headers["x-should-retry"] == "true"
+    assert kind in made.body.decode()
+    assert denial(provider, "ledger_unavailable", "m").headers["x-should-retry"] == "false"
+
+
 def test_mcp_denial_is_a_jsonrpc_error_for_the_request_id() -> None:
     d = denial("mcp", "not_authorized", "drawdown: no", jsonrpc_ids=[7])
     body = json.loads(d.body)

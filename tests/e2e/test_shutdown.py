@@ -1,0 +1,186 @@
+"""Stopping `drawdown run`: calls in flight finish (drawdown_drain), and none is lost or free.
+
+A deploy, a scale-down or a Ctrl-C used to cut every stream in flight, and to release its hold:
+the provider billed the tokens it had streamed, the ledger charged nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import openai
+import pytest
+from drawdown.meter import count_tokens
+
+from tests.support.proxy import DrawdownProcess
+from tests.support.standin import Reply, StandIn
+from tests.support.wire import openai_chat_sse
+
+pytestmark = pytest.mark.e2e
+
+Factory = Callable[..., DrawdownProcess]
+
+POLICY = """
+identity:
+  agent: [{value: agent}]
+  run: [{header: X-Drawdown-Run}, {value: unnamed}]
+actions:
+  - {kind: llm, provider: openai, match: {host: api.openai.com}}
+budgets:
+  - {scope: "run:*", usd: 10}
+"""
+WORDS = [" one", " two", " three", " four", " five", " six", " seven", " eight"]
+USAGE = {"prompt_tokens": 9, "completion_tokens": 8, "total_tokens": 17}
+MESSAGES = [{"role": "user", "content": "count to eight"}]
+SHOWN = 4  # words the client reads before the stop signal
+
+
+def gated_stream(standin: StandIn) -> threading.Event:
+    """A chat stream that pauses after the role chunk and SHOWN words until the gate opens."""
+    events = openai_chat_sse(
+        id="c1", created=1, model="gpt-4o-mini", deltas=WORDS, usage=USAGE, include_usage=True
+    )
+    gate = threading.Event()
+    body = b"".join(events)
+    standin.script(
+        "POST",
+        "/v1/chat/completions",
+        Reply(
+            body=body,
+            content_type="text/event-stream",
+            chunks=[*events[: SHOWN + 1], gate, *events[SHOWN + 1 :]],
+        ),
+    )
+    return gate
+
+
+def stream(client: openai.OpenAI, run: str) -> Iterator[str]:
+    for chunk in client.chat.completions.create(
+        model="gpt-4o-mini",
+        messages=MESSAGES,
+        stream=True,
+        extra_headers={"X-Drawdown-Run": run},
+    ):
+        if chunk.choices:
+            yield chunk.choices[0].delta.content or ""
+
+
+def settled(proxy: DrawdownProcess, run: str) -> tuple[Any, ...]:
+    (row,) = proxy.query(
+        "SELECT h.state, h.actual_tokens, d.tokens_out, d.usage_source, d.note, d.status"
+        " FROM decisions d JOIN holds h ON h.id = d.hold_id WHERE d.run = ?",
+        run,
+    )
+    return tuple(row)
+
+
+def test_a_stream_in_flight_finishes_and_the_proxy_takes_no_new_call(
+    drawdown_proxy: Factory, standin: StandIn
+) -> None:
+    proxy = drawdown_proxy(POLICY)
+    gate = gated_stream(standin)
+    assert proxy.pid is not None
+    with (
+        proxy.openai_client(max_retries=0) as streaming,
+        proxy.openai_client(max_retries=0) as kept_alive,
+        proxy.openai_client(max_retries=0) as newcomer,
+    ):
+        kept_alive.models.list()  # its connection (a CONNECT tunnel) stays open in the pool
+        words = stream(streaming, "streamed")
+        seen = [next(words) for _ in range(SHOWN + 1)]  # the role chunk, then SHOWN words
+        os.kill(proxy.pid, signal.SIGTERM)
+        proxy.wait_for_log(r"drawdown: stopping; 1 call\(s\) in flight get up to 20s to finish")
+        # A new connection finds nothing listening; a request on an open one is turned away,
+        # retryable, and its connection closed.
+        with pytest.raises(openai.APIConnectionError):
+            newcomer.models.list()
+        with pytest.raises(openai.APIStatusError) as refused:
+            kept_alive.chat.completions.create(
+                model="gpt-4o-mini", messages=MESSAGES, extra_headers={"X-Drawdown-Run": "late"}
+            )
+        assert refused.value.status_code == 503
+        headers = refused.value.response.headers
+        assert headers["x-drawdown-reason"] == "shutting_down"
+        assert headers["x-should-retry"] == "true"
+        assert headers["connection"] == "close"
+        assert proxy.is_running()  # still waiting for the stream
+        gate.set()
+        seen += list(words)
+    assert "".join(seen) == "".join(WORDS)  # every word, after the stop signal too
+    assert proxy.wait() == 0
+    proxy.wait_for_log(r"drawdown: every call in flight finished")
+    assert settled(proxy, "streamed") == ("committed", 17, 8, "usage", None, 200)
+    assert standin.count("/v1/chat/completions") == 1  # the refused call never left
+    assert proxy.query(
+        "SELECT decision, reason_code, status FROM decisions WHERE run = 'late'"
+    ) == [("deny", "shutting_down", 503)]
+
+
+def test_a_stream_still_running_when_the_drain_ends_is_charged_for_what_it_streamed(
+    drawdown_proxy: Factory, standin: StandIn
+) -> None:
+    proxy = drawdown_proxy(POLICY, extra_args=["--set", "drawdown_drain=0.5"])
+    gate = gated_stream(standin)
+    assert proxy.pid is not None
+    try:
+        with proxy.openai_client(max_retries=0) as client:
+            words = stream(client, "cut")
+            seen = [next(words) for _ in range(SHOWN + 1)]
+            os.kill(proxy.pid, signal.SIGTERM)
+            with pytest.raises((openai.APIError, Exception)):
+                seen += list(words)
+        assert proxy.wait() == 0
+    finally:
+        gate.set()
+    assert "".join(seen) == "".join(WORDS[:SHOWN])
+    proxy.wait_for_log(r"drawdown: 1 call\(s\) still in flight after 0.5s; stopping anyway")
+    state, tokens, tokens_out, source, note, _ = settled(proxy, "cut")
+    streamed = count_tokens("".join(WORDS[:SHOWN]), "gpt-4o-mini")
+    assert (state, tokens_out, source) == ("committed", streamed, "counted")
+    assert tokens > streamed  # the prompt's tokens too
+    assert note == "stream cut short: proxy shut down"
+
+
+def test_a_second_signal_stops_at_once_and_still_charges_the_stream(
+    drawdown_proxy: Factory, standin: StandIn
+) -> None:
+    proxy = drawdown_proxy(POLICY, extra_args=["--set", "drawdown_drain=600"])
+    gate = gated_stream(standin)
+    assert proxy.pid is not None
+    try:
+        with proxy.openai_client(max_retries=0) as client:
+            words = stream(client, "hurried")
+            for _ in range(SHOWN + 1):
+                next(words)
+            os.kill(proxy.pid, signal.SIGTERM)
+            proxy.wait_for_log(r"get up to 600s to finish \(a second signal stops at once\)")
+            os.kill(proxy.pid, signal.SIGINT)
+            assert proxy.wait(60) == 0  # long before the 600 s drain
+    finally:
+        gate.set()
+    state, _, tokens_out, source, note, _ = settled(proxy, "hurried")
+    assert (state, source, note) == ("committed", "counted", "stream cut short: proxy shut down")
+    assert tokens_out == count_tokens("".join(WORDS[:SHOWN]), "gpt-4o-mini")
+
+
+def test_workers_drain_on_ctrl_c_in_a_terminal(drawdown_proxy: Factory, standin: StandIn) -> None:
+    """Ctrl-C signals the terminal's whole process group. Workers in it got SIGINT from the
+    terminal and SIGTERM from the supervisor: two signals, so they stopped at once."""
+    proxy = drawdown_proxy(POLICY, extra_args=["--workers", "2"])
+    gate = gated_stream(standin)
+    assert proxy.pid is not None
+    with proxy.openai_client(max_retries=0) as client:
+        words = stream(client, "terminal")
+        seen = [next(words) for _ in range(SHOWN + 1)]
+        os.killpg(os.getpgid(proxy.pid), signal.SIGINT)  # the supervisor leads its own group
+        proxy.wait_for_log(r"drawdown: stopping; 1 call\(s\) in flight")
+        assert proxy.is_running()
+        gate.set()
+        seen += list(words)
+    assert "".join(seen) == "".join(WORDS)
+    assert proxy.wait() == 0
+    assert settled(proxy, "terminal") == ("committed", 17, 8, "usage", None, 200)
