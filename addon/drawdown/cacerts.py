@@ -14,14 +14,33 @@ CA_CERT = "mitmproxy-ca-cert.pem"
 BUNDLE = "drawdown-ca-bundle.pem"
 
 
-def ensure_ca(confdir: Path) -> Path:
-    """mitmproxy's CA certificate, created (key mode 0600) if the proxy never ran with this confdir."""
-    cert = confdir / CA_CERT
-    if not cert.exists():
-        from mitmproxy.certs import CertStore
+class CAUnusable(Exception):
+    """The confdir cannot hold a CA, or the CA in it cannot be read: said in one line."""
 
+
+def ensure_ca(confdir: Path) -> Path:
+    """mitmproxy's CA certificate, created (key mode 0600) if the proxy never ran with this
+    confdir, and loaded as the proxy will load it: a broken CA is reported here, in a line,
+    rather than as a traceback from mitmproxy after the proxy announced itself."""
+    from mitmproxy.certs import CertStore
+    from mitmproxy.options import CONF_BASENAME, Options
+
+    try:
         confdir.mkdir(parents=True, exist_ok=True)
-        CertStore.from_store(str(confdir), "mitmproxy", 2048)
+    except OSError as exc:
+        reason = "it is not a directory" if confdir.exists() else exc.strerror
+        raise CAUnusable(f"--confdir {confdir} cannot be used: {reason}") from None
+    try:
+        CertStore.from_store(str(confdir), CONF_BASENAME, Options().key_size)
+        cert = confdir / CA_CERT
+        cert.read_bytes()
+    except (OSError, ValueError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise CAUnusable(
+            f"the CA in {confdir} cannot be read ({reason.split('. ')[0]}); move its "
+            f"{CONF_BASENAME}-ca*.pem files away to mint a new CA, then rerun `drawdown env` "
+            "so that agents trust it"
+        ) from None
     return cert
 
 

@@ -110,8 +110,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     cpus = _cpus_for_workers(args)
     from .workers import REUSE_PORT_ENV
 
-    if port and not os.environ.get(REUSE_PORT_ENV):  # a worker shares its supervisor's port
-        _refuse_a_port_in_use(host, port)
+    if not os.environ.get(REUSE_PORT_ENV):  # a worker shares its supervisor's port and CA
+        if port:
+            _refuse_a_port_in_use(host, port)
+        _ready_ca(Path(args.confdir).expanduser().absolute())
     if args.workers > 1:
         from .workers import supervise
 
@@ -125,6 +127,18 @@ def cmd_run(args: argparse.Namespace) -> int:
             os.environ.setdefault(name, value)
         pin_process(cpus[0])  # before mitmproxy starts a thread: each inherits the CPU
     return asyncio.run(_run_proxy(args, host, port, sets))
+
+
+def _ready_ca(confdir: Path) -> None:
+    """The CA, once, before any worker starts: N workers on a fresh confdir would each mint
+    their own, and clients would trust only the last written. The agents' bundle is refreshed
+    with it, so a CA minted here (or replaced) is the one `drawdown env` points them at."""
+    from .cacerts import CAUnusable, ca_bundle
+
+    try:
+        ca_bundle(confdir)
+    except CAUnusable as exc:
+        raise UsageError(str(exc)) from None
 
 
 def _refuse_a_port_in_use(host: str, port: int) -> None:
@@ -246,11 +260,14 @@ async def _run_proxy(args: argparse.Namespace, host: str, port: int, sets: list[
 
 
 def cmd_env(args: argparse.Namespace) -> int:
-    from .cacerts import ca_bundle
+    from .cacerts import CAUnusable, ca_bundle
 
     host, port = parse_listen(args.listen)
-    # Absolute: the agent that evals these lines may start in another directory.
-    bundle = ca_bundle(Path(args.confdir).expanduser().absolute())
+    try:
+        # Absolute: the agent that evals these lines may start in another directory.
+        bundle = ca_bundle(Path(args.confdir).expanduser().absolute())
+    except CAUnusable as exc:
+        raise UsageError(str(exc)) from None
     credentials = ""
     if args.run and not args.agent:
         # The run travels as the proxy password, which needs a user name beside it.

@@ -87,19 +87,6 @@ def _free_port(host: str) -> int:
         return sock.getsockname()[1]
 
 
-def ensure_ca(confdir: str) -> None:
-    """Create the interception CA once, before the workers start.
-
-    Each mitmproxy process creates a missing CA on start; N workers starting together on a
-    fresh confdir would each mint a different one, and clients would trust only the last
-    written to disk, so connections landing on the other workers would fail their handshake.
-    """
-    from mitmproxy import certs
-    from mitmproxy.options import CONF_BASENAME, Options
-
-    certs.CertStore.from_store(confdir, CONF_BASENAME, Options().key_size)
-
-
 def supervise(
     worker_args: Sequence[str],
     workers: int,
@@ -111,7 +98,6 @@ def supervise(
     """Run `workers` copies of `drawdown run <worker_args> --listen host:port` until signalled;
     with `cpus`, worker i is pinned to cpus[i] (`--cpu-affinity`)."""
     port = port or _free_port(host)
-    ensure_ca(confdir)
     shown = f"[{host}]" if ":" in host else host
     command = worker_command(worker_args, workers, f"{shown}:{port}")
     env = {**os.environ, REUSE_PORT_ENV: str(os.getpid())}  # the supervisor, for its workers

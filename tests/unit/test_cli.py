@@ -372,3 +372,65 @@ def test_env_refuses_a_run_without_an_agent(
     """The run once vanished from the output without a word (it rides as the proxy password)."""
     assert main(["env", "--confdir", str(tmp_path), "--run", "r1"]) == 2
     assert "--run needs --agent" in capsys.readouterr().err
+
+
+def test_the_ca_is_created_once_so_every_worker_loads_the_same_one(tmp_path: Path) -> None:
+    from drawdown.cacerts import ensure_ca
+
+    confdir = tmp_path / "confdir"
+    ensure_ca(confdir)
+    ca = confdir / "mitmproxy-ca.pem"
+    first = ca.read_bytes()
+    assert b"PRIVATE KEY" in first and (confdir / "mitmproxy-ca-cert.pem").exists()
+    ensure_ca(confdir)  # a second start (or a worker) reuses it rather than minting another
+    assert ca.read_bytes() == first
+
+
+def run_args(tmp_path: Path, confdir: Path) -> list[str]:
+    return ["run", "--policy", str(ROOT / "policies" / "default.yaml"),
+            "--db", str(tmp_path / "l.db"), "--listen", "127.0.0.1:0", "--confdir", str(confdir)]  # fmt: skip
+
+
+@pytest.mark.parametrize("command", ["run", "env"])
+def test_a_broken_ca_is_one_line_before_anything_starts(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str
+) -> None:
+    """A corrupt CA printed mitmproxy's traceback after `drawdown listening on`, then exit 1."""
+    confdir = tmp_path / "conf"
+    confdir.mkdir()
+    (confdir / "mitmproxy-ca.pem").write_text("not a key\n")
+    argv = run_args(tmp_path, confdir) if command == "run" else ["env", "--confdir", str(confdir)]
+    assert main(argv) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err == (
+        f"drawdown: the CA in {confdir} cannot be read (Unable to load PEM file); move its "
+        "mitmproxy-ca*.pem files away to mint a new CA, then rerun `drawdown env` so that "
+        "agents trust it\n"
+    )
+
+
+@pytest.mark.parametrize("command", ["run", "env"])
+def test_a_confdir_that_is_a_file_is_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str
+) -> None:
+    confdir = tmp_path / "conf"
+    confdir.write_text("")
+    argv = run_args(tmp_path, confdir) if command == "run" else ["env", "--confdir", str(confdir)]
+    assert main(argv) == 2
+    assert capsys.readouterr().err == (
+        f"drawdown: --confdir {confdir} cannot be used: it is not a directory\n"
+    )
+
+
+def test_run_refreshes_the_agents_bundle_with_the_ca_it_will_use(tmp_path: Path) -> None:
+    """Only `env` wrote the bundle: a CA minted or replaced since left agents trusting the old one."""
+    from drawdown.cli import _ready_ca
+
+    confdir = tmp_path / "conf"
+    _ready_ca(confdir)
+    bundle = confdir / "drawdown-ca-bundle.pem"
+    for name in ("mitmproxy-ca.pem", "mitmproxy-ca-cert.pem"):
+        (confdir / name).unlink()  # a new CA, as after `rm ~/.drawdown/mitmproxy-ca*`
+    _ready_ca(confdir)
+    assert (confdir / "mitmproxy-ca-cert.pem").read_text().strip() in bundle.read_text()
