@@ -86,7 +86,8 @@ SECONDS_OPTIONS = (
     (
         "drawdown_maintenance_interval",
         "5",
-        "Seconds between ledger heartbeats, sweeps of expired holds and TTL extensions of in-flight calls.",
+        "Seconds between ledger heartbeats, sweeps of expired holds and TTL extensions of "
+        "in-flight calls; at most a third of the policy's holds.lease and holds.ttl.",
     ),
     (
         "drawdown_ledger_timeout",
@@ -582,7 +583,7 @@ class Drawdown:
     async def _maintain(self) -> None:
         """Heartbeat this proxy's lease, sweep expired holds, keep in-flight calls' holds alive."""
         while True:
-            await asyncio.sleep(self.seconds["drawdown_maintenance_interval"])
+            await asyncio.sleep(self._maintenance_every())
             if self.ledger is None:
                 if self.ledger_url:
                     await asyncio.to_thread(self._reopen_ledger)
@@ -604,6 +605,16 @@ class Drawdown:
                         log.info("drawdown: sweeper released %d expired hold(s)", swept)
             except LedgerError as exc:
                 log.warning("drawdown: ledger maintenance failed: %s", exc)
+
+    def _maintenance_every(self) -> float:
+        """drawdown_maintenance_interval, or less: three heartbeats and TTL extensions within
+        the policy's lease and TTL. At one every 5 s under `lease: 2`, this proxy's lease lapsed
+        between heartbeats and another proxy released the holds of its calls still in flight."""
+        every = self.seconds["drawdown_maintenance_interval"]
+        if self.policy is not None:
+            holds = self.policy.holds
+            every = min(every, holds.lease_seconds / 3, holds.ttl_seconds / 3)
+        return every
 
     def _reopen_ledger(self) -> None:
         try:

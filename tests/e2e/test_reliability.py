@@ -10,6 +10,7 @@ import sqlite3
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -20,11 +21,13 @@ import pytest
 from tests.conftest import standin_resolve
 from tests.support.proxy import DrawdownProcess
 from tests.support.standin import Reply, StandIn
+from tests.support.wire import openai_chat_sse
 
 pytestmark = pytest.mark.e2e
 
 Factory = Callable[..., DrawdownProcess]
 MESSAGES = [{"role": "user", "content": "Say hello."}]
+USAGE = {"prompt_tokens": 9, "completion_tokens": 8, "total_tokens": 17}
 POLICY = """
 mode: {mode}
 holds: {{ttl: {ttl}, lease: 2}}
@@ -525,3 +528,46 @@ budgets:
     for proxy in proxies:
         proxy.stop()
     verify(tmp_db)
+
+
+def test_a_short_lease_is_heartbeaten_within_itself(
+    drawdown_proxy: Factory, standin: StandIn, tmp_db: Path
+) -> None:
+    """Heartbeats came every drawdown_maintenance_interval (5 s) whatever the policy's lease:
+    under `lease: 2`, a live proxy's lease lapsed between two of them, and another proxy on
+    the ledger released the hold of a call still streaming through it, which then went
+    uncharged."""
+    events = openai_chat_sse(
+        id="c1", created=1, model="gpt-4o-mini", deltas=[" a", " b"], usage=USAGE,
+        include_usage=True,
+    )  # fmt: skip
+    gate = threading.Event()
+    standin.script(
+        "POST",
+        "/v1/chat/completions",
+        Reply(
+            body=b"".join(events),
+            content_type="text/event-stream",
+            chunks=[events[0], gate, *events[1:]],
+        ),
+    )
+    streaming = drawdown_proxy(policy())  # the default maintenance interval, 5 s
+    sweeper = drawdown_proxy(policy(), extra_args=["--set", "drawdown_maintenance_interval=0.5"])
+    try:
+        with streaming.openai_client(max_retries=0) as client:
+            chunks = iter(
+                client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, stream=True)
+            )
+            next(chunks)
+            time.sleep(6)  # three leases, and a heartbeat interval, while the sweeper sweeps
+            assert sweeper.query("SELECT state FROM holds") == [("active",)]
+            gate.set()
+            rest = list(chunks)
+        assert rest
+    finally:
+        gate.set()
+    (row,) = streaming.wait_for_query(
+        "SELECT state, actual_tokens FROM holds WHERE state != 'active'"
+    )
+    assert tuple(row) == ("committed", 17)
+    assert "sweeper released" not in sweeper.log_text()
