@@ -352,3 +352,46 @@ def test_exponent_numbers_are_numbers_as_in_yaml_1_2(tmp_path: Path) -> None:
     assert problems(tmp_path, text % "'1e-3'") == [
         f"{tmp_path / 'policy.yaml'}:2: usd must be a number ≥ 0, not '1e-3'"
     ]  # quoted, it is text: still refused
+
+
+PATH_FIELDS = """
+actions:
+  - {kind: crm.read, match: {host: crm.example.com, method: GET, path: "/api/customers/{cid}"}}
+  - {kind: crm.write, match: {host: crm.example.com, method: PUT, path: "/api/customers/{id}"}}
+  - {kind: refund.issue, match: {host: api.stripe.com, method: POST, path: /v1/refunds}}
+  - {kind: mcp.docs, provider: mcp, match: {host: mcp.example.com, path: "/mcp/{space}"}}
+authority:
+  rules:
+    - {scope: "*", action: refund.issue, requires: [{action: crm.read, same: {json.customer: path.id}}]}
+    - {scope: "*", allow: [refund.issue], when: {path.amount: {eq: "7"}}}
+    - {scope: "*", action: refund.issue, requires: [{action: "crm.*", same: {json.customer: path.id}}]}
+    - {scope: "*", allow: [mcp.docs.search], when: {path: {space: {eq: public}}}}
+    - {scope: "*", deny: [crm.read], when: {path.cid: {eq: "0"}}}
+"""
+
+
+def test_a_path_field_no_action_captures_is_refused(tmp_path: Path) -> None:
+    """`same: {json.customer: path.id}` beside `/api/customers/{cid}` passed `check`, and then
+    no refund could ever meet its requirement. A capture some of the actions have (crm.*) or
+    an MCP tool's action has passes."""
+    f = tmp_path / "policy.yaml"
+    assert problems(tmp_path, PATH_FIELDS) == [
+        f"{f}:9: 'path.id' is captured by no action it applies to "
+        "(crm.read: /api/customers/{cid}): name a {id} segment in the action's path pattern",
+        f"{f}:10: 'path.amount' is captured by no action it applies to "
+        "(refund.issue: /v1/refunds): name a {amount} segment in the action's path pattern",
+    ]
+
+
+def test_a_rule_name_is_used_once(tmp_path: Path) -> None:
+    """Reports and denials name the rule: two of one name cannot be told apart."""
+    f = tmp_path / "policy.yaml"
+    text = """
+actions:
+  - {kind: crm.read, match: {host: crm.example.com}}
+authority:
+  rules:
+    - {name: reads, scope: "agent:a", allow: [crm.read]}
+    - {name: reads, scope: "agent:b", deny: [crm.read]}
+"""
+    assert problems(tmp_path, text) == [f"{f}:7: rule name 'reads' is already used at {f}:6"]

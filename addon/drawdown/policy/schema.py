@@ -999,6 +999,16 @@ def compile_policy(
             )
         seen[budget.key] = budget
     _check_kind_refs(check)
+    _check_path_fields(check, actions, rules)
+    named: dict[str, Rule] = {}
+    for rule in rules:
+        if rule.name is None:
+            continue
+        if (first := named.get(rule.name)) is not None:
+            message = f"rule name '{rule.name}' is already used at {first.file}:{first.line}"
+            check.problems.append(Problem(rule.file, rule.line, message))
+        else:
+            named[rule.name] = rule
 
     if check.problems:
         raise PolicyInvalid(sorted(check.problems, key=lambda p: (p.file, p.line)))
@@ -1045,6 +1055,57 @@ def _check_kind_refs(check: _Checker) -> None:
         hint = _closest(text, kinds)
         message += f" (did you mean '{hint}'?)" if hint else f" (its kinds: {', '.join(kinds)})"
         check.problems.append(Problem(file, line, message))
+
+
+def _check_path_fields(check: _Checker, actions: list[Action], rules: list[Rule]) -> None:
+    """`path.X` is the `{X}` segment of the matched action's path pattern. A rule naming one
+    that none of its actions captures never sees it: its condition never holds, its
+    requirement is never met (`same: {json.customer_id: path.id}` beside `/customers/{cid}`)."""
+
+    def applying(texts: tuple[str, ...]) -> list[Action]:
+        if not texts:
+            return list(actions)
+        found = []
+        for action in actions:
+            for text in texts:
+                start = re.split(r"[*?\[]", text, maxsplit=1)[0]
+                tool_of_it = action.provider == "mcp" and (
+                    text.startswith(f"{action.kind}.")
+                    or (is_glob(text) and f"{action.kind}.".startswith(start))
+                )
+                if compile_glob(text).match(action.kind) or tool_of_it:
+                    found.append(action)
+                    break
+        return found
+
+    def report(field: str | None, texts: tuple[str, ...], file: str, line: int) -> None:
+        if field is None or not field.startswith("path."):
+            return
+        name = field.removeprefix("path.")
+        candidates = applying(texts)
+        if not candidates or any(
+            a.match.path is not None and name in a.match.path.names for a in candidates
+        ):
+            return  # no action at all is the kind-reference check's to report
+        paths = sorted(
+            {f"{a.kind}: {a.match.path.text if a.match.path else 'any path'}" for a in candidates}
+        )
+        shown = "; ".join(paths[:3]) + ("; …" if len(paths) > 3 else "")
+        check.problems.append(
+            Problem(
+                file,
+                line,
+                f"'{field}' is captured by no action it applies to ({shown}): name a "
+                f"{{{name}}} segment in the action's path pattern",
+            )
+        )
+
+    for rule in rules:
+        for test in rule.when:
+            report(test.field, rule.action_texts, rule.file, test.line or rule.line)
+        for requirement in rule.requires:
+            report(requirement.here, rule.action_texts, rule.file, rule.line)
+            report(requirement.there, requirement.actions, rule.file, rule.line)
 
 
 def _merge_once(check: _Checker, key: str, where: str, earlier: str | None) -> None:
