@@ -655,7 +655,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     report = commands.add_parser("report", help="runs, budgets, decisions and anomalies")
     report.add_argument("--db", type=ledger_url, default=DEFAULT_DB)
-    report.add_argument("--run", help="only this run id")
+    report.add_argument(
+        "--run", help="only this run id (as the agent sent it, or as the ledger stores it)"
+    )
     report.add_argument("--since", metavar="DURATION", help="e.g. 15m, 24h, 7d")
     output = report.add_mutually_exclusive_group()
     output.add_argument(

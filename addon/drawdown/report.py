@@ -28,6 +28,7 @@ from importlib import resources
 from typing import IO, Any
 
 from . import anomalies as anomaly_detection
+from .identity import clean_value
 from .ledger.reader import Reader
 from .money import format_usd, usd_float
 from .policy.model import Policy
@@ -60,6 +61,18 @@ def _iso(ts: float | None) -> str | None:
     )
 
 
+def as_stored(reader: Reader, run: str | None) -> str | None:
+    """A run id as the ledger stores it. Identity escapes `/`, `:`, `%` and spaces in a value
+    (a run `tkt/9` is kept as `tkt%2F9`): `--run tkt/9` found nothing. An id given already
+    escaped, or one the ledger holds as given, is taken as it is."""
+    cleaned = clean_value(run) if run else None
+    if run is None or cleaned is None or cleaned == run:
+        return run
+    if reader.query("SELECT 1 AS found FROM decisions WHERE run = :run LIMIT 1", {"run": run}):
+        return run
+    return cleaned
+
+
 def build(
     db: str,
     *,
@@ -75,7 +88,7 @@ def build(
     try:
         return _build(
             reader,
-            run=run,
+            run=as_stored(reader, run),
             since=since,
             now=now or time.time(),
             policy=policy,
@@ -474,6 +487,7 @@ def decision_log(
     """Every decision in the window, oldest first, one dict each (read page by page)."""
     reader = Reader(db)
     try:
+        run = as_stored(reader, run)
         floor = (now or time.time()) - since if since else 0.0
         where = "id > :after AND ts >= :floor" + (" AND run = :run" if run else "")
         after = 0

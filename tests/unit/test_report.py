@@ -357,3 +357,16 @@ def test_html_page_escapes_hostile_names_paths_and_reasons(seed: Seeder, tmp_pat
     assert any(
         "<svg onload=alert(1)>" in e["text"] for e in dom.find("span", **{"class": "reason"})
     )
+
+
+def test_a_run_is_found_by_the_id_the_agent_sent(seed: Seeder, capsys) -> None:
+    """Identity stores `tkt/9` escaped as `tkt%2F9`; `--run tkt/9` found no run and exit 1."""
+    seed.call(run="tkt%2F9")  # as identity stores the run `tkt/9`
+    seed.call(run="other")
+    for given in ("tkt/9", "tkt%2F9"):
+        data = report.build(str(seed.path), run=given, now=NOW)
+        assert [r["run"] for r in data["runs"]] == ["tkt%2F9"], given
+        assert [e["run"] for e in report.decision_log(str(seed.path), run=given)] == ["tkt%2F9"]
+    assert main(["report", "--db", str(seed.path), "--run", "tkt/9", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["runs"][0]["run"] == "tkt%2F9"
+    assert main(["report", "--db", str(seed.path), "--run", "tkt/8", "--json"]) == 1
