@@ -451,6 +451,7 @@ def render_text(data: dict[str, Any]) -> str:
                 continue
             rows.append(
                 [
+                    b["budget"],  # two budgets may share an instance scope (say, one per action)
                     b["scope"],
                     (b["per"] or "lifetime")
                     + (f" from {b['window_start']}" if b["window_start"] else ""),
@@ -461,7 +462,7 @@ def render_text(data: dict[str, Any]) -> str:
                 ]
             )
     out.append(
-        _table(["instance", "window", "unit", "spent", "held", "limit"], rows)
+        _table(["budget", "instance", "window", "unit", "spent", "held", "limit"], rows)
         if rows
         else "(no budgets)"
     )

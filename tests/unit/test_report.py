@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 from decimal import Decimal
@@ -370,3 +371,20 @@ def test_a_run_is_found_by_the_id_the_agent_sent(seed: Seeder, capsys) -> None:
     assert main(["report", "--db", str(seed.path), "--run", "tkt/9", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["runs"][0]["run"] == "tkt%2F9"
     assert main(["report", "--db", str(seed.path), "--run", "tkt/8", "--json"]) == 1
+
+
+def test_text_report_names_the_budget_of_each_instance(seed: Seeder) -> None:
+    """Two budgets on one scope (all calls, and refunds alone) gave two rows alike but for
+    their limit: which limit was which could not be read off the table."""
+    scope = "agent:worker/run:r1"
+    every = claim(scope, usd=5_000_000)
+    refunds = claim(scope, requests=3, budget="agent:*/run:* [refund.issue]")
+    seed.call(claims=[every, refunds], action="refund.issue", provider=None)
+    text = report.render_text(report.build(str(seed.path), now=NOW))
+    table = text.split("BUDGETS\n", 1)[1].splitlines()
+    assert table[0].split() == ["budget", "instance", "window", "unit", "spent", "held", "limit"]
+    rows = [re.split(r"\s{2,}", line.strip()) for line in table[2:] if line.strip()]
+    assert [row[:4] for row in rows] == [
+        ["agent:*/run:*", scope, "lifetime", "usd"],
+        ["agent:*/run:* [refund.issue]", scope, "lifetime", "requests"],
+    ]
