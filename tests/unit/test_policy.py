@@ -395,3 +395,20 @@ authority:
     - {name: reads, scope: "agent:b", deny: [crm.read]}
 """
     assert problems(tmp_path, text) == [f"{f}:7: rule name 'reads' is already used at {f}:6"]
+
+
+def test_cost_json_is_a_path_to_one_value(tmp_path: Path) -> None:
+    """`usage..cost` passed check and read a key named "": every call was charged its fixed
+    cost, with a warning, whatever the tool reported."""
+    f = tmp_path / "policy.yaml"
+    text = """
+actions:
+  - {kind: a, match: {host: a.example.com}, cost: {usd: 0.01}, cost_json: "usage..cost"}
+  - {kind: b, match: {host: b.example.com}, cost: {usd: 0.01}, cost_json: "usage.cost."}
+  - {kind: c, match: {host: c.example.com}, cost: {usd: 0.01}, cost_json: "items.*.cost"}
+  - {kind: d, match: {host: d.example.com}, cost: {usd: 0.01}, cost_json: "items.0.cost"}
+"""
+    assert problems(tmp_path, text) == [
+        f"{f}:{line}: cost_json '{path}' must be a dotted path to one value, such as usage.cost_usd"
+        for line, path in ((3, "usage..cost"), (4, "usage.cost."), (5, "items.*.cost"))
+    ]

@@ -430,6 +430,14 @@ def _action(check: _Checker, actions: LList, index: int) -> Action | None:
         ok = False
     cost_header = check.text(item, "cost_header", "cost_header") if "cost_header" in item else None
     cost_json = check.text(item, "cost_json", "cost_json") if "cost_json" in item else None
+    if cost_json is not None and ("" in cost_json.split(".") or "*" in cost_json.split(".")):
+        # Read as a key named "" (or a list of values): no response would ever carry the cost.
+        check.error(
+            item,
+            "cost_json",
+            f"cost_json '{cost_json}' must be a dotted path to one value, such as usage.cost_usd",
+        )
+        ok = False
     price = None
     if "price" in item:
         if provider not in ("openai", "anthropic", "gemini"):
