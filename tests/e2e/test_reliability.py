@@ -535,8 +535,8 @@ def test_a_short_lease_is_heartbeaten_within_itself(
 ) -> None:
     """Heartbeats came every drawdown_maintenance_interval (5 s) whatever the policy's lease:
     under `lease: 2`, a live proxy's lease lapsed between two of them, and another proxy on
-    the ledger released the hold of a call still streaming through it, which then went
-    uncharged."""
+    the ledger expired the hold of a call still streaming through it: the budget room it held
+    was free for other calls while it ran, and its charge came as a late commit."""
     events = openai_chat_sse(
         id="c1", created=1, model="gpt-4o-mini", deltas=[" a", " b"], usage=USAGE,
         include_usage=True,
