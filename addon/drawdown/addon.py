@@ -141,6 +141,9 @@ class FlowState:
     denied: bool = False
     upstream_timer: asyncio.TimerHandle | None = None  # drawdown_upstream_timeout, once forwarded
     upstream_timed_out: bool = False
+    # A GET event stream that is no LLM call (an MCP client's channel for server messages):
+    # open as long as the client's session, so a stop does not wait for it.
+    listening: bool = False
 
     def stop_upstream_timer(self) -> None:
         if self.upstream_timer is not None:
@@ -501,22 +504,26 @@ class Drawdown:
         self.draining = True
         ctx.options.update(server=False)  # closes the listening sockets; open connections go on
         seconds = self.seconds["drawdown_drain"]
-        if not self.inflight or not seconds:
+
+        def calls() -> int:
+            return sum(not state.listening for state in self.inflight.values())
+
+        if not calls() or not seconds:
             return
         log.info(
             "drawdown: stopping; %d call(s) in flight get up to %gs to finish "
             "(a second signal stops at once)",
-            len(self.inflight),
+            calls(),
             seconds,
         )
         loop = asyncio.get_running_loop()
         deadline = loop.time() + seconds
-        while self.inflight and (left := deadline - loop.time()) > 0:
+        while calls() and (left := deadline - loop.time()) > 0:
             await asyncio.sleep(min(0.05, left))  # shutdown only: a poll costs nothing
-        if self.inflight:
+        if unfinished := calls():
             log.warning(
                 "drawdown: %d call(s) still in flight after %gs; stopping anyway",
-                len(self.inflight),
+                unfinished,
                 seconds,
             )
         else:
@@ -1129,6 +1136,8 @@ class Drawdown:
         assert response is not None
         self._close_when_draining(flow, response)
         is_sse = response.headers.get("content-type", "").startswith("text/event-stream")
+        if state is not None and is_sse and state.llm is None and flow.request.method == "GET":
+            state.listening = True
         if state is None or state.denied or state.settled:
             if is_sse:
                 response.stream = True  # never buffer an event stream

@@ -6,18 +6,28 @@ the provider billed the tokens it had streamed, the ledger charged nothing.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import signal
 import threading
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
+import httpx2
 import openai
 import pytest
 from drawdown.meter import count_tokens
+from mcp.client.session import ClientSession
+from mcp.client.streamable_http import streamable_http_client
 
+from tests.conftest import standin_resolve
+from tests.support.mcp_server import PATH as MCP_PATH
+from tests.support.mcp_server import DocsMcpServer
 from tests.support.proxy import DrawdownProcess
 from tests.support.standin import Reply, StandIn
+from tests.support.tls import TlsMaterial
 from tests.support.wire import openai_chat_sse
 
 pytestmark = pytest.mark.e2e
@@ -184,3 +194,55 @@ def test_workers_drain_on_ctrl_c_in_a_terminal(drawdown_proxy: Factory, standin:
     assert "".join(seen) == "".join(WORDS)
     assert proxy.wait() == 0
     assert settled(proxy, "terminal") == ("committed", 17, 8, "usage", None, 200)
+
+
+def test_an_mcp_clients_listening_stream_does_not_hold_the_stop(
+    drawdown_proxy: Factory, standin: StandIn, tls_material: TlsMaterial
+) -> None:
+    """An MCP client keeps a GET event stream open for the server's notifications as long as
+    its session lives: the drain waited its whole length for it, as for a call."""
+    docs = DocsMcpServer(tls_material).start()
+    try:
+        resolve = standin_resolve(standin)
+        resolve["tls"] = {"mcp.example.com": docs.host_port, **resolve["tls"]}
+        proxy = drawdown_proxy(
+            Path(__file__).resolve().parents[2] / "policies" / "examples" / "research.yaml",
+            resolve=resolve,
+            proxy_auth=("research-1", "run-1"),
+            extra_args=["--set", "drawdown_drain=600"],
+        )
+        assert proxy.pid is not None
+
+        exit_codes: list[int | None] = []
+
+        def exits_within(seconds: float) -> int | None:
+            try:
+                return proxy.wait(seconds)
+            except AssertionError:  # still running
+                return None
+
+        async def session_open_while_the_proxy_stops() -> None:
+            http = httpx2.AsyncClient(
+                proxy=proxy.proxy_url, verify=proxy.ssl_context(), trust_env=False, timeout=30
+            )
+            url = f"https://mcp.example.com{MCP_PATH}"
+            with contextlib.suppress(Exception):  # the session ends with the proxy
+                async with (
+                    http,
+                    streamable_http_client(url, http_client=http) as streams,
+                    ClientSession(streams[0], streams[1]) as session,
+                ):
+                    await session.initialize()
+                    await session.call_tool("search_docs", {"query": "budgets"})
+                    while not proxy.query(
+                        "SELECT 1 FROM decisions WHERE method = 'GET' AND action = 'mcp.docs'"
+                    ):  # the listening stream is open
+                        await asyncio.sleep(0.05)
+                    os.kill(proxy.pid, signal.SIGTERM)
+                    exit_codes.append(await asyncio.to_thread(exits_within, 60))
+
+        asyncio.run(session_open_while_the_proxy_stops())
+        assert exit_codes == [0]  # long before the 600 s drain
+        assert docs.tools_called() == ["search_docs"]
+    finally:
+        docs.stop()
