@@ -245,7 +245,13 @@ def _within_ledger(completion: Completion, request_id: str) -> Completion:
 def _cut_short(state: FlowState, reason: str, status: int | None) -> Completion:
     """A stream that ended after the upstream began answering: the provider bills what it
     generated, so the charge is what was streamed so far (counted) plus the prompt."""
-    measurement = state.stream_meter.partial()
+    return _measured(state.stream_meter.partial(), status, note=f"stream cut short: {reason}")
+
+
+def _measured(
+    measurement: meter.Measurement, status: int | None, note: str | None = None
+) -> Completion:
+    """What an LLM call is charged: the usage its meter found, priced."""
     usage = measurement.usage
     return Completion(
         actual=Amount(
@@ -259,7 +265,7 @@ def _cut_short(state: FlowState, reason: str, status: int | None) -> Completion:
         usage_source=measurement.source,
         priced=measurement.priced,
         model=measurement.model,
-        note=f"stream cut short: {reason}",
+        note=note,
     )
 
 
@@ -1201,21 +1207,7 @@ class Drawdown:
                     measurement = await asyncio.to_thread(meter.measure_body, *args)
                 else:
                     measurement = meter.measure_body(*args)
-            usage = measurement.usage
-            actual = Amount(
-                usd=measurement.usd_nanos,
-                tokens=usage.input_tokens + usage.output_tokens,
-                requests=1,
-            )
-            completion = Completion(
-                actual=actual,
-                status=status,
-                tokens_in=usage.input_tokens,
-                tokens_out=usage.output_tokens,
-                usage_source=measurement.source,
-                priced=measurement.priced,
-                model=measurement.model,
-            )
+            completion = _measured(measurement, status)
         elif action is not None:
             completion = Completion(
                 actual=Amount(
