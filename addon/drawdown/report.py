@@ -7,7 +7,7 @@ A run's `status`, the first that applies (`would_status` applies the same order 
 would_deny decisions: what shadow mode would have done to the run under enforcement):
     budget_exhausted  a request of the run was denied because a budget was exhausted
     denied            a request was denied for another reason (authority, unknown host, …)
-                      — not by an anomaly guard
+                      — not by an anomaly guard, nor by the proxy's own state (NOT_THE_RUNS)
     anomalous         an anomaly detector flagged the run (or its guard denied a request)
     normal            none of these
 Hard stops come first because they say why a run ended; the run's `anomalies` list always
@@ -42,6 +42,19 @@ MAX_BUCKETS = 120
 MAX_DENIALS = 500  # the most recent denials listed in the report
 MAX_TIMELINE = 2000  # steps drawn per run in the HTML page
 STATUSES = ("budget_exhausted", "denied", "anomalous", "normal")
+# Refusals that say nothing about the run's conduct: its own statuses (budget, anomaly), and the
+# proxy's state (stopping for a deploy, its ledger down, a bug). A deploy marked every run with a
+# call in the air `denied`. They still count among the run's denied requests.
+NOT_THE_RUNS = ", ".join(
+    f"'{code}'"
+    for code in (
+        "budget_exhausted",
+        "anomaly",
+        "shutting_down",
+        "ledger_unavailable",
+        "internal_error",
+    )
+)
 
 
 def parse_duration(text: str) -> float:
@@ -151,9 +164,9 @@ def _build(
                    SUM(CASE WHEN decision = 'deny' THEN 1 ELSE 0 END) AS denied,
                    SUM(CASE WHEN decision = 'would_deny' THEN 1 ELSE 0 END) AS would_deny,
                    SUM(CASE WHEN decision = 'deny' AND reason_code = 'budget_exhausted' THEN 1 ELSE 0 END) AS budget_denials,
-                   SUM(CASE WHEN decision = 'deny' AND COALESCE(reason_code, '') NOT IN ('budget_exhausted', 'anomaly') THEN 1 ELSE 0 END) AS other_denials,
+                   SUM(CASE WHEN decision = 'deny' AND COALESCE(reason_code, '') NOT IN ({NOT_THE_RUNS}) THEN 1 ELSE 0 END) AS other_denials,
                    SUM(CASE WHEN decision = 'would_deny' AND reason_code = 'budget_exhausted' THEN 1 ELSE 0 END) AS would_budget,
-                   SUM(CASE WHEN decision = 'would_deny' AND COALESCE(reason_code, '') NOT IN ('budget_exhausted', 'anomaly') THEN 1 ELSE 0 END) AS would_other,
+                   SUM(CASE WHEN decision = 'would_deny' AND COALESCE(reason_code, '') NOT IN ({NOT_THE_RUNS}) THEN 1 ELSE 0 END) AS would_other,
                    SUM(CASE WHEN decision = 'would_deny' AND reason_code = 'anomaly' THEN 1 ELSE 0 END) AS would_anomaly,
                    COALESCE(SUM(actual_usd), 0) AS usd,
                    COALESCE(SUM(est_usd), 0) AS est_usd,

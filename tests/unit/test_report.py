@@ -388,3 +388,15 @@ def test_text_report_names_the_budget_of_each_instance(seed: Seeder) -> None:
         ["agent:*/run:*", scope, "lifetime", "usd"],
         ["agent:*/run:* [refund.issue]", scope, "lifetime", "requests"],
     ]
+
+
+@pytest.mark.parametrize("code", ["shutting_down", "ledger_unavailable", "internal_error"])
+def test_the_proxys_own_refusals_do_not_make_a_run_denied(seed: Seeder, code: str) -> None:
+    """A deploy answers calls in the air 503 `shutting_down`: every run with one was reported
+    `denied`, as if an authority rule had refused it. The refusal still counts as denied."""
+    seed.call(run="deployed-under")
+    seed.call(run="deployed-under", deny=(code, "the proxy could not take the call"))
+    seed.call(run="refused", deny=("not_authorized", "refund.issue is not allowed"))
+    runs = {r["run"]: r for r in report.build(str(seed.path), now=NOW)["runs"]}
+    assert (runs["deployed-under"]["status"], runs["deployed-under"]["denied"]) == ("normal", 1)
+    assert runs["refused"]["status"] == "denied"
