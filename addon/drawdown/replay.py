@@ -479,7 +479,10 @@ def replay(
         features = _feature_columns(reader)
         rows = reader.query(
             f"SELECT {_COLUMNS}{features} FROM decisions d LEFT JOIN holds h ON h.id = d.hold_id "
-            "WHERE d.ts >= :floor ORDER BY d.ts, d.id",
+            # A request a stopping proxy turned away was retried by its SDK, and the retry is
+            # in the ledger: replaying both would count the call twice.
+            "WHERE d.ts >= :floor AND COALESCE(d.reason_code, '') != 'shutting_down' "
+            "ORDER BY d.ts, d.id",
             {"floor": floor},
         )
     finally:

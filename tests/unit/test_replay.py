@@ -379,3 +379,17 @@ def test_cli_replay_text_and_json(
     bad.write_text("budgets: 3\n")
     assert main(["replay", "--policy", str(bad), "--db", str(seed.path)]) == 1
     assert main(["replay", "--policy", str(path), "--db", str(tmp_path / "nope.db")]) == 1
+
+
+def test_a_call_turned_away_by_a_stopping_proxy_is_replayed_once(
+    seed: Seeder, tmp_path: Path
+) -> None:
+    """Its SDK retried it (the 503 says so) and the retry is in the ledger: replaying the
+    refusal too counted the call twice, against the run's budget."""
+    llm(seed, "r1", body="step 1")
+    llm(seed, "r1", body="step 2", deny=("shutting_down", "this proxy is shutting down"))
+    retried = llm(seed, "r1", body="step 2")
+    p = policy(tmp_path, ACTIONS + 'budgets:\n  - {scope: "agent:*/run:*", requests: 2}\n')
+    data = replay.replay(p, str(seed.path))
+    assert data["requests"] == 2 and data["decisions"] == {"allow": 2, "deny": 0, "would_deny": 0}
+    assert retried.request_id not in {b["request_id"] for b in data["blocked"]}
