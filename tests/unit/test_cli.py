@@ -434,3 +434,20 @@ def test_run_refreshes_the_agents_bundle_with_the_ca_it_will_use(tmp_path: Path)
         (confdir / name).unlink()  # a new CA, as after `rm ~/.drawdown/mitmproxy-ca*`
     _ready_ca(confdir)
     assert (confdir / "mitmproxy-ca-cert.pem").read_text().strip() in bundle.read_text()
+
+
+@pytest.mark.parametrize("command", ["report", "budgets", "verify"])
+def test_a_database_that_is_no_ledger_is_named_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str
+) -> None:
+    """Pointing --db at another SQLite file printed `no such table: decisions` alone."""
+    import sqlite3
+
+    other = tmp_path / "app.db"
+    with sqlite3.connect(other) as conn:
+        conn.execute("CREATE TABLE users (id INTEGER)")
+    assert main([command, "--db", str(other)]) == 1
+    assert capsys.readouterr().err == (
+        f"drawdown: {other} is not a drawdown ledger (no such table: decisions): point --db at "
+        "the ledger `drawdown run` writes\n"
+    )

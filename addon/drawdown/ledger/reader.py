@@ -43,7 +43,7 @@ class Reader:
             try:
                 self._sqlite = _open_read_only(Path(path).resolve())
             except sqlite3.Error as exc:
-                raise LedgerError(f"cannot read ledger {path}: {exc}") from exc
+                raise _unreadable(path, exc) from exc
             self._pg = None
 
     def query(self, sql: str, params: dict[str, Any] | None = None) -> list[dict[str, Any]]:
@@ -53,12 +53,23 @@ class Reader:
                 return [dict(row) for row in self._sqlite.execute(sql, params)]
             rows = self._pg.execute(_NAMED.sub(r"%(\1)s", sql), params).fetchall()
         except Exception as exc:  # sqlite3.Error / psycopg.Error: both mean "cannot read"
-            raise LedgerError(f"cannot read ledger {self.url}: {exc}") from exc
+            raise _unreadable(self.url, exc) from exc
         # SUM() of a BIGINT is NUMERIC in PostgreSQL: give integers back as int, as SQLite does.
         return [{k: _plain(v) for k, v in row.items()} for row in rows]
 
     def close(self) -> None:
         (self._sqlite or self._pg).close()
+
+
+def _unreadable(url: str, exc: Exception) -> LedgerError:
+    first = (str(exc).splitlines() or [type(exc).__name__])[0]
+    if re.search(r"no such table|relation \S+ does not exist", first):
+        # A database, but not one `drawdown run` wrote (or the wrong --db).
+        return LedgerError(
+            f"{url} is not a drawdown ledger ({first}): point --db at the ledger "
+            "`drawdown run` writes"
+        )
+    return LedgerError(f"cannot read ledger {url}: {exc}")
 
 
 def _open_read_only(path: Path) -> sqlite3.Connection:
