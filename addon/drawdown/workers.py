@@ -6,7 +6,7 @@ kernel spreads connections over them) and share the ledger, whose reserve is ato
 processes. Idle-split runs are minted in the ledger (drawdown_shared_runs) so an agent whose
 connections land on different workers keeps one run. The supervisor prints the usual
 `drawdown listening on …` line once every worker accepts connections, relays their logs, and
-passes SIGTERM/SIGINT on.
+passes SIGTERM/SIGINT/SIGHUP on (as SIGTERM).
 """
 
 from __future__ import annotations
@@ -24,6 +24,12 @@ from typing import Any
 from .affinity import writer_environment
 
 REUSE_PORT_ENV = "DRAWDOWN_REUSE_PORT"
+# What stops `drawdown run`, a worker or the supervisor cleanly. SIGHUP too: a closed
+# terminal's hangup killed the proxy outright, its holds left to lapse and the streams it cut
+# uncharged. (Policy edits need no signal: they are watched.)
+STOP_SIGNALS = tuple(
+    getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name)
+)
 
 
 def exit_with_supervisor(supervisor_pid: int) -> None:
@@ -153,8 +159,8 @@ def supervise(
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, on_signal)
 
     def announce() -> None:
         for _ in procs:
@@ -180,7 +186,7 @@ def supervise(
                 )
     stop()
     codes = [proc.wait() for proc in procs]
-    for sig in (signal.SIGTERM, signal.SIGINT):  # stopped: a late signal must not kill us now
+    for sig in STOP_SIGNALS:  # stopped: a late signal must not kill us now
         signal.signal(sig, signal.SIG_IGN)
     for thread in threads:
         thread.join(5)

@@ -130,9 +130,11 @@ def test_a_stream_in_flight_finishes_and_the_proxy_takes_no_new_call(
     ) == [("deny", "shutting_down", 503)]
 
 
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGHUP])
 def test_a_stream_still_running_when_the_drain_ends_is_charged_for_what_it_streamed(
-    drawdown_proxy: Factory, standin: StandIn
+    drawdown_proxy: Factory, standin: StandIn, stop: signal.Signals
 ) -> None:
+    """SIGHUP (a closed terminal) killed the proxy outright: no drain, nothing charged."""
     proxy = drawdown_proxy(POLICY, extra_args=["--set", "drawdown_drain=0.5"])
     gate = gated_stream(standin)
     assert proxy.pid is not None
@@ -140,7 +142,7 @@ def test_a_stream_still_running_when_the_drain_ends_is_charged_for_what_it_strea
         with proxy.openai_client(max_retries=0) as client:
             words = stream(client, "cut")
             seen = [next(words) for _ in range(SHOWN + 1)]
-            os.kill(proxy.pid, signal.SIGTERM)
+            os.kill(proxy.pid, stop)
             with pytest.raises((openai.APIError, httpx2.HTTPError)):  # cut by the stop
                 seen += list(words)
         assert proxy.wait() == 0
