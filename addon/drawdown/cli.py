@@ -195,7 +195,7 @@ async def _run_proxy(args: argparse.Namespace, host: str, port: int, sets: list[
     from .addon import Drawdown
     from .affinity import WriterPlacement, format_cpus
     from .master import DrawdownMaster
-    from .workers import REUSE_PORT_ENV, STOP_SIGNALS, enable_reuse_port, exit_with_supervisor
+    from .workers import REUSE_PORT_ENV, enable_reuse_port, exit_with_supervisor, stop_signals
 
     if supervisor := os.environ.get(REUSE_PORT_ENV):
         enable_reuse_port()
@@ -238,7 +238,7 @@ async def _run_proxy(args: argparse.Namespace, host: str, port: int, sets: list[
         else:
             stopping.append(loop.create_task(drain_then_stop()))
 
-    for sig in STOP_SIGNALS:
+    for sig in stop_signals():
         loop.add_signal_handler(sig, on_stop_signal)
     if hasattr(signal, "SIGPIPE"):
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)

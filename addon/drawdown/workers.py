@@ -24,12 +24,18 @@ from typing import Any
 from .affinity import writer_environment
 
 REUSE_PORT_ENV = "DRAWDOWN_REUSE_PORT"
-# What stops `drawdown run`, a worker or the supervisor cleanly. SIGHUP too: a closed
-# terminal's hangup killed the proxy outright, its holds left to lapse and the streams it cut
-# uncharged. (Policy edits need no signal: they are watched.)
-STOP_SIGNALS = tuple(
-    getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name)
-)
+
+
+def stop_signals() -> tuple[signal.Signals, ...]:
+    """What stops `drawdown run`, a worker or the supervisor cleanly. SIGHUP too: a closed
+    terminal's hangup killed the proxy outright, its holds left to lapse and the streams it cut
+    uncharged (policy edits need no signal: they are watched). Unless it is ignored, as under
+    `nohup`, whose whole point is to outlive the terminal."""
+    wanted = [signal.SIGINT, signal.SIGTERM]
+    hangup = getattr(signal, "SIGHUP", None)
+    if hangup is not None and signal.getsignal(hangup) is not signal.SIG_IGN:
+        wanted.append(hangup)
+    return tuple(wanted)
 
 
 def exit_with_supervisor(supervisor_pid: int) -> None:
@@ -159,7 +165,8 @@ def supervise(
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
 
-    for sig in STOP_SIGNALS:
+    handled = stop_signals()
+    for sig in handled:
         signal.signal(sig, on_signal)
 
     def announce() -> None:
@@ -186,7 +193,7 @@ def supervise(
                 )
     stop()
     codes = [proc.wait() for proc in procs]
-    for sig in STOP_SIGNALS:  # stopped: a late signal must not kill us now
+    for sig in handled:  # stopped: a late signal must not kill us now
         signal.signal(sig, signal.SIG_IGN)
     for thread in threads:
         thread.join(5)
@@ -194,11 +201,11 @@ def supervise(
         print("drawdown: the workers did not start", file=sys.stderr)
     # A second stop signal can reach a worker after its loop closed: by then its holds are
     # released and its ledger closed, so dying of it is a clean stop, not a failure.
-    stop_signals = {-signal.SIGTERM, -signal.SIGINT}
+    ended_by_stop = {-signal.SIGTERM, -signal.SIGINT}
     failed = [
         code
         for proc, code in zip(procs, codes, strict=True)
-        if code != 0 and not (proc.pid in signalled and code in stop_signals)
+        if code != 0 and not (proc.pid in signalled and code in ended_by_stop)
     ]
     if not failed and not asked_to_stop.is_set():
         return 1  # a worker ended on its own: never a clean stop for a service manager

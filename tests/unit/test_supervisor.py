@@ -42,3 +42,20 @@ def test_a_user_can_keep_the_normal_policy_for_workers_on_every_cpu(
     ]
     monkeypatch.setattr(os, "sched_getaffinity", lambda _: {0, 1, 2, 3}, raising=False)
     assert sets(worker_command([], 2, "127.0.0.1:8080")) == ["drawdown_shared_runs=true"]
+
+
+def test_a_hangup_stops_the_proxy_unless_it_runs_under_nohup() -> None:
+    """SIGHUP is a clean stop (a closed terminal killed the proxy outright); but `nohup`
+    ignores it so that the proxy outlives the terminal, and that choice is kept."""
+    import signal
+
+    from drawdown.workers import stop_signals
+
+    before = signal.getsignal(signal.SIGHUP)
+    try:
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+        assert set(stop_signals()) == {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # as nohup leaves it
+        assert set(stop_signals()) == {signal.SIGINT, signal.SIGTERM}
+    finally:
+        signal.signal(signal.SIGHUP, before)
