@@ -314,6 +314,7 @@ class Drawdown:
         }
         self.seconds["drawdown_drain"] = float(DRAIN_DEFAULT)
         self.draining = False  # `drain` began: no new call is taken
+        self._deciding = 0  # requests between their headers and their reserve
         # What we set allow_hosts to for `unknown_hosts: passthrough` (never a user's own value).
         self._managed_allow_hosts: list[str] = []
         self._running = False
@@ -512,7 +513,7 @@ class Drawdown:
         seconds = self.seconds["drawdown_drain"]
 
         def calls() -> int:
-            return sum(not state.listening for state in self.inflight.values())
+            return self._deciding + sum(not s.listening for s in self.inflight.values())
 
         if not calls() or not seconds:
             return
@@ -720,6 +721,7 @@ class Drawdown:
         flow.metadata[STATE] = FlowState(identity=identity, started=now)
 
     async def request(self, flow: http.HTTPFlow) -> None:
+        self._deciding += 1  # not yet in self.inflight: a drain must wait for it too
         try:
             await self._decide(flow)
         except Exception:
@@ -732,6 +734,8 @@ class Drawdown:
                 if flow.response is None:
                     flow.response = http.Response.make(500, b"drawdown: internal error")
             return
+        finally:
+            self._deciding -= 1
         state: FlowState | None = flow.metadata.get(STATE)
         if state is not None and state.hold_id is not None and flow.response is None:
             # Forwarded: wait no longer than drawdown_upstream_timeout for its response headers.

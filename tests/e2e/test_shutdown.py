@@ -10,6 +10,8 @@ import asyncio
 import contextlib
 import os
 import signal
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -248,3 +250,57 @@ def test_an_mcp_clients_listening_stream_does_not_hold_the_stop(
         assert docs.tools_called() == ["search_docs"]
     finally:
         docs.stop()
+
+
+def test_a_stop_under_load_loses_no_call_and_charges_none_twice(
+    drawdown_proxy: Factory, standin: StandIn, tmp_db: Path
+) -> None:
+    """Sixteen agents calling without pause when SIGTERM comes: every call the upstream
+    answered reached its agent and is charged once; every other was turned away (503
+    shutting_down, or no connection) and charged nothing; the ledger balances."""
+    proxy = drawdown_proxy(POLICY)
+    assert proxy.pid is not None
+    answered: list[str] = []
+    turned_away: list[str] = []
+    stop_after = 150
+
+    async def agent(n: int) -> None:
+        async with proxy.async_openai_client(max_retries=0) as client:
+            for i in range(10_000):
+                try:
+                    await client.chat.completions.create(
+                        model="gpt-4o-mini",
+                        messages=[{"role": "user", "content": f"agent {n} step {i}"}],
+                        extra_headers={"X-Drawdown-Run": f"agent-{n}"},
+                    )
+                except openai.APIStatusError as exc:
+                    assert exc.status_code == 503, exc
+                    assert exc.response.headers["x-drawdown-reason"] == "shutting_down"
+                    turned_away.append(f"{n}/{i}")
+                    return
+                except openai.APIConnectionError:  # the listening socket is closed
+                    return
+                answered.append(f"{n}/{i}")
+                if len(answered) == stop_after:
+                    os.kill(proxy.pid, signal.SIGTERM)
+
+    async def load() -> None:
+        await asyncio.gather(*(agent(n) for n in range(16)))
+
+    asyncio.run(load())
+    assert proxy.wait() == 0
+    assert len(answered) >= stop_after
+    charged = proxy.query("SELECT COUNT(*) FROM holds WHERE state = 'committed'")[0][0]
+    assert charged == len(answered) == standin.count("/v1/chat/completions")
+    assert proxy.query("SELECT COUNT(*) FROM holds WHERE state = 'active'") == [(0,)]
+    assert proxy.query(
+        "SELECT COUNT(*) FROM decisions WHERE reason_code = 'shutting_down'"
+    ) == [(len(turned_away),)]
+    assert proxy.query("SELECT SUM(spent_requests) FROM budget_instances") == [(charged,)]
+    result = subprocess.run(
+        [sys.executable, "-m", "drawdown", "verify", "--db", str(tmp_db), "--settled"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
