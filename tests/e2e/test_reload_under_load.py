@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import subprocess
-import sys
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -21,7 +19,7 @@ import openai
 import pytest
 from drawdown.policy import load_policy
 
-from tests.support.proxy import DrawdownProcess
+from tests.support.proxy import DrawdownProcess, assert_ledger_verifies
 from tests.support.standin import StandIn
 
 pytestmark = pytest.mark.e2e
@@ -199,13 +197,7 @@ def test_hot_reload_under_concurrent_load(
     assert all(r[4] in (None, "budget_exhausted", "not_authorized") for r in rows)
     assert proxy.is_running()
     proxy.stop()
-    result = subprocess.run(
-        [sys.executable, "-m", "drawdown", "verify", "--db", str(tmp_db), "--settled"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
+    assert_ledger_verifies(tmp_db)
 
 
 async def sent_at_least(tally: Tally, n: int, timeout: float = 60) -> None:

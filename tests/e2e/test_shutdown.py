@@ -10,8 +10,6 @@ import asyncio
 import contextlib
 import os
 import signal
-import subprocess
-import sys
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -27,7 +25,7 @@ from mcp.client.streamable_http import streamable_http_client
 from tests.conftest import standin_resolve
 from tests.support.mcp_server import PATH as MCP_PATH
 from tests.support.mcp_server import DocsMcpServer
-from tests.support.proxy import DrawdownProcess
+from tests.support.proxy import DrawdownProcess, assert_ledger_verifies
 from tests.support.standin import Reply, StandIn
 from tests.support.tls import TlsMaterial
 from tests.support.wire import openai_chat_sse
@@ -293,14 +291,8 @@ def test_a_stop_under_load_loses_no_call_and_charges_none_twice(
     charged = proxy.query("SELECT COUNT(*) FROM holds WHERE state = 'committed'")[0][0]
     assert charged == len(answered) == standin.count("/v1/chat/completions")
     assert proxy.query("SELECT COUNT(*) FROM holds WHERE state = 'active'") == [(0,)]
-    assert proxy.query(
-        "SELECT COUNT(*) FROM decisions WHERE reason_code = 'shutting_down'"
-    ) == [(len(turned_away),)]
+    assert proxy.query("SELECT COUNT(*) FROM decisions WHERE reason_code = 'shutting_down'") == [
+        (len(turned_away),)
+    ]
     assert proxy.query("SELECT SUM(spent_requests) FROM budget_instances") == [(charged,)]
-    result = subprocess.run(
-        [sys.executable, "-m", "drawdown", "verify", "--db", str(tmp_db), "--settled"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
+    assert_ledger_verifies(tmp_db)

@@ -577,3 +577,22 @@ class DrawdownProcess:
     def __repr__(self) -> str:
         state = "running" if self.is_running() else f"exited {self.returncode}"
         return f"<DrawdownProcess {self.mode} {self.host}:{self.port} {state}>"
+
+
+def assert_ledger_verifies(db: str | Path, *, settled: bool = True) -> None:
+    """`drawdown verify` finds the ledger's invariants intact (every hold settled, with `settled`)."""
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "drawdown",
+            "verify",
+            "--db",
+            str(db),
+            *(["--settled"] if settled else []),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
