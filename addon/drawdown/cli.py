@@ -129,14 +129,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     return asyncio.run(_run_proxy(args, host, port, sets))
 
 
-def _ready_ca(confdir: Path) -> None:
-    """The CA, once, before any worker starts: N workers on a fresh confdir would each mint
-    their own, and clients would trust only the last written. The agents' bundle is refreshed
-    with it, so a CA minted here (or replaced) is the one `drawdown env` points them at."""
+def _ready_ca(confdir: Path) -> Path:
+    """The CA, loaded or minted, and the agents' bundle refreshed with it; the bundle's path.
+
+    `run` calls it once, before any worker starts: N workers on a fresh confdir would each mint
+    their own, and clients would trust only the last written; and a CA minted or replaced
+    there is then the one `drawdown env` points agents at."""
     from .cacerts import CAUnusable, ca_bundle
 
     try:
-        ca_bundle(confdir)
+        return ca_bundle(confdir)
     except CAUnusable as exc:
         raise UsageError(str(exc)) from None
 
@@ -204,8 +206,7 @@ async def _run_proxy(args: argparse.Namespace, host: str, port: int, sets: list[
     logging.getLogger().setLevel(logging.INFO)
     for noisy in ("hpack", "asyncio", "passlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    confdir = str(Path(args.confdir).expanduser())
-    Path(confdir).mkdir(parents=True, exist_ok=True)
+    confdir = str(Path(args.confdir).expanduser())  # made, with its CA, by cmd_run
     opts = options.Options(listen_host=host, listen_port=port, confdir=confdir)
     # Add the addons first, then set their options, so that their `configure` sees every value.
     drawdown = Drawdown()
@@ -260,14 +261,9 @@ async def _run_proxy(args: argparse.Namespace, host: str, port: int, sets: list[
 
 
 def cmd_env(args: argparse.Namespace) -> int:
-    from .cacerts import CAUnusable, ca_bundle
-
     host, port = parse_listen(args.listen)
-    try:
-        # Absolute: the agent that evals these lines may start in another directory.
-        bundle = ca_bundle(Path(args.confdir).expanduser().absolute())
-    except CAUnusable as exc:
-        raise UsageError(str(exc)) from None
+    # Absolute: the agent that evals these lines may start in another directory.
+    bundle = _ready_ca(Path(args.confdir).expanduser().absolute())
     credentials = ""
     if args.run and not args.agent:
         # The run travels as the proxy password, which needs a user name beside it.
