@@ -197,9 +197,16 @@ async def _run_proxy(args: argparse.Namespace, host: str, port: int, sets: list[
     from .addon import Drawdown
     from .affinity import WriterPlacement, format_cpus
     from .master import DrawdownMaster
-    from .workers import REUSE_PORT_ENV, enable_reuse_port, exit_with_supervisor, stop_signals
+    from .workers import (
+        REUSE_PORT_ENV,
+        STOP_NOW,
+        enable_reuse_port,
+        exit_with_supervisor,
+        stop_signals,
+    )
 
-    if supervisor := os.environ.get(REUSE_PORT_ENV):
+    supervisor = os.environ.get(REUSE_PORT_ENV)
+    if supervisor:
         enable_reuse_port()
         if supervisor.isdigit():
             exit_with_supervisor(int(supervisor))
@@ -233,14 +240,17 @@ async def _run_proxy(args: argparse.Namespace, host: str, port: int, sets: list[
 
     def on_stop_signal() -> None:
         # The first signal lets the calls in flight finish (drawdown_drain); a second one, from
-        # a user who will not wait, stops at once.
-        if stopping:
+        # a user who will not wait, stops at once. A worker hears that from its supervisor
+        # alone (STOP_NOW): a service manager may signal it directly too, on the same stop.
+        if stopping and not supervisor:
             master.shutdown()
-        else:
+        elif not stopping:
             stopping.append(loop.create_task(drain_then_stop()))
 
     for sig in stop_signals():
         loop.add_signal_handler(sig, on_stop_signal)
+    if supervisor:
+        loop.add_signal_handler(STOP_NOW, master.shutdown)
     if hasattr(signal, "SIGPIPE"):
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     if args.cpu_affinity is not None:

@@ -6,7 +6,7 @@ kernel spreads connections over them) and share the ledger, whose reserve is ato
 processes. Idle-split runs are minted in the ledger (drawdown_shared_runs) so an agent whose
 connections land on different workers keeps one run. The supervisor prints the usual
 `drawdown listening on …` line once every worker accepts connections, relays their logs, and
-passes SIGTERM/SIGINT/SIGHUP on (as SIGTERM).
+passes SIGTERM/SIGINT/SIGHUP on (as SIGTERM); a second one, as STOP_NOW.
 """
 
 from __future__ import annotations
@@ -24,6 +24,11 @@ from typing import Any
 from .affinity import writer_environment
 
 REUSE_PORT_ENV = "DRAWDOWN_REUSE_PORT"
+# A worker's cue from its supervisor that the user will not wait for the drain. Not a second
+# SIGTERM: a service manager that signals every process of the service (systemd's default
+# KillMode=control-group) reaches each worker directly as well as through the supervisor, and
+# two SIGTERMs would cut the calls in flight the drain is there to let finish.
+STOP_NOW = signal.SIGUSR2
 
 
 def stop_signals() -> tuple[signal.Signals, ...]:
@@ -147,8 +152,7 @@ def supervise(
     signalled: set[int] = set()
 
     def stop(*_: object) -> None:
-        # Once each: to a worker, a second SIGTERM means "stop now, do not wait for the calls in
-        # flight" (drawdown_drain).
+        # Once each (a worker drains once however often it is told to stop; STOP_NOW ends it).
         for proc in procs:
             if proc.pid not in signalled and proc.poll() is None:
                 signalled.add(proc.pid)
@@ -163,7 +167,7 @@ def supervise(
             return
         for proc in procs:  # asked again: the user will not wait for the drain
             if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
+                proc.send_signal(STOP_NOW)
 
     handled = stop_signals()
     for sig in handled:
@@ -201,7 +205,7 @@ def supervise(
         print("drawdown: the workers did not start", file=sys.stderr)
     # A second stop signal can reach a worker after its loop closed: by then its holds are
     # released and its ledger closed, so dying of it is a clean stop, not a failure.
-    ended_by_stop = {-signal.SIGTERM, -signal.SIGINT}
+    ended_by_stop = {-signal.SIGTERM, -signal.SIGINT, -STOP_NOW}
     failed = [
         code
         for proc, code in zip(procs, codes, strict=True)

@@ -11,6 +11,7 @@ import contextlib
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from mcp.client.streamable_http import streamable_http_client
 from tests.conftest import standin_resolve
 from tests.support.mcp_server import PATH as MCP_PATH
 from tests.support.mcp_server import DocsMcpServer
+from tests.support.procfs import children_of
 from tests.support.proxy import DrawdownProcess, assert_ledger_verifies
 from tests.support.standin import Reply, StandIn
 from tests.support.tls import TlsMaterial
@@ -196,6 +198,52 @@ def test_workers_drain_on_ctrl_c_in_a_terminal(drawdown_proxy: Factory, standin:
     assert "".join(seen) == "".join(WORDS)
     assert proxy.wait() == 0
     assert settled(proxy, "terminal") == ("committed", 17, 8, "usage", None, 200)
+
+
+def test_workers_drain_when_a_service_manager_signals_every_process(
+    drawdown_proxy: Factory, standin: StandIn
+) -> None:
+    """systemd's default KillMode=control-group sends SIGTERM to every process of the service
+    at once: each worker got it directly and again from the supervisor, counted two stop
+    requests, and cut the stream the drain is there to let finish."""
+    proxy = drawdown_proxy(POLICY, extra_args=["--workers", "2"])
+    gate = gated_stream(standin)
+    assert proxy.pid is not None
+    with proxy.openai_client(max_retries=0) as client:
+        words = stream(client, "unit")
+        seen = [next(words) for _ in range(SHOWN + 1)]
+        for pid in [proxy.pid, *children_of(proxy.pid)]:
+            os.kill(pid, signal.SIGTERM)
+        proxy.wait_for_log(r"drawdown: stopping; 1 call\(s\) in flight")
+        time.sleep(0.5)  # the supervisor's relayed SIGTERM has long reached every worker
+        assert proxy.is_running()
+        gate.set()
+        seen += list(words)
+    assert "".join(seen) == "".join(WORDS)
+    assert proxy.wait() == 0
+    assert settled(proxy, "unit") == ("committed", 17, 8, "usage", None, 200)
+
+
+def test_a_second_signal_to_the_supervisor_stops_its_workers_at_once(
+    drawdown_proxy: Factory, standin: StandIn
+) -> None:
+    proxy = drawdown_proxy(POLICY, extra_args=["--workers", "2", "--set", "drawdown_drain=600"])
+    gate = gated_stream(standin)
+    assert proxy.pid is not None
+    try:
+        with proxy.openai_client(max_retries=0) as client:
+            words = stream(client, "impatient")
+            for _ in range(SHOWN + 1):
+                next(words)
+            os.kill(proxy.pid, signal.SIGTERM)
+            proxy.wait_for_log(r"get up to 600s to finish")
+            os.kill(proxy.pid, signal.SIGTERM)
+            assert proxy.wait(60) == 0  # long before the 600 s drain
+    finally:
+        gate.set()
+    state, _, tokens_out, source, note, _ = settled(proxy, "impatient")
+    assert (state, source, note) == ("committed", "counted", "stream cut short: proxy shut down")
+    assert tokens_out == count_tokens("".join(WORDS[:SHOWN]), "gpt-4o-mini")
 
 
 def test_an_mcp_clients_listening_stream_does_not_hold_the_stop(
