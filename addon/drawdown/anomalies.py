@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
-from .ledger.api import LedgerError
+from .ledger.api import PROXY_REFUSALS, LedgerError, agents_own
 from .ledger.reader import Reader
 from .money import format_usd
 from .policy.model import AnomalySettings, Detector, Policy
@@ -567,17 +567,19 @@ def find(
                    d.agent, d.run, d.action
             FROM decisions d WHERE d.workflow IN
               (SELECT DISTINCT workflow FROM decisions WHERE {where} AND workflow IS NOT NULL)
+              AND {agents_own("d.reason_code")}
             ORDER BY d.ts, d.id""",
         params,
     )
     history = reader.query(
-        """SELECT tenant, agent, scope, COUNT(*) AS steps, MIN(ts) AS started
-           FROM decisions WHERE run IS NOT NULL GROUP BY tenant, agent, scope"""
+        f"""SELECT tenant, agent, scope, COUNT(*) AS steps, MIN(ts) AS started
+            FROM decisions WHERE run IS NOT NULL AND {agents_own()} GROUP BY tenant, agent, scope"""
     )
     settings = policy.anomalies if policy else AnomalySettings()
     priced = frozenset(a.kind for a in policy.actions if a.price is not None) if policy else None
     found = detect(
-        rows,
+        # The runs' own steps: the proxy's refusals (a stop, its ledger down) are not theirs.
+        [r for r in rows if r["reason_code"] not in PROXY_REFUSALS],
         settings,
         history=history,
         workflow_rows=workflow_rows,

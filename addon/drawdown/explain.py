@@ -13,7 +13,7 @@ from .authority import evaluate
 from .budgets import claims_for
 from .classify import RequestView, classify
 from .identity import Caller, IdleRuns, identify
-from .ledger.api import Amount, DecisionRow, Guards, deciding_order
+from .ledger.api import Amount, DecisionRow, Guards, agents_own, deciding_order
 from .ledger.plan import Counts
 from .money import format_usd
 from .policy import Policy
@@ -294,12 +294,14 @@ def _guard_counts(db: str, row: DecisionRow, guards: Guards) -> Counts:
         where = {"scope": row.scope, "fingerprint": row.fingerprint}
         if guards.max_repeats is not None:
             counts.repeats[row.scope, row.fingerprint or ""] = reader.query(
-                "SELECT COUNT(*) AS n FROM decisions WHERE scope = :scope AND fingerprint = :fingerprint",
+                "SELECT COUNT(*) AS n FROM decisions WHERE scope = :scope "
+                f"AND fingerprint = :fingerprint AND {agents_own()}",
                 where,
             )[0]["n"]
         if guards.max_steps is not None:
             counts.steps[row.scope] = reader.query(
-                "SELECT COUNT(*) AS n FROM decisions WHERE scope = :scope", where
+                f"SELECT COUNT(*) AS n FROM decisions WHERE scope = :scope AND {agents_own()}",
+                where,
             )[0]["n"]
         if guards.max_runs_per_workflow is not None and row.workflow is not None:
             runs = reader.query(

@@ -32,7 +32,16 @@ from .addon import guards_for
 from .authority import evaluate, facts_of
 from .budgets import claims_for
 from .classify import RequestView, classify, unmatched
-from .ledger.api import UNITS, Amount, Claim, Guards, LedgerError, Shortfall, deciding_first
+from .ledger.api import (
+    UNITS,
+    Amount,
+    Claim,
+    Guards,
+    LedgerError,
+    Shortfall,
+    agents_own,
+    deciding_first,
+)
 from .ledger.reader import Reader
 from .money import format_usd, usd_float
 from .policy.match import LEVELS
@@ -479,9 +488,9 @@ def replay(
         features = _feature_columns(reader)
         rows = reader.query(
             f"SELECT {_COLUMNS}{features} FROM decisions d LEFT JOIN holds h ON h.id = d.hold_id "
-            # A request a stopping proxy turned away was retried by its SDK, and the retry is
-            # in the ledger: replaying both would count the call twice.
-            "WHERE d.ts >= :floor AND COALESCE(d.reason_code, '') != 'shutting_down' "
+            # A request the proxy's own state turned away (a stop, its ledger down) was retried
+            # by its SDK, and the retry is in the ledger: replaying both would count it twice.
+            f"WHERE d.ts >= :floor AND {agents_own('d.reason_code')} "
             "ORDER BY d.ts, d.id",
             {"floor": floor},
         )

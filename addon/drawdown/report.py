@@ -29,6 +29,7 @@ from typing import IO, Any
 
 from . import anomalies as anomaly_detection
 from .identity import clean_value
+from .ledger.api import PROXY_REFUSALS
 from .ledger.reader import Reader
 from .money import format_usd, usd_float
 from .policy.model import Policy
@@ -45,16 +46,7 @@ STATUSES = ("budget_exhausted", "denied", "anomalous", "normal")
 # Refusals that say nothing about the run's conduct: its own statuses (budget, anomaly), and the
 # proxy's state (stopping for a deploy, its ledger down, a bug). A deploy marked every run with a
 # call in the air `denied`. They still count among the run's denied requests.
-NOT_THE_RUNS = ", ".join(
-    f"'{code}'"
-    for code in (
-        "budget_exhausted",
-        "anomaly",
-        "shutting_down",
-        "ledger_unavailable",
-        "internal_error",
-    )
-)
+NOT_THE_RUNS = ", ".join(f"'{code}'" for code in ("budget_exhausted", "anomaly", *PROXY_REFUSALS))
 
 
 def parse_duration(text: str) -> float:

@@ -130,6 +130,19 @@ def test_step_count_above_max(seed: Seeder, tmp_path: Path) -> None:
     assert found(seed) == []  # the default max (60) is far away
 
 
+def test_the_proxys_own_refusals_are_no_steps_of_the_run(seed: Seeder, tmp_path: Path) -> None:
+    """A request a stopping proxy turned away was retried by its SDK: one step, not two."""
+    settings = policy(tmp_path, "anomalies:\n  step_count: {max: 10}\n")
+    for i in range(10):
+        seed.call(run="deployed-under", body=f"t{i}")
+        if i % 3 == 0:
+            seed.call(run="deployed-under", body=f"t{i}", deny=("shutting_down", "stopping"))
+    assert found(seed, settings) == []
+    seed.call(run="deployed-under", body="one too many", deny=("not_authorized", "no rule"))
+    (steps,) = found(seed, settings)
+    assert steps["kind"] == "step_count" and "11 steps" in steps["detail"]
+
+
 def test_step_count_against_the_agents_history(seed: Seeder) -> None:
     for r in range(25):
         for i in range(10):

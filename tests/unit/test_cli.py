@@ -451,3 +451,45 @@ def test_a_database_that_is_no_ledger_is_named_so(
         f"drawdown: {other} is not a drawdown ledger (no such table: decisions): point --db at "
         "the ledger `drawdown run` writes\n"
     )
+
+
+def test_explain_counts_the_steps_the_proxy_counts(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A request the proxy turned away for its own state (a stop, a bug) is no step of the
+    run, for `explain --db` as for the reserve-time guard."""
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(
+        "identity:\n  agent: [{header: X-Drawdown-Agent}]\n  run: [{header: X-Drawdown-Run}]\n"
+        "actions:\n  - {kind: llm, provider: openai, match: {host: api.openai.com}}\n"
+        "anomalies:\n  step_count: {max: 2, on_detect: deny}\n"
+    )
+    db = tmp_path / "ledger.db"
+    ledger = SQLiteLedger(db)
+
+    def step(reason_code: str | None) -> None:
+        row = DecisionRow(
+            request_id=uuid.uuid4().hex, ts=1.0, decision="deny" if reason_code else "allow",
+            mode="enforce", scope="tenant:default/agent:bot/run:r1", tenant="default", agent="bot",
+            run="r1", action="llm",
+            reason_code=reason_code,
+        )  # fmt: skip
+        ledger.record(row)
+
+    def decision() -> str:
+        body = json.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]})
+        assert main(
+            ["explain", "--policy", str(policy), "--db", str(db), "--url", "https://api.openai.com/v1/chat/completions",
+             "--header", "X-Drawdown-Agent:bot", "--header", "X-Drawdown-Run:r1", "--json", body, "--as-json"]
+        ) == 0  # fmt: skip
+        return json.loads(capsys.readouterr().out)["decision"]
+
+    try:
+        step(None)
+        step("shutting_down")
+        step("internal_error")
+        assert decision() == "allow"
+        step("not_authorized")  # the agent's own denied request is a step
+        assert decision() == "deny"
+    finally:
+        ledger.close()

@@ -610,6 +610,32 @@ def test_step_count_and_fan_out_guards(backend: LedgerBackend, ledger: Any) -> N
     assert backend.scalar("SELECT COUNT(*) FROM budget_instances WHERE budget = 'x'") == 0
 
 
+def test_the_proxys_own_refusals_are_neither_steps_nor_repeats(
+    backend: LedgerBackend, ledger: Any
+) -> None:
+    """A request turned away because the proxy was stopping (or its ledger down, or a bug) was
+    retried by its SDK; counted, a deploy added a step and a repeat to every run in the air."""
+    guards = Guards(max_repeats=1, max_steps=2)
+
+    def refused(code: str) -> DecisionRow:
+        r = guarded()
+        r.decision, r.reason_code, r.status = "deny", code, 503
+        return r
+
+    ledger.record(refused("shutting_down"))
+    ledger.record(refused("internal_error"))  # decided, so with its fingerprint
+    first = ledger.reserve(guarded(), [], Amount(requests=1), NOW + 900, guards)
+    # In one batch too: the planner counts the rows the batch records before each reserve.
+    retry = ("reserve", (guarded("other"), [], Amount(requests=1), NOW + 900, guards))
+    batch = ledger.run_batch([("record", (refused("ledger_unavailable"),)), retry])
+    assert (first.decision, batch[1].decision) == ("allow", "allow")
+    # The agent's own denials still count: the third step is one too many.
+    ledger.record(refused("not_authorized"))
+    third = ledger.reserve(guarded("third"), [], Amount(requests=1), NOW + 900, guards)
+    assert third.decision == "deny" and third.tripped is not None
+    assert third.tripped.detector == "step_count"
+
+
 def test_shadow_guard_records_would_deny_and_holds(backend: LedgerBackend, ledger: Any) -> None:
     guards = Guards(max_repeats=1, shadow=True)
     first = ledger.reserve(guarded(), [claim(requests=10)], Amount(requests=1), NOW + 900, guards)

@@ -381,13 +381,14 @@ def test_cli_replay_text_and_json(
     assert main(["replay", "--policy", str(path), "--db", str(tmp_path / "nope.db")]) == 1
 
 
-def test_a_call_turned_away_by_a_stopping_proxy_is_replayed_once(
-    seed: Seeder, tmp_path: Path
+@pytest.mark.parametrize("refusal", ["shutting_down", "internal_error"])
+def test_a_call_turned_away_by_the_proxys_own_state_is_replayed_once(
+    seed: Seeder, tmp_path: Path, refusal: str
 ) -> None:
-    """Its SDK retried it (the 503 says so) and the retry is in the ledger: replaying the
+    """Its SDK retried it (a 503 or a 500) and the retry is in the ledger: replaying the
     refusal too counted the call twice, against the run's budget."""
     llm(seed, "r1", body="step 1")
-    llm(seed, "r1", body="step 2", deny=("shutting_down", "this proxy is shutting down"))
+    llm(seed, "r1", body="step 2", deny=(refusal, "turned away by the proxy"))
     retried = llm(seed, "r1", body="step 2")
     p = policy(tmp_path, ACTIONS + 'budgets:\n  - {scope: "agent:*/run:*", requests: 2}\n')
     data = replay.replay(p, str(seed.path))

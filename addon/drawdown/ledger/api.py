@@ -30,6 +30,17 @@ IDLE_RUN_SQL = (
 )
 
 
+# Refusals by the proxy's own state (stopping for a deploy, its ledger down, a bug), not by the
+# agent's conduct: the SDK retries each, and the retry is the agent's step. The anomaly guards,
+# the detectors and replay leave them out, so a deploy adds no step and no repeat to a run.
+PROXY_REFUSALS = ("shutting_down", "ledger_unavailable", "internal_error")
+
+
+def agents_own(reason_code: str = "reason_code") -> str:
+    """SQL: the decision row is the agent's own step, not one of PROXY_REFUSALS."""
+    return f"COALESCE({reason_code}, '') NOT IN ({', '.join(f"'{c}'" for c in PROXY_REFUSALS)})"
+
+
 _random: tuple[int, random.Random] | None = None
 
 

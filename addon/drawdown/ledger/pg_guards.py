@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from .api import DecisionRow, Guards
+from .api import DecisionRow, Guards, agents_own
 from .plan import Counts, GuardKeys
 
 # Sorted by hash, taken in that order (the subquery keeps the order for the outer call).
@@ -23,12 +23,13 @@ SELECT pg_advisory_xact_lock(s.h) FROM (
     FROM unnest(%s::text[]) AS k ORDER BY h
 ) AS s
 """
-REPEATS = """
-SELECT k.scope, k.fp, (SELECT COUNT(*) FROM decisions d WHERE d.scope = k.scope AND d.fingerprint = k.fp)
+REPEATS = f"""
+SELECT k.scope, k.fp, (SELECT COUNT(*) FROM decisions d
+                       WHERE d.scope = k.scope AND d.fingerprint = k.fp AND {agents_own("d.reason_code")})
 FROM unnest(%s::text[], %s::text[]) AS k(scope, fp)
 """
-STEPS = """
-SELECT k.scope, (SELECT COUNT(*) FROM decisions d WHERE d.scope = k.scope)
+STEPS = f"""
+SELECT k.scope, (SELECT COUNT(*) FROM decisions d WHERE d.scope = k.scope AND {agents_own("d.reason_code")})
 FROM unnest(%s::text[]) AS k(scope)
 """
 RUNS = """

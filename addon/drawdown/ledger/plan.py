@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .api import (
+    PROXY_REFUSALS,
     UNITS,
     Amount,
     Claim,
@@ -198,6 +199,8 @@ class Counts:
 
     def add(self, row: DecisionRow) -> None:
         """A decision row the batch records (before the next reserve is checked)."""
+        if row.reason_code in PROXY_REFUSALS:  # the proxy's state, not the agent's: not counted
+            return
         if row.fingerprint and (row.scope, row.fingerprint) in self.repeats:
             self.repeats[row.scope, row.fingerprint] += 1
         if row.scope in self.steps:

@@ -47,6 +47,7 @@ from .api import (
     LedgerError,
     ReserveOutcome,
     Settled,
+    agents_own,
 )
 from .plan import (
     COMPLETION_FIELDS,
@@ -109,6 +110,8 @@ _INSERT_EVENT = (
 _INSERT_FACT = (
     "INSERT INTO facts (scope, action, field, value, request_id, ts) VALUES (?, ?, ?, ?, ?, ?)"
 )
+
+STEP = agents_own()  # the decision rows the step and loop guards count
 
 T = TypeVar("T")
 
@@ -393,12 +396,12 @@ class SQLiteLedger:
         conn, counts = self.conn, Counts()
         for scope, fingerprint in keys.repeats:
             (counts.repeats[scope, fingerprint],) = conn.execute(
-                "SELECT COUNT(*) FROM decisions WHERE scope = ? AND fingerprint = ?",
+                f"SELECT COUNT(*) FROM decisions WHERE scope = ? AND fingerprint = ? AND {STEP}",
                 (scope, fingerprint),
             ).fetchone()
         for scope in keys.steps:
             (counts.steps[scope],) = conn.execute(
-                "SELECT COUNT(*) FROM decisions WHERE scope = ?", (scope,)
+                f"SELECT COUNT(*) FROM decisions WHERE scope = ? AND {STEP}", (scope,)
             ).fetchone()
         for workflow, tenant in keys.runs:
             (counts.runs[workflow, tenant],) = conn.execute(
