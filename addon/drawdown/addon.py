@@ -1285,7 +1285,21 @@ class Drawdown:
         if state.settled:
             return
         state.settled = True
-        self.inflight.pop(flow.id, None)
+        try:
+            await self._write_settlement(flow, state, completion, status, release_reason)
+        finally:
+            # In flight until the ledger has it: a drain that stopped on an empty `inflight`
+            # while this commit was queued released the hold, and the call went uncharged.
+            self.inflight.pop(flow.id, None)
+
+    async def _write_settlement(
+        self,
+        flow: http.HTTPFlow,
+        state: FlowState,
+        completion: Completion | None,
+        status: int | None,
+        release_reason: str | None,
+    ) -> None:
         now = time.time()
         latency = (
             (now - flow.request.timestamp_start) * 1000 if flow.request.timestamp_start else None

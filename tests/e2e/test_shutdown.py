@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -132,6 +133,37 @@ def test_a_stream_in_flight_finishes_and_the_proxy_takes_no_new_call(
     ) == [("deny", "shutting_down", 503)]
 
 
+def test_the_drain_waits_for_a_finished_calls_charge_to_land(
+    drawdown_proxy: Factory, standin: StandIn
+) -> None:
+    """A call stopped counting as in flight when its settle began, not when the ledger had it:
+    a drain that looked in between stopped, released the hold, and the call went uncharged.
+    Another process holds the ledger's write lock here, so that the commit waits."""
+    proxy = drawdown_proxy(POLICY)
+    gate = gated_stream(standin)
+    assert proxy.pid is not None
+    with proxy.openai_client(max_retries=0) as client:
+        words = stream(client, "landing")
+        seen = [next(words) for _ in range(SHOWN + 1)]
+        os.kill(proxy.pid, signal.SIGTERM)
+        proxy.wait_for_log(r"drawdown: stopping; 1 call\(s\) in flight")
+        lock = sqlite3.connect(proxy.db_path, isolation_level=None)
+        try:
+            lock.execute("BEGIN IMMEDIATE")  # the commit now waits for the write lock
+            gate.set()
+            seen += list(words)
+            time.sleep(0.5)  # ten of the drain's looks at what is in flight
+            assert "every call in flight finished" not in proxy.log_text()
+            assert proxy.is_running()
+        finally:
+            lock.execute("ROLLBACK")
+            lock.close()
+    assert "".join(seen) == "".join(WORDS)
+    assert proxy.wait() == 0
+    proxy.wait_for_log(r"drawdown: every call in flight finished")
+    assert settled(proxy, "landing") == ("committed", 17, 8, "usage", None, 200)
+
+
 @pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGHUP])
 def test_a_stream_still_running_when_the_drain_ends_is_charged_for_what_it_streamed(
     drawdown_proxy: Factory, standin: StandIn, stop: signal.Signals
@@ -159,10 +191,13 @@ def test_a_stream_still_running_when_the_drain_ends_is_charged_for_what_it_strea
     assert note == "stream cut short: proxy shut down"
 
 
+@pytest.mark.parametrize("workers", [[], ["--workers", "2"]], ids=["one process", "workers"])
 def test_a_second_signal_stops_at_once_and_still_charges_the_stream(
-    drawdown_proxy: Factory, standin: StandIn
+    drawdown_proxy: Factory, standin: StandIn, workers: list[str]
 ) -> None:
-    proxy = drawdown_proxy(POLICY, extra_args=["--set", "drawdown_drain=600"])
+    """With --workers the supervisor relays the second signal as STOP_NOW: a worker counts
+    a SIGTERM only once, since a service manager may send it one of its own."""
+    proxy = drawdown_proxy(POLICY, extra_args=[*workers, "--set", "drawdown_drain=600"])
     gate = gated_stream(standin)
     assert proxy.pid is not None
     try:
@@ -222,28 +257,6 @@ def test_workers_drain_when_a_service_manager_signals_every_process(
     assert "".join(seen) == "".join(WORDS)
     assert proxy.wait() == 0
     assert settled(proxy, "unit") == ("committed", 17, 8, "usage", None, 200)
-
-
-def test_a_second_signal_to_the_supervisor_stops_its_workers_at_once(
-    drawdown_proxy: Factory, standin: StandIn
-) -> None:
-    proxy = drawdown_proxy(POLICY, extra_args=["--workers", "2", "--set", "drawdown_drain=600"])
-    gate = gated_stream(standin)
-    assert proxy.pid is not None
-    try:
-        with proxy.openai_client(max_retries=0) as client:
-            words = stream(client, "impatient")
-            for _ in range(SHOWN + 1):
-                next(words)
-            os.kill(proxy.pid, signal.SIGTERM)
-            proxy.wait_for_log(r"get up to 600s to finish")
-            os.kill(proxy.pid, signal.SIGTERM)
-            assert proxy.wait(60) == 0  # long before the 600 s drain
-    finally:
-        gate.set()
-    state, _, tokens_out, source, note, _ = settled(proxy, "impatient")
-    assert (state, source, note) == ("committed", "counted", "stream cut short: proxy shut down")
-    assert tokens_out == count_tokens("".join(WORDS[:SHOWN]), "gpt-4o-mini")
 
 
 def test_an_mcp_clients_listening_stream_does_not_hold_the_stop(
