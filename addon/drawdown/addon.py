@@ -930,6 +930,8 @@ class Drawdown:
         governed = policy.authority.rules or policy.authority.default == "deny"
         if governed and not await self._authorize(flow, state, policy, classification, view):
             return
+        if state.settled:  # a history lookup failed and on_ledger_error let it go unaccounted
+            return
         state.facts = tuple(
             Fact(state.identity.path, kind, name, value)
             for name, value in facts_of(policy.authority, kind, view)
@@ -1062,6 +1064,7 @@ class Drawdown:
                 state.request_id,
             )
             state.settled = True  # nothing held, nothing to settle
+            self.inflight[flow.id] = state  # but a call in flight, which a drain waits for
             return True
         log.error(
             "drawdown: ledger unavailable (%s); denying %s (on_ledger_error: deny)",
@@ -1185,6 +1188,8 @@ class Drawdown:
         state: FlowState | None = flow.metadata.get(STATE)
         if state is not None:
             state.stop_upstream_timer()  # e.g. answered by another addon, with no headers hook
+            if state.hold_id is None:  # forwarded unaccounted (the ledger was down): it is over
+                self.inflight.pop(flow.id, None)
         if state is None or state.settled or state.hold_id is None:
             return
         response = flow.response
@@ -1258,6 +1263,8 @@ class Drawdown:
         state: FlowState | None = flow.metadata.get(STATE)
         if state is not None:
             state.stop_upstream_timer()
+            if state.hold_id is None:  # forwarded unaccounted (the ledger was down): it is over
+                self.inflight.pop(flow.id, None)
         if state is None or state.settled or state.hold_id is None:
             return
         reason = flow.error.msg if flow.error else "connection failed"

@@ -164,6 +164,35 @@ def test_the_drain_waits_for_a_finished_calls_charge_to_land(
     assert settled(proxy, "landing") == ("committed", 17, 8, "usage", None, 200)
 
 
+def test_the_drain_waits_for_a_call_forwarded_while_the_ledger_was_down(
+    drawdown_proxy: Factory, standin: StandIn
+) -> None:
+    """Shadow mode (or `on_ledger_error: allow`) forwards a call the ledger could not take,
+    unaccounted. The drain did not count it, and cut it at once."""
+    proxy = drawdown_proxy(
+        "mode: shadow\n" + POLICY, extra_args=["--set", "drawdown_ledger_timeout=0.5"]
+    )
+    gate = gated_stream(standin)
+    assert proxy.pid is not None
+    with proxy.openai_client(max_retries=0) as client:
+        locker = sqlite3.connect(proxy.db_path, isolation_level=None)
+        try:
+            locker.execute("BEGIN EXCLUSIVE")  # longer than drawdown_ledger_timeout
+            words = stream(client, "unaccounted")
+            seen = [next(words) for _ in range(SHOWN + 1)]
+        finally:
+            locker.execute("ROLLBACK")
+            locker.close()
+        proxy.wait_for_log(r"forwarding .* unaccounted")
+        os.kill(proxy.pid, signal.SIGTERM)
+        proxy.wait_for_log(r"drawdown: stopping; 1 call\(s\) in flight")
+        gate.set()
+        seen += list(words)
+    assert "".join(seen) == "".join(WORDS)
+    assert proxy.wait() == 0
+    proxy.wait_for_log(r"drawdown: every call in flight finished")
+
+
 @pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGHUP])
 def test_a_stream_still_running_when_the_drain_ends_is_charged_for_what_it_streamed(
     drawdown_proxy: Factory, standin: StandIn, stop: signal.Signals
