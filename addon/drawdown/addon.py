@@ -457,6 +457,10 @@ class Drawdown:
             task.cancel()
         tokenizer_process.stop_tokenizer_process()
         if self.ledger is not None:
+            # The writer first: what it still has queued (a reserve past the drain's deadline, a
+            # commit) lands before the holds are released, not after, which would leave that
+            # hold to lapse uncharged with the lease. Then the ledger is only called from here.
+            self.ledger.close()
             self._charge_cut_streams()
             try:
                 released = self.ledger.call_sync("release_mine", time.time(), "proxy shut down")
@@ -469,7 +473,6 @@ class Drawdown:
                     "drawdown: could not release holds at shutdown (%s); they lapse with this proxy's lease",
                     exc,
                 )
-            self.ledger.close()
             try:
                 self.ledger.ledger.close()
             except LedgerError:
