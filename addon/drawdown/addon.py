@@ -248,6 +248,11 @@ def _cut_short(state: FlowState, reason: str, status: int | None) -> Completion:
     return _measured(state.stream_meter.partial(), status, note=f"stream cut short: {reason}")
 
 
+def _the_estimate(state: FlowState, status: int, note: str) -> Completion:
+    """What a call whose answer was lost after the upstream billed it is charged: its estimate."""
+    return Completion(actual=state.estimate, status=status, usage_source="estimate", note=note)
+
+
 def _measured(
     measurement: meter.Measurement, status: int | None, note: str | None = None
 ) -> Completion:
@@ -277,7 +282,7 @@ def _jsonrpc_error(state: FlowState, response: http.Response) -> bool:
         return False
     try:
         document = json.loads(response.get_content(strict=False) or b"null")
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested too deeply to parse
         return True
     items = document if isinstance(document, list) else [document]
     return any(isinstance(item, dict) and "error" in item for item in items)
@@ -382,6 +387,13 @@ class Drawdown:
         if "drawdown_drain" in updated:
             self.seconds["drawdown_drain"] = _seconds(
                 "drawdown_drain", ctx.options.drawdown_drain, zero=True
+            )
+        if "stream_large_bodies" in updated and ctx.options.stream_large_bodies:
+            # mitmproxy would send a large request upstream as it comes in, before the `request`
+            # hook: undecided, unreserved. (Event streams are never buffered in any case.)
+            raise exceptions.OptionsError(
+                "stream_large_bodies cannot be used with drawdown: it forwards large requests "
+                "before drawdown has decided on them (event streams are streamed regardless)"
             )
         if "drawdown_mode" in updated and ctx.options.drawdown_mode not in (
             "",
@@ -655,13 +667,18 @@ class Drawdown:
             seen = await asyncio.to_thread(policy_fingerprint, path)
             if seen == self._policy_seen:
                 continue
-            self._policy_seen = seen
+            self._policy_seen = seen  # a broken edit is reported once, not at every look
+            # Whatever the load meets (a folder unreadable for a moment, a bug), the watcher
+            # reports it and goes on: dead, it would silently ignore every later edit.
             try:
                 policy = await asyncio.to_thread(load_policy, path)
-            except PolicyInvalid as exc:
+            except (PolicyInvalid, OSError) as exc:
                 log.error(
                     "drawdown: policy edit rejected, the last good policy stays in force:\n%s", exc
                 )
+                continue
+            except Exception:
+                log.exception("drawdown: could not reload %s; the last good policy stays", path)
                 continue
             self._install_policy(policy)
             log.info("drawdown: policy reloaded from %s", path)
@@ -721,6 +738,11 @@ class Drawdown:
             del flow.request.headers[name]
         if "proxy-authorization" in headers:
             del flow.request.headers["proxy-authorization"]
+        if flow.request.stream:
+            # Set by stream_large_bodies: mitmproxy would send the body upstream as it comes,
+            # before the `request` hook, so before this proxy has decided and reserved. A
+            # request is decided on its whole body; body_size_limit still bounds it.
+            flow.request.stream = False
         flow.metadata[STATE] = FlowState(identity=identity, started=now)
 
     async def request(self, flow: http.HTTPFlow) -> None:
@@ -1152,7 +1174,15 @@ class Drawdown:
         assert response is not None
         self._close_when_draining(flow, response)
         is_sse = response.headers.get("content-type", "").startswith("text/event-stream")
-        if state is not None and is_sse and state.llm is None and flow.request.method == "GET":
+        if (
+            state is not None
+            and is_sse
+            and state.llm is None
+            and flow.request.method == "GET"
+            and not state.estimate.usd
+        ):
+            # An MCP client's stream for server messages: no call, so a drain does not wait
+            # for it. A priced tool answering as a stream is a call, and is waited for.
             state.listening = True
         if state is None or state.denied or state.settled:
             if is_sse:
@@ -1188,6 +1218,28 @@ class Drawdown:
         response.stream = on_chunk
 
     async def response(self, flow: http.HTTPFlow) -> None:
+        try:
+            await self._settle_response(flow)
+        except Exception:
+            log.exception("drawdown: internal error settling %s", flow.id)
+            await self._settle_after_internal_error(flow)
+
+    async def _settle_after_internal_error(self, flow: http.HTTPFlow) -> None:
+        """A bug in `response` or `error` must not leave the hold to nothing: it would stay in
+        flight (its TTL renewed, every drain waiting for it) and lapse uncharged at the stop.
+        Answered 2xx, the upstream billed it: the estimate is charged; otherwise released."""
+        state: FlowState | None = flow.metadata.get(STATE)
+        if state is None or state.settled or state.hold_id is None:
+            self.inflight.pop(flow.id, None)
+            return
+        status = flow.response.status_code if flow.response else None
+        if status is not None and 200 <= status < 300:
+            completion = _the_estimate(state, status, "internal error metering the response")
+            await self._settle(flow, state, completion, status, None)
+        else:
+            await self._settle(flow, state, None, status, "internal error")
+
+    async def _settle_response(self, flow: http.HTTPFlow) -> None:
         state: FlowState | None = flow.metadata.get(STATE)
         if state is not None:
             state.stop_upstream_timer()  # e.g. answered by another addon, with no headers hook
@@ -1244,7 +1296,7 @@ class Drawdown:
                 reported = dig(
                     json.loads(response.get_content(strict=False) or b"null"), action.cost_json
                 )
-            except ValueError:
+            except (ValueError, RecursionError):  # RecursionError: nested too deeply to parse
                 reported = None
             if reported is missing():
                 reported = None
@@ -1263,6 +1315,13 @@ class Drawdown:
         return action.cost_usd_nanos or 0
 
     async def error(self, flow: http.HTTPFlow) -> None:
+        try:
+            await self._settle_error(flow)
+        except Exception:
+            log.exception("drawdown: internal error settling %s", flow.id)
+            await self._settle_after_internal_error(flow)
+
+    async def _settle_error(self, flow: http.HTTPFlow) -> None:
         state: FlowState | None = flow.metadata.get(STATE)
         if state is not None:
             state.stop_upstream_timer()
@@ -1279,6 +1338,18 @@ class Drawdown:
             await self._settle(flow, state, _cut_short(state, reason, status), status, None)
             return
         status = flow.response.status_code if flow.response else None
+        if (
+            status is not None
+            and 200 <= status < 300
+            and state.stream_meter is None
+            and (state.estimate.usd or state.estimate.tokens)
+        ):
+            # Its 2xx headers came and the body was cut on the way (client gone, upstream
+            # reset, body_size_limit): the upstream did the work and bills it. What it would
+            # have reported is lost with the body, so the estimate (its upper bound) is charged.
+            note = f"response cut short: {reason}"
+            await self._settle(flow, state, _the_estimate(state, status, note), status, None)
+            return
         if status is None and "client" not in reason.lower() and "killed" not in reason.lower():
             status = 502  # mitmproxy answers an upstream failure with 502 Bad Gateway
         await self._settle(flow, state, None, status, reason)

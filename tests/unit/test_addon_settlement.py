@@ -1,0 +1,264 @@
+"""Every reserved call is settled, on the rarer paths too: a response that cannot be parsed, a
+body cut after 2xx headers, a bug while settling, a priced tool answering as an event stream,
+a request mitmproxy would stream before the decision. Driven without a proxy (taddons, tflow)."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import pytest
+from drawdown import addon as addon_module
+from drawdown.addon import STATE, Drawdown
+from mitmproxy import exceptions, http
+from mitmproxy.addons.proxyserver import Proxyserver
+from mitmproxy.flow import Error
+from mitmproxy.test import taddons, tflow, tutils
+
+IDENTITY = """
+identity:
+  agent: [{value: support}]
+  run: [{value: r1}]
+budgets:
+  - {scope: "agent:*/run:*", usd: 10}
+"""
+TOOLS = (
+    IDENTITY
+    + """
+actions:
+  - {kind: search, match: {host: tool.example.com, method: POST}, cost: {usd: 0.01}, cost_json: usage.cost_usd}
+  - {kind: search.stream, match: {host: tool.example.com, method: GET}, cost: {usd: 0.05}}
+  - {kind: mcp.listen, match: {host: mcp.example.com, method: GET}}
+"""
+)
+LLM = (
+    IDENTITY
+    + """
+actions:
+  - {kind: llm, provider: openai, match: {host: api.openai.com}}
+"""
+)
+JSON = ((b"content-type", b"application/json"),)
+SSE = ((b"content-type", b"text/event-stream"),)
+
+
+def tool_call() -> http.HTTPFlow:
+    request = tutils.treq(
+        host="tool.example.com", port=443, scheme=b"https", method=b"POST", path=b"/search",
+        headers=http.Headers(JSON), content=b'{"q": 1}',
+    )  # fmt: skip
+    return tflow.tflow(req=request)
+
+
+def get(host: str, path: bytes) -> http.HTTPFlow:
+    request = tutils.treq(
+        host=host, port=443, scheme=b"https", method=b"GET", path=path, content=b""
+    )
+    return tflow.tflow(req=request)
+
+
+def chat() -> http.HTTPFlow:
+    request = tutils.treq(
+        host="api.openai.com", port=443, scheme=b"https", method=b"POST",
+        path=b"/v1/chat/completions", headers=http.Headers(JSON),
+        content=b'{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}',
+    )  # fmt: skip
+    return tflow.tflow(req=request)
+
+
+def holds(db: Path) -> list[tuple[str, int | None, str | None]]:
+    with sqlite3.connect(db) as conn:
+        return conn.execute("SELECT state, actual_usd, settle_reason FROM holds").fetchall()
+
+
+def notes(db: Path) -> list[str | None]:
+    with sqlite3.connect(db) as conn:
+        return [note for (note,) in conn.execute("SELECT note FROM decisions")]
+
+
+def drive(tmp_path: Path, policy_text: str, steps: Callable[[Drawdown], Awaitable[None]]) -> Path:
+    """Run `steps` against a configured addon with its own ledger; return the ledger's path."""
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(policy_text)
+    db = tmp_path / "l.db"
+
+    async def main() -> None:
+        addon = Drawdown()
+        with taddons.context(addon) as tctx:
+            tctx.configure(addon, drawdown_policy=str(policy), drawdown_db=str(db))
+            await steps(addon)
+            addon.done()
+
+    asyncio.run(main())
+    return db
+
+
+async def forwarded(addon: Drawdown, flow: http.HTTPFlow) -> http.HTTPFlow:
+    addon.requestheaders(flow)
+    await addon.request(flow)
+    assert flow.response is None and flow.metadata[STATE].hold_id is not None
+    return flow
+
+
+def test_a_tool_answer_nested_too_deeply_to_parse_still_settles(tmp_path: Path) -> None:
+    """json.loads raises RecursionError on it, which was not caught: the hook raised, the hold
+    stayed in flight (its TTL renewed, every drain waiting for it) and went uncharged."""
+    in_flight: list[int] = []
+
+    async def steps(addon: Drawdown) -> None:
+        flow = await forwarded(addon, tool_call())
+        flow.response = tutils.tresp(
+            content=b"[" * 100_000 + b"]" * 100_000, headers=http.Headers(JSON)
+        )
+        await addon.response(flow)
+        in_flight.append(len(addon.inflight))
+
+    db = drive(tmp_path, TOOLS, steps)
+    assert in_flight == [0]
+    assert holds(db) == [("committed", 10_000_000, None)]  # its fixed cost, $0.01 in nanos
+
+
+def test_a_bug_while_settling_a_response_charges_the_estimate(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Answered 2xx, the upstream billed the call: a bug in metering its answer must neither
+    leave the hold in flight nor release it."""
+
+    def broken(*args: object) -> None:
+        raise RuntimeError("a bug in the meter")
+
+    monkeypatch.setattr(addon_module.meter, "measure_body", broken)
+    estimates: list[int] = []
+
+    async def steps(addon: Drawdown) -> None:
+        flow = await forwarded(addon, chat())
+        estimates.append(flow.metadata[STATE].estimate.usd)
+        flow.response = tutils.tresp(content=b'{"usage": {}}', headers=http.Headers(JSON))
+        await addon.response(flow)
+        assert addon.inflight == {}
+
+    db = drive(tmp_path, LLM, steps)
+    assert estimates[0] > 0
+    assert holds(db) == [("committed", estimates[0], None)]
+    assert notes(db) == ["internal error metering the response"]
+
+
+def test_a_body_cut_after_2xx_headers_charges_the_estimate_not_nothing(tmp_path: Path) -> None:
+    """A non-streamed call's 200 headers came (the provider has billed it), then the client
+    went while mitmproxy buffered the body: mitmproxy calls `error`, which released the hold."""
+    estimates: list[int] = []
+
+    async def steps(addon: Drawdown) -> None:
+        flow = await forwarded(addon, chat())
+        estimates.append(flow.metadata[STATE].estimate.usd)
+        flow.response = tutils.tresp(content=b"", headers=http.Headers(JSON))
+        addon.responseheaders(flow)  # JSON, not streamed: buffered
+        flow.error = Error("Client disconnected.")
+        await addon.error(flow)
+
+    db = drive(tmp_path, LLM, steps)
+    assert holds(db) == [("committed", estimates[0], None)]
+    assert notes(db) == ["response cut short: Client disconnected."]
+
+
+def test_a_call_that_fails_before_any_answer_is_still_released(tmp_path: Path) -> None:
+    async def steps(addon: Drawdown) -> None:
+        flow = await forwarded(addon, chat())
+        flow.error = Error("Client disconnected.")
+        await addon.error(flow)
+
+    db = drive(tmp_path, LLM, steps)
+    assert holds(db) == [("released", 0, "Client disconnected.")]
+
+
+def test_a_priced_tool_answering_as_an_event_stream_is_a_call_the_drain_waits_for(
+    tmp_path: Path,
+) -> None:
+    """Only an unpriced GET stream (an MCP client listening for server messages) is left out
+    of the drain's count; a priced one was too, so the stop released it uncharged."""
+    listening: dict[str, bool] = {}
+
+    async def steps(addon: Drawdown) -> None:
+        for name, flow in (
+            ("priced", get("tool.example.com", b"/search/stream?q=x")),
+            ("unpriced", get("mcp.example.com", b"/mcp")),
+        ):
+            await forwarded(addon, flow)
+            flow.response = tutils.tresp(content=b"", headers=http.Headers(SSE))
+            addon.responseheaders(flow)
+            listening[name] = flow.metadata[STATE].listening
+
+    drive(tmp_path, TOOLS, steps)
+    assert listening == {"priced": False, "unpriced": True}
+
+
+def test_a_request_mitmproxy_would_stream_is_decided_on_its_whole_body(tmp_path: Path) -> None:
+    """A request marked to stream (stream_large_bodies, another addon) before `requestheaders`
+    would reach the upstream before the decision; and the option itself is refused."""
+    streamed: list[object] = []
+
+    async def steps(addon: Drawdown) -> None:
+        flow = tool_call()
+        flow.request.stream = True
+        addon.requestheaders(flow)
+        streamed.append(flow.request.stream)
+        await addon.request(flow)
+        flow.response = tutils.tresp(content=b"{}", headers=http.Headers(JSON))
+        await addon.response(flow)
+
+    drive(tmp_path, TOOLS, steps)
+    assert streamed == [False]
+    addon = Drawdown()
+    with (
+        taddons.context(addon, Proxyserver()) as tctx,
+        pytest.raises(exceptions.OptionsError) as refused,
+    ):
+        tctx.configure(addon, stream_large_bodies="1k")
+    assert "stream_large_bodies" in str(refused.value)
+
+
+def test_the_policy_watcher_outlives_a_folder_it_cannot_read_for_a_moment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An OSError from the load (a folder unreadable during a deploy) killed the watcher's task:
+    every later edit was silently ignored. It is reported, and the next edit still lands."""
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(TOOLS)
+    real_load = addon_module.load_policy
+    loads: list[str] = []
+
+    def load_policy(path: str) -> object:
+        loads.append(path)
+        if len(loads) == 1:
+            raise PermissionError(13, "Permission denied", path)
+        return real_load(path)
+
+    async def main() -> str:
+        addon = Drawdown()
+        with taddons.context(addon) as tctx:
+            tctx.configure(
+                addon,
+                drawdown_policy=str(policy),
+                drawdown_db=str(tmp_path / "l.db"),
+                drawdown_reload_interval="0.05",
+            )
+            monkeypatch.setattr(addon_module, "load_policy", load_policy)
+            watcher = asyncio.ensure_future(addon._watch_policy())
+            policy.write_text(TOOLS + "mode: enforce\n")  # the look that fails
+            while not loads:
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.1)
+            assert not watcher.done(), watcher.exception()
+            policy.write_text(TOOLS + "mode: shadow\n")  # the next edit
+            while len(loads) < 2:
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.05)
+            watcher.cancel()
+            addon.done()
+            assert addon.policy is not None
+            return addon.policy.mode
+
+    assert asyncio.run(main()) == "shadow"
+    assert "policy edit rejected" in caplog.text and "Permission denied" in caplog.text
