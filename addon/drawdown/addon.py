@@ -137,6 +137,7 @@ class FlowState:
     stream_meter: Any = None
     measurement: meter.Measurement | None = None
     streamed_bytes: int = 0
+    answered: int | None = None  # the status of the upstream's response headers, once they came
     settled: bool = False
     denied: bool = False
     upstream_timer: asyncio.TimerHandle | None = None  # drawdown_upstream_timeout, once forwarded
@@ -144,6 +145,16 @@ class FlowState:
     # A GET event stream that is no LLM call (an MCP client's channel for server messages):
     # open as long as the client's session, so a stop does not wait for it.
     listening: bool = False
+
+    def billed_before_cut(self) -> bool:
+        """Its 2xx headers came but not its whole body, and no meter counted what did: the
+        upstream did the work and bills it, so a cut charges the estimate (its upper bound)."""
+        return (
+            self.answered is not None
+            and 200 <= self.answered < 300
+            and self.stream_meter is None
+            and bool(self.estimate.usd or self.estimate.tokens)
+        )
 
     def stop_upstream_timer(self) -> None:
         if self.upstream_timer is not None:
@@ -493,12 +504,21 @@ class Drawdown:
 
     def _charge_cut_streams(self) -> None:
         """At shutdown: a stream that had begun answering is charged for what it streamed (the
-        provider bills it), as when its connection breaks; the other holds are released."""
+        provider bills it), and an answer whose 2xx headers came its estimate, as when their
+        connection breaks; the other holds are released."""
         assert self.ledger is not None
         for state in list(self.inflight.values()):
-            if state.settled or state.hold_id is None or not state.streamed_bytes:
+            if state.settled or state.hold_id is None:
                 continue
-            completion = _cut_short(state, "proxy shut down", None)
+            if state.stream_meter is not None and state.streamed_bytes:
+                completion = _cut_short(state, "proxy shut down", None)
+            elif state.billed_before_cut():
+                assert state.answered is not None
+                completion = _the_estimate(
+                    state, state.answered, "response cut short: proxy shut down"
+                )
+            else:
+                continue
             state.settled = True
             try:
                 self.ledger.call_sync(
@@ -1168,10 +1188,11 @@ class Drawdown:
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         state: FlowState | None = flow.metadata.get(STATE)
-        if state is not None:
-            state.stop_upstream_timer()  # the upstream is answering; streams may take their time
         response = flow.response
         assert response is not None
+        if state is not None:
+            state.stop_upstream_timer()  # the upstream is answering; streams may take their time
+            state.answered = response.status_code
         self._close_when_draining(flow, response)
         is_sse = response.headers.get("content-type", "").startswith("text/event-stream")
         if (
@@ -1338,15 +1359,8 @@ class Drawdown:
             await self._settle(flow, state, _cut_short(state, reason, status), status, None)
             return
         status = flow.response.status_code if flow.response else None
-        if (
-            status is not None
-            and 200 <= status < 300
-            and state.stream_meter is None
-            and (state.estimate.usd or state.estimate.tokens)
-        ):
-            # Its 2xx headers came and the body was cut on the way (client gone, upstream
-            # reset, body_size_limit): the upstream did the work and bills it. What it would
-            # have reported is lost with the body, so the estimate (its upper bound) is charged.
+        if state.billed_before_cut():  # client gone, upstream reset, body_size_limit
+            assert status is not None
             note = f"response cut short: {reason}"
             await self._settle(flow, state, _the_estimate(state, status, note), status, None)
             return

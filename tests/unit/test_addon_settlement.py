@@ -262,3 +262,22 @@ def test_the_policy_watcher_outlives_a_folder_it_cannot_read_for_a_moment(
 
     assert asyncio.run(main()) == "shadow"
     assert "policy edit rejected" in caplog.text and "Permission denied" in caplog.text
+
+
+def test_an_answer_still_arriving_at_the_stop_is_charged_its_estimate(tmp_path: Path) -> None:
+    """The stop cuts a non-streamed answer whose 200 headers came: the provider billed it, so it
+    is charged as when its connection breaks, not released with the holds nothing answered."""
+    estimates: list[int] = []
+
+    async def steps(addon: Drawdown) -> None:
+        answered = await forwarded(addon, chat())
+        estimates.append(answered.metadata[STATE].estimate.usd)
+        answered.response = tutils.tresp(content=b"", headers=http.Headers(JSON))
+        addon.responseheaders(answered)  # the body is on its way when the stop comes
+        await forwarded(addon, chat())  # no answer yet at all
+
+    db = drive(tmp_path, LLM, steps)
+    assert sorted(holds(db), key=str) == [
+        ("committed", estimates[0], None),
+        ("released", None, "proxy shut down"),
+    ]
