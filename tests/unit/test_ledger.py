@@ -36,6 +36,7 @@ from drawdown.ledger.api import (
 )
 from drawdown.ledger.dsn import redact_dsn
 from drawdown.ledger.postgres import PostgresLedger
+from drawdown.ledger.reader import Reader
 from drawdown.ledger.sqlite import SQLiteLedger
 from drawdown.ledger.worker import AsyncLedger
 
@@ -740,6 +741,21 @@ def test_unreachable_server_is_a_ledger_error_without_the_password() -> None:
     assert redact_dsn("postgresql://u@h/d?password=x&sslmode=require") == (
         "postgresql://u@h/d?password=***&sslmode=require"
     )
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://drawdown:s3cr3t-pw@[::1/ledger",  # malformed: psycopg quotes it whole
+        "postgresql://drawdown:s3cr3t-pw@127.0.0.1:1/ledger",  # nobody listens on port 1
+    ],
+)
+def test_the_read_commands_never_print_the_password_either(url: str) -> None:
+    """`report`, `budgets`, `verify`, `replay` and `explain --db` read through Reader, which
+    passed psycopg's message on as it was: for a malformed DSN, with the DSN in it."""
+    with pytest.raises(LedgerError) as caught:
+        Reader(url)
+    assert "s3cr3t" not in str(caught.value) and "cannot open ledger" in str(caught.value)
 
 
 def test_threads_with_separate_connections_never_overspend(backend: LedgerBackend) -> None:

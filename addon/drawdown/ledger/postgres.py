@@ -272,6 +272,13 @@ def _secrets(url: str) -> list[str]:
     return [url, *found]
 
 
+def scrub(text: str, url: str) -> str:
+    """`text` (a psycopg message may quote the DSN it was given) with no password of `url` in it."""
+    for secret in _secrets(url):
+        text = text.replace(secret, redact_dsn(url) if "://" in secret else "***")
+    return text
+
+
 class _StatementFailed(Exception):
     """A statement of a batch failed for a reason retrying will not cure."""
 
@@ -296,7 +303,7 @@ class PostgresLedger:
     ) -> None:
         self.url = url
         self.safe_url = redact_dsn(url)
-        self._secrets = _secrets(url)
+        self._url = url  # only for scrub(): never printed
         self.process_id = (
             process_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         )
@@ -356,8 +363,7 @@ class PostgresLedger:
 
     def _clean(self, exc: BaseException) -> str:
         text = str(exc).strip() or type(exc).__name__
-        for secret in self._secrets:
-            text = text.replace(secret, self.safe_url if "://" in secret else "***")
+        text = scrub(text, self._url)
         return text.splitlines()[0] if text else text
 
     def _transaction(self, fn: Callable[[psycopg.Connection[Any], bool], T]) -> T:

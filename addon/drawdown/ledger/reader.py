@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import sqlite3
+from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -19,19 +20,24 @@ class Reader:
 
     def __init__(self, url: str) -> None:
         self.url = url
+        self._scrub: Callable[[str], str] = str
         if url.startswith(("postgresql://", "postgres://")):
             try:
                 import psycopg
                 from psycopg.rows import dict_row
+
+                from .postgres import scrub
             except ImportError as exc:
                 raise LedgerError(f"reading a PostgreSQL ledger needs psycopg: {exc}") from exc
             self.url = redact_dsn(url)  # error messages name the ledger, never its password
+            self._scrub = lambda text: scrub(text, url)  # psycopg's messages may quote the DSN
             try:
                 self._pg = psycopg.connect(
                     url, row_factory=dict_row, autocommit=True, connect_timeout=10
                 )
             except psycopg.Error as exc:
-                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                text = self._scrub(str(exc).strip())
+                first = (text.splitlines() or [type(exc).__name__])[0]
                 raise LedgerError(f"cannot open ledger {self.url}: {first}") from None
             self._sqlite = None
         else:
@@ -53,7 +59,7 @@ class Reader:
                 return [dict(row) for row in self._sqlite.execute(sql, params)]
             rows = self._pg.execute(_NAMED.sub(r"%(\1)s", sql), params).fetchall()
         except Exception as exc:  # sqlite3.Error / psycopg.Error: both mean "cannot read"
-            raise _unreadable(self.url, exc) from exc
+            raise _unreadable(self.url, exc, self._scrub) from None
         # SUM() of a BIGINT is NUMERIC in PostgreSQL: give integers back as int, as SQLite does.
         return [{k: _plain(v) for k, v in row.items()} for row in rows]
 
@@ -61,15 +67,16 @@ class Reader:
         (self._sqlite or self._pg).close()
 
 
-def _unreadable(url: str, exc: Exception) -> LedgerError:
-    first = (str(exc).splitlines() or [type(exc).__name__])[0]
+def _unreadable(url: str, exc: Exception, scrub: Callable[[str], str] = str) -> LedgerError:
+    text = scrub(str(exc))
+    first = (text.splitlines() or [type(exc).__name__])[0]
     if re.search(r"no such table|relation \S+ does not exist", first):
         # A database, but not one `drawdown run` wrote (or the wrong --db).
         return LedgerError(
             f"{url} is not a drawdown ledger ({first}): point --db at the ledger "
             "`drawdown run` writes"
         )
-    return LedgerError(f"cannot read ledger {url}: {exc}")
+    return LedgerError(f"cannot read ledger {url}: {text}")
 
 
 def _open_read_only(path: Path) -> sqlite3.Connection:
