@@ -161,6 +161,49 @@ def test_not_a_mapping_and_non_utf8(tmp_path: Path) -> None:
     assert "not UTF-8" in str(caught.value)
 
 
+def test_a_byte_that_is_not_utf8_is_reported_at_its_line(tmp_path: Path) -> None:
+    bad = tmp_path / "latin1.yaml"
+    bad.write_bytes(b"mode: enforce\n# caf\xe9\n")
+    with pytest.raises(PolicyInvalid) as caught:
+        load_policy(bad)
+    assert str(caught.value).startswith(f"{bad}:2: not UTF-8 text")
+
+
+def test_a_policy_file_in_a_folder_that_cannot_be_read_is_reported_not_skipped(
+    tmp_path: Path,
+) -> None:
+    """A broken link or a folder named like a policy file was skipped without a word: the
+    budgets it was meant to hold silently disappeared, and a hot reload installed the rest."""
+    folder = tmp_path / "policy"
+    folder.mkdir()
+    (folder / "actions.yaml").write_text("mode: enforce\n")
+    (folder / "budgets.yaml").symlink_to(tmp_path / "moved-away.yaml")
+    (folder / "limits.yml").mkdir()
+    with pytest.raises(PolicyInvalid) as caught:
+        load_policy(folder)
+    assert str(caught.value).splitlines() == [
+        f"{folder / 'budgets.yaml'}:0: cannot read: a link to nothing",
+        f"{folder / 'limits.yml'}:0: cannot read: Is a directory",
+    ]
+
+
+def test_a_policy_folder_that_cannot_be_listed_is_a_policy_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not a PermissionError traceback (in every command) nor a dead hot-reload watcher."""
+    folder = tmp_path / "policy"
+    folder.mkdir()
+    (folder / "a.yaml").write_text("mode: enforce\n")
+
+    def unlistable(self: Path) -> None:
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "iterdir", unlistable)
+    with pytest.raises(PolicyInvalid) as caught:
+        load_policy(folder)
+    assert str(caught.value) == f"{folder}:0: cannot read: Permission denied"
+
+
 def test_yaml_1_1_surprises_are_not_applied(tmp_path: Path) -> None:
     # `yes` stays text (not true), so a typo'd boolean is reported instead of silently accepted.
     found = problems(tmp_path, "identity:\n  agent: [{proxy_user: yes}]\n")

@@ -191,12 +191,14 @@ def parse_yaml(text: str, file: str) -> tuple[Any, list[Problem]]:
 
 def policy_files(path: Path) -> list[Path]:
     """A policy is one YAML file or every *.yaml / *.yml in a folder, in name order (hidden
-    files left out: editors keep their own copies beside the one being edited)."""
+    files left out: editors keep their own copies beside the one being edited). A broken link
+    or a folder by such a name is listed too, to be reported: skipped, its budgets would
+    silently be gone. Raises OSError when the folder cannot be listed."""
     if path.is_dir():
         return sorted(
             p
             for p in path.iterdir()
-            if p.suffix in (".yaml", ".yml") and not p.name.startswith(".") and p.is_file()
+            if p.suffix in (".yaml", ".yml") and not p.name.startswith(".")
         )
     return [path]
 
@@ -207,18 +209,28 @@ def read_documents(path: Path) -> tuple[list[tuple[str, Any]], list[Problem]]:
     documents: list[tuple[str, Any]] = []
     if not path.exists():
         return [], [Problem(str(path), 0, "no such file or folder")]
-    files = policy_files(path)
+    try:
+        files = policy_files(path)
+    except OSError as exc:
+        return [], [Problem(str(path), 0, f"cannot read: {exc.strerror or exc}")]
     if not files:
         return [], [Problem(str(path), 0, "folder holds no *.yaml policy files")]
     for file in files:
         name = str(file)
         try:
-            text = file.read_bytes().decode("utf-8")
-        except UnicodeDecodeError as exc:
-            problems.append(Problem(name, 1, f"not UTF-8 text ({exc.reason} at byte {exc.start})"))
-            continue
+            raw = file.read_bytes()
         except OSError as exc:
-            problems.append(Problem(name, 0, f"cannot read: {exc.strerror or exc}"))
+            broken = file.is_symlink() and not file.exists()
+            reason = "a link to nothing" if broken else exc.strerror or str(exc)
+            problems.append(Problem(name, 0, f"cannot read: {reason}"))
+            continue
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            line = raw.count(b"\n", 0, exc.start) + 1
+            problems.append(
+                Problem(name, line, f"not UTF-8 text ({exc.reason} at byte {exc.start})")
+            )
             continue
         document, found = parse_yaml(text, name)
         problems.extend(found)
