@@ -204,6 +204,24 @@ def test_a_policy_folder_that_cannot_be_listed_is_a_policy_error(
     assert str(caught.value) == f"{folder}:0: cannot read: Permission denied"
 
 
+def test_yaml_nested_thousands_deep_is_refused_not_a_recursion_error(tmp_path: Path) -> None:
+    found = problems(tmp_path, "mode: " + "[" * 5000 + "]" * 5000 + "\n")
+    assert found == [f"{tmp_path / 'policy.yaml'}:1: nested more than 64 levels deep"]
+    deep = "".join("  " * level + f"k{level}:\n" for level in range(80))
+    found = problems(tmp_path, "extra:\n" + "".join("  " + line for line in deep.splitlines(True)))
+    assert found == [f"{tmp_path / 'policy.yaml'}:65: nested more than 64 levels deep"]
+
+
+def test_yaml_aliases_that_multiply_are_refused_before_they_expand(tmp_path: Path) -> None:
+    """Nine levels of nine aliases ("billion laughs") is 387 million values: expanded, it ate
+    the memory of `drawdown check`, a reload or the proxy's start. A policy never needs 100k."""
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{n}: &a{n} [" + ", ".join([f"*a{n - 1}"] * 9) + "]" for n in range(1, 9)]
+    found = problems(tmp_path, "\n".join(lines) + "\n")
+    assert len(found) == 1
+    assert found[0].endswith("the policy expands to more than 100,000 values (YAML aliases?)")
+
+
 def test_yaml_1_1_surprises_are_not_applied(tmp_path: Path) -> None:
     # `yes` stays text (not true), so a typo'd boolean is reported instead of silently accepted.
     found = problems(tmp_path, "identity:\n  agent: [{proxy_user: yes}]\n")

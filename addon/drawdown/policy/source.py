@@ -103,7 +103,29 @@ def _decimal(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> Decimal | float:
 _Loader.add_constructor("tag:yaml.org,2002:float", _decimal)
 
 
-def _construct(node: yaml.Node, file: str, problems: list[Problem]) -> Any:
+# No real policy comes near these; a document past them is a mistake or an attack. YAML aliases
+# are expanded in place, and a few nested ones multiply ("billion laughs": 9 levels of 9 aliases
+# is 387 million values), so the values constructed are counted, aliases included.
+MAX_VALUES = 100_000
+MAX_DEPTH = 64
+
+
+class _TooBig(Exception):
+    def __init__(self, line: int, message: str) -> None:
+        self.problem_line, self.message = line, message
+
+
+def _construct(
+    node: yaml.Node, file: str, problems: list[Problem], count: list[int], depth: int = 0
+) -> Any:
+    count[0] += 1
+    if count[0] > MAX_VALUES:
+        raise _TooBig(
+            node.start_mark.line + 1,
+            f"the policy expands to more than {MAX_VALUES:,} values (YAML aliases?)",
+        )
+    if depth > MAX_DEPTH:
+        raise _TooBig(node.start_mark.line + 1, f"nested more than {MAX_DEPTH} levels deep")
     if isinstance(node, yaml.MappingNode):
         result = LMap()
         result.file, result.line, result.key_lines = file, node.start_mark.line + 1, {}
@@ -117,7 +139,7 @@ def _construct(node: yaml.Node, file: str, problems: list[Problem]) -> Any:
                     )
                 )
                 continue
-            key = _construct(key_node, file, problems)
+            key = _construct(key_node, file, problems, count, depth + 1)
             if not isinstance(key, str | int | float | bool) or key is None:
                 problems.append(
                     Problem(file, key_node.start_mark.line + 1, "mapping keys must be plain text")
@@ -133,7 +155,7 @@ def _construct(node: yaml.Node, file: str, problems: list[Problem]) -> Any:
                     )
                 )
                 continue
-            result[key] = _construct(value_node, file, problems)
+            result[key] = _construct(value_node, file, problems, count, depth + 1)
             result.key_lines[key] = key_node.start_mark.line + 1
         return result
     if isinstance(node, yaml.SequenceNode):
@@ -141,7 +163,7 @@ def _construct(node: yaml.Node, file: str, problems: list[Problem]) -> Any:
         result_list.file, result_list.line = file, node.start_mark.line + 1
         result_list.item_lines = []
         for item in node.value:
-            result_list.append(_construct(item, file, problems))
+            result_list.append(_construct(item, file, problems, count, depth + 1))
             result_list.item_lines.append(item.start_mark.line + 1)
         return result_list
     # Scalars: let the safe constructor resolve int/float/bool/null/str.
@@ -184,9 +206,14 @@ def parse_yaml(text: str, file: str) -> tuple[Any, list[Problem]]:
         ]
     except yaml.YAMLError as exc:  # composer errors without marks, e.g. several documents
         return None, [Problem(file, 1, f"YAML error: {exc}")]
+    except RecursionError:  # PyYAML's composer recurses once a level: thousands of them
+        return None, [Problem(file, 1, f"nested more than {MAX_DEPTH} levels deep")]
     if node is None:
         return None, []
-    return _construct(node, file, problems), problems
+    try:
+        return _construct(node, file, problems, [0]), problems
+    except _TooBig as exc:
+        return None, [Problem(file, exc.problem_line, exc.message)]
 
 
 def policy_files(path: Path) -> list[Path]:
