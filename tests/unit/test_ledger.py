@@ -743,6 +743,19 @@ def test_unreachable_server_is_a_ledger_error_without_the_password() -> None:
     )
 
 
+@pytest.mark.parametrize("name", ["run#1.db", "q?x.db", "pct%41.db"])
+def test_a_ledger_path_with_uri_syntax_is_read_not_a_stray_file_made(
+    tmp_path: Path, name: str
+) -> None:
+    """The read-only URI was built unquoted: for `run#1.db` SQLite opened, and created, `run`."""
+    SQLiteLedger(tmp_path / name).close()
+    reader = Reader(str(tmp_path / name))
+    assert reader.query("SELECT COUNT(*) AS n FROM decisions") == [{"n": 0}]
+    reader.close()
+    made = {path.name.removesuffix("-wal").removesuffix("-shm") for path in tmp_path.iterdir()}
+    assert made == {name}
+
+
 @pytest.mark.parametrize(
     "url",
     [

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from .api import LedgerError
 from .dsn import redact_dsn
@@ -84,13 +85,16 @@ def _open_read_only(path: Path) -> sqlite3.Connection:
     which fails in a folder this user may not write (a report run by someone other than the
     proxy's user). With no `-wal` or `-shm` there no process has it open for writing, so it is
     then opened as an immutable file: no locks, no `-shm`, nothing it could miss."""
+    # Quoted: a `#`, `?` or `%` in a path is URI syntax, and SQLite then opened (and created)
+    # another file than the ledger.
+    uri = f"file:{quote(str(path))}"
     try:
-        return _connect(f"file:{path}?mode=ro")
+        return _connect(f"{uri}?mode=ro")
     except sqlite3.OperationalError:
         beside = [path.with_name(path.name + suffix) for suffix in ("-wal", "-shm")]
         if any(each.exists() for each in beside):
             raise
-        return _connect(f"file:{path}?mode=ro&immutable=1")
+        return _connect(f"{uri}?mode=ro&immutable=1")
 
 
 def _connect(uri: str) -> sqlite3.Connection:
