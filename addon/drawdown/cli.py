@@ -431,15 +431,19 @@ def cmd_report(args: argparse.Namespace) -> int:
     from .ledger.api import LedgerError
 
     try:
-        since = report.parse_duration(args.since) if args.since else None
+        since = report.parse_duration(args.since) if args.since is not None else None
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+    if args.run is not None and not args.run.strip():
+        raise UsageError("--run wants a run id; got an empty one")
     policy = _load_policy_or_none(args.policy)
     if policy is False:
         return 1
     try:
         if args.jsonl:
-            report.stream_jsonl(args.db, sys.stdout, run=args.run, since=since)
+            written = report.stream_jsonl(args.db, sys.stdout, run=args.run, since=since)
+            if args.run and not written:
+                return _no_such_run(args)
             return 0
         data = report.build(
             args.db, run=args.run, since=since, policy=policy, timelines=bool(args.html)
@@ -461,12 +465,16 @@ def cmd_report(args: argparse.Namespace) -> int:
     else:
         print(_terminal(report.render_text(data)))
     if args.run and not data["runs"]:  # a mistyped id must not read as a quiet run
-        from .ledger.dsn import redact_dsn
-
-        within = f" in the last {args.since}" if args.since else ""
-        print(f"drawdown: no run {args.run!r} in {redact_dsn(args.db)}{within}", file=sys.stderr)
-        return 1
+        return _no_such_run(args)
     return 0
+
+
+def _no_such_run(args: argparse.Namespace) -> int:
+    from .ledger.dsn import redact_dsn
+
+    within = f" in the last {args.since}" if args.since else ""
+    print(f"drawdown: no run {args.run!r} in {redact_dsn(args.db)}{within}", file=sys.stderr)
+    return 1
 
 
 def _load_policy_or_none(path: str | None) -> object:
@@ -491,7 +499,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     from .report import parse_duration
 
     try:
-        since = parse_duration(args.since) if args.since else None
+        since = parse_duration(args.since) if args.since is not None else None
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     policy = _load_policy_or_none(args.policy)

@@ -216,6 +216,39 @@ def test_a_since_longer_than_the_ledger_can_be_old_means_everything(
         capsys.readouterr()
 
 
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["report", "--since", "0m"],  # read as no --since: the whole ledger
+        ["report", "--since", ""],
+        ["report", "--run", ""],
+        ["replay", "--policy", str(ROOT / "policies" / "example.yaml"), "--since", "0d"],
+    ],
+)
+def test_a_window_or_run_that_selects_nothing_is_refused_not_read_as_everything(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str]
+) -> None:
+    db = tmp_path / "ledger.db"
+    _traffic(db)
+    capsys.readouterr()
+    assert main([*args, "--db", str(db)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and ("above zero" in captured.err or "wants a" in captured.err)
+
+
+def test_a_mistyped_run_fails_in_jsonl_as_in_the_other_formats(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    db = tmp_path / "ledger.db"
+    _traffic(db)
+    capsys.readouterr()
+    for form in ([], ["--json"], ["--jsonl"]):
+        assert main(["report", "--db", str(db), "--run", "nosuch", *form]) == 1
+        assert "no run 'nosuch'" in capsys.readouterr().err
+    assert main(["report", "--db", str(db), "--run", "7f3a", "--jsonl"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 4
+
+
 def test_report_html_to_a_path_it_cannot_write_is_a_clear_error(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
