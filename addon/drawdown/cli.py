@@ -221,12 +221,20 @@ async def _run_proxy(args: argparse.Namespace, host: str, port: int, sets: list[
     # lazy: nothing is opened upstream before drawdown has decided on the request itself, so a
     # denied call never so much as connects to its destination (override with --set).
     opts.update(connection_strategy="lazy")
+    # mitmproxy undoes a refused update by configuring the addons again with the options as
+    # they were (no policy yet), and that second refusal would replace the real one: keep the first.
+    refusals: list[Exception] = []
+
+    def refused(exc: Exception) -> None:
+        refusals.append(exc)
+
+    opts.errored.connect(refused)
     try:
         opts.update(drawdown_policy=args.policy, drawdown_db=args.db, drawdown_mode=args.mode or "")
         if sets:
             opts.set(*sets)
     except exceptions.OptionsError as exc:
-        print(f"drawdown: {exc}", file=sys.stderr)
+        print(f"drawdown: {refusals[0] if refusals else exc}", file=sys.stderr)
         return 1
     except KeyError as exc:
         print(f"drawdown: unknown mitmproxy option {exc}", file=sys.stderr)

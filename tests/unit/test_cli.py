@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 import subprocess
 import sys
 import uuid
@@ -334,6 +335,26 @@ def test_run_on_a_port_in_use_says_so_in_drawdowns_terms(
         "choose another with --listen HOST:PORT, or :0 for a free port\n"
     )
     assert not (tmp_path / "l.db").exists()  # refused before anything started
+
+
+def test_run_reports_the_real_reason_it_cannot_start_not_the_undo_s(tmp_path: Path) -> None:
+    """mitmproxy undoes a refused option update by configuring again with the old options, no
+    policy among them: "drawdown_policy is not set" used to replace the real reason. (A
+    subprocess, so that a proxy that wrongly starts fails the test by its timeout.)"""
+    db = tmp_path / "future.db"
+    SQLiteLedger(db).close()
+    with sqlite3.connect(db) as conn:
+        conn.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
+    result = subprocess.run(
+        [sys.executable, "-m", "drawdown", "run", "--policy", str(ROOT / "policies" / "default.yaml"),
+         "--db", str(db), "--listen", "127.0.0.1:0", "--confdir", str(tmp_path / "conf")],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert result.stderr == (
+        "drawdown: this ledger has schema version 99, newer than this drawdown understands (1); "
+        "upgrade drawdown\n"
+    )
 
 
 @pytest.mark.parametrize("workers", ["0", "-1", "two"])
