@@ -743,6 +743,17 @@ def test_unreachable_server_is_a_ledger_error_without_the_password() -> None:
     )
 
 
+def test_the_read_commands_refuse_a_ledger_from_a_newer_drawdown(tmp_path: Path) -> None:
+    """`run` refused it; report, budgets, replay and `verify` (which said its invariants held)
+    read it as if they understood it."""
+    db = tmp_path / "future.db"
+    SQLiteLedger(db).close()
+    with sqlite3.connect(db) as conn:
+        conn.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
+    with pytest.raises(LedgerError, match="schema version 99, newer than this drawdown"):
+        Reader(str(db))
+
+
 @pytest.mark.parametrize("name", ["run#1.db", "q?x.db", "pct%41.db"])
 def test_a_ledger_path_with_uri_syntax_is_read_not_a_stray_file_made(
     tmp_path: Path, name: str

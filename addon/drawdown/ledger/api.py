@@ -68,6 +68,15 @@ class LedgerTooNew(LedgerError):
     """The ledger was written by a newer drawdown; refusing to touch it."""
 
 
+def refuse_newer(version: int) -> None:
+    """Raise LedgerTooNew for a schema this drawdown does not know: its reads could be wrong."""
+    if version > SCHEMA_VERSION:
+        raise LedgerTooNew(
+            f"this ledger has schema version {version}, newer than this drawdown understands "
+            f"({SCHEMA_VERSION}); upgrade drawdown"
+        )
+
+
 @dataclass(frozen=True)
 class Amount:
     usd: int = 0  # nano-dollars

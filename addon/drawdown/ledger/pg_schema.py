@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .api import SCHEMA_VERSION, LedgerTooNew
+from .api import SCHEMA_VERSION, refuse_newer
 
 _V1 = """
 CREATE TABLE budget_instances (
@@ -162,20 +162,12 @@ def _version(conn: Any) -> int:
     return 0
 
 
-def _refuse_newer(version: int) -> None:
-    if version > SCHEMA_VERSION:
-        raise LedgerTooNew(
-            f"this ledger has schema version {version}, newer than this drawdown understands "
-            f"({SCHEMA_VERSION}); upgrade drawdown"
-        )
-
-
 def migrate(conn: Any) -> int:
     """Bring the ledger to SCHEMA_VERSION on `conn` (a psycopg connection, not in autocommit);
     commits. Returns the version found."""
     try:
         found = _version(conn)
-        _refuse_newer(found)
+        refuse_newer(found)
         if found == SCHEMA_VERSION:  # the common case: no lock, one read
             conn.commit()
             return found
@@ -184,7 +176,7 @@ def migrate(conn: Any) -> int:
         )  # proxies starting together: one migrates, the others wait, then see it done
         conn.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
         found = _version(conn)
-        _refuse_newer(found)
+        refuse_newer(found)
         for number in range(found, SCHEMA_VERSION):
             conn.execute(MIGRATIONS[number])
         if found != SCHEMA_VERSION:

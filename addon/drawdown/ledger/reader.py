@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from .api import LedgerError
+from .api import LedgerError, refuse_newer
 from .dsn import redact_dsn
 
 _NAMED = re.compile(r":([A-Za-z_][A-Za-z0-9_]*)")
@@ -52,6 +52,10 @@ class Reader:
             except sqlite3.Error as exc:
                 raise _unreadable(path, exc) from exc
             self._pg = None
+
+        # A newer drawdown's ledger may mean other things by the same columns: refused, as by run.
+        found = self.query("SELECT value FROM meta WHERE key = 'schema_version'")
+        refuse_newer(int(found[0]["value"]) if found else 0)
 
     def query(self, sql: str, params: dict[str, Any] | None = None) -> list[dict[str, Any]]:
         params = params or {}

@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import sqlite_utils
 
-from .api import SCHEMA_VERSION, LedgerTooNew
+from .api import SCHEMA_VERSION, refuse_newer
 
 DECISION_COLUMNS: dict[str, type] = {
     "id": int,
@@ -172,10 +172,7 @@ def migrate(db: sqlite_utils.Database) -> int:
     db["meta"].create({"key": str, "value": str}, pk="key", if_not_exists=True)
     row = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
     version = int(row[0]) if row else 0
-    if version > SCHEMA_VERSION:
-        raise LedgerTooNew(
-            f"this ledger has schema version {version}, newer than this drawdown understands ({SCHEMA_VERSION}); upgrade drawdown"
-        )
+    refuse_newer(version)
     for number in range(version, SCHEMA_VERSION):
         MIGRATIONS[number](db)
     if version != SCHEMA_VERSION:
