@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -202,6 +203,38 @@ def test_a_policy_folder_that_cannot_be_listed_is_a_policy_error(
     with pytest.raises(PolicyInvalid) as caught:
         load_policy(folder)
     assert str(caught.value) == f"{folder}:0: cannot read: Permission denied"
+
+
+def test_a_policy_in_a_folder_that_cannot_be_searched_is_a_policy_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A parent folder without search permission makes even `exists()` raise PermissionError:
+    that was a traceback out of every command, before the folder or file was ever listed."""
+    policy = write(tmp_path, "mode: enforce\n")
+    real_stat = Path.stat
+
+    def unsearchable(self: Path, **kwargs: bool) -> os.stat_result:
+        if self.parent == tmp_path:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_stat(self, **kwargs)
+
+    monkeypatch.setattr(Path, "stat", unsearchable)
+    monkeypatch.setattr(Path, "lstat", unsearchable)
+    with pytest.raises(PolicyInvalid) as caught:
+        load_policy(policy)
+    assert str(caught.value) == f"{policy}:0: cannot read: Permission denied"
+
+
+def test_a_policy_path_that_is_a_broken_or_looping_link_says_so(tmp_path: Path) -> None:
+    (tmp_path / "dangling.yaml").symlink_to(tmp_path / "moved-away.yaml")
+    (tmp_path / "loop.yaml").symlink_to(tmp_path / "loop.yaml")
+    for name, expected in (
+        ("dangling.yaml", "a link to nothing"),
+        ("loop.yaml", "cannot read: Too many levels of symbolic links"),
+    ):
+        with pytest.raises(PolicyInvalid) as caught:
+            load_policy(tmp_path / name)
+        assert str(caught.value) == f"{tmp_path / name}:0: {expected}"
 
 
 def test_yaml_nested_thousands_deep_is_refused_not_a_recursion_error(tmp_path: Path) -> None:

@@ -230,15 +230,24 @@ def policy_files(path: Path) -> list[Path]:
     return [path]
 
 
+def _is_link(path: Path) -> bool:
+    try:
+        return path.is_symlink()
+    except OSError:  # is_symlink raises on a folder that cannot be searched
+        return False
+
+
 def read_documents(path: Path) -> tuple[list[tuple[str, Any]], list[Problem]]:
     """Read and parse every file of a policy; returns (file, document) pairs and problems."""
     problems: list[Problem] = []
     documents: list[tuple[str, Any]] = []
-    if not path.exists():
-        return [], [Problem(str(path), 0, "no such file or folder")]
     try:
+        path.stat()  # a parent folder that cannot be searched raises here, not only ENOENT
         files = policy_files(path)
-    except OSError as exc:
+    except FileNotFoundError:
+        reason = "a link to nothing" if _is_link(path) else "no such file or folder"
+        return [], [Problem(str(path), 0, reason)]
+    except OSError as exc:  # PermissionError, a loop of links…: a policy error, never a traceback
         return [], [Problem(str(path), 0, f"cannot read: {exc.strerror or exc}")]
     if not files:
         return [], [Problem(str(path), 0, "folder holds no *.yaml policy files")]
@@ -247,7 +256,7 @@ def read_documents(path: Path) -> tuple[list[tuple[str, Any]], list[Problem]]:
         try:
             raw = file.read_bytes()
         except OSError as exc:
-            broken = file.is_symlink() and not file.exists()
+            broken = isinstance(exc, FileNotFoundError) and _is_link(file)
             reason = "a link to nothing" if broken else exc.strerror or str(exc)
             problems.append(Problem(name, 0, f"cannot read: {reason}"))
             continue
