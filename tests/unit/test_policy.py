@@ -245,6 +245,18 @@ def test_yaml_nested_thousands_deep_is_refused_not_a_recursion_error(tmp_path: P
     assert found == [f"{tmp_path / 'policy.yaml'}:65: nested more than 64 levels deep"]
 
 
+def test_yaml_nested_thousands_deep_is_reported_at_the_line_that_goes_too_deep(
+    tmp_path: Path,
+) -> None:
+    """3,000 levels overflowed PyYAML's recursive composer: the RecursionError was caught, but
+    reported at line 1, wherever the nesting was."""
+    levels = 3000
+    deep = "".join("  " * (level + 1) + f"k{level}:\n" for level in range(levels))
+    found = problems(tmp_path, "mode: enforce\nextra:\n" + deep)
+    # `extra` is level 1 and k0 on line 3 level 2: level 65, the first too deep, is on line 66.
+    assert found == [f"{tmp_path / 'policy.yaml'}:66: nested more than 64 levels deep"]
+
+
 def test_yaml_aliases_that_multiply_are_refused_before_they_expand(tmp_path: Path) -> None:
     """Nine levels of nine aliases ("billion laughs") is 387 million values: expanded, it ate
     the memory of `drawdown check`, a reload or the proxy's start. A policy never needs 100k."""

@@ -66,8 +66,34 @@ def line_of(container: Any, key: str | int | None = None) -> int:
     return getattr(container, "line", 0)
 
 
+# No real policy comes near these; a document past them is a mistake or an attack. YAML aliases
+# are expanded in place, and a few nested ones multiply ("billion laughs": 9 levels of 9 aliases
+# is 387 million values), so the values constructed are counted, aliases included.
+MAX_VALUES = 100_000
+MAX_DEPTH = 64
+
+
+class _TooBig(Exception):
+    def __init__(self, line: int, message: str) -> None:
+        self.problem_line, self.message = line, message
+
+
 class _Loader(yaml.SafeLoader):
     """SafeLoader with YAML 1.2 scalars: no implicit dates, and yes/no/on/off stay text."""
+
+    _depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
+        # PyYAML's composer recurses once a level: refuse past MAX_DEPTH at the line that goes
+        # too deep, long before Python's recursion limit (3,000 levels was a RecursionError).
+        if self._depth > MAX_DEPTH:
+            mark = self.peek_event().start_mark
+            raise _TooBig(mark.line + 1, f"nested more than {MAX_DEPTH} levels deep")
+        self._depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
 
 
 _Loader.yaml_implicit_resolvers = {
@@ -101,18 +127,6 @@ def _decimal(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> Decimal | float:
 
 
 _Loader.add_constructor("tag:yaml.org,2002:float", _decimal)
-
-
-# No real policy comes near these; a document past them is a mistake or an attack. YAML aliases
-# are expanded in place, and a few nested ones multiply ("billion laughs": 9 levels of 9 aliases
-# is 387 million values), so the values constructed are counted, aliases included.
-MAX_VALUES = 100_000
-MAX_DEPTH = 64
-
-
-class _TooBig(Exception):
-    def __init__(self, line: int, message: str) -> None:
-        self.problem_line, self.message = line, message
 
 
 def _construct(
@@ -206,7 +220,9 @@ def parse_yaml(text: str, file: str) -> tuple[Any, list[Problem]]:
         ]
     except yaml.YAMLError as exc:  # composer errors without marks, e.g. several documents
         return None, [Problem(file, 1, f"YAML error: {exc}")]
-    except RecursionError:  # PyYAML's composer recurses once a level: thousands of them
+    except _TooBig as exc:  # nested too deep (see _Loader.compose_node)
+        return None, [Problem(file, exc.problem_line, exc.message)]
+    except RecursionError:  # a backstop: compose_node refuses long before this
         return None, [Problem(file, 1, f"nested more than {MAX_DEPTH} levels deep")]
     if node is None:
         return None, []
