@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
-from drawdown.policy import PolicyInvalid, load_policy
+from drawdown.policy import PolicyInvalid, load_policy, source
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -264,7 +264,17 @@ def test_yaml_aliases_that_multiply_are_refused_before_they_expand(tmp_path: Pat
     lines += [f"a{n}: &a{n} [" + ", ".join([f"*a{n - 1}"] * 9) + "]" for n in range(1, 9)]
     found = problems(tmp_path, "\n".join(lines) + "\n")
     assert len(found) == 1
-    assert found[0].endswith("the policy expands to more than 100,000 values (YAML aliases?)")
+    assert found[0].endswith(
+        ": the policy holds more than 100,000 values once its YAML aliases (*name) are expanded"
+    )
+
+
+def test_a_policy_too_big_without_aliases_is_not_blamed_on_aliases(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(source, "MAX_VALUES", 50)  # the bound, not 100,000 values parsed
+    found = problems(tmp_path, "mode: enforce\nx-many: [" + ", ".join(["1"] * 60) + "]\n")
+    assert found == [f"{tmp_path / 'policy.yaml'}:2: the policy holds more than 50 values"]
 
 
 def test_yaml_1_1_surprises_are_not_applied(tmp_path: Path) -> None:

@@ -74,14 +74,15 @@ MAX_DEPTH = 64
 
 
 class _TooBig(Exception):
-    def __init__(self, line: int, message: str) -> None:
-        self.problem_line, self.message = line, message
+    def __init__(self, line: int, message: str, *, values: bool = False) -> None:
+        self.problem_line, self.message, self.values = line, message, values
 
 
 class _Loader(yaml.SafeLoader):
     """SafeLoader with YAML 1.2 scalars: no implicit dates, and yes/no/on/off stay text."""
 
     _depth = 0
+    aliases = False  # does the document use any? (to say why it holds so many values)
 
     def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
         # PyYAML's composer recurses once a level: refuse past MAX_DEPTH at the line that goes
@@ -89,6 +90,7 @@ class _Loader(yaml.SafeLoader):
         if self._depth > MAX_DEPTH:
             mark = self.peek_event().start_mark
             raise _TooBig(mark.line + 1, f"nested more than {MAX_DEPTH} levels deep")
+        self.aliases = self.aliases or self.check_event(yaml.AliasEvent)
         self._depth += 1
         try:
             return super().compose_node(parent, index)
@@ -136,7 +138,8 @@ def _construct(
     if count[0] > MAX_VALUES:
         raise _TooBig(
             node.start_mark.line + 1,
-            f"the policy expands to more than {MAX_VALUES:,} values (YAML aliases?)",
+            f"the policy holds more than {MAX_VALUES:,} values",
+            values=True,
         )
     if depth > MAX_DEPTH:
         raise _TooBig(node.start_mark.line + 1, f"nested more than {MAX_DEPTH} levels deep")
@@ -207,7 +210,11 @@ def parse_yaml(text: str, file: str) -> tuple[Any, list[Problem]]:
     """Parse one YAML document into LMap/LList/scalars; syntax errors become Problems."""
     problems: list[Problem] = []
     try:
-        node = yaml.compose(text, Loader=_Loader)
+        loader = _Loader(text)
+        try:
+            node = loader.get_single_node()
+        finally:
+            loader.dispose()
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark else 1
@@ -229,7 +236,10 @@ def parse_yaml(text: str, file: str) -> tuple[Any, list[Problem]]:
     try:
         return _construct(node, file, problems, [0]), problems
     except _TooBig as exc:
-        return None, [Problem(file, exc.problem_line, exc.message)]
+        message = exc.message
+        if exc.values and loader.aliases:
+            message += " once its YAML aliases (*name) are expanded"
+        return None, [Problem(file, exc.problem_line, message)]
 
 
 def policy_files(path: Path) -> list[Path]:
