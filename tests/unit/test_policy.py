@@ -528,3 +528,62 @@ actions:
         f"{f}:{line}: cost_json '{path}' must be a dotted path to one value, such as usage.cost_usd"
         for line, path in ((3, "usage..cost"), (4, "usage.cost."), (5, "items.*.cost"))
     ]
+
+
+def test_a_rule_with_a_refused_when_gets_only_that_error(tmp_path: Path) -> None:
+    """An invalid regex was followed by "a rule with 'action:' needs 'requires:' or 'when:'",
+    although the rule had a `when:`: the second error was wrong, and hid which one to fix."""
+    head = """actions:
+  - {kind: crm.write, match: {host: crm.example, method: POST}}
+authority:
+  rules:
+    - scope: "agent:*"
+      action: crm.write
+"""
+    f = tmp_path / "policy.yaml"
+    for rule, expected in (
+        (
+            '      when: {json.name: {regex: "([a-z"}}\n',
+            f"{f}:7: condition on 'json.name': invalid regex '([a-z': "
+            "unterminated character set at position 1",
+        ),
+        ("      when: oops\n", f"{f}:7: when must be a mapping, not text 'oops'"),
+        (
+            "      requires: [5]\n",
+            f"{f}:7: a requirement is an action kind or {{action: KIND, same: FIELD}}",
+        ),
+        (
+            "      when: {}\n",  # given but empty: the rule really has neither
+            f"{f}:5: a rule with 'action:' needs 'requires:' or 'when:' "
+            "(use allow/deny to grant or refuse)",
+        ),
+    ):
+        assert problems(tmp_path, head + rule) == [expected], rule
+
+
+def test_values_are_shown_as_yaml_spells_them(tmp_path: Path) -> None:
+    found = problems(
+        tmp_path,
+        "mode: ~\nunknown_hosts: true\nbudgets:\n  - {scope: 'agent:*', usd: null}\n",
+    )
+    f = tmp_path / "policy.yaml"
+    assert found == [
+        f"{f}:1: mode must be one of enforce, shadow, not null",
+        f"{f}:2: unknown_hosts must be one of allow, deny, passthrough, not true",
+        f"{f}:4: usd must be a number ≥ 0, not null",
+    ]
+
+
+def test_a_whole_number_written_as_a_float_says_how_to_write_it(tmp_path: Path) -> None:
+    """`usd: 1e9` is money, any number; `tokens: 1e18` is a count, an integer, and YAML reads
+    1e18 as a float: refused, but the bare "must be a whole number, not 1E+18" read as a
+    contradiction."""
+    found = problems(
+        tmp_path, "budgets:\n  - {scope: 'agent:*', usd: 1e9, tokens: 1e18, requests: 2.5}\n"
+    )
+    f = tmp_path / "policy.yaml"
+    assert found == [
+        f"{f}:2: tokens must be a whole number ≥ 0, not 1E+18"
+        " (write it in digits, with no dot or exponent)",
+        f"{f}:2: requests must be a whole number ≥ 0, not 2.5",
+    ]

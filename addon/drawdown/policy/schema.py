@@ -148,8 +148,17 @@ class _Checker:
     def integer(self, parent: Any, key: str | int, what: str, minimum: int = 0) -> int | None:
         value = parent[key]
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            # YAML reads 1e6 or 2.0 as a float, whole or not: say how to write the number.
+            whole = (
+                isinstance(value, Decimal)
+                and minimum <= value <= MAX_AMOUNT
+                and value == value.to_integral()
+            )
+            hint = " (write it in digits, with no dot or exponent)" if whole else ""
             self.error(
-                parent, key, f"{what} must be a whole number ≥ {minimum}, not {_show(value)}"
+                parent,
+                key,
+                f"{what} must be a whole number ≥ {minimum}, not {_show(value)}{hint}",
             )
             return None
         if value > MAX_AMOUNT:
@@ -202,6 +211,8 @@ class _Checker:
 
 
 def _show(value: Any) -> str:
+    if value is None or isinstance(value, bool):  # as YAML spells them, not Python
+        return "null" if value is None else str(value).lower()
     if isinstance(value, Decimal):
         return str(value)
     if isinstance(value, LMap | LList):
@@ -663,8 +674,11 @@ def _rule(check: _Checker, rules: LList, index: int) -> Rule | None:
     texts = [text for text, _ in listed] if listed is not None else None
     globs = [glob for _, glob in listed or []]
     when: list[FieldTest] = []
-    if "when" in item and (conditions := check.mapping(item, "when", "when")) is not None:
-        found = _when(check, conditions)
+    refused = False  # a `when:` or `requires:` was given but refused: its own error says why
+    if "when" in item:
+        conditions = check.mapping(item, "when", "when")
+        found = _when(check, conditions) if conditions is not None else None
+        refused = refused or found is None
         ok = ok and found is not None
         when = found or []
     requires: list[Requirement] = []
@@ -680,9 +694,12 @@ def _rule(check: _Checker, rules: LList, index: int) -> Rule | None:
             for i in range(len(items)):
                 requirement = _requirement(check, items, i)
                 ok = ok and requirement is not None
+                refused = refused or requirement is None
                 if requirement is not None:
                     requires.append(requirement)
-    if effect_key == "action" and not requires and not when:
+        else:
+            refused = True
+    if effect_key == "action" and not requires and not when and not refused:
         check.error(
             item,
             None,
