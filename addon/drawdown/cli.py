@@ -721,10 +721,43 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Arguments that name files: POSIX file names are bytes, and Python passes one that is not UTF-8
+# on to the OS unchanged, so such a name still finds its file. A PostgreSQL DSN is text.
+_FILE_ARGUMENTS = frozenset({"policy", "paths", "confdir", "html", "db"})
+
+
+def _refuse_undecodable(args: argparse.Namespace) -> None:
+    """A UsageError naming the first argument that is not UTF-8 (Python keeps such bytes as
+    lone surrogates, which fail later as a traceback or a wrong blame, such as the ledger's)."""
+    for dest, value in vars(args).items():
+        for each in value if isinstance(value, list) else [value]:
+            if not isinstance(each, str) or each.isascii():
+                continue
+            if dest in _FILE_ARGUMENTS and not each.startswith(("postgresql://", "postgres://")):
+                continue
+            bad = next((i for i, c in enumerate(each) if 0xD800 <= ord(c) <= 0xDFFF), None)
+            if bad is None:
+                continue
+            # Named, never shown: the value may be a credential (--run is the proxy password).
+            name = "PATH" if dest == "paths" else "--" + dest.replace("_", "-")
+            at = len(each[:bad].encode("utf-8"))
+            code = ord(each[bad])
+            byte = f"byte {code - 0xDC00:#04x}" if 0xDC80 <= code <= 0xDCFF else "a byte"
+            raise UsageError(
+                f"{name} is not valid UTF-8 ({byte} at offset {at}); "
+                "drawdown reads its arguments as UTF-8 text"
+            )
+
+
 def main(argv: list[str] | None = None) -> int:
+    # A file name that is not UTF-8 (taken, see _FILE_ARGUMENTS) is then shown escaped, as
+    # stderr shows it, rather than failing as a traceback where the locale makes stdout strict.
+    if getattr(sys.stdout, "errors", None) == "strict" and hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(errors="backslashreplace")
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        _refuse_undecodable(args)
         return int(args.func(args) or 0)
     except UsageError as exc:
         print(f"drawdown: {exc}", file=sys.stderr)

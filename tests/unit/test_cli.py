@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import subprocess
 import sys
@@ -547,3 +548,54 @@ def test_explain_counts_the_steps_the_proxy_counts(
         assert decision() == "deny"
     finally:
         ledger.close()
+
+
+def _not_utf8(raw: bytes) -> str:
+    """An argument as Python hands it over when the bytes on the command line are not UTF-8."""
+    return os.fsdecode(raw)
+
+
+@pytest.mark.parametrize(
+    ("args", "name"),
+    [
+        (
+            ["explain", "--policy", str(ROOT / "policies" / "example.yaml"), "--url",
+             "https://api.openai.com/v1/chat/completions", "--json",
+             _not_utf8(b'{"model":"x\xff","messages":[]}')],
+            "--json",
+        ),
+        (["env", "--agent", _not_utf8(b"\xff")], "--agent"),
+        (["env", "--agent", "bot", "--run", _not_utf8(b"r\xfe1")], "--run"),
+        (["report", "--run", _not_utf8(b"\xff")], "--run"),
+        (["report", "--db", _not_utf8(b"postgresql://u:s3cret@h/\xff")], "--db"),
+    ],
+)  # fmt: skip
+def test_an_argument_that_is_not_utf8_is_a_usage_error_naming_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], name: str
+) -> None:
+    """These ended in a UnicodeEncodeError traceback, or (report --run) blamed the ledger."""
+    db = tmp_path / "ledger.db"
+    _traffic(db)
+    capsys.readouterr()
+    if args[0] == "report" and "--db" not in args:
+        args = [*args, "--db", str(db)]
+    if args[0] == "env":
+        args = [*args, "--confdir", str(tmp_path / "conf")]
+    assert main(args) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.startswith(f"drawdown: {name} is not valid UTF-8")
+    assert "s3cret" not in captured.err and "\\udc" not in captured.err  # named, never shown
+
+
+def test_a_ledger_whose_file_name_is_not_utf8_is_still_read(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """File names are bytes: such a --db is taken, not refused, and read like any other."""
+    db = Path(_not_utf8(bytes(tmp_path) + b"/ledger\xff.db"))
+    _traffic(db)
+    capsys.readouterr()
+    assert main(["verify", "--db", str(db)]) == 0
+    assert "ledger invariants hold" in capsys.readouterr().out
+    assert main(["report", "--db", str(db), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["decisions"]["allow"] == 3

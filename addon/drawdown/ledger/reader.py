@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import sqlite3
 from collections.abc import Callable
@@ -90,8 +91,8 @@ def _open_read_only(path: Path) -> sqlite3.Connection:
     proxy's user). With no `-wal` or `-shm` there no process has it open for writing, so it is
     then opened as an immutable file: no locks, no `-shm`, nothing it could miss."""
     # Quoted: a `#`, `?` or `%` in a path is URI syntax, and SQLite then opened (and created)
-    # another file than the ledger.
-    uri = f"file:{quote(str(path))}"
+    # another file than the ledger. As bytes: a file name need not be UTF-8.
+    uri = f"file:{quote(os.fsencode(path))}"
     try:
         return _connect(f"{uri}?mode=ro")
     except sqlite3.OperationalError:
