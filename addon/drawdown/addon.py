@@ -22,6 +22,7 @@ import logging
 import secrets
 import time
 import weakref
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -1239,8 +1240,14 @@ class Drawdown:
         response.stream = on_chunk
 
     async def response(self, flow: http.HTTPFlow) -> None:
+        await self._settle_guarded(self._settle_response, flow)
+
+    async def _settle_guarded(
+        self, settle: Callable[[http.HTTPFlow], Awaitable[None]], flow: http.HTTPFlow
+    ) -> None:
+        """`response` and `error`: whatever goes wrong while settling, the hold still ends."""
         try:
-            await self._settle_response(flow)
+            await settle(flow)
         except Exception:
             log.exception("drawdown: internal error settling %s", flow.id)
             await self._settle_after_internal_error(flow)
@@ -1336,11 +1343,7 @@ class Drawdown:
         return action.cost_usd_nanos or 0
 
     async def error(self, flow: http.HTTPFlow) -> None:
-        try:
-            await self._settle_error(flow)
-        except Exception:
-            log.exception("drawdown: internal error settling %s", flow.id)
-            await self._settle_after_internal_error(flow)
+        await self._settle_guarded(self._settle_error, flow)
 
     async def _settle_error(self, flow: http.HTTPFlow) -> None:
         state: FlowState | None = flow.metadata.get(STATE)
