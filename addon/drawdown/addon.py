@@ -324,6 +324,9 @@ class Drawdown:
             weakref.WeakKeyDictionary()
         )
         self.inflight: dict[str, FlowState] = {}
+        # Commits and releases the ledger refused (a lock held past drawdown_ledger_timeout, a
+        # full disk), by request id: tried again on every maintenance tick and at the stop.
+        self.unsettled: dict[str, tuple[str, tuple[Any, ...]]] = {}
         self.tasks: set[asyncio.Task[Any]] = set()
         self._policy_seen: tuple[Any, ...] = ()
         self.seconds: dict[str, float] = {
@@ -485,6 +488,7 @@ class Drawdown:
             # commit) lands before the holds are released, not after, which would leave that
             # hold to lapse uncharged with the lease. Then the ledger is only called from here.
             self.ledger.close()
+            self._settle_unsettled_at_stop()
             self._charge_cut_streams()
             try:
                 released = self.ledger.call_sync("release_mine", time.time(), "proxy shut down")
@@ -502,6 +506,24 @@ class Drawdown:
             except LedgerError:
                 pass
             self.ledger = None
+
+    def _settle_unsettled_at_stop(self) -> None:
+        """A last try for what the ledger refused, before the stop releases this proxy's holds:
+        released first, a commit that lands later would find its hold gone and charge nothing."""
+        assert self.ledger is not None
+        for request_id, (name, args) in list(self.unsettled.items()):
+            try:
+                self.ledger.call_sync(name, *args)
+            except LedgerError as exc:
+                log.error(
+                    "drawdown: could not settle %s at shutdown either (%s); its hold is released "
+                    "with this proxy's others",
+                    request_id,
+                    exc,
+                )
+                continue
+            del self.unsettled[request_id]
+            log.info("drawdown: settled %s at shutdown, on a later attempt", request_id)
 
     def _charge_cut_streams(self) -> None:
         """At shutdown: a stream that had begun answering is charged for what it streamed (the
@@ -640,6 +662,7 @@ class Drawdown:
                 continue
             policy = self.policy
             now = time.time()
+            await self._retry_settlements()
             try:
                 await self.ledger.call("heartbeat", now)
                 live = [
@@ -655,6 +678,32 @@ class Drawdown:
                         log.info("drawdown: sweeper released %d expired hold(s)", swept)
             except LedgerError as exc:
                 log.warning("drawdown: ledger maintenance failed: %s", exc)
+
+    async def _retry_settlements(self) -> None:
+        """Try again what the ledger refused. Trying twice never charges twice: a hold already
+        settled is left as it is, and a commit whose hold the sweeper expired meanwhile is still
+        charged (a `late_commit`), so the call's spend is not lost with its hold's TTL."""
+        if self.ledger is None or not self.unsettled:
+            return
+        pending = list(self.unsettled.items())
+        # Queued together, so the writer takes them in one batch; one still refused (the next
+        # tick tries it again) does not hold the others back.
+        outcomes = await asyncio.gather(
+            *(self.ledger.call(name, *args) for _, (name, args) in pending),
+            return_exceptions=True,
+        )
+        for (request_id, _), outcome in zip(pending, outcomes, strict=True):
+            if isinstance(outcome, LedgerError):
+                continue
+            self.unsettled.pop(request_id, None)
+            if isinstance(outcome, BaseException):  # a bug, not the ledger: trying again won't help
+                log.error(
+                    "drawdown: settling %s failed; its hold expires with its TTL",
+                    request_id,
+                    exc_info=outcome,
+                )
+                continue
+            log.info("drawdown: settled %s on a later attempt", request_id)
 
     def _maintenance_every(self) -> float:
         """drawdown_maintenance_interval, or less: three heartbeats and TTL extensions within
@@ -1407,43 +1456,41 @@ class Drawdown:
             upstream = (flow.response.timestamp_start - flow.request.timestamp_end) * 1000
         if self.ledger is None or state.hold_id is None:
             return
+        operation: tuple[str, tuple[Any, ...]]
+        if completion is not None:
+            completion = replace(
+                _within_ledger(completion, state.request_id),
+                latency_ms=latency,
+                upstream_ms=upstream,
+            )
+            operation = ("commit", (state.request_id, state.hold_id, completion, now))
+        else:
+            completion = Completion(
+                status=status, latency_ms=latency, upstream_ms=upstream, note=release_reason
+            )
+            reason = release_reason or "released"
+            operation = ("release", (state.request_id, state.hold_id, completion, reason, now))
         try:
-            if completion is not None:
-                completion = replace(
-                    _within_ledger(completion, state.request_id),
-                    latency_ms=latency,
-                    upstream_ms=upstream,
-                )
-                settled = await self.ledger.call(
-                    "commit", state.request_id, state.hold_id, completion, now
-                )
-                if completion.priced is False:  # never silent: the fallback price is a guess
-                    log.warning(
-                        "drawdown: model %s is unknown to genai-prices; %s charged at the fallback price",
-                        completion.model,
-                        state.request_id,
-                    )
-                if settled.overage:
-                    log.warning(
-                        "drawdown: %s went over a budget (actual above estimate): further calls will be denied",
-                        state.identity.path,
-                    )
-            else:
-                completion = Completion(
-                    status=status, latency_ms=latency, upstream_ms=upstream, note=release_reason
-                )
-                await self.ledger.call(
-                    "release",
-                    state.request_id,
-                    state.hold_id,
-                    completion,
-                    release_reason or "released",
-                    now,
-                )
+            settled = await self.ledger.call(operation[0], *operation[1])
         except LedgerError as exc:
-            # The hold stays active in the ledger and is returned by the sweeper when its TTL lapses.
+            # The answer goes on to the agent; the ledger gets the settlement when it takes it.
+            self.unsettled[state.request_id] = operation
             log.error(
-                "drawdown: could not settle %s (%s); its hold expires with its TTL",
+                "drawdown: could not settle %s (%s); trying again with the ledger's maintenance",
                 state.request_id,
                 exc,
+            )
+            return
+        if operation[0] != "commit":
+            return
+        if completion.priced is False:  # never silent: the fallback price is a guess
+            log.warning(
+                "drawdown: model %s is unknown to genai-prices; %s charged at the fallback price",
+                completion.model,
+                state.request_id,
+            )
+        if settled.overage:
+            log.warning(
+                "drawdown: %s went over a budget (actual above estimate): further calls will be denied",
+                state.identity.path,
             )

@@ -4,6 +4,7 @@ four proxies on one ledger file. After each, `drawdown verify` must find the led
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 import socket
 import sqlite3
@@ -21,7 +22,7 @@ import pytest
 from tests.conftest import standin_resolve
 from tests.support.proxy import DrawdownProcess
 from tests.support.standin import Reply, StandIn
-from tests.support.wire import openai_chat_sse
+from tests.support.wire import openai_chat_json, openai_chat_sse, openai_chat_usage
 
 pytestmark = pytest.mark.e2e
 
@@ -256,6 +257,45 @@ def test_locked_ledger_is_answered_per_on_ledger_error(
     proxy.wait_for_log("ledger unavailable")
     assert standin.count("/v1/chat/completions") == 2  # the 503 was not forwarded
     assert proxy.is_running()
+    verify(tmp_db)
+
+
+def test_a_commit_a_locked_ledger_refused_is_charged_once_the_lock_is_gone(
+    drawdown_proxy: Factory, standin: StandIn, tmp_db: Path
+) -> None:
+    """The lock comes while the call is upstream: its commit waits past the timeout and fails.
+    The agent still gets its answer, and the commit lands at the next maintenance tick instead
+    of the hold lapsing uncharged at its TTL (the provider billed the call)."""
+    answer_now = threading.Event()
+    standin.script(
+        "POST", "/v1/chat/completions",
+        Reply(json=json.loads(openai_chat_json(id="c1", created=1, model="gpt-4o-mini", text="Hi.",
+              usage=openai_chat_usage(9, 8))), hold_headers=answer_now),
+    )  # fmt: skip
+    proxy = drawdown_proxy(
+        policy(),
+        extra_args=["--set", "drawdown_ledger_timeout=0.5",
+                    "--set", "drawdown_maintenance_interval=0.3"],
+    )  # fmt: skip
+    with proxy.openai_client(max_retries=0) as client:
+        calling = threading.Thread(target=chat, args=(client,))
+        calling.start()
+        proxy.wait_for_query("SELECT state FROM holds", until=lambda rows: rows == [("active",)])
+        locker = sqlite3.connect(tmp_db, isolation_level=None)
+        locker.execute("BEGIN EXCLUSIVE")  # another process takes the write lock
+        try:
+            answer_now.set()
+            calling.join(30)
+            assert not calling.is_alive()  # answered, the ledger notwithstanding
+            proxy.wait_for_log("could not settle")
+        finally:
+            locker.execute("ROLLBACK")
+            locker.close()
+    proxy.wait_for_log("on a later attempt")
+    rows = proxy.query("SELECT state, actual_usd FROM holds")
+    assert [state for state, _ in rows] == ["committed"] and rows[0][1] > 0
+    (requests,) = proxy.query("SELECT spent_requests FROM budget_instances")
+    assert requests == (1,)
     verify(tmp_db)
 
 

@@ -5,6 +5,7 @@ a request mitmproxy would stream before the decision. Driven without a proxy (ta
 from __future__ import annotations
 
 import asyncio
+import logging
 import sqlite3
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -78,7 +79,12 @@ def notes(db: Path) -> list[str | None]:
         return [note for (note,) in conn.execute("SELECT note FROM decisions")]
 
 
-def drive(tmp_path: Path, policy_text: str, steps: Callable[[Drawdown], Awaitable[None]]) -> Path:
+def drive(
+    tmp_path: Path,
+    policy_text: str,
+    steps: Callable[[Drawdown], Awaitable[None]],
+    **options: str,
+) -> Path:
     """Run `steps` against a configured addon with its own ledger; return the ledger's path."""
     policy = tmp_path / "policy.yaml"
     policy.write_text(policy_text)
@@ -87,7 +93,7 @@ def drive(tmp_path: Path, policy_text: str, steps: Callable[[Drawdown], Awaitabl
     async def main() -> None:
         addon = Drawdown()
         with taddons.context(addon) as tctx:
-            tctx.configure(addon, drawdown_policy=str(policy), drawdown_db=str(db))
+            tctx.configure(addon, drawdown_policy=str(policy), drawdown_db=str(db), **options)
             await steps(addon)
             addon.done()
 
@@ -281,3 +287,109 @@ def test_an_answer_still_arriving_at_the_stop_is_charged_its_estimate(tmp_path: 
         ("committed", estimates[0], None),
         ("released", None, "proxy shut down"),
     ]
+
+
+# --- a settlement the ledger refuses ----------------------------------------------------------
+
+
+def spent(db: Path) -> list[tuple[int, int, int, int]]:
+    """Each budget instance's spent and reserved dollars and requests."""
+    with sqlite3.connect(db) as conn:
+        return conn.execute(
+            "SELECT spent_usd, spent_requests, reserved_usd, reserved_requests "
+            "FROM budget_instances"
+        ).fetchall()
+
+
+def refuse_commits(addon: Drawdown, times: int, *, after_writing: bool = False) -> list[int]:
+    """Make the ledger's writer refuse the next `times` batches holding a commit, as a write lock
+    held past drawdown_ledger_timeout does; `after_writing`: the commit lands but its answer is
+    lost (a connection dropped after COMMIT), so the proxy sees the same error."""
+    assert addon.ledger is not None
+    backend = addon.ledger.ledger
+    real = backend.run_batch
+    refused: list[int] = []
+
+    def run_batch(calls: list[tuple[str, tuple[object, ...]]]) -> list[object]:
+        if len(refused) < times and any(name == "commit" for name, _ in calls):
+            refused.append(len(calls))
+            if after_writing:
+                real(calls)
+            raise addon_module.LedgerError("database is locked")
+        return real(calls)
+
+    backend.run_batch = run_batch  # type: ignore[method-assign]
+    return refused
+
+
+def answered(flow: http.HTTPFlow) -> http.HTTPFlow:
+    flow.response = tutils.tresp(
+        content=b'{"model": "gpt-4o-mini", "usage": {"prompt_tokens": 9, "completion_tokens": 8,'
+        b' "total_tokens": 17}}',
+        headers=http.Headers(JSON),
+    )
+    return flow
+
+
+def test_a_commit_the_ledger_refused_lands_with_the_next_maintenance(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A lock held past drawdown_ledger_timeout when the answer came: the commit was logged and
+    dropped, and the hold lapsed uncharged at its TTL, though the provider billed the call."""
+    caplog.set_level(logging.INFO)
+    seen: dict[str, object] = {}
+
+    async def steps(addon: Drawdown) -> None:
+        refused = refuse_commits(addon, 1)
+        flow = answered(await forwarded(addon, chat()))
+        await addon.response(flow)  # the answer goes on to the agent
+        seen["refused"], seen["pending"] = list(refused), list(addon.unsettled)
+        seen["holds before"] = holds(db_path)
+        maintenance = asyncio.ensure_future(addon._maintain())
+        while addon.unsettled:
+            await asyncio.sleep(0.01)
+        maintenance.cancel()
+
+    db_path = tmp_path / "l.db"
+    drive(tmp_path, LLM, steps, drawdown_maintenance_interval="0.05")
+    assert seen["refused"] == [1] and len(seen["pending"]) == 1  # type: ignore[arg-type]
+    assert [state for state, _, _ in seen["holds before"]] == ["active"]  # type: ignore[union-attr]
+    [(state, charged, _)] = holds(db_path)
+    assert state == "committed" and charged and charged > 0
+    assert spent(db_path) == [(charged, 1, 0, 0)]
+    assert "could not settle" in caplog.text and "on a later attempt" in caplog.text
+
+
+def test_a_commit_still_refused_at_the_stop_is_tried_before_the_holds_are_released(
+    tmp_path: Path,
+) -> None:
+    pending: list[int] = []
+
+    async def steps(addon: Drawdown) -> None:
+        refuse_commits(addon, 1)
+        await addon.response(answered(await forwarded(addon, chat())))
+        pending.append(len(addon.unsettled))
+
+    db = drive(tmp_path, LLM, steps)  # done() without a maintenance tick in between
+    assert pending == [1]
+    [(state, charged, _)] = holds(db)
+    assert state == "committed" and charged and charged > 0
+    assert spent(db) == [(charged, 1, 0, 0)]
+
+
+def test_a_commit_that_landed_though_the_proxy_saw_an_error_is_charged_once(
+    tmp_path: Path,
+) -> None:
+    """Trying again is safe: the ledger leaves a hold already committed as it is."""
+
+    async def steps(addon: Drawdown) -> None:
+        refuse_commits(addon, 1, after_writing=True)
+        await addon.response(answered(await forwarded(addon, chat())))
+        assert len(addon.unsettled) == 1
+        await addon._retry_settlements()
+        assert addon.unsettled == {}
+
+    db = drive(tmp_path, LLM, steps)
+    [(state, charged, _)] = holds(db)
+    assert state == "committed" and charged
+    assert spent(db) == [(charged, 1, 0, 0)]
