@@ -985,7 +985,7 @@ class Drawdown:
                 f"(limits.max_request_bytes: {policy.limits.max_request_bytes})"
             )
             if not await self._deny_before_budgets(flow, state, "body_too_large", message):
-                await self._reserve(flow, state, [], Amount())
+                await self._forward_unread(flow, state, policy, classification)
             return
 
         # What `drawdown replay` needs to re-decide this request later (redacted, no headers).
@@ -1009,7 +1009,7 @@ class Drawdown:
             except meter.MeterRequestError as exc:
                 message = f"drawdown: cannot read this {action.provider} request: {exc}"
                 if not await self._deny_before_budgets(flow, state, "bad_request", message):
-                    await self._reserve(flow, state, [], Amount())
+                    await self._forward_unread(flow, state, policy, classification)
                 return
             state.llm = llm
             view.model = row.model = llm.model
@@ -1039,6 +1039,27 @@ class Drawdown:
         await self._reserve(flow, state, claims, estimate, guards_for(policy, kind))
         if not state.denied and state.llm is not None and state.llm.rewritten_body is not None:
             flow.request.content = state.llm.rewritten_body
+
+    async def _forward_unread(
+        self,
+        flow: http.HTTPFlow,
+        state: FlowState,
+        policy: Policy,
+        classification: Classification,
+    ) -> None:
+        """Shadow mode lets through a request enforce would refuse unread (too large, or an LLM
+        body the meter cannot parse). Nothing to estimate, but its budgets are claimed at zero
+        and, for an LLM call, its answer metered: the spend it reports is charged to them, not
+        recorded at $0 where no budget (nor `report`) would see it."""
+        action, kind = classification.action, classification.kind
+        assert action is not None and kind is not None
+        view = state.view
+        assert view is not None
+        if action.is_llm:
+            state.llm = meter.unread_request(action.provider, view.method, view.path)
+        claims = claims_for(policy, state.identity.levels, kind, state.started)
+        requests = max(1, len(classification.kinds))
+        await self._reserve(flow, state, claims, Amount(requests=requests))
 
     async def _inspect(self, policy: Policy, action: Any, view: RequestView) -> meter.LLMRequest:
         args = (

@@ -198,6 +198,34 @@ def test_the_sdks_surface_a_malformed_request_as_their_own_error(
     assert_no_traceback(proxy)
 
 
+def test_shadow_mode_charges_a_request_too_large_to_read_at_the_usage_it_reports(
+    drawdown_proxy: Factory, standin: StandIn, tmp_db: Path
+) -> None:
+    """Enforce answers 413; shadow forwards it, and its reported usage, streamed or not, is
+    charged to the budgets that cover it, as `report` and `budgets` will show."""
+    proxy = drawdown_proxy("mode: shadow\n" + POLICY)
+    big = [{"role": "user", "content": BIG_PROMPT}]
+    with proxy.openai_client(max_retries=0) as client:
+        client.chat.completions.create(model="gpt-4o-mini", messages=big)
+        chunks = client.chat.completions.create(
+            model="gpt-4o-mini", messages=big, stream=True, stream_options={"include_usage": True}
+        )
+        assert [c for c in chunks if c.usage]
+    assert standin.count("/v1/chat/completions") == 2
+    assert (
+        proxy.query("SELECT decision, reason_code FROM decisions")
+        == [("would_deny", "body_too_large")] * 2
+    )
+    charged = proxy.query("SELECT state, actual_usd, usage_source FROM holds")
+    assert [(state, source) for state, _, source in charged] == [("committed", "usage")] * 2
+    assert all(usd > 0 for _, usd, _ in charged)
+    total = sum(usd for _, usd, _ in charged)
+    instances = proxy.query("SELECT spent_usd, spent_requests, reserved_usd FROM budget_instances")
+    assert instances == [(total, 2, 0)] * 2  # agent:* (usd) and agent:*/run:* (requests)
+    verify(tmp_db)
+    assert_no_traceback(proxy)
+
+
 UPSTREAM_FIGURES_POLICY = """
 identity:
   agent: [{header: X-Drawdown-Agent}]

@@ -393,3 +393,81 @@ def test_a_commit_that_landed_though_the_proxy_saw_an_error_is_charged_once(
     [(state, charged, _)] = holds(db)
     assert state == "committed" and charged
     assert spent(db) == [(charged, 1, 0, 0)]
+
+
+# --- shadow mode: what enforce refuses unread is still metered ---------------------------------
+
+SHADOW = "mode: shadow\nlimits: {max_request_bytes: 4096}\n" + LLM.replace(
+    "usd: 10}", "usd: 10, requests: 100}"
+)
+
+
+def chat_with(body: bytes, path: bytes = b"/v1/chat/completions") -> http.HTTPFlow:
+    request = tutils.treq(
+        host="api.openai.com", port=443, scheme=b"https", method=b"POST", path=path,
+        headers=http.Headers(JSON), content=body,
+    )  # fmt: skip
+    return tflow.tflow(req=request)
+
+
+def decisions(db: Path) -> list[tuple[str, str | None]]:
+    with sqlite3.connect(db) as conn:
+        return conn.execute("SELECT decision, reason_code FROM decisions").fetchall()
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        (b'{"model": "gpt-4o-mini", "messages": "hi"}', "bad_request"),
+        (b'{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "'
+         + b"word " * 1000 + b'"}]}', "body_too_large"),
+    ],
+    ids=["unreadable", "too large"],
+)  # fmt: skip
+def test_shadow_mode_charges_what_an_unread_request_reports_it_used(
+    tmp_path: Path, body: bytes, reason: str
+) -> None:
+    """Enforce refuses these before pricing them; shadow forwards them. They were recorded at
+    $0 against no budget, so `report` showed none of what the provider billed."""
+
+    async def steps(addon: Drawdown) -> None:
+        flow = await forwarded(addon, chat_with(body))
+        await addon.response(answered(flow))
+
+    db = drive(tmp_path, SHADOW, steps)
+    assert decisions(db) == [("would_deny", reason)]
+    [(state, charged, _)] = holds(db)
+    assert state == "committed" and charged and charged > 0  # 9 + 8 tokens of gpt-4o-mini
+    assert spent(db) == [(charged, 1, 0, 0)]
+
+
+def test_shadow_mode_meters_an_unread_streamed_answer_too(tmp_path: Path) -> None:
+    sse = (
+        b'data: {"id":"c","object":"chat.completion.chunk","model":"gpt-4o-mini","choices":[]'
+        b',"usage":{"prompt_tokens":9,"completion_tokens":8,"total_tokens":17}}\n\n'
+        b"data: [DONE]\n\n"
+    )
+
+    async def steps(addon: Drawdown) -> None:
+        flow = await forwarded(addon, chat_with(b'{"model": "gpt-4o-mini", "stream": true'))
+        flow.response = tutils.tresp(content=b"", headers=http.Headers(SSE))
+        addon.responseheaders(flow)
+        assert callable(flow.response.stream)
+        flow.response.stream(sse)
+        flow.response.stream(b"")
+        await addon.response(flow)
+
+    db = drive(tmp_path, SHADOW, steps)
+    [(state, charged, _)] = holds(db)
+    assert state == "committed" and charged and charged > 0
+
+
+def test_shadow_mode_leaves_an_unread_call_to_an_uncharged_endpoint_uncharged(
+    tmp_path: Path,
+) -> None:
+    async def steps(addon: Drawdown) -> None:
+        flow = await forwarded(addon, chat_with(b"x" * 5000, path=b"/v1/files"))
+        await addon.response(answered(flow))
+
+    db = drive(tmp_path, SHADOW, steps)
+    assert holds(db) == [("committed", 0, None)]

@@ -28,7 +28,7 @@ Wiring a streamed response into mitmproxy (responseheaders hook)::
 and, when the flow dies before the end (error hook), commit `meter.partial()`.
 """
 
-from .api import StreamMeter, inspect_request, measure_body, open_stream_meter
+from .api import StreamMeter, inspect_request, measure_body, open_stream_meter, unread_request
 from .config import DEFAULT_FALLBACK_PRICE, DEFAULT_SAFETY_FACTORS, MeterConfig, PricePerMillion
 from .prices import price_usage
 from .tokens import count_tokens, encoding_for
@@ -62,5 +62,6 @@ __all__ = [
     "measure_body",
     "open_stream_meter",
     "price_usage",
+    "unread_request",
     "warm_up",
 ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import replace
 from types import MappingProxyType
 from typing import Protocol
 
@@ -67,6 +68,30 @@ def parse(provider: str, method: str, path: str, body: bytes) -> ParsedRequest |
             return _passthrough(provider, endpoint, model)
         return gemini.parse_request(endpoint, model, parse_body(body))
     return _passthrough(provider, "other", None)
+
+
+def unread_request(provider: str, method: str, path: str) -> LLMRequest:
+    """A request forwarded without being read (shadow mode lets through a body too large or
+    malformed to estimate): no estimate, but billable, so the usage its answer reports is
+    still metered and charged. Only its path is looked at."""
+    provider = provider.lower()
+    model: str | None = None
+    stream = False
+    if provider == "openai":
+        endpoint, model = openai.route(method, path)
+        billable = endpoint != "other"
+    elif provider == "anthropic":
+        endpoint, model, stream = anthropic.route(method, path)
+        billable = endpoint == "messages"
+    elif provider == "gemini":
+        endpoint, model = gemini.route(method, path)
+        billable = endpoint not in ("other", "countTokens") and model is not None
+        stream = endpoint == "streamGenerateContent"
+    else:
+        endpoint, billable = "other", False
+    if not billable:
+        return _passthrough(provider, endpoint, model)
+    return replace(_passthrough(provider, endpoint, model), billable=True, stream=stream)
 
 
 def prompt_counts(parsed: ParsedRequest) -> tuple[int, int]:

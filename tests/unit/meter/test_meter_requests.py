@@ -856,3 +856,29 @@ def test_model_names_with_a_path_prefix_and_encoded_colons():
         and nanos
         == price_usage("gemini", "gemini-2.5-flash", TokenUsage(input_tokens=10), CONFIG)[0]
     )
+
+
+# --- a request forwarded unread (shadow mode) ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("provider", "method", "path", "expected"),
+    [
+        ("openai", "POST", "/v1/chat/completions", ("chat.completions", None, False, True)),
+        ("openai", "POST", "/v1/files", ("other", None, False, False)),
+        ("anthropic", "POST", "/v1/messages", ("messages", None, False, True)),
+        ("anthropic", "POST", "/v1/messages/count_tokens", ("messages.count_tokens", None, False, False)),
+        ("gemini", "POST", "/v1beta/models/gemini-2.5-flash:streamGenerateContent",
+         ("streamGenerateContent", "gemini-2.5-flash", True, True)),
+        ("gemini", "POST", "/v1beta/models/gemini-2.5-flash:countTokens",
+         ("countTokens", "gemini-2.5-flash", False, False)),
+    ],
+)  # fmt: skip
+def test_an_unread_request_is_metered_by_its_path_alone(
+    provider: str, method: str, path: str, expected: tuple[str, str | None, bool, bool]
+) -> None:
+    from drawdown.meter import unread_request
+
+    request = unread_request(provider, method, path)
+    assert (request.endpoint, request.model, request.stream, request.billable) == expected
+    assert request.estimate_usd_nanos == 0 and request.input_tokens == 0
