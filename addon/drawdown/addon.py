@@ -515,13 +515,15 @@ class Drawdown:
             try:
                 self.ledger.call_sync(name, *args)
             except LedgerError as exc:
+                # Each try may wait out drawdown_ledger_timeout: one refusal speaks for the rest.
                 log.error(
-                    "drawdown: could not settle %s at shutdown either (%s); its hold is released "
-                    "with this proxy's others",
-                    request_id,
+                    "drawdown: could not settle %d call(s) at shutdown either (%s); their holds "
+                    "are released with this proxy's others: %s",
+                    len(self.unsettled),
                     exc,
+                    ", ".join(self.unsettled),
                 )
-                continue
+                return
             del self.unsettled[request_id]
             log.info("drawdown: settled %s at shutdown, on a later attempt", request_id)
 

@@ -471,3 +471,29 @@ def test_shadow_mode_leaves_an_unread_call_to_an_uncharged_endpoint_uncharged(
 
     db = drive(tmp_path, SHADOW, steps)
     assert holds(db) == [("committed", 0, None)]
+
+
+def test_a_ledger_still_refusing_at_the_stop_is_tried_once_not_once_a_call(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each try may wait out drawdown_ledger_timeout (5 s): a hundred refused commits would have
+    held the stop for minutes."""
+    tries_at_stop: list[str] = []
+
+    async def steps(addon: Drawdown) -> None:
+        refuse_commits(addon, 2)
+        for _ in range(2):
+            await addon.response(answered(await forwarded(addon, chat())))
+        assert len(addon.unsettled) == 2
+        backend = addon.ledger.ledger  # type: ignore[union-attr]
+
+        def commit(request_id: str, *args: object) -> None:
+            tries_at_stop.append(request_id)
+            raise addon_module.LedgerError("database is locked")
+
+        backend.commit = commit  # the stop calls the backend directly
+
+    db = drive(tmp_path, LLM, steps)
+    assert len(tries_at_stop) == 1
+    assert "could not settle 2 call(s) at shutdown" in caplog.text
+    assert [state for state, _, _ in holds(db)] == ["released", "released"]
