@@ -280,6 +280,11 @@ async def _run_proxy(args: argparse.Namespace, host: str, port: int, sets: list[
 
 def cmd_env(args: argparse.Namespace) -> int:
     host, port = parse_listen(args.listen)
+    if not port:  # `run` chooses it when it binds; an agent pointed at port 0 reaches nothing
+        raise UsageError(
+            f"--listen {args.listen}: port 0 means a free port, chosen when `drawdown run` "
+            "starts; give `env` the port `run` printed (drawdown listening on http://HOST:PORT)"
+        )
     # Absolute: the agent that evals these lines may start in another directory.
     bundle = _ready_ca(Path(args.confdir).expanduser().absolute())
     credentials = ""
@@ -639,7 +644,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     env = commands.add_parser("env", help="print the exports an unmodified agent needs")
     env.add_argument("--confdir", default=DEFAULT_CONFDIR)
-    env.add_argument("--listen", default=DEFAULT_LISTEN)
+    env.add_argument(
+        "--listen",
+        default=DEFAULT_LISTEN,
+        help=f"the HOST:PORT `drawdown run` listens on (the port it printed) [{DEFAULT_LISTEN}]",
+    )
     env.add_argument("--agent", help="name the agent in the proxy URL (identity source proxy_user)")
     env.add_argument("--run", help="name the run in the proxy URL (identity source proxy_password)")
     env.set_defaults(func=cmd_env)

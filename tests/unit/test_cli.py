@@ -599,3 +599,18 @@ def test_a_ledger_whose_file_name_is_not_utf8_is_still_read(
     assert "ledger invariants hold" in capsys.readouterr().out
     assert main(["report", "--db", str(db), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["decisions"]["allow"] == 3
+
+
+@pytest.mark.parametrize("listen", [":0", "127.0.0.1:0", "[::1]:0"])
+def test_env_refuses_port_0_which_only_run_can_choose(
+    listen: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`env --listen :0` once printed http://127.0.0.1:0, a proxy URL that points agents nowhere."""
+    confdir = tmp_path / "conf"
+    assert main(["env", "--confdir", str(confdir), "--listen", listen]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1
+    assert err.startswith(f"drawdown: --listen {listen}: port 0 means a free port, chosen when ")
+    assert "drawdown listening on http://HOST:PORT" in err
+    assert not confdir.exists()  # refused before the CA is minted
+    assert parse_listen(listen)[1] == 0  # `run --listen :0` still takes it
