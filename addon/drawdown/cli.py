@@ -82,12 +82,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .policy import PolicyInvalid, load_policy
 
     host, port = parse_listen(args.listen)
+    sets = list(args.set or [])
+    _check_sets(sets)
     try:
         load_policy(args.policy)  # fail fast with FILE:LINE messages before starting anything
     except PolicyInvalid as exc:
         print(f"drawdown: invalid policy, not starting:\n{exc}", file=sys.stderr)
         return 1
-    sets = list(args.set or [])
     auth = next(
         (
             s.split("=", 1)[1].strip()
@@ -127,6 +128,19 @@ def cmd_run(args: argparse.Namespace) -> int:
             os.environ.setdefault(name, value)
         pin_process(cpus[0])  # before mitmproxy starts a thread: each inherits the CPU
     return asyncio.run(_run_proxy(args, host, port, sets))
+
+
+def _check_sets(sets: list[str]) -> None:
+    """Each `--set` a NAME=VALUE, none of them the address: mitmproxy reads a bare NAME as true,
+    as unset or as "Option is required", by the option's type, and an empty one as an unknown
+    option it does not name; and `--set listen_port=…`, applied after --listen, would win."""
+    for entry in sets:
+        name, sep, _ = entry.partition("=")
+        name = name.strip()
+        if name in ("listen_host", "listen_port"):
+            raise UsageError(f"--set {name} would override --listen: use --listen HOST:PORT")
+        if not sep or not name:
+            raise UsageError(f"--set wants NAME=VALUE (a switch too: NAME=true), got {entry!r}")
 
 
 def _ready_ca(confdir: Path) -> Path:
@@ -638,7 +652,10 @@ def build_parser() -> argparse.ArgumentParser:
         "such as 0,2-3 (worker i takes the i-th) [the scheduler places them]",
     )
     run.add_argument(
-        "--set", action="append", metavar="OPTION=VALUE", help="any mitmproxy option, repeatable"
+        "--set",
+        action="append",
+        metavar="OPTION=VALUE",
+        help="any mitmproxy option but listen_host and listen_port (--listen sets them), repeatable",
     )
     run.set_defaults(func=cmd_run)
 

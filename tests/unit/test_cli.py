@@ -614,3 +614,39 @@ def test_env_refuses_port_0_which_only_run_can_choose(
     assert "drawdown listening on http://HOST:PORT" in err
     assert not confdir.exists()  # refused before the CA is minted
     assert parse_listen(listen)[1] == 0  # `run --listen :0` still takes it
+
+
+@pytest.fixture
+def no_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A proxy that wrongly starts fails the test at once instead of holding it."""
+
+    def started(*_: object) -> None:
+        raise AssertionError("the proxy started")
+
+    monkeypatch.setattr("drawdown.cli._run_proxy", started)
+
+
+@pytest.mark.parametrize(
+    "entry", ["listen_port=9000", "listen_host=0.0.0.0", " listen_port = 9000", "listen_port"]
+)
+def test_run_refuses_a_set_that_would_override_listen(
+    entry: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], no_proxy: None
+) -> None:
+    """`--set listen_port=9000` was applied after --listen and silently won over it."""
+    assert main([*run_args(tmp_path, tmp_path / "conf"), "--set", entry]) == 2
+    err = capsys.readouterr().err
+    name = entry.split("=")[0].strip()
+    assert err == f"drawdown: --set {name} would override --listen: use --listen HOST:PORT\n"
+    assert not (tmp_path / "conf").exists() and not (tmp_path / "l.db").exists()
+
+
+@pytest.mark.parametrize("entry", ["", "=5", " =5", "ssl_insecure", "connection_strategy"])
+def test_a_set_entry_that_is_not_name_value_is_a_usage_error(
+    entry: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], no_proxy: None
+) -> None:
+    """mitmproxy read a bare name as true, as unset or as "Option is required: NAME", and an
+    empty one as "Unknown option(s): " naming nothing, after the ledger was opened."""
+    assert main([*run_args(tmp_path, tmp_path / "conf"), "--set", entry]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"drawdown: --set wants NAME=VALUE (a switch too: NAME=true), got {entry!r}\n")
+    assert not (tmp_path / "conf").exists() and not (tmp_path / "l.db").exists()
