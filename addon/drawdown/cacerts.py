@@ -6,6 +6,7 @@ the agent makes; the bundle keeps them working.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import ssl
 from pathlib import Path
@@ -30,6 +31,18 @@ def ensure_ca(confdir: Path) -> Path:
     except OSError as exc:
         reason = "it is not a directory" if confdir.exists() else exc.strerror
         raise CAUnusable(f"--confdir {confdir} cannot be used: {reason}") from None
+    try:
+        minting = not (confdir / f"{CONF_BASENAME}-ca.pem").exists()
+    except OSError as exc:  # a folder that cannot be searched
+        raise CAUnusable(f"--confdir {confdir} cannot be used: {exc.strerror or exc}") from None
+    if minting:  # as CertStore.from_store would, but a failure here leaves no CA to move away
+        try:
+            CertStore.create_store(confdir, CONF_BASENAME, Options().key_size)
+        except OSError as exc:
+            raise CAUnusable(
+                f"--confdir {confdir} holds no CA yet and cannot take a new one "
+                f"({exc.strerror or exc}): make it writable, or choose another --confdir"
+            ) from None
     try:
         CertStore.from_store(str(confdir), CONF_BASENAME, Options().key_size)
         cert = confdir / CA_CERT
@@ -71,8 +84,20 @@ def ca_bundle(confdir: Path) -> Path:
     parts.append(cert.read_text())
     bundle = confdir / BUNDLE
     text = "\n".join(p.rstrip("\n") + "\n" for p in parts)
-    if not bundle.exists() or bundle.read_text() != text:
+    try:
+        current = bundle.read_text()
+    except (OSError, UnicodeDecodeError):
+        current = None  # missing or unreadable: written afresh
+    if current != text:
         tmp = bundle.with_suffix(".tmp")
-        tmp.write_text(text)
-        tmp.replace(bundle)
+        try:
+            tmp.write_text(text)
+            tmp.replace(bundle)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            raise CAUnusable(
+                f"cannot write the agents' CA bundle {bundle} ({exc.strerror or exc}): "
+                f"make {confdir} writable, or choose another --confdir"
+            ) from None
     return bundle

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sqlite3
 import subprocess
 import sys
 import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from drawdown.cli import UsageError, main, parse_listen
@@ -650,3 +653,77 @@ def test_a_set_entry_that_is_not_name_value_is_a_usage_error(
     err = capsys.readouterr().err
     assert err == (f"drawdown: --set wants NAME=VALUE (a switch too: NAME=true), got {entry!r}\n")
     assert not (tmp_path / "conf").exists() and not (tmp_path / "l.db").exists()
+
+
+@pytest.fixture
+def read_only(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[Path], None]]:
+    """Makes a directory read-only: `chmod 0o555`, and for root, whom that mode does not stop,
+    the same refusal from every file opened for writing in it."""
+    made: list[Path] = []
+
+    def make(directory: Path) -> None:
+        directory.chmod(0o555)
+        made.append(directory)
+        if os.geteuid() != 0:
+            return
+        real_open = Path.open
+
+        def open_(self: Path, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
+            if self.parent == directory and set(mode) & set("wax+"):
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))
+            return real_open(self, mode, *args, **kwargs)
+
+        monkeypatch.setattr(Path, "open", open_)
+
+    yield make
+    for directory in made:
+        directory.chmod(0o755)
+
+
+@pytest.mark.parametrize("command", ["run", "env"])
+def test_an_empty_confdir_that_cannot_be_written_is_named_so(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    read_only: Callable[[Path], None],
+    no_proxy: None,
+    command: str,
+) -> None:
+    """It said the CA there "cannot be read" and to move its files away: there were none."""
+    confdir = tmp_path / "conf"
+    confdir.mkdir()
+    read_only(confdir)
+    argv = run_args(tmp_path, confdir) if command == "run" else ["env", "--confdir", str(confdir)]
+    assert main(argv) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err == (
+        f"drawdown: --confdir {confdir} holds no CA yet and cannot take a new one "
+        "(Permission denied): make it writable, or choose another --confdir\n"
+    )
+
+
+@pytest.mark.parametrize("bundle", ["missing", "stale"])
+def test_a_read_only_confdir_that_cannot_take_the_bundle_is_one_line(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    read_only: Callable[[Path], None],
+    bundle: str,
+) -> None:
+    """A valid CA and a missing or stale bundle in a read-only confdir: a PermissionError
+    traceback from writing the bundle."""
+    from drawdown.cacerts import BUNDLE, ca_bundle
+
+    confdir = tmp_path / "conf"
+    ca_bundle(confdir)
+    if bundle == "missing":
+        (confdir / BUNDLE).unlink()
+    else:
+        (confdir / BUNDLE).write_text("an older CA\n")
+    read_only(confdir)
+    assert main(["env", "--confdir", str(confdir)]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err == (
+        f"drawdown: cannot write the agents' CA bundle {confdir / BUNDLE} (Permission denied): "
+        f"make {confdir} writable, or choose another --confdir\n"
+    )
