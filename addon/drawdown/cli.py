@@ -377,6 +377,11 @@ def cmd_explain(args: argparse.Namespace) -> int:
         if not sep or not name.strip():
             raise UsageError(f"--header wants NAME:VALUE, got {item!r}")
         headers.append((name.strip(), value.strip()))
+    if args.method is not None and not _is_token(args.method):
+        raise UsageError(
+            "--method wants an HTTP method such as GET or POST (letters, digits and "
+            f"{_TOKEN_SYMBOLS}), got {args.method!r}"
+        )
     _check_url(args.url)
     body = args.json.encode() if args.json is not None else b""
     if args.json is not None:
@@ -404,6 +409,14 @@ def cmd_explain(args: argparse.Namespace) -> int:
     else:
         print(_terminal(result.text()))
     return 0
+
+
+_TOKEN_SYMBOLS = "!#$%&'*+-.^_`|~"
+
+
+def _is_token(text: str) -> bool:
+    """An HTTP method is a token (RFC 9110 §5.6.2): ASCII letters, digits and _TOKEN_SYMBOLS."""
+    return bool(text) and all(c.isascii() and (c.isalnum() or c in _TOKEN_SYMBOLS) for c in text)
 
 
 def _check_url(text: str) -> None:

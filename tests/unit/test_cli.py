@@ -727,3 +727,29 @@ def test_a_read_only_confdir_that_cannot_take_the_bundle_is_one_line(
         f"drawdown: cannot write the agents' CA bundle {confdir / BUNDLE} (Permission denied): "
         f"make {confdir} writable, or choose another --confdir\n"
     )
+
+
+@pytest.mark.parametrize("method", ["GE T", "", "GET\r\n", "G/ET", "GÉT", "(GET)"])
+def test_explain_refuses_a_method_that_is_no_http_token(
+    method: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--method 'GE T'` was explained as a request no client can send."""
+    code = main(
+        ["explain", "--policy", str(ROOT / "policies" / "example.yaml"), "--url",
+         "https://api.openai.com/v1/models", "--method", method]
+    )  # fmt: skip
+    out, err = capsys.readouterr()
+    assert code == 2 and out == ""
+    assert err == (
+        "drawdown: --method wants an HTTP method such as GET or POST (letters, digits and "
+        f"!#$%&'*+-.^_`|~), got {method!r}\n"
+    )
+
+
+@pytest.mark.parametrize("method", ["get", "M-SEARCH", "PROPFIND"])
+def test_explain_takes_any_method_token(method: str, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(
+        ["explain", "--policy", str(ROOT / "policies" / "example.yaml"), "--url",
+         "https://api.openai.com/v1/models", "--method", method]
+    )  # fmt: skip
+    assert code == 0 and capsys.readouterr().err == ""
