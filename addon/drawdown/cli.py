@@ -130,17 +130,27 @@ def cmd_run(args: argparse.Namespace) -> int:
     return asyncio.run(_run_proxy(args, host, port, sets))
 
 
+# Options `run` sets from its own flags, after which a `--set` would silently win: the CA made
+# in one confdir while mitmproxy used another, the ledger opened at one path and then another.
+_SET_BY_FLAGS = {
+    "listen_host": "--listen HOST:PORT",
+    "listen_port": "--listen HOST:PORT",
+    "confdir": "--confdir DIR",
+    "drawdown_policy": "--policy PATH",
+    "drawdown_db": "--db PATH",
+    "drawdown_mode": "--mode",
+}
+
+
 def _check_sets(sets: list[str]) -> None:
-    """Each `--set` a NAME=VALUE, none of them the address: mitmproxy reads a bare NAME as true,
-    as unset or as "Option is required", by the option's type, and an empty one as an unknown
-    option it does not name; and `--set listen_port=…`, applied after --listen, would win."""
+    """No `--set` for what a flag of `run` sets, and none without a name. A bare NAME keeps
+    mitmproxy's meaning (a switch turned on, another option unset)."""
     for entry in sets:
-        name, sep, _ = entry.partition("=")
-        name = name.strip()
-        if name in ("listen_host", "listen_port"):
-            raise UsageError(f"--set {name} would override --listen: use --listen HOST:PORT")
-        if not sep or not name:
-            raise UsageError(f"--set wants NAME=VALUE (a switch too: NAME=true), got {entry!r}")
+        name = entry.partition("=")[0].strip()
+        if name in _SET_BY_FLAGS:
+            raise UsageError(f"--set {name} would override {_SET_BY_FLAGS[name]}: use that")
+        if not name:
+            raise UsageError(f"--set wants NAME=VALUE (or NAME, for a switch), got {entry!r}")
 
 
 def _ready_ca(confdir: Path) -> Path:
