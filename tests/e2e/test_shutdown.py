@@ -376,13 +376,17 @@ def test_a_stop_under_load_loses_no_call_and_charges_none_twice(
         await asyncio.gather(*(agent(n) for n in range(16)))
 
     asyncio.run(load())
-    assert proxy.wait() == 0
+    status = proxy.wait()
+    # Rare under load (once in dozens of runs): the log says which call and why.
+    log = f"\n--- proxy log, its end ---\n{proxy.log_text()[-4000:]}"
+    assert status == 0, log
     assert len(answered) >= stop_after
     charged = proxy.query("SELECT COUNT(*) FROM holds WHERE state = 'committed'")[0][0]
-    assert charged == len(answered) == standin.count("/v1/chat/completions")
-    assert proxy.query("SELECT COUNT(*) FROM holds WHERE state = 'active'") == [(0,)]
-    assert proxy.query("SELECT COUNT(*) FROM decisions WHERE reason_code = 'shutting_down'") == [
-        (len(turned_away),)
-    ]
+    holds = proxy.query("SELECT state, settle_reason, COUNT(*) FROM holds GROUP BY 1, 2")
+    upstream = standin.count("/v1/chat/completions")
+    assert charged == len(answered) == upstream, (charged, len(answered), upstream, holds, log)
+    assert proxy.query("SELECT COUNT(*) FROM holds WHERE state = 'active'") == [(0,)], log
+    refused = proxy.query("SELECT COUNT(*) FROM decisions WHERE reason_code = 'shutting_down'")
+    assert refused == [(len(turned_away),)], (refused, len(turned_away), log)
     assert proxy.query("SELECT SUM(spent_requests) FROM budget_instances") == [(charged,)]
     assert_ledger_verifies(tmp_db)
