@@ -52,3 +52,16 @@ ensure_venv() {  # $1: pip extras, e.g. "test"
   fi
   export PATH="$VENV/bin:$PATH"
 }
+
+ensure_node_agent() {  # the e2e tests' Node agent (tests/agents/node), where npm is
+  local dir="$ROOT/tests/agents/node" sha
+  command -v npm >/dev/null 2>&1 || return 0  # its test skips (fails under DRAWDOWN_REQUIRE_NODE)
+  sha="$(sha1sum < "$dir/package-lock.json" | cut -d' ' -f1)"
+  [ "$(cat "$dir/node_modules/.drawdown-installed" 2>/dev/null || true)" = "$sha" ] && return 0
+  echo "drawdown: installing the Node test agent into $dir/node_modules" >&2
+  if (cd "$dir" && npm ci --no-audit --no-fund --silent >/dev/null); then
+    echo "$sha" > "$dir/node_modules/.drawdown-installed"
+  else
+    echo "drawdown: npm ci failed in $dir: the Node agent's test cannot run" >&2
+  fi
+}

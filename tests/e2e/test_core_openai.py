@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -395,6 +396,46 @@ def test_unmodified_agent_uses_drawdown_env(
     )
     assert result.stdout.split("\n")[:2] == ["ok", "denied 402"], result.stderr
     assert decision_of(proxy)[0][6] == "tenant:acme/agent:envagent/run:e1"
+
+
+NODE_AGENT = Path(__file__).resolve().parents[1] / "agents" / "node"
+
+
+def node_agent() -> Path:
+    """The Node the agent's package installed (scripts/test runs `npm ci` there). Skipped
+    without npm; in CI (DRAWDOWN_REQUIRE_NODE=1) its absence is a failure."""
+    node = NODE_AGENT / "node_modules" / ".bin" / "node"
+    if node.exists():
+        return node
+    missing = f"no Node agent installed in {NODE_AGENT} (npm ci there)"
+    if os.environ.get("DRAWDOWN_REQUIRE_NODE", "") not in ("", "0"):
+        pytest.fail(f"{missing}; DRAWDOWN_REQUIRE_NODE=1 demands it", pytrace=False)
+    pytest.skip(missing)
+
+
+def test_an_unmodified_node_agent_uses_drawdown_env(
+    drawdown_proxy: Factory, standin: StandIn, tmp_path: Path
+) -> None:
+    """The official openai TypeScript SDK on Node, with only `eval "$(drawdown env …)"` in its
+    shell: Node's fetch ignores HTTPS_PROXY unless NODE_USE_ENV_PROXY=1, which `env` exports,
+    and trusts drawdown's CA through NODE_EXTRA_CA_CERTS."""
+    node = node_agent()
+    proxy = drawdown_proxy(policy('- {scope: "agent:*/run:*", requests: 1}'))
+    host, port = proxy.address
+    script = (
+        f'eval "$({sys.executable} -m drawdown env --confdir {proxy.confdir} --listen {host}:{port} --agent nodeagent --run n1)" '
+        f"&& unset NO_PROXY no_proxy && exec {node} {NODE_AGENT / 'agent.mjs'}"
+    )
+    result = subprocess.run(
+        ["bash", "-c", script],
+        env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.stdout.split("\n")[:2] == ["ok", "denied 402"], result.stdout + result.stderr
+    assert decision_of(proxy)[0][6] == "tenant:acme/agent:nodeagent/run:n1"
+    assert standin.count("/v1/chat/completions") == 1
 
 
 def test_hot_reload_applies_good_edits_and_keeps_the_last_good_policy(

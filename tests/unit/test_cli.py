@@ -61,6 +61,7 @@ def test_env_prints_what_an_agent_needs(tmp_path: Path, capsys: pytest.CaptureFi
         == lines["CURL_CA_BUNDLE"]  # curl reads it first: a preset value would win
         == str(bundle)
     )
+    assert lines["NODE_USE_ENV_PROXY"] == "1"  # else Node's fetch ignores HTTPS_PROXY
     text = bundle.read_text()
     # The bundle holds drawdown's CA *and* the system's CAs, so the agent's other TLS keeps working.
     assert (confdir / "mitmproxy-ca-cert.pem").read_text().strip() in text
