@@ -143,6 +143,8 @@ class FlowState:
     denied: bool = False
     upstream_timer: asyncio.TimerHandle | None = None  # drawdown_upstream_timeout, once forwarded
     upstream_timed_out: bool = False
+    # An MCP call answered as an event stream, read as it passes for whether it succeeded.
+    mcp_events: McpEventScanner | None = None
     # A GET event stream that is no LLM call (an MCP client's channel for server messages):
     # open as long as the client's session, so a stop does not wait for it.
     listening: bool = False
@@ -286,10 +288,79 @@ def _measured(
     )
 
 
+def _failed_answer(item: Any) -> bool:
+    """A JSON-RPC response saying its call did not succeed: an error, or a tool result marked
+    `isError` (MCP's "tool execution error": the tool ran and failed)."""
+    if not isinstance(item, dict) or "method" in item:  # a server's request or notification
+        return False
+    result = item.get("result")
+    return "error" in item or (isinstance(result, dict) and result.get("isError") is True)
+
+
+class McpEventScanner:
+    """An MCP answer streamed as server-sent events (the default of the official SDK's
+    servers), read as it passes through untouched: did each call it answers succeed?"""
+
+    # The mcp SDK client's own bound on one event: past it the client fails the call.
+    MAX_EVENT_BYTES = 1 << 20
+
+    def __init__(self) -> None:
+        self.pending = b""
+        self.answered = False
+        self.failed = False
+
+    def feed(self, data: bytes) -> None:
+        if self.failed or not data:
+            return
+        edge = self.pending[-3:] + data
+        self.pending += data
+        if b"\n\n" not in edge and b"\r\r" not in edge and b"\r\n\r\n" not in edge:
+            if len(self.pending) > self.MAX_EVENT_BYTES:
+                self.failed = True
+            return
+        text, held = self.pending, b""
+        if text.endswith(b"\r"):  # maybe the first half of a CRLF
+            text, held = text[:-1], b"\r"
+        *events, rest = text.replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n\n")
+        self.pending = rest + held
+        for event in events:
+            self._event(event)
+        if len(self.pending) > self.MAX_EVENT_BYTES:
+            self.failed = True
+
+    def _event(self, event: bytes) -> None:
+        kind, data = "message", []
+        for line in event.split(b"\n"):
+            name, _, value = line.partition(b":")
+            value = value[1:] if value.startswith(b" ") else value
+            if name == b"event":
+                kind = value.decode("utf-8", "replace")
+            elif name == b"data":
+                data.append(value)
+        if kind != "message" or not data or not any(data):
+            return  # another event type, or a priming event (an id, no data)
+        try:
+            document = json.loads(b"\n".join(data))
+        except (ValueError, RecursionError):  # the client cannot read it either: the call fails
+            self.failed = True
+            return
+        for item in document if isinstance(document, list) else [document]:
+            if isinstance(item, dict) and "method" not in item and "id" in item:
+                self.answered = True
+                self.failed = self.failed or _failed_answer(item)
+
+    @property
+    def succeeded(self) -> bool:
+        return self.answered and not self.failed
+
+
 def _jsonrpc_error(state: FlowState, response: http.Response) -> bool:
-    """An MCP call answered 200 with a JSON-RPC error did not succeed (no fact for `requires`)."""
+    """An MCP call answered 200 with a JSON-RPC error, or a tool result marked `isError`, did
+    not succeed (no fact for `requires`), whether answered as JSON or as an event stream."""
     if not state.classification or not state.classification.mcp:
         return False
+    if state.mcp_events is not None:
+        return not state.mcp_events.succeeded
     if not response.headers.get("content-type", "").startswith("application/json"):
         return False
     try:
@@ -297,7 +368,7 @@ def _jsonrpc_error(state: FlowState, response: http.Response) -> bool:
     except (ValueError, RecursionError):  # RecursionError: nested too deeply to parse
         return True
     items = document if isinstance(document, list) else [document]
-    return any(isinstance(item, dict) and "error" in item for item in items)
+    return any(_failed_answer(item) for item in items)
 
 
 def _basic_credentials(value: str) -> tuple[str, str] | None:
@@ -1001,6 +1072,11 @@ class Drawdown:
                     return
             await self._reserve(flow, state, [], Amount())
             return
+        if classification.mcp_error is not None:
+            message = f"drawdown: cannot read this MCP request: {classification.mcp_error[1]}"
+            if not await self._deny_before_budgets(flow, state, "bad_request", message):
+                await self._forward_unread(flow, state, policy, classification)
+            return
 
         estimate = Amount(
             usd=action.cost_usd_nanos or 0, requests=max(1, len(classification.kinds))
@@ -1030,14 +1106,17 @@ class Drawdown:
         if state.settled:  # a history lookup failed and on_ledger_error let it go unaccounted
             return
         state.facts = tuple(
-            Fact(state.identity.path, kind, name, value)
-            for name, value in facts_of(policy.authority, kind, view)
+            dict.fromkeys(
+                Fact(state.identity.path, each, name, value)
+                for each, seen in classification.authorizations(view)
+                for name, value in facts_of(policy.authority, each, seen)
+            )
         )
         if state.llm is not None and not state.llm.billable:  # e.g. count_tokens: uncharged
             await self._reserve(flow, state, [], Amount())
             return
         row.fingerprint = fingerprint(kind, view, classification)
-        claims = claims_for(policy, state.identity.levels, kind, state.started)
+        claims = claims_for(policy, state.identity.levels, classification.kinds, state.started)
         await self._reserve(flow, state, claims, estimate, guards_for(policy, kind))
         if not state.denied and state.llm is not None and state.llm.rewritten_body is not None:
             flow.request.content = state.llm.rewritten_body
@@ -1092,9 +1171,9 @@ class Drawdown:
         """Rules, conditions and `requires` for every kind the request exercises; False if it was denied."""
         row = state.row
         assert row is not None
-        for kind in classification.kinds:
+        for kind, seen in classification.authorizations(view):
             evaluation = evaluate(
-                policy.authority, state.identity.levels, state.identity.path, kind, view
+                policy.authority, state.identity.levels, state.identity.path, kind, seen
             )
             present: list[bool] = []
             if evaluation.checks:
@@ -1244,6 +1323,9 @@ class Drawdown:
             retry_after=retry_after,
             jsonrpc_ids=jsonrpc_ids,
             batch=bool(classification and classification.mcp_batch),
+            jsonrpc_code=classification.mcp_error[0]
+            if classification and classification.mcp_error
+            else None,
             retryable=retryable,
         )
         state.denied = state.settled = True
@@ -1281,6 +1363,17 @@ class Drawdown:
         if state is None or state.denied or state.settled:
             if is_sse:
                 response.stream = True  # never buffer an event stream
+            return
+        if is_sse and state.facts and state.classification and state.classification.mcp:
+            # A call a later `requires` may name: its facts count only if it succeeded, which
+            # the JSON-RPC response in the stream tells.
+            scanner = state.mcp_events = McpEventScanner()
+
+            def scan(data: bytes) -> bytes:
+                scanner.feed(data)
+                return data
+
+            response.stream = scan
             return
         # A streamed call answered in another format (Gemini without alt=sse streams one JSON
         # array) is still a stream: forwarded as it comes and metered at its end, never buffered.

@@ -4,7 +4,7 @@ per window for windowed budgets."""
 from __future__ import annotations
 
 import calendar
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 
 from .ledger.api import Claim
@@ -28,11 +28,14 @@ def window(per: str | None, now: float) -> tuple[int, int | None]:
 
 
 def claims_for(
-    policy: Policy, levels: Mapping[str, str], kind: str | None, now: float
+    policy: Policy, levels: Mapping[str, str], kind: str | Sequence[str] | None, now: float
 ) -> list[Claim]:
+    """The budget instances a request of `kind` is charged to. Several kinds (a JSON-RPC batch
+    of calls to different MCP tools) are charged to every budget that covers any of them."""
+    kinds = [kind] if kind is None or isinstance(kind, str) else list(kind)
     claims = []
     for budget in policy.budgets:
-        if not budget.covers_action(kind) or not budget.scope.matches(levels):
+        if not any(budget.covers_action(k) for k in kinds) or not budget.scope.matches(levels):
             continue
         start, end = window(budget.per, now)
         claims.append(

@@ -87,6 +87,13 @@ class McpMessage:
     id: Any  # None for notifications
     tool: str | None = None  # for tools/call
     kind: str = ""
+    document: Any = field(default=None, compare=False, repr=False)  # the message itself
+
+    @property
+    def is_request(self) -> bool:
+        """A request (a method and an id), which its sender waits for an answer to; not a
+        notification, nor a response the client sends back to one of the server's requests."""
+        return self.method is not None and self.id is not None
 
 
 @dataclass(frozen=True)
@@ -95,6 +102,8 @@ class Classification:
     path_params: Mapping[str, str] = field(default_factory=dict)
     mcp: tuple[McpMessage, ...] = ()  # the JSON-RPC messages of an MCP request
     mcp_batch: bool = False
+    # An MCP POST that is no JSON-RPC message: (JSON-RPC error code, what is wrong with it).
+    mcp_error: tuple[int, str] | None = None
 
     @property
     def kind(self) -> str | None:
@@ -114,7 +123,18 @@ class Classification:
 
     @property
     def jsonrpc_ids(self) -> list[Any]:
-        return [m.id for m in self.mcp if m.id is not None]
+        """The ids of the requests a denial answers (never those of responses the client sent)."""
+        return [m.id for m in self.mcp if m.is_request]
+
+    def authorizations(self, view: RequestView) -> list[tuple[str, RequestView]]:
+        """Each kind this request exercises, with the request as that kind's rules read it.
+
+        A JSON-RPC batch is several calls: each message is authorized on its own, its
+        conditions (`json.params.arguments.*`) and `requires … same:` reading that message,
+        not the batch, and its other messages (a `resources/read` beside a tool call) too."""
+        if not self.mcp_batch:
+            return [(kind, view) for kind in self.kinds]
+        return [(m.kind, replace(view, _json=m.document)) for m in self.mcp]
 
 
 _TOOL_CHARS = re.compile(r"[^A-Za-z0-9_.\-]")
@@ -136,8 +156,19 @@ def mcp_messages(action: Action, document: Any) -> tuple[tuple[McpMessage, ...],
             name = params.get("name")
             tool = name if isinstance(name, str) and name else "unknown"
             kind = action.tool_kind(tool) or f"{action.kind}.{_TOOL_CHARS.sub('_', tool)}"
-        messages.append(McpMessage(method, item.get("id"), tool, kind))
+        messages.append(McpMessage(method, item.get("id"), tool, kind, item))
     return tuple(messages), batch
+
+
+def mcp_problem(document: Any) -> tuple[int, str] | None:
+    """Why a parsed MCP POST body is no JSON-RPC message or batch of them (None if it is one)."""
+    if document is missing():
+        return -32700, "the body is not JSON"
+    if isinstance(document, dict):
+        return None
+    if isinstance(document, list) and document and all(isinstance(i, dict) for i in document):
+        return None
+    return -32600, "the body is neither a JSON-RPC message (an object) nor a batch of them"
 
 
 def match_action(spec: ActionMatch, view: RequestView) -> dict[str, str] | None:
@@ -167,9 +198,14 @@ def classify(policy: Policy, view: RequestView) -> Classification:
         if params is not None:
             view.path_params = params
             if action.provider == "mcp" and view.method.upper() == "POST":
+                # A body drawdown cannot read is refused, not forwarded as the bare kind: an
+                # upstream that reads it anyway (its parser nests deeper than Python's, say)
+                # would run a tool call no rule about that tool ever saw.
                 document = view.json
-                if document is not missing():
-                    messages, batch = mcp_messages(action, document)
-                    return Classification(action, params, messages, batch)
+                problem = mcp_problem(document)
+                if problem is not None:
+                    return Classification(action, params, mcp_error=problem)
+                messages, batch = mcp_messages(action, document)
+                return Classification(action, params, messages, batch)
             return Classification(action, params)
     return Classification(None)

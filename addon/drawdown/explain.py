@@ -116,6 +116,11 @@ def explain(
         f"{action.kind} (the action at {action.where}{', provider ' + action.provider if action.provider else ''}{captured})",
     )
     out.data["action"] = action.kind
+    if classification.mcp_error is not None:
+        out.add("mcp", f"cannot read the request: {classification.mcp_error[1]}")
+        out.decision = "would_deny" if policy.mode == "shadow" else "deny"
+        out.reason = "bad_request (400)"
+        return out
 
     estimate = Amount(usd=action.cost_usd_nanos or 0, requests=1)
     if action.is_llm:
@@ -158,8 +163,8 @@ def explain(
         out.add("mcp", calls)
     out.data["action"] = kind
     if policy.authority.rules or policy.authority.default == "deny":
-        for each in classification.kinds or [kind]:
-            evaluation = evaluate(policy.authority, identity.levels, identity.path, each, view)
+        for each, seen in classification.authorizations(view) or [(kind, view)]:
+            evaluation = evaluate(policy.authority, identity.levels, identity.path, each, seen)
             # Without a ledger, assume the run's history meets the requirements and say so.
             if evaluation.checks and db:
                 history = _history(db, identity.path, evaluation.checks)
@@ -215,7 +220,7 @@ def explain(
             if not guards.shadow:
                 return out
 
-    claims = claims_for(policy, identity.levels, kind, now)
+    claims = claims_for(policy, identity.levels, classification.kinds or kind, now)
     if not claims:
         out.add("budgets", "none cover this scope and action")
     state = _ledger_state(db, claims) if db else {}

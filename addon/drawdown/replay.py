@@ -288,9 +288,13 @@ def _decide(sim: Simulation, row: dict[str, Any]) -> Replayed:
         out.usd_replayed = actual.usd if actual else 0
         facts = []
         if actual is not None and (_succeeded(row) or out.assumed) and kind is not None:
-            facts = [
-                (scope, kind, name, value) for name, value in facts_of(policy.authority, kind, view)
-            ]
+            facts = list(
+                dict.fromkeys(
+                    (scope, each, name, value)
+                    for each, seen in classification.authorizations(view)
+                    for name, value in facts_of(policy.authority, each, seen)
+                )
+            )
         done = row.get("completed_at") if _forwarded(row) else None
         sim.hold(claims, estimate, done or row["ts"], actual, facts)
         return out
@@ -305,6 +309,13 @@ def _decide(sim: Simulation, row: dict[str, Any]) -> Replayed:
             )
         return finish([], Amount(), None)
 
+    if classification.mcp_error is not None:
+        deny("bad_request", f"cannot read this MCP request: {classification.mcp_error[1]}", None)
+        if out.decision == "deny":
+            return finish([], Amount(), None)
+        claims = claims_for(policy, levels, kind, row["ts"])
+        return finish(claims, Amount(requests=1), None)
+
     estimate = Amount(usd=action.cost_usd_nanos or 0, requests=max(1, len(classification.kinds)))
     billable = True
     if action.is_llm:
@@ -316,8 +327,8 @@ def _decide(sim: Simulation, row: dict[str, Any]) -> Replayed:
 
     assert kind is not None
     if policy.authority.rules or policy.authority.default == "deny":
-        for each in classification.kinds:
-            evaluation = evaluate(policy.authority, levels, scope, each, view)
+        for each, seen in classification.authorizations(view):
+            evaluation = evaluate(policy.authority, levels, scope, each, seen)
             present = [
                 sim.history(scope, c.requirement.actions, c.requirement.there or "", c.value)
                 for c in evaluation.checks
@@ -340,7 +351,7 @@ def _decide(sim: Simulation, row: dict[str, Any]) -> Replayed:
         return finish([], Amount(), None)
 
     fingerprint = row.get("fingerprint")
-    claims = claims_for(policy, levels, kind, row["ts"])
+    claims = claims_for(policy, levels, classification.kinds, row["ts"])
     guards = guards_for(policy, kind)
     if guards is not None:
         tripped = sim.check_guards({**row, "kind": kind, "fingerprint": fingerprint}, guards)

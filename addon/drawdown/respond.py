@@ -67,6 +67,7 @@ def denial(
     retry_after: int | None = None,
     jsonrpc_ids: list[Any] | None = None,
     batch: bool = False,
+    jsonrpc_code: int | None = None,
     retryable: bool = False,
 ) -> Denial:
     status = status or STATUS.get(reason_code, 403)
@@ -120,6 +121,19 @@ def denial(
         return Denial(
             200, headers, json.dumps(errors if batch else errors[0], ensure_ascii=False).encode()
         )
+    elif provider == "mcp" and jsonrpc_code is not None:
+        # A body that is no JSON-RPC request has no id to answer: the JSON-RPC error for it
+        # (`id: null`, e.g. -32700 parse error) with the HTTP status, which the MCP client
+        # raises for the request it sent.
+        body = {
+            "jsonrpc": "2.0",
+            "id": None,
+            "error": {
+                "code": jsonrpc_code,
+                "message": message,
+                "data": {"reason": reason_code, "status": status},
+            },
+        }
     else:
         body = {"error": {"code": reason_code, "message": message}}
     return Denial(status, headers, json.dumps(body, ensure_ascii=False).encode())

@@ -2,7 +2,8 @@
 
 Serves a small documentation server at https://<host>:<port>/docs/mcp with tools
 `search_docs`, `get_page` and `delete_page`; every tool call it actually executes is
-logged in `calls`, so tests can prove a denied call never reached it.
+logged in `calls`, so tests can prove a denied call never reached it. `get_page` fails
+for page "missing" (a tool result with isError) and "withdrawn" (a JSON-RPC error).
 """
 
 from __future__ import annotations
@@ -14,7 +15,10 @@ from typing import Any
 
 import uvicorn
 from mcp.server.mcpserver import MCPServer
+from mcp.server.mcpserver.exceptions import ToolError
 from mcp.server.transport_security import TransportSecuritySettings
+from mcp.shared.exceptions import MCPError
+from mcp_types import INVALID_PARAMS
 
 from .tls import TlsMaterial
 
@@ -38,6 +42,10 @@ class DocsMcpServer:
         def get_page(page_id: str) -> str:
             """Read one page."""
             self._note("get_page", {"page_id": page_id})
+            if page_id == "missing":  # a tool execution error: a result with isError
+                raise ToolError(f"no page {page_id}")
+            if page_id == "withdrawn":  # a protocol error: a JSON-RPC error response
+                raise MCPError(code=INVALID_PARAMS, message=f"page {page_id} was withdrawn")
             return f"page {page_id}: drawdown reserves before and commits after every call."
 
         @server.tool()
