@@ -57,6 +57,7 @@ class Anomaly:
     tenant: str | None = None
     on_detect: str = "flag"
     denied: list[str] = field(default_factory=list)  # evidence the guard refused (on_detect: deny)
+    would_deny: list[str] = field(default_factory=list)  # evidence a shadow-mode guard let through
     runs: list[str] = field(default_factory=list)  # run scopes the anomaly concerns
     first_ts: float = 0.0
 
@@ -73,6 +74,7 @@ class Anomaly:
             "evidence_total": len(self.evidence),
             "on_detect": self.on_detect,
             "denied": self.denied[:MAX_EVIDENCE],
+            "would_deny": self.would_deny[:MAX_EVIDENCE],
             "runs": self.runs or [self.scope],
         }
 
@@ -82,11 +84,16 @@ def _ids(rows: Iterable[dict[str, Any]]) -> list[str]:
 
 
 def _committed(row: dict[str, Any]) -> bool:
-    """Forwarded, answered 2xx and committed (not released, not denied)."""
+    """Forwarded, answered 2xx and charged (not released, not denied). A hold the sweeper
+    expired counts when its call's commit came late and charged it (the ledger's late commit:
+    the decision row then has its status and actual; an expired hold never committed has none)."""
     status = row.get("status")
     return (
         row.get("decision") != "deny"
-        and row.get("hold_state") == "committed"
+        and (
+            row.get("hold_state") == "committed"
+            or (row.get("hold_state") == "expired" and row.get("actual_usd") is not None)
+        )
         and status is not None
         and 200 <= int(status) < 300
     )
@@ -448,11 +455,12 @@ def handoff(rows: Sequence[dict[str, Any]], detector: Detector) -> list[Anomaly]
 
 
 def _guard_denials(rows: Sequence[dict[str, Any]]) -> dict[tuple[str, str], list[dict[str, Any]]]:
-    """Requests a reserve-time guard refused, by (detector, scope). (In shadow mode a guard only
-    records would_deny: nothing was refused, and the flag itself reports the anomaly.)"""
+    """Requests a reserve-time guard refused (deny) or, in shadow mode, would have refused
+    (would_deny), by (detector, scope). Both are reported even when the report's settings
+    differ from the proxy's and the flag itself does not fire."""
     denied: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
     for row in rows:
-        if row.get("reason_code") == "anomaly" and row.get("decision") == "deny":
+        if row.get("reason_code") == "anomaly" and row.get("decision") in ("deny", "would_deny"):
             kind = (row.get("reason") or "").split(":", 1)[0]
             denied[(kind if kind in GUARDED else "anomaly", row["scope"])].append(row)
     return denied
@@ -484,8 +492,9 @@ def detect(
         *drift(rows, settings.get("drift")),
         *unpriced_model(rows, settings.get("unpriced_model"), priced_actions),
     ]
-    # Requests a guard denied belong to the anomaly that explains them; a denial with no
-    # matching flag (the report was run with other settings than the proxy) stands alone.
+    # Requests a guard denied (or, in shadow mode, would have denied) belong to the anomaly that
+    # explains them; one with no matching flag (the report was run with other settings than the
+    # proxy) stands alone.
     alone: dict[tuple[str, str, Any], Anomaly] = {}
     for (kind, scope), denied in _guard_denials(rows).items():
         for row in denied:
@@ -511,8 +520,9 @@ def detect(
                     match = alone[key] = _run_of(involved[0], kind, detail, involved)
                     found.append(match)
             match.on_detect = "deny"
-            if row["request_id"] not in match.denied:
-                match.denied.append(row["request_id"])
+            refused = match.denied if row.get("decision") == "deny" else match.would_deny
+            if row["request_id"] not in refused:
+                refused.append(row["request_id"])
             if row["request_id"] not in match.evidence:
                 match.evidence.append(row["request_id"])
     for anomaly in found:

@@ -492,16 +492,29 @@ def _warnings(policy: Policy, rows: Sequence[dict[str, Any]]) -> list[str]:
 def replay(
     policy: Policy, db: str, *, since: float | None = None, now: float | None = None
 ) -> dict[str, Any]:
-    """Re-decide every recorded request since `since` seconds ago under `policy`."""
+    """Re-decide every recorded request since `since` seconds ago under `policy`.
+
+    A run (or workflow) active in the window is replayed from its first request: what it did
+    before the window counts toward its loop repeats, steps, run budget, fan-out and the
+    lookups `requires` names, as it did under enforcement. Only the window's requests are
+    reported. (Budgets above the run, say a tenant's, see only these runs' earlier spend.)
+    """
     reader = Reader(db)
     try:
         floor = (now or time.time()) - since if since else 0.0
         features = _feature_columns(reader)
+        active = "SELECT DISTINCT {0} FROM decisions WHERE ts >= :floor AND {0} IS NOT NULL"
+        window = (
+            f"(d.ts >= :floor OR d.scope IN ({active.format('scope')}) "
+            f"OR d.workflow IN ({active.format('workflow')}))"
+            if since
+            else "d.ts >= :floor"
+        )
         rows = reader.query(
             f"SELECT {_COLUMNS}{features} FROM decisions d LEFT JOIN holds h ON h.id = d.hold_id "
             # A request the proxy's own state turned away (a stop, its ledger down) was retried
             # by its SDK, and the retry is in the ledger: replaying both would count it twice.
-            f"WHERE d.ts >= :floor AND {agents_own('d.reason_code')} "
+            f"WHERE {window} AND {agents_own('d.reason_code')} "
             "ORDER BY d.ts, d.id",
             {"floor": floor},
         )
@@ -511,8 +524,11 @@ def replay(
     results = []
     for row in rows:
         sim.settle_until(row["ts"])
-        results.append(_decide(sim, row))
-    return _summary(policy, rows, results, since=_iso(floor) if since else None)
+        decided = _decide(sim, row)
+        if row["ts"] >= floor:  # earlier rows only bring the state up to the window
+            results.append(decided)
+    in_window = [row for row in rows if row["ts"] >= floor]
+    return _summary(policy, in_window, results, since=_iso(floor) if since else None)
 
 
 def _feature_columns(reader: Reader) -> str:

@@ -254,6 +254,13 @@ def _budgets(reader: Reader, floor: float, run: str | None) -> list[dict[str, An
                     "tokens": row["reserved_tokens"],
                     "requests": row["reserved_requests"],
                 },
+                # The usd figures above are floats for display; these are the ledger's exact
+                # integers (nano-dollars), as runs[].usd_nanos is.
+                "usd_nanos": {
+                    "limit": row["limit_usd"],
+                    "spent": row["spent_usd"],
+                    "reserved": row["reserved_usd"],
+                },
                 "exhausted": any(
                     row[f"limit_{u}"] is not None
                     and row[f"spent_{u}"] + row[f"reserved_{u}"] >= row[f"limit_{u}"]
@@ -395,7 +402,18 @@ def _add_timelines(
 # --- text ----------------------------------------------------------------------------------
 
 
+def printable(text: str) -> str:
+    """`text` on one line: model names, paths and reasons come from agents' requests, so a
+    control character in one (a newline, an escape sequence) is shown escaped. Done per value,
+    before values are laid out in lines: escaping the finished text line by line kept a
+    newline from a value as a line of its own (a forged report line)."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+
+
 def _table(headers: list[str], rows: list[list[str]]) -> str:
+    rows = [[printable(c) for c in r] for r in rows]
     widths = [
         max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)
     ]
@@ -463,9 +481,13 @@ def render_text(data: dict[str, Any]) -> str:
                     (b["per"] or "lifetime")
                     + (f" from {b['window_start']}" if b["window_start"] else ""),
                     unit,
-                    f"{b['spent'][unit]:.4f}" if unit == "usd" else str(b["spent"][unit]),
-                    f"{b['reserved'][unit]:.4f}" if unit == "usd" else str(b["reserved"][unit]),
-                    f"{limit:.4f}" if unit == "usd" else _limit(limit),
+                    # usd exactly, from the nanos (a float rounded to 4 places showed a small
+                    # spend as 0.0000, and 0.00015 as 0.0001)
+                    *(
+                        (format_usd(b["usd_nanos"][k]) for k in ("spent", "reserved", "limit"))
+                        if unit == "usd"
+                        else (str(b["spent"][unit]), str(b["reserved"][unit]), _limit(limit))
+                    ),
                 ]
             )
     out.append(
@@ -478,7 +500,9 @@ def render_text(data: dict[str, Any]) -> str:
         out.append("ANOMALIES")
         for a in data["anomalies"]:
             denied = f" [denied {len(a['denied'])}]" if a.get("denied") else ""
-            out.append(f"  {a['kind']:<14} {a['scope']}: {a['detail']}{denied}")
+            if a.get("would_deny"):
+                denied += f" [would deny {len(a['would_deny'])}]"
+            out.append(printable(f"  {a['kind']:<14} {a['scope']}: {a['detail']}{denied}"))
     return "\n".join(out)
 
 

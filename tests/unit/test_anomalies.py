@@ -312,3 +312,69 @@ def test_percentile_is_nearest_rank() -> None:
     assert anomalies.percentile([1, 2, 3, 4, 100], 99) == 100
     assert anomalies.percentile([5] * 30 + [9], 50) == 5
     assert anomalies.percentile([7], 99) == 7
+
+
+def test_a_call_charged_after_its_hold_expired_is_still_checked(seed: Seeder) -> None:
+    """The sweeper expired the hold of a call that outlived it, and the call's commit came
+    late: it was charged all the same (a "late commit"), but the per-call detectors looked
+    only at holds in state `committed` and missed its drift and its unknown model."""
+    import uuid
+
+    from drawdown.ledger.api import Amount, Completion, DecisionRow
+
+    seed.call(run="r", body="first")
+    row = DecisionRow(
+        request_id=uuid.uuid4().hex, ts=seed.now, decision="allow", mode="enforce",
+        scope="tenant:acme/agent:worker/run:r", tenant="acme", agent="worker", run="r",
+        action="llm", provider="openai", model="acme-secret-model-9000", method="POST",
+        host="api.openai.com", path="/v1/chat/completions", est_usd=1_000_000,
+        fingerprint=uuid.uuid4().hex,
+    )  # fmt: skip
+    outcome = seed.ledger.reserve(row, [], Amount(usd=1_000_000, requests=1), seed.now + 60)
+    assert seed.ledger.sweep(seed.now + 1000, 30) == 1  # its TTL ran out: expired
+    completion = Completion(
+        actual=Amount(usd=9_000_000, tokens=4000, requests=1), status=200, tokens_in=1000,
+        tokens_out=3000, usage_source="usage", priced=False, latency_ms=1_100_000.0,
+        upstream_ms=900.0,
+    )  # fmt: skip
+    settled = seed.ledger.commit(row.request_id, outcome.hold_id, completion, seed.now + 1100)
+    assert (settled.applied, settled.state) == (True, "expired")
+    result = found(seed)
+    assert kinds(result) == ["drift", "unpriced_model"]
+    assert all(a["evidence"] == [row.request_id] for a in result)
+    # An expired hold whose call never came back was charged nothing: no anomaly of its own.
+    lost = DecisionRow(**{**row.__dict__, "request_id": uuid.uuid4().hex, "ts": seed.now + 2000})
+    seed.ledger.reserve(lost, [], Amount(usd=1_000_000, requests=1), seed.now + 2060)
+    assert seed.ledger.sweep(seed.now + 3000, 30) == 1
+    assert lost.request_id not in {i for a in found(seed) for i in a["evidence"]}
+
+
+def test_a_shadow_guard_trip_is_reported_without_the_policy(seed: Seeder) -> None:
+    """In shadow mode a guard set to deny records would_deny ("loop: …"). A report made with
+    other settings (no --policy: the defaults) listed no anomaly for it, though the run's
+    would_status said anomalous; an enforced denial in the same place stands alone."""
+    shadow = Guards(max_repeats=2, shadow=True)
+    rows = [seed.call(run="r", body="same", mode="shadow", guards=shadow) for _ in range(4)]
+    steps = Guards(max_steps=3, shadow=True)
+    long = [seed.call(run="long", body=f"s{i}", mode="shadow", guards=steps) for i in range(5)]
+    assert [r.decision for r in rows] == ["allow", "allow", "would_deny", "would_deny"]
+    assert [r.decision for r in long][3:] == ["would_deny", "would_deny"]
+    loop, step = found(seed)
+    assert (loop["kind"], loop["run"], step["kind"], step["run"]) == (
+        "loop",
+        "r",
+        "step_count",
+        "long",
+    )
+    assert loop["evidence"] == [r.request_id for r in rows] and loop["denied"] == []
+    assert loop["would_deny"] == [r.request_id for r in rows[2:]]
+    assert step["evidence"] == step["would_deny"] == [r.request_id for r in long[3:]]
+    assert step["denied"] == [] and "step_count" in step["detail"]
+    (run,) = [r for r in report_runs(seed) if r["run"] == "r"]
+    assert run["would_status"] == "anomalous" and [a["kind"] for a in run["anomalies"]] == ["loop"]
+
+
+def report_runs(seed: Seeder) -> list[dict[str, Any]]:
+    from drawdown import report
+
+    return report.build(str(seed.path), now=seed.now + 60)["runs"]

@@ -394,3 +394,46 @@ def test_a_call_turned_away_by_the_proxys_own_state_is_replayed_once(
     data = replay.replay(p, str(seed.path))
     assert data["requests"] == 2 and data["decisions"] == {"allow": 2, "deny": 0, "would_deny": 0}
     assert retried.request_id not in {b["request_id"] for b in data["blocked"]}
+
+
+def test_since_still_counts_what_a_run_did_before_the_window(seed: Seeder, tmp_path: Path) -> None:
+    """A run that spans the `--since` boundary: enforcement counted its earlier steps (loop
+    repeats, its run budget, the lookup `requires` names); replay started it from nothing and
+    let through what the new policy would have refused."""
+    looped = [
+        llm(seed, "span", body="same prompt", est_usd=1000, actual_usd=1000) for _ in range(4)
+    ]
+    spender = [llm(seed, "spend", body=f"s{i}", est_usd=1_000_000, actual_usd=1_000_000) for i in range(3)]  # fmt: skip
+    tool(seed, "refunds", "GET", "crm.example.com", "/customers/c1")
+    seed.now += 7200
+    floor = seed.now
+    looped += [
+        llm(seed, "span", body="same prompt", est_usd=1000, actual_usd=1000) for _ in range(4)
+    ]
+    spender += [llm(seed, "spend", body=f"t{i}", est_usd=1_000_000, actual_usd=1_000_000) for i in range(2)]  # fmt: skip
+    refund = tool(
+        seed, "refunds", "POST", "api.stripe.com", "/v1/refunds", {"json.customer_id": "c1"}
+    )
+    p = policy(
+        tmp_path,
+        ACTIONS
+        + 'budgets:\n  - {scope: "agent:*/run:*", actions: [llm], usd: 0.004}\n'
+        + "anomalies:\n  loop: {repeats: 5, on_detect: deny}\n"
+        + "authority:\n  rules:\n"
+        + '    - {scope: "*", action: refund.issue, requires: [{action: crm.read, same: {json.customer_id: path.id}}]}\n',
+    )
+    now = seed.now + 60
+    whole = replay.replay(p, str(seed.path), now=now)
+    window = replay.replay(p, str(seed.path), since=now - floor, now=now)
+    blocked = [
+        looped[5].request_id,
+        looped[6].request_id,
+        looped[7].request_id,
+        spender[4].request_id,
+    ]
+    assert [b["request_id"] for b in whole["blocked"]] == blocked
+    # The window reports its own requests only, decided as the whole history decided them.
+    assert window["requests"] == 4 + 2 + 1 and window["recorded"]["allow"] == 7
+    assert [b["request_id"] for b in window["blocked"]] == blocked
+    assert refund.request_id not in {b["request_id"] for b in window["blocked"]}
+    assert {r["run"]: r["requests"] for r in window["runs"]} == {"span": 4, "spend": 2}

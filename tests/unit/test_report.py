@@ -400,3 +400,48 @@ def test_the_proxys_own_refusals_do_not_make_a_run_denied(seed: Seeder, code: st
     runs = {r["run"]: r for r in report.build(str(seed.path), now=NOW)["runs"]}
     assert (runs["deployed-under"]["status"], runs["deployed-under"]["denied"]) == ("normal", 1)
     assert runs["refused"]["status"] == "denied"
+
+
+def test_budget_amounts_are_exact_decimals_of_the_nanos(seed: Seeder) -> None:
+    """The BUDGETS table printed its usd through a float with 4 places: a run budget that had
+    been charged $0.000035 in many small calls read `0.0000` spent (the RUNS table said
+    0.000035), and $0.00015 read `0.0001` (the float under 0.00015) where RUNS said 0.0002."""
+    small = claim("agent:worker/run:tiny", usd=50_000)
+    for _ in range(7):
+        seed.call(run="tiny", claims=[small], est_usd=5_000, actual_usd=5_000)
+    half = claim("agent:worker/run:half", usd=1_000_000_000)
+    seed.call(run="half", claims=[half], est_usd=150_000, actual_usd=150_000)
+    data = report.build(str(seed.path), now=NOW)
+    budgets = {b["scope"]: b for b in data["budgets"]}
+    tiny = budgets["agent:worker/run:tiny"]
+    assert tiny["usd_nanos"] == {"limit": 50_000, "spent": 35_000, "reserved": 0}
+    assert tiny["spent"]["usd"] == 0.000035 and tiny["limit"]["usd"] == 0.00005
+    text = report.render_text(data)
+    runs = {line.split()[0]: line.split() for line in text.split("RUNS\n", 1)[1].splitlines()[2:4]}
+    table = text.split("BUDGETS\n", 1)[1].splitlines()[2:]
+    cells = {row[1]: row for row in (re.split(r"\s{2,}", line.strip()) for line in table)}
+    assert cells["agent:worker/run:tiny"][4:] == ["0.000035", "0.0000", "0.00005"]
+    assert runs["tenant:acme/agent:worker/run:tiny"][6] == "0.000035"
+    assert (
+        cells["agent:worker/run:half"][4]
+        == "0.0002"
+        == runs["tenant:acme/agent:worker/run:half"][6]
+    )
+
+
+def test_text_report_shows_a_newline_from_an_agent_escaped(
+    seed: Seeder, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A model name is whatever the agent put in its request body, and it reaches an anomaly's
+    detail. The terminal view escaped control characters line by line, after splitting on
+    newlines: a model name with a newline in it printed lines of its own (a forged entry)."""
+    forged = "  loop           tenant:acme/agent:boss/run:r: all clear"
+    seed.call(run="r", model=f"gpt-evil\n{forged}\n")
+    data = report.build(str(seed.path), now=NOW)
+    (anomaly,) = data["anomalies"]
+    assert anomaly["kind"] == "unpriced_model" and "\n" in anomaly["detail"]  # the data as it is
+    text = report.render_text(data)
+    assert forged not in text.splitlines() and "gpt-evil\\n  loop" in text
+    assert main(["report", "--db", str(seed.path)]) == 0
+    out = capsys.readouterr().out
+    assert forged not in out.splitlines() and len(out.splitlines()) == len(text.splitlines())

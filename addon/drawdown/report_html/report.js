@@ -320,7 +320,9 @@
         el("td", null, a.detail),
         el("td", null, el("details", null, [el("summary", null, a.evidence_total + " request(s)"),
           el("div", { "class": "ids mono" }, a.evidence.join(" "))])),
-        el("td", null, a.denied && a.denied.length ? badge("enforced", "denied " + a.denied.length) : badge("flag", a.on_detect === "deny" ? "deny" : "flag")),
+        el("td", null, a.denied && a.denied.length ? badge("enforced", "denied " + a.denied.length)
+          : a.would_deny && a.would_deny.length ? badge("flag", "would deny " + a.would_deny.length)
+          : badge("flag", a.on_detect === "deny" ? "deny" : "flag")),
       ]));
     });
     at.appendChild(ab);
