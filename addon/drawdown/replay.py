@@ -606,6 +606,8 @@ def _summary(
         ],
         "usd_recorded": usd_float(sum(r.usd_recorded for r in results)),
         "usd_replayed": usd_float(sum(r.usd_replayed for r in results)),
+        "usd_recorded_nanos": sum(r.usd_recorded for r in results),  # exact, as runs[] carry
+        "usd_replayed_nanos": sum(r.usd_replayed for r in results),
         "warnings": _warnings(policy, rows),
     }
 
@@ -621,7 +623,8 @@ def render_text(data: dict[str, Any]) -> str:
         f"  as recorded: {rec['allow']} allowed, {rec['deny']} denied, {rec['would_deny']} would deny",
         f"  new policy:  {new['allow']} allowed, {new['deny']} denied, {new['would_deny']} would deny"
         f"  ({data['changed']} decision(s) changed)",
-        f"  spend: ${data['usd_recorded']:.4f} as recorded, ${data['usd_replayed']:.4f} under the new policy",
+        f"  spend: ${format_usd(data['usd_recorded_nanos'])} as recorded, "
+        f"${format_usd(data['usd_replayed_nanos'])} under the new policy",
     ]
     for warning in data["warnings"]:
         out.append(f"  warning: {warning}")

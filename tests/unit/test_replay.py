@@ -437,3 +437,16 @@ def test_since_still_counts_what_a_run_did_before_the_window(seed: Seeder, tmp_p
     assert [b["request_id"] for b in window["blocked"]] == blocked
     assert refund.request_id not in {b["request_id"] for b in window["blocked"]}
     assert {r["run"]: r["requests"] for r in window["runs"]} == {"span": 4, "spend": 2}
+
+
+def test_replay_spend_is_printed_exactly(seed: Seeder, tmp_path: Path) -> None:
+    """The summary's spend went through a float at 4 places: $0.000035 read $0.0000, while
+    the runs table below it (from the nanos) read 0.000035."""
+    for i in range(7):
+        llm(seed, "tiny", body=f"s{i}", est_usd=5_000, actual_usd=5_000)
+    p = policy(tmp_path, ACTIONS + 'budgets:\n  - {scope: "agent:*/run:*", requests: 6}\n')
+    data = replay.replay(p, str(seed.path))
+    assert (data["usd_recorded_nanos"], data["usd_replayed_nanos"]) == (35_000, 30_000)
+    assert data["usd_recorded"] == 0.000035
+    text = replay.render_text(data)
+    assert "spend: $0.000035 as recorded, $0.00003 under the new policy" in text
