@@ -258,7 +258,11 @@ def _within_ledger(completion: Completion, request_id: str) -> Completion:
 
 def _cut_short(state: FlowState, reason: str, status: int | None) -> Completion:
     """A stream that ended after the upstream began answering: the provider bills what it
-    generated, so the charge is what was streamed so far (counted) plus the prompt."""
+    generated, so the charge is what was streamed so far (counted) plus the prompt. A stream
+    whose end had already passed was not cut: the client left (or the stop came) between its
+    last byte and mitmproxy's closing the flow, and the charge is the whole answer's."""
+    if state.measurement is not None:
+        return _measured(state.measurement, status)
     return _measured(state.stream_meter.partial(), status, note=f"stream cut short: {reason}")
 
 

@@ -497,3 +497,33 @@ def test_a_ledger_still_refusing_at_the_stop_is_tried_once_not_once_a_call(
     assert len(tries_at_stop) == 1
     assert "could not settle 2 call(s) at shutdown" in caplog.text
     assert [state for state, _, _ in holds(db)] == ["released", "released"]
+
+
+def test_a_client_that_leaves_after_the_streams_end_is_charged_the_whole_answer(
+    tmp_path: Path,
+) -> None:
+    """The last event went through, then the client closed its connection before mitmproxy
+    closed the flow, which then calls `error`: that stream was not cut short, and its ledger
+    row must not say so (the e2e stop test with two workers caught it, once)."""
+    sse = (
+        b'data: {"id":"c","object":"chat.completion.chunk","model":"gpt-4o-mini","choices":'
+        b'[{"index":0,"delta":{"content":"hi"},"finish_reason":"stop"}]}\n\n'
+        b'data: {"id":"c","object":"chat.completion.chunk","model":"gpt-4o-mini","choices":[]'
+        b',"usage":{"prompt_tokens":9,"completion_tokens":8,"total_tokens":17}}\n\n'
+        b"data: [DONE]\n\n"
+    )
+
+    async def steps(addon: Drawdown) -> None:
+        flow = await forwarded(addon, chat())
+        flow.response = tutils.tresp(content=b"", headers=http.Headers(SSE))
+        addon.responseheaders(flow)
+        assert callable(flow.response.stream)
+        flow.response.stream(sse)
+        flow.response.stream(b"")  # the stream's end
+        flow.error = Error("Client disconnected.")
+        await addon.error(flow)
+
+    db = drive(tmp_path, LLM, steps)
+    [(state, charged, _)] = holds(db)
+    assert state == "committed" and charged and charged > 0
+    assert notes(db) == [None]
