@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -17,6 +16,8 @@ from mitmproxy import exceptions, http
 from mitmproxy.addons.proxyserver import Proxyserver
 from mitmproxy.flow import Error
 from mitmproxy.test import taddons, tflow, tutils
+
+from tests.support.addon_harness import drive
 
 IDENTITY = """
 identity:
@@ -77,28 +78,6 @@ def holds(db: Path) -> list[tuple[str, int | None, str | None]]:
 def notes(db: Path) -> list[str | None]:
     with sqlite3.connect(db) as conn:
         return [note for (note,) in conn.execute("SELECT note FROM decisions")]
-
-
-def drive(
-    tmp_path: Path,
-    policy_text: str,
-    steps: Callable[[Drawdown], Awaitable[None]],
-    **options: str,
-) -> Path:
-    """Run `steps` against a configured addon with its own ledger; return the ledger's path."""
-    policy = tmp_path / "policy.yaml"
-    policy.write_text(policy_text)
-    db = tmp_path / "l.db"
-
-    async def main() -> None:
-        addon = Drawdown()
-        with taddons.context(addon) as tctx:
-            tctx.configure(addon, drawdown_policy=str(policy), drawdown_db=str(db), **options)
-            await steps(addon)
-            addon.done()
-
-    asyncio.run(main())
-    return db
 
 
 async def forwarded(addon: Drawdown, flow: http.HTTPFlow) -> http.HTTPFlow:

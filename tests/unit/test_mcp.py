@@ -4,7 +4,6 @@ tool result marked isError, answered as JSON or as an event stream) meeting no `
 
 from __future__ import annotations
 
-import asyncio
 import json
 import sqlite3
 from collections.abc import Awaitable, Callable
@@ -17,7 +16,9 @@ from drawdown.addon import STATE, Drawdown
 from drawdown.classify import RequestView, classify
 from drawdown.policy import load_policy
 from mitmproxy import http
-from mitmproxy.test import taddons, tflow, tutils
+from mitmproxy.test import tflow, tutils
+
+from tests.support.addon_harness import drive as drive_addon
 
 POLICY = """
 identity:
@@ -56,20 +57,7 @@ def post(body: Any) -> http.HTTPFlow:
 def drive(
     tmp_path: Path, steps: Callable[[Drawdown], Awaitable[None]], policy: str = POLICY
 ) -> Path:
-    (tmp_path / "policy.yaml").write_text(policy)
-    db = tmp_path / "l.db"
-
-    async def main() -> None:
-        addon = Drawdown()
-        with taddons.context(addon) as tctx:
-            tctx.configure(
-                addon, drawdown_policy=str(tmp_path / "policy.yaml"), drawdown_db=str(db)
-            )
-            await steps(addon)
-            addon.done()
-
-    asyncio.run(main())
-    return db
+    return drive_addon(tmp_path, policy, steps)
 
 
 async def decide(addon: Drawdown, flow: http.HTTPFlow) -> http.HTTPFlow:
