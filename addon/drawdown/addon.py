@@ -1104,6 +1104,11 @@ class Drawdown:
 
         kind = classification.kind
         assert kind is not None
+        unbilled = state.llm is not None and not state.llm.billable  # e.g. count_tokens
+        if not unbilled:
+            # Before authority: a call denied again and again is a loop too, and replay
+            # needs the fingerprint to re-decide it under a policy that would allow it.
+            row.fingerprint = fingerprint(kind, view, classification)
         governed = policy.authority.rules or policy.authority.default == "deny"
         if governed and not await self._authorize(flow, state, policy, classification, view):
             return
@@ -1116,10 +1121,9 @@ class Drawdown:
                 for name, value in facts_of(policy.authority, each, seen)
             )
         )
-        if state.llm is not None and not state.llm.billable:  # e.g. count_tokens: uncharged
+        if unbilled:  # uncharged and unguarded
             await self._reserve(flow, state, [], Amount())
             return
-        row.fingerprint = fingerprint(kind, view, classification)
         claims = claims_for(policy, state.identity.levels, classification.kinds, state.started)
         await self._reserve(flow, state, claims, estimate, guards_for(policy, kind))
         if not state.denied and state.llm is not None and state.llm.rewritten_body is not None:

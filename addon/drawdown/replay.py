@@ -326,6 +326,8 @@ def _decide(sim: Simulation, row: dict[str, Any]) -> Replayed:
         estimate = _llm_estimate(policy, action, view, row)
 
     assert kind is not None
+    # The proxy fingerprints a request before authority decides it: a denied repeat counts too.
+    fingerprint = row.get("fingerprint") if billable else None
     if policy.authority.rules or policy.authority.default == "deny":
         for each, seen in classification.authorizations(view):
             evaluation = evaluate(policy.authority, levels, scope, each, seen)
@@ -338,7 +340,7 @@ def _decide(sim: Simulation, row: dict[str, Any]) -> Replayed:
             if verdict.decision == "deny":
                 deny(verdict.reason_code or "not_authorized", verdict.reason or "", rule)
                 if out.decision == "deny":
-                    return finish([], Amount(), None)
+                    return finish([], Amount(), fingerprint)
                 break
             if verdict.decision == "would_deny" and out.decision == "allow":
                 out.decision, out.reason_code, out.reason, out.by = (
@@ -350,7 +352,6 @@ def _decide(sim: Simulation, row: dict[str, Any]) -> Replayed:
     if action.is_llm and not billable:  # e.g. count_tokens: uncharged, unguarded
         return finish([], Amount(), None)
 
-    fingerprint = row.get("fingerprint")
     claims = claims_for(policy, levels, classification.kinds, row["ts"])
     guards = guards_for(policy, kind)
     if guards is not None:

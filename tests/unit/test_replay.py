@@ -450,3 +450,79 @@ def test_replay_spend_is_printed_exactly(seed: Seeder, tmp_path: Path) -> None:
     assert data["usd_recorded"] == 0.000035
     text = replay.render_text(data)
     assert "spend: $0.000035 as recorded, $0.00003 under the new policy" in text
+
+
+REFUND = b'{"charge": "ch_1", "amount": 500}'
+AGENT = "identity:\n  agent: [{value: support-1}]\n  run: [{value: r1}]\n"
+
+
+def record(
+    tmp_path: Path, policy_text: str, calls: list[tuple[str, str, bytes]]
+) -> tuple[Path, list[int]]:
+    """Send `calls` (method, host+path, body) through the real addon, each upstream answering
+    200; return the ledger and the status each call got."""
+    from drawdown.addon import Drawdown
+    from mitmproxy import http
+    from mitmproxy.test import tflow, tutils
+
+    from tests.support.addon_harness import drive
+
+    statuses: list[int] = []
+
+    async def steps(addon: Drawdown) -> None:
+        for method, url, body in calls:
+            host, _, path = url.partition("/")
+            request = tutils.treq(
+                host=host, port=443, scheme=b"https", method=method.encode(), path=b"/" + path.encode(),
+                headers=http.Headers(((b"content-type", b"application/json"),)), content=body,
+            )  # fmt: skip
+            flow = tflow.tflow(req=request)
+            addon.requestheaders(flow)
+            await addon.request(flow)
+            if flow.response is None:  # forwarded: the upstream says yes
+                flow.response = tutils.tresp(status_code=200, content=b"{}")
+                addon.responseheaders(flow)
+                await addon.response(flow)
+            statuses.append(flow.response.status_code)
+
+    return drive(tmp_path, policy_text, steps), statuses
+
+
+def test_a_request_authority_denied_again_and_again_is_a_loop_when_replayed(
+    tmp_path: Path,
+) -> None:
+    """The proxy fingerprinted a request only after authority allowed it: a refund denied
+    three times was recorded without one, so a replay under a policy that allows refunds
+    could not see the loop the agent was in."""
+    import sqlite3
+
+    denying = ACTIONS + AGENT + 'authority:\n  rules:\n    - {scope: "*", deny: [refund.issue]}\n'
+    db, statuses = record(tmp_path, denying, [("POST", "api.stripe.com/v1/refunds", REFUND)] * 3)
+    assert statuses == [403, 403, 403]
+    with sqlite3.connect(db) as conn:
+        rows = conn.execute("SELECT reason_code, fingerprint FROM decisions").fetchall()
+    assert [code for code, _ in rows] == ["not_authorized"] * 3
+    assert len({fp for _, fp in rows}) == 1 and rows[0][1], "the denied repeats share a fingerprint"
+
+    loop = "anomalies:\n  loop: {repeats: 2, on_detect: deny}\n"
+    data = replay.replay(policy(tmp_path, ACTIONS + AGENT + loop, "new.yaml"), str(db))
+    assert data["decisions"] == {"allow": 2, "deny": 1, "would_deny": 0}
+    assert [b["by"] for b in data["blocked"]] == ["anomalies.loop"]
+
+
+def test_replay_counts_authority_denials_as_the_proxy_does(tmp_path: Path) -> None:
+    """Two refunds refused for want of a lookup, the lookup, then the same refund: the proxy
+    counts the refused two as repeats and stops the third as a loop; replaying the same policy
+    over that traffic must decide every request as the proxy did."""
+    text = (
+        ACTIONS + AGENT + "anomalies:\n  loop: {repeats: 2, on_detect: deny}\n"
+        'authority:\n  rules:\n    - {scope: "*", action: refund.issue, requires: [crm.read]}\n'
+    )
+    refund = ("POST", "api.stripe.com/v1/refunds", REFUND)
+    db, statuses = record(
+        tmp_path, text, [refund, refund, ("GET", "crm.example.com/customers/7", b""), refund]
+    )
+    assert statuses == [403, 403, 200, 429]  # the last one: a loop
+    data = replay.replay(policy(tmp_path, text, "same.yaml"), str(db))
+    assert data["changed"] == 0, data["blocked"]
+    assert [b["by"] for b in data["blocked"]][-1] == "anomalies.loop"
