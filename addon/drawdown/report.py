@@ -166,8 +166,11 @@ def _build(
                    COALESCE(SUM(est_usd), 0) AS est_usd,
                    COALESCE(SUM(tokens_in), 0) AS tokens_in,
                    COALESCE(SUM(tokens_out), 0) AS tokens_out,
-                   MIN(ts) AS started, MAX(COALESCE(completed_at, ts)) AS ended
-            FROM decisions WHERE {where} AND run IS NOT NULL
+                   MIN(ts) AS started, MAX(COALESCE(completed_at, ts)) AS ended,
+                   SUM(CASE WHEN ts >= :floor THEN 1 ELSE 0 END) AS window_requests,
+                   COALESCE(SUM(CASE WHEN ts >= :floor THEN actual_usd END), 0) AS window_usd
+            FROM decisions
+            WHERE scope IN (SELECT DISTINCT scope FROM decisions WHERE {where}) AND run IS NOT NULL
             GROUP BY scope, tenant, workflow, agent, run ORDER BY MIN(ts)""",
         params,
     )
@@ -197,10 +200,19 @@ def _build(
             "status": _status(row, run_anomalies),
             "would_status": _would_status(row),
             "anomalies": run_anomalies,
+            # A run active since the cut-off is reported whole, as its status and anomalies
+            # judge it; this is the part of it inside the window.
+            "in_window": {
+                "requests": row["window_requests"],
+                "usd": usd_float(row["window_usd"]),
+                "usd_nanos": row["window_usd"],
+            }
+            if since
+            else None,
         }
         runs.append(entry)
     if timelines:
-        _add_timelines(runs, detail_rows, found, floor)
+        _add_timelines(runs, detail_rows, found)
 
     budgets = _budgets(reader, floor, run)
     return {
@@ -356,16 +368,13 @@ def _add_timelines(
     runs: list[dict[str, Any]],
     rows: list[dict[str, Any]],
     found: list[dict[str, Any]],
-    floor: float,
 ) -> None:
     flagged: dict[str, list[str]] = defaultdict(list)
     for anomaly in found:
         for request_id in anomaly["evidence"]:
             flagged[request_id].append(anomaly["kind"])
     steps: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for row in rows:
-        if row["ts"] < floor:
-            continue
+    for row in rows:  # whole runs, as the runs table reports them
         steps[row["scope"]].append(row)
     for entry in runs:
         scope_rows = steps.get(entry["scope"], [])
@@ -427,6 +436,13 @@ def _limit(value: Any) -> str:
     return "-" if value is None else str(value)
 
 
+def _requests_cell(run: dict[str, Any]) -> str:
+    window = run.get("in_window")
+    if window is None or window["requests"] == run["requests"]:
+        return str(run["requests"])
+    return f"{run['requests']} ({window['requests']} since)"
+
+
 def render_text(data: dict[str, Any]) -> str:
     out = []
     d = data["decisions"]
@@ -452,7 +468,7 @@ def render_text(data: dict[str, Any]) -> str:
                 [
                     r["scope"],
                     r["status"] + (f" (shadow: {r['would_status']})" if r["would_status"] else ""),
-                    str(r["requests"]),
+                    _requests_cell(r),
                     str(r["allowed"]),
                     str(r["denied"]),
                     str(r["would_deny"]),
@@ -466,6 +482,11 @@ def render_text(data: dict[str, Any]) -> str:
         if data["runs"]
         else "(no runs)"
     )
+    if any(_requests_cell(r) != str(r["requests"]) for r in data["runs"]):
+        out.append(
+            f"(runs active since {data['since']} are shown whole, as their status and anomalies "
+            "judge them; `N since`: their requests from then on)"
+        )
     out.append("")
     out.append("BUDGETS")
     rows = []

@@ -445,3 +445,30 @@ def test_text_report_shows_a_newline_from_an_agent_escaped(
     assert main(["report", "--db", str(seed.path)]) == 0
     out = capsys.readouterr().out
     assert forged not in out.splitlines() and len(out.splitlines()) == len(text.splitlines())
+
+
+def test_since_reports_a_run_active_in_the_window_whole(seed: Seeder) -> None:
+    """`--since` counted a run's requests and spend in the window only, while its status and
+    anomalies judged the whole run: a loop of six identical calls showed beside "2 requests".
+    The run is now reported whole, with the window's part beside it."""
+    for _ in range(4):
+        seed.call(run="long", body="same", actual_usd=1_000)
+    seed.now += 3600
+    floor = seed.now
+    for _ in range(2):
+        seed.call(run="long", body="same", actual_usd=1_000)
+    seed.call(run="new", body="x", actual_usd=5_000)
+    now = seed.now + 60
+    data = report.build(str(seed.path), since=now - floor, now=now)
+    runs = {r["run"]: r for r in data["runs"]}
+    long = runs["long"]
+    assert (long["requests"], long["usd_nanos"], long["status"]) == (6, 6_000, "anomalous")
+    assert [a["kind"] for a in long["anomalies"]] == ["loop"]
+    assert long["in_window"] == {"requests": 2, "usd": 2e-06, "usd_nanos": 2_000}
+    assert runs["new"]["in_window"]["requests"] == runs["new"]["requests"] == 1
+    assert data["decisions"]["allow"] == 3  # the totals stay the window's
+    text = report.render_text(data)
+    assert "6 (2 since)" in text and "are shown whole" in text
+    whole = report.build(str(seed.path), now=now)
+    assert all(r["in_window"] is None for r in whole["runs"])
+    assert "since)" not in report.render_text(whole)

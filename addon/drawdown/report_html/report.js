@@ -182,7 +182,8 @@
         el("td", { "class": "scope", "data-k": "scope" }, run.scope),
         el("td", { "data-k": "status", "data-v": run.status }, [badge(run.status, run.status.replace("_", " ")),
           run.would_status ? el("span", { "class": "reason", title: "what enforcing the would_deny decisions would have made of this run" }, " shadow: " + run.would_status.replace("_", " ")) : null]),
-        num("steps", run.steps, fmtInt(run.steps)),
+        // --since reports a run active in the window whole; "(N since)" is its part in the window
+        num("steps", run.steps, fmtInt(run.steps) + (run.in_window && run.in_window.requests !== run.steps ? " (" + fmtInt(run.in_window.requests) + " since)" : "")),
         num("allowed", run.allowed, fmtInt(run.allowed)),
         num("denied", run.denied, fmtInt(run.denied)),
         num("would_deny", run.would_deny, fmtInt(run.would_deny)),
