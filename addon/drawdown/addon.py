@@ -1104,8 +1104,10 @@ class Drawdown:
 
         kind = classification.kind
         assert kind is not None
-        unbilled = state.llm is not None and not state.llm.billable  # e.g. count_tokens
-        if not unbilled:
+        # count_tokens, a model listing: no step of the agent's, uncharged and unguarded. An
+        # image or a speech the meter cannot price per token is a step all the same (llm.step).
+        free = state.llm is not None and not state.llm.billable and not state.llm.step
+        if not free:
             # Before authority: a call denied again and again is a loop too, and replay
             # needs the fingerprint to re-decide it under a policy that would allow it.
             row.fingerprint = fingerprint(kind, view, classification)
@@ -1121,7 +1123,7 @@ class Drawdown:
                 for name, value in facts_of(policy.authority, each, seen)
             )
         )
-        if unbilled:  # uncharged and unguarded
+        if free:
             await self._reserve(flow, state, [], Amount())
             return
         claims = claims_for(policy, state.identity.levels, classification.kinds, state.started)

@@ -123,6 +123,7 @@ def explain(
         return out
 
     estimate = Amount(usd=action.cost_usd_nanos or 0, requests=1)
+    free = False
     if action.is_llm:
         try:
             llm = meter.inspect_request(
@@ -141,8 +142,14 @@ def explain(
             f"{llm.max_output_tokens} output = ≈${format_usd(llm.estimate_usd_nanos)}{priced}",
         )
         if not llm.billable:
-            out.reason = "passes through uncharged"
-            return out
+            free = not llm.step
+            out.add(
+                "estimate",
+                "the provider does not bill it: uncharged and unguarded"
+                if free
+                else "billed by the provider other than per token: counted as a request at $0 "
+                "(to price it, match it first with a tool action that has a `cost`)",
+            )
         estimate = Amount(
             usd=llm.estimate_usd_nanos, tokens=llm.input_tokens + llm.max_output_tokens, requests=1
         )
@@ -194,6 +201,10 @@ def explain(
                 out.reason = "only if the run's history meets the requirement(s) above, else requires_unmet (403)"
             elif verdict.rule is not None:
                 out.add("authority", f"allowed by {verdict.rule.describe()}")
+
+    if free:  # as the proxy does: authorized, then forwarded with no budget or guard
+        out.reason = out.reason or "passes through uncharged"
+        return out
 
     from .addon import fingerprint, guards_for  # as the proxy decides them
 

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from typing import Any
 
+from . import meter
 from .addon import guards_for
 from .authority import evaluate, facts_of
 from .budgets import claims_for
@@ -322,7 +323,7 @@ def _decide(sim: Simulation, row: dict[str, Any]) -> Replayed:
         if row.get("reason_code") == "bad_request":
             deny("bad_request", row.get("reason") or "unreadable request", None)
             return finish([], Amount(), None)
-        billable = _billable(action.provider, view.method, view.path)
+        billable = meter.charging(action.provider, view.method, view.path) != "free"
         estimate = _llm_estimate(policy, action, view, row)
 
     assert kind is not None
@@ -349,7 +350,7 @@ def _decide(sim: Simulation, row: dict[str, Any]) -> Replayed:
                     verdict.reason,
                     rule,
                 )
-    if action.is_llm and not billable:  # e.g. count_tokens: uncharged, unguarded
+    if not billable:  # e.g. count_tokens: uncharged, unguarded
         return finish([], Amount(), None)
 
     claims = claims_for(policy, levels, classification.kinds, row["ts"])
@@ -393,26 +394,12 @@ def _decide(sim: Simulation, row: dict[str, Any]) -> Replayed:
     return finish(claims, estimate, fingerprint)
 
 
-def _billable(provider: str, method: str, path: str) -> bool:
-    """As the meter routes it: count_tokens, model listings and the like are not charged."""
-    from .meter import anthropic, gemini, openai
-
-    if provider == "openai":
-        return openai.route(method, path)[0] != "other"
-    if provider == "anthropic":
-        return anthropic.route(method, path)[0] == "messages"
-    endpoint, model = gemini.route(method, path)
-    return endpoint not in ("other", "countTokens") and bool(model)
-
-
 def _llm_estimate(policy: Policy, action: Any, view: RequestView, row: dict[str, Any]) -> Amount:
     """The estimate made live; for a request the recording policy denied before estimating it,
     the meter's estimate from the recorded body (`record: {bodies: full}`), else its actual."""
     if row.get("est_usd"):
         return Amount(usd=row["est_usd"], tokens=row.get("est_tokens") or 0, requests=1)
     if row.get("body"):
-        from . import meter
-
         try:
             llm = meter.inspect_request(
                 action.provider, view.method, view.path, view.query, row["body"].encode(),

@@ -117,6 +117,54 @@ def test_over_budget_call_gets_402_and_never_reaches_the_upstream(
     assert [d[0] for d in decision_of(proxy)] == ["allow", "allow", "deny"]
 
 
+def test_an_image_the_meter_cannot_price_is_still_a_request_and_a_step(
+    drawdown_proxy: Factory, standin: StandIn
+) -> None:
+    """Calls OpenAI bills other than per token (images, speech, files) passed through
+    uncounted: no `requests` budget and no loop guard saw an agent generating images without
+    end. They are counted now, at $0; listing the models, which costs nothing, is not."""
+    image = {"created": 1764460800, "data": [{"url": "https://example.com/cat.png"}]}
+    standin.script("POST", "/v1/images/generations", Reply(json=image), times=None)
+    text = policy('- {scope: "agent:*/run:*", requests: 2}')
+    proxy = drawdown_proxy(text + "anomalies:\n  loop: {repeats: 1, on_detect: deny}\n")
+    with proxy.openai_client(
+        default_headers={"X-Drawdown-Agent": "a", "X-Drawdown-Run": "r"}
+    ) as client:
+        assert client.images.generate(model="dall-e-3", prompt="a cat").data[0].url
+        for _ in range(3):
+            assert client.models.list().data is not None  # free: no step, no budget
+        with pytest.raises(openai.APIStatusError) as looped:
+            client.images.generate(model="dall-e-3", prompt="a cat")
+        assert client.images.generate(model="dall-e-3", prompt="a dog").data[0].url
+        with pytest.raises(openai.APIStatusError) as broke:
+            client.images.generate(model="dall-e-3", prompt="a bird")
+    assert (
+        looped.value.status_code == 429
+        and "loop" in looped.value.response.json()["error"]["message"]
+    )
+    assert broke.value.status_code == 402  # two images made: the budget's 2 requests
+    assert standin.count("/v1/images/generations") == 2
+    images = rows(
+        proxy,
+        "SELECT d.decision, d.model, d.actual_usd, h.actual_requests FROM decisions d "
+        "LEFT JOIN holds h ON h.id = d.hold_id WHERE d.path = '/v1/images/generations' ORDER BY d.id",
+    )
+    assert images == [
+        ("allow", "dall-e-3", 0, 1),
+        ("deny", "dall-e-3", None, None),
+        ("allow", "dall-e-3", 0, 1),
+        ("deny", "dall-e-3", None, None),
+    ]
+    spent = rows(proxy, "SELECT spent_requests FROM budget_instances")
+    assert spent == [(2,)]
+    listings = rows(
+        proxy,
+        "SELECT h.est_requests, h.instance_ids FROM decisions d JOIN holds h ON h.id = d.hold_id "
+        "WHERE d.path = '/v1/models'",
+    )
+    assert listings == [(0, "")] * 3
+
+
 def test_windowed_budget_denies_with_429_and_retry_after(
     drawdown_proxy: Factory, standin: StandIn
 ) -> None:

@@ -86,6 +86,33 @@ def test_explain_shows_the_decision_path(capsys: pytest.CaptureFixture[str]) -> 
     assert stages[:3] == ["identity", "action", "estimate"] and stages.count("budget") == 4
 
 
+def test_explain_counts_an_image_and_authorizes_a_free_call(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """explain said an image generation "passes through uncharged" (the proxy now counts it
+    as a request), and stopped before authority on count_tokens, which the proxy authorizes."""
+    policy = tmp_path / "p.yaml"
+    policy.write_text(
+        "actions:\n"
+        "  - {kind: llm, provider: openai, match: {host: api.openai.com}}\n"
+        "  - {kind: claude, provider: anthropic, match: {host: api.anthropic.com}}\n"
+        'authority:\n  rules:\n    - {scope: "*", deny: [claude]}\n'
+        'budgets:\n  - {scope: "agent:*", requests: 5}\n'
+    )
+
+    def explain(url: str, body: str) -> dict[str, Any]:
+        args = ["explain", "--policy", str(policy), "--url", url, "--json", body, "--as-json"]
+        assert main(args) == 0
+        return json.loads(capsys.readouterr().out)
+
+    image = explain("https://api.openai.com/v1/images/generations", '{"model": "dall-e-3"}')
+    assert image["decision"] == "allow" and image["estimate"]["requests"] == 1
+    assert any("counted as a request" in text for _, text in image["steps"])
+    assert [stage for stage, _ in image["steps"]].count("budget") == 1
+    counted = explain("https://api.anthropic.com/v1/messages/count_tokens", '{"model": "m"}')
+    assert counted["decision"] == "deny" and counted["reason"].startswith("not_authorized")
+
+
 def test_explain_rejects_bad_json(capsys: pytest.CaptureFixture[str]) -> None:
     code = main(
         [

@@ -526,3 +526,19 @@ def test_replay_counts_authority_denials_as_the_proxy_does(tmp_path: Path) -> No
     data = replay.replay(policy(tmp_path, text, "same.yaml"), str(db))
     assert data["changed"] == 0, data["blocked"]
     assert [b["by"] for b in data["blocked"]][-1] == "anomalies.loop"
+
+
+def test_an_image_call_counts_on_a_requests_budget_in_replay_as_live(tmp_path: Path) -> None:
+    """An image generation is a request the proxy counts (a step billed other than per token);
+    replay treated it as free and would have let a second image past a budget of one."""
+    text = ACTIONS + AGENT + 'budgets:\n  - {scope: "agent:*/run:*", actions: [llm], requests: 1}\n'
+    image = (
+        "POST",
+        "api.openai.com/v1/images/generations",
+        b'{"model": "dall-e-3", "prompt": "a cat"}',
+    )
+    db, statuses = record(tmp_path, text, [image, image, ("GET", "api.openai.com/v1/models", b"")])
+    assert statuses == [200, 402, 200]  # the listing costs nothing: no budget refuses it
+    data = replay.replay(policy(tmp_path, text, "same.yaml"), str(db))
+    assert data["changed"] == 0, data["blocked"]
+    assert data["decisions"] == {"allow": 2, "deny": 1, "would_deny": 0}

@@ -5,6 +5,7 @@ Pure Python (no mitmproxy, no network). The proxy uses only this facade:
 * inspect_request(...) -> LLMRequest        before forwarding (may raise MeterRequestError)
 * measure_body(...) -> Measurement          a complete response body
 * open_stream_meter(...) -> StreamMeter     a streamed response: feed() / finish() / partial()
+* charging(provider, method, path)          "tokens", "step" or "free" (replay asks it)
 * price_usage(...), count_tokens(...), encoding_for(...)
 
 Wiring a streamed response into mitmproxy (responseheaders hook)::
@@ -28,7 +29,14 @@ Wiring a streamed response into mitmproxy (responseheaders hook)::
 and, when the flow dies before the end (error hook), commit `meter.partial()`.
 """
 
-from .api import StreamMeter, inspect_request, measure_body, open_stream_meter, unread_request
+from .api import (
+    StreamMeter,
+    charging,
+    inspect_request,
+    measure_body,
+    open_stream_meter,
+    unread_request,
+)
 from .config import DEFAULT_FALLBACK_PRICE, DEFAULT_SAFETY_FACTORS, MeterConfig, PricePerMillion
 from .prices import price_usage
 from .tokens import count_tokens, encoding_for
@@ -56,6 +64,7 @@ __all__ = [
     "PricePerMillion",
     "StreamMeter",
     "TokenUsage",
+    "charging",
     "count_tokens",
     "encoding_for",
     "inspect_request",

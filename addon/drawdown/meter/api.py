@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import replace
 from types import MappingProxyType
@@ -27,7 +28,50 @@ _NO_EXTRAS: Mapping[str, int] = MappingProxyType({})
 # --- before the call --------------------------------------------------------------------
 
 
-def _passthrough(provider: str, endpoint: str, model: str | None) -> LLMRequest:
+# What a provider does not bill: token counting and moderation (helpers an SDK or a guardrail
+# calls), and anything but a POST, PUT or PATCH (listing models, reading a file or a batch).
+_FREE_ENDPOINTS = frozenset({"messages.count_tokens", "countTokens"})
+_FREE_PATH = re.compile(r"/(?:moderations|input_tokens|count_tokens)$")
+_WRITES = frozenset({"POST", "PUT", "PATCH"})
+
+
+def _is_step(method: str, path: str, endpoint: str) -> bool:
+    """An unmetered request the provider bills all the same (see LLMRequest.step)."""
+    return (
+        method.upper() in _WRITES
+        and endpoint not in _FREE_ENDPOINTS
+        and not _FREE_PATH.search(path.rstrip("/"))
+    )
+
+
+def _route(provider: str, method: str, path: str) -> tuple[str, str | None, bool, bool]:
+    """(endpoint, model or deployment from the path, stream implied by it, metered per token)."""
+    if provider == "openai":
+        endpoint, model = openai.route(method, path)
+        return endpoint, model, False, endpoint != "other"
+    if provider == "anthropic":
+        endpoint, model, stream = anthropic.route(method, path)
+        return endpoint, model, stream, endpoint == "messages"
+    if provider == "gemini":
+        endpoint, model = gemini.route(method, path)
+        metered = endpoint not in ("other", "countTokens") and model is not None
+        return endpoint, model, endpoint == "streamGenerateContent", metered
+    return "other", None, False, False
+
+
+def charging(provider: str, method: str, path: str) -> str:
+    """How the proxy charges a request to this provider path: "tokens" (metered), "step" (a
+    call billed other than per token: counted, $0) or "free" (uncounted). `drawdown replay`
+    asks it of recorded requests; the proxy learns the same from `inspect_request`."""
+    endpoint, _, _, metered = _route(provider.lower(), method, path)
+    if metered:
+        return "tokens"
+    return "step" if _is_step(method, path, endpoint) else "free"
+
+
+def _passthrough(
+    provider: str, endpoint: str, model: str | None, method: str, path: str
+) -> LLMRequest:
     return LLMRequest(
         provider=provider,
         endpoint=endpoint,
@@ -40,6 +84,7 @@ def _passthrough(provider: str, endpoint: str, model: str | None) -> LLMRequest:
         priced=True,
         rewritten_body=None,
         strip_usage_chunk=False,
+        step=_is_step(method, path, endpoint),
     )
 
 
@@ -55,19 +100,19 @@ def parse(provider: str, method: str, path: str, body: bytes) -> ParsedRequest |
     if provider == "openai":
         endpoint, deployment = openai.route(method, path)
         if endpoint == "other":
-            return _passthrough(provider, endpoint, _body_model(body) or deployment)
+            return _passthrough(provider, endpoint, _body_model(body) or deployment, method, path)
         return openai.parse_request(endpoint, parse_body(body), deployment, body)
     if provider == "anthropic":
         endpoint, path_model, path_stream = anthropic.route(method, path)
         if endpoint != "messages":
-            return _passthrough(provider, endpoint, path_model or _body_model(body))
+            return _passthrough(provider, endpoint, path_model or _body_model(body), method, path)
         return anthropic.parse_request(parse_body(body), path_model, path_stream)
     if provider == "gemini":
         endpoint, model = gemini.route(method, path)
         if endpoint in ("other", "countTokens") or not model:
-            return _passthrough(provider, endpoint, model)
+            return _passthrough(provider, endpoint, model, method, path)
         return gemini.parse_request(endpoint, model, parse_body(body))
-    return _passthrough(provider, "other", None)
+    return _passthrough(provider, "other", None, method, path)
 
 
 def unread_request(provider: str, method: str, path: str) -> LLMRequest:
@@ -75,23 +120,9 @@ def unread_request(provider: str, method: str, path: str) -> LLMRequest:
     malformed to estimate): no estimate, but billable, so the usage its answer reports is
     still metered and charged. Only its path is looked at."""
     provider = provider.lower()
-    model: str | None = None
-    stream = False
-    if provider == "openai":
-        endpoint, model = openai.route(method, path)
-        billable = endpoint != "other"
-    elif provider == "anthropic":
-        endpoint, model, stream = anthropic.route(method, path)
-        billable = endpoint == "messages"
-    elif provider == "gemini":
-        endpoint, model = gemini.route(method, path)
-        billable = endpoint not in ("other", "countTokens") and model is not None
-        stream = endpoint == "streamGenerateContent"
-    else:
-        endpoint, billable = "other", False
-    if not billable:
-        return _passthrough(provider, endpoint, model)
-    return replace(_passthrough(provider, endpoint, model), billable=True, stream=stream)
+    endpoint, model, stream, billable = _route(provider, method, path)
+    request = _passthrough(provider, endpoint, model, method, path)
+    return replace(request, billable=True, stream=stream, step=False) if billable else request
 
 
 def prompt_counts(parsed: ParsedRequest) -> tuple[int, int]:

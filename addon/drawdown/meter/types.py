@@ -55,7 +55,7 @@ class LLMRequest:
     endpoint: str
     model: str | None
     stream: bool
-    billable: bool  # False: pass through uncharged
+    billable: bool  # False: no tokens to meter
     input_tokens: int  # estimate, after the safety factor
     max_output_tokens: int  # the request's own cap (times n), else the configured default
     estimate_usd_nanos: int  # integer nano-dollars, rounded up
@@ -67,6 +67,11 @@ class LLMRequest:
     # Web searches etc. the request may trigger that are billed outside tokens, when known
     # before the call (e.g. OpenAI *-search-preview chat models search on every call).
     expected_extras: Mapping[str, int] = field(default_factory=lambda: _EMPTY)
+    # Not billable, yet a call the agent makes that the provider bills some other way (an
+    # image, speech, a file, a batch, a fine-tune): a step of the run, counted on `requests`
+    # budgets and by the guards. False for what costs nothing: token counting, moderation,
+    # listings and retrievals.
+    step: bool = False
 
 
 @dataclass(frozen=True)

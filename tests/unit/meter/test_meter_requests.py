@@ -15,9 +15,11 @@ from drawdown.meter import (
     MeterConfig,
     MeterRequestError,
     TokenUsage,
+    charging,
     count_tokens,
     inspect_request,
     price_usage,
+    unread_request,
 )
 from drawdown.meter.anthropic import TOOLS_SYSTEM_PROMPT_TOKENS
 from drawdown.meter.tokens import count_texts
@@ -354,6 +356,41 @@ def test_openai_paths():
     ]:
         r = _req("openai", path, b"\xff not json", method=method)
         assert not r.billable and r.estimate_usd_nanos == 0 and r.endpoint == "other"
+
+
+@pytest.mark.parametrize(
+    ("provider", "method", "path", "charged"),
+    [
+        ("openai", "POST", "/v1/chat/completions", "tokens"),
+        ("openai", "POST", "/v1/images/generations", "step"),
+        ("openai", "POST", "/v1/audio/speech", "step"),
+        ("openai", "POST", "/v1/files", "step"),
+        ("openai", "POST", "/v1/fine_tuning/jobs", "step"),
+        ("openai", "GET", "/v1/models", "free"),
+        ("openai", "GET", "/v1/files/file-1/content", "free"),
+        ("openai", "DELETE", "/v1/files/file-1", "free"),
+        ("openai", "POST", "/v1/moderations", "free"),
+        ("openai", "POST", "/v1/responses/input_tokens", "free"),
+        ("anthropic", "POST", "/v1/messages", "tokens"),
+        ("anthropic", "POST", "/v1/messages/count_tokens", "free"),
+        ("anthropic", "POST", "/v1/messages/batches", "step"),
+        ("anthropic", "GET", "/v1/models", "free"),
+        ("gemini", "POST", "/v1beta/models/gemini-2.5-flash:generateContent", "tokens"),
+        ("gemini", "POST", "/v1beta/models/gemini-2.5-flash:countTokens", "free"),
+        ("gemini", "POST", "/v1beta/models/imagen-4.0-generate-001:predict", "step"),
+        ("gemini", "GET", "/v1beta/models", "free"),
+    ],
+)
+def test_what_a_call_the_meter_cannot_price_per_token_is_charged(provider, method, path, charged):
+    """Billed other than per token (an image, speech, a file, a batch) is a step: counted on
+    `requests` budgets and by the guards at $0. What costs nothing stays uncounted. `charging`
+    (replay) and `inspect_request` (the proxy) agree."""
+    assert charging(provider, method, path) == charged
+    body = b'{"model": "gemini-2.5-flash", "contents": [], "messages": []}'
+    r = inspect_request(provider, method, path, {}, body, CONFIG)
+    assert (r.billable, r.step) == (charged == "tokens", charged == "step")
+    shadowed = unread_request(provider, method, path)  # shadow mode, a body left unread
+    assert (shadowed.billable, shadowed.step) == (charged == "tokens", charged == "step")
 
 
 def test_openai_search_models_expect_a_web_search():
