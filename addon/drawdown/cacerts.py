@@ -1,18 +1,23 @@
 """The CA an agent must trust: mitmproxy's CA in the confdir, bundled with the system's CAs.
 
 Pointing SSL_CERT_FILE at mitmproxy's CA alone would break every other TLS connection
-the agent makes; the bundle keeps them working.
+the agent makes; the bundle keeps them working. The JVM reads no PEM bundle, so the same
+certificates are also written as a PKCS#12 truststore (`javax.net.ssl.trustStore`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import ssl
+import warnings
 from pathlib import Path
 
 CA_CERT = "mitmproxy-ca-cert.pem"
 BUNDLE = "drawdown-ca-bundle.pem"
+TRUSTSTORE = "drawdown-ca-truststore.p12"
+_PEM = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL)
 
 
 class CAUnusable(Exception):
@@ -88,16 +93,42 @@ def ca_bundle(confdir: Path) -> Path:
         current = bundle.read_text()
     except (OSError, UnicodeDecodeError):
         current = None  # missing or unreadable: written afresh
+    truststore = confdir / TRUSTSTORE
     if current != text:
-        tmp = bundle.with_suffix(".tmp")
-        try:
-            tmp.write_text(text)
-            tmp.replace(bundle)
-        except OSError as exc:
-            with contextlib.suppress(OSError):
-                tmp.unlink(missing_ok=True)
-            raise CAUnusable(
-                f"cannot write the agents' CA bundle {bundle} ({exc.strerror or exc}): "
-                f"make {confdir} writable, or choose another --confdir"
-            ) from None
+        _replace(bundle, text.encode(), confdir, "CA bundle")
+    if current != text or not truststore.is_file():
+        _replace(truststore, java_truststore(text.encode()), confdir, "Java truststore")
     return bundle
+
+
+def _replace(path: Path, data: bytes, confdir: Path, what: str) -> None:
+    """Write `path` whole or not at all: an agent starting meanwhile reads the old file."""
+    tmp = path.with_suffix(".tmp")
+    try:
+        tmp.write_bytes(data)
+        tmp.replace(path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise CAUnusable(
+            f"cannot write the agents' {what} {path} ({exc.strerror or exc}): "
+            f"make {confdir} writable, or choose another --confdir"
+        ) from None
+
+
+def java_truststore(pem: bytes) -> bytes:
+    """The bundle's certificates as a password-less PKCS#12 Java truststore (each a trusted
+    certificate entry, which the JVM loads without a password since Java 11.0.12)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import NoEncryption, pkcs12
+
+    entries = []
+    for number, block in enumerate(_PEM.findall(pem)):
+        with warnings.catch_warnings():  # a system CA with a negative serial number, say
+            warnings.simplefilter("ignore")
+            try:
+                cert = x509.load_pem_x509_certificate(block)
+            except ValueError:
+                continue  # one the JVM could not use either
+        entries.append(pkcs12.PKCS12Certificate(cert, f"drawdown-{number}".encode()))
+    return pkcs12.serialize_java_truststore(entries, NoEncryption())

@@ -335,7 +335,34 @@ def cmd_env(args: argparse.Namespace) -> int:
         ("NODE_USE_ENV_PROXY", "1"),
     ):
         print(f"export {name}={_shell_quote(value)}")
+    from .cacerts import TRUSTSTORE
+
+    _java_options(host, port, bundle.parent / TRUSTSTORE)
     return 0
+
+
+def _java_options(host: str, port: int, truststore: Path) -> None:
+    """JVM agents (HttpClient, HttpURLConnection, OkHttp: the openai-java, LangChain4j and
+    Spring AI clients) read no HTTPS_PROXY and no PEM bundle, but every JVM reads
+    JAVA_TOOL_OPTIONS: the proxy and the truststore go there, after what the agent's shell
+    already set. The JVM splits that variable on whitespace, so a path with a space, or a
+    character the double quotes below would expand, cannot be carried."""
+    if any(c.isspace() or c in "\"$`\\'" for c in str(truststore)):
+        print(
+            f"drawdown: JVM agents not configured: JAVA_TOOL_OPTIONS cannot carry {truststore} "
+            "(a space or a quote in it); choose a --confdir without one",
+            file=sys.stderr,
+        )
+        return
+    properties = [
+        *(
+            f"-D{scheme}.proxyHost={host} -D{scheme}.proxyPort={port}"
+            for scheme in ("https", "http")
+        ),
+        f"-Djavax.net.ssl.trustStore={truststore} -Djavax.net.ssl.trustStoreType=PKCS12",
+    ]
+    options = " ".join(properties)
+    print(f'export JAVA_TOOL_OPTIONS="${{JAVA_TOOL_OPTIONS:+$JAVA_TOOL_OPTIONS }}{options}"')
 
 
 def _shell_quote(value: str) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -484,6 +485,45 @@ def test_an_unmodified_node_agent_uses_drawdown_env(
     assert result.stdout.split("\n")[:2] == ["ok", "denied 402"], result.stdout + result.stderr
     assert decision_of(proxy)[0][6] == "tenant:acme/agent:nodeagent/run:n1"
     assert standin.count("/v1/chat/completions") == 1
+
+
+JAVA_AGENT = Path(__file__).resolve().parents[1] / "agents" / "java" / "Agent.java"
+
+
+def test_an_unmodified_jvm_agent_uses_drawdown_env(
+    drawdown_proxy: Factory, standin: StandIn, tmp_path: Path
+) -> None:
+    """The JDK's HttpClient reads no HTTPS_PROXY and no PEM bundle: a JVM agent under
+    `eval "$(drawdown env)"` went straight to the provider, ungoverned. JAVA_TOOL_OPTIONS now
+    carries the proxy and a PKCS#12 truststore; what the shell had set there is kept. Skipped
+    without a JDK; in CI (DRAWDOWN_REQUIRE_JAVA=1) its absence is a failure."""
+    java = shutil.which("java")
+    if java is None or shutil.which("javac") is None:  # `java Agent.java` needs the JDK
+        if os.environ.get("DRAWDOWN_REQUIRE_JAVA", "") not in ("", "0"):
+            pytest.fail("no JDK on PATH; DRAWDOWN_REQUIRE_JAVA=1 demands it", pytrace=False)
+        pytest.skip("no JDK on PATH")
+    proxy = drawdown_proxy(policy('- {scope: "agent:*/run:*", requests: 1}'))
+    host, port = proxy.address
+    script = (
+        f'eval "$({sys.executable} -m drawdown env --confdir {proxy.confdir} --listen {host}:{port})" '
+        f'&& exec {java} "$AGENT"'
+    )
+    result = subprocess.run(
+        ["bash", "-c", script],
+        env={
+            "PATH": "/usr/bin:/bin",
+            "HOME": str(tmp_path),
+            "AGENT": str(JAVA_AGENT),
+            "JAVA_TOOL_OPTIONS": "-Xss2m",  # the agent's own: env adds to it
+        },
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.stdout.split("\n")[:2] == ["ok", "denied 402"], result.stdout + result.stderr
+    assert "Picked up JAVA_TOOL_OPTIONS: -Xss2m -Dhttps.proxyHost=" in result.stderr
+    assert standin.count("/v1/chat/completions") == 1
+    assert [d[0] for d in decision_of(proxy)] == ["allow", "deny"]
 
 
 def test_hot_reload_applies_good_edits_and_keeps_the_last_good_policy(

@@ -9,6 +9,7 @@ import sqlite3
 import subprocess
 import sys
 import uuid
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -68,6 +69,34 @@ def test_env_prints_what_an_agent_needs(tmp_path: Path, capsys: pytest.CaptureFi
     assert text.count("BEGIN CERTIFICATE") > 1
     # The CA's private key is readable by its owner only.
     assert (confdir / "mitmproxy-ca.pem").stat().st_mode & 0o077 == 0
+    # JVMs: the proxy and the same certificates as a PKCS#12 truststore, in JAVA_TOOL_OPTIONS.
+    java = lines["JAVA_TOOL_OPTIONS"]
+    store = confdir / "drawdown-ca-truststore.p12"
+    assert java == (
+        '"${JAVA_TOOL_OPTIONS:+$JAVA_TOOL_OPTIONS }-Dhttps.proxyHost=127.0.0.1 '
+        "-Dhttps.proxyPort=9090 -Dhttp.proxyHost=127.0.0.1 -Dhttp.proxyPort=9090 "
+        f'-Djavax.net.ssl.trustStore={store} -Djavax.net.ssl.trustStoreType=PKCS12"'
+    )
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import pkcs12
+
+    with warnings.catch_warnings():  # a system CA with a negative serial number
+        warnings.simplefilter("ignore")
+        trusted = pkcs12.load_pkcs12(store.read_bytes(), None).additional_certs
+    ca = x509.load_pem_x509_certificate((confdir / "mitmproxy-ca-cert.pem").read_bytes())
+    assert ca in [entry.certificate for entry in trusted]
+    assert len(trusted) > 1  # the system's CAs too
+
+
+def test_env_says_when_jvm_agents_cannot_be_configured(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The JVM splits JAVA_TOOL_OPTIONS on whitespace: a truststore path with a space would
+    have become two broken options in every JVM the shell starts."""
+    assert main(["env", "--confdir", str(tmp_path / "my conf")]) == 0
+    out, err = capsys.readouterr()
+    assert "JAVA_TOOL_OPTIONS" not in out and "export SSL_CERT_FILE=" in out
+    assert err.startswith("drawdown: JVM agents not configured: JAVA_TOOL_OPTIONS cannot carry")
 
 
 def test_explain_shows_the_decision_path(capsys: pytest.CaptureFixture[str]) -> None:
