@@ -5,7 +5,9 @@ that policies look at (`record.bodies: fields`, the default) or the whole JSON b
 (`record.bodies: full`), and an MCP request's JSON-RPC methods and tool names. Never kept:
 headers (API keys, cookies and Authorization live there), and any value whose name or
 shape says it is a secret (`key=`, `api_key`, `access_token`, `sk-…`, `Bearer …`) is
-replaced by REDACTED before it is written.
+replaced by REDACTED before it is written. The request's path is kept with the credentials
+in it redacted too (`redact_path`: a Telegram bot token, a Slack or Discord webhook's
+secret, a credential-shaped segment, what a secret-named `{capture}` took).
 """
 
 from __future__ import annotations

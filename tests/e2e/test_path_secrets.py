@@ -176,3 +176,15 @@ def test_no_credential_in_a_path_is_stored_and_replay_still_decides_alike(
     refused_all = drawdown("replay", "--policy", str(refuse), "--db", str(tmp_db), "--json")
     actions = {b["request_id"]: b["action"] for b in json.loads(refused_all.stdout)["blocked"]}
     assert actions == {request_id: action for request_id, action, _, _ in rows}
+
+    # explain, given the bot token on its command line, echoes it nowhere.
+    for url in (
+        f"https://api.telegram.org/bot{BOT_TOKEN}",
+        f"https://relay.example.org/bot{BOT_TOKEN}",
+    ):
+        explained = drawdown(
+            "explain", "--policy", str(policy), "--db", str(tmp_db), "--method", "POST",
+            "--url", f"{url}/sendMessage", "--json", '{"chat_id": 42}',
+        )  # fmt: skip
+        assert_clean("drawdown explain", explained.stdout + explained.stderr)
+        assert "[redacted]" in explained.stdout  # the capture, or the path no action matched
