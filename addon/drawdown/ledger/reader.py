@@ -63,12 +63,14 @@ class Reader:
         params = params or {}
         try:
             if self._sqlite is not None:
-                return _redacted([dict(row) for row in self._sqlite.execute(sql, params)])
-            rows = self._pg.execute(_NAMED.sub(r"%(\1)s", sql), params).fetchall()
+                found = [dict(row) for row in self._sqlite.execute(sql, params)]
+            else:
+                rows = self._pg.execute(_NAMED.sub(r"%(\1)s", sql), params).fetchall()
+                # SUM() of a BIGINT is NUMERIC in PostgreSQL: give integers back as int, as SQLite does.
+                found = [{k: _plain(v) for k, v in row.items()} for row in rows]
         except Exception as exc:  # sqlite3.Error / psycopg.Error: both mean "cannot read"
             raise _unreadable(self.url, exc, self._scrub) from None
-        # SUM() of a BIGINT is NUMERIC in PostgreSQL: give integers back as int, as SQLite does.
-        return _redacted([{k: _plain(v) for k, v in row.items()} for row in rows])
+        return _redacted(found)
 
     def close(self) -> None:
         (self._sqlite or self._pg).close()
