@@ -193,6 +193,13 @@ def fingerprint(kind: str, view: RequestView, classification: Classification) ->
     ).hexdigest()[:32]
 
 
+def _logged_path(flow: http.HTTPFlow, classification: Classification | None = None) -> str:
+    """The request's path as the ledger and the log may show it (credentials redacted)."""
+    action = classification.action if classification else None
+    path = flow.request.path.split("?", 1)[0]
+    return recording.redact_path(path, action.match.path if action else None)
+
+
 def guards_for(policy: Policy, kind: str) -> Guards | None:
     """The anomaly detectors set to `on_detect: deny` that apply to this action, as reserve-time guards."""
     settings = policy.anomalies
@@ -940,7 +947,7 @@ class Drawdown:
                 log.warning(
                     "drawdown: %s %s sent no response within %gs; closing the upstream connection",
                     flow.request.host,
-                    flow.request.path.split("?", 1)[0],
+                    state.row.path if state.row else _logged_path(flow),
                     self.seconds["drawdown_upstream_timeout"],
                 )
                 io.writer.close()
@@ -985,7 +992,7 @@ class Drawdown:
             run=identity.get("run"),
             method=flow.request.method,
             host=flow.request.host,
-            path=flow.request.path.split("?", 1)[0],
+            path=_logged_path(flow, state.classification),
             policy_digest=policy.digest[:16] if policy else "",
         )
         row.decision, row.reason_code, row.status = "deny", code, status
@@ -1050,7 +1057,8 @@ class Drawdown:
             provider=action.provider if action else None,
             method=view.method,
             host=view.host,
-            path=view.path,
+            # Never the raw path: Telegram, Slack and Discord carry credentials in it.
+            path=recording.redact_path(view.path, action.match.path if action else None),
             policy_digest=policy.digest[:16],
         )
         # limits.max_request_bytes: refused before it is parsed for replay, tokenized or forwarded
@@ -1071,7 +1079,7 @@ class Drawdown:
 
         if action is None:
             if policy.unknown_hosts == "deny":
-                message = f"drawdown: {unmatched(view)}"
+                message = f"drawdown: {unmatched(view, row.path)}"
                 if await self._deny_before_budgets(flow, state, "unknown_host", message):
                     return
             await self._reserve(flow, state, [], Amount())

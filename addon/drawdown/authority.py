@@ -13,6 +13,7 @@ ledger: `evaluate` returns the static part and the history checks still needed;
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from typing import Any
 from .classify import RequestView
 from .policy.match import holds, missing
 from .policy.model import Authority, Requirement, Rule
+from .recording import is_secret
 
 
 def canonical(value: Any) -> str | None:
@@ -44,6 +46,15 @@ def canonical(value: Any) -> str | None:
         except ArithmeticError:
             return value
     return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+def kept(there: str, value: str | None) -> str | None:
+    """A `requires … same` value as the run's history (the ledger's facts) keeps it: a secret,
+    by the name of the field it is stored under (`path.token`) or by its shape, only as its
+    SHA-256. Both sides of the comparison go through here, so equal values still match."""
+    if value is None or not is_secret(there, value):
+        return value
+    return "sha256:" + hashlib.sha256(value.encode()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -156,6 +167,7 @@ def evaluate(
                         f"{kind} requires {requirement.describe()}, but this request has no {requirement.here} ({rule.describe()})",
                     )
                     continue
+                value = kept(requirement.there or "", value)
                 result.checks.append(HistoryCheck(rule, requirement, value))
     return result
 
@@ -166,6 +178,6 @@ def facts_of(authority: Authority, kind: str, view: RequestView) -> list[tuple[s
     for name in sorted(authority.fact_fields(kind)):
         if not name:
             facts.append(("", ""))
-        elif (value := canonical(view.field(name))) is not None:
+        elif (value := kept(name, canonical(view.field(name)))) is not None:
             facts.append((name, value))
     return facts

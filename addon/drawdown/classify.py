@@ -73,10 +73,11 @@ class RequestView:
         return all(holds(test.condition, self.field(test.field)) for test in tests)
 
 
-def unmatched(view: RequestView) -> str:
+def unmatched(view: RequestView, path: str | None = None) -> str:
     """Why a request has no action, in the words of `unknown_hosts: deny`'s answer: its host may
-    well be named, by actions for other methods or paths."""
-    return f"no action matches {view.method} {view.host}{view.path} (unknown_hosts: deny)"
+    well be named, by actions for other methods or paths. `path`: the view's, redacted (the
+    reason is recorded)."""
+    return f"no action matches {view.method} {view.host}{path or view.path} (unknown_hosts: deny)"
 
 
 @dataclass(frozen=True)

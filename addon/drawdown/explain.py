@@ -17,6 +17,7 @@ from .ledger.api import Amount, DecisionRow, Guards, agents_own, deciding_order
 from .ledger.plan import Counts
 from .money import format_usd
 from .policy import Policy
+from .recording import redact, redact_path
 
 
 class _Headers(dict):
@@ -99,7 +100,8 @@ def explain(
     if action is None:
         out.add(
             "action",
-            f"no action matches {method} {host}{view.path}; unknown_hosts: {policy.unknown_hosts}",
+            f"no action matches {method} {host}{redact_path(view.path)}; "
+            f"unknown_hosts: {policy.unknown_hosts}",
         )
         out.data["action"] = None
         if policy.unknown_hosts == "deny":
@@ -108,9 +110,9 @@ def explain(
         else:
             out.reason = f"forwarded without accounting (unknown_hosts: {policy.unknown_hosts})"
         return out
-    captured = (
-        f", captured {dict(classification.path_params)}" if classification.path_params else ""
-    )
+    # As the ledger would keep them: a bot token in the URL is not echoed back.
+    params = {name: redact(value, name) for name, value in classification.path_params.items()}
+    captured = f", captured {params}" if params else ""
     out.add(
         "action",
         f"{action.kind} (the action at {action.where}{', provider ' + action.provider if action.provider else ''}{captured})",

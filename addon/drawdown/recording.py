@@ -5,18 +5,21 @@ that policies look at (`record.bodies: fields`, the default) or the whole JSON b
 (`record.bodies: full`), and an MCP request's JSON-RPC methods and tool names. Never kept:
 headers (API keys, cookies and Authorization live there), and any value whose name or
 shape says it is a secret (`key=`, `api_key`, `access_token`, `sk-…`, `Bearer …`) is
-replaced by REDACTED before it is written.
+replaced by REDACTED before it is written. The request's path is kept with the credentials
+in it redacted too (`redact_path`: a Telegram bot token, a Slack or Discord webhook's
+secret, a credential-shaped segment, what a secret-named `{capture}` took).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Mapping
 from typing import Any
 
 from .classify import Classification, RequestView
-from .policy.match import missing
+from .policy.match import PathPattern, missing
 from .policy.model import Policy
 
 REDACTED = "[redacted]"
@@ -48,16 +51,77 @@ SECRET_WORDS = frozenset(
     }
 )
 _WORDS = re.compile(r"[A-Z]?[a-z0-9]+|[A-Z]+(?![a-z])")
-# Values that are credentials whatever they are called.
-_SECRET_VALUE = re.compile(
-    r"^(?:sk-|sk_(?:live|test)_|rk_(?:live|test)_|ghp_|gho_|github_pat_|xox[abprs]-|glpat-"
-    r"|AKIA[0-9A-Z]{12}|AIza[0-9A-Za-z_\-]{20}|(?:Bearer|Basic)\s|eyJ[A-Za-z0-9_\-]{8,}\.)"
+# Values that are credentials whatever they are called (a Telegram bot token: 123456:AA…,
+# as its API's URLs carry it, `bot123456:AA…`).
+_SHAPES = (
+    r"sk-|sk_(?:live|test)_|rk_(?:live|test)_|ghp_|gho_|github_pat_|xox[abprs]-|glpat-"
+    r"|AKIA[0-9A-Z]{12}|AIza[0-9A-Za-z_\-]{20}|(?:Bearer|Basic)\s|eyJ[A-Za-z0-9_\-]{8,}\."
+    r"|(?:bot)?[0-9]{5,}:[A-Za-z0-9_\-]{35,}"
 )
+_SECRET_VALUE = re.compile(rf"^(?:{_SHAPES})")
+# Credentials that real APIs carry in the URL path. Each alternative names the one group that
+# is the secret; the text around it is kept, so the redacted path keeps its segments (replay's
+# `*` and `{name}` globs still match it) and what the policy itself spells out. The webhook
+# shapes are recognized by path, whatever the host: a Slack or Discord URL is as secret sent
+# through a relay, a regional or GovSlack host or a test stand-in, and these shapes (Slack's
+# T…/B… ids, Discord's numeric webhook id) are specific enough to leave other APIs' paths be.
+_PATH_SECRET = re.compile(
+    # Telegram: /bot<id>:<token>/sendMessage and /file/bot<id>:<token>/…; `bot` stays, so a
+    # policy's `/bot*/sendMessage` or `/bot{token}/sendMessage` still matches it.
+    r"/bot(?P<telegram>[0-9]{5,}:[A-Za-z0-9_\-]{35,}[^/]*)"
+    # Any segment that starts like a credential (a raw path spells a space %20 or +).
+    rf"|/(?P<shape>(?:{_SHAPES.replace(r'\s', r'(?:\s|%20|[+])')})[^/]*)"
+    # Slack incoming webhooks: /services/T…/B…/<secret>, all three segments.
+    r"|/services/(?P<slack>T[A-Z0-9]+/B[A-Z0-9]+/[^/]+)"
+    # Discord webhooks: /api[/v10]/webhooks/<id>/<token>[/…].
+    r"|/api/(?:v[0-9]+/)?webhooks/[0-9]+/(?P<discord>[^/]+)"
+    # Microsoft Teams (Office 365 connector) webhooks: …/IncomingWebhook/<hex>/<guid>.
+    r"|/IncomingWebhook/(?P<teams>[^/]+/[^/]+)"
+)
+
+
+def _redact_match(found: re.Match[str]) -> str:
+    """The match with its secret group's segments each replaced by REDACTED."""
+    name = found.lastgroup
+    assert name is not None
+    start, end = found.span(name)
+    redacted = "/".join([REDACTED] * (found.string.count("/", start, end) + 1))
+    return found.string[found.start() : start] + redacted + found.string[end : found.end()]
+
+
+@functools.lru_cache(maxsize=256)
+def _secret_captures(names: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(name for name in names if secret_name(name))
+
+
+def redact_path(path: str, pattern: PathPattern | None = None) -> str:
+    """`path` as the ledger may keep it: credentials in it replaced by REDACTED, segment by segment.
+
+    `pattern` is the matched action's path pattern: what its `{name}` captures named like a
+    secret (`/bot{token}/…`, `/hooks/{secret}`) took is redacted whatever it looks like.
+    Every other credential is found by its shape (`_PATH_SECRET`). Ordinary segments (`v1`,
+    `gemini-2.0-flash:generateContent`, resource ids) are kept: replay and reports read them.
+    """
+    if pattern is not None and (names := _secret_captures(pattern.names)):
+        found = pattern.regex.match(path)
+        if found is not None:
+            # Right to left, so the spans still to replace keep their offsets.
+            for start, end in sorted((found.span(n) for n in names), reverse=True):
+                if end > start:
+                    path = path[:start] + REDACTED + path[end:]
+    return _PATH_SECRET.sub(_redact_match, path)
+
+
 MAX_FIELD_CHARS = 4096  # a referenced field bigger than this (a whole prompt) is left out
 
 
 def secret_name(name: str) -> bool:
     return any(word.lower() in SECRET_WORDS for word in _WORDS.findall(name))
+
+
+def is_secret(name: str, value: str) -> bool:
+    """Whether a value is a secret by its name or its shape."""
+    return secret_name(name) or _SECRET_VALUE.match(value) is not None
 
 
 def redact(value: Any, name: str = "") -> Any:

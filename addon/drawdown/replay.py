@@ -15,6 +15,14 @@ policy reads but the ledger did not keep is reported as a warning. Identity is t
 recorded (the new policy's `identity:` section is not re-applied). A request the new policy
 allows that was never forwarded when it was recorded (the recording policy denied it) is
 assumed to have succeeded at its estimate (`assumed: true`).
+
+Paths are recorded with their credentials redacted (drawdown.recording.redact_path): a
+Telegram `/bot<token>/sendMessage` is kept as `/bot[redacted]/sendMessage`, so the globs and
+`{name}` captures that matched it live still match. A capture whose recorded value is
+redacted, like a query or body value the ledger holds redacted, has no value in replay (as a
+header has none): a condition on it does not hold, and a `requires … same` that compares it
+is unmet rather than met by two placeholders being equal. Replay warns when the new policy
+reads such a value.
 """
 
 from __future__ import annotations
@@ -45,9 +53,9 @@ from .ledger.api import (
 )
 from .ledger.reader import Reader
 from .money import format_usd, usd_float
-from .policy.match import LEVELS
+from .policy.match import LEVELS, missing
 from .policy.model import Policy
-from .recording import body_fields, omitted_fields, rebuild_json
+from .recording import REDACTED, body_fields, omitted_fields, rebuild_json
 from .report import _iso
 from .respond import STATUS
 
@@ -126,6 +134,8 @@ class Simulation:
         self.runs: dict[tuple[str, str], set[str]] = defaultdict(
             set
         )  # (tenant, workflow) -> scopes
+        self.reads = _read_fields(policy)
+        self.redacted: Counter[str] = Counter()  # field -> requests whose value is redacted
         self._seq = 0
 
     def settle_until(self, ts: float) -> None:
@@ -216,9 +226,26 @@ class Simulation:
             self.runs[(row.get("tenant") or "", row["workflow"])].add(row["scope"])
 
 
+def _redacted(name: str, value: Any) -> bool:
+    """Whether the ledger holds this field's value redacted (a path capture may have taken
+    text around the redacted part: `{name}` of `/{name}/…` is `bot[redacted]`)."""
+    if not isinstance(value, str):
+        return False
+    return REDACTED in value if name.startswith("path.") else value == REDACTED
+
+
+class _RecordedView(RequestView):
+    """A request as the ledger kept it. A redacted value reads as absent: the same placeholder
+    in two requests says nothing about their two secrets."""
+
+    def field(self, name: str) -> Any:
+        value = super().field(name)
+        return missing() if _redacted(name, value) else value
+
+
 def _view(row: dict[str, Any]) -> RequestView:
     query = json.loads(row["query"]) if row.get("query") else {}
-    view = RequestView(
+    view = _RecordedView(
         method=row.get("method") or "GET",
         host=row.get("host") or "",
         port=int(row.get("port") or 443),
@@ -255,6 +282,7 @@ def _decide(sim: Simulation, row: dict[str, Any]) -> Replayed:
     view = _view(row)
     classification = classify(policy, view)
     action = classification.action
+    sim.redacted.update(n for n in sim.reads if _redacted(n, RequestView.field(view, n)))
     levels = _levels(row)
     scope = row["scope"]
     out = Replayed(
@@ -435,7 +463,17 @@ def _actual(row: dict[str, Any], action: Any, estimate: Amount) -> Amount | None
     return Amount(usd=usd, requests=estimate.requests)
 
 
-def _warnings(policy: Policy, rows: Sequence[dict[str, Any]]) -> list[str]:
+def _read_fields(policy: Policy) -> tuple[str, ...]:
+    """The path, query and body fields the policy's conditions and `requires … same` read."""
+    names = {t.field for a in policy.actions for t in a.match.tests}
+    for rule in policy.authority.rules:
+        names.update(t.field for t in rule.when)
+        for requirement in rule.requires:
+            names.update(f for f in (requirement.here, requirement.there) if f)
+    return tuple(sorted(n for n in names if n.startswith(("path.", "query.", "json."))))
+
+
+def _warnings(policy: Policy, rows: Sequence[dict[str, Any]], redacted: Counter[str]) -> list[str]:
     found = []
     wanted = body_fields(policy)
     kept: set[str] = set()
@@ -468,6 +506,13 @@ def _warnings(policy: Policy, rows: Sequence[dict[str, Any]]) -> list[str]:
             "the new policy reads "
             + ", ".join(headers)
             + "; headers are never recorded, so replay treats them as absent"
+        )
+    if redacted:
+        found.append(
+            "the new policy reads "
+            + ", ".join(f"{name} ({n} request(s))" for name, n in sorted(redacted.items()))
+            + ", which the ledger holds redacted (a credential): replay treats it as absent, "
+            "so conditions on it did not hold and a `requires … same` on it was unmet"
         )
     if rows and not any(row.get("port") is not None for row in rows):
         found.append(
@@ -516,7 +561,9 @@ def replay(
         if row["ts"] >= floor:  # earlier rows only bring the state up to the window
             results.append(decided)
     in_window = [row for row in rows if row["ts"] >= floor]
-    return _summary(policy, in_window, results, since=_iso(floor) if since else None)
+    return _summary(
+        policy, in_window, results, since=_iso(floor) if since else None, redacted=sim.redacted
+    )
 
 
 def _feature_columns(reader: Reader) -> str:
@@ -529,7 +576,11 @@ def _feature_columns(reader: Reader) -> str:
 
 
 def _summary(
-    policy: Policy, rows: Sequence[dict[str, Any]], results: list[Replayed], since: str | None
+    policy: Policy,
+    rows: Sequence[dict[str, Any]],
+    results: list[Replayed],
+    since: str | None,
+    redacted: Counter[str] | None = None,
 ) -> dict[str, Any]:
     recorded = Counter(r.recorded for r in results)
     replayed = Counter(r.decision for r in results)
@@ -596,7 +647,7 @@ def _summary(
         "usd_replayed": usd_float(sum(r.usd_replayed for r in results)),
         "usd_recorded_nanos": sum(r.usd_recorded for r in results),  # exact, as runs[] carry
         "usd_replayed_nanos": sum(r.usd_replayed for r in results),
-        "warnings": _warnings(policy, rows),
+        "warnings": _warnings(policy, rows, redacted or Counter()),
     }
 
 

@@ -38,6 +38,10 @@ DEFAULT_NAMES: tuple[str, ...] = (
     "*.example.com",
     "example.org",
     "*.example.org",
+    # APIs that carry credentials in the URL path (tests/e2e/test_path_secrets.py).
+    "api.telegram.org",
+    "hooks.slack.com",
+    "discord.com",
 )
 
 

@@ -148,8 +148,9 @@ def deciding_first(shortfalls: list[Shortfall]) -> list[Shortfall]:
 
 @dataclass
 class DecisionRow:
-    """The one row a request leaves in the ledger. Never holds secrets: no headers; the query and
-    body features kept for replay (drawdown.recording) are redacted before they get here."""
+    """The one row a request leaves in the ledger. Never holds secrets: no headers; the path, and
+    the query and body features kept for replay (drawdown.recording), are redacted before they
+    get here."""
 
     request_id: str
     ts: float
@@ -165,7 +166,7 @@ class DecisionRow:
     model: str | None = None
     method: str = ""
     host: str = ""
-    path: str = ""
+    path: str = ""  # credentials in it redacted (recording.redact_path)
     reason_code: str | None = None
     reason: str | None = None
     est_usd: int = 0

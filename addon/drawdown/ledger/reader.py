@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from ..recording import redact_path
 from .api import LedgerError, refuse_newer
 from .dsn import redact_dsn
 
@@ -62,12 +63,14 @@ class Reader:
         params = params or {}
         try:
             if self._sqlite is not None:
-                return [dict(row) for row in self._sqlite.execute(sql, params)]
-            rows = self._pg.execute(_NAMED.sub(r"%(\1)s", sql), params).fetchall()
+                found = [dict(row) for row in self._sqlite.execute(sql, params)]
+            else:
+                rows = self._pg.execute(_NAMED.sub(r"%(\1)s", sql), params).fetchall()
+                # SUM() of a BIGINT is NUMERIC in PostgreSQL: give integers back as int, as SQLite does.
+                found = [{k: _plain(v) for k, v in row.items()} for row in rows]
         except Exception as exc:  # sqlite3.Error / psycopg.Error: both mean "cannot read"
             raise _unreadable(self.url, exc, self._scrub) from None
-        # SUM() of a BIGINT is NUMERIC in PostgreSQL: give integers back as int, as SQLite does.
-        return [{k: _plain(v) for k, v in row.items()} for row in rows]
+        return _redacted(found)
 
     def close(self) -> None:
         (self._sqlite or self._pg).close()
@@ -111,6 +114,18 @@ def _connect(uri: str) -> sqlite3.Connection:
         conn.close()
         raise
     return conn
+
+
+def _redacted(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows with the credentials in their request paths (and reasons quoting one) redacted:
+    the proxy redacts them before it writes, but a ledger written before it did, or by another
+    writer, still holds them, and nothing read from here (reports, replay) may show one."""
+    for row in rows:
+        for column in ("path", "reason"):
+            value = row.get(column)
+            if isinstance(value, str) and "/" in value:
+                row[column] = redact_path(value)
+    return rows
 
 
 def _plain(value: Any) -> Any:
