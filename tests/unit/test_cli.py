@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 from drawdown.cli import UsageError, main, parse_listen
-from drawdown.ledger.api import Amount, Claim, Completion, DecisionRow
+from drawdown.ledger.api import SCHEMA_VERSION, Amount, Claim, Completion, DecisionRow
 from drawdown.ledger.sqlite import SQLiteLedger
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -357,8 +357,8 @@ def test_run_reports_the_real_reason_it_cannot_start_not_the_undo_s(tmp_path: Pa
     )  # fmt: skip
     assert result.returncode == 1
     assert result.stderr == (
-        "drawdown: this ledger has schema version 99, newer than this drawdown understands (1); "
-        "upgrade drawdown\n"
+        "drawdown: this ledger has schema version 99, newer than this drawdown understands "
+        f"({SCHEMA_VERSION}); upgrade drawdown\n"
     )
 
 
