@@ -306,8 +306,8 @@ def loop(rows: Sequence[dict[str, Any]], detector: Detector) -> list[Anomaly]:
                 first,
                 "loop",
                 f"the same {first.get('action')} request ({where.strip()}, body "
-                f"#{first['fingerprint'][:8]}) was made {len(group) - retried} times in this run"
-                f"{not_counted} (anomalies.loop.repeats: {repeats})",
+                f"#{first['fingerprint'][:8]}) was made {len(group) - retried} times in this run "
+                f"(anomalies.loop.repeats: {repeats}){not_counted}",
                 group,
             )
         )

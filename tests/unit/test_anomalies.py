@@ -153,7 +153,10 @@ def test_loop_leaves_out_the_failed_attempts_the_sdk_retried(seed: Seeder, tmp_p
     third = seed.call(run="retried", body="same", actual_usd=None, status=503)
     (loop,) = found(seed)
     assert loop["evidence"] == [r.request_id for r in [*fine, third]]
-    assert "made 6 times in this run, not counting 2 failed attempt(s)" in loop["detail"]
+    assert loop["detail"].endswith(
+        "made 6 times in this run (anomalies.loop.repeats: 5), not counting 2 failed attempt(s) "
+        "its client retried (anomalies.loop.retries: 2)"
+    )
     # retries: 0 counts every attempt; a failure the SDKs do not retry always counted.
     strict = policy(tmp_path, "anomalies:\n  loop: {retries: 0}\n")
     assert "made 8 times" in found(seed, strict)[0]["detail"]
@@ -184,7 +187,10 @@ def test_the_guard_and_the_detector_forgive_the_same_attempts(seed: Seeder, tmp_
     assert [r.decision for r in rows] == ["allow", "allow", "allow", "deny"]
     (loop,) = found(seed, settings)
     assert loop["on_detect"] == "deny" and loop["denied"] == [rows[3].request_id]
-    assert "made 3 times in this run, not counting 1 failed attempt(s)" in loop["detail"]
+    assert (
+        "made 3 times in this run (anomalies.loop.repeats: 2), not counting 1 failed"
+        in (loop["detail"])
+    )
 
 
 def test_step_count_against_the_agents_history(seed: Seeder) -> None:
