@@ -210,6 +210,7 @@ def guards_for(policy: Policy, kind: str) -> Guards | None:
         max_runs_per_workflow=fan_out.param("max_runs_per_workflow")
         if fan_out and fan_out.covers(kind)
         else None,
+        retries=settings.get("loop").param("retries", 0),
         shadow=policy.mode == "shadow",
     )
     return guards if guards.any else None

@@ -23,7 +23,9 @@ section (`policy.model.DETECTORS` holds the defaults):
                     fallback price
 
 loop, step_count and fan_out count exactly what the reserve-time guards count
-(the ledger's `plan.Counts.trip`), so a detector set to `on_detect: deny` flags the runs it denied.
+(the ledger's `plan.Counts.trip`), so a detector set to `on_detect: deny` flags the runs it denied:
+loop and step_count leave out the first `loop.retries` failed attempts of each request in a run
+(ledger.api.failed_attempt: answered 408/409/429/5xx or not at all, which the SDKs retry).
 """
 
 from __future__ import annotations
@@ -35,7 +37,14 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
-from .ledger.api import PROXY_REFUSALS, LedgerError, agents_own
+from .ledger.api import (
+    PROXY_REFUSALS,
+    LedgerError,
+    agents_own,
+    failed_attempt,
+    forgiven,
+    is_failed_attempt,
+)
 from .ledger.reader import Reader
 from .money import format_usd
 from .policy.model import AnomalySettings, Detector, Policy
@@ -96,6 +105,17 @@ def _committed(row: dict[str, Any]) -> bool:
         )
         and status is not None
         and 200 <= int(status) < 300
+    )
+
+
+def _failed(row: dict[str, Any]) -> bool:
+    """A failed attempt its SDK retries (ledger.api.failed_attempt)."""
+    status = row.get("status")
+    return is_failed_attempt(
+        row.get("decision"),
+        row.get("fingerprint"),
+        None if status is None else int(status),
+        row.get("completed_at") is not None,
     )
 
 
@@ -263,27 +283,48 @@ def unpriced_model(
 
 def loop(rows: Sequence[dict[str, Any]], detector: Detector) -> list[Anomaly]:
     repeats = int(detector.param("repeats"))
+    retries = int(detector.param("retries", 0))
     groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
     for row in rows:
         if row.get("fingerprint") and detector.covers(row.get("action")):
             groups[(row["scope"], row["fingerprint"])].append(row)
     found = []
     for group in groups.values():
-        if len(group) <= repeats:
+        retried = forgiven(sum(1 for r in group if _failed(r)), retries)
+        if len(group) - retried <= repeats:
             continue
         first = group[0]
         where = f"{first.get('method') or ''} {first.get('host') or ''}{first.get('path') or ''}"
+        not_counted = (
+            f", not counting {retried} failed attempt(s) its client retried "
+            f"(anomalies.loop.retries: {retries})"
+            if retried
+            else ""
+        )
         found.append(
             _run_of(
                 first,
                 "loop",
                 f"the same {first.get('action')} request ({where.strip()}, body "
-                f"#{first['fingerprint'][:8]}) was made {len(group)} times in this run "
-                f"(anomalies.loop.repeats: {repeats})",
+                f"#{first['fingerprint'][:8]}) was made {len(group) - retried} times in this run "
+                f"(anomalies.loop.repeats: {repeats}){not_counted}",
                 group,
             )
         )
     return found
+
+
+def _counted(rows: Sequence[dict[str, Any]], retries: int) -> list[bool]:
+    """For each row of one run (oldest first): is it a step? Not when it is one of the first
+    `retries` failed attempts of its request (the guards' forgiveness, plan.Counts)."""
+    failed: dict[str, int] = defaultdict(int)
+    steps = []
+    for row in rows:
+        retried = _failed(row) and failed[row["fingerprint"]] < retries
+        if retried:
+            failed[row["fingerprint"]] += 1
+        steps.append(not retried)
+    return steps
 
 
 def percentile(values: Sequence[int], pct: float) -> int:
@@ -297,8 +338,10 @@ def step_count(
     rows: Sequence[dict[str, Any]],
     detector: Detector,
     history: Sequence[dict[str, Any]] = (),
+    retries: int = 0,
 ) -> list[Anomaly]:
-    """`history`: {tenant, agent, scope, steps, started} for every run in the ledger."""
+    """`history`: {tenant, agent, scope, steps, started} for every run in the ledger;
+    `retries`: anomalies.loop.retries, the failed attempts per request that are not steps."""
     limit = int(detector.param("max"))
     window = int(detector.param("history_runs"))
     pct = float(detector.param("history_percentile"))
@@ -312,13 +355,19 @@ def step_count(
         first = scope_rows[0]
         if first.get("run") is None:
             continue
-        # The guard refuses a covered request once `max` decisions precede it in the scope.
-        over = [r for i, r in enumerate(scope_rows) if i >= limit and detector.covers(r["action"])]
+        # The guard refuses a covered request once `max` steps precede it in the scope.
+        counted = _counted(scope_rows, retries)
+        before = [sum(counted[:i]) for i in range(len(scope_rows))]
+        steps = sum(counted)
+        over = [
+            r for r, n in zip(scope_rows, before, strict=True)
+            if n >= limit and detector.covers(r["action"])
+        ]  # fmt: skip
         if over:
             anomaly = _run_of(
                 first,
                 "step_count",
-                f"this run took {len(scope_rows)} steps, above anomalies.step_count.max ({limit})",
+                f"this run took {steps} steps, above anomalies.step_count.max ({limit})",
                 over,
             )
             found.append(anomaly)
@@ -335,7 +384,6 @@ def step_count(
             continue
         expected = percentile([int(r["steps"]) for r in earlier], pct)
         threshold = factor * expected
-        steps = len(scope_rows)
         if steps > threshold:
             found.append(
                 _run_of(
@@ -484,7 +532,9 @@ def detect(
     wf_rows = sorted(workflow_rows if workflow_rows is not None else rows, key=lambda r: r["ts"])
     found: list[Anomaly] = [
         *loop(rows, settings.get("loop")),
-        *step_count(rows, settings.get("step_count"), history),
+        *step_count(
+            rows, settings.get("step_count"), history, int(settings.get("loop").param("retries", 0))
+        ),
         *fan_out(wf_rows, settings.get("fan_out")),
         *handoff(wf_rows, settings.get("handoff")),
         *under_commit(rows, settings.get("under_commit")),
@@ -586,6 +636,15 @@ def find(
             FROM decisions WHERE run IS NOT NULL AND {agents_own()} GROUP BY tenant, agent, scope"""
     )
     settings = policy.anomalies if policy else AnomalySettings()
+    # Earlier runs' steps as the guards count them: less their forgiven failed attempts.
+    retries = int(settings.get("loop").param("retries", 0))
+    retried: dict[str, int] = defaultdict(int)
+    for r in reader.query(
+        f"""SELECT scope, COUNT(*) AS n FROM decisions
+            WHERE run IS NOT NULL AND {failed_attempt()} GROUP BY scope, fingerprint"""
+    ):
+        retried[r["scope"]] += forgiven(int(r["n"]), retries)
+    history = [{**h, "steps": int(h["steps"]) - retried.get(h["scope"], 0)} for h in history]
     priced = frozenset(a.kind for a in policy.actions if a.price is not None) if policy else None
     found = detect(
         # The runs' own steps: the proxy's refusals (a stop, its ledger down) are not theirs.

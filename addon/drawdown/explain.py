@@ -13,7 +13,7 @@ from .authority import evaluate
 from .budgets import claims_for
 from .classify import RequestView, classify
 from .identity import Caller, IdleRuns, identify
-from .ledger.api import Amount, DecisionRow, Guards, agents_own, deciding_order
+from .ledger.api import Amount, DecisionRow, Guards, agents_own, deciding_order, failed_attempt
 from .ledger.plan import Counts
 from .money import format_usd
 from .policy import Policy
@@ -321,6 +321,16 @@ def _guard_counts(db: str, row: DecisionRow, guards: Guards) -> Counts:
                 f"SELECT COUNT(*) AS n FROM decisions WHERE scope = :scope AND {agents_own()}",
                 where,
             )[0]["n"]
+        if guards.max_repeats is not None or guards.max_steps is not None:
+            # The failed attempts the guards forgive (anomalies.loop.retries), as the ledger reads them.
+            counts.failed[row.scope] = {
+                r["fingerprint"]: r["n"]
+                for r in reader.query(
+                    "SELECT fingerprint, COUNT(*) AS n FROM decisions WHERE scope = :scope "
+                    f"AND {failed_attempt()} GROUP BY fingerprint",
+                    where,
+                )
+            }
         if guards.max_runs_per_workflow is not None and row.workflow is not None:
             runs = reader.query(
                 "SELECT DISTINCT scope FROM decisions WHERE workflow = :workflow "

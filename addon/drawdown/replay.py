@@ -50,6 +50,8 @@ from .ledger.api import (
     Shortfall,
     agents_own,
     deciding_first,
+    forgiven,
+    is_failed_attempt,
 )
 from .ledger.reader import Reader
 from .money import format_usd, usd_float
@@ -131,6 +133,10 @@ class Simulation:
         self.pending: list[_Pending] = []
         self.repeats: Counter[tuple[str, str]] = Counter()  # (scope, fingerprint) -> decisions
         self.steps: Counter[str] = Counter()  # scope -> decisions
+        # scope -> fingerprint -> failed attempts (api.failed_attempt) finished so far; and
+        # those still to finish: (completed_at, seq, scope, fingerprint), a heap
+        self.failed: dict[str, Counter[str]] = defaultdict(Counter)
+        self.failing: list[tuple[float, int, str, str]] = []
         self.runs: dict[tuple[str, str], set[str]] = defaultdict(
             set
         )  # (tenant, workflow) -> scopes
@@ -141,6 +147,10 @@ class Simulation:
     def settle_until(self, ts: float) -> None:
         while self.pending and self.pending[0].at <= ts:
             self._settle(heapq.heappop(self.pending))
+        # A failed attempt is forgiven once it has failed, as in the ledger: in flight, it counts.
+        while self.failing and self.failing[0][0] <= ts:
+            _, _, scope, fingerprint = heapq.heappop(self.failing)
+            self.failed[scope][fingerprint] += 1
 
     def _settle(self, item: _Pending) -> None:
         for key in item.keys:
@@ -164,18 +174,22 @@ class Simulation:
     def check_guards(self, row: dict[str, Any], guards: Guards) -> tuple[str, str] | None:
         """(detector, detail) when a guard refuses — the same counts as the ledger's `plan.Counts.trip`."""
         scope = row["scope"]
+        failed = self.failed[scope]
         if guards.max_repeats is not None and row.get("fingerprint"):
-            repeats = self.repeats[(scope, row["fingerprint"])]
+            repeats = self.repeats[(scope, row["fingerprint"])] - forgiven(
+                failed[row["fingerprint"]], guards.retries
+            )
             if repeats >= guards.max_repeats:
                 return (
                     "loop",
                     f"loop: this identical {row['kind']} request was already made {repeats} times in "
                     f"{scope} (anomalies.loop.repeats: {guards.max_repeats})",
                 )
-        if guards.max_steps is not None and self.steps[scope] >= guards.max_steps:
+        steps = self.steps[scope] - sum(forgiven(n, guards.retries) for n in failed.values())
+        if guards.max_steps is not None and steps >= guards.max_steps:
             return (
                 "step_count",
-                f"step_count: {scope} already took {self.steps[scope]} steps "
+                f"step_count: {scope} already took {steps} steps "
                 f"(anomalies.step_count.max: {guards.max_steps})",
             )
         workflow = row.get("workflow")
@@ -218,10 +232,20 @@ class Simulation:
         heapq.heappush(self.pending, _Pending(at, self._seq, keys, estimate, actual, facts))
 
     def count(self, row: dict[str, Any], decision: str, fingerprint: str | None) -> None:
-        """Every decision row counts for the guards, as it does in the ledger."""
+        """Every decision row counts for the guards, as it does in the ledger; one forwarded
+        again that failed retryably live is forgiven from when it failed (up to the policy's
+        anomalies.loop.retries). One the new policy denies is a denial, counted."""
         self.steps[row["scope"]] += 1
         if fingerprint:
             self.repeats[(row["scope"], fingerprint)] += 1
+        done = row.get("completed_at")
+        if (
+            fingerprint
+            and decision != "deny"
+            and is_failed_attempt(row["decision"], fingerprint, row.get("status"), done is not None)
+        ):
+            self._seq += 1
+            heapq.heappush(self.failing, (done, self._seq, row["scope"], fingerprint))
         if row.get("workflow") is not None and decision != "deny":
             self.runs[(row.get("tenant") or "", row["workflow"])].add(row["scope"])
 

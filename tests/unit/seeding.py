@@ -46,7 +46,7 @@ class Seeder:
         est_tokens: int = 1000,
         actual_usd: int | None = 1_000_000,
         tokens: tuple[int, int] = (300, 100),
-        status: int = 200,
+        status: int | None = 200,
         latency_ms: float = 800.0,
         upstream_ms: float | None = 750.0,
         claims: Sequence[Claim] = (),

@@ -143,6 +143,56 @@ def test_the_proxys_own_refusals_are_no_steps_of_the_run(seed: Seeder, tmp_path:
     assert steps["kind"] == "step_count" and "11 steps" in steps["detail"]
 
 
+def test_loop_leaves_out_the_failed_attempts_the_sdk_retried(seed: Seeder, tmp_path: Path) -> None:
+    """Five good calls and two failed attempts (a 500, one the client never got an answer to)
+    are five repeats, not seven: the default loop.retries (2) forgives them, as the guard does."""
+    fine = [seed.call(run="retried", body="same", actual_usd=None, status=s) for s in (500, None)]
+    fine += [seed.call(run="retried", body="same") for _ in range(5)]
+    assert found(seed) == []
+    # A third failure is past the allowance: six counted, flagged.
+    third = seed.call(run="retried", body="same", actual_usd=None, status=503)
+    (loop,) = found(seed)
+    assert loop["evidence"] == [r.request_id for r in [*fine, third]]
+    assert loop["detail"].endswith(
+        "made 6 times in this run (anomalies.loop.repeats: 5), not counting 2 failed attempt(s) "
+        "its client retried (anomalies.loop.retries: 2)"
+    )
+    # retries: 0 counts every attempt; a failure the SDKs do not retry always counted.
+    strict = policy(tmp_path, "anomalies:\n  loop: {retries: 0}\n")
+    assert "made 8 times" in found(seed, strict)[0]["detail"]
+    for _ in range(6):
+        seed.call(run="bad-request", body="same", actual_usd=None, status=400)
+    assert [a["run"] for a in found(seed)] == ["retried", "bad-request"]
+
+
+def test_failed_attempts_the_sdk_retried_are_no_steps(seed: Seeder, tmp_path: Path) -> None:
+    settings = policy(tmp_path, "anomalies:\n  step_count: {max: 10}\n  loop: {retries: 1}\n")
+    for i in range(10):
+        if i % 4 == 0:
+            seed.call(run="flaky", body=f"t{i}", actual_usd=None, status=502)
+        seed.call(run="flaky", body=f"t{i}")
+    assert found(seed, settings) == []
+    # A second failure of one request is past retries: 1, and a step.
+    seed.call(run="flaky", body="t9", actual_usd=None, status=502)
+    seed.call(run="flaky", body="t9", actual_usd=None, status=502)
+    (steps,) = found(seed, settings)
+    assert steps["kind"] == "step_count" and "11 steps" in steps["detail"]
+
+
+def test_the_guard_and_the_detector_forgive_the_same_attempts(seed: Seeder, tmp_path: Path) -> None:
+    settings = policy(tmp_path, "anomalies:\n  loop: {repeats: 2, on_detect: deny}\n")
+    guards = Guards(max_repeats=2, retries=2)
+    first = seed.call(run="r", body="again", guards=guards, actual_usd=None, status=429)
+    rows = [first] + [seed.call(run="r", body="again", guards=guards) for _ in range(3)]
+    assert [r.decision for r in rows] == ["allow", "allow", "allow", "deny"]
+    (loop,) = found(seed, settings)
+    assert loop["on_detect"] == "deny" and loop["denied"] == [rows[3].request_id]
+    assert (
+        "made 3 times in this run (anomalies.loop.repeats: 2), not counting 1 failed"
+        in (loop["detail"])
+    )
+
+
 def test_step_count_against_the_agents_history(seed: Seeder) -> None:
     for r in range(25):
         for i in range(10):
@@ -156,6 +206,19 @@ def test_step_count_against_the_agents_history(seed: Seeder) -> None:
     # p99 of the 26 earlier runs is the busy one's 19 steps: flagged above 38.
     assert steps["run"] == "runaway" and "last 26 runs took 19" in steps["detail"]
     assert len(steps["evidence"]) == 45 - 38
+
+
+def test_the_agents_history_counts_steps_without_the_retried_failures(seed: Seeder) -> None:
+    """Earlier runs of 10 steps, each with a provider hiccup on every step: their p99 is 10
+    steps, not 20, so a run of 25 is far above it."""
+    for r in range(20):
+        for i in range(10):
+            seed.call(agent="etl", run=f"h{r}", body=f"{r}-{i}", actual_usd=None, status=500)
+            seed.call(agent="etl", run=f"h{r}", body=f"{r}-{i}")
+    for i in range(25):
+        seed.call(agent="etl", run="runaway", body=f"x{i}")
+    (steps,) = found(seed)
+    assert steps["run"] == "runaway" and "last 20 runs took 10" in steps["detail"]
 
 
 def test_step_count_history_needs_enough_runs(seed: Seeder) -> None:

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 from drawdown.cli import UsageError, main, parse_listen
-from drawdown.ledger.api import Amount, Claim, Completion, DecisionRow
+from drawdown.ledger.api import SCHEMA_VERSION, Amount, Claim, Completion, DecisionRow
 from drawdown.ledger.sqlite import SQLiteLedger
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -413,8 +413,8 @@ def test_run_reports_the_real_reason_it_cannot_start_not_the_undo_s(tmp_path: Pa
     )  # fmt: skip
     assert result.returncode == 1
     assert result.stderr == (
-        "drawdown: this ledger has schema version 99, newer than this drawdown understands (1); "
-        "upgrade drawdown\n"
+        "drawdown: this ledger has schema version 99, newer than this drawdown understands "
+        f"({SCHEMA_VERSION}); upgrade drawdown\n"
     )
 
 
@@ -605,6 +605,55 @@ def test_explain_counts_the_steps_the_proxy_counts(
         step("internal_error")
         assert decision() == "allow"
         step("not_authorized")  # the agent's own denied request is a step
+        assert decision() == "deny"
+    finally:
+        ledger.close()
+
+
+def test_explain_forgives_the_failed_attempts_the_proxy_forgives(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """explain --db asks the ledger what the loop guard asks: the first loop.retries failed
+    attempts of the request are no repeats, the next are."""
+    from drawdown.addon import fingerprint
+    from drawdown.classify import RequestView, classify
+    from drawdown.policy import load_policy
+
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(
+        "identity:\n  agent: [{header: X-Drawdown-Agent}]\n  run: [{header: X-Drawdown-Run}]\n"
+        "actions:\n  - {kind: llm, provider: openai, match: {host: api.openai.com}}\n"
+        "anomalies:\n  loop: {repeats: 1, retries: 1, on_detect: deny}\n"
+    )
+    body = json.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]})
+    view = RequestView("POST", "api.openai.com", 443, "/v1/chat/completions", {}, {}, body.encode())
+    loaded = load_policy(str(policy))
+    classification = classify(loaded, view)
+    assert classification.kind == "llm"
+    db = tmp_path / "ledger.db"
+    ledger = SQLiteLedger(db)
+
+    def failed_attempt() -> None:
+        row = DecisionRow(
+            request_id=uuid.uuid4().hex, ts=1.0, decision="allow", mode="enforce",
+            scope="tenant:default/agent:bot/run:r1", tenant="default", agent="bot", run="r1",
+            action="llm", fingerprint=fingerprint("llm", view, classification),
+        )  # fmt: skip
+        outcome = ledger.reserve(row, [], Amount(requests=1), 900.0)
+        assert outcome.hold_id is not None
+        ledger.release(row.request_id, outcome.hold_id, Completion(status=500), "500", 2.0)
+
+    def decision() -> str:
+        assert main(
+            ["explain", "--policy", str(policy), "--db", str(db), "--url", "https://api.openai.com/v1/chat/completions",
+             "--header", "X-Drawdown-Agent:bot", "--header", "X-Drawdown-Run:r1", "--json", body, "--as-json"]
+        ) == 0  # fmt: skip
+        return json.loads(capsys.readouterr().out)["decision"]
+
+    try:
+        failed_attempt()
+        assert decision() == "allow"
+        failed_attempt()
         assert decision() == "deny"
     finally:
         ledger.close()

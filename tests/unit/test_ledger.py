@@ -24,6 +24,7 @@ import psycopg
 import pytest
 from drawdown.ledger import open_ledger
 from drawdown.ledger.api import (
+    SCHEMA_VERSION,
     Amount,
     Claim,
     Completion,
@@ -658,6 +659,134 @@ def test_guards_count_earlier_requests_of_the_same_batch(
     assert [r.decision for r in results[1:3]] == ["allow", "deny"]
 
 
+def attempt(
+    ledger: Any, guards: Guards, status: int | None, fingerprint: str = "fp", *, ok: bool = False
+) -> str:
+    """One attempt of a request: reserved under `guards`, then settled as the addon settles it
+    (a 2xx commits; an error answer, or none, releases). Returns the decision."""
+    r = guarded(fingerprint)
+    outcome = ledger.reserve(r, [claim(requests=100)], Amount(requests=1), NOW + 900, guards)
+    if outcome.hold_id is not None:
+        if ok:
+            ledger.commit(r.request_id, outcome.hold_id, Completion(status=status), NOW + 1)
+        else:
+            ledger.release(
+                r.request_id, outcome.hold_id, Completion(status=status), "failed", NOW + 1
+            )
+    return outcome.decision
+
+
+@pytest.mark.parametrize("status", [500, 502, 503, 429, 408, 409, None])
+def test_an_sdks_retry_of_a_failed_attempt_is_not_a_repeat(
+    backend: LedgerBackend, ledger: Any, status: int | None
+) -> None:
+    """The SDKs re-send the identical request after a retryable failure (None: no answer, the
+    client left): denying the retry as a loop turned a provider hiccup into a hard failure."""
+    guards = Guards(max_repeats=1, retries=2)
+    assert attempt(ledger, guards, status) == "allow"
+    assert attempt(ledger, guards, 200, ok=True) == "allow"  # the retry succeeds
+    # The loop guard still works: the same request again, after a success, is a repeat.
+    assert attempt(ledger, guards, 200, ok=True) == "deny"
+
+
+@pytest.mark.parametrize("status", [400, 404, 200])
+def test_a_failure_the_sdks_do_not_retry_still_counts(
+    backend: LedgerBackend, ledger: Any, status: int
+) -> None:
+    guards = Guards(max_repeats=1, retries=2)
+    assert attempt(ledger, guards, status, ok=status == 200) == "allow"
+    assert attempt(ledger, guards, 200, ok=True) == "deny"
+
+
+def test_only_the_first_retries_failed_attempts_are_forgiven(
+    backend: LedgerBackend, ledger: Any
+) -> None:
+    """An agent hammering a failing endpoint is still stopped: per request and run, the first
+    `retries` failed attempts are forgiven, the next count."""
+    guards = Guards(max_repeats=1, retries=2)
+    got = [attempt(ledger, guards, status) for status in (500, 502, None, 500)]
+    assert got == ["allow", "allow", "allow", "deny"]  # 3 failed, 2 forgiven: 1 repeat
+    # Another request of the run has its own allowance.
+    assert attempt(ledger, guards, 500, "other") == "allow"
+    assert attempt(ledger, guards, 200, "other", ok=True) == "allow"
+    # retries: 0 counts every attempt, as before.
+    strict = Guards(max_repeats=1, retries=0)
+    assert attempt(ledger, strict, 500, "third") == "allow"
+    assert attempt(ledger, strict, 200, "third", ok=True) == "deny"
+
+
+def test_attempts_in_flight_and_drawdowns_own_denials_count(
+    backend: LedgerBackend, ledger: Any
+) -> None:
+    guards = Guards(max_repeats=1, retries=2)
+    # In flight: no status yet, it may still succeed; concurrent identical requests are a loop.
+    first = ledger.reserve(guarded(), [], Amount(requests=1), NOW + 900, guards)
+    again = ledger.reserve(guarded(), [], Amount(requests=1), NOW + 900, guards)
+    assert (first.decision, again.decision) == ("allow", "deny")
+    # A denial by drawdown answers 429 too, but with x-should-retry: false: never forgiven.
+    refused = guarded("budget")
+    refused.decision, refused.reason_code, refused.status = "deny", "budget_exhausted", 429
+    ledger.record(refused)
+    assert attempt(ledger, guards, 200, "budget", ok=True) == "deny"
+
+
+def test_failed_attempts_are_not_steps(backend: LedgerBackend, ledger: Any) -> None:
+    guards = Guards(max_steps=2, retries=1)
+    assert attempt(ledger, guards, 503, "a") == "allow"  # forgiven
+    assert attempt(ledger, guards, 200, "a", ok=True) == "allow"  # step 1
+    assert attempt(ledger, guards, 500, "b") == "allow"  # forgiven: its request's first failure
+    assert attempt(ledger, guards, 500, "b") == "allow"  # step 2: b's second failure counts
+    assert attempt(ledger, guards, 200, "c", ok=True) == "deny"
+
+
+def test_a_failure_settled_in_the_batch_is_forgiven_by_the_next_reserve(
+    backend: LedgerBackend, ledger: Any
+) -> None:
+    """The client left (its SDK timed out) and retried at once: the release and the retry's
+    reserve share a batch, and the retry must see the attempt as failed, not in flight."""
+    guards = Guards(max_repeats=1, max_steps=1, retries=2)
+    first = guarded()
+    outcome = ledger.reserve(first, [], Amount(requests=1), NOW + 900, guards)
+    assert outcome.hold_id is not None
+    retry = ("reserve", (guarded(), [], Amount(requests=1), NOW + 900, guards))
+    gone = Completion(status=None, note="client disconnected")
+    results = ledger.run_batch(
+        [("release", (first.request_id, outcome.hold_id, gone, "client disconnected", NOW)), retry]
+    )
+    assert results[1].decision == "allow"
+    # And a reserve of the batch settled in the same batch (the ledger's rows, not yet written).
+    fresh = guarded("fresh")
+    held = ledger.run_batch([("reserve", (fresh, [], Amount(requests=1), NOW + 900, guards))])
+    assert held[0].decision == "deny"  # step_count: the retry above is the run's one step
+
+
+def test_the_failed_attempts_have_an_index_of_their_own(backend: LedgerBackend) -> None:
+    """Schema v2 adds it (a v1 ledger is migrated), and the guard query reads it: counting a
+    run's failed attempts must not walk the whole run."""
+    backend.open().close()
+    backend.execute("DROP INDEX idx_decisions_failed")
+    backend.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
+    backend.open().close()
+    assert backend.scalar("SELECT value FROM meta WHERE key = 'schema_version'") == str(
+        SCHEMA_VERSION
+    )
+    if backend.kind == "sqlite":
+        from drawdown.ledger.sqlite import FAILED
+
+        plan = " ".join(r[-1] for r in backend.rows(f"EXPLAIN QUERY PLAN {FAILED}", "s"))
+        assert "idx_decisions_failed" in plan
+    else:
+        found = backend.rows(
+            "SELECT indexdef FROM pg_indexes WHERE indexname = 'idx_decisions_failed'"
+        )
+        assert len(found) == 1 and "status >= 500" in found[0][0]
+        from drawdown.ledger.pg_guards import FAILED
+
+        backend.execute("SET enable_seqscan = off")  # an empty table: ask whether it *can*
+        plan = " ".join(r[0] for r in backend.rows(f"EXPLAIN {FAILED}", ["s"]))
+        assert "idx_decisions_failed" in plan
+
+
 def test_guards_hold_across_proxies(backend: LedgerBackend) -> None:
     backend.open().close()
     allowed: list[str] = []
@@ -881,7 +1010,7 @@ def test_proxies_starting_together_migrate_once(pg_url: str) -> None:
         t.join()
     assert not failures and len(opened) == 6
     with psycopg.connect(pg_url) as conn:
-        assert conn.execute("SELECT value FROM meta").fetchall() == [("1",)]
+        assert conn.execute("SELECT value FROM meta").fetchall() == [(str(SCHEMA_VERSION),)]
         assert conn.execute("SELECT COUNT(*) FROM processes").fetchone() == (6,)
     for ledger in opened:
         ledger.close()

@@ -587,3 +587,28 @@ def test_a_whole_number_written_as_a_float_says_how_to_write_it(tmp_path: Path) 
         " (write it in digits, with no dot or exponent)",
         f"{f}:2: requests must be a whole number ≥ 0, not 2.5",
     ]
+
+
+def test_loop_retries_is_a_count_from_zero(tmp_path: Path) -> None:
+    """anomalies.loop.retries: the failed attempts per request the loop and step_count guards
+    forgive (default 2, the SDKs' max_retries); 0 counts every attempt."""
+    from drawdown.addon import guards_for
+
+    text = "anomalies:\n  loop: {repeats: 3, on_detect: deny%s}\n  step_count: {on_detect: deny}\n"
+    default = load_policy(write(tmp_path, text % ""))
+    assert default.anomalies.get("loop").param("retries") == 2
+    guards = guards_for(default, "llm")
+    assert guards is not None and (guards.max_repeats, guards.retries) == (3, 2)
+    none = load_policy(write(tmp_path, text % ", retries: 0"))
+    assert (guards := guards_for(none, "llm")) is not None and guards.retries == 0
+    # step_count alone denying: the loop detector's retries still apply to it.
+    alone = load_policy(write(tmp_path, "anomalies:\n  step_count: {max: 4, on_detect: deny}\n"))
+    assert (guards := guards_for(alone, "llm")) is not None
+    assert (guards.max_repeats, guards.max_steps, guards.retries) == (None, 4, 2)
+    f = tmp_path / "policy.yaml"
+    assert problems(tmp_path, text % ", retries: -1") == [
+        f"{f}:2: anomalies.loop.retries must be a whole number ≥ 0, not -1"
+    ]
+    assert problems(tmp_path, text % ", retries: two") == [
+        f"{f}:2: anomalies.loop.retries must be a whole number ≥ 0, not 'two'"
+    ]

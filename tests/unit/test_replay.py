@@ -305,6 +305,36 @@ def test_loop_guard_in_the_new_policy(seed: Seeder, tmp_path: Path) -> None:
     assert data["blocked"][0]["by"] == "anomalies.loop" and data["blocked"][0]["status"] == 429
 
 
+def test_a_retried_failure_is_no_repeat_in_the_new_policy(seed: Seeder, tmp_path: Path) -> None:
+    """As the ledger's guard: the first loop.retries failed attempts of a request are forgiven
+    once they have failed; one still in flight when the next starts counts."""
+    failed = llm(seed, "r", body="same", actual_usd=None, status=500)
+    retry = llm(seed, "r", body="same")
+    again = llm(seed, "r", body="same")
+    deny = "anomalies:\n  loop: {repeats: 1, on_detect: deny%s}\n"
+    data = replay.replay(policy(tmp_path, ACTIONS + deny % ""), str(seed.path))
+    assert [b["request_id"] for b in data["blocked"]] == [again.request_id]
+    strict = replay.replay(policy(tmp_path, ACTIONS + deny % ", retries: 0"), str(seed.path))
+    assert [b["request_id"] for b in strict["blocked"]] == [retry.request_id, again.request_id]
+    assert failed.request_id not in {b["request_id"] for b in strict["blocked"]}
+    # Concurrent: the next identical request started before the first had failed.
+    llm(seed, "c", body="same", actual_usd=None, status=503, took=5.0, gap=-4.0)
+    overlapping = llm(seed, "c", body="same")
+    data = replay.replay(policy(tmp_path, ACTIONS + deny % ""), str(seed.path))
+    assert overlapping.request_id in {b["request_id"] for b in data["blocked"]}
+
+
+def test_a_retried_failure_is_no_step_in_the_new_policy(seed: Seeder, tmp_path: Path) -> None:
+    for i in range(3):
+        llm(seed, "r", body=f"s{i}", actual_usd=None, status=None)  # no answer: the client left
+        llm(seed, "r", body=f"s{i}")
+    last = llm(seed, "r", body="s3")
+    p = policy(tmp_path, ACTIONS + "anomalies:\n  step_count: {max: 3, on_detect: deny}\n")
+    data = replay.replay(p, str(seed.path))
+    assert [b["request_id"] for b in data["blocked"]] == [last.request_id]
+    assert "already took 3 steps" in data["blocked"][0]["reason"]
+
+
 def test_a_shadow_policy_only_flags(seed: Seeder, tmp_path: Path) -> None:
     for i in range(3):
         llm(seed, "r", body=str(i))

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 from ..money import format_usd
 
 UNITS = ("usd", "tokens", "requests")
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 # One statement on both backends: keep the run while the agent is busy, mint after silence.
@@ -39,6 +39,45 @@ PROXY_REFUSALS = ("shutting_down", "ledger_unavailable", "internal_error")
 def agents_own(reason_code: str = "reason_code") -> str:
     """SQL: the decision row is the agent's own step, not one of PROXY_REFUSALS."""
     return f"COALESCE({reason_code}, '') NOT IN ({', '.join(f"'{c}'" for c in PROXY_REFUSALS)})"
+
+
+# An attempt its SDK retries is not a repeat or a step of its own. The official OpenAI and
+# Anthropic SDKs re-send the identical request after a 408, 409, 429 or 5xx answer or a
+# connection error (no answer: drawdown records a 502 when the upstream could not be reached
+# or timed out, nothing when the client left first). Only forwarded requests qualify: a
+# drawdown denial carries x-should-retry: false, and is the agent's own step. Only a finished
+# attempt qualifies (one in flight may yet succeed, and concurrent identical requests must
+# still count), and only a fingerprinted one (the forgiveness is bounded per fingerprint:
+# the first `anomalies.loop.retries` failed attempts of a request in a run).
+RETRIED_STATUSES = (408, 409, 429)
+
+
+def failed_attempt(prefix: str = "") -> str:
+    """SQL: the decision row is a finished, forwarded, fingerprinted request that failed
+    retryably. Word for word the predicate of the ledger's idx_decisions_failed (schema v2),
+    so the guards' queries read that small partial index, never the whole run."""
+    p = prefix
+    return (
+        f"{p}decision <> 'deny' AND {p}fingerprint IS NOT NULL AND {p}completed_at IS NOT NULL "
+        f"AND ({p}status IS NULL OR {p}status IN (408, 409, 429) OR {p}status >= 500)"
+    )
+
+
+def is_failed_attempt(
+    decision: str | None, fingerprint: str | None, status: int | None, completed: bool
+) -> bool:
+    """failed_attempt(), for a row in hand."""
+    return (
+        decision != "deny"
+        and bool(fingerprint)
+        and completed
+        and (status is None or status in RETRIED_STATUSES or status >= 500)
+    )
+
+
+def forgiven(failed: int, retries: int) -> int:
+    """How many of a request's `failed` attempts in a run are not counted: the first `retries`."""
+    return min(failed, max(retries, 0))
 
 
 _random: tuple[int, random.Random] | None = None
@@ -215,6 +254,9 @@ class Guards:
     )
     max_steps: int | None = None  # step_count: at most N earlier requests in the run
     max_runs_per_workflow: int | None = None  # fan_out: at most N distinct runs under the workflow
+    # loop and step_count leave out the first N failed attempts of each request in the run
+    # (failed_attempt: what the SDKs retry); anomalies.loop.retries, 0 counts every attempt
+    retries: int = 0
     shadow: bool = False  # record would_deny instead of denying
 
     @property

@@ -10,10 +10,10 @@ counts before each reserve are known before any budget is looked at.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
-from .api import DecisionRow, Guards, agents_own
+from .api import DecisionRow, Guards, agents_own, failed_attempt
 from .plan import Counts, GuardKeys
 
 # Sorted by hash, taken in that order (the subquery keeps the order for the outer call).
@@ -31,6 +31,18 @@ FROM unnest(%s::text[], %s::text[]) AS k(scope, fp)
 STEPS = f"""
 SELECT k.scope, (SELECT COUNT(*) FROM decisions d WHERE d.scope = k.scope AND {agents_own("d.reason_code")})
 FROM unnest(%s::text[]) AS k(scope)
+"""
+# The failed attempts the loop and step_count guards forgive (the partial index idx_decisions_failed).
+FAILED = f"""
+SELECT d.scope, d.fingerprint, COUNT(*) FROM decisions d
+WHERE d.scope = ANY(%s) AND {failed_attempt("d.")}
+GROUP BY d.scope, d.fingerprint
+"""
+# Rows in flight that a commit or release of the batch turns into failed attempts.
+INFLIGHT = f"""
+SELECT d.request_id, d.scope, d.fingerprint FROM decisions d
+WHERE d.request_id = ANY(%s) AND d.completed_at IS NULL AND d.decision <> 'deny'
+  AND d.fingerprint IS NOT NULL AND {agents_own("d.reason_code")}
 """
 RUNS = """
 SELECT k.w, k.t, (SELECT COUNT(DISTINCT d.scope) FROM decisions d
@@ -57,11 +69,15 @@ class Reader:
     """Queues the guard queries of a batch (inside a pipeline) and reads their answers."""
 
     def __init__(
-        self, conn: Any, guarded: list[tuple[DecisionRow, Guards]], rows: list[DecisionRow]
+        self,
+        conn: Any,
+        guarded: list[tuple[DecisionRow, Guards]],
+        rows: list[DecisionRow],
+        calls: Sequence[tuple[str, tuple[Any, ...]]] = (),
     ):
         self.cursors: dict[str, Any] = {}
         conn.cursor().execute(LOCK, (lock_keys(guarded),))
-        keys = GuardKeys.of(guarded, rows)
+        keys = self.keys = GuardKeys.of(guarded, rows, calls)
         if keys.repeats:
             self._query(
                 conn,
@@ -71,6 +87,10 @@ class Reader:
             )
         if keys.steps:
             self._query(conn, "steps", STEPS, (keys.steps,))
+        if keys.failed:
+            self._query(conn, "failed", FAILED, (keys.failed,))
+        if keys.settling:
+            self._query(conn, "inflight", INFLIGHT, (keys.settling,))
         if keys.runs:
             self._query(conn, "runs", RUNS, ([w for w, _ in keys.runs], [t for _, t in keys.runs]))
             self._query(conn, "known", KNOWN, (keys.workflows, keys.scopes))
@@ -85,6 +105,14 @@ class Reader:
             found.repeats = {(s, f): n for s, f, n in self.cursors["repeats"].fetchall()}
         if "steps" in self.cursors:
             found.steps = dict(self.cursors["steps"].fetchall())
+        found.failed = {scope: {} for scope in self.keys.failed}
+        if "failed" in self.cursors:
+            for scope, fingerprint, n in self.cursors["failed"].fetchall():
+                found.failed[scope][fingerprint] = n
+        if "inflight" in self.cursors:
+            for request_id, scope, fingerprint in self.cursors["inflight"].fetchall():
+                if scope in found.failed:
+                    found.inflight[request_id] = (scope, fingerprint)
         if "runs" in self.cursors:
             found.runs = {(w, t): n for w, t, n in self.cursors["runs"].fetchall()}
             for workflow, scope, tenant in self.cursors["known"].fetchall():

@@ -149,7 +149,14 @@ CREATE TABLE facts (
 CREATE INDEX idx_facts_scope_field_value ON facts (scope, field, value);
 """
 
-MIGRATIONS: list[str] = [_V1]
+# The failed attempts the loop and step_count guards forgive (api.failed_attempt, word for word).
+_V2 = """
+CREATE INDEX idx_decisions_failed ON decisions (scope, fingerprint)
+    WHERE decision <> 'deny' AND fingerprint IS NOT NULL AND completed_at IS NOT NULL
+    AND (status IS NULL OR status IN (408, 409, 429) OR status >= 500);
+"""
+
+MIGRATIONS: list[str] = [_V1, _V2]
 assert len(MIGRATIONS) == SCHEMA_VERSION
 
 _LOCK = "SELECT pg_advisory_xact_lock(hashtextextended('drawdown.ledger.migrate:' || current_schema(), 0))"

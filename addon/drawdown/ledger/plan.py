@@ -33,6 +33,8 @@ from .api import (
     Tripped,
     deciding_first,
     decision_values,
+    forgiven,
+    is_failed_attempt,
 )
 
 # Operations decided by the planner; everything else (maintenance) runs as SQL of its own.
@@ -187,12 +189,25 @@ class Hold:
         )
 
 
+def failing(completion: Completion) -> bool:
+    """A settlement that makes its (forwarded, fingerprinted) decision row a failed attempt."""
+    return isinstance(completion, Completion) and is_failed_attempt(
+        "allow", "-", completion.status, True
+    )
+
+
 @dataclass
 class Counts:
     """What the anomaly guards count, kept current as the batch adds decision rows."""
 
     repeats: dict[tuple[str, str], int] = field(default_factory=dict)
     steps: dict[str, int] = field(default_factory=dict)
+    # scope -> fingerprint -> the run's failed attempts of that request (api.failed_attempt),
+    # for every scope the loop or step_count guards of the batch count
+    failed: dict[str, dict[str, int]] = field(default_factory=dict)
+    # request id -> (scope, fingerprint): counted rows still in flight that a settlement of
+    # this batch may turn into failed attempts (read by the backend, or added by the batch)
+    inflight: dict[str, tuple[str, str]] = field(default_factory=dict)
     runs: dict[tuple[str, str], int] = field(default_factory=dict)
     known: set[tuple[str, str]] = field(default_factory=set)  # (workflow, scope) seen
     seen: set[tuple[str, str, str]] = field(default_factory=set)  # (workflow, tenant, scope)
@@ -205,6 +220,8 @@ class Counts:
             self.repeats[row.scope, row.fingerprint] += 1
         if row.scope in self.steps:
             self.steps[row.scope] += 1
+        if row.fingerprint and row.decision != "deny" and row.scope in self.failed:
+            self.inflight[row.request_id] = (row.scope, row.fingerprint)
         # Only runs that got a request through count: a run refused at its first request
         # must not become "known" through its own denied row.
         if row.workflow is not None and row.decision != "deny":
@@ -215,10 +232,31 @@ class Counts:
                 if run[:2] in self.runs:
                     self.runs[run[:2]] += 1
 
+    def settle(self, request_id: str, completion: Completion) -> None:
+        """A commit or release of the batch: a row in flight that failed retryably is forgiven
+        by the next reserve, as it will be once the batch is written."""
+        where = self.inflight.pop(request_id, None)
+        if where is not None and failing(completion):
+            scope, fingerprint = where
+            runs = self.failed[scope]
+            runs[fingerprint] = runs.get(fingerprint, 0) + 1
+
+    def forgiven(self, scope: str, fingerprint: str | None, retries: int) -> int:
+        """The failed attempts of one request in `scope` the guards do not count."""
+        if not fingerprint:
+            return 0
+        return forgiven(self.failed.get(scope, {}).get(fingerprint, 0), retries)
+
+    def forgiven_steps(self, scope: str, retries: int) -> int:
+        """The failed attempts in `scope` the step count leaves out: up to `retries` per request."""
+        return sum(forgiven(n, retries) for n in self.failed.get(scope, {}).values())
+
     def trip(self, row: DecisionRow, guards: Guards) -> Tripped | None:
         """The first guard this reserve would trip (drawdown replay asks the same questions)."""
         if guards.max_repeats is not None and row.fingerprint:
-            repeats = self.repeats[row.scope, row.fingerprint]
+            repeats = self.repeats[row.scope, row.fingerprint] - self.forgiven(
+                row.scope, row.fingerprint, guards.retries
+            )
             if repeats >= guards.max_repeats:
                 return Tripped(
                     "loop",
@@ -226,7 +264,7 @@ class Counts:
                     f"{row.scope} (anomalies.loop.repeats: {guards.max_repeats})",
                 )
         if guards.max_steps is not None:
-            steps = self.steps[row.scope]
+            steps = self.steps[row.scope] - self.forgiven_steps(row.scope, guards.retries)
             if steps >= guards.max_steps:
                 return Tripped(
                     "step_count",
@@ -256,22 +294,47 @@ class GuardKeys:
     runs: list[tuple[str, str]]  # (workflow, tenant or '')
     workflows: list[str]  # for the (workflow, scope) pairs already known
     scopes: list[str]
+    failed: list[str] = field(default_factory=list)  # scopes whose failed attempts are read
+    # request ids the batch settles as failed attempts, whose rows may be in flight in the ledger
+    settling: list[str] = field(default_factory=list)
 
     @classmethod
-    def of(cls, guarded: list[tuple[DecisionRow, Guards]], rows: list[DecisionRow]) -> GuardKeys:
+    def of(
+        cls,
+        guarded: list[tuple[DecisionRow, Guards]],
+        rows: list[DecisionRow],
+        calls: Sequence[tuple[str, tuple[Any, ...]]] = (),
+    ) -> GuardKeys:
         fan = [r for r, g in guarded if g.max_runs_per_workflow is not None and r.workflow]
-        return cls(
-            repeats=sorted(
+        repeats = sorted(
+            {
+                (r.scope, r.fingerprint)
+                for r, g in guarded
+                if g.max_repeats is not None and r.fingerprint
+            }
+        )
+        steps = sorted({r.scope for r, g in guarded if g.max_steps is not None})
+        failed = sorted({s for s, _ in repeats} | set(steps))
+        batch = {r.request_id for r in rows}
+        settling = (
+            sorted(
                 {
-                    (r.scope, r.fingerprint)
-                    for r, g in guarded
-                    if g.max_repeats is not None and r.fingerprint
+                    args[0]
+                    for name, args in calls
+                    if name in ("commit", "release") and failing(args[2]) and args[0] not in batch
                 }
-            ),
-            steps=sorted({r.scope for r, g in guarded if g.max_steps is not None}),
+            )
+            if failed
+            else []
+        )
+        return cls(
+            repeats=repeats,
+            steps=steps,
             runs=sorted({(r.workflow or "", r.tenant or "") for r in fan}),
             workflows=sorted({r.workflow for r in rows if r.workflow is not None}) if fan else [],
             scopes=sorted({r.scope for r in rows if r.workflow is not None}) if fan else [],
+            failed=failed,
+            settling=settling,
         )
 
 
@@ -371,6 +434,9 @@ class Plan:
     def trip(self, calls: Sequence[tuple[str, tuple[Any, ...]]], counts: Counts) -> None:
         """Decide every guard of the batch, in order: each reserve sees the rows before it."""
         for i, (name, args) in enumerate(calls):
+            if name in ("commit", "release"):
+                counts.settle(args[0], args[2])
+                continue
             if name not in ("reserve", "record"):
                 continue
             row = args[0]

@@ -478,7 +478,7 @@ class PostgresLedger:
             if guarded:
                 # A reserve a guard denies must not create budget instances (as in SQLite), so
                 # the guards are decided first, at the cost of one more round trip.
-                reader = pg_guards.Reader(conn, guarded, rows)
+                reader = pg_guards.Reader(conn, guarded, rows, calls)
                 pipeline.sync()
                 self._read_replay(tx, cur_replay)
                 cur_replay = None

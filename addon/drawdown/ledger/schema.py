@@ -163,7 +163,17 @@ def _v1(db: sqlite_utils.Database) -> None:
     db["idle_runs"].create({"key": str, "run": str, "last_seen": float}, pk="key")
 
 
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1]
+def _v2(db: sqlite_utils.Database) -> None:
+    # The failed attempts the loop and step_count guards forgive (api.failed_attempt, word
+    # for word): few per run, so counting them never walks the run's whole history.
+    db.execute(
+        "CREATE INDEX idx_decisions_failed ON decisions (scope, fingerprint) "
+        "WHERE decision <> 'deny' AND fingerprint IS NOT NULL AND completed_at IS NOT NULL "
+        "AND (status IS NULL OR status IN (408, 409, 429) OR status >= 500)"
+    )
+
+
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1, _v2]
 assert len(MIGRATIONS) == SCHEMA_VERSION
 
 

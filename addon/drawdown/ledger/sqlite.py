@@ -48,6 +48,7 @@ from .api import (
     ReserveOutcome,
     Settled,
     agents_own,
+    failed_attempt,
 )
 from .plan import (
     COMPLETION_FIELDS,
@@ -112,6 +113,11 @@ _INSERT_FACT = (
 )
 
 STEP = agents_own()  # the decision rows the step and loop guards count
+# ...less the failed attempts they forgive (read from the partial index idx_decisions_failed)
+FAILED = (
+    f"SELECT fingerprint, COUNT(*) FROM decisions WHERE scope = ? AND {failed_attempt()} "
+    "GROUP BY fingerprint"
+)
 
 T = TypeVar("T")
 
@@ -321,7 +327,8 @@ class SQLiteLedger:
         rows, self._rows = self._rows, None
         guarded = guarded_reserves(calls)
         if guarded:
-            plan.trip(calls, self._guard_counts(GuardKeys.of(guarded, decision_rows(calls))))
+            keys = GuardKeys.of(guarded, decision_rows(calls), calls)
+            plan.trip(calls, self._guard_counts(keys))
         hold_ids = settled_hold_ids(calls)
         if rows is not None:
             plan.use_holds(rows.holds.pop(i) for i in hold_ids if i in rows.holds)
@@ -403,6 +410,17 @@ class SQLiteLedger:
             (counts.steps[scope],) = conn.execute(
                 f"SELECT COUNT(*) FROM decisions WHERE scope = ? AND {STEP}", (scope,)
             ).fetchone()
+        for scope in keys.failed:
+            counts.failed[scope] = dict(conn.execute(FAILED, (scope,)).fetchall())
+        if keys.settling:
+            for request_id, scope, fingerprint in conn.execute(
+                "SELECT request_id, scope, fingerprint FROM decisions "
+                f"WHERE request_id IN ({_marks(keys.settling)}) AND completed_at IS NULL "
+                f"AND decision <> 'deny' AND fingerprint IS NOT NULL AND {STEP}",
+                keys.settling,
+            ):
+                if scope in counts.failed:
+                    counts.inflight[request_id] = (scope, fingerprint)
         for workflow, tenant in keys.runs:
             (counts.runs[workflow, tenant],) = conn.execute(
                 "SELECT COUNT(DISTINCT scope) FROM decisions WHERE workflow = ? "

@@ -194,7 +194,10 @@ class Detector:
 
 # name → (parameter → default). Detectors a policy does not name keep these, and flag.
 DETECTORS: dict[str, dict[str, Any]] = {
-    "loop": {"repeats": 5},  # the same request (action + body) more than N times in a run
+    # the same request (action + body) more than `repeats` times in a run; the first `retries`
+    # failed attempts of each request (408/409/429/5xx or no answer: what the SDKs retry, 2
+    # times by default) are not counted by loop or step_count
+    "loop": {"repeats": 5, "retries": 2},
     # a costed call committed at < ratio × its reservation (no `actions`: tool calls only, since
     # an LLM reservation includes the whole max_tokens and a short reply is normal)
     "under_commit": {"ratio": Decimal("0.1")},
@@ -213,6 +216,8 @@ DETECTORS: dict[str, dict[str, Any]] = {
     "drift": {"ratio": Decimal("2.0")},  # actual above ratio × estimate
     "unpriced_model": {},  # a model genai-prices does not know (charged at the fallback price)
 }
+# The least each parameter may be (1 unless named): retries 0 counts every attempt.
+MINIMUMS: dict[tuple[str, str], int] = {("loop", "retries"): 0}
 # Only these can refuse a request before it runs; the others are known after the call.
 DENIABLE = ("loop", "step_count", "fan_out")
 

@@ -25,6 +25,7 @@ from .match import (
 from .model import (
     DENIABLE,
     DETECTORS,
+    MINIMUMS,
     MODES,
     RECORD_BODIES,
     UNITS,
@@ -842,7 +843,8 @@ def _anomalies(check: _Checker, section: LMap) -> list[Detector]:
             if isinstance(default, Decimal):
                 value = check.number(spec, key, f"anomalies.{name}.{key}")
             else:
-                value = check.integer(spec, key, f"anomalies.{name}.{key}", 1)
+                minimum = MINIMUMS.get((name, key), 1)
+                value = check.integer(spec, key, f"anomalies.{name}.{key}", minimum)
             if value is not None:
                 params[key] = value
         detectors.append(Detector(name, on_detect, tuple(actions or ()), tuple(params.items())))
