@@ -22,7 +22,7 @@ import logging
 import secrets
 import time
 import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -200,16 +200,20 @@ def _logged_path(flow: http.HTTPFlow, classification: Classification | None = No
     return recording.redact_path(path, action.match.path if action else None)
 
 
-def guards_for(policy: Policy, kind: str) -> Guards | None:
-    """The anomaly detectors set to `on_detect: deny` that apply to this action, as reserve-time guards."""
+def guards_for(policy: Policy, kinds: str | Sequence[str]) -> Guards | None:
+    """The anomaly detectors set to `on_detect: deny` that apply to this action, as reserve-time
+    guards. A JSON-RPC batch exercises several kinds: a detector guards it if it covers any."""
     settings = policy.anomalies
     loop, steps, fan_out = (settings.denying(name) for name in ("loop", "step_count", "fan_out"))
+    names = (kinds,) if isinstance(kinds, str) else tuple(kinds)
+
+    def covers(detector: Any) -> bool:
+        return bool(detector) and any(detector.covers(kind) for kind in names)
+
     guards = Guards(
-        max_repeats=loop.param("repeats") if loop and loop.covers(kind) else None,
-        max_steps=steps.param("max") if steps and steps.covers(kind) else None,
-        max_runs_per_workflow=fan_out.param("max_runs_per_workflow")
-        if fan_out and fan_out.covers(kind)
-        else None,
+        max_repeats=loop.param("repeats") if covers(loop) else None,
+        max_steps=steps.param("max") if covers(steps) else None,
+        max_runs_per_workflow=fan_out.param("max_runs_per_workflow") if covers(fan_out) else None,
         retries=settings.get("loop").param("retries", 0),
         shadow=policy.mode == "shadow",
     )
@@ -1136,7 +1140,9 @@ class Drawdown:
             await self._reserve(flow, state, [], Amount())
             return
         claims = claims_for(policy, state.identity.levels, classification.kinds, state.started)
-        await self._reserve(flow, state, claims, estimate, guards_for(policy, kind))
+        await self._reserve(
+            flow, state, claims, estimate, guards_for(policy, classification.kinds or kind)
+        )
         if not state.denied and state.llm is not None and state.llm.rewritten_body is not None:
             flow.request.content = state.llm.rewritten_body
 

@@ -210,7 +210,7 @@ def explain(
 
     from .addon import fingerprint, guards_for  # as the proxy decides them
 
-    guards = guards_for(policy, kind)
+    guards = guards_for(policy, classification.kinds or kind)
     if guards is not None and not db:
         out.add("detectors", "loop, step_count or fan_out may refuse it (pass --db to count)")
     elif guards is not None:

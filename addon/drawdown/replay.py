@@ -406,7 +406,7 @@ def _decide(sim: Simulation, row: dict[str, Any]) -> Replayed:
         return finish([], Amount(), None)
 
     claims = claims_for(policy, levels, classification.kinds, row["ts"])
-    guards = guards_for(policy, kind)
+    guards = guards_for(policy, classification.kinds or kind)
     if guards is not None:
         tripped = sim.check_guards({**row, "kind": kind, "fingerprint": fingerprint}, guards)
         if tripped is not None:

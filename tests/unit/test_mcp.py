@@ -155,6 +155,28 @@ def test_a_batch_leaves_a_fact_for_each_call_that_a_later_requires_can_find(
     assert answers == [None]  # the delete went on: the batch read that page
 
 
+def test_the_loop_guard_sees_every_tool_of_a_batch(tmp_path: Path) -> None:
+    """The guards were chosen by the batch's first kind: a loop guard on search_docs never
+    looked at a batch that led with a get_page, however often it was sent."""
+    unbudgeted = POLICY.split("budgets:")[0]  # its search budget would refuse the batch too
+    guarded = (
+        unbudgeted
+        + "anomalies:\n  loop: {repeats: 1, on_detect: deny, actions: [mcp.docs.search_docs]}\n"
+    )
+    answers: list[http.Response | None] = []
+
+    async def steps(addon: Drawdown) -> None:
+        for _ in range(2):
+            batch = [call(1, "get_page", page_id="p"), call(2, "search_docs", query="q")]
+            answers.append((await decide(addon, post(batch))).response)
+
+    db = drive(tmp_path, steps, guarded)
+    assert answers[0] is None, "the first batch was forwarded"
+    assert answers[1] is not None and answers[1].status_code == 200  # JSON-RPC errors, per call
+    assert {e["error"]["data"]["reason"] for e in json.loads(answers[1].content)} == {"anomaly"}
+    assert [row[1:3] for row in decisions(db)] == [("allow", None), ("deny", "anomaly")]
+
+
 # --- bodies that are no JSON-RPC ------------------------------------------------------------
 
 DEEP = (
