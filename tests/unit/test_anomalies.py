@@ -10,9 +10,9 @@ import pytest
 from drawdown import anomalies
 from drawdown.ledger.api import Guards
 from drawdown.ledger.reader import Reader
-from drawdown.policy import load_policy
 from drawdown.policy.model import Policy
 
+from tests.support.policies import policy_from
 from tests.unit.seeding import Seeder
 
 
@@ -23,10 +23,7 @@ def seed(tmp_path: Path) -> Seeder:
     seeder.close()
 
 
-def policy(tmp_path: Path, text: str) -> Policy:
-    path = tmp_path / "policy.yaml"
-    path.write_text(text)
-    return load_policy(str(path))
+policy = policy_from
 
 
 def found(seed: Seeder, settings: Policy | None = None) -> list[dict[str, Any]]:

@@ -13,12 +13,11 @@ from drawdown import report
 from drawdown.authority import evaluate, facts_of
 from drawdown.classify import RequestView, classify
 from drawdown.ledger.reader import Reader
-from drawdown.policy import load_policy
 from drawdown.policy.match import compile_path
-from drawdown.policy.model import Policy
 from drawdown.recording import REDACTED, redact, redact_path
 from drawdown.replay import replay
 
+from tests.support.policies import policy_from
 from tests.unit.seeding import Seeder
 
 BOT = "123456789:AAHdqTcvCH1vGWJxfSeofSAs0K5PALDsaw1"  # Telegram's documented example form
@@ -104,10 +103,7 @@ def test_the_telegram_token_shape_is_redacted_in_query_and_body_values_too() -> 
 # --- policies ------------------------------------------------------------------------------
 
 
-def policy(tmp_path: Path, text: str, name: str = "policy.yaml") -> Policy:
-    path = tmp_path / name
-    path.write_text(text)
-    return load_policy(str(path))
+policy = policy_from
 
 
 ACTIONS = """

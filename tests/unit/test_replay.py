@@ -10,11 +10,11 @@ import pytest
 from drawdown import replay
 from drawdown.classify import RequestView, classify
 from drawdown.cli import main
-from drawdown.policy import PolicyInvalid, load_policy
+from drawdown.policy import PolicyInvalid
 from drawdown.policy.match import missing
-from drawdown.policy.model import Policy
 from drawdown.recording import features, rebuild_json, redact
 
+from tests.support.policies import policy_from
 from tests.unit.seeding import Seeder
 
 
@@ -25,10 +25,7 @@ def seed(tmp_path: Path) -> Seeder:
     seeder.close()
 
 
-def policy(tmp_path: Path, text: str, name: str = "policy.yaml") -> Policy:
-    path = tmp_path / name
-    path.write_text(text)
-    return load_policy(str(path))
+policy = policy_from
 
 
 ACTIONS = """
