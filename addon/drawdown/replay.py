@@ -370,17 +370,17 @@ def _decide(sim: Simulation, row: dict[str, Any]) -> Replayed:
         return finish(claims, Amount(requests=1), None)
 
     estimate = Amount(usd=action.cost_usd_nanos or 0, requests=max(1, len(classification.kinds)))
-    billable = True
+    counted = True  # a step of the agent: charged, guarded
     if action.is_llm:
         if row.get("reason_code") == "bad_request":
             deny("bad_request", row.get("reason") or "unreadable request", None)
             return finish([], Amount(), None)
-        billable = meter.charging(action.provider, view.method, view.path) != "free"
+        counted = meter.charging(action.provider, view.method, view.path) != "free"
         estimate = _llm_estimate(policy, action, view, row)
 
     assert kind is not None
     # The proxy fingerprints a request before authority decides it: a denied repeat counts too.
-    fingerprint = row.get("fingerprint") if billable else None
+    fingerprint = row.get("fingerprint") if counted else None
     if policy.authority.rules or policy.authority.default == "deny":
         for each, seen in classification.authorizations(view):
             evaluation = evaluate(policy.authority, levels, scope, each, seen)
@@ -402,7 +402,7 @@ def _decide(sim: Simulation, row: dict[str, Any]) -> Replayed:
                     verdict.reason,
                     rule,
                 )
-    if not billable:  # e.g. count_tokens: uncharged, unguarded
+    if not counted:  # e.g. count_tokens: uncharged, unguarded
         return finish([], Amount(), None)
 
     claims = claims_for(policy, levels, classification.kinds, row["ts"])

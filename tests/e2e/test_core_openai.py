@@ -414,12 +414,35 @@ def test_idle_split_gives_an_unmodified_agent_per_run_budgets(
     assert len(rows(proxy, "SELECT DISTINCT run FROM decisions")) == 2
 
 
+def run_under_env(
+    proxy: DrawdownProcess,
+    tmp_path: Path,
+    command: str,
+    env_flags: str = "",
+    timeout: float = 60,
+    **environ: str,
+) -> subprocess.CompletedProcess[str]:
+    """`command` in a bash whose only preparation for drawdown is `eval "$(drawdown env …)"`,
+    in an environment holding nothing else but PATH, HOME and `environ`."""
+    host, port = proxy.address
+    script = (
+        f'eval "$({sys.executable} -m drawdown env --confdir {proxy.confdir} --listen {host}:{port} {env_flags})" '
+        f"&& unset NO_PROXY no_proxy SSL_CERT_DIR && exec {command}"
+    )
+    return subprocess.run(
+        ["bash", "-c", script],
+        env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), **environ},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
 def test_unmodified_agent_uses_drawdown_env(
     drawdown_proxy: Factory, standin: StandIn, tmp_path: Path
 ) -> None:
     """An agent process that knows nothing of drawdown: only `eval "$(drawdown env …)"` in its shell."""
     proxy = drawdown_proxy(policy('- {scope: "agent:*/run:*", requests: 1}'))
-    host, port = proxy.address
     agent = textwrap.dedent(
         """
         import openai, sys
@@ -432,16 +455,8 @@ def test_unmodified_agent_uses_drawdown_env(
             print("denied", exc.status_code, flush=True)
         """
     )
-    script = (
-        f'eval "$({sys.executable} -m drawdown env --confdir {proxy.confdir} --listen {host}:{port} --agent envagent --run e1)" '
-        f'&& unset NO_PROXY no_proxy SSL_CERT_DIR && exec {sys.executable} -c "$AGENT"'
-    )
-    result = subprocess.run(
-        ["bash", "-c", script],
-        env={"PATH": "/usr/bin:/bin", "AGENT": agent, "HOME": str(tmp_path)},
-        capture_output=True,
-        text=True,
-        timeout=60,
+    result = run_under_env(
+        proxy, tmp_path, f'{sys.executable} -c "$AGENT"', "--agent envagent --run e1", AGENT=agent
     )
     assert result.stdout.split("\n")[:2] == ["ok", "denied 402"], result.stderr
     assert decision_of(proxy)[0][6] == "tenant:acme/agent:envagent/run:e1"
@@ -470,18 +485,8 @@ def test_an_unmodified_node_agent_uses_drawdown_env(
     and trusts drawdown's CA through NODE_EXTRA_CA_CERTS."""
     node = node_agent()
     proxy = drawdown_proxy(policy('- {scope: "agent:*/run:*", requests: 1}'))
-    host, port = proxy.address
-    script = (
-        f'eval "$({sys.executable} -m drawdown env --confdir {proxy.confdir} --listen {host}:{port} --agent nodeagent --run n1)" '
-        f"&& unset NO_PROXY no_proxy && exec {node} {NODE_AGENT / 'agent.mjs'}"
-    )
-    result = subprocess.run(
-        ["bash", "-c", script],
-        env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    command = f"{node} {NODE_AGENT / 'agent.mjs'}"
+    result = run_under_env(proxy, tmp_path, command, "--agent nodeagent --run n1")
     assert result.stdout.split("\n")[:2] == ["ok", "denied 402"], result.stdout + result.stderr
     assert decision_of(proxy)[0][6] == "tenant:acme/agent:nodeagent/run:n1"
     assert standin.count("/v1/chat/completions") == 1
@@ -503,21 +508,12 @@ def test_an_unmodified_jvm_agent_uses_drawdown_env(
             pytest.fail("no JDK on PATH; DRAWDOWN_REQUIRE_JAVA=1 demands it", pytrace=False)
         pytest.skip("no JDK on PATH")
     proxy = drawdown_proxy(policy('- {scope: "agent:*/run:*", requests: 1}'))
-    host, port = proxy.address
-    script = (
-        f'eval "$({sys.executable} -m drawdown env --confdir {proxy.confdir} --listen {host}:{port})" '
-        f'&& exec {java} "$AGENT"'
-    )
-    result = subprocess.run(
-        ["bash", "-c", script],
-        env={
-            "PATH": "/usr/bin:/bin",
-            "HOME": str(tmp_path),
-            "AGENT": str(JAVA_AGENT),
-            "JAVA_TOOL_OPTIONS": "-Xss2m",  # the agent's own: env adds to it
-        },
-        capture_output=True,
-        text=True,
+    result = run_under_env(
+        proxy,
+        tmp_path,
+        f'{java} "$AGENT"',
+        AGENT=str(JAVA_AGENT),
+        JAVA_TOOL_OPTIONS="-Xss2m",  # the agent's own: env adds to it
         timeout=120,
     )
     assert result.stdout.split("\n")[:2] == ["ok", "denied 402"], result.stdout + result.stderr

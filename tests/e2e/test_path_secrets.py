@@ -17,6 +17,7 @@ from urllib.parse import quote
 import pytest
 
 from tests.support.proxy import DrawdownProcess
+from tests.support.secret_scan import scan_ledger_and_log
 from tests.support.standin import StandIn
 
 pytestmark = pytest.mark.e2e
@@ -137,17 +138,7 @@ def test_no_credential_in_a_path_is_stored_and_replay_still_decides_alike(
         (None, "deny", "/bot[redacted]/sendMessage"),
     ]
 
-    def ledger_files() -> dict[str, bytes]:
-        return {p.name: p.read_bytes() for p in tmp_db.parent.glob(tmp_db.name + "*")}
-
-    files = ledger_files()
-    assert tmp_db.name + "-wal" in files
-    for name, blob in files.items():  # while running: the WAL holds the recent rows
-        assert_clean(f"ledger file {name}", blob)
-    proxy.stop()
-    for name, blob in ledger_files().items():  # after the checkpoint at shutdown
-        assert_clean(f"ledger file {name}", blob)
-    assert_clean("the proxy log", proxy.log_text())
+    assert tmp_db.name + "-wal" in scan_ledger_and_log(proxy, tmp_db, assert_clean)
 
     for args in (["--json"], ["--jsonl"], ["--run", "n1", "--json"], []):
         report = drawdown("report", "--db", str(tmp_db), *args)

@@ -28,6 +28,7 @@ from drawdown.cli import build_parser
 from google.genai import types as genai_types
 
 from tests.support.proxy import DrawdownProcess
+from tests.support.secret_scan import scan_ledger_and_log
 from tests.support.standin import Reply, StandIn
 
 pytestmark = pytest.mark.e2e
@@ -256,20 +257,11 @@ def test_no_secret_reaches_the_ledger_the_log_or_any_export(
     # The proxy password names no run (a credential file makes it a secret).
     assert proxy.query("SELECT DISTINCT agent, run FROM decisions") == [(PROXY_USER, "r1")]
 
-    def ledger_files() -> dict[str, bytes]:
-        return {p.name: p.read_bytes() for p in tmp_db.parent.glob(tmp_db.name + "*")}
-
     proxy.wait_for_query(
         "SELECT COUNT(*) FROM holds WHERE state = 'active'", until=lambda r: r == [(0,)]
     )
-    files = ledger_files()
-    assert {tmp_db.name, tmp_db.name + "-wal"} <= set(files)
-    for name, blob in files.items():  # while running: the WAL holds the recent rows
-        assert_clean(f"ledger file {name}", blob)
-    proxy.stop()
-    for name, blob in ledger_files().items():  # after the checkpoint at shutdown
-        assert_clean(f"ledger file {name}", blob)
-    assert_clean("the proxy log", proxy.log_text())
+    files = scan_ledger_and_log(proxy, tmp_db, assert_clean)
+    assert {tmp_db.name, tmp_db.name + "-wal"} <= files
 
     checked = []
     for label, make in EXPORTS.items():

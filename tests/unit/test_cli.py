@@ -568,6 +568,20 @@ def test_a_database_that_is_no_ledger_is_named_so(
     )
 
 
+CHAT_HI = json.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]})
+
+
+def explained_decision(
+    policy: Path, db: Path, body: str, capsys: pytest.CaptureFixture[str]
+) -> str:
+    """What `explain --db` decides for agent bot's run r1 sending `body` to OpenAI's chat."""
+    assert main(
+        ["explain", "--policy", str(policy), "--db", str(db), "--url", "https://api.openai.com/v1/chat/completions",
+         "--header", "X-Drawdown-Agent:bot", "--header", "X-Drawdown-Run:r1", "--json", body, "--as-json"]
+    ) == 0  # fmt: skip
+    return json.loads(capsys.readouterr().out)["decision"]
+
+
 def test_explain_counts_the_steps_the_proxy_counts(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -592,12 +606,7 @@ def test_explain_counts_the_steps_the_proxy_counts(
         ledger.record(row)
 
     def decision() -> str:
-        body = json.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]})
-        assert main(
-            ["explain", "--policy", str(policy), "--db", str(db), "--url", "https://api.openai.com/v1/chat/completions",
-             "--header", "X-Drawdown-Agent:bot", "--header", "X-Drawdown-Run:r1", "--json", body, "--as-json"]
-        ) == 0  # fmt: skip
-        return json.loads(capsys.readouterr().out)["decision"]
+        return explained_decision(policy, db, CHAT_HI, capsys)
 
     try:
         step(None)
@@ -625,7 +634,7 @@ def test_explain_forgives_the_failed_attempts_the_proxy_forgives(
         "actions:\n  - {kind: llm, provider: openai, match: {host: api.openai.com}}\n"
         "anomalies:\n  loop: {repeats: 1, retries: 1, on_detect: deny}\n"
     )
-    body = json.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]})
+    body = CHAT_HI
     view = RequestView("POST", "api.openai.com", 443, "/v1/chat/completions", {}, {}, body.encode())
     loaded = load_policy(str(policy))
     classification = classify(loaded, view)
@@ -644,11 +653,7 @@ def test_explain_forgives_the_failed_attempts_the_proxy_forgives(
         ledger.release(row.request_id, outcome.hold_id, Completion(status=500), "500", 2.0)
 
     def decision() -> str:
-        assert main(
-            ["explain", "--policy", str(policy), "--db", str(db), "--url", "https://api.openai.com/v1/chat/completions",
-             "--header", "X-Drawdown-Agent:bot", "--header", "X-Drawdown-Run:r1", "--json", body, "--as-json"]
-        ) == 0  # fmt: skip
-        return json.loads(capsys.readouterr().out)["decision"]
+        return explained_decision(policy, db, body, capsys)
 
     try:
         failed_attempt()

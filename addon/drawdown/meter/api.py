@@ -97,22 +97,22 @@ def _body_model(body: bytes) -> str | None:
 
 
 def parse(provider: str, method: str, path: str, body: bytes) -> ParsedRequest | LLMRequest:
+    # One routing for the proxy, shadow mode's unread requests and replay (`charging`).
+    endpoint, path_model, path_stream, metered = _route(provider, method, path)
+    if not metered:
+        if provider == "openai":  # the body names the model; an Azure deployment stands in
+            model = _body_model(body) or path_model
+        elif provider == "anthropic":  # Claude on Vertex AI names it in the path
+            model = path_model or _body_model(body)
+        else:
+            model = path_model
+        return _passthrough(provider, endpoint, model, method, path)
     if provider == "openai":
-        endpoint, deployment = openai.route(method, path)
-        if endpoint == "other":
-            return _passthrough(provider, endpoint, _body_model(body) or deployment, method, path)
-        return openai.parse_request(endpoint, parse_body(body), deployment, body)
+        return openai.parse_request(endpoint, parse_body(body), path_model, body)
     if provider == "anthropic":
-        endpoint, path_model, path_stream = anthropic.route(method, path)
-        if endpoint != "messages":
-            return _passthrough(provider, endpoint, path_model or _body_model(body), method, path)
         return anthropic.parse_request(parse_body(body), path_model, path_stream)
-    if provider == "gemini":
-        endpoint, model = gemini.route(method, path)
-        if endpoint in ("other", "countTokens") or not model:
-            return _passthrough(provider, endpoint, model, method, path)
-        return gemini.parse_request(endpoint, model, parse_body(body))
-    return _passthrough(provider, "other", None, method, path)
+    assert path_model is not None  # a metered Gemini call names its model in the path
+    return gemini.parse_request(endpoint, path_model, parse_body(body))
 
 
 def unread_request(provider: str, method: str, path: str) -> LLMRequest:
