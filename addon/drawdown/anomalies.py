@@ -329,15 +329,24 @@ def _counted(rows: Sequence[dict[str, Any]], retries: int) -> list[bool]:
     return steps
 
 
-def not_steps(rows: Sequence[dict[str, Any]], retries: int) -> set[str]:
-    """The request ids of `rows` (decision rows, oldest first) that are no steps of their run:
-    the proxy's own refusals, and the failed attempts the guards forgive (`_counted`)."""
+def retried(rows: Sequence[dict[str, Any]], retries: int) -> set[str]:
+    """The request ids of `rows` (decision rows, oldest first) that are failed attempts the
+    guards forgive (`_counted`): attempts the agent's SDK retried, no steps of their run."""
     own = [r for r in rows if r.get("reason_code") not in PROXY_REFUSALS]
-    left_out = {r["request_id"] for r in rows if r.get("reason_code") in PROXY_REFUSALS}
+    forgiven_ids: set[str] = set()
     for scope_rows in _by_scope(own).values():
         counted = _counted(scope_rows, retries)
-        left_out.update(r["request_id"] for r, c in zip(scope_rows, counted, strict=True) if not c)
-    return left_out
+        forgiven_ids.update(
+            r["request_id"] for r, c in zip(scope_rows, counted, strict=True) if not c
+        )
+    return forgiven_ids
+
+
+def not_steps(rows: Sequence[dict[str, Any]], retries: int) -> set[str]:
+    """The request ids of `rows` (decision rows, oldest first) that are no steps of their run,
+    as the guards count: the proxy's own refusals, and the failed attempts they forgive."""
+    refused = {r["request_id"] for r in rows if r.get("reason_code") in PROXY_REFUSALS}
+    return refused | retried(rows, retries)
 
 
 def percentile(values: Sequence[int], pct: float) -> int:
