@@ -514,4 +514,5 @@ def test_a_runs_steps_are_the_guards_less_the_attempts_its_sdk_retried(
         e for e in dom.elements if e["tag"] == "rect" and "step " in e["attrs"].get("class", "")
     ]
     assert len(bars) == 7  # every attempt is drawn; the retried ones marked
+    assert [e["text"] for e in dom.find("summary")] == ["All 7 requests"]
     assert [b["attrs"]["class"].endswith(" retried") for b in bars] == [True, True] + [False] * 5

@@ -254,7 +254,7 @@
     ]));
     box.appendChild(timeline(steps));
     if (run.timeline_total > steps.length) {
-      box.appendChild(el("p", { "class": "reason" }, "Showing the first " + steps.length + " of " + run.timeline_total + " steps."));
+      box.appendChild(el("p", { "class": "reason" }, "Showing the first " + steps.length + " of " + run.timeline_total + " requests."));
     }
     var list = el("table", { "class": "steps" });
     list.appendChild(el("thead", null, el("tr", null, ["#", "at", "action", "decision", "status", "cost", "tokens", "took", "request", "anomalies"].map(function (h) { return el("th", null, h); }))));
@@ -274,7 +274,7 @@
       ]));
     });
     list.appendChild(tbody);
-    box.appendChild(el("details", null, [el("summary", null, "All " + steps.length + " steps"), list]));
+    box.appendChild(el("details", null, [el("summary", null, "All " + steps.length + " requests"), list]));
     return box;
   }
 
