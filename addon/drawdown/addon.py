@@ -139,6 +139,7 @@ class FlowState:
     measurement: meter.Measurement | None = None
     streamed_bytes: int = 0
     answered: int | None = None  # the status of the upstream's response headers, once they came
+    answer: http.Response | None = None  # that response (its `stream`: forwarded as it comes)
     settled: bool = False
     denied: bool = False
     upstream_timer: asyncio.TimerHandle | None = None  # drawdown_upstream_timeout, once forwarded
@@ -278,7 +279,21 @@ def _cut_short(state: FlowState, reason: str, status: int | None) -> Completion:
     return _measured(state.stream_meter.partial(), status, note=f"stream cut short: {reason}")
 
 
-def _the_estimate(state: FlowState, status: int, note: str) -> Completion:
+def _status_the_agent_got(response: http.Response | None, reason: str) -> int | None:
+    """The status a flow that ended in an error is recorded with: the one its agent got, since
+    whether the agent's SDK retries it (and the guards forgive it: ledger.api.failed_attempt)
+    depends on that. An answer forwarded as it came (a stream) had its headers sent on: the
+    agent got them and part of the body, and no SDK retries a stream it was handed. A buffered
+    answer reached the agent not at all, even when the upstream's 2xx headers had come before
+    its body was lost: mitmproxy answers the agent 502 Bad Gateway, or nothing when the agent
+    left first (or the flow was killed), and the SDK retries either."""
+    if response is not None and response.stream:
+        return response.status_code
+    lowered = reason.lower()
+    return None if "client" in lowered or "killed" in lowered else 502
+
+
+def _the_estimate(state: FlowState, status: int | None, note: str) -> Completion:
     """What a call whose answer was lost after the upstream billed it is charged: its estimate."""
     return Completion(actual=state.estimate, status=status, usage_source="estimate", note=note)
 
@@ -622,13 +637,14 @@ class Drawdown:
         for state in list(self.inflight.values()):
             if state.settled or state.hold_id is None:
                 continue
+            # The stop closes the agent's connection: it got the headers of an answer forwarded
+            # as it came (a stream, which no SDK retries), else no answer (which it retries).
+            forwarded = state.answer is not None and bool(state.answer.stream)
+            status = state.answered if forwarded else None
             if state.stream_meter is not None and state.streamed_bytes:
-                completion = _cut_short(state, "proxy shut down", None)
+                completion = _cut_short(state, "proxy shut down", status)
             elif state.billed_before_cut():
-                assert state.answered is not None
-                completion = _the_estimate(
-                    state, state.answered, "response cut short: proxy shut down"
-                )
+                completion = _the_estimate(state, status, "response cut short: proxy shut down")
             else:
                 continue
             state.settled = True
@@ -1372,7 +1388,7 @@ class Drawdown:
         assert response is not None
         if state is not None:
             state.stop_upstream_timer()  # the upstream is answering; streams may take their time
-            state.answered = response.status_code
+            state.answered, state.answer = response.status_code, response
         self._close_when_draining(flow, response)
         is_sse = response.headers.get("content-type", "").startswith("text/event-stream")
         if (
@@ -1547,18 +1563,14 @@ class Drawdown:
         if state.upstream_timed_out:
             seconds = self.seconds["drawdown_upstream_timeout"]
             reason = f"upstream timeout: no response within {seconds:g}s"
+        status = _status_the_agent_got(flow.response, reason)
         if state.stream_meter is not None and state.streamed_bytes:
-            status = flow.response.status_code if flow.response else None
             await self._settle(flow, state, _cut_short(state, reason, status), status, None)
             return
-        status = flow.response.status_code if flow.response else None
         if state.billed_before_cut():  # client gone, upstream reset, body_size_limit
-            assert status is not None
             note = f"response cut short: {reason}"
             await self._settle(flow, state, _the_estimate(state, status, note), status, None)
             return
-        if status is None and "client" not in reason.lower() and "killed" not in reason.lower():
-            status = 502  # mitmproxy answers an upstream failure with 502 Bad Gateway
         await self._settle(flow, state, None, status, reason)
 
     async def _settle(

@@ -13,7 +13,8 @@ section (`policy.model.DETECTORS` holds the defaults):
     fan_out         a workflow with more than `max_runs_per_workflow` runs (distinct scopes)
                     or `max_agents_per_workflow` agents
     handoff         two agents of one workflow whose step counts differ by more than
-                    `ratio` (the busier one with at least `min_steps`)
+                    `ratio` (the busier one with at least `min_steps`), steps counted as
+                    step_count counts them
     under_commit    a committed, costed call charged below `ratio` × its reservation
                     (default actions: tool calls — an LLM reservation holds max_tokens)
     fast_commit     a call the upstream answered in under `latency_ms` (default actions:
@@ -25,7 +26,8 @@ section (`policy.model.DETECTORS` holds the defaults):
 loop, step_count and fan_out count exactly what the reserve-time guards count
 (the ledger's `plan.Counts.trip`), so a detector set to `on_detect: deny` flags the runs it denied:
 loop and step_count leave out the first `loop.retries` failed attempts of each request in a run
-(ledger.api.failed_attempt: answered 408/409/429/5xx or not at all, which the SDKs retry).
+(ledger.api.failed_attempt: answered 408/409/429/5xx or not at all, which the SDKs retry), and
+so do handoff and the report's steps (`not_steps`).
 """
 
 from __future__ import annotations
@@ -327,6 +329,26 @@ def _counted(rows: Sequence[dict[str, Any]], retries: int) -> list[bool]:
     return steps
 
 
+def retried(rows: Sequence[dict[str, Any]], retries: int) -> set[str]:
+    """The request ids of `rows` (decision rows, oldest first) that are failed attempts the
+    guards forgive (`_counted`): attempts the agent's SDK retried, no steps of their run."""
+    own = [r for r in rows if r.get("reason_code") not in PROXY_REFUSALS]
+    forgiven_ids: set[str] = set()
+    for scope_rows in _by_scope(own).values():
+        counted = _counted(scope_rows, retries)
+        forgiven_ids.update(
+            r["request_id"] for r, c in zip(scope_rows, counted, strict=True) if not c
+        )
+    return forgiven_ids
+
+
+def not_steps(rows: Sequence[dict[str, Any]], retries: int) -> set[str]:
+    """The request ids of `rows` (decision rows, oldest first) that are no steps of their run,
+    as the guards count: the proxy's own refusals, and the failed attempts they forgive."""
+    refused = {r["request_id"] for r in rows if r.get("reason_code") in PROXY_REFUSALS}
+    return refused | retried(rows, retries)
+
+
 def percentile(values: Sequence[int], pct: float) -> int:
     """Nearest-rank percentile (an observed value, no interpolation)."""
     ordered = sorted(values)
@@ -469,7 +491,9 @@ def fan_out(rows: Sequence[dict[str, Any]], detector: Detector) -> list[Anomaly]
     return found
 
 
-def handoff(rows: Sequence[dict[str, Any]], detector: Detector) -> list[Anomaly]:
+def handoff(rows: Sequence[dict[str, Any]], detector: Detector, retries: int = 0) -> list[Anomaly]:
+    """`retries`: anomalies.loop.retries; an agent's steps are those step_count counts, so a
+    provider's 503s its SDK retried do not make it look busier than its partner."""
     ratio = Decimal(detector.param("ratio"))
     min_steps = int(detector.param("min_steps"))
     found = []
@@ -479,9 +503,14 @@ def handoff(rows: Sequence[dict[str, Any]], detector: Detector) -> list[Anomaly]
             per_agent[row.get("agent")].append(row)
         if len(per_agent) < 2:
             continue
-        ordered = sorted(per_agent.items(), key=lambda item: (len(item[1]), str(item[0])))
+        left_out = not_steps(wf_rows, retries)
+        steps = {
+            agent: sum(1 for r in agent_rows if r["request_id"] not in left_out)
+            for agent, agent_rows in per_agent.items()
+        }
+        ordered = sorted(per_agent.items(), key=lambda item: (steps[item[0]], str(item[0])))
         (quiet, quiet_rows), (busy, busy_rows) = ordered[0], ordered[-1]
-        if len(busy_rows) < min_steps or len(busy_rows) <= ratio * len(quiet_rows):
+        if steps[busy] < min_steps or steps[busy] <= ratio * steps[quiet]:
             continue
         evidence = sorted(quiet_rows + busy_rows, key=lambda r: r["ts"])
         runs = sorted({r["scope"] for r in evidence})
@@ -489,8 +518,8 @@ def handoff(rows: Sequence[dict[str, Any]], detector: Detector) -> list[Anomaly]
             _workflow_anomaly(
                 key,
                 "handoff",
-                f"in workflow {key[1]}, agent {busy} took {len(busy_rows)} steps and agent "
-                f"{quiet} {len(quiet_rows)}: more than {ratio} × apart, so work handed from one "
+                f"in workflow {key[1]}, agent {busy} took {steps[busy]} steps and agent "
+                f"{quiet} {steps[quiet]}: more than {ratio} × apart, so work handed from one "
                 "to the other may have been dropped or repeated",
                 evidence,
                 runs,
@@ -530,13 +559,12 @@ def detect(
     settings = settings or AnomalySettings()
     rows = sorted(rows, key=lambda r: (r["ts"], r.get("id") or 0))
     wf_rows = sorted(workflow_rows if workflow_rows is not None else rows, key=lambda r: r["ts"])
+    retries = int(settings.get("loop").param("retries", 0))
     found: list[Anomaly] = [
         *loop(rows, settings.get("loop")),
-        *step_count(
-            rows, settings.get("step_count"), history, int(settings.get("loop").param("retries", 0))
-        ),
+        *step_count(rows, settings.get("step_count"), history, retries),
         *fan_out(wf_rows, settings.get("fan_out")),
-        *handoff(wf_rows, settings.get("handoff")),
+        *handoff(wf_rows, settings.get("handoff"), retries),
         *under_commit(rows, settings.get("under_commit")),
         *fast_commit(rows, settings.get("fast_commit")),
         *drift(rows, settings.get("drift")),
@@ -624,7 +652,7 @@ def find(
     )
     workflow_rows = reader.query(
         f"""SELECT d.id, d.request_id, d.ts, d.decision, d.reason, d.scope, d.tenant, d.workflow,
-                   d.agent, d.run, d.action
+                   d.agent, d.run, d.action, d.fingerprint, d.status, d.completed_at
             FROM decisions d WHERE d.workflow IN
               (SELECT DISTINCT workflow FROM decisions WHERE {where} AND workflow IS NOT NULL)
               AND {agents_own("d.reason_code")}

@@ -32,7 +32,7 @@ from .identity import clean_value
 from .ledger.api import PROXY_REFUSALS
 from .ledger.reader import Reader
 from .money import format_usd, usd_float
-from .policy.model import Policy
+from .policy.model import AnomalySettings, Policy
 from .recording import redact
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
@@ -146,6 +146,18 @@ def _build(
         counts[row["decision"]] = row["n"]
 
     found, detail_rows = anomaly_detection.find(reader, floor=floor, run=run, policy=policy)
+    # A run's steps are what its guards count: not the attempts its SDK retried after a failure
+    # (up to anomalies.loop.retries a request), nor the proxy's own refusals. The attempts it
+    # retried are shown too (`retried`): a reader sees the provider's trouble.
+    settings = policy.anomalies if policy else AnomalySettings()
+    retries = int(settings.get("loop").param("retries", 0))
+    retried_ids = anomaly_detection.retried(detail_rows, retries)
+    no_steps = anomaly_detection.not_steps(detail_rows, retries)
+    not_counted: dict[str, list[int]] = defaultdict(lambda: [0, 0])  # scope -> [no steps, retried]
+    for row in detail_rows:
+        if row["request_id"] in no_steps:
+            not_counted[row["scope"]][0] += 1
+            not_counted[row["scope"]][1] += row["request_id"] in retried_ids
     by_run: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for anomaly in found:
         for scope in anomaly["runs"]:
@@ -184,7 +196,8 @@ def _build(
             "workflow": row["workflow"],
             "agent": row["agent"],
             "requests": row["requests"],
-            "steps": row["requests"],
+            "steps": row["requests"] - not_counted[row["scope"]][0],
+            "retried": not_counted[row["scope"]][1],
             "allowed": row["allowed"],
             "denied": row["denied"],
             "would_deny": row["would_deny"],
@@ -212,7 +225,7 @@ def _build(
         }
         runs.append(entry)
     if timelines:
-        _add_timelines(runs, detail_rows, found)
+        _add_timelines(runs, detail_rows, found, retried_ids)
 
     budgets = _budgets(reader, floor, run)
     return {
@@ -368,7 +381,10 @@ def _add_timelines(
     runs: list[dict[str, Any]],
     rows: list[dict[str, Any]],
     found: list[dict[str, Any]],
+    retried: set[str],
 ) -> None:
+    """Every attempt of each run, as the `timeline` the HTML page draws; `retried`: the failed
+    attempts its SDK retried, shown but no steps."""
     flagged: dict[str, list[str]] = defaultdict(list)
     for anomaly in found:
         for request_id in anomaly["evidence"]:
@@ -402,6 +418,7 @@ def _add_timelines(
                     "tokens": (row.get("tokens_in") or 0) + (row.get("tokens_out") or 0),
                     "request": f"{row.get('method') or ''} {row.get('host') or ''}{row.get('path') or ''}".strip(),
                     "anomalies": flagged.get(row["request_id"], []),
+                    "retried": row["request_id"] in retried,
                 }
             )
         entry["timeline"] = timeline
@@ -443,6 +460,11 @@ def _requests_cell(run: dict[str, Any]) -> str:
     return f"{run['requests']} ({window['requests']} since)"
 
 
+def _steps_cell(run: dict[str, Any]) -> str:
+    retried = run.get("retried") or 0
+    return str(run["steps"]) + (f" (+{retried} retried)" if retried else "")
+
+
 def render_text(data: dict[str, Any]) -> str:
     out = []
     d = data["decisions"]
@@ -457,6 +479,7 @@ def render_text(data: dict[str, Any]) -> str:
                 "scope",
                 "status",
                 "requests",
+                "steps",
                 "allowed",
                 "denied",
                 "would_deny",
@@ -469,6 +492,7 @@ def render_text(data: dict[str, Any]) -> str:
                     r["scope"],
                     r["status"] + (f" (shadow: {r['would_status']})" if r["would_status"] else ""),
                     _requests_cell(r),
+                    _steps_cell(r),
                     str(r["allowed"]),
                     str(r["denied"]),
                     str(r["would_deny"]),

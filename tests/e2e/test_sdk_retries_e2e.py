@@ -1,20 +1,24 @@
 """An SDK's retry of a failed call is not a loop, end to end: the official openai and anthropic
 SDKs (their own retries on) through a real `drawdown run` in enforce mode with
 `anomalies.loop.repeats: 1`. The stand-in fails the first attempt (500, 529, a reset
-connection): the SDK's retry goes through and the call succeeds; the same call again is still
-a loop (429); and a request that keeps failing is stopped once past `loop.retries`."""
+connection, a body lost after 200 headers): the SDK's retry goes through and the call succeeds;
+the same call again is still a loop (429); and a request that keeps failing is stopped once
+past `loop.retries`. A stream cut mid-way is not retried by the SDK, and stays a step."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 
 import anthropic
+import httpx2
 import openai
 import pytest
 
 from tests.e2e.test_anomalies_e2e import report_json
 from tests.support.proxy import DrawdownProcess
 from tests.support.standin import Reply, StandIn
+from tests.support.wire import openai_chat_sse
 
 pytestmark = pytest.mark.e2e
 
@@ -123,3 +127,105 @@ def test_anthropic_sdk_retry_of_an_overload_is_not_a_loop(
         assert standin.count("/v1/messages") == 2
     finally:
         client.close()
+
+
+def test_an_answer_whose_body_was_lost_after_200_headers_is_a_failed_attempt(
+    drawdown_proxy: Factory, standin: StandIn
+) -> None:
+    """The upstream sent 200 headers, then reset the connection mid-body. mitmproxy buffers a
+    non-streamed answer, so the agent got 502 Bad Gateway and its SDK retried: that attempt
+    is a failed one, not a repeat, or the loop guard (repeats: 1) would refuse the retry."""
+    proxy = drawdown_proxy(POLICY)
+    headers = {"X-Drawdown-Agent": "support", "X-Drawdown-Run": "r4"}
+    client = proxy.openai_client(default_headers=headers, max_retries=2)
+    lost = {"id": "chatcmpl-lost", "object": "chat.completion", "choices": [], "usage": {}}
+    try:
+        # 20 bytes of the body, then (a moment later, so the headers are surely read before
+        # the RST, which drops what the proxy has not read yet) the reset.
+        cut = Reply(json=lost, chunks=[20], delay=0.3, reset_after_bytes=21)
+        standin.script("POST", "/v1/chat/completions", cut)
+        assert ask(client)  # the SDK's retry was let through and answered
+        assert standin.count("/v1/chat/completions") == 2
+        assert [r.outcome for r in standin.requests] == ["reset", "complete"]
+        # The same call again is still a repeat of the one that succeeded.
+        with pytest.raises(openai.RateLimitError) as caught:
+            ask(client)
+        assert caught.value.response.headers["x-drawdown-reason"] == "anomaly"
+    finally:
+        client.close()
+    rows = proxy.query(
+        "SELECT d.decision, d.status, h.state, d.actual_usd > 0, d.note FROM decisions d "
+        "LEFT JOIN holds h ON h.id = d.hold_id ORDER BY d.ts"
+    )
+    # The broken attempt: the agent got 502; the upstream had billed it, so its estimate is
+    # charged. Then the retry (200) and the refused repeat.
+    assert [row[:4] for row in rows] == [
+        ("allow", 502, "committed", 1),
+        ("allow", 200, "committed", 1),
+        ("deny", 429, None, None),
+    ]
+    assert rows[0][4].startswith("response cut short")
+    data = report_json(proxy, "--policy", str(proxy.policy_path))
+    (run,) = data["runs"]
+    assert (run["requests"], run["steps"], run["retried"]) == (3, 2, 1)
+    (loop,) = [a for a in data["anomalies"] if a["kind"] == "loop"]
+    assert (
+        "made 2 times in this run" in loop["detail"] and "not counting 1 failed" in loop["detail"]
+    )
+
+
+def test_a_stream_cut_mid_way_is_no_failed_attempt(
+    drawdown_proxy: Factory, standin: StandIn
+) -> None:
+    """The SDK handed the stream to the caller with its 200 headers, and does not retry it when
+    the upstream breaks off mid-stream: the cut stream is an answered attempt and counts, so the
+    caller asking again is a repeat (loop.repeats: 1)."""
+    proxy = drawdown_proxy(POLICY)
+    headers = {"X-Drawdown-Agent": "support", "X-Drawdown-Run": "r5"}
+    client = proxy.openai_client(default_headers=headers, max_retries=2)
+    usage = {"prompt_tokens": 9, "completion_tokens": 3, "total_tokens": 12}
+    chat = openai_chat_sse(
+        id="c1",
+        created=1,
+        model="gpt-4o-mini",
+        deltas=[" a", " b", " c"],
+        usage=usage,
+        include_usage=True,
+    )
+    # The role chunk and a word reach the caller; once it has read them (the gate), the
+    # upstream sends one more byte and resets the connection.
+    gate = threading.Event()
+    cut = Reply(
+        body=b"".join(chat),
+        content_type="text/event-stream",
+        chunks=[*chat[:2], gate, *chat[2:]],
+        reset_after_bytes=sum(len(e) for e in chat[:2]) + 1,
+    )
+    standin.script("POST", "/v1/chat/completions", cut)
+
+    def stream() -> list[str]:
+        words = []
+        for chunk in client.chat.completions.create(
+            model="gpt-4o-mini",
+            messages=[{"role": "user", "content": "summarise the ticket"}],
+            stream=True,
+        ):
+            words.append(chunk.choices[0].delta.content or "" if chunk.choices else "")
+            if len(words) == 2:
+                gate.set()
+        return words
+
+    try:
+        with pytest.raises((httpx2.HTTPError, openai.APIError)):
+            stream()
+        assert standin.count("/v1/chat/completions") == 1  # the SDK did not retry it
+        with pytest.raises(openai.RateLimitError) as caught:
+            stream()
+        assert caught.value.response.headers["x-drawdown-reason"] == "anomaly"
+    finally:
+        gate.set()
+        client.close()
+    statuses = proxy.query("SELECT decision, status FROM decisions ORDER BY ts")
+    assert statuses == [("allow", 200), ("deny", 429)]
+    (run,) = report_json(proxy, "--policy", str(proxy.policy_path))["runs"]
+    assert (run["steps"], run["retried"]) == (2, 0)

@@ -148,6 +148,56 @@ def test_a_body_cut_after_2xx_headers_charges_the_estimate_not_nothing(tmp_path:
     assert notes(db) == ["response cut short: Client disconnected."]
 
 
+def statuses(db: Path) -> list[int | None]:
+    with sqlite3.connect(db) as conn:
+        return [status for (status,) in conn.execute("SELECT status FROM decisions ORDER BY ts")]
+
+
+@pytest.mark.parametrize(
+    ("error", "status"),
+    [("server closed connection", 502), ("Client disconnected.", None)],
+    ids=["upstream reset", "client gone"],
+)
+def test_a_buffered_answer_lost_after_2xx_headers_is_recorded_as_the_agent_got_it(
+    tmp_path: Path, error: str, status: int | None
+) -> None:
+    """The agent never saw the upstream's 200: mitmproxy buffers a non-streamed answer, and
+    answers the agent 502 when the upstream breaks off (nothing when the agent left). Recorded
+    as 200, the SDK's retry of it was a repeat for the loop guard; it is a failed attempt."""
+
+    async def steps(addon: Drawdown) -> None:
+        flow = await forwarded(addon, chat())
+        flow.response = tutils.tresp(content=b"", headers=http.Headers(JSON))
+        addon.responseheaders(flow)
+        flow.error = Error(error)
+        await addon.error(flow)
+
+    db = drive(tmp_path, LLM, steps)
+    assert statuses(db) == [status]
+    assert [state for state, _, _ in holds(db)] == ["committed"]  # the upstream billed it
+
+
+@pytest.mark.parametrize("streamed_bytes", [True, False], ids=["mid-stream", "before any event"])
+def test_a_stream_cut_after_its_headers_keeps_the_status_the_agent_got(
+    tmp_path: Path, streamed_bytes: bool
+) -> None:
+    """A stream's headers went on to the agent as they came, and its SDK handed the stream to
+    the caller: no SDK retries it, so it stays an answered (counted) attempt."""
+
+    async def steps(addon: Drawdown) -> None:
+        flow = await forwarded(addon, chat())
+        flow.response = tutils.tresp(content=b"", headers=http.Headers(SSE))
+        addon.responseheaders(flow)
+        assert callable(flow.response.stream)
+        if streamed_bytes:
+            flow.response.stream(b'data: {"choices":[{"delta":{"content":"hel"}}]}\n\n')
+        flow.error = Error("server closed connection")
+        await addon.error(flow)
+
+    db = drive(tmp_path, LLM, steps)
+    assert statuses(db) == [200]
+
+
 def test_a_call_that_fails_before_any_answer_is_still_released(tmp_path: Path) -> None:
     async def steps(addon: Drawdown) -> None:
         flow = await forwarded(addon, chat())
@@ -266,6 +316,25 @@ def test_an_answer_still_arriving_at_the_stop_is_charged_its_estimate(tmp_path: 
         ("committed", estimates[0], None),
         ("released", None, "proxy shut down"),
     ]
+    # Neither reached the agent, whose SDK retries both: failed attempts, not answered ones.
+    assert statuses(db) == [None, None]
+
+
+def test_a_stream_cut_at_the_stop_keeps_the_status_the_agent_got(tmp_path: Path) -> None:
+    """The stop cuts a stream the agent was reading: it got the 200 headers and its SDK does not
+    retry, so the attempt is an answered one (it was recorded with no status: a failed one)."""
+
+    async def steps(addon: Drawdown) -> None:
+        flow = await forwarded(addon, chat())
+        flow.response = tutils.tresp(content=b"", headers=http.Headers(SSE))
+        addon.responseheaders(flow)
+        assert callable(flow.response.stream)
+        flow.response.stream(b'data: {"choices":[{"delta":{"content":"hel"}}]}\n\n')
+
+    db = drive(tmp_path, LLM, steps)
+    assert [state for state, _, _ in holds(db)] == ["committed"]
+    assert notes(db) == ["stream cut short: proxy shut down"]
+    assert statuses(db) == [200]
 
 
 # --- a settlement the ledger refuses ----------------------------------------------------------

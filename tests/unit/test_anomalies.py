@@ -290,6 +290,23 @@ def test_handoff_between_agents_of_one_workflow(seed: Seeder) -> None:
     ]
 
 
+def test_handoff_counts_the_steps_the_guards_count(seed: Seeder, tmp_path: Path) -> None:
+    """The executor's provider answered 503 twice for each of its 6 calls, and its SDK retried:
+    6 steps against the planner's 2 (3 × apart, not more), not 18 attempts. An agent that keeps
+    failing past loop.retries is busier, and flagged."""
+    for i in range(2):
+        seed.call(agent="planner", run="p", workflow="flaky", body=f"p{i}")
+    for i in range(6):
+        for _ in range(2):
+            seed.call(agent="executor", run="e", workflow="flaky", body=f"e{i}", actual_usd=None,
+                      status=503)  # fmt: skip
+        seed.call(agent="executor", run="e", workflow="flaky", body=f"e{i}")
+    assert found(seed) == []
+    strict = policy(tmp_path, "anomalies:\n  loop: {retries: 1}\n")
+    (handoff,) = found(seed, strict)
+    assert "executor took 12 steps and agent planner 2" in handoff["detail"]
+
+
 def test_under_commit_on_a_costed_tool_call(seed: Seeder, tmp_path: Path) -> None:
     tool = {
         "action": "crm.read",

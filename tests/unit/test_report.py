@@ -18,6 +18,7 @@ from drawdown import report
 from drawdown.cli import main
 from drawdown.ledger.api import Guards
 
+from tests.support.policies import policy_from
 from tests.unit.seeding import T0, Seeder, claim
 
 NOW = T0 + 3 * 3600
@@ -421,11 +422,11 @@ def test_budget_amounts_are_exact_decimals_of_the_nanos(seed: Seeder) -> None:
     table = text.split("BUDGETS\n", 1)[1].splitlines()[2:]
     cells = {row[1]: row for row in (re.split(r"\s{2,}", line.strip()) for line in table)}
     assert cells["agent:worker/run:tiny"][4:] == ["0.000035", "0.0000", "0.00005"]
-    assert runs["tenant:acme/agent:worker/run:tiny"][6] == "0.000035"
+    assert runs["tenant:acme/agent:worker/run:tiny"][7] == "0.000035"
     assert (
         cells["agent:worker/run:half"][4]
         == "0.0002"
-        == runs["tenant:acme/agent:worker/run:half"][6]
+        == runs["tenant:acme/agent:worker/run:half"][7]
     )
 
 
@@ -472,3 +473,46 @@ def test_since_reports_a_run_active_in_the_window_whole(seed: Seeder) -> None:
     whole = report.build(str(seed.path), now=now)
     assert all(r["in_window"] is None for r in whole["runs"])
     assert "since)" not in report.render_text(whole)
+
+
+def test_a_runs_steps_are_the_guards_less_the_attempts_its_sdk_retried(
+    seed: Seeder, tmp_path: Path
+) -> None:
+    """Two failed attempts the SDK retried (a 503, one never answered) and a refusal by a
+    stopping proxy are requests of the run but no steps, as the guards count; the retried
+    attempts are shown (`retried`), so a reader sees the provider's trouble."""
+    for status in (503, None):
+        seed.call(run="flaky", body="ask", actual_usd=None, status=status)
+    seed.call(run="flaky", body="ask")
+    for i in range(2):
+        seed.call(run="flaky", body=f"tool {i}")
+    seed.call(run="flaky", body="last", deny=("shutting_down", "drawdown is shutting down"))
+    seed.call(run="flaky", body="last")
+    (run,) = report.build(str(seed.path), now=NOW)["runs"]
+    assert (run["requests"], run["steps"], run["retried"]) == (7, 4, 2)
+    # anomalies.loop.retries: 0 counts every attempt as a step, as the guards then do.
+    strict = policy_from(tmp_path, "anomalies:\n  loop: {retries: 0}\n")
+    (run,) = report.build(str(seed.path), now=NOW, policy=strict)["runs"]
+    assert (run["requests"], run["steps"], run["retried"]) == (7, 6, 0)
+
+    data = report.build(str(seed.path), now=NOW, timelines=True)
+    text = report.render_text(data)
+    header, _, row = text.split("RUNS\n", 1)[1].splitlines()[:3]
+    cells = dict(
+        zip(re.split(r"\s{2,}", header.strip()), re.split(r"\s{2,}", row.strip()), strict=True)
+    )
+    assert (cells["requests"], cells["steps"]) == ("7", "4 (+2 retried)")
+
+    require_chromium()
+    page = tmp_path / "report.html"
+    assert main(["report", "--db", str(seed.path), "--html", str(page)]) == 0
+    dom = parse(dump_dom(page, tmp_path, "#all"))
+    (row,) = dom.find("tr", **{"class": "run open"})  # #all opened it
+    steps = dom.cells(row)["steps"]
+    assert (steps["attrs"]["data-v"], steps["text"]) == ("4", "4 +2 retried")
+    bars = [
+        e for e in dom.elements if e["tag"] == "rect" and "step " in e["attrs"].get("class", "")
+    ]
+    assert len(bars) == 7  # every attempt is drawn; the retried ones marked
+    assert [e["text"] for e in dom.find("summary")] == ["All 7 requests"]
+    assert [b["attrs"]["class"].endswith(" retried") for b in bars] == [True, True] + [False] * 5

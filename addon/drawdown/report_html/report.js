@@ -183,7 +183,9 @@
         el("td", { "data-k": "status", "data-v": run.status }, [badge(run.status, run.status.replace("_", " ")),
           run.would_status ? el("span", { "class": "reason", title: "what enforcing the would_deny decisions would have made of this run" }, " shadow: " + run.would_status.replace("_", " ")) : null]),
         // --since reports a run active in the window whole; "(N since)" is its part in the window
-        num("steps", run.steps, fmtInt(run.steps) + (run.in_window && run.in_window.requests !== run.steps ? " (" + fmtInt(run.in_window.requests) + " since)" : "")),
+        // steps as the guards count them; "+N retried": failed attempts its SDK retried, no steps
+        num("steps", run.steps, fmtInt(run.steps) + (run.retried ? " +" + fmtInt(run.retried) + " retried" : "") +
+          (run.in_window && run.in_window.requests !== run.requests ? " (" + fmtInt(run.in_window.requests) + " requests since)" : "")),
         num("allowed", run.allowed, fmtInt(run.allowed)),
         num("denied", run.denied, fmtInt(run.denied)),
         num("would_deny", run.would_deny, fmtInt(run.would_deny)),
@@ -248,10 +250,11 @@
       el("span", null, [el("i", { style: "background:var(--deny)" }), "denied"]),
       el("span", null, [el("i", { style: "background:var(--would)" }), "would deny"]),
       el("span", null, [el("i", { style: "border:2px solid var(--anom)" }), "evidence of an anomaly"]),
+      el("span", null, [el("i", { "class": "retried" }), "failed attempt its SDK retried (no step)"]),
     ]));
     box.appendChild(timeline(steps));
     if (run.timeline_total > steps.length) {
-      box.appendChild(el("p", { "class": "reason" }, "Showing the first " + steps.length + " of " + run.timeline_total + " steps."));
+      box.appendChild(el("p", { "class": "reason" }, "Showing the first " + steps.length + " of " + run.timeline_total + " requests."));
     }
     var list = el("table", { "class": "steps" });
     list.appendChild(el("thead", null, el("tr", null, ["#", "at", "action", "decision", "status", "cost", "tokens", "took", "request", "anomalies"].map(function (h) { return el("th", null, h); }))));
@@ -262,7 +265,7 @@
         el("td", { "class": "num" }, "+" + fmtSeconds(s.t)),
         el("td", null, s.action || "–"),
         el("td", { title: s.reason || "" }, [badge(s.decision, s.decision.replace("_", " ")), s.reason_code ? el("span", { "class": "reason" }, " " + s.reason_code) : null]),
-        el("td", { "class": "num" }, s.status === null ? "–" : String(s.status)),
+        el("td", { "class": "num" }, [s.status === null ? "–" : String(s.status), s.retried ? el("span", { "class": "reason" }, " retried") : null]),
         el("td", { "class": "num" }, fmtUsd(s.usd)),
         el("td", { "class": "num" }, fmtInt(s.tokens)),
         el("td", { "class": "num" }, s.ms === null ? "–" : fmtSeconds(s.ms / 1000)),
@@ -271,7 +274,7 @@
       ]));
     });
     list.appendChild(tbody);
-    box.appendChild(el("details", null, [el("summary", null, "All " + steps.length + " steps"), list]));
+    box.appendChild(el("details", null, [el("summary", null, "All " + steps.length + " requests"), list]));
     return box;
   }
 
@@ -290,13 +293,13 @@
       svg.appendChild(sv("text", { x: x, y: H - 6, "text-anchor": k === 0 ? "start" : k === 4 ? "end" : "middle" }, "+" + fmtSeconds(end * k / 4)));
     }
     steps.forEach(function (s, i) {
-      var cls = "step " + s.decision + (s.anomalies.length ? " flagged" : "");
+      var cls = "step " + s.decision + (s.anomalies.length ? " flagged" : "") + (s.retried ? " retried" : "");
       var r = sv("rect", {
         x: L + s.t * scale, y: T + i * rowH + 1, width: Math.max(((s.ms || 0) / 1000) * scale, 3),
         height: Math.max(rowH - 2, 1.5), rx: 1.5, "class": cls, "data-request": s.request_id,
       });
       r.appendChild(sv("title", null, "#" + (i + 1) + " " + (s.action || "?") + " — " + s.decision +
-        (s.reason ? ": " + s.reason : "") + " · " + fmtUsd(s.usd) + " · " + (s.ms === null ? "–" : fmtSeconds(s.ms / 1000)) +
+        (s.reason ? ": " + s.reason : "") + (s.retried ? " · failed, retried by its SDK" : "") + " · " + fmtUsd(s.usd) + " · " + (s.ms === null ? "–" : fmtSeconds(s.ms / 1000)) +
         (s.anomalies.length ? " · " + s.anomalies.join(", ") : "")));
       svg.appendChild(r);
     });
