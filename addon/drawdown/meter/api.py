@@ -33,7 +33,8 @@ _NO_EXTRAS: Mapping[str, int] = MappingProxyType({})
 # PUT or PATCH (listing models, reading a file or a batch).
 _FREE_ENDPOINTS = frozenset({"messages.count_tokens", "countTokens"})
 _FREE_PATH = re.compile(
-    r"/(?:moderations|input_tokens|count_tokens|cancel)$"  # .../batches/{id}/cancel etc.
+    r"/(?:moderations|input_tokens|count_tokens)$"
+    r"|[/:]cancel$"  # .../batches/{id}/cancel, Gemini's batches/{id}:cancel
     r"|/chat/completions/[^/]+$"  # POST /v1/chat/completions/{id}: metadata only
 )
 _WRITES = frozenset({"POST", "PUT", "PATCH"})

@@ -54,7 +54,8 @@ class MeterRequestError(ValueError):
 class LLMRequest:
     provider: str  # "openai" | "anthropic" | "gemini"
     # "chat.completions" | "responses" | "completions" | "embeddings" | "messages" |
-    # "messages.count_tokens" | "generateContent" | "streamGenerateContent" | "countTokens" | "other"
+    # "messages.count_tokens" | "generateContent" | "streamGenerateContent" | "countTokens" |
+    # "images.generations" | "images.edits" | "other"
     endpoint: str
     model: str | None
     stream: bool

@@ -485,6 +485,7 @@ def test_svg_authoring_is_charged_on_its_own_model():
         ("openai", "/v1/fine_tuning/jobs/ftjob-123/cancel"),
         ("openai", "/v1/chat/completions/chatcmpl-123"),  # stored completion metadata
         ("anthropic", "/v1/messages/batches/msgbatch_123/cancel"),
+        ("gemini", "/v1beta/batches/123:cancel"),
     ],
 )
 def test_cancelling_or_updating_a_stored_object_is_free(provider, path):
