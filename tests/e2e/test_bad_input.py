@@ -53,6 +53,8 @@ budgets:
   - {{scope: "agent:*", usd: 5}}
 """
 OPENAI = "https://api.openai.com/v1/chat/completions"
+IMAGES = "https://api.openai.com/v1/images/generations"
+EDITS = "https://api.openai.com/v1/images/edits"
 ANTHROPIC = "https://api.anthropic.com/v1/messages"
 GEMINI = "https://generativelanguage.googleapis.com/v1beta/models/gemini-2.5-flash:generateContent"
 HI = [{"role": "user", "content": "hi"}]
@@ -110,6 +112,9 @@ BAD_REQUESTS = [
         gzip.compress(_json({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": BIG_PROMPT}]})),
         status=413, reason="body_too_large", headers=(("content-encoding", "gzip"),),
     ),
+    Bad("openai image without a prompt", IMAGES, _json({"model": "gpt-image-1"}), says="prompt is missing"),
+    Bad("openai image edit, a multipart form cut short", EDITS, b'--b\r\nContent-Disposition: form-data; name="model"\r\n\r\ngpt-image-1', says="cut short", headers=(("content-type", "multipart/form-data; boundary=b"),)),
+    Bad("openai image edit, a part without a name", EDITS, b"--b\r\nContent-Type: text/plain\r\n\r\nx\r\n--b--\r\n", says="Content-Disposition", headers=(("content-type", "multipart/form-data; boundary=b"),)),
     # Anthropic
     Bad("anthropic invalid JSON", ANTHROPIC, b'{"model": "claude-haiku-4-5",', says="not valid JSON"),
     Bad("anthropic messages not a list", ANTHROPIC, _json({"model": "claude-haiku-4-5", "max_tokens": 5, "messages": {"role": "user"}}), says="messages must be an array"),

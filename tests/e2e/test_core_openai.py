@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -13,6 +14,7 @@ import textwrap
 from collections.abc import Callable
 from pathlib import Path
 
+import genai_prices
 import openai
 import pytest
 
@@ -121,9 +123,10 @@ def test_over_budget_call_gets_402_and_never_reaches_the_upstream(
 def test_an_image_the_meter_cannot_price_is_still_a_request_and_a_step(
     drawdown_proxy: Factory, standin: StandIn
 ) -> None:
-    """Calls OpenAI bills other than per token (images, speech, files) passed through
+    """Calls OpenAI bills other than per token (DALL·E images, speech, files) passed through
     uncounted: no `requests` budget and no loop guard saw an agent generating images without
-    end. They are counted now, at $0; listing the models, which costs nothing, is not."""
+    end. They are counted now, at $0; listing the models, which costs nothing, is not. (GPT
+    image models bill per token and are metered: see the test below.)"""
     image = {"created": 1764460800, "data": [{"url": "https://example.com/cat.png"}]}
     standin.script("POST", "/v1/images/generations", Reply(json=image), times=None)
     text = policy('- {scope: "agent:*/run:*", requests: 2}')
@@ -164,6 +167,69 @@ def test_an_image_the_meter_cannot_price_is_still_a_request_and_a_step(
         "WHERE d.path = '/v1/models'",
     )
     assert listings == [(0, "")] * 3
+
+
+def _genai_nanos(model: str, **usage: int) -> int:
+    price = genai_prices.calc_price(genai_prices.Usage(**usage), model, provider_id="openai")
+    return math.ceil(price.total_price * 1_000_000_000)
+
+
+def test_a_gpt_image_is_charged_the_price_of_its_usage_and_a_budget_refuses_the_next(
+    drawdown_proxy: Factory, standin: StandIn
+) -> None:
+    """GPT image models bill per token (text and image input, image output): the Images API
+    was a $0 step for them, so a USD budget never saw an agent's images. Each is now reserved
+    by its quality and size, charged the genai-prices price of the usage it reports, and an
+    image past the budget is refused before it is made."""
+    proxy = drawdown_proxy(policy('- {scope: "agent:*/run:*", usd: 0.10}'))
+    prompt = "a lighthouse at dusk"
+    with proxy.openai_client(
+        default_headers={"X-Drawdown-Agent": "artist", "X-Drawdown-Run": "r1"}
+    ) as client:
+        made = client.images.generate(
+            model="gpt-image-1", prompt=prompt, quality="low", size="1024x1024"
+        )
+        assert made.data[0].b64_json and made.usage.output_tokens == 272
+        with pytest.raises(openai.APIStatusError) as refused:  # 6240 tokens at $40/M: $0.25
+            client.images.generate(
+                model="gpt-image-1", prompt=prompt, quality="high", size="1024x1536"
+            )
+    with proxy.openai_client(
+        default_headers={"X-Drawdown-Agent": "artist", "X-Drawdown-Run": "r2"}
+    ) as client:
+        edited = client.images.edit(
+            model="gpt-image-1",
+            image=[("in.png", b"\x89PNG\r\n\x1a\n" + bytes(100), "image/png")],
+            prompt="add a boat",
+            quality="low",
+        )
+        assert edited.usage.input_tokens_details.image_tokens == 323
+        stream = client.images.generate(
+            model="gpt-image-1", prompt=prompt, quality="low", stream=True, partial_images=1
+        )
+        kinds = [event.type for event in stream]
+        assert kinds == ["image_generation.partial_image", "image_generation.completed"]
+    assert refused.value.status_code == 402
+    assert "budget agent:artist/run:r1 usd" in refused.value.response.json()["error"]["message"]
+    assert standin.count("/v1/images/generations") == 2 and standin.count("/v1/images/edits") == 1
+    words = len(prompt.split())
+    text_price = _genai_nanos("gpt-image-1", input_tokens=words, output_tokens=272)
+    edit_price = _genai_nanos(
+        "gpt-image-1", input_tokens=3 + 323, input_image_tokens=323, output_tokens=272
+    )
+    found = proxy.wait_for_query(
+        "SELECT d.decision, d.path, d.model, d.tokens_in, d.tokens_out, d.actual_usd, "
+        "d.usage_source FROM decisions d WHERE d.path LIKE '/v1/images/%' ORDER BY d.id",
+        until=lambda rows: sum(r[5] is not None for r in rows) >= 3,
+    )
+    assert found == [
+        ("allow", "/v1/images/generations", "gpt-image-1", words, 272, text_price, "usage"),
+        ("deny", "/v1/images/generations", "gpt-image-1", None, None, None, None),
+        ("allow", "/v1/images/edits", "gpt-image-1", 3 + 323, 272, edit_price, "usage"),
+        ("allow", "/v1/images/generations", "gpt-image-1", words, 272, text_price, "usage"),
+    ]
+    spent = rows(proxy, "SELECT spent_usd, reserved_usd FROM budget_instances ORDER BY id")
+    assert spent == [(text_price, 0), (edit_price + text_price, 0)]
 
 
 def test_windowed_budget_denies_with_429_and_retry_after(

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import email.parser
+import email.policy
 import fnmatch
 import gzip
 import itertools
@@ -763,6 +765,12 @@ class StandIn:
                     self._openai_embeddings,
                     methods=post,
                 ),
+                Route("/v1/images/{action}", self._openai_images, methods=post),
+                Route(
+                    "/openai/deployments/{deployment}/images/{action}",
+                    self._openai_images,
+                    methods=post,
+                ),
                 Route("/v1/models", self._models, methods=["GET"]),
                 Route("/v1/messages", self._anthropic_messages, methods=post),
                 Route("/v1/messages/count_tokens", self._anthropic_count_tokens, methods=post),
@@ -989,6 +997,63 @@ class StandIn:
         )
         return self._json_reply(entry, payload, {"prompt_tokens": tokens, "total_tokens": tokens})
 
+    async def _openai_images(self, request: Request) -> Response:
+        """generations (JSON) and edits (a multipart form, or JSON). The GPT image models report
+        usage: prompt words as text tokens, IMAGE_INPUT_TOKENS per uploaded image, and
+        image_output_tokens(quality) per image made (set_usage overrides the input and output
+        totals); DALL·E answers URLs and no usage."""
+        entry: LoggedRequest = request.scope[_ENTRY]
+        action = request.path_params["action"]
+        if action not in ("generations", "edits"):
+            return await self._generic(request)
+        fields, uploads = _image_request(entry)
+        if fields is None:
+            return self._openai_bad_request(entry)
+        model = fields.get("model") or request.path_params.get("deployment") or "dall-e-2"
+        n = int(fields.get("n") or 1)
+        quality, size = str(fields.get("quality") or "auto"), str(fields.get("size") or "auto")
+        created = int(time.time())
+        if not str(model).startswith(("gpt-image", "chatgpt-image")):
+            return self._json_reply(
+                entry,
+                wire.openai_images_json(
+                    created=created, n=n, quality=quality, size=size, usage=None
+                ),
+                None,
+            )
+        with self._lock:
+            override = dict(self._usage_override)
+        text = max(1, wire.count_words(fields.get("prompt")))
+        image_in = wire.IMAGE_INPUT_TOKENS * uploads
+        if override.get("input") is not None:
+            text, image_in = max(override["input"] - image_in, 0), min(image_in, override["input"])
+        per_image = wire.image_output_tokens(quality)
+        output = override["output"] if override.get("output") is not None else per_image * n
+        usage = wire.openai_images_usage(text, image_in, output)
+        entry.input_tokens, entry.output_tokens = text + image_in, output
+        if str(fields.get("stream")).lower() == "true":
+            # One completed event per image: the call's input on the first, each its image.
+            usages = [
+                wire.openai_images_usage(text if i == 0 else 0, image_in if i == 0 else 0, share)
+                for i, share in enumerate(
+                    [output // n + (1 if i < output % n else 0) for i in range(n)]
+                )
+            ]
+            kind = "image_generation" if action == "generations" else "image_edit"
+            events = wire.openai_images_sse(
+                kind=kind,
+                created=created,
+                quality=quality,
+                size=size,
+                partial_images=int(fields.get("partial_images") or 0),
+                usages=usages,
+            )
+            return self._sse_reply(entry, events, usage)
+        payload = wire.openai_images_json(
+            created=created, n=n, quality=quality, size=size, usage=usage
+        )
+        return self._json_reply(entry, payload, usage)
+
     async def _models(self, request: Request) -> Response:
         entry: LoggedRequest = request.scope[_ENTRY]
         if entry.header("anthropic-version"):
@@ -1123,6 +1188,33 @@ class StandIn:
             "json": echoed,
         }
         return self._json_reply(entry, json.dumps(payload).encode(), None)
+
+
+def _image_request(entry: LoggedRequest) -> tuple[dict[str, Any] | None, int]:
+    """(fields, number of uploaded images) of an Images API request; (None, 0) if unreadable.
+    A multipart form is read with the standard library's MIME parser."""
+    ctype = entry.header("content-type", "") or ""
+    if ctype.startswith("multipart/form-data"):
+        message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
+            b"Content-Type: " + ctype.encode() + b"\r\n\r\n" + entry.body
+        )
+        if not message.is_multipart():
+            return None, 0
+        fields: dict[str, Any] = {}
+        uploads = 0
+        for part in message.iter_parts():
+            name = part.get_param("name", header="content-disposition")
+            if name in ("image", "image[]", "mask", "markup"):
+                uploads += 1
+            elif isinstance(name, str):
+                payload = part.get_payload(decode=True) or b""
+                fields[name] = payload.decode("utf-8", "replace")
+        return fields, uploads
+    body = StandIn._body(entry)
+    if body is None:
+        return None, 0
+    images = body.get("images")
+    return body, (len(images) if isinstance(images, list) else 0) + (1 if body.get("mask") else 0)
 
 
 def _entry_matches(entry: LoggedRequest, path_glob: str, method: str | None) -> bool:

@@ -782,3 +782,79 @@ def gemini_sse(chunks: Sequence[Mapping[str, Any]]) -> list[bytes]:
 
 def gemini_error(code: int, message: str, status: str) -> bytes:
     return _pretty({"error": {"code": code, "message": message, "status": status}})
+
+
+# ---------------------------------------------------------------------------- OpenAI images
+
+#: Image output tokens the stand-in reports per image, by requested quality (OpenAI's
+#: 1024x1024 figures for the GPT image models; "auto" and anything else bill as "high").
+IMAGE_OUTPUT_TOKENS = {"low": 272, "medium": 1056, "high": 4160}
+#: Input image tokens the stand-in reports per uploaded image (edits).
+IMAGE_INPUT_TOKENS = 323
+#: A 1x1 transparent PNG, the image every synthetic reply returns.
+TINY_PNG_B64 = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNkYPhfDwAChwGA60e6kgAAAABJRU5ErkJggg=="
+
+
+def image_output_tokens(quality: Any) -> int:
+    return IMAGE_OUTPUT_TOKENS.get(quality if isinstance(quality, str) else "", 4160)
+
+
+def openai_images_usage(text_tokens: int, image_tokens: int, output_tokens: int) -> dict:
+    return {
+        "input_tokens": text_tokens + image_tokens,
+        "input_tokens_details": {"image_tokens": image_tokens, "text_tokens": text_tokens},
+        "output_tokens": output_tokens,
+        "output_tokens_details": {"image_tokens": output_tokens, "text_tokens": 0},
+        "total_tokens": text_tokens + image_tokens + output_tokens,
+    }
+
+
+def openai_images_json(
+    *, created: int, n: int, quality: str, size: str, usage: Mapping[str, Any] | None
+) -> bytes:
+    """An ImagesResponse: base64 images and, for the GPT image models, `usage`. DALL·E
+    (usage None) answers a URL per image and no usage."""
+    if usage is None:
+        data = [{"url": f"https://images.example/{created}-{i}.png"} for i in range(n)]
+        return _pretty({"created": created, "data": data})
+    return _pretty(
+        {
+            "created": created,
+            "background": "opaque",
+            "data": [{"b64_json": TINY_PNG_B64} for _ in range(n)],
+            "output_format": "png",
+            "quality": quality,
+            "size": size,
+            "usage": dict(usage),
+        }
+    )
+
+
+def openai_images_sse(
+    *,
+    kind: str,
+    created: int,
+    quality: str,
+    size: str,
+    partial_images: int,
+    usages: Sequence[Mapping[str, Any]],
+) -> list[bytes]:
+    """`stream: true`: per image, `partial_images` previews, then a `<kind>.completed` event
+    carrying that image's usage (kind: image_generation or image_edit)."""
+    common = {
+        "background": "opaque",
+        "created_at": created,
+        "output_format": "png",
+        "quality": quality,
+        "size": size,
+    }
+    events = []
+    for usage in usages:
+        for i in range(partial_images):
+            partial = {"type": f"{kind}.partial_image", "b64_json": TINY_PNG_B64, **common}
+            events.append(
+                sse_event(_compact({**partial, "partial_image_index": i}), f"{kind}.partial_image")
+            )
+        done = {"type": f"{kind}.completed", "b64_json": TINY_PNG_B64, **common, "usage": usage}
+        events.append(sse_event(_compact(done), f"{kind}.completed"))
+    return events

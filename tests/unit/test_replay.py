@@ -569,3 +569,23 @@ def test_an_image_call_counts_on_a_requests_budget_in_replay_as_live(tmp_path: P
     data = replay.replay(policy(tmp_path, text, "same.yaml"), str(db))
     assert data["changed"] == 0, data["blocked"]
     assert data["decisions"] == {"allow": 2, "deny": 1, "would_deny": 0}
+
+
+def test_a_gpt_image_counts_on_a_usd_budget_in_replay_as_live(tmp_path: Path) -> None:
+    """A GPT image model bills per token: the proxy reserves an image's price on USD budgets
+    (an answer without usage commits that estimate), and replay re-decides it the same way;
+    a larger budget lets the second image through."""
+    budget = 'budgets:\n  - {scope: "agent:*/run:*", usd: %s}\n'
+    image = (
+        "POST",
+        "api.openai.com/v1/images/generations",
+        b'{"model": "gpt-image-1", "prompt": "a cat", "quality": "high", "size": "1024x1024"}',
+    )
+    text = ACTIONS + AGENT + budget % "0.30"
+    db, statuses = record(tmp_path, text, [image, image])
+    assert statuses == [200, 402]  # 4160 tokens at $40/M: $0.17 each
+    data = replay.replay(policy(tmp_path, text, "same.yaml"), str(db))
+    assert data["changed"] == 0, data["blocked"]
+    assert data["decisions"] == {"allow": 1, "deny": 1, "would_deny": 0}
+    looser = replay.replay(policy(tmp_path, ACTIONS + AGENT + budget % "1", "looser.yaml"), str(db))
+    assert looser["decisions"]["allow"] == 2

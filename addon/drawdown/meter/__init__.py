@@ -5,7 +5,7 @@ Pure Python (no mitmproxy, no network). The proxy uses only this facade:
 * inspect_request(...) -> LLMRequest        before forwarding (may raise MeterRequestError)
 * measure_body(...) -> Measurement          a complete response body
 * open_stream_meter(...) -> StreamMeter     a streamed response: feed() / finish() / partial()
-* charging(provider, method, path)          "tokens", "step" or "free" (replay asks it)
+* charging(provider, method, path, model)   "tokens", "step" or "free" (replay asks it)
 * price_usage(...), count_tokens(...), encoding_for(...)
 
 Wiring a streamed response into mitmproxy (responseheaders hook)::

@@ -161,6 +161,9 @@ class ParsedRequest:
     billable: bool = True
     prompt: Prompt = field(default_factory=Prompt)
     cap: int | None = None  # the request's own output cap, already times n
+    # Of the prompt's exact tokens and of the cap, those that are images (priced apart).
+    input_image_tokens: int = 0
+    output_image_tokens: int = 0
     rewritten_body: bytes | None = None
     strip_usage_chunk: bool = False
     expected_extras: dict[str, int] = field(default_factory=dict)

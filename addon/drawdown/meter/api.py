@@ -10,8 +10,8 @@ from types import MappingProxyType
 from typing import Protocol
 
 from ..money import MAX_AMOUNT, MAX_USD, format_usd
-from . import anthropic, gemini, openai
-from ._util import Extracted, ParsedRequest, loads, parse_body
+from . import anthropic, gemini, openai, openai_images
+from ._util import Extracted, ParsedRequest, kind, loads, parse_body
 from .config import MeterConfig, PricePerMillion, model_family
 from .decode import Decoder, UnsupportedEncoding, make_decoder
 from .prices import price_first_known, price_usage, to_nanos
@@ -29,9 +29,14 @@ _NO_EXTRAS: Mapping[str, int] = MappingProxyType({})
 
 
 # What a provider does not bill: token counting and moderation (helpers an SDK or a guardrail
-# calls), and anything but a POST, PUT or PATCH (listing models, reading a file or a batch).
+# calls), cancelling a job, updating a stored completion's metadata, and anything but a POST,
+# PUT or PATCH (listing models, reading a file or a batch).
 _FREE_ENDPOINTS = frozenset({"messages.count_tokens", "countTokens"})
-_FREE_PATH = re.compile(r"/(?:moderations|input_tokens|count_tokens)$")
+_FREE_PATH = re.compile(
+    r"/(?:moderations|input_tokens|count_tokens)$"
+    r"|[/:]cancel$"  # .../batches/{id}/cancel, Gemini's batches/{id}:cancel
+    r"|/chat/completions/[^/]+$"  # POST /v1/chat/completions/{id}: metadata only
+)
 _WRITES = frozenset({"POST", "PUT", "PATCH"})
 
 
@@ -48,7 +53,9 @@ def _route(provider: str, method: str, path: str) -> tuple[str, str | None, bool
     """(endpoint, model or deployment from the path, stream implied by it, metered per token)."""
     if provider == "openai":
         endpoint, model = openai.route(method, path)
-        return endpoint, model, False, endpoint != "other"
+        # The Images API is metered only for a model billed per token: see _images.
+        metered = endpoint != "other" and not openai_images.is_images(endpoint)
+        return endpoint, model, False, metered
     if provider == "anthropic":
         endpoint, model, stream = anthropic.route(method, path)
         return endpoint, model, stream, endpoint == "messages"
@@ -59,12 +66,16 @@ def _route(provider: str, method: str, path: str) -> tuple[str, str | None, bool
     return "other", None, False, False
 
 
-def charging(provider: str, method: str, path: str) -> str:
+def charging(provider: str, method: str, path: str, model: str | None = None) -> str:
     """How the proxy charges a request to this provider path: "tokens" (metered), "step" (a
     call billed other than per token: counted, $0) or "free" (uncounted). `drawdown replay`
-    asks it of recorded requests; the proxy learns the same from `inspect_request`."""
-    endpoint, _, _, metered = _route(provider.lower(), method, path)
+    asks it of recorded requests; the proxy learns the same from `inspect_request`. `model`
+    (the request's, as the ledger records it) decides the OpenAI Images API: GPT image models
+    bill per token, DALL·E per image."""
+    endpoint, path_model, _, metered = _route(provider.lower(), method, path)
     if metered:
+        return "tokens"
+    if openai_images.is_images(endpoint) and openai_images.metered(model or path_model):
         return "tokens"
     return "step" if _is_step(method, path, endpoint) else "free"
 
@@ -96,9 +107,27 @@ def _body_model(body: bytes) -> str | None:
     return model if isinstance(model, str) and model.strip() else None
 
 
+def _images(
+    endpoint: str, deployment: str | None, method: str, path: str, body: bytes
+) -> ParsedRequest | LLMRequest:
+    """An OpenAI Images API request: metered for a GPT image model, else a $0 step (DALL·E,
+    or no model: the API's default is dall-e-2). A body we cannot read is refused (enforce)."""
+    fields, input_images = openai_images.read_request(endpoint, body)
+    model = fields.get("model")
+    if model is not None and not isinstance(model, str):
+        raise MeterRequestError(f"model must be a string, not {kind(model)}")
+    model = model if model and model.strip() else deployment  # Azure: the deployment
+    if not openai_images.metered(model):
+        return _passthrough("openai", endpoint, model, method, path)
+    assert model is not None
+    return openai_images.parse_request(endpoint, fields, input_images, model)
+
+
 def parse(provider: str, method: str, path: str, body: bytes) -> ParsedRequest | LLMRequest:
     # One routing for the proxy, shadow mode's unread requests and replay (`charging`).
     endpoint, path_model, path_stream, metered = _route(provider, method, path)
+    if provider == "openai" and openai_images.is_images(endpoint):
+        return _images(endpoint, path_model, method, path, body)
     if not metered:
         if provider == "openai":  # the body names the model; an Azure deployment stands in
             model = _body_model(body) or path_model
@@ -162,10 +191,16 @@ def inspect_request(
     raw, exact = prompt_counts(parsed)
     input_tokens = math.ceil(raw * factor) + exact
     cap = parsed.cap if parsed.cap is not None else config.output_cap(provider, model)
+    usage = TokenUsage(
+        input_tokens=input_tokens,
+        output_tokens=cap,
+        input_image_tokens=min(parsed.input_image_tokens, input_tokens),
+        output_image_tokens=min(parsed.output_image_tokens, cap),
+    )
     nanos, priced = price_usage(
         provider,
         model,
-        TokenUsage(input_tokens=input_tokens, output_tokens=cap),
+        usage,
         config,
         price_override,
         extras=parsed.expected_extras,
@@ -245,6 +280,9 @@ def _measurement(
     elif not ok:
         # Providers do not bill a request they refused or failed (4xx/5xx without usage).
         return _zero(request, ex.model)
+    elif openai_images.is_images(request.endpoint):
+        # An image answered (or cut short) without usage: its image tokens cannot be counted.
+        return _estimate(request)
     elif ex.early_usage is not None:
         # Input side reported (Anthropic message_start), output cut short: count it.
         out = max(ex.early_usage.output_tokens, _counted_output(request, ex.texts, config))
@@ -294,6 +332,8 @@ def _measurement(
 
 def _extract_json(request: LLMRequest, obj: object) -> Extracted:
     if request.provider == "openai":
+        if openai_images.is_images(request.endpoint):
+            return openai_images.extract_json(obj)
         return openai.extract_json(request.endpoint, obj)
     if request.provider == "anthropic":
         return anthropic.extract_json(obj)
@@ -343,6 +383,8 @@ def _stream_state(request: LLMRequest) -> _StreamState:
         return gemini.GenerateStream(request.model)
     if request.endpoint == "responses":
         return openai.ResponsesStream()
+    if openai_images.is_images(request.endpoint):
+        return openai_images.ImagesStream()
     return openai.ChatStream(request.strip_usage_chunk)
 
 

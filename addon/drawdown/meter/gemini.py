@@ -192,6 +192,11 @@ def usage_from(um: dict[str, Any]) -> TokenUsage:
         + _modality(um.get("toolUsePromptTokensDetails"), "AUDIO"),
         cache_audio_read_tokens=_modality(um.get("cacheTokensDetails"), "AUDIO"),
         output_audio_tokens=_modality(um.get("candidatesTokensDetails"), "AUDIO"),
+        # Image models (gemini-2.5-flash-image...) price output images far above text.
+        input_image_tokens=_modality(um.get("promptTokensDetails"), "IMAGE")
+        + _modality(um.get("toolUsePromptTokensDetails"), "IMAGE"),
+        cache_image_read_tokens=_modality(um.get("cacheTokensDetails"), "IMAGE"),
+        output_image_tokens=_modality(um.get("candidatesTokensDetails"), "IMAGE"),
     )
 
 

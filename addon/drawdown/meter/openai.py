@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from . import images
+from . import images, openai_images
 from ._util import (
     Extracted,
     ParsedRequest,
@@ -77,7 +77,7 @@ def route(method: str, path: str) -> tuple[str, str | None]:
         return "responses", deployment
     if p.endswith("/embeddings"):
         return "embeddings", deployment
-    return "other", deployment
+    return openai_images.route(p) or "other", deployment
 
 
 # --- requests ---------------------------------------------------------------------------
@@ -347,6 +347,8 @@ def chat_usage(u: dict[str, Any]) -> TokenUsage:
         reasoning_tokens=as_int(dig(ctd, "reasoning_tokens")),
         input_audio_tokens=as_int(dig(ptd, "audio_tokens")),
         output_audio_tokens=as_int(dig(ctd, "audio_tokens")),
+        input_image_tokens=as_int(dig(ptd, "image_tokens")),
+        output_image_tokens=as_int(dig(ctd, "image_tokens")),
     )
 
 
@@ -359,6 +361,8 @@ def responses_usage(u: dict[str, Any]) -> TokenUsage:
         cache_read_tokens=as_int(dig(itd, "cached_tokens")),
         cache_write_tokens=as_int(dig(itd, "cache_write_tokens")),
         reasoning_tokens=as_int(dig(otd, "reasoning_tokens")),
+        input_image_tokens=as_int(dig(itd, "image_tokens")),
+        output_image_tokens=as_int(dig(otd, "image_tokens")),
     )
 
 

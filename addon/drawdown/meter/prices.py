@@ -55,12 +55,28 @@ def _genai_usage(usage: TokenUsage, extras: Mapping[str, int]) -> genai_prices.U
         "input_audio_tokens": usage.input_audio_tokens,
         "cache_audio_read_tokens": usage.cache_audio_read_tokens,
         "output_audio_tokens": usage.output_audio_tokens,
+        "input_image_tokens": usage.input_image_tokens,
+        "cache_image_read_tokens": usage.cache_image_read_tokens,
+        "output_image_tokens": usage.output_image_tokens,
     }
     for extra, unit in EXTRA_UNITS.items():
         if extras.get(extra):
             values[unit] = values.get(unit, 0) + int(extras[extra])
-    # Zeros are left out: genai-prices treats a reported subset key as authoritative.
-    return genai_prices.Usage(**{k: v for k, v in values.items() if v > 0})
+    # Zeros are left out: genai-prices treats a reported subset key as authoritative. But where
+    # two reported subsets overlap (cache reads and input audio or images), genai-prices needs
+    # their intersection stated, even a zero, or it refuses the usage and the breakdown is lost.
+    kept = {k: v for k, v in values.items() if v > 0}
+    for both, (a, b) in _INTERSECTIONS.items():
+        if a in kept and b in kept:
+            kept[both] = values[both]
+    return genai_prices.Usage(**kept)
+
+
+# genai-prices usage key -> the two subset keys it is the intersection of.
+_INTERSECTIONS = {
+    "cache_audio_read_tokens": ("cache_read_tokens", "input_audio_tokens"),
+    "cache_image_read_tokens": ("cache_read_tokens", "input_image_tokens"),
+}
 
 
 def _plain(usage: TokenUsage) -> TokenUsage:
@@ -189,3 +205,11 @@ def price_usage(
         price_context=price_context,
     )
     return to_nanos(usd), priced
+
+
+def priced_per_token(provider: str, model: str | None) -> bool:
+    """True when genai-prices has per-token prices for the model (the OpenAI Images API bills
+    the GPT image models per token, DALL·E per image: only the former can be metered)."""
+    if not model:
+        return False
+    return genai_price(provider, model, TokenUsage(input_tokens=1, output_tokens=1)) is not None

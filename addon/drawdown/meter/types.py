@@ -15,10 +15,10 @@ class TokenUsage:
     """Token counts normalised across providers (all integers).
 
     The subset fields are *included* in their parent, as genai-prices expects:
-    cache reads/writes and input audio are part of `input_tokens`; reasoning and output
-    audio are part of `output_tokens`; `cache_write_1h_tokens` is part of
-    `cache_write_tokens`; `cache_audio_read_tokens` is part of both `cache_read_tokens`
-    and `input_audio_tokens`.
+    cache reads/writes and input audio and images are part of `input_tokens`; reasoning and
+    output audio and images are part of `output_tokens`; `cache_write_1h_tokens` is part of
+    `cache_write_tokens`; `cache_audio_read_tokens` (`cache_image_read_tokens`) is part of
+    both `cache_read_tokens` and `input_audio_tokens` (`input_image_tokens`).
     """
 
     input_tokens: int = 0
@@ -30,6 +30,9 @@ class TokenUsage:
     input_audio_tokens: int = 0
     cache_audio_read_tokens: int = 0
     output_audio_tokens: int = 0
+    input_image_tokens: int = 0
+    cache_image_read_tokens: int = 0
+    output_image_tokens: int = 0
 
     def __add__(self, other: TokenUsage) -> TokenUsage:
         if not isinstance(other, TokenUsage):
@@ -51,7 +54,8 @@ class MeterRequestError(ValueError):
 class LLMRequest:
     provider: str  # "openai" | "anthropic" | "gemini"
     # "chat.completions" | "responses" | "completions" | "embeddings" | "messages" |
-    # "messages.count_tokens" | "generateContent" | "streamGenerateContent" | "countTokens" | "other"
+    # "messages.count_tokens" | "generateContent" | "streamGenerateContent" | "countTokens" |
+    # "images.generations" | "images.edits" | "other"
     endpoint: str
     model: str | None
     stream: bool

@@ -101,6 +101,8 @@ def expected(entry: dict[str, Any]) -> tuple[TokenUsage, dict[str, TokenUsage]]:
             reasoning_tokens=_n(u, "completion_tokens_details", "reasoning_tokens"),
             input_audio_tokens=_n(u, "prompt_tokens_details", "audio_tokens"),
             output_audio_tokens=_n(u, "completion_tokens_details", "audio_tokens"),
+            input_image_tokens=_n(u, "prompt_tokens_details", "image_tokens"),
+            output_image_tokens=_n(u, "completion_tokens_details", "image_tokens"),
         ), {}
     if provider == "openai":
         return TokenUsage(
@@ -109,6 +111,8 @@ def expected(entry: dict[str, Any]) -> tuple[TokenUsage, dict[str, TokenUsage]]:
             cache_read_tokens=_n(u, "input_tokens_details", "cached_tokens"),
             cache_write_tokens=_n(u, "input_tokens_details", "cache_write_tokens"),
             reasoning_tokens=_n(u, "output_tokens_details", "reasoning_tokens"),
+            input_image_tokens=_n(u, "input_tokens_details", "image_tokens"),
+            output_image_tokens=_n(u, "output_tokens_details", "image_tokens"),
         ), {}
     if provider == "anthropic":
         # Streams: the final figures are message_delta's values where present.
@@ -135,4 +139,8 @@ def expected(entry: dict[str, Any]) -> tuple[TokenUsage, dict[str, TokenUsage]]:
         input_audio_tokens=_modality(u.get("promptTokensDetails"), "AUDIO"),
         cache_audio_read_tokens=_modality(u.get("cacheTokensDetails"), "AUDIO"),
         output_audio_tokens=_modality(u.get("candidatesTokensDetails"), "AUDIO"),
+        input_image_tokens=_modality(u.get("promptTokensDetails"), "IMAGE")
+        + _modality(u.get("toolUsePromptTokensDetails"), "IMAGE"),
+        cache_image_read_tokens=_modality(u.get("cacheTokensDetails"), "IMAGE"),
+        output_image_tokens=_modality(u.get("candidatesTokensDetails"), "IMAGE"),
     ), {}
