@@ -50,6 +50,20 @@ _GOOGLE_STATUS = {
     503: "UNAVAILABLE",
 }
 
+# Bedrock answers errors as `x-amzn-ErrorType: <Type>` + `{"message": ...}`; boto3 raises a
+# ClientError with that code. Its standard retry mode retries ThrottlingException and any
+# 500/502/503/504, nothing else here: a budget's refusal (ServiceQuotaExceededException, also
+# for a 429 without Retry-After: a guard's, which a retry would only repeat) is raised at once,
+# a windowed budget's 429 is retried with backoff like Bedrock's own throttling.
+_BEDROCK_TYPE = {
+    400: "ValidationException",
+    402: "ServiceQuotaExceededException",
+    403: "AccessDeniedException",
+    413: "ValidationException",
+    429: "ThrottlingException",
+    503: "ServiceUnavailableException",
+}
+
 
 @dataclass(frozen=True)
 class Denial:
@@ -102,6 +116,12 @@ def denial(
                 "status": _GOOGLE_STATUS.get(status, "FAILED_PRECONDITION"),
             }
         }
+    elif provider == "bedrock":
+        error_type = _BEDROCK_TYPE.get(status, "AccessDeniedException")
+        if status == 429 and retry_after is None:
+            error_type = "ServiceQuotaExceededException"
+        headers["x-amzn-errortype"] = error_type
+        body = {"message": message}
     elif provider == "mcp" and jsonrpc_ids:
         # JSON-RPC errors the MCP client matches to its pending calls by id (one per call of a
         # batch), with HTTP 200 as the streamable HTTP transport expects for a JSON-RPC response.
