@@ -51,10 +51,11 @@ _GOOGLE_STATUS = {
 }
 
 # Bedrock answers errors as `x-amzn-ErrorType: <Type>` + `{"message": ...}`; boto3 raises a
-# ClientError with that code. Its standard retry mode retries ThrottlingException and any
-# 500/502/503/504, nothing else here: a budget's refusal (ServiceQuotaExceededException, also
-# for a 429 without Retry-After: a guard's, which a retry would only repeat) is raised at once,
-# a windowed budget's 429 is retried with backoff like Bedrock's own throttling.
+# ClientError with that code. Its standard retry mode (boto3's default) retries
+# ThrottlingException, any 500/502/503/504, and a 429 whose code the operation does not model:
+# a windowed budget's 429 is retried with backoff like Bedrock's own throttling; a budget's 402
+# is raised at once, and so is a guard's 429 without Retry-After (a retry would only repeat the
+# loop), as AccessDeniedException, which every Bedrock operation models as not retryable.
 _BEDROCK_TYPE = {
     400: "ValidationException",
     402: "ServiceQuotaExceededException",
@@ -119,7 +120,7 @@ def denial(
     elif provider == "bedrock":
         error_type = _BEDROCK_TYPE.get(status, "AccessDeniedException")
         if status == 429 and retry_after is None:
-            error_type = "ServiceQuotaExceededException"
+            error_type = "AccessDeniedException"
         headers["x-amzn-errortype"] = error_type
         body = {"message": message}
     elif provider == "mcp" and jsonrpc_ids:
