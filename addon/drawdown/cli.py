@@ -330,8 +330,8 @@ def cmd_env(args: argparse.Namespace) -> int:
         ("NODE_EXTRA_CA_CERTS", str(bundle)),
         # curl reads CURL_CA_BUNDLE before SSL_CERT_FILE: a value preset there would win.
         ("CURL_CA_BUNDLE", str(bundle)),
-        # boto3 / botocore (Bedrock) verify TLS against their own bundle: SSL_CERT_FILE and
-        # REQUESTS_CA_BUNDLE are ignored, AWS_CA_BUNDLE is read.
+        # boto3 / botocore (Bedrock) ignore SSL_CERT_FILE and read AWS_CA_BUNDLE before
+        # REQUESTS_CA_BUNDLE: a value preset there (or `ca_bundle` in ~/.aws/config) would win.
         ("AWS_CA_BUNDLE", str(bundle)),
         # Node's fetch (the openai and anthropic TypeScript SDKs) ignores HTTPS_PROXY unless
         # this is set (Node 22.21+, 24.5+); older Node ignores it.

@@ -133,12 +133,12 @@ def bedrock_runtime_client(
     *,
     verify: str,
     proxy: str | None = None,
-    max_attempts: int = 3,
+    attempts: int = 3,
     **kwargs: Any,
 ) -> Any:
     """boto3's `bedrock-runtime` client, signing with the stand-in's test credentials. boto3
     takes a CA bundle path (not an SSLContext) and its proxies from its Config; its standard
-    retry mode, as boto3 ships it, `max_attempts` attempts."""
+    retry mode, as boto3 ships it, with `attempts` attempts in all."""
     import boto3
     from botocore.config import Config
 
@@ -151,7 +151,7 @@ def bedrock_runtime_client(
         verify=verify,
         config=Config(
             proxies={"https": proxy} if proxy else {},
-            retries={"mode": "standard", "max_attempts": max_attempts},
+            retries={"mode": "standard", "total_max_attempts": attempts},
         ),
         **kwargs,
     )
