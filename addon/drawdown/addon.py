@@ -574,7 +574,10 @@ class Drawdown:
                     log.debug("drawdown: checkpoint skipped: %s", exc)
 
     async def _warm_up(self) -> None:
-        await asyncio.to_thread(meter.warm_up)
+        bedrock = self.policy is not None and any(
+            action.provider == "bedrock" for action in self.policy.actions
+        )
+        await asyncio.to_thread(meter.warm_up, bedrock=bedrock)
         # Everything loaded so far (mitmproxy, price data, policies) lives as long as the process:
         # freezing it keeps the garbage collector's full passes from rescanning it while traffic
         # flows (they paused the loop ~80 ms each).

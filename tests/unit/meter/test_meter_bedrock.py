@@ -6,6 +6,8 @@ from __future__ import annotations
 import base64
 import json
 import math
+import subprocess
+import sys
 
 import genai_prices
 import pytest
@@ -399,3 +401,20 @@ def test_a_refused_call_costs_nothing() -> None:
     request = inspect(f"{NOVA_PATH}/converse", CONVERSE)
     m = measure_body(request, 429, wire.bedrock_error("Too many requests"), CONFIG)
     assert (m.usd_nanos, m.usage) == (0, TokenUsage())
+
+
+def test_botocore_is_loaded_off_the_start_up_path() -> None:
+    """The proxy imports no botocore as it starts; its warm-up thread loads the event-stream
+    parser when the policy meters Bedrock, so no stream imports it on the event loop."""
+    script = (
+        "import sys, drawdown.addon, drawdown.meter as m\n"
+        "print('botocore' in sys.modules)\n"
+        "m.warm_up()\n"
+        "print('botocore.eventstream' in sys.modules)\n"
+        "m.warm_up(bedrock=True)\n"
+        "print('botocore.eventstream' in sys.modules)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True
+    ).stdout
+    assert out.split() == ["False", "False", "True"]
