@@ -574,7 +574,10 @@ class Drawdown:
                     log.debug("drawdown: checkpoint skipped: %s", exc)
 
     async def _warm_up(self) -> None:
-        await asyncio.to_thread(meter.warm_up)
+        bedrock = self.policy is not None and any(
+            action.provider == "bedrock" for action in self.policy.actions
+        )
+        await asyncio.to_thread(meter.warm_up, bedrock=bedrock)
         # Everything loaded so far (mitmproxy, price data, policies) lives as long as the process:
         # freezing it keeps the garbage collector's full passes from rescanning it while traffic
         # flows (they paused the loop ~80 ms each).
@@ -1401,8 +1404,12 @@ class Drawdown:
             # An MCP client's stream for server messages: no call, so a drain does not wait
             # for it. A priced tool answering as a stream is a call, and is waited for.
             state.listening = True
+        # Bedrock streams in AWS's binary event-stream framing: an event stream all the same.
+        is_stream = is_sse or response.headers.get("content-type", "").startswith(
+            "application/vnd.amazon.eventstream"
+        )
         if state is None or state.denied or state.settled:
-            if is_sse:
+            if is_stream:
                 response.stream = True  # never buffer an event stream
             return
         if is_sse and state.facts and state.classification and state.classification.mcp:
@@ -1418,7 +1425,7 @@ class Drawdown:
             return
         # A streamed call answered in another format (Gemini without alt=sse streams one JSON
         # array) is still a stream: forwarded as it comes and metered at its end, never buffered.
-        if not is_sse and not (state.llm is not None and state.llm.stream):
+        if not is_stream and not (state.llm is not None and state.llm.stream):
             return
         if state.llm is None or not state.llm.billable or not 200 <= response.status_code < 300:
             response.stream = True

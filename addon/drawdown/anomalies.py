@@ -51,7 +51,7 @@ from .ledger.reader import Reader
 from .money import format_usd
 from .policy.model import AnomalySettings, Detector, Policy
 
-LLM_PROVIDERS = ("openai", "anthropic", "gemini")
+LLM_PROVIDERS = ("openai", "anthropic", "gemini", "bedrock")
 MAX_EVIDENCE = 200  # ids listed per anomaly; `evidence_total` tells how many there were
 GUARDED = ("loop", "step_count", "fan_out")  # detectors that may deny at reserve time
 

@@ -330,6 +330,9 @@ def cmd_env(args: argparse.Namespace) -> int:
         ("NODE_EXTRA_CA_CERTS", str(bundle)),
         # curl reads CURL_CA_BUNDLE before SSL_CERT_FILE: a value preset there would win.
         ("CURL_CA_BUNDLE", str(bundle)),
+        # boto3 / botocore (Bedrock) ignore SSL_CERT_FILE and read AWS_CA_BUNDLE before
+        # REQUESTS_CA_BUNDLE: a value preset there (or `ca_bundle` in ~/.aws/config) would win.
+        ("AWS_CA_BUNDLE", str(bundle)),
         # Node's fetch (the openai and anthropic TypeScript SDKs) ignores HTTPS_PROXY unless
         # this is set (Node 22.21+, 24.5+); older Node ignores it.
         ("NODE_USE_ENV_PROXY", "1"),

@@ -50,6 +50,21 @@ _GOOGLE_STATUS = {
     503: "UNAVAILABLE",
 }
 
+# Bedrock answers errors as `x-amzn-ErrorType: <Type>` + `{"message": ...}`; boto3 raises a
+# ClientError with that code. Its standard retry mode (boto3's default) retries
+# ThrottlingException, any 500/502/503/504, and a 429 whose code the operation does not model:
+# a windowed budget's 429 is retried with backoff like Bedrock's own throttling; a budget's 402
+# is raised at once, and so is a guard's 429 without Retry-After (a retry would only repeat the
+# loop), as AccessDeniedException, which every Bedrock operation models as not retryable.
+_BEDROCK_TYPE = {
+    400: "ValidationException",
+    402: "ServiceQuotaExceededException",
+    403: "AccessDeniedException",
+    413: "ValidationException",
+    429: "ThrottlingException",
+    503: "ServiceUnavailableException",
+}
+
 
 @dataclass(frozen=True)
 class Denial:
@@ -102,6 +117,12 @@ def denial(
                 "status": _GOOGLE_STATUS.get(status, "FAILED_PRECONDITION"),
             }
         }
+    elif provider == "bedrock":
+        error_type = _BEDROCK_TYPE.get(status, "AccessDeniedException")
+        if status == 429 and retry_after is None:
+            error_type = "AccessDeniedException"
+        headers["x-amzn-errortype"] = error_type
+        body = {"message": message}
     elif provider == "mcp" and jsonrpc_ids:
         # JSON-RPC errors the MCP client matches to its pending calls by id (one per call of a
         # batch), with HTTP 200 as the streamable HTTP transport expects for a JSON-RPC response.

@@ -18,9 +18,12 @@ import openai
 from google import genai
 from google.genai import types as genai_types
 
+from . import wire
+
 OPENAI_BASE_URL = "https://api.openai.com/v1"
 ANTHROPIC_BASE_URL = "https://api.anthropic.com"
 GEMINI_BASE_URL = "https://generativelanguage.googleapis.com/"
+BEDROCK_REGION = "us-east-1"  # boto3 and AnthropicBedrock then call wire.BEDROCK_HOST
 
 #: Dummy credentials: the stand-in accepts anything; the proxy must never log them.
 OPENAI_TEST_KEY = "sk-test-standin-openai-key"
@@ -121,5 +124,52 @@ def genai_client(
             client_args=dict(http_args),
             async_client_args=dict(http_args),
         ),
+        **kwargs,
+    )
+
+
+def bedrock_runtime_client(
+    endpoint_url: str | None = None,
+    *,
+    verify: str,
+    proxy: str | None = None,
+    attempts: int = 3,
+    **kwargs: Any,
+) -> Any:
+    """boto3's `bedrock-runtime` client, signing with the stand-in's test credentials. boto3
+    takes a CA bundle path (not an SSLContext) and its proxies from its Config; its standard
+    retry mode, as boto3 ships it, with `attempts` attempts in all."""
+    import boto3
+    from botocore.config import Config
+
+    return boto3.client(
+        "bedrock-runtime",
+        region_name=BEDROCK_REGION,
+        endpoint_url=endpoint_url,
+        aws_access_key_id=wire.AWS_ACCESS_KEY_ID,
+        aws_secret_access_key=wire.AWS_SECRET_ACCESS_KEY,
+        verify=verify,
+        config=Config(
+            proxies={"https": proxy} if proxy else {},
+            retries={"mode": "standard", "total_max_attempts": attempts},
+        ),
+        **kwargs,
+    )
+
+
+def anthropic_bedrock_client(
+    base_url: str | None = None,
+    *,
+    verify: ssl.SSLContext,
+    proxy: str | None = None,
+    **kwargs: Any,
+) -> anthropic.AnthropicBedrock:
+    """anthropic.AnthropicBedrock (InvokeModel for Claude), SigV4-signed with the test credentials."""
+    return anthropic.AnthropicBedrock(
+        aws_region=BEDROCK_REGION,
+        aws_access_key=wire.AWS_ACCESS_KEY_ID,
+        aws_secret_key=wire.AWS_SECRET_ACCESS_KEY,
+        base_url=base_url,
+        http_client=anthropic.DefaultHttpxClient(**_http_kwargs(verify, proxy)),
         **kwargs,
     )

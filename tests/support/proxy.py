@@ -344,8 +344,8 @@ class DrawdownProcess:
         """Environment for an unmodified agent subprocess routed through this proxy.
 
         HTTPS_PROXY/HTTP_PROXY (both cases) point here; NO_PROXY is removed so loopback
-        upstreams are proxied too; SSL_CERT_FILE, REQUESTS_CA_BUNDLE, CURL_CA_BUNDLE and
-        NODE_EXTRA_CA_CERTS name a bundle holding only the proxy CA; SSL_CERT_DIR is
+        upstreams are proxied too; SSL_CERT_FILE, REQUESTS_CA_BUNDLE, CURL_CA_BUNDLE,
+        NODE_EXTRA_CA_CERTS and AWS_CA_BUNDLE name a bundle holding only the proxy CA; SSL_CERT_DIR is
         dropped so nothing else is trusted (the stand-in's CA is the proxy's business).
         """
         env = dict(os.environ if base is None else base)
@@ -363,6 +363,7 @@ class DrawdownProcess:
                 "REQUESTS_CA_BUNDLE": bundle,
                 "CURL_CA_BUNDLE": bundle,
                 "NODE_EXTRA_CA_CERTS": bundle,
+                "AWS_CA_BUNDLE": bundle,
                 "PYTHONUNBUFFERED": "1",
             }
         )
@@ -393,6 +394,19 @@ class DrawdownProcess:
         self, base_url: str | None = None, *, proxy_auth: ProxyAuth | None = None, **kw: Any
     ) -> Any:
         return clients.async_anthropic_client(base_url, **self._client_kwargs(proxy_auth), **kw)
+
+    def bedrock_client(self, *, proxy_auth: ProxyAuth | None = None, **kw: Any) -> Any:
+        """boto3's bedrock-runtime client for us-east-1 through this proxy, trusting its CA."""
+        auth = proxy_auth if proxy_auth is not None else self.proxy_auth
+        return clients.bedrock_runtime_client(
+            verify=str(self.ca_bundle()), proxy=self.proxy_url_for(auth), **kw
+        )
+
+    def anthropic_bedrock_client(
+        self, base_url: str | None = None, *, proxy_auth: ProxyAuth | None = None, **kw: Any
+    ) -> Any:
+        """anthropic.AnthropicBedrock (us-east-1) through this proxy."""
+        return clients.anthropic_bedrock_client(base_url, **self._client_kwargs(proxy_auth), **kw)
 
     def genai_client(
         self, base_url: str | None = None, *, proxy_auth: ProxyAuth | None = None, **kw: Any

@@ -24,8 +24,10 @@ import email.parser
 import email.policy
 import fnmatch
 import gzip
+import hmac
 import itertools
 import json
+import re
 import socket
 import ssl
 import struct
@@ -783,6 +785,7 @@ class StandIn:
                     self._gemini,
                     methods=post,
                 ),
+                Route("/model/{model:path}/{operation}", self._bedrock, methods=post),
                 Route("/{rest:path}", self._generic, methods=_ALL_METHODS),
             ]
         )
@@ -1171,6 +1174,73 @@ class StandIn:
         payload = json.dumps(chunks, indent=2, ensure_ascii=False).encode()
         return self._json_reply(entry, payload, usage, content_type=ctype)
 
+    # Amazon Bedrock Runtime
+
+    async def _bedrock(self, request: Request) -> Response:
+        """Converse, ConverseStream, and InvokeModel(WithResponseStream) for Claude. Like
+        Bedrock, it refuses a request whose SigV4 signature does not cover it as received:
+        a proxy that changed one signed byte (body or header) is caught here."""
+        entry: LoggedRequest = request.scope[_ENTRY]
+        operation: str = request.path_params["operation"]
+        bad_signature = _sigv4_problem(entry, request.scope.get("raw_path") or b"")
+        if bad_signature is not None:
+            return self._bedrock_error(entry, 403, "InvalidSignatureException", bad_signature)
+        body = self._body(entry)
+        if body is None:
+            return self._bedrock_error(entry, 400, "ValidationException", "Malformed input request")
+        ident = self._next_id("")
+        headers = {"x-amzn-requestid": f"standin-{ident}"}
+        if operation in ("converse", "converse-stream"):
+            plan = self._plan("bedrock.converse", body, entry)
+            usage = wire.bedrock_usage(plan.input_tokens, plan.output_tokens, plan.cached_tokens)
+            stop = "max_tokens" if plan.truncated else "end_turn"
+            if operation == "converse":
+                payload = wire.bedrock_converse_json(text=plan.text, usage=usage, stop_reason=stop)
+                return self._json_reply(entry, payload, usage, headers=headers)
+            frames = wire.bedrock_converse_stream(
+                deltas=plan.deltas(), usage=usage, stop_reason=stop
+            )
+            return self._sse_reply(
+                entry, frames, usage, content_type=wire.EVENTSTREAM_TYPE, headers=headers
+            )
+        if operation not in ("invoke", "invoke-with-response-stream"):
+            return self._bedrock_error(entry, 404, "UnknownOperationException", operation)
+        if not isinstance(body.get("anthropic_version"), str) or "model" in body:
+            return self._bedrock_error(entry, 400, "ValidationException", "Malformed input request")
+        plan = self._plan("anthropic.messages", body, entry)
+        usage = wire.anthropic_usage(plan.input_tokens, plan.output_tokens, plan.cached_tokens)
+        stop = "max_tokens" if plan.truncated else "end_turn"
+        name = "claude-3-5-haiku-20241022"  # Bedrock's responses name the model without its id
+        headers.update(
+            {
+                "x-amzn-bedrock-input-token-count": str(plan.input_tokens),
+                "x-amzn-bedrock-output-token-count": str(plan.output_tokens),
+            }
+        )
+        if operation == "invoke":
+            payload = wire.anthropic_message_json(
+                id=f"msg_bdrk_{ident}", model=name, text=plan.text, usage=usage, stop_reason=stop
+            )
+            return self._json_reply(entry, payload, usage, headers=headers)
+        events = wire.anthropic_sse(
+            id=f"msg_bdrk_{ident}", model=name, deltas=plan.deltas(), usage=usage, stop_reason=stop
+        )
+        frames = wire.bedrock_invoke_stream(events, plan.input_tokens, plan.output_tokens)
+        return self._sse_reply(
+            entry, frames, usage, content_type=wire.EVENTSTREAM_TYPE, headers=headers
+        )
+
+    def _bedrock_error(
+        self, entry: LoggedRequest, status: int, error_type: str, message: str
+    ) -> Response:
+        return self._json_reply(
+            entry,
+            wire.bedrock_error(message),
+            None,
+            status=status,
+            headers={"x-amzn-errortype": error_type},
+        )
+
     # Generic tool APIs
 
     async def _generic(self, request: Request) -> Response:
@@ -1215,6 +1285,50 @@ def _image_request(entry: LoggedRequest) -> tuple[dict[str, Any] | None, int]:
         return None, 0
     images = body.get("images")
     return body, (len(images) if isinstance(images, list) else 0) + (1 if body.get("mask") else 0)
+
+
+_SIGV4 = re.compile(
+    r"AWS4-HMAC-SHA256 Credential=(?P<key>[^/]+)/(?P<date>\d{8})/(?P<region>[^/]+)/"
+    r"(?P<service>[^/]+)/aws4_request, ?SignedHeaders=(?P<signed>[^,]+), ?Signature=(?P<sig>[0-9a-f]+)"
+)
+
+
+def _sigv4_problem(entry: LoggedRequest, raw_path: bytes) -> str | None:
+    """Why the request's SigV4 signature does not match it as received (None: it does),
+    recomputed with botocore's signer from the headers the client signed."""
+    from botocore.auth import SigV4Auth
+    from botocore.awsrequest import AWSRequest
+    from botocore.credentials import Credentials
+
+    found = _SIGV4.fullmatch(entry.header("authorization") or "")
+    if found is None:
+        return "Missing or malformed Authorization header"
+    if found["key"] != wire.AWS_ACCESS_KEY_ID:
+        return "The security token included in the request is invalid."
+    names = found["signed"].split(";")
+    headers = {name: entry.header(name) or "" for name in names}
+    query = f"?{entry.query}" if entry.query else ""
+    signed = AWSRequest(
+        method=entry.method,
+        url=f"https://{headers.get('host', '')}{raw_path.decode('latin-1')}{query}",
+        headers=headers,
+        data=entry.body,
+    )
+    signed.context["timestamp"] = headers.get("x-amz-date", "")
+    signer = SigV4Auth(
+        Credentials(wire.AWS_ACCESS_KEY_ID, wire.AWS_SECRET_ACCESS_KEY),
+        found["service"],
+        found["region"],
+    )
+    expected = signer.signature(
+        signer.string_to_sign(signed, signer.canonical_request(signed)), signed
+    )
+    if hmac.compare_digest(expected, found["sig"]):
+        return None
+    return (
+        "The request signature we calculated does not match the signature you provided. "
+        "Check your AWS Secret Access Key and signing method."
+    )
 
 
 def _entry_matches(entry: LoggedRequest, path_glob: str, method: str | None) -> bool:

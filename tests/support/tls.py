@@ -30,6 +30,7 @@ DEFAULT_NAMES: tuple[str, ...] = (
     "api.anthropic.com",
     "generativelanguage.googleapis.com",
     "aiplatform.googleapis.com",
+    "bedrock-runtime.us-east-1.amazonaws.com",
     "*.openai.azure.com",
     "*.cognitiveservices.azure.com",
     "api.stripe.com",

@@ -36,6 +36,7 @@ import base64
 import hashlib
 import json
 import struct
+import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -50,6 +51,7 @@ PROMPT_FIELDS: dict[str, tuple[str, ...]] = {
     "openai.embeddings": ("input",),
     "anthropic.messages": ("system", "messages"),
     "gemini.generate": ("systemInstruction", "contents"),
+    "bedrock.converse": ("system", "messages"),
 }
 
 #: API name -> request body field (dotted) that caps the output tokens.
@@ -59,6 +61,7 @@ MAX_OUTPUT_FIELDS: dict[str, tuple[str, ...]] = {
     "openai.responses": ("max_output_tokens",),
     "anthropic.messages": ("max_tokens",),
     "gemini.generate": ("generationConfig.maxOutputTokens",),
+    "bedrock.converse": ("inferenceConfig.maxTokens",),
 }
 
 _SKIP_KEYS = frozenset({"role", "type"})
@@ -858,3 +861,112 @@ def openai_images_sse(
         done = {"type": f"{kind}.completed", "b64_json": TINY_PNG_B64, **common, "usage": usage}
         events.append(sse_event(_compact(done), f"{kind}.completed"))
     return events
+
+
+# ---------------------------------------------------------------------------- Amazon Bedrock
+
+#: The stand-in's AWS credentials: it checks each request's SigV4 signature with them.
+AWS_ACCESS_KEY_ID = "test-access-key-id"
+AWS_SECRET_ACCESS_KEY = "test-secret-access-key"
+BEDROCK_HOST = "bedrock-runtime.us-east-1.amazonaws.com"
+EVENTSTREAM_TYPE = "application/vnd.amazon.eventstream"
+
+
+def aws_event_message(headers: Mapping[str, str], payload: bytes) -> bytes:
+    """One message of AWS's binary event-stream framing (string headers only): prelude (total
+    and headers lengths, CRC32 of both), headers, payload, CRC32 of all that precedes it."""
+    encoded = b""
+    for name, value in headers.items():
+        raw_name, raw_value = name.encode(), value.encode()
+        encoded += struct.pack(">B", len(raw_name)) + raw_name
+        encoded += struct.pack(">BH", 7, len(raw_value)) + raw_value  # 7: a string value
+    total = 12 + len(encoded) + len(payload) + 4
+    prelude = struct.pack(">II", total, len(encoded))
+    prelude += struct.pack(">I", zlib.crc32(prelude))
+    message = prelude + encoded + payload
+    return message + struct.pack(">I", zlib.crc32(message))
+
+
+def aws_event(event_type: str, payload: Mapping[str, Any]) -> bytes:
+    return aws_event_message(
+        {
+            ":event-type": event_type,
+            ":content-type": "application/json",
+            ":message-type": "event",
+        },
+        _compact(payload).encode(),
+    )
+
+
+def _bedrock_pad(i: int) -> str:
+    # Bedrock pads every stream event with a random "p" field; deterministic here.
+    return "abcdefghijklmnopqrstuvwxyzABCDEFGHIJ"[: 4 + (i * 7) % 30]
+
+
+def bedrock_usage(input_tokens: int, output_tokens: int, cache_read: int = 0) -> dict:
+    """Converse usage: inputTokens leaves out the cache reads and writes; totalTokens holds all."""
+    usage = {
+        "inputTokens": input_tokens,
+        "outputTokens": output_tokens,
+        "totalTokens": input_tokens + cache_read + output_tokens,
+    }
+    if cache_read:
+        usage.update({"cacheReadInputTokens": cache_read, "cacheWriteInputTokens": 0})
+    return usage
+
+
+def bedrock_converse_json(*, text: str, usage: Mapping[str, Any], stop_reason: str) -> bytes:
+    return _compact(
+        {
+            "metrics": {"latencyMs": 412},
+            "output": {"message": {"content": [{"text": text}], "role": "assistant"}},
+            "stopReason": stop_reason,
+            "usage": dict(usage),
+        }
+    ).encode()
+
+
+def bedrock_converse_stream(
+    *, deltas: Sequence[str], usage: Mapping[str, Any], stop_reason: str
+) -> list[bytes]:
+    """messageStart, one contentBlockDelta per piece, contentBlockStop, messageStop, metadata."""
+    events = [("messageStart", {"role": "assistant"})]
+    events += [
+        ("contentBlockDelta", {"contentBlockIndex": 0, "delta": {"text": d}}) for d in deltas
+    ]
+    events += [
+        ("contentBlockStop", {"contentBlockIndex": 0}),
+        ("messageStop", {"stopReason": stop_reason}),
+        ("metadata", {"metrics": {"latencyMs": 388}, "usage": dict(usage)}),
+    ]
+    return [
+        aws_event(name, {**payload, "p": _bedrock_pad(i)})
+        for i, (name, payload) in enumerate(events)
+    ]
+
+
+def bedrock_invoke_stream(
+    sse_events: Sequence[bytes], input_tokens: int, output_tokens: int
+) -> list[bytes]:
+    """InvokeModelWithResponseStream for Claude: each Anthropic SSE event's JSON, base64, as the
+    `bytes` of a `chunk` event (pings are not sent); the last adds Bedrock's invocation metrics."""
+    messages = []
+    for i, event in enumerate(sse_events):
+        data = next(line[6:] for line in event.decode().splitlines() if line.startswith("data: "))
+        obj = json.loads(data)
+        if obj.get("type") == "ping":
+            continue
+        if obj.get("type") == "message_stop":
+            obj["amazon-bedrock-invocationMetrics"] = {
+                "inputTokenCount": input_tokens,
+                "outputTokenCount": output_tokens,
+                "invocationLatency": 512,
+                "firstByteLatency": 101,
+            }
+        encoded = base64.b64encode(_compact(obj).encode()).decode()
+        messages.append(aws_event("chunk", {"bytes": encoded, "p": _bedrock_pad(i)}))
+    return messages
+
+
+def bedrock_error(message: str) -> bytes:
+    return _compact({"message": message}).encode()

@@ -60,6 +60,7 @@ def test_env_prints_what_an_agent_needs(tmp_path: Path, capsys: pytest.CaptureFi
         lines["REQUESTS_CA_BUNDLE"]
         == lines["NODE_EXTRA_CA_CERTS"]
         == lines["CURL_CA_BUNDLE"]  # curl reads it first: a preset value would win
+        == lines["AWS_CA_BUNDLE"]  # boto3 (Bedrock) reads it first: a preset value would win
         == str(bundle)
     )
     assert lines["NODE_USE_ENV_PROXY"] == "1"  # else Node's fetch ignores HTTPS_PROXY

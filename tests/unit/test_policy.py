@@ -612,3 +612,40 @@ def test_loop_retries_is_a_count_from_zero(tmp_path: Path) -> None:
     assert problems(tmp_path, text % ", retries: two") == [
         f"{f}:2: anomalies.loop.retries must be a whole number ≥ 0, not 'two'"
     ]
+
+
+def test_the_shipped_policies_meter_bedrock_in_every_region() -> None:
+    """boto3's bedrock-runtime client and AnthropicBedrock call bedrock-runtime.REGION.amazonaws.com."""
+    from drawdown.classify import RequestView, classify
+
+    for name in ("default.yaml", "example.yaml"):
+        policy = load_policy(ROOT / "policies" / name)
+        for host in (
+            "bedrock-runtime.us-east-1.amazonaws.com",
+            "bedrock-runtime.eu-west-3.amazonaws.com",
+        ):
+            view = RequestView(
+                "POST", host, 443, "/model/amazon.nova-pro-v1%3A0/converse", {}, {}, b"{}"
+            )
+            action = classify(policy, view).action
+            assert action is not None and action.provider == "bedrock" and action.is_llm, (
+                name,
+                host,
+            )
+
+
+def test_a_bedrock_action_takes_a_price_but_no_cost(tmp_path: Path) -> None:
+    policy = load_policy(
+        write(
+            tmp_path,
+            "actions:\n"
+            "  - {kind: llm, provider: bedrock, match: {host: bedrock-runtime.us-east-1.amazonaws.com},"
+            " price: {input: 1, output: 2}}\n",
+        )
+    )
+    assert policy.actions[0].price is not None
+    found = problems(
+        tmp_path,
+        "actions:\n  - {kind: llm, provider: bedrock, match: {host: x.example}, cost: {usd: 1}}\n",
+    )
+    assert any("priced from its tokens" in p for p in found), found

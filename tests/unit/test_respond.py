@@ -90,3 +90,50 @@ def test_mcp_denial_is_a_jsonrpc_error_for_the_request_id() -> None:
     assert [e["id"] for e in batch] == [1, "b"]
     # A notification (no id) cannot get a JSON-RPC answer: a plain JSON error with the HTTP status.
     assert denial("mcp", "not_authorized", "no", jsonrpc_ids=[]).status == 403
+
+
+@pytest.mark.parametrize(
+    ("reason", "status", "retry_after", "code", "retried"),
+    [
+        ("budget_exhausted", None, None, "ServiceQuotaExceededException", False),
+        ("budget_exhausted", 429, 30, "ThrottlingException", True),  # a window: worth a retry
+        ("anomaly", None, None, "AccessDeniedException", False),  # a retry would repeat it
+        ("not_authorized", None, None, "AccessDeniedException", False),
+        ("bad_request", None, None, "ValidationException", False),
+        ("body_too_large", None, None, "ValidationException", False),
+        ("shutting_down", None, None, "ServiceUnavailableException", True),
+    ],
+)
+def test_bedrock_denials_are_client_errors_boto3_retries_only_when_it_should(
+    reason: str, status: int | None, retry_after: int | None, code: str, retried: bool
+) -> None:
+    """boto3 reads Bedrock's error type from `x-amzn-ErrorType` and the message from the JSON
+    body; its standard retry mode (boto3's default) decides on that code and the status."""
+    import boto3
+
+    made = denial("bedrock", reason, "drawdown: no", status=status, retry_after=retry_after)
+    client = boto3.client(
+        "bedrock-runtime", region_name="us-east-1", aws_access_key_id="a", aws_secret_access_key="b"
+    )
+    for name in ("Converse", "ConverseStream", "InvokeModel", "InvokeModelWithResponseStream"):
+        _check_boto3_reading(client.meta.service_model.operation_model(name), made, code, retried)
+
+
+def _check_boto3_reading(operation, made, code: str, retried: bool) -> None:
+    from botocore.awsrequest import AWSResponse
+    from botocore.parsers import create_parser
+    from botocore.retries.standard import RetryContext, StandardRetryConditions
+
+    headers = dict(made.headers)
+    parsed = create_parser("rest-json").parse(
+        {"status_code": made.status, "headers": headers, "body": made.body},
+        operation.output_shape,
+    )
+    assert parsed["Error"] == {"Code": code, "Message": "drawdown: no"}
+    context = RetryContext(
+        attempt_number=1,
+        operation_model=operation,
+        parsed_response=parsed,
+        http_response=AWSResponse("https://x", made.status, headers, None),
+    )
+    assert StandardRetryConditions().is_retryable(context) is retried

@@ -43,15 +43,18 @@ from .tokens import count_tokens, encoding_for
 from .types import LLMRequest, Measurement, MeterRequestError, TokenUsage
 
 
-def warm_up() -> None:
+def warm_up(*, bedrock: bool = False) -> None:
     """Load the tiktoken encodings and genai-prices' price data now (hundreds of ms), so the
-    first request does not pay for them on the proxy's event loop."""
+    first request does not pay for them on the proxy's event loop; with `bedrock`, botocore's
+    event-stream parser too (its first stream would import it there)."""
     from .tokens import encoding_name_for
 
     for model in ("gpt-4o", "gpt-4"):
         count_tokens("warm up", model)
         encoding_name_for(model)
     price_usage("openai", "gpt-4o-mini", TokenUsage(input_tokens=1, output_tokens=1), MeterConfig())
+    if bedrock:
+        import botocore.eventstream  # noqa: F401
 
 
 __all__ = [

@@ -10,7 +10,7 @@ from types import MappingProxyType
 from typing import Protocol
 
 from ..money import MAX_AMOUNT, MAX_USD, format_usd
-from . import anthropic, gemini, openai, openai_images
+from . import anthropic, bedrock, gemini, openai, openai_images
 from ._util import Extracted, ParsedRequest, kind, loads, parse_body
 from .config import MeterConfig, PricePerMillion, model_family
 from .decode import Decoder, UnsupportedEncoding, make_decoder
@@ -63,6 +63,9 @@ def _route(provider: str, method: str, path: str) -> tuple[str, str | None, bool
         endpoint, model = gemini.route(method, path)
         metered = endpoint not in ("other", "countTokens") and model is not None
         return endpoint, model, endpoint == "streamGenerateContent", metered
+    if provider == "bedrock":
+        endpoint, model, stream = bedrock.route(method, path)
+        return endpoint, model, stream, bedrock.metered(endpoint, model)
     return "other", None, False, False
 
 
@@ -140,6 +143,9 @@ def parse(provider: str, method: str, path: str, body: bytes) -> ParsedRequest |
         return openai.parse_request(endpoint, parse_body(body), path_model, body)
     if provider == "anthropic":
         return anthropic.parse_request(parse_body(body), path_model, path_stream)
+    if provider == "bedrock":
+        assert path_model is not None  # a metered Bedrock call names its model in the path
+        return bedrock.parse_request(endpoint, path_model, path_stream, parse_body(body))
     assert path_model is not None  # a metered Gemini call names its model in the path
     return gemini.parse_request(endpoint, path_model, parse_body(body))
 
@@ -184,7 +190,8 @@ def inspect_request(
     parsed = parse(provider, method, path.split("?", 1)[0], body)
     if isinstance(parsed, LLMRequest):
         return parsed
-    if not inject_include_usage:
+    if not inject_include_usage or provider == "bedrock":
+        # Bedrock: the body is SigV4-signed, so it is never rewritten (nor a stream's bytes).
         parsed.rewritten_body, parsed.strip_usage_chunk = None, False
     model = parsed.model
     factor = config.safety_factor(provider, model)
@@ -339,6 +346,8 @@ def _extract_json(request: LLMRequest, obj: object) -> Extracted:
         return anthropic.extract_json(obj)
     if request.provider == "gemini":
         return gemini.extract_json(obj, request.model)
+    if request.provider == "bedrock":
+        return bedrock.extract_json(request.endpoint, obj)
     return Extracted()
 
 
@@ -363,9 +372,10 @@ def measure_body(
     if not request.billable:
         return _zero(request)
     obj = loads(body) if body else None
-    if obj is None and body and _looks_like_sse(body):
+    if obj is None and body and (_looks_like_sse(body) or _is_bedrock_stream(request)):
         # A streamed response the proxy buffered after all.
-        meter = StreamMeter(request, "text/event-stream", None, config, price_override, status)
+        ctype = bedrock.EVENTSTREAM_TYPE if _is_bedrock_stream(request) else "text/event-stream"
+        meter = StreamMeter(request, ctype, None, config, price_override, status)
         meter.feed(body)
         return meter.finish()[1]
     return _measurement(request, _extract_json(request, obj), status, config, price_override)
@@ -376,9 +386,15 @@ class _StreamState(Protocol):
     def result(self) -> Extracted: ...
 
 
+def _is_bedrock_stream(request: LLMRequest) -> bool:
+    return request.provider == "bedrock" and request.stream
+
+
 def _stream_state(request: LLMRequest) -> _StreamState:
     if request.provider == "anthropic":
         return anthropic.MessagesStream()
+    if request.provider == "bedrock":
+        return bedrock.InvokeStream() if request.endpoint == "invoke" else bedrock.ConverseStream()
     if request.provider == "gemini":
         return gemini.GenerateStream(request.model)
     if request.endpoint == "responses":
@@ -423,10 +439,13 @@ class StreamMeter:
             self._sse and request.strip_usage_chunk and self._state is not None and not self._broken
         )
         self._parser: SSEParser | None = None
+        self._frames: bedrock.EventStreamReader | None = None
         self._body: bytearray | None = None
         if self._state is not None and not self._broken:
             if self._sse:
                 self._parser = SSEParser(self._state.on_event, keep_raw=self.rewrites)
+            elif bedrock.EVENTSTREAM_TYPE in (content_type or "").lower():
+                self._frames = bedrock.EventStreamReader(self._state.on_event)
             else:
                 self._body = bytearray()
 
@@ -434,7 +453,9 @@ class StreamMeter:
         if self._broken:
             # Rewriting, the client was promised decoded bytes; undecodable ones are useless.
             return b"" if self.rewrites and self._decoder is not None else chunk
-        if self._result is not None or (self._parser is None and self._body is None):
+        if self._result is not None or (
+            self._parser is None and self._frames is None and self._body is None
+        ):
             return chunk
         try:
             data = self._decoder.decode(chunk) if self._decoder is not None else chunk
@@ -445,6 +466,9 @@ class StreamMeter:
             if self._parser is not None:
                 out = self._parser.feed(data)
                 return out if self.rewrites else chunk
+            if self._frames is not None:
+                self._frames.feed(data)  # a bad CRC raises: parsing stops, bytes flow on
+                return chunk
             if self._body is not None:
                 if len(self._body) + len(data) <= MAX_BUFFERED_BODY:
                     self._body += data
@@ -465,6 +489,9 @@ class StreamMeter:
                 tail = self._decoder.flush() if self._decoder is not None else b""
                 if self._parser is not None:
                     out = (self._parser.feed(tail) if tail else b"") + self._parser.finish()
+                elif self._frames is not None:
+                    if tail:
+                        self._frames.feed(tail)
                 elif self._body is not None:
                     self._body += tail
         except Exception:

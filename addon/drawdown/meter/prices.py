@@ -20,7 +20,7 @@ _MILLION = Decimal(1_000_000)
 _CTX = decimal.Context(prec=60, rounding=decimal.ROUND_CEILING)
 
 # drawdown provider name -> genai-prices provider id
-PROVIDER_IDS = {"openai": "openai", "anthropic": "anthropic", "gemini": "google"}
+PROVIDER_IDS = {"openai": "openai", "anthropic": "anthropic", "gemini": "google", "bedrock": "aws"}
 
 # Measurement.extras keys that genai-prices can price, and the genai-prices usage key.
 EXTRA_UNITS = {"web_search_calls": "web_searches", "file_search_calls": "storage_searches"}

@@ -69,7 +69,7 @@ class Action:
 
     @property
     def is_llm(self) -> bool:
-        return self.provider in ("openai", "anthropic", "gemini")
+        return self.provider in ("openai", "anthropic", "gemini", "bedrock")
 
     @property
     def where(self) -> str:

@@ -63,7 +63,7 @@ DEFAULT_IDENTITY: dict[str, tuple[Source, ...]] = {
     ),
 }
 
-PROVIDERS = ("openai", "anthropic", "gemini", "mcp")
+PROVIDERS = ("openai", "anthropic", "gemini", "bedrock", "mcp")
 _KIND = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
 _HEADER = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")
 
@@ -435,7 +435,7 @@ def _action(check: _Checker, actions: LList, index: int) -> Action | None:
     cost_map = check.mapping(item, "cost", "cost") if "cost" in item else None
     if cost_map is not None and check.keys(cost_map, ("usd",), "cost", required=("usd",)):
         cost = check.usd(cost_map, "usd", "cost.usd")
-    if "cost" in item and provider in ("openai", "anthropic", "gemini"):
+    if "cost" in item and provider in ("openai", "anthropic", "gemini", "bedrock"):
         check.error(
             item, "cost", "an LLM action is priced from its tokens; 'cost' is for tool actions"
         )
@@ -452,7 +452,7 @@ def _action(check: _Checker, actions: LList, index: int) -> Action | None:
         ok = False
     price = None
     if "price" in item:
-        if provider not in ("openai", "anthropic", "gemini"):
+        if provider not in ("openai", "anthropic", "gemini", "bedrock"):
             check.error(item, "price", "'price' (per million tokens) applies to LLM actions only")
             ok = False
         elif (price_map := check.mapping(item, "price", "price")) is not None:

@@ -379,6 +379,11 @@ def test_openai_paths():
         ("gemini", "POST", "/v1beta/models/gemini-2.5-flash:countTokens", "free"),
         ("gemini", "POST", "/v1beta/models/imagen-4.0-generate-001:predict", "step"),
         ("gemini", "GET", "/v1beta/models", "free"),
+        ("bedrock", "POST", "/model/amazon.nova-pro-v1%3A0/converse-stream", "tokens"),
+        ("bedrock", "POST", "/model/anthropic.claude-3-haiku-20240307-v1%3A0/invoke", "tokens"),
+        ("bedrock", "POST", "/model/meta.llama3-8b-instruct-v1%3A0/invoke", "step"),
+        ("bedrock", "POST", "/model/amazon.nova-pro-v1%3A0/count-tokens", "free"),
+        ("bedrock", "GET", "/async-invoke", "free"),
     ],
 )
 def test_what_a_call_the_meter_cannot_price_per_token_is_charged(provider, method, path, charged):

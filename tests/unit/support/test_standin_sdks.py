@@ -10,7 +10,7 @@ import asyncio
 
 import pytest
 
-from tests.support import clients
+from tests.support import clients, wire
 from tests.support.standin import StandIn
 from tests.support.wire import DEFAULT_REPLY_TEXT, expected_input_tokens
 
@@ -338,3 +338,89 @@ def test_usage_override_is_reported_verbatim(standin: StandIn, openai_direct) ->
         extra_headers={"x-standin-output-tokens": "2"},
     )
     assert r2.usage.completion_tokens == 2  # a header beats the sticky override
+
+
+# ---------------------------------------------------------------------------- Amazon Bedrock
+
+
+@pytest.fixture
+def bedrock_direct(standin: StandIn):
+    return clients.bedrock_runtime_client(standin.url, verify=standin.ca_path)
+
+
+BEDROCK_MESSAGES = [{"role": "user", "content": [{"text": "Name three primary colours please"}]}]
+
+
+def test_bedrock_converse_and_stream(standin: StandIn, bedrock_direct) -> None:
+    model = "us.anthropic.claude-3-5-haiku-20241022-v1:0"
+    r = bedrock_direct.converse(
+        modelId=model, messages=BEDROCK_MESSAGES, system=[{"text": "Be terse."}]
+    )
+    assert r["output"]["message"]["content"][0]["text"] == DEFAULT_REPLY_TEXT
+    assert r["usage"] == {
+        "inputTokens": 7,
+        "outputTokens": REPLY_WORDS,
+        "totalTokens": 7 + REPLY_WORDS,
+    }
+    assert standin.last().path == f"/model/{model}/converse"
+    events = list(
+        bedrock_direct.converse_stream(
+            modelId=model, messages=BEDROCK_MESSAGES, inferenceConfig={"maxTokens": 3}
+        )["stream"]
+    )
+    deltas = [e["contentBlockDelta"]["delta"]["text"] for e in events if "contentBlockDelta" in e]
+    assert deltas == ["This", " is", " a"]
+    assert events[-2] == {"messageStop": {"stopReason": "max_tokens"}}
+    assert events[-1]["metadata"]["usage"] == {
+        "inputTokens": 5,
+        "outputTokens": 3,
+        "totalTokens": 8,
+    }
+
+
+def test_bedrock_claude_invoke_with_anthropic_bedrock(standin: StandIn) -> None:
+    with clients.anthropic_bedrock_client(standin.url, verify=standin.ssl_context()) as client:
+        message = client.messages.create(
+            model="anthropic.claude-3-5-haiku-20241022-v1:0",
+            max_tokens=50,
+            messages=[{"role": "user", "content": "one two three"}],
+        )
+        with client.messages.stream(
+            model="global.anthropic.claude-sonnet-4-5-20250929-v1:0",
+            max_tokens=2,
+            messages=[{"role": "user", "content": "one two"}],
+        ) as stream:
+            text = "".join(stream.text_stream)
+            final = stream.get_final_message()
+    assert (message.usage.input_tokens, message.usage.output_tokens) == (3, REPLY_WORDS)
+    assert (text, final.usage.input_tokens, final.usage.output_tokens) == ("This is", 2, 2)
+    assert standin.last().header("content-type") is not None
+    assert standin.last().status == 200
+
+
+def test_bedrock_refuses_a_request_its_signature_does_not_cover(standin: StandIn) -> None:
+    """As Bedrock: one signed byte changed on the way (or a wrong secret) is a 403."""
+    import boto3
+    from botocore.exceptions import ClientError
+
+    client = boto3.client(
+        "bedrock-runtime",
+        region_name="us-east-1",
+        endpoint_url=standin.url,
+        aws_access_key_id=wire.AWS_ACCESS_KEY_ID,
+        aws_secret_access_key="not-the-secret",
+        verify=standin.ca_path,
+    )
+    with pytest.raises(ClientError) as caught:
+        client.converse(modelId="amazon.nova-pro-v1:0", messages=BEDROCK_MESSAGES)
+    assert caught.value.response["Error"]["Code"] == "InvalidSignatureException"
+    signed = clients.bedrock_runtime_client(standin.url, verify=standin.ca_path)
+
+    def tamper(request, **_: object) -> None:  # after signing: a proxy rewriting the body
+        request.data = request.body.replace(b"three", b"four")
+        request.headers["Content-Length"] = str(len(request.data))
+
+    signed.meta.events.register_last("before-send.bedrock-runtime.Converse", tamper)
+    with pytest.raises(ClientError) as caught:
+        signed.converse(modelId="amazon.nova-pro-v1:0", messages=BEDROCK_MESSAGES)
+    assert caught.value.response["Error"]["Code"] == "InvalidSignatureException"
