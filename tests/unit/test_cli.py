@@ -912,3 +912,19 @@ def test_explain_takes_any_method_token(method: str, capsys: pytest.CaptureFixtu
          "https://api.openai.com/v1/models", "--method", method]
     )  # fmt: skip
     assert code == 0 and capsys.readouterr().err == ""
+
+
+def test_version_names_drawdown_and_the_mitmproxy_it_runs_on(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`drawdown --version` was a usage error ("the following arguments are required:
+    COMMAND"); a user told to upgrade (a ledger from a newer drawdown) could not tell which
+    one they ran."""
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as exited:
+        main(["--version"])
+    assert exited.value.code == 0
+    assert capsys.readouterr().out == (
+        f"drawdown {version('drawdown')} (mitmproxy {version('mitmproxy')})\n"
+    )
