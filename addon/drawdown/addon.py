@@ -19,7 +19,9 @@ import hashlib
 import ipaddress
 import json
 import logging
+import os
 import secrets
+import ssl
 import time
 import weakref
 from collections.abc import Awaitable, Callable, Sequence
@@ -116,6 +118,27 @@ def _seconds(name: str, text: str, *, zero: bool = False) -> float:
             f"{name} must be a number of seconds, e.g. 0.5 or 5; got {text!r}"
         )
     return value
+
+
+def _check_upstream_trust(cafile: str | None, capath: str | None) -> None:
+    """Refuse at start an upstream CA file or folder that cannot be loaded: mitmproxy loads it
+    for each upstream connection, so each call got a 502 and a traceback in the log instead."""
+    if cafile:
+        reason = ""
+        try:
+            ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=cafile)
+        except ssl.SSLError:  # an OSError too: caught first
+            reason = "no PEM certificate OpenSSL can read in it"
+        except OSError as exc:
+            reason = exc.strerror or str(exc)
+        if reason:
+            raise exceptions.OptionsError(
+                f"ssl_verify_upstream_trusted_ca: cannot load certificates from {cafile} ({reason})"
+            )
+    if capath and not os.path.isdir(capath):
+        raise exceptions.OptionsError(
+            f"ssl_verify_upstream_trusted_confdir: {capath} is not a folder of certificates"
+        )
 
 
 @dataclass
@@ -511,6 +534,11 @@ class Drawdown:
             raise exceptions.OptionsError(
                 "stream_large_bodies cannot be used with drawdown: it forwards large requests "
                 "before drawdown has decided on them (event streams are streamed regardless)"
+            )
+        if updated & {"ssl_verify_upstream_trusted_ca", "ssl_verify_upstream_trusted_confdir"}:
+            _check_upstream_trust(
+                ctx.options.ssl_verify_upstream_trusted_ca,
+                ctx.options.ssl_verify_upstream_trusted_confdir,
             )
         if "drawdown_mode" in updated and ctx.options.drawdown_mode not in (
             "",

@@ -32,6 +32,8 @@ so do handoff and the report's steps (`not_steps`).
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import math
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
@@ -372,6 +374,12 @@ def step_count(
     by_agent: dict[tuple[Any, Any], list[dict[str, Any]]] = defaultdict(list)
     for run in history:
         by_agent[(run.get("tenant"), run.get("agent"))].append(run)
+    # Each agent's runs sorted once, so that a run finds those started before it by bisection
+    # (sorting them again for every run made reports on a ledger of 20,000 runs take minutes).
+    started: dict[tuple[Any, Any], list[float]] = {}
+    for key, runs in by_agent.items():
+        runs.sort(key=lambda r: r["started"])  # stable: ties keep the ledger's order
+        started[key] = [r["started"] for r in runs]
     found = []
     for scope, scope_rows in _by_scope(rows).items():
         first = scope_rows[0]
@@ -379,8 +387,8 @@ def step_count(
             continue
         # The guard refuses a covered request once `max` steps precede it in the scope.
         counted = _counted(scope_rows, retries)
-        before = [sum(counted[:i]) for i in range(len(scope_rows))]
-        steps = sum(counted)
+        before = list(itertools.accumulate(counted, initial=0))
+        steps = before.pop()
         over = [
             r for r, n in zip(scope_rows, before, strict=True)
             if n >= limit and detector.covers(r["action"])
@@ -394,14 +402,16 @@ def step_count(
             )
             found.append(anomaly)
             continue
-        earlier = sorted(
-            (
-                r
-                for r in by_agent.get((first.get("tenant"), first.get("agent")), [])
-                if r["started"] < first["ts"] and r["scope"] != scope
-            ),
-            key=lambda r: r["started"],
-        )[-window:]
+        key = (first.get("tenant"), first.get("agent"))
+        runs = by_agent.get(key, [])
+        # The last `window` of the agent's other runs started before this one, oldest first.
+        earlier: list[dict[str, Any]] = []
+        i = bisect.bisect_left(started.get(key, []), first["ts"])
+        while i > 0 and len(earlier) < window:
+            i -= 1
+            if runs[i]["scope"] != scope:
+                earlier.append(runs[i])
+        earlier.reverse()
         if len(earlier) < minimum:
             continue
         expected = percentile([int(r["steps"]) for r in earlier], pct)
@@ -574,14 +584,31 @@ def detect(
     # explains them; one with no matching flag (the report was run with other settings than the
     # proxy) stands alone.
     alone: dict[tuple[str, str, Any], Anomaly] = {}
+    # Lookups kept as `found` grows, each keeping the first anomaly in `found`'s order (scanning
+    # every anomaly's evidence for each refused request was quadratic in the guarded runs).
+    by_request: dict[tuple[str, str], Anomaly] = {}  # (kind, request id in its evidence)
+    by_run: dict[tuple[str, str], Anomaly] = {}  # (kind, its scope or one of its runs)
+    # (id(anomaly), "evidence" | "denied" | "would_deny") → the ids in that list
+    listed: dict[tuple[int, str], set[str]] = defaultdict(set)
+
+    def index(anomaly: Anomaly) -> None:
+        for request_id in anomaly.evidence:
+            by_request.setdefault((anomaly.kind, request_id), anomaly)
+        for run_scope in (anomaly.scope, *anomaly.runs):
+            by_run.setdefault((anomaly.kind, run_scope), anomaly)
+        listed[(id(anomaly), "evidence")].update(anomaly.evidence)
+
+    for anomaly in found:
+        index(anomaly)
+    repeats: dict[tuple[str, Any], list[dict[str, Any]]] | None = None  # a loop's requests
     for (kind, scope), denied in _guard_denials(rows).items():
         for row in denied:
             # The anomaly whose evidence holds this request (a loop: the same fingerprint),
             # else one of the same kind on this run (a run refused after its first request).
-            candidates = [a for a in found if a.kind == kind]
-            match = next((a for a in candidates if row["request_id"] in a.evidence), None)
+            request_id = row["request_id"]
+            match = by_request.get((kind, request_id))
             if match is None and kind != "loop":
-                match = next((a for a in candidates if a.scope == scope or scope in a.runs), None)
+                match = by_run.get((kind, scope))
             if match is None:
                 key = (kind, scope, row.get("fingerprint") if kind == "loop" else None)
                 match = alone.get(key)
@@ -589,20 +616,24 @@ def detect(
                     involved = [row]
                     detail = row.get("reason") or kind
                     if kind == "loop" and row.get("fingerprint"):
-                        involved = [
-                            r
-                            for r in rows
-                            if r["scope"] == scope and r.get("fingerprint") == row["fingerprint"]
-                        ]
+                        if repeats is None:
+                            repeats = defaultdict(list)
+                            for r in rows:
+                                repeats[(r["scope"], r.get("fingerprint"))].append(r)
+                        involved = repeats[(scope, row["fingerprint"])]
                         detail += f" (body #{row['fingerprint'][:8]})"
                     match = alone[key] = _run_of(involved[0], kind, detail, involved)
                     found.append(match)
+                    index(match)
             match.on_detect = "deny"
-            refused = match.denied if row.get("decision") == "deny" else match.would_deny
-            if row["request_id"] not in refused:
-                refused.append(row["request_id"])
-            if row["request_id"] not in match.evidence:
-                match.evidence.append(row["request_id"])
+            which = "denied" if row.get("decision") == "deny" else "would_deny"
+            if request_id not in listed[(id(match), which)]:
+                listed[(id(match), which)].add(request_id)
+                getattr(match, which).append(request_id)
+            if request_id not in listed[(id(match), "evidence")]:
+                listed[(id(match), "evidence")].add(request_id)
+                match.evidence.append(request_id)
+                by_request.setdefault((kind, request_id), match)
     for anomaly in found:
         if anomaly.on_detect == "flag" and settings.get(anomaly.kind).on_detect == "deny":
             anomaly.on_detect = "deny"

@@ -11,6 +11,10 @@ import signal
 import sys
 from pathlib import Path
 
+from mitmproxy.version import VERSION as MITMPROXY
+
+from . import __version__
+
 DEFAULT_LISTEN = "127.0.0.1:8080"
 DEFAULT_DB = "./drawdown.db"
 DEFAULT_CONFDIR = "~/.drawdown"
@@ -672,6 +676,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="drawdown",
         description="Runtime authority for AI agents: a proxy that reserves before and commits after every call.",
+    )
+    parser.add_argument(
+        "--version", action="version", version=f"drawdown {__version__} (mitmproxy {MITMPROXY})"
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 

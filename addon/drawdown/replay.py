@@ -129,7 +129,9 @@ class Simulation:
         self.policy = policy
         # (budget key, instance scope, window start) -> [spent usd, tokens, requests, reserved …]
         self.instances: dict[tuple[str, str, int], list[int]] = defaultdict(lambda: [0] * 6)
-        self.facts: set[tuple[str, str, str, str]] = set()
+        # (scope, field, value) -> the action kinds that succeeded with it: what `requires` asks
+        # for, looked up, not searched (a search per request made replay quadratic)
+        self.facts: dict[tuple[str, str, str], set[str]] = defaultdict(set)
         self.pending: list[_Pending] = []
         self.repeats: Counter[tuple[str, str]] = Counter()  # (scope, fingerprint) -> decisions
         self.steps: Counter[str] = Counter()  # scope -> decisions
@@ -160,16 +162,12 @@ class Simulation:
                 if item.actual is not None:
                     cell[i] += item.actual.get(unit)
         if item.actual is not None:
-            self.facts.update(item.facts)
+            for scope, action, name, value in item.facts:
+                self.facts[(scope, name, value)].add(action)
 
     def history(self, scope: str, actions: Sequence[str], name: str, value: str | None) -> bool:
-        return any(
-            s == scope
-            and f == name
-            and v == (value or "")
-            and any(fnmatchcase(a, g) for g in actions)
-            for s, a, f, v in self.facts
-        )
+        done = self.facts.get((scope, name, value or ""), ())
+        return any(fnmatchcase(a, g) for a in done for g in actions)
 
     def check_guards(self, row: dict[str, Any], guards: Guards) -> tuple[str, str] | None:
         """(detector, detail) when a guard refuses — the same counts as the ledger's `plan.Counts.trip`."""

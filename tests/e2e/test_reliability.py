@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import shutil
 import socket
 import sqlite3
@@ -452,6 +453,36 @@ def test_corrupted_ledger_keeps_the_proxy_up(
     assert (
         b"overwritten by accident" in db.read_bytes()[:100]
     )  # drawdown never "repairs" a ledger by replacing it
+
+
+def test_a_ledger_whose_folder_cannot_be_made_keeps_the_proxy_up(
+    drawdown_proxy: Factory, standin: StandIn, tmp_path: Path
+) -> None:
+    """`--db` in a folder drawdown cannot make (a file in the way; or, for a user who is not
+    root, /var/lib) ended `drawdown run` with mkdir's traceback; a ledger it cannot open
+    otherwise keeps the proxy up, refusing per on_ledger_error until the ledger opens."""
+    in_the_way = tmp_path / "ledgers"
+    in_the_way.write_text("a file where the ledger's folder should be\n")
+    proxy = drawdown_proxy(
+        policy(),
+        db=in_the_way / "drawdown.db",
+        extra_args=["--set", "drawdown_maintenance_interval=0.2"],
+    )
+    with proxy.openai_client(max_retries=0) as client:
+        with pytest.raises(openai.APIStatusError) as caught:
+            chat(client)
+        assert caught.value.status_code == 503
+        proxy.wait_for_log(
+            re.escape(
+                f"cannot open ledger {in_the_way / 'drawdown.db'}: its folder {in_the_way} cannot be made"
+            )
+        )
+        assert standin.count("*") == 0 and "Traceback" not in proxy.log_text()
+        in_the_way.unlink()  # the user makes room: the proxy opens the ledger by itself
+        proxy.wait_for_log("is available again")
+        chat(client)
+    assert standin.count("/v1/chat/completions") == 1
+    verify(in_the_way / "drawdown.db")
 
 
 # --- a crash with calls in flight -------------------------------------------------------------

@@ -526,6 +526,37 @@ def test_a_broken_ca_is_one_line_before_anything_starts(
     )
 
 
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ("ssl_verify_upstream_trusted_ca=missing.pem", "(No such file or directory)"),
+        (
+            "ssl_verify_upstream_trusted_ca=garbage.pem",
+            "(no PEM certificate OpenSSL can read in it)",
+        ),
+        ("ssl_verify_upstream_trusted_confdir=missing", "is not a folder of certificates"),
+    ],
+)
+def test_an_upstream_ca_that_cannot_be_loaded_is_one_line_before_anything_starts(
+    tmp_path: Path, setting: str, message: str
+) -> None:
+    """The README's `--set ssl_verify_upstream_trusted_ca=/path/ca.pem` with a wrong path
+    started the proxy, and every call got a 502 and a traceback in its log. (A subprocess, so
+    that a proxy that wrongly starts fails the test by its timeout.)"""
+    (tmp_path / "garbage.pem").write_text("not a certificate\n")
+    name, _, value = setting.partition("=")
+    result = subprocess.run(
+        [sys.executable, "-m", "drawdown", *run_args(tmp_path, tmp_path / "conf"),
+         "--set", f"{name}={tmp_path / value}"],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert result.stdout == ""
+    assert result.stderr.startswith(f"drawdown: {name}: ")
+    assert result.stderr.endswith(f"{message}\n") and str(tmp_path / value) in result.stderr
+    assert result.stderr.count("\n") == 1
+
+
 @pytest.mark.parametrize("command", ["run", "env"])
 def test_a_confdir_that_is_a_file_is_named(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str
@@ -882,3 +913,19 @@ def test_explain_takes_any_method_token(method: str, capsys: pytest.CaptureFixtu
          "https://api.openai.com/v1/models", "--method", method]
     )  # fmt: skip
     assert code == 0 and capsys.readouterr().err == ""
+
+
+def test_version_names_drawdown_and_the_mitmproxy_it_runs_on(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`drawdown --version` was a usage error ("the following arguments are required:
+    COMMAND"); a user told to upgrade (a ledger from a newer drawdown) could not tell which
+    one they ran."""
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as exited:
+        main(["--version"])
+    assert exited.value.code == 0
+    assert capsys.readouterr().out == (
+        f"drawdown {version('drawdown')} (mitmproxy {version('mitmproxy')})\n"
+    )

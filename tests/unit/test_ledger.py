@@ -776,9 +776,10 @@ def test_the_failed_attempts_have_an_index_of_their_own(backend: LedgerBackend) 
         plan = " ".join(r[-1] for r in backend.rows(f"EXPLAIN QUERY PLAN {FAILED}", "s"))
         assert "idx_decisions_failed" in plan
     else:
+        # This test's schema only: the server may hold other ledgers (a `drawdown run` on it).
         found = backend.rows(
-            "SELECT indexdef FROM pg_indexes WHERE indexname = 'idx_decisions_failed' "
-            "AND schemaname = current_schema()"  # another ledger on the server has its own
+            "SELECT indexdef FROM pg_indexes "
+            "WHERE indexname = 'idx_decisions_failed' AND schemaname = current_schema()"
         )
         assert len(found) == 1 and "status >= 500" in found[0][0]
         from drawdown.ledger.pg_guards import FAILED

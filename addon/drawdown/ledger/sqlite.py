@@ -206,6 +206,11 @@ class SQLiteLedger:
             self.conn.execute("PRAGMA busy_timeout = 0")
         except sqlite3.Error as exc:
             raise LedgerError(f"cannot open ledger {self.path}: {exc}") from exc
+        except OSError as exc:  # from mkdir: a file in the way, no permission
+            raise LedgerError(
+                f"cannot open ledger {self.path}: its folder {exc.filename} cannot be made "
+                f"({exc.strerror or exc})"
+            ) from exc
 
     # --- transactions ------------------------------------------------------------------
 
