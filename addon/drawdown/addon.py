@@ -1653,7 +1653,7 @@ class Drawdown:
                 "drawdown: model %s is unknown to genai-prices' %s; %s charged at the "
                 "fallback price",
                 completion.model,
-                " then ".join(looked_in) or "none",
+                " and ".join(looked_in) or "providers",
                 state.request_id,
             )
         if settled.overage:

@@ -146,11 +146,12 @@ def explain(
             return out
         view.model = llm.model  # as the proxy does: authority's `when: {model: …}` reads it
         # Which of genai-prices' providers: the host's own (api.groq.com: groq), then the family's.
-        looked_in = " then ".join(meter.price_providers(llm.provider, llm.price_provider))
+        providers = meter.price_providers(llm.provider, llm.price_provider)
         if not llm.priced:
-            priced = f" (model unknown to genai-prices' {looked_in}: fallback price)"
+            priced = f" (model unknown to genai-prices' {' and '.join(providers)}: fallback price)"
         elif llm.billable and action.price is None:
-            priced = f" (genai-prices' {looked_in})"
+            rest = "".join(f", else {other}'s" for other in providers[1:])
+            priced = f" (genai-prices' {providers[0]} prices{rest})"
         else:
             priced = ""
         out.add(
