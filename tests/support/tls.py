@@ -32,6 +32,9 @@ DEFAULT_NAMES: tuple[str, ...] = (
     "aiplatform.googleapis.com",
     "*.openai.azure.com",
     "*.cognitiveservices.azure.com",
+    # OpenAI-compatible hosts genai-prices knows by URL (tests/e2e/test_compatible_hosts_e2e.py).
+    "api.groq.com",
+    "api.deepseek.com",
     "api.stripe.com",
     "api.github.com",
     "example.com",
