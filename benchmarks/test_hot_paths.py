@@ -99,8 +99,14 @@ def test_claims_for(benchmark: Any, policy: Policy) -> None:
     assert len(claims) == 4  # tenant per day, agent, run, and the shadow-trial budget
 
 
+# As the proxy calls it: the upstream's origin names genai-prices' provider (a cached lookup).
+UPSTREAM = meter.origin("https", "api.openai.com", 443)
+
+
 def _estimate(policy: Policy) -> meter.LLMRequest:
-    return meter.inspect_request("openai", "POST", "/v1/chat/completions", {}, BODY, policy.meter)
+    return meter.inspect_request(
+        "openai", "POST", "/v1/chat/completions", {}, BODY, policy.meter, origin=UPSTREAM
+    )
 
 
 def test_estimate_repeated_prompt(benchmark: Any, policy: Policy) -> None:
@@ -120,7 +126,7 @@ def test_estimate_new_prompt(benchmark: Any, policy: Policy) -> None:
 
     llm = benchmark.pedantic(
         lambda body: meter.inspect_request(
-            "openai", "POST", "/v1/chat/completions", {}, body, policy.meter
+            "openai", "POST", "/v1/chat/completions", {}, body, policy.meter, origin=UPSTREAM
         ),
         setup=lambda: ((fresh(),), {}),
         rounds=50,

@@ -1085,6 +1085,7 @@ class Drawdown:
             state.identity = await self._shared_run(state.identity, state.started)
         view = state.view = RequestView(
             method=flow.request.method,
+            scheme=flow.request.scheme,
             host=flow.request.host,
             port=flow.request.port,
             path=flow.request.path.split("?", 1)[0],
@@ -1209,7 +1210,12 @@ class Drawdown:
         view = state.view
         assert view is not None
         if action.is_llm:
-            state.llm = meter.unread_request(action.provider, view.method, view.path)
+            state.llm = meter.unread_request(
+                action.provider,
+                view.method,
+                view.path,
+                origin=meter.origin(view.scheme, view.host, view.port),
+            )
         claims = claims_for(policy, state.identity.levels, kind, state.started)
         requests = max(1, len(classification.kinds))
         await self._reserve(flow, state, claims, Amount(requests=requests))
@@ -1226,11 +1232,12 @@ class Drawdown:
         )
         # `stream_usage: false`: the host rejects stream_options, so its streams are counted.
         inject = action.stream_usage
+        upstream = meter.origin(view.scheme, view.host, view.port)  # priced at its host's prices
         if len(view.body) > INLINE_TOKENIZE_BYTES:  # big prompts are tokenized off the event loop
             return await asyncio.to_thread(
-                meter.inspect_request, *args, inject_include_usage=inject
+                meter.inspect_request, *args, inject_include_usage=inject, origin=upstream
             )
-        return meter.inspect_request(*args, inject_include_usage=inject)
+        return meter.inspect_request(*args, inject_include_usage=inject, origin=upstream)
 
     async def _authorize(
         self,
@@ -1672,9 +1679,16 @@ class Drawdown:
         if operation[0] != "commit":
             return
         if completion.priced is False:  # never silent: the fallback price is a guess
+            looked_in = (
+                meter.price_providers(state.llm.provider, state.llm.price_provider)
+                if state.llm is not None
+                else ()
+            )
             log.warning(
-                "drawdown: model %s is unknown to genai-prices; %s charged at the fallback price",
+                "drawdown: model %s is unknown to genai-prices' %s; %s charged at the "
+                "fallback price",
                 completion.model,
+                " and ".join(looked_in) or "providers",
                 state.request_id,
             )
         if settled.overage:

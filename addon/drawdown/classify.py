@@ -43,6 +43,7 @@ class RequestView:
     body: bytes = b""
     path_params: Mapping[str, str] = field(default_factory=dict)
     model: str | None = None
+    scheme: str = "https"  # the upstream's (genai-prices knows providers by URL)
     _json: Any = field(default=_UNPARSED, repr=False)
 
     @property

@@ -71,6 +71,7 @@ def explain(
     header_map = _Headers({k.lower(): v for k, v in headers})
     view = RequestView(
         method=method,
+        scheme=parts.scheme,
         host=host,
         port=port,
         path=parts.path or "/",
@@ -129,7 +130,14 @@ def explain(
     if action.is_llm:
         try:
             llm = meter.inspect_request(
-                action.provider, method, view.path, view.query, body, policy.meter, action.price
+                action.provider,
+                method,
+                view.path,
+                view.query,
+                body,
+                policy.meter,
+                action.price,
+                origin=meter.origin(view.scheme, host, port),  # priced as the proxy prices it
             )
         except meter.MeterRequestError as exc:
             out.add("estimate", f"cannot read the request: {exc}")
@@ -137,7 +145,15 @@ def explain(
             out.reason = "bad_request (400)"
             return out
         view.model = llm.model  # as the proxy does: authority's `when: {model: …}` reads it
-        priced = "" if llm.priced else " (model unknown to genai-prices: fallback price)"
+        # Which of genai-prices' providers: the host's own (api.groq.com: groq), then the family's.
+        providers = meter.price_providers(llm.provider, llm.price_provider)
+        if not llm.priced:
+            priced = f" (model unknown to genai-prices' {' and '.join(providers)}: fallback price)"
+        elif llm.billable and action.price is None:
+            rest = "".join(f", else {other}'s" for other in providers[1:])
+            priced = f" (genai-prices' {providers[0]} prices{rest})"
+        else:
+            priced = ""
         out.add(
             "estimate",
             f"{llm.provider} {llm.endpoint} model {llm.model}: {llm.input_tokens} input tokens + up to "

@@ -451,9 +451,11 @@ def _llm_estimate(policy: Policy, action: Any, view: RequestView, row: dict[str,
         return Amount(usd=row["est_usd"], tokens=row.get("est_tokens") or 0, requests=1)
     if row.get("body"):
         try:
+            # The ledger keeps no scheme: port 80 is plain HTTP, as the proxy sees it.
+            scheme = "http" if view.port == 80 else "https"
             llm = meter.inspect_request(
                 action.provider, view.method, view.path, view.query, row["body"].encode(),
-                policy.meter, action.price,
+                policy.meter, action.price, origin=meter.origin(scheme, view.host, view.port),
             )  # fmt: skip
             return Amount(
                 usd=llm.estimate_usd_nanos,

@@ -790,7 +790,8 @@ def test_unknown_model_is_charged_at_the_fallback_price_and_flagged(
     got = assert_charged(proxy, "unknown", want, priced=0)
     assert got.usd > 0  # never $0
     proxy.wait_for_log(
-        r"model acme-private-7b is unknown to genai-prices; \S+ charged at the fallback price"
+        r"model acme-private-7b is unknown to genai-prices' openai; \S+ charged at the fallback "
+        r"price"
     )
 
 

@@ -33,6 +33,9 @@ DEFAULT_NAMES: tuple[str, ...] = (
     "bedrock-runtime.us-east-1.amazonaws.com",
     "*.openai.azure.com",
     "*.cognitiveservices.azure.com",
+    # OpenAI-compatible hosts genai-prices knows by URL (tests/e2e/test_compatible_hosts_e2e.py).
+    "api.groq.com",
+    "api.deepseek.com",
     "api.stripe.com",
     "api.github.com",
     "example.com",

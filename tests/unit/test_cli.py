@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import sqlite3
 import subprocess
@@ -363,6 +364,37 @@ def test_explain_reads_the_model_as_the_proxy_does(
 
     assert decision("gpt-4o-mini") == "allow"
     assert decision("gpt-4o") == "deny"
+
+
+def test_explain_prices_an_openai_compatible_host_at_its_own_prices(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """As the proxy: a Groq call at genai-prices' Groq price, not openai's fallback price."""
+    import genai_prices
+
+    policy = tmp_path / "p.yaml"
+    policy.write_text(
+        "version: 1\nmode: enforce\n"
+        "actions:\n  - {kind: llm, provider: openai, match: {host: api.groq.com}}\n"
+    )
+    url = "https://api.groq.com/openai/v1/chat/completions"
+    body = json.dumps(
+        {
+            "model": "llama-3.3-70b-versatile",
+            "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": 100,
+        }
+    )
+    assert (
+        main(["explain", "--policy", str(policy), "--url", url, "--json", body, "--as-json"]) == 0
+    )
+    out = json.loads(capsys.readouterr().out)
+    estimate = out["estimate"]
+    usage = genai_prices.Usage(input_tokens=estimate["tokens"] - 100, output_tokens=100)
+    price = genai_prices.calc_price(usage, "llama-3.3-70b-versatile", provider_api_url=url)
+    assert estimate["usd_nanos"] == math.ceil(price.total_price * 1_000_000_000)
+    (line,) = [text for stage, text in out["steps"] if stage == "estimate"]
+    assert line.endswith("(genai-prices' groq prices, else openai's)")
 
 
 def test_env_names_the_ca_bundle_by_an_absolute_path(

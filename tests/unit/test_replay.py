@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
+import genai_prices
 import pytest
 from drawdown import replay
 from drawdown.classify import RequestView, classify
 from drawdown.cli import main
 from drawdown.ledger.api import Amount
+from drawdown.meter import MeterConfig, inspect_request
 from drawdown.policy import PolicyInvalid
 from drawdown.policy.match import missing
 from drawdown.recording import features, rebuild_json, redact
@@ -362,6 +365,36 @@ def test_requests_denied_live_are_assumed_to_succeed_when_now_allowed(
         data["recorded"]["deny"] == 1 and data["decisions"]["allow"] == 1 and data["changed"] == 1
     )
     assert data["usd_replayed"] == 0.01  # the refund's fixed cost, as its estimate
+
+
+def test_a_request_denied_before_its_estimate_is_priced_at_its_hosts_prices(
+    seed: Seeder, tmp_path: Path
+) -> None:
+    """Re-estimated from its recorded body as the proxy would: a Groq model at genai-prices'
+    Groq price, which a run budget the fallback price would exhaust lets through."""
+    model, max_tokens = "llama-3.3-70b-versatile", 1000
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": max_tokens,
+    }
+    seed.call(
+        agent="research", run="g", model=model, host="api.groq.com",
+        path="/openai/v1/chat/completions", est_usd=0, deny=("not_authorized", "no"),
+        features={"port": 443, "body": json.dumps(body)},
+    )  # fmt: skip
+    groq = "actions:\n  - {kind: llm, provider: openai, match: {host: api.groq.com}}\n"
+    budget = 'budgets:\n  - {scope: "agent:*/run:*", usd: 0.01}\n'
+    data = replay.replay(policy(tmp_path, groq + budget), str(seed.path))
+    assert data["decisions"] == {"allow": 1, "deny": 0, "would_deny": 0}, data
+    prompt = inspect_request(
+        "openai", "POST", "/v1/chat/completions", {}, json.dumps(body).encode(), MeterConfig()
+    )
+    usage = genai_prices.Usage(input_tokens=prompt.input_tokens, output_tokens=max_tokens)
+    price = genai_prices.calc_price(
+        usage, model, provider_api_url="https://api.groq.com/openai/v1/chat/completions"
+    )
+    assert data["usd_replayed_nanos"] == math.ceil(price.total_price * 1_000_000_000)
 
 
 def test_warns_about_fields_the_ledger_never_recorded(seed: Seeder, tmp_path: Path) -> None:

@@ -7,6 +7,9 @@ Pure Python (no mitmproxy, no network). The proxy uses only this facade:
 * open_stream_meter(...) -> StreamMeter     a streamed response: feed() / finish() / partial()
 * charging(provider, method, path, model)   "tokens", "step" or "free" (replay asks it)
 * price_usage(...), count_tokens(...), encoding_for(...)
+* origin(scheme, host, port)               the upstream, for inspect_request's `origin=`: a
+                                           host genai-prices knows is priced at its prices
+* price_providers(provider, matched)       the genai-prices providers a call is priced with
 
 Wiring a streamed response into mitmproxy (responseheaders hook)::
 
@@ -38,7 +41,7 @@ from .api import (
     unread_request,
 )
 from .config import DEFAULT_FALLBACK_PRICE, DEFAULT_SAFETY_FACTORS, MeterConfig, PricePerMillion
-from .prices import price_usage
+from .prices import origin, price_providers, price_usage
 from .tokens import count_tokens, encoding_for
 from .types import LLMRequest, Measurement, MeterRequestError, TokenUsage
 
@@ -47,12 +50,14 @@ def warm_up(*, bedrock: bool = False) -> None:
     """Load the tiktoken encodings and genai-prices' price data now (hundreds of ms), so the
     first request does not pay for them on the proxy's event loop; with `bedrock`, botocore's
     event-stream parser too (its first stream would import it there)."""
+    from .prices import url_provider
     from .tokens import encoding_name_for
 
     for model in ("gpt-4o", "gpt-4"):
         count_tokens("warm up", model)
         encoding_name_for(model)
     price_usage("openai", "gpt-4o-mini", TokenUsage(input_tokens=1, output_tokens=1), MeterConfig())
+    url_provider(origin("https", "localhost", 443), "/")  # matches none: compiles every pattern
     if bedrock:
         import botocore.eventstream  # noqa: F401
 
@@ -73,6 +78,8 @@ __all__ = [
     "inspect_request",
     "measure_body",
     "open_stream_meter",
+    "origin",
+    "price_providers",
     "price_usage",
     "unread_request",
     "warm_up",

@@ -14,7 +14,7 @@ from . import anthropic, bedrock, gemini, openai, openai_images
 from ._util import Extracted, ParsedRequest, kind, loads, parse_body
 from .config import MeterConfig, PricePerMillion, model_family
 from .decode import Decoder, UnsupportedEncoding, make_decoder
-from .prices import price_first_known, price_usage, to_nanos
+from .prices import price_first_known, price_usage, to_nanos, url_provider
 from .sse import SSEParser
 from .tokens import count_texts, count_tokens
 from .types import LLMRequest, Measurement, MeterRequestError, TokenUsage
@@ -150,14 +150,19 @@ def parse(provider: str, method: str, path: str, body: bytes) -> ParsedRequest |
     return gemini.parse_request(endpoint, path_model, parse_body(body))
 
 
-def unread_request(provider: str, method: str, path: str) -> LLMRequest:
+def unread_request(
+    provider: str, method: str, path: str, *, origin: str | None = None
+) -> LLMRequest:
     """A request forwarded without being read (shadow mode lets through a body too large or
     malformed to estimate): no estimate, but billable, so the usage its answer reports is
-    still metered and charged. Only its path is looked at."""
+    still metered and charged. Only its path (and `origin`, see inspect_request) is looked at."""
     provider = provider.lower()
     endpoint, model, stream, billable = _route(provider, method, path)
     request = _passthrough(provider, endpoint, model, method, path)
-    return replace(request, billable=True, stream=stream, step=False) if billable else request
+    if not billable:
+        return request
+    matched = url_provider(origin, path) if origin else None
+    return replace(request, billable=True, stream=stream, step=False, price_provider=matched)
 
 
 def prompt_counts(parsed: ParsedRequest) -> tuple[int, int]:
@@ -178,6 +183,7 @@ def inspect_request(
     price_override: PricePerMillion | None = None,
     *,
     inject_include_usage: bool = True,
+    origin: str | None = None,
 ) -> LLMRequest:
     """Classify an LLM API request and estimate its cost before it is forwarded.
 
@@ -185,9 +191,12 @@ def inspect_request(
     the proxy may run it in a worker thread for big bodies (tiktoken releases the GIL).
     `inject_include_usage=False` leaves a streamed OpenAI chat request as sent (for an
     OpenAI-compatible host that rejects stream_options); its stream is then "counted".
+    `origin` (prices.origin: scheme://host[:port]) is the upstream's: a host genai-prices
+    knows (api.groq.com, openrouter.ai, Azure) is priced at its own models' prices.
     """
     provider = provider.lower()
-    parsed = parse(provider, method, path.split("?", 1)[0], body)
+    path = path.split("?", 1)[0]
+    parsed = parse(provider, method, path, body)
     if isinstance(parsed, LLMRequest):
         return parsed
     if not inject_include_usage or provider == "bedrock":
@@ -204,6 +213,7 @@ def inspect_request(
         input_image_tokens=min(parsed.input_image_tokens, input_tokens),
         output_image_tokens=min(parsed.output_image_tokens, cap),
     )
+    matched = url_provider(origin, path) if origin else None
     nanos, priced = price_usage(
         provider,
         model,
@@ -212,6 +222,7 @@ def inspect_request(
         price_override,
         extras=parsed.expected_extras,
         price_context=parsed.price_context,
+        matched=matched,
     )
     if input_tokens + cap > MAX_AMOUNT or nanos > MAX_AMOUNT:
         # e.g. max_tokens: 1e26: no provider serves it, and the ledger's integers cannot hold it.
@@ -234,6 +245,7 @@ def inspect_request(
         strip_usage_chunk=parsed.strip_usage_chunk,
         safety_factor=factor,
         expected_extras=MappingProxyType(dict(parsed.expected_extras)),
+        price_provider=matched,
     )
 
 
@@ -318,11 +330,17 @@ def _measurement(
         price_override,
         extras=extras,
         price_context=ex.price_context,
+        matched=request.price_provider,
     )
     total = usd
     for other_model, other_usage in ex.other_models.items():
         other_usd, other_priced = price_first_known(
-            request.provider, (other_model,), other_usage, config, price_override
+            request.provider,
+            (other_model,),
+            other_usage,
+            config,
+            price_override,
+            matched=request.price_provider,
         )
         total += other_usd
         priced = priced and other_priced

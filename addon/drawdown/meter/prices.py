@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import decimal
+import re
 import threading
 import time
 from collections.abc import Iterable, Mapping
@@ -31,6 +32,37 @@ def to_nanos(usd: Decimal) -> int:
     return int(
         (usd * _NANOS_PER_USD).to_integral_value(rounding=decimal.ROUND_CEILING, context=_CTX)
     )
+
+
+def origin(scheme: str, host: str, port: int) -> str:
+    """scheme://host[:port] of an upstream, as genai-prices' `api_pattern`s spell a base URL:
+    a default port is left out (a pattern may end the host with `(?:/|$)`)."""
+    scheme, host = scheme.lower(), host.lower()
+    if ":" in host:  # an IPv6 address
+        host = f"[{host}]"
+    default = {"https": 443, "http": 80}.get(scheme)
+    return f"{scheme}://{host}" if port == default else f"{scheme}://{host}:{port}"
+
+
+@lru_cache(maxsize=4096)
+def url_provider(upstream_origin: str, path: str) -> str | None:
+    """The genai-prices provider whose `api_pattern` matches the upstream URL (first in its
+    list, as genai-prices matches), or None: a host it does not know (a self-hosted server, a
+    gateway). A few patterns name a path (Hugging Face's router, Cloudflare), hence the path;
+    the metered paths of a host are few (an endpoint, a deployment, a model), so this scan of
+    every pattern runs once per endpoint, never per request."""
+    url = upstream_origin + path
+    for provider in data_snapshot.get_snapshot().providers:
+        if re.match(provider.api_pattern, url):
+            return provider.id
+    return None
+
+
+def price_providers(provider: str, matched: str | None) -> tuple[str, ...]:
+    """The genai-prices providers a call is priced with, in order: the one its URL matched,
+    then its action's family (openai, anthropic, google)."""
+    family = PROVIDER_IDS.get(provider, provider)
+    return (matched, family) if matched and matched != family else (family,)
 
 
 @lru_cache(maxsize=4096)
@@ -172,15 +204,21 @@ def price_first_known(
     *,
     extras: Mapping[str, int] | None = None,
     price_context: Mapping[str, str] | None = None,
+    matched: str | None = None,
 ) -> tuple[Decimal, bool]:
-    """USD (exact) and priced flag, trying each model name in turn before the fallback."""
+    """USD (exact) and priced flag: the `price:` override, else the first model name a
+    provider of `price_providers` knows (the URL's provider first, every name in turn), else
+    the fallback. The family's price stands in for a model the URL's provider does not list:
+    the same name there is the same model (an Azure deployment named after it, a model a host
+    serves before genai-prices lists it there), closer than the fallback guess."""
     if price_override is not None:
         return flat_price(usage, price_override), True
-    for model in models:
-        if model:
-            total = genai_price(provider, model, usage, extras, price_context)
-            if total is not None:
-                return total, True
+    for provider_id in price_providers(provider, matched):
+        for model in models:
+            if model:
+                total = genai_price(provider_id, model, usage, extras, price_context)
+                if total is not None:
+                    return total, True
     return flat_price(usage, config.fallback_price), False
 
 
@@ -193,8 +231,10 @@ def price_usage(
     *,
     extras: Mapping[str, int] | None = None,
     price_context: Mapping[str, str] | None = None,
+    matched: str | None = None,
 ) -> tuple[int, bool]:
-    """(usd_nanos rounded up, priced). Unknown model -> config.fallback_price, priced=False."""
+    """(usd_nanos rounded up, priced). Unknown model -> config.fallback_price, priced=False.
+    `matched`: the genai-prices provider of the upstream URL (`url_provider`), if any."""
     usd, priced = price_first_known(
         provider,
         (model,),
@@ -203,6 +243,7 @@ def price_usage(
         price_override,
         extras=extras,
         price_context=price_context,
+        matched=matched,
     )
     return to_nanos(usd), priced
 

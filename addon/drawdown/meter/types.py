@@ -76,6 +76,9 @@ class LLMRequest:
     # budgets and by the guards. False for what costs nothing: token counting, moderation,
     # listings and retrievals.
     step: bool = False
+    # The genai-prices provider whose api_pattern matched the upstream URL (api.groq.com ->
+    # "groq"), priced with before the family's; None when no pattern matched.
+    price_provider: str | None = None
 
 
 @dataclass(frozen=True)

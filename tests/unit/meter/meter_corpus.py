@@ -9,7 +9,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from drawdown.meter import LLMRequest, MeterConfig, TokenUsage, inspect_request, open_stream_meter
+from drawdown.meter import (
+    LLMRequest,
+    MeterConfig,
+    TokenUsage,
+    inspect_request,
+    open_stream_meter,
+    origin,
+)
 
 CORPUS = Path(__file__).resolve().parents[2] / "fixtures" / "recorded"
 MANIFEST: list[dict[str, Any]] = json.loads((CORPUS / "MANIFEST.json").read_text())
@@ -30,7 +37,11 @@ def request_for(entry: dict[str, Any], body: bytes | None = None) -> LLMRequest:
     query = dict(urllib.parse.parse_qsl(url.query))
     if body is None:
         body = (CORPUS / entry["request_file"]).read_bytes()
-    return inspect_request(entry["provider"], entry["method"], url.path, query, body, CONFIG)
+    # From its recorded host, as the proxy prices it (Azure at azure's prices, Vertex at google's).
+    upstream = origin(url.scheme, url.hostname or "", url.port or 443)
+    return inspect_request(
+        entry["provider"], entry["method"], url.path, query, body, CONFIG, origin=upstream
+    )
 
 
 def response_bytes(entry: dict[str, Any]) -> bytes:
