@@ -961,6 +961,7 @@ class StandIn:
             truncated=plan.truncated,
             max_output=wire.max_output_tokens("openai.responses", body),
             instructions=body.get("instructions"),
+            image_tool=wire.responses_image_tool(body),
         )
         if body.get("stream"):
             events = wire.openai_responses_sse(deltas=plan.deltas(), **common)  # type: ignore[arg-type]

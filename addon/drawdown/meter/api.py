@@ -213,6 +213,20 @@ def inspect_request(
         extras=parsed.expected_extras,
         price_context=parsed.price_context,
     )
+    for tool_model, tool_output in parsed.tool_output_reserves.items():
+        # The tool's image model may be handed the whole conversation: its input is reserved
+        # as the call's own, the exact (image, file) part of it at the image input price.
+        tool_usage = TokenUsage(
+            input_tokens=input_tokens,
+            input_image_tokens=min(exact, input_tokens),
+            output_tokens=tool_output,
+            output_image_tokens=tool_output,
+        )
+        tool_nanos, tool_priced = price_usage(
+            provider, tool_model, tool_usage, config, price_override
+        )
+        nanos += tool_nanos
+        priced = priced and tool_priced
     if input_tokens + cap > MAX_AMOUNT or nanos > MAX_AMOUNT:
         # e.g. max_tokens: 1e26: no provider serves it, and the ledger's integers cannot hold it.
         raise MeterRequestError(
@@ -234,6 +248,8 @@ def inspect_request(
         strip_usage_chunk=parsed.strip_usage_chunk,
         safety_factor=factor,
         expected_extras=MappingProxyType(dict(parsed.expected_extras)),
+        # Only the image_generation tool reserves on another model (see ParsedRequest).
+        image_tool_model=next(iter(parsed.tool_output_reserves), None),
     )
 
 
@@ -341,7 +357,7 @@ def _extract_json(request: LLMRequest, obj: object) -> Extracted:
     if request.provider == "openai":
         if openai_images.is_images(request.endpoint):
             return openai_images.extract_json(obj)
-        return openai.extract_json(request.endpoint, obj)
+        return openai.extract_json(request.endpoint, obj, request.image_tool_model)
     if request.provider == "anthropic":
         return anthropic.extract_json(obj)
     if request.provider == "gemini":
@@ -398,7 +414,7 @@ def _stream_state(request: LLMRequest) -> _StreamState:
     if request.provider == "gemini":
         return gemini.GenerateStream(request.model)
     if request.endpoint == "responses":
-        return openai.ResponsesStream()
+        return openai.ResponsesStream(request.image_tool_model)
     if openai_images.is_images(request.endpoint):
         return openai_images.ImagesStream()
     return openai.ChatStream(request.strip_usage_chunk)

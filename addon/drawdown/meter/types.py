@@ -76,6 +76,9 @@ class LLMRequest:
     # budgets and by the guards. False for what costs nothing: token counting, moderation,
     # listings and retrievals.
     step: bool = False
+    # The Responses API's image_generation tool: the image model it names (else its default),
+    # which bills the tool's tokens when the answer does not echo its tools.
+    image_tool_model: str | None = None
 
 
 @dataclass(frozen=True)
