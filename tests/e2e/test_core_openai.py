@@ -283,6 +283,52 @@ def test_the_responses_image_tool_is_charged_on_its_image_model_json_and_streame
     assert spent == [(sum(e[1] for e in expected), 0)]
 
 
+def test_speech_is_charged_per_character_or_per_token(
+    drawdown_proxy: Factory, standin: StandIn
+) -> None:
+    """Speech was a $0 step. tts-1-hd is now charged genai-prices' price of the characters
+    it reads, exact before the call; gpt-4o-mini-tts the price of the usage its SSE stream
+    reports, or, as raw audio (no usage), its reserve; and the audio reaches the agent."""
+    proxy = drawdown_proxy(policy('- {scope: "agent:*/run:*", usd: 1.00}'))
+    text = "Welcome aboard. The proxy meters every word you hear."
+    with proxy.openai_client(
+        default_headers={"X-Drawdown-Agent": "voice", "X-Drawdown-Run": "r1"}
+    ) as client:
+        hd = client.audio.speech.create(model="tts-1-hd", voice="alloy", input=text)
+        assert hd.read().startswith(b"\xff\xfb")
+        raw = client.audio.speech.create(model="gpt-4o-mini-tts", voice="coral", input=text)
+        assert len(raw.read()) == 4 + 64 * len(text)
+        sse = client.audio.speech.create(
+            model="gpt-4o-mini-tts", voice="coral", input=text, stream_format="sse"
+        )
+        assert b"speech.audio.done" in sse.read()
+    usage = standin.wait_for("/v1/audio/speech", count=3).usage
+    found = proxy.wait_for_query(
+        "SELECT d.model, d.tokens_in, d.tokens_out, d.actual_usd, d.usage_source, h.est_usd "
+        "FROM decisions d JOIN holds h ON h.id = d.hold_id WHERE d.path = '/v1/audio/speech' "
+        "ORDER BY d.id",
+        until=lambda rows: sum(r[3] is not None for r in rows) >= 3,
+    )
+    characters = _genai_nanos("tts-1-hd", input_characters=len(text))
+    assert found[0] == ("tts-1-hd", 0, 0, characters, "estimate", characters)
+    model, _, _, charged, source, reserved = found[1]
+    assert (model, source, charged) == ("gpt-4o-mini-tts", "estimate", reserved)
+    tokens = _genai_nanos(
+        "gpt-4o-mini-tts", input_tokens=usage["input_tokens"], output_tokens=usage["output_tokens"]
+    )
+    model, tokens_in, tokens_out, charged, source, reserved = found[2]
+    assert (model, tokens_in, tokens_out, charged, source) == (
+        "gpt-4o-mini-tts",
+        usage["input_tokens"],
+        usage["output_tokens"],
+        tokens,
+        "usage",
+    )
+    assert 0 < charged <= reserved  # the reserve was not short
+    spent = rows(proxy, "SELECT spent_usd, spent_requests, reserved_usd FROM budget_instances")
+    assert spent == [(characters + found[1][3] + tokens, 3, 0)]
+
+
 def test_windowed_budget_denies_with_429_and_retry_after(
     drawdown_proxy: Factory, standin: StandIn
 ) -> None:

@@ -911,6 +911,39 @@ def openai_images_sse(
     return events
 
 
+# ---------------------------------------------------------------------------- OpenAI speech
+
+#: Output (audio) tokens the stand-in reports per input character for gpt-4o-mini-tts.
+SPEECH_TOKENS_PER_CHARACTER = 1
+#: An MP3 frame header: the start of every synthetic speech answer.
+MP3_HEADER = b"\xff\xfb\x90\x64"
+
+
+def openai_speech_usage(text: str, instructions: Any) -> dict[str, int]:
+    """`speech.audio.done`'s usage: the words of the text and instructions as input tokens,
+    SPEECH_TOKENS_PER_CHARACTER audio tokens per character of the text as output."""
+    words = count_words(text) + count_words(instructions or "")
+    output = len(text) * SPEECH_TOKENS_PER_CHARACTER
+    return {"input_tokens": words, "output_tokens": output, "total_tokens": words + output}
+
+
+def openai_speech_audio(text: str) -> bytes:
+    """Raw "audio": an MP3 header and 64 bytes per character of the text."""
+    return MP3_HEADER + bytes(64 * len(text))
+
+
+def openai_speech_sse(text: str, usage: Mapping[str, Any]) -> list[bytes]:
+    """`stream_format: "sse"`: base64 audio deltas, then `speech.audio.done` with usage."""
+    audio = base64.b64encode(openai_speech_audio(text)).decode()
+    half = len(audio) // 8 * 4
+    events = [
+        sse_event(_compact({"type": "speech.audio.delta", "audio": piece}))
+        for piece in (audio[:half], audio[half:])
+    ]
+    events.append(sse_event(_compact({"type": "speech.audio.done", "usage": dict(usage)})))
+    return events
+
+
 # ---------------------------------------------------------------------------- Amazon Bedrock
 
 #: The stand-in's AWS credentials: it checks each request's SigV4 signature with them.
