@@ -232,6 +232,103 @@ def test_a_gpt_image_is_charged_the_price_of_its_usage_and_a_budget_refuses_the_
     assert spent == [(text_price, 0), (edit_price + text_price, 0)]
 
 
+def test_the_responses_image_tool_is_charged_on_its_image_model_json_and_streamed(
+    drawdown_proxy: Factory, standin: StandIn
+) -> None:
+    """The Responses API's image_generation tool bills the image model's tokens, reported in
+    `tool_usage.image_gen` apart from `usage`: they were charged $0. Now one image of the
+    tool's quality is reserved on gpt-image-1 before the call (a high one does not fit a
+    $0.05 budget), and the tokens reported are charged at gpt-image-1's price."""
+    proxy = drawdown_proxy(policy('- {scope: "agent:*/run:*", usd: 0.05}'))
+    with proxy.openai_client(
+        default_headers={"X-Drawdown-Agent": "artist", "X-Drawdown-Run": "r1"}
+    ) as client:
+        answer = client.responses.create(
+            model="gpt-4o-mini",
+            input="Draw a lighthouse.",
+            tools=[{"type": "image_generation", "quality": "low", "size": "1024x1024"}],
+        )
+        assert [item.type for item in answer.output] == ["message", "image_generation_call"]
+        streamed = client.responses.create(
+            model="gpt-4o-mini",
+            input="Draw a lighthouse.",
+            tools=[{"type": "image_generation", "quality": "low"}],
+            stream=True,
+        )
+        kinds = [event.type for event in streamed]
+        assert kinds[-1] == "response.completed"
+        with pytest.raises(openai.APIStatusError) as refused:  # 6240 tokens at $40/M: $0.25
+            client.responses.create(
+                model="gpt-4o-mini",
+                input="Draw a lighthouse.",
+                tools=[{"type": "image_generation", "quality": "high"}],
+            )
+    assert refused.value.status_code == 402
+    assert standin.count("/v1/responses") == 2
+    image = _genai_nanos("gpt-image-1", input_tokens=40, output_tokens=272)
+    expected = []
+    for i in (1, 2):
+        usage = standin.wait_for("/v1/responses", count=i).usage
+        text = _genai_nanos(
+            "gpt-4o-mini", input_tokens=usage["input_tokens"], output_tokens=usage["output_tokens"]
+        )
+        expected.append(("allow", text + image, "usage"))
+    found = proxy.wait_for_query(
+        "SELECT decision, actual_usd, usage_source FROM decisions WHERE path = '/v1/responses' "
+        "ORDER BY id",
+        until=lambda rows: sum(r[1] is not None for r in rows) >= 2,
+    )
+    assert found == [*expected, ("deny", None, None)]
+    spent = rows(proxy, "SELECT spent_usd, reserved_usd FROM budget_instances")
+    assert spent == [(sum(e[1] for e in expected), 0)]
+
+
+def test_speech_is_charged_per_character_or_per_token(
+    drawdown_proxy: Factory, standin: StandIn
+) -> None:
+    """Speech was a $0 step. tts-1-hd is now charged genai-prices' price of the characters
+    it reads, exact before the call; gpt-4o-mini-tts the price of the usage its SSE stream
+    reports, or, as raw audio (no usage), its reserve; and the audio reaches the agent."""
+    proxy = drawdown_proxy(policy('- {scope: "agent:*/run:*", usd: 1.00}'))
+    text = "Welcome aboard. The proxy meters every word you hear."
+    with proxy.openai_client(
+        default_headers={"X-Drawdown-Agent": "voice", "X-Drawdown-Run": "r1"}
+    ) as client:
+        hd = client.audio.speech.create(model="tts-1-hd", voice="alloy", input=text)
+        assert hd.read().startswith(b"\xff\xfb")
+        raw = client.audio.speech.create(model="gpt-4o-mini-tts", voice="coral", input=text)
+        assert len(raw.read()) == 4 + 64 * len(text)
+        sse = client.audio.speech.create(
+            model="gpt-4o-mini-tts", voice="coral", input=text, stream_format="sse"
+        )
+        assert b"speech.audio.done" in sse.read()
+    usage = standin.wait_for("/v1/audio/speech", count=3).usage
+    found = proxy.wait_for_query(
+        "SELECT d.model, d.tokens_in, d.tokens_out, d.actual_usd, d.usage_source, h.est_usd "
+        "FROM decisions d JOIN holds h ON h.id = d.hold_id WHERE d.path = '/v1/audio/speech' "
+        "ORDER BY d.id",
+        until=lambda rows: sum(r[3] is not None for r in rows) >= 3,
+    )
+    characters = _genai_nanos("tts-1-hd", input_characters=len(text))
+    assert found[0] == ("tts-1-hd", 0, 0, characters, "estimate", characters)
+    model, _, _, charged, source, reserved = found[1]
+    assert (model, source, charged) == ("gpt-4o-mini-tts", "estimate", reserved)
+    tokens = _genai_nanos(
+        "gpt-4o-mini-tts", input_tokens=usage["input_tokens"], output_tokens=usage["output_tokens"]
+    )
+    model, tokens_in, tokens_out, charged, source, reserved = found[2]
+    assert (model, tokens_in, tokens_out, charged, source) == (
+        "gpt-4o-mini-tts",
+        usage["input_tokens"],
+        usage["output_tokens"],
+        tokens,
+        "usage",
+    )
+    assert 0 < charged <= reserved  # the reserve was not short
+    spent = rows(proxy, "SELECT spent_usd, spent_requests, reserved_usd FROM budget_instances")
+    assert spent == [(characters + found[1][3] + tokens, 3, 0)]
+
+
 def test_windowed_budget_denies_with_429_and_retry_after(
     drawdown_proxy: Factory, standin: StandIn
 ) -> None:

@@ -773,6 +773,7 @@ class StandIn:
                     self._openai_images,
                     methods=post,
                 ),
+                Route("/v1/audio/speech", self._openai_speech, methods=post),
                 Route("/v1/models", self._models, methods=["GET"]),
                 Route("/v1/messages", self._anthropic_messages, methods=post),
                 Route("/v1/messages/count_tokens", self._anthropic_count_tokens, methods=post),
@@ -961,6 +962,7 @@ class StandIn:
             truncated=plan.truncated,
             max_output=wire.max_output_tokens("openai.responses", body),
             instructions=body.get("instructions"),
+            image_tool=wire.responses_image_tool(body),
         )
         if body.get("stream"):
             events = wire.openai_responses_sse(deltas=plan.deltas(), **common)  # type: ignore[arg-type]
@@ -1056,6 +1058,21 @@ class StandIn:
             created=created, n=n, quality=quality, size=size, usage=usage
         )
         return self._json_reply(entry, payload, usage)
+
+    async def _openai_speech(self, request: Request) -> Response:
+        """Raw audio (no usage), or with `stream_format: "sse"` audio deltas and a
+        `speech.audio.done` event whose usage gpt-4o-mini-tts reports."""
+        entry: LoggedRequest = request.scope[_ENTRY]
+        body = self._body(entry)
+        if body is None or not isinstance(body.get("input"), str):
+            return self._openai_bad_request(entry)
+        text = body["input"]
+        if body.get("stream_format") == "sse":
+            usage = wire.openai_speech_usage(text, body.get("instructions"))
+            entry.input_tokens, entry.output_tokens = usage["input_tokens"], usage["output_tokens"]
+            return self._sse_reply(entry, wire.openai_speech_sse(text, usage), usage)
+        audio = wire.openai_speech_audio(text)
+        return self._json_reply(entry, audio, None, content_type="audio/mpeg")
 
     async def _models(self, request: Request) -> Response:
         entry: LoggedRequest = request.scope[_ENTRY]

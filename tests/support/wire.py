@@ -381,7 +381,10 @@ def _responses_object(
     usage: Mapping[str, Any] | None,
     max_output: int | None,
     instructions: Any,
+    image_tool: Mapping[str, Any] | None = None,
+    image_usage: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
+    tool_usage = dict(image_usage) if image_usage else openai_images_usage(0, 0, 0)
     return {
         "id": id,
         "object": "response",
@@ -408,7 +411,8 @@ def _responses_object(
         "temperature": 1.0,
         "text": {"format": {"type": "text"}, "verbosity": "medium"},
         "tool_choice": "auto",
-        "tools": [],
+        "tools": [dict(image_tool)] if image_tool else [],
+        "tool_usage": {"image_gen": tool_usage, "web_search": {"num_requests": 0}},
         "top_logprobs": 0,
         "top_p": 1.0,
         "truncation": "disabled",
@@ -428,6 +432,29 @@ def _responses_message(msg_id: str, text: str, status: str) -> dict[str, Any]:
     }
 
 
+#: Text tokens the image_generation tool reports reading (the prompt the model wrote it).
+IMAGE_TOOL_PROMPT_TOKENS = 40
+
+
+def responses_image_tool(body: Mapping[str, Any]) -> dict[str, Any] | None:
+    """A request's image_generation tool as the answer echoes it (model and quality filled
+    in: gpt-image-1, auto), or None without one."""
+    for tool in body.get("tools") or []:
+        if isinstance(tool, Mapping) and tool.get("type") == "image_generation":
+            return {"model": "gpt-image-1", "quality": "auto", "size": "auto", **tool}
+    return None
+
+
+def responses_image_usage(tool: Mapping[str, Any]) -> dict[str, Any]:
+    """The tool's `tool_usage.image_gen` for one image at the tool's quality."""
+    return openai_images_usage(IMAGE_TOOL_PROMPT_TOKENS, 0, image_output_tokens(tool["quality"]))
+
+
+def _image_call(call_id: str, status: str) -> dict[str, Any]:
+    result = TINY_PNG_B64 if status == "completed" else None
+    return {"id": call_id, "type": "image_generation_call", "status": status, "result": result}
+
+
 def openai_responses_json(
     *,
     id: str,
@@ -439,18 +466,26 @@ def openai_responses_json(
     truncated: bool,
     max_output: int | None,
     instructions: Any = None,
+    image_tool: Mapping[str, Any] | None = None,
 ) -> bytes:
+    """With `image_tool`, the model also draws one image with it: an image_generation_call
+    item, and the tool's tokens in `tool_usage.image_gen`."""
     status = "incomplete" if truncated else "completed"
+    output = [_responses_message(msg_id, text, status)]
+    if image_tool:
+        output.append(_image_call("ig_" + msg_id, "completed"))
     return _pretty(
         _responses_object(
             id=id,
             created=created,
             model=model,
             status=status,
-            output=[_responses_message(msg_id, text, status)],
+            output=output,
             usage=usage,
             max_output=max_output,
             instructions=instructions,
+            image_tool=image_tool,
+            image_usage=responses_image_usage(image_tool) if image_tool else None,
         )
     )
 
@@ -466,8 +501,10 @@ def openai_responses_sse(
     truncated: bool,
     max_output: int | None,
     instructions: Any = None,
+    image_tool: Mapping[str, Any] | None = None,
 ) -> list[bytes]:
-    """created, in_progress, item/part added, text deltas, done events, completed/incomplete."""
+    """created, in_progress, item/part added, text deltas, done events, (with `image_tool` an
+    image_generation_call item), completed/incomplete."""
     events: list[bytes] = []
     text = "".join(deltas)
     final_status = "incomplete" if truncated else "completed"
@@ -486,6 +523,8 @@ def openai_responses_sse(
             usage=usage if with_usage else None,
             max_output=max_output,
             instructions=instructions,
+            image_tool=image_tool,
+            image_usage=responses_image_usage(image_tool) if image_tool and with_usage else None,
         )
 
     part_empty = {"type": "output_text", "annotations": [], "logprobs": [], "text": ""}
@@ -531,7 +570,16 @@ def openai_responses_sse(
     )
     message = _responses_message(msg_id, text, final_status)
     emit("response.output_item.done", {"item": message, "output_index": 0})
-    emit(f"response.{final_status}", {"response": response(final_status, [message], True)})
+    output = [message]
+    if image_tool:
+        call_id = "ig_" + msg_id
+        emit(
+            "response.output_item.added",
+            {"item": _image_call(call_id, "in_progress"), "output_index": 1},
+        )
+        output.append(_image_call(call_id, "completed"))
+        emit("response.output_item.done", {"item": output[-1], "output_index": 1})
+    emit(f"response.{final_status}", {"response": response(final_status, output, True)})
     return events
 
 
@@ -860,6 +908,39 @@ def openai_images_sse(
             )
         done = {"type": f"{kind}.completed", "b64_json": TINY_PNG_B64, **common, "usage": usage}
         events.append(sse_event(_compact(done), f"{kind}.completed"))
+    return events
+
+
+# ---------------------------------------------------------------------------- OpenAI speech
+
+#: Output (audio) tokens the stand-in reports per input character for gpt-4o-mini-tts.
+SPEECH_TOKENS_PER_CHARACTER = 1
+#: An MP3 frame header: the start of every synthetic speech answer.
+MP3_HEADER = b"\xff\xfb\x90\x64"
+
+
+def openai_speech_usage(text: str, instructions: Any) -> dict[str, int]:
+    """`speech.audio.done`'s usage: the words of the text and instructions as input tokens,
+    SPEECH_TOKENS_PER_CHARACTER audio tokens per character of the text as output."""
+    words = count_words(text) + count_words(instructions or "")
+    output = len(text) * SPEECH_TOKENS_PER_CHARACTER
+    return {"input_tokens": words, "output_tokens": output, "total_tokens": words + output}
+
+
+def openai_speech_audio(text: str) -> bytes:
+    """Raw "audio": an MP3 header and 64 bytes per character of the text."""
+    return MP3_HEADER + bytes(64 * len(text))
+
+
+def openai_speech_sse(text: str, usage: Mapping[str, Any]) -> list[bytes]:
+    """`stream_format: "sse"`: base64 audio deltas, then `speech.audio.done` with usage."""
+    audio = base64.b64encode(openai_speech_audio(text)).decode()
+    half = len(audio) // 8 * 4
+    events = [
+        sse_event(_compact({"type": "speech.audio.delta", "audio": piece}))
+        for piece in (audio[:half], audio[half:])
+    ]
+    events.append(sse_event(_compact({"type": "speech.audio.done", "usage": dict(usage)})))
     return events
 
 

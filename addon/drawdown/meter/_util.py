@@ -168,3 +168,6 @@ class ParsedRequest:
     strip_usage_chunk: bool = False
     expected_extras: dict[str, int] = field(default_factory=dict)
     price_context: dict[str, str] = field(default_factory=dict)
+    # Other models the call may bill (the Responses API's image_generation tool): model ->
+    # output image tokens reserved on it. Their input is reserved as the call's own input.
+    tool_output_reserves: dict[str, int] = field(default_factory=dict)

@@ -10,7 +10,7 @@ from types import MappingProxyType
 from typing import Protocol
 
 from ..money import MAX_AMOUNT, MAX_USD, format_usd
-from . import anthropic, bedrock, gemini, openai, openai_images
+from . import anthropic, bedrock, gemini, openai, openai_audio, openai_images
 from ._util import Extracted, ParsedRequest, kind, loads, parse_body
 from .config import MeterConfig, PricePerMillion, model_family
 from .decode import Decoder, UnsupportedEncoding, make_decoder
@@ -53,8 +53,8 @@ def _route(provider: str, method: str, path: str) -> tuple[str, str | None, bool
     """(endpoint, model or deployment from the path, stream implied by it, metered per token)."""
     if provider == "openai":
         endpoint, model = openai.route(method, path)
-        # The Images API is metered only for a model billed per token: see _images.
-        metered = endpoint != "other" and not openai_images.is_images(endpoint)
+        # The Images API and speech are metered only for a model priced: see _model_metered.
+        metered = endpoint != "other" and not _metered_by_model(endpoint)
         return endpoint, model, False, metered
     if provider == "anthropic":
         endpoint, model, stream = anthropic.route(method, path)
@@ -69,16 +69,28 @@ def _route(provider: str, method: str, path: str) -> tuple[str, str | None, bool
     return "other", None, False, False
 
 
+def _metered_by_model(endpoint: str) -> bool:
+    """OpenAI endpoints metered or not depending on the model the body names."""
+    return openai_images.is_images(endpoint) or openai_audio.is_speech(endpoint)
+
+
+def _model_metered(endpoint: str, model: str | None) -> bool:
+    if openai_audio.is_speech(endpoint):
+        return openai_audio.metered(model)
+    return openai_images.is_images(endpoint) and openai_images.metered(model)
+
+
 def charging(provider: str, method: str, path: str, model: str | None = None) -> str:
     """How the proxy charges a request to this provider path: "tokens" (metered), "step" (a
     call billed other than per token: counted, $0) or "free" (uncounted). `drawdown replay`
     asks it of recorded requests; the proxy learns the same from `inspect_request`. `model`
-    (the request's, as the ledger records it) decides the OpenAI Images API: GPT image models
-    bill per token, DALL·E per image."""
+    (the request's, as the ledger records it) decides the OpenAI Images API (GPT image models
+    bill per token, DALL·E per image) and speech (metered for a speech model genai-prices
+    prices, per token or per character)."""
     endpoint, path_model, _, metered = _route(provider.lower(), method, path)
     if metered:
         return "tokens"
-    if openai_images.is_images(endpoint) and openai_images.metered(model or path_model):
+    if provider.lower() == "openai" and _model_metered(endpoint, model or path_model):
         return "tokens"
     return "step" if _is_step(method, path, endpoint) else "free"
 
@@ -126,11 +138,28 @@ def _images(
     return openai_images.parse_request(endpoint, fields, input_images, model)
 
 
+def _speech(
+    deployment: str | None, method: str, path: str, body: bytes
+) -> ParsedRequest | LLMRequest:
+    """A speech request: metered for a priced speech model, else a $0 step."""
+    fields = parse_body(body)
+    model = fields.get("model")
+    if model is not None and not isinstance(model, str):
+        raise MeterRequestError(f"model must be a string, not {kind(model)}")
+    model = model if model and model.strip() else deployment  # Azure: the deployment
+    if not openai_audio.metered(model):
+        return _passthrough("openai", openai_audio.SPEECH, model, method, path)
+    assert model is not None
+    return openai_audio.parse_request(fields, model)
+
+
 def parse(provider: str, method: str, path: str, body: bytes) -> ParsedRequest | LLMRequest:
     # One routing for the proxy, shadow mode's unread requests and replay (`charging`).
     endpoint, path_model, path_stream, metered = _route(provider, method, path)
     if provider == "openai" and openai_images.is_images(endpoint):
         return _images(endpoint, path_model, method, path, body)
+    if provider == "openai" and openai_audio.is_speech(endpoint):
+        return _speech(path_model, method, path, body)
     if not metered:
         if provider == "openai":  # the body names the model; an Azure deployment stands in
             model = _body_model(body) or path_model
@@ -224,6 +253,20 @@ def inspect_request(
         price_context=parsed.price_context,
         matched=matched,
     )
+    for tool_model, tool_output in parsed.tool_output_reserves.items():
+        # The tool's image model may be handed the whole conversation: its input is reserved
+        # as the call's own, the exact (image, file) part of it at the image input price.
+        tool_usage = TokenUsage(
+            input_tokens=input_tokens,
+            input_image_tokens=min(exact, input_tokens),
+            output_tokens=tool_output,
+            output_image_tokens=tool_output,
+        )
+        tool_nanos, tool_priced = price_usage(
+            provider, tool_model, tool_usage, config, price_override, matched=matched
+        )
+        nanos += tool_nanos
+        priced = priced and tool_priced
     if input_tokens + cap > MAX_AMOUNT or nanos > MAX_AMOUNT:
         # e.g. max_tokens: 1e26: no provider serves it, and the ledger's integers cannot hold it.
         raise MeterRequestError(
@@ -246,6 +289,8 @@ def inspect_request(
         safety_factor=factor,
         expected_extras=MappingProxyType(dict(parsed.expected_extras)),
         price_provider=matched,
+        # Only the image_generation tool reserves on another model (see ParsedRequest).
+        image_tool_model=next(iter(parsed.tool_output_reserves), None),
     )
 
 
@@ -299,8 +344,9 @@ def _measurement(
     elif not ok:
         # Providers do not bill a request they refused or failed (4xx/5xx without usage).
         return _zero(request, ex.model)
-    elif openai_images.is_images(request.endpoint):
-        # An image answered (or cut short) without usage: its image tokens cannot be counted.
+    elif openai_images.is_images(request.endpoint) or openai_audio.is_speech(request.endpoint):
+        # An image or speech answered (or cut short) without usage: its image or audio tokens
+        # cannot be counted from the bytes (tts-1's estimate is exact: its characters).
         return _estimate(request)
     elif ex.early_usage is not None:
         # Input side reported (Anthropic message_start), output cut short: count it.
@@ -359,7 +405,7 @@ def _extract_json(request: LLMRequest, obj: object) -> Extracted:
     if request.provider == "openai":
         if openai_images.is_images(request.endpoint):
             return openai_images.extract_json(obj)
-        return openai.extract_json(request.endpoint, obj)
+        return openai.extract_json(request.endpoint, obj, request.image_tool_model)
     if request.provider == "anthropic":
         return anthropic.extract_json(obj)
     if request.provider == "gemini":
@@ -416,9 +462,11 @@ def _stream_state(request: LLMRequest) -> _StreamState:
     if request.provider == "gemini":
         return gemini.GenerateStream(request.model)
     if request.endpoint == "responses":
-        return openai.ResponsesStream()
+        return openai.ResponsesStream(request.image_tool_model)
     if openai_images.is_images(request.endpoint):
         return openai_images.ImagesStream()
+    if openai_audio.is_speech(request.endpoint):
+        return openai_audio.SpeechStream()
     return openai.ChatStream(request.strip_usage_chunk)
 
 
@@ -464,8 +512,8 @@ class StreamMeter:
                 self._parser = SSEParser(self._state.on_event, keep_raw=self.rewrites)
             elif bedrock.EVENTSTREAM_TYPE in (content_type or "").lower():
                 self._frames = bedrock.EventStreamReader(self._state.on_event)
-            else:
-                self._body = bytearray()
+            elif not openai_audio.is_speech(request.endpoint):
+                self._body = bytearray()  # raw speech audio holds no usage: not kept
 
     def feed(self, chunk: bytes) -> bytes:
         if self._broken:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from . import images, openai_images
+from . import images, openai_audio, openai_images
 from ._util import (
     Extracted,
     ParsedRequest,
@@ -35,6 +35,9 @@ _REASONING_PREFIXES = ("gpt-5", "o1", "o3", "o4")
 # Reasoning items carried back in a tool-call loop are billed as input but sent back only
 # in encrypted form; measured ~9.5 base64 characters per token (responses-10).
 ENCRYPTED_CHARS_PER_TOKEN = 8
+
+# The Responses API's image_generation tool draws with this model unless it names another.
+IMAGE_TOOL_MODEL = "gpt-image-1"
 
 _AZURE_DEPLOYMENT = re.compile(r"/openai/deployments/([^/]+)/")
 
@@ -77,7 +80,7 @@ def route(method: str, path: str) -> tuple[str, str | None]:
         return "responses", deployment
     if p.endswith("/embeddings"):
         return "embeddings", deployment
-    return openai_images.route(p) or "other", deployment
+    return openai_images.route(p) or openai_audio.route(p) or "other", deployment
 
 
 # --- requests ---------------------------------------------------------------------------
@@ -258,11 +261,47 @@ def _responses_request(body: dict[str, Any], parsed: ParsedRequest) -> None:
     prompt.overhead += REPLY_PRIMING
     if body.get("tools"):
         prompt.add(body["tools"])
+        _image_tool_reserve(body["tools"], parsed)
     fmt = dig(body, "text", "format")
     if isinstance(fmt, dict) and fmt.get("schema"):
         prompt.add(fmt["schema"])
     cap = opt_int(body, "max_output_tokens")
     parsed.cap = cap
+
+
+def image_tool_model(tools: Any, default: str | None = IMAGE_TOOL_MODEL) -> str | None:
+    """The model of the first image_generation tool in `tools` (`default` when it names
+    none), or None without one."""
+    for tool in items(tools):
+        if isinstance(tool, dict) and tool.get("type") == "image_generation":
+            model = tool.get("model")
+            return model if isinstance(model, str) and model.strip() else default
+    return None
+
+
+def _image_tool_reserve(tools: Any, parsed: ParsedRequest) -> None:
+    """Reserve the image_generation tool's output on its own image model.
+
+    How many images the model will make is unknown before the call (none, one, or one per
+    tool call it decides on): we reserve ONE image of the requested quality and size, as
+    the Images API estimate reckons it (plus its partial images), so a call that draws more
+    is charged its reported usage after the fact."""
+    for tool in items(tools):
+        if not isinstance(tool, dict) or tool.get("type") != "image_generation":
+            continue
+        model = image_tool_model([tool])
+        assert model is not None
+        for key in ("quality", "size"):
+            value = tool.get(key)
+            if value is not None and not isinstance(value, str):
+                raise MeterRequestError(
+                    f"image_generation {key} must be a string, not {kind(value)}"
+                )
+        partials = opt_int(tool, "partial_images") or 0
+        tokens = openai_images.output_tokens_per_image(model, tool.get("quality"), tool.get("size"))
+        tokens += partials * openai_images.PARTIAL_IMAGE_TOKENS
+        reserves = parsed.tool_output_reserves
+        reserves[model] = reserves.get(model, 0) + tokens
 
 
 def _responses_item(item: dict[str, Any], prompt: Prompt, model: str | None, i: int) -> None:
@@ -427,7 +466,23 @@ def _responses_output(output: Any, ex: Extracted) -> None:
     ex.texts = texts
 
 
-def extract_json(endpoint: str, obj: Any) -> Extracted:
+def _image_tool_usage(resp: dict[str, Any], ex: Extracted, request_model: str | None) -> None:
+    """The image_generation tool's tokens, which the answer reports apart from `usage` (in
+    `tool_usage.image_gen`, the Images API's usage shape): billed on the tool's image model,
+    as echoed in the answer's `tools`, else as the request named it."""
+    reported = dig(resp, "tool_usage", "image_gen")
+    if not isinstance(reported, dict):
+        return
+    usage = openai_images.images_usage(reported)
+    if not usage.total_tokens:
+        return  # the tool was offered but not used: nothing billed on the image model
+    model = image_tool_model(resp.get("tools"), None) or request_model or IMAGE_TOOL_MODEL
+    ex.other_models = {model: usage}
+
+
+def extract_json(endpoint: str, obj: Any, image_model: str | None = None) -> Extracted:
+    """What a JSON answer reports; `image_model` is the request's image_generation tool
+    model, for an answer that does not echo its tools."""
     ex = Extracted()
     if not isinstance(obj, dict):
         return ex
@@ -439,6 +494,7 @@ def extract_json(endpoint: str, obj: Any) -> Extracted:
     if endpoint == "responses":
         if isinstance(u, dict):
             ex.usage = responses_usage(u)
+        _image_tool_usage(obj, ex, image_model)
         _responses_output(obj.get("output"), ex)
         return ex
     if isinstance(u, dict):
@@ -485,8 +541,9 @@ class ChatStream:
 class ResponsesStream:
     """Responses API SSE: typed events; usage only on the terminal response.* event."""
 
-    def __init__(self) -> None:
+    def __init__(self, image_model: str | None = None) -> None:
         self._ex = Extracted()
+        self._image_model = image_model
 
     def on_event(self, event: str | None, data: bytes) -> bool:
         obj = loads(data)
@@ -513,6 +570,7 @@ class ResponsesStream:
                 u = resp.get("usage")
                 if isinstance(u, dict):
                     ex.usage = responses_usage(u)
+                _image_tool_usage(resp, ex, self._image_model)
                 if isinstance(resp.get("output"), list) and resp["output"]:
                     streamed = ex.texts
                     ex.extras = {}

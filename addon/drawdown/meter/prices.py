@@ -24,7 +24,11 @@ _CTX = decimal.Context(prec=60, rounding=decimal.ROUND_CEILING)
 PROVIDER_IDS = {"openai": "openai", "anthropic": "anthropic", "gemini": "google", "bedrock": "aws"}
 
 # Measurement.extras keys that genai-prices can price, and the genai-prices usage key.
-EXTRA_UNITS = {"web_search_calls": "web_searches", "file_search_calls": "storage_searches"}
+EXTRA_UNITS = {
+    "web_search_calls": "web_searches",
+    "file_search_calls": "storage_searches",
+    "input_characters": "input_characters",  # tts-1 / tts-1-hd bill per character
+}
 
 
 def to_nanos(usd: Decimal) -> int:

@@ -79,6 +79,9 @@ class LLMRequest:
     # The genai-prices provider whose api_pattern matched the upstream URL (api.groq.com ->
     # "groq"), priced with before the family's; None when no pattern matched.
     price_provider: str | None = None
+    # The Responses API's image_generation tool: the image model it names (else its default),
+    # which bills the tool's tokens when the answer does not echo its tools.
+    image_tool_model: str | None = None
 
 
 @dataclass(frozen=True)

@@ -474,6 +474,134 @@ def test_svg_authoring_is_charged_on_its_own_model():
     assert m.usd_nanos > own
 
 
+# --- the Responses API's image_generation tool ---------------------------------------------
+
+RESPONSES = "/v1/responses"
+
+
+def _image_tool_answer(tool_usage: dict, echo_model: str | None = "gpt-image-1-mini") -> dict:
+    tools = [{"type": "image_generation", "quality": "medium"}]
+    if echo_model:
+        tools[0]["model"] = echo_model
+    return {
+        "object": "response",
+        "model": "gpt-5-2025-08-07",
+        "status": "completed",
+        "output": [{"type": "image_generation_call", "status": "completed", "result": "QUJD"}],
+        "tools": tools,
+        "tool_usage": {"image_gen": tool_usage, "web_search": {"num_requests": 0}},
+        "usage": {
+            "input_tokens": 300,
+            "input_tokens_details": {"cached_tokens": 0},
+            "output_tokens": 120,
+            "output_tokens_details": {"reasoning_tokens": 64},
+            "total_tokens": 420,
+        },
+    }
+
+
+# The tool's usage in the shape OpenAI reports it (the Images API's usage).
+_IMAGE_GEN = {
+    "input_tokens": 350,
+    "input_tokens_details": {"image_tokens": 300, "text_tokens": 50},
+    "output_tokens": 1056,
+    "output_tokens_details": {"image_tokens": 1056, "text_tokens": 0},
+    "total_tokens": 1406,
+}
+_GPT5 = _genai("gpt-5", "openai", input_tokens=300, output_tokens=120, output_reasoning_tokens=64)
+_MINI_IMAGE = _genai(
+    "gpt-image-1-mini", "openai", input_tokens=350, input_image_tokens=300, output_tokens=1056,
+    output_image_tokens=1056,
+)  # fmt: skip
+
+
+def _tool_request(tool: dict, stream: bool = False):
+    body = {"model": "gpt-5", "input": "Draw a cat", "tools": [tool], "stream": stream}
+    return inspect_request("openai", "POST", RESPONSES, {}, _json(body), CONFIG)
+
+
+@pytest.mark.parametrize(
+    ("tool", "model", "output"),
+    [
+        # one medium 1024x1536 image, and its two partial images at 100 tokens each
+        (
+            {"type": "image_generation", "model": "gpt-image-1-mini", "quality": "medium",
+             "size": "1024x1536", "partial_images": 2},
+            "gpt-image-1-mini", 1584 + 200,
+        ),
+        # no model, quality or size: gpt-image-1, and the largest image "auto" may pick
+        ({"type": "image_generation"}, "gpt-image-1", 6240),
+    ],
+)  # fmt: skip
+def test_the_image_tool_reserves_one_image_on_its_own_model(tool, model, output):
+    r = _tool_request(tool)
+    assert r.image_tool_model == model
+    own = price_usage(
+        "openai", "gpt-5", TokenUsage(input_tokens=r.input_tokens, output_tokens=r.max_output_tokens),
+        CONFIG,
+    )[0]  # fmt: skip
+    # The image model's input is reserved as the call's own (it may see the conversation).
+    image = _genai(
+        model, "openai", input_tokens=r.input_tokens, output_tokens=output,
+        output_image_tokens=output,
+    )  # fmt: skip
+    assert (r.estimate_usd_nanos, r.priced) == (own + image, True)
+
+
+def test_the_image_tools_tokens_are_charged_on_the_image_model():
+    r = _tool_request({"type": "image_generation", "model": "gpt-image-1-mini"})
+    m = measure_body(r, 200, _json(_image_tool_answer(_IMAGE_GEN)), CONFIG)
+    assert m.usage == TokenUsage(input_tokens=300, output_tokens=120, reasoning_tokens=64)
+    assert dict(m.other_models) == {
+        "gpt-image-1-mini": TokenUsage(
+            input_tokens=350, output_tokens=1056, input_image_tokens=300, output_image_tokens=1056
+        )
+    }
+    assert (m.usd_nanos, m.priced, m.source) == (_GPT5 + _MINI_IMAGE, True, "usage")
+    assert m.extras["image_generation_calls"] == 1
+
+
+def test_the_image_tool_model_comes_from_the_request_when_the_answer_does_not_echo_it():
+    r = _tool_request({"type": "image_generation", "model": "gpt-image-1-mini"})
+    m = measure_body(r, 200, _json(_image_tool_answer(_IMAGE_GEN, echo_model=None)), CONFIG)
+    assert list(m.other_models) == ["gpt-image-1-mini"]
+    assert m.usd_nanos == _GPT5 + _MINI_IMAGE
+
+
+def test_an_unused_image_tool_charges_nothing_on_the_image_model():
+    zeros = {**_IMAGE_GEN, "input_tokens": 0, "output_tokens": 0, "total_tokens": 0}
+    zeros["input_tokens_details"] = {"image_tokens": 0, "text_tokens": 0}
+    zeros["output_tokens_details"] = {"image_tokens": 0, "text_tokens": 0}
+    r = _tool_request({"type": "image_generation"})
+    m = measure_body(r, 200, _json(_image_tool_answer(zeros)), CONFIG)
+    assert (dict(m.other_models), m.usd_nanos) == ({}, _GPT5)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.integers(min_value=1, max_value=3000), max_size=8))
+def test_the_image_tools_tokens_are_charged_from_the_stream_however_cut(points):
+    r = _tool_request({"type": "image_generation", "model": "gpt-image-1-mini"}, stream=True)
+    answer = _image_tool_answer(_IMAGE_GEN)
+    events = [
+        ("response.created", {"type": "response.created", "response": {**answer, "output": []}}),
+        (
+            "response.image_generation_call.partial_image",
+            {"type": "response.image_generation_call.partial_image", "partial_image_b64": "QUJD"},
+        ),
+        ("response.output_item.done", {"type": "response.output_item.done",
+                                       "item": answer["output"][0]}),
+        ("response.completed", {"type": "response.completed", "response": answer}),
+    ]  # fmt: skip
+    raw = "".join(f"event: {e}\ndata: {json.dumps(d)}\n\n" for e, d in events).encode()
+    meter = open_stream_meter(r, "text/event-stream", None, CONFIG)
+    for chunk in cut(raw, points):
+        assert meter.feed(chunk) is chunk
+    _, m = meter.finish()
+    assert (m.usd_nanos, m.source) == (_GPT5 + _MINI_IMAGE, "usage")
+    assert list(m.other_models) == ["gpt-image-1-mini"]
+    assert measure_body(r, 200, raw, CONFIG) == m
+
+
 # --- what is free --------------------------------------------------------------------------
 
 

@@ -351,7 +351,6 @@ def test_openai_paths():
     for method, path in [
         ("GET", "/v1/models"),
         ("GET", "/v1/responses/resp_1"),
-        ("POST", "/v1/audio/speech"),
         ("POST", "/v1/files"),
     ]:
         r = _req("openai", path, b"\xff not json", method=method)
@@ -363,7 +362,8 @@ def test_openai_paths():
     [
         ("openai", "POST", "/v1/chat/completions", "tokens"),
         ("openai", "POST", "/v1/images/generations", "step"),
-        ("openai", "POST", "/v1/audio/speech", "step"),
+        ("openai", "POST", "/v1/audio/speech", "step"),  # a gemini model: not speech
+        ("openai", "POST", "/v1/audio/transcriptions", "step"),
         ("openai", "POST", "/v1/files", "step"),
         ("openai", "POST", "/v1/fine_tuning/jobs", "step"),
         ("openai", "GET", "/v1/models", "free"),
