@@ -838,13 +838,38 @@ def _refuse_undecodable(args: argparse.Namespace) -> None:
             )
 
 
+# Options whose value may begin with "-". argparse takes `--since -5m` for an option `-5m` and
+# answers "expected one argument", so drawdown's own message about durations is never reached.
+_VALUES_MAY_START_WITH_A_DASH = frozenset({"--since"})
+
+
+def _join_dashed_values(argv: list[str]) -> list[str]:
+    """`--since -5m` as `--since=-5m`, so the value reaches drawdown's check. A value that is a
+    long option (`--since --json`) stays apart: that is a missing value, as argparse says."""
+    joined: list[str] = []
+    rest = iter(argv)
+    for arg in rest:
+        if arg == "--":  # everything after it is positional
+            joined.append(arg)
+            joined.extend(rest)
+            break
+        following = next(rest, None) if arg in _VALUES_MAY_START_WITH_A_DASH else None
+        if following is None:
+            joined.append(arg)
+        elif following.startswith("-") and not following.startswith("--") and following != "-":
+            joined.append(f"{arg}={following}")
+        else:
+            joined.extend((arg, following))
+    return joined
+
+
 def main(argv: list[str] | None = None) -> int:
     # A file name that is not UTF-8 (taken, see _FILE_ARGUMENTS) is then shown escaped, as
     # stderr shows it, rather than failing as a traceback where the locale makes stdout strict.
     if getattr(sys.stdout, "errors", None) == "strict" and hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(errors="backslashreplace")
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_join_dashed_values(sys.argv[1:] if argv is None else argv))
     try:
         _refuse_undecodable(args)
         return int(args.func(args) or 0)

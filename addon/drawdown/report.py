@@ -50,6 +50,10 @@ NOT_THE_RUNS = ", ".join(f"'{code}'" for code in ("budget_exhausted", "anomaly",
 
 
 def parse_duration(text: str) -> float:
+    if text.strip().startswith("-"):  # `-5m`: the window counts back from now already
+        raise ValueError(
+            f"--since counts back from now: give a positive duration like 30m, 24h or 7d; got {text!r}"
+        )
     found = _DURATION.match(text)
     if not found:
         raise ValueError(f"--since wants a duration like 30m, 24h or 7d; got {text!r}")

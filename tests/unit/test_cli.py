@@ -299,6 +299,30 @@ def test_a_window_or_run_that_selects_nothing_is_refused_not_read_as_everything(
     assert captured.out == "" and ("above zero" in captured.err or "wants a" in captured.err)
 
 
+@pytest.mark.parametrize("command", ["report", "replay"])
+@pytest.mark.parametrize("since", ["-5m", "-x", "-1.5h"])
+def test_a_since_that_looks_like_an_option_gets_drawdowns_message_not_argparses(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str, since: str
+) -> None:
+    """`--since -5m` ended in argparse's "expected one argument", which names no duration."""
+    db = tmp_path / "ledger.db"
+    _traffic(db)
+    capsys.readouterr()
+    policy = ["--policy", str(ROOT / "policies" / "example.yaml")] if command == "replay" else []
+    assert main([command, *policy, "--db", str(db), "--since", since]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.startswith("drawdown: --since ")
+    assert repr(since) in captured.err and "expected one argument" not in captured.err
+
+
+def test_a_since_with_no_value_before_another_option_is_still_a_missing_value(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["report", "--since", "--json"])
+    assert exit_.value.code == 2 and "expected one argument" in capsys.readouterr().err
+
+
 def test_a_mistyped_run_fails_in_jsonl_as_in_the_other_formats(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
