@@ -36,6 +36,7 @@ from .policy.model import AnomalySettings, Policy
 from .recording import redact
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
+_NEGATIVE = re.compile(r"^\s*-\s*\.?\d")
 _SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 # Spend buckets, finest first: the finest that gives at most MAX_BUCKETS over the report's span.
 BUCKETS = (1, 5, 10, 30, 60, 300, 900, 3600, 21600, 86400, 604800)
@@ -50,7 +51,7 @@ NOT_THE_RUNS = ", ".join(f"'{code}'" for code in ("budget_exhausted", "anomaly",
 
 
 def parse_duration(text: str) -> float:
-    if text.strip().startswith("-"):  # `-5m`: the window counts back from now already
+    if _NEGATIVE.match(text):  # `-5m`: the window counts back from now already
         raise ValueError(
             f"--since counts back from now: give a positive duration like 30m, 24h or 7d; got {text!r}"
         )
