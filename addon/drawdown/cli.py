@@ -606,12 +606,11 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 def cmd_budgets(args: argparse.Namespace) -> int:
     """Every budget instance in the ledger: limit, spent and held per unit."""
-    from datetime import UTC, datetime
-
     from .ledger.api import UNITS, LedgerError
     from .ledger.dsn import redact_dsn
     from .ledger.reader import budget_instances
     from .money import format_usd, usd_float
+    from .report import iso_time
 
     try:
         rows = budget_instances(args.db)
@@ -619,9 +618,8 @@ def cmd_budgets(args: argparse.Namespace) -> int:
         print(f"drawdown: {exc}", file=sys.stderr)
         return 1
 
-    def window(row: dict) -> str | None:
-        start = row["window_start"]
-        return datetime.fromtimestamp(start, UTC).strftime("%Y-%m-%dT%H:%MZ") if start else None
+    def window(row: dict) -> str | None:  # as `drawdown report` writes it: one format to parse
+        return iso_time(row["window_start"])
 
     if args.as_json:
         out = []

@@ -65,7 +65,8 @@ def parse_duration(text: str) -> float:
     return min(float(found.group(1)) * _SECONDS[found.group(2)], time.time())
 
 
-def _iso(ts: float | None) -> str | None:
+def iso_time(ts: float | None) -> str | None:
+    """A time as every report writes it, to the second in UTC: `2026-12-05T00:00:00Z`."""
     return (
         None
         if not ts
@@ -212,8 +213,8 @@ def _build(
             "tokens_in": row["tokens_in"],
             "tokens_out": row["tokens_out"],
             "tokens": row["tokens_in"] + row["tokens_out"],
-            "started": _iso(row["started"]),
-            "ended": _iso(row["ended"]),
+            "started": iso_time(row["started"]),
+            "ended": iso_time(row["ended"]),
             "duration_s": round((row["ended"] or row["started"]) - row["started"], 3),
             "status": _status(row, run_anomalies),
             "would_status": _would_status(row),
@@ -234,8 +235,8 @@ def _build(
 
     budgets = _budgets(reader, floor, run)
     return {
-        "generated_at": _iso(now),
-        "since": _iso(floor) if since else None,
+        "generated_at": iso_time(now),
+        "since": iso_time(floor) if since else None,
         "budgets": budgets,
         "runs": runs,
         "decisions": counts,
@@ -268,7 +269,7 @@ def _budgets(reader: Reader, floor: float, run: str | None) -> list[dict[str, An
                 "budget": row["budget"],
                 "scope": row["scope"],
                 "per": row["per"],
-                "window_start": _iso(row["window_start"]) if row["window_start"] else None,
+                "window_start": iso_time(row["window_start"]) if row["window_start"] else None,
                 "limit": {
                     "usd": usd_float(row["limit_usd"]),
                     "tokens": row["limit_tokens"],
@@ -346,7 +347,7 @@ def _spend(
             points.append(
                 {
                     "t": start,
-                    "start": _iso(start),
+                    "start": iso_time(start),
                     "usd": usd_float(usd),
                     "tokens": tokens,
                     "requests": requests,
@@ -377,7 +378,7 @@ def _denials(reader: Reader, where: str, params: dict[str, Any]) -> list[dict[st
         params,
     )
     return [
-        {**row, "ts": _iso(row["ts"]), "est_usd": usd_float(row["est_usd"])}
+        {**row, "ts": iso_time(row["ts"]), "est_usd": usd_float(row["est_usd"])}
         for row in reversed(rows)
     ]
 
@@ -410,7 +411,7 @@ def _add_timelines(
                 {
                     "request_id": row["request_id"],
                     "t": round(row["ts"] - start, 4),
-                    "ts": _iso(row["ts"]),
+                    "ts": iso_time(row["ts"]),
                     "ms": round(duration, 2) if duration is not None else None,
                     "action": row.get("action"),
                     "model": row.get("model"),
@@ -589,7 +590,7 @@ def decision_log(
 
 def _log_entry(row: dict[str, Any]) -> dict[str, Any]:
     entry = dict(row)
-    entry["time"] = _iso(row["ts"])
+    entry["time"] = iso_time(row["ts"])
     for column in _USD_COLUMNS:
         if column in entry:
             entry[f"{column}_nanos"] = entry[column]

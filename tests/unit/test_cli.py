@@ -230,6 +230,27 @@ def _traffic(db: Path) -> None:
     ledger.close()
 
 
+def test_budgets_and_report_write_a_window_start_alike(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`drawdown budgets` wrote `2026-12-05T00:00Z` where `drawdown report` wrote
+    `2026-12-05T00:00:00Z`: a tool reading both met two formats for one field."""
+    db = tmp_path / "ledger.db"
+    day = 1_796_428_800  # 2026-12-05T00:00:00Z
+    ledger = SQLiteLedger(db)
+    claim = Claim("agent:*", "agent:a", 1_000_000_000, None, None, "day", day, day + 86_400)
+    row = DecisionRow(uuid.uuid4().hex, day + 60.0, "allow", "enforce", "agent:a", agent="a")
+    ledger.reserve(row, [claim], Amount(usd=1_000_000, requests=1), 5000)
+    ledger.close()
+    assert main(["budgets", "--db", str(db), "--json"]) == 0
+    (listed,) = json.loads(capsys.readouterr().out)
+    assert main(["report", "--db", str(db), "--json"]) == 0
+    (reported,) = json.loads(capsys.readouterr().out)["budgets"]
+    assert listed["window_start"] == reported["window_start"] == "2026-12-05T00:00:00Z"
+    assert main(["budgets", "--db", str(db)]) == 0
+    assert "day from 2026-12-05T00:00:00Z" in capsys.readouterr().out
+
+
 def test_report_json_contract(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     db = tmp_path / "ledger.db"
     _traffic(db)
