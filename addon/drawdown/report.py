@@ -449,10 +449,11 @@ def _table(headers: list[str], rows: list[list[str]]) -> str:
     widths = [
         max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)
     ]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True))]
-    lines.append("  ".join("-" * w for w in widths))
-    lines.extend("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows)
-    return "\n".join(lines)
+    lines = [headers, *rows]
+    # The last column is padded too: strip it, or every line ends in spaces.
+    text = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in lines]
+    text.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(text)
 
 
 def _limit(value: Any) -> str:
@@ -474,9 +475,9 @@ def _steps_cell(run: dict[str, Any]) -> str:
 def render_text(data: dict[str, Any]) -> str:
     out = []
     d = data["decisions"]
-    out.append(
-        f"decisions: {d['allow']} allowed, {d['deny']} denied, {d['would_deny']} would be denied (shadow)"
-    )
+    # Only shadow mode records would_deny: an enforced ledger's line says nothing of shadow.
+    shadow = f", {d['would_deny']} would be denied (shadow)" if d["would_deny"] else ""
+    out.append(f"decisions: {d['allow']} allowed, {d['deny']} denied{shadow}")
     out.append("")
     out.append("RUNS")
     out.append(
