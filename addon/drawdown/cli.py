@@ -323,6 +323,7 @@ def cmd_env(args: argparse.Namespace) -> int:
         from urllib.parse import quote
 
         credentials = quote(args.agent, safe="") + ":" + quote(args.run or "", safe="") + "@"
+    host = _connectable(host)
     url = f"http://{credentials}{url_host(host)}:{port}"
     for name, value in (
         ("HTTPS_PROXY", url),
@@ -346,6 +347,33 @@ def cmd_env(args: argparse.Namespace) -> int:
 
     _java_options(host, port, bundle.parent / TRUSTSTORE)
     return 0
+
+
+def _connectable(host: str) -> str:
+    """The host an agent connects to for a proxy listening on `host`. 0.0.0.0 and :: mean
+    "every address": a proxy listens there so agents on other hosts reach it, but no agent can
+    connect to them. This machine's name serves those agents and this host alike; 127.0.0.1
+    only when the machine knows itself by no other name than localhost."""
+    import ipaddress
+    import socket
+
+    try:
+        unspecified = ipaddress.ip_address(host).is_unspecified
+    except ValueError:  # a host name
+        return host
+    if not unspecified:
+        return host
+    # getfqdn() is the name DNS gives this host; where /etc/hosts maps the host name to a
+    # loopback address it answers `localhost`, and the bare host name is the better guess.
+    names = (socket.getfqdn(), socket.gethostname())
+    name = next((n for n in names if n and n.split(".")[0] != "localhost"), "127.0.0.1")
+    print(
+        f"drawdown: {url_host(host)} is every address of this machine, which no agent can "
+        f"connect to; the proxy URL names {name} instead (to name another, give --listen the "
+        "HOST:PORT your agents reach)",
+        file=sys.stderr,
+    )
+    return name
 
 
 def _java_options(host: str, port: int, truststore: Path) -> None:

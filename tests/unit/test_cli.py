@@ -186,6 +186,53 @@ def test_listen_takes_ipv6_in_brackets_and_env_writes_it_so(
     assert "export HTTPS_PROXY='http://[::1]:9090'" in capsys.readouterr().out.splitlines()
 
 
+@pytest.mark.parametrize(
+    ("listen", "fqdn", "hostname", "expected"),
+    [
+        ("0.0.0.0:9090", "proxy.corp.example", "proxy", "proxy.corp.example"),
+        # /etc/hosts mapping the host name to a loopback address makes getfqdn() say localhost
+        ("[::]:9090", "localhost", "build-7", "build-7"),
+        ("0.0.0.0:9090", "localhost.localdomain", "localhost", "127.0.0.1"),
+    ],
+)
+def test_env_for_a_proxy_on_every_address_names_one_an_agent_can_reach(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    listen: str,
+    fqdn: str,
+    hostname: str,
+    expected: str,
+) -> None:
+    """`--listen 0.0.0.0:8080` printed HTTPS_PROXY=http://0.0.0.0:8080, which no agent can
+    connect to; the machine's name is what agents on other hosts (the reason to listen on
+    every address) and this one alike reach."""
+    import socket
+
+    monkeypatch.setattr(socket, "getfqdn", lambda name="": fqdn)
+    monkeypatch.setattr(socket, "gethostname", lambda: hostname)
+    assert main(["env", "--confdir", str(tmp_path), "--listen", listen, "--agent", "a"]) == 0
+    out, err = capsys.readouterr()
+    lines = dict(line.removeprefix("export ").split("=", 1) for line in out.splitlines())
+    assert lines["HTTPS_PROXY"] == lines["HTTP_PROXY"] == f"http://a:@{expected}:9090"
+    assert f"-Dhttps.proxyHost={expected} " in lines["JAVA_TOOL_OPTIONS"]
+    every = listen.rpartition(":")[0]
+    assert err.startswith(f"drawdown: {every} is every address of this machine")
+    assert f"the proxy URL names {expected} instead" in err
+
+
+def test_env_for_a_proxy_on_one_address_keeps_it_and_says_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for listen, url in (
+        ("10.1.2.3:9090", "http://10.1.2.3:9090"),
+        ("proxy:9090", "http://proxy:9090"),
+    ):
+        assert main(["env", "--confdir", str(tmp_path), "--listen", listen]) == 0
+        out, err = capsys.readouterr()
+        assert f"export HTTPS_PROXY={url}" in out.splitlines() and err == ""
+
+
 def _traffic(db: Path) -> None:
     ledger = SQLiteLedger(db)
     claims = [Claim("agent:*/run:*", "agent:research/run:7f3a", 500_000_000, None, 200)]
