@@ -323,6 +323,7 @@ def cmd_env(args: argparse.Namespace) -> int:
         from urllib.parse import quote
 
         credentials = quote(args.agent, safe="") + ":" + quote(args.run or "", safe="") + "@"
+    host = _connectable(host)
     url = f"http://{credentials}{url_host(host)}:{port}"
     for name, value in (
         ("HTTPS_PROXY", url),
@@ -346,6 +347,33 @@ def cmd_env(args: argparse.Namespace) -> int:
 
     _java_options(host, port, bundle.parent / TRUSTSTORE)
     return 0
+
+
+def _connectable(host: str) -> str:
+    """The host an agent connects to for a proxy listening on `host`. 0.0.0.0 and :: mean
+    "every address": a proxy listens there so agents on other hosts reach it, but no agent can
+    connect to them. This machine's name serves those agents and this host alike; 127.0.0.1
+    only when the machine knows itself by no other name than localhost."""
+    import ipaddress
+    import socket
+
+    try:
+        unspecified = ipaddress.ip_address(host).is_unspecified
+    except ValueError:  # a host name
+        return host
+    if not unspecified:
+        return host
+    # getfqdn() is the name DNS gives this host; where /etc/hosts maps the host name to a
+    # loopback address it answers `localhost`, and the bare host name is the better guess.
+    names = (socket.getfqdn(), socket.gethostname())
+    name = next((n for n in names if n and n.split(".")[0] != "localhost"), "127.0.0.1")
+    print(
+        f"drawdown: {url_host(host)} is every address of this machine, which no agent can "
+        f"connect to; the proxy URL names {name} instead (to name another, give --listen the "
+        "HOST:PORT your agents reach)",
+        file=sys.stderr,
+    )
+    return name
 
 
 def _java_options(host: str, port: int, truststore: Path) -> None:
@@ -606,12 +634,11 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 def cmd_budgets(args: argparse.Namespace) -> int:
     """Every budget instance in the ledger: limit, spent and held per unit."""
-    from datetime import UTC, datetime
-
     from .ledger.api import UNITS, LedgerError
     from .ledger.dsn import redact_dsn
     from .ledger.reader import budget_instances
     from .money import format_usd, usd_float
+    from .report import iso_time
 
     try:
         rows = budget_instances(args.db)
@@ -619,9 +646,8 @@ def cmd_budgets(args: argparse.Namespace) -> int:
         print(f"drawdown: {exc}", file=sys.stderr)
         return 1
 
-    def window(row: dict) -> str | None:
-        start = row["window_start"]
-        return datetime.fromtimestamp(start, UTC).strftime("%Y-%m-%dT%H:%MZ") if start else None
+    def window(row: dict) -> str | None:  # as `drawdown report` writes it: one format to parse
+        return iso_time(row["window_start"])
 
     if args.as_json:
         out = []
@@ -838,13 +864,38 @@ def _refuse_undecodable(args: argparse.Namespace) -> None:
             )
 
 
+# Options whose value may begin with "-". argparse takes `--since -5m` for an option `-5m` and
+# answers "expected one argument", so drawdown's own message about durations is never reached.
+_VALUES_MAY_START_WITH_A_DASH = frozenset({"--since"})
+
+
+def _join_dashed_values(argv: list[str]) -> list[str]:
+    """`--since -5m` as `--since=-5m`, so the value reaches drawdown's check. A value that is a
+    long option (`--since --json`) stays apart: that is a missing value, as argparse says."""
+    joined: list[str] = []
+    rest = iter(argv)
+    for arg in rest:
+        if arg == "--":  # everything after it is positional
+            joined.append(arg)
+            joined.extend(rest)
+            break
+        following = next(rest, None) if arg in _VALUES_MAY_START_WITH_A_DASH else None
+        if following is None:
+            joined.append(arg)
+        elif following.startswith("-") and not following.startswith("--") and following != "-":
+            joined.append(f"{arg}={following}")
+        else:
+            joined.extend((arg, following))
+    return joined
+
+
 def main(argv: list[str] | None = None) -> int:
     # A file name that is not UTF-8 (taken, see _FILE_ARGUMENTS) is then shown escaped, as
     # stderr shows it, rather than failing as a traceback where the locale makes stdout strict.
     if getattr(sys.stdout, "errors", None) == "strict" and hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(errors="backslashreplace")
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_join_dashed_values(sys.argv[1:] if argv is None else argv))
     try:
         _refuse_undecodable(args)
         return int(args.func(args) or 0)

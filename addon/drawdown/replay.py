@@ -58,7 +58,7 @@ from .money import format_usd, usd_float
 from .policy.match import LEVELS, missing
 from .policy.model import Policy
 from .recording import REDACTED, body_fields, omitted_fields, rebuild_json
-from .report import _iso
+from .report import iso_time
 from .respond import STATUS
 
 _COLUMNS = (
@@ -93,7 +93,7 @@ class Replayed:
     def as_dict(self) -> dict[str, Any]:
         return {
             "request_id": self.request_id,
-            "ts": _iso(self.ts),
+            "ts": iso_time(self.ts),
             "scope": self.scope,
             "run": self.run,
             "agent": self.agent,
@@ -586,7 +586,7 @@ def replay(
             results.append(decided)
     in_window = [row for row in rows if row["ts"] >= floor]
     return _summary(
-        policy, in_window, results, since=_iso(floor) if since else None, redacted=sim.redacted
+        policy, in_window, results, since=iso_time(floor) if since else None, redacted=sim.redacted
     )
 
 
@@ -632,7 +632,7 @@ def _summary(
             if entry["first_blocked"] is None:
                 entry["first_blocked"] = {
                     "request_id": r.request_id,
-                    "ts": _iso(r.ts),
+                    "ts": iso_time(r.ts),
                     "action": r.action,
                     "reason_code": r.reason_code,
                     "reason": r.reason,

@@ -36,6 +36,7 @@ from .policy.model import AnomalySettings, Policy
 from .recording import redact
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
+_NEGATIVE = re.compile(r"^\s*-\s*\.?\d")
 _SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 # Spend buckets, finest first: the finest that gives at most MAX_BUCKETS over the report's span.
 BUCKETS = (1, 5, 10, 30, 60, 300, 900, 3600, 21600, 86400, 604800)
@@ -50,6 +51,10 @@ NOT_THE_RUNS = ", ".join(f"'{code}'" for code in ("budget_exhausted", "anomaly",
 
 
 def parse_duration(text: str) -> float:
+    if _NEGATIVE.match(text):  # `-5m`: the window counts back from now already
+        raise ValueError(
+            f"--since counts back from now: give a positive duration like 30m, 24h or 7d; got {text!r}"
+        )
     found = _DURATION.match(text)
     if not found:
         raise ValueError(f"--since wants a duration like 30m, 24h or 7d; got {text!r}")
@@ -60,7 +65,8 @@ def parse_duration(text: str) -> float:
     return min(float(found.group(1)) * _SECONDS[found.group(2)], time.time())
 
 
-def _iso(ts: float | None) -> str | None:
+def iso_time(ts: float | None) -> str | None:
+    """A time as every report writes it, to the second in UTC: `2026-12-05T00:00:00Z`."""
     return (
         None
         if not ts
@@ -207,8 +213,8 @@ def _build(
             "tokens_in": row["tokens_in"],
             "tokens_out": row["tokens_out"],
             "tokens": row["tokens_in"] + row["tokens_out"],
-            "started": _iso(row["started"]),
-            "ended": _iso(row["ended"]),
+            "started": iso_time(row["started"]),
+            "ended": iso_time(row["ended"]),
             "duration_s": round((row["ended"] or row["started"]) - row["started"], 3),
             "status": _status(row, run_anomalies),
             "would_status": _would_status(row),
@@ -229,8 +235,8 @@ def _build(
 
     budgets = _budgets(reader, floor, run)
     return {
-        "generated_at": _iso(now),
-        "since": _iso(floor) if since else None,
+        "generated_at": iso_time(now),
+        "since": iso_time(floor) if since else None,
         "budgets": budgets,
         "runs": runs,
         "decisions": counts,
@@ -263,7 +269,7 @@ def _budgets(reader: Reader, floor: float, run: str | None) -> list[dict[str, An
                 "budget": row["budget"],
                 "scope": row["scope"],
                 "per": row["per"],
-                "window_start": _iso(row["window_start"]) if row["window_start"] else None,
+                "window_start": iso_time(row["window_start"]) if row["window_start"] else None,
                 "limit": {
                     "usd": usd_float(row["limit_usd"]),
                     "tokens": row["limit_tokens"],
@@ -341,7 +347,7 @@ def _spend(
             points.append(
                 {
                     "t": start,
-                    "start": _iso(start),
+                    "start": iso_time(start),
                     "usd": usd_float(usd),
                     "tokens": tokens,
                     "requests": requests,
@@ -372,7 +378,7 @@ def _denials(reader: Reader, where: str, params: dict[str, Any]) -> list[dict[st
         params,
     )
     return [
-        {**row, "ts": _iso(row["ts"]), "est_usd": usd_float(row["est_usd"])}
+        {**row, "ts": iso_time(row["ts"]), "est_usd": usd_float(row["est_usd"])}
         for row in reversed(rows)
     ]
 
@@ -405,7 +411,7 @@ def _add_timelines(
                 {
                     "request_id": row["request_id"],
                     "t": round(row["ts"] - start, 4),
-                    "ts": _iso(row["ts"]),
+                    "ts": iso_time(row["ts"]),
                     "ms": round(duration, 2) if duration is not None else None,
                     "action": row.get("action"),
                     "model": row.get("model"),
@@ -443,10 +449,11 @@ def _table(headers: list[str], rows: list[list[str]]) -> str:
     widths = [
         max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)
     ]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True))]
-    lines.append("  ".join("-" * w for w in widths))
-    lines.extend("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows)
-    return "\n".join(lines)
+    lines = [headers, *rows]
+    # The last column is padded too: strip it, or every line ends in spaces.
+    text = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in lines]
+    text.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(text)
 
 
 def _limit(value: Any) -> str:
@@ -468,9 +475,9 @@ def _steps_cell(run: dict[str, Any]) -> str:
 def render_text(data: dict[str, Any]) -> str:
     out = []
     d = data["decisions"]
-    out.append(
-        f"decisions: {d['allow']} allowed, {d['deny']} denied, {d['would_deny']} would be denied (shadow)"
-    )
+    # Only shadow mode records would_deny: an enforced ledger's line says nothing of shadow.
+    shadow = f", {d['would_deny']} would be denied (shadow)" if d["would_deny"] else ""
+    out.append(f"decisions: {d['allow']} allowed, {d['deny']} denied{shadow}")
     out.append("")
     out.append("RUNS")
     out.append(
@@ -584,7 +591,7 @@ def decision_log(
 
 def _log_entry(row: dict[str, Any]) -> dict[str, Any]:
     entry = dict(row)
-    entry["time"] = _iso(row["ts"])
+    entry["time"] = iso_time(row["ts"])
     for column in _USD_COLUMNS:
         if column in entry:
             entry[f"{column}_nanos"] = entry[column]

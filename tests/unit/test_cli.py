@@ -187,6 +187,53 @@ def test_listen_takes_ipv6_in_brackets_and_env_writes_it_so(
     assert "export HTTPS_PROXY='http://[::1]:9090'" in capsys.readouterr().out.splitlines()
 
 
+@pytest.mark.parametrize(
+    ("listen", "fqdn", "hostname", "expected"),
+    [
+        ("0.0.0.0:9090", "proxy.corp.example", "proxy", "proxy.corp.example"),
+        # /etc/hosts mapping the host name to a loopback address makes getfqdn() say localhost
+        ("[::]:9090", "localhost", "build-7", "build-7"),
+        ("0.0.0.0:9090", "localhost.localdomain", "localhost", "127.0.0.1"),
+    ],
+)
+def test_env_for_a_proxy_on_every_address_names_one_an_agent_can_reach(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    listen: str,
+    fqdn: str,
+    hostname: str,
+    expected: str,
+) -> None:
+    """`--listen 0.0.0.0:8080` printed HTTPS_PROXY=http://0.0.0.0:8080, which no agent can
+    connect to; the machine's name is what agents on other hosts (the reason to listen on
+    every address) and this one alike reach."""
+    import socket
+
+    monkeypatch.setattr(socket, "getfqdn", lambda name="": fqdn)
+    monkeypatch.setattr(socket, "gethostname", lambda: hostname)
+    assert main(["env", "--confdir", str(tmp_path), "--listen", listen, "--agent", "a"]) == 0
+    out, err = capsys.readouterr()
+    lines = dict(line.removeprefix("export ").split("=", 1) for line in out.splitlines())
+    assert lines["HTTPS_PROXY"] == lines["HTTP_PROXY"] == f"http://a:@{expected}:9090"
+    assert f"-Dhttps.proxyHost={expected} " in lines["JAVA_TOOL_OPTIONS"]
+    every = listen.rpartition(":")[0]
+    assert err.startswith(f"drawdown: {every} is every address of this machine")
+    assert f"the proxy URL names {expected} instead" in err
+
+
+def test_env_for_a_proxy_on_one_address_keeps_it_and_says_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for listen, url in (
+        ("10.1.2.3:9090", "http://10.1.2.3:9090"),
+        ("proxy:9090", "http://proxy:9090"),
+    ):
+        assert main(["env", "--confdir", str(tmp_path), "--listen", listen]) == 0
+        out, err = capsys.readouterr()
+        assert f"export HTTPS_PROXY={url}" in out.splitlines() and err == ""
+
+
 def _traffic(db: Path) -> None:
     ledger = SQLiteLedger(db)
     claims = [Claim("agent:*/run:*", "agent:research/run:7f3a", 500_000_000, None, 200)]
@@ -229,6 +276,27 @@ def _traffic(db: Path) -> None:
     )
     ledger.reserve(denied, claims, Amount(usd=600_000_000, requests=1), 5000)
     ledger.close()
+
+
+def test_budgets_and_report_write_a_window_start_alike(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`drawdown budgets` wrote `2026-12-05T00:00Z` where `drawdown report` wrote
+    `2026-12-05T00:00:00Z`: a tool reading both met two formats for one field."""
+    db = tmp_path / "ledger.db"
+    day = 1_796_428_800  # 2026-12-05T00:00:00Z
+    ledger = SQLiteLedger(db)
+    claim = Claim("agent:*", "agent:a", 1_000_000_000, None, None, "day", day, day + 86_400)
+    row = DecisionRow(uuid.uuid4().hex, day + 60.0, "allow", "enforce", "agent:a", agent="a")
+    ledger.reserve(row, [claim], Amount(usd=1_000_000, requests=1), 5000)
+    ledger.close()
+    assert main(["budgets", "--db", str(db), "--json"]) == 0
+    (listed,) = json.loads(capsys.readouterr().out)
+    assert main(["report", "--db", str(db), "--json"]) == 0
+    (reported,) = json.loads(capsys.readouterr().out)["budgets"]
+    assert listed["window_start"] == reported["window_start"] == "2026-12-05T00:00:00Z"
+    assert main(["budgets", "--db", str(db)]) == 0
+    assert "day from 2026-12-05T00:00:00Z" in capsys.readouterr().out
 
 
 def test_report_json_contract(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -298,6 +366,30 @@ def test_a_window_or_run_that_selects_nothing_is_refused_not_read_as_everything(
     assert main([*args, "--db", str(db)]) == 2
     captured = capsys.readouterr()
     assert captured.out == "" and ("above zero" in captured.err or "wants a" in captured.err)
+
+
+@pytest.mark.parametrize("command", ["report", "replay"])
+@pytest.mark.parametrize("since", ["-5m", "-x", "-1.5h"])
+def test_a_since_that_looks_like_an_option_gets_drawdowns_message_not_argparses(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str, since: str
+) -> None:
+    """`--since -5m` ended in argparse's "expected one argument", which names no duration."""
+    db = tmp_path / "ledger.db"
+    _traffic(db)
+    capsys.readouterr()
+    policy = ["--policy", str(ROOT / "policies" / "example.yaml")] if command == "replay" else []
+    assert main([command, *policy, "--db", str(db), "--since", since]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.startswith("drawdown: --since ")
+    assert repr(since) in captured.err and "expected one argument" not in captured.err
+
+
+def test_a_since_with_no_value_before_another_option_is_still_a_missing_value(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["report", "--since", "--json"])
+    assert exit_.value.code == 2 and "expected one argument" in capsys.readouterr().err
 
 
 def test_a_mistyped_run_fails_in_jsonl_as_in_the_other_formats(

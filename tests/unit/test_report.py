@@ -121,6 +121,25 @@ def test_text_report_lists_anomalies(seed: Seeder) -> None:
     assert "ANOMALIES" in text and "loop" in text and "budget_exhausted" in text
 
 
+def test_text_tables_end_no_line_in_spaces(seed: Seeder) -> None:
+    """The last column was padded like the others: every table line ended in spaces."""
+    four_runs(seed)
+    lines = report.render_text(report.build(str(seed.path), now=NOW)).splitlines()
+    assert any(line.startswith("scope ") for line in lines)  # the runs table is there
+    assert [line for line in lines if line != line.rstrip()] == []
+
+
+def test_the_decisions_line_names_shadow_only_for_would_deny_decisions(seed: Seeder) -> None:
+    """An enforce-only ledger's report said "0 would be denied (shadow)"."""
+    seed.call(run="enforced")
+    seed.call(run="enforced", deny=("not_authorized", "no"))
+    first = report.render_text(report.build(str(seed.path), now=NOW)).splitlines()[0]
+    assert first == "decisions: 1 allowed, 1 denied"
+    seed.call(run="trial", mode="shadow", deny=("not_authorized", "no"))
+    first = report.render_text(report.build(str(seed.path), now=NOW)).splitlines()[0]
+    assert first == "decisions: 1 allowed, 1 denied, 1 would be denied (shadow)"
+
+
 def test_jsonl_streams_every_decision_redacted(
     seed: Seeder, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
