@@ -123,7 +123,7 @@ def test_over_budget_call_gets_402_and_never_reaches_the_upstream(
 def test_an_image_the_meter_cannot_price_is_still_a_request_and_a_step(
     drawdown_proxy: Factory, standin: StandIn
 ) -> None:
-    """Calls OpenAI bills other than per token (DALL·E images, speech, files) passed through
+    """Calls OpenAI bills other than per token (DALL·E images, transcription, files) passed through
     uncounted: no `requests` budget and no loop guard saw an agent generating images without
     end. They are counted now, at $0; listing the models, which costs nothing, is not. (GPT
     image models bill per token and are metered: see the test below.)"""
