@@ -161,8 +161,8 @@ class FlowState:
     stream_meter: Any = None
     measurement: meter.Measurement | None = None
     streamed_bytes: int = 0
-    answered: int | None = None  # the status of the upstream's response headers, once they came
-    answer: http.Response | None = None  # that response (its `stream`: forwarded as it comes)
+    # The upstream's response, once its headers came (its `stream`: forwarded as it comes).
+    answer: http.Response | None = None
     settled: bool = False
     denied: bool = False
     upstream_timer: asyncio.TimerHandle | None = None  # drawdown_upstream_timeout, once forwarded
@@ -172,6 +172,11 @@ class FlowState:
     # A GET event stream that is no LLM call (an MCP client's channel for server messages):
     # open as long as the client's session, so a stop does not wait for it.
     listening: bool = False
+
+    @property
+    def answered(self) -> int | None:
+        """The status of the upstream's response headers, once they came."""
+        return None if self.answer is None else self.answer.status_code
 
     def billed_before_cut(self) -> bool:
         """Its 2xx headers came but not its whole body, and no meter counted what did: the
@@ -1426,7 +1431,7 @@ class Drawdown:
         assert response is not None
         if state is not None:
             state.stop_upstream_timer()  # the upstream is answering; streams may take their time
-            state.answered, state.answer = response.status_code, response
+            state.answer = response
         self._close_when_draining(flow, response)
         is_sse = response.headers.get("content-type", "").startswith("text/event-stream")
         if (
