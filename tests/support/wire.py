@@ -55,6 +55,7 @@ PROMPT_FIELDS: dict[str, tuple[str, ...]] = {
     "bedrock.nova": ("system", "messages"),
     "bedrock.llama": ("prompt",),
     "bedrock.titan": ("inputText",),
+    "bedrock.mistral": ("prompt",),
 }
 
 #: API name -> request body field (dotted) that caps the output tokens.
@@ -68,6 +69,7 @@ MAX_OUTPUT_FIELDS: dict[str, tuple[str, ...]] = {
     "bedrock.nova": ("inferenceConfig.max_new_tokens",),
     "bedrock.llama": ("max_gen_len",),
     "bedrock.titan": ("textGenerationConfig.maxTokenCount",),
+    "bedrock.mistral": ("max_tokens",),
 }
 
 _SKIP_KEYS = frozenset({"role", "type"})
@@ -1198,6 +1200,18 @@ def titan_invoke_chunks(*, deltas: Sequence[str], input_tokens: int, reason: str
             "completionReason": reason if i == len(deltas) - 1 else None,
             "inputTextTokenCount": input_tokens,
         }
+        for i, d in enumerate(deltas)
+    ]
+
+
+def mistral_invoke_json(*, text: str, stop_reason: str) -> bytes:
+    """Mistral's prompt format answers its text alone: no usage in the body."""
+    return _compact({"outputs": [{"text": text, "stop_reason": stop_reason}]}).encode()
+
+
+def mistral_invoke_chunks(*, deltas: Sequence[str], stop_reason: str) -> list[dict]:
+    return [
+        {"outputs": [{"text": d, "stop_reason": stop_reason if i == len(deltas) - 1 else None}]}
         for i, d in enumerate(deltas)
     ]
 
