@@ -10,7 +10,8 @@ Usage rules:
 * ConverseStream reports that usage once, in its `metadata` event.
 * Streams are AWS's binary event-stream framing (application/vnd.amazon.eventstream), parsed
   with botocore's CRC-checked EventStreamBuffer, imported when the first stream opens.
-  InvokeModelWithResponseStream wraps each Anthropic SSE event, base64, in a `chunk` event.
+  InvokeModelWithResponseStream wraps each chunk of the family's own stream (for Claude, an
+  Anthropic SSE event's JSON), base64, in a `chunk` event.
 * An invoke's usage is what Bedrock itself counts, whatever the family: the
   X-Amzn-Bedrock-{Input,Output,Cache-Read-Input,Cache-Write-Input}-Token-Count response headers,
   and in a stream the last chunk's `amazon-bedrock-invocationMetrics` (inputTokenCount...). As
