@@ -401,7 +401,9 @@ def _measurement(
     )
 
 
-def _extract_json(request: LLMRequest, obj: object) -> Extracted:
+def _extract_json(
+    request: LLMRequest, obj: object, headers: Mapping[str, str] | None = None
+) -> Extracted:
     if request.provider == "openai":
         if openai_images.is_images(request.endpoint):
             return openai_images.extract_json(obj)
@@ -411,7 +413,7 @@ def _extract_json(request: LLMRequest, obj: object) -> Extracted:
     if request.provider == "gemini":
         return gemini.extract_json(obj, request.model)
     if request.provider == "bedrock":
-        return bedrock.extract_json(request.endpoint, obj)
+        return bedrock.extract_json(request.endpoint, obj, headers)
     return Extracted()
 
 
@@ -426,12 +428,15 @@ def measure_body(
     body: bytes,
     config: MeterConfig,
     price_override: PricePerMillion | None = None,
+    *,
+    headers: Mapping[str, str] | None = None,
 ) -> Measurement:
     """Meter a complete (content-decoded) response body.
 
     2xx with usage -> source "usage"; 2xx without usage -> the returned text counted,
     source "counted"; unreadable 2xx body -> the request's estimate, source "estimate";
     non-2xx without usage -> zero cost (providers do not bill refused or failed calls).
+    `headers`: the response's, where a provider reports usage in them (Bedrock's InvokeModel).
     """
     if not request.billable:
         return _zero(request)
@@ -442,7 +447,8 @@ def measure_body(
         meter = StreamMeter(request, ctype, None, config, price_override, status)
         meter.feed(body)
         return meter.finish()[1]
-    return _measurement(request, _extract_json(request, obj), status, config, price_override)
+    extracted = _extract_json(request, obj, headers)
+    return _measurement(request, extracted, status, config, price_override)
 
 
 class _StreamState(Protocol):
