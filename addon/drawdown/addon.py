@@ -51,10 +51,12 @@ from .ledger.api import (
 )
 from .ledger.dsn import redact_dsn
 from .ledger.worker import AsyncLedger
-from .meter import tokenizer_process
+from .meter import openai_realtime, tokenizer_process
+from .meter.prices import url_provider
 from .money import MAX_AMOUNT, usd_to_nanos
 from .policy import Policy, PolicyInvalid, load_policy, policy_fingerprint
 from .policy.match import dig, glob_regex, missing
+from .realtime import RealtimeSession, error_event, parse_event
 from .respond import denial
 
 log = logging.getLogger("drawdown")
@@ -172,6 +174,9 @@ class FlowState:
     # A GET event stream that is no LLM call (an MCP client's channel for server messages):
     # open as long as the client's session, so a stop does not wait for it.
     listening: bool = False
+    # A Realtime API session (a WebSocket upgrade): its responses are decided and metered
+    # on the socket (the websocket_message hook).
+    realtime: RealtimeSession | None = None
 
     @property
     def answered(self) -> int | None:
@@ -1159,6 +1164,8 @@ class Drawdown:
                 if not await self._deny_before_budgets(flow, state, "bad_request", message):
                     await self._forward_unread(flow, state, policy, classification)
                 return
+            if llm.endpoint == openai_realtime.REALTIME:
+                llm = self._realtime_handshake(flow, state, llm, view)
             state.llm = llm
             view.model = row.model = llm.model
             row.stream = llm.stream
@@ -1535,7 +1542,11 @@ class Drawdown:
             await self._settle(flow, state, None, status, f"upstream answered {status}")
             return
         action = state.classification.action if state.classification else None
-        if state.llm is not None and state.llm.billable:
+        if state.realtime is not None:
+            # The handshake costs nothing: it was decided (room for one response, the
+            # guards), and each response is charged on its own as the session goes on.
+            completion = Completion(status=status, model=state.llm.model if state.llm else None)
+        elif state.llm is not None and state.llm.billable:
             measurement = state.measurement
             if measurement is None and state.stream_meter is not None:
                 _, measurement = state.stream_meter.finish()
@@ -1701,3 +1712,259 @@ class Drawdown:
                 "drawdown: %s went over a budget (actual above estimate): further calls will be denied",
                 state.identity.path,
             )
+
+    # --- the Realtime API (WebSocket) ----------------------------------------------------
+
+    def _realtime_handshake(
+        self, flow: http.HTTPFlow, state: FlowState, llm: meter.LLMRequest, view: RequestView
+    ) -> meter.LLMRequest:
+        """A GET to a Realtime path: a session when it asks for a WebSocket upgrade, decided
+        like a call that needs room for one request; anything else is not metered."""
+        if flow.request.headers.get("upgrade", "").lower() != "websocket":
+            return replace(llm, step=False)
+        model = openai_realtime.session_model(view.query)
+        upstream = meter.origin(view.scheme, view.host, view.port)
+        state.realtime = RealtimeSession(model=model, matched=url_provider(upstream, view.path))
+        return replace(llm, model=model)
+
+    async def websocket_message(self, flow: http.HTTPFlow) -> None:
+        state: FlowState | None = flow.metadata.get(STATE)
+        session = state.realtime if state is not None else None
+        if state is None or session is None or flow.websocket is None:
+            return
+        message = flow.websocket.messages[-1]
+        if message.injected:  # our own error events
+            return
+        markers = (
+            openai_realtime.CLIENT_MARKERS
+            if message.from_client
+            else openai_realtime.SERVER_MARKERS
+        )
+        content = message.content
+        if len(content) > INLINE_TOKENIZE_BYTES:  # a big event is parsed off the event loop
+            event = await asyncio.to_thread(parse_event, content, markers)
+        else:
+            event = parse_event(content, markers)
+        if event is None:
+            return
+        try:
+            if message.from_client:
+                refusal = await self._realtime_client_event(state, session, event)
+                if refusal is not None:
+                    message.drop()
+                    self._tell_realtime_client(flow, session, event, *refusal)
+            else:
+                await self._realtime_server_event(flow, state, session, event)
+        except Exception:
+            log.exception("drawdown: internal error on realtime session %s", flow.id)
+            if message.from_client:  # fail closed: a bug never lets spending through unheld
+                message.drop()
+                text = "drawdown: internal error, event not forwarded"
+                self._tell_realtime_client(flow, session, event, "internal_error", text)
+
+    def _tell_realtime_client(
+        self,
+        flow: http.HTTPFlow,
+        session: RealtimeSession,
+        event: dict[str, Any],
+        code: str,
+        message: str,
+    ) -> None:
+        """The agent's event was dropped: a Realtime `error` event says why. Audio is sent as
+        a stream of `append` events: one error for them until an event is allowed again."""
+        if event.get("type") == "input_audio_buffer.append":
+            if session.told:
+                return
+            session.told = True
+        payload = error_event(code, message, event.get("event_id"))
+        ctx.master.commands.call("inject.websocket", flow, True, payload, True)
+
+    async def _realtime_client_event(
+        self, state: FlowState, session: RealtimeSession, event: dict[str, Any]
+    ) -> tuple[str, str] | None:
+        """(code, message) when the agent's event must not reach the upstream, else None."""
+        kind = event["type"]
+        if kind not in openai_realtime.SPENDING_CLIENT_EVENTS:
+            return None
+        if self.draining:
+            return "shutting_down", "drawdown: this proxy is shutting down; reconnect"
+        if kind == "response.create":
+            return await self._realtime_reserve(state, session)
+        return session.stopped  # input audio: refused once the session may not spend
+
+    def _realtime_row(self, state: FlowState, session: RealtimeSession, now: float) -> DecisionRow:
+        """A response's decision row: the session's scope, action and path, a request of its own."""
+        assert state.row is not None
+        return replace(
+            state.row,
+            request_id=new_request_id(),
+            ts=now,
+            decision="allow",
+            reason_code=None,
+            reason=None,
+            est_usd=0,
+            est_tokens=0,
+            stream=True,
+            # A voice agent's every turn sends the same bare response.create: no loop.
+            fingerprint=None,
+            status=None,
+            budget=None,
+            model=session.reported_model or session.model,
+            body_fields=None,
+            body=None,
+        )
+
+    async def _realtime_reserve(
+        self, state: FlowState, session: RealtimeSession, *, unasked: bool = False
+    ) -> tuple[str, str] | None:
+        """Reserve one response of the session (a request, no estimate: the conversation is the
+        server's, the price is known at response.done). `unasked`: a response the server began
+        on its own (voice activity): it is running, so it is held whatever the budgets say."""
+        policy = self.policy or state.policy
+        assert policy is not None and state.classification is not None
+        kind = state.classification.kind
+        assert kind is not None
+        kinds = state.classification.kinds or kind
+        now = time.time()
+        row = self._realtime_row(state, session, now)
+        claims = claims_for(policy, state.identity.levels, kinds, now)
+        enforced = {(c.budget, c.scope) for c in claims if not c.shadow}
+        guards = None if unasked else guards_for(policy, kinds)
+        if unasked:
+            claims = [replace(c, shadow=True) for c in claims]
+        estimate = Amount(requests=1)
+        try:
+            outcome: ReserveOutcome = await self._ledger().call(
+                "reserve", row, claims, estimate, now + policy.holds.ttl_seconds, guards
+            )
+        except LedgerError as exc:
+            if policy.ledger_error_allows or unasked:
+                log.warning(
+                    "drawdown: ledger unavailable (%s); realtime response %s goes unaccounted",
+                    exc,
+                    row.request_id,
+                )
+                return None
+            log.error("drawdown: ledger unavailable (%s); denying %s", exc, row.request_id)
+            return (
+                "ledger_unavailable",
+                f"drawdown: ledger unavailable, response not created ({exc})",
+            )
+        if outcome.decision == "deny":
+            _log_denial(row, shadow=False)
+            session.stopped = (row.reason_code or "budget_exhausted", f"drawdown: {row.reason}")
+            return session.stopped
+        response_state = FlowState(
+            identity=state.identity,
+            started=now,
+            request_id=row.request_id,
+            policy=policy,
+            classification=state.classification,
+            row=row,
+            decision=outcome.decision,
+            hold_id=outcome.hold_id,
+            estimate=estimate,
+        )
+        self.inflight[row.request_id] = response_state
+        session.pending.append(row.request_id)
+        if outcome.decision == "would_deny":
+            _log_denial(row, shadow=True)
+        short = [
+            s for s in outcome.shadow_shortfalls if (s.claim.budget, s.claim.scope) in enforced
+        ]
+        if unasked and short and policy.mode != "shadow":
+            session.stopped = ("budget_exhausted", f"drawdown: {short[0].describe()}")
+        elif not unasked:
+            session.stopped, session.told = None, False
+        return None
+
+    async def _realtime_server_event(
+        self, flow: http.HTTPFlow, state: FlowState, session: RealtimeSession, event: dict[str, Any]
+    ) -> None:
+        kind = event["type"]
+        if kind in ("session.created", "session.updated"):
+            described = event.get("session")
+            model = described.get("model") if isinstance(described, dict) else None
+            if isinstance(model, str) and model.strip():
+                session.reported_model = model.strip()
+            return
+        if kind != "response.done":
+            return
+        if not session.pending:  # begun by the server (voice activity): held as it ends
+            await self._realtime_reserve(state, session, unasked=True)
+        if not session.pending:  # the ledger was down: unaccounted, as logged
+            return
+        response_state = self.inflight.get(session.pending.popleft())
+        if response_state is None or response_state.hold_id is None:
+            return
+        policy = response_state.policy
+        assert policy is not None
+        action = state.classification.action if state.classification else None
+        args = (
+            event.get("response"),
+            session.models,
+            policy.meter,
+            action.price if action else None,
+            session.matched,
+        )
+        measurement = openai_realtime.measure_response(*args)
+        response = event.get("response")
+        outcome = response.get("status") if isinstance(response, dict) else None
+        completion = replace(
+            _measured(measurement, 200),
+            latency_ms=(time.time() - response_state.started) * 1000,
+            note=None if outcome in (None, "completed") else f"response {outcome}",
+        )
+        settled = await self._realtime_settle(response_state, completion, None)
+        if settled is not None and settled.overage and policy.mode != "shadow":
+            session.stopped = (
+                "budget_exhausted",
+                "drawdown: this session's last response took a budget over its limit",
+            )
+
+    async def _realtime_settle(
+        self, state: FlowState, completion: Completion, release_reason: str | None
+    ) -> Any:
+        """Commit (or release) one response's hold, as the HTTP calls' settlement does."""
+        now = time.time()
+        state.settled = True
+        operation: tuple[str, tuple[Any, ...]]
+        if release_reason is None:
+            completion = _within_ledger(completion, state.request_id)
+            operation = ("commit", (state.request_id, state.hold_id, completion, now))
+        else:
+            operation = (
+                "release",
+                (state.request_id, state.hold_id, completion, release_reason, now),
+            )
+        try:
+            return await self._ledger().call(operation[0], *operation[1])
+        except LedgerError as exc:
+            self.unsettled[state.request_id] = operation
+            log.error(
+                "drawdown: could not settle %s (%s); trying again with the ledger's maintenance",
+                state.request_id,
+                exc,
+            )
+            return None
+        finally:
+            self.inflight.pop(state.request_id, None)
+            if completion.priced is False:
+                log.warning(
+                    "drawdown: model %s is unknown to genai-prices; %s charged at the fallback price",
+                    completion.model,
+                    state.request_id,
+                )
+
+    async def websocket_end(self, flow: http.HTTPFlow) -> None:
+        """The session is over: a response still going is released (no usage came for it)."""
+        state: FlowState | None = flow.metadata.get(STATE)
+        session = state.realtime if state is not None else None
+        if session is None:
+            return
+        while session.pending:
+            pending = self.inflight.get(session.pending.popleft())
+            if pending is None or pending.settled or pending.hold_id is None:
+                continue
+            note = "the session ended before the response was done"
+            await self._realtime_settle(pending, Completion(note=note), note)

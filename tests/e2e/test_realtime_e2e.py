@@ -1,0 +1,195 @@
+"""The OpenAI Realtime API over WebSocket, end to end: the official openai SDK's realtime client
+(`client.realtime.connect`, on the `websockets` package, which honours HTTPS_PROXY) through a
+real `drawdown run` to a TLS WebSocket stand-in for api.openai.com.
+
+The handshake is decided like any call; every `response.done` is committed as its own
+ledger entry at genai-prices' price; once a budget is spent the next `response.create` is
+dropped and the agent gets a Realtime `error` event; a spent budget refuses the handshake."""
+
+from __future__ import annotations
+
+import asyncio
+import decimal
+import textwrap
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import genai_prices
+import openai
+import pytest
+import websockets
+
+from tests.support.proxy import DrawdownProcess
+from tests.support.realtime_standin import RealtimeStandIn, realtime_usage
+from tests.support.tls import TlsMaterial
+
+pytestmark = pytest.mark.e2e
+
+Factory = Callable[..., DrawdownProcess]
+
+POLICY = """
+mode: {mode}
+identity:
+  agent: [{{proxy_user: true}}, {{value: anonymous}}]
+  run: [{{proxy_password: true}}, {{idle_split: 300}}]
+actions:
+  - {{kind: llm, provider: openai, match: {{host: api.openai.com}}}}
+budgets:
+{budgets}
+"""
+
+SCOPE = "tenant:default/agent:voice/run:r1"
+# One response of a voice turn: text and audio in (part of it cached), text and audio out.
+USAGE = realtime_usage(
+    text_in=1200, audio_in=800, cached_text=400, cached_audio=200, text_out=50, audio_out=300
+)
+
+
+def policy(budgets: str, mode: str = "enforce") -> str:
+    return POLICY.format(mode=mode, budgets=textwrap.indent(budgets.strip(), "  "))
+
+
+def genai_prices_nanos(model: str) -> int:
+    """USAGE priced by genai-prices itself, in nano-dollars rounded up, as the ledger keeps it."""
+    price = genai_prices.calc_price(
+        genai_prices.Usage(
+            input_tokens=2000,
+            cache_read_tokens=600,
+            input_audio_tokens=800,
+            cache_audio_read_tokens=200,
+            output_tokens=350,
+            output_audio_tokens=300,
+        ),
+        model,
+        provider_id="openai",
+    ).total_price
+    return int((price * 1_000_000_000).to_integral_value(rounding=decimal.ROUND_CEILING))
+
+
+@pytest.fixture
+def upstream(tls_material: TlsMaterial) -> Iterator[RealtimeStandIn]:
+    with RealtimeStandIn(tls_material) as standin:
+        standin.usages = [USAGE]
+        yield standin
+
+
+def start(drawdown_proxy: Factory, upstream: RealtimeStandIn, text: str) -> DrawdownProcess:
+    return drawdown_proxy(text, resolve={"tls": {"api.openai.com": upstream.host_port}})
+
+
+@pytest.fixture
+def agent_env(monkeypatch: pytest.MonkeyPatch) -> Callable[[DrawdownProcess], None]:
+    """Point this process's HTTPS_PROXY (agent `voice`, run `r1`) and trust at the proxy:
+    the SDK's websockets connection finds the proxy the way an unmodified agent's does."""
+
+    def apply(proxy: DrawdownProcess) -> None:
+        for name, value in proxy.client_env(proxy_auth=("voice", "r1")).items():
+            monkeypatch.setenv(name, value)
+        monkeypatch.delenv("NO_PROXY", raising=False)
+        monkeypatch.delenv("no_proxy", raising=False)
+
+    return apply
+
+
+async def next_of(connection: Any, *kinds: str) -> Any:
+    """The next server event of one of `kinds` (others are skipped)."""
+    while True:
+        event = await asyncio.wait_for(connection.recv(), 30)
+        if event.type in kinds:
+            return event
+
+
+async def converse(model: str, turns: int) -> list[Any]:
+    """Open a session, ask for `turns` responses; the final event of each (done or error)."""
+    client = openai.AsyncOpenAI(api_key="sk-test-realtime")
+    ends = []
+    async with client.realtime.connect(model=model) as connection:
+        await next_of(connection, "session.created")
+        for _ in range(turns):
+            await connection.response.create()
+            ends.append(await next_of(connection, "response.done", "error"))
+    return ends
+
+
+def response_rows(proxy: DrawdownProcess, count: int) -> list[tuple]:
+    """The responses' decision rows (the handshake's has status 101), once `count` are complete."""
+    return proxy.wait_for_query(
+        "SELECT d.decision, d.reason_code, d.actual_usd, d.tokens_in, d.tokens_out, d.model, "
+        "d.scope, d.usage_source, h.state FROM decisions d LEFT JOIN holds h "
+        "ON h.request_id = d.request_id WHERE d.status IS NOT 101 ORDER BY d.ts",
+        until=lambda rows: len(rows) >= count and all(r[8] != "active" for r in rows),
+    )
+
+
+def test_each_response_is_committed_at_genai_prices_price(
+    drawdown_proxy: Factory, upstream: RealtimeStandIn, agent_env: Callable[..., None]
+) -> None:
+    proxy = start(drawdown_proxy, upstream, policy('- {scope: "agent:*/run:*", usd: 5.00}'))
+    agent_env(proxy)
+    ends = asyncio.run(converse("gpt-realtime", 2))
+    assert [e.type for e in ends] == ["response.done", "response.done"]
+    assert ends[0].response.usage.output_token_details.audio_tokens == 300
+    nanos = genai_prices_nanos("gpt-realtime")
+    assert nanos > 0
+    rows = response_rows(proxy, 2)
+    assert (
+        rows == [("allow", None, nanos, 2000, 350, "gpt-realtime", SCOPE, "usage", "committed")] * 2
+    )
+    # The handshake: one decision of its own, $0, the socket's 101.
+    ((decision, usd, path),) = proxy.query(
+        "SELECT decision, actual_usd, path FROM decisions WHERE status = 101"
+    )
+    assert (decision, usd, path) == ("allow", 0, "/v1/realtime")
+    # The budget's instance holds the two responses, nothing else.
+    ((spent, requests),) = proxy.query("SELECT spent_usd, spent_requests FROM budget_instances")
+    assert (spent, requests) == (2 * nanos, 2)
+
+
+def test_a_spent_budget_stops_the_next_response_and_refuses_the_next_session(
+    drawdown_proxy: Factory, upstream: RealtimeStandIn, agent_env: Callable[..., None]
+) -> None:
+    # One response costs ≈$0.05 at gpt-realtime's prices: the first takes the budget over.
+    proxy = start(drawdown_proxy, upstream, policy('- {scope: "agent:*/run:*", usd: 0.01}'))
+    agent_env(proxy)
+    ends = asyncio.run(converse("gpt-realtime", 2))
+    assert ends[0].type == "response.done"
+    assert ends[1].type == "error"
+    assert ends[1].error.code == "budget_exhausted"
+    assert "agent:voice/run:r1" in ends[1].error.message
+    # The second response.create never reached the upstream.
+    assert len(upstream.events("response.create")) == 1
+    rows = response_rows(proxy, 2)
+    assert [(r[0], r[1], r[2]) for r in rows] == [
+        ("allow", None, genai_prices_nanos("gpt-realtime")),
+        ("deny", "budget_exhausted", None),
+    ]
+    # A new session of the spent run is refused at its handshake, before a socket opens.
+    with pytest.raises(websockets.exceptions.InvalidStatus) as refused:
+        asyncio.run(converse("gpt-realtime", 1))
+    assert refused.value.response.status_code == 402
+    assert b"budget_exhausted" in refused.value.response.body
+    assert len(upstream.paths) == 1
+
+
+def test_shadow_mode_records_would_deny_and_lets_every_response_through(
+    drawdown_proxy: Factory, upstream: RealtimeStandIn, agent_env: Callable[..., None]
+) -> None:
+    budgets = '- {scope: "agent:*/run:*", usd: 0.01}'
+    proxy = start(drawdown_proxy, upstream, policy(budgets, mode="shadow"))
+    agent_env(proxy)
+    ends = asyncio.run(converse("gpt-realtime-mini", 2))
+    assert [e.type for e in ends] == ["response.done", "response.done"]
+    ends = asyncio.run(converse("gpt-realtime-mini", 1))  # the handshake is let through too
+    assert [e.type for e in ends] == ["response.done"]
+    nanos = genai_prices_nanos("gpt-realtime-mini")
+    rows = response_rows(proxy, 3)
+    assert [(r[0], r[2], r[5]) for r in rows] == [
+        ("allow", nanos, "gpt-realtime-mini"),
+        ("would_deny", nanos, "gpt-realtime-mini"),
+        ("would_deny", nanos, "gpt-realtime-mini"),
+    ]
+    assert len(upstream.events("response.create")) == 3
+    assert proxy.query("SELECT decision FROM decisions WHERE status = 101") == [
+        ("allow",),
+        ("would_deny",),
+    ]
