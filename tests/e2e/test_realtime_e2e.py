@@ -19,7 +19,7 @@ import openai
 import pytest
 import websockets
 
-from tests.support.proxy import DrawdownProcess
+from tests.support.proxy import DrawdownProcess, assert_ledger_verifies
 from tests.support.realtime_standin import RealtimeStandIn, realtime_usage
 from tests.support.tls import TlsMaterial
 
@@ -143,6 +143,8 @@ def test_each_response_is_committed_at_genai_prices_price(
     # The budget's instance holds the two responses, nothing else.
     ((spent, requests),) = proxy.query("SELECT spent_usd, spent_requests FROM budget_instances")
     assert (spent, requests) == (2 * nanos, 2)
+    proxy.stop()
+    assert_ledger_verifies(proxy.db_path)
 
 
 def test_a_spent_budget_stops_the_next_response_and_refuses_the_next_session(
@@ -193,3 +195,54 @@ def test_shadow_mode_records_would_deny_and_lets_every_response_through(
         ("allow",),
         ("would_deny",),
     ]
+
+
+def test_a_response_the_server_starts_on_its_own_is_charged_and_then_audio_is_held_back(
+    drawdown_proxy: Factory, upstream: RealtimeStandIn, agent_env: Callable[..., None]
+) -> None:
+    """With voice activity detection the server answers a committed turn of audio without a
+    response.create: that response is charged all the same, and once it has spent the budget
+    the agent's audio (append, commit) goes no further, so no new turn can start one."""
+    proxy = start(drawdown_proxy, upstream, policy('- {scope: "agent:*/run:*", usd: 0.01}'))
+    agent_env(proxy)
+
+    async def speak() -> list[Any]:
+        client = openai.AsyncOpenAI(api_key="sk-test-realtime")
+        seen = []
+        async with client.realtime.connect(model="gpt-realtime") as connection:
+            await next_of(connection, "session.created")
+            await connection.input_audio_buffer.append(audio="AAAA")
+            await connection.input_audio_buffer.commit()
+            seen.append(await next_of(connection, "response.done", "error"))
+            for _ in range(3):
+                await connection.input_audio_buffer.append(audio="AAAA")
+            await connection.input_audio_buffer.commit()
+            # One error for the audio held back, one for the commit.
+            seen.append(await next_of(connection, "response.done", "error"))
+            seen.append(await next_of(connection, "response.done", "error"))
+        return seen
+
+    done, audio, commit = asyncio.run(speak())
+    assert done.type == "response.done"
+    assert (audio.type, audio.error.code) == ("error", "budget_exhausted")
+    assert (commit.type, commit.error.code) == ("error", "budget_exhausted")
+    assert len(upstream.events("input_audio_buffer.append")) == 1
+    assert len(upstream.events("input_audio_buffer.commit")) == 1
+    ((decision, _, usd, *_),) = response_rows(proxy, 1)
+    assert (decision, usd) == ("allow", genai_prices_nanos("gpt-realtime"))
+
+
+def test_a_guard_stops_a_response_as_it_stops_a_call(
+    drawdown_proxy: Factory, upstream: RealtimeStandIn, agent_env: Callable[..., None]
+) -> None:
+    """step_count counts the session's handshake and each response as steps of the run."""
+    text = policy('- {scope: "agent:*/run:*", usd: 5.00}')
+    proxy = start(
+        drawdown_proxy, upstream, text + "anomalies:\n  step_count: {max: 2, on_detect: deny}\n"
+    )
+    agent_env(proxy)
+    ends = asyncio.run(converse("gpt-realtime", 2))
+    assert [e.type for e in ends] == ["response.done", "error"]
+    assert ends[1].error.code == "anomaly" and "step_count" in ends[1].error.message
+    assert len(upstream.events("response.create")) == 1
+    assert [(r[0], r[1]) for r in response_rows(proxy, 2)] == [("allow", None), ("deny", "anomaly")]

@@ -2,7 +2,8 @@
 
 Served by the `websockets` package (the openai SDK's own WebSocket library) on 127.0.0.1
 from a background thread. A session is answered as api.openai.com answers one: first
-`session.created` (naming the model the URL asked for), then, for every `response.create`,
+`session.created` (naming the model the URL asked for), then, for every `response.create`
+(and, as server voice activity detection does, every `input_audio_buffer.commit`),
 `response.created`, a text delta and `response.done` carrying `usage` in the shape of the
 SDK's RealtimeResponseUsage. The usage of each response is taken in turn from `usages`
 (the last one repeats), so tests know the exact figures to price. Every client event is
@@ -139,6 +140,11 @@ class RealtimeStandIn:
             with self._lock:
                 self._events.append(event)
             if event.get("type") == "response.create":
+                await self._respond(ws)
+            elif event.get("type") == "input_audio_buffer.commit":
+                # Server voice activity detection (the API's default turn detection): a
+                # committed turn of audio is answered without a response.create.
+                await self._send(ws, "input_audio_buffer.committed", item_id=self._id("item"))
                 await self._respond(ws)
 
     async def _respond(self, ws: ServerConnection) -> None:
