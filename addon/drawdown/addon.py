@@ -1789,10 +1789,15 @@ class Drawdown:
         if self.draining:
             return "shutting_down", "drawdown: this proxy is shutting down; reconnect"
         if kind == "response.create":
-            return await self._realtime_reserve(state, session)
+            refusal, held = await self._realtime_reserve(state, session)
+            if held is not None:
+                session.pending.append(held.request_id)
+            return refusal
         return session.stopped  # input audio: refused once the session may not spend
 
-    def _realtime_row(self, state: FlowState, session: RealtimeSession, now: float) -> DecisionRow:
+    def _realtime_row(
+        self, state: FlowState, session: RealtimeSession, now: float, model: str | None
+    ) -> DecisionRow:
         """A response's decision row: the session's scope, action and path, a request of its own."""
         assert state.row is not None
         return replace(
@@ -1809,24 +1814,33 @@ class Drawdown:
             fingerprint=None,
             status=None,
             budget=None,
-            model=session.reported_model or session.model,
+            model=model,
             body_fields=None,
             body=None,
         )
 
     async def _realtime_reserve(
-        self, state: FlowState, session: RealtimeSession, *, unasked: bool = False
-    ) -> tuple[str, str] | None:
+        self,
+        state: FlowState,
+        session: RealtimeSession,
+        *,
+        unasked: bool = False,
+        model: str | None = None,
+    ) -> tuple[tuple[str, str] | None, FlowState | None]:
         """Reserve one response of the session (a request, no estimate: the conversation is the
-        server's, the price is known at response.done). `unasked`: a response the server began
-        on its own (voice activity): it is running, so it is held whatever the budgets say."""
+        server's, the price is known at response.done): (the refusal, or None; the state of
+        its hold, None when refused or unaccounted). `unasked`: spend the server began on its
+        own (a response to voice activity, a transcription): it is running, so it is held
+        whatever the budgets say."""
         policy = self.policy or state.policy
         assert policy is not None and state.classification is not None
         kind = state.classification.kind
         assert kind is not None
         kinds = state.classification.kinds or kind
         now = time.time()
-        row = self._realtime_row(state, session, now)
+        row = self._realtime_row(
+            state, session, now, model or session.reported_model or session.model
+        )
         claims = claims_for(policy, state.identity.levels, kinds, now)
         enforced = {(c.budget, c.scope) for c in claims if not c.shadow}
         guards = None if unasked else guards_for(policy, kinds)
@@ -1844,16 +1858,17 @@ class Drawdown:
                     exc,
                     row.request_id,
                 )
-                return None
+                return None, None
             log.error("drawdown: ledger unavailable (%s); denying %s", exc, row.request_id)
-            return (
+            refusal = (
                 "ledger_unavailable",
                 f"drawdown: ledger unavailable, response not created ({exc})",
             )
+            return refusal, None
         if outcome.decision == "deny":
             _log_denial(row, shadow=False)
             session.stopped = (row.reason_code or "budget_exhausted", f"drawdown: {row.reason}")
-            return session.stopped
+            return session.stopped, None
         response_state = FlowState(
             identity=state.identity,
             started=now,
@@ -1866,7 +1881,6 @@ class Drawdown:
             estimate=estimate,
         )
         self.inflight[row.request_id] = response_state
-        session.pending.append(row.request_id)
         if outcome.decision == "would_deny":
             _log_denial(row, shadow=True)
         short = [
@@ -1876,7 +1890,7 @@ class Drawdown:
             session.stopped = ("budget_exhausted", f"drawdown: {short[0].describe()}")
         elif not unasked:
             session.stopped, session.told = None, False
-        return None
+        return None, response_state
 
     async def _realtime_server_event(
         self, flow: http.HTTPFlow, state: FlowState, session: RealtimeSession, event: dict[str, Any]
@@ -1887,35 +1901,50 @@ class Drawdown:
             model = described.get("model") if isinstance(described, dict) else None
             if isinstance(model, str) and model.strip():
                 session.reported_model = model.strip()
+            # A session.update that leaves transcription out keeps it as it was.
+            transcriber = openai_realtime.transcription_model(described)
+            session.transcription_model = transcriber or session.transcription_model
             return
-        if kind != "response.done":
-            return
-        if not session.pending:  # begun by the server (voice activity): held as it ends
-            await self._realtime_reserve(state, session, unasked=True)
-        if not session.pending:  # the ledger was down: unaccounted, as logged
-            return
-        response_state = self.inflight.get(session.pending.popleft())
-        if response_state is None or response_state.hold_id is None:
-            return
-        policy = response_state.policy
-        assert policy is not None
         action = state.classification.action if state.classification else None
-        args = (
-            event.get("response"),
-            session.models,
-            policy.meter,
-            action.price if action else None,
-            session.matched,
-        )
-        measurement = openai_realtime.measure_response(*args)
-        response = event.get("response")
-        outcome = response.get("status") if isinstance(response, dict) else None
+        price = action.price if action else None
+        held: FlowState | None
+        if kind == openai_realtime.TRANSCRIBED:
+            usage = openai_realtime.transcription_usage_of(event)
+            if usage is None:  # none reported, or billed per second (whisper-1): not metered
+                return
+            model = session.transcription_model
+            _, held = await self._realtime_reserve(state, session, unasked=True, model=model)
+            if held is None:  # the ledger was down: unaccounted, as logged
+                return
+            policy = held.policy
+            assert policy is not None
+            measurement = openai_realtime.measure_usage(
+                usage, (model,), policy.meter, price, session.matched
+            )
+            note = "input audio transcription"
+        elif kind == "response.done":
+            if session.pending:
+                held = self.inflight.get(session.pending.popleft())
+            else:  # begun by the server (voice activity): held as it ends
+                _, held = await self._realtime_reserve(state, session, unasked=True)
+            if held is None or held.hold_id is None:  # the ledger was down: unaccounted
+                return
+            policy = held.policy
+            assert policy is not None
+            response = event.get("response")
+            measurement = openai_realtime.measure_response(
+                response, session.models, policy.meter, price, session.matched
+            )
+            outcome = response.get("status") if isinstance(response, dict) else None
+            note = None if outcome in (None, "completed") else f"response {outcome}"
+        else:
+            return
         completion = replace(
             _measured(measurement, 200),
-            latency_ms=(time.time() - response_state.started) * 1000,
-            note=None if outcome in (None, "completed") else f"response {outcome}",
+            latency_ms=(time.time() - held.started) * 1000,
+            note=note,
         )
-        settled = await self._realtime_settle(response_state, completion, None)
+        settled = await self._realtime_settle(held, completion, None)
         if settled is not None and settled.overage and policy.mode != "shadow":
             session.stopped = (
                 "budget_exhausted",

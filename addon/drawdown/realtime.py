@@ -27,6 +27,7 @@ class RealtimeSession:
     model: str | None  # the model (Azure: deployment) the URL named
     matched: str | None = None  # the genai-prices provider of the upstream URL, if any
     reported_model: str | None = None  # the model session.created / session.updated named
+    transcription_model: str | None = None  # the model its input audio is transcribed with
     # Responses reserved at their response.create and not done yet, oldest first (the
     # server answers a session's responses in the order they were asked for): inflight keys.
     pending: deque[str] = field(default_factory=deque)

@@ -246,3 +246,67 @@ def test_a_guard_stops_a_response_as_it_stops_a_call(
     assert ends[1].error.code == "anomaly" and "step_count" in ends[1].error.message
     assert len(upstream.events("response.create")) == 1
     assert [(r[0], r[1]) for r in response_rows(proxy, 2)] == [("allow", None), ("deny", "anomaly")]
+
+
+def test_an_azure_deployment_is_priced_for_the_model_its_session_reports(
+    drawdown_proxy: Factory, upstream: RealtimeStandIn, agent_env: Callable[..., None]
+) -> None:
+    """Azure names a deployment, not a model, in the URL (/openai/realtime?deployment=…):
+    the session.created event names the model, and that is the price charged."""
+    text = policy('- {scope: "agent:*/run:*", usd: 5.00}').replace(
+        "host: api.openai.com", "host: voice.openai.azure.com"
+    )
+    proxy = drawdown_proxy(text, resolve={"tls": {"voice.openai.azure.com": upstream.host_port}})
+    agent_env(proxy)
+
+    async def once() -> Any:
+        client = openai.AsyncAzureOpenAI(
+            api_key="azure-test-key",
+            api_version="2025-04-01-preview",
+            azure_endpoint="https://voice.openai.azure.com",
+        )
+        async with client.realtime.connect(model="my-voice-deployment") as connection:
+            await next_of(connection, "session.created")
+            await connection.response.create()
+            return await next_of(connection, "response.done", "error")
+
+    assert asyncio.run(once()).type == "response.done"
+    assert upstream.paths[0].startswith("/openai/realtime?")
+    ((decision, _, usd, _, _, model, *_),) = response_rows(proxy, 1)
+    # The stand-in's session.created reports gpt-realtime for a URL without `model`.
+    assert (decision, usd, model) == ("allow", genai_prices_nanos("gpt-realtime"), "gpt-realtime")
+
+
+def test_input_audio_transcription_is_charged_at_its_own_models_price(
+    drawdown_proxy: Factory, upstream: RealtimeStandIn, agent_env: Callable[..., None]
+) -> None:
+    proxy = start(drawdown_proxy, upstream, policy('- {scope: "agent:*/run:*", usd: 5.00}'))
+    agent_env(proxy)
+
+    async def speak() -> Any:
+        client = openai.AsyncOpenAI(api_key="sk-test-realtime")
+        async with client.realtime.connect(model="gpt-realtime") as connection:
+            await next_of(connection, "session.created")
+            await connection.session.update(
+                session={
+                    "type": "realtime",
+                    "audio": {"input": {"transcription": {"model": "gpt-4o-transcribe"}}},
+                }
+            )
+            await next_of(connection, "session.updated")
+            await connection.input_audio_buffer.append(audio="AAAA")
+            await connection.input_audio_buffer.commit()
+            return await next_of(connection, "response.done", "error")
+
+    assert asyncio.run(speak()).type == "response.done"
+    price = genai_prices.calc_price(
+        genai_prices.Usage(input_tokens=500, input_audio_tokens=480, output_tokens=40),
+        "gpt-4o-transcribe",
+        provider_id="openai",
+    ).total_price
+    transcribed = int((price * 1_000_000_000).to_integral_value(rounding=decimal.ROUND_CEILING))
+    rows = response_rows(proxy, 2)
+    assert [(r[0], r[2], r[3], r[4], r[5]) for r in rows] == [
+        ("allow", transcribed, 500, 40, "gpt-4o-transcribe"),
+        ("allow", genai_prices_nanos("gpt-realtime"), 2000, 350, "gpt-realtime"),
+    ]

@@ -64,6 +64,14 @@ class RealtimeStandIn:
     def __init__(self, tls: TlsMaterial) -> None:
         self.tls = tls
         self.usages: list[dict[str, Any]] = [realtime_usage(text_in=100, text_out=20)]
+        #: The usage of every transcription (a session with audio.input.transcription set).
+        self.transcription_usage: dict[str, Any] = {
+            "type": "tokens",
+            "input_tokens": 500,
+            "output_tokens": 40,
+            "total_tokens": 540,
+            "input_token_details": {"text_tokens": 20, "audio_tokens": 480},
+        }
         self._lock = threading.Lock()
         self._events: list[dict[str, Any]] = []
         self._paths: list[str] = []
@@ -134,17 +142,33 @@ class RealtimeStandIn:
             self._paths.append(ws.request.path)
         model = parse_qs(urlsplit(ws.request.path).query).get("model", ["gpt-realtime"])[0]
         session = {"type": "realtime", "object": "realtime.session", "id": self._id("sess")}
-        await self._send(ws, "session.created", session={**session, "model": model})
+        session["model"] = model
+        await self._send(ws, "session.created", session=session)
         async for raw in ws:
             event = json.loads(raw)
             with self._lock:
                 self._events.append(event)
-            if event.get("type") == "response.create":
+            if event.get("type") == "session.update":
+                session = {**session, **event.get("session", {}), "model": model}
+                await self._send(ws, "session.updated", session=session)
+            elif event.get("type") == "response.create":
                 await self._respond(ws)
             elif event.get("type") == "input_audio_buffer.commit":
                 # Server voice activity detection (the API's default turn detection): a
-                # committed turn of audio is answered without a response.create.
-                await self._send(ws, "input_audio_buffer.committed", item_id=self._id("item"))
+                # committed turn of audio is answered without a response.create; with
+                # transcription on, the turn is transcribed first.
+                item = self._id("item")
+                await self._send(ws, "input_audio_buffer.committed", item_id=item)
+                transcription = session.get("audio", {}).get("input", {}).get("transcription")
+                if transcription:
+                    await self._send(
+                        ws,
+                        "conversation.item.input_audio_transcription.completed",
+                        item_id=item,
+                        content_index=0,
+                        transcript="Hello there.",
+                        usage=self.transcription_usage,
+                    )
                 await self._respond(ws)
 
     async def _respond(self, ws: ServerConnection) -> None:

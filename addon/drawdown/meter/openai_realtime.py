@@ -30,7 +30,13 @@ SPENDING_CLIENT_EVENTS = frozenset(
 # Substrings to look for before parsing a message: a session's audio flows as many small
 # events, which are passed on unparsed. Base64 audio holds no '"', and JSON escapes those
 # of a transcript, so only a JSON string equal to the name matches; the parsed type tells.
-SERVER_MARKERS = (b'"response.done"', b'"session.created"', b'"session.updated"')
+TRANSCRIBED = "conversation.item.input_audio_transcription.completed"
+SERVER_MARKERS = (
+    b'"response.done"',
+    b'"session.created"',
+    b'"session.updated"',
+    f'"{TRANSCRIBED}"'.encode(),
+)
 CLIENT_MARKERS = tuple(f'"{name}"'.encode() for name in sorted(SPENDING_CLIENT_EVENTS))
 
 
@@ -79,6 +85,37 @@ def usage_of(response: Any) -> TokenUsage | None:
     )
 
 
+def transcription_usage_of(event: Any) -> TokenUsage | None:
+    """The token usage of a `conversation.item.input_audio_transcription.completed` event
+    (gpt-4o-transcribe & co.: audio in, text out), or None: none reported, or billed by the
+    second (whisper-1's `{"type": "duration"}`), which is not metered."""
+    usage = event.get("usage") if isinstance(event, dict) else None
+    if not isinstance(usage, dict) or usage.get("type", "tokens") != "tokens":
+        return None
+    details = usage.get("input_token_details")
+    details = details if isinstance(details, dict) else {}
+    input_tokens = as_int(usage.get("input_tokens"))
+    return TokenUsage(
+        input_tokens=input_tokens,
+        output_tokens=as_int(usage.get("output_tokens")),
+        input_audio_tokens=min(as_int(details.get("audio_tokens")), input_tokens),
+    )
+
+
+def transcription_model(session: Any) -> str | None:
+    """The model a session transcribes its input audio with: `audio.input.transcription`
+    (the GA session), else `input_audio_transcription` (the beta's); None when it does not."""
+    if not isinstance(session, dict):
+        return None
+    audio = session.get("audio")
+    heard = audio.get("input") if isinstance(audio, dict) else None
+    transcription = heard.get("transcription") if isinstance(heard, dict) else None
+    if not isinstance(transcription, dict):
+        transcription = session.get("input_audio_transcription")
+    model = transcription.get("model") if isinstance(transcription, dict) else None
+    return model.strip() if isinstance(model, str) and model.strip() else None
+
+
 def measure_response(
     response: Any,
     models: tuple[str | None, ...],
@@ -89,8 +126,18 @@ def measure_response(
     """What one response of a session is charged: its reported usage, priced for the first of
     `models` genai-prices knows (the session's, then the one the URL named), else the
     fallback price (priced=False). A response without usage is charged nothing."""
+    return measure_usage(usage_of(response), models, config, price_override, matched)
+
+
+def measure_usage(
+    usage: TokenUsage | None,
+    models: tuple[str | None, ...],
+    config: MeterConfig,
+    price_override: PricePerMillion | None = None,
+    matched: str | None = None,
+) -> Measurement:
+    """`usage` priced for the first of `models` genai-prices knows (see measure_response)."""
     model = next((m for m in models if m), None)
-    usage = usage_of(response)
     if usage is None:
         return Measurement(
             usage=TokenUsage(), usd_nanos=0, source="usage", priced=True, model=model

@@ -13,13 +13,20 @@ from drawdown.meter.openai_realtime import (
     SERVER_MARKERS,
     is_realtime,
     measure_response,
+    measure_usage,
     session_model,
+    transcription_model,
+    transcription_usage_of,
     usage_of,
 )
 from drawdown.meter.prices import to_nanos
 from drawdown.realtime import error_event, parse_event
 from meter_corpus import CONFIG
-from openai.types.realtime import RealtimeServerEvent, ResponseDoneEvent
+from openai.types.realtime import (
+    ConversationItemInputAudioTranscriptionCompletedEvent,
+    RealtimeServerEvent,
+    ResponseDoneEvent,
+)
 from openai.types.realtime.realtime_error_event import RealtimeErrorEvent
 from pydantic import TypeAdapter
 
@@ -219,3 +226,44 @@ def test_the_error_event_is_one_the_sdk_reads() -> None:
     )
     assert event.error.message == "drawdown: budget agent:a exhausted"
     assert json.loads(error_event("x", "y", 5))["error"]["event_id"] is None
+
+
+def _transcribed(usage: dict) -> dict:
+    event = {
+        "type": "conversation.item.input_audio_transcription.completed",
+        "event_id": "event_2",
+        "item_id": "item_1",
+        "content_index": 0,
+        "transcript": "Hello.",
+        "usage": usage,
+    }
+    ConversationItemInputAudioTranscriptionCompletedEvent.model_validate(event)
+    return event
+
+
+def test_a_transcription_is_priced_for_its_own_model() -> None:
+    tokens = {
+        "type": "tokens",
+        "input_tokens": 500,
+        "output_tokens": 40,
+        "total_tokens": 540,
+        "input_token_details": {"text_tokens": 20, "audio_tokens": 480},
+    }
+    usage = transcription_usage_of(_transcribed(tokens))
+    assert usage == TokenUsage(input_tokens=500, output_tokens=40, input_audio_tokens=480)
+    measured = measure_usage(usage, ("gpt-4o-transcribe",), CONFIG)
+    assert measured.usd_nanos == _genai(
+        "gpt-4o-transcribe", input_tokens=500, input_audio_tokens=480, output_tokens=40
+    )
+    # whisper-1 bills by the second: not metered.
+    assert transcription_usage_of(_transcribed({"type": "duration", "seconds": 3.2})) is None
+    assert transcription_usage_of({"type": "x"}) is None
+
+
+def test_the_transcription_model_is_read_from_the_ga_and_the_beta_session() -> None:
+    ga = {"audio": {"input": {"transcription": {"model": "gpt-4o-mini-transcribe"}}}}
+    assert transcription_model(ga) == "gpt-4o-mini-transcribe"
+    beta = {"input_audio_transcription": {"model": "whisper-1"}}
+    assert transcription_model(beta) == "whisper-1"
+    assert transcription_model({"audio": {"input": {"transcription": None}}}) is None
+    assert transcription_model({"audio": "x"}) is None and transcription_model(None) is None
