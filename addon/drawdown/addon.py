@@ -1733,6 +1733,9 @@ class Drawdown:
         if state is None or session is None or flow.websocket is None:
             return
         message = flow.websocket.messages[-1]
+        # mitmproxy keeps every message of a flow: a voice session's audio is ~230 MB an hour.
+        # Nothing here looks back at earlier ones, so only the one at hand is kept.
+        del flow.websocket.messages[:-1]
         if message.injected:  # our own error events
             return
         markers = (
@@ -1879,6 +1882,9 @@ class Drawdown:
             decision=outcome.decision,
             hold_id=outcome.hold_id,
             estimate=estimate,
+            # Not waited for by a drain until the server says it began (response.created): a
+            # response.create the server refused leaves a hold no response.done will end.
+            listening=not unasked,
         )
         self.inflight[row.request_id] = response_state
         if outcome.decision == "would_deny":
@@ -1904,6 +1910,13 @@ class Drawdown:
             # A session.update that leaves transcription out keeps it as it was.
             transcriber = openai_realtime.transcription_model(described)
             session.transcription_model = transcriber or session.transcription_model
+            return
+        if kind == "response.created":  # the oldest response asked for is under way
+            for key in session.pending:
+                waiting = self.inflight.get(key)
+                if waiting is not None and waiting.listening:
+                    waiting.listening = False
+                    break
             return
         action = state.classification.action if state.classification else None
         price = action.price if action else None

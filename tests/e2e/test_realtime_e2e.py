@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import decimal
+import os
+import signal
 import textwrap
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -310,3 +313,30 @@ def test_input_audio_transcription_is_charged_at_its_own_models_price(
         ("allow", transcribed, 500, 40, "gpt-4o-transcribe"),
         ("allow", genai_prices_nanos("gpt-realtime"), 2000, 350, "gpt-realtime"),
     ]
+
+
+def test_a_stop_waits_for_a_response_under_way_and_charges_it(
+    drawdown_proxy: Factory, upstream: RealtimeStandIn, agent_env: Callable[..., None]
+) -> None:
+    """SIGTERM while the model is answering: the drain waits for the response.done (a
+    response asked for but not begun would not hold the stop up), and it is charged."""
+    proxy = start(drawdown_proxy, upstream, policy('- {scope: "agent:*/run:*", usd: 5.00}'))
+    agent_env(proxy)
+    upstream.gate = threading.Event()
+
+    async def answered_during_the_stop() -> Any:
+        client = openai.AsyncOpenAI(api_key="sk-test-realtime")
+        async with client.realtime.connect(model="gpt-realtime") as connection:
+            await next_of(connection, "session.created")
+            await connection.response.create()
+            await next_of(connection, "response.created")
+            assert proxy.pid is not None
+            os.kill(proxy.pid, signal.SIGTERM)
+            await asyncio.to_thread(proxy.wait_for_log, r"1 call\(s\) in flight")
+            upstream.gate.set()
+            return await next_of(connection, "response.done", "error")
+
+    assert asyncio.run(answered_during_the_stop()).type == "response.done"
+    assert proxy.wait() == 0
+    ((decision, _, usd, *_, hold),) = response_rows(proxy, 1)
+    assert (decision, usd, hold) == ("allow", genai_prices_nanos("gpt-realtime"), "committed")

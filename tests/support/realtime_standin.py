@@ -64,6 +64,8 @@ class RealtimeStandIn:
     def __init__(self, tls: TlsMaterial) -> None:
         self.tls = tls
         self.usages: list[dict[str, Any]] = [realtime_usage(text_in=100, text_out=20)]
+        #: When set, each response.done waits for this event (a response under way).
+        self.gate: threading.Event | None = None
         #: The usage of every transcription (a session with audio.input.transcription set).
         self.transcription_usage: dict[str, Any] = {
             "type": "tokens",
@@ -192,6 +194,8 @@ class RealtimeStandIn:
             content_index=0,
             delta="Hello from the stand-in.",
         )
+        if self.gate is not None:
+            await asyncio.to_thread(self.gate.wait, 30)
         await self._send(
             ws, "response.done", response={**response, "status": "completed", "usage": usage}
         )

@@ -32,6 +32,7 @@ SPENDING_CLIENT_EVENTS = frozenset(
 # of a transcript, so only a JSON string equal to the name matches; the parsed type tells.
 TRANSCRIBED = "conversation.item.input_audio_transcription.completed"
 SERVER_MARKERS = (
+    b'"response.created"',
     b'"response.done"',
     b'"session.created"',
     b'"session.updated"',
