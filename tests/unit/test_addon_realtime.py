@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from drawdown import replay
 from drawdown.addon import Drawdown
 from mitmproxy import command, ctx, http
 from mitmproxy import flow as mitmflow
@@ -17,6 +18,7 @@ from mitmproxy.websocket import WebSocketMessage
 from wsproto.frame_protocol import Opcode
 
 from tests.support.addon_harness import drive
+from tests.support.policies import policy_from
 
 POLICY = """
 mode: enforce
@@ -127,3 +129,28 @@ def test_a_response_never_done_is_released_when_the_session_ends(tmp_path: Path)
         ("committed", None),
         ("released", "the session ended before the response was done"),
     ]
+
+
+def test_replay_of_the_recording_policy_decides_a_session_as_live(tmp_path: Path) -> None:
+    """Each response held room for one request and no money, then was charged its actual:
+    replay holds the same, so the first response (which took the budget over) is let
+    through and the next refused, as live; a looser budget lets both through."""
+    text = POLICY.format(on_error="deny").replace("usd: 5", "usd: 0.0001")
+    injector = Injector()
+
+    async def steps(addon: Drawdown) -> None:
+        ctx.master.addons.add(injector)
+        flow = await session(addon)
+        for _ in range(2):
+            message = await send(addon, flow, {"type": "response.create"}, from_client=True)
+            if not message.dropped:
+                done = {"type": "response.done", "response": {"usage": USAGE}}
+                await send(addon, flow, done, from_client=False)
+
+    db = drive(tmp_path, text, steps)
+    assert [e["error"]["code"] for e in injector.sent] == ["budget_exhausted"]
+    data = replay.replay(policy_from(tmp_path, text, "same.yaml"), str(db))
+    assert data["changed"] == 0, data["blocked"]
+    assert data["decisions"] == {"allow": 2, "deny": 1, "would_deny": 0}
+    looser = policy_from(tmp_path, text.replace("usd: 0.0001", "usd: 1"), "looser.yaml")
+    assert replay.replay(looser, str(db))["decisions"]["allow"] == 3
