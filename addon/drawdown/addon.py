@@ -5,6 +5,9 @@
     responseheaders attach the stream meter to SSE responses (bytes pass through as they arrive)
     response        measure → commit (or release on an upstream error)
     error           commit what was streamed, or release
+    websocket_message  a Realtime API session: reserve each response.create (or drop it and
+                    tell the agent), commit each response.done's usage
+    websocket_end   release the session's responses never done
 
 Per-flow state lives in `flow.metadata["drawdown"]`; every stage below is a plain
 function in its own module, testable without a proxy.
@@ -1738,11 +1741,12 @@ class Drawdown:
         del flow.websocket.messages[:-1]
         if message.injected:  # our own error events
             return
-        markers = (
-            openai_realtime.CLIENT_MARKERS
-            if message.from_client
-            else openai_realtime.SERVER_MARKERS
-        )
+        if not message.from_client:
+            markers = openai_realtime.SERVER_MARKERS
+        elif session.stopped is None:  # audio flows unread while the session may spend
+            markers = openai_realtime.ASKING_MARKERS
+        else:
+            markers = openai_realtime.CLIENT_MARKERS
         content = message.content
         if len(content) > INLINE_TOKENIZE_BYTES:  # a big event is parsed off the event loop
             event = await asyncio.to_thread(parse_event, content, markers)
@@ -1757,7 +1761,7 @@ class Drawdown:
                     message.drop()
                     self._tell_realtime_client(flow, session, event, *refusal)
             else:
-                await self._realtime_server_event(flow, state, session, event)
+                await self._realtime_server_event(state, session, event)
         except Exception:
             log.exception("drawdown: internal error on realtime session %s", flow.id)
             if message.from_client:  # fail closed: a bug never lets spending through unheld
@@ -1899,8 +1903,9 @@ class Drawdown:
         return None, response_state
 
     async def _realtime_server_event(
-        self, flow: http.HTTPFlow, state: FlowState, session: RealtimeSession, event: dict[str, Any]
+        self, state: FlowState, session: RealtimeSession, event: dict[str, Any]
     ) -> None:
+        """Track the session's models; charge each response.done and transcription."""
         kind = event["type"]
         if kind in ("session.created", "session.updated"):
             described = event.get("session")

@@ -39,6 +39,8 @@ SERVER_MARKERS = (
     f'"{TRANSCRIBED}"'.encode(),
 )
 CLIENT_MARKERS = tuple(f'"{name}"'.encode() for name in sorted(SPENDING_CLIENT_EVENTS))
+# While the session may spend, audio is not looked at: only what asks for a response or a turn.
+ASKING_MARKERS = (b'"response.create"', b'"input_audio_buffer.commit"')
 
 
 def is_realtime(path: str) -> bool:
