@@ -5,6 +5,9 @@
     responseheaders attach the stream meter to SSE responses (bytes pass through as they arrive)
     response        measure → commit (or release on an upstream error)
     error           commit what was streamed, or release
+    websocket_message  a Realtime API session: reserve each response.create (or drop it and
+                    tell the agent), commit each response.done's usage
+    websocket_end   release the session's responses never done
 
 Per-flow state lives in `flow.metadata["drawdown"]`; every stage below is a plain
 function in its own module, testable without a proxy.
@@ -52,10 +55,12 @@ from .ledger.api import (
 )
 from .ledger.dsn import redact_dsn
 from .ledger.worker import AsyncLedger
-from .meter import tokenizer_process
+from .meter import openai_realtime, tokenizer_process
+from .meter.prices import url_provider
 from .money import MAX_AMOUNT, usd_to_nanos
 from .policy import Policy, PolicyInvalid, load_policy, policy_fingerprint
 from .policy.match import dig, glob_regex, missing
+from .realtime import RealtimeSession, error_event, parse_event
 from .respond import denial
 
 log = logging.getLogger("drawdown")
@@ -173,6 +178,9 @@ class FlowState:
     # A GET event stream that is no LLM call (an MCP client's channel for server messages):
     # open as long as the client's session, so a stop does not wait for it.
     listening: bool = False
+    # A Realtime API session (a WebSocket upgrade): its responses are decided and metered
+    # on the socket (the websocket_message hook).
+    realtime: RealtimeSession | None = None
 
     @property
     def answered(self) -> int | None:
@@ -1160,6 +1168,8 @@ class Drawdown:
                 if not await self._deny_before_budgets(flow, state, "bad_request", message):
                     await self._forward_unread(flow, state, policy, classification)
                 return
+            if llm.endpoint == openai_realtime.REALTIME:
+                llm = self._realtime_handshake(flow, state, llm, view)
             state.llm = llm
             view.model = row.model = llm.model
             row.stream = llm.stream
@@ -1536,7 +1546,11 @@ class Drawdown:
             await self._settle(flow, state, None, status, f"upstream answered {status}")
             return
         action = state.classification.action if state.classification else None
-        if state.llm is not None and state.llm.billable:
+        if state.realtime is not None:
+            # The handshake costs nothing: it was decided (room for one response, the
+            # guards), and each response is charged on its own as the session goes on.
+            completion = Completion(status=status, model=state.llm.model if state.llm else None)
+        elif state.llm is not None and state.llm.billable:
             measurement = state.measurement
             if measurement is None and state.stream_meter is not None:
                 _, measurement = state.stream_meter.finish()
@@ -1705,3 +1719,303 @@ class Drawdown:
                 "drawdown: %s went over a budget (actual above estimate): further calls will be denied",
                 state.identity.path,
             )
+
+    # --- the Realtime API (WebSocket) ----------------------------------------------------
+
+    def _realtime_handshake(
+        self, flow: http.HTTPFlow, state: FlowState, llm: meter.LLMRequest, view: RequestView
+    ) -> meter.LLMRequest:
+        """A GET to a Realtime path: a session when it asks for a WebSocket upgrade, decided
+        like a call that needs room for one request; anything else is not metered."""
+        if flow.request.headers.get("upgrade", "").lower() != "websocket":
+            return replace(llm, step=False)
+        model = openai_realtime.session_model(view.query)
+        upstream = meter.origin(view.scheme, view.host, view.port)
+        state.realtime = RealtimeSession(model=model, matched=url_provider(upstream, view.path))
+        return replace(llm, model=model)
+
+    async def websocket_message(self, flow: http.HTTPFlow) -> None:
+        state: FlowState | None = flow.metadata.get(STATE)
+        session = state.realtime if state is not None else None
+        if state is None or session is None or flow.websocket is None:
+            return
+        message = flow.websocket.messages[-1]
+        # mitmproxy keeps every message of a flow: a voice session's audio is ~230 MB an hour.
+        # Nothing here looks back at earlier ones, so only the one at hand is kept.
+        del flow.websocket.messages[:-1]
+        if message.injected:  # our own error events
+            return
+        if not message.from_client:
+            markers = openai_realtime.SERVER_MARKERS
+        elif session.stopped is None:  # audio flows unread while the session may spend
+            markers = openai_realtime.ASKING_MARKERS
+        else:
+            markers = openai_realtime.CLIENT_MARKERS
+        content = message.content
+        if len(content) > INLINE_TOKENIZE_BYTES:  # a big event is parsed off the event loop
+            event = await asyncio.to_thread(parse_event, content, markers)
+        else:
+            event = parse_event(content, markers)
+        if event is None:
+            return
+        try:
+            if message.from_client:
+                refusal = await self._realtime_client_event(state, session, event)
+                if refusal is not None:
+                    message.drop()
+                    self._tell_realtime_client(flow, session, event, *refusal)
+            else:
+                await self._realtime_server_event(state, session, event)
+        except Exception:
+            log.exception("drawdown: internal error on realtime session %s", flow.id)
+            if message.from_client:  # fail closed: a bug never lets spending through unheld
+                message.drop()
+                text = "drawdown: internal error, event not forwarded"
+                self._tell_realtime_client(flow, session, event, "internal_error", text)
+
+    def _tell_realtime_client(
+        self,
+        flow: http.HTTPFlow,
+        session: RealtimeSession,
+        event: dict[str, Any],
+        code: str,
+        message: str,
+    ) -> None:
+        """The agent's event was dropped: a Realtime `error` event says why. Audio is sent as
+        a stream of `append` events: one error for them until an event is allowed again."""
+        if event.get("type") == "input_audio_buffer.append":
+            if session.told:
+                return
+            session.told = True
+        payload = error_event(code, message, event.get("event_id"))
+        ctx.master.commands.call("inject.websocket", flow, True, payload, True)
+
+    async def _realtime_client_event(
+        self, state: FlowState, session: RealtimeSession, event: dict[str, Any]
+    ) -> tuple[str, str] | None:
+        """(code, message) when the agent's event must not reach the upstream, else None."""
+        kind = event["type"]
+        if kind not in openai_realtime.SPENDING_CLIENT_EVENTS:
+            return None
+        if self.draining:
+            return "shutting_down", "drawdown: this proxy is shutting down; reconnect"
+        if kind == "response.create":
+            refusal, held = await self._realtime_reserve(state, session)
+            if held is not None:
+                session.pending.append(held.request_id)
+            return refusal
+        return session.stopped  # input audio: refused once the session may not spend
+
+    def _realtime_row(
+        self, state: FlowState, session: RealtimeSession, now: float, model: str | None
+    ) -> DecisionRow:
+        """A response's decision row: the session's scope, action and path, a request of its own."""
+        assert state.row is not None
+        return replace(
+            state.row,
+            request_id=new_request_id(),
+            ts=now,
+            decision="allow",
+            reason_code=None,
+            reason=None,
+            est_usd=0,
+            est_tokens=0,
+            stream=True,
+            # A voice agent's every turn sends the same bare response.create: no loop.
+            fingerprint=None,
+            status=None,
+            budget=None,
+            model=model,
+            body_fields=None,
+            body=None,
+        )
+
+    async def _realtime_reserve(
+        self,
+        state: FlowState,
+        session: RealtimeSession,
+        *,
+        unasked: bool = False,
+        model: str | None = None,
+    ) -> tuple[tuple[str, str] | None, FlowState | None]:
+        """Reserve one response of the session (a request, no estimate: the conversation is the
+        server's, the price is known at response.done): (the refusal, or None; the state of
+        its hold, None when refused or unaccounted). `unasked`: spend the server began on its
+        own (a response to voice activity, a transcription): it is running, so it is held
+        whatever the budgets say."""
+        policy = self.policy or state.policy
+        assert policy is not None and state.classification is not None
+        kind = state.classification.kind
+        assert kind is not None
+        kinds = state.classification.kinds or kind
+        now = time.time()
+        row = self._realtime_row(
+            state, session, now, model or session.reported_model or session.model
+        )
+        claims = claims_for(policy, state.identity.levels, kinds, now)
+        enforced = {(c.budget, c.scope) for c in claims if not c.shadow}
+        guards = None if unasked else guards_for(policy, kinds)
+        if unasked:
+            claims = [replace(c, shadow=True) for c in claims]
+        estimate = Amount(requests=1)
+        try:
+            outcome: ReserveOutcome = await self._ledger().call(
+                "reserve", row, claims, estimate, now + policy.holds.ttl_seconds, guards
+            )
+        except LedgerError as exc:
+            if policy.ledger_error_allows or unasked:
+                log.warning(
+                    "drawdown: ledger unavailable (%s); realtime response %s goes unaccounted",
+                    exc,
+                    row.request_id,
+                )
+                return None, None
+            log.error("drawdown: ledger unavailable (%s); denying %s", exc, row.request_id)
+            refusal = (
+                "ledger_unavailable",
+                f"drawdown: ledger unavailable, response not created ({exc})",
+            )
+            return refusal, None
+        if outcome.decision == "deny":
+            _log_denial(row, shadow=False)
+            session.stopped = (row.reason_code or "budget_exhausted", f"drawdown: {row.reason}")
+            return session.stopped, None
+        response_state = FlowState(
+            identity=state.identity,
+            started=now,
+            request_id=row.request_id,
+            policy=policy,
+            classification=state.classification,
+            row=row,
+            decision=outcome.decision,
+            hold_id=outcome.hold_id,
+            estimate=estimate,
+            # Not waited for by a drain until the server says it began (response.created): a
+            # response.create the server refused leaves a hold no response.done will end.
+            listening=not unasked,
+        )
+        self.inflight[row.request_id] = response_state
+        if outcome.decision == "would_deny":
+            _log_denial(row, shadow=True)
+        short = [
+            s for s in outcome.shadow_shortfalls if (s.claim.budget, s.claim.scope) in enforced
+        ]
+        if unasked and short and policy.mode != "shadow":
+            session.stopped = ("budget_exhausted", f"drawdown: {short[0].describe()}")
+        elif not unasked:
+            session.stopped, session.told = None, False
+        return None, response_state
+
+    async def _realtime_server_event(
+        self, state: FlowState, session: RealtimeSession, event: dict[str, Any]
+    ) -> None:
+        """Track the session's models; charge each response.done and transcription."""
+        kind = event["type"]
+        if kind in ("session.created", "session.updated"):
+            described = event.get("session")
+            model = described.get("model") if isinstance(described, dict) else None
+            if isinstance(model, str) and model.strip():
+                session.reported_model = model.strip()
+            # A session.update that leaves transcription out keeps it as it was.
+            transcriber = openai_realtime.transcription_model(described)
+            session.transcription_model = transcriber or session.transcription_model
+            return
+        if kind == "response.created":  # the oldest response asked for is under way
+            for key in session.pending:
+                waiting = self.inflight.get(key)
+                if waiting is not None and waiting.listening:
+                    waiting.listening = False
+                    break
+            return
+        action = state.classification.action if state.classification else None
+        price = action.price if action else None
+        held: FlowState | None
+        if kind == openai_realtime.TRANSCRIBED:
+            usage = openai_realtime.transcription_usage_of(event)
+            if usage is None:  # none reported, or billed per second (whisper-1): not metered
+                return
+            model = session.transcription_model
+            _, held = await self._realtime_reserve(state, session, unasked=True, model=model)
+            if held is None:  # the ledger was down: unaccounted, as logged
+                return
+            policy = held.policy
+            assert policy is not None
+            measurement = openai_realtime.measure_usage(
+                usage, (model,), policy.meter, price, session.matched
+            )
+            note = "input audio transcription"
+        elif kind == "response.done":
+            if session.pending:
+                held = self.inflight.get(session.pending.popleft())
+            else:  # begun by the server (voice activity): held as it ends
+                _, held = await self._realtime_reserve(state, session, unasked=True)
+            if held is None or held.hold_id is None:  # the ledger was down: unaccounted
+                return
+            policy = held.policy
+            assert policy is not None
+            response = event.get("response")
+            measurement = openai_realtime.measure_response(
+                response, session.models, policy.meter, price, session.matched
+            )
+            outcome = response.get("status") if isinstance(response, dict) else None
+            note = None if outcome in (None, "completed") else f"response {outcome}"
+        else:
+            return
+        completion = replace(
+            _measured(measurement, 200),
+            latency_ms=(time.time() - held.started) * 1000,
+            note=note,
+        )
+        settled = await self._realtime_settle(held, completion, None)
+        if settled is not None and settled.overage and policy.mode != "shadow":
+            session.stopped = (
+                "budget_exhausted",
+                "drawdown: this session's last response took a budget over its limit",
+            )
+
+    async def _realtime_settle(
+        self, state: FlowState, completion: Completion, release_reason: str | None
+    ) -> Any:
+        """Commit (or release) one response's hold, as the HTTP calls' settlement does."""
+        now = time.time()
+        state.settled = True
+        operation: tuple[str, tuple[Any, ...]]
+        if release_reason is None:
+            completion = _within_ledger(completion, state.request_id)
+            operation = ("commit", (state.request_id, state.hold_id, completion, now))
+        else:
+            operation = (
+                "release",
+                (state.request_id, state.hold_id, completion, release_reason, now),
+            )
+        try:
+            return await self._ledger().call(operation[0], *operation[1])
+        except LedgerError as exc:
+            self.unsettled[state.request_id] = operation
+            log.error(
+                "drawdown: could not settle %s (%s); trying again with the ledger's maintenance",
+                state.request_id,
+                exc,
+            )
+            return None
+        finally:
+            self.inflight.pop(state.request_id, None)
+            if completion.priced is False:
+                log.warning(
+                    "drawdown: model %s is unknown to genai-prices; %s charged at the fallback price",
+                    completion.model,
+                    state.request_id,
+                )
+
+    async def websocket_end(self, flow: http.HTTPFlow) -> None:
+        """The session is over: a response still going is released (no usage came for it)."""
+        state: FlowState | None = flow.metadata.get(STATE)
+        session = state.realtime if state is not None else None
+        if session is None:
+            return
+        while session.pending:
+            pending = self.inflight.get(session.pending.popleft())
+            if pending is None or pending.settled or pending.hold_id is None:
+                continue
+            note = "the session ended before the response was done"
+            await self._realtime_settle(pending, Completion(note=note), note)

@@ -54,6 +54,7 @@ from .ledger.api import (
     is_failed_attempt,
 )
 from .ledger.reader import Reader
+from .meter import openai_realtime
 from .money import format_usd, usd_float
 from .policy.match import LEVELS, missing
 from .policy.model import Policy
@@ -449,6 +450,12 @@ def _llm_estimate(policy: Policy, action: Any, view: RequestView, row: dict[str,
     the meter's estimate from the recorded body (`record: {bodies: full}`), else its actual."""
     if row.get("est_usd"):
         return Amount(usd=row["est_usd"], tokens=row.get("est_tokens") or 0, requests=1)
+    if meter.charging(action.provider, view.method, view.path) == "step" and (
+        openai_realtime.is_realtime(view.path)
+    ):
+        # A Realtime session and its responses: live, each held room for one request and
+        # no money (the price is known only at response.done), then charged its actual.
+        return Amount(requests=1)
     if row.get("body"):
         try:
             # The ledger keeps no scheme: port 80 is plain HTTP, as the proxy sees it.

@@ -10,7 +10,7 @@ from types import MappingProxyType
 from typing import Protocol
 
 from ..money import MAX_AMOUNT, MAX_USD, format_usd
-from . import anthropic, bedrock, gemini, openai, openai_audio, openai_images
+from . import anthropic, bedrock, gemini, openai, openai_audio, openai_images, openai_realtime
 from ._util import Extracted, ParsedRequest, kind, loads, parse_body
 from .config import MeterConfig, PricePerMillion, model_family
 from .decode import Decoder, UnsupportedEncoding, make_decoder
@@ -69,6 +69,11 @@ def _route(provider: str, method: str, path: str) -> tuple[str, str | None, bool
     return "other", None, False, False
 
 
+def _realtime_handshake(provider: str, method: str, path: str) -> bool:
+    """The GET that opens an OpenAI Realtime session (a WebSocket upgrade)."""
+    return provider == "openai" and method.upper() == "GET" and openai_realtime.is_realtime(path)
+
+
 def _metered_by_model(endpoint: str) -> bool:
     """OpenAI endpoints metered or not depending on the model the body names."""
     return openai_images.is_images(endpoint) or openai_audio.is_speech(endpoint)
@@ -87,6 +92,8 @@ def charging(provider: str, method: str, path: str, model: str | None = None) ->
     (the request's, as the ledger records it) decides the OpenAI Images API (GPT image models
     bill per token, DALL·E per image) and speech (metered for a speech model genai-prices
     prices, per token or per character)."""
+    if _realtime_handshake(provider.lower(), method, path):
+        return "step"  # a Realtime session: its responses are metered on the socket
     endpoint, path_model, _, metered = _route(provider.lower(), method, path)
     if metered:
         return "tokens"
@@ -155,6 +162,12 @@ def _speech(
 
 def parse(provider: str, method: str, path: str, body: bytes) -> ParsedRequest | LLMRequest:
     # One routing for the proxy, shadow mode's unread requests and replay (`charging`).
+    if _realtime_handshake(provider, method, path):
+        # A Realtime session's handshake: nothing to estimate, but a step of the run (its
+        # budgets and guards decide it); its responses are metered on the socket.
+        return replace(
+            _passthrough(provider, openai_realtime.REALTIME, None, method, path), step=True
+        )
     endpoint, path_model, path_stream, metered = _route(provider, method, path)
     if provider == "openai" and openai_images.is_images(endpoint):
         return _images(endpoint, path_model, method, path, body)
@@ -186,6 +199,10 @@ def unread_request(
     malformed to estimate): no estimate, but billable, so the usage its answer reports is
     still metered and charged. Only its path (and `origin`, see inspect_request) is looked at."""
     provider = provider.lower()
+    if _realtime_handshake(provider, method, path):
+        parsed = parse(provider, method, path, b"")
+        assert isinstance(parsed, LLMRequest)
+        return parsed
     endpoint, model, stream, billable = _route(provider, method, path)
     request = _passthrough(provider, endpoint, model, method, path)
     if not billable:

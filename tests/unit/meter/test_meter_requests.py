@@ -371,6 +371,7 @@ def test_openai_paths():
         ("openai", "DELETE", "/v1/files/file-1", "free"),
         ("openai", "POST", "/v1/moderations", "free"),
         ("openai", "POST", "/v1/responses/input_tokens", "free"),
+        ("openai", "GET", "/v1/realtime", "step"),  # a Realtime session: metered on its socket
         ("anthropic", "POST", "/v1/messages", "tokens"),
         ("anthropic", "POST", "/v1/messages/count_tokens", "free"),
         ("anthropic", "POST", "/v1/messages/batches", "step"),

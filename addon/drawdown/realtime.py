@@ -1,0 +1,72 @@
+"""A Realtime API session's state, and the events drawdown reads and writes on its socket.
+
+The proxy decides the WebSocket handshake like any call; then, on the open socket, each
+`response.create` the agent sends is one decision (a reserve of one request, budgets and
+anomaly guards checked), and the `response.done` that answers it is committed with the
+usage it reports. Once a budget or guard refuses, the events that would make the server
+spend (`response.create`, `input_audio_buffer.commit` and `.append`) are dropped, and the
+agent gets a Realtime `error` event in their place, as the API itself reports a refused
+client event: the SDK hands it to the agent as an `error` event and the session stays open.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+_ids = itertools.count(1)
+
+
+@dataclass
+class RealtimeSession:
+    """What drawdown keeps of one open Realtime session (on its handshake's FlowState)."""
+
+    model: str | None  # the model (Azure: deployment) the URL named
+    matched: str | None = None  # the genai-prices provider of the upstream URL, if any
+    reported_model: str | None = None  # the model session.created / session.updated named
+    transcription_model: str | None = None  # the model its input audio is transcribed with
+    # Responses reserved at their response.create and not done yet, oldest first (the
+    # server answers a session's responses in the order they were asked for): inflight keys.
+    pending: deque[str] = field(default_factory=deque)
+    # Why the session may not spend any more (code, message), once a reserve was refused or
+    # a response took a budget over; cleared by a later response.create that is allowed.
+    stopped: tuple[str, str] | None = None
+    told: bool = False  # the agent got an error for the audio dropped since the stop
+
+    @property
+    def models(self) -> tuple[str | None, ...]:
+        return (self.reported_model, self.model)
+
+
+def parse_event(content: bytes, markers: tuple[bytes, ...]) -> dict[str, Any] | None:
+    """The event in a message, if it may be one of those `markers` name (else None, unparsed:
+    most of a session's traffic is audio that drawdown has no need to read)."""
+    if not any(marker in content for marker in markers):
+        return None
+    try:
+        event = json.loads(content)
+    except (ValueError, RecursionError):  # the server refuses it too
+        return None
+    if isinstance(event, dict) and isinstance(event.get("type"), str):
+        return event
+    return None
+
+
+def error_event(code: str, message: str, event_id: Any = None) -> bytes:
+    """A Realtime `error` server event (RealtimeErrorEvent), naming the client event it refuses."""
+    return json.dumps(
+        {
+            "type": "error",
+            "event_id": f"event_drawdown_{next(_ids)}",
+            "error": {
+                "type": "invalid_request_error",
+                "code": code,
+                "message": message,
+                "param": None,
+                "event_id": event_id if isinstance(event_id, str) else None,
+            },
+        }
+    ).encode()
