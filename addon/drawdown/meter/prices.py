@@ -28,6 +28,7 @@ EXTRA_UNITS = {
     "web_search_calls": "web_searches",
     "file_search_calls": "storage_searches",
     "input_characters": "input_characters",  # tts-1 / tts-1-hd bill per character
+    "audio_seconds": "audio_seconds",  # whisper-1, gpt-transcribe, Groq's whisper
 }
 
 
@@ -98,6 +99,11 @@ def _genai_usage(usage: TokenUsage, extras: Mapping[str, int]) -> genai_prices.U
     for extra, unit in EXTRA_UNITS.items():
         if extras.get(extra):
             values[unit] = values.get(unit, 0) + int(extras[extra])
+    if "audio_seconds" in values:
+        # A transcription's seconds are input audio: genai-prices prices the input subset
+        # (input_audio_seconds) at its own price where a model lists one, the rest at the
+        # audio_seconds price, so both are stated.
+        values["input_audio_seconds"] = values["audio_seconds"]
     # Zeros are left out: genai-prices treats a reported subset key as authoritative. But where
     # two reported subsets overlap (cache reads and input audio or images), genai-prices needs
     # their intersection stated, even a zero, or it refuses the usage and the breakdown is lost.
