@@ -191,6 +191,7 @@ def _frame(data: bytes, pos: int) -> tuple[int, int, int, bool, bool] | None:
 
 # A frame walk gives up after this many frames: 25 MB (the API's limit) of the smallest frames.
 _MAX_FRAMES = 600_000
+_MAX_MISSES = 4096
 
 
 def _mp3(data: bytes) -> float | None:
@@ -209,14 +210,18 @@ def _mp3(data: bytes) -> float | None:
     vbri = pos + 36
     if data[vbri : vbri + 4] == b"VBRI":
         return struct.unpack_from(">I", data, vbri + 14)[0] * samples / rate
-    # No header: walk the frames (CBR or not), resynchronising past junk.
-    seconds, frames = 0.0, 0
+    # No header: walk the frames (CBR or not), resynchronising past a little junk; a file
+    # that is mostly junk is not an MP3 worth walking (its size bounds it instead).
+    seconds, frames, misses = 0.0, 0, 0
     while pos < len(data) and frames < _MAX_FRAMES:
         frame = _frame(data, pos)
         if frame is None or frame[0] <= 4:
+            misses += 1
             nxt = data.find(b"\xff", pos + 1)
             if nxt < 0:
                 break
+            if misses > _MAX_MISSES:
+                return None
             pos = nxt
             continue
         seconds += frame[1] / frame[2]
