@@ -1,9 +1,10 @@
 """How long an uploaded audio file plays, read from its container where that is cheap and
 exact: WAV (RIFF header), FLAC (STREAMINFO), MP3 (Xing/Info/VBRI header, else its frames
-walked), Ogg Vorbis/Opus/Speex (the last page's granule position), MP4/M4A/MOV (mvhd).
+walked), Ogg Vorbis/Opus/Speex (the last page's granule position), MP4/M4A/MOV (mvhd), WebM
+and Matroska (the Segment Info's Duration).
 
-Anything else (WebM, a format new to us, a file whose header lies about itself) gets an upper
-bound from its size: no speech codec the transcription APIs accept encodes usable speech below
+Anything else (a WebM a browser recorded without a Duration, a format new to us, a file whose
+header lies about itself) gets an upper bound from its size: no speech codec the transcription APIs accept encodes usable speech below
 MIN_BYTES_PER_SECOND, so the file cannot play longer than size / that rate. Never raises:
 hostile input yields a bound, not an error.
 """
@@ -11,6 +12,7 @@ hostile input yields a bound, not an error.
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterator
 
 # 8 kbit/s: below AMR-WB's and Opus' usual speech rates; Opus can go to 6 kbit/s, but Opus
 # comes in Ogg (read exactly) or WebM (bounded here, and the answer's usage settles it).
@@ -20,7 +22,7 @@ MIN_BYTES_PER_SECOND = 1000
 def duration_seconds(data: bytes) -> tuple[float, bool]:
     """(seconds the audio plays, exact). Not exact: the size bound."""
     try:
-        for reader in (_wav, _flac, _ogg, _mp4, _mp3):
+        for reader in (_wav, _flac, _ogg, _mp4, _webm, _mp3):
             seconds = reader(data)
             if seconds is not None and seconds >= 0:
                 return seconds, True
@@ -151,6 +153,61 @@ def _mp4(data: bytes) -> float | None:
             else:
                 scale, length = struct.unpack_from(">II", data, body + 12)
             return length / scale if scale else None
+    return None
+
+
+# --- WebM / Matroska -----------------------------------------------------------------------
+
+_EBML, _SEGMENT, _INFO, _CLUSTER = 0x1A45DFA3, 0x18538067, 0x1549A966, 0x1F43B675
+_TIMECODE_SCALE, _DURATION = 0x2AD7B1, 0x4489
+
+
+def _vint(data: bytes, pos: int, keep_marker: bool) -> tuple[int, int, bool]:
+    """(value, next offset, unknown size) of an EBML variable-length integer."""
+    first = data[pos]
+    length = 9 - first.bit_length()  # the leading zeros say how many bytes follow
+    if not 1 <= length <= 8:
+        raise ValueError("not an EBML integer")
+    if pos + length > len(data):
+        raise ValueError("cut short")
+    value = int.from_bytes(data[pos : pos + length], "big")
+    if not keep_marker:
+        value &= (1 << (7 * length)) - 1
+    return value, pos + length, value == (1 << (7 * length)) - 1
+
+
+def _elements(data: bytes, start: int, end: int) -> Iterator[tuple[int, int, int]]:
+    """(id, body start, body end) of the EBML elements in data[start:end]."""
+    pos, seen = start, 0
+    while pos < end and seen < 256:
+        ident, pos, _ = _vint(data, pos, keep_marker=True)
+        size, pos, unknown = _vint(data, pos, keep_marker=False)
+        stop = end if unknown else min(pos + size, end)
+        yield ident, pos, stop
+        pos, seen = stop, seen + 1
+
+
+def _webm(data: bytes) -> float | None:
+    if int.from_bytes(data[:4], "big") != _EBML:
+        return None
+    for ident, start, end in _elements(data, 0, len(data)):
+        if ident != _SEGMENT:
+            continue
+        for child, body, stop in _elements(data, start, end):
+            if child == _CLUSTER:
+                return None  # the media began and no Info came before it
+            if child != _INFO:
+                continue
+            scale, duration = 1_000_000, None  # nanoseconds per timecode unit: 1 ms default
+            for field, at, until in _elements(data, body, stop):
+                if field == _TIMECODE_SCALE:
+                    scale = int.from_bytes(data[at:until], "big")
+                elif field == _DURATION and until - at in (4, 8):
+                    duration = struct.unpack(">f" if until - at == 4 else ">d", data[at:until])[0]
+            if duration is None or not duration >= 0 or duration == float("inf"):
+                return None  # a live recording: no Duration written
+            return duration * scale / 1e9
+        return None
     return None
 
 

@@ -201,19 +201,42 @@ def test_durations_are_read_exactly_from_common_containers():
     moov = struct.pack(">I", 8 + 8 + len(mvhd)) + b"moov" + struct.pack(">I", 8 + len(mvhd))
     mp4 = struct.pack(">I", 16) + b"ftypM4A " + bytes(4) + moov + b"mvhd" + mvhd
     assert duration_seconds(mp4) == (12.345, True)
+    # WebM: the Segment Info's Duration (a float) in TimecodeScale units (1 ms by default).
+    assert duration_seconds(_webm(info=_ebml(0x4489, struct.pack(">d", 8250.0)))) == (8.25, True)
+    scaled = _ebml(0x2AD7B1, (10_000_000).to_bytes(3, "big")) + _ebml(
+        0x4489, struct.pack(">f", 300)
+    )
+    assert duration_seconds(_webm(info=scaled)) == (3.0, True)
+
+
+def _ebml(ident: int, body: bytes) -> bytes:
+    """One EBML element: its id, its size as a 1- or 8-byte variable-length integer, its body."""
+    size = bytes([0x80 | len(body)]) if len(body) < 127 else b"\x01" + len(body).to_bytes(7, "big")
+    return ident.to_bytes((ident.bit_length() + 7) // 8, "big") + size + body
+
+
+def _webm(info: bytes | None, media: int = 40_000) -> bytes:
+    header = _ebml(0x1A45DFA3, _ebml(0x4282, b"webm"))
+    children = (_ebml(0x1549A966, info) if info is not None else b"") + _ebml(
+        0x1F43B675, bytes(media)
+    )
+    return header + _ebml(0x18538067, children)
 
 
 def test_an_unknown_container_is_bounded_by_its_size():
-    webm = b"\x1a\x45\xdf\xa3" + bytes(49_996)
-    assert duration_seconds(webm) == (50_000 / MIN_BYTES_PER_SECOND, False)
+    # A browser's recording: WebM without a Duration (MediaRecorder writes none).
+    webm = _webm(info=None, media=49_900)
+    assert duration_seconds(webm) == (len(webm) / MIN_BYTES_PER_SECOND, False)
     # ...and reserved at that bound: a fleet's budget sees the worst case, usage settles it.
     r = _request("whisper-1", webm)
-    assert dict(r.expected_extras) == {"audio_seconds": 50}
+    assert dict(r.expected_extras) == {"audio_seconds": math.ceil(len(webm) / 1000)}
 
 
 @settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow], deadline=None)
 @given(
-    prefix=st.sampled_from([b"RIFF\xff\xff\xff\xffWAVE", b"fLaC", b"OggS", b"ID3", b"\xff\xfb"]),
+    prefix=st.sampled_from(
+        [b"RIFF\xff\xff\xff\xffWAVE", b"fLaC", b"OggS", b"ID3", b"\xff\xfb", b"\x1a\x45\xdf\xa3"]
+    ),
     rest=st.binary(max_size=600),
 )
 def test_hostile_audio_never_raises(prefix, rest):
