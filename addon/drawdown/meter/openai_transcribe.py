@@ -9,7 +9,7 @@ Two ways of billing, both priced by genai-prices:
   with input audio and text (prompt) tokens and output (transcript) tokens.
 
 Estimate: the uploaded file's duration (audio_duration: exact for WAV, MP3, FLAC, Ogg, MP4,
-else a bound from its size), rounded up to whole seconds; for the per-token models
+WebM with a Duration, else a bound from its size), rounded up to whole seconds; for the per-token models
 AUDIO_TOKENS_PER_SECOND input audio tokens per second plus the `prompt` field by tiktoken, and
 TRANSCRIPT_TOKENS_PER_SECOND output tokens per second (at most the models' 2,000).
 Measure: the `usage` of the JSON answer or of the stream's `transcript.text.done` event. A
@@ -27,7 +27,7 @@ from typing import Any
 from ._util import Extracted, ParsedRequest, as_int, loads, parse_body
 from .audio_duration import duration_seconds
 from .multipart import Form, form_bool, parse_form
-from .prices import genai_price, priced_per_token
+from .prices import TOKENS_PER_AUDIO_SECOND, genai_price, priced_per_token
 from .types import MeterRequestError, TokenUsage
 
 ENDPOINTS = {
@@ -46,7 +46,8 @@ _WHISPER = re.compile(r"whisper", re.IGNORECASE)
 # token per 100 ms (the Realtime API's cost guide), and prices gpt-4o-transcribe at an
 # estimated $0.006 a minute: 1,000 tokens at its $6 per million audio input, were it all
 # audio (16.7 a second). 20 a second is above both, so the reserve does not fall short.
-AUDIO_TOKENS_PER_SECOND = 20
+# (The same figure prices a second of audio at a per-token fallback or `price:`.)
+AUDIO_TOKENS_PER_SECOND = TOKENS_PER_AUDIO_SECOND
 # Transcript tokens reserved per second: fast speech is ~4 words a second, ~5.5 tokens in
 # English and more in other scripts; 8, bounded by the models' 2,000 max output tokens.
 TRANSCRIPT_TOKENS_PER_SECOND = 8

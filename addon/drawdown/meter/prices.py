@@ -32,6 +32,12 @@ EXTRA_UNITS = {
 }
 
 
+# A second of audio as input tokens, where no genai-prices price per second applies (a
+# speech-to-text model it does not know, a `price:` override per token): see
+# openai_transcribe.AUDIO_TOKENS_PER_SECOND for the figure.
+TOKENS_PER_AUDIO_SECOND = 20
+
+
 def to_nanos(usd: Decimal) -> int:
     """USD -> integer nano-dollars, rounded up (a reservation must never be short)."""
     return int(
@@ -222,14 +228,24 @@ def price_first_known(
     the same name there is the same model (an Azure deployment named after it, a model a host
     serves before genai-prices lists it there), closer than the fallback guess."""
     if price_override is not None:
-        return flat_price(usage, price_override), True
+        return flat_price(_with_audio_seconds(usage, extras), price_override), True
     for provider_id in price_providers(provider, matched):
         for model in models:
             if model:
                 total = genai_price(provider_id, model, usage, extras, price_context)
                 if total is not None:
                     return total, True
-    return flat_price(usage, config.fallback_price), False
+    return flat_price(_with_audio_seconds(usage, extras), config.fallback_price), False
+
+
+def _with_audio_seconds(usage: TokenUsage, extras: Mapping[str, int] | None) -> TokenUsage:
+    """A per-token price cannot price seconds of audio: they are counted as input audio
+    tokens, lest a transcription on a model genai-prices does not know cost $0."""
+    seconds = int((extras or {}).get("audio_seconds", 0))
+    if not seconds:
+        return usage
+    audio = seconds * TOKENS_PER_AUDIO_SECOND
+    return usage + TokenUsage(input_tokens=audio, input_audio_tokens=audio)
 
 
 def price_usage(

@@ -166,6 +166,18 @@ def test_the_reserve_is_not_short_of_what_the_api_reports():
     assert 0 < m.usd_nanos <= r.estimate_usd_nanos
 
 
+def test_a_whisper_model_genai_prices_does_not_know_is_not_free():
+    """Seconds of audio have no per-token price: on the fallback price (or a `price:`
+    override) each second counts as AUDIO_TOKENS_PER_SECOND input tokens, not $0."""
+    r = _request("whisper-large-v9", wav(30), origin=GROQ)
+    assert dict(r.expected_extras) == {"audio_seconds": 30} and not r.priced
+    fallback = CONFIG.fallback_price.input * 30 * AUDIO_TOKENS_PER_SECOND / 1_000_000
+    assert r.estimate_usd_nanos == math.ceil(fallback * 1_000_000_000) > 0
+    answer = {"text": "hi", "usage": {"type": "duration", "seconds": 12}}
+    m = measure_body(r, 200, json.dumps(answer).encode(), CONFIG)
+    assert not m.priced and m.usd_nanos == math.ceil(fallback * 12 / 30 * 1_000_000_000)
+
+
 # --- durations read from the container ----------------------------------------------------
 
 
