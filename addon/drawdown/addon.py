@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import binascii
+import functools
 import gc
 import hashlib
 import ipaddress
@@ -1541,17 +1542,20 @@ class Drawdown:
                 _, measurement = state.stream_meter.finish()
             if measurement is None:
                 body = response.get_content(strict=False) or b""
-                args = (
+                measure = functools.partial(
+                    meter.measure_body,
                     state.llm,
                     status,
                     body,
                     state.policy.meter,
                     action.price if action else None,
+                    # Bedrock's InvokeModel reports its usage in the response headers.
+                    headers=response.headers if state.llm.provider == "bedrock" else None,
                 )
                 if len(body) > INLINE_TOKENIZE_BYTES:
-                    measurement = await asyncio.to_thread(meter.measure_body, *args)
+                    measurement = await asyncio.to_thread(measure)
                 else:
-                    measurement = meter.measure_body(*args)
+                    measurement = measure()
             completion = _measured(measurement, status)
         elif action is not None:
             completion = Completion(

@@ -6,6 +6,7 @@ refused in Bedrock's own error shape, which boto3 raises without retrying."""
 
 from __future__ import annotations
 
+import json
 import sys
 import textwrap
 from collections.abc import Callable
@@ -124,6 +125,103 @@ def test_anthropic_bedrock_invoke_json_and_stream_are_metered_and_charged(
          aws_nanos(model, entry.input_tokens, entry.output_tokens), "usage")
         for model, entry in ((CLAUDE, plain), (CLAUDE_GLOBAL, streamed))
     ]  # fmt: skip
+
+
+# InvokeModel bodies of other families, each in its own format (model id, body).
+INVOKES = [
+    (
+        "global.amazon.nova-2-lite-v1:0",
+        {
+            "schemaVersion": "messages-v1",
+            "system": [{"text": "Be brief."}],
+            "messages": MESSAGES,
+            "inferenceConfig": {"max_new_tokens": 200},
+        },
+    ),
+    (
+        "us.amazon.nova-2-lite-v1:0",  # the regional profile: another price
+        {"messages": MESSAGES, "inferenceConfig": {"max_new_tokens": 200}},
+    ),
+    ("us.meta.llama3-2-11b-instruct-v1:0", {"prompt": "Name three colours", "max_gen_len": 300}),
+    (
+        "amazon.titan-text-express-v1",
+        {"inputText": "Name three colours", "textGenerationConfig": {"maxTokenCount": 300}},
+    ),
+    # Its answer holds no usage: only Bedrock's headers and metrics can tell it.
+    (
+        "mistral.mistral-7b-instruct-v0:2",
+        {"prompt": "<s>[INST] Colours? [/INST]", "max_tokens": 99},
+    ),
+]
+
+
+def test_boto3_invoke_of_nova_llama_and_titan_is_metered_and_charged(
+    drawdown_proxy: Factory, standin: StandIn
+) -> None:
+    """boto3's invoke_model and invoke_model_with_response_stream, each family in its own body
+    format: charged the genai-prices `aws` price of what Bedrock counted (the response headers,
+    the stream's invocation metrics), on the model id the path names."""
+    proxy = drawdown_proxy(POLICY.format(budget='{scope: "agent:*", usd: 1.00}'))
+    client = proxy.bedrock_client(proxy_auth=AUTH)
+    for model, body in INVOKES:
+        reply = client.invoke_model(modelId=model, body=json.dumps(body))
+        assert reply["ResponseMetadata"]["HTTPHeaders"]["x-amzn-bedrock-input-token-count"]
+        answer = json.loads(reply["body"].read())
+        streamed = client.invoke_model_with_response_stream(modelId=model, body=json.dumps(body))
+        chunks = [json.loads(event["chunk"]["bytes"]) for event in streamed["body"]]
+        assert "amazon-bedrock-invocationMetrics" in chunks[-1]
+        text = "".join(
+            c.get("generation") or c.get("outputText") or
+            (c.get("contentBlockDelta") or {}).get("delta", {}).get("text", "") or
+            (c.get("outputs") or [{}])[0].get("text", "")
+            for c in chunks
+        )  # fmt: skip
+        assert text == wire.DEFAULT_REPLY_TEXT in json.dumps(answer)
+    entries = standin.matching("/model/*")
+    assert [(e.path, e.status) for e in entries] == [
+        (f"/model/{model}/{op}", 200)
+        for model, _ in INVOKES
+        for op in ("invoke", "invoke-with-response-stream")
+    ]  # every signature intact
+    rows = ledger(proxy, len(entries))
+    expected = [
+        ("allow", 200, "bedrock", model, entry.input_tokens, entry.output_tokens,
+         aws_nanos(model, entry.input_tokens, entry.output_tokens), "usage")
+        for (model, _), entry in zip(
+            [m for m in INVOKES for _ in (0, 1)], entries, strict=True
+        )
+    ]  # fmt: skip
+    assert rows == expected
+    assert rows[0][6] < rows[2][6]  # global. costs less than us. for the same usage
+    ((spent,),) = proxy.query("SELECT spent_usd FROM budget_instances")
+    assert spent == sum(row[6] for row in expected) > 0
+
+
+def test_a_usd_budget_refuses_the_next_llama_invoke(
+    drawdown_proxy: Factory, standin: StandIn
+) -> None:
+    """Once the invokes Bedrock counted have spent the budget, the next one's reserve does not
+    fit: a ClientError boto3 does not retry, and the stand-in never sees it."""
+    model = "us.meta.llama3-3-70b-instruct-v1:0"  # $0.72/M in and out
+    body = json.dumps({"prompt": "Write the report", "max_gen_len": 1000})
+    proxy = drawdown_proxy(POLICY.format(budget='{scope: "agent:*", usd: 0.001}'))
+    client = proxy.bedrock_client(proxy_auth=AUTH, attempts=3)
+    standin.set_usage(input_tokens=300, output_tokens=1000)  # $0.000936 of $0.001
+    client.invoke_model(modelId=model, body=body)["body"].read()
+    with pytest.raises(ClientError) as caught:
+        client.invoke_model_with_response_stream(modelId=model, body=body)
+    error = caught.value.response
+    assert (error["Error"]["Code"], error["ResponseMetadata"]["HTTPStatusCode"]) == (
+        "ServiceQuotaExceededException",
+        402,
+    )
+    assert error["ResponseMetadata"]["RetryAttempts"] == 0
+    assert standin.count("/model/*") == 1
+    rows = ledger(proxy, 2)
+    assert [(r[0], r[1], r[4], r[5], r[6]) for r in rows] == [
+        ("allow", 200, 300, 1000, aws_nanos(model, 300, 1000)),
+        ("deny", 402, None, None, None),
+    ]
 
 
 def test_a_usd_budget_refuses_with_a_client_error_boto3_does_not_retry(

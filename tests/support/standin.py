@@ -1221,9 +1221,9 @@ class StandIn:
     # Amazon Bedrock Runtime
 
     async def _bedrock(self, request: Request) -> Response:
-        """Converse, ConverseStream, and InvokeModel(WithResponseStream) for Claude. Like
-        Bedrock, it refuses a request whose SigV4 signature does not cover it as received:
-        a proxy that changed one signed byte (body or header) is caught here."""
+        """Converse, ConverseStream, and InvokeModel(WithResponseStream) for Claude, Nova, Llama
+        and Titan Text. Like Bedrock, it refuses a request whose SigV4 signature does not cover
+        it as received: a proxy that changed one signed byte (body or header) is caught here."""
         entry: LoggedRequest = request.scope[_ENTRY]
         operation: str = request.path_params["operation"]
         bad_signature = _sigv4_problem(entry, request.scope.get("raw_path") or b"")
@@ -1249,27 +1249,92 @@ class StandIn:
             )
         if operation not in ("invoke", "invoke-with-response-stream"):
             return self._bedrock_error(entry, 404, "UnknownOperationException", operation)
+        if "anthropic_version" not in body:
+            return self._bedrock_invoke(
+                entry, request.path_params["model"], operation, body, headers
+            )
         if not isinstance(body.get("anthropic_version"), str) or "model" in body:
             return self._bedrock_error(entry, 400, "ValidationException", "Malformed input request")
         plan = self._plan("anthropic.messages", body, entry)
         usage = wire.anthropic_usage(plan.input_tokens, plan.output_tokens, plan.cached_tokens)
         stop = "max_tokens" if plan.truncated else "end_turn"
         name = "claude-3-5-haiku-20241022"  # Bedrock's responses name the model without its id
-        headers.update(
-            {
-                "x-amzn-bedrock-input-token-count": str(plan.input_tokens),
-                "x-amzn-bedrock-output-token-count": str(plan.output_tokens),
-            }
-        )
         if operation == "invoke":
             payload = wire.anthropic_message_json(
                 id=f"msg_bdrk_{ident}", model=name, text=plan.text, usage=usage, stop_reason=stop
+            )
+            headers.update(
+                wire.bedrock_token_headers(
+                    plan.input_tokens, plan.output_tokens, plan.cached_tokens
+                )
             )
             return self._json_reply(entry, payload, usage, headers=headers)
         events = wire.anthropic_sse(
             id=f"msg_bdrk_{ident}", model=name, deltas=plan.deltas(), usage=usage, stop_reason=stop
         )
         frames = wire.bedrock_invoke_stream(events, plan.input_tokens, plan.output_tokens)
+        return self._sse_reply(
+            entry, frames, usage, content_type=wire.EVENTSTREAM_TYPE, headers=headers
+        )
+
+    def _bedrock_invoke(
+        self,
+        entry: LoggedRequest,
+        model: str,
+        operation: str,
+        body: Mapping[str, Any],
+        headers: dict[str, str],
+    ) -> Response:
+        """InvokeModel(WithResponseStream) for Amazon Nova, Meta Llama, Amazon Titan Text and
+        Mistral (its prompt format), each in its own body format. Like Bedrock, the token counts are in the response headers (JSON)
+        or in the last chunk's invocation metrics (stream), whatever the family."""
+        family = next((f for key, f in _BEDROCK_FAMILIES.items() if key in model.lower()), None)
+        if family is None or not isinstance(body.get(_BEDROCK_PROMPT[family]), str | list):
+            return self._bedrock_error(entry, 400, "ValidationException", "Malformed input request")
+        plan = self._plan(f"bedrock.{family}", body, entry)
+        cached = plan.cached_tokens
+        stream = operation == "invoke-with-response-stream"
+        if family == "nova":
+            usage: Any = wire.nova_usage(plan.input_tokens, plan.output_tokens, cached)
+            stop = "max_tokens" if plan.truncated else "end_turn"
+            payload = wire.nova_invoke_json(text=plan.text, usage=usage, stop_reason=stop)
+            chunks = wire.nova_invoke_chunks(deltas=plan.deltas(), usage=usage, stop_reason=stop)
+        elif family == "llama":
+            usage = {
+                "prompt_token_count": plan.input_tokens,
+                "generation_token_count": plan.output_tokens,
+            }
+            stop = "length" if plan.truncated else "stop"
+            payload = wire.llama_invoke_json(
+                text=plan.text, input_tokens=plan.input_tokens, output_tokens=plan.output_tokens,
+                stop_reason=stop,
+            )  # fmt: skip
+            chunks = wire.llama_invoke_chunks(
+                deltas=plan.deltas(), input_tokens=plan.input_tokens, stop_reason=stop
+            )
+        elif family == "mistral":  # no usage in its body: only Bedrock's own counts say it
+            usage = None
+            stop = "length" if plan.truncated else "stop"
+            payload = wire.mistral_invoke_json(text=plan.text, stop_reason=stop)
+            chunks = wire.mistral_invoke_chunks(deltas=plan.deltas(), stop_reason=stop)
+        else:
+            usage = {"inputTextTokenCount": plan.input_tokens, "tokenCount": plan.output_tokens}
+            reason = "LENGTH" if plan.truncated else "FINISH"
+            payload = wire.titan_invoke_json(
+                text=plan.text, input_tokens=plan.input_tokens, output_tokens=plan.output_tokens,
+                reason=reason,
+            )  # fmt: skip
+            chunks = wire.titan_invoke_chunks(
+                deltas=plan.deltas(), input_tokens=plan.input_tokens, reason=reason
+            )
+        if not stream:
+            headers.update(
+                wire.bedrock_token_headers(plan.input_tokens, plan.output_tokens, cached)
+            )
+            return self._json_reply(entry, payload, usage, headers=headers)
+        metrics = wire.bedrock_invocation_metrics(plan.input_tokens, plan.output_tokens, cached)
+        frames = wire.bedrock_chunk_stream(chunks, metrics)
+        headers["X-Amzn-Bedrock-Content-Type"] = "application/json"
         return self._sse_reply(
             entry, frames, usage, content_type=wire.EVENTSTREAM_TYPE, headers=headers
         )
@@ -1353,6 +1418,15 @@ def _transcription_request(entry: LoggedRequest) -> tuple[dict[str, str] | None,
             fields[name] = payload.decode("utf-8", "replace")
     return fields, audio
 
+
+# InvokeModel families the stand-in answers: model id fragment -> family, and its prompt field.
+_BEDROCK_FAMILIES = {
+    "amazon.nova": "nova",
+    "meta.llama": "llama",
+    "amazon.titan-text": "titan",
+    "mistral.": "mistral",
+}
+_BEDROCK_PROMPT = {"nova": "messages", "llama": "prompt", "titan": "inputText", "mistral": "prompt"}
 
 _SIGV4 = re.compile(
     r"AWS4-HMAC-SHA256 Credential=(?P<key>[^/]+)/(?P<date>\d{8})/(?P<region>[^/]+)/"

@@ -55,6 +55,10 @@ PROMPT_FIELDS: dict[str, tuple[str, ...]] = {
     "anthropic.messages": ("system", "messages"),
     "gemini.generate": ("systemInstruction", "contents"),
     "bedrock.converse": ("system", "messages"),
+    "bedrock.nova": ("system", "messages"),
+    "bedrock.llama": ("prompt",),
+    "bedrock.titan": ("inputText",),
+    "bedrock.mistral": ("prompt",),
 }
 
 #: API name -> request body field (dotted) that caps the output tokens.
@@ -65,6 +69,10 @@ MAX_OUTPUT_FIELDS: dict[str, tuple[str, ...]] = {
     "anthropic.messages": ("max_tokens",),
     "gemini.generate": ("generationConfig.maxOutputTokens",),
     "bedrock.converse": ("inferenceConfig.maxTokens",),
+    "bedrock.nova": ("inferenceConfig.max_new_tokens",),
+    "bedrock.llama": ("max_gen_len",),
+    "bedrock.titan": ("textGenerationConfig.maxTokenCount",),
+    "bedrock.mistral": ("max_tokens",),
 }
 
 _SKIP_KEYS = frozenset({"role", "type"})
@@ -1125,6 +1133,165 @@ def bedrock_invoke_stream(
         encoded = base64.b64encode(_compact(obj).encode()).decode()
         messages.append(aws_event("chunk", {"bytes": encoded, "p": _bedrock_pad(i)}))
     return messages
+
+
+def bedrock_token_headers(
+    input_tokens: int, output_tokens: int, cache_read: int = 0, cache_write: int = 0
+) -> dict[str, str]:
+    """What InvokeModel's answer reports, for every model family: the input count leaves the
+    cache reads and writes out (as Converse's inputTokens does)."""
+    return {
+        "X-Amzn-Bedrock-Invocation-Latency": "431",
+        "X-Amzn-Bedrock-Input-Token-Count": str(input_tokens),
+        "X-Amzn-Bedrock-Output-Token-Count": str(output_tokens),
+        "X-Amzn-Bedrock-Cache-Read-Input-Token-Count": str(cache_read),
+        "X-Amzn-Bedrock-Cache-Write-Input-Token-Count": str(cache_write),
+    }
+
+
+def bedrock_invocation_metrics(
+    input_tokens: int, output_tokens: int, cache_read: int = 0, cache_write: int = 0
+) -> dict:
+    """The `amazon-bedrock-invocationMetrics` the last chunk of an invoke stream carries."""
+    return {
+        "inputTokenCount": input_tokens,
+        "outputTokenCount": output_tokens,
+        "invocationLatency": 512,
+        "firstByteLatency": 101,
+        "cacheReadInputTokenCount": cache_read,
+        "cacheWriteInputTokenCount": cache_write,
+    }
+
+
+def bedrock_chunk_stream(
+    chunks: Sequence[Mapping[str, Any]], metrics: Mapping[str, Any]
+) -> list[bytes]:
+    """InvokeModelWithResponseStream: each chunk's JSON, base64, as the `bytes` of a `chunk`
+    event; the last chunk also carries Bedrock's invocation metrics."""
+    last = len(chunks) - 1
+    return [
+        aws_event(
+            "chunk",
+            {
+                "bytes": base64.b64encode(
+                    _compact(
+                        {**c, "amazon-bedrock-invocationMetrics": dict(metrics)} if i == last else c
+                    ).encode()
+                ).decode(),
+                "p": _bedrock_pad(i),
+            },
+        )
+        for i, c in enumerate(chunks)
+    ]
+
+
+def nova_usage(input_tokens: int, output_tokens: int, cache_read: int = 0) -> dict:
+    """Nova's invoke `usage`: Converse's names, but `cache*InputTokenCount` for the cache."""
+    return {
+        "inputTokens": input_tokens,
+        "outputTokens": output_tokens,
+        "totalTokens": input_tokens + cache_read + output_tokens,
+        "cacheReadInputTokenCount": cache_read,
+        "cacheWriteInputTokenCount": 0,
+    }
+
+
+def nova_invoke_json(*, text: str, usage: Mapping[str, Any], stop_reason: str) -> bytes:
+    return _compact(
+        {
+            "output": {"message": {"content": [{"text": text}], "role": "assistant"}},
+            "stopReason": stop_reason,
+            "usage": dict(usage),
+        }
+    ).encode()
+
+
+def nova_invoke_chunks(
+    *, deltas: Sequence[str], usage: Mapping[str, Any], stop_reason: str
+) -> list[dict]:
+    """messageStart, a contentBlockDelta per piece, contentBlockStop, messageStop, metadata."""
+    return [
+        {"messageStart": {"role": "assistant"}},
+        *({"contentBlockDelta": {"delta": {"text": d}, "contentBlockIndex": 0}} for d in deltas),
+        {"contentBlockStop": {"contentBlockIndex": 0}},
+        {"messageStop": {"stopReason": stop_reason}},
+        {"metadata": {"usage": dict(usage), "metrics": {}, "trace": {}}},
+    ]
+
+
+def llama_invoke_json(
+    *, text: str, input_tokens: int, output_tokens: int, stop_reason: str
+) -> bytes:
+    return _compact(
+        {
+            "generation": text,
+            "prompt_token_count": input_tokens,
+            "generation_token_count": output_tokens,
+            "stop_reason": stop_reason,
+        }
+    ).encode()
+
+
+def llama_invoke_chunks(
+    *, deltas: Sequence[str], input_tokens: int, stop_reason: str
+) -> list[dict]:
+    """One chunk per piece (`prompt_token_count` in the first only, `generation_token_count`
+    cumulative), then an empty generation with the stop reason."""
+    chunks = [
+        {
+            "generation": d,
+            "prompt_token_count": input_tokens if i == 0 else None,
+            "generation_token_count": i + 1,
+            "stop_reason": None,
+        }
+        for i, d in enumerate(deltas)
+    ]
+    chunks.append(
+        {
+            "generation": "",
+            "prompt_token_count": None,
+            "generation_token_count": len(deltas),
+            "stop_reason": stop_reason,
+        }
+    )
+    return chunks
+
+
+def titan_invoke_json(*, text: str, input_tokens: int, output_tokens: int, reason: str) -> bytes:
+    return _compact(
+        {
+            "inputTextTokenCount": input_tokens,
+            "results": [
+                {"tokenCount": output_tokens, "outputText": text, "completionReason": reason}
+            ],
+        }
+    ).encode()
+
+
+def titan_invoke_chunks(*, deltas: Sequence[str], input_tokens: int, reason: str) -> list[dict]:
+    """One chunk per piece, the running output count in each, the reason in the last."""
+    return [
+        {
+            "outputText": d,
+            "index": 0,
+            "totalOutputTextTokenCount": i + 1,
+            "completionReason": reason if i == len(deltas) - 1 else None,
+            "inputTextTokenCount": input_tokens,
+        }
+        for i, d in enumerate(deltas)
+    ]
+
+
+def mistral_invoke_json(*, text: str, stop_reason: str) -> bytes:
+    """Mistral's prompt format answers its text alone: no usage in the body."""
+    return _compact({"outputs": [{"text": text, "stop_reason": stop_reason}]}).encode()
+
+
+def mistral_invoke_chunks(*, deltas: Sequence[str], stop_reason: str) -> list[dict]:
+    return [
+        {"outputs": [{"text": d, "stop_reason": stop_reason if i == len(deltas) - 1 else None}]}
+        for i, d in enumerate(deltas)
+    ]
 
 
 def bedrock_error(message: str) -> bytes:

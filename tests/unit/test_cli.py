@@ -1099,3 +1099,43 @@ def test_version_names_drawdown_and_the_mitmproxy_it_runs_on(
     assert capsys.readouterr().out == (
         f"drawdown {version('drawdown')} (mitmproxy {version('mitmproxy')})\n"
     )
+
+
+def test_explain_prices_a_bedrock_invoke_of_any_family_as_the_proxy_does(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A Titan Text invoke was a $0 step in explain as in the proxy: it is now estimated from
+    its own body (inputText, textGenerationConfig.maxTokenCount) at genai-prices' `aws` price;
+    an image model's invoke is still a request at $0."""
+    import genai_prices
+    from drawdown.meter import MeterConfig, inspect_request
+
+    policy = tmp_path / "p.yaml"
+    policy.write_text(
+        "version: 1\nmode: enforce\nactions:\n"
+        '  - {kind: llm, provider: bedrock, match: {host: "bedrock-runtime.*.amazonaws.com"}}\n'
+    )
+    host = "https://bedrock-runtime.eu-west-3.amazonaws.com"
+    path = "/model/amazon.titan-text-express-v1/invoke"
+    body = json.dumps(
+        {"inputText": "Name three colours", "textGenerationConfig": {"maxTokenCount": 80}}
+    )
+    args = ["explain", "--policy", str(policy), "--url", host + path, "--json", body, "--as-json"]
+    assert main(args) == 0
+    out = json.loads(capsys.readouterr().out)
+    estimate = out["estimate"]
+    input_tokens = inspect_request(
+        "bedrock", "POST", path, {}, body.encode(), MeterConfig()
+    ).input_tokens
+    assert estimate["tokens"] == input_tokens + 80
+    usage = genai_prices.Usage(input_tokens=input_tokens, output_tokens=80)
+    price = genai_prices.calc_price(usage, "amazon.titan-text-express-v1", provider_id="aws")
+    assert estimate["usd_nanos"] == math.ceil(price.total_price * 1_000_000_000) > 0
+    (line,) = [text for stage, text in out["steps"] if stage == "estimate"]
+    assert line.startswith("bedrock invoke model amazon.titan-text-express-v1")
+    image = "/model/stability.sd3-5-large-v1%3A0/invoke"
+    args[4] = host + image
+    assert main(args) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["estimate"] == {"usd_nanos": 0, "tokens": 0, "requests": 1}
+    assert any("counted as a request at $0" in text for _, text in out["steps"])

@@ -651,3 +651,27 @@ def test_a_requirement_is_looked_up_not_searched_among_every_lookup(tmp_path: Pa
     assert not sim.history(asked, ["crm.*"], "path.id", "c1")  # another run's lookup
     assert not sim.history(asked, ["refund.issue"], "path.id", "c4999")  # another action
     assert CountedScope.comparisons <= 3
+
+
+def test_a_llama_invoke_counts_on_a_usd_budget_in_replay_as_live(tmp_path: Path) -> None:
+    """A Bedrock invoke of another family than Claude was a $0 step; the proxy now reserves
+    its estimate on USD budgets (genai-prices' `aws` price of the Llama body's prompt and
+    max_gen_len), and replay re-decides it the same way."""
+    bedrock = (
+        "actions:\n  - {kind: llm, provider: bedrock, "
+        'match: {host: "bedrock-runtime.*.amazonaws.com"}}\n'
+    )
+    budget = 'budgets:\n  - {scope: "agent:*/run:*", usd: %s}\n'
+    invoke = (
+        "POST",
+        "bedrock-runtime.us-east-1.amazonaws.com/model/us.meta.llama3-3-70b-instruct-v1%3A0/invoke",
+        b'{"prompt": "Write the report", "max_gen_len": 2000}',
+    )
+    text = bedrock + AGENT + budget % "0.001"  # one reserve: 2000+ tokens at $0.72/M, $0.00144
+    db, statuses = record(tmp_path, text, [invoke])
+    assert statuses == [402]
+    data = replay.replay(policy(tmp_path, text, "same.yaml"), str(db))
+    assert data["changed"] == 0, data["blocked"]
+    assert data["decisions"] == {"allow": 0, "deny": 1, "would_deny": 0}
+    looser = replay.replay(policy(tmp_path, bedrock + AGENT + budget % "1", "looser.yaml"), str(db))
+    assert looser["decisions"]["allow"] == 1

@@ -102,7 +102,7 @@ def run_demo(keep: bool = False) -> int:
             reached = upstream.calls
         report = build(str(folder / "demo.db"), run="run-1")
         print("\nThe run report (drawdown report --run run-1):\n")
-        print("  " + render_text(report).replace("\n", "\n  "))
+        print("\n".join(f"  {line}" if line else "" for line in render_text(report).split("\n")))
         runs = report["runs"]
         stopped = agent.returncode == 0 and runs and runs[0]["status"] == "budget_exhausted"
         print(

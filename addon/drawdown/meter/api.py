@@ -436,7 +436,12 @@ def _measurement(
     )
 
 
-def _extract_json(request: LLMRequest, obj: object, body: bytes = b"") -> Extracted:
+def _extract_json(
+    request: LLMRequest,
+    obj: object,
+    headers: Mapping[str, str] | None = None,
+    body: bytes = b"",
+) -> Extracted:
     if request.provider == "openai":
         if openai_transcribe.is_transcription(request.endpoint):
             return openai_transcribe.extract(obj, body)  # text, srt and vtt are not JSON
@@ -448,7 +453,7 @@ def _extract_json(request: LLMRequest, obj: object, body: bytes = b"") -> Extrac
     if request.provider == "gemini":
         return gemini.extract_json(obj, request.model)
     if request.provider == "bedrock":
-        return bedrock.extract_json(request.endpoint, obj)
+        return bedrock.extract_json(request.endpoint, obj, headers)
     return Extracted()
 
 
@@ -463,12 +468,15 @@ def measure_body(
     body: bytes,
     config: MeterConfig,
     price_override: PricePerMillion | None = None,
+    *,
+    headers: Mapping[str, str] | None = None,
 ) -> Measurement:
     """Meter a complete (content-decoded) response body.
 
     2xx with usage -> source "usage"; 2xx without usage -> the returned text counted,
     source "counted"; unreadable 2xx body -> the request's estimate, source "estimate";
     non-2xx without usage -> zero cost (providers do not bill refused or failed calls).
+    `headers`: the response's, where a provider reports usage in them (Bedrock's InvokeModel).
     """
     if not request.billable:
         return _zero(request)
@@ -479,7 +487,7 @@ def measure_body(
         meter = StreamMeter(request, ctype, None, config, price_override, status)
         meter.feed(body)
         return meter.finish()[1]
-    extracted = _extract_json(request, obj, body)
+    extracted = _extract_json(request, obj, headers, body)
     return _measurement(request, extracted, status, config, price_override)
 
 
@@ -639,7 +647,7 @@ class StreamMeter:
                 parser.feed(body)
                 parser.finish()
                 return state.result()
-            return _extract_json(self.request, obj, body)
+            return _extract_json(self.request, obj, body=body)
         return self._state.result()
 
 

@@ -1,5 +1,7 @@
-"""Amazon Bedrock Runtime: Converse / ConverseStream for every model, InvokeModel(WithResponseStream)
-for Anthropic Claude (whose body is Anthropic's Messages format, metered by anthropic.py).
+"""Amazon Bedrock Runtime: Converse / ConverseStream and InvokeModel(WithResponseStream) for every
+model family billed per token. An invoke body is the family's own format: Claude's is Anthropic's
+Messages (metered by anthropic.py); the others (Nova, Titan, Llama, Mistral, Cohere, AI21,
+DeepSeek, gpt-oss, Qwen...) are read by the fields that hold their prompt and output cap.
 
 Usage rules:
 * Converse `usage.inputTokens` excludes cache reads and writes (`totalTokens` is their sum with
@@ -8,7 +10,17 @@ Usage rules:
 * ConverseStream reports that usage once, in its `metadata` event.
 * Streams are AWS's binary event-stream framing (application/vnd.amazon.eventstream), parsed
   with botocore's CRC-checked EventStreamBuffer, imported when the first stream opens.
-  InvokeModelWithResponseStream wraps each Anthropic SSE event, base64, in a `chunk` event.
+  InvokeModelWithResponseStream wraps each chunk of the family's own stream (for Claude, an
+  Anthropic SSE event's JSON), base64, in a `chunk` event.
+* An invoke's usage is what Bedrock itself counts, whatever the family: the
+  X-Amzn-Bedrock-{Input,Output,Cache-Read-Input,Cache-Write-Input}-Token-Count response headers,
+  and in a stream the last chunk's `amazon-bedrock-invocationMetrics` (inputTokenCount...). As
+  in Converse, the input count leaves the cache reads and writes out. The family's own usage
+  fields in the body (Nova `usage`, Llama `prompt_token_count`, Titan `inputTextTokenCount`,
+  OpenAI-style `usage`) stand in when those are absent; for Claude, Anthropic's `usage` comes
+  first (it alone splits the 1 h cache writes).
+* Image and video models (Stability, Titan Image, Nova Canvas and Reel, Luma, TwelveLabs) bill
+  per image or second, not per token: their invokes stay $0 steps.
 * The call is priced on the path's modelId (what Bedrock bills: a `global.` inference profile
   costs less than a regional one), never on the model name a Claude response echoes.
 
@@ -20,7 +32,7 @@ from __future__ import annotations
 import base64
 import binascii
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 from urllib.parse import unquote
 
@@ -84,10 +96,31 @@ def is_claude(model: str | None) -> bool:
     return "anthropic." in name or "claude" in name
 
 
+# Model ids (or their tails) of the families an invoke bills per image or per second of video.
+_PER_ITEM_MODELS = (
+    "stability.",
+    "amazon.titan-image",
+    "amazon.nova-canvas",
+    "amazon.nova-reel",
+    "luma.",
+    "twelvelabs.",
+)
+
+
+def _name(model: str | None) -> str:
+    """The model id's last segment, lower-cased (an ARN's resource after its "/")."""
+    return (model or "").rsplit("/", 1)[-1].lower()
+
+
+def per_item(model: str | None) -> bool:
+    name = _name(model)
+    return any(family in name for family in _PER_ITEM_MODELS)
+
+
 def metered(endpoint: str, model: str | None) -> bool:
-    """Converse speaks one format for every model; an InvokeModel body is the model family's
-    own, and only Claude's (Anthropic Messages) is read. Other families' invokes are $0 steps."""
-    return endpoint == "converse" or (endpoint == "invoke" and is_claude(model))
+    """Converse speaks one format for every model; an invoke is metered for every family
+    billed per token (Bedrock reports its usage whatever the body's format)."""
+    return endpoint == "converse" or (endpoint == "invoke" and not per_item(model))
 
 
 # --- requests ---------------------------------------------------------------------------
@@ -95,11 +128,117 @@ def metered(endpoint: str, model: str | None) -> bool:
 
 def parse_request(endpoint: str, model: str, stream: bool, body: dict[str, Any]) -> ParsedRequest:
     if endpoint == "invoke":
-        # No `model` in the body: Bedrock names it in the path (and rejects the field).
-        parsed = anthropic.parse_request({**body, "model": model}, model, stream)
-        parsed.endpoint, parsed.stream = "invoke", stream
-        return parsed
+        if is_claude(model) or "anthropic_version" in body:  # an application profile's too
+            # No `model` in the body: Bedrock names it in the path (and rejects the field).
+            parsed = anthropic.parse_request({**body, "model": model}, model, stream)
+            parsed.endpoint, parsed.stream = "invoke", stream
+            return parsed
+        return _parse_invoke(model, stream, body)
     return _parse_converse(model, stream, body)
+
+
+# An invoke body's output cap, by family: (object path, key). The first one present is the cap.
+_INVOKE_CAPS = (
+    ((), "max_tokens"),  # Mistral, Cohere, DeepSeek, AI21 Jamba, OpenAI-style bodies
+    ((), "max_completion_tokens"),  # gpt-oss and other OpenAI-style bodies
+    ((), "max_gen_len"),  # Meta Llama
+    ((), "maxTokens"),  # AI21 Jurassic-2
+    ((), "max_new_tokens"),
+    (("textGenerationConfig",), "maxTokenCount"),  # Amazon Titan Text
+    (("inferenceConfig",), "max_new_tokens"),  # Amazon Nova
+    (("inferenceConfig",), "maxTokens"),
+)
+# Fields holding prompt text, as a string or a structure tokenized whole: Llama, Mistral,
+# DeepSeek and Cohere Command `prompt`, Titan `inputText`, Cohere Command R `message`,
+# `preamble`, `chat_history`, `documents`, `tool_results`, Cohere Embed `texts`, tools.
+_INVOKE_TEXT_FIELDS = (
+    "prompt",
+    "inputText",
+    "message",
+    "preamble",
+    "chat_history",
+    "documents",
+    "tool_results",
+    "texts",
+    "tools",
+    "toolConfig",
+)
+
+
+def _parse_invoke(model: str, stream: bool, body: dict[str, Any]) -> ParsedRequest:
+    """Another family's invoke body: the text of the fields that hold its prompt, or, for a
+    format none of them names, the whole body (an over-estimate, never an under-count)."""
+    parsed = ParsedRequest(endpoint="invoke", model=model, stream=stream)
+    prompt = parsed.prompt
+    found = False
+    system = body.get("system")
+    if isinstance(system, list):  # Nova: content blocks
+        _mixed_blocks(system, prompt)
+        found = True
+    elif system is not None:
+        prompt.add(system)
+        found = True
+    messages = body.get("messages")
+    if messages is not None:
+        if not isinstance(messages, list):
+            raise MeterRequestError(f"messages must be an array, not {kind(messages)}")
+        found = True
+        prompt.overhead += REQUEST_OVERHEAD
+        for i, msg in enumerate(messages):
+            if not isinstance(msg, dict):
+                raise MeterRequestError(f"messages[{i}] must be an object, not {kind(msg)}")
+            prompt.overhead += MESSAGE_OVERHEAD
+            content = msg.get("content")
+            if isinstance(content, list):  # Nova's blocks, or OpenAI-style typed parts
+                _mixed_blocks(content, prompt)
+            else:
+                prompt.add(content)
+            prompt.add(msg.get("tool_calls"))
+    for field in _INVOKE_TEXT_FIELDS:
+        if field in body:
+            prompt.add(body[field])
+            found = True
+    for image in [*items(body.get("images")), body.get("inputImage")]:  # Llama 3.2, Titan
+        if isinstance(image, str):
+            prompt.exact += _image({"source": {"bytes": image}})
+            found = True
+    if not found:
+        prompt.add(body)
+    for config in ("inferenceConfig", "textGenerationConfig"):
+        if body.get(config) is not None and not isinstance(body[config], dict):
+            raise MeterRequestError(f"{config} must be an object, not {kind(body[config])}")
+    for path, key in _INVOKE_CAPS:
+        holder = dig(body, *path) if path else body
+        if isinstance(holder, dict) and holder.get(key) is not None:
+            where = "".join(f"{p}." for p in path)
+            parsed.cap = opt_int(holder, key, where)
+            break
+    if parsed.cap is None and "embed" in _name(model):
+        parsed.cap = 0  # an embedding model outputs no tokens
+    n = opt_int(body, "n")
+    if parsed.cap is not None and n is not None and n > 1:
+        parsed.cap *= n
+    return parsed
+
+
+def _mixed_blocks(blocks: list[Any], prompt: Prompt) -> None:
+    """Nova's Converse-style blocks ({"text": ...}, {"image": ...}) or OpenAI-style typed parts
+    ({"type": "text", ...}, {"type": "image_url", ...}), as a family's body has them."""
+    for block in blocks:
+        if isinstance(block, dict) and isinstance(block.get("type"), str):
+            if block["type"] == "text":
+                prompt.add(block.get("text"))
+            elif block["type"] == "image_url":
+                url = dig(block, "image_url", "url")
+                data = images.split_data_url(url) if isinstance(url, str) else None
+                size = images.size_from_b64(data[1]) if data else None
+                prompt.exact += images.anthropic_image_tokens(size)
+            else:
+                prompt.add(block)
+        elif isinstance(block, dict):
+            _blocks([block], prompt)
+        else:
+            prompt.add(block)
 
 
 def _parse_converse(model: str, stream: bool, body: dict[str, Any]) -> ParsedRequest:
@@ -250,11 +389,9 @@ def _content_texts(content: Any, texts: list[str]) -> None:
             texts.append(compact(block["toolUse"].get("input")))
 
 
-def extract_json(endpoint: str, obj: Any) -> Extracted:
+def extract_json(endpoint: str, obj: Any, headers: Mapping[str, str] | None = None) -> Extracted:
     if endpoint == "invoke":
-        ex = anthropic.extract_json(obj)
-        ex.model = None  # priced on the path's modelId (see the module doc)
-        return ex
+        return _extract_invoke(obj, header_usage(headers))
     ex = Extracted()
     if not isinstance(obj, dict):
         return ex
@@ -264,6 +401,156 @@ def extract_json(endpoint: str, obj: Any) -> Extracted:
         ex.usage = usage_from(u)
     _content_texts(dig(obj, "output", "message", "content"), ex.texts)
     return ex
+
+
+# --- responses: InvokeModel ---------------------------------------------------------------
+
+_HEADER = "x-amzn-bedrock-{}-token-count"
+
+
+def _count(value: Any) -> int | None:
+    text = value.strip() if isinstance(value, str) else ""
+    return int(text) if text.isascii() and text.isdigit() else None
+
+
+def counts_usage(input_tokens: int, output_tokens: int, read: int, write: int) -> TokenUsage:
+    """Bedrock's own counts (headers, invocation metrics): the input count leaves the cache
+    reads and writes out, as Converse's does."""
+    return TokenUsage(
+        input_tokens=input_tokens + read + write,
+        output_tokens=output_tokens,
+        cache_read_tokens=read,
+        cache_write_tokens=write,
+    )
+
+
+def header_usage(headers: Mapping[str, str] | None) -> TokenUsage | None:
+    """The usage an InvokeModel answer's X-Amzn-Bedrock-*-Token-Count headers report, or None."""
+    if not headers:
+        return None
+    lowered = {str(k).lower(): v for k, v in headers.items()}
+    found = {
+        key: _count(lowered.get(_HEADER.format(key)))
+        for key in ("input", "output", "cache-read-input", "cache-write-input")
+    }
+    if found["input"] is None and found["output"] is None:
+        return None
+    return counts_usage(*(found[k] or 0 for k in found))
+
+
+def metrics_usage(metrics: Any) -> TokenUsage | None:
+    """A stream's `amazon-bedrock-invocationMetrics` as usage, or None."""
+    if not isinstance(metrics, dict) or not any(
+        isinstance(metrics.get(k), int) for k in ("inputTokenCount", "outputTokenCount")
+    ):
+        return None
+    return counts_usage(
+        as_int(metrics.get("inputTokenCount")),
+        as_int(metrics.get("outputTokenCount")),
+        as_int(metrics.get("cacheReadInputTokenCount")),
+        as_int(metrics.get("cacheWriteInputTokenCount")),
+    )
+
+
+def _is_anthropic(obj: dict[str, Any]) -> bool:
+    """An Anthropic message or stream event (Claude's invoke answer, whatever its model id)."""
+    etype = obj.get("type")
+    return isinstance(etype, str) and (
+        etype in ("message", "ping", "error") or etype.startswith(("message_", "content_block_"))
+    )
+
+
+def _extract_invoke(obj: Any, counted: TokenUsage | None) -> Extracted:
+    if isinstance(obj, dict) and _is_anthropic(obj):
+        ex = anthropic.extract_json(obj)
+        if ex.usage is None:  # Anthropic's usage first: it alone splits the 1 h cache writes
+            ex.usage = counted
+    else:
+        ex = Extracted()
+        if isinstance(obj, dict):
+            ex.seen = True
+            _invoke_texts(obj, ex.texts)
+            ex.usage = _body_usage(obj, final=True)
+        ex.usage = counted or ex.usage  # what Bedrock counts, else the family's own fields
+    ex.model = None  # priced on the path's modelId (see the module doc)
+    return ex
+
+
+def _body_usage(obj: dict[str, Any], *, final: bool) -> TokenUsage | None:
+    """A family's own usage fields: Nova `usage` (Converse's names, or its invoke's
+    `cache*InputTokenCount`), OpenAI-style `usage`, Llama's and Titan's counts, Cohere's
+    billed units. Llama's and Titan's counts are final in a JSON answer (`final`)."""
+    u = obj.get("usage")
+    if isinstance(u, dict) and "inputTokens" in u:
+        return counts_usage(
+            as_int(u.get("inputTokens")),
+            as_int(u.get("outputTokens")),
+            as_int(u.get("cacheReadInputTokens", u.get("cacheReadInputTokenCount"))),
+            as_int(u.get("cacheWriteInputTokens", u.get("cacheWriteInputTokenCount"))),
+        )
+    if isinstance(u, dict) and "prompt_tokens" in u:
+        prompt = as_int(u.get("prompt_tokens"))  # includes its cached tokens, as OpenAI's
+        cached = min(as_int(dig(u, "prompt_tokens_details", "cached_tokens")), prompt)
+        return TokenUsage(
+            input_tokens=prompt,
+            output_tokens=as_int(u.get("completion_tokens")),
+            cache_read_tokens=cached,
+        )
+    billed = dig(obj, "meta", "billed_units")
+    if isinstance(billed, dict) and "input_tokens" in billed:
+        return TokenUsage(
+            input_tokens=as_int(billed.get("input_tokens")),
+            output_tokens=as_int(billed.get("output_tokens")),
+        )
+    if final and isinstance(obj.get("prompt_token_count"), int):
+        return TokenUsage(
+            input_tokens=as_int(obj["prompt_token_count"]),
+            output_tokens=as_int(obj.get("generation_token_count")),
+        )
+    if final and isinstance(obj.get("inputTextTokenCount"), int):
+        results = [r for r in items(obj.get("results")) if isinstance(r, dict)]
+        return TokenUsage(
+            input_tokens=as_int(obj["inputTextTokenCount"]),
+            output_tokens=sum(as_int(r.get("tokenCount")) for r in results),
+        )
+    return None
+
+
+def _invoke_texts(obj: dict[str, Any], texts: list[str]) -> None:
+    """The generated text of an invoke answer or stream chunk, whatever its family's shape."""
+    _content_texts(dig(obj, "output", "message", "content"), texts)  # Nova
+    delta = dig(obj, "contentBlockDelta", "delta")  # a Nova stream chunk
+    for piece in (
+        dig(delta, "text"),
+        dig(delta, "toolUse", "input"),
+        dig(delta, "reasoningContent", "text"),
+        dig(obj, "contentBlockStart", "start", "toolUse", "name"),
+        obj.get("generation"),  # Llama
+        obj.get("outputText"),  # a Titan stream chunk
+        obj.get("text"),  # Cohere Command R
+    ):
+        if isinstance(piece, str) and piece:
+            texts.append(piece)
+    for choice in items(obj.get("choices")):  # OpenAI-style (gpt-oss, Mistral, DeepSeek...)
+        for part in (dig(choice, "message"), dig(choice, "delta")):
+            if isinstance(part, dict):
+                for key in ("content", "reasoning_content", "reasoning"):
+                    if isinstance(part.get(key), str) and part[key]:
+                        texts.append(part[key])
+                for call in items(part.get("tool_calls")):
+                    texts.append(compact(dig(call, "function")))
+        if isinstance(dig(choice, "text"), str):  # completions-style
+            texts.append(choice["text"])
+    for key, path in (
+        ("results", ("outputText",)),  # Titan
+        ("outputs", ("text",)),  # Mistral's prompt format
+        ("generations", ("text",)),  # Cohere Command
+        ("completions", ("data", "text")),  # AI21 Jurassic-2
+    ):
+        for entry in items(obj.get(key)):
+            piece = dig(entry, *path)
+            if isinstance(piece, str) and piece:
+                texts.append(piece)
 
 
 class ConverseStream:
@@ -300,11 +587,20 @@ class ConverseStream:
 
 
 class InvokeStream:
-    """InvokeModelWithResponseStream for Claude: `chunk` events whose `bytes` (base64) is one
-    Anthropic stream event, fed to anthropic.MessagesStream."""
+    """InvokeModelWithResponseStream: `chunk` events whose `bytes` (base64) is one JSON chunk of
+    the family's own stream. Claude's are Anthropic stream events, fed to
+    anthropic.MessagesStream; the others' text and usage fields are read as they come. The last
+    chunk carries Bedrock's own counts (`amazon-bedrock-invocationMetrics`)."""
 
     def __init__(self) -> None:
         self._messages = anthropic.MessagesStream()
+        self._claude = False
+        self._ex = Extracted()
+        self._metrics: TokenUsage | None = None
+        self._usage: TokenUsage | None = None  # a family's final usage (Nova metadata...)
+        self._input: int | None = None  # Llama's / Titan's running counts
+        self._output = 0
+        self._done = False
 
     def on_event(self, event: str | None, data: bytes) -> bool:
         if event != "chunk":
@@ -316,10 +612,44 @@ class InvokeStream:
             decoded = base64.b64decode(encoded, validate=True)
         except (binascii.Error, ValueError):
             return True
-        return self._messages.on_event(None, decoded)
+        obj = loads(decoded)
+        if not isinstance(obj, dict):
+            return True
+        self._metrics = metrics_usage(obj.get("amazon-bedrock-invocationMetrics")) or self._metrics
+        if _is_anthropic(obj):
+            self._claude = True
+            return self._messages.on_event(None, decoded)
+        self._ex.seen = True
+        _invoke_texts(obj, self._ex.texts)
+        usage = _body_usage(dig(obj, "metadata") or obj, final=False)
+        if usage is not None:
+            self._usage = usage
+        for key_in, key_out, key_stop in (
+            ("prompt_token_count", "generation_token_count", "stop_reason"),  # Llama
+            ("inputTextTokenCount", "totalOutputTextTokenCount", "completionReason"),  # Titan
+        ):
+            if isinstance(obj.get(key_in), int):
+                self._input = as_int(obj[key_in])
+            if isinstance(obj.get(key_out), int):
+                self._output = max(self._output, as_int(obj[key_out]))  # cumulative
+            if obj.get(key_stop) is not None and (key_in in obj or key_out in obj):
+                self._done = True
+        return True
 
     def result(self) -> Extracted:
-        ex = self._messages.result()
+        if self._claude:
+            ex = self._messages.result()
+            if ex.usage is None and self._metrics is not None:
+                ex.usage, ex.early_usage = self._metrics, None
+        else:
+            ex = Extracted(seen=self._ex.seen, texts=list(self._ex.texts))
+            ex.usage = self._metrics or self._usage
+            if ex.usage is None and self._input is not None:
+                counts = TokenUsage(input_tokens=self._input, output_tokens=self._output)
+                if self._done:
+                    ex.usage = counts
+                else:  # cut short: the output streamed so far is counted too
+                    ex.early_usage = counts
         ex.model = None  # priced on the path's modelId (see the module doc)
         return ex
 

@@ -18,6 +18,7 @@ from drawdown.meter import (
     inspect_request,
     measure_body,
     open_stream_meter,
+    unread_request,
 )
 from drawdown.meter.config import DEFAULT_SAFETY_FACTORS
 from drawdown.meter.images import anthropic_image_tokens
@@ -72,9 +73,21 @@ def aws_price(model: str, usage: TokenUsage) -> int:
         ("POST", f"{NOVA_PATH}/converse-stream", "tokens"),
         ("POST", f"{CLAUDE_PATH}/invoke", "tokens"),
         ("POST", f"{CLAUDE_PATH}/invoke-with-response-stream", "tokens"),
-        # Another family's invoke body is its own format: counted as a step, $0.
-        ("POST", "/model/meta.llama3-8b-instruct-v1%3A0/invoke", "step"),
-        ("POST", "/model/amazon.titan-embed-text-v2%3A0/invoke", "step"),
+        # Every family billed per token: Bedrock reports the usage of any invoke body.
+        ("POST", "/model/meta.llama3-8b-instruct-v1%3A0/invoke", "tokens"),
+        ("POST", "/model/us.amazon.nova-pro-v1%3A0/invoke-with-response-stream", "tokens"),
+        ("POST", "/model/amazon.titan-embed-text-v2%3A0/invoke", "tokens"),
+        ("POST", "/model/cohere.command-r-plus-v1%3A0/invoke", "tokens"),
+        ("POST", "/model/openai.gpt-oss-120b-1%3A0/invoke", "tokens"),
+        (
+            "POST",
+            "/model/arn%3Aaws%3Abedrock%3Aus-east-1%3A1%3Aapplication-inference-profile%2Fab12/invoke",
+            "tokens",
+        ),
+        # Image and video models bill per image or second: a step, $0.
+        ("POST", "/model/stability.sd3-5-large-v1%3A0/invoke", "step"),
+        ("POST", "/model/amazon.nova-canvas-v1%3A0/invoke", "step"),
+        ("POST", "/model/amazon.titan-image-generator-v2%3A0/invoke", "step"),
         ("POST", "/model/amazon.nova-sonic-v1%3A0/invoke-with-bidirectional-stream", "step"),
         ("POST", "/async-invoke", "step"),
         ("POST", "/guardrail/g1/version/1/apply", "step"),
@@ -418,3 +431,354 @@ def test_botocore_is_loaded_off_the_start_up_path() -> None:
         [sys.executable, "-c", script], capture_output=True, text=True, check=True
     ).stdout
     assert out.split() == ["False", "False", "True"]
+
+
+# --- InvokeModel for every family ---------------------------------------------------------------
+
+LLAMA = "us.meta.llama3-2-11b-instruct-v1:0"
+NOVA_LITE = "global.amazon.nova-2-lite-v1:0"
+TITAN = "amazon.titan-text-express-v1"
+GPT_OSS = "openai.gpt-oss-120b-1:0"
+SYSTEM = "You are the board's analyst."
+
+
+def invoke_path(model: str, stream: bool = False) -> str:
+    return f"/model/{model.replace(':', '%3A')}/invoke" + (
+        "-with-response-stream" if stream else ""
+    )
+
+
+# (model, body, its prompt texts in the order read, message framing, output cap)
+FAMILIES = {
+    "nova": (
+        NOVA,
+        {
+            "schemaVersion": "messages-v1",
+            "system": [{"text": SYSTEM}],
+            "messages": [{"role": "user", "content": [{"text": TEXT}]}],
+            "inferenceConfig": {"max_new_tokens": 300, "temperature": 0.2},
+        },
+        [SYSTEM, TEXT],
+        6 + 4,
+        300,
+    ),
+    "llama": (LLAMA, {"prompt": TEXT, "max_gen_len": 256}, [TEXT], 0, 256),
+    "titan": (
+        TITAN,
+        {"inputText": TEXT, "textGenerationConfig": {"maxTokenCount": 200, "topP": 0.9}},
+        [TEXT],
+        0,
+        200,
+    ),
+    "mistral": (
+        "mistral.mistral-7b-instruct-v0:2",
+        {"prompt": f"<s>[INST] {TEXT} [/INST]", "max_tokens": 150},
+        [f"<s>[INST] {TEXT} [/INST]"],
+        0,
+        150,
+    ),
+    "gpt-oss": (
+        GPT_OSS,
+        {
+            "messages": [
+                {"role": "system", "content": SYSTEM},
+                {"role": "user", "content": [{"type": "text", "text": TEXT}]},
+            ],
+            "max_completion_tokens": 500,
+        },
+        [SYSTEM, TEXT],
+        6 + 2 * 4,
+        500,
+    ),
+    "deepseek": (
+        "us.deepseek.r1-v1:0",
+        {"prompt": TEXT, "max_tokens": 1000, "n": 2},
+        [TEXT],
+        0,
+        2000,
+    ),
+    "titan-embed": (
+        "amazon.titan-embed-text-v2:0",
+        {"inputText": TEXT, "dimensions": 512},
+        [TEXT],
+        0,
+        0,
+    ),
+}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_an_invoke_body_is_estimated_by_its_familys_own_fields(family: str) -> None:
+    model, body, texts, framing, cap = FAMILIES[family]
+    request = inspect(invoke_path(model), body)
+    assert (request.billable, request.endpoint, request.model, request.priced) == (
+        True, "invoke", model, True,
+    )  # fmt: skip
+    assert request.input_tokens == count_texts(texts, model) + framing
+    assert request.max_output_tokens == cap
+    assert request.estimate_usd_nanos == aws_price(
+        model, TokenUsage(input_tokens=request.input_tokens, output_tokens=cap)
+    )
+    assert request.rewritten_body is None  # signed: never rewritten
+
+
+def test_cohere_chat_and_an_unknown_format_are_estimated_too() -> None:
+    history = [
+        {"role": "USER", "message": "Last quarter?"},
+        {"role": "CHATBOT", "message": "Flat."},
+    ]
+    cohere = inspect(
+        invoke_path("cohere.command-r-plus-v1:0"),
+        {"message": TEXT, "chat_history": history, "preamble": SYSTEM, "max_tokens": 100},
+    )
+    texts = [TEXT, SYSTEM, json.dumps(history, separators=(",", ":"))]
+    assert (cohere.input_tokens, cohere.max_output_tokens) == (count_texts(texts, None), 100)
+    assert not cohere.priced  # genai-prices' aws lists no Cohere model: the fallback price
+    # A format no field names: the whole body is counted, and the policy's default cap.
+    body = {"instruction": TEXT, "config": {"length": "short"}}
+    other = inspect(invoke_path("writer.palmyra-x5-v1:0"), body)
+    assert other.input_tokens == count_texts([json.dumps(body, separators=(",", ":"))], None)
+    assert other.max_output_tokens == CONFIG.default_max_output_tokens
+    assert other.priced
+
+
+def test_an_invoke_image_counts_by_its_size() -> None:
+    png = base64.b64encode(
+        bytes.fromhex("89504e470d0a1a0a0000000d49484452")
+        + (800).to_bytes(4, "big")
+        + (600).to_bytes(4, "big")
+        + b"\x08\x02\x00\x00\x00"
+    ).decode()
+    plain = inspect(invoke_path(LLAMA), {"prompt": TEXT, "max_gen_len": 10})
+    with_image = inspect(invoke_path(LLAMA), {"prompt": TEXT, "images": [png], "max_gen_len": 10})
+    assert with_image.input_tokens - plain.input_tokens == anthropic_image_tokens((800, 600))
+    nova = FAMILIES["nova"][1]
+    blocks = [{"text": TEXT}, {"image": {"format": "png", "source": {"bytes": png}}}]
+    nova_image = {**nova, "messages": [{"role": "user", "content": blocks}]}
+    assert inspect(invoke_path(NOVA), nova_image).input_tokens - inspect(
+        invoke_path(NOVA), nova
+    ).input_tokens == anthropic_image_tokens((800, 600))
+
+
+def test_a_claude_body_on_an_application_profile_is_read_as_anthropic() -> None:
+    """An application inference profile's ARN names no model: the body's anthropic_version
+    says it is Claude's format; the call is priced at the fallback price."""
+    arn = "arn:aws:bedrock:us-east-1:123456789012:application-inference-profile/ab12cd"
+    body = {"anthropic_version": "bedrock-2023-05-31", "max_tokens": 70, "messages": []}
+    request = inspect(f"/model/{arn.replace(':', '%3A').replace('/', '%2F')}/invoke", body)
+    assert (request.model, request.max_output_tokens, request.priced) == (arn, 70, False)
+
+
+@pytest.mark.parametrize(
+    ("model", "body"),
+    [
+        (LLAMA, {"prompt": TEXT, "max_gen_len": -1}),
+        (LLAMA, {"prompt": TEXT, "max_gen_len": "long"}),
+        (NOVA, {"messages": "hi"}),
+        (NOVA, {"messages": ["hi"]}),
+        (NOVA, {"messages": [], "inferenceConfig": [1]}),
+        (TITAN, {"inputText": TEXT, "textGenerationConfig": {"maxTokenCount": 1.5}}),
+        (GPT_OSS, {"messages": [], "n": "two"}),
+        (LLAMA, b"not json"),
+        (LLAMA, b"[1, 2]"),
+    ],
+)
+def test_a_malformed_invoke_body_is_refused_in_plain_words(model: str, body: object) -> None:
+    with pytest.raises(MeterRequestError) as refused:
+        inspect(invoke_path(model), body)
+    assert "Traceback" not in str(refused.value) and str(refused.value)
+
+
+# Bedrock's own counts differ from the body's here only so that the tests can tell which was read.
+HEADERS = wire.bedrock_token_headers(40, 12, cache_read=1000, cache_write=200)
+FROM_HEADERS = TokenUsage(
+    input_tokens=1240, output_tokens=12, cache_read_tokens=1000, cache_write_tokens=200
+)
+
+
+@pytest.mark.parametrize(
+    ("family", "answer", "from_body"),
+    [
+        (
+            "nova",
+            wire.nova_invoke_json(
+                text="Up.", usage=wire.nova_usage(39, 11, cache_read=5), stop_reason="end_turn"
+            ),
+            TokenUsage(input_tokens=44, output_tokens=11, cache_read_tokens=5),
+        ),
+        (
+            "llama",
+            wire.llama_invoke_json(
+                text="Up.", input_tokens=39, output_tokens=11, stop_reason="stop"
+            ),
+            TokenUsage(input_tokens=39, output_tokens=11),
+        ),
+        (
+            "titan",
+            wire.titan_invoke_json(text="Up.", input_tokens=39, output_tokens=11, reason="FINISH"),
+            TokenUsage(input_tokens=39, output_tokens=11),
+        ),
+        (
+            "gpt-oss",
+            json.dumps(
+                {
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": "Up."}}],
+                    "usage": {"prompt_tokens": 39, "completion_tokens": 11, "total_tokens": 50},
+                }
+            ).encode(),
+            TokenUsage(input_tokens=39, output_tokens=11),
+        ),
+    ],
+)
+def test_an_invoke_answer_is_charged_bedrocks_header_counts_else_its_bodys(
+    family: str, answer: bytes, from_body: TokenUsage
+) -> None:
+    model, body = FAMILIES[family][:2]
+    request = inspect(invoke_path(model), body)
+    m = measure_body(request, 200, answer, CONFIG, headers=HEADERS)
+    assert (m.source, m.usage, m.model) == ("usage", FROM_HEADERS, model)
+    assert m.usd_nanos == aws_price(model, FROM_HEADERS)
+    lowered = {k.lower(): v for k, v in HEADERS.items()}  # header names are case-insensitive
+    assert measure_body(request, 200, answer, CONFIG, headers=lowered) == m
+    fallback = measure_body(request, 200, answer, CONFIG)
+    assert (fallback.source, fallback.usage) == ("usage", from_body)
+    assert fallback.usd_nanos == aws_price(model, from_body)
+
+
+def test_an_invoke_answer_without_any_usage_is_counted() -> None:
+    model, body = FAMILIES["mistral"][:2]
+    request = inspect(invoke_path(model), body)
+    answer = json.dumps({"outputs": [{"text": "Revenue rose.", "stop_reason": "stop"}]}).encode()
+    m = measure_body(request, 200, answer, CONFIG)
+    assert m.source == "counted"
+    assert m.usage == TokenUsage(
+        input_tokens=request.input_tokens, output_tokens=count_texts(["Revenue rose."], model)
+    )
+    no_counts = {"X-Amzn-Bedrock-Input-Token-Count": "", "x-amzn-requestid": "r1"}
+    assert measure_body(request, 200, answer, CONFIG, headers=no_counts) == m
+
+
+def test_claudes_own_usage_comes_before_the_headers() -> None:
+    """Anthropic's usage splits the 1 h cache writes, which the headers do not: it is read
+    first; the headers stand in when the body has none."""
+    request = inspect(
+        f"{CLAUDE_PATH}/invoke",
+        {"anthropic_version": "bedrock-2023-05-31", "max_tokens": 50, "messages": []},
+    )
+    usage = wire.anthropic_usage(30, 12)
+    answer = wire.anthropic_message_json(
+        id="msg_bdrk_1", model="claude-3-5-haiku-20241022", text="hi", usage=usage, stop_reason="x"
+    )
+    m = measure_body(request, 200, answer, CONFIG, headers=HEADERS)
+    assert m.usage == TokenUsage(input_tokens=30, output_tokens=12)
+    bare = json.loads(answer)
+    del bare["usage"]
+    m = measure_body(request, 200, json.dumps(bare).encode(), CONFIG, headers=HEADERS)
+    assert (m.source, m.usage) == ("usage", FROM_HEADERS)
+    assert m.usd_nanos == aws_price(CLAUDE, FROM_HEADERS)
+
+
+DELTAS_WORDS = ["Revenue", " rose", " nine", " percent."]
+METRICS = wire.bedrock_invocation_metrics(50, 4, cache_read=64)
+FROM_METRICS = TokenUsage(input_tokens=114, output_tokens=4, cache_read_tokens=64)
+
+
+def family_chunks(family: str) -> list[dict]:
+    if family == "nova":
+        usage = wire.nova_usage(49, 4)
+        return wire.nova_invoke_chunks(deltas=DELTAS_WORDS, usage=usage, stop_reason="end_turn")
+    if family == "llama":
+        return wire.llama_invoke_chunks(deltas=DELTAS_WORDS, input_tokens=49, stop_reason="stop")
+    return wire.titan_invoke_chunks(deltas=DELTAS_WORDS, input_tokens=49, reason="FINISH")
+
+
+@pytest.mark.parametrize("family", ["nova", "llama", "titan"])
+def test_invoke_streams_are_charged_bedrocks_metrics_at_every_split(family: str) -> None:
+    model, body = FAMILIES[family][:2]
+    request = inspect(invoke_path(model, stream=True), body)
+    assert request.stream
+    stream = b"".join(wire.bedrock_chunk_stream(family_chunks(family), METRICS))
+    whole = feed(request, [stream])
+    assert (whole.source, whole.usage, whole.model) == ("usage", FROM_METRICS, model)
+    assert whole.usd_nanos == aws_price(model, FROM_METRICS)
+    for i in range(1, len(stream)):
+        assert feed(request, [stream[:i], stream[i:]]) == whole, i
+    assert measure_body(request, 200, stream, CONFIG) == whole  # buffered after all
+
+
+@settings(max_examples=30, deadline=None)
+@given(points=st.lists(st.integers(1, 2000), max_size=40))
+def test_a_llama_stream_random_chunkings(points: list[int]) -> None:
+    request = inspect(invoke_path(LLAMA, stream=True), FAMILIES["llama"][1])
+    body = b"".join(wire.bedrock_chunk_stream(family_chunks("llama"), METRICS))
+    cuts = sorted({p % len(body) for p in points} - {0})
+    chunks = [body[a:b] for a, b in zip([0, *cuts], [*cuts, len(body)], strict=True)]
+    assert feed(request, chunks).usage == FROM_METRICS
+
+
+@pytest.mark.parametrize(
+    ("family", "expected"),
+    [
+        ("nova", TokenUsage(input_tokens=49, output_tokens=4)),
+        ("llama", TokenUsage(input_tokens=49, output_tokens=4)),
+        ("titan", TokenUsage(input_tokens=49, output_tokens=4)),
+    ],
+)
+def test_an_invoke_stream_without_metrics_is_charged_its_familys_counts(
+    family: str, expected: TokenUsage
+) -> None:
+    model, body = FAMILIES[family][:2]
+    request = inspect(invoke_path(model, stream=True), body)
+    frames = wire.bedrock_chunk_stream([*family_chunks(family), {}], {"other": 1})
+    m = feed(request, [b"".join(frames)])
+    assert (m.source, m.usage) == ("usage", expected)
+
+
+def test_a_llama_stream_cut_short_counts_what_was_streamed() -> None:
+    """Cut before the last chunk: the prompt count Llama sent first, and the output streamed
+    so far (its running count, or the text counted, whichever is more)."""
+    request = inspect(invoke_path(LLAMA, stream=True), FAMILIES["llama"][1])
+    frames = wire.bedrock_chunk_stream(family_chunks("llama"), METRICS)
+    m = feed(request, [b"".join(frames[:3]) + frames[3][:20]], finish=False)
+    assert m.source == "counted"
+    assert m.usage.input_tokens == 49
+    assert m.usage.output_tokens == max(3, count_texts(["Revenue rose nine"], LLAMA))
+
+
+def test_a_claude_stream_without_anthropic_usage_takes_bedrocks_metrics() -> None:
+    request = inspect(
+        f"{CLAUDE_PATH}/invoke-with-response-stream",
+        {"anthropic_version": "bedrock-2023-05-31", "max_tokens": 50, "messages": []},
+    )
+    chunks = [
+        {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "a"}},
+        {"type": "message_stop"},
+    ]
+    m = feed(request, [b"".join(wire.bedrock_chunk_stream(chunks, METRICS))])
+    assert (m.source, m.usage) == ("usage", FROM_METRICS)
+    assert m.usd_nanos == aws_price(CLAUDE, FROM_METRICS)
+
+
+def test_an_unread_invoke_is_still_charged_what_bedrock_reports() -> None:
+    """Shadow mode forwards a body too large to read: the headers price it all the same."""
+    request = unread_request("bedrock", "POST", invoke_path(LLAMA))
+    assert request.billable and request.model == LLAMA
+    m = measure_body(request, 200, b'{"generation": "x"}', CONFIG, headers=HEADERS)
+    assert (m.source, m.usage, m.usd_nanos) == (
+        "usage",
+        FROM_HEADERS,
+        aws_price(LLAMA, FROM_HEADERS),
+    )
+
+
+def test_cross_region_profiles_are_priced_apart() -> None:
+    """`global.` and `us.` Nova 2 Lite differ in genai-prices' aws table: each invoke is priced
+    on the profile its path names."""
+    body = FAMILIES["nova"][1]
+    regional = "us.amazon.nova-2-lite-v1:0"
+    prices = [
+        measure_body(inspect(invoke_path(m), body), 200, b"{}", CONFIG, headers=HEADERS).usd_nanos
+        for m in (NOVA_LITE, regional)
+    ]
+    assert prices == [aws_price(NOVA_LITE, FROM_HEADERS), aws_price(regional, FROM_HEADERS)]
+    assert prices[0] < prices[1]
