@@ -464,6 +464,11 @@ def cmd_explain(args: argparse.Namespace) -> int:
             json.loads(args.json)
         except ValueError as exc:
             raise UsageError(f"--json is not valid JSON: {exc}") from None
+    if args.form or args.file:
+        if args.json is not None:
+            raise UsageError("--json and --form/--file are two kinds of body: give one")
+        content_type, body = _multipart_body(args.form or [], args.file or [])
+        headers.append(("Content-Type", content_type))
     from .ledger.api import LedgerError
 
     try:
@@ -484,6 +489,34 @@ def cmd_explain(args: argparse.Namespace) -> int:
     else:
         print(_terminal(result.text()))
     return 0
+
+
+def _multipart_body(fields: list[str], files: list[str]) -> tuple[str, bytes]:
+    """(Content-Type, body) of the multipart form --form and --file describe."""
+    import secrets
+
+    boundary = "drawdown-" + secrets.token_hex(12)
+    out = bytearray()
+    for item in fields:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise UsageError(f"--form wants NAME=VALUE, got {item!r}")
+        out += f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n'.encode()
+        out += value.encode() + b"\r\n"
+    for item in files:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise UsageError(f"--file wants NAME=PATH, got {item!r}")
+        try:
+            content = Path(path).read_bytes()
+        except OSError as exc:
+            raise UsageError(f"--file {name}: cannot read {path}: {exc.strerror}") from None
+        filename = Path(path).name.replace('"', "")
+        out += f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; '.encode()
+        out += f'filename="{filename}"\r\nContent-Type: application/octet-stream\r\n\r\n'.encode()
+        out += content + b"\r\n"
+    out += f"--{boundary}--\r\n".encode()
+    return f"multipart/form-data; boundary={boundary}", bytes(out)
 
 
 _TOKEN_SYMBOLS = "!#$%&'*+-.^_`|~"
@@ -771,6 +804,18 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--method", default=None, help="default: POST with --json, else GET")
     explain.add_argument("--header", action="append", metavar="NAME:VALUE")
     explain.add_argument("--json", metavar="BODY", help="request body (JSON)")
+    explain.add_argument(
+        "--form",
+        action="append",
+        metavar="NAME=VALUE",
+        help="a multipart form field, as curl -F (an audio transcription, an image edit)",
+    )
+    explain.add_argument(
+        "--file",
+        action="append",
+        metavar="NAME=PATH",
+        help="a file uploaded in the multipart form (e.g. file=meeting.mp3)",
+    )
     explain.add_argument(
         "--proxy-user", help="as if the agent authenticated to the proxy as this user"
     )

@@ -154,10 +154,13 @@ def explain(
             priced = f" (genai-prices' {providers[0]} prices{rest})"
         else:
             priced = ""
+        # Billed outside tokens and known before the call: a transcription's seconds of audio,
+        # tts-1's characters, a search model's web search.
+        extras = "".join(f" + {n} {key}" for key, n in sorted(llm.expected_extras.items()))
         out.add(
             "estimate",
             f"{llm.provider} {llm.endpoint} model {llm.model}: {llm.input_tokens} input tokens + up to "
-            f"{llm.max_output_tokens} output = ≈${format_usd(llm.estimate_usd_nanos)}{priced}",
+            f"{llm.max_output_tokens} output{extras} = ≈${format_usd(llm.estimate_usd_nanos)}{priced}",
         )
         if not llm.billable:
             free = not llm.step

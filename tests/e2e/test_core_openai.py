@@ -18,6 +18,7 @@ import genai_prices
 import openai
 import pytest
 
+from tests.support import wire
 from tests.support.proxy import DrawdownProcess
 from tests.support.standin import Reply, StandIn
 
@@ -123,10 +124,10 @@ def test_over_budget_call_gets_402_and_never_reaches_the_upstream(
 def test_an_image_the_meter_cannot_price_is_still_a_request_and_a_step(
     drawdown_proxy: Factory, standin: StandIn
 ) -> None:
-    """Calls OpenAI bills other than per token (DALL·E images, transcription, files) passed through
-    uncounted: no `requests` budget and no loop guard saw an agent generating images without
-    end. They are counted now, at $0; listing the models, which costs nothing, is not. (GPT
-    image models bill per token and are metered: see the test below.)"""
+    """Calls OpenAI bills other than per token (DALL·E images, files) passed through uncounted:
+    no `requests` budget and no loop guard saw an agent generating images without end. They
+    are counted now, at $0; listing the models, which costs nothing, is not. (GPT image
+    models bill per token and are metered: see the test below; so are transcriptions.)"""
     image = {"created": 1764460800, "data": [{"url": "https://example.com/cat.png"}]}
     standin.script("POST", "/v1/images/generations", Reply(json=image), times=None)
     text = policy('- {scope: "agent:*/run:*", requests: 2}')
@@ -327,6 +328,136 @@ def test_speech_is_charged_per_character_or_per_token(
     assert 0 < charged <= reserved  # the reserve was not short
     spent = rows(proxy, "SELECT spent_usd, spent_requests, reserved_usd FROM budget_instances")
     assert spent == [(characters + found[1][3] + tokens, 3, 0)]
+
+
+TRANSCRIBE_POLICY = """
+mode: enforce
+identity:
+  tenant: [{value: acme}]
+  agent: [{header: X-Drawdown-Agent}, {value: anonymous}]
+  run: [{header: X-Drawdown-Run}, {value: r0}]
+actions:
+  - {kind: llm, provider: openai, match: {host: [api.openai.com, api.groq.com]}}
+budgets:
+  - {scope: "agent:*/run:*", usd: 0.05}
+"""
+
+
+def _seconds_nanos(model: str, seconds: int, provider: str = "openai") -> int:
+    usage = genai_prices.Usage(audio_seconds=seconds, input_audio_seconds=seconds)
+    price = genai_prices.calc_price(usage, model, provider_id=provider)
+    return math.ceil(price.total_price * 1_000_000_000)
+
+
+def _token_nanos(model: str, usage: dict) -> int:
+    audio = usage["input_token_details"]["audio_tokens"]
+    return _genai_nanos(
+        model,
+        input_tokens=usage["input_tokens"],
+        input_audio_tokens=audio,
+        output_tokens=usage["output_tokens"],
+    )
+
+
+def test_transcriptions_are_charged_per_second_or_per_token_and_a_budget_refuses_the_next(
+    drawdown_proxy: Factory, standin: StandIn
+) -> None:
+    """Transcriptions and translations were a $0 step. whisper-1 is now charged genai-prices'
+    price of the seconds its answer reports (a text answer: the seconds read from the WAV),
+    gpt-4o-*-transcribe the tokens reported in JSON or at the end of a stream, Groq's
+    whisper Groq's price with its 10 s minimum; and a file past the budget is refused."""
+    proxy = drawdown_proxy(TRANSCRIBE_POLICY)
+    wav = wire.wav_audio
+    headers = {"X-Drawdown-Agent": "scribe", "X-Drawdown-Run": "r1"}
+    with proxy.openai_client(default_headers=headers) as client:
+        made = client.audio.transcriptions.create(
+            model="whisper-1", file=("a.wav", wav(61.2, rate=8000), "audio/wav")
+        )
+        assert made.text == standin.reply_text and made.usage.seconds == pytest.approx(61.2)
+        text = client.audio.transcriptions.create(
+            model="whisper-1", file=("b.wav", wav(9.5, rate=8000)), response_format="text"
+        )
+        assert text.strip() == standin.reply_text
+        tokens = client.audio.transcriptions.create(
+            model="gpt-4o-transcribe", file=("c.wav", wav(5)), prompt="Names: Drawdown, Acme"
+        )
+        assert tokens.usage.type == "tokens"
+        stream = client.audio.transcriptions.create(
+            model="gpt-4o-mini-transcribe", file=("d.wav", wav(7)), stream=True
+        )
+        kinds = [event.type for event in stream]
+        assert kinds[-1] == "transcript.text.done" and kinds[0] == "transcript.text.delta"
+        translated = client.audio.translations.create(
+            model="whisper-1", file=("e.wav", wav(20, rate=8000))
+        )
+        assert translated.text == standin.reply_text
+    with proxy.openai_client("https://api.groq.com/openai/v1", default_headers=headers) as groq:
+        short = groq.audio.transcriptions.create(
+            model="whisper-large-v3", file=("f.wav", wav(3, rate=8000))
+        )
+        assert short.text == standin.reply_text
+    requests = standin.matching("*/audio/*")
+    assert len(requests) == 6
+    expected = [
+        ("/v1/audio/transcriptions", "whisper-1", _seconds_nanos("whisper-1", 62), "usage"),
+        ("/v1/audio/transcriptions", "whisper-1", _seconds_nanos("whisper-1", 10), "estimate"),
+        (
+            "/v1/audio/transcriptions",
+            "gpt-4o-transcribe",
+            _token_nanos("gpt-4o-transcribe", requests[2].usage),
+            "usage",
+        ),
+        (
+            "/v1/audio/transcriptions",
+            "gpt-4o-mini-transcribe",
+            _token_nanos("gpt-4o-mini-transcribe", requests[3].usage),
+            "usage",
+        ),
+        ("/v1/audio/translations", "whisper-1", _seconds_nanos("whisper-1", 20), "usage"),
+        (
+            "/openai/v1/audio/transcriptions",
+            "whisper-large-v3",
+            _seconds_nanos("whisper-large-v3", 10, "groq"),  # Groq's minimum, not 3 s
+            "usage",
+        ),
+    ]
+    found = proxy.wait_for_query(
+        "SELECT d.path, d.model, d.actual_usd, d.usage_source, h.est_usd FROM decisions d "
+        "JOIN holds h ON h.id = d.hold_id WHERE d.path LIKE '%/audio/%' ORDER BY d.id",
+        until=lambda rows: sum(r[2] is not None for r in rows) >= 6,
+    )
+    assert [row[:4] for row in found] == expected
+    assert all(0 < actual <= reserved for _, _, actual, _, reserved in found)
+    spent = rows(proxy, "SELECT spent_usd, reserved_usd FROM budget_instances")
+    assert spent == [(sum(e[2] for e in expected), 0)]
+
+    # A second run: four minutes of audio fit its $0.05, five more do not.
+    headers = {"X-Drawdown-Agent": "scribe", "X-Drawdown-Run": "r2"}
+    with proxy.openai_client(default_headers=headers) as client:
+        client.audio.transcriptions.create(model="whisper-1", file=("g.wav", wav(240, rate=8000)))
+        with pytest.raises(openai.APIStatusError) as refused:
+            client.audio.transcriptions.create(
+                model="whisper-1", file=("h.wav", wav(300, rate=8000))
+            )
+    assert refused.value.status_code == 402
+    assert "budget agent:scribe/run:r2 usd" in refused.value.response.json()["error"]["message"]
+    assert standin.count("*/audio/*") == 7  # the refused file never left the proxy
+
+
+def test_a_malformed_transcription_is_refused_before_it_is_forwarded(
+    drawdown_proxy: Factory, standin: StandIn
+) -> None:
+    """A request the meter cannot read (here a response_format the API does not have) is
+    answered 400 in plain words, not forwarded and not charged."""
+    proxy = drawdown_proxy(TRANSCRIBE_POLICY)
+    with proxy.openai_client() as client, pytest.raises(openai.BadRequestError) as refused:
+        client.audio.transcriptions.create(
+            model="whisper-1",
+            file=("a.wav", wire.wav_audio(1)),
+            response_format="mp3",  # type: ignore[arg-type]
+        )
+    assert "response_format must be one of" in refused.value.response.json()["error"]["message"]
+    assert standin.count("*/audio/*") == 0
 
 
 def test_windowed_budget_denies_with_429_and_retry_after(

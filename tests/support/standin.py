@@ -774,6 +774,8 @@ class StandIn:
                     methods=post,
                 ),
                 Route("/v1/audio/speech", self._openai_speech, methods=post),
+                Route("/v1/audio/{action}", self._openai_transcription, methods=post),
+                Route("/openai/v1/audio/{action}", self._openai_transcription, methods=post),
                 Route("/v1/models", self._models, methods=["GET"]),
                 Route("/v1/messages", self._anthropic_messages, methods=post),
                 Route("/v1/messages/count_tokens", self._anthropic_count_tokens, methods=post),
@@ -1074,6 +1076,31 @@ class StandIn:
         audio = wire.openai_speech_audio(text)
         return self._json_reply(entry, audio, None, content_type="audio/mpeg")
 
+    async def _openai_transcription(self, request: Request) -> Response:
+        """transcriptions and translations: a multipart form with the audio as `file` (a WAV,
+        timed by the standard library). The answer is `reply_text` in the requested format,
+        with the usage the model reports (wire.openai_transcription_usage), or SSE deltas and
+        `transcript.text.done` with `stream=true`. An unreadable form or file: a 400."""
+        entry: LoggedRequest = request.scope[_ENTRY]
+        if request.path_params["action"] not in ("transcriptions", "translations"):
+            return await self._generic(request)
+        fields, audio = _transcription_request(entry)
+        seconds = wire.wav_seconds(audio) if audio is not None else None
+        if fields is None or seconds is None or not fields.get("model"):
+            return self._json_reply(
+                entry, wire.openai_error("Invalid file format or missing model."), None, status=400
+            )
+        model, text = fields["model"], self.reply_text
+        usage = wire.openai_transcription_usage(model, seconds, fields.get("prompt"), text)
+        if usage["type"] == "tokens":
+            entry.input_tokens, entry.output_tokens = usage["input_tokens"], usage["output_tokens"]
+        if str(fields.get("stream")).lower() == "true" and "whisper" not in model:
+            return self._sse_reply(entry, wire.openai_transcription_sse(text, usage), usage)
+        fmt = fields.get("response_format") or "json"
+        body, ctype = wire.openai_transcription_body(fmt, text, seconds, usage)
+        reported = usage if ctype == "application/json" else None
+        return self._json_reply(entry, body, reported, content_type=ctype)
+
     async def _models(self, request: Request) -> Response:
         entry: LoggedRequest = request.scope[_ENTRY]
         if entry.header("anthropic-version"):
@@ -1367,6 +1394,29 @@ def _image_request(entry: LoggedRequest) -> tuple[dict[str, Any] | None, int]:
         return None, 0
     images = body.get("images")
     return body, (len(images) if isinstance(images, list) else 0) + (1 if body.get("mask") else 0)
+
+
+def _transcription_request(entry: LoggedRequest) -> tuple[dict[str, str] | None, bytes | None]:
+    """(text fields, the `file` upload) of a multipart transcription request; (None, None)
+    if it is not one. Read with the standard library's MIME parser."""
+    ctype = entry.header("content-type", "") or ""
+    if not ctype.startswith("multipart/form-data"):
+        return None, None
+    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
+        b"Content-Type: " + ctype.encode() + b"\r\n\r\n" + entry.body
+    )
+    if not message.is_multipart():
+        return None, None
+    fields: dict[str, str] = {}
+    audio = None
+    for part in message.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        payload = part.get_payload(decode=True) or b""
+        if name == "file":
+            audio = payload
+        elif isinstance(name, str):
+            fields[name] = payload.decode("utf-8", "replace")
+    return fields, audio
 
 
 # InvokeModel families the stand-in answers: model id fragment -> family, and its prompt field.

@@ -34,8 +34,11 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import io
 import json
+import math
 import struct
+import wave
 import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -949,6 +952,81 @@ def openai_speech_sse(text: str, usage: Mapping[str, Any]) -> list[bytes]:
         for piece in (audio[:half], audio[half:])
     ]
     events.append(sse_event(_compact({"type": "speech.audio.done", "usage": dict(usage)})))
+    return events
+
+
+# ---------------------------------------------------------------------------- OpenAI transcription
+
+#: Audio tokens gpt-4o-*-transcribe report per second of audio (1 per 100 ms).
+TRANSCRIBE_AUDIO_TOKENS_PER_SECOND = 10
+
+
+def wav_audio(seconds: float, rate: int = 16_000) -> bytes:
+    """A mono 16-bit WAV file of silence lasting `seconds`."""
+    out = io.BytesIO()
+    with wave.open(out, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(bytes(2 * round(rate * seconds)))
+    return out.getvalue()
+
+
+def wav_seconds(data: bytes) -> float | None:
+    """How long a WAV upload plays, by the standard library's reader (None: not a WAV)."""
+    try:
+        with wave.open(io.BytesIO(data), "rb") as w:
+            return w.getnframes() / w.getframerate()
+    except (wave.Error, EOFError):
+        return None
+
+
+def openai_transcription_usage(model: str, seconds: float, prompt: str | None, text: str) -> dict:
+    """whisper-1 and gpt-transcribe report the audio's seconds; gpt-4o-*-transcribe tokens:
+    TRANSCRIBE_AUDIO_TOKENS_PER_SECOND audio tokens a second, the prompt's words as text
+    tokens, the transcript's words as output tokens."""
+    if "whisper" in model or model == "gpt-transcribe":
+        return {"type": "duration", "seconds": seconds}
+    audio = math.ceil(seconds * TRANSCRIBE_AUDIO_TOKENS_PER_SECOND)
+    words = count_words(prompt or "")
+    output = count_words(text)
+    return {
+        "type": "tokens",
+        "input_tokens": audio + words,
+        "input_token_details": {"text_tokens": words, "audio_tokens": audio},
+        "output_tokens": output,
+        "total_tokens": audio + words + output,
+    }
+
+
+def openai_transcription_body(
+    fmt: str, text: str, seconds: float, usage: Mapping[str, Any]
+) -> tuple[bytes, str]:
+    """(body, content type) of an answer in `response_format`: json and verbose_json carry
+    usage, text, srt and vtt are the bare transcript."""
+    if fmt == "verbose_json":
+        segment = {"id": 0, "start": 0.0, "end": seconds, "text": text}
+        payload = {"task": "transcribe", "language": "english", "duration": seconds}
+        payload |= {"text": text, "segments": [segment], "usage": dict(usage)}
+        return _pretty(payload), "application/json"
+    if fmt == "text":
+        return (text + "\n").encode(), "text/plain; charset=utf-8"
+    if fmt in ("srt", "vtt"):
+        stamp = "00:00:00,000 --> 00:00:01,000" if fmt == "srt" else "00:00:00.000 --> 00:00:01.000"
+        head = "1\n" if fmt == "srt" else "WEBVTT\n\n"
+        return f"{head}{stamp}\n{text}\n\n".encode(), "text/plain; charset=utf-8"
+    return _pretty({"text": text, "usage": dict(usage)}), "application/json"
+
+
+def openai_transcription_sse(text: str, usage: Mapping[str, Any]) -> list[bytes]:
+    """`stream: true`: a `transcript.text.delta` per word, then `transcript.text.done`."""
+    words = text.split(" ")
+    events = [
+        sse_event(_compact({"type": "transcript.text.delta", "delta": w if i == 0 else " " + w}))
+        for i, w in enumerate(words)
+    ]
+    done = {"type": "transcript.text.done", "text": text, "usage": dict(usage)}
+    events.append(sse_event(_compact(done)))
     return events
 
 

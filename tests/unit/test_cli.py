@@ -144,6 +144,52 @@ def test_explain_counts_an_image_and_authorizes_a_free_call(
     assert counted["decision"] == "deny" and counted["reason"].startswith("not_authorized")
 
 
+def test_explain_prices_an_uploaded_transcription_as_the_proxy_does(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """explain took a JSON body only: a transcription (a multipart upload) could not be
+    explained. --form and --file build the form; the estimate names the seconds of audio it
+    reserves, at genai-prices' price (Groq's on api.groq.com)."""
+    import io
+    import wave
+
+    import genai_prices
+
+    audio = io.BytesIO()
+    with wave.open(audio, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(8000)
+        w.writeframes(bytes(2 * 8000 * 42))
+    clip = tmp_path / "meeting.wav"
+    clip.write_bytes(audio.getvalue())
+    policy = tmp_path / "p.yaml"
+    policy.write_text(
+        "actions:\n  - {kind: llm, provider: openai, match: {host: [api.openai.com, api.groq.com]}}\n"
+    )
+
+    def explain(url: str, model: str) -> dict[str, Any]:
+        args = ["explain", "--policy", str(policy), "--url", url, "--form", f"model={model}"]
+        assert main([*args, "--file", f"file={clip}", "--as-json"]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    def price(model: str, provider: str) -> int:
+        usage = genai_prices.Usage(audio_seconds=42, input_audio_seconds=42)
+        total = genai_prices.calc_price(usage, model, provider_id=provider).total_price
+        return math.ceil(total * 1_000_000_000)
+
+    found = explain("https://api.openai.com/v1/audio/transcriptions", "whisper-1")
+    assert found["estimate"]["usd_nanos"] == price("whisper-1", "openai")
+    assert any("+ 42 audio_seconds" in text for _, text in found["steps"])
+    groq = explain("https://api.groq.com/openai/v1/audio/transcriptions", "whisper-large-v3")
+    assert groq["estimate"]["usd_nanos"] == price("whisper-large-v3", "groq")
+    base = ["explain", "--policy", str(policy), "--url", "https://api.openai.com/v1/audio/x"]
+    assert main([*base, "--file", f"file={tmp_path / 'missing.wav'}"]) == 2
+    assert "cannot read" in capsys.readouterr().err
+    assert main([*base, "--json", "{}", "--form", "model=whisper-1"]) == 2
+    assert "two kinds of body" in capsys.readouterr().err
+
+
 def test_explain_rejects_bad_json(capsys: pytest.CaptureFixture[str]) -> None:
     code = main(
         [

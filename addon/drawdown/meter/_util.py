@@ -164,6 +164,8 @@ class ParsedRequest:
     # Of the prompt's exact tokens and of the cap, those that are images (priced apart).
     input_image_tokens: int = 0
     output_image_tokens: int = 0
+    # Of the prompt's exact tokens, those that are audio (a transcription's upload).
+    input_audio_tokens: int = 0
     rewritten_body: bytes | None = None
     strip_usage_chunk: bool = False
     expected_extras: dict[str, int] = field(default_factory=dict)

@@ -10,7 +10,16 @@ from types import MappingProxyType
 from typing import Protocol
 
 from ..money import MAX_AMOUNT, MAX_USD, format_usd
-from . import anthropic, bedrock, gemini, openai, openai_audio, openai_images, openai_realtime
+from . import (
+    anthropic,
+    bedrock,
+    gemini,
+    openai,
+    openai_audio,
+    openai_images,
+    openai_realtime,
+    openai_transcribe,
+)
 from ._util import Extracted, ParsedRequest, kind, loads, parse_body
 from .config import MeterConfig, PricePerMillion, model_family
 from .decode import Decoder, UnsupportedEncoding, make_decoder
@@ -53,7 +62,8 @@ def _route(provider: str, method: str, path: str) -> tuple[str, str | None, bool
     """(endpoint, model or deployment from the path, stream implied by it, metered per token)."""
     if provider == "openai":
         endpoint, model = openai.route(method, path)
-        # The Images API and speech are metered only for a model priced: see _model_metered.
+        # The Images API, speech and transcription are metered only for a model priced (or
+        # named like one): see _model_metered.
         metered = endpoint != "other" and not _metered_by_model(endpoint)
         return endpoint, model, False, metered
     if provider == "anthropic":
@@ -76,12 +86,18 @@ def _realtime_handshake(provider: str, method: str, path: str) -> bool:
 
 def _metered_by_model(endpoint: str) -> bool:
     """OpenAI endpoints metered or not depending on the model the body names."""
-    return openai_images.is_images(endpoint) or openai_audio.is_speech(endpoint)
+    return (
+        openai_images.is_images(endpoint)
+        or openai_audio.is_speech(endpoint)
+        or openai_transcribe.is_transcription(endpoint)
+    )
 
 
 def _model_metered(endpoint: str, model: str | None) -> bool:
     if openai_audio.is_speech(endpoint):
         return openai_audio.metered(model)
+    if openai_transcribe.is_transcription(endpoint):
+        return openai_transcribe.metered(model)
     return openai_images.is_images(endpoint) and openai_images.metered(model)
 
 
@@ -90,8 +106,9 @@ def charging(provider: str, method: str, path: str, model: str | None = None) ->
     call billed other than per token: counted, $0) or "free" (uncounted). `drawdown replay`
     asks it of recorded requests; the proxy learns the same from `inspect_request`. `model`
     (the request's, as the ledger records it) decides the OpenAI Images API (GPT image models
-    bill per token, DALL·E per image) and speech (metered for a speech model genai-prices
-    prices, per token or per character)."""
+    bill per token, DALL·E per image), speech (metered for a speech model genai-prices
+    prices, per token or per character) and transcription (per second of audio or per
+    token)."""
     if _realtime_handshake(provider.lower(), method, path):
         return "step"  # a Realtime session: its responses are metered on the socket
     endpoint, path_model, _, metered = _route(provider.lower(), method, path)
@@ -160,6 +177,20 @@ def _speech(
     return openai_audio.parse_request(fields, model)
 
 
+def _transcription(
+    endpoint: str, deployment: str | None, method: str, path: str, body: bytes
+) -> ParsedRequest | LLMRequest:
+    """A transcription or translation: metered for a speech-to-text model, else a $0 step (as
+    is audio the host fetches by URL). A form we cannot read is refused (enforce), as for the
+    Images API."""
+    form = openai_transcribe.read_request(body)
+    model = openai_transcribe.body_model(form) or deployment  # Azure: the deployment
+    if not openai_transcribe.metered(model) or openai_transcribe.by_url(form):
+        return _passthrough("openai", endpoint, model, method, path)
+    assert model is not None
+    return openai_transcribe.parse_request(endpoint, form, model)
+
+
 def parse(provider: str, method: str, path: str, body: bytes) -> ParsedRequest | LLMRequest:
     # One routing for the proxy, shadow mode's unread requests and replay (`charging`).
     if _realtime_handshake(provider, method, path):
@@ -173,6 +204,8 @@ def parse(provider: str, method: str, path: str, body: bytes) -> ParsedRequest |
         return _images(endpoint, path_model, method, path, body)
     if provider == "openai" and openai_audio.is_speech(endpoint):
         return _speech(path_model, method, path, body)
+    if provider == "openai" and openai_transcribe.is_transcription(endpoint):
+        return _transcription(endpoint, path_model, method, path, body)
     if not metered:
         if provider == "openai":  # the body names the model; an Azure deployment stands in
             model = _body_model(body) or path_model
@@ -258,6 +291,7 @@ def inspect_request(
         output_tokens=cap,
         input_image_tokens=min(parsed.input_image_tokens, input_tokens),
         output_image_tokens=min(parsed.output_image_tokens, cap),
+        input_audio_tokens=min(parsed.input_audio_tokens, input_tokens),
     )
     matched = url_provider(origin, path) if origin else None
     nanos, priced = price_usage(
@@ -308,6 +342,7 @@ def inspect_request(
         price_provider=matched,
         # Only the image_generation tool reserves on another model (see ParsedRequest).
         image_tool_model=next(iter(parsed.tool_output_reserves), None),
+        input_audio_tokens=usage.input_audio_tokens,
     )
 
 
@@ -335,7 +370,9 @@ def _zero(request: LLMRequest, model: str | None = None) -> Measurement:
 def _estimate(request: LLMRequest) -> Measurement:
     return Measurement(
         usage=TokenUsage(
-            input_tokens=request.input_tokens, output_tokens=request.max_output_tokens
+            input_tokens=request.input_tokens,
+            output_tokens=request.max_output_tokens,
+            input_audio_tokens=request.input_audio_tokens,
         ),
         usd_nanos=request.estimate_usd_nanos,
         source="estimate",
@@ -365,6 +402,12 @@ def _measurement(
         # An image or speech answered (or cut short) without usage: its image or audio tokens
         # cannot be counted from the bytes (tts-1's estimate is exact: its characters).
         return _estimate(request)
+    elif openai_transcribe.is_transcription(request.endpoint) and (
+        request.expected_extras or not (ex.seen or cut_short)
+    ):
+        # A text/srt/vtt answer reports no usage. Billed per second: the seconds read from
+        # the file (the estimate). Billed per token: the input estimate, the text counted.
+        return _estimate(request)
     elif ex.early_usage is not None:
         # Input side reported (Anthropic message_start), output cut short: count it.
         out = max(ex.early_usage.output_tokens, _counted_output(request, ex.texts, config))
@@ -375,6 +418,7 @@ def _measurement(
         usage = TokenUsage(
             input_tokens=request.input_tokens,
             output_tokens=_counted_output(request, ex.texts, config),
+            input_audio_tokens=request.input_audio_tokens,  # a transcription's upload
         )
         source = "counted"
     else:
@@ -419,9 +463,14 @@ def _measurement(
 
 
 def _extract_json(
-    request: LLMRequest, obj: object, headers: Mapping[str, str] | None = None
+    request: LLMRequest,
+    obj: object,
+    headers: Mapping[str, str] | None = None,
+    body: bytes = b"",
 ) -> Extracted:
     if request.provider == "openai":
+        if openai_transcribe.is_transcription(request.endpoint):
+            return openai_transcribe.extract(obj, body)  # text, srt and vtt are not JSON
         if openai_images.is_images(request.endpoint):
             return openai_images.extract_json(obj)
         return openai.extract_json(request.endpoint, obj, request.image_tool_model)
@@ -464,7 +513,7 @@ def measure_body(
         meter = StreamMeter(request, ctype, None, config, price_override, status)
         meter.feed(body)
         return meter.finish()[1]
-    extracted = _extract_json(request, obj, headers)
+    extracted = _extract_json(request, obj, headers, body)
     return _measurement(request, extracted, status, config, price_override)
 
 
@@ -490,6 +539,8 @@ def _stream_state(request: LLMRequest) -> _StreamState:
         return openai_images.ImagesStream()
     if openai_audio.is_speech(request.endpoint):
         return openai_audio.SpeechStream()
+    if openai_transcribe.is_transcription(request.endpoint):
+        return openai_transcribe.TranscriptionStream()
     return openai.ChatStream(request.strip_usage_chunk)
 
 
@@ -622,7 +673,7 @@ class StreamMeter:
                 parser.feed(body)
                 parser.finish()
                 return state.result()
-            return _extract_json(self.request, obj)
+            return _extract_json(self.request, obj, body=body)
         return self._state.result()
 
 

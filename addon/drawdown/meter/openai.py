@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from . import images, openai_audio, openai_images
+from . import images, openai_audio, openai_images, openai_transcribe
 from ._util import (
     Extracted,
     ParsedRequest,
@@ -80,7 +80,8 @@ def route(method: str, path: str) -> tuple[str, str | None]:
         return "responses", deployment
     if p.endswith("/embeddings"):
         return "embeddings", deployment
-    return openai_images.route(p) or openai_audio.route(p) or "other", deployment
+    endpoint = openai_images.route(p) or openai_audio.route(p) or openai_transcribe.route(p)
+    return endpoint or "other", deployment
 
 
 # --- requests ---------------------------------------------------------------------------

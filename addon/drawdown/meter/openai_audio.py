@@ -10,8 +10,7 @@ AUDIO_TOKENS_PER_CHARACTER per input character, divided by `speed`; tts-1(-hd) t
 characters of `input`. Measure: the usage of `speech.audio.done`, else the estimate (the
 audio's length in tokens cannot be read from its bytes).
 
-Transcriptions (`/v1/audio/transcriptions`, `/v1/audio/translations`) are not metered: a
-step at $0 (see the README's known gaps).
+Transcriptions and translations: see openai_transcribe.
 """
 
 from __future__ import annotations

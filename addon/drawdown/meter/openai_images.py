@@ -15,6 +15,7 @@ import re
 from typing import Any
 
 from ._util import Extracted, ParsedRequest, as_int, kind, loads, opt_bool, opt_int
+from .multipart import form_bool, form_int, parse_form
 from .prices import priced_per_token
 from .types import MeterRequestError, TokenUsage
 
@@ -118,83 +119,6 @@ def largest_image_tokens(model: str) -> int:
 # --- requests ---------------------------------------------------------------------------
 
 
-def _multipart(body: bytes) -> tuple[dict[str, str], int]:
-    """(text fields, number of input images: parts named image, image[], mask or markup) of a
-    multipart form.
-
-    The boundary is read from the body's delimiter line (the request headers do not reach the
-    meter); a preamble before it and bare-LF line ends are tolerated.
-    """
-    start = body.find(b"--")
-    eol = body.find(b"\n", start) if start >= 0 else -1
-    if start < 0 or eol < 0 or body[:start].strip(b"\r\n\t "):
-        raise MeterRequestError("the multipart form does not start with a boundary line")
-    boundary = body[start:eol].rstrip(b" \t\r")  # RFC 2046 allows padding after it
-    if not 3 <= len(boundary) <= 72:  # "--" and 1 to 70 characters
-        raise MeterRequestError("the multipart form's boundary line is malformed")
-    parts = body[eol + 1 :].split(b"\n" + boundary)
-    if len(parts) < 2 or not parts[-1].startswith(b"--"):
-        raise MeterRequestError("the multipart form is cut short (no closing boundary)")
-    fields: dict[str, str] = {}
-    files = 0
-    for i, part in enumerate(parts[:-1]):
-        if i > 0:  # the rest of the delimiter line: its line end
-            part = part.lstrip(b" \t")
-            if not part.startswith((b"\r\n", b"\n")):
-                raise MeterRequestError("the multipart form has a malformed boundary line")
-            part = part[2:] if part.startswith(b"\r\n") else part[1:]
-        head, sep, content = part.partition(b"\r\n\r\n")
-        if not sep:
-            head, sep, content = part.partition(b"\n\n")
-        if not sep:
-            raise MeterRequestError(f"multipart part {i + 1} has no header block")
-        if content.endswith(b"\r"):  # the CR of the CRLF before the next delimiter
-            content = content[:-1]
-        name, filename = _disposition(head, i)
-        if name in _IMAGE_PARTS:
-            files += 1
-            continue
-        if filename is not None:
-            continue  # some other upload: not a field
-        try:
-            fields[name] = content.decode("utf-8")
-        except UnicodeDecodeError:
-            raise MeterRequestError(f"multipart field {name!r} is not valid UTF-8") from None
-    return fields, files
-
-
-_IMAGE_PARTS = frozenset({"image", "image[]", "mask", "markup"})
-_PARAM = re.compile(r';\s*([\w*-]+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^;\s]*))')
-
-
-def _disposition(head: bytes, i: int) -> tuple[str, str | None]:
-    """(name, filename or None) from a part's Content-Disposition header."""
-    for line in head.decode("utf-8", "replace").splitlines():
-        key, _, value = line.partition(":")
-        if key.strip().lower() != "content-disposition":
-            continue
-        params = {
-            m.group(1).lower(): m.group(2) if m.group(2) is not None else m.group(3)
-            for m in _PARAM.finditer(value)
-        }
-        if "name" in params:
-            return params["name"], params.get("filename")
-    raise MeterRequestError(f"multipart part {i + 1} has no Content-Disposition name")
-
-
-def _form_int(fields: dict[str, str], key: str) -> int | None:
-    value = fields.get(key)
-    if value is None or not value.strip():
-        return None
-    try:
-        number = int(value.strip())
-    except ValueError:
-        raise MeterRequestError(f"{key} must be an integer, not {value[:20]!r}") from None
-    if number < 0:
-        raise MeterRequestError(f"{key} must be a non-negative integer, not {number}")
-    return number
-
-
 def read_request(endpoint: str, body: bytes) -> tuple[dict[str, Any], int]:
     """(the request's fields, number of input images) from a JSON body or a multipart form
     (edits upload their images as one). MeterRequestError when neither can be read."""
@@ -209,15 +133,14 @@ def read_request(endpoint: str, body: bytes) -> tuple[dict[str, Any], int]:
         return obj, count
     if endpoint == "images.generations":
         raise MeterRequestError("request body must be a JSON object")
-    fields, files = _multipart(body)
+    form = parse_form(body, _IMAGE_PARTS)
+    fields = form.fields
     parsed: dict[str, Any] = dict(fields)
     for key in ("n", "partial_images", "frame_count"):
-        parsed[key] = _form_int(fields, key)
-    stream = fields.get("stream", "").strip().lower()
-    if stream not in ("", "true", "false"):
-        raise MeterRequestError(f"stream must be true or false, not {stream[:20]!r}")
-    parsed["stream"] = stream == "true"
-    return parsed, files
+        parsed[key] = form_int(fields, key)
+    parsed["stream"] = form_bool(fields, "stream")
+    # Parts named image, image[], mask or markup: input images; other uploads are ignored.
+    return parsed, sum(1 for name, _ in form.uploads if name in _IMAGE_PARTS)
 
 
 def body_model(endpoint: str, body: bytes) -> str | None:
@@ -349,6 +272,9 @@ class ImagesStream:
 
     def result(self) -> Extracted:
         return self._ex
+
+
+_IMAGE_PARTS = frozenset({"image", "image[]", "mask", "markup"})
 
 
 def is_images(endpoint: str) -> bool:

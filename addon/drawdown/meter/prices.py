@@ -28,7 +28,14 @@ EXTRA_UNITS = {
     "web_search_calls": "web_searches",
     "file_search_calls": "storage_searches",
     "input_characters": "input_characters",  # tts-1 / tts-1-hd bill per character
+    "audio_seconds": "audio_seconds",  # whisper-1, gpt-transcribe, Groq's whisper
 }
+
+
+# A second of audio as input tokens, where no genai-prices price per second applies (a
+# speech-to-text model it does not know, a `price:` override per token): see
+# openai_transcribe.AUDIO_TOKENS_PER_SECOND for the figure.
+TOKENS_PER_AUDIO_SECOND = 20
 
 
 def to_nanos(usd: Decimal) -> int:
@@ -98,6 +105,11 @@ def _genai_usage(usage: TokenUsage, extras: Mapping[str, int]) -> genai_prices.U
     for extra, unit in EXTRA_UNITS.items():
         if extras.get(extra):
             values[unit] = values.get(unit, 0) + int(extras[extra])
+    if "audio_seconds" in values:
+        # A transcription's seconds are input audio: genai-prices prices the input subset
+        # (input_audio_seconds) at its own price where a model lists one, the rest at the
+        # audio_seconds price, so both are stated.
+        values["input_audio_seconds"] = values["audio_seconds"]
     # Zeros are left out: genai-prices treats a reported subset key as authoritative. But where
     # two reported subsets overlap (cache reads and input audio or images), genai-prices needs
     # their intersection stated, even a zero, or it refuses the usage and the breakdown is lost.
@@ -216,14 +228,24 @@ def price_first_known(
     the same name there is the same model (an Azure deployment named after it, a model a host
     serves before genai-prices lists it there), closer than the fallback guess."""
     if price_override is not None:
-        return flat_price(usage, price_override), True
+        return flat_price(_with_audio_seconds(usage, extras), price_override), True
     for provider_id in price_providers(provider, matched):
         for model in models:
             if model:
                 total = genai_price(provider_id, model, usage, extras, price_context)
                 if total is not None:
                     return total, True
-    return flat_price(usage, config.fallback_price), False
+    return flat_price(_with_audio_seconds(usage, extras), config.fallback_price), False
+
+
+def _with_audio_seconds(usage: TokenUsage, extras: Mapping[str, int] | None) -> TokenUsage:
+    """A per-token price cannot price seconds of audio: they are counted as input audio
+    tokens, lest a transcription on a model genai-prices does not know cost $0."""
+    seconds = int((extras or {}).get("audio_seconds", 0))
+    if not seconds:
+        return usage
+    audio = seconds * TOKENS_PER_AUDIO_SECOND
+    return usage + TokenUsage(input_tokens=audio, input_audio_tokens=audio)
 
 
 def price_usage(

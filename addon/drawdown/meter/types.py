@@ -82,6 +82,8 @@ class LLMRequest:
     # The Responses API's image_generation tool: the image model it names (else its default),
     # which bills the tool's tokens when the answer does not echo its tools.
     image_tool_model: str | None = None
+    # Of input_tokens, those reserved as input audio (a transcription's upload), priced apart.
+    input_audio_tokens: int = 0
 
 
 @dataclass(frozen=True)

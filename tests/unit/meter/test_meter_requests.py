@@ -363,6 +363,8 @@ def test_openai_paths():
         ("openai", "POST", "/v1/chat/completions", "tokens"),
         ("openai", "POST", "/v1/images/generations", "step"),
         ("openai", "POST", "/v1/audio/speech", "step"),  # a gemini model: not speech
+        # Not a speech-to-text model: a step (whisper-1, gpt-4o-transcribe... are metered:
+        # test_meter_transcribe.py).
         ("openai", "POST", "/v1/audio/transcriptions", "step"),
         ("openai", "POST", "/v1/files", "step"),
         ("openai", "POST", "/v1/fine_tuning/jobs", "step"),

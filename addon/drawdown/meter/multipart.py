@@ -1,0 +1,102 @@
+"""multipart/form-data bodies (the Images API's edits, audio transcriptions): text fields and
+uploaded parts, read without the request headers (which do not reach the meter)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from .types import MeterRequestError
+
+
+@dataclass
+class Form:
+    fields: dict[str, str] = field(default_factory=dict)
+    # (part name, content) of each upload, in order.
+    uploads: list[tuple[str, bytes]] = field(default_factory=list)
+
+    def upload(self, name: str) -> bytes | None:
+        """The content of the first upload named `name`, or None."""
+        return next((content for part, content in self.uploads if part == name), None)
+
+
+def parse_form(body: bytes, upload_names: frozenset[str] = frozenset()) -> Form:
+    """The fields and uploads of a multipart form. A part is an upload when it carries a
+    filename or its name is in `upload_names`; every other part is a UTF-8 text field.
+
+    The boundary is read from the body's delimiter line; a preamble before it and bare-LF line
+    ends are tolerated. MeterRequestError for a form that cannot be read.
+    """
+    start = body.find(b"--")
+    eol = body.find(b"\n", start) if start >= 0 else -1
+    if start < 0 or eol < 0 or body[:start].strip(b"\r\n\t "):
+        raise MeterRequestError("the multipart form does not start with a boundary line")
+    boundary = body[start:eol].rstrip(b" \t\r")  # RFC 2046 allows padding after it
+    if not 3 <= len(boundary) <= 72:  # "--" and 1 to 70 characters
+        raise MeterRequestError("the multipart form's boundary line is malformed")
+    parts = body[eol + 1 :].split(b"\n" + boundary)
+    if len(parts) < 2 or not parts[-1].startswith(b"--"):
+        raise MeterRequestError("the multipart form is cut short (no closing boundary)")
+    form = Form()
+    for i, part in enumerate(parts[:-1]):
+        if i > 0:  # the rest of the delimiter line: its line end
+            part = part.lstrip(b" \t")
+            if not part.startswith((b"\r\n", b"\n")):
+                raise MeterRequestError("the multipart form has a malformed boundary line")
+            part = part[2:] if part.startswith(b"\r\n") else part[1:]
+        head, sep, content = part.partition(b"\r\n\r\n")
+        if not sep:
+            head, sep, content = part.partition(b"\n\n")
+        if not sep:
+            raise MeterRequestError(f"multipart part {i + 1} has no header block")
+        if content.endswith(b"\r"):  # the CR of the CRLF before the next delimiter
+            content = content[:-1]
+        name, filename = _disposition(head, i)
+        if filename is not None or name in upload_names:
+            form.uploads.append((name, content))
+            continue
+        try:
+            form.fields[name] = content.decode("utf-8")
+        except UnicodeDecodeError:
+            raise MeterRequestError(f"multipart field {name!r} is not valid UTF-8") from None
+    return form
+
+
+_PARAM = re.compile(r';\s*([\w*-]+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^;\s]*))')
+
+
+def _disposition(head: bytes, i: int) -> tuple[str, str | None]:
+    """(name, filename or None) from a part's Content-Disposition header."""
+    for line in head.decode("utf-8", "replace").splitlines():
+        key, _, value = line.partition(":")
+        if key.strip().lower() != "content-disposition":
+            continue
+        params = {
+            m.group(1).lower(): m.group(2) if m.group(2) is not None else m.group(3)
+            for m in _PARAM.finditer(value)
+        }
+        if "name" in params:
+            return params["name"], params.get("filename")
+    raise MeterRequestError(f"multipart part {i + 1} has no Content-Disposition name")
+
+
+def form_int(fields: dict[str, str], key: str) -> int | None:
+    """An optional non-negative integer field of a form."""
+    value = fields.get(key)
+    if value is None or not value.strip():
+        return None
+    try:
+        number = int(value.strip())
+    except ValueError:
+        raise MeterRequestError(f"{key} must be an integer, not {value[:20]!r}") from None
+    if number < 0:
+        raise MeterRequestError(f"{key} must be a non-negative integer, not {number}")
+    return number
+
+
+def form_bool(fields: dict[str, str], key: str) -> bool:
+    """An optional true/false field of a form (absent: false)."""
+    value = fields.get(key, "").strip().lower()
+    if value not in ("", "true", "false"):
+        raise MeterRequestError(f"{key} must be true or false, not {value[:20]!r}")
+    return value == "true"

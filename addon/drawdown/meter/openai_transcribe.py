@@ -1,0 +1,216 @@
+"""OpenAI speech to text: `POST /v1/audio/transcriptions` and `/v1/audio/translations` (and
+Azure's deployments, and OpenAI-compatible hosts such as Groq's `/openai/v1/audio/...`).
+
+Two ways of billing, both priced by genai-prices:
+- per second of audio (whisper-1, gpt-transcribe, Groq's whisper-large-v3(-turbo), which
+  bill at least 10 s): the answer's `usage` is `{"type": "duration", "seconds": N}`
+  (`verbose_json` also has `duration`), recorded as the extra `audio_seconds`;
+- per token (gpt-4o-transcribe, gpt-4o-mini-transcribe): `usage` is `{"type": "tokens", ...}`
+  with input audio and text (prompt) tokens and output (transcript) tokens.
+
+Estimate: the uploaded file's duration (audio_duration: exact for WAV, MP3, FLAC, Ogg, MP4,
+WebM with a Duration, else a bound from its size), rounded up to whole seconds; for the per-token models
+AUDIO_TOKENS_PER_SECOND input audio tokens per second plus the `prompt` field by tiktoken, and
+TRANSCRIPT_TOKENS_PER_SECOND output tokens per second (at most the models' 2,000).
+Measure: the `usage` of the JSON answer or of the stream's `transcript.text.done` event. A
+text/srt/vtt answer has none: a per-second model is charged its estimate (the duration read
+from the file), a per-token one the estimate of its input plus the transcript's tokens
+counted (source "counted"), as for a stream cut short.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any
+
+from ._util import Extracted, ParsedRequest, as_int, loads, parse_body
+from .audio_duration import duration_seconds
+from .multipart import Form, form_bool, parse_form
+from .prices import TOKENS_PER_AUDIO_SECOND, genai_price, priced_per_token
+from .types import MeterRequestError, TokenUsage
+
+ENDPOINTS = {
+    "/audio/transcriptions": "audio.transcriptions",
+    "/audio/translations": "audio.translations",
+}
+
+# A model named like a speech-to-text model is metered even before genai-prices knows it
+# (priced at the fallback price, flagged unpriced) rather than let through at $0.
+_STT_NAME = re.compile(r"whisper|transcribe", re.IGNORECASE)
+# Billed per second of audio even where genai-prices does not know the name (whisper models
+# on any host).
+_WHISPER = re.compile(r"whisper", re.IGNORECASE)
+
+# Input audio tokens reserved per second of audio. OpenAI documents audio input as about 1
+# token per 100 ms (the Realtime API's cost guide), and prices gpt-4o-transcribe at an
+# estimated $0.006 a minute: 1,000 tokens at its $6 per million audio input, were it all
+# audio (16.7 a second). 20 a second is above both, so the reserve does not fall short.
+# (The same figure prices a second of audio at a per-token fallback or `price:`.)
+AUDIO_TOKENS_PER_SECOND = TOKENS_PER_AUDIO_SECOND
+# Transcript tokens reserved per second: fast speech is ~4 words a second, ~5.5 tokens in
+# English and more in other scripts; 8, bounded by the models' 2,000 max output tokens.
+TRANSCRIPT_TOKENS_PER_SECOND = 8
+MAX_TRANSCRIPT_TOKENS = 2_000
+# Framing around the prompt: OpenAI documents none; as for the Images API's prompt.
+PROMPT_OVERHEAD = 32
+
+_RESPONSE_FORMATS = frozenset({"json", "text", "srt", "verbose_json", "vtt", "diarized_json"})
+
+
+def route(path: str) -> str | None:
+    """ "audio.transcriptions" / "audio.translations" for such a path, else None."""
+    p = path.rstrip("/")
+    for suffix, endpoint in ENDPOINTS.items():
+        if p.endswith(suffix):
+            return endpoint
+    return None
+
+
+def is_transcription(endpoint: str) -> bool:
+    return endpoint in _STT_ENDPOINTS
+
+
+_STT_ENDPOINTS = frozenset(ENDPOINTS.values())
+
+
+def per_duration(model: str) -> bool:
+    """Whether the model bills per second of audio (else per token)."""
+    if _WHISPER.search(model):
+        return True
+    hour = genai_price("openai", model, TokenUsage(), {"audio_seconds": 3600})
+    return bool(hour and hour > 0)
+
+
+def metered(model: str | None) -> bool:
+    """Whether a transcription on `model` is metered (else a $0 step)."""
+    if not model:
+        return False
+    return bool(_STT_NAME.search(model)) or priced_per_token("openai", model) or per_duration(model)
+
+
+def read_request(body: bytes) -> Form:
+    """The form of a transcription request: multipart/form-data, as the API takes it (a JSON
+    object is read as its text fields, for a compatible host that accepts one)."""
+    if body[:64].lstrip().startswith(b"{"):
+        obj = parse_body(body)
+        return Form(fields={k: v for k, v in obj.items() if isinstance(v, str)})
+    return parse_form(body, frozenset({"file"}))
+
+
+def by_url(form: Form) -> bool:
+    """Audio fetched by the host from a `url` field (Groq) rather than uploaded: its length
+    cannot be known before the call, nor (a json or text answer) after it."""
+    return form.upload("file") is None and bool(form.fields.get("url", "").strip())
+
+
+def body_model(form: Form) -> str | None:
+    model = form.fields.get("model")
+    return model if model and model.strip() else None
+
+
+def parse_request(endpoint: str, form: Form, model: str) -> ParsedRequest:
+    audio = form.upload("file")
+    if audio is None:
+        raise MeterRequestError("file is missing from the transcription request")
+    fmt = form.fields.get("response_format")
+    if fmt is not None and fmt.strip() and fmt.strip() not in _RESPONSE_FORMATS:
+        shown = ", ".join(sorted(_RESPONSE_FORMATS))
+        raise MeterRequestError(f"response_format must be one of {shown}, not {fmt[:20]!r}")
+    seconds, _ = duration_seconds(audio)
+    whole = math.ceil(seconds)
+    parsed = ParsedRequest(endpoint=endpoint, model=model, stream=form_bool(form.fields, "stream"))
+    if per_duration(model):
+        # The prompt and the transcript are not billed: only the audio's seconds.
+        parsed.expected_extras["audio_seconds"] = whole
+        parsed.cap = 0
+        return parsed
+    parsed.prompt.add(form.fields.get("prompt"))
+    parsed.prompt.overhead += PROMPT_OVERHEAD
+    audio_tokens = whole * AUDIO_TOKENS_PER_SECOND
+    parsed.prompt.exact += audio_tokens
+    parsed.input_audio_tokens = audio_tokens
+    parsed.cap = min(whole * TRANSCRIPT_TOKENS_PER_SECOND + 1, MAX_TRANSCRIPT_TOKENS)
+    return parsed
+
+
+# --- responses --------------------------------------------------------------------------
+
+
+def transcription_usage(u: dict[str, Any], ex: Extracted) -> None:
+    """A transcription `usage`, by its type: seconds of audio, or tokens."""
+    if u.get("type") == "duration" or ("seconds" in u and "input_tokens" not in u):
+        _seconds(u.get("seconds"), ex)
+        return
+    details = u.get("input_token_details")
+    audio = as_int(details.get("audio_tokens")) if isinstance(details, dict) else 0
+    ex.usage = TokenUsage(
+        input_tokens=as_int(u.get("input_tokens")),
+        output_tokens=as_int(u.get("output_tokens")),
+        input_audio_tokens=audio,
+    )
+
+
+def _seconds(value: Any, ex: Extracted) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return
+    # Fractions of a second are rounded up: never short, at most a second over.
+    ex.usage = TokenUsage()
+    ex.extras["audio_seconds"] = max(math.ceil(value), 0)
+
+
+def extract(obj: Any, body: bytes) -> Extracted:
+    """What an answer reports: a JSON object (json, verbose_json, diarized_json) or the bare
+    transcript (text, srt, vtt), whose text is kept to be counted."""
+    ex = Extracted()
+    if isinstance(obj, dict):
+        ex.seen = True
+        u = obj.get("usage")
+        if isinstance(u, dict):
+            transcription_usage(u, ex)
+        elif "duration" in obj:  # verbose_json without usage: the duration it billed
+            _seconds(obj.get("duration"), ex)
+        text = obj.get("text")
+        if isinstance(text, str) and text:
+            ex.texts.append(text)
+        return ex
+    text = body.decode("utf-8", "replace").strip()
+    if text:
+        ex.seen = True
+        ex.texts.append(text)
+    return ex
+
+
+def extract_body(body: bytes) -> Extracted:
+    return extract(loads(body) if body[:64].lstrip()[:1] == b"{" else None, body)
+
+
+class TranscriptionStream:
+    """`stream: true` (gpt-4o-*-transcribe, gpt-transcribe): `transcript.text.delta` events,
+    then `transcript.text.done` with the whole text and the call's usage."""
+
+    def __init__(self) -> None:
+        self._ex = Extracted()
+
+    def on_event(self, event: str | None, data: bytes) -> bool:
+        obj = loads(data)
+        if not isinstance(obj, dict):
+            return True
+        ex = self._ex
+        ex.seen = True
+        etype = obj.get("type") or event
+        if etype == "transcript.text.delta":
+            delta = obj.get("delta")
+            if isinstance(delta, str):
+                ex.texts.append(delta)
+        elif etype == "transcript.text.done":
+            u = obj.get("usage")
+            if isinstance(u, dict):
+                transcription_usage(u, ex)
+            text = obj.get("text")
+            if isinstance(text, str) and text:
+                ex.texts = [text]
+        return True
+
+    def result(self) -> Extracted:
+        return self._ex
