@@ -1967,11 +1967,19 @@ class Drawdown:
             note=note,
         )
         settled = await self._realtime_settle(held, completion, None)
-        if settled is not None and settled.overage and policy.mode != "shadow":
+        # Only a budget that is enforced stops the session: a shadow one is being trialled.
+        if settled is not None and set(settled.overage) & self._enforced(state, policy):
             session.stopped = (
                 "budget_exhausted",
                 "drawdown: this session's last response took a budget over its limit",
             )
+
+    def _enforced(self, state: FlowState, policy: Policy) -> set[tuple[str, str]]:
+        """The (budget, scope) of the enforced budgets a response of the session is charged to."""
+        assert state.classification is not None
+        kinds = state.classification.kinds or state.classification.kind
+        claims = claims_for(policy, state.identity.levels, kinds, time.time())
+        return {(c.budget, c.scope) for c in claims if not c.shadow}
 
     async def _realtime_settle(
         self, state: FlowState, completion: Completion, release_reason: str | None

@@ -154,3 +154,29 @@ def test_replay_of_the_recording_policy_decides_a_session_as_live(tmp_path: Path
     assert data["decisions"] == {"allow": 2, "deny": 1, "would_deny": 0}
     looser = policy_from(tmp_path, text.replace("usd: 0.0001", "usd: 1"), "looser.yaml")
     assert replay.replay(looser, str(db))["decisions"]["allow"] == 3
+
+
+def test_a_shadow_budget_taken_over_does_not_stop_the_session(tmp_path: Path) -> None:
+    """`mode: shadow` on one budget trials it: a response that takes it over is recorded,
+    and the agent's audio still flows (an enforced budget over its limit would stop it)."""
+    text = POLICY.format(on_error="deny").replace(
+        "usd: 5}", 'usd: 5}\n  - {scope: "agent:*/run:*", usd: 0.000001, mode: shadow, name: trial}'
+    )
+    injector = Injector()
+
+    async def steps(addon: Drawdown) -> None:
+        ctx.master.addons.add(injector)
+        flow = await session(addon)
+        await send(addon, flow, {"type": "response.create"}, from_client=True)
+        done = {"type": "response.done", "response": {"usage": USAGE}}
+        await send(addon, flow, done, from_client=False)
+        audio = {"type": "input_audio_buffer.append", "audio": "AAAA"}
+        assert not (await send(addon, flow, audio, from_client=True)).dropped
+        commit = {"type": "input_audio_buffer.commit"}
+        assert not (await send(addon, flow, commit, from_client=True)).dropped
+
+    db = drive(tmp_path, text, steps)
+    assert injector.sent == []
+    with sqlite3.connect(db) as conn:
+        (overage,) = conn.execute("SELECT count(*) FROM events WHERE kind = 'overage'").fetchone()
+    assert overage == 1
