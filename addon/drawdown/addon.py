@@ -1752,10 +1752,12 @@ class Drawdown:
         else:
             markers = openai_realtime.CLIENT_MARKERS
         content = message.content
+        # The agent's events are read whatever their spelling; the server's as it writes them.
+        parse = functools.partial(parse_event, escaped=message.from_client)
         if len(content) > INLINE_TOKENIZE_BYTES:  # a big event is parsed off the event loop
-            event = await asyncio.to_thread(parse_event, content, markers)
+            event = await asyncio.to_thread(parse, content, markers)
         else:
-            event = parse_event(content, markers)
+            event = parse(content, markers)
         if event is None:
             return
         try:

@@ -41,10 +41,14 @@ class RealtimeSession:
         return (self.reported_model, self.model)
 
 
-def parse_event(content: bytes, markers: tuple[bytes, ...]) -> dict[str, Any] | None:
+def parse_event(
+    content: bytes, markers: tuple[bytes, ...], *, escaped: bool = False
+) -> dict[str, Any] | None:
     """The event in a message, if it may be one of those `markers` name (else None, unparsed:
-    most of a session's traffic is audio that drawdown has no need to read)."""
-    if not any(marker in content for marker in markers):
+    most of a session's traffic is audio that drawdown has no need to read). `escaped`: a
+    message with a JSON escape is parsed too (`"response\\u002ecreate"` is a response.create
+    to the server, and names no marker); base64 audio holds no backslash."""
+    if not any(marker in content for marker in markers) and not (escaped and b"\\u" in content):
         return None
     try:
         event = json.loads(content)

@@ -156,6 +156,15 @@ def test_replay_of_the_recording_policy_decides_a_session_as_live(tmp_path: Path
     assert replay.replay(looser, str(db))["decisions"]["allow"] == 3
 
 
+async def send_raw(
+    addon: Drawdown, flow: http.HTTPFlow, content: bytes, *, from_client: bool
+) -> WebSocketMessage:
+    message = WebSocketMessage(Opcode.TEXT, from_client, content)
+    flow.websocket.messages.append(message)
+    await addon.websocket_message(flow)
+    return message
+
+
 def test_a_shadow_budget_taken_over_does_not_stop_the_session(tmp_path: Path) -> None:
     """`mode: shadow` on one budget trials it: a response that takes it over is recorded,
     and the agent's audio still flows (an enforced budget over its limit would stop it)."""
@@ -180,3 +189,27 @@ def test_a_shadow_budget_taken_over_does_not_stop_the_session(tmp_path: Path) ->
     with sqlite3.connect(db) as conn:
         (overage,) = conn.execute("SELECT count(*) FROM events WHERE kind = 'overage'").fetchone()
     assert overage == 1
+
+
+def test_a_response_create_spelled_with_json_escapes_is_decided_too(tmp_path: Path) -> None:
+    r"""`{"type": "response\u002ecreate"}` is a response.create to the server's JSON parser:
+    once a budget is spent it is dropped like any other, not let through unread."""
+    text = POLICY.format(on_error="deny").replace("usd: 5", "usd: 0.0001")
+    injector = Injector()
+
+    async def steps(addon: Drawdown) -> None:
+        ctx.master.addons.add(injector)
+        flow = await session(addon)
+        await send(addon, flow, {"type": "response.create"}, from_client=True)
+        done = {"type": "response.done", "response": {"usage": USAGE}}
+        await send(addon, flow, done, from_client=False)
+        escaped = b'{"type": "response\\u002ecreate", "event_id": "evt_x"}'
+        assert (await send_raw(addon, flow, escaped, from_client=True)).dropped
+        audio = b'{"type": "input_audio_buffer\\u002eappend", "audio": "AAAA"}'
+        assert (await send_raw(addon, flow, audio, from_client=True)).dropped
+
+    drive(tmp_path, text, steps)
+    assert [(e["error"]["code"], e["error"]["event_id"]) for e in injector.sent] == [
+        ("budget_exhausted", "evt_x"),
+        ("budget_exhausted", None),
+    ]
