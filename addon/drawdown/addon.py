@@ -33,6 +33,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from mitmproxy import connection, ctx, exceptions, http
+from mitmproxy.websocket import WebSocketMessage
 
 from . import meter, recording
 from .affinity import WriterPlacement
@@ -60,7 +61,7 @@ from .meter.prices import url_provider
 from .money import MAX_AMOUNT, usd_to_nanos
 from .policy import Policy, PolicyInvalid, load_policy, policy_fingerprint
 from .policy.match import dig, glob_regex, missing
-from .realtime import RealtimeSession, error_event, parse_event
+from .realtime import RealtimeSession, error_event, named, parse_event
 from .respond import denial
 
 log = logging.getLogger("drawdown")
@@ -1762,7 +1763,7 @@ class Drawdown:
             return
         try:
             if message.from_client:
-                refusal = await self._realtime_client_event(state, session, event)
+                refusal = await self._realtime_client_event(state, session, event, message)
                 if refusal is not None:
                     message.drop()
                     self._tell_realtime_client(flow, session, event, *refusal)
@@ -1793,7 +1794,11 @@ class Drawdown:
         ctx.master.commands.call("inject.websocket", flow, True, payload, True)
 
     async def _realtime_client_event(
-        self, state: FlowState, session: RealtimeSession, event: dict[str, Any]
+        self,
+        state: FlowState,
+        session: RealtimeSession,
+        event: dict[str, Any],
+        message: WebSocketMessage,
     ) -> tuple[str, str] | None:
         """(code, message) when the agent's event must not reach the upstream, else None."""
         kind = event["type"]
@@ -1804,7 +1809,13 @@ class Drawdown:
         if kind == "response.create":
             refusal, held = await self._realtime_reserve(state, session)
             if held is not None:
-                session.pending.append(held.request_id)
+                # The server's `error` for a create names its event_id (the SDK sends none):
+                # that error releases the hold, which no response.done would otherwise end.
+                event_id = event.get("event_id")
+                if "event_id" not in event:
+                    message.content, event_id = named(message.content)
+                asked = event_id if isinstance(event_id, str) else None
+                session.asked.append((asked, held.request_id))
             return refusal
         return session.stopped  # input audio: refused once the session may not spend
 
@@ -1922,12 +1933,11 @@ class Drawdown:
             transcriber = openai_realtime.transcription_model(described)
             session.transcription_model = transcriber or session.transcription_model
             return
-        if kind == "response.created":  # the oldest response asked for is under way
-            for key in session.pending:
-                waiting = self.inflight.get(key)
-                if waiting is not None and waiting.listening:
-                    waiting.listening = False
-                    break
+        if kind == "error":
+            await self._realtime_refused(session, event.get("error"))
+            return
+        if kind == "response.created":
+            await self._realtime_begun(state, session, event.get("response"))
             return
         action = state.classification.action if state.classification else None
         price = action.price if action else None
@@ -1947,15 +1957,16 @@ class Drawdown:
             )
             note = "input audio transcription"
         elif kind == "response.done":
-            if session.pending:
-                held = self.inflight.get(session.pending.popleft())
-            else:  # begun by the server (voice activity): held as it ends
+            response = event.get("response")
+            key = self._realtime_running(session, response)
+            if key is not None:
+                held = self.inflight.get(key)
+            else:  # its response.created found the ledger down: held as it ends
                 _, held = await self._realtime_reserve(state, session, unasked=True)
             if held is None or held.hold_id is None:  # the ledger was down: unaccounted
                 return
             policy = held.policy
             assert policy is not None
-            response = event.get("response")
             measurement = openai_realtime.measure_response(
                 response, session.models, policy.meter, price, session.matched
             )
@@ -1975,6 +1986,56 @@ class Drawdown:
                 "budget_exhausted",
                 "drawdown: this session's last response took a budget over its limit",
             )
+
+    async def _realtime_refused(self, session: RealtimeSession, error: Any) -> None:
+        """The server's `error` event: a response.create it names never begins a response, so
+        its hold is released (an error for any other event, or naming none, changes nothing)."""
+        refused = error.get("event_id") if isinstance(error, dict) else None
+        if not isinstance(refused, str):
+            return
+        for asked in session.asked:
+            if asked[0] == refused:
+                session.asked.remove(asked)
+                held = self.inflight.get(asked[1])
+                if held is None or held.settled or held.hold_id is None:
+                    return
+                code = error.get("code") if isinstance(error, dict) else None
+                reason = "the upstream refused the response.create"
+                note = f"{reason} ({code})" if isinstance(code, str) else reason
+                await self._realtime_settle(held, Completion(note=note), reason)
+                return
+
+    async def _realtime_begun(
+        self, state: FlowState, session: RealtimeSession, response: Any
+    ) -> None:
+        """response.created: the oldest response asked for is under way (a drain waits for it);
+        with none asked, the server began it on its own (voice activity) and it is held now."""
+        if session.asked:
+            _, key = session.asked.popleft()
+            held = self.inflight.get(key)
+            if held is not None:
+                held.listening = False
+        else:
+            _, held = await self._realtime_reserve(state, session, unasked=True)
+            if held is None:  # the ledger was down: tried again at its response.done
+                return
+            key = held.request_id
+        response_id = response.get("id") if isinstance(response, dict) else None
+        session.running[response_id if isinstance(response_id, str) else key] = key
+
+    @staticmethod
+    def _realtime_running(session: RealtimeSession, response: Any) -> str | None:
+        """The hold of the response a response.done ends: by its id, else (a response without
+        one) the oldest under way, else (no response.created came) the oldest asked for; None
+        when none holds it."""
+        response_id = response.get("id") if isinstance(response, dict) else None
+        if isinstance(response_id, str) and response_id in session.running:
+            return session.running.pop(response_id)
+        if not isinstance(response_id, str) and session.running:
+            return session.running.pop(next(iter(session.running)))
+        if session.asked:
+            return session.asked.popleft()[1]
+        return None
 
     def _enforced(self, state: FlowState, policy: Policy) -> set[tuple[str, str]]:
         """The (budget, scope) of the enforced budgets a response of the session is charged to."""
@@ -2023,8 +2084,11 @@ class Drawdown:
         session = state.realtime if state is not None else None
         if session is None:
             return
-        while session.pending:
-            pending = self.inflight.get(session.pending.popleft())
+        keys = [*session.running.values(), *(key for _, key in session.asked)]
+        session.running.clear()
+        session.asked.clear()
+        for key in keys:
+            pending = self.inflight.get(key)
             if pending is None or pending.settled or pending.hold_id is None:
                 continue
             note = "the session ended before the response was done"
