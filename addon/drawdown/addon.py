@@ -33,6 +33,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from mitmproxy import connection, ctx, exceptions, http
+from mitmproxy.websocket import WebSocketMessage
 
 from . import meter, recording
 from .affinity import WriterPlacement
@@ -60,7 +61,7 @@ from .meter.prices import url_provider
 from .money import MAX_AMOUNT, usd_to_nanos
 from .policy import Policy, PolicyInvalid, load_policy, policy_fingerprint
 from .policy.match import dig, glob_regex, missing
-from .realtime import RealtimeSession, error_event, parse_event
+from .realtime import RealtimeSession, error_event, named, parse_event
 from .respond import denial
 
 log = logging.getLogger("drawdown")
@@ -1752,15 +1753,17 @@ class Drawdown:
         else:
             markers = openai_realtime.CLIENT_MARKERS
         content = message.content
+        # The agent's events are read whatever their spelling; the server's as it writes them.
+        parse = functools.partial(parse_event, escaped=message.from_client)
         if len(content) > INLINE_TOKENIZE_BYTES:  # a big event is parsed off the event loop
-            event = await asyncio.to_thread(parse_event, content, markers)
+            event = await asyncio.to_thread(parse, content, markers)
         else:
-            event = parse_event(content, markers)
+            event = parse(content, markers)
         if event is None:
             return
         try:
             if message.from_client:
-                refusal = await self._realtime_client_event(state, session, event)
+                refusal = await self._realtime_client_event(state, session, event, message)
                 if refusal is not None:
                     message.drop()
                     self._tell_realtime_client(flow, session, event, *refusal)
@@ -1791,7 +1794,11 @@ class Drawdown:
         ctx.master.commands.call("inject.websocket", flow, True, payload, True)
 
     async def _realtime_client_event(
-        self, state: FlowState, session: RealtimeSession, event: dict[str, Any]
+        self,
+        state: FlowState,
+        session: RealtimeSession,
+        event: dict[str, Any],
+        message: WebSocketMessage,
     ) -> tuple[str, str] | None:
         """(code, message) when the agent's event must not reach the upstream, else None."""
         kind = event["type"]
@@ -1802,7 +1809,13 @@ class Drawdown:
         if kind == "response.create":
             refusal, held = await self._realtime_reserve(state, session)
             if held is not None:
-                session.pending.append(held.request_id)
+                # The server's `error` for a create names its event_id (the SDK sends none):
+                # that error releases the hold, which no response.done would otherwise end.
+                event_id = event.get("event_id")
+                if "event_id" not in event:
+                    message.content, event_id = named(message.content)
+                asked = event_id if isinstance(event_id, str) else None
+                session.asked.append((asked, held.request_id))
             return refusal
         return session.stopped  # input audio: refused once the session may not spend
 
@@ -1920,12 +1933,11 @@ class Drawdown:
             transcriber = openai_realtime.transcription_model(described)
             session.transcription_model = transcriber or session.transcription_model
             return
-        if kind == "response.created":  # the oldest response asked for is under way
-            for key in session.pending:
-                waiting = self.inflight.get(key)
-                if waiting is not None and waiting.listening:
-                    waiting.listening = False
-                    break
+        if kind == "error":
+            await self._realtime_refused(session, event.get("error"))
+            return
+        if kind == "response.created":
+            await self._realtime_begun(state, session, event.get("response"))
             return
         action = state.classification.action if state.classification else None
         price = action.price if action else None
@@ -1945,15 +1957,16 @@ class Drawdown:
             )
             note = "input audio transcription"
         elif kind == "response.done":
-            if session.pending:
-                held = self.inflight.get(session.pending.popleft())
-            else:  # begun by the server (voice activity): held as it ends
+            response = event.get("response")
+            key = self._realtime_running(session, response)
+            if key is not None:
+                held = self.inflight.get(key)
+            else:  # its response.created found the ledger down: held as it ends
                 _, held = await self._realtime_reserve(state, session, unasked=True)
             if held is None or held.hold_id is None:  # the ledger was down: unaccounted
                 return
             policy = held.policy
             assert policy is not None
-            response = event.get("response")
             measurement = openai_realtime.measure_response(
                 response, session.models, policy.meter, price, session.matched
             )
@@ -1967,11 +1980,69 @@ class Drawdown:
             note=note,
         )
         settled = await self._realtime_settle(held, completion, None)
-        if settled is not None and settled.overage and policy.mode != "shadow":
+        # Only a budget that is enforced stops the session: a shadow one is being trialled.
+        if settled is not None and set(settled.overage) & self._enforced(state, policy):
             session.stopped = (
                 "budget_exhausted",
                 "drawdown: this session's last response took a budget over its limit",
             )
+
+    async def _realtime_refused(self, session: RealtimeSession, error: Any) -> None:
+        """The server's `error` event: a response.create it names never begins a response, so
+        its hold is released (an error for any other event, or naming none, changes nothing)."""
+        refused = error.get("event_id") if isinstance(error, dict) else None
+        if not isinstance(refused, str):
+            return
+        for asked in session.asked:
+            if asked[0] == refused:
+                session.asked.remove(asked)
+                held = self.inflight.get(asked[1])
+                if held is None or held.settled or held.hold_id is None:
+                    return
+                code = error.get("code") if isinstance(error, dict) else None
+                reason = "the upstream refused the response.create"
+                note = f"{reason} ({code})" if isinstance(code, str) else reason
+                await self._realtime_settle(held, Completion(note=note), reason)
+                return
+
+    async def _realtime_begun(
+        self, state: FlowState, session: RealtimeSession, response: Any
+    ) -> None:
+        """response.created: the oldest response asked for is under way (a drain waits for it);
+        with none asked, the server began it on its own (voice activity) and it is held now."""
+        if session.asked:
+            _, key = session.asked.popleft()
+            held = self.inflight.get(key)
+            if held is not None:
+                held.listening = False
+        else:
+            _, held = await self._realtime_reserve(state, session, unasked=True)
+            if held is None:  # the ledger was down: tried again at its response.done
+                return
+            key = held.request_id
+        response_id = response.get("id") if isinstance(response, dict) else None
+        session.running[response_id if isinstance(response_id, str) else key] = key
+
+    @staticmethod
+    def _realtime_running(session: RealtimeSession, response: Any) -> str | None:
+        """The hold of the response a response.done ends: by its id, else (a response without
+        one) the oldest under way, else (no response.created came) the oldest asked for; None
+        when none holds it."""
+        response_id = response.get("id") if isinstance(response, dict) else None
+        if isinstance(response_id, str) and response_id in session.running:
+            return session.running.pop(response_id)
+        if not isinstance(response_id, str) and session.running:
+            return session.running.pop(next(iter(session.running)))
+        if session.asked:
+            return session.asked.popleft()[1]
+        return None
+
+    def _enforced(self, state: FlowState, policy: Policy) -> set[tuple[str, str]]:
+        """The (budget, scope) of the enforced budgets a response of the session is charged to."""
+        assert state.classification is not None
+        kinds = state.classification.kinds or state.classification.kind
+        claims = claims_for(policy, state.identity.levels, kinds, time.time())
+        return {(c.budget, c.scope) for c in claims if not c.shadow}
 
     async def _realtime_settle(
         self, state: FlowState, completion: Completion, release_reason: str | None
@@ -2013,8 +2084,11 @@ class Drawdown:
         session = state.realtime if state is not None else None
         if session is None:
             return
-        while session.pending:
-            pending = self.inflight.get(session.pending.popleft())
+        keys = [*session.running.values(), *(key for _, key in session.asked)]
+        session.running.clear()
+        session.asked.clear()
+        for key in keys:
+            pending = self.inflight.get(key)
             if pending is None or pending.settled or pending.hold_id is None:
                 continue
             note = "the session ended before the response was done"

@@ -28,9 +28,12 @@ class RealtimeSession:
     matched: str | None = None  # the genai-prices provider of the upstream URL, if any
     reported_model: str | None = None  # the model session.created / session.updated named
     transcription_model: str | None = None  # the model its input audio is transcribed with
-    # Responses reserved at their response.create and not done yet, oldest first (the
-    # server answers a session's responses in the order they were asked for): inflight keys.
-    pending: deque[str] = field(default_factory=deque)
+    # Responses reserved at their response.create and not begun yet, oldest first (the server
+    # begins them in the order they were asked for): (the create's event_id, inflight key).
+    asked: deque[tuple[str | None, str]] = field(default_factory=deque)
+    # Responses under way, by the id their response.created gave them: inflight keys. Out-of-
+    # band responses (`conversation: "none"`) run alongside others and end in any order.
+    running: dict[str, str] = field(default_factory=dict)
     # Why the session may not spend any more (code, message), once a reserve was refused or
     # a response took a budget over; cleared by a later response.create that is allowed.
     stopped: tuple[str, str] | None = None
@@ -41,10 +44,14 @@ class RealtimeSession:
         return (self.reported_model, self.model)
 
 
-def parse_event(content: bytes, markers: tuple[bytes, ...]) -> dict[str, Any] | None:
+def parse_event(
+    content: bytes, markers: tuple[bytes, ...], *, escaped: bool = False
+) -> dict[str, Any] | None:
     """The event in a message, if it may be one of those `markers` name (else None, unparsed:
-    most of a session's traffic is audio that drawdown has no need to read)."""
-    if not any(marker in content for marker in markers):
+    most of a session's traffic is audio that drawdown has no need to read). `escaped`: a
+    message with a JSON escape is parsed too (`"response\\u002ecreate"` is a response.create
+    to the server, and names no marker); base64 audio holds no backslash."""
+    if not any(marker in content for marker in markers) and not (escaped and b"\\u" in content):
         return None
     try:
         event = json.loads(content)
@@ -70,3 +77,13 @@ def error_event(code: str, message: str, event_id: Any = None) -> bytes:
             },
         }
     ).encode()
+
+
+def named(content: bytes) -> tuple[bytes, str]:
+    """The client event in `content` (a JSON object without an `event_id`) given one of
+    drawdown's, and that id: the server's `error` for the event names it. Spliced in as the
+    object's first member, so the agent's bytes are otherwise forwarded as they were."""
+    event_id = f"event_drawdown_{next(_ids)}"
+    brace = content.index(b"{")  # the object's own: only whitespace (or a BOM) precedes it
+    member = b'"event_id":"' + event_id.encode() + b'",'
+    return content[: brace + 1] + member + content[brace + 1 :], event_id

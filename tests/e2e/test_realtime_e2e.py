@@ -340,3 +340,66 @@ def test_a_stop_waits_for_a_response_under_way_and_charges_it(
     assert proxy.wait() == 0
     ((decision, _, usd, *_, hold),) = response_rows(proxy, 1)
     assert (decision, usd, hold) == ("allow", genai_prices_nanos("gpt-realtime"), "committed")
+
+
+def test_a_stop_waits_for_a_response_voice_activity_began_and_charges_it(
+    drawdown_proxy: Factory, upstream: RealtimeStandIn, agent_env: Callable[..., None]
+) -> None:
+    """SIGTERM while the model answers a turn of audio (no response.create: server voice
+    activity began it): it is held from its response.created, so the drain waits for it and
+    its response.done is charged, as a response the agent asked for is."""
+    proxy = start(drawdown_proxy, upstream, policy('- {scope: "agent:*/run:*", usd: 5.00}'))
+    agent_env(proxy)
+    upstream.gate = threading.Event()
+
+    async def answered_during_the_stop() -> Any:
+        client = openai.AsyncOpenAI(api_key="sk-test-realtime")
+        async with client.realtime.connect(model="gpt-realtime") as connection:
+            await next_of(connection, "session.created")
+            await connection.input_audio_buffer.append(audio="AAAA")
+            await connection.input_audio_buffer.commit()
+            await next_of(connection, "response.created")
+            assert proxy.pid is not None
+            os.kill(proxy.pid, signal.SIGTERM)
+            await asyncio.to_thread(proxy.wait_for_log, r"1 call\(s\) in flight")
+            upstream.gate.set()
+            return await next_of(connection, "response.done", "error")
+
+    assert asyncio.run(answered_during_the_stop()).type == "response.done"
+    assert proxy.wait() == 0
+    ((decision, _, usd, *_, hold),) = response_rows(proxy, 1)
+    assert (decision, usd, hold) == ("allow", genai_prices_nanos("gpt-realtime"), "committed")
+
+
+def test_a_response_create_the_server_refuses_releases_its_hold(
+    drawdown_proxy: Factory, upstream: RealtimeStandIn, agent_env: Callable[..., None]
+) -> None:
+    """The SDK's response.create carries no event_id: drawdown gives it one, the server's
+    `error` names it, and the hold is released at once (not left to a later response.done,
+    which is charged to its own row), while the agent still gets the server's error."""
+    proxy = start(drawdown_proxy, upstream, policy('- {scope: "agent:*/run:*", usd: 5.00}'))
+    agent_env(proxy)
+    upstream.refuse_creates = "conversation_already_has_active_response"
+
+    async def refused_then_spoken() -> list[Any]:
+        client = openai.AsyncOpenAI(api_key="sk-test-realtime")
+        async with client.realtime.connect(model="gpt-realtime") as connection:
+            await next_of(connection, "session.created")
+            await connection.response.create()
+            error = await next_of(connection, "response.done", "error")
+            await connection.input_audio_buffer.append(audio="AAAA")
+            await connection.input_audio_buffer.commit()
+            return [error, await next_of(connection, "response.done", "error")]
+
+    error, done = asyncio.run(refused_then_spoken())
+    assert (error.type, error.error.code) == ("error", "conversation_already_has_active_response")
+    ((create),) = upstream.events("response.create")
+    assert error.error.event_id == create["event_id"]
+    assert done.type == "response.done"
+    rows = response_rows(proxy, 2)
+    assert [(r[0], r[2], r[8]) for r in rows] == [
+        ("allow", 0, "released"),
+        ("allow", genai_prices_nanos("gpt-realtime"), "committed"),
+    ]
+    proxy.stop()
+    assert_ledger_verifies(proxy.db_path)

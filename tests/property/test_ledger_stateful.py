@@ -165,7 +165,7 @@ class LedgerMachine(RuleBasedStateMachine):
             h.history.append("committed")
             assert (settled.applied, settled.state) == (True, "committed")
             over = any(self._instance(k).limits[u] is not None and self._instance(k).spent[u] > self._instance(k).limits[u] for k in h.keys for u in range(3))  # fmt: skip
-            assert settled.overage == over
+            assert bool(settled.overage) == over
         elif h.state == "expired" and h.charged is None:
             self._apply(h, [0, 0, 0], actual, overage=True)  # late commit: the money was spent
             h.charged = actual  # type: ignore[assignment]

@@ -66,6 +66,9 @@ class RealtimeStandIn:
         self.usages: list[dict[str, Any]] = [realtime_usage(text_in=100, text_out=20)]
         #: When set, each response.done waits for this event (a response under way).
         self.gate: threading.Event | None = None
+        #: When set, every response.create is refused with an `error` of this code naming
+        #: the create's event_id, as the API refuses one (e.g. a response already active).
+        self.refuse_creates: str | None = None
         #: The usage of every transcription (a session with audio.input.transcription set).
         self.transcription_usage: dict[str, Any] = {
             "type": "tokens",
@@ -153,6 +156,15 @@ class RealtimeStandIn:
             if event.get("type") == "session.update":
                 session = {**session, **event.get("session", {}), "model": model}
                 await self._send(ws, "session.updated", session=session)
+            elif event.get("type") == "response.create" and self.refuse_creates:
+                error = {
+                    "type": "invalid_request_error",
+                    "code": self.refuse_creates,
+                    "message": "Conversation already has an active response in progress.",
+                    "param": None,
+                    "event_id": event.get("event_id"),
+                }
+                await self._send(ws, "error", error=error)
             elif event.get("type") == "response.create":
                 await self._respond(ws)
             elif event.get("type") == "input_audio_buffer.commit":

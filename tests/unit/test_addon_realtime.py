@@ -154,3 +154,162 @@ def test_replay_of_the_recording_policy_decides_a_session_as_live(tmp_path: Path
     assert data["decisions"] == {"allow": 2, "deny": 1, "would_deny": 0}
     looser = policy_from(tmp_path, text.replace("usd: 0.0001", "usd: 1"), "looser.yaml")
     assert replay.replay(looser, str(db))["decisions"]["allow"] == 3
+
+
+async def send_raw(
+    addon: Drawdown, flow: http.HTTPFlow, content: bytes, *, from_client: bool
+) -> WebSocketMessage:
+    message = WebSocketMessage(Opcode.TEXT, from_client, content)
+    flow.websocket.messages.append(message)
+    await addon.websocket_message(flow)
+    return message
+
+
+def holds_of(db: Path) -> list[tuple[str, str | None]]:
+    with sqlite3.connect(db) as conn:
+        return conn.execute("SELECT state, settle_reason FROM holds ORDER BY id").fetchall()
+
+
+def test_a_response_create_the_server_refuses_is_released_at_its_error(tmp_path: Path) -> None:
+    """The SDK sends response.create without an event_id: drawdown names it, so the server's
+    `error` for it (an active response already, a bad parameter) releases its hold, and the
+    next response.done is charged to its own row, not to the refused create's."""
+
+    async def steps(addon: Drawdown) -> None:
+        flow = await session(addon)
+        message = await send(addon, flow, {"type": "response.create"}, from_client=True)
+        named = json.loads(message.content)
+        assert named["type"] == "response.create" and isinstance(named["event_id"], str)
+        kept = {"type": "response.create", "event_id": "evt_mine", "response": {}}
+        message = await send(addon, flow, kept, from_client=True)
+        assert json.loads(message.content) == kept  # the agent's own id is left as it is
+        assert len(addon.inflight) == 2
+        error = {
+            "type": "error",
+            "event_id": "event_srv_1",
+            "error": {
+                "type": "invalid_request_error",
+                "code": "conversation_already_has_active_response",
+                "message": "Conversation already has an active response in progress",
+                "event_id": named["event_id"],
+            },
+        }
+        await send(addon, flow, error, from_client=False)
+        assert len(addon.inflight) == 1
+        await send(
+            addon, flow, {"type": "response.created", "response": {"id": "r1"}}, from_client=False
+        )
+        done = {"type": "response.done", "response": {"id": "r1", "usage": USAGE}}
+        await send(addon, flow, done, from_client=False)
+        assert not addon.inflight
+
+    db = drive(tmp_path, POLICY.format(on_error="deny"), steps)
+    assert holds_of(db) == [
+        ("committed", None),
+        ("released", "the upstream refused the response.create"),
+        ("committed", None),
+    ]
+
+
+def test_a_response_the_server_starts_is_held_from_its_response_created(
+    tmp_path: Path,
+) -> None:
+    """Server voice activity starts a response without a response.create: it is held from
+    its response.created, so a stop waits for it and a closed socket releases it."""
+
+    async def steps(addon: Drawdown) -> None:
+        flow = await session(addon)
+        created = {"type": "response.created", "response": {"id": "r1"}}
+        await send(addon, flow, created, from_client=False)
+        (held,) = addon.inflight.values()
+        assert not held.listening  # a drain waits for it
+        done = {"type": "response.done", "response": {"id": "r1", "usage": USAGE}}
+        await send(addon, flow, done, from_client=False)
+        assert not addon.inflight
+        await send(addon, flow, {**created, "response": {"id": "r2"}}, from_client=False)
+        await addon.websocket_end(flow)
+        assert not addon.inflight
+
+    db = drive(tmp_path, POLICY.format(on_error="deny"), steps)
+    assert holds_of(db) == [
+        ("committed", None),
+        ("committed", None),
+        ("released", "the session ended before the response was done"),
+    ]
+
+
+def test_responses_in_flight_together_are_each_charged_to_their_own_row(
+    tmp_path: Path,
+) -> None:
+    """Out-of-band responses (`conversation: "none"`) run alongside the conversation's: each
+    response.done is charged to the response.create that began it (by its response id)."""
+
+    async def steps(addon: Drawdown) -> None:
+        flow = await session(addon)
+        oob = {"type": "response.create", "response": {"conversation": "none"}}
+        await send(addon, flow, {"type": "response.create"}, from_client=True)
+        await send(addon, flow, oob, from_client=True)
+        for rid in ("r_first", "r_oob"):
+            created = {"type": "response.created", "response": {"id": rid}}
+            await send(addon, flow, created, from_client=False)
+        small = {"input_tokens": 7, "output_tokens": 1}
+        for rid, usage in (("r_oob", small), ("r_first", USAGE)):
+            done = {"type": "response.done", "response": {"id": rid, "usage": usage}}
+            await send(addon, flow, done, from_client=False)
+
+    db = drive(tmp_path, POLICY.format(on_error="deny"), steps)
+    with sqlite3.connect(db) as conn:
+        rows = conn.execute(
+            "SELECT tokens_in FROM decisions WHERE status = 200 ORDER BY ts"
+        ).fetchall()
+    assert rows == [(100,), (7,)]
+
+
+def test_a_shadow_budget_taken_over_does_not_stop_the_session(tmp_path: Path) -> None:
+    """`mode: shadow` on one budget trials it: a response that takes it over is recorded,
+    and the agent's audio still flows (an enforced budget over its limit would stop it)."""
+    text = POLICY.format(on_error="deny").replace(
+        "usd: 5}", 'usd: 5}\n  - {scope: "agent:*/run:*", usd: 0.000001, mode: shadow, name: trial}'
+    )
+    injector = Injector()
+
+    async def steps(addon: Drawdown) -> None:
+        ctx.master.addons.add(injector)
+        flow = await session(addon)
+        await send(addon, flow, {"type": "response.create"}, from_client=True)
+        done = {"type": "response.done", "response": {"usage": USAGE}}
+        await send(addon, flow, done, from_client=False)
+        audio = {"type": "input_audio_buffer.append", "audio": "AAAA"}
+        assert not (await send(addon, flow, audio, from_client=True)).dropped
+        commit = {"type": "input_audio_buffer.commit"}
+        assert not (await send(addon, flow, commit, from_client=True)).dropped
+
+    db = drive(tmp_path, text, steps)
+    assert injector.sent == []
+    with sqlite3.connect(db) as conn:
+        (overage,) = conn.execute("SELECT count(*) FROM events WHERE kind = 'overage'").fetchone()
+    assert overage == 1
+
+
+def test_a_response_create_spelled_with_json_escapes_is_decided_too(tmp_path: Path) -> None:
+    r"""`{"type": "response\u002ecreate"}` is a response.create to the server's JSON parser:
+    once a budget is spent it is dropped like any other, not let through unread."""
+    text = POLICY.format(on_error="deny").replace("usd: 5", "usd: 0.0001")
+    injector = Injector()
+
+    async def steps(addon: Drawdown) -> None:
+        ctx.master.addons.add(injector)
+        flow = await session(addon)
+        await send(addon, flow, {"type": "response.create"}, from_client=True)
+        done = {"type": "response.done", "response": {"usage": USAGE}}
+        await send(addon, flow, done, from_client=False)
+        escaped = b'{"type": "response\\u002ecreate", "event_id": "evt_x"}'
+        assert (await send_raw(addon, flow, escaped, from_client=True)).dropped
+        audio = b'{"type": "input_audio_buffer\\u002eappend", "audio": "AAAA"}'
+        assert (await send_raw(addon, flow, audio, from_client=True)).dropped
+
+    drive(tmp_path, text, steps)
+    assert [(e["error"]["code"], e["error"]["event_id"]) for e in injector.sent] == [
+        ("budget_exhausted", "evt_x"),
+        ("budget_exhausted", None),
+    ]

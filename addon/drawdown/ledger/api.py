@@ -331,7 +331,9 @@ class Completion:
 class Settled:
     applied: bool  # False: the hold had already ended; nothing changed (or, for a late commit, charged only)
     state: str  # the hold's state afterwards
-    overage: bool = False
+    # The (budget, scope) of each budget instance the commit left over its limit (shadow
+    # budgets' too: whoever acts on it tells them apart).
+    overage: tuple[tuple[str, str], ...] = ()
 
 
 class Ledger(Protocol):

@@ -662,14 +662,16 @@ class Plan:
         self.holds[hold.id] = hold
         self.expiries.append((now, reason, hold.request_id))
 
-    def note_overage(self, ids: list[int], request_id: str, hold_id: int, now: float) -> bool:
+    def note_overage(
+        self, ids: list[int], request_id: str, hold_id: int, now: float
+    ) -> tuple[tuple[str, str], ...]:
         over = [self.instances[i] for i in sorted(i for i in ids if self.instances[i].over())]
         for inst in over:
             budget, scope, _ = inst.key
             self.event(
                 "overage", request_id, hold_id, inst.id, f"{budget}: {scope} is over its limit", now
             )
-        return bool(over)
+        return tuple((inst.key[0], inst.key[1]) for inst in over)
 
     def complete(
         self, request_id: str, completion: Completion, now: float, note: str | None = None

@@ -36,6 +36,7 @@ SERVER_MARKERS = (
     b'"response.done"',
     b'"session.created"',
     b'"session.updated"',
+    b'"error"',  # the server refused a client event (a response.create: its hold is released)
     f'"{TRANSCRIBED}"'.encode(),
 )
 CLIENT_MARKERS = tuple(f'"{name}"'.encode() for name in sorted(SPENDING_CLIENT_EVENTS))
