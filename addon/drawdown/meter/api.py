@@ -320,8 +320,11 @@ def inspect_request(
         priced = priced and tool_priced
     if input_tokens + cap > MAX_AMOUNT or nanos > MAX_AMOUNT:
         # e.g. max_tokens: 1e26: no provider serves it, and the ledger's integers cannot hold it.
+        # A transcription's audio read as lasting years is named: its tokens may be 0.
+        seconds = parsed.expected_extras.get("audio_seconds")
+        audio = f" and {seconds} seconds of audio" if seconds else ""
         raise MeterRequestError(
-            f"it asks for {input_tokens} input + up to {cap} output tokens "
+            f"it asks for {input_tokens} input + up to {cap} output tokens{audio} "
             f"(≈${format_usd(nanos, 2)}), past what one call may hold "
             f"(10^18 tokens or ${MAX_USD:,})"
         )

@@ -11,6 +11,7 @@ hostile input yields a bound, not an error.
 
 from __future__ import annotations
 
+import math
 import struct
 from collections.abc import Iterator
 
@@ -24,7 +25,9 @@ def duration_seconds(data: bytes) -> tuple[float, bool]:
     try:
         for reader in (_wav, _flac, _ogg, _mp4, _webm, _mp3):
             seconds = reader(data)
-            if seconds is not None and seconds >= 0:
+            # A header's fields can multiply past a float (WebM's Duration times its scale):
+            # infinity is no duration, the size bounds it instead.
+            if seconds is not None and 0 <= seconds and math.isfinite(seconds):
                 return seconds, True
     except (struct.error, IndexError, ValueError, ZeroDivisionError, OverflowError):
         pass

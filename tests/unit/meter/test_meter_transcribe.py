@@ -258,6 +258,24 @@ def test_hostile_audio_never_raises(prefix, rest):
     assert r.billable and r.estimate_usd_nanos >= 0
 
 
+def test_a_duration_too_large_to_hold_is_a_plain_error_never_a_crash():
+    """A WebM whose Duration times its TimecodeScale overflows a float (infinity): a reader
+    that returned it would crash the estimate (math.ceil(inf)); it gets the size bound."""
+    huge = _ebml(0x2AD7B1, ((1 << 56) - 2).to_bytes(7, "big")) + _ebml(
+        0x4489, struct.pack(">d", 1e300)
+    )
+    webm = _webm(info=huge)
+    assert duration_seconds(webm) == (len(webm) / MIN_BYTES_PER_SECOND, False)
+    r = _request("whisper-1", webm)
+    assert dict(r.expected_extras) == {"audio_seconds": math.ceil(len(webm) / 1000)}
+    # A finite claim of years past what a call may hold is refused in plain words, seconds named.
+    mvhd = b"\x01" + bytes(3) + bytes(16) + struct.pack(">IQ", 1, 2**63) + bytes(80)
+    moov = struct.pack(">I", 8 + 8 + len(mvhd)) + b"moov" + struct.pack(">I", 8 + len(mvhd))
+    mp4 = struct.pack(">I", 16) + b"ftypM4A " + bytes(4) + moov + b"mvhd" + mvhd
+    with pytest.raises(MeterRequestError, match=f"{2**63} seconds of audio"):
+        _request("whisper-1", mp4)
+
+
 # --- what is charged ----------------------------------------------------------------------
 
 
