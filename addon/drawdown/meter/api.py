@@ -465,6 +465,11 @@ def _measurement(
     )
 
 
+def _per_second(request: LLMRequest) -> bool:
+    """A transcription reserved in seconds of audio (its model bills them), not in tokens."""
+    return "audio_seconds" in request.expected_extras
+
+
 def _extract_json(
     request: LLMRequest,
     obj: object,
@@ -473,7 +478,8 @@ def _extract_json(
 ) -> Extracted:
     if request.provider == "openai":
         if openai_transcribe.is_transcription(request.endpoint):
-            return openai_transcribe.extract(obj, body)  # text, srt and vtt are not JSON
+            # text, srt and vtt are not JSON
+            return openai_transcribe.extract(obj, body, _per_second(request))
         if openai_images.is_images(request.endpoint):
             return openai_images.extract_json(obj)
         return openai.extract_json(request.endpoint, obj, request.image_tool_model)
@@ -543,7 +549,7 @@ def _stream_state(request: LLMRequest) -> _StreamState:
     if openai_audio.is_speech(request.endpoint):
         return openai_audio.SpeechStream()
     if openai_transcribe.is_transcription(request.endpoint):
-        return openai_transcribe.TranscriptionStream()
+        return openai_transcribe.TranscriptionStream(_per_second(request))
     return openai.ChatStream(request.strip_usage_chunk)
 
 

@@ -159,9 +159,20 @@ def _seconds(value: Any, ex: Extracted) -> None:
     ex.extras["audio_seconds"] = max(math.ceil(value), 0)
 
 
-def extract(obj: Any, body: bytes) -> Extracted:
+def _tokens_only(ex: Extracted, per_second: bool) -> Extracted:
+    """A per-token model's answer that reports only seconds (diarized_json's `duration`, a
+    `duration` usage) has no usage it can be priced by: genai-prices has no per-second price
+    for it, so the seconds would cost $0. It is left without usage, to be counted."""
+    if not per_second and "audio_seconds" in ex.extras:
+        ex.usage = None
+        del ex.extras["audio_seconds"]
+    return ex
+
+
+def extract(obj: Any, body: bytes, per_second: bool = True) -> Extracted:
     """What an answer reports: a JSON object (json, verbose_json, diarized_json) or the bare
-    transcript (text, srt, vtt), whose text is kept to be counted."""
+    transcript (text, srt, vtt), whose text is kept to be counted. `per_second`: whether the
+    request's model bills seconds of audio (its reserve holds `audio_seconds`)."""
     ex = Extracted()
     if isinstance(obj, dict):
         ex.seen = True
@@ -173,7 +184,7 @@ def extract(obj: Any, body: bytes) -> Extracted:
         text = obj.get("text")
         if isinstance(text, str) and text:
             ex.texts.append(text)
-        return ex
+        return _tokens_only(ex, per_second)
     text = body.decode("utf-8", "replace").strip()
     if text:
         ex.seen = True
@@ -189,8 +200,9 @@ class TranscriptionStream:
     """`stream: true` (gpt-4o-*-transcribe, gpt-transcribe): `transcript.text.delta` events,
     then `transcript.text.done` with the whole text and the call's usage."""
 
-    def __init__(self) -> None:
+    def __init__(self, per_second: bool = True) -> None:
         self._ex = Extracted()
+        self._per_second = per_second
 
     def on_event(self, event: str | None, data: bytes) -> bool:
         obj = loads(data)
@@ -213,4 +225,4 @@ class TranscriptionStream:
         return True
 
     def result(self) -> Extracted:
-        return self._ex
+        return _tokens_only(self._ex, self._per_second)

@@ -332,6 +332,41 @@ def test_a_text_answer_from_gpt_4o_transcribe_is_charged_its_input_estimate_and_
     assert m.usd_nanos < r.estimate_usd_nanos  # the transcript is shorter than reserved
 
 
+@pytest.mark.parametrize(
+    "answer",
+    [
+        # diarized_json always has `duration`; its `usage` is optional (a host may leave it out)
+        {"task": "transcribe", "duration": 30.0, "text": "Hello there, how are you?"},
+        # usage is `tokens` or `duration` in every transcription type
+        {"text": "Hello there, how are you?", "usage": {"type": "duration", "seconds": 30}},
+    ],
+)
+def test_a_per_token_model_answering_in_seconds_is_not_charged_nothing(answer):
+    """gpt-4o-transcribe(-diarize) has no per-second price in genai-prices: seconds alone
+    would price at $0. It is charged its input estimate and its transcript, counted."""
+    r = _request("gpt-4o-transcribe-diarize", wav(30), response_format="diarized_json")
+    m = measure_body(r, 200, json.dumps(answer).encode(), CONFIG)
+    assert m.source == "counted" and "audio_seconds" not in m.extras
+    assert (m.usage.input_tokens, m.usage.input_audio_tokens) == (
+        r.input_tokens,
+        r.input_audio_tokens,
+    )
+    assert m.usage.output_tokens >= count_tokens(answer["text"], "gpt-4o-transcribe")
+    assert m.usd_nanos == _genai(
+        "gpt-4o-transcribe",
+        input_tokens=r.input_tokens,
+        input_audio_tokens=r.input_audio_tokens,
+        output_tokens=m.usage.output_tokens,
+    )
+    # ...and the same streamed: a `transcript.text.done` whose usage is in seconds.
+    r = _request("gpt-4o-transcribe", wav(30), stream="true")
+    meter = open_stream_meter(r, "text/event-stream", None, CONFIG)
+    meter.feed(_sse("Hello there", {"type": "duration", "seconds": 30}))
+    _, m = meter.finish()
+    assert m.source == "counted" and m.usage.input_audio_tokens == r.input_audio_tokens > 0
+    assert m.usd_nanos > 0
+
+
 def test_a_refused_transcription_costs_nothing():
     r = _request("whisper-1", wav(5))
     error = b'{"error": {"message": "Invalid file format.", "type": "invalid_request_error"}}'
