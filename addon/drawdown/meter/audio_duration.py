@@ -27,7 +27,7 @@ def duration_seconds(data: bytes) -> tuple[float, bool]:
             seconds = reader(data)
             # A header's fields can multiply past a float (WebM's Duration times its scale):
             # infinity is no duration, the size bounds it instead.
-            if seconds is not None and 0 <= seconds and math.isfinite(seconds):
+            if seconds is not None and seconds >= 0 and math.isfinite(seconds):
                 return seconds, True
     except (struct.error, IndexError, ValueError, ZeroDivisionError, OverflowError):
         pass
