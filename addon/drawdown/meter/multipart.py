@@ -14,6 +14,8 @@ class Form:
     fields: dict[str, str] = field(default_factory=dict)
     # (part name, content) of each upload, in order.
     uploads: list[tuple[str, bytes]] = field(default_factory=list)
+    # Names given to more than one part (a list's `name[]`, or a field a host takes once).
+    repeated: set[str] = field(default_factory=set)
 
     def upload(self, name: str) -> bytes | None:
         """The content of the first upload named `name`, or None."""
@@ -52,6 +54,8 @@ def parse_form(body: bytes, upload_names: frozenset[str] = frozenset()) -> Form:
         if content.endswith(b"\r"):  # the CR of the CRLF before the next delimiter
             content = content[:-1]
         name, filename = _disposition(head, i)
+        if name in form.fields or any(part == name for part, _ in form.uploads):
+            form.repeated.add(name)
         if filename is not None or name in upload_names:
             form.uploads.append((name, content))
             continue

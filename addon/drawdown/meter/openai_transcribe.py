@@ -95,7 +95,17 @@ def read_request(body: bytes) -> Form:
     if body[:64].lstrip().startswith(b"{"):
         obj = parse_body(body)
         return Form(fields={k: v for k, v in obj.items() if isinstance(v, str)})
-    return parse_form(body, frozenset({"file"}))
+    form = parse_form(body, frozenset({"file"}))
+    # The meter reads the last field and the first file; a host may read others. Two models
+    # (one not speech to text: a $0 step) or two files (a second's reserve, ten minutes
+    # transcribed) would let a call past its budget: the API takes each once.
+    twice = sorted(form.repeated & _SINGLE_FIELDS)
+    if twice:
+        raise MeterRequestError(f"{twice[0]} is given more than once in the transcription form")
+    return form
+
+
+_SINGLE_FIELDS = frozenset({"file", "model", "url", "response_format", "stream", "prompt"})
 
 
 def by_url(form: Form) -> bool:

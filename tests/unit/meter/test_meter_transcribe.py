@@ -435,3 +435,49 @@ def test_a_stream_cut_before_its_usage_is_charged_the_input_estimate_and_the_tex
 def test_a_malformed_transcription_request_is_refused_in_plain_words(body, says):
     with pytest.raises(MeterRequestError, match=says):
         inspect_request("openai", "POST", TRANSCRIBE, {}, body, CONFIG)
+
+
+def _part(name: str, value: bytes, filename: str | None = None) -> bytes:
+    disposition = f'form-data; name="{name}"' + (f'; filename="{filename}"' if filename else "")
+    return f"--b0und4ry\r\nContent-Disposition: {disposition}\r\n\r\n".encode() + value + b"\r\n"
+
+
+@pytest.mark.parametrize(
+    ("parts", "says"),
+    [
+        # The meter would read the last model (not speech to text: a $0 step) while a server
+        # that takes the first transcribes ten minutes on whisper-1 for free.
+        ([("model", b"whisper-1"), ("model", b"not-a-stt-model")], "model"),
+        # The meter would reserve the first file's second while a server reads the other's
+        # ten minutes (and a text answer would be charged that second).
+        ([("model", b"whisper-1"), ("file", wav(1)), ("file", wav(600))], "file"),
+        (
+            [("model", b"whisper-1"), ("response_format", b"json"), ("response_format", b"text")],
+            "response_format",
+        ),
+    ],
+)
+def test_a_field_a_transcription_takes_once_given_twice_is_refused(parts, says):
+    body = b"".join(_part(n, v, "a.wav" if n == "file" else None) for n, v in parts)
+    if not any(n == "file" for n, _ in parts):
+        body += _part("file", wav(600), "a.wav")
+    body += b"--b0und4ry--\r\n"
+    with pytest.raises(MeterRequestError, match=f"{says} is given more than once"):
+        inspect_request("openai", "POST", TRANSCRIBE, {}, body, CONFIG)
+
+
+def test_array_fields_may_repeat():
+    """The SDKs send a list as repeated `name[]` parts (include, timestamp_granularities,
+    known_speaker_names): that is no duplicate."""
+    body = b"".join(
+        _part(n, v)
+        for n, v in [
+            ("model", b"gpt-4o-transcribe"),
+            ("include[]", b"logprobs"),
+            ("timestamp_granularities[]", b"word"),
+            ("timestamp_granularities[]", b"segment"),
+        ]
+    )
+    body += _part("file", wav(3), "a.wav") + b"--b0und4ry--\r\n"
+    r = inspect_request("openai", "POST", TRANSCRIBE, {}, body, CONFIG)
+    assert r.billable and r.input_audio_tokens == 3 * AUDIO_TOKENS_PER_SECOND
