@@ -457,6 +457,18 @@ def test_a_malformed_transcription_is_refused_before_it_is_forwarded(
             response_format="mp3",  # type: ignore[arg-type]
         )
     assert "response_format must be one of" in refused.value.response.json()["error"]["message"]
+    # A form smuggled ahead of the one its Content-Type names (the host reads it as a
+    # preamble): the meter would have read a model that is not speech to text, a $0 step.
+    fake = wire.multipart_form({"model": "not-a-stt-model"}, {"file": wire.wav_audio(1)}, "fake")
+    real = wire.multipart_form({"model": "whisper-1"}, {"file": wire.wav_audio(600)}, "real")
+    with proxy.http_client() as http:
+        smuggled = http.post(
+            "https://api.openai.com/v1/audio/transcriptions",
+            content=fake + real,
+            headers={"Content-Type": "multipart/form-data; boundary=real"},
+        )
+    assert smuggled.status_code == 400
+    assert "not the one its Content-Type names" in smuggled.json()["error"]["message"]
     assert standin.count("*/audio/*") == 0
 
 

@@ -23,6 +23,7 @@ from . import (
 from ._util import Extracted, ParsedRequest, kind, loads, parse_body
 from .config import MeterConfig, PricePerMillion, model_family
 from .decode import Decoder, UnsupportedEncoding, make_decoder
+from .multipart import boundary_of
 from .prices import price_first_known, price_usage, to_nanos, url_provider
 from .sse import SSEParser
 from .tokens import count_texts, count_tokens
@@ -147,11 +148,16 @@ def _body_model(body: bytes) -> str | None:
 
 
 def _images(
-    endpoint: str, deployment: str | None, method: str, path: str, body: bytes
+    endpoint: str,
+    deployment: str | None,
+    method: str,
+    path: str,
+    body: bytes,
+    boundary: str | None = None,
 ) -> ParsedRequest | LLMRequest:
     """An OpenAI Images API request: metered for a GPT image model, else a $0 step (DALL·E,
     or no model: the API's default is dall-e-2). A body we cannot read is refused (enforce)."""
-    fields, input_images = openai_images.read_request(endpoint, body)
+    fields, input_images = openai_images.read_request(endpoint, body, boundary)
     model = fields.get("model")
     if model is not None and not isinstance(model, str):
         raise MeterRequestError(f"model must be a string, not {kind(model)}")
@@ -178,12 +184,17 @@ def _speech(
 
 
 def _transcription(
-    endpoint: str, deployment: str | None, method: str, path: str, body: bytes
+    endpoint: str,
+    deployment: str | None,
+    method: str,
+    path: str,
+    body: bytes,
+    boundary: str | None = None,
 ) -> ParsedRequest | LLMRequest:
     """A transcription or translation: metered for a speech-to-text model, else a $0 step (as
     is audio the host fetches by URL). A form we cannot read is refused (enforce), as for the
     Images API."""
-    form = openai_transcribe.read_request(body)
+    form = openai_transcribe.read_request(body, boundary)
     model = openai_transcribe.body_model(form) or deployment  # Azure: the deployment
     if not openai_transcribe.metered(model) or openai_transcribe.by_url(form):
         return _passthrough("openai", endpoint, model, method, path)
@@ -191,8 +202,11 @@ def _transcription(
     return openai_transcribe.parse_request(endpoint, form, model)
 
 
-def parse(provider: str, method: str, path: str, body: bytes) -> ParsedRequest | LLMRequest:
+def parse(
+    provider: str, method: str, path: str, body: bytes, boundary: str | None = None
+) -> ParsedRequest | LLMRequest:
     # One routing for the proxy, shadow mode's unread requests and replay (`charging`).
+    # `boundary`: a multipart upload's, from its Content-Type (None: read from the body).
     if _realtime_handshake(provider, method, path):
         # A Realtime session's handshake: nothing to estimate, but a step of the run (its
         # budgets and guards decide it); its responses are metered on the socket.
@@ -201,11 +215,11 @@ def parse(provider: str, method: str, path: str, body: bytes) -> ParsedRequest |
         )
     endpoint, path_model, path_stream, metered = _route(provider, method, path)
     if provider == "openai" and openai_images.is_images(endpoint):
-        return _images(endpoint, path_model, method, path, body)
+        return _images(endpoint, path_model, method, path, body, boundary)
     if provider == "openai" and openai_audio.is_speech(endpoint):
         return _speech(path_model, method, path, body)
     if provider == "openai" and openai_transcribe.is_transcription(endpoint):
-        return _transcription(endpoint, path_model, method, path, body)
+        return _transcription(endpoint, path_model, method, path, body, boundary)
     if not metered:
         if provider == "openai":  # the body names the model; an Azure deployment stands in
             model = _body_model(body) or path_model
@@ -263,6 +277,7 @@ def inspect_request(
     *,
     inject_include_usage: bool = True,
     origin: str | None = None,
+    content_type: str | None = None,
 ) -> LLMRequest:
     """Classify an LLM API request and estimate its cost before it is forwarded.
 
@@ -272,10 +287,12 @@ def inspect_request(
     OpenAI-compatible host that rejects stream_options); its stream is then "counted".
     `origin` (prices.origin: scheme://host[:port]) is the upstream's: a host genai-prices
     knows (api.groq.com, openrouter.ai, Azure) is priced at its own models' prices.
+    `content_type`: the request's header, whose boundary a multipart upload must use (the
+    ledger keeps none: replay reads the boundary from the body).
     """
     provider = provider.lower()
     path = path.split("?", 1)[0]
-    parsed = parse(provider, method, path, body)
+    parsed = parse(provider, method, path, body, boundary_of(content_type))
     if isinstance(parsed, LLMRequest):
         return parsed
     if not inject_include_usage or provider == "bedrock":

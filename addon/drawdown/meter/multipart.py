@@ -22,21 +22,42 @@ class Form:
         return next((content for part, content in self.uploads if part == name), None)
 
 
-def parse_form(body: bytes, upload_names: frozenset[str] = frozenset()) -> Form:
+def boundary_of(content_type: str | None) -> str | None:
+    """The `boundary` parameter of a multipart Content-Type header, or None."""
+    media, _, params = (content_type or "").partition(";")
+    if media.strip().lower() != "multipart/form-data":
+        return None
+    for m in _PARAM.finditer(";" + params):
+        if m.group(1).lower() == "boundary":
+            return m.group(2) if m.group(2) is not None else m.group(3)
+    return None
+
+
+def parse_form(
+    body: bytes, upload_names: frozenset[str] = frozenset(), boundary: str | None = None
+) -> Form:
     """The fields and uploads of a multipart form. A part is an upload when it carries a
     filename or its name is in `upload_names`; every other part is a UTF-8 text field.
 
-    The boundary is read from the body's delimiter line; a preamble before it and bare-LF line
-    ends are tolerated. MeterRequestError for a form that cannot be read.
+    The boundary is read from the body's delimiter line; whitespace before it and bare-LF line
+    ends are tolerated. `boundary`: the one the request's Content-Type names, which the body
+    must use (a host reads the parts of that one only). MeterRequestError for a form that
+    cannot be read.
     """
     start = body.find(b"--")
     eol = body.find(b"\n", start) if start >= 0 else -1
     if start < 0 or eol < 0 or body[:start].strip(b"\r\n\t "):
         raise MeterRequestError("the multipart form does not start with a boundary line")
-    boundary = body[start:eol].rstrip(b" \t\r")  # RFC 2046 allows padding after it
-    if not 3 <= len(boundary) <= 72:  # "--" and 1 to 70 characters
+    delimiter = body[start:eol].rstrip(b" \t\r")  # RFC 2046 allows padding after it
+    if not 3 <= len(delimiter) <= 72:  # "--" and 1 to 70 characters
         raise MeterRequestError("the multipart form's boundary line is malformed")
-    parts = body[eol + 1 :].split(b"\n" + boundary)
+    if boundary is not None and delimiter != b"--" + boundary.encode("utf-8", "replace"):
+        # A host would take the parts read here as a preamble and read others: the meter
+        # must see what the host sees.
+        raise MeterRequestError(
+            "the multipart form's boundary is not the one its Content-Type names"
+        )
+    parts = body[eol + 1 :].split(b"\n" + delimiter)
     if len(parts) < 2 or not parts[-1].startswith(b"--"):
         raise MeterRequestError("the multipart form is cut short (no closing boundary)")
     form = Form()

@@ -89,13 +89,14 @@ def metered(model: str | None) -> bool:
     return bool(_STT_NAME.search(model)) or priced_per_token("openai", model) or per_duration(model)
 
 
-def read_request(body: bytes) -> Form:
+def read_request(body: bytes, boundary: str | None = None) -> Form:
     """The form of a transcription request: multipart/form-data, as the API takes it (a JSON
-    object is read as its text fields, for a compatible host that accepts one)."""
+    object is read as its text fields, for a compatible host that accepts one). `boundary`:
+    the one the request's Content-Type names."""
     if body[:64].lstrip().startswith(b"{"):
         obj = parse_body(body)
         return Form(fields={k: v for k, v in obj.items() if isinstance(v, str)})
-    form = parse_form(body, frozenset({"file"}))
+    form = parse_form(body, frozenset({"file"}), boundary)
     # The meter reads the last field and the first file; a host may read others. Two models
     # (one not speech to text: a $0 step) or two files (a second's reserve, ten minutes
     # transcribed) would let a call past its budget: the API takes each once.

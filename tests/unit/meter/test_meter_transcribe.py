@@ -481,3 +481,30 @@ def test_array_fields_may_repeat():
     body += _part("file", wav(3), "a.wav") + b"--b0und4ry--\r\n"
     r = inspect_request("openai", "POST", TRANSCRIBE, {}, body, CONFIG)
     assert r.billable and r.input_audio_tokens == 3 * AUDIO_TOKENS_PER_SECOND
+
+
+def _smuggled() -> bytes:
+    """A form read two ways: the server reads the parts of the boundary its Content-Type
+    names (`real`); before them, as a preamble it ignores, a form of another boundary names a
+    model that is not speech to text (a $0 step, never metered)."""
+    fake = form({"model": "not-a-stt-model"}, wav(1), boundary="fake")
+    return fake + form({"model": "whisper-1"}, wav(600), boundary="real")
+
+
+def test_a_form_whose_boundary_is_not_its_content_types_is_refused():
+    body = _smuggled()
+    with pytest.raises(MeterRequestError, match="not the one its Content-Type names"):
+        inspect_request(
+            "openai", "POST", TRANSCRIBE, {}, body, CONFIG,
+            content_type="multipart/form-data; boundary=real",
+        )  # fmt: skip
+    # The boundary the header names, quoted or not, with other parameters: read as before.
+    body = form({"model": "whisper-1"}, wav(600), boundary="real")
+    for content_type in (
+        "multipart/form-data; boundary=real",
+        'Multipart/Form-Data; charset=utf-8; BOUNDARY="real"',
+    ):
+        r = inspect_request(
+            "openai", "POST", TRANSCRIBE, {}, body, CONFIG, content_type=content_type
+        )
+        assert dict(r.expected_extras) == {"audio_seconds": 600}
