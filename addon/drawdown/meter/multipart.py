@@ -16,6 +16,8 @@ class Form:
     uploads: list[tuple[str, bytes]] = field(default_factory=list)
     # Names given to more than one part (a list's `name[]`, or a field a host takes once).
     repeated: set[str] = field(default_factory=set)
+    # Every value of each text field, in order (`fields` keeps the last): a list's items.
+    lists: dict[str, list[str]] = field(default_factory=dict)
 
     def upload(self, name: str) -> bytes | None:
         """The content of the first upload named `name`, or None."""
@@ -84,6 +86,7 @@ def parse_form(
             form.fields[name] = content.decode("utf-8")
         except UnicodeDecodeError:
             raise MeterRequestError(f"multipart field {name!r} is not valid UTF-8") from None
+        form.lists.setdefault(name, []).append(form.fields[name])
     return form
 
 

@@ -20,9 +20,12 @@ counted (source "counted"), as for a stream cut short.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import math
 import re
 from typing import Any
+from urllib.parse import unquote_to_bytes
 
 from ._util import Extracted, ParsedRequest, as_int, loads, parse_body
 from .audio_duration import duration_seconds
@@ -95,7 +98,10 @@ def read_request(body: bytes, boundary: str | None = None) -> Form:
     the one the request's Content-Type names."""
     if body[:64].lstrip().startswith(b"{"):
         obj = parse_body(body)
-        return Form(fields={k: v for k, v in obj.items() if isinstance(v, str)})
+        lists = {
+            k: [x for x in v if isinstance(x, str)] for k, v in obj.items() if isinstance(v, list)
+        }
+        return Form(fields={k: v for k, v in obj.items() if isinstance(v, str)}, lists=lists)
     form = parse_form(body, frozenset({"file"}), boundary)
     # The meter reads the last field and the first file; a host may read others. Two models
     # (one not speech to text: a $0 step) or two files (a second's reserve, ten minutes
@@ -129,6 +135,8 @@ def parse_request(endpoint: str, form: Form, model: str) -> ParsedRequest:
         shown = ", ".join(sorted(_RESPONSE_FORMATS))
         raise MeterRequestError(f"response_format must be one of {shown}, not {fmt[:20]!r}")
     seconds, _ = duration_seconds(audio)
+    # Speaker reference clips (diarization) are audio the model hears too.
+    seconds += sum(_clip_seconds(clip) for clip in _speaker_references(form))
     whole = math.ceil(seconds)
     parsed = ParsedRequest(endpoint=endpoint, model=model, stream=form_bool(form.fields, "stream"))
     if per_duration(model):
@@ -143,6 +151,30 @@ def parse_request(endpoint: str, form: Form, model: str) -> ParsedRequest:
     parsed.input_audio_tokens = audio_tokens
     parsed.cap = min(whole * TRANSCRIPT_TOKENS_PER_SECOND + 1, MAX_TRANSCRIPT_TOKENS)
     return parsed
+
+
+def _speaker_references(form: Form) -> list[str]:
+    """`known_speaker_references[]` (as the SDKs send a list), or without the brackets."""
+    return [
+        *form.lists.get("known_speaker_references[]", []),
+        *form.lists.get("known_speaker_references", []),
+    ]
+
+
+def _clip_seconds(url: str) -> float:
+    """How long a data URL's audio plays (0 for anything else: the API takes only data URLs
+    and refuses the call otherwise)."""
+    head, sep, data = url.partition(",")
+    if not sep or not head.strip().lower().startswith("data:"):
+        return 0.0
+    if head.strip().lower().endswith(";base64"):
+        try:
+            clip = base64.b64decode("".join(data.split()), validate=True)
+        except (binascii.Error, ValueError):
+            return 0.0  # not base64: the API refuses it
+    else:
+        clip = unquote_to_bytes(data)
+    return duration_seconds(clip)[0]
 
 
 # --- responses --------------------------------------------------------------------------

@@ -3,6 +3,7 @@ audio, gpt-4o-(mini-)transcribe per token. The reserve reads the upload's durati
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import math
@@ -508,3 +509,32 @@ def test_a_form_whose_boundary_is_not_its_content_types_is_refused():
             "openai", "POST", TRANSCRIBE, {}, body, CONFIG, content_type=content_type
         )
         assert dict(r.expected_extras) == {"audio_seconds": 600}
+
+
+def test_known_speaker_references_are_reserved_and_charged_as_audio_too():
+    """gpt-4o-transcribe-diarize takes up to 4 reference clips (2 to 10 s each) as data URLs
+    in `known_speaker_references[]`: audio the model hears besides the file. A 1-second file
+    with two 10-second clips is 21 seconds of audio, not 1 (and a text answer, charged its
+    input estimate, would stay short)."""
+    clip = "data:audio/wav;base64," + base64.b64encode(wav(10)).decode()
+    parts = [
+        ("model", b"gpt-4o-transcribe-diarize"),
+        ("response_format", b"text"),
+        ("chunking_strategy", b"auto"),
+        ("known_speaker_names[]", b"agent"),
+        ("known_speaker_names[]", b"customer"),
+        ("known_speaker_references[]", clip.encode()),
+        ("known_speaker_references[]", clip.encode()),
+    ]
+    body = b"".join(_part(n, v) for n, v in parts)
+    body += _part("file", wav(1), "a.wav") + b"--b0und4ry--\r\n"
+    r = inspect_request("openai", "POST", TRANSCRIBE, {}, body, CONFIG)
+    assert r.input_audio_tokens == 21 * AUDIO_TOKENS_PER_SECOND
+    assert r.max_output_tokens == 21 * TRANSCRIPT_TOKENS_PER_SECOND + 1
+    m = measure_body(r, 200, b"A: hello\n", CONFIG)
+    assert m.source == "counted" and m.usage.input_audio_tokens == 21 * AUDIO_TOKENS_PER_SECOND
+    # A clip that is not a readable data URL adds nothing; the call is still read.
+    body = body.replace(b"data:audio/wav;base64,", b"data:audio/wav;base64,!!", 1)
+    body = body.replace(b"data:audio/wav;base64,U", b"https://example.com/x.wav#", 1)
+    r = inspect_request("openai", "POST", TRANSCRIBE, {}, body, CONFIG)
+    assert AUDIO_TOKENS_PER_SECOND <= r.input_audio_tokens <= 21 * AUDIO_TOKENS_PER_SECOND
