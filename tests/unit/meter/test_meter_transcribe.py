@@ -236,6 +236,18 @@ def _webm(info: bytes | None, media: int = 40_000) -> bytes:
     return header + _ebml(0x18538067, children)
 
 
+def test_a_wav_of_countless_empty_chunks_is_not_walked_chunk_by_chunk():
+    """25 MB of zero bytes after a RIFF header is three million empty chunks: walked in
+    Python, seconds of CPU under the GIL, the event loop's too. A WAV has a few chunks; one
+    past a thousand is bounded by its size."""
+    real = wav(2)
+    header, rest = real[:12], real[12:]
+    padded = header + b"junk" + bytes(4) + b"junk" + bytes(4)  # two chunks: still read
+    assert duration_seconds(padded + rest) == (2.0, True)
+    hostile = header + (b"junk" + bytes(4)) * 5_000 + rest
+    assert duration_seconds(hostile) == (len(hostile) / MIN_BYTES_PER_SECOND, False)
+
+
 def test_an_unknown_container_is_bounded_by_its_size():
     # A browser's recording: WebM without a Duration (MediaRecorder writes none).
     webm = _webm(info=None, media=49_900)
