@@ -1,5 +1,6 @@
 """multipart/form-data bodies (the Images API's edits, audio transcriptions): text fields and
-uploaded parts, read without the request headers (which do not reach the meter)."""
+uploaded parts. The boundary is read from the body's first line; where the request's
+Content-Type is given (not in replay's recorded bodies), it must name the same one."""
 
 from __future__ import annotations
 
@@ -7,6 +8,10 @@ import re
 from dataclasses import dataclass, field
 
 from .types import MeterRequestError
+
+# A transcription or an image edit has a few dozen parts at most (an edit's 16 images, a
+# diarization's 4 speakers); each part is read in Python.
+MAX_PARTS = 1000
 
 
 @dataclass
@@ -59,10 +64,13 @@ def parse_form(
         raise MeterRequestError(
             "the multipart form's boundary is not the one its Content-Type names"
         )
-    parts = body[eol + 1 :].split(b"\n" + delimiter)
+    parts = body[eol + 1 :].split(b"\n" + delimiter, MAX_PARTS + 1)
+    if len(parts) > MAX_PARTS + 1:  # each part is read in Python: a bound on the work
+        raise MeterRequestError(f"the multipart form has more than {MAX_PARTS} parts")
     if len(parts) < 2 or not parts[-1].startswith(b"--"):
         raise MeterRequestError("the multipart form is cut short (no closing boundary)")
     form = Form()
+    names: set[str] = set()
     for i, part in enumerate(parts[:-1]):
         if i > 0:  # the rest of the delimiter line: its line end
             part = part.lstrip(b" \t")
@@ -77,8 +85,9 @@ def parse_form(
         if content.endswith(b"\r"):  # the CR of the CRLF before the next delimiter
             content = content[:-1]
         name, filename = _disposition(head, i)
-        if name in form.fields or any(part == name for part, _ in form.uploads):
+        if name in names:
             form.repeated.add(name)
+        names.add(name)
         if filename is not None or name in upload_names:
             form.uploads.append((name, content))
             continue

@@ -22,6 +22,7 @@ from drawdown.meter import (
     unread_request,
 )
 from drawdown.meter.audio_duration import MIN_BYTES_PER_SECOND, duration_seconds
+from drawdown.meter.multipart import MAX_PARTS
 from drawdown.meter.openai_transcribe import (
     AUDIO_TOKENS_PER_SECOND,
     MAX_TRANSCRIPT_TOKENS,
@@ -550,3 +551,18 @@ def test_known_speaker_references_are_reserved_and_charged_as_audio_too():
     body = body.replace(b"data:audio/wav;base64,U", b"https://example.com/x.wav#", 1)
     r = inspect_request("openai", "POST", TRANSCRIBE, {}, body, CONFIG)
     assert AUDIO_TOKENS_PER_SECOND <= r.input_audio_tokens <= 21 * AUDIO_TOKENS_PER_SECOND
+
+
+def test_a_form_of_countless_parts_is_refused_before_they_are_read():
+    """Each part is read in Python (its headers, its name): 300,000 tiny parts in 17 MB were
+    seconds under the GIL. A transcription or an image edit has a few dozen at most."""
+    parts = b"".join(_part(f"f{i}", b"v") for i in range(MAX_PARTS))
+    body = _part("model", b"whisper-1") + parts + _part("file", wav(1), "a.wav")
+    with pytest.raises(MeterRequestError, match=f"more than {MAX_PARTS} parts"):
+        inspect_request("openai", "POST", TRANSCRIBE, {}, body + b"--b0und4ry--\r\n", CONFIG)
+    # As many as allowed are read.
+    body = _part("model", b"whisper-1")
+    body += b"".join(_part(f"f{i}", b"v") for i in range(MAX_PARTS - 2))
+    body += _part("file", wav(1), "a.wav") + b"--b0und4ry--\r\n"
+    r = inspect_request("openai", "POST", TRANSCRIBE, {}, body, CONFIG)
+    assert dict(r.expected_extras) == {"audio_seconds": 1}
