@@ -17,8 +17,9 @@ Usage rules:
   and in a stream the last chunk's `amazon-bedrock-invocationMetrics` (inputTokenCount...). As
   in Converse, the input count leaves the cache reads and writes out. The family's own usage
   fields in the body (Nova `usage`, Llama `prompt_token_count`, Titan `inputTextTokenCount`,
-  OpenAI-style `usage`) stand in when those are absent; for Claude, Anthropic's `usage` comes
-  first (it alone splits the 1 h cache writes).
+  OpenAI-style `usage`) stand in when those are absent, or when one of Bedrock's counts is not
+  a number (the others alone would charge its tokens as 0); for Claude, Anthropic's `usage`
+  comes first (it alone splits the 1 h cache writes).
 * Image and video models (Stability, Titan Image, Nova Canvas and Reel, Luma, TwelveLabs) bill
   per image or second, not per token: their invokes stay $0 steps.
 * The call is priced on the path's modelId (what Bedrock bills: a `global.` inference profile
