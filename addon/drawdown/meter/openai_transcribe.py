@@ -185,6 +185,8 @@ def transcription_usage(u: dict[str, Any], ex: Extracted) -> None:
     if u.get("type") == "duration" or ("seconds" in u and "input_tokens" not in u):
         _seconds(u.get("seconds"), ex)
         return
+    if "input_tokens" not in u and "output_tokens" not in u:
+        return  # another shape (a compatible host's names): no usage, not zero tokens
     details = u.get("input_token_details")
     audio = as_int(details.get("audio_tokens")) if isinstance(details, dict) else 0
     ex.usage = TokenUsage(

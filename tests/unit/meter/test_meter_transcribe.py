@@ -381,6 +381,18 @@ def test_a_per_token_model_answering_in_seconds_is_not_charged_nothing(answer):
     assert m.usd_nanos > 0
 
 
+def test_a_usage_of_another_shape_is_not_read_as_zero_tokens():
+    """A compatible host's own usage names (Mistral's `prompt_audio_seconds`,
+    `prompt_tokens`...) were read as 0 input and 0 output tokens: a transcription at $0. It is
+    charged as an answer without usage: the input estimate and the transcript counted."""
+    r = _request("gpt-4o-transcribe", wav(30))
+    usage = {"prompt_audio_seconds": 30, "prompt_tokens": 4, "completion_tokens": 9}
+    answer = {"text": "Hello there, how are you?", "usage": usage}
+    m = measure_body(r, 200, json.dumps(answer).encode(), CONFIG)
+    assert m.source == "counted" and m.usage.input_audio_tokens == r.input_audio_tokens
+    assert m.usd_nanos > 0
+
+
 def test_a_refused_transcription_costs_nothing():
     r = _request("whisper-1", wav(5))
     error = b'{"error": {"message": "Invalid file format.", "type": "invalid_request_error"}}'
