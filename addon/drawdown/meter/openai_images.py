@@ -137,6 +137,8 @@ def read_request(
     if endpoint == "images.generations":
         raise MeterRequestError("request body must be a JSON object")
     form = parse_form(body, _IMAGE_PARTS, boundary)
+    if "model" in form.repeated:  # read last here, maybe first by the host: a $0 DALL·E step
+        raise MeterRequestError("model is given more than once in the form")
     fields = form.fields
     parsed: dict[str, Any] = dict(fields)
     for key in ("n", "partial_images", "frame_count"):
