@@ -30,14 +30,20 @@ class Form:
 
 
 def boundary_of(content_type: str | None) -> str | None:
-    """The `boundary` parameter of a multipart Content-Type header, or None."""
+    """The `boundary` parameter of a multipart Content-Type header, or None.
+    MeterRequestError when it names more than one (or two headers were joined): a host could
+    read the form by either."""
     media, _, params = (content_type or "").partition(";")
     if media.strip().lower() != "multipart/form-data":
         return None
-    for m in _PARAM.finditer(";" + params):
-        if m.group(1).lower() == "boundary":
-            return m.group(2) if m.group(2) is not None else m.group(3)
-    return None
+    found = {
+        m.group(2) if m.group(2) is not None else m.group(3)
+        for m in _PARAM.finditer(";" + params)
+        if m.group(1).lower() == "boundary"
+    }
+    if len(found) > 1 or "," in _QUOTED.sub("", params):  # a comma outside quotes: joined
+        raise MeterRequestError("the request's Content-Type names more than one boundary")
+    return next(iter(found), None)
 
 
 def parse_form(
@@ -99,6 +105,7 @@ def parse_form(
     return form
 
 
+_QUOTED = re.compile(r'"(?:[^"\\]|\\.)*"')
 _PARAM = re.compile(r';\s*([\w*-]+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^;\s]*))')
 
 

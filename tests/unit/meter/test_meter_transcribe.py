@@ -524,6 +524,15 @@ def test_a_form_whose_boundary_is_not_its_content_types_is_refused():
             "openai", "POST", TRANSCRIBE, {}, body, CONFIG,
             content_type="multipart/form-data; boundary=real",
         )  # fmt: skip
+    # A header naming two boundaries (or two headers joined): a host may take either.
+    for content_type in (
+        "multipart/form-data; boundary=fake; boundary=real",
+        "multipart/form-data; boundary=fake, multipart/form-data; boundary=real",
+    ):
+        with pytest.raises(MeterRequestError, match="more than one boundary"):
+            inspect_request(
+                "openai", "POST", TRANSCRIBE, {}, body, CONFIG, content_type=content_type
+            )
     # The boundary the header names, quoted or not, with other parameters: read as before.
     body = form({"model": "whisper-1"}, wav(600), boundary="real")
     for content_type in (
