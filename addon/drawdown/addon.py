@@ -1250,11 +1250,17 @@ class Drawdown:
         # `stream_usage: false`: the host rejects stream_options, so its streams are counted.
         inject = action.stream_usage
         upstream = meter.origin(view.scheme, view.host, view.port)  # priced at its host's prices
+        inspect = functools.partial(
+            meter.inspect_request,
+            *args,
+            inject_include_usage=inject,
+            origin=upstream,
+            # An upload is read by the boundary the host reads it by.
+            content_type=view.headers.get("content-type"),
+        )
         if len(view.body) > INLINE_TOKENIZE_BYTES:  # big prompts are tokenized off the event loop
-            return await asyncio.to_thread(
-                meter.inspect_request, *args, inject_include_usage=inject, origin=upstream
-            )
-        return meter.inspect_request(*args, inject_include_usage=inject, origin=upstream)
+            return await asyncio.to_thread(inspect)
+        return inspect()
 
     async def _authorize(
         self,

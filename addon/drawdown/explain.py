@@ -138,6 +138,7 @@ def explain(
                 policy.meter,
                 action.price,
                 origin=meter.origin(view.scheme, host, port),  # priced as the proxy prices it
+                content_type=view.headers.get("content-type"),
             )
         except meter.MeterRequestError as exc:
             out.add("estimate", f"cannot read the request: {exc}")

@@ -22,7 +22,7 @@ from drawdown.meter.prices import to_nanos
 from tests.e2e.test_core_openai import run_under_env
 from tests.support import wire
 from tests.support.proxy import DrawdownProcess, ProxyAuth
-from tests.support.standin import StandIn
+from tests.support.standin import Reply, StandIn
 
 pytestmark = pytest.mark.e2e
 
@@ -195,6 +195,29 @@ def test_boto3_invoke_of_nova_llama_and_titan_is_metered_and_charged(
     assert rows[0][6] < rows[2][6]  # global. costs less than us. for the same usage
     ((spent,),) = proxy.query("SELECT spent_usd FROM budget_instances")
     assert spent == sum(row[6] for row in expected) > 0
+
+
+def test_an_invoke_whose_input_count_header_is_not_a_number_is_charged_its_bodys_counts(
+    drawdown_proxy: Factory, standin: StandIn
+) -> None:
+    """An input count header that is not a number was read as 0 input tokens beside a good
+    output count: the call charged its output only. Bedrock's counts are then not trusted and
+    the Llama body's own are charged."""
+    model = "us.meta.llama3-3-70b-instruct-v1:0"
+    headers = {**wire.bedrock_token_headers(40, 12), "X-Amzn-Bedrock-Input-Token-Count": "4O"}
+    answer = wire.llama_invoke_json(
+        text=wire.DEFAULT_REPLY_TEXT, input_tokens=39, output_tokens=11, stop_reason="stop"
+    )
+    standin.script(
+        "POST", f"/model/{model}/invoke", Reply(body=answer, headers=headers), label="bad header"
+    )
+    proxy = drawdown_proxy(POLICY.format(budget='{scope: "agent:*", usd: 1.00}'))
+    client = proxy.bedrock_client(proxy_auth=AUTH)
+    body = json.dumps({"prompt": "Write the report", "max_gen_len": 100})
+    reply = client.invoke_model(modelId=model, body=body)
+    assert json.loads(reply["body"].read())["generation"] == wire.DEFAULT_REPLY_TEXT
+    (row,) = ledger(proxy, 1)
+    assert row == ("allow", 200, "bedrock", model, 39, 11, aws_nanos(model, 39, 11), "usage")
 
 
 def test_a_usd_budget_refuses_the_next_llama_invoke(

@@ -4,6 +4,7 @@ a TLS stand-in for api.openai.com. Reserve before, commit after, deny without fo
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import math
 import os
@@ -17,6 +18,7 @@ from pathlib import Path
 import genai_prices
 import openai
 import pytest
+from drawdown.meter.openai_transcribe import AUDIO_TOKENS_PER_SECOND
 
 from tests.support import wire
 from tests.support.proxy import DrawdownProcess
@@ -444,6 +446,56 @@ def test_transcriptions_are_charged_per_second_or_per_token_and_a_budget_refuses
     assert standin.count("*/audio/*") == 7  # the refused file never left the proxy
 
 
+def test_a_diarized_transcription_with_speaker_clips_is_charged_not_free(
+    drawdown_proxy: Factory, standin: StandIn
+) -> None:
+    """gpt-4o-transcribe-diarize bills tokens, which genai-prices prices; its diarized_json
+    always states `duration` and may leave `usage` out. Read as seconds, that answer was
+    charged $0. Its speaker reference clips are audio heard too: a 1 s file and two 5 s clips
+    are reserved, and charged, as 11 s of audio tokens and the transcript counted."""
+    proxy = drawdown_proxy(TRANSCRIBE_POLICY)
+    wav = wire.wav_audio
+    answer = {
+        "task": "transcribe",
+        "duration": 1.0,
+        "text": standin.reply_text,
+        "segments": [
+            {
+                "type": "transcript.text.segment",
+                "id": "seg_0",
+                "start": 0.0,
+                "end": 1.0,
+                "speaker": "agent",
+                "text": standin.reply_text,
+            }
+        ],
+    }
+    standin.script("POST", "/v1/audio/transcriptions", Reply(json=answer))
+    clip = "data:audio/wav;base64," + base64.b64encode(wav(5)).decode()
+    with proxy.openai_client(default_headers={"X-Drawdown-Agent": "diarist"}) as client:
+        made = client.audio.transcriptions.create(
+            model="gpt-4o-transcribe-diarize",
+            file=("meeting.wav", wav(1)),
+            response_format="diarized_json",
+            chunking_strategy="auto",
+            extra_body={
+                "known_speaker_names": ["agent", "customer"],
+                "known_speaker_references": [clip, clip],
+            },
+        )
+    assert made.segments[0].speaker == "agent"
+    sent = standin.matching("/v1/audio/transcriptions")[0].body
+    assert sent.count(b'name="known_speaker_references[]"') == 2
+    found = proxy.wait_for_query(
+        "SELECT d.actual_usd, d.usage_source, d.tokens_in, h.est_usd FROM decisions d "
+        "JOIN holds h ON h.id = d.hold_id WHERE d.path LIKE '%/audio/%'",
+        until=lambda rows: rows and rows[0][0] is not None,
+    )
+    actual, source, tokens_in, reserved = found[0]
+    assert source == "counted" and 0 < actual < reserved
+    assert tokens_in >= 11 * AUDIO_TOKENS_PER_SECOND  # the file's second and the clips' ten
+
+
 def test_a_malformed_transcription_is_refused_before_it_is_forwarded(
     drawdown_proxy: Factory, standin: StandIn
 ) -> None:
@@ -457,6 +509,18 @@ def test_a_malformed_transcription_is_refused_before_it_is_forwarded(
             response_format="mp3",  # type: ignore[arg-type]
         )
     assert "response_format must be one of" in refused.value.response.json()["error"]["message"]
+    # A form smuggled ahead of the one its Content-Type names (the host reads it as a
+    # preamble): the meter would have read a model that is not speech to text, a $0 step.
+    fake = wire.multipart_form({"model": "not-a-stt-model"}, {"file": wire.wav_audio(1)}, "fake")
+    real = wire.multipart_form({"model": "whisper-1"}, {"file": wire.wav_audio(600)}, "real")
+    with proxy.http_client() as http:
+        smuggled = http.post(
+            "https://api.openai.com/v1/audio/transcriptions",
+            content=fake + real,
+            headers={"Content-Type": "multipart/form-data; boundary=real"},
+        )
+    assert smuggled.status_code == 400
+    assert "not the one its Content-Type names" in smuggled.json()["error"]["message"]
     assert standin.count("*/audio/*") == 0
 
 

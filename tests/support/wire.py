@@ -972,6 +972,19 @@ def wav_audio(seconds: float, rate: int = 16_000) -> bytes:
     return out.getvalue()
 
 
+def multipart_form(fields: Mapping[str, str], files: Mapping[str, bytes], boundary: str) -> bytes:
+    """A multipart/form-data body, as the SDKs send one (CRLF lines, files after fields)."""
+    out = b""
+    for name, value in fields.items():
+        out += f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n'.encode()
+        out += value.encode() + b"\r\n"
+    for name, content in files.items():
+        out += f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; '.encode()
+        out += f'filename="{name}.wav"\r\nContent-Type: audio/wav\r\n\r\n'.encode()
+        out += content + b"\r\n"
+    return out + f"--{boundary}--\r\n".encode()
+
+
 def wav_seconds(data: bytes) -> float | None:
     """How long a WAV upload plays, by the standard library's reader (None: not a WAV)."""
     try:

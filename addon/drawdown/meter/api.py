@@ -23,6 +23,7 @@ from . import (
 from ._util import Extracted, ParsedRequest, kind, loads, parse_body
 from .config import MeterConfig, PricePerMillion, model_family
 from .decode import Decoder, UnsupportedEncoding, make_decoder
+from .multipart import boundary_of
 from .prices import price_first_known, price_usage, to_nanos, url_provider
 from .sse import SSEParser
 from .tokens import count_texts, count_tokens
@@ -147,11 +148,16 @@ def _body_model(body: bytes) -> str | None:
 
 
 def _images(
-    endpoint: str, deployment: str | None, method: str, path: str, body: bytes
+    endpoint: str,
+    deployment: str | None,
+    method: str,
+    path: str,
+    body: bytes,
+    boundary: str | None = None,
 ) -> ParsedRequest | LLMRequest:
     """An OpenAI Images API request: metered for a GPT image model, else a $0 step (DALL·E,
     or no model: the API's default is dall-e-2). A body we cannot read is refused (enforce)."""
-    fields, input_images = openai_images.read_request(endpoint, body)
+    fields, input_images = openai_images.read_request(endpoint, body, boundary)
     model = fields.get("model")
     if model is not None and not isinstance(model, str):
         raise MeterRequestError(f"model must be a string, not {kind(model)}")
@@ -178,12 +184,17 @@ def _speech(
 
 
 def _transcription(
-    endpoint: str, deployment: str | None, method: str, path: str, body: bytes
+    endpoint: str,
+    deployment: str | None,
+    method: str,
+    path: str,
+    body: bytes,
+    boundary: str | None = None,
 ) -> ParsedRequest | LLMRequest:
     """A transcription or translation: metered for a speech-to-text model, else a $0 step (as
     is audio the host fetches by URL). A form we cannot read is refused (enforce), as for the
     Images API."""
-    form = openai_transcribe.read_request(body)
+    form = openai_transcribe.read_request(body, boundary)
     model = openai_transcribe.body_model(form) or deployment  # Azure: the deployment
     if not openai_transcribe.metered(model) or openai_transcribe.by_url(form):
         return _passthrough("openai", endpoint, model, method, path)
@@ -191,8 +202,11 @@ def _transcription(
     return openai_transcribe.parse_request(endpoint, form, model)
 
 
-def parse(provider: str, method: str, path: str, body: bytes) -> ParsedRequest | LLMRequest:
+def parse(
+    provider: str, method: str, path: str, body: bytes, boundary: str | None = None
+) -> ParsedRequest | LLMRequest:
     # One routing for the proxy, shadow mode's unread requests and replay (`charging`).
+    # `boundary`: a multipart upload's, from its Content-Type (None: read from the body).
     if _realtime_handshake(provider, method, path):
         # A Realtime session's handshake: nothing to estimate, but a step of the run (its
         # budgets and guards decide it); its responses are metered on the socket.
@@ -201,11 +215,11 @@ def parse(provider: str, method: str, path: str, body: bytes) -> ParsedRequest |
         )
     endpoint, path_model, path_stream, metered = _route(provider, method, path)
     if provider == "openai" and openai_images.is_images(endpoint):
-        return _images(endpoint, path_model, method, path, body)
+        return _images(endpoint, path_model, method, path, body, boundary)
     if provider == "openai" and openai_audio.is_speech(endpoint):
         return _speech(path_model, method, path, body)
     if provider == "openai" and openai_transcribe.is_transcription(endpoint):
-        return _transcription(endpoint, path_model, method, path, body)
+        return _transcription(endpoint, path_model, method, path, body, boundary)
     if not metered:
         if provider == "openai":  # the body names the model; an Azure deployment stands in
             model = _body_model(body) or path_model
@@ -263,6 +277,7 @@ def inspect_request(
     *,
     inject_include_usage: bool = True,
     origin: str | None = None,
+    content_type: str | None = None,
 ) -> LLMRequest:
     """Classify an LLM API request and estimate its cost before it is forwarded.
 
@@ -272,10 +287,12 @@ def inspect_request(
     OpenAI-compatible host that rejects stream_options); its stream is then "counted".
     `origin` (prices.origin: scheme://host[:port]) is the upstream's: a host genai-prices
     knows (api.groq.com, openrouter.ai, Azure) is priced at its own models' prices.
+    `content_type`: the request's header, whose boundary a multipart upload must use (the
+    ledger keeps none: replay reads the boundary from the body).
     """
     provider = provider.lower()
     path = path.split("?", 1)[0]
-    parsed = parse(provider, method, path, body)
+    parsed = parse(provider, method, path, body, boundary_of(content_type))
     if isinstance(parsed, LLMRequest):
         return parsed
     if not inject_include_usage or provider == "bedrock":
@@ -320,8 +337,11 @@ def inspect_request(
         priced = priced and tool_priced
     if input_tokens + cap > MAX_AMOUNT or nanos > MAX_AMOUNT:
         # e.g. max_tokens: 1e26: no provider serves it, and the ledger's integers cannot hold it.
+        # A transcription's audio read as lasting years is named: its tokens may be 0.
+        seconds = parsed.expected_extras.get("audio_seconds")
+        audio = f" and {seconds} seconds of audio" if seconds else ""
         raise MeterRequestError(
-            f"it asks for {input_tokens} input + up to {cap} output tokens "
+            f"it asks for {input_tokens} input + up to {cap} output tokens{audio} "
             f"(≈${format_usd(nanos, 2)}), past what one call may hold "
             f"(10^18 tokens or ${MAX_USD:,})"
         )
@@ -462,6 +482,11 @@ def _measurement(
     )
 
 
+def _per_second(request: LLMRequest) -> bool:
+    """A transcription reserved in seconds of audio (its model bills them), not in tokens."""
+    return "audio_seconds" in request.expected_extras
+
+
 def _extract_json(
     request: LLMRequest,
     obj: object,
@@ -470,7 +495,8 @@ def _extract_json(
 ) -> Extracted:
     if request.provider == "openai":
         if openai_transcribe.is_transcription(request.endpoint):
-            return openai_transcribe.extract(obj, body)  # text, srt and vtt are not JSON
+            # text, srt and vtt are not JSON
+            return openai_transcribe.extract(obj, body, _per_second(request))
         if openai_images.is_images(request.endpoint):
             return openai_images.extract_json(obj)
         return openai.extract_json(request.endpoint, obj, request.image_tool_model)
@@ -540,7 +566,7 @@ def _stream_state(request: LLMRequest) -> _StreamState:
     if openai_audio.is_speech(request.endpoint):
         return openai_audio.SpeechStream()
     if openai_transcribe.is_transcription(request.endpoint):
-        return openai_transcribe.TranscriptionStream()
+        return openai_transcribe.TranscriptionStream(_per_second(request))
     return openai.ChatStream(request.strip_usage_chunk)
 
 

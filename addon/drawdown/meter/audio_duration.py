@@ -11,6 +11,7 @@ hostile input yields a bound, not an error.
 
 from __future__ import annotations
 
+import math
 import struct
 from collections.abc import Iterator
 
@@ -24,7 +25,9 @@ def duration_seconds(data: bytes) -> tuple[float, bool]:
     try:
         for reader in (_wav, _flac, _ogg, _mp4, _webm, _mp3):
             seconds = reader(data)
-            if seconds is not None and seconds >= 0:
+            # A header's fields can multiply past a float (WebM's Duration times its scale):
+            # infinity is no duration, the size bounds it instead.
+            if seconds is not None and seconds >= 0 and math.isfinite(seconds):
                 return seconds, True
     except (struct.error, IndexError, ValueError, ZeroDivisionError, OverflowError):
         pass
@@ -38,11 +41,18 @@ def size_bound(size: int) -> float:
 # --- WAV ----------------------------------------------------------------------------------
 
 
+# A WAV has a handful of chunks (fmt, data, LIST, fact...): a walk gives up past this many,
+# lest 25 MB of empty chunks (three million) be walked in Python under the GIL.
+_MAX_WAV_CHUNKS = 1024
+
+
 def _wav(data: bytes) -> float | None:
     if data[:4] not in (b"RIFF", b"RF64") or data[8:12] != b"WAVE":
         return None
     pos, byte_rate = 12, 0
-    while pos + 8 <= len(data):
+    for _ in range(_MAX_WAV_CHUNKS):
+        if pos + 8 > len(data):
+            break
         chunk, size = data[pos : pos + 4], struct.unpack_from("<I", data, pos + 4)[0]
         body = pos + 8
         if chunk == b"fmt " and size >= 16:

@@ -17,8 +17,9 @@ Usage rules:
   and in a stream the last chunk's `amazon-bedrock-invocationMetrics` (inputTokenCount...). As
   in Converse, the input count leaves the cache reads and writes out. The family's own usage
   fields in the body (Nova `usage`, Llama `prompt_token_count`, Titan `inputTextTokenCount`,
-  OpenAI-style `usage`) stand in when those are absent; for Claude, Anthropic's `usage` comes
-  first (it alone splits the 1 h cache writes).
+  OpenAI-style `usage`) stand in when those are absent, or when one of Bedrock's counts is not
+  a number (the others alone would charge its tokens as 0); for Claude, Anthropic's `usage`
+  comes first (it alone splits the 1 h cache writes).
 * Image and video models (Stability, Titan Image, Nova Canvas and Reel, Luma, TwelveLabs) bill
   per image or second, not per token: their invokes stay $0 steps.
 * The call is priced on the path's modelId (what Bedrock bills: a `global.` inference profile
@@ -410,7 +411,8 @@ _HEADER = "x-amzn-bedrock-{}-token-count"
 
 def _count(value: Any) -> int | None:
     text = value.strip() if isinstance(value, str) else ""
-    return int(text) if text.isascii() and text.isdigit() else None
+    # 18 digits hold any count a call may have (10^18) and stay within int()'s digit limit.
+    return int(text) if text.isascii() and text.isdigit() and len(text) <= 18 else None
 
 
 def counts_usage(input_tokens: int, output_tokens: int, read: int, write: int) -> TokenUsage:
@@ -429,11 +431,16 @@ def header_usage(headers: Mapping[str, str] | None) -> TokenUsage | None:
     if not headers:
         return None
     lowered = {str(k).lower(): v for k, v in headers.items()}
-    found = {
-        key: _count(lowered.get(_HEADER.format(key)))
+    raw = {
+        key: lowered.get(_HEADER.format(key))
         for key in ("input", "output", "cache-read-input", "cache-write-input")
     }
+    found = {key: _count(value) for key, value in raw.items()}
     if found["input"] is None and found["output"] is None:
+        return None
+    if any(raw[key] is not None and found[key] is None for key in raw):
+        # One count unreadable: the others alone would charge its tokens as 0. The body's
+        # own fields (or the text counted) are charged instead.
         return None
     return counts_usage(*(found[k] or 0 for k in found))
 
@@ -444,12 +451,29 @@ def metrics_usage(metrics: Any) -> TokenUsage | None:
         isinstance(metrics.get(k), int) for k in ("inputTokenCount", "outputTokenCount")
     ):
         return None
+    if any(
+        metrics.get(k) is not None and not _is_count(metrics[k])
+        for k in _METRICS_COUNTS  # one unreadable would be charged as 0, as a header's
+    ):
+        return None
     return counts_usage(
         as_int(metrics.get("inputTokenCount")),
         as_int(metrics.get("outputTokenCount")),
         as_int(metrics.get("cacheReadInputTokenCount")),
         as_int(metrics.get("cacheWriteInputTokenCount")),
     )
+
+
+_METRICS_COUNTS = (
+    "inputTokenCount",
+    "outputTokenCount",
+    "cacheReadInputTokenCount",
+    "cacheWriteInputTokenCount",
+)
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _is_anthropic(obj: dict[str, Any]) -> bool:

@@ -119,9 +119,12 @@ def largest_image_tokens(model: str) -> int:
 # --- requests ---------------------------------------------------------------------------
 
 
-def read_request(endpoint: str, body: bytes) -> tuple[dict[str, Any], int]:
+def read_request(
+    endpoint: str, body: bytes, boundary: str | None = None
+) -> tuple[dict[str, Any], int]:
     """(the request's fields, number of input images) from a JSON body or a multipart form
-    (edits upload their images as one). MeterRequestError when neither can be read."""
+    (edits upload their images as one, `boundary` the one its Content-Type names).
+    MeterRequestError when neither can be read."""
     head = body[:64].lstrip()
     if head.startswith(b"{"):
         obj = loads(body)
@@ -133,7 +136,9 @@ def read_request(endpoint: str, body: bytes) -> tuple[dict[str, Any], int]:
         return obj, count
     if endpoint == "images.generations":
         raise MeterRequestError("request body must be a JSON object")
-    form = parse_form(body, _IMAGE_PARTS)
+    form = parse_form(body, _IMAGE_PARTS, boundary)
+    if "model" in form.repeated:  # read last here, maybe first by the host: a $0 DALL·E step
+        raise MeterRequestError("model is given more than once in the form")
     fields = form.fields
     parsed: dict[str, Any] = dict(fields)
     for key in ("n", "partial_images", "frame_count"):

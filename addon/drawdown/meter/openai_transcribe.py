@@ -20,9 +20,12 @@ counted (source "counted"), as for a stream cut short.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import math
 import re
 from typing import Any
+from urllib.parse import unquote_to_bytes
 
 from ._util import Extracted, ParsedRequest, as_int, loads, parse_body
 from .audio_duration import duration_seconds
@@ -89,13 +92,27 @@ def metered(model: str | None) -> bool:
     return bool(_STT_NAME.search(model)) or priced_per_token("openai", model) or per_duration(model)
 
 
-def read_request(body: bytes) -> Form:
+def read_request(body: bytes, boundary: str | None = None) -> Form:
     """The form of a transcription request: multipart/form-data, as the API takes it (a JSON
-    object is read as its text fields, for a compatible host that accepts one)."""
+    object is read as its text fields, for a compatible host that accepts one). `boundary`:
+    the one the request's Content-Type names."""
     if body[:64].lstrip().startswith(b"{"):
         obj = parse_body(body)
-        return Form(fields={k: v for k, v in obj.items() if isinstance(v, str)})
-    return parse_form(body, frozenset({"file"}))
+        lists = {
+            k: [x for x in v if isinstance(x, str)] for k, v in obj.items() if isinstance(v, list)
+        }
+        return Form(fields={k: v for k, v in obj.items() if isinstance(v, str)}, lists=lists)
+    form = parse_form(body, frozenset({"file"}), boundary)
+    # The meter reads the last field and the first file; a host may read others. Two models
+    # (one not speech to text: a $0 step) or two files (a second's reserve, ten minutes
+    # transcribed) would let a call past its budget: the API takes each once.
+    twice = sorted(form.repeated & _SINGLE_FIELDS)
+    if twice:
+        raise MeterRequestError(f"{twice[0]} is given more than once in the transcription form")
+    return form
+
+
+_SINGLE_FIELDS = frozenset({"file", "model", "url", "response_format", "stream", "prompt"})
 
 
 def by_url(form: Form) -> bool:
@@ -118,6 +135,8 @@ def parse_request(endpoint: str, form: Form, model: str) -> ParsedRequest:
         shown = ", ".join(sorted(_RESPONSE_FORMATS))
         raise MeterRequestError(f"response_format must be one of {shown}, not {fmt[:20]!r}")
     seconds, _ = duration_seconds(audio)
+    # Speaker reference clips (diarization) are audio the model hears too.
+    seconds += sum(_clip_seconds(clip) for clip in _speaker_references(form))
     whole = math.ceil(seconds)
     parsed = ParsedRequest(endpoint=endpoint, model=model, stream=form_bool(form.fields, "stream"))
     if per_duration(model):
@@ -134,6 +153,30 @@ def parse_request(endpoint: str, form: Form, model: str) -> ParsedRequest:
     return parsed
 
 
+def _speaker_references(form: Form) -> list[str]:
+    """`known_speaker_references[]` (as the SDKs send a list), or without the brackets."""
+    return [
+        *form.lists.get("known_speaker_references[]", []),
+        *form.lists.get("known_speaker_references", []),
+    ]
+
+
+def _clip_seconds(url: str) -> float:
+    """How long a data URL's audio plays (0 for anything else: the API takes only data URLs
+    and refuses the call otherwise)."""
+    head, sep, data = url.partition(",")
+    if not sep or not head.strip().lower().startswith("data:"):
+        return 0.0
+    if head.strip().lower().endswith(";base64"):
+        try:
+            clip = base64.b64decode("".join(data.split()), validate=True)
+        except (binascii.Error, ValueError):
+            return 0.0  # not base64: the API refuses it
+    else:
+        clip = unquote_to_bytes(data)
+    return duration_seconds(clip)[0]
+
+
 # --- responses --------------------------------------------------------------------------
 
 
@@ -142,6 +185,8 @@ def transcription_usage(u: dict[str, Any], ex: Extracted) -> None:
     if u.get("type") == "duration" or ("seconds" in u and "input_tokens" not in u):
         _seconds(u.get("seconds"), ex)
         return
+    if "input_tokens" not in u and "output_tokens" not in u:
+        return  # another shape (a compatible host's names): no usage, not zero tokens
     details = u.get("input_token_details")
     audio = as_int(details.get("audio_tokens")) if isinstance(details, dict) else 0
     ex.usage = TokenUsage(
@@ -159,9 +204,20 @@ def _seconds(value: Any, ex: Extracted) -> None:
     ex.extras["audio_seconds"] = max(math.ceil(value), 0)
 
 
-def extract(obj: Any, body: bytes) -> Extracted:
+def _tokens_only(ex: Extracted, per_second: bool) -> Extracted:
+    """A per-token model's answer that reports only seconds (diarized_json's `duration`, a
+    `duration` usage) has no usage it can be priced by: genai-prices has no per-second price
+    for it, so the seconds would cost $0. It is left without usage, to be counted."""
+    if not per_second and "audio_seconds" in ex.extras:
+        ex.usage = None
+        del ex.extras["audio_seconds"]
+    return ex
+
+
+def extract(obj: Any, body: bytes, per_second: bool = True) -> Extracted:
     """What an answer reports: a JSON object (json, verbose_json, diarized_json) or the bare
-    transcript (text, srt, vtt), whose text is kept to be counted."""
+    transcript (text, srt, vtt), whose text is kept to be counted. `per_second`: whether the
+    request's model bills seconds of audio (its reserve holds `audio_seconds`)."""
     ex = Extracted()
     if isinstance(obj, dict):
         ex.seen = True
@@ -173,7 +229,7 @@ def extract(obj: Any, body: bytes) -> Extracted:
         text = obj.get("text")
         if isinstance(text, str) and text:
             ex.texts.append(text)
-        return ex
+        return _tokens_only(ex, per_second)
     text = body.decode("utf-8", "replace").strip()
     if text:
         ex.seen = True
@@ -189,8 +245,9 @@ class TranscriptionStream:
     """`stream: true` (gpt-4o-*-transcribe, gpt-transcribe): `transcript.text.delta` events,
     then `transcript.text.done` with the whole text and the call's usage."""
 
-    def __init__(self) -> None:
+    def __init__(self, per_second: bool = True) -> None:
         self._ex = Extracted()
+        self._per_second = per_second
 
     def on_event(self, event: str | None, data: bytes) -> bool:
         obj = loads(data)
@@ -213,4 +270,4 @@ class TranscriptionStream:
         return True
 
     def result(self) -> Extracted:
-        return self._ex
+        return _tokens_only(self._ex, self._per_second)

@@ -658,6 +658,26 @@ def test_an_invoke_answer_without_any_usage_is_counted() -> None:
     assert measure_body(request, 200, answer, CONFIG, headers=no_counts) == m
 
 
+@pytest.mark.parametrize(
+    ("header", "value"),
+    [
+        ("X-Amzn-Bedrock-Input-Token-Count", "12x"),
+        ("X-Amzn-Bedrock-Input-Token-Count", "-40"),
+        ("X-Amzn-Bedrock-Cache-Read-Input-Token-Count", "1e3"),
+        ("X-Amzn-Bedrock-Output-Token-Count", "9" * 5000),  # past int()'s digit limit
+    ],
+)
+def test_a_token_count_header_that_is_not_a_number_is_not_trusted(header: str, value: str) -> None:
+    """One count unreadable: the others alone would charge its tokens as 0 (an input count of
+    "12x" read as no input). The answer's own fields are charged instead."""
+    model, body = FAMILIES["llama"][:2]
+    request = inspect(invoke_path(model), body)
+    answer = wire.llama_invoke_json(text="Up.", input_tokens=39, output_tokens=11, stop_reason="s")
+    m = measure_body(request, 200, answer, CONFIG, headers={**HEADERS, header: value})
+    assert (m.source, m.usage) == ("usage", TokenUsage(input_tokens=39, output_tokens=11))
+    assert m == measure_body(request, 200, answer, CONFIG)
+
+
 def test_claudes_own_usage_comes_before_the_headers() -> None:
     """Anthropic's usage splits the 1 h cache writes, which the headers do not: it is read
     first; the headers stand in when the body has none."""
@@ -732,6 +752,17 @@ def test_an_invoke_stream_without_metrics_is_charged_its_familys_counts(
     frames = wire.bedrock_chunk_stream([*family_chunks(family), {}], {"other": 1})
     m = feed(request, [b"".join(frames)])
     assert (m.source, m.usage) == ("usage", expected)
+
+
+@pytest.mark.parametrize("bad", [{"inputTokenCount": "50"}, {"cacheReadInputTokenCount": 1.5}])
+def test_invocation_metrics_with_a_count_that_is_not_a_number_are_not_trusted(bad: dict) -> None:
+    """As for the headers: one unreadable count would be charged as 0 tokens; the family's
+    own counts are charged instead."""
+    model, body = FAMILIES["llama"][:2]
+    request = inspect(invoke_path(model, stream=True), body)
+    frames = wire.bedrock_chunk_stream(family_chunks("llama"), {**METRICS, **bad})
+    m = feed(request, [b"".join(frames)])
+    assert (m.source, m.usage) == ("usage", TokenUsage(input_tokens=49, output_tokens=4))
 
 
 def test_a_llama_stream_cut_short_counts_what_was_streamed() -> None:

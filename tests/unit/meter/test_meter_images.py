@@ -289,6 +289,19 @@ def test_edits_reserve_each_input_image_as_the_largest_image():
     assert (dalle.billable, dalle.step, dalle.model) == (False, True, "dall-e-2")
 
 
+def test_an_edit_naming_its_model_twice_is_refused():
+    """The meter reads the last model: gpt-image-1 then dall-e-2 read as DALL·E, a $0 step,
+    while a host that takes the first bills GPT image tokens. As for transcriptions."""
+    body = _multipart({"model": "gpt-image-1", "prompt": "add a hat"}, images=1)
+    end = body.rindex(b"--", 0, len(body) - 4)  # the closing delimiter
+    boundary = body[: body.index(b"\r\n")]
+    twice = body[:end] + boundary + b'\r\nContent-Disposition: form-data; name="model"\r\n\r\n'
+    twice += b"dall-e-2\r\n" + body[end:]
+    assert _image_request(body, EDITS).billable
+    with pytest.raises(MeterRequestError, match="model is given more than once"):
+        _image_request(twice, EDITS)
+
+
 def test_a_multipart_form_with_bare_line_feeds_and_a_preamble_is_read():
     body = (
         b"\r\n--b0undary\n"

@@ -3,6 +3,7 @@ audio, gpt-4o-(mini-)transcribe per token. The reserve reads the upload's durati
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import math
@@ -21,6 +22,7 @@ from drawdown.meter import (
     unread_request,
 )
 from drawdown.meter.audio_duration import MIN_BYTES_PER_SECOND, duration_seconds
+from drawdown.meter.multipart import MAX_PARTS
 from drawdown.meter.openai_transcribe import (
     AUDIO_TOKENS_PER_SECOND,
     MAX_TRANSCRIPT_TOKENS,
@@ -235,6 +237,18 @@ def _webm(info: bytes | None, media: int = 40_000) -> bytes:
     return header + _ebml(0x18538067, children)
 
 
+def test_a_wav_of_countless_empty_chunks_is_not_walked_chunk_by_chunk():
+    """25 MB of zero bytes after a RIFF header is three million empty chunks: walked in
+    Python, seconds of CPU under the GIL, the event loop's too. A WAV has a few chunks; one
+    past a thousand is bounded by its size."""
+    real = wav(2)
+    header, rest = real[:12], real[12:]
+    padded = header + b"junk" + bytes(4) + b"junk" + bytes(4)  # two chunks: still read
+    assert duration_seconds(padded + rest) == (2.0, True)
+    hostile = header + (b"junk" + bytes(4)) * 5_000 + rest
+    assert duration_seconds(hostile) == (len(hostile) / MIN_BYTES_PER_SECOND, False)
+
+
 def test_an_unknown_container_is_bounded_by_its_size():
     # A browser's recording: WebM without a Duration (MediaRecorder writes none).
     webm = _webm(info=None, media=49_900)
@@ -256,6 +270,24 @@ def test_hostile_audio_never_raises(prefix, rest):
     assert seconds >= 0
     r = _request("gpt-4o-mini-transcribe", prefix + rest)
     assert r.billable and r.estimate_usd_nanos >= 0
+
+
+def test_a_duration_too_large_to_hold_is_a_plain_error_never_a_crash():
+    """A WebM whose Duration times its TimecodeScale overflows a float (infinity): a reader
+    that returned it would crash the estimate (math.ceil(inf)); it gets the size bound."""
+    huge = _ebml(0x2AD7B1, ((1 << 56) - 2).to_bytes(7, "big")) + _ebml(
+        0x4489, struct.pack(">d", 1e300)
+    )
+    webm = _webm(info=huge)
+    assert duration_seconds(webm) == (len(webm) / MIN_BYTES_PER_SECOND, False)
+    r = _request("whisper-1", webm)
+    assert dict(r.expected_extras) == {"audio_seconds": math.ceil(len(webm) / 1000)}
+    # A finite claim of years past what a call may hold is refused in plain words, seconds named.
+    mvhd = b"\x01" + bytes(3) + bytes(16) + struct.pack(">IQ", 1, 2**63) + bytes(80)
+    moov = struct.pack(">I", 8 + 8 + len(mvhd)) + b"moov" + struct.pack(">I", 8 + len(mvhd))
+    mp4 = struct.pack(">I", 16) + b"ftypM4A " + bytes(4) + moov + b"mvhd" + mvhd
+    with pytest.raises(MeterRequestError, match=f"{2**63} seconds of audio"):
+        _request("whisper-1", mp4)
 
 
 # --- what is charged ----------------------------------------------------------------------
@@ -312,6 +344,53 @@ def test_a_text_answer_from_gpt_4o_transcribe_is_charged_its_input_estimate_and_
         output_tokens=m.usage.output_tokens,
     )
     assert m.usd_nanos < r.estimate_usd_nanos  # the transcript is shorter than reserved
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        # diarized_json always has `duration`; its `usage` is optional (a host may leave it out)
+        {"task": "transcribe", "duration": 30.0, "text": "Hello there, how are you?"},
+        # usage is `tokens` or `duration` in every transcription type
+        {"text": "Hello there, how are you?", "usage": {"type": "duration", "seconds": 30}},
+    ],
+)
+def test_a_per_token_model_answering_in_seconds_is_not_charged_nothing(answer):
+    """gpt-4o-transcribe(-diarize) has no per-second price in genai-prices: seconds alone
+    would price at $0. It is charged its input estimate and its transcript, counted."""
+    r = _request("gpt-4o-transcribe-diarize", wav(30), response_format="diarized_json")
+    m = measure_body(r, 200, json.dumps(answer).encode(), CONFIG)
+    assert m.source == "counted" and "audio_seconds" not in m.extras
+    assert (m.usage.input_tokens, m.usage.input_audio_tokens) == (
+        r.input_tokens,
+        r.input_audio_tokens,
+    )
+    assert m.usage.output_tokens >= count_tokens(answer["text"], "gpt-4o-transcribe")
+    assert m.usd_nanos == _genai(
+        "gpt-4o-transcribe",
+        input_tokens=r.input_tokens,
+        input_audio_tokens=r.input_audio_tokens,
+        output_tokens=m.usage.output_tokens,
+    )
+    # ...and the same streamed: a `transcript.text.done` whose usage is in seconds.
+    r = _request("gpt-4o-transcribe", wav(30), stream="true")
+    meter = open_stream_meter(r, "text/event-stream", None, CONFIG)
+    meter.feed(_sse("Hello there", {"type": "duration", "seconds": 30}))
+    _, m = meter.finish()
+    assert m.source == "counted" and m.usage.input_audio_tokens == r.input_audio_tokens > 0
+    assert m.usd_nanos > 0
+
+
+def test_a_usage_of_another_shape_is_not_read_as_zero_tokens():
+    """A compatible host's own usage names (Mistral's `prompt_audio_seconds`,
+    `prompt_tokens`...) were read as 0 input and 0 output tokens: a transcription at $0. It is
+    charged as an answer without usage: the input estimate and the transcript counted."""
+    r = _request("gpt-4o-transcribe", wav(30))
+    usage = {"prompt_audio_seconds": 30, "prompt_tokens": 4, "completion_tokens": 9}
+    answer = {"text": "Hello there, how are you?", "usage": usage}
+    m = measure_body(r, 200, json.dumps(answer).encode(), CONFIG)
+    assert m.source == "counted" and m.usage.input_audio_tokens == r.input_audio_tokens
+    assert m.usd_nanos > 0
 
 
 def test_a_refused_transcription_costs_nothing():
@@ -382,3 +461,129 @@ def test_a_stream_cut_before_its_usage_is_charged_the_input_estimate_and_the_tex
 def test_a_malformed_transcription_request_is_refused_in_plain_words(body, says):
     with pytest.raises(MeterRequestError, match=says):
         inspect_request("openai", "POST", TRANSCRIBE, {}, body, CONFIG)
+
+
+def _part(name: str, value: bytes, filename: str | None = None) -> bytes:
+    disposition = f'form-data; name="{name}"' + (f'; filename="{filename}"' if filename else "")
+    return f"--b0und4ry\r\nContent-Disposition: {disposition}\r\n\r\n".encode() + value + b"\r\n"
+
+
+@pytest.mark.parametrize(
+    ("parts", "says"),
+    [
+        # The meter would read the last model (not speech to text: a $0 step) while a server
+        # that takes the first transcribes ten minutes on whisper-1 for free.
+        ([("model", b"whisper-1"), ("model", b"not-a-stt-model")], "model"),
+        # The meter would reserve the first file's second while a server reads the other's
+        # ten minutes (and a text answer would be charged that second).
+        ([("model", b"whisper-1"), ("file", wav(1)), ("file", wav(600))], "file"),
+        (
+            [("model", b"whisper-1"), ("response_format", b"json"), ("response_format", b"text")],
+            "response_format",
+        ),
+    ],
+)
+def test_a_field_a_transcription_takes_once_given_twice_is_refused(parts, says):
+    body = b"".join(_part(n, v, "a.wav" if n == "file" else None) for n, v in parts)
+    if not any(n == "file" for n, _ in parts):
+        body += _part("file", wav(600), "a.wav")
+    body += b"--b0und4ry--\r\n"
+    with pytest.raises(MeterRequestError, match=f"{says} is given more than once"):
+        inspect_request("openai", "POST", TRANSCRIBE, {}, body, CONFIG)
+
+
+def test_array_fields_may_repeat():
+    """The SDKs send a list as repeated `name[]` parts (include, timestamp_granularities,
+    known_speaker_names): that is no duplicate."""
+    body = b"".join(
+        _part(n, v)
+        for n, v in [
+            ("model", b"gpt-4o-transcribe"),
+            ("include[]", b"logprobs"),
+            ("timestamp_granularities[]", b"word"),
+            ("timestamp_granularities[]", b"segment"),
+        ]
+    )
+    body += _part("file", wav(3), "a.wav") + b"--b0und4ry--\r\n"
+    r = inspect_request("openai", "POST", TRANSCRIBE, {}, body, CONFIG)
+    assert r.billable and r.input_audio_tokens == 3 * AUDIO_TOKENS_PER_SECOND
+
+
+def _smuggled() -> bytes:
+    """A form read two ways: the server reads the parts of the boundary its Content-Type
+    names (`real`); before them, as a preamble it ignores, a form of another boundary names a
+    model that is not speech to text (a $0 step, never metered)."""
+    fake = form({"model": "not-a-stt-model"}, wav(1), boundary="fake")
+    return fake + form({"model": "whisper-1"}, wav(600), boundary="real")
+
+
+def test_a_form_whose_boundary_is_not_its_content_types_is_refused():
+    body = _smuggled()
+    with pytest.raises(MeterRequestError, match="not the one its Content-Type names"):
+        inspect_request(
+            "openai", "POST", TRANSCRIBE, {}, body, CONFIG,
+            content_type="multipart/form-data; boundary=real",
+        )  # fmt: skip
+    # A header naming two boundaries (or two headers joined): a host may take either.
+    for content_type in (
+        "multipart/form-data; boundary=fake; boundary=real",
+        "multipart/form-data; boundary=fake, multipart/form-data; boundary=real",
+    ):
+        with pytest.raises(MeterRequestError, match="more than one boundary"):
+            inspect_request(
+                "openai", "POST", TRANSCRIBE, {}, body, CONFIG, content_type=content_type
+            )
+    # The boundary the header names, quoted or not, with other parameters: read as before.
+    body = form({"model": "whisper-1"}, wav(600), boundary="real")
+    for content_type in (
+        "multipart/form-data; boundary=real",
+        'Multipart/Form-Data; charset=utf-8; BOUNDARY="real"',
+    ):
+        r = inspect_request(
+            "openai", "POST", TRANSCRIBE, {}, body, CONFIG, content_type=content_type
+        )
+        assert dict(r.expected_extras) == {"audio_seconds": 600}
+
+
+def test_known_speaker_references_are_reserved_and_charged_as_audio_too():
+    """gpt-4o-transcribe-diarize takes up to 4 reference clips (2 to 10 s each) as data URLs
+    in `known_speaker_references[]`: audio the model hears besides the file. A 1-second file
+    with two 10-second clips is 21 seconds of audio, not 1 (and a text answer, charged its
+    input estimate, would stay short)."""
+    clip = "data:audio/wav;base64," + base64.b64encode(wav(10)).decode()
+    parts = [
+        ("model", b"gpt-4o-transcribe-diarize"),
+        ("response_format", b"text"),
+        ("chunking_strategy", b"auto"),
+        ("known_speaker_names[]", b"agent"),
+        ("known_speaker_names[]", b"customer"),
+        ("known_speaker_references[]", clip.encode()),
+        ("known_speaker_references[]", clip.encode()),
+    ]
+    body = b"".join(_part(n, v) for n, v in parts)
+    body += _part("file", wav(1), "a.wav") + b"--b0und4ry--\r\n"
+    r = inspect_request("openai", "POST", TRANSCRIBE, {}, body, CONFIG)
+    assert r.input_audio_tokens == 21 * AUDIO_TOKENS_PER_SECOND
+    assert r.max_output_tokens == 21 * TRANSCRIPT_TOKENS_PER_SECOND + 1
+    m = measure_body(r, 200, b"A: hello\n", CONFIG)
+    assert m.source == "counted" and m.usage.input_audio_tokens == 21 * AUDIO_TOKENS_PER_SECOND
+    # A clip that is not a readable data URL adds nothing; the call is still read.
+    body = body.replace(b"data:audio/wav;base64,", b"data:audio/wav;base64,!!", 1)
+    body = body.replace(b"data:audio/wav;base64,U", b"https://example.com/x.wav#", 1)
+    r = inspect_request("openai", "POST", TRANSCRIBE, {}, body, CONFIG)
+    assert AUDIO_TOKENS_PER_SECOND <= r.input_audio_tokens <= 21 * AUDIO_TOKENS_PER_SECOND
+
+
+def test_a_form_of_countless_parts_is_refused_before_they_are_read():
+    """Each part is read in Python (its headers, its name): 300,000 tiny parts in 17 MB were
+    seconds under the GIL. A transcription or an image edit has a few dozen at most."""
+    parts = b"".join(_part(f"f{i}", b"v") for i in range(MAX_PARTS))
+    body = _part("model", b"whisper-1") + parts + _part("file", wav(1), "a.wav")
+    with pytest.raises(MeterRequestError, match=f"more than {MAX_PARTS} parts"):
+        inspect_request("openai", "POST", TRANSCRIBE, {}, body + b"--b0und4ry--\r\n", CONFIG)
+    # As many as allowed are read.
+    body = _part("model", b"whisper-1")
+    body += b"".join(_part(f"f{i}", b"v") for i in range(MAX_PARTS - 2))
+    body += _part("file", wav(1), "a.wav") + b"--b0und4ry--\r\n"
+    r = inspect_request("openai", "POST", TRANSCRIBE, {}, body, CONFIG)
+    assert dict(r.expected_extras) == {"audio_seconds": 1}
