@@ -33,6 +33,16 @@ def dig(obj: Any, *keys: str) -> Any:
     return obj
 
 
+def route_by_suffix(path: str, endpoints: dict[str, str]) -> str | None:
+    """The endpoint whose path suffix `path` ends with (a trailing slash ignored), else None:
+    the same API under any prefix (`/v1`, Azure's deployments, a compatible host's `/openai/v1`)."""
+    p = path.rstrip("/")
+    for suffix, endpoint in endpoints.items():
+        if p.endswith(suffix):
+            return endpoint
+    return None
+
+
 def loads(data: bytes | str) -> Any:
     """Parse JSON; None on any error (responses are metered best-effort, never raised on)."""
     try:

@@ -14,7 +14,7 @@ import json
 import re
 from typing import Any
 
-from ._util import Extracted, ParsedRequest, as_int, kind, loads, opt_bool, opt_int
+from ._util import Extracted, ParsedRequest, as_int, kind, loads, opt_bool, opt_int, route_by_suffix
 from .multipart import form_bool, form_int, parse_form
 from .prices import priced_per_token
 from .types import MeterRequestError, TokenUsage
@@ -32,11 +32,7 @@ PROMPT_OVERHEAD = 32
 
 def route(path: str) -> str | None:
     """ "images.generations" / "images.edits" for an Images API path, else None."""
-    p = path.rstrip("/")
-    for suffix, endpoint in ENDPOINTS.items():
-        if p.endswith(suffix):
-            return endpoint
-    return None
+    return route_by_suffix(path, ENDPOINTS)
 
 
 def metered(model: str | None) -> bool:

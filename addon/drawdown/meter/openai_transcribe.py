@@ -27,7 +27,7 @@ import re
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
-from ._util import Extracted, ParsedRequest, as_int, loads, parse_body
+from ._util import Extracted, ParsedRequest, as_int, loads, parse_body, route_by_suffix
 from .audio_duration import duration_seconds
 from .multipart import Form, form_bool, parse_form
 from .prices import TOKENS_PER_AUDIO_SECOND, genai_price, priced_per_token
@@ -63,11 +63,7 @@ _RESPONSE_FORMATS = frozenset({"json", "text", "srt", "verbose_json", "vtt", "di
 
 def route(path: str) -> str | None:
     """ "audio.transcriptions" / "audio.translations" for such a path, else None."""
-    p = path.rstrip("/")
-    for suffix, endpoint in ENDPOINTS.items():
-        if p.endswith(suffix):
-            return endpoint
-    return None
+    return route_by_suffix(path, ENDPOINTS)
 
 
 def is_transcription(endpoint: str) -> bool:
@@ -235,10 +231,6 @@ def extract(obj: Any, body: bytes, per_second: bool = True) -> Extracted:
         ex.seen = True
         ex.texts.append(text)
     return ex
-
-
-def extract_body(body: bytes) -> Extracted:
-    return extract(loads(body) if body[:64].lstrip()[:1] == b"{" else None, body)
 
 
 class TranscriptionStream:
