@@ -1695,19 +1695,35 @@ class Drawdown:
             )
             reason = release_reason or "released"
             operation = ("release", (state.request_id, state.hold_id, completion, reason, now))
+        settled = await self._send_settlement(state.request_id, operation)
+        if settled is None or operation[0] != "commit":
+            return
+        self._warn_if_fallback_priced(state, completion)
+        if settled.overage:
+            log.warning(
+                "drawdown: %s went over a budget (actual above estimate): further calls will be denied",
+                state.identity.path,
+            )
+
+    async def _send_settlement(
+        self, request_id: str, operation: tuple[str, tuple[Any, ...]]
+    ) -> Any:
+        """Hand a commit or release to the ledger: what it answers, or None when it refused.
+        A refused one is kept for the maintenance task to write: the answer goes on to the
+        agent meanwhile, and the ledger gets the settlement when it takes it."""
         try:
-            settled = await self.ledger.call(operation[0], *operation[1])
+            return await self._ledger().call(operation[0], *operation[1])
         except LedgerError as exc:
-            # The answer goes on to the agent; the ledger gets the settlement when it takes it.
-            self.unsettled[state.request_id] = operation
+            self.unsettled[request_id] = operation
             log.error(
                 "drawdown: could not settle %s (%s); trying again with the ledger's maintenance",
-                state.request_id,
+                request_id,
                 exc,
             )
-            return
-        if operation[0] != "commit":
-            return
+            return None
+
+    @staticmethod
+    def _warn_if_fallback_priced(state: FlowState, completion: Completion) -> None:
         if completion.priced is False:  # never silent: the fallback price is a guess
             looked_in = (
                 meter.price_providers(state.llm.provider, state.llm.price_provider)
@@ -1720,11 +1736,6 @@ class Drawdown:
                 completion.model,
                 " and ".join(looked_in) or "providers",
                 state.request_id,
-            )
-        if settled.overage:
-            log.warning(
-                "drawdown: %s went over a budget (actual above estimate): further calls will be denied",
-                state.identity.path,
             )
 
     # --- the Realtime API (WebSocket) ----------------------------------------------------
@@ -2066,23 +2077,10 @@ class Drawdown:
                 (state.request_id, state.hold_id, completion, release_reason, now),
             )
         try:
-            return await self._ledger().call(operation[0], *operation[1])
-        except LedgerError as exc:
-            self.unsettled[state.request_id] = operation
-            log.error(
-                "drawdown: could not settle %s (%s); trying again with the ledger's maintenance",
-                state.request_id,
-                exc,
-            )
-            return None
+            return await self._send_settlement(state.request_id, operation)
         finally:
             self.inflight.pop(state.request_id, None)
-            if completion.priced is False:
-                log.warning(
-                    "drawdown: model %s is unknown to genai-prices; %s charged at the fallback price",
-                    completion.model,
-                    state.request_id,
-                )
+            self._warn_if_fallback_priced(state, completion)
 
     async def websocket_end(self, flow: http.HTTPFlow) -> None:
         """The session is over: a response still going is released (no usage came for it)."""
