@@ -1700,10 +1700,24 @@ class Drawdown:
             return
         self._warn_if_fallback_priced(state, completion)
         if settled.overage:
-            log.warning(
-                "drawdown: %s went over a budget (actual above estimate): further calls will be denied",
-                state.identity.path,
-            )
+            # Name the budgets, and say what follows: a shadow budget over its limit only
+            # records the calls it would refuse.
+            enforced = self._enforced(state, state.policy) if state.policy is not None else set()
+            over = ", ".join(f"{budget} at {scope}" for budget, scope in settled.overage)
+            if enforced & set(settled.overage):
+                log.warning(
+                    "drawdown: %s went over %s (actual above estimate): further calls will be "
+                    "denied",
+                    state.identity.path,
+                    over,
+                )
+            else:
+                log.info(
+                    "drawdown: %s went over %s (actual above estimate; shadow: further calls "
+                    "are recorded as would_deny, not denied)",
+                    state.identity.path,
+                    over,
+                )
 
     async def _send_settlement(
         self, request_id: str, operation: tuple[str, tuple[Any, ...]]

@@ -575,3 +575,31 @@ def test_a_client_that_leaves_after_the_streams_end_is_charged_the_whole_answer(
     [(state, charged, _)] = holds(db)
     assert state == "committed" and charged and charged > 0
     assert notes(db) == [None]
+
+
+@pytest.mark.parametrize(
+    ("budget_mode", "policy_mode", "denied"),
+    [("", "", True), (", mode: shadow", "", False), ("", "mode: shadow\n", False)],
+    ids=["enforced", "shadow budget", "shadow policy"],
+)
+def test_a_call_over_its_budget_says_whether_further_calls_will_be_denied(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, budget_mode: str, policy_mode: str,
+    denied: bool,
+) -> None:  # fmt: skip
+    """A tool that reports $5 against a $1 budget: the warning names the budget, and says
+    "further calls will be denied" only where they will be (a shadow budget only records)."""
+    caplog.set_level(logging.INFO)
+    policy = policy_mode + TOOLS.replace("usd: 10}", f"usd: 1{budget_mode}}}")
+
+    async def steps(addon: Drawdown) -> None:
+        flow = await forwarded(addon, tool_call())
+        flow.response = tutils.tresp(
+            content=b'{"usage": {"cost_usd": 5}}', headers=http.Headers(JSON)
+        )
+        await addon.response(flow)
+
+    drive(tmp_path, policy, steps)
+    [line] = [r.getMessage() for r in caplog.records if "actual above estimate" in r.getMessage()]
+    assert "went over agent:*/run:* at agent:support/run:r1 (" in line, line
+    assert ("further calls will be denied" in line) is denied, line
+    assert ("recorded as would_deny" in line) is not denied, line
