@@ -14,7 +14,7 @@ import os
 import signal
 import textwrap
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import genai_prices
@@ -315,20 +315,18 @@ def test_input_audio_transcription_is_charged_at_its_own_models_price(
     ]
 
 
-def test_a_stop_waits_for_a_response_under_way_and_charges_it(
-    drawdown_proxy: Factory, upstream: RealtimeStandIn, agent_env: Callable[..., None]
+def charged_through_a_stop(
+    proxy: DrawdownProcess, upstream: RealtimeStandIn, begin: Callable[[Any], Awaitable[None]]
 ) -> None:
-    """SIGTERM while the model is answering: the drain waits for the response.done (a
-    response asked for but not begun would not hold the stop up), and it is charged."""
-    proxy = start(drawdown_proxy, upstream, policy('- {scope: "agent:*/run:*", usd: 5.00}'))
-    agent_env(proxy)
+    """`begin` a response, SIGTERM the proxy once the model is answering, then let the
+    answer finish: the drain must wait for its response.done, and charge it."""
     upstream.gate = threading.Event()
 
     async def answered_during_the_stop() -> Any:
         client = openai.AsyncOpenAI(api_key="sk-test-realtime")
         async with client.realtime.connect(model="gpt-realtime") as connection:
             await next_of(connection, "session.created")
-            await connection.response.create()
+            await begin(connection)
             await next_of(connection, "response.created")
             assert proxy.pid is not None
             os.kill(proxy.pid, signal.SIGTERM)
@@ -340,6 +338,20 @@ def test_a_stop_waits_for_a_response_under_way_and_charges_it(
     assert proxy.wait() == 0
     ((decision, _, usd, *_, hold),) = response_rows(proxy, 1)
     assert (decision, usd, hold) == ("allow", genai_prices_nanos("gpt-realtime"), "committed")
+
+
+def test_a_stop_waits_for_a_response_under_way_and_charges_it(
+    drawdown_proxy: Factory, upstream: RealtimeStandIn, agent_env: Callable[..., None]
+) -> None:
+    """SIGTERM while the model is answering: the drain waits for the response.done (a
+    response asked for but not begun would not hold the stop up), and it is charged."""
+    proxy = start(drawdown_proxy, upstream, policy('- {scope: "agent:*/run:*", usd: 5.00}'))
+    agent_env(proxy)
+
+    async def asked(connection: Any) -> None:
+        await connection.response.create()
+
+    charged_through_a_stop(proxy, upstream, asked)
 
 
 def test_a_stop_waits_for_a_response_voice_activity_began_and_charges_it(
@@ -350,25 +362,12 @@ def test_a_stop_waits_for_a_response_voice_activity_began_and_charges_it(
     its response.done is charged, as a response the agent asked for is."""
     proxy = start(drawdown_proxy, upstream, policy('- {scope: "agent:*/run:*", usd: 5.00}'))
     agent_env(proxy)
-    upstream.gate = threading.Event()
 
-    async def answered_during_the_stop() -> Any:
-        client = openai.AsyncOpenAI(api_key="sk-test-realtime")
-        async with client.realtime.connect(model="gpt-realtime") as connection:
-            await next_of(connection, "session.created")
-            await connection.input_audio_buffer.append(audio="AAAA")
-            await connection.input_audio_buffer.commit()
-            await next_of(connection, "response.created")
-            assert proxy.pid is not None
-            os.kill(proxy.pid, signal.SIGTERM)
-            await asyncio.to_thread(proxy.wait_for_log, r"1 call\(s\) in flight")
-            upstream.gate.set()
-            return await next_of(connection, "response.done", "error")
+    async def spoken(connection: Any) -> None:
+        await connection.input_audio_buffer.append(audio="AAAA")
+        await connection.input_audio_buffer.commit()
 
-    assert asyncio.run(answered_during_the_stop()).type == "response.done"
-    assert proxy.wait() == 0
-    ((decision, _, usd, *_, hold),) = response_rows(proxy, 1)
-    assert (decision, usd, hold) == ("allow", genai_prices_nanos("gpt-realtime"), "committed")
+    charged_through_a_stop(proxy, upstream, spoken)
 
 
 def test_a_response_create_the_server_refuses_releases_its_hold(

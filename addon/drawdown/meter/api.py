@@ -7,7 +7,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import replace
 from types import MappingProxyType
-from typing import Protocol
+from typing import Any, Protocol
 
 from ..money import MAX_AMOUNT, MAX_USD, format_usd
 from . import (
@@ -147,6 +147,14 @@ def _body_model(body: bytes) -> str | None:
     return model if isinstance(model, str) and model.strip() else None
 
 
+def _form_model(fields: dict[str, Any], deployment: str | None) -> str | None:
+    """The model a body's `model` field names, else the Azure deployment in its path."""
+    model = fields.get("model")
+    if model is not None and not isinstance(model, str):
+        raise MeterRequestError(f"model must be a string, not {kind(model)}")
+    return model if model and model.strip() else deployment
+
+
 def _images(
     endpoint: str,
     deployment: str | None,
@@ -158,10 +166,7 @@ def _images(
     """An OpenAI Images API request: metered for a GPT image model, else a $0 step (DALL·E,
     or no model: the API's default is dall-e-2). A body we cannot read is refused (enforce)."""
     fields, input_images = openai_images.read_request(endpoint, body, boundary)
-    model = fields.get("model")
-    if model is not None and not isinstance(model, str):
-        raise MeterRequestError(f"model must be a string, not {kind(model)}")
-    model = model if model and model.strip() else deployment  # Azure: the deployment
+    model = _form_model(fields, deployment)
     if not openai_images.metered(model):
         return _passthrough("openai", endpoint, model, method, path)
     assert model is not None
@@ -173,10 +178,7 @@ def _speech(
 ) -> ParsedRequest | LLMRequest:
     """A speech request: metered for a priced speech model, else a $0 step."""
     fields = parse_body(body)
-    model = fields.get("model")
-    if model is not None and not isinstance(model, str):
-        raise MeterRequestError(f"model must be a string, not {kind(model)}")
-    model = model if model and model.strip() else deployment  # Azure: the deployment
+    model = _form_model(fields, deployment)
     if not openai_audio.metered(model):
         return _passthrough("openai", openai_audio.SPEECH, model, method, path)
     assert model is not None

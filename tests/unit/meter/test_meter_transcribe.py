@@ -4,11 +4,9 @@ audio, gpt-4o-(mini-)transcribe per token. The reserve reads the upload's durati
 from __future__ import annotations
 
 import base64
-import io
 import json
 import math
 import struct
-import wave
 
 import genai_prices
 import pytest
@@ -33,6 +31,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from meter_corpus import CONFIG, cut
 
+from tests.support import wire
+
 TRANSCRIBE = "/v1/audio/transcriptions"
 TRANSLATE = "/v1/audio/translations"
 OPENAI = "https://api.openai.com"
@@ -44,14 +44,7 @@ def _genai(model: str, provider: str = "openai", **usage: int) -> int:
     return math.ceil(price.total_price * 1_000_000_000)
 
 
-def wav(seconds: float, rate: int = 16_000) -> bytes:
-    out = io.BytesIO()
-    with wave.open(out, "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(rate)
-        w.writeframes(bytes(2 * round(rate * seconds)))
-    return out.getvalue()
+wav = wire.wav_audio  # a mono 16-bit WAV of silence lasting `seconds`
 
 
 def form(fields: dict[str, str], audio: bytes | None, boundary: str = "b0und4ry") -> bytes:
