@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import itertools
 import json
+import struct
 import urllib.parse
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -155,3 +157,15 @@ def expected(entry: dict[str, Any]) -> tuple[TokenUsage, dict[str, TokenUsage]]:
         cache_image_read_tokens=_modality(u.get("cacheTokensDetails"), "IMAGE"),
         output_image_tokens=_modality(u.get("candidatesTokensDetails"), "IMAGE"),
     ), {}
+
+
+def png(w: int, h: int) -> bytes:
+    """The start of a PNG `w` × `h` pixels: its signature and IHDR chunk, all the meter reads."""
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + struct.pack(">I", 13)
+        + b"IHDR"
+        + ihdr
+        + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+    )

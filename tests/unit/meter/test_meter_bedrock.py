@@ -27,6 +27,7 @@ from drawdown.meter.tokens import count_texts
 from drawdown.meter.types import MeterRequestError
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from meter_corpus import png as png_header
 
 from tests.support import wire
 
@@ -153,12 +154,7 @@ def test_a_converse_estimate_is_tiktoken_times_the_claude_factor_for_claude_only
 
 
 def test_converse_blocks_all_count() -> None:
-    png = base64.b64encode(
-        bytes.fromhex("89504e470d0a1a0a0000000d49484452")
-        + (800).to_bytes(4, "big")
-        + (600).to_bytes(4, "big")
-        + b"\x08\x02\x00\x00\x00"
-    ).decode()
+    png = base64.b64encode(png_header(800, 600)).decode()
     base = inspect(f"{NOVA_PATH}/converse", CONVERSE).input_tokens
     with_image = {
         **CONVERSE,
@@ -543,12 +539,7 @@ def test_cohere_chat_and_an_unknown_format_are_estimated_too() -> None:
 
 
 def test_an_invoke_image_counts_by_its_size() -> None:
-    png = base64.b64encode(
-        bytes.fromhex("89504e470d0a1a0a0000000d49484452")
-        + (800).to_bytes(4, "big")
-        + (600).to_bytes(4, "big")
-        + b"\x08\x02\x00\x00\x00"
-    ).decode()
+    png = base64.b64encode(png_header(800, 600)).decode()
     plain = inspect(invoke_path(LLAMA), {"prompt": TEXT, "max_gen_len": 10})
     with_image = inspect(invoke_path(LLAMA), {"prompt": TEXT, "images": [png], "max_gen_len": 10})
     assert with_image.input_tokens - plain.input_tokens == anthropic_image_tokens((800, 600))

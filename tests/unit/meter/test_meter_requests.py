@@ -7,7 +7,6 @@ import json
 import math
 import struct
 import threading
-import zlib
 from decimal import Decimal
 
 import pytest
@@ -25,7 +24,7 @@ from drawdown.meter.anthropic import TOOLS_SYSTEM_PROMPT_TOKENS
 from drawdown.meter.tokens import count_texts
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from meter_corpus import CONFIG
+from meter_corpus import CONFIG, png
 
 UNSCALED = MeterConfig(safety_factors={"claude": Decimal(1), "gemini": Decimal(1)})
 
@@ -36,17 +35,6 @@ def _req(provider, path, body, config=CONFIG, method="POST", query=None):
 
 
 # --- images ------------------------------------------------------------------------------
-
-
-def png(w: int, h: int) -> bytes:
-    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + struct.pack(">I", 13)
-        + b"IHDR"
-        + ihdr
-        + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
-    )
 
 
 def jpeg(w: int, h: int) -> bytes:
