@@ -312,7 +312,7 @@ def _spend(
 ) -> dict[str, Any]:
     """Budget use over time: what committed calls charged, per budget instance and in total,
     in time buckets (from the holds: each names the instances it was charged to)."""
-    run_filter = " AND request_id IN (SELECT request_id FROM decisions WHERE run = :run)"
+    run_filter = " AND id IN (SELECT hold_id FROM decisions WHERE run = :run)"
     holds = reader.query(
         "SELECT settled_at, instance_ids, actual_usd, actual_tokens, actual_requests FROM holds "
         "WHERE settled_at >= :floor AND state IN ('committed', 'expired') "

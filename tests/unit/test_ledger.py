@@ -789,6 +789,49 @@ def test_the_failed_attempts_have_an_index_of_their_own(backend: LedgerBackend) 
         assert "idx_decisions_failed" in plan
 
 
+def _index_names(backend: LedgerBackend) -> set[str]:
+    if backend.kind == "sqlite":
+        return {r[0] for r in backend.rows("SELECT name FROM sqlite_master WHERE type = 'index'")}
+    return {
+        r[0]
+        for r in backend.rows(
+            "SELECT indexname FROM pg_indexes WHERE schemaname = current_schema()"
+        )
+    }
+
+
+def test_schema_v3_drops_the_indexes_no_query_reads(backend: LedgerBackend) -> None:
+    """Every reserve paid for them; a v2 ledger (which has them) loses them when opened."""
+    backend.open().close()
+    assert not {"idx_holds_request_id", "idx_decisions_agent_run_ts"} & _index_names(backend)
+    backend.execute("CREATE UNIQUE INDEX idx_holds_request_id ON holds (request_id)")
+    backend.execute("CREATE INDEX idx_decisions_agent_run_ts ON decisions (agent, run, ts)")
+    backend.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
+    backend.open().close()
+    assert backend.scalar("SELECT value FROM meta WHERE key = 'schema_version'") == "3"
+    names = _index_names(backend)
+    assert not {"idx_holds_request_id", "idx_decisions_agent_run_ts"} & names
+    assert {"idx_decisions_request_id", "idx_holds_active", "idx_decisions_failed"} <= names
+
+
+def test_a_request_id_holds_once_without_an_index_on_the_holds(
+    backend: LedgerBackend, ledger: Any
+) -> None:
+    """The holds' own unique index is gone (v3): the decision row, inserted in the same
+    transaction, refuses a second reserve of one request id, alone or in a batch."""
+    claims = [claim(requests=5)]
+    first = ledger.reserve(row("twice"), claims, Amount(requests=1), NOW + 900)
+    assert first.hold_id is not None
+    with pytest.raises(LedgerError):
+        ledger.reserve(row("twice"), claims, Amount(requests=1), NOW + 900)
+    results = ledger.run_batch(
+        [("reserve", (row("twice"), claims, Amount(requests=1), NOW + 900))] * 2
+    )
+    assert all(isinstance(r, LedgerError) for r in results)
+    assert backend.rows("SELECT request_id, state FROM holds") == [("twice", "active")]
+    assert instance(backend, "run", "agent:a/run:r1")["reserved_requests"] == 1
+
+
 def test_guards_hold_across_proxies(backend: LedgerBackend) -> None:
     backend.open().close()
     allowed: list[str] = []

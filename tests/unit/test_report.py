@@ -113,6 +113,9 @@ def test_spend_over_time_per_budget_instance(seed: Seeder) -> None:
     assert total["points"][-1]["cum_usd"] == pytest.approx(0.055)
     assert all(p["t"] % 30 == 0 for p in total["points"])
     assert sum(r["usd"] for r in data["runs"]) == pytest.approx(total["usd"])
+    # One run's report charts that run's holds alone (calls 1, 3, 5, 7 and 9 µ-dollars × 1,000).
+    one_run = report.build(str(seed.path), now=NOW, run="r0")["spend"]["series"][0]
+    assert one_run["usd"] == pytest.approx(0.025)
 
 
 def test_text_report_lists_anomalies(seed: Seeder) -> None:
