@@ -5,8 +5,8 @@ Each lifecycle reserves on 3 budget instances — the tenant's (one row every re
 shares: the hot spot), its agent's (one of 4) and its run's — then commits the actual.
 Two ways of driving the ledger:
 
-  async   as the proxy does: AsyncLedger (writer thread(s) batching queued operations),
-          CONCURRENCY requests in flight on one event loop
+  async   as the proxy does: AsyncLedger (writer thread(s) batching queued operations, and
+          SQLite's checkpoint thread), CONCURRENCY requests in flight on one event loop
   direct  one caller, one operation per transaction (latency-bound)
 
     .venv/bin/python scripts/bench_ledger.py [--lifecycles N] [--concurrency C]

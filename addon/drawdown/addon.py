@@ -601,20 +601,7 @@ class Drawdown:
             tokenizer_process.use_tokenizer_process()  # its child starts on the first big text
         self._spawn(self._warm_up())
         self._spawn(self._maintain())
-        self._spawn(self._checkpoints())
         self._spawn(self._watch_policy())
-
-    async def _checkpoints(self) -> None:
-        """Copy the SQLite WAL into the database every second, from a thread and a connection of
-        its own: left to the writer, the copy and its fsync would stall a reserve (≈80 ms here)."""
-        while True:
-            await asyncio.sleep(1.0)
-            ledger = self.ledger
-            if ledger is not None and (checkpoint := getattr(ledger.ledger, "checkpoint", None)):
-                try:
-                    await asyncio.to_thread(checkpoint)
-                except LedgerError as exc:
-                    log.debug("drawdown: checkpoint skipped: %s", exc)
 
     async def _warm_up(self) -> None:
         bedrock = self.policy is not None and any(

@@ -1291,6 +1291,71 @@ def test_closing_waits_for_a_checkpoint_in_progress(tmp_path: Any) -> None:
         ledger.checkpoint()
 
 
+def _spy_checkpoints(ledger: SQLiteLedger) -> tuple[list[str], threading.Event]:
+    """The threads ledger.checkpoint ran on, and an event set at each run."""
+    threads: list[str] = []
+    ran = threading.Event()
+    real = ledger.checkpoint
+
+    def checkpoint() -> None:
+        threads.append(threading.current_thread().name)
+        real()
+        ran.set()
+
+    ledger.checkpoint = checkpoint  # type: ignore[method-assign]
+    return threads, ran
+
+
+def test_the_writer_wakes_the_checkpoint_thread_after_enough_rows(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At the ledger's full rate a checkpoint a second let the WAL reach wal_autocheckpoint
+    several times a second, and the writer copied it itself. The writer wakes the thread
+    instead, long before that; the WAL's frames are then in the database."""
+    import drawdown.ledger.sqlite as sqlite_ledger
+
+    monkeypatch.setattr(sqlite_ledger, "CHECKPOINT_CHANGES", 40)
+    ledger = SQLiteLedger(tmp_path / "ledger.db")
+    threads, ran = _spy_checkpoints(ledger)
+    ledger.start_checkpoints(every=3600)  # never on the clock here: only when woken
+    for _ in range(3):  # 3 rows each (decision, hold, instance): not yet 40
+        ledger.reserve(row(), [claim(requests=100)], Amount(requests=1), NOW + 900)
+    assert not ran.wait(0.2) and threads == []
+    for _ in range(12):
+        ledger.reserve(row(), [claim(requests=100)], Amount(requests=1), NOW + 900)
+    assert ran.wait(10)
+    assert threads[0] == "drawdown-checkpoint"
+    busy, frames, copied = ledger.conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+    assert (busy, copied) == (0, frames)
+    ledger.close()
+
+
+def test_checkpoints_run_every_interval_and_stop_with_the_ledger(tmp_path: Any) -> None:
+    ledger = SQLiteLedger(tmp_path / "ledger.db")
+    threads, ran = _spy_checkpoints(ledger)
+    ledger.start_checkpoints(every=0.01)
+    ledger.start_checkpoints(every=0.01)  # once is enough: still one thread
+    assert ran.wait(10)
+    running = [t for t in threading.enumerate() if t.name == "drawdown-checkpoint"]
+    assert len(running) == 1
+    ledger.close()
+    assert not running[0].is_alive()
+    assert set(threads) == {"drawdown-checkpoint"}
+
+
+def test_the_async_ledger_checkpoints_its_sqlite_ledger_until_closed(tmp_path: Any) -> None:
+    """The proxy's writer (AsyncLedger) starts the ledger's checkpoint thread and stops it when
+    it is closed (a reconfigured --db must not leave one running on the old file)."""
+    ledger = SQLiteLedger(tmp_path / "ledger.db")
+    worker = AsyncLedger(ledger)
+    (thread,) = [t for t in threading.enumerate() if t.name == "drawdown-checkpoint"]
+    worker.close()
+    assert not thread.is_alive()
+    AsyncLedger(ledger, checkpoints=False).close()
+    assert not [t for t in threading.enumerate() if t.name == "drawdown-checkpoint"]
+    ledger.close()
+
+
 def test_a_writer_polls_for_the_lock_another_process_holds(
     tmp_path: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:

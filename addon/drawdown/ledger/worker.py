@@ -57,6 +57,7 @@ class AsyncLedger:
         writers: int | None = None,
         placement: WriterPlacement | None = None,
         batch_scheduling: bool = False,
+        checkpoints: bool = True,
     ) -> None:
         self.ledger = ledger
         self.max_batch = max_batch
@@ -71,6 +72,10 @@ class AsyncLedger:
             thread.start()
         self._batch_scheduling = False
         self.batch_scheduling = batch_scheduling
+        # SQLite: its WAL is copied into the database by a thread of its own, never the writer.
+        self._checkpoints = getattr(ledger, "start_checkpoints", None) if checkpoints else None
+        if self._checkpoints is not None:
+            self._checkpoints()
 
     @property
     def batch_scheduling(self) -> bool:
@@ -142,6 +147,8 @@ class AsyncLedger:
                     pass
 
     def close(self, timeout: float = 10.0) -> None:
+        if self._checkpoints is not None:
+            self.ledger.stop_checkpoints()
         for _ in self._threads:
             self._queue.put(_STOP)
         for thread in self._threads:
