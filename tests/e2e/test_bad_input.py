@@ -221,7 +221,12 @@ def test_shadow_mode_charges_a_request_too_large_to_read_at_the_usage_it_reports
         proxy.query("SELECT decision, reason_code FROM decisions")
         == [("would_deny", "body_too_large")] * 2
     )
-    charged = proxy.query("SELECT state, actual_usd, usage_source FROM holds")
+    # The stream's commit lands after the SDK has read its last event: wait for it (a busy
+    # machine made the read race it).
+    charged = proxy.wait_for_query(
+        "SELECT state, actual_usd, usage_source FROM holds",
+        until=lambda rows: all(state != "active" for state, _, _ in rows),
+    )
     assert [(state, source) for state, _, source in charged] == [("committed", "usage")] * 2
     assert all(usd > 0 for _, usd, _ in charged)
     total = sum(usd for _, usd, _ in charged)
