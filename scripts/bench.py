@@ -124,10 +124,27 @@ class _Upstream(asyncio.Protocol):
         write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(tail), tail))
 
 
-def free_port() -> int:
+_HANDED_OUT: set[int] = set()
+_HANDED_OUT_LOCK = threading.Lock()
+
+
+def _unbound_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def free_port() -> int:
+    """A port free now and not handed out before by this bench. Proxies started side by side
+    each take one and bind it only a second or more later (mitmproxy's import): the kernel
+    could give a port one of them had not bound yet to another, which then refused it as in
+    use (`drawdown run` exits 2)."""
+    with _HANDED_OUT_LOCK:
+        while True:
+            port = _unbound_port()
+            if port not in _HANDED_OUT:
+                _HANDED_OUT.add(port)
+                return port
 
 
 def _serve_upstream(port: int) -> None:

@@ -21,6 +21,14 @@ from tests.support.scripts import load_script, stand_in
 pytestmark = pytest.mark.e2e
 
 
+def test_free_ports_are_never_handed_out_twice(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Side by side, a proxy that had not bound its port yet could see it handed to the next."""
+    bench = load_script("bench")
+    ports = iter([50_001, 50_001, 50_002, 50_001, 50_003])
+    monkeypatch.setattr(bench, "_unbound_port", lambda: next(ports))
+    assert [bench.free_port() for _ in range(3)] == [50_001, 50_002, 50_003]
+
+
 def test_big_prompts_go_at_the_fixed_rate_whatever_the_proxy_keeps_up_with(
     tmp_path: Path,
 ) -> None:
