@@ -567,6 +567,33 @@ def guarded(
     return r
 
 
+@pytest.mark.parametrize(
+    ("claims", "guards"),
+    [
+        ([claim(requests=0)], None),  # a budget denies: decision, reason, budget, status
+        ([claim(requests=0, per="day")], None),  # a window denies: 429
+        ([claim(requests=5), claim("cap", "agent:a", requests=0, shadow=True)], None),
+        ([claim(requests=5)], Guards(max_repeats=1)),  # a guard denies
+        ([claim(requests=5)], Guards(max_repeats=1, shadow=True)),  # would have
+    ],
+    ids=["budget", "window", "shadow-budget", "guard", "shadow-guard"],
+)
+def test_a_rolled_back_reserve_leaves_its_row_exactly_as_the_caller_made_it(
+    backend: LedgerBackend, ledger: Any, claims: list[Claim], guards: Guards | None
+) -> None:
+    """Each way of deciding writes into the row; the snapshot a failed transaction restores
+    the row from keeps only the fields deciding writes (plan.DECIDED_FIELDS): every other
+    field must come back untouched too."""
+    first = guarded()
+    assert ledger.reserve(first, [claim(requests=5)], Amount(requests=1), NOW + 900).hold_id
+    again = guarded()
+    again.request_id = first.request_id  # decided, then its insert fails: rolled back
+    made = dict(vars(again))
+    with pytest.raises(LedgerError):
+        ledger.reserve(again, claims, Amount(requests=1), NOW + 900, guards)
+    assert vars(again) == made
+
+
 def test_loop_guard_denies_the_request_after_n_repeats(backend: LedgerBackend, ledger: Any) -> None:
     guards = Guards(max_repeats=2)
     decisions = [

@@ -239,7 +239,8 @@ _read_row_fields = operator.attrgetter(*_ROW_FIELDS)
 def decision_values(row: DecisionRow, hold_id: int | None) -> tuple[Any, ...]:
     """A new decision row's values in DECISION_INSERT_FIELDS order."""
     completed_at = row.ts if row.decision == "deny" else None  # a denial is complete
-    return (*_read_row_fields(row), int(row.stream), hold_id, completed_at)
+    # Concatenated, not (*fields, …): that builds a list first, then copies it into a tuple.
+    return _read_row_fields(row) + (int(row.stream), hold_id, completed_at)  # noqa: RUF005
 
 
 @dataclass(frozen=True)

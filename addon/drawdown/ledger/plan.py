@@ -14,6 +14,7 @@ batch adds its decision row, so every reserve sees the rows before it.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -91,7 +92,7 @@ def guards_of(args: tuple[Any, ...]) -> Guards | None:
     return guards if guards is not None and guards.any else None
 
 
-@dataclass
+@dataclass(slots=True)  # slots: made and changed per operation of a batch
 class Instance:
     id: int
     key: tuple[str, str, int]
@@ -105,18 +106,6 @@ class Instance:
     def from_row(cls, r: Sequence[Any]) -> Instance:
         """A row of INSTANCE_COLUMNS."""
         return cls(r[0], (r[1], r[2], r[3]), list(r[4:7]), list(r[7:10]), list(r[10:13]), r[13])
-
-    def apply(self, reserved: Sequence[int], spent: Sequence[int], now: float) -> None:
-        # Unrolled: this runs for every instance of every operation in a batch.
-        r, s = self.reserved, self.spent
-        r[0] += reserved[0]
-        r[1] += reserved[1]
-        r[2] += reserved[2]
-        s[0] += spent[0]
-        s[1] += spent[1]
-        s[2] += spent[2]
-        self.updated_at = now
-        self.dirty = True
 
     def has_room(self, needed: Sequence[int]) -> bool:
         """spent + reserved + needed ≤ limit, for every unit that has a limit."""
@@ -140,7 +129,7 @@ class Instance:
         return (self.id, *self.limits, *self.spent, *self.reserved, self.updated_at)
 
 
-@dataclass
+@dataclass(slots=True)  # slots: made and changed per operation of a batch
 class Hold:
     id: int
     request_id: str
@@ -378,20 +367,23 @@ def decision_rows(calls: Sequence[tuple[str, tuple[Any, ...]]]) -> list[Decision
     return [args[0] for name, args in calls if name in ("reserve", "record")]
 
 
+# The only fields of a DecisionRow that deciding (Plan.reserve) writes: all snapshot keeps.
+DECIDED_FIELDS = ("decision", "reason_code", "reason", "status", "budget")
+_decided = operator.attrgetter(*DECIDED_FIELDS)
+
+
 def snapshot(
     calls: Sequence[tuple[str, tuple[Any, ...]]],
-) -> list[tuple[DecisionRow, dict[str, Any]]]:
+) -> list[tuple[DecisionRow, tuple[Any, ...]]]:
     """The DecisionRows of the calls as the caller made them: deciding a reserve writes its
-    decision into its row, and an attempt that is rolled back must not leave one behind."""
-    return [
-        (args[0], dict(args[0].__dict__)) for name, args in calls if name in ("reserve", "record")
-    ]
+    decision into its row, and an attempt that is rolled back must not leave one behind.
+    Five fields, not a copy of the row's __dict__: this runs for every batch."""
+    return [(args[0], _decided(args[0])) for name, args in calls if name in ("reserve", "record")]
 
 
-def restore(saved: list[tuple[DecisionRow, dict[str, Any]]]) -> None:
-    for row, fields in saved:
-        row.__dict__.clear()
-        row.__dict__.update(fields)
+def restore(saved: list[tuple[DecisionRow, tuple[Any, ...]]]) -> None:
+    for row, values in saved:
+        row.decision, row.reason_code, row.reason, row.status, row.budget = values
 
 
 @dataclass
@@ -482,11 +474,25 @@ class Plan:
                     results.append(answers[:count])
                     del answers[:count]
                 elif name == "reserve":
+                    # Named calls, not getattr: this runs for every operation of a batch.
+                    tripped = self.tripped.get(i)
+                    row, claims, estimate, expires_at = args[:4]
                     results.append(
-                        self.reserve(*args[:4], tripped=self.tripped.get(i), guards=guards_of(args))
+                        self.reserve(
+                            row,
+                            claims,
+                            estimate,
+                            expires_at,
+                            tripped=tripped,
+                            guards=None if tripped is None else guards_of(args),
+                        )
                     )
-                else:
-                    results.append(getattr(self, name)(*args))
+                elif name == "commit":
+                    results.append(self.commit(*args))
+                elif name == "release":
+                    results.append(self.release(*args))
+                else:  # record: the last of HOT
+                    results.append(self.record(*args))
             except Exception as exc:  # e.g. no such hold: this op fails, the batch goes on
                 results.append(exc)
         return results
@@ -495,8 +501,21 @@ class Plan:
         self, ids: Iterable[int], reserved: Sequence[int], spent: Sequence[int], now: float
     ) -> None:
         instances = self.instances
+        r0, r1, r2 = reserved
+        s0, s1, s2 = spent
+        # Unrolled, and no method call per instance: this runs for every instance of every
+        # operation in a batch.
         for instance_id in ids:  # each listed once: reserve and Hold.from_row see to it
-            instances[instance_id].apply(reserved, spent, now)
+            inst = instances[instance_id]
+            r, s = inst.reserved, inst.spent
+            r[0] += r0
+            r[1] += r1
+            r[2] += r2
+            s[0] += s0
+            s[1] += s1
+            s[2] += s2
+            inst.updated_at = now
+            inst.dirty = True
 
     def event(
         self,
@@ -621,9 +640,10 @@ class Plan:
             hold.usage_source, hold.dirty = completion.usage_source, True
             overage = self.note_overage(hold.instance_ids, request_id, hold_id, now)
             self.complete(request_id, completion, now)
-            self.facts.extend(
-                (f.scope, f.action, f.field, f.value, request_id, now) for f in completion.facts
-            )
+            if completion.facts:  # most have none: no generator made for them
+                self.facts.extend(
+                    (f.scope, f.action, f.field, f.value, request_id, now) for f in completion.facts
+                )
             return Settled(True, "committed", overage)
         if hold.state == "expired" and hold.actual[0] is None:
             # The sweeper released this hold (its proxy looked dead or it outlived its TTL), but the
@@ -665,7 +685,11 @@ class Plan:
     def note_overage(
         self, ids: list[int], request_id: str, hold_id: int, now: float
     ) -> tuple[tuple[str, str], ...]:
-        over = [self.instances[i] for i in sorted(i for i in ids if self.instances[i].over())]
+        instances = self.instances
+        over_ids = [i for i in ids if instances[i].over()]
+        if not over_ids:  # the common case: nothing to sort, no event, no tuple
+            return ()
+        over = [instances[i] for i in sorted(over_ids)]
         for inst in over:
             budget, scope, _ = inst.key
             self.event(

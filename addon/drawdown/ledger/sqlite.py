@@ -284,7 +284,7 @@ class SQLiteLedger:
     def _run(
         self,
         calls: Sequence[tuple[str, tuple[Any, ...]]],
-        saved: list[tuple[DecisionRow, dict[str, Any]]],
+        saved: list[tuple[DecisionRow, tuple[Any, ...]]],
     ) -> list[Any]:
         if len(calls) == 1 and calls[0][0] in HOT:
             return self._planned(calls)  # alone in its transaction: a failure rolls it all back
