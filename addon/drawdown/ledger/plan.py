@@ -78,6 +78,10 @@ COMPLETION_FIELDS = (
 )
 
 
+# The usual answer to a commit, made once: Settled is immutable.
+COMMITTED = Settled(True, "committed")
+
+
 def negate(values: Sequence[int]) -> tuple[int, int, int]:
     return (-values[0], -values[1], -values[2])
 
@@ -330,10 +334,10 @@ class GuardKeys:
 def guarded_reserves(
     calls: Sequence[tuple[str, tuple[Any, ...]]],
 ) -> list[tuple[DecisionRow, Guards]]:
-    return [
+    return [  # guards_of, inline: no call per reserve of the batch
         (args[0], guards)
         for name, args in calls
-        if name == "reserve" and (guards := guards_of(args)) is not None
+        if name == "reserve" and len(args) > 4 and (guards := args[4]) is not None and guards.any
     ]
 
 
@@ -352,8 +356,10 @@ def in_order(
 ) -> list[Any]:
     """A batch's results (or exceptions) in call order: the hot operations decided together
     by `together` (which falls back as its backend sees fit), the rest each by `alone`."""
-    results: list[Any] = [None] * len(calls)
     hot = [i for i, (name, _) in enumerate(calls) if name in HOT]
+    if hot and len(hot) == len(calls):  # the usual batch: nothing to sort out
+        return together(list(calls))
+    results: list[Any] = [None] * len(calls)
     if hot:
         for i, result in zip(hot, together([calls[i] for i in hot]), strict=True):
             results[i] = result
@@ -450,14 +456,14 @@ class Plan:
         for i, (name, args) in enumerate(calls):
             if name == "reserve" and i not in self.skip:
                 for claim in args[1]:
-                    keys.setdefault(
-                        (claim.budget, claim.scope, claim.window_start), (claim, args[0].ts)
-                    )
+                    key = (claim.budget, claim.scope, claim.window_start)
+                    if key not in keys:  # not setdefault: most keys are there, no pair to build
+                        keys[key] = (claim, args[0].ts)
         return keys
 
     def reserves(self, calls: Sequence[tuple[str, tuple[Any, ...]]]) -> int:
         """How many new holds the batch may create."""
-        return sum(1 for name, _ in calls if name == "reserve") - len(self.skip)
+        return [name for name, _ in calls].count("reserve") - len(self.skip)  # no generator
 
     # --- deciding ----------------------------------------------------------------------------
 
@@ -558,7 +564,7 @@ class Plan:
         instance_ids: list[int] = []
         shortfalls: list[Shortfall] = []
         shadow_shortfalls: list[Shortfall] = []
-        needed = amount(estimate)
+        needed = (estimate.usd, estimate.tokens, estimate.requests)  # amount(), inline
         # Check every instance first...
         for claim in claims:
             inst = self.by_key.get((claim.budget, claim.scope, claim.window_start))
@@ -613,10 +619,11 @@ class Plan:
             needed,
             [None, None, None],
             None,
-            was="active",
+            "active",  # was: the state a write of the hold is guarded by
         )
-        self.decision(row, hold_id)
-        return ReserveOutcome(row.decision, hold_id, (), tuple(shadow_shortfalls), tripped)
+        self.new_decisions.append(decision_values(row, hold_id))  # self.decision(), inline
+        shadows = tuple(shadow_shortfalls) if shadow_shortfalls else ()
+        return ReserveOutcome(row.decision, hold_id, (), shadows, tripped)
 
     def record(self, row: DecisionRow) -> None:
         if row.request_id not in self.replayed:  # else our attempt whose ack was lost recorded it
@@ -632,8 +639,11 @@ class Plan:
         return hold
 
     def commit(self, request_id: str, hold_id: int, completion: Completion, now: float) -> Settled:
-        hold = self.hold(hold_id)
-        actual = amount(completion.actual)
+        hold = self.holds.get(hold_id)  # self.hold(), inline: this runs for every commit
+        if hold is None:
+            raise LedgerError(f"no hold {hold_id}")
+        spent = completion.actual
+        actual = (spent.usd, spent.tokens, spent.requests)  # amount(), inline
         if hold.state == "active":
             self.apply(hold.instance_ids, negate(hold.est), actual, now)
             hold.state, hold.settled_at, hold.actual = "committed", now, list(actual)
@@ -644,7 +654,7 @@ class Plan:
                 self.facts.extend(
                     (f.scope, f.action, f.field, f.value, request_id, now) for f in completion.facts
                 )
-            return Settled(True, "committed", overage)
+            return Settled(True, "committed", overage) if overage else COMMITTED
         if hold.state == "expired" and hold.actual[0] is None:
             # The sweeper released this hold (its proxy looked dead or it outlived its TTL), but the
             # call did complete: the money was spent, so charge it without touching reservations.

@@ -336,7 +336,10 @@ class SQLiteLedger:
             plan.trip(calls, self._guard_counts(keys))
         hold_ids = settled_hold_ids(calls)
         if rows is not None:
-            plan.use_holds(rows.holds.pop(i) for i in hold_ids if i in rows.holds)
+            known_holds = rows.holds
+            for i in hold_ids:  # a loop, not a generator: one step per settled hold
+                if i in known_holds:
+                    plan.holds[i] = known_holds.pop(i)
             hold_ids = [i for i in hold_ids if i not in plan.holds]
         if hold_ids:
             plan.add_holds(
