@@ -283,6 +283,24 @@ class ReserveOutcome:
     shadow_shortfalls: tuple[Shortfall, ...] = ()  # shadow claims that could not (hold made anyway)
     tripped: Tripped | None = None  # an anomaly guard that denied (or, shadow, would have)
 
+    def __init__(
+        self,
+        decision: str,
+        hold_id: int | None,
+        shortfalls: tuple[Shortfall, ...] = (),
+        shadow_shortfalls: tuple[Shortfall, ...] = (),
+        tripped: Tripped | None = None,
+    ) -> None:
+        # Written out (dataclass keeps it): the generated one of a frozen class sets each field
+        # through object.__setattr__, twice the cost, and one is made per reserve. The fields
+        # and defaults above, in order (a test compares them).
+        fields = self.__dict__
+        fields["decision"] = decision
+        fields["hold_id"] = hold_id
+        fields["shortfalls"] = shortfalls
+        fields["shadow_shortfalls"] = shadow_shortfalls
+        fields["tripped"] = tripped
+
     @property
     def first(self) -> Shortfall | None:
         found = self.shortfalls or self.shadow_shortfalls
