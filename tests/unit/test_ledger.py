@@ -259,6 +259,31 @@ def test_request_id_is_unique(backend: LedgerBackend, ledger: Any) -> None:
     assert instance(backend, "run", "agent:a/run:r1")["reserved_requests"] == 1
 
 
+def test_every_commit_on_an_instance_over_its_limit_reports_it(
+    backend: LedgerBackend, ledger: Any
+) -> None:
+    """Not only the commit that took the instance over: a later one that spent nothing, and a
+    late commit of an expired hold, report it too (in one batch as in several), each once
+    per instance of its hold, in instance order."""
+    claims = [claim(usd=1000), claim("agent", "agent:a", usd=10**9)]
+    first, free, late = row(), row(), row()
+    held = [ledger.reserve(r, claims, Amount(usd=10, requests=1), NOW + 10) for r in (first, free)]
+    gone = ledger.reserve(late, claims[:1], Amount(usd=10, requests=1), NOW + 5)
+    assert ledger.sweep(NOW + 6, 30) == 1
+    over = Completion(actual=Amount(usd=1500, requests=1))
+    results = ledger.run_batch(
+        [
+            ("commit", (first.request_id, held[0].hold_id, over, NOW + 7)),
+            ("commit", (free.request_id, held[1].hold_id, Completion(), NOW + 7)),
+        ]
+    )
+    run = ("run", "agent:a/run:r1")
+    assert [r.overage for r in results] == [(run,), (run,)]  # not the agent's: under its limit
+    settled = ledger.commit(late.request_id, gone.hold_id, Completion(), NOW + 8)
+    assert (settled.state, settled.overage) == ("expired", (run,))
+    assert backend.scalar("SELECT COUNT(*) FROM events WHERE kind = 'overage'") == 3
+
+
 def test_sweep_expires_holds_past_ttl_exactly_once(backend: LedgerBackend, ledger: Any) -> None:
     r = row()
     outcome = ledger.reserve(r, [claim(usd=1000)], Amount(usd=400, requests=1), NOW + 10)

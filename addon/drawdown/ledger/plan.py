@@ -120,14 +120,6 @@ class Instance:
             and (requests is None or s[2] + r[2] + needed[2] <= requests)
         )
 
-    def over(self) -> bool:
-        (usd, tokens, requests), s = self.limits, self.spent
-        return (
-            (usd is not None and s[0] > usd)
-            or (tokens is not None and s[1] > tokens)
-            or (requests is not None and s[2] > requests)
-        )
-
     def values(self) -> tuple[Any, ...]:
         """id, limits, spent, reserved, updated_at: what a write of the instance sets."""
         return (self.id, *self.limits, *self.spent, *self.reserved, self.updated_at)
@@ -504,8 +496,15 @@ class Plan:
         return results
 
     def apply(
-        self, ids: Iterable[int], reserved: Sequence[int], spent: Sequence[int], now: float
+        self,
+        ids: Iterable[int],
+        reserved: Sequence[int],
+        spent: Sequence[int],
+        now: float,
+        over: list[int] | None = None,
     ) -> None:
+        """Add `reserved` and `spent` to each instance of `ids`; `over` (a commit's) gets the
+        ids of those then over a limit: checked here, on the values in hand."""
         instances = self.instances
         r0, r1, r2 = reserved
         s0, s1, s2 = spent
@@ -523,6 +522,14 @@ class Plan:
                 inst.spent = (su + s0, st + s1, sr + s2)
             inst.updated_at = now
             inst.dirty = True
+            if over is not None:
+                (lu, lt, lr), (su, st, sr) = inst.limits, inst.spent
+                if (
+                    (lu is not None and su > lu)
+                    or (lt is not None and st > lt)
+                    or (lr is not None and sr > lr)
+                ):
+                    over.append(instance_id)
 
     def event(
         self,
@@ -646,10 +653,11 @@ class Plan:
         spent = completion.actual
         actual = (spent.usd, spent.tokens, spent.requests)  # amount(), inline
         if hold.state == "active":
-            self.apply(hold.instance_ids, negate(hold.est), actual, now)
+            over: list[int] = []
+            self.apply(hold.instance_ids, negate(hold.est), actual, now, over)
             hold.state, hold.settled_at, hold.actual = "committed", now, list(actual)
             hold.usage_source, hold.dirty = completion.usage_source, True
-            overage = self.note_overage(hold.instance_ids, request_id, hold_id, now)
+            overage = self.note_overage(over, request_id, hold_id, now)
             self.complete(request_id, completion, now)
             if completion.facts:  # most have none: no generator made for them
                 self.facts.extend(
@@ -659,7 +667,8 @@ class Plan:
         if hold.state == "expired" and hold.actual[0] is None:
             # The sweeper released this hold (its proxy looked dead or it outlived its TTL), but the
             # call did complete: the money was spent, so charge it without touching reservations.
-            self.apply(hold.instance_ids, (0, 0, 0), actual, now)
+            over = []
+            self.apply(hold.instance_ids, (0, 0, 0), actual, now, over)
             hold.actual, hold.usage_source, hold.dirty = list(actual), completion.usage_source, True
             self.event(
                 "late_commit",
@@ -669,7 +678,7 @@ class Plan:
                 f"hold had expired; charged {actual[0]} nano-USD",
                 now,
             )
-            overage = self.note_overage(hold.instance_ids, request_id, hold_id, now)
+            overage = self.note_overage(over, request_id, hold_id, now)
             self.complete(request_id, completion, now)
             return Settled(True, "expired", overage)
         return Settled(False, hold.state)
@@ -694,13 +703,13 @@ class Plan:
         self.expiries.append((now, reason, hold.request_id))
 
     def note_overage(
-        self, ids: list[int], request_id: str, hold_id: int, now: float
+        self, over_ids: list[int], request_id: str, hold_id: int, now: float
     ) -> tuple[tuple[str, str], ...]:
-        instances = self.instances
-        over_ids = [i for i in ids if instances[i].over()]
+        """The instances a commit left over a limit (Plan.apply's `over`): events, and the
+        (budget, scope) pairs the commit answers with."""
         if not over_ids:  # the common case: nothing to sort, no event, no tuple
             return ()
-        over = [instances[i] for i in sorted(over_ids)]
+        over = [self.instances[i] for i in sorted(over_ids)]
         for inst in over:
             budget, scope, _ = inst.key
             self.event(
