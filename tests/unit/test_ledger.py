@@ -9,6 +9,8 @@ connections and secrets in messages.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import inspect
 import multiprocessing
 import os
 import socket
@@ -34,6 +36,7 @@ from drawdown.ledger.api import (
     HistoryQuery,
     LedgerError,
     LedgerTooNew,
+    ReserveOutcome,
 )
 from drawdown.ledger.dsn import redact_dsn
 from drawdown.ledger.postgres import PostgresLedger
@@ -254,6 +257,31 @@ def test_request_id_is_unique(backend: LedgerBackend, ledger: Any) -> None:
         ledger.reserve(row("same-id"), [claim(requests=5)], Amount(requests=1), NOW + 900)
     # The failed second reserve left nothing behind.
     assert instance(backend, "run", "agent:a/run:r1")["reserved_requests"] == 1
+
+
+def test_every_commit_on_an_instance_over_its_limit_reports_it(
+    backend: LedgerBackend, ledger: Any
+) -> None:
+    """Not only the commit that took the instance over: a later one that spent nothing, and a
+    late commit of an expired hold, report it too (in one batch as in several), each once
+    per instance of its hold, in instance order."""
+    claims = [claim(usd=1000), claim("agent", "agent:a", usd=10**9)]
+    first, free, late = row(), row(), row()
+    held = [ledger.reserve(r, claims, Amount(usd=10, requests=1), NOW + 10) for r in (first, free)]
+    gone = ledger.reserve(late, claims[:1], Amount(usd=10, requests=1), NOW + 5)
+    assert ledger.sweep(NOW + 6, 30) == 1
+    over = Completion(actual=Amount(usd=1500, requests=1))
+    results = ledger.run_batch(
+        [
+            ("commit", (first.request_id, held[0].hold_id, over, NOW + 7)),
+            ("commit", (free.request_id, held[1].hold_id, Completion(), NOW + 7)),
+        ]
+    )
+    run = ("run", "agent:a/run:r1")
+    assert [r.overage for r in results] == [(run,), (run,)]  # not the agent's: under its limit
+    settled = ledger.commit(late.request_id, gone.hold_id, Completion(), NOW + 8)
+    assert (settled.state, settled.overage) == ("expired", (run,))
+    assert backend.scalar("SELECT COUNT(*) FROM events WHERE kind = 'overage'") == 3
 
 
 def test_sweep_expires_holds_past_ttl_exactly_once(backend: LedgerBackend, ledger: Any) -> None:
@@ -536,6 +564,23 @@ def test_a_failed_sqlite_batch_leaves_no_rows_known(tmp_path: Any) -> None:
     ledger.close()
 
 
+def test_reserve_outcomes_written_out_init_is_the_dataclasss() -> None:
+    """ReserveOutcome writes its __init__ out (the generated one of a frozen dataclass is twice
+    as slow): it must take the fields in order with their defaults, set every one, and leave
+    the outcome frozen, equal and hashable as before."""
+    params = list(inspect.signature(ReserveOutcome.__init__).parameters.values())[1:]
+    assert [(p.name, p.default) for p in params] == [
+        (f.name, inspect.Parameter.empty if f.default is dataclasses.MISSING else f.default)
+        for f in dataclasses.fields(ReserveOutcome)
+    ]
+    outcome = ReserveOutcome("allow", 7)
+    assert set(vars(outcome)) == {f.name for f in dataclasses.fields(ReserveOutcome)}
+    assert outcome == ReserveOutcome("allow", 7, (), (), None)
+    assert hash(outcome) == hash(ReserveOutcome("allow", 7))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        outcome.hold_id = 8  # type: ignore[misc]
+
+
 def test_a_rolled_back_batch_leaves_the_callers_rows_undecided(
     backend: LedgerBackend, ledger: Any
 ) -> None:
@@ -565,6 +610,33 @@ def guarded(
     r = row()
     r.fingerprint, r.scope, r.workflow, r.tenant = fingerprint, scope, workflow, "t"
     return r
+
+
+@pytest.mark.parametrize(
+    ("claims", "guards"),
+    [
+        ([claim(requests=0)], None),  # a budget denies: decision, reason, budget, status
+        ([claim(requests=0, per="day")], None),  # a window denies: 429
+        ([claim(requests=5), claim("cap", "agent:a", requests=0, shadow=True)], None),
+        ([claim(requests=5)], Guards(max_repeats=1)),  # a guard denies
+        ([claim(requests=5)], Guards(max_repeats=1, shadow=True)),  # would have
+    ],
+    ids=["budget", "window", "shadow-budget", "guard", "shadow-guard"],
+)
+def test_a_rolled_back_reserve_leaves_its_row_exactly_as_the_caller_made_it(
+    backend: LedgerBackend, ledger: Any, claims: list[Claim], guards: Guards | None
+) -> None:
+    """Each way of deciding writes into the row; the snapshot a failed transaction restores
+    the row from keeps only the fields deciding writes (plan.DECIDED_FIELDS): every other
+    field must come back untouched too."""
+    first = guarded()
+    assert ledger.reserve(first, [claim(requests=5)], Amount(requests=1), NOW + 900).hold_id
+    again = guarded()
+    again.request_id = first.request_id  # decided, then its insert fails: rolled back
+    made = dataclasses.replace(again)  # a copy, every field
+    with pytest.raises(LedgerError):
+        ledger.reserve(again, claims, Amount(requests=1), NOW + 900, guards)
+    assert again == made
 
 
 def test_loop_guard_denies_the_request_after_n_repeats(backend: LedgerBackend, ledger: Any) -> None:

@@ -14,6 +14,7 @@ batch adds its decision row, so every reserve sees the rows before it.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -77,6 +78,10 @@ COMPLETION_FIELDS = (
 )
 
 
+# The usual answer to a commit, made once: Settled is immutable.
+COMMITTED = Settled(True, "committed")
+
+
 def negate(values: Sequence[int]) -> tuple[int, int, int]:
     return (-values[0], -values[1], -values[2])
 
@@ -91,32 +96,20 @@ def guards_of(args: tuple[Any, ...]) -> Guards | None:
     return guards if guards is not None and guards.any else None
 
 
-@dataclass
+@dataclass(slots=True)  # slots: made and changed per operation of a batch
 class Instance:
     id: int
     key: tuple[str, str, int]
     limits: list[int | None]  # usd, tokens, requests (UNITS order)
-    spent: list[int]
-    reserved: list[int]
+    spent: tuple[int, int, int]  # replaced, not changed in place: see Plan.apply
+    reserved: tuple[int, int, int]
     updated_at: float | None
     dirty: bool = False
 
     @classmethod
     def from_row(cls, r: Sequence[Any]) -> Instance:
         """A row of INSTANCE_COLUMNS."""
-        return cls(r[0], (r[1], r[2], r[3]), list(r[4:7]), list(r[7:10]), list(r[10:13]), r[13])
-
-    def apply(self, reserved: Sequence[int], spent: Sequence[int], now: float) -> None:
-        # Unrolled: this runs for every instance of every operation in a batch.
-        r, s = self.reserved, self.spent
-        r[0] += reserved[0]
-        r[1] += reserved[1]
-        r[2] += reserved[2]
-        s[0] += spent[0]
-        s[1] += spent[1]
-        s[2] += spent[2]
-        self.updated_at = now
-        self.dirty = True
+        return cls(r[0], (r[1], r[2], r[3]), list(r[4:7]), tuple(r[7:10]), tuple(r[10:13]), r[13])
 
     def has_room(self, needed: Sequence[int]) -> bool:
         """spent + reserved + needed ≤ limit, for every unit that has a limit."""
@@ -127,20 +120,12 @@ class Instance:
             and (requests is None or s[2] + r[2] + needed[2] <= requests)
         )
 
-    def over(self) -> bool:
-        (usd, tokens, requests), s = self.limits, self.spent
-        return (
-            (usd is not None and s[0] > usd)
-            or (tokens is not None and s[1] > tokens)
-            or (requests is not None and s[2] > requests)
-        )
-
     def values(self) -> tuple[Any, ...]:
         """id, limits, spent, reserved, updated_at: what a write of the instance sets."""
         return (self.id, *self.limits, *self.spent, *self.reserved, self.updated_at)
 
 
-@dataclass
+@dataclass(slots=True)  # slots: made and changed per operation of a batch
 class Hold:
     id: int
     request_id: str
@@ -341,10 +326,10 @@ class GuardKeys:
 def guarded_reserves(
     calls: Sequence[tuple[str, tuple[Any, ...]]],
 ) -> list[tuple[DecisionRow, Guards]]:
-    return [
+    return [  # guards_of, inline: no call per reserve of the batch
         (args[0], guards)
         for name, args in calls
-        if name == "reserve" and (guards := guards_of(args)) is not None
+        if name == "reserve" and len(args) > 4 and (guards := args[4]) is not None and guards.any
     ]
 
 
@@ -363,8 +348,10 @@ def in_order(
 ) -> list[Any]:
     """A batch's results (or exceptions) in call order: the hot operations decided together
     by `together` (which falls back as its backend sees fit), the rest each by `alone`."""
-    results: list[Any] = [None] * len(calls)
     hot = [i for i, (name, _) in enumerate(calls) if name in HOT]
+    if hot and len(hot) == len(calls):  # the usual batch: nothing to sort out
+        return together(list(calls))
+    results: list[Any] = [None] * len(calls)
     if hot:
         for i, result in zip(hot, together([calls[i] for i in hot]), strict=True):
             results[i] = result
@@ -378,20 +365,23 @@ def decision_rows(calls: Sequence[tuple[str, tuple[Any, ...]]]) -> list[Decision
     return [args[0] for name, args in calls if name in ("reserve", "record")]
 
 
+# The only fields of a DecisionRow that deciding (Plan.reserve) writes: all snapshot keeps.
+DECIDED_FIELDS = ("decision", "reason_code", "reason", "status", "budget")
+_decided = operator.attrgetter(*DECIDED_FIELDS)
+
+
 def snapshot(
     calls: Sequence[tuple[str, tuple[Any, ...]]],
-) -> list[tuple[DecisionRow, dict[str, Any]]]:
+) -> list[tuple[DecisionRow, tuple[Any, ...]]]:
     """The DecisionRows of the calls as the caller made them: deciding a reserve writes its
-    decision into its row, and an attempt that is rolled back must not leave one behind."""
-    return [
-        (args[0], dict(args[0].__dict__)) for name, args in calls if name in ("reserve", "record")
-    ]
+    decision into its row, and an attempt that is rolled back must not leave one behind.
+    Five fields, not a copy of the row's __dict__: this runs for every batch."""
+    return [(args[0], _decided(args[0])) for name, args in calls if name in ("reserve", "record")]
 
 
-def restore(saved: list[tuple[DecisionRow, dict[str, Any]]]) -> None:
-    for row, fields in saved:
-        row.__dict__.clear()
-        row.__dict__.update(fields)
+def restore(saved: list[tuple[DecisionRow, tuple[Any, ...]]]) -> None:
+    for row, values in saved:
+        row.decision, row.reason_code, row.reason, row.status, row.budget = values
 
 
 @dataclass
@@ -458,14 +448,14 @@ class Plan:
         for i, (name, args) in enumerate(calls):
             if name == "reserve" and i not in self.skip:
                 for claim in args[1]:
-                    keys.setdefault(
-                        (claim.budget, claim.scope, claim.window_start), (claim, args[0].ts)
-                    )
+                    key = (claim.budget, claim.scope, claim.window_start)
+                    if key not in keys:  # not setdefault: most keys are there, no pair to build
+                        keys[key] = (claim, args[0].ts)
         return keys
 
     def reserves(self, calls: Sequence[tuple[str, tuple[Any, ...]]]) -> int:
         """How many new holds the batch may create."""
-        return sum(1 for name, _ in calls if name == "reserve") - len(self.skip)
+        return [name for name, _ in calls].count("reserve") - len(self.skip)  # no generator
 
     # --- deciding ----------------------------------------------------------------------------
 
@@ -482,21 +472,64 @@ class Plan:
                     results.append(answers[:count])
                     del answers[:count]
                 elif name == "reserve":
+                    # Named calls, not getattr: this runs for every operation of a batch.
+                    tripped = self.tripped.get(i)
+                    row, claims, estimate, expires_at = args[:4]
                     results.append(
-                        self.reserve(*args[:4], tripped=self.tripped.get(i), guards=guards_of(args))
+                        self.reserve(
+                            row,
+                            claims,
+                            estimate,
+                            expires_at,
+                            tripped=tripped,
+                            guards=None if tripped is None else guards_of(args),
+                        )
                     )
-                else:
-                    results.append(getattr(self, name)(*args))
+                elif name == "commit":
+                    results.append(self.commit(*args))
+                elif name == "release":
+                    results.append(self.release(*args))
+                else:  # record: the last of HOT
+                    results.append(self.record(*args))
             except Exception as exc:  # e.g. no such hold: this op fails, the batch goes on
                 results.append(exc)
         return results
 
     def apply(
-        self, ids: Iterable[int], reserved: Sequence[int], spent: Sequence[int], now: float
+        self,
+        ids: Iterable[int],
+        reserved: Sequence[int],
+        spent: Sequence[int],
+        now: float,
+        over: list[int] | None = None,
     ) -> None:
+        """Add `reserved` and `spent` to each instance of `ids`; `over` (a commit's) gets the
+        ids of those then over a limit: checked here, on the values in hand."""
         instances = self.instances
+        r0, r1, r2 = reserved
+        s0, s1, s2 = spent
+        holds, spends = r0 or r1 or r2, s0 or s1 or s2  # a reserve spends nothing, say
+        # Unrolled, no method call per instance, and a new tuple rather than three list items
+        # changed in place (half the interpreter's steps): this runs for every instance of
+        # every operation in a batch.
         for instance_id in ids:  # each listed once: reserve and Hold.from_row see to it
-            instances[instance_id].apply(reserved, spent, now)
+            inst = instances[instance_id]
+            if holds:
+                ru, rt, rr = inst.reserved
+                inst.reserved = (ru + r0, rt + r1, rr + r2)
+            if spends:
+                su, st, sr = inst.spent
+                inst.spent = (su + s0, st + s1, sr + s2)
+            inst.updated_at = now
+            inst.dirty = True
+            if over is not None:
+                (lu, lt, lr), (su, st, sr) = inst.limits, inst.spent
+                if (
+                    (lu is not None and su > lu)
+                    or (lt is not None and st > lt)
+                    or (lr is not None and sr > lr)
+                ):
+                    over.append(instance_id)
 
     def event(
         self,
@@ -539,7 +572,7 @@ class Plan:
         instance_ids: list[int] = []
         shortfalls: list[Shortfall] = []
         shadow_shortfalls: list[Shortfall] = []
-        needed = amount(estimate)
+        needed = (estimate.usd, estimate.tokens, estimate.requests)  # amount(), inline
         # Check every instance first...
         for claim in claims:
             inst = self.by_key.get((claim.budget, claim.scope, claim.window_start))
@@ -594,10 +627,11 @@ class Plan:
             needed,
             [None, None, None],
             None,
-            was="active",
+            "active",  # was: the state a write of the hold is guarded by
         )
-        self.decision(row, hold_id)
-        return ReserveOutcome(row.decision, hold_id, (), tuple(shadow_shortfalls), tripped)
+        self.new_decisions.append(decision_values(row, hold_id))  # self.decision(), inline
+        shadows = tuple(shadow_shortfalls) if shadow_shortfalls else ()
+        return ReserveOutcome(row.decision, hold_id, (), shadows, tripped)
 
     def record(self, row: DecisionRow) -> None:
         if row.request_id not in self.replayed:  # else our attempt whose ack was lost recorded it
@@ -613,22 +647,28 @@ class Plan:
         return hold
 
     def commit(self, request_id: str, hold_id: int, completion: Completion, now: float) -> Settled:
-        hold = self.hold(hold_id)
-        actual = amount(completion.actual)
+        hold = self.holds.get(hold_id)  # self.hold(), inline: this runs for every commit
+        if hold is None:
+            raise LedgerError(f"no hold {hold_id}")
+        spent = completion.actual
+        actual = (spent.usd, spent.tokens, spent.requests)  # amount(), inline
         if hold.state == "active":
-            self.apply(hold.instance_ids, negate(hold.est), actual, now)
+            over: list[int] = []
+            self.apply(hold.instance_ids, negate(hold.est), actual, now, over)
             hold.state, hold.settled_at, hold.actual = "committed", now, list(actual)
             hold.usage_source, hold.dirty = completion.usage_source, True
-            overage = self.note_overage(hold.instance_ids, request_id, hold_id, now)
+            overage = self.note_overage(over, request_id, hold_id, now)
             self.complete(request_id, completion, now)
-            self.facts.extend(
-                (f.scope, f.action, f.field, f.value, request_id, now) for f in completion.facts
-            )
-            return Settled(True, "committed", overage)
+            if completion.facts:  # most have none: no generator made for them
+                self.facts.extend(
+                    (f.scope, f.action, f.field, f.value, request_id, now) for f in completion.facts
+                )
+            return Settled(True, "committed", overage) if overage else COMMITTED
         if hold.state == "expired" and hold.actual[0] is None:
             # The sweeper released this hold (its proxy looked dead or it outlived its TTL), but the
             # call did complete: the money was spent, so charge it without touching reservations.
-            self.apply(hold.instance_ids, (0, 0, 0), actual, now)
+            over = []
+            self.apply(hold.instance_ids, (0, 0, 0), actual, now, over)
             hold.actual, hold.usage_source, hold.dirty = list(actual), completion.usage_source, True
             self.event(
                 "late_commit",
@@ -638,7 +678,7 @@ class Plan:
                 f"hold had expired; charged {actual[0]} nano-USD",
                 now,
             )
-            overage = self.note_overage(hold.instance_ids, request_id, hold_id, now)
+            overage = self.note_overage(over, request_id, hold_id, now)
             self.complete(request_id, completion, now)
             return Settled(True, "expired", overage)
         return Settled(False, hold.state)
@@ -663,9 +703,13 @@ class Plan:
         self.expiries.append((now, reason, hold.request_id))
 
     def note_overage(
-        self, ids: list[int], request_id: str, hold_id: int, now: float
+        self, over_ids: list[int], request_id: str, hold_id: int, now: float
     ) -> tuple[tuple[str, str], ...]:
-        over = [self.instances[i] for i in sorted(i for i in ids if self.instances[i].over())]
+        """The instances a commit left over a limit (Plan.apply's `over`): events, and the
+        (budget, scope) pairs the commit answers with."""
+        if not over_ids:  # the common case: nothing to sort, no event, no tuple
+            return ()
+        over = [self.instances[i] for i in sorted(over_ids)]
         for inst in over:
             budget, scope, _ = inst.key
             self.event(

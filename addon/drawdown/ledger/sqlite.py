@@ -301,7 +301,7 @@ class SQLiteLedger:
     def _run(
         self,
         calls: Sequence[tuple[str, tuple[Any, ...]]],
-        saved: list[tuple[DecisionRow, dict[str, Any]]],
+        saved: list[tuple[DecisionRow, tuple[Any, ...]]],
     ) -> list[Any]:
         if len(calls) == 1 and calls[0][0] in HOT:
             return self._planned(calls)  # alone in its transaction: a failure rolls it all back
@@ -353,7 +353,10 @@ class SQLiteLedger:
             plan.trip(calls, self._guard_counts(keys))
         hold_ids = settled_hold_ids(calls)
         if rows is not None:
-            plan.use_holds(rows.holds.pop(i) for i in hold_ids if i in rows.holds)
+            known_holds = rows.holds
+            for i in hold_ids:  # a loop, not a generator: one step per settled hold
+                if i in known_holds:
+                    plan.holds[i] = known_holds.pop(i)
             hold_ids = [i for i in hold_ids if i not in plan.holds]
         if hold_ids:
             plan.add_holds(
