@@ -73,9 +73,9 @@ class AsyncLedger:
         self._batch_scheduling = False
         self.batch_scheduling = batch_scheduling
         # SQLite: its WAL is copied into the database by a thread of its own, never the writer.
-        self._checkpoints = getattr(ledger, "start_checkpoints", None) if checkpoints else None
-        if self._checkpoints is not None:
-            self._checkpoints()
+        self._checkpointing = checkpoints and hasattr(ledger, "start_checkpoints")
+        if self._checkpointing:
+            ledger.start_checkpoints()
 
     @property
     def batch_scheduling(self) -> bool:
@@ -147,7 +147,7 @@ class AsyncLedger:
                     pass
 
     def close(self, timeout: float = 10.0) -> None:
-        if self._checkpoints is not None:
+        if self._checkpointing:
             self.ledger.stop_checkpoints()
         for _ in self._threads:
             self._queue.put(_STOP)
