@@ -239,18 +239,12 @@ def cpus_apart(split: Split | None) -> Iterator[None]:
 # --- the proxies ------------------------------------------------------------------------------
 
 
-def _launch(
-    kind: str,
-    workdir: Path,
-    upstream_port: int,
-    extra: list[str] | None,
-    cpus: list[int] | None,
-    processes: int,
-    procs: list[subprocess.Popen[bytes]],
-) -> int:
-    """Start one proxy, appending its processes to `procs` as they start (so a caller can stop
-    them even when this fails), and wait until it listens: its port."""
-    port = free_port()
+def proxy_command(
+    kind: str, workdir: Path, upstream_port: int, port: int, extra: list[str] | None = None,
+    processes: int = 1,
+) -> tuple[list[str], list[int]]:  # fmt: skip
+    """The command line of one proxy listening on `port`, and the listening sockets to wait
+    for after each start (bare mitmdump as `processes` processes: one start each)."""
     if kind == "bare":
         cmd = [str(BIN / "mitmdump"), "-q", "--listen-host", "127.0.0.1", "--listen-port", str(port),
                "--set", "connection_strategy=lazy", "--set", f"confdir={workdir / 'conf-bare'}",
@@ -279,11 +273,27 @@ budgets:
         cmd = [str(BIN / "drawdown"), "run", "--policy", str(policy), "--db", str(db),
                "--listen", f"127.0.0.1:{port}", "--confdir", str(workdir / "conf"),
                "--set", "termlog_verbosity=error", *(extra or [])]  # fmt: skip
+    return cmd, listening
+
+
+def _launch(
+    kind: str,
+    workdir: Path,
+    upstream_port: int,
+    extra: list[str] | None,
+    cpus: list[int] | None,
+    processes: int,
+    procs: list[subprocess.Popen[bytes]],
+) -> int:
+    """Start one proxy, appending its processes to `procs` as they start (so a caller can stop
+    them even when this fails), and wait until it listens: its port."""
+    port = free_port()
+    cmd, listening = proxy_command(kind, workdir, upstream_port, port, extra, processes)
     if cpus:  # from exec on, so every thread and child process starts there
         cmd = ["taskset", "--cpu-list", _cpu_list(cpus), *cmd]
     for sockets in listening:
         procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        _wait_listening(port, procs[-1], sockets)
+        wait_listening(port, procs[-1], sockets)
     return port
 
 
@@ -378,9 +388,11 @@ def listening_sockets(port: int) -> int:
     return sum(1 for row in rows if row[1:2] == [local] and row[3] == listen)
 
 
-def _wait_listening(port: int, proc: subprocess.Popen[bytes], processes: int) -> None:
+def wait_listening(
+    port: int, proc: subprocess.Popen[bytes], processes: int, seconds: float = 60
+) -> None:
     """Until `processes` sockets listen on `port`, or (without /proc) one accepts a connection."""
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + seconds
     while time.monotonic() < deadline and proc.poll() is None:
         listening = listening_sockets(port)
         if listening >= processes:

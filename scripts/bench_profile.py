@@ -14,14 +14,22 @@ Other threads (drawdown's ledger writer, the thread pool) are listed by name.
 py-spy samples without stopping the proxy (--nonblocking), so it costs the proxy little, and
 counts only threads that are running (idle ones, waiting on epoll or a lock, are not samples).
 
+With --instructions, each proxy instead runs under valgrind's callgrind and gets the same request
+one at a time on one connection: the CPU instructions each of its threads executes per request,
+exactly, whatever the machine. Beside the table above it tells work a proxy does from how fast
+the machine does it (a thread that sleeps and wakes often runs its instructions slower).
+
     ./scripts/bench --profile [--seconds 8] [--rate 250] [--connections 1,16] [--json FILE]
+    ./scripts/bench --profile --instructions [--requests 300] [--json FILE]
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import http.client
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -126,12 +134,30 @@ def profiled(
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     time.sleep(0.5)  # py-spy attaches in well under a second; the load starts once it has
+    before = loop_counters(pid)
     result = bench.measured(port, [pid], up, body, connections, seconds, workdir)
+    after = loop_counters(pid)
     _, err = spy.communicate(timeout=seconds + 30)
     if spy.returncode != 0 or not out.exists():
         raise SystemExit(f"bench --profile: py-spy failed: {err.strip()[-300:]}")
     result["samples"] = parse_raw(out.read_text())
+    served = max(result["requests"], 1)
+    ms_per_tick = 1000 / os.sysconf("SC_CLK_TCK") / served
+    result["loop_user_ms"] = (after[0] - before[0]) * ms_per_tick
+    result["loop_kernel_ms"] = (after[1] - before[1]) * ms_per_tick
+    result["loop_sleeps"] = (after[2] - before[2]) / served
     return result
+
+
+def loop_counters(pid: int) -> tuple[int, int, int]:
+    """The event loop's thread (the main thread): clock ticks run in user mode and in the kernel
+    (its system calls: sockets, epoll, futexes), and how many times it went to sleep (voluntary
+    context switches: waiting on epoll, the GIL or a lock), from /proc/PID/task/PID."""
+    task = Path(f"/proc/{pid}/task/{pid}")
+    stat = (task / "stat").read_text()
+    fields = stat[stat.rindex(")") + 2 :].split()  # the name may hold spaces and parentheses
+    sleeps = re.search(r"^voluntary_ctxt_switches:\s+(\d+)", (task / "status").read_text(), re.M)
+    return int(fields[11]), int(fields[12]), int(sleeps.group(1)) if sleeps else 0
 
 
 def table(runs: dict[str, dict[str, Any]], rate: int) -> list[str]:
@@ -161,10 +187,111 @@ def table(runs: dict[str, dict[str, Any]], rate: int) -> list[str]:
     ]
     lines.append(row("all of the loop, sampled", (sum(loops[lab].values()) for lab in runs)))
     lines.append(row("the loop on a CPU (schedstat)", (runs[lab]["cpu_ms_loop"] for lab in runs)))
+    for name, key in (
+        ("  in user mode (ticks)", "loop_user_ms"),
+        ("  in the kernel (ticks)", "loop_kernel_ms"),
+    ):
+        lines.append(row(name, (runs[lab][key] for lab in runs)))
+    lines.append(row("  times it went to sleep", (runs[lab]["loop_sleeps"] for lab in runs), ".2f"))
     for kind in sorted({kind for lab in runs for kind in others[lab]}):
         lines.append(row(f"thread {kind}", (others[lab].get(kind, 0.0) for lab in runs)))
     lines.append(row("req/s", (runs[lab]["rps"] for lab in runs), ".0f"))
     return lines
+
+
+# The bench's request as wrk sends it (bench.wrk's script), one after another on one connection.
+HEADERS = {
+    "Content-Type": "application/json",
+    "Authorization": "Bearer sk-bench-not-a-key",
+    "X-Drawdown-Agent": "bench",
+    "X-Drawdown-Run": "r1",
+}
+
+
+def keep_alive_requests(port: int, up: int, body: bytes, count: int) -> None:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+    try:
+        for _ in range(count):
+            url = f"http://127.0.0.1:{up}/v1/chat/completions"
+            connection.request("POST", url, body, {**HEADERS, "Host": f"127.0.0.1:{up}"})
+            response = connection.getresponse()
+            response.read()
+            if response.status != 200:
+                raise SystemExit(f"bench --profile: the proxy answered {response.status}")
+    finally:
+        connection.close()
+
+
+def callgrind_totals(out: Path, dump: int = 1) -> dict[int, int]:
+    """Instructions by thread number (1: the main thread, the event loop) in callgrind's dump
+    number `dump` of a run with --separate-threads (one file per thread: OUT.DUMP-THREAD)."""
+    totals: dict[int, int] = {}
+    for file in out.parent.glob(f"{out.name}.{dump}-*"):
+        thread = int(file.name.rsplit("-", 1)[1])
+        for line in file.read_text().splitlines():
+            if line.startswith(("summary:", "totals:")):
+                totals[thread] = int(line.split()[1])
+                break
+    return totals
+
+
+def counted(
+    kind: str, workdir: Path, up: int, body: bytes, requests: int, warm_up: int
+) -> dict[str, float]:
+    """Instructions per request of one proxy's event loop and of its other threads: the proxy
+    under callgrind, its counters zeroed after `warm_up` requests and dumped after `requests`
+    more (so start-up, imports and first-request work are left out)."""
+    valgrind, control = shutil.which("valgrind"), shutil.which("callgrind_control")
+    if valgrind is None or control is None:
+        raise SystemExit("bench --profile --instructions: valgrind is not installed")
+    port = bench.free_port()
+    cmd, _ = bench.proxy_command(kind, workdir, up, port)
+    out = workdir / f"callgrind-{kind}.out"
+    proc = subprocess.Popen(
+        [valgrind, "--tool=callgrind", "--separate-threads=yes", f"--callgrind-out-file={out}",
+         sys.executable, *cmd],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        bench.wait_listening(port, proc, 1, seconds=600)  # imports run ~50× slower under valgrind
+        keep_alive_requests(port, up, body, warm_up)
+        subprocess.run([control, "--zero", str(proc.pid)], check=True, capture_output=True)
+        keep_alive_requests(port, up, body, requests)
+        subprocess.run([control, "--dump", str(proc.pid)], check=True, capture_output=True)
+        deadline = time.monotonic() + 60
+        while 1 not in (totals := callgrind_totals(out)) and time.monotonic() < deadline:
+            time.sleep(0.5)
+    finally:
+        bench._stop([proc])
+    if 1 not in totals:
+        raise SystemExit(f"bench --profile --instructions: callgrind wrote no dump for {kind}")
+    loop = totals.pop(1)
+    return {"loop": loop / requests, "other threads": sum(totals.values()) / requests}
+
+
+def instructions_table(counts: dict[str, dict[str, float]]) -> list[str]:
+    width = 28
+    lines = [f"  {'instructions per request':<{width}}" + "".join(f"{lab:>14}" for lab in counts)]
+    for part, name in (("loop", "event loop thread"), ("other threads", "other threads")):
+        values = "".join(f"{counts[lab][part]:>14,.0f}" for lab in counts)
+        lines.append(f"  {name:<{width}}" + values)
+    return lines
+
+
+def count_main(body: bytes, requests: int, json_file: str | None) -> int:
+    warm_up = 100
+    figures: dict[str, Any] = {"machine": bench.machine(), "requests": requests, "counts": {}}
+    print(f"drawdown bench --profile --instructions — {figures['machine']}")
+    print(f"callgrind, {requests} requests one at a time on one connection, after {warm_up}\n")
+    with tempfile.TemporaryDirectory(prefix="drawdown-profile-") as tmp, bench.upstream() as up:
+        workdir = Path(tmp)
+        bench._ensure_cas(workdir)
+        for kind in ("bare", "drawdown"):
+            figures["counts"][kind] = counted(kind, workdir, up, body, requests, warm_up)
+    print("\n".join(instructions_table(figures["counts"])))
+    if json_file:
+        Path(json_file).write_text(json.dumps(figures, indent=2))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -173,10 +300,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
     parser.add_argument("--connections", default="1,16", help="concurrencies, comma-separated")
     parser.add_argument("--json", metavar="FILE")
+    parser.add_argument(
+        "--instructions", action="store_true", help="count instructions per request (callgrind)"
+    )
+    parser.add_argument("--requests", type=int, default=300, help="counted, with --instructions")
     args = parser.parse_args(argv)
+    body = bench.prompt_body(1000)
+    if args.instructions:
+        return count_main(body, args.requests, args.json)
     concurrencies = [int(c) for c in args.connections.split(",")]
     py_spy()
-    body = bench.prompt_body(1000)
     figures: dict[str, Any] = {"machine": bench.machine(), "rate": args.rate, "runs": {}}
     print(f"drawdown bench --profile — {figures['machine']}")
     print(f"py-spy at {args.rate} Hz, {args.seconds} s per proxy and concurrency\n")

@@ -475,6 +475,53 @@ def test_the_profile_samples_a_real_drawdown_and_a_real_mitmdump(tmp_path: Path)
     lines = profile.table(runs, 200)
     assert lines[0].split()[-2:] == ["bare", "drawdown"]
     assert any(line.strip().startswith("the loop on a CPU (schedstat)") for line in lines)
+    # The loop's time split by mode: both proxies spend some of it in user mode, per request.
+    for run in runs.values():
+        assert run["loop_user_ms"] > 0 and run["loop_kernel_ms"] >= 0, run
+        assert run["loop_user_ms"] + run["loop_kernel_ms"] < 50, run  # ms per request, not totals
+        assert 0 <= run["loop_sleeps"] < 50, run  # per request: a few at most, not the total
+    assert any(line.strip().startswith("in user mode (ticks)") for line in lines)
+    # At c=4 drawdown's loop waits for its ledger writer; it must have slept at some point.
+    assert runs["drawdown"]["loop_sleeps"] > 0, runs["drawdown"]
+
+
+def test_the_instruction_count_reads_one_dump_per_thread(tmp_path: Path) -> None:
+    """callgrind --separate-threads writes OUT.DUMP-THREAD per thread for each dump, and OUT-THREAD
+    at exit: only the asked dump counts, thread by thread."""
+    profile = load_script("bench_profile")
+    out = tmp_path / "callgrind.out"
+    for name, total in (("1-01", 9_000), ("1-02", 700), ("1-05", 30), ("2-01", 5), ("-01", 10**9)):
+        (tmp_path / f"callgrind.out{'.' if name[0] != '-' else ''}{name}").write_text(
+            f"# callgrind format\nversion: 1\ncmd: python\nthread: {name[-1]}\n"
+            f"events: Ir\nsummary: {total}\n\nfl=x\nfn=y\n1 {total}\ntotals: {total}\n"
+        )
+    assert profile.callgrind_totals(out) == {1: 9_000, 2: 700, 5: 30}
+    assert profile.callgrind_totals(out, dump=2) == {1: 5}
+    table = profile.instructions_table(
+        {"bare": {"loop": 9e6, "other threads": 0}, "drawdown": {"loop": 5e6, "other threads": 7e5}}
+    )
+    assert table[1].split()[-2:] == ["9,000,000", "5,000,000"]
+    assert table[2].split()[-2:] == ["0", "700,000"]
+
+
+def test_the_instruction_count_counts_a_real_drawdowns_requests_alone(tmp_path: Path) -> None:
+    """./scripts/bench --profile --instructions: drawdown under callgrind, counters zeroed after the
+    warm-up. Start-up (billions of instructions: imports, price data, encodings) must not land
+    in a request's count, and the ledger writer's work shows on its own thread."""
+    if shutil.which("valgrind") is None:
+        if os.environ.get("DRAWDOWN_REQUIRE_VALGRIND", "") not in ("", "0"):
+            pytest.fail("valgrind is not installed; DRAWDOWN_REQUIRE_VALGRIND=1", pytrace=False)
+        pytest.skip("valgrind is not installed (apt-get install valgrind)")
+    profile = load_script("bench_profile")
+    bench = sys.modules["bench"]
+    bench._ensure_cas(tmp_path)
+    with stand_in(bench) as up:
+        count = profile.counted("drawdown", tmp_path, up, bench.prompt_body(1000), 6, 3)
+    # A request through drawdown's loop is millions of instructions (mitmproxy's HTTP layers,
+    # the meter, the hooks); the start-up a missed zeroing would add is ~10^9 per request here.
+    assert 1_000_000 < count["loop"] < 50_000_000, count
+    # The reserve and the commit run on the writer thread: a lifecycle is ~10^5-10^6.
+    assert 50_000 < count["other threads"] < 20_000_000, count
 
 
 def test_the_first_event_test_takes_turns_and_tells_a_buffering_proxy(tmp_path: Path) -> None:
