@@ -1313,6 +1313,21 @@ def test_request_ids_are_time_ordered_uuid7s() -> None:
     assert new_request_id() > first  # a later millisecond sorts later: index inserts append
 
 
+def test_a_request_id_makes_no_system_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One id per request on the event loop: a getpid() per id (to notice a fork) was a system
+    call on every request; the fork is handled when it happens instead (test below)."""
+    import os
+
+    from drawdown.ledger.api import new_request_id
+
+    def no_getpid() -> int:
+        raise AssertionError("new_request_id called os.getpid()")
+
+    monkeypatch.setattr(os, "getpid", no_getpid)
+    monkeypatch.setattr(os, "urandom", lambda n: pytest.fail("new_request_id read os.urandom"))
+    assert len({new_request_id() for _ in range(100)}) == 100
+
+
 # The child only writes one id to a pipe and exits: no lock of another thread is involved.
 @pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
 def test_a_forked_worker_does_not_repeat_the_parents_request_ids() -> None:

@@ -80,20 +80,26 @@ def forgiven(failed: int, retries: int) -> int:
     return min(failed, max(retries, 0))
 
 
-_random: tuple[int, random.Random] | None = None
+# Seeded from os.urandom once per process: os.urandom per id would drop the GIL on every
+# request. A forked child seeds its own at the fork (as the random module does), so no id
+# pays a getpid() system call to find out whether it runs in a fork.
+_random = random.Random()
+
+
+def _reseed_after_fork() -> None:
+    global _random
+    _random = random.Random()
+
+
+os.register_at_fork(after_in_child=_reseed_after_fork)
 
 
 def new_request_id() -> str:
     """A request's ledger key: a UUIDv7 (RFC 9562) — Unix milliseconds, then 74 random bits.
     Time-ordered keys land at the right edge of the request_id indexes, so a batch of
     inserts touches a few index pages instead of one random page per request."""
-    global _random
-    if _random is None or _random[0] != os.getpid():
-        # Seeded from os.urandom once per process (a forked worker gets its own, as in
-        # tempfile); os.urandom per id would drop the GIL on every request.
-        _random = (os.getpid(), random.Random())
     ms = time.time_ns() // 1_000_000
-    rand = _random[1].getrandbits(74)
+    rand = _random.getrandbits(74)
     value = (ms & (1 << 48) - 1) << 80 | 0x7 << 76 | (rand >> 62) << 64 | 0b10 << 62
     h = f"{value | rand & (1 << 62) - 1:032x}"  # uuid.UUID's str, without its checks
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
