@@ -14,6 +14,7 @@ from pathlib import Path
 from mitmproxy.version import VERSION as MITMPROXY
 
 from . import __version__
+from .eventloop import EventLoop
 
 DEFAULT_LISTEN = "127.0.0.1:8080"
 DEFAULT_DB = "./drawdown.db"
@@ -131,7 +132,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         for name, value in writer_environment(cpus[0], cpus).items():
             os.environ.setdefault(name, value)
         pin_process(cpus[0])  # before mitmproxy starts a thread: each inherits the CPU
-    return asyncio.run(_run_proxy(args, host, port, sets))
+    return asyncio.run(_run_proxy(args, host, port, sets), loop_factory=EventLoop)
 
 
 # Options `run` sets from its own flags, after which a `--set` would silently win: the CA made

@@ -3,7 +3,9 @@
 mitmproxy runs every hook on one asyncio loop, so the loop never touches the
 database. Operations queued while the writer is busy are applied together in one
 transaction (one lock, one WAL commit) — each keeps its own savepoint, result and
-decision, so batching changes throughput, never outcomes.
+decision, so batching changes throughput, never outcomes. On drawdown's own event loop
+(eventloop.py) a loop iteration's operations reach the writer together, just before the loop
+polls, rather than one by one as hooks queue them.
 
 SQLite gets one writer (it has one write lock anyway). A ledger may ask for more with a
 `writers` attribute (PostgreSQL: row locks, so batches on different budgets overlap).
@@ -31,6 +33,7 @@ import threading
 from typing import Any
 
 from ..affinity import WriterPlacement
+from ..eventloop import EventLoop
 from .api import LedgerError
 
 log = logging.getLogger(__name__)
@@ -62,7 +65,11 @@ class AsyncLedger:
         self.ledger = ledger
         self.max_batch = max_batch
         self.placement = placement  # --cpu-affinity: where each writer thread runs
+        # Each entry is a list of operations (name, args, future, loop), or _STOP.
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        # Per drawdown EventLoop: the operations its current iteration queued, and the
+        # before-poll callback that hands them over.
+        self._gathering: dict[EventLoop, tuple[list[Any], Any]] = {}
         count = max(1, writers or getattr(ledger, "writers", 1))
         self._threads = [
             threading.Thread(target=self._run, name=f"drawdown-ledger-{i}", daemon=True)
@@ -104,8 +111,23 @@ class AsyncLedger:
         """Queue `ledger.<name>(*args)` for the writer thread and await its result."""
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        self._queue.put((name, args, future, loop))
+        operation = (name, args, future, loop)
+        if isinstance(loop, EventLoop):
+            gathering = self._gathering.get(loop)
+            if gathering is None:
+                gathering = self._gathering[loop] = ([], lambda: self._hand_over(loop))
+                loop.call_before_poll(gathering[1])
+            gathering[0].append(operation)
+        else:
+            self._queue.put([operation])
         return await future
+
+    def _hand_over(self, loop: EventLoop) -> None:
+        """Before `loop` polls: what its iteration queued goes to the writer, in one put."""
+        operations, hand_over = self._gathering[loop]
+        if operations:
+            self._gathering[loop] = ([], hand_over)
+            self._queue.put(operations)
 
     def call_sync(self, name: str, *args: Any) -> Any:
         """For callers outside the event loop (shutdown, CLI): run directly, under the ledger's lock."""
@@ -117,7 +139,7 @@ class AsyncLedger:
             item = self._queue.get()
             if item is _STOP:
                 return
-            batch = [item]
+            batch = list(item)
             while len(batch) < self.max_batch:
                 try:
                     more = self._queue.get_nowait()
@@ -126,27 +148,38 @@ class AsyncLedger:
                 if more is _STOP:
                     self._queue.put(_STOP)  # finish this batch, then stop
                     break
-                batch.append(more)
+                batch += more
+            # One loop iteration may hand over more than a batch: a transaction stays bounded.
+            for first in range(0, len(batch), self.max_batch):
+                self._run_batch(batch[first : first + self.max_batch])
+                if after_batch is not None:
+                    after_batch(len(batch[first : first + self.max_batch]))
+
+    def _run_batch(self, batch: list[Any]) -> None:
+        try:
+            results = self.ledger.run_batch([(name, args) for name, args, _, _ in batch])
+        except LedgerError as exc:
+            results = [exc] * len(batch)
+        except Exception as exc:  # a bug, not a ledger fault: surface it to every waiter
+            log.exception("ledger batch failed")
+            results = [LedgerError(f"ledger failure: {exc}")] * len(batch)
+        # One wake-up per event loop for the whole batch, not one per operation.
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], Any]]] = {}
+        for (_, _, future, loop), result in zip(batch, results, strict=True):
+            by_loop.setdefault(loop, []).append((future, result))
+        for loop, settled in by_loop.items():
             try:
-                results = self.ledger.run_batch([(name, args) for name, args, _, _ in batch])
-            except LedgerError as exc:
-                results = [exc] * len(batch)
-            except Exception as exc:  # a bug, not a ledger fault: surface it to every waiter
-                log.exception("ledger batch failed")
-                results = [LedgerError(f"ledger failure: {exc}")] * len(batch)
-            if after_batch is not None:
-                after_batch(len(batch))
-            # One wake-up per event loop for the whole batch, not one per operation.
-            by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], Any]]] = {}
-            for (_, _, future, loop), result in zip(batch, results, strict=True):
-                by_loop.setdefault(loop, []).append((future, result))
-            for loop, settled in by_loop.items():
-                try:
-                    loop.call_soon_threadsafe(_resolve, settled)
-                except RuntimeError:  # the loop has closed; nobody is waiting any more
-                    pass
+                loop.call_soon_threadsafe(_resolve, settled)
+            except RuntimeError:  # the loop has closed; nobody is waiting any more
+                pass
 
     def close(self, timeout: float = 10.0) -> None:
+        """Stop the writers once they have run everything queued (on the loop's thread: what
+        its current iteration gathered is handed over first)."""
+        for loop, (_, hand_over) in list(self._gathering.items()):
+            self._hand_over(loop)
+            loop.remove_before_poll(hand_over)
+        self._gathering.clear()
         if self._checkpointing:
             self.ledger.stop_checkpoints()
         for _ in self._threads:
