@@ -40,6 +40,19 @@ def run(coroutine: Any) -> Any:
     return asyncio.run(coroutine, loop_factory=EventLoop)
 
 
+def eight_calls_in_one_iteration(worker: AsyncLedger) -> None:
+    """Eight calls made in one loop iteration (gather starts them all before the next poll);
+    each caller gets its own answer. Then the writer stops."""
+
+    async def main() -> list[Any]:
+        return await asyncio.gather(*(worker.call("op", n) for n in range(8)))
+
+    try:
+        assert run(main()) == list(range(8))
+    finally:
+        worker.close()
+
+
 def test_callbacks_run_before_every_poll_until_removed() -> None:
     polls: list[int] = []
 
@@ -96,30 +109,14 @@ def test_a_loop_iterations_operations_reach_the_writer_in_one_hand_over(
     monkeypatch.setattr(worker_module.queue, "SimpleQueue", CountingQueue)
     CountingQueue.puts = 0
     ledger = RecordingLedger()
-    worker = AsyncLedger(ledger)
-    try:
-
-        async def main() -> list[Any]:
-            return await asyncio.gather(*(worker.call("op", n) for n in range(8)))
-
-        assert run(main()) == list(range(8))
-    finally:
-        worker.close()
+    eight_calls_in_one_iteration(AsyncLedger(ledger))
     assert CountingQueue.puts == 1 + 1  # the operations, then the stop
     assert [len(batch) for batch in ledger.batches] == [8]
 
 
 def test_a_hand_over_larger_than_a_batch_is_run_in_batches_of_the_limit() -> None:
     ledger = RecordingLedger()
-    worker = AsyncLedger(ledger, max_batch=3)
-    try:
-
-        async def main() -> list[Any]:
-            return await asyncio.gather(*(worker.call("op", n) for n in range(8)))
-
-        assert run(main()) == list(range(8))
-    finally:
-        worker.close()
+    eight_calls_in_one_iteration(AsyncLedger(ledger, max_batch=3))
     assert [len(batch) for batch in ledger.batches] == [3, 3, 2]
 
 
