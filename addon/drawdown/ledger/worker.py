@@ -30,6 +30,7 @@ import logging
 import os
 import queue
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from ..affinity import WriterPlacement
@@ -151,11 +152,9 @@ class AsyncLedger:
                 batch += more
             # One loop iteration may hand over more than a batch: a transaction stays bounded.
             for first in range(0, len(batch), self.max_batch):
-                self._run_batch(batch[first : first + self.max_batch])
-                if after_batch is not None:
-                    after_batch(len(batch[first : first + self.max_batch]))
+                self._run_batch(batch[first : first + self.max_batch], after_batch)
 
-    def _run_batch(self, batch: list[Any]) -> None:
+    def _run_batch(self, batch: list[Any], after_batch: Callable[[int], None] | None) -> None:
         try:
             results = self.ledger.run_batch([(name, args) for name, args, _, _ in batch])
         except LedgerError as exc:
@@ -163,6 +162,8 @@ class AsyncLedger:
         except Exception as exc:  # a bug, not a ledger fault: surface it to every waiter
             log.exception("ledger batch failed")
             results = [LedgerError(f"ledger failure: {exc}")] * len(batch)
+        if after_batch is not None:
+            after_batch(len(batch))
         # One wake-up per event loop for the whole batch, not one per operation.
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], Any]]] = {}
         for (_, _, future, loop), result in zip(batch, results, strict=True):
