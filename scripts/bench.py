@@ -410,21 +410,27 @@ def wait_listening(
 # --- load ---------------------------------------------------------------------------------------
 
 
+# The headers of the bench's request as wrk sends it (besides Host, the stand-in's address).
+WRK_HEADERS = {
+    "Content-Type": "application/json",
+    "Authorization": "Bearer sk-bench-not-a-key",
+    "X-Drawdown-Agent": "bench",
+    "X-Drawdown-Run": "r1",
+}
+
+
 def wrk(
     proxy_port: int, upstream_port: int, body: bytes, connections: int, seconds: int, workdir: Path
 ) -> dict[str, float]:
     body_file = workdir / f"body-{len(body)}.json"
     body_file.write_bytes(body)
     script = workdir / "post.lua"
+    headers = "".join(f'wrk.headers["{name}"] = "{value}"\n' for name, value in WRK_HEADERS.items())
     script.write_text(
         f"""local f = io.open("{body_file}", "rb"); local body = f:read("*a"); f:close()
 wrk.method = "POST"
 wrk.body = body
-wrk.headers["Content-Type"] = "application/json"
-wrk.headers["Authorization"] = "Bearer sk-bench-not-a-key"
-wrk.headers["X-Drawdown-Agent"] = "bench"
-wrk.headers["X-Drawdown-Run"] = "r1"
-wrk.headers["Host"] = "127.0.0.1:{upstream_port}"
+{headers}wrk.headers["Host"] = "127.0.0.1:{upstream_port}"
 function request() return wrk.format(nil, "http://127.0.0.1:{upstream_port}/v1/chat/completions") end
 """
     )

@@ -199,21 +199,13 @@ def table(runs: dict[str, dict[str, Any]], rate: int) -> list[str]:
     return lines
 
 
-# The bench's request as wrk sends it (bench.wrk's script), one after another on one connection.
-HEADERS = {
-    "Content-Type": "application/json",
-    "Authorization": "Bearer sk-bench-not-a-key",
-    "X-Drawdown-Agent": "bench",
-    "X-Drawdown-Run": "r1",
-}
-
-
 def keep_alive_requests(port: int, up: int, body: bytes, count: int) -> None:
+    """The bench's request as wrk sends it, `count` times, one after another on one connection."""
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
     try:
         for _ in range(count):
             url = f"http://127.0.0.1:{up}/v1/chat/completions"
-            connection.request("POST", url, body, {**HEADERS, "Host": f"127.0.0.1:{up}"})
+            connection.request("POST", url, body, {**bench.WRK_HEADERS, "Host": f"127.0.0.1:{up}"})
             response = connection.getresponse()
             response.read()
             if response.status != 200:

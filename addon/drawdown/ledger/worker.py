@@ -140,7 +140,7 @@ class AsyncLedger:
             item = self._queue.get()
             if item is _STOP:
                 return
-            batch = list(item)
+            batch = item  # a list no one else holds: the loop hands over a new one each time
             while len(batch) < self.max_batch:
                 try:
                     more = self._queue.get_nowait()
