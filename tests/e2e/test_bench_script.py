@@ -666,3 +666,67 @@ def test_the_bench_says_how_long_each_part_took() -> None:
     assert laps.describe() == (
         "5 min 00 s (throughput and latency 129 s, streaming 8 s, workers 86 s, ledger alone 76 s)"
     )
+
+
+def test_a_compare_variant_is_a_label_and_drawdown_run_arguments() -> None:
+    compare = load_script("bench_compare")
+    assert compare.parse_variant("pinned=--cpu-affinity auto") == (
+        "pinned",
+        ["--cpu-affinity", "auto"],
+    )
+    assert compare.parse_variant("x=--set 'scripts=a b.py'") == ("x", ["--set", "scripts=a b.py"])
+    assert compare.parse_variant("none=") == ("none", [])
+    for bad, says in [
+        ("--cpu-affinity auto", "LABEL=ARGUMENTS"),
+        ("=--workers 2", "LABEL=ARGUMENTS"),
+        ("drawdown=--workers 2", "already compared"),
+        ("x=--set 'scripts=a.py", "variant 'x'"),
+    ]:
+        with pytest.raises(ValueError, match=says):
+            compare.parse_variant(bad)
+
+
+def test_the_comparison_takes_its_ratios_within_each_round() -> None:
+    """The machine's speed drifts between rounds: a variant is judged against bare and shipped
+    drawdown in the same round, and the medians are of those ratios, not of raw rates."""
+    compare = load_script("bench_compare")
+
+    def figures(bare: float, shipped: float, variant: float) -> dict[str, dict[str, float]]:
+        return {
+            "bare": {"rps": bare, "p50": 1.0},
+            "drawdown": {"rps": shipped, "p50": 1.5},
+            "try": {"rps": variant, "p50": 1.2},
+        }
+
+    # A slow round and a fast one: the variant beats shipped in both, by 10 % and 20 %.
+    summary = compare.summarize(
+        [figures(400, 300, 330), figures(800, 600, 720), figures(500, 400, 400)]
+    )
+    assert summary["try"]["to_bare"] == [330 / 400, 720 / 800, 400 / 500]
+    assert summary["try"]["to_bare_median"] == pytest.approx(0.825)
+    assert summary["try"]["to_shipped_median"] == pytest.approx(1.1)
+    assert summary["try"]["added_p50_median"] == pytest.approx(0.2)
+    assert summary["try"]["beat_shipped"] == 2  # level in the third round is no win
+    assert summary["bare"]["to_bare_median"] == 1.0
+    assert summary["drawdown"]["to_shipped_median"] == 1.0
+    lines = compare.describe(1, summary)
+    assert "beat shipped in 2 of 3" in lines[-1] and "82.5%" in lines[-1]
+
+
+def test_a_comparison_runs_every_variant_with_its_own_arguments(tmp_path: Path) -> None:
+    """One short round against real proxies: bare, shipped drawdown and a variant whose
+    `--set scripts=` file leaves a mark, so the variant is shown to be started as asked."""
+    compare = load_script("bench_compare")
+    bench = load_script("bench")
+    mark = tmp_path / "variant-ran"
+    probe = tmp_path / "probe.py"
+    probe.write_text(f"def running():\n    open({str(mark)!r}, 'w').write('yes')\n")
+    variants = {"probed": ["--set", f"scripts={probe}"]}
+    with stand_in(bench) as up:
+        results = compare.compare(variants, 1, 1, [1], tmp_path, upstream_port=up)
+    assert mark.read_text() == "yes"
+    (round_one,) = results[1]
+    assert set(round_one) == {"bare", "drawdown", "probed"}
+    assert all(figures["requests"] > 0 and figures["errors"] == 0 for figures in round_one.values())
+    summary = compare.summarize(results[1])
+    assert summary["probed"]["rounds"] == 1 and summary["probed"]["to_bare_median"] > 0
