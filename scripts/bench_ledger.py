@@ -53,7 +53,18 @@ from drawdown.ledger.api import Amount, Claim, Completion, DecisionRow, new_requ
 from drawdown.ledger.worker import AsyncLedger
 
 ESTIMATE = Amount(usd=2_000_000, tokens=1_500, requests=1)  # ≈ $0.002
-ACTUAL = Completion(actual=Amount(usd=1_200_000, tokens=900, requests=1), status=200)
+# What the proxy commits for a metered chat completion (its response hook's Completion).
+ACTUAL = Completion(
+    actual=Amount(usd=1_200_000, tokens=900, requests=1),
+    status=200,
+    tokens_in=850,
+    tokens_out=50,
+    usage_source="usage",
+    priced=True,
+    model="gpt-4o-mini-2024-07-18",
+    latency_ms=212.4,
+    upstream_ms=208.9,
+)
 
 
 TENANTS = 1  # --tenants: 1 = every lifecycle shares the tenant row (the worst case)
@@ -63,6 +74,8 @@ def claims_for(n: int) -> tuple[DecisionRow, list[Claim]]:
     tenant = f"t{n % TENANTS}"
     agent, run = f"{tenant}-a{n % 4}", f"r{n // 50}"  # a run of 50 calls
     scope = f"tenant:{tenant}/agent:{agent}/run:{run}"
+    # Every column the proxy fills for a chat completion (addon.py's request hook): the
+    # indexes a report, a guard or replay reads are written with keys of their real size.
     row = DecisionRow(
         request_id=new_request_id(),  # as the proxy makes them
         ts=time.time(),
@@ -70,12 +83,20 @@ def claims_for(n: int) -> tuple[DecisionRow, list[Claim]]:
         mode="enforce",
         scope=scope,
         tenant=tenant,
+        workflow=f"{tenant}-w{n % 3}",
         agent=agent,
         run=run,
         action="llm",
+        provider="openai",
+        model="gpt-4o-mini",
         method="POST",
         host="api.openai.com",
         path="/v1/chat/completions",
+        est_usd=ESTIMATE.usd,
+        est_tokens=ESTIMATE.tokens,
+        fingerprint=uuid.uuid4().hex,  # a hash of the action and body: 32 hex digits, distinct
+        policy_digest="3f9a6c1e0b7d2a54",
+        port=443,
     )
     big = 10**18  # the benchmark measures throughput, not denials
     return row, [

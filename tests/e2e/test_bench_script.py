@@ -730,3 +730,44 @@ def test_a_comparison_runs_every_variant_with_its_own_arguments(tmp_path: Path) 
     assert all(figures["requests"] > 0 and figures["errors"] == 0 for figures in round_one.values())
     summary = compare.summarize(results[1])
     assert summary["probed"]["rounds"] == 1 and summary["probed"]["to_bare_median"] > 0
+
+
+def test_the_ledger_benchs_rows_carry_every_column_a_real_proxys_row_does(tmp_path: Path) -> None:
+    """scripts/bench_ledger.py claims the ledger's own throughput for the proxy's lifecycles:
+    its rows must fill every column a real drawdown fills for the bench's chat completion
+    (an indexed column left NULL is a smaller index key, a cheaper write). Read off a real
+    proxy's ledger after one such request."""
+    import dataclasses
+
+    bench = load_script("bench")
+    bench_ledger = load_script("bench_ledger")
+    with (
+        stand_in(bench) as up,
+        bench.proxy("drawdown", tmp_path, up) as (port, _),
+    ):
+        bench.one_request(port, up, bench.prompt_body(100))
+        (ledger,) = tmp_path.glob("bench-*.db")
+        with contextlib.closing(sqlite3.connect(ledger)) as conn:
+            conn.row_factory = sqlite3.Row
+            (real,) = map(dict, conn.execute("SELECT * FROM decisions").fetchall())
+            (committed,) = map(
+                dict,
+                conn.execute(
+                    "SELECT tokens_in, tokens_out, usage_source, priced, model, latency_ms "
+                    "FROM decisions WHERE completed_at IS NOT NULL"
+                ).fetchall(),
+            )
+    row, claims = bench_ledger.claims_for(7)
+    filled = {
+        field.name for field in dataclasses.fields(row) if getattr(row, field.name) is not None
+    }
+    real_filled = {
+        field.name for field in dataclasses.fields(row) if real.get(field.name) is not None
+    }
+    assert real_filled - {"status"} <= filled, real_filled - filled  # status: set at completion
+    assert {"fingerprint", "model", "provider", "est_usd", "policy_digest", "port"} <= real_filled
+    assert len(claims) == 3
+    # The commit, likewise: what the proxy records of a metered answer, the bench records too.
+    for column, value in committed.items():
+        if value is not None:
+            assert getattr(bench_ledger.ACTUAL, column) is not None, column
