@@ -10,7 +10,11 @@ Two ways of driving the ledger:
   direct  one caller, one operation per transaction (latency-bound)
 
     .venv/bin/python scripts/bench_ledger.py [--lifecycles N] [--concurrency C]
-        [--pg DSN] [--writers W] [--backend sqlite|postgres|both] [--json]
+        [--pg DSN] [--writers W] [--backend sqlite|postgres|both] [--guards] [--json]
+
+--guards makes each reserve check the loop, step_count and fan_out guards, as a policy whose
+anomaly detectors deny does (limits no lifecycle reaches: the figure is what checking costs).
+It applies to --instructions too.
 
 --instructions instead counts, with valgrind's callgrind, the CPU instructions one batched
 SQLite lifecycle costs (batches of 100 reserves, then their 100 commits). Req/s on a shared
@@ -49,7 +53,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "addon"))
 
-from drawdown.ledger.api import Amount, Claim, Completion, DecisionRow, new_request_id
+from drawdown.ledger.api import Amount, Claim, Completion, DecisionRow, Guards, new_request_id
 from drawdown.ledger.worker import AsyncLedger
 
 ESTIMATE = Amount(usd=2_000_000, tokens=1_500, requests=1)  # ≈ $0.002
@@ -68,6 +72,15 @@ ACTUAL = Completion(
 
 
 TENANTS = 1  # --tenants: 1 = every lifecycle shares the tenant row (the worst case)
+# --guards: the anomaly detectors an enforce policy sets to deny, checked inside each reserve
+# (each counts decision rows: the run's repeats of the request, its steps, the workflow's runs).
+# Generous limits: the benchmark measures what checking costs, not refusals.
+GUARDS: Guards | None = None
+GUARDED = ", loop, step_count and fan_out guards"
+# fan_out counts a workflow's rows when a new run starts in it: a workflow is a task fanned
+# out to a bounded number of runs (here 80: 20 runs of each of 4 agents), which is what its
+# limit is for.
+ALL_GUARDS = Guards(max_repeats=3, max_steps=1_000, max_runs_per_workflow=100, retries=2)
 
 
 def claims_for(n: int) -> tuple[DecisionRow, list[Claim]]:
@@ -83,7 +96,7 @@ def claims_for(n: int) -> tuple[DecisionRow, list[Claim]]:
         mode="enforce",
         scope=scope,
         tenant=tenant,
-        workflow=f"{tenant}-w{n % 3}",
+        workflow=f"{tenant}-w{n // 1000}",  # a task fanned out to 80 runs
         agent=agent,
         run=run,
         action="llm",
@@ -114,7 +127,7 @@ async def drive_async(ledger: Any, lifecycles: int, concurrency: int, writers: i
 
     async def client() -> None:
         for row, claims in pending:
-            outcome = await worker.call("reserve", row, claims, ESTIMATE, row.ts + 900)
+            outcome = await worker.call("reserve", row, claims, ESTIMATE, row.ts + 900, GUARDS)
             assert outcome.hold_id is not None, outcome
             await worker.call("commit", row.request_id, outcome.hold_id, ACTUAL, time.time())
 
@@ -129,7 +142,7 @@ def drive_direct(ledger: Any, lifecycles: int) -> float:
     inputs = [claims_for(n) for n in range(lifecycles)]
     started = time.perf_counter()
     for row, claims in inputs:
-        outcome = ledger.reserve(row, claims, ESTIMATE, row.ts + 900)
+        outcome = ledger.reserve(row, claims, ESTIMATE, row.ts + 900, GUARDS)
         ledger.commit(row.request_id, outcome.hold_id, ACTUAL, time.time())
     return lifecycles / (time.perf_counter() - started)
 
@@ -150,7 +163,10 @@ def run_batches(batches: int, built: int) -> None:
         for b in range(batches):
             batch = inputs[b * COUNTED_BATCH : (b + 1) * COUNTED_BATCH]
             outcomes = ledger.run_batch(
-                [("reserve", (row, claims, ESTIMATE, row.ts + 900)) for row, claims in batch]
+                [
+                    ("reserve", (row, claims, ESTIMATE, row.ts + 900, GUARDS))
+                    for row, claims in batch
+                ]
             )
             commits = [
                 ("commit", (row.request_id, outcome.hold_id, ACTUAL, row.ts))
@@ -160,16 +176,18 @@ def run_batches(batches: int, built: int) -> None:
         ledger.close()
 
 
-def count_instructions(low: int = 2, high: int = 22) -> int:
+def count_instructions(low: int = 2, high: int = 22, guards: bool = False) -> int:
     """Instructions per batched lifecycle: the same run with `high` and with `low` batches,
-    each under callgrind, differenced, so start-up, imports and warm-up cancel out."""
+    each under callgrind, differenced, so start-up, imports and warm-up cancel out.
+    `guards`: each reserve checks ALL_GUARDS."""
     valgrind = shutil.which("valgrind")
     if valgrind is None:
         raise SystemExit("bench_ledger: --instructions needs valgrind (apt-get install valgrind)")
 
     def total(batches: int) -> int:
         command = [valgrind, "--tool=callgrind", "--callgrind-out-file=/dev/null",
-                   sys.executable, __file__, "--run-batches", str(batches), str(high)]  # fmt: skip
+                   sys.executable, __file__, "--run-batches", str(batches), str(high),
+                   *(["--guards"] if guards else [])]  # fmt: skip
         done = subprocess.run(command, capture_output=True, text=True)
         found = re.search(r"Collected : (\d+)", done.stderr)
         if done.returncode != 0 or found is None:
@@ -368,7 +386,7 @@ def check(ledger_url: str, kind: str, expected: int) -> None:
 
 
 def bench(kind: str, args: argparse.Namespace) -> dict[str, Any]:
-    result: dict[str, Any] = {"backend": kind}
+    result: dict[str, Any] = {"backend": kind, "guards": GUARDS is not None}
     with contextlib.ExitStack() as stack:
         for mode in ("async", "direct"):
             if kind == "sqlite":
@@ -441,6 +459,12 @@ def main() -> int:
     parser.add_argument(
         "--tenants", type=int, default=1, help="1: all share one hot row (worst case) [1]"
     )
+    parser.add_argument(
+        "--guards",
+        action="store_true",
+        help="check the loop, step_count and fan_out guards in each reserve, as an enforce "
+        "policy that denies on them does",
+    )
     parser.add_argument("--json", action="store_true")
     parser.add_argument(
         "--instructions", action="store_true", help="count instructions per lifecycle (valgrind)"
@@ -453,8 +477,9 @@ def main() -> int:
     )
     parser.add_argument("--run-batches", nargs=2, type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    global TENANTS
+    global TENANTS, GUARDS
     TENANTS = max(1, args.tenants)
+    GUARDS = ALL_GUARDS if args.guards else None
     if args.run_batches:  # the counted run itself, under callgrind
         run_batches(*args.run_batches)
         return 0
@@ -463,13 +488,21 @@ def main() -> int:
     if args.anatomy:
         return _emit(anatomy(min(args.lifecycles, 2000)), print_anatomy, args.json)
     if args.instructions:
-        count = count_instructions()
+        count = count_instructions(guards=args.guards)
         if args.json:
-            print(json.dumps({"backend": "sqlite", "instructions_per_lifecycle": count}))
+            print(
+                json.dumps(
+                    {
+                        "backend": "sqlite",
+                        "guards": args.guards,
+                        "instructions_per_lifecycle": count,
+                    }
+                )
+            )
         else:
             print(
-                f"reserve+commit, 3 budget instances, batches of {COUNTED_BATCH}, SQLite: "
-                f"{count:,} instructions per lifecycle (callgrind)"
+                f"reserve+commit, 3 budget instances{GUARDED if args.guards else ''}, "
+                f"batches of {COUNTED_BATCH}, SQLite: {count:,} instructions per lifecycle (callgrind)"
             )
         return 0
     kinds = ["sqlite", "postgres"] if args.backend == "both" else [args.backend]
@@ -478,7 +511,7 @@ def main() -> int:
         print(json.dumps(results, indent=2))
     else:
         print(
-            f"reserve+commit lifecycles/s, 3 budget instances each "
+            f"reserve+commit lifecycles/s, 3 budget instances each{GUARDED if args.guards else ''} "
             f"({args.lifecycles} lifecycles, {args.concurrency} in flight, {args.tenants} tenant(s), "
             f"{os.cpu_count()} CPUs)"
         )

@@ -684,6 +684,80 @@ def test_step_count_and_fan_out_guards(backend: LedgerBackend, ledger: Any) -> N
     assert backend.scalar("SELECT COUNT(*) FROM budget_instances WHERE budget = 'x'") == 0
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_capped_guard_counts_decide_as_counting_every_row_would(
+    backend: LedgerBackend, ledger: Any, seed: int
+) -> None:
+    """The guards count a run's rows only up to what their limits need (GuardKeys). Checked
+    against `drawdown explain`'s count of every row, request by request, over runs that go far
+    past every limit, with failed attempts the guards forgive (retries) among them."""
+    import random
+
+    from drawdown.explain import _guard_counts
+
+    rng = random.Random(seed)
+    guards = Guards(max_repeats=3, max_steps=9, max_runs_per_workflow=3, retries=2)
+    for n in range(160):
+        r = guarded(
+            fingerprint=rng.choice("abc"),
+            scope=f"agent:a/run:r{rng.randrange(5)}",
+            workflow=rng.choice(["wf", "other"]),
+        )
+        expected = _guard_counts(backend.url, r, guards).trip(r, guards)
+        outcome = ledger.reserve(r, [], Amount(requests=1), NOW + 900, guards)
+        assert (outcome.tripped is None) == (expected is None), (n, expected, outcome)
+        if expected is not None:
+            assert outcome.decision == "deny"
+            assert outcome.tripped.detector == expected.detector, (n, expected, outcome)
+        else:
+            assert outcome.decision == "allow", (n, outcome)
+            status = rng.choice([200, 200, 503, 429, None])  # failed attempts to forgive
+            ledger.commit(r.request_id, outcome.hold_id, Completion(status=status), NOW)
+
+
+def test_a_refused_agent_that_goes_on_calling_does_not_make_each_reserve_count_its_refusals(
+    tmp_path: Path,
+) -> None:
+    """An agent stopped by a guard that calls on and on (the case drawdown is for) adds a
+    refused row each time. Counted in full, each of its reserves read all of them on the one
+    writer every request waits for: 55 ms a reserve after 50,000 on a 2-vCPU VM. Counted up to
+    the guards' limits, the work of a reserve stays put; measured in SQLite's own VM steps
+    (deterministic), not in time."""
+    ledger = SQLiteLedger(str(tmp_path / "ledger.db"), process_id="p")
+    guards = Guards(max_repeats=3, max_steps=10, retries=2)
+
+    def refused_calls(count: int) -> None:
+        calls = [
+            ("reserve", (guarded(), [], Amount(requests=1), NOW + 900, guards))
+            for _ in range(count)
+        ]
+        assert {o.decision for o in ledger.run_batch(calls)[3:]} == {"deny"}
+
+    def steps_of_one_reserve() -> int:
+        steps = 0
+
+        def count() -> int:
+            nonlocal steps
+            steps += 1
+            return 0
+
+        ledger.conn.set_progress_handler(count, 10)
+        try:
+            outcome = ledger.reserve(guarded(), [], Amount(requests=1), NOW + 900, guards)
+        finally:
+            ledger.conn.set_progress_handler(None, 10)
+        assert outcome.decision == "deny" and outcome.tripped.detector == "loop"
+        return steps
+
+    refused_calls(200)
+    after_200 = steps_of_one_reserve()
+    refused_calls(4000)
+    after_4200 = steps_of_one_reserve()
+    # Counting every row, the second took ~20 times the first.
+    assert after_4200 < 1.5 * after_200, (after_200, after_4200)
+    ledger.close()
+
+
 def test_the_proxys_own_refusals_are_neither_steps_nor_repeats(
     backend: LedgerBackend, ledger: Any
 ) -> None:

@@ -23,14 +23,24 @@ SELECT pg_advisory_xact_lock(s.h) FROM (
     FROM unnest(%s::text[]) AS k ORDER BY h
 ) AS s
 """
+# Counted up to a cap (GuardKeys), as in SQLite: a refused agent that goes on calling must not
+# make each of its reserves count every refusal so far.
 REPEATS = f"""
-SELECT k.scope, k.fp, (SELECT COUNT(*) FROM decisions d
-                       WHERE d.scope = k.scope AND d.fingerprint = k.fp AND {agents_own("d.reason_code")})
-FROM unnest(%s::text[], %s::text[]) AS k(scope, fp)
+SELECT k.scope, k.fp, (SELECT COUNT(*) FROM (
+    SELECT 1 FROM decisions d
+    WHERE d.scope = k.scope AND d.fingerprint = k.fp AND {agents_own("d.reason_code")}
+    LIMIT k.cap) s)
+FROM unnest(%s::text[], %s::text[], %s::int[]) AS k(scope, fp, cap)
 """
+# The cap is plan.step_cap(), its forgiven attempts read from the partial index in the query.
 STEPS = f"""
-SELECT k.scope, (SELECT COUNT(*) FROM decisions d WHERE d.scope = k.scope AND {agents_own("d.reason_code")})
-FROM unnest(%s::text[]) AS k(scope)
+SELECT k.scope, (SELECT COUNT(*) FROM (
+    SELECT 1 FROM decisions d WHERE d.scope = k.scope AND {agents_own("d.reason_code")}
+    LIMIT k.most + %s + (
+        SELECT COALESCE(SUM(LEAST(f.n, GREATEST(k.retries, 0))), 0) FROM (
+            SELECT COUNT(*) AS n FROM decisions f
+            WHERE f.scope = k.scope AND {failed_attempt("f.")} GROUP BY f.fingerprint) f)) s)
+FROM unnest(%s::text[], %s::int[], %s::int[]) AS k(scope, most, retries)
 """
 # The failed attempts the loop and step_count guards forgive (the partial index idx_decisions_failed).
 FAILED = f"""
@@ -45,13 +55,17 @@ WHERE d.request_id = ANY(%s) AND d.completed_at IS NULL AND d.decision <> 'deny'
   AND d.fingerprint IS NOT NULL AND {agents_own("d.reason_code")}
 """
 RUNS = """
-SELECT k.w, k.t, (SELECT COUNT(DISTINCT d.scope) FROM decisions d
-                  WHERE d.workflow = k.w AND COALESCE(d.tenant, '') = k.t AND d.decision <> 'deny')
-FROM unnest(%s::text[], %s::text[]) AS k(w, t)
+SELECT k.w, k.t, (SELECT COUNT(*) FROM (
+    SELECT DISTINCT d.scope FROM decisions d
+    WHERE d.workflow = k.w AND COALESCE(d.tenant, '') = k.t AND d.decision <> 'deny'
+    LIMIT k.cap) s)
+FROM unnest(%s::text[], %s::text[], %s::int[]) AS k(w, t, cap)
 """
+# Is each run already one of its workflow's? The first row that says so is enough.
 KNOWN = """
-SELECT DISTINCT d.workflow, d.scope, COALESCE(d.tenant, '') FROM decisions d
-WHERE d.workflow = ANY(%s) AND d.scope = ANY(%s) AND d.decision <> 'deny'
+SELECT k.w, k.s, (SELECT COALESCE(d.tenant, '') FROM decisions d
+                  WHERE d.workflow = k.w AND d.scope = k.s AND d.decision <> 'deny' LIMIT 1)
+FROM unnest(%s::text[], %s::text[]) AS k(w, s)
 """
 
 
@@ -75,6 +89,7 @@ class Reader:
         rows: list[DecisionRow],
         calls: Sequence[tuple[str, tuple[Any, ...]]] = (),
     ):
+        self.conn = conn
         self.cursors: dict[str, Any] = {}
         conn.cursor().execute(LOCK, (lock_keys(guarded),))
         keys = self.keys = GuardKeys.of(guarded, rows, calls)
@@ -83,17 +98,19 @@ class Reader:
                 conn,
                 "repeats",
                 REPEATS,
-                ([s for s, _ in keys.repeats], [f for _, f in keys.repeats]),
+                ([s for s, _ in keys.repeats], [f for _, f in keys.repeats], keys.repeat_caps),
             )
         if keys.steps:
-            self._query(conn, "steps", STEPS, (keys.steps,))
+            most = [m for m, _ in keys.step_limits]
+            retries = [r for _, r in keys.step_limits]
+            self._query(conn, "steps", STEPS, (len(keys.settling), keys.steps, most, retries))
         if keys.failed:
             self._query(conn, "failed", FAILED, (keys.failed,))
         if keys.settling:
             self._query(conn, "inflight", INFLIGHT, (keys.settling,))
-        if keys.runs:
-            self._query(conn, "runs", RUNS, ([w for w, _ in keys.runs], [t for _, t in keys.runs]))
-            self._query(conn, "known", KNOWN, (keys.workflows, keys.scopes))
+        if keys.runs:  # the runs themselves are counted once known is read (counts())
+            pairs = keys.pairs
+            self._query(conn, "known", KNOWN, ([w for w, _ in pairs], [s for _, s in pairs]))
 
     def _query(self, conn: Any, name: str, sql: str, params: tuple[Any, ...]) -> None:
         self.cursors[name] = conn.cursor()
@@ -113,9 +130,23 @@ class Reader:
             for request_id, scope, fingerprint in self.cursors["inflight"].fetchall():
                 if scope in found.failed:
                     found.inflight[request_id] = (scope, fingerprint)
-        if "runs" in self.cursors:
-            found.runs = {(w, t): n for w, t, n in self.cursors["runs"].fetchall()}
+        if "known" in self.cursors:
             for workflow, scope, tenant in self.cursors["known"].fetchall():
-                found.known.add((workflow, scope))
-                found.seen.add((workflow, tenant, scope))
+                if tenant is not None:
+                    found.known.add((workflow, scope))
+                    found.seen.add((workflow, tenant, scope))
+            # Only a new run needs its workflow's runs counted: once a run, one more round trip.
+            wanted = self.keys.runs_to_count(found.known)
+            if wanted:
+                runs = [self.keys.runs[i] for i in wanted]
+                cursor = self.conn.cursor()
+                cursor.execute(
+                    RUNS,
+                    (
+                        [w for w, _ in runs],
+                        [t for _, t in runs],
+                        [self.keys.run_caps[i] for i in wanted],
+                    ),
+                )
+                found.runs = {(w, t): n for w, t, n in cursor.fetchall()}
         return found

@@ -270,18 +270,50 @@ class Counts:
         return None
 
 
+def step_cap(max_steps: int, retries: int, failed: dict[str, int], settling: int) -> int:
+    """How far step_count must count a run's rows to decide as if it counted them all: past
+    `max_steps` by every failed attempt it may forgive (`failed`: the run's, by fingerprint;
+    `settling`: rows in flight the batch may turn into more). Past that, a run has tripped
+    whatever the rest holds."""
+    return max_steps + sum(forgiven(n, retries) for n in failed.values()) + settling
+
+
 @dataclass(frozen=True)
 class GuardKeys:
-    """What a batch's guards must count, for the backend to read."""
+    """What a batch's guards must count, for the backend to read.
+
+    Counts are capped: a guard only asks whether its limit is reached, so the backend
+    stops counting past it (`repeat_caps`, step_cap() of `step_limits`, `run_caps`).
+    Uncapped, an agent that goes on calling after it was refused would make every one of
+    its reserves count all its refusals so far: 55 ms a reserve after 50,000, on the writer
+    every proxy request waits for."""
 
     repeats: list[tuple[str, str]]  # (scope, fingerprint)
     steps: list[str]  # scopes
     runs: list[tuple[str, str]]  # (workflow, tenant or '')
-    workflows: list[str]  # for the (workflow, scope) pairs already known
-    scopes: list[str]
+    # The (workflow, scope) of every row of the batch under a workflow: is it a known run?
+    pairs: list[tuple[str, str]]
     failed: list[str] = field(default_factory=list)  # scopes whose failed attempts are read
     # request ids the batch settles as failed attempts, whose rows may be in flight in the ledger
     settling: list[str] = field(default_factory=list)
+    # loop: count each (scope, fingerprint) up to its max_repeats + retries (the most it forgives)
+    repeat_caps: list[int] = field(default_factory=list)
+    # step_count: (max_steps, retries) of each scope, for step_cap()
+    step_limits: list[tuple[int, int]] = field(default_factory=list)
+    run_caps: list[int] = field(default_factory=list)  # fan_out: max_runs_per_workflow
+    # The scopes fan_out guards under each (workflow, tenant): its runs need counting only if
+    # one of them is a new run (unknown), which happens once a run, not on every request.
+    run_scopes: list[list[str]] = field(default_factory=list)
+
+    def runs_to_count(self, known: set[tuple[str, str]]) -> list[int]:
+        """The indexes in `runs` of the workflows a reserve of the batch may start a new run in."""
+        return [
+            i
+            for i, ((workflow, _), scopes) in enumerate(
+                zip(self.runs, self.run_scopes, strict=True)
+            )
+            if any((workflow, scope) not in known for scope in scopes)
+        ]
 
     @classmethod
     def of(
@@ -291,14 +323,24 @@ class GuardKeys:
         calls: Sequence[tuple[str, tuple[Any, ...]]] = (),
     ) -> GuardKeys:
         fan = [r for r, g in guarded if g.max_runs_per_workflow is not None and r.workflow]
-        repeats = sorted(
-            {
-                (r.scope, r.fingerprint)
-                for r, g in guarded
-                if g.max_repeats is not None and r.fingerprint
-            }
-        )
-        steps = sorted({r.scope for r, g in guarded if g.max_steps is not None})
+        # Each key's cap is the largest any guard of the batch needs (policies may differ).
+        repeat_caps: dict[tuple[str, str], int] = {}
+        step_limits: dict[str, tuple[int, int]] = {}
+        run_caps: dict[tuple[str, str], int] = {}
+        run_scopes: dict[tuple[str, str], set[str]] = {}
+        for r, g in guarded:
+            if g.max_repeats is not None and r.fingerprint:
+                key = (r.scope, r.fingerprint)
+                repeat_caps[key] = max(repeat_caps.get(key, 0), g.max_repeats + max(g.retries, 0))
+            if g.max_steps is not None:
+                most, retries = step_limits.get(r.scope, (0, 0))
+                step_limits[r.scope] = (max(most, g.max_steps), max(retries, g.retries))
+            if g.max_runs_per_workflow is not None and r.workflow:
+                run = (r.workflow, r.tenant or "")
+                run_caps[run] = max(run_caps.get(run, 0), g.max_runs_per_workflow)
+                run_scopes.setdefault(run, set()).add(r.scope)
+        repeats = sorted(repeat_caps)
+        steps = sorted(step_limits)
         failed = sorted({s for s, _ in repeats} | set(steps))
         batch = {r.request_id for r in rows}
         settling = (
@@ -312,14 +354,20 @@ class GuardKeys:
             if failed
             else []
         )
+        runs = sorted(run_caps)
         return cls(
             repeats=repeats,
             steps=steps,
-            runs=sorted({(r.workflow or "", r.tenant or "") for r in fan}),
-            workflows=sorted({r.workflow for r in rows if r.workflow is not None}) if fan else [],
-            scopes=sorted({r.scope for r in rows if r.workflow is not None}) if fan else [],
+            runs=runs,
+            pairs=sorted({(r.workflow, r.scope) for r in rows if r.workflow is not None})
+            if fan
+            else [],
             failed=failed,
             settling=settling,
+            repeat_caps=[repeat_caps[key] for key in repeats],
+            step_limits=[step_limits[scope] for scope in steps],
+            run_caps=[run_caps[run] for run in runs],
+            run_scopes=[sorted(run_scopes[run]) for run in runs],
         )
 
 

@@ -68,6 +68,7 @@ from .plan import (
     restore,
     settled_hold_ids,
     snapshot,
+    step_cap,
 )
 from .schema import migrate
 
@@ -118,6 +119,21 @@ STEP = agents_own()  # the decision rows the step and loop guards count
 FAILED = (
     f"SELECT fingerprint, COUNT(*) FROM decisions WHERE scope = ? AND {failed_attempt()} "
     "GROUP BY fingerprint"
+)
+# Counted up to a cap (GuardKeys): the index finds the run's rows, the LIMIT stops the count.
+REPEATS = (
+    "SELECT COUNT(*) FROM (SELECT 1 FROM decisions "
+    f"WHERE scope = ? AND fingerprint = ? AND {STEP} LIMIT ?)"
+)
+STEPS = f"SELECT COUNT(*) FROM (SELECT 1 FROM decisions WHERE scope = ? AND {STEP} LIMIT ?)"
+RUNS = (
+    "SELECT COUNT(*) FROM (SELECT DISTINCT scope FROM decisions WHERE workflow = ? "
+    "AND COALESCE(tenant, '') = ? AND decision <> 'deny' LIMIT ?)"
+)
+# Is this run already one of the workflow's? The first row that says so is enough.
+KNOWN = (
+    "SELECT COALESCE(tenant, '') FROM decisions "
+    "WHERE workflow = ? AND scope = ? AND decision <> 'deny' LIMIT 1"
 )
 
 T = TypeVar("T")
@@ -426,17 +442,15 @@ class SQLiteLedger:
 
     def _guard_counts(self, keys: GuardKeys) -> Counts:
         conn, counts = self.conn, Counts()
-        for scope, fingerprint in keys.repeats:
-            (counts.repeats[scope, fingerprint],) = conn.execute(
-                f"SELECT COUNT(*) FROM decisions WHERE scope = ? AND fingerprint = ? AND {STEP}",
-                (scope, fingerprint),
-            ).fetchone()
-        for scope in keys.steps:
-            (counts.steps[scope],) = conn.execute(
-                f"SELECT COUNT(*) FROM decisions WHERE scope = ? AND {STEP}", (scope,)
-            ).fetchone()
-        for scope in keys.failed:
+        for scope in keys.failed:  # first: a step count's cap depends on them
             counts.failed[scope] = dict(conn.execute(FAILED, (scope,)).fetchall())
+        for (scope, fingerprint), cap in zip(keys.repeats, keys.repeat_caps, strict=True):
+            (counts.repeats[scope, fingerprint],) = conn.execute(
+                REPEATS, (scope, fingerprint, cap)
+            ).fetchone()
+        for scope, (most, retries) in zip(keys.steps, keys.step_limits, strict=True):
+            cap = step_cap(most, retries, counts.failed.get(scope, {}), len(keys.settling))
+            (counts.steps[scope],) = conn.execute(STEPS, (scope, cap)).fetchone()
         if keys.settling:
             for request_id, scope, fingerprint in conn.execute(
                 "SELECT request_id, scope, fingerprint FROM decisions "
@@ -446,21 +460,16 @@ class SQLiteLedger:
             ):
                 if scope in counts.failed:
                     counts.inflight[request_id] = (scope, fingerprint)
-        for workflow, tenant in keys.runs:
-            (counts.runs[workflow, tenant],) = conn.execute(
-                "SELECT COUNT(DISTINCT scope) FROM decisions WHERE workflow = ? "
-                "AND COALESCE(tenant, '') = ? AND decision <> 'deny'",
-                (workflow, tenant),
-            ).fetchone()
-        if keys.runs:
-            for workflow, scope, tenant in conn.execute(
-                "SELECT DISTINCT workflow, scope, COALESCE(tenant, '') FROM decisions "
-                f"WHERE workflow IN ({_marks(keys.workflows)}) AND scope IN ({_marks(keys.scopes)}) "
-                "AND decision <> 'deny'",
-                (*keys.workflows, *keys.scopes),
-            ):
+        for workflow, scope in keys.pairs:  # first: only a new run needs its workflow's runs
+            found = conn.execute(KNOWN, (workflow, scope)).fetchone()
+            if found is not None:
                 counts.known.add((workflow, scope))
-                counts.seen.add((workflow, tenant, scope))
+                counts.seen.add((workflow, found[0], scope))
+        for i in keys.runs_to_count(counts.known):
+            (workflow, tenant), cap = keys.runs[i], keys.run_caps[i]
+            (counts.runs[workflow, tenant],) = conn.execute(
+                RUNS, (workflow, tenant, cap)
+            ).fetchone()
         return counts
 
     def _flush(self, plan: Plan) -> None:
