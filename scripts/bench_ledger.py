@@ -16,6 +16,9 @@ Two ways of driving the ledger:
 anomaly detectors deny does (limits no lifecycle reaches: the figure is what checking costs).
 It applies to --instructions too.
 
+--runaway times one guarded reserve of a looping agent the loop guard refuses and that calls
+on, as its run grows to 50,000 rows: what it costs the writer every request waits for.
+
 --instructions instead counts, with valgrind's callgrind, the CPU instructions one batched
 SQLite lifecycle costs (batches of 100 reserves, then their 100 commits). Req/s on a shared
 VM moves by ±20 % from one hour to the next; this count stays put to a few hundredths of a
@@ -412,6 +415,75 @@ def bench(kind: str, args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+RUNAWAY_STEPS = (100, 1_000, 10_000, 50_000)
+RUNAWAY_TIMED = 20  # lone reserves timed at each step
+
+
+def runaway(kind: str, dsn: str, steps: tuple[int, ...] = RUNAWAY_STEPS) -> list[dict[str, Any]]:
+    """A looping agent the loop guard refuses, which calls on: the time of one more guarded
+    reserve (alone in its transaction, as at concurrency 1) once the run holds each number of
+    refused rows. The guards count the run's rows only as far as their limits need, so it
+    should not grow with them; the writer every proxy request waits for runs these reserves."""
+    import psycopg
+
+    looping = uuid.uuid4().hex  # one fingerprint: the same request again and again
+
+    def refused() -> DecisionRow:
+        row, _ = claims_for(0)
+        row.fingerprint, row.request_id = looping, new_request_id()
+        return row
+
+    _, claims = claims_for(0)
+    figures = []
+    with contextlib.ExitStack() as stack:
+        if kind == "sqlite":
+            from drawdown.ledger.sqlite import SQLiteLedger
+
+            folder = stack.enter_context(tempfile.TemporaryDirectory())
+            url = str(Path(folder) / "runaway.db")
+            ledger: Any = SQLiteLedger(url)
+        else:
+            from drawdown.ledger.postgres import PostgresLedger
+
+            url = stack.enter_context(pg_schema(dsn))
+            ledger = PostgresLedger(url)
+        made = 0
+        for step in steps:
+            while made < step:
+                count = min(500, step - made)
+                ledger.run_batch(
+                    [
+                        ("reserve", (refused(), claims, ESTIMATE, time.time() + 900, ALL_GUARDS))
+                        for _ in range(count)
+                    ]
+                )
+                made += count
+            if kind == "postgres":  # as autovacuum would have by now: plans on current figures
+                with psycopg.connect(url, autocommit=True) as conn:
+                    conn.execute("ANALYZE decisions")
+            started = time.perf_counter()
+            for _ in range(RUNAWAY_TIMED):
+                outcome = ledger.reserve(refused(), claims, ESTIMATE, time.time() + 900, ALL_GUARDS)
+                assert outcome.decision == "deny", outcome
+            took = (time.perf_counter() - started) / RUNAWAY_TIMED
+            made += RUNAWAY_TIMED
+            figures.append(
+                {"backend": kind, "rows_in_run": made, "reserve_ms": round(took * 1000, 3)}
+            )
+        ledger.close()
+    return figures
+
+
+def print_runaway(rows: list[dict[str, Any]]) -> None:
+    print(
+        f"a refused looping agent that calls on: one more guarded reserve (mean of {RUNAWAY_TIMED})"
+    )
+    for row in rows:
+        print(
+            f"  {row['backend']:<9} after {row['rows_in_run']:>6,} of its rows  {row['reserve_ms']:>7.2f} ms"
+        )
+
+
 def _emit(figures: Any, show: Any, as_json: bool) -> int:
     if as_json:
         print(json.dumps(figures, indent=2))
@@ -475,6 +547,11 @@ def main() -> int:
     parser.add_argument(
         "--anatomy", action="store_true", help="a lone lifecycle's statements and WAL pages"
     )
+    parser.add_argument(
+        "--runaway",
+        action="store_true",
+        help="a refused looping agent that calls on: a guarded reserve as its run grows to 50,000 rows",
+    )
     parser.add_argument("--run-batches", nargs=2, type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     global TENANTS, GUARDS
@@ -483,6 +560,11 @@ def main() -> int:
     if args.run_batches:  # the counted run itself, under callgrind
         run_batches(*args.run_batches)
         return 0
+    if args.runaway:
+        kinds = ["sqlite", "postgres"] if args.backend == "both" else [args.backend]
+        return _emit(
+            [f for kind in kinds for f in runaway(kind, args.pg)], print_runaway, args.json
+        )
     if args.handoff:
         return _emit(handoff_table(min(args.lifecycles, 3000)), print_handoff, args.json)
     if args.anatomy:

@@ -771,3 +771,13 @@ def test_the_ledger_benchs_rows_carry_every_column_a_real_proxys_row_does(tmp_pa
     for column, value in committed.items():
         if value is not None:
             assert getattr(bench_ledger.ACTUAL, column) is not None, column
+
+
+def test_the_runaway_figure_times_reserves_the_loop_guard_refuses(tmp_path: Path) -> None:
+    """bench_ledger.py --runaway: the run fills with refused rows of one looping request, and
+    each timed reserve is refused too (a reserve the guard let through would time the wrong
+    thing)."""
+    bench_ledger = load_script("bench_ledger")
+    figures = bench_ledger.runaway("sqlite", "", steps=(30, 200))
+    assert [f["rows_in_run"] for f in figures] == [30 + 20, 200 + 20]
+    assert all(f["backend"] == "sqlite" and f["reserve_ms"] > 0 for f in figures)
