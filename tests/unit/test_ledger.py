@@ -758,6 +758,34 @@ def test_a_refused_agent_that_goes_on_calling_does_not_make_each_reserve_count_i
     ledger.close()
 
 
+def test_a_new_run_fan_out_refuses_is_refused_for_every_request_of_its_batch(
+    backend: LedgerBackend, ledger: Any
+) -> None:
+    """The writer decides a batch of reserves together. A new run fan_out refused counted as a
+    run of the workflow for the rest of the batch (its row still read "allow" when the next
+    reserve was checked): the run's second concurrent request went through as a known run."""
+    fan = Guards(max_runs_per_workflow=2)
+    for run in ("w1", "w2"):
+        first = guarded(scope=f"agent:a/run:{run}", workflow="wf")
+        assert ledger.reserve(first, [], Amount(requests=1), NOW + 900, fan).decision == "allow"
+    third = [
+        ("reserve", (guarded(scope="agent:a/run:w3", workflow="wf"), [], Amount(), NOW + 900, fan))
+        for _ in range(3)
+    ]
+    outcomes = ledger.run_batch(third)
+    assert [o.decision for o in outcomes] == ["deny", "deny", "deny"]
+    assert all(o.tripped is not None and o.tripped.detector == "fan_out" for o in outcomes)
+    # The known runs of the workflow still pass in a batch, beside the refused one.
+    mixed = [
+        (
+            "reserve",
+            (guarded(scope=f"agent:a/run:{run}", workflow="wf"), [], Amount(), NOW + 900, fan),
+        )
+        for run in ("w3", "w1", "w3", "w2")
+    ]
+    assert [o.decision for o in ledger.run_batch(mixed)] == ["deny", "allow", "deny", "allow"]
+
+
 def test_the_proxys_own_refusals_are_neither_steps_nor_repeats(
     backend: LedgerBackend, ledger: Any
 ) -> None:

@@ -197,19 +197,23 @@ class Counts:
     known: set[tuple[str, str]] = field(default_factory=set)  # (workflow, scope) seen
     seen: set[tuple[str, str, str]] = field(default_factory=set)  # (workflow, tenant, scope)
 
-    def add(self, row: DecisionRow) -> None:
-        """A decision row the batch records (before the next reserve is checked)."""
+    def add(self, row: DecisionRow, refused: bool = False) -> None:
+        """A decision row the batch records (before the next reserve is checked). `refused`:
+        a guard denies it, though its row still reads "allow" until the reserve is decided."""
         if row.reason_code in PROXY_REFUSALS:  # the proxy's state, not the agent's: not counted
             return
         if row.fingerprint and (row.scope, row.fingerprint) in self.repeats:
             self.repeats[row.scope, row.fingerprint] += 1
         if row.scope in self.steps:
             self.steps[row.scope] += 1
-        if row.fingerprint and row.decision != "deny" and row.scope in self.failed:
+        if refused or row.decision == "deny":
+            return  # neither in flight nor a run of its workflow
+        if row.fingerprint and row.scope in self.failed:
             self.inflight[row.request_id] = (row.scope, row.fingerprint)
         # Only runs that got a request through count: a run refused at its first request
-        # must not become "known" through its own denied row.
-        if row.workflow is not None and row.decision != "deny":
+        # must not become "known" through its own denied row (nor let the batch's next
+        # request of that run through as a known run).
+        if row.workflow is not None:
             self.known.add((row.workflow, row.scope))
             run = (row.workflow, row.tenant or "", row.scope)
             if run not in self.seen:
@@ -485,7 +489,7 @@ class Plan:
                 if tripped is not None and not guards.shadow:
                     self.skip.add(i)
             if row.request_id not in self.replayed:  # a replayed row is already counted
-                counts.add(row)
+                counts.add(row, refused=i in self.skip)
 
     def claimed_keys(
         self, calls: Sequence[tuple[str, tuple[Any, ...]]]
