@@ -162,7 +162,13 @@ DROP INDEX IF EXISTS idx_holds_request_id;
 DROP INDEX IF EXISTS idx_decisions_agent_run_ts;
 """
 
-MIGRATIONS: list[str] = [_V1, _V2, _V3]
+# As SQLite's v4 (schema.py): a workflow's runs that got a request through, for fan_out.
+_V4 = """
+CREATE INDEX IF NOT EXISTS idx_decisions_runs ON decisions (workflow, scope)
+    WHERE workflow IS NOT NULL AND decision <> 'deny';
+"""
+
+MIGRATIONS: list[str] = [_V1, _V2, _V3, _V4]
 assert len(MIGRATIONS) == SCHEMA_VERSION
 
 _LOCK = "SELECT pg_advisory_xact_lock(hashtextextended('drawdown.ledger.migrate:' || current_schema(), 0))"

@@ -182,7 +182,17 @@ def _v3(db: sqlite_utils.Database) -> None:
     db.execute("DROP INDEX IF EXISTS idx_decisions_agent_run_ts")
 
 
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1, _v2, _v3]
+def _v4(db: sqlite_utils.Database) -> None:
+    # The runs of a workflow that got a request through, for the fan_out guard: is this run
+    # one of them, and how many are there. Refused rows left out, so a run refused at its
+    # first request that calls on is not read again and again (RUNS_INDEX in sqlite.py).
+    db.execute(
+        "CREATE INDEX IF NOT EXISTS idx_decisions_runs ON decisions (workflow, scope) "
+        "WHERE workflow IS NOT NULL AND decision <> 'deny'"
+    )
+
+
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1, _v2, _v3, _v4]
 assert len(MIGRATIONS) == SCHEMA_VERSION
 
 

@@ -126,13 +126,15 @@ REPEATS = (
     f"WHERE scope = ? AND fingerprint = ? AND {STEP} LIMIT ?)"
 )
 STEPS = f"SELECT COUNT(*) FROM (SELECT 1 FROM decisions WHERE scope = ? AND {STEP} LIMIT ?)"
+# fan_out reads the partial index of the rows that got through (schema v4), never a run's
+# refusals; named, so that SQLite cannot take the full (workflow, scope) index instead.
 RUNS = (
-    "SELECT COUNT(*) FROM (SELECT DISTINCT scope FROM decisions WHERE workflow = ? "
-    "AND COALESCE(tenant, '') = ? AND decision <> 'deny' LIMIT ?)"
+    "SELECT COUNT(*) FROM (SELECT DISTINCT scope FROM decisions INDEXED BY idx_decisions_runs "
+    "WHERE workflow = ? AND COALESCE(tenant, '') = ? AND decision <> 'deny' LIMIT ?)"
 )
 # Is this run already one of the workflow's? The first row that says so is enough.
 KNOWN = (
-    "SELECT COALESCE(tenant, '') FROM decisions "
+    "SELECT COALESCE(tenant, '') FROM decisions INDEXED BY idx_decisions_runs "
     "WHERE workflow = ? AND scope = ? AND decision <> 'deny' LIMIT 1"
 )
 
