@@ -684,6 +684,23 @@ def test_step_count_and_fan_out_guards(backend: LedgerBackend, ledger: Any) -> N
     assert backend.scalar("SELECT COUNT(*) FROM budget_instances WHERE budget = 'x'") == 0
 
 
+def sqlite_work(ledger: SQLiteLedger, operation: Any) -> tuple[Any, int]:
+    """`operation`'s result, and the work SQLite did for it: its virtual machine's steps, in
+    tens (a count that does not depend on the machine's speed, as time would)."""
+    steps = 0
+
+    def count() -> int:
+        nonlocal steps
+        steps += 1
+        return 0  # go on
+
+    ledger.conn.set_progress_handler(count, 10)
+    try:
+        return operation(), steps
+    finally:
+        ledger.conn.set_progress_handler(None, 10)
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_capped_guard_counts_decide_as_counting_every_row_would(
     backend: LedgerBackend, ledger: Any, seed: int
@@ -734,18 +751,9 @@ def test_a_refused_agent_that_goes_on_calling_does_not_make_each_reserve_count_i
         assert {o.decision for o in ledger.run_batch(calls)[3:]} == {"deny"}
 
     def steps_of_one_reserve() -> int:
-        steps = 0
-
-        def count() -> int:
-            nonlocal steps
-            steps += 1
-            return 0
-
-        ledger.conn.set_progress_handler(count, 10)
-        try:
-            outcome = ledger.reserve(guarded(), [], Amount(requests=1), NOW + 900, guards)
-        finally:
-            ledger.conn.set_progress_handler(None, 10)
+        outcome, steps = sqlite_work(
+            ledger, lambda: ledger.reserve(guarded(), [], Amount(requests=1), NOW + 900, guards)
+        )
         assert outcome.decision == "deny" and outcome.tripped.detector == "loop"
         return steps
 
@@ -1038,18 +1046,8 @@ def test_a_run_fan_out_refused_that_goes_on_calling_is_not_read_on_each_reserve(
         assert {o.decision for o in ledger.run_batch(calls)} == {"deny"}
 
     def steps_of_one_reserve() -> int:
-        steps = 0
-
-        def count() -> int:
-            nonlocal steps
-            steps += 1
-            return 0
-
-        ledger.conn.set_progress_handler(count, 10)
-        try:
-            assert reserve("w3").decision == "deny"
-        finally:
-            ledger.conn.set_progress_handler(None, 10)
+        outcome, steps = sqlite_work(ledger, lambda: reserve("w3"))
+        assert outcome.decision == "deny"
         return steps
 
     refused_calls(200)
