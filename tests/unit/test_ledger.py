@@ -701,6 +701,15 @@ def sqlite_work(ledger: SQLiteLedger, operation: Any) -> tuple[Any, int]:
         ledger.conn.set_progress_handler(None, 10)
 
 
+def assert_level_as_refusals_grow(refuse: Any, work_of_one_reserve: Any) -> None:
+    """The work of one more refused reserve after 200 refusals and after 4,200: level."""
+    refuse(200)
+    after_200 = work_of_one_reserve()
+    refuse(4000)
+    after_4200 = work_of_one_reserve()
+    assert after_4200 < 1.5 * after_200, (after_200, after_4200)
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_capped_guard_counts_decide_as_counting_every_row_would(
     backend: LedgerBackend, ledger: Any, seed: int
@@ -757,12 +766,8 @@ def test_a_refused_agent_that_goes_on_calling_does_not_make_each_reserve_count_i
         assert outcome.decision == "deny" and outcome.tripped.detector == "loop"
         return steps
 
-    refused_calls(200)
-    after_200 = steps_of_one_reserve()
-    refused_calls(4000)
-    after_4200 = steps_of_one_reserve()
     # Counting every row, the second took ~20 times the first.
-    assert after_4200 < 1.5 * after_200, (after_200, after_4200)
+    assert_level_as_refusals_grow(refused_calls, steps_of_one_reserve)
     ledger.close()
 
 
@@ -942,16 +947,22 @@ def test_a_failure_settled_in_the_batch_is_forgiven_by_the_next_reserve(
     assert held[0].decision == "deny"  # step_count: the retry above is the run's one step
 
 
-def test_the_failed_attempts_have_an_index_of_their_own(backend: LedgerBackend) -> None:
-    """Schema v2 adds it (a v1 ledger is migrated), and the guard query reads it: counting a
-    run's failed attempts must not walk the whole run."""
+def migrated_from(backend: LedgerBackend, version: int, index: str) -> None:
+    """A ledger made as at `version` (without the `index` the next migration adds), opened:
+    it is brought to SCHEMA_VERSION."""
     backend.open().close()
-    backend.execute("DROP INDEX idx_decisions_failed")
-    backend.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
+    backend.execute(f"DROP INDEX {index}")
+    backend.execute(f"UPDATE meta SET value = '{version}' WHERE key = 'schema_version'")
     backend.open().close()
     assert backend.scalar("SELECT value FROM meta WHERE key = 'schema_version'") == str(
         SCHEMA_VERSION
     )
+
+
+def test_the_failed_attempts_have_an_index_of_their_own(backend: LedgerBackend) -> None:
+    """Schema v2 adds it (a v1 ledger is migrated), and the guard query reads it: counting a
+    run's failed attempts must not walk the whole run."""
+    migrated_from(backend, 1, "idx_decisions_failed")
     if backend.kind == "sqlite":
         from drawdown.ledger.sqlite import FAILED
 
@@ -1001,13 +1012,7 @@ def test_schema_v3_drops_the_indexes_no_query_reads(backend: LedgerBackend) -> N
 def test_schema_v4_indexes_the_runs_that_got_through_for_fan_out(backend: LedgerBackend) -> None:
     """A v3 ledger gains the partial index of the rows that got through under a workflow, and
     fan_out's two questions (is this run known, how many runs) read it, not the run's refusals."""
-    backend.open().close()
-    backend.execute("DROP INDEX idx_decisions_runs")
-    backend.execute("UPDATE meta SET value = '3' WHERE key = 'schema_version'")
-    backend.open().close()
-    assert backend.scalar("SELECT value FROM meta WHERE key = 'schema_version'") == str(
-        SCHEMA_VERSION
-    )
+    migrated_from(backend, 3, "idx_decisions_runs")
     assert "idx_decisions_runs" in _index_names(backend)
     if backend.kind == "sqlite":
         from drawdown.ledger.sqlite import KNOWN, RUNS
@@ -1050,11 +1055,7 @@ def test_a_run_fan_out_refused_that_goes_on_calling_is_not_read_on_each_reserve(
         assert outcome.decision == "deny"
         return steps
 
-    refused_calls(200)
-    after_200 = steps_of_one_reserve()
-    refused_calls(4000)
-    after_4200 = steps_of_one_reserve()
-    assert after_4200 < 1.5 * after_200, (after_200, after_4200)
+    assert_level_as_refusals_grow(refused_calls, steps_of_one_reserve)  # 117 -> 2,118 before
     ledger.close()
 
 
