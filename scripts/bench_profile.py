@@ -227,6 +227,21 @@ def callgrind_totals(out: Path, dump: int = 1) -> dict[int, int]:
     return totals
 
 
+def wait_until_idle(pid: int, settle: float = 1.0, timeout: float = 120.0) -> None:
+    """Until the process is idle (under 5 % of a CPU) for `settle` seconds: start-up work a
+    proxy does on threads of its own (price data and encodings loading, ~10^8 instructions)
+    may still run after the warm-up under callgrind on a slow VM (a CI run counted 28 million
+    instructions a request on them, against ~1 million), and must not land in the count."""
+    deadline = time.monotonic() + timeout
+    before = sum(bench.thread_cpu_seconds(pid))
+    while time.monotonic() < deadline:
+        time.sleep(settle)
+        now = sum(bench.thread_cpu_seconds(pid))
+        if now - before < 0.05 * settle:  # timers and heartbeats only: idle
+            return
+        before = now
+
+
 def counted(
     kind: str, workdir: Path, up: int, body: bytes, requests: int, warm_up: int
 ) -> dict[str, float]:
@@ -247,6 +262,7 @@ def counted(
     try:
         bench.wait_listening(port, proc, 1, seconds=600)  # imports run ~50× slower under valgrind
         keep_alive_requests(port, up, body, warm_up)
+        wait_until_idle(proc.pid)
         subprocess.run([control, "--zero", str(proc.pid)], check=True, capture_output=True)
         keep_alive_requests(port, up, body, requests)
         subprocess.run([control, "--dump", str(proc.pid)], check=True, capture_output=True)
