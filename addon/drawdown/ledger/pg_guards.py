@@ -5,7 +5,9 @@ so it counts what the ledger holds (read under transaction-scoped advisory locks
 per workflow, taken in a fixed order so that proxies guarding the same run queue up
 instead of counting past each other) plus the rows this batch adds before each reserve.
 Every reserve and record adds exactly one decision row whatever it decides, so the
-counts before each reserve are known before any budget is looked at.
+counts before each reserve are known before any budget is looked at; except whether a new
+run is a run of its workflow for fan_out, which turns on its budgets: there the batch is cut
+(Plan.trip) and its parts decided in turn.
 """
 
 from __future__ import annotations

@@ -274,6 +274,27 @@ class Counts:
         return None
 
 
+def fan_out_turns_on_budgets(
+    row: DecisionRow, guards: Guards, counts: Counts, undecided: dict[tuple[str, str], set[str]]
+) -> bool:
+    """Whether fan_out would decide this reserve one way if the batch's new runs before it
+    (`undecided`) pass their budgets and another if some do not. Counted as runs so far,
+    each of them may still not be one; only near the limit does that matter."""
+    limit = guards.max_runs_per_workflow
+    if limit is None or row.workflow is None:
+        return False
+    workflow = (row.workflow, row.tenant or "")
+    maybe = undecided.get(workflow)
+    if not maybe:
+        return False
+    runs = counts.runs.get(workflow, 0)
+    if row.scope in maybe:  # a known run, or, its first reserve refused, a new one
+        return runs - 1 >= limit
+    if (row.workflow, row.scope) in counts.known:
+        return False
+    return runs - len(maybe) < limit <= runs  # a new run: refused or not, as those decide
+
+
 def step_cap(max_steps: int, retries: int, failed: dict[str, int], settling: int) -> int:
     """How far step_count must count a run's rows to decide as if it counted them all: past
     `max_steps` by every failed attempt it may forgive (`failed`: the run's, by fingerprint;
@@ -473,8 +494,16 @@ class Plan:
         for hold in holds:
             self.holds[hold.id] = hold
 
-    def trip(self, calls: Sequence[tuple[str, tuple[Any, ...]]], counts: Counts) -> None:
-        """Decide every guard of the batch, in order: each reserve sees the rows before it."""
+    def trip(self, calls: Sequence[tuple[str, tuple[Any, ...]]], counts: Counts) -> int | None:
+        """Decide every guard of the batch, in order: each reserve sees the rows before it.
+
+        Returns where the backend must cut the batch, if anywhere, to decide each part on its
+        own (the part before a cut has none). The guards are decided before the budgets, and a
+        new run whose first reserve a budget may yet refuse is, or is not, a run of its
+        workflow: a fan_out-guarded reserve whose outcome turns on that waits for the batch
+        before it to be written."""
+        # (workflow, tenant) -> the new runs of the batch that a budget may still refuse
+        undecided: dict[tuple[str, str], set[str]] = {}
         for i, (name, args) in enumerate(calls):
             if name in ("commit", "release"):
                 counts.settle(args[0], args[2])
@@ -482,14 +511,27 @@ class Plan:
             if name not in ("reserve", "record"):
                 continue
             row = args[0]
+            if row.request_id in self.replayed:
+                continue  # a replayed row is already decided and counted
             guards = guards_of(args) if name == "reserve" else None
-            if guards is not None and row.request_id not in self.replayed:
+            if guards is not None:
+                if undecided and fan_out_turns_on_budgets(row, guards, counts, undecided):
+                    return i
                 tripped = counts.trip(row, guards)
                 self.tripped[i] = tripped
                 if tripped is not None and not guards.shadow:
                     self.skip.add(i)
-            if row.request_id not in self.replayed:  # a replayed row is already counted
-                counts.add(row, refused=i in self.skip)
+            if (
+                name == "reserve"
+                and args[1]  # budgets that may refuse it
+                and row.workflow is not None
+                and i not in self.skip
+                and row.decision != "deny"
+                and (row.workflow, row.scope) not in counts.known
+            ):
+                undecided.setdefault((row.workflow, row.tenant or ""), set()).add(row.scope)
+            counts.add(row, refused=i in self.skip)
+        return None
 
     def claimed_keys(
         self, calls: Sequence[tuple[str, tuple[Any, ...]]]

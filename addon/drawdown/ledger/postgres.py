@@ -283,6 +283,15 @@ class _StatementFailed(Exception):
     """A statement of a batch failed for a reason retrying will not cure."""
 
 
+class _CutBatch(Exception):
+    """The guards of the batch from `at` on depend on how the budgets decide the part before
+    it (Plan.trip): each part is decided in a transaction of its own, in order."""
+
+    def __init__(self, at: int) -> None:
+        super().__init__(at)
+        self.at = at
+
+
 # --- the ledger -------------------------------------------------------------------------------
 
 
@@ -423,13 +432,19 @@ class PostgresLedger:
         transaction; maintenance runs in its own (it is rare and scans holds)."""
 
         def together(batch: list[tuple[str, tuple[Any, ...]]]) -> list[Any]:
-            try:
-                return self._hot(batch)
-            except _StatementFailed:
-                # Find the culprit: one transaction per operation, each failing alone.
-                return [self._one(call) for call in batch]
-            except LedgerError as exc:
-                return [exc] * len(batch)
+            results: list[Any] = []
+            while batch:
+                try:
+                    return results + self._hot(batch)
+                except _CutBatch as cut:  # rolled back before anything was written
+                    results += together(batch[: cut.at])
+                    batch = batch[cut.at :]
+                except _StatementFailed:
+                    # Find the culprit: one transaction per operation, each failing alone.
+                    return results + [self._one(call) for call in batch]
+                except LedgerError as exc:
+                    return results + [exc] * len(batch)
+            return results
 
         return in_order(calls, together, self._one)
 
@@ -482,7 +497,9 @@ class PostgresLedger:
                 pipeline.sync()
                 self._read_replay(tx, cur_replay)
                 cur_replay = None
-                tx.trip(calls, reader.counts())
+                cut = tx.trip(calls, reader.counts())
+                if cut is not None:
+                    raise _CutBatch(cut)
             keys = tx.claimed_keys(calls)
             ordered = sorted(keys)
             key_columns = (

@@ -360,7 +360,17 @@ class SQLiteLedger:
 
     def _planned(self, calls: Sequence[tuple[str, tuple[Any, ...]]]) -> list[Any]:
         """Read what the hot operations need, decide them in order, write the outcome.
-        Inside the write transaction: nothing read here can change before we commit."""
+        Inside the write transaction: nothing read here can change before we commit. Where
+        the guards cut the batch (Plan.trip), its parts are decided in turn."""
+        results: list[Any] = []
+        while calls:
+            decided = self._planned_until_cut(calls)
+            results += decided
+            calls = calls[len(decided) :]
+        return results
+
+    def _planned_until_cut(self, calls: Sequence[tuple[str, tuple[Any, ...]]]) -> list[Any]:
+        """The results of `calls` up to where the guards cut them, decided and written."""
         plan = Plan(self.process_id)
         conn = self.conn
         # Taken: the plan changes these objects as it decides, so a failure must drop them.
@@ -368,7 +378,10 @@ class SQLiteLedger:
         guarded = guarded_reserves(calls)
         if guarded:
             keys = GuardKeys.of(guarded, decision_rows(calls), calls)
-            plan.trip(calls, self._guard_counts(keys))
+            cut = plan.trip(calls, self._guard_counts(keys))
+            if cut is not None:  # nothing read so far was changed: the part before the cut
+                self._rows = rows
+                return self._planned_until_cut(calls[:cut])  # the same reads: no cut
         hold_ids = settled_hold_ids(calls)
         if rows is not None:
             known_holds = rows.holds
