@@ -803,66 +803,83 @@ def test_a_new_run_fan_out_refuses_is_refused_for_every_request_of_its_batch(
 def test_a_batch_decides_as_its_operations_one_at_a_time_would(
     backend: LedgerBackend, ledger: Any, seed: int
 ) -> None:
-    """Batching changes throughput, never outcomes. The same operations, decided in the
-    writer's batches and one at a time (two namespaces of one ledger), under every guard and a
-    run budget that denies some new runs' first requests. The guards are decided before the
-    budgets: a new run a budget then refused counted as a run of its workflow for the rest of
-    its batch, so fan_out refused a third run it should have let through and let the refused
-    run's next request through as a known run."""
+    """Batching changes throughput, never outcomes. The same random operations, decided in
+    the writer's batches and one at a time (two namespaces of one ledger): reserves under
+    every guard (enforced, shadow, none) beside a run budget that refuses some new runs'
+    first requests and a tenant's shared one, commits over their estimates and failed,
+    releases, and recorded denials. The guards are decided before the budgets: a new run a
+    budget then refused counted as a run of its workflow for the rest of its batch, so
+    fan_out refused a new run it should have let through, and let the refused run's next
+    request through as a known run."""
     import random
 
     rng = random.Random(seed)
-    enforced = Guards(max_repeats=3, max_steps=8, max_runs_per_workflow=3, retries=1)
-    # Agents of one workflow under other policies: shadow guards and none at all.
-    policies = [enforced, enforced, enforced, dataclasses.replace(enforced, shadow=True), None]
+    enforced = Guards(max_repeats=2, max_steps=7, max_runs_per_workflow=3, retries=1)
+    # Agents of one workflow under other policies: shadow guards, none, other limits.
+    policies = [
+        enforced,
+        enforced,
+        dataclasses.replace(enforced, shadow=True),
+        None,
+        Guards(max_runs_per_workflow=2),
+    ]
     held: list[dict[str, tuple[str, int]]] = []  # per namespace: (request id, hold id)
 
-    def reserve(ns: str, run: int, workflow: str, fingerprint: str, usd: int, policy: int) -> Any:
-        r = guarded(fingerprint, f"agent:a/run:{ns}{run}", f"{ns}{workflow}")
-        claims = [claim("run", r.scope, usd=1000)]
-        guards = policies[policy]
-        return ("reserve", (r, claims, Amount(usd=usd, requests=1), NOW + 900, guards))
+    def row_of(ns: str, where: tuple[str, int, str, str]) -> DecisionRow:
+        fingerprint, run, workflow, tenant = where
+        r = guarded(fingerprint, f"tenant:{tenant}/agent:a/run:{ns}{run}", f"{ns}{workflow}")
+        r.tenant = tenant
+        return r
+
+    def operation() -> Any:
+        """One operation, as a function of the namespace, so both get the same one."""
+        kind = rng.choice(["reserve"] * 5 + ["settle", "record"])
+        where = (rng.choice("xy"), rng.randrange(8), rng.choice("ab"), rng.choice("tu"))
+        if kind == "settle" and held:
+            hold = held.pop(rng.randrange(len(held)))
+            status, usd = rng.choice([200, 503, 429, None]), rng.choice([0, 0, 1500])
+            done = Completion(Amount(usd=usd, requests=1), status)
+            if rng.random() < 0.7:
+                return lambda ns: ("commit", (*hold[ns], done, NOW))
+            return lambda ns: ("release", (*hold[ns], done, "test", NOW))
+        if kind == "record":
+            code = rng.choice(["not_authorized", "shutting_down"])
+
+            def record(ns: str) -> Any:
+                r = row_of(ns, where)
+                r.decision, r.reason_code, r.status = "deny", code, 403
+                return ("record", (r,))
+
+            return record
+        usd, guards = rng.choice([100, 300, 2000]), rng.choice(policies)
+
+        def reserve(ns: str) -> Any:
+            r = row_of(ns, where)
+            claims = [claim("run", r.scope, usd=1000), claim("tenant", ns + r.tenant, requests=60)]
+            return ("reserve", (r, claims, Amount(usd=usd, requests=1), NOW + 900, guards))
+
+        return reserve
+
+    def outcome(result: Any) -> Any:
+        if isinstance(result, ReserveOutcome):
+            tripped = result.tripped and result.tripped.detector
+            return (result.decision, tripped, result.hold_id is None, len(result.shortfalls))
+        if result is None:  # a record
+            return None
+        return (result.applied, result.state, len(result.overage))
 
     for step in range(30):
-        specs = [
-            (
-                rng.randrange(8),
-                rng.choice("ab"),
-                rng.choice("xy"),
-                rng.choice([100, 300, 2000]),
-                rng.randrange(len(policies)),
-            )
-            for _ in range(rng.randrange(1, 7))
-        ]
-        settled = rng.sample(held, min(len(held), rng.randrange(3)))
-        statuses = [rng.choice([200, 503]) for _ in settled]
-        outcomes: dict[str, list[Any]] = {}
-        reserves: dict[str, list[Any]] = {}
-        for ns in ("b", "s"):
-            commits = [
-                ("commit", (*s[ns], Completion(status=status), NOW))
-                for s, status in zip(settled, statuses, strict=True)
-            ]
-            reserves[ns] = [reserve(ns, *spec) for spec in specs]
-            calls = commits + reserves[ns]
-            if ns == "b":  # as the writer decides what was queued together
-                outcomes[ns] = ledger.run_batch(calls)[len(commits) :]
-            else:
-                outcomes[ns] = [ledger.run_batch([call])[0] for call in calls][len(commits) :]
-        for s in settled:
-            held.remove(s)
-        for i, (b, a) in enumerate(zip(outcomes["b"], outcomes["s"], strict=True)):
-            assert (b.decision, b.tripped and b.tripped.detector, b.hold_id is None) == (
-                a.decision,
-                a.tripped and a.tripped.detector,
-                a.hold_id is None,
-            ), (seed, step, i, specs)
-            if b.hold_id is not None:
+        operations = [operation() for _ in range(rng.randrange(1, 9))]
+        calls = {ns: [op(ns) for op in operations] for ns in ("b", "s")}
+        results = {
+            "b": ledger.run_batch(calls["b"]),  # as the writer decides what was queued together
+            "s": [ledger.run_batch([call])[0] for call in calls["s"]],
+        }
+        for i, (b, s) in enumerate(zip(results["b"], results["s"], strict=True)):
+            assert outcome(b) == outcome(s), (seed, step, i, calls["s"][i])
+            if isinstance(b, ReserveOutcome) and b.hold_id is not None:
                 held.append(
-                    {
-                        ns: (reserves[ns][i][1][0].request_id, outcomes[ns][i].hold_id)
-                        for ns in ("b", "s")
-                    }
+                    {ns: (calls[ns][i][1][0].request_id, results[ns][i].hold_id) for ns in calls}
                 )
 
 
