@@ -431,6 +431,23 @@ OPENAI_CASES = [
         ),
     ),
     Case(
+        "completions-stream-unasked",  # as chat-stream: drawdown asks, and hides the chunk
+        "openai.completions",
+        "/v1/completions",
+        "gpt-3.5-turbo-instruct",
+        lambda c, h: [
+            scrub(x)
+            for x in c.completions.create(
+                model="gpt-3.5-turbo-instruct", prompt=PROMPT, stream=True, extra_headers=h
+            )
+        ],
+        lambda c, h: _collect(
+            c.completions.create(
+                model="gpt-3.5-turbo-instruct", prompt=PROMPT, stream=True, extra_headers=h
+            )
+        ),
+    ),
+    Case(
         "completions-stream",
         "openai.completions",
         "/v1/completions",
@@ -478,7 +495,7 @@ def test_openai_sdk_calls_commit_exactly_the_reported_usage(
             seen = case.sync(via, run_header(run))
             assert seen == alone, f"{case.name}: the SDK saw something else through the proxy"
             upstream = standin.last(case.path)
-            if case.name == "chat-stream":
+            if case.name in ("chat-stream", "completions-stream-unasked"):
                 # drawdown asked for the usage on the SDK's behalf (and the SDK never saw it:
                 # every chunk it got has a choice and no usage).
                 assert upstream.json["stream_options"] == {"include_usage": True}

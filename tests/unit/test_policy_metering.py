@@ -73,7 +73,7 @@ def test_stream_usage_is_validated_with_file_and_line(tmp_path: Path) -> None:
     assert f"{f}:2: stream_usage must be true or false, not 'no'" in found
     # YAML 1.1's `yes` stays text: reported, never read as true.
     assert f"{f}:3: stream_usage must be true or false, not 'yes'" in found
-    only_openai = "'stream_usage' (ask for usage in OpenAI chat streams) applies to provider: openai actions only"
+    only_openai = "'stream_usage' (ask for usage in OpenAI chat and completions streams) applies to provider: openai actions only"
     assert f"{f}:4: {only_openai}" in found
     assert f"{f}:5: {only_openai}" in found
     assert any(

@@ -106,7 +106,7 @@ def parse_request(
     elif endpoint == "responses":
         _responses_request(body, parsed)
     elif endpoint == "completions":
-        _completions_request(body, parsed)
+        _completions_request(body, parsed, raw)
     elif endpoint == "embeddings":
         _embeddings_request(body, parsed)
     return parsed
@@ -156,13 +156,20 @@ def _chat_request(body: dict[str, Any], parsed: ParsedRequest, raw: bytes) -> No
     if body.get("web_search_options") is not None or "search" in (parsed.model or "").lower():
         # The chat search models run a web search on every call, billed per call.
         parsed.expected_extras["web_search_calls"] = 1
-    if parsed.stream:
-        opts = body.get("stream_options")
-        if opts is not None and not isinstance(opts, dict):
-            raise MeterRequestError(f"stream_options must be an object, not {kind(opts)}")
-        if not (opts or {}).get("include_usage"):
-            parsed.rewritten_body = _with_include_usage(raw, body)
-            parsed.strip_usage_chunk = True
+    _ask_for_stream_usage(body, parsed, raw)
+
+
+def _ask_for_stream_usage(body: dict[str, Any], parsed: ParsedRequest, raw: bytes) -> None:
+    """A chat or legacy completions stream reports its usage only when asked: ask on the
+    client's behalf, and have the stream meter remove the usage chunk it did not ask for."""
+    if not parsed.stream:
+        return
+    opts = body.get("stream_options")
+    if opts is not None and not isinstance(opts, dict):
+        raise MeterRequestError(f"stream_options must be an object, not {kind(opts)}")
+    if not (opts or {}).get("include_usage"):
+        parsed.rewritten_body = _with_include_usage(raw, body)
+        parsed.strip_usage_chunk = True
 
 
 def _with_include_usage(raw: bytes, body: dict[str, Any]) -> bytes:
@@ -335,12 +342,13 @@ def _responses_item(item: dict[str, Any], prompt: Prompt, model: str | None, i: 
         prompt.add({k: v for k, v in item.items() if k not in ("id", "status")})
 
 
-def _completions_request(body: dict[str, Any], parsed: ParsedRequest) -> None:
+def _completions_request(body: dict[str, Any], parsed: ParsedRequest, raw: bytes) -> None:
     prompt = parsed.prompt
     _strings_or_tokens(body.get("prompt"), prompt, "prompt")
     prompt.add(body.get("suffix") if isinstance(body.get("suffix"), str) else None)
     cap = opt_int(body, "max_tokens")
     parsed.cap = None if cap is None else cap * max(_n(body), _n(body, "best_of"))
+    _ask_for_stream_usage(body, parsed, raw)
 
 
 def _embeddings_request(body: dict[str, Any], parsed: ParsedRequest) -> None:

@@ -52,7 +52,7 @@ class Action:
     cost_header: str | None = None  # response header holding the actual cost in USD
     cost_json: str | None = None  # dotted path in the JSON response holding the actual cost in USD
     price: PricePerMillion | None = None  # price override for OpenAI-compatible hosts
-    # OpenAI chat streams: add stream_options.include_usage when the client did not. False for
+    # OpenAI chat and legacy completions streams: add stream_options.include_usage when the client did not. False for
     # an OpenAI-compatible host that rejects the option (its streams are then "counted").
     stream_usage: bool = True
     tools: tuple[

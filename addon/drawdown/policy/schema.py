@@ -463,7 +463,7 @@ def _action(check: _Checker, actions: LList, index: int) -> Action | None:
             check.error(
                 item,
                 "stream_usage",
-                "'stream_usage' (ask for usage in OpenAI chat streams) applies to provider: openai actions only",
+                "'stream_usage' (ask for usage in OpenAI chat and completions streams) applies to provider: openai actions only",
             )
             ok = False
         elif not isinstance(item["stream_usage"], bool):

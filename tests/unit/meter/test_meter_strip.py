@@ -1,4 +1,4 @@
-"""OpenAI chat streams: we ask for include_usage on the client's behalf, then remove the
+"""OpenAI chat (and legacy completions) streams: we ask for include_usage on the client's behalf, then remove the
 usage-only chunk so the client sees exactly the stream it asked for."""
 
 from __future__ import annotations
@@ -199,3 +199,49 @@ def test_injection_can_be_turned_off_for_hosts_that_reject_stream_options():
     chunk = b'data: {"choices":[{"delta":{"content":"Hello"}}]}\n\ndata: [DONE]\n\n'
     assert not meter.rewrites and meter.feed(chunk) is chunk
     assert meter.finish()[1].source == "counted"
+
+
+# Legacy completions stream as the API sends one with include_usage (its SDK's
+# CompletionCreateParams takes stream_options): "usage": null on every chunk until the
+# extra choices: [] chunk.
+LEGACY_STREAM = (
+    b'data: {"id":"cmpl-1","object":"text_completion","created":1,"choices":[{"text":"Hello",'
+    b'"index":0,"logprobs":null,"finish_reason":null}],"model":"gpt-3.5-turbo-instruct",'
+    b'"usage":null}\n\n'
+    b'data: {"id":"cmpl-1","object":"text_completion","created":1,"choices":[{"text":" there",'
+    b'"index":0,"logprobs":null,"finish_reason":"stop"}],"model":"gpt-3.5-turbo-instruct",'
+    b'"usage":null}\n\n'
+    b'data: {"id":"cmpl-1","object":"text_completion","created":1,"choices":[],'
+    b'"model":"gpt-3.5-turbo-instruct","usage":{"prompt_tokens":7,"completion_tokens":2,'
+    b'"total_tokens":9}}\n\n'
+    b"data: [DONE]\n\n"
+)
+
+
+def test_a_legacy_completions_stream_is_asked_for_its_usage_and_shown_without_it():
+    """Before, a legacy completions stream whose client did not ask for usage was charged
+    its counted tokens: the prompt by tiktoken, the reply by its text."""
+    body = b'{"model":"gpt-3.5-turbo-instruct","prompt":"Say hello","stream":true}'
+    request = inspect_request("openai", "POST", "/v1/completions", {}, body, CONFIG)
+    assert request.strip_usage_chunk
+    assert json.loads(request.rewritten_body)["stream_options"] == {"include_usage": True}
+    meter = open_stream_meter(request, "text/event-stream", None, CONFIG)
+    out = meter.feed(LEGACY_STREAM)
+    rest, measurement = meter.finish()
+    chunks = _sdk_chunks(out + rest)
+    assert [c["choices"][0]["text"] for c in chunks] == ["Hello", " there"]
+    assert (measurement.source, measurement.usage.input_tokens) == ("usage", 7)
+    assert measurement.usage.output_tokens == 2
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_a_stream_that_asked_for_usage_or_a_host_that_rejects_the_option_is_left_as_sent(path):
+    prompt = '"prompt":"hi"' if path == "/v1/completions" else '"messages":[]'
+    asked = f'{{"model":"m","stream":true,"stream_options":{{"include_usage":true}},{prompt}}}'
+    request = inspect_request("openai", "POST", path, {}, asked.encode(), CONFIG)
+    assert request.rewritten_body is None and not request.strip_usage_chunk
+    unasked = f'{{"model":"m","stream":true,{prompt}}}'.encode()
+    request = inspect_request(
+        "openai", "POST", path, {}, unasked, CONFIG, inject_include_usage=False
+    )
+    assert request.rewritten_body is None and not request.strip_usage_chunk
