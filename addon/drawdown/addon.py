@@ -1962,7 +1962,8 @@ class Drawdown:
         held: FlowState | None
         if kind == openai_realtime.TRANSCRIBED:
             usage = openai_realtime.transcription_usage_of(event)
-            if usage is None:  # none reported, or billed per second (whisper-1): not metered
+            seconds = openai_realtime.transcription_seconds_of(event)  # whisper-1 bills seconds
+            if usage is None and seconds is None:  # none reported: nothing to charge
                 return
             model = session.transcription_model
             _, held = await self._realtime_reserve(state, session, unasked=True, model=model)
@@ -1971,7 +1972,12 @@ class Drawdown:
             policy = held.policy
             assert policy is not None
             measurement = openai_realtime.measure_usage(
-                usage, (model,), policy.meter, price, session.matched
+                usage or meter.TokenUsage(),
+                (model,),
+                policy.meter,
+                price,
+                session.matched,
+                extras=None if seconds is None else {"audio_seconds": seconds},
             )
             note = "input audio transcription"
         elif kind == "response.done":

@@ -280,9 +280,40 @@ def test_an_azure_deployment_is_priced_for_the_model_its_session_reports(
     assert (decision, usd, model) == ("allow", genai_prices_nanos("gpt-realtime"), "gpt-realtime")
 
 
+@pytest.mark.parametrize(
+    ("transcriber", "usage", "billed", "tokens"),
+    [
+        (
+            "gpt-4o-transcribe",
+            {
+                "type": "tokens",
+                "input_tokens": 500,
+                "output_tokens": 40,
+                "total_tokens": 540,
+                "input_token_details": {"text_tokens": 20, "audio_tokens": 480},
+            },
+            genai_prices.Usage(input_tokens=500, input_audio_tokens=480, output_tokens=40),
+            (500, 40),
+        ),
+        # whisper-1 bills seconds of audio (before, its transcriptions went uncharged)
+        (
+            "whisper-1",
+            {"type": "duration", "seconds": 7.4},
+            genai_prices.Usage(audio_seconds=8),
+            (0, 0),
+        ),
+    ],
+)
 def test_input_audio_transcription_is_charged_at_its_own_models_price(
-    drawdown_proxy: Factory, upstream: RealtimeStandIn, agent_env: Callable[..., None]
+    drawdown_proxy: Factory,
+    upstream: RealtimeStandIn,
+    agent_env: Callable[..., None],
+    transcriber: str,
+    usage: dict[str, Any],
+    billed: genai_prices.Usage,
+    tokens: tuple[int, int],
 ) -> None:
+    upstream.transcription_usage = usage
     proxy = start(drawdown_proxy, upstream, policy('- {scope: "agent:*/run:*", usd: 5.00}'))
     agent_env(proxy)
 
@@ -293,7 +324,7 @@ def test_input_audio_transcription_is_charged_at_its_own_models_price(
             await connection.session.update(
                 session={
                     "type": "realtime",
-                    "audio": {"input": {"transcription": {"model": "gpt-4o-transcribe"}}},
+                    "audio": {"input": {"transcription": {"model": transcriber}}},
                 }
             )
             await next_of(connection, "session.updated")
@@ -302,15 +333,12 @@ def test_input_audio_transcription_is_charged_at_its_own_models_price(
             return await next_of(connection, "response.done", "error")
 
     assert asyncio.run(speak()).type == "response.done"
-    price = genai_prices.calc_price(
-        genai_prices.Usage(input_tokens=500, input_audio_tokens=480, output_tokens=40),
-        "gpt-4o-transcribe",
-        provider_id="openai",
-    ).total_price
+    price = genai_prices.calc_price(billed, transcriber, provider_id="openai").total_price
     transcribed = int((price * 1_000_000_000).to_integral_value(rounding=decimal.ROUND_CEILING))
+    assert transcribed > 0
     rows = response_rows(proxy, 2)
     assert [(r[0], r[2], r[3], r[4], r[5]) for r in rows] == [
-        ("allow", transcribed, 500, 40, "gpt-4o-transcribe"),
+        ("allow", transcribed, *tokens, transcriber),
         ("allow", genai_prices_nanos("gpt-realtime"), 2000, 350, "gpt-realtime"),
     ]
 

@@ -11,6 +11,7 @@ is held by the server, so a response's input is known only when it is done.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -92,7 +93,7 @@ def usage_of(response: Any) -> TokenUsage | None:
 def transcription_usage_of(event: Any) -> TokenUsage | None:
     """The token usage of a `conversation.item.input_audio_transcription.completed` event
     (gpt-4o-transcribe & co.: audio in, text out), or None: none reported, or billed by the
-    second (whisper-1's `{"type": "duration"}`), which is not metered."""
+    second (whisper-1's `{"type": "duration"}`: transcription_seconds_of)."""
     usage = event.get("usage") if isinstance(event, dict) else None
     if not isinstance(usage, dict) or usage.get("type", "tokens") != "tokens":
         return None
@@ -104,6 +105,19 @@ def transcription_usage_of(event: Any) -> TokenUsage | None:
         output_tokens=as_int(usage.get("output_tokens")),
         input_audio_tokens=min(as_int(details.get("audio_tokens")), input_tokens),
     )
+
+
+def transcription_seconds_of(event: Any) -> int | None:
+    """The seconds of audio a transcription billed by the second reports (whisper-1's
+    `"usage": {"type": "duration", "seconds": 3.2}`), rounded up to whole seconds as the
+    transcriptions API's are; None when it reports none."""
+    usage = event.get("usage") if isinstance(event, dict) else None
+    if not isinstance(usage, dict) or usage.get("type") != "duration":
+        return None
+    seconds = usage.get("seconds")
+    if isinstance(seconds, bool) or not isinstance(seconds, int | float):
+        return None
+    return max(math.ceil(seconds), 0) if math.isfinite(seconds) else None
 
 
 def transcription_model(session: Any) -> str | None:
@@ -139,16 +153,23 @@ def measure_usage(
     config: MeterConfig,
     price_override: PricePerMillion | None = None,
     matched: str | None = None,
+    extras: Mapping[str, int] | None = None,
 ) -> Measurement:
-    """`usage` priced for the first of `models` genai-prices knows (see measure_response)."""
+    """`usage` priced for the first of `models` genai-prices knows (see measure_response),
+    with `extras` billed beside it (a transcription's `audio_seconds`)."""
     model = next((m for m in models if m), None)
     if usage is None:
         return Measurement(
             usage=TokenUsage(), usd_nanos=0, source="usage", priced=True, model=model
         )
     usd, priced = price_first_known(
-        "openai", models, usage, config, price_override, matched=matched
+        "openai", models, usage, config, price_override, extras=extras, matched=matched
     )
     return Measurement(
-        usage=usage, usd_nanos=to_nanos(usd), source="usage", priced=priced, model=model
+        usage=usage,
+        usd_nanos=to_nanos(usd),
+        source="usage",
+        priced=priced,
+        model=model,
+        extras=extras or {},
     )

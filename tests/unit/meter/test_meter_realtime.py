@@ -16,6 +16,7 @@ from drawdown.meter.openai_realtime import (
     measure_usage,
     session_model,
     transcription_model,
+    transcription_seconds_of,
     transcription_usage_of,
     usage_of,
 )
@@ -255,9 +256,21 @@ def test_a_transcription_is_priced_for_its_own_model() -> None:
     assert measured.usd_nanos == _genai(
         "gpt-4o-transcribe", input_tokens=500, input_audio_tokens=480, output_tokens=40
     )
-    # whisper-1 bills by the second: not metered.
-    assert transcription_usage_of(_transcribed({"type": "duration", "seconds": 3.2})) is None
+    assert transcription_seconds_of(_transcribed(tokens)) is None
     assert transcription_usage_of({"type": "x"}) is None
+
+
+def test_a_transcription_billed_by_the_second_is_charged_its_seconds() -> None:
+    """whisper-1 reports seconds of audio, not tokens: before, its transcriptions went
+    uncharged in a realtime session."""
+    by_the_second = _transcribed({"type": "duration", "seconds": 3.2})
+    assert transcription_usage_of(by_the_second) is None
+    assert transcription_seconds_of(by_the_second) == 4  # whole seconds, as the API's are
+    measured = measure_usage(TokenUsage(), ("whisper-1",), CONFIG, extras={"audio_seconds": 4})
+    assert measured.usd_nanos == _genai("whisper-1", audio_seconds=4) == 400_000
+    assert (measured.priced, measured.model) == (True, "whisper-1")
+    for seconds in (None, "3", True, float("nan"), float("inf")):
+        assert transcription_seconds_of({"usage": {"type": "duration", "seconds": seconds}}) is None
 
 
 def test_the_transcription_model_is_read_from_the_ga_and_the_beta_session() -> None:
