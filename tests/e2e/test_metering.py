@@ -311,166 +311,128 @@ class Case:
     sync: Callable[[Any, dict[str, str]], Any]
     aio: Callable[[Any, dict[str, str]], Any]
 
+    @classmethod
+    def of(
+        cls,
+        name: str,
+        api: str,
+        path: str,
+        model: str,
+        call: Callable[[Any, dict[str, str]], Any],
+        stream: bool = False,
+    ) -> Case:
+        """`call(client, headers)`: the SDK call, the same on the sync and the async client;
+        what each gets back is compared scrubbed (a stream: every item it yields)."""
+        if stream:
+            return cls(
+                name,
+                api,
+                path,
+                model,
+                lambda c, h: [scrub(x) for x in call(c, h)],
+                lambda c, h: _collect(call(c, h)),
+            )
+        return cls(name, api, path, model, lambda c, h: scrub(call(c, h)), call)
+
 
 async def _collect(stream: Any) -> list[Any]:
     return [scrub(item) async for item in await stream]
 
 
 OPENAI_CASES = [
-    Case(
+    Case.of(
         "chat",
         "openai.chat",
         "/v1/chat/completions",
         "gpt-4o-mini",
-        lambda c, h: scrub(
-            c.chat.completions.create(
-                model="gpt-4o-mini", messages=MESSAGES, max_tokens=64, extra_headers=h
-            )
-        ),
         lambda c, h: c.chat.completions.create(
             model="gpt-4o-mini", messages=MESSAGES, max_tokens=64, extra_headers=h
         ),
     ),
-    Case(
+    Case.of(
         "chat-stream",  # no include_usage: drawdown asks for it and hides the usage chunk
         "openai.chat",
         "/v1/chat/completions",
         "gpt-4o-mini",
-        lambda c, h: [
-            scrub(x)
-            for x in c.chat.completions.create(
-                model="gpt-4o-mini", messages=MESSAGES, stream=True, extra_headers=h
-            )
-        ],
-        lambda c, h: _collect(
-            c.chat.completions.create(
-                model="gpt-4o-mini", messages=MESSAGES, stream=True, extra_headers=h
-            )
+        lambda c, h: c.chat.completions.create(
+            model="gpt-4o-mini", messages=MESSAGES, stream=True, extra_headers=h
         ),
+        stream=True,
     ),
-    Case(
+    Case.of(
         "chat-stream-usage",
         "openai.chat",
         "/v1/chat/completions",
         "gpt-4o",
-        lambda c, h: [
-            scrub(x)
-            for x in c.chat.completions.create(
-                model="gpt-4o",
-                messages=MESSAGES,
-                stream=True,
-                stream_options={"include_usage": True},
-                extra_headers=h,
-            )
-        ],
-        lambda c, h: _collect(
-            c.chat.completions.create(
-                model="gpt-4o",
-                messages=MESSAGES,
-                stream=True,
-                stream_options={"include_usage": True},
-                extra_headers=h,
-            )
+        lambda c, h: c.chat.completions.create(
+            model="gpt-4o",
+            messages=MESSAGES,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_headers=h,
         ),
+        stream=True,
     ),
-    Case(
+    Case.of(
         "responses",
         "openai.responses",
         "/v1/responses",
         "gpt-4.1-mini",
-        lambda c, h: scrub(
-            c.responses.create(
-                model="gpt-4.1-mini", input=PROMPT, max_output_tokens=64, extra_headers=h
-            )
-        ),
         lambda c, h: c.responses.create(
             model="gpt-4.1-mini", input=PROMPT, max_output_tokens=64, extra_headers=h
         ),
     ),
-    Case(
+    Case.of(
         "responses-stream",
         "openai.responses",
         "/v1/responses",
         "gpt-4.1-mini",
-        lambda c, h: [
-            scrub(x)
-            for x in c.responses.create(
-                model="gpt-4.1-mini", input=PROMPT, stream=True, extra_headers=h
-            )
-        ],
-        lambda c, h: _collect(
-            c.responses.create(model="gpt-4.1-mini", input=PROMPT, stream=True, extra_headers=h)
+        lambda c, h: c.responses.create(
+            model="gpt-4.1-mini", input=PROMPT, stream=True, extra_headers=h
         ),
+        stream=True,
     ),
-    Case(
+    Case.of(
         "embeddings",
         "openai.embeddings",
         "/v1/embeddings",
         "text-embedding-3-small",
-        lambda c, h: scrub(
-            c.embeddings.create(
-                model="text-embedding-3-small", input=[PROMPT, "a second text"], extra_headers=h
-            )
-        ),
         lambda c, h: c.embeddings.create(
             model="text-embedding-3-small", input=[PROMPT, "a second text"], extra_headers=h
         ),
     ),
-    Case(
+    Case.of(
         "completions",
         "openai.completions",
         "/v1/completions",
         "gpt-3.5-turbo-instruct",
-        lambda c, h: scrub(
-            c.completions.create(
-                model="gpt-3.5-turbo-instruct", prompt=PROMPT, max_tokens=32, extra_headers=h
-            )
-        ),
         lambda c, h: c.completions.create(
             model="gpt-3.5-turbo-instruct", prompt=PROMPT, max_tokens=32, extra_headers=h
         ),
     ),
-    Case(
+    Case.of(
         "completions-stream-unasked",  # as chat-stream: drawdown asks, and hides the chunk
         "openai.completions",
         "/v1/completions",
         "gpt-3.5-turbo-instruct",
-        lambda c, h: [
-            scrub(x)
-            for x in c.completions.create(
-                model="gpt-3.5-turbo-instruct", prompt=PROMPT, stream=True, extra_headers=h
-            )
-        ],
-        lambda c, h: _collect(
-            c.completions.create(
-                model="gpt-3.5-turbo-instruct", prompt=PROMPT, stream=True, extra_headers=h
-            )
+        lambda c, h: c.completions.create(
+            model="gpt-3.5-turbo-instruct", prompt=PROMPT, stream=True, extra_headers=h
         ),
+        stream=True,
     ),
-    Case(
+    Case.of(
         "completions-stream",
         "openai.completions",
         "/v1/completions",
         "gpt-3.5-turbo-instruct",
-        lambda c, h: [
-            scrub(x)
-            for x in c.completions.create(
-                model="gpt-3.5-turbo-instruct",
-                prompt=PROMPT,
-                stream=True,
-                stream_options={"include_usage": True},
-                extra_headers=h,
-            )
-        ],
-        lambda c, h: _collect(
-            c.completions.create(
-                model="gpt-3.5-turbo-instruct",
-                prompt=PROMPT,
-                stream=True,
-                stream_options={"include_usage": True},
-                extra_headers=h,
-            )
+        lambda c, h: c.completions.create(
+            model="gpt-3.5-turbo-instruct",
+            prompt=PROMPT,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_headers=h,
         ),
+        stream=True,
     ),
 ]
 
