@@ -464,6 +464,8 @@ class Drawdown:
             weakref.WeakKeyDictionary()
         )
         self.inflight: dict[str, FlowState] = {}
+        # The model each upstream's deployment names serve, learned from their answers.
+        self.served = meter.ServedModels()
         # Commits and releases the ledger refused (a lock held past drawdown_ledger_timeout, a
         # full disk), by request id: tried again on every maintenance tick and at the stop.
         self.unsettled: dict[str, tuple[str, tuple[Any, ...]]] = {}
@@ -1244,6 +1246,7 @@ class Drawdown:
             origin=upstream,
             # An upload is read by the boundary the host reads it by.
             content_type=view.headers.get("content-type"),
+            served=self.served.of(upstream),
         )
         if len(view.body) > INLINE_TOKENIZE_BYTES:  # big prompts are tokenized off the event loop
             return await asyncio.to_thread(inspect)
@@ -1564,6 +1567,9 @@ class Drawdown:
                     measurement = await asyncio.to_thread(measure)
                 else:
                     measurement = measure()
+            if state.view is not None:
+                view = state.view
+                self.served.learn(state.llm, measurement, view.scheme, view.host, view.port)
             completion = _measured(measurement, status)
         elif action is not None:
             completion = Completion(

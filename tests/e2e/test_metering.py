@@ -937,6 +937,50 @@ def test_stream_reset_mid_way_commits_what_was_counted(
 # --- OpenAI-compatible hosts and Azure ----------------------------------------------------
 
 
+def test_an_azure_deployment_named_otherwise_is_estimated_as_the_model_it_serves(
+    drawdown_proxy: Factory, standin: StandIn
+) -> None:
+    """A deployment named `prod-chat` was estimated at the fallback price on every call (~100×
+    gpt-4o-mini's); its answers name the model it serves, and from the first one on drawdown
+    estimates its calls as that model."""
+    from drawdown.meter import MeterConfig, inspect_request, origin
+
+    served = "gpt-4o-mini-2024-07-18"
+    standin.deployments["prod-chat"] = served
+    proxy = drawdown_proxy(POLICY)
+    azure = openai.AzureOpenAI(
+        azure_endpoint="https://drawdown-test.openai.azure.com",
+        api_version="2024-10-21",
+        api_key="azure-test-key",
+        http_client=openai.DefaultHttpxClient(
+            verify=proxy.ssl_context(), proxy=proxy.proxy_url, trust_env=False
+        ),
+    )
+    with azure:
+        for run in ("prod-1", "prod-2"):
+            azure.chat.completions.create(
+                model="prod-chat", messages=MESSAGES, max_tokens=64, extra_headers=run_header(run)
+            )
+            upstream = standin.last("/openai/deployments/*")
+            assert upstream.path == "/openai/deployments/prod-chat/chat/completions"
+            assert_charged(proxy, run, expected("openai.chat", upstream.usage, served))
+    first, second = (
+        proxy.query("SELECT est_usd FROM decisions WHERE run = ?", run)[0][0]
+        for run in ("prod-1", "prod-2")
+    )
+    named = inspect_request(
+        "openai",
+        "POST",
+        "/openai/deployments/prod-chat/chat/completions",
+        {},
+        json.dumps({"model": served, "messages": MESSAGES, "max_tokens": 64}).encode(),
+        MeterConfig(),
+        origin=origin("https", "drawdown-test.openai.azure.com", 443),
+    )
+    assert named.priced and second == named.estimate_usd_nanos
+    assert second * 50 < first  # the first, at the fallback price
+
+
 def test_openai_compatible_host_uses_the_policy_price_and_azure_paths_are_metered(
     drawdown_proxy: Factory, standin: StandIn
 ) -> None:

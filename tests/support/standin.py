@@ -275,6 +275,9 @@ class StandIn:
         #: Compress synthetic JSON replies with this encoding when the client accepts it.
         self.json_encoding: str | None = None
         self.models = ["gpt-4o-mini", "gpt-4o", "text-embedding-3-small"]
+        #: Azure: the model each deployment serves, which its answers name (as Azure's do);
+        #: a deployment not here answers with its own name.
+        self.deployments: dict[str, str] = {}
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._log: list[LoggedRequest] = []
@@ -885,7 +888,8 @@ class StandIn:
         body = self._body(entry)
         if body is None:
             return self._openai_bad_request(entry)
-        model = body.get("model") or request.path_params.get("deployment") or "gpt-4o-mini"
+        deployment = request.path_params.get("deployment")
+        model = self.deployments.get(deployment) or body.get("model") or deployment or "gpt-4o-mini"
         plan = self._plan("openai.chat", body, entry)
         usage = wire.openai_chat_usage(plan.input_tokens, plan.output_tokens, plan.cached_tokens)
         finish = "length" if plan.truncated else "stop"

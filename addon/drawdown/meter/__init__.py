@@ -10,6 +10,8 @@ Pure Python (no mitmproxy, no network). The proxy uses only this facade:
 * origin(scheme, host, port)               the upstream, for inspect_request's `origin=`: a
                                            host genai-prices knows is priced at its prices
 * price_providers(provider, matched)       the genai-prices providers a call is priced with
+* ServedModels                             what an upstream's names (an Azure deployment)
+                                           turn out to serve, for inspect_request's `served=`
 
 Wiring a streamed response into mitmproxy (responseheaders hook)::
 
@@ -33,6 +35,7 @@ and, when the flow dies before the end (error hook), commit `meter.partial()`.
 """
 
 from .api import (
+    ServedModels,
     StreamMeter,
     charging,
     inspect_request,
@@ -70,6 +73,7 @@ __all__ = [
     "MeterConfig",
     "MeterRequestError",
     "PricePerMillion",
+    "ServedModels",
     "StreamMeter",
     "TokenUsage",
     "charging",

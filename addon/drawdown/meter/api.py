@@ -24,6 +24,7 @@ from ._util import Extracted, ParsedRequest, kind, loads, parse_body
 from .config import MeterConfig, PricePerMillion, model_family
 from .decode import Decoder, UnsupportedEncoding, make_decoder
 from .multipart import boundary_of
+from .prices import origin as upstream_origin
 from .prices import price_first_known, price_usage, to_nanos, url_provider
 from .sse import SSEParser
 from .tokens import count_texts, count_tokens
@@ -280,6 +281,7 @@ def inspect_request(
     inject_include_usage: bool = True,
     origin: str | None = None,
     content_type: str | None = None,
+    served: Mapping[str, str] | None = None,
 ) -> LLMRequest:
     """Classify an LLM API request and estimate its cost before it is forwarded.
 
@@ -290,7 +292,9 @@ def inspect_request(
     `origin` (prices.origin: scheme://host[:port]) is the upstream's: a host genai-prices
     knows (api.groq.com, openrouter.ai, Azure) is priced at its own models' prices.
     `content_type`: the request's header, whose boundary a multipart upload must use (the
-    ledger keeps none: replay reads the boundary from the body).
+    ledger keeps none: replay reads the boundary from the body). `served`: the models this
+    upstream's names turned out to serve (ServedModels.of): a name there is estimated as the
+    model it serves.
     """
     provider = provider.lower()
     path = path.split("?", 1)[0]
@@ -301,10 +305,12 @@ def inspect_request(
         # Bedrock: the body is SigV4-signed, so it is never rewritten (nor a stream's bytes).
         parsed.rewritten_body, parsed.strip_usage_chunk = None, False
     model = parsed.model
-    factor = config.safety_factor(provider, model)
+    served_as = served.get(model) if served and model else None
+    priced_as = served_as or model
+    factor = config.safety_factor(provider, priced_as)
     raw, exact = prompt_counts(parsed)
     input_tokens = math.ceil(raw * factor) + exact
-    cap = parsed.cap if parsed.cap is not None else config.output_cap(provider, model)
+    cap = parsed.cap if parsed.cap is not None else config.output_cap(provider, priced_as)
     usage = TokenUsage(
         input_tokens=input_tokens,
         output_tokens=cap,
@@ -315,7 +321,7 @@ def inspect_request(
     matched = url_provider(origin, path) if origin else None
     nanos, priced = price_usage(
         provider,
-        model,
+        priced_as,
         usage,
         config,
         price_override,
@@ -365,7 +371,48 @@ def inspect_request(
         # Only the image_generation tool reserves on another model (see ParsedRequest).
         image_tool_model=next(iter(parsed.tool_output_reserves), None),
         input_audio_tokens=usage.input_audio_tokens,
+        served_as=served_as,
     )
+
+
+class ServedModels:
+    """What the names an upstream is called by turn out to serve, by the model its answers name:
+    an Azure deployment (`prod-chat` → gpt-4o-mini-2024-07-18), a gateway's alias. Learned for a
+    name genai-prices does not price, so that its next calls are estimated at the served
+    model's price rather than the fallback's, which reserved ~100× too much on every call to a
+    deployment named otherwise than its model (the cost is measured at the answer's model
+    either way). Per proxy process, from its start; bounded, so a flood of names cannot grow
+    it (past LIMIT it starts again)."""
+
+    LIMIT = 4096
+
+    def __init__(self) -> None:
+        self._by_origin: dict[str, dict[str, str]] = {}
+        self._count = 0
+
+    def of(self, origin: str) -> Mapping[str, str] | None:
+        """The names `origin` (scheme://host[:port]) is known to serve other models by."""
+        return self._by_origin.get(origin)
+
+    def learn(
+        self, request: LLMRequest, answered: Measurement, scheme: str, host: str, port: int
+    ) -> None:
+        """After a call to scheme://host:port: the model its answer names, when genai-prices
+        priced that and not the name the request used (or the answer names another model than
+        the last one did)."""
+        if request.priced and request.served_as is None:  # the name is priced as it is
+            return
+        name, served = request.model, answered.model
+        if not name or not served or served == name or not answered.priced:
+            return
+        origin = upstream_origin(scheme, host, port)
+        if self._by_origin.get(origin, {}).get(name) == served:
+            return
+        if name not in self._by_origin.get(origin, {}):
+            if self._count >= self.LIMIT:
+                self._by_origin, self._count = {}, 0
+            self._count += 1
+        self._by_origin.setdefault(origin, {})[name] = served
 
 
 # --- after the call ---------------------------------------------------------------------

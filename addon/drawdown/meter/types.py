@@ -84,6 +84,9 @@ class LLMRequest:
     image_tool_model: str | None = None
     # Of input_tokens, those reserved as input audio (a transcription's upload), priced apart.
     input_audio_tokens: int = 0
+    # The model this request's name was estimated as, having turned out to serve it (an Azure
+    # deployment's answers name their model; see ServedModels); None: estimated as named.
+    served_as: str | None = None
 
 
 @dataclass(frozen=True)

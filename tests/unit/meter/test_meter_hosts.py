@@ -316,3 +316,66 @@ def test_a_request_forwarded_unread_is_priced_at_its_hosts_prices() -> None:
     measured = measure_body(request, 200, _answer("llama-3.3-70b-versatile", 100, 10), CONFIG)
     assert measured.priced
     assert measured.usd_nanos == _by_url(url, "llama-3.3-70b-versatile", 100, 10)
+
+
+def test_a_deployment_named_otherwise_is_estimated_as_the_model_its_answers_name() -> None:
+    """An Azure deployment named `prod-chat` was estimated at the fallback price ($15 in, $75
+    out a million) on every call, ~100× what gpt-4o-mini costs: a budget near its limit
+    refused calls it had room for. Once an answer names the model it serves, its next calls
+    are estimated as that model."""
+    from drawdown.meter import Measurement, ServedModels
+
+    azure = origin("https", "acme.openai.azure.com", 443)
+    path = "/openai/deployments/prod-chat/chat/completions"
+    first = inspect_request("openai", "POST", path, {}, _chat(None), CONFIG, origin=azure)
+    assert (first.model, first.priced, first.served_as) == ("prod-chat", False, None)
+    served = ServedModels()
+
+    def answered(model: str | None, priced: bool = True) -> Measurement:
+        return Measurement(TokenUsage(input_tokens=9, output_tokens=3), 1, "usage", priced, model)
+
+    # What teaches nothing: an answer at the fallback price, or naming no model.
+    served.learn(
+        first, answered("llama-in-house", priced=False), "https", "acme.openai.azure.com", 443
+    )
+    served.learn(first, answered(None), "https", "acme.openai.azure.com", 443)
+    assert served.of(azure) is None
+    served.learn(first, answered("gpt-4o-mini-2024-07-18"), "https", "acme.openai.azure.com", 443)
+    later = inspect_request(
+        "openai", "POST", path, {}, _chat(None), CONFIG, origin=azure, served=served.of(azure)
+    )
+    named = inspect_request(
+        "openai", "POST", path, {}, _chat("gpt-4o-mini-2024-07-18"), CONFIG, origin=azure
+    )
+    assert (later.model, later.priced, later.served_as) == (
+        "prod-chat",
+        True,
+        "gpt-4o-mini-2024-07-18",
+    )
+    assert later.estimate_usd_nanos == named.estimate_usd_nanos
+    assert later.estimate_usd_nanos * 50 < first.estimate_usd_nanos
+    # Another host's deployment of the same name is another deployment.
+    elsewhere = origin("https", "other.openai.azure.com", 443)
+    assert served.of(elsewhere) is None
+    # Redeployed on another model: the next answer says so.
+    served.learn(later, answered("gpt-4o-2024-08-06"), "https", "acme.openai.azure.com", 443)
+    assert served.of(azure) == {"prod-chat": "gpt-4o-2024-08-06"}
+    # A name genai-prices prices as it is is never learned.
+    gpt = inspect_request("openai", "POST", path, {}, _chat("gpt-4o"), CONFIG, origin=azure)
+    served.learn(gpt, answered("gpt-4o-2024-08-06"), "https", "acme.openai.azure.com", 443)
+    assert "gpt-4o" not in (served.of(azure) or {})
+
+
+def test_the_served_models_a_proxy_learns_are_bounded() -> None:
+    from drawdown.meter import Measurement, ServedModels
+
+    served = ServedModels()
+    answered = Measurement(TokenUsage(), 1, "usage", True, "gpt-4o-mini")
+    for i in range(ServedModels.LIMIT + 10):
+        path = f"/openai/deployments/d{i}/chat/completions"
+        request = inspect_request("openai", "POST", path, {}, _chat(None), CONFIG)
+        served.learn(request, answered, "https", f"h{i % 7}.openai.azure.com", 443)
+    learned = sum(
+        len(served.of(origin("https", f"h{j}.openai.azure.com", 443)) or {}) for j in range(7)
+    )
+    assert 0 < learned <= ServedModels.LIMIT
