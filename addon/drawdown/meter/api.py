@@ -406,9 +406,10 @@ class ServedModels:
         if not name or not served or served == name or not answered.priced:
             return
         origin = upstream_origin(scheme, host, port)
-        if self._by_origin.get(origin, {}).get(name) == served:
+        known = self._by_origin.get(origin, {})
+        if known.get(name) == served:
             return
-        if name not in self._by_origin.get(origin, {}):
+        if name not in known:
             if self._count >= self.LIMIT:
                 self._by_origin, self._count = {}, 0
             self._count += 1

@@ -11,12 +11,12 @@ is held by the server, so a response's input is known only when it is done.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Any
 
 from ._util import as_int
 from .config import MeterConfig, PricePerMillion
+from .openai_transcribe import whole_seconds
 from .prices import price_first_known, to_nanos
 from .types import Measurement, TokenUsage
 
@@ -114,10 +114,7 @@ def transcription_seconds_of(event: Any) -> int | None:
     usage = event.get("usage") if isinstance(event, dict) else None
     if not isinstance(usage, dict) or usage.get("type") != "duration":
         return None
-    seconds = usage.get("seconds")
-    if isinstance(seconds, bool) or not isinstance(seconds, int | float):
-        return None
-    return max(math.ceil(seconds), 0) if math.isfinite(seconds) else None
+    return whole_seconds(usage.get("seconds"))
 
 
 def transcription_model(session: Any) -> str | None:

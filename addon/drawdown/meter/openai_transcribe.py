@@ -192,12 +192,19 @@ def transcription_usage(u: dict[str, Any], ex: Extracted) -> None:
     )
 
 
-def _seconds(value: Any, ex: Extracted) -> None:
+def whole_seconds(value: Any) -> int | None:
+    """Seconds of audio as billed, from a reported duration; None when it is no finite number.
+    Fractions of a second are rounded up: never short, at most a second over."""
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        return
-    # Fractions of a second are rounded up: never short, at most a second over.
-    ex.usage = TokenUsage()
-    ex.extras["audio_seconds"] = max(math.ceil(value), 0)
+        return None
+    return max(math.ceil(value), 0)
+
+
+def _seconds(value: Any, ex: Extracted) -> None:
+    seconds = whole_seconds(value)
+    if seconds is not None:
+        ex.usage = TokenUsage()
+        ex.extras["audio_seconds"] = seconds
 
 
 def _tokens_only(ex: Extracted, per_second: bool) -> Extracted:
