@@ -343,6 +343,98 @@ def test_facts_answer_history(ledger: Any) -> None:
     assert ledger.history(asks) == [True, False, False, False]
 
 
+def _batch_results_commit(request_id: str, hold_id: int, key: str = "k") -> tuple[str, Any]:
+    done = Completion(
+        actual=Amount(usd=500, tokens=120, requests=1),
+        status=200,
+        tokens_in=100,
+        tokens_out=20,
+        usage_source="usage",
+        once=key,
+    )
+    return ("commit", (request_id, hold_id, done, NOW))
+
+
+def test_a_charge_made_once_is_not_made_again(backend: LedgerBackend, ledger: Any) -> None:
+    claims = [claim(usd=10_000), claim("tenant", "tenant:t", usd=10_000)]
+    reads = [row() for _ in range(4)]
+    holds = [ledger.reserve(r, claims, Amount(requests=1), NOW + 900).hold_id for r in reads]
+    # A read released (the results were not ready: 404) takes nothing and leaves the key free.
+    ledger.release(reads[0].request_id, holds[0], Completion(status=404), "upstream 404", NOW)
+    ledger.commit(*_batch_results_commit(reads[1].request_id, holds[1])[1])
+    # Read again, once alone and twice in one batch of the writer's: charged nothing more.
+    ledger.commit(*_batch_results_commit(reads[2].request_id, holds[2])[1])
+    other = row()
+    other_hold = ledger.reserve(other, claims, Amount(requests=1), NOW + 900).hold_id
+    ledger.run_batch(
+        [
+            _batch_results_commit(reads[3].request_id, holds[3]),
+            _batch_results_commit(other.request_id, other_hold, key="k2"),
+        ]
+    )
+    for budget, scope in (("run", "agent:a/run:r1"), ("tenant", "tenant:t")):
+        got = instance(backend, budget, scope)
+        assert (got["spent_usd"], got["spent_tokens"], got["spent_requests"]) == (1000, 240, 4)
+        assert (got["reserved_usd"], got["reserved_requests"]) == (0, 0)
+    charged = {
+        rid: (usd, tokens_in, note)
+        for rid, usd, tokens_in, note in backend.rows(
+            "SELECT request_id, actual_usd, tokens_in, note FROM decisions"
+        )
+    }
+    first = reads[1].request_id
+    assert charged[first] == (500, 100, None)
+    assert charged[other.request_id] == (500, 100, None)
+    for again in reads[2:]:
+        assert charged[again.request_id] == (0, 0, f"already charged by request {first}")
+    assert sorted(backend.rows("SELECT key, request_id FROM once_charges")) == [
+        ("k", first),
+        ("k2", other.request_id),
+    ]
+
+
+def test_commits_in_one_batch_under_one_key_charge_it_once(
+    backend: LedgerBackend, ledger: Any
+) -> None:
+    reads = [row() for _ in range(3)]
+    holds = [ledger.reserve(r, [claim(usd=10_000)], Amount(), NOW + 900).hold_id for r in reads]
+    ledger.run_batch(
+        [_batch_results_commit(r.request_id, h) for r, h in zip(reads, holds, strict=True)]
+    )
+    assert instance(backend, "run", "agent:a/run:r1")["spent_usd"] == 500
+    assert backend.rows("SELECT key, request_id FROM once_charges") == [("k", reads[0].request_id)]
+
+
+def _commit_once(kind: str, url: str, keys: list[str], out: Any) -> None:
+    ledger = SQLiteLedger(url, busy_timeout=60) if kind == "sqlite" else PostgresLedger(url)
+    for key in keys:
+        r = row()
+        hold = ledger.reserve(r, [claim(usd=10**9)], Amount(), NOW + 900).hold_id
+        ledger.commit(*_batch_results_commit(r.request_id, hold, key)[1])
+    ledger.close()
+    out.put(len(keys))
+
+
+def test_processes_reading_the_same_results_charge_them_once(backend: LedgerBackend) -> None:
+    backend.open().close()
+    ctx = multiprocessing.get_context("spawn")
+    out: Any = ctx.Queue()
+    keys = [f"batch-{i}" for i in range(30)]
+    procs = [
+        ctx.Process(target=_commit_once, args=(backend.kind, backend.url, keys, out))
+        for _ in range(3)
+    ]
+    for p in procs:
+        p.start()
+    assert sum(out.get(timeout=120) for _ in procs) == 90
+    for p in procs:
+        p.join(30)
+    got = instance(backend, "run", "agent:a/run:r1")
+    assert (got["spent_usd"], got["spent_requests"]) == (500 * 30, 90)
+    assert backend.scalar("SELECT COUNT(*) FROM once_charges") == 30
+    assert backend.scalar("SELECT COUNT(*) FROM decisions WHERE actual_usd = 500") == 30
+
+
 def test_the_deciding_shortfall_is_a_lifetime_one_else_the_longest_window(
     backend: LedgerBackend, ledger: Any
 ) -> None:
@@ -1136,6 +1228,22 @@ def test_schema_v4_indexes_the_runs_that_got_through_for_fan_out(backend: Ledger
         backend.execute("SET enable_seqscan = off")  # an empty table: ask whether it *can*
         plan = " ".join(r[0] for r in backend.rows(f"EXPLAIN {KNOWN}", ["wf"], ["s"]))
         assert "idx_decisions_runs" in plan, plan
+
+
+def test_schema_v5_adds_the_charges_made_once(backend: LedgerBackend) -> None:
+    """A v4 ledger, opened, gains the table a batch's results are charged once by."""
+    backend.open().close()
+    backend.execute("DROP TABLE once_charges")
+    backend.execute("UPDATE meta SET value = '4' WHERE key = 'schema_version'")
+    ledger = backend.open()
+    try:
+        assert backend.scalar("SELECT value FROM meta WHERE key = 'schema_version'") == "5"
+        r = row()
+        hold = ledger.reserve(r, [claim(usd=10_000)], Amount(), NOW + 900).hold_id
+        ledger.commit(*_batch_results_commit(r.request_id, hold)[1])
+        assert backend.rows("SELECT key, request_id FROM once_charges") == [("k", r.request_id)]
+    finally:
+        ledger.close()
 
 
 def test_a_run_fan_out_refused_that_goes_on_calling_is_not_read_on_each_reserve(

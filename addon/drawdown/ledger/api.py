@@ -18,7 +18,7 @@ from typing import Any, Protocol
 from ..money import format_usd
 
 UNITS = ("usd", "tokens", "requests")
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 
 # One statement on both backends: keep the run while the agent is busy, mint after silence.
@@ -354,6 +354,10 @@ class Completion:
     upstream_ms: float | None = None
     note: str | None = None  # e.g. the upstream error
     facts: tuple[Fact, ...] = ()  # recorded on commit, for later `requires` checks
+    # A key the commit charges under at most once in the ledger (a batch's results, which an
+    # agent may download again): a later commit under the same key is recorded at $0 and no
+    # tokens, its note naming the request that was charged. None: charged as it is.
+    once: str | None = None
 
 
 @dataclass(frozen=True)

@@ -168,7 +168,16 @@ CREATE INDEX IF NOT EXISTS idx_decisions_runs ON decisions (workflow, scope)
     WHERE workflow IS NOT NULL AND decision <> 'deny';
 """
 
-MIGRATIONS: list[str] = [_V1, _V2, _V3, _V4]
+# As SQLite's v5 (schema.py): charges made at most once (a batch's results).
+_V5 = """
+CREATE TABLE IF NOT EXISTS once_charges (
+    key TEXT PRIMARY KEY,
+    request_id TEXT NOT NULL,
+    ts DOUBLE PRECISION
+);
+"""
+
+MIGRATIONS: list[str] = [_V1, _V2, _V3, _V4, _V5]
 assert len(MIGRATIONS) == SCHEMA_VERSION
 
 _LOCK = "SELECT pg_advisory_xact_lock(hashtextextended('drawdown.ledger.migrate:' || current_schema(), 0))"

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .api import (
@@ -414,6 +414,17 @@ def settled_hold_ids(calls: Sequence[tuple[str, tuple[Any, ...]]]) -> list[int]:
     )
 
 
+def once_keys(calls: Sequence[tuple[str, tuple[Any, ...]]]) -> list[str]:
+    """The keys the batch's commits charge under at most once (Completion.once), sorted (the
+    order PostgreSQL locks them in). Most batches have none."""
+    keys = {
+        args[2].once
+        for name, args in calls
+        if name == "commit" and isinstance(args[2], Completion) and args[2].once is not None
+    }
+    return sorted(keys) if keys else []
+
+
 def in_order(
     calls: Sequence[tuple[str, tuple[Any, ...]]],
     together: Callable[[list[tuple[str, tuple[Any, ...]]]], list[Any]],
@@ -475,6 +486,10 @@ class Plan:
     expiries: list[tuple[Any, ...]] = field(default_factory=list)
     events: list[tuple[Any, ...]] = field(default_factory=list)
     facts: list[tuple[Any, ...]] = field(default_factory=list)
+    # Completion.once keys already charged (by request id): read by the backend, and added to
+    # as this plan charges under new ones (written out from once_charges).
+    charged_once: dict[str, str] = field(default_factory=dict)
+    once_charges: list[tuple[Any, ...]] = field(default_factory=list)
 
     # --- what the backend reads in -------------------------------------------------------------
 
@@ -744,6 +759,10 @@ class Plan:
         hold = self.holds.get(hold_id)  # self.hold(), inline: this runs for every commit
         if hold is None:
             raise LedgerError(f"no hold {hold_id}")
+        if completion.once is not None and (
+            hold.state == "active" or (hold.state == "expired" and hold.actual[0] is None)
+        ):
+            completion = self.charge_once(request_id, completion, now)
         spent = completion.actual
         actual = (spent.usd, spent.tokens, spent.requests)  # amount(), inline
         if hold.state == "active":
@@ -776,6 +795,24 @@ class Plan:
             self.complete(request_id, completion, now)
             return Settled(True, "expired", overage)
         return Settled(False, hold.state)
+
+    def charge_once(self, request_id: str, completion: Completion, now: float) -> Completion:
+        """The completion as charged under its once key: in full the first time, else its
+        request alone (no money, no tokens), noting which request was charged."""
+        key = completion.once
+        assert key is not None
+        first = self.charged_once.get(key)
+        if first is None:
+            self.charged_once[key] = request_id
+            self.once_charges.append((key, request_id, now))
+            return completion
+        return replace(
+            completion,
+            actual=Amount(requests=completion.actual.requests),
+            tokens_in=0,
+            tokens_out=0,
+            note=f"already charged by request {first}",
+        )
 
     def release(
         self, request_id: str, hold_id: int, completion: Completion, reason: str, now: float

@@ -6,6 +6,8 @@ transaction gets exclusive use of the rows it decides on differs.
 Isolation and locking. Every transaction runs at READ COMMITTED and takes row locks
 (`SELECT … FOR UPDATE`) on every row whose value it decides on, before it decides:
 
+0. the keys its commits charge under at most once (Completion.once: a batch's results),
+   transaction advisory locks in hash order, then the charges already made under them;
 1. the holds it settles (commit/release), `ORDER BY id`;
 2. the anomaly-guard keys of its reserves (transaction advisory locks, see pg_guards.py);
 3. the budget instances it needs, after creating missing ones with
@@ -100,6 +102,7 @@ from .plan import (
     decision_rows,
     guarded_reserves,
     in_order,
+    once_keys,
     restore,
     settled_hold_ids,
     snapshot,
@@ -252,6 +255,19 @@ _INSERT_EVENTS = _Bulk(
     "INSERT INTO events (ts, kind, request_id, hold_id, instance_id, detail) SELECT * FROM {rows}",
     _columns("ts:float8 kind:text request_id:text hold_id:bigint instance_id:bigint detail:text"),
 )
+_INSERT_ONCE_CHARGES = _Bulk(
+    "INSERT INTO once_charges (key, request_id, ts) SELECT * FROM {rows}",
+    _columns("key:text request_id:text ts:float8"),
+)
+# A commit charging under a once key first waits for whoever charges under it now (its row may
+# not exist yet, so there is no row to lock), then reads whether it was charged already.
+_LOCK_ONCE = """
+SELECT pg_advisory_xact_lock(s.h) FROM (
+    SELECT DISTINCT hashtextextended('drawdown.once:' || current_schema() || ':' || k, 0) AS h
+    FROM unnest(%s::text[]) AS k ORDER BY h
+) AS s
+"""
+_CHARGED_ONCE = "SELECT key, request_id FROM once_charges WHERE key = ANY(%s)"
 _INSERT_FACTS = _Bulk(
     "INSERT INTO facts (scope, action, field, value, request_id, ts) SELECT * FROM {rows}",
     _columns("scope:text action:text field:text value:text request_id:text ts:float8"),
@@ -478,8 +494,13 @@ class PostgresLedger:
         rows = decision_rows(calls)
         guarded = guarded_reserves(calls)
         with conn.pipeline() as pipeline:
-            # Locks in the global order: holds, guard keys, instance keys, instances.
-            cur_holds = cur_instances = cur_ids = cur_replay = None
+            # Locks in the global order: once keys, holds, guard keys, instance keys, instances.
+            cur_holds = cur_instances = cur_ids = cur_replay = cur_once = None
+            once = once_keys(calls)
+            if once:
+                conn.cursor().execute(_LOCK_ONCE, (once,))
+                cur_once = conn.cursor()
+                cur_once.execute(_CHARGED_ONCE, (once,))
             if hold_ids:
                 cur_holds = conn.cursor()
                 cur_holds.execute(_LOCK_HOLDS, (hold_ids,))
@@ -533,6 +554,8 @@ class PostgresLedger:
             queries = [q for name, args in calls if name == "history" for q in args[0]]
             history_cursors = [self._history_query(conn, q) for q in queries]
             pipeline.sync()
+            if cur_once is not None:
+                tx.charged_once = dict(cur_once.fetchall())
             if cur_holds is not None:
                 tx.add_holds(cur_holds.fetchall())
             if cur_instances is not None:
@@ -595,6 +618,7 @@ class PostgresLedger:
         write(_EXPIRE_DECISIONS, tx.expiries)
         write(_INSERT_EVENTS, tx.events)
         write(_INSERT_FACTS, tx.facts)
+        write(_INSERT_ONCE_CHARGES, tx.once_charges)
         return guards
 
     @staticmethod

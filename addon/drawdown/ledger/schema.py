@@ -192,7 +192,18 @@ def _v4(db: sqlite_utils.Database) -> None:
     )
 
 
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1, _v2, _v3, _v4]
+def _v5(db: sqlite_utils.Database) -> None:
+    # Charges made at most once (Completion.once): a batch's results, downloaded again, are
+    # charged the first time only. The key names the upstream and the batch or file.
+    db["once_charges"].create(
+        {"key": str, "request_id": str, "ts": float},
+        pk="key",
+        not_null={"request_id"},
+        if_not_exists=True,
+    )
+
+
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1, _v2, _v3, _v4, _v5]
 assert len(MIGRATIONS) == SCHEMA_VERSION
 
 

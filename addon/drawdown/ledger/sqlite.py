@@ -65,6 +65,7 @@ from .plan import (
     decision_rows,
     guarded_reserves,
     in_order,
+    once_keys,
     restore,
     settled_hold_ids,
     snapshot,
@@ -113,6 +114,7 @@ _INSERT_EVENT = (
 _INSERT_FACT = (
     "INSERT INTO facts (scope, action, field, value, request_id, ts) VALUES (?, ?, ?, ?, ?, ?)"
 )
+_INSERT_ONCE_CHARGE = "INSERT INTO once_charges (key, request_id, ts) VALUES (?, ?, ?)"
 
 STEP = agents_own()  # the decision rows the step and loop guards count
 # ...less the failed attempts they forgive (read from the partial index idx_decisions_failed)
@@ -409,6 +411,13 @@ class SQLiteLedger:
                 ).fetchone()
             plan.add_instances((found,))
         self._read_held_instances(plan, rows)
+        once = once_keys(calls)
+        if once:  # under the write lock: no one else charges under these keys before we commit
+            plan.charged_once = dict(
+                conn.execute(
+                    f"SELECT key, request_id FROM once_charges WHERE key IN ({_marks(once)})", once
+                )
+            )
         new_holds = plan.reserves(calls)
         top = rows.top_hold_id if rows is not None else None
         if new_holds:
@@ -505,6 +514,7 @@ class SQLiteLedger:
         write(_EXPIRE_DECISION, plan.expiries)
         write(_INSERT_EVENT, plan.events)
         write(_INSERT_FACT, plan.facts)
+        write(_INSERT_ONCE_CHARGE, plan.once_charges)
 
     # --- public operations (each its own transaction) --------------------------------------
 
