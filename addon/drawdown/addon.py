@@ -1571,6 +1571,9 @@ class Drawdown:
                 view = state.view
                 self.served.learn(state.llm, measurement, view.scheme, view.host, view.port)
             completion = _measured(measurement, status)
+            if state.llm.once_key is not None and measurement.answered:
+                # A batch's results: charged the first time they are read, never again.
+                completion = replace(completion, once=state.llm.once_key)
         elif action is not None:
             completion = Completion(
                 actual=Amount(

@@ -158,11 +158,20 @@ def explain(
         # Billed outside tokens and known before the call: a transcription's seconds of audio,
         # tts-1's characters, a search model's web search.
         extras = "".join(f" + {n} {key}" for key, n in sorted(llm.expected_extras.items()))
-        out.add(
-            "estimate",
-            f"{llm.provider} {llm.endpoint} model {llm.model}: {llm.input_tokens} input tokens + up to "
-            f"{llm.max_output_tokens} output{extras} = ≈${format_usd(llm.estimate_usd_nanos)}{priced}",
-        )
+        if llm.once_key is not None:
+            out.add(
+                "estimate",
+                f"{llm.provider} {llm.endpoint}: a batch's results, held at $0 (the batch was "
+                "billed upstream); charged the usage its answers report at genai-prices' batch "
+                "price, the first time they are read",
+            )
+        else:
+            out.add(
+                "estimate",
+                f"{llm.provider} {llm.endpoint} model {llm.model}: {llm.input_tokens} input tokens "
+                f"+ up to {llm.max_output_tokens} output{extras} = "
+                f"≈${format_usd(llm.estimate_usd_nanos)}{priced}",
+            )
         if not llm.billable:
             free = not llm.step
             out.add(

@@ -450,6 +450,10 @@ def _llm_estimate(policy: Policy, action: Any, view: RequestView, row: dict[str,
     the meter's estimate from the recorded body (`record: {bodies: full}`), else its actual."""
     if row.get("est_usd"):
         return Amount(usd=row["est_usd"], tokens=row.get("est_tokens") or 0, requests=1)
+    if meter.batch_results_download(action.provider, view.method, view.path):
+        # A batch's results: live, the download held room for one request and no money (the
+        # batch was billed upstream), then was charged its answers' usage.
+        return Amount(requests=1)
     if meter.charging(action.provider, view.method, view.path) == "step" and (
         openai_realtime.is_realtime(view.path)
     ):

@@ -144,6 +144,25 @@ def test_explain_counts_an_image_and_authorizes_a_free_call(
     assert counted["decision"] == "deny" and counted["reason"].startswith("not_authorized")
 
 
+def test_explain_says_a_batchs_results_are_held_at_zero_and_charged_once(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    policy = tmp_path / "p.yaml"
+    policy.write_text(
+        "actions:\n"
+        "  - {kind: llm, provider: anthropic, match: {host: api.anthropic.com}}\n"
+        'budgets:\n  - {scope: "agent:*", usd: 5}\n'
+    )
+    url = "https://api.anthropic.com/v1/messages/batches/msgbatch_1/results"
+    args = ["explain", "--policy", str(policy), "--method", "GET", "--url", url, "--as-json"]
+    assert main(args) == 0
+    explained = json.loads(capsys.readouterr().out)
+    assert explained["decision"] == "allow"
+    assert explained["estimate"] == {"usd_nanos": 0, "tokens": 0, "requests": 1}
+    (said,) = [text for stage, text in explained["steps"] if stage == "estimate"]
+    assert "a batch's results, held at $0" in said and "the first time they are read" in said
+
+
 def test_explain_prices_an_uploaded_transcription_as_the_proxy_does(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -6,6 +6,8 @@ Pure Python (no mitmproxy, no network). The proxy uses only this facade:
 * measure_body(...) -> Measurement          a complete response body
 * open_stream_meter(...) -> StreamMeter     a streamed response: feed() / finish() / partial()
 * charging(provider, method, path, model)   "tokens", "step" or "free" (replay asks it)
+* batch_results_download(provider, method, path)  a batch's results: estimated at $0,
+                                           charged their answers' usage once (Completion.once)
 * price_usage(...), count_tokens(...), encoding_for(...)
 * origin(scheme, host, port)               the upstream, for inspect_request's `origin=`: a
                                            host genai-prices knows is priced at its prices
@@ -37,6 +39,7 @@ and, when the flow dies before the end (error hook), commit `meter.partial()`.
 from .api import (
     ServedModels,
     StreamMeter,
+    batch_results_download,
     charging,
     inspect_request,
     measure_body,
@@ -76,6 +79,7 @@ __all__ = [
     "ServedModels",
     "StreamMeter",
     "TokenUsage",
+    "batch_results_download",
     "charging",
     "count_tokens",
     "encoding_for",

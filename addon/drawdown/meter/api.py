@@ -12,6 +12,7 @@ from typing import Any, Protocol
 from ..money import MAX_AMOUNT, MAX_USD, format_usd
 from . import (
     anthropic,
+    batch_results,
     bedrock,
     gemini,
     openai,
@@ -62,6 +63,9 @@ def _is_step(method: str, path: str, endpoint: str) -> bool:
 
 def _route(provider: str, method: str, path: str) -> tuple[str, str | None, bool, bool]:
     """(endpoint, model or deployment from the path, stream implied by it, metered per token)."""
+    results = batch_results.route(provider, method, path)
+    if results is not None:  # a batch's results: the tokens it billed are in the download
+        return results[0], None, False, True
     if provider == "openai":
         endpoint, model = openai.route(method, path)
         # The Images API, speech and transcription are metered only for a model priced (or
@@ -79,6 +83,12 @@ def _route(provider: str, method: str, path: str) -> tuple[str, str | None, bool
         endpoint, model, stream = bedrock.route(method, path)
         return endpoint, model, stream, bedrock.metered(endpoint, model)
     return "other", None, False, False
+
+
+def batch_results_download(provider: str, method: str, path: str) -> bool:
+    """A download of a batch job's results (batch_results): estimated at $0, charged the
+    usage its answers report, once."""
+    return batch_results.route(provider.lower(), method, path) is not None
 
 
 def _realtime_handshake(provider: str, method: str, path: str) -> bool:
@@ -217,6 +227,8 @@ def parse(
             _passthrough(provider, openai_realtime.REALTIME, None, method, path), step=True
         )
     endpoint, path_model, path_stream, metered = _route(provider, method, path)
+    if endpoint in batch_results.ENDPOINTS:  # no body: the upstream and the id are the key
+        return batch_results.request(provider, endpoint, None, None)
     if provider == "openai" and openai_images.is_images(endpoint):
         return _images(endpoint, path_model, method, path, body, boundary)
     if provider == "openai" and openai_audio.is_speech(endpoint):
@@ -258,6 +270,8 @@ def unread_request(
     if not billable:
         return request
     matched = url_provider(origin, path) if origin else None
+    if endpoint in batch_results.ENDPOINTS:
+        return _batch_results_request(provider, method, path, origin, matched)
     return replace(request, billable=True, stream=stream, step=False, price_provider=matched)
 
 
@@ -300,6 +314,9 @@ def inspect_request(
     path = path.split("?", 1)[0]
     parsed = parse(provider, method, path, body, boundary_of(content_type))
     if isinstance(parsed, LLMRequest):
+        if parsed.endpoint in batch_results.ENDPOINTS:
+            matched = url_provider(origin, path) if origin else None
+            return _batch_results_request(provider, method, path, origin, matched)
         return parsed
     if not inject_include_usage or provider == "bedrock":
         # Bedrock: the body is SigV4-signed, so it is never rewritten (nor a stream's bytes).
@@ -373,6 +390,17 @@ def inspect_request(
         input_audio_tokens=usage.input_audio_tokens,
         served_as=served_as,
     )
+
+
+def _batch_results_request(
+    provider: str, method: str, path: str, origin: str | None, matched: str | None
+) -> LLMRequest:
+    """A download of a batch's results, its charge keyed by the upstream and the id."""
+    found = batch_results.route(provider, method, path)
+    assert found is not None
+    endpoint, resource = found
+    key = batch_results.once_key(origin, endpoint, resource) if origin else None
+    return batch_results.request(provider, endpoint, key, matched)
 
 
 class ServedModels:
@@ -582,6 +610,8 @@ def measure_body(
     """
     if not request.billable:
         return _zero(request)
+    if request.endpoint in batch_results.ENDPOINTS:  # JSON lines, one answer each
+        return batch_results.measure(request, status, body, config, price_override)
     obj = loads(body) if body else None
     if obj is None and body and (_looks_like_sse(body) or _is_bedrock_stream(request)):
         # A streamed response the proxy buffered after all.
@@ -726,6 +756,12 @@ class StreamMeter:
 
     def _measure(self, cut_short: bool) -> Measurement:
         try:
+            if self.request.endpoint in batch_results.ENDPOINTS:  # a batch's results, whole
+                if self._body is None or self._broken or cut_short:
+                    return _estimate(self.request)  # $0: cut lines are not charged
+                return batch_results.measure(
+                    self.request, self._status, bytes(self._body), self._config, self._override
+                )
             return _measurement(
                 self.request,
                 self._extracted(),

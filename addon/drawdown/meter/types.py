@@ -87,6 +87,9 @@ class LLMRequest:
     # The model this request's name was estimated as, having turned out to serve it (an Azure
     # deployment's answers name their model; see ServedModels); None: estimated as named.
     served_as: str | None = None
+    # A batch's results download (batch_results): the key its charge is made under, at most
+    # once in the ledger however often the results are read; None for every other call.
+    once_key: str | None = None
 
 
 @dataclass(frozen=True)
@@ -104,3 +107,5 @@ class Measurement:
     # Usage billed on *other* models inside the same call (Anthropic advisor iterations),
     # already included in usd_nanos; keyed by model name.
     other_models: Mapping[str, TokenUsage] = field(default_factory=lambda: MappingProxyType({}))
+    # A batch's results (batch_results): how many of its answers reported usage.
+    answered: int = 0

@@ -1,0 +1,176 @@
+"""A batch job's results, metered as the agent downloads them: the tokens the batch billed.
+
+A batch is billed as it runs, upstream, with no call for a proxy to hold an estimate on; what
+passes through the proxy is the download of its results, which carry each request's usage:
+
+* OpenAI's Batch API (and Azure's): the output file, `GET …/files/{file_id}/content`, one
+  line per request: `{"custom_id", "response": {"status_code", "body": {…, "usage"}}}`;
+* Anthropic's Message Batches API: `GET …/v1/messages/batches/{id}/results`, one line per
+  request: `{"custom_id", "result": {"type": "succeeded", "message": {…, "usage"}}}`.
+
+Each line is priced on its own at genai-prices' batch price (`processing: batch`, half the
+standard rates) — a per-request price tier (a long prompt's) applies per line, never to the
+sum. A results file may be read again: the charge carries a key (`once_key`) the ledger
+charges at most once. A file that is not a batch's output (an upload read back) reports no
+usage and costs nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator, Mapping
+from decimal import Decimal
+from types import MappingProxyType
+from typing import Any
+
+from . import anthropic, openai
+from ._util import Extracted
+from .config import MeterConfig, PricePerMillion
+from .prices import price_first_known, to_nanos
+from .types import LLMRequest, Measurement, TokenUsage
+
+OPENAI_FILE_CONTENT = "files.content"
+ANTHROPIC_BATCH_RESULTS = "messages.batches.results"
+ENDPOINTS = frozenset({OPENAI_FILE_CONTENT, ANTHROPIC_BATCH_RESULTS})
+
+BATCH = MappingProxyType({"processing": "batch"})
+
+_OPENAI_FILE = re.compile(r"/files/([^/]+)/content$")
+_ANTHROPIC_RESULTS = re.compile(r"/v1/messages/batches/([^/]+)/results$")
+
+# The answer's "object" -> the endpoint whose meter reads it (the Batch API's endpoints).
+_OPENAI_OBJECTS = {
+    "chat.completion": "chat.completions",
+    "text_completion": "completions",
+    "response": "responses",
+    "list": "embeddings",
+}
+
+
+def route(provider: str, method: str, path: str) -> tuple[str, str] | None:
+    """(endpoint, the file or batch id) for a download of a batch's results, else None."""
+    if method.upper() != "GET":
+        return None
+    p = path.split("?", 1)[0].rstrip("/")
+    if provider == "openai":
+        m = _OPENAI_FILE.search(p)
+        return (OPENAI_FILE_CONTENT, m.group(1)) if m else None
+    if provider == "anthropic":
+        m = _ANTHROPIC_RESULTS.search(p)
+        return (ANTHROPIC_BATCH_RESULTS, m.group(1)) if m else None
+    return None
+
+
+def once_key(origin: str, endpoint: str, resource: str) -> str:
+    """The key a batch's results are charged under once: the upstream, the kind, the id."""
+    return f"{origin} {endpoint} {resource}"
+
+
+def request(provider: str, endpoint: str, key: str | None, matched: str | None) -> LLMRequest:
+    """A results download: nothing to estimate (the batch is billed already), its answer
+    metered. `key`: once_key(), None where the upstream is not known (replay)."""
+    return LLMRequest(
+        provider=provider,
+        endpoint=endpoint,
+        model=None,
+        stream=False,
+        billable=True,
+        input_tokens=0,
+        max_output_tokens=0,
+        estimate_usd_nanos=0,
+        priced=True,
+        rewritten_body=None,
+        strip_usage_chunk=False,
+        price_provider=matched,
+        once_key=key,
+    )
+
+
+def _lines(body: bytes) -> Iterator[Any]:
+    for line in body.splitlines():
+        if line.strip():
+            try:
+                yield json.loads(line)
+            except (ValueError, RecursionError):
+                continue  # a line we cannot read bills nothing we can see
+
+
+def _answer(provider: str, line: Any) -> Extracted | None:
+    """What one line's successful answer reports, else None (errored, canceled, expired)."""
+    if not isinstance(line, dict):
+        return None
+    if provider == "openai":
+        response = line.get("response")
+        if not isinstance(response, dict) or response.get("status_code") != 200:
+            return None
+        body = response.get("body")
+        if not isinstance(body, dict):
+            return None
+        endpoint = _OPENAI_OBJECTS.get(str(body.get("object")), "chat.completions")
+        return openai.extract_json(endpoint, body)
+    result = line.get("result")
+    if not isinstance(result, dict) or result.get("type") != "succeeded":
+        return None
+    return anthropic.extract_json(result.get("message"))
+
+
+def measure(
+    request: LLMRequest,
+    status: int,
+    body: bytes,
+    config: MeterConfig,
+    price_override: PricePerMillion | None = None,
+) -> Measurement:
+    """The usage and batch-priced cost of every successful answer in a results file."""
+    usage, total, priced, answered = TokenUsage(), Decimal(0), True, 0
+    extras: dict[str, int] = {}
+    models: dict[str, int] = {}
+    if 200 <= status < 300 and status != 206:  # a range of the file: lines cut, not charged
+        for line in _lines(body):
+            ex = _answer(request.provider, line)
+            if ex is None or ex.usage is None:
+                continue
+            answered += 1
+            usd, line_priced = price_first_known(
+                request.provider,
+                (ex.model,),
+                ex.usage,
+                config,
+                price_override,
+                extras=ex.extras,
+                price_context={**ex.price_context, **BATCH},
+                matched=request.price_provider,
+            )
+            for other_model, other_usage in ex.other_models.items():
+                other_usd, other_priced = price_first_known(
+                    request.provider,
+                    (other_model,),
+                    other_usage,
+                    config,
+                    price_override,
+                    price_context=BATCH,
+                    matched=request.price_provider,
+                )
+                usd += other_usd
+                line_priced = line_priced and other_priced
+            total += usd
+            priced = priced and line_priced
+            usage += ex.usage  # as a call's own: its other models' tokens are priced only
+            for name, n in ex.extras.items():
+                extras[name] = extras.get(name, 0) + n
+            if ex.model:
+                models[ex.model] = models.get(ex.model, 0) + 1
+    return Measurement(
+        usage=usage,
+        usd_nanos=to_nanos(total),
+        source="usage",
+        priced=priced,
+        model=_most_answered(models),
+        extras=MappingProxyType(extras),
+        answered=answered,
+    )
+
+
+def _most_answered(models: Mapping[str, int]) -> str | None:
+    return max(models, key=models.__getitem__) if models else None

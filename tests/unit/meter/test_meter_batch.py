@@ -1,0 +1,289 @@
+"""A batch's results, downloaded, are metered: every successful answer in the JSONL at
+genai-prices' batch price, each line priced on its own. The answers are real recorded ones
+(tests/fixtures/recorded), the expected price genai-prices' own: its `extract_usage` of
+each answer, priced with `processing: batch`."""
+
+from __future__ import annotations
+
+import json
+import math
+from decimal import Decimal
+from typing import Any
+
+import genai_prices
+import pytest
+from drawdown.meter import MeterConfig, charging, inspect_request, measure_body, open_stream_meter
+from drawdown.meter.batch_results import (
+    ANTHROPIC_BATCH_RESULTS,
+    OPENAI_FILE_CONTENT,
+    once_key,
+    route,
+)
+
+from tests.support.recorded import load_recorded, recorded_names
+
+CONFIG = MeterConfig()
+BATCH = {"processing": "batch"}
+OPENAI = "https://api.openai.com"
+ANTHROPIC = "https://api.anthropic.com"
+
+
+def _answers(provider: str, endpoint: str) -> list[dict[str, Any]]:
+    """The recorded JSON (not streamed) answers of one endpoint that report usage."""
+    found = []
+    for name in recorded_names(provider, streamed=False):
+        rec = load_recorded(name)
+        if rec.manifest["endpoint"] == endpoint and rec.status == 200 and rec.usage:
+            found.append(json.loads(rec.response_body))
+    assert found, f"no recorded {provider} {endpoint} answers"
+    return found
+
+
+def _nanos(usd: Decimal) -> int:
+    return math.ceil(usd * 1_000_000_000)
+
+
+def _oracle(answers: list[dict[str, Any]], provider: str, flavor: str) -> int:
+    """Each answer priced by genai-prices alone at its batch price, then summed. Its
+    extract_usage leaves out two things billed all the same, added here: the Responses API's
+    web searches (per call) and Anthropic's advisor iterations (on the advisor's model)."""
+    total = Decimal(0)
+    for body in answers:
+        extracted = genai_prices.extract_usage(body, provider_id=provider, api_flavor=flavor)
+        searches = sum(
+            1 for item in body.get("output") or [] if item.get("type") == "web_search_call"
+        )
+        if searches:
+            extracted.usage.web_searches = searches
+        total += extracted.calc_price(price_context=BATCH).total_price
+        for step in (body.get("usage") or {}).get("iterations") or []:
+            if step.get("type") == "advisor_message":
+                reads, writes = step["cache_read_input_tokens"], step["cache_creation_input_tokens"]
+                usage = genai_prices.Usage(
+                    input_tokens=step["input_tokens"] + reads + writes,
+                    cache_read_tokens=reads,
+                    cache_write_tokens=writes,
+                    output_tokens=step["output_tokens"],
+                )
+                total += genai_prices.calc_price(
+                    usage, step["model"], provider_id=provider, price_context=BATCH
+                ).total_price
+    return _nanos(total)
+
+
+def _openai_file(answers: list[dict[str, Any]]) -> bytes:
+    lines = [
+        {
+            "id": f"batch_req_{i}",
+            "custom_id": f"request-{i}",
+            "response": {"status_code": 200, "request_id": f"req_{i}", "body": body},
+            "error": None,
+        }
+        for i, body in enumerate(answers)
+    ]
+    # What a batch bills nothing for: a request the API refused, one the batch never ran.
+    lines.append(
+        {
+            "id": "batch_req_refused",
+            "custom_id": "refused",
+            "response": {
+                "status_code": 400,
+                "request_id": "req_x",
+                "body": {"error": {"message": "bad", "type": "invalid_request_error"}},
+            },
+            "error": None,
+        }
+    )
+    lines.append(
+        {
+            "id": "batch_req_expired",
+            "custom_id": "expired",
+            "response": None,
+            "error": {"code": "batch_expired", "message": "This request could not be executed"},
+        }
+    )
+    return "".join(json.dumps(line) + "\n" for line in lines).encode()
+
+
+def _anthropic_results(answers: list[dict[str, Any]]) -> bytes:
+    lines: list[dict[str, Any]] = [
+        {"custom_id": f"request-{i}", "result": {"type": "succeeded", "message": body}}
+        for i, body in enumerate(answers)
+    ]
+    lines += [
+        {
+            "custom_id": "errored",
+            "result": {
+                "type": "errored",
+                "error": {"type": "error", "error": {"type": "invalid_request_error"}},
+            },
+        },
+        {"custom_id": "canceled", "result": {"type": "canceled"}},
+        {"custom_id": "expired", "result": {"type": "expired"}},
+    ]
+    return "".join(json.dumps(line) + "\n" for line in lines).encode()
+
+
+def _download(provider: str, path: str, origin: str) -> Any:
+    return inspect_request(provider, "GET", path, {}, b"", CONFIG, origin=origin)
+
+
+def test_an_openai_output_file_is_charged_each_answer_at_the_batch_price() -> None:
+    chats = _answers("openai", "chat-completions")
+    responses = _answers("openai", "responses")
+    body = _openai_file(chats + responses)
+    request = _download("openai", "/v1/files/file-abc123/content", OPENAI)
+    assert (request.billable, request.estimate_usd_nanos, request.endpoint) == (
+        True,
+        0,
+        OPENAI_FILE_CONTENT,
+    )
+    got = measure_body(request, 200, body, CONFIG)
+    expected = _oracle(chats, "openai", "chat") + _oracle(responses, "openai", "responses")
+    # Summed per line and rounded up once: within a nano-dollar a line of genai-prices' own.
+    assert expected - len(chats + responses) <= got.usd_nanos <= expected
+    assert got.answered == len(chats + responses)
+    assert got.source == "usage" and got.priced
+    standard = measure_body(request, 200, body, CONFIG).usd_nanos
+    assert standard == got.usd_nanos  # deterministic
+    assert got.usd_nanos > 0
+
+
+def test_anthropic_batch_results_are_charged_each_answer_at_the_batch_price() -> None:
+    answers = _answers("anthropic", "messages")
+    request = _download("anthropic", "/v1/messages/batches/msgbatch_01abc/results", ANTHROPIC)
+    assert request.endpoint == ANTHROPIC_BATCH_RESULTS
+    got = measure_body(request, 200, _anthropic_results(answers), CONFIG)
+    expected = _oracle(answers, "anthropic", "default")
+    assert expected - len(answers) <= got.usd_nanos <= expected
+    assert got.answered == len(answers)
+    tokens_in = sum(
+        genai_prices.extract_usage(a, provider_id="anthropic").usage.input_tokens or 0
+        for a in answers
+    )
+    assert got.usage.input_tokens == tokens_in
+
+
+def test_the_batch_price_is_half_the_standard_one() -> None:
+    answer = {
+        "id": "chatcmpl-1",
+        "object": "chat.completion",
+        "model": "gpt-4o-mini-2024-07-18",
+        "choices": [],
+        "usage": {"prompt_tokens": 1_000_000, "completion_tokens": 1_000_000, "total_tokens": 0},
+    }
+    request = _download("openai", "/v1/files/file-1/content", OPENAI)
+    got = measure_body(request, 200, _openai_file([answer]), CONFIG)
+    # gpt-4o-mini: $0.15 in, $0.60 out a million tokens; half in a batch.
+    assert got.usd_nanos == 375_000_000
+    assert got.model == "gpt-4o-mini-2024-07-18"
+
+
+def test_each_answer_is_priced_alone_so_a_long_prompt_tier_applies_per_request() -> None:
+    def answer(i: int) -> dict[str, Any]:
+        return {
+            "id": f"msg_{i}",
+            "type": "message",
+            "role": "assistant",
+            "model": "claude-sonnet-4-5",
+            "content": [{"type": "text", "text": "ok"}],
+            "stop_reason": "end_turn",
+            "usage": {"input_tokens": 150_000, "output_tokens": 1_000},
+        }
+
+    request = _download("anthropic", "/v1/messages/batches/msgbatch_2/results", ANTHROPIC)
+    got = measure_body(request, 200, _anthropic_results([answer(1), answer(2)]), CONFIG)
+    one = genai_prices.calc_price(
+        genai_prices.Usage(input_tokens=150_000, output_tokens=1_000),
+        "claude-sonnet-4-5",
+        provider_id="anthropic",
+        price_context=BATCH,
+    ).total_price
+    both_as_one = genai_prices.calc_price(
+        genai_prices.Usage(input_tokens=300_000, output_tokens=2_000),
+        "claude-sonnet-4-5",
+        provider_id="anthropic",
+        price_context=BATCH,
+    ).total_price
+    assert got.usd_nanos == _nanos(2 * one)
+    assert both_as_one > 2 * one  # the tier a sum would wrongly reach
+
+
+def test_results_re_chunked_through_a_stream_meter_cost_the_same() -> None:
+    answers = _answers("anthropic", "messages")
+    body = _anthropic_results(answers)
+    request = _download("anthropic", "/v1/messages/batches/msgbatch_3/results", ANTHROPIC)
+    whole = measure_body(request, 200, body, CONFIG)
+    for size in (1, 7, 100, 4096):
+        stream = open_stream_meter(request, "application/binary", None, CONFIG)
+        for at in range(0, len(body), size):
+            assert stream.feed(body[at : at + size]) == body[at : at + size]
+        _, got = stream.finish()
+        assert (got.usd_nanos, got.usage, got.answered) == (
+            whole.usd_nanos,
+            whole.usage,
+            whole.answered,
+        )
+    cut = open_stream_meter(request, "application/binary", None, CONFIG)
+    cut.feed(body[: len(body) // 2])
+    assert cut.partial().usd_nanos == 0  # cut short: no line is charged, the key stays free
+
+
+def test_a_file_that_is_no_batch_output_costs_nothing() -> None:
+    uploaded = b"".join(
+        json.dumps(
+            {
+                "custom_id": f"r{i}",
+                "method": "POST",
+                "url": "/v1/chat/completions",
+                "body": {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]},
+            }
+        ).encode()
+        + b"\n"
+        for i in range(3)
+    )
+    request = _download("openai", "/v1/files/file-input/content", OPENAI)
+    for status, body in ((200, uploaded), (200, b"\x89PNG\r\n binary"), (404, b"{}")):
+        got = measure_body(request, status, body, CONFIG)
+        assert (got.usd_nanos, got.answered) == (0, 0)
+
+
+def test_a_range_of_the_file_is_not_charged() -> None:
+    request = _download("openai", "/v1/files/file-1/content", OPENAI)
+    body = _openai_file(_answers("openai", "chat-completions"))
+    assert measure_body(request, 206, body, CONFIG).usd_nanos == 0
+    assert measure_body(request, 200, body, CONFIG).usd_nanos > 0
+
+
+@pytest.mark.parametrize(
+    ("provider", "method", "path", "found"),
+    [
+        ("openai", "GET", "/v1/files/file-abc/content", (OPENAI_FILE_CONTENT, "file-abc")),
+        ("openai", "GET", "/openai/files/file-az/content", (OPENAI_FILE_CONTENT, "file-az")),
+        ("openai", "GET", "/v1/files/file-abc", None),  # the file's metadata
+        ("openai", "POST", "/v1/files/file-abc/content", None),
+        (
+            "anthropic",
+            "GET",
+            "/v1/messages/batches/msgbatch_1/results",
+            (ANTHROPIC_BATCH_RESULTS, "msgbatch_1"),
+        ),
+        ("anthropic", "GET", "/v1/messages/batches/msgbatch_1", None),  # its status
+        ("anthropic", "GET", "/v1/files/file-abc/content", None),
+        ("gemini", "GET", "/v1/files/file-abc/content", None),
+    ],
+)
+def test_which_downloads_are_a_batchs_results(
+    provider: str, method: str, path: str, found: tuple[str, str] | None
+) -> None:
+    assert route(provider, method, path) == found
+    assert (charging(provider, method, path) == "tokens") == (found is not None)
+
+
+def test_the_charge_is_keyed_by_the_upstream_and_the_id() -> None:
+    a = _download("openai", "/v1/files/file-a/content", OPENAI)
+    again = _download("openai", "/v1/files/file-a/content/", OPENAI)
+    other = _download("openai", "/v1/files/file-b/content", OPENAI)
+    azure = _download("openai", "/openai/files/file-a/content", "https://x.openai.azure.com")
+    assert a.once_key == again.once_key == once_key(OPENAI, OPENAI_FILE_CONTENT, "file-a")
+    assert len({a.once_key, other.once_key, azure.once_key}) == 3
