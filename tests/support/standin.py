@@ -47,6 +47,7 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from . import wire
+from .batches import BatchStore
 from .recorded import Recorded, load_recorded
 from .tls import TlsMaterial
 
@@ -289,6 +290,8 @@ class StandIn:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._servers: list[_Server] = []
         self._sockets: list[socket.socket] = []
+        #: Files and batches of the OpenAI Batch API and Anthropic's Message Batches.
+        self.batches = BatchStore(self._next_id, lambda: self.reply_text)
         self._app = self._build_app()
 
     # ------------------------------------------------------------------ lifecycle
@@ -495,6 +498,8 @@ class StandIn:
         self.reply_text = wire.DEFAULT_REPLY_TEXT
         self.stream_delay = 0.0
         self.json_encoding = None
+        self.deployments.clear()
+        self.batches = BatchStore(self._next_id, lambda: self.reply_text)
 
     def script(
         self,
@@ -780,6 +785,19 @@ class StandIn:
                 Route("/v1/audio/{action}", self._openai_transcription, methods=post),
                 Route("/openai/v1/audio/{action}", self._openai_transcription, methods=post),
                 Route("/v1/models", self._models, methods=["GET"]),
+                Route("/v1/files", self._openai_upload, methods=post),
+                Route("/v1/files/{file_id}/content", self._openai_file_content, methods=["GET"]),
+                Route("/v1/batches", self._openai_batch_create, methods=post),
+                Route("/v1/batches/{batch_id}", self._openai_batch_get, methods=["GET"]),
+                Route("/v1/messages/batches", self._anthropic_batch_create, methods=post),
+                Route(
+                    "/v1/messages/batches/{batch_id}", self._anthropic_batch_get, methods=["GET"]
+                ),
+                Route(
+                    "/v1/messages/batches/{batch_id}/results",
+                    self._anthropic_batch_results,
+                    methods=["GET"],
+                ),
                 Route("/v1/messages", self._anthropic_messages, methods=post),
                 Route("/v1/messages/count_tokens", self._anthropic_count_tokens, methods=post),
                 Route(
@@ -1355,6 +1373,68 @@ class StandIn:
         )
 
     # Generic tool APIs
+
+    # --- batches (tests/support/batches.py) ---------------------------------------------
+
+    def _object_reply(self, entry: LoggedRequest, found: Any, error: bytes) -> Response:
+        entry.reply_kind = "batch"
+        if found is None:
+            return self._json_reply(entry, error, None, status=404)
+        return self._json_reply(entry, json.dumps(found).encode(), None)
+
+    async def _openai_upload(self, request: Request) -> Response:
+        entry: LoggedRequest = request.scope[_ENTRY]
+        fields, content = _transcription_request(entry)  # a multipart form with a `file`
+        if fields is None or content is None or fields.get("purpose") != "batch":
+            error = wire.openai_error("expected a multipart form with a file and purpose=batch")
+            return self._json_reply(entry, error, None, status=400)
+        uploaded = self.batches.upload(fields.get("filename", "input.jsonl"), "batch", content)
+        return self._object_reply(entry, uploaded, b"")
+
+    async def _openai_batch_create(self, request: Request) -> Response:
+        entry: LoggedRequest = request.scope[_ENTRY]
+        body = self._body(entry) or {}
+        error = wire.openai_error("No such File object", code="not_found")
+        return self._object_reply(entry, self.batches.run_openai(body), error)
+
+    async def _openai_batch_get(self, request: Request) -> Response:
+        entry: LoggedRequest = request.scope[_ENTRY]
+        found = self.batches.openai_batch(request.path_params["batch_id"])
+        return self._object_reply(
+            entry, found, wire.openai_error("No such Batch", code="not_found")
+        )
+
+    async def _openai_file_content(self, request: Request) -> Response:
+        entry: LoggedRequest = request.scope[_ENTRY]
+        entry.reply_kind = "batch"
+        content = self.batches.content(request.path_params["file_id"])
+        if content is None:
+            error = wire.openai_error("No such File object", code="not_found")
+            return self._json_reply(entry, error, None, status=404)
+        return self._json_reply(entry, content, None, content_type="application/octet-stream")
+
+    def _origin(self, entry: LoggedRequest) -> str:
+        return f"{entry.scheme}://{entry.host}"
+
+    async def _anthropic_batch_create(self, request: Request) -> Response:
+        entry: LoggedRequest = request.scope[_ENTRY]
+        found = self.batches.run_anthropic(self._body(entry) or {}, self._origin(entry))
+        return self._object_reply(entry, found, b"")
+
+    async def _anthropic_batch_get(self, request: Request) -> Response:
+        entry: LoggedRequest = request.scope[_ENTRY]
+        found = self.batches.anthropic_batch(request.path_params["batch_id"], self._origin(entry))
+        error = wire.anthropic_error("not_found_error", "batch not found")
+        return self._object_reply(entry, found, error)
+
+    async def _anthropic_batch_results(self, request: Request) -> Response:
+        entry: LoggedRequest = request.scope[_ENTRY]
+        entry.reply_kind = "batch"
+        content = self.batches.results(request.path_params["batch_id"])
+        if content is None:
+            error = wire.anthropic_error("not_found_error", "batch not found")
+            return self._json_reply(entry, error, None, status=404)
+        return self._json_reply(entry, content, None, content_type="application/binary")
 
     async def _generic(self, request: Request) -> Response:
         entry: LoggedRequest = request.scope[_ENTRY]

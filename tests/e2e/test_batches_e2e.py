@@ -1,0 +1,297 @@
+"""Batch jobs, end to end: the official openai and anthropic SDKs submit a batch through a real
+`drawdown run`, and download its results. A batch is billed upstream as it runs, at half the
+standard rates; what passes through the proxy is the download, whose answers report the usage.
+drawdown charges it there — once, however often the results are read — to the budgets of the
+run that reads them. Expected figures are genai-prices' batch price of the usage the stand-in
+reported for each request, computed here independently of drawdown's meter."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Callable
+from decimal import ROUND_CEILING, Decimal
+from pathlib import Path
+from typing import Any
+
+import anthropic
+import genai_prices
+import openai
+import pytest
+
+from tests.support.proxy import DrawdownProcess
+from tests.support.standin import StandIn
+
+pytestmark = pytest.mark.e2e
+
+Factory = Callable[..., DrawdownProcess]
+
+POLICY = """
+identity:
+  tenant: [{value: acme}]
+  agent: [{value: batcher}]
+  run: [{header: X-Drawdown-Run}, {value: unnamed}]
+actions:
+  - {kind: llm, provider: openai, match: {host: api.openai.com}}
+  - {kind: llm, provider: anthropic, match: {host: api.anthropic.com}}
+budgets:
+  - {scope: "run:*", usd: 1000}
+"""
+
+BATCH = {"processing": "batch"}
+QUESTIONS = ["What is a ledger?", "Name three budgets.", "Why reserve before you spend?"]
+
+
+def run_header(run: str) -> dict[str, str]:
+    return {"X-Drawdown-Run": run}
+
+
+def batch_price(provider: str, usages: list[tuple[str, dict[str, Any]]]) -> tuple[int, int, int]:
+    """(input tokens, output tokens, nano-dollars): each request at genai-prices' batch price."""
+    total, tokens_in, tokens_out = Decimal(0), 0, 0
+    for model, usage in usages:
+        if provider == "openai":
+            counts = {
+                "input_tokens": usage["prompt_tokens"],
+                "output_tokens": usage["completion_tokens"],
+            }
+        else:
+            counts = {
+                "input_tokens": usage["input_tokens"],
+                "output_tokens": usage["output_tokens"],
+            }
+        total += genai_prices.calc_price(
+            genai_prices.Usage(**counts), model, provider_id=provider, price_context=BATCH
+        ).total_price
+        tokens_in += counts["input_tokens"]
+        tokens_out += counts["output_tokens"]
+    nanos = int((total * 1_000_000_000).to_integral_value(rounding=ROUND_CEILING))
+    return tokens_in, tokens_out, nanos
+
+
+def downloads(proxy: DrawdownProcess, path_like: str) -> list[tuple[Any, ...]]:
+    return proxy.query(
+        "SELECT request_id, decision, status, actual_usd, tokens_in, tokens_out, usage_source, "
+        "note, model FROM decisions WHERE path LIKE ? ORDER BY ts, id",
+        path_like,
+    )
+
+
+def run_spent(proxy: DrawdownProcess, run: str) -> tuple[int, int]:
+    ((usd, requests),) = proxy.query(
+        "SELECT spent_usd, spent_requests FROM budget_instances WHERE scope LIKE ?", f"%run:{run}"
+    )
+    return usd, requests
+
+
+def test_an_openai_batchs_output_file_is_charged_once_at_the_batch_price(
+    drawdown_proxy: Factory, standin: StandIn
+) -> None:
+    proxy = drawdown_proxy(POLICY)
+    lines = [
+        {
+            "custom_id": f"q{i}",
+            "method": "POST",
+            "url": "/v1/chat/completions",
+            "body": {
+                "model": "gpt-4o-mini",
+                "messages": [{"role": "user", "content": question}],
+                "max_tokens": 64,
+            },
+        }
+        for i, question in enumerate(QUESTIONS)
+    ]
+    data = "".join(json.dumps(line) + "\n" for line in lines).encode()
+    headers = run_header("nightly")
+    with proxy.openai_client() as client:
+        uploaded = client.files.create(
+            file=("questions.jsonl", data), purpose="batch", extra_headers=headers
+        )
+        batch = client.batches.create(
+            input_file_id=uploaded.id,
+            endpoint="/v1/chat/completions",
+            completion_window="24h",
+            extra_headers=headers,
+        )
+        assert client.batches.retrieve(batch.id, extra_headers=headers).status == "completed"
+        assert batch.output_file_id is not None
+        first = client.files.content(batch.output_file_id, extra_headers=headers).content
+        again = client.files.content(batch.output_file_id, extra_headers=headers).content
+    sent = standin.batches.content(batch.output_file_id)
+    assert first == again == sent  # the SDK got the file as the upstream sent it
+    tokens_in, tokens_out, usd = batch_price("openai", standin.batches.batches[batch.id].usages)
+    assert usd > 0
+    charged, read_again = downloads(proxy, "%/content")
+    assert charged[1:7] == ("allow", 200, usd, tokens_in, tokens_out, "usage")
+    assert charged[7] is None and charged[8].startswith("gpt-4o-mini")
+    assert read_again[1:7] == ("allow", 200, 0, 0, 0, "usage")
+    assert read_again[7] == f"already charged by request {charged[0]}"
+    # The upload, the batch and two downloads: four requests (reading its status is free),
+    # one charge.
+    assert run_spent(proxy, "nightly") == (usd, 4)
+    # Half what the same answers cost live.
+    live = sum(
+        genai_prices.calc_price(
+            genai_prices.Usage(
+                input_tokens=u["prompt_tokens"], output_tokens=u["completion_tokens"]
+            ),
+            model,
+            provider_id="openai",
+        ).total_price
+        for model, u in standin.batches.batches[batch.id].usages
+    )
+    assert usd == pytest.approx(float(live) * 1e9 / 2, abs=2)
+
+
+def test_anthropic_batch_results_are_charged_once_at_the_batch_price(
+    drawdown_proxy: Factory, standin: StandIn
+) -> None:
+    proxy = drawdown_proxy(POLICY)
+    headers = run_header("digest")
+    requests = [
+        {
+            "custom_id": f"q{i}",
+            "params": {
+                "model": "claude-sonnet-4-5",
+                "max_tokens": 128,
+                "messages": [{"role": "user", "content": question}],
+            },
+        }
+        for i, question in enumerate(QUESTIONS)
+    ]
+    with proxy.anthropic_client() as client:
+        batch = client.messages.batches.create(requests=requests, extra_headers=headers)  # type: ignore[arg-type]
+        # The SDK reads the batch for its results_url, then downloads the JSONL from there.
+        results = list(client.messages.batches.results(batch.id, extra_headers=headers))
+        assert [r.result.type for r in results] == ["succeeded"] * len(QUESTIONS)
+        assert [r.custom_id for r in results] == ["q0", "q1", "q2"]
+        list(client.messages.batches.results(batch.id, extra_headers=headers))
+    tokens_in, tokens_out, usd = batch_price("anthropic", standin.batches.batches[batch.id].usages)
+    charged, read_again = downloads(proxy, "%/results")
+    assert charged[1:7] == ("allow", 200, usd, tokens_in, tokens_out, "usage")
+    assert read_again[3:6] == (0, 0, 0)
+    assert read_again[7] == f"already charged by request {charged[0]}"
+    # The batch and twice its results: three requests (reading its status, as each results()
+    # does first, is free), one charge.
+    assert run_spent(proxy, "digest") == (usd, 3)
+
+
+def test_a_batch_that_spends_past_a_budget_stops_the_run(
+    drawdown_proxy: Factory, standin: StandIn
+) -> None:
+    """The batch was billed upstream whatever drawdown does; charged when its results are read,
+    it leaves the run over its budget, and the run's next call is refused."""
+    policy = POLICY.replace("usd: 1000}", "usd: 0.0002}")
+    proxy = drawdown_proxy(policy)
+    headers = run_header("overnight")
+    requests = [
+        {
+            "custom_id": f"q{i}",
+            "params": {
+                "model": "claude-sonnet-4-5",
+                "max_tokens": 128,
+                "messages": [{"role": "user", "content": question}],
+            },
+        }
+        for i, question in enumerate(QUESTIONS)
+    ]
+    with proxy.anthropic_client(max_retries=0) as client:
+        batch = client.messages.batches.create(requests=requests, extra_headers=headers)  # type: ignore[arg-type]
+        list(client.messages.batches.results(batch.id, extra_headers=headers))
+        _, _, usd = batch_price("anthropic", standin.batches.batches[batch.id].usages)
+        assert usd > 200_000  # more than the run's $0.0002
+        with pytest.raises(anthropic.APIStatusError) as refused:
+            client.messages.create(
+                model="claude-sonnet-4-5",
+                max_tokens=16,
+                messages=[{"role": "user", "content": "One more?"}],
+                extra_headers=headers,
+            )
+    assert refused.value.status_code == 402
+    assert "exhausted" in str(refused.value)
+    assert standin.count("/v1/messages", "POST") == 0  # never reached the upstream
+    assert run_spent(proxy, "overnight")[0] == usd
+
+
+def test_a_results_download_the_upstream_refuses_charges_nothing_and_leaves_the_key(
+    drawdown_proxy: Factory, standin: StandIn
+) -> None:
+    proxy = drawdown_proxy(POLICY)
+    headers = run_header("early")
+    with proxy.openai_client(max_retries=0) as client:
+        with pytest.raises(openai.NotFoundError):
+            client.files.content("file-not-yet", extra_headers=headers)
+        uploaded = client.files.create(
+            file=(
+                "q.jsonl",
+                b'{"custom_id":"a","method":"POST","url":"/v1/chat/completions",'
+                b'"body":{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}}\n',
+            ),
+            purpose="batch",
+            extra_headers=headers,
+        )
+        # The input file read back: no answers in it, nothing charged, nothing keyed.
+        client.files.content(uploaded.id, extra_headers=headers)
+    rows = downloads(proxy, "%/content")
+    assert [(r[2], r[3]) for r in rows] == [(404, 0), (200, 0)]
+    assert proxy.query("SELECT COUNT(*) FROM once_charges") == [(0,)]
+
+
+def _batch_then_a_call(proxy: DrawdownProcess) -> int:
+    """A run submits a batch, reads its results, then makes one more call: that call's status."""
+    headers = run_header("weekly")
+    requests = [
+        {
+            "custom_id": f"q{i}",
+            "params": {
+                "model": "claude-sonnet-4-5",
+                "max_tokens": 128,
+                "messages": [{"role": "user", "content": question}],
+            },
+        }
+        for i, question in enumerate(QUESTIONS)
+    ]
+    with proxy.anthropic_client(max_retries=0) as client:
+        batch = client.messages.batches.create(requests=requests, extra_headers=headers)  # type: ignore[arg-type]
+        list(client.messages.batches.results(batch.id, extra_headers=headers))
+        try:
+            client.messages.create(
+                model="claude-sonnet-4-5",
+                max_tokens=16,
+                messages=[{"role": "user", "content": "One more?"}],
+                extra_headers=headers,
+            )
+        except anthropic.APIStatusError as refused:
+            return refused.status_code
+    return 200
+
+
+def test_replay_holds_a_results_download_at_zero_as_the_proxy_does(
+    drawdown_proxy: Factory, standin: StandIn, tmp_path: Path
+) -> None:
+    """Replayed under a budget the batch's cost overruns, the download is let through as it is
+    live (it holds no money) and charged, and the run's next call is the one refused."""
+    recording = tmp_path / "recorded.db"
+    recorder = drawdown_proxy(POLICY, db=recording)
+    assert _batch_then_a_call(recorder) == 200
+    recorder.wait_for_query(
+        "SELECT COUNT(*) FROM decisions WHERE completed_at IS NULL", until=lambda r: r[0][0] == 0
+    )
+    recorder.stop()
+    tight = tmp_path / "tight.yaml"
+    tight.write_text(POLICY.replace("usd: 1000}", "usd: 0.0002}"))
+    result = subprocess.run(
+        [sys.executable, "-m", "drawdown", "replay", "--policy", str(tight), "--db", str(recording), "--json"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    paths = dict(recorder.query("SELECT request_id, path FROM decisions"))
+    blocked = [
+        (paths[b["request_id"]], b["reason_code"]) for b in json.loads(result.stdout)["blocked"]
+    ]
+    assert blocked == [("/v1/messages", "budget_exhausted")]
+    # …as the proxy under that policy decides.
+    standin.clear()
+    live = drawdown_proxy(tight, db=tmp_path / "live.db")
+    assert _batch_then_a_call(live) == 402
