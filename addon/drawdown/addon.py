@@ -466,6 +466,7 @@ class Drawdown:
         self.inflight: dict[str, FlowState] = {}
         # The model each upstream's deployment names serve, learned from their answers.
         self.served = meter.ServedModels()
+        self.batch_inputs = meter.BatchInputs()
         # Commits and releases the ledger refused (a lock held past drawdown_ledger_timeout, a
         # full disk), by request id: tried again on every maintenance tick and at the stop.
         self.unsettled: dict[str, tuple[str, tuple[Any, ...]]] = {}
@@ -1247,6 +1248,7 @@ class Drawdown:
             # An upload is read by the boundary the host reads it by.
             content_type=view.headers.get("content-type"),
             served=self.served.of(upstream),
+            batch_inputs=self.batch_inputs.of(upstream),
         )
         if len(view.body) > INLINE_TOKENIZE_BYTES:  # big prompts are tokenized off the event loop
             return await asyncio.to_thread(inspect)
@@ -1575,6 +1577,8 @@ class Drawdown:
                 # A batch's results: charged the first time they are read, never again.
                 completion = replace(completion, once=state.llm.once_key)
         elif action is not None:
+            if state.llm is not None and state.llm.batch is not None and status < 300:
+                self._learn_batch_input(state, response)
             completion = Completion(
                 actual=Amount(
                     usd=self._tool_cost(action, response), requests=state.estimate.requests
@@ -1587,6 +1591,15 @@ class Drawdown:
         if state.facts and 200 <= status < 300 and not _jsonrpc_error(state, response):
             completion = replace(completion, facts=state.facts)
         await self._settle(flow, state, completion, status, None)
+
+    def _learn_batch_input(self, state: FlowState, response: http.Response) -> None:
+        """An OpenAI batch input file uploaded: its estimate, by the id its answer names, for
+        the batch that will name it."""
+        file_id = meter.uploaded_file_id(response.get_content(strict=False) or b"")
+        view = state.view
+        if file_id is not None and view is not None and state.llm is not None:
+            upstream = meter.origin(view.scheme, view.host, view.port)
+            self.batch_inputs.learn(upstream, file_id, state.llm.batch)
 
     def _tool_cost(self, action: Any, response: http.Response) -> int:
         """A tool's actual cost: reported in a header or JSON field when the policy says where, else the fixed cost."""

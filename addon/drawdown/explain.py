@@ -166,9 +166,15 @@ def explain(
                 "price, the first time they are read",
             )
         else:
+            batch = llm.batch
+            what = (
+                f"a batch of {batch.requests} requests at the batch price, most on {llm.model}"
+                if batch is not None and llm.billable
+                else f"model {llm.model}"
+            )
             out.add(
                 "estimate",
-                f"{llm.provider} {llm.endpoint} model {llm.model}: {llm.input_tokens} input tokens "
+                f"{llm.provider} {llm.endpoint} {what}: {llm.input_tokens} input tokens "
                 f"+ up to {llm.max_output_tokens} output{extras} = "
                 f"≈${format_usd(llm.estimate_usd_nanos)}{priced}",
             )

@@ -130,6 +130,12 @@ def test_an_openai_batchs_output_file_is_charged_once_at_the_batch_price(
     # The upload, the batch and two downloads: four requests (reading its status is free),
     # one charge.
     assert run_spent(proxy, "nightly") == (usd, 4)
+    # The batch was held at its input file's estimate, read as it was uploaded: more than
+    # its answers cost (each request's output cap), and it charged nothing itself.
+    ((held, spent),) = proxy.query(
+        "SELECT est_usd, actual_usd FROM decisions WHERE path = '/v1/batches'"
+    )
+    assert held > usd and spent == 0
     # Half what the same answers cost live.
     live = sum(
         genai_prices.calc_price(
@@ -177,30 +183,81 @@ def test_anthropic_batch_results_are_charged_once_at_the_batch_price(
     assert run_spent(proxy, "digest") == (usd, 3)
 
 
-def test_a_batch_that_spends_past_a_budget_stops_the_run(
-    drawdown_proxy: Factory, standin: StandIn
-) -> None:
-    """The batch was billed upstream whatever drawdown does; charged when its results are read,
-    it leaves the run over its budget, and the run's next call is refused."""
-    policy = POLICY.replace("usd: 1000}", "usd: 0.0002}")
-    proxy = drawdown_proxy(policy)
-    headers = run_header("overnight")
-    requests = [
+def claude_batch(max_tokens: int = 128) -> list[dict[str, Any]]:
+    return [
         {
             "custom_id": f"q{i}",
             "params": {
                 "model": "claude-sonnet-4-5",
-                "max_tokens": 128,
+                "max_tokens": max_tokens,
                 "messages": [{"role": "user", "content": question}],
             },
         }
         for i, question in enumerate(QUESTIONS)
     ]
+
+
+def test_a_batch_past_the_runs_room_is_refused_before_it_is_sent(
+    drawdown_proxy: Factory, standin: StandIn
+) -> None:
+    """A batch is billed upstream as it runs: its submission is the one moment to refuse it.
+    Each request estimated as a live call is, at the batch price, summed: past the run's room,
+    the batch never reaches the provider."""
+    proxy = drawdown_proxy(POLICY.replace("usd: 1000}", "usd: 0.01}"))
+    headers = run_header("too-big")
+    # 3 × up to 4,096 output tokens at $7.50 a million: ≈ $0.09.
+    with (
+        proxy.anthropic_client(max_retries=0) as claude,
+        pytest.raises(anthropic.APIStatusError) as refused,
+    ):
+        claude.messages.batches.create(requests=claude_batch(4096), extra_headers=headers)  # type: ignore[arg-type]
+    assert refused.value.status_code == 402 and "exhausted" in str(refused.value)
+    assert standin.count("/v1/messages/batches", "POST") == 0
+    lines = [
+        {
+            "custom_id": f"q{i}",
+            "method": "POST",
+            "url": "/v1/chat/completions",
+            "body": {"model": "gpt-4o", "messages": [{"role": "user", "content": q}]},
+        }
+        for i, q in enumerate(QUESTIONS)
+    ]
+    data = "".join(json.dumps(line) + "\n" for line in lines).encode()
+    with proxy.openai_client(max_retries=0) as client:
+        # Uploading costs nothing; the batch naming the file is held at its lines' estimate
+        # (3 × 4,096 default output tokens on gpt-4o at $5 a million: ≈ $0.06).
+        uploaded = client.files.create(
+            file=("q.jsonl", data), purpose="batch", extra_headers=headers
+        )
+        with pytest.raises(openai.APIStatusError) as refused_too:
+            client.batches.create(
+                input_file_id=uploaded.id,
+                endpoint="/v1/chat/completions",
+                completion_window="24h",
+                extra_headers=headers,
+            )
+    assert refused_too.value.status_code == 402
+    assert standin.count("/v1/files", "POST") == 1 and standin.count("/v1/batches") == 0
+    ((est,),) = proxy.query("SELECT est_usd FROM decisions WHERE path = '/v1/batches'")
+    assert 50_000_000 < est < 70_000_000
+
+
+def test_batches_submitted_together_that_overrun_stop_the_run_when_read(
+    drawdown_proxy: Factory, standin: StandIn
+) -> None:
+    """Each batch fits the run's room when submitted; nothing stays held for it, so two
+    submitted together may overrun it. Charged when their results are read, they leave the
+    run over its budget, and its next call is refused."""
+    standin.reply_text = " ".join(["word"] * 120)  # answers that use the output cap
+    proxy = drawdown_proxy(POLICY.replace("usd: 1000}", "usd: 0.004}"))
+    headers = run_header("overnight")
     with proxy.anthropic_client(max_retries=0) as client:
-        batch = client.messages.batches.create(requests=requests, extra_headers=headers)  # type: ignore[arg-type]
-        list(client.messages.batches.results(batch.id, extra_headers=headers))
-        _, _, usd = batch_price("anthropic", standin.batches.batches[batch.id].usages)
-        assert usd > 200_000  # more than the run's $0.0002
+        batches = [
+            client.messages.batches.create(requests=claude_batch(), extra_headers=headers)  # type: ignore[arg-type]
+            for _ in range(2)
+        ]
+        for batch in batches:
+            list(client.messages.batches.results(batch.id, extra_headers=headers))
         with pytest.raises(anthropic.APIStatusError) as refused:
             client.messages.create(
                 model="claude-sonnet-4-5",
@@ -208,10 +265,15 @@ def test_a_batch_that_spends_past_a_budget_stops_the_run(
                 messages=[{"role": "user", "content": "One more?"}],
                 extra_headers=headers,
             )
-    assert refused.value.status_code == 402
-    assert "exhausted" in str(refused.value)
+    assert refused.value.status_code == 402 and "exhausted" in str(refused.value)
     assert standin.count("/v1/messages", "POST") == 0  # never reached the upstream
-    assert run_spent(proxy, "overnight")[0] == usd
+    charged = sum(
+        batch_price("anthropic", standin.batches.batches[b.id].usages)[2] for b in batches
+    )
+    assert charged > 4_000_000  # more than the run's $0.004
+    assert run_spent(proxy, "overnight")[0] == charged
+    held = [r[0] for r in proxy.query("SELECT est_usd FROM decisions WHERE path LIKE '%/batches'")]
+    assert len(held) == 2 and all(0 < h <= 4_000_000 for h in held)
 
 
 def test_a_results_download_the_upstream_refuses_charges_nothing_and_leaves_the_key(
@@ -238,60 +300,80 @@ def test_a_results_download_the_upstream_refuses_charges_nothing_and_leaves_the_
     assert proxy.query("SELECT COUNT(*) FROM once_charges") == [(0,)]
 
 
-def _batch_then_a_call(proxy: DrawdownProcess) -> int:
-    """A run submits a batch, reads its results, then makes one more call: that call's status."""
+def _batch_calls_results_call(proxy: DrawdownProcess) -> list[int]:
+    """A run submits a batch, makes two calls, reads the batch's results, then calls once
+    more: the status of each step."""
     headers = run_header("weekly")
-    requests = [
-        {
-            "custom_id": f"q{i}",
-            "params": {
-                "model": "claude-sonnet-4-5",
-                "max_tokens": 128,
-                "messages": [{"role": "user", "content": question}],
-            },
-        }
-        for i, question in enumerate(QUESTIONS)
-    ]
+    statuses = []
     with proxy.anthropic_client(max_retries=0) as client:
-        batch = client.messages.batches.create(requests=requests, extra_headers=headers)  # type: ignore[arg-type]
-        list(client.messages.batches.results(batch.id, extra_headers=headers))
-        try:
-            client.messages.create(
+
+        def step(call: Callable[[], Any]) -> Any:
+            try:
+                found = call()
+            except anthropic.APIStatusError as refused:
+                statuses.append(refused.status_code)
+                return None
+            statuses.append(200)
+            return found
+
+        def one_call() -> Any:
+            return client.messages.create(
                 model="claude-sonnet-4-5",
-                max_tokens=16,
+                max_tokens=128,
                 messages=[{"role": "user", "content": "One more?"}],
                 extra_headers=headers,
             )
-        except anthropic.APIStatusError as refused:
-            return refused.status_code
-    return 200
+
+        batch = step(
+            lambda: client.messages.batches.create(requests=claude_batch(), extra_headers=headers)  # type: ignore[arg-type]
+        )
+        step(one_call)
+        step(one_call)
+        step(lambda: list(client.messages.batches.results(batch.id, extra_headers=headers)))
+        step(one_call)
+    return statuses
 
 
 def test_replay_holds_a_results_download_at_zero_as_the_proxy_does(
     drawdown_proxy: Factory, standin: StandIn, tmp_path: Path
 ) -> None:
-    """Replayed under a budget the batch's cost overruns, the download is let through as it is
-    live (it holds no money) and charged, and the run's next call is the one refused."""
+    """Replayed under a budget two live calls leave too little room for the batch's cost,
+    the download is let through as it is live (it holds no money) and charged, and the run's
+    next call is the one refused. Held at its actual cost (as replay did), the download
+    itself was refused."""
+    standin.reply_text = " ".join(["word"] * 120)  # answers that use the output cap
     recording = tmp_path / "recorded.db"
     recorder = drawdown_proxy(POLICY, db=recording)
-    assert _batch_then_a_call(recorder) == 200
+    assert _batch_calls_results_call(recorder) == [200] * 5
     recorder.wait_for_query(
         "SELECT COUNT(*) FROM decisions WHERE completed_at IS NULL", until=lambda r: r[0][0] == 0
     )
     recorder.stop()
+    # The steps (leaving out the batch's status, which results() reads first: free).
+    steps = [
+        (request_id, usd)
+        for request_id, method, path, usd in recorder.query(
+            "SELECT request_id, method, path, actual_usd FROM decisions ORDER BY ts, id"
+        )
+        if not (method == "GET" and not path.endswith("/results"))
+    ]
+    order, costs = [r[0] for r in steps], [r[1] for r in steps]
+    # The premise: after the two calls, the room left is less than the batch's cost.
+    limit = 5_000_000
+    assert limit - costs[1] - costs[2] < costs[3] and costs[0] == 0
     tight = tmp_path / "tight.yaml"
-    tight.write_text(POLICY.replace("usd: 1000}", "usd: 0.0002}"))
+    tight.write_text(POLICY.replace("usd: 1000}", "usd: 0.005}"))
     result = subprocess.run(
         [sys.executable, "-m", "drawdown", "replay", "--policy", str(tight), "--db", str(recording), "--json"],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
-    paths = dict(recorder.query("SELECT request_id, path FROM decisions"))
     blocked = [
-        (paths[b["request_id"]], b["reason_code"]) for b in json.loads(result.stdout)["blocked"]
+        (order.index(b["request_id"]), b["reason_code"])
+        for b in json.loads(result.stdout)["blocked"]
     ]
-    assert blocked == [("/v1/messages", "budget_exhausted")]
+    assert blocked == [(4, "budget_exhausted")]
     # …as the proxy under that policy decides.
     standin.clear()
     live = drawdown_proxy(tight, db=tmp_path / "live.db")
-    assert _batch_then_a_call(live) == 402
+    assert _batch_calls_results_call(live) == [200, 200, 200, 200, 402]

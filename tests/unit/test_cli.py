@@ -161,6 +161,21 @@ def test_explain_says_a_batchs_results_are_held_at_zero_and_charged_once(
     assert explained["estimate"] == {"usd_nanos": 0, "tokens": 0, "requests": 1}
     (said,) = [text for stage, text in explained["steps"] if stage == "estimate"]
     assert "a batch's results, held at $0" in said and "the first time they are read" in said
+    # The batch itself, submitted: held at its requests' estimate, as the proxy holds it.
+    params = {
+        "model": "claude-haiku-4-5",
+        "max_tokens": 100,
+        "messages": [{"role": "user", "content": "hi"}],
+    }
+    body = json.dumps({"requests": [{"custom_id": "a", "params": params}] * 3})
+    url = "https://api.anthropic.com/v1/messages/batches"
+    assert (
+        main(["explain", "--policy", str(policy), "--url", url, "--json", body, "--as-json"]) == 0
+    )
+    submitted = json.loads(capsys.readouterr().out)
+    (said,) = [text for stage, text in submitted["steps"] if stage == "estimate"]
+    assert "a batch of 3 requests at the batch price, most on claude-haiku-4-5" in said
+    assert submitted["estimate"]["tokens"] > 300 and submitted["estimate"]["usd_nanos"] > 0
 
 
 def test_explain_prices_an_uploaded_transcription_as_the_proxy_does(

@@ -14,6 +14,8 @@ Pure Python (no mitmproxy, no network). The proxy uses only this facade:
 * price_providers(provider, matched)       the genai-prices providers a call is priced with
 * ServedModels                             what an upstream's names (an Azure deployment)
                                            turn out to serve, for inspect_request's `served=`
+* BatchInputs                              the OpenAI batch input files a proxy saw uploaded
+                                           (their estimates), for `batch_inputs=`
 
 Wiring a streamed response into mitmproxy (responseheaders hook)::
 
@@ -46,6 +48,7 @@ from .api import (
     open_stream_meter,
     unread_request,
 )
+from .batch_submit import BatchInputs, uploaded_file_id
 from .config import DEFAULT_FALLBACK_PRICE, DEFAULT_SAFETY_FACTORS, MeterConfig, PricePerMillion
 from .prices import origin, price_providers, price_usage
 from .tokens import count_tokens, encoding_for
@@ -71,6 +74,7 @@ def warm_up(*, bedrock: bool = False) -> None:
 __all__ = [
     "DEFAULT_FALLBACK_PRICE",
     "DEFAULT_SAFETY_FACTORS",
+    "BatchInputs",
     "LLMRequest",
     "Measurement",
     "MeterConfig",
@@ -90,5 +94,6 @@ __all__ = [
     "price_providers",
     "price_usage",
     "unread_request",
+    "uploaded_file_id",
     "warm_up",
 ]

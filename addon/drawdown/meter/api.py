@@ -6,6 +6,7 @@ import math
 import re
 from collections.abc import Mapping
 from dataclasses import replace
+from decimal import Decimal
 from types import MappingProxyType
 from typing import Any, Protocol
 
@@ -13,6 +14,7 @@ from ..money import MAX_AMOUNT, MAX_USD, format_usd
 from . import (
     anthropic,
     batch_results,
+    batch_submit,
     bedrock,
     gemini,
     openai,
@@ -29,7 +31,7 @@ from .prices import origin as upstream_origin
 from .prices import price_first_known, price_usage, to_nanos, url_provider
 from .sse import SSEParser
 from .tokens import count_texts, count_tokens
-from .types import LLMRequest, Measurement, MeterRequestError, TokenUsage
+from .types import BatchEstimate, LLMRequest, Measurement, MeterRequestError, TokenUsage
 
 # A non-SSE body read through a StreamMeter is kept (decoded) up to this size for parsing.
 MAX_BUFFERED_BODY = 64 * 1024 * 1024
@@ -66,6 +68,9 @@ def _route(provider: str, method: str, path: str) -> tuple[str, str | None, bool
     results = batch_results.route(provider, method, path)
     if results is not None:  # a batch's results: the tokens it billed are in the download
         return results[0], None, False, True
+    submitted = batch_submit.route(provider, method, path)
+    if submitted is not None:  # a batch submitted (held at its estimate), an upload (a step)
+        return submitted, None, False, submitted in batch_submit.SUBMISSIONS
     if provider == "openai":
         endpoint, model = openai.route(method, path)
         # The Images API, speech and transcription are metered only for a model priced (or
@@ -229,6 +234,8 @@ def parse(
     endpoint, path_model, path_stream, metered = _route(provider, method, path)
     if endpoint in batch_results.ENDPOINTS:  # no body: the upstream and the id are the key
         return batch_results.request(provider, endpoint, None, None)
+    if endpoint in batch_submit.SUBMISSIONS or endpoint == batch_submit.OPENAI_UPLOAD:
+        return _passthrough(provider, endpoint, None, method, path)  # see inspect_request
     if provider == "openai" and openai_images.is_images(endpoint):
         return _images(endpoint, path_model, method, path, body, boundary)
     if provider == "openai" and openai_audio.is_speech(endpoint):
@@ -283,6 +290,128 @@ def prompt_counts(parsed: ParsedRequest) -> tuple[int, int]:
     return raw, prompt.exact
 
 
+def _estimate_parsed(
+    provider: str,
+    parsed: ParsedRequest,
+    priced_as: str | None,
+    factor: Decimal,
+    config: MeterConfig,
+    price_override: PricePerMillion | None,
+    matched: str | None,
+    batch: bool = False,
+) -> tuple[int, int, int, bool, int]:
+    """(input tokens, output cap, nano-dollars, priced, input audio tokens) of one request;
+    `batch`: at genai-prices' batch price (a request of a batch job)."""
+    raw, exact = prompt_counts(parsed)
+    input_tokens = math.ceil(raw * factor) + exact
+    cap = parsed.cap if parsed.cap is not None else config.output_cap(provider, priced_as)
+    usage = TokenUsage(
+        input_tokens=input_tokens,
+        output_tokens=cap,
+        input_image_tokens=min(parsed.input_image_tokens, input_tokens),
+        output_image_tokens=min(parsed.output_image_tokens, cap),
+        input_audio_tokens=min(parsed.input_audio_tokens, input_tokens),
+    )
+    context = {**parsed.price_context, **batch_results.BATCH} if batch else parsed.price_context
+    nanos, priced = price_usage(
+        provider,
+        priced_as,
+        usage,
+        config,
+        price_override,
+        extras=parsed.expected_extras,
+        price_context=context,
+        matched=matched,
+    )
+    for tool_model, tool_output in parsed.tool_output_reserves.items():
+        # The tool's image model may be handed the whole conversation: its input is reserved
+        # as the call's own, the exact (image, file) part of it at the image input price.
+        tool_usage = TokenUsage(
+            input_tokens=input_tokens,
+            input_image_tokens=min(exact, input_tokens),
+            output_tokens=tool_output,
+            output_image_tokens=tool_output,
+        )
+        tool_nanos, tool_priced = price_usage(
+            provider,
+            tool_model,
+            tool_usage,
+            config,
+            price_override,
+            price_context=batch_results.BATCH if batch else None,
+            matched=matched,
+        )
+        nanos += tool_nanos
+        priced = priced and tool_priced
+    return input_tokens, cap, nanos, priced, usage.input_audio_tokens
+
+
+def _too_much(input_tokens: int, cap: int, nanos: int, seconds: int | None = None) -> None:
+    if input_tokens + cap > MAX_AMOUNT or nanos > MAX_AMOUNT:
+        # e.g. max_tokens: 1e26: no provider serves it, and the ledger's integers cannot hold it.
+        # A transcription's audio read as lasting years is named: its tokens may be 0.
+        audio = f" and {seconds} seconds of audio" if seconds else ""
+        raise MeterRequestError(
+            f"it asks for {input_tokens} input + up to {cap} output tokens{audio} "
+            f"(≈${format_usd(nanos, 2)}), past what one call may hold "
+            f"(10^18 tokens or ${MAX_USD:,})"
+        )
+
+
+def _batch_submission(
+    endpoint: str,
+    provider: str,
+    method: str,
+    path: str,
+    body: bytes,
+    config: MeterConfig,
+    price_override: PricePerMillion | None,
+    origin: str | None,
+    content_type: str | None,
+    batch_inputs: Mapping[str, BatchEstimate] | None,
+) -> LLMRequest:
+    """A batch submitted (held at its requests' estimate, at the batch price), or OpenAI's
+    upload of a batch input file (a $0 step that carries the estimate of its lines)."""
+    matched = url_provider(origin, path) if origin else None
+
+    def one(parsed: ParsedRequest) -> tuple[int, int, int, bool]:
+        factor = config.safety_factor(provider, parsed.model)
+        found = _estimate_parsed(
+            provider, parsed, parsed.model, factor, config, price_override, matched, batch=True
+        )
+        return found[:4]
+
+    if endpoint == batch_submit.OPENAI_UPLOAD:
+        upload = _passthrough(provider, endpoint, None, method, path)
+        try:
+            lines = batch_submit.openai_input_file(body, boundary_of(content_type))
+        except MeterRequestError:  # two boundaries: not read, passed on as before
+            return upload
+        return upload if lines is None else replace(upload, batch=batch_submit.estimate(lines, one))
+    if endpoint == batch_submit.ANTHROPIC_SUBMIT:
+        batch = batch_submit.estimate(batch_submit.anthropic_requests(body), one)
+    else:  # OpenAI's batch: the estimate of the input file it names, if this proxy saw it
+        file_id = batch_submit.openai_input_file_id(body)
+        known = batch_inputs.get(file_id) if batch_inputs and file_id else None
+        batch = known or BatchEstimate(0, 0, 0, True, None, 0)
+    _too_much(batch.input_tokens, batch.max_output_tokens, batch.usd_nanos)
+    return LLMRequest(
+        provider=provider,
+        endpoint=endpoint,
+        model=batch.model,
+        stream=False,
+        billable=True,
+        input_tokens=batch.input_tokens,
+        max_output_tokens=batch.max_output_tokens,
+        estimate_usd_nanos=batch.usd_nanos,
+        priced=batch.priced,
+        rewritten_body=None,
+        strip_usage_chunk=False,
+        price_provider=matched,
+        batch=batch,
+    )
+
+
 def inspect_request(
     provider: str,
     method: str,
@@ -296,6 +425,7 @@ def inspect_request(
     origin: str | None = None,
     content_type: str | None = None,
     served: Mapping[str, str] | None = None,
+    batch_inputs: Mapping[str, BatchEstimate] | None = None,
 ) -> LLMRequest:
     """Classify an LLM API request and estimate its cost before it is forwarded.
 
@@ -308,10 +438,17 @@ def inspect_request(
     `content_type`: the request's header, whose boundary a multipart upload must use (the
     ledger keeps none: replay reads the boundary from the body). `served`: the models this
     upstream's names turned out to serve (ServedModels.of): a name there is estimated as the
-    model it serves.
+    model it serves. `batch_inputs`: the batch input files this upstream was sent
+    (BatchInputs.of), for the OpenAI batch that names one.
     """
     provider = provider.lower()
     path = path.split("?", 1)[0]
+    submitted = batch_submit.route(provider, method, path)
+    if submitted is not None:
+        return _batch_submission(
+            submitted, provider, method, path, body, config, price_override, origin,
+            content_type, batch_inputs,
+        )  # fmt: skip
     parsed = parse(provider, method, path, body, boundary_of(content_type))
     if isinstance(parsed, LLMRequest):
         if parsed.endpoint in batch_results.ENDPOINTS:
@@ -325,51 +462,11 @@ def inspect_request(
     served_as = served.get(model) if served and model else None
     priced_as = served_as or model
     factor = config.safety_factor(provider, priced_as)
-    raw, exact = prompt_counts(parsed)
-    input_tokens = math.ceil(raw * factor) + exact
-    cap = parsed.cap if parsed.cap is not None else config.output_cap(provider, priced_as)
-    usage = TokenUsage(
-        input_tokens=input_tokens,
-        output_tokens=cap,
-        input_image_tokens=min(parsed.input_image_tokens, input_tokens),
-        output_image_tokens=min(parsed.output_image_tokens, cap),
-        input_audio_tokens=min(parsed.input_audio_tokens, input_tokens),
-    )
     matched = url_provider(origin, path) if origin else None
-    nanos, priced = price_usage(
-        provider,
-        priced_as,
-        usage,
-        config,
-        price_override,
-        extras=parsed.expected_extras,
-        price_context=parsed.price_context,
-        matched=matched,
+    input_tokens, cap, nanos, priced, input_audio = _estimate_parsed(
+        provider, parsed, priced_as, factor, config, price_override, matched
     )
-    for tool_model, tool_output in parsed.tool_output_reserves.items():
-        # The tool's image model may be handed the whole conversation: its input is reserved
-        # as the call's own, the exact (image, file) part of it at the image input price.
-        tool_usage = TokenUsage(
-            input_tokens=input_tokens,
-            input_image_tokens=min(exact, input_tokens),
-            output_tokens=tool_output,
-            output_image_tokens=tool_output,
-        )
-        tool_nanos, tool_priced = price_usage(
-            provider, tool_model, tool_usage, config, price_override, matched=matched
-        )
-        nanos += tool_nanos
-        priced = priced and tool_priced
-    if input_tokens + cap > MAX_AMOUNT or nanos > MAX_AMOUNT:
-        # e.g. max_tokens: 1e26: no provider serves it, and the ledger's integers cannot hold it.
-        # A transcription's audio read as lasting years is named: its tokens may be 0.
-        seconds = parsed.expected_extras.get("audio_seconds")
-        audio = f" and {seconds} seconds of audio" if seconds else ""
-        raise MeterRequestError(
-            f"it asks for {input_tokens} input + up to {cap} output tokens{audio} "
-            f"(≈${format_usd(nanos, 2)}), past what one call may hold "
-            f"(10^18 tokens or ${MAX_USD:,})"
-        )
+    _too_much(input_tokens, cap, nanos, parsed.expected_extras.get("audio_seconds"))
     return LLMRequest(
         provider=provider,
         endpoint=parsed.endpoint,
@@ -387,7 +484,7 @@ def inspect_request(
         price_provider=matched,
         # Only the image_generation tool reserves on another model (see ParsedRequest).
         image_tool_model=next(iter(parsed.tool_output_reserves), None),
-        input_audio_tokens=usage.input_audio_tokens,
+        input_audio_tokens=input_audio,
         served_as=served_as,
     )
 
@@ -612,6 +709,8 @@ def measure_body(
         return _zero(request)
     if request.endpoint in batch_results.ENDPOINTS:  # JSON lines, one answer each
         return batch_results.measure(request, status, body, config, price_override)
+    if request.endpoint in batch_submit.SUBMISSIONS:  # charged when its results are read
+        return _zero(request)
     obj = loads(body) if body else None
     if obj is None and body and (_looks_like_sse(body) or _is_bedrock_stream(request)):
         # A streamed response the proxy buffered after all.
@@ -756,6 +855,8 @@ class StreamMeter:
 
     def _measure(self, cut_short: bool) -> Measurement:
         try:
+            if self.request.endpoint in batch_submit.SUBMISSIONS:
+                return _zero(self.request)  # charged when its results are read
             if self.request.endpoint in batch_results.ENDPOINTS:  # a batch's results, whole
                 if self._body is None or self._broken or cut_short:
                     return _estimate(self.request)  # $0: cut lines are not charged

@@ -51,6 +51,18 @@ class MeterRequestError(ValueError):
 
 
 @dataclass(frozen=True)
+class BatchEstimate:
+    """What a batch job's requests may cost, at the batch price (batch_submit)."""
+
+    input_tokens: int
+    max_output_tokens: int
+    usd_nanos: int
+    priced: bool  # every request's model priced by genai-prices (or the action's price)
+    model: str | None  # the model most of its requests name
+    requests: int
+
+
+@dataclass(frozen=True)
 class LLMRequest:
     provider: str  # "openai" | "anthropic" | "gemini"
     # "chat.completions" | "responses" | "completions" | "embeddings" | "messages" |
@@ -90,6 +102,9 @@ class LLMRequest:
     # A batch's results download (batch_results): the key its charge is made under, at most
     # once in the ledger however often the results are read; None for every other call.
     once_key: str | None = None
+    # A batch job submitted (its requests' estimate, at the batch price), or an OpenAI batch
+    # input file uploaded (the estimate the batch naming it is held at): batch_submit.
+    batch: BatchEstimate | None = None
 
 
 @dataclass(frozen=True)

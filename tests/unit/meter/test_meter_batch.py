@@ -12,7 +12,16 @@ from typing import Any
 
 import genai_prices
 import pytest
-from drawdown.meter import MeterConfig, charging, inspect_request, measure_body, open_stream_meter
+from drawdown.meter import (
+    BatchInputs,
+    MeterConfig,
+    MeterRequestError,
+    charging,
+    inspect_request,
+    measure_body,
+    open_stream_meter,
+    uploaded_file_id,
+)
 from drawdown.meter.batch_results import (
     ANTHROPIC_BATCH_RESULTS,
     OPENAI_FILE_CONTENT,
@@ -287,3 +296,148 @@ def test_the_charge_is_keyed_by_the_upstream_and_the_id() -> None:
     azure = _download("openai", "/openai/files/file-a/content", "https://x.openai.azure.com")
     assert a.once_key == again.once_key == once_key(OPENAI, OPENAI_FILE_CONTENT, "file-a")
     assert len({a.once_key, other.once_key, azure.once_key}) == 3
+
+
+# --- a batch submitted: held at its requests' estimate, at the batch price ------------------
+
+
+def _batch_price(provider: str, model: str, input_tokens: int, output_tokens: int) -> int:
+    usage = genai_prices.Usage(input_tokens=input_tokens, output_tokens=output_tokens)
+    price = genai_prices.calc_price(usage, model, provider_id=provider, price_context=BATCH)
+    return _nanos(price.total_price)
+
+
+def _live(provider: str, path: str, body: dict[str, Any]) -> Any:
+    return inspect_request(provider, "POST", path, {}, json.dumps(body).encode(), CONFIG)
+
+
+CLAUDE = [
+    {
+        "model": "claude-sonnet-4-5",
+        "max_tokens": 300,
+        "messages": [{"role": "user", "content": "Summarise the ledger's guarantees."}],
+    },
+    {
+        "model": "claude-haiku-4-5",
+        "max_tokens": 50,
+        "system": "Answer in one word.",
+        "messages": [{"role": "user", "content": "Is a hold money spent?"}],
+    },
+]
+
+
+def test_a_message_batch_is_held_at_each_requests_estimate_at_the_batch_price() -> None:
+    body = {"requests": [{"custom_id": f"r{i}", "params": p} for i, p in enumerate(CLAUDE)]}
+    got = _live("anthropic", "/v1/messages/batches", body)
+    each = [_live("anthropic", "/v1/messages", params) for params in CLAUDE]
+    assert (got.endpoint, got.billable, got.priced) == ("messages.batches", True, True)
+    assert got.input_tokens == sum(e.input_tokens for e in each)
+    assert got.max_output_tokens == 350
+    expected = sum(
+        _batch_price("anthropic", p["model"], e.input_tokens, e.max_output_tokens)
+        for p, e in zip(CLAUDE, each, strict=True)
+    )
+    assert got.estimate_usd_nanos == expected
+    assert got.estimate_usd_nanos * 2 <= sum(e.estimate_usd_nanos for e in each) + 2  # half
+    # The submission itself bills nothing: its batch is charged when its results are read.
+    assert (
+        measure_body(got, 200, b'{"id": "msgbatch_1", "type": "message_batch"}', CONFIG).usd_nanos
+        == 0
+    )
+
+
+def test_a_message_batch_the_api_would_refuse_is_refused_with_where() -> None:
+    bad = {"requests": [{"custom_id": "a", "params": CLAUDE[0]}, {"custom_id": "b", "params": {}}]}
+    with pytest.raises(MeterRequestError, match=r"requests\[1\]\.params: model is missing"):
+        _live("anthropic", "/v1/messages/batches", bad)
+    with pytest.raises(MeterRequestError, match=r"requests\[0\]\.params is missing"):
+        _live("anthropic", "/v1/messages/batches", {"requests": [{"custom_id": "a"}]})
+
+
+def _upload(purpose: str, content: bytes) -> tuple[bytes, str]:
+    boundary = "drawdown-test-boundary"
+    body = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="purpose"\r\n\r\n{purpose}\r\n'
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="in.jsonl"\r\n'
+            "Content-Type: application/jsonl\r\n\r\n"
+        ).encode()
+        + content
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    return body, f"multipart/form-data; boundary={boundary}"
+
+
+CHAT = {
+    "model": "gpt-4o-mini",
+    "max_tokens": 200,
+    "messages": [{"role": "user", "content": "Name the three units a budget counts."}],
+}
+EMBED = {"model": "text-embedding-3-large", "input": "a ledger line"}
+
+
+def _line(url: str, body: Any) -> bytes:
+    return json.dumps({"custom_id": url, "method": "POST", "url": url, "body": body}).encode()
+
+
+def test_an_openai_batch_is_held_at_its_input_files_estimate_learned_at_upload() -> None:
+    lines = [
+        _line("/v1/chat/completions", CHAT),
+        _line("/v1/chat/completions", CHAT),
+        _line("/v1/embeddings", EMBED),
+        _line("/v1/moderations", {"input": "free"}),  # costs nothing
+        _line("/v1/chat/completions", {"messages": []}),  # no model: the API fails it alone
+        b"not json",
+    ]
+    body, ctype = _upload("batch", b"\n".join(lines) + b"\n")
+    upload = inspect_request(
+        "openai", "POST", "/v1/files", {}, body, CONFIG, origin=OPENAI, content_type=ctype
+    )
+    assert (upload.billable, upload.step, upload.estimate_usd_nanos) == (False, True, 0)
+    chat = _live("openai", "/v1/chat/completions", CHAT)
+    embed = _live("openai", "/v1/embeddings", EMBED)
+    assert upload.batch is not None and upload.batch.requests == 3
+    expected = 2 * _batch_price("openai", "gpt-4o-mini", chat.input_tokens, 200) + _batch_price(
+        "openai", "text-embedding-3-large", embed.input_tokens, 0
+    )
+    assert upload.batch.usd_nanos == expected
+    assert upload.batch.model == "gpt-4o-mini"
+
+    inputs = BatchInputs()
+    inputs.learn(OPENAI, "file-in1", upload.batch)
+    submit = json.dumps({"input_file_id": "file-in1", "endpoint": "/v1/chat/completions"})
+    held = inspect_request(
+        "openai", "POST", "/v1/batches", {}, submit.encode(), CONFIG,
+        origin=OPENAI, batch_inputs=inputs.of(OPENAI),
+    )  # fmt: skip
+    assert (held.endpoint, held.billable, held.estimate_usd_nanos) == ("batches", True, expected)
+    assert held.input_tokens == upload.batch.input_tokens
+    # A file this proxy did not see uploaded (another worker's, before a restart): held at $0.
+    unseen = inspect_request(
+        "openai", "POST", "/v1/batches", {}, submit.replace("file-in1", "file-x").encode(),
+        CONFIG, origin=OPENAI, batch_inputs=inputs.of(OPENAI),
+    )  # fmt: skip
+    assert (unseen.billable, unseen.estimate_usd_nanos) == (True, 0)
+
+
+def test_an_upload_for_another_purpose_carries_no_estimate() -> None:
+    body, ctype = _upload("fine-tune", _line("/v1/chat/completions", CHAT) + b"\n")
+    upload = inspect_request(
+        "openai", "POST", "/v1/files", {}, body, CONFIG, origin=OPENAI, content_type=ctype
+    )
+    assert (upload.step, upload.batch) == (True, None)
+    unreadable = inspect_request("openai", "POST", "/v1/files", {}, b"\xff", CONFIG)
+    assert (unreadable.step, unreadable.batch) == (True, None)
+
+
+def test_what_a_proxy_learns_of_uploaded_batch_inputs_is_bounded() -> None:
+    inputs = BatchInputs()
+    some = _live("anthropic", "/v1/messages/batches", {"requests": []}).batch
+    assert some is not None
+    for i in range(BatchInputs.LIMIT):
+        inputs.learn(OPENAI, f"file-{i}", some)
+    assert (inputs.of(OPENAI) or {}).get("file-0") is some
+    inputs.learn(OPENAI, "file-next", some)  # past the bound: it starts again
+    assert dict(inputs.of(OPENAI) or {}) == {"file-next": some}
+    assert uploaded_file_id(b'{"id": "file-9", "object": "file"}') == "file-9"
+    assert uploaded_file_id(b'{"error": {"message": "no"}}') is None

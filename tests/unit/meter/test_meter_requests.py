@@ -336,13 +336,13 @@ def test_openai_paths():
     assert not r.priced  # a deployment name genai-prices cannot know: fallback price
     assert _req("openai", azure, body).model == "gpt-4o-mini"
     assert _req("openai", "/openai/deployments/emb/embeddings", {"input": "x"}).model == "emb"
-    for method, path in [
-        ("GET", "/v1/models"),
-        ("GET", "/v1/responses/resp_1"),
-        ("POST", "/v1/files"),
+    for method, path, endpoint in [
+        ("GET", "/v1/models", "other"),
+        ("GET", "/v1/responses/resp_1", "other"),
+        ("POST", "/v1/files", "files"),  # an upload no batch input: a step (test_meter_batch.py)
     ]:
         r = _req("openai", path, b"\xff not json", method=method)
-        assert not r.billable and r.estimate_usd_nanos == 0 and r.endpoint == "other"
+        assert not r.billable and r.estimate_usd_nanos == 0 and r.endpoint == endpoint
 
 
 @pytest.mark.parametrize(
@@ -366,7 +366,8 @@ def test_openai_paths():
         ("openai", "GET", "/v1/realtime", "step"),  # a Realtime session: metered on its socket
         ("anthropic", "POST", "/v1/messages", "tokens"),
         ("anthropic", "POST", "/v1/messages/count_tokens", "free"),
-        ("anthropic", "POST", "/v1/messages/batches", "step"),
+        ("anthropic", "POST", "/v1/messages/batches", "tokens"),  # held at its estimate
+        ("openai", "POST", "/v1/batches", "tokens"),
         ("anthropic", "GET", "/v1/messages/batches/msgbatch_1", "free"),
         ("anthropic", "GET", "/v1/messages/batches/msgbatch_1/results", "tokens"),
         ("anthropic", "GET", "/v1/models", "free"),
@@ -387,7 +388,7 @@ def test_what_a_call_the_meter_cannot_price_per_token_is_charged(provider, metho
     `requests` budgets and by the guards at $0. What costs nothing stays uncounted. `charging`
     (replay) and `inspect_request` (the proxy) agree."""
     assert charging(provider, method, path) == charged
-    body = b'{"model": "gemini-2.5-flash", "contents": [], "messages": []}'
+    body = b'{"model": "gemini-2.5-flash", "contents": [], "messages": [], "requests": []}'
     r = inspect_request(provider, method, path, {}, body, CONFIG)
     assert (r.billable, r.step) == (charged == "tokens", charged == "step")
     shadowed = unread_request(provider, method, path)  # shadow mode, a body left unread
@@ -464,8 +465,13 @@ def test_anthropic_paths():
     }
     r = _req("anthropic", "/v1/messages/count_tokens", body)
     assert (r.endpoint, r.billable, r.estimate_usd_nanos) == ("messages.count_tokens", False, 0)
-    r = _req("anthropic", "/v1/messages/batches", body)
-    assert not r.billable
+    # A message batch: held at its requests' estimate (test_meter_batch.py); one that is not
+    # a batch (a Messages body posted there) is refused, as the API refuses it.
+    batch = {"requests": [{"custom_id": "a", "params": body}]}
+    r = _req("anthropic", "/v1/messages/batches", batch)
+    assert (r.endpoint, r.billable, r.model) == ("messages.batches", True, "claude-haiku-4-5")
+    with pytest.raises(MeterRequestError, match="requests is missing"):
+        _req("anthropic", "/v1/messages/batches", body)
     vertex = "/v1/projects/p/locations/us-east5/publishers/anthropic/models/claude-sonnet-4-5@20250929:streamRawPredict"
     r = _req("anthropic", vertex, {k: v for k, v in body.items() if k != "model"})
     assert (r.endpoint, r.model, r.stream, r.billable) == (
@@ -903,7 +909,7 @@ def test_model_names_with_a_path_prefix_and_encoded_colons():
     ("provider", "method", "path", "expected"),
     [
         ("openai", "POST", "/v1/chat/completions", ("chat.completions", None, False, True)),
-        ("openai", "POST", "/v1/files", ("other", None, False, False)),
+        ("openai", "POST", "/v1/files", ("files", None, False, False)),
         ("anthropic", "POST", "/v1/messages", ("messages", None, False, True)),
         ("anthropic", "POST", "/v1/messages/count_tokens", ("messages.count_tokens", None, False, False)),
         ("gemini", "POST", "/v1beta/models/gemini-2.5-flash:streamGenerateContent",

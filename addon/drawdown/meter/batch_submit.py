@@ -1,0 +1,147 @@
+"""A batch job, submitted: what its requests may cost, estimated before it is sent.
+
+A batch is billed upstream as it runs, with no later call of the agent's to refuse; the one
+moment drawdown can say no is its submission. Each of its requests is estimated as the proxy
+estimates a live call (tiktoken, the output cap), priced at genai-prices' batch price, and
+the sum must fit every budget of the submitting run. The hold ends with the submission (the
+batch's cost is charged when its results are read, batch_results): the check is on the room
+left at that moment.
+
+* Anthropic's Message Batches name every request inline: `POST /v1/messages/batches`,
+  `{"requests": [{"custom_id", "params": {…a Messages request…}}]}`.
+* OpenAI's Batch API names an input file uploaded before (`POST /v1/files`, purpose
+  `batch`, one `{"custom_id", "method", "url", "body"}` a line): its lines are estimated
+  as it is uploaded, the estimate is remembered by the file id the upload's answer names
+  (BatchInputs), and `POST /v1/batches` naming that file is held for it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+
+from . import anthropic, openai
+from ._util import ParsedRequest, loads, parse_body, req_list
+from .multipart import parse_form
+from .types import BatchEstimate, MeterRequestError
+
+ANTHROPIC_SUBMIT = "messages.batches"
+OPENAI_SUBMIT = "batches"
+OPENAI_UPLOAD = "files"
+SUBMISSIONS = frozenset({ANTHROPIC_SUBMIT, OPENAI_SUBMIT})
+
+# The endpoints an OpenAI batch may run that drawdown meters (moderations cost nothing).
+_OPENAI_METERED = frozenset({"chat.completions", "responses", "completions", "embeddings"})
+
+
+def route(provider: str, method: str, path: str) -> str | None:
+    """The submission endpoint (or OpenAI's file upload) a request is, else None."""
+    if method.upper() != "POST":
+        return None
+    p = path.split("?", 1)[0].rstrip("/")
+    if provider == "anthropic" and p.endswith("/v1/messages/batches"):
+        return ANTHROPIC_SUBMIT
+    if provider == "openai" and p.endswith("/batches"):
+        return OPENAI_SUBMIT
+    if provider == "openai" and p.endswith("/files"):
+        return OPENAI_UPLOAD
+    return None
+
+
+Estimator = Callable[[ParsedRequest], tuple[int, int, int, bool]]
+
+
+def estimate(parsed: list[ParsedRequest], estimate_one: Estimator) -> BatchEstimate:
+    """The sum of each request's estimate (input tokens, output cap, nano-dollars, priced)."""
+    tokens_in = cap = nanos = 0
+    priced = True
+    models: dict[str, int] = {}
+    for request in parsed:
+        one_in, one_cap, one_nanos, one_priced = estimate_one(request)
+        tokens_in, cap, nanos = tokens_in + one_in, cap + one_cap, nanos + one_nanos
+        priced = priced and one_priced
+        if request.model:
+            models[request.model] = models.get(request.model, 0) + 1
+    model = max(models, key=models.__getitem__) if models else None
+    return BatchEstimate(tokens_in, cap, nanos, priced, model, len(parsed))
+
+
+def anthropic_requests(body: bytes) -> list[ParsedRequest]:
+    """Each request of a message batch, parsed as a Messages call; MeterRequestError for a
+    batch the API would refuse whole (no `requests` array, a request with no params)."""
+    found = []
+    for i, request in enumerate(req_list(parse_body(body), "requests")):
+        params = request.get("params") if isinstance(request, dict) else None
+        if not isinstance(params, dict):
+            raise MeterRequestError(f"requests[{i}].params is missing; expected an object")
+        try:
+            found.append(anthropic.parse_request(params, None, False))
+        except MeterRequestError as exc:
+            raise MeterRequestError(f"requests[{i}].params: {exc}") from None
+    return found
+
+
+def openai_input_file(body: bytes, boundary: str | None) -> list[ParsedRequest] | None:
+    """The requests of a batch input file being uploaded, or None for an upload that is no
+    batch input (another purpose, a form drawdown cannot read: passed on as a $0 step, as
+    before). A line the API could not run bills nothing, so it is left out."""
+    try:
+        form = parse_form(body, frozenset({"file"}), boundary)
+    except MeterRequestError:
+        return None
+    content = form.upload("file")
+    if form.fields.get("purpose") != "batch" or content is None:
+        return None
+    return list(_openai_lines(content))
+
+
+def _openai_lines(content: bytes) -> Iterator[ParsedRequest]:
+    for line in content.splitlines():
+        obj = loads(line) if line.strip() else None
+        if not isinstance(obj, dict) or not isinstance(obj.get("body"), dict):
+            continue
+        url = obj.get("url")
+        endpoint, _ = openai.route("POST", url.split("?", 1)[0] if isinstance(url, str) else "")
+        if endpoint not in _OPENAI_METERED:
+            continue
+        try:
+            yield openai.parse_request(endpoint, obj["body"], None, b"")
+        except MeterRequestError:
+            continue
+
+
+def openai_input_file_id(body: bytes) -> str | None:
+    """The input file a `POST /v1/batches` names."""
+    obj = loads(body)
+    file_id = obj.get("input_file_id") if isinstance(obj, dict) else None
+    return file_id if isinstance(file_id, str) else None
+
+
+def uploaded_file_id(answer: bytes) -> str | None:
+    """The id an upload's answer names (`{"id": "file-…", "object": "file", …}`)."""
+    obj = loads(answer)
+    if not isinstance(obj, dict) or obj.get("object") not in (None, "file"):
+        return None
+    file_id = obj.get("id")
+    return file_id if isinstance(file_id, str) else None
+
+
+class BatchInputs:
+    """The estimates of the batch input files this proxy saw uploaded, by upstream and file
+    id, for the batch that names one. Per proxy process, from its start; bounded (past LIMIT
+    it starts again). A file uploaded through another worker or before a restart is not
+    known here: its batch is held at $0 (its results are still charged)."""
+
+    LIMIT = 4096
+
+    def __init__(self) -> None:
+        self._by_origin: dict[str, dict[str, BatchEstimate]] = {}
+        self._count = 0
+
+    def of(self, origin: str) -> Mapping[str, BatchEstimate] | None:
+        return self._by_origin.get(origin)
+
+    def learn(self, origin: str, file_id: str, batch: BatchEstimate) -> None:
+        if self._count >= self.LIMIT:
+            self._by_origin, self._count = {}, 0
+        self._count += 1
+        self._by_origin.setdefault(origin, {})[file_id] = batch
