@@ -377,3 +377,58 @@ def test_replay_holds_a_results_download_at_zero_as_the_proxy_does(
     standin.clear()
     live = drawdown_proxy(tight, db=tmp_path / "live.db")
     assert _batch_calls_results_call(live) == [200, 200, 200, 200, 402]
+
+
+def test_a_gemini_batch_is_held_when_created_and_charged_once_when_read_done(
+    drawdown_proxy: Factory, standin: StandIn
+) -> None:
+    """google-genai's batch mode: the batch names its requests inline (held at their estimate
+    at the batch price), and reading the batch once it is done returns their responses, each
+    with its usage: charged the first time, $0 after."""
+    policy = POLICY.replace(
+        "budgets:",
+        "  - kind: llm\n    provider: gemini\n    match: {host: generativelanguage.googleapis.com}\n"
+        "budgets:",
+    )
+    proxy = drawdown_proxy(policy)
+    headers = run_header("gem")
+    from google.genai import types as genai_types
+
+    options = genai_types.HttpOptions(headers=headers)
+    with proxy.genai_client(headers=headers) as client:
+        job = client.batches.create(
+            model="gemini-2.5-flash",
+            src=[
+                {
+                    "contents": [{"role": "user", "parts": [{"text": q}]}],
+                    "config": {"max_output_tokens": 64},
+                }
+                for q in QUESTIONS
+            ],
+            config={"http_options": options},
+        )
+        assert job.name is not None
+        done = client.batches.get(name=job.name, config={"http_options": options})
+        again = client.batches.get(name=job.name, config={"http_options": options})
+    assert done.dest is not None and done.dest.inlined_responses is not None
+    assert len(done.dest.inlined_responses) == len(QUESTIONS)
+    assert again.dest is not None and again.dest.inlined_responses is not None
+    stored = standin.batches.batches[job.name.split("/")[-1]]
+    total = Decimal(0)
+    for model, usage in stored.usages:
+        total += genai_prices.calc_price(
+            genai_prices.Usage(
+                input_tokens=usage["promptTokenCount"], output_tokens=usage["candidatesTokenCount"]
+            ),
+            model,
+            provider_id="google",
+            price_context=BATCH,
+        ).total_price
+    usd = int((total * 1_000_000_000).to_integral_value(rounding=ROUND_CEILING))
+    created, first, second = proxy.query(
+        "SELECT est_usd, actual_usd, note FROM decisions WHERE path LIKE '%batch%' ORDER BY ts, id"
+    )
+    assert created[0] > usd and created[1] == 0  # held at its estimate, charging nothing
+    assert first[1] == usd and first[2] is None
+    assert second[1] == 0 and second[2].startswith("already charged by request")
+    assert run_spent(proxy, "gem") == (usd, 3)

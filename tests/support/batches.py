@@ -193,6 +193,71 @@ class BatchStore:
         return "".join(json.dumps(line) + "\n" for line in batch.lines).encode()
 
 
+def run_gemini(store: BatchStore, model: str, body: dict[str, Any]) -> dict[str, Any]:
+    """POST …/models/{model}:batchGenerateContent: every inline request answered at once."""
+    batch = Batch(
+        id=store._next_id("batch"),
+        provider="gemini",
+        created_at=int(time.time()),
+        lines=[],
+        endpoint=model,  # the model the path names
+    )
+    config = (body.get("batch") or {}).get("inputConfig") or {}
+    for item in (config.get("requests") or {}).get("requests") or []:
+        request = item.get("request") or {}
+        named = str(request.get("model") or model).rsplit("/", 1)[-1]
+        plan = wire.plan_reply("gemini.generate", request, store._reply_text())
+        usage = wire.gemini_usage(plan.input_tokens, plan.output_tokens)
+        response = json.loads(
+            wire.gemini_json(
+                model=named,
+                text=plan.text,
+                usage=usage,
+                finish_reason="MAX_TOKENS" if plan.truncated else "STOP",
+                response_id=store._next_id("standin"),
+            )
+        )
+        batch.lines.append({"response": response, "metadata": item.get("metadata") or {}})
+        batch.usages.append((named, usage))
+    with store._lock:
+        store.batches[batch.id] = batch
+    found = gemini_batch(store, batch.id)
+    assert found is not None
+    return found
+
+
+def gemini_batch(store: BatchStore, batch_id: str) -> dict[str, Any] | None:
+    """GET /v1beta/batches/{id}: the operation, with its inlined responses (it is done)."""
+    batch = store.batches.get(batch_id)
+    if batch is None:
+        return None
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(batch.created_at))
+    output = {"inlinedResponses": {"inlinedResponses": batch.lines}}
+    return {
+        "name": f"batches/{batch.id}",
+        "metadata": {
+            "@type": "type.googleapis.com/google.ai.generativelanguage.v1main.GenerateContentBatch",
+            "model": f"models/{batch.endpoint}",
+            "displayName": batch.id,
+            "createTime": stamp,
+            "updateTime": stamp,
+            "endTime": stamp,
+            "batchStats": {
+                "requestCount": str(len(batch.lines)),
+                "successfulRequestCount": str(len(batch.lines)),
+            },
+            "state": "BATCH_STATE_SUCCEEDED",
+            "name": f"batches/{batch.id}",
+            "output": output,
+        },
+        "done": True,
+        "response": {
+            "@type": "type.googleapis.com/google.ai.generativelanguage.v1main.GenerateContentBatchOutput",
+            **output,
+        },
+    }
+
+
 def _file_object(file_id: str, filename: str, purpose: str, size: int) -> dict[str, Any]:
     return {
         "id": file_id,

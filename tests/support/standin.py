@@ -47,7 +47,7 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from . import wire
-from .batches import BatchStore
+from .batches import BatchStore, gemini_batch, run_gemini
 from .recorded import Recorded, load_recorded
 from .tls import TlsMaterial
 
@@ -809,6 +809,11 @@ class StandIn:
                     self._gemini,
                     methods=post,
                 ),
+                Route(
+                    f"/{gemini_versions}/batches/{{batch_id}}",
+                    self._gemini_batch_get,
+                    methods=["GET"],
+                ),
                 Route("/model/{model:path}/{operation}", self._bedrock, methods=post),
                 Route("/{rest:path}", self._generic, methods=_ALL_METHODS),
             ]
@@ -1207,6 +1212,10 @@ class StandIn:
                 indent=2,
             ).encode()
             return self._json_reply(entry, payload, None, content_type=ctype)
+        if action == "batchGenerateContent":
+            entry.reply_kind = "batch"
+            found = run_gemini(self.batches, model, body)
+            return self._json_reply(entry, json.dumps(found).encode(), None, content_type=ctype)
         if action not in ("generateContent", "streamGenerateContent"):
             err = wire.gemini_error(404, f"Method {action} not found.", "NOT_FOUND")
             return self._json_reply(entry, err, None, status=404, content_type=ctype)
@@ -1399,6 +1408,8 @@ class StandIn:
 
     async def _openai_batch_get(self, request: Request) -> Response:
         entry: LoggedRequest = request.scope[_ENTRY]
+        if (entry.host or "").startswith("generativelanguage."):  # Gemini's /v1/batches/{id}
+            return await self._gemini_batch_get(request)
         found = self.batches.openai_batch(request.path_params["batch_id"])
         return self._object_reply(
             entry, found, wire.openai_error("No such Batch", code="not_found")
@@ -1435,6 +1446,12 @@ class StandIn:
             error = wire.anthropic_error("not_found_error", "batch not found")
             return self._json_reply(entry, error, None, status=404)
         return self._json_reply(entry, content, None, content_type="application/binary")
+
+    async def _gemini_batch_get(self, request: Request) -> Response:
+        entry: LoggedRequest = request.scope[_ENTRY]
+        found = gemini_batch(self.batches, request.path_params["batch_id"])
+        error = wire.gemini_error(404, "Requested entity was not found.", "NOT_FOUND")
+        return self._object_reply(entry, found, error)
 
     async def _generic(self, request: Request) -> Response:
         entry: LoggedRequest = request.scope[_ENTRY]

@@ -390,6 +390,8 @@ def _batch_submission(
         return upload if lines is None else replace(upload, batch=batch_submit.estimate(lines, one))
     if endpoint == batch_submit.ANTHROPIC_SUBMIT:
         batch = batch_submit.estimate(batch_submit.anthropic_requests(body), one)
+    elif endpoint == batch_submit.GEMINI_SUBMIT:
+        batch = batch_submit.estimate(batch_submit.gemini_requests(path, body), one)
     else:  # OpenAI's batch: the estimate of the input file it names, if this proxy saw it
         file_id = batch_submit.openai_input_file_id(body)
         known = batch_inputs.get(file_id) if batch_inputs and file_id else None

@@ -6,7 +6,11 @@ passes through the proxy is the download of its results, which carry each reques
 * OpenAI's Batch API (and Azure's): the output file, `GET …/files/{file_id}/content`, one
   line per request: `{"custom_id", "response": {"status_code", "body": {…, "usage"}}}`;
 * Anthropic's Message Batches API: `GET …/v1/messages/batches/{id}/results`, one line per
-  request: `{"custom_id", "result": {"type": "succeeded", "message": {…, "usage"}}}`.
+  request: `{"custom_id", "result": {"type": "succeeded", "message": {…, "usage"}}}`;
+* Gemini's batch mode: the batch itself, `GET /v1beta/batches/{id}` (read again and again
+  until it is done), whose `metadata.output.inlinedResponses.inlinedResponses[]` hold each
+  `response` with its `usageMetadata` once it is done; or, for a batch whose output is a
+  file, `GET /download/v1beta/files/{id}:download`, one `{"key", "response"}` a line.
 
 Each line is priced on its own at genai-prices' batch price (`processing: batch`, half the
 standard rates) — a per-request price tier (a long prompt's) applies per line, never to the
@@ -19,25 +23,31 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from decimal import Decimal
 from types import MappingProxyType
 from typing import Any
 
-from . import anthropic, openai
-from ._util import Extracted
+from . import anthropic, gemini, openai
+from ._util import Extracted, dig, items, loads
 from .config import MeterConfig, PricePerMillion
 from .prices import price_first_known, to_nanos
 from .types import LLMRequest, Measurement, TokenUsage
 
 OPENAI_FILE_CONTENT = "files.content"
 ANTHROPIC_BATCH_RESULTS = "messages.batches.results"
-ENDPOINTS = frozenset({OPENAI_FILE_CONTENT, ANTHROPIC_BATCH_RESULTS})
+GEMINI_BATCH = "batches.get"
+GEMINI_FILE_DOWNLOAD = "files.download"
+ENDPOINTS = frozenset(
+    {OPENAI_FILE_CONTENT, ANTHROPIC_BATCH_RESULTS, GEMINI_BATCH, GEMINI_FILE_DOWNLOAD}
+)
 
 BATCH = MappingProxyType({"processing": "batch"})
 
 _OPENAI_FILE = re.compile(r"/files/([^/]+)/content$")
 _ANTHROPIC_RESULTS = re.compile(r"/v1/messages/batches/([^/]+)/results$")
+_GEMINI_BATCH = re.compile(r"^/v1(?:beta|alpha)?/batches/([^/:]+)$")
+_GEMINI_FILE = re.compile(r"^/download/v1(?:beta|alpha)?/files/([^/:]+):download$")
 
 # The answer's "object" -> the endpoint whose meter reads it (the Batch API's endpoints).
 _OPENAI_OBJECTS = {
@@ -59,6 +69,13 @@ def route(provider: str, method: str, path: str) -> tuple[str, str] | None:
     if provider == "anthropic":
         m = _ANTHROPIC_RESULTS.search(p)
         return (ANTHROPIC_BATCH_RESULTS, m.group(1)) if m else None
+    if provider == "gemini":
+        p = p.replace("%3A", ":").replace("%3a", ":")
+        m = _GEMINI_BATCH.search(p)
+        if m:
+            return GEMINI_BATCH, m.group(1)
+        m = _GEMINI_FILE.search(p)
+        return (GEMINI_FILE_DOWNLOAD, m.group(1)) if m else None
     return None
 
 
@@ -96,7 +113,18 @@ def _lines(body: bytes) -> Iterator[Any]:
                 continue  # a line we cannot read bills nothing we can see
 
 
-def _answer(provider: str, line: Any) -> Extracted | None:
+def _gemini_batch(body: bytes) -> tuple[list[Any], str | None]:
+    """A Gemini batch's inlined responses (none until it is done), and its model."""
+    batch = loads(body)
+    metadata = dig(batch, "metadata")
+    output = dig(metadata, "output") or dig(batch, "response")
+    model = dig(metadata, "model")
+    return items(dig(output, "inlinedResponses", "inlinedResponses")), (
+        model if isinstance(model, str) else None
+    )
+
+
+def _answer(provider: str, line: Any, model: str | None = None) -> Extracted | None:
     """What one line's successful answer reports, else None (errored, canceled, expired)."""
     if not isinstance(line, dict):
         return None
@@ -109,6 +137,11 @@ def _answer(provider: str, line: Any) -> Extracted | None:
             return None
         endpoint = _OPENAI_OBJECTS.get(str(body.get("object")), "chat.completions")
         return openai.extract_json(endpoint, body)
+    if provider == "gemini":  # an inlined response, or a line of the responses file
+        response = line.get("response")
+        if not isinstance(response, dict) or line.get("error") is not None:
+            return None
+        return gemini.extract_json(response, model)
     result = line.get("result")
     if not isinstance(result, dict) or result.get("type") != "succeeded":
         return None
@@ -126,41 +159,47 @@ def measure(
     usage, total, priced, answered = TokenUsage(), Decimal(0), True, 0
     extras: dict[str, int] = {}
     models: dict[str, int] = {}
+    lines: Iterable[Any] = ()
+    model: str | None = None
     if 200 <= status < 300 and status != 206:  # a range of the file: lines cut, not charged
-        for line in _lines(body):
-            ex = _answer(request.provider, line)
-            if ex is None or ex.usage is None:
-                continue
-            answered += 1
-            usd, line_priced = price_first_known(
+        if request.endpoint == GEMINI_BATCH:
+            lines, model = _gemini_batch(body)
+        else:
+            lines = _lines(body)
+    for line in lines:
+        ex = _answer(request.provider, line, model)
+        if ex is None or ex.usage is None:
+            continue
+        answered += 1
+        usd, line_priced = price_first_known(
+            request.provider,
+            (ex.model, model),
+            ex.usage,
+            config,
+            price_override,
+            extras=ex.extras,
+            price_context={**ex.price_context, **BATCH},
+            matched=request.price_provider,
+        )
+        for other_model, other_usage in ex.other_models.items():
+            other_usd, other_priced = price_first_known(
                 request.provider,
-                (ex.model,),
-                ex.usage,
+                (other_model,),
+                other_usage,
                 config,
                 price_override,
-                extras=ex.extras,
-                price_context={**ex.price_context, **BATCH},
+                price_context=BATCH,
                 matched=request.price_provider,
             )
-            for other_model, other_usage in ex.other_models.items():
-                other_usd, other_priced = price_first_known(
-                    request.provider,
-                    (other_model,),
-                    other_usage,
-                    config,
-                    price_override,
-                    price_context=BATCH,
-                    matched=request.price_provider,
-                )
-                usd += other_usd
-                line_priced = line_priced and other_priced
-            total += usd
-            priced = priced and line_priced
-            usage += ex.usage  # as a call's own: its other models' tokens are priced only
-            for name, n in ex.extras.items():
-                extras[name] = extras.get(name, 0) + n
-            if ex.model:
-                models[ex.model] = models.get(ex.model, 0) + 1
+            usd += other_usd
+            line_priced = line_priced and other_priced
+        total += usd
+        priced = priced and line_priced
+        usage += ex.usage  # as a call's own: its other models' tokens are priced only
+        for name, n in ex.extras.items():
+            extras[name] = extras.get(name, 0) + n
+        if ex.model:
+            models[ex.model] = models.get(ex.model, 0) + 1
     return Measurement(
         usage=usage,
         usd_nanos=to_nanos(total),

@@ -9,6 +9,9 @@ left at that moment.
 
 * Anthropic's Message Batches name every request inline: `POST /v1/messages/batches`,
   `{"requests": [{"custom_id", "params": {…a Messages request…}}]}`.
+* Gemini's batch mode names them inline too: `POST …/models/{model}:batchGenerateContent`,
+  `{"batch": {"inputConfig": {"requests": {"requests": [{"request": {…}}]}}}}` (a batch
+  whose input is a file uploaded before is held at $0).
 * OpenAI's Batch API names an input file uploaded before (`POST /v1/files`, purpose
   `batch`, one `{"custom_id", "method", "url", "body"}` a line): its lines are estimated
   as it is uploaded, the estimate is remembered by the file id the upload's answer names
@@ -19,15 +22,16 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
 
-from . import anthropic, openai
-from ._util import ParsedRequest, loads, parse_body, req_list
+from . import anthropic, gemini, openai
+from ._util import ParsedRequest, dig, loads, parse_body, req_list
 from .multipart import parse_form
 from .types import BatchEstimate, MeterRequestError
 
 ANTHROPIC_SUBMIT = "messages.batches"
 OPENAI_SUBMIT = "batches"
 OPENAI_UPLOAD = "files"
-SUBMISSIONS = frozenset({ANTHROPIC_SUBMIT, OPENAI_SUBMIT})
+GEMINI_SUBMIT = "batchGenerateContent"
+SUBMISSIONS = frozenset({ANTHROPIC_SUBMIT, OPENAI_SUBMIT, GEMINI_SUBMIT})
 
 # The endpoints an OpenAI batch may run that drawdown meters (moderations cost nothing).
 _OPENAI_METERED = frozenset({"chat.completions", "responses", "completions", "embeddings"})
@@ -44,7 +48,18 @@ def route(provider: str, method: str, path: str) -> str | None:
         return OPENAI_SUBMIT
     if provider == "openai" and p.endswith("/files"):
         return OPENAI_UPLOAD
+    if provider == "gemini" and gemini_model(p) is not None:
+        return GEMINI_SUBMIT
     return None
+
+
+def gemini_model(path: str) -> str | None:
+    """The model a Gemini `…/models/{model}:batchGenerateContent` path names."""
+    p = path.split("?", 1)[0].rstrip("/").replace("%3A", ":").replace("%3a", ":")
+    if not p.endswith(":batchGenerateContent"):
+        return None
+    _, model = gemini.route("POST", p)
+    return model
 
 
 Estimator = Callable[[ParsedRequest], tuple[int, int, int, bool]]
@@ -77,6 +92,32 @@ def anthropic_requests(body: bytes) -> list[ParsedRequest]:
             found.append(anthropic.parse_request(params, None, False))
         except MeterRequestError as exc:
             raise MeterRequestError(f"requests[{i}].params: {exc}") from None
+    return found
+
+
+def gemini_requests(path: str, body: bytes) -> list[ParsedRequest]:
+    """Each inline request of a Gemini batch, parsed as a generateContent call on the model
+    it names (else the path's); none for a batch whose input is a file."""
+    obj = parse_body(body)
+    batch = obj.get("batch") if isinstance(obj.get("batch"), dict) else obj
+    config = batch.get("inputConfig", batch.get("input_config"))
+    inline = dig(config, "requests", "requests")
+    if inline is None:
+        return []
+    if not isinstance(inline, list):
+        raise MeterRequestError("batch.inputConfig.requests.requests must be an array")
+    default = gemini_model(path) or ""
+    found = []
+    for i, item in enumerate(inline):
+        request = item.get("request") if isinstance(item, dict) else None
+        if not isinstance(request, dict):
+            raise MeterRequestError(f"requests[{i}].request is missing; expected an object")
+        named = request.get("model")
+        model = named.rsplit("/", 1)[-1] if isinstance(named, str) and named else default
+        try:
+            found.append(gemini.parse_request("generateContent", model, request))
+        except MeterRequestError as exc:
+            raise MeterRequestError(f"requests[{i}].request: {exc}") from None
     return found
 
 

@@ -24,6 +24,8 @@ from drawdown.meter import (
 )
 from drawdown.meter.batch_results import (
     ANTHROPIC_BATCH_RESULTS,
+    GEMINI_BATCH,
+    GEMINI_FILE_DOWNLOAD,
     OPENAI_FILE_CONTENT,
     once_key,
     route,
@@ -280,6 +282,11 @@ def test_a_range_of_the_file_is_not_charged() -> None:
         ("anthropic", "GET", "/v1/messages/batches/msgbatch_1", None),  # its status
         ("anthropic", "GET", "/v1/files/file-abc/content", None),
         ("gemini", "GET", "/v1/files/file-abc/content", None),
+        ("gemini", "GET", "/v1beta/batches/b-1", (GEMINI_BATCH, "b-1")),
+        ("gemini", "GET", "/v1/batches/b-1", (GEMINI_BATCH, "b-1")),
+        ("gemini", "GET", "/download/v1beta/files/f-1:download", (GEMINI_FILE_DOWNLOAD, "f-1")),
+        ("gemini", "GET", "/v1beta/batches", None),  # the list
+        ("gemini", "POST", "/v1beta/batches/b-1:cancel", None),
     ],
 )
 def test_which_downloads_are_a_batchs_results(
@@ -441,3 +448,133 @@ def test_what_a_proxy_learns_of_uploaded_batch_inputs_is_bounded() -> None:
     assert dict(inputs.of(OPENAI) or {}) == {"file-next": some}
     assert uploaded_file_id(b'{"id": "file-9", "object": "file"}') == "file-9"
     assert uploaded_file_id(b'{"error": {"message": "no"}}') is None
+
+
+# --- Gemini's batch mode -------------------------------------------------------------------
+
+GEMINI = "https://generativelanguage.googleapis.com"
+
+
+def _gemini_answers() -> list[tuple[str, dict[str, Any]]]:
+    found = []
+    for name in recorded_names("gemini", streamed=False):
+        rec = load_recorded(name)
+        if rec.status == 200 and rec.usage:
+            found.append((rec.manifest["model"], json.loads(rec.response_body)))
+    assert found
+    return found
+
+
+def _gemini_oracle(answers: list[tuple[str, dict[str, Any]]]) -> int:
+    """genai-prices' own batch price of each answer; its extract_usage leaves out Google
+    Search grounding (billed per grounded prompt on Gemini 2.x), added here."""
+    total = Decimal(0)
+    for _, body in answers:
+        extracted = genai_prices.extract_usage(body, provider_id="google")
+        if any(c.get("groundingMetadata") for c in body.get("candidates") or []):
+            extracted.usage.web_searches = 1
+        total += extracted.calc_price(price_context=BATCH).total_price
+    return _nanos(total)
+
+
+def test_a_done_gemini_batch_is_charged_its_inlined_responses_at_the_batch_price() -> None:
+    answers = _gemini_answers()
+    request = _download("gemini", "/v1beta/batches/b-1", GEMINI)
+    assert (request.endpoint, request.billable, request.estimate_usd_nanos) == (
+        GEMINI_BATCH,
+        True,
+        0,
+    )
+    done = {
+        "name": "batches/b-1",
+        "metadata": {
+            "model": "models/gemini-2.5-flash",
+            "state": "BATCH_STATE_SUCCEEDED",
+            "output": {
+                "inlinedResponses": {
+                    "inlinedResponses": [
+                        {"response": body, "metadata": {"key": str(i)}}
+                        for i, (_, body) in enumerate(answers)
+                    ]
+                    + [{"error": {"code": 3, "message": "bad request"}, "metadata": {"key": "x"}}]
+                }
+            },
+        },
+        "done": True,
+    }
+    got = measure_body(request, 200, json.dumps(done).encode(), CONFIG)
+    expected = _gemini_oracle(answers)
+    assert expected - len(answers) <= got.usd_nanos <= expected
+    assert got.answered == len(answers)
+    # Read while it runs, a batch holds no responses: nothing charged, no key taken.
+    running = {"name": "batches/b-1", "metadata": {"state": "BATCH_STATE_RUNNING"}}
+    pending = measure_body(request, 200, json.dumps(running).encode(), CONFIG)
+    assert (pending.usd_nanos, pending.answered) == (0, 0)
+
+
+def test_a_gemini_batchs_responses_file_is_charged_line_by_line() -> None:
+    answers = _gemini_answers()
+    lines = b"".join(
+        json.dumps({"key": str(i), "response": body}).encode() + b"\n"
+        for i, (_, body) in enumerate(answers)
+    )
+    request = _download("gemini", "/download/v1beta/files/f-1:download", GEMINI)
+    got = measure_body(request, 200, lines, CONFIG)
+    expected = _gemini_oracle(answers)
+    assert expected - len(answers) <= got.usd_nanos <= expected
+
+
+def test_a_gemini_batch_is_held_at_its_inline_requests_estimate() -> None:
+    requests = [
+        {
+            "contents": [{"role": "user", "parts": [{"text": "Count the budgets."}]}],
+            "generationConfig": {"maxOutputTokens": 100},
+        },
+        {
+            "model": "models/gemini-2.5-pro",
+            "contents": [{"role": "user", "parts": [{"text": "And the runs?"}]}],
+            "generationConfig": {"maxOutputTokens": 50},
+        },
+    ]
+    body = {
+        "batch": {
+            "displayName": "b",
+            "inputConfig": {
+                "requests": {
+                    "requests": [{"request": r, "metadata": {"key": "k"}} for r in requests]
+                }
+            },
+        }
+    }
+    got = _live("gemini", "/v1beta/models/gemini-2.5-flash:batchGenerateContent", body)
+    each = [
+        _live("gemini", "/v1beta/models/gemini-2.5-flash:generateContent", requests[0]),
+        _live(
+            "gemini",
+            "/v1beta/models/gemini-2.5-pro:generateContent",
+            {k: v for k, v in requests[1].items() if k != "model"},
+        ),
+    ]
+    assert (got.endpoint, got.billable, got.max_output_tokens) == (
+        "batchGenerateContent",
+        True,
+        150,
+    )
+    expected = _batch_price("google", "gemini-2.5-flash", each[0].input_tokens, 100) + _batch_price(
+        "google", "gemini-2.5-pro", each[1].input_tokens, 50
+    )
+    assert got.estimate_usd_nanos == expected
+    # A batch whose input is a file uploaded before: nothing to read, held at $0.
+    by_file = {"batch": {"inputConfig": {"fileName": "files/abc"}}}
+    assert (
+        _live(
+            "gemini", "/v1beta/models/gemini-2.5-flash:batchGenerateContent", by_file
+        ).estimate_usd_nanos
+        == 0
+    )
+    with pytest.raises(MeterRequestError, match=r"requests\[0\]\.request is missing"):
+        _live(
+            "gemini",
+            "/v1beta/models/gemini-2.5-flash:batchGenerateContent",
+            {"batch": {"inputConfig": {"requests": {"requests": [{}]}}}},
+        )
