@@ -232,8 +232,10 @@ def parse(
             _passthrough(provider, openai_realtime.REALTIME, None, method, path), step=True
         )
     endpoint, path_model, path_stream, metered = _route(provider, method, path)
-    if endpoint in batch_results.ENDPOINTS:  # no body: the upstream and the id are the key
-        return batch_results.request(provider, endpoint, None, None)
+    if endpoint in batch_results.ENDPOINTS:  # nothing to estimate: the batch is billed already
+        return replace(
+            _passthrough(provider, endpoint, None, method, path), billable=True, step=False
+        )
     if endpoint in batch_submit.SUBMISSIONS or endpoint == batch_submit.OPENAI_UPLOAD:
         return _passthrough(provider, endpoint, None, method, path)  # see inspect_request
     if provider == "openai" and openai_images.is_images(endpoint):
@@ -397,18 +399,14 @@ def _batch_submission(
         known = batch_inputs.get(file_id) if batch_inputs and file_id else None
         batch = known or BatchEstimate(0, 0, 0, True, None, 0)
     _too_much(batch.input_tokens, batch.max_output_tokens, batch.usd_nanos)
-    return LLMRequest(
-        provider=provider,
-        endpoint=endpoint,
-        model=batch.model,
-        stream=False,
+    return replace(
+        _passthrough(provider, endpoint, batch.model, method, path),
         billable=True,
+        step=False,
         input_tokens=batch.input_tokens,
         max_output_tokens=batch.max_output_tokens,
         estimate_usd_nanos=batch.usd_nanos,
         priced=batch.priced,
-        rewritten_body=None,
-        strip_usage_chunk=False,
         price_provider=matched,
         batch=batch,
     )
@@ -498,8 +496,14 @@ def _batch_results_request(
     found = batch_results.route(provider, method, path)
     assert found is not None
     endpoint, resource = found
-    key = batch_results.once_key(origin, endpoint, resource) if origin else None
-    return batch_results.request(provider, endpoint, key, matched)
+    return replace(
+        _passthrough(provider, endpoint, None, method, path),
+        billable=True,
+        step=False,
+        price_provider=matched,
+        # None where the upstream is not known (replay reads what was charged live).
+        once_key=batch_results.once_key(origin, endpoint, resource) if origin else None,
+    )
 
 
 class ServedModels:

@@ -84,26 +84,6 @@ def once_key(origin: str, endpoint: str, resource: str) -> str:
     return f"{origin} {endpoint} {resource}"
 
 
-def request(provider: str, endpoint: str, key: str | None, matched: str | None) -> LLMRequest:
-    """A results download: nothing to estimate (the batch is billed already), its answer
-    metered. `key`: once_key(), None where the upstream is not known (replay)."""
-    return LLMRequest(
-        provider=provider,
-        endpoint=endpoint,
-        model=None,
-        stream=False,
-        billable=True,
-        input_tokens=0,
-        max_output_tokens=0,
-        estimate_usd_nanos=0,
-        priced=True,
-        rewritten_body=None,
-        strip_usage_chunk=False,
-        price_provider=matched,
-        once_key=key,
-    )
-
-
 def _lines(body: bytes) -> Iterator[Any]:
     for line in body.splitlines():
         if line.strip():
