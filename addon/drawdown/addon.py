@@ -1175,7 +1175,9 @@ class Drawdown:
         # count_tokens, a model listing: no step of the agent's, uncharged and unguarded. An
         # image or a speech the meter cannot price per token is a step all the same (llm.step).
         free = state.llm is not None and not state.llm.billable and not state.llm.step
-        if not free:
+        # A Gemini batch read until it is done (its results come with it): polling is no loop.
+        polled = state.llm is not None and meter.polled_until_done(state.llm)
+        if not free and not polled:
             # Before authority: a call denied again and again is a loop too, and replay
             # needs the fingerprint to re-decide it under a policy that would allow it.
             row.fingerprint = fingerprint(kind, view, classification)

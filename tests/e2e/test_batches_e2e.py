@@ -432,3 +432,39 @@ def test_a_gemini_batch_is_held_when_created_and_charged_once_when_read_done(
     assert first[1] == usd and first[2] is None
     assert second[1] == 0 and second[2].startswith("already charged by request")
     assert run_spent(proxy, "gem") == (usd, 3)
+
+
+def test_polling_a_gemini_batch_is_no_loop(drawdown_proxy: Factory, standin: StandIn) -> None:
+    """google-genai's batches.get is read again and again until the batch is done: under a
+    loop guard that refuses a third identical request, the polls all pass (an identical call
+    repeated is still refused), and the batch is charged once."""
+    policy = POLICY.replace(
+        "budgets:",
+        "  - kind: llm\n    provider: gemini\n    match: {host: generativelanguage.googleapis.com}\n"
+        "anomalies:\n  loop: {repeats: 2, retries: 0, on_detect: deny}\n"
+        "budgets:",
+    )
+    proxy = drawdown_proxy(policy)
+    from google.genai import errors as genai_errors
+    from google.genai import types as genai_types
+
+    options = genai_types.HttpOptions(headers=run_header("poller"))
+    with proxy.genai_client(headers=run_header("poller")) as client:
+        job = client.batches.create(
+            model="gemini-2.5-flash",
+            src=[{"contents": [{"role": "user", "parts": [{"text": q}]}]} for q in QUESTIONS],
+            config={"http_options": options},
+        )
+        assert job.name is not None
+        for _ in range(6):
+            polled = client.batches.get(name=job.name, config={"http_options": options})
+            assert polled.dest is not None and polled.dest.inlined_responses is not None
+        for _ in range(2):
+            client.models.generate_content(model="gemini-2.5-flash", contents="Same again?")
+        with pytest.raises(genai_errors.APIError) as refused:
+            client.models.generate_content(model="gemini-2.5-flash", contents="Same again?")
+    assert refused.value.code == 429
+    charged = proxy.query(
+        "SELECT actual_usd FROM decisions WHERE method = 'GET' AND path LIKE '%/batches/%'"
+    )
+    assert len(charged) == 6 and sum(1 for (usd,) in charged if usd > 0) == 1

@@ -6,6 +6,8 @@ Pure Python (no mitmproxy, no network). The proxy uses only this facade:
 * measure_body(...) -> Measurement          a complete response body
 * open_stream_meter(...) -> StreamMeter     a streamed response: feed() / finish() / partial()
 * charging(provider, method, path, model)   "tokens", "step" or "free" (replay asks it)
+* polled_until_done(request)                a read repeated until a job is done (Gemini's
+                                           batch): not fingerprinted, polling is no loop
 * batch_results_download(provider, method, path)  a batch's results: estimated at $0,
                                            charged their answers' usage once (Completion.once)
 * price_usage(...), count_tokens(...), encoding_for(...)
@@ -46,6 +48,7 @@ from .api import (
     inspect_request,
     measure_body,
     open_stream_meter,
+    polled_until_done,
     unread_request,
 )
 from .batch_submit import BatchInputs, uploaded_file_id
@@ -91,6 +94,7 @@ __all__ = [
     "measure_body",
     "open_stream_meter",
     "origin",
+    "polled_until_done",
     "price_providers",
     "price_usage",
     "unread_request",

@@ -96,6 +96,12 @@ def batch_results_download(provider: str, method: str, path: str) -> bool:
     return batch_results.route(provider.lower(), method, path) is not None
 
 
+def polled_until_done(request: LLMRequest) -> bool:
+    """A read an agent repeats until a job is done, whose answer then carries the job's
+    results (Gemini's batch): repeated, it is no loop, so it is not fingerprinted."""
+    return request.endpoint == batch_results.GEMINI_BATCH
+
+
 def _realtime_handshake(provider: str, method: str, path: str) -> bool:
     """The GET that opens an OpenAI Realtime session (a WebSocket upgrade)."""
     return provider == "openai" and method.upper() == "GET" and openai_realtime.is_realtime(path)
