@@ -127,6 +127,20 @@ def _is_llm(row: dict[str, Any]) -> bool:
     return row.get("provider") in LLM_PROVIDERS
 
 
+def _a_models_answer(row: dict[str, Any]) -> bool:
+    """Not a batch's submission: its answer is the job's receipt (a model answers later, and
+    the batch is charged when its results are read), so its speed and its $0 say nothing."""
+    from .meter.api import batch_submission  # as _model_known: the meter only when needed
+
+    provider, method, path = row.get("provider"), row.get("method"), row.get("path")
+    return not (
+        provider in LLM_PROVIDERS
+        and isinstance(method, str)
+        and isinstance(path, str)
+        and batch_submission(provider, method, path)
+    )
+
+
 def _run_of(row: dict[str, Any], kind: str, detail: str, rows: list[dict[str, Any]]) -> Anomaly:
     return Anomaly(
         kind=kind,
@@ -178,6 +192,7 @@ def under_commit(rows: Sequence[dict[str, Any]], detector: Detector) -> list[Ano
         and (r.get("est_usd") or 0) > 0
         and (detector.covers(r.get("action")) if detector.actions else not _is_llm(r))
         and Decimal(r.get("actual_usd") or 0) < ratio * Decimal(r["est_usd"])
+        and _a_models_answer(r)
     ]
     return _once_per_run(
         hits,
@@ -208,6 +223,7 @@ def fast_commit(rows: Sequence[dict[str, Any]], detector: Detector) -> list[Anom
             if detector.actions
             else _is_llm(r) and (r.get("est_usd") or 0) > 0
         )
+        and _a_models_answer(r)
     ]
     return _once_per_run(
         hits,

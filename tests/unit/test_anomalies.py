@@ -344,6 +344,45 @@ def test_fast_commit_on_llm_calls(seed: Seeder, tmp_path: Path) -> None:
     assert "cache.get" in quick["detail"]
 
 
+def test_a_batch_submission_is_no_fast_or_fabricated_answer(seed: Seeder, tmp_path: Path) -> None:
+    """A batch's submission is held at its requests' estimate and answered at once with a
+    receipt, charging nothing: no model answered it, so neither fast_commit nor under_commit
+    reads anything into it; a results download (held at $0) neither."""
+    for provider, model, host, path in (
+        ("anthropic", "claude-haiku-4-5", "api.anthropic.com", "/v1/messages/batches"),
+        ("openai", "gpt-4o-mini", "api.openai.com", "/v1/batches"),
+        (
+            "gemini",
+            "gemini-2.5-flash",
+            "generativelanguage.googleapis.com",
+            "/v1beta/models/gemini-2.5-flash:batchGenerateContent",
+        ),
+    ):
+        seed.call(
+            run="b",
+            provider=provider,
+            model=model,
+            host=host,
+            path=path,
+            est_usd=5_000_000,
+            actual_usd=0,
+            upstream_ms=1.0,
+        )
+    seed.call(
+        run="b",
+        method="GET",
+        path="/v1/files/file-1/content",
+        est_usd=0,
+        actual_usd=900_000,
+        upstream_ms=1.0,
+    )
+    every_llm_call = policy(tmp_path, "anomalies:\n  under_commit: {ratio: 0.1, actions: [llm]}\n")
+    assert found(seed) == [] and found(seed, every_llm_call) == []
+    fast = seed.call(run="c", upstream_ms=1.0, actual_usd=0)  # a live call: both flag it
+    assert {a["kind"] for a in found(seed, every_llm_call)} == {"fast_commit", "under_commit"}
+    assert all(a["evidence"] == [fast.request_id] for a in found(seed, every_llm_call))
+
+
 def test_drift_when_actual_is_far_above_the_estimate(seed: Seeder) -> None:
     over = seed.call(run="r", est_usd=1_000_000, actual_usd=3_000_000)
     seed.call(run="r", est_usd=1_000_000, actual_usd=1_500_000)

@@ -6,6 +6,7 @@ Pure Python (no mitmproxy, no network). The proxy uses only this facade:
 * measure_body(...) -> Measurement          a complete response body
 * open_stream_meter(...) -> StreamMeter     a streamed response: feed() / finish() / partial()
 * charging(provider, method, path, model)   "tokens", "step" or "free" (replay asks it)
+* batch_submission(provider, method, path) a batch submitted: held at its estimate, $0 itself
 * polled_until_done(request)                a read repeated until a job is done (Gemini's
                                            batch): not fingerprinted, polling is no loop
 * batch_results_download(provider, method, path)  a batch's results: estimated at $0,
@@ -44,6 +45,7 @@ from .api import (
     ServedModels,
     StreamMeter,
     batch_results_download,
+    batch_submission,
     charging,
     inspect_request,
     measure_body,
@@ -87,6 +89,7 @@ __all__ = [
     "StreamMeter",
     "TokenUsage",
     "batch_results_download",
+    "batch_submission",
     "charging",
     "count_tokens",
     "encoding_for",

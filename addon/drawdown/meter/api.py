@@ -96,6 +96,12 @@ def batch_results_download(provider: str, method: str, path: str) -> bool:
     return batch_results.route(provider.lower(), method, path) is not None
 
 
+def batch_submission(provider: str, method: str, path: str) -> bool:
+    """A batch job submitted (batch_submit): held at its requests' estimate, charging
+    nothing itself."""
+    return batch_submit.route(provider.lower(), method, path) in batch_submit.SUBMISSIONS
+
+
 def polled_until_done(request: LLMRequest) -> bool:
     """A read an agent repeats until a job is done, whose answer then carries the job's
     results (Gemini's batch): repeated, it is no loop, so it is not fingerprinted."""
