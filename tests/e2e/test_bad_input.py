@@ -57,6 +57,10 @@ IMAGES = "https://api.openai.com/v1/images/generations"
 EDITS = "https://api.openai.com/v1/images/edits"
 ANTHROPIC = "https://api.anthropic.com/v1/messages"
 GEMINI = "https://generativelanguage.googleapis.com/v1beta/models/gemini-2.5-flash:generateContent"
+ANTHROPIC_BATCH = "https://api.anthropic.com/v1/messages/batches"
+GEMINI_BATCH = (
+    "https://generativelanguage.googleapis.com/v1beta/models/gemini-2.5-flash:batchGenerateContent"
+)
 HI = [{"role": "user", "content": "hi"}]
 
 
@@ -122,10 +126,14 @@ BAD_REQUESTS = [
     Bad("anthropic non-UTF-8", ANTHROPIC, b'{"model": "claude-haiku-4-5", "max_tokens": 5, "messages": [{"role": "user", "content": "\xc3\x28"}]}', says="UTF-8"),
     Bad("anthropic max_tokens past the ledger's integers", ANTHROPIC, _json({"model": "claude-haiku-4-5", "max_tokens": 10**19, "messages": HI}), says="past what one call may hold"),
     Bad("anthropic too large", ANTHROPIC, _json({"model": "claude-haiku-4-5", "max_tokens": 5, "messages": [{"role": "user", "content": BIG_PROMPT}]}), status=413, reason="body_too_large"),
+    Bad("anthropic message batch with no requests array", ANTHROPIC_BATCH, _json({"requests": {"custom_id": "a"}}), says="requests must be an array"),
+    Bad("anthropic message batch, a request with no model", ANTHROPIC_BATCH, _json({"requests": [{"custom_id": "a", "params": {"max_tokens": 5, "messages": HI}}]}), says="requests[0].params: model is missing"),
+    Bad("anthropic message batch past the ledger's integers", ANTHROPIC_BATCH, _json({"requests": [{"custom_id": str(i), "params": {"model": "claude-haiku-4-5", "max_tokens": 10**18, "messages": HI}} for i in range(2)]}), says="past what one call may hold"),
     # Gemini (the model is in the path)
     Bad("gemini invalid JSON", GEMINI, b"{contents: [}", says="not valid JSON"),
     Bad("gemini contents not a list", GEMINI, _json({"contents": "hi"}), says="contents"),
     Bad("gemini non-UTF-8", GEMINI, b'{"contents": [{"parts": [{"text": "\xff"}]}]}', says="UTF-8"),
+    Bad("gemini batch, a request that is not an object", GEMINI_BATCH, _json({"batch": {"inputConfig": {"requests": {"requests": ["hi"]}}}}), says="requests[0].request is missing"),
     Bad("gemini too large", GEMINI, _json({"contents": [{"parts": [{"text": BIG_PROMPT}]}]}), status=413, reason="body_too_large"),
 ]
 # fmt: on
@@ -133,11 +141,11 @@ BAD_REQUESTS = [
 
 def error_message(url: str, body: dict) -> str:
     """The message of a provider-shaped error body; asserts the shape."""
-    if url == ANTHROPIC:
+    if url in (ANTHROPIC, ANTHROPIC_BATCH):
         assert body["type"] == "error" and set(body["error"]) == {"type", "message"}
         return body["error"]["message"]
     error = body["error"]
-    if url == GEMINI:
+    if url in (GEMINI, GEMINI_BATCH):
         assert isinstance(error["code"], int) and error["status"] == "INVALID_ARGUMENT"
     else:
         assert error["type"] == "invalid_request_error" and "code" in error
