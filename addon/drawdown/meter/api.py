@@ -28,7 +28,7 @@ from .config import MeterConfig, PricePerMillion, model_family
 from .decode import Decoder, UnsupportedEncoding, make_decoder
 from .multipart import boundary_of
 from .prices import origin as upstream_origin
-from .prices import price_first_known, price_usage, to_nanos, url_provider
+from .prices import price_answer, price_usage, to_nanos, url_provider
 from .sse import SSEParser
 from .tokens import count_texts, count_tokens
 from .types import BatchEstimate, LLMRequest, Measurement, MeterRequestError, TokenUsage
@@ -642,7 +642,7 @@ def _measurement(
             extras.setdefault(key, n)
     elif request.expected_extras and not extras:
         extras.update(request.expected_extras)
-    usd, priced = price_first_known(
+    total, priced = price_answer(
         request.provider,
         (ex.model, request.model),
         usage,
@@ -650,20 +650,9 @@ def _measurement(
         price_override,
         extras=extras,
         price_context=ex.price_context,
+        other_models=ex.other_models,
         matched=request.price_provider,
     )
-    total = usd
-    for other_model, other_usage in ex.other_models.items():
-        other_usd, other_priced = price_first_known(
-            request.provider,
-            (other_model,),
-            other_usage,
-            config,
-            price_override,
-            matched=request.price_provider,
-        )
-        total += other_usd
-        priced = priced and other_priced
     return Measurement(
         usage=usage,
         usd_nanos=to_nanos(total),

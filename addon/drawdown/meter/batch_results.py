@@ -31,7 +31,7 @@ from typing import Any
 from . import anthropic, gemini, openai
 from ._util import Extracted, dig, items, loads
 from .config import MeterConfig, PricePerMillion
-from .prices import price_first_known, to_nanos
+from .prices import price_answer, to_nanos
 from .types import LLMRequest, Measurement, TokenUsage
 
 OPENAI_FILE_CONTENT = "files.content"
@@ -151,7 +151,7 @@ def measure(
         if ex is None or ex.usage is None:
             continue
         answered += 1
-        usd, line_priced = price_first_known(
+        usd, line_priced = price_answer(
             request.provider,
             (ex.model, model),
             ex.usage,
@@ -159,20 +159,10 @@ def measure(
             price_override,
             extras=ex.extras,
             price_context={**ex.price_context, **BATCH},
+            other_models=ex.other_models,
+            other_context=BATCH,
             matched=request.price_provider,
         )
-        for other_model, other_usage in ex.other_models.items():
-            other_usd, other_priced = price_first_known(
-                request.provider,
-                (other_model,),
-                other_usage,
-                config,
-                price_override,
-                price_context=BATCH,
-                matched=request.price_provider,
-            )
-            usd += other_usd
-            line_priced = line_priced and other_priced
         total += usd
         priced = priced and line_priced
         usage += ex.usage  # as a call's own: its other models' tokens are priced only

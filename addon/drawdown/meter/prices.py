@@ -238,6 +238,47 @@ def price_first_known(
     return flat_price(_with_audio_seconds(usage, extras), config.fallback_price), False
 
 
+def price_answer(
+    provider: str,
+    models: Iterable[str | None],
+    usage: TokenUsage,
+    config: MeterConfig,
+    price_override: PricePerMillion | None = None,
+    *,
+    extras: Mapping[str, int] | None = None,
+    price_context: Mapping[str, str] | None = None,
+    other_models: Mapping[str, TokenUsage] | None = None,
+    other_context: Mapping[str, str] | None = None,
+    matched: str | None = None,
+) -> tuple[Decimal, bool]:
+    """USD (exact) and priced flag of one answer: its usage on the first model known
+    (price_first_known), plus the usage it billed on other models (Anthropic's advisor), each
+    on its own, with `other_context`."""
+    total, priced = price_first_known(
+        provider,
+        models,
+        usage,
+        config,
+        price_override,
+        extras=extras,
+        price_context=price_context,
+        matched=matched,
+    )
+    for other_model, other_usage in (other_models or {}).items():
+        other_usd, other_priced = price_first_known(
+            provider,
+            (other_model,),
+            other_usage,
+            config,
+            price_override,
+            price_context=other_context,
+            matched=matched,
+        )
+        total += other_usd
+        priced = priced and other_priced
+    return total, priced
+
+
 def _with_audio_seconds(usage: TokenUsage, extras: Mapping[str, int] | None) -> TokenUsage:
     """A per-token price cannot price seconds of audio: they are counted as input audio
     tokens, lest a transcription on a model genai-prices does not know cost $0."""
