@@ -65,12 +65,19 @@ def _is_step(method: str, path: str, endpoint: str) -> bool:
 
 def _route(provider: str, method: str, path: str) -> tuple[str, str | None, bool, bool]:
     """(endpoint, model or deployment from the path, stream implied by it, metered per token)."""
+    found = _provider_route(provider, method, path)
+    if found[0] != "other":  # a call's own endpoint: no batch path is one (the hot path)
+        return found
     results = batch_results.route(provider, method, path)
     if results is not None:  # a batch's results: the tokens it billed are in the download
         return results[0], None, False, True
     submitted = batch_submit.route(provider, method, path)
     if submitted is not None:  # a batch submitted (held at its estimate), an upload (a step)
         return submitted, None, False, submitted in batch_submit.SUBMISSIONS
+    return found
+
+
+def _provider_route(provider: str, method: str, path: str) -> tuple[str, str | None, bool, bool]:
     if provider == "openai":
         endpoint, model = openai.route(method, path)
         # The Images API, speech and transcription are metered only for a model priced (or
@@ -455,6 +462,8 @@ def inspect_request(
     """
     provider = provider.lower()
     path = path.split("?", 1)[0]
+    # Before the body is read as a call's: an upload's form is read leniently (see
+    # _batch_submission), a batch's body as a batch.
     submitted = batch_submit.route(provider, method, path)
     if submitted is not None:
         return _batch_submission(
