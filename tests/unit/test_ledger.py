@@ -26,8 +26,10 @@ import psycopg
 import pytest
 from drawdown.ledger import open_ledger
 from drawdown.ledger.api import (
+    BATCH_HOLDER,
     SCHEMA_VERSION,
     Amount,
+    BatchHold,
     Claim,
     Completion,
     DecisionRow,
@@ -39,6 +41,7 @@ from drawdown.ledger.api import (
     ReserveOutcome,
 )
 from drawdown.ledger.dsn import redact_dsn
+from drawdown.ledger.integrity import verify
 from drawdown.ledger.postgres import PostgresLedger
 from drawdown.ledger.reader import Reader
 from drawdown.ledger.sqlite import SQLiteLedger
@@ -433,6 +436,156 @@ def test_processes_reading_the_same_results_charge_them_once(backend: LedgerBack
     assert (got["spent_usd"], got["spent_requests"]) == (500 * 30, 90)
     assert backend.scalar("SELECT COUNT(*) FROM once_charges") == 30
     assert backend.scalar("SELECT COUNT(*) FROM decisions WHERE actual_usd = 500") == 30
+
+
+DAY = 24 * 3600
+
+
+def _submit_batch(ledger: Any, key: str, usd: int, claims: list[Claim]) -> ReserveOutcome:
+    """A batch submitted: held at its estimate, its own request charged, the hold kept."""
+    r = row()
+    outcome = ledger.reserve(r, claims, Amount(usd=usd, requests=1), NOW + 900)
+    assert outcome.decision == "allow", outcome
+    kept = Completion(
+        actual=Amount(requests=1), status=200, batch=BatchHold(key, keep_until=NOW + DAY)
+    )
+    settled = ledger.commit(r.request_id, outcome.hold_id, kept, NOW + 1)
+    assert settled.applied and settled.state == "active"
+    return outcome
+
+
+def _read_batch(
+    ledger: Any, claims: list[Claim], batch: BatchHold, *, usd: int = 0, once: str | None = None
+) -> str:
+    """A $0 read of a batch (its status, or its results charged `usd`), ending or moving it."""
+    r = row()
+    hold = ledger.reserve(r, claims, Amount(requests=1), NOW + 900).hold_id
+    done = Completion(actual=Amount(usd=usd, requests=1), status=200, once=once, batch=batch)
+    ledger.commit(r.request_id, hold, done, NOW + 2)
+    return r.request_id
+
+
+def _reader(backend: LedgerBackend) -> Reader:
+    return Reader(backend.url if backend.kind == "postgres" else str(backend.url))
+
+
+def test_a_batch_stays_held_until_its_results_are_read(backend: LedgerBackend) -> None:
+    """Two batches that each fit the room left must not both be taken: the first is held
+    until its results are read, past its request, its proxy's shutdown and lapsed lease."""
+    claims = [claim(usd=1000), claim("tenant", "tenant:t", usd=5000)]
+    submitter = backend.open(process_id="submitter")
+    submitter.heartbeat(NOW)
+    first = _submit_batch(submitter, "results-of-b1", 600, claims)
+    second = row()
+    refused = submitter.reserve(second, claims, Amount(usd=600, requests=1), NOW + 900)
+    assert refused.decision == "deny" and refused.first.reserved == 600
+    assert submitter.release_mine(NOW + 3, "proxy shut down") == 0
+    submitter.close()
+    other = backend.open(process_id="other")
+    other.heartbeat(NOW + DAY / 2)
+    assert other.sweep(NOW + DAY / 2, lease_seconds=30) == 0  # the submitter's lease lapsed
+    for budget, scope in (("run", "agent:a/run:r1"), ("tenant", "tenant:t")):
+        got = instance(backend, budget, scope)
+        assert (got["reserved_usd"], got["spent_usd"], got["spent_requests"]) == (600, 0, 1)
+    assert backend.rows(
+        "SELECT process_id, expires_at, state FROM holds WHERE id = ?", first.hold_id
+    ) == [(BATCH_HOLDER, NOW + DAY, "active")]
+    reader = _reader(backend)
+    try:
+        assert verify(reader, settled=True) == []  # a batch's hold is no stranded one
+    finally:
+        reader.close()
+    # The results, read: charged at what they report, and the batch's hold released.
+    read = _read_batch(
+        other, claims, BatchHold("results-of-b1", ended=True), usd=300, once="results-of-b1"
+    )
+    for budget, scope in (("run", "agent:a/run:r1"), ("tenant", "tenant:t")):
+        got = instance(backend, budget, scope)
+        assert (got["reserved_usd"], got["spent_usd"], got["spent_requests"]) == (0, 300, 2)
+    assert backend.rows(
+        "SELECT state, settle_reason, actual_requests FROM holds WHERE id = ?", first.hold_id
+    ) == [("released", f"batch ended (request {read})", 1)]
+    assert other.reserve(row(), claims, Amount(usd=600, requests=1), NOW + 900).decision == "allow"
+    # Read again: charged nothing more, and nothing released twice.
+    _read_batch(
+        other, claims, BatchHold("results-of-b1", ended=True), usd=300, once="results-of-b1"
+    )
+    assert instance(backend, "run", "agent:a/run:r1")["reserved_usd"] == 600
+    assert instance(backend, "run", "agent:a/run:r1")["spent_usd"] == 300
+    other.close()
+    reader = _reader(backend)
+    try:
+        assert verify(reader) == []
+    finally:
+        reader.close()
+
+
+def test_a_batch_hold_moves_to_its_output_file_and_ends_with_it(
+    backend: LedgerBackend, ledger: Any
+) -> None:
+    """OpenAI's results are a file named once the batch is done: the status read that names it
+    moves the hold there; reading the batch's status again changes nothing."""
+    claims = [claim(usd=1000)]
+    kept = _submit_batch(ledger, "batch b1", 700, claims)
+    _read_batch(ledger, claims, BatchHold("batch b1"))  # in progress: nothing changes
+    _read_batch(ledger, claims, BatchHold("batch b1", moved_to="file f1"))
+    _read_batch(ledger, claims, BatchHold("batch b1", moved_to="file f1"))  # polled again
+    _read_batch(ledger, claims, BatchHold("batch b1", ended=True))  # the old key: moved
+    assert backend.rows("SELECT key, hold_id FROM batch_holds") == [("file f1", kept.hold_id)]
+    assert instance(backend, "run", "agent:a/run:r1")["reserved_usd"] == 700
+    _read_batch(ledger, claims, BatchHold("file f1", ended=True), usd=400, once="file f1")
+    got = instance(backend, "run", "agent:a/run:r1")
+    assert (got["reserved_usd"], got["spent_usd"]) == (0, 400)
+
+
+def test_a_batch_done_without_results_releases_its_hold(
+    backend: LedgerBackend, ledger: Any
+) -> None:
+    claims = [claim(usd=1000)]
+    kept = _submit_batch(ledger, "batch failed", 800, claims)
+    ledger.run_batch(  # one writer batch: the end and a reserve that needs the room after it
+        [
+            _read_batch_call(ledger, claims, BatchHold("batch failed", ended=True)),
+            ("reserve", (row(), claims, Amount(usd=900, requests=1), NOW + 900)),
+        ]
+    )
+    assert backend.scalar("SELECT state FROM holds WHERE id = ?", kept.hold_id) == "released"
+    got = instance(backend, "run", "agent:a/run:r1")
+    assert (got["reserved_usd"], got["spent_usd"]) == (900, 0)
+
+
+def _read_batch_call(ledger: Any, claims: list[Claim], batch: BatchHold) -> tuple[str, Any]:
+    r = row()
+    hold = ledger.reserve(r, claims, Amount(requests=1), NOW + 900).hold_id
+    return ("commit", (r.request_id, hold, Completion(status=200, batch=batch), NOW + 2))
+
+
+def test_a_batch_hold_ends_at_its_window(backend: LedgerBackend, ledger: Any) -> None:
+    """Results never read through drawdown: the hold lasts the provider's window, no longer;
+    results read later are still charged, and release nothing twice."""
+    claims = [claim(usd=1000)]
+    kept = _submit_batch(ledger, "k", 500, claims)
+    assert ledger.sweep(NOW + DAY - 1, 30) == 0
+    assert ledger.sweep(NOW + DAY + 1, 30) == 1
+    assert backend.rows("SELECT state, settle_reason FROM holds WHERE id = ?", kept.hold_id) == [
+        ("expired", "ttl expired")
+    ]
+    _read_batch(ledger, claims, BatchHold("k", ended=True), usd=250, once="k")
+    got = instance(backend, "run", "agent:a/run:r1")
+    assert (got["reserved_usd"], got["spent_usd"]) == (0, 250)
+
+
+def test_schema_v6_adds_the_batch_holds(backend: LedgerBackend) -> None:
+    backend.open().close()
+    backend.execute("DROP TABLE batch_holds")
+    backend.execute("UPDATE meta SET value = '5' WHERE key = 'schema_version'")
+    ledger = backend.open()
+    try:
+        assert backend.scalar("SELECT value FROM meta WHERE key = 'schema_version'") == "6"
+        kept = _submit_batch(ledger, "k", 500, [claim(usd=1000)])
+        assert backend.rows("SELECT key, hold_id FROM batch_holds") == [("k", kept.hold_id)]
+    finally:
+        ledger.close()
 
 
 def test_the_deciding_shortfall_is_a_lifetime_one_else_the_longest_window(
@@ -1237,7 +1390,9 @@ def test_schema_v5_adds_the_charges_made_once(backend: LedgerBackend) -> None:
     backend.execute("UPDATE meta SET value = '4' WHERE key = 'schema_version'")
     ledger = backend.open()
     try:
-        assert backend.scalar("SELECT value FROM meta WHERE key = 'schema_version'") == "5"
+        assert backend.scalar("SELECT value FROM meta WHERE key = 'schema_version'") == str(
+            SCHEMA_VERSION
+        )
         r = row()
         hold = ledger.reserve(r, [claim(usd=10_000)], Amount(), NOW + 900).hold_id
         ledger.commit(*_batch_results_commit(r.request_id, hold)[1])

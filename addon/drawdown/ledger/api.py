@@ -18,7 +18,7 @@ from typing import Any, Protocol
 from ..money import format_usd
 
 UNITS = ("usd", "tokens", "requests")
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 
 # One statement on both backends: keep the run while the agent is busy, mint after silence.
@@ -358,6 +358,32 @@ class Completion:
     # agent may download again): a later commit under the same key is recorded at $0 and no
     # tokens, its note naming the request that was charged. None: charged as it is.
     once: str | None = None
+    # What the request tells of a batch job: its submission keeps the hold's estimate held
+    # until the batch ends (BatchHold). None: nothing (nearly every request).
+    batch: BatchHold | None = None
+
+
+# The process id of a hold kept for a batch job (BatchHold.keep_until): no proxy's, so neither
+# a lapsed lease nor a proxy's shutdown releases it; its results, its end or its TTL do.
+BATCH_HOLDER = "batch job"
+
+
+@dataclass(frozen=True, slots=True)  # slots: see Amount
+class BatchHold:
+    """A batch job's hold, as a request changes it. A batch is billed upstream as it runs,
+    with no call left to refuse; the estimate held at its submission stays held, under `key`
+    (the key its results will be charged under), until they are read or it ends without
+    results, so a run cannot submit batch after batch each checked against the same room.
+
+    - `keep_until` (a submission's commit): the hold is kept, past its request and its proxy,
+      until then at most (epoch seconds; the provider's completion window).
+    - `moved_to` (a status read): the batch is done, its results to be read under that key.
+    - `ended` (its results read, or done with none to read): the kept hold is released."""
+
+    key: str
+    keep_until: float | None = None
+    moved_to: str | None = None
+    ended: bool = False
 
 
 @dataclass(frozen=True)

@@ -177,7 +177,17 @@ CREATE TABLE IF NOT EXISTS once_charges (
 );
 """
 
-MIGRATIONS: list[str] = [_V1, _V2, _V3, _V4, _V5]
+# As SQLite's v6 (schema.py): holds kept for a batch job until its results are read.
+_V6 = """
+CREATE TABLE IF NOT EXISTS batch_holds (
+    key TEXT PRIMARY KEY,
+    hold_id BIGINT NOT NULL,
+    request_id TEXT NOT NULL,
+    ts DOUBLE PRECISION
+);
+"""
+
+MIGRATIONS: list[str] = [_V1, _V2, _V3, _V4, _V5, _V6]
 assert len(MIGRATIONS) == SCHEMA_VERSION
 
 _LOCK = "SELECT pg_advisory_xact_lock(hashtextextended('drawdown.ledger.migrate:' || current_schema(), 0))"

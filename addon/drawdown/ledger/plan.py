@@ -20,9 +20,11 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .api import (
+    BATCH_HOLDER,
     PROXY_REFUSALS,
     UNITS,
     Amount,
+    BatchHold,
     Claim,
     Completion,
     DecisionRow,
@@ -425,6 +427,20 @@ def once_keys(calls: Sequence[tuple[str, tuple[Any, ...]]]) -> list[str]:
     return sorted(keys) if keys else []
 
 
+def batch_hold_keys(calls: Sequence[tuple[str, tuple[Any, ...]]]) -> list[str]:
+    """The keys of the batch holds the batch's commits keep, move or end (Completion.batch),
+    sorted: the backend reads the holds kept under them, and PostgreSQL locks them as it locks
+    once keys. Nearly every batch has none."""
+    keys: set[str] = set()
+    for name, args in calls:
+        if name == "commit" and isinstance(args[2], Completion) and args[2].batch is not None:
+            batch = args[2].batch
+            keys.add(batch.key)
+            if batch.moved_to is not None:
+                keys.add(batch.moved_to)
+    return sorted(keys) if keys else []
+
+
 def in_order(
     calls: Sequence[tuple[str, tuple[Any, ...]]],
     together: Callable[[list[tuple[str, tuple[Any, ...]]]], list[Any]],
@@ -490,6 +506,14 @@ class Plan:
     # as this plan charges under new ones (written out from once_charges).
     charged_once: dict[str, str] = field(default_factory=dict)
     once_charges: list[tuple[Any, ...]] = field(default_factory=list)
+    # Batch holds (BatchHold) by key: the hold id kept under each key the batch names, read
+    # by the backend (its holds read with the settled ones), and kept as the plan changes them.
+    kept: dict[str, int] = field(default_factory=dict)
+    kept_holds: list[tuple[Any, ...]] = field(default_factory=list)  # (process_id, expires_at, id)
+    new_batch_holds: list[tuple[Any, ...]] = field(
+        default_factory=list
+    )  # (key, hold_id, request_id, ts)
+    moved_batch_holds: list[tuple[Any, ...]] = field(default_factory=list)  # (new key, old key)
 
     # --- what the backend reads in -------------------------------------------------------------
 
@@ -765,17 +789,27 @@ class Plan:
             completion = self.charge_once(request_id, completion, now)
         spent = completion.actual
         actual = (spent.usd, spent.tokens, spent.requests)  # amount(), inline
+        batch = completion.batch
         if hold.state == "active":
             over: list[int] = []
-            self.apply(hold.instance_ids, negate(hold.est), actual, now, over)
-            hold.state, hold.settled_at, hold.actual = "committed", now, list(actual)
-            hold.usage_source, hold.dirty = completion.usage_source, True
+            if batch is not None and batch.keep_until is not None:
+                # A batch submitted: its estimate stays held (BatchHold), its request charged.
+                self.apply(hold.instance_ids, (0, 0, 0), actual, now, over)
+                self.keep(hold, batch, request_id, actual, completion.usage_source, now)
+            else:
+                self.apply(hold.instance_ids, negate(hold.est), actual, now, over)
+                hold.state, hold.settled_at, hold.actual = "committed", now, list(actual)
+                hold.usage_source, hold.dirty = completion.usage_source, True
             overage = self.note_overage(over, request_id, hold_id, now)
             self.complete(request_id, completion, now)
             if completion.facts:  # most have none: no generator made for them
                 self.facts.extend(
                     (f.scope, f.action, f.field, f.value, request_id, now) for f in completion.facts
                 )
+            if batch is not None:
+                self.batch_progress(batch, request_id, now)
+            if hold.state == "active":  # kept for its batch
+                return Settled(True, "active", overage)
             return Settled(True, "committed", overage) if overage else COMMITTED
         if hold.state == "expired" and hold.actual[0] is None:
             # The sweeper released this hold (its proxy looked dead or it outlived its TTL), but the
@@ -793,8 +827,47 @@ class Plan:
             )
             overage = self.note_overage(over, request_id, hold_id, now)
             self.complete(request_id, completion, now)
+            if batch is not None:
+                self.batch_progress(batch, request_id, now)
             return Settled(True, "expired", overage)
         return Settled(False, hold.state)
+
+    def keep(
+        self,
+        hold: Hold,
+        batch: BatchHold,
+        request_id: str,
+        actual: tuple[int, int, int],
+        usage_source: str | None,
+        now: float,
+    ) -> None:
+        """A batch's submission committed: its request is charged, and its hold stays active
+        under the batch's key — no proxy's (BATCH_HOLDER), until `keep_until` at most."""
+        assert batch.keep_until is not None
+        hold.actual, hold.usage_source, hold.dirty = list(actual), usage_source, True
+        hold.process_id, hold.expires_at = BATCH_HOLDER, batch.keep_until
+        self.kept_holds.append((BATCH_HOLDER, batch.keep_until, hold.id))
+        if batch.key not in self.kept:  # a batch id the upstream named twice keeps its first hold
+            self.kept[batch.key] = hold.id
+            self.new_batch_holds.append((batch.key, hold.id, request_id, now))
+
+    def batch_progress(self, batch: BatchHold, request_id: str, now: float) -> None:
+        """A batch's status read or results download: move its kept hold to the key its results
+        will be read under, or release it (read, or done with nothing to read)."""
+        hold_id = self.kept.get(batch.key)
+        if hold_id is None:  # submitted before drawdown kept holds, elsewhere, or ended already
+            return
+        if batch.moved_to is not None and batch.moved_to != batch.key:
+            if batch.moved_to in self.kept:  # its results key is taken: leave it where it is
+                return
+            self.moved_batch_holds.append((batch.moved_to, batch.key))
+            self.kept[batch.moved_to] = self.kept.pop(batch.key)
+        if batch.ended:
+            hold = self.holds.get(hold_id)
+            if hold is not None and hold.state == "active":
+                self.apply(hold.instance_ids, negate(hold.est), (0, 0, 0), now)
+                hold.state, hold.settled_at, hold.dirty = "released", now, True
+                hold.settle_reason = f"batch ended (request {request_id})"
 
     def charge_once(self, request_id: str, completion: Completion, now: float) -> Completion:
         """The completion as charged under its once key: in full the first time, else its

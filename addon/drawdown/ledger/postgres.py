@@ -6,8 +6,9 @@ transaction gets exclusive use of the rows it decides on differs.
 Isolation and locking. Every transaction runs at READ COMMITTED and takes row locks
 (`SELECT … FOR UPDATE`) on every row whose value it decides on, before it decides:
 
-0. the keys its commits charge under at most once (Completion.once: a batch's results),
-   transaction advisory locks in hash order, then the charges already made under them;
+0. the keys its commits charge under at most once (Completion.once: a batch's results) and
+   the keys of the batch holds they change (Completion.batch), transaction advisory locks in
+   hash order, then the charges already made under them and the holds kept under them;
 1. the holds it settles (commit/release), `ORDER BY id`;
 2. the anomaly-guard keys of its reserves (transaction advisory locks, see pg_guards.py);
 3. the budget instances it needs, after creating missing ones with
@@ -99,6 +100,7 @@ from .plan import (
     INSTANCE_COLUMNS,
     Hold,
     Plan,
+    batch_hold_keys,
     decision_rows,
     guarded_reserves,
     in_order,
@@ -268,6 +270,21 @@ SELECT pg_advisory_xact_lock(s.h) FROM (
 ) AS s
 """
 _CHARGED_ONCE = "SELECT key, request_id FROM once_charges WHERE key = ANY(%s)"
+# Batch holds (api.BatchHold), read under the keys' advisory locks (taken with the once keys').
+_KEPT_HOLDS = "SELECT key, hold_id FROM batch_holds WHERE key = ANY(%s)"
+_KEEP_HOLDS = _Bulk(
+    """UPDATE holds AS h SET process_id = v.process_id, expires_at = v.expires_at
+    FROM {rows} WHERE h.id = v.id AND h.state = 'active'""",
+    _columns("process_id:text expires_at:float8 id:bigint"),
+)
+_INSERT_BATCH_HOLDS = _Bulk(
+    "INSERT INTO batch_holds (key, hold_id, request_id, ts) SELECT * FROM {rows}",
+    _columns("key:text hold_id:bigint request_id:text ts:float8"),
+)
+_MOVE_BATCH_HOLDS = _Bulk(
+    "UPDATE batch_holds AS b SET key = v.new_key FROM {rows} WHERE b.key = v.old_key",
+    _columns("new_key:text old_key:text"),
+)
 _INSERT_FACTS = _Bulk(
     "INSERT INTO facts (scope, action, field, value, request_id, ts) SELECT * FROM {rows}",
     _columns("scope:text action:text field:text value:text request_id:text ts:float8"),
@@ -497,10 +514,19 @@ class PostgresLedger:
             # Locks in the global order: once keys, holds, guard keys, instance keys, instances.
             cur_holds = cur_instances = cur_ids = cur_replay = cur_once = None
             once = once_keys(calls)
+            batch_keys = batch_hold_keys(calls)
+            locked = sorted({*once, *batch_keys}) if batch_keys else once
+            if locked:
+                conn.cursor().execute(_LOCK_ONCE, (locked,))
             if once:
-                conn.cursor().execute(_LOCK_ONCE, (once,))
                 cur_once = conn.cursor()
                 cur_once.execute(_CHARGED_ONCE, (once,))
+            if batch_keys:  # the holds kept for these batches: locked with the settled ones
+                cur_kept = conn.cursor()
+                cur_kept.execute(_KEPT_HOLDS, (batch_keys,))
+                pipeline.sync()
+                tx.kept = dict(cur_kept.fetchall())
+                hold_ids = sorted({*hold_ids, *tx.kept.values()})
             if hold_ids:
                 cur_holds = conn.cursor()
                 cur_holds.execute(_LOCK_HOLDS, (hold_ids,))
@@ -619,6 +645,9 @@ class PostgresLedger:
         write(_INSERT_EVENTS, tx.events)
         write(_INSERT_FACTS, tx.facts)
         write(_INSERT_ONCE_CHARGES, tx.once_charges)
+        write(_KEEP_HOLDS, tx.kept_holds, "kept holds vanished")
+        write(_INSERT_BATCH_HOLDS, tx.new_batch_holds)
+        write(_MOVE_BATCH_HOLDS, tx.moved_batch_holds)
         return guards
 
     @staticmethod

@@ -203,7 +203,18 @@ def _v5(db: sqlite_utils.Database) -> None:
     )
 
 
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1, _v2, _v3, _v4, _v5]
+def _v6(db: sqlite_utils.Database) -> None:
+    # Holds kept for a batch job until its results are read (api.BatchHold), by the key its
+    # results are charged under: a status read may move it to the key of its output file.
+    db["batch_holds"].create(
+        {"key": str, "hold_id": int, "request_id": str, "ts": float},
+        pk="key",
+        not_null={"hold_id", "request_id"},
+        if_not_exists=True,
+    )
+
+
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1, _v2, _v3, _v4, _v5, _v6]
 assert len(MIGRATIONS) == SCHEMA_VERSION
 
 

@@ -62,6 +62,7 @@ from .plan import (
     Hold,
     Instance,
     Plan,
+    batch_hold_keys,
     decision_rows,
     guarded_reserves,
     in_order,
@@ -115,6 +116,9 @@ _INSERT_FACT = (
     "INSERT INTO facts (scope, action, field, value, request_id, ts) VALUES (?, ?, ?, ?, ?, ?)"
 )
 _INSERT_ONCE_CHARGE = "INSERT INTO once_charges (key, request_id, ts) VALUES (?, ?, ?)"
+_KEEP_HOLD = "UPDATE holds SET process_id = ?, expires_at = ? WHERE id = ? AND state = 'active'"
+_INSERT_BATCH_HOLD = "INSERT INTO batch_holds (key, hold_id, request_id, ts) VALUES (?, ?, ?, ?)"
+_MOVE_BATCH_HOLD = "UPDATE batch_holds SET key = ? WHERE key = ?"
 
 STEP = agents_own()  # the decision rows the step and loop guards count
 # ...less the failed attempts they forgive (read from the partial index idx_decisions_failed)
@@ -385,6 +389,15 @@ class SQLiteLedger:
                 self._rows = rows
                 return self._planned_until_cut(calls[:cut])  # the same reads: no cut
         hold_ids = settled_hold_ids(calls)
+        batch_keys = batch_hold_keys(calls)
+        if batch_keys:  # the holds kept for the batches these commits read or end
+            plan.kept = dict(
+                conn.execute(
+                    f"SELECT key, hold_id FROM batch_holds WHERE key IN ({_marks(batch_keys)})",
+                    batch_keys,
+                )
+            )
+            hold_ids = sorted(set(hold_ids) | set(plan.kept.values()))
         if rows is not None:
             known_holds = rows.holds
             for i in hold_ids:  # a loop, not a generator: one step per settled hold
@@ -515,6 +528,9 @@ class SQLiteLedger:
         write(_INSERT_EVENT, plan.events)
         write(_INSERT_FACT, plan.facts)
         write(_INSERT_ONCE_CHARGE, plan.once_charges)
+        write(_KEEP_HOLD, plan.kept_holds, "kept holds vanished")
+        write(_INSERT_BATCH_HOLD, plan.new_batch_holds)
+        write(_MOVE_BATCH_HOLD, plan.moved_batch_holds)
 
     # --- public operations (each its own transaction) --------------------------------------
 
