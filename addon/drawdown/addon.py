@@ -44,6 +44,7 @@ from .identity import Caller, Identity, IdleRuns, header_map, identify, identity
 from .ledger import open_ledger
 from .ledger.api import (
     Amount,
+    BatchHold,
     Completion,
     DecisionRow,
     Fact,
@@ -1547,6 +1548,7 @@ class Drawdown:
             await self._settle(flow, state, None, status, f"upstream answered {status}")
             return
         action = state.classification.action if state.classification else None
+        measurement: meter.Measurement | None = None
         if state.realtime is not None:
             # The handshake costs nothing: it was decided (room for one response, the
             # guards), and each response is charged on its own as the session goes on.
@@ -1592,7 +1594,31 @@ class Drawdown:
             completion = Completion(status=status)
         if state.facts and 200 <= status < 300 and not _jsonrpc_error(state, response):
             completion = replace(completion, facts=state.facts)
+        if state.llm is not None and status < 300 and meter.batch_job(state.llm):
+            completion = replace(completion, batch=self._batch_hold(state, response, measurement))
         await self._settle(flow, state, completion, status, None)
+
+    def _batch_hold(
+        self, state: FlowState, response: http.Response, measurement: meter.Measurement | None
+    ) -> BatchHold | None:
+        """What a batch job's answer changes of the hold kept for it: kept from its submission,
+        moved to where its results are, released once they are read (or it ends without)."""
+        llm, view = state.llm, state.view
+        if llm is None or view is None:
+            return None
+        origin = meter.origin(view.scheme, view.host, view.port)
+        # A download's answer is read by its measurement; a submission's or a status read's
+        # is a small JSON object.
+        answer = b"" if llm.once_key is not None else response.get_content(strict=False) or b""
+        progress = meter.batch_progress(llm, origin, answer, measurement)
+        if progress is None:
+            return None
+        return BatchHold(
+            progress.key,
+            keep_until=None if progress.window is None else time.time() + progress.window,
+            moved_to=progress.results_key,
+            ended=progress.ended,
+        )
 
     def _learn_batch_input(self, state: FlowState, response: http.Response) -> None:
         """An OpenAI batch input file uploaded: its estimate, by the id its answer names, for

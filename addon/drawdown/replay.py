@@ -42,6 +42,7 @@ from .authority import evaluate, facts_of
 from .budgets import claims_for
 from .classify import RequestView, classify, unmatched
 from .ledger.api import (
+    BATCH_HOLDER,
     UNITS,
     Amount,
     Claim,
@@ -66,7 +67,8 @@ _COLUMNS = (
     "d.id, d.request_id, d.ts, d.decision, d.reason_code, d.reason, d.scope, d.tenant, d.workflow, "
     "d.agent, d.run, d.action, d.provider, d.model, d.method, d.host, d.path, d.est_usd, "
     "d.est_tokens, d.actual_usd, d.tokens_in, d.tokens_out, d.status, d.fingerprint, d.completed_at, "
-    "h.state AS hold_state, h.est_requests"
+    "h.state AS hold_state, h.est_requests, h.process_id AS hold_process, "
+    "h.settled_at AS hold_settled_at, h.expires_at AS hold_expires_at"
 )
 _FEATURES = ("port", "query", "body_fields", "body", "mcp")
 
@@ -290,10 +292,23 @@ def _forwarded(row: dict[str, Any]) -> bool:
     return row["decision"] != "deny"
 
 
+def _kept(row: dict[str, Any]) -> bool:
+    """A batch's submission whose hold was kept past it, until the batch ended (BatchHold)."""
+    return row.get("hold_process") == BATCH_HOLDER
+
+
+def _held_until(row: dict[str, Any]) -> float | None:
+    """When the request's hold ended live: its completion, or a batch's end (its results
+    read, or its window passed; a batch still held, its window's end)."""
+    if _kept(row):
+        return row.get("hold_settled_at") or row.get("hold_expires_at")
+    return row.get("completed_at")
+
+
 def _succeeded(row: dict[str, Any]) -> bool:
     status = row.get("status")
     return (
-        row.get("hold_state") in ("committed", "expired")
+        (row.get("hold_state") in ("committed", "expired") or _kept(row))
         and status is not None
         and (200 <= int(status) < 300)
     )
@@ -347,7 +362,7 @@ def _decide(sim: Simulation, row: dict[str, Any]) -> Replayed:
                     for name, value in facts_of(policy.authority, each, seen)
                 )
             )
-        done = row.get("completed_at") if _forwarded(row) else None
+        done = _held_until(row) if _forwarded(row) else None
         sim.hold(claims, estimate, done or row["ts"], actual, facts)
         return out
 
@@ -484,7 +499,11 @@ def _actual(row: dict[str, Any], action: Any, estimate: Amount) -> Amount | None
     if not _forwarded(row):
         return estimate  # never ran: assume it costs its estimate
     state = row.get("hold_state")
-    committed = state == "committed" or (state == "expired" and row.get("actual_usd") is not None)
+    committed = (
+        state == "committed"
+        or (state == "expired" and row.get("actual_usd") is not None)
+        or _kept(row)  # its request charged; its batch then held until it ended
+    )
     if not committed:
         return None
     if action is None:

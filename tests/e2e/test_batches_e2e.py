@@ -114,11 +114,12 @@ def test_an_openai_batchs_output_file_is_charged_once_at_the_batch_price(
             completion_window="24h",
             extra_headers=headers,
         )
-        assert client.batches.retrieve(batch.id, extra_headers=headers).status == "completed"
-        assert batch.output_file_id is not None
-        first = client.files.content(batch.output_file_id, extra_headers=headers).content
-        again = client.files.content(batch.output_file_id, extra_headers=headers).content
-    sent = standin.batches.content(batch.output_file_id)
+        assert batch.status == "validating" and batch.output_file_id is None
+        done = client.batches.retrieve(batch.id, extra_headers=headers)
+        assert done.status == "completed" and done.output_file_id is not None
+        first = client.files.content(done.output_file_id, extra_headers=headers).content
+        again = client.files.content(done.output_file_id, extra_headers=headers).content
+    sent = standin.batches.content(done.output_file_id)
     assert first == again == sent  # the SDK got the file as the upstream sent it
     tokens_in, tokens_out, usd = batch_price("openai", standin.batches.batches[batch.id].usages)
     assert usd > 0
@@ -242,38 +243,96 @@ def test_a_batch_past_the_runs_room_is_refused_before_it_is_sent(
     assert 50_000_000 < est < 70_000_000
 
 
-def test_batches_submitted_together_that_overrun_stop_the_run_when_read(
+def run_held(proxy: DrawdownProcess, run: str) -> int:
+    ((usd,),) = proxy.query(
+        "SELECT reserved_usd FROM budget_instances WHERE scope LIKE ?", f"%run:{run}"
+    )
+    return usd
+
+
+def test_a_batch_stays_held_until_its_results_are_read(
+    drawdown_proxy: Factory, standin: StandIn, tmp_path: Path
+) -> None:
+    """A batch is billed upstream as it runs, with no call left to refuse. Its estimate stays
+    held until its results are read — past its request and past a restart of the proxy — so a
+    second batch that fits the room the first left, but not beside it, is refused; once the
+    first's results are read (charged what they cost, far under the estimate), it fits."""
+    db = tmp_path / "held.db"
+    policy = POLICY.replace("usd: 1000}", "usd: 0.004}")
+    proxy = drawdown_proxy(policy, db=db)
+    headers = run_header("overnight")
+    # Each batch: 3 requests of up to 128 output tokens at $7.50 a million, ≈ $0.0029.
+    with proxy.anthropic_client(max_retries=0) as client:
+        first = client.messages.batches.create(requests=claude_batch(), extra_headers=headers)  # type: ignore[arg-type]
+    held = run_held(proxy, "overnight")
+    assert 2_000_000 < held <= 4_000_000  # room for one, not for two
+    ((submitted_est,),) = proxy.query(
+        "SELECT est_usd FROM decisions WHERE path = '/v1/messages/batches'"
+    )
+    assert held == submitted_est
+    proxy.stop()
+    proxy = drawdown_proxy(policy, db=db)  # a deploy: the batch is still running upstream
+    with proxy.anthropic_client(max_retries=0) as client:
+        with pytest.raises(anthropic.APIStatusError) as refused:
+            client.messages.batches.create(requests=claude_batch(), extra_headers=headers)  # type: ignore[arg-type]
+        assert refused.value.status_code == 402 and "held" in str(refused.value)
+        assert standin.count("/v1/messages/batches", "POST") == 1  # the second never sent
+        list(client.messages.batches.results(first.id, extra_headers=headers))
+        usd = batch_price("anthropic", standin.batches.batches[first.id].usages)[2]
+        assert run_spent(proxy, "overnight")[0] == usd < submitted_est / 4
+        assert run_held(proxy, "overnight") == 0
+        second = client.messages.batches.create(requests=claude_batch(), extra_headers=headers)  # type: ignore[arg-type]
+    assert standin.count("/v1/messages/batches", "POST") == 2
+    assert run_held(proxy, "overnight") == submitted_est  # the second's, until it is read
+    ((reason,),) = proxy.query(
+        "SELECT h.settle_reason FROM holds h JOIN decisions d ON d.hold_id = h.id "
+        "WHERE d.path = '/v1/messages/batches' AND d.decision = 'allow' ORDER BY d.ts LIMIT 1"
+    )
+    assert reason.startswith("batch ended (request ")
+    assert second.id in standin.batches.batches
+
+
+def test_an_openai_batch_is_held_while_it_runs_and_released_when_it_fails(
     drawdown_proxy: Factory, standin: StandIn
 ) -> None:
-    """Each batch fits the run's room when submitted; nothing stays held for it, so two
-    submitted together may overrun it. Charged when their results are read, they leave the
-    run over its budget, and its next call is refused."""
-    standin.reply_text = " ".join(["word"] * 120)  # answers that use the output cap
-    proxy = drawdown_proxy(POLICY.replace("usd: 1000}", "usd: 0.004}"))
-    headers = run_header("overnight")
-    with proxy.anthropic_client(max_retries=0) as client:
-        batches = [
-            client.messages.batches.create(requests=claude_batch(), extra_headers=headers)  # type: ignore[arg-type]
-            for _ in range(2)
-        ]
-        for batch in batches:
-            list(client.messages.batches.results(batch.id, extra_headers=headers))
-        with pytest.raises(anthropic.APIStatusError) as refused:
-            client.messages.create(
-                model="claude-sonnet-4-5",
-                max_tokens=16,
-                messages=[{"role": "user", "content": "One more?"}],
-                extra_headers=headers,
-            )
-    assert refused.value.status_code == 402 and "exhausted" in str(refused.value)
-    assert standin.count("/v1/messages", "POST") == 0  # never reached the upstream
-    charged = sum(
-        batch_price("anthropic", standin.batches.batches[b.id].usages)[2] for b in batches
-    )
-    assert charged > 4_000_000  # more than the run's $0.004
-    assert run_spent(proxy, "overnight")[0] == charged
-    held = [r[0] for r in proxy.query("SELECT est_usd FROM decisions WHERE path LIKE '%/batches'")]
-    assert len(held) == 2 and all(0 < h <= 4_000_000 for h in held)
+    """OpenAI names a batch's output file only once it is done: reads of its status while it
+    runs keep its hold; a read that finds it failed, with no output to read, releases it."""
+    proxy = drawdown_proxy(POLICY)
+    headers = run_header("failing")
+    lines = [
+        {
+            "custom_id": f"q{i}",
+            "method": "POST",
+            "url": "/v1/chat/completions",
+            "body": {
+                "model": "gpt-4o-mini",
+                "messages": [{"role": "user", "content": q}],
+                "max_tokens": 64,
+            },
+        }
+        for i, q in enumerate(QUESTIONS)
+    ]
+    data = "".join(json.dumps(line) + "\n" for line in lines).encode()
+    standin.batches.openai_status = "in_progress"
+    with proxy.openai_client() as client:
+        uploaded = client.files.create(
+            file=("q.jsonl", data), purpose="batch", extra_headers=headers
+        )
+        batch = client.batches.create(
+            input_file_id=uploaded.id,
+            endpoint="/v1/chat/completions",
+            completion_window="24h",
+            extra_headers=headers,
+        )
+        ((est,),) = proxy.query("SELECT est_usd FROM decisions WHERE path = '/v1/batches'")
+        assert est > 0 and run_held(proxy, "failing") == est
+        for _ in range(3):
+            assert client.batches.retrieve(batch.id, extra_headers=headers).status == "in_progress"
+        assert run_held(proxy, "failing") == est
+        standin.batches.openai_status = "failed"
+        assert client.batches.retrieve(batch.id, extra_headers=headers).status == "failed"
+    assert run_held(proxy, "failing") == 0
+    assert run_spent(proxy, "failing") == (0, 2)  # the upload and the batch: no charge
 
 
 def test_a_results_download_the_upstream_refuses_charges_nothing_and_leaves_the_key(
@@ -334,13 +393,14 @@ def _batch_calls_results_call(proxy: DrawdownProcess) -> list[int]:
     return statuses
 
 
-def test_replay_holds_a_results_download_at_zero_as_the_proxy_does(
+def test_replay_holds_a_batch_and_its_results_download_as_the_proxy_does(
     drawdown_proxy: Factory, standin: StandIn, tmp_path: Path
 ) -> None:
-    """Replayed under a budget two live calls leave too little room for the batch's cost,
-    the download is let through as it is live (it holds no money) and charged, and the run's
-    next call is the one refused. Held at its actual cost (as replay did), the download
-    itself was refused."""
+    """Replayed under a tight budget, the batch stays held until its results were read live
+    (the call made while it ran is refused), its results download is let through (it holds
+    no money) and charged, and the run's last call is refused — as the proxy decides under
+    that policy. Replay ending the batch's hold with its submission let the second call
+    through; holding the download at its actual cost refused the download itself."""
     standin.reply_text = " ".join(["word"] * 120)  # answers that use the output cap
     recording = tmp_path / "recorded.db"
     recorder = drawdown_proxy(POLICY, db=recording)
@@ -351,16 +411,20 @@ def test_replay_holds_a_results_download_at_zero_as_the_proxy_does(
     recorder.stop()
     # The steps (leaving out the batch's status, which results() reads first: free).
     steps = [
-        (request_id, usd)
-        for request_id, method, path, usd in recorder.query(
-            "SELECT request_id, method, path, actual_usd FROM decisions ORDER BY ts, id"
+        (request_id, est, usd)
+        for request_id, method, path, est, usd in recorder.query(
+            "SELECT request_id, method, path, est_usd, actual_usd FROM decisions ORDER BY ts, id"
         )
         if not (method == "GET" and not path.endswith("/results"))
     ]
-    order, costs = [r[0] for r in steps], [r[1] for r in steps]
-    # The premise: after the two calls, the room left is less than the batch's cost.
+    order = [r[0] for r in steps]
+    ests, costs = [r[1] for r in steps], [r[2] for r in steps]
     limit = 5_000_000
-    assert limit - costs[1] - costs[2] < costs[3] and costs[0] == 0
+    # The premise: the first call fits beside the held batch, the second does not; the
+    # results cost more than the room the first call left; the last call does not fit.
+    assert ests[0] + ests[1] <= limit < ests[0] + costs[1] + ests[2]
+    assert costs[0] == 0 and ests[3] == 0 and costs[3] > 0
+    assert costs[1] + costs[3] + ests[4] > limit
     tight = tmp_path / "tight.yaml"
     tight.write_text(POLICY.replace("usd: 1000}", "usd: 0.005}"))
     result = subprocess.run(
@@ -372,11 +436,11 @@ def test_replay_holds_a_results_download_at_zero_as_the_proxy_does(
         (order.index(b["request_id"]), b["reason_code"])
         for b in json.loads(result.stdout)["blocked"]
     ]
-    assert blocked == [(4, "budget_exhausted")]
+    assert blocked == [(2, "budget_exhausted"), (4, "budget_exhausted")]
     # …as the proxy under that policy decides.
     standin.clear()
     live = drawdown_proxy(tight, db=tmp_path / "live.db")
-    assert _batch_calls_results_call(live) == [200, 200, 200, 200, 402]
+    assert _batch_calls_results_call(live) == [200, 200, 402, 200, 402]
 
 
 def test_a_gemini_batch_is_held_when_created_and_charged_once_when_read_done(

@@ -37,6 +37,9 @@ class BatchStore:
         self._lock = threading.Lock()
         self.files: dict[str, tuple[str, bytes]] = {}  # id -> (purpose, content)
         self.batches: dict[str, Batch] = {}
+        # What reading an OpenAI batch's status says: "completed" (its output file named),
+        # "in_progress" or "failed" (no output file), as a test sets it.
+        self.openai_status = "completed"
 
     # --- OpenAI --------------------------------------------------------------------------
 
@@ -90,13 +93,16 @@ class BatchStore:
         batch.output_file_id = out["id"]
         with self._lock:
             self.batches[batch.id] = batch
-        return self.openai_batch(batch.id)
+        created = self.openai_batch(batch.id, "validating")  # as the API answers a creation
+        return created
 
-    def openai_batch(self, batch_id: str) -> dict[str, Any] | None:
+    def openai_batch(self, batch_id: str, status: str | None = None) -> dict[str, Any] | None:
         batch = self.batches.get(batch_id)
         if batch is None:
             return None
         n = len(batch.lines)
+        status = status or self.openai_status
+        done = status == "completed"
         return {
             "id": batch.id,
             "object": "batch",
@@ -104,19 +110,19 @@ class BatchStore:
             "errors": None,
             "input_file_id": batch.input_file_id,
             "completion_window": "24h",
-            "status": "completed",
-            "output_file_id": batch.output_file_id,
+            "status": status,
+            "output_file_id": batch.output_file_id if done else None,
             "error_file_id": None,
             "created_at": batch.created_at,
             "in_progress_at": batch.created_at,
             "expires_at": batch.created_at + 86400,
-            "finalizing_at": batch.created_at,
-            "completed_at": batch.created_at,
-            "failed_at": None,
+            "finalizing_at": batch.created_at if done else None,
+            "completed_at": batch.created_at if done else None,
+            "failed_at": batch.created_at if status == "failed" else None,
             "expired_at": None,
             "cancelling_at": None,
             "cancelled_at": None,
-            "request_counts": {"total": n, "completed": n, "failed": 0},
+            "request_counts": {"total": n, "completed": n if done else 0, "failed": 0},
             "metadata": None,
         }
 
@@ -221,9 +227,18 @@ def run_gemini(store: BatchStore, model: str, body: dict[str, Any]) -> dict[str,
         batch.usages.append((named, usage))
     with store._lock:
         store.batches[batch.id] = batch
-    found = gemini_batch(store, batch.id)
-    assert found is not None
-    return found
+    # As the API answers a creation: the batch pending, its responses to come.
+    return {
+        "name": f"batches/{batch.id}",
+        "metadata": {
+            "@type": "type.googleapis.com/google.ai.generativelanguage.v1main.GenerateContentBatch",
+            "model": f"models/{batch.endpoint}",
+            "displayName": batch.id,
+            "createTime": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(batch.created_at)),
+            "state": "BATCH_STATE_PENDING",
+            "name": f"batches/{batch.id}",
+        },
+    }
 
 
 def gemini_batch(store: BatchStore, batch_id: str) -> dict[str, Any] | None:

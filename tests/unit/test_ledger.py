@@ -480,6 +480,9 @@ def test_a_batch_stays_held_until_its_results_are_read(backend: LedgerBackend) -
     refused = submitter.reserve(second, claims, Amount(usd=600, requests=1), NOW + 900)
     assert refused.decision == "deny" and refused.first.reserved == 600
     assert submitter.release_mine(NOW + 3, "proxy shut down") == 0
+    # Its request is spent, no longer held: a requests budget counts it once.
+    got = instance(backend, "run", "agent:a/run:r1")
+    assert (got["reserved_requests"], got["spent_requests"]) == (0, 1)
     submitter.close()
     other = backend.open(process_id="other")
     other.heartbeat(NOW + DAY / 2)

@@ -793,8 +793,8 @@ class Plan:
         if hold.state == "active":
             over: list[int] = []
             if batch is not None and batch.keep_until is not None:
-                # A batch submitted: its estimate stays held (BatchHold), its request charged.
-                self.apply(hold.instance_ids, (0, 0, 0), actual, now, over)
+                # A batch submitted: its request is charged, its money and tokens stay held.
+                self.apply(hold.instance_ids, (0, 0, -hold.est[2]), actual, now, over)
                 self.keep(hold, batch, request_id, actual, completion.usage_source, now)
             else:
                 self.apply(hold.instance_ids, negate(hold.est), actual, now, over)
@@ -842,10 +842,12 @@ class Plan:
         now: float,
     ) -> None:
         """A batch's submission committed: its request is charged, and its hold stays active
-        under the batch's key — no proxy's (BATCH_HOLDER), until `keep_until` at most."""
+        on its money and tokens (its request is no longer held) under the batch's key — no
+        proxy's (BATCH_HOLDER), until `keep_until` at most."""
         assert batch.keep_until is not None
         hold.actual, hold.usage_source, hold.dirty = list(actual), usage_source, True
         hold.process_id, hold.expires_at = BATCH_HOLDER, batch.keep_until
+        hold.est = (hold.est[0], hold.est[1], 0)
         self.kept_holds.append((BATCH_HOLDER, batch.keep_until, hold.id))
         if batch.key not in self.kept:  # a batch id the upstream named twice keeps its first hold
             self.kept[batch.key] = hold.id

@@ -273,8 +273,8 @@ _CHARGED_ONCE = "SELECT key, request_id FROM once_charges WHERE key = ANY(%s)"
 # Batch holds (api.BatchHold), read under the keys' advisory locks (taken with the once keys').
 _KEPT_HOLDS = "SELECT key, hold_id FROM batch_holds WHERE key = ANY(%s)"
 _KEEP_HOLDS = _Bulk(
-    """UPDATE holds AS h SET process_id = v.process_id, expires_at = v.expires_at
-    FROM {rows} WHERE h.id = v.id AND h.state = 'active'""",
+    """UPDATE holds AS h SET process_id = v.process_id, expires_at = v.expires_at,
+    est_requests = 0 FROM {rows} WHERE h.id = v.id AND h.state = 'active'""",
     _columns("process_id:text expires_at:float8 id:bigint"),
 )
 _INSERT_BATCH_HOLDS = _Bulk(

@@ -116,7 +116,10 @@ _INSERT_FACT = (
     "INSERT INTO facts (scope, action, field, value, request_id, ts) VALUES (?, ?, ?, ?, ?, ?)"
 )
 _INSERT_ONCE_CHARGE = "INSERT INTO once_charges (key, request_id, ts) VALUES (?, ?, ?)"
-_KEEP_HOLD = "UPDATE holds SET process_id = ?, expires_at = ? WHERE id = ? AND state = 'active'"
+_KEEP_HOLD = (
+    "UPDATE holds SET process_id = ?, expires_at = ?, est_requests = 0 "
+    "WHERE id = ? AND state = 'active'"
+)
 _INSERT_BATCH_HOLD = "INSERT INTO batch_holds (key, hold_id, request_id, ts) VALUES (?, ?, ?, ?)"
 _MOVE_BATCH_HOLD = "UPDATE batch_holds SET key = ? WHERE key = ?"
 

@@ -11,6 +11,8 @@ Pure Python (no mitmproxy, no network). The proxy uses only this facade:
                                            batch): not fingerprinted, polling is no loop
 * batch_results_download(provider, method, path)  a batch's results: estimated at $0,
                                            charged their answers' usage once (Completion.once)
+* batch_job(request), batch_progress(...)   what an answer tells of a batch job: submitted
+                                           (its hold kept), done, ended (Completion.batch)
 * price_usage(...), count_tokens(...), encoding_for(...)
 * origin(scheme, host, port)               the upstream, for inspect_request's `origin=`: a
                                            host genai-prices knows is priced at its prices
@@ -44,6 +46,8 @@ and, when the flow dies before the end (error hook), commit `meter.partial()`.
 from .api import (
     ServedModels,
     StreamMeter,
+    batch_job,
+    batch_progress,
     batch_results_download,
     batch_submission,
     charging,
@@ -57,7 +61,7 @@ from .batch_submit import BatchInputs, uploaded_file_id
 from .config import DEFAULT_FALLBACK_PRICE, DEFAULT_SAFETY_FACTORS, MeterConfig, PricePerMillion
 from .prices import origin, price_providers, price_usage
 from .tokens import count_tokens, encoding_for
-from .types import LLMRequest, Measurement, MeterRequestError, TokenUsage
+from .types import BatchProgress, LLMRequest, Measurement, MeterRequestError, TokenUsage
 
 
 def warm_up(*, bedrock: bool = False) -> None:
@@ -80,6 +84,7 @@ __all__ = [
     "DEFAULT_FALLBACK_PRICE",
     "DEFAULT_SAFETY_FACTORS",
     "BatchInputs",
+    "BatchProgress",
     "LLMRequest",
     "Measurement",
     "MeterConfig",
@@ -88,6 +93,8 @@ __all__ = [
     "ServedModels",
     "StreamMeter",
     "TokenUsage",
+    "batch_job",
+    "batch_progress",
     "batch_results_download",
     "batch_submission",
     "charging",

@@ -31,7 +31,14 @@ from .prices import origin as upstream_origin
 from .prices import price_answer, price_usage, to_nanos, url_provider
 from .sse import SSEParser
 from .tokens import count_texts, count_tokens
-from .types import BatchEstimate, LLMRequest, Measurement, MeterRequestError, TokenUsage
+from .types import (
+    BatchEstimate,
+    BatchProgress,
+    LLMRequest,
+    Measurement,
+    MeterRequestError,
+    TokenUsage,
+)
 
 # A non-SSE body read through a StreamMeter is kept (decoded) up to this size for parsing.
 MAX_BUFFERED_BODY = 64 * 1024 * 1024
@@ -74,6 +81,10 @@ def _route(provider: str, method: str, path: str) -> tuple[str, str | None, bool
     submitted = batch_submit.route(provider, method, path)
     if submitted is not None:  # a batch submitted (held at its estimate), an upload (a step)
         return submitted, None, False, submitted in batch_submit.SUBMISSIONS
+    if (
+        batch_results.status_route(provider, method, path) is not None
+    ):  # free: where its results are
+        return batch_results.OPENAI_BATCH, None, False, False
     return found
 
 
@@ -107,6 +118,32 @@ def batch_submission(provider: str, method: str, path: str) -> bool:
     """A batch job submitted (batch_submit): held at its requests' estimate, charging
     nothing itself."""
     return batch_submit.route(provider.lower(), method, path) in batch_submit.SUBMISSIONS
+
+
+def batch_progress(
+    request: LLMRequest, origin: str, answer: bytes, measurement: Measurement | None
+) -> BatchProgress | None:
+    """What a successful answer tells of the batch job its request concerns — submitted (the
+    key its hold is kept under), done (where its results are), ended — else None. `answer`:
+    a submission's or a status read's (small); a download's is read by its `measurement`."""
+    if request.once_key is not None:
+        return (
+            batch_results.progress(request.once_key, origin, measurement) if measurement else None
+        )
+    if request.batch_key is not None:
+        return batch_results.openai_status(request.batch_key, origin, answer)
+    if request.endpoint in batch_submit.SUBMISSIONS:
+        return batch_submit.submitted(request.endpoint, origin, answer)
+    return None
+
+
+def batch_job(request: LLMRequest) -> bool:
+    """A request batch_progress may find something in (the proxy reads its answer for it)."""
+    return (
+        request.once_key is not None
+        or request.batch_key is not None
+        or request.endpoint in batch_submit.SUBMISSIONS
+    )
 
 
 def polled_until_done(request: LLMRequest) -> bool:
@@ -475,6 +512,11 @@ def inspect_request(
         if parsed.endpoint in batch_results.ENDPOINTS:
             matched = url_provider(origin, path) if origin else None
             return _batch_results_request(provider, method, path, origin, matched)
+        if parsed.endpoint == batch_results.OPENAI_BATCH and origin:
+            batch_id = batch_results.status_route(provider, method, path)
+            assert batch_id is not None
+            key = batch_results.once_key(origin, batch_results.OPENAI_BATCH, batch_id)
+            return replace(parsed, batch_key=key)
         return parsed
     if not inject_include_usage or provider == "bedrock":
         # Bedrock: the body is SigV4-signed, so it is never rewritten (nor a stream's bytes).

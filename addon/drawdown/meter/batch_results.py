@@ -32,9 +32,10 @@ from . import anthropic, gemini, openai
 from ._util import Extracted, dig, items, loads
 from .config import MeterConfig, PricePerMillion
 from .prices import price_answer, to_nanos
-from .types import LLMRequest, Measurement, TokenUsage
+from .types import BatchProgress, LLMRequest, Measurement, TokenUsage
 
 OPENAI_FILE_CONTENT = "files.content"
+OPENAI_BATCH = "batches.retrieve"  # a status read, not a download: where the results will be
 ANTHROPIC_BATCH_RESULTS = "messages.batches.results"
 GEMINI_BATCH = "batches.get"
 GEMINI_FILE_DOWNLOAD = "files.download"
@@ -48,6 +49,12 @@ _OPENAI_FILE = re.compile(r"/files/([^/]+)/content$")
 _ANTHROPIC_RESULTS = re.compile(r"/v1/messages/batches/([^/]+)/results$")
 _GEMINI_BATCH = re.compile(r"^/v1(?:beta|alpha)?/batches/([^/:]+)$")
 _GEMINI_FILE = re.compile(r"^/download/v1(?:beta|alpha)?/files/([^/:]+):download$")
+_OPENAI_BATCH = re.compile(r"/batches/([^/]+)$")
+
+# An OpenAI batch's statuses once it has stopped running: its output file (if any) is final.
+_OPENAI_DONE = frozenset({"completed", "expired", "cancelled", "failed"})
+# A Gemini batch's states once it has stopped running (BATCH_STATE_… or JOB_STATE_…).
+_GEMINI_DONE = ("_SUCCEEDED", "_FAILED", "_CANCELLED", "_EXPIRED")
 
 # The answer's "object" -> the endpoint whose meter reads it (the Batch API's endpoints).
 _OPENAI_OBJECTS = {
@@ -79,6 +86,15 @@ def route(provider: str, method: str, path: str) -> tuple[str, str] | None:
     return None
 
 
+def status_route(provider: str, method: str, path: str) -> str | None:
+    """The batch an OpenAI status read (`GET …/batches/{id}`, Azure's too) names, else None.
+    Anthropic's results say the batch ended; Gemini's status read is its results."""
+    if provider != "openai" or method.upper() != "GET":
+        return None
+    m = _OPENAI_BATCH.search(path.split("?", 1)[0].rstrip("/"))
+    return m.group(1) if m else None
+
+
 def once_key(origin: str, endpoint: str, resource: str) -> str:
     """The key a batch's results are charged under once: the upstream, the kind, the id."""
     return f"{origin} {endpoint} {resource}"
@@ -93,14 +109,23 @@ def _lines(body: bytes) -> Iterator[Any]:
                 continue  # a line we cannot read bills nothing we can see
 
 
-def _gemini_batch(body: bytes) -> tuple[list[Any], str | None]:
-    """A Gemini batch's inlined responses (none until it is done), and its model."""
+def _gemini_batch(body: bytes) -> tuple[list[Any], str | None, bool, str | None]:
+    """A Gemini batch's inlined responses (none until it is done), its model, whether it is
+    done, and the file its responses are in instead (`files/{id}`: the id)."""
     batch = loads(body)
     metadata = dig(batch, "metadata")
     output = dig(metadata, "output") or dig(batch, "response")
     model = dig(metadata, "model")
-    return items(dig(output, "inlinedResponses", "inlinedResponses")), (
-        model if isinstance(model, str) else None
+    state = dig(metadata, "state")
+    done = dig(batch, "done") is True or (isinstance(state, str) and state.endswith(_GEMINI_DONE))
+    responses_file = dig(output, "responsesFile")
+    return (
+        items(dig(output, "inlinedResponses", "inlinedResponses")),
+        model if isinstance(model, str) else None,
+        done,
+        responses_file.rsplit("/", 1)[-1]
+        if done and isinstance(responses_file, str) and responses_file
+        else None,
     )
 
 
@@ -141,11 +166,13 @@ def measure(
     models: dict[str, int] = {}
     lines: Iterable[Any] = ()
     model: str | None = None
+    done, results_file = False, None
     if 200 <= status < 300 and status != 206:  # a range of the file: lines cut, not charged
         if request.endpoint == GEMINI_BATCH:
-            lines, model = _gemini_batch(body)
+            lines, model, done, results_file = _gemini_batch(body)
+            done = done and results_file is None  # its results are read from the file
         else:
-            lines = _lines(body)
+            lines, done = _lines(body), True
     for line in lines:
         ex = _answer(request.provider, line, model)
         if ex is None or ex.usage is None:
@@ -178,7 +205,33 @@ def measure(
         model=_most_answered(models),
         extras=MappingProxyType(extras),
         answered=answered,
+        batch_done=done,
+        results_file=results_file,
     )
+
+
+def progress(key: str, origin: str, measurement: Measurement) -> BatchProgress | None:
+    """What a results download (or a Gemini batch's read) tells of its batch: done, its
+    results read here or none to read; or done with its results in a file, read later."""
+    if measurement.results_file is not None:
+        return BatchProgress(
+            key, results_key=once_key(origin, GEMINI_FILE_DOWNLOAD, measurement.results_file)
+        )
+    return BatchProgress(key, ended=True) if measurement.batch_done else None
+
+
+def openai_status(key: str, origin: str, answer: bytes) -> BatchProgress | None:
+    """What an OpenAI batch object (a status read's answer, or its creation's) tells: done,
+    its results to be read from its output file, or ended with none; else None (running)."""
+    batch = loads(answer)
+    if not isinstance(batch, dict) or batch.get("object") != "batch":
+        return None
+    if batch.get("status") not in _OPENAI_DONE:
+        return None
+    output = batch.get("output_file_id")
+    if isinstance(output, str) and output:
+        return BatchProgress(key, results_key=once_key(origin, OPENAI_FILE_CONTENT, output))
+    return BatchProgress(key, ended=True)  # failed, or nothing answered: no output file
 
 
 def _most_answered(models: Mapping[str, int]) -> str | None:

@@ -3,9 +3,10 @@
 A batch is billed upstream as it runs, with no later call of the agent's to refuse; the one
 moment drawdown can say no is its submission. Each of its requests is estimated as the proxy
 estimates a live call (tiktoken, the output cap), priced at genai-prices' batch price, and
-the sum must fit every budget of the submitting run. The hold ends with the submission (the
-batch's cost is charged when its results are read, batch_results): the check is on the room
-left at that moment.
+the sum must fit every budget of the submitting run. The hold outlives the submission: it is
+kept under the key the batch's results will be charged under (`submitted`), until they are
+read (batch_results), the batch ends without results, or its window passes — so a run cannot
+submit batch after batch, each checked against the same room.
 
 * Anthropic's Message Batches name every request inline: `POST /v1/messages/batches`,
   `{"requests": [{"custom_id", "params": {…a Messages request…}}]}`.
@@ -21,17 +22,24 @@ left at that moment.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import replace
 
-from . import anthropic, gemini, openai
+from . import anthropic, batch_results, gemini, openai
 from ._util import ParsedRequest, dig, loads, parse_body, req_list
 from .multipart import parse_form
-from .types import BatchEstimate, MeterRequestError
+from .types import BatchEstimate, BatchProgress, MeterRequestError
 
 ANTHROPIC_SUBMIT = "messages.batches"
 OPENAI_SUBMIT = "batches"
 OPENAI_UPLOAD = "files"
 GEMINI_SUBMIT = "batchGenerateContent"
 SUBMISSIONS = frozenset({ANTHROPIC_SUBMIT, OPENAI_SUBMIT, GEMINI_SUBMIT})
+
+# How long each provider runs a batch before it expires (OpenAI's and Anthropic's 24 hours,
+# Gemini's 48), and an hour past it for its last results to be written: the longest a
+# submission's hold is kept if its results are never read through drawdown.
+WINDOWS = {ANTHROPIC_SUBMIT: 24 * 3600, OPENAI_SUBMIT: 24 * 3600, GEMINI_SUBMIT: 48 * 3600}
+PAST_WINDOW = 3600
 
 # The endpoints an OpenAI batch may run that drawdown meters (moderations cost nothing).
 _OPENAI_METERED = frozenset({"chat.completions", "responses", "completions", "embeddings"})
@@ -148,6 +156,30 @@ def _openai_lines(content: bytes) -> Iterator[ParsedRequest]:
             yield openai.parse_request(endpoint, obj["body"], None, b"")
         except MeterRequestError:
             continue
+
+
+def submitted(endpoint: str, origin: str, answer: bytes) -> BatchProgress | None:
+    """A batch accepted: the key its results will be charged under (its hold is kept there),
+    from the id its answer names; None for an answer that names none."""
+    obj = loads(answer)
+    if not isinstance(obj, dict):
+        return None
+    window = WINDOWS[endpoint] + PAST_WINDOW
+    if endpoint == GEMINI_SUBMIT:  # an operation named `batches/{id}`
+        name = obj.get("name")
+        if not isinstance(name, str) or not name.startswith("batches/"):
+            return None
+        key = batch_results.once_key(origin, batch_results.GEMINI_BATCH, name.split("/", 1)[1])
+        return BatchProgress(key, window=window)
+    batch_id = obj.get("id")
+    if not isinstance(batch_id, str) or not batch_id:
+        return None
+    if endpoint == ANTHROPIC_SUBMIT:
+        key = batch_results.once_key(origin, batch_results.ANTHROPIC_BATCH_RESULTS, batch_id)
+        return BatchProgress(key, window=window)
+    key = batch_results.once_key(origin, batch_results.OPENAI_BATCH, batch_id)
+    done = batch_results.openai_status(key, origin, answer)  # done already, its output named
+    return replace(done, window=window) if done else BatchProgress(key, window=window)
 
 
 def openai_input_file_id(body: bytes) -> str | None:

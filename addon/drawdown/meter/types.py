@@ -105,6 +105,8 @@ class LLMRequest:
     # A batch job submitted (its requests' estimate, at the batch price), or an OpenAI batch
     # input file uploaded (the estimate the batch naming it is held at): batch_submit.
     batch: BatchEstimate | None = None
+    # An OpenAI batch's status read: the key of the batch it reads (batch_results.progress).
+    batch_key: str | None = None
 
 
 @dataclass(frozen=True)
@@ -122,5 +124,22 @@ class Measurement:
     # Usage billed on *other* models inside the same call (Anthropic advisor iterations),
     # already included in usd_nanos; keyed by model name.
     other_models: Mapping[str, TokenUsage] = field(default_factory=lambda: MappingProxyType({}))
-    # A batch's results (batch_results): how many of its answers reported usage.
+    # A batch's results (batch_results): how many of its answers reported usage; whether the
+    # batch is done (its results read here, or none to read); the file they are in instead
+    # (a Gemini batch whose output is a file, read later).
     answered: int = 0
+    batch_done: bool = False
+    results_file: str | None = None
+
+
+@dataclass(frozen=True)
+class BatchProgress:
+    """What an answer tells of a batch job, for the hold kept until it ends (the ledger's
+    BatchHold): submitted, its results will be charged under `key`, the job running for at
+    most `window` seconds; done, its results to be read under `results_key` instead; or
+    `ended` (its results read, or none to read)."""
+
+    key: str
+    window: float | None = None
+    results_key: str | None = None
+    ended: bool = False

@@ -14,8 +14,10 @@ import genai_prices
 import pytest
 from drawdown.meter import (
     BatchInputs,
+    BatchProgress,
     MeterConfig,
     MeterRequestError,
+    batch_progress,
     charging,
     inspect_request,
     measure_body,
@@ -578,3 +580,94 @@ def test_a_gemini_batch_is_held_at_its_inline_requests_estimate() -> None:
             "/v1beta/models/gemini-2.5-flash:batchGenerateContent",
             {"batch": {"inputConfig": {"requests": {"requests": [{}]}}}},
         )
+
+
+# --- what an answer tells of a batch job: the hold kept until it ends ---------------------
+
+
+def _progress(request: Any, origin: str, answer: dict[str, Any] | bytes, status: int = 200) -> Any:
+    body = answer if isinstance(answer, bytes) else json.dumps(answer).encode()
+    measured = measure_body(request, status, body, CONFIG) if request.billable else None
+    return batch_progress(request, origin, body, measured)
+
+
+def test_a_submission_keeps_its_hold_under_the_key_its_results_are_charged_under() -> None:
+    claude = _live("anthropic", "/v1/messages/batches", {"requests": []})
+    held = _progress(claude, ANTHROPIC, {"id": "msgbatch_1", "type": "message_batch"})
+    results = _download("anthropic", "/v1/messages/batches/msgbatch_1/results", ANTHROPIC)
+    assert held == BatchProgress(results.once_key, window=25 * 3600)
+    gemini = _live("gemini", "/v1beta/models/gemini-2.5-flash:batchGenerateContent", {})
+    pending = {"name": "batches/b-7", "metadata": {"state": "BATCH_STATE_PENDING"}}
+    read = _download("gemini", "/v1beta/batches/b-7", GEMINI)
+    assert _progress(gemini, GEMINI, pending) == BatchProgress(read.once_key, window=49 * 3600)
+    # An answer that names no batch keeps nothing (its hold ends with it, as any call's).
+    assert _progress(claude, ANTHROPIC, {"type": "error"}) is None
+    assert _progress(gemini, GEMINI, b"not json") is None
+
+
+def test_an_openai_batch_is_kept_by_its_id_and_moved_to_its_output_file_when_done() -> None:
+    submit = _live("openai", "/v1/batches", {"input_file_id": "file-in"})
+    status = _download("openai", "/v1/batches/batch_1", OPENAI)
+    assert (status.endpoint, status.billable, status.step) == ("batches.retrieve", False, False)
+    assert status.batch_key == once_key(OPENAI, "batches.retrieve", "batch_1")
+    created = {"id": "batch_1", "object": "batch", "status": "validating", "output_file_id": None}
+    assert _progress(submit, OPENAI, created) == BatchProgress(status.batch_key, window=25 * 3600)
+    for running in ("validating", "in_progress", "finalizing", "cancelling"):
+        assert _progress(status, OPENAI, {**created, "status": running}) is None
+    done = {**created, "status": "completed", "output_file_id": "file-out"}
+    output = _download("openai", "/v1/files/file-out/content", OPENAI)
+    assert _progress(status, OPENAI, done) == BatchProgress(
+        status.batch_key, results_key=output.once_key
+    )
+    for ended in ("failed", "expired", "cancelled"):  # nothing answered: no output file
+        assert _progress(status, OPENAI, {**created, "status": ended}) == BatchProgress(
+            status.batch_key, ended=True
+        )
+    # Expired or cancelled with part of it answered: its output file holds those.
+    partial = {**created, "status": "expired", "output_file_id": "file-out"}
+    assert _progress(status, OPENAI, partial).results_key == output.once_key
+    assert _progress(status, OPENAI, {"object": "list", "data": []}) is None
+    # Done at its creation already (a stand-in that runs at once): kept, and moved.
+    assert _progress(submit, OPENAI, done) == BatchProgress(
+        status.batch_key, window=25 * 3600, results_key=output.once_key
+    )
+
+
+def test_a_results_download_ends_its_batch_whatever_its_answers() -> None:
+    """Read whole, a batch's results end its hold — even when none of its answers succeeded
+    (each errored, canceled or expired line costs nothing, and takes no once key)."""
+    errored = b'{"custom_id": "x", "result": {"type": "errored"}}\n'
+    results = _download("anthropic", "/v1/messages/batches/msgbatch_1/results", ANTHROPIC)
+    assert _progress(results, ANTHROPIC, errored) == BatchProgress(results.once_key, ended=True)
+    output = _download("openai", "/v1/files/file-out/content", OPENAI)
+    body = _openai_file(_answers("openai", "chat-completions"))
+    assert _progress(output, OPENAI, body) == BatchProgress(output.once_key, ended=True)
+    # A range of the file, or an answer refused, is no end of it.
+    assert _progress(output, OPENAI, body, status=206) is None
+
+
+def test_a_gemini_batch_ends_when_done_or_moves_to_its_responses_file() -> None:
+    read = _download("gemini", "/v1beta/batches/b-1", GEMINI)
+    running = {"name": "batches/b-1", "metadata": {"state": "BATCH_STATE_RUNNING"}}
+    assert _progress(read, GEMINI, running) is None
+    for state in ("BATCH_STATE_FAILED", "BATCH_STATE_CANCELLED", "JOB_STATE_EXPIRED"):
+        ended = {"name": "batches/b-1", "metadata": {"state": state}}
+        assert _progress(read, GEMINI, ended) == BatchProgress(read.once_key, ended=True)
+    filed = {
+        "name": "batches/b-1",
+        "metadata": {"state": "BATCH_STATE_SUCCEEDED", "output": {"responsesFile": "files/f-9"}},
+        "done": True,
+    }
+    download = _download("gemini", "/download/v1beta/files/f-9:download", GEMINI)
+    assert _progress(read, GEMINI, filed) == BatchProgress(
+        read.once_key, results_key=download.once_key
+    )
+    inline = {
+        "name": "batches/b-1",
+        "metadata": {
+            "state": "BATCH_STATE_SUCCEEDED",
+            "output": {"inlinedResponses": {"inlinedResponses": []}},
+        },
+        "done": True,
+    }
+    assert _progress(read, GEMINI, inline) == BatchProgress(read.once_key, ended=True)
