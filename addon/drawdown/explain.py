@@ -163,7 +163,7 @@ def explain(
                 "estimate",
                 f"{llm.provider} {llm.endpoint}: a batch's results, held at $0 (the batch was "
                 "billed upstream); charged the usage its answers report at genai-prices' batch "
-                "price, the first time they are read",
+                "price, the first time they are read, and the batch's hold released",
             )
         else:
             batch = llm.batch
@@ -178,6 +178,13 @@ def explain(
                 f"+ up to {llm.max_output_tokens} output{extras} = "
                 f"≈${format_usd(llm.estimate_usd_nanos)}{priced}",
             )
+            if batch is not None and llm.billable:
+                out.add(
+                    "estimate",
+                    "held past the submission, until the batch's results are read or it ends "
+                    "without results (at most its window and an hour): the room it may use "
+                    "stays taken while it runs",
+                )
         if not llm.billable:
             free = not llm.step
             out.add(

@@ -173,8 +173,9 @@ def test_explain_says_a_batchs_results_are_held_at_zero_and_charged_once(
         main(["explain", "--policy", str(policy), "--url", url, "--json", body, "--as-json"]) == 0
     )
     submitted = json.loads(capsys.readouterr().out)
-    (said,) = [text for stage, text in submitted["steps"] if stage == "estimate"]
+    said, held = [text for stage, text in submitted["steps"] if stage == "estimate"]
     assert "a batch of 3 requests at the batch price, most on claude-haiku-4-5" in said
+    assert held.startswith("held past the submission, until the batch's results are read")
     assert submitted["estimate"]["tokens"] > 300 and submitted["estimate"]["usd_nanos"] > 0
 
 
