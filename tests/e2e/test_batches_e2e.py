@@ -47,6 +47,24 @@ def run_header(run: str) -> dict[str, str]:
     return {"X-Drawdown-Run": run}
 
 
+def openai_batch_file(model: str = "gpt-4o-mini", max_tokens: int | None = 64) -> bytes:
+    """A batch input file: one chat request a line, each asking one of QUESTIONS."""
+    lines = [
+        {
+            "custom_id": f"q{i}",
+            "method": "POST",
+            "url": "/v1/chat/completions",
+            "body": {
+                "model": model,
+                "messages": [{"role": "user", "content": question}],
+                **({"max_tokens": max_tokens} if max_tokens is not None else {}),
+            },
+        }
+        for i, question in enumerate(QUESTIONS)
+    ]
+    return "".join(json.dumps(line) + "\n" for line in lines).encode()
+
+
 def batch_price(provider: str, usages: list[tuple[str, dict[str, Any]]]) -> tuple[int, int, int]:
     """(input tokens, output tokens, nano-dollars): each request at genai-prices' batch price."""
     total, tokens_in, tokens_out = Decimal(0), 0, 0
@@ -89,20 +107,7 @@ def test_an_openai_batchs_output_file_is_charged_once_at_the_batch_price(
     drawdown_proxy: Factory, standin: StandIn
 ) -> None:
     proxy = drawdown_proxy(POLICY)
-    lines = [
-        {
-            "custom_id": f"q{i}",
-            "method": "POST",
-            "url": "/v1/chat/completions",
-            "body": {
-                "model": "gpt-4o-mini",
-                "messages": [{"role": "user", "content": question}],
-                "max_tokens": 64,
-            },
-        }
-        for i, question in enumerate(QUESTIONS)
-    ]
-    data = "".join(json.dumps(line) + "\n" for line in lines).encode()
+    data = openai_batch_file()
     headers = run_header("nightly")
     with proxy.openai_client() as client:
         uploaded = client.files.create(
@@ -214,16 +219,7 @@ def test_a_batch_past_the_runs_room_is_refused_before_it_is_sent(
         claude.messages.batches.create(requests=claude_batch(4096), extra_headers=headers)  # type: ignore[arg-type]
     assert refused.value.status_code == 402 and "exhausted" in str(refused.value)
     assert standin.count("/v1/messages/batches", "POST") == 0
-    lines = [
-        {
-            "custom_id": f"q{i}",
-            "method": "POST",
-            "url": "/v1/chat/completions",
-            "body": {"model": "gpt-4o", "messages": [{"role": "user", "content": q}]},
-        }
-        for i, q in enumerate(QUESTIONS)
-    ]
-    data = "".join(json.dumps(line) + "\n" for line in lines).encode()
+    data = openai_batch_file("gpt-4o", max_tokens=None)
     with proxy.openai_client(max_retries=0) as client:
         # Uploading costs nothing; the batch naming the file is held at its lines' estimate
         # (3 × 4,096 default output tokens on gpt-4o at $5 a million: ≈ $0.06).
@@ -299,20 +295,7 @@ def test_an_openai_batch_is_held_while_it_runs_and_released_when_it_fails(
     runs keep its hold; a read that finds it failed, with no output to read, releases it."""
     proxy = drawdown_proxy(POLICY)
     headers = run_header("failing")
-    lines = [
-        {
-            "custom_id": f"q{i}",
-            "method": "POST",
-            "url": "/v1/chat/completions",
-            "body": {
-                "model": "gpt-4o-mini",
-                "messages": [{"role": "user", "content": q}],
-                "max_tokens": 64,
-            },
-        }
-        for i, q in enumerate(QUESTIONS)
-    ]
-    data = "".join(json.dumps(line) + "\n" for line in lines).encode()
+    data = openai_batch_file()
     standin.batches.openai_status = "in_progress"
     with proxy.openai_client() as client:
         uploaded = client.files.create(

@@ -228,16 +228,18 @@ def run_gemini(store: BatchStore, model: str, body: dict[str, Any]) -> dict[str,
     with store._lock:
         store.batches[batch.id] = batch
     # As the API answers a creation: the batch pending, its responses to come.
+    return {"name": f"batches/{batch.id}", "metadata": _gemini_metadata(batch, "PENDING")}
+
+
+def _gemini_metadata(batch: Batch, state: str, **more: Any) -> dict[str, Any]:
     return {
+        "@type": "type.googleapis.com/google.ai.generativelanguage.v1main.GenerateContentBatch",
+        "model": f"models/{batch.endpoint}",
+        "displayName": batch.id,
+        "createTime": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(batch.created_at)),
+        "state": f"BATCH_STATE_{state}",
         "name": f"batches/{batch.id}",
-        "metadata": {
-            "@type": "type.googleapis.com/google.ai.generativelanguage.v1main.GenerateContentBatch",
-            "model": f"models/{batch.endpoint}",
-            "displayName": batch.id,
-            "createTime": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(batch.created_at)),
-            "state": "BATCH_STATE_PENDING",
-            "name": f"batches/{batch.id}",
-        },
+        **more,
     }
 
 
@@ -248,23 +250,20 @@ def gemini_batch(store: BatchStore, batch_id: str) -> dict[str, Any] | None:
         return None
     stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(batch.created_at))
     output = {"inlinedResponses": {"inlinedResponses": batch.lines}}
+    metadata = _gemini_metadata(
+        batch,
+        "SUCCEEDED",
+        updateTime=stamp,
+        endTime=stamp,
+        batchStats={
+            "requestCount": str(len(batch.lines)),
+            "successfulRequestCount": str(len(batch.lines)),
+        },
+        output=output,
+    )
     return {
         "name": f"batches/{batch.id}",
-        "metadata": {
-            "@type": "type.googleapis.com/google.ai.generativelanguage.v1main.GenerateContentBatch",
-            "model": f"models/{batch.endpoint}",
-            "displayName": batch.id,
-            "createTime": stamp,
-            "updateTime": stamp,
-            "endTime": stamp,
-            "batchStats": {
-                "requestCount": str(len(batch.lines)),
-                "successfulRequestCount": str(len(batch.lines)),
-            },
-            "state": "BATCH_STATE_SUCCEEDED",
-            "name": f"batches/{batch.id}",
-            "output": output,
-        },
+        "metadata": metadata,
         "done": True,
         "response": {
             "@type": "type.googleapis.com/google.ai.generativelanguage.v1main.GenerateContentBatchOutput",

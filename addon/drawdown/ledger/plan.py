@@ -416,29 +416,29 @@ def settled_hold_ids(calls: Sequence[tuple[str, tuple[Any, ...]]]) -> list[int]:
     )
 
 
-def once_keys(calls: Sequence[tuple[str, tuple[Any, ...]]]) -> list[str]:
-    """The keys the batch's commits charge under at most once (Completion.once), sorted (the
-    order PostgreSQL locks them in). Most batches have none."""
-    keys = {
-        args[2].once
-        for name, args in calls
-        if name == "commit" and isinstance(args[2], Completion) and args[2].once is not None
-    }
-    return sorted(keys) if keys else []
-
-
-def batch_hold_keys(calls: Sequence[tuple[str, tuple[Any, ...]]]) -> list[str]:
-    """The keys of the batch holds the batch's commits keep, move or end (Completion.batch),
-    sorted: the backend reads the holds kept under them, and PostgreSQL locks them as it locks
-    once keys. Nearly every batch has none."""
-    keys: set[str] = set()
+def commit_keys(calls: Sequence[tuple[str, tuple[Any, ...]]]) -> tuple[list[str], list[str]]:
+    """The keys the batch's commits name, each list sorted (the order PostgreSQL locks them
+    in): those they charge under at most once (Completion.once: a batch's results), and those
+    of the batch holds they keep, move or end (Completion.batch), whose kept holds the backend
+    reads. Nearly every batch has none: one pass, nothing built."""
+    once: set[str] | None = None
+    kept: set[str] | None = None
     for name, args in calls:
-        if name == "commit" and isinstance(args[2], Completion) and args[2].batch is not None:
-            batch = args[2].batch
-            keys.add(batch.key)
+        if name != "commit":
+            continue
+        completion = args[2]
+        if not isinstance(completion, Completion):
+            continue
+        if completion.once is not None:
+            once = once or set()
+            once.add(completion.once)
+        batch = completion.batch
+        if batch is not None:
+            kept = kept or set()
+            kept.add(batch.key)
             if batch.moved_to is not None:
-                keys.add(batch.moved_to)
-    return sorted(keys) if keys else []
+                kept.add(batch.moved_to)
+    return (sorted(once) if once else [], sorted(kept) if kept else [])
 
 
 def in_order(

@@ -100,11 +100,10 @@ from .plan import (
     INSTANCE_COLUMNS,
     Hold,
     Plan,
-    batch_hold_keys,
+    commit_keys,
     decision_rows,
     guarded_reserves,
     in_order,
-    once_keys,
     restore,
     settled_hold_ids,
     snapshot,
@@ -513,8 +512,7 @@ class PostgresLedger:
         with conn.pipeline() as pipeline:
             # Locks in the global order: once keys, holds, guard keys, instance keys, instances.
             cur_holds = cur_instances = cur_ids = cur_replay = cur_once = None
-            once = once_keys(calls)
-            batch_keys = batch_hold_keys(calls)
+            once, batch_keys = commit_keys(calls)
             locked = sorted({*once, *batch_keys}) if batch_keys else once
             if locked:
                 conn.cursor().execute(_LOCK_ONCE, (locked,))

@@ -62,11 +62,10 @@ from .plan import (
     Hold,
     Instance,
     Plan,
-    batch_hold_keys,
+    commit_keys,
     decision_rows,
     guarded_reserves,
     in_order,
-    once_keys,
     restore,
     settled_hold_ids,
     snapshot,
@@ -392,7 +391,7 @@ class SQLiteLedger:
                 self._rows = rows
                 return self._planned_until_cut(calls[:cut])  # the same reads: no cut
         hold_ids = settled_hold_ids(calls)
-        batch_keys = batch_hold_keys(calls)
+        once, batch_keys = commit_keys(calls)
         if batch_keys:  # the holds kept for the batches these commits read or end
             plan.kept = dict(
                 conn.execute(
@@ -427,7 +426,6 @@ class SQLiteLedger:
                 ).fetchone()
             plan.add_instances((found,))
         self._read_held_instances(plan, rows)
-        once = once_keys(calls)
         if once:  # under the write lock: no one else charges under these keys before we commit
             plan.charged_once = dict(
                 conn.execute(
