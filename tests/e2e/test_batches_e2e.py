@@ -174,8 +174,10 @@ def test_anthropic_batch_results_are_charged_once_at_the_batch_price(
     ]
     with proxy.anthropic_client() as client:
         batch = client.messages.batches.create(requests=requests, extra_headers=headers)  # type: ignore[arg-type]
+        assert run_held(proxy, "digest") > 0  # held while it runs
         # The SDK reads the batch for its results_url, then downloads the JSONL from there.
         results = list(client.messages.batches.results(batch.id, extra_headers=headers))
+        assert run_held(proxy, "digest") == 0
         assert [r.result.type for r in results] == ["succeeded"] * len(QUESTIONS)
         assert [r.custom_id for r in results] == ["q0", "q1", "q2"]
         list(client.messages.batches.results(batch.id, extra_headers=headers))
@@ -454,8 +456,11 @@ def test_a_gemini_batch_is_held_when_created_and_charged_once_when_read_done(
             ],
             config={"http_options": options},
         )
-        assert job.name is not None
+        assert job.name is not None and job.state is not None and job.state.name.endswith("PENDING")
+        ((held,),) = proxy.query("SELECT est_usd FROM decisions WHERE path LIKE '%:batch%'")
+        assert held > 0 and run_held(proxy, "gem") == held  # held while it runs
         done = client.batches.get(name=job.name, config={"http_options": options})
+        assert run_held(proxy, "gem") == 0  # read done: its responses charged, the hold ended
         again = client.batches.get(name=job.name, config={"http_options": options})
     assert done.dest is not None and done.dest.inlined_responses is not None
     assert len(done.dest.inlined_responses) == len(QUESTIONS)
