@@ -670,12 +670,13 @@ def cmd_budgets(args: argparse.Namespace) -> int:
     """Every budget instance in the ledger: limit, spent and held per unit."""
     from .ledger.api import UNITS, LedgerError
     from .ledger.dsn import redact_dsn
-    from .ledger.reader import budget_instances
+    from .ledger.reader import budget_instances, held_batches
     from .money import format_usd, usd_float
     from .report import iso_time
 
     try:
         rows = budget_instances(args.db)
+        batches = [] if args.as_json else held_batches(args.db)
     except LedgerError as exc:
         print(f"drawdown: {exc}", file=sys.stderr)
         return 1
@@ -717,6 +718,15 @@ def cmd_budgets(args: argparse.Namespace) -> int:
         if number == 0:
             print("  ".join("-" * w for w in widths))
     print("(spent + held / limit)")
+    if batches:
+        # A batch's estimate stays held until its results are read: say which, or the held
+        # figures above would look stranded.
+        print(f"\nheld for {len(batches)} batch job(s) until their results are read:")
+        for batch in batches:
+            print(
+                f"  {batch['key']}: ${format_usd(batch['est_usd'])}, {batch['est_tokens']} "
+                f"tokens, {batch['scope']}, at most until {iso_time(batch['expires_at'])}"
+            )
     return 0
 
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 from drawdown.cli import UsageError, main, parse_listen
-from drawdown.ledger.api import SCHEMA_VERSION, Amount, Claim, Completion, DecisionRow
+from drawdown.ledger.api import SCHEMA_VERSION, Amount, BatchHold, Claim, Completion, DecisionRow
 from drawdown.ledger.sqlite import SQLiteLedger
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -378,6 +378,38 @@ def test_budgets_and_report_write_a_window_start_alike(
     assert listed["window_start"] == reported["window_start"] == "2026-12-05T00:00:00Z"
     assert main(["budgets", "--db", str(db)]) == 0
     assert "day from 2026-12-05T00:00:00Z" in capsys.readouterr().out
+
+
+def test_budgets_names_the_batch_jobs_held_while_they_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A batch's estimate stays held until its results are read: `drawdown budgets` says for
+    which batch, or the held figure would look stranded."""
+    db = tmp_path / "ledger.db"
+    ledger = SQLiteLedger(db)
+    claim = Claim("run:*", "agent:a/run:r", 10_000_000, None, None)
+    for n, key in enumerate(
+        ("https://api.anthropic.com messages.batches.results msgbatch_1", "k2")
+    ):
+        row = DecisionRow(uuid.uuid4().hex, 1000.0 + n, "allow", "enforce", "agent:a/run:r")
+        hold = ledger.reserve(row, [claim], Amount(usd=2_900_000, tokens=900, requests=1), 5000)
+        kept = BatchHold(key, keep_until=1_796_428_800.0 + n)
+        done = Completion(actual=Amount(requests=1), status=200, batch=kept)
+        ledger.commit(row.request_id, hold.hold_id, done, 1001.0 + n)
+    ended = DecisionRow(uuid.uuid4().hex, 1100.0, "allow", "enforce", "agent:a/run:r")
+    read = ledger.reserve(ended, [claim], Amount(requests=1), 5000)
+    batch_ended = Completion(status=200, batch=BatchHold("k2", ended=True))
+    ledger.commit(ended.request_id, read.hold_id, batch_ended, 1101.0)
+    ledger.close()
+    assert main(["budgets", "--db", str(db)]) == 0
+    out = capsys.readouterr().out
+    assert "held for 1 batch job(s) until their results are read:" in out
+    assert (
+        "  https://api.anthropic.com messages.batches.results msgbatch_1: $0.0029, 900 tokens, "
+        "agent:a/run:r, at most until 2026-12-05T00:00:00Z" in out
+    )
+    assert "k2" not in out  # ended: released
+    assert "0.0000 + 0.0029 / 0.0100" in out  # the held figure it explains
 
 
 def test_report_json_contract(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

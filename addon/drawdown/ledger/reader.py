@@ -57,7 +57,8 @@ class Reader:
 
         # A newer drawdown's ledger may mean other things by the same columns: refused, as by run.
         found = self.query("SELECT value FROM meta WHERE key = 'schema_version'")
-        refuse_newer(int(found[0]["value"]) if found else 0)
+        self.schema_version = int(found[0]["value"]) if found else 0
+        refuse_newer(self.schema_version)
 
     def query(self, sql: str, params: dict[str, Any] | None = None) -> list[dict[str, Any]]:
         params = params or {}
@@ -142,6 +143,22 @@ def budget_instances(url: str) -> list[dict[str, Any]]:
             "SELECT budget, scope, per, window_start, limit_usd, limit_tokens, limit_requests, "
             "spent_usd, spent_tokens, spent_requests, reserved_usd, reserved_tokens, "
             "reserved_requests, updated_at FROM budget_instances ORDER BY budget, scope, window_start"
+        )
+    finally:
+        reader.close()
+
+
+def held_batches(url: str) -> list[dict[str, Any]]:
+    """The batch jobs held while they run (api.BatchHold): the key their results are charged
+    under, the run that submitted them, what is held and until when (`drawdown budgets`)."""
+    reader = Reader(url)
+    try:
+        if reader.schema_version < 6:  # a ledger from before batches were held
+            return []
+        return reader.query(
+            "SELECT b.key, d.scope, h.est_usd, h.est_tokens, h.expires_at FROM batch_holds b "
+            "JOIN holds h ON h.id = b.hold_id JOIN decisions d ON d.request_id = b.request_id "
+            "WHERE h.state = 'active' ORDER BY h.expires_at, b.key"
         )
     finally:
         reader.close()
