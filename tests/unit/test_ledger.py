@@ -557,6 +557,37 @@ def test_a_batch_done_without_results_releases_its_hold(
     assert (got["reserved_usd"], got["spent_usd"]) == (900, 0)
 
 
+def test_a_batch_over_when_submitted_or_submitted_twice_keeps_no_hold(
+    backend: LedgerBackend, ledger: Any
+) -> None:
+    """A submission whose answer says the batch is over already keeps nothing; a batch id the
+    upstream names a second time keeps its first hold, and the second's ends with its call."""
+    claims = [claim(usd=1000)]
+    r = row()
+    hold = ledger.reserve(r, claims, Amount(usd=300, requests=1), NOW + 900).hold_id
+    over = BatchHold("b-over", keep_until=NOW + DAY, ended=True)
+    ledger.commit(r.request_id, hold, Completion(status=200, batch=over), NOW + 1)
+    assert backend.rows("SELECT state, process_id FROM holds WHERE id = ?", hold) == [
+        ("released", ledger.process_id)
+    ]
+    first = _submit_batch(ledger, "b-twice", 200, claims)
+    r = row()
+    again = ledger.reserve(r, claims, Amount(usd=100, requests=1), NOW + 900).hold_id
+    twice = BatchHold("b-twice", keep_until=NOW + DAY)
+    settled = ledger.commit(r.request_id, again, Completion(status=200, batch=twice), NOW + 2)
+    assert settled.state == "committed"
+    assert backend.rows("SELECT key, hold_id FROM batch_holds ORDER BY key") == [
+        ("b-over", hold),
+        ("b-twice", first.hold_id),
+    ]
+    assert instance(backend, "run", "agent:a/run:r1")["reserved_usd"] == 200
+    reader = _reader(backend)
+    try:
+        assert verify(reader, settled=True) == []
+    finally:
+        reader.close()
+
+
 def _read_batch_call(ledger: Any, claims: list[Claim], batch: BatchHold) -> tuple[str, Any]:
     r = row()
     hold = ledger.reserve(r, claims, Amount(requests=1), NOW + 900).hold_id

@@ -792,8 +792,9 @@ class Plan:
         batch = completion.batch
         if hold.state == "active":
             over: list[int] = []
-            if batch is not None and batch.keep_until is not None:
+            if batch is not None and batch.keep_until is not None and batch.key not in self.kept:
                 # A batch submitted: its request is charged, its money and tokens stay held.
+                # (A batch id the upstream named twice keeps its first hold: this one ends.)
                 self.apply(hold.instance_ids, (0, 0, -hold.est[2]), actual, now, over)
                 self.keep(hold, batch, request_id, actual, completion.usage_source, now)
             else:
@@ -849,9 +850,8 @@ class Plan:
         hold.process_id, hold.expires_at = BATCH_HOLDER, batch.keep_until
         hold.est = (hold.est[0], hold.est[1], 0)
         self.kept_holds.append((BATCH_HOLDER, batch.keep_until, hold.id))
-        if batch.key not in self.kept:  # a batch id the upstream named twice keeps its first hold
-            self.kept[batch.key] = hold.id
-            self.new_batch_holds.append((batch.key, hold.id, request_id, now))
+        self.kept[batch.key] = hold.id
+        self.new_batch_holds.append((batch.key, hold.id, request_id, now))
 
     def batch_progress(self, batch: BatchHold, request_id: str, now: float) -> None:
         """A batch's status read or results download: move its kept hold to the key its results
@@ -870,6 +870,9 @@ class Plan:
                 self.apply(hold.instance_ids, negate(hold.est), (0, 0, 0), now)
                 hold.state, hold.settled_at, hold.dirty = "released", now, True
                 hold.settle_reason = f"batch ended (request {request_id})"
+                # Kept and ended by one commit (a batch its creation's answer says is over):
+                # the hold ends here, so nothing hands it to BATCH_HOLDER.
+                self.kept_holds = [k for k in self.kept_holds if k[2] != hold_id]
 
     def charge_once(self, request_id: str, completion: Completion, now: float) -> Completion:
         """The completion as charged under its once key: in full the first time, else its
