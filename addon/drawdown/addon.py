@@ -1243,6 +1243,8 @@ class Drawdown:
         # `stream_usage: false`: the host rejects stream_options, so its streams are counted.
         inject = action.stream_usage
         upstream = meter.origin(view.scheme, view.host, view.port)  # priced at its host's prices
+        if action.provider == "openai" and "/batches" in view.path:  # rare: a check is cheap
+            await self._recall_batch_input(upstream, view)
         inspect = functools.partial(
             meter.inspect_request,
             *args,
@@ -1618,7 +1620,29 @@ class Drawdown:
             keep_until=None if progress.window is None else time.time() + progress.window,
             moved_to=progress.results_key,
             ended=progress.ended,
+            input_estimate=None
+            if progress.input_estimate is None
+            else meter.batch_estimate_json(progress.input_estimate),
         )
+
+    async def _recall_batch_input(self, upstream: str, view: RequestView) -> None:
+        """An OpenAI batch naming an input file this proxy did not see uploaded (it went
+        through another worker, or before a restart): its estimate, if the ledger kept it."""
+        named = meter.batch_input_named("openai", view.method, view.path, upstream, view.body)
+        if named is None or self.ledger is None:
+            return
+        file_id, key = named
+        known = self.batch_inputs.of(upstream)
+        if known is not None and file_id in known:
+            return
+        try:
+            kept = await self._ledger().call("batch_input", key)
+        except LedgerError as exc:  # held at $0, as a file no proxy saw; its results still charged
+            log.warning("drawdown: could not read batch input %s from the ledger: %s", key, exc)
+            return
+        estimate = meter.batch_estimate_from_json(kept) if kept is not None else None
+        if estimate is not None:
+            self.batch_inputs.learn(upstream, file_id, estimate)
 
     def _learn_batch_input(self, state: FlowState, response: http.Response) -> None:
         """An OpenAI batch input file uploaded: its estimate, by the id its answer names, for

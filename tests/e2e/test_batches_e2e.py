@@ -320,6 +320,34 @@ def test_an_openai_batch_is_held_while_it_runs_and_released_when_it_fails(
     assert run_spent(proxy, "failing") == (0, 2)  # the upload and the batch: no charge
 
 
+def test_an_openai_batch_is_held_at_a_file_uploaded_through_another_proxy(
+    drawdown_proxy: Factory, standin: StandIn, tmp_path: Path
+) -> None:
+    """Under `--workers`, or across a restart, the input file may be uploaded through one
+    proxy and the batch naming it created through another: the file's estimate is kept in the
+    ledger, and the batch is held at it (before: at $0, and it ran unchecked)."""
+    db = tmp_path / "shared.db"
+    headers = run_header("handed-over")
+    uploader = drawdown_proxy(POLICY, db=db)
+    with uploader.openai_client() as client:
+        uploaded = client.files.create(
+            file=("q.jsonl", openai_batch_file()), purpose="batch", extra_headers=headers
+        )
+    uploader.stop()
+    submitter = drawdown_proxy(POLICY, db=db)
+    with submitter.openai_client() as client:
+        client.batches.create(
+            input_file_id=uploaded.id,
+            endpoint="/v1/chat/completions",
+            completion_window="24h",
+            extra_headers=headers,
+        )
+    ((kept,),) = submitter.query("SELECT estimate FROM batch_inputs")
+    ((est,),) = submitter.query("SELECT est_usd FROM decisions WHERE path = '/v1/batches'")
+    assert est == json.loads(kept)["usd_nanos"] > 0
+    assert run_held(submitter, "handed-over") == est
+
+
 def test_a_results_download_the_upstream_refuses_charges_nothing_and_leaves_the_key(
     drawdown_proxy: Factory, standin: StandIn
 ) -> None:

@@ -588,6 +588,33 @@ def test_a_batch_over_when_submitted_or_submitted_twice_keeps_no_hold(
         reader.close()
 
 
+def test_a_batch_input_files_estimate_is_kept_for_every_proxy(backend: LedgerBackend) -> None:
+    """An OpenAI batch names an input file uploaded before, maybe through another proxy: the
+    upload's commit keeps the file's estimate in the ledger, where any proxy reads it."""
+    uploader = backend.open(process_id="uploader")
+    r = row()
+    hold = uploader.reserve(r, [claim(usd=1000)], Amount(requests=1), NOW + 900).hold_id
+    learned = BatchHold("https://api.openai.com files file-1", input_estimate='{"usd_nanos": 7}')
+    settled = uploader.commit(
+        r.request_id, hold, Completion(actual=Amount(requests=1), status=200, batch=learned), NOW
+    )
+    assert settled.state == "committed"  # an upload holds nothing past its call
+    uploader.close()
+    other = backend.open(process_id="other")
+    try:
+        assert other.batch_input("https://api.openai.com files file-1") == '{"usd_nanos": 7}'
+        assert other.batch_input("https://api.openai.com files file-2") is None
+        assert other.run_batch([("batch_input", ("https://api.openai.com files file-1",))]) == [
+            '{"usd_nanos": 7}'
+        ]
+    finally:
+        other.close()
+    assert backend.rows("SELECT key, request_id FROM batch_inputs") == [
+        ("https://api.openai.com files file-1", r.request_id)
+    ]
+    assert backend.scalar("SELECT COUNT(*) FROM batch_holds") == 0
+
+
 def _read_batch_call(ledger: Any, claims: list[Claim], batch: BatchHold) -> tuple[str, Any]:
     r = row()
     hold = ledger.reserve(r, claims, Amount(requests=1), NOW + 900).hold_id
@@ -612,12 +639,14 @@ def test_a_batch_hold_ends_at_its_window(backend: LedgerBackend, ledger: Any) ->
 def test_schema_v6_adds_the_batch_holds(backend: LedgerBackend) -> None:
     backend.open().close()
     backend.execute("DROP TABLE batch_holds")
+    backend.execute("DROP TABLE batch_inputs")
     backend.execute("UPDATE meta SET value = '5' WHERE key = 'schema_version'")
     ledger = backend.open()
     try:
         assert backend.scalar("SELECT value FROM meta WHERE key = 'schema_version'") == "6"
         kept = _submit_batch(ledger, "k", 500, [claim(usd=1000)])
         assert backend.rows("SELECT key, hold_id FROM batch_holds") == [("k", kept.hold_id)]
+        assert ledger.batch_input("k") is None  # the input files' table is there too
     finally:
         ledger.close()
 

@@ -378,12 +378,16 @@ class BatchHold:
     - `keep_until` (a submission's commit): the hold is kept, past its request and its proxy,
       until then at most (epoch seconds; the provider's completion window).
     - `moved_to` (a status read): the batch is done, its results to be read under that key.
-    - `ended` (its results read, or done with none to read): the kept hold is released."""
+    - `ended` (its results read, or done with none to read): the kept hold is released.
+    - `input_estimate` (an OpenAI batch input file uploaded): what the batch that will name
+      the file may cost (the meter's JSON), remembered under `key` for every proxy on the
+      ledger (`batch_input`); no hold is kept or changed."""
 
     key: str
     keep_until: float | None = None
     moved_to: str | None = None
     ended: bool = False
+    input_estimate: str | None = None
 
 
 @dataclass(frozen=True)
@@ -424,6 +428,10 @@ class Ledger(Protocol):
     def idle_run(self, key: str, idle_seconds: float, candidate: str, now: float) -> str: ...
 
     def extend(self, hold_ids: Sequence[int], expires_at: float) -> None: ...
+
+    def batch_input(self, key: str) -> str | None:
+        """The estimate remembered for a batch input file (BatchHold.input_estimate), if any."""
+        ...
 
     def heartbeat(self, now: float) -> None: ...
 

@@ -177,12 +177,19 @@ CREATE TABLE IF NOT EXISTS once_charges (
 );
 """
 
-# As SQLite's v6 (schema.py): holds kept for a batch job until its results are read.
+# As SQLite's v6 (schema.py): holds kept for a batch job until its results are read, and
+# the estimates of batch input files.
 _V6 = """
 CREATE TABLE IF NOT EXISTS batch_holds (
     key TEXT PRIMARY KEY,
     hold_id BIGINT NOT NULL,
     request_id TEXT NOT NULL,
+    ts DOUBLE PRECISION
+);
+CREATE TABLE IF NOT EXISTS batch_inputs (
+    key TEXT PRIMARY KEY,
+    estimate TEXT NOT NULL,
+    request_id TEXT,
     ts DOUBLE PRECISION
 );
 """

@@ -433,7 +433,7 @@ def commit_keys(calls: Sequence[tuple[str, tuple[Any, ...]]]) -> tuple[list[str]
             once = once or set()
             once.add(completion.once)
         batch = completion.batch
-        if batch is not None:
+        if batch is not None and batch.input_estimate is None:  # an input file holds nothing
             kept = kept or set()
             kept.add(batch.key)
             if batch.moved_to is not None:
@@ -514,6 +514,8 @@ class Plan:
         default_factory=list
     )  # (key, hold_id, request_id, ts)
     moved_batch_holds: list[tuple[Any, ...]] = field(default_factory=list)  # (new key, old key)
+    # Batch input files' estimates (BatchHold.input_estimate): (key, estimate, request_id, ts)
+    batch_inputs: list[tuple[Any, ...]] = field(default_factory=list)
 
     # --- what the backend reads in -------------------------------------------------------------
 
@@ -855,7 +857,11 @@ class Plan:
 
     def batch_progress(self, batch: BatchHold, request_id: str, now: float) -> None:
         """A batch's status read or results download: move its kept hold to the key its results
-        will be read under, or release it (read, or done with nothing to read)."""
+        will be read under, or release it (read, or done with nothing to read). Or an input
+        file's estimate, remembered for the batch that will name it."""
+        if batch.input_estimate is not None:
+            self.batch_inputs.append((batch.key, batch.input_estimate, request_id, now))
+            return
         hold_id = self.kept.get(batch.key)
         if hold_id is None:  # submitted before drawdown kept holds, elsewhere, or ended already
             return

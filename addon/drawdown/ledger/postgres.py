@@ -280,6 +280,12 @@ _INSERT_BATCH_HOLDS = _Bulk(
     "INSERT INTO batch_holds (key, hold_id, request_id, ts) SELECT * FROM {rows}",
     _columns("key:text hold_id:bigint request_id:text ts:float8"),
 )
+_INSERT_BATCH_INPUTS = _Bulk(
+    "INSERT INTO batch_inputs (key, estimate, request_id, ts) SELECT * FROM {rows} "
+    "ON CONFLICT (key) DO UPDATE SET estimate = excluded.estimate, "
+    "request_id = excluded.request_id, ts = excluded.ts",
+    _columns("key:text estimate:text request_id:text ts:float8"),
+)
 _MOVE_BATCH_HOLDS = _Bulk(
     "UPDATE batch_holds AS b SET key = v.new_key FROM {rows} WHERE b.key = v.old_key",
     _columns("new_key:text old_key:text"),
@@ -646,6 +652,7 @@ class PostgresLedger:
         write(_KEEP_HOLDS, tx.kept_holds, "kept holds vanished")
         write(_INSERT_BATCH_HOLDS, tx.new_batch_holds)
         write(_MOVE_BATCH_HOLDS, tx.moved_batch_holds)
+        write(_INSERT_BATCH_INPUTS, tx.batch_inputs)
         return guards
 
     @staticmethod
@@ -703,6 +710,15 @@ class PostgresLedger:
             )
 
         self._maintenance("extend", body)
+
+    def batch_input(self, key: str) -> str | None:
+        found = self._maintenance(
+            "batch_input",
+            lambda conn, replay: conn.execute(
+                "SELECT estimate FROM batch_inputs WHERE key = %s", (key,)
+            ).fetchone(),
+        )
+        return None if found is None else found[0]
 
     def idle_run(self, key: str, idle_seconds: float, candidate: str, now: float) -> str:
         """The agent's current idle-split run, shared by every proxy on this ledger."""

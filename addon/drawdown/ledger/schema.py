@@ -212,6 +212,14 @@ def _v6(db: sqlite_utils.Database) -> None:
         not_null={"hold_id", "request_id"},
         if_not_exists=True,
     )
+    # OpenAI batch input files' estimates, by upstream and file id (BatchHold.input_estimate):
+    # the batch naming one may go through another worker, or a proxy started since.
+    db["batch_inputs"].create(
+        {"key": str, "estimate": str, "request_id": str, "ts": float},
+        pk="key",
+        not_null={"estimate"},
+        if_not_exists=True,
+    )
 
 
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1, _v2, _v3, _v4, _v5, _v6]

@@ -121,6 +121,11 @@ _KEEP_HOLD = (
 )
 _INSERT_BATCH_HOLD = "INSERT INTO batch_holds (key, hold_id, request_id, ts) VALUES (?, ?, ?, ?)"
 _MOVE_BATCH_HOLD = "UPDATE batch_holds SET key = ? WHERE key = ?"
+_INSERT_BATCH_INPUT = (
+    "INSERT INTO batch_inputs (key, estimate, request_id, ts) VALUES (?, ?, ?, ?) "
+    "ON CONFLICT (key) DO UPDATE SET estimate = excluded.estimate, "
+    "request_id = excluded.request_id, ts = excluded.ts"
+)
 
 STEP = agents_own()  # the decision rows the step and loop guards count
 # ...less the failed attempts they forgive (read from the partial index idx_decisions_failed)
@@ -157,7 +162,7 @@ log = logging.getLogger(__name__)
 CHECKPOINT_CHANGES = 2_000
 
 # Operations that never touch holds or budget instances: the rows this connection knows stay known.
-_KEEPS_ROWS = frozenset({"idle_run", "heartbeat", "history"})
+_KEEPS_ROWS = frozenset({"idle_run", "heartbeat", "history", "batch_input"})
 # Active holds kept beyond the last batch (for their commit): about the requests in flight.
 _MAX_KNOWN_HOLDS = 65_536
 
@@ -532,6 +537,7 @@ class SQLiteLedger:
         write(_KEEP_HOLD, plan.kept_holds, "kept holds vanished")
         write(_INSERT_BATCH_HOLD, plan.new_batch_holds)
         write(_MOVE_BATCH_HOLD, plan.moved_batch_holds)
+        write(_INSERT_BATCH_INPUT, plan.batch_inputs)
 
     # --- public operations (each its own transaction) --------------------------------------
 
@@ -572,6 +578,14 @@ class SQLiteLedger:
 
     def extend(self, hold_ids: Sequence[int], expires_at: float) -> None:
         self._write(lambda: self._extend(hold_ids, expires_at))
+
+    def batch_input(self, key: str) -> str | None:
+        return self._write(lambda: self._batch_input(key), keeps_rows=True)
+
+    def _batch_input(self, key: str) -> str | None:
+        found = self.conn.execute("SELECT estimate FROM batch_inputs WHERE key = ?", (key,))
+        row = found.fetchone()
+        return None if row is None else row[0]
 
     def heartbeat(self, now: float) -> None:
         self._write(lambda: self._heartbeat(now), keeps_rows=True)

@@ -21,6 +21,9 @@ Pure Python (no mitmproxy, no network). The proxy uses only this facade:
                                            turn out to serve, for inspect_request's `served=`
 * BatchInputs                              the OpenAI batch input files a proxy saw uploaded
                                            (their estimates), for `batch_inputs=`
+* batch_input_named(...), batch_estimate_json(...), batch_estimate_from_json(...)
+                                           an input file's estimate, kept in the ledger for
+                                           every proxy (one uploaded through another worker)
 
 Wiring a streamed response into mitmproxy (responseheaders hook)::
 
@@ -46,6 +49,7 @@ and, when the flow dies before the end (error hook), commit `meter.partial()`.
 from .api import (
     ServedModels,
     StreamMeter,
+    batch_input_named,
     batch_job,
     batch_progress,
     batch_results_download,
@@ -58,6 +62,8 @@ from .api import (
     unread_request,
 )
 from .batch_submit import BatchInputs, uploaded_file_id
+from .batch_submit import estimate_from_json as batch_estimate_from_json
+from .batch_submit import estimate_to_json as batch_estimate_json
 from .config import DEFAULT_FALLBACK_PRICE, DEFAULT_SAFETY_FACTORS, MeterConfig, PricePerMillion
 from .prices import origin, price_providers, price_usage
 from .tokens import count_tokens, encoding_for
@@ -93,6 +99,9 @@ __all__ = [
     "ServedModels",
     "StreamMeter",
     "TokenUsage",
+    "batch_estimate_from_json",
+    "batch_estimate_json",
+    "batch_input_named",
     "batch_job",
     "batch_progress",
     "batch_results_download",

@@ -134,15 +134,27 @@ def batch_progress(
         return batch_results.openai_status(request.batch_key, origin, answer)
     if request.endpoint in batch_submit.SUBMISSIONS:
         return batch_submit.submitted(request.endpoint, origin, answer)
+    if request.batch is not None:  # an OpenAI batch input file, uploaded
+        return batch_submit.uploaded(origin, request.batch, answer)
     return None
 
 
+def batch_input_named(
+    provider: str, method: str, path: str, origin: str, body: bytes
+) -> tuple[str, str] | None:
+    """(file id, the ledger's key for it) of the input file an OpenAI batch submission names,
+    whose estimate another proxy on the ledger may have remembered; None for anything else."""
+    if batch_submit.route(provider.lower(), method, path) != batch_submit.OPENAI_SUBMIT:
+        return None
+    file_id = batch_submit.openai_input_file_id(body)
+    return None if file_id is None else (file_id, batch_submit.input_key(origin, file_id))
+
+
 def batch_job(request: LLMRequest) -> bool:
-    """A request batch_progress may find something in (the proxy reads its answer for it)."""
+    """A request batch_progress may find something in (the proxy reads its answer for it):
+    a batch's submission or upload (`batch`), status read or results download."""
     return (
-        request.once_key is not None
-        or request.batch_key is not None
-        or request.endpoint in batch_submit.SUBMISSIONS
+        request.once_key is not None or request.batch_key is not None or request.batch is not None
     )
 
 

@@ -21,6 +21,8 @@ submit batch after batch, each checked against the same room.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import replace
 
@@ -180,6 +182,32 @@ def submitted(endpoint: str, origin: str, answer: bytes) -> BatchProgress | None
     key = batch_results.once_key(origin, batch_results.OPENAI_BATCH, batch_id)
     done = batch_results.openai_status(key, origin, answer)  # done already, its output named
     return replace(done, window=window) if done else BatchProgress(key, window=window)
+
+
+def input_key(origin: str, file_id: str) -> str:
+    """The key an OpenAI batch input file's estimate is remembered under in the ledger."""
+    return batch_results.once_key(origin, OPENAI_UPLOAD, file_id)
+
+
+def uploaded(origin: str, batch: BatchEstimate, answer: bytes) -> BatchProgress | None:
+    """A batch input file uploaded: its estimate, under the key of the id its answer names."""
+    file_id = uploaded_file_id(answer)
+    return (
+        None if file_id is None else BatchProgress(input_key(origin, file_id), input_estimate=batch)
+    )
+
+
+def estimate_to_json(batch: BatchEstimate) -> str:
+    """An input file's estimate as the ledger keeps it (batch_inputs)."""
+    return json.dumps(dataclasses.asdict(batch), separators=(",", ":"))
+
+
+def estimate_from_json(text: str) -> BatchEstimate | None:
+    """An estimate the ledger kept; None for one this drawdown cannot read (another version's)."""
+    try:
+        return BatchEstimate(**json.loads(text))
+    except (TypeError, ValueError):
+        return None
 
 
 def openai_input_file_id(body: bytes) -> str | None:

@@ -137,9 +137,12 @@ class BatchProgress:
     """What an answer tells of a batch job, for the hold kept until it ends (the ledger's
     BatchHold): submitted, its results will be charged under `key`, the job running for at
     most `window` seconds; done, its results to be read under `results_key` instead; or
-    `ended` (its results read, or none to read)."""
+    `ended` (its results read, or none to read). Or an input file uploaded, whose batch is
+    to come (`input_estimate`)."""
 
     key: str
     window: float | None = None
     results_key: str | None = None
     ended: bool = False
+    # An OpenAI batch input file uploaded: what the batch naming it may cost, under `key`.
+    input_estimate: BatchEstimate | None = None

@@ -17,6 +17,9 @@ from drawdown.meter import (
     BatchProgress,
     MeterConfig,
     MeterRequestError,
+    batch_estimate_from_json,
+    batch_estimate_json,
+    batch_input_named,
     batch_progress,
     charging,
     inspect_request,
@@ -671,3 +674,49 @@ def test_a_gemini_batch_ends_when_done_or_moves_to_its_responses_file() -> None:
         "done": True,
     }
     assert _progress(read, GEMINI, inline) == BatchProgress(read.once_key, ended=True)
+
+
+def test_an_input_files_estimate_is_kept_under_the_id_its_upload_was_answered_with() -> None:
+    """Uploaded through one proxy, named by a batch sent through another: the estimate travels
+    through the ledger as JSON, under a key of the upstream and the file id."""
+    data = b"".join(
+        json.dumps(
+            {
+                "custom_id": f"r{i}",
+                "method": "POST",
+                "url": "/v1/chat/completions",
+                "body": {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]},
+            }
+        ).encode()
+        + b"\n"
+        for i in range(3)
+    )
+    boundary = "xyz"
+    form = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nbatch\r\n'
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="b.jsonl"\r\n'
+            "Content-Type: application/jsonl\r\n\r\n"
+        ).encode()
+        + data
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    upload = inspect_request(
+        "openai", "POST", "/v1/files", {}, form, CONFIG, origin=OPENAI,
+        content_type=f"multipart/form-data; boundary={boundary}",
+    )  # fmt: skip
+    assert upload.batch is not None and upload.batch.requests == 3
+    answer = json.dumps({"id": "file-9", "object": "file", "purpose": "batch"}).encode()
+    progress = batch_progress(upload, OPENAI, answer, None)
+    assert progress == BatchProgress(f"{OPENAI} files file-9", input_estimate=upload.batch)
+    assert batch_estimate_from_json(batch_estimate_json(upload.batch)) == upload.batch
+    assert batch_estimate_from_json('{"another": "version"}') is None
+    body = json.dumps({"input_file_id": "file-9", "endpoint": "/v1/chat/completions"}).encode()
+    assert batch_input_named("openai", "POST", "/v1/batches", OPENAI, body) == (
+        "file-9",
+        progress.key,
+    )
+    assert batch_input_named("openai", "GET", "/v1/batches/b-1", OPENAI, b"") is None
+    assert batch_input_named("openai", "POST", "/v1/chat/completions", OPENAI, body) is None
+    # An upload's answer that names no file (an error body) keeps nothing.
+    assert batch_progress(upload, OPENAI, b'{"error": {}}', None) is None
