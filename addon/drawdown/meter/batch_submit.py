@@ -16,7 +16,8 @@ submit batch after batch, each checked against the same room.
 * OpenAI's Batch API names an input file uploaded before (`POST /v1/files`, purpose
   `batch`, one `{"custom_id", "method", "url", "body"}` a line): its lines are estimated
   as it is uploaded, the estimate is remembered by the file id the upload's answer names
-  (BatchInputs), and `POST /v1/batches` naming that file is held for it.
+  (BatchInputs, and the ledger for every proxy), and `POST /v1/batches` naming that file is
+  held for it.
 """
 
 from __future__ import annotations
@@ -229,8 +230,8 @@ def uploaded_file_id(answer: bytes) -> str | None:
 class BatchInputs:
     """The estimates of the batch input files this proxy saw uploaded, by upstream and file
     id, for the batch that names one. Per proxy process, from its start; bounded (past LIMIT
-    it starts again). A file uploaded through another worker or before a restart is not
-    known here: its batch is held at $0 (its results are still charged)."""
+    it starts again). The ledger keeps them too (`input_key`): a file uploaded through
+    another worker, or before a restart, is read from there when a batch names it."""
 
     LIMIT = 4096
 
