@@ -81,9 +81,8 @@ def _route(provider: str, method: str, path: str) -> tuple[str, str | None, bool
     submitted = batch_submit.route(provider, method, path)
     if submitted is not None:  # a batch submitted (held at its estimate), an upload (a step)
         return submitted, None, False, submitted in batch_submit.SUBMISSIONS
-    if (
-        batch_results.status_route(provider, method, path) is not None
-    ):  # free: where its results are
+    # An OpenAI batch's status read: free, but its answer says where its results are.
+    if batch_results.status_route(provider, method, path) is not None:
         return batch_results.OPENAI_BATCH, None, False, False
     return found
 
