@@ -65,6 +65,19 @@ def openai_batch_file(model: str = "gpt-4o-mini", max_tokens: int | None = 64) -
     return "".join(json.dumps(line) + "\n" for line in lines).encode()
 
 
+def submit_openai_batch(client: openai.OpenAI, headers: dict[str, str]) -> Any:
+    """Upload openai_batch_file() and create the batch that names it, as an agent does."""
+    uploaded = client.files.create(
+        file=("questions.jsonl", openai_batch_file()), purpose="batch", extra_headers=headers
+    )
+    return client.batches.create(
+        input_file_id=uploaded.id,
+        endpoint="/v1/chat/completions",
+        completion_window="24h",
+        extra_headers=headers,
+    )
+
+
 def batch_price(provider: str, usages: list[tuple[str, dict[str, Any]]]) -> tuple[int, int, int]:
     """(input tokens, output tokens, nano-dollars): each request at genai-prices' batch price."""
     total, tokens_in, tokens_out = Decimal(0), 0, 0
@@ -107,18 +120,9 @@ def test_an_openai_batchs_output_file_is_charged_once_at_the_batch_price(
     drawdown_proxy: Factory, standin: StandIn
 ) -> None:
     proxy = drawdown_proxy(POLICY)
-    data = openai_batch_file()
     headers = run_header("nightly")
     with proxy.openai_client() as client:
-        uploaded = client.files.create(
-            file=("questions.jsonl", data), purpose="batch", extra_headers=headers
-        )
-        batch = client.batches.create(
-            input_file_id=uploaded.id,
-            endpoint="/v1/chat/completions",
-            completion_window="24h",
-            extra_headers=headers,
-        )
+        batch = submit_openai_batch(client, headers)
         assert batch.status == "validating" and batch.output_file_id is None
         done = client.batches.retrieve(batch.id, extra_headers=headers)
         assert done.status == "completed" and done.output_file_id is not None
@@ -297,18 +301,9 @@ def test_an_openai_batch_is_held_while_it_runs_and_released_when_it_fails(
     runs keep its hold; a read that finds it failed, with no output to read, releases it."""
     proxy = drawdown_proxy(POLICY)
     headers = run_header("failing")
-    data = openai_batch_file()
     standin.batches.openai_status = "in_progress"
     with proxy.openai_client() as client:
-        uploaded = client.files.create(
-            file=("q.jsonl", data), purpose="batch", extra_headers=headers
-        )
-        batch = client.batches.create(
-            input_file_id=uploaded.id,
-            endpoint="/v1/chat/completions",
-            completion_window="24h",
-            extra_headers=headers,
-        )
+        batch = submit_openai_batch(client, headers)
         ((est,),) = proxy.query("SELECT est_usd FROM decisions WHERE path = '/v1/batches'")
         assert est > 0 and run_held(proxy, "failing") == est
         for _ in range(3):

@@ -245,19 +245,24 @@ def test_results_re_chunked_through_a_stream_meter_cost_the_same() -> None:
     assert cut.partial().usd_nanos == 0  # cut short: no line is charged, the key stays free
 
 
-def test_a_file_that_is_no_batch_output_costs_nothing() -> None:
-    uploaded = b"".join(
+def _input_file(model: str) -> bytes:
+    """A batch input file: three chat requests on `model`."""
+    return b"".join(
         json.dumps(
             {
                 "custom_id": f"r{i}",
                 "method": "POST",
                 "url": "/v1/chat/completions",
-                "body": {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]},
+                "body": {"model": model, "messages": [{"role": "user", "content": "hi"}]},
             }
         ).encode()
         + b"\n"
         for i in range(3)
     )
+
+
+def test_a_file_that_is_no_batch_output_costs_nothing() -> None:
+    uploaded = _input_file("gpt-4o-mini")
     request = _download("openai", "/v1/files/file-input/content", OPENAI)
     for status, body in ((200, uploaded), (200, b"\x89PNG\r\n binary"), (404, b"{}")):
         got = measure_body(request, status, body, CONFIG)
@@ -679,18 +684,7 @@ def test_a_gemini_batch_ends_when_done_or_moves_to_its_responses_file() -> None:
 def test_an_input_files_estimate_is_kept_under_the_id_its_upload_was_answered_with() -> None:
     """Uploaded through one proxy, named by a batch sent through another: the estimate travels
     through the ledger as JSON, under a key of the upstream and the file id."""
-    data = b"".join(
-        json.dumps(
-            {
-                "custom_id": f"r{i}",
-                "method": "POST",
-                "url": "/v1/chat/completions",
-                "body": {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]},
-            }
-        ).encode()
-        + b"\n"
-        for i in range(3)
-    )
+    data = _input_file("gpt-4o")
     boundary = "xyz"
     form = (
         (
