@@ -484,6 +484,19 @@ def restore(saved: list[tuple[DecisionRow, tuple[Any, ...]]]) -> None:
         row.decision, row.reason_code, row.reason, row.status, row.budget = values
 
 
+@dataclass(slots=True)  # slots: a plan has one only when a commit names a batch
+class BatchJobs:
+    """What a plan's commits change of batch jobs (api.BatchHold): the hold kept under each key
+    they name (read by the backend for commit_keys' keys, and kept as the plan changes them),
+    and the writes that follow."""
+
+    kept: dict[str, int] = field(default_factory=dict)  # key -> the hold kept under it
+    kept_holds: list[tuple[Any, ...]] = field(default_factory=list)  # (process_id, expires_at, id)
+    new: list[tuple[Any, ...]] = field(default_factory=list)  # (key, hold_id, request_id, ts)
+    moved: list[tuple[Any, ...]] = field(default_factory=list)  # (new key, old key)
+    inputs: list[tuple[Any, ...]] = field(default_factory=list)  # (key, estimate, request_id, ts)
+
+
 @dataclass
 class Plan:
     """The rows one transaction decides on, the decisions, and the writes they queue."""
@@ -506,16 +519,9 @@ class Plan:
     # as this plan charges under new ones (written out from once_charges).
     charged_once: dict[str, str] = field(default_factory=dict)
     once_charges: list[tuple[Any, ...]] = field(default_factory=list)
-    # Batch holds (BatchHold) by key: the hold id kept under each key the batch names, read
-    # by the backend (its holds read with the settled ones), and kept as the plan changes them.
-    kept: dict[str, int] = field(default_factory=dict)
-    kept_holds: list[tuple[Any, ...]] = field(default_factory=list)  # (process_id, expires_at, id)
-    new_batch_holds: list[tuple[Any, ...]] = field(
-        default_factory=list
-    )  # (key, hold_id, request_id, ts)
-    moved_batch_holds: list[tuple[Any, ...]] = field(default_factory=list)  # (new key, old key)
-    # Batch input files' estimates (BatchHold.input_estimate): (key, estimate, request_id, ts)
-    batch_inputs: list[tuple[Any, ...]] = field(default_factory=list)
+    # What the plan's commits change of batch jobs: None for nearly every plan (a field with
+    # a default, not a factory: a Plan is made for every transaction).
+    jobs: BatchJobs | None = None
 
     # --- what the backend reads in -------------------------------------------------------------
 
@@ -794,7 +800,11 @@ class Plan:
         batch = completion.batch
         if hold.state == "active":
             over: list[int] = []
-            if batch is not None and batch.keep_until is not None and batch.key not in self.kept:
+            if (
+                batch is not None
+                and batch.keep_until is not None
+                and (self.jobs is None or batch.key not in self.jobs.kept)
+            ):
                 # A batch submitted: its request is charged, its money and tokens stay held.
                 # (A batch id the upstream named twice keeps its first hold: this one ends.)
                 self.apply(hold.instance_ids, (0, 0, -hold.est[2]), actual, now, over)
@@ -851,25 +861,32 @@ class Plan:
         hold.actual, hold.usage_source, hold.dirty = list(actual), usage_source, True
         hold.process_id, hold.expires_at = BATCH_HOLDER, batch.keep_until
         hold.est = (hold.est[0], hold.est[1], 0)
-        self.kept_holds.append((BATCH_HOLDER, batch.keep_until, hold.id))
-        self.kept[batch.key] = hold.id
-        self.new_batch_holds.append((batch.key, hold.id, request_id, now))
+        jobs = self.batch_jobs()
+        jobs.kept_holds.append((BATCH_HOLDER, batch.keep_until, hold.id))
+        jobs.kept[batch.key] = hold.id
+        jobs.new.append((batch.key, hold.id, request_id, now))
+
+    def batch_jobs(self) -> BatchJobs:
+        if self.jobs is None:
+            self.jobs = BatchJobs()
+        return self.jobs
 
     def batch_progress(self, batch: BatchHold, request_id: str, now: float) -> None:
         """A batch's status read or results download: move its kept hold to the key its results
         will be read under, or release it (read, or done with nothing to read). Or an input
         file's estimate, remembered for the batch that will name it."""
+        jobs = self.batch_jobs()
         if batch.input_estimate is not None:
-            self.batch_inputs.append((batch.key, batch.input_estimate, request_id, now))
+            jobs.inputs.append((batch.key, batch.input_estimate, request_id, now))
             return
-        hold_id = self.kept.get(batch.key)
+        hold_id = jobs.kept.get(batch.key)
         if hold_id is None:  # submitted before drawdown kept holds, elsewhere, or ended already
             return
         if batch.moved_to is not None and batch.moved_to != batch.key:
-            if batch.moved_to in self.kept:  # its results key is taken: leave it where it is
+            if batch.moved_to in jobs.kept:  # its results key is taken: leave it where it is
                 return
-            self.moved_batch_holds.append((batch.moved_to, batch.key))
-            self.kept[batch.moved_to] = self.kept.pop(batch.key)
+            jobs.moved.append((batch.moved_to, batch.key))
+            jobs.kept[batch.moved_to] = jobs.kept.pop(batch.key)
         if batch.ended:
             hold = self.holds.get(hold_id)
             if hold is not None and hold.state == "active":
@@ -878,7 +895,7 @@ class Plan:
                 hold.settle_reason = f"batch ended (request {request_id})"
                 # Kept and ended by one commit (a batch its creation's answer says is over):
                 # the hold ends here, so nothing hands it to BATCH_HOLDER.
-                self.kept_holds = [k for k in self.kept_holds if k[2] != hold_id]
+                jobs.kept_holds = [k for k in jobs.kept_holds if k[2] != hold_id]
 
     def charge_once(self, request_id: str, completion: Completion, now: float) -> Completion:
         """The completion as charged under its once key: in full the first time, else its

@@ -98,6 +98,7 @@ from .pg_schema import migrate
 from .plan import (
     HOLD_COLUMNS,
     INSTANCE_COLUMNS,
+    BatchJobs,
     Hold,
     Plan,
     commit_keys,
@@ -529,8 +530,8 @@ class PostgresLedger:
                 cur_kept = conn.cursor()
                 cur_kept.execute(_KEPT_HOLDS, (batch_keys,))
                 pipeline.sync()
-                tx.kept = dict(cur_kept.fetchall())
-                hold_ids = sorted({*hold_ids, *tx.kept.values()})
+                tx.jobs = BatchJobs(kept=dict(cur_kept.fetchall()))
+                hold_ids = sorted({*hold_ids, *tx.jobs.kept.values()})
             if hold_ids:
                 cur_holds = conn.cursor()
                 cur_holds.execute(_LOCK_HOLDS, (hold_ids,))
@@ -649,10 +650,12 @@ class PostgresLedger:
         write(_INSERT_EVENTS, tx.events)
         write(_INSERT_FACTS, tx.facts)
         write(_INSERT_ONCE_CHARGES, tx.once_charges)
-        write(_KEEP_HOLDS, tx.kept_holds, "kept holds vanished")
-        write(_INSERT_BATCH_HOLDS, tx.new_batch_holds)
-        write(_MOVE_BATCH_HOLDS, tx.moved_batch_holds)
-        write(_INSERT_BATCH_INPUTS, tx.batch_inputs)
+        jobs = tx.jobs
+        if jobs is not None:
+            write(_KEEP_HOLDS, jobs.kept_holds, "kept holds vanished")
+            write(_INSERT_BATCH_HOLDS, jobs.new)
+            write(_MOVE_BATCH_HOLDS, jobs.moved)
+            write(_INSERT_BATCH_INPUTS, jobs.inputs)
         return guards
 
     @staticmethod

@@ -57,6 +57,7 @@ from .plan import (
     HOT,
     INSTANCE_COLUMNS,
     NEW_HOLD_FIELDS,
+    BatchJobs,
     Counts,
     GuardKeys,
     Hold,
@@ -398,13 +399,14 @@ class SQLiteLedger:
         hold_ids = settled_hold_ids(calls)
         once, batch_keys = commit_keys(calls)
         if batch_keys:  # the holds kept for the batches these commits read or end
-            plan.kept = dict(
+            kept = dict(
                 conn.execute(
                     f"SELECT key, hold_id FROM batch_holds WHERE key IN ({_marks(batch_keys)})",
                     batch_keys,
                 )
             )
-            hold_ids = sorted(set(hold_ids) | set(plan.kept.values()))
+            plan.jobs = BatchJobs(kept=kept)
+            hold_ids = sorted(set(hold_ids) | set(kept.values()))
         if rows is not None:
             known_holds = rows.holds
             for i in hold_ids:  # a loop, not a generator: one step per settled hold
@@ -534,10 +536,12 @@ class SQLiteLedger:
         write(_INSERT_EVENT, plan.events)
         write(_INSERT_FACT, plan.facts)
         write(_INSERT_ONCE_CHARGE, plan.once_charges)
-        write(_KEEP_HOLD, plan.kept_holds, "kept holds vanished")
-        write(_INSERT_BATCH_HOLD, plan.new_batch_holds)
-        write(_MOVE_BATCH_HOLD, plan.moved_batch_holds)
-        write(_INSERT_BATCH_INPUT, plan.batch_inputs)
+        jobs = plan.jobs
+        if jobs is not None:
+            write(_KEEP_HOLD, jobs.kept_holds, "kept holds vanished")
+            write(_INSERT_BATCH_HOLD, jobs.new)
+            write(_MOVE_BATCH_HOLD, jobs.moved)
+            write(_INSERT_BATCH_INPUT, jobs.inputs)
 
     # --- public operations (each its own transaction) --------------------------------------
 
