@@ -468,6 +468,7 @@ class Drawdown:
         # The model each upstream's deployment names serve, learned from their answers.
         self.served = meter.ServedModels()
         self.batch_inputs = meter.BatchInputs()
+        self.batch_file_uploads = meter.BatchFileUploads()
         # Commits and releases the ledger refused (a lock held past drawdown_ledger_timeout, a
         # full disk), by request id: tried again on every maintenance tick and at the stop.
         self.unsettled: dict[str, tuple[str, tuple[Any, ...]]] = {}
@@ -1243,8 +1244,10 @@ class Drawdown:
         # `stream_usage: false`: the host rejects stream_options, so its streams are counted.
         inject = action.stream_usage
         upstream = meter.origin(view.scheme, view.host, view.port)  # priced at its host's prices
-        if action.provider == "openai" and "/batches" in view.path:  # rare: a check is cheap
-            await self._recall_batch_input(upstream, view)
+        # A batch naming an input file (rare: a check is cheap): estimated from the file.
+        names_file = False
+        if "/batches" in view.path or "batchGenerateContent" in view.path:
+            names_file = await self._recall_batch_input(action.provider, upstream, view)
         inspect = functools.partial(
             meter.inspect_request,
             *args,
@@ -1255,7 +1258,8 @@ class Drawdown:
             served=self.served.of(upstream),
             batch_inputs=self.batch_inputs.of(upstream),
         )
-        if len(view.body) > INLINE_TOKENIZE_BYTES:  # big prompts are tokenized off the event loop
+        # Big prompts are tokenized off the event loop, a Gemini batch file's lines priced off it.
+        if len(view.body) > INLINE_TOKENIZE_BYTES or names_file:
             return await asyncio.to_thread(inspect)
         return inspect()
 
@@ -1592,6 +1596,10 @@ class Drawdown:
                 status=status,
                 usage_source="estimate" if action.cost_usd_nanos else None,
             )
+            if state.llm is not None and meter.batch_file_upload(state.llm) and status < 300:
+                uploaded = await self._read_batch_file_chunk(flow, state)
+                if uploaded is not None:
+                    completion = replace(completion, batch=uploaded)
         else:
             completion = Completion(status=status)
         if state.facts and 200 <= status < 300 and not _jsonrpc_error(state, response):
@@ -1625,24 +1633,65 @@ class Drawdown:
             else meter.batch_estimate_json(progress.input_estimate),
         )
 
-    async def _recall_batch_input(self, upstream: str, view: RequestView) -> None:
-        """An OpenAI batch naming an input file this proxy did not see uploaded (it went
-        through another worker, or before a restart): its estimate, if the ledger kept it."""
-        named = meter.batch_input_named("openai", view.method, view.path, upstream, view.body)
-        if named is None or self.ledger is None:
-            return
+    async def _recall_batch_input(self, provider: str, upstream: str, view: RequestView) -> bool:
+        """A batch naming an input file this proxy did not see uploaded (it went through
+        another worker, or before a restart): its estimate, if the ledger kept it. True for
+        a batch that names a file."""
+        named = meter.batch_input_named(provider, view.method, view.path, upstream, view.body)
+        if named is None:
+            return False
         file_id, key = named
         known = self.batch_inputs.of(upstream)
-        if known is not None and file_id in known:
-            return
+        if (known is not None and file_id in known) or self.ledger is None:
+            return True
         try:
             kept = await self._ledger().call("batch_input", key)
         except LedgerError as exc:  # held at $0, as a file no proxy saw; its results still charged
             log.warning("drawdown: could not read batch input %s from the ledger: %s", key, exc)
-            return
+            return True
         estimate = meter.batch_estimate_from_json(kept) if kept is not None else None
         if estimate is not None:
             self.batch_inputs.learn(upstream, file_id, estimate)
+        return True
+
+    async def _read_batch_file_chunk(
+        self, flow: http.HTTPFlow, state: FlowState
+    ) -> BatchHold | None:
+        """A chunk of a Gemini Files API upload its upstream took, read for the batch input
+        file it may be part of; once the last is read, the file's requests, counted, are
+        kept here and in the ledger for the batch that will name it."""
+        llm, view, response = state.llm, state.view, flow.response
+        if llm is None or view is None or response is None:
+            return None
+        origin = meter.origin(view.scheme, view.host, view.port)
+        chunk = flow.request.get_content(strict=False) or b""
+        read = functools.partial(
+            meter.batch_file_chunk,
+            self.batch_file_uploads,
+            llm,
+            origin,
+            view.query,
+            flow.request.headers.get("x-goog-upload-offset"),
+            chunk,
+            response.headers.get("x-goog-upload-status"),
+        )
+        batch_file = await asyncio.to_thread(read) if len(chunk) > INLINE_TOKENIZE_BYTES else read()
+        if batch_file is None:
+            return None
+        answer = response.get_content(strict=False) or b""
+        progress = meter.batch_file_uploaded(origin, batch_file, answer)
+        file_id = meter.uploaded_file_id(answer)
+        if progress is None or file_id is None:
+            return None
+        if not batch_file.complete:
+            log.warning(
+                "drawdown: part of the upload of %s went by another proxy; a batch naming it is "
+                "held for the %d requests read here",
+                file_id,
+                len(batch_file.requests),
+            )
+        self.batch_inputs.learn(origin, file_id, batch_file)
+        return BatchHold(progress.key, input_estimate=meter.batch_estimate_json(batch_file))
 
     def _learn_batch_input(self, state: FlowState, response: http.Response) -> None:
         """An OpenAI batch input file uploaded: its estimate, by the id its answer names, for

@@ -7,6 +7,7 @@ reported for each request, computed here independently of drawdown's meter."""
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
@@ -19,6 +20,7 @@ import anthropic
 import genai_prices
 import openai
 import pytest
+from google.genai import errors as genai_errors
 
 from tests.support.proxy import DrawdownProcess
 from tests.support.standin import StandIn
@@ -488,9 +490,20 @@ def test_a_gemini_batch_is_held_when_created_and_charged_once_when_read_done(
     assert done.dest is not None and done.dest.inlined_responses is not None
     assert len(done.dest.inlined_responses) == len(QUESTIONS)
     assert again.dest is not None and again.dest.inlined_responses is not None
-    stored = standin.batches.batches[job.name.split("/")[-1]]
+    usd = gemini_batch_price(standin.batches.batches[job.name.split("/")[-1]].usages)
+    created, first, second = proxy.query(
+        "SELECT est_usd, actual_usd, note FROM decisions WHERE path LIKE '%batch%' ORDER BY ts, id"
+    )
+    assert created[0] > usd and created[1] == 0  # held at its estimate, charging nothing
+    assert first[1] == usd and first[2] is None
+    assert second[1] == 0 and second[2].startswith("already charged by request")
+    assert run_spent(proxy, "gem") == (usd, 3)
+
+
+def gemini_batch_price(usages: list[tuple[str, dict[str, Any]]]) -> int:
+    """Nano-dollars: each Gemini response's usage at genai-prices' batch price."""
     total = Decimal(0)
-    for model, usage in stored.usages:
+    for model, usage in usages:
         total += genai_prices.calc_price(
             genai_prices.Usage(
                 input_tokens=usage["promptTokenCount"], output_tokens=usage["candidatesTokenCount"]
@@ -499,14 +512,7 @@ def test_a_gemini_batch_is_held_when_created_and_charged_once_when_read_done(
             provider_id="google",
             price_context=BATCH,
         ).total_price
-    usd = int((total * 1_000_000_000).to_integral_value(rounding=ROUND_CEILING))
-    created, first, second = proxy.query(
-        "SELECT est_usd, actual_usd, note FROM decisions WHERE path LIKE '%batch%' ORDER BY ts, id"
-    )
-    assert created[0] > usd and created[1] == 0  # held at its estimate, charging nothing
-    assert first[1] == usd and first[2] is None
-    assert second[1] == 0 and second[2].startswith("already charged by request")
-    assert run_spent(proxy, "gem") == (usd, 3)
+    return int((total * 1_000_000_000).to_integral_value(rounding=ROUND_CEILING))
 
 
 def test_polling_a_gemini_batch_is_no_loop(drawdown_proxy: Factory, standin: StandIn) -> None:
@@ -543,3 +549,91 @@ def test_polling_a_gemini_batch_is_no_loop(drawdown_proxy: Factory, standin: Sta
         "SELECT actual_usd FROM decisions WHERE method = 'GET' AND path LIKE '%/batches/%'"
     )
     assert len(charged) == 6 and sum(1 for (usd,) in charged if usd > 0) == 1
+
+
+GEMINI_POLICY = POLICY.replace(
+    "budgets:",
+    "  - kind: llm\n    provider: gemini\n    match: {host: generativelanguage.googleapis.com}\n"
+    "budgets:",
+)
+
+
+def gemini_batch_requests(max_tokens: int = 64) -> list[dict[str, Any]]:
+    """One generateContent request a question, as a batch's lines carry them (no model)."""
+    return [
+        {
+            "contents": [{"role": "user", "parts": [{"text": q}]}],
+            "generationConfig": {"maxOutputTokens": max_tokens},
+        }
+        for q in QUESTIONS
+    ]
+
+
+def test_a_gemini_batch_naming_an_uploaded_file_is_held_at_its_lines_until_read(
+    drawdown_proxy: Factory, standin: StandIn, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """google-genai uploads a JSONL batch file with the Files API's resumable upload (here in
+    100-byte chunks, so lines straddle them) through one proxy, and creates the batch naming
+    it through another on the same ledger. Its lines name no model: counted as they went by
+    and priced when the batch names its model, it is held at what the same requests sent
+    inline are held at (before: $0, and it ran unchecked). A second batch naming the file,
+    past the room beside the first, is refused before it is sent. Reading the first done
+    moves its hold to its responses file, whose download is charged its usage and ends it."""
+    from google.genai import _api_client
+    from google.genai import types as genai_types
+
+    monkeypatch.setattr(_api_client, "CHUNK_SIZE", 100)
+    db = tmp_path / "gemini-file.db"
+    policy = GEMINI_POLICY.replace("usd: 1000}", "usd: 0.0004}")
+    requests = gemini_batch_requests()
+    data = "".join(
+        json.dumps({"key": f"q{i}", "request": r}) + "\n" for i, r in enumerate(requests)
+    ).encode()
+    uploader = drawdown_proxy(policy, db=db)
+    with uploader.genai_client() as client:
+        uploaded = client.files.upload(file=io.BytesIO(data), config={"mime_type": "jsonl"})
+    assert uploaded.name is not None
+    chunks = standin.matching("/upload/*", "POST")
+    assert len(chunks) == 1 + -(-len(data) // 100)  # the start, then each chunk
+    uploader.stop()
+
+    proxy = drawdown_proxy(policy, db=db)  # another worker, or after a restart
+    twin_options = genai_types.HttpOptions(headers=run_header("inline-twin"))
+    options = genai_types.HttpOptions(headers=run_header("gem-file"))
+    with proxy.genai_client() as client:
+        client.batches.create(
+            model="gemini-2.5-flash",
+            src=[
+                {"contents": r["contents"], "config": {"max_output_tokens": 64}} for r in requests
+            ],
+            config={"http_options": twin_options},
+        )
+        twin = run_held(proxy, "inline-twin")
+        job = client.batches.create(
+            model="gemini-2.5-flash", src=uploaded.name, config={"http_options": options}
+        )
+        held = run_held(proxy, "gem-file")
+        assert held == twin > 0  # the same requests, the same hold
+        # Room for one such batch, not two: the second is refused before it is sent.
+        assert held <= 400_000 < 2 * held
+        with pytest.raises(genai_errors.APIError) as refused:
+            client.batches.create(
+                model="gemini-2.5-flash", src=uploaded.name, config={"http_options": options}
+            )
+        assert refused.value.code == 402 and "held" in str(refused.value)
+        assert standin.count("*:batchGenerateContent", "POST") == 2  # the twin and the first
+        assert job.name is not None
+        done = client.batches.get(name=job.name, config={"http_options": options})
+        assert done.dest is not None and done.dest.file_name is not None
+        assert run_held(proxy, "gem-file") == held  # moved to its responses file, still held
+        results = client.files.download(file=done.dest.file_name, config={"http_options": options})
+    answers = [json.loads(line) for line in results.splitlines()]
+    assert [a["key"] for a in answers] == ["q0", "q1", "q2"]
+    usd = gemini_batch_price(standin.batches.batches[job.name.split("/")[-1]].usages)
+    assert 0 < usd < held
+    assert run_held(proxy, "gem-file") == 0
+    assert run_spent(proxy, "gem-file") == (usd, 3)  # the batch, its read and its download
+    ((charged, note),) = proxy.query(
+        "SELECT actual_usd, note FROM decisions WHERE path LIKE '%:download'"
+    )
+    assert (charged, note) == (usd, None)

@@ -47,7 +47,15 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from . import wire
-from .batches import BatchStore, gemini_batch, run_gemini
+from .batches import (
+    BatchStore,
+    UploadRefused,
+    gemini_batch,
+    gemini_file_object,
+    gemini_upload_chunk,
+    gemini_upload_start,
+    run_gemini,
+)
 from .recorded import Recorded, load_recorded
 from .tls import TlsMaterial
 
@@ -290,7 +298,8 @@ class StandIn:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._servers: list[_Server] = []
         self._sockets: list[socket.socket] = []
-        #: Files and batches of the OpenAI Batch API and Anthropic's Message Batches.
+        #: Files and batches of the OpenAI Batch API, Anthropic's Message Batches and Gemini's
+        #: batch mode (its Files API too).
         self.batches = BatchStore(self._next_id, lambda: self.reply_text)
         self._app = self._build_app()
 
@@ -814,6 +823,20 @@ class StandIn:
                     self._gemini_batch_get,
                     methods=["GET"],
                 ),
+                Route(f"/upload/{gemini_versions}/files", self._gemini_upload, methods=post),
+                Route(
+                    f"/download/{gemini_versions}/files/{{file_id}}:download",
+                    self._gemini_file_download,
+                    methods=["GET"],
+                ),
+                Route(
+                    f"/{gemini_versions}/files/{{file_id}}:download",
+                    self._gemini_file_download,
+                    methods=["GET"],
+                ),
+                Route(
+                    f"/{gemini_versions}/files/{{file_id}}", self._gemini_file_get, methods=["GET"]
+                ),
                 Route("/model/{model:path}/{operation}", self._bedrock, methods=post),
                 Route("/{rest:path}", self._generic, methods=_ALL_METHODS),
             ]
@@ -1215,6 +1238,9 @@ class StandIn:
         if action == "batchGenerateContent":
             entry.reply_kind = "batch"
             found = run_gemini(self.batches, model, body)
+            if found is None:  # its input file unknown
+                err = wire.gemini_error(404, "Requested entity was not found.", "NOT_FOUND")
+                return self._json_reply(entry, err, None, status=404, content_type=ctype)
             return self._json_reply(entry, json.dumps(found).encode(), None, content_type=ctype)
         if action not in ("generateContent", "streamGenerateContent"):
             err = wire.gemini_error(404, f"Method {action} not found.", "NOT_FOUND")
@@ -1408,7 +1434,7 @@ class StandIn:
 
     async def _openai_batch_get(self, request: Request) -> Response:
         entry: LoggedRequest = request.scope[_ENTRY]
-        if (entry.host or "").startswith("generativelanguage."):  # Gemini's /v1/batches/{id}
+        if _gemini_client(entry):  # Gemini's /v1/batches/{id}
             return await self._gemini_batch_get(request)
         found = self.batches.openai_batch(request.path_params["batch_id"])
         return self._object_reply(
@@ -1453,6 +1479,154 @@ class StandIn:
         error = wire.gemini_error(404, "Requested entity was not found.", "NOT_FOUND")
         return self._object_reply(entry, found, error)
 
+    # Gemini's Files API: a batch's input uploaded, its responses file read and downloaded.
+
+    async def _gemini_upload(self, request: Request) -> Response:
+        """POST /upload/{version}/files, the resumable protocol google-genai's files.upload
+        speaks: `X-Goog-Upload-Command: start` (the file's metadata as JSON) answers the URL
+        to send the bytes to, on this request's own origin; then `upload` (a chunk at
+        `X-Goog-Upload-Offset`) answers `active`, and `upload, finalize` (or `finalize`)
+        answers `final` with the file object. `query` says how much was received. A refusal
+        says `final` too, so the SDK gives up at once rather than retrying for seconds."""
+        entry: LoggedRequest = request.scope[_ENTRY]
+        entry.reply_kind = "batch"
+        version: str = request.path_params["version"]
+        ctype = "application/json; charset=UTF-8"
+        commands = {
+            c.strip().lower()
+            for c in (entry.header("x-goog-upload-command") or "").split(",")
+            if c.strip()
+        }
+        upload_id = request.query_params.get("upload_id")
+        try:
+            if upload_id is None:
+                body = self._body(entry)
+                if commands != {"start"} or body is None:
+                    raise UploadRefused(
+                        400, "Expected a resumable upload's start.", "INVALID_ARGUMENT"
+                    )
+                new_id = gemini_upload_start(
+                    self.batches,
+                    body,
+                    entry.header("x-goog-upload-header-content-length"),
+                    entry.header("x-goog-upload-header-content-type"),
+                )
+                url = (
+                    f"{self._origin(entry)}/upload/{version}/files"
+                    f"?upload_id={new_id}&upload_protocol=resumable"
+                )
+                headers = {
+                    "X-Goog-Upload-Status": "active",
+                    "X-Goog-Upload-URL": url,
+                    "X-Goog-Upload-Control-URL": url,
+                    "X-Goog-Upload-Chunk-Granularity": str(8 * 1024 * 1024),
+                }
+                return self._json_reply(
+                    entry, b"", None, content_type="text/plain; charset=utf-8", headers=headers
+                )
+            if commands == {"query"}:
+                found = self.batches.gemini_uploads.get(upload_id)
+                if found is None:
+                    raise UploadRefused(404, "Failed to find upload session.", "NOT_FOUND")
+                headers = {
+                    "X-Goog-Upload-Status": "active",
+                    "X-Goog-Upload-Size-Received": str(len(found.received)),
+                }
+                return self._json_reply(
+                    entry, b"", None, content_type="text/plain; charset=utf-8", headers=headers
+                )
+            if not commands or not commands <= {"upload", "finalize"}:
+                raise UploadRefused(400, "Unknown X-Goog-Upload-Command.", "INVALID_ARGUMENT")
+            file = gemini_upload_chunk(
+                self.batches,
+                upload_id,
+                commands,
+                entry.header("x-goog-upload-offset"),
+                entry.body,
+                self._origin(entry),
+                version,
+            )
+        except UploadRefused as refused:
+            err = wire.gemini_error(refused.status, str(refused), refused.grpc_status)
+            return self._json_reply(
+                entry,
+                err,
+                None,
+                status=refused.status,
+                content_type=ctype,
+                headers={"X-Goog-Upload-Status": "final"},
+            )
+        if file is None:
+            return self._json_reply(
+                entry,
+                b"",
+                None,
+                content_type="text/plain; charset=utf-8",
+                headers={"X-Goog-Upload-Status": "active"},
+            )
+        payload = json.dumps({"file": file}, indent=2).encode()
+        return self._json_reply(
+            entry, payload, None, content_type=ctype, headers={"X-Goog-Upload-Status": "final"}
+        )
+
+    def _gemini_file_error(self, entry: LoggedRequest, file_id: str) -> Response:
+        """An unknown file, as the API answers one (it tells no missing file from a file of
+        another project's)."""
+        err = wire.gemini_error(
+            403,
+            f"You do not have permission to access the File {file_id} or it may not exist.",
+            "PERMISSION_DENIED",
+        )
+        return self._json_reply(
+            entry, err, None, status=403, content_type="application/json; charset=UTF-8"
+        )
+
+    def _is_gemini(self, request: Request) -> bool:
+        """Whether a `/{version}/files/…` path is Gemini's: its v1beta and v1alpha are, and its
+        v1 (google-genai's default version) is told from OpenAI's by the client."""
+        version = request.path_params.get("version")
+        return version != "v1" or _gemini_client(request.scope[_ENTRY])
+
+    async def _gemini_file_get(self, request: Request) -> Response:
+        """GET /{version}/files/{id}: the file object (a generated one with its downloadUri)."""
+        if not self._is_gemini(request):
+            return await self._generic(request)
+        entry: LoggedRequest = request.scope[_ENTRY]
+        entry.reply_kind = "batch"
+        file_id: str = request.path_params["file_id"]
+        found = self.batches.gemini_files.get(file_id)
+        if found is None:
+            return self._gemini_file_error(entry, file_id)
+        payload = gemini_file_object(found, self._origin(entry), request.path_params["version"])
+        return self._json_reply(
+            entry,
+            json.dumps(payload, indent=2).encode(),
+            None,
+            content_type="application/json; charset=UTF-8",
+        )
+
+    async def _gemini_file_download(self, request: Request) -> Response:
+        """GET [/download]/{version}/files/{id}:download?alt=media: a generated file's bytes
+        (a batch's responses). google-genai's files.download asks without the `/download`
+        prefix the file's downloadUri has; the API serves both. An uploaded file cannot be
+        downloaded, as the API says."""
+        if not self._is_gemini(request):
+            return await self._generic(request)
+        entry: LoggedRequest = request.scope[_ENTRY]
+        entry.reply_kind = "batch"
+        file_id: str = request.path_params["file_id"]
+        found = self.batches.gemini_files.get(file_id)
+        if found is None:
+            return self._gemini_file_error(entry, file_id)
+        if found.source != "GENERATED":
+            err = wire.gemini_error(
+                400, "Only generated files can be downloaded.", "INVALID_ARGUMENT"
+            )
+            return self._json_reply(
+                entry, err, None, status=400, content_type="application/json; charset=UTF-8"
+            )
+        return self._json_reply(entry, found.content, None, content_type=found.mime_type)
+
     async def _generic(self, request: Request) -> Response:
         entry: LoggedRequest = request.scope[_ENTRY]
         entry.reply_kind = "generic"
@@ -1468,6 +1642,17 @@ class StandIn:
             "json": echoed,
         }
         return self._json_reply(entry, json.dumps(payload).encode(), None)
+
+
+def _gemini_client(entry: LoggedRequest) -> bool:
+    """Whether a request on a path both OpenAI and Gemini use (`/v1/batches/{id}`,
+    `/v1/files/{id}`) is Gemini's: sent to its host, or with its API key (google-genai's
+    `x-goog-api-key` header, or `?key=`), where OpenAI's clients send a bearer token."""
+    return (
+        (entry.host or "").startswith("generativelanguage.")
+        or entry.header("x-goog-api-key") is not None
+        or any(part.startswith("key=") for part in entry.query.split("&"))
+    )
 
 
 def _image_request(entry: LoggedRequest) -> tuple[dict[str, Any] | None, int]:

@@ -379,8 +379,8 @@ class BatchHold:
       until then at most (epoch seconds; the provider's completion window).
     - `moved_to` (a status read): the batch is done, its results to be read under that key.
     - `ended` (its results read, or done with none to read): the kept hold is released.
-    - `input_estimate` (an OpenAI batch input file uploaded): what the batch that will name
-      the file may cost (the meter's JSON), remembered under `key` for every proxy on the
+    - `input_estimate` (a batch input file uploaded): what the batch that will name the file
+      may cost (the meter's JSON; a Gemini file's requests, counted), remembered under `key` for every proxy on the
       ledger (`batch_input`); no hold is kept or changed."""
 
     key: str

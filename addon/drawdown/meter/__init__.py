@@ -24,6 +24,9 @@ Pure Python (no mitmproxy, no network). The proxy uses only this facade:
 * batch_input_named(...), batch_estimate_json(...), batch_estimate_from_json(...)
                                            an input file's estimate, kept in the ledger for
                                            every proxy (one uploaded through another worker)
+* BatchFileUploads, batch_file_upload(request), batch_file_chunk(...), batch_file_uploaded(...)
+                                           a Gemini batch input file, read chunk by chunk as
+                                           the upstream takes it: its requests counted
 
 Wiring a streamed response into mitmproxy (responseheaders hook)::
 
@@ -49,6 +52,9 @@ and, when the flow dies before the end (error hook), commit `meter.partial()`.
 from .api import (
     ServedModels,
     StreamMeter,
+    batch_file_chunk,
+    batch_file_upload,
+    batch_file_uploaded,
     batch_input_named,
     batch_job,
     batch_progress,
@@ -61,7 +67,7 @@ from .api import (
     polled_until_done,
     unread_request,
 )
-from .batch_submit import BatchInputs, uploaded_file_id
+from .batch_submit import BatchFileUploads, BatchInputs, uploaded_file_id
 from .batch_submit import estimate_from_json as batch_estimate_from_json
 from .batch_submit import estimate_to_json as batch_estimate_json
 from .config import DEFAULT_FALLBACK_PRICE, DEFAULT_SAFETY_FACTORS, MeterConfig, PricePerMillion
@@ -89,6 +95,7 @@ def warm_up(*, bedrock: bool = False) -> None:
 __all__ = [
     "DEFAULT_FALLBACK_PRICE",
     "DEFAULT_SAFETY_FACTORS",
+    "BatchFileUploads",
     "BatchInputs",
     "BatchProgress",
     "LLMRequest",
@@ -101,6 +108,9 @@ __all__ = [
     "TokenUsage",
     "batch_estimate_from_json",
     "batch_estimate_json",
+    "batch_file_chunk",
+    "batch_file_upload",
+    "batch_file_uploaded",
     "batch_input_named",
     "batch_job",
     "batch_progress",

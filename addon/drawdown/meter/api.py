@@ -33,6 +33,8 @@ from .sse import SSEParser
 from .tokens import count_texts, count_tokens
 from .types import (
     BatchEstimate,
+    BatchFile,
+    BatchInput,
     BatchProgress,
     LLMRequest,
     Measurement,
@@ -138,15 +140,57 @@ def batch_progress(
     return None
 
 
+def batch_file_uploaded(origin: str, batch_file: BatchFile, answer: bytes) -> BatchProgress | None:
+    """A Gemini batch input file uploaded whole: its counted requests, under the key of the
+    file its final answer names (the ledger keeps them for every proxy)."""
+    return batch_submit.uploaded(origin, batch_file, answer)
+
+
 def batch_input_named(
     provider: str, method: str, path: str, origin: str, body: bytes
 ) -> tuple[str, str] | None:
-    """(file id, the ledger's key for it) of the input file an OpenAI batch submission names,
-    whose estimate another proxy on the ledger may have remembered; None for anything else."""
-    if batch_submit.route(provider.lower(), method, path) != batch_submit.OPENAI_SUBMIT:
+    """(file id, the ledger's key for it) of the input file an OpenAI or Gemini batch
+    submission names, whose estimate another proxy on the ledger may have remembered; None
+    for anything else."""
+    submitted = batch_submit.route(provider.lower(), method, path)
+    if submitted == batch_submit.OPENAI_SUBMIT:
+        file_id = batch_submit.openai_input_file_id(body)
+    elif submitted == batch_submit.GEMINI_SUBMIT:
+        file_id = batch_submit.gemini_input_file(body)
+    else:
         return None
-    file_id = batch_submit.openai_input_file_id(body)
     return None if file_id is None else (file_id, batch_submit.input_key(origin, file_id))
+
+
+def batch_file_chunk(
+    uploads: batch_submit.BatchFileUploads,
+    request: LLMRequest,
+    origin: str,
+    query: Mapping[str, str],
+    offset: str | None,
+    chunk: bytes,
+    upload_status: str | None,
+) -> BatchFile | None:
+    """A chunk of a Gemini Files API upload the upstream took (its answer's
+    `X-Goog-Upload-Status` active or final), read for the batch input file it may be part
+    of: the file's counted requests once the last is read, else None. Tokenizes the chunk:
+    the proxy runs it off the event loop for a big one."""
+    upload_id = batch_submit.gemini_upload_id(query)
+    status = (upload_status or "").strip().lower()
+    if request.endpoint != batch_submit.GEMINI_UPLOAD or upload_id is None:
+        return None
+    if status not in ("active", "final"):
+        return None
+    try:
+        start = int(offset) if offset is not None else None
+    except ValueError:
+        start = None
+    return uploads.read(origin, upload_id, start, chunk, status == "final", prompt_counts)
+
+
+def batch_file_upload(request: LLMRequest) -> bool:
+    """A request of a Gemini Files API upload (batch_file_chunk reads its chunk)."""
+    return request.endpoint == batch_submit.GEMINI_UPLOAD
 
 
 def batch_job(request: LLMRequest) -> bool:
@@ -437,7 +481,7 @@ def _batch_submission(
     price_override: PricePerMillion | None,
     origin: str | None,
     content_type: str | None,
-    batch_inputs: Mapping[str, BatchEstimate] | None,
+    batch_inputs: Mapping[str, BatchInput] | None,
 ) -> LLMRequest:
     """A batch submitted (held at its requests' estimate, at the batch price), or OpenAI's
     upload of a batch input file (a $0 step that carries the estimate of its lines)."""
@@ -457,14 +501,22 @@ def _batch_submission(
         except MeterRequestError:  # two boundaries: not read, passed on as before
             return upload
         return upload if lines is None else replace(upload, batch=batch_submit.estimate(lines, one))
+    if endpoint == batch_submit.GEMINI_UPLOAD:  # its chunks are read as the upstream takes them
+        return _passthrough(provider, endpoint, None, method, path)
     if endpoint == batch_submit.ANTHROPIC_SUBMIT:
         batch = batch_submit.estimate(batch_submit.anthropic_requests(body), one)
     elif endpoint == batch_submit.GEMINI_SUBMIT:
-        batch = batch_submit.estimate(batch_submit.gemini_requests(path, body), one)
+        requests = batch_submit.gemini_requests(path, body)
+        file_name = None if requests else batch_submit.gemini_input_file(body)
+        counted = batch_inputs.get(file_name) if batch_inputs and file_name else None
+        if isinstance(counted, BatchFile):  # a file this proxy (or the ledger) saw uploaded
+            model = batch_submit.gemini_model(path)
+            requests = batch_submit.counted_requests(model, counted)
+        batch = batch_submit.estimate(requests, one)
     else:  # OpenAI's batch: the estimate of the input file it names, if this proxy saw it
         file_id = batch_submit.openai_input_file_id(body)
         known = batch_inputs.get(file_id) if batch_inputs and file_id else None
-        batch = known or BatchEstimate(0, 0, 0, True, None, 0)
+        batch = known if isinstance(known, BatchEstimate) else BatchEstimate(0, 0, 0, True, None, 0)
     _too_much(batch.input_tokens, batch.max_output_tokens, batch.usd_nanos)
     return replace(
         _passthrough(provider, endpoint, batch.model, method, path),
@@ -492,7 +544,7 @@ def inspect_request(
     origin: str | None = None,
     content_type: str | None = None,
     served: Mapping[str, str] | None = None,
-    batch_inputs: Mapping[str, BatchEstimate] | None = None,
+    batch_inputs: Mapping[str, BatchInput] | None = None,
 ) -> LLMRequest:
     """Classify an LLM API request and estimate its cost before it is forwarded.
 

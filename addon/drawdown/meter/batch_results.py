@@ -10,7 +10,8 @@ passes through the proxy is the download of its results, which carry each reques
 * Gemini's batch mode: the batch itself, `GET /v1beta/batches/{id}` (read again and again
   until it is done), whose `metadata.output.inlinedResponses.inlinedResponses[]` hold each
   `response` with its `usageMetadata` once it is done; or, for a batch whose output is a
-  file, `GET /download/v1beta/files/{id}:download`, one `{"key", "response"}` a line.
+  file, `GET /download/v1beta/files/{id}:download` (google-genai's `files.download()`: `GET
+  /v1/files/{id}:download`), one `{"key", "response"}` a line.
 
 Each line is priced on its own at genai-prices' batch price (`processing: batch`, half the
 standard rates) — a per-request price tier (a long prompt's) applies per line, never to the
@@ -48,7 +49,9 @@ BATCH = MappingProxyType({"processing": "batch"})
 _OPENAI_FILE = re.compile(r"/files/([^/]+)/content$")
 _ANTHROPIC_RESULTS = re.compile(r"/v1/messages/batches/([^/]+)/results$")
 _GEMINI_BATCH = re.compile(r"^/v1(?:beta|alpha)?/batches/([^/:]+)$")
-_GEMINI_FILE = re.compile(r"^/download/v1(?:beta|alpha)?/files/([^/:]+):download$")
+# The file's `downloadUri` has the /download prefix; google-genai's files.download() reads
+# `/v1/files/{id}:download` on the API's own path.
+_GEMINI_FILE = re.compile(r"^(?:/download)?/v1(?:beta|alpha)?/files/([^/:]+):download$")
 _OPENAI_BATCH = re.compile(r"/batches/([^/]+)$")
 
 # An OpenAI batch's statuses once it has stopped running: its output file (if any) is final.

@@ -11,8 +11,12 @@ submit batch after batch, each checked against the same room.
 * Anthropic's Message Batches name every request inline: `POST /v1/messages/batches`,
   `{"requests": [{"custom_id", "params": {…a Messages request…}}]}`.
 * Gemini's batch mode names them inline too: `POST …/models/{model}:batchGenerateContent`,
-  `{"batch": {"inputConfig": {"requests": {"requests": [{"request": {…}}]}}}}` (a batch
-  whose input is a file uploaded before is held at $0).
+  `{"batch": {"inputConfig": {"requests": {"requests": [{"request": {…}}]}}}}`, or names a
+  file uploaded before (`inputConfig.fileName`, `files/{id}`), one `{"key", "request"}` a
+  line. Its lines name no model, so they are counted as the file is uploaded (Files API's
+  resumable upload: each chunk a request of its own, `POST /upload/v1beta/files?upload_id=…`,
+  read as the upstream takes it, a line across two chunks joined: BatchFileUploads) and
+  priced when the batch names the file and its model; remembered as OpenAI's are.
 * OpenAI's Batch API names an input file uploaded before (`POST /v1/files`, purpose
   `batch`, one `{"custom_id", "method", "url", "body"}` a line): its lines are estimated
   as it is uploaded, the estimate is remembered by the file id the upload's answer names
@@ -24,18 +28,28 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
+import threading
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import replace
 
 from . import anthropic, batch_results, gemini, openai
-from ._util import ParsedRequest, dig, loads, parse_body, req_list
+from ._util import ParsedRequest, Prompt, dig, loads, parse_body, req_list
 from .multipart import parse_form
-from .types import BatchEstimate, BatchProgress, MeterRequestError
+from .types import (
+    BatchEstimate,
+    BatchFile,
+    BatchInput,
+    BatchProgress,
+    CountedRequest,
+    MeterRequestError,
+)
 
 ANTHROPIC_SUBMIT = "messages.batches"
 OPENAI_SUBMIT = "batches"
 OPENAI_UPLOAD = "files"
 GEMINI_SUBMIT = "batchGenerateContent"
+GEMINI_UPLOAD = "files.upload"
 SUBMISSIONS = frozenset({ANTHROPIC_SUBMIT, OPENAI_SUBMIT, GEMINI_SUBMIT})
 
 # How long each provider runs a batch before it expires (OpenAI's and Anthropic's 24 hours,
@@ -43,6 +57,8 @@ SUBMISSIONS = frozenset({ANTHROPIC_SUBMIT, OPENAI_SUBMIT, GEMINI_SUBMIT})
 # submission's hold is kept if its results are never read through drawdown.
 WINDOWS = {ANTHROPIC_SUBMIT: 24 * 3600, OPENAI_SUBMIT: 24 * 3600, GEMINI_SUBMIT: 48 * 3600}
 PAST_WINDOW = 3600
+
+_GEMINI_UPLOAD = re.compile(r"^/upload/v1(?:beta|alpha)?/files$")
 
 # The endpoints an OpenAI batch may run that drawdown meters (moderations cost nothing).
 _OPENAI_METERED = frozenset({"chat.completions", "responses", "completions", "embeddings"})
@@ -61,6 +77,8 @@ def route(provider: str, method: str, path: str) -> str | None:
         return OPENAI_UPLOAD
     if provider == "gemini" and gemini_model(p) is not None:
         return GEMINI_SUBMIT
+    if provider == "gemini" and _GEMINI_UPLOAD.search(p):
+        return GEMINI_UPLOAD
     return None
 
 
@@ -132,6 +150,114 @@ def gemini_requests(path: str, body: bytes) -> list[ParsedRequest]:
     return found
 
 
+def gemini_input_file(body: bytes) -> str | None:
+    """The uploaded file (`files/{id}`) a Gemini batch submission names as its input."""
+    obj = loads(body)
+    batch = (
+        obj.get("batch") if isinstance(obj, dict) and isinstance(obj.get("batch"), dict) else obj
+    )
+    config = (
+        batch.get("inputConfig", batch.get("input_config")) if isinstance(batch, dict) else None
+    )
+    name = config.get("fileName", config.get("file_name")) if isinstance(config, dict) else None
+    return name if isinstance(name, str) and name else None
+
+
+Counter = Callable[[ParsedRequest], tuple[int, int]]
+
+
+def gemini_file_requests(content: bytes, count: Counter) -> Iterator[CountedRequest]:
+    """The requests of whole lines of a Gemini batch input file, counted (`count`: prompt
+    tokens to scale, exact tokens) before a model is known: an image at the larger of
+    Gemini's rules. A line the API could not run bills nothing, so it is left out."""
+    for line in content.splitlines():
+        obj = loads(line) if line.strip() else None
+        request = obj.get("request") if isinstance(obj, dict) else None
+        if not isinstance(request, dict):
+            continue
+        try:
+            parsed = gemini.parse_request("generateContent", None, request)
+        except MeterRequestError:
+            continue
+        prompt_tokens, exact = count(parsed)
+        yield prompt_tokens, exact, parsed.cap
+
+
+def counted_requests(model: str | None, batch_file: BatchFile) -> list[ParsedRequest]:
+    """A Gemini batch input file's requests as calls to the model its batch names."""
+    return [
+        ParsedRequest(
+            "generateContent", model, prompt=Prompt(overhead=tokens, exact=exact), cap=cap
+        )
+        for tokens, exact, cap in batch_file.requests
+    ]
+
+
+def gemini_upload_id(query: Mapping[str, str]) -> str | None:
+    """The resumable upload a Files API request carries a chunk of (its `upload_id`); None
+    for the request that starts one."""
+    upload_id = query.get("upload_id")
+    return upload_id or None
+
+
+@dataclasses.dataclass
+class _Upload:
+    received: int = 0  # bytes of the file the upstream took, by offset
+    tail: bytes = b""  # the start of a line the last chunk ended in
+    requests: list[CountedRequest] = dataclasses.field(default_factory=list)
+    complete: bool = True
+
+
+class BatchFileUploads:
+    """Gemini batch input files being uploaded through this proxy, by upstream and upload
+    id: the requests of the lines read whole so far, and the start of the line a chunk ended
+    in. A chunk is read once its upstream took it, at the offset it was sent at, so a chunk
+    sent again is not read twice, and one that went by unseen (through another proxy, or
+    before this one started) marks the file incomplete. Per proxy process; bounded: LIMIT
+    uploads in progress (past it the oldest is forgotten), a line of at most MAX_LINE bytes
+    (the API would refuse a longer request)."""
+
+    LIMIT = 256
+    MAX_LINE = 32 * 1024 * 1024
+
+    def __init__(self) -> None:
+        self._uploads: dict[tuple[str, str], _Upload] = {}
+        self._lock = threading.Lock()  # chunks of different uploads may be read in threads
+
+    def read(
+        self,
+        origin: str,
+        upload_id: str,
+        offset: int | None,
+        chunk: bytes,
+        final: bool,
+        count: Counter,
+    ) -> BatchFile | None:
+        """Reads a chunk the upstream took; the file's requests once it took the last one."""
+        key = (origin, upload_id)
+        with self._lock:
+            upload = self._uploads.pop(key, None) or _Upload()
+        start = upload.received if offset is None else offset
+        if start < upload.received:  # sent again from before what was read: read the rest
+            chunk, start = chunk[upload.received - start :], upload.received
+        elif start > upload.received:  # bytes that went by unseen: lines are missing
+            upload.complete, upload.tail = False, b""
+        upload.received = start + len(chunk)
+        data = upload.tail + chunk
+        cut = len(data) if final else data.rfind(b"\n") + 1
+        upload.tail = data[cut:]
+        if len(upload.tail) > self.MAX_LINE:  # no request is this long: not a batch file
+            upload.complete, upload.tail = False, b""
+        upload.requests.extend(gemini_file_requests(data[:cut], count))
+        if final:
+            return BatchFile(tuple(upload.requests), upload.complete)
+        with self._lock:
+            self._uploads[key] = upload
+            while len(self._uploads) > self.LIMIT:
+                del self._uploads[next(iter(self._uploads))]
+        return None
+
+
 def openai_input_file(body: bytes, boundary: str | None) -> list[ParsedRequest] | None:
     """The requests of a batch input file being uploaded, or None for an upload that is no
     batch input (another purpose, a form drawdown cannot read: passed on as a $0 step, as
@@ -190,7 +316,7 @@ def input_key(origin: str, file_id: str) -> str:
     return batch_results.once_key(origin, OPENAI_UPLOAD, file_id)
 
 
-def uploaded(origin: str, batch: BatchEstimate, answer: bytes) -> BatchProgress | None:
+def uploaded(origin: str, batch: BatchInput, answer: bytes) -> BatchProgress | None:
     """A batch input file uploaded: its estimate, under the key of the id its answer names."""
     file_id = uploaded_file_id(answer)
     return (
@@ -198,16 +324,23 @@ def uploaded(origin: str, batch: BatchEstimate, answer: bytes) -> BatchProgress 
     )
 
 
-def estimate_to_json(batch: BatchEstimate) -> str:
-    """An input file's estimate as the ledger keeps it (batch_inputs)."""
+def estimate_to_json(batch: BatchInput) -> str:
+    """An input file's estimate (a Gemini file's counted requests) as the ledger keeps it
+    (batch_inputs)."""
     return json.dumps(dataclasses.asdict(batch), separators=(",", ":"))
 
 
-def estimate_from_json(text: str) -> BatchEstimate | None:
+def estimate_from_json(text: str) -> BatchInput | None:
     """An estimate the ledger kept; None for one this drawdown cannot read (another version's)."""
     try:
-        return BatchEstimate(**json.loads(text))
-    except (TypeError, ValueError):
+        obj = json.loads(text)
+        if isinstance(obj.get("requests"), list):  # a Gemini file's (an estimate's is a count)
+            requests = tuple(
+                (int(p), int(e), None if c is None else int(c)) for p, e, c in obj["requests"]
+            )
+            return BatchFile(requests, bool(obj.get("complete", True)))
+        return BatchEstimate(**obj)
+    except (TypeError, ValueError, AttributeError):
         return None
 
 
@@ -219,30 +352,34 @@ def openai_input_file_id(body: bytes) -> str | None:
 
 
 def uploaded_file_id(answer: bytes) -> str | None:
-    """The id an upload's answer names (`{"id": "file-…", "object": "file", …}`)."""
+    """The id an upload's answer names (OpenAI's `{"id": "file-…", "object": "file", …}`,
+    Gemini's `{"file": {"name": "files/…"}}`)."""
     obj = loads(answer)
     if not isinstance(obj, dict) or obj.get("object") not in (None, "file"):
         return None
+    if "id" not in obj:  # Gemini's: a file named `files/{id}`
+        name = dig(obj, "file", "name")
+        return name if isinstance(name, str) and name.startswith("files/") else None
     file_id = obj.get("id")
     return file_id if isinstance(file_id, str) else None
 
 
 class BatchInputs:
-    """The estimates of the batch input files this proxy saw uploaded, by upstream and file
-    id, for the batch that names one. Per proxy process, from its start; bounded (past LIMIT
+    """The estimates of the batch input files this proxy saw uploaded (a Gemini file's
+    counted requests), by upstream and file id, for the batch that names one. Per proxy process, from its start; bounded (past LIMIT
     it starts again). The ledger keeps them too (`input_key`): a file uploaded through
     another worker, or before a restart, is read from there when a batch names it."""
 
     LIMIT = 4096
 
     def __init__(self) -> None:
-        self._by_origin: dict[str, dict[str, BatchEstimate]] = {}
+        self._by_origin: dict[str, dict[str, BatchInput]] = {}
         self._count = 0
 
-    def of(self, origin: str) -> Mapping[str, BatchEstimate] | None:
+    def of(self, origin: str) -> Mapping[str, BatchInput] | None:
         return self._by_origin.get(origin)
 
-    def learn(self, origin: str, file_id: str, batch: BatchEstimate) -> None:
+    def learn(self, origin: str, file_id: str, batch: BatchInput) -> None:
         if self._count >= self.LIMIT:
             self._by_origin, self._count = {}, 0
         self._count += 1

@@ -72,7 +72,8 @@ def _g(obj: dict[str, Any], camel: str, snake: str) -> Any:
 # --- requests ---------------------------------------------------------------------------
 
 
-def parse_request(endpoint: str, model: str, body: dict[str, Any]) -> ParsedRequest:
+def parse_request(endpoint: str, model: str | None, body: dict[str, Any]) -> ParsedRequest:
+    """`model`: None for a batch file's line, which names none (batch_submit)."""
     parsed = ParsedRequest(
         endpoint=endpoint, model=model, stream=endpoint == "streamGenerateContent"
     )
@@ -122,12 +123,15 @@ def parse_request(endpoint: str, model: str, body: dict[str, Any]) -> ParsedRequ
     cap = opt_int(config, "maxOutputTokens", "generationConfig.")
     if cap is None:
         cap = opt_int(config, "max_output_tokens", "generationConfig.")
-    count = opt_int(config, "candidateCount", "generationConfig.") or 1
+    count = opt_int(config, "candidateCount", "generationConfig.")
+    if count is None:  # the API reads proto field names too, as for the cap
+        count = opt_int(config, "candidate_count", "generationConfig.")
+    count = count or 1
     parsed.cap = None if cap is None else cap * max(count, 1)
     return parsed
 
 
-def _parts(parts: Any, prompt: Prompt, model: str, where: str) -> None:
+def _parts(parts: Any, prompt: Prompt, model: str | None, where: str) -> None:
     if parts is None:
         return
     if not isinstance(parts, list):

@@ -62,6 +62,28 @@ class BatchEstimate:
     requests: int
 
 
+# A request of a batch input file counted before the model it will run on is known: (prompt
+# tokens in tiktoken units, to be scaled by that model's safety factor; tokens already in the
+# provider's units; its own output cap, None for the model's default).
+CountedRequest = tuple[int, int, int | None]
+
+
+@dataclass(frozen=True)
+class BatchFile:
+    """A Gemini batch input file, counted as it was uploaded: its lines name no model (the
+    batch that names the file does), so they are priced when the batch is submitted.
+    `complete`: False when a chunk of it went by unseen (through another proxy, or before
+    this one started), so lines are missing and the estimate is a floor."""
+
+    requests: tuple[CountedRequest, ...]
+    complete: bool = True
+
+
+# What a batch input file is known by: an OpenAI file's estimate (its lines name their
+# models) or a Gemini file's counted requests.
+BatchInput = BatchEstimate | BatchFile
+
+
 @dataclass(frozen=True)
 class LLMRequest:
     provider: str  # "openai" | "anthropic" | "gemini"
@@ -144,5 +166,6 @@ class BatchProgress:
     window: float | None = None
     results_key: str | None = None
     ended: bool = False
-    # An OpenAI batch input file uploaded: what the batch naming it may cost, under `key`.
-    input_estimate: BatchEstimate | None = None
+    # A batch input file uploaded: what the batch naming it may cost (OpenAI's), or its
+    # requests counted (Gemini's), under `key`.
+    input_estimate: BatchInput | None = None

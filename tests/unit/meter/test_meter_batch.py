@@ -13,12 +13,16 @@ from typing import Any
 import genai_prices
 import pytest
 from drawdown.meter import (
+    BatchFileUploads,
     BatchInputs,
     BatchProgress,
     MeterConfig,
     MeterRequestError,
     batch_estimate_from_json,
     batch_estimate_json,
+    batch_file_chunk,
+    batch_file_upload,
+    batch_file_uploaded,
     batch_input_named,
     batch_progress,
     charging,
@@ -295,6 +299,10 @@ def test_a_range_of_the_file_is_not_charged() -> None:
         ("gemini", "GET", "/v1beta/batches/b-1", (GEMINI_BATCH, "b-1")),
         ("gemini", "GET", "/v1/batches/b-1", (GEMINI_BATCH, "b-1")),
         ("gemini", "GET", "/download/v1beta/files/f-1:download", (GEMINI_FILE_DOWNLOAD, "f-1")),
+        # google-genai's files.download(): on the API's path, no /download prefix.
+        ("gemini", "GET", "/v1/files/f-1:download", (GEMINI_FILE_DOWNLOAD, "f-1")),
+        ("gemini", "GET", "/v1beta/files/f-1%3Adownload", (GEMINI_FILE_DOWNLOAD, "f-1")),
+        ("gemini", "GET", "/v1beta/files/f-1", None),  # the file's metadata
         ("gemini", "GET", "/v1beta/batches", None),  # the list
         ("gemini", "POST", "/v1beta/batches/b-1:cancel", None),
     ],
@@ -574,7 +582,7 @@ def test_a_gemini_batch_is_held_at_its_inline_requests_estimate() -> None:
         "google", "gemini-2.5-pro", each[1].input_tokens, 50
     )
     assert got.estimate_usd_nanos == expected
-    # A batch whose input is a file uploaded before: nothing to read, held at $0.
+    # A batch whose input is a file no proxy saw uploaded: nothing to read, held at $0.
     by_file = {"batch": {"inputConfig": {"fileName": "files/abc"}}}
     assert (
         _live(
@@ -588,6 +596,175 @@ def test_a_gemini_batch_is_held_at_its_inline_requests_estimate() -> None:
             "/v1beta/models/gemini-2.5-flash:batchGenerateContent",
             {"batch": {"inputConfig": {"requests": {"requests": [{}]}}}},
         )
+
+
+# --- a Gemini batch input file, counted as it is uploaded -----------------------------------
+
+GEMINI = "https://generativelanguage.googleapis.com"
+GEMINI_BATCH_PATH = "/v1beta/models/gemini-2.5-flash:batchGenerateContent"
+GEMINI_REQUESTS = [
+    {
+        "contents": [{"role": "user", "parts": [{"text": "Which budgets ran out this week?"}]}],
+        "generationConfig": {"maxOutputTokens": 120},
+    },
+    {  # no cap of its own: the model's default, known only when the batch names the model
+        "systemInstruction": {"parts": [{"text": "Answer in one line."}]},
+        "contents": [{"role": "user", "parts": [{"text": "And which runs looped? " * 40}]}],
+    },
+    {
+        "contents": [{"parts": [{"text": "Sum the holds."}]}],
+        "generation_config": {"max_output_tokens": 30, "candidate_count": 2},
+    },
+]
+
+
+def _gemini_file(requests: list[dict[str, Any]]) -> bytes:
+    """A batch input file as Gemini's docs write one: `{"key", "request"}` a line, with a
+    line the API could not run (no request) that bills nothing."""
+    lines = [json.dumps({"key": f"r{i}", "request": r}) for i, r in enumerate(requests)]
+    lines.insert(1, json.dumps({"key": "broken"}))
+    return "\n".join(lines).encode() + b"\n"
+
+
+def _upload_in_chunks(
+    uploads: Any, data: bytes, size: int, upload_id: str = "u1", resend: int | None = None
+) -> Any:
+    """Each chunk of `data` as its upstream took it, the way the SDK sends them (`resend`: a
+    chunk sent again after its answer was lost)."""
+    upload = inspect_request(
+        "gemini", "POST", "/upload/v1beta/files", {"upload_id": upload_id}, b"", CONFIG
+    )
+    assert batch_file_upload(upload) and not upload.billable
+    found = None
+    offsets = list(range(0, len(data), size))
+    for n, offset in enumerate(offsets):
+        status = "final" if n == len(offsets) - 1 else "active"
+        chunk = data[offset : offset + size]
+        for _ in range(2 if n == resend else 1):
+            found = batch_file_chunk(
+                uploads, upload, GEMINI, {"upload_id": upload_id}, str(offset), chunk, status
+            )
+    return found
+
+
+def test_a_gemini_batch_file_is_counted_as_uploaded_and_priced_as_its_inline_twin() -> None:
+    """Its lines name no model: each is counted as the chunks go by (a line across two
+    chunks joined, a chunk sent twice read once) and priced when the batch names the file
+    and its model, at what the same requests sent inline are held at."""
+    inline = {"batch": {"inputConfig": {"requests": {"requests": [
+        {"request": r} for r in GEMINI_REQUESTS
+    ]}}}}  # fmt: skip
+    expected = _live("gemini", GEMINI_BATCH_PATH, inline)
+    data = _gemini_file(GEMINI_REQUESTS)
+    whole = _upload_in_chunks(BatchFileUploads(), data, len(data))
+    assert whole is not None and whole.complete and len(whole.requests) == 3
+    for size in (7, 64, 301):
+        assert _upload_in_chunks(BatchFileUploads(), data, size, resend=2) == whole
+    answer = json.dumps({"file": {"name": "files/in-1", "state": "ACTIVE"}}).encode()
+    progress = batch_file_uploaded(GEMINI, whole, answer)
+    assert progress == BatchProgress(f"{GEMINI} files files/in-1", input_estimate=whole)
+    inputs = BatchInputs()
+    inputs.learn(GEMINI, "files/in-1", whole)
+    by_file = {"batch": {"displayName": "b", "inputConfig": {"fileName": "files/in-1"}}}
+    got = inspect_request(
+        "gemini", "POST", GEMINI_BATCH_PATH, {}, json.dumps(by_file).encode(), CONFIG,
+        origin=GEMINI, batch_inputs=inputs.of(GEMINI),
+    )  # fmt: skip
+    assert got.batch is not None and got.batch.requests == 3
+    assert (got.input_tokens, got.max_output_tokens) == (
+        expected.input_tokens,
+        expected.max_output_tokens,
+    )
+    assert got.estimate_usd_nanos == expected.estimate_usd_nanos > 0
+    default_cap = CONFIG.output_cap("gemini", "gemini-2.5-flash")
+    assert got.max_output_tokens == 120 + default_cap + 60
+    # The same file named by a batch on a dearer model is priced at that model's prices.
+    pro = inspect_request(
+        "gemini", "POST", GEMINI_BATCH_PATH.replace("flash", "pro"), {},
+        json.dumps(by_file).encode(), CONFIG, origin=GEMINI, batch_inputs=inputs.of(GEMINI),
+    )  # fmt: skip
+    assert pro.estimate_usd_nanos > got.estimate_usd_nanos
+
+
+def test_a_gemini_upload_read_in_part_is_marked_incomplete() -> None:
+    data = _gemini_file(GEMINI_REQUESTS)
+    uploads = BatchFileUploads()
+    upload = inspect_request(
+        "gemini", "POST", "/upload/v1beta/files", {"upload_id": "u2"}, b"", CONFIG
+    )
+    half = len(data) // 2
+    # The first half went through another proxy: this one reads the rest from its offset.
+    rest = batch_file_chunk(
+        uploads, upload, GEMINI, {"upload_id": "u2"}, str(half), data[half:], "final"
+    )
+    assert rest is not None and not rest.complete
+    assert 0 < len(rest.requests) < 3
+    # A chunk the upstream did not take (no upload status: an error) is not read; nor the
+    # request that starts an upload (no upload id yet).
+    for status, query in (("", {"upload_id": "u3"}), ("final", {})):
+        assert batch_file_chunk(uploads, upload, GEMINI, query, "0", data, status) is None
+    assert _upload_in_chunks(uploads, data, len(data), upload_id="u3").complete
+
+
+def test_what_a_proxy_keeps_of_gemini_uploads_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    uploads = BatchFileUploads()
+    monkeypatch.setattr(BatchFileUploads, "LIMIT", 2)
+    monkeypatch.setattr(BatchFileUploads, "MAX_LINE", 100)
+    upload = inspect_request(
+        "gemini", "POST", "/upload/v1beta/files", {"upload_id": "a"}, b"", CONFIG
+    )
+    line = json.dumps({"key": "k", "request": GEMINI_REQUESTS[0]}).encode() + b"\n"
+    for upload_id in ("a", "b", "c"):  # three started, two kept: "a" is forgotten
+        batch_file_chunk(uploads, upload, GEMINI, {"upload_id": upload_id}, "0", line, "active")
+    ended = {
+        upload_id: batch_file_chunk(
+            uploads, upload, GEMINI, {"upload_id": upload_id}, str(len(line)), line, "final"
+        )
+        for upload_id in ("a", "b", "c")
+    }
+    assert [len(f.requests) for f in ended.values()] == [1, 2, 2]
+    assert [f.complete for f in ended.values()] == [False, True, True]
+    # A line longer than any request is dropped, not kept growing.
+    long_line = json.dumps({"key": "k", "request": GEMINI_REQUESTS[1]}).encode()
+    assert len(long_line) > 100
+    batch_file_chunk(uploads, upload, GEMINI, {"upload_id": "d"}, "0", long_line, "active")
+    found = batch_file_chunk(
+        uploads, upload, GEMINI, {"upload_id": "d"}, str(len(long_line)), line, "final"
+    )
+    assert found is not None and not found.complete and len(found.requests) == 1
+
+
+def test_a_gemini_files_counted_requests_travel_through_the_ledger_as_json() -> None:
+    data = _gemini_file(GEMINI_REQUESTS)
+    counted = _upload_in_chunks(BatchFileUploads(), data, 50)
+    assert batch_estimate_from_json(batch_estimate_json(counted)) == counted
+    body = json.dumps({"batch": {"inputConfig": {"file_name": "files/in-1"}}}).encode()
+    assert batch_input_named("gemini", "POST", GEMINI_BATCH_PATH, GEMINI, body) == (
+        "files/in-1",
+        f"{GEMINI} files files/in-1",
+    )
+    inline = json.dumps({"batch": {"inputConfig": {"requests": {"requests": []}}}}).encode()
+    assert batch_input_named("gemini", "POST", GEMINI_BATCH_PATH, GEMINI, inline) is None
+
+
+def test_an_image_in_a_gemini_batch_file_counts_at_the_larger_of_the_models_rules() -> None:
+    """Gemini 3 counts an image at 1120 tokens, Gemini 2 by 768-pixel tiles: a line counted
+    before the model is known takes the larger, so the hold is never the smaller."""
+    import base64
+    import struct
+    import zlib
+
+    def png(width: int, height: int) -> str:
+        header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+        chunk = b"IHDR" + header
+        ihdr = struct.pack(">I", len(header)) + chunk + struct.pack(">I", zlib.crc32(chunk))
+        return base64.b64encode(b"\x89PNG\r\n\x1a\n" + ihdr).decode()
+
+    for (width, height), tokens in (((300, 300), 1120), ((3000, 3000), 258 * 16)):
+        image = {"inlineData": {"mimeType": "image/png", "data": png(width, height)}}
+        request = {"contents": [{"parts": [image]}], "generationConfig": {"maxOutputTokens": 1}}
+        counted = _upload_in_chunks(BatchFileUploads(), _gemini_file([request]), 1000)
+        assert counted.requests[0][1] == tokens
 
 
 # --- what an answer tells of a batch job: the hold kept until it ends ---------------------
