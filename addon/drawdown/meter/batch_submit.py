@@ -206,6 +206,21 @@ class _Upload:
     tail: bytes = b""  # the start of a line the last chunk ended in
     requests: list[CountedRequest] = dataclasses.field(default_factory=list)
     complete: bool = True
+    batch_file: bool | None = None  # None until its first chunk is seen (an image, a video…)
+
+
+def _looks_like_batch_file(chunk: bytes, start: int) -> bool:
+    """Whether an upload's first chunk seen here is JSONL: one starting the file opens an
+    object; one from its middle holds a whole `{"request": …}` line. The Files API takes
+    images, audio and video too, whose bytes are not read for lines."""
+    if start == 0:
+        return chunk.lstrip()[:1] == b"{"
+    for line in chunk.split(b"\n"):  # a part of a line is no whole `{"request": …}`
+        if line.startswith(b"{"):
+            obj = loads(line)
+            if isinstance(obj, dict) and isinstance(obj.get("request"), dict):
+                return True
+    return False
 
 
 class BatchFileUploads:
@@ -233,11 +248,16 @@ class BatchFileUploads:
         final: bool,
         count: Counter,
     ) -> BatchFile | None:
-        """Reads a chunk the upstream took; the file's requests once it took the last one."""
+        """Reads a chunk the upstream took; the file's requests once it took the last one
+        (None for a file with none: no batch input)."""
         key = (origin, upload_id)
         with self._lock:
             upload = self._uploads.pop(key, None) or _Upload()
         start = upload.received if offset is None else offset
+        if upload.batch_file is None:
+            upload.batch_file = _looks_like_batch_file(chunk, start)
+        if not upload.batch_file:  # kept as not one, so its later chunks are not read either
+            return None if final else self._keep(key, upload)
         if start < upload.received:  # sent again from before what was read: read the rest
             chunk, start = chunk[upload.received - start :], upload.received
         elif start > upload.received:  # bytes that went by unseen: lines are missing
@@ -250,12 +270,14 @@ class BatchFileUploads:
             upload.complete, upload.tail = False, b""
         upload.requests.extend(gemini_file_requests(data[:cut], count))
         if final:
-            return BatchFile(tuple(upload.requests), upload.complete)
+            return BatchFile(tuple(upload.requests), upload.complete) if upload.requests else None
+        return self._keep(key, upload)
+
+    def _keep(self, key: tuple[str, str], upload: _Upload) -> None:
         with self._lock:
             self._uploads[key] = upload
             while len(self._uploads) > self.LIMIT:
                 del self._uploads[next(iter(self._uploads))]
-        return None
 
 
 def openai_input_file(body: bytes, boundary: str | None) -> list[ParsedRequest] | None:

@@ -706,6 +706,37 @@ def test_a_gemini_upload_read_in_part_is_marked_incomplete() -> None:
     assert _upload_in_chunks(uploads, data, len(data), upload_id="u3").complete
 
 
+def test_a_gemini_upload_of_another_kind_of_file_is_not_read_for_lines() -> None:
+    """The Files API takes images, audio, video and documents too: their bytes are not read
+    as lines, and nothing is kept for them (no batch can run on them)."""
+    upload = inspect_request(
+        "gemini", "POST", "/upload/v1beta/files", {"upload_id": "v"}, b"", CONFIG
+    )
+    request_line = json.dumps({"key": "k", "request": GEMINI_REQUESTS[0]}).encode()
+    # A video whose bytes happen to hold a batch line after its first chunk: not read.
+    video = b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 4
+    trailing = b"\n" + request_line + b"\n"
+    for uploads_file, chunks in (
+        (video + trailing, [video, trailing]),
+        (b'{"a": "JSON document, no batch lines"}', None),
+    ):
+        uploads = BatchFileUploads()
+        parts = chunks or [uploads_file]
+        offset, found = 0, None
+        for n, part in enumerate(parts):
+            status = "final" if n == len(parts) - 1 else "active"
+            found = batch_file_chunk(
+                uploads, upload, GEMINI, {"upload_id": "v"}, str(offset), part, status
+            )
+            offset += len(part)
+        assert found is None
+    # A JSONL file's chunk from its middle, its start seen by another proxy, is read.
+    uploads = BatchFileUploads()
+    middle = b"...t of a line\n" + request_line + b"\n"
+    found = batch_file_chunk(uploads, upload, GEMINI, {"upload_id": "m"}, "500", middle, "final")
+    assert found is not None and not found.complete and len(found.requests) == 1
+
+
 def test_what_a_proxy_keeps_of_gemini_uploads_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     uploads = BatchFileUploads()
     monkeypatch.setattr(BatchFileUploads, "LIMIT", 2)
