@@ -1495,6 +1495,43 @@ def test_a_run_fan_out_refused_that_goes_on_calling_is_not_read_on_each_reserve(
     ledger.close()
 
 
+def test_a_new_run_counts_its_workflows_runs_without_reading_their_rows(tmp_path: Path) -> None:
+    """fan_out counts a workflow's runs when a new run starts in it. Walked one index seek a
+    run, that does not grow with the rows the runs have: a DISTINCT over them read every one
+    (17 ms for five runs of 20,000 rows on a 2-vCPU VM). Measured in SQLite's VM steps."""
+    ledger = SQLiteLedger(str(tmp_path / "ledger.db"), process_id="p")
+    fan = Guards(max_runs_per_workflow=4)
+    fresh = iter(range(1_000_000))
+
+    def reserve(run: str, tenant: str = "t") -> ReserveOutcome:
+        r = guarded(uuid.uuid4().hex, f"tenant:{tenant}/workflow:wf/run:{run}", "wf")
+        r.tenant = tenant
+        return ledger.reserve(r, [], Amount(requests=1), NOW + 900, fan)
+
+    def calls_of_known_runs(count: int) -> None:
+        for run in ("a", "b", "c"):
+            calls = [
+                ("reserve", (guarded(uuid.uuid4().hex, f"tenant:t/workflow:wf/run:{run}", "wf"),
+                             [], Amount(requests=1), NOW + 900, fan))
+                for _ in range(count // 3)
+            ]  # fmt: skip
+            assert {o.decision for o in ledger.run_batch(calls)} == {"allow"}
+
+    def steps_of_a_new_runs_reserve() -> int:
+        outcome, steps = sqlite_work(ledger, lambda: reserve(f"new{next(fresh)}", "other"))
+        assert outcome.decision == "allow"  # another tenant's: its own count
+        return steps
+
+    assert_level_as_refusals_grow(calls_of_known_runs, steps_of_a_new_runs_reserve)
+    # The walk counts a tenant's runs only, up to the limit: three known and one new run
+    # pass, the fifth is refused; another tenant's runs under the same workflow do not count.
+    assert reserve("d").decision == "allow"
+    refused = reserve("e")
+    assert refused.decision == "deny" and refused.tripped is not None
+    assert refused.tripped.detector == "fan_out" and "already has 4 runs" in refused.tripped.detail
+    ledger.close()
+
+
 def test_a_request_id_holds_once_without_an_index_on_the_holds(
     backend: LedgerBackend, ledger: Any
 ) -> None:

@@ -141,11 +141,25 @@ REPEATS = (
 )
 STEPS = f"SELECT COUNT(*) FROM (SELECT 1 FROM decisions WHERE scope = ? AND {STEP} LIMIT ?)"
 # fan_out reads the partial index of the rows that got through (schema v4), never a run's
-# refusals; named, so that SQLite cannot take the full (workflow, scope) index instead.
-RUNS = (
-    "SELECT COUNT(*) FROM (SELECT DISTINCT scope FROM decisions INDEXED BY idx_decisions_runs "
-    "WHERE workflow = ? AND COALESCE(tenant, '') = ? AND decision <> 'deny' LIMIT ?)"
+# refusals; named, so that SQLite cannot take the full (workflow, scope) index instead. It
+# walks the workflow's runs one seek each (the next scope, then its tenant), up to the cap:
+# a DISTINCT read every row of them, 17 ms for five runs of 20,000 rows each new run.
+RUNS = """
+WITH RECURSIVE walk(scope, n) AS (
+    SELECT (SELECT scope FROM decisions INDEXED BY idx_decisions_runs
+            WHERE workflow = ?1 AND decision <> 'deny' ORDER BY scope LIMIT 1), 0
+    UNION ALL
+    SELECT (SELECT d.scope FROM decisions d INDEXED BY idx_decisions_runs
+            WHERE d.workflow = ?1 AND d.decision <> 'deny' AND d.scope > walk.scope
+            ORDER BY d.scope LIMIT 1),
+           walk.n + (SELECT COALESCE(d.tenant, '') = ?2 FROM decisions d
+                     INDEXED BY idx_decisions_runs
+                     WHERE d.workflow = ?1 AND d.scope = walk.scope AND d.decision <> 'deny'
+                     LIMIT 1)
+    FROM walk WHERE walk.scope IS NOT NULL AND walk.n < ?3
 )
+SELECT MAX(n) FROM walk
+"""
 # Is this run already one of the workflow's? The first row that says so is enough.
 KNOWN = (
     "SELECT COALESCE(tenant, '') FROM decisions INDEXED BY idx_decisions_runs "
