@@ -1649,7 +1649,12 @@ class Drawdown:
         except LedgerError as exc:  # held at $0, as a file no proxy saw; its results still charged
             log.warning("drawdown: could not read batch input %s from the ledger: %s", key, exc)
             return True
-        estimate = meter.batch_estimate_from_json(kept) if kept is not None else None
+        if kept is None:
+            return True
+        if len(kept) > INLINE_TOKENIZE_BYTES:  # a big Gemini file's counts: parsed off the loop
+            estimate = await asyncio.to_thread(meter.batch_estimate_from_json, kept)
+        else:
+            estimate = meter.batch_estimate_from_json(kept)
         if estimate is not None:
             self.batch_inputs.learn(upstream, file_id, estimate)
         return True
@@ -1665,6 +1670,7 @@ class Drawdown:
             return None
         origin = meter.origin(view.scheme, view.host, view.port)
         chunk = flow.request.get_content(strict=False) or b""
+        status = response.headers.get("x-goog-upload-status")
         read = functools.partial(
             meter.batch_file_chunk,
             self.batch_file_uploads,
@@ -1673,9 +1679,19 @@ class Drawdown:
             view.query,
             flow.request.headers.get("x-goog-upload-offset"),
             chunk,
-            response.headers.get("x-goog-upload-status"),
+            status,
         )
-        batch_file = await asyncio.to_thread(read) if len(chunk) > INLINE_TOKENIZE_BYTES else read()
+
+        def read_chunk() -> tuple[meter.BatchFile | None, str | None]:
+            found = read()
+            return found, None if found is None else meter.batch_estimate_json(found)
+
+        # A big chunk is tokenized, and a whole file's counts written out, off the event loop.
+        final = (status or "").strip().lower() == "final"
+        if len(chunk) > INLINE_TOKENIZE_BYTES or final:
+            batch_file, counted = await asyncio.to_thread(read_chunk)
+        else:
+            batch_file, counted = read_chunk()
         if batch_file is None:
             return None
         answer = response.get_content(strict=False) or b""
@@ -1688,10 +1704,10 @@ class Drawdown:
                 "drawdown: part of the upload of %s went by another proxy; a batch naming it is "
                 "held for the %d requests read here",
                 file_id,
-                len(batch_file.requests),
+                batch_file.requests,
             )
         self.batch_inputs.learn(origin, file_id, batch_file)
-        return BatchHold(progress.key, input_estimate=meter.batch_estimate_json(batch_file))
+        return BatchHold(progress.key, input_estimate=counted)
 
     def _learn_batch_input(self, state: FlowState, response: http.Response) -> None:
         """An OpenAI batch input file uploaded: its estimate, by the id its answer names, for

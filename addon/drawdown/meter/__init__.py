@@ -73,7 +73,7 @@ from .batch_submit import estimate_to_json as batch_estimate_json
 from .config import DEFAULT_FALLBACK_PRICE, DEFAULT_SAFETY_FACTORS, MeterConfig, PricePerMillion
 from .prices import origin, price_providers, price_usage
 from .tokens import count_tokens, encoding_for
-from .types import BatchProgress, LLMRequest, Measurement, MeterRequestError, TokenUsage
+from .types import BatchFile, BatchProgress, LLMRequest, Measurement, MeterRequestError, TokenUsage
 
 
 def warm_up(*, bedrock: bool = False) -> None:
@@ -95,6 +95,7 @@ def warm_up(*, bedrock: bool = False) -> None:
 __all__ = [
     "DEFAULT_FALLBACK_PRICE",
     "DEFAULT_SAFETY_FACTORS",
+    "BatchFile",
     "BatchFileUploads",
     "BatchInputs",
     "BatchProgress",

@@ -511,8 +511,9 @@ def _batch_submission(
         counted = batch_inputs.get(file_name) if batch_inputs and file_name else None
         if isinstance(counted, BatchFile):  # a file this proxy (or the ledger) saw uploaded
             model = batch_submit.gemini_model(path)
-            requests = batch_submit.counted_requests(model, counted)
-        batch = batch_submit.estimate(requests, one)
+            batch = batch_submit.estimate_file(model, counted, one)
+        else:
+            batch = batch_submit.estimate(requests, one)
     else:  # OpenAI's batch: the estimate of the input file it names, if this proxy saw it
         file_id = batch_submit.openai_input_file_id(body)
         known = batch_inputs.get(file_id) if batch_inputs and file_id else None

@@ -30,7 +30,7 @@ import dataclasses
 import json
 import re
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import replace
 
 from . import anthropic, batch_results, gemini, openai
@@ -183,14 +183,38 @@ def gemini_file_requests(content: bytes, count: Counter) -> Iterator[CountedRequ
         yield prompt_tokens, exact, parsed.cap
 
 
-def counted_requests(model: str | None, batch_file: BatchFile) -> list[ParsedRequest]:
-    """A Gemini batch input file's requests as calls to the model its batch names."""
-    return [
-        ParsedRequest(
-            "generateContent", model, prompt=Prompt(overhead=tokens, exact=exact), cap=cap
+def estimate_file(
+    model: str | None, batch_file: BatchFile, estimate_one: Estimator
+) -> BatchEstimate:
+    """A Gemini batch input file's requests estimated as calls to the model its batch names:
+    each kind of request once, times how many there are (as estimate() of every line)."""
+    tokens_in = cap = nanos = 0
+    priced = True
+    for (tokens, exact, own_cap), n in batch_file.groups:
+        request = ParsedRequest(
+            "generateContent", model, prompt=Prompt(overhead=tokens, exact=exact), cap=own_cap
         )
-        for tokens, exact, cap in batch_file.requests
-    ]
+        one_in, one_cap, one_nanos, one_priced = estimate_one(request)
+        tokens_in, cap, nanos = tokens_in + n * one_in, cap + n * one_cap, nanos + n * one_nanos
+        priced = priced and one_priced
+    return BatchEstimate(tokens_in, cap, nanos, priced, model, batch_file.requests)
+
+
+def _round_up(value: int, digits: int) -> int:
+    """`value` rounded up to `digits` significant figures (1,234 -> 1,300 at two)."""
+    scale = 10 ** max(len(str(value)) - digits, 0)
+    return -(-value // scale) * scale
+
+
+def _coarsened(request: CountedRequest, digits: int | None) -> CountedRequest:
+    if digits is None:
+        return request
+    tokens, exact, cap = request
+    return (
+        _round_up(tokens, digits),
+        _round_up(exact, digits),
+        None if cap is None else _round_up(cap, digits),
+    )
 
 
 def gemini_upload_id(query: Mapping[str, str]) -> str | None:
@@ -204,9 +228,25 @@ def gemini_upload_id(query: Mapping[str, str]) -> str | None:
 class _Upload:
     received: int = 0  # bytes of the file the upstream took, by offset
     tail: bytes = b""  # the start of a line the last chunk ended in
-    requests: list[CountedRequest] = dataclasses.field(default_factory=list)
+    # Each kind of request read, and how many; past MAX_GROUPS kinds, counts are rounded up
+    # to `digits` significant figures (never below what each request counted).
+    groups: dict[CountedRequest, int] = dataclasses.field(default_factory=dict)
+    digits: int | None = None
     complete: bool = True
     batch_file: bool | None = None  # None until its first chunk is seen (an image, a video…)
+
+    def add(self, requests: Iterable[CountedRequest], most: int) -> None:
+        groups = self.groups
+        for request in requests:
+            key = _coarsened(request, self.digits)
+            groups[key] = groups.get(key, 0) + 1
+            if len(groups) > most and self.digits != 1:
+                self.digits = 2 if self.digits is None else 1
+                coarse: dict[CountedRequest, int] = {}
+                for old, n in groups.items():
+                    new = _coarsened(old, self.digits)
+                    coarse[new] = coarse.get(new, 0) + n
+                self.groups = groups = coarse
 
 
 def _looks_like_batch_file(chunk: bytes, start: int) -> bool:
@@ -230,10 +270,13 @@ class BatchFileUploads:
     sent again is not read twice, and one that went by unseen (through another proxy, or
     before this one started) marks the file incomplete. Per proxy process; bounded: LIMIT
     uploads in progress (past it the oldest is forgotten), a line of at most MAX_LINE bytes
-    (the API would refuse a longer request)."""
+    (the API would refuse a longer request), MAX_GROUPS kinds of request a file (past them,
+    token counts are rounded up to two significant figures, then one: an estimate up to 10 %,
+    then up to 100 %, above the requests' own)."""
 
     LIMIT = 256
     MAX_LINE = 32 * 1024 * 1024
+    MAX_GROUPS = 4096
 
     def __init__(self) -> None:
         self._uploads: dict[tuple[str, str], _Upload] = {}
@@ -268,9 +311,10 @@ class BatchFileUploads:
         upload.tail = data[cut:]
         if len(upload.tail) > self.MAX_LINE:  # no request is this long: not a batch file
             upload.complete, upload.tail = False, b""
-        upload.requests.extend(gemini_file_requests(data[:cut], count))
+        upload.add(gemini_file_requests(data[:cut], count), self.MAX_GROUPS)
         if final:
-            return BatchFile(tuple(upload.requests), upload.complete) if upload.requests else None
+            groups = tuple(upload.groups.items())
+            return BatchFile(groups, upload.complete) if groups else None
         return self._keep(key, upload)
 
     def _keep(self, key: tuple[str, str], upload: _Upload) -> None:
@@ -356,11 +400,12 @@ def estimate_from_json(text: str) -> BatchInput | None:
     """An estimate the ledger kept; None for one this drawdown cannot read (another version's)."""
     try:
         obj = json.loads(text)
-        if isinstance(obj.get("requests"), list):  # a Gemini file's (an estimate's is a count)
-            requests = tuple(
-                (int(p), int(e), None if c is None else int(c)) for p, e, c in obj["requests"]
+        if isinstance(obj.get("groups"), list):  # a Gemini file's counted requests
+            groups = tuple(
+                ((int(p), int(e), None if c is None else int(c)), int(n))
+                for (p, e, c), n in obj["groups"]
             )
-            return BatchFile(requests, bool(obj.get("complete", True)))
+            return BatchFile(groups, bool(obj.get("complete", True)))
         return BatchEstimate(**obj)
     except (TypeError, ValueError, AttributeError):
         return None
@@ -388,11 +433,13 @@ def uploaded_file_id(answer: bytes) -> str | None:
 
 class BatchInputs:
     """The estimates of the batch input files this proxy saw uploaded (a Gemini file's
-    counted requests), by upstream and file id, for the batch that names one. Per proxy process, from its start; bounded (past LIMIT
-    it starts again). The ledger keeps them too (`input_key`): a file uploaded through
-    another worker, or before a restart, is read from there when a batch names it."""
+    counted requests), by upstream and file id, for the batch that names one. Per proxy
+    process, from its start; bounded (past LIMIT entries, a Gemini file's kinds of request
+    counting one each, it starts again). The ledger keeps them too (`input_key`): a file
+    uploaded through another worker, or before a restart, is read from there when a batch
+    names it."""
 
-    LIMIT = 4096
+    LIMIT = 65_536
 
     def __init__(self) -> None:
         self._by_origin: dict[str, dict[str, BatchInput]] = {}
@@ -402,7 +449,8 @@ class BatchInputs:
         return self._by_origin.get(origin)
 
     def learn(self, origin: str, file_id: str, batch: BatchInput) -> None:
-        if self._count >= self.LIMIT:
+        weight = len(batch.groups) if isinstance(batch, BatchFile) else 1
+        if self._count + weight > self.LIMIT:
             self._by_origin, self._count = {}, 0
-        self._count += 1
+        self._count += weight
         self._by_origin.setdefault(origin, {})[file_id] = batch

@@ -72,11 +72,17 @@ CountedRequest = tuple[int, int, int | None]
 class BatchFile:
     """A Gemini batch input file, counted as it was uploaded: its lines name no model (the
     batch that names the file does), so they are priced when the batch is submitted.
+    `groups`: each kind of request counted, and how many of the file's requests are of it
+    (past BatchFileUploads.MAX_GROUPS kinds, prompts are rounded up to fewer kinds).
     `complete`: False when a chunk of it went by unseen (through another proxy, or before
     this one started), so lines are missing and the estimate is a floor."""
 
-    requests: tuple[CountedRequest, ...]
+    groups: tuple[tuple[CountedRequest, int], ...]
     complete: bool = True
+
+    @property
+    def requests(self) -> int:
+        return sum(n for _, n in self.groups)
 
 
 # What a batch input file is known by: an OpenAI file's estimate (its lines name their

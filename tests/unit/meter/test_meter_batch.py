@@ -657,7 +657,7 @@ def test_a_gemini_batch_file_is_counted_as_uploaded_and_priced_as_its_inline_twi
     expected = _live("gemini", GEMINI_BATCH_PATH, inline)
     data = _gemini_file(GEMINI_REQUESTS)
     whole = _upload_in_chunks(BatchFileUploads(), data, len(data))
-    assert whole is not None and whole.complete and len(whole.requests) == 3
+    assert whole is not None and whole.complete and whole.requests == 3
     for size in (7, 64, 301):
         assert _upload_in_chunks(BatchFileUploads(), data, size, resend=2) == whole
     answer = json.dumps({"file": {"name": "files/in-1", "state": "ACTIVE"}}).encode()
@@ -698,7 +698,7 @@ def test_a_gemini_upload_read_in_part_is_marked_incomplete() -> None:
         uploads, upload, GEMINI, {"upload_id": "u2"}, str(half), data[half:], "final"
     )
     assert rest is not None and not rest.complete
-    assert 0 < len(rest.requests) < 3
+    assert 0 < rest.requests < 3
     # A chunk the upstream did not take (no upload status: an error) is not read; nor the
     # request that starts an upload (no upload id yet).
     for status, query in (("", {"upload_id": "u3"}), ("final", {})):
@@ -734,7 +734,7 @@ def test_a_gemini_upload_of_another_kind_of_file_is_not_read_for_lines() -> None
     uploads = BatchFileUploads()
     middle = b"...t of a line\n" + request_line + b"\n"
     found = batch_file_chunk(uploads, upload, GEMINI, {"upload_id": "m"}, "500", middle, "final")
-    assert found is not None and not found.complete and len(found.requests) == 1
+    assert found is not None and not found.complete and found.requests == 1
 
 
 def test_what_a_proxy_keeps_of_gemini_uploads_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -753,7 +753,7 @@ def test_what_a_proxy_keeps_of_gemini_uploads_is_bounded(monkeypatch: pytest.Mon
         )
         for upload_id in ("a", "b", "c")
     }
-    assert [len(f.requests) for f in ended.values()] == [1, 2, 2]
+    assert [f.requests for f in ended.values()] == [1, 2, 2]
     assert [f.complete for f in ended.values()] == [False, True, True]
     # A line longer than any request is dropped, not kept growing.
     long_line = json.dumps({"key": "k", "request": GEMINI_REQUESTS[1]}).encode()
@@ -762,7 +762,50 @@ def test_what_a_proxy_keeps_of_gemini_uploads_is_bounded(monkeypatch: pytest.Mon
     found = batch_file_chunk(
         uploads, upload, GEMINI, {"upload_id": "d"}, str(len(long_line)), line, "final"
     )
-    assert found is not None and not found.complete and len(found.requests) == 1
+    assert found is not None and not found.complete and found.requests == 1
+
+
+def test_a_big_gemini_batch_file_is_kept_as_kinds_of_request(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A file is kept as each kind of request and how many (a file of 50,000 lines the same
+    shape is one kind). Past MAX_GROUPS kinds their counts are rounded up, to two significant
+    figures then one: the hold stays at or above the requests' own, within twice."""
+    monkeypatch.setattr(BatchFileUploads, "MAX_GROUPS", 4)
+    same = {"contents": [{"parts": [{"text": "Hi"}]}], "generationConfig": {"maxOutputTokens": 64}}
+    sizes = [
+        {
+            "contents": [{"parts": [{"text": "word " * (37 * k)}]}],
+            "generationConfig": {"maxOutputTokens": 64},
+        }
+        for k in range(1, 11)
+    ]
+    requests = [same] * 10 + sizes
+    counted = _upload_in_chunks(BatchFileUploads(), _gemini_file(requests), 333)
+    assert counted.requests == 20 and len(counted.groups) < 11
+    inline = {"batch": {"inputConfig": {"requests": {"requests": [
+        {"request": r} for r in requests
+    ]}}}}  # fmt: skip
+    exact = _live("gemini", GEMINI_BATCH_PATH, inline)
+    inputs = BatchInputs()
+    inputs.learn(GEMINI, "files/big", counted)
+    by_file = {"batch": {"inputConfig": {"fileName": "files/big"}}}
+    got = inspect_request(
+        "gemini", "POST", GEMINI_BATCH_PATH, {}, json.dumps(by_file).encode(), CONFIG,
+        origin=GEMINI, batch_inputs=inputs.of(GEMINI),
+    )  # fmt: skip
+    assert exact.estimate_usd_nanos <= got.estimate_usd_nanos <= 2 * exact.estimate_usd_nanos
+    assert exact.input_tokens <= got.input_tokens <= 2 * exact.input_tokens
+    # Unrounded, a file of one kind of request is one group however long.
+    one_kind = _upload_in_chunks(BatchFileUploads(), _gemini_file([same] * 500), 4096)
+    assert one_kind.groups == ((one_kind.groups[0][0], 500),)
+    # What a proxy remembers of uploaded files counts each kind of request.
+    monkeypatch.setattr(BatchInputs, "LIMIT", len(counted.groups) + 1)
+    inputs = BatchInputs()
+    inputs.learn(GEMINI, "files/big", counted)
+    inputs.learn(GEMINI, "files/one", one_kind)
+    inputs.learn(GEMINI, "files/two", one_kind)  # past the bound: it starts again
+    assert dict(inputs.of(GEMINI) or {}) == {"files/two": one_kind}
 
 
 def test_a_gemini_files_counted_requests_travel_through_the_ledger_as_json() -> None:
@@ -795,7 +838,7 @@ def test_an_image_in_a_gemini_batch_file_counts_at_the_larger_of_the_models_rule
         image = {"inlineData": {"mimeType": "image/png", "data": png(width, height)}}
         request = {"contents": [{"parts": [image]}], "generationConfig": {"maxOutputTokens": 1}}
         counted = _upload_in_chunks(BatchFileUploads(), _gemini_file([request]), 1000)
-        assert counted.requests[0][1] == tokens
+        assert counted.groups[0][0][1] == tokens
 
 
 # --- what an answer tells of a batch job: the hold kept until it ends ---------------------
