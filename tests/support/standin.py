@@ -49,6 +49,7 @@ from starlette.types import Receive, Scope, Send
 from . import wire
 from .batches import (
     BatchStore,
+    GeminiFile,
     UploadRefused,
     gemini_batch,
     gemini_file_object,
@@ -1581,6 +1582,14 @@ class StandIn:
             entry, err, None, status=403, content_type="application/json; charset=UTF-8"
         )
 
+    def _gemini_file_named(self, request: Request) -> tuple[LoggedRequest, GeminiFile | Response]:
+        """The file a Gemini `/{version}/files/{id}…` request names, or the refusal to answer."""
+        entry: LoggedRequest = request.scope[_ENTRY]
+        entry.reply_kind = "batch"
+        file_id: str = request.path_params["file_id"]
+        found = self.batches.gemini_files.get(file_id)
+        return entry, found if found is not None else self._gemini_file_error(entry, file_id)
+
     def _is_gemini(self, request: Request) -> bool:
         """Whether a `/{version}/files/…` path is Gemini's: its v1beta and v1alpha are, and its
         v1 (google-genai's default version) is told from OpenAI's by the client."""
@@ -1591,12 +1600,9 @@ class StandIn:
         """GET /{version}/files/{id}: the file object (a generated one with its downloadUri)."""
         if not self._is_gemini(request):
             return await self._generic(request)
-        entry: LoggedRequest = request.scope[_ENTRY]
-        entry.reply_kind = "batch"
-        file_id: str = request.path_params["file_id"]
-        found = self.batches.gemini_files.get(file_id)
-        if found is None:
-            return self._gemini_file_error(entry, file_id)
+        entry, found = self._gemini_file_named(request)
+        if not isinstance(found, GeminiFile):
+            return found
         payload = gemini_file_object(found, self._origin(entry), request.path_params["version"])
         return self._json_reply(
             entry,
@@ -1612,12 +1618,9 @@ class StandIn:
         downloaded, as the API says."""
         if not self._is_gemini(request):
             return await self._generic(request)
-        entry: LoggedRequest = request.scope[_ENTRY]
-        entry.reply_kind = "batch"
-        file_id: str = request.path_params["file_id"]
-        found = self.batches.gemini_files.get(file_id)
-        if found is None:
-            return self._gemini_file_error(entry, file_id)
+        entry, found = self._gemini_file_named(request)
+        if not isinstance(found, GeminiFile):
+            return found
         if found.source != "GENERATED":
             err = wire.gemini_error(
                 400, "Only generated files can be downloaded.", "INVALID_ARGUMENT"
