@@ -389,7 +389,10 @@ def _decide(sim: Simulation, row: dict[str, Any]) -> Replayed:
         if row.get("reason_code") == "bad_request":
             deny("bad_request", row.get("reason") or "unreadable request", None)
             return finish([], Amount(), None)
-        counted = meter.charging(action.provider, view.method, view.path, view.model) != "free"
+        counted = (
+            meter.charging(action.provider, view.method, view.path, view.model, view.query)
+            != "free"
+        )
         estimate = _llm_estimate(policy, action, view, row)
 
     assert kind is not None

@@ -595,7 +595,19 @@ def test_a_gemini_batch_naming_an_uploaded_file_is_held_at_its_lines_until_read(
     assert uploaded.name is not None
     chunks = standin.matching("/upload/*", "POST")
     assert len(chunks) == 1 + -(-len(data) // 100)  # the start, then each chunk
+    # One upload, one step: its start (google-genai sends its chunks without the client's
+    # headers, so they are the identity rules' default run's too).
+    assert run_spent(uploader, "unnamed") == (0, 1)
     uploader.stop()
+    # Replayed under one request a run, the upload passes as it would live: one step.
+    one_request = tmp_path / "one-request.yaml"
+    one_request.write_text(GEMINI_POLICY.replace("usd: 1000}", "requests: 1}"))
+    replayed = subprocess.run(
+        [sys.executable, "-m", "drawdown", "replay", "--policy", str(one_request), "--db", str(db), "--json"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert replayed.returncode == 0, replayed.stderr
+    assert json.loads(replayed.stdout)["blocked"] == []
 
     proxy = drawdown_proxy(policy, db=db)  # another worker, or after a restart
     twin_options = genai_types.HttpOptions(headers=run_header("inline-twin"))

@@ -229,19 +229,28 @@ def _model_metered(endpoint: str, model: str | None) -> bool:
     return openai_images.is_images(endpoint) and openai_images.metered(model)
 
 
-def charging(provider: str, method: str, path: str, model: str | None = None) -> str:
+def charging(
+    provider: str,
+    method: str,
+    path: str,
+    model: str | None = None,
+    query: Mapping[str, str] | None = None,
+) -> str:
     """How the proxy charges a request to this provider path: "tokens" (metered), "step" (a
     call billed other than per token: counted, $0) or "free" (uncounted). `drawdown replay`
     asks it of recorded requests; the proxy learns the same from `inspect_request`. `model`
     (the request's, as the ledger records it) decides the OpenAI Images API (GPT image models
     bill per token, DALL·E per image), speech (metered for a speech model genai-prices
     prices, per token or per character) and transcription (per second of audio or per
-    token)."""
+    token). `query`: a chunk of a Gemini upload (its `upload_id`) is free, the upload having
+    counted as a step when it started."""
     if _realtime_handshake(provider.lower(), method, path):
         return "step"  # a Realtime session: its responses are metered on the socket
     endpoint, path_model, _, metered = _route(provider.lower(), method, path)
     if metered:
         return "tokens"
+    if endpoint == batch_submit.GEMINI_UPLOAD and batch_submit.gemini_upload_id(query or {}):
+        return "free"
     if provider.lower() == "openai" and _model_metered(endpoint, model or path_model):
         return "tokens"
     return "step" if _is_step(method, path, endpoint) else "free"
@@ -482,6 +491,7 @@ def _batch_submission(
     origin: str | None,
     content_type: str | None,
     batch_inputs: Mapping[str, BatchInput] | None,
+    query: Mapping[str, str],
 ) -> LLMRequest:
     """A batch submitted (held at its requests' estimate, at the batch price), or OpenAI's
     upload of a batch input file (a $0 step that carries the estimate of its lines)."""
@@ -502,7 +512,10 @@ def _batch_submission(
             return upload
         return upload if lines is None else replace(upload, batch=batch_submit.estimate(lines, one))
     if endpoint == batch_submit.GEMINI_UPLOAD:  # its chunks are read as the upstream takes them
-        return _passthrough(provider, endpoint, None, method, path)
+        upload = _passthrough(provider, endpoint, None, method, path)
+        # One upload is one step, counted when it starts: its chunks (each a request of its
+        # own, 8 MiB apiece from google-genai) are free.
+        return replace(upload, step=False) if batch_submit.gemini_upload_id(query) else upload
     if endpoint == batch_submit.ANTHROPIC_SUBMIT:
         batch = batch_submit.estimate(batch_submit.anthropic_requests(body), one)
     elif endpoint == batch_submit.GEMINI_SUBMIT:
@@ -569,7 +582,7 @@ def inspect_request(
     if submitted is not None:
         return _batch_submission(
             submitted, provider, method, path, body, config, price_override, origin,
-            content_type, batch_inputs,
+            content_type, batch_inputs, query,
         )  # fmt: skip
     parsed = parse(provider, method, path, body, boundary_of(content_type))
     if isinstance(parsed, LLMRequest):

@@ -634,7 +634,7 @@ def _upload_in_chunks(
     upload = inspect_request(
         "gemini", "POST", "/upload/v1beta/files", {"upload_id": upload_id}, b"", CONFIG
     )
-    assert batch_file_upload(upload) and not upload.billable
+    assert batch_file_upload(upload) and not upload.billable and not upload.step
     found = None
     offsets = list(range(0, len(data), size))
     for n, offset in enumerate(offsets):
@@ -684,6 +684,23 @@ def test_a_gemini_batch_file_is_counted_as_uploaded_and_priced_as_its_inline_twi
         json.dumps(by_file).encode(), CONFIG, origin=GEMINI, batch_inputs=inputs.of(GEMINI),
     )  # fmt: skip
     assert pro.estimate_usd_nanos > got.estimate_usd_nanos
+
+
+def test_a_gemini_upload_is_one_step_however_many_chunks_it_takes() -> None:
+    """google-genai sends a file in 8 MiB chunks, each a request: the upload counts as a step
+    when it starts, its chunks (`upload_id`) are free, live and in replay alike."""
+    start = inspect_request(
+        "gemini", "POST", "/upload/v1/files", {}, b'{"file": {"mime_type": "jsonl"}}', CONFIG
+    )
+    chunk = inspect_request(
+        "gemini", "POST", "/upload/v1/files", {"upload_id": "u"}, b"{}\n", CONFIG
+    )
+    assert (start.billable, start.step) == (False, True)
+    assert (chunk.billable, chunk.step) == (False, False)
+    assert charging("gemini", "POST", "/upload/v1/files") == "step"
+    assert charging("gemini", "POST", "/upload/v1/files", query={"upload_id": "u"}) == "free"
+    # OpenAI's upload is one request, a step, whatever its query.
+    assert charging("openai", "POST", "/v1/files", query={"upload_id": "u"}) == "step"
 
 
 def test_a_gemini_upload_read_in_part_is_marked_incomplete() -> None:
