@@ -8,6 +8,7 @@ MeterRequestError (which the proxy answers as a 400).
 from __future__ import annotations
 
 import gzip
+import itertools
 import json
 import zlib
 from dataclasses import fields
@@ -529,3 +530,68 @@ def test_estimating_any_request_raises_only_meter_request_error(which: str, body
         return
     assert request.input_tokens >= 0 and request.max_output_tokens >= 0
     assert request.estimate_usd_nanos >= 0
+
+
+# --- a Gemini batch input file, read chunk by chunk -------------------------------------------
+
+_GEMINI_LINES = st.lists(
+    st.one_of(
+        st.builds(
+            lambda text, cap: json.dumps(
+                {
+                    "key": "k",
+                    "request": {
+                        "contents": [{"parts": [{"text": text}]}],
+                        **({"generationConfig": {"maxOutputTokens": cap}} if cap else {}),
+                    },
+                }
+            ),
+            st.text(max_size=60),
+            st.one_of(st.none(), st.integers(1, 5000)),
+        ),
+        st.just('{"key": "no request"}'),
+        st.text(max_size=20).filter(lambda t: "\n" not in t and "\r" not in t),  # not JSON
+    ),
+    min_size=1,
+    max_size=12,
+)
+
+
+@fuzz(EXAMPLES["body"])
+@given(
+    lines=_GEMINI_LINES,
+    cuts=st.lists(st.integers(0, 2000), max_size=8),
+    resend=st.one_of(st.none(), st.integers(0, 8)),
+    trailing_newline=st.booleans(),
+    newline=st.sampled_from(["\n", "\r\n"]),
+)
+def test_a_gemini_batch_file_reads_the_same_however_it_is_chunked(
+    lines: list[str], cuts: list[int], resend: int | None, trailing_newline: bool, newline: str
+) -> None:
+    """Cut anywhere (through a line, a UTF-8 character, a CRLF), a chunk sent twice: the file's
+    counted requests are those of the file read whole, and reading never raises."""
+    from drawdown.meter import BatchFileUploads, batch_file_chunk
+
+    data = (newline.join(lines) + (newline if trailing_newline else "")).encode()
+    upload = inspect_request("gemini", "POST", "/upload/v1beta/files", {}, b"", CONFIG)
+    bounds = sorted({0, len(data), *(c for c in cuts if c < len(data))})
+    chunks = [(a, data[a:b]) for a, b in itertools.pairwise(bounds)] or [(0, b"")]
+
+    def read(parts: list[tuple[int, bytes]], again: int | None) -> Any:
+        uploads, found = BatchFileUploads(), None
+        for n, (offset, chunk) in enumerate(parts):
+            status = "final" if n == len(parts) - 1 else "active"
+            # A chunk is sent again when its answer was lost (the last one's, answered
+            # `final`, ends the upload: the SDK sends nothing more).
+            for _ in range(2 if n == again and status == "active" else 1):
+                found = batch_file_chunk(
+                    uploads, upload, "https://g", {"upload_id": "u"}, str(offset), chunk, status
+                )
+        return found
+
+    whole = read([(0, data)], None)
+    assert read(chunks, resend) == whole
+    if whole is not None:
+        assert whole.complete and whole.requests == sum(
+            1 for line in lines if line.startswith('{"key": "k", "request"')
+        )

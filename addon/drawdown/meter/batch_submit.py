@@ -233,7 +233,7 @@ class _Upload:
     groups: dict[CountedRequest, int] = dataclasses.field(default_factory=dict)
     digits: int | None = None
     complete: bool = True
-    batch_file: bool | None = None  # None until its first chunk is seen (an image, a video…)
+    batch_file: bool | None = None  # None until a chunk tells (an image, a video…)
 
     def add(self, requests: Iterable[CountedRequest], most: int) -> None:
         groups = self.groups
@@ -249,12 +249,14 @@ class _Upload:
                 self.groups = groups = coarse
 
 
-def _looks_like_batch_file(chunk: bytes, start: int) -> bool:
-    """Whether an upload's first chunk seen here is JSONL: one starting the file opens an
-    object; one from its middle holds a whole `{"request": …}` line. The Files API takes
-    images, audio and video too, whose bytes are not read for lines."""
-    if start == 0:
-        return chunk.lstrip()[:1] == b"{"
+def _looks_like_batch_file(chunk: bytes, from_start: bool) -> bool | None:
+    """Whether an upload's first chunk seen here is JSONL: from the file's start, its first
+    byte but whitespace opens an object (None: only whitespace yet, undecided); from its
+    middle, it holds a whole `{"request": …}` line. The Files API takes images, audio and
+    video too, whose bytes are not read for lines."""
+    if from_start:
+        head = chunk.lstrip()
+        return head[:1] == b"{" if head else None
     for line in chunk.split(b"\n"):  # a part of a line is no whole `{"request": …}`
         if line.startswith(b"{"):
             obj = loads(line)
@@ -297,9 +299,9 @@ class BatchFileUploads:
         with self._lock:
             upload = self._uploads.pop(key, None) or _Upload()
         start = upload.received if offset is None else offset
-        if upload.batch_file is None:
-            upload.batch_file = _looks_like_batch_file(chunk, start)
-        if not upload.batch_file:  # kept as not one, so its later chunks are not read either
+        if upload.batch_file is None:  # a fresh upload, or only whitespace read from its start
+            upload.batch_file = _looks_like_batch_file(chunk, start <= upload.received)
+        if upload.batch_file is False:  # kept as not one, so its later chunks are not read
             return None if final else self._keep(key, upload)
         if start < upload.received:  # sent again from before what was read: read the rest
             chunk, start = chunk[upload.received - start :], upload.received
