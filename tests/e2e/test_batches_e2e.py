@@ -247,6 +247,17 @@ def test_a_batch_past_the_runs_room_is_refused_before_it_is_sent(
     assert 50_000_000 < est < 70_000_000
 
 
+def replay_blocked(policy: Path, db: Path) -> list[dict[str, Any]]:
+    """What `drawdown replay --json` of the ledger `db` under `policy` blocks."""
+    result = subprocess.run(
+        [sys.executable, "-m", "drawdown", "replay", "--policy", str(policy), "--db", str(db), "--json"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    blocked: list[dict[str, Any]] = json.loads(result.stdout)["blocked"]
+    return blocked
+
+
 def run_held(proxy: DrawdownProcess, run: str) -> int:
     ((usd,),) = proxy.query(
         "SELECT reserved_usd FROM budget_instances WHERE scope LIKE ?", f"%run:{run}"
@@ -437,14 +448,8 @@ def test_replay_holds_a_batch_and_its_results_download_as_the_proxy_does(
     assert costs[1] + costs[3] + ests[4] > limit
     tight = tmp_path / "tight.yaml"
     tight.write_text(POLICY.replace("usd: 1000}", "usd: 0.005}"))
-    result = subprocess.run(
-        [sys.executable, "-m", "drawdown", "replay", "--policy", str(tight), "--db", str(recording), "--json"],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr
     blocked = [
-        (order.index(b["request_id"]), b["reason_code"])
-        for b in json.loads(result.stdout)["blocked"]
+        (order.index(b["request_id"]), b["reason_code"]) for b in replay_blocked(tight, recording)
     ]
     assert blocked == [(2, "budget_exhausted"), (4, "budget_exhausted")]
     # …as the proxy under that policy decides.
@@ -602,12 +607,7 @@ def test_a_gemini_batch_naming_an_uploaded_file_is_held_at_its_lines_until_read(
     # Replayed under one request a run, the upload passes as it would live: one step.
     one_request = tmp_path / "one-request.yaml"
     one_request.write_text(GEMINI_POLICY.replace("usd: 1000}", "requests: 1}"))
-    replayed = subprocess.run(
-        [sys.executable, "-m", "drawdown", "replay", "--policy", str(one_request), "--db", str(db), "--json"],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
-    assert replayed.returncode == 0, replayed.stderr
-    assert json.loads(replayed.stdout)["blocked"] == []
+    assert replay_blocked(one_request, db) == []
 
     proxy = drawdown_proxy(policy, db=db)  # another worker, or after a restart
     twin_options = genai_types.HttpOptions(headers=run_header("inline-twin"))
