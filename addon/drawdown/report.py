@@ -29,7 +29,7 @@ from typing import IO, Any
 
 from . import anomalies as anomaly_detection
 from .identity import clean_value
-from .ledger.api import PROXY_REFUSALS
+from .ledger.api import BATCH_HOLDER, PROXY_REFUSALS
 from .ledger.reader import Reader
 from .money import format_usd, usd_float
 from .policy.model import AnomalySettings, Policy
@@ -311,14 +311,25 @@ def _spend(
     reader: Reader, floor: float, run: str | None, budgets: list[dict[str, Any]]
 ) -> dict[str, Any]:
     """Budget use over time: what committed calls charged, per budget instance and in total,
-    in time buckets (from the holds: each names the instances it was charged to)."""
-    run_filter = " AND id IN (SELECT hold_id FROM decisions WHERE run = :run)"
+    in time buckets (from the holds: each names the instances it was charged to). A batch's
+    submission is charged its request when it is sent, though its hold is kept until the
+    batch ends (released then, or expired at its window): it counts at its submission."""
+    run_filter = " AND h.id IN (SELECT hold_id FROM decisions WHERE run = :run)"
+    params = {"floor": floor, "run": run, "holder": BATCH_HOLDER}
     holds = reader.query(
-        "SELECT settled_at, instance_ids, actual_usd, actual_tokens, actual_requests FROM holds "
-        "WHERE settled_at >= :floor AND state IN ('committed', 'expired') "
-        "AND actual_usd IS NOT NULL" + (run_filter if run else "") + " ORDER BY settled_at",
-        {"floor": floor, "run": run},
+        "SELECT h.settled_at, h.instance_ids, h.actual_usd, h.actual_tokens, h.actual_requests "
+        "FROM holds h WHERE h.settled_at >= :floor AND h.state IN ('committed', 'expired') "
+        "AND h.actual_usd IS NOT NULL AND h.process_id <> :holder" + (run_filter if run else ""),
+        params,
     )
+    if reader.schema_version >= 6:  # batches held while they run (schema v6)
+        holds += reader.query(
+            "SELECT b.ts AS settled_at, h.instance_ids, h.actual_usd, h.actual_tokens, "
+            "h.actual_requests FROM batch_holds b JOIN holds h ON h.id = b.hold_id "
+            "WHERE b.ts >= :floor AND h.actual_usd IS NOT NULL" + (run_filter if run else ""),
+            params,
+        )
+    holds.sort(key=lambda hold: hold["settled_at"])
     if not holds:
         return {"bucket_seconds": BUCKETS[0], "series": []}
     size = _bucket_size(holds[0]["settled_at"], holds[-1]["settled_at"])

@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import subprocess
+import uuid
 from decimal import Decimal
 from html.parser import HTMLParser
 from pathlib import Path
@@ -16,9 +17,10 @@ from typing import Any
 import pytest
 from drawdown import report
 from drawdown.cli import main
-from drawdown.ledger.api import Guards
+from drawdown.ledger.api import Amount, BatchHold, Claim, Completion, DecisionRow, Guards
 
 from tests.support.policies import policy_from
+from tests.support_pg import LedgerBackend
 from tests.unit.seeding import T0, Seeder, claim
 
 NOW = T0 + 3 * 3600
@@ -116,6 +118,43 @@ def test_spend_over_time_per_budget_instance(seed: Seeder) -> None:
     # One run's report charts that run's holds alone (calls 1, 3, 5, 7 and 9 µ-dollars × 1,000).
     one_run = report.build(str(seed.path), now=NOW, run="r0")["spend"]["series"][0]
     assert one_run["usd"] == pytest.approx(0.025)
+
+
+def test_spend_over_time_counts_a_batchs_request_when_it_was_submitted(
+    backend: LedgerBackend,
+) -> None:
+    """A batch's submission is charged its request when it is sent, and its hold kept until
+    the batch ends: released when its results are read, expired at its window, or still
+    running. Each counts one request at its submission, with its budget's spent requests
+    (before: a released one never, an expired one at its expiry)."""
+    ledger = backend.open()
+    claim_ = Claim("run:*", "agent:a/run:r", 10_000_000, None, None)
+
+    def call(at: float, batch: BatchHold | None = None, usd: int = 0) -> None:
+        row = DecisionRow(uuid.uuid4().hex, at, "allow", "enforce", "agent:a/run:r")
+        row.agent, row.run = "a", "r"
+        hold = ledger.reserve(row, [claim_], Amount(usd=2_000_000, requests=1), at + 900)
+        done = Completion(actual=Amount(usd=usd, requests=1), status=200, batch=batch)
+        ledger.commit(row.request_id, hold.hold_id, done, at + 1)
+
+    for n, key in enumerate(("read", "expires", "running")):
+        call(
+            NOW - 3000 + n * 60,
+            BatchHold(key, keep_until=NOW - 1000 if key == "expires" else NOW + 9000),
+        )
+    call(NOW - 2000, BatchHold("read", ended=True), usd=400_000)  # its results, charged
+    assert ledger.sweep(NOW - 900, 30) == 1  # the second's window passed
+    ledger.close()
+    data = report.build(backend.url, now=NOW)
+    ((budget,),) = [[b for b in data["budgets"] if b["scope"] == "agent:a/run:r"]]
+    assert budget["spent"]["requests"] == 4
+    for series in data["spend"]["series"]:
+        assert sum(p["requests"] for p in series["points"]) == 4
+        assert series["usd"] == pytest.approx(0.0004)
+    # The first request counted is the first submission's, in its bucket (not the expiry's).
+    total = data["spend"]["series"][0]
+    first = min(p["t"] for p in total["points"])
+    assert first <= NOW - 2999 < first + data["spend"]["bucket_seconds"]
 
 
 def test_text_report_lists_anomalies(seed: Seeder) -> None:
