@@ -166,9 +166,9 @@ GEMINI3_IMAGE_TOKENS = 1120
 
 def gemini_image_tokens(size: tuple[int, int] | None, model: str | None) -> int:
     """`model` None: not known yet (a batch file's line), so the larger of the two rules."""
+    if model is None and size is not None:
+        return max(GEMINI3_IMAGE_TOKENS, gemini_image_tokens(size, ""))
     if model is None or model.lower().startswith("gemini-3") or size is None:
-        if model is None and size is not None:
-            return max(GEMINI3_IMAGE_TOKENS, gemini_image_tokens(size, ""))
         return GEMINI3_IMAGE_TOKENS
     w, h = size
     if w <= 384 and h <= 384:
