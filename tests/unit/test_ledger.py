@@ -1532,6 +1532,61 @@ def test_a_new_run_counts_its_workflows_runs_without_reading_their_rows(tmp_path
     ledger.close()
 
 
+def _tuples_read(plan: dict[str, Any]) -> int:
+    """The rows every scan of an EXPLAIN ANALYZE plan read: those it returned and those its
+    filter removed, in each of its loops (a count that does not depend on the machine's speed)."""
+    read = 0
+    if plan["Node Type"].endswith("Scan") and "Relation Name" in plan:
+        kept = plan["Actual Rows"] + plan.get("Rows Removed by Filter", 0)
+        read += kept * plan["Actual Loops"]
+    return read + sum(_tuples_read(child) for child in plan.get("Plans", ()))
+
+
+@pytest.mark.postgres
+def test_a_new_run_counts_its_workflows_runs_without_reading_their_rows_on_postgres(
+    pg_url: str,
+) -> None:
+    """The PostgreSQL twin of the test above: fan_out's walk of a workflow's runs reads one
+    row a run, however many rows the runs have (a DISTINCT over them read 28 ms for five runs
+    of 20,000 rows). Measured in the rows its scans read, under EXPLAIN ANALYZE."""
+    from drawdown.ledger.pg_guards import RUNS
+
+    ledger = PostgresLedger(pg_url, process_id="p")
+    backend = LedgerBackend("postgres", pg_url)
+    fan = Guards(max_runs_per_workflow=4)
+
+    def calls_of_known_runs(count: int) -> None:
+        for run in ("a", "b", "c"):
+            calls = [
+                ("reserve", (guarded(uuid.uuid4().hex, f"tenant:t/workflow:wf/run:{run}", "wf"),
+                             [], Amount(requests=1), NOW + 900, fan))
+                for _ in range(count // 3)
+            ]  # fmt: skip
+            assert {o.decision for o in ledger.run_batch(calls)} == {"allow"}
+
+    def rows_a_count_of_runs_reads() -> int:
+        backend.execute("ANALYZE decisions")  # the plan a ledger of this size gets
+        ((plan,),) = backend.rows(
+            f"EXPLAIN (ANALYZE, FORMAT JSON) {RUNS}", ["wf", "wf"], ["t", "other"], [4, 4]
+        )
+        assert backend.rows(RUNS, ["wf", "wf"], ["t", "other"], [4, 4]) == [
+            ("wf", "t", 3),  # three runs of tenant t
+            ("wf", "other", 0),  # another tenant's are not its own
+        ]
+        return _tuples_read(plan[0]["Plan"])
+
+    calls_of_known_runs(200)
+    after_200 = rows_a_count_of_runs_reads()
+    calls_of_known_runs(4000)
+    after_4200 = rows_a_count_of_runs_reads()
+    # Two walks of three runs each: a seek for each run and one past the last, each reading
+    # one row. Counting every row would read 4,200 twice.
+    assert after_4200 <= 16, (after_200, after_4200)
+    assert after_4200 <= after_200 + 2, (after_200, after_4200)
+    ledger.close()
+    backend.close()
+
+
 def test_a_request_id_holds_once_without_an_index_on_the_holds(
     backend: LedgerBackend, ledger: Any
 ) -> None:
