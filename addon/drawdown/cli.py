@@ -307,6 +307,30 @@ async def _run_proxy(args: argparse.Namespace, host: str, port: int, sets: list[
 # --- env ------------------------------------------------------------------------------------
 
 
+def agent_environment(proxy_url: str, bundle: Path) -> dict[str, str]:
+    """The variables `drawdown env` exports (the JVM's aside): an agent's HTTP stacks read the
+    proxy and the CA bundle from them. Lower-case names too: Python's and curl's stacks read
+    `https_proxy` before `HTTPS_PROXY`, so a value the shell had there would win."""
+    ca = str(bundle)
+    return {
+        "HTTPS_PROXY": proxy_url,
+        "HTTP_PROXY": proxy_url,
+        "https_proxy": proxy_url,
+        "http_proxy": proxy_url,
+        "SSL_CERT_FILE": ca,
+        "REQUESTS_CA_BUNDLE": ca,
+        "NODE_EXTRA_CA_CERTS": ca,
+        # curl reads CURL_CA_BUNDLE before SSL_CERT_FILE: a value preset there would win.
+        "CURL_CA_BUNDLE": ca,
+        # boto3 / botocore (Bedrock) ignore SSL_CERT_FILE and read AWS_CA_BUNDLE before
+        # REQUESTS_CA_BUNDLE: a value preset there (or `ca_bundle` in ~/.aws/config) would win.
+        "AWS_CA_BUNDLE": ca,
+        # Node's fetch (the openai and anthropic TypeScript SDKs) ignores HTTPS_PROXY unless
+        # this is set (Node 22.21+, 24.5+); older Node ignores it.
+        "NODE_USE_ENV_PROXY": "1",
+    }
+
+
 def cmd_env(args: argparse.Namespace) -> int:
     host, port = parse_listen(args.listen)
     if not port:  # `run` chooses it when it binds; an agent pointed at port 0 reaches nothing
@@ -326,23 +350,7 @@ def cmd_env(args: argparse.Namespace) -> int:
         credentials = quote(args.agent, safe="") + ":" + quote(args.run or "", safe="") + "@"
     host = _connectable(host)
     url = f"http://{credentials}{url_host(host)}:{port}"
-    for name, value in (
-        ("HTTPS_PROXY", url),
-        ("HTTP_PROXY", url),
-        ("https_proxy", url),
-        ("http_proxy", url),
-        ("SSL_CERT_FILE", str(bundle)),
-        ("REQUESTS_CA_BUNDLE", str(bundle)),
-        ("NODE_EXTRA_CA_CERTS", str(bundle)),
-        # curl reads CURL_CA_BUNDLE before SSL_CERT_FILE: a value preset there would win.
-        ("CURL_CA_BUNDLE", str(bundle)),
-        # boto3 / botocore (Bedrock) ignore SSL_CERT_FILE and read AWS_CA_BUNDLE before
-        # REQUESTS_CA_BUNDLE: a value preset there (or `ca_bundle` in ~/.aws/config) would win.
-        ("AWS_CA_BUNDLE", str(bundle)),
-        # Node's fetch (the openai and anthropic TypeScript SDKs) ignores HTTPS_PROXY unless
-        # this is set (Node 22.21+, 24.5+); older Node ignores it.
-        ("NODE_USE_ENV_PROXY", "1"),
-    ):
+    for name, value in agent_environment(url, bundle).items():
         print(f"export {name}={_shell_quote(value)}")
     from .cacerts import TRUSTSTORE
 

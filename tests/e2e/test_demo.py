@@ -5,7 +5,9 @@ newcomer reads it — and against the ledger it leaves with --keep."""
 from __future__ import annotations
 
 import re
+import shlex
 import shutil
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -43,3 +45,25 @@ def test_the_demo_stops_the_runaway_agent_at_its_run_budget() -> None:
     assert all(status == 200 and usd > 0 for _, status, usd in rows[:12]), rows
     assert rows[12][1] == 402 and not rows[12][2], rows[12]
     shutil.rmtree(Path(kept.group(1)))
+
+
+def test_the_demo_runs_in_a_shell_that_evaled_drawdown_env_for_another_proxy(
+    tmp_path: Path,
+) -> None:
+    """The README has agents' shells run `eval "$(drawdown env)"`; the demo run from such a
+    shell must reach its own proxy. Python's HTTP stack reads the lower-case `https_proxy`
+    before `HTTPS_PROXY`: overriding only the upper-case names sent the demo's agent to the
+    shell's proxy (here, nothing listening: a connection error and a traceback)."""
+    with socket.socket() as closed:  # a port nothing listens on once this socket closes
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    python = shlex.quote(sys.executable)
+    script = (
+        f'eval "$({python} -m drawdown env --confdir {shlex.quote(str(tmp_path))} '
+        f'--listen 127.0.0.1:{port})" && {python} -m drawdown demo'
+    )
+    done = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=180)
+    out = done.stdout
+    assert done.returncode == 0, out + done.stderr
+    assert "12 calls reached the LLM; the denied one never left the proxy." in out
+    assert "Traceback" not in done.stderr, done.stderr

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from ..cacerts import ca_bundle
+from ..cli import agent_environment
 from ..report import build, render_text
 from .upstream import Upstream
 
@@ -76,13 +77,10 @@ def run_demo(keep: bool = False) -> int:
                 host_port = proxy_url.removeprefix("http://")
                 bundle = ca_bundle(folder / "confdir")
                 env = dict(os.environ)
-                # What `eval "$(drawdown env --agent researcher --run run-1)"` sets: nothing else changes.
+                # What `eval "$(drawdown env --agent researcher --run run-1)"` sets, over what
+                # the shell had (it may have eval'ed it for another proxy): nothing else changes.
                 proxy_with_identity = f"http://researcher:run-1@{host_port}"
-                env.update(
-                    HTTPS_PROXY=proxy_with_identity,
-                    HTTP_PROXY=proxy_with_identity,
-                    SSL_CERT_FILE=str(bundle),
-                )
+                env.update(agent_environment(proxy_with_identity, bundle))
                 env.pop("NO_PROXY", None)
                 env.pop("no_proxy", None)
                 print(
@@ -105,10 +103,13 @@ def run_demo(keep: bool = False) -> int:
         print("\n".join(f"  {line}" if line else "" for line in render_text(report).split("\n")))
         runs = report["runs"]
         stopped = agent.returncode == 0 and runs and runs[0]["status"] == "budget_exhausted"
-        print(
-            f"\n  {reached} calls reached the LLM; the denied one never left the proxy. "
-            f"({time.monotonic() - started:.1f} s)"
-        )
+        elapsed = f"({time.monotonic() - started:.1f} s)"
+        if stopped:
+            print(
+                f"\n  {reached} calls reached the LLM; the denied one never left the proxy. {elapsed}"
+            )
+        else:
+            print(f"\n  {reached} calls reached the LLM. {elapsed}")
         if keep:
             print(f"  demo files kept in {folder} (ledger: {folder / 'demo.db'})")
         if not stopped:
