@@ -13,6 +13,7 @@ import dataclasses
 import inspect
 import multiprocessing
 import os
+import re
 import socket
 import sqlite3
 import threading
@@ -1018,6 +1019,13 @@ def assert_level_as_refusals_grow(refuse: Any, work_of_one_reserve: Any) -> None
     assert after_4200 < 1.5 * after_200, (after_200, after_4200)
 
 
+def _counted_in(detail: str) -> int:
+    """The count a guard's refusal states ("already made 5 times", "already took 9 steps")."""
+    found = re.search(r"already (?:made|took|has) (?:at least )?(\d+)", detail)
+    assert found is not None, detail
+    return int(found.group(1))
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_capped_guard_counts_decide_as_counting_every_row_would(
     backend: LedgerBackend, ledger: Any, seed: int
@@ -1043,6 +1051,12 @@ def test_capped_guard_counts_decide_as_counting_every_row_would(
         if expected is not None:
             assert outcome.decision == "deny"
             assert outcome.tripped.detector == expected.detector, (n, expected, outcome)
+            # What the refusal says is true: the full count, or "at least" what was counted.
+            told = _counted_in(outcome.tripped.detail)
+            if "at least" in outcome.tripped.detail:
+                assert told <= _counted_in(expected.detail), (n, expected, outcome)
+            else:
+                assert outcome.tripped.detail == expected.detail, (n, expected, outcome)
         else:
             assert outcome.decision == "allow", (n, outcome)
             status = rng.choice([200, 200, 503, 429, None])  # failed attempts to forgive

@@ -16,7 +16,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from .api import DecisionRow, Guards, agents_own, failed_attempt
-from .plan import Counts, GuardKeys
+from .plan import Counts, GuardKeys, step_cap
 
 # Sorted by hash, taken in that order (the subquery keeps the order for the outer call).
 LOCK = """
@@ -140,6 +140,15 @@ class Reader:
         if "failed" in self.cursors:
             for scope, fingerprint, n in self.cursors["failed"].fetchall():
                 found.failed[scope][fingerprint] = n
+        keys = self.keys
+        caps = dict(zip(keys.repeats, keys.repeat_caps, strict=True))
+        found.capped_repeats = {key for key, n in found.repeats.items() if n >= caps[key]}
+        for scope, (most, retries) in zip(keys.steps, keys.step_limits, strict=True):
+            # The cap the STEPS query computed in the database, from the same failed attempts.
+            if found.steps[scope] >= step_cap(
+                most, retries, found.failed.get(scope, {}), len(keys.settling)
+            ):
+                found.capped_steps.add(scope)
         if "inflight" in self.cursors:
             for request_id, scope, fingerprint in self.cursors["inflight"].fetchall():
                 if scope in found.failed:

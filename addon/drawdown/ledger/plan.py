@@ -197,6 +197,10 @@ class Counts:
     inflight: dict[str, tuple[str, str]] = field(default_factory=dict)
     runs: dict[tuple[str, str], int] = field(default_factory=dict)
     known: set[tuple[str, str]] = field(default_factory=set)  # (workflow, scope) seen
+    # The repeats and steps whose count stopped at its cap (GuardKeys): there may be more,
+    # so a refusal says "at least" rather than understate a loop as its cap.
+    capped_repeats: set[tuple[str, str]] = field(default_factory=set)
+    capped_steps: set[str] = field(default_factory=set)
     seen: set[tuple[str, str, str]] = field(default_factory=set)  # (workflow, tenant, scope)
 
     def add(self, row: DecisionRow, refused: bool = False) -> None:
@@ -249,17 +253,21 @@ class Counts:
                 row.scope, row.fingerprint, guards.retries
             )
             if repeats >= guards.max_repeats:
+                at_least = (
+                    "at least " if (row.scope, row.fingerprint) in self.capped_repeats else ""
+                )
                 return Tripped(
                     "loop",
-                    f"loop: this identical {row.action} request was already made {repeats} times in "
+                    f"loop: this identical {row.action} request was already made {at_least}{repeats} times in "
                     f"{row.scope} (anomalies.loop.repeats: {guards.max_repeats})",
                 )
         if guards.max_steps is not None:
             steps = self.steps[row.scope] - self.forgiven_steps(row.scope, guards.retries)
             if steps >= guards.max_steps:
+                at_least = "at least " if row.scope in self.capped_steps else ""
                 return Tripped(
                     "step_count",
-                    f"step_count: {row.scope} already took {steps} steps (anomalies.step_count.max: {guards.max_steps})",
+                    f"step_count: {row.scope} already took {at_least}{steps} steps (anomalies.step_count.max: {guards.max_steps})",
                 )
         if (
             guards.max_runs_per_workflow is not None

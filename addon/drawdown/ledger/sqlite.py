@@ -507,9 +507,13 @@ class SQLiteLedger:
             (counts.repeats[scope, fingerprint],) = conn.execute(
                 REPEATS, (scope, fingerprint, cap)
             ).fetchone()
+            if counts.repeats[scope, fingerprint] >= cap:
+                counts.capped_repeats.add((scope, fingerprint))
         for scope, (most, retries) in zip(keys.steps, keys.step_limits, strict=True):
             cap = step_cap(most, retries, counts.failed.get(scope, {}), len(keys.settling))
             (counts.steps[scope],) = conn.execute(STEPS, (scope, cap)).fetchone()
+            if counts.steps[scope] >= cap:
+                counts.capped_steps.add(scope)
         if keys.settling:
             for request_id, scope, fingerprint in conn.execute(
                 "SELECT request_id, scope, fingerprint FROM decisions "
