@@ -1123,7 +1123,7 @@ class Drawdown:
         )
         # limits.max_request_bytes: refused before it is parsed for replay, tokenized or forwarded
         # (raw or decoded size: a small gzip bomb counts at its decoded size).
-        size = max(len(view.body), len(flow.request.raw_content or b""))
+        size = row.body_bytes = max(len(view.body), len(flow.request.raw_content or b""))
         if action is not None and size > policy.limits.max_request_bytes:
             message = (
                 f"drawdown: the request body ({size} bytes) is larger than this proxy accepts "
@@ -1138,6 +1138,9 @@ class Drawdown:
             setattr(row, name, value)
 
         if action is None:
+            # No guard applies to a host no action names, but replay needs the fingerprint to
+            # re-decide its calls under a policy that names it (a loop among them).
+            row.fingerprint = await self._fingerprint("", view, classification)
             if policy.unknown_hosts == "deny":
                 message = f"drawdown: {unmatched(view, row.path)}"
                 if await self._deny_before_budgets(flow, state, "unknown_host", message):
@@ -1154,6 +1157,7 @@ class Drawdown:
             usd=action.cost_usd_nanos or 0, requests=max(1, len(classification.kinds))
         )
         if action.is_llm:
+            row.metering = recording.metering_digest(policy, action)
             try:
                 llm = await self._inspect(policy, action, view)
             except meter.MeterRequestError as exc:
@@ -1182,7 +1186,7 @@ class Drawdown:
         if not free and not polled:
             # Before authority: a call denied again and again is a loop too, and replay
             # needs the fingerprint to re-decide it under a policy that would allow it.
-            row.fingerprint = fingerprint(kind, view, classification)
+            row.fingerprint = await self._fingerprint(kind, view, classification)
         governed = policy.authority.rules or policy.authority.default == "deny"
         if governed and not await self._authorize(flow, state, policy, classification, view):
             return
@@ -1230,6 +1234,14 @@ class Drawdown:
         claims = claims_for(policy, state.identity.levels, kind, state.started)
         requests = max(1, len(classification.kinds))
         await self._reserve(flow, state, claims, Amount(requests=requests))
+
+    @staticmethod
+    async def _fingerprint(kind: str, view: RequestView, classification: Classification) -> str:
+        """fingerprint(), a big body's hashed off the event loop (an upload to a host no
+        action names has no size limit; hashlib lets go of the GIL)."""
+        if len(view.body) <= INLINE_TOKENIZE_BYTES:
+            return fingerprint(kind, view, classification)
+        return await asyncio.to_thread(fingerprint, kind, view, classification)
 
     async def _inspect(self, policy: Policy, action: Any, view: RequestView) -> meter.LLMRequest:
         args = (

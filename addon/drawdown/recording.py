@@ -13,6 +13,7 @@ secret, a credential-shaped segment, what a secret-named `{capture}` took).
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import re
 from collections.abc import Mapping
@@ -20,7 +21,7 @@ from typing import Any
 
 from .classify import Classification, RequestView
 from .policy.match import PathPattern, missing
-from .policy.model import Policy
+from .policy.model import Action, Policy
 
 REDACTED = "[redacted]"
 # A name is secret when one of its words (split on non-letters and camelCase) is one of these.
@@ -169,6 +170,39 @@ def _redacted_dumps(value: Any, name: str = "") -> str | None:
         return _dumps(redact(value, name))
     except RecursionError:
         return None
+
+
+# (policy digest, action kind, file, line) -> metering_digest: one policy's actions, by value.
+_metering: dict[tuple[str, str, str, int], str] = {}
+
+
+def metering_digest(policy: Policy, action: Action) -> str:
+    """What an LLM call's estimate and cost depend on besides the request itself, as
+    "ESTIMATE:PRICE": a digest of the action's provider and the policy's `meter:` settings
+    (the estimate's), then one of the action's `price:` and the fallback price. Recorded
+    with the call, so that replay knows whether the new policy estimates or prices it as the
+    recording one did (by value: the same settings in another file or order read the same)."""
+    key = (policy.digest, action.kind, action.file, action.line)
+    found = _metering.get(key)
+    if found is None:
+        meter = policy.meter
+        estimate = (
+            action.provider,
+            meter.default_max_output_tokens,
+            meter.max_output_tokens,
+            meter.fallback_price,
+            sorted(meter.safety_factors.items()),
+        )
+        price = (action.price, meter.fallback_price)  # what a committed usage is priced at
+        found = f"{_digest(repr(estimate))}:{_digest(repr(price))}"
+        if len(_metering) >= 1024:  # policies reloaded many times: start again
+            _metering.clear()
+        _metering[key] = found
+    return found
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 def features(policy: Policy, view: RequestView, classification: Classification) -> dict[str, Any]:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import heapq
 import json
+import re
 import time
 from collections import Counter, defaultdict
 from collections.abc import Sequence
@@ -55,11 +56,12 @@ from .ledger.api import (
     is_failed_attempt,
 )
 from .ledger.reader import Reader
-from .meter import openai_realtime
+from .meter import TokenUsage, openai_realtime
+from .meter.prices import url_provider
 from .money import format_usd, usd_float
 from .policy.match import LEVELS, missing
 from .policy.model import Policy
-from .recording import REDACTED, body_fields, omitted_fields, rebuild_json
+from .recording import REDACTED, body_fields, metering_digest, omitted_fields, rebuild_json
 from .report import iso_time
 from .respond import STATUS
 
@@ -71,6 +73,7 @@ _COLUMNS = (
     "h.settled_at AS hold_settled_at, h.expires_at AS hold_expires_at"
 )
 _FEATURES = ("port", "query", "body_fields", "body", "mcp")
+_FEATURES_V7 = ("body_bytes", "metering")  # schema v7
 
 
 @dataclass
@@ -147,6 +150,11 @@ class Simulation:
         )  # (tenant, workflow) -> scopes
         self.reads = _read_fields(policy)
         self.redacted: Counter[str] = Counter()  # field -> requests whose value is redacted
+        # LLM calls the new policy meters otherwise (recording.metering_digest): those whose
+        # estimate stayed the recorded one (no body recorded to estimate again), and those
+        # whose cost was priced again from their recorded token counts
+        self.estimates_kept = 0
+        self.costs_repriced = 0
         self._seq = 0
 
     def settle_until(self, ts: float) -> None:
@@ -349,7 +357,8 @@ def _decide(sim: Simulation, row: dict[str, Any]) -> Replayed:
         sim.count(row, out.decision, fingerprint)
         if out.decision == "deny":
             return out
-        actual = _actual(row, action, estimate)
+        actual, repriced = _actual(row, action, estimate, policy)
+        sim.costs_repriced += repriced
         if not _forwarded(row):
             out.assumed = True
         out.usd_replayed = actual.usd if actual else 0
@@ -374,7 +383,22 @@ def _decide(sim: Simulation, row: dict[str, Any]) -> Replayed:
                 unmatched(view),
                 None,
             )
-        return finish([], Amount(), None)
+        # Fingerprinted live (since v7's recording), so its failed attempts are forgiven steps.
+        return finish([], Amount(), row.get("fingerprint"))
+
+    size = _body_bytes(row)
+    if size is not None and size > policy.limits.max_request_bytes:
+        # As the proxy: refused before it is read; shadow lets it through unread (no estimate).
+        deny(
+            "body_too_large",
+            f"the request body ({size} bytes) is larger than this proxy accepts "
+            f"(limits.max_request_bytes: {policy.limits.max_request_bytes})",
+            None,
+        )
+        if out.decision == "deny":
+            return finish([], Amount(), None)
+        claims = claims_for(policy, levels, kind, row["ts"])
+        return finish(claims, Amount(requests=max(1, len(classification.kinds))), None)
 
     if classification.mcp_error is not None:
         deny("bad_request", f"cannot read this MCP request: {classification.mcp_error[1]}", None)
@@ -393,7 +417,8 @@ def _decide(sim: Simulation, row: dict[str, Any]) -> Replayed:
             meter.charging(action.provider, view.method, view.path, view.model, view.query)
             != "free"
         )
-        estimate = _llm_estimate(policy, action, view, row)
+        estimate, kept = _llm_estimate(policy, action, view, row)
+        sim.estimates_kept += kept
 
     assert kind is not None
     # The proxy fingerprints a request before authority decides it: a denied repeat counts too.
@@ -463,21 +488,50 @@ def _decide(sim: Simulation, row: dict[str, Any]) -> Replayed:
     return finish(claims, estimate, fingerprint)
 
 
-def _llm_estimate(policy: Policy, action: Any, view: RequestView, row: dict[str, Any]) -> Amount:
-    """The estimate made live; for a request the recording policy denied before estimating it,
-    the meter's estimate from the recorded body (`record: {bodies: full}`), else its actual."""
-    if row.get("est_usd"):
-        return Amount(usd=row["est_usd"], tokens=row.get("est_tokens") or 0, requests=1)
+def _body_bytes(row: dict[str, Any]) -> int | None:
+    """The request body's size, as limits.max_request_bytes measured it live: recorded since
+    schema v7; before, known only of a request refused for it (its reason names the size)."""
+    if row.get("body_bytes") is not None:
+        return int(row["body_bytes"])
+    if row.get("reason_code") == "body_too_large":
+        found = re.search(r"request body \((\d+) bytes\)", row.get("reason") or "")
+        if found:
+            return int(found.group(1))
+    return None
+
+
+def _metering_changed(policy: Policy, action: Any, row: dict[str, Any]) -> tuple[bool, bool]:
+    """Whether the new policy (estimate settings, price) meters this LLM call otherwise than
+    the recording one did. A ledger from before schema v7 does not say: taken as unchanged."""
+    recorded = row.get("metering")
+    if not recorded:
+        return False, False
+    estimate, _, price = recorded.partition(":")
+    new_estimate, _, new_price = metering_digest(policy, action).partition(":")
+    return estimate != new_estimate, price != new_price
+
+
+def _llm_estimate(
+    policy: Policy, action: Any, view: RequestView, row: dict[str, Any]
+) -> tuple[Amount, bool]:
+    """The estimate made live, unless the new policy meters the call otherwise; then, as for a
+    request the recording policy denied before estimating it, the meter's estimate from the
+    recorded body (`record: {bodies: full}`), else its actual. With it, whether the recorded
+    estimate was kept though the new policy meters the call otherwise (no body to estimate)."""
+    changed = any(_metering_changed(policy, action, row))
+    if row.get("est_usd") and not (changed and row.get("body")):
+        recorded = Amount(usd=row["est_usd"], tokens=row.get("est_tokens") or 0, requests=1)
+        return recorded, changed
     if meter.batch_results_download(action.provider, view.method, view.path):
         # A batch's results: live, the download held room for one request and no money (the
         # batch was billed upstream), then was charged its answers' usage.
-        return Amount(requests=1)
+        return Amount(requests=1), False
     if meter.charging(action.provider, view.method, view.path) == "step" and (
         openai_realtime.is_realtime(view.path)
     ):
         # A Realtime session and its responses: live, each held room for one request and
         # no money (the price is known only at response.done), then charged its actual.
-        return Amount(requests=1)
+        return Amount(requests=1), False
     if row.get("body"):
         try:
             # The ledger keeps no scheme: port 80 is plain HTTP, as the proxy sees it.
@@ -486,21 +540,26 @@ def _llm_estimate(policy: Policy, action: Any, view: RequestView, row: dict[str,
                 action.provider, view.method, view.path, view.query, row["body"].encode(),
                 policy.meter, action.price, origin=meter.origin(scheme, view.host, view.port),
             )  # fmt: skip
-            return Amount(
+            estimate = Amount(
                 usd=llm.estimate_usd_nanos,
                 tokens=llm.input_tokens + llm.max_output_tokens,
                 requests=1,
             )
+            return estimate, False
         except meter.MeterRequestError:
             pass
     tokens = (row.get("tokens_in") or 0) + (row.get("tokens_out") or 0)
-    return Amount(usd=row.get("actual_usd") or 0, tokens=tokens, requests=1)
+    return Amount(usd=row.get("actual_usd") or 0, tokens=tokens, requests=1), False
 
 
-def _actual(row: dict[str, Any], action: Any, estimate: Amount) -> Amount | None:
-    """What the request is charged when it completes; None when it was released live."""
+def _actual(
+    row: dict[str, Any], action: Any, estimate: Amount, policy: Policy
+) -> tuple[Amount | None, bool]:
+    """What the request is charged when it completes (None when it was released live), and
+    whether that was priced again from its recorded token counts (the new policy prices the
+    call otherwise)."""
     if not _forwarded(row):
-        return estimate  # never ran: assume it costs its estimate
+        return estimate, False  # never ran: assume it costs its estimate
     state = row.get("hold_state")
     committed = (
         state == "committed"
@@ -508,16 +567,32 @@ def _actual(row: dict[str, Any], action: Any, estimate: Amount) -> Amount | None
         or _kept(row)  # its request charged; its batch then held until it ended
     )
     if not committed:
-        return None
+        return None, False
     if action is None:
-        return Amount()
+        return Amount(), False
     if action.is_llm:
-        tokens = (row.get("tokens_in") or 0) + (row.get("tokens_out") or 0)
-        return Amount(usd=row.get("actual_usd") or 0, tokens=tokens, requests=1)
+        tokens_in, tokens_out = row.get("tokens_in") or 0, row.get("tokens_out") or 0
+        usd = row.get("actual_usd") or 0
+        _, price_changed = _metering_changed(policy, action, row)
+        if price_changed and (tokens_in or tokens_out):
+            # Priced as the proxy prices a committed usage, from the two counts the ledger
+            # keeps (their cache reads, audio and image tokens at the text price).
+            port = int(row.get("port") or 443)
+            origin = meter.origin("http" if port == 80 else "https", row.get("host") or "", port)
+            usd, _ = meter.price_usage(
+                action.provider,
+                row.get("model"),
+                TokenUsage(input_tokens=tokens_in, output_tokens=tokens_out),
+                policy.meter,
+                action.price,
+                matched=url_provider(origin, row.get("path") or "/"),
+            )
+            return Amount(usd=usd, tokens=tokens_in + tokens_out, requests=1), True
+        return Amount(usd=usd, tokens=tokens_in + tokens_out, requests=1), False
     usd = action.cost_usd_nanos or 0
     if (action.cost_header or action.cost_json) and row.get("actual_usd"):
         usd = row["actual_usd"]  # the tool reported its cost live
-    return Amount(usd=usd, requests=estimate.requests)
+    return Amount(usd=usd, requests=estimate.requests), False
 
 
 def _read_fields(policy: Policy) -> tuple[str, ...]:
@@ -528,6 +603,24 @@ def _read_fields(policy: Policy) -> tuple[str, ...]:
         for requirement in rule.requires:
             names.update(f for f in (requirement.here, requirement.there) if f)
     return tuple(sorted(n for n in names if n.startswith(("path.", "query.", "json."))))
+
+
+def _metering_warnings(sim: Simulation | None) -> list[str]:
+    found = []
+    if sim is not None and sim.estimates_kept:
+        found.append(
+            f"the new policy meters {sim.estimates_kept} recorded LLM call(s) otherwise (its "
+            "`price:` or `meter:` settings) than the recording policy did; without their "
+            "bodies their estimates are the recorded ones (record them with "
+            "`record: {bodies: full}` to have them estimated again)"
+        )
+    if sim is not None and sim.costs_repriced:
+        found.append(
+            f"{sim.costs_repriced} LLM call(s) priced otherwise by the new policy were charged "
+            "again from their recorded input and output token counts (cache reads, audio and "
+            "image tokens at the text price)"
+        )
+    return found
 
 
 def _warnings(policy: Policy, rows: Sequence[dict[str, Any]], redacted: Counter[str]) -> list[str]:
@@ -618,18 +711,19 @@ def replay(
         if row["ts"] >= floor:  # earlier rows only bring the state up to the window
             results.append(decided)
     in_window = [row for row in rows if row["ts"] >= floor]
-    return _summary(
-        policy, in_window, results, since=iso_time(floor) if since else None, redacted=sim.redacted
-    )
+    return _summary(policy, in_window, results, since=iso_time(floor) if since else None, sim=sim)
 
 
 def _feature_columns(reader: Reader) -> str:
     """The replay columns this ledger has (a ledger from before they existed has none)."""
-    try:
-        reader.query("SELECT port FROM decisions WHERE 1 = 0")
-    except LedgerError:  # a ledger from before these columns
-        return ""
-    return "".join(f", d.{name}" for name in _FEATURES)
+    columns = ""
+    for names in (_FEATURES, _FEATURES_V7):
+        try:
+            reader.query(f"SELECT {names[0]} FROM decisions WHERE 1 = 0")
+        except LedgerError:  # a ledger from before these columns
+            break
+        columns += "".join(f", d.{name}" for name in names)
+    return columns
 
 
 def _summary(
@@ -637,7 +731,7 @@ def _summary(
     rows: Sequence[dict[str, Any]],
     results: list[Replayed],
     since: str | None,
-    redacted: Counter[str] | None = None,
+    sim: Simulation | None = None,
 ) -> dict[str, Any]:
     recorded = Counter(r.recorded for r in results)
     replayed = Counter(r.decision for r in results)
@@ -704,7 +798,8 @@ def _summary(
         "usd_replayed": usd_float(sum(r.usd_replayed for r in results)),
         "usd_recorded_nanos": sum(r.usd_recorded for r in results),  # exact, as runs[] carry
         "usd_replayed_nanos": sum(r.usd_replayed for r in results),
-        "warnings": _warnings(policy, rows, redacted or Counter()),
+        "warnings": _warnings(policy, rows, sim.redacted if sim else Counter())
+        + _metering_warnings(sim),
     }
 
 

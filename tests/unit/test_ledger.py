@@ -644,10 +644,35 @@ def test_schema_v6_adds_the_batch_holds(backend: LedgerBackend) -> None:
     backend.execute("UPDATE meta SET value = '5' WHERE key = 'schema_version'")
     ledger = backend.open()
     try:
-        assert backend.scalar("SELECT value FROM meta WHERE key = 'schema_version'") == "6"
+        assert backend.scalar("SELECT value FROM meta WHERE key = 'schema_version'") == str(
+            SCHEMA_VERSION
+        )
         kept = _submit_batch(ledger, "k", 500, [claim(usd=1000)])
         assert backend.rows("SELECT key, hold_id FROM batch_holds") == [("k", kept.hold_id)]
         assert ledger.batch_input("k") is None  # the input files' table is there too
+    finally:
+        ledger.close()
+
+
+def test_schema_v7_records_the_body_size_and_metering_for_replay(backend: LedgerBackend) -> None:
+    """A v6 ledger, opened, gains the decision columns replay re-decides size limits and
+    metering changes by; its old rows read None there, a new row what it was given."""
+    backend.open().close()
+    backend.execute("ALTER TABLE decisions DROP COLUMN body_bytes")  # SQLite 3.35+
+    backend.execute("ALTER TABLE decisions DROP COLUMN metering")
+    backend.execute("INSERT INTO decisions (request_id, ts, decision) VALUES ('old', 1, 'allow')")
+    backend.execute("UPDATE meta SET value = '6' WHERE key = 'schema_version'")
+    ledger = backend.open()
+    try:
+        assert backend.scalar("SELECT value FROM meta WHERE key = 'schema_version'") == str(
+            SCHEMA_VERSION
+        )
+        r = row("new")
+        r.body_bytes, r.metering = 5_000, "abc123"
+        ledger.reserve(r, [claim(requests=5)], Amount(requests=1), NOW + 900)
+        assert backend.rows(
+            "SELECT request_id, body_bytes, metering FROM decisions ORDER BY request_id"
+        ) == [("new", 5_000, "abc123"), ("old", None, None)]
     finally:
         ledger.close()
 

@@ -518,10 +518,10 @@ AGENT = "identity:\n  agent: [{value: support-1}]\n  run: [{value: r1}]\n"
 
 
 def record(
-    tmp_path: Path, policy_text: str, calls: list[tuple[str, str, bytes]]
+    tmp_path: Path, policy_text: str, calls: list[tuple[str, str, bytes]], answer: bytes = b"{}"
 ) -> tuple[Path, list[int]]:
     """Send `calls` (method, host+path, body) through the real addon, each upstream answering
-    200; return the ledger and the status each call got."""
+    200 with `answer`; return the ledger and the status each call got."""
     from drawdown.addon import Drawdown
     from mitmproxy import http
     from mitmproxy.test import tflow, tutils
@@ -541,7 +541,7 @@ def record(
             addon.requestheaders(flow)
             await addon.request(flow)
             if flow.response is None:  # forwarded: the upstream says yes
-                flow.response = tutils.tresp(status_code=200, content=b"{}")
+                flow.response = tutils.tresp(status_code=200, content=answer)
                 addon.responseheaders(flow)
                 await addon.response(flow)
             statuses.append(flow.response.status_code)
@@ -675,3 +675,104 @@ def test_a_llama_invoke_counts_on_a_usd_budget_in_replay_as_live(tmp_path: Path)
     assert data["decisions"] == {"allow": 0, "deny": 1, "would_deny": 0}
     looser = replay.replay(policy(tmp_path, bedrock + AGENT + budget % "1", "looser.yaml"), str(db))
     assert looser["decisions"]["allow"] == 1
+
+
+def chat(content: str, max_tokens: int = 100) -> tuple[str, str, bytes]:
+    body = {"model": "gpt-4o-mini", "max_tokens": max_tokens,
+            "messages": [{"role": "user", "content": content}]}  # fmt: skip
+    return ("POST", "api.openai.com/v1/chat/completions", json.dumps(body).encode())
+
+
+def test_a_body_the_size_limit_refuses_is_refused_in_replay_as_live(tmp_path: Path) -> None:
+    """limits.max_request_bytes refuses a body live (413) before it is read; replay skipped the
+    check, so the unchanged policy replayed changed that decision. The ledger now keeps each
+    body's size: the same policy decides as live, a looser one lets it through, a stricter
+    one refuses what live let through."""
+    text = ACTIONS + AGENT + "limits: {max_request_bytes: %d}\n"
+    big = chat("x" * 5000)
+    db, statuses = record(tmp_path, text % 2000, [chat("hi"), big, chat("hello")])
+    assert statuses == [200, 413, 200]
+    same = replay.replay(policy(tmp_path, text % 2000, "same.yaml"), str(db))
+    assert same["changed"] == 0, same["blocked"]
+    (refused,) = same["blocked"]
+    assert (refused["reason_code"], refused["status"]) == ("body_too_large", 413)
+    assert "(limits.max_request_bytes: 2000)" in refused["reason"]
+    looser = replay.replay(policy(tmp_path, text % 10_000, "looser.yaml"), str(db))
+    assert looser["decisions"] == {"allow": 3, "deny": 0, "would_deny": 0}
+    stricter = replay.replay(policy(tmp_path, text % 50, "stricter.yaml"), str(db))
+    assert stricter["decisions"] == {"allow": 0, "deny": 3, "would_deny": 0}
+
+
+USAGE = json.dumps(
+    {"id": "c1", "object": "chat.completion", "model": "gpt-4o-mini",
+     "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"},
+                  "finish_reason": "stop"}],
+     "usage": {"prompt_tokens": 1000, "completion_tokens": 100, "total_tokens": 1100}}
+).encode()  # fmt: skip
+
+
+BUDGET = 'budgets:\n  - {scope: "agent:*/run:*", usd: 0.05}\n'
+DEARER = ACTIONS.replace(
+    "match: {host: api.openai.com}}",
+    "match: {host: api.openai.com}, price: {input: 100, output: 400}}",
+)
+CALLS = [chat("step one"), chat("step two"), chat("step three")]
+
+
+def test_enforce_under_a_dearer_price_stops_the_second_call(tmp_path: Path) -> None:
+    """What replay must predict (below): the first call ($0.04 estimate) fits the $0.05 budget,
+    costs $0.14 (1,000 tokens in at $100/M, 100 out at $400/M), and the budget refuses the rest."""
+    assert DEARER != ACTIONS
+    _, statuses = record(tmp_path, DEARER + AGENT + BUDGET, CALLS, USAGE)
+    assert statuses == [200, 402, 402]
+
+
+@pytest.mark.parametrize("bodies", ["full", "fields"])
+def test_replay_estimates_and_prices_as_a_new_price_would(tmp_path: Path, bodies: str) -> None:
+    """A team that raises an action's `price:` must see replay stop what enforce then stops.
+    Replay kept the recorded estimates and costs (genai-prices' gpt-4o-mini: a few hundredths
+    of a cent), so it let every call through. Now each call records its metering settings:
+    one metered otherwise has its cost priced again from its recorded tokens, and its estimate
+    made again from its recorded body (kept, with a warning, when the body was not recorded)."""
+    recording = f"record: {{bodies: {bodies}}}\n"
+    text, dearer = (actions + AGENT + BUDGET + recording for actions in (ACTIONS, DEARER))
+    db, statuses = record(tmp_path, text, CALLS, USAGE)
+    assert statuses == [200, 200, 200]
+    same = replay.replay(policy(tmp_path, text, "same.yaml"), str(db))
+    assert same["changed"] == 0 and same["warnings"] == []
+    # As enforce decides under the dearer price (the test below).
+    data = replay.replay(policy(tmp_path, dearer, "dearer.yaml"), str(db))
+    assert data["decisions"] == {"allow": 1, "deny": 2, "would_deny": 0}, data
+    assert data["usd_replayed_nanos"] == 140_000_000
+    assert any("charged again from their recorded input and output token counts" in w
+               for w in data["warnings"])  # fmt: skip
+    kept = [w for w in data["warnings"] if "their estimates are the recorded ones" in w]
+    assert bool(kept) == (bodies == "fields"), data["warnings"]
+
+
+SEARCH = "  - {kind: search, match: {host: search.example.com}}\nanomalies:\n  loop: {repeats: 2, on_detect: deny}\n"
+SEARCHES = [("GET", f"search.example.com/q?term={t}", b"") for t in "abccc"]
+
+
+def test_enforce_stops_a_looping_search_once_its_host_has_an_action(tmp_path: Path) -> None:
+    """What replay must predict (below): the identical search's third call is a loop."""
+    _, statuses = record(tmp_path, ACTIONS + SEARCH + AGENT, SEARCHES)
+    assert statuses == [200, 200, 200, 200, 429]
+
+
+def test_a_host_no_action_named_is_guarded_in_replay_once_the_new_policy_names_it(
+    tmp_path: Path,
+) -> None:
+    """Bringing a tool host under the policy is a step of adoption: its calls were recorded
+    with no action, and with no fingerprint, so replay never applied the loop guard to them
+    while enforce then refused the loop. They are fingerprinted now (as an unnamed action)."""
+    db, statuses = record(tmp_path, ACTIONS + AGENT, SEARCHES)
+    assert statuses == [200] * 5
+    data = replay.replay(policy(tmp_path, ACTIONS + SEARCH + AGENT, "named.yaml"), str(db))
+    assert data["decisions"] == {"allow": 4, "deny": 1, "would_deny": 0}, data["blocked"]
+    (looped,) = data["blocked"]
+    assert (looped["reason_code"], looped["status"], looped["by"]) == (
+        "anomaly",
+        429,
+        "anomalies.loop",
+    )

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 from ..money import format_usd
 
 UNITS = ("usd", "tokens", "requests")
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 
 
 # One statement on both backends: keep the run while the agent is busy, mint after silence.
@@ -231,6 +231,10 @@ class DecisionRow:
     body_fields: str | None = None  # {"json.a.b": value} the policy references (record.bodies)
     body: str | None = None  # the whole JSON body, redacted (record.bodies: full)
     mcp: str | None = None  # [[method, tool], …] of an MCP request's JSON-RPC messages
+    body_bytes: int | None = None  # the body's size as limits.max_request_bytes measures it
+    # An LLM call's metering settings (recording.metering_digest): replay re-estimates and
+    # re-prices a call the new policy meters otherwise, and keeps the recorded figures else.
+    metering: str | None = None
 
 
 # The columns a new decision row is inserted with, in order (both backends):
@@ -240,7 +244,7 @@ _ROW_FIELDS = (
     "request_id", "ts", "decision", "reason_code", "reason", "mode", "scope", "tenant",
     "workflow", "agent", "run", "action", "provider", "model", "method", "host", "path",
     "est_usd", "est_tokens", "fingerprint", "status", "budget", "policy_digest", "port",
-    "query", "body_fields", "body", "mcp",
+    "query", "body_fields", "body", "mcp", "body_bytes", "metering",
 )  # fmt: skip
 DECISION_INSERT_FIELDS = (*_ROW_FIELDS, "stream", "hold_id", "completed_at")
 _read_row_fields = operator.attrgetter(*_ROW_FIELDS)

@@ -194,7 +194,13 @@ CREATE TABLE IF NOT EXISTS batch_inputs (
 );
 """
 
-MIGRATIONS: list[str] = [_V1, _V2, _V3, _V4, _V5, _V6]
+# As SQLite's v7 (schema.py): the body's size and an LLM call's metering settings, for replay.
+_V7 = """
+ALTER TABLE decisions ADD COLUMN IF NOT EXISTS body_bytes BIGINT;
+ALTER TABLE decisions ADD COLUMN IF NOT EXISTS metering TEXT;
+"""
+
+MIGRATIONS: list[str] = [_V1, _V2, _V3, _V4, _V5, _V6, _V7]
 assert len(MIGRATIONS) == SCHEMA_VERSION
 
 _LOCK = "SELECT pg_advisory_xact_lock(hashtextextended('drawdown.ledger.migrate:' || current_schema(), 0))"

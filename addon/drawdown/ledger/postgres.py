@@ -227,7 +227,8 @@ _DECISION_INSERT_COLUMNS = _columns(
     "tenant:text workflow:text agent:text run:text action:text provider:text model:text "
     "method:text host:text path:text est_usd:bigint est_tokens:bigint fingerprint:text "
     "status:bigint budget:text policy_digest:text port:bigint query:text body_fields:text "
-    "body:text mcp:text stream:bigint hold_id:bigint completed_at:float8"
+    "body:text mcp:text body_bytes:bigint metering:text stream:bigint hold_id:bigint "
+    "completed_at:float8"
 )
 assert tuple(name for name, _ in _DECISION_INSERT_COLUMNS) == DECISION_INSERT_FIELDS
 _INSERT_DECISIONS = _Bulk(

@@ -222,7 +222,19 @@ def _v6(db: sqlite_utils.Database) -> None:
     )
 
 
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1, _v2, _v3, _v4, _v5, _v6]
+def _v7(db: sqlite_utils.Database) -> None:
+    # Request features for replay (DecisionRow): the body's size, for limits.max_request_bytes;
+    # an LLM call's metering settings, to tell whether the new policy meters it otherwise.
+    columns = set(db["decisions"].columns_dict)
+    if "body_bytes" not in columns:
+        db["decisions"].add_column("body_bytes", int)
+    if "metering" not in columns:
+        db["decisions"].add_column("metering", str)
+
+
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
+    _v1, _v2, _v3, _v4, _v5, _v6, _v7,
+]  # fmt: skip
 assert len(MIGRATIONS) == SCHEMA_VERSION
 
 
