@@ -275,7 +275,7 @@ def _log_denial(
         "drawdown: %s %s %s %s: %s",
         "would deny" if shadow else "deny",
         row.scope,
-        row.action if kind is None else kind,
+        (row.action if kind is None else kind) or "(no action)",  # a host no action names
         row.request_id,
         row.reason if reason is None else reason,
     )

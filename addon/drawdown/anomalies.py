@@ -637,7 +637,6 @@ def detect(
                             for r in rows:
                                 repeats[(r["scope"], r.get("fingerprint"))].append(r)
                         involved = repeats[(scope, row["fingerprint"])]
-                        detail += f" (body #{row['fingerprint'][:8]})"
                     match = alone[key] = _run_of(involved[0], kind, detail, involved)
                     found.append(match)
                     index(match)
@@ -650,6 +649,21 @@ def detect(
                 listed[(id(match), "evidence")].add(request_id)
                 match.evidence.append(request_id)
                 by_request.setdefault((kind, request_id), match)
+    for (kind, _, fingerprint), anomaly in alone.items():
+        if kind == "loop" and fingerprint:
+            # Worded once its refusals are known, as loop() words a flagged one: a guard's own
+            # reason ("already made 3 times") is the count when it first refused, not the run's.
+            first = next(r for r in rows if r["request_id"] == anomaly.evidence[0])
+            where = (
+                f"{first.get('method') or ''} {first.get('host') or ''}{first.get('path') or ''}"
+            )
+            refused = len(anomaly.denied) + len(anomaly.would_deny)
+            anomaly.detail = (
+                f"the same {first.get('action')} request ({where.strip()}, body "
+                f"#{fingerprint[:8]}) was made {len(anomaly.evidence)} times in this run; "
+                f"the loop guard {'refused' if anomaly.denied else 'would have refused'} "
+                f"{refused} of them"
+            )
     for anomaly in found:
         if anomaly.on_detect == "flag" and settings.get(anomaly.kind).on_detect == "deny":
             anomaly.on_detect = "deny"

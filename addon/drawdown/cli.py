@@ -609,6 +609,8 @@ def cmd_report(args: argparse.Namespace) -> int:
         print(f"drawdown: {exc}", file=sys.stderr)
         return 1
     if args.html:
+        if args.run and not data["runs"]:  # no page of 0 runs, nor over an earlier page
+            return _no_such_run(args)
         try:
             Path(args.html).write_text(report.render_html(data), encoding="utf-8")
         except OSError as exc:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -83,15 +84,23 @@ def explain(
     caller = Caller(header_map, proxy_user=proxy_user)
     identity = identify(policy.identity, caller, None if db else IdleRuns(), now)
     if identity.pending_idle is not None:
-        # An agent that names no run: with a ledger, the run the proxy is still in, if any.
-        seconds = identity.pending_idle[1]
-        run = _current_idle_run(db, identity.levels, seconds, now) if db else None
-        if run is None:
+        # An agent that names no run: with a ledger, the idle-split run the proxy is still in.
+        key, seconds = identity.pending_idle
+        found = _current_idle_run(db, key, identity.levels, seconds, now) if db else None
+        if found is None:
             identity = identify(policy.identity, caller, IdleRuns(), now)
+            if db:
+                minted = (
+                    f"idle_split {seconds}s (minted: the ledger shows no idle-split run of "
+                    f"this agent in the last {seconds}s)"
+                )
+                identity = replace(identity, sources={**identity.sources, "run": minted})
         else:
+            run, how = found
             resolved = identity.with_run(run)
-            current = f"idle_split {seconds}s (the agent's current run in the ledger)"
-            identity = replace(resolved, sources={**resolved.sources, "run": current})
+            identity = replace(
+                resolved, sources={**resolved.sources, "run": f"idle_split {seconds}s ({how})"}
+            )
     origin = ", ".join(f"{level} from {source}" for level, source in identity.sources.items())
     out.add("identity", f"{identity.path or '(no levels)'}  ({origin})")
     out.data["scope"] = identity.path
@@ -113,7 +122,11 @@ def explain(
         return out
     # As the ledger would keep them: a bot token in the URL is not echoed back.
     params = {name: redact(value, name) for name, value in classification.path_params.items()}
-    captured = f", captured {params}" if params else ""
+    captured = (
+        ", captured " + ", ".join(f"{name}={value}" for name, value in params.items())
+        if params
+        else ""
+    )
     out.add(
         "action",
         f"{action.kind} (the action at {action.where}{', provider ' + action.provider if action.provider else ''}{captured})",
@@ -165,12 +178,26 @@ def explain(
                 "billed upstream); charged the usage its answers report at genai-prices' batch "
                 "price, the first time they are read, and the batch's hold released",
             )
+        elif not llm.billable:  # no tokens, no estimate: what the provider does with it instead
+            out.add(
+                "estimate",
+                f"{llm.provider} {llm.endpoint}{' model ' + llm.model if llm.model else ''}: "
+                "no tokens to meter; "
+                + (
+                    "the provider does not bill it: uncharged and unguarded"
+                    if not llm.step
+                    else "billed by the provider other than per token: counted as a request "
+                    "at $0 (to price it, match it first with a tool action that has a `cost`)"
+                ),
+            )
         else:
             batch = llm.batch
             what = (
                 f"a batch of {batch.requests} requests at the batch price, most on {llm.model}"
                 if batch is not None and llm.billable
                 else f"model {llm.model}"
+                if llm.model
+                else "(no model named)"
             )
             out.add(
                 "estimate",
@@ -185,15 +212,7 @@ def explain(
                     "without results (at most its window and an hour): the room it may use "
                     "stays taken while it runs",
                 )
-        if not llm.billable:
-            free = not llm.step
-            out.add(
-                "estimate",
-                "the provider does not bill it: uncharged and unguarded"
-                if free
-                else "billed by the provider other than per token: counted as a request at $0 "
-                "(to price it, match it first with a tool action that has a `cost`)",
-            )
+        free = not llm.billable and not llm.step
         estimate = Amount(
             usd=llm.estimate_usd_nanos, tokens=llm.input_tokens + llm.max_output_tokens, requests=1
         )
@@ -325,23 +344,51 @@ def explain(
     return out
 
 
+# The run ids idle_split mints (identity.IdleRuns, and the ledger's for --workers):
+# secrets.token_hex(4).
+_MINTED = re.compile(r"[0-9a-f]{8}")
+
+
 def _current_idle_run(
-    db: str, levels: Mapping[str, str], idle_seconds: int, now: float
-) -> str | None:
-    """The run of the agent's latest request, if it came less than `idle_seconds` ago."""
+    db: str, key: str, levels: Mapping[str, str], idle_seconds: int, now: float
+) -> tuple[str, str] | None:
+    """The idle-split run the proxy would continue for this agent, and how explain knows it;
+    None when it would mint a new one. The proxy continues only a run idle_split started,
+    used less than `idle_seconds` ago, never a run the agent named (identity.IdleRuns):
+    proxies started with --workers keep that run in the ledger (idle_runs); one proxy process
+    keeps it in memory, where explain cannot look, so the ledger's requests stand in for it."""
     from .ledger.reader import Reader
 
     reader = Reader(db)
     try:
+        shared = reader.query("SELECT run, last_seen FROM idle_runs WHERE key = :key", {"key": key})
+        if shared and now - shared[0]["last_seen"] < idle_seconds:
+            ago = now - shared[0]["last_seen"]
+            return shared[0]["run"], (
+                f"the agent's current run in the ledger: the idle-split run proxies started "
+                f"with --workers keep there, last used {ago:.0f}s ago"
+            )
         rows = reader.query(
             "SELECT run, ts FROM decisions WHERE COALESCE(tenant, '') = :tenant "
             "AND COALESCE(workflow, '') = :workflow AND COALESCE(agent, '') = :agent "
-            "AND run IS NOT NULL ORDER BY ts DESC LIMIT 1",
-            {level: levels.get(level, "") for level in ("tenant", "workflow", "agent")},
+            "AND run IS NOT NULL AND LENGTH(run) = 8 AND ts > :since ORDER BY ts DESC",
+            {
+                **{level: levels.get(level, "") for level in ("tenant", "workflow", "agent")},
+                "since": now - idle_seconds,
+            },
         )
     finally:
         reader.close()
-    return rows[0]["run"] if rows and now - rows[0]["ts"] < idle_seconds else None
+    ended = shared[0]["run"] if shared else None  # the workers' run, idle too long: not continued
+    for row in rows:
+        if _MINTED.fullmatch(row["run"]) and row["run"] != ended:
+            return row["run"], (
+                f"assumed the agent's current run in the ledger: its latest run with an id "
+                f"idle_split mints, {now - row['ts']:.0f}s ago; a single proxy process keeps "
+                "its idle-split runs in memory, so a proxy restarted since, or a run the agent "
+                "named with such an id, makes this wrong"
+            )
+    return None
 
 
 def _guard_counts(db: str, row: DecisionRow, guards: Guards) -> Counts:

@@ -36,6 +36,14 @@ def usd_float(nanos: int | None) -> float | None:
     return None if nanos is None else float(nanos_to_usd(nanos))
 
 
+def exact_usd(nanos: int) -> str:
+    """Dollars exactly, from integer nano-dollars, trailing zeros trimmed: `0.06076`,
+    `0.000285`, `0.5`, `0` (format_usd rounds to its places: 0.06076 reads 0.0608)."""
+    whole, fraction = divmod(abs(nanos), NANOS_PER_USD)
+    text = f"{whole}.{fraction:09d}".rstrip("0").rstrip(".")
+    return f"-{text}" if nanos < 0 else text
+
+
 def format_usd(nanos: int, places: int = 4) -> str:
     """`0.4812` style; at least `places` decimals, more if the amount needs them to be non-zero."""
     value = nanos_to_usd(nanos)

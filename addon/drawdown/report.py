@@ -6,8 +6,9 @@ self-contained page, and `stream_jsonl()` the decision log for observability pip
 A run's `status`, the first that applies (`would_status` applies the same order to its
 would_deny decisions: what shadow mode would have done to the run under enforcement):
     budget_exhausted  a request of the run was denied because a budget was exhausted
-    denied            a request was denied for another reason (authority, unknown host, …)
-                      — not by an anomaly guard, nor by the proxy's own state (NOT_THE_RUNS)
+    denied            a request was denied by the policy's authority (a rule, `requires`, an
+                      unknown host) — not by an anomaly guard, nor by the proxy itself: its
+                      own state, or a request it could not read or take whole (NOT_THE_RUNS)
     anomalous         an anomaly detector flagged the run (or its guard denied a request)
     normal            none of these
 Hard stops come first because they say why a run ended; the run's `anomalies` list always
@@ -28,10 +29,11 @@ from importlib import resources
 from typing import IO, Any
 
 from . import anomalies as anomaly_detection
+from .budgets import window
 from .identity import clean_value
-from .ledger.api import BATCH_HOLDER, PROXY_REFUSALS
+from .ledger.api import BATCH_HOLDER, PROXY_REFUSALS, UNITS, Claim, Shortfall
 from .ledger.reader import Reader
-from .money import format_usd, usd_float
+from .money import exact_usd, usd_float
 from .policy.model import AnomalySettings, Policy
 from .recording import redact
 
@@ -44,10 +46,15 @@ MAX_BUCKETS = 120
 MAX_DENIALS = 500  # the most recent denials listed in the report
 MAX_TIMELINE = 2000  # steps drawn per run in the HTML page
 STATUSES = ("budget_exhausted", "denied", "anomalous", "normal")
-# Refusals that say nothing about the run's conduct: its own statuses (budget, anomaly), and the
-# proxy's state (stopping for a deploy, its ledger down, a bug). A deploy marked every run with a
-# call in the air `denied`. They still count among the run's denied requests.
-NOT_THE_RUNS = ", ".join(f"'{code}'" for code in ("budget_exhausted", "anomaly", *PROXY_REFUSALS))
+# Refusals that make no run `denied` (SPEC §8: an authority denial happened): its own statuses
+# (budget, anomaly), the proxy's state (stopping for a deploy, its ledger down, a bug: a deploy
+# marked every run with a call in the air `denied`), and the proxy's refusals of a request it
+# cannot read (400) or take whole (413, limits.max_request_bytes). They still count among the
+# run's denied requests.
+REQUEST_REFUSALS = ("bad_request", "body_too_large")
+NOT_THE_RUNS = ", ".join(
+    f"'{code}'" for code in ("budget_exhausted", "anomaly", *PROXY_REFUSALS, *REQUEST_REFUSALS)
+)
 
 
 def parse_duration(text: str) -> float:
@@ -252,15 +259,17 @@ def _budgets(reader: Reader, floor: float, run: str | None) -> list[dict[str, An
     budget_where = "updated_at >= :floor" + (
         " AND (scope = :run_only OR scope LIKE :run_scope ESCAPE '\\')" if run else ""
     )
+    params = {
+        "floor": floor,
+        "run_only": f"run:{run}",
+        "run_scope": "%/run:"
+        + (run or "").replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_"),
+    }
     budget_rows = reader.query(
         f"SELECT * FROM budget_instances WHERE {budget_where} ORDER BY budget, scope, window_start",
-        {
-            "floor": floor,
-            "run_only": f"run:{run}",
-            "run_scope": "%/run:"
-            + (run or "").replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_"),
-        },
+        params,
     )
+    refused = _refused(reader, budget_rows, params if run else None)
     budgets = []
     for row in budget_rows:
         budgets.append(
@@ -292,7 +301,10 @@ def _budgets(reader: Reader, floor: float, run: str | None) -> list[dict[str, An
                     "spent": row["spent_usd"],
                     "reserved": row["reserved_usd"],
                 },
-                "exhausted": any(
+                # Spent and held reach a limit, or a reserve found no room in it this window:
+                # the run that was refused reads `budget_exhausted`, and so does its budget.
+                "exhausted": row["id"] in refused
+                or any(
                     row[f"limit_{u}"] is not None
                     and row[f"spent_{u}"] + row[f"reserved_{u}"] >= row[f"limit_{u}"]
                     for u in ("usd", "tokens", "requests")
@@ -300,6 +312,54 @@ def _budgets(reader: Reader, floor: float, run: str | None) -> list[dict[str, An
             }
         )
     return budgets
+
+
+def _refused(
+    reader: Reader, rows: list[dict[str, Any]], run_params: dict[str, Any] | None
+) -> set[int]:
+    """The budget instances (ids) that refused a reserve in their window — or, shadow, would
+    have: the `budget_exhausted` decisions naming their scope, in the words the proxy refuses
+    with (Shortfall.describe: `budget SCOPE usd 0.05 exhausted (…`), which name the instance's
+    scope, unit, limit and window: of two budgets on one scope, only the one that refused is
+    named (unless both have that same limit and window: the words cannot tell them apart)."""
+    if not rows:
+        return set()
+    by_scope: dict[str, list[tuple[dict[str, Any], tuple[str, ...], int | None]]] = defaultdict(
+        list
+    )
+    for row in rows:
+        claim = Claim(
+            row["budget"],
+            row["scope"],
+            row["limit_usd"],
+            row["limit_tokens"],
+            row["limit_requests"],
+            row["per"],
+        )
+        words = tuple(
+            Shortfall(claim, unit, limit, 0, 0, 0).describe().split(" exhausted (", 1)[0]
+            + " exhausted ("
+            for unit in UNITS
+            if (limit := claim.limit(unit)) is not None
+        )
+        by_scope[row["scope"]].append((row, words, window(row["per"], row["window_start"])[1]))
+    which = " AND (budget = :run_only OR budget LIKE :run_scope ESCAPE '\\')" if run_params else ""
+    denials = reader.query(
+        "SELECT budget, reason, ts FROM decisions WHERE reason_code = 'budget_exhausted' "
+        f"AND decision IN ('deny', 'would_deny') AND ts >= :first{which}",
+        {**(run_params or {}), "first": min(row["window_start"] or 0 for row in rows)},
+    )
+    refused: set[int] = set()
+    for denial in denials:
+        for row, words, end in by_scope.get(denial["budget"], ()):
+            if (
+                row["id"] not in refused
+                and (row["window_start"] or 0) <= denial["ts"]
+                and (end is None or denial["ts"] < end)
+                and (denial["reason"] or "").startswith(words)
+            ):
+                refused.add(row["id"])
+    return refused
 
 
 def _bucket_size(first: float, last: float) -> int:
@@ -514,7 +574,7 @@ def render_text(data: dict[str, Any]) -> str:
                     str(r["allowed"]),
                     str(r["denied"]),
                     str(r["would_deny"]),
-                    format_usd(r["usd_nanos"]),
+                    exact_usd(r["usd_nanos"]),
                     f"{r['tokens_in']}/{r['tokens_out']}",
                     ",".join(sorted({a["kind"] for a in r["anomalies"]})) or "-",
                 ]
@@ -544,10 +604,10 @@ def render_text(data: dict[str, Any]) -> str:
                     (b["per"] or "lifetime")
                     + (f" from {b['window_start']}" if b["window_start"] else ""),
                     unit,
-                    # usd exactly, from the nanos (a float rounded to 4 places showed a small
-                    # spend as 0.0000, and 0.00015 as 0.0001)
+                    # usd exactly, from the nanos, as RUNS (a float rounded to 4 places showed
+                    # a small spend as 0.0000, and 0.00015 as 0.0001)
                     *(
-                        (format_usd(b["usd_nanos"][k]) for k in ("spent", "reserved", "limit"))
+                        (exact_usd(b["usd_nanos"][k]) for k in ("spent", "reserved", "limit"))
                         if unit == "usd"
                         else (str(b["spent"][unit]), str(b["reserved"][unit]), _limit(limit))
                     ),

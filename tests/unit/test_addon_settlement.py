@@ -603,3 +603,24 @@ def test_a_call_over_its_budget_says_whether_further_calls_will_be_denied(
     assert "went over agent:*/run:* at agent:support/run:r1 (" in line, line
     assert ("further calls will be denied" in line) is denied, line
     assert ("recorded as would_deny" in line) is not denied, line
+
+
+def test_a_refused_unknown_host_is_logged_without_a_python_none(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The denial's log line names the action kind; a host no action names has none, and
+    the line read `deny tenant:…/run:r None <id>`."""
+
+    async def steps(addon: Drawdown) -> None:
+        request = tutils.treq(host="elsewhere.example.com", port=443, scheme=b"https")
+        flow = tflow.tflow(req=request)
+        addon.requestheaders(flow)
+        await addon.request(flow)
+        assert flow.response is not None and flow.response.status_code == 403
+
+    with caplog.at_level(logging.INFO, logger="drawdown"):
+        drive(tmp_path, LLM + "unknown_hosts: deny\n", steps)
+    (line,) = [
+        r.getMessage() for r in caplog.records if r.getMessage().startswith("drawdown: deny")
+    ]
+    assert " (no action) " in line and " None " not in line, line

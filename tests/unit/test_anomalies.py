@@ -91,6 +91,20 @@ def test_loop_denied_by_the_guard_is_the_same_anomaly(seed: Seeder, tmp_path: Pa
     assert alone["kind"] == "loop" and alone["denied"] == [r.request_id for r in rows[5:]]
 
 
+def test_a_loop_only_the_guard_saw_is_told_by_its_evidence(seed: Seeder) -> None:
+    """Below the report's own threshold (the built-in 5 repeats) only the guard's refusals
+    make the anomaly. Its detail was the first refusal's reason ("already made 2 times")
+    beside five requests of evidence; it now says what the evidence holds."""
+    rows = [seed.call(run="r", body="again", guards=Guards(max_repeats=2)) for _ in range(5)]
+    assert [r.decision for r in rows] == ["allow"] * 2 + ["deny"] * 3
+    (alone,) = found(seed)
+    assert alone["evidence"] == [r.request_id for r in rows]
+    assert alone["detail"].startswith("the same llm request (POST api.openai.com/v1/chat/")
+    assert alone["detail"].endswith(
+        "was made 5 times in this run; the loop guard refused 3 of them"
+    ), alone["detail"]
+
+
 def test_two_loops_in_one_run_keep_their_own_denials(seed: Seeder) -> None:
     rows = [
         seed.call(run="r", body=f"prompt {i % 2}", guards=Guards(max_repeats=2)) for i in range(8)

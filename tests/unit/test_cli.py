@@ -6,6 +6,7 @@ import errno
 import json
 import math
 import os
+import re
 import sqlite3
 import subprocess
 import sys
@@ -142,6 +143,26 @@ def test_explain_counts_an_image_and_authorizes_a_free_call(
     assert [stage for stage, _ in image["steps"]].count("budget") == 1
     counted = explain("https://api.anthropic.com/v1/messages/count_tokens", '{"model": "m"}')
     assert counted["decision"] == "deny" and counted["reason"].startswith("not_authorized")
+
+
+def test_explain_words_no_tokens_and_a_captured_path_plainly(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Python values reached the text: `openai other model None: 0 input tokens + up to 0
+    output = ≈$0.0000` for a model listing (a call with no tokens), and `captured {'id': 'c7'}`."""
+    policy = str(ROOT / "policies" / "example.yaml")
+    listing = ["--method", "GET", "--url", "https://api.openai.com/v1/models"]
+    assert main(["explain", "--policy", policy, *listing]) == 0
+    out = capsys.readouterr().out
+    assert "None" not in out and "input tokens" not in out and "≈$" not in out
+    (estimate,) = [line for line in out.splitlines() if line.startswith("estimate")]
+    assert estimate.split(None, 1)[1] == (
+        "openai other: no tokens to meter; the provider does not bill it: uncharged and unguarded"
+    )
+    customer = ["--method", "GET", "--url", "https://crm.example.com/api/customers/c7"]
+    assert main(["explain", "--policy", policy, *customer]) == 0
+    out = capsys.readouterr().out
+    assert "(the action at " in out and ", captured id=c7)" in out and "{" not in out
 
 
 def test_explain_says_a_batchs_results_are_held_at_zero_and_charged_once(
@@ -529,6 +550,25 @@ def test_report_html_to_a_path_it_cannot_write_is_a_clear_error(
     ):
         assert main(["report", "--db", str(db), "--html", str(target)]) == 1
         assert capsys.readouterr().err == f"drawdown: cannot write {target}: {reason}\n"
+
+
+def test_a_mistyped_run_writes_no_html_page(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--run nope --html x.html` said there was no run 'nope' and exited 1, yet wrote (and
+    announced) a page of 0 runs, over any page already at that path."""
+    db = tmp_path / "ledger.db"
+    _traffic(db)
+    page = tmp_path / "x.html"
+    assert main(["report", "--db", str(db), "--run", "nope", "--html", str(page)]) == 1
+    captured = capsys.readouterr()
+    assert not page.exists() and captured.out == ""
+    assert captured.err == f"drawdown: no run 'nope' in {db}\n"
+    page.write_text("last week's page")
+    assert main(["report", "--db", str(db), "--run", "nope", "--html", str(page)]) == 1
+    assert page.read_text() == "last week's page"
+    assert main(["report", "--db", str(db), "--run", "7f3a", "--html", str(page)]) == 0
+    assert "wrote" in capsys.readouterr().out and "7f3a" in page.read_text()
 
 
 def test_explain_with_a_missing_ledger_is_a_clear_error(
@@ -933,6 +973,100 @@ def test_explain_forgives_the_failed_attempts_the_proxy_forgives(
         ledger.close()
 
 
+IDLE_SPLIT_POLICY = (
+    "identity:\n  agent: [{header: X-Drawdown-Agent}]\n"
+    "  run: [{header: X-Drawdown-Run}, {idle_split: 300}]\n"
+    "actions:\n  - {kind: llm, provider: openai, match: {host: api.openai.com}}\n"
+)
+
+
+class _IdleSplitLedger:
+    """A ledger of agent support-1's requests, and what `explain --db` says of its next one,
+    which names no run."""
+
+    def __init__(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        self.policy = tmp_path / "policy.yaml"
+        self.policy.write_text(IDLE_SPLIT_POLICY)
+        self.db = tmp_path / "ledger.db"
+        self.ledger = SQLiteLedger(self.db)
+        self.capsys = capsys
+
+    def request(self, run: str, ago: float) -> None:
+        import time
+
+        row = DecisionRow(
+            uuid.uuid4().hex, time.time() - ago, "allow", "enforce",
+            f"tenant:default/agent:support-1/run:{run}", tenant="default", agent="support-1",
+            run=run, action="llm",
+        )  # fmt: skip
+        self.ledger.record(row)
+
+    def explain(self) -> tuple[str, str]:
+        """(the run explain puts the request in, what it says of where that run came from)"""
+        assert main(
+            ["explain", "--policy", str(self.policy), "--db", str(self.db),
+             "--url", "https://api.openai.com/v1/chat/completions",
+             "--header", "X-Drawdown-Agent:support-1", "--json", CHAT_HI, "--as-json"]
+        ) == 0  # fmt: skip
+        out = json.loads(self.capsys.readouterr().out)
+        (said,) = [text for stage, text in out["steps"] if stage == "identity"]
+        return out["scope"].rpartition("/run:")[2], said.partition("run from ")[2]
+
+
+@pytest.fixture
+def idle_split(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Iterator[_IdleSplitLedger]:
+    ledger = _IdleSplitLedger(tmp_path, capsys)
+    yield ledger
+    ledger.ledger.close()
+
+
+def test_explain_does_not_put_an_unnamed_request_in_a_named_run(
+    idle_split: _IdleSplitLedger,
+) -> None:
+    """The agent's latest requests named their run (X-Drawdown-Run: t1); explain put one that
+    names none in run t1, "the agent's current run in the ledger". The proxy continues only a
+    run idle_split started: it mints a new one."""
+    idle_split.request("t1", ago=5)
+    run, said = idle_split.explain()
+    assert run != "t1" and re.fullmatch(r"[0-9a-f]{8}", run)
+    assert said.startswith("idle_split 300s (minted") and "current run" not in said
+    idle_split.request("0a1b2c3d", ago=400)  # an idle-split run, idle longer than 300s
+    run, said = idle_split.explain()
+    assert run not in ("t1", "0a1b2c3d") and said.startswith("idle_split 300s (minted")
+
+
+def test_explain_continues_the_idle_split_run_the_shared_ledger_holds(
+    idle_split: _IdleSplitLedger,
+) -> None:
+    """Proxies started with --workers keep an agent's idle-split run in the ledger (idle_runs):
+    explain reads it there, as they do, whatever runs the agent named since."""
+    import time
+
+    key = "tenant:default/workflow:/agent:support-1"
+    assert idle_split.ledger.idle_run(key, 300, "0a1b2c3d", time.time() - 60) == "0a1b2c3d"
+    idle_split.request("0a1b2c3d", ago=60)
+    idle_split.request("t1", ago=5)
+    run, said = idle_split.explain()
+    assert run == "0a1b2c3d" and "the agent's current run in the ledger" in said
+    assert "assumed" not in said
+    # Idle for longer than idle_split: the workers would mint a new run.
+    idle_split.ledger.idle_run(key, 300, "0a1b2c3d", time.time() - 400)
+    run, said = idle_split.explain()
+    assert run not in ("t1", "0a1b2c3d") and said.startswith("idle_split 300s (minted")
+
+
+def test_explain_says_it_assumes_a_single_proxys_idle_split_run(
+    idle_split: _IdleSplitLedger,
+) -> None:
+    """One proxy process keeps its idle-split runs in memory, not in the ledger: explain takes
+    the agent's latest run whose id is one idle_split mints, and says it assumed it."""
+    idle_split.request("5e6f7a8b", ago=20)
+    idle_split.request("t1", ago=5)
+    run, said = idle_split.explain()
+    assert run == "5e6f7a8b" and said.startswith("idle_split 300s (assumed")
+    assert "the agent's current run in the ledger" in said and "in memory" in said
+
+
 def _not_utf8(raw: bytes) -> str:
     """An argument as Python hands it over when the bytes on the command line are not UTF-8."""
     return os.fsdecode(raw)
@@ -1206,3 +1340,13 @@ def test_explain_prices_a_bedrock_invoke_of_any_family_as_the_proxy_does(
     out = json.loads(capsys.readouterr().out)
     assert out["estimate"] == {"usd_nanos": 0, "tokens": 0, "requests": 1}
     assert any("counted as a request at $0" in text for _, text in out["steps"])
+
+
+def test_a_folder_given_as_the_ledger_is_named_a_folder(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """SQLite opening a folder says "disk I/O error", which sends a user looking at the disk."""
+    assert main(["report", "--db", str(tmp_path)]) == 1
+    assert capsys.readouterr().err.strip() == (
+        f"drawdown: {tmp_path} is a folder, not a ledger: pass --db the ledger's file"
+    )

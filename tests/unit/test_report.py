@@ -452,10 +452,15 @@ def test_text_report_names_the_budget_of_each_instance(seed: Seeder) -> None:
     ]
 
 
-@pytest.mark.parametrize("code", ["shutting_down", "ledger_unavailable", "internal_error"])
+@pytest.mark.parametrize(
+    "code",
+    ["shutting_down", "ledger_unavailable", "internal_error", "bad_request", "body_too_large"],
+)
 def test_the_proxys_own_refusals_do_not_make_a_run_denied(seed: Seeder, code: str) -> None:
     """A deploy answers calls in the air 503 `shutting_down`: every run with one was reported
-    `denied`, as if an authority rule had refused it. The refusal still counts as denied."""
+    `denied`, as if an authority rule had refused it. The refusal still counts as denied.
+    So did a request the proxy could not read (400 `bad_request`) or would not take whole
+    (413 `body_too_large`): `denied` says an authority denial happened (SPEC §8)."""
     seed.call(run="deployed-under")
     seed.call(run="deployed-under", deny=(code, "the proxy could not take the call"))
     seed.call(run="refused", deny=("not_authorized", "refund.issue is not allowed"))
@@ -464,10 +469,48 @@ def test_the_proxys_own_refusals_do_not_make_a_run_denied(seed: Seeder, code: st
     assert runs["refused"]["status"] == "denied"
 
 
+def test_a_budget_that_refused_a_reserve_is_exhausted(seed: Seeder) -> None:
+    """The demo's run was `budget_exhausted` while its only budget said `exhausted: false`:
+    $0.0409 spent of $0.05, and the call it refused needed ≈$0.0094. An instance that refused
+    a reserve in its window is exhausted, as the proxy's refusal says; not another budget on
+    the same instance scope, nor the instance of the next window."""
+    from drawdown.budgets import window
+
+    scope = "agent:worker/run:r1"
+    every = claim(scope, usd=50_000_000)
+    refunds = claim(scope, requests=100, budget="agent:*/run:* [refund.issue]")
+    for _ in range(3):  # the third needs 0.02 more than 0.04 spent: refused under 0.05
+        seed.call(claims=[every, refunds], est_usd=20_000_000, actual_usd=20_000_000)
+    seed.call(run="calm", claims=[claim("agent:worker/run:calm", usd=50_000_000)])
+    hour = ("agent:*/run:* hourly", "agent:worker/run:w", 50_000_000, None, None, "hour")
+    first = Claim(*hour, *window("hour", seed.now))
+    for _ in range(2):  # the second is refused
+        seed.call(run="w", claims=[first], est_usd=40_000_000, actual_usd=40_000_000)
+    seed.now = window("hour", seed.now)[1] + 60.0
+    seed.call(run="w", claims=[Claim(*hour, *window("hour", seed.now))], est_usd=10_000_000)
+    data = report.build(str(seed.path), now=seed.now + 60)
+    runs = {r["run"]: r["status"] for r in data["runs"]}
+    assert runs == {"r1": "budget_exhausted", "calm": "normal", "w": "budget_exhausted"}
+    exhausted = {
+        (b["budget"], b["scope"], b["window_start"]): b["exhausted"] for b in data["budgets"]
+    }
+    hours = sorted(k for k in exhausted if k[0] == "agent:*/run:* hourly")
+    assert [exhausted[k] for k in hours] == [True, False]
+    assert exhausted[("agent:*/run:*", scope, None)] is True
+    assert exhausted[("agent:*/run:* [refund.issue]", scope, None)] is False
+    assert exhausted[("agent:*/run:*", "agent:worker/run:calm", None)] is False
+    (spent,) = [b for b in data["budgets"] if b["scope"] == scope and b["limit"]["usd"]]
+    assert spent["usd_nanos"]["spent"] == 40_000_000  # below the limit: the refusal says so
+    only_r1 = report.build(str(seed.path), now=seed.now + 60, run="r1")["budgets"]
+    assert [b["exhausted"] for b in only_r1] == [True, False]
+
+
 def test_budget_amounts_are_exact_decimals_of_the_nanos(seed: Seeder) -> None:
     """The BUDGETS table printed its usd through a float with 4 places: a run budget that had
     been charged $0.000035 in many small calls read `0.0000` spent (the RUNS table said
-    0.000035), and $0.00015 read `0.0001` (the float under 0.00015) where RUNS said 0.0002."""
+    0.000035), and $0.00015 read `0.0001` (the float under 0.00015) where RUNS said 0.0002.
+    Then both rounded to 4 places: $0.06076 read 0.0608 and $0.000285 read 0.0003. Both tables
+    now print the exact decimal of the nanos, trailing zeros trimmed."""
     small = claim("agent:worker/run:tiny", usd=50_000)
     for _ in range(7):
         seed.call(run="tiny", claims=[small], est_usd=5_000, actual_usd=5_000)
@@ -482,13 +525,24 @@ def test_budget_amounts_are_exact_decimals_of_the_nanos(seed: Seeder) -> None:
     runs = {line.split()[0]: line.split() for line in text.split("RUNS\n", 1)[1].splitlines()[2:4]}
     table = text.split("BUDGETS\n", 1)[1].splitlines()[2:]
     cells = {row[1]: row for row in (re.split(r"\s{2,}", line.strip()) for line in table)}
-    assert cells["agent:worker/run:tiny"][4:] == ["0.000035", "0.0000", "0.00005"]
+    assert cells["agent:worker/run:tiny"][4:] == ["0.000035", "0", "0.00005"]
     assert runs["tenant:acme/agent:worker/run:tiny"][7] == "0.000035"
     assert (
         cells["agent:worker/run:half"][4]
-        == "0.0002"
+        == "0.00015"
         == runs["tenant:acme/agent:worker/run:half"][7]
     )
+    assert cells["agent:worker/run:half"][6] == "1"
+    for run, usd in (("a", 60_760_000), ("b", 285_000), ("c", 1)):
+        limit = claim(f"agent:worker/run:{run}", usd=123_456_789_000)
+        seed.call(run=run, claims=[limit], est_usd=usd, actual_usd=usd)
+    text = report.render_text(report.build(str(seed.path), now=NOW))
+    table = text.split("BUDGETS\n", 1)[1].splitlines()[2:]
+    cells = {row[1]: row for row in (re.split(r"\s{2,}", line.strip()) for line in table)}
+    runs = {line.split()[0]: line.split() for line in text.split("\n\n")[1].splitlines()[1:]}
+    for run, exact in (("a", "0.06076"), ("b", "0.000285"), ("c", "0.000000001")):
+        assert cells[f"agent:worker/run:{run}"][4:] == [exact, "0", "123.456789"]
+        assert runs[f"tenant:acme/agent:worker/run:{run}"][7] == exact
 
 
 def test_text_report_shows_a_newline_from_an_agent_escaped(

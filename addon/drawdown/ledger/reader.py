@@ -49,6 +49,8 @@ class Reader:
                 raise LedgerError(
                     f"no ledger at {path} (start `drawdown run --db {path}` first, or pass --db)"
                 )
+            if Path(path).is_dir():
+                raise LedgerError(f"{path} is a folder, not a ledger: pass --db the ledger's file")
             try:
                 self._sqlite = _open_read_only(Path(path).resolve())
             except sqlite3.Error as exc:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any
 
 from .types import MeterRequestError, TokenUsage
@@ -102,7 +103,8 @@ def opt_int(obj: dict[str, Any], key: str, where: str = "") -> int | None:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         if isinstance(value, float) and value.is_integer() and value >= 0:
-            return int(value)
+            # As written: 1e26 is 10**26, not the binary float's 100000000000000004764729344.
+            return int(Decimal(repr(value)))
         # A negative or fractional number is named by its value: "not a number" would puzzle.
         shown = (
             repr(value)

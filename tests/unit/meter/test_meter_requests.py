@@ -692,10 +692,11 @@ def test_a_bad_max_tokens_is_named_by_its_value(value, shown):
 @pytest.mark.parametrize(
     ("body", "asked"),
     [
-        # more tokens than the ledger's integers can hold
+        # more tokens than the ledger's integers can hold, named as written (10**26, not the
+        # binary float's 100000000000000004764729344)
         (
             b'{"model": "gpt-4o-mini", "messages": [], "max_tokens": 1e26}',
-            "up to 100000000000000004764729344 output tokens",
+            "up to 100000000000000000000000000 output tokens (≈$60000000000000000000.00)",
         ),
         # a cap within range whose price is not: 10^17 × 20 choices × $0.60 per million
         (
