@@ -307,19 +307,30 @@ def explain(
         )
         line = f"{claim.scope} ({claim.budget}; {limits}{' per ' + claim.per if claim.per else ''}{'; shadow' if claim.shadow else ''})"
         held = state.get((claim.budget, claim.scope, claim.window_start))
+        # Without the ledger (or before the instance exists) nothing is spent: a limit below
+        # the estimate refuses the call all the same.
+        for unit in ("usd", "tokens", "requests"):
+            limit = claim.limit(unit)
+            if limit is None:
+                continue
+            used = held[f"spent_{unit}"] + held[f"reserved_{unit}"] if held is not None else 0
+            if used + estimate.get(unit) > limit:
+                shortfalls.append((claim, unit))
         if held is not None:
-            for unit in ("usd", "tokens", "requests"):
-                limit = claim.limit(unit)
-                if limit is None:
-                    continue
-                used = held[f"spent_{unit}"] + held[f"reserved_{unit}"]
-                if used + estimate.get(unit) > limit:
-                    shortfalls.append((claim, unit))
             line += (
                 f" — spent ${format_usd(held['spent_usd'])}, {held['spent_requests']} request(s)"
             )
         out.add("budget", line)
-    if db:
+    if not db and shortfalls and not out.reason:
+        # Not even an empty budget has room for it: decided without the ledger.
+        claim, unit = sorted(shortfalls, key=lambda s: (s[0].shadow, deciding_order(s[0])))[0]
+        out.decision = "would_deny" if claim.shadow or policy.mode == "shadow" else "deny"
+        status = "429" if claim.per else "402"
+        out.reason = (
+            f"budget {claim.scope} {unit}: its limit is below this call's estimate, so it "
+            f"refuses it whatever was spent ({'shadow' if claim.shadow else status})"
+        )
+    elif db:
         enforced = sorted(
             (s for s in shortfalls if not s[0].shadow), key=lambda s: deciding_order(s[0])
         )

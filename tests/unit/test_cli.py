@@ -1350,3 +1350,32 @@ def test_a_folder_given_as_the_ledger_is_named_a_folder(
     assert capsys.readouterr().err.strip() == (
         f"drawdown: {tmp_path} is a folder, not a ledger: pass --db the ledger's file"
     )
+
+
+def test_explain_without_a_ledger_refuses_a_call_no_empty_budget_holds(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A limit below the call's estimate refuses it whatever was spent, as the proxy does on
+    its first call; explain without --db said "allow — if every budget above has room"."""
+    policy = tmp_path / "p.yaml"
+    budgets = 'budgets:\n  - {scope: "agent:*", usd: %s}\n'
+    actions = "actions:\n  - {kind: llm, provider: openai, match: {host: api.openai.com}}\n"
+    body = '{"model": "gpt-4o-mini", "max_tokens": 1000, "messages": []}'
+
+    def explain(usd: str) -> dict[str, Any]:
+        policy.write_text(actions + budgets % usd)
+        args = ["explain", "--policy", str(policy), "--url",
+                "https://api.openai.com/v1/chat/completions", "--header", "X-Drawdown-Agent:a",
+                "--json", body, "--as-json"]  # fmt: skip
+        assert main(args) == 0
+        return json.loads(capsys.readouterr().out)
+
+    tight = explain("0.0001")  # 1,000 output tokens of gpt-4o-mini: $0.0006
+    assert tight["decision"] == "deny", tight
+    assert tight["reason"] == (
+        "budget agent:a usd: its limit is below this call's estimate, so it refuses it "
+        "whatever was spent (402)"
+    )
+    roomy = explain("1")
+    assert roomy["decision"] == "allow"
+    assert roomy["reason"] == "if every budget above has room (pass --db to check the ledger)"
