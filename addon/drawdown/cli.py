@@ -488,6 +488,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
             headers=headers,
             body=body,
             proxy_user=args.proxy_user,
+            proxy_password=args.proxy_password,
+            client_ip=args.client_ip,
             db=args.db,
         )
     except LedgerError as exc:  # --db names no ledger, or one it cannot read
@@ -839,6 +841,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     explain.add_argument(
         "--proxy-user", help="as if the agent authenticated to the proxy as this user"
+    )
+    explain.add_argument(
+        "--proxy-password",
+        help="as if the agent sent this proxy password (`drawdown env --run`: the run)",
+    )
+    explain.add_argument(
+        "--client-ip", help="as if the request came from this address (identity source client_ip)"
     )
     explain.add_argument(
         "--db", type=ledger_url, help="also show what the ledger holds for the matching budgets"

@@ -62,6 +62,8 @@ def explain(
     headers: list[tuple[str, str]],
     body: bytes,
     proxy_user: str | None = None,
+    proxy_password: str | None = None,
+    client_ip: str | None = None,
     db: str | None = None,
 ) -> Explanation:
     out = Explanation()
@@ -81,7 +83,9 @@ def explain(
         body=body,
     )
     now = time.time()
-    caller = Caller(header_map, proxy_user=proxy_user)
+    caller = Caller(
+        header_map, proxy_user=proxy_user, proxy_password=proxy_password, client_ip=client_ip
+    )
     identity = identify(policy.identity, caller, None if db else IdleRuns(), now)
     if identity.pending_idle is not None:
         # An agent that names no run: with a ledger, the idle-split run the proxy is still in.
@@ -103,6 +107,8 @@ def explain(
             )
     origin = ", ".join(f"{level} from {source}" for level, source in identity.sources.items())
     out.add("identity", f"{identity.path or '(no levels)'}  ({origin})")
+    for note in _unknown_callers(policy, caller, identity.levels, now):
+        out.add("identity", note)
     out.data["scope"] = identity.path
 
     classification = classify(policy, view)
@@ -353,6 +359,26 @@ def explain(
     elif claims:
         out.reason += "; and if every budget above has room"
     return out
+
+
+_PROBE = "explain-probe"
+
+
+def _unknown_callers(
+    policy: Policy, caller: Caller, levels: Mapping[str, str], now: float
+) -> list[str]:
+    """The levels the proxy would take from the caller's address, which every live request
+    has and explain has only when told (--client-ip): the scope shown differs there. (Proxy
+    credentials an agent may well not send: without --proxy-user, explain assumes none.)"""
+    if caller.client_ip is not None:
+        return []
+    probed = identify(policy.identity, replace(caller, client_ip=_PROBE), IdleRuns(), now)
+    return [
+        f"{level}: the proxy would take it from the caller's address, which explain was not "
+        "given (pass --client-ip)"
+        for level, value in probed.levels.items()
+        if value == _PROBE and levels.get(level) != _PROBE
+    ]
 
 
 # The run ids idle_split mints (identity.IdleRuns, and the ledger's for --workers):

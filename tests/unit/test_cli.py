@@ -1379,3 +1379,23 @@ def test_explain_without_a_ledger_refuses_a_call_no_empty_budget_holds(
     roomy = explain("1")
     assert roomy["decision"] == "allow"
     assert roomy["reason"] == "if every budget above has room (pass --db to check the ledger)"
+
+
+def test_explain_takes_the_callers_address_and_proxy_password_and_says_when_it_lacks_one(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The example policy falls back to the caller's address for the agent, which every live
+    request has: explain without it showed a scope with no agent (so no per-agent budgets),
+    and said nothing. --client-ip and --proxy-password give what the proxy would know."""
+    args = ["explain", "--policy", str(ROOT / "policies" / "example.yaml"), "--url",
+            "https://api.anthropic.com/v1/messages", "--json",
+            '{"model": "claude-haiku-4-5", "max_tokens": 10, "messages": []}', "--as-json"]  # fmt: skip
+    assert main(args) == 0
+    bare = json.loads(capsys.readouterr().out)
+    assert "/agent:" not in bare["scope"]
+    assert ["identity", "agent: the proxy would take it from the caller's address, which "
+            "explain was not given (pass --client-ip)"] in bare["steps"]  # fmt: skip
+    assert main([*args, "--client-ip", "10.0.0.7", "--proxy-password", "r9"]) == 0
+    told = json.loads(capsys.readouterr().out)
+    assert told["scope"] == "tenant:acme/agent:10.0.0.7/run:r9"
+    assert not any("was not given" in text for _, text in told["steps"])
