@@ -439,6 +439,8 @@ def cmd_check(args: argparse.Namespace) -> int:
                 print(problem)
             status = 1
             continue
+        for warning in policy.warnings:  # valid, so exit 0, but likely not what was meant
+            print(warning)
         print(
             f"{path}: ok — mode {policy.mode}, {len(policy.actions)} action(s), {len(policy.budgets)} budget(s)"
             f" from {len(policy.files)} file(s)"

@@ -553,9 +553,8 @@ authority:
             f"{f}:7: a requirement is an action kind or {{action: KIND, same: FIELD}}",
         ),
         (
-            "      when: {}\n",  # given but empty: the rule really has neither
-            f"{f}:5: a rule with 'action:' needs 'requires:' or 'when:' "
-            "(use allow/deny to grant or refuse)",
+            "      when: {}\n",  # given but empty: said at the `when`, as on allow/deny rules
+            f"{f}:7: when: {{}} holds no condition: give one, or leave 'when' out",
         ),
     ):
         assert problems(tmp_path, head + rule) == [expected], rule
@@ -649,3 +648,478 @@ def test_a_bedrock_action_takes_a_price_but_no_cost(tmp_path: Path) -> None:
         "actions:\n  - {kind: llm, provider: bedrock, match: {host: x.example}, cost: {usd: 1}}\n",
     )
     assert any("priced from its tokens" in p for p in found), found
+
+
+# --- edits that would silently disable enforcement ----------------------------------------
+
+
+def test_an_action_after_a_catch_all_can_never_match(tmp_path: Path) -> None:
+    """First match wins: behind `match: {}` the LLM action is never metered and the crm.write
+    rule never applies. A catch-all last (the documented `other`) shadows nothing."""
+    found = problems(
+        tmp_path,
+        """actions:
+  - {kind: other0, match: {}}
+  - {kind: llm, provider: openai, match: {host: api.openai.com}}
+  - {kind: crm.write, match: {host: crm.example.com, method: POST}}
+  - {kind: other, match: {}}
+authority:
+  rules:
+    - {scope: "*", deny: [crm.write]}
+""",
+    )
+    f = str(tmp_path / "policy.yaml")
+    assert found == [
+        f"{f}:{line}: action '{kind}' can never match: the action 'other0' at {f}:2 matches "
+        "every request first (actions are tried in order: put the catch-all last)"
+        for line, kind in ((3, "llm"), (4, "crm.write"), (5, "other"))
+    ]
+    policy = load_policy(
+        write(
+            tmp_path,
+            "actions:\n  - {kind: llm, match: {host: a.example}}\n  - {kind: other, match: {}}\n",
+        )
+    )
+    assert [a.kind for a in policy.actions] == ["llm", "other"]
+
+
+def test_an_action_shadowed_from_an_earlier_file_of_a_folder_is_reported(tmp_path: Path) -> None:
+    write(tmp_path, "actions:\n  - {kind: other, match: {}}\n", "10-catch-all.yaml")
+    write(
+        tmp_path,
+        "actions:\n  - {kind: crm.write, match: {host: crm.example.com, method: POST}}\n",
+        "20-crm.yaml",
+    )
+    with pytest.raises(PolicyInvalid) as caught:
+        load_policy(tmp_path)
+    assert [str(p) for p in caught.value.problems] == [
+        f"{tmp_path / '20-crm.yaml'}:2: action 'crm.write' can never match: the action 'other' "
+        f"at {tmp_path / '10-catch-all.yaml'}:2 matches every request first (actions are tried "
+        "in order: put the catch-all last; a folder's files are read in name order)"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("first", "later"),
+    [
+        ("{host: api.openai.com}", "{host: api.openai.com, path: /v1/chat/completions}"),
+        ("{host: API.openai.com}", "{host: api.openai.com, method: POST, json: {stream: true}}"),
+        ("{host: crm.example.com, method: [GET, POST]}", "{host: crm.example.com, method: get}"),
+        ("{host: '*.example.com'}", "{host: [a.example.com, b.example.com:8443]}"),
+        ("{host: '*'}", "{method: POST}"),
+        ("{path: '/v1/**'}", "{host: x.example, path: /v1/refunds}"),
+        ("{path: '/api/customers/{id}'}", "{path: '/api/customers/{cid}', method: GET}"),
+        ("{path: '**'}", "{path: '/v1/*/items'}"),
+        ("{host: 'localhost:8443'}", "{host: 'localhost:8443', path: /x}"),
+        ("{host: [a.example, b.example]}", "{host: b.example, method: POST}"),
+        ("{path: /v1/refunds}", "{path: /v1/refunds, method: POST, host: '*.stripe.com'}"),
+    ],
+)
+def test_an_action_a_broader_earlier_one_always_takes_is_reported(
+    tmp_path: Path, first: str, later: str
+) -> None:
+    found = problems(
+        tmp_path, f"actions:\n  - {{kind: a, match: {first}}}\n  - {{kind: b, match: {later}}}\n"
+    )
+    f = str(tmp_path / "policy.yaml")
+    assert found == [
+        f"{f}:3: action 'b' can never match: the action 'a' at {f}:2 matches every request "
+        "this one would, first (actions are tried in order: put the narrower action first)"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("first", "later"),
+    [
+        # The earlier one is narrower in some way, or only maybe broader: never an error.
+        ("{host: api.openai.com, json: {stream: true}}", "{host: api.openai.com}"),
+        ("{host: api.openai.com, query: {v: '1'}}", "{host: api.openai.com, query: {v: '1'}}"),
+        ("{host: crm.example.com, method: GET}", "{host: crm.example.com}"),
+        ("{host: crm.example.com, method: GET}", "{host: crm.example.com, method: [GET, POST]}"),
+        ("{host: api.openai.com}", "{host: '*.openai.com'}"),
+        ("{host: api.openai.com}", "{host: [api.openai.com, other.example]}"),
+        ("{host: 'localhost:8443'}", "{host: localhost}"),
+        ("{host: '*.example.com'}", "{}"),
+        ("{path: /v1/refunds}", "{path: '/v1/**'}"),
+        ("{path: '/v1/*'}", "{path: '/v1/**'}"),
+        ("{path: '/v1/**'}", "{path: '/v1/*/x'}"),  # broader in fact, but not decided: no error
+        ("{path: '/v1/**'}", "{}"),
+        ("{host: api.openai.com}", "{path: /v1/x}"),
+    ],
+)
+def test_actions_that_are_not_shadowed_are_accepted(tmp_path: Path, first: str, later: str) -> None:
+    policy = load_policy(
+        write(
+            tmp_path,
+            f"actions:\n  - {{kind: a, match: {first}}}\n  - {{kind: b, match: {later}}}\n",
+        )
+    )
+    assert [a.kind for a in policy.actions] == ["a", "b"]
+
+
+@pytest.mark.parametrize(
+    ("lines", "message"),
+    [
+        ("    when: {}", "when: {} holds no condition"),
+        ("    when: {json: {}}", "json: {} holds no condition"),
+        ("    when: {json: {amount: {}}}", "condition on 'json.amount': an empty condition {}"),
+        ("    when: {model: {}}", "condition on 'model': an empty condition {}"),
+        ('    when: {"json.amount": {}}', "condition on 'json.amount': an empty condition {}"),
+        ("    when: {json: {amount: {in: []}}}", "'in' takes a list of at least one value"),
+        ("    when: {json: {amount: {not_in: []}}}", "'not_in' takes a list of at least one value"),
+        ("    when: {header: {}}", "header: {} holds no condition"),
+    ],
+)
+def test_an_empty_condition_is_refused_not_taken_as_always_true(
+    tmp_path: Path, lines: str, message: str
+) -> None:
+    """`when: {}` would turn a conditional allow into an unconditional one."""
+    found = problems(
+        tmp_path,
+        f"""actions:
+  - {{kind: refund.issue, match: {{host: api.stripe.com}}}}
+authority:
+  default: deny
+  rules:
+  - scope: "*"
+    allow: [refund.issue]
+{lines}
+""",
+    )
+    f = str(tmp_path / "policy.yaml")
+    assert len(found) == 1 and found[0].startswith(f"{f}:8: ") and message in found[0], found
+
+
+@pytest.mark.parametrize(
+    "match",
+    [
+        "{host: a.example, json: {}}",
+        "{host: a.example, query: {}}",
+        "{host: a.example, json: {amount: {}}}",
+        "{host: a.example, header: {x-tier: {}}}",
+    ],
+)
+def test_an_empty_condition_in_a_match_is_refused(tmp_path: Path, match: str) -> None:
+    found = problems(tmp_path, f"actions:\n  - kind: a\n    match: {match}\n")
+    assert len(found) == 1 and found[0].startswith(f"{tmp_path / 'policy.yaml'}:3: "), found
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        "Authorization",
+        "proxy-authorization",
+        "X-API-Key",
+        "x-goog-api-key",
+        "api-key",
+        "Cookie",
+        "Set-Cookie",
+        "X-Auth-Token",
+        "Ocp-Apim-Subscription-Key",
+        "X-Client-Secret",
+    ],
+)
+def test_a_credential_header_is_no_identity_source(tmp_path: Path, header: str) -> None:
+    """SPEC §6: API keys are never stored; an identity value is stored in every scope path."""
+    found = problems(tmp_path, f"identity:\n  tenant: [{{header: {header}}}, {{value: acme}}]\n")
+    assert len(found) == 1, found
+    assert found[0].startswith(
+        f"{tmp_path / 'policy.yaml'}:2: identity.tenant: header '{header}' carries a credential"
+    )
+
+
+def test_headers_that_name_callers_are_identity_sources(tmp_path: Path) -> None:
+    policy = load_policy(
+        write(
+            tmp_path,
+            """identity:
+  tenant: [{header: X-Auth-Request-User}]
+  agent: [{header: X-Drawdown-Agent}, {header: X-Forwarded-User}]
+  run: [{header: X-Session-Id}]
+""",
+        )
+    )
+    assert [s.arg for s in policy.identity["agent"]] == ["X-Drawdown-Agent", "X-Forwarded-User"]
+
+
+@pytest.mark.parametrize(
+    ("match", "message"),
+    [
+        ("{method: GTE}", "'GTE' is not an HTTP method (did you mean 'GET'?)"),
+        (
+            "{method: 'GET,POST'}",
+            "'GET,POST' is several methods in one text: list them as method: [GET, POST]",
+        ),
+        ("{method: 'GET POST'}", "'GET POST' is several methods in one text"),
+        ("{method: [GET, PSOT]}", "'PSOT' is not an HTTP method (did you mean 'POST'?)"),
+        ("{method: '*'}", "leave 'method' out to match every method"),
+        ("{path: '/v1/refunds?x=1'}", "holds a query string, but paths are matched without it"),
+        (
+            "{path: '/api/:id'}",
+            "':id' would only match the text ':id'; a segment is captured as {id}",
+        ),
+        ("{host: 'api.anthropic.com['}", "host pattern 'api.anthropic.com[' is not a valid glob"),
+        ("{host: 'api.a.com,api.b.com'}", "holds ',', which no host name does (list several"),
+        ("{host: '[::1'}", "write an IPv6 address as [ADDRESS]:PORT"),
+        ("{host: '[::1]8443'}", "write an IPv6 address as [ADDRESS]:PORT"),
+        ('{header: {"X Bad": 1}}', "'X Bad' is not a valid header name"),
+    ],
+)
+def test_match_patterns_that_can_never_match_are_refused(
+    tmp_path: Path, match: str, message: str
+) -> None:
+    found = problems(tmp_path, f"actions:\n  - kind: a\n    match: {match}\n")
+    assert len(found) == 1 and found[0].startswith(f"{tmp_path / 'policy.yaml'}:3: "), found
+    assert message in found[0], found
+
+
+def test_a_header_name_with_a_space_is_refused_where_a_policy_names_one(tmp_path: Path) -> None:
+    found = problems(
+        tmp_path,
+        """actions:
+  - {kind: a, match: {host: a.example}, cost: {usd: 1}, cost_header: "X Request Cost"}
+authority:
+  rules:
+    - {scope: "*", allow: [a], when: {"header.X Bad": "1"}}
+    - {scope: "*", allow: [a], when: {header: {"X Bad": "1"}}}
+""",
+    )
+    f = str(tmp_path / "policy.yaml")
+    assert found == [
+        f"{f}:2: 'X Request Cost' is not a valid header name",
+        f"{f}:5: 'header.X Bad' does not name a valid header",
+        f"{f}:6: 'X Bad' is not a valid header name",
+    ]
+
+
+def test_methods_and_ipv6_hosts_that_do_match_are_accepted(tmp_path: Path) -> None:
+    from drawdown.policy.match import compile_host
+
+    policy = load_policy(
+        write(
+            tmp_path,
+            """actions:
+  - {kind: a, match: {method: [get, PROPFIND, QUERY], host: "[::1]:8443"}}
+  - {kind: b, match: {host: "[::1]"}}
+  - {kind: c, match: {host: "api-[ab].example.com", path: "/v1beta/models/{model}:generateContent"}}
+""",
+        )
+    )
+    assert policy.actions[0].match.methods == ("GET", "PROPFIND", "QUERY")
+    host = compile_host("[::1]:8443")  # requests carry an IPv6 host without its brackets
+    assert host.matches("::1", 8443) and not host.matches("::1", 443)
+    assert compile_host("[::1]").matches("::1", 443)
+    assert compile_host("api-[ab].example.com").matches("api-b.example.com", 443)
+
+
+@pytest.mark.parametrize(
+    ("scope", "what"),
+    [
+        ("agent: research", "a space"),
+        ("agent:*, run:*", "':'"),
+        ("agent:*.run:*", "':'"),
+        ("agent:a:b", "':'"),
+        ("tenant:acme /agent:x", "a space"),
+    ],
+)
+def test_scope_patterns_that_can_never_match_are_refused(
+    tmp_path: Path, scope: str, what: str
+) -> None:
+    """Identity values are escaped (`:` is %3A, a space %20): a glob asking for one never matches."""
+    found = problems(tmp_path, f'budgets:\n  - {{scope: "{scope}", usd: 1}}\n')
+    assert len(found) == 1, found
+    assert found[0].startswith(f"{tmp_path / 'policy.yaml'}:2: scope '{scope}' can never match: ")
+    assert f"holds {what}, which identity values never do" in found[0]
+    assert "agent:research/run:*" in found[0]
+    assert load_policy(write(tmp_path, 'budgets:\n  - {scope: "agent:[:x]*", usd: 1}\n')).budgets
+
+
+def test_meter_keys_are_checked(tmp_path: Path) -> None:
+    found = problems(
+        tmp_path,
+        """meter:
+  safety_factor: {claud: 3, anthropic_typo: 1.5, anthropic: 1.2}
+  max_output_tokens:
+    "claude-opus-*": 8192
+    "antropic:claude-*": 100
+    "gpt-4o": 100
+""",
+    )
+    f = str(tmp_path / "policy.yaml")
+    assert found == [
+        f"{f}:2: unknown model family 'claud' in safety_factor (did you mean 'claude'?)",
+        f"{f}:2: unknown model family 'anthropic_typo' in safety_factor (expected one of: "
+        "claude, gemini; OpenAI models are counted with their own tokenizer)",
+        f"{f}:2: unknown model family 'anthropic' in safety_factor (did you mean 'claude'?)",
+        f"{f}:4: max_output_tokens key 'claude-opus-*' matches no request: keys are "
+        "PROVIDER:MODEL globs with PROVIDER one of openai, anthropic, gemini, bedrock "
+        "(e.g. 'anthropic:claude-opus-*', '*:gpt-4o*')",
+        f"{f}:5: max_output_tokens key 'antropic:claude-*' names no provider "
+        "(did you mean 'anthropic:claude-*'?)",
+        f"{f}:6: max_output_tokens key 'gpt-4o' matches no request: keys are PROVIDER:MODEL "
+        "globs with PROVIDER one of openai, anthropic, gemini, bedrock "
+        "(e.g. 'anthropic:claude-opus-*', '*:gpt-4o*')",
+    ]
+    policy = load_policy(
+        write(
+            tmp_path,
+            """meter:
+  safety_factor: {claude: 1.5, gemini: 1.2}
+  max_output_tokens: {"anthropic:claude-opus-*": 8192, "*claude*": 100, "*:gpt-4o*": 50, "open*": 7}
+""",
+        )
+    )
+    assert policy.meter.output_cap("anthropic", "claude-sonnet-4") == 100
+    assert policy.meter.output_cap("openai", "gpt-4o-mini") == 50
+
+
+def test_passthrough_beside_a_hostless_action_is_a_warning(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The running proxy logs it; `check` says the same, and the policy stays valid (exit 0)."""
+    from drawdown import cli
+
+    path = write(
+        tmp_path,
+        """unknown_hosts: passthrough
+actions:
+  - {kind: llm, provider: openai, match: {host: api.openai.com}}
+  - {kind: other, match: {}}
+""",
+    )
+    assert cli.main(["check", str(path)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == (
+        f"{path}:1: warning: unknown_hosts: passthrough has no effect: the action at {path}:4 "
+        "matches every host"
+    )
+    assert out[1].startswith(f"{path}: ok — ")
+    write(
+        tmp_path, "unknown_hosts: passthrough\nactions:\n  - {kind: a, match: {host: a.example}}\n"
+    )
+    assert load_policy(path).warnings == ()
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            "actions:\n  - {kind: a, match: {host: x.com}\n  - {kind: b, match: {}}\n",
+            ":2: YAML syntax error: unclosed flow mapping '{': expected ',' or '}', but got '-' "
+            "at line 3",
+        ),
+        (
+            "actions:\n  - {kind: a, match: {host: x.com,\n  - {kind: b, match: {}}\n",
+            ":2: YAML syntax error: unclosed flow mapping '{': expected the node content, but "
+            "found '-' at line 3",
+        ),
+        (
+            "budgets: [{scope: 'a:*', usd: 1}\nmode: shadow\n",
+            ":1: YAML syntax error: unclosed flow sequence '[': ",
+        ),
+        (
+            'mode: "shadow\nbudgets: []\nactions: []\n',
+            ':1: YAML syntax error: unclosed quoted text (its " is never closed): found '
+            "unexpected end of stream at line 4",
+        ),
+        (
+            "actions:\n  - kind: a\n  match: {}\n",
+            ":3: YAML syntax error: this line is probably mis-indented: it lines up with no key "
+            "or item above it (expected <block end>, but found '?')",
+        ),
+        (
+            "mode: enforce\nbudgets\nactions: []\n",
+            ":2: YAML syntax error: a line with neither 'key: value' nor '- item': could not "
+            "find expected ':' at line 3",
+        ),
+    ],
+)
+def test_yaml_syntax_errors_name_the_line_to_fix(tmp_path: Path, text: str, expected: str) -> None:
+    """PyYAML notices an unclosed `{` or quote where the next construct begins: the line that
+    opened it is the one to fix."""
+    found = problems(tmp_path, text)
+    assert len(found) == 1 and found[0].startswith(f"{tmp_path / 'policy.yaml'}{expected}"), found
+
+
+def test_a_leading_zero_is_refused_as_ambiguous_and_yaml_1_1_numbers_are_not_read(
+    tmp_path: Path,
+) -> None:
+    found = problems(
+        tmp_path,
+        """budgets:
+  - {name: a, scope: "agent:*", requests: 010}
+  - {name: b, scope: "agent:*", requests: 1:30}
+  - {name: c, scope: "agent:*", usd: 1e-999999999}
+  - {name: d, scope: "agent:*", usd: 1e-10}
+""",
+    )
+    f = str(tmp_path / "policy.yaml")
+    assert found == [
+        f"{f}:2: the number 010 has a leading zero, which YAML 1.1 reads as octal and YAML 1.2 "
+        "as decimal: write 10, or quote it ('010') for text",
+        f"{f}:3: requests must be a whole number ≥ 0, not '1:30'",  # YAML 1.1 read 90
+        f"{f}:4: usd: 1E-999999999 USD is more precise than a nano-dollar",  # not $0
+        f"{f}:5: usd: 1E-10 USD is more precise than a nano-dollar",
+    ]
+    policy = load_policy(
+        write(tmp_path, 'budgets:\n  - {scope: "agent:*", requests: 10, tokens: 0x10, usd: 0}\n')
+    )
+    assert (policy.budgets[0].limits.requests, policy.budgets[0].limits.tokens) == (10, 16)
+
+
+def test_upper_case_yaml_extensions_in_a_folder_are_read(tmp_path: Path) -> None:
+    from drawdown.policy import policy_fingerprint
+
+    write(tmp_path, 'budgets:\n  - {scope: "tenant:*", usd: 1}\n', "a.yaml")
+    write(tmp_path, 'budgets:\n  - {scope: "agent:*", usd: 1}\n', "B.YAML")
+    write(tmp_path, 'budgets:\n  - {scope: "run:*", usd: 1}\n', "c.Yml")
+    policy = load_policy(tmp_path)
+    assert [b.key for b in policy.budgets] == ["agent:*", "tenant:*", "run:*"]  # B.YAML first
+    # The live reloader watches the same files.
+    assert {Path(f).name for f, _, _ in policy_fingerprint(tmp_path)} == {
+        "a.yaml",
+        "B.YAML",
+        "c.Yml",
+    }
+
+
+def test_messages_quote_values_as_written_and_say_what_is_expected(tmp_path: Path) -> None:
+    found = problems(
+        tmp_path,
+        """budgets:
+  - {scope: "agent:*", usd: 1,000}
+actions:
+  - {kind: a, match: {host: x.com}, cost: 0.002}
+rules:
+  - {scope: "*", allow: [a]}
+""",
+    )
+    f = str(tmp_path / "policy.yaml")
+    assert found == [
+        f"{f}:2: unknown key '000' in budget (a number is written without thousands "
+        "separators: 1000, not 1,000)",
+        f"{f}:4: cost is a mapping {{usd: AMOUNT}}, not the number 0.002 (write cost: {{usd: 0.002}})",
+        f"{f}:5: unknown key 'rules' in the policy ('rules' belongs under 'authority:')",
+    ]
+    # A number too long to read is reported once, cut short; not followed by "not null".
+    found = problems(tmp_path, 'budgets:\n  - {scope: "agent:*", requests: ' + "9" * 5000 + "}\n")
+    assert found == [f"{f}:2: cannot read the value '{'9' * 39}…' (5,000 characters) as !!int"]
+    found = problems(tmp_path, f'budgets:\n  - {{scope: "agent:*", requests: {"9" * 4000}}}\n')
+    assert len(found) == 1 and len(found[0]) < len(f) + 100, found
+
+
+@pytest.mark.parametrize("breaker", ["\x85", "\u2028", "\u2029"])
+def test_a_line_break_only_yaml_1_1_knows_does_not_move_later_lines(
+    tmp_path: Path, breaker: str
+) -> None:
+    """YAML 1.1 breaks lines at NEL, LS and PS too; editors show them inside a line. Counted,
+    a problem after one was reported a line further on per break (the fuzz test found one
+    past the end of the file)."""
+    path = tmp_path / "policy.yaml"
+    path.write_text(
+        f'identity:\n  tenant: [{{value: "a{breaker}{breaker}b"}}]\nmode: sometimes\n',
+        encoding="utf-8",
+    )
+    with pytest.raises(PolicyInvalid) as err:
+        load_policy(path)
+    assert str(err.value).startswith(f"{path}:3: mode must be one of"), str(err.value)

@@ -69,11 +69,30 @@ class HostPattern:
     text: str
     host: re.Pattern[str]
     port: int | None
+    glob: str = ""  # the host part, lower-case, as compiled into `host`
 
     def matches(self, host: str, port: int) -> bool:
         if self.port is not None and port != self.port:
             return False
         return self.host.match(host.lower()) is not None
+
+    def covers(self, other: HostPattern | None) -> bool:
+        """Whether this matches every host `other` does (None: any host). Decided only where
+        it is certain (the same glob, `*`, or `other` one literal host); False when unsure."""
+        if self.port is not None and (other is None or other.port != self.port):
+            return False
+        if self.glob and set(self.glob) == {"*"}:
+            return True
+        if other is None:
+            return False
+        return self.glob == other.glob or (
+            not is_glob(other.glob) and self.host.match(other.glob) is not None
+        )
+
+
+# What a host name, an IPv4 or a bracketed IPv6 address may hold, besides letters and digits
+# (any script: a client may send an IDN host undecoded) and glob characters.
+_HOST_CHARS = frozenset("._-*?[]!:%")
 
 
 def compile_host(text: str) -> HostPattern:
@@ -81,14 +100,31 @@ def compile_host(text: str) -> HostPattern:
         raise ValueError(
             f"host pattern '{text}' must be a host name or glob, optionally with :PORT"
         )
-    host, port = text, None
-    if text.count(":") == 1:  # host:port (IPv6 literals must be bracketed)
+    host, port_text = text, None
+    if text.startswith("[") and ":" in text.partition("]")[0]:
+        # [::1] or [::1]:8443: requests carry an IPv6 host without its brackets.
+        host, bracket, rest = text[1:].partition("]")
+        if not bracket or not host or (rest and not rest.startswith(":")):
+            raise ValueError(f"host pattern '{text}': write an IPv6 address as [ADDRESS]:PORT")
+        port_text = rest[1:] if rest else None
+    elif text.count(":") == 1:  # host:port (an IPv6 address with a port must be bracketed)
         host, _, port_text = text.partition(":")
+    port = None
+    if port_text is not None:
         if not port_text.isdigit() or not 0 < int(port_text) < 65536:
             raise ValueError(f"host pattern '{text}' has an invalid port")
         port = int(port_text)
-    host = host.strip("[]").lower()
-    return HostPattern(text, compile_glob(host), port)
+    if bad := sorted({c for c in host if not c.isalnum() and c not in _HOST_CHARS}):
+        # `api.a.com,api.b.com` or `api.a.com;x`: no host holds these, it would never match.
+        hint = " (list several hosts as host: [a.example, b.example])" if "," in bad else ""
+        raise ValueError(
+            f"host pattern '{text}' holds {', '.join(repr(c) for c in bad)}, which no host "
+            f"name does{hint}"
+        )
+    try:
+        return HostPattern(text, compile_glob(host.lower()), port, host.lower())
+    except ValueError as exc:  # `api.anthropic.com[`: an unclosed glob class
+        raise ValueError(f"host pattern '{text}' is not a valid glob: {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -103,13 +139,40 @@ class PathPattern:
         found = self.regex.match(path)
         return found.groupdict() if found else None
 
+    def covers(self, other: PathPattern | None) -> bool:
+        """Whether this matches every path `other` does (None: any path). Decided only where
+        it is certain (`**`, the same pattern whatever its captures are named, or `other` a
+        literal path: it matches that path and that path with a `/` added); False when unsure."""
+        if set(self.text) == {"*"} and "**" in self.text:
+            return True
+        if other is None:
+            return False
+        if _CAPTURE.sub("{}", self.text) == _CAPTURE.sub("{}", other.text):
+            return True
+        literal = not other.names and not is_glob(other.text)
+        return literal and all(self.regex.match(p) for p in (other.text, other.text + "/"))
+
 
 _CAPTURE = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+# `?x=1` after a path: patterns match the path only, and `?` would be a one-character glob.
+_QUERY = re.compile(r"\?[^/]*=")
+_EXPRESS_CAPTURE = re.compile(r"(?:^|/)(:[A-Za-z_][A-Za-z0-9_]*)(?=/|$)")
 
 
 def compile_path(text: str) -> PathPattern:
     if not text.startswith("/") and not text.startswith("*"):
         raise ValueError(f"path pattern '{text}' must start with '/'")
+    if _QUERY.search(text):
+        raise ValueError(
+            f"path pattern '{text}' holds a query string, but paths are matched without it: "
+            "put conditions on query parameters under match.query (query: {name: value})"
+        )
+    if found := _EXPRESS_CAPTURE.search(text):
+        name = found.group(1)
+        raise ValueError(
+            f"path pattern '{text}': '{name}' would only match the text '{name}'; "
+            f"a segment is captured as {{{name[1:]}}}"
+        )
     parts: list[str] = []
     names: list[str] = []
     pos = 0
@@ -174,9 +237,27 @@ def compile_scope(text: str) -> ScopePattern:
             raise ValueError(f"scope names level '{level}' twice")
         if not value:
             raise ValueError(f"scope level '{level}' has no value (use '{level}:*' for any)")
+        _check_scope_value(text, level, value)
         levels[level] = compile_glob(value)
     ordered = tuple((level, levels[level]) for level in LEVELS if level in levels)
     return ScopePattern(text, ordered)
+
+
+def _check_scope_value(text: str, level: str, value: str) -> None:
+    """Identity values never hold ':', whitespace or control characters (identity.clean_value
+    escapes them as %3A, %20…): a glob asking for one outside a `[…]` class matches no scope."""
+    outside = re.sub(r"\[[^\]]*\]", "", value)
+    if ":" in outside:
+        what = "':'"
+    elif any(c.isspace() or not c.isprintable() for c in outside):
+        what = "a space"
+    else:
+        return
+    raise ValueError(
+        f"scope '{text}' can never match: its {level} value '{value}' holds {what}, which "
+        "identity values never do (they are escaped); a scope is LEVEL:GLOB with nothing "
+        "around the ':', levels joined by '/': agent:research/run:*"
+    )
 
 
 # --- conditions on request fields --------------------------------------------------------
@@ -232,6 +313,11 @@ def compile_condition(spec: Any) -> Condition:
     """A condition is a value (equality) or a mapping of operators, all of which must hold."""
     if not isinstance(spec, Mapping):
         return lambda value: value is not _MISSING and _equal(value, spec)
+    if not spec:  # all of no operators: it would hold for any value, and for none at all
+        raise ValueError(
+            "an empty condition {} always holds: give a value, or operators such as "
+            "{gt: 5}, {in: [a, b]} or {exists: true}"
+        )
     checks: list[Condition] = []
     for op, arg in spec.items():
         if op not in OPERATORS:
@@ -252,6 +338,8 @@ def _operator(op: str, arg: Any) -> Condition:
     if op in ("in", "not_in"):
         if not isinstance(arg, list):
             raise ValueError(f"'{op}' takes a list")
+        if not arg:  # `in: []` never holds, `not_in: []` always does: neither is meant
+            raise ValueError(f"'{op}' takes a list of at least one value, not []")
         options = list(arg)
         if op == "in":
             return lambda value: value is not _MISSING and any(_equal(value, o) for o in options)

@@ -8,6 +8,7 @@ from typing import Any
 
 from ..meter.config import MeterConfig, PricePerMillion
 from .match import Condition, HostPattern, PathPattern, ScopePattern
+from .source import Problem
 
 MODES = ("enforce", "shadow")
 WINDOWS = ("minute", "hour", "day", "month")
@@ -74,6 +75,12 @@ class Action:
     @property
     def where(self) -> str:
         return f"{self.file}:{self.line}"
+
+
+def hostless_action(actions: tuple[Action, ...] | list[Action]) -> Action | None:
+    """The first action that names no host. With one, `unknown_hosts: passthrough` has no
+    effect: any host may be that action's, so every host must be decrypted."""
+    return next((a for a in actions if not a.match.hosts), None)
 
 
 @dataclass(frozen=True)
@@ -286,6 +293,8 @@ class Policy:
     limits: RequestLimits = field(default_factory=RequestLimits)
     files: tuple[str, ...] = ()
     digest: str = ""  # sha256 of the policy text, recorded with decisions
+    # `FILE:LINE: warning: …`: valid, but likely not what was meant (printed by `drawdown check`)
+    warnings: tuple[Problem, ...] = ()
 
     @property
     def ledger_error_allows(self) -> bool:

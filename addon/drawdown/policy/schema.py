@@ -6,15 +6,17 @@ raises for a user's mistake except `PolicyInvalid` carrying all of them.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import re
 from decimal import Decimal
 from typing import Any
 
-from ..meter.config import MeterConfig, PricePerMillion
+from ..meter.config import DEFAULT_SAFETY_FACTORS, MeterConfig, PricePerMillion
 from ..money import MAX_AMOUNT, MAX_USD, usd_to_nanos
 from .match import (
     LEVELS,
+    PathPattern,
     compile_condition,
     compile_glob,
     compile_host,
@@ -45,8 +47,10 @@ from .model import (
     Requirement,
     Rule,
     Source,
+    hostless_action,
 )
-from .source import LList, LMap, PolicyInvalid, Problem, line_of
+from .source import UNREADABLE, LList, LMap, PolicyInvalid, Problem, line_of
+from .source import clip as _clip
 
 DEFAULT_IDENTITY: dict[str, tuple[Source, ...]] = {
     "tenant": (Source("header", "X-Drawdown-Tenant"), Source("value", "default")),
@@ -64,8 +68,31 @@ DEFAULT_IDENTITY: dict[str, tuple[Source, ...]] = {
 }
 
 PROVIDERS = ("openai", "anthropic", "gemini", "bedrock", "mcp")
+LLM_PROVIDERS = ("openai", "anthropic", "gemini", "bedrock")
 _KIND = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
 _HEADER = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")
+# HTTP methods (IANA's registry). Matching ignores case, so `get` works; anything else (`GTE`,
+# `GET,POST`) matches no request an HTTP client sends.
+HTTP_METHODS = (
+    "GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS", "CONNECT", "TRACE", "QUERY",
+    "ACL", "BASELINE-CONTROL", "BIND", "CHECKIN", "CHECKOUT", "COPY", "LABEL", "LINK", "LOCK",
+    "MERGE", "MKACTIVITY", "MKCALENDAR", "MKCOL", "MKREDIRECTREF", "MKWORKSPACE", "MOVE",
+    "ORDERPATCH", "PRI", "PROPFIND", "PROPPATCH", "REBIND", "REPORT", "SEARCH", "UNBIND",
+    "UNCHECKOUT", "UNLINK", "UNLOCK", "UPDATE", "UPDATEREDIRECTREF", "VERSION-CONTROL",
+)  # fmt: skip
+# Headers that carry credentials. An identity level's value is kept in scope paths (the ledger,
+# reports, 403 bodies), and SPEC §6 says these values are never stored.
+CREDENTIAL_HEADERS = frozenset(
+    {
+        "authorization",
+        "proxy-authorization",
+        "x-api-key",
+        "x-goog-api-key",
+        "api-key",  # Azure OpenAI
+        "cookie",
+        "set-cookie",
+    }
+)
 
 
 class _Checker:
@@ -88,6 +115,8 @@ class _Checker:
         self.kind_refs.append((text, getattr(parent, "file", "?"), line))
 
     def error(self, container: Any, key: str | int | None, message: str) -> None:
+        if key is not None and _unreadable(container, key):
+            return  # reading the value already failed, and said why: not also "not null"
         self.problems.append(
             Problem(getattr(container, "file", "?"), line_of(container, key), message)
         )
@@ -113,16 +142,16 @@ class _Checker:
         for key in value:
             if key not in allowed:
                 hint = _closest(key, allowed)
-                self.error(
-                    value,
-                    key,
-                    f"unknown key '{key}' in {what}"
-                    + (
-                        f" (did you mean '{hint}'?)"
-                        if hint
-                        else f" (expected one of: {', '.join(allowed)})"
-                    ),
-                )
+                if _THOUSANDS_KEY.match(key):
+                    # `{usd: 1,000}`: in a flow mapping the ',' ends the value, `000` is a key.
+                    why = " (a number is written without thousands separators: 1000, not 1,000)"
+                elif what == "the policy" and key in _BELONGS_UNDER:
+                    why = f" ('{key}' belongs under '{_BELONGS_UNDER[key]}:')"
+                elif hint:
+                    why = f" (did you mean '{hint}'?)"
+                else:
+                    why = f" (expected one of: {', '.join(allowed)})"
+                self.error(value, key, f"unknown key '{_clip(key)}' in {what}{why}")
                 ok = False
         for key in required:
             if key not in value:
@@ -155,7 +184,7 @@ class _Checker:
                 and minimum <= value <= MAX_AMOUNT
                 and value == value.to_integral()
             )
-            hint = " (write it in digits, with no dot or exponent)" if whole else ""
+            hint = " (write it in digits, with no dot or exponent)" if whole else _separated(value)
             self.error(
                 parent,
                 key,
@@ -164,7 +193,7 @@ class _Checker:
             return None
         if value > MAX_AMOUNT:
             # Past this the ledger's 64-bit integers would fail every request at run time.
-            self.error(parent, key, f"{what} must be at most 10^18, not {value}")
+            self.error(parent, key, f"{what} must be at most 10^18, not {_show(value)}")
             return None
         return value
 
@@ -182,7 +211,11 @@ class _Checker:
             or not isinstance(value, int | Decimal)
             or Decimal(value) < minimum
         ):
-            self.error(parent, key, f"{what} must be a number ≥ {minimum}, not {_show(value)}")
+            self.error(
+                parent,
+                key,
+                f"{what} must be a number ≥ {minimum}, not {_show(value)}{_separated(value)}",
+            )
             return None
         if maximum is not None and Decimal(value) > maximum:
             self.error(parent, key, f"{what} must be at most {maximum:,}, not {_show(value)}")
@@ -193,6 +226,12 @@ class _Checker:
         # Dollars past MAX_USD are nano-dollars past what the ledger's integers hold.
         amount = self.number(parent, key, what, maximum=Decimal(MAX_USD))
         if amount is None:
+            return None
+        if amount and amount.adjusted() < -9:
+            # Below a nano-dollar, as 1e-10 is; 1e-999999999 would underflow to $0 on the way.
+            self.error(
+                parent, key, f"{what}: {_show(amount)} USD is more precise than a nano-dollar"
+            )
             return None
         try:
             return usd_to_nanos(amount, exact=True)
@@ -215,26 +254,63 @@ def _show(value: Any) -> str:
     if value is None or isinstance(value, bool):  # as YAML spells them, not Python
         return "null" if value is None else str(value).lower()
     if isinstance(value, Decimal):
-        return str(value)
+        return _clip(str(value))
     if isinstance(value, LMap | LList):
         return _kind(value)
-    return repr(value)
+    return _clip(repr(value))
 
 
 def _kind(value: Any) -> str:
     if value is None:
         return "empty"
-    return {
-        LMap: "a mapping",
-        LList: "a list",
-        str: f"text {value!r}",
-        bool: f"{value}".lower(),
-    }.get(type(value), repr(value))
+    if isinstance(value, LMap):
+        return "a mapping"
+    if isinstance(value, LList):
+        return "a list"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, int | Decimal):
+        return f"the number {_show(value)}"
+    if isinstance(value, str):
+        return f"text {_show(value)}"
+    return _show(value)
+
+
+def _unreadable(container: Any, key: str | int) -> bool:
+    try:
+        return container[key] is UNREADABLE
+    except (KeyError, IndexError, TypeError):
+        return False
+
+
+_THOUSANDS_KEY = re.compile(r"^[0-9]{3}$")
+_THOUSANDS = re.compile(r"^[0-9]{1,3}(?:,[0-9]{3})+(?:\.[0-9]+)?$")
+
+
+def _separated(value: Any) -> str:
+    """A hint for `1,000` written in block style, where it stays text."""
+    if isinstance(value, str) and _THOUSANDS.match(value.strip()):
+        return f" (write it without thousands separators: {value.strip().replace(',', '')})"
+    return ""
+
+
+# Keys of a section written at the top level: said where they go, not "expected one of …".
+_BELONGS_UNDER = {
+    "rules": "authority",
+    "default": "authority",
+    "default_max_output_tokens": "meter",
+    "max_output_tokens": "meter",
+    "fallback_price": "meter",
+    "safety_factor": "meter",
+    "ttl": "holds",
+    "lease": "holds",
+    "bodies": "record",
+    "max_body_bytes": "record",
+    "max_request_bytes": "limits",
+}
 
 
 def _closest(word: str, options: tuple[str, ...]) -> str | None:
-    import difflib
-
     found = difflib.get_close_matches(word, options, n=1, cutoff=0.75)
     return found[0] if found else None
 
@@ -347,6 +423,25 @@ def _check_document(check: _Checker, doc: Any, file: str) -> _Partial:
 
 
 SOURCE_KINDS = ("header", "proxy_user", "proxy_password", "client_ip", "value", "idle_split")
+# recording.SECRET_WORDS (the names replay and the run's history redact) less the words that
+# also name people and runs (X-Auth-Request-User from oauth2-proxy, X-Session-Id); `key` and
+# `token` count as the last word of a name (X-Auth-Token, Ocp-Apim-Subscription-Key).
+_NOT_ALONE = frozenset(
+    {"auth", "key", "otp", "pass", "private", "session", "sessionid", "sig", "signature", "token"}
+)
+
+
+def credential_header(name: str) -> bool:
+    """Whether a header named so carries a credential (an API key, a cookie, a bearer token)."""
+    from ..recording import SECRET_WORDS  # not at import time: recording imports this package
+
+    lowered = name.lower()
+    if lowered in CREDENTIAL_HEADERS:
+        return True
+    words = [word for word in re.split(r"[^a-z0-9]+", lowered) if word]
+    return any(word in SECRET_WORDS - _NOT_ALONE for word in words) or (
+        bool(words) and words[-1] in ("key", "token")
+    )
 
 
 def _identity(check: _Checker, identity: LMap) -> dict[str, tuple[Source, ...]]:
@@ -374,7 +469,15 @@ def _identity(check: _Checker, identity: LMap) -> dict[str, tuple[Source, ...]]:
             if kind == "header":
                 name = check.text(item, kind, "header")
                 if name is not None and not _HEADER.match(name):
-                    check.error(item, kind, f"'{name}' is not a valid header name")
+                    check.error(item, kind, f"'{_clip(name)}' is not a valid header name")
+                elif name is not None and credential_header(name):
+                    check.error(
+                        item,
+                        kind,
+                        f"identity.{level}: header '{name}' carries a credential, and an identity "
+                        "value is kept in scope paths (the ledger, reports, 403 bodies); name the "
+                        "caller with an X-Drawdown-* header, proxy_user or a value",
+                    )
                 elif name is not None:
                     sources.append(Source("header", name))
             elif kind in ("proxy_user", "proxy_password", "client_ip"):
@@ -432,7 +535,18 @@ def _action(check: _Checker, actions: LList, index: int) -> Action | None:
             check.tool_prefixes.add(f"{kind}.")
     match = _match(check, item) if "match" in item else None
     cost = None
-    cost_map = check.mapping(item, "cost", "cost") if "cost" in item else None
+    cost_map = None
+    if "cost" in item and _amount_like(item["cost"]):  # `cost: 0.002`: say how to write it
+        shown = _clip(str(item["cost"]))
+        check.error(
+            item,
+            "cost",
+            f"cost is a mapping {{usd: AMOUNT}}, not {_kind(item['cost'])} "
+            f"(write cost: {{usd: {shown}}})",
+        )
+        ok = False
+    elif "cost" in item:
+        cost_map = check.mapping(item, "cost", "cost")
     if cost_map is not None and check.keys(cost_map, ("usd",), "cost", required=("usd",)):
         cost = check.usd(cost_map, "usd", "cost.usd")
     if "cost" in item and provider in ("openai", "anthropic", "gemini", "bedrock"):
@@ -441,6 +555,9 @@ def _action(check: _Checker, actions: LList, index: int) -> Action | None:
         )
         ok = False
     cost_header = check.text(item, "cost_header", "cost_header") if "cost_header" in item else None
+    if cost_header is not None and not _HEADER.match(cost_header):
+        check.error(item, "cost_header", f"'{_clip(cost_header)}' is not a valid header name")
+        ok = False
     cost_json = check.text(item, "cost_json", "cost_json") if "cost_json" in item else None
     if cost_json is not None and ("" in cost_json.split(".") or "*" in cost_json.split(".")):
         # Read as a key named "" (or a list of values): no response would ever carry the cost.
@@ -525,6 +642,10 @@ def _match(check: _Checker, action: LMap) -> ActionMatch | None:
     methods: list[str] = []
     if "method" in spec and (texts := check.strings(spec, "method", "match.method")) is not None:
         methods = [m.upper() for m in texts]
+        for text in texts:
+            if (problem := _method_problem(text)) is not None:
+                check.error(spec, "method", problem)
+                ok = False
     path = None
     if "path" in spec and (text := check.text(spec, "path", "match.path")) is not None:
         try:
@@ -548,12 +669,54 @@ def _match(check: _Checker, action: LMap) -> ActionMatch | None:
     return ActionMatch(hosts=tuple(hosts), methods=tuple(methods), path=path, tests=tuple(tests))
 
 
+def _amount_like(value: Any) -> bool:
+    return (isinstance(value, int | Decimal) and not isinstance(value, bool)) or (
+        isinstance(value, str) and bool(value.strip())
+    )
+
+
+_COMMON_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS")
+
+
+def _method_problem(text: str) -> str | None:
+    """Why `method: TEXT` matches no request (None if it is an HTTP method)."""
+    if text.upper() in HTTP_METHODS:
+        return None
+    parts = [part for part in re.split(r"[\s,;|/]+", text) if part]
+    if len(parts) > 1 and all(part.upper() in HTTP_METHODS for part in parts):
+        listed = ", ".join(part.upper() for part in parts)
+        return f"'{_clip(text)}' is several methods in one text: list them as method: [{listed}]"
+    if text.strip() in ("*", "ANY", "any", "ALL", "all"):
+        return f"'{text}' is not an HTTP method: leave 'method' out to match every method"
+    upper = text.upper()
+    hint = next((m for m in _COMMON_METHODS if sorted(m) == sorted(upper)), None) or next(
+        iter(difflib.get_close_matches(upper, HTTP_METHODS, n=1, cutoff=0.6)), None
+    )
+    return f"'{_clip(text)}' is not an HTTP method" + (
+        f" (did you mean '{hint}'?)"
+        if hint
+        else f" (expected one of {', '.join(_COMMON_METHODS)}…)"
+    )
+
+
 def conditions_of(check: _Checker, conditions: LMap, prefix: str) -> list[FieldTest] | None:
     """`{amount: {gt: 5}, "metadata.tier": gold}` under `json`/`query`/`header` (or top-level fields)."""
     tests: list[FieldTest] = []
     ok = True
+    if not conditions:  # `json: {}` names no field: a `when` would hold for every request
+        check.error(
+            conditions,
+            None,
+            f"{prefix}: {{}} holds no condition: name a field ({prefix}: {{NAME: CONDITION}}) "
+            f"or leave '{prefix}' out",
+        )
+        return None
     for name, spec in conditions.items():
         field = f"{prefix}.{name.lower() if prefix == 'header' else name}" if prefix else name
+        if prefix == "header" and not _HEADER.match(name):
+            check.error(conditions, name, f"'{_clip(name)}' is not a valid header name")
+            ok = False
+            continue
         try:
             tests.append(FieldTest(field, compile_condition(spec), line_of(conditions, name)))
         except ValueError as exc:
@@ -678,6 +841,10 @@ def _rule(check: _Checker, rules: LList, index: int) -> Rule | None:
     refused = False  # a `when:` or `requires:` was given but refused: its own error says why
     if "when" in item:
         conditions = check.mapping(item, "when", "when")
+        if conditions is not None and not conditions:
+            # An empty `when` would make a conditional allow an unconditional one.
+            check.error(item, "when", "when: {} holds no condition: give one, or leave 'when' out")
+            conditions = None
         found = _when(check, conditions) if conditions is not None else None
         refused = refused or found is None
         ok = ok and found is not None
@@ -742,6 +909,10 @@ def _when(check: _Checker, conditions: LMap) -> list[FieldTest] | None:
             found = conditions_of(check, spec, key)
         elif key == "model" or (key.split(".", 1)[0] in WHEN_PREFIXES and "." in key):
             found = None
+            if key.startswith("header.") and not _HEADER.match(key.removeprefix("header.")):
+                check.error(conditions, key, f"'{_clip(key)}' does not name a valid header")
+                ok = False
+                continue
             try:
                 found = [FieldTest(key, compile_condition(spec), line_of(conditions, key))]
             except ValueError as exc:
@@ -866,6 +1037,9 @@ def _meter(check: _Checker, meter: LMap) -> dict[str, Any]:
     ):
         pairs = []
         for pattern in caps:
+            if (problem := _cap_key_problem(pattern)) is not None:
+                check.error(caps, pattern, problem)
+                continue
             value = check.integer(caps, pattern, f"max_output_tokens['{pattern}']", 1)
             if value is not None:
                 pairs.append((pattern, value))
@@ -881,11 +1055,54 @@ def _meter(check: _Checker, meter: LMap) -> dict[str, Any]:
     ):
         values = {}
         for family in factors:
+            if family not in FAMILIES:
+                hint = _FAMILY_OF.get(family.lower()) or _closest(family, FAMILIES)
+                check.error(
+                    factors,
+                    family,
+                    f"unknown model family '{_clip(family)}' in safety_factor"
+                    + (
+                        f" (did you mean '{hint}'?)"
+                        if hint
+                        else f" (expected one of: {', '.join(FAMILIES)}; OpenAI models are "
+                        "counted with their own tokenizer)"
+                    ),
+                )
+                continue
             value = check.number(factors, family, f"safety_factor.{family}", Decimal(1))
             if value is not None:
                 values[family] = value
         result["safety_factors"] = values
     return result
+
+
+# The model families a safety factor applies to (meter.config.model_family); a key naming the
+# provider is said which family it means.
+FAMILIES = tuple(DEFAULT_SAFETY_FACTORS)
+_FAMILY_OF = {"anthropic": "claude", "google": "gemini", "gemma": "gemini", "vertex": "gemini"}
+
+
+def _cap_key_problem(pattern: str) -> str | None:
+    """Why a max_output_tokens key matches no request (None if it may): keys are globs over
+    `provider:model`, so the pattern must be able to begin with one of the LLM providers."""
+    start = re.split(r"[*?\[]", pattern, maxsplit=1)[0]
+    globbed = start != pattern
+    if any(
+        start.startswith(f"{p}:") or (globbed and f"{p}:".startswith(start)) for p in LLM_PROVIDERS
+    ):
+        return None
+    head, colon, rest = pattern.partition(":")
+    hint = _closest(head, LLM_PROVIDERS) if colon else None
+    if hint:
+        return (
+            f"max_output_tokens key '{_clip(pattern)}' names no provider "
+            f"(did you mean '{hint}:{_clip(rest)}'?)"
+        )
+    return (
+        f"max_output_tokens key '{_clip(pattern)}' matches no request: keys are PROVIDER:MODEL "
+        f"globs with PROVIDER one of {', '.join(LLM_PROVIDERS)} (e.g. 'anthropic:claude-opus-*', "
+        "'*:gpt-4o*')"
+    )
 
 
 def _price(check: _Checker, price: LMap, what: str) -> PricePerMillion | None:
@@ -1026,6 +1243,7 @@ def compile_policy(
             )
         seen[budget.key] = budget
     _check_kind_refs(check)
+    _check_unreachable(check, actions)
     _check_path_fields(check, actions, rules)
     named: dict[str, Rule] = {}
     for rule in rules:
@@ -1039,9 +1257,10 @@ def compile_policy(
 
     if check.problems:
         raise PolicyInvalid(sorted(check.problems, key=lambda p: (p.file, p.line)))
+    unknown_hosts, unknown_hosts_from = scalars.get("unknown_hosts", ("allow", ""))
     return Policy(
         mode=scalars.get("mode", ("enforce", ""))[0],
-        unknown_hosts=scalars.get("unknown_hosts", ("allow", ""))[0],
+        unknown_hosts=unknown_hosts,
         on_ledger_error=scalars.get("on_ledger_error", (None, ""))[0],
         identity=identity,
         actions=tuple(actions),
@@ -1054,7 +1273,101 @@ def compile_policy(
         limits=limits,
         files=tuple(file for file, _ in documents),
         digest=hashlib.sha256(b"\0".join(texts)).hexdigest(),
+        warnings=tuple(_warnings(unknown_hosts, unknown_hosts_from, actions)),
     )
+
+
+def _warnings(unknown_hosts: str, where: str, actions: list[Action]) -> list[Problem]:
+    """What a valid policy does that its author likely did not mean: `drawdown check` prints
+    these (the proxy logs the same when it loads the policy)."""
+    found = []
+    if unknown_hosts == "passthrough" and (hostless := hostless_action(actions)) is not None:
+        file, _, line = where.rpartition(":")
+        found.append(
+            Problem(
+                file,
+                int(line),
+                f"warning: unknown_hosts: passthrough has no effect: the action at "
+                f"{hostless.where} matches every host",
+            )
+        )
+    return found
+
+
+def covers(first: ActionMatch, later: ActionMatch) -> bool:
+    """Whether every request `later` matches, `first` matches too. Decided only where it is
+    certain, never guessed: `first` has no json/query/header conditions, its methods include
+    all of `later`'s, and its path and hosts each cover `later`'s (HostPattern.covers,
+    PathPattern.covers). False when unsure."""
+    if first.tests:
+        return False
+    if first.methods and not (later.methods and set(later.methods) <= set(first.methods)):
+        return False
+    if first.path is not None and not first.path.covers(later.path):
+        return False
+    if not first.hosts:
+        return True
+    if not later.hosts:
+        return any(h.covers(None) for h in first.hosts)
+    return all(any(h.covers(other) for h in first.hosts) for other in later.hosts)
+
+
+def _literal_path(path: PathPattern) -> bool:
+    return not path.names and not is_glob(path.text)
+
+
+def _check_unreachable(check: _Checker, actions: list[Action]) -> None:
+    """The first matching action names a request's kind (SPEC §3), so an action after one that
+    matches every request it would never matches: its kind is never metered, classified or
+    governed by the rules and budgets naming it. Run on the merged folder (files in name order).
+
+    Each action is compared only with the earlier ones that could cover it: one whose hosts are
+    all literal covers only an action whose first host is one of them, one with a literal path
+    only an action with that very path (PathPattern.covers); the rest are compared with every
+    later action. A policy of thousands of actions is checked in well under a second."""
+    anywhere: list[int] = []
+    by_host: dict[str, list[int]] = {}
+    by_path: dict[str, list[int]] = {}
+    budget = 300_000  # comparisons: past it (a contrived policy) the check stops, silent
+    for index, action in enumerate(actions):
+        match = action.match
+        candidates = list(anywhere)
+        if match.hosts:
+            candidates += by_host.get(match.hosts[0].glob, [])
+        if match.path is not None and _literal_path(match.path):
+            candidates += by_path.get(match.path.text, [])
+        budget -= len(candidates)
+        if budget < 0:
+            return
+        first = next(
+            (actions[i] for i in sorted(candidates) if covers(actions[i].match, match)), None
+        )
+        if not match.tests:  # an action with conditions never covers another: not indexed
+            if match.hosts and not any(is_glob(h.glob) for h in match.hosts):
+                for glob in {h.glob for h in match.hosts}:
+                    by_host.setdefault(glob, []).append(index)
+            elif match.path is not None and _literal_path(match.path):
+                by_path.setdefault(match.path.text, []).append(index)
+            else:
+                anywhere.append(index)
+        if first is None:
+            continue
+        if first.match == ActionMatch():
+            reach = "matches every request first"
+            fix = "put the catch-all last"
+        else:
+            reach = "matches every request this one would, first"
+            fix = "put the narrower action first"
+        if first.file != action.file:
+            fix += "; a folder's files are read in name order"
+        check.problems.append(
+            Problem(
+                action.file,
+                action.line,
+                f"action '{action.kind}' can never match: the action '{first.kind}' at "
+                f"{first.where} {reach} (actions are tried in order: {fix})",
+            )
+        )
 
 
 def _check_kind_refs(check: _Checker) -> None:

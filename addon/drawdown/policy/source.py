@@ -52,6 +52,22 @@ class LList(list):
     item_lines: list[int]
 
 
+class _Unreadable:
+    """A scalar that could not be read, already reported: the checks say nothing more of it."""
+
+    def __repr__(self) -> str:
+        return "unreadable"
+
+
+UNREADABLE = _Unreadable()
+ECHO_LIMIT = 40  # characters of a user's value quoted back in a message
+
+
+def clip(text: str) -> str:
+    """`text` cut to ECHO_LIMIT characters: a 5,000-digit number is not quoted back whole."""
+    return text if len(text) <= ECHO_LIMIT else f"{text[: ECHO_LIMIT - 1]}…"
+
+
 def line_of(container: Any, key: str | int | None = None) -> int:
     """Line of `container[key]` (or of the container itself), 1-based; 0 if unknown."""
     if key is not None:
@@ -84,6 +100,23 @@ class _Loader(yaml.SafeLoader):
     _depth = 0
     aliases = False  # does the document use any? (to say why it holds so many values)
 
+    def forward(self, length: int = 1) -> None:
+        """PyYAML's Reader.forward, counting lines as editors do. YAML 1.1 also breaks lines
+        at U+0085, U+2028 and U+2029, which editors show inside a line: a policy holding one
+        had every later problem reported lines past its place, past the end of the file."""
+        if self.pointer + length + 1 >= len(self.buffer):
+            self.update(length + 1)
+        while length:
+            ch = self.buffer[self.pointer]
+            self.pointer += 1
+            self.index += 1
+            if ch == "\n" or (ch == "\r" and self.buffer[self.pointer] != "\n"):
+                self.line += 1
+                self.column = 0
+            elif ch != "\ufeff":
+                self.column += 1
+            length -= 1
+
     def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
         # PyYAML's composer recurses once a level: refuse past MAX_DEPTH at the line that goes
         # too deep, long before Python's recursion limit (3,000 levels was a RecursionError).
@@ -98,16 +131,35 @@ class _Loader(yaml.SafeLoader):
             self._depth -= 1
 
 
+_INT = "tag:yaml.org,2002:int"
+_FLOAT = "tag:yaml.org,2002:float"
 _Loader.yaml_implicit_resolvers = {
     first: [
         (tag, rx)
         for tag, rx in resolvers
-        if tag not in ("tag:yaml.org,2002:timestamp", "tag:yaml.org,2002:bool")
+        if tag not in ("tag:yaml.org,2002:timestamp", "tag:yaml.org,2002:bool", _INT, _FLOAT)
     ]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
 _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+# YAML 1.2 integers: 1.1's base-60 (`1:30` is 90) is gone. A leading zero (`010`: 8 in YAML 1.1,
+# 10 in 1.2) is read as an int here only to be refused in _construct as ambiguous.
+_Loader.add_implicit_resolver(
+    _INT,
+    re.compile(r"^(?:[-+]?[0-9][0-9_]*|[-+]?0x[0-9a-fA-F_]+|[-+]?0o[0-7_]+|[-+]?0b[01_]+)$"),
+    list("-+0123456789"),
+)
+_LEADING_ZERO = re.compile(r"^[-+]?0[0-9_]+$")
+# YAML 1.1 floats without the base-60 ones (`1:30.5`).
+_Loader.add_implicit_resolver(
+    _FLOAT,
+    re.compile(
+        r"^(?:[-+]?[0-9][0-9_]*\.[0-9_]*(?:[eE][-+][0-9]+)?|\.[0-9_]+(?:[eE][-+][0-9]+)?"
+        r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
+    ),
+    list("-+0123456789."),
 )
 # YAML 1.2 floats that 1.1 reads as text: an exponent without a dot or without a sign (1e-3,
 # 2.5e3). `usd: 1e-3` was refused as "not '1e-3'".
@@ -156,7 +208,23 @@ def _construct(
                     )
                 )
                 continue
-            key = _construct(key_node, file, problems, count, depth + 1)
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag in (
+                _INT,
+                _FLOAT,
+                "tag:yaml.org,2002:bool",
+            ):
+                # A key is text: keep it as written (`000` of `{usd: 1,000}`, `1e3`), not as
+                # the number it reads as.
+                read: list[Problem] = []
+                key = _construct(key_node, file, read, count, depth + 1)
+                if key is UNREADABLE and not _LEADING_ZERO.match(key_node.value):
+                    problems.extend(read)  # `!!int abc: …`
+                else:
+                    key = key_node.value
+            else:
+                key = _construct(key_node, file, problems, count, depth + 1)
+            if key is UNREADABLE:  # reported
+                continue
             if not isinstance(key, str | int | float | bool) or key is None:
                 problems.append(
                     Problem(file, key_node.start_mark.line + 1, "mapping keys must be plain text")
@@ -184,17 +252,34 @@ def _construct(
             result_list.item_lines.append(item.start_mark.line + 1)
         return result_list
     # Scalars: let the safe constructor resolve int/float/bool/null/str.
+    if node.tag == _INT and _LEADING_ZERO.match(node.value):
+        digits = node.value.replace("_", "")
+        problems.append(
+            Problem(
+                file,
+                node.start_mark.line + 1,
+                f"the number {clip(node.value)} has a leading zero, which YAML 1.1 reads as "
+                f"octal and YAML 1.2 as decimal: write {clip(str(int(digits, 10)))}, or "
+                f"quote it ('{clip(node.value)}') for text",
+            )
+        )
+        return UNREADABLE
     loader = _ScalarLoader.instance
     try:
         return _Loader.construct_object(loader, node, deep=True)  # type: ignore[arg-type]
     except Exception:  # PyYAML's constructors raise anything on a bad explicit tag:
         # `=`, `!tag x`, `!!int abc`, `!!int ''`, `!!timestamp x`: a value no policy key takes
+        # (and a number of more than 4,300 digits, past what Python converts).
+        tag = node.tag.replace("tag:yaml.org,2002:", "!!")
+        size = f" ({len(node.value):,} characters)" if len(node.value) > ECHO_LIMIT else ""
         problems.append(
             Problem(
-                file, node.start_mark.line + 1, f"cannot read the value {node.value!r} ({node.tag})"
+                file,
+                node.start_mark.line + 1,
+                f"cannot read the value {clip(node.value)!r}{size} as {tag}",
             )
         )
-        return None
+        return UNREADABLE
     finally:  # the shared loader caches every node it built: forget them (hot reloads add up)
         loader.constructed_objects.pop(node, None)
         loader.recursive_objects.pop(node, None)
@@ -209,17 +294,16 @@ class _ScalarLoader:
 def parse_yaml(text: str, file: str) -> tuple[Any, list[Problem]]:
     """Parse one YAML document into LMap/LList/scalars; syntax errors become Problems."""
     problems: list[Problem] = []
+    opened: list[Any] = []  # the parser's marks of the collections open where it stops
     try:
         loader = _Loader(text)
+        opened = loader.marks
         try:
             node = loader.get_single_node()
         finally:
             loader.dispose()
     except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        line = mark.line + 1 if mark else 1
-        what = exc.problem or "invalid YAML"
-        return None, [Problem(file, line, f"YAML syntax error: {what}")]
+        return None, [_syntax_error(exc, file, opened)]
     except yaml.reader.ReaderError as exc:  # a control character: place it by its position
         line = text.count("\n", 0, exc.position) + 1
         return None, [
@@ -242,16 +326,60 @@ def parse_yaml(text: str, file: str) -> tuple[Any, list[Problem]]:
         return None, [Problem(file, exc.problem_line, message)]
 
 
+def _opener(mark: Any) -> str:
+    """The character at `mark` ('{', '[', a quote…), or '' if unknown."""
+    buffer = getattr(mark, "buffer", None)
+    return buffer[mark.pointer] if buffer is not None and mark.pointer < len(buffer) else ""
+
+
+def _syntax_error(exc: yaml.MarkedYAMLError, file: str, opened: list[Any]) -> Problem:
+    """PyYAML's error, at the line to fix. It notices an unclosed `{`, `[` or quote, or a key
+    without its ':', only where the next construct begins, often lines later: the line that
+    opened it is named, with where the parser stopped."""
+    mark = exc.problem_mark or exc.context_mark
+    line = mark.line + 1 if mark else 1
+    problem = exc.problem or "invalid YAML"
+    context = exc.context or ""
+    start, what = None, ""
+    if context.startswith("while parsing a flow"):
+        # The innermost flow collection still open (a "flow node" context marks the node).
+        start = next((m for m in reversed(opened) if _opener(m) in ("{", "[")), exc.context_mark)
+        what = {"{": "unclosed flow mapping '{'", "[": "unclosed flow sequence '['"}.get(
+            _opener(start), "unclosed flow collection"
+        )
+    elif context == "while scanning a quoted scalar":
+        start = exc.context_mark
+        what = f"unclosed quoted text (its {_opener(start)} is never closed)"
+    elif context == "while scanning a simple key":
+        start, what = exc.context_mark, "a line with neither 'key: value' nor '- item'"
+    if start is not None and start.line + 1 != line:
+        return Problem(file, start.line + 1, f"YAML syntax error: {what}: {problem} at line {line}")
+    if problem.startswith("expected <block end>"):
+        problem = (
+            f"this line is probably mis-indented: it lines up with no key or item above it "
+            f"({problem})"
+        )
+    elif problem == "mapping values are not allowed here":
+        problem += " (a value holding ': ' must be quoted, or this line is mis-indented)"
+    elif "cannot start any token" in problem and "\\t" in problem:
+        problem += " (indent with spaces, not tabs)"
+    elif problem == "but found another document":
+        problem = "a policy file holds one YAML document, and a second one starts here"
+    return Problem(file, line, f"YAML syntax error: {problem}")
+
+
 def policy_files(path: Path) -> list[Path]:
     """A policy is one YAML file or every *.yaml / *.yml in a folder, in name order (hidden
-    files left out: editors keep their own copies beside the one being edited). A broken link
+    files left out: editors keep their own copies beside the one being edited). The extension's
+    case does not matter: a `BUDGETS.YAML` left out would silently take its budgets with it,
+    and this listing is also what the running proxy watches for edits. A broken link
     or a folder by such a name is listed too, to be reported: skipped, its budgets would
     silently be gone. Raises OSError when the folder cannot be listed."""
     if path.is_dir():
         return sorted(
             p
             for p in path.iterdir()
-            if p.suffix in (".yaml", ".yml") and not p.name.startswith(".")
+            if p.suffix.lower() in (".yaml", ".yml") and not p.name.startswith(".")
         )
     return [path]
 
