@@ -262,9 +262,10 @@ def guards_for(policy: Policy, kinds: str | Sequence[str]) -> Guards | None:
 
 def allow_hosts_regex(pattern: Any) -> str:
     """An action's host pattern as mitmproxy matches allow_hosts: a regex searched in "host:port"."""
-    host = pattern.text.rsplit(":", 1)[0] if pattern.port is not None else pattern.text
+    # The host part as compiled (an IPv6 address without its brackets): stripping brackets off
+    # the text broke a glob class at either end, `[ab]pi.example.com`.
     port = str(pattern.port) if pattern.port is not None else r"\d+"
-    return f"^{glob_regex(host.strip('[]').lower())}:{port}$"
+    return f"^{glob_regex(pattern.glob)}:{port}$"
 
 
 def _log_denial(

@@ -46,3 +46,19 @@ def test_other_durations_still_refuse_zero(configured, name: str) -> None:
     addon, tctx = configured
     with pytest.raises(exceptions.OptionsError, match=f"{name} must be a number of seconds"):
         tctx.configure(addon, **{name: "0"})
+
+
+def test_passthrough_allow_hosts_keep_a_glob_class_and_an_ipv6_host_bare() -> None:
+    """unknown_hosts: passthrough hands mitmproxy a regex per action host, searched in
+    "host:port". Brackets were stripped off the pattern's text, which broke a glob class at
+    either end of it; an IPv6 host is matched without its brackets, as requests carry it."""
+    import re
+
+    from drawdown.addon import allow_hosts_regex
+    from drawdown.policy.match import compile_host
+
+    api = re.compile(allow_hosts_regex(compile_host("[ab]pi.example.com")))
+    assert api.search("api.example.com:443") and api.search("bpi.example.com:8443")
+    assert not api.search("cpi.example.com:443")
+    local = re.compile(allow_hosts_regex(compile_host("[::1]:8443")))
+    assert local.search("::1:8443") and not local.search("::1:443")
