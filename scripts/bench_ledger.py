@@ -113,6 +113,8 @@ def claims_for(n: int) -> tuple[DecisionRow, list[Claim]]:
         fingerprint=uuid.uuid4().hex,  # a hash of the action and body: 32 hex digits, distinct
         policy_digest="3f9a6c1e0b7d2a54",
         port=443,
+        body_bytes=4_310,  # the bench's ~1,000-token chat completion
+        metering="5c2f0e9a41b7:8d03e6f2a9c4",  # recording.metering_digest's shape
     )
     big = 10**18  # the benchmark measures throughput, not denials
     return row, [
