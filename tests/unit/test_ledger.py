@@ -1534,6 +1534,17 @@ def test_a_run_fan_out_refused_that_goes_on_calling_is_not_read_on_each_reserve(
     ledger.close()
 
 
+def calls_of_known_runs(ledger: Any, fan: Guards, count: int) -> None:
+    """`count` reserves spread over three runs of workflow wf (tenant t), every one allowed."""
+    for run in ("a", "b", "c"):
+        calls = [
+            ("reserve", (guarded(uuid.uuid4().hex, f"tenant:t/workflow:wf/run:{run}", "wf"),
+                         [], Amount(requests=1), NOW + 900, fan))
+            for _ in range(count // 3)
+        ]  # fmt: skip
+        assert {o.decision for o in ledger.run_batch(calls)} == {"allow"}
+
+
 def test_a_new_run_counts_its_workflows_runs_without_reading_their_rows(tmp_path: Path) -> None:
     """fan_out counts a workflow's runs when a new run starts in it. Walked one index seek a
     run, that does not grow with the rows the runs have: a DISTINCT over them read every one
@@ -1547,21 +1558,14 @@ def test_a_new_run_counts_its_workflows_runs_without_reading_their_rows(tmp_path
         r.tenant = tenant
         return ledger.reserve(r, [], Amount(requests=1), NOW + 900, fan)
 
-    def calls_of_known_runs(count: int) -> None:
-        for run in ("a", "b", "c"):
-            calls = [
-                ("reserve", (guarded(uuid.uuid4().hex, f"tenant:t/workflow:wf/run:{run}", "wf"),
-                             [], Amount(requests=1), NOW + 900, fan))
-                for _ in range(count // 3)
-            ]  # fmt: skip
-            assert {o.decision for o in ledger.run_batch(calls)} == {"allow"}
-
     def steps_of_a_new_runs_reserve() -> int:
         outcome, steps = sqlite_work(ledger, lambda: reserve(f"new{next(fresh)}", "other"))
         assert outcome.decision == "allow"  # another tenant's: its own count
         return steps
 
-    assert_level_as_refusals_grow(calls_of_known_runs, steps_of_a_new_runs_reserve)
+    assert_level_as_refusals_grow(
+        lambda count: calls_of_known_runs(ledger, fan, count), steps_of_a_new_runs_reserve
+    )
     # The walk counts a tenant's runs only, up to the limit: three known and one new run
     # pass, the fifth is refused; another tenant's runs under the same workflow do not count.
     assert reserve("d").decision == "allow"
@@ -1594,15 +1598,6 @@ def test_a_new_run_counts_its_workflows_runs_without_reading_their_rows_on_postg
     backend = LedgerBackend("postgres", pg_url)
     fan = Guards(max_runs_per_workflow=4)
 
-    def calls_of_known_runs(count: int) -> None:
-        for run in ("a", "b", "c"):
-            calls = [
-                ("reserve", (guarded(uuid.uuid4().hex, f"tenant:t/workflow:wf/run:{run}", "wf"),
-                             [], Amount(requests=1), NOW + 900, fan))
-                for _ in range(count // 3)
-            ]  # fmt: skip
-            assert {o.decision for o in ledger.run_batch(calls)} == {"allow"}
-
     def rows_a_count_of_runs_reads() -> int:
         backend.execute("ANALYZE decisions")  # the plan a ledger of this size gets
         ((plan,),) = backend.rows(
@@ -1614,9 +1609,9 @@ def test_a_new_run_counts_its_workflows_runs_without_reading_their_rows_on_postg
         ]
         return _tuples_read(plan[0]["Plan"])
 
-    calls_of_known_runs(200)
+    calls_of_known_runs(ledger, fan, 200)
     after_200 = rows_a_count_of_runs_reads()
-    calls_of_known_runs(4000)
+    calls_of_known_runs(ledger, fan, 4000)
     after_4200 = rows_a_count_of_runs_reads()
     # Two walks of three runs each: a seek for each run and one past the last, each reading
     # one row. Counting every row would read 4,200 twice.
