@@ -39,7 +39,7 @@ from . import meter, recording
 from .affinity import WriterPlacement
 from .authority import evaluate, facts_of
 from .budgets import claims_for
-from .classify import Classification, RequestView, classify, unmatched
+from .classify import Classification, RequestView, classify, normalize_path, unmatched
 from .identity import Caller, Identity, IdleRuns, header_map, identify, identity_headers
 from .ledger import open_ledger
 from .ledger.api import (
@@ -236,7 +236,7 @@ def fingerprint(kind: str, view: RequestView, classification: Classification) ->
 def _logged_path(flow: http.HTTPFlow, classification: Classification | None = None) -> str:
     """The request's path as the ledger and the log may show it (credentials redacted)."""
     action = classification.action if classification else None
-    path = flow.request.path.split("?", 1)[0]
+    path = normalize_path(flow.request.path.split("?", 1)[0])
     return recording.redact_path(path, action.match.path if action else None)
 
 
@@ -1096,7 +1096,8 @@ class Drawdown:
             scheme=flow.request.scheme,
             host=flow.request.host,
             port=flow.request.port,
-            path=flow.request.path.split("?", 1)[0],
+            # As every server reads it (classify.normalize_path): the upstream gets it as sent.
+            path=normalize_path(flow.request.path.split("?", 1)[0]),
             # Parsing an absent query string still builds a MultiDictView: skip it.
             query=dict(flow.request.query.items()) if "?" in flow.request.path else {},
             headers=flow.request.headers,
@@ -1138,6 +1139,10 @@ class Drawdown:
         for name, value in recording.features(policy, view, classification).items():
             setattr(row, name, value)
 
+        if classification.path_error is not None and await self._deny_before_budgets(
+            flow, state, "bad_request", f"drawdown: {classification.path_error}"
+        ):
+            return  # (shadow: recorded as would_deny, and decided on as sent)
         if action is None:
             # No guard applies to a host no action names, but replay needs the fingerprint to
             # re-decide its calls under a policy that names it (a loop among them).

@@ -7,12 +7,44 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, unquote
 
+from .meter import charging
 from .policy.match import dig, holds, missing
 from .policy.model import Action, ActionMatch, FieldTest, Policy
 
 _UNPARSED = object()
+
+# RFC 3986 §2.3: a %-escape of an unreserved character is the character itself, to every server.
+_UNRESERVED_ESCAPE = re.compile(
+    r"%(4[1-9A-Fa-f]|5[0-9Aa]|6[1-9A-Fa-f]|7[0-9Aa]|3[0-9]|2[DdEe]|5[Ff]|7[Ee])"
+)
+
+
+def normalize_path(path: str) -> str:
+    """The path as every server reads it: %-escapes of letters, digits and `-._~` decoded
+    (`/docs/%6Dcp` is `/docs/mcp`). Matched raw, such a path missed the action naming it, and
+    its tool calls ran under no rule at all."""
+    if "%" not in path:
+        return path
+    return _UNRESERVED_ESCAPE.sub(lambda m: chr(int(m.group(1), 16)), path)
+
+
+def _resolved(path: str) -> str | None:
+    """The path as many servers route it, when that differs: every %-escape decoded (`%2F` a
+    `/`) and dot segments removed (RFC 3986 §5.2.4). None when it reads the same."""
+    if "%" not in path and "/." not in path:
+        return None
+    segments: list[str] = []
+    for segment in unquote(path).split("/")[1:]:
+        if segment == "..":
+            if segments:
+                segments.pop()
+        elif segment != ".":
+            segments.append(segment)
+    trailing = path.endswith(("/.", "/..")) and bool(segments)
+    resolved = "/" + "/".join(segments) + ("/" if trailing else "")
+    return None if resolved == path else resolved
 
 
 def _parse_body(body: bytes, content_type: str) -> Any:
@@ -106,6 +138,9 @@ class Classification:
     mcp_batch: bool = False
     # An MCP POST that is no JSON-RPC message: (JSON-RPC error code, what is wrong with it).
     mcp_error: tuple[int, str] | None = None
+    # A path that reads as another action's (or none's) once its escapes and dot segments are
+    # resolved as many servers resolve them: refused, whichever way the upstream reads it.
+    path_error: str | None = None
 
     @property
     def kind(self) -> str | None:
@@ -195,6 +230,32 @@ def match_action(spec: ActionMatch, view: RequestView) -> dict[str, str] | None:
 
 
 def classify(policy: Policy, view: RequestView) -> Classification:
+    found = _first_match(policy, view)
+    resolved = _resolved(view.path)
+    if resolved is not None:
+        other = _first_match(policy, replace(view, path=resolved, path_params={}))
+        action = found.action
+        if (
+            other.action is not action
+            or other.kind != found.kind
+            or (action is not None and action.is_llm and _metered(action, view.method, view.path)
+                != _metered(action, view.method, resolved))
+        ):  # fmt: skip
+            return replace(
+                found,
+                path_error=f"the path {view.path} reads as {resolved} to a server that decodes "
+                "its escapes or dot segments, which this policy classifies otherwise; send "
+                "the path as the upstream should read it",
+            )
+    return found
+
+
+def _metered(action: Action, method: str, path: str) -> str:
+    """How the meter charges an LLM action's call to `path` (a %2F can hide an endpoint)."""
+    return charging(action.provider or "", method, path)
+
+
+def _first_match(policy: Policy, view: RequestView) -> Classification:
     for action in policy.actions:
         params = match_action(action.match, view)
         if params is not None:

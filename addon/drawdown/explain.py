@@ -12,7 +12,7 @@ from urllib.parse import parse_qsl, urlsplit
 from . import meter
 from .authority import evaluate
 from .budgets import claims_for
-from .classify import RequestView, classify
+from .classify import RequestView, classify, normalize_path
 from .identity import Caller, IdleRuns, identify
 from .ledger.api import Amount, DecisionRow, Guards, agents_own, deciding_order, failed_attempt
 from .ledger.plan import Counts
@@ -77,7 +77,7 @@ def explain(
         scheme=parts.scheme,
         host=host,
         port=port,
-        path=parts.path or "/",
+        path=normalize_path(parts.path or "/"),
         query=dict(parse_qsl(parts.query)),
         headers=header_map,
         body=body,
@@ -113,6 +113,11 @@ def explain(
 
     classification = classify(policy, view)
     action = classification.action
+    if classification.path_error is not None:
+        out.add("path", classification.path_error)
+        out.decision = "would_deny" if policy.mode == "shadow" else "deny"
+        out.reason = "bad_request (400)"
+        return out
     if action is None:
         out.add(
             "action",

@@ -376,6 +376,10 @@ def _decide(sim: Simulation, row: dict[str, Any]) -> Replayed:
         return out
 
     kind = classification.kind
+    if classification.path_error is not None:
+        deny("bad_request", classification.path_error, None)
+        if out.decision == "deny":
+            return finish([], Amount(), None)
     if action is None:
         if policy.unknown_hosts == "deny":
             deny(

@@ -103,3 +103,32 @@ def test_windows() -> None:
     assert (start, end) == (1_709_251_200, 1_709_251_200 + 31 * 86400)
     feb = window("month", 1_706_745_600.0 + 5)  # 2024-02-01 (leap year)
     assert feb[1] - feb[0] == 29 * 86400
+
+
+def test_escaped_paths_read_as_servers_read_them() -> None:
+    """%-escapes of letters, digits and -._~ mean the characters themselves to every server
+    (RFC 3986 §2.3); %2F, other escapes and dot segments are left for the ambiguity check."""
+    from drawdown.classify import normalize_path
+
+    assert normalize_path("/docs/%6Dcp") == "/docs/mcp"
+    assert normalize_path("/customers/%63%2d7%7E") == "/customers/c-7~"
+    assert normalize_path("/v1%2Frefunds/%25/%20") == "/v1%2Frefunds/%25/%20"
+    assert normalize_path("/x/%2e%2e/admin") == "/x/../admin"  # then refused if it changes
+
+
+def test_a_path_another_action_would_read_is_refused_not_guessed(tmp_path: Path) -> None:
+    (tmp_path / "p.yaml").write_text(POLICY)
+    p = load_policy(tmp_path / "p.yaml")
+    refund = {"amount": 100}
+    assert classify(p, view("POST", "api.stripe.com", "/v1/refunds", refund)).path_error is None
+    for path in ("/v1%2Frefunds", "/v1/refunds/x/..", "/v1/./x/../refunds"):
+        found = classify(p, view("POST", "api.stripe.com", path, refund))
+        assert found.path_error is not None and "/v1/refunds" in found.path_error, path
+    # Decoded or not, a path that stays the same action's is no problem (a%2Fb would not:
+    # two segments to a decoding server, which no action here names)...
+    same = classify(p, view("GET", "crm.example.com", "/api/customers/c%207"))
+    assert same.path_error is None and same.kind == "crm.read"
+    # ...but an LLM endpoint hidden behind a %2F (host-only action: same kind) is: the
+    # meter would not know it for chat completions, and the call would go unmetered.
+    hidden = classify(p, view("POST", "api.openai.com", "/v1/chat%2Fcompletions", {}))
+    assert hidden.action is not None and hidden.path_error is not None

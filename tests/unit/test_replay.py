@@ -776,3 +776,23 @@ def test_a_host_no_action_named_is_guarded_in_replay_once_the_new_policy_names_i
         429,
         "anomalies.loop",
     )
+
+
+def test_a_path_written_with_escapes_is_decided_as_the_server_reads_it(tmp_path: Path) -> None:
+    """Matched raw, `/v1/%72efunds` missed the refund action (every server reads it as
+    /v1/refunds) and went through as an unknown host's call: a denied action ran. It is now
+    read decoded; a `%2F` or a dot segment that would make it another action's path to a
+    server that resolves them is refused (400), whichever way the upstream would read it.
+    Replay decides the recorded requests the same way."""
+    text = ACTIONS + AGENT + 'authority:\n  rules:\n    - {scope: "*", deny: [refund.issue]}\n'
+    refunds = [
+        ("POST", f"api.stripe.com{path}", REFUND)
+        for path in ("/v1/refunds", "/v1/%72efunds", "/v1%2Frefunds", "/v1/x/../refunds")
+    ]
+    looked_up = ("GET", "crm.example.com/customers/%63-7", b"")  # /customers/c-7: same action
+    db, statuses = record(tmp_path, text, [*refunds, looked_up])
+    assert statuses == [403, 403, 400, 400, 200]
+    data = replay.replay(policy(tmp_path, text, "same.yaml"), str(db))
+    assert data["changed"] == 0, data["blocked"]
+    reasons = [b["reason"] for b in data["blocked"]]
+    assert "the path /v1%2Frefunds reads as /v1/refunds to a server that decodes" in reasons[2]
