@@ -425,21 +425,35 @@ class McpEventScanner:
         return self.answered and not self.failed
 
 
-def _jsonrpc_error(state: FlowState, response: http.Response) -> bool:
+def _mcp_calls(state: FlowState) -> bool:
+    """The request holds an MCP call (not only a session's housekeeping)."""
+    classification = state.classification
+    return bool(classification and classification.mcp and not classification.mcp_housekeeping)
+
+
+def _failed_json_answer(content: bytes) -> bool:
+    try:
+        document = json.loads(content or b"null")
+    except (ValueError, RecursionError):  # RecursionError: nested too deeply to parse
+        return True
+    items = document if isinstance(document, list) else [document]
+    return any(_failed_answer(item) for item in items)
+
+
+async def _mcp_call_failed(state: FlowState, response: http.Response) -> bool:
     """An MCP call answered 200 with a JSON-RPC error, or a tool result marked `isError`, did
-    not succeed (no fact for `requires`), whether answered as JSON or as an event stream."""
-    if not state.classification or not state.classification.mcp:
+    not succeed (no fact for `requires`; noted for replay's), whether answered as JSON or as
+    an event stream. A big JSON answer is parsed off the event loop."""
+    if not _mcp_calls(state):
         return False
     if state.mcp_events is not None:
         return not state.mcp_events.succeeded
     if not response.headers.get("content-type", "").startswith("application/json"):
         return False
-    try:
-        document = json.loads(response.get_content(strict=False) or b"null")
-    except (ValueError, RecursionError):  # RecursionError: nested too deeply to parse
-        return True
-    items = document if isinstance(document, list) else [document]
-    return any(_failed_answer(item) for item in items)
+    content = response.get_content(strict=False) or b""
+    if len(content) > INLINE_TOKENIZE_BYTES:
+        return await asyncio.to_thread(_failed_json_answer, content)
+    return _failed_json_answer(content)
 
 
 def _basic_credentials(value: str) -> tuple[str, str] | None:
@@ -1189,7 +1203,7 @@ class Drawdown:
         free = state.llm is not None and not state.llm.billable and not state.llm.step
         # A Gemini batch read until it is done (its results come with it): polling is no loop.
         polled = state.llm is not None and meter.polled_until_done(state.llm)
-        if not free and not polled:
+        if not free and not polled and not classification.mcp_housekeeping:
             # Before authority: a call denied again and again is a loop too, and replay
             # needs the fingerprint to re-decide it under a policy that would allow it.
             row.fingerprint = await self._fingerprint(kind, view, classification)
@@ -1489,9 +1503,9 @@ class Drawdown:
             if is_stream:
                 response.stream = True  # never buffer an event stream
             return
-        if is_sse and state.facts and state.classification and state.classification.mcp:
-            # A call a later `requires` may name: its facts count only if it succeeded, which
-            # the JSON-RPC response in the stream tells.
+        if is_sse and _mcp_calls(state):
+            # An MCP call: its facts count for a later `requires` (now, or replayed) only if
+            # it succeeded, which the JSON-RPC response in the stream tells.
             scanner = state.mcp_events = McpEventScanner()
 
             def scan(data: bytes) -> bytes:
@@ -1620,7 +1634,10 @@ class Drawdown:
                     completion = replace(completion, batch=uploaded)
         else:
             completion = Completion(status=status)
-        if state.facts and 200 <= status < 300 and not _jsonrpc_error(state, response):
+        failed = 200 <= status < 300 and await _mcp_call_failed(state, response)
+        if failed:
+            completion = replace(completion, note=recording.MCP_CALL_FAILED)
+        if state.facts and 200 <= status < 300 and not failed:
             completion = replace(completion, facts=state.facts)
         if state.llm is not None and status < 300 and meter.batch_job(state.llm):
             completion = replace(completion, batch=self._batch_hold(state, response, measurement))

@@ -130,6 +130,10 @@ class McpMessage:
         return self.method is not None and self.id is not None
 
 
+# The MCP methods that do something an agent decides to do (the rest set a session up).
+MCP_CALLS = frozenset({"tools/call", "resources/read", "prompts/get", "completion/complete"})
+
+
 @dataclass(frozen=True)
 class Classification:
     action: Action | None  # None: no action matched (an unknown host, handled by `unknown_hosts`)
@@ -141,6 +145,15 @@ class Classification:
     # A path that reads as another action's (or none's) once its escapes and dot segments are
     # resolved as many servers resolve them: refused, whichever way the upstream reads it.
     path_error: str | None = None
+
+    @property
+    def mcp_housekeeping(self) -> bool:
+        """An MCP request that calls nothing: initialize, a listing, ping, a notification, the
+        server's event stream (GET) or the session's end (DELETE). Identical in every session
+        by nature, it is no loop: an agent opening its sixth session was refused as one."""
+        if self.action is None or self.action.provider != "mcp":
+            return False
+        return not any(m.method in MCP_CALLS for m in self.mcp)
 
     @property
     def kind(self) -> str | None:

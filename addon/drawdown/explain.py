@@ -295,7 +295,9 @@ def explain(
             tenant=identity.levels.get("tenant"),
             workflow=identity.levels.get("workflow"),
             action=kind,
-            fingerprint=fingerprint(kind, view, classification),
+            fingerprint=None
+            if classification.mcp_housekeeping
+            else fingerprint(kind, view, classification),
         )
         tripped = _guard_counts(db, row, guards).trip(row, guards)
         if tripped is not None:

@@ -172,6 +172,10 @@ def _redacted_dumps(value: Any, name: str = "") -> str | None:
         return None
 
 
+# The note of an MCP call answered 200 that did not succeed (addon: a JSON-RPC error, or a tool
+# result marked isError): replay's `requires` must not count it as a lookup made.
+MCP_CALL_FAILED = "the MCP call failed: a JSON-RPC error, or a tool result marked isError"
+
 # (policy digest, action kind, file, line) -> metering_digest: one policy's actions, by value.
 _metering: dict[tuple[str, str, str, int], str] = {}
 

@@ -61,7 +61,14 @@ from .meter.prices import url_provider
 from .money import format_usd, usd_float
 from .policy.match import LEVELS, missing
 from .policy.model import Policy
-from .recording import REDACTED, body_fields, metering_digest, omitted_fields, rebuild_json
+from .recording import (
+    MCP_CALL_FAILED,
+    REDACTED,
+    body_fields,
+    metering_digest,
+    omitted_fields,
+    rebuild_json,
+)
 from .report import iso_time
 from .respond import STATUS
 
@@ -69,6 +76,7 @@ _COLUMNS = (
     "d.id, d.request_id, d.ts, d.decision, d.reason_code, d.reason, d.scope, d.tenant, d.workflow, "
     "d.agent, d.run, d.action, d.provider, d.model, d.method, d.host, d.path, d.est_usd, "
     "d.est_tokens, d.actual_usd, d.tokens_in, d.tokens_out, d.status, d.fingerprint, d.completed_at, "
+    "d.note, "
     "h.state AS hold_state, h.est_requests, h.process_id AS hold_process, "
     "h.settled_at AS hold_settled_at, h.expires_at AS hold_expires_at"
 )
@@ -319,6 +327,7 @@ def _succeeded(row: dict[str, Any]) -> bool:
         (row.get("hold_state") in ("committed", "expired") or _kept(row))
         and status is not None
         and (200 <= int(status) < 300)
+        and row.get("note") != MCP_CALL_FAILED  # answered 200, yet the call failed
     )
 
 
@@ -426,7 +435,9 @@ def _decide(sim: Simulation, row: dict[str, Any]) -> Replayed:
 
     assert kind is not None
     # The proxy fingerprints a request before authority decides it: a denied repeat counts too.
-    fingerprint = row.get("fingerprint") if counted else None
+    fingerprint = (
+        row.get("fingerprint") if counted and not classification.mcp_housekeeping else None
+    )
     if policy.authority.rules or policy.authority.default == "deny":
         for each, seen in classification.authorizations(view):
             evaluation = evaluate(policy.authority, levels, scope, each, seen)

@@ -4,6 +4,9 @@ answering as event streams, its default) through a real `drawdown run`."""
 from __future__ import annotations
 
 import asyncio
+import json
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 
 import httpx2
@@ -118,4 +121,66 @@ def test_a_failed_mcp_lookup_does_not_meet_a_requirement(
     ]
     proxy.stop()
     assert_ledger_verifies(proxy.db_path)
+    assert "Traceback" not in proxy.log_text()
+    # Replayed under the same policy, the failed lookups unlock nothing either: replay took
+    # every 200 for a lookup made, and let two of the deletes through.
+    replayed = subprocess.run(
+        [sys.executable, "-m", "drawdown", "replay", "--policy", str(proxy.policy_path),
+         "--db", str(proxy.db_path), "--json"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert replayed.returncode == 0, replayed.stderr
+    data = json.loads(replayed.stdout)
+    assert data["changed"] == 0, data["blocked"]
+    assert [b["reason_code"] for b in data["blocked"]] == ["requires_unmet"] * 2
+
+
+LOOP_GUARDED = """
+version: 1
+identity:
+  agent: [{value: research}]
+  run: [{value: r1}]
+actions:
+  - {kind: mcp.docs, provider: mcp, match: {host: mcp.example.com, path: /docs/mcp}}
+anomalies:
+  loop: {repeats: 3, on_detect: deny}
+"""
+
+
+def test_sessions_opened_again_are_no_loop_and_a_repeated_call_is(
+    drawdown_proxy: Factory, standin: StandIn, docs: DocsMcpServer
+) -> None:
+    """Every session sends the same initialize, notifications, tools/list, event-stream GET
+    and closing DELETE: the loop guard took the fourth session's initialize for a loop and
+    refused it, before any tool was called. Only calls count as repeats."""
+    proxy = _proxy(drawdown_proxy, standin, docs, LOOP_GUARDED)
+
+    async def listed_and_read(page: str) -> object:
+        async def script(session: ClientSession) -> object:
+            await session.list_tools()
+            await session.list_tools()
+            return (await session.call_tool("get_page", {"page_id": page})).content[0].text
+
+        return await _session(proxy, script)
+
+    async def same_call_again(session: ClientSession) -> list[str]:
+        outcomes = []
+        for _ in range(4):
+            try:
+                await session.call_tool("get_page", {"page_id": "intro"})
+                outcomes.append("ok")
+            except MCPError as exc:
+                outcomes.append(exc.error.data["reason"])
+        return outcomes
+
+    async def week() -> tuple[list[object], object]:
+        pages = [await listed_and_read(f"p{n}") for n in range(6)]
+        return pages, await _session(proxy, same_call_again)
+
+    pages, repeated = asyncio.run(week())
+    assert len(pages) == 6 and all("Traceback" not in str(p) for p in pages), pages
+    assert repeated == ["ok", "ok", "ok", "anomaly"]
+    refused = proxy.query("SELECT action, reason_code FROM decisions WHERE decision = 'deny'")
+    assert refused == [("mcp.docs.get_page", "anomaly")]
+    proxy.stop()
     assert "Traceback" not in proxy.log_text()
