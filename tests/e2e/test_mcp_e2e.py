@@ -26,14 +26,19 @@ pytestmark = pytest.mark.e2e
 
 Factory = Callable[..., DrawdownProcess]
 
-# delete_page only for a page this run read: the guard against acting on a fabricated id.
-READ_BEFORE_DELETE = """
+# One agent's run r1, and the docs server's MCP endpoint as an action.
+DOCS = """
 version: 1
 identity:
   agent: [{value: research}]
   run: [{value: r1}]
 actions:
   - {kind: mcp.docs, provider: mcp, match: {host: mcp.example.com, path: /docs/mcp}}
+"""
+# delete_page only for a page this run read: the guard against acting on a fabricated id.
+READ_BEFORE_DELETE = (
+    DOCS
+    + """
 authority:
   default: allow
   rules:
@@ -42,6 +47,7 @@ authority:
 budgets:
   - {scope: "agent:*/run:*", usd: 1}
 """
+)
 
 
 @pytest.fixture
@@ -135,16 +141,7 @@ def test_a_failed_mcp_lookup_does_not_meet_a_requirement(
     assert [b["reason_code"] for b in data["blocked"]] == ["requires_unmet"] * 2
 
 
-LOOP_GUARDED = """
-version: 1
-identity:
-  agent: [{value: research}]
-  run: [{value: r1}]
-actions:
-  - {kind: mcp.docs, provider: mcp, match: {host: mcp.example.com, path: /docs/mcp}}
-anomalies:
-  loop: {repeats: 3, on_detect: deny}
-"""
+LOOP_GUARDED = DOCS + "anomalies:\n  loop: {repeats: 3, on_detect: deny}\n"
 
 
 def test_sessions_opened_again_are_no_loop_and_a_repeated_call_is(

@@ -637,16 +637,23 @@ def test_a_batch_hold_ends_at_its_window(backend: LedgerBackend, ledger: Any) ->
     assert (got["reserved_usd"], got["spent_usd"]) == (0, 250)
 
 
+def reopened_from(backend: LedgerBackend, version: int) -> Any:
+    """A ledger made as at `version` (its tables as the test left them), opened: a ledger
+    brought to SCHEMA_VERSION."""
+    backend.execute(f"UPDATE meta SET value = '{version}' WHERE key = 'schema_version'")
+    ledger = backend.open()
+    assert backend.scalar("SELECT value FROM meta WHERE key = 'schema_version'") == str(
+        SCHEMA_VERSION
+    )
+    return ledger
+
+
 def test_schema_v6_adds_the_batch_holds(backend: LedgerBackend) -> None:
     backend.open().close()
     backend.execute("DROP TABLE batch_holds")
     backend.execute("DROP TABLE batch_inputs")
-    backend.execute("UPDATE meta SET value = '5' WHERE key = 'schema_version'")
-    ledger = backend.open()
+    ledger = reopened_from(backend, 5)
     try:
-        assert backend.scalar("SELECT value FROM meta WHERE key = 'schema_version'") == str(
-            SCHEMA_VERSION
-        )
         kept = _submit_batch(ledger, "k", 500, [claim(usd=1000)])
         assert backend.rows("SELECT key, hold_id FROM batch_holds") == [("k", kept.hold_id)]
         assert ledger.batch_input("k") is None  # the input files' table is there too
@@ -661,12 +668,8 @@ def test_schema_v7_records_the_body_size_and_metering_for_replay(backend: Ledger
     backend.execute("ALTER TABLE decisions DROP COLUMN body_bytes")  # SQLite 3.35+
     backend.execute("ALTER TABLE decisions DROP COLUMN metering")
     backend.execute("INSERT INTO decisions (request_id, ts, decision) VALUES ('old', 1, 'allow')")
-    backend.execute("UPDATE meta SET value = '6' WHERE key = 'schema_version'")
-    ledger = backend.open()
+    ledger = reopened_from(backend, 6)
     try:
-        assert backend.scalar("SELECT value FROM meta WHERE key = 'schema_version'") == str(
-            SCHEMA_VERSION
-        )
         r = row("new")
         r.body_bytes, r.metering = 5_000, "abc123"
         ledger.reserve(r, [claim(requests=5)], Amount(requests=1), NOW + 900)
