@@ -248,9 +248,13 @@ def classify(policy: Policy, view: RequestView) -> Classification:
     if resolved is not None:
         other = _first_match(policy, replace(view, path=resolved, path_params={}))
         action = found.action
+        # Refused when the resolved path is one a path-naming action claims for itself (or
+        # another kind of call): read so, the request would escape it. Resolving to what no
+        # action names by path (a catch-all, none) is no escape, and GitLab's API takes a
+        # project as `group%2Fproject` in one segment, which servers like it never split.
+        claimed = other.action is not None and other.action.match.path is not None
         if (
-            other.action is not action
-            or other.kind != found.kind
+            (claimed and (other.action is not action or other.kind != found.kind))
             or (action is not None and action.is_llm and _metered(action, view.method, view.path)
                 != _metered(action, view.method, resolved))
         ):  # fmt: skip

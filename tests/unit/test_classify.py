@@ -124,11 +124,30 @@ def test_a_path_another_action_would_read_is_refused_not_guessed(tmp_path: Path)
     for path in ("/v1%2Frefunds", "/v1/refunds/x/..", "/v1/./x/../refunds"):
         found = classify(p, view("POST", "api.stripe.com", path, refund))
         assert found.path_error is not None and "/v1/refunds" in found.path_error, path
-    # Decoded or not, a path that stays the same action's is no problem (a%2Fb would not:
-    # two segments to a decoding server, which no action here names)...
-    same = classify(p, view("GET", "crm.example.com", "/api/customers/c%207"))
-    assert same.path_error is None and same.kind == "crm.read"
+    # Decoded or not, a path that stays the same action's is no problem, nor one whose
+    # resolved reading no action names by path (a%2Fb: two segments, no action's)...
+    for path in ("/api/customers/c%207", "/api/customers/a%2Fb"):
+        same = classify(p, view("GET", "crm.example.com", path))
+        assert same.path_error is None and same.kind == "crm.read", path
     # ...but an LLM endpoint hidden behind a %2F (host-only action: same kind) is: the
     # meter would not know it for chat completions, and the call would go unmetered.
     hidden = classify(p, view("POST", "api.openai.com", "/v1/chat%2Fcompletions", {}))
     assert hidden.action is not None and hidden.path_error is not None
+
+
+def test_an_escaped_slash_inside_a_segment_is_read_as_the_action_names_it(tmp_path: Path) -> None:
+    """GitLab's API names a project `group%2Fproject` in one segment and never splits it.
+    Resolved, the path names no action (only a catch-all takes it): no escape from the
+    action that names the raw path, so it is not refused."""
+    (tmp_path / "p.yaml").write_text(
+        "actions:\n"
+        "  - {kind: mr.create, match: {host: gitlab.example.com, method: POST,"
+        ' path: "/api/v4/projects/{project}/merge_requests"}}\n'
+        "  - {kind: other, match: {}}\n"
+    )
+    p = load_policy(tmp_path / "p.yaml")
+    found = classify(
+        p, view("POST", "gitlab.example.com", "/api/v4/projects/group%2Fapp/merge_requests")
+    )
+    assert found.path_error is None and found.kind == "mr.create"
+    assert found.path_params == {"project": "group%2Fapp"}
