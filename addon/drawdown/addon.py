@@ -62,6 +62,7 @@ from .meter.prices import url_provider
 from .money import MAX_AMOUNT, usd_to_nanos
 from .policy import Policy, PolicyInvalid, load_policy, policy_fingerprint
 from .policy.match import dig, glob_regex, missing
+from .policy.model import hostless_action
 from .realtime import RealtimeSession, error_event, named, parse_event
 from .respond import denial
 
@@ -765,11 +766,11 @@ class Drawdown:
         """`unknown_hosts: passthrough`: only the hosts actions name are decrypted (mitmproxy's allow_hosts)."""
         wanted: list[str] = []
         if policy.unknown_hosts == "passthrough":
-            hostless = [a for a in policy.actions if not a.match.hosts]
-            if hostless:
+            hostless = hostless_action(policy.actions)  # as `check` warns (Policy.warnings)
+            if hostless is not None:
                 log.warning(
                     "drawdown: unknown_hosts: passthrough has no effect: the action at %s matches every host",
-                    hostless[0].where,
+                    hostless.where,
                 )
             else:
                 wanted = sorted(
