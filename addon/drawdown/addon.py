@@ -1450,6 +1450,8 @@ class Drawdown:
         provider = (
             classification.action.provider if classification and classification.action else None
         )
+        if provider and state.view is not None:  # the SDK speaking (Gemini's OpenAI endpoint)
+            provider = meter.wire_format(provider, state.view.path)
         jsonrpc_ids: list[Any] = classification.jsonrpc_ids if classification else []
         made = denial(
             provider,

@@ -613,6 +613,81 @@ def test_gemini_sdk_generate_and_stream_commit_exactly(
     assert (free.status, free.usd, free.hold_usd, free.instance) == (200, 0, 0, None), free
 
 
+def _compat_chat(usage: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        "id": "chatcmpl-g",
+        "object": "chat.completion",
+        "created": 1,
+        "model": GEMINI,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": "ok"},
+                "finish_reason": "stop",
+            }
+        ],
+        "usage": usage,
+    }
+
+
+def test_geminis_openai_compatible_endpoint_is_charged_and_denied_as_openai(
+    drawdown_proxy: Factory, standin: StandIn
+) -> None:
+    """The openai SDK at Google's documented base URL hits the `provider: gemini` action: the
+    call is read as OpenAI's chat, charged genai-prices' google price of its usage (thinking
+    the endpoint counts apart from completion_tokens billed as output), and refused in the
+    shape the openai SDK reads. Before, every such call was a $0 step."""
+    path = "/v1beta/openai/chat/completions"
+    usage = {
+        "prompt_tokens": 1200,
+        "completion_tokens": 80,
+        "total_tokens": 1680,
+        "completion_tokens_details": {"reasoning_tokens": 400},
+    }
+    standin.script("POST", path, Reply(json=_compat_chat(usage)))
+    events = [
+        {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": GEMINI,
+         "choices": [{"index": 0, "delta": {"role": "assistant", "content": "ok"}}]},
+        {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": GEMINI,
+         "choices": [],
+         "usage": {"prompt_tokens": 900, "completion_tokens": 40, "total_tokens": 940}},
+    ]  # fmt: skip
+    sse = "".join(f"data: {json.dumps(e)}\n\n" for e in events) + "data: [DONE]\n\n"
+    standin.script("POST", path, Reply(body=sse, content_type="text/event-stream"))
+    broke = POLICY.replace("budgets:\n", 'budgets:\n  - {scope: "run:broke", usd: 0.000001}\n')
+    proxy = drawdown_proxy(broke)
+    base = "https://generativelanguage.googleapis.com/v1beta/openai/"
+    with proxy.openai_client(base) as client:
+        client.chat.completions.create(
+            model=GEMINI, messages=MESSAGES, extra_headers=run_header("compat")
+        )
+        assert_charged(
+            proxy,
+            "compat",
+            expected("gemini", {"promptTokenCount": 1200, "candidatesTokenCount": 480}, GEMINI),
+        )
+        chunks = list(
+            client.chat.completions.create(
+                model=GEMINI, messages=MESSAGES, stream=True, extra_headers=run_header("stream")
+            )
+        )
+        assert chunks and all(c.choices for c in chunks)  # the usage asked for is not shown
+        assert standin.last(path).json["stream_options"] == {"include_usage": True}
+        assert_charged(
+            proxy,
+            "stream",
+            expected("gemini", {"promptTokenCount": 900, "candidatesTokenCount": 40}, GEMINI),
+        )
+        with pytest.raises(openai.APIStatusError) as refused:
+            client.chat.completions.create(
+                model=GEMINI, messages=MESSAGES, extra_headers=run_header("broke")
+            )
+    # OpenAI's error shape (the SDK's `code` and `type`), not Google's (`code`: 402).
+    assert refused.value.status_code == 402
+    assert isinstance(refused.value.code, str) and refused.value.type, refused.value.body
+    assert standin.count(path) == 2
+
+
 # --- the recorded corpus ------------------------------------------------------------------
 
 

@@ -6,6 +6,9 @@ Pure Python (no mitmproxy, no network). The proxy uses only this facade:
 * measure_body(...) -> Measurement          a complete response body
 * open_stream_meter(...) -> StreamMeter     a streamed response: feed() / finish() / partial()
 * charging(provider, method, path, model)   "tokens", "step" or "free" (replay asks it)
+* wire_format(provider, path)              the format a request speaks: a gemini action's
+                                           OpenAI-compatible and Claude on Vertex paths are
+                                           read (and denied) as openai and anthropic
 * batch_submission(provider, method, path) a batch submitted: held at its estimate, $0 itself
 * polled_until_done(request)                a read repeated until a job is done (Gemini's
                                            batch): not fingerprinted, polling is no loop
@@ -66,6 +69,7 @@ from .api import (
     open_stream_meter,
     polled_until_done,
     unread_request,
+    wire_format,
 )
 from .batch_submit import BatchFileUploads, BatchInputs, uploaded_file_id
 from .batch_submit import estimate_from_json as batch_estimate_from_json
@@ -130,4 +134,5 @@ __all__ = [
     "unread_request",
     "uploaded_file_id",
     "warm_up",
+    "wire_format",
 ]

@@ -72,6 +72,28 @@ def _is_step(method: str, path: str, endpoint: str) -> bool:
     )
 
 
+# Paths of a Google host that speak another provider's format: Gemini's OpenAI-compatible
+# endpoint (AI Studio `/v1beta/openai/…`, Vertex `…/endpoints/openapi/…`) and Claude on Vertex
+# (`…/publishers/anthropic/models/…`). A `provider: gemini` action names the host, not the format.
+_GEMINI_AS_OPENAI = re.compile(r"/(?:openai|endpoints/openapi)/")
+_GEMINI_AS_ANTHROPIC = re.compile(r"/publishers/anthropic/models/")
+
+
+def wire_format(provider: str, path: str) -> str:
+    """The format a request to an action of `provider` speaks, by its path: a gemini action's
+    OpenAI-compatible path speaks "openai", its Claude on Vertex path "anthropic"; anything
+    else its action's provider. The request is read, its answer parsed (and a denial shaped)
+    by it; its price still follows its host (`url_provider`)."""
+    provider = provider.lower()
+    if provider == "gemini":
+        path = path.split("?", 1)[0]
+        if _GEMINI_AS_ANTHROPIC.search(path):
+            return "anthropic"
+        if _GEMINI_AS_OPENAI.search(path):
+            return "openai"
+    return provider
+
+
 def _route(provider: str, method: str, path: str) -> tuple[str, str | None, bool, bool]:
     """(endpoint, model or deployment from the path, stream implied by it, metered per token)."""
     found = _provider_route(provider, method, path)
@@ -112,13 +134,13 @@ def _provider_route(provider: str, method: str, path: str) -> tuple[str, str | N
 def batch_results_download(provider: str, method: str, path: str) -> bool:
     """A download of a batch job's results (batch_results): estimated at $0, charged the
     usage its answers report, once."""
-    return batch_results.route(provider.lower(), method, path) is not None
+    return batch_results.route(wire_format(provider, path), method, path) is not None
 
 
 def batch_submission(provider: str, method: str, path: str) -> bool:
     """A batch job submitted (batch_submit): held at its requests' estimate, charging
     nothing itself."""
-    return batch_submit.route(provider.lower(), method, path) in batch_submit.SUBMISSIONS
+    return batch_submit.route(wire_format(provider, path), method, path) in batch_submit.SUBMISSIONS
 
 
 def batch_progress(
@@ -152,7 +174,7 @@ def batch_input_named(
     """(file id, the ledger's key for it) of the input file an OpenAI or Gemini batch
     submission names, whose estimate another proxy on the ledger may have remembered; None
     for anything else."""
-    submitted = batch_submit.route(provider.lower(), method, path)
+    submitted = batch_submit.route(wire_format(provider, path), method, path)
     if submitted == batch_submit.OPENAI_SUBMIT:
         file_id = batch_submit.openai_input_file_id(body)
     elif submitted == batch_submit.GEMINI_SUBMIT:
@@ -244,14 +266,15 @@ def charging(
     prices, per token or per character) and transcription (per second of audio or per
     token). `query`: a chunk of a Gemini upload (its `upload_id`) is free, the upload having
     counted as a step when it started."""
-    if _realtime_handshake(provider.lower(), method, path):
+    provider = wire_format(provider, path)
+    if _realtime_handshake(provider, method, path):
         return "step"  # a Realtime session: its responses are metered on the socket
-    endpoint, path_model, _, metered = _route(provider.lower(), method, path)
+    endpoint, path_model, _, metered = _route(provider, method, path)
     if metered:
         return "tokens"
     if endpoint == batch_submit.GEMINI_UPLOAD and batch_submit.gemini_upload_id(query or {}):
         return "free"
-    if provider.lower() == "openai" and _model_metered(endpoint, model or path_model):
+    if provider == "openai" and _model_metered(endpoint, model or path_model):
         return "tokens"
     return "step" if _is_step(method, path, endpoint) else "free"
 
@@ -345,6 +368,7 @@ def parse(
 ) -> ParsedRequest | LLMRequest:
     # One routing for the proxy, shadow mode's unread requests and replay (`charging`).
     # `boundary`: a multipart upload's, from its Content-Type (None: read from the body).
+    provider = wire_format(provider, path)
     if _realtime_handshake(provider, method, path):
         # A Realtime session's handshake: nothing to estimate, but a step of the run (its
         # budgets and guards decide it); its responses are metered on the socket.
@@ -389,7 +413,7 @@ def unread_request(
     """A request forwarded without being read (shadow mode lets through a body too large or
     malformed to estimate): no estimate, but billable, so the usage its answer reports is
     still metered and charged. Only its path (and `origin`, see inspect_request) is looked at."""
-    provider = provider.lower()
+    provider = wire_format(provider, path)
     if _realtime_handshake(provider, method, path):
         parsed = parse(provider, method, path, b"")
         assert isinstance(parsed, LLMRequest)
@@ -573,9 +597,10 @@ def inspect_request(
     upstream's names turned out to serve (ServedModels.of): a name there is estimated as the
     model it serves. `batch_inputs`: the batch input files this upstream was sent
     (BatchInputs.of), for the OpenAI batch that names one.
+    `provider`: the action's; the request is read in the format its path speaks (wire_format).
     """
-    provider = provider.lower()
     path = path.split("?", 1)[0]
+    provider = wire_format(provider, path)
     # Before the body is read as a call's: an upload's form is read leniently (see
     # _batch_submission), a batch's body as a batch.
     submitted = batch_submit.route(provider, method, path)

@@ -387,12 +387,17 @@ def chat_usage(u: dict[str, Any]) -> TokenUsage:
         prompt = as_int(u.get("total_tokens"))
     # DeepSeek and some compatible hosts report cache hits at the top level.
     cache_read = as_int(dig(ptd, "cached_tokens")) or as_int(u.get("prompt_cache_hit_tokens"))
+    reasoning = as_int(dig(ctd, "reasoning_tokens"))
+    if reasoning and as_int(u.get("total_tokens")) >= prompt + completion + reasoning:
+        # Gemini's OpenAI-compatible endpoint leaves thinking out of completion_tokens (its
+        # total counts it apart); OpenAI's own completion_tokens include the reasoning.
+        completion += reasoning
     return TokenUsage(
         input_tokens=prompt,
         output_tokens=completion,
         cache_read_tokens=cache_read,
         cache_write_tokens=as_int(dig(ptd, "cache_write_tokens")),
-        reasoning_tokens=as_int(dig(ctd, "reasoning_tokens")),
+        reasoning_tokens=reasoning,
         input_audio_tokens=as_int(dig(ptd, "audio_tokens")),
         output_audio_tokens=as_int(dig(ctd, "audio_tokens")),
         input_image_tokens=as_int(dig(ptd, "image_tokens")),
