@@ -176,6 +176,8 @@ class FlowState:
     denied: bool = False
     upstream_timer: asyncio.TimerHandle | None = None  # drawdown_upstream_timeout, once forwarded
     upstream_timed_out: bool = False
+    # The request hook let it go: mitmproxy sends it on once its upstream connection is up.
+    forwarded: bool = False
     # An MCP call answered as an event stream, read as it passes for whether it succeeded.
     mcp_events: McpEventScanner | None = None
     # A GET event stream that is no LLM call (an MCP client's channel for server messages):
@@ -198,6 +200,18 @@ class FlowState:
             and 200 <= self.answered < 300
             and self.stream_meter is None
             and bool(self.estimate.usd or self.estimate.tokens)
+        )
+
+    def billed_though_abandoned(self, reason: str, upstream: connection.Server) -> bool:
+        """The upstream had the whole request and the agent left before its answer (an SDK's
+        timeout): the provider does the work and bills it all the same, so leaving early must
+        be no way around a budget. An upstream that failed, or whose connection was not up
+        yet (mitmproxy sends the request the moment it is), never had it: released."""
+        connected = upstream.timestamp_tcp_setup is not None and (
+            upstream.tls is False or upstream.timestamp_tls_setup is not None
+        )
+        return (
+            self.forwarded and self.answered is None and connected and "client" in reason.lower()
         )
 
     def stop_upstream_timer(self) -> None:
@@ -332,6 +346,10 @@ def _status_the_agent_got(response: http.Response | None, reason: str) -> int | 
         return response.status_code
     lowered = reason.lower()
     return None if "client" in lowered or "killed" in lowered else 502
+
+
+def _success(status: int | None) -> bool:
+    return status is not None and 200 <= status < 300
 
 
 def _the_estimate(state: FlowState, status: int | None, note: str) -> Completion:
@@ -992,6 +1010,7 @@ class Drawdown:
             self._deciding -= 1
         state: FlowState | None = flow.metadata.get(STATE)
         if state is not None and state.hold_id is not None and flow.response is None:
+            state.forwarded = True
             # Forwarded: wait no longer than drawdown_upstream_timeout for its response headers.
             state.upstream_timer = asyncio.get_running_loop().call_later(
                 self.seconds["drawdown_upstream_timeout"], self._upstream_silent, flow
@@ -1800,11 +1819,16 @@ class Drawdown:
             seconds = self.seconds["drawdown_upstream_timeout"]
             reason = f"upstream timeout: no response within {seconds:g}s"
         status = _status_the_agent_got(flow.response, reason)
-        if state.stream_meter is not None and state.streamed_bytes:
+        if state.stream_meter is not None and (state.streamed_bytes or _success(state.answered)):
+            # A 2xx stream cut before its first event still billed its prompt.
             await self._settle(flow, state, _cut_short(state, reason, status), status, None)
             return
         if state.billed_before_cut():  # client gone, upstream reset, body_size_limit
             note = f"response cut short: {reason}"
+            await self._settle(flow, state, _the_estimate(state, status, note), status, None)
+            return
+        if state.billed_though_abandoned(reason, flow.server_conn):
+            note = f"client left before the answer: {reason}"
             await self._settle(flow, state, _the_estimate(state, status, note), status, None)
             return
         await self._settle(flow, state, None, status, reason)

@@ -229,3 +229,46 @@ def test_a_stream_cut_mid_way_is_no_failed_attempt(
     assert statuses == [("allow", 200), ("deny", 429)]
     (run,) = report_json(proxy, "--policy", str(proxy.policy_path))["runs"]
     assert (run["steps"], run["retried"]) == (2, 0)
+
+
+def test_an_agent_whose_timeout_is_shorter_than_the_answer_cannot_outrun_its_budget(
+    drawdown_proxy: Factory, standin: StandIn
+) -> None:
+    """The openai SDK gives up after 0.5 s; the model answers after 2 s. The upstream had each
+    request whole and bills it, so the agent's leaving early charges the estimate: the run's
+    budget of 3 requests stops the 4th. Released instead, every call went through uncharged,
+    however many the agent made."""
+    policy = POLICY + 'budgets:\n  - {scope: "agent:*/run:*", requests: 3}\n'
+    proxy = drawdown_proxy(policy)
+    headers = {"X-Drawdown-Agent": "support", "X-Drawdown-Run": "r6"}
+    # The connections up first (a certificate minted, the upstream's handshake), so each
+    # timed-out request surely reached the upstream before the agent left.
+    with proxy.openai_client(default_headers={"X-Drawdown-Run": "warm-up"}) as warm:
+        assert ask(warm)
+    client = proxy.openai_client(default_headers=headers, max_retries=0, timeout=0.5)
+    slow = {"id": "c", "object": "chat.completion", "choices": [], "usage": {}}
+    standin.script(
+        "POST", "/v1/chat/completions", Reply(json=slow, delay_before_headers=2.0), times=None
+    )
+    try:
+        for question in ("one", "two", "three"):
+            with pytest.raises(openai.APITimeoutError):
+                client.chat.completions.create(
+                    model="gpt-4o-mini", messages=[{"role": "user", "content": question}]
+                )
+        with pytest.raises(openai.APIStatusError) as caught:
+            client.chat.completions.create(
+                model="gpt-4o-mini", messages=[{"role": "user", "content": "four"}]
+            )
+        assert caught.value.status_code == 402
+    finally:
+        client.close()
+    assert standin.count("/v1/chat/completions") == 1 + 3
+    rows = proxy.query(
+        "SELECT d.decision, d.status, h.state, d.actual_usd > 0, d.note FROM decisions d "
+        "LEFT JOIN holds h ON h.id = d.hold_id WHERE d.run = 'r6' ORDER BY d.ts"
+    )
+    assert [row[:4] for row in rows] == [("allow", None, "committed", 1)] * 3 + [
+        ("deny", 402, None, None)
+    ]
+    assert all(row[4].startswith("client left before the answer") for row in rows[:3])

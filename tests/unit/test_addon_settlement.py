@@ -198,14 +198,50 @@ def test_a_stream_cut_after_its_headers_keeps_the_status_the_agent_got(
     assert statuses(db) == [200]
 
 
-def test_a_call_that_fails_before_any_answer_is_still_released(tmp_path: Path) -> None:
+def test_a_call_whose_upstream_fails_before_any_answer_is_still_released(tmp_path: Path) -> None:
     async def steps(addon: Drawdown) -> None:
         flow = await forwarded(addon, chat())
+        flow.error = Error("server closed connection")
+        await addon.error(flow)
+
+    db = drive(tmp_path, LLM, steps)
+    assert holds(db) == [("released", 0, "server closed connection")]
+
+
+def test_an_agent_that_leaves_before_the_answer_is_charged_the_estimate(tmp_path: Path) -> None:
+    """An SDK whose timeout is shorter than the model's answer leaves after the upstream had
+    the request: the provider still bills it. Released, such calls went through a budget
+    uncharged, however many the agent made."""
+    estimates: list[int] = []
+
+    async def steps(addon: Drawdown) -> None:
+        flow = await forwarded(addon, chat())
+        estimates.append(flow.metadata[STATE].estimate.usd)
         flow.error = Error("Client disconnected.")
         await addon.error(flow)
 
     db = drive(tmp_path, LLM, steps)
-    assert holds(db) == [("released", 0, "Client disconnected.")]
+    assert estimates[0] > 0
+    assert holds(db) == [("committed", estimates[0], None)]
+    assert notes(db) == ["client left before the answer: Client disconnected."]
+    assert statuses(db) == [None]  # what the agent got: its SDK's retry is a failed attempt
+
+
+def test_a_stream_cut_before_its_first_event_is_charged_its_prompt(tmp_path: Path) -> None:
+    """200 event-stream headers, then the upstream reset: the provider billed the prompt, as a
+    buffered answer cut after its headers is charged; released, it was charged nothing."""
+
+    async def steps(addon: Drawdown) -> None:
+        flow = await forwarded(addon, chat())
+        flow.response = tutils.tresp(content=b"", headers=http.Headers(SSE))
+        addon.responseheaders(flow)
+        flow.error = Error("server closed connection")
+        await addon.error(flow)
+
+    db = drive(tmp_path, LLM, steps)
+    [(state, actual, _)] = holds(db)
+    assert state == "committed" and actual > 0
+    assert notes(db) == ["stream cut short: server closed connection"]
 
 
 def test_a_priced_tool_answering_as_an_event_stream_is_a_call_the_drain_waits_for(
