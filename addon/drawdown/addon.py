@@ -210,9 +210,7 @@ class FlowState:
         connected = upstream.timestamp_tcp_setup is not None and (
             upstream.tls is False or upstream.timestamp_tls_setup is not None
         )
-        return (
-            self.forwarded and self.answered is None and connected and "client" in reason.lower()
-        )
+        return self.forwarded and self.answered is None and connected and "client" in reason.lower()
 
     def stop_upstream_timer(self) -> None:
         if self.upstream_timer is not None:
