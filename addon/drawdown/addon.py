@@ -35,7 +35,7 @@ from typing import Any
 from mitmproxy import connection, ctx, exceptions, http
 from mitmproxy.websocket import WebSocketMessage
 
-from . import meter, recording
+from . import health, meter, recording
 from .affinity import WriterPlacement
 from .authority import evaluate, facts_of
 from .budgets import claims_for
@@ -511,6 +511,8 @@ class Drawdown:
         }
         self.seconds["drawdown_drain"] = float(DRAIN_DEFAULT)
         self.draining = False  # `drain` began: no new call is taken
+        # Where a health probe may address this proxy (health.own_addresses), once running.
+        self.own_addresses: frozenset[tuple[str, int]] = frozenset()
         self._deciding = 0  # requests between their headers and their reserve
         # What we set allow_hosts to for `unknown_hosts: passthrough` (never a user's own value).
         self._managed_allow_hosts: list[str] = []
@@ -641,6 +643,10 @@ class Drawdown:
         self._spawn(self._watch_policy())
 
     async def _warm_up(self) -> None:
+        server = ctx.master.addons.get("proxyserver")  # absent in a test's bare master
+        listening = [(host, port) for host, port, *_ in server.listen_addrs()] if server else []
+        # The machine's own names are resolved off the loop: a resolver may take its time.
+        self.own_addresses = await asyncio.to_thread(health.own_addresses, listening)
         bedrock = self.policy is not None and any(
             action.provider == "bedrock" for action in self.policy.actions
         )
@@ -945,6 +951,33 @@ class Drawdown:
 
     # --- hooks ---------------------------------------------------------------------------
 
+    def _answer_probe(self, flow: http.HTTPFlow) -> bool:
+        """An orchestrator's /healthz or /readyz, addressed to the proxy itself: answered here,
+        unrecorded, without proxy authentication (a probe carries none; it learns nothing
+        but whether this process can take calls)."""
+        request = flow.request
+        if flow.error or not health.addressed_to_proxy(
+            request.method,
+            request.host,
+            request.port,
+            request.path,
+            flow.client_conn.tls,
+            self.own_addresses,
+        ):
+            return False
+        readiness = health.Readiness(
+            policy_loaded=self.policy is not None,
+            ledger_open=self.ledger is not None,
+            draining=self.draining,
+        )
+        status, body = health.answer(request.path, readiness)
+        flow.response = http.Response.make(
+            status,
+            b"" if request.method.upper() == "HEAD" else body,
+            {"content-type": "application/json", "cache-control": "no-store"},
+        )
+        return True
+
     def http_connect(self, flow: http.HTTPFlow) -> None:
         # An unmodified agent names itself in HTTPS_PROXY=http://AGENT:RUN@host:port; the
         # credentials arrive once, on the CONNECT, and apply to every request in the tunnel.
@@ -958,6 +991,8 @@ class Drawdown:
             self.tunnel_credentials[flow.client_conn] = credentials
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
+        if self._answer_probe(flow):
+            return
         if flow.response or flow.error or self.policy is None:
             return
         validated = flow.metadata.get(
