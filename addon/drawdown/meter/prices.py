@@ -3,18 +3,24 @@
 from __future__ import annotations
 
 import decimal
+import logging
 import re
 import threading
 import time
 from collections.abc import Iterable, Mapping
+from dataclasses import replace
+from datetime import UTC, datetime
 from decimal import Decimal
 from functools import lru_cache
 
 import genai_prices
 from genai_prices import data_snapshot
+from genai_prices.types import ModelPrice
 
 from .config import MeterConfig, PricePerMillion
 from .types import TokenUsage
+
+log = logging.getLogger(__name__)
 
 _NANOS_PER_USD = Decimal(1_000_000_000)
 _MILLION = Decimal(1_000_000)
@@ -233,9 +239,103 @@ def price_first_known(
         for model in models:
             if model:
                 total = genai_price(provider_id, model, usage, extras, price_context)
-                if total is not None:
+                if total is None:
+                    continue
+                audio = unpriced_audio(provider_id, model, usage, price_context)
+                if audio is None:
                     return total, True
+                # The model's text at its price, its audio tokens at the fallback price.
+                text = genai_price(
+                    provider_id, model, _without(usage, audio), extras, price_context
+                )
+                if text is not None:
+                    return text + flat_price(audio, config.fallback_price), False
+                return flat_price(_with_audio_seconds(usage, extras), config.fallback_price), False
     return flat_price(_with_audio_seconds(usage, extras), config.fallback_price), False
+
+
+# Providers whose genai-prices data lists no audio price where audio costs what text does
+# (Google's gemini-2.5-pro, gemini-3-pro-preview): there the text price is audio's price too.
+_AUDIO_AS_TEXT = frozenset({"google"})
+
+
+def unpriced_audio(
+    provider_id: str,
+    model: str,
+    usage: TokenUsage,
+    price_context: Mapping[str, str] | None = None,
+) -> TokenUsage | None:
+    """The audio tokens of `usage` genai-prices would price at the model's text price, having
+    no audio price for it (gpt-4o-audio-preview: audio at $40/$80 per million, text $2.50/$10),
+    as input, cache read and output tokens; None when every audio token has its price. Audio
+    that is all of its direction (a speech model's output) is priced at that direction's price."""
+    wants_in = 0 < usage.input_audio_tokens < usage.input_tokens
+    wants_out = 0 < usage.output_audio_tokens < usage.output_tokens
+    if provider_id in _AUDIO_AS_TEXT or not (wants_in or wants_out):
+        return None
+    prices = _model_prices(provider_id, model, tuple(sorted((price_context or {}).items())))
+    if prices is None:
+        return None
+    missing_in = wants_in and getattr(prices, "input_audio_mtok", None) is None
+    missing_out = wants_out and getattr(prices, "output_audio_mtok", None) is None
+    if not (missing_in or missing_out):
+        return None
+    audio = TokenUsage(
+        input_tokens=usage.input_audio_tokens if missing_in else 0,
+        cache_read_tokens=usage.cache_audio_read_tokens if missing_in else 0,
+        output_tokens=usage.output_audio_tokens if missing_out else 0,
+    )
+    _warn_unpriced_audio(provider_id, model, missing_in, missing_out)
+    return audio
+
+
+def _model_prices(
+    provider_id: str, model: str, price_context: tuple[tuple[str, str], ...]
+) -> ModelPrice | None:
+    """genai-prices' prices of the model today (None: unknown), as _genai_price finds it."""
+    if not _known(provider_id, model) and "/" in model:
+        model = model.rsplit("/", 1)[-1]
+    try:
+        _, info = data_snapshot.get_snapshot().find_provider_model(model, None, provider_id, None)
+        return info.get_prices(datetime.now(UTC), dict(price_context) or None)
+    except (LookupError, ValueError):
+        return None
+
+
+def _without(usage: TokenUsage, audio: TokenUsage) -> TokenUsage:
+    """`usage` less the audio tokens priced apart (and the subsets they were counted in)."""
+    left_in = usage.input_tokens - audio.input_tokens
+    left_out = usage.output_tokens - audio.output_tokens
+    return replace(
+        usage,
+        input_tokens=left_in,
+        output_tokens=left_out,
+        cache_read_tokens=usage.cache_read_tokens - audio.cache_read_tokens,
+        input_audio_tokens=usage.input_audio_tokens - audio.input_tokens,
+        cache_audio_read_tokens=usage.cache_audio_read_tokens - audio.cache_read_tokens,
+        output_audio_tokens=usage.output_audio_tokens - audio.output_tokens,
+        reasoning_tokens=min(usage.reasoning_tokens, left_out),
+        input_image_tokens=min(usage.input_image_tokens, left_in),
+        output_image_tokens=min(usage.output_image_tokens, left_out),
+    )
+
+
+_warned: set[tuple[str, str, bool, bool]] = set()
+
+
+def _warn_unpriced_audio(provider_id: str, model: str, inp: bool, out: bool) -> None:
+    key = (provider_id, model, inp, out)
+    if key in _warned or len(_warned) > 1024:  # once per model: estimates price it too
+        return
+    _warned.add(key)
+    sides = " and ".join(side for side, missing in (("input", inp), ("output", out)) if missing)
+    log.warning(
+        "drawdown: genai-prices' %s lists no %s audio price for %s: its audio tokens are "
+        "charged at the fallback price (priced = 0), not at its text price",
+        provider_id,
+        sides,
+        model,
+    )
 
 
 def price_answer(

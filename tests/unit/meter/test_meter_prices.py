@@ -183,6 +183,52 @@ def test_unknown_model_request_and_response():
     assert m.usd_nanos == 9 * 15_000 + 3 * 75_000
 
 
+def test_audio_a_model_lists_no_price_for_is_charged_at_the_fallback_price():
+    """gpt-4o-mini-audio-preview bills audio at $10/$20 per million, text at $0.15/$0.60, but
+    genai-prices lists only the text prices: its audio tokens were charged as text, priced = 1
+    (recorded -07: 12 audio tokens of 18 output). They are charged at the fallback price now,
+    the text at genai-prices' price, unpriced; the tokens stay as reported."""
+    m = _measure("openai-chat-completions-07")
+    assert m.usage == TokenUsage(input_tokens=22, output_tokens=18, output_audio_tokens=12)
+    text = genai_prices.calc_price(
+        genai_prices.Usage(input_tokens=22, output_tokens=6),
+        "gpt-4o-mini-audio-preview",
+        provider_id="openai",
+    ).total_price
+    fallback = 12 * CONFIG.fallback_price.output / 1_000_000
+    assert (m.priced, m.usd_nanos) == (False, _nanos(text + fallback))
+    # gpt-4o-audio-preview, its one input audio token (-08), likewise.
+    m = _measure("openai-chat-completions-08")
+    assert m.usage == TokenUsage(input_tokens=28, output_tokens=17, input_audio_tokens=1)
+    text = genai_prices.calc_price(
+        genai_prices.Usage(input_tokens=27, output_tokens=17),
+        "gpt-4o-audio-preview",
+        provider_id="openai",
+    ).total_price
+    assert (m.priced, m.usd_nanos) == (False, _nanos(text + CONFIG.fallback_price.input / 10**6))
+
+
+@pytest.mark.parametrize(
+    ("provider", "model", "usage"),
+    [
+        # Audio priced apart by genai-prices: its own price.
+        ("openai", "gpt-4o-realtime-preview", TokenUsage(100, 50, input_audio_tokens=80)),
+        ("openai", "gpt-audio", TokenUsage(100, 50, input_audio_tokens=80, output_audio_tokens=40)),
+        # Google lists no audio price where audio costs the text price (gemini-2.5-pro).
+        ("gemini", "gemini-2.5-pro", TokenUsage(100, 50, input_audio_tokens=80)),
+        # A speech model's output is all audio: its output price is audio's.
+        ("openai", "gpt-4o-mini-tts", TokenUsage(100, 50, output_audio_tokens=50)),
+        # Image tokens: billed as text by chat models (no rule here).
+        ("openai", "gpt-4o", TokenUsage(1000, 50, input_image_tokens=765)),
+    ],
+)
+def test_audio_with_its_own_price_or_priced_as_text_stays_priced(provider, model, usage):
+    provider_id = {"gemini": "google"}.get(provider, provider)
+    kept = {k: v for k, v in vars(usage).items() if v}
+    want = genai_prices.calc_price(genai_prices.Usage(**kept), model, provider_id=provider_id)
+    assert price_usage(provider, model, usage, CONFIG) == (_nanos(want.total_price), True)
+
+
 def test_configured_fallback_and_override():
     usage = TokenUsage(
         input_tokens=1_000, output_tokens=10, cache_read_tokens=400, cache_write_tokens=100
