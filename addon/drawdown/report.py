@@ -173,8 +173,11 @@ def _build(
             not_counted[row["scope"]][1] += row["request_id"] in retried_ids
     by_run: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for anomaly in found:
+        in_each_run = _for_each_run(anomaly)
         for scope in anomaly["runs"]:
-            by_run[scope].append(anomaly)
+            by_run[scope].append(in_each_run)
+        anomaly["runs_total"] = len(anomaly["runs"])
+        anomaly["runs"] = anomaly["runs"][: anomaly_detection.MAX_EVIDENCE]
 
     run_rows = reader.query(
         f"""SELECT scope, tenant, workflow, agent, run,
@@ -251,6 +254,18 @@ def _build(
         "spend": _spend(reader, floor, run, budgets),
         "denials": _denials(reader, where, params),
     }
+
+
+def _for_each_run(anomaly: dict[str, Any]) -> dict[str, Any]:
+    """The anomaly as each run it names lists it. One that spans runs (a fan-out over 3,000
+    documents) keeps its run list and evidence only in the report's `anomalies`: copied into
+    every run, they made the report grow with the square of its runs (633 MB of JSON)."""
+    runs = anomaly["runs"]
+    if len(runs) <= 1:
+        return {**anomaly, "runs_total": len(runs)}
+    lists = ("runs", "evidence", "denied", "would_deny")
+    light = {key: value for key, value in anomaly.items() if key not in lists}
+    return {**light, "runs_total": len(runs), "evidence": [], "denied": [], "would_deny": []}
 
 
 def _budgets(reader: Reader, floor: float, run: str | None) -> list[dict[str, Any]]:

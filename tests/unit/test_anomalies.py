@@ -562,3 +562,35 @@ def test_refused_requests_find_their_anomaly_without_scanning_every_other() -> N
     found = anomalies.detect(rows)
     assert len(found) == 2000 and all(len(a["denied"]) == 2 for a in found)
     assert CountingRow.reads["request_id"] <= 2 * len(rows)  # was 4,028,000
+
+
+def test_a_wide_fan_out_grows_the_report_with_its_runs_not_their_square(
+    tmp_path: Path,
+) -> None:
+    """A workflow that maps over documents, one run each: its fan_out anomaly named every run
+    past the limit, and each such run carried the whole anomaly, so 3,000 runs made 633 MB of
+    JSON. Each run now lists it without the lists the report's `anomalies` keeps."""
+    import json
+
+    from drawdown import report
+
+    sizes = {}
+    for documents in (150, 300):
+        seeder = Seeder(tmp_path / f"fan{documents}.db")
+        try:
+            for d in range(documents):
+                seeder.call(agent="mapper", run=f"doc{d}", workflow="map", body=str(d))
+            data = report.build(str(seeder.path), now=seeder.now + 60)
+        finally:
+            seeder.close()
+        (fan,) = data["anomalies"]
+        assert fan["kind"] == "fan_out" and fan["runs_total"] == documents - 5
+        assert len(fan["runs"]) == min(documents - 5, anomalies.MAX_EVIDENCE)
+        flagged = [r for r in data["runs"] if r["anomalies"]]
+        assert len(flagged) == documents - 5  # every run past the limit still says so
+        assert all(r["status"] == "anomalous" for r in flagged)
+        (listed,) = flagged[-1]["anomalies"]
+        assert "runs" not in listed and listed["evidence"] == [] and listed["runs_total"] > 1
+        assert listed["detail"] == fan["detail"]
+        sizes[documents] = len(json.dumps(data))
+    assert sizes[300] < 2.5 * sizes[150]  # linear: about 2; with each run's copy about 4
