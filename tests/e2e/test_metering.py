@@ -613,6 +613,26 @@ def test_gemini_sdk_generate_and_stream_commit_exactly(
     assert (free.status, free.usd, free.hold_usd, free.instance) == (200, 0, 0, None), free
 
 
+def test_a_gemini_tuned_model_is_charged_the_model_its_answer_names(
+    drawdown_proxy: Factory, standin: StandIn
+) -> None:
+    """google-genai's generate_content on `tunedModels/…`: charged genai-prices' price of the
+    model its answer names (before: a $0 step)."""
+    usage = {"promptTokenCount": 5000, "candidatesTokenCount": 400, "totalTokenCount": 5400}
+    answer = {
+        "candidates": [
+            {"content": {"role": "model", "parts": [{"text": "ok"}]}, "finishReason": "STOP"}
+        ],
+        "usageMetadata": usage,
+        "modelVersion": GEMINI,
+    }
+    standin.script("POST", "/v1*/tunedModels/my-tuned-1:generateContent", Reply(json=answer))
+    proxy = drawdown_proxy(POLICY)
+    client = proxy.genai_client(headers=run_header("tuned"))
+    client.models.generate_content(model="tunedModels/my-tuned-1", contents=PROMPT)
+    assert_charged(proxy, "tuned", expected("gemini", usage, GEMINI))
+
+
 def _compat_chat(usage: Mapping[str, Any]) -> dict[str, Any]:
     return {
         "id": "chatcmpl-g",

@@ -44,7 +44,9 @@ BUILTIN_TOOL_TOKENS = {
     "code_execution": 2000,
 }
 
-_MODEL_ACTION = re.compile(r"/models/([^/:]+):([A-Za-z]+)$")
+# A model (`/models/{m}`), an AI Studio tuned model (`/tunedModels/{m}`) or a Vertex endpoint a
+# model is deployed to (`/projects/{p}/locations/{l}/endpoints/{id}`), then `:{action}`.
+_MODEL_ACTION = re.compile(r"/(models|tunedModels|endpoints)/([^/:]+):([A-Za-z]+)$")
 _ENDPOINTS = {
     "generateContent": "generateContent",
     "streamGenerateContent": "streamGenerateContent",
@@ -52,15 +54,24 @@ _ENDPOINTS = {
     "embedContent": "embeddings",
     "batchEmbedContents": "embeddings",
 }
+# Vertex's `:predict` serves embeddings (gemini-embedding-001, text-embedding-005) and Imagen
+# alike: only an embedding model's is metered (its answer counts its tokens).
+_EMBEDDING_MODEL = re.compile(r"embedding", re.IGNORECASE)
 
 
 def route(method: str, path: str) -> tuple[str, str | None]:
-    """(endpoint, model) from `/v1beta/models/{model}:{action}` or the Vertex
-    `/v1/projects/{p}/locations/{l}/publishers/google/models/{model}:{action}`."""
+    """(endpoint, model) from `/v1beta/models/{model}:{action}`, the Vertex
+    `/v1/projects/{p}/locations/{l}/publishers/google/models/{model}:{action}`, a tuned model
+    `/v1beta/tunedModels/{model}:{action}` or a Vertex endpoint `…/endpoints/{id}:{action}`
+    (its id stands for the model until the answer names it)."""
     m = _MODEL_ACTION.search(path.rstrip("/").replace("%3A", ":").replace("%3a", ":"))
     if not m or method.upper() != "POST":
-        return "other", (m.group(1) if m else None)
-    return _ENDPOINTS.get(m.group(2), "other"), m.group(1)
+        return "other", (m.group(2) if m else None)
+    kind, model, action = m.groups()
+    if action == "predict":
+        metered = kind == "models" and _EMBEDDING_MODEL.search(model) is not None
+        return ("embeddings" if metered else "other"), model
+    return _ENDPOINTS.get(action, "other"), model
 
 
 def _g(obj: dict[str, Any], camel: str, snake: str) -> Any:
@@ -83,6 +94,10 @@ def parse_request(endpoint: str, model: str | None, body: dict[str, Any]) -> Par
         for req in requests:
             if isinstance(req, dict) and isinstance(req.get("content"), dict):
                 _parts(req["content"].get("parts"), prompt, model, "content")
+        for instance in items(body.get("instances")):  # Vertex's :predict
+            if isinstance(instance, dict):
+                prompt.add(instance.get("content"))
+                prompt.add(instance.get("title"))
         parsed.cap = 0
         return parsed
     prompt.overhead += REQUEST_OVERHEAD
@@ -204,6 +219,14 @@ def usage_from(um: dict[str, Any]) -> TokenUsage:
     )
 
 
+def _predicted_usage(predictions: list[Any]) -> TokenUsage | None:
+    """Vertex `:predict` embeddings: each prediction's `embeddings.statistics.token_count`."""
+    counts = [dig(p, "embeddings", "statistics", "token_count") for p in predictions]
+    if not any(isinstance(c, int | float) for c in counts):
+        return None  # no statistics: the input is counted
+    return TokenUsage(input_tokens=sum(as_int(c) for c in counts))
+
+
 def _candidates(obj: dict[str, Any], texts: list[str], queries: list[str]) -> None:
     for cand in items(obj.get("candidates")):
         if not isinstance(cand, dict):
@@ -245,6 +268,8 @@ def extract_json(obj: Any, request_model: str | None) -> Extracted:
         um = chunk.get("usageMetadata")
         if isinstance(um, dict):
             ex.usage = usage_from(um)  # cumulative: the last one wins
+        elif isinstance(chunk.get("predictions"), list):
+            ex.usage = _predicted_usage(chunk["predictions"])
         _candidates(chunk, ex.texts, queries)
     _search_extras(queries, ex.model or request_model, ex)
     return ex

@@ -9,6 +9,7 @@ import struct
 import threading
 from decimal import Decimal
 
+import genai_prices
 import pytest
 from drawdown.meter import (
     MeterConfig,
@@ -17,6 +18,7 @@ from drawdown.meter import (
     charging,
     count_tokens,
     inspect_request,
+    measure_body,
     price_usage,
     unread_request,
 )
@@ -27,6 +29,9 @@ from hypothesis import strategies as st
 from meter_corpus import CONFIG, png
 
 UNSCALED = MeterConfig(safety_factors={"claude": Decimal(1), "gemini": Decimal(1)})
+
+
+VERTEX = "/v1/projects/p/locations/us-central1"
 
 
 def _req(provider, path, body, config=CONFIG, method="POST", query=None):
@@ -374,6 +379,27 @@ def test_openai_paths():
         ("gemini", "POST", "/v1beta/models/gemini-2.5-flash:generateContent", "tokens"),
         ("gemini", "POST", "/v1beta/models/gemini-2.5-flash:countTokens", "free"),
         ("gemini", "POST", "/v1beta/models/imagen-4.0-generate-001:predict", "step"),
+        ("gemini", "POST", "/v1beta/tunedModels/my-tuned-1:generateContent", "tokens"),
+        ("gemini", "POST", f"{VERTEX}/endpoints/1234567:streamGenerateContent", "tokens"),
+        (
+            "gemini",
+            "POST",
+            f"{VERTEX}/publishers/google/models/gemini-embedding-001:predict",
+            "tokens",
+        ),
+        (
+            "gemini",
+            "POST",
+            f"{VERTEX}/publishers/google/models/text-embedding-005:predict",
+            "tokens",
+        ),
+        (
+            "gemini",
+            "POST",
+            f"{VERTEX}/publishers/google/models/imagen-3.0-generate-002:predict",
+            "step",
+        ),
+        ("gemini", "POST", f"{VERTEX}/endpoints/1234567:predict", "step"),  # a model of one's own
         ("gemini", "GET", "/v1beta/models", "free"),
         ("bedrock", "POST", "/model/amazon.nova-pro-v1%3A0/converse-stream", "tokens"),
         ("bedrock", "POST", "/model/anthropic.claude-3-haiku-20240307-v1%3A0/invoke", "tokens"),
@@ -528,6 +554,72 @@ def test_gemini_paths_and_caps():
     )
     assert (r.endpoint, r.billable, r.max_output_tokens) == ("embeddings", True, 0)
     assert not _req("gemini", "/v1beta/models", b"", method="GET").billable
+
+
+def _google_nanos(model: str, **usage: int) -> int:
+    price = genai_prices.calc_price(genai_prices.Usage(**usage), model, provider_id="google")
+    return math.ceil(price.total_price * 1_000_000_000)
+
+
+def _fallback_nanos(input_tokens: int, output_tokens: int = 0) -> int:
+    usd = input_tokens * CONFIG.fallback_price.input + output_tokens * CONFIG.fallback_price.output
+    return math.ceil(usd * 1000)  # USD per million tokens -> nano-dollars
+
+
+def test_gemini_tuned_models_and_vertex_endpoints_are_charged_the_model_they_answer_with():
+    """A tuned model and a Vertex endpoint name no model genai-prices knows: they were $0
+    steps. Metered now, priced on the answer's `modelVersion`, else at the fallback price."""
+    body = {"contents": [{"role": "user", "parts": [{"text": "hi"}]}]}
+    usage = {"promptTokenCount": 5000, "candidatesTokenCount": 2000}
+    for path, model in [
+        ("/v1beta/tunedModels/my-tuned-1:generateContent", "my-tuned-1"),
+        (f"{VERTEX}/endpoints/1234567:generateContent", "1234567"),
+    ]:
+        r = _req("gemini", path, body)
+        assert (r.endpoint, r.model, r.billable, r.priced) == (
+            "generateContent",
+            model,
+            True,
+            False,
+        )
+        assert r.safety_factor == Decimal("1.40")  # a Gemini model's tokens
+        named = {"usageMetadata": usage, "modelVersion": "gemini-2.0-flash-001"}
+        m = measure_body(r, 200, json.dumps(named).encode(), CONFIG)
+        assert (m.model, m.priced) == ("gemini-2.0-flash-001", True)
+        assert m.usd_nanos == _google_nanos(
+            "gemini-2.0-flash", input_tokens=5000, output_tokens=2000
+        )
+        m = measure_body(r, 200, json.dumps({"usageMetadata": usage}).encode(), CONFIG)
+        assert (m.model, m.priced, m.usd_nanos) == (model, False, _fallback_nanos(5000, 2000))
+
+
+def test_vertex_embeddings_are_charged_the_tokens_their_predictions_count():
+    body = {"instances": [{"content": "hello world " * 50}, {"content": "x", "title": "t"}]}
+    answer = {
+        "predictions": [
+            {
+                "embeddings": {
+                    "values": [0.1],
+                    "statistics": {"token_count": 100, "truncated": False},
+                }
+            },
+            {"embeddings": {"values": [0.2], "statistics": {"token_count": 3.0}}},
+        ]
+    }
+    path = f"{VERTEX}/publishers/google/models/gemini-embedding-001:predict"
+    r = _req("gemini", path, body)
+    assert (r.endpoint, r.billable, r.max_output_tokens, r.priced) == ("embeddings", True, 0, True)
+    assert r.input_tokens > 100  # both instances counted, at Gemini's factor
+    m = measure_body(r, 200, json.dumps(answer).encode(), CONFIG)
+    assert (m.source, m.usage, m.priced) == ("usage", TokenUsage(input_tokens=103), True)
+    assert m.usd_nanos == _google_nanos("gemini-embedding-001", input_tokens=103)
+    # A model genai-prices does not know: the fallback price, never $0.
+    r = _req("gemini", path.replace("gemini-embedding-001", "text-embedding-005"), body)
+    m = measure_body(r, 200, json.dumps(answer).encode(), CONFIG)
+    assert (m.priced, m.usd_nanos) == (False, _fallback_nanos(103))
+    # No statistics: the input is counted.
+    m = measure_body(r, 200, b'{"predictions": [{"embeddings": {"values": [0.1]}}]}', CONFIG)
+    assert (m.source, m.usage.input_tokens) == ("counted", r.input_tokens)
 
 
 def test_gemini_system_tools_and_schema_count():
