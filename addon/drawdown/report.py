@@ -106,14 +106,15 @@ def build(
     adds every run's steps (for the HTML page)."""
     reader = Reader(db)
     try:
-        return _build(
-            reader,
-            run=as_stored(reader, run),
-            since=since,
-            now=now or time.time(),
-            policy=policy,
-            timelines=timelines,
-        )
+        with reader.snapshot():  # its totals, runs and budgets as of one moment
+            return _build(
+                reader,
+                run=as_stored(reader, run),
+                since=since,
+                now=now or time.time(),
+                policy=policy,
+                timelines=timelines,
+            )
     finally:
         reader.close()
 

@@ -631,3 +631,37 @@ def test_a_runs_steps_are_the_guards_less_the_attempts_its_sdk_retried(
     assert len(bars) == 7  # every attempt is drawn; the retried ones marked
     assert [e["text"] for e in dom.find("summary")] == ["All 7 requests"]
     assert [b["attrs"]["class"].endswith(" retried") for b in bars] == [True, True] + [False] * 5
+
+
+def test_a_report_reads_the_ledger_as_of_one_moment(
+    backend: LedgerBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A proxy commits calls while the report makes its dozen queries: each read alone, the
+    decision totals counted calls the run table had not (767 rows apart on a busy ledger)."""
+    from drawdown.ledger.reader import Reader
+
+    ledger = backend.open()
+    claim_ = Claim("run:*", "agent:a/run:r", 10_000_000, None, None)
+
+    def call(at: float) -> None:
+        row = DecisionRow(uuid.uuid4().hex, at, "allow", "enforce", "agent:a/run:r")
+        row.agent, row.run = "a", "r"
+        hold = ledger.reserve(row, [claim_], Amount(usd=1_000, requests=1), at + 900)
+        ledger.commit(row.request_id, hold.hold_id, Completion(Amount(usd=1_000, requests=1)), at)
+
+    call(NOW - 60)
+    original = Reader.query
+
+    def query_while_a_proxy_writes(self: Reader, sql: str, params: Any = None) -> Any:
+        found = original(self, sql, params)
+        if "schema_version" not in sql:
+            call(NOW - 30)  # another call lands after each of the report's reads
+        return found
+
+    monkeypatch.setattr(Reader, "query", query_while_a_proxy_writes)
+    data = report.build(backend.url, now=NOW)
+    ledger.close()
+    (run,) = data["runs"]
+    assert run["allowed"] == data["decisions"]["allow"] == 1
+    (budget,) = data["budgets"]
+    assert budget["spent"]["requests"] == 1

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -74,6 +75,26 @@ class Reader:
         except Exception as exc:  # sqlite3.Error / psycopg.Error: both mean "cannot read"
             raise _unreadable(self.url, exc, self._scrub) from None
         return _redacted(found)
+
+    @contextlib.contextmanager
+    def snapshot(self) -> Iterator[None]:
+        """Every query inside reads the ledger as of one moment. A report makes a dozen queries
+        over seconds while a proxy writes: each read alone, its totals and its runs disagreed
+        (767 rows apart at 41 calls a second). SQLite holds one WAL read transaction (the
+        writer goes on; a checkpoint waits for it), PostgreSQL one REPEATABLE READ."""
+        if self._sqlite is not None:
+            self._sqlite.execute("BEGIN")
+            try:
+                yield
+            finally:
+                self._sqlite.rollback()  # read only: nothing to keep
+            return
+        from psycopg import IsolationLevel
+
+        self._pg.isolation_level = IsolationLevel.REPEATABLE_READ
+        self._pg.read_only = True
+        with self._pg.transaction():
+            yield
 
     def close(self) -> None:
         (self._sqlite or self._pg).close()
