@@ -173,6 +173,9 @@ class ParsedRequest:
     billable: bool = True
     prompt: Prompt = field(default_factory=Prompt)
     cap: int | None = None  # the request's own output cap, already times n
+    # How many answers the request asks for (OpenAI's n / best_of, Gemini's candidateCount):
+    # the default cap, for a request that sets none, is reserved for each.
+    choices: int = 1
     # Of the prompt's exact tokens and of the cap, those that are images (priced apart).
     input_image_tokens: int = 0
     output_image_tokens: int = 0

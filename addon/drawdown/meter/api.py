@@ -450,7 +450,10 @@ def _estimate_parsed(
     `batch`: at genai-prices' batch price (a request of a batch job)."""
     raw, exact = prompt_counts(parsed)
     input_tokens = math.ceil(raw * factor) + exact
-    cap = parsed.cap if parsed.cap is not None else config.output_cap(provider, priced_as)
+    if parsed.cap is not None:
+        cap = parsed.cap
+    else:  # each answer asked for may run to the default cap
+        cap = config.output_cap(provider, priced_as) * parsed.choices
     usage = TokenUsage(
         input_tokens=input_tokens,
         output_tokens=cap,

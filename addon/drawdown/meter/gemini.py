@@ -141,8 +141,8 @@ def parse_request(endpoint: str, model: str | None, body: dict[str, Any]) -> Par
     count = opt_int(config, "candidateCount", "generationConfig.")
     if count is None:  # the API reads proto field names too, as for the cap
         count = opt_int(config, "candidate_count", "generationConfig.")
-    count = count or 1
-    parsed.cap = None if cap is None else cap * max(count, 1)
+    parsed.choices = max(count or 1, 1)
+    parsed.cap = None if cap is None else cap * parsed.choices
     return parsed
 
 

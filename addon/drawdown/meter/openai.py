@@ -152,7 +152,8 @@ def _chat_request(body: dict[str, Any], parsed: ParsedRequest, raw: bytes) -> No
     cap = opt_int(body, "max_completion_tokens")
     if cap is None:
         cap = opt_int(body, "max_tokens")
-    parsed.cap = None if cap is None else cap * _n(body)
+    parsed.choices = _n(body)
+    parsed.cap = None if cap is None else cap * parsed.choices
     if body.get("web_search_options") is not None or "search" in (parsed.model or "").lower():
         # The chat search models run a web search on every call, billed per call.
         parsed.expected_extras["web_search_calls"] = 1
@@ -347,7 +348,8 @@ def _completions_request(body: dict[str, Any], parsed: ParsedRequest, raw: bytes
     _strings_or_tokens(body.get("prompt"), prompt, "prompt")
     prompt.add(body.get("suffix") if isinstance(body.get("suffix"), str) else None)
     cap = opt_int(body, "max_tokens")
-    parsed.cap = None if cap is None else cap * max(_n(body), _n(body, "best_of"))
+    parsed.choices = max(_n(body), _n(body, "best_of"))
+    parsed.cap = None if cap is None else cap * parsed.choices
     _ask_for_stream_usage(body, parsed, raw)
 
 

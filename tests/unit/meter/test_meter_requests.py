@@ -268,6 +268,28 @@ def test_openai_output_caps():
     assert (r.endpoint, r.max_output_tokens) == ("completions", 20)
 
 
+def test_each_answer_asked_for_is_reserved_the_default_cap():
+    """n (OpenAI chat), best_of (legacy completions) and candidateCount (Gemini) without a cap:
+    every answer may run to the default cap (before: one answer's reserved for all of them)."""
+    config = MeterConfig(default_max_output_tokens=1000)
+    msgs = [{"role": "user", "content": "hi"}]
+    chat = {"model": "gpt-4o", "messages": msgs, "n": 4}
+    one = _req("openai", "/v1/chat/completions", {**chat, "n": 1}, config)
+    four = _req("openai", "/v1/chat/completions", chat, config)
+    assert (one.max_output_tokens, four.max_output_tokens) == (1000, 4000)
+    assert (
+        four.estimate_usd_nanos
+        == price_usage("openai", "gpt-4o", TokenUsage(four.input_tokens, 4000), config)[0]
+    )
+    legacy = {"model": "gpt-3.5-turbo-instruct", "prompt": "hi", "n": 2, "best_of": 3}
+    assert _req("openai", "/v1/completions", legacy, config).max_output_tokens == 3000
+    contents = [{"role": "user", "parts": [{"text": "hi"}]}]
+    for key in ("candidateCount", "candidate_count"):
+        body = {"contents": contents, "generationConfig": {key: 3}}
+        r = _req("gemini", "/v1beta/models/gemini-2.5-flash:generateContent", body, config)
+        assert r.max_output_tokens == 3000
+
+
 def test_openai_responses_input_forms():
     r = _req(
         "openai",
