@@ -253,7 +253,8 @@ def _build(
         "decisions": counts,
         "anomalies": found,
         "spend": _spend(reader, floor, run, budgets),
-        "denials": _denials(reader, where, params),
+        "denials": _denials(reader, where, params),  # the latest MAX_DENIALS
+        "denials_total": counts["deny"] + counts["would_deny"],
     }
 
 

@@ -665,3 +665,20 @@ def test_a_report_reads_the_ledger_as_of_one_moment(
     assert run["allowed"] == data["decisions"]["allow"] == 1
     (budget,) = data["budgets"]
     assert budget["spent"]["requests"] == 1
+
+
+def test_the_report_says_how_many_denials_it_left_out(
+    seed: Seeder, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only the latest denials are listed; the page's heading said "Denials 500" of 1,597."""
+    monkeypatch.setattr(report, "MAX_DENIALS", 2)
+    for n in range(3):
+        seed.call(run=f"d{n}", deny=("not_authorized", "a rule refused it"))
+    data = report.build(str(seed.path), now=seed.now + 60)
+    assert len(data["denials"]) == 2 and data["denials_total"] == 3
+    page = tmp_path / "report.html"
+    assert main(["report", "--db", str(seed.path), "--html", str(page)]) == 0
+    require_chromium()
+    dom = parse(dump_dom(page, tmp_path))
+    (heading,) = [h for h in dom.find("h2") if "Denials" in h["text"]]
+    assert "latest 2 of 3" in heading["text"]

@@ -335,7 +335,9 @@
 
   // --- denials -----------------------------------------------------------------------------
   var denials = data.denials || [];
-  var denialSection = section("denials", "Denials", denials.length);
+  var denialsTotal = data.denials_total === undefined ? denials.length : data.denials_total;
+  var denialSection = section("denials", "Denials", denials.length < denialsTotal ?
+    "latest " + fmtInt(denials.length) + " of " + fmtInt(denialsTotal) : denials.length);
   if (!denials.length) {
     denialSection.appendChild(el("p", { "class": "empty" }, "Nothing was denied, or would have been."));
   } else {
