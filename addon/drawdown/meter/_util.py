@@ -184,6 +184,10 @@ class ParsedRequest:
     rewritten_body: bytes | None = None
     strip_usage_chunk: bool = False
     expected_extras: dict[str, int] = field(default_factory=dict)
+    # Units billed per call that the request may spend (a server tool's searches): reserved
+    # in the estimate only, since the answer reports what was spent (expected_extras are
+    # charged even when it reports none).
+    reserved_extras: dict[str, int] = field(default_factory=dict)
     price_context: dict[str, str] = field(default_factory=dict)
     # Other models the call may bill (the Responses API's image_generation tool): model ->
     # output image tokens reserved on it. Their input is reserved as the call's own input.

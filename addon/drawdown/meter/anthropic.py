@@ -46,6 +46,8 @@ REQUEST_OVERHEAD = 6
 # (search results) is billed too but cannot be known before the call.
 THINKING_TOKENS = 30
 SERVER_TOOL_TOKENS = {"web_search_": 2300, "tool_search_tool_": 200, "advisor_": 750}
+# Searches reserved for a web_search tool that sets no max_uses (the model decides how many).
+WEB_SEARCHES_RESERVED = 5
 
 _VERTEX = re.compile(r"/publishers/anthropic/models/([^/:]+):(streamRawPredict|rawPredict)$")
 
@@ -110,6 +112,11 @@ def parse_request(body: dict[str, Any], path_model: str | None, path_stream: boo
             for prefix, tokens in SERVER_TOOL_TOKENS.items():
                 if isinstance(ttype, str) and ttype.startswith(prefix):
                     prompt.exact += tokens
+            if isinstance(ttype, str) and ttype.startswith("web_search_"):
+                # Billed per search ($10 per 1,000): up to max_uses, else a few.
+                uses = opt_int(tool, "max_uses") or WEB_SEARCHES_RESERVED
+                reserved = parsed.reserved_extras
+                reserved["web_search_calls"] = reserved.get("web_search_calls", 0) + uses
     if dig(body, "thinking", "type") in ("enabled", "adaptive"):
         prompt.exact += THINKING_TOKENS
     fmt = dig(body, "output_format", "schema") or dig(body, "output_config", "format", "schema")

@@ -462,13 +462,16 @@ def _estimate_parsed(
         input_audio_tokens=min(parsed.input_audio_tokens, input_tokens),
     )
     context = {**parsed.price_context, **batch_results.BATCH} if batch else parsed.price_context
+    extras = dict(parsed.expected_extras)
+    for key, n in parsed.reserved_extras.items():
+        extras[key] = max(extras.get(key, 0), n)
     nanos, priced = price_usage(
         provider,
         priced_as,
         usage,
         config,
         price_override,
-        extras=parsed.expected_extras,
+        extras=extras,
         price_context=context,
         matched=matched,
     )

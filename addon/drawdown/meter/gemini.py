@@ -46,6 +46,12 @@ BUILTIN_TOOL_TOKENS = {
 
 # A model (`/models/{m}`), an AI Studio tuned model (`/tunedModels/{m}`) or a Vertex endpoint a
 # model is deployed to (`/projects/{p}/locations/{l}/endpoints/{id}`), then `:{action}`.
+_SEARCH_TOOLS = (
+    "googleSearch",
+    "google_search",
+    "googleSearchRetrieval",
+    "google_search_retrieval",
+)
 _MODEL_ACTION = re.compile(r"/(models|tunedModels|endpoints)/([^/:]+):([A-Za-z]+)$")
 _ENDPOINTS = {
     "generateContent": "generateContent",
@@ -126,6 +132,9 @@ def parse_request(endpoint: str, model: str | None, body: dict[str, Any]) -> Par
             for key, tokens in BUILTIN_TOOL_TOKENS.items():
                 if key in tool:
                     prompt.exact += tokens
+            if any(key in tool for key in _SEARCH_TOOLS):
+                # Grounding is billed per grounded prompt (Gemini 2.x; per query on 3): one.
+                parsed.reserved_extras["web_search_calls"] = 1
     config = _g(body, "generationConfig", "generation_config")
     if config is not None and not isinstance(config, dict):
         raise MeterRequestError(f"generationConfig must be an object, not {kind(config)}")

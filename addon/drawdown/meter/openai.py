@@ -271,6 +271,11 @@ def _responses_request(body: dict[str, Any], parsed: ParsedRequest) -> None:
     if body.get("tools"):
         prompt.add(body["tools"])
         _image_tool_reserve(body["tools"], parsed)
+        if any(
+            isinstance(t, dict) and str(t.get("type", "")).startswith("web_search")
+            for t in items(body["tools"])
+        ):
+            parsed.reserved_extras["web_search_calls"] = 1  # billed per call: one reserved
     fmt = dig(body, "text", "format")
     if isinstance(fmt, dict) and fmt.get("schema"):
         prompt.add(fmt["schema"])

@@ -22,7 +22,7 @@ from drawdown.meter import (
     price_usage,
     unread_request,
 )
-from drawdown.meter.anthropic import TOOLS_SYSTEM_PROMPT_TOKENS
+from drawdown.meter.anthropic import TOOLS_SYSTEM_PROMPT_TOKENS, WEB_SEARCHES_RESERVED
 from drawdown.meter.tokens import count_texts
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -288,6 +288,74 @@ def test_each_answer_asked_for_is_reserved_the_default_cap():
         body = {"contents": contents, "generationConfig": {key: 3}}
         r = _req("gemini", "/v1beta/models/gemini-2.5-flash:generateContent", body, config)
         assert r.max_output_tokens == 3000
+
+
+@pytest.mark.parametrize(
+    ("provider", "path", "body", "model", "searches"),
+    [
+        (
+            "anthropic",
+            "/v1/messages",
+            {
+                "model": "claude-haiku-4-5",
+                "max_tokens": 300,
+                "messages": [{"role": "user", "content": "news?"}],
+                "tools": [{"type": "web_search_20250305", "name": "web_search", "max_uses": 7}],
+            },
+            "claude-haiku-4-5",
+            7,
+        ),
+        (
+            "anthropic",
+            "/v1/messages",
+            {
+                "model": "claude-haiku-4-5",
+                "max_tokens": 300,
+                "messages": [{"role": "user", "content": "news?"}],
+                "tools": [{"type": "web_search_20250305", "name": "web_search"}],
+            },
+            "claude-haiku-4-5",
+            WEB_SEARCHES_RESERVED,
+        ),
+        (
+            "openai",
+            "/v1/responses",
+            {"model": "gpt-4.1", "input": "news?", "tools": [{"type": "web_search"}]},
+            "gpt-4.1",
+            1,
+        ),
+        (
+            "gemini",
+            "/v1beta/models/gemini-2.5-flash:generateContent",
+            {"contents": [{"parts": [{"text": "news?"}]}], "tools": [{"google_search": {}}]},
+            "gemini-2.5-flash",
+            1,
+        ),
+    ],
+)
+def test_a_server_search_tools_fee_is_reserved_not_charged_unspent(
+    provider, path, body, model, searches
+):
+    """Anthropic's web_search (max_uses, else a few), the Responses API's web_search and
+    Gemini's Google Search grounding bill per search: the estimate reserves them (before: $0
+    reserved for them). An answer that reports none is charged none."""
+    r = _req(provider, path, body)
+    tokens = TokenUsage(r.input_tokens, r.max_output_tokens)
+    with_fee = price_usage(provider, model, tokens, CONFIG, extras={"web_search_calls": searches})
+    assert r.estimate_usd_nanos == with_fee[0] > price_usage(provider, model, tokens, CONFIG)[0]
+    assert dict(r.expected_extras) == {}
+    answers = {
+        "anthropic": {
+            "model": model,
+            "content": [],
+            "usage": {"input_tokens": 9, "output_tokens": 2},
+        },
+        "openai": {"model": model, "output": [], "usage": {"input_tokens": 9, "output_tokens": 2}},
+        "gemini": {"usageMetadata": {"promptTokenCount": 9, "candidatesTokenCount": 2}},
+    }
+    m = measure_body(r, 200, json.dumps(answers[provider]).encode(), CONFIG)
+    assert dict(m.extras) == {}
+    assert m.usd_nanos == price_usage(provider, model, TokenUsage(9, 2), CONFIG)[0]
 
 
 def test_openai_responses_input_forms():
