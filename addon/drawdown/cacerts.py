@@ -3,18 +3,25 @@
 Pointing SSL_CERT_FILE at mitmproxy's CA alone would break every other TLS connection
 the agent makes; the bundle keeps them working. The JVM reads no PEM bundle, so the same
 certificates are also written as a PKCS#12 truststore (`javax.net.ssl.trustStore`).
+
+The proxy (`drawdown run`) loads, or mints, the CA and its key; an agent (`drawdown env`)
+needs only the CA's public certificate and never makes one, so that an agent pod handed that
+certificate alone trusts the proxy's CA, not one of its own.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import re
 import ssl
+import uuid
 import warnings
 from pathlib import Path
 
-CA_CERT = "mitmproxy-ca-cert.pem"
+CA_KEY = "mitmproxy-ca.pem"  # mitmproxy's CA: its private key, then its certificate(s)
+CA_CERT = "mitmproxy-ca-cert.pem"  # the public certificate alone, what agents are given
 BUNDLE = "drawdown-ca-bundle.pem"
 TRUSTSTORE = "drawdown-ca-truststore.p12"
 _PEM = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL)
@@ -22,6 +29,28 @@ _PEM = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", r
 
 class CAUnusable(Exception):
     """The confdir cannot hold a CA, or the CA in it cannot be read: said in one line."""
+
+
+class BundleUnwritable(CAUnusable):
+    """The agents' bundle cannot be written in `folder`; each caller says what to do."""
+
+    def __init__(self, folder: Path, reason: str) -> None:
+        super().__init__(f"cannot write the agents' CA bundle in {folder} ({reason})")
+        self.folder = folder
+        self.reason = reason
+
+
+def _reason(exc: BaseException) -> str:
+    text = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    return text.split(". ")[0]
+
+
+def certificates(pem: bytes) -> bytes:
+    """The PEM certificates in `pem`, and nothing else: a CA file's private key never leaves it."""
+    return b"".join(block + b"\n" for block in _PEM.findall(pem))
+
+
+# --- the proxy's side: the CA and its key ------------------------------------------------
 
 
 def ensure_ca(confdir: Path) -> Path:
@@ -62,6 +91,74 @@ def ensure_ca(confdir: Path) -> Path:
     return cert
 
 
+# --- the agents' side: the public certificate --------------------------------------------
+
+
+def agent_ca(confdir: Path | None = None, ca_cert: Path | None = None) -> bytes:
+    """The proxy CA's certificates for agents, read from `ca_cert` or from `confdir`, and
+    never made: a CA made here would be trusted by agents and used by no proxy."""
+    if ca_cert is not None:
+        try:
+            found = certificates(ca_cert.read_bytes())
+        except OSError as exc:
+            raise CAUnusable(f"--ca-cert {ca_cert} cannot be read ({_reason(exc)})") from None
+        if not _valid(found):
+            raise CAUnusable(
+                f"--ca-cert {ca_cert} holds no PEM certificate: give it the proxy's {CA_CERT}"
+            )
+        return found
+    assert confdir is not None
+    if confdir.exists() and not confdir.is_dir():
+        raise CAUnusable(f"--confdir {confdir} cannot be used: it is not a directory")
+    # The CA file itself first, as the proxy serves it (its certificates only): on the proxy's
+    # host that keeps one bundle for `run` and `env`. An agent has only the certificate.
+    problems = []
+    for name in (CA_KEY, CA_CERT):
+        try:
+            found = certificates((confdir / name).read_bytes())
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            problems.append(f"{name}: {_reason(exc)}")
+            continue
+        if _valid(found):
+            return found
+        problems.append(f"{name}: no certificate in it")
+    raise CAUnusable(
+        f"no CA certificate in {confdir}"
+        + (f" ({'; '.join(problems)})" if problems else "")
+        + f": the proxy's host has it, as {CA_CERT} in the --confdir of its `drawdown run` "
+        "(made when the proxy first starts); run `drawdown env` there, or copy that file to "
+        "this host and pass it with --ca-cert FILE"
+    )
+
+
+def _valid(pem: bytes) -> bool:
+    from cryptography import x509
+
+    try:
+        return bool(x509.load_pem_x509_certificates(pem))
+    except ValueError:
+        return False
+
+
+def cache_folder(ca_pem: bytes) -> Path:
+    """Where `drawdown env` writes a bundle for a CA whose confdir it may not write: one folder
+    per CA in the user's cache ($XDG_CACHE_HOME, else ~/.cache), so two proxies' CAs never
+    share a bundle."""
+    base = os.environ.get("XDG_CACHE_HOME", "")
+    try:
+        root = Path(base) if os.path.isabs(base) else Path.home() / ".cache"
+    except RuntimeError:  # no home directory to find
+        raise CAUnusable(
+            "no cache folder for the agents' CA bundle (no home directory): give --bundle-dir DIR"
+        ) from None
+    return root / "drawdown" / f"ca-{hashlib.sha256(ca_pem).hexdigest()[:16]}"
+
+
+# --- the bundle --------------------------------------------------------------------------
+
+
 def system_ca_file() -> Path | None:
     candidates = [
         os.environ.get("DRAWDOWN_SYSTEM_CA"),
@@ -81,39 +178,46 @@ def system_ca_file() -> Path | None:
         return None
 
 
-def ca_bundle(confdir: Path) -> Path:
-    """Write (or refresh) the bundle of system CAs + drawdown's CA and return its path."""
-    cert = ensure_ca(confdir)
+def write_bundle(folder: Path, ca_pem: bytes) -> Path:
+    """Write (or leave, when current) the bundle of system CAs + `ca_pem`, and its Java
+    truststore, in `folder`; the bundle's path. BundleUnwritable when the folder refuses."""
     system = system_ca_file()
     parts = [system.read_text()] if system else []
-    parts.append(cert.read_text())
-    bundle = confdir / BUNDLE
+    parts.append(ca_pem.decode("ascii"))
+    bundle = folder / BUNDLE
     text = "\n".join(p.rstrip("\n") + "\n" for p in parts)
     try:
         current = bundle.read_text()
     except (OSError, UnicodeDecodeError):
         current = None  # missing or unreadable: written afresh
-    truststore = confdir / TRUSTSTORE
-    if current != text:
-        _replace(bundle, text.encode(), confdir, "CA bundle")
-    if current != text or not truststore.is_file():
-        _replace(truststore, java_truststore(text.encode()), confdir, "Java truststore")
+    truststore = folder / TRUSTSTORE
+    try:
+        if current != text or not truststore.is_file():
+            folder.mkdir(parents=True, exist_ok=True)
+        if current != text:
+            _replace(bundle, text.encode())
+        if current != text or not truststore.is_file():
+            _replace(truststore, java_truststore(text.encode()))
+    except OSError as exc:
+        raise BundleUnwritable(folder, _reason(exc)) from None
     return bundle
 
 
-def _replace(path: Path, data: bytes, confdir: Path, what: str) -> None:
+def ca_bundle(confdir: Path) -> Path:
+    """The proxy's side: its CA, loaded or minted, and the agents' bundle beside it."""
+    return write_bundle(confdir, certificates(ensure_ca(confdir).read_bytes()))
+
+
+def _replace(path: Path, data: bytes) -> None:
     """Write `path` whole or not at all: an agent starting meanwhile reads the old file."""
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
     try:
         tmp.write_bytes(data)
         tmp.replace(path)
-    except OSError as exc:
+    except OSError:
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
-        raise CAUnusable(
-            f"cannot write the agents' {what} {path} ({exc.strerror or exc}): "
-            f"make {confdir} writable, or choose another --confdir"
-        ) from None
+        raise
 
 
 def java_truststore(pem: bytes) -> bytes:

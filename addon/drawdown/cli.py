@@ -19,6 +19,7 @@ from .eventloop import EventLoop
 DEFAULT_LISTEN = "127.0.0.1:8080"
 DEFAULT_DB = "./drawdown.db"
 DEFAULT_CONFDIR = "~/.drawdown"
+CA_CERT = "mitmproxy-ca-cert.pem"  # as cacerts names it; not imported, for a quick --help
 
 
 class UsageError(Exception):
@@ -338,12 +339,11 @@ def cmd_env(args: argparse.Namespace) -> int:
             f"--listen {args.listen}: port 0 means a free port, chosen when `drawdown run` "
             "starts; give `env` the port `run` printed (drawdown listening on http://HOST:PORT)"
         )
-    # Absolute: the agent that evals these lines may start in another directory.
-    bundle = _ready_ca(Path(args.confdir).expanduser().absolute())
-    credentials = ""
     if args.run and not args.agent:
         # The run travels as the proxy password, which needs a user name beside it.
         raise UsageError("--run needs --agent: the run id is sent as the proxy password")
+    bundle = _agent_bundle(args)
+    credentials = ""
     if args.agent:
         from urllib.parse import quote
 
@@ -356,6 +356,40 @@ def cmd_env(args: argparse.Namespace) -> int:
 
     _java_options(host, port, bundle.parent / TRUSTSTORE)
     return 0
+
+
+def _agent_bundle(args: argparse.Namespace) -> Path:
+    """The agents' bundle (absolute: the agent that evals the exports may start elsewhere).
+    The CA's certificate is read, from --ca-cert or the confdir, and never made: a CA made
+    here would be one no proxy uses. The bundle goes to --bundle-dir; else beside the
+    certificate in the confdir, or, when that folder refuses it (a read-only mount) or the
+    certificate came with --ca-cert, to a folder of the user's cache for that CA."""
+    from .cacerts import BundleUnwritable, CAUnusable, agent_ca, cache_folder, write_bundle
+
+    confdir = Path(args.confdir).expanduser().absolute()
+    ca_cert = Path(args.ca_cert).expanduser().absolute() if args.ca_cert else None
+    try:
+        ca = agent_ca(confdir, ca_cert)
+        if args.bundle_dir:
+            folder = Path(args.bundle_dir).expanduser().absolute()
+        elif ca_cert:
+            folder = cache_folder(ca)
+        else:
+            try:
+                return write_bundle(confdir, ca)
+            except BundleUnwritable as exc:
+                folder = cache_folder(ca)
+                print(
+                    f"drawdown: {confdir} cannot take the agents' CA bundle ({exc.reason}); "
+                    f"it is written to {folder} instead (--bundle-dir DIR to choose)",
+                    file=sys.stderr,
+                )
+        try:
+            return write_bundle(folder, ca)
+        except BundleUnwritable as exc:
+            raise CAUnusable(f"{exc}: give --bundle-dir a folder this user can write") from None
+    except CAUnusable as exc:
+        raise UsageError(str(exc)) from None
 
 
 def _connectable(host: str) -> str:
@@ -807,7 +841,23 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=cmd_run)
 
     env = commands.add_parser("env", help="print the exports an unmodified agent needs")
-    env.add_argument("--confdir", default=DEFAULT_CONFDIR)
+    source = env.add_mutually_exclusive_group()
+    source.add_argument(
+        "--confdir",
+        default=DEFAULT_CONFDIR,
+        help=f"the proxy's confdir, or a folder holding its {CA_CERT} [{DEFAULT_CONFDIR}]",
+    )
+    source.add_argument(
+        "--ca-cert",
+        metavar="FILE",
+        help=f"the proxy CA's certificate (its confdir's {CA_CERT}), copied to this host",
+    )
+    env.add_argument(
+        "--bundle-dir",
+        metavar="DIR",
+        help="where to write the agents' CA bundle and Java truststore [the confdir; with "
+        "--ca-cert, or when the confdir cannot be written, ~/.cache/drawdown/ca-…]",
+    )
     env.add_argument(
         "--listen",
         default=DEFAULT_LISTEN,
@@ -915,7 +965,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Arguments that name files: POSIX file names are bytes, and Python passes one that is not UTF-8
 # on to the OS unchanged, so such a name still finds its file. A PostgreSQL DSN is text.
-_FILE_ARGUMENTS = frozenset({"policy", "paths", "confdir", "html", "db"})
+_FILE_ARGUMENTS = frozenset({"policy", "paths", "confdir", "ca_cert", "bundle_dir", "html", "db"})
 
 
 def _refuse_undecodable(args: argparse.Namespace) -> None:

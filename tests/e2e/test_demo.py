@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from drawdown.cacerts import ensure_ca
 
 pytestmark = pytest.mark.e2e
 
@@ -57,6 +58,7 @@ def test_the_demo_runs_in_a_shell_that_evaled_drawdown_env_for_another_proxy(
     with socket.socket() as closed:  # a port nothing listens on once this socket closes
         closed.bind(("127.0.0.1", 0))
         port = closed.getsockname()[1]
+    ensure_ca(tmp_path)  # the other proxy's CA: `env` reads it, and never makes one
     python = shlex.quote(sys.executable)
     script = (
         f'eval "$({python} -m drawdown env --confdir {shlex.quote(str(tmp_path))} '

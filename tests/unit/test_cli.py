@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from drawdown.cacerts import ensure_ca
 from drawdown.cli import UsageError, main, parse_listen
 from drawdown.ledger.api import SCHEMA_VERSION, Amount, BatchHold, Claim, Completion, DecisionRow
 from drawdown.ledger.sqlite import SQLiteLedger
@@ -35,6 +36,7 @@ def test_check_valid_and_invalid(tmp_path: Path, capsys: pytest.CaptureFixture[s
 
 def test_env_prints_what_an_agent_needs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     confdir = tmp_path / "conf"
+    ensure_ca(confdir)  # as `drawdown run` makes it
     assert (
         main(
             [
@@ -96,6 +98,7 @@ def test_env_says_when_jvm_agents_cannot_be_configured(
 ) -> None:
     """The JVM splits JAVA_TOOL_OPTIONS on whitespace: a truststore path with a space would
     have become two broken options in every JVM the shell starts."""
+    ensure_ca(tmp_path / "my conf")
     assert main(["env", "--confdir", str(tmp_path / "my conf")]) == 0
     out, err = capsys.readouterr()
     assert "JAVA_TOOL_OPTIONS" not in out and "export SSL_CERT_FILE=" in out
@@ -285,6 +288,7 @@ def test_listen_takes_ipv6_in_brackets_and_env_writes_it_so(
     assert parse_listen("[::1]:9090") == ("::1", 9090)
     with pytest.raises(UsageError, match=r"in brackets: \[::1\]:8080"):
         parse_listen("::1")  # once read as host ':' and port 1
+    ensure_ca(tmp_path)
     assert main(["env", "--confdir", str(tmp_path), "--listen", "[::1]:9090"]) == 0
     assert "export HTTPS_PROXY='http://[::1]:9090'" in capsys.readouterr().out.splitlines()
 
@@ -314,6 +318,7 @@ def test_env_for_a_proxy_on_every_address_names_one_an_agent_can_reach(
 
     monkeypatch.setattr(socket, "getfqdn", lambda name="": fqdn)
     monkeypatch.setattr(socket, "gethostname", lambda: hostname)
+    ensure_ca(tmp_path)
     assert main(["env", "--confdir", str(tmp_path), "--listen", listen, "--agent", "a"]) == 0
     out, err = capsys.readouterr()
     lines = dict(line.removeprefix("export ").split("=", 1) for line in out.splitlines())
@@ -327,6 +332,7 @@ def test_env_for_a_proxy_on_every_address_names_one_an_agent_can_reach(
 def test_env_for_a_proxy_on_one_address_keeps_it_and_says_nothing(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    ensure_ca(tmp_path)
     for listen, url in (
         ("10.1.2.3:9090", "http://10.1.2.3:9090"),
         ("proxy:9090", "http://proxy:9090"),
@@ -647,6 +653,7 @@ def test_env_names_the_ca_bundle_by_an_absolute_path(
 ) -> None:
     """The agent that evals these lines may start in another directory."""
     monkeypatch.chdir(tmp_path)
+    ensure_ca(tmp_path / "conf")
     assert main(["env", "--confdir", "conf", "--listen", "127.0.0.1:9090"]) == 0
     lines = dict(
         line.removeprefix("export ").split("=", 1) for line in capsys.readouterr().out.splitlines()
@@ -768,8 +775,6 @@ def test_env_refuses_a_run_without_an_agent(
 
 
 def test_the_ca_is_created_once_so_every_worker_loads_the_same_one(tmp_path: Path) -> None:
-    from drawdown.cacerts import ensure_ca
-
     confdir = tmp_path / "confdir"
     ensure_ca(confdir)
     ca = confdir / "mitmproxy-ca.pem"
@@ -796,6 +801,12 @@ def test_a_broken_ca_is_one_line_before_anything_starts(
     assert main(argv) == 2
     out, err = capsys.readouterr()
     assert out == ""
+    if command == "env":  # env reads no key: it wants a certificate, and there is none
+        assert err.startswith(
+            f"drawdown: no CA certificate in {confdir} (mitmproxy-ca.pem: no certificate in it): "
+        )
+        assert err.count("\n") == 1
+        return
     assert err == (
         f"drawdown: the CA in {confdir} cannot be read (Unable to load PEM file); move its "
         "mitmproxy-ca*.pem files away to mint a new CA, then rerun `drawdown env` so that "
@@ -1211,20 +1222,17 @@ def read_only(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[Path], None
         directory.chmod(0o755)
 
 
-@pytest.mark.parametrize("command", ["run", "env"])
 def test_an_empty_confdir_that_cannot_be_written_is_named_so(
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
     read_only: Callable[[Path], None],
     no_proxy: None,
-    command: str,
 ) -> None:
     """It said the CA there "cannot be read" and to move its files away: there were none."""
     confdir = tmp_path / "conf"
     confdir.mkdir()
     read_only(confdir)
-    argv = run_args(tmp_path, confdir) if command == "run" else ["env", "--confdir", str(confdir)]
-    assert main(argv) == 2
+    assert main(run_args(tmp_path, confdir)) == 2
     out, err = capsys.readouterr()
     assert out == ""
     assert err == (
@@ -1233,15 +1241,166 @@ def test_an_empty_confdir_that_cannot_be_written_is_named_so(
     )
 
 
+def _exports(out: str) -> dict[str, str]:
+    return dict(line.removeprefix("export ").split("=", 1) for line in out.splitlines())
+
+
+@pytest.fixture
+def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The user's cache (XDG_CACHE_HOME), where `env` writes a bundle no confdir takes."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    return tmp_path / "cache" / "drawdown"
+
+
+NO_CA = (
+    "no CA certificate in {confdir}: the proxy's host has it, as mitmproxy-ca-cert.pem in the "
+    "--confdir of its `drawdown run` (made when the proxy first starts); run `drawdown env` "
+    "there, or copy that file to this host and pass it with --ca-cert FILE"
+)
+
+
+@pytest.mark.parametrize("confdir_is", ["absent", "empty"])
+def test_env_never_makes_a_ca(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], confdir_is: str
+) -> None:
+    """env made a CA wherever it found none: in an agent pod, over the certificate shipped
+    there, with exit 0 and not a word, and the agent then trusted a CA no proxy used."""
+    confdir = tmp_path / "conf"
+    if confdir_is == "empty":
+        confdir.mkdir()
+    assert main(["env", "--confdir", str(confdir)]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err == f"drawdown: {NO_CA.format(confdir=confdir)}\n"
+    assert list(confdir.iterdir()) == [] if confdir_is == "empty" else not confdir.exists()
+
+
+def test_env_takes_a_confdir_holding_the_certificate_alone(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An agent pod's copy of the proxy's certificate (a ConfigMap), as `--confdir`."""
+    ensure_ca(tmp_path / "proxy")
+    shipped = (tmp_path / "proxy" / "mitmproxy-ca-cert.pem").read_bytes()
+    pod = tmp_path / "pod"
+    pod.mkdir()
+    (pod / "mitmproxy-ca-cert.pem").write_bytes(shipped)
+    assert main(["env", "--confdir", str(pod)]) == 0
+    out, err = capsys.readouterr()
+    assert err == ""
+    bundle = Path(_exports(out)["SSL_CERT_FILE"])
+    assert bundle == pod / "drawdown-ca-bundle.pem" and shipped in bundle.read_bytes()
+    assert (pod / "mitmproxy-ca-cert.pem").read_bytes() == shipped
+    assert sorted(p.name for p in pod.iterdir()) == [
+        "drawdown-ca-bundle.pem",
+        "drawdown-ca-truststore.p12",
+        "mitmproxy-ca-cert.pem",
+    ]
+
+
+def test_env_takes_the_certificate_from_anywhere_with_ca_cert(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], cache: Path
+) -> None:
+    """--ca-cert: the bundle goes to the user's cache, a folder per CA, or to --bundle-dir."""
+    from drawdown.cacerts import BUNDLE, TRUSTSTORE
+
+    ensure_ca(tmp_path / "proxy")
+    cert = tmp_path / "shipped.pem"
+    cert.write_bytes((tmp_path / "proxy" / "mitmproxy-ca-cert.pem").read_bytes())
+    assert main(["env", "--ca-cert", str(cert)]) == 0
+    out, err = capsys.readouterr()
+    (folder,) = cache.iterdir()
+    assert err == "" and folder.name.startswith("ca-")
+    lines = _exports(out)
+    assert lines["SSL_CERT_FILE"] == str(folder / BUNDLE)
+    assert cert.read_text().strip() in (folder / BUNDLE).read_text()
+    assert f"-Djavax.net.ssl.trustStore={folder / TRUSTSTORE} " in lines["JAVA_TOOL_OPTIONS"]
+    ensure_ca(tmp_path / "other")  # another proxy's CA: never the same bundle
+    assert main(["env", "--ca-cert", str(tmp_path / "other" / "mitmproxy-ca-cert.pem")]) == 0
+    assert len(list(cache.iterdir())) == 2
+    chosen = tmp_path / "bundles" / "here"
+    capsys.readouterr()
+    assert main(["env", "--ca-cert", str(cert), "--bundle-dir", str(chosen)]) == 0
+    assert _exports(capsys.readouterr().out)["SSL_CERT_FILE"] == str(chosen / BUNDLE)
+    assert (chosen / TRUSTSTORE).is_file()
+    # Handed the CA file itself, key and all: its certificate only reaches the bundle.
+    keyed = tmp_path / "keyed"
+    assert main(["env", "--ca-cert", str(tmp_path / "proxy" / "mitmproxy-ca.pem"),
+                 "--bundle-dir", str(keyed)]) == 0  # fmt: skip
+    assert cert.read_bytes() in (keyed / BUNDLE).read_bytes()
+    assert b"PRIVATE KEY" not in (keyed / BUNDLE).read_bytes()
+
+
+def test_env_on_the_proxys_host_reads_the_certificate_when_the_key_is_not_its_own(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The key is 0600, the proxy's user's; another user's env wants the certificate only.
+    It said "the CA … cannot be read; move its mitmproxy-ca*.pem files away"."""
+    confdir = tmp_path / "conf"
+    ensure_ca(confdir)
+    read_bytes = Path.read_bytes
+
+    def not_ours(self: Path) -> bytes:
+        if self == confdir / "mitmproxy-ca.pem":
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))
+        return read_bytes(self)
+
+    monkeypatch.setattr(Path, "read_bytes", not_ours)
+    assert main(["env", "--confdir", str(confdir)]) == 0
+    out, err = capsys.readouterr()
+    assert err == ""
+    cert = (confdir / "mitmproxy-ca-cert.pem").read_text().strip()
+    assert cert in Path(_exports(out)["SSL_CERT_FILE"]).read_text()
+
+
+@pytest.mark.parametrize("problem", ["missing", "no certificate", "both sources"])
+def test_env_names_a_certificate_it_cannot_use(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], problem: str
+) -> None:
+    cert = tmp_path / "ca.pem"
+    if problem == "no certificate":
+        cert.write_text("not a certificate\n")
+    argv = ["env", "--ca-cert", str(cert)]
+    if problem == "both sources":  # which one would it be? argparse says no
+        with pytest.raises(SystemExit) as exited:
+            main([*argv, "--confdir", str(tmp_path)])
+        assert exited.value.code == 2
+        assert "argument --confdir: not allowed with argument --ca-cert" in capsys.readouterr().err
+        return
+    assert main(argv) == 2
+    out, err = capsys.readouterr()
+    reason = (
+        "cannot be read (No such file or directory)"
+        if problem == "missing"
+        else "holds no PEM certificate: give it the proxy's mitmproxy-ca-cert.pem"
+    )
+    assert out == "" and err == f"drawdown: --ca-cert {cert} {reason}\n"
+
+
+def test_env_says_when_the_bundle_dir_cannot_be_written(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], read_only: Callable[[Path], None]
+) -> None:
+    ensure_ca(tmp_path / "conf")
+    chosen = tmp_path / "bundles"
+    chosen.mkdir()
+    read_only(chosen)
+    argv = ["env", "--confdir", str(tmp_path / "conf"), "--bundle-dir", str(chosen)]
+    assert main(argv) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err == (
+        f"drawdown: cannot write the agents' CA bundle in {chosen} (Permission denied): "
+        "give --bundle-dir a folder this user can write\n"
+    )
+
+
 @pytest.mark.parametrize("bundle", ["missing", "stale"])
-def test_a_read_only_confdir_that_cannot_take_the_bundle_is_one_line(
+def test_env_on_a_read_only_confdir_writes_the_bundle_in_the_users_cache(
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
     read_only: Callable[[Path], None],
+    cache: Path,
     bundle: str,
 ) -> None:
-    """A valid CA and a missing or stale bundle in a read-only confdir: a PermissionError
-    traceback from writing the bundle."""
+    """A valid CA and a missing or stale bundle in a read-only confdir (a mounted Secret or
+    ConfigMap): env stopped, to "make it writable". It needs only to read the certificate."""
     from drawdown.cacerts import BUNDLE, ca_bundle
 
     confdir = tmp_path / "conf"
@@ -1250,14 +1409,45 @@ def test_a_read_only_confdir_that_cannot_take_the_bundle_is_one_line(
         (confdir / BUNDLE).unlink()
     else:
         (confdir / BUNDLE).write_text("an older CA\n")
+    before = {p.name: p.read_bytes() for p in confdir.iterdir()}
     read_only(confdir)
-    assert main(["env", "--confdir", str(confdir)]) == 2
+    assert main(["env", "--confdir", str(confdir)]) == 0
     out, err = capsys.readouterr()
-    assert out == ""
+    (folder,) = cache.iterdir()
     assert err == (
-        f"drawdown: cannot write the agents' CA bundle {confdir / BUNDLE} (Permission denied): "
-        f"make {confdir} writable, or choose another --confdir\n"
+        f"drawdown: {confdir} cannot take the agents' CA bundle (Permission denied); it is "
+        f"written to {folder} instead (--bundle-dir DIR to choose)\n"
     )
+    assert _exports(out)["SSL_CERT_FILE"] == str(folder / BUNDLE)
+    cert = (confdir / "mitmproxy-ca-cert.pem").read_text().strip()
+    assert cert in (folder / BUNDLE).read_text()
+    assert {p.name: p.read_bytes() for p in confdir.iterdir()} == before
+
+
+def test_two_envs_writing_one_bundle_at_once_both_succeed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Agents of one pod starting together share the cache's bundle. With one temporary name
+    for all, a second writer's rename took the first's file away (env failed), or its write
+    truncated the file the first was renaming into place (an agent read half a bundle)."""
+    from drawdown.cacerts import BUNDLE, write_bundle
+
+    ensure_ca(tmp_path / "conf")
+    ca = (tmp_path / "conf" / "mitmproxy-ca-cert.pem").read_bytes()
+    folder = tmp_path / "shared"
+    replace = Path.replace
+    other: list[Path] = []
+
+    def interleaved(self: Path, target: Path) -> Path:
+        if not other:  # the other agent writes all of its own between this one's write and rename
+            other.append(folder)
+            other.append(write_bundle(folder, ca))
+        return replace(self, target)
+
+    monkeypatch.setattr(Path, "replace", interleaved)
+    bundle = write_bundle(folder, ca)
+    assert other == [folder, bundle] and ca in bundle.read_bytes()
+    assert sorted(p.name for p in folder.iterdir()) == [BUNDLE, "drawdown-ca-truststore.p12"]
 
 
 @pytest.mark.parametrize("method", ["GE T", "", "GET\r\n", "G/ET", "GÉT", "(GET)"])
