@@ -4,27 +4,33 @@ Pointing SSL_CERT_FILE at mitmproxy's CA alone would break every other TLS conne
 the agent makes; the bundle keeps them working. The JVM reads no PEM bundle, so the same
 certificates are also written as a PKCS#12 truststore (`javax.net.ssl.trustStore`).
 
-The proxy (`drawdown run`) loads, or mints, the CA and its key; an agent (`drawdown env`)
-needs only the CA's public certificate and never makes one, so that an agent pod handed that
-certificate alone trusts the proxy's CA, not one of its own.
+Two sides, kept apart: the proxy (`drawdown run`) loads, or mints, the CA and its key;
+an agent (`drawdown env`) needs only the CA's public certificate and never makes one, so
+that an agent pod handed that certificate alone trusts the proxy's CA, not one of its own.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import re
+import shutil
 import ssl
+import tempfile
 import uuid
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 CA_KEY = "mitmproxy-ca.pem"  # mitmproxy's CA: its private key, then its certificate(s)
 CA_CERT = "mitmproxy-ca-cert.pem"  # the public certificate alone, what agents are given
+DHPARAM = "mitmproxy-dhparam.pem"  # mitmproxy writes it beside the CA when it is missing
 BUNDLE = "drawdown-ca-bundle.pem"
 TRUSTSTORE = "drawdown-ca-truststore.p12"
 _PEM = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL)
+_UNREADABLE_BY_THIS_USER = (errno.EACCES, errno.EPERM)
 
 
 class CAUnusable(Exception):
@@ -53,23 +59,33 @@ def certificates(pem: bytes) -> bytes:
 # --- the proxy's side: the CA and its key ------------------------------------------------
 
 
-def ensure_ca(confdir: Path) -> Path:
-    """mitmproxy's CA certificate, created (key mode 0600) if the proxy never ran with this
-    confdir, and loaded as the proxy will load it: a broken CA is reported here, in a line,
-    rather than as a traceback from mitmproxy after the proxy announced itself."""
-    from mitmproxy.certs import CertStore
-    from mitmproxy.options import CONF_BASENAME, Options
-
+def ensure_ca(confdir: Path) -> bytes:
+    """The CA's certificates (PEM), minted (key mode 0600) if the proxy never ran with this
+    confdir, else read as the proxy will read them, and never rewritten: a broken CA is
+    reported here, in a line, rather than as a traceback from mitmproxy after the proxy
+    announced itself."""
     try:
         confdir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         reason = "it is not a directory" if confdir.exists() else exc.strerror
         raise CAUnusable(f"--confdir {confdir} cannot be used: {reason}") from None
     try:
-        minting = not (confdir / f"{CONF_BASENAME}-ca.pem").exists()
+        minting = not (confdir / CA_KEY).exists()
+        shipped_cert = minting and (confdir / CA_CERT).exists()
     except OSError as exc:  # a folder that cannot be searched
         raise CAUnusable(f"--confdir {confdir} cannot be used: {exc.strerror or exc}") from None
+    if shipped_cert:
+        # An agent's copy of the certificate (a ConfigMap mounted where the key's Secret
+        # belonged): a CA minted over it would be trusted by no agent, and silently.
+        raise CAUnusable(
+            f"--confdir {confdir} holds the CA's certificate ({CA_CERT}) but not its key "
+            f"({CA_KEY}): give `drawdown run` the confdir the CA was made in, or move "
+            f"{CA_CERT} away to mint a new CA"
+        )
     if minting:  # as CertStore.from_store would, but a failure here leaves no CA to move away
+        from mitmproxy.certs import CertStore
+        from mitmproxy.options import CONF_BASENAME, Options
+
         try:
             CertStore.create_store(confdir, CONF_BASENAME, Options().key_size)
         except OSError as exc:
@@ -77,18 +93,76 @@ def ensure_ca(confdir: Path) -> Path:
                 f"--confdir {confdir} holds no CA yet and cannot take a new one "
                 f"({exc.strerror or exc}): make it writable, or choose another --confdir"
             ) from None
+    return certificates(_read_ca(confdir))
+
+
+def _read_ca(confdir: Path) -> bytes:
+    """mitmproxy-ca.pem, checked as mitmproxy's CertStore.from_files reads it. Only a CA that
+    is there and is no CA earns the advice to mint another: that changes the CA every agent
+    trusts, which a CA this user may not read, or a read-only folder, never calls for."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    path = confdir / CA_KEY
     try:
-        CertStore.from_store(str(confdir), CONF_BASENAME, Options().key_size)
-        cert = confdir / CA_CERT
-        cert.read_bytes()
-    except (OSError, ValueError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raw = path.read_bytes()
+    except OSError as exc:
+        if exc.errno in _UNREADABLE_BY_THIS_USER:
+            raise CAUnusable(
+                f"the CA in {confdir} cannot be read by this user ({_reason(exc)}): run "
+                f"drawdown as the user that owns {path}, or let this one read it"
+            ) from None
+        raise CAUnusable(f"the CA in {confdir} cannot be read ({_reason(exc)})") from None
+    try:
+        load_pem_private_key(raw, None)
+        x509.load_pem_x509_certificates(raw)
+    except ValueError as exc:
         raise CAUnusable(
-            f"the CA in {confdir} cannot be read ({reason.split('. ')[0]}); move its "
-            f"{CONF_BASENAME}-ca*.pem files away to mint a new CA, then rerun `drawdown env` "
-            "so that agents trust it"
+            f"the CA in {confdir} cannot be read ({_reason(exc)}); if it is lost, move its "
+            "mitmproxy-ca*.pem files away to mint a new one, then give every agent the new "
+            f"certificate ({CA_CERT}, or `drawdown env` run again)"
         ) from None
-    return cert
+    return raw
+
+
+@contextlib.contextmanager
+def loadable_confdir(confdir: Path) -> Iterator[Path]:
+    """A confdir mitmproxy can load the CA from: `confdir` itself, or, when it cannot take
+    the one file mitmproxy adds beside the CA (a read-only Kubernetes Secret, say), a private
+    copy of the CA (folder 0700, key 0600) removed when the proxy stops. Call after ensure_ca."""
+    from mitmproxy.certs import DEFAULT_DHPARAM
+
+    dhparam = confdir / DHPARAM
+    try:
+        # Written here, once, rather than by each worker's mitmproxy racing to write it.
+        if not dhparam.exists():
+            dhparam.write_bytes(DEFAULT_DHPARAM)
+        in_place = True
+    except OSError:
+        in_place = False
+    if in_place:
+        yield confdir
+        return
+    try:
+        copy = Path(tempfile.mkdtemp(prefix="drawdown-ca-"))
+    except OSError as exc:
+        raise CAUnusable(
+            f"--confdir {confdir} is read-only and mitmproxy must write beside its CA; no "
+            f"private copy could be made in {tempfile.gettempdir()} ({_reason(exc)}): set "
+            "TMPDIR to a writable folder, or make the confdir writable"
+        ) from None
+    try:
+        try:
+            dh = dhparam.read_bytes()
+        except OSError:
+            dh = DEFAULT_DHPARAM
+        for name, data in ((CA_KEY, _read_ca(confdir)), (DHPARAM, dh)):
+            fd = os.open(copy / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with open(fd, "wb") as out:
+                out.write(data)
+        yield copy
+    finally:
+        shutil.rmtree(copy, ignore_errors=True)
 
 
 # --- the agents' side: the public certificate --------------------------------------------
@@ -205,7 +279,7 @@ def write_bundle(folder: Path, ca_pem: bytes) -> Path:
 
 def ca_bundle(confdir: Path) -> Path:
     """The proxy's side: its CA, loaded or minted, and the agents' bundle beside it."""
-    return write_bundle(confdir, certificates(ensure_ca(confdir).read_bytes()))
+    return write_bundle(confdir, ensure_ca(confdir))
 
 
 def _replace(path: Path, data: bytes) -> None:

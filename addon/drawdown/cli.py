@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
 import signal
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from mitmproxy.version import VERSION as MITMPROXY
@@ -117,10 +119,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     cpus = _cpus_for_workers(args)
     from .workers import REUSE_PORT_ENV
 
-    if not os.environ.get(REUSE_PORT_ENV):  # a worker shares its supervisor's port and CA
-        if port:
-            _refuse_a_port_in_use(host, port)
-        _ready_ca(Path(args.confdir).expanduser().absolute())
+    if os.environ.get(REUSE_PORT_ENV):  # a worker shares its supervisor's port and CA
+        return _serve(args, host, port, sets, cpus)
+    if port:
+        _refuse_a_port_in_use(host, port)
+    with _ready_ca(Path(args.confdir).expanduser().absolute()) as confdir:
+        args.confdir = str(confdir)  # mitmproxy's, and the workers': maybe a private copy
+        return _serve(args, host, port, sets, cpus)
+
+
+def _serve(
+    args: argparse.Namespace, host: str, port: int, sets: list[str], cpus: list[int] | None
+) -> int:
     if args.workers > 1:
         from .workers import supervise
 
@@ -159,18 +169,34 @@ def _check_sets(sets: list[str]) -> None:
             raise UsageError(f"--set wants NAME=VALUE (or NAME, for a switch), got {entry!r}")
 
 
-def _ready_ca(confdir: Path) -> Path:
-    """The CA, loaded or minted, and the agents' bundle refreshed with it; the bundle's path.
+@contextlib.contextmanager
+def _ready_ca(confdir: Path) -> Iterator[Path]:
+    """The CA, loaded or minted, the agents' bundle refreshed with it, and the confdir
+    mitmproxy loads it from: this one, or a private copy of a read-only one (a Kubernetes
+    Secret), removed when the proxy stops.
 
     `run` calls it once, before any worker starts: N workers on a fresh confdir would each mint
     their own, and clients would trust only the last written; and a CA minted or replaced
     there is then the one `drawdown env` points agents at."""
-    from .cacerts import CAUnusable, ca_bundle
+    from .cacerts import BundleUnwritable, CAUnusable, ensure_ca, loadable_confdir, write_bundle
 
-    try:
-        return ca_bundle(confdir)
-    except CAUnusable as exc:
-        raise UsageError(str(exc)) from None
+    with contextlib.ExitStack() as stack:
+        try:
+            ca = ensure_ca(confdir)
+            try:
+                write_bundle(confdir, ca)
+            except BundleUnwritable as exc:
+                # The proxy needs no bundle: a stale one must not stop it, and `env` makes
+                # each agent its own from the CA's certificate.
+                print(
+                    f"drawdown: warning: {exc}; the proxy runs without it, and `drawdown env` "
+                    "writes each agent's own (in the user's cache, or --bundle-dir DIR)",
+                    file=sys.stderr,
+                )
+            loadable = stack.enter_context(loadable_confdir(confdir))
+        except CAUnusable as exc:
+            raise UsageError(str(exc)) from None
+        yield loadable
 
 
 def _refuse_a_port_in_use(host: str, port: int) -> None:
@@ -243,7 +269,7 @@ async def _run_proxy(args: argparse.Namespace, host: str, port: int, sets: list[
     logging.getLogger().setLevel(logging.INFO)
     for noisy in ("hpack", "asyncio", "passlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    confdir = str(Path(args.confdir).expanduser())  # made, with its CA, by cmd_run
+    confdir = str(Path(args.confdir).expanduser())  # made ready, with its CA, by cmd_run
     opts = options.Options(listen_host=host, listen_port=port, confdir=confdir)
     # Add the addons first, then set their options, so that their `configure` sees every value.
     drawdown = Drawdown()

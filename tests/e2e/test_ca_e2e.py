@@ -1,20 +1,25 @@
 """The proxy's CA as a fleet ships it: the public certificate to agents on other hosts or pods
-(a ConfigMap). `drawdown env` in an agent pod must trust the proxy's CA, never one of its
-own. Each test ends in a real TLS call through the proxy from an agent whose shell only ran
-`eval "$(drawdown env …)"`.
+(a ConfigMap), the CA and its key to the proxy as a read-only Kubernetes Secret.
+
+`drawdown env` in an agent pod must trust the proxy's CA, never one of its own; `drawdown run`
+must serve from a CA it may read but not write beside. Each test ends in a real TLS call
+through the proxy from an agent whose shell only ran `eval "$(drawdown env …)"`.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import stat
 import subprocess
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
+from drawdown.cacerts import ensure_ca
 
+from tests.conftest import standin_resolve
 from tests.support.proxy import DrawdownProcess
 from tests.support.standin import StandIn
 
@@ -135,3 +140,65 @@ def test_an_agent_without_the_certificate_is_told_where_it_is(tmp_path: Path) ->
     assert "mitmproxy-ca-cert.pem" in result.stderr and "--ca-cert FILE" in result.stderr
     assert result.stderr.count("\n") == 1
     assert not pod.exists()
+
+
+class _Prefixed(DrawdownProcess):
+    """A proxy run under an argv prefix (the read-only mount)."""
+
+    prefix: Sequence[str] = ()
+
+    @property
+    def command(self) -> list[str]:
+        return [*self.prefix, *super().command]
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_proxy_serves_from_a_read_only_secret_holding_only_the_ca(
+    standin: StandIn,
+    upstream_ca: Path,
+    tmp_path: Path,
+    read_only: Callable[[Path], list[str]],
+    workers: int,
+) -> None:
+    """A read-only confdir holding only mitmproxy-ca.pem (a Kubernetes Secret) stopped `drawdown
+    run` with "the CA … cannot be read (Read-only file system); move its mitmproxy-ca*.pem
+    files away to mint a new CA": the CA was readable, mitmproxy only wanted to write beside
+    it, and following the advice would have changed the CA of the whole fleet."""
+    made = tmp_path / "made"
+    ensure_ca(made)
+    secret = tmp_path / "secret"
+    secret.mkdir()
+    shutil.copy(made / "mitmproxy-ca.pem", secret / "mitmproxy-ca.pem")
+    (secret / "mitmproxy-ca.pem").chmod(0o600)
+    agents_cert = tmp_path / "configmap" / "mitmproxy-ca-cert.pem"
+    agents_cert.parent.mkdir()
+    shutil.copy(made / "mitmproxy-ca-cert.pem", agents_cert)
+    private = tmp_path / "tmp"
+    private.mkdir()
+    proxy = _Prefixed(
+        POLICY,
+        tmp_path / "drawdown.db",
+        secret,
+        ["--workers", str(workers)] if workers > 1 else [],
+        upstream_ca,
+        resolve=standin_resolve(standin),
+        env={"TMPDIR": str(private)},
+        start=False,
+    )
+    proxy.prefix = read_only(secret)
+    try:
+        proxy.start()
+        # mitmproxy loads a private copy of the CA: folder 0700, key 0600.
+        (copy,) = private.iterdir()
+        assert copy.name.startswith("drawdown-ca-")
+        assert stat.S_IMODE(copy.stat().st_mode) == 0o700
+        assert stat.S_IMODE((copy / "mitmproxy-ca.pem").stat().st_mode) == 0o600
+        result = agent_call(tmp_path, proxy, ["--ca-cert", str(agents_cert)])
+        assert result.stdout == "ok\n", result.stderr + proxy.log_text()
+    finally:
+        proxy.stop()
+    log = proxy.log_text()
+    assert f"drawdown: warning: cannot write the agents' CA bundle in {secret} (" in log
+    assert "move its" not in log and "mint" not in log
+    assert sorted(p.name for p in secret.iterdir()) == ["mitmproxy-ca.pem"]
+    assert list(private.iterdir()) == []  # the copy is gone with the proxy

@@ -8,6 +8,7 @@ import math
 import os
 import re
 import sqlite3
+import stat
 import subprocess
 import sys
 import uuid
@@ -793,7 +794,8 @@ def run_args(tmp_path: Path, confdir: Path) -> list[str]:
 def test_a_broken_ca_is_one_line_before_anything_starts(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str
 ) -> None:
-    """A corrupt CA printed mitmproxy's traceback after `drawdown listening on`, then exit 1."""
+    """A corrupt CA printed mitmproxy's traceback after `drawdown listening on`, then exit 1.
+    A CA that is no CA is the one case for minting another, and then every agent needs it."""
     confdir = tmp_path / "conf"
     confdir.mkdir()
     (confdir / "mitmproxy-ca.pem").write_text("not a key\n")
@@ -808,9 +810,9 @@ def test_a_broken_ca_is_one_line_before_anything_starts(
         assert err.count("\n") == 1
         return
     assert err == (
-        f"drawdown: the CA in {confdir} cannot be read (Unable to load PEM file); move its "
-        "mitmproxy-ca*.pem files away to mint a new CA, then rerun `drawdown env` so that "
-        "agents trust it\n"
+        f"drawdown: the CA in {confdir} cannot be read (Unable to load PEM file); if it is lost, "
+        "move its mitmproxy-ca*.pem files away to mint a new one, then give every agent the "
+        "new certificate (mitmproxy-ca-cert.pem, or `drawdown env` run again)\n"
     )
 
 
@@ -863,11 +865,13 @@ def test_run_refreshes_the_agents_bundle_with_the_ca_it_will_use(tmp_path: Path)
     from drawdown.cli import _ready_ca
 
     confdir = tmp_path / "conf"
-    _ready_ca(confdir)
+    with _ready_ca(confdir):
+        pass
     bundle = confdir / "drawdown-ca-bundle.pem"
     for name in ("mitmproxy-ca.pem", "mitmproxy-ca-cert.pem"):
         (confdir / name).unlink()  # a new CA, as after `rm ~/.drawdown/mitmproxy-ca*`
-    _ready_ca(confdir)
+    with _ready_ca(confdir):
+        pass
     assert (confdir / "mitmproxy-ca-cert.pem").read_text().strip() in bundle.read_text()
 
 
@@ -1422,6 +1426,125 @@ def test_env_on_a_read_only_confdir_writes_the_bundle_in_the_users_cache(
     cert = (confdir / "mitmproxy-ca-cert.pem").read_text().strip()
     assert cert in (folder / BUNDLE).read_text()
     assert {p.name: p.read_bytes() for p in confdir.iterdir()} == before
+
+
+@pytest.fixture
+def served(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
+    """Stands in for the proxy: records the confdir mitmproxy would load, what is in it and
+    its mode, then stops as a signalled proxy does."""
+    seen: list[dict[str, Any]] = []
+
+    async def serve(args: Any, *_: object) -> int:
+        folder = Path(args.confdir)
+        files = {p.name: (p.read_bytes(), stat.S_IMODE(p.stat().st_mode)) for p in folder.iterdir()}
+        seen.append(
+            {"confdir": folder, "mode": stat.S_IMODE(folder.stat().st_mode), "files": files}
+        )
+        return 0
+
+    monkeypatch.setattr("drawdown.cli._run_proxy", serve)
+    return seen
+
+
+@pytest.mark.parametrize("bundle", ["missing", "stale"])
+def test_run_on_a_read_only_confdir_warns_of_the_bundle_and_serves(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    read_only: Callable[[Path], None],
+    served: list[dict[str, Any]],
+    bundle: str,
+) -> None:
+    """A read-only confdir whose bundle is missing or stale (another image's system CAs):
+    `run` stopped, though the proxy needs no bundle. It serves, and says so."""
+    from drawdown.cacerts import BUNDLE, ca_bundle
+
+    confdir = tmp_path / "conf"
+    ca_bundle(confdir)
+    if bundle == "missing":
+        (confdir / BUNDLE).unlink()
+    else:
+        (confdir / BUNDLE).write_text("an older CA\n")
+    read_only(confdir)
+    assert main(run_args(tmp_path, confdir)) == 0
+    assert capsys.readouterr().err == (
+        f"drawdown: warning: cannot write the agents' CA bundle in {confdir} (Permission "
+        "denied); the proxy runs without it, and `drawdown env` writes each agent's own (in "
+        "the user's cache, or --bundle-dir DIR)\n"
+    )
+    assert [s["confdir"] for s in served] == [confdir]  # all mitmproxy needs is there
+
+
+def test_run_serves_from_a_read_only_secret_holding_only_the_ca(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    read_only: Callable[[Path], None],
+    served: list[dict[str, Any]],
+) -> None:
+    """A Kubernetes Secret: mitmproxy-ca.pem alone, read-only. mitmproxy writes its dhparam
+    file beside the CA; `run` said the CA "cannot be read" and to mint a new one, which would
+    have changed the CA of every agent. mitmproxy now loads a private copy, gone at exit."""
+    ensure_ca(tmp_path / "made")
+    key = (tmp_path / "made" / "mitmproxy-ca.pem").read_bytes()
+    secret = tmp_path / "secret"
+    secret.mkdir()
+    (secret / "mitmproxy-ca.pem").write_bytes(key)
+    read_only(secret)
+    assert main(run_args(tmp_path, secret)) == 0
+    err = capsys.readouterr().err
+    assert err.startswith(f"drawdown: warning: cannot write the agents' CA bundle in {secret} (")
+    assert err.count("\n") == 1 and "mint" not in err
+    (seen,) = served
+    copy = seen["confdir"]
+    assert copy != secret and seen["mode"] == 0o700
+    assert seen["files"]["mitmproxy-ca.pem"] == (key, 0o600)
+    assert set(seen["files"]) == {"mitmproxy-ca.pem", "mitmproxy-dhparam.pem"}
+    assert not copy.exists()  # removed when the proxy stopped
+    assert [p.name for p in secret.iterdir()] == ["mitmproxy-ca.pem"]
+
+
+def test_run_says_a_ca_it_may_not_read_is_not_its_own_rather_than_to_mint_one(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    no_proxy: None,
+) -> None:
+    """Permission denied on the CA said to move its files away and mint a new one: a new CA
+    for every agent, where running as the key's owner was the fix."""
+    confdir = tmp_path / "conf"
+    ensure_ca(confdir)
+    read_bytes = Path.read_bytes
+
+    def not_ours(self: Path) -> bytes:
+        if self == confdir / "mitmproxy-ca.pem":
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))
+        return read_bytes(self)
+
+    monkeypatch.setattr(Path, "read_bytes", not_ours)
+    assert main(run_args(tmp_path, confdir)) == 2
+    assert capsys.readouterr().err == (
+        f"drawdown: the CA in {confdir} cannot be read by this user (Permission denied): run "
+        f"drawdown as the user that owns {confdir / 'mitmproxy-ca.pem'}, or let this one read it\n"
+    )
+
+
+def test_run_refuses_a_confdir_holding_the_certificate_without_its_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], no_proxy: None
+) -> None:
+    """The agents' ConfigMap mounted where the key's Secret belonged: `run` minted a CA over
+    the shipped certificate, one no agent trusts, without a word."""
+    ensure_ca(tmp_path / "made")
+    shipped = (tmp_path / "made" / "mitmproxy-ca-cert.pem").read_bytes()
+    confdir = tmp_path / "conf"
+    confdir.mkdir()
+    (confdir / "mitmproxy-ca-cert.pem").write_bytes(shipped)
+    assert main(run_args(tmp_path, confdir)) == 2
+    assert capsys.readouterr().err == (
+        f"drawdown: --confdir {confdir} holds the CA's certificate (mitmproxy-ca-cert.pem) but "
+        "not its key (mitmproxy-ca.pem): give `drawdown run` the confdir the CA was made in, "
+        "or move mitmproxy-ca-cert.pem away to mint a new CA\n"
+    )
+    assert [p.name for p in confdir.iterdir()] == ["mitmproxy-ca-cert.pem"]
+    assert (confdir / "mitmproxy-ca-cert.pem").read_bytes() == shipped
 
 
 def test_two_envs_writing_one_bundle_at_once_both_succeed(
