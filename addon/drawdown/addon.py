@@ -39,7 +39,15 @@ from . import health, meter, recording
 from .affinity import WriterPlacement
 from .authority import evaluate, facts_of
 from .budgets import claims_for
-from .classify import Classification, RequestView, classify, normalize_path, unmatched
+from .classify import (
+    Classification,
+    RequestView,
+    addressed,
+    classify,
+    first_values,
+    normalize_path,
+    unmatched,
+)
 from .identity import Caller, Identity, IdleRuns, header_map, identify, identity_headers
 from .ledger import open_ledger
 from .ledger.api import (
@@ -58,6 +66,7 @@ from .ledger.api import (
 from .ledger.dsn import redact_dsn
 from .ledger.worker import AsyncLedger
 from .meter import openai_realtime, tokenizer_process
+from .meter.decode import UndecodableBody, decode_request
 from .meter.prices import url_provider
 from .money import MAX_AMOUNT, usd_to_nanos
 from .policy import Policy, PolicyInvalid, load_policy, policy_fingerprint
@@ -246,11 +255,43 @@ def fingerprint(kind: str, view: RequestView, classification: Classification) ->
     ).hexdigest()[:32]
 
 
+def _names_given(flow: http.HTTPFlow) -> list[tuple[str, str]]:
+    """The names a request gives the host it is for, besides where it is sent (its CONNECT's or
+    URI's host), which an upstream may act on instead (classify.addressed)."""
+    request = flow.request
+    # One pass over the raw fields: Headers.get_all scans them with a key conversion each.
+    names = [
+        ("Host header", value.decode("utf-8", "surrogateescape"))
+        for name, value in request.headers.fields
+        if name.lower() == b"host"
+    ]
+    if request.data.authority:  # HTTP/2's :authority, or an absolute-form URI inside a tunnel
+        where = ":authority" if request.is_http2 or request.is_http3 else "request URI"
+        names.append((where, request.authority))
+    if request.scheme == "https":
+        # The SNI the upstream gets: mitmproxy sends the client's (or a reverse proxy's target).
+        server, client = flow.server_conn, flow.client_conn
+        sni = (server.sni if server.tls else None) or (client.sni if client.tls else None)
+        if sni:
+            names.append(("TLS SNI", sni))
+    return names
+
+
 def _logged_path(flow: http.HTTPFlow, classification: Classification | None = None) -> str:
     """The request's path as the ledger and the log may show it (credentials redacted)."""
     action = classification.action if classification else None
     path = normalize_path(flow.request.path.split("?", 1)[0])
     return recording.redact_path(path, action.match.path if action else None)
+
+
+def _request_body(request: http.Request) -> tuple[bytes, str | None]:
+    """The body as its upstream decodes it, and why it cannot be (then b""): mitmproxy's own
+    reading decodes any Python codec a client names, and falls back to the raw bytes."""
+    coding = request.headers.get("content-encoding")
+    try:
+        return decode_request(request.raw_content or b"", coding), None
+    except UndecodableBody as exc:
+        return b"", str(exc)
 
 
 def guards_for(policy: Policy, kinds: str | Sequence[str]) -> Guards | None:
@@ -278,7 +319,8 @@ def allow_hosts_regex(pattern: Any) -> str:
     # The host part as compiled (an IPv6 address without its brackets): stripping brackets off
     # the text broke a glob class at either end, `[ab]pi.example.com`.
     port = str(pattern.port) if pattern.port is not None else r"\d+"
-    return f"^{glob_regex(pattern.glob)}:{port}$"
+    # `api.openai.com.:443` (a fully qualified name) is the same host: decrypted and decided.
+    return f"^{glob_regex(pattern.glob)}\\.?:{port}$"
 
 
 def _log_denial(
@@ -1158,18 +1200,25 @@ class Drawdown:
             return
         if state.identity.pending_idle is not None:
             state.identity = await self._shared_run(state.identity, state.started)
+        # Decided on the name the upstream sees; a request naming two hosts is refused.
+        host, address, host_error = addressed(
+            flow.request.host, flow.request.port, _names_given(flow)
+        )
         view = state.view = RequestView(
             method=flow.request.method,
             scheme=flow.request.scheme,
-            host=flow.request.host,
+            host=host,
             port=flow.request.port,
+            address=address,
+            host_error=host_error,
             # As every server reads it (classify.normalize_path): the upstream gets it as sent.
             path=normalize_path(flow.request.path.split("?", 1)[0]),
-            # Parsing an absent query string still builds a MultiDictView: skip it.
-            query=dict(flow.request.query.items()) if "?" in flow.request.path else {},
             headers=flow.request.headers,
-            body=flow.request.get_content(strict=False) or b"",
         )
+        # Parsing an absent query string still builds a MultiDictView: skip it.
+        if "?" in flow.request.path:
+            view.query, view.query_repeats = first_values(flow.request.query.fields)
+        view.body, view.undecodable = _request_body(flow.request)
         classification = state.classification = classify(policy, view)
         action = classification.action
         row = state.row = DecisionRow(
@@ -1206,6 +1255,10 @@ class Drawdown:
         for name, value in recording.features(policy, view, classification).items():
             setattr(row, name, value)
 
+        if classification.host_error is not None and await self._deny_before_budgets(
+            flow, state, "bad_request", f"drawdown: {classification.host_error}"
+        ):
+            return  # (shadow: recorded as would_deny, and decided on by where it is sent)
         if classification.path_error is not None and await self._deny_before_budgets(
             flow, state, "bad_request", f"drawdown: {classification.path_error}"
         ):
@@ -1219,6 +1272,12 @@ class Drawdown:
                 if await self._deny_before_budgets(flow, state, "unknown_host", message):
                     return
             await self._reserve(flow, state, [], Amount())
+            return
+        if (problem := view.undecodable or classification.body_error) is not None:
+            # Read otherwise than the upstream reads it, it would be decided on a guess.
+            message = f"drawdown: cannot read this request as the upstream would: {problem}"
+            if not await self._deny_before_budgets(flow, state, "bad_request", message):
+                await self._forward_unread(flow, state, policy, classification)
             return
         if classification.mcp_error is not None:
             message = f"drawdown: cannot read this MCP request: {classification.mcp_error[1]}"
@@ -1759,7 +1818,7 @@ class Drawdown:
         if llm is None or view is None or response is None:
             return None
         origin = meter.origin(view.scheme, view.host, view.port)
-        chunk = flow.request.get_content(strict=False) or b""
+        chunk = view.body  # as it was decided on (mitmproxy's reading decodes any codec)
         status = response.headers.get("x-goog-upload-status")
         read = functools.partial(
             meter.batch_file_chunk,

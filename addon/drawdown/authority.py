@@ -132,6 +132,9 @@ def evaluate(
     for rule in authority.rules:
         if not rule.scope.matches(levels) or not rule.covers(kind):
             continue
+        if (unsure := view.unsure(rule.when)) is not None:
+            _unreadable(result, rule, *unsure)
+            continue
         when_ok = all(holds(test.condition, view.field(test.field)) for test in rule.when)
         shadow = " (shadow)" if rule.mode == "shadow" else ""
         if rule.effect == "deny" and when_ok:
@@ -156,6 +159,9 @@ def evaluate(
             )
         elif rule.effect == "require" and when_ok:
             for requirement in rule.requires:
+                if requirement.here and (why := view.unread(requirement.here)) is not None:
+                    _unreadable(result, rule, requirement.here, why)
+                    continue
                 value = canonical(view.field(requirement.here)) if requirement.here else None
                 if requirement.here and value is None:
                     result.trace.append(
@@ -172,12 +178,28 @@ def evaluate(
     return result
 
 
+def _unreadable(result: Evaluation, rule: Rule, name: str, why: str) -> None:
+    """A rule that reads a field the request does not let drawdown read as its upstream will
+    (a body neither JSON nor a plain form, a parameter given twice): it neither holds nor
+    fails for sure, so the request is refused, 400, rather than decided on a guess."""
+    shadow = " (shadow)" if rule.mode == "shadow" else ""
+    result.trace.append(f"{rule.describe()}: cannot read {name}: {why}{shadow}")
+    result._deny(
+        rule,
+        "bad_request",
+        f"{result.kind}: {rule.describe()} reads {name}, which drawdown cannot read as the "
+        f"upstream would: {why}",
+    )
+
+
 def facts_of(authority: Authority, kind: str, view: RequestView) -> list[tuple[str, str]]:
     """What a successful `kind` request must leave in the run's history for later `requires` checks."""
     facts = []
     for name in sorted(authority.fact_fields(kind)):
         if not name:
             facts.append(("", ""))
+        elif view.unread(name) is not None:
+            continue  # no fact a later `requires … same` could match on a guess
         elif (value := kept(name, canonical(view.field(name)))) is not None:
             facts.append((name, value))
     return facts

@@ -12,13 +12,15 @@ from urllib.parse import parse_qsl, urlsplit
 from . import meter
 from .authority import evaluate
 from .budgets import claims_for
-from .classify import RequestView, classify, normalize_path
+from .classify import RequestView, addressed, classify, first_values, normalize_path
 from .identity import Caller, IdleRuns, identify
 from .ledger.api import Amount, DecisionRow, Guards, agents_own, deciding_order, failed_attempt
 from .ledger.plan import Counts
+from .meter.decode import request_coding_problem
 from .money import format_usd
 from .policy import Policy
 from .recording import redact, redact_path
+from .respond import STATUS
 
 
 class _Headers(dict):
@@ -68,19 +70,30 @@ def explain(
 ) -> Explanation:
     out = Explanation()
     parts = urlsplit(url if "://" in url else f"https://{url}")
-    host = (parts.hostname or "").lower()
     port = parts.port or (443 if parts.scheme == "https" else 80)
+    # As the proxy reads it (`API.openai.com.` is api.openai.com); a Host header naming
+    # another host than the URL's is refused, one naming an IP address's host is decided by.
+    host, address, host_error = addressed(
+        parts.hostname or "", port, [("Host header", v) for k, v in headers if k.lower() == "host"]
+    )
     method = (method or ("POST" if body else "GET")).upper()
     header_map = _Headers({k.lower(): v for k, v in headers})
+    # As the proxy reads a query: each name's first value, the names given twice noted.
+    query, query_repeats = first_values(parse_qsl(parts.query, keep_blank_values=True))
     view = RequestView(
         method=method,
         scheme=parts.scheme,
         host=host,
         port=port,
+        address=address,
+        host_error=host_error,
         path=normalize_path(parts.path or "/"),
-        query=dict(parse_qsl(parts.query)),
+        query=query,
         headers=header_map,
         body=body,
+        query_repeats=query_repeats,
+        # The body is given decoded; a coding the proxy would not decode refuses it all the same.
+        undecodable=request_coding_problem(header_map.get("content-encoding")),
     )
     now = time.time()
     caller = Caller(
@@ -113,8 +126,8 @@ def explain(
 
     classification = classify(policy, view)
     action = classification.action
-    if classification.path_error is not None:
-        out.add("path", classification.path_error)
+    if (error := classification.host_error or classification.path_error) is not None:
+        out.add("host" if classification.host_error else "path", error)
         out.decision = "would_deny" if policy.mode == "shadow" else "deny"
         out.reason = "bad_request (400)"
         return out
@@ -143,6 +156,11 @@ def explain(
         f"{action.kind} (the action at {action.where}{', provider ' + action.provider if action.provider else ''}{captured})",
     )
     out.data["action"] = action.kind
+    if (problem := view.undecodable or classification.body_error) is not None:
+        out.add("body", f"cannot read the request as the upstream would: {problem}")
+        out.decision = "would_deny" if policy.mode == "shadow" else "deny"
+        out.reason = "bad_request (400)"
+        return out
     if classification.mcp_error is not None:
         out.add("mcp", f"cannot read the request: {classification.mcp_error[1]}")
         out.decision = "would_deny" if policy.mode == "shadow" else "deny"
@@ -268,7 +286,8 @@ def explain(
                     if policy.mode == "shadow" or verdict.decision == "would_deny"
                     else "deny"
                 )
-                out.reason = f"{verdict.reason_code} ({403 if verdict.decision == 'deny' else 'shadow'}): {verdict.reason}"
+                status = STATUS.get(verdict.reason_code or "", 403)  # bad_request: 400
+                out.reason = f"{verdict.reason_code} ({status if verdict.decision == 'deny' else 'shadow'}): {verdict.reason}"
                 if verdict.decision == "deny":
                     return out
             elif evaluation.checks and not db:

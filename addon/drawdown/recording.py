@@ -2,7 +2,8 @@
 
 Kept on the decision row (JSON text): the port, the query parameters, the body's JSON fields
 that policies look at (`record.bodies: fields`, the default) or the whole JSON body
-(`record.bodies: full`), and an MCP request's JSON-RPC methods and tool names. Never kept:
+(`record.bodies: full`), an MCP request's JSON-RPC methods and tool names, and what the proxy
+could not read (why the body could not be, the fields given more than once). Never kept:
 headers (API keys, cookies and Authorization live there), and any value whose name or
 shape says it is a secret (`key=`, `api_key`, `access_token`, `sk-…`, `Bearer …`) is
 replaced by REDACTED before it is written. The request's path is kept with the credentials
@@ -217,11 +218,17 @@ def features(policy: Policy, view: RequestView, classification: Classification) 
         out["query"] = _dumps({k: redact(v, k) for k, v in view.query.items()})
     wanted = body_fields(policy)
     full = settings.bodies == "full" and len(view.body) <= 2 * settings.max_body_bytes
+    # What replay cannot read again, noted beside the fields: why the body could not be
+    # decoded or read, the fields given more than once (RequestView.unread refuses them).
+    kept: dict[str, Any] = {}
+    if view.undecodable is not None:
+        kept["_undecodable"] = view.undecodable
     # Parse the body only when something is kept from it (a big prompt costs time on the loop).
     if view.body and (full or (settings.bodies == "fields" and wanted)):
         document = view.json
+        if document is missing() and view.unreadable is not None:
+            kept["_unreadable"] = view.unreadable
         if document is not missing():
-            kept: dict[str, Any] = {}
             omitted = []
             for name in sorted(wanted):
                 value = view.field(name)
@@ -234,11 +241,13 @@ def features(policy: Policy, view: RequestView, classification: Classification) 
                     kept[name] = json.loads(text)
             if omitted:
                 kept["_omitted"] = omitted
-            out["body_fields"] = _dumps(kept) if kept else None
             if full:
                 text = _redacted_dumps(document)
                 if text is not None and len(text.encode()) <= settings.max_body_bytes:
                     out["body"] = text
+    if view.repeated:
+        kept["_repeated"] = view.repeated
+    out["body_fields"] = _dumps(kept) if kept else None
     calls = [[m.method, m.tool] for m in classification.mcp]
     out["mcp"] = _dumps({"batch": classification.mcp_batch, "calls": calls}) if calls else None
     return out

@@ -10,8 +10,10 @@ a run budget runs out at the same request it would have under enforcement.
 What the ledger recorded is what replay knows (see drawdown.recording): method, host,
 port, path, query, the identity levels, model, estimate, actuals, status, the body's JSON
 fields the recording policy referenced (or the whole body with `record: {bodies: full}`).
-Headers are never recorded, so `header.*` conditions see nothing; a json field the new
-policy reads but the ledger did not keep is reported as a warning. Identity is taken as
+Headers are never recorded, so `header.*` conditions see nothing, and a request refused
+live for one (a Host header or TLS SNI naming another host, a method-override header:
+classify.unrecorded) is refused again; a json field the new policy reads but the ledger did
+not keep is reported as a warning. Identity is taken as
 recorded (the new policy's `identity:` section is not re-applied). A request the new policy
 allows that was never forwarded when it was recorded (the recording policy denied it) is
 assumed to have succeeded at its estimate (`assumed: true`).
@@ -41,7 +43,7 @@ from . import meter
 from .addon import guards_for
 from .authority import evaluate, facts_of
 from .budgets import claims_for
-from .classify import RequestView, classify, unmatched
+from .classify import RequestView, classify, unmatched, unrecorded
 from .ledger.api import (
     BATCH_HOLDER,
     UNITS,
@@ -59,7 +61,7 @@ from .ledger.reader import Reader
 from .meter import TokenUsage, openai_realtime
 from .meter.prices import url_provider
 from .money import format_usd, usd_float
-from .policy.match import LEVELS, missing
+from .policy.match import LEVELS, canonical_host, missing
 from .policy.model import Policy
 from .recording import (
     MCP_CALL_FAILED,
@@ -286,17 +288,24 @@ class _RecordedView(RequestView):
 
 def _view(row: dict[str, Any]) -> RequestView:
     query = json.loads(row["query"]) if row.get("query") else {}
+    # What the proxy could not read (recording.features): it is not read here either.
+    notes = json.loads(row["body_fields"]) if row.get("body_fields") else {}
+    repeated = notes.get("_repeated", [])
     view = _RecordedView(
         method=row.get("method") or "GET",
-        host=row.get("host") or "",
+        host=canonical_host(row.get("host") or ""),  # as the proxy matches it now
         port=int(row.get("port") or 443),
         path=row.get("path") or "/",
         query={str(k): str(v) for k, v in query.items()},
         headers={},
         body=b"",
         model=row.get("model"),
+        query_repeats=frozenset(n[6:] for n in repeated if n.startswith("query.")),
+        undecodable=notes.get("_undecodable"),
     )
     view._json = rebuild_json(row.get("body"), row.get("body_fields"), row.get("mcp"))
+    view._unreadable = notes.get("_unreadable")
+    view._form_repeats = frozenset(n[5:] for n in repeated if n.startswith("json."))
     return view
 
 
@@ -385,6 +394,12 @@ def _decide(sim: Simulation, row: dict[str, Any]) -> Replayed:
         return out
 
     kind = classification.kind
+    if row.get("reason_code") == "bad_request" and unrecorded(row.get("reason")):
+        # Decided live on what the ledger does not keep (a Host header, the TLS SNI, a method
+        # override header): the same request would be refused again.
+        deny("bad_request", row.get("reason") or "", None)
+        if out.decision == "deny":
+            return finish([], Amount(), None)
     if classification.path_error is not None:
         deny("bad_request", classification.path_error, None)
         if out.decision == "deny":
@@ -408,6 +423,14 @@ def _decide(sim: Simulation, row: dict[str, Any]) -> Replayed:
             f"(limits.max_request_bytes: {policy.limits.max_request_bytes})",
             None,
         )
+        if out.decision == "deny":
+            return finish([], Amount(), None)
+        claims = claims_for(policy, levels, kind, row["ts"])
+        return finish(claims, Amount(requests=max(1, len(classification.kinds))), None)
+
+    if (problem := view.undecodable or classification.body_error) is not None:
+        # As the proxy: refused unread; shadow lets it through unread (no estimate).
+        deny("bad_request", f"cannot read this request as the upstream would: {problem}", None)
         if out.decision == "deny":
             return finish([], Amount(), None)
         claims = claims_for(policy, levels, kind, row["ts"])

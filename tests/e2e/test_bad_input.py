@@ -11,6 +11,7 @@ from __future__ import annotations
 import gzip
 import http.client
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -21,8 +22,10 @@ from pathlib import Path
 import anthropic
 import openai
 import pytest
+from drawdown import replay
 from drawdown.identity import MAX_VALUE_LENGTH, clean_value
 from drawdown.money import MAX_AMOUNT
+from drawdown.policy import load_policy
 
 from tests.support.proxy import DrawdownProcess
 from tests.support.standin import Reply, StandIn
@@ -303,7 +306,9 @@ def test_hostile_json_values_in_a_tool_call_are_decided_not_crashed_on(
 ) -> None:
     """`amount: "NaN"` once made the condition raise — and an exception in a hook lets mitmproxy
     forward the request undecided. NaN, infinities, deep nesting and non-numbers are not numbers:
-    each is refused by the `when` (403) and never sent."""
+    each is refused by the `when` (403) and never sent. A bare NaN or Infinity, a number past
+    any float and nesting too deep to read are JSON that servers read differently, or not at
+    all: the `when` cannot be decided on them, and they are refused 400 `bad_request`."""
     proxy = drawdown_proxy(POLICY)
     values = [
         "NaN",
@@ -342,7 +347,7 @@ def test_hostile_json_values_in_a_tool_call_are_decided_not_crashed_on(
             json={"amount": "4999.5"},
             headers={"x-drawdown-agent": "support"},
         )
-    expected = [403] * len(bodies)
+    expected = [403] * len(values) + [400] * 5 + [403]  # [[[…]]] 3,000 deep: read, a list
     expected[values.index("5000 ")] = 200  # a number in text is still the number 5000
     assert statuses == expected
     assert allowed.status_code == 200
@@ -351,6 +356,110 @@ def test_hostile_json_values_in_a_tool_call_are_decided_not_crashed_on(
     assert_no_traceback(proxy)
     proxy.stop()
     verify(tmp_db)
+
+
+# --- a body drawdown cannot read as the upstream reads it -------------------------------------
+
+UNREAD = """
+identity:
+  agent: [{value: agent}]
+  run: [{header: X-Drawdown-Run}]
+actions:
+  - {kind: llm, provider: openai, match: {host: api.openai.com}}
+  - {kind: refund.issue, match: {host: api.stripe.com, method: POST, path: /v1/refunds}, cost: {usd: 0.01}}
+authority:
+  rules:
+    - {scope: "*", deny: [refund.issue], when: {json: {amount: {gt: 5000}}}}
+    - {scope: "*", deny: [refund.issue], when: {query: {account: acct_frozen}}}
+    - {scope: "*", deny: [llm], when: {model: {in: [gpt-4o]}}}
+"""
+REFUNDS = "https://api.stripe.com/v1/refunds"
+FORM = "application/x-www-form-urlencoded"
+# Raw, valid JSON naming gpt-4o; decoded as quoted-printable (as mitmproxy did), gpt-4o-mini.
+QUOPRI_CHAT = (b'{"model":"gpt-4o","pad":"=22,=22model=22:=22gpt-4o-mini=22,=22z=22:=22",'
+               b'"messages":[{"role":"user","content":"qp"}],"max_tokens":10}')  # fmt: skip
+# (url, body, Content-Type, Content-Encoding, status): each refused one went through before.
+UNREAD_CALLS = [
+    (REFUNDS, b'{"amount": 100}', "application/json", None, 200),
+    (REFUNDS, b"amount=100&currency=usd", FORM, None, 200),
+    (REFUNDS, gzip.compress(b'{"amount": 100}'), "application/json", "gzip", 200),
+    (REFUNDS, gzip.compress(b'{"amount": 10000}'), "application/json", "x-gzip", 403),
+    (REFUNDS, b'{"amount": 10000, "memo": "caf\xe9"}', "application/json", None, 400),
+    (REFUNDS, b'{"amount": 10000,}', "application/json", None, 400),
+    (REFUNDS, b'{"amount": 10000 /* c */}', "application/json", None, 400),
+    (REFUNDS, b'{"amount": NaN}', "application/json", None, 400),
+    (REFUNDS, b'{"amount": 1e999}', "application/json", None, 400),
+    (REFUNDS, b'{"amount": 10000}', FORM, None, 400),
+    (REFUNDS, b"amount=10000&amount=1", FORM, None, 400),
+    (REFUNDS + "?account=acct_ok&account=acct_frozen", b'{"amount": 1}', "application/json", None, 400),
+    (REFUNDS, b'{"amount":10000,"pad":"=22,=22amount=22:1,=22z=22:=22"}', "application/json", "quopri", 400),
+    (REFUNDS, gzip.compress(gzip.compress(b'{"amount": 10000}')), "application/json", "gzip, gzip", 400),
+    (REFUNDS, gzip.compress(b'{"amount": 1}') + gzip.compress(b""), "application/json", "gzip", 400),
+    (OPENAI, QUOPRI_CHAT, "application/json", "quopri", 400),
+]  # fmt: skip
+
+
+def send_unread(proxy: DrawdownProcess) -> list[int]:
+    statuses = []
+    with proxy.http_client(timeout=60) as client:
+        for i, (url, body, content_type, coding, _) in enumerate(UNREAD_CALLS):
+            headers = {"content-type": content_type, "x-drawdown-run": f"u{i}"}
+            if coding is not None:
+                headers["content-encoding"] = coding
+            response = client.post(url, content=body, headers=headers)
+            statuses.append(response.status_code)
+            if response.status_code == 400:
+                assert response.headers["x-drawdown-reason"] == "bad_request"
+                answer = response.json()
+                # An LLM call's in its provider's shape; a tool call's, drawdown's own.
+                message = (
+                    error_message(url, answer) if url == OPENAI else answer["error"]["message"]
+                )
+                assert message.startswith("drawdown: ") and "as the upstream would" in message
+    return statuses
+
+
+def test_a_body_drawdown_cannot_read_as_the_upstream_would_is_refused_not_guessed(
+    drawdown_proxy: Factory, standin: StandIn, tmp_path: Path, tmp_db: Path
+) -> None:
+    """A `deny … when` on the amount of a refund drawdown could not read (a Latin-1 byte, a
+    trailing comma, a comment, NaN, JSON sent as a form, `amount` given twice) did not hold,
+    and the refund went through; mitmproxy decoded a `quopri` body the upstream gets raw (a
+    denied model passed as another), and left `x-gzip` and `gzip, gzip` undecoded. Each is
+    refused 400 in the provider's shape, never sent; shadow mode forwards them `would_deny`;
+    replay decides the ledger as the proxy did."""
+    proxy = drawdown_proxy(UNREAD)
+    assert send_unread(proxy) == [c[4] for c in UNREAD_CALLS]
+    sent = standin.matching("/v1/refunds")
+    assert [(r.body, r.header("content-encoding")) for r in sent] == [
+        (body, coding) for _, body, _, coding, status in UNREAD_CALLS if status == 200
+    ]  # as the agent sent them: drawdown decodes a body only to read it
+    assert standin.count("/v1/chat/completions") == 0
+    rows = proxy.query("SELECT decision, reason_code, status FROM decisions ORDER BY ts, id")
+    assert [s for *_, s in rows] == [c[4] for c in UNREAD_CALLS]
+    assert {(d, r) for d, r, s in rows if s == 400} == {("deny", "bad_request")}
+    assert_no_traceback(proxy)
+    proxy.stop()
+    verify(tmp_db)
+    policy = tmp_path / "unread.yaml"
+    policy.write_text(UNREAD)
+    replayed = json.loads(
+        subprocess.run(
+            [sys.executable, "-m", "drawdown", "replay", "--policy", str(policy), "--db", str(tmp_db), "--json"],
+            capture_output=True, text=True, timeout=60, check=True,
+        ).stdout
+    )  # fmt: skip
+    assert replayed["changed"] == 0, replayed["blocked"]
+
+    standin.clear()
+    shadow = drawdown_proxy("mode: shadow\n" + UNREAD, db=tmp_path / "shadow.db")
+    assert 400 not in send_unread(shadow)
+    assert standin.count("*") == len(UNREAD_CALLS)  # forwarded, every one
+    rows = shadow.query("SELECT decision, reason_code FROM decisions ORDER BY ts, id")
+    assert [r for r, c in zip(rows, UNREAD_CALLS, strict=True) if c[4] == 400] == [
+        ("would_deny", "bad_request")
+    ] * sum(c[4] == 400 for c in UNREAD_CALLS)
+    assert_no_traceback(shadow)
 
 
 # --- hostile identity values ----------------------------------------------------------------
@@ -565,3 +674,187 @@ def test_an_internal_error_fails_closed(
     assert proxy.log_text().count("internal error deciding") == 2
     proxy.stop()
     verify(tmp_db)
+
+
+# --- a host, path or method the upstream reads otherwise -------------------------------------
+
+READINGS = """
+identity:
+  agent: [{header: X-Drawdown-Agent}, {value: agent}]
+  run: [{header: X-Drawdown-Run}, {value: r1}]
+actions:
+  - {kind: llm, provider: openai, match: {host: api.openai.com}}
+  - {kind: refund.issue, match: {host: api.stripe.com, method: POST, path: /v1/refunds}, cost: {usd: 0.01}}
+  - {kind: crm.read, match: {host: crm.example.com, method: GET, path: "/api/customers/{id}"}, cost: {usd: 0.002}}
+  - {kind: crm.delete, match: {host: crm.example.com, method: DELETE}}
+authority:
+  rules:
+    - {scope: "*", deny: [llm], when: {model: {in: [gpt-4o]}}}
+    - {scope: "*", deny: [refund.issue], when: {json: {amount: {gt: 5000}}}}
+    - {scope: "*", deny: [crm.delete]}
+"""
+
+
+def tunneled(proxy: DrawdownProcess, target: str, sni: str, head: str, body: bytes = b"") -> int:
+    """One request through a CONNECT tunnel, byte for byte: CONNECT `target`, TLS naming `sni`,
+    then `head` (its request line and headers) and `body`. The status the client got."""
+    with socket.create_connection(proxy.address, timeout=60) as sock:
+        sock.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
+        connected = http.client.HTTPResponse(sock, method="CONNECT")
+        connected.begin()
+        assert connected.status == 200, target
+        with proxy.ssl_context().wrap_socket(sock, server_hostname=sni) as tls:
+            end = f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+            tls.sendall(f"{head}\r\n{end}".encode() + body)
+            response = http.client.HTTPResponse(tls)
+            response.begin()
+            response.read()
+            return response.status
+
+
+def plain(proxy: DrawdownProcess, head: str, body: bytes = b"") -> int:
+    """One plain-HTTP proxy request, byte for byte."""
+    with socket.create_connection(proxy.address, timeout=60) as sock:
+        end = f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+        sock.sendall(f"{head}\r\n{end}".encode() + body)
+        response = http.client.HTTPResponse(sock)
+        response.begin()
+        response.read()
+        return response.status
+
+
+def chat_body(model: str) -> bytes:
+    return _json({"model": model, "messages": HI, "max_tokens": 5})
+
+
+def test_a_request_is_decided_by_the_host_the_upstream_sees(
+    drawdown_proxy: Factory, standin: StandIn, tmp_path: Path, tmp_db: Path
+) -> None:
+    """The policy matched the CONNECT target only. An unmodified curl to
+    `https://api.openai.com./…` (a fully qualified name), a CONNECT to an IP address naming
+    api.openai.com, went through as unknown hosts: unmetered, a denied model sent. A CONNECT
+    to crm.example.com naming api.stripe.com (SNI, Host header, an absolute-form URI; or a
+    plain-HTTP URL and Host header apart) took a denied refund to an upstream that acts on the
+    name, recorded as crm.example.com. Now a host is read as DNS reads it, a request sent by
+    IP address is decided by the name it gives, and one naming two hosts is refused (400),
+    never forwarded; `drawdown replay` decides the ledger alike."""
+    everything = {"tls": {"*": standin.host_port}, "plain": {"*": standin.http_host_port}}
+    proxy = drawdown_proxy(READINGS, resolve=everything)
+    env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
+
+    def curl(url: str, model: str) -> int:
+        done = subprocess.run(
+            ["curl", "-sS", "--max-time", "30", "--proxy", proxy.proxy_url, "--cacert",
+             str(proxy.ca_path), "-o", "/dev/null", "-w", "%{http_code}", url,
+             "-H", "Content-Type: application/json", "--data-binary", chat_body(model).decode()],
+            capture_output=True, text=True, timeout=60, env=env,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        return int(done.stdout)
+
+    dotted = "https://api.openai.com./v1/chat/completions"
+    assert [curl(dotted, "gpt-4o"), curl(dotted, "gpt-4o-mini")] == [403, 200]
+    chat = "POST /v1/chat/completions HTTP/1.1\r\nHost: api.openai.com\r\nContent-Type: application/json"
+    by_ip = [tunneled(proxy, "10.9.8.7:443", "api.openai.com", chat, chat_body(m))
+             for m in ("gpt-4o", "gpt-4o-mini")]  # fmt: skip
+    assert by_ip == [403, 200]
+    dot = tunneled(proxy, "api.openai.com.:443", "api.openai.com", chat, chat_body("gpt-4o"))
+    assert dot == 403
+    refund = _json({"amount": 10_000})
+    json_type = "Content-Type: application/json"
+    two_hosts = [
+        tunneled(proxy, "crm.example.com:443", "api.stripe.com",
+                 f"POST /v1/refunds HTTP/1.1\r\nHost: api.stripe.com\r\n{json_type}", refund),
+        tunneled(proxy, "api.stripe.com:443", "api.stripe.com",
+                 f"POST /v1/refunds HTTP/1.1\r\nHost: crm.example.com\r\n{json_type}", refund),
+        tunneled(proxy, "api.stripe.com:443", "crm.example.com",
+                 f"POST /v1/refunds HTTP/1.1\r\nHost: api.stripe.com\r\n{json_type}", refund),
+        tunneled(proxy, "crm.example.com:443", "crm.example.com",
+                 f"POST https://api.stripe.com/v1/refunds HTTP/1.1\r\nHost: crm.example.com\r\n{json_type}",
+                 refund),
+        plain(proxy, f"POST http://crm.example.com/v1/refunds HTTP/1.1\r\nHost: api.stripe.com\r\n{json_type}",
+              refund),
+        tunneled(proxy, "api.openai.com:443", "crm.example.com",
+                 "DELETE /api/customers/1 HTTP/1.1\r\nHost: crm.example.com"),
+    ]  # fmt: skip
+    assert two_hosts == [400] * 6
+    # One host, however written: decided as the action it names.
+    small = _json({"amount": 100})
+    head = f"POST /v1/refunds HTTP/1.1\r\nHost: API.Stripe.com.:443\r\n{json_type}"
+    assert tunneled(proxy, "api.stripe.com:443", "api.stripe.com", head, small) == 200
+
+    forwarded = [(r.method, r.path, r.host) for r in standin.requests]
+    assert forwarded == [
+        ("POST", "/v1/chat/completions", "api.openai.com."),
+        ("POST", "/v1/chat/completions", "api.openai.com"),
+        ("POST", "/v1/refunds", "API.Stripe.com.:443"),
+    ]
+    rows = proxy.wait_for_query(
+        "SELECT host, action, decision, reason_code, status, actual_usd FROM decisions ORDER BY id",
+        until=lambda r: len(r) == 12 and all(row[4] is not None for row in r),
+    )
+    assert {row[0] for row in rows} == {"api.openai.com", "crm.example.com", "api.stripe.com"}
+    llm = [row for row in rows if row[1] == "llm" and row[2] == "allow"]
+    assert len(llm) == 2 and all(row[5] > 0 for row in llm)  # metered
+    refused = [row[3:5] for row in rows if row[2] == "deny"]
+    assert refused.count(("bad_request", 400)) == 6 and len(refused) == 9
+    log = proxy.log_text()
+    assert log.count("which an upstream may act on instead") == 6
+    assert "the request goes to api.stripe.com but its TLS SNI names crm.example.com" in log
+
+    policy = tmp_path / "same.yaml"
+    policy.write_text(READINGS)
+    assert replay.replay(load_policy(policy), str(tmp_db))["changed"] == 0
+    assert_no_traceback(proxy)
+
+
+def test_a_path_or_method_a_server_reads_otherwise_is_refused(
+    drawdown_proxy: Factory, standin: StandIn, tmp_path: Path, tmp_db: Path
+) -> None:
+    """`POST /v1//refunds`, `//v1/refunds`, `/V1/Refunds`, `/v1/refunds;x=1` (nginx merges
+    slashes, Express and ASP.NET route in any case, Spring drops `;params`) and a POST asking
+    for a denied DELETE by X-HTTP-Method-Override, X-Method-Override, X-HTTP-Method or
+    `?_method=` went through as unknown calls. Each is refused (400), never forwarded, through
+    a real proxy; the refund and lookup as written still go through; replay decides alike."""
+    proxy = drawdown_proxy(READINGS)
+    refund = _json({"amount": 10_000})
+    json_type = "Content-Type: application/json"
+    stripe = [
+        tunneled(proxy, "api.stripe.com:443", "api.stripe.com",
+                 f"POST {path} HTTP/1.1\r\nHost: api.stripe.com\r\n{json_type}", refund)
+        for path in ("/v1//refunds", "//v1/refunds", "/V1/Refunds", "/v1/refunds;x=1")
+    ]  # fmt: skip
+    assert stripe == [400] * 4
+    crm = [
+        tunneled(proxy, "crm.example.com:443", "crm.example.com",
+                 f"POST {path} HTTP/1.1\r\nHost: crm.example.com{header}")
+        for path, header in (
+            ("/api/customers/1", "\r\nX-HTTP-Method-Override: DELETE"),
+            ("/api/customers/1", "\r\nX-Method-Override: DELETE"),
+            ("/api/customers/1", "\r\nX-HTTP-Method: delete"),
+            ("/api/customers/1?_method=DELETE", ""),
+        )
+    ]  # fmt: skip
+    assert crm == [400] * 4
+    allowed = [
+        tunneled(proxy, "api.stripe.com:443", "api.stripe.com",
+                 f"POST /v1/refunds HTTP/1.1\r\nHost: api.stripe.com\r\n{json_type}", _json({"amount": 100})),
+        tunneled(proxy, "crm.example.com:443", "crm.example.com",
+                 "GET /api/customers/CUS-1 HTTP/1.1\r\nHost: crm.example.com"),
+    ]  # fmt: skip
+    assert allowed == [200, 200]
+    assert [(r.method, r.path) for r in standin.requests] == [
+        ("POST", "/v1/refunds"),
+        ("GET", "/api/customers/CUS-1"),
+    ]
+    rows = proxy.wait_for_query(
+        "SELECT reason_code, status, reason FROM decisions ORDER BY id",
+        until=lambda r: len(r) == 10 and all(row[1] is not None for row in r),
+    )
+    assert [row[:2] for row in rows] == [("bad_request", 400)] * 8 + [(None, 200)] * 2
+    assert "reads as /v1/refunds to a server that merges repeated slashes" in rows[0][2]
+    assert "reads as DELETE to a server that honours the X-HTTP-Method header" in rows[6][2]
+    policy = tmp_path / "same.yaml"
+    policy.write_text(READINGS)
+    assert replay.replay(load_policy(policy), str(tmp_db))["changed"] == 0
+    assert_no_traceback(proxy)

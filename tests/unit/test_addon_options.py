@@ -62,3 +62,16 @@ def test_passthrough_allow_hosts_keep_a_glob_class_and_an_ipv6_host_bare() -> No
     assert not api.search("cpi.example.com:443")
     local = re.compile(allow_hosts_regex(compile_host("[::1]:8443")))
     assert local.search("::1:8443") and not local.search("::1:443")
+
+
+def test_passthrough_decrypts_a_host_written_as_a_fully_qualified_name() -> None:
+    """`CONNECT api.openai.com.:443` (SNI with the dot as well) matched no allow_hosts regex:
+    under `unknown_hosts: passthrough` it went through undecrypted, never decided."""
+    import re
+
+    from drawdown.addon import allow_hosts_regex
+    from drawdown.policy.match import compile_host
+
+    api = re.compile(allow_hosts_regex(compile_host("api.openai.com")))
+    assert api.search("api.openai.com.:443") and api.search("api.openai.com:443")
+    assert not api.search("api.openai.com..:443") and not api.search("xapi.openai.com:443")

@@ -1712,3 +1712,41 @@ def test_explain_takes_the_callers_address_and_proxy_password_and_says_when_it_l
     told = json.loads(capsys.readouterr().out)
     assert told["scope"] == "tenant:acme/agent:10.0.0.7/run:r9"
     assert not any("was not given" in text for _, text in told["steps"])
+
+
+def test_explain_reads_hosts_paths_and_methods_as_the_proxy_does(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """explain decides as the proxy: `api.openai.com.` is the LLM's host, an IP address is
+    classified by the Host header naming its host; a Host header naming another host than the
+    URL's, a path a server reads as another action's and a method override are refused."""
+    policy = tmp_path / "p.yaml"
+    policy.write_text(
+        "actions:\n"
+        "  - {kind: llm, provider: openai, match: {host: api.openai.com}}\n"
+        "  - {kind: refund.issue, match: {host: api.stripe.com, method: POST, path: /v1/refunds}}\n"
+        "  - {kind: crm.delete, match: {host: crm.example.com, method: DELETE}}\n"
+    )
+    chat = json.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]})
+
+    def explain(url: str, *more: str, body: str = "{}") -> dict[str, Any]:
+        args = ["explain", "--policy", str(policy), "--url", url, "--json", body, "--as-json"]
+        assert main([*args, *more]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    for url, more in (
+        ("https://API.openai.com./v1/chat/completions", ()),
+        ("https://10.9.8.7/v1/chat/completions", ("--header", "Host:api.openai.com")),
+    ):
+        found = explain(url, *more, body=chat)
+        assert (found["action"], found["decision"]) == ("llm", "allow"), found
+    for url, more, stage, says in (
+        ("https://crm.example.com/v1/refunds", ("--header", "Host:api.stripe.com"), "host",
+         "the request goes to crm.example.com but its Host header names api.stripe.com"),
+        ("https://api.stripe.com/v1//refunds", (), "path", "a server that merges repeated slashes"),
+        ("https://crm.example.com/api/customers/1", ("--header", "X-HTTP-Method-Override:DELETE"),
+         "path", "the method POST reads as DELETE"),
+    ):  # fmt: skip
+        found = explain(url, *more)
+        assert (found["decision"], found["reason"]) == ("deny", "bad_request (400)"), found
+        assert any(s == stage and says in text for s, text in found["steps"]), found["steps"]

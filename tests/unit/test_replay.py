@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import sqlite3
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -518,10 +520,13 @@ AGENT = "identity:\n  agent: [{value: support-1}]\n  run: [{value: r1}]\n"
 
 
 def record(
-    tmp_path: Path, policy_text: str, calls: list[tuple[str, str, bytes]], answer: bytes = b"{}"
+    tmp_path: Path,
+    policy_text: str,
+    calls: Sequence[tuple[str, str, bytes] | tuple[str, str, bytes, dict[str, str]]],
+    answer: bytes = b"{}",
 ) -> tuple[Path, list[int]]:
-    """Send `calls` (method, host+path, body) through the real addon, each upstream answering
-    200 with `answer`; return the ledger and the status each call got."""
+    """Send `calls` (method, host+path, body[, headers]) through the real addon, each upstream
+    answering 200 with `answer`; return the ledger and the status each call got."""
     from drawdown.addon import Drawdown
     from mitmproxy import http
     from mitmproxy.test import tflow, tutils
@@ -531,11 +536,12 @@ def record(
     statuses: list[int] = []
 
     async def steps(addon: Drawdown) -> None:
-        for method, url, body in calls:
+        for method, url, body, *more in calls:
             host, _, path = url.partition("/")
+            headers = {"content-type": "application/json", **(more[0] if more else {})}
             request = tutils.treq(
                 host=host, port=443, scheme=b"https", method=method.encode(), path=b"/" + path.encode(),
-                headers=http.Headers(((b"content-type", b"application/json"),)), content=body,
+                headers=http.Headers([(k.encode(), v.encode()) for k, v in headers.items()]), content=body,
             )  # fmt: skip
             flow = tflow.tflow(req=request)
             addon.requestheaders(flow)
@@ -796,3 +802,55 @@ def test_a_path_written_with_escapes_is_decided_as_the_server_reads_it(tmp_path:
     assert data["changed"] == 0, data["blocked"]
     reasons = [b["reason"] for b in data["blocked"]]
     assert "the path /v1%2Frefunds reads as /v1/refunds to a server that decodes" in reasons[2]
+
+
+def test_requests_a_server_reads_otherwise_are_decided_in_replay_as_live(tmp_path: Path) -> None:
+    """`/v1//refunds`, `/V1/Refunds`, `/v1/refunds;x=1`, a `_method` or an override header
+    asking for a denied DELETE, a Host header naming another host than the request went to:
+    each went through live as an unknown call, and is refused (400) now. A host is read as DNS
+    reads it (`api.openai.com.` is the LLM's). Replay decides them alike: the path and query
+    it reads again; a Host header or override header, which the ledger does not keep, it
+    takes from the recorded refusal."""
+    crm_delete = "  - {kind: crm.delete, match: {host: crm.example.com, method: DELETE}}\n"
+    rules = 'authority:\n  rules:\n    - {scope: "*", deny: [refund.issue, crm.delete]}\n'
+    text = ACTIONS + crm_delete + AGENT + rules
+    override = {"X-HTTP-Method-Override": "DELETE"}
+    calls = [
+        ("POST", "api.stripe.com/v1//refunds", REFUND),
+        ("POST", "api.stripe.com/V1/Refunds", REFUND),
+        ("POST", "api.stripe.com/v1/refunds;x=1", REFUND),
+        ("POST", "crm.example.com/customers/c-1?_method=DELETE", b""),
+        ("POST", "crm.example.com/customers/c-1", b"", override),
+        ("POST", "crm.example.com/v1/refunds", REFUND, {"Host": "api.stripe.com"}),
+        chat("hello"),
+        ("POST", "api.openai.com./v1/chat/completions", chat("hi")[2], {"Host": "api.openai.com."}),
+        ("GET", "crm.example.com/customers/C-1", b""),  # a capital in a capture: the same action
+    ]
+    db, statuses = record(tmp_path, text, calls)
+    assert statuses == [400] * 6 + [200] * 3
+    data = replay.replay(policy(tmp_path, text, "same.yaml"), str(db))
+    assert data["changed"] == 0, data["blocked"]
+    reasons = [b["reason"] for b in data["blocked"]]
+    assert "reads as /v1/refunds to a server that merges repeated slashes" in reasons[0]
+    assert "reads as DELETE to a server that honours the X-HTTP-Method-Override" in reasons[4]
+    assert reasons[5].startswith("the request goes to crm.example.com but its Host header")
+    with sqlite3.connect(db) as ledger:
+        rows = ledger.execute("SELECT host, action FROM decisions ORDER BY id").fetchall()
+    assert rows[-2] == ("api.openai.com", "llm")
+
+
+def test_shadow_mode_forwards_a_request_naming_two_hosts_as_would_deny(tmp_path: Path) -> None:
+    """As for any bad_request in shadow mode: recorded would_deny and forwarded, decided on by
+    where it was sent. Replayed under the policy enforced, it is refused."""
+    text = ACTIONS + AGENT
+    calls = [
+        ("POST", "crm.example.com/v1/refunds", REFUND, {"Host": "api.stripe.com"}),
+        ("POST", "crm.example.com/customers/c-1", b"", {"X-HTTP-Method": "GET"}),
+    ]
+    db, statuses = record(tmp_path, "mode: shadow\n" + text, calls)
+    assert statuses == [200, 200]
+    with sqlite3.connect(db) as ledger:
+        rows = ledger.execute("SELECT decision, reason_code, host FROM decisions ORDER BY id")
+        assert rows.fetchall() == [("would_deny", "bad_request", "crm.example.com")] * 2
+    data = replay.replay(policy(tmp_path, "mode: enforce\n" + text, "enforced.yaml"), str(db))
+    assert data["decisions"] == {"allow": 0, "deny": 2, "would_deny": 0}, data["blocked"]

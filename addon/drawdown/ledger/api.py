@@ -228,7 +228,9 @@ class DecisionRow:
     # Request features for `drawdown replay` (JSON text, redacted; see drawdown.recording):
     port: int | None = None
     query: str | None = None  # {"name": "value"}, secret-looking names' values redacted
-    body_fields: str | None = None  # {"json.a.b": value} the policy references (record.bodies)
+    # {"json.a.b": value} the policy references (record.bodies), and what could not be read:
+    # `_unreadable`/`_undecodable` (why the body could not), `_repeated` (fields given twice).
+    body_fields: str | None = None
     body: str | None = None  # the whole JSON body, redacted (record.bodies: full)
     mcp: str | None = None  # [[method, tool], …] of an MCP request's JSON-RPC messages
     body_bytes: int | None = None  # the body's size as limits.max_request_bytes measures it

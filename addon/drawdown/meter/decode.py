@@ -136,3 +136,77 @@ def make_decoder(content_encoding: str | None) -> Decoder | None:
             raise UnsupportedEncoding(name)
         decoders.append(factory())
     return decoders[0] if len(decoders) == 1 else _Chain(decoders)
+
+
+# The content codings a request body may carry (RFC 9110 §8.4.1; x-gzip is gzip, §8.4.1.3).
+REQUEST_CODINGS = ("gzip", "x-gzip", "deflate", "br", "zstd")
+
+
+class UndecodableBody(ValueError):
+    """A request body that cannot be read as its upstream reads it."""
+
+
+def request_coding_problem(content_encoding: str | None) -> str | None:
+    """Why a request body in this Content-Encoding cannot be read as its upstream reads it;
+    None for identity or one of REQUEST_CODINGS. mitmproxy decodes any Python codec a client
+    names (`quopri`, `base64`, `hex`, `bz2`…), which no upstream does: drawdown decided on
+    bytes the upstream never saw. A stack (`gzip, gzip`) mitmproxy does not decode at all."""
+    coding = (content_encoding or "").strip().lower()
+    if coding in ("", "identity"):
+        return None
+    shown = repr(coding[:40])
+    if "," in coding:
+        return (
+            f"Content-Encoding {shown} stacks several codings, which servers do not all "
+            "undo alike; compress the body once"
+        )
+    if coding not in REQUEST_CODINGS:
+        return (
+            f"Content-Encoding {shown} is no HTTP content coding (gzip, deflate, br or zstd); "
+            "send the body as the upstream should read it"
+        )
+    return None
+
+
+def _inflate(raw: bytes, gzip: bool) -> tuple[bytes, zlib._Decompress]:
+    """gzip data (only: mitmproxy's reader takes zlib data too), or deflate: zlib-wrapped,
+    or raw as some clients send it."""
+    if gzip:
+        obj = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        return obj.decompress(raw), obj
+    try:
+        obj = zlib.decompressobj(zlib.MAX_WBITS)
+        return obj.decompress(raw), obj
+    except zlib.error:
+        obj = zlib.decompressobj(-zlib.MAX_WBITS)
+        return obj.decompress(raw), obj
+
+
+def decode_request(raw: bytes, content_encoding: str | None) -> bytes:
+    """A request body as its upstream reads it, decoded from its Content-Encoding.
+    UndecodableBody for a coding no upstream undoes (request_coding_problem), and for data
+    that is corrupt, cut short or followed by more (a second gzip member, which some
+    servers read and others drop): what the upstream reads would be a guess."""
+    if (problem := request_coding_problem(content_encoding)) is not None:
+        raise UndecodableBody(problem)
+    coding = (content_encoding or "").strip().lower()
+    if coding in ("", "identity") or not raw:
+        return raw
+    try:
+        if coding == "br":
+            brotli_obj = brotli.Decompressor()
+            out, done, rest = brotli_obj.process(raw), brotli_obj.is_finished(), b""
+        elif coding == "zstd":
+            zstd_obj = zstd.ZstdDecompressor()
+            out = zstd_obj.decompress(raw)
+            done, rest = zstd_obj.eof, zstd_obj.unused_data
+        else:
+            out, zlib_obj = _inflate(raw, gzip="gzip" in coding)
+            done, rest = zlib_obj.eof, zlib_obj.unused_data
+    except (zlib.error, brotli.error, zstd.ZstdError) as exc:
+        raise UndecodableBody(f"the body is not valid {coding} data ({exc})") from None
+    if not done:
+        raise UndecodableBody(f"the body's {coding} data is cut short")
+    if rest:
+        raise UndecodableBody(f"more data follows the end of the body's {coding} data")
+    return out

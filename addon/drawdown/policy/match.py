@@ -7,6 +7,8 @@ for the policy author; the schema turns it into `FILE:LINE: message`.
 
 from __future__ import annotations
 
+import encodings.idna
+import ipaddress
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -60,6 +62,32 @@ def compile_glob(pattern: str, *, ignore_case: bool = False) -> re.Pattern[str]:
 
 def is_glob(pattern: str) -> bool:
     return any(c in pattern for c in "*?[")
+
+
+def canonical_host(host: str) -> str:
+    """A host as DNS and certificates name it: lower-case, without the one trailing dot of a
+    fully qualified name (`API.openai.com.` is api.openai.com to DNS and to the upstream's
+    certificate; matched as written, it named no action and went through as an unknown host),
+    an internationalized label in its ASCII form (mitmproxy decodes a CONNECT's `xn--` labels).
+    Patterns are compiled the same way; a label holding a glob character is left as written."""
+    host = host.lower()
+    if host.endswith("."):
+        host = host[:-1]
+    if ":" in host:  # an IPv6 address, one way of writing it (`0:0::1` is ::1)
+        try:
+            return str(ipaddress.IPv6Address(host))
+        except ValueError:
+            return host
+    if host.isascii():
+        return host
+    labels = host.split(".")
+    for i, label in enumerate(labels):
+        if not label.isascii() and not is_glob(label):
+            try:
+                labels[i] = encodings.idna.ToASCII(label).decode("ascii")
+            except UnicodeError:  # not a name DNS could hold: left to match as written
+                pass
+    return ".".join(labels)
 
 
 @dataclass(frozen=True)
@@ -121,8 +149,9 @@ def compile_host(text: str) -> HostPattern:
             f"host pattern '{text}' holds {', '.join(repr(c) for c in bad)}, which no host "
             f"name does{hint}"
         )
+    host = canonical_host(host)  # as requests are read: `api.openai.com.` is api.openai.com
     try:
-        return HostPattern(text, compile_glob(host.lower()), port, host.lower())
+        return HostPattern(text, compile_glob(host), port, host)
     except ValueError as exc:  # `api.anthropic.com[`: an unclosed glob class
         raise ValueError(f"host pattern '{text}' is not a valid glob: {exc}") from None
 
@@ -134,9 +163,11 @@ class PathPattern:
     text: str
     regex: re.Pattern[str]
     names: tuple[str, ...]
+    folded: re.Pattern[str] | None = None  # the same, in any case
 
-    def match(self, path: str) -> dict[str, str] | None:
-        found = self.regex.match(path)
+    def match(self, path: str, *, fold: bool = False) -> dict[str, str] | None:
+        """Captures if `path` fits; `fold`: as a server that routes paths in any case reads it."""
+        found = (self.folded if fold and self.folded else self.regex).match(path)
         return found.groupdict() if found else None
 
     def covers(self, other: PathPattern | None) -> bool:
@@ -188,7 +219,8 @@ def compile_path(text: str) -> PathPattern:
     if "{" in rest or "}" in rest:
         raise ValueError(f"path pattern '{text}': captures look like {{name}} with a letter first")
     parts.append(glob_regex(rest, separator="/"))
-    return PathPattern(text, re.compile("".join(parts) + r"/?\Z"), tuple(names))
+    regex = "".join(parts) + r"/?\Z"
+    return PathPattern(text, re.compile(regex), tuple(names), re.compile(regex, re.IGNORECASE))
 
 
 # --- scope patterns -------------------------------------------------------------------
