@@ -185,8 +185,8 @@ class FlowState:
     denied: bool = False
     upstream_timer: asyncio.TimerHandle | None = None  # drawdown_upstream_timeout, once forwarded
     upstream_timed_out: bool = False
-    # The request hook let it go: mitmproxy sends it on once its upstream connection is up.
-    forwarded: bool = False
+    # When the request hook let it go: mitmproxy sends it on once its upstream connection is up.
+    forwarded_at: float | None = None
     # An MCP call answered as an event stream, read as it passes for whether it succeeded.
     mcp_events: McpEventScanner | None = None
     # A GET event stream that is no LLM call (an MCP client's channel for server messages):
@@ -211,15 +211,25 @@ class FlowState:
             and bool(self.estimate.usd or self.estimate.tokens)
         )
 
-    def billed_though_abandoned(self, reason: str, upstream: connection.Server) -> bool:
+    def billed_though_abandoned(
+        self, reason: str, upstream: connection.Server, idle_cut: float, now: float
+    ) -> bool:
         """The upstream had the whole request and the agent left before its answer (an SDK's
         timeout): the provider does the work and bills it all the same, so leaving early must
         be no way around a budget. An upstream that failed, or whose connection was not up
-        yet (mitmproxy sends the request the moment it is), never had it: released."""
+        yet (mitmproxy sends the request the moment it is), never had it: released. So is a
+        call silent for `idle_cut` seconds (tcp_timeout): mitmproxy itself cut the agent off,
+        as drawdown_upstream_timeout does, and reports it as the client gone."""
         connected = upstream.timestamp_tcp_setup is not None and (
             upstream.tls is False or upstream.timestamp_tls_setup is not None
         )
-        return self.forwarded and self.answered is None and connected and "client" in reason.lower()
+        return (
+            self.forwarded_at is not None
+            and now - self.forwarded_at < idle_cut
+            and self.answered is None
+            and connected
+            and "client" in reason.lower()
+        )
 
     def stop_upstream_timer(self) -> None:
         if self.upstream_timer is not None:
@@ -1085,7 +1095,7 @@ class Drawdown:
             self._deciding -= 1
         state: FlowState | None = flow.metadata.get(STATE)
         if state is not None and state.hold_id is not None and flow.response is None:
-            state.forwarded = True
+            state.forwarded_at = time.time()
             # Forwarded: wait no longer than drawdown_upstream_timeout for its response headers.
             state.upstream_timer = asyncio.get_running_loop().call_later(
                 self.seconds["drawdown_upstream_timeout"], self._upstream_silent, flow
@@ -1919,7 +1929,8 @@ class Drawdown:
             note = f"response cut short: {reason}"
             await self._settle(flow, state, _the_estimate(state, status, note), status, None)
             return
-        if state.billed_though_abandoned(reason, flow.server_conn):
+        idle_cut = float(ctx.options.tcp_timeout)
+        if state.billed_though_abandoned(reason, flow.server_conn, idle_cut, time.time()):
             note = f"client left before the answer: {reason}"
             await self._settle(flow, state, _the_estimate(state, status, note), status, None)
             return
