@@ -1333,13 +1333,8 @@ def test_env_takes_the_certificate_from_anywhere_with_ca_cert(
     assert b"PRIVATE KEY" not in (keyed / BUNDLE).read_bytes()
 
 
-def test_env_on_the_proxys_host_reads_the_certificate_when_the_key_is_not_its_own(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The key is 0600, the proxy's user's; another user's env wants the certificate only.
-    It said "the CA … cannot be read; move its mitmproxy-ca*.pem files away"."""
-    confdir = tmp_path / "conf"
-    ensure_ca(confdir)
+def key_of_another_user(monkeypatch: pytest.MonkeyPatch, confdir: Path) -> None:
+    """The CA's key (0600) belongs to the proxy's user: reading it is refused."""
     read_bytes = Path.read_bytes
 
     def not_ours(self: Path) -> bytes:
@@ -1348,6 +1343,16 @@ def test_env_on_the_proxys_host_reads_the_certificate_when_the_key_is_not_its_ow
         return read_bytes(self)
 
     monkeypatch.setattr(Path, "read_bytes", not_ours)
+
+
+def test_env_on_the_proxys_host_reads_the_certificate_when_the_key_is_not_its_own(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The key is 0600, the proxy's user's; another user's env wants the certificate only.
+    It said "the CA … cannot be read; move its mitmproxy-ca*.pem files away"."""
+    confdir = tmp_path / "conf"
+    ensure_ca(confdir)
+    key_of_another_user(monkeypatch, confdir)
     assert main(["env", "--confdir", str(confdir)]) == 0
     out, err = capsys.readouterr()
     assert err == ""
@@ -1512,14 +1517,7 @@ def test_run_says_a_ca_it_may_not_read_is_not_its_own_rather_than_to_mint_one(
     for every agent, where running as the key's owner was the fix."""
     confdir = tmp_path / "conf"
     ensure_ca(confdir)
-    read_bytes = Path.read_bytes
-
-    def not_ours(self: Path) -> bytes:
-        if self == confdir / "mitmproxy-ca.pem":
-            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))
-        return read_bytes(self)
-
-    monkeypatch.setattr(Path, "read_bytes", not_ours)
+    key_of_another_user(monkeypatch, confdir)
     assert main(run_args(tmp_path, confdir)) == 2
     assert capsys.readouterr().err == (
         f"drawdown: the CA in {confdir} cannot be read by this user (Permission denied): run "
