@@ -45,6 +45,10 @@ BUCKETS = (1, 5, 10, 30, 60, 300, 900, 3600, 21600, 86400, 604800)
 MAX_BUCKETS = 120
 MAX_DENIALS = 500  # the most recent denials listed in the report
 MAX_TIMELINE = 2000  # steps drawn per run in the HTML page
+# Steps embedded in the whole page: a week of fleet traffic (481k decisions) made a 210 MB page
+# Chromium took 85 s to draw. Runs a reader looks at first get theirs (`_timeline_order`);
+# `drawdown report --run ID --html` draws one run, up to this many of its steps.
+TIMELINE_BUDGET = 20_000
 STATUSES = ("budget_exhausted", "denied", "anomalous", "normal")
 # Refusals that make no run `denied` (SPEC §8: an authority denial happened): its own statuses
 # (budget, anomaly), the proxy's state (stopping for a deploy, its ledger down, a bug: a deploy
@@ -241,11 +245,14 @@ def _build(
             else None,
         }
         runs.append(entry)
-    if timelines:
-        _add_timelines(runs, detail_rows, found, retried_ids)
+    embedded = (
+        _add_timelines(runs, detail_rows, found, retried_ids, one_run=run is not None)
+        if timelines
+        else None
+    )
 
     budgets = _budgets(reader, floor, run)
-    return {
+    result: dict[str, Any] = {
         "generated_at": iso_time(now),
         "since": iso_time(floor) if since else None,
         "budgets": budgets,
@@ -256,6 +263,9 @@ def _build(
         "denials": _denials(reader, where, params),  # the latest MAX_DENIALS
         "denials_total": counts["deny"] + counts["would_deny"],
     }
+    if embedded is not None:
+        result["timelines"] = embedded
+    return result
 
 
 def _for_each_run(anomaly: dict[str, Any]) -> dict[str, Any]:
@@ -471,14 +481,27 @@ def _denials(reader: Reader, where: str, params: dict[str, Any]) -> list[dict[st
     ]
 
 
+def _timeline_order(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Runs in the order they get a timeline from the page's budget: those a reader opens
+    first (budget_exhausted, denied, anomalous, or so in shadow mode), then the rest; the most
+    recent first within each."""
+    by_recency = sorted(runs, key=lambda r: r["ended"] or r["started"] or "", reverse=True)
+    return sorted(by_recency, key=lambda r: r["status"] == "normal" and r["would_status"] is None)
+
+
 def _add_timelines(
     runs: list[dict[str, Any]],
     rows: list[dict[str, Any]],
     found: list[dict[str, Any]],
     retried: set[str],
-) -> None:
+    *,
+    one_run: bool = False,
+) -> dict[str, int]:
     """Every attempt of each run, as the `timeline` the HTML page draws; `retried`: the failed
-    attempts its SDK retried, shown but no steps."""
+    attempts its SDK retried, shown but no steps. The page holds at most TIMELINE_BUDGET steps
+    (MAX_TIMELINE a run, but the whole budget for `one_run`): a run whose steps no longer fit
+    gets none (`timeline_omitted`), and a smaller one after it may still fit. Returns what
+    the page holds: {budget, steps, runs_omitted}."""
     flagged: dict[str, list[str]] = defaultdict(list)
     for anomaly in found:
         for request_id in anomaly["evidence"]:
@@ -486,37 +509,49 @@ def _add_timelines(
     steps: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for row in rows:  # whole runs, as the runs table reports them
         steps[row["scope"]].append(row)
-    for entry in runs:
+    per_run = TIMELINE_BUDGET if one_run else MAX_TIMELINE
+    left = TIMELINE_BUDGET
+    omitted = 0
+    for entry in _timeline_order(runs):
         scope_rows = steps.get(entry["scope"], [])
-        start = scope_rows[0]["ts"] if scope_rows else 0.0
-        timeline = []
-        for row in scope_rows[:MAX_TIMELINE]:
-            ended = row.get("completed_at")
-            duration = row.get("latency_ms")
-            if duration is None and ended:
-                duration = (ended - row["ts"]) * 1000
-            timeline.append(
-                {
-                    "request_id": row["request_id"],
-                    "t": round(row["ts"] - start, 4),
-                    "ts": iso_time(row["ts"]),
-                    "ms": round(duration, 2) if duration is not None else None,
-                    "action": row.get("action"),
-                    "model": row.get("model"),
-                    "decision": row["decision"],
-                    "reason_code": row.get("reason_code"),
-                    "reason": row.get("reason"),
-                    "status": row.get("status"),
-                    "usd": usd_float(row.get("actual_usd") or 0),
-                    "est_usd": usd_float(row.get("est_usd") or 0),
-                    "tokens": (row.get("tokens_in") or 0) + (row.get("tokens_out") or 0),
-                    "request": f"{row.get('method') or ''} {row.get('host') or ''}{row.get('path') or ''}".strip(),
-                    "anomalies": flagged.get(row["request_id"], []),
-                    "retried": row["request_id"] in retried,
-                }
-            )
-        entry["timeline"] = timeline
         entry["timeline_total"] = len(scope_rows)
+        shown = scope_rows[:per_run]
+        entry["timeline_omitted"] = len(shown) > left
+        if entry["timeline_omitted"]:
+            entry["timeline"] = []
+            omitted += 1
+            continue
+        left -= len(shown)
+        start = scope_rows[0]["ts"] if scope_rows else 0.0
+        entry["timeline"] = [_step(row, start, flagged, retried) for row in shown]
+    return {"budget": TIMELINE_BUDGET, "steps": TIMELINE_BUDGET - left, "runs_omitted": omitted}
+
+
+def _step(
+    row: dict[str, Any], start: float, flagged: dict[str, list[str]], retried: set[str]
+) -> dict[str, Any]:
+    ended = row.get("completed_at")
+    duration = row.get("latency_ms")
+    if duration is None and ended:
+        duration = (ended - row["ts"]) * 1000
+    return {
+        "request_id": row["request_id"],
+        "t": round(row["ts"] - start, 4),
+        "ts": iso_time(row["ts"]),
+        "ms": round(duration, 2) if duration is not None else None,
+        "action": row.get("action"),
+        "model": row.get("model"),
+        "decision": row["decision"],
+        "reason_code": row.get("reason_code"),
+        "reason": row.get("reason"),
+        "status": row.get("status"),
+        "usd": usd_float(row.get("actual_usd") or 0),
+        "est_usd": usd_float(row.get("est_usd") or 0),
+        "tokens": (row.get("tokens_in") or 0) + (row.get("tokens_out") or 0),
+        "request": f"{row.get('method') or ''} {row.get('host') or ''}{row.get('path') or ''}".strip(),
+        "anomalies": flagged.get(row["request_id"], []),
+        "retried": row["request_id"] in retried,
+    }
 
 
 # --- text ----------------------------------------------------------------------------------

@@ -682,3 +682,71 @@ def test_the_report_says_how_many_denials_it_left_out(
     dom = parse(dump_dom(page, tmp_path))
     (heading,) = [h for h in dom.find("h2") if "Denials" in h["text"]]
     assert "latest 2 of 3" in heading["text"]
+
+
+def test_the_page_embeds_a_budget_of_steps_flagged_runs_first(
+    seed: Seeder, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every step of every run went into the page: a week of fleet traffic (481k decisions)
+    made a 210 MB page Chromium took 85 s to draw. The page now holds TIMELINE_BUDGET steps,
+    given first to the runs a reader opens (denied, over budget, anomalous), then the latest;
+    `--run ID --html` still draws a run whole."""
+    monkeypatch.setattr(report, "TIMELINE_BUDGET", 40)
+    monkeypatch.setattr(report, "MAX_TIMELINE", 12)
+    statuses = four_runs(seed)  # 9 + 2 + 6 + 4 steps; "fine" is normal
+    flagged = [run for status, run in statuses.items() if status != "normal"]
+
+    def quiet_runs(first: int, count: int) -> None:
+        for n in range(first, first + count):
+            for i in range(8):
+                seed.call(run=f"q{n:02d}", body=f"step {i}")
+
+    def page_of(path: Path, *run: str) -> tuple[dict[str, Any], int]:
+        assert main(["report", "--db", str(seed.path), *run, "--html", str(path)]) == 0
+        html = path.read_text()
+        raw = html.split('id="drawdown-data">', 1)[1].split("</script>", 1)[0]
+        return json.loads(raw), len(html.encode())
+
+    quiet_runs(0, 10)
+    data, size = page_of(tmp_path / "small.html")
+    embedded = {r["run"]: len(r["timeline"]) for r in data["runs"] if not r["timeline_omitted"]}
+    assert sum(embedded.values()) == data["timelines"]["steps"] <= 40
+    assert data["timelines"]["runs_omitted"] == len(data["runs"]) - len(embedded) > 0
+    assert set(flagged) <= set(embedded)  # 17 steps; then the latest: q09, q08 (8 each), and
+    assert set(embedded) - set(flagged) == {"q09", "q08", "fine"}  # the 4 of "fine" still fit
+    for r in data["runs"]:
+        assert r["timeline_total"] == r["requests"]
+        assert r["timeline"] == [] if r["timeline_omitted"] else len(r["timeline"]) == r["requests"]
+
+    # Past the budget, more runs add their rows to the page, not their steps.
+    quiet_runs(10, 10)
+    bigger, bigger_size = page_of(tmp_path / "bigger.html")
+    assert bigger["timelines"]["steps"] <= 40
+    monkeypatch.setattr(report, "TIMELINE_BUDGET", 10**9)
+    whole, whole_size = page_of(tmp_path / "whole.html")
+    assert whole["timelines"]["runs_omitted"] == 0
+    assert (bigger_size - size) * 2 < whole_size - size
+
+    # The run a page left out, drawn whole by --run (past MAX_TIMELINE too).
+    monkeypatch.setattr(report, "TIMELINE_BUDGET", 40)
+    seed.now += 60
+    for i in range(15):
+        seed.call(run="long", body=f"step {i}")
+    assert bigger["runs"][4]["run"] == "q00" and bigger["runs"][4]["timeline_omitted"]
+    one, _ = page_of(tmp_path / "run.html", "--run", "q00")
+    assert [(len(r["timeline"]), r["timeline_omitted"]) for r in one["runs"]] == [(8, False)]
+    one, _ = page_of(tmp_path / "run.html", "--run", "long")
+    assert [len(r["timeline"]) for r in one["runs"]] == [15]
+
+    require_chromium()
+    dom = parse(dump_dom(tmp_path / "bigger.html", tmp_path, "#all"))
+    assert dom.find("main", id="app")[0]["attrs"]["data-ready"] == "1"
+    (note,) = dom.find("p", id="timelines-omitted")
+    assert f"{bigger['timelines']['runs_omitted']} of {len(bigger['runs'])} runs" in note["text"]
+    left_out = dom.find("p", **{"class": "empty timeline-omitted"})
+    assert len(left_out) == bigger["timelines"]["runs_omitted"]
+    assert "drawdown report --run q00 --html run.html" in [e["text"] for e in dom.find("code")]
+    bars = [e for e in dom.elements if "step " in e["attrs"].get("class", "")]
+    assert len(bars) == bigger["timelines"]["steps"]
+    omitted_rows = dom.find("tr", data_timeline="omitted")
+    assert len(omitted_rows) == bigger["timelines"]["runs_omitted"]

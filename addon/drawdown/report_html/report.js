@@ -57,6 +57,11 @@
   function num(key, value, text) {
     return el("td", { "class": "num", "data-k": key, "data-v": value === null ? "" : value }, text);
   }
+  // A run id as a shell word (ids come from agents: quoted unless plainly safe).
+  function shellWord(text) {
+    text = String(text);
+    return /^[A-Za-z0-9._%:@+=,\/-]+$/.test(text) ? text : "'" + text.replace(/'/g, "'\\''") + "'";
+  }
   function badge(cls, text) {
     return el("span", { "class": "badge " + cls }, text);
   }
@@ -178,7 +183,8 @@
     runs.forEach(function (run) {
       var kinds = {};
       run.anomalies.forEach(function (a) { kinds[a.kind] = true; });
-      var tr = el("tr", { "class": "run", "data-scope": run.scope, "data-status": run.status, tabindex: 0 }, [
+      var tr = el("tr", { "class": "run", "data-scope": run.scope, "data-status": run.status,
+        "data-timeline": run.timeline_omitted ? "omitted" : null, tabindex: 0 }, [
         el("td", { "class": "scope", "data-k": "scope" }, run.scope),
         el("td", { "data-k": "status", "data-v": run.status }, [badge(run.status, run.status.replace("_", " ")),
           run.would_status ? el("span", { "class": "reason", title: "what enforcing the would_deny decisions would have made of this run" }, " shadow: " + run.would_status.replace("_", " ")) : null]),
@@ -229,6 +235,12 @@
     runSection.appendChild(filters);
     runSection.appendChild(table);
     runSection.appendChild(el("p", { "class": "reason" }, "Click a run for its timeline (open the page with #all to expand every run, e.g. to print it)."));
+    var omitted = data.timelines ? data.timelines.runs_omitted : 0;
+    if (omitted) {
+      runSection.appendChild(el("p", { "class": "reason", id: "timelines-omitted" },
+        fmtInt(omitted) + " of " + fmtInt(runs.length) + " runs have no timeline in this page: it embeds " + fmtInt(data.timelines.budget) +
+        " steps, given first to denied, over-budget and anomalous runs, then the latest. drawdown report --run ID --html FILE draws any run whole."));
+    }
     if (window.location.hash === "#all") rows.forEach(function (r) { r.tr.click(); });
   }
 
@@ -241,6 +253,14 @@
     run.anomalies.forEach(function (a) {
       box.appendChild(el("p", null, [badge("kind", a.kind), " ", a.detail]));
     });
+    if (run.timeline_omitted) {
+      // The page embeds a budget of steps (data.timelines), flagged and recent runs first.
+      box.appendChild(el("p", { "class": "empty timeline-omitted" }, [
+        "This run's " + fmtInt(run.timeline_total) + " requests are not drawn in this page (it holds " +
+        fmtInt(data.timelines.budget) + " steps, given first to denied, over-budget and anomalous runs, then the latest). Its whole timeline: ",
+        el("code", null, "drawdown report --run " + shellWord(run.run) + " --html run.html")]));
+      return box;
+    }
     if (!steps.length) {
       box.appendChild(el("p", { "class": "empty" }, "No steps recorded in this period."));
       return box;
@@ -254,7 +274,8 @@
     ]));
     box.appendChild(timeline(steps));
     if (run.timeline_total > steps.length) {
-      box.appendChild(el("p", { "class": "reason" }, "Showing the first " + steps.length + " of " + run.timeline_total + " requests."));
+      box.appendChild(el("p", { "class": "reason" }, ["Showing the first " + steps.length + " of " + run.timeline_total + " requests; more of them: ",
+        el("code", null, "drawdown report --run " + shellWord(run.run) + " --html run.html")]));
     }
     var list = el("table", { "class": "steps" });
     list.appendChild(el("thead", null, el("tr", null, ["#", "at", "action", "decision", "status", "cost", "tokens", "took", "request", "anomalies"].map(function (h) { return el("th", null, h); }))));
