@@ -123,7 +123,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         return _serve(args, host, port, sets, cpus)
     if port:
         _refuse_a_port_in_use(host, port)
-    with _ready_ca(Path(args.confdir).expanduser().absolute()) as confdir:
+    passphrase = _set_value(sets, "cert_passphrase")
+    with _ready_ca(Path(args.confdir).expanduser().absolute(), passphrase) as confdir:
         args.confdir = str(confdir)  # mitmproxy's, and the workers': maybe a private copy
         return _serve(args, host, port, sets, cpus)
 
@@ -158,6 +159,16 @@ _SET_BY_FLAGS = {
 }
 
 
+def _set_value(sets: list[str], name: str) -> str | None:
+    """The value the last `--set NAME=VALUE` gives NAME, as mitmproxy takes it."""
+    found = None
+    for item in sets:
+        key, sep, value = item.partition("=")
+        if sep and key.strip() == name:
+            found = value
+    return found
+
+
 def _check_sets(sets: list[str]) -> None:
     """No `--set` for what a flag of `run` sets, and none without a name. A bare NAME keeps
     mitmproxy's meaning (a switch turned on, another option unset)."""
@@ -170,7 +181,7 @@ def _check_sets(sets: list[str]) -> None:
 
 
 @contextlib.contextmanager
-def _ready_ca(confdir: Path) -> Iterator[Path]:
+def _ready_ca(confdir: Path, passphrase: str | None = None) -> Iterator[Path]:
     """The CA, loaded or minted, the agents' bundle refreshed with it, and the confdir
     mitmproxy loads it from: this one, or a private copy of a read-only one (a Kubernetes
     Secret), removed when the proxy stops.
@@ -182,7 +193,7 @@ def _ready_ca(confdir: Path) -> Iterator[Path]:
 
     with contextlib.ExitStack() as stack:
         try:
-            ca = ensure_ca(confdir)
+            ca = ensure_ca(confdir, passphrase)
             try:
                 write_bundle(confdir, ca)
             except BundleUnwritable as exc:
@@ -686,7 +697,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     elif args.as_json:
         print(json.dumps(data, indent=2))
     else:
-        print(_terminal(report.render_text(data)))
+        print(_terminal(report.render_text(data, every_instance=args.run is not None)))
     if args.run and not data["runs"]:  # a mistyped id must not read as a quiet run
         return _no_such_run(args)
     return 0

@@ -49,6 +49,11 @@ MAX_TIMELINE = 2000  # steps drawn per run in the HTML page
 # Chromium took 85 s to draw. Runs a reader looks at first get theirs (`_timeline_order`);
 # `drawdown report --run ID --html` draws one run, up to this many of its steps.
 TIMELINE_BUDGET = 20_000
+# The text BUDGETS table lists a per-run budget's instances one by one up to this many; past it
+# (481k decisions: 96k lines, one per unit of each of 48k runs) the TOP_INSTANCES that spent
+# most, and a line counting them all. `--run` lists the run's own.
+MAX_RUN_INSTANCES = 10
+TOP_INSTANCES = 5
 STATUSES = ("budget_exhausted", "denied", "anomalous", "normal")
 # Refusals that make no run `denied` (SPEC §8: an authority denial happened): its own statuses
 # (budget, anomaly), the proxy's state (stopping for a deploy, its ledger down, a bug: a deploy
@@ -595,7 +600,58 @@ def _steps_cell(run: dict[str, Any]) -> str:
     return str(run["steps"]) + (f" (+{retried} retried)" if retried else "")
 
 
-def render_text(data: dict[str, Any]) -> str:
+def _per_run(budget: dict[str, Any]) -> bool:
+    """An instance per run: the budget's last level is the run (`agent:*/run:*`)."""
+    return budget["scope"].rsplit("/", 1)[-1].startswith("run:")
+
+
+def _spent_most(budget: dict[str, Any]) -> tuple[int, int, int]:
+    return (
+        budget["usd_nanos"]["spent"] or 0,
+        budget["spent"]["requests"] or 0,
+        budget["spent"]["tokens"] or 0,
+    )
+
+
+def _listed_budgets(
+    budgets: list[dict[str, Any]], every_instance: bool
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """The instances the BUDGETS table lists, and a line for each per-run budget it summarises:
+    past MAX_RUN_INSTANCES, only its TOP_INSTANCES by spend, in the place of its first."""
+    groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for budget in budgets:
+        if _per_run(budget):
+            groups[budget["budget"]].append(budget)
+    many = {
+        name: group
+        for name, group in groups.items()
+        if len(group) > MAX_RUN_INSTANCES and not every_instance
+    }
+    listed: list[dict[str, Any]] = []
+    notes: list[str] = []
+    for budget in budgets:
+        group = many.get(budget["budget"]) if _per_run(budget) else None
+        if group is None:
+            listed.append(budget)
+        elif budget is group[0]:
+            top = sorted(group, key=_spent_most, reverse=True)[:TOP_INSTANCES]
+            listed.extend(top)
+            spent = sum(b["usd_nanos"]["spent"] or 0 for b in group)
+            held = sum(b["usd_nanos"]["reserved"] or 0 for b in group)
+            exhausted = sum(1 for b in group if b["exhausted"])
+            notes.append(
+                printable(
+                    f"{budget['budget']}: {len(group):,} run instances, {exhausted:,} exhausted, "
+                    f"{exact_usd(spent)} spent and {exact_usd(held)} held in all; listed: the "
+                    f"{len(top)} that spent most (`--run ID` lists a run's own, `--json` all)"
+                )
+            )
+    return listed, notes
+
+
+def render_text(data: dict[str, Any], *, every_instance: bool = False) -> str:
+    """`every_instance`: list every per-run budget instance (`--run`), else past
+    MAX_RUN_INSTANCES of one budget only those that spent most and a count."""
     out = []
     d = data["decisions"]
     # Only shadow mode records would_deny: an enforced ledger's line says nothing of shadow.
@@ -644,7 +700,8 @@ def render_text(data: dict[str, Any]) -> str:
     out.append("")
     out.append("BUDGETS")
     rows = []
-    for b in data["budgets"]:
+    listed, summaries = _listed_budgets(data["budgets"], every_instance)
+    for b in listed:
         for unit in ("usd", "tokens", "requests"):
             limit = b["limit"][unit]
             if limit is None:
@@ -670,6 +727,7 @@ def render_text(data: dict[str, Any]) -> str:
         if rows
         else "(no budgets)"
     )
+    out.extend(f"({line})" for line in summaries)
     if data["anomalies"]:
         out.append("")
         out.append("ANOMALIES")
