@@ -59,11 +59,11 @@ def certificates(pem: bytes) -> bytes:
 # --- the proxy's side: the CA and its key ------------------------------------------------
 
 
-def ensure_ca(confdir: Path) -> bytes:
+def ensure_ca(confdir: Path, passphrase: str | None = None) -> bytes:
     """The CA's certificates (PEM), minted (key mode 0600) if the proxy never ran with this
     confdir, else read as the proxy will read them, and never rewritten: a broken CA is
     reported here, in a line, rather than as a traceback from mitmproxy after the proxy
-    announced itself."""
+    announced itself. `passphrase`: mitmproxy's `cert_passphrase`, for an encrypted key."""
     try:
         confdir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -93,10 +93,10 @@ def ensure_ca(confdir: Path) -> bytes:
                 f"--confdir {confdir} holds no CA yet and cannot take a new one "
                 f"({exc.strerror or exc}): make it writable, or choose another --confdir"
             ) from None
-    return certificates(_read_ca(confdir))
+    return certificates(_read_ca(confdir, passphrase))
 
 
-def _read_ca(confdir: Path) -> bytes:
+def _read_ca(confdir: Path, passphrase: str | None = None) -> bytes:
     """mitmproxy-ca.pem, checked as mitmproxy's CertStore.from_files reads it. Only a CA that
     is there and is no CA earns the advice to mint another: that changes the CA every agent
     trusts, which a CA this user may not read, or a read-only folder, never calls for."""
@@ -114,9 +114,24 @@ def _read_ca(confdir: Path) -> bytes:
             ) from None
         raise CAUnusable(f"the CA in {confdir} cannot be read ({_reason(exc)})") from None
     try:
-        load_pem_private_key(raw, None)
+        load_pem_private_key(raw, passphrase.encode() if passphrase else None)
         x509.load_pem_x509_certificates(raw)
+    except TypeError:  # cryptography's word for a passphrase missing, or given needlessly
+        if passphrase:
+            raise CAUnusable(
+                f"cert_passphrase is set, but the CA key in {confdir} is not encrypted: "
+                "leave cert_passphrase out"
+            ) from None
+        raise CAUnusable(
+            f"the CA key in {confdir} is encrypted: give its passphrase with "
+            "--set cert_passphrase=PASSPHRASE"
+        ) from None
     except ValueError as exc:
+        if passphrase and b"ENCRYPTED" in raw:
+            raise CAUnusable(
+                f"the CA key in {confdir} cannot be decrypted with cert_passphrase "
+                f"({_reason(exc)}): check the passphrase"
+            ) from None
         raise CAUnusable(
             f"the CA in {confdir} cannot be read ({_reason(exc)}); if it is lost, move its "
             "mitmproxy-ca*.pem files away to mint a new one, then give every agent the new "
