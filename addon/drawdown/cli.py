@@ -489,10 +489,13 @@ def _shell_quote(value: str) -> str:
 def _terminal(text: str) -> str:
     """Text for a terminal: model names, paths and reasons come from agents' requests, so any
     control character (an escape sequence, a fake line) is shown escaped, never interpreted."""
-    return "\n".join(
-        "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in line)
-        for line in text.split("\n")
-    )
+    # Nearly every line needs nothing, and isprintable() checks one in C: escaping each
+    # character in Python took 1.27 s over a 26 MB report, this 0.12 s.
+    return "\n".join(line if line.isprintable() else _escaped(line) for line in text.split("\n"))
+
+
+def _escaped(line: str) -> str:
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in line)
 
 
 # --- check / explain ------------------------------------------------------------------------
