@@ -543,6 +543,9 @@ class Drawdown:
         self.policy: Policy | None = None
         self.ledger: AsyncLedger | None = None
         self.ledger_url: str | None = None
+        # What became of the ledger's file when it was deleted or replaced under the running
+        # proxy (SQLite): closed, and reopened only once a file is back at its path.
+        self.ledger_lost: str | None = None
         self.idle_runs = IdleRuns()
         # Credentials an agent sent on its CONNECT, for every request of that tunnel.
         self.tunnel_credentials: weakref.WeakKeyDictionary[connection.Client, tuple[str, str]] = (
@@ -864,6 +867,7 @@ class Drawdown:
             self.ledger.close()
             self.ledger = None
         self.ledger_url = url
+        self.ledger_lost = None
         try:
             backend = open_ledger(url, timeout=self.seconds["drawdown_ledger_timeout"])
         except LedgerTooNew as exc:
@@ -893,6 +897,8 @@ class Drawdown:
                 if self.ledger_url:
                     await asyncio.to_thread(self._reopen_ledger)
                 continue
+            if await self._ledger_file_lost(self.ledger):
+                continue
             policy = self.policy
             now = time.time()
             await self._retry_settlements()
@@ -911,6 +917,43 @@ class Drawdown:
                         log.info("drawdown: sweeper released %d expired hold(s)", swept)
             except LedgerError as exc:
                 log.warning("drawdown: ledger maintenance failed: %s", exc)
+
+    async def _ledger_file_lost(self, ledger: AsyncLedger) -> bool:
+        """Whether the ledger's file was deleted or replaced under the proxy (then it is closed).
+
+        SQLite goes on writing to the file it opened, deleted or not: calls kept getting 200
+        while their spend went where no other worker, report or restart would see it. An
+        unavailable ledger is said so, and answered per on_ledger_error, instead."""
+        lost = getattr(ledger.ledger, "lost", None)  # PostgreSQL has no file to lose
+        if lost is None:
+            return False
+        what = await asyncio.to_thread(lost)  # a stat: disk I/O, off the loop
+        if what is None or self.ledger is not ledger:
+            return False
+        self.ledger, self.ledger_lost = None, what
+        # Their holds were in the lost file: the same ids name other holds (or none) in any
+        # file reopened later, so nothing of theirs is settled anywhere.
+        uncharged = len(self.unsettled) + sum(
+            s.hold_id is not None and not s.settled for s in self.inflight.values()
+        )
+        self.unsettled.clear()
+        for state in self.inflight.values():
+            state.hold_id = None
+        log.error(
+            "drawdown: ledger %s was %s under the running proxy; it is closed, calls are "
+            "answered per on_ledger_error and /readyz is not ready until a ledger file is back "
+            "at that path (put the file back; or restart the proxy, which starts a new, empty "
+            "ledger: every budget starts unspent)%s",
+            redact_dsn(self.ledger_url or ""),
+            what,
+            f"; {uncharged} call(s) held in it go uncharged" if uncharged else "",
+        )
+        await ledger.aclose()
+        try:
+            await asyncio.to_thread(ledger.ledger.close)
+        except LedgerError:
+            pass
+        return True
 
     async def _retry_settlements(self) -> None:
         """Try again what the ledger refused. Trying twice never charges twice: a hold already
@@ -949,18 +992,27 @@ class Drawdown:
         return every
 
     def _reopen_ledger(self) -> None:
+        lost = self.ledger_lost
         try:
             backend = open_ledger(
-                self.ledger_url or "", timeout=self.seconds["drawdown_ledger_timeout"]
+                self.ledger_url or "",
+                timeout=self.seconds["drawdown_ledger_timeout"],
+                # A lost file is reopened once one is back, never made anew with empty budgets.
+                **({"create": False} if lost else {}),
             )
         except LedgerError:
             return
+        self.ledger_lost = None
         self.ledger = AsyncLedger(
             backend,
             placement=WriterPlacement.from_environment(),
             batch_scheduling=ctx.options.drawdown_batch_writer,
         )
-        log.info("drawdown: ledger %s is available again", redact_dsn(self.ledger_url or ""))
+        log.info(
+            "drawdown: ledger %s is available again%s",
+            redact_dsn(self.ledger_url or ""),
+            f" (it was {lost}: the budgets are those of the file now there)" if lost else "",
+        )
 
     async def _watch_policy(self) -> None:
         """Hot reload: a good edit takes over for new requests; a broken one is reported and ignored."""
@@ -1021,6 +1073,7 @@ class Drawdown:
             policy_loaded=self.policy is not None,
             ledger_open=self.ledger is not None,
             draining=self.draining,
+            ledger_lost=self.ledger_lost,
         )
         status, body = health.answer(request.path, readiness)
         flow.response = http.Response.make(
@@ -1464,8 +1517,19 @@ class Drawdown:
 
     def _ledger(self) -> AsyncLedger:
         if self.ledger is None:
-            raise LedgerError(f"ledger {redact_dsn(self.ledger_url or '')} is not open")
+            state = f"was {self.ledger_lost}" if self.ledger_lost else "is not open"
+            raise LedgerError(f"ledger {redact_dsn(self.ledger_url or '')} {state}")
         return self.ledger
+
+    async def _reserve_in_ledger(self, *args: Any) -> ReserveOutcome:
+        """The ledger's reserve. A ledger lost while it waited (`_ledger_file_lost`) made its
+        hold in a file no one else sees: unavailable, as for the calls after it."""
+        ledger = self._ledger()
+        outcome: ReserveOutcome = await ledger.call("reserve", *args)
+        if ledger is not self.ledger:
+            self._ledger()  # raises, naming what became of it
+            raise LedgerError("ledger reopened while reserving")  # within a tick: unlikely
+        return outcome
 
     async def _reserve(
         self,
@@ -1480,8 +1544,8 @@ class Drawdown:
         row.est_usd, row.est_tokens = estimate.usd, estimate.tokens
         state.estimate = estimate
         try:
-            outcome: ReserveOutcome = await self._ledger().call(
-                "reserve", row, claims, estimate, state.started + policy.holds.ttl_seconds, guards
+            outcome = await self._reserve_in_ledger(
+                row, claims, estimate, state.started + policy.holds.ttl_seconds, guards
             )
         except LedgerError as exc:
             await self._ledger_down(flow, state, str(exc))
@@ -2016,6 +2080,8 @@ class Drawdown:
         """Hand a commit or release to the ledger: what it answers, or None when it refused.
         A refused one is kept for the maintenance task to write: the answer goes on to the
         agent meanwhile, and the ledger gets the settlement when it takes it."""
+        if operation[1][1] is None:  # its hold was in a ledger file since lost
+            return None
         try:
             return await self._ledger().call(operation[0], *operation[1])
         except LedgerError as exc:
@@ -2194,8 +2260,8 @@ class Drawdown:
             claims = [replace(c, shadow=True) for c in claims]
         estimate = Amount(requests=1)
         try:
-            outcome: ReserveOutcome = await self._ledger().call(
-                "reserve", row, claims, estimate, now + policy.holds.ttl_seconds, guards
+            outcome = await self._reserve_in_ledger(
+                row, claims, estimate, now + policy.holds.ttl_seconds, guards
             )
         except LedgerError as exc:
             if policy.ledger_error_allows or unasked:

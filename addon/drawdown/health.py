@@ -24,6 +24,8 @@ class Readiness:
     policy_loaded: bool
     ledger_open: bool
     draining: bool
+    # What became of the ledger's file ("deleted"…), when it was lost under the running proxy.
+    ledger_lost: str | None = None
 
     @property
     def ready(self) -> bool:
@@ -33,7 +35,12 @@ class Readiness:
         found = []
         if not self.policy_loaded:
             found.append("no policy in force")
-        if not self.ledger_open:
+        if not self.ledger_open and self.ledger_lost:
+            found.append(
+                f"the ledger's file was {self.ledger_lost} under the proxy (calls are answered "
+                "per on_ledger_error until a ledger file is back at its path)"
+            )
+        elif not self.ledger_open:
             found.append("the ledger is not open (calls are answered per on_ledger_error)")
         if self.draining:
             found.append("shutting down")

@@ -13,6 +13,8 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -483,6 +485,47 @@ def test_a_ledger_whose_folder_cannot_be_made_keeps_the_proxy_up(
         chat(client)
     assert standin.count("/v1/chat/completions") == 1
     verify(in_the_way / "drawdown.db")
+
+
+def test_a_ledger_deleted_under_the_proxy_is_said_so_and_never_made_anew(
+    drawdown_proxy: Factory, standin: StandIn, tmp_path: Path
+) -> None:
+    """`rm ledger.db*` under a running proxy: calls went on getting 200, their spend written to
+    the deleted file (another worker, `drawdown report` or a restart saw none of it) and
+    nothing was logged. Now one error, 503 per on_ledger_error, /readyz not ready, and no
+    fresh file with every budget unspent; the file put back is reopened."""
+    db, kept = tmp_path / "ledger.db", tmp_path / "kept.db"
+    proxy = drawdown_proxy(
+        policy(), db=db, extra_args=["--set", "drawdown_maintenance_interval=0.2"]
+    )
+    direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    readyz = f"http://127.0.0.1:{proxy.address[1]}/readyz"
+    with proxy.openai_client(max_retries=0) as client:
+        chat(client)
+        with sqlite3.connect(db) as source, sqlite3.connect(kept) as backup:
+            source.backup(backup)  # an operator's backup
+        source.close()
+        backup.close()
+        for path in tmp_path.glob("ledger.db*"):
+            path.unlink()
+        proxy.wait_for_log(f"ledger {re.escape(str(db))} was deleted under the running proxy")
+        with pytest.raises(openai.APIStatusError) as caught:
+            chat(client)
+        assert caught.value.status_code == 503
+        assert "was deleted" in caught.value.response.json()["error"]["message"]
+        with pytest.raises(urllib.error.HTTPError) as not_ready:
+            direct.open(readyz, timeout=10)
+        assert not_ready.value.code == 503
+        assert not db.exists()  # never made anew: every budget would start unspent
+        kept.rename(db)
+        proxy.wait_for_log("is available again")
+        chat(client)
+        assert direct.open(readyz, timeout=10).status == 200
+    assert standin.count("/v1/chat/completions") == 2
+    assert len(re.findall("under the running proxy", proxy.log_text())) == 1
+    proxy.stop()
+    assert proxy.query("SELECT COUNT(*) FROM holds WHERE state = 'committed'") == [(2,)]
+    verify(db)
 
 
 # --- a crash with calls in flight -------------------------------------------------------------

@@ -33,6 +33,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import quote
 
 import sqlite_utils
 
@@ -211,18 +212,27 @@ class SQLiteLedger:
         busy_timeout: float = 5.0,
         synchronous: str = "NORMAL",
         register: bool = True,
+        create: bool = True,
     ) -> None:
+        """`create=False`: open the file only if it is there (a ledger the proxy lost, see
+        `lost`, is reopened, never made anew: a new file starts with empty budgets)."""
         self.path = str(path)
         self.busy_timeout = busy_timeout
         self.process_id = (
             process_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         )
         self._lock = threading.RLock()
+        # The file this connection opened (device, inode): `lost` compares the path's with it.
+        self._file: tuple[int, int] | None = None
         try:
-            if self.path != ":memory:":
+            if self.path != ":memory:" and create:
                 Path(self.path).parent.mkdir(parents=True, exist_ok=True)
             self.conn = sqlite3.connect(
-                self.path, timeout=busy_timeout, isolation_level=None, check_same_thread=False
+                self.path if create else _existing(self.path),
+                timeout=busy_timeout,
+                isolation_level=None,
+                check_same_thread=False,
+                uri=not create,
             )
             # A new ledger gets 1 KiB pages: a transaction changes a few small rows in about a
             # dozen b-tree pages, and each changed page goes whole into the WAL — with 4 KiB pages
@@ -263,6 +273,9 @@ class SQLiteLedger:
                 )
             # From here on the write lock is waited for by _begin, not by SQLite's busy handler.
             self.conn.execute("PRAGMA busy_timeout = 0")
+            if self.path != ":memory:":
+                found = os.stat(self.path)
+                self._file = (found.st_dev, found.st_ino)
         except sqlite3.Error as exc:
             raise LedgerError(f"cannot open ledger {self.path}: {exc}") from exc
         except OSError as exc:  # from mkdir: a file in the way, no permission
@@ -626,8 +639,9 @@ class SQLiteLedger:
                 raise LedgerError(f"ledger {self.path} is closed")
             try:
                 if self._checkpointer is None:
+                    # Never makes the file: a ledger deleted under the proxy stays gone (`lost`).
                     self._checkpointer = sqlite3.connect(
-                        self.path, timeout=1.0, check_same_thread=False
+                        _existing(self.path), timeout=1.0, check_same_thread=False, uri=True
                     )
                 self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)")
             except sqlite3.Error as exc:
@@ -667,6 +681,23 @@ class SQLiteLedger:
                 self.checkpoint()
             except LedgerError as exc:  # another process checkpointing, say; the next one will do
                 log.debug("drawdown: checkpoint skipped: %s", exc)
+
+    def lost(self) -> str | None:
+        """What became of the ledger's file, if the path no longer names the file this
+        connection writes: "deleted", or "replaced by another file". SQLite goes on writing to
+        the file it opened, which no other process (another worker, a report, a restart)
+        would see. None while it is still there, or when the path cannot be looked at."""
+        if self._file is None:
+            return None
+        try:
+            found = os.stat(self.path)
+        except FileNotFoundError:
+            return "deleted"
+        except OSError:  # a folder we may not search for a moment: not a reason to stop
+            return None
+        if (found.st_dev, found.st_ino) != self._file:
+            return "replaced by another file"
+        return None
 
     def close(self) -> None:
         self.stop_checkpoints()
@@ -759,6 +790,12 @@ def glob_to_like(pattern: str) -> str:
     """An action-kind glob as a SQL LIKE pattern (portable to PostgreSQL, unlike GLOB)."""
     escaped = pattern.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
     return escaped.replace("*", "%").replace("?", "_")
+
+
+def _existing(path: str) -> str:
+    """A URI that opens the SQLite file at `path` for writing but never creates it. Quoted:
+    a `#`, `?` or `%` in a path is URI syntax; as bytes: a file name need not be UTF-8."""
+    return f"file:{quote(os.fsencode(os.path.abspath(path)))}?mode=rw"
 
 
 def open_sqlite(url: str, **kwargs: Any) -> SQLiteLedger:

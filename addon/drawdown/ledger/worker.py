@@ -177,10 +177,21 @@ class AsyncLedger:
     def close(self, timeout: float = 10.0) -> None:
         """Stop the writers once they have run everything queued (on the loop's thread: what
         its current iteration gathered is handed over first)."""
+        self._hand_over_all()
+        self._stop(timeout)
+
+    async def aclose(self, timeout: float = 10.0) -> None:
+        """`close` from a coroutine: the writers are joined off the event loop."""
+        self._hand_over_all()
+        await asyncio.to_thread(self._stop, timeout)
+
+    def _hand_over_all(self) -> None:
         for loop, (_, hand_over) in list(self._gathering.items()):
             self._hand_over(loop)
             loop.remove_before_poll(hand_over)
         self._gathering.clear()
+
+    def _stop(self, timeout: float) -> None:
         if self._checkpointing:
             self.ledger.stop_checkpoints()
         for _ in self._threads:
