@@ -682,6 +682,19 @@ DECISION_FIELDS = (
 )
 
 
+# What detect() decides by, read for every run of the window. What it only words an anomaly
+# with (reason, method, host, path) and what a timeline shows is read by `decision_rows` for
+# the runs it may flag: the 35 columns of all 481k decisions of a week were half the report's
+# time. Without `path`, a batch submission looks like a model's answer, and without `reason`
+# a guard's refusal is of no known detector: each can only flag more runs, never fewer.
+DECIDING_FIELDS = (
+    "d.id, d.request_id, d.ts, d.decision, d.reason_code, d.scope, d.tenant, d.workflow, "
+    "d.agent, d.run, d.action, d.provider, d.model, d.est_usd, d.actual_usd, d.status, "
+    "d.latency_ms, d.upstream_ms, d.fingerprint, d.completed_at, h.state AS hold_state"
+)
+SCOPES_A_QUERY = 500  # bound parameters per `scope IN (…)` (SQLite allows 999 in old builds)
+
+
 def _priced_column(reader: Reader) -> str:
     """`d.priced` once the meter records it on the decision row (a column another change adds)."""
     try:
@@ -689,6 +702,26 @@ def _priced_column(reader: Reader) -> str:
     except LedgerError:  # no such column in this ledger yet
         return ""
     return ", d.priced"
+
+
+def decision_rows(
+    reader: Reader, scopes: Iterable[str], more_columns: str = ""
+) -> list[dict[str, Any]]:
+    """Every decision row of these runs (scopes), DECISION_FIELDS (and `hold_state`,
+    `more_columns`), oldest first."""
+    columns = DECISION_FIELDS + more_columns
+    wanted = sorted(set(scopes))
+    rows: list[dict[str, Any]] = []
+    for at in range(0, len(wanted), SCOPES_A_QUERY):
+        chunk = wanted[at : at + SCOPES_A_QUERY]
+        names = ", ".join(f":s{i}" for i in range(len(chunk)))
+        rows += reader.query(
+            f"""SELECT {columns} FROM decisions d LEFT JOIN holds h ON h.id = d.hold_id
+                WHERE d.scope IN ({names})""",
+            {f"s{i}": scope for i, scope in enumerate(chunk)},
+        )
+    rows.sort(key=lambda r: (r["ts"], r["id"]))
+    return rows
 
 
 def find(
@@ -701,12 +734,15 @@ def find(
     """(anomalies, the decision rows they were computed from) for the runs active since `floor`.
 
     Whole runs and whole workflows are read, not just the window, so counts match the guards.
+    The rows hold DECIDING_FIELDS only (`decision_rows` reads a run's whole rows): detect() runs
+    over them, and again over the whole rows of the runs it flagged, whose anomalies it words.
     """
     where = "ts >= :floor" + (" AND run = :run" if run else "")
     params = {"floor": floor, "run": run}
-    columns = DECISION_FIELDS + _priced_column(reader)
+    priced_column = _priced_column(reader)
     rows = reader.query(
-        f"""SELECT {columns} FROM decisions d LEFT JOIN holds h ON h.id = d.hold_id
+        f"""SELECT {DECIDING_FIELDS}{priced_column} FROM decisions d
+            LEFT JOIN holds h ON h.id = d.hold_id
             WHERE d.scope IN (SELECT DISTINCT scope FROM decisions WHERE {where})
             ORDER BY d.ts, d.id""",
         params,
@@ -735,12 +771,19 @@ def find(
         retried[r["scope"]] += forgiven(int(r["n"]), retries)
     history = [{**h, "steps": int(h["steps"]) - retried.get(h["scope"], 0)} for h in history]
     priced = frozenset(a.kind for a in policy.actions if a.price is not None) if policy else None
-    found = detect(
-        # The runs' own steps: the proxy's refusals (a stop, its ledger down) are not theirs.
-        [r for r in rows if r["reason_code"] not in PROXY_REFUSALS],
-        settings,
-        history=history,
-        workflow_rows=workflow_rows,
-        priced_actions=priced or frozenset(),
-    )
-    return found, rows
+
+    def anomalies_in(decisions: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return detect(
+            # The runs' own steps: the proxy's refusals (a stop, its ledger down) are not theirs.
+            [r for r in decisions if r["reason_code"] not in PROXY_REFUSALS],
+            settings,
+            history=history,
+            workflow_rows=workflow_rows,
+            priced_actions=priced or frozenset(),
+        )
+
+    # A run's own anomalies come from its rows alone (a workflow's from workflow_rows), so
+    # detect() over the whole rows of the runs it may flag finds what it would over all.
+    scopes = {r["scope"] for r in rows}
+    maybe = {a["scope"] for a in anomalies_in(rows) if a["scope"] in scopes}
+    return anomalies_in(decision_rows(reader, maybe, priced_column)), rows

@@ -22,8 +22,8 @@ import hashlib
 import json
 import re
 import time
-from collections import defaultdict
-from collections.abc import Iterator
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime
 from importlib import resources
 from typing import IO, Any
@@ -251,7 +251,14 @@ def _build(
         }
         runs.append(entry)
     embedded = (
-        _add_timelines(runs, detail_rows, found, retried_ids, one_run=run is not None)
+        _add_timelines(
+            runs,
+            detail_rows,
+            found,
+            retried_ids,
+            lambda scopes: anomaly_detection.decision_rows(reader, scopes),
+            one_run=run is not None,
+        )
         if timelines
         else None
     )
@@ -499,11 +506,13 @@ def _add_timelines(
     rows: list[dict[str, Any]],
     found: list[dict[str, Any]],
     retried: set[str],
+    whole_rows: Callable[[Iterable[str]], list[dict[str, Any]]],
     *,
     one_run: bool = False,
 ) -> dict[str, int]:
     """Every attempt of each run, as the `timeline` the HTML page draws; `retried`: the failed
-    attempts its SDK retried, shown but no steps. The page holds at most TIMELINE_BUDGET steps
+    attempts its SDK retried, shown but no steps; `rows`: each run's decisions (any columns),
+    `whole_rows(scopes)`: all of the runs drawn. The page holds at most TIMELINE_BUDGET steps
     (MAX_TIMELINE a run, but the whole budget for `one_run`): a run whose steps no longer fit
     gets none (`timeline_omitted`), and a smaller one after it may still fit. Returns what
     the page holds: {budget, steps, runs_omitted}."""
@@ -511,24 +520,26 @@ def _add_timelines(
     for anomaly in found:
         for request_id in anomaly["evidence"]:
             flagged[request_id].append(anomaly["kind"])
-    steps: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for row in rows:  # whole runs, as the runs table reports them
-        steps[row["scope"]].append(row)
+    totals = Counter(row["scope"] for row in rows)  # whole runs, as the runs table reports them
     per_run = TIMELINE_BUDGET if one_run else MAX_TIMELINE
     left = TIMELINE_BUDGET
-    omitted = 0
+    drawn = []
     for entry in _timeline_order(runs):
-        scope_rows = steps.get(entry["scope"], [])
-        entry["timeline_total"] = len(scope_rows)
-        shown = scope_rows[:per_run]
-        entry["timeline_omitted"] = len(shown) > left
-        if entry["timeline_omitted"]:
-            entry["timeline"] = []
-            omitted += 1
-            continue
-        left -= len(shown)
+        entry["timeline_total"] = totals[entry["scope"]]
+        shown = min(entry["timeline_total"], per_run)
+        entry["timeline_omitted"] = shown > left
+        entry["timeline"] = []
+        if not entry["timeline_omitted"]:
+            left -= shown
+            drawn.append(entry)
+    steps: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for row in whole_rows(entry["scope"] for entry in drawn):  # only the runs drawn
+        steps[row["scope"]].append(row)
+    for entry in drawn:
+        scope_rows = steps[entry["scope"]]
         start = scope_rows[0]["ts"] if scope_rows else 0.0
-        entry["timeline"] = [_step(row, start, flagged, retried) for row in shown]
+        entry["timeline"] = [_step(row, start, flagged, retried) for row in scope_rows[:per_run]]
+    omitted = len(runs) - len(drawn)
     return {"budget": TIMELINE_BUDGET, "steps": TIMELINE_BUDGET - left, "runs_omitted": omitted}
 
 

@@ -802,3 +802,42 @@ def test_text_budgets_summarise_a_per_run_budgets_many_instances(
         ("agent:worker/run:stopped", "requests", "1"),
     ]
     assert notes == []
+
+
+def test_a_report_reads_whole_rows_only_of_the_runs_it_flags_or_draws(
+    seed: Seeder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every decision of every run was read with its 35 columns (paths and reasons redacted
+    on the way): half the report's time over a week of fleet traffic. The detectors decide on
+    fewer columns; whole rows are read for the runs they flag, and for the runs a page draws."""
+    from drawdown.ledger.reader import Reader
+
+    for _ in range(6):
+        seed.call(run="loopy", body="same")
+    seed.call(run="batch", path="/v1/batches", body="submit", latency_ms=2, upstream_ms=1)
+    for n in range(20):
+        for i in range(3):
+            seed.call(run=f"q{n:02d}", body=f"step {i}")
+    whole_rows: list[int] = []
+    original = Reader.query
+
+    def counting(self: Reader, sql: str, params: Any = None) -> Any:
+        found = original(self, sql, params)
+        whole_rows.append(sum("path" in row for row in found))
+        return found
+
+    monkeypatch.setattr(Reader, "query", counting)
+    data = report.build(str(seed.path), now=NOW)
+    assert [(a["kind"], a["run"]) for a in data["anomalies"]] == [("loop", "loopy")]
+    assert "POST api.openai.com/v1/chat/completions" in data["anomalies"][0]["detail"]
+    # fast_commit cannot tell the batch's receipt from a model's answer without its path: its
+    # run is read whole too, and found no anomaly.
+    assert sum(whole_rows) == 6 + 1 < 67
+
+    whole_rows.clear()
+    monkeypatch.setattr(report, "TIMELINE_BUDGET", 13)
+    data = report.build(str(seed.path), now=NOW, timelines=True)
+    drawn = [r for r in data["runs"] if not r["timeline_omitted"]]
+    assert [r["run"] for r in drawn] == ["loopy", "batch", "q18", "q19"]  # 13 steps
+    assert drawn[0]["timeline"][0]["request"] == "POST api.openai.com/v1/chat/completions"
+    assert sum(whole_rows) == (6 + 1) + 13
