@@ -78,17 +78,19 @@ from .respond import denial
 log = logging.getLogger("drawdown")
 
 
+def _printable(text: str) -> str:
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+
+
 class _PrintableArgs(logging.Filter):
     """Values quoted in log lines (model names, upstream errors) come from requests and responses:
-    their control characters are escaped, so no one can forge a log line or drive a terminal."""
+    their control characters are escaped, so no one can forge a log line or drive a terminal.
+    An error's text too: a record stays one line for a line-based log collector."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if isinstance(record.args, tuple):
             record.args = tuple(
-                "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in a)
-                if isinstance(a, str)
-                else a
-                for a in record.args
+                _printable(str(a)) if isinstance(a, str | BaseException) else a for a in record.args
             )
         return True
 
@@ -1028,9 +1030,14 @@ class Drawdown:
             try:
                 policy = await asyncio.to_thread(load_policy, path)
             except (PolicyInvalid, OSError) as exc:
-                log.error(
-                    "drawdown: policy edit rejected, the last good policy stays in force:\n%s", exc
-                )
+                # One record a problem, each `FILE:LINE: message`: a collector reading lines
+                # would split a record of several, and the later lines lose the prefix.
+                problems = (isinstance(exc, PolicyInvalid) and exc.problems) or [exc]
+                for problem in problems:
+                    log.error(
+                        "drawdown: policy edit rejected, the last good policy stays in force: %s",
+                        str(problem),
+                    )
                 continue
             except Exception:
                 log.exception("drawdown: could not reload %s; the last good policy stays", path)

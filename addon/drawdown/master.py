@@ -22,9 +22,10 @@ heads its own group.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
-from mitmproxy import addonmanager, flow, hooks, master, options
+from mitmproxy import addonmanager, ctx, flow, hooks, master, options
 from mitmproxy import addons as mitmproxy_addons
 from mitmproxy.addons import errorcheck, keepserving, readfile, termlog
 from mitmproxy.addons.script import ScriptLoader
@@ -71,13 +72,56 @@ class GroupedAddonManager(addonmanager.AddonManager):
         return found
 
 
+class _ConnectionChatter(logging.Filter):
+    """mitmproxy's lines for each connection opened and closed (two a connection), at INFO."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.msg
+        return not isinstance(message, str) or not (
+            message in ("client connect", "client disconnect")
+            or message.startswith(("server connect ", "server disconnect "))
+        )
+
+
+_CHATTER = _ConnectionChatter()  # one for the process: the logger is the process's too
+
+
+class TermLog(termlog.TermLog):
+    """mitmproxy's terminal log, as `drawdown run` wants it for a service: without mitmproxy's
+    "client connect", "server disconnect …" lines, so that at the default verbosity it shows
+    what happened (drawdown's denials, reloads, ledger trouble; mitmproxy's warnings and failed
+    connections) rather than burying it. termlog_verbosity=warn, the other way to be rid of
+    them, hid every denial too. termlog_verbosity=debug brings them back."""
+
+    name = "termlog"  # mitmdump's addon, in its place
+
+    def load(self, loader: Any) -> None:
+        super().load(loader)
+        # At the default verbosity, which no configure event reports unless it is set.
+        logging.getLogger("mitmproxy.proxy.server").addFilter(_CHATTER)
+
+    def configure(self, updated: set[str]) -> None:
+        super().configure(updated)
+        if "termlog_verbosity" in updated:
+            logger = logging.getLogger("mitmproxy.proxy.server")
+            if ctx.options.termlog_verbosity == "debug":
+                logger.removeFilter(_CHATTER)
+            else:
+                logger.addFilter(_CHATTER)
+
+    def uninstall(self) -> None:
+        logging.getLogger("mitmproxy.proxy.server").removeFilter(_CHATTER)
+        super().uninstall()
+
+
 class DrawdownMaster(master.Master):
-    """mitmdump without its flow printer (drawdown logs its own lines), then `tail`."""
+    """mitmdump without its flow printer (drawdown logs its own lines) or its per-connection
+    lines (TermLog), then `tail`."""
 
     def __init__(self, opts: options.Options, tail: list[Any]) -> None:
         super().__init__(opts, with_termlog=False)
         self.addons = GroupedAddonManager(self)  # before any addon registers with the manager
-        self._termlog_addon = termlog.TermLog()
+        self._termlog_addon = TermLog()
         self.addons.add(self._termlog_addon)
         defaults = [
             *mitmproxy_addons.default_addons(),

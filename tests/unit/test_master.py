@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 import pytest
@@ -177,3 +178,37 @@ def test_the_update_pass_runs_only_when_some_addon_has_an_update_hook(tmp_path: 
     assert before == ["requestheaders"]  # no addon of mitmdump's or drawdown's has `update`
     assert after == ["requestheaders", "update"]
     assert namespace.seen == [second.id]
+
+
+def test_its_log_leaves_out_mitmproxys_connection_lines_unless_asked_for_debug(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Four "client connect"/"server disconnect …" lines a call buried drawdown's own, and
+    termlog_verbosity=warn, which hid them, hid every denial too."""
+    server = logging.getLogger("mitmproxy.proxy.server")
+    said = [
+        "client connect",
+        "server connect api.openai.com:443 (127.0.0.1:9)",
+        "error establishing server connection: Connection refused",
+        "server disconnect api.openai.com:443 (127.0.0.1:9)",
+        "client disconnect",
+    ]
+
+    async def main() -> None:
+        master = DrawdownMaster(options.Options(), tail=[Drawdown(), Announce()])
+        try:
+            for message in said:
+                server.info(message)
+            logging.getLogger("drawdown").info("drawdown: deny a b c: d")
+            master.options.update(termlog_verbosity="debug")
+            server.info("client connect")
+        finally:
+            master._termlog_addon.uninstall()
+
+    caplog.set_level(logging.INFO)
+    asyncio.run(main())
+    assert [r.getMessage() for r in caplog.records] == [
+        "error establishing server connection: Connection refused",
+        "drawdown: deny a b c: d",
+        "client connect",  # termlog_verbosity=debug
+    ]

@@ -1,0 +1,53 @@
+"""`drawdown run`'s log, read as a service's: one line a record, drawdown's denials at the
+default verbosity and mitmproxy's per-connection lines left out."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+
+import openai
+import pytest
+
+from tests.support.proxy import DrawdownProcess
+
+pytestmark = pytest.mark.e2e
+
+Factory = Callable[..., DrawdownProcess]
+MESSAGES = [{"role": "user", "content": "Say hello."}]
+POLICY = """
+mode: enforce
+actions:
+  - {{kind: llm, provider: openai, match: {{host: api.openai.com}}}}
+budgets:
+  - {{scope: "agent:*", {limits}}}
+"""
+CONNECTION_LINE = re.compile(r"\] ?(client|server) (dis)?connect\b")
+
+
+def test_the_log_holds_denials_and_single_line_rejections_without_connection_lines(
+    drawdown_proxy: Factory,
+) -> None:
+    """Four "client connect"/"server disconnect …" lines a call buried the denials, and
+    termlog_verbosity=warn, the way to be rid of them, hid the denials too. A rejected policy
+    edit was one record of several lines ("…in force:\\n" and the problems), which a collector
+    reading lines splits, the problems without the prefix."""
+    proxy = drawdown_proxy(POLICY.format(limits="requests: 1"))
+    with proxy.openai_client(max_retries=0) as client:
+        client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+        with pytest.raises(openai.APIStatusError):
+            client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+    proxy.wait_for_log(r"\] drawdown: deny tenant:default/agent:\S+ llm \S+: ")
+    proxy.reload_policy(POLICY.format(limits="requestz: 1, usdd: 3"))  # three problems
+    proxy.wait_for_log(r"a budget needs at least one limit")
+    lines = proxy.log_lines()
+    assert [line for line in lines if CONNECTION_LINE.search(line)] == []
+    rejected = [line for line in lines if "policy edit rejected" in line]
+    path = re.escape(str(proxy.policy_path))
+    assert len(rejected) == 3, rejected
+    for line in rejected:
+        assert re.search(
+            rf"\] drawdown: policy edit rejected, the last good policy stays in force: {path}:6: ",
+            line,
+        ), line
+    assert not any(line.startswith(str(proxy.policy_path)) for line in lines)  # no bare problem
