@@ -72,6 +72,7 @@ from .money import MAX_AMOUNT, usd_to_nanos
 from .policy import Policy, PolicyInvalid, load_policy, policy_fingerprint
 from .policy.match import dig, glob_regex, missing
 from .policy.model import hostless_action
+from .policy.source import Problem
 from .realtime import RealtimeSession, error_event, named, parse_event
 from .respond import denial
 
@@ -563,6 +564,8 @@ class Drawdown:
         self.unsettled: dict[str, tuple[str, tuple[Any, ...]]] = {}
         self.tasks: set[asyncio.Task[Any]] = set()
         self._policy_seen: tuple[Any, ...] = ()
+        # The last look met a link to nothing: the next looks again, changed or not.
+        self._policy_recheck = False
         self.seconds: dict[str, float] = {
             name: float(default) for name, default, _ in SECONDS_OPTIONS
         }
@@ -1021,39 +1024,54 @@ class Drawdown:
         path = ctx.options.drawdown_policy
         while True:
             await asyncio.sleep(self.seconds["drawdown_reload_interval"])
-            seen = await asyncio.to_thread(policy_fingerprint, path)
-            if seen == self._policy_seen:
-                continue
-            self._policy_seen = seen  # a broken edit is reported once, not at every look
-            # Whatever the load meets (a folder unreadable for a moment, a bug), the watcher
-            # reports it and goes on: dead, it would silently ignore every later edit.
-            try:
-                policy = await asyncio.to_thread(load_policy, path)
-            except (PolicyInvalid, OSError) as exc:
-                # One record a problem, each `FILE:LINE: message`: a collector reading lines
-                # would split a record of several, and the later lines lose the prefix.
-                problems = (isinstance(exc, PolicyInvalid) and exc.problems) or [exc]
-                for problem in problems:
-                    log.error(
-                        "drawdown: policy edit rejected, the last good policy stays in force: %s",
-                        str(problem),
-                    )
-                continue
-            except Exception:
-                log.exception("drawdown: could not reload %s; the last good policy stays", path)
-                continue
-            self._install_policy(policy)
-            log.info("drawdown: policy reloaded from %s", path)
-            override = ctx.options.drawdown_mode
-            if override and policy.mode != override:
-                # A team switching to enforce edits the file; the flag would silently win.
-                log.warning(
-                    "drawdown: %s says mode: %s, but --mode %s overrides it until the proxy "
-                    "restarts without --mode",
-                    path,
-                    policy.mode,
-                    override,
+            await self._look_at_policy(path)
+
+    async def _look_at_policy(self, path: str) -> None:
+        """One look of the watcher at the policy's files: reloaded when they changed."""
+        seen = await asyncio.to_thread(policy_fingerprint, path)
+        if seen == self._policy_seen and not self._policy_recheck:
+            return
+        self._policy_seen = seen  # a broken edit is reported once, not at every look
+        # Whatever the load meets (a folder unreadable for a moment, a bug), the watcher
+        # reports it and goes on: dead, it would silently ignore every later edit.
+        try:
+            policy = await asyncio.to_thread(load_policy, path)
+        except (PolicyInvalid, OSError) as exc:
+            problems = (isinstance(exc, PolicyInvalid) and exc.problems) or [exc]
+            if not self._policy_recheck and any(
+                isinstance(p, Problem) and p.link_to_nothing for p in problems
+            ):
+                # A ConfigMap update: kubelet points `..data` at the new files before it
+                # removes the links of those it dropped. Looked at again next time: gone by
+                # then (a reload), or reported.
+                self._policy_recheck = True
+                return
+            self._policy_recheck = False
+            # One record a problem, each `FILE:LINE: message`: a collector reading lines
+            # would split a record of several, and the later lines lose the prefix.
+            for problem in problems:
+                log.error(
+                    "drawdown: policy edit rejected, the last good policy stays in force: %s",
+                    str(problem),
                 )
+            return
+        except Exception:
+            self._policy_recheck = False
+            log.exception("drawdown: could not reload %s; the last good policy stays", path)
+            return
+        self._policy_recheck = False
+        self._install_policy(policy)
+        log.info("drawdown: policy reloaded from %s", path)
+        override = ctx.options.drawdown_mode
+        if override and policy.mode != override:
+            # A team switching to enforce edits the file; the flag would silently win.
+            log.warning(
+                "drawdown: %s says mode: %s, but --mode %s overrides it until the proxy "
+                "restarts without --mode",
+                path,
+                policy.mode,
+                override,
+            )
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
@@ -18,6 +18,9 @@ class Problem:
     file: str
     line: int
     message: str
+    # A link whose target is missing: during a ConfigMap update, for a moment, a file dropped
+    # from it (kubelet swaps `..data` first): the proxy's watcher looks twice before reporting it.
+    link_to_nothing: bool = field(default=False, compare=False)
 
     def __str__(self) -> str:
         # One problem, one line: a message quoting a user's text (a key with a newline, U+2028…)
@@ -399,8 +402,9 @@ def read_documents(path: Path) -> tuple[list[tuple[str, Any]], list[Problem]]:
         path.stat()  # a parent folder that cannot be searched raises here, not only ENOENT
         files = policy_files(path)
     except FileNotFoundError:
-        reason = "a link to nothing" if _is_link(path) else "no such file or folder"
-        return [], [Problem(str(path), 0, reason)]
+        if _is_link(path):
+            return [], [Problem(str(path), 0, "a link to nothing", link_to_nothing=True)]
+        return [], [Problem(str(path), 0, "no such file or folder")]
     except OSError as exc:  # PermissionError, a loop of links…: a policy error, never a traceback
         return [], [Problem(str(path), 0, f"cannot read: {exc.strerror or exc}")]
     if not files:
@@ -412,7 +416,7 @@ def read_documents(path: Path) -> tuple[list[tuple[str, Any]], list[Problem]]:
         except OSError as exc:
             broken = isinstance(exc, FileNotFoundError) and _is_link(file)
             reason = "a link to nothing" if broken else exc.strerror or str(exc)
-            problems.append(Problem(name, 0, f"cannot read: {reason}"))
+            problems.append(Problem(name, 0, f"cannot read: {reason}", link_to_nothing=broken))
             continue
         try:
             text = raw.decode("utf-8")

@@ -1,0 +1,105 @@
+"""The policy watcher of a running proxy, one look at a time, on a Kubernetes ConfigMap volume:
+kubelet writes the new files into a folder of their own, points `..data` at it, and only then
+removes the links of files the update dropped."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from pathlib import Path
+
+import pytest
+from drawdown.addon import Drawdown
+from mitmproxy.test import taddons
+
+BASE = """
+mode: {mode}
+identity:
+  agent: [{{value: support}}]
+actions:
+  - {{kind: search, match: {{host: tool.example.com}}}}
+"""
+BUDGETS = """
+budgets:
+  - {scope: "agent:*", requests: 5}
+"""
+
+
+def publish(volume: Path, version: str, files: dict[str, str]) -> None:
+    """kubelet's first steps: the files in a new folder, then `..data` swapped onto it."""
+    folder = volume / f"..{version}"
+    folder.mkdir()
+    for name, text in files.items():
+        (folder / name).write_text(text)
+    (volume / "..data_tmp").symlink_to(folder.name)
+    os.replace(volume / "..data_tmp", volume / "..data")
+    for name in files:
+        if not (volume / name).is_symlink():
+            (volume / name).symlink_to(f"..data/{name}")
+
+
+def drop_links(volume: Path, keep: set[str]) -> None:
+    """kubelet's last step: the links of files no longer in the ConfigMap are removed."""
+    for link in volume.glob("*.yaml"):
+        if link.name not in keep:
+            link.unlink()
+
+
+def rejections(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "policy edit rejected" in r.getMessage()]
+
+
+def test_a_configmap_update_that_drops_a_file_is_reloaded_without_a_false_error(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Between the swap and the removal the dropped file's link points at nothing: the watcher
+    logged "cannot read: a link to nothing" as a rejected edit, and the next look reloaded."""
+    volume = tmp_path / "policy"
+    volume.mkdir()
+    publish(volume, "v1", {"base.yaml": BASE.format(mode="enforce"), "budgets.yaml": BUDGETS})
+
+    async def main() -> list[str]:
+        addon = Drawdown()
+        modes = []
+        with taddons.context(addon) as tctx:
+            tctx.configure(addon, drawdown_policy=str(volume), drawdown_db=str(tmp_path / "l.db"))
+            publish(volume, "v2", {"base.yaml": BASE.format(mode="shadow")})
+            await addon._look_at_policy(str(volume))  # budgets.yaml: a link to nothing
+            modes.append(addon.policy.mode)  # type: ignore[union-attr]
+            drop_links(volume, {"base.yaml"})
+            await addon._look_at_policy(str(volume))
+            modes.append(addon.policy.mode)  # type: ignore[union-attr]
+            addon.done()
+        return modes
+
+    with caplog.at_level(logging.INFO, logger="drawdown"):
+        assert asyncio.run(main()) == ["enforce", "shadow"]
+    assert rejections(caplog) == []
+    assert "policy reloaded" in caplog.text
+
+
+def test_a_link_to_nothing_that_stays_is_reported_at_the_second_look_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    volume = tmp_path / "policy"
+    volume.mkdir()
+    publish(volume, "v1", {"base.yaml": BASE.format(mode="enforce"), "budgets.yaml": BUDGETS})
+
+    async def main() -> list[int]:
+        addon = Drawdown()
+        reported = []
+        with taddons.context(addon) as tctx:
+            tctx.configure(addon, drawdown_policy=str(volume), drawdown_db=str(tmp_path / "l.db"))
+            publish(volume, "v2", {"base.yaml": BASE.format(mode="shadow")})
+            for _ in range(3):
+                await addon._look_at_policy(str(volume))
+                reported.append(len(rejections(caplog)))
+            assert addon.policy is not None and addon.policy.mode == "enforce"
+            addon.done()
+        return reported
+
+    with caplog.at_level(logging.INFO, logger="drawdown"):
+        assert asyncio.run(main()) == [0, 1, 1]
+    [line] = rejections(caplog)
+    assert line.endswith(f"{volume / 'budgets.yaml'}:0: cannot read: a link to nothing")
