@@ -804,6 +804,94 @@ def test_text_budgets_summarise_a_per_run_budgets_many_instances(
     assert notes == []
 
 
+def test_the_page_summarises_a_per_run_budgets_many_instances(
+    seed: Seeder, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The page embedded a budgets row per unit of every run's instance and a spend series per
+    instance: 96k rows and 48k options for a week of fleet traffic (48k runs), 62 of the 94 s
+    Chromium took to open it. Past MAX_RUN_INSTANCES it gets the TOP_INSTANCES that spent most
+    and a summary row, and their series only; `--run ID --html` and `--json` keep every one."""
+    tenant = claim("tenant:acme", usd=10_000_000_000, budget="tenant:*")
+
+    def runs(first: int, count: int) -> None:
+        for n in range(first, first + count):
+            own = claim(f"agent:worker/run:r{n:02d}", usd=500_000_000, requests=4)
+            seed.call(run=f"r{n:02d}", claims=[tenant, own], actual_usd=1_000_000 * (n + 1))
+
+    def page_of(path: Path, *run: str) -> tuple[dict[str, Any], int]:
+        assert main(["report", "--db", str(seed.path), *run, "--html", str(path)]) == 0
+        html = path.read_text()
+        raw = html.split('id="drawdown-data">', 1)[1].split("</script>", 1)[0]
+        return json.loads(raw), len(html.encode())
+
+    runs(0, 30)
+    stopped = claim("agent:worker/run:stopped", usd=500_000_000, requests=1)
+    for _ in range(2):  # the second does not fit
+        seed.call(run="stopped", claims=[tenant, stopped], actual_usd=1)
+    page, size = page_of(tmp_path / "page.html")
+    top = [f"agent:worker/run:r{n:02d}" for n in (29, 28, 27, 26, 25)]
+    assert [b["scope"] for b in page["budgets"]] == [*top, "tenant:acme"]
+    assert page["budget_summaries"] == [
+        {
+            "budget": "agent:*/run:*",
+            "instances": 31,
+            "exhausted": 1,
+            "listed": 5,
+            "usd": {"spent": 0.465000001, "reserved": 0.0},
+            "usd_nanos": {"spent": 465_000_001, "reserved": 0},
+        }
+    ]
+    scopes = [s["scope"] for s in page["spend"]["series"]]
+    assert scopes == ["all spend", "tenant:acme", *top]
+    assert page["spend"]["series_omitted"] == 26  # 25 runs' and the stopped run's
+
+    runs(30, 30)  # twice the runs: as many rows and series, a summary counting them
+    bigger, bigger_size = page_of(tmp_path / "bigger.html")
+    assert len(bigger["budgets"]) == 6 and len(bigger["spend"]["series"]) == 7
+    assert bigger["budget_summaries"][0]["instances"] == 61
+    assert bigger["spend"]["series_omitted"] == 56
+    capsys.readouterr()
+    assert main(["report", "--db", str(seed.path), "--json"]) == 0
+    whole = json.loads(capsys.readouterr().out)
+    assert len(whole["budgets"]) == 62 and len(whole["spend"]["series"]) == 63
+    assert "budget_summaries" not in whole and "series_omitted" not in whole["spend"]
+    with capsys.disabled():
+        print(f"page bytes: {size} (31 run instances), {bigger_size} (61)")
+
+    # A run with more than MAX_RUN_INSTANCES of its own (an hourly budget): its page has them all.
+    for _ in range(12):
+        start = int(seed.now // 3600) * 3600
+        hourly = Claim(
+            "agent:*/run:*", "agent:worker/run:hourly", 500_000_000, None, None, "hour",
+            start, start + 3600,
+        )  # fmt: skip
+        seed.call(run="hourly", claims=[hourly], gap=3600)
+    one, _ = page_of(tmp_path / "run.html", "--run", "hourly")
+    assert [b["scope"] for b in one["budgets"]] == ["agent:worker/run:hourly"] * 12
+    assert len(one["spend"]["series"]) == 13
+    assert "budget_summaries" not in one and "series_omitted" not in one["spend"]
+
+    require_chromium()
+    dom = parse(dump_dom(tmp_path / "bigger.html", tmp_path))
+    assert dom.find("main", id="app")[0]["attrs"]["data-ready"] == "1"
+    rows = dom.find("tr", **{"class": "budget"})
+    top = [f"agent:worker/run:r{n:02d}" for n in (59, 58, 57, 56, 55)]
+    assert [r["attrs"]["data-scope"] for r in rows] == [s for s in top for _ in (0, 1)] + [
+        "tenant:acme"
+    ]
+    (summary,) = dom.find("tr", **{"class": "budget-summary"})
+    assert summary["attrs"]["data-instances"] == "61"
+    assert "61 run instances, 1 exhausted, $1.8300 spent" in summary["text"]
+    assert len(dom.find("option")) == 7
+    (note,) = dom.find("p", id="series-omitted")
+    assert note["text"].startswith("56 budget instances")
+    (budgets,) = dom.find("section", id="budgets")
+    (count,) = [
+        e for e in dom.find("span", **{"class": "count"}) if e["parent"]["parent"] is budgets
+    ]
+    assert count["text"] == "62"  # every instance counted
+
+
 def test_a_report_reads_whole_rows_only_of_the_runs_it_flags_or_draws(
     seed: Seeder, monkeypatch: pytest.MonkeyPatch
 ) -> None:

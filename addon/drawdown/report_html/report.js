@@ -108,6 +108,12 @@
     var bucketLabel = fmtSeconds(spend.bucket_seconds).replace(".0", "");
     spendSection.appendChild(el("div", { "class": "controls" }, [el("span", null, "Scope"), select,
       el("span", null, "bars: spend per " + bucketLabel + " (UTC) · line: cumulative")]));
+    if (spend.series_omitted) {
+      // The page embeds series for the total and the budget instances it lists (data.budget_summaries).
+      spendSection.appendChild(el("p", { "class": "reason", id: "series-omitted" },
+        fmtInt(spend.series_omitted) + " budget instances' spend is not drawn in this page (it draws the total and the instances the Budgets table lists). " +
+        "drawdown report --run ID --html FILE draws a run's own; --json lists every instance."));
+    }
     var chartBox = el("div", { id: "spend-chart" });
     spendSection.appendChild(chartBox);
     var drawSpend = function () {
@@ -380,7 +386,14 @@
 
   // --- budgets -----------------------------------------------------------------------------
   var budgets = data.budgets || [];
-  var budgetSection = section("budgets", "Budgets", budgets.length);
+  // A per-run budget with many instances comes as its top spenders and a summary row.
+  var summaries = {};
+  var instances = budgets.length;
+  (data.budget_summaries || []).forEach(function (s) {
+    summaries[s.budget] = { summary: s, left: s.listed };
+    instances += s.instances - s.listed;
+  });
+  var budgetSection = section("budgets", "Budgets", instances);
   if (!budgets.length) {
     budgetSection.appendChild(el("p", { "class": "empty" }, "No budget instances in this period."));
   } else {
@@ -404,6 +417,16 @@
           num("limit", limit, show(limit)),
         ]));
       });
+      var group = summaries[b.budget];
+      if (group && /(^|\/)run:[^\/]*$/.test(b.scope) && --group.left === 0) {
+        var s = group.summary;
+        bb.appendChild(el("tr", { "class": "budget-summary", "data-budget": s.budget, "data-instances": s.instances }, [
+          el("td", { "class": "reason", colspan: 6 },
+            s.budget + ": " + fmtInt(s.instances) + " run instances, " + fmtInt(s.exhausted) + " exhausted, " +
+            fmtUsd(s.usd.spent) + " spent and " + fmtUsd(s.usd.reserved) + " held in all; listed: the " + fmtInt(s.listed) +
+            " that spent most (drawdown report --run ID --html FILE shows a run's own, --json all)"),
+        ]));
+      }
     });
     bt.appendChild(bb);
     budgetSection.appendChild(bt);
