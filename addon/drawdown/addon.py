@@ -48,6 +48,7 @@ from .classify import (
     normalize_path,
     unmatched,
 )
+from .escape import printable
 from .identity import Caller, Identity, IdleRuns, header_map, identify, identity_headers
 from .ledger import open_ledger
 from .ledger.api import (
@@ -79,10 +80,6 @@ from .respond import denial
 log = logging.getLogger("drawdown")
 
 
-def _printable(text: str) -> str:
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
-
-
 class _PrintableArgs(logging.Filter):
     """Values quoted in log lines (model names, upstream errors) come from requests and responses:
     their control characters are escaped, so no one can forge a log line or drive a terminal.
@@ -91,7 +88,7 @@ class _PrintableArgs(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if isinstance(record.args, tuple):
             record.args = tuple(
-                _printable(str(a)) if isinstance(a, str | BaseException) else a for a in record.args
+                printable(str(a)) if isinstance(a, str | BaseException) else a for a in record.args
             )
         return True
 
@@ -208,8 +205,7 @@ class FlowState:
         """Its 2xx headers came but not its whole body, and no meter counted what did: the
         upstream did the work and bills it, so a cut charges the estimate (its upper bound)."""
         return (
-            self.answered is not None
-            and 200 <= self.answered < 300
+            _success(self.answered)
             and self.stream_meter is None
             and bool(self.estimate.usd or self.estimate.tokens)
         )

@@ -16,6 +16,7 @@ from pathlib import Path
 from mitmproxy.version import VERSION as MITMPROXY
 
 from . import __version__
+from .escape import printable
 from .eventloop import EventLoop
 
 DEFAULT_LISTEN = "127.0.0.1:8080"
@@ -494,8 +495,7 @@ def _terminal(text: str) -> str:
     return "\n".join(line if line.isprintable() else _escaped(line) for line in text.split("\n"))
 
 
-def _escaped(line: str) -> str:
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in line)
+_escaped = printable  # a line with a control character in it
 
 
 # --- check / explain ------------------------------------------------------------------------

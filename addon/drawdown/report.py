@@ -30,6 +30,7 @@ from typing import IO, Any
 
 from . import anomalies as anomaly_detection
 from .budgets import window
+from .escape import printable
 from .identity import clean_value
 from .ledger.api import BATCH_HOLDER, PROXY_REFUSALS, UNITS, Claim, Shortfall
 from .ledger.reader import Reader
@@ -598,16 +599,6 @@ def _step(
 
 
 # --- text ----------------------------------------------------------------------------------
-
-
-def printable(text: str) -> str:
-    """`text` on one line: model names, paths and reasons come from agents' requests, so a
-    control character in one (a newline, an escape sequence) is shown escaped. Done per value,
-    before values are laid out in lines: escaping the finished text line by line kept a
-    newline from a value as a line of its own (a forged report line)."""
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
 
 
 def _table(headers: list[str], rows: list[list[str]]) -> str:

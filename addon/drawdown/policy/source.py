@@ -10,6 +10,8 @@ from typing import Any
 
 import yaml
 
+from ..escape import printable
+
 
 @dataclass(frozen=True)
 class Problem:
@@ -25,10 +27,7 @@ class Problem:
     def __str__(self) -> str:
         # One problem, one line: a message quoting a user's text (a key with a newline, U+2028…)
         # must not break the format, so anything unprintable is escaped.
-        message = "".join(
-            ch if ch.isprintable() else ch.encode("unicode_escape").decode() for ch in self.message
-        )
-        return f"{self.file}:{self.line}: {message}"
+        return f"{self.file}:{self.line}: {printable(self.message)}"
 
 
 class PolicyInvalid(Exception):
