@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -818,6 +820,58 @@ def cmd_budgets(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- prune ----------------------------------------------------------------------------------
+
+# Runs quiet for less are more likely paused than over, and pruning one gives it its guards'
+# history back (step_count, loop, requires) should it call again.
+PRUNE_FLOOR_SECONDS = 86400
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    """Delete the history of runs quiet for longer than --older-than; budgets keep their spend."""
+    from .ledger.api import LedgerError
+    from .ledger.dsn import redact_dsn
+    from .ledger.retention import prune
+    from .money import format_usd
+    from .report import iso_time, parse_duration
+
+    try:
+        age = parse_duration(args.older_than, "--older-than")
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if age < PRUNE_FLOOR_SECONDS:
+        raise UsageError(
+            f"--older-than {args.older_than} is under a day: a run that quiet may only be "
+            "paused, and pruning it would give it its guards' history back; give 1d or more"
+        )
+    before = time.time() - age
+    try:
+        done = prune(args.db, before, dry_run=args.dry_run)
+    except LedgerError as exc:
+        print(f"drawdown: {exc}", file=sys.stderr)
+        return 1
+    if args.as_json:
+        out = dataclasses.asdict(done)
+        out["before"] = iso_time(done.before)
+        out["dry_run"] = args.dry_run
+        print(json.dumps(out, indent=2))
+        return 0
+    verb = "would prune" if args.dry_run else "pruned"
+    print(
+        f"{redact_dsn(args.db)}: {verb} {done.runs} run(s) quiet since {iso_time(done.before)}: "
+        f"{done.decisions} decision(s), {done.holds} hold(s), {done.facts} fact(s), "
+        f"{done.events} event(s), {done.windows} ended budget window(s)"
+    )
+    if not args.dry_run and done.holds:
+        print(
+            f"  their charges stay spent on their budgets (${format_usd(done.carried['usd'])}, "
+            f"{done.carried['tokens']} tokens, {done.carried['requests']} requests carried)"
+        )
+    if done.kept_runs:
+        print(f"  kept {done.kept_runs} quiet run(s) with a batch job still held")
+    return 0
+
+
 # --- demo -----------------------------------------------------------------------------------
 
 
@@ -994,6 +1048,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     budgets.add_argument("--json", dest="as_json", action="store_true", help="machine-readable")
     budgets.set_defaults(func=cmd_budgets)
+
+    prune = commands.add_parser(
+        "prune", help="delete the history of runs that ended long ago (budgets keep their spend)"
+    )
+    prune.add_argument("--db", type=ledger_url, default=DEFAULT_DB)
+    prune.add_argument(
+        "--older-than",
+        metavar="DURATION",
+        required=True,
+        help="prune runs whose last call is older than this, e.g. 90d (1d at least)",
+    )
+    prune.add_argument(
+        "--dry-run", action="store_true", help="count what would be pruned; change nothing"
+    )
+    prune.add_argument("--json", dest="as_json", action="store_true", help="machine-readable")
+    prune.set_defaults(func=cmd_prune)
 
     demo = commands.add_parser(
         "demo", help="the 60-second demo: a runaway agent stopped by its run budget"

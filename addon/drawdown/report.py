@@ -67,16 +67,16 @@ NOT_THE_RUNS = ", ".join(
 )
 
 
-def parse_duration(text: str) -> float:
+def parse_duration(text: str, flag: str = "--since") -> float:
     if _NEGATIVE.match(text):  # `-5m`: the window counts back from now already
         raise ValueError(
-            f"--since counts back from now: give a positive duration like 30m, 24h or 7d; got {text!r}"
+            f"{flag} counts back from now: give a positive duration like 30m, 24h or 7d; got {text!r}"
         )
     found = _DURATION.match(text)
     if not found:
-        raise ValueError(f"--since wants a duration like 30m, 24h or 7d; got {text!r}")
+        raise ValueError(f"{flag} wants a duration like 30m, 24h or 7d; got {text!r}")
     if not float(found.group(1)):  # `0m` read as "no --since": the whole ledger
-        raise ValueError(f"--since wants a duration above zero; got {text!r}")
+        raise ValueError(f"{flag} wants a duration above zero; got {text!r}")
     # A window reaching past 1970 holds the whole ledger; unbounded, it would reach past the
     # dates Python can show (`--since 99999999999d`).
     return min(float(found.group(1)) * _SECONDS[found.group(2)], time.time())

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 from ..money import format_usd
 
 UNITS = ("usd", "tokens", "requests")
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 
 
 # One statement on both backends: keep the run while the agent is busy, mint after silence.

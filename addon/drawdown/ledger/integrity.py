@@ -1,7 +1,8 @@
 """`drawdown verify`: check the ledger's invariants from its own rows (either backend).
 
 1. Atomicity leftovers: each instance's `reserved` equals the estimates of its active holds.
-2. Conservation: each instance's `spent` equals the actuals charged by the holds that matched it;
+2. Conservation: each instance's `spent` equals the actuals charged by the holds that matched it
+   (those `drawdown prune` deleted carried in `budget_carried`);
    every hold is in one known state; a request has exactly one decision row, and a hold exactly one.
 3. No stranded budget (with `settled=True`): no hold is still active but those kept for a
    batch job (api.BatchHold), which outlive every proxy until their batch ends.
@@ -28,6 +29,15 @@ def verify(reader: Reader, *, settled: bool = False) -> list[str]:
     )
     reserved: dict[int, dict[str, int]] = defaultdict(lambda: dict.fromkeys(UNITS, 0))
     spent: dict[int, dict[str, int]] = defaultdict(lambda: dict.fromkeys(UNITS, 0))
+    if reader.schema_version >= 8:  # what `drawdown prune` deleted holds had charged
+        for row in reader.query("SELECT * FROM budget_carried"):
+            if row["instance_id"] not in instances:
+                problems.append(
+                    f"pruned charges are carried for a budget instance {row['instance_id']} "
+                    "that does not exist"
+                )
+            for unit in UNITS:
+                spent[row["instance_id"]][unit] += row[unit]
     for hold in holds:
         if hold["state"] not in STATES:
             problems.append(f"hold {hold['id']} is in an unknown state {hold['state']!r}")

@@ -200,7 +200,19 @@ ALTER TABLE decisions ADD COLUMN IF NOT EXISTS body_bytes BIGINT;
 ALTER TABLE decisions ADD COLUMN IF NOT EXISTS metering TEXT;
 """
 
-MIGRATIONS: list[str] = [_V1, _V2, _V3, _V4, _V5, _V6, _V7]
+# As SQLite's v8 (schema.py): the charges of holds `drawdown prune` deleted, per instance.
+_V8 = """
+CREATE TABLE IF NOT EXISTS budget_carried (
+    instance_id BIGINT PRIMARY KEY,
+    usd BIGINT NOT NULL,
+    tokens BIGINT NOT NULL,
+    requests BIGINT NOT NULL,
+    holds BIGINT NOT NULL,
+    pruned_at DOUBLE PRECISION
+);
+"""
+
+MIGRATIONS: list[str] = [_V1, _V2, _V3, _V4, _V5, _V6, _V7, _V8]
 assert len(MIGRATIONS) == SCHEMA_VERSION
 
 _LOCK = "SELECT pg_advisory_xact_lock(hashtextextended('drawdown.ledger.migrate:' || current_schema(), 0))"

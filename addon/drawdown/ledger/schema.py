@@ -232,8 +232,26 @@ def _v7(db: sqlite_utils.Database) -> None:
         db["decisions"].add_column("metering", str)
 
 
+def _v8(db: sqlite_utils.Database) -> None:
+    # What `drawdown prune` took out from under each budget instance (retention.py): the
+    # charges of the settled holds it deleted, so spent = kept holds + carried still checks.
+    db["budget_carried"].create(
+        {
+            "instance_id": int,
+            "usd": int,
+            "tokens": int,
+            "requests": int,
+            "holds": int,
+            "pruned_at": float,
+        },
+        pk="instance_id",
+        not_null={"usd", "tokens", "requests", "holds"},
+        if_not_exists=True,
+    )
+
+
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
-    _v1, _v2, _v3, _v4, _v5, _v6, _v7,
+    _v1, _v2, _v3, _v4, _v5, _v6, _v7, _v8,
 ]  # fmt: skip
 assert len(MIGRATIONS) == SCHEMA_VERSION
 

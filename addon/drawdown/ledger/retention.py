@@ -1,0 +1,339 @@
+"""`drawdown prune`: take the history of runs that ended long ago out of the ledger.
+
+A ledger keeps a row per call in `decisions` and `holds` (and its facts and events): at fleet
+rates that is millions of rows a month, which every report reads. Pruning deletes the rows
+of **whole runs** quiet since the cutoff, never part of a run that is still going: the
+guards (`step_count`, `loop`, `requires`) read a run's own history, and a run cut in half
+would get its steps back.
+
+What pruning never changes is what a budget has spent. An instance's `spent` stays as it
+is; the settled holds deleted from under it are summed into `budget_carried`, so the
+conservation check (`drawdown verify`: spent = what its holds charged) still adds up, now
+as kept holds + carried. A windowed instance whose window ended before the cutoff, and
+that no kept hold names, is deleted with its carried sum: no reserve can reach a past
+window. Lifetime instances are kept for ever, whatever their scope: a run id seen again
+must find its budget spent.
+
+Kept whatever their age: active holds (a batch job's, held until its results are read) and
+their decisions; the keys a charge is made once under, and batch input estimates (a few
+rows per batch, and a download of old results must not be charged again).
+
+Each step is one short transaction of at most `batch` decisions, so proxies writing to
+the same ledger wait at most for one of them, and every commit leaves the invariants
+true: a hold is deleted in the transaction that carries its charge.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..budgets import window
+
+UNITS = ("usd", "tokens", "requests")
+
+
+@dataclass
+class Pruned:
+    """What a prune took out (or, with dry_run, would take out)."""
+
+    before: float
+    runs: int = 0
+    decisions: int = 0
+    holds: int = 0
+    facts: int = 0
+    events: int = 0
+    windows: int = 0  # budget instances of windows that ended before the cutoff
+    idle_runs: int = 0
+    processes: int = 0
+    kept_runs: int = 0  # quiet runs kept for an active hold (a batch job still running)
+    carried: dict[str, int] = field(default_factory=lambda: dict.fromkeys(UNITS, 0))
+
+
+class _Tx:
+    """One transaction on either backend, with `?` placeholders."""
+
+    def __init__(self, execute: Callable[[str, Sequence[Any]], Any], postgres: bool) -> None:
+        self._execute = execute
+        self._postgres = postgres
+
+    def rows(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        cursor = self.run(sql, params)
+        return [tuple(r) for r in cursor.fetchall()]
+
+    def run(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        return self._execute(sql.replace("?", "%s") if self._postgres else sql, params)
+
+    def count(self, sql: str, params: Sequence[Any] = ()) -> int:
+        return self.run(sql, params).rowcount or 0
+
+
+class _Backend:
+    """A write connection to the ledger at `url`, opened as the proxy opens it (migrated, so
+    `budget_carried` exists), never creating a ledger that is not there."""
+
+    def __init__(self, url: str, busy_timeout: float) -> None:
+        self.postgres = url.startswith(("postgresql://", "postgres://"))
+        if self.postgres:
+            from .postgres import PostgresLedger
+
+            self._ledger: Any = PostgresLedger(url, register=False, lock_timeout=busy_timeout)
+        else:
+            from .sqlite import SQLiteLedger
+
+            path = url.removeprefix("sqlite:///")
+            self._ledger = SQLiteLedger(
+                path, register=False, create=False, busy_timeout=busy_timeout
+            )
+
+    def transaction(self, fn: Callable[[_Tx], Any]) -> Any:
+        if self.postgres:
+            return self._ledger._transaction(
+                lambda conn, _replay: fn(_Tx(lambda sql, p: conn.execute(sql, p), True))
+            )
+        conn = self._ledger.conn
+        return self._ledger._write(lambda: fn(_Tx(lambda sql, p: conn.execute(sql, p), False)))
+
+    def read(self, fn: Callable[[_Tx], Any]) -> Any:
+        """`fn` outside a write transaction: a long scan must not keep proxies from writing."""
+        if self.postgres:
+            return self.transaction(fn)
+        conn = self._ledger.conn
+        return fn(_Tx(lambda sql, p: conn.execute(sql, p), False))
+
+    def close(self) -> None:
+        self._ledger.close()
+
+
+def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _marks(items: Sequence[Any]) -> str:
+    return ", ".join("?" * len(items))
+
+
+def prune(
+    url: str,
+    before: float,
+    *,
+    batch: int = 2000,
+    dry_run: bool = False,
+    busy_timeout: float = 10.0,
+    now: float | None = None,
+) -> Pruned:
+    """Prune the runs of the ledger at `url` whose last decision is older than `before`
+    (epoch seconds), and what belongs only to them. See the module docstring."""
+    now = time.time() if now is None else now
+    if before > now:
+        raise ValueError("the cutoff is in the future: nothing that old can be pruned")
+    result = Pruned(before=before)
+    backend = _Backend(url, busy_timeout)
+    try:
+        quiet, kept = backend.read(lambda tx: _quiet_runs(tx, before))
+        result.runs, result.kept_runs = len(quiet), len(kept)
+        if dry_run:
+            backend.read(lambda tx: _count(tx, quiet, before, result))
+            return result
+        for scopes in _chunks(quiet, max(1, batch // 10)):
+            while backend.transaction(
+                lambda tx, s=scopes: _prune_decisions(tx, s, before, batch, result)
+            ):
+                pass
+        while backend.transaction(
+            lambda tx: _prune_by_time(tx, "events", "ts", before, batch, result)
+        ):
+            pass
+        ended = backend.read(lambda tx: _ended_windows(tx, before))
+        backend.transaction(lambda tx: _prune_windows(tx, ended, result))
+        backend.transaction(lambda tx: _prune_housekeeping(tx, before, result))
+        return result
+    finally:
+        backend.close()
+
+
+def _quiet_runs(tx: _Tx, before: float) -> tuple[list[str | None], list[str | None]]:
+    """The scopes (runs) whose last decision is older than `before`, and those of them kept
+    for an active hold. A decision without a scope (refused before its caller was known)
+    counts as a run of its own: the NULL scope, pruned by age."""
+    quiet = [
+        scope
+        for (scope,) in tx.rows(
+            "SELECT scope FROM decisions WHERE scope IS NOT NULL GROUP BY scope HAVING MAX(ts) < ?",
+            (before,),
+        )
+    ]
+    held = {
+        scope
+        for (scope,) in tx.rows(
+            "SELECT DISTINCT d.scope FROM holds h JOIN decisions d ON d.request_id = h.request_id "
+            "WHERE h.state = 'active' AND d.scope IS NOT NULL"
+        )
+    }
+    kept = [scope for scope in quiet if scope in held]
+    pruned: list[str | None] = [scope for scope in quiet if scope not in held]
+    if tx.rows("SELECT 1 FROM decisions WHERE scope IS NULL AND ts < ? LIMIT 1", (before,)):
+        pruned.append(None)
+    return pruned, kept  # type: ignore[return-value]
+
+
+def _scope_filter(scopes: Sequence[str | None]) -> tuple[str, list[Any]]:
+    named = [s for s in scopes if s is not None]
+    parts = []
+    if named:
+        parts.append(f"scope IN ({_marks(named)})")
+    if len(named) != len(scopes):
+        parts.append("scope IS NULL")
+    return "(" + " OR ".join(parts) + ")", named
+
+
+# A decision whose hold is still active stays (a batch job's): verify wants its decision.
+_NOT_HELD = "(hold_id IS NULL OR hold_id NOT IN (SELECT id FROM holds WHERE state = 'active'))"
+
+
+def _count(tx: _Tx, scopes: Sequence[str | None], before: float, result: Pruned) -> None:
+    for chunk in _chunks(scopes, 500):
+        where, params = _scope_filter(chunk)
+        (found, held), *_ = tx.rows(
+            f"SELECT COUNT(*), COUNT(hold_id) FROM decisions WHERE {where} AND ts < ? AND {_NOT_HELD}",
+            (*params, before),
+        )
+        result.decisions += found
+        result.holds += held
+        named = [s for s in chunk if s is not None]
+        if named:
+            ((facts,),) = tx.rows(
+                f"SELECT COUNT(*) FROM facts WHERE scope IN ({_marks(named)}) AND ts < ?",
+                (*named, before),
+            )
+            result.facts += facts
+    ((events,),) = tx.rows("SELECT COUNT(*) FROM events WHERE ts < ?", (before,))
+    result.events = events
+    result.windows = len(_ended_windows(tx, before, set(scopes)))
+
+
+def _prune_decisions(
+    tx: _Tx, scopes: Sequence[str | None], before: float, batch: int, result: Pruned
+) -> bool:
+    """One transaction: up to `batch` decisions of these runs, their settled holds (their
+    charges carried), and the runs' facts. True while there is more to do."""
+    where, params = _scope_filter(scopes)
+    # ts < before: a run that speaks again while it is pruned keeps what it says now.
+    found = tx.rows(
+        f"SELECT id, hold_id FROM decisions WHERE {where} AND ts < ? AND {_NOT_HELD} LIMIT ?",
+        (*params, before, batch),
+    )
+    hold_ids = [hold for _, hold in found if hold is not None]
+    if hold_ids:
+        _carry(tx, hold_ids, result)
+        result.holds += tx.count(
+            f"DELETE FROM holds WHERE id IN ({_marks(hold_ids)}) AND state <> 'active'", hold_ids
+        )
+    if found:
+        ids = [decision for decision, _ in found]
+        result.decisions += tx.count(f"DELETE FROM decisions WHERE id IN ({_marks(ids)})", ids)
+    if len(found) == batch:
+        return True
+    named = [s for s in scopes if s is not None]
+    if named:  # the runs' last decisions are gone: their facts go in the same transaction
+        result.facts += tx.count(
+            f"DELETE FROM facts WHERE scope IN ({_marks(named)}) AND ts < ?", (*named, before)
+        )
+    return False
+
+
+def _carry(tx: _Tx, hold_ids: Sequence[int], result: Pruned) -> None:
+    """Add what these settled holds charged to each instance they name, in budget_carried."""
+    sums: dict[int, list[int]] = defaultdict(lambda: [0, 0, 0, 0])
+    for instance_ids, *actuals in tx.rows(
+        "SELECT instance_ids, actual_usd, actual_tokens, actual_requests FROM holds "
+        f"WHERE id IN ({_marks(hold_ids)}) AND state <> 'active'",
+        hold_ids,
+    ):
+        for index, unit in enumerate(UNITS):
+            result.carried[unit] += actuals[index] or 0
+        for instance in {int(i) for i in (instance_ids or "").split(",") if i}:
+            total = sums[instance]
+            for index in range(3):
+                total[index] += actuals[index] or 0
+            total[3] += 1
+    now = time.time()
+    for instance, (usd, tokens, requests, holds) in sorted(sums.items()):
+        tx.run(
+            "INSERT INTO budget_carried (instance_id, usd, tokens, requests, holds, pruned_at) "
+            "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (instance_id) DO UPDATE SET "
+            "usd = budget_carried.usd + excluded.usd, "
+            "tokens = budget_carried.tokens + excluded.tokens, "
+            "requests = budget_carried.requests + excluded.requests, "
+            "holds = budget_carried.holds + excluded.holds, pruned_at = excluded.pruned_at",
+            (instance, usd, tokens, requests, holds, now),
+        )
+
+
+def _prune_by_time(
+    tx: _Tx, table: str, column: str, before: float, batch: int, result: Pruned
+) -> bool:
+    deleted = tx.count(
+        f"DELETE FROM {table} WHERE id IN (SELECT id FROM {table} WHERE {column} < ? LIMIT ?)",
+        (before, batch),
+    )
+    setattr(result, table, getattr(result, table) + deleted)
+    return deleted == batch
+
+
+def _ended_windows(tx: _Tx, before: float, pruning: set[str | None] | None = None) -> list[int]:
+    """Windowed instances whose window ended before `before`, holding nothing, and named by
+    no hold still kept (a call reserved in a window and settled after it keeps it)."""
+    candidates = [
+        instance
+        for instance, per, start in tx.rows(
+            "SELECT id, per, window_start FROM budget_instances WHERE per IS NOT NULL "
+            "AND window_start < ? AND reserved_usd = 0 AND reserved_tokens = 0 "
+            "AND reserved_requests = 0",
+            (before,),
+        )
+        if (window(per, float(start))[1] or before) < before
+    ]
+    if not candidates:
+        return []
+    # Only a hold made before the cutoff can name a window that ended before it. For a dry
+    # run, the settled holds of the runs it would prune are as good as gone.
+    named: set[int] = set()
+    for instance_ids, state, scope in tx.rows(
+        "SELECT h.instance_ids, h.state, d.scope FROM holds h "
+        "LEFT JOIN decisions d ON d.request_id = h.request_id WHERE h.created_at < ?",
+        (before,),
+    ):
+        if pruning is not None and state != "active" and scope in pruning:
+            continue
+        named.update(int(i) for i in (instance_ids or "").split(",") if i)
+    return [instance for instance in candidates if instance not in named]
+
+
+def _prune_windows(tx: _Tx, ended: Sequence[int], result: Pruned) -> None:
+    # Read before this transaction: no hold made now can name a window that has ended, and
+    # `reserved = 0` is checked again here in case a late reserve reached one (clock skew).
+    for chunk in _chunks(ended, 500):
+        idle = (
+            f"id IN ({_marks(chunk)}) AND reserved_usd = 0 AND reserved_tokens = 0 "
+            "AND reserved_requests = 0"
+        )
+        tx.run(
+            f"DELETE FROM budget_carried WHERE instance_id IN (SELECT id FROM budget_instances WHERE {idle})",
+            chunk,
+        )
+        result.windows += tx.count(f"DELETE FROM budget_instances WHERE {idle}", chunk)
+
+
+def _prune_housekeeping(tx: _Tx, before: float, result: Pruned) -> None:
+    result.idle_runs = tx.count("DELETE FROM idle_runs WHERE last_seen < ?", (before,))
+    # A process stopped cleanly released its holds; one that died is swept by the others.
+    result.processes = tx.count(
+        "DELETE FROM processes WHERE stopped_at IS NOT NULL AND stopped_at < ? "
+        "AND id NOT IN (SELECT process_id FROM holds WHERE state = 'active')",
+        (before,),
+    )

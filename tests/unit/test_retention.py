@@ -1,0 +1,230 @@
+"""`drawdown prune` (ledger/retention.py), on both backends: whole quiet runs leave the ledger,
+budgets keep what they spent, and `drawdown verify` still adds up."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from drawdown.budgets import window
+from drawdown.ledger.api import (
+    Amount,
+    BatchHold,
+    Claim,
+    Completion,
+    DecisionRow,
+    Fact,
+    HistoryQuery,
+)
+from drawdown.ledger.integrity import verify
+from drawdown.ledger.reader import Reader
+from drawdown.ledger.retention import prune
+
+from tests.support_pg import LedgerBackend
+
+DAY = 86400.0
+OLD = 1_700_000_000.0  # the quiet runs' calls
+RECENT = OLD + 20 * DAY  # the run still going
+CUTOFF = OLD + 10 * DAY
+NOW = RECENT + DAY
+
+
+def call(ledger: Any, run: str, ts: float, claims: list[Claim], usd: int, **extra: Any) -> str:
+    """An allowed call in `run` at `ts`, charged `usd` (one request) when it ends."""
+    scope = f"agent:a/run:{run}"
+    row = DecisionRow(
+        request_id=uuid.uuid4().hex,
+        ts=ts,
+        decision="allow",
+        mode="enforce",
+        scope=scope,
+        agent="a",
+        run=run,
+        action="llm",
+    )
+    outcome = ledger.reserve(row, claims, Amount(usd=usd * 2, requests=1), ts + 900)
+    assert outcome.decision == "allow", outcome
+    done = Completion(actual=Amount(usd=usd, requests=1), status=200, **extra)
+    ledger.commit(row.request_id, outcome.hold_id, done, ts + 1)
+    return row.request_id
+
+
+def refused(ledger: Any, run: str, ts: float) -> None:
+    ledger.record(
+        DecisionRow(
+            request_id=uuid.uuid4().hex,
+            ts=ts,
+            decision="deny",
+            mode="enforce",
+            scope=f"agent:a/run:{run}",
+            agent="a",
+            run=run,
+            action="llm",
+        )
+    )
+
+
+def agent_budget(limit: int) -> Claim:
+    return Claim("agent", "agent:a", limit, None, None)
+
+
+def daily(ts: float) -> Claim:
+    start, end = window("day", ts)
+    return Claim(
+        "daily", "agent:a", 10_000, None, None, per="day", window_start=start, window_end=end
+    )
+
+
+def run_budget(run: str) -> Claim:
+    return Claim("run", f"agent:a/run:{run}", 10_000, None, None)
+
+
+@pytest.fixture
+def ledger(backend: LedgerBackend) -> Iterator[Any]:
+    db = backend.open()
+    yield db
+    db.close()
+
+
+def problems(backend: LedgerBackend) -> list[str]:
+    reader = Reader(backend.url)
+    try:
+        return verify(reader)
+    finally:
+        reader.close()
+
+
+def spent(backend: LedgerBackend) -> dict[tuple[str, str, int], int]:
+    return {
+        (budget, scope, start): usd
+        for budget, scope, start, usd in backend.rows(
+            "SELECT budget, scope, window_start, spent_usd FROM budget_instances"
+        )
+    }
+
+
+def fleet(ledger: Any) -> None:
+    """old-1: three calls (one with a fact) and a refusal, long ago; old-2: one call long ago,
+    its batch job still held; going: a call long ago and one recent."""
+    for usd in (100, 200, 300):
+        fact = (Fact("agent:a/run:old-1", "crm.read", "json.id", "c-1"),) if usd == 100 else ()
+        call(
+            ledger,
+            "old-1",
+            OLD + usd,
+            [agent_budget(5000), daily(OLD), run_budget("old-1")],
+            usd,
+            facts=fact,
+        )
+    refused(ledger, "old-1", OLD + 400)
+    row = DecisionRow(
+        request_id=uuid.uuid4().hex,
+        ts=OLD,
+        decision="allow",
+        mode="enforce",
+        scope="agent:a/run:old-2",
+        agent="a",
+        run="old-2",
+        action="llm",
+    )
+    held = ledger.reserve(row, [run_budget("old-2")], Amount(usd=50, requests=1), OLD + 900)
+    keep = Completion(
+        actual=Amount(requests=1), status=200, batch=BatchHold("b", keep_until=NOW + DAY)
+    )
+    ledger.commit(row.request_id, held.hold_id, keep, OLD + 1)
+    call(ledger, "going", OLD + 500, [agent_budget(5000), run_budget("going")], 400)
+    call(ledger, "going", RECENT, [agent_budget(5000), daily(RECENT), run_budget("going")], 500)
+
+
+def test_a_prune_deletes_whole_quiet_runs_and_budgets_keep_their_spend(
+    backend: LedgerBackend, ledger: Any
+) -> None:
+    fleet(ledger)
+    before = spent(backend)
+    assert problems(backend) == []
+
+    done = prune(backend.url, CUTOFF, batch=2, now=NOW)  # 2: every step is several transactions
+
+    runs = backend.rows("SELECT run, COUNT(*) FROM decisions GROUP BY run ORDER BY run")
+    assert runs == [("going", 2), ("old-2", 1)]  # old-2: its batch job is still held
+    assert (done.runs, done.kept_runs, done.decisions, done.holds, done.facts) == (1, 1, 4, 3, 1)
+    assert done.carried["usd"] == 600
+    assert backend.scalar("SELECT COUNT(*) FROM facts") == 0
+    # The old day window goes (ended, named by no kept hold); every lifetime instance stays,
+    # old-1's too, with what it spent: a run id seen again finds its budget spent.
+    old_day = ("daily", "agent:a", window("day", OLD)[0])
+    after = spent(backend)
+    assert old_day not in after and done.windows == 1
+    assert after == {key: usd for key, usd in before.items() if key != old_day}
+    assert after[("run", "agent:a/run:old-1", 0)] == 600
+    assert problems(backend) == []  # spent = kept holds + carried, on every instance
+
+    # The agent budget still refuses what its whole history no longer leaves room for.
+    assert after[("agent", "agent:a", 0)] == 1500
+    row = DecisionRow(
+        request_id=uuid.uuid4().hex,
+        ts=NOW,
+        decision="allow",
+        mode="enforce",
+        scope="agent:a/run:new",
+        agent="a",
+        run="new",
+        action="llm",
+    )
+    outcome = ledger.reserve(row, [agent_budget(5000)], Amount(usd=3501, requests=1), NOW + 900)
+    assert outcome.decision == "deny"
+
+
+def test_a_run_still_going_keeps_its_old_calls_and_their_facts(
+    backend: LedgerBackend, ledger: Any
+) -> None:
+    """Its guards read its whole history: step_count would hand back the steps pruned."""
+    fact = (Fact("agent:a/run:going", "crm.read", "json.id", "c-9"),)
+    call(ledger, "going", OLD, [run_budget("going"), daily(OLD)], 10, facts=fact)
+    call(ledger, "going", RECENT, [run_budget("going")], 10)
+    done = prune(backend.url, CUTOFF, now=NOW)
+    assert (done.runs, done.decisions, done.windows) == (0, 0, 0)  # its hold names the day
+    assert backend.scalar("SELECT COUNT(*) FROM decisions") == 2
+    asks = [HistoryQuery("agent:a/run:going", ("crm.*",), "json.id", "c-9")]
+    assert ledger.history(asks) == [True]
+
+
+def test_a_dry_run_counts_and_changes_nothing(backend: LedgerBackend, ledger: Any) -> None:
+    fleet(ledger)
+    tables = ("decisions", "holds", "facts", "budget_instances", "budget_carried")
+    counts = {t: backend.scalar(f"SELECT COUNT(*) FROM {t}") for t in tables}
+    dry = prune(backend.url, CUTOFF, dry_run=True, now=NOW)
+    assert {t: backend.scalar(f"SELECT COUNT(*) FROM {t}") for t in tables} == counts
+    done = prune(backend.url, CUTOFF, now=NOW)
+    assert (dry.runs, dry.decisions, dry.holds, dry.facts, dry.windows) == (
+        done.runs,
+        done.decisions,
+        done.holds,
+        done.facts,
+        done.windows,
+    )
+
+
+def test_pruning_twice_carries_on_from_the_first(backend: LedgerBackend, ledger: Any) -> None:
+    call(ledger, "r1", OLD, [agent_budget(5000)], 100)
+    prune(backend.url, CUTOFF, now=NOW)
+    call(ledger, "r2", OLD + 15 * DAY, [agent_budget(5000)], 250)
+    prune(backend.url, OLD + 18 * DAY, now=NOW)
+    assert backend.scalar("SELECT COUNT(*) FROM holds") == 0
+    assert backend.rows("SELECT usd, requests, holds FROM budget_carried") == [(350, 2, 2)]
+    assert problems(backend) == []
+
+
+def test_verify_counts_what_was_carried(backend: LedgerBackend, ledger: Any) -> None:
+    """The conservation check reads budget_carried: a carried sum that is off is reported."""
+    call(ledger, "r1", OLD, [agent_budget(5000)], 100)
+    prune(backend.url, CUTOFF, now=NOW)
+    backend.execute("UPDATE budget_carried SET usd = usd + 1")
+    assert [p for p in problems(backend) if "spent usd 100 but its holds charged 101" in p]
+
+
+def test_a_cutoff_in_the_future_is_refused(backend: LedgerBackend, ledger: Any) -> None:
+    with pytest.raises(ValueError, match="in the future"):
+        prune(backend.url, NOW + 1, now=NOW)
