@@ -37,6 +37,7 @@ from drawdown.ledger.api import (
     Fact,
     Guards,
     HistoryQuery,
+    LeaseWatch,
     LedgerError,
     LedgerTooNew,
     ReserveOutcome,
@@ -303,20 +304,60 @@ def test_sweep_expires_holds_past_ttl_exactly_once(backend: LedgerBackend, ledge
     assert backend.scalar("SELECT COUNT(*) FROM events WHERE kind = 'late_commit'") == 1
 
 
+class SteppedClock:
+    """A monotonic clock the test moves (LeaseWatch's)."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 def test_dead_process_holds_are_released_after_its_lease(backend: LedgerBackend) -> None:
     dead = backend.open(process_id="dead")
     dead.heartbeat(NOW)
     dead.reserve(row(), [claim(usd=1000)], Amount(usd=999, requests=1), NOW + 900)
     backend.crash(dead)  # no clean shutdown: its hold stays active
-    alive = backend.open(process_id="alive")
+    clock = SteppedClock()
+    alive = backend.open(process_id="alive", leases=LeaseWatch(clock))
     alive.heartbeat(NOW + 20)
-    assert alive.sweep(NOW + 20, lease_seconds=30) == 0  # lease still running
-    assert alive.sweep(NOW + 31, lease_seconds=30) == 1
+    assert alive.sweep(NOW + 20, lease_seconds=30) == 0  # its heartbeat, first seen
+    clock.now = 29
+    assert alive.sweep(NOW + 49, lease_seconds=30) == 0  # lease still running, as measured here
+    clock.now = 30
+    assert alive.sweep(NOW + 50, lease_seconds=30) == 1
     assert instance(backend, "run", "agent:a/run:r1")["reserved_usd"] == 0
     assert backend.rows("SELECT state, settle_reason FROM holds") == [
         ("expired", "proxy lease lapsed")
     ]
     alive.close()
+
+
+def test_a_live_proxys_holds_outlast_a_sweeper_whose_clock_is_ahead(
+    backend: LedgerBackend,
+) -> None:
+    """Two hosts' clocks ten minutes apart (or one stepped forward): the sweeper ahead took
+    the live proxy's heartbeat for a lapsed lease, released its in-flight hold, and the
+    budget of one request let a second through. A lease is measured on the sweeper's own
+    monotonic clock, from when it saw the heartbeat last change."""
+    live = backend.open(process_id="live")
+    live.heartbeat(NOW)
+    held = live.reserve(row(), [claim(requests=1)], Amount(requests=1), NOW + 900)
+    clock = SteppedClock()
+    ahead = backend.open(process_id="ahead", leases=LeaseWatch(clock))
+    for tick in range(5):
+        live.heartbeat(NOW + tick * 10)
+        clock.now = tick * 10.0
+        assert ahead.sweep(NOW + 600 + tick * 10, lease_seconds=30) == 0
+    assert (
+        ahead.reserve(row(), [claim(requests=1)], Amount(requests=1), NOW + 1500).decision == "deny"
+    )
+    assert backend.scalar("SELECT state FROM holds WHERE id = ?", held.hold_id) == "active"
+    backend.crash(live)  # and once it is gone, its lease lapses as before
+    clock.now = 70.0
+    assert ahead.sweep(NOW + 700, lease_seconds=30) == 1
+    ahead.close()
 
 
 def test_release_mine_on_shutdown(backend: LedgerBackend, ledger: Any) -> None:

@@ -11,7 +11,7 @@ import operator
 import os
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -403,6 +403,43 @@ class Settled:
     # The (budget, scope) of each budget instance the commit left over its limit (shadow
     # budgets' too: whoever acts on it tells them apart).
     overage: tuple[tuple[str, str], ...] = ()
+
+
+class LeaseWatch:
+    """Which other proxies' leases have lapsed, by this process's own monotonic clock.
+
+    A proxy is dead when its heartbeat has not changed for `lease` seconds *as this sweeper
+    measured them*, never by comparing the heartbeat's wall-clock time with ours: with two
+    hosts' clocks apart by more than the lease (a PostgreSQL fleet), or a clock stepped
+    forward on one machine, the live proxy's in-flight holds were released, and its budget
+    let through past its limit. `clock` is for tests."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self._seen: dict[str, tuple[float | None, float]] = {}  # id → (heartbeat, unchanged since)
+
+    def lapsed(self, heartbeats: Iterable[Sequence[Any]], lease_seconds: float) -> list[str]:
+        """The ids among `(id, heartbeat_at)` whose heartbeat stood still for the lease.
+        Processes not listed again are forgotten (they hold nothing any more)."""
+        now = self.clock()
+        seen: dict[str, tuple[float | None, float]] = {}
+        dead = []
+        for process_id, beat in heartbeats:
+            before = self._seen.get(process_id)
+            since = before[1] if before is not None and before[0] == beat else now
+            seen[process_id] = (beat, since)
+            if now - since >= lease_seconds:
+                dead.append(process_id)
+        self._seen = seen
+        return dead
+
+
+# The other proxies holding something, and their heartbeats: what LeaseWatch.lapsed reads.
+# (`holds.process_id` of an active hold is indexed: idx_holds_process_active.)
+HOLDERS = (
+    "SELECT id, heartbeat_at FROM processes WHERE id <> {mark} "
+    "AND id IN (SELECT process_id FROM holds WHERE state = 'active')"
+)
 
 
 class Ledger(Protocol):

@@ -82,6 +82,7 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 from . import pg_guards
 from .api import (
     DECISION_INSERT_FIELDS,
+    HOLDERS,
     IDLE_RUN_SQL,
     Amount,
     Claim,
@@ -89,6 +90,7 @@ from .api import (
     DecisionRow,
     Guards,
     HistoryQuery,
+    LeaseWatch,
     LedgerError,
     ReserveOutcome,
     Settled,
@@ -344,6 +346,7 @@ class PostgresLedger:
         *,
         process_id: str | None = None,
         register: bool = True,
+        leases: LeaseWatch | None = None,
         writers: int = 1,
         pool_size: int | None = None,
         connect_timeout: float = 5.0,
@@ -357,6 +360,7 @@ class PostgresLedger:
             process_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         )
         self.writers = max(1, writers)
+        self.leases = leases or LeaseWatch()  # the other proxies' heartbeats, as seen by sweep
         self.retry_seconds = retry_seconds
         self.connect_timeout = connect_timeout
         self._lock_timeout_ms = int(lock_timeout * 1000)
@@ -744,13 +748,14 @@ class PostgresLedger:
     def sweep(self, now: float, lease_seconds: float) -> int:
         # SKIP LOCKED: a hold locked right now is being settled (or swept by another proxy);
         # waiting for it would only serialise the sweepers. A later sweep sees it if still active.
-        return self._maintenance(
-            "sweep",
-            lambda conn, replay: self._expire(
+        def sweep(conn: psycopg.Connection[Any], replay: bool) -> int:
+            holders = conn.execute(HOLDERS.format(mark="%s"), (self.process_id,)).fetchall()
+            dead = self.leases.lapsed(holders, lease_seconds)
+            lapsed = f" OR process_id IN ({', '.join(['%s'] * len(dead))})" if dead else ""
+            return self._expire(
                 conn,
-                "expires_at < %s OR process_id IN "
-                "(SELECT id FROM processes WHERE id <> %s AND heartbeat_at < %s)",
-                (now, self.process_id, now - lease_seconds),
+                "expires_at < %s" + lapsed,
+                (now, *dead),
                 now,
                 lambda hold: (
                     "ttl expired"
@@ -758,8 +763,9 @@ class PostgresLedger:
                     else "proxy lease lapsed"
                 ),
                 skip_locked=True,
-            ),
-        )
+            )
+
+        return self._maintenance("sweep", sweep)
 
     def release_mine(self, now: float, reason: str) -> int:
         return self._maintenance(

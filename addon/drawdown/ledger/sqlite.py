@@ -39,6 +39,7 @@ import sqlite_utils
 
 from .api import (
     DECISION_INSERT_FIELDS,
+    HOLDERS,
     IDLE_RUN_SQL,
     Amount,
     Claim,
@@ -46,6 +47,7 @@ from .api import (
     DecisionRow,
     Guards,
     HistoryQuery,
+    LeaseWatch,
     LedgerError,
     ReserveOutcome,
     Settled,
@@ -213,6 +215,7 @@ class SQLiteLedger:
         synchronous: str = "NORMAL",
         register: bool = True,
         create: bool = True,
+        leases: LeaseWatch | None = None,
     ) -> None:
         """`create=False`: open the file only if it is there (a ledger the proxy lost, see
         `lost`, is reopened, never made anew: a new file starts with empty budgets)."""
@@ -222,6 +225,7 @@ class SQLiteLedger:
             process_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         )
         self._lock = threading.RLock()
+        self.leases = leases or LeaseWatch()  # the other proxies' heartbeats, as seen by _sweep
         # The file this connection opened (device, inode): `lost` compares the path's with it.
         self._file: tuple[int, int] | None = None
         try:
@@ -774,12 +778,12 @@ class SQLiteLedger:
 
     def _sweep(self, now: float, lease_seconds: float) -> int:
         expired = self._expire("expires_at < ?", (now,), now, "ttl expired")
-        expired += self._expire(
-            "process_id IN (SELECT id FROM processes WHERE id != ? AND heartbeat_at < ?)",
-            (self.process_id, now - lease_seconds),
-            now,
-            "proxy lease lapsed",
-        )
+        holders = self.conn.execute(HOLDERS.format(mark="?"), (self.process_id,))
+        dead = self.leases.lapsed(holders, lease_seconds)
+        if dead:
+            expired += self._expire(
+                f"process_id IN ({_marks(dead)})", dead, now, "proxy lease lapsed"
+            )
         return expired
 
     def _release_mine(self, now: float, reason: str) -> int:
