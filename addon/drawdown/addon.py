@@ -1580,7 +1580,7 @@ class Drawdown:
             short = outcome.first
             assert short is not None
             status, retry_after = 402, None
-            if short.claim.per is not None and short.claim.window_end is not None:
+            if short.waits and short.claim.window_end is not None:
                 status, retry_after = 429, int(short.claim.window_end - time.time()) + 1
             _log_denial(row, shadow=False)
             self._respond(

@@ -14,7 +14,15 @@ from .authority import evaluate
 from .budgets import claims_for
 from .classify import RequestView, addressed, classify, first_values, normalize_path
 from .identity import Caller, IdleRuns, identify
-from .ledger.api import Amount, DecisionRow, Guards, agents_own, deciding_order, failed_attempt
+from .ledger.api import (
+    Amount,
+    Claim,
+    DecisionRow,
+    Guards,
+    agents_own,
+    deciding_order,
+    failed_attempt,
+)
 from .ledger.plan import Counts
 from .meter.decode import request_coding_problem
 from .money import format_usd
@@ -357,19 +365,24 @@ def explain(
         # Not even an empty budget has room for it: decided without the ledger.
         claim, unit = sorted(shortfalls, key=lambda s: (s[0].shadow, deciding_order(s[0])))[0]
         out.decision = "would_deny" if claim.shadow or policy.mode == "shadow" else "deny"
-        status = "429" if claim.per else "402"
+        status = "402"  # no window will take it: waiting cannot help
         out.reason = (
             f"budget {claim.scope} {unit}: its limit is below this call's estimate, so it "
             f"refuses it whatever was spent ({'shadow' if claim.shadow else status})"
         )
     elif db:
+
+        def waits(claim: Claim, unit: str) -> bool:  # as Shortfall.waits
+            return claim.per is not None and estimate.get(unit) <= (claim.limit(unit) or 0)
+
         enforced = sorted(
-            (s for s in shortfalls if not s[0].shadow), key=lambda s: deciding_order(s[0])
+            (s for s in shortfalls if not s[0].shadow),
+            key=lambda s: deciding_order(s[0], waits(*s)),
         )
         if enforced:
             claim, unit = enforced[0]
             out.decision = "would_deny" if policy.mode == "shadow" else "deny"
-            status = "429" if claim.per else "402"
+            status = "429" if waits(claim, unit) else "402"
             out.reason = f"budget {claim.scope} {unit} exhausted ({status})"
         elif shortfalls:
             out.decision = "would_deny"

@@ -513,7 +513,7 @@ def _decide(sim: Simulation, row: dict[str, Any]) -> Replayed:
         first = enforced[0]
         out.decision, out.reason_code, out.reason = "deny", "budget_exhausted", first.describe()
         out.by = f"budget '{first.claim.budget}' on {first.claim.scope}"
-        out.status = 429 if first.claim.per else 402
+        out.status = 429 if first.waits else 402
         return finish([], Amount(), fingerprint)
     if shortfalls and out.decision == "allow":
         first = shortfalls[0]

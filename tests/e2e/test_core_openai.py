@@ -563,6 +563,39 @@ def test_an_exhausted_lifetime_budget_answers_402_whatever_the_policys_order(
     assert json.loads(explained.stdout)["reason"] == "budget agent:o/run:r requests exhausted (402)"
 
 
+def test_a_call_above_a_windows_whole_limit_answers_402_not_wait(
+    drawdown_proxy: Factory, standin: StandIn, tmp_path: Path
+) -> None:
+    """A first call asking for more tokens than an hourly budget's whole limit got a 429 with
+    a Retry-After, "exhausted (used 0…)": a client honouring it slept and failed again."""
+    proxy = drawdown_proxy(policy('- {scope: "agent:*", per: hour, tokens: 1000}'))
+    headers = {"X-Drawdown-Agent": "big"}
+    with (
+        proxy.openai_client(default_headers=headers, max_retries=0) as client,
+        pytest.raises(openai.APIStatusError) as caught,
+    ):
+        client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, max_tokens=5000)
+    assert caught.value.status_code == 402 and "retry-after" not in caught.value.response.headers
+    assert "tokens 1000 per hour is less than this call needs" in caught.value.message
+    assert standin.count("/v1/chat/completions") == 0
+    # replay and explain answer alike
+    replayed = subprocess.run(
+        [sys.executable, "-m", "drawdown", "replay", "--policy", str(proxy.policy_path),
+         "--db", proxy.db_path, "--json"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert replayed.returncode == 0, replayed.stderr
+    assert '"status": 402' in replayed.stdout and '"status": 429' not in replayed.stdout
+    explained = subprocess.run(
+        [sys.executable, "-m", "drawdown", "explain", "--policy", str(proxy.policy_path),
+         "--url", "https://api.openai.com/v1/chat/completions", "--header", "X-Drawdown-Agent:big",
+         "--json", json.dumps({"model": "gpt-4o-mini", "messages": MESSAGES, "max_tokens": 5000}),
+         "--as-json"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert json.loads(explained.stdout)["reason"].endswith("whatever was spent (402)")
+
+
 def test_shadow_mode_forwards_and_records_would_deny(
     drawdown_proxy: Factory, standin: StandIn
 ) -> None:

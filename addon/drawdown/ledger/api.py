@@ -165,9 +165,22 @@ class Shortfall:
     reserved: int
     needed: int
 
+    @property
+    def waits(self) -> bool:
+        """Whether a later window takes the call (429 + Retry-After). Not for a lifetime
+        budget, nor for a call above a window's whole limit: no wait will help (402)."""
+        return self.claim.per is not None and self.needed <= self.limit
+
     def describe(self) -> str:
         c = self.claim
         window = f" per {c.per}" if c.per else ""
+        if c.per and self.needed > self.limit:  # "exhausted (used 0…)" would say wait
+            show = format_usd if self.unit == "usd" else str
+            return (
+                f"budget {c.scope} {self.unit} {show(self.limit)}{window} is less than this "
+                f"call needs ({'≈' if self.unit == 'usd' else ''}{show(self.needed)}): "
+                "no window will take it"
+            )
         if self.unit == "usd":
             amounts = (
                 f"usd {format_usd(self.limit, 2)}{window} exhausted "
@@ -184,15 +197,16 @@ class Shortfall:
         return f"budget {c.scope} {amounts}"
 
 
-def deciding_order(claim: Claim) -> tuple[bool, float]:
-    """Which exhausted budget decides the answer: a lifetime one first (402: waiting will not
-    help), else the window that ends last (429, with the Retry-After after which every
-    exhausted window has reset). Sorting by it keeps the policy's order among ties."""
-    return (claim.per is not None, -(claim.window_end or 0))
+def deciding_order(claim: Claim, waits: bool | None = None) -> tuple[bool, float]:
+    """Which exhausted budget decides the answer: one waiting will not help first (402: a
+    lifetime budget, or a window whose whole limit is below the call), else the window that
+    ends last (429, with the Retry-After after which every exhausted window has reset).
+    Sorting by it keeps the policy's order among ties."""
+    return (claim.per is not None if waits is None else waits, -(claim.window_end or 0))
 
 
 def deciding_first(shortfalls: list[Shortfall]) -> list[Shortfall]:
-    return sorted(shortfalls, key=lambda s: deciding_order(s.claim))
+    return sorted(shortfalls, key=lambda s: deciding_order(s.claim, s.waits))
 
 
 @dataclass
