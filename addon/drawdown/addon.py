@@ -2055,6 +2055,10 @@ class Drawdown:
         upstream = None
         if flow.response and flow.response.timestamp_start and flow.request.timestamp_end:
             upstream = (flow.response.timestamp_start - flow.request.timestamp_end) * 1000
+        # mitmproxy's timestamps are wall-clock: a clock stepped back mid-call gave minus an
+        # hour, and fast_commit took it for an answer faster than any real call. Unknown, then.
+        latency = None if latency is not None and latency < 0 else latency
+        upstream = None if upstream is not None and upstream < 0 else upstream
         if self.ledger is None or state.hold_id is None:
             return
         operation: tuple[str, tuple[Any, ...]]

@@ -217,7 +217,7 @@ def fast_commit(rows: Sequence[dict[str, Any]], detector: Detector) -> list[Anom
         for r in rows
         if _committed(r)
         and latency(r) is not None
-        and latency(r) < limit
+        and 0 <= latency(r) < limit  # negative: a clock stepped back (older ledgers)
         and (
             detector.covers(r.get("action"))
             if detector.actions

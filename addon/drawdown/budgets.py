@@ -4,6 +4,7 @@ per window for windowed budgets."""
 from __future__ import annotations
 
 import calendar
+import math
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 
@@ -21,7 +22,9 @@ def window(per: str | None, now: float) -> tuple[int, int | None]:
         size = _SECONDS[per]
         start = int(now // size) * size
         return start, start + size
-    moment = datetime.fromtimestamp(now, UTC)
+    # Floored as the windows above are: fromtimestamp rounds, and 0.4 µs before midnight on
+    # a month's last day gave the next month while the day window was still this one.
+    moment = datetime.fromtimestamp(math.floor(now), UTC)
     start = datetime(moment.year, moment.month, 1, tzinfo=UTC)
     days = calendar.monthrange(moment.year, moment.month)[1]
     return int(start.timestamp()), int(start.timestamp()) + days * 86400

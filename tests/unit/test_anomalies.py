@@ -358,6 +358,13 @@ def test_fast_commit_on_llm_calls(seed: Seeder, tmp_path: Path) -> None:
     assert "cache.get" in quick["detail"]
 
 
+def test_a_clock_stepped_back_mid_call_is_no_fast_commit(seed: Seeder) -> None:
+    """mitmproxy's timestamps are wall-clock: minus an hour is a clock step, not a fast answer."""
+    seed.call(run="r", upstream_ms=-3_595_160.0, latency_ms=-3_595_097.0)
+    seed.call(run="r", upstream_ms=900)
+    assert found(seed) == []
+
+
 def test_a_batch_submission_is_no_fast_or_fabricated_answer(seed: Seeder, tmp_path: Path) -> None:
     """A batch's submission is held at its requests' estimate and answered at once with a
     receipt, charging nothing: no model answered it, so neither fast_commit nor under_commit

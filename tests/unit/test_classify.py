@@ -108,6 +108,11 @@ def test_windows() -> None:
     assert (start, end) == (1_709_251_200, 1_709_251_200 + 31 * 86400)
     feb = window("month", 1_706_745_600.0 + 5)  # 2024-02-01 (leap year)
     assert feb[1] - feb[0] == 29 * 86400
+    # 0.4 µs before 2027: still December, as the day window says (it was January).
+    new_year = 1_798_761_600.0  # 2027-01-01T00:00:00Z
+    last = new_year - 4e-7
+    assert window("day", last)[1] == new_year
+    assert window("month", last) == (new_year - 31 * 86400, new_year)
 
 
 def test_escaped_paths_read_as_servers_read_them() -> None:
