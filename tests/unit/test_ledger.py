@@ -1883,6 +1883,26 @@ def test_processes_sharing_one_ledger_never_overspend(backend: LedgerBackend) ->
     assert backend.scalar("SELECT COUNT(*) FROM decisions") == 200
 
 
+@pytest.mark.parametrize(
+    ("damage", "said"),
+    [
+        ("UPDATE meta SET value = 'abc' WHERE key = 'schema_version'", "'abc', not a number"),
+        ("DELETE FROM meta", "has tables but no schema_version"),
+    ],
+)
+def test_a_ledger_with_a_damaged_version_is_refused_in_one_line(
+    backend: LedgerBackend, damage: str, said: str
+) -> None:
+    """A version that is not a number gave a ValueError traceback from every command; no
+    version at all ran the first migration again on every start, failing each time."""
+    backend.open().close()
+    backend.execute(damage)
+    with pytest.raises(LedgerError, match=said):
+        backend.open()
+    with pytest.raises(LedgerError, match=said):
+        Reader(backend.url)
+
+
 # --- PostgreSQL only ------------------------------------------------------------------------
 
 
@@ -1910,6 +1930,25 @@ def test_proxies_starting_together_migrate_once(pg_url: str) -> None:
         assert conn.execute("SELECT COUNT(*) FROM processes").fetchone() == (6,)
     for ledger in opened:
         ledger.close()
+
+
+@pytest.mark.postgres
+def test_a_migration_never_queues_long_behind_a_long_read(pg_url: str) -> None:
+    """ALTER TABLE waits behind an open read of its table, and every proxy on the old code
+    then waits behind the ALTER: with the session's lock timeout a long report stalled the
+    old proxies at each attempt. The migration gives up at once and says why."""
+    PostgresLedger(pg_url).close()
+    with psycopg.connect(pg_url, autocommit=True) as conn:  # a ledger as v6 left it
+        conn.execute("ALTER TABLE decisions DROP COLUMN body_bytes, DROP COLUMN metering")
+        conn.execute("UPDATE meta SET value = '6' WHERE key = 'schema_version'")
+    with psycopg.connect(pg_url) as report:
+        report.execute("SELECT COUNT(*) FROM decisions")  # its transaction stays open
+        with pytest.raises(LedgerError, match="migration to schema version 7 waits for a table"):
+            PostgresLedger(pg_url, lock_timeout=60)
+        report.rollback()
+    PostgresLedger(pg_url).close()  # the read over, it migrates
+    with psycopg.connect(pg_url) as conn:
+        assert conn.execute("SELECT value FROM meta").fetchall() == [(str(SCHEMA_VERSION),)]
 
 
 @pytest.mark.postgres

@@ -113,6 +113,29 @@ class LedgerTooNew(LedgerError):
     """The ledger was written by a newer drawdown; refusing to touch it."""
 
 
+def schema_version(value: object | None, *, has_tables: bool) -> int:
+    """The ledger's schema version from its `meta` row (None: no row), refused (LedgerError)
+    when it is not a number, when the ledger has tables but no version (not made by
+    drawdown, or damaged: migrating it from 0 would fail on every start), or newer than this
+    code."""
+    if value is None:
+        if has_tables:
+            raise LedgerError(
+                "this ledger has tables but no schema_version in its meta table: it was not "
+                "made by drawdown, or was damaged; restore it from a backup"
+            )
+        return 0
+    try:
+        version = int(str(value))
+    except ValueError:
+        raise LedgerError(
+            f"this ledger's schema_version is {str(value)[:40]!r}, not a number: it was not "
+            "made by drawdown, or was damaged; restore it from a backup"
+        ) from None
+    refuse_newer(version)
+    return version
+
+
 def refuse_newer(version: int) -> None:
     """Raise LedgerTooNew for a schema this drawdown does not know: its reads could be wrong."""
     if version > SCHEMA_VERSION:

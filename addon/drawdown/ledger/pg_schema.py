@@ -16,7 +16,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from .api import SCHEMA_VERSION, refuse_newer
+import psycopg
+
+from .api import SCHEMA_VERSION, LedgerError, schema_version
 
 _V1 = """
 CREATE TABLE budget_instances (
@@ -221,8 +223,16 @@ _LOCK = "SELECT pg_advisory_xact_lock(hashtextextended('drawdown.ledger.migrate:
 def _version(conn: Any) -> int:
     if conn.execute("SELECT to_regclass('meta') IS NOT NULL").fetchone()[0]:
         row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-        return int(row[0]) if row else 0
+        tables = conn.execute("SELECT to_regclass('budget_instances') IS NOT NULL").fetchone()[0]
+        return schema_version(row[0] if row else None, has_tables=not row and tables)
     return 0
+
+
+# How long one migration statement may queue for its table lock. ALTER TABLE waits behind
+# any open read of the table, and every proxy still on the old code then queues behind the
+# ALTER: with the session's lock_timeout (10 s) a long report stalled the old proxies' calls
+# for 10 s at each attempt. Failing fast, the proxy is not ready and tries again later.
+MIGRATION_LOCK_TIMEOUT = "500ms"
 
 
 def migrate(conn: Any) -> int:
@@ -230,7 +240,6 @@ def migrate(conn: Any) -> int:
     commits. Returns the version found."""
     try:
         found = _version(conn)
-        refuse_newer(found)
         if found == SCHEMA_VERSION:  # the common case: no lock, one read
             conn.commit()
             return found
@@ -239,9 +248,16 @@ def migrate(conn: Any) -> int:
         )  # proxies starting together: one migrates, the others wait, then see it done
         conn.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
         found = _version(conn)
-        refuse_newer(found)
+        conn.execute(f"SET LOCAL lock_timeout = '{MIGRATION_LOCK_TIMEOUT}'")
         for number in range(found, SCHEMA_VERSION):
-            conn.execute(MIGRATIONS[number])
+            try:
+                conn.execute(MIGRATIONS[number])
+            except psycopg.errors.LockNotAvailable:
+                raise LedgerError(
+                    f"the ledger's migration to schema version {number + 1} waits for a table "
+                    "another session is using (a long report or query?); not migrating now, "
+                    "so that proxies on the older version are not held up: tried again later"
+                ) from None
         if found != SCHEMA_VERSION:
             conn.execute(
                 "INSERT INTO meta (key, value) VALUES ('schema_version', %s) "

@@ -13,7 +13,7 @@ from typing import Any
 from urllib.parse import quote
 
 from ..recording import redact_path
-from .api import LedgerError, refuse_newer
+from .api import LedgerError, schema_version
 from .dsn import redact_dsn
 
 _NAMED = re.compile(r":([A-Za-z_][A-Za-z0-9_]*)")
@@ -60,8 +60,17 @@ class Reader:
 
         # A newer drawdown's ledger may mean other things by the same columns: refused, as by run.
         found = self.query("SELECT value FROM meta WHERE key = 'schema_version'")
-        self.schema_version = int(found[0]["value"]) if found else 0
-        refuse_newer(self.schema_version)
+        self.schema_version = schema_version(
+            found[0]["value"] if found else None,
+            has_tables=not found and self.has_table("budget_instances"),
+        )
+
+    def has_table(self, name: str) -> bool:
+        if self._sqlite is not None:
+            sql = "SELECT 1 AS found FROM sqlite_master WHERE type = 'table' AND name = :name"
+        else:
+            sql = "SELECT 1 AS found WHERE to_regclass(:name) IS NOT NULL"
+        return bool(self.query(sql, {"name": name}))
 
     def query(self, sql: str, params: dict[str, Any] | None = None) -> list[dict[str, Any]]:
         params = params or {}

@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import sqlite_utils
 
-from .api import SCHEMA_VERSION, refuse_newer
+from .api import SCHEMA_VERSION, schema_version
 
 DECISION_COLUMNS: dict[str, type] = {
     "id": int,
@@ -260,8 +260,7 @@ def migrate(db: sqlite_utils.Database) -> int:
     """Bring the ledger to SCHEMA_VERSION. Call inside a write transaction. Returns the old version."""
     db["meta"].create({"key": str, "value": str}, pk="key", if_not_exists=True)
     row = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-    version = int(row[0]) if row else 0
-    refuse_newer(version)
+    version = schema_version(row[0] if row else None, has_tables=db["budget_instances"].exists())
     for number in range(version, SCHEMA_VERSION):
         MIGRATIONS[number](db)
     if version != SCHEMA_VERSION:
