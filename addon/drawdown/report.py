@@ -319,6 +319,8 @@ def _budgets(reader: Reader, floor: float, run: str | None) -> list[dict[str, An
         f"SELECT * FROM budget_instances WHERE {budget_where} ORDER BY budget, scope, window_start",
         params,
     )
+    if floor > 0:
+        budget_rows = _with_refusing(reader, budget_rows, floor, params if run else None)
     refused = _refused(reader, budget_rows, params if run else None)
     budgets = []
     for row in budget_rows:
@@ -362,6 +364,45 @@ def _budgets(reader: Reader, floor: float, run: str | None) -> list[dict[str, An
             }
         )
     return budgets
+
+
+def _with_refusing(
+    reader: Reader,
+    rows: list[dict[str, Any]],
+    floor: float,
+    run_params: dict[str, Any] | None,
+) -> list[dict[str, Any]]:
+    """`rows` and the instances that refused calls since `floor` without changing since (a
+    refusal writes nothing to its instance): `--since 1h` listed no budget while the run it
+    covered read `budget_exhausted` all that hour. A window that ended before `floor` is not
+    one of them."""
+    which = " AND (budget = :run_only OR budget LIKE :run_scope ESCAPE '\\')" if run_params else ""
+    scopes = [
+        row["budget"]
+        for row in reader.query(
+            "SELECT DISTINCT budget FROM decisions WHERE reason_code = 'budget_exhausted' "
+            f"AND decision IN ('deny', 'would_deny') AND ts >= :floor AND budget IS NOT NULL{which}",
+            {**(run_params or {}), "floor": floor},
+        )
+    ]
+    known = {row["id"] for row in rows}
+    found = list(rows)
+    for start in range(0, len(scopes), 500):
+        chunk = scopes[start : start + 500]
+        names = {f"s{i}": scope for i, scope in enumerate(chunk)}
+        for row in reader.query(
+            "SELECT * FROM budget_instances WHERE scope IN ("
+            + ", ".join(f":{name}" for name in names)
+            + ")",
+            names,
+        ):
+            end = window(row["per"], row["window_start"])[1]
+            if row["id"] not in known and (end is None or end > floor):
+                known.add(row["id"])
+                found.append(row)
+    if len(found) == len(rows):
+        return rows
+    return sorted(found, key=lambda row: (row["budget"], row["scope"], row["window_start"]))
 
 
 def _refused(
@@ -642,30 +683,46 @@ def _spent_most(budget: dict[str, Any]) -> tuple[int, int, int]:
     )
 
 
+def _group_of(budget: dict[str, Any]) -> str | None:
+    """How a budget's many instances are summarised: one per run ("runs": those that spent
+    most are listed) or, not per run, one per window ("windows": the latest are listed)."""
+    if _per_run(budget):
+        return "runs"
+    return "windows" if budget["per"] else None
+
+
 def _summarised(
     budgets: list[dict[str, Any]],
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """The instances listed, and a summary of each per-run budget past MAX_RUN_INSTANCES:
-    only its TOP_INSTANCES by spend are listed, in the place of its first."""
-    groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    """The instances listed, and a summary of each budget past MAX_RUN_INSTANCES instances
+    of one kind (_group_of): only TOP_INSTANCES are listed, in the place of its first. A
+    `per: minute` budget makes 1,440 instances a day for each agent it covers."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
     for budget in budgets:
-        if _per_run(budget):
-            groups[budget["budget"]].append(budget)
-    many = {name: group for name, group in groups.items() if len(group) > MAX_RUN_INSTANCES}
+        kind = _group_of(budget)
+        if kind is not None:
+            groups[(budget["budget"], kind)].append(budget)
+    many = {key: group for key, group in groups.items() if len(group) > MAX_RUN_INSTANCES}
     listed: list[dict[str, Any]] = []
     summaries: list[dict[str, Any]] = []
     for budget in budgets:
-        group = many.get(budget["budget"]) if _per_run(budget) else None
+        kind = _group_of(budget)
+        group = many.get((budget["budget"], kind)) if kind is not None else None
         if group is None:
             listed.append(budget)
         elif budget is group[0]:
-            top = sorted(group, key=_spent_most, reverse=True)[:TOP_INSTANCES]
+            if kind == "runs":
+                top = sorted(group, key=_spent_most, reverse=True)[:TOP_INSTANCES]
+            else:
+                latest = sorted(group, key=lambda b: b["window_start"] or "", reverse=True)
+                top = latest[:TOP_INSTANCES]
             listed.extend(top)
             spent = sum(b["usd_nanos"]["spent"] or 0 for b in group)
             held = sum(b["usd_nanos"]["reserved"] or 0 for b in group)
             summaries.append(
                 {
                     "budget": budget["budget"],
+                    "of": kind,
                     "instances": len(group),
                     "exhausted": sum(1 for b in group if b["exhausted"]),
                     "listed": len(top),
@@ -685,10 +742,16 @@ def _listed_budgets(
     listed, summaries = _summarised(budgets)
     return listed, [
         printable(
-            f"{s['budget']}: {s['instances']:,} run instances, {s['exhausted']:,} exhausted, "
+            f"{s['budget']}: {s['instances']:,} "
+            + ("run instances" if s["of"] == "runs" else "windows")
+            + f", {s['exhausted']:,} exhausted, "
             f"{exact_usd(s['usd_nanos']['spent'])} spent and "
             f"{exact_usd(s['usd_nanos']['reserved'])} held in all; listed: the "
-            f"{s['listed']} that spent most (`--run ID` lists a run's own, `--json` all)"
+            + (
+                f"{s['listed']} that spent most (`--run ID` lists a run's own, `--json` all)"
+                if s["of"] == "runs"
+                else f"{s['listed']} latest (`--json` lists all)"
+            )
         )
         for s in summaries
     ]

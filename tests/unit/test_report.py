@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 from drawdown import report
+from drawdown.budgets import window
 from drawdown.cli import main
 from drawdown.ledger.api import Amount, BatchHold, Claim, Completion, DecisionRow, Guards
 
@@ -563,6 +564,28 @@ def test_text_report_shows_a_newline_from_an_agent_escaped(
     assert forged not in out.splitlines() and len(out.splitlines()) == len(text.splitlines())
 
 
+def test_since_lists_the_budget_refusing_calls_in_the_window(seed: Seeder) -> None:
+    """A day budget used up before the window and refusing calls within it changed no row
+    since: `--since 30m` listed no budget at all, beside a run reading `budget_exhausted`."""
+    start, end = window("day", T0)
+    daily = Claim(
+        "daily", "agent:worker", None, None, 2, per="day", window_start=start, window_end=end
+    )
+    other = Claim(
+        "other", "agent:else", None, None, 9, per="day", window_start=start, window_end=end
+    )
+    seed.call(agent="else", run="e1", claims=[other])  # quiet since: not listed
+    for _ in range(2):
+        seed.call(run="r1", claims=[daily])
+    seed.now += 3600
+    floor = seed.now
+    for _ in range(2):
+        seed.call(run="r2", claims=[daily])  # refused
+    data = report.build(str(seed.path), since=seed.now + 60 - floor, now=seed.now + 60)
+    assert [(b["budget"], b["exhausted"]) for b in data["budgets"]] == [("daily", True)]
+    assert seed.now + 60 < end  # the day has not ended: its window is the one refusing
+
+
 def test_since_reports_a_run_active_in_the_window_whole(seed: Seeder) -> None:
     """`--since` counted a run's requests and spend in the window only, while its status and
     anomalies judged the whole run: a loop of six identical calls showed beside "2 requests".
@@ -804,6 +827,39 @@ def test_text_budgets_summarise_a_per_run_budgets_many_instances(
     assert notes == []
 
 
+def test_a_budget_per_minute_lists_its_latest_windows_and_a_summary(
+    seed: Seeder, tmp_path: Path
+) -> None:
+    """A `per: minute` budget makes 1,440 instances a day for each agent: the text report
+    printed a line for every one. Past MAX_RUN_INSTANCES windows, the latest are listed and
+    one line counts them all; the JSON keeps every one, and the page summarises alike."""
+    for _ in range(14):
+        start = int(seed.now // 60) * 60
+        minute = Claim("agent:*", "agent:worker", None, None, 5, "minute", start, start + 60)
+        seed.call(run="r1", claims=[minute], gap=60)
+    data = report.build(str(seed.path), now=seed.now)
+    assert len(data["budgets"]) == 14
+    text = report.render_text(data)
+    table = text.split("BUDGETS\n", 1)[1].split("\n\n", 1)[0].splitlines()[2:]
+    starts = [b["window_start"] for b in data["budgets"]]
+    listed = [line for line in table if line.startswith("agent:*")]
+    assert [next(w for w in starts if w in line) for line in listed] == sorted(starts)[::-1][:5]
+    assert [line for line in table if line.startswith("(")] == [
+        "(agent:*: 14 windows, 0 exhausted, 0.014 spent and 0 held in all; listed: the 5 "
+        "latest (`--json` lists all))"
+    ]
+    page = tmp_path / "page.html"
+    assert main(["report", "--db", str(seed.path), "--html", str(page)]) == 0
+    html = page.read_text()
+    embedded = json.loads(html.split('id="drawdown-data">', 1)[1].split("</script>", 1)[0])
+    assert [s["of"] for s in embedded["budget_summaries"]] == ["windows"]
+    assert len(embedded["budgets"]) == 5
+    require_chromium()
+    dom = parse(dump_dom(page, tmp_path))
+    (summary,) = dom.find("tr", **{"class": "budget-summary"})
+    assert "14 windows, 0 exhausted" in summary["text"] and "5 latest" in summary["text"]
+
+
 def test_the_page_summarises_a_per_run_budgets_many_instances(
     seed: Seeder, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -834,6 +890,7 @@ def test_the_page_summarises_a_per_run_budgets_many_instances(
     assert page["budget_summaries"] == [
         {
             "budget": "agent:*/run:*",
+            "of": "runs",
             "instances": 31,
             "exhausted": 1,
             "listed": 5,

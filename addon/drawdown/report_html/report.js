@@ -386,11 +386,11 @@
 
   // --- budgets -----------------------------------------------------------------------------
   var budgets = data.budgets || [];
-  // A per-run budget with many instances comes as its top spenders and a summary row.
+  // A budget with many instances comes as its top spenders (per run) or latest windows, and a summary row.
   var summaries = {};
   var instances = budgets.length;
   (data.budget_summaries || []).forEach(function (s) {
-    summaries[s.budget] = { summary: s, left: s.listed };
+    summaries[s.budget + " " + s.of] = { summary: s, left: s.listed };
     instances += s.instances - s.listed;
   });
   var budgetSection = section("budgets", "Budgets", instances);
@@ -417,14 +417,16 @@
           num("limit", limit, show(limit)),
         ]));
       });
-      var group = summaries[b.budget];
-      if (group && /(^|\/)run:[^\/]*$/.test(b.scope) && --group.left === 0) {
+      var perRun = /(^|\/)run:[^\/]*$/.test(b.scope);
+      var group = summaries[b.budget + " " + (perRun ? "runs" : b.per ? "windows" : "")];
+      if (group && --group.left === 0) {
         var s = group.summary;
+        var runs = s.of === "runs";
         bb.appendChild(el("tr", { "class": "budget-summary", "data-budget": s.budget, "data-instances": s.instances }, [
           el("td", { "class": "reason", colspan: 6 },
-            s.budget + ": " + fmtInt(s.instances) + " run instances, " + fmtInt(s.exhausted) + " exhausted, " +
+            s.budget + ": " + fmtInt(s.instances) + (runs ? " run instances, " : " windows, ") + fmtInt(s.exhausted) + " exhausted, " +
             fmtUsd(s.usd.spent) + " spent and " + fmtUsd(s.usd.reserved) + " held in all; listed: the " + fmtInt(s.listed) +
-            " that spent most (drawdown report --run ID --html FILE shows a run's own, --json all)"),
+            (runs ? " that spent most (drawdown report --run ID --html FILE shows a run's own, --json all)" : " latest (--json lists all)")),
         ]));
       }
     });
