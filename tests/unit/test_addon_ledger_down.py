@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from drawdown.addon import STATE, Drawdown
 from drawdown.ledger import open_ledger
-from drawdown.ledger.api import LedgerError
+from drawdown.ledger.api import LeaseWatch, LedgerError
 from mitmproxy import http
 from mitmproxy.test import taddons, tflow, tutils
 
@@ -204,7 +204,11 @@ def test_a_ledger_file_replaced_under_the_proxy_is_closed_with_its_holds(tmp_pat
         states = ledger.execute("SELECT state FROM holds").fetchall()
     ledger.close()
     assert states == [("active",)]
-    # ...but its lease, heartbeaten no more, lapses: any live proxy's sweeper returns it.
-    sweeper = open_ledger(str(db))
-    assert sweeper.sweep(time.time() + 60, 30) == 1
+    # ...but its lease, heartbeaten no more, lapses: any live proxy's sweeper returns it,
+    # one lease after it first saw that heartbeat (measured on the sweeper's own clock).
+    clock = [0.0]
+    sweeper = open_ledger(str(db), leases=LeaseWatch(lambda: clock[0]))
+    assert sweeper.sweep(time.time(), 30) == 0
+    clock[0] = 30.0
+    assert sweeper.sweep(time.time(), 30) == 1
     sweeper.close()
