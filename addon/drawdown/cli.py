@@ -930,7 +930,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--set",
         action="append",
         metavar="OPTION=VALUE",
-        help="any mitmproxy option but listen_host and listen_port (--listen sets them), repeatable",
+        help="any mitmproxy option (or drawdown_* option) but those run's flags set: "
+        "listen_host and listen_port (--listen), confdir (--confdir), drawdown_policy "
+        "(--policy), drawdown_db (--db), drawdown_mode (--mode); repeatable",
     )
     run.set_defaults(func=cmd_run)
 

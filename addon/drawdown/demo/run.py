@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import signal
@@ -60,7 +61,18 @@ def _start_proxy(
     raise RuntimeError("the proxy did not start:\n" + "\n".join(lines))
 
 
+# The demo's agent is the official openai SDK, an extra (`drawdown[demo]`), not a dependency:
+# `pip install .` alone leaves it out, and the agent would die on its import with a traceback.
+MISSING_OPENAI = (
+    "drawdown demo: the demo's agent is the official openai SDK, which is not installed; "
+    "install the demo extra: pip install '.[demo]' from the checkout (or pip install openai)"
+)
+
+
 def run_demo(keep: bool = False) -> int:
+    if importlib.util.find_spec("openai") is None:
+        print(MISSING_OPENAI, file=sys.stderr)
+        return 2
     folder = Path(tempfile.mkdtemp(prefix="drawdown-demo-"))
     started = time.monotonic()
     try:
