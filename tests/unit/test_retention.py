@@ -31,19 +31,23 @@ CUTOFF = OLD + 10 * DAY
 NOW = RECENT + DAY
 
 
-def call(ledger: Any, run: str, ts: float, claims: list[Claim], usd: int, **extra: Any) -> str:
-    """An allowed call in `run` at `ts`, charged `usd` (one request) when it ends."""
-    scope = f"agent:a/run:{run}"
-    row = DecisionRow(
+def decision(run: str, ts: float, outcome: str = "allow") -> DecisionRow:
+    """A request of agent `a` in `run` at `ts`, as the proxy would record it."""
+    return DecisionRow(
         request_id=uuid.uuid4().hex,
         ts=ts,
-        decision="allow",
+        decision=outcome,
         mode="enforce",
-        scope=scope,
+        scope=f"agent:a/run:{run}",
         agent="a",
         run=run,
         action="llm",
     )
+
+
+def call(ledger: Any, run: str, ts: float, claims: list[Claim], usd: int, **extra: Any) -> str:
+    """An allowed call in `run` at `ts`, charged `usd` (one request) when it ends."""
+    row = decision(run, ts)
     outcome = ledger.reserve(row, claims, Amount(usd=usd * 2, requests=1), ts + 900)
     assert outcome.decision == "allow", outcome
     done = Completion(actual=Amount(usd=usd, requests=1), status=200, **extra)
@@ -52,18 +56,7 @@ def call(ledger: Any, run: str, ts: float, claims: list[Claim], usd: int, **extr
 
 
 def refused(ledger: Any, run: str, ts: float) -> None:
-    ledger.record(
-        DecisionRow(
-            request_id=uuid.uuid4().hex,
-            ts=ts,
-            decision="deny",
-            mode="enforce",
-            scope=f"agent:a/run:{run}",
-            agent="a",
-            run=run,
-            action="llm",
-        )
-    )
+    ledger.record(decision(run, ts, "deny"))
 
 
 def agent_budget(limit: int) -> Claim:
@@ -119,16 +112,7 @@ def fleet(ledger: Any) -> None:
             facts=fact,
         )
     refused(ledger, "old-1", OLD + 400)
-    row = DecisionRow(
-        request_id=uuid.uuid4().hex,
-        ts=OLD,
-        decision="allow",
-        mode="enforce",
-        scope="agent:a/run:old-2",
-        agent="a",
-        run="old-2",
-        action="llm",
-    )
+    row = decision("old-2", OLD)
     held = ledger.reserve(row, [run_budget("old-2")], Amount(usd=50, requests=1), OLD + 900)
     keep = Completion(
         actual=Amount(requests=1), status=200, batch=BatchHold("b", keep_until=NOW + DAY)
@@ -163,16 +147,7 @@ def test_a_prune_deletes_whole_quiet_runs_and_budgets_keep_their_spend(
 
     # The agent budget still refuses what its whole history no longer leaves room for.
     assert after[("agent", "agent:a", 0)] == 1500
-    row = DecisionRow(
-        request_id=uuid.uuid4().hex,
-        ts=NOW,
-        decision="allow",
-        mode="enforce",
-        scope="agent:a/run:new",
-        agent="a",
-        run="new",
-        action="llm",
-    )
+    row = decision("new", NOW)
     outcome = ledger.reserve(row, [agent_budget(5000)], Amount(usd=3501, requests=1), NOW + 900)
     assert outcome.decision == "deny"
 
