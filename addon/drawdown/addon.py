@@ -1336,7 +1336,12 @@ class Drawdown:
             return
 
         # What `drawdown replay` needs to re-decide this request later (redacted, no headers).
-        for name, value in recording.features(policy, view, classification).items():
+        # A big body recorded whole is searched for secrets inside its text: off the loop.
+        if len(view.body) <= INLINE_TOKENIZE_BYTES:
+            found = recording.features(policy, view, classification)
+        else:
+            found = await asyncio.to_thread(recording.features, policy, view, classification)
+        for name, value in found.items():
             setattr(row, name, value)
 
         if classification.host_error is not None and await self._deny_before_budgets(

@@ -51,8 +51,11 @@ def ledger_url(text: str) -> str:
         (scheme == "sqlite" and rest.startswith("/"))
         or (scheme in ("postgresql", "postgres") and rest)
     ):
+        from .ledger.dsn import redact_dsn  # a mistyped scheme holds the password all the same
+
         raise argparse.ArgumentTypeError(
-            f"wants a path, sqlite:///PATH (three slashes) or postgresql://HOST/DB, got {text!r}"
+            "wants a path, sqlite:///PATH (three slashes) or postgresql://HOST/DB, "
+            f"got {redact_dsn(text)!r}"
         )
     return text
 

@@ -23,12 +23,15 @@ heads its own group.
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 from mitmproxy import addonmanager, ctx, flow, hooks, master, options
 from mitmproxy import addons as mitmproxy_addons
 from mitmproxy.addons import errorcheck, keepserving, readfile, termlog
 from mitmproxy.addons.script import ScriptLoader
+
+from .recording import _SHAPES, REDACTED, redact_path
 
 
 class AddonGroup:
@@ -85,6 +88,127 @@ class _ConnectionChatter(logging.Filter):
 
 _CHATTER = _ConnectionChatter()  # one for the process: the logger is the process's too
 
+# A bytes literal as mitmproxy quotes one (`{line!r}`), and the line breaks in it as `repr`
+# writes them.
+_QUOTED = re.compile(r"(?<![\w'\"])b(?:'(?:[^'\\]|\\.)*'" r'|"(?:[^"\\]|\\.)*")')
+_LINE_BREAK = re.compile(r"\\r\\n|\\n")
+_HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_HOST = re.compile(r"[A-Za-z0-9.\-]+(?::[0-9]+)?|\[[0-9A-Fa-f:.]+\](?::[0-9]+)?")
+_PLAIN_WORD = re.compile(r"[A-Za-z][A-Za-z\-]{0,39}")  # kept before a line's redacted rest
+_START_LINE = re.compile(r"(?P<method>\S+)(?P<gap>\s+)(?P<target>.*?)(?P<version>\s+HTTP/\S*)?")
+_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)?(?P<userinfo>[^/?#@\s]*)@")
+_SHAPED = re.compile(rf"(?<![A-Za-z0-9_\-])(?:{_SHAPES})\S*")
+
+
+def _redact_target(target: str) -> str:
+    """A request target with its user info's password, credentials in its path, every query
+    value and anything after a space in it redacted (`http://u:[redacted]@host/p?key=[redacted]`)."""
+    target, space, _ = target.partition(" ")
+    if space:
+        return f"{_redact_target(target)} {REDACTED}"
+    head, question, query = target.partition("?")
+    found = _USERINFO.match(head)
+    if found is not None:
+        userinfo = found["userinfo"]
+        user = f"{userinfo.split(':', 1)[0]}:{REDACTED}" if ":" in userinfo else REDACTED
+        head = f"{found['scheme'] or ''}{user}@{head[found.end() :]}"
+    scheme, slashes, rest = head.partition("://")
+    if slashes:
+        authority, slash, path = rest.partition("/")
+        head = f"{scheme}://{authority}{redact_path(slash + path) if slash else ''}"
+    else:
+        head = redact_path(head)
+    if question:
+        pairs = (pair.partition("=") for pair in query.split("&"))
+        query = "&".join(f"{n}={REDACTED}" if eq else (REDACTED if n else "") for n, eq, _ in pairs)
+    return f"{head}{question}{query}"
+
+
+def _redact_header_line(line: str) -> str:
+    """`Name: [redacted]`; a line without a name (what mitmproxy could not read) keeps at most a
+    first plain word (`broken [redacted]`)."""
+    name, colon, value = line.partition(":")
+    if name.lower() == "host" and _HOST.fullmatch(value.strip()):
+        return line
+    if colon and _HEADER_NAME.fullmatch(name):
+        return f"{name}:{' ' if value.startswith(' ') else ''}{REDACTED}" if value else line
+    word, gap, rest = line.partition(" ")
+    if gap and rest and _PLAIN_WORD.fullmatch(word):
+        return f"{word} {REDACTED}"
+    return REDACTED if line else line
+
+
+def _redact_quoted(quoted: str, header_line: bool) -> str:
+    """A bytes literal mitmproxy quoted from the wire, fit for the log: its request or status
+    line keeps the method, host, path and parameter names; its header lines their names; a
+    body after them (data from a server) is left out."""
+    lines = _LINE_BREAK.split(quoted[2:-1])
+    breaks = _LINE_BREAK.findall(quoted[2:-1])
+    out = []
+    for index, line in enumerate(lines):
+        if header_line or index > 0:
+            if not line and index < len(lines) - 1:  # the blank line: a body follows
+                out.append(line)
+                if "".join(lines[index + 1 :]):
+                    out.append(REDACTED)
+                    breaks = breaks[: index + 1]
+                break
+            out.append(_redact_header_line(line))
+        else:
+            start = _START_LINE.fullmatch(line)
+            if start is not None and start["target"]:
+                line = (
+                    f"{start['method']}{start['gap']}{_redact_target(start['target'])}"
+                    f"{start['version'] or ''}"
+                )
+            out.append(_SHAPED.sub(REDACTED, line))
+    joined = out[0] + "".join(b + line for b, line in zip(breaks, out[1:], strict=False))
+    return f"{quoted[:2]}{joined}{quoted[-1]}"
+
+
+def redact_wire_bytes(message: str) -> str:
+    """`message` with the raw bytes mitmproxy quotes in it (`Bad HTTP request line: b'…'`,
+    `Invalid header line: b'…'`, `Client closed connection before completing request headers:
+    b'…'`) redacted: a client's query values, user info, header values and credentials."""
+    if "b'" not in message and 'b"' not in message:
+        return message
+    return _QUOTED.sub(
+        lambda found: _redact_quoted(
+            found.group(0), message[: found.start()].endswith("Invalid header line: ")
+        ),
+        message,
+    )
+
+
+class _WireBytes(logging.Filter):
+    """Redacts the bytes mitmproxy's proxy server quotes from a request it cannot parse (at
+    INFO): they carry the client's query string, user info and headers, so its API keys."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            text = record.getMessage()
+        except Exception:  # one that cannot be formatted is logging's to report, as it does
+            return True
+        redacted = redact_wire_bytes(text)
+        if redacted != text:
+            record.msg, record.args = redacted, ()
+        return True
+
+
+WIRE_BYTES = _WireBytes()
+SERVER_LOGGER = "mitmproxy.proxy.server"
+
+
+class WireBytesRedaction:
+    """An addon for plain mitmdump (`-s addon/drawdown/mitm.py`): the same redaction of the bytes
+    mitmproxy's server quotes in its log as `drawdown run` installs (its TermLog)."""
+
+    def load(self, loader: Any) -> None:
+        logging.getLogger(SERVER_LOGGER).addFilter(WIRE_BYTES)
+
+    def done(self) -> None:
+        logging.getLogger(SERVER_LOGGER).removeFilter(WIRE_BYTES)
+
 
 class TermLog(termlog.TermLog):
     """mitmproxy's terminal log, as `drawdown run` wants it for a service: without mitmproxy's
@@ -97,6 +221,8 @@ class TermLog(termlog.TermLog):
 
     def load(self, loader: Any) -> None:
         super().load(loader)
+        # At every verbosity: a client's secrets in what mitmproxy quotes of a bad request.
+        logging.getLogger(SERVER_LOGGER).addFilter(WIRE_BYTES)
         # At the default verbosity, which no configure event reports unless it is set.
         logging.getLogger("mitmproxy.proxy.server").addFilter(_CHATTER)
 
@@ -111,6 +237,7 @@ class TermLog(termlog.TermLog):
 
     def uninstall(self) -> None:
         logging.getLogger("mitmproxy.proxy.server").removeFilter(_CHATTER)
+        logging.getLogger(SERVER_LOGGER).removeFilter(WIRE_BYTES)
         super().uninstall()
 
 

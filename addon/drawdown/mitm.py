@@ -8,5 +8,8 @@ try:
 except ImportError:  # run from a checkout without `pip install`: the package sits next to this file
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from drawdown.addon import Drawdown
+from drawdown.master import WireBytesRedaction
 
-addons = [Drawdown()]
+# WireBytesRedaction: mitmproxy logs the raw bytes of a request it cannot parse (its query's
+# API keys, its headers); `drawdown run` redacts them in its own terminal log, mitmdump here.
+addons = [Drawdown(), WireBytesRedaction()]

@@ -5,8 +5,10 @@ that policies look at (`record.bodies: fields`, the default) or the whole JSON b
 (`record.bodies: full`), an MCP request's JSON-RPC methods and tool names, and what the proxy
 could not read (why the body could not be, the fields given more than once). Never kept:
 headers (API keys, cookies and Authorization live there), and any value whose name or
-shape says it is a secret (`key=`, `api_key`, `access_token`, `sk-…`, `Bearer …`) is
-replaced by REDACTED before it is written. The request's path is kept with the credentials
+shape says it is a secret (`key=`, `api_key`, `access_token`, `authtoken`, `sk-…`,
+`Bearer …`) is replaced by REDACTED before it is written; so is a secret inside a text value
+(a JSON document in a string, a URL's password, `Password=…` in a connection string, the
+value of a `["X-Api-Key", …]` pair). The request's path is kept with the credentials
 in it redacted too (`redact_path`: a Telegram bot token, a Slack or Discord webhook's
 secret, a credential-shaped segment, what a secret-named `{capture}` took).
 """
@@ -25,11 +27,13 @@ from .policy.match import PathPattern, missing
 from .policy.model import Action, Policy
 
 REDACTED = "[redacted]"
-# A name is secret when one of its words (split on non-letters and camelCase) is one of these.
+# A name is secret when one of its words (split on non-letters and camelCase, trailing digits
+# dropped) is one of these, or is a word run together with one (`secret_word`).
 SECRET_WORDS = frozenset(
     {
         "apikey",
         "auth",
+        "authentication",
         "authorization",
         "bearer",
         "cookie",
@@ -39,6 +43,7 @@ SECRET_WORDS = frozenset(
         "key",
         "otp",
         "pass",
+        "passcode",
         "passphrase",
         "passwd",
         "password",
@@ -53,6 +58,49 @@ SECRET_WORDS = frozenset(
     }
 )
 _WORDS = re.compile(r"[A-Z]?[a-z0-9]+|[A-Z]+(?![a-z])")
+# A word holding one of these anywhere is secret (`clientsecret`, `adminpassword`, `apikeys`).
+_SECRET_PARTS = (
+    "apikey",
+    "authentication",
+    "authorization",
+    "credential",
+    "passcode",
+    "passphrase",
+    "passwd",
+    "password",
+    "privatekey",
+    "secret",
+)
+# So is a word ending in `token` or `key` (`authtoken`, `csrftoken`, `accesskey`, `masterkey`),
+# but not `tokens` (max_tokens, prompt_tokens, total_tokens: the usage fields metering, `when`
+# conditions and replay read) nor these ordinary words.
+_ORDINARY_WORDS = frozenset(
+    {
+        "donkey",
+        "flunkey",
+        "hickey",
+        "hockey",
+        "hokey",
+        "hotkey",
+        "jockey",
+        "jokey",
+        "lackey",
+        "malarkey",
+        "mickey",
+        "monkey",
+        "pokey",
+        "smokey",
+        "secretariat",
+        "secretary",
+        "turkey",
+        "turnkey",
+        "whiskey",
+    }
+)
+# A query parameter named just `code` is a credential: an Azure Functions key, an OAuth
+# authorization code on a redirect. In a JSON body `code` is mostly program text, an error's
+# or a country's code, which policies read, so it is kept there.
+_QUERY_SECRETS = frozenset({"code"})
 # Values that are credentials whatever they are called (a Telegram bot token: 123456:AA…,
 # as its API's URLs carry it, `bot123456:AA…`).
 _SHAPES = (
@@ -117,8 +165,29 @@ def redact_path(path: str, pattern: PathPattern | None = None) -> str:
 MAX_FIELD_CHARS = 4096  # a referenced field bigger than this (a whole prompt) is left out
 
 
+def secret_word(word: str) -> bool:
+    """Whether one word of a name (`key`, `authtoken`, `clientsecret`, `key2`) says it holds a secret."""
+    word = word.lower().rstrip("0123456789")
+    if word in SECRET_WORDS:
+        return True
+    if not word or word in _ORDINARY_WORDS:
+        return False
+    return word.endswith(("token", "key")) or any(part in word for part in _SECRET_PARTS)
+
+
+@functools.lru_cache(maxsize=4096)
 def secret_name(name: str) -> bool:
-    return any(word.lower() in SECRET_WORDS for word in _WORDS.findall(name))
+    """Whether a field, query parameter or capture named so holds a secret (`api_key`,
+    `authtoken`, `X-Amz-Security-Token`, `query.code`); not `max_tokens` or `keyword`."""
+    lowered = name.lower()
+    if lowered.startswith("query.") and lowered[6:] in _QUERY_SECRETS:
+        return True
+    return any(secret_word(word) for word in _WORDS.findall(name))
+
+
+def secret_query(name: str) -> bool:
+    """Whether a query parameter named so holds a secret (`secret_name`, or `code`)."""
+    return name.lower() in _QUERY_SECRETS or secret_name(name)
 
 
 def is_secret(name: str, value: str) -> bool:
@@ -126,16 +195,115 @@ def is_secret(name: str, value: str) -> bool:
     return secret_name(name) or _SECRET_VALUE.match(value) is not None
 
 
-def redact(value: Any, name: str = "") -> Any:
-    """`value` with every secret-looking entry (by its key or its shape) replaced by REDACTED."""
+# Secrets inside a text value. A URL's userinfo: `scheme://user:password@`, or a user alone
+# that is a credential by its shape (`https://ghp_…@github.com`).
+_USERINFO = re.compile(
+    r"(?<![A-Za-z0-9+.\-])([A-Za-z][A-Za-z0-9+.\-]*://)([^\s/?#@:\"'<>]*)(:[^\s/?#\"'<>]*)?@"
+)
+# `name=value` or `name: value` (a connection string's `Password=…;`, a query string in a URL,
+# `"token": "…"` in JSON text that does not parse); the value (`_VALUE`, read only after a
+# secret name) is redacted. A `:` followed by `//` is a URL's scheme, not a pair. Only a name
+# and its separator are consumed, so a pair inside a value is found too (`x: token=…`), and
+# nothing is scanned twice: a long text costs one pass.
+_ASSIGNED = re.compile(
+    r"(?<![A-Za-z0-9_.\-])(?P<name>[A-Za-z_][A-Za-z0-9_.\-]*+)[\"']?\s*(?:=|:(?!//))\s*[\"']?"
+)
+_VALUE = re.compile(
+    r"-----BEGIN [A-Z ]*PRIVATE KEY-----[^-]*+(?:-----END [A-Z ]*PRIVATE KEY-----)?"
+    r"|(?:(?:Bearer|Basic|Token|Digest)\s+)?[^\s\"',;&<>(){}\[\]]+"
+)
+# A PEM private key, whatever it is called (its body has spaces and line breaks in it).
+_PEM_KEY = re.compile(
+    r"-----BEGIN [A-Z ]*PRIVATE KEY-----[^-]*+(?:-----END [A-Z ]*PRIVATE KEY-----)?"
+)
+# Every secret name holds one of these (a test checks): a text without any has no pair to redact.
+_NAME_STEMS = ("auth", "bearer", "cookie", "credential", "jwt", "key", "otp", "pass", "private")
+_NAME_STEMS += ("pwd", "secret", "session", "sig", "token")
+# A name that a 2-item list may pair with its value (`[["X-Api-Key", "…"]]`, header lists).
+_PAIR_NAME = re.compile(r"[A-Za-z0-9_.:\-]{1,64}")
+# A string is read as JSON (`tool_calls[].function.arguments`) up to this size and this many
+# strings deep; past them it is searched as text only.
+MAX_JSON_STRING_CHARS = 256 * 1024
+MAX_JSON_STRING_DEPTH = 3
+
+
+def _redact_userinfo(found: re.Match[str]) -> str:
+    scheme, user, password = found.group(1, 2, 3)
+    if password is not None:
+        return f"{scheme}{user}:{REDACTED}@"
+    return f"{scheme}{REDACTED}@" if _SECRET_VALUE.match(user) else found.group(0)
+
+
+def _redact_assignments(text: str) -> str:
+    """`text` with the value of each `secret_name=value` (or `: value`) pair redacted."""
+    lowered = text.lower()
+    if not any(stem in lowered for stem in _NAME_STEMS):
+        return text
+    pieces: list[str] = []
+    kept = 0
+    for found in _ASSIGNED.finditer(text):
+        start = found.end()
+        if start < kept or not secret_name(found["name"]):
+            continue  # inside a value already redacted, or not a secret's name
+        value = _VALUE.match(text, start)
+        if value is not None:
+            pieces += (text[kept:start], REDACTED)
+            kept = value.end()
+    return "".join(pieces) + text[kept:] if pieces else text
+
+
+def _redact_text(text: str, depth: int) -> str:
+    """A string value with the secrets inside it redacted: a JSON document in it (walked as
+    `redact` walks a body, and written back compactly if anything in it was redacted), a URL's
+    password, `secret_name=value` pairs. Unchanged, the very same string is returned."""
+    if _SECRET_VALUE.match(text):
+        return REDACTED
+    stripped = text.lstrip()
+    if (
+        stripped[:1] in ("{", "[")
+        and depth < MAX_JSON_STRING_DEPTH
+        and len(text) <= MAX_JSON_STRING_CHARS
+    ):
+        try:
+            document = json.loads(text)
+            if isinstance(document, dict | list):
+                redacted = redact(document, "", depth + 1)
+                return text if redacted == document else _dumps(redacted)
+        except (ValueError, RecursionError):
+            pass  # not JSON, or nested too deeply to walk: searched as text below
+    if "://" in text and "@" in text:
+        text = _USERINFO.sub(_redact_userinfo, text)
+    if "-----BEGIN" in text:
+        text = _PEM_KEY.sub(REDACTED, text)
+    if "=" in text or ":" in text:
+        text = _redact_assignments(text)
+    return text
+
+
+def redact(value: Any, name: str = "", _depth: int = 0) -> Any:
+    """`value` with every secret-looking entry (by its key or its shape) replaced by REDACTED,
+    and the secrets inside its strings too (`_redact_text`)."""
     if name and secret_name(name):
         return REDACTED
     if isinstance(value, str):
-        return REDACTED if _SECRET_VALUE.match(value) else value
+        return _redact_text(value, _depth)
     if isinstance(value, Mapping):
-        return {str(k): redact(v, str(k)) for k, v in value.items()}
+        redacted = {str(k): redact(v, str(k), _depth) for k, v in value.items()}
+        # A name/value pair spelled as an object (HAR's and Postman's header lists).
+        label = value.get("name", value.get("key", value.get("header")))
+        if "value" in redacted and isinstance(label, str) and secret_name(label):
+            redacted["value"] = REDACTED
+        return redacted
     if isinstance(value, list | tuple):
-        return [redact(v) for v in value]
+        # A [name, value] pair (a header list `[["X-Api-Key", "…"]]`): the value by its name.
+        if (
+            len(value) == 2
+            and isinstance(value[0], str)
+            and _PAIR_NAME.fullmatch(value[0])
+            and secret_name(value[0])
+        ):
+            return [value[0], REDACTED]
+        return [redact(v, "", _depth) for v in value]
     return value
 
 
@@ -165,9 +333,13 @@ def _dumps(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=str)
 
 
-def _redacted_dumps(value: Any, name: str = "") -> str | None:
-    """`value` redacted, as JSON text; None when it is nested too deeply to walk (`[[[[…`)."""
+def _redacted_dumps(value: Any, name: str = "", limit: int | None = None) -> str | None:
+    """`value` redacted, as JSON text; None when it is nested too deeply to walk (`[[[[…`) or,
+    given a `limit`, when it is so far past it unredacted that redacting could not bring it
+    under (searching a whole prompt's text for secrets costs time on the event loop)."""
     try:
+        if limit is not None and len(_dumps(value)) > 16 * limit:
+            return None
         return _dumps(redact(value, name))
     except RecursionError:
         return None
@@ -215,7 +387,9 @@ def features(policy: Policy, view: RequestView, classification: Classification) 
     settings = policy.record
     out: dict[str, Any] = {"port": view.port, "query": None, "body_fields": None, "body": None}
     if view.query:
-        out["query"] = _dumps({k: redact(v, k) for k, v in view.query.items()})
+        out["query"] = _dumps(
+            {k: REDACTED if secret_query(k) else redact(v) for k, v in view.query.items()}
+        )
     wanted = body_fields(policy)
     full = settings.bodies == "full" and len(view.body) <= 2 * settings.max_body_bytes
     # What replay cannot read again, noted beside the fields: why the body could not be
@@ -234,7 +408,8 @@ def features(policy: Policy, view: RequestView, classification: Classification) 
                 value = view.field(name)
                 if value is missing():
                     continue
-                text = _redacted_dumps(list(value) if isinstance(value, list) else value, name)
+                value = list(value) if isinstance(value, list) else value
+                text = _redacted_dumps(value, name, MAX_FIELD_CHARS)
                 if text is None or len(text) > MAX_FIELD_CHARS:
                     omitted.append(name)
                 else:

@@ -2,25 +2,39 @@
 
 from __future__ import annotations
 
+import re
 from urllib.parse import urlsplit, urlunsplit
+
+# Any `scheme://`, in any case: a mistyped one (`postgresq://`, `POSTGRESQL://`) holds the
+# password all the same.
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://")
+
+
+def _secret_parameter(pair: str) -> bool:
+    """A query parameter that holds a password (libpq's `password`, `sslpassword`)."""
+    return "password" in pair.partition("=")[0].lower()
 
 
 def redact_dsn(url: str) -> str:
-    """`url` fit for messages and logs: a PostgreSQL DSN loses its password; paths pass."""
-    if not url.startswith(("postgresql://", "postgres://")):
+    """`url` fit for messages and logs: a DSN (`scheme://…`) loses its password, in its user
+    info and in any query parameter named like one (`password=`, `sslpassword=`); paths pass."""
+    found = _SCHEME.match(url)
+    if found is None:
         return url
     try:
         parts = urlsplit(url)
     except ValueError:
-        return "postgresql://…"
+        return f"{found.group(0)}…"
     netloc = parts.netloc
     if "@" in netloc:
         userinfo, _, hostinfo = netloc.rpartition("@")
         user = userinfo.split(":", 1)[0]
         netloc = f"{user}:***@{hostinfo}" if ":" in userinfo else f"{user}@{hostinfo}"
+    pairs = [pair for pair in parts.query.split("&") if pair]
+    if netloc == parts.netloc and not parts.fragment and not any(map(_secret_parameter, pairs)):
+        return url  # nothing to hide (`sqlite:///…` is shown as written)
     query = "&".join(
-        "password=***" if pair.lower().startswith("password=") else pair
-        for pair in parts.query.split("&")
-        if pair
+        f"{pair.partition('=')[0]}=***" if _secret_parameter(pair) else pair for pair in pairs
     )
-    return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
+    scheme = found.group(0)[:-3]  # as written: urlsplit lowers it (`POSTGRESQL://` is a typo)
+    return urlunsplit((scheme, netloc, parts.path, query, ""))

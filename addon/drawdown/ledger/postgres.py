@@ -304,14 +304,20 @@ _INSERT_FACTS = _Bulk(
 
 
 def _secrets(url: str) -> list[str]:
+    """What of `url` a message must not show: the DSN itself, then every password in it
+    (`password`, `sslpassword`: any parameter named like one), as given and URL-quoted."""
+    from urllib.parse import quote
+
     found = []
     try:
-        password = psycopg.conninfo.conninfo_to_dict(url).get("password")
-        if password:
-            found.append(str(password))
+        params = psycopg.conninfo.conninfo_to_dict(url)
     except psycopg.Error:
-        pass
-    return [url, *found]
+        params = {}
+    for name, value in params.items():
+        if "password" in name.lower() and value:
+            found += [str(value), quote(str(value), safe="")]
+    # Longest first, so that no password is left half shown by a shorter one inside it.
+    return [url, *sorted(dict.fromkeys(found), key=len, reverse=True)]
 
 
 def scrub(text: str, url: str) -> str:

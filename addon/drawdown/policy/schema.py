@@ -423,9 +423,12 @@ def _check_document(check: _Checker, doc: Any, file: str) -> _Partial:
 
 
 SOURCE_KINDS = ("header", "proxy_user", "proxy_password", "client_ip", "value", "idle_split")
-# recording.SECRET_WORDS (the names replay and the run's history redact) less the words that
-# also name people and runs (X-Auth-Request-User from oauth2-proxy, X-Session-Id); `key` and
-# `token` count as the last word of a name (X-Auth-Token, Ocp-Apim-Subscription-Key).
+# A header is a credential when a word of its name is one replay and the run's history redact
+# (recording.secret_word: `secret`, `password`, `csrftoken`, `apikey`…), but for these words,
+# which also name people and runs (X-Auth-Request-User from oauth2-proxy, X-Session-Id): they
+# count only as the last word of a name (X-Auth, X-Api-Auth, X-Auth-Token, X-Otp, X-Session,
+# Ocp-Apim-Subscription-Key, X-Api-Key2). `sessionid` never does: X-SessionId names a run as
+# X-Session-Id does.
 _NOT_ALONE = frozenset(
     {"auth", "key", "otp", "pass", "private", "session", "sessionid", "sig", "signature", "token"}
 )
@@ -433,14 +436,15 @@ _NOT_ALONE = frozenset(
 
 def credential_header(name: str) -> bool:
     """Whether a header named so carries a credential (an API key, a cookie, a bearer token)."""
-    from ..recording import SECRET_WORDS  # not at import time: recording imports this package
+    from ..recording import secret_word  # not at import time: recording imports this package
 
     lowered = name.lower()
     if lowered in CREDENTIAL_HEADERS:
         return True
-    words = [word for word in re.split(r"[^a-z0-9]+", lowered) if word]
-    return any(word in SECRET_WORDS - _NOT_ALONE for word in words) or (
-        bool(words) and words[-1] in ("key", "token")
+    # Trailing digits dropped, as recording.secret_word drops them (X-Api-Key2).
+    words = [w for word in re.split(r"[^a-z0-9]+", lowered) if (w := word.rstrip("0123456789"))]
+    return any(secret_word(word) for word in words if word not in _NOT_ALONE) or (
+        bool(words) and words[-1] != "sessionid" and secret_word(words[-1])
     )
 
 
