@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 from drawdown.budgets import window
+from drawdown.ledger import retention
 from drawdown.ledger.api import (
     Amount,
     BatchHold,
@@ -17,6 +19,7 @@ from drawdown.ledger.api import (
     DecisionRow,
     Fact,
     HistoryQuery,
+    LedgerError,
 )
 from drawdown.ledger.integrity import verify
 from drawdown.ledger.reader import Reader
@@ -184,10 +187,12 @@ def test_a_dry_run_counts_and_changes_nothing(backend: LedgerBackend, ledger: An
 
 def test_pruning_twice_carries_on_from_the_first(backend: LedgerBackend, ledger: Any) -> None:
     call(ledger, "r1", OLD, [agent_budget(5000)], 100)
+    call(ledger, "live", RECENT, [], 1)  # the newest hold (SQLite keeps that one's run)
     prune(backend.url, CUTOFF, now=NOW)
     call(ledger, "r2", OLD + 15 * DAY, [agent_budget(5000)], 250)
+    call(ledger, "live", RECENT + 1, [], 1)
     prune(backend.url, OLD + 18 * DAY, now=NOW)
-    assert backend.scalar("SELECT COUNT(*) FROM holds") == 0
+    assert backend.rows("SELECT DISTINCT run FROM decisions") == [("live",)]
     assert backend.rows("SELECT usd, requests, holds FROM budget_carried") == [(350, 2, 2)]
     assert problems(backend) == []
 
@@ -195,6 +200,7 @@ def test_pruning_twice_carries_on_from_the_first(backend: LedgerBackend, ledger:
 def test_verify_counts_what_was_carried(backend: LedgerBackend, ledger: Any) -> None:
     """The conservation check reads budget_carried: a carried sum that is off is reported."""
     call(ledger, "r1", OLD, [agent_budget(5000)], 100)
+    call(ledger, "live", RECENT, [], 1)
     prune(backend.url, CUTOFF, now=NOW)
     backend.execute("UPDATE budget_carried SET usd = usd + 1")
     assert [p for p in problems(backend) if "spent usd 100 but its holds charged 101" in p]
@@ -203,3 +209,98 @@ def test_verify_counts_what_was_carried(backend: LedgerBackend, ledger: Any) -> 
 def test_a_cutoff_in_the_future_is_refused(backend: LedgerBackend, ledger: Any) -> None:
     with pytest.raises(ValueError, match="in the future"):
         prune(backend.url, NOW + 1, now=NOW)
+
+
+def test_a_new_hold_never_takes_the_id_a_pruned_batch_still_names(
+    backend: LedgerBackend, ledger: Any
+) -> None:
+    """SQLite numbers a hold MAX(id) + 1: with every old run pruned, a new call took the id of
+    a pruned batch's hold, which the batch's kept key still named; downloading that batch's
+    results again then settled the new call's hold, and its $4,000 were never charged."""
+    agent = [agent_budget(10**9)]
+    row = decision("old", OLD)
+    held = ledger.reserve(row, agent, Amount(usd=1000, requests=1), OLD + 900)
+    kept = BatchHold("batch:b1", keep_until=OLD + DAY)
+    ledger.commit(
+        row.request_id, held.hold_id, Completion(Amount(requests=1), 200, batch=kept), OLD + 1
+    )
+    results = Completion(
+        Amount(usd=700, requests=1), 200, once="file:out1", batch=BatchHold("batch:b1", ended=True)
+    )
+    read = decision("old", OLD + 100)
+    ledger.commit(
+        read.request_id,
+        ledger.reserve(read, agent, Amount(usd=10, requests=1), OLD + 900).hold_id,
+        results,
+        OLD + 101,
+    )
+
+    prune(backend.url, CUTOFF, now=NOW)
+
+    new = decision("new", NOW)
+    in_flight = ledger.reserve(new, agent, Amount(usd=5000, requests=1), NOW + 900).hold_id
+    again = decision("other", NOW + 1)  # the old results, downloaded again
+    ledger.commit(
+        again.request_id,
+        ledger.reserve(again, agent, Amount(usd=10, requests=1), NOW + 900).hold_id,
+        results,
+        NOW + 2,
+    )
+    settled = ledger.commit(
+        new.request_id, in_flight, Completion(Amount(usd=4000, requests=1), 200), NOW + 3
+    )
+    assert settled.applied and settled.state == "committed"
+    assert backend.scalar("SELECT spent_usd FROM budget_instances WHERE budget = 'agent'") == 4700
+    assert problems(backend) == []
+
+
+def test_an_agent_back_within_its_idle_split_is_still_in_its_spent_run(
+    backend: LedgerBackend, ledger: Any
+) -> None:
+    """Prune deleted the idle_runs rows: an agent back two days later under a 7-day
+    idle_split got a new run, and with it a fresh run budget."""
+    week = 7 * DAY
+    first = ledger.idle_run("agent:a", week, "run-1", OLD)
+    call(ledger, first, OLD, [Claim("run", f"agent:a/run:{first}", 1000, None, None)], 500)
+    back = OLD + 2 * DAY
+    prune(backend.url, back - DAY, now=back)
+    assert ledger.idle_run("agent:a", week, "run-2", back) == "run-1"
+
+
+def test_a_run_that_speaks_again_while_it_is_pruned_is_kept_whole(
+    backend: LedgerBackend, ledger: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found quiet, then calling again before its rows were deleted: its old calls went, and
+    its guards lost the history they count."""
+    for i in range(5):
+        call(ledger, "long", OLD + i, [], 1)
+    found_quiet = retention._quiet_runs
+
+    def quiet_then_resume(*args: Any) -> Any:
+        out = found_quiet(*args)
+        call(ledger, "long", NOW, [], 1)
+        return out
+
+    monkeypatch.setattr(retention, "_quiet_runs", quiet_then_resume)
+    done = prune(backend.url, CUTOFF, now=NOW)
+    assert done.decisions == 0
+    assert backend.scalar("SELECT COUNT(*) FROM decisions WHERE run = 'long'") == 6
+
+
+def test_a_dry_run_reads_only_and_a_file_that_is_no_ledger_is_refused(
+    backend: LedgerBackend, ledger: Any, tmp_path: Path
+) -> None:
+    """A dry run migrated a v7 ledger to v8 (an older proxy then refused it); an empty file
+    was made a ledger."""
+    call(ledger, "r1", OLD, [], 1)
+    call(ledger, "live", RECENT, [], 1)
+    backend.execute("DROP TABLE budget_carried")
+    backend.execute("UPDATE meta SET value = '7' WHERE key = 'schema_version'")
+    assert prune(backend.url, CUTOFF, dry_run=True, now=NOW).decisions == 1
+    assert backend.scalar("SELECT value FROM meta WHERE key = 'schema_version'") == "7"
+    empty = tmp_path / "empty.db"
+    empty.write_bytes(b"")
+    for dry_run in (True, False):
+        with pytest.raises(LedgerError):
+            prune(str(empty), CUTOFF, dry_run=dry_run, now=NOW)
+    assert empty.read_bytes() == b""

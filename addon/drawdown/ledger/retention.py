@@ -25,6 +25,7 @@ true: a hold is deleted in the transaction that carries its charge.
 
 from __future__ import annotations
 
+import re
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
@@ -32,6 +33,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..budgets import window
+from .api import LedgerError
+from .reader import Reader
 
 UNITS = ("usd", "tokens", "requests")
 
@@ -47,7 +50,6 @@ class Pruned:
     facts: int = 0
     events: int = 0
     windows: int = 0  # budget instances of windows that ended before the cutoff
-    idle_runs: int = 0
     processes: int = 0
     kept_runs: int = 0  # quiet runs kept for an active hold (a batch job still running)
     carried: dict[str, int] = field(default_factory=lambda: dict.fromkeys(UNITS, 0))
@@ -69,6 +71,39 @@ class _Tx:
 
     def count(self, sql: str, params: Sequence[Any] = ()) -> int:
         return self.run(sql, params).rowcount or 0
+
+
+class _ReadOnly:
+    """A dry run's view of the ledger: read only, so it changes nothing, not even the schema."""
+
+    def __init__(self, reader: Reader) -> None:
+        self._reader = reader
+        self.postgres = reader.url.startswith(("postgresql://", "postgres://"))
+
+    def read(self, fn: Callable[[_Tx], Any]) -> Any:
+        def execute(sql: str, params: Sequence[Any]) -> Any:
+            names = iter(range(len(params)))
+            named = re.sub(r"\?", lambda _: f":p{next(names)}", sql)
+            rows = self._reader.query(named, {f"p{i}": value for i, value in enumerate(params)})
+            return _Rows([tuple(row.values()) for row in rows])
+
+        return fn(_Tx(execute, False))
+
+    transaction = read
+
+    def close(self) -> None:
+        self._reader.close()
+
+
+class _Rows:
+    """A read's rows, as a cursor gives them."""
+
+    def __init__(self, rows: list[tuple[Any, ...]]) -> None:
+        self._rows = rows
+        self.rowcount = len(rows)
+
+    def fetchall(self) -> list[tuple[Any, ...]]:
+        return self._rows
 
 
 class _Backend:
@@ -132,9 +167,21 @@ def prune(
     if before > now:
         raise ValueError("the cutoff is in the future: nothing that old can be pruned")
     result = Pruned(before=before)
-    backend = _Backend(url, busy_timeout)
+    # Read first: a file or database that is no ledger (an empty file, a database without
+    # its tables) is refused, never made one; a dry run only reads.
+    reader = Reader(url)
+    if not reader.has_table("decisions"):
+        reader.close()
+        raise LedgerError(f"{reader.url} is no drawdown ledger: it has no decisions table")
+    backend: _Backend | _ReadOnly
+    if dry_run:
+        backend = _ReadOnly(reader)
+    else:
+        reader.close()
+        backend = _Backend(url, busy_timeout)
     try:
-        quiet, kept = backend.read(lambda tx: _quiet_runs(tx, before))
+        reuses_ids = not backend.postgres
+        quiet, kept = backend.read(lambda tx: _quiet_runs(tx, before, reuses_ids))
         result.runs, result.kept_runs = len(quiet), len(kept)
         if dry_run:
             backend.read(lambda tx: _count(tx, quiet, before, result))
@@ -156,7 +203,9 @@ def prune(
         backend.close()
 
 
-def _quiet_runs(tx: _Tx, before: float) -> tuple[list[str | None], list[str | None]]:
+def _quiet_runs(
+    tx: _Tx, before: float, reuses_ids: bool
+) -> tuple[list[str | None], list[str | None]]:
     """The scopes (runs) whose last decision is older than `before`, and those of them kept
     for an active hold. A decision without a scope (refused before its caller was known)
     counts as a run of its own: the NULL scope, pruned by age."""
@@ -174,6 +223,15 @@ def _quiet_runs(tx: _Tx, before: float) -> tuple[list[str | None], list[str | No
             "WHERE h.state = 'active' AND d.scope IS NOT NULL"
         )
     }
+    if reuses_ids:
+        # SQLite numbers a new hold MAX(id) + 1: were the newest hold pruned, the next would
+        # take its id, which a kept reference may still name (a batch's key: a download of
+        # its old results then settled that new call's hold). The run holding it stays.
+        newest = tx.rows(
+            "SELECT d.scope FROM holds h JOIN decisions d ON d.request_id = h.request_id "
+            "WHERE h.id = (SELECT MAX(id) FROM holds)"
+        )
+        held.update(scope for (scope,) in newest)
     kept = [scope for scope in quiet if scope in held]
     pruned: list[str | None] = [scope for scope in quiet if scope not in held]
     if tx.rows("SELECT 1 FROM decisions WHERE scope IS NULL AND ts < ? LIMIT 1", (before,)):
@@ -199,7 +257,7 @@ def _count(tx: _Tx, scopes: Sequence[str | None], before: float, result: Pruned)
     for chunk in _chunks(scopes, 500):
         where, params = _scope_filter(chunk)
         (found, held), *_ = tx.rows(
-            f"SELECT COUNT(*), COUNT(hold_id) FROM decisions WHERE {where} AND ts < ? AND {_NOT_HELD}",
+            f"SELECT COUNT(*) AS n, COUNT(hold_id) AS held FROM decisions WHERE {where} AND ts < ? AND {_NOT_HELD}",
             (*params, before),
         )
         result.decisions += found
@@ -221,8 +279,23 @@ def _prune_decisions(
 ) -> bool:
     """One transaction: up to `batch` decisions of these runs, their settled holds (their
     charges carried), and the runs' facts. True while there is more to do."""
+    # A run that spoke again since it was found quiet is no longer pruned: its guards read
+    # its whole history. (And ts < before below: what a run says during this transaction.)
+    named = [s for s in scopes if s is not None]
+    if named:
+        spoke = {
+            scope
+            for (scope,) in tx.rows(
+                f"SELECT DISTINCT scope FROM decisions WHERE scope IN ({_marks(named)}) "
+                "AND ts >= ?",
+                (*named, before),
+            )
+        }
+        if spoke:
+            scopes = [s for s in scopes if s not in spoke]
+            if not scopes:
+                return False
     where, params = _scope_filter(scopes)
-    # ts < before: a run that speaks again while it is pruned keeps what it says now.
     found = tx.rows(
         f"SELECT id, hold_id FROM decisions WHERE {where} AND ts < ? AND {_NOT_HELD} LIMIT ?",
         (*params, before, batch),
@@ -232,6 +305,13 @@ def _prune_decisions(
         _carry(tx, hold_ids, result)
         result.holds += tx.count(
             f"DELETE FROM holds WHERE id IN ({_marks(hold_ids)}) AND state <> 'active'", hold_ids
+        )
+        # A batch's key names its hold: gone with it, so that no later download of its
+        # results can settle whatever hold that id names next.
+        tx.run(
+            f"DELETE FROM batch_holds WHERE hold_id IN ({_marks(hold_ids)}) "
+            "AND hold_id NOT IN (SELECT id FROM holds)",
+            hold_ids,
         )
     if found:
         ids = [decision for decision, _ in found]
@@ -330,7 +410,8 @@ def _prune_windows(tx: _Tx, ended: Sequence[int], result: Pruned) -> None:
 
 
 def _prune_housekeeping(tx: _Tx, before: float, result: Pruned) -> None:
-    result.idle_runs = tx.count("DELETE FROM idle_runs WHERE last_seen < ?", (before,))
+    # idle_runs stay (a row per agent): an agent back after the cutoff but within its
+    # idle_split is still in its run, whose budget is spent; without the row it got a new one.
     # A process stopped cleanly released its holds; one that died is swept by the others.
     result.processes = tx.count(
         "DELETE FROM processes WHERE stopped_at IS NOT NULL AND stopped_at < ? "
