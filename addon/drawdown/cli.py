@@ -835,7 +835,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from .ledger.api import LedgerError
     from .ledger.dsn import redact_dsn
     from .ledger.retention import prune
-    from .money import format_usd
+    from .money import format_usd, usd_float
     from .report import iso_time, parse_duration
 
     try:
@@ -856,6 +856,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if args.as_json:
         out = dataclasses.asdict(done)
         out["before"] = iso_time(done.before)
+        nanos = done.carried["usd"]  # as `budgets --json`: a float to show, the exact integer
+        out["carried"] = {**done.carried, "usd": usd_float(nanos), "usd_nanos": nanos}
         out["dry_run"] = args.dry_run
         print(json.dumps(out, indent=2))
         return 0

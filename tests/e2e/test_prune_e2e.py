@@ -74,7 +74,8 @@ def test_a_month_old_run_is_pruned_beside_a_running_proxy_and_its_spend_stays(
 
     dry = drawdown("prune", "--db", str(tmp_db), "--older-than", "7d", "--dry-run", "--json")
     assert dry.returncode == 0, dry.stderr
-    assert (json.loads(dry.stdout)["runs"], json.loads(dry.stdout)["decisions"]) == (1, 3)
+    counted = json.loads(dry.stdout)
+    assert (counted["runs"], counted["decisions"], counted["carried"]["usd_nanos"]) == (1, 3, 0)
     assert proxy.query("SELECT COUNT(*) FROM decisions") == [(4,)]
 
     done = drawdown("prune", "--db", str(tmp_db), "--older-than", "7d")
