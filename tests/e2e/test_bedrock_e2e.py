@@ -277,9 +277,11 @@ def test_a_windowed_budgets_429_is_a_throttling_boto3_retries(
     drawdown_proxy: Factory, standin: StandIn
 ) -> None:
     """An hourly budget spent: 429 + Retry-After, ThrottlingException, which boto3's standard
-    mode retries (each attempt refused and recorded) before raising."""
-    proxy = drawdown_proxy(POLICY.format(budget='{scope: "agent:*", per: hour, usd: 0.000001}'))
+    mode retries (each attempt refused and recorded) before raising. (A call above the
+    window's whole limit is a 402 instead: no retry would help.)"""
+    proxy = drawdown_proxy(POLICY.format(budget='{scope: "agent:*", per: hour, requests: 1}'))
     client = proxy.bedrock_client(proxy_auth=AUTH, attempts=2)
+    client.converse(modelId=NOVA, messages=MESSAGES)
     with pytest.raises(ClientError) as caught:
         client.converse(modelId=NOVA, messages=MESSAGES)
     error = caught.value.response
@@ -288,8 +290,8 @@ def test_a_windowed_budgets_429_is_a_throttling_boto3_retries(
         429,
     )
     assert error["ResponseMetadata"]["RetryAttempts"] == 1
-    assert [(r[0], r[1]) for r in ledger(proxy, 2)] == [("deny", 429)] * 2
-    assert standin.count("/model/*") == 0
+    assert [(r[0], r[1]) for r in ledger(proxy, 3)] == [("allow", 200)] + [("deny", 429)] * 2
+    assert standin.count("/model/*") == 1
 
 
 def test_an_unmodified_boto3_agent_uses_drawdown_env(
