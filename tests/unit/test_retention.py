@@ -3,6 +3,8 @@ budgets keep what they spent, and `drawdown verify` still adds up."""
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +24,7 @@ from drawdown.ledger.api import (
     LedgerError,
 )
 from drawdown.ledger.integrity import verify
+from drawdown.ledger.postgres import PostgresLedger
 from drawdown.ledger.reader import Reader
 from drawdown.ledger.retention import prune
 
@@ -304,3 +307,38 @@ def test_a_dry_run_reads_only_and_a_file_that_is_no_ledger_is_refused(
         with pytest.raises(LedgerError):
             prune(str(empty), CUTOFF, dry_run=dry_run, now=NOW)
     assert empty.read_bytes() == b""
+
+
+@pytest.mark.postgres
+def test_two_prunes_at_once_carry_each_hold_once(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two crons pruning one PostgreSQL ledger at the same moment both read the same holds:
+    each carried their charges, one deleted them, and spent no longer equalled kept + carried.
+    A transaction carries what its own DELETE removed."""
+    ledger = PostgresLedger(pg_url)
+    call(ledger, "old", OLD, [agent_budget(5000)], 100)
+    call(ledger, "live", RECENT, [], 1)
+    ledger.close()
+    both = threading.Barrier(2, timeout=3)
+    carry = retention._carry
+
+    def carry_together(*args: Any) -> None:
+        with contextlib.suppress(threading.BrokenBarrierError):
+            both.wait()  # the other prune gets as far as it can meanwhile
+        carry(*args)
+
+    monkeypatch.setattr(retention, "_carry", carry_together)
+    crons = [
+        threading.Thread(target=prune, args=(pg_url, CUTOFF), kwargs={"now": NOW}) for _ in range(2)
+    ]
+    for cron in crons:
+        cron.start()
+    for cron in crons:
+        cron.join(30)
+    reader = Reader(pg_url)
+    try:
+        assert verify(reader) == []
+        assert reader.query("SELECT usd, holds FROM budget_carried") == [{"usd": 100, "holds": 1}]
+    finally:
+        reader.close()

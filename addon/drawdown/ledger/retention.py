@@ -302,10 +302,15 @@ def _prune_decisions(
     )
     hold_ids = [hold for _, hold in found if hold is not None]
     if hold_ids:
-        _carry(tx, hold_ids, result)
-        result.holds += tx.count(
-            f"DELETE FROM holds WHERE id IN ({_marks(hold_ids)}) AND state <> 'active'", hold_ids
+        # What this transaction deleted is what it carries (RETURNING): a second prune at
+        # the same moment (two crons) reads the same holds but deletes, so carries, none.
+        deleted = tx.rows(
+            f"DELETE FROM holds WHERE id IN ({_marks(hold_ids)}) AND state <> 'active' "
+            "RETURNING instance_ids, actual_usd, actual_tokens, actual_requests",
+            hold_ids,
         )
+        _carry(tx, deleted, result)
+        result.holds += len(deleted)
         # A batch's key names its hold: gone with it, so that no later download of its
         # results can settle whatever hold that id names next.
         tx.run(
@@ -326,14 +331,11 @@ def _prune_decisions(
     return False
 
 
-def _carry(tx: _Tx, hold_ids: Sequence[int], result: Pruned) -> None:
-    """Add what these settled holds charged to each instance they name, in budget_carried."""
+def _carry(tx: _Tx, deleted: Sequence[Sequence[Any]], result: Pruned) -> None:
+    """Add what the deleted holds (instance_ids, actual usd, tokens, requests) charged to each
+    instance they name, in budget_carried."""
     sums: dict[int, list[int]] = defaultdict(lambda: [0, 0, 0, 0])
-    for instance_ids, *actuals in tx.rows(
-        "SELECT instance_ids, actual_usd, actual_tokens, actual_requests FROM holds "
-        f"WHERE id IN ({_marks(hold_ids)}) AND state <> 'active'",
-        hold_ids,
-    ):
+    for instance_ids, *actuals in deleted:
         for index, unit in enumerate(UNITS):
             result.carried[unit] += actuals[index] or 0
         for instance in {int(i) for i in (instance_ids or "").split(",") if i}:
