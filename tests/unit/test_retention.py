@@ -9,7 +9,9 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
+import psycopg
 import pytest
 from drawdown.budgets import window
 from drawdown.ledger import retention
@@ -342,3 +344,28 @@ def test_two_prunes_at_once_carry_each_hold_once(
         assert reader.query("SELECT usd, holds FROM budget_carried") == [{"usd": 100, "holds": 1}]
     finally:
         reader.close()
+
+
+@pytest.mark.postgres
+def test_a_database_user_without_delete_is_told_so_in_one_line(pg_url: str) -> None:
+    """The README says prune needs DELETE; a user without it got psycopg's traceback."""
+    ledger = PostgresLedger(pg_url)
+    call(ledger, "old", OLD, [], 1)
+    call(ledger, "live", RECENT, [], 1)
+    ledger.close()
+    role = f"prune_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        schema = conn.execute("SELECT current_schema()").fetchone()[0]
+        conn.execute(f"CREATE ROLE {role} LOGIN")
+        conn.execute(f'GRANT USAGE ON SCHEMA "{schema}" TO {role}')
+        conn.execute(f'GRANT SELECT, INSERT, UPDATE ON ALL TABLES IN SCHEMA "{schema}" TO {role}')
+    parts = urlsplit(pg_url)
+    as_role = urlunsplit(parts._replace(netloc=f"{role}@{parts.hostname}:{parts.port or 5432}"))
+    try:
+        with pytest.raises(LedgerError, match="ledger refused the prune: permission denied"):
+            prune(as_role, CUTOFF, now=NOW)
+    finally:
+        with psycopg.connect(pg_url, autocommit=True) as conn:
+            conn.execute(f'REVOKE ALL ON ALL TABLES IN SCHEMA "{schema}" FROM {role}')
+            conn.execute(f'REVOKE ALL ON SCHEMA "{schema}" FROM {role}')
+            conn.execute(f"DROP ROLE {role}")

@@ -15,8 +15,9 @@ window. Lifetime instances are kept for ever, whatever their scope: a run id see
 must find its budget spent.
 
 Kept whatever their age: active holds (a batch job's, held until its results are read) and
-their decisions; the keys a charge is made once under, and batch input estimates (a few
-rows per batch, and a download of old results must not be charged again).
+their runs; the keys a charge is made once under, and batch input estimates (a few rows per
+batch, and a download of old results must not be charged again); each agent's idle_split
+run (`idle_runs`); on SQLite, the run of the newest hold (a new hold is numbered after it).
 
 Each step is one short transaction of at most `batch` decisions, so proxies writing to
 the same ledger wait at most for one of them, and every commit leaves the invariants
@@ -26,6 +27,7 @@ true: a hold is deleted in the transaction that carries its charge.
 from __future__ import annotations
 
 import re
+import sqlite3
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
@@ -125,10 +127,17 @@ class _Backend:
             )
 
     def transaction(self, fn: Callable[[_Tx], Any]) -> Any:
+        """`fn` in one write transaction; LedgerError (one line) for whatever the database
+        refuses (a user without DELETE, a full disk)."""
         if self.postgres:
-            return self._ledger._transaction(
-                lambda conn, _replay: fn(_Tx(lambda sql, p: conn.execute(sql, p), True))
-            )
+            from .postgres import _StatementFailed
+
+            try:
+                return self._ledger._transaction(
+                    lambda conn, _replay: fn(_Tx(lambda sql, p: conn.execute(sql, p), True))
+                )
+            except _StatementFailed as exc:
+                raise LedgerError(f"ledger refused the prune: {exc}") from None
         conn = self._ledger.conn
         return self._ledger._write(lambda: fn(_Tx(lambda sql, p: conn.execute(sql, p), False)))
 
@@ -137,7 +146,10 @@ class _Backend:
         if self.postgres:
             return self.transaction(fn)
         conn = self._ledger.conn
-        return fn(_Tx(lambda sql, p: conn.execute(sql, p), False))
+        try:
+            return fn(_Tx(lambda sql, p: conn.execute(sql, p), False))
+        except sqlite3.Error as exc:
+            raise LedgerError(f"cannot read ledger {self._ledger.path}: {exc}") from None
 
     def close(self) -> None:
         self._ledger.close()
