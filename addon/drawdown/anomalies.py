@@ -492,11 +492,15 @@ def fan_out(rows: Sequence[dict[str, Any]], detector: Detector) -> list[Anomaly]
             agents.setdefault(row.get("agent"), row)
         extra = [r for r in list(firsts.values())[max_runs:] if detector.covers(r.get("action"))]
         if extra:
+            # "started 1500 runs" read as 1,500 runs at work when the guard had refused 1,495
+            # at their first request.
+            refused = sum(1 for r in firsts.values() if r.get("decision") == "deny")
+            stopped = f", {refused} of them refused at their first request" if refused else ""
             found.append(
                 _workflow_anomaly(
                     key,
                     "fan_out",
-                    f"workflow {key[1]} started {len(firsts)} runs "
+                    f"workflow {key[1]} started {len(firsts)} runs{stopped} "
                     f"(anomalies.fan_out.max_runs_per_workflow: {max_runs})",
                     extra,
                     [r["scope"] for r in extra],

@@ -46,6 +46,7 @@ from .budgets import claims_for
 from .classify import RequestView, classify, unmatched, unrecorded
 from .ledger.api import (
     BATCH_HOLDER,
+    LOOP_HINT,
     UNITS,
     Amount,
     Claim,
@@ -202,7 +203,7 @@ class Simulation:
                 return (
                     "loop",
                     f"loop: this identical {row['kind']} request was already made {repeats} times in "
-                    f"{scope} (anomalies.loop.repeats: {guards.max_repeats})",
+                    f"{scope} (anomalies.loop.repeats: {guards.max_repeats}; {LOOP_HINT})",
                 )
         steps = self.steps[scope] - sum(forgiven(n, guards.retries) for n in failed.values())
         if guards.max_steps is not None and steps >= guards.max_steps:

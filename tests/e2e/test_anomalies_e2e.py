@@ -271,7 +271,12 @@ def test_loop_set_to_deny_lets_five_through_and_the_sixth_gets_429(
     assert caught.value.status_code == 429
     assert caught.value.response.headers["x-drawdown-reason"] == "anomaly"
     assert caught.value.response.headers["x-should-retry"] == "false"
-    assert "loop" in caught.value.response.json()["error"]["message"]
+    message = caught.value.response.json()["error"]["message"]
+    assert "loop" in message
+    assert (
+        "polling, is left out by naming only the guarded actions in anomalies.loop.actions"
+        in message
+    )
     assert standin.count("/v1/chat/completions") == 5
     agent.ask("something else")  # a different request is not a loop
     data = report_json(proxy, "--policy", str(proxy.policy_path))

@@ -282,6 +282,7 @@ def test_fan_out_guard_keeps_refusing_a_refused_run(seed: Seeder) -> None:
     )  # a known run goes on
     (fan,) = found(seed)
     assert fan["denied"] == [r.request_id for r in third] and fan["on_detect"] == "deny"
+    assert "started 3 runs, 1 of them refused at their first request" in fan["detail"]
 
 
 def test_handoff_between_agents_of_one_workflow(seed: Seeder) -> None:

@@ -296,6 +296,14 @@ def decision_values(row: DecisionRow, hold_id: int | None) -> tuple[Any, ...]:
     return _read_row_fields(row) + (int(row.stream), hold_id, completed_at)  # noqa: RUF005
 
 
+# Said with every loop denial: raising `repeats` for everything is what the count alone
+# suggests, and what a poller needs is to be left out.
+LOOP_HINT = (
+    "a call repeated on purpose, such as polling, is left out by naming only the guarded "
+    "actions in anomalies.loop.actions"
+)
+
+
 @dataclass(frozen=True)
 class Guards:
     """Structural checks made inside the reserve transaction (anomaly detectors set to deny).

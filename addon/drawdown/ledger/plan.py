@@ -21,6 +21,7 @@ from typing import Any
 
 from .api import (
     BATCH_HOLDER,
+    LOOP_HINT,
     PROXY_REFUSALS,
     UNITS,
     Amount,
@@ -259,7 +260,7 @@ class Counts:
                 return Tripped(
                     "loop",
                     f"loop: this identical {row.action} request was already made {at_least}{repeats} times in "
-                    f"{row.scope} (anomalies.loop.repeats: {guards.max_repeats})",
+                    f"{row.scope} (anomalies.loop.repeats: {guards.max_repeats}; {LOOP_HINT})",
                 )
         if guards.max_steps is not None:
             steps = self.steps[row.scope] - self.forgiven_steps(row.scope, guards.retries)
