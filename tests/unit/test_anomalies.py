@@ -282,7 +282,19 @@ def test_fan_out_guard_keeps_refusing_a_refused_run(seed: Seeder) -> None:
     )  # a known run goes on
     (fan,) = found(seed)
     assert fan["denied"] == [r.request_id for r in third] and fan["on_detect"] == "deny"
-    assert "started 3 runs, 1 of them refused at their first request" in fan["detail"]
+
+
+def test_a_fan_out_says_how_many_runs_its_guard_refused(seed: Seeder, tmp_path: Path) -> None:
+    """1,500 runs of which the guard refused 1,495 at their first request read "started 1500
+    runs", as if all were at work."""
+    guard = Guards(max_runs_per_workflow=2)
+    for r in range(6):
+        seed.call(run=f"r{r}", workflow="w", guards=guard)
+    settings = policy(
+        tmp_path, "anomalies:\n  fan_out: {max_runs_per_workflow: 2, on_detect: deny}\n"
+    )
+    (fan,) = found(seed, settings)
+    assert fan["detail"].startswith("workflow w started 6 runs, 4 of them refused at their first")
 
 
 def test_handoff_between_agents_of_one_workflow(seed: Seeder) -> None:
