@@ -73,6 +73,9 @@ class Anomaly:
     would_deny: list[str] = field(default_factory=list)  # evidence a shadow-mode guard let through
     runs: list[str] = field(default_factory=list)  # run scopes the anomaly concerns
     first_ts: float = 0.0
+    # Whether the live guard enforces this rule: step_count's history rule and fan_out's
+    # agents are only ever flagged, whatever on_detect says (the report said "deny").
+    guarded: bool = True
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -433,15 +436,16 @@ def step_count(
         expected = percentile([int(r["steps"]) for r in earlier], pct)
         threshold = factor * expected
         if steps > threshold:
-            found.append(
-                _run_of(
-                    first,
-                    "step_count",
-                    f"this run took {steps} steps; the agent's last {len(earlier)} runs took "
-                    f"{expected} at the {pct:g}th percentile (flagged above {factor} × that)",
-                    scope_rows[int(threshold) :] or scope_rows,
-                )
+            anomaly = _run_of(
+                first,
+                "step_count",
+                f"this run took {steps} steps; the agent's last {len(earlier)} runs took "
+                f"{expected} at the {pct:g}th percentile (flagged above {factor} × that; "
+                "flagged only: the guard enforces anomalies.step_count.max)",
+                scope_rows[int(threshold) :] or scope_rows,
             )
+            anomaly.guarded = False
+            found.append(anomaly)
     return found
 
 
@@ -508,16 +512,16 @@ def fan_out(rows: Sequence[dict[str, Any]], detector: Detector) -> list[Anomaly]
             )
         extra = [r for r in list(agents.values())[max_agents:] if detector.covers(r.get("action"))]
         if extra:
-            found.append(
-                _workflow_anomaly(
-                    key,
-                    "fan_out",
-                    f"workflow {key[1]} involved {len(agents)} agents "
-                    f"(anomalies.fan_out.max_agents_per_workflow: {max_agents})",
-                    extra,
-                    [r["scope"] for r in extra],
-                )
+            anomaly = _workflow_anomaly(
+                key,
+                "fan_out",
+                f"workflow {key[1]} involved {len(agents)} agents "
+                f"(anomalies.fan_out.max_agents_per_workflow: {max_agents}; flagged only)",
+                extra,
+                [r["scope"] for r in extra],
             )
+            anomaly.guarded = False
+            found.append(anomaly)
     return found
 
 
@@ -669,7 +673,11 @@ def detect(
                 f"{refused} of them"
             )
     for anomaly in found:
-        if anomaly.on_detect == "flag" and settings.get(anomaly.kind).on_detect == "deny":
+        if (
+            anomaly.on_detect == "flag"
+            and anomaly.guarded
+            and settings.get(anomaly.kind).on_detect == "deny"
+        ):
             anomaly.on_detect = "deny"
     found.sort(key=lambda a: (a.first_ts, a.kind, a.scope))
     return [a.as_dict() for a in found]

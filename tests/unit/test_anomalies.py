@@ -219,6 +219,33 @@ def test_step_count_against_the_agents_history(seed: Seeder) -> None:
     assert len(steps["evidence"]) == 45 - 38
 
 
+def test_a_rule_the_guard_does_not_enforce_is_never_reported_as_denying(
+    seed: Seeder, tmp_path: Path
+) -> None:
+    """With step_count set to deny, the history rule's anomaly read `"on_detect": "deny"`,
+    though the guard only ever enforces `max`; so did fan_out's agents."""
+    for r in range(25):
+        for i in range(3):
+            seed.call(agent="etl", run=f"h{r}", body=f"{r}-{i}")
+    for i in range(10):
+        seed.call(agent="etl", run="big", body=f"b{i}")
+    for agent in ("a", "b", "c"):
+        seed.call(agent=agent, run=f"w-{agent}", workflow="w")
+    settings = policy(
+        tmp_path,
+        "anomalies:\n  step_count: {max: 60, on_detect: deny}\n"
+        "  fan_out: {max_agents_per_workflow: 2, on_detect: deny}\n",
+    )
+    flagged = {a["kind"]: a for a in found(seed, settings)}
+    assert (
+        flagged["step_count"]["on_detect"] == "flag"
+        and "flagged only" in flagged["step_count"]["detail"]
+    )
+    assert (
+        flagged["fan_out"]["on_detect"] == "flag" and "flagged only" in flagged["fan_out"]["detail"]
+    )
+
+
 def test_the_agents_history_counts_steps_without_the_retried_failures(seed: Seeder) -> None:
     """Earlier runs of 10 steps, each with a provider hiccup on every step: their p99 is 10
     steps, not 20, so a run of 25 is far above it."""
