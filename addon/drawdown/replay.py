@@ -166,6 +166,11 @@ class Simulation:
         # whose cost was priced again from their recorded token counts
         self.estimates_kept = 0
         self.costs_repriced = 0
+        # LLM calls the recording did not meter (their host named by no action then): charged
+        # their estimate from the recorded body; those without one, nothing.
+        self.unmetered = 0
+        self.unmetered_unestimated = 0
+        self.retries_dropped = 0  # recorded SDK retries of attempts the new policy refuses
         self._seq = 0
 
     def settle_until(self, ts: float) -> None:
@@ -378,6 +383,9 @@ def _decide(sim: Simulation, row: dict[str, Any]) -> Replayed:
             return out
         actual, repriced = _actual(row, action, estimate, policy)
         sim.costs_repriced += repriced
+        if action is not None and action.is_llm and row.get("provider") is None:
+            sim.unmetered += 1
+            sim.unmetered_unestimated += not estimate.usd
         if not _forwarded(row):
             out.assumed = True
         out.usd_replayed = actual.usd if actual else 0
@@ -609,6 +617,11 @@ def _actual(
         return None, False
     if action is None:
         return Amount(), False
+    if action.is_llm and row.get("provider") is None:
+        # A call the recording policy did not meter (a host it did not name): no usage was
+        # read from its answer, so it costs what the new policy estimates (with its body
+        # recorded; else nothing, and replay says so: _metering_warnings).
+        return estimate, False
     if action.is_llm:
         tokens_in, tokens_out = row.get("tokens_in") or 0, row.get("tokens_out") or 0
         usd = row.get("actual_usd") or 0
@@ -652,6 +665,23 @@ def _metering_warnings(sim: Simulation | None) -> list[str]:
             "`price:` or `meter:` settings) than the recording policy did; without their "
             "bodies their estimates are the recorded ones (record them with "
             "`record: {bodies: full}` to have them estimated again)"
+        )
+    if sim is not None and sim.retries_dropped:
+        found.append(
+            f"{sim.retries_dropped} recorded request(s) were SDK retries of failed attempts the "
+            "new policy refuses; refused, they would not have been retried, so they are left out"
+        )
+    if sim is not None and sim.unmetered:
+        found.append(
+            f"{sim.unmetered} LLM call(s) went to hosts the recording policy did not meter, so "
+            "no usage was recorded for them: they are charged the new policy's estimate"
+            + (
+                f"; {sim.unmetered_unestimated} of them had no recorded body to estimate, and "
+                "are charged nothing (record them with `record: {bodies: full}`, or compare "
+                "live)"
+                if sim.unmetered_unestimated
+                else ""
+            )
         )
     if sim is not None and sim.costs_repriced:
         found.append(
@@ -744,13 +774,45 @@ def replay(
         reader.close()
     sim = Simulation(policy)
     results = []
+    # An attempt that failed retryably in the recording and that the new policy refuses: its
+    # SDK retried it then, but would not now (a refusal says x-should-retry: false), so its
+    # retries are left out, not refused again and counted as steps and repeats.
+    refused: dict[tuple[str, str], float] = {}  # (scope, fingerprint) -> when it was made
+    dropped: set[str] = set()
     for row in rows:
+        key = (row["scope"], row.get("fingerprint") or "")
+        made = refused.pop(key, None) if key[1] else None
+        if made is not None and row["ts"] - made <= SDK_RETRY_SECONDS:
+            if _failed(row):  # and its own retry, if it failed too
+                refused[key] = row["ts"]
+            dropped.add(row["request_id"])
+            continue
         sim.settle_until(row["ts"])
         decided = _decide(sim, row)
+        if decided.decision == "deny" and key[1] and _failed(row):
+            refused[key] = row["ts"]
         if row["ts"] >= floor:  # earlier rows only bring the state up to the window
             results.append(decided)
-    in_window = [row for row in rows if row["ts"] >= floor]
+    in_window = [row for row in rows if row["ts"] >= floor and row["request_id"] not in dropped]
+    sim.retries_dropped = sum(
+        1 for row in rows if row["ts"] >= floor and row["request_id"] in dropped
+    )
     return _summary(policy, in_window, results, since=iso_time(floor) if since else None, sim=sim)
+
+
+# The longest an SDK waits before retrying a failed attempt (openai's and anthropic's back off
+# up to 8 s; a server's Retry-After can ask for more, up to a minute).
+SDK_RETRY_SECONDS = 60.0
+
+
+def _failed(row: dict[str, Any]) -> bool:
+    """Whether the recorded attempt failed as the SDKs retry (failed_attempt)."""
+    return is_failed_attempt(
+        row["decision"],
+        row.get("fingerprint"),
+        row.get("status"),
+        row.get("completed_at") is not None,
+    )
 
 
 def _feature_columns(reader: Reader) -> str:

@@ -643,7 +643,7 @@ def _step(
 
 
 def _table(headers: list[str], rows: list[list[str]]) -> str:
-    rows = [[printable(c) for c in r] for r in rows]
+    rows = [[printable(c) if c is not None else "-" for c in r] for r in rows]  # a NULL column
     widths = [
         max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)
     ]

@@ -854,3 +854,53 @@ def test_shadow_mode_forwards_a_request_naming_two_hosts_as_would_deny(tmp_path:
         assert rows.fetchall() == [("would_deny", "bad_request", "crm.example.com")] * 2
     data = replay.replay(policy(tmp_path, "mode: enforce\n" + text, "enforced.yaml"), str(db))
     assert data["decisions"] == {"allow": 0, "deny": 2, "would_deny": 0}, data["blocked"]
+
+
+def test_recorded_sdk_retries_of_an_attempt_now_refused_are_left_out(
+    seed: Seeder, tmp_path: Path
+) -> None:
+    """Recorded in shadow, an upstream's two 503s made the SDK send one call three times.
+    Enforced, its first attempt is refused (x-should-retry: false) and never retried: replay
+    refused all three, counting each as a step and a repeat, where live refused one."""
+    llm(seed, "r", body="a")
+    llm(seed, "r", body="b")
+    first = llm(seed, "r", body="c", actual_usd=None, status=503)
+    llm(seed, "r", body="c", actual_usd=None, status=503)
+    llm(seed, "r", body="c")
+    last = llm(seed, "r", body="d")
+    p = policy(tmp_path, ACTIONS + 'budgets:\n  - {scope: "agent:*/run:*", requests: 2}\n')
+    data = replay.replay(p, str(seed.path))
+    assert [b["request_id"] for b in data["blocked"]] == [first.request_id, last.request_id]
+    assert data["requests"] == 4
+    assert any("2 recorded request(s) were SDK retries" in w for w in data["warnings"])
+    # Allowed now, they were sent and retried as recorded: every attempt replayed.
+    loose = replay.replay(policy(tmp_path, ACTIONS), str(seed.path))
+    assert loose["requests"] == 6 and not any("SDK retries" in w for w in loose["warnings"])
+
+
+def test_a_call_the_recording_did_not_meter_costs_its_estimate(
+    seed: Seeder, tmp_path: Path
+) -> None:
+    """An LLM host the recording policy named by no action: no usage was read from its
+    answers, and replay charged its calls $0 under a policy that meters them."""
+    body = json.dumps({"model": "claude-3-5-haiku-latest", "max_tokens": 200,
+                       "messages": [{"role": "user", "content": "hello"}]})  # fmt: skip
+    for _ in range(2):
+        seed.call(run="a", action="unknown", provider=None, model=None, host="api.anthropic.com",
+                  path="/v1/messages", est_usd=0, actual_usd=0, tokens=(0, 0),
+                  features={"body": body, "port": 443})  # fmt: skip
+    seed.call(run="b", action="unknown", provider=None, model=None, host="api.anthropic.com",
+              path="/v1/messages", est_usd=0, actual_usd=0, tokens=(0, 0),
+              features={"port": 443})  # fmt: skip
+    metered = ACTIONS + "  - {kind: llm, provider: anthropic, match: {host: api.anthropic.com}}\n"
+    data = replay.replay(policy(tmp_path, metered), str(seed.path))
+    # The two with a body: claude-3-5-haiku's estimate for a 1-word prompt and 200 tokens out.
+    one = inspect_request(
+        "anthropic", "POST", "/v1/messages", {}, body.encode(), MeterConfig(), None
+    ).estimate_usd_nanos
+    assert one > 0 and data["usd_replayed_nanos"] == 2 * one
+    assert any(
+        "3 LLM call(s) went to hosts the recording policy did not meter" in w
+        and "1 of them had no recorded body" in w
+        for w in data["warnings"]
+    )
