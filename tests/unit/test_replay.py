@@ -904,3 +904,10 @@ def test_a_call_the_recording_did_not_meter_costs_its_estimate(
         and "1 of them had no recorded body" in w
         for w in data["warnings"]
     )
+
+
+def test_a_null_column_in_a_text_table_is_a_dash_not_a_traceback() -> None:
+    """A decision without a scope (the column allows NULL) broke replay's text output."""
+    from drawdown.report import _table
+
+    assert _table(["scope", "blocked"], [[None, "1"]]).splitlines()[2] == "-      1"
