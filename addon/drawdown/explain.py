@@ -19,6 +19,7 @@ from .ledger.api import (
     Claim,
     DecisionRow,
     Guards,
+    Shortfall,
     agents_own,
     deciding_order,
     failed_attempt,
@@ -372,8 +373,9 @@ def explain(
         )
     elif db:
 
-        def waits(claim: Claim, unit: str) -> bool:  # as Shortfall.waits
-            return claim.per is not None and estimate.get(unit) <= (claim.limit(unit) or 0)
+        def waits(claim: Claim, unit: str) -> bool:  # the proxy's rule, Shortfall.waits
+            limit = claim.limit(unit) or 0
+            return Shortfall(claim, unit, limit, 0, 0, estimate.get(unit)).waits
 
         enforced = sorted(
             (s for s in shortfalls if not s[0].shadow),

@@ -31,7 +31,7 @@ from mitmproxy import addons as mitmproxy_addons
 from mitmproxy.addons import errorcheck, keepserving, readfile, termlog
 from mitmproxy.addons.script import ScriptLoader
 
-from .recording import _SHAPES, REDACTED, redact_path
+from .recording import CREDENTIAL_SHAPES, REDACTED, redact_path
 
 
 class AddonGroup:
@@ -97,7 +97,7 @@ _HOST = re.compile(r"[A-Za-z0-9.\-]+(?::[0-9]+)?|\[[0-9A-Fa-f:.]+\](?::[0-9]+)?"
 _PLAIN_WORD = re.compile(r"[A-Za-z][A-Za-z\-]{0,39}")  # kept before a line's redacted rest
 _START_LINE = re.compile(r"(?P<method>\S+)(?P<gap>\s+)(?P<target>.*?)(?P<version>\s+HTTP/\S*)?")
 _USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)?(?P<userinfo>[^/?#@\s]*)@")
-_SHAPED = re.compile(rf"(?<![A-Za-z0-9_\-])(?:{_SHAPES})\S*")
+_SHAPED = re.compile(rf"(?<![A-Za-z0-9_\-])(?:{CREDENTIAL_SHAPES})\S*")
 
 
 def _redact_target(target: str) -> str:

@@ -103,12 +103,12 @@ _ORDINARY_WORDS = frozenset(
 _QUERY_SECRETS = frozenset({"code"})
 # Values that are credentials whatever they are called (a Telegram bot token: 123456:AA…,
 # as its API's URLs carry it, `bot123456:AA…`).
-_SHAPES = (
+CREDENTIAL_SHAPES = (
     r"sk-|sk_(?:live|test)_|rk_(?:live|test)_|ghp_|gho_|github_pat_|xox[abprs]-|glpat-"
     r"|AKIA[0-9A-Z]{12}|AIza[0-9A-Za-z_\-]{20}|(?:Bearer|Basic)\s|eyJ[A-Za-z0-9_\-]{8,}\."
     r"|(?:bot)?[0-9]{5,}:[A-Za-z0-9_\-]{35,}"
 )
-_SECRET_VALUE = re.compile(rf"^(?:{_SHAPES})")
+_SECRET_VALUE = re.compile(rf"^(?:{CREDENTIAL_SHAPES})")
 # Credentials that real APIs carry in the URL path. Each alternative names the one group that
 # is the secret; the text around it is kept, so the redacted path keeps its segments (replay's
 # `*` and `{name}` globs still match it) and what the policy itself spells out. The webhook
@@ -120,7 +120,7 @@ _PATH_SECRET = re.compile(
     # policy's `/bot*/sendMessage` or `/bot{token}/sendMessage` still matches it.
     r"/bot(?P<telegram>[0-9]{5,}:[A-Za-z0-9_\-]{35,}[^/]*)"
     # Any segment that starts like a credential (a raw path spells a space %20 or +).
-    rf"|/(?P<shape>(?:{_SHAPES.replace(r'\s', r'(?:\s|%20|[+])')})[^/]*)"
+    rf"|/(?P<shape>(?:{CREDENTIAL_SHAPES.replace(r'\s', r'(?:\s|%20|[+])')})[^/]*)"
     # Slack incoming webhooks: /services/T…/B…/<secret>, all three segments.
     r"|/services/(?P<slack>T[A-Z0-9]+/B[A-Z0-9]+/[^/]+)"
     # Discord webhooks: /api[/v10]/webhooks/<id>/<token>[/…].

@@ -366,6 +366,10 @@ def _budgets(reader: Reader, floor: float, run: str | None) -> list[dict[str, An
     return budgets
 
 
+# Denials naming an instance of the run's (`_budgets`' params: its scope ends with the run).
+_RUN_BUDGET = " AND (budget = :run_only OR budget LIKE :run_scope ESCAPE '\\')"
+
+
 def _with_refusing(
     reader: Reader,
     rows: list[dict[str, Any]],
@@ -376,7 +380,7 @@ def _with_refusing(
     refusal writes nothing to its instance): `--since 1h` listed no budget while the run it
     covered read `budget_exhausted` all that hour. A window that ended before `floor` is not
     one of them."""
-    which = " AND (budget = :run_only OR budget LIKE :run_scope ESCAPE '\\')" if run_params else ""
+    which = _RUN_BUDGET if run_params else ""
     scopes = [
         row["budget"]
         for row in reader.query(
@@ -434,7 +438,7 @@ def _refused(
             if (limit := claim.limit(unit)) is not None
         )
         by_scope[row["scope"]].append((row, words, window(row["per"], row["window_start"])[1]))
-    which = " AND (budget = :run_only OR budget LIKE :run_scope ESCAPE '\\')" if run_params else ""
+    which = _RUN_BUDGET if run_params else ""
     denials = reader.query(
         "SELECT budget, reason, ts FROM decisions WHERE reason_code = 'budget_exhausted' "
         f"AND decision IN ('deny', 'would_deny') AND ts >= :first{which}",

@@ -223,8 +223,10 @@ _LOCK = "SELECT pg_advisory_xact_lock(hashtextextended('drawdown.ledger.migrate:
 def _version(conn: Any) -> int:
     if conn.execute("SELECT to_regclass('meta') IS NOT NULL").fetchone()[0]:
         row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        if row:  # the common case: one read
+            return schema_version(row[0], has_tables=True)
         tables = conn.execute("SELECT to_regclass('budget_instances') IS NOT NULL").fetchone()[0]
-        return schema_version(row[0] if row else None, has_tables=not row and tables)
+        return schema_version(None, has_tables=tables)
     return 0
 
 
