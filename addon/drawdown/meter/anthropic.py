@@ -31,6 +31,7 @@ from ._util import (
     opt_int,
     req_list,
 )
+from .prices import price_variant
 from .types import MeterRequestError, TokenUsage
 
 # Tokens Anthropic adds to the system prompt when tools are offered ("Tool use > Pricing":
@@ -79,6 +80,8 @@ def parse_request(body: dict[str, Any], path_model: str | None, path_stream: boo
     parsed = ParsedRequest(
         endpoint="messages", model=model, stream=opt_bool(body, "stream") or path_stream
     )
+    # Fast mode (`speed: "fast"`) bills every token at its own, higher price.
+    price_variant(parsed.price_context, "speed", body.get("speed"))
     prompt = parsed.prompt
     prompt.overhead += REQUEST_OVERHEAD
     system = body.get("system")
@@ -285,6 +288,7 @@ def extract_json(obj: Any) -> Extracted:
     if isinstance(u, dict):
         ex.usage, ex.other_models = billed(u, ex.model)
         _server_tools(u, ex)
+        price_variant(ex.price_context, "speed", u.get("speed"))
     _content_texts(obj.get("content"), ex.texts)
     return ex
 
@@ -351,4 +355,6 @@ class MessagesStream:
             _server_tools(merged, ex)
         elif self._start is not None:
             ex.early_usage = usage_from(self._start)
+        usage = {**(self._start or {}), **(self._delta or {})}
+        price_variant(ex.price_context, "speed", usage.get("speed"))
         return ex

@@ -657,6 +657,7 @@ def inspect_request(
         image_tool_model=next(iter(parsed.tool_output_reserves), None),
         input_audio_tokens=input_audio,
         served_as=served_as,
+        price_context=MappingProxyType(dict(parsed.price_context)),
     )
 
 
@@ -808,7 +809,7 @@ def _measurement(
         config,
         price_override,
         extras=extras,
-        price_context=ex.price_context,
+        price_context={**request.price_context, **ex.price_context},
         other_models=ex.other_models,
         matched=request.price_provider,
     )

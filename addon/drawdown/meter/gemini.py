@@ -27,6 +27,7 @@ from ._util import (
     loads,
     opt_int,
 )
+from .prices import price_variant
 from .types import MeterRequestError, TokenUsage
 
 # Framing per content turn and per request, in tiktoken units; measured on the corpus, see
@@ -106,6 +107,8 @@ def parse_request(endpoint: str, model: str | None, body: dict[str, Any]) -> Par
                 prompt.add(instance.get("title"))
         parsed.cap = 0
         return parsed
+    # Flex and priority bill every token at prices of their own.
+    price_variant(parsed.price_context, "service_tier", body.get("serviceTier"))
     prompt.overhead += REQUEST_OVERHEAD
     contents = body.get("contents")
     if contents is None:
@@ -277,6 +280,7 @@ def extract_json(obj: Any, request_model: str | None) -> Extracted:
         um = chunk.get("usageMetadata")
         if isinstance(um, dict):
             ex.usage = usage_from(um)  # cumulative: the last one wins
+            price_variant(ex.price_context, "service_tier", um.get("serviceTier"))
         elif isinstance(chunk.get("predictions"), list):
             ex.usage = _predicted_usage(chunk["predictions"])
         _candidates(chunk, ex.texts, queries)
@@ -303,6 +307,7 @@ class GenerateStream:
         um = obj.get("usageMetadata")
         if isinstance(um, dict):
             ex.usage = usage_from(um)
+            price_variant(ex.price_context, "service_tier", um.get("serviceTier"))
         _candidates(obj, ex.texts, self._queries)
         return True
 

@@ -21,6 +21,7 @@ from ._util import (
     opt_int,
     req_list,
 )
+from .prices import price_variant
 from .types import MeterRequestError, TokenUsage
 
 # Framing tokens per chat message and for priming the reply (OpenAI cookbook,
@@ -98,9 +99,7 @@ def parse_request(
             raise MeterRequestError("model is missing from the request body")
         raise MeterRequestError(f"model must be a non-empty string, not {kind(model)}")
     parsed = ParsedRequest(endpoint=endpoint, model=model, stream=opt_bool(body, "stream"))
-    tier = body.get("service_tier")
-    if isinstance(tier, str) and tier in ("flex", "priority", "default"):
-        parsed.price_context["service_tier"] = tier
+    price_variant(parsed.price_context, "service_tier", body.get("service_tier"))
     if endpoint == "chat.completions":
         _chat_request(body, parsed, raw)
     elif endpoint == "responses":
@@ -427,9 +426,7 @@ def responses_usage(u: dict[str, Any]) -> TokenUsage:
 
 
 def _tier(obj: dict[str, Any], ex: Extracted) -> None:
-    tier = obj.get("service_tier")
-    if isinstance(tier, str) and tier:
-        ex.price_context["service_tier"] = tier
+    price_variant(ex.price_context, "service_tier", obj.get("service_tier"))
 
 
 def _chat_choice_texts(choice: Any, texts: list[str]) -> None:

@@ -44,6 +44,29 @@ EXTRA_UNITS = {
 TOKENS_PER_AUDIO_SECOND = 20
 
 
+@lru_cache(maxsize=1)
+def _price_variants() -> frozenset[tuple[str, str]]:
+    """Every (key, value) a genai-prices price variant is chosen by (`service_tier: flex`,
+    `speed: fast`, …): a request or answer names its tier in the context only when a price
+    depends on it, so an agent's made-up tiers neither grow the price caches nor reach them."""
+    return frozenset(
+        item
+        for provider in data_snapshot.get_snapshot().providers
+        for model in provider.models
+        for variant in model.price_variants or ()
+        for item in variant.when.items()
+    )
+
+
+def price_variant(context: dict[str, str], key: str, value: object) -> None:
+    """Set `context[key]` to what a request or answer names (`value`, lowercased as the APIs'
+    enums compare): itself where some genai-prices price depends on it, else "" (the standard
+    price, and an answer saying so overrides what its request asked for)."""
+    if isinstance(value, str):
+        named = value.lower()
+        context[key] = named if (key, named) in _price_variants() else ""
+
+
 def to_nanos(usd: Decimal) -> int:
     """USD -> integer nano-dollars, rounded up (a reservation must never be short)."""
     return int(

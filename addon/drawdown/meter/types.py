@@ -8,6 +8,7 @@ from decimal import Decimal
 from types import MappingProxyType
 
 _EMPTY: Mapping[str, int] = MappingProxyType({})
+_NO_CONTEXT: Mapping[str, str] = MappingProxyType({})
 
 
 @dataclass(frozen=True)
@@ -135,6 +136,9 @@ class LLMRequest:
     batch: BatchEstimate | None = None
     # An OpenAI batch's status read: the key of the batch it reads (batch_results.progress).
     batch_key: str | None = None
+    # The price variants the request asked for (service tier, speed): the answer's own say
+    # wins, but one that says nothing is charged as asked.
+    price_context: Mapping[str, str] = field(default_factory=lambda: _NO_CONTEXT)
 
 
 @dataclass(frozen=True)

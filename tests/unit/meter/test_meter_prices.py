@@ -329,3 +329,109 @@ def test_anthropic_stream_delta_without_cache_fields_keeps_the_start_figures():
     _, m = meter.finish()
     assert m.source == "usage"
     assert m.usage == TokenUsage(input_tokens=105, output_tokens=42, cache_read_tokens=100)
+
+
+def _tier_price(model: str, provider_id: str, usage: genai_prices.Usage, **context: str) -> int:
+    return _nanos(
+        genai_prices.calc_price(
+            usage, model, provider_id=provider_id, price_context=context or None
+        ).total_price
+    )
+
+
+def _sse(*events: dict) -> bytes:
+    return b"".join(
+        f"event: {event['type']}\ndata: {json.dumps(event)}\n\n".encode() for event in events
+    )
+
+
+def test_anthropic_fast_mode_is_reserved_and_charged_at_its_own_price():
+    body = {"model": "claude-opus-4-8", "max_tokens": 20_000, "speed": "fast",
+            "messages": [{"role": "user", "content": "hi"}]}  # fmt: skip
+    fast = inspect_request(
+        "anthropic", "POST", "/v1/messages", {}, json.dumps(body).encode(), CONFIG
+    )
+    standard = inspect_request(
+        "anthropic", "POST", "/v1/messages", {},
+        json.dumps({**body, "speed": "standard"}).encode(), CONFIG,
+    )  # fmt: skip
+    reserved = genai_prices.Usage(input_tokens=fast.input_tokens, output_tokens=20_000)
+    assert fast.estimate_usd_nanos == _tier_price(
+        "claude-opus-4-8", "anthropic", reserved, speed="fast"
+    )
+    assert standard.estimate_usd_nanos == _tier_price("claude-opus-4-8", "anthropic", reserved)
+    assert fast.estimate_usd_nanos > standard.estimate_usd_nanos
+    usage = {"input_tokens": 100_000, "output_tokens": 20_000, "speed": "fast"}
+    answer = {"id": "msg_1", "type": "message", "role": "assistant", "model": "claude-opus-4-8",
+              "content": [{"type": "text", "text": "ok"}], "usage": usage}  # fmt: skip
+    charged = genai_prices.Usage(input_tokens=100_000, output_tokens=20_000)
+    expected = _tier_price("claude-opus-4-8", "anthropic", charged, speed="fast")
+    # The answer says fast: charged fast, whatever the request asked.
+    assert measure_body(standard, 200, json.dumps(answer).encode(), CONFIG).usd_nanos == expected
+    # Streamed: the usage of message_start and message_delta.
+    stream = open_stream_meter(standard, "text/event-stream", None, CONFIG)
+    stream.feed(
+        _sse(
+            {"type": "message_start", "message": {**answer, "content": [], "usage": {
+                "input_tokens": 100_000, "output_tokens": 1, "speed": "fast"}}},
+            {"type": "message_delta", "delta": {"stop_reason": "end_turn"},
+             "usage": {"output_tokens": 20_000}},
+            {"type": "message_stop"},
+        )
+    )  # fmt: skip
+    assert stream.finish()[1].usd_nanos == expected
+    # An answer that does not say is charged as the request asked.
+    del usage["speed"]
+    assert measure_body(fast, 200, json.dumps(answer).encode(), CONFIG).usd_nanos == expected
+    assert measure_body(standard, 200, json.dumps(answer).encode(), CONFIG).usd_nanos == (
+        _tier_price("claude-opus-4-8", "anthropic", charged)
+    )
+
+
+@pytest.mark.parametrize("tier", ["flex", "priority", "PRIORITY"])
+def test_a_gemini_service_tier_is_reserved_and_charged_at_its_own_price(tier: str):
+    path = "/v1beta/models/gemini-4-neon:generateContent"
+    body = {"contents": [{"role": "user", "parts": [{"text": "hi"}]}],
+            "generationConfig": {"maxOutputTokens": 20_000}}  # fmt: skip
+    asked = inspect_request(
+        "gemini", "POST", path, {}, json.dumps({**body, "serviceTier": tier}).encode(), CONFIG
+    )
+    plain = inspect_request("gemini", "POST", path, {}, json.dumps(body).encode(), CONFIG)
+    reserved = genai_prices.Usage(input_tokens=asked.input_tokens, output_tokens=20_000)
+    context = {"service_tier": tier.lower()}
+    assert asked.estimate_usd_nanos == _tier_price("gemini-4-neon", "google", reserved, **context)
+    assert plain.estimate_usd_nanos == _tier_price("gemini-4-neon", "google", reserved)
+    assert asked.estimate_usd_nanos != plain.estimate_usd_nanos
+    metadata = {"promptTokenCount": 100_000, "candidatesTokenCount": 20_000,
+                "totalTokenCount": 120_000, "serviceTier": tier}  # fmt: skip
+    answer = {"candidates": [{"content": {"parts": [{"text": "ok"}], "role": "model"}}],
+              "usageMetadata": metadata, "modelVersion": "gemini-4-neon"}  # fmt: skip
+    charged = genai_prices.Usage(input_tokens=100_000, output_tokens=20_000)
+    expected = _tier_price("gemini-4-neon", "google", charged, **context)
+    assert measure_body(plain, 200, json.dumps(answer).encode(), CONFIG).usd_nanos == expected
+    stream = open_stream_meter(plain, "text/event-stream", None, CONFIG)
+    stream.feed(f"data: {json.dumps(answer)}\r\n\r\n".encode())
+    assert stream.finish()[1].usd_nanos == expected
+    # The answer's own tier wins over the request's.
+    metadata["serviceTier"] = "standard"
+    assert measure_body(asked, 200, json.dumps(answer).encode(), CONFIG).usd_nanos == (
+        _tier_price("gemini-4-neon", "google", charged)
+    )
+
+
+def test_an_openai_fast_tier_is_reserved_at_its_price_and_unknown_tiers_are_ignored():
+    body = {"model": "gpt-5", "max_tokens": 1_000, "messages": [{"role": "user", "content": "hi"}]}
+
+    def estimate(tier: str | None) -> int:
+        asked = body if tier is None else {**body, "service_tier": tier}
+        request = inspect_request(
+            "openai", "POST", "/v1/chat/completions", {}, json.dumps(asked).encode(), CONFIG
+        )
+        usage = genai_prices.Usage(input_tokens=request.input_tokens, output_tokens=1_000)
+        assert request.estimate_usd_nanos == _tier_price(
+            "gpt-5", "openai", usage, **({"service_tier": tier} if tier in ("fast", "flex") else {})
+        )
+        return request.estimate_usd_nanos
+
+    assert estimate("fast") > estimate(None) > estimate("flex")
+    assert estimate("auto") == estimate("made-up") == estimate(None)
