@@ -67,7 +67,7 @@ from .ledger.api import (
 from .ledger.dsn import redact_dsn
 from .ledger.worker import AsyncLedger
 from .meter import openai_realtime, tokenizer_process
-from .meter.decode import UndecodableBody, decode_request
+from .meter.decode import BodyTooLarge, UndecodableBody, decode_request
 from .meter.prices import url_provider
 from .money import MAX_AMOUNT, usd_to_nanos
 from .policy import Policy, PolicyInvalid, load_policy, policy_fingerprint
@@ -293,14 +293,24 @@ def _logged_path(flow: http.HTTPFlow, classification: Classification | None = No
     return recording.redact_path(path, action.match.path if action else None)
 
 
-def _request_body(request: http.Request) -> tuple[bytes, str | None]:
-    """The body as its upstream decodes it, and why it cannot be (then b""): mitmproxy's own
-    reading decodes any Python codec a client names, and falls back to the raw bytes."""
+async def _request_body(request: http.Request, limit: int) -> tuple[bytes, str | None, int]:
+    """The body as its upstream decodes it, why it cannot be (then b""), and its decoded size:
+    mitmproxy's own reading decodes any Python codec a client names, and falls back to the
+    raw bytes. Decoding stops past `limit` (the size is then limit + 1, the body b""): a few
+    compressed bytes can decode to gigabytes. A compressed body is decoded off the event
+    loop, since its size says nothing of how long that takes."""
+    raw = request.raw_content or b""
     coding = request.headers.get("content-encoding")
     try:
-        return decode_request(request.raw_content or b"", coding), None
+        if not raw or (coding or "").strip().lower() in ("", "identity"):
+            body = decode_request(raw, coding, limit)
+        else:
+            body = await asyncio.to_thread(decode_request, raw, coding, limit)
+    except BodyTooLarge:
+        return b"", None, limit + 1
     except UndecodableBody as exc:
-        return b"", str(exc)
+        return b"", str(exc), len(raw)
+    return body, None, len(body)
 
 
 def guards_for(policy: Policy, kinds: str | Sequence[str]) -> Guards | None:
@@ -1302,7 +1312,8 @@ class Drawdown:
         # Parsing an absent query string still builds a MultiDictView: skip it.
         if "?" in flow.request.path:
             view.query, view.query_repeats = first_values(flow.request.query.fields)
-        view.body, view.undecodable = _request_body(flow.request)
+        limit = policy.limits.max_request_bytes
+        view.body, view.undecodable, decoded_size = await _request_body(flow.request, limit)
         classification = state.classification = classify(policy, view)
         action = classification.action
         row = state.row = DecisionRow(
@@ -1325,11 +1336,13 @@ class Drawdown:
         )
         # limits.max_request_bytes: refused before it is parsed for replay, tokenized or forwarded
         # (raw or decoded size: a small gzip bomb counts at its decoded size).
-        size = row.body_bytes = max(len(view.body), len(flow.request.raw_content or b""))
-        if action is not None and size > policy.limits.max_request_bytes:
+        size = row.body_bytes = max(decoded_size, len(flow.request.raw_content or b""))
+        if action is not None and size > limit:
+            # A body past the limit once decoded was not decoded further: its size is unknown.
+            told = f"is {size} bytes" if decoded_size <= limit else f"decodes to over {limit} bytes"
             message = (
-                f"drawdown: the request body ({size} bytes) is larger than this proxy accepts "
-                f"(limits.max_request_bytes: {policy.limits.max_request_bytes})"
+                f"drawdown: the request body {told}, more than this proxy accepts "
+                f"(limits.max_request_bytes: {limit})"
             )
             if not await self._deny_before_budgets(flow, state, "body_too_large", message):
                 await self._forward_unread(flow, state, policy, classification)

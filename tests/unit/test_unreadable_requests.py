@@ -12,17 +12,19 @@ from __future__ import annotations
 import gzip
 import json
 import sqlite3
+import tracemalloc
 import zlib
 from dataclasses import replace
 from pathlib import Path
 
 import brotli
 import pytest
+from backports import zstd
 from drawdown import replay
 from drawdown.authority import evaluate, facts_of
 from drawdown.classify import RequestView, classify, first_values
 from drawdown.explain import explain
-from drawdown.meter.decode import UndecodableBody, decode_request
+from drawdown.meter.decode import BodyTooLarge, UndecodableBody, decode_request
 
 from tests.support.policies import policy_from
 
@@ -105,7 +107,7 @@ def test_a_request_body_is_decoded_as_its_upstream_decodes_it_or_not_at_all() ->
         ("deflate", zlib.compress(body)[2:-4]),  # raw deflate, as some clients send it
         ("br", brotli.compress(body)),
     ]:
-        assert decode_request(encoded, coding) == body, coding
+        assert decode_request(encoded, coding, len(body)) == body, coding
     quopri = b'{"amount":10000,"pad":"=22,=22amount=22:1,=22z=22:=22","q":1}'
     for coding, encoded, says in [
         # mitmproxy decodes any Python codec a client names; no upstream does.
@@ -120,9 +122,39 @@ def test_a_request_body_is_decoded_as_its_upstream_decodes_it_or_not_at_all() ->
         ("br", brotli.compress(body) + b"x", "not valid br data"),
     ]:
         with pytest.raises(UndecodableBody) as refused:
-            decode_request(encoded, coding)
+            decode_request(encoded, coding, 1 << 20)
         assert says in str(refused.value), coding
-    assert decode_request(b"", "gzip") == b""
+    assert decode_request(b"", "gzip", 0) == b""
+
+
+def _bombs(size: int) -> list[tuple[str, bytes]]:
+    zeros = bytes(size)
+    deflate = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    return [
+        ("gzip", gzip.compress(zeros, 9)),
+        ("deflate", zlib.compress(zeros, 9)),
+        ("deflate", deflate.compress(zeros) + deflate.flush()),  # raw deflate
+        ("br", brotli.compress(zeros, quality=5)),
+        ("zstd", zstd.compress(zeros)),
+    ]
+
+
+@pytest.mark.parametrize(("coding", "bomb"), _bombs(64 << 20))
+def test_a_compressed_body_is_decoded_no_further_than_the_limit(coding: str, bomb: bytes) -> None:
+    """64 MiB of zeros in a few hundred kB at most: decoding stops one byte past a 1 MiB
+    limit, so what it holds is the limit, not the bomb (before: all of it, 2.3 GB for 1 GiB)."""
+    assert len(bomb) < 300_000
+    tracemalloc.start()
+    try:
+        with pytest.raises(BodyTooLarge):
+            decode_request(bomb, coding, 1 << 20)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 << 20, peak
+    # The same data under a limit it fits is read whole, to the byte.
+    small = dict(_bombs(1 << 20))[coding] if coding != "deflate" else zlib.compress(bytes(1 << 20))
+    assert decode_request(small, coding, 1 << 20) == bytes(1 << 20)
 
 
 # --- classification -----------------------------------------------------------------------

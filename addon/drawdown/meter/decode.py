@@ -168,43 +168,53 @@ def request_coding_problem(content_encoding: str | None) -> str | None:
     return None
 
 
-def _inflate(raw: bytes, gzip: bool) -> tuple[bytes, zlib._Decompress]:
+class BodyTooLarge(ValueError):
+    """A request body whose decoded size passes the limit it was decoded under: decoding stops
+    there, so a few bytes that decode to gigabytes cost no more than the limit."""
+
+
+def _inflate(raw: bytes, gzip: bool, bound: int) -> tuple[bytes, zlib._Decompress]:
     """gzip data (only: mitmproxy's reader takes zlib data too), or deflate: zlib-wrapped,
-    or raw as some clients send it."""
+    or raw as some clients send it. At most `bound` bytes out."""
     if gzip:
         obj = zlib.decompressobj(16 + zlib.MAX_WBITS)
-        return obj.decompress(raw), obj
+        return obj.decompress(raw, bound), obj
     try:
         obj = zlib.decompressobj(zlib.MAX_WBITS)
-        return obj.decompress(raw), obj
+        return obj.decompress(raw, bound), obj
     except zlib.error:
         obj = zlib.decompressobj(-zlib.MAX_WBITS)
-        return obj.decompress(raw), obj
+        return obj.decompress(raw, bound), obj
 
 
-def decode_request(raw: bytes, content_encoding: str | None) -> bytes:
+def decode_request(raw: bytes, content_encoding: str | None, limit: int) -> bytes:
     """A request body as its upstream reads it, decoded from its Content-Encoding.
     UndecodableBody for a coding no upstream undoes (request_coding_problem), and for data
     that is corrupt, cut short or followed by more (a second gzip member, which some
-    servers read and others drop): what the upstream reads would be a guess."""
+    servers read and others drop): what the upstream reads would be a guess. BodyTooLarge
+    once more than `limit` bytes come out (decoding stops there)."""
     if (problem := request_coding_problem(content_encoding)) is not None:
         raise UndecodableBody(problem)
     coding = (content_encoding or "").strip().lower()
     if coding in ("", "identity") or not raw:
         return raw
+    bound = limit + 1  # one byte past the limit tells "too large" from "exactly the limit"
     try:
         if coding == "br":
             brotli_obj = brotli.Decompressor()
-            out, done, rest = brotli_obj.process(raw), brotli_obj.is_finished(), b""
+            out = brotli_obj.process(raw, output_buffer_limit=bound)
+            done, rest = brotli_obj.is_finished(), b""
         elif coding == "zstd":
             zstd_obj = zstd.ZstdDecompressor()
-            out = zstd_obj.decompress(raw)
+            out = zstd_obj.decompress(raw, max_length=bound)
             done, rest = zstd_obj.eof, zstd_obj.unused_data
         else:
-            out, zlib_obj = _inflate(raw, gzip="gzip" in coding)
+            out, zlib_obj = _inflate(raw, "gzip" in coding, bound)
             done, rest = zlib_obj.eof, zlib_obj.unused_data
     except (zlib.error, brotli.error, zstd.ZstdError) as exc:
         raise UndecodableBody(f"the body is not valid {coding} data ({exc})") from None
+    if len(out) > limit:
+        raise BodyTooLarge(f"the body decodes to more than {limit} bytes")
     if not done:
         raise UndecodableBody(f"the body's {coding} data is cut short")
     if rest:
