@@ -33,9 +33,10 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from mitmproxy import connection, ctx, exceptions, http
+from mitmproxy.proxy import layer
 from mitmproxy.websocket import WebSocketMessage
 
-from . import health, meter, recording
+from . import health, meter, recording, tunnels
 from .affinity import WriterPlacement
 from .authority import evaluate, facts_of
 from .budgets import claims_for
@@ -293,10 +294,10 @@ def _logged_path(flow: http.HTTPFlow, classification: Classification | None = No
     return recording.redact_path(path, action.match.path if action else None)
 
 
-async def _request_body(request: http.Request, limit: int) -> tuple[bytes, str | None, int]:
+async def _request_body(request: http.Request, limit: int) -> tuple[bytes, str | None, int | None]:
     """The body as its upstream decodes it, why it cannot be (then b""), and its decoded size:
     mitmproxy's own reading decodes any Python codec a client names, and falls back to the
-    raw bytes. Decoding stops past `limit` (the size is then limit + 1, the body b""): a few
+    raw bytes. Decoding stops past `limit` (the size is then None, the body b""): a few
     compressed bytes can decode to gigabytes. A compressed body is decoded off the event
     loop, since its size says nothing of how long that takes."""
     raw = request.raw_content or b""
@@ -307,7 +308,7 @@ async def _request_body(request: http.Request, limit: int) -> tuple[bytes, str |
         else:
             body = await asyncio.to_thread(decode_request, raw, coding, limit)
     except BodyTooLarge:
-        return b"", None, limit + 1
+        return b"", None, None
     except UndecodableBody as exc:
         return b"", str(exc), len(raw)
     return body, None, len(body)
@@ -648,6 +649,11 @@ class Drawdown:
             self.seconds["drawdown_drain"] = _seconds(
                 "drawdown_drain", ctx.options.drawdown_drain, zero=True
             )
+        if "rawtcp" in updated and ctx.options.rawtcp:
+            # mitmproxy would relay byte for byte a tunnel drawdown cannot read: every call
+            # inside would pass unseen (tunnels.py). `tcp_hosts`, set by hand, still relays.
+            log.info("drawdown: rawtcp is off: a tunnel that is neither TLS nor HTTP is refused")
+            ctx.options.update(rawtcp=False)
         if "stream_large_bodies" in updated and ctx.options.stream_large_bodies:
             # mitmproxy would send a large request upstream as it comes in, before the `request`
             # hook: undecided, unreserved. (Event streams are never buffered in any case.)
@@ -1126,6 +1132,10 @@ class Drawdown:
         if value and (credentials := _basic_credentials(value)):
             self.tunnel_credentials[flow.client_conn] = credentials
 
+    def next_layer(self, nextlayer: layer.NextLayer) -> None:
+        """A tunnel carries TLS or HTTP, or nothing (tunnels.py)."""
+        tunnels.decide(nextlayer)
+
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         if self._answer_probe(flow):
             return
@@ -1336,10 +1346,11 @@ class Drawdown:
         )
         # limits.max_request_bytes: refused before it is parsed for replay, tokenized or forwarded
         # (raw or decoded size: a small gzip bomb counts at its decoded size).
-        size = row.body_bytes = max(decoded_size, len(flow.request.raw_content or b""))
+        raw_size = len(flow.request.raw_content or b"")
+        # A body past the limit once decoded was not decoded further: its size is unknown.
+        size = row.body_bytes = max(limit + 1 if decoded_size is None else decoded_size, raw_size)
         if action is not None and size > limit:
-            # A body past the limit once decoded was not decoded further: its size is unknown.
-            told = f"is {size} bytes" if decoded_size <= limit else f"decodes to over {limit} bytes"
+            told = f"decodes to over {limit} bytes" if decoded_size is None else f"is {size} bytes"
             message = (
                 f"drawdown: the request body {told}, more than this proxy accepts "
                 f"(limits.max_request_bytes: {limit})"

@@ -292,8 +292,10 @@ async def _run_proxy(args: argparse.Namespace, host: str, port: int, sets: list[
     drawdown = Drawdown()
     master = DrawdownMaster(opts, tail=[drawdown, Announce()])
     # lazy: nothing is opened upstream before drawdown has decided on the request itself, so a
-    # denied call never so much as connects to its destination (override with --set).
-    opts.update(connection_strategy="lazy")
+    # denied call never so much as connects to its destination (override with --set). rawtcp:
+    # the addon turns it off in any case (Drawdown.configure says why); off from the start, it
+    # needs no word in the log.
+    opts.update(connection_strategy="lazy", rawtcp=False)
     # mitmproxy undoes a refused update by configuring the addons again with the options as
     # they were (no policy yet), and that second refusal would replace the real one: keep the first.
     refusals: list[Exception] = []

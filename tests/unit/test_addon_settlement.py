@@ -290,6 +290,15 @@ def test_a_request_mitmproxy_would_stream_is_decided_on_its_whole_body(tmp_path:
     assert "stream_large_bodies" in str(refused.value)
 
 
+def test_rawtcp_is_turned_off_whoever_sets_it() -> None:
+    """mitmproxy's rawtcp relays a tunnel it reads as neither TLS nor HTTP unread: the addon
+    turns it off, under `drawdown run` and plain mitmdump alike (tests/e2e/test_tunnels_e2e.py)."""
+    addon = Drawdown()
+    with taddons.context(addon, Proxyserver()) as tctx:
+        tctx.configure(addon, rawtcp=True)
+        assert tctx.options.rawtcp is False
+
+
 def test_the_policy_watcher_outlives_a_folder_it_cannot_read_for_a_moment(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
