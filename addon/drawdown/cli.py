@@ -556,11 +556,20 @@ def cmd_explain(args: argparse.Namespace) -> int:
             json.loads(args.json)
         except ValueError as exc:
             raise UsageError(f"--json is not valid JSON: {exc}") from None
+    kinds = [name for name, given in (("--json", args.json is not None),
+             ("--data", args.data is not None), ("--form/--file", args.form or args.file)) if given]  # fmt: skip
+    if len(kinds) > 1:
+        many = "two" if len(kinds) == 2 else "three"
+        raise UsageError(
+            f"{', '.join(kinds[:-1])} and {kinds[-1]} are {many} kinds of body: give one"
+        )
     if args.form or args.file:
-        if args.json is not None:
-            raise UsageError("--json and --form/--file are two kinds of body: give one")
         content_type, body = _multipart_body(args.form or [], args.file or [])
         headers.append(("Content-Type", content_type))
+    if args.data is not None:  # as curl -d: form-encoded, unless a --header says otherwise
+        body = args.data.encode()
+        if not any(name.lower() == "content-type" for name, _ in headers):
+            headers.append(("Content-Type", "application/x-www-form-urlencoded"))
     from .ledger.api import LedgerError
 
     try:
@@ -572,6 +581,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
             body=body,
             proxy_user=args.proxy_user,
             proxy_password=args.proxy_password,
+            proxyauth=args.proxyauth,
             client_ip=args.client_ip,
             db=args.db,
         )
@@ -979,9 +989,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     explain.add_argument("--policy", required=True)
     explain.add_argument("--url", required=True)
-    explain.add_argument("--method", default=None, help="default: POST with --json, else GET")
-    explain.add_argument("--header", action="append", metavar="NAME:VALUE")
+    explain.add_argument(
+        "--method",
+        default=None,
+        help="default: POST with a body (--json, --data, --form), else GET",
+    )
+    explain.add_argument(
+        "--header",
+        action="append",
+        metavar="NAME:VALUE",
+        help="a request header; one given twice is read as the proxy reads it: 'first, second'",
+    )
     explain.add_argument("--json", metavar="BODY", help="request body (JSON)")
+    explain.add_argument(
+        "--data",
+        metavar="BODY",
+        help="a form-encoded request body, as curl -d (Stripe's API: amount=9000&currency=usd)",
+    )
     explain.add_argument(
         "--form",
         action="append",
@@ -1000,6 +1024,14 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument(
         "--proxy-password",
         help="as if the agent sent this proxy password (`drawdown env --run`: the run)",
+    )
+    explain.add_argument(
+        "--proxyauth",
+        nargs="?",
+        const="credentials",
+        choices=("credentials", "any"),
+        help="as if the proxy ran with proxyauth (credentials, the default, or any): the proxy "
+        "user is then the agent; the credentials are assumed valid, none is a 407",
     )
     explain.add_argument(
         "--client-ip", help="as if the request came from this address (identity source client_ip)"

@@ -13,7 +13,7 @@ from . import meter
 from .authority import evaluate
 from .budgets import claims_for
 from .classify import RequestView, addressed, classify, first_values, normalize_path
-from .identity import Caller, IdleRuns, identify
+from .identity import Caller, IdleRuns, header_map, identify, identity_headers
 from .ledger.api import (
     Amount,
     Claim,
@@ -25,18 +25,32 @@ from .ledger.api import (
     failed_attempt,
 )
 from .ledger.plan import Counts
-from .meter.decode import request_coding_problem
+from .meter.decode import REQUEST_CODINGS, request_coding_problem
 from .money import format_usd
 from .policy import Policy
 from .recording import redact, redact_path
 from .respond import STATUS
 
 
-class _Headers(dict):
-    """Case-insensitive enough for explain: keys are stored lower-case."""
+def as_the_proxy_reads(headers: list[tuple[str, str]]) -> tuple[dict[str, str], Any]:
+    """(the headers identity reads, the headers classification and authority read), from the
+    request's header fields, as the proxy has them (Drawdown.requestheaders): each name given
+    twice folded to "a, b" as mitmproxy's Headers.get folds it; identity reads every header,
+    the rest of the proxy reads the request once the identity headers (X-Drawdown-*) and
+    Proxy-Authorization are stripped."""
+    from mitmproxy.http import Headers
 
-    def get(self, key: str, default: Any = None) -> Any:  # type: ignore[override]
-        return super().get(key.lower(), default)
+    fields = [
+        (name.encode("utf-8", "surrogateescape"), value.encode("utf-8", "surrogateescape"))
+        for name, value in headers
+    ]
+    caller = header_map(fields)
+    seen = Headers(fields)
+    for name in identity_headers(list(caller)):
+        del seen[name]
+    if "proxy-authorization" in caller:
+        del seen["proxy-authorization"]
+    return caller, seen
 
 
 @dataclass
@@ -74,9 +88,12 @@ def explain(
     body: bytes,
     proxy_user: str | None = None,
     proxy_password: str | None = None,
+    proxyauth: str | None = None,
     client_ip: str | None = None,
     db: str | None = None,
 ) -> Explanation:
+    """`proxyauth`: as the proxy's option of that name (`--set proxyauth=…`), of which only
+    whether it is set and whether it is `any` matter: the credentials are not checked."""
     out = Explanation()
     parts = urlsplit(url if "://" in url else f"https://{url}")
     port = parts.port or (443 if parts.scheme == "https" else 80)
@@ -86,7 +103,14 @@ def explain(
         parts.hostname or "", port, [("Host header", v) for k, v in headers if k.lower() == "host"]
     )
     method = (method or ("POST" if body else "GET")).upper()
-    header_map = _Headers({k.lower(): v for k, v in headers})
+    caller_headers, seen_headers = as_the_proxy_reads(headers)
+    # The body is given decoded. The proxy reads a body it cannot decode as none, and stops
+    # decoding a compressed one past limits.max_request_bytes (meter.decode.decode_request).
+    limit = policy.limits.max_request_bytes
+    coding = seen_headers.get("content-encoding")
+    undecodable = request_coding_problem(coding)
+    compressed = (coding or "").strip().lower() in REQUEST_CODINGS
+    read = b"" if undecodable is not None or (compressed and len(body) > limit) else body
     # As the proxy reads a query: each name's first value, the names given twice noted.
     query, query_repeats = first_values(parse_qsl(parts.query, keep_blank_values=True))
     view = RequestView(
@@ -98,15 +122,45 @@ def explain(
         host_error=host_error,
         path=normalize_path(parts.path or "/"),
         query=query,
-        headers=header_map,
-        body=body,
+        headers=seen_headers,
+        body=read,
         query_repeats=query_repeats,
-        # The body is given decoded; a coding the proxy would not decode refuses it all the same.
-        undecodable=request_coding_problem(header_map.get("content-encoding")),
+        # A coding the proxy would not decode refuses the body all the same.
+        undecodable=undecodable,
     )
     now = time.time()
+    if proxy_user is None and proxy_password is None:
+        # As the proxy, on a request sent to it in the clear: the credentials in its header.
+        from .addon import _basic_credentials
+
+        value = caller_headers.get("proxy-authorization")
+        proxy_user, proxy_password = (value and _basic_credentials(value)) or (None, None)
+    authenticated = None
+    if proxyauth:
+        # mitmproxy's ProxyAuth answers a request without credentials before drawdown sees it.
+        if proxy_user is None and proxy_password is None:
+            out.add(
+                "proxyauth",
+                "no proxy credentials (--proxy-user): the proxy asks for them, whatever the "
+                "policy or its mode says",
+            )
+            out.decision = "deny"
+            out.reason = "proxy_auth_required (407)"
+            return out
+        out.add(
+            "proxyauth",
+            "the proxy checks these credentials (wrong ones get 407); explain assumes they pass"
+            + ("" if proxyauth == "any" else ", and the password is a secret, never a run id"),
+        )
+        authenticated = proxy_user or ""
+        if proxyauth != "any":
+            proxy_password = None  # as Drawdown.requestheaders: never a run id in the ledger
     caller = Caller(
-        header_map, proxy_user=proxy_user, proxy_password=proxy_password, client_ip=client_ip
+        caller_headers,
+        proxy_user=proxy_user,
+        proxy_password=proxy_password,
+        client_ip=client_ip,
+        authenticated_user=authenticated,
     )
     identity = identify(policy.identity, caller, None if db else IdleRuns(), now)
     if identity.pending_idle is not None:
@@ -135,6 +189,18 @@ def explain(
 
     classification = classify(policy, view)
     action = classification.action
+    if action is not None and len(body) > limit:
+        # As the proxy: refused before anything else is read (a host, a path, the body).
+        told = f"decodes to over {limit} bytes" if compressed else f"is {len(body)} bytes"
+        out.add(
+            "body",
+            f"the request body {told}, more than this proxy accepts "
+            f"(limits.max_request_bytes: {limit})",
+        )
+        out.data["action"] = classification.kind
+        out.decision = "would_deny" if policy.mode == "shadow" else "deny"
+        out.reason = f"body_too_large ({STATUS['body_too_large']})"
+        return out
     if (error := classification.host_error or classification.path_error) is not None:
         out.add("host" if classification.host_error else "path", error)
         out.decision = "would_deny" if policy.mode == "shadow" else "deny"
@@ -176,7 +242,8 @@ def explain(
         out.reason = "bad_request (400)"
         return out
 
-    estimate = Amount(usd=action.cost_usd_nanos or 0, requests=1)
+    # As the proxy: a JSON-RPC batch takes one request for each of its calls.
+    estimate = Amount(usd=action.cost_usd_nanos or 0, requests=max(1, len(classification.kinds)))
     free = False
     if action.is_llm:
         try:
@@ -185,7 +252,7 @@ def explain(
                 method,
                 view.path,
                 view.query,
-                body,
+                view.body,
                 policy.meter,
                 action.price,
                 origin=meter.origin(view.scheme, host, port),  # priced as the proxy prices it

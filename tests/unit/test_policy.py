@@ -892,6 +892,38 @@ authority:
     ]
 
 
+def test_a_condition_on_an_identity_header_is_refused_where_a_policy_names_one(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The proxy strips X-Drawdown-* headers before actions and rules read them: a condition on
+    one never held live (every crm.read refused), and `check` accepted it. An identity source
+    reading one stays valid: identity reads the headers before they are stripped."""
+    from drawdown.cli import main
+
+    found = problems(
+        tmp_path,
+        """identity:
+  agent: [{header: X-Drawdown-Agent}]
+actions:
+  - {kind: crm.read, match: {host: crm.example.com, header: {X-Drawdown-Tier: gold}}}
+  - {kind: crm.write, match: {host: crm.example.com}}
+authority:
+  rules:
+    - {name: tier, scope: "*", action: crm.read, when: {header: {X-Drawdown-Tier: {eq: gold}}}}
+    - {scope: "*", action: crm.read, when: {"header.x-drawdown-run": "r1"}}
+    - {scope: "*", action: crm.write, requires: [{action: crm.read, same: header.X-Drawdown-Run}]}
+    - {scope: "*", action: crm.write, when: {header: {X-Drawdowns: "1"}}}
+""",
+    )
+    f = str(tmp_path / "policy.yaml")
+    never = "an identity header, which the proxy removes before any action or rule reads it"
+    assert [p.split(": ", 1)[0] for p in found] == [f"{f}:4", f"{f}:8", f"{f}:9", f"{f}:10"]
+    assert all(never in p for p in found), found
+    assert "'X-Drawdown-Tier' is" in found[0] and "'x-drawdown-run' is" in found[2]
+    assert main(["check", f]) == 1  # as `check` prints them: FILE:LINE: message
+    assert capsys.readouterr().out.splitlines() == found
+
+
 def test_methods_and_ipv6_hosts_that_do_match_are_accepted(tmp_path: Path) -> None:
     from drawdown.policy.match import compile_host
 

@@ -703,6 +703,21 @@ def _method_problem(text: str) -> str | None:
     )
 
 
+def stripped_header(name: str) -> bool:
+    """Whether the proxy removes a header named so before any action or rule reads it: the
+    identity headers it strips (identity.identity_headers). A condition on one never holds."""
+    from ..identity import identity_headers  # not at import time: identity imports this package
+
+    return bool(identity_headers([name]))
+
+
+def _stripped(name: str) -> str:
+    return (
+        f"'{_clip(name)}' is an identity header, which the proxy removes before any action or "
+        "rule reads it: a condition on it never holds (send the value in another header)"
+    )
+
+
 def conditions_of(check: _Checker, conditions: LMap, prefix: str) -> list[FieldTest] | None:
     """`{amount: {gt: 5}, "metadata.tier": gold}` under `json`/`query`/`header` (or top-level fields)."""
     tests: list[FieldTest] = []
@@ -719,6 +734,10 @@ def conditions_of(check: _Checker, conditions: LMap, prefix: str) -> list[FieldT
         field = f"{prefix}.{name.lower() if prefix == 'header' else name}" if prefix else name
         if prefix == "header" and not _HEADER.match(name):
             check.error(conditions, name, f"'{_clip(name)}' is not a valid header name")
+            ok = False
+            continue
+        if prefix == "header" and stripped_header(name):
+            check.error(conditions, name, _stripped(name))
             ok = False
             continue
         try:
@@ -917,6 +936,10 @@ def _when(check: _Checker, conditions: LMap) -> list[FieldTest] | None:
                 check.error(conditions, key, f"'{_clip(key)}' does not name a valid header")
                 ok = False
                 continue
+            if key.startswith("header.") and stripped_header(key.removeprefix("header.")):
+                check.error(conditions, key, _stripped(key.removeprefix("header.")))
+                ok = False
+                continue
             try:
                 found = [FieldTest(key, compile_condition(spec), line_of(conditions, key))]
             except ValueError as exc:
@@ -972,6 +995,9 @@ def _requirement(check: _Checker, items: LList, index: int) -> Requirement | Non
                     "same",
                     f"'{field}' is not a request field (json.…, query.…, header.…, path.… or model)",
                 )
+                return None
+            if field.startswith("header.") and stripped_header(field.removeprefix("header.")):
+                check.error(item, "same", _stripped(field.removeprefix("header.")))
                 return None
     return Requirement(tuple(actions), here, there)
 
