@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import math
+import struct
+import zlib
 from decimal import Decimal
 
 import genai_prices
@@ -14,6 +17,7 @@ from drawdown.meter import (
     TokenUsage,
     charging,
     count_tokens,
+    images,
     inspect_request,
     measure_body,
     open_stream_meter,
@@ -635,3 +639,284 @@ def test_cancelling_or_updating_a_stored_object_is_free(provider, path):
     r = inspect_request(provider, "POST", path, {}, b'{"metadata": {"k": "v"}}', CONFIG)
     assert (r.billable, r.step) == (False, False)
     assert not unread_request(provider, "POST", path).step
+
+
+# --- inline media: PDF pages, audio and video durations -----------------------------------
+
+
+def _b64(raw: bytes) -> str:
+    return base64.b64encode(raw).decode()
+
+
+def _added_input(provider: str, path: str, body: dict, media: dict, key: str) -> int:
+    """The input tokens `media` adds to a request whose first message's parts are `key`."""
+    counts = []
+    for parts in ([media, {"type": "text", "text": "x"}], [{"type": "text", "text": "x"}]):
+        message = (
+            {"parts": [p if "type" not in p else {"text": "x"} for p in parts]}
+            if provider == "gemini"
+            else {"role": "user", "content": parts}
+        )
+        raw = _json({**body, key: [message]})
+        counts.append(inspect_request(provider, "POST", path, {}, raw, CONFIG).input_tokens)
+    return counts[0] - counts[1]
+
+
+def _objstm(number: int, objects: dict[int, bytes], keep: int | None = None) -> bytes:
+    """A FlateDecode object stream (PDF 1.5+) holding `objects`, as pdfTeX, Chrome or qpdf
+    write page objects; `keep`: only that many bytes of its compressed data (cut short)."""
+    offsets, body = [], b""
+    for n, obj in objects.items():
+        offsets.append(b"%d %d" % (n, len(body)))
+        body += obj + b"\n"
+    first = b" ".join(offsets) + b"\n"
+    data = zlib.compress(first + body)[:keep]
+    head = b"<< /Type /ObjStm /N %d /First %d /Length %d /Filter /FlateDecode >>"
+    head %= (len(objects), len(first), len(data))
+    return b"%d 0 obj\n%s\nstream\n%s\nendstream\nendobj\n" % (number, head, data)
+
+
+def _page_tree(pages: int, first: int = 3) -> dict[int, bytes]:
+    """A catalog, the page tree's root (in qpdf's key order: /Count before /Type, inherited
+    resources between) and its pages, as objects 1, 2 and `first`..."""
+    ids = range(first, first + pages)
+    kids = b" ".join(b"%d 0 R" % n for n in ids)
+    root = b"<< /Count %d /Kids [%s] /Resources << /Font << /F1 9 0 R >> >> /Type /Pages >>"
+    tree = {1: b"<< /Pages 2 0 R /Type /Catalog >>", 2: root % (pages, kids)}
+    page = b"<< /Contents %d 0 R /MediaBox [0 0 612 792] /Parent 2 0 R /Type /Page >>"
+    tree.update({n: page % (1000 + n % 3) for n in ids})
+    return tree
+
+
+def _pdf(*objects: bytes, version: bytes = b"1.5") -> bytes:
+    """A PDF of `objects` after three compressed content streams (what its pages draw)."""
+    out = b"%PDF-" + version + b"\n%\xe2\xe3\xcf\xd3\n"
+    for n in range(3):
+        text = zlib.compress(b"BT /F1 10 Tf 40 700 Td (page %d) Tj ET" % n)
+        out += b"%d 0 obj\n<< /Length %d /Filter /FlateDecode >>\nstream\n" % (1000 + n, len(text))
+        out += text + b"\nendstream\nendobj\n"
+    return out + b"".join(objects) + b"startxref\n0\n%%EOF\n"
+
+
+def _plain(objects: dict[int, bytes]) -> bytes:
+    return b"".join(b"%d 0 obj\n%s\nendobj\n" % (n, obj) for n, obj in objects.items())
+
+
+def _pdf_tokens(raw: bytes, provider: str = "anthropic") -> int:
+    return images.media_tokens(provider, "application/pdf", _b64(raw), [])
+
+
+def test_a_pdf_keeping_its_pages_in_object_streams_is_reserved_for_every_page():
+    """PDF 1.5+ writers put page objects, and the page tree, in compressed object streams:
+    no `/Type /Page` is in the file's bytes. 30 pages were counted as one (~50 kB a page)."""
+    pdf = _pdf(_objstm(900, _page_tree(30)))
+    assert b"/Type /Page" not in pdf
+    assert images.pdf_pages(pdf) == 30
+    assert _pdf_tokens(pdf) == 30 * 3000
+    assert _pdf_tokens(pdf, "gemini") == 30 * 560
+    doc = {"type": "document", "source": {"type": "base64", "media_type": "application/pdf"}}
+    doc["source"]["data"] = _b64(pdf)
+    body = {"model": "claude-sonnet-4-5", "max_tokens": 10}
+    assert _added_input("anthropic", "/v1/messages", body, doc, "messages") == 30 * 3000
+    # A page tree of nodes over three streams, its leaves not all read: the root's /Count is
+    # the total, the nodes' smaller counts do not lower it.
+    nodes = {
+        10 + i: b"<< /Type /Pages /Parent 2 0 R /Count 10 /Kids [%s] >>"
+        % b" ".join(b"%d 0 R" % (100 + 10 * i + j) for j in range(10))
+        for i in range(12)
+    }
+    root = b"<< /Type /Pages /Kids [%s] /Count 120 >>" % b" ".join(b"%d 0 R" % n for n in nodes)
+    leaves = {n: b"<< /Type /Page /Parent %d 0 R >>" % (10 + (n - 100) // 10) for n in range(150)}
+    tree = _pdf(_objstm(900, {2: root}), _objstm(901, nodes), _objstm(902, leaves))
+    assert images.pdf_pages(tree) == 150  # 150 page objects seen: more than the tree says
+
+
+def test_plain_page_objects_count_and_so_do_an_updates_object_streams():
+    """An uncompressed file (PDF 1.4) has its page objects in plain sight; an incremental
+    update by a PDF 1.5 writer may add pages in an object stream with a new page tree."""
+    plain = _pdf(_plain(_page_tree(5)), version=b"1.4")
+    assert images.pdf_pages(plain) == 5
+    assert _pdf_tokens(plain, "openai") == 5 * 1600
+    tree = _page_tree(9)
+    update = _objstm(900, {2: tree[2]} | {n: tree[n] for n in range(8, 12)})
+    assert images.pdf_pages(plain + update) == 9  # was 5: the new pages were not seen
+    # A plain page tree's /Count with its page objects in a stream the meter cannot read
+    # (another filter): the tree's count, not the ~50 kB a page rule.
+    hidden = _objstm(900, {n: tree[n] for n in range(3, 12)}).replace(b"Flate", b"LZW")
+    assert images.pdf_pages(_pdf(_plain({2: tree[2]}), hidden)) == 9
+
+
+class _CountingInflate:
+    """zlib.decompressobj, counting the streams opened and the bytes they give."""
+
+    made = 0
+    inflated = 0
+
+    def __init__(self, *args):
+        type(self).made += 1
+        self.inner = _REAL_DECOMPRESSOBJ(*args)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def decompress(self, data, max_length=0):
+        out = self.inner.decompress(data, max_length)
+        type(self).inflated += len(out)
+        return out
+
+
+_REAL_DECOMPRESSOBJ = zlib.decompressobj
+
+
+def test_a_hostile_pdf_is_counted_within_bounds(monkeypatch):
+    tree = _page_tree(30)
+    # An object stream cut short (the upload truncated) or corrupt after 20 pages (its deflate
+    # data flushed there, an invalid block next): the pages that inflate are counted.
+    pages = [tree[n] for n in range(3, 33)]
+    squeeze = zlib.compressobj()
+    data = b"".join(squeeze.compress(page + b"\n") for page in pages[:20])
+    data += squeeze.flush(zlib.Z_SYNC_FLUSH)
+    head = b"900 0 obj\n<< /Type /ObjStm /N 30 /First 0 /Filter /FlateDecode >>\nstream\n"
+    assert images.pdf_pages(b"%PDF-1.5\n" + head + data) == 20
+    assert images.pdf_pages(_pdf(head + data + b"\x07" + bytes(100) + b"\nendstream\n")) == 20
+    # Cut after the page tree's root, which comes first: its /Count.
+    squeeze = zlib.compressobj()
+    data = squeeze.compress(tree[2] + b"\n" + pages[0]) + squeeze.flush(zlib.Z_SYNC_FLUSH)
+    assert images.pdf_pages(b"%PDF-1.5\n" + head + data) == 30
+    # An absurd /Count is held to the most pages any provider bills, not taken as is.
+    for count in (b"1000000000000", b"9" * 5000):
+        bogus = _pdf(b"2 0 obj\n<< /Type /Pages /Kids [] /Count %s >>\nendobj\n" % count)
+        assert images.pdf_pages(bogus) == images.MAX_PDF_PAGES == 4000
+    # An indirect /Count (`7 0 R`) and an outline's /Count are not page counts.
+    odd = _pdf(b"<< /Type /Pages /Count 7 0 R >> << /Type /Outlines /Count 400 >>")
+    assert images.pdf_pages(odd) == 1
+    # A zlib bomb in an object stream (64 MiB of zeros in 64 kB) beside the real one: the
+    # real one read, the bomb inflated only to the bound.
+    squeeze = zlib.compressobj(9)
+    bomb = squeeze.compress(bytes(64 << 20)) + squeeze.flush()
+    bomb = b"901 0 obj\n<< /Type /ObjStm /N 1 /First 4 /Filter /FlateDecode >>\nstream\n" + bomb
+    monkeypatch.setattr(images.zlib, "decompressobj", _CountingInflate)
+    assert images.pdf_pages(_pdf(_objstm(900, tree), bomb)) == 30
+    assert 4 << 20 >= _CountingInflate.inflated > 1 << 20
+    # Thousands of streams that are not zlib, and a /Type /ObjStm without a stream: a bounded
+    # number tried, none counted.
+    junk = _pdf(b"<< /Type /ObjStm >>\nstream\nnot zlib\nendstream\n" * 3000, b"/Type /ObjStm")
+    _CountingInflate.made = 0
+    assert images.pdf_pages(junk) == len(junk) // 50_000 == 2  # the size rule
+    assert 0 < _CountingInflate.made <= 256
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.binary(max_size=200), st.integers(min_value=0, max_value=3000))
+def test_a_pdf_with_noise_spliced_in_never_raises(noise, at):
+    """Noise in a file with object streams, the file cut, or noise alone: a count of pages."""
+    pdf = _pdf(_objstm(900, _page_tree(12)))
+    for raw in (noise, pdf[:at] + noise + pdf[at:], pdf[:at]):
+        assert 1 <= images.pdf_pages(raw) <= images.MAX_PDF_PAGES
+        assert _pdf_tokens(raw) >= 3000
+
+
+# Low-bitrate audio as speech is sent, each ten seconds long: at the old guess (128 kbit/s)
+# these sizes read as 2 or 3 seconds.
+
+
+def _wav(byte_rate: int, seconds: int) -> bytes:
+    """A WAV whose `fmt ` chunk states `byte_rate` (IMA ADPCM at 8 kHz: ~4 kB a second)."""
+    fmt = struct.pack("<HHIIHH", 0x11, 1, 8000, byte_rate, 256, 4) + b"\x02\x00\xf9\x01"
+    data = bytes(byte_rate * seconds)
+    body = b"WAVE" + b"fmt " + struct.pack("<I", len(fmt)) + fmt
+    body += b"data" + struct.pack("<I", len(data)) + data
+    return b"RIFF" + struct.pack("<I", len(body)) + body
+
+
+def _ogg_opus(kbps: int, seconds: int) -> bytes:
+    """An Ogg Opus file: its first page's OpusHead, its last page's granule (48 kHz)."""
+    head = b"OpusHead\x01\x01\x38\x01" + struct.pack("<I", 16_000) + bytes(3)
+    first = b"OggS\x00\x02" + bytes(20) + b"\x01" + bytes([len(head)]) + head
+    last = b"OggS\x00\x04" + struct.pack("<q", 48_000 * seconds) + bytes(12) + b"\x01\x10"
+    return first + bytes(kbps * 125 * seconds) + last + bytes(16)
+
+
+def _mp3(seconds: int) -> bytes:
+    """A CBR MP3 without a Xing header (its frames are walked): MPEG-1 Layer III, 32 kbit/s,
+    32 kHz, mono: 144-byte frames of 1152 samples (36 ms)."""
+    frame = bytes([0xFF, 0xFB, 0x18, 0xC4]) + bytes(140)
+    return frame * int(seconds / 0.036)
+
+
+def _mp4(seconds: int, media: int, brand: bytes = b"isom", moov_last: bool = False) -> bytes:
+    """An MP4 (M4A, MOV alike): `media` bytes in mdat, the duration in moov's mvhd."""
+    mvhd = b"\x00" + bytes(3) + bytes(8) + struct.pack(">II", 1000, 1000 * seconds) + bytes(80)
+    moov = struct.pack(">I", 16 + len(mvhd)) + b"moov" + struct.pack(">I", 8 + len(mvhd))
+    moov += b"mvhd" + mvhd
+    mdat = struct.pack(">I", 8 + media) + b"mdat" + bytes(media)
+    ftyp = struct.pack(">I", 16) + b"ftyp" + brand + bytes(4)
+    return ftyp + (mdat + moov if moov_last else moov + mdat)
+
+
+def _ebml(ident: int, body: bytes) -> bytes:
+    size = b"\x01" + len(body).to_bytes(7, "big")  # an 8-byte size
+    return ident.to_bytes((ident.bit_length() + 7) // 8, "big") + size + body
+
+
+def _webm(media: int, milliseconds: float | None) -> bytes:
+    """A WebM: its Segment Info's Duration (none: a browser's recording), then the media."""
+    info = b"" if milliseconds is None else _ebml(0x4489, struct.pack(">d", milliseconds))
+    segment = (_ebml(0x1549A966, info) if info else b"") + _ebml(0x1F43B675, bytes(media))
+    return _ebml(0x1A45DFA3, _ebml(0x4282, b"webm")) + _ebml(0x18538067, segment)
+
+
+@pytest.mark.parametrize(
+    ("mime", "audio"),
+    [
+        ("audio/wav", _wav(4055, 10)),  # 32 kbit/s ADPCM
+        ("audio/ogg", _ogg_opus(16, 10)),  # 16 kbit/s Opus
+        ("audio/mpeg", _mp3(10)),  # 32 kbit/s MP3
+        ("audio/mp4", _mp4(10, 30_000, b"M4A ")),  # 24 kbit/s HE-AAC
+        ("audio/webm", _webm(20_000, 10_000.0)),  # 16 kbit/s Opus in WebM
+    ],
+)
+def test_low_bitrate_audio_is_reserved_for_how_long_it_plays(mime, audio):
+    """Inline audio was guessed at 128 kbit/s: ten seconds of 16 kbit/s speech read as two."""
+    assert images.media_tokens("gemini", mime, _b64(audio), []) == 10 * 32
+    assert images.media_tokens("openai", mime, _b64(audio), []) == 10 * 10
+
+
+def test_audio_whose_duration_is_unknown_is_bounded_at_8_kbit_s():
+    """A browser's WebM recording (no Duration), an unknown format, bytes that are not
+    base64: the size at 1 kB a second, which no speech codec goes below, not 16 kB."""
+    for raw in (_webm(19_950, None), bytes(20_000)):
+        seconds = math.ceil(len(raw) / 1000)
+        assert seconds == 20
+        assert images.media_tokens("gemini", "audio/webm", _b64(raw), []) == seconds * 32
+    assert images.media_tokens("gemini", "audio/wav", "!" * 20_000, []) == 15 * 32
+
+
+def test_inline_audio_in_a_chat_request_is_reserved_for_its_duration():
+    audio = {"type": "input_audio", "input_audio": {"data": _b64(_mp3(10)), "format": "mp3"}}
+    body = {"model": "gpt-4o-audio-preview"}
+    assert _added_input("openai", "/v1/chat/completions", body, audio, "messages") == 10 * 10
+
+
+@pytest.mark.parametrize(
+    "video",
+    [
+        _mp4(8, 250_000),  # 250 kbit/s: the old guess (1 Mbit/s) read 3 s
+        _mp4(8, 250_000, b"qt  ", moov_last=True),  # a camera's MOV: moov after the media
+        _webm(100_000, 8000.0),  # 100 kbit/s VP9
+    ],
+)
+def test_video_is_reserved_for_how_long_it_plays(video):
+    assert images.media_tokens("gemini", "video/mp4", _b64(video), []) == 8 * 263
+    part = {"inlineData": {"mimeType": "video/mp4", "data": _b64(video)}}
+    path = "/v1beta/models/gemini-2.5-flash:generateContent"
+    assert _added_input("gemini", path, {}, part, "contents") == 8 * 263
+
+
+def test_video_whose_duration_is_unknown_is_bounded_at_100_kbit_s():
+    """No duration in the container (a recording without one, a format not read): its size
+    at 100 kbit/s, below what real video is encoded at, not 1 Mbit/s."""
+    for raw in (_webm(124_950, None), bytes(125_000)):
+        seconds = math.ceil(len(raw) / 12_500)
+        assert seconds == 10
+        assert images.media_tokens("gemini", "video/webm", _b64(raw), []) == seconds * 263

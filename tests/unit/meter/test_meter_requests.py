@@ -191,7 +191,8 @@ def test_pdf_and_audio_rough_rules():
         "/v1/chat/completions",
         {"model": "gpt-4o-audio-preview", "messages": [{"role": "user", "content": []}]},
     )
-    assert a.input_tokens - b.input_tokens == 2 * 10  # ~2 s at 16 kB/s, 10 tokens/s
+    # No container read: bounded at 1 kB/s (8 kbit/s, below any speech codec), 10 tokens/s.
+    assert a.input_tokens - b.input_tokens == 32 * 10
 
 
 # --- OpenAI ------------------------------------------------------------------------------
