@@ -75,7 +75,7 @@ from .policy import Policy, PolicyInvalid, load_policy, policy_fingerprint
 from .policy.match import dig, glob_regex, missing
 from .policy.model import hostless_action
 from .policy.source import Problem
-from .realtime import RealtimeSession, error_event, named, parse_event
+from .realtime import RealtimeSession, UnreadableEvent, error_event, named, parse_event
 from .respond import denial
 
 log = logging.getLogger("drawdown")
@@ -2197,10 +2197,17 @@ class Drawdown:
         content = message.content
         # The agent's events are read whatever their spelling; the server's as it writes them.
         parse = functools.partial(parse_event, escaped=message.from_client)
-        if len(content) > INLINE_TOKENIZE_BYTES:  # a big event is parsed off the event loop
-            event = await asyncio.to_thread(parse, content, markers)
-        else:
-            event = parse(content, markers)
+        try:
+            if len(content) > INLINE_TOKENIZE_BYTES:  # a big event is parsed off the event loop
+                event = await asyncio.to_thread(parse, content, markers)
+            else:
+                event = parse(content, markers)
+        except UnreadableEvent:
+            if message.from_client:  # it may spend, and would pass unheld: not forwarded
+                message.drop()
+                text = "drawdown: an event drawdown cannot read (a number too long, nesting too deep) is not forwarded"
+                self._tell_realtime_client(flow, session, {}, "bad_request", text)
+            return  # the server's: what it says is read as far as it can be, as any other
         if event is None:
             return
         try:

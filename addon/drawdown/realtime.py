@@ -44,6 +44,12 @@ class RealtimeSession:
         return (self.reported_model, self.model)
 
 
+class UnreadableEvent(ValueError):
+    """A message that may be an event, in JSON the server may read and drawdown cannot: an
+    integer past Python's digit limit, nesting past its recursion limit (other parsers go
+    further). Forwarded unread, a `response.create` so written would spend past every budget."""
+
+
 def parse_event(
     content: bytes, markers: tuple[bytes, ...], *, escaped: bool = False
 ) -> dict[str, Any] | None:
@@ -55,8 +61,10 @@ def parse_event(
         return None
     try:
         event = json.loads(content)
-    except (ValueError, RecursionError):  # the server refuses it too
+    except json.JSONDecodeError:  # not JSON: the server refuses it too
         return None
+    except (ValueError, RecursionError) as exc:
+        raise UnreadableEvent(str(exc)[:80]) from None
     if isinstance(event, dict) and isinstance(event.get("type"), str):
         return event
     return None

@@ -112,6 +112,7 @@ BAD_REQUESTS = [
     Bad("openai max_tokens a string", OPENAI, _json({"model": "gpt-4o-mini", "messages": HI, "max_tokens": "lots"}), says="max_tokens"),
     Bad("openai max_tokens past the ledger's integers", OPENAI, _json({"model": "gpt-4o-mini", "messages": HI, "max_tokens": 10**26}), says="past what one call may hold"),
     Bad("openai deeply nested", OPENAI, b'{"model": "gpt-4o-mini", "messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", status=413, reason="body_too_large"),
+    Bad("openai a number past Python's 4,300 digits", OPENAI, b'{"model": "gpt-4o-mini", "messages": [], "seed": ' + b"9" * 5000 + b"}", says="longer than 4300 digits"),
     Bad("openai nested within the limit", OPENAI, b'{"model": "gpt-4o-mini", "messages": [' + b"[" * 30_000 + b"]" * 30_000 + b"]}", says="nested too deeply"),
     Bad("openai too large", OPENAI, _json({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": BIG_PROMPT}]}), status=413, reason="body_too_large", says="max_request_bytes"),
     Bad(

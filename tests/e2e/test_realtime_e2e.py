@@ -176,6 +176,35 @@ def test_a_spent_budget_stops_the_next_response_and_refuses_the_next_session(
     assert len(upstream.paths) == 1
 
 
+def test_an_event_drawdown_cannot_read_is_not_forwarded(
+    drawdown_proxy: Factory, upstream: RealtimeStandIn, agent_env: Callable[..., None]
+) -> None:
+    """A response.create carrying a 5,000-digit number is valid JSON that servers read and
+    Python does not: forwarded unread, each such event spent past the spent budget (the
+    audit's run ended at $0.096 of $0.01). It is dropped, and the agent told."""
+    proxy = start(drawdown_proxy, upstream, policy('- {scope: "agent:*/run:*", usd: 0.01}'))
+    agent_env(proxy)
+    huge = "9" * 5000
+    unreadable = '{"type": "response.create", "response": {"metadata": {"n": %s}}}' % huge
+
+    async def session() -> list[Any]:
+        client = openai.AsyncOpenAI(api_key="sk-test-realtime")
+        async with client.realtime.connect(model="gpt-realtime") as connection:
+            await next_of(connection, "session.created")
+            await connection.response.create()
+            ends = [await next_of(connection, "response.done", "error")]
+            for _ in range(2):
+                await connection.send_raw(unreadable)
+                ends.append(await next_of(connection, "response.done", "error"))
+            return ends
+
+    ends = asyncio.run(session())
+    assert [end.type for end in ends] == ["response.done", "error", "error"]
+    assert {end.error.code for end in ends[1:]} == {"bad_request"}
+    assert "cannot read" in ends[1].error.message
+    assert len(upstream.events("response.create")) == 1
+
+
 def test_shadow_mode_records_would_deny_and_lets_every_response_through(
     drawdown_proxy: Factory, upstream: RealtimeStandIn, agent_env: Callable[..., None]
 ) -> None:

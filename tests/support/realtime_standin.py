@@ -150,7 +150,8 @@ class RealtimeStandIn:
         session["model"] = model
         await self._send(ws, "session.created", session=session)
         async for raw in ws:
-            event = json.loads(raw)
+            # Numbers read as Go, Node and Java read them: no digit limit (Python's is 4,300).
+            event = json.loads(raw, parse_int=lambda text: int(text) if len(text) < 4000 else 0)
             with self._lock:
                 self._events.append(event)
             if event.get("type") == "session.update":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
@@ -78,6 +79,10 @@ def parse_body(body: bytes) -> dict[str, Any]:
         ) from None
     except RecursionError:
         raise MeterRequestError("request body is nested too deeply") from None
+    except ValueError:  # valid JSON Python will not read: an integer past its digit limit
+        raise MeterRequestError(
+            f"request body holds a number longer than {sys.get_int_max_str_digits()} digits"
+        ) from None
     if not isinstance(obj, dict):
         raise MeterRequestError(f"request body must be a JSON object, not {kind(obj)}")
     return obj
