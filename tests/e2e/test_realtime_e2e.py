@@ -185,7 +185,7 @@ def test_an_event_drawdown_cannot_read_is_not_forwarded(
     proxy = start(drawdown_proxy, upstream, policy('- {scope: "agent:*/run:*", usd: 0.01}'))
     agent_env(proxy)
     huge = "9" * 5000
-    unreadable = '{"type": "response.create", "response": {"metadata": {"n": %s}}}' % huge
+    unreadable = '{"type": "response.create", "response": {"metadata": {"n": ' + huge + "}}}"
 
     async def session() -> list[Any]:
         client = openai.AsyncOpenAI(api_key="sk-test-realtime")
