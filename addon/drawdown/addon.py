@@ -529,10 +529,20 @@ async def _mcp_call_failed(state: FlowState, response: http.Response) -> bool:
         return not state.mcp_events.succeeded
     if not response.headers.get("content-type", "").startswith("application/json"):
         return False
-    content = response.get_content(strict=False) or b""
+    content = _answer(response)
     if len(content) > INLINE_TOKENIZE_BYTES:
         return await asyncio.to_thread(_failed_json_answer, content)
     return _failed_json_answer(content)
+
+
+def _answer(response: http.Response) -> bytes:
+    """An answer's body as its Content-Encoding decodes it, else as it came: mitmproxy hands
+    any coding it does not know to Python's codecs, where `rot13` or `hex` fail with errors
+    its non-strict reading does not catch (TypeError, LookupError)."""
+    try:
+        return response.get_content(strict=False) or b""
+    except Exception:
+        return response.raw_content or b""
 
 
 def _basic_credentials(value: str) -> tuple[str, str] | None:
@@ -1834,7 +1844,7 @@ class Drawdown:
             if measurement is None and state.stream_meter is not None:
                 _, measurement = state.stream_meter.finish()
             if measurement is None:
-                body = response.get_content(strict=False) or b""
+                body = _answer(response)
                 measure = functools.partial(
                     meter.measure_body,
                     state.llm,
@@ -1892,7 +1902,7 @@ class Drawdown:
         origin = meter.origin(view.scheme, view.host, view.port)
         # A download's answer is read by its measurement; a submission's or a status read's
         # is a small JSON object.
-        answer = b"" if llm.once_key is not None else response.get_content(strict=False) or b""
+        answer = b"" if llm.once_key is not None else _answer(response)
         progress = meter.batch_progress(llm, origin, answer, measurement)
         if progress is None:
             return None
@@ -1967,7 +1977,7 @@ class Drawdown:
             batch_file, counted = read_chunk()
         if batch_file is None:
             return None
-        answer = response.get_content(strict=False) or b""
+        answer = _answer(response)
         progress = meter.batch_file_uploaded(origin, batch_file, answer)
         file_id = meter.uploaded_file_id(answer)
         if progress is None or file_id is None:
@@ -1985,7 +1995,7 @@ class Drawdown:
     def _learn_batch_input(self, state: FlowState, response: http.Response) -> None:
         """An OpenAI batch input file uploaded: its estimate, by the id its answer names, for
         the batch that will name it."""
-        file_id = meter.uploaded_file_id(response.get_content(strict=False) or b"")
+        file_id = meter.uploaded_file_id(_answer(response))
         view = state.view
         if file_id is not None and view is not None and state.llm is not None:
             upstream = meter.origin(view.scheme, view.host, view.port)
@@ -1998,9 +2008,7 @@ class Drawdown:
             reported = response.headers.get(action.cost_header)
         if reported is None and action.cost_json:
             try:
-                reported = dig(
-                    json.loads(response.get_content(strict=False) or b"null"), action.cost_json
-                )
+                reported = dig(json.loads(_answer(response) or b"null"), action.cost_json)
             except (ValueError, RecursionError):  # RecursionError: nested too deeply to parse
                 reported = None
             if reported is missing():

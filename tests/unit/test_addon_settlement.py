@@ -130,6 +130,35 @@ def test_a_bug_while_settling_a_response_charges_the_estimate(
     assert notes(db) == ["internal error metering the response"]
 
 
+def test_an_answer_in_a_coding_no_server_uses_is_metered_as_it_came(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`Content-Encoding: rot13` on a plain JSON answer: mitmproxy's reading raised TypeError
+    inside Python's codecs, the settlement logged a traceback and charged the estimate. The
+    body is read as it came: its usage is charged, quietly."""
+    charged: list[tuple[int, int]] = []
+
+    async def steps(addon: Drawdown) -> None:
+        flow = await forwarded(addon, chat())
+        usage = (
+            b'{"model": "gpt-4o-mini", "usage": {"prompt_tokens": 1000, "completion_tokens": 0}}'
+        )
+        flow.response = tutils.tresp(
+            content=b"", headers=http.Headers([*JSON, (b"content-encoding", b"rot13")])
+        )
+        flow.response.raw_content = usage
+        await addon.response(flow)
+        charged.append((flow.metadata[STATE].estimate.usd, len(addon.inflight)))
+
+    db = drive(tmp_path, LLM, steps)
+    ((estimate, inflight),) = charged
+    ((state, actual, _),) = holds(db)
+    assert (state, inflight) == ("committed", 0)
+    assert 0 < actual < estimate  # 1,000 input tokens of gpt-4o-mini: $0.00015
+    assert actual == 150_000
+    assert "Traceback" not in caplog.text and "internal error" not in caplog.text
+
+
 def test_a_body_cut_after_2xx_headers_charges_the_estimate_not_nothing(tmp_path: Path) -> None:
     """A non-streamed call's 200 headers came (the provider has billed it), then the client
     went while mitmproxy buffered the body: mitmproxy calls `error`, which released the hold."""
