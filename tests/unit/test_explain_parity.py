@@ -377,3 +377,36 @@ def test_explain_takes_a_form_encoded_body_as_curl_d_sends_it(
     assert json.loads(capsys.readouterr().out)["reason"].startswith("bad_request (400)")
     assert main([*args, "--json", "{}"]) == 2
     assert "two kinds of body" in capsys.readouterr().err
+
+
+# --- a shadow policy blocks nothing, whatever a budget's own mode says ---------------------
+
+SHADOW_BUDGET = """
+mode: shadow
+identity:
+  agent: [{value: a}]
+  run: [{value: r}]
+actions:
+  - {kind: crm.read, match: {host: crm.example.com}, cost: {usd: 0.01}}
+budgets:
+  - {scope: "agent:*/run:*", requests: 1, mode: enforce}
+"""
+
+
+def test_a_shadow_policy_blocks_nothing_though_a_budget_says_enforce(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The budget's `mode: enforce` refused the second call (402) under a shadow policy and
+    under `--mode shadow`, while a rule so marked only recorded would_deny, and explain said
+    would_deny: shadow mode blocks nothing. `check` says the budget's mode has no effect."""
+    call = Call("https://crm.example.com/1", method="GET")
+    found = live(tmp_path, SHADOW_BUDGET, [call, call])
+    assert [f.status for f in found] == [200, 200]
+    with sqlite3.connect(tmp_path / "live.db") as conn:
+        rows = conn.execute("SELECT decision FROM decisions ORDER BY ts, id").fetchall()
+    assert rows == [("allow",), ("would_deny",)]
+    policy = tmp_path / "check.yaml"
+    policy.write_text(SHADOW_BUDGET)
+    assert main(["check", str(policy)]) == 0
+    out = capsys.readouterr()
+    assert f"{policy}:9: warning: mode: enforce on this budget has no effect" in out.out + out.err

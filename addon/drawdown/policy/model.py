@@ -311,4 +311,6 @@ class Policy:
         )
 
     def budget_mode(self, budget: Budget) -> str:
-        return budget.mode or self.mode
+        """A budget's own `mode: shadow` trials it under an enforced policy; a shadow policy
+        (or `--mode shadow`) blocks nothing, whatever a budget says, as it does for rules."""
+        return "shadow" if self.mode == "shadow" else budget.mode or self.mode

@@ -1303,7 +1303,10 @@ def compile_policy(
         limits=limits,
         files=tuple(file for file, _ in documents),
         digest=hashlib.sha256(b"\0".join(texts)).hexdigest(),
-        warnings=tuple(_warnings(unknown_hosts, unknown_hosts_from, actions)),
+        warnings=tuple(
+            _warnings(unknown_hosts, unknown_hosts_from, actions)
+            + _enforced_in_shadow(scalars.get("mode", ("enforce", ""))[0], budgets, rules)
+        ),
     )
 
 
@@ -1322,6 +1325,24 @@ def _warnings(unknown_hosts: str, where: str, actions: list[Action]) -> list[Pro
             )
         )
     return found
+
+
+def _enforced_in_shadow(mode: str, budgets: list[Budget], rules: list[Rule]) -> list[Problem]:
+    """`mode: enforce` on a budget or rule of a shadow policy: shadow mode blocks nothing."""
+    if mode != "shadow":
+        return []
+    return [
+        Problem(
+            item.file,
+            item.line,
+            f"warning: mode: enforce on this {kind} has no effect: the policy is in shadow "
+            "mode, which blocks nothing (set the policy's mode to enforce, and mode: shadow "
+            "on what is still on trial)",
+        )
+        for kind, items in (("budget", budgets), ("rule", rules))
+        for item in items
+        if item.mode == "enforce"
+    ]
 
 
 def covers(first: ActionMatch, later: ActionMatch) -> bool:
