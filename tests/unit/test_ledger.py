@@ -991,6 +991,33 @@ def guarded(
 
 
 @pytest.mark.parametrize(
+    ("per", "needed", "status"),
+    [(None, 1, 402), ("hour", 1, 429), ("hour", 2, 402)],  # 1 request per hour: 2 never fit
+    ids=["lifetime", "window", "above-the-window"],
+)
+def test_a_budget_denial_is_recorded_with_its_own_code_and_the_status_answered(
+    backend: LedgerBackend, ledger: Any, per: str | None, needed: int, status: int
+) -> None:
+    """A row a shadow rule had marked would_deny (not_authorized) kept that code when a budget
+    then refused it, so the report called the run `denied` and its budget queries missed the
+    denial; and a call above a window's whole limit, answered 402, was recorded 429."""
+    budget = [claim(requests=1, per=per)]
+    if needed == 1:  # the one request the budget takes, held
+        assert ledger.reserve(row(), budget, Amount(requests=1), NOW + 900).hold_id
+    shadowed = row(decision="would_deny")
+    shadowed.reason_code, shadowed.reason = "not_authorized", "a shadow rule"
+    outcome = ledger.reserve(shadowed, budget, Amount(requests=needed), NOW + 900)
+    assert outcome.decision == "deny"
+    assert (shadowed.decision, shadowed.reason_code, shadowed.status) == (
+        "deny", "budget_exhausted", status,
+    )  # fmt: skip
+    (stored,) = backend.dicts(
+        "SELECT reason_code, status FROM decisions WHERE request_id = ?", shadowed.request_id
+    )
+    assert (stored["reason_code"], stored["status"]) == ("budget_exhausted", status)
+
+
+@pytest.mark.parametrize(
     ("claims", "guards"),
     [
         ([claim(requests=0)], None),  # a budget denies: decision, reason, budget, status

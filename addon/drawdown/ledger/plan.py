@@ -748,10 +748,11 @@ class Plan:
         if shortfalls:
             shortfalls = deciding_first(shortfalls)
             row.decision = "deny"
-            row.reason_code = row.reason_code or "budget_exhausted"
+            # A shadow verdict's code (a would_deny rule) gives way: the budget refused it.
+            row.reason_code = "budget_exhausted"
             row.reason = shortfalls[0].describe()
             row.budget = shortfalls[0].claim.scope
-            row.status = 429 if shortfalls[0].claim.per else 402  # what the agent is answered
+            row.status = 429 if shortfalls[0].waits else 402  # what the agent is answered
             self.decision(row)
             return ReserveOutcome("deny", None, tuple(shortfalls), tuple(shadow_shortfalls))
         if shadow_shortfalls and row.decision == "allow":
