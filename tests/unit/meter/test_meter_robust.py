@@ -196,6 +196,27 @@ def test_json_without_usage_is_counted():
     )
 
 
+def test_usage_written_as_strings_of_digits_is_charged_as_numbers():
+    """An OpenAI-compatible gateway writing `"prompt_tokens": "1000"`: the call was committed
+    from its usage at $0. Digits are read as the number they write; other text stays 0."""
+    request = inspect_request(
+        "openai", "POST", "/v1/chat/completions", {},
+        CHAT_BODY.replace(b'"stream":true,', b""), CONFIG,
+    )  # fmt: skip
+
+    def charged(prompt: object, completion: object) -> tuple[str, TokenUsage]:
+        usage = {"prompt_tokens": prompt, "completion_tokens": completion}
+        body = json.dumps({"model": "gpt-4o-mini", "usage": usage}).encode()
+        m = measure_body(request, 200, body, CONFIG)
+        return m.source, m.usage
+
+    as_numbers = charged(1000, 2000)
+    assert charged("1000", "2000") == as_numbers
+    assert as_numbers[1].input_tokens == 1000 and as_numbers[1].output_tokens == 2000
+    for odd in ("-5", "1e3", "١٠٠٠", " 1000", "9" * 20):  # sign, exponent, Arabic digits, too long
+        assert charged(odd, 0)[1].input_tokens == 0, odd
+
+
 def test_unreadable_2xx_body_is_the_estimate():
     request = REQUESTS["anthropic"]
     for body in (b"", b"<html>oops</html>", b"\x00\xff" * 10):
