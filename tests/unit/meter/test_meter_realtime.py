@@ -149,7 +149,7 @@ def test_a_response_without_usage_costs_nothing_and_odd_fields_are_read_safely()
     odd = {
         "usage": {
             "input_tokens": 10,
-            "output_tokens": "5",
+            "output_tokens": "five",  # digits ("5") would read as 5
             "input_token_details": [1],
             "output_token_details": {"audio_tokens": 99},
         }
