@@ -924,6 +924,22 @@ authority:
     assert capsys.readouterr().out.splitlines() == found
 
 
+def test_a_condition_on_the_proxys_credentials_is_refused(tmp_path: Path) -> None:
+    """The proxy strips Proxy-Authorization before actions and rules read it too: a rule on it
+    never held, and `check` accepted it."""
+    found = problems(
+        tmp_path,
+        """actions:
+  - {kind: crm.read, match: {host: crm.example.com}}
+authority:
+  rules:
+    - {scope: "*", action: crm.read, when: {header: {Proxy-Authorization: {exists: true}}}}
+""",
+    )
+    assert [p.split(": ", 1)[0] for p in found] == [f"{tmp_path / 'policy.yaml'}:5"]
+    assert "'Proxy-Authorization' is the proxy's credentials, which the proxy removes" in found[0]
+
+
 def test_methods_and_ipv6_hosts_that_do_match_are_accepted(tmp_path: Path) -> None:
     from drawdown.policy.match import compile_host
 

@@ -705,16 +705,20 @@ def _method_problem(text: str) -> str | None:
 
 def stripped_header(name: str) -> bool:
     """Whether the proxy removes a header named so before any action or rule reads it: the
-    identity headers it strips (identity.identity_headers). A condition on one never holds."""
+    identity headers it strips (identity.identity_headers) and the proxy's own credentials
+    (Proxy-Authorization, Drawdown.requestheaders). A condition on one never holds."""
     from ..identity import identity_headers  # not at import time: identity imports this package
 
-    return bool(identity_headers([name]))
+    return name.lower() == "proxy-authorization" or bool(identity_headers([name]))
 
 
 def _stripped(name: str) -> str:
+    what = (
+        "the proxy's credentials" if name.lower() == "proxy-authorization" else "an identity header"
+    )
     return (
-        f"'{_clip(name)}' is an identity header, which the proxy removes before any action or "
-        "rule reads it: a condition on it never holds (send the value in another header)"
+        f"'{_clip(name)}' is {what}, which the proxy removes before any action or rule reads "
+        "it: a condition on it never holds (send the value in another header)"
     )
 
 
