@@ -68,7 +68,7 @@ from .ledger.api import (
 from .ledger.dsn import redact_dsn
 from .ledger.worker import AsyncLedger
 from .meter import openai_realtime, tokenizer_process
-from .meter.decode import BodyTooLarge, UndecodableBody, decode_request
+from .meter.decode import REQUEST_CODINGS, BodyTooLarge, UndecodableBody, decode_request
 from .meter.prices import url_provider
 from .money import MAX_AMOUNT, usd_to_nanos
 from .policy import Policy, PolicyInvalid, load_policy, policy_fingerprint
@@ -79,6 +79,8 @@ from .realtime import RealtimeSession, UnreadableEvent, error_event, named, pars
 from .respond import denial
 
 log = logging.getLogger("drawdown")
+# How far an answer drawdown reads (usage, a tool's cost, a batch's results file) is decoded.
+ANSWER_DECODE_LIMIT = 512 * 1024 * 1024
 
 
 class _PrintableArgs(logging.Filter):
@@ -536,13 +538,29 @@ async def _mcp_call_failed(state: FlowState, response: http.Response) -> bool:
 
 
 def _answer(response: http.Response) -> bytes:
-    """An answer's body as its Content-Encoding decodes it, else as it came: mitmproxy hands
-    any coding it does not know to Python's codecs, where `rot13` or `hex` fail with errors
-    its non-strict reading does not catch (TypeError, LookupError)."""
+    """An answer's body as its Content-Encoding decodes it, else as it came. An HTTP coding is
+    decoded no further than ANSWER_DECODE_LIMIT: a host an agent runs (a catch-all action's)
+    could answer a few kB that decode to gigabytes; past it the answer is read as none (its
+    call charged its estimate or fixed cost). mitmproxy hands any other coding to Python's
+    codecs, where `rot13` or `hex` fail with errors its non-strict reading does not catch."""
+    raw = response.raw_content or b""
+    coding = response.headers.get("content-encoding")
+    if raw and (coding or "").strip().lower() in REQUEST_CODINGS:
+        try:
+            return decode_request(raw, coding, ANSWER_DECODE_LIMIT)
+        except BodyTooLarge:
+            log.warning(
+                "drawdown: an answer decodes to over %d bytes: not read (the call is charged "
+                "its estimate or fixed cost)",
+                ANSWER_DECODE_LIMIT,
+            )
+            return b""
+        except UndecodableBody:  # corrupt, cut short, followed by more: as it came
+            return raw
     try:
         return response.get_content(strict=False) or b""
     except Exception:
-        return response.raw_content or b""
+        return raw
 
 
 def _basic_credentials(value: str) -> tuple[str, str] | None:

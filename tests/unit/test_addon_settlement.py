@@ -5,8 +5,10 @@ a request mitmproxy would stream before the decision. Driven without a proxy (ta
 from __future__ import annotations
 
 import asyncio
+import gzip
 import logging
 import sqlite3
+import tracemalloc
 from pathlib import Path
 
 import pytest
@@ -157,6 +159,35 @@ def test_an_answer_in_a_coding_no_server_uses_is_metered_as_it_came(
     assert 0 < actual < estimate  # 1,000 input tokens of gpt-4o-mini: $0.00015
     assert actual == 150_000
     assert "Traceback" not in caplog.text and "internal error" not in caplog.text
+
+
+def test_a_compressed_answer_is_decoded_no_further_than_its_limit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A host an agent runs could answer a few kB of gzip that decode to gigabytes: mitmproxy's
+    reading decoded all of it to meter it. Decoding stops past the limit (here 1 MiB, of 64):
+    the answer is read as none, the call charged its estimate."""
+    monkeypatch.setattr(addon_module, "ANSWER_DECODE_LIMIT", 1 << 20)
+    bomb = gzip.compress(bytes(64 << 20), 9)
+    peaks: list[tuple[int, int]] = []
+
+    async def steps(addon: Drawdown) -> None:
+        flow = await forwarded(addon, chat())
+        flow.response = tutils.tresp(
+            content=b"", headers=http.Headers([*JSON, (b"content-encoding", b"gzip")])
+        )
+        flow.response.raw_content = bomb
+        tracemalloc.start()
+        try:
+            await addon.response(flow)
+            peaks.append((tracemalloc.get_traced_memory()[1], flow.metadata[STATE].estimate.usd))
+        finally:
+            tracemalloc.stop()
+
+    db = drive(tmp_path, LLM, steps)
+    ((peak, estimate),) = peaks
+    assert peak < 16 << 20, peak
+    assert holds(db) == [("committed", estimate, None)]
 
 
 def test_a_body_cut_after_2xx_headers_charges_the_estimate_not_nothing(tmp_path: Path) -> None:
