@@ -17,6 +17,32 @@ except ImportError:  # mitmproxy depends on the backport below 3.14
     from backports import zstd  # type: ignore[no-redef]
 
 
+# What one chunk of a stream may decode to. A host an agent runs could stream a few kB that
+# decode to gigabytes; past this the meter stops reading the stream (its bytes flow on) and
+# charges it as a stream it could not read. No real answer comes near it: event streams
+# compress 5-10x, and a chunk is what one read returns.
+MAX_CHUNK_OUTPUT = 64 * 1024 * 1024
+
+
+class ChunkTooLarge(ValueError):
+    """A chunk that decodes to more than MAX_CHUNK_OUTPUT."""
+
+
+def _room(used: int) -> int:
+    """Bytes one more decompress call may return: one past what is left (so that passing the
+    bound shows), never 0 (which zlib reads as no bound)."""
+    left = MAX_CHUNK_OUTPUT - used
+    if left < 0:
+        raise ChunkTooLarge(f"a chunk decodes to more than {MAX_CHUNK_OUTPUT} bytes")
+    return left + 1
+
+
+def _bounded(out: bytes, used: int = 0) -> bytes:
+    if used + len(out) > MAX_CHUNK_OUTPUT:
+        raise ChunkTooLarge(f"a chunk decodes to more than {MAX_CHUNK_OUTPUT} bytes")
+    return out
+
+
 class Decoder(Protocol):
     def decode(self, data: bytes) -> bytes: ...
     def flush(self) -> bytes: ...
@@ -45,12 +71,14 @@ class _Zlib:
                 return b""
             self._head = b""
             self._obj = self._new(data)
-        out = [self._obj.decompress(data)]
+        out = [_bounded(self._obj.decompress(data, _room(0)))]
+        used = len(out[0])
         # A new gzip member may follow the end of the previous one.
         while self._gzip and self._obj.eof and self._obj.unused_data:
             rest = self._obj.unused_data
             self._obj = self._new(rest)
-            out.append(self._obj.decompress(rest))
+            out.append(_bounded(self._obj.decompress(rest, _room(used)), used))
+            used += len(out[-1])
         return b"".join(out)
 
     def flush(self) -> bytes:
@@ -64,7 +92,7 @@ class _Brotli:
         self._obj = brotli.Decompressor()
 
     def decode(self, data: bytes) -> bytes:
-        return self._obj.process(data)
+        return _bounded(self._obj.process(data, output_buffer_limit=_room(0)))
 
     def flush(self) -> bytes:
         return b""
@@ -75,9 +103,11 @@ class _Zstd:
         self._obj = zstd.ZstdDecompressor()
 
     def decode(self, data: bytes) -> bytes:
-        out = []
+        out: list[bytes] = []
+        used = 0
         while data:
-            out.append(self._obj.decompress(data))
+            out.append(_bounded(self._obj.decompress(data, max_length=_room(used)), used))
+            used += len(out[-1])
             if not self._obj.eof:
                 break
             # Frame finished: any remaining bytes start another frame.

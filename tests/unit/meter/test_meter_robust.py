@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import gzip
 import json
+import tracemalloc
+import zlib
 
+import brotli
 import pytest
 from drawdown.meter import (
     TokenUsage,
     count_tokens,
+    decode,
     inspect_request,
     measure_body,
     open_stream_meter,
@@ -95,6 +99,38 @@ def test_undecodable_gzip_is_forwarded_unchanged():
     meter = open_stream_meter(request, "text/event-stream", "gzip", CONFIG)
     assert meter.feed(junk) is junk
     assert meter.feed(b"more") == b"more"
+    _, measurement = meter.finish()
+    assert measurement.source == "estimate"
+    assert measurement.usd_nanos == request.estimate_usd_nanos
+
+
+@pytest.mark.parametrize("coding", ["gzip", "deflate", "br", "zstd"])
+def test_a_streamed_bomb_is_decoded_no_further_than_a_chunks_bound(
+    coding: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A host an agent runs could stream a few kB that decode to gigabytes: each chunk was
+    decoded whole. Past the bound (1 MiB here, of 16) the meter stops reading the stream, its
+    bytes flow on unchanged and it is charged its estimate."""
+    from backports import zstd
+
+    monkeypatch.setattr(decode, "MAX_CHUNK_OUTPUT", 1 << 20)
+    entry = next(e for e in MANIFEST if entry_id(e) == "anthropic-messages-11")
+    request = request_for(entry)
+    zeros = bytes(16 << 20)
+    bomb = {
+        "gzip": lambda: gzip.compress(zeros, 9),
+        "deflate": lambda: zlib.compress(zeros, 9),
+        "br": lambda: brotli.compress(zeros, quality=5),
+        "zstd": lambda: zstd.compress(zeros),
+    }[coding]()
+    meter = open_stream_meter(request, "text/event-stream", coding, CONFIG)
+    tracemalloc.start()
+    try:
+        assert meter.feed(bomb) is bomb
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 6 << 20, peak
     _, measurement = meter.finish()
     assert measurement.source == "estimate"
     assert measurement.usd_nanos == request.estimate_usd_nanos
