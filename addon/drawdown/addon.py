@@ -68,7 +68,7 @@ from .ledger.api import (
 from .ledger.dsn import redact_dsn
 from .ledger.worker import AsyncLedger
 from .meter import openai_realtime, tokenizer_process
-from .meter.decode import REQUEST_CODINGS, BodyTooLarge, UndecodableBody, decode_request
+from .meter.decode import BodyTooLarge, UndecodableBody, compressed, decode_body
 from .meter.prices import url_provider
 from .money import MAX_AMOUNT, usd_to_nanos
 from .policy import Policy, PolicyInvalid, load_policy, policy_fingerprint
@@ -305,10 +305,10 @@ async def _request_body(request: http.Request, limit: int) -> tuple[bytes, str |
     raw = request.raw_content or b""
     coding = request.headers.get("content-encoding")
     try:
-        if not raw or (coding or "").strip().lower() in ("", "identity"):
-            body = decode_request(raw, coding, limit)
-        else:
-            body = await asyncio.to_thread(decode_request, raw, coding, limit)
+        if raw and compressed(coding):
+            body = await asyncio.to_thread(decode_body, raw, coding, limit)
+        else:  # as it came, or refused for its coding: nothing to decode
+            body = decode_body(raw, coding, limit)
     except BodyTooLarge:
         return b"", None, None
     except UndecodableBody as exc:
@@ -545,9 +545,9 @@ def _answer(response: http.Response) -> bytes:
     codecs, where `rot13` or `hex` fail with errors its non-strict reading does not catch."""
     raw = response.raw_content or b""
     coding = response.headers.get("content-encoding")
-    if raw and (coding or "").strip().lower() in REQUEST_CODINGS:
+    if raw and compressed(coding):
         try:
-            return decode_request(raw, coding, ANSWER_DECODE_LIMIT)
+            return decode_body(raw, coding, ANSWER_DECODE_LIMIT)
         except BodyTooLarge:
             log.warning(
                 "drawdown: an answer decodes to over %d bytes: not read (the call is charged "

@@ -124,7 +124,7 @@ class RequestView:
     scheme: str = "https"  # the upstream's (genai-prices knows providers by URL)
     query_repeats: frozenset[str] = frozenset()  # query parameters given more than once
     # Why the body cannot be decoded as its upstream decodes it (its Content-Encoding): no
-    # action's request may be read so (meter.decode.decode_request).
+    # action's request may be read so (meter.decode.decode_body).
     undecodable: str | None = None
     # The IP address the request is sent to, when `host` is the name it gives instead, and why
     # it cannot be classified by one host (see `addressed`): `classify` decides on both.

@@ -25,7 +25,7 @@ from .ledger.api import (
     failed_attempt,
 )
 from .ledger.plan import Counts
-from .meter.decode import REQUEST_CODINGS, request_coding_problem
+from .meter.decode import compressed, request_coding_problem
 from .money import format_usd
 from .policy import Policy
 from .recording import redact, redact_path
@@ -105,12 +105,12 @@ def explain(
     method = (method or ("POST" if body else "GET")).upper()
     caller_headers, seen_headers = as_the_proxy_reads(headers)
     # The body is given decoded. The proxy reads a body it cannot decode as none, and stops
-    # decoding a compressed one past limits.max_request_bytes (meter.decode.decode_request).
+    # decoding a compressed one past limits.max_request_bytes (meter.decode.decode_body).
     limit = policy.limits.max_request_bytes
     coding = seen_headers.get("content-encoding")
     undecodable = request_coding_problem(coding)
-    compressed = (coding or "").strip().lower() in REQUEST_CODINGS
-    read = b"" if undecodable is not None or (compressed and len(body) > limit) else body
+    packed = compressed(coding)
+    read = b"" if undecodable is not None or (packed and len(body) > limit) else body
     # As the proxy reads a query: each name's first value, the names given twice noted.
     query, query_repeats = first_values(parse_qsl(parts.query, keep_blank_values=True))
     view = RequestView(
@@ -191,7 +191,7 @@ def explain(
     action = classification.action
     if action is not None and len(body) > limit:
         # As the proxy: refused before anything else is read (a host, a path, the body).
-        told = f"decodes to over {limit} bytes" if compressed else f"is {len(body)} bytes"
+        told = f"decodes to over {limit} bytes" if packed else f"is {len(body)} bytes"
         out.add(
             "body",
             f"the request body {told}, more than this proxy accepts "

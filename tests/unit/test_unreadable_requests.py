@@ -24,7 +24,7 @@ from drawdown import replay
 from drawdown.authority import evaluate, facts_of
 from drawdown.classify import RequestView, classify, first_values
 from drawdown.explain import explain
-from drawdown.meter.decode import BodyTooLarge, UndecodableBody, decode_request
+from drawdown.meter.decode import BodyTooLarge, UndecodableBody, decode_body
 
 from tests.support.policies import policy_from
 
@@ -107,7 +107,7 @@ def test_a_request_body_is_decoded_as_its_upstream_decodes_it_or_not_at_all() ->
         ("deflate", zlib.compress(body)[2:-4]),  # raw deflate, as some clients send it
         ("br", brotli.compress(body)),
     ]:
-        assert decode_request(encoded, coding, len(body)) == body, coding
+        assert decode_body(encoded, coding, len(body)) == body, coding
     quopri = b'{"amount":10000,"pad":"=22,=22amount=22:1,=22z=22:=22","q":1}'
     for coding, encoded, says in [
         # mitmproxy decodes any Python codec a client names; no upstream does.
@@ -122,9 +122,9 @@ def test_a_request_body_is_decoded_as_its_upstream_decodes_it_or_not_at_all() ->
         ("br", brotli.compress(body) + b"x", "not valid br data"),
     ]:
         with pytest.raises(UndecodableBody) as refused:
-            decode_request(encoded, coding, 1 << 20)
+            decode_body(encoded, coding, 1 << 20)
         assert says in str(refused.value), coding
-    assert decode_request(b"", "gzip", 0) == b""
+    assert decode_body(b"", "gzip", 0) == b""
 
 
 def _bombs(size: int) -> list[tuple[str, bytes]]:
@@ -147,14 +147,14 @@ def test_a_compressed_body_is_decoded_no_further_than_the_limit(coding: str, bom
     tracemalloc.start()
     try:
         with pytest.raises(BodyTooLarge):
-            decode_request(bomb, coding, 1 << 20)
+            decode_body(bomb, coding, 1 << 20)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
     assert peak < 8 << 20, peak
     # The same data under a limit it fits is read whole, to the byte.
     small = dict(_bombs(1 << 20))[coding] if coding != "deflate" else zlib.compress(bytes(1 << 20))
-    assert decode_request(small, coding, 1 << 20) == bytes(1 << 20)
+    assert decode_body(small, coding, 1 << 20) == bytes(1 << 20)
 
 
 # --- classification -----------------------------------------------------------------------

@@ -24,22 +24,21 @@ except ImportError:  # mitmproxy depends on the backport below 3.14
 MAX_CHUNK_OUTPUT = 64 * 1024 * 1024
 
 
-class ChunkTooLarge(ValueError):
-    """A chunk that decodes to more than MAX_CHUNK_OUTPUT."""
+class BodyTooLarge(ValueError):
+    """A body (or a stream's chunk) whose decoded size passes the limit it was decoded under:
+    decoding stops there, so a few bytes that decode to gigabytes cost no more than the limit."""
 
 
 def _room(used: int) -> int:
-    """Bytes one more decompress call may return: one past what is left (so that passing the
-    bound shows), never 0 (which zlib reads as no bound)."""
-    left = MAX_CHUNK_OUTPUT - used
-    if left < 0:
-        raise ChunkTooLarge(f"a chunk decodes to more than {MAX_CHUNK_OUTPUT} bytes")
-    return left + 1
+    """Bytes one more decompress call on a chunk may return: one past what is left, so that
+    passing the bound shows (_bounded keeps `used` within it, so this is never 0, which zlib
+    reads as no bound)."""
+    return MAX_CHUNK_OUTPUT - used + 1
 
 
 def _bounded(out: bytes, used: int = 0) -> bytes:
     if used + len(out) > MAX_CHUNK_OUTPUT:
-        raise ChunkTooLarge(f"a chunk decodes to more than {MAX_CHUNK_OUTPUT} bytes")
+        raise BodyTooLarge(f"a chunk decodes to more than {MAX_CHUNK_OUTPUT} bytes")
     return out
 
 
@@ -198,9 +197,9 @@ def request_coding_problem(content_encoding: str | None) -> str | None:
     return None
 
 
-class BodyTooLarge(ValueError):
-    """A request body whose decoded size passes the limit it was decoded under: decoding stops
-    there, so a few bytes that decode to gigabytes cost no more than the limit."""
+def compressed(content_encoding: str | None) -> bool:
+    """Whether a body comes in one of REQUEST_CODINGS (which decode_body undoes)."""
+    return (content_encoding or "").strip().lower() in REQUEST_CODINGS
 
 
 def _inflate(raw: bytes, gzip: bool, bound: int) -> tuple[bytes, zlib._Decompress]:
@@ -217,8 +216,9 @@ def _inflate(raw: bytes, gzip: bool, bound: int) -> tuple[bytes, zlib._Decompres
         return obj.decompress(raw, bound), obj
 
 
-def decode_request(raw: bytes, content_encoding: str | None, limit: int) -> bytes:
-    """A request body as its upstream reads it, decoded from its Content-Encoding.
+def decode_body(raw: bytes, content_encoding: str | None, limit: int) -> bytes:
+    """A request body as its upstream reads it (or an answer as its client does), decoded
+    from its Content-Encoding.
     UndecodableBody for a coding no upstream undoes (request_coding_problem), and for data
     that is corrupt, cut short or followed by more (a second gzip member, which some
     servers read and others drop): what the upstream reads would be a guess. BodyTooLarge
