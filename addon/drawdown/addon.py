@@ -882,22 +882,19 @@ class Drawdown:
         if mode:
             policy = replace(policy, mode=mode)
         self.policy = policy
+        # As `drawdown check` prints them: a reload to a policy with no actions took every deny
+        # and budget away without a word.
+        for warning in policy.warnings:
+            log.warning("drawdown: %s", str(warning))
         self._apply_passthrough(policy)
 
     def _apply_passthrough(self, policy: Policy) -> None:
         """`unknown_hosts: passthrough`: only the hosts actions name are decrypted (mitmproxy's allow_hosts)."""
         wanted: list[str] = []
-        if policy.unknown_hosts == "passthrough":
-            hostless = hostless_action(policy.actions)  # as `check` warns (Policy.warnings)
-            if hostless is not None:
-                log.warning(
-                    "drawdown: unknown_hosts: passthrough has no effect: the action at %s matches every host",
-                    hostless.where,
-                )
-            else:
-                wanted = sorted(
-                    {allow_hosts_regex(h) for a in policy.actions for h in a.match.hosts}
-                )
+        # With an action for every host there is nothing to pass through: Policy.warnings
+        # says so, logged as the policy is installed.
+        if policy.unknown_hosts == "passthrough" and hostless_action(policy.actions) is None:
+            wanted = sorted({allow_hosts_regex(h) for a in policy.actions for h in a.match.hosts})
         current = list(ctx.options.allow_hosts)
         if current == self._managed_allow_hosts and current != wanted:
             ctx.options.update(allow_hosts=wanted)

@@ -103,3 +103,34 @@ def test_a_link_to_nothing_that_stays_is_reported_at_the_second_look_once(
         assert asyncio.run(main()) == [0, 1, 1]
     [line] = rejections(caplog)
     assert line.endswith(f"{volume / 'budgets.yaml'}:0: cannot read: a link to nothing")
+
+
+def test_a_reload_to_a_policy_with_no_actions_is_logged_as_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A folder left with its `version: 1` file only is a valid policy: the proxy took it in
+    and every deny and budget was gone, with "policy reloaded" the only word of it. It logs
+    what `drawdown check` warns."""
+    folder = tmp_path / "policy"
+    folder.mkdir()
+    (folder / "00-version.yaml").write_text("version: 1\n")
+    (folder / "10-base.yaml").write_text(BASE.format(mode="enforce") + BUDGETS)
+
+    async def main() -> int:
+        addon = Drawdown()
+        with taddons.context(addon) as tctx:
+            tctx.configure(addon, drawdown_policy=str(folder), drawdown_db=str(tmp_path / "l.db"))
+            (folder / "10-base.yaml").rename(folder / "10-base.yaml.bak")
+            await addon._look_at_policy(str(folder))
+            actions = len(addon.policy.actions)  # type: ignore[union-attr]
+            addon.done()
+        return actions
+
+    with caplog.at_level(logging.INFO, logger="drawdown"):
+        assert asyncio.run(main()) == 0
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == [
+        f"drawdown: {folder / '00-version.yaml'}:1: warning: the policy defines no actions: "
+        "no request is classified, so no budget, rule or anomaly check applies to any"
+    ]
+    assert "policy reloaded" in caplog.text

@@ -1171,3 +1171,144 @@ def test_a_line_break_only_yaml_1_1_knows_does_not_move_later_lines(
     with pytest.raises(PolicyInvalid) as err:
         load_policy(path)
     assert str(err.value).startswith(f"{path}:3: mode must be one of"), str(err.value)
+
+
+def test_a_text_field_compared_with_a_list_is_refused(tmp_path: Path) -> None:
+    """`model: [gpt-4o, gpt-4o-mini]` (meant as `in: [...]`) compared the model's name with a
+    list: the deny never fired, and `check` said ok. A query parameter, header, path segment
+    or model is one piece of text; a JSON field may well hold a list, and may be compared so."""
+    f = tmp_path / "policy.yaml"
+    text = """
+actions:
+  - {kind: chat, provider: openai, match: {host: api.openai.com, header: {x-team: [a, b]}}}
+  - {kind: crm.read, match: {host: crm.example.com, path: "/customers/{cid}"}}
+authority:
+  rules:
+    - {scope: "*", deny: [chat], when: {model: [gpt-4o, gpt-4o-mini]}}
+    - {scope: "*", deny: [chat], when: {model: {ne: [gpt-4o]}}}
+    - {scope: "*", deny: [crm.read], when: {query: {x: {in: [[1, 2]]}}}}
+    - {scope: "*", deny: [crm.read], when: {path.cid: {not_in: [{a: 1}]}}}
+    - {scope: "*", deny: [chat], when: {json.tags: [a, b], model: {in: [gpt-4o]}}}
+"""
+    never = "never equals a list, so this condition never holds (to match any of several values"
+    assert problems(tmp_path, text) == [
+        f"{f}:3: 'header.x-team' is one piece of text and {never}, write header.x-team: "
+        "{in: [A, B]})",
+        f"{f}:7: 'model' is one piece of text and {never}, write model: {{in: [A, B]}})",
+        f"{f}:8: 'model' is one piece of text and never equals a list, so this condition "
+        "always holds (to exclude several values, write model: {not_in: [A, B]})",
+        f"{f}:9: 'query.x' is one piece of text and {never}, write query.x: {{in: [A, B]}})",
+        f"{f}:10: 'path.cid' is one piece of text and never equals a mapping, so this "
+        "condition always holds (to exclude several values, write path.cid: {not_in: [A, B]})",
+    ]
+    valid = text.split("    - {scope: \"*\", deny: [chat], when: {model: [")[0]
+    valid += '    - {scope: "*", deny: [chat], when: {json.tags: [a, b], model: {in: [gpt-4o]}}}\n'
+    load_policy(write(tmp_path, valid.replace("[a, b]}}}\n  -", "a}}}\n  -", 1)))
+
+
+def test_model_on_actions_that_are_no_llm_calls_is_refused(tmp_path: Path) -> None:
+    """Only an LLM call has a model: `when: {model: …}` on a tool's action never held (a
+    deny never fired), or held always (`ne`), and a requirement on it refused every call.
+    An LLM action among those a rule covers makes it valid."""
+    f = tmp_path / "policy.yaml"
+    text = """
+actions:
+  - {kind: chat, provider: openai, match: {host: api.openai.com}}
+  - {kind: crm.read, match: {host: crm.example.com}}
+  - {kind: docs, provider: mcp, match: {host: mcp.example.com}}
+authority:
+  rules:
+    - {scope: "*", deny: [crm.read], when: {model: {in: [gpt-4o]}}}
+    - {scope: "*", deny: ["docs.*"], when: {model: {ne: gpt-4o}}}
+    - {scope: "*", action: chat, requires: [{action: crm.read, same: model}]}
+    - {scope: "*", deny: [chat, crm.read], when: {model: gpt-4o}}
+    - {scope: "*", deny: [crm.read], when: {model: {exists: false}}}
+"""
+    tool = "'model' is known for LLM calls only, and no action this applies to is one"
+    assert problems(tmp_path, text) == [
+        f"{f}:8: {tool} (crm.read: no provider): this condition never holds",
+        f"{f}:9: {tool} (docs: provider mcp): this condition always holds",
+        f"{f}:10: {tool} (crm.read: no provider): this requirement is never met, and every "
+        "call it covers is refused",
+        f"{f}:12: {tool} (crm.read: no provider): this condition always holds",
+    ]
+
+
+def test_a_body_field_on_get_only_actions_is_a_warning(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`json.X` on actions that match GET only: their requests carry no body, so a deny on it
+    never fires and a requirement on it refuses every call. A warning, not an error: a few
+    APIs (Elasticsearch's _search) read a GET's body, and an action that matches a body
+    itself says its API is one of them."""
+    from drawdown import cli
+
+    path = write(
+        tmp_path,
+        """
+actions:
+  - {kind: crm.search, match: {host: crm.example.com, method: GET, json: {q: {exists: true}}}}
+  - {kind: crm.read, match: {host: crm.example.com, method: [GET, HEAD]}}
+  - {kind: crm.write, match: {host: crm.example.com, method: POST}}
+  - {kind: refund, match: {host: api.stripe.com}}
+authority:
+  rules:
+    - {scope: "*", deny: [crm.read], when: {json.amount: {gt: 5}}}
+    - {scope: "*", action: refund, requires: [{action: crm.read, same: json.customer}]}
+    - {scope: "*", deny: [crm.search], when: {json.amount: {gt: 5}}}
+    - {scope: "*", deny: ["crm.*"], when: {json.amount: {gt: 5}}}
+""",
+    )
+    assert cli.main(["check", str(path)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    body = (
+        "is read from the request's body, but every action this applies to matches GET or "
+        "HEAD only (crm.read: GET or HEAD), which carry no body as a rule: unless this API "
+        "reads one on them,"
+    )
+    assert out[:-1] == [
+        f"{path}:9: warning: 'json.amount' {body} this condition never holds",
+        f"{path}:10: warning: 'json.customer' {body} this requirement is never met, and every "
+        "call it covers is refused",
+    ]
+    assert out[-1].startswith(f"{path}: ok — ")
+
+
+@pytest.mark.parametrize(
+    ("extra", "outcome"),
+    [
+        ("", "no request is classified, so no budget, rule or anomaly check applies to any"),
+        ("unknown_hosts: deny\n", "every request is refused (unknown_hosts: deny)"),
+    ],
+)
+def test_a_policy_with_no_actions_is_a_warning(tmp_path: Path, extra: str, outcome: str) -> None:
+    """A folder left with its `version: 1` file only (the rest renamed, moved) is a valid
+    policy: loaded by a running proxy, it took every deny and budget away without a word."""
+    folder = tmp_path / "policy"
+    folder.mkdir()
+    write(folder, f"version: 1\n{extra}", "00-version.yaml")
+    assert [str(w) for w in load_policy(folder).warnings] == [
+        f"{folder / '00-version.yaml'}:1: warning: the policy defines no actions: {outcome}"
+    ]
+    write(folder, "actions:\n  - {kind: a, match: {host: a.example}}\n", "10-actions.yaml")
+    assert load_policy(folder).warnings == ()
+
+
+@pytest.mark.parametrize(
+    ("text", "found"),
+    [
+        ("version: 1\nmode:\u00a0shadow\n", ":2: YAML syntax error: a line with neither "),
+        ("version:\u2003 1\nmode: shadow\n", ":2: YAML syntax error: mapping values are not "),
+        ("actions:\n  - kind:\u00a0a\n    match: {}\n", ":3: YAML syntax error: mapping values "),
+    ],
+)
+def test_a_lookalike_space_is_named(tmp_path: Path, text: str, found: str) -> None:
+    """Pasted from a web page or a chat, `mode:\u00a0shadow` is one piece of text to YAML, and
+    PyYAML's error, on that line or the next, said nothing of the character."""
+    (problem,) = problems(tmp_path, text)
+    name = "EM SPACE, U+2003" if "\u2003" in text else "NO-BREAK SPACE, U+00A0"
+    line = 1 if "\u2003" in text else 2
+    assert found in problem
+    assert problem.endswith(
+        f"(line {line} holds the character {name}, where YAML needs a plain space)"
+    )

@@ -23,7 +23,9 @@ from .match import (
     compile_path,
     compile_scope,
     is_glob,
+    missing,
 )
+from .match import holds as condition_holds
 from .model import (
     DENIABLE,
     DETECTORS,
@@ -744,12 +746,43 @@ def conditions_of(check: _Checker, conditions: LMap, prefix: str) -> list[FieldT
             check.error(conditions, name, _stripped(name))
             ok = False
             continue
+        if (problem := _compared_with_a_collection(field, spec)) is not None:
+            check.error(conditions, name, problem)
+            ok = False
+            continue
         try:
             tests.append(FieldTest(field, compile_condition(spec), line_of(conditions, name)))
         except ValueError as exc:
             check.error(conditions, name, f"condition on '{field}': {exc}")
             ok = False
     return tests if ok else None
+
+
+def _compared_with_a_collection(field: str, spec: Any) -> str | None:
+    """A query parameter, header, path segment or model name is one piece of text: compared
+    with a list or a mapping it is never equal, so `model: [gpt-4o, gpt-4o-mini]` (meant as
+    `in: [...]`) never held and a deny written so never fired. JSON fields may hold lists."""
+    if not (field == "model" or field.startswith(("query.", "header.", "path."))):
+        return None
+    compared = [("", spec)] if isinstance(spec, list) else []
+    if isinstance(spec, dict):
+        compared = [(op, spec[op]) for op in ("eq", "ne") if op in spec]
+        compared += [
+            (op, option)
+            for op in ("in", "not_in")
+            if isinstance(spec.get(op), list)
+            for option in spec[op]
+        ]
+    for op, value in compared:
+        if isinstance(value, list | dict):
+            excludes = op in ("ne", "not_in")
+            fix = f"{field}: {{{'not_in' if excludes else 'in'}: [A, B]}}"
+            return (
+                f"'{field}' is one piece of text and never equals {_kind(value)}, so this "
+                f"condition {'always' if excludes else 'never'} holds (to "
+                f"{'exclude' if excludes else 'match any of'} several values, write {fix})"
+            )
+    return None
 
 
 BUDGET_KEYS = ("name", "scope", "per", "actions", "mode", *UNITS)
@@ -942,6 +975,10 @@ def _when(check: _Checker, conditions: LMap) -> list[FieldTest] | None:
                 continue
             if key.startswith("header.") and stripped_header(key.removeprefix("header.")):
                 check.error(conditions, key, _stripped(key.removeprefix("header.")))
+                ok = False
+                continue
+            if (problem := _compared_with_a_collection(key, spec)) is not None:
+                check.error(conditions, key, problem)
                 ok = False
                 continue
             try:
@@ -1278,7 +1315,7 @@ def compile_policy(
         seen[budget.key] = budget
     _check_kind_refs(check)
     _check_unreachable(check, actions)
-    _check_path_fields(check, actions, rules)
+    reach_warnings = _check_field_reach(check, actions, rules)
     named: dict[str, Rule] = {}
     for rule in rules:
         if rule.name is None:
@@ -1308,16 +1345,30 @@ def compile_policy(
         files=tuple(file for file, _ in documents),
         digest=hashlib.sha256(b"\0".join(texts)).hexdigest(),
         warnings=tuple(
-            _warnings(unknown_hosts, unknown_hosts_from, actions)
+            _warnings(unknown_hosts, unknown_hosts_from, actions, documents)
             + _enforced_in_shadow(scalars.get("mode", ("enforce", ""))[0], budgets, rules)
+            + reach_warnings
         ),
     )
 
 
-def _warnings(unknown_hosts: str, where: str, actions: list[Action]) -> list[Problem]:
+def _warnings(
+    unknown_hosts: str, where: str, actions: list[Action], documents: list[tuple[str, Any]]
+) -> list[Problem]:
     """What a valid policy does that its author likely did not mean: `drawdown check` prints
     these (the proxy logs the same when it loads the policy)."""
     found = []
+    if not actions and documents:
+        # A folder left with its `version: 1` file only (the others moved, renamed .yml.bak)
+        # loads, and a running proxy took it in silently: every deny and budget gone.
+        outcome = (
+            "every request is refused (unknown_hosts: deny)"
+            if unknown_hosts == "deny"
+            else "no request is classified, so no budget, rule or anomaly check applies to any"
+        )
+        found.append(
+            Problem(documents[0][0], 1, f"warning: the policy defines no actions: {outcome}")
+        )
     if unknown_hosts == "passthrough" and (hostless := hostless_action(actions)) is not None:
         file, _, line = where.rpartition(":")
         found.append(
@@ -1452,10 +1503,14 @@ def _check_kind_refs(check: _Checker) -> None:
         check.problems.append(Problem(file, line, message))
 
 
-def _check_path_fields(check: _Checker, actions: list[Action], rules: list[Rule]) -> None:
-    """`path.X` is the `{X}` segment of the matched action's path pattern. A rule naming one
-    that none of its actions captures never sees it: its condition never holds, its
-    requirement is never met (`same: {json.customer_id: path.id}` beside `/customers/{cid}`)."""
+def _check_field_reach(check: _Checker, actions: list[Action], rules: list[Rule]) -> list[Problem]:
+    """A field the requests of a rule's actions never carry: a condition on it that needs a
+    value never holds (a deny never fires), and a requirement on it is never met (every call
+    refused). Errors, as `check.problems`: `path.X` with no `{X}` in any of the actions' paths
+    (`same: {json.customer_id: path.id}` beside `/customers/{cid}`), and `model` on actions
+    that are no LLM calls. Returned as warnings: `json.X` on actions matching GET or HEAD
+    only, whose requests carry no body as a rule (some APIs read one all the same)."""
+    warnings: list[Problem] = []
 
     def applying(texts: tuple[str, ...]) -> list[Action]:
         if not texts:
@@ -1473,34 +1528,75 @@ def _check_path_fields(check: _Checker, actions: list[Action], rules: list[Rule]
                     break
         return found
 
-    def report(field: str | None, texts: tuple[str, ...], file: str, line: int) -> None:
-        if field is None or not field.startswith("path."):
+    def shown(candidates: list[Action], what: Any) -> str:
+        listed = sorted({f"{a.kind}: {what(a)}" for a in candidates})
+        return "; ".join(listed[:3]) + ("; …" if len(listed) > 3 else "")
+
+    def report(
+        field: str | None, texts: tuple[str, ...], file: str, line: int, outcome: str
+    ) -> None:
+        if field is None:
             return
-        name = field.removeprefix("path.")
         candidates = applying(texts)
-        if not candidates or any(
-            a.match.path is not None and name in a.match.path.names for a in candidates
-        ):
+        if not candidates:
             return  # no action at all is the kind-reference check's to report
-        paths = sorted(
-            {f"{a.kind}: {a.match.path.text if a.match.path else 'any path'}" for a in candidates}
-        )
-        shown = "; ".join(paths[:3]) + ("; …" if len(paths) > 3 else "")
-        check.problems.append(
-            Problem(
-                file,
-                line,
-                f"'{field}' is captured by no action it applies to ({shown}): name a "
-                f"{{{name}}} segment in the action's path pattern",
+        if field.startswith("path."):
+            name = field.removeprefix("path.")
+            if any(a.match.path is not None and name in a.match.path.names for a in candidates):
+                return
+            paths = shown(candidates, lambda a: a.match.path.text if a.match.path else "any path")
+            check.problems.append(
+                Problem(
+                    file,
+                    line,
+                    f"'{field}' is captured by no action it applies to ({paths}): name a "
+                    f"{{{name}}} segment in the action's path pattern",
+                )
             )
-        )
+        elif field == "model":
+            if any(a.provider in LLM_PROVIDERS for a in candidates):
+                return
+            kinds = shown(
+                candidates, lambda a: f"provider {a.provider}" if a.provider else "no provider"
+            )
+            check.problems.append(
+                Problem(
+                    file,
+                    line,
+                    f"'model' is known for LLM calls only, and no action this applies to is "
+                    f"one ({kinds}): {outcome}",
+                )
+            )
+        elif field.startswith("json."):
+            bodiless = ("GET", "HEAD")
+            if not all(
+                a.match.methods and set(a.match.methods) <= set(bodiless) for a in candidates
+            ):
+                return
+            if any(a.match.needs_body for a in candidates):
+                return  # its author matches a body on it: this API takes one
+            methods = shown(candidates, lambda a: " or ".join(a.match.methods))
+            warnings.append(
+                Problem(
+                    file,
+                    line,
+                    f"warning: '{field}' is read from the request's body, but every action this "
+                    f"applies to matches GET or HEAD only ({methods}), which carry no body as "
+                    f"a rule: unless this API reads one on them, {outcome}",
+                )
+            )
 
     for rule in rules:
         for test in rule.when:
-            report(test.field, rule.action_texts, rule.file, test.line or rule.line)
+            # `ne`, `not_in` and `exists: false` hold for a field a request lacks
+            always = condition_holds(test.condition, missing())
+            outcome = f"this condition {'always' if always else 'never'} holds"
+            report(test.field, rule.action_texts, rule.file, test.line or rule.line, outcome)
         for requirement in rule.requires:
-            report(requirement.here, rule.action_texts, rule.file, rule.line)
-            report(requirement.there, requirement.actions, rule.file, rule.line)
+            never_met = "this requirement is never met, and every call it covers is refused"
+            report(requirement.here, rule.action_texts, rule.file, rule.line, never_met)
+            report(requirement.there, requirement.actions, rule.file, rule.line, never_met)
+    return warnings
 
 
 def _merge_once(check: _Checker, key: str, where: str, earlier: str | None) -> None:

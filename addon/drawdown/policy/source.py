@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import unicodedata
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
@@ -328,6 +329,29 @@ def parse_yaml(text: str, file: str) -> tuple[Any, list[Problem]]:
         return None, [Problem(file, exc.problem_line, message)]
 
 
+# Spaces YAML does not take for one: pasted from a web page or a chat, `mode:\u00a0shadow` is
+# one plain scalar, and PyYAML's error, lines later, says nothing of the character.
+_LOOKALIKE_SPACES = re.compile("[\u00a0\u1680\u2000-\u200b\u202f\u205f\u3000\ufeff]")
+
+
+def _lookalike_space(mark: Any, first: int, last: int) -> str:
+    """' (line N holds a NO-BREAK SPACE, U+00A0, …)' for the first such space on lines
+    `first`..`last` (1-based) of the text `mark` points into, else ''."""
+    buffer = getattr(mark, "buffer", None)
+    if not buffer:
+        return ""
+    lines = buffer.split("\n")
+    for number in range(max(first, 1), min(last, len(lines)) + 1):
+        if found := _LOOKALIKE_SPACES.search(lines[number - 1]):
+            char = found.group()
+            name = unicodedata.name(char, "a space character")
+            return (
+                f" (line {number} holds the character {name}, U+{ord(char):04X}, where YAML "
+                "needs a plain space)"
+            )
+    return ""
+
+
 def _opener(mark: Any) -> str:
     """The character at `mark` ('{', '[', a quote…), or '' if unknown."""
     buffer = getattr(mark, "buffer", None)
@@ -355,8 +379,13 @@ def _syntax_error(exc: yaml.MarkedYAMLError, file: str, opened: list[Any]) -> Pr
     elif context == "while scanning a simple key":
         start, what = exc.context_mark, "a line with neither 'key: value' nor '- item'"
     if start is not None and start.line + 1 != line:
-        return Problem(file, start.line + 1, f"YAML syntax error: {what}: {problem} at line {line}")
-    if problem.startswith("expected <block end>"):
+        problem += f" at line {line}{_lookalike_space(mark, start.line + 1, line)}"
+        return Problem(file, start.line + 1, f"YAML syntax error: {what}: {problem}")
+    # The line before too: a key spelled `kind:\u00a0a` reads as text, and the error comes
+    # where the next key starts. Found, it is the cause: the guesses below are not.
+    if odd := _lookalike_space(mark, line - 1, line):
+        problem += odd
+    elif problem.startswith("expected <block end>"):
         problem = (
             f"this line is probably mis-indented: it lines up with no key or item above it "
             f"({problem})"
