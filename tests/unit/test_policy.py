@@ -1201,9 +1201,14 @@ authority:
         f"{f}:10: 'path.cid' is one piece of text and never equals a mapping, so this "
         "condition always holds (to exclude several values, write path.cid: {not_in: [A, B]})",
     ]
-    valid = text.split("    - {scope: \"*\", deny: [chat], when: {model: [")[0]
-    valid += '    - {scope: "*", deny: [chat], when: {json.tags: [a, b], model: {in: [gpt-4o]}}}\n'
-    load_policy(write(tmp_path, valid.replace("[a, b]}}}\n  -", "a}}}\n  -", 1)))
+    valid = """
+actions:
+  - {kind: chat, provider: openai, match: {host: api.openai.com, header: {x-team: {in: [a, b]}}}}
+authority:
+  rules:
+    - {scope: "*", deny: [chat], when: {json.tags: [a, b], model: {in: [gpt-4o, o3]}}}
+"""
+    assert len(load_policy(write(tmp_path, valid)).authority.rules) == 1
 
 
 def test_model_on_actions_that_are_no_llm_calls_is_refused(tmp_path: Path) -> None:
