@@ -742,15 +742,23 @@ def find(
     floor: float = 0.0,
     run: str | None = None,
     policy: Policy | None = None,
+    within: dict[str, str] | None = None,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(anomalies, the decision rows they were computed from) for the runs active since `floor`.
 
     Whole runs and whole workflows are read, not just the window, so counts match the guards.
     The rows hold DECIDING_FIELDS only (`decision_rows` reads a run's whole rows): detect() runs
     over them, and again over the whole rows of the runs it flagged, whose anomalies it words.
+    `within`: only the runs of this tenant and/or workflow ({"tenant": "acme"}; `drawdown report
+    --tenant`). Their workflows are still read whole and the agents' history fleet-wide, so
+    each anomaly is the one the whole report finds, without reading every other team's runs.
     """
+    narrowed = {level: value for level, value in (within or {}).items() if value is not None}
+    if not narrowed.keys() <= {"tenant", "workflow"}:  # column names: never the caller's text
+        raise ValueError(f"anomalies are narrowed by tenant or workflow, not {sorted(narrowed)}")
     where = "ts >= :floor" + (" AND run = :run" if run else "")
-    params = {"floor": floor, "run": run}
+    where += "".join(f" AND {level} = :within_{level}" for level in narrowed)
+    params = {"floor": floor, "run": run, **{f"within_{k}": v for k, v in narrowed.items()}}
     priced_column = _priced_column(reader)
     rows = reader.query(
         f"""SELECT {DECIDING_FIELDS}{priced_column} FROM decisions d

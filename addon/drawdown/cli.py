@@ -686,26 +686,29 @@ def cmd_report(args: argparse.Namespace) -> int:
         since = report.parse_duration(args.since) if args.since is not None else None
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    if args.run is not None and not args.run.strip():
-        raise UsageError("--run wants a run id; got an empty one")
+    for flag in ("run", "tenant", "workflow"):
+        value = getattr(args, flag)
+        if value is not None and not value.strip():  # `--tenant ""`: not "every tenant"
+            raise UsageError(f"--{flag} wants a {flag} id; got an empty one")
     policy = _load_policy_or_none(args.policy)
     if policy is False:
         return 1
+    narrow = {"tenant": args.tenant, "workflow": args.workflow}
     try:
         if args.jsonl:
-            written = report.stream_jsonl(args.db, sys.stdout, run=args.run, since=since)
+            written = report.stream_jsonl(args.db, sys.stdout, run=args.run, since=since, **narrow)
             if args.run and not written:
-                return _no_such_run(args)
+                return _no_such_run(args, since)
             return 0
         data = report.build(
-            args.db, run=args.run, since=since, policy=policy, timelines=bool(args.html)
+            args.db, run=args.run, since=since, policy=policy, timelines=bool(args.html), **narrow
         )
     except LedgerError as exc:
         print(f"drawdown: {exc}", file=sys.stderr)
         return 1
     if args.html:
         if args.run and not data["runs"]:  # no page of 0 runs, nor over an earlier page
-            return _no_such_run(args)
+            return _no_such_run(args, since)
         try:
             Path(args.html).write_text(report.render_html(data), encoding="utf-8")
         except OSError as exc:
@@ -719,15 +722,30 @@ def cmd_report(args: argparse.Namespace) -> int:
     else:
         print(_terminal(report.render_text(data, every_instance=args.run is not None)))
     if args.run and not data["runs"]:  # a mistyped id must not read as a quiet run
-        return _no_such_run(args)
+        return _no_such_run(args, since)
     return 0
 
 
-def _no_such_run(args: argparse.Namespace) -> int:
+def _no_such_run(args: argparse.Namespace, since: float | None = None) -> int:
+    from . import report
+    from .ledger.api import LedgerError
     from .ledger.dsn import redact_dsn
 
     within = f" in the last {args.since}" if args.since else ""
-    print(f"drawdown: no run {args.run!r} in {redact_dsn(args.db)}{within}", file=sys.stderr)
+    narrowed = [(flag, getattr(args, flag)) for flag in ("tenant", "workflow")]
+    of = ", ".join(f"{flag} {value!r}" for flag, value in narrowed if value is not None)
+    try:  # `--run X --tenant Y`: is X another tenant's run, or no run at all?
+        elsewhere = bool(of) and report.run_outside(args.db, args.run, since=since)
+    except LedgerError:
+        elsewhere = False
+    if elsewhere:
+        print(
+            f"drawdown: run {args.run!r} is in {redact_dsn(args.db)}{within}, but not of {of}: "
+            "nothing to report",
+            file=sys.stderr,
+        )
+    else:
+        print(f"drawdown: no run {args.run!r} in {redact_dsn(args.db)}{within}", file=sys.stderr)
     return 1
 
 
@@ -1058,6 +1076,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--run", help="only this run id (as the agent sent it, or as the ledger stores it)"
     )
     report.add_argument("--since", metavar="DURATION", help="e.g. 15m, 24h, 7d")
+    report.add_argument(
+        "--tenant",
+        metavar="ID",
+        help="only this tenant's runs, decisions, spend, denials and anomalies, and the budget "
+        "instances within it (those it shares with the rest of the fleet marked shared)",
+    )
+    report.add_argument(
+        "--workflow",
+        metavar="ID",
+        help="only this workflow's, of every tenant with one (with --tenant: that tenant's)",
+    )
     output = report.add_mutually_exclusive_group()
     output.add_argument(
         "--json",

@@ -1006,3 +1006,187 @@ def test_a_report_reads_whole_rows_only_of_the_runs_it_flags_or_draws(
     assert [r["run"] for r in drawn] == ["loopy", "batch", "q18", "q19"]  # 13 steps
     assert drawn[0]["timeline"][0]["request"] == "POST api.openai.com/v1/chat/completions"
     assert sum(whole_rows) == (6 + 1) + 13
+
+
+# --- --tenant / --workflow -------------------------------------------------------------------
+
+
+class BackendSeeder(Seeder):
+    """Seeder on the `backend` fixture's ledger: SQLite or PostgreSQL."""
+
+    def __init__(self, backend: LedgerBackend) -> None:
+        self.path = backend.url  # type: ignore[assignment]  # a file path or a DSN
+        self.ledger = backend.open()
+        self.now = T0
+
+
+def seed_fleet(seed: Seeder) -> float:
+    """Two tenants with a workflow and an agent of the same names, under one fleet-wide budget:
+    acme's `a1` (ingest, a loop) and `a2` (triage, one authority denial), globex's `g1`
+    (ingest, a loop and a run budget's denial) and `g2`. Returns the time `a2` starts."""
+    everyone = Claim("*", "*", 100_000_000_000, None, None)  # one instance for all tenants
+
+    def claims(tenant: str, workflow: str, run: str, run_usd: int) -> list[Claim]:
+        return [
+            everyone,
+            claim(f"tenant:{tenant}", usd=50_000_000_000, budget="tenant:*"),
+            claim(f"tenant:{tenant}/workflow:{workflow}", usd=9_000_000_000,
+                  budget="tenant:*/workflow:*"),
+            claim("agent:worker", usd=90_000_000_000, budget="agent:*"),
+            claim(f"agent:worker/run:{run}", usd=run_usd),
+        ]  # fmt: skip
+
+    a1 = claims("acme", "ingest", "a1", 1_000_000_000)
+    for _ in range(6):
+        seed.call(tenant="acme", workflow="ingest", run="a1", body="same", claims=a1)
+    g1 = claims("globex", "ingest", "g1", 3_000_000)
+    for _ in range(3):  # the third does not fit its run budget: budget_exhausted
+        seed.call(tenant="globex", workflow="ingest", run="g1", body="again", claims=g1)
+    for _ in range(4):
+        seed.call(tenant="globex", workflow="ingest", run="g1", body="again", est_usd=1,
+                  actual_usd=0, claims=g1)  # fmt: skip
+    cut = seed.now
+    a2 = claims("acme", "triage", "a2", 1_000_000_000)
+    seed.call(tenant="acme", workflow="triage", run="a2", claims=a2)
+    seed.call(tenant="acme", workflow="triage", run="a2", action="refund.issue",
+              deny=("not_authorized", "refund.issue is not allowed"))  # fmt: skip
+    for n in range(2):
+        seed.call(tenant="globex", workflow="ingest", run="g2", body=str(n),
+                  claims=claims("globex", "ingest", "g2", 1_000_000_000))  # fmt: skip
+    return cut
+
+
+def budget_sides(data: dict[str, Any]) -> tuple[set[str], set[str]]:
+    """(own, shared) instance scopes of a narrowed report."""
+    own = {b["scope"] for b in data["budgets"] if not b["shared"]}
+    return own, {b["scope"] for b in data["budgets"] if b["shared"]}
+
+
+def test_tenant_and_workflow_narrow_every_section(backend: LedgerBackend) -> None:
+    """A fleet's report narrowed to a tenant, a workflow, or both (with --run and --since too):
+    runs, decisions, denials, anomalies, spend and the decision log are that part's alone;
+    budgets the instances within it (its own, its workflows' and its runs'), and those its
+    calls share with other tenants (`*`, `agent:worker`) marked `shared` and given no spend
+    series; another tenant's instance never. An unknown tenant: an empty report."""
+    seed = BackendSeeder(backend)
+    cut = seed_fleet(seed)
+    seed.close()
+    db, now = str(seed.path), seed.now + 60
+    whole = report.build(db, now=now)
+    assert {r["run"] for r in whole["runs"]} == {"a1", "a2", "g1", "g2"}
+    assert whole["filter"] == {"tenant": None, "workflow": None, "run": None}
+    assert "shared" not in whole["budgets"][0]  # the whole fleet's report is as it was
+
+    acme = report.build(db, now=now, tenant="acme")
+    assert acme["filter"] == {"tenant": "acme", "workflow": None, "run": None}
+    assert [r["run"] for r in acme["runs"]] == ["a1", "a2"]
+    assert acme["decisions"] == {"allow": 7, "deny": 1, "would_deny": 0}
+    assert [d["run"] for d in acme["denials"]] == ["a2"] and acme["denials_total"] == 1
+    assert [(a["kind"], a["run"]) for a in acme["anomalies"]] == [("loop", "a1")]
+    assert {r["run"]: r["status"] for r in acme["runs"]} == {"a1": "anomalous", "a2": "denied"}
+    assert budget_sides(acme) == (
+        {"tenant:acme", "tenant:acme/workflow:ingest", "tenant:acme/workflow:triage",
+         "agent:worker/run:a1", "agent:worker/run:a2"},
+        {"*", "agent:worker"},
+    )  # fmt: skip
+    everyone = next(b for b in acme["budgets"] if b["scope"] == "*")
+    assert everyone["spent"]["requests"] == 15  # everyone's, as its limit is
+    total, *series = acme["spend"]["series"]
+    assert total["budget"] is None and total["usd"] == pytest.approx(0.007)  # acme's 7 calls
+    assert {s["scope"] for s in series} == budget_sides(acme)[0]  # none for a shared one
+    log = list(report.decision_log(db, now=now, tenant="acme"))
+    assert len(log) == 8 and {e["tenant"] for e in log} == {"acme"}
+
+    ingest = report.build(db, now=now, workflow="ingest")
+    assert [r["run"] for r in ingest["runs"]] == ["a1", "g1", "g2"]  # both tenants' ingest
+    assert {(a["tenant"], a["run"]) for a in ingest["anomalies"]} == {
+        ("acme", "a1"),
+        ("globex", "g1"),
+    }
+    assert budget_sides(ingest) == (
+        {"tenant:acme/workflow:ingest", "tenant:globex/workflow:ingest", "agent:worker/run:a1",
+         "agent:worker/run:g1", "agent:worker/run:g2"},
+        {"*", "tenant:acme", "tenant:globex", "agent:worker"},
+    )  # fmt: skip
+    g1 = next(b for b in ingest["budgets"] if b["scope"] == "agent:worker/run:g1")
+    assert g1["exhausted"] and ingest["decisions"]["deny"] == 1
+
+    both = report.build(db, now=now, tenant="acme", workflow="ingest")
+    assert [r["run"] for r in both["runs"]] == ["a1"] and both["denials"] == []
+    assert budget_sides(both) == (
+        {"tenant:acme/workflow:ingest", "agent:worker/run:a1"},
+        {"*", "tenant:acme", "agent:worker"},
+    )
+    assert len(list(report.decision_log(db, now=now, tenant="acme", workflow="ingest"))) == 6
+
+    # --since: acme's part of the window; instances last charged before it are left out.
+    recent = report.build(db, now=now, tenant="acme", since=now - cut + 0.1)
+    assert [r["run"] for r in recent["runs"]] == ["a2"] and recent["anomalies"] == []
+    assert budget_sides(recent) == (
+        {"tenant:acme", "tenant:acme/workflow:triage", "agent:worker/run:a2"},
+        {"*", "agent:worker"},
+    )
+
+    # --run with a filter: the run's own, if it is of the tenant; else nothing.
+    mine = report.build(db, now=now, tenant="acme", run="a1")
+    assert [r["run"] for r in mine["runs"]] == ["a1"]
+    assert budget_sides(mine) == ({"agent:worker/run:a1"}, set())
+    for empty in (
+        report.build(db, now=now, tenant="acme", run="g1"),
+        report.build(db, now=now, tenant="initech"),
+        report.build(db, now=now, tenant="acme", workflow="nosuch"),
+    ):
+        assert empty["runs"] == empty["budgets"] == empty["anomalies"] == empty["denials"] == []
+        assert empty["decisions"] == {"allow": 0, "deny": 0, "would_deny": 0}
+        assert empty["spend"]["series"] == []
+    assert list(report.decision_log(db, now=now, tenant="initech")) == []
+
+
+def test_a_narrowed_text_report_says_whose_it_is_and_marks_shared_budgets(seed: Seeder) -> None:
+    """The text says which part of the fleet it shows first (an unknown tenant's report is
+    empty, not a quiet fleet), and marks the instances shared with other tenants; a tenant
+    given as the agent sent it (`big co`) is found as identity stored it (`big%20co`)."""
+    seed_fleet(seed)
+    seed.call(tenant="big%20co", run="b1", claims=[claim("agent:worker/run:b1", usd=10**9)])
+    seed.call(tenant="acme-eu", run="e1")  # its scopes sort among acme's: not acme's
+    db, now = str(seed.path), seed.now + 60
+    lines = report.render_text(report.build(db, now=now, tenant="acme")).splitlines()
+    assert lines[0] == "report of tenant acme"
+    assert lines[1] == "decisions: 7 allowed, 1 denied"
+    shared = [line for line in lines if "(shared)" in line]
+    assert {line.split()[1] for line in shared} == {"*", "agent:worker"}
+    assert any(line.startswith("(shared: ") for line in lines)
+    assert not any("globex" in line or "acme-eu" in line for line in lines)
+    assert [r["run"] for r in report.build(db, now=now, tenant="acme-eu")["runs"]] == ["e1"]
+    empty = report.render_text(report.build(db, now=now, tenant="initech", workflow="w"))
+    assert empty.splitlines()[0] == "report of tenant initech, workflow w"
+    assert "(no runs)" in empty and "(no budgets)" in empty
+    spaced = report.build(db, now=now, tenant="big co")
+    assert [r["run"] for r in spaced["runs"]] == ["b1"]
+    assert spaced["filter"]["tenant"] == "big%20co"
+    assert [e["run"] for e in report.decision_log(db, tenant="big co")] == ["b1"]
+
+
+def test_a_narrowed_report_reads_only_its_own_runs_for_anomalies(backend: LedgerBackend) -> None:
+    """`--tenant` found anomalies over every run of the fleet and kept the tenant's: a team's
+    report took as long as the whole fleet's. The runs read are the filter's now, and each
+    anomaly found is the one the whole report finds (the agents' history is fleet-wide)."""
+    from drawdown import anomalies
+    from drawdown.ledger.reader import Reader
+
+    seed = BackendSeeder(backend)
+    seed_fleet(seed)
+    seed.close()
+    reader = Reader(str(seed.path))
+    try:
+        whole, whole_rows = anomalies.find(reader)
+        acme, acme_rows = anomalies.find(reader, within={"tenant": "acme"})
+        ingest, _ = anomalies.find(reader, within={"tenant": "globex", "workflow": "ingest"})
+        with pytest.raises(ValueError, match="narrowed by tenant or workflow"):
+            anomalies.find(reader, within={"scope = scope OR 1": "x"})
+    finally:
+        reader.close()
+    assert {r["tenant"] for r in whole_rows} == {"acme", "globex"}
+    assert {r["tenant"] for r in acme_rows} == {"acme"}
+    assert acme == [a for a in whole if a["tenant"] == "acme"] != []
+    assert ingest == [a for a in whole if a["tenant"] == "globex"] != []

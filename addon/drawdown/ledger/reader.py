@@ -65,6 +65,12 @@ class Reader:
             has_tables=not found and self.has_table("budget_instances"),
         )
 
+    @property
+    def is_sqlite(self) -> bool:
+        """SQLite compares text byte by byte (BINARY), so a scope prefix is a range of its
+        scope index; PostgreSQL's collation need not order text so."""
+        return self._sqlite is not None
+
     def has_table(self, name: str) -> bool:
         if self._sqlite is not None:
             sql = "SELECT 1 AS found FROM sqlite_master WHERE type = 'table' AND name = :name"

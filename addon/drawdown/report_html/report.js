@@ -78,8 +78,12 @@
   var anomalies = data.anomalies || [];
   var spend = data.spend || { series: [], bucket_seconds: 3600 };
   var total = spend.series.filter(function (s) { return s.budget === null; })[0];
+  // --tenant / --workflow (and --run with them): the part of the fleet this page is of.
+  var narrowed = data.filter || {};
+  var of = ["tenant", "workflow"].filter(function (k) { return narrowed[k] !== null && narrowed[k] !== undefined; })
+    .map(function (k) { return k + " " + narrowed[k]; }).join(" · ");
   var meta = "generated " + (data.generated_at || "") + (data.since ? " · since " + data.since : " · whole ledger") +
-    " · " + runs.length + " runs";
+    (of ? " · " + of : "") + " · " + runs.length + " runs";
   app.appendChild(el("header", { "class": "top" }, [el("h1", null, "drawdown report"), el("div", { "class": "meta" }, meta)]));
 
   var d = data.decisions || { allow: 0, deny: 0, would_deny: 0 };
@@ -436,8 +440,8 @@
         var share = limit > 0 ? Math.min(used / limit, 1) : 1;
         var show = unit === "usd" ? fmtUsd : fmtInt;
         var bar = el("div", { "class": "usage" + (share >= 1 ? " full" : "") }, el("span", { style: "width:" + (share * 100).toFixed(1) + "%" }));
-        bb.appendChild(el("tr", { "class": "budget", "data-scope": b.scope, "data-unit": unit }, [
-          el("td", { "class": "scope" }, b.scope),
+        bb.appendChild(el("tr", { "class": "budget", "data-scope": b.scope, "data-unit": unit, "data-shared": b.shared ? "1" : null }, [
+          el("td", { "class": "scope" }, b.shared ? [b.scope + " ", badge("flag", "shared")] : b.scope),
           el("td", null, (b.per || "lifetime") + (b.window_start ? " from " + b.window_start : "")),
           el("td", null, unit),
           num("spent", b.spent[unit], show(b.spent[unit]) + (b.reserved[unit] ? " (+" + show(b.reserved[unit]) + " held)" : "")),
@@ -460,6 +464,11 @@
     });
     bt.appendChild(bb);
     budgetSection.appendChild(bt);
+    if (budgets.some(function (b) { return b.shared; })) {
+      budgetSection.appendChild(el("p", { "class": "reason", id: "budgets-shared" },
+        "shared: an instance this page's requests are charged to together with others' outside " + of +
+        "; its spent and held are everyone's."));
+    }
   }
 
   app.setAttribute("data-ready", "1");
