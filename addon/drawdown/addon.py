@@ -393,7 +393,7 @@ def _cut_short(state: FlowState, reason: str, status: int | None) -> Completion:
     last byte and mitmproxy's closing the flow, and the charge is the whole answer's."""
     if state.measurement is not None:
         return _measured(state.measurement, status)
-    return _measured(state.stream_meter.partial(), status, note=f"stream cut short: {reason}")
+    return _measured(state.stream_meter.partial(), status, note=f"{recording.STREAM_CUT}{reason}")
 
 
 def _status_the_agent_got(response: http.Response | None, reason: str) -> int | None:
@@ -820,7 +820,9 @@ class Drawdown:
             if state.stream_meter is not None and state.streamed_bytes:
                 completion = _cut_short(state, "proxy shut down", status)
             elif state.billed_before_cut():
-                completion = _the_estimate(state, status, "response cut short: proxy shut down")
+                completion = _the_estimate(
+                    state, status, f"{recording.RESPONSE_CUT}proxy shut down"
+                )
             else:
                 continue
             state.settled = True
@@ -2063,12 +2065,12 @@ class Drawdown:
             await self._settle(flow, state, _cut_short(state, reason, status), status, None)
             return
         if state.billed_before_cut():  # client gone, upstream reset, body_size_limit
-            note = f"response cut short: {reason}"
+            note = f"{recording.RESPONSE_CUT}{reason}"
             await self._settle(flow, state, _the_estimate(state, status, note), status, None)
             return
         idle_cut = float(ctx.options.tcp_timeout)
         if state.billed_though_abandoned(reason, flow.server_conn, idle_cut, time.time()):
-            note = f"client left before the answer: {reason}"
+            note = f"{recording.CLIENT_LEFT}{reason}"
             await self._settle(flow, state, _the_estimate(state, status, note), status, None)
             return
         await self._settle(flow, state, None, status, reason)

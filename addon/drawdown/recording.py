@@ -348,6 +348,12 @@ def _redacted_dumps(value: Any, name: str = "", limit: int | None = None) -> str
 # The note of an MCP call answered 200 that did not succeed (addon: a JSON-RPC error, or a tool
 # result marked isError): replay's `requires` must not count it as a lookup made.
 MCP_CALL_FAILED = "the MCP call failed: a JSON-RPC error, or a tool result marked isError"
+# The notes of a call charged though its answer never arrived whole (addon._settle_error): it
+# wrote no facts, so replay counts it no success for a later `requires` either.
+STREAM_CUT = "stream cut short: "
+RESPONSE_CUT = "response cut short: "
+CLIENT_LEFT = "client left before the answer: "
+UNANSWERED_NOTES = (STREAM_CUT, RESPONSE_CUT, CLIENT_LEFT)
 
 # (policy digest, action kind, file, line) -> metering_digest: one policy's actions, by value.
 _metering: dict[tuple[str, str, str, int], str] = {}

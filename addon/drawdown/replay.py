@@ -35,15 +35,17 @@ import re
 import time
 from collections import Counter, defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from fnmatch import fnmatchcase
 from typing import Any
 
 from . import meter
+from .addon import fingerprint as fingerprint_of
 from .addon import guards_for
 from .authority import evaluate, facts_of
 from .budgets import claims_for
 from .classify import RequestView, classify, unmatched, unrecorded
+from .identity import clean_value
 from .ledger.api import (
     BATCH_HOLDER,
     LOOP_HINT,
@@ -63,10 +65,11 @@ from .meter import TokenUsage, openai_realtime
 from .meter.prices import url_provider
 from .money import format_usd, usd_float
 from .policy.match import LEVELS, canonical_host, missing
-from .policy.model import Policy
+from .policy.model import Policy, hostless_action
 from .recording import (
     MCP_CALL_FAILED,
     REDACTED,
+    UNANSWERED_NOTES,
     body_fields,
     metering_digest,
     omitted_fields,
@@ -171,6 +174,16 @@ class Simulation:
         self.unmetered = 0
         self.unmetered_unestimated = 0
         self.retries_dropped = 0  # recorded SDK retries of attempts the new policy refuses
+        # LLM calls with no model recorded (an unmetered host, no body kept) that a `model`
+        # condition of the new policy read as absent
+        self.modelless = 0
+        self.reads_model = _reads_model(policy)
+        # MCP requests recorded without their JSON-RPC messages (the recording policy did not
+        # name the server `provider: mcp`, nor kept bodies): decided as the bare MCP action
+        self.mcp_unrecorded = 0
+        # requests to hosts the new policy's `unknown_hosts: passthrough` would not decrypt:
+        # the proxy would never see them (no decision, no step)
+        self.passed_through = 0
         self._seq = 0
 
     def settle_until(self, ts: float) -> None:
@@ -236,8 +249,9 @@ class Simulation:
                 limit = claim.limit(unit)
                 needed = estimate.get(unit)
                 if limit is not None and cell[i] + cell[3 + i] + needed > limit:
+                    # Every short unit, as the ledger's reserve (plan.py) collects them: which
+                    # decides (402 for a window no refill helps, before 429) is picked of all.
                     found.append(Shortfall(claim, unit, limit, cell[i], cell[3 + i], needed))
-                    break
         return deciding_first(found)
 
     def hold(
@@ -338,20 +352,38 @@ def _held_until(row: dict[str, Any]) -> float | None:
 
 def _succeeded(row: dict[str, Any]) -> bool:
     status = row.get("status")
+    note = row.get("note") or ""
     return (
         (row.get("hold_state") in ("committed", "expired") or _kept(row))
         and status is not None
         and (200 <= int(status) < 300)
-        and row.get("note") != MCP_CALL_FAILED  # answered 200, yet the call failed
+        and note != MCP_CALL_FAILED  # answered 200, yet the call failed
+        # Charged, though its answer never arrived whole: live, it wrote no fact to meet a
+        # later `requires` (an MCP result streamed, then the connection reset).
+        and not note.startswith(UNANSWERED_NOTES)
     )
 
 
-def _decide(sim: Simulation, row: dict[str, Any]) -> Replayed:
-    """One request through the new policy's pipeline (addon.Drawdown.request, step by step)."""
+def _decide(sim: Simulation, row: dict[str, Any]) -> Replayed | None:
+    """One request through the new policy's pipeline (addon.Drawdown.request, step by step).
+    None: the proxy would never see it (relayed unread under `unknown_hosts: passthrough`)."""
     policy = sim.policy
     view = _view(row)
     classification = classify(policy, view)
     action = classification.action
+    if classification.mcp_error is not None and _mcp_unrecorded(row):
+        # Recorded by a policy that did not read this server as MCP, without its body: its
+        # JSON-RPC messages were never kept, so no tool can be told. Refusing it as unreadable
+        # (as it was, every call) is not what the proxy would do: it is decided as the bare
+        # MCP action, and replay says so.
+        sim.mcp_unrecorded += 1
+        classification = replace(classification, mcp_error=None)
+    if action is not None and action.is_llm and view.model is None:
+        # Not metered when recorded (its host named by no LLM action): the model is in its
+        # body, if that was kept.
+        view.model = getattr(_inspected(policy, action, view, row), "model", None)
+    if action is not None and action.is_llm and view.model is None and sim.reads_model:
+        sim.modelless += 1
     sim.redacted.update(n for n in sim.reads if _redacted(n, RequestView.field(view, n)))
     levels = _levels(row)
     scope = row["scope"]
@@ -414,6 +446,10 @@ def _decide(sim: Simulation, row: dict[str, Any]) -> Replayed:
         if out.decision == "deny":
             return finish([], Amount(), None)
     if action is None:
+        if policy.unknown_hosts == "passthrough" and not _decrypted(policy, view):
+            # mitmproxy's allow_hosts would relay it unread: no decision, no step, no row.
+            sim.passed_through += 1
+            return None
         if policy.unknown_hosts == "deny":
             deny(
                 "unknown_host",
@@ -470,6 +506,10 @@ def _decide(sim: Simulation, row: dict[str, Any]) -> Replayed:
     fingerprint = (
         row.get("fingerprint") if counted and not classification.mcp_housekeeping else None
     )
+    if fingerprint and classification.mcp and row.get("mcp") is None:
+        # Recorded as no MCP request, its fingerprint hashed the JSON-RPC id too (a new one
+        # every call: no loop ever); its kept body gives the messages the proxy would hash.
+        fingerprint = fingerprint_of(kind, view, classification)
     if policy.authority.rules or policy.authority.default == "deny":
         for each, seen in classification.authorizations(view):
             evaluation = evaluate(policy.authority, levels, scope, each, seen)
@@ -566,7 +606,12 @@ def _llm_estimate(
     recorded body (`record: {bodies: full}`), else its actual. With it, whether the recorded
     estimate was kept though the new policy meters the call otherwise (no body to estimate)."""
     changed = any(_metering_changed(policy, action, row))
-    if row.get("est_usd") and not (changed and row.get("body")):
+    # Estimated live, unless the new policy meters it otherwise and its body is there to say
+    # how. A metered call's estimate is its tokens too, where its price is $0 (a tokens budget
+    # refused on them); a call the recording did not meter was estimated nothing.
+    metered = row.get("provider") is not None
+    estimated = row.get("est_usd") or (metered and row.get("est_tokens"))
+    if estimated and not (changed and row.get("body")):
         recorded = Amount(usd=row["est_usd"], tokens=row.get("est_tokens") or 0, requests=1)
         return recorded, changed
     if meter.batch_results_download(action.provider, view.method, view.path):
@@ -579,24 +624,54 @@ def _llm_estimate(
         # A Realtime session and its responses: live, each held room for one request and
         # no money (the price is known only at response.done), then charged its actual.
         return Amount(requests=1), False
-    if row.get("body"):
-        try:
-            # The ledger keeps no scheme: port 80 is plain HTTP, as the proxy sees it.
-            scheme = "http" if view.port == 80 else "https"
-            llm = meter.inspect_request(
-                action.provider, view.method, view.path, view.query, row["body"].encode(),
-                policy.meter, action.price, origin=meter.origin(scheme, view.host, view.port),
-            )  # fmt: skip
-            estimate = Amount(
-                usd=llm.estimate_usd_nanos,
-                tokens=llm.input_tokens + llm.max_output_tokens,
-                requests=1,
-            )
-            return estimate, False
-        except meter.MeterRequestError:
-            pass
+    if (llm := _inspected(policy, action, view, row)) is not None:
+        estimate = Amount(
+            usd=llm.estimate_usd_nanos, tokens=llm.input_tokens + llm.max_output_tokens, requests=1
+        )
+        return estimate, False
     tokens = (row.get("tokens_in") or 0) + (row.get("tokens_out") or 0)
     return Amount(usd=row.get("actual_usd") or 0, tokens=tokens, requests=1), False
+
+
+def _inspected(
+    policy: Policy, action: Any, view: RequestView, row: dict[str, Any]
+) -> meter.LLMRequest | None:
+    """The meter's reading of a recorded body (`record: {bodies: full}`), as the proxy reads a
+    request: its model and estimate. None without a body, or one the meter cannot read."""
+    if not row.get("body"):
+        return None
+    try:
+        # The ledger keeps no scheme: port 80 is plain HTTP, as the proxy sees it.
+        scheme = "http" if view.port == 80 else "https"
+        return meter.inspect_request(
+            action.provider, view.method, view.path, view.query, row["body"].encode(),
+            policy.meter, action.price, origin=meter.origin(scheme, view.host, view.port),
+        )  # fmt: skip
+    except meter.MeterRequestError:
+        return None
+
+
+def _mcp_unrecorded(row: dict[str, Any]) -> bool:
+    """Whether the ledger kept nothing of this request's JSON-RPC messages: recorded as no
+    MCP request (the `mcp` column empty) and without its body. One the recording policy read
+    as MCP and refused as unreadable is refused again."""
+    refused_unread = (row.get("reason") or "").startswith("cannot read this MCP request")
+    return row.get("mcp") is None and not row.get("body") and not refused_unread
+
+
+def _decrypted(policy: Policy, view: RequestView) -> bool:
+    """Under `unknown_hosts: passthrough`, whether the proxy decrypts (sees) this request:
+    its host is one an action names (addon._apply_passthrough), or an action names none."""
+    if hostless_action(policy.actions) is not None:
+        return True
+    return any(h.matches(view.host, view.port) for a in policy.actions for h in a.match.hosts)
+
+
+def _reads_model(policy: Policy) -> bool:
+    """Whether the policy's rules read the request's model (a condition or a `requires`)."""
+    return any(t.field == "model" for rule in policy.authority.rules for t in rule.when) or any(
+        "model" in (r.here, r.there) for rule in policy.authority.rules for r in rule.requires
+    )
 
 
 def _actual(
@@ -683,6 +758,25 @@ def _metering_warnings(sim: Simulation | None) -> list[str]:
                 else ""
             )
         )
+    if sim is not None and sim.modelless:
+        found.append(
+            f"{sim.modelless} LLM call(s) have no model recorded (their host was not metered "
+            "when recorded, and their bodies were not kept): the new policy's conditions on "
+            "`model` saw none (record them with `record: {bodies: full}`, or compare live)"
+        )
+    if sim is not None and sim.mcp_unrecorded:
+        found.append(
+            f"{sim.mcp_unrecorded} request(s) to the new policy's MCP actions were recorded "
+            "without their JSON-RPC messages (the recording policy did not name the server "
+            "`provider: mcp`, nor kept bodies): their tools cannot be told, so they were "
+            "decided as the MCP action itself, and no loop among them could be seen"
+        )
+    if sim is not None and sim.passed_through:
+        found.append(
+            f"{sim.passed_through} request(s) went to hosts the new policy names in no action: "
+            "under its `unknown_hosts: passthrough` the proxy would relay them unread, so they "
+            "are no decisions or steps here"
+        )
     if sim is not None and sim.costs_repriced:
         found.append(
             f"{sim.costs_repriced} LLM call(s) priced otherwise by the new policy were charged "
@@ -733,12 +827,43 @@ def _warnings(policy: Policy, rows: Sequence[dict[str, Any]], redacted: Counter[
             + ", which the ledger holds redacted (a credential): replay treats it as absent, "
             "so conditions on it did not hold and a `requires … same` on it was unmet"
         )
+    if moved := _identity_moved(policy, rows):
+        found.append(
+            "the new policy's identity: section is not applied: every request keeps the "
+            "levels it was recorded with, though the new one names "
+            + ", ".join(f"{level} {value!r} for {n} request(s)" for level, value, n in moved)
+            + " (budgets and rules on those levels are replayed against the recorded ones)"
+        )
+    reporting = sorted({a.kind for a in policy.actions if a.cost_header or a.cost_json})
+    if reporting:
+        found.append(
+            "the new policy reads tool costs from answers (cost_header/cost_json on "
+            + ", ".join(reporting)
+            + "); answers are not recorded, so those calls are charged what the ledger recorded "
+            "(the reported cost where the recording policy read one, else its fixed cost)"
+        )
     if rows and not any(row.get("port") is not None for row in rows):
         found.append(
             "this ledger holds no request features (port, query, body fields): it was written by "
             "an older drawdown, so conditions on them saw nothing"
         )
     return found
+
+
+def _identity_moved(policy: Policy, rows: Sequence[dict[str, Any]]) -> list[tuple[str, str, int]]:
+    """(level, value, requests) where the new policy's identity sets a level to a constant
+    (`tenant: [{value: acme}]` first) that recorded requests hold otherwise: replay keeps the
+    recorded levels, so what it says of that level's budgets and rules is not what the proxy
+    would do. Other sources (headers, the proxy user) cannot be told from the ledger."""
+    moved = []
+    for level, sources in policy.identity.items():
+        if not sources or sources[0].kind != "value":
+            continue
+        value = clean_value(str(sources[0].arg))
+        differ = sum(1 for row in rows if row.get(level) != value)
+        if differ:
+            moved.append((level, str(value), differ))
+    return moved
 
 
 def replay(
@@ -779,6 +904,7 @@ def replay(
     # retries are left out, not refused again and counted as steps and repeats.
     refused: dict[tuple[str, str], float] = {}  # (scope, fingerprint) -> when it was made
     dropped: set[str] = set()
+    relayed: set[str] = set()  # under passthrough, never seen by the proxy
     for row in rows:
         key = (row["scope"], row.get("fingerprint") or "")
         made = refused.pop(key, None) if key[1] else None
@@ -789,11 +915,15 @@ def replay(
             continue
         sim.settle_until(row["ts"])
         decided = _decide(sim, row)
+        if decided is None:
+            relayed.add(row["request_id"])
+            continue
         if decided.decision == "deny" and key[1] and _failed(row):
             refused[key] = row["ts"]
         if row["ts"] >= floor:  # earlier rows only bring the state up to the window
             results.append(decided)
-    in_window = [row for row in rows if row["ts"] >= floor and row["request_id"] not in dropped]
+    left_out = dropped | relayed
+    in_window = [row for row in rows if row["ts"] >= floor and row["request_id"] not in left_out]
     sim.retries_dropped = sum(
         1 for row in rows if row["ts"] >= floor and row["request_id"] in dropped
     )

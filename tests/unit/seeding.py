@@ -60,6 +60,7 @@ class Seeder:
         features: dict[str, Any] | None = None,
         deny: tuple[str, str] | None = None,
         requests: int = 1,
+        note: str | None = None,
     ) -> DecisionRow:
         """One request at the seeder's clock; the clock then moves on by `took` + `gap`.
 
@@ -125,6 +126,7 @@ class Seeder:
                 usage_source="usage",
                 latency_ms=latency_ms,
                 upstream_ms=upstream_ms,
+                note=note,
             )
             self.ledger.commit(row.request_id, outcome.hold_id, completion, done)
         self.now = done + gap

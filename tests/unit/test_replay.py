@@ -911,3 +911,187 @@ def test_a_null_column_in_a_text_table_is_a_dash_not_a_traceback() -> None:
     from drawdown.report import _table
 
     assert _table(["scope", "blocked"], [[None, "1"]]).splitlines()[2] == "-      1"
+
+
+# --- replay against enforce: the audit of 2026-12-07 -----------------------------------------
+
+MCP_CALL = (
+    b'{"jsonrpc": "2.0", "id": %d, "method": "tools/call", '
+    b'"params": {"name": "search_docs", "arguments": {"q": "budgets"}}}'
+)
+
+
+def mcp_calls(first: int, count: int) -> list[tuple[str, str, bytes]]:
+    """An MCP session's identical tool calls, each with its own JSON-RPC id, as an SDK sends."""
+    return [("POST", "mcp.example.com/docs/mcp", MCP_CALL % (first + n)) for n in range(count)]
+
+
+@pytest.mark.parametrize("bodies", [False, True])
+def test_mcp_calls_recorded_by_a_policy_that_did_not_name_the_server(
+    tmp_path: Path, bodies: bool
+) -> None:
+    """Recorded under a plain tool action, MCP calls kept no JSON-RPC message: replay under a
+    policy naming the server `provider: mcp` refused every one as unreadable (enforce let them
+    through), and with their bodies kept it hashed the JSON-RPC ids and saw no loop (enforce
+    stopped the 3rd). Now: without bodies, decided as the MCP action, with a warning; with
+    them, decided as enforce decides."""
+    plain = "actions:\n  - {kind: docs, match: {host: mcp.example.com}}\n" + AGENT
+    if bodies:
+        plain += "record: {bodies: full}\n"
+    strict = (
+        "actions:\n  - {kind: mcp.docs, provider: mcp, match: {host: mcp.example.com, "
+        "path: /docs/mcp}}\n" + AGENT + "anomalies:\n  loop: {repeats: 2, on_detect: deny}\n"
+    )
+    (tmp_path / "recorded").mkdir()
+    (tmp_path / "live").mkdir()
+    answer = b'{"jsonrpc": "2.0", "id": 1, "result": {"content": [{"type": "text", "text": "ok"}]}}'
+    db, statuses = record(tmp_path / "recorded", plain, mcp_calls(1, 4), answer)
+    assert statuses == [200] * 4
+    live_db, _ = record(tmp_path / "live", strict, mcp_calls(1, 4), answer)
+    with sqlite3.connect(live_db) as conn:  # refused as JSON-RPC errors, HTTP 200 (MCP's way)
+        live = conn.execute("SELECT decision, status FROM decisions ORDER BY id").fetchall()
+    assert live == [("allow", 200)] * 2 + [("deny", 429)] * 2  # a loop at the third call
+    data = replay.replay(policy(tmp_path, strict, "strict.yaml"), str(db))
+    if bodies:
+        assert [b["status"] for b in data["blocked"]] == [429, 429]
+        assert [b["by"] for b in data["blocked"]] == ["anomalies.loop"] * 2
+        assert not any("JSON-RPC" in w for w in data["warnings"])
+    else:
+        assert data["blocked"] == [] and data["decisions"]["allow"] == 4
+        assert any(
+            w.startswith("4 request(s) to the new policy's MCP actions were recorded without")
+            for w in data["warnings"]
+        )
+
+
+@pytest.mark.parametrize("bodies", [False, True])
+def test_a_model_condition_reads_the_model_of_a_call_the_recording_did_not_meter(
+    tmp_path: Path, bodies: bool
+) -> None:
+    """An Anthropic host the recording policy named by no action: no model was recorded, and
+    replay refused every call under a rule allowing cheap models (enforce allowed them). With
+    the body kept, the model is read from it; without, replay says so."""
+    recording = "actions:\n  - {kind: llm, provider: openai, match: {host: api.openai.com}}\n"
+    recording += AGENT + ("record: {bodies: full}\n" if bodies else "")
+    strict = (
+        "actions:\n  - {kind: llm, provider: anthropic, match: {host: api.anthropic.com}}\n"
+        + AGENT
+        + 'authority:\n  rules:\n    - {scope: "*", action: llm, when: {model: {in: '
+        "[claude-haiku-4-5]}}}\n"
+    )
+    haiku = (
+        "POST",
+        "api.anthropic.com/v1/messages",
+        b'{"model": "claude-haiku-4-5", "max_tokens": 20, '
+        b'"messages": [{"role": "user", "content": "hi"}]}',
+    )
+    (tmp_path / "recorded").mkdir()
+    (tmp_path / "live").mkdir()
+    db, _ = record(tmp_path / "recorded", recording, [haiku] * 2)
+    _, live = record(tmp_path / "live", strict, [haiku] * 2)
+    assert live == [200, 200]
+    data = replay.replay(policy(tmp_path, strict, "strict.yaml"), str(db))
+    warned = any("have no model recorded" in w for w in data["warnings"])
+    if bodies:
+        assert data["blocked"] == [] and not warned
+    else:
+        assert [b["reason_code"] for b in data["blocked"]] == ["not_authorized"] * 2 and warned
+
+
+def test_a_call_priced_at_nothing_keeps_its_tokens_estimate(seed: Seeder, tmp_path: Path) -> None:
+    """A model priced $0 (`price: {input: 0, output: 0}`) under a tokens budget: its estimate
+    was $0, taken as none, and replay held its actual 11 tokens where the proxy held 71; it
+    allowed 7 calls the proxy stopped at 3."""
+    for _ in range(7):
+        seed.call(est_usd=0, est_tokens=71, actual_usd=0, tokens=(6, 5))
+    text = (
+        "actions:\n  - {kind: llm, provider: openai, match: {host: api.openai.com}, "
+        "price: {input: 0, output: 0}}\n"
+        'budgets:\n  - {scope: "agent:*/run:*", tokens: 100}\n'
+    )
+    data = replay.replay(policy(tmp_path, text), str(seed.path))
+    assert data["decisions"] == {"allow": 3, "deny": 4, "would_deny": 0}
+    assert "tokens 100 exhausted" in data["blocked"][0]["reason"]
+
+
+def test_a_budget_short_on_two_units_decides_as_the_ledger_does(
+    seed: Seeder, tmp_path: Path
+) -> None:
+    """Short on its day's usd (a later window would take it: 429) and on tokens past the
+    whole limit (no window will: 402): the ledger answers 402; replay stopped at the first
+    short unit and said 429."""
+    seed.call(est_usd=190_000_000, est_tokens=50, actual_usd=190_000_000, tokens=(30, 20))
+    seed.call(est_usd=20_000_000, est_tokens=159, actual_usd=20_000_000, tokens=(100, 59))
+    text = ACTIONS + 'budgets:\n  - {scope: "agent:*", per: day, usd: 0.2, tokens: 100}\n'
+    data = replay.replay(policy(tmp_path, text), str(seed.path))
+    (blocked,) = data["blocked"]
+    assert blocked["status"] == 402 and "tokens 100 per day" in blocked["reason"]
+
+
+@pytest.mark.parametrize(
+    "note", ["stream cut short: upstream reset", "response cut short: client disconnected"]
+)
+def test_a_lookup_cut_short_meets_no_requirement(seed: Seeder, tmp_path: Path, note: str) -> None:
+    """A lookup charged though its answer never arrived whole wrote no fact live, so the
+    refund after it was refused `requires_unmet`; replay counted it a success and allowed."""
+    lookup = {"query": None, "body_fields": None, "port": 443}
+    seed.call(action="crm.read", provider=None, model=None, method="GET",
+              host="crm.example.com", path="/customers/c1", features=lookup, note=note)  # fmt: skip
+    seed.call(action="refund.issue", provider=None, model=None, host="api.stripe.com",
+              path="/v1/refunds", features={"body_fields": '{"json.customer_id": "c1"}',
+                                            "port": 443})  # fmt: skip
+    text = (
+        ACTIONS + 'authority:\n  rules:\n    - {scope: "*", action: refund.issue, requires: '
+        "[{action: crm.read, same: {json.customer_id: path.id}}]}\n"
+    )
+    data = replay.replay(policy(tmp_path, text), str(seed.path))
+    assert [b["reason_code"] for b in data["blocked"]] == ["requires_unmet"]
+    seed.call(action="crm.read", provider=None, model=None, method="GET",
+              host="crm.example.com", path="/customers/c1", features=lookup)  # fmt: skip
+    seed.call(action="refund.issue", provider=None, model=None, host="api.stripe.com",
+              path="/v1/refunds", features={"body_fields": '{"json.customer_id": "c1"}',
+                                            "port": 443})  # fmt: skip
+    again = replay.replay(policy(tmp_path, text, "again.yaml"), str(seed.path))
+    assert len(again["blocked"]) == 1  # the refund after a whole answer is allowed
+
+
+def test_hosts_passthrough_relays_are_no_decisions_or_steps(seed: Seeder, tmp_path: Path) -> None:
+    """Under the new policy's `unknown_hosts: passthrough`, requests to a host no action names
+    are relayed unread: the proxy never counts them. Replay counted them as steps and blocked
+    an LLM call the proxy let through."""
+    for host in ["api.openai.com"] * 2 + ["files.example.net"] * 3 + ["api.openai.com"] * 2:
+        if host == "api.openai.com":
+            seed.call(run="r1")
+        else:
+            seed.call(run="r1", action="unknown", provider=None, model=None, method="GET",
+                      host=host, path="/f", features={"port": 443})  # fmt: skip
+    text = (
+        "unknown_hosts: passthrough\n" + ACTIONS
+        + "anomalies:\n  step_count: {max: 3, on_detect: deny}\n"
+    )  # fmt: skip
+    data = replay.replay(policy(tmp_path, text), str(seed.path))
+    assert data["requests"] == 4 and len(data["blocked"]) == 1
+    assert any(w.startswith("3 request(s) went to hosts the new policy names in no action")
+               for w in data["warnings"])  # fmt: skip
+
+
+def test_what_replay_cannot_apply_is_said(seed: Seeder, tmp_path: Path) -> None:
+    """The new policy's constant identity (`tenant: [{value: acme}]`) and a cost it reads from
+    answers (`cost_header`): neither can be applied to recorded rows, and replay was silent
+    while enforce refused calls it allowed."""
+    for _ in range(3):
+        seed.call(tenant="default", features={"port": 443})
+    text = (
+        "identity:\n  tenant: [{value: acme}]\n"
+        "actions:\n  - {kind: llm, provider: openai, match: {host: api.openai.com}}\n"
+        "  - {kind: search, match: {host: tool.example.com}, cost: {usd: 0.002}, "
+        "cost_header: X-Request-Cost}\n"
+    )
+    warnings = replay.replay(policy(tmp_path, text), str(seed.path))["warnings"]
+    assert any(
+        "identity: section is not applied" in w and "tenant 'acme' for 3 request(s)" in w
+        for w in warnings
+    )
+    assert any("tool costs from answers (cost_header/cost_json on search)" in w for w in warnings)
+    same = "identity:\n  tenant: [{value: default}]\n" + ACTIONS
+    assert replay.replay(policy(tmp_path, same, "same.yaml"), str(seed.path))["warnings"] == []
