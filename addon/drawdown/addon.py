@@ -1191,6 +1191,13 @@ class Drawdown:
             del flow.request.headers[name]
         if "proxy-authorization" in headers:
             del flow.request.headers["proxy-authorization"]
+        if "sec-websocket-extensions" in headers:
+            # No permessage-deflate on a WebSocket through drawdown: mitmproxy inflates a
+            # message without bound and holds it whole, so 0.5 MB from an agent (or a server)
+            # became 2.8 GB in the proxy and stalled every agent 12 s. Uncompressed, what a
+            # message costs here is what it costs on the wire; both ends speak it (RFC 7692:
+            # the extension is only ever offered).
+            del flow.request.headers["sec-websocket-extensions"]
         if flow.request.stream:
             # Set by stream_large_bodies: mitmproxy would send the body upstream as it comes,
             # before the `request` hook, so before this proxy has decided and reserved. A
@@ -2203,14 +2210,17 @@ class Drawdown:
         return replace(llm, model=model)
 
     async def websocket_message(self, flow: http.HTTPFlow) -> None:
+        if flow.websocket is None:
+            return
+        # mitmproxy keeps every message of a flow: a voice session's audio is ~230 MB an hour,
+        # and any other WebSocket through the proxy grows alike. Nothing here looks back at
+        # earlier ones, so only the one at hand is kept.
+        del flow.websocket.messages[:-1]
         state: FlowState | None = flow.metadata.get(STATE)
         session = state.realtime if state is not None else None
-        if state is None or session is None or flow.websocket is None:
+        if state is None or session is None:
             return
         message = flow.websocket.messages[-1]
-        # mitmproxy keeps every message of a flow: a voice session's audio is ~230 MB an hour.
-        # Nothing here looks back at earlier ones, so only the one at hand is kept.
-        del flow.websocket.messages[:-1]
         if message.injected:  # our own error events
             return
         if not message.from_client:

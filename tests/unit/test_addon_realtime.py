@@ -313,3 +313,35 @@ def test_a_response_create_spelled_with_json_escapes_is_decided_too(tmp_path: Pa
         ("budget_exhausted", "evt_x"),
         ("budget_exhausted", None),
     ]
+
+
+@pytest.mark.parametrize("host", ["api.openai.com", "chat.example.com"])
+def test_a_websocket_is_never_compressed_and_keeps_only_the_message_at_hand(
+    tmp_path: Path, host: str
+) -> None:
+    """mitmproxy inflates a permessage-deflate message without bound and holds it whole:
+    0.5 MB on the wire became 2.8 GB in the proxy. The offer is taken out of every upgrade
+    (a Realtime session's, or any other host's), so a message costs what it costs on the
+    wire, and a WebSocket no action names no longer keeps every message it ever carried."""
+
+    async def steps(addon: Drawdown) -> None:
+        flow = tflow.twebsocketflow()
+        flow.websocket.messages.clear()
+        flow.request.host, flow.request.port, flow.request.scheme = host, 443, "https"
+        flow.request.path = "/v1/realtime?model=gpt-realtime"
+        flow.request.headers["Upgrade"] = "websocket"
+        flow.request.headers["Sec-WebSocket-Extensions"] = (
+            "permessage-deflate; client_max_window_bits"
+        )
+        response, flow.response = flow.response, None
+        addon.requestheaders(flow)
+        assert "Sec-WebSocket-Extensions" not in flow.request.headers
+        await addon.request(flow)
+        flow.response = response
+        await addon.response(flow)
+        for n in range(20):
+            event = {"type": "input_audio_buffer.append", "audio": "AAAA", "n": n}
+            await send(addon, flow, event, from_client=True)
+        assert [json.loads(m.content)["n"] for m in flow.websocket.messages] == [19]
+
+    drive(tmp_path, POLICY.format(on_error="deny"), steps)
