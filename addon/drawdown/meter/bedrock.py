@@ -682,24 +682,53 @@ class EventStreamReader:
     """Incremental reader of AWS event-stream messages: bytes in, as they arrive (cut
     anywhere), `on_event(:event-type, payload)` out for each complete event message. A bad
     CRC or length raises botocore's ParserError: the caller stops reading (the bytes still
-    flow). Exception messages (`:message-type: exception`) carry no usage and are skipped."""
+    flow). Exception messages (`:message-type: exception`) carry no usage and are skipped.
+
+    Messages are framed here, by their prelude's total length, and botocore parses one whole
+    message at a time: its buffer appends by copying (`bytes +=`) and slices what is left after
+    each message, so a message trickled in 1 KiB pieces, or a chunk of thousands of tiny
+    messages, cost time that grew with the square of its size, on the event loop (an upstream
+    sending 24 MB so stalled every agent for 85 s)."""
 
     def __init__(self, on_event: Callable[[str | None, bytes], bool]) -> None:
         from botocore.eventstream import EventStreamBuffer  # ~20 ms: only once a stream opens
 
-        self._buffer = EventStreamBuffer()
+        self._buffer = EventStreamBuffer()  # given one whole message at a time
+        self._pending = bytearray()  # the bytes of messages not yet whole
         self._on_event = on_event
         self.events = 0
 
     def feed(self, data: bytes) -> None:
-        self._buffer.add_data(data)
-        for message in self._buffer:
-            headers = message.headers
-            if headers.get(":message-type", "event") != "event":
-                continue
-            event = headers.get(":event-type")
-            self.events += 1
-            try:
-                self._on_event(event if isinstance(event, str) else None, message.payload)
-            except Exception:  # a handler bug must never break the stream
-                pass
+        from botocore.eventstream import InvalidPayloadLength
+
+        self._pending += data
+        while len(self._pending) >= _PRELUDE_BYTES:
+            total = int.from_bytes(self._pending[:4], "big")
+            if not _PRELUDE_BYTES + 4 <= total <= MAX_EVENT_MESSAGE:
+                # Shorter than a prelude and a CRC, or past botocore's own limits: botocore
+                # would consume another length than framed here (or wait for 4 GB).
+                raise InvalidPayloadLength(total)
+            if len(self._pending) < total:
+                return  # the rest of this message is still to come
+            message_bytes = bytes(self._pending[:total])
+            del self._pending[:total]  # a bytearray drops its head without copying the rest
+            self._buffer.add_data(message_bytes)
+            for message in self._buffer:
+                self._deliver(message)
+
+    def _deliver(self, message: Any) -> None:
+        headers = message.headers
+        if headers.get(":message-type", "event") != "event":
+            return
+        event = headers.get(":event-type")
+        self.events += 1
+        try:
+            self._on_event(event if isinstance(event, str) else None, message.payload)
+        except Exception:  # a handler bug must never break the stream
+            pass
+
+
+# An event-stream message: a 12-byte prelude (total length, headers length, prelude CRC),
+# headers (botocore allows 128 KiB), the payload (24 MiB), the message CRC.
+_PRELUDE_BYTES = 12
+MAX_EVENT_MESSAGE = 12 + 128 * 1024 + 24 * 1024 * 1024 + 4

@@ -804,3 +804,51 @@ def test_cross_region_profiles_are_priced_apart() -> None:
     ]
     assert prices == [aws_price(NOVA_LITE, FROM_HEADERS), aws_price(regional, FROM_HEADERS)]
     assert prices[0] < prices[1]
+
+
+@pytest.mark.parametrize("shape", ["one big message in 1 KiB pieces", "tiny messages at once"])
+def test_an_event_stream_is_framed_in_time_linear_in_its_bytes(
+    monkeypatch: pytest.MonkeyPatch, shape: str
+) -> None:
+    """botocore's buffer appends by copying and slices what is left after each message: a
+    message trickled in 1 KiB pieces, or a chunk of thousands of tiny messages, cost work
+    growing with the square of its size, on the event loop (24 MB from an upstream stalled
+    every agent for 85 s). Counted in the bytes botocore's buffer holds each time it appends
+    or moves past a message (not timed): now each message is handed over once, whole."""
+    from botocore.eventstream import EventStreamBuffer
+
+    held: list[int] = []
+    add_data, advance = EventStreamBuffer.add_data, EventStreamBuffer._prepare_for_next_message
+
+    def adding(self: EventStreamBuffer, data: bytes) -> None:
+        add_data(self, data)
+        held.append(len(self._data))
+
+    def advancing(self: EventStreamBuffer) -> None:
+        held.append(len(self._data))
+        advance(self)
+
+    monkeypatch.setattr(EventStreamBuffer, "add_data", adding)
+    monkeypatch.setattr(EventStreamBuffer, "_prepare_for_next_message", advancing)
+    request = inspect(f"{NOVA_PATH}/converse-stream", CONVERSE)
+    tiny = shape == "tiny messages at once"
+    deltas = [f"w{n}" for n in range(4000)] if tiny else ["x" * 1_000_000]  # ~100 B or ~1 MB
+    body = b"".join(
+        wire.bedrock_converse_stream(deltas=deltas, usage=STREAM_USAGE, stop_reason="x")
+    )
+    pieces = [body[i : i + 1024] for i in range(0, len(body), 1024)]
+    chunks = [body] if tiny else pieces
+    assert feed(request, chunks).usage == TokenUsage(input_tokens=21, output_tokens=9)
+    assert sum(held) <= 3 * len(body), f"{sum(held):,} bytes held for a {len(body):,}-byte stream"
+
+
+@pytest.mark.parametrize("total", [0, 15, (12 + 128 * 1024 + 24 * 1024 * 1024 + 4) + 1])
+def test_an_event_message_of_an_impossible_length_stops_reading(total: int) -> None:
+    """A prelude declaring fewer bytes than a prelude and CRC, or more than botocore allows
+    (a 4 GB claim would be waited for): reading stops at once, the bytes still flow, and the
+    call is counted as streamed so far."""
+    request = inspect(f"{NOVA_PATH}/converse-stream", CONVERSE)
+    frames = wire.bedrock_converse_stream(deltas=DELTAS, usage=STREAM_USAGE, stop_reason="x")
+    bogus = total.to_bytes(4, "big") + b"\0" * 60
+    m = feed(request, [frames[0], bogus, *frames[1:]])
+    assert m.source == "counted"
