@@ -531,7 +531,7 @@ async def _mcp_call_failed(state: FlowState, response: http.Response) -> bool:
         return not state.mcp_events.succeeded
     if not response.headers.get("content-type", "").startswith("application/json"):
         return False
-    content = _answer(response)
+    content = await _read_answer(response)
     if len(content) > INLINE_TOKENIZE_BYTES:
         return await asyncio.to_thread(_failed_json_answer, content)
     return _failed_json_answer(content)
@@ -561,6 +561,22 @@ def _answer(response: http.Response) -> bytes:
         return response.get_content(strict=False) or b""
     except Exception:
         return raw
+
+
+async def _read_answer(response: http.Response) -> bytes:
+    """_answer, with a compressed answer decoded off the event loop once it decodes past
+    INLINE_TOKENIZE_BYTES: 0.2 MB of gzip that decodes to 256 MB stalled every agent 12 s.
+    The usual small answer is still decoded here, without a thread's hop."""
+    raw = response.raw_content or b""
+    coding = response.headers.get("content-encoding")
+    if raw and compressed(coding):
+        try:
+            return decode_body(raw, coding, INLINE_TOKENIZE_BYTES)
+        except BodyTooLarge:
+            return await asyncio.to_thread(_answer, response)
+        except UndecodableBody:  # corrupt, cut short, followed by more: as it came
+            return raw
+    return _answer(response)
 
 
 def _basic_credentials(value: str) -> tuple[str, str] | None:
@@ -1868,7 +1884,7 @@ class Drawdown:
             if measurement is None and state.stream_meter is not None:
                 _, measurement = state.stream_meter.finish()
             if measurement is None:
-                body = _answer(response)
+                body = await _read_answer(response)
                 measure = functools.partial(
                     meter.measure_body,
                     state.llm,
@@ -1895,7 +1911,8 @@ class Drawdown:
                 self._learn_batch_input(state, response)
             completion = Completion(
                 actual=Amount(
-                    usd=self._tool_cost(action, response), requests=state.estimate.requests
+                    usd=await self._tool_cost(action, response),
+                    requests=state.estimate.requests,
                 ),
                 status=status,
                 usage_source="estimate" if action.cost_usd_nanos else None,
@@ -2025,14 +2042,21 @@ class Drawdown:
             upstream = meter.origin(view.scheme, view.host, view.port)
             self.batch_inputs.learn(upstream, file_id, state.llm.batch)
 
-    def _tool_cost(self, action: Any, response: http.Response) -> int:
-        """A tool's actual cost: reported in a header or JSON field when the policy says where, else the fixed cost."""
+    async def _tool_cost(self, action: Any, response: http.Response) -> int:
+        """A tool's actual cost: reported in a header or JSON field when the policy says where,
+        else the fixed cost. A big answer is decoded and parsed off the event loop (a 300 MB
+        answer parsed here stalled every agent 5.6 s)."""
         reported: Any = None
         if action.cost_header:
             reported = response.headers.get(action.cost_header)
         if reported is None and action.cost_json:
+            answer = await _read_answer(response) or b"null"
             try:
-                reported = dig(json.loads(_answer(response) or b"null"), action.cost_json)
+                if len(answer) > INLINE_TOKENIZE_BYTES:
+                    document = await asyncio.to_thread(json.loads, answer)
+                else:
+                    document = json.loads(answer)
+                reported = dig(document, action.cost_json)
             except (ValueError, RecursionError):  # RecursionError: nested too deeply to parse
                 reported = None
             if reported is missing():

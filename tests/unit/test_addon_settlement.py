@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import json
 import logging
 import sqlite3
+import threading
 import tracemalloc
 from pathlib import Path
 
@@ -729,3 +731,56 @@ def test_a_refused_unknown_host_is_logged_without_a_python_none(
         r.getMessage() for r in caplog.records if r.getMessage().startswith("drawdown: deny")
     ]
     assert " (no action) " in line and " None " not in line, line
+
+
+@pytest.mark.parametrize("kind", ["tool", "llm"])
+def test_a_big_compressed_answer_is_decoded_and_parsed_off_the_event_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    """A tool's `cost_json` answer, or an LLM's, gzipped: decoded and parsed on the event loop,
+    0.2 MB that decoded to 256 MB stalled every agent 12 s. Past INLINE_TOKENIZE_BYTES decoded,
+    the decoding and the parse run on a worker thread (seen by the thread that ran them, not
+    timed); the cost the tool reported is still charged, the LLM's usage still read."""
+    threads: dict[str, set[str]] = {"decode": set(), "parse": set()}
+    answer, loads = addon_module._answer, addon_module.json.loads
+
+    def decoding(response: http.Response) -> bytes:
+        threads["decode"].add(threading.current_thread().name)
+        return answer(response)
+
+    def parsing(text: bytes | str) -> object:
+        threads["parse"].add(threading.current_thread().name)
+        return loads(text)
+
+    monkeypatch.setattr(addon_module, "_answer", decoding)
+    if kind == "tool":
+        body = json.dumps({"pad": "x" * 1_000_000, "usage": {"cost_usd": "0.02"}}).encode()
+    else:
+        usage = {"prompt_tokens": 9, "completion_tokens": 3, "total_tokens": 12}
+        body = json.dumps({"model": "gpt-4o-mini", "pad": "x" * 1_000_000, "usage": usage,
+                           "choices": [{"message": {"content": "ok"}}]}).encode()  # fmt: skip
+    charged: list[tuple[str, str | None]] = []
+
+    async def steps(addon: Drawdown) -> None:
+        flow = await forwarded(addon, tool_call() if kind == "tool" else chat())
+        flow.response = tutils.tresp(
+            content=b"", headers=http.Headers([*JSON, (b"content-encoding", b"gzip")])
+        )
+        flow.response.raw_content = gzip.compress(body)
+        monkeypatch.setattr(addon_module.json, "loads", parsing)
+        try:
+            await addon.response(flow)
+        finally:
+            monkeypatch.setattr(addon_module.json, "loads", loads)
+        loop = threading.current_thread().name
+        charged.append((loop, None))
+
+    db = drive(tmp_path, TOOLS if kind == "tool" else LLM, steps)
+    ((loop, _),) = charged
+    assert threads["decode"] and loop not in threads["decode"], threads
+    if kind == "tool":
+        assert threads["parse"] and loop not in threads["parse"], threads
+        assert holds(db) == [("committed", 20_000_000, None)]  # the $0.02 the tool reported
+    else:
+        with sqlite3.connect(db) as conn:
+            assert conn.execute("SELECT tokens_in, tokens_out FROM decisions").fetchone() == (9, 3)
