@@ -2472,6 +2472,15 @@ class Drawdown:
             note = "input audio transcription"
         elif kind == "response.done":
             response = event.get("response")
+            response_id = response.get("id") if isinstance(response, dict) else None
+            if isinstance(response_id, str) and response_id in session.done:
+                log.warning(
+                    "drawdown: the Realtime server ended response %s twice; charged once",
+                    response_id[:64],
+                )
+                return
+            if isinstance(response_id, str):
+                session.done.append(response_id)
             key = self._realtime_running(session, response)
             if key is not None:
                 held = self.inflight.get(key)

@@ -38,6 +38,9 @@ class RealtimeSession:
     # a response took a budget over; cleared by a later response.create that is allowed.
     stopped: tuple[str, str] | None = None
     told: bool = False  # the agent got an error for the audio dropped since the stop
+    # The ids of the latest responses already charged (bounded): a server that sends one's
+    # response.done twice must not have it charged twice, as a response no one asked for.
+    done: deque[str] = field(default_factory=lambda: deque(maxlen=256))
 
     @property
     def models(self) -> tuple[str | None, ...]:

@@ -345,3 +345,26 @@ def test_a_websocket_is_never_compressed_and_keeps_only_the_message_at_hand(
         assert [json.loads(m.content)["n"] for m in flow.websocket.messages] == [19]
 
     drive(tmp_path, POLICY.format(on_error="deny"), steps)
+
+
+def test_a_response_done_sent_twice_is_charged_once(tmp_path: Path) -> None:
+    """A server that ended one response twice (the same id) had the second charged as a
+    response no one asked for: the session paid for it twice."""
+
+    async def steps(addon: Drawdown) -> None:
+        flow = await session(addon)
+        await send(addon, flow, {"type": "response.create"}, from_client=True)
+        created = {"type": "response.created", "response": {"id": "resp_1"}}
+        await send(addon, flow, created, from_client=False)
+        done = {
+            "type": "response.done",
+            "response": {"id": "resp_1", "status": "completed", "usage": USAGE},
+        }
+        for _ in range(2):
+            await send(addon, flow, done, from_client=False)
+        await addon.websocket_end(flow)
+
+    db = drive(tmp_path, POLICY.format(on_error="deny"), steps)
+    with sqlite3.connect(db) as conn:
+        rows = conn.execute("SELECT status, tokens_in FROM decisions ORDER BY ts").fetchall()
+    assert rows == [(101, 0), (200, 100)]
