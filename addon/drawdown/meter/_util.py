@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -24,6 +25,53 @@ def as_int(value: Any) -> int:
     if isinstance(value, str) and 0 < len(value) <= 19 and value.isascii() and value.isdigit():
         return int(value)
     return 0
+
+
+def count(value: Any) -> int | None:
+    """A usage count as the provider billed it, or None when it cannot be read (null, bool,
+    negative, NaN/Infinity, other text): the caller then uses its next source, never 0. A
+    fractional count (12.5) is rounded up: providers bill whole tokens, and we never
+    under-charge. Digits ("1000") read as the number they write."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value if value >= 0 else None
+    if isinstance(value, float) and math.isfinite(value) and value >= 0:
+        return math.ceil(value)
+    if isinstance(value, str) and 0 < len(value) <= 19 and value.isascii() and value.isdigit():
+        return int(value)
+    return None
+
+
+class Counts:
+    """Reads the counts of one usage object: a missing (null) one is 0, as ever; one present
+    but unreadable sets `unreadable`, and the caller drops the whole object (its other counts
+    alone would charge that one's tokens as 0), as bedrock.header_usage does."""
+
+    def __init__(self) -> None:
+        self.unreadable = False
+
+    def __call__(self, value: Any) -> int:
+        n = count(value)
+        if n is None:
+            self.unreadable = self.unreadable or value is not None
+            return 0
+        return n
+
+
+def overlay(
+    earlier: dict[str, Any] | None, later: dict[str, Any], keys: tuple[str, ...]
+) -> dict[str, Any]:
+    """A stream's later (cumulative) usage object, each of its `keys` that cannot be read
+    taken from `earlier`: a garbage value never replaces a good one."""
+    if not earlier:
+        return later
+    kept = {
+        k: earlier[k]
+        for k in keys
+        if later.get(k) is not None and count(later[k]) is None and k in earlier
+    }
+    return {**later, **kept} if kept else later
 
 
 def items(value: Any) -> list[Any]:

@@ -18,11 +18,13 @@ from typing import Any
 
 from . import images
 from ._util import (
+    Counts,
     Extracted,
     ParsedRequest,
     Prompt,
     as_int,
     compact,
+    count,
     dig,
     items,
     kind,
@@ -207,30 +209,39 @@ def _document(block: dict[str, Any], prompt: Prompt) -> None:
 # --- responses --------------------------------------------------------------------------
 
 
-def usage_from(u: dict[str, Any]) -> TokenUsage:
-    """One Anthropic usage object (top level, message_start, or an iteration)."""
-    fresh = as_int(u.get("input_tokens"))
-    read = as_int(u.get("cache_read_input_tokens"))
+# The counts a stream's message_delta overlays on message_start's.
+_COUNTS = (
+    "input_tokens",
+    "output_tokens",
+    "cache_read_input_tokens",
+    "cache_creation_input_tokens",
+)
+
+
+def usage_from(u: dict[str, Any]) -> TokenUsage | None:
+    """One Anthropic usage object (top level, message_start, or an iteration); None when a
+    count in it cannot be read."""
+    c = Counts()
+    fresh = c(u.get("input_tokens"))
+    read = c(u.get("cache_read_input_tokens"))
     cc = u.get("cache_creation") if isinstance(u.get("cache_creation"), dict) else {}
-    write_1h = as_int(cc.get("ephemeral_1h_input_tokens"))
+    write_1h = c(cc.get("ephemeral_1h_input_tokens"))
     write = u.get("cache_creation_input_tokens")
-    write = (
-        as_int(write)
-        if write is not None
-        else as_int(cc.get("ephemeral_5m_input_tokens")) + write_1h
-    )
-    return TokenUsage(
+    write = c(write) if write is not None else c(cc.get("ephemeral_5m_input_tokens")) + write_1h
+    usage = TokenUsage(
         input_tokens=fresh + read + write,
-        output_tokens=as_int(u.get("output_tokens")),
+        output_tokens=c(u.get("output_tokens")),
         cache_read_tokens=read,
         cache_write_tokens=write,
         cache_write_1h_tokens=min(write_1h, write),
-        reasoning_tokens=as_int(dig(u, "output_tokens_details", "thinking_tokens")),
+        reasoning_tokens=c(dig(u, "output_tokens_details", "thinking_tokens")),
     )
+    return None if c.unreadable else usage
 
 
-def billed(u: dict[str, Any], model: str | None) -> tuple[TokenUsage, dict[str, TokenUsage]]:
-    """(usage billed on the call's model, usage billed on other models) per the module doc."""
+def billed(u: dict[str, Any], model: str | None) -> tuple[TokenUsage | None, dict[str, TokenUsage]]:
+    """(usage billed on the call's model, usage billed on other models) per the module doc;
+    (None, {}) when a count cannot be read: the next source is charged instead."""
     iterations = u.get("iterations")
     if not isinstance(iterations, list) or not any(isinstance(it, dict) for it in iterations):
         return usage_from(u), {}
@@ -239,13 +250,19 @@ def billed(u: dict[str, Any], model: str | None) -> tuple[TokenUsage, dict[str, 
     for it in iterations:
         if not isinstance(it, dict):
             continue
+        one = usage_from(it)
+        if one is None:
+            return None, {}
         it_model = it.get("model")
         if isinstance(it_model, str) and it_model and it_model != model:
-            other[it_model] = other.get(it_model, TokenUsage()) + usage_from(it)
+            other[it_model] = other.get(it_model, TokenUsage()) + one
         else:
-            own = own + usage_from(it)
+            own = own + one
     # Thinking tokens are reported only at the top level; keep them as a subset.
-    reasoning = min(as_int(dig(u, "output_tokens_details", "thinking_tokens")), own.output_tokens)
+    thinking = count(dig(u, "output_tokens_details", "thinking_tokens"))
+    if thinking is None and dig(u, "output_tokens_details", "thinking_tokens") is not None:
+        return None, {}
+    reasoning = min(thinking or 0, own.output_tokens)
     own = TokenUsage(**{**own.__dict__, "reasoning_tokens": reasoning})
     return own, other
 
@@ -300,6 +317,7 @@ class MessagesStream:
         self._ex = Extracted()
         self._start: dict[str, Any] | None = None
         self._delta: dict[str, Any] | None = None
+        self._unread_output = False  # a delta's output_tokens could not be read
 
     def on_event(self, event: str | None, data: bytes) -> bool:
         obj = loads(data)
@@ -330,30 +348,40 @@ class MessagesStream:
         elif etype == "message_delta":
             u = obj.get("usage")
             if isinstance(u, dict):
-                # Cumulative: a later delta supersedes an earlier one field by field.
+                unread = u.get("output_tokens") is not None and count(u["output_tokens"]) is None
+                self._unread_output = self._unread_output or unread
+                # Cumulative: a later delta supersedes an earlier one field by field, but
+                # a count it holds that cannot be read leaves the earlier (or the start's).
                 self._delta = {
                     **(self._delta or {}),
-                    **{k: v for k, v in u.items() if v is not None},
+                    **{
+                        k: v
+                        for k, v in u.items()
+                        if v is not None and (k not in _COUNTS or count(v) is not None)
+                    },
                 }
         return True
 
     def result(self) -> Extracted:
         ex = self._ex
-        ex.extras = {}
+        ex.extras, ex.usage, ex.early_usage, ex.other_models = {}, None, None, {}
         if self._delta is not None:
             merged = {**(self._start or {}), **self._delta}
             if "cache_creation" not in self._delta and "cache_creation_input_tokens" in self._delta:
                 # The split (5m/1h) is only in message_start; keep it within the final total.
                 cc = merged.get("cache_creation")
                 cc = dict(cc) if isinstance(cc, dict) else {}
-                total = as_int(self._delta["cache_creation_input_tokens"])
+                total = count(self._delta["cache_creation_input_tokens"]) or 0
                 cc["ephemeral_1h_input_tokens"] = min(
-                    as_int(cc.get("ephemeral_1h_input_tokens")), total
+                    count(cc.get("ephemeral_1h_input_tokens")) or 0, total
                 )
                 merged["cache_creation"] = cc
-            ex.usage, ex.other_models = billed(merged, ex.model)
-            _server_tools(merged, ex)
-        elif self._start is not None:
+            if "output_tokens" in self._delta or not self._unread_output:
+                ex.usage, ex.other_models = billed(merged, ex.model)
+                _server_tools(merged, ex)
+            else:  # message_start's output is not final: the input side, the text counted
+                ex.early_usage = usage_from(merged)
+        if ex.usage is None and ex.early_usage is None and self._start is not None:
             ex.early_usage = usage_from(self._start)
         usage = {**(self._start or {}), **(self._delta or {})}
         price_variant(ex.price_context, "speed", usage.get("speed"))

@@ -39,11 +39,13 @@ from urllib.parse import unquote
 
 from . import anthropic, images
 from ._util import (
+    Counts,
     Extracted,
     ParsedRequest,
     Prompt,
     as_int,
     compact,
+    count,
     dig,
     items,
     kind,
@@ -357,22 +359,24 @@ def _document(document: Any, prompt: Prompt) -> None:
 # --- responses --------------------------------------------------------------------------
 
 
-def usage_from(u: dict[str, Any]) -> TokenUsage:
-    """A Converse TokenUsage object."""
-    read = as_int(u.get("cacheReadInputTokens"))
-    write = as_int(u.get("cacheWriteInputTokens"))
+def usage_from(u: dict[str, Any]) -> TokenUsage | None:
+    """A Converse TokenUsage object; None when a count in it cannot be read."""
+    c = Counts()
+    read = c(u.get("cacheReadInputTokens"))
+    write = c(u.get("cacheWriteInputTokens"))
     write_1h = sum(
-        as_int(d.get("inputTokens"))
+        c(d.get("inputTokens"))
         for d in items(u.get("cacheDetails"))
         if isinstance(d, dict) and d.get("ttl") == "1h"
     )
-    return TokenUsage(
-        input_tokens=as_int(u.get("inputTokens")) + read + write,
-        output_tokens=as_int(u.get("outputTokens")),
+    usage = TokenUsage(
+        input_tokens=c(u.get("inputTokens")) + read + write,
+        output_tokens=c(u.get("outputTokens")),
         cache_read_tokens=read,
         cache_write_tokens=write,
         cache_write_1h_tokens=min(write_1h, write),
     )
+    return None if c.unreadable else usage
 
 
 def _content_texts(content: Any, texts: list[str]) -> None:
@@ -503,39 +507,46 @@ def _extract_invoke(obj: Any, counted: TokenUsage | None) -> Extracted:
 def _body_usage(obj: dict[str, Any], *, final: bool) -> TokenUsage | None:
     """A family's own usage fields: Nova `usage` (Converse's names, or its invoke's
     `cache*InputTokenCount`), OpenAI-style `usage`, Llama's and Titan's counts, Cohere's
-    billed units. Llama's and Titan's counts are final in a JSON answer (`final`)."""
+    billed units. Llama's and Titan's counts are final in a JSON answer (`final`). None when
+    a count in them cannot be read: the reply is then counted."""
+    c = Counts()
+    usage = _family_usage(obj, final, c)
+    return None if c.unreadable else usage
+
+
+def _family_usage(obj: dict[str, Any], final: bool, c: Counts) -> TokenUsage | None:
     u = obj.get("usage")
     if isinstance(u, dict) and "inputTokens" in u:
         return counts_usage(
-            as_int(u.get("inputTokens")),
-            as_int(u.get("outputTokens")),
-            as_int(u.get("cacheReadInputTokens", u.get("cacheReadInputTokenCount"))),
-            as_int(u.get("cacheWriteInputTokens", u.get("cacheWriteInputTokenCount"))),
+            c(u.get("inputTokens")),
+            c(u.get("outputTokens")),
+            c(u.get("cacheReadInputTokens", u.get("cacheReadInputTokenCount"))),
+            c(u.get("cacheWriteInputTokens", u.get("cacheWriteInputTokenCount"))),
         )
     if isinstance(u, dict) and "prompt_tokens" in u:
-        prompt = as_int(u.get("prompt_tokens"))  # includes its cached tokens, as OpenAI's
-        cached = min(as_int(dig(u, "prompt_tokens_details", "cached_tokens")), prompt)
+        prompt = c(u.get("prompt_tokens"))  # includes its cached tokens, as OpenAI's
+        cached = min(c(dig(u, "prompt_tokens_details", "cached_tokens")), prompt)
         return TokenUsage(
             input_tokens=prompt,
-            output_tokens=as_int(u.get("completion_tokens")),
+            output_tokens=c(u.get("completion_tokens")),
             cache_read_tokens=cached,
         )
     billed = dig(obj, "meta", "billed_units")
     if isinstance(billed, dict) and "input_tokens" in billed:
         return TokenUsage(
-            input_tokens=as_int(billed.get("input_tokens")),
-            output_tokens=as_int(billed.get("output_tokens")),
+            input_tokens=c(billed.get("input_tokens")),
+            output_tokens=c(billed.get("output_tokens")),
         )
     if final and isinstance(obj.get("prompt_token_count"), int):
         return TokenUsage(
-            input_tokens=as_int(obj["prompt_token_count"]),
-            output_tokens=as_int(obj.get("generation_token_count")),
+            input_tokens=c(obj["prompt_token_count"]),
+            output_tokens=c(obj.get("generation_token_count")),
         )
     if final and isinstance(obj.get("inputTextTokenCount"), int):
         results = [r for r in items(obj.get("results")) if isinstance(r, dict)]
         return TokenUsage(
-            input_tokens=as_int(obj["inputTextTokenCount"]),
-            output_tokens=sum(as_int(r.get("tokenCount")) for r in results),
+            input_tokens=c(obj["inputTextTokenCount"]),
+            output_tokens=sum(c(r.get("tokenCount")) for r in results),
         )
     return None
 
@@ -603,7 +614,7 @@ class ConverseStream:
             if isinstance(name, str):
                 ex.texts.append(name)
         elif event == "metadata" and isinstance(obj.get("usage"), dict):
-            ex.usage = usage_from(obj["usage"])
+            ex.usage = usage_from(obj["usage"]) or ex.usage  # unreadable: the text counted
         return True
 
     def result(self) -> Extracted:
@@ -652,10 +663,12 @@ class InvokeStream:
             ("prompt_token_count", "generation_token_count", "stop_reason"),  # Llama
             ("inputTextTokenCount", "totalOutputTextTokenCount", "completionReason"),  # Titan
         ):
-            if isinstance(obj.get(key_in), int):
-                self._input = as_int(obj[key_in])
-            if isinstance(obj.get(key_out), int):
-                self._output = max(self._output, as_int(obj[key_out]))  # cumulative
+            # A count that cannot be read leaves the one read before (or none).
+            n_in, n_out = count(obj.get(key_in)), count(obj.get(key_out))
+            if isinstance(obj.get(key_in), int) and n_in is not None:
+                self._input = n_in
+            if isinstance(obj.get(key_out), int) and n_out is not None:
+                self._output = max(self._output, n_out)  # cumulative
             if obj.get(key_stop) is not None and (key_in in obj or key_out in obj):
                 self._done = True
         return True

@@ -16,16 +16,17 @@ from typing import Any
 
 from . import images
 from ._util import (
+    Counts,
     Extracted,
     ParsedRequest,
     Prompt,
-    as_int,
     compact,
     dig,
     items,
     kind,
     loads,
     opt_int,
+    overlay,
 )
 from .prices import price_variant
 from .types import MeterRequestError, TokenUsage
@@ -202,33 +203,46 @@ def _parts(parts: Any, prompt: Prompt, model: str | None, where: str) -> None:
 # --- responses --------------------------------------------------------------------------
 
 
-def _modality(details: Any, modality: str) -> int:
+# The counts a later chunk's usageMetadata overlays on an earlier one's (it is cumulative).
+_COUNTS = (
+    "promptTokenCount",
+    "toolUsePromptTokenCount",
+    "thoughtsTokenCount",
+    "candidatesTokenCount",
+    "cachedContentTokenCount",
+)
+
+
+def _modality(details: Any, modality: str, c: Counts) -> int:
     total = 0
     for d in items(details):
         if isinstance(d, dict) and d.get("modality") == modality:
-            total += as_int(d.get("tokenCount"))
+            total += c(d.get("tokenCount"))
     return total
 
 
-def usage_from(um: dict[str, Any]) -> TokenUsage:
-    prompt = as_int(um.get("promptTokenCount"))
-    tool = as_int(um.get("toolUsePromptTokenCount"))
-    thoughts = as_int(um.get("thoughtsTokenCount"))
-    return TokenUsage(
+def usage_from(um: dict[str, Any]) -> TokenUsage | None:
+    """One usageMetadata; None when a count in it cannot be read."""
+    c = Counts()
+    prompt = c(um.get("promptTokenCount"))
+    tool = c(um.get("toolUsePromptTokenCount"))
+    thoughts = c(um.get("thoughtsTokenCount"))
+    usage = TokenUsage(
         input_tokens=prompt + tool,
-        output_tokens=as_int(um.get("candidatesTokenCount")) + thoughts,
-        cache_read_tokens=as_int(um.get("cachedContentTokenCount")),
+        output_tokens=c(um.get("candidatesTokenCount")) + thoughts,
+        cache_read_tokens=c(um.get("cachedContentTokenCount")),
         reasoning_tokens=thoughts,
-        input_audio_tokens=_modality(um.get("promptTokensDetails"), "AUDIO")
-        + _modality(um.get("toolUsePromptTokensDetails"), "AUDIO"),
-        cache_audio_read_tokens=_modality(um.get("cacheTokensDetails"), "AUDIO"),
-        output_audio_tokens=_modality(um.get("candidatesTokensDetails"), "AUDIO"),
+        input_audio_tokens=_modality(um.get("promptTokensDetails"), "AUDIO", c)
+        + _modality(um.get("toolUsePromptTokensDetails"), "AUDIO", c),
+        cache_audio_read_tokens=_modality(um.get("cacheTokensDetails"), "AUDIO", c),
+        output_audio_tokens=_modality(um.get("candidatesTokensDetails"), "AUDIO", c),
         # Image models (gemini-2.5-flash-image...) price output images far above text.
-        input_image_tokens=_modality(um.get("promptTokensDetails"), "IMAGE")
-        + _modality(um.get("toolUsePromptTokensDetails"), "IMAGE"),
-        cache_image_read_tokens=_modality(um.get("cacheTokensDetails"), "IMAGE"),
-        output_image_tokens=_modality(um.get("candidatesTokensDetails"), "IMAGE"),
+        input_image_tokens=_modality(um.get("promptTokensDetails"), "IMAGE", c)
+        + _modality(um.get("toolUsePromptTokensDetails"), "IMAGE", c),
+        cache_image_read_tokens=_modality(um.get("cacheTokensDetails"), "IMAGE", c),
+        output_image_tokens=_modality(um.get("candidatesTokensDetails"), "IMAGE", c),
     )
+    return None if c.unreadable else usage
 
 
 def _predicted_usage(predictions: list[Any]) -> TokenUsage | None:
@@ -236,7 +250,9 @@ def _predicted_usage(predictions: list[Any]) -> TokenUsage | None:
     counts = [dig(p, "embeddings", "statistics", "token_count") for p in predictions]
     if not any(isinstance(c, int | float) for c in counts):
         return None  # no statistics: the input is counted
-    return TokenUsage(input_tokens=sum(as_int(c) for c in counts))
+    c = Counts()
+    usage = TokenUsage(input_tokens=sum(c(n) for n in counts))
+    return None if c.unreadable else usage
 
 
 def _candidates(obj: dict[str, Any], texts: list[str], queries: list[str]) -> None:
@@ -271,6 +287,7 @@ def extract_json(obj: Any, request_model: str | None) -> Extracted:
     ex = Extracted()
     chunks = obj if isinstance(obj, list) else [obj]
     queries: list[str] = []
+    last: dict[str, Any] | None = None
     for chunk in chunks:
         if not isinstance(chunk, dict):
             continue
@@ -279,7 +296,9 @@ def extract_json(obj: Any, request_model: str | None) -> Extracted:
             ex.model = chunk["modelVersion"]
         um = chunk.get("usageMetadata")
         if isinstance(um, dict):
-            ex.usage = usage_from(um)  # cumulative: the last one wins
+            last = overlay(last, um, _COUNTS)
+            # Cumulative: the last one wins, but an unreadable one never replaces a good one.
+            ex.usage = usage_from(last) or ex.usage
             price_variant(ex.price_context, "service_tier", um.get("serviceTier"))
         elif isinstance(chunk.get("predictions"), list):
             ex.usage = _predicted_usage(chunk["predictions"])
@@ -295,6 +314,7 @@ class GenerateStream:
         self._ex = Extracted()
         self._queries: list[str] = []
         self._request_model = request_model
+        self._last: dict[str, Any] | None = None  # the last usageMetadata, overlaid
 
     def on_event(self, event: str | None, data: bytes) -> bool:
         obj = loads(data)
@@ -306,7 +326,8 @@ class GenerateStream:
             ex.model = obj["modelVersion"]
         um = obj.get("usageMetadata")
         if isinstance(um, dict):
-            ex.usage = usage_from(um)
+            self._last = overlay(self._last, um, _COUNTS)
+            ex.usage = usage_from(self._last) or ex.usage  # a garbage one keeps the earlier
             price_variant(ex.price_context, "service_tier", um.get("serviceTier"))
         _candidates(obj, ex.texts, self._queries)
         return True

@@ -8,10 +8,10 @@ from typing import Any
 
 from . import images, openai_audio, openai_images, openai_transcribe
 from ._util import (
+    Counts,
     Extracted,
     ParsedRequest,
     Prompt,
-    as_int,
     compact,
     dig,
     items,
@@ -383,46 +383,53 @@ def _strings_or_tokens(value: Any, prompt: Prompt, key: str) -> None:
 # --- responses --------------------------------------------------------------------------
 
 
-def chat_usage(u: dict[str, Any]) -> TokenUsage:
-    """Chat / legacy completions / embeddings `usage` (cached and audio are subsets)."""
+def chat_usage(u: dict[str, Any]) -> TokenUsage | None:
+    """Chat / legacy completions / embeddings `usage` (cached and audio are subsets); None
+    when a count in it cannot be read (the answer is then counted)."""
+    c = Counts()
     ptd = u.get("prompt_tokens_details") or {}
     ctd = u.get("completion_tokens_details") or {}
-    prompt = as_int(u.get("prompt_tokens"))
-    completion = as_int(u.get("completion_tokens"))
-    if not prompt and not completion and u.get("total_tokens"):
-        prompt = as_int(u.get("total_tokens"))
+    prompt = c(u.get("prompt_tokens"))
+    completion = c(u.get("completion_tokens"))
+    total = c(u.get("total_tokens"))
+    if not prompt and not completion and total:
+        prompt = total
     # DeepSeek and some compatible hosts report cache hits at the top level.
-    cache_read = as_int(dig(ptd, "cached_tokens")) or as_int(u.get("prompt_cache_hit_tokens"))
-    reasoning = as_int(dig(ctd, "reasoning_tokens"))
-    if reasoning and as_int(u.get("total_tokens")) >= prompt + completion + reasoning:
+    cache_read = c(dig(ptd, "cached_tokens")) or c(u.get("prompt_cache_hit_tokens"))
+    reasoning = c(dig(ctd, "reasoning_tokens"))
+    if reasoning and total >= prompt + completion + reasoning:
         # Gemini's OpenAI-compatible endpoint leaves thinking out of completion_tokens (its
         # total counts it apart); OpenAI's own completion_tokens include the reasoning.
         completion += reasoning
-    return TokenUsage(
+    usage = TokenUsage(
         input_tokens=prompt,
         output_tokens=completion,
         cache_read_tokens=cache_read,
-        cache_write_tokens=as_int(dig(ptd, "cache_write_tokens")),
+        cache_write_tokens=c(dig(ptd, "cache_write_tokens")),
         reasoning_tokens=reasoning,
-        input_audio_tokens=as_int(dig(ptd, "audio_tokens")),
-        output_audio_tokens=as_int(dig(ctd, "audio_tokens")),
-        input_image_tokens=as_int(dig(ptd, "image_tokens")),
-        output_image_tokens=as_int(dig(ctd, "image_tokens")),
+        input_audio_tokens=c(dig(ptd, "audio_tokens")),
+        output_audio_tokens=c(dig(ctd, "audio_tokens")),
+        input_image_tokens=c(dig(ptd, "image_tokens")),
+        output_image_tokens=c(dig(ctd, "image_tokens")),
     )
+    return None if c.unreadable else usage
 
 
-def responses_usage(u: dict[str, Any]) -> TokenUsage:
+def responses_usage(u: dict[str, Any]) -> TokenUsage | None:
+    """The Responses API's `usage`; None when a count in it cannot be read."""
+    c = Counts()
     itd = u.get("input_tokens_details") or {}
     otd = u.get("output_tokens_details") or {}
-    return TokenUsage(
-        input_tokens=as_int(u.get("input_tokens")),
-        output_tokens=as_int(u.get("output_tokens")),
-        cache_read_tokens=as_int(dig(itd, "cached_tokens")),
-        cache_write_tokens=as_int(dig(itd, "cache_write_tokens")),
-        reasoning_tokens=as_int(dig(otd, "reasoning_tokens")),
-        input_image_tokens=as_int(dig(itd, "image_tokens")),
-        output_image_tokens=as_int(dig(otd, "image_tokens")),
+    usage = TokenUsage(
+        input_tokens=c(u.get("input_tokens")),
+        output_tokens=c(u.get("output_tokens")),
+        cache_read_tokens=c(dig(itd, "cached_tokens")),
+        cache_write_tokens=c(dig(itd, "cache_write_tokens")),
+        reasoning_tokens=c(dig(otd, "reasoning_tokens")),
+        input_image_tokens=c(dig(itd, "image_tokens")),
+        output_image_tokens=c(dig(otd, "image_tokens")),
     )
+    return None if c.unreadable else usage
 
 
 def _tier(obj: dict[str, Any], ex: Extracted) -> None:
@@ -546,7 +553,8 @@ class ChatStream:
             _chat_choice_texts(choice, ex.texts)
         u = obj.get("usage")
         if isinstance(u, dict):
-            ex.usage = chat_usage(u)
+            # An unreadable usage never replaces one read from an earlier chunk.
+            ex.usage = chat_usage(u) or ex.usage
             # The usage-only chunk we asked for on the client's behalf: not for its eyes.
             if self._strip and choices == []:
                 return False
@@ -587,7 +595,7 @@ class ResponsesStream:
             if etype in _TERMINAL_RESPONSE_EVENTS:
                 u = resp.get("usage")
                 if isinstance(u, dict):
-                    ex.usage = responses_usage(u)
+                    ex.usage = responses_usage(u) or ex.usage
                 _image_tool_usage(resp, ex, self._image_model)
                 if isinstance(resp.get("output"), list) and resp["output"]:
                     streamed = ex.texts

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from ._util import as_int
+from ._util import count
 from .config import MeterConfig, PricePerMillion
 from .openai_transcribe import whole_seconds
 from .prices import price_first_known, to_nanos
@@ -59,6 +59,26 @@ def session_model(query: Mapping[str, str]) -> str | None:
     return None
 
 
+def _total(usage: dict[str, Any], key: str, details: dict[str, Any]) -> int:
+    """`usage[key]`, else, when it cannot be read, the sum of its parts in `details` (text,
+    audio and image tokens), else 0: a Realtime response has no other source to fall back on."""
+    n = count(usage.get(key))
+    if n is not None:
+        return n
+    total = 0
+    for part in ("text_tokens", "audio_tokens", "image_tokens"):
+        if details.get(part) is not None:
+            n = count(details[part])
+            if n is None:
+                return 0  # the parts are no better read
+            total += n
+    return total
+
+
+def _part(value: Any) -> int:
+    return count(value) or 0  # a subset that cannot be read: none (bounded by its parent)
+
+
 def usage_of(response: Any) -> TokenUsage | None:
     """A `response.done` event's `response.usage` (RealtimeResponseUsage) as TokenUsage, or
     None when the response reports none. Subsets are included in their parents (cached and
@@ -72,21 +92,21 @@ def usage_of(response: Any) -> TokenUsage | None:
     cached = cached if isinstance(cached, dict) else {}
     out = usage.get("output_token_details")
     out = out if isinstance(out, dict) else {}
-    input_tokens = as_int(usage.get("input_tokens"))
-    output_tokens = as_int(usage.get("output_tokens"))
+    input_tokens = _total(usage, "input_tokens", details)
+    output_tokens = _total(usage, "output_tokens", out)
     # A subset is never larger than its parent (genai-prices refuses such a breakdown).
-    cache_read = min(as_int(details.get("cached_tokens")), input_tokens)
-    input_audio = min(as_int(details.get("audio_tokens")), input_tokens)
-    input_image = min(as_int(details.get("image_tokens")), input_tokens)
+    cache_read = min(_part(details.get("cached_tokens")), input_tokens)
+    input_audio = min(_part(details.get("audio_tokens")), input_tokens)
+    input_image = min(_part(details.get("image_tokens")), input_tokens)
     return TokenUsage(
         input_tokens=input_tokens,
         output_tokens=output_tokens,
         cache_read_tokens=cache_read,
         input_audio_tokens=input_audio,
-        cache_audio_read_tokens=min(as_int(cached.get("audio_tokens")), cache_read, input_audio),
+        cache_audio_read_tokens=min(_part(cached.get("audio_tokens")), cache_read, input_audio),
         input_image_tokens=input_image,
-        cache_image_read_tokens=min(as_int(cached.get("image_tokens")), cache_read, input_image),
-        output_audio_tokens=min(as_int(out.get("audio_tokens")), output_tokens),
+        cache_image_read_tokens=min(_part(cached.get("image_tokens")), cache_read, input_image),
+        output_audio_tokens=min(_part(out.get("audio_tokens")), output_tokens),
     )
 
 
@@ -99,11 +119,11 @@ def transcription_usage_of(event: Any) -> TokenUsage | None:
         return None
     details = usage.get("input_token_details")
     details = details if isinstance(details, dict) else {}
-    input_tokens = as_int(usage.get("input_tokens"))
+    input_tokens = _total(usage, "input_tokens", details)
     return TokenUsage(
         input_tokens=input_tokens,
-        output_tokens=as_int(usage.get("output_tokens")),
-        input_audio_tokens=min(as_int(details.get("audio_tokens")), input_tokens),
+        output_tokens=_total(usage, "output_tokens", {}),
+        input_audio_tokens=min(_part(details.get("audio_tokens")), input_tokens),
     )
 
 
