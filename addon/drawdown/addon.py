@@ -537,18 +537,21 @@ async def _mcp_call_failed(state: FlowState, response: http.Response) -> bool:
     return _failed_json_answer(content)
 
 
-def _answer(response: http.Response) -> bytes:
+def _answer(response: http.Response, limit: int | None = None) -> bytes:
     """An answer's body as its Content-Encoding decodes it, else as it came. An HTTP coding is
     decoded no further than ANSWER_DECODE_LIMIT: a host an agent runs (a catch-all action's)
     could answer a few kB that decode to gigabytes; past it the answer is read as none (its
     call charged its estimate or fixed cost). mitmproxy hands any other coding to Python's
-    codecs, where `rot13` or `hex` fail with errors its non-strict reading does not catch."""
+    codecs, where `rot13` or `hex` fail with errors its non-strict reading does not catch.
+    A smaller `limit` raises BodyTooLarge past it (_read_answer's inline try)."""
     raw = response.raw_content or b""
     coding = response.headers.get("content-encoding")
     if raw and compressed(coding):
         try:
-            return decode_body(raw, coding, ANSWER_DECODE_LIMIT)
+            return decode_body(raw, coding, ANSWER_DECODE_LIMIT if limit is None else limit)
         except BodyTooLarge:
+            if limit is not None:
+                raise
             log.warning(
                 "drawdown: an answer decodes to over %d bytes: not read (the call is charged "
                 "its estimate or fixed cost)",
@@ -567,16 +570,10 @@ async def _read_answer(response: http.Response) -> bytes:
     """_answer, with a compressed answer decoded off the event loop once it decodes past
     INLINE_TOKENIZE_BYTES: 0.2 MB of gzip that decodes to 256 MB stalled every agent 12 s.
     The usual small answer is still decoded here, without a thread's hop."""
-    raw = response.raw_content or b""
-    coding = response.headers.get("content-encoding")
-    if raw and compressed(coding):
-        try:
-            return decode_body(raw, coding, INLINE_TOKENIZE_BYTES)
-        except BodyTooLarge:
-            return await asyncio.to_thread(_answer, response)
-        except UndecodableBody:  # corrupt, cut short, followed by more: as it came
-            return raw
-    return _answer(response)
+    try:
+        return _answer(response, INLINE_TOKENIZE_BYTES)
+    except BodyTooLarge:
+        return await asyncio.to_thread(_answer, response)
 
 
 def _basic_credentials(value: str) -> tuple[str, str] | None:
