@@ -306,3 +306,107 @@ def test_requestheaders_hook(benchmark: Any, tmp_path: Path) -> None:
             addon.done()
     assert identity.path == "tenant:acme/agent:research/run:r1"
     assert not any(k.lower().startswith("x-drawdown-") for k in flow.request.headers)
+
+
+# --- off the hot path: `drawdown report` ------------------------------------------------------
+
+FLEET_RUNS = 600  # ≈ 6,000 decisions: built in a few seconds, reported in well under one
+
+
+@pytest.fixture(scope="module")
+def fleet_ledger(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, float]:
+    """A small fleet's ledger, written as the proxy writes it (reserves, then their commits,
+    batched): 3 tenants, workflows of a few runs, ~10 steps a run, per-run and per-tenant-day
+    budgets, some 503s retried, a loop, drifting estimates, authority and budget denials.
+    Returns (its path, a `now` just after its last call)."""
+    import hashlib
+    import random
+
+    from drawdown.budgets import window
+    from drawdown.ledger.api import Claim
+
+    rnd = random.Random(7)
+    path = tmp_path_factory.mktemp("fleet") / "fleet.db"
+    ledger = open_sqlite(str(path))
+    start = 1_796_000_000.0
+    calls: list[tuple[float, dict[str, Any]]] = []
+    for n in range(FLEET_RUNS):
+        # Workflows of 3 runs, the first ten of 8 (fan_out's default allows 5); some runs alone.
+        job = n // 8 if n < 80 else n // 3
+        tenant, workflow = ("acme", "globex", "initech")[job % 3], f"job-{job}" if n % 5 else None
+        run, agent = f"r{n:05d}", ("research", "support", "writer")[rnd.randrange(3)]
+        t = start + n * 60 + rnd.random() * 30
+        looping = n % 50 == 7
+        for step in range(rnd.randint(3, 18) + (8 if looping else 0)):
+            body = "same" if looping and step >= 4 else f"{run}-{step}"
+            # Now and then a 503, and the same request again (as an SDK retries it).
+            for fails in [True, False] if rnd.random() < 0.02 else [False]:
+                took = rnd.uniform(0.3, 3.0)
+                calls.append(
+                    (t, dict(tenant=tenant, workflow=workflow, agent=agent, run=run, body=body,
+                             took=took, fails=fails, deny=rnd.random() < 0.01,
+                             drift=rnd.random() < 0.01))
+                )  # fmt: skip
+                t += took + rnd.uniform(0.5, 10)
+    calls.sort(key=lambda c: c[0])
+    for at in range(0, len(calls), 500):
+        batch, reserves = calls[at : at + 500], []
+        for ts, c in batch:
+            levels = [("tenant", c["tenant"]), ("workflow", c["workflow"]), ("agent", c["agent"]),
+                      ("run", c["run"])]  # fmt: skip
+            row = DecisionRow(
+                request_id=new_request_id(), ts=ts, decision="allow", mode="enforce",
+                scope="/".join(f"{k}:{v}" for k, v in levels if v), tenant=c["tenant"],
+                workflow=c["workflow"], agent=c["agent"], run=c["run"], action="llm",
+                provider="openai", model="gpt-4o-mini", method="POST", host="api.openai.com",
+                path="/v1/chat/completions", est_usd=3_000_000, est_tokens=1_500,
+                fingerprint=hashlib.sha256(c["body"].encode()).hexdigest()[:32],
+            )  # fmt: skip
+            if c["deny"]:
+                row.decision, row.reason_code, row.status = "deny", "not_authorized", 403
+                row.reason, row.fingerprint = "llm is not allowed here", None
+                reserves.append(("record", (row,)))
+                continue
+            day = window("day", ts)
+            claims = [
+                Claim("run", f"agent:{c['agent']}/run:{c['run']}", 100_000_000, None, 15),
+                Claim("tenant:*", f"tenant:{c['tenant']}", 40_000_000_000, None, None, "day", *day),
+            ]  # fmt: skip
+            reserves.append(("reserve", (row, claims, Amount(3_000_000, 1_500, 1), ts + 900)))
+        settles = []
+        for (ts, c), (name, args), outcome in zip(
+            batch, reserves, ledger.run_batch(reserves), strict=True
+        ):
+            if name != "reserve" or outcome.hold_id is None:
+                continue
+            done, request_id = ts + c["took"], args[0].request_id
+            if c["fails"]:
+                failed = Completion(status=503, latency_ms=c["took"] * 1000)
+                settles.append(("release", (request_id, outcome.hold_id, failed, "503", done)))
+                continue
+            usd = 9_000_000 if c["drift"] else rnd.randint(500_000, 2_000_000)
+            answer = Completion(
+                actual=Amount(usd, 900, 1), status=200, tokens_in=800, tokens_out=100,
+                usage_source="usage", priced=True, latency_ms=c["took"] * 1000,
+                upstream_ms=c["took"] * 1000 - 5,
+            )  # fmt: skip
+            settles.append(("commit", (request_id, outcome.hold_id, answer, done)))
+        assert not any(isinstance(r, BaseException) for r in ledger.run_batch(settles))
+    ledger.close()
+    return str(path), calls[-1][0] + 60
+
+
+def test_report_build(benchmark: Any, fleet_ledger: tuple[str, float]) -> None:
+    """`drawdown report --json`'s data: one pass over the ledger for the runs and the
+    detectors' counts, then the rows of the runs and workflows they may flag, the budgets and
+    spend over time. A week of a fleet is 75 times this ledger."""
+    from drawdown import report
+
+    path, now = fleet_ledger
+    data = benchmark(report.build, path, now=now)
+    assert len(data["runs"]) == FLEET_RUNS
+    assert sum(data["decisions"].values()) == sum(run["requests"] for run in data["runs"])
+    kinds = {anomaly["kind"] for anomaly in data["anomalies"]}
+    assert {"loop", "drift", "fan_out"} <= kinds, kinds
+    assert {run["status"] for run in data["runs"]} >= {"normal", "denied", "budget_exhausted"}
+    assert any(run["retried"] for run in data["runs"])  # a 503 its SDK retried: no step

@@ -36,7 +36,7 @@ import bisect
 import itertools
 import math
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
@@ -352,14 +352,18 @@ def _counted(rows: Sequence[dict[str, Any]], retries: int) -> list[bool]:
 
 def retried(rows: Sequence[dict[str, Any]], retries: int) -> set[str]:
     """The request ids of `rows` (decision rows, oldest first) that are failed attempts the
-    guards forgive (`_counted`): attempts the agent's SDK retried, no steps of their run."""
-    own = [r for r in rows if r.get("reason_code") not in PROXY_REFUSALS]
+    guards forgive (`_counted`): attempts the agent's SDK retried, no steps of their run.
+    The first `retries` failed attempts of each request (fingerprint) in each run, in one
+    pass (run by run, for every workflow a handoff may flag, it was a report's slowest check)."""
     forgiven_ids: set[str] = set()
-    for scope_rows in _by_scope(own).values():
-        counted = _counted(scope_rows, retries)
-        forgiven_ids.update(
-            r["request_id"] for r, c in zip(scope_rows, counted, strict=True) if not c
-        )
+    failed: dict[tuple[str, Any], int] = defaultdict(int)
+    for r in rows:
+        if r.get("reason_code") in PROXY_REFUSALS or not _failed(r):
+            continue
+        key = (r["scope"], r["fingerprint"])
+        if failed[key] < retries:
+            failed[key] += 1
+            forgiven_ids.add(r["request_id"])
     return forgiven_ids
 
 
@@ -474,8 +478,12 @@ def _workflow_anomaly(
     )
 
 
-def fan_out(rows: Sequence[dict[str, Any]], detector: Detector) -> list[Anomaly]:
-    """`rows`: every decision of the workflows concerned.
+def fan_out(
+    rows: Sequence[dict[str, Any]],
+    detector: Detector,
+    workflows: dict[tuple[Any, str], list[dict[str, Any]]] | None = None,
+) -> list[Anomaly]:
+    """`rows`: every decision of the workflows concerned (`workflows`: _workflows(rows)).
 
     Like the guard, a run counts from its first request of any kind, and a run beyond the
     limit is reported when that first request is one of the detector's actions.
@@ -483,7 +491,7 @@ def fan_out(rows: Sequence[dict[str, Any]], detector: Detector) -> list[Anomaly]
     max_runs = int(detector.param("max_runs_per_workflow"))
     max_agents = int(detector.param("max_agents_per_workflow"))
     found = []
-    for key, wf_rows in _workflows(rows).items():
+    for key, wf_rows in (_workflows(rows) if workflows is None else workflows).items():
         firsts: dict[str, dict[str, Any]] = {}
         agents: dict[Any, dict[str, Any]] = {}
         for row in wf_rows:
@@ -525,13 +533,21 @@ def fan_out(rows: Sequence[dict[str, Any]], detector: Detector) -> list[Anomaly]
     return found
 
 
-def handoff(rows: Sequence[dict[str, Any]], detector: Detector, retries: int = 0) -> list[Anomaly]:
+def handoff(
+    rows: Sequence[dict[str, Any]],
+    detector: Detector,
+    retries: int = 0,
+    workflows: dict[tuple[Any, str], list[dict[str, Any]]] | None = None,
+) -> list[Anomaly]:
     """`retries`: anomalies.loop.retries; an agent's steps are those step_count counts, so a
-    provider's 503s its SDK retried do not make it look busier than its partner."""
+    provider's 503s its SDK retried do not make it look busier than its partner.
+    `workflows`: _workflows(rows), taken when the detector covers every action."""
     ratio = Decimal(detector.param("ratio"))
     min_steps = int(detector.param("min_steps"))
     found = []
-    for key, wf_rows in _workflows(r for r in rows if detector.covers(r.get("action"))).items():
+    if workflows is None or detector.actions:
+        workflows = _workflows(r for r in rows if detector.covers(r.get("action")))
+    for key, wf_rows in workflows.items():
         per_agent: dict[Any, list[dict[str, Any]]] = defaultdict(list)
         for row in wf_rows:
             per_agent[row.get("agent")].append(row)
@@ -584,21 +600,26 @@ def detect(
     history: Sequence[dict[str, Any]] = (),
     workflow_rows: Sequence[dict[str, Any]] | None = None,
     priced_actions: frozenset[str] = frozenset(),
+    calls_only: frozenset[str] = frozenset(),
 ) -> list[dict[str, Any]]:
     """Every anomaly in `rows` (decision rows + `hold_state`, oldest first), as report dicts.
 
     `workflow_rows`: every decision of the workflows in `rows` (default: `rows`);
-    `history`: step counts of every run, for step_count's history rule.
+    `history`: step counts of every run, for step_count's history rule; `calls_only`: runs
+    (scopes) whose rows in `rows` are only those the per-call detectors may flag, known to
+    have no loop, no step count and no guard's refusal to flag (find()).
     """
     settings = settings or AnomalySettings()
     rows = sorted(rows, key=lambda r: (r["ts"], r.get("id") or 0))
     wf_rows = sorted(workflow_rows if workflow_rows is not None else rows, key=lambda r: r["ts"])
     retries = int(settings.get("loop").param("retries", 0))
+    whole = [r for r in rows if r["scope"] not in calls_only] if calls_only else rows
+    by_workflow = _workflows(wf_rows)
     found: list[Anomaly] = [
-        *loop(rows, settings.get("loop")),
-        *step_count(rows, settings.get("step_count"), history, retries),
-        *fan_out(wf_rows, settings.get("fan_out")),
-        *handoff(wf_rows, settings.get("handoff"), retries),
+        *loop(whole, settings.get("loop")),
+        *step_count(whole, settings.get("step_count"), history, retries),
+        *fan_out(wf_rows, settings.get("fan_out"), by_workflow),
+        *handoff(wf_rows, settings.get("handoff"), retries, by_workflow),
         *under_commit(rows, settings.get("under_commit")),
         *fast_commit(rows, settings.get("fast_commit")),
         *drift(rows, settings.get("drift")),
@@ -694,16 +715,17 @@ DECISION_FIELDS = (
 )
 
 
-# What detect() decides by, read for every run of the window. What it only words an anomaly
-# with (reason, method, host, path) and what a timeline shows is read by `decision_rows` for
-# the runs it may flag: the 35 columns of all 481k decisions of a week were half the report's
-# time. Without `path`, a batch submission looks like a model's answer, and without `reason`
-# a guard's refusal is of no known detector: each can only flag more runs, never fewer.
+# What detect() decides by (the per-call detectors' candidate calls are read with these), and
+# what it words an anomaly with besides (WORDING_FIELDS: read for the runs it may flag). Not
+# what only a timeline shows: the 35 columns of every run were half a report's time. Without
+# `path`, a batch submission looks like a model's answer, and without `reason` a guard's
+# refusal is of no known detector: each can only flag more calls, never fewer.
 DECIDING_FIELDS = (
     "d.id, d.request_id, d.ts, d.decision, d.reason_code, d.scope, d.tenant, d.workflow, "
     "d.agent, d.run, d.action, d.provider, d.model, d.est_usd, d.actual_usd, d.status, "
     "d.latency_ms, d.upstream_ms, d.fingerprint, d.completed_at, h.state AS hold_state"
 )
+WORDING_FIELDS = DECIDING_FIELDS + ", d.reason, d.method, d.host, d.path"
 SCOPES_A_QUERY = 500  # bound parameters per `scope IN (…)` (SQLite allows 999 in old builds)
 
 
@@ -717,11 +739,11 @@ def _priced_column(reader: Reader) -> str:
 
 
 def decision_rows(
-    reader: Reader, scopes: Iterable[str], more_columns: str = ""
+    reader: Reader, scopes: Iterable[str], more_columns: str = "", fields: str = DECISION_FIELDS
 ) -> list[dict[str, Any]]:
-    """Every decision row of these runs (scopes), DECISION_FIELDS (and `hold_state`,
-    `more_columns`), oldest first."""
-    columns = DECISION_FIELDS + more_columns
+    """Every decision row of these runs (scopes), `fields` (and `hold_state`, `more_columns`),
+    oldest first."""
+    columns = fields + more_columns
     wanted = sorted(set(scopes))
     rows: list[dict[str, Any]] = []
     for at in range(0, len(wanted), SCOPES_A_QUERY):
@@ -736,6 +758,246 @@ def decision_rows(
     return rows
 
 
+def active_where(
+    floor: float = 0.0, run: str | None = None, within: Mapping[str, str | None] | None = None
+) -> tuple[str, dict[str, Any]]:
+    """SQL (and its parameters) for the decisions that make a run one of find()'s: since
+    `floor`, of `run`, of `within`'s tenant and/or workflow ({"tenant": "acme"})."""
+    narrowed = {level: value for level, value in (within or {}).items() if value is not None}
+    if not narrowed.keys() <= {"tenant", "workflow"}:  # column names: never the caller's text
+        raise ValueError(f"anomalies are narrowed by tenant or workflow, not {sorted(narrowed)}")
+    where = "ts >= :floor" + (" AND run = :run" if run else "")
+    where += "".join(f" AND {level} = :within_{level}" for level in narrowed)
+    return where, {"floor": floor, "run": run, **{f"within_{k}": v for k, v in narrowed.items()}}
+
+
+_REFUSED = f"reason_code IN ({', '.join(f"'{code}'" for code in PROXY_REFUSALS)})"
+# What scan() counts of each run: its rows, the proxy's refusals among them (no steps of the
+# run's), when its first own row came (step_count's history) and its requests a guard refused
+# (each one an anomaly). Written so that the common row (reason_code NULL) is decided at the
+# first test: NOT IN a COALESCE, three times a row, was a quarter of the pass's time.
+SCAN_COLUMNS = (
+    "COUNT(*) AS requests, "
+    f"SUM(CASE WHEN {_REFUSED} THEN 1 ELSE 0 END) AS refused, "
+    f"MIN(CASE WHEN {_REFUSED} THEN NULL ELSE ts END) AS own_started, "
+    "SUM(CASE WHEN reason_code = 'anomaly' AND decision IN ('deny', 'would_deny') THEN 1 ELSE 0 "
+    "END) AS guarded"
+)
+GROUP_LEVELS = ("tenant", "agent", "scope", "workflow", "run")
+
+
+def scan(
+    reader: Reader, flags: Mapping[str, str], params: Mapping[str, Any], columns: str = ""
+) -> list[dict[str, Any]]:
+    """One pass over every decision of the ledger, a row per run (its identity columns,
+    GROUP_LEVELS) with SCAN_COLUMNS, `columns` (more aggregates, e.g. the report's runs table)
+    and, for each of `flags` (name → an SQL condition on a decision), 1 when a row of the run
+    meets it. Enough to tell which runs and workflows a detector may flag, and the agents'
+    history, without reading 481k rows into Python (a week of a fleet: most of a report's
+    time). Each row's `scope` names its run; a scope's rows share its levels (identity builds
+    the scope from them), so a scope has one group."""
+    same = {
+        name: next(n for n, c in flags.items() if c == condition)
+        for name, condition in flags.items()
+    }
+    marks = "".join(
+        f", MAX(CASE WHEN {condition} THEN 1 ELSE 0 END) AS {name}"
+        for name, condition in flags.items()
+        if same[name] == name  # a condition given twice is tested once
+    )
+    levels = ", ".join(GROUP_LEVELS)
+    groups = reader.query(
+        f"SELECT {levels}, {SCAN_COLUMNS}{columns}{marks} FROM decisions GROUP BY {levels}",
+        dict(params),
+    )
+    for group in groups:
+        group["own"] = group["requests"] - group["refused"]  # its own rows: its steps and more
+        for name, first in same.items():
+            if first != name:
+                group[name] = group[first]
+    return groups
+
+
+def history_of(groups: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """step_count's history from scan()'s groups: {tenant, agent, scope, steps, started} of
+    every run, its own rows counted (as the guards count them, before forgiving retries)."""
+    found: dict[tuple[Any, Any, str], dict[str, Any]] = {}
+    for group in groups:
+        if group["run"] is None or not group["own"]:
+            continue
+        key = (group["tenant"], group["agent"], group["scope"])
+        entry = found.get(key)
+        if entry is None:
+            found[key] = {
+                "tenant": group["tenant"],
+                "agent": group["agent"],
+                "scope": group["scope"],
+                "steps": int(group["own"]),
+                "started": group["own_started"],
+            }
+        else:  # one scope, its rows in several groups: a ledger written by hand
+            entry["steps"] += int(group["own"])
+            entry["started"] = min(entry["started"], group["own_started"])
+    return list(found.values())
+
+
+# Past this many runs, a query over them reads the whole table once and keeps theirs: looked
+# up through the scope index, a fleet's 48,000 runs read it in random order (a day's 6,500
+# took 0.25 s so, 0.6 s by reading the week's whole table).
+MANY_SCOPES = 20_000
+
+
+def _of_scopes(
+    reader: Reader, sql: str, params: Mapping[str, Any], scopes: set[str]
+) -> list[dict[str, Any]]:
+    """`sql` (its condition on the run written `{scopes}`, on a column named `scope` in the
+    result) for the rows of these runs only."""
+    if not scopes:
+        return []
+    if len(scopes) > MANY_SCOPES:
+        found = reader.query(sql.replace("{scopes}", "1 = 1"), dict(params))
+        return [row for row in found if row["scope"] in scopes]
+    wanted = sorted(scopes)
+    rows: list[dict[str, Any]] = []
+    for at in range(0, len(wanted), SCOPES_A_QUERY):
+        chunk = wanted[at : at + SCOPES_A_QUERY]
+        names = ", ".join(f":s{i}" for i in range(len(chunk)))
+        rows += reader.query(
+            sql.replace("{scopes}", f"d.scope IN ({names})"),
+            {**params, **{f"s{i}": scope for i, scope in enumerate(chunk)}},
+        )
+    return rows
+
+
+def _percentiles(steps: Sequence[int], window: int, pct: float) -> list[int | None]:
+    """percentile(steps[max(0, i - window):i], pct) for every i in 0..len(steps), in one
+    sweep over a sorted window (a run's earlier runs, as step_count picks them)."""
+    ordered: list[int] = []
+    found: list[int | None] = [None]
+    for i, value in enumerate(steps):
+        bisect.insort(ordered, value)
+        if i >= window:
+            del ordered[bisect.bisect_left(ordered, steps[i - window])]
+        rank = max(1, math.ceil(pct / 100 * len(ordered)))
+        found.append(ordered[min(rank, len(ordered)) - 1] if ordered else None)
+    return found
+
+
+def _may_count_too_many(
+    runs: Mapping[str, Mapping[str, Any]],
+    history: Sequence[Mapping[str, Any]],
+    detector: Detector,
+) -> set[str]:
+    """The runs step_count may flag, from their counts: more own rows than `max`, or than
+    `history_factor` × the percentile of the agent's earlier runs. A run's own rows are at
+    least its steps, so none it flags is missed. `runs`: scope → its scan() group."""
+    limit = int(detector.param("max"))
+    window = int(detector.param("history_runs"))
+    pct = float(detector.param("history_percentile"))
+    minimum = int(detector.param("history_min_runs"))
+    factor = Decimal(detector.param("history_factor"))
+    by_agent: dict[tuple[Any, Any], list[Mapping[str, Any]]] = defaultdict(list)
+    for entry in history:
+        by_agent[(entry.get("tenant"), entry.get("agent"))].append(entry)
+    started: dict[tuple[Any, Any], list[float]] = {}
+    for key, entries in by_agent.items():
+        entries.sort(key=lambda r: r["started"])  # as step_count orders them
+        started[key] = [entry["started"] for entry in entries]
+    expected: dict[tuple[Any, Any], list[int | None]] = {}
+    found = set()
+    for scope, run in runs.items():
+        if run["run"] is None or not run["own"]:
+            continue
+        own = int(run["own"])
+        if own > limit:
+            found.add(scope)
+            continue
+        key = (run["tenant"], run["agent"])
+        i = bisect.bisect_left(started.get(key, []), run["own_started"])
+        # Its own entry starts when it does, at i or after: the `window` before i are its
+        # earlier runs, as step_count takes them.
+        if min(i, window) < minimum:
+            continue
+        if key not in expected:
+            steps = [int(entry["steps"]) for entry in by_agent[key]]
+            expected[key] = _percentiles(steps, window, pct)
+        percentile_before = expected[key][i]
+        if percentile_before is not None and own > factor * percentile_before:
+            found.add(scope)
+    return found
+
+
+def _may_flag_workflows(
+    groups: Iterable[Mapping[str, Any]],
+    names: set[str],
+    settings: AnomalySettings,
+    failed: Mapping[str, int],
+) -> set[tuple[Any, str]]:
+    """The workflows ((tenant, workflow)) of these names fan_out or handoff may flag, from
+    their runs' counts: more runs or agents than fan_out allows (counting every run and agent
+    with a row of its own), or agents whose steps may lie further apart than handoff allows
+    (an agent's steps are at most its own rows, and at least those less its runs' failed
+    attempts). Supersets, so none either flags is missed. `failed`: scope → failed attempts."""
+    fan, hand = settings.get("fan_out"), settings.get("handoff")
+    max_runs = int(fan.param("max_runs_per_workflow"))
+    max_agents = int(fan.param("max_agents_per_workflow"))
+    ratio = Decimal(hand.param("ratio"))
+    min_steps = int(hand.param("min_steps"))
+    scopes: dict[tuple[Any, str], set[str]] = defaultdict(set)
+    agents: dict[tuple[Any, str], dict[Any, list[int]]] = defaultdict(dict)
+    for group in groups:
+        workflow = group["workflow"]
+        if not workflow or workflow not in names or not group["own"]:
+            continue
+        key = (group["tenant"], workflow)
+        scopes[key].add(group["scope"])
+        counts = agents[key].setdefault(group["agent"], [0, 0])
+        counts[0] += int(group["own"])
+        counts[1] += failed.get(group["scope"], 0)
+    found = set()
+    for key, runs in scopes.items():
+        per_agent = agents[key]
+        if len(runs) > max_runs or len(per_agent) > max_agents:
+            found.add(key)
+            continue
+        if len(per_agent) < 2:
+            continue
+        most = max(own for own, _ in per_agent.values())
+        # Only covered actions count when handoff names some: then an agent may have none.
+        least = 0 if hand.actions else min(own - lost for own, lost in per_agent.values())
+        if most >= min_steps and (ratio < 0 or most > ratio * least):
+            found.add(key)
+    return found
+
+
+def _per_call_suspects(settings: AnomalySettings, priced_column: str) -> tuple[str, dict[str, Any]]:
+    """SQL for the committed calls the per-call detectors may flag (under_commit, fast_commit,
+    drift, unpriced_model), with margins that only take in more; the detectors then decide on
+    these rows as they would on every row."""
+    under = float(Decimal(settings.get("under_commit").param("ratio")))
+    over = float(Decimal(settings.get("drift").param("ratio")))
+    fast = float(settings.get("fast_commit").param("latency_ms"))
+    llm = ", ".join(f"'{provider}'" for provider in LLM_PROVIDERS)
+    unpriced = f"d.provider IN ({llm})" + (
+        " AND (d.priced IS NULL OR d.priced = 0)" if priced_column else ""
+    )
+    latency = "COALESCE(d.upstream_ms, d.latency_ms)"
+    sql = f"""SELECT {DECIDING_FIELDS}{priced_column} FROM decisions d
+        LEFT JOIN holds h ON h.id = d.hold_id
+        WHERE {{scopes}} AND d.decision <> 'deny' AND d.status >= 200 AND d.status < 300
+          AND ((d.est_usd > 0 AND COALESCE(d.actual_usd, 0) < d.est_usd * :under_ratio)
+               OR (d.est_usd > 0 AND COALESCE(d.actual_usd, 0) > d.est_usd * :drift_ratio)
+               OR ({latency} >= 0 AND {latency} < :fast_ms)
+               OR ({unpriced}))
+          AND (h.state = 'committed' OR (h.state = 'expired' AND d.actual_usd IS NOT NULL))"""
+    # Floats, widened: a product a hair off the exact Decimal one must not leave a call out.
+    return sql, {
+        "under_ratio": under + abs(under) * 1e-9 + 1e-12,
+        "drift_ratio": over - abs(over) * 1e-9 - 1e-12,
+        "fast_ms": fast,
+    }
+
+
 def find(
     reader: Reader,
     *,
@@ -743,67 +1005,136 @@ def find(
     run: str | None = None,
     policy: Policy | None = None,
     within: dict[str, str] | None = None,
+    groups: list[dict[str, Any]] | None = None,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(anomalies, the decision rows they were computed from) for the runs active since `floor`.
+    """(anomalies, scan()'s groups of the runs they were found for) for the runs active since
+    `floor`.
 
-    Whole runs and whole workflows are read, not just the window, so counts match the guards.
-    The rows hold DECIDING_FIELDS only (`decision_rows` reads a run's whole rows): detect() runs
-    over them, and again over the whole rows of the runs it flagged, whose anomalies it words.
-    `within`: only the runs of this tenant and/or workflow ({"tenant": "acme"}; `drawdown report
-    --tenant`). Their workflows are still read whole and the agents' history fleet-wide, so
-    each anomaly is the one the whole report finds, without reading every other team's runs.
+    Whole runs and whole workflows are judged, not just the window, so counts match the guards.
+    The runs and workflows a detector may flag are found from scan()'s counts and a few
+    narrow queries (repeated requests, calls a per-call detector may flag), each a superset of
+    what it flags; detect() runs over the whole rows of those alone (of a run flagged only by
+    a per-call detector, its flagged calls) and finds what it would over every row: a run's
+    own anomalies come from its rows alone, a workflow's from its own. `within`: only the
+    runs of this tenant and/or
+    workflow ({"tenant": "acme"}; `drawdown report --tenant`). Their workflows are still read
+    whole and the agents' history fleet-wide, so each anomaly is the one the whole report
+    finds, without reading every other team's runs. `groups`: scan()'s, made with an `active`
+    flag of active_where()'s condition (the report's own pass).
     """
-    narrowed = {level: value for level, value in (within or {}).items() if value is not None}
-    if not narrowed.keys() <= {"tenant", "workflow"}:  # column names: never the caller's text
-        raise ValueError(f"anomalies are narrowed by tenant or workflow, not {sorted(narrowed)}")
-    where = "ts >= :floor" + (" AND run = :run" if run else "")
-    where += "".join(f" AND {level} = :within_{level}" for level in narrowed)
-    params = {"floor": floor, "run": run, **{f"within_{k}": v for k, v in narrowed.items()}}
-    priced_column = _priced_column(reader)
-    rows = reader.query(
-        f"""SELECT {DECIDING_FIELDS}{priced_column} FROM decisions d
-            LEFT JOIN holds h ON h.id = d.hold_id
-            WHERE d.scope IN (SELECT DISTINCT scope FROM decisions WHERE {where})
-            ORDER BY d.ts, d.id""",
-        params,
-    )
-    workflow_rows = reader.query(
-        f"""SELECT d.id, d.request_id, d.ts, d.decision, d.reason, d.scope, d.tenant, d.workflow,
-                   d.agent, d.run, d.action, d.fingerprint, d.status, d.completed_at
-            FROM decisions d WHERE d.workflow IN
-              (SELECT DISTINCT workflow FROM decisions WHERE {where} AND workflow IS NOT NULL)
-              AND {agents_own("d.reason_code")}
-            ORDER BY d.ts, d.id""",
-        params,
-    )
-    history = reader.query(
-        f"""SELECT tenant, agent, scope, COUNT(*) AS steps, MIN(ts) AS started
-            FROM decisions WHERE run IS NOT NULL AND {agents_own()} GROUP BY tenant, agent, scope"""
-    )
+    where, params = active_where(floor, run, within)
+    if groups is None:
+        groups = scan(reader, {"active": where}, params)
     settings = policy.anomalies if policy else AnomalySettings()
+    priced_column = _priced_column(reader)
+    active = {group["scope"] for group in groups if group["active"]}
+    window = [group for group in groups if group["scope"] in active]
+    runs: dict[str, dict[str, Any]] = {}
+    # Rows of one scope in several groups: a ledger written by hand, read whole to be sure.
+    suspects = {g["scope"] for g in window if runs.setdefault(g["scope"], g) is not g}
     # Earlier runs' steps as the guards count them: less their forgiven failed attempts.
     retries = int(settings.get("loop").param("retries", 0))
     retried: dict[str, int] = defaultdict(int)
+    failed: dict[str, int] = defaultdict(int)  # every failed attempt of a run (handoff's bound)
     for r in reader.query(
-        f"""SELECT scope, COUNT(*) AS n FROM decisions
-            WHERE run IS NOT NULL AND {failed_attempt()} GROUP BY scope, fingerprint"""
+        f"""SELECT scope, run IS NOT NULL AS of_run, COUNT(*) AS n FROM decisions
+            WHERE {failed_attempt()} GROUP BY scope, fingerprint, run IS NOT NULL"""
     ):
-        retried[r["scope"]] += forgiven(int(r["n"]), retries)
-    history = [{**h, "steps": int(h["steps"]) - retried.get(h["scope"], 0)} for h in history]
+        failed[r["scope"]] += int(r["n"])
+        if r["of_run"]:
+            retried[r["scope"]] += forgiven(int(r["n"]), retries)
+    history = [
+        {**h, "steps": int(h["steps"]) - retried.get(h["scope"], 0)} for h in history_of(groups)
+    ]
+    # In the order step_count takes each agent's runs (a stable sort keeps ties as they came):
+    # its sort of each agent's runs then finds them sorted, twice a report.
+    history.sort(key=lambda h: h["started"])
     priced = frozenset(a.kind for a in policy.actions if a.price is not None) if policy else None
 
-    def anomalies_in(decisions: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        return detect(
-            # The runs' own steps: the proxy's refusals (a stop, its ledger down) are not theirs.
-            [r for r in decisions if r["reason_code"] not in PROXY_REFUSALS],
-            settings,
-            history=history,
-            workflow_rows=workflow_rows,
-            priced_actions=priced or frozenset(),
-        )
+    # The runs a detector may flag: a guard refused one of their requests; a request repeated
+    # past loop.repeats; more own rows than step_count allows (read whole); a call the per-call
+    # detectors flag (decided on the few calls that may be, each judged alone: only these are
+    # read of a run flagged for nothing else).
+    suspects |= {g["scope"] for g in window if g["guarded"]}
+    suspects |= _may_count_too_many(runs, history, settings.get("step_count"))
+    repeated = _of_scopes(
+        reader,
+        "SELECT d.scope FROM decisions d WHERE {scopes} AND d.fingerprint IS NOT NULL "
+        "GROUP BY d.scope, d.fingerprint HAVING COUNT(*) > :repeats",
+        {"repeats": int(settings.get("loop").param("repeats"))},
+        active,
+    )
+    suspects |= {row["scope"] for row in repeated}
+    suspects &= active
+    calls_sql, calls_params = _per_call_suspects(settings, priced_column)
+    # The runs' own steps: the proxy's refusals (a stop, its ledger down) are not theirs.
+    calls = [
+        r
+        for r in _of_scopes(reader, calls_sql, calls_params, active)
+        if r["reason_code"] not in PROXY_REFUSALS
+    ]
+    calls.sort(key=lambda r: (r["ts"], r["id"]))
+    hits = (
+        *under_commit(calls, settings.get("under_commit")),
+        *fast_commit(calls, settings.get("fast_commit")),
+        *drift(calls, settings.get("drift")),
+        *unpriced_model(calls, settings.get("unpriced_model"), priced or frozenset()),
+    )
+    calls_only = frozenset({hit.scope for hit in hits} - suspects)
+    # Read whole, with what words them, are the calls flagged of those runs: their other rows
+    # cannot be (with `path`, a batch's submission is not flagged as a model's answer).
+    flagged_calls = {i for hit in hits if hit.scope in calls_only for i in hit.evidence}
 
-    # A run's own anomalies come from its rows alone (a workflow's from workflow_rows), so
-    # detect() over the whole rows of the runs it may flag finds what it would over all.
-    scopes = {r["scope"] for r in rows}
-    maybe = {a["scope"] for a in anomalies_in(rows) if a["scope"] in scopes}
-    return anomalies_in(decision_rows(reader, maybe, priced_column)), rows
+    # The workflows fan_out or handoff may flag, of those the runs are in: read whole.
+    names = {g["workflow"] for g in groups if g["active"] and g["workflow"] is not None}
+    flagged_workflows = _may_flag_workflows(groups, names, settings, failed)
+    workflow_rows = [
+        row
+        for row in _of_workflows(reader, {workflow for _, workflow in flagged_workflows})
+        if (row["tenant"], row["workflow"]) in flagged_workflows
+    ]
+    workflow_rows.sort(key=lambda r: (r["ts"], r["id"]))
+    rows = decision_rows(reader, suspects, priced_column, WORDING_FIELDS)
+    rows += _of_requests(reader, flagged_calls, WORDING_FIELDS + priced_column)
+    found = detect(
+        [r for r in rows if r["reason_code"] not in PROXY_REFUSALS],
+        settings,
+        history=history,
+        workflow_rows=workflow_rows,
+        priced_actions=priced or frozenset(),
+        calls_only=calls_only,
+    )
+    return found, window
+
+
+def _of_requests(reader: Reader, ids: set[str], columns: str) -> list[dict[str, Any]]:
+    """The decision rows of these request ids (`columns`, and hold_state)."""
+    wanted = sorted(ids)
+    rows: list[dict[str, Any]] = []
+    for at in range(0, len(wanted), SCOPES_A_QUERY):
+        chunk = wanted[at : at + SCOPES_A_QUERY]
+        marks = ", ".join(f":r{i}" for i in range(len(chunk)))
+        rows += reader.query(
+            f"""SELECT {columns} FROM decisions d LEFT JOIN holds h ON h.id = d.hold_id
+                WHERE d.request_id IN ({marks})""",
+            {f"r{i}": request_id for i, request_id in enumerate(chunk)},
+        )
+    return rows
+
+
+def _of_workflows(reader: Reader, names: set[str]) -> list[dict[str, Any]]:
+    """The own decision rows of the workflows of these names (every tenant's)."""
+    wanted = sorted(names)
+    rows: list[dict[str, Any]] = []
+    for at in range(0, len(wanted), SCOPES_A_QUERY):
+        chunk = wanted[at : at + SCOPES_A_QUERY]
+        marks = ", ".join(f":w{i}" for i in range(len(chunk)))
+        rows += reader.query(
+            f"""SELECT d.id, d.request_id, d.ts, d.decision, d.reason, d.scope, d.tenant,
+                       d.workflow, d.agent, d.run, d.action, d.fingerprint, d.status,
+                       d.completed_at
+                FROM decisions d WHERE d.workflow IN ({marks})
+                  AND {agents_own("d.reason_code")}""",
+            {f"w{i}": name for i, name in enumerate(chunk)},
+        )
+    return rows

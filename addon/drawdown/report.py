@@ -29,20 +29,31 @@ import hashlib
 import json
 import re
 import time
-from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections import defaultdict
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import resources
+from operator import itemgetter
 from typing import IO, Any
 
 from . import anomalies as anomaly_detection
 from .budgets import window
 from .escape import printable
 from .identity import clean_value
-from .ledger.api import BATCH_HOLDER, PROXY_REFUSALS, UNITS, Claim, Shortfall
+from .ledger.api import (
+    BATCH_HOLDER,
+    PROXY_REFUSALS,
+    UNITS,
+    Claim,
+    Shortfall,
+    agents_own,
+    failed_attempt,
+    forgiven,
+)
 from .ledger.reader import Reader
-from .money import exact_usd, usd_float
+from .money import exact_usd
+from .money import usd_float as exact_usd_float
 from .policy.match import LEVELS
 from .policy.model import AnomalySettings, Policy
 from .recording import redact
@@ -76,6 +87,31 @@ NOT_THE_RUNS = ", ".join(
 )
 
 
+DECISIONS = ("allow", "deny", "would_deny")
+# The runs table's columns, added to anomalies.scan()'s pass over the ledger (a row per run).
+RUN_COLUMNS = f""",
+    SUM(CASE WHEN decision = 'allow' THEN 1 ELSE 0 END) AS allowed,
+    SUM(CASE WHEN decision = 'deny' THEN 1 ELSE 0 END) AS denied,
+    SUM(CASE WHEN decision = 'would_deny' THEN 1 ELSE 0 END) AS would_deny,
+    SUM(CASE WHEN decision = 'deny' AND reason_code = 'budget_exhausted' THEN 1 ELSE 0 END)
+        AS budget_denials,
+    SUM(CASE WHEN decision = 'deny' AND COALESCE(reason_code, '') NOT IN ({NOT_THE_RUNS})
+        THEN 1 ELSE 0 END) AS other_denials,
+    SUM(CASE WHEN decision = 'would_deny' AND reason_code = 'budget_exhausted' THEN 1 ELSE 0 END)
+        AS would_budget,
+    SUM(CASE WHEN decision = 'would_deny' AND COALESCE(reason_code, '') NOT IN ({NOT_THE_RUNS})
+        THEN 1 ELSE 0 END) AS would_other,
+    SUM(CASE WHEN decision = 'would_deny' AND reason_code = 'anomaly' THEN 1 ELSE 0 END)
+        AS would_anomaly,
+    COALESCE(SUM(actual_usd), 0) AS usd,
+    COALESCE(SUM(est_usd), 0) AS est_usd,
+    COALESCE(SUM(tokens_in), 0) AS tokens_in,
+    COALESCE(SUM(tokens_out), 0) AS tokens_out,
+    MIN(ts) AS started, MAX(COALESCE(completed_at, ts)) AS ended,
+    SUM(CASE WHEN ts >= :floor THEN 1 ELSE 0 END) AS window_requests,
+    COALESCE(SUM(CASE WHEN ts >= :floor THEN actual_usd END), 0) AS window_usd"""
+
+
 def parse_duration(text: str, flag: str = "--since") -> float:
     if _NEGATIVE.match(text):  # `-5m`: the window counts back from now already
         raise ValueError(
@@ -89,6 +125,18 @@ def parse_duration(text: str, flag: str = "--since") -> float:
     # A window reaching past 1970 holds the whole ledger; unbounded, it would reach past the
     # dates Python can show (`--since 99999999999d`).
     return min(float(found.group(1)) * _SECONDS[found.group(2)], time.time())
+
+
+_EXACT_FLOATS = 2**53  # integers a float holds exactly
+
+
+def usd_float(nanos: int | None) -> float | None:
+    """money.usd_float, a few times faster (a report makes some 500,000): an integer a float
+    holds exactly, divided by 1e9, rounds once to the nearest float, as the exact Decimal
+    quotient made a float does."""
+    if type(nanos) is int and -_EXACT_FLOATS < nanos < _EXACT_FLOATS:
+        return nanos / 1e9
+    return exact_usd_float(nanos)
 
 
 def iso_time(ts: float | None) -> str | None:
@@ -262,34 +310,69 @@ def _build(
 ) -> dict[str, Any]:
     floor = now - since if since else 0.0
     where = "ts >= :floor" + (" AND run = :run" if run else "") + narrow.sql()
-    params = {"floor": floor, "run": run, **narrow.params}
-    decisions = reader.query(
-        f"SELECT decision, COUNT(*) AS n FROM decisions WHERE {where} GROUP BY decision", params
+    params: dict[str, Any] = {"floor": floor, "run": run, **narrow.params}
+    # One pass over the ledger gives the runs table, the decisions' totals, the agents' history
+    # and what the detectors need to know which runs to read (anomalies.scan): a week of a
+    # fleet (481k decisions) read into Python, row by row, took most of half a minute.
+    active, active_params = anomaly_detection.active_where(floor, run, narrow.levels)
+    groups = anomaly_detection.scan(
+        reader,
+        {"active": active, "listed": where},
+        {**active_params, **params},
+        RUN_COLUMNS
+        + "".join(
+            f", SUM(CASE WHEN {where} AND decision = '{decision}' THEN 1 ELSE 0 END) AS n_{decision}"
+            for decision in DECISIONS
+        ),
     )
-    counts = {"allow": 0, "deny": 0, "would_deny": 0}
-    for row in decisions:
-        counts[row["decision"]] = row["n"]
+    counts = {decision: sum(g[f"n_{decision}"] for g in groups) for decision in DECISIONS}
+    if any(g["requests"] != g["allowed"] + g["denied"] + g["would_deny"] for g in groups):
+        # A decision of another name, somewhere: counted as the ledger names it.
+        for row in reader.query(
+            f"SELECT decision, COUNT(*) AS n FROM decisions WHERE {where} GROUP BY decision",
+            params,
+        ):
+            counts[row["decision"]] = row["n"]
+    listed = {g["scope"] for g in groups if g["listed"]}
+    run_scopes: tuple[str, dict[str, Any]] = ("", {})
+    if run and len(listed) <= anomaly_detection.SCOPES_A_QUERY:
+        # No index has the run column: its scopes (the same rows) find them by the scope index,
+        # where each query of `--run` read the whole table.
+        named = {f"run_scope_{i}": scope for i, scope in enumerate(sorted(listed))}
+        marks = ", ".join(f":{name}" for name in named)
+        run_scopes = (f" AND scope IN ({marks})" if named else " AND 1 = 0", named)
+        where += run_scopes[0]
+        params.update(named)
 
-    found, detail_rows = anomaly_detection.find(
-        reader, floor=floor, run=run, policy=policy, within=narrow.levels
+    found, window = anomaly_detection.find(
+        reader, floor=floor, run=run, policy=policy, within=narrow.levels, groups=groups
     )
     if narrow:
         # Found for the filter's runs (their workflows read whole): a workflow-wide anomaly
         # of a workflow name two tenants share names both, and is kept for the filter's own.
         found = [anomaly for anomaly in found if narrow.covers(anomaly)]
-        detail_rows = [row for row in detail_rows if narrow.covers(row)]
     # A run's steps are what its guards count: not the attempts its SDK retried after a failure
     # (up to anomalies.loop.retries a request), nor the proxy's own refusals. The attempts it
     # retried are shown too (`retried`): a reader sees the provider's trouble.
     settings = policy.anomalies if policy else AnomalySettings()
     retries = int(settings.get("loop").param("retries", 0))
-    retried_ids = anomaly_detection.retried(detail_rows, retries)
-    no_steps = anomaly_detection.not_steps(detail_rows, retries)
+    totals: dict[str, int] = defaultdict(int)  # scope -> its rows (the whole run's)
     not_counted: dict[str, list[int]] = defaultdict(lambda: [0, 0])  # scope -> [no steps, retried]
-    for row in detail_rows:
-        if row["request_id"] in no_steps:
-            not_counted[row["scope"]][0] += 1
-            not_counted[row["scope"]][1] += row["request_id"] in retried_ids
+    for group in window:
+        if narrow.covers(group):
+            totals[group["scope"]] += group["requests"]
+            not_counted[group["scope"]][0] += group["requests"] - group["own"]  # the proxy's
+    failed: dict[tuple[str, str], int] = defaultdict(int)
+    for row in reader.query(
+        f"""SELECT scope, fingerprint, tenant, workflow, COUNT(*) AS n FROM decisions
+            WHERE {failed_attempt()} AND fingerprint <> '' AND {agents_own()}
+            GROUP BY scope, fingerprint, tenant, workflow"""
+    ):
+        if row["scope"] in totals and narrow.covers(row):
+            failed[(row["scope"], row["fingerprint"])] += int(row["n"])
+    for (scope, _), n in failed.items():  # the first `retries` failed attempts of a request
+        not_counted[scope][0] += forgiven(n, retries)
+        not_counted[scope][1] += forgiven(n, retries)
     by_run: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for anomaly in found:
         in_each_run = _for_each_run(anomaly)
@@ -298,28 +381,10 @@ def _build(
         anomaly["runs_total"] = len(anomaly["runs"])
         anomaly["runs"] = anomaly["runs"][: anomaly_detection.MAX_EVIDENCE]
 
-    run_rows = reader.query(
-        f"""SELECT scope, tenant, workflow, agent, run,
-                   COUNT(*) AS requests,
-                   SUM(CASE WHEN decision = 'allow' THEN 1 ELSE 0 END) AS allowed,
-                   SUM(CASE WHEN decision = 'deny' THEN 1 ELSE 0 END) AS denied,
-                   SUM(CASE WHEN decision = 'would_deny' THEN 1 ELSE 0 END) AS would_deny,
-                   SUM(CASE WHEN decision = 'deny' AND reason_code = 'budget_exhausted' THEN 1 ELSE 0 END) AS budget_denials,
-                   SUM(CASE WHEN decision = 'deny' AND COALESCE(reason_code, '') NOT IN ({NOT_THE_RUNS}) THEN 1 ELSE 0 END) AS other_denials,
-                   SUM(CASE WHEN decision = 'would_deny' AND reason_code = 'budget_exhausted' THEN 1 ELSE 0 END) AS would_budget,
-                   SUM(CASE WHEN decision = 'would_deny' AND COALESCE(reason_code, '') NOT IN ({NOT_THE_RUNS}) THEN 1 ELSE 0 END) AS would_other,
-                   SUM(CASE WHEN decision = 'would_deny' AND reason_code = 'anomaly' THEN 1 ELSE 0 END) AS would_anomaly,
-                   COALESCE(SUM(actual_usd), 0) AS usd,
-                   COALESCE(SUM(est_usd), 0) AS est_usd,
-                   COALESCE(SUM(tokens_in), 0) AS tokens_in,
-                   COALESCE(SUM(tokens_out), 0) AS tokens_out,
-                   MIN(ts) AS started, MAX(COALESCE(completed_at, ts)) AS ended,
-                   SUM(CASE WHEN ts >= :floor THEN 1 ELSE 0 END) AS window_requests,
-                   COALESCE(SUM(CASE WHEN ts >= :floor THEN actual_usd END), 0) AS window_usd
-            FROM decisions
-            WHERE scope IN (SELECT DISTINCT scope FROM decisions WHERE {where}) AND run IS NOT NULL
-            GROUP BY scope, tenant, workflow, agent, run ORDER BY MIN(ts)""",
-        params,
+    # Oldest first; runs that started together in the order of their scopes.
+    run_rows = sorted(
+        (g for g in groups if g["scope"] in listed and g["run"] is not None),
+        key=itemgetter("started", "scope"),
     )
     runs = []
     for row in run_rows:
@@ -362,9 +427,9 @@ def _build(
     embedded = (
         _add_timelines(
             runs,
-            detail_rows,
+            totals,
             found,
-            retried_ids,
+            lambda rows: anomaly_detection.retried([r for r in rows if narrow.covers(r)], retries),
             lambda scopes: anomaly_detection.decision_rows(reader, scopes),
             one_run=run is not None,
         )
@@ -372,7 +437,8 @@ def _build(
         else None
     )
 
-    budgets = _budgets(reader, floor, run, narrow, where, params)
+    refusing = {g["scope"] for g in groups if g["budget_denials"] or g["would_budget"]}
+    budgets = _budgets(reader, floor, run, narrow, listed, refusing)
     # The page (as the text table) gets a per-run budget's instances past MAX_RUN_INSTANCES
     # summarised: 48k runs made 96k budget rows and 48k spend series, 62 of the 94 s Chromium
     # took to open the page. `--run ID --html` shows that run's whole; `--json` every one.
@@ -388,7 +454,9 @@ def _build(
         "runs": runs,
         "decisions": counts,
         "anomalies": found,
-        "spend": _spend(reader, floor, run, budgets, shown if summaries else None, narrow),
+        "spend": _spend(
+            reader, floor, run, budgets, shown if summaries else None, narrow, run_scopes
+        ),
         "denials": _denials(reader, where, params),  # the latest MAX_DENIALS
         "denials_total": counts["deny"] + counts["would_deny"],
     }
@@ -416,11 +484,12 @@ def _budgets(
     floor: float,
     run: str | None,
     narrow: ReportFilter = ReportFilter(),
-    where: str = "",
-    where_params: dict[str, Any] | None = None,
+    listed: Collection[str] = (),
+    refusing: Collection[str] | None = None,
 ) -> list[dict[str, Any]]:
     """The budget instances of the report. `narrow`: those that lie within it, and those its
-    requests (`where`: the report's decisions) are charged to with others', marked `shared`."""
+    requests (`listed`: the runs of the report's decisions) are charged to with others',
+    marked `shared`. `refusing`: the runs with a budget's refusal (_refused)."""
     # An instance belongs to the run when its scope ends with that run level (run is the last
     # level); LIKE wildcards in a run id are escaped so `r_1` matches only `r_1`.
     budget_where = "updated_at >= :floor" + (
@@ -443,12 +512,12 @@ def _budgets(
         )
     sides: dict[int, str] = {}
     if narrow:
-        side_of = _budget_sides(reader, narrow, where, where_params or {})
+        side_of = _budget_sides(narrow, listed)
         for row in budget_rows:
             if (side := side_of(row["scope"])) is not None:
                 sides[row["id"]] = side
         budget_rows = [row for row in budget_rows if row["id"] in sides]
-    refused = _refused(reader, budget_rows, params if run else None)
+    refused = _refused(reader, budget_rows, params if run else None, refusing)
     budgets = []
     for row in budget_rows:
         shared = {"shared": sides[row["id"]] == "shared"} if narrow else {}
@@ -503,9 +572,7 @@ def _scope_levels(scope: str) -> dict[str, str]:
     return {level: value for level, _, value in (part.partition(":") for part in scope.split("/"))}
 
 
-def _budget_sides(
-    reader: Reader, narrow: ReportFilter, where: str, params: dict[str, Any]
-) -> Callable[[str], str | None]:
+def _budget_sides(narrow: ReportFilter, listed: Iterable[str]) -> Callable[[str], str | None]:
     """How an instance scope stands to the filter: "own" when it lies within it, "shared" when
     the filter's requests are charged to it together with others', None when they are not.
 
@@ -517,13 +584,13 @@ def _budget_sides(
     - it names neither, but the filter's requests fall in it (`*`, `agent:research` of
       `agent:*`, `tenant:acme` under `--workflow`): others' requests fall in it too: shared;
     - anything else (another tenant's instance, one no request of the filter's falls in): out.
-    `where`: the report's decisions (the filter, `--run`, `--since`): a shared instance is
-    listed when the report's own requests fall in it."""
+    `listed`: the runs (scopes) of the report's decisions (the filter, `--run`, `--since`): a
+    shared instance is listed when the report's own requests fall in it."""
     wanted = narrow.levels
     heads: set[tuple[tuple[str, str], ...]] = set()  # the filter's scopes less their run
     by_run: dict[str, list[dict[str, str]]] = defaultdict(list)
-    for row in reader.query(f"SELECT DISTINCT scope FROM decisions WHERE {where}", params):
-        levels = _scope_levels(row["scope"])
+    for scope in listed:
+        levels = _scope_levels(scope)
         heads.add(tuple((k, v) for k, v in levels.items() if k != "run"))
         if "run" in levels:
             by_run[levels["run"]].append(levels)
@@ -596,19 +663,43 @@ def _with_refusing(
 
 
 def _refused(
-    reader: Reader, rows: list[dict[str, Any]], run_params: dict[str, Any] | None
+    reader: Reader,
+    rows: list[dict[str, Any]],
+    run_params: dict[str, Any] | None,
+    refusing: Collection[str] | None = None,
 ) -> set[int]:
     """The budget instances (ids) that refused a reserve in their window — or, shadow, would
     have: the `budget_exhausted` decisions naming their scope, in the words the proxy refuses
     with (Shortfall.describe: `budget SCOPE usd 0.05 exhausted (…`), which name the instance's
     scope, unit, limit and window: of two budgets on one scope, only the one that refused is
-    named (unless both have that same limit and window: the words cannot tell them apart)."""
+    named (unless both have that same limit and window: the words cannot tell them apart).
+    `refusing`: the runs (scopes) that hold every such decision, found by the scope index (no
+    index has the reason: the whole table was read for a few hundred rows)."""
     if not rows:
         return set()
+    which = _RUN_BUDGET if run_params else ""
+    sql = (
+        "SELECT budget, reason, ts FROM decisions WHERE reason_code = 'budget_exhausted' "
+        f"AND decision IN ('deny', 'would_deny') AND ts >= :first{which}"
+    )
+    params = {**(run_params or {}), "first": min(row["window_start"] or 0 for row in rows)}
+    if refusing is None or len(refusing) > anomaly_detection.MANY_SCOPES:
+        denials = reader.query(sql, params)
+    else:
+        wanted = sorted(refusing)
+        denials = []
+        step = anomaly_detection.SCOPES_A_QUERY
+        for at in range(0, len(wanted), step):
+            chunk = {f"s{i}": scope for i, scope in enumerate(wanted[at : at + step])}
+            marks = ", ".join(f":{name}" for name in chunk)
+            denials += reader.query(f"{sql} AND scope IN ({marks})", {**params, **chunk})
+    named = {denial["budget"] for denial in denials}
     by_scope: dict[str, list[tuple[dict[str, Any], tuple[str, ...], int | None]]] = defaultdict(
         list
     )
     for row in rows:
+        if row["scope"] not in named:  # worded only for the instances a denial names
+            continue
         claim = Claim(
             row["budget"],
             row["scope"],
@@ -624,12 +715,6 @@ def _refused(
             if (limit := claim.limit(unit)) is not None
         )
         by_scope[row["scope"]].append((row, words, window(row["per"], row["window_start"])[1]))
-    which = _RUN_BUDGET if run_params else ""
-    denials = reader.query(
-        "SELECT budget, reason, ts FROM decisions WHERE reason_code = 'budget_exhausted' "
-        f"AND decision IN ('deny', 'would_deny') AND ts >= :first{which}",
-        {**(run_params or {}), "first": min(row["window_start"] or 0 for row in rows)},
-    )
     refused: set[int] = set()
     for denial in denials:
         for row, words, end in by_scope.get(denial["budget"], ()):
@@ -648,6 +733,17 @@ def _bucket_size(first: float, last: float) -> int:
     return next((size for size in BUCKETS if span / size <= MAX_BUCKETS), BUCKETS[-1])
 
 
+def _bucket_sql(at: str, sqlite: bool) -> str:
+    """SQL for the start of the bucket of `:size` seconds the time `at` falls in, as Python's
+    `int(at // size) * size` takes it: in integers, floor(at) less its remainder by the size
+    (a float quotient may round up into the next bucket)."""
+    if sqlite:  # FLOOR() and MOD() are not in every build
+        second = f"(CAST({at} AS INTEGER) - ({at} < CAST({at} AS INTEGER)))"
+        return f"{second} - (({second} % :size) + :size) % :size"
+    second = f"CAST(FLOOR({at}) AS BIGINT)"  # a cast alone rounds
+    return f"{second} - MOD(MOD({second}, :size) + :size, :size)"  # psycopg reads `%` itself
+
+
 def _spend(
     reader: Reader,
     floor: float,
@@ -655,6 +751,7 @@ def _spend(
     budgets: list[dict[str, Any]],
     shown: list[dict[str, Any]] | None = None,
     narrow: ReportFilter = ReportFilter(),
+    run_scopes: tuple[str, dict[str, Any]] = ("", {}),
 ) -> dict[str, Any]:
     """Budget use over time: what committed calls charged, per budget instance and in total,
     in time buckets (from the holds: each names the instances it was charged to). A batch's
@@ -662,57 +759,90 @@ def _spend(
     batch ends (released then, or expired at its window): it counts at its submission.
     `shown`: only these instances get a series (the page's); `series_omitted` counts the rest
     that had one. `narrow`: the filter's calls only; a `shared` instance gets no series (it
-    would draw the filter's part of it against everyone's limit)."""
-    decision_filter = (" AND run = :run" if run else "") + narrow.sql()
+    would draw the filter's part of it against everyone's limit). `run_scopes`: the run's
+    scopes, SQL and parameters, to find its decisions by (`_build`)."""
+    decision_filter = (" AND run = :run" + run_scopes[0] if run else "") + narrow.sql()
     run_filter = (
         f" AND h.id IN (SELECT hold_id FROM decisions WHERE hold_id IS NOT NULL{decision_filter})"
         if decision_filter
         else ""
     )
-    params = {"floor": floor, "run": run, "holder": BATCH_HOLDER, **narrow.params}
-    holds = reader.query(
-        "SELECT h.settled_at, h.instance_ids, h.actual_usd, h.actual_tokens, h.actual_requests "
-        "FROM holds h WHERE h.settled_at >= :floor AND h.state IN ('committed', 'expired') "
-        "AND h.actual_usd IS NOT NULL AND h.process_id <> :holder" + run_filter,
-        params,
-    )
-    if reader.schema_version >= 6:  # batches held while they run (schema v6)
-        holds += reader.query(
-            "SELECT b.ts AS settled_at, h.instance_ids, h.actual_usd, h.actual_tokens, "
-            "h.actual_requests FROM batch_holds b JOIN holds h ON h.id = b.hold_id "
-            "WHERE b.ts >= :floor AND h.actual_usd IS NOT NULL" + run_filter,
-            params,
+    params = {"floor": floor, "run": run, "holder": BATCH_HOLDER, **narrow.params, **run_scopes[1]}
+    # (the time a hold counts at, its FROM and WHERE): each settled hold, and each batch
+    # submission at the time it was sent (schema v6: batches held while they run).
+    sources = [
+        (
+            "h.settled_at",
+            "FROM holds h WHERE h.settled_at >= :floor AND h.state IN ('committed', 'expired') "
+            "AND h.actual_usd IS NOT NULL AND h.process_id <> :holder" + run_filter,
+        )
+    ]
+    if reader.schema_version >= 6:
+        sources.append(
+            (
+                "b.ts",
+                "FROM batch_holds b JOIN holds h ON h.id = b.hold_id "
+                "WHERE b.ts >= :floor AND h.actual_usd IS NOT NULL" + run_filter,
+            )
         )
     budgets = [b for b in budgets if not b.get("shared")]
     if shown is not None:
         shown = [b for b in shown if not b.get("shared")]
-    holds.sort(key=lambda hold: hold["settled_at"])
     empty: dict[str, Any] = {"bucket_seconds": BUCKETS[0], "series": []}
     if shown is not None:
         empty["series_omitted"] = 0
-    if not holds:
+    spans = [
+        span
+        for at, body in sources
+        for span in reader.query(f"SELECT MIN({at}) AS first, MAX({at}) AS last {body}", params)
+        if span["first"] is not None
+    ]
+    if not spans:
         return empty
-    size = _bucket_size(holds[0]["settled_at"], holds[-1]["settled_at"])
+    size = _bucket_size(min(s["first"] for s in spans), max(s["last"] for s in spans))
+    # Summed in the database by the instances a hold names and its bucket: a week's 460k holds
+    # share a few 10,000 such pairs (each read into Python took 5 s).
+    groups: list[tuple[Any, ...]] = []
+    for source, (at, body) in enumerate(sources):
+        bucket = _bucket_sql(at, reader.is_sqlite)
+        groups += (
+            (g["first"], source, g["first_id"], g["instance_ids"], g["bucket"], g["usd"],
+             g["tokens"], g["requests"])
+            for g in reader.query(
+                f"""SELECT h.instance_ids, {bucket} AS bucket, MIN({at}) AS first,
+                           MIN(h.id) AS first_id, SUM(h.actual_usd) AS usd,
+                           SUM(COALESCE(h.actual_tokens, 0)) AS tokens,
+                           SUM(COALESCE(h.actual_requests, 0)) AS requests
+                    {body} GROUP BY 1, 2""",
+                {**params, "size": size},
+            )
+        )  # fmt: skip
+    # In the order their first holds settled, as each hold was added in turn: a series whose
+    # spend ties another's keeps its place.
+    groups.sort(key=itemgetter(0, 1, 2))
     known = {b["id"]: b for b in (budgets if shown is None else shown)}
     left_out: set[int] = set()
     if shown is not None:
         everyone = {b["id"] for b in budgets}
-    sums: dict[Any, dict[int, list[int]]] = defaultdict(lambda: defaultdict(lambda: [0, 0, 0]))
-    for hold in holds:
-        bucket = int(hold["settled_at"] // size) * size
-        amounts = (
-            hold["actual_usd"] or 0,
-            hold["actual_tokens"] or 0,
-            hold["actual_requests"] or 0,
-        )
-        ids = [int(i) for i in (hold["instance_ids"] or "").split(",") if i]
+    sums: dict[Any, dict[int, list[int]]] = {}  # key -> bucket -> [usd, tokens, requests]
+    for _, _, _, text, bucket, usd, tokens, requests in groups:
+        ids = [int(i) for i in (text or "").split(",") if i]
         if shown is not None:
             left_out.update(i for i in ids if i in everyone and i not in known)
-        for key in ["total", *(i for i in ids if i in known)]:
-            cell = sums[key][bucket]
-            for index, amount in enumerate(amounts):
-                cell[index] += amount
+        start = int(bucket)
+        for key in ("total", *(i for i in ids if i in known)):
+            cells = sums.get(key)
+            if cells is None:
+                cells = sums[key] = {}
+            cell = cells.get(start)
+            if cell is None:
+                cells[start] = [usd or 0, tokens or 0, requests or 0]
+            else:
+                cell[0] += usd or 0
+                cell[1] += tokens or 0
+                cell[2] += requests or 0
     series = []
+    starts: dict[int, str | None] = {}  # each bucket's time, written once (60k series share 28)
     for key, buckets in sums.items():
         budget = known.get(key)
         cumulative = 0
@@ -720,10 +850,12 @@ def _spend(
         for start in sorted(buckets):
             usd, tokens, requests = buckets[start]
             cumulative += usd
+            if start not in starts:
+                starts[start] = iso_time(start)
             points.append(
                 {
                     "t": start,
-                    "start": iso_time(start),
+                    "start": starts[start],
                     "usd": usd_float(usd),
                     "tokens": tokens,
                     "requests": requests,
@@ -772,29 +904,28 @@ def _timeline_order(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def _add_timelines(
     runs: list[dict[str, Any]],
-    rows: list[dict[str, Any]],
+    totals: Mapping[str, int],
     found: list[dict[str, Any]],
-    retried: set[str],
+    retried_in: Callable[[list[dict[str, Any]]], set[str]],
     whole_rows: Callable[[Iterable[str]], list[dict[str, Any]]],
     *,
     one_run: bool = False,
 ) -> dict[str, int]:
-    """Every attempt of each run, as the `timeline` the HTML page draws; `retried`: the failed
-    attempts its SDK retried, shown but no steps; `rows`: each run's decisions (any columns),
-    `whole_rows(scopes)`: all of the runs drawn. The page holds at most TIMELINE_BUDGET steps
-    (MAX_TIMELINE a run, but the whole budget for `one_run`): a run whose steps no longer fit
-    gets none (`timeline_omitted`), and a smaller one after it may still fit. Returns what
-    the page holds: {budget, steps, runs_omitted}."""
+    """Every attempt of each run, as the `timeline` the HTML page draws; `retried_in(rows)`:
+    the failed attempts its SDK retried among its rows, shown but no steps; `totals`: each
+    run's decisions (scope → how many), `whole_rows(scopes)`: all of the runs drawn. The page
+    holds at most TIMELINE_BUDGET steps (MAX_TIMELINE a run, but the whole budget for
+    `one_run`): a run whose steps no longer fit gets none (`timeline_omitted`), and a smaller
+    one after it may still fit. Returns what the page holds: {budget, steps, runs_omitted}."""
     flagged: dict[str, list[str]] = defaultdict(list)
     for anomaly in found:
         for request_id in anomaly["evidence"]:
             flagged[request_id].append(anomaly["kind"])
-    totals = Counter(row["scope"] for row in rows)  # whole runs, as the runs table reports them
     per_run = TIMELINE_BUDGET if one_run else MAX_TIMELINE
     left = TIMELINE_BUDGET
     drawn = []
     for entry in _timeline_order(runs):
-        entry["timeline_total"] = totals[entry["scope"]]
+        entry["timeline_total"] = totals.get(entry["scope"], 0)  # whole runs, as the table
         shown = min(entry["timeline_total"], per_run)
         entry["timeline_omitted"] = shown > left
         entry["timeline"] = []
@@ -802,8 +933,10 @@ def _add_timelines(
             left -= shown
             drawn.append(entry)
     steps: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for row in whole_rows(entry["scope"] for entry in drawn):  # only the runs drawn
+    drawn_rows = whole_rows(entry["scope"] for entry in drawn)  # only the runs drawn
+    for row in drawn_rows:
         steps[row["scope"]].append(row)
+    retried = retried_in(drawn_rows)
     for entry in drawn:
         scope_rows = steps[entry["scope"]]
         start = scope_rows[0]["ts"] if scope_rows else 0.0
