@@ -622,6 +622,10 @@ class Drawdown:
         # Where a health probe may address this proxy (health.own_addresses), once running.
         self.own_addresses: frozenset[tuple[str, int]] = frozenset()
         self._deciding = 0  # requests between their headers and their reserve
+        # Client connections told `Connection: close` during a drain, not yet closed: the
+        # answer (a call's, or a `shutting_down` refusal) is written before mitmproxy closes
+        # them, so a drain that stopped before they closed cut answers already decided.
+        self._closing_clients: set[str] = set()
         # What we set allow_hosts to for `unknown_hosts: passthrough` (never a user's own value).
         self._managed_allow_hosts: list[str] = []
         self._running = False
@@ -867,7 +871,8 @@ class Drawdown:
         seconds = self.seconds["drawdown_drain"]
 
         def calls() -> int:
-            return self._deciding + sum(not s.listening for s in self.inflight.values())
+            in_flight = sum(not s.listening for s in self.inflight.values())
+            return self._deciding + in_flight + len(self._closing_clients)
 
         if not calls() or not seconds:
             return
@@ -1758,8 +1763,18 @@ class Drawdown:
         """While the proxy stops, an HTTP/1 client must not send its next request on this
         connection: `Connection: close` makes mitmproxy close it after this response, and the
         client reconnects, to another worker or the restarted proxy."""
-        if self.draining and flow.request.http_version.startswith("HTTP/1"):
+        if (
+            self.draining
+            and flow.request.http_version.startswith("HTTP/1")
+            # A 101's `Connection: upgrade` makes the WebSocket: its session is a call in flight.
+            and response.status_code != 101
+        ):
             response.headers["connection"] = "close"
+            if flow.client_conn.timestamp_end is None:  # closed already: nothing to wait for
+                self._closing_clients.add(flow.client_conn.id)
+
+    def client_disconnected(self, client: connection.Client) -> None:
+        self._closing_clients.discard(client.id)
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         state: FlowState | None = flow.metadata.get(STATE)

@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
 from drawdown.addon import Drawdown
 from mitmproxy import http
+from mitmproxy.addons.proxyserver import Proxyserver
 from mitmproxy.test import taddons, tflow, tutils
 
 POLICY = """
@@ -78,3 +80,53 @@ def test_a_reserve_still_queued_at_shutdown_lands_before_the_holds_are_released(
     with sqlite3.connect(db) as conn:
         states = [state for (state,) in conn.execute("SELECT state FROM holds")]
     assert states == ["released"]
+
+
+def test_a_drain_waits_until_the_answers_it_closed_connections_after_are_written(
+    tmp_path: Path,
+) -> None:
+    """A request on a connection opened before the stop is refused (503 `shutting_down`, and
+    `Connection: close`). The drain saw no call in flight once the refusal was decided and let
+    the process stop before mitmproxy had written it: under load, agents whose refusal the
+    ledger recorded got a dropped connection instead (tests/e2e/test_shutdown.py). It now waits
+    for such a connection to close, which mitmproxy does once the answer is written."""
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(POLICY)
+    seen: dict[str, Any] = {}
+
+    async def main() -> None:
+        addon = Drawdown()
+        with taddons.context(addon, Proxyserver()) as tctx:
+            tctx.configure(
+                addon, drawdown_policy=str(policy), drawdown_db=str(tmp_path / "l.db"),
+                drawdown_drain="5",
+            )  # fmt: skip
+            in_flight = lookup()
+            addon.requestheaders(in_flight)
+            await addon.request(in_flight)
+            draining = asyncio.ensure_future(addon.drain())
+            await asyncio.sleep(0.1)
+            late = lookup()  # on a keep-alive connection, after the stop began
+            late.client_conn.timestamp_end = None  # open (tflow's connections are closed)
+            addon.requestheaders(late)
+            await addon.request(late)
+            assert late.response is not None
+            seen["refusal"] = late.response.status_code, late.response.headers["connection"]
+            upgrade = lookup()
+            upgrade.response = tutils.tresp(
+                status_code=101, headers=http.Headers(connection="upgrade", upgrade="websocket")
+            )
+            addon.responseheaders(upgrade)
+            seen["upgrade"] = upgrade.response.headers["connection"]
+            in_flight.response = tutils.tresp(content=b"{}")
+            addon.responseheaders(in_flight)
+            await addon.response(in_flight)
+            await asyncio.sleep(0.3)  # six polls of the drain
+            seen["waited"] = not draining.done()
+            late.client_conn.timestamp_end = time.time()
+            addon.client_disconnected(late.client_conn)  # the refusal is written: mitmproxy closes
+            await asyncio.wait_for(draining, 2)
+            addon.done()
+
+    asyncio.run(main())
+    assert seen == {"refusal": (503, "close"), "upgrade": "upgrade", "waited": True}
