@@ -12,21 +12,6 @@ from typing import Any
 from .types import MeterRequestError, TokenUsage
 
 
-def as_int(value: Any) -> int:
-    """A non-negative int from a usage field: a number, or a string of digits (OpenAI-compatible
-    gateways that write `"prompt_tokens": "1000"`, which was charged $0); anything else (null,
-    bool, <0, other text) is 0."""
-    if isinstance(value, bool):
-        return 0
-    if isinstance(value, int):
-        return max(value, 0)
-    if isinstance(value, float) and value.is_integer() and value > 0:
-        return int(value)
-    if isinstance(value, str) and 0 < len(value) <= 19 and value.isascii() and value.isdigit():
-        return int(value)
-    return 0
-
-
 def count(value: Any) -> int | None:
     """A usage count as the provider billed it, or None when it cannot be read (null, bool,
     negative, NaN/Infinity, other text): the caller then uses its next source, never 0. A

@@ -22,7 +22,6 @@ from ._util import (
     Extracted,
     ParsedRequest,
     Prompt,
-    as_int,
     compact,
     count,
     dig,
@@ -267,18 +266,41 @@ def billed(u: dict[str, Any], model: str | None) -> tuple[TokenUsage | None, dic
     return own, other
 
 
-def _server_tools(u: dict[str, Any], ex: Extracted) -> None:
+# usage.server_tool_use's counts -> the extras they are billed as, and the names of the
+# server_tool_use content blocks each counts (one block, one request).
+_SERVER_TOOLS = (
+    ("web_search_requests", "web_search_calls", ("web_search",)),
+    ("web_fetch_requests", "web_fetch_calls", ("web_fetch",)),
+    (
+        "code_execution_requests",
+        "code_execution_calls",
+        ("code_execution", "bash_code_execution", "text_editor_code_execution"),
+    ),
+)
+
+
+def _server_tools(u: dict[str, Any], ex: Extracted, used: dict[str, int]) -> None:
+    """usage.server_tool_use's requests as extras. A count that cannot be read is not 0:
+    the answer's server_tool_use blocks of that tool are counted instead (`used`: name ->
+    blocks)."""
     stu = u.get("server_tool_use")
     if not isinstance(stu, dict):
         return
-    for src, dst in (
-        ("web_search_requests", "web_search_calls"),
-        ("web_fetch_requests", "web_fetch_calls"),
-        ("code_execution_requests", "code_execution_calls"),
-    ):
-        n = as_int(stu.get(src))
+    for src, dst, names in _SERVER_TOOLS:
+        value = stu.get(src)
+        n = count(value)
+        if n is None and value is not None:
+            n = sum(used.get(name, 0) for name in names)
         if n:
             ex.extras[dst] = n
+
+
+def _tool_use(block: Any, used: dict[str, int]) -> None:
+    """Count a server_tool_use content block by its tool's name."""
+    if isinstance(block, dict) and block.get("type") == "server_tool_use":
+        name = block.get("name")
+        if isinstance(name, str):
+            used[name] = used.get(name, 0) + 1
 
 
 def _content_texts(content: Any, texts: list[str]) -> None:
@@ -304,7 +326,10 @@ def extract_json(obj: Any) -> Extracted:
     u = obj.get("usage")
     if isinstance(u, dict):
         ex.usage, ex.other_models = billed(u, ex.model)
-        _server_tools(u, ex)
+        used: dict[str, int] = {}
+        for block in items(obj.get("content")):
+            _tool_use(block, used)
+        _server_tools(u, ex, used)
         price_variant(ex.price_context, "speed", u.get("speed"))
     _content_texts(obj.get("content"), ex.texts)
     return ex
@@ -318,6 +343,7 @@ class MessagesStream:
         self._start: dict[str, Any] | None = None
         self._delta: dict[str, Any] | None = None
         self._unread_output = False  # a delta's output_tokens could not be read
+        self._used: dict[str, int] = {}  # server_tool_use blocks, by tool name
 
     def on_event(self, event: str | None, data: bytes) -> bool:
         obj = loads(data)
@@ -338,6 +364,7 @@ class MessagesStream:
             block = obj.get("content_block")
             if isinstance(block, dict) and isinstance(block.get("name"), str):
                 ex.texts.append(block["name"])
+            _tool_use(block, self._used)
         elif etype == "message_start":
             msg = obj.get("message")
             if isinstance(msg, dict):
@@ -378,7 +405,7 @@ class MessagesStream:
                 merged["cache_creation"] = cc
             if "output_tokens" in self._delta or not self._unread_output:
                 ex.usage, ex.other_models = billed(merged, ex.model)
-                _server_tools(merged, ex)
+                _server_tools(merged, ex, self._used)
             else:  # message_start's output is not final: the input side, the text counted
                 ex.early_usage = usage_from(merged)
         if ex.usage is None and ex.early_usage is None and self._start is not None:

@@ -15,14 +15,17 @@ passes through the proxy is the download of its results, which carry each reques
 
 Each line is priced on its own at genai-prices' batch price (`processing: batch`, half the
 standard rates) — a per-request price tier (a long prompt's) applies per line, never to the
-sum. A results file may be read again: the charge carries a key (`once_key`) the ledger
-charges at most once. A file that is not a batch's output (an upload read back) reports no
-usage and costs nothing.
+sum. A successful answer whose usage is missing or cannot be read is charged its returned
+text, counted as a live call's (its prompt is not in the results), never 0: the measurement's
+source is then `counted`. A results file may be read again: the charge carries a key
+(`once_key`) the ledger charges at most once. A file that is not a batch's output (an upload
+read back) reports no usage and costs nothing.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Iterable, Iterator, Mapping
 from decimal import Decimal
@@ -31,8 +34,9 @@ from typing import Any
 
 from . import anthropic, gemini, openai
 from ._util import Extracted, dig, items, loads
-from .config import MeterConfig, PricePerMillion
+from .config import MeterConfig, PricePerMillion, model_family
 from .prices import price_answer, to_nanos
+from .tokens import count_tokens
 from .types import BatchProgress, LLMRequest, Measurement, TokenUsage
 
 OPENAI_FILE_CONTENT = "files.content"
@@ -176,15 +180,24 @@ def measure(
             done = done and results_file is None  # its results are read from the file
         else:
             lines, done = _lines(body), True
+    source = "usage"
     for line in lines:
         ex = _answer(request.provider, line, model)
-        if ex is None or ex.usage is None:
+        if ex is None:
             continue
+        line_usage = ex.usage
+        if line_usage is None:
+            # An answer whose usage is missing or cannot be read: its text counted, never 0
+            # (its prompt is not in the results: only its output is known).
+            line_usage = _counted(request.provider, ex, model, config)
+            if not line_usage.output_tokens:
+                continue
+            source = "counted"
         answered += 1
         usd, line_priced = price_answer(
             request.provider,
             (ex.model, model),
-            ex.usage,
+            line_usage,
             config,
             price_override,
             extras=ex.extras,
@@ -195,7 +208,7 @@ def measure(
         )
         total += usd
         priced = priced and line_priced
-        usage += ex.usage  # as a call's own: its other models' tokens are priced only
+        usage += line_usage  # as a call's own: its other models' tokens are priced only
         for name, n in ex.extras.items():
             extras[name] = extras.get(name, 0) + n
         if ex.model:
@@ -203,7 +216,7 @@ def measure(
     return Measurement(
         usage=usage,
         usd_nanos=to_nanos(total),
-        source="usage",
+        source=source,
         priced=priced,
         model=_most_answered(models),
         extras=MappingProxyType(extras),
@@ -211,6 +224,16 @@ def measure(
         batch_done=done,
         results_file=results_file,
     )
+
+
+def _counted(provider: str, ex: Extracted, model: str | None, config: MeterConfig) -> TokenUsage:
+    """An answer without readable usage: the text it returned, counted as a live call's is
+    (tiktoken, times the family's safety factor)."""
+    name = ex.model or model
+    tokens = count_tokens("".join(ex.texts), name)
+    if model_family(provider, name) is not None:
+        tokens = math.ceil(tokens * config.safety_factor(provider, name))
+    return TokenUsage(output_tokens=tokens)
 
 
 def progress(key: str, origin: str, measurement: Measurement) -> BatchProgress | None:

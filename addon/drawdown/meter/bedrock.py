@@ -43,7 +43,6 @@ from ._util import (
     Extracted,
     ParsedRequest,
     Prompt,
-    as_int,
     compact,
     count,
     dig,
@@ -450,34 +449,20 @@ def header_usage(headers: Mapping[str, str] | None) -> TokenUsage | None:
 
 
 def metrics_usage(metrics: Any) -> TokenUsage | None:
-    """A stream's `amazon-bedrock-invocationMetrics` as usage, or None."""
-    if not isinstance(metrics, dict) or not any(
-        isinstance(metrics.get(k), int) for k in ("inputTokenCount", "outputTokenCount")
+    """A stream's `amazon-bedrock-invocationMetrics` as usage, or None (a count in them that
+    cannot be read: the others alone would charge its tokens as 0, as a header's)."""
+    if not isinstance(metrics, dict) or all(
+        metrics.get(k) is None for k in ("inputTokenCount", "outputTokenCount")
     ):
         return None
-    if any(
-        metrics.get(k) is not None and not _is_count(metrics[k])
-        for k in _METRICS_COUNTS  # one unreadable would be charged as 0, as a header's
-    ):
-        return None
-    return counts_usage(
-        as_int(metrics.get("inputTokenCount")),
-        as_int(metrics.get("outputTokenCount")),
-        as_int(metrics.get("cacheReadInputTokenCount")),
-        as_int(metrics.get("cacheWriteInputTokenCount")),
+    c = Counts()
+    usage = counts_usage(
+        c(metrics.get("inputTokenCount")),
+        c(metrics.get("outputTokenCount")),
+        c(metrics.get("cacheReadInputTokenCount")),
+        c(metrics.get("cacheWriteInputTokenCount")),
     )
-
-
-_METRICS_COUNTS = (
-    "inputTokenCount",
-    "outputTokenCount",
-    "cacheReadInputTokenCount",
-    "cacheWriteInputTokenCount",
-)
-
-
-def _is_count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    return None if c.unreadable else usage
 
 
 def _is_anthropic(obj: dict[str, Any]) -> bool:

@@ -498,11 +498,40 @@ def _image_tool_usage(resp: dict[str, Any], ex: Extracted, request_model: str | 
     reported = dig(resp, "tool_usage", "image_gen")
     if not isinstance(reported, dict):
         return
+    model = image_tool_model(resp.get("tools"), None) or request_model or IMAGE_TOOL_MODEL
     usage = openai_images.images_usage(reported)
+    if usage is None:  # a count that cannot be read: the images drawn, counted as reserved
+        usage = _image_calls_usage(resp, model, ex.usage)
     if not usage.total_tokens:
         return  # the tool was offered but not used: nothing billed on the image model
-    model = image_tool_model(resp.get("tools"), None) or request_model or IMAGE_TOOL_MODEL
     ex.other_models = {model: usage}
+
+
+def _image_calls_usage(resp: dict[str, Any], model: str, own: TokenUsage | None) -> TokenUsage:
+    """The image tool's usage when what the answer reports cannot be read: each
+    image_generation_call in its output one image of the tool's quality and size (as the
+    reserve reckons it), its input the call's own (the image model may see it all)."""
+    tool: dict[str, Any] = next(
+        (
+            t
+            for t in items(resp.get("tools"))
+            if isinstance(t, dict) and t.get("type") == "image_generation"
+        ),
+        {},
+    )
+    output = 0
+    for item in items(resp.get("output")):
+        if isinstance(item, dict) and item.get("type") == "image_generation_call":
+            quality = item.get("quality") or tool.get("quality")
+            size = item.get("size") or tool.get("size")
+            output += openai_images.output_tokens_per_image(model, quality, size)
+    if not output:
+        return TokenUsage()
+    return TokenUsage(
+        input_tokens=own.input_tokens if own is not None else 0,
+        output_tokens=output,
+        output_image_tokens=output,
+    )
 
 
 def extract_json(endpoint: str, obj: Any, image_model: str | None = None) -> Extracted:

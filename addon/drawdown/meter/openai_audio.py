@@ -20,7 +20,7 @@ import math
 import re
 from typing import Any
 
-from ._util import Extracted, ParsedRequest, as_int, kind
+from ._util import Counts, Extracted, ParsedRequest, kind
 from .prices import genai_price, priced_per_token
 from .types import MeterRequestError, TokenUsage
 
@@ -98,11 +98,14 @@ def parse_request(body: dict[str, Any], model: str) -> ParsedRequest:
     return parsed
 
 
-def speech_usage(u: dict[str, Any]) -> TokenUsage:
-    """`speech.audio.done`'s usage: input (text) tokens, output (audio) tokens."""
-    return TokenUsage(
-        input_tokens=as_int(u.get("input_tokens")), output_tokens=as_int(u.get("output_tokens"))
+def speech_usage(u: dict[str, Any]) -> TokenUsage | None:
+    """`speech.audio.done`'s usage: input (text) tokens, output (audio) tokens; None when a
+    count in it cannot be read (the call is then charged its estimate, as without usage)."""
+    c = Counts()
+    usage = TokenUsage(
+        input_tokens=c(u.get("input_tokens")), output_tokens=c(u.get("output_tokens"))
     )
+    return None if c.unreadable else usage
 
 
 _DONE = b'"speech.audio.done"'
@@ -127,7 +130,7 @@ class SpeechStream:
             self._ex.seen = True
             u = obj.get("usage")
             if isinstance(u, dict):
-                self._ex.usage = speech_usage(u)
+                self._ex.usage = speech_usage(u) or self._ex.usage
         return True
 
     def result(self) -> Extracted:

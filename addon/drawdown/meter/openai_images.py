@@ -14,7 +14,16 @@ import json
 import re
 from typing import Any
 
-from ._util import Extracted, ParsedRequest, as_int, kind, loads, opt_bool, opt_int, route_by_suffix
+from ._util import (
+    Counts,
+    Extracted,
+    ParsedRequest,
+    kind,
+    loads,
+    opt_bool,
+    opt_int,
+    route_by_suffix,
+)
 from .multipart import form_bool, form_int, parse_form
 from .prices import priced_per_token
 from .types import MeterRequestError, TokenUsage
@@ -189,34 +198,42 @@ def parse_request(
 # --- responses --------------------------------------------------------------------------
 
 
-def images_usage(u: dict[str, Any]) -> TokenUsage:
-    """An Images API `usage`: input text and image tokens, output (image) tokens."""
+def images_usage(u: dict[str, Any]) -> TokenUsage | None:
+    """An Images API `usage`: input text and image tokens, output (image) tokens; None when a
+    count in it cannot be read (the call is then charged its estimate, as without usage)."""
+    c = Counts()
     itd = u.get("input_tokens_details") if isinstance(u.get("input_tokens_details"), dict) else {}
     otd = u.get("output_tokens_details")
-    output = as_int(u.get("output_tokens"))
+    output = c(u.get("output_tokens"))
     # Without a breakdown every output token is an image token (gpt-image-1's documented form).
-    image_out = as_int(otd.get("image_tokens")) if isinstance(otd, dict) else output
+    image_out = c(otd.get("image_tokens")) if isinstance(otd, dict) else output
     if isinstance(otd, dict) and "image_tokens" not in otd:
-        image_out = output - as_int(otd.get("text_tokens"))
-    return TokenUsage(
-        input_tokens=as_int(u.get("input_tokens")),
+        image_out = output - c(otd.get("text_tokens"))
+    usage = TokenUsage(
+        input_tokens=c(u.get("input_tokens")),
         output_tokens=output,
-        cache_read_tokens=as_int(itd.get("cached_tokens")),
-        input_image_tokens=as_int(itd.get("image_tokens")),
+        cache_read_tokens=c(itd.get("cached_tokens")),
+        input_image_tokens=c(itd.get("image_tokens")),
         output_image_tokens=max(image_out, 0),
     )
+    return None if c.unreadable else usage
 
 
-def _svg_usage(obj: dict[str, Any], ex: Extracted) -> None:
-    # SVG output: the SVG author is another model, its tokens reported apart.
+def _svg_usage(obj: dict[str, Any], ex: Extracted) -> bool:
+    """SVG output: the SVG author is another model, its tokens reported apart. False when a
+    count of them cannot be read."""
     svg = obj.get("svg_usage")
     if isinstance(svg, dict) and isinstance(svg.get("model"), str) and svg["model"]:
-        reasoning = as_int(svg.get("reasoning_tokens"))
-        ex.other_models[svg["model"]] = TokenUsage(
-            input_tokens=as_int(svg.get("input_tokens")),
-            output_tokens=as_int(svg.get("output_tokens")),
-            reasoning_tokens=reasoning,
+        c = Counts()
+        usage = TokenUsage(
+            input_tokens=c(svg.get("input_tokens")),
+            output_tokens=c(svg.get("output_tokens")),
+            reasoning_tokens=c(svg.get("reasoning_tokens")),
         )
+        if c.unreadable:
+            return False
+        ex.other_models[svg["model"]] = usage
+    return True
 
 
 def extract_json(obj: Any) -> Extracted:
@@ -227,7 +244,10 @@ def extract_json(obj: Any) -> Extracted:
     u = obj.get("usage")
     if isinstance(u, dict):
         ex.usage = images_usage(u)
-    _svg_usage(obj, ex)
+    if not _svg_usage(obj, ex):
+        # The SVG author's tokens cannot be read: the answer's usage alone would charge them
+        # as 0. The estimate is charged instead, as for a usage that cannot be read.
+        ex.usage = None
     return ex
 
 
@@ -236,9 +256,9 @@ _MAX_USAGE_BYTES = 16 * 1024  # a usage object is a few hundred bytes
 _DECODER = json.JSONDecoder()
 
 
-def _event_usage(data: bytes) -> TokenUsage | None:
-    """The `usage` of an event, read without parsing the megabytes of base64 around it (a
-    base64 payload holds no quote, so the key cannot appear inside one)."""
+def _event_usage(data: bytes) -> dict[str, Any] | None:
+    """The `usage` object of an event, read without parsing the megabytes of base64 around
+    it (a base64 payload holds no quote, so the key cannot appear inside one)."""
     at = data.rfind(_USAGE_KEY)
     if at < 0:
         return None
@@ -249,16 +269,18 @@ def _event_usage(data: bytes) -> TokenUsage | None:
         value, _ = _DECODER.raw_decode(rest[1:].lstrip().decode("utf-8", "replace"))
     except (ValueError, RecursionError):
         return None
-    return images_usage(value) if isinstance(value, dict) else None
+    return value if isinstance(value, dict) else None
 
 
 class ImagesStream:
     """`stream: true`: `image_generation.partial_image` / `image_edit.partial_image` events,
     then one `*.completed` event per image carrying that image's `usage`. Usage is summed
-    over the completed events (each reports its own image)."""
+    over the completed events (each reports its own image); one whose counts cannot be read
+    leaves the stream without usage (charged its estimate), never that image at 0."""
 
     def __init__(self) -> None:
         self._ex = Extracted()
+        self._unreadable = False
 
     def on_event(self, event: str | None, data: bytes) -> bool:
         if data[:64].lstrip()[:1] != b"{":  # never copy megabytes of base64
@@ -266,12 +288,19 @@ class ImagesStream:
         self._ex.seen = True
         if event is not None and event.endswith(".partial_image"):
             return True  # a preview: no usage, only base64
-        usage = _event_usage(data)
-        if usage is not None:
+        reported = _event_usage(data)
+        if reported is None:
+            return True
+        usage = images_usage(reported)
+        if usage is None:
+            self._unreadable = True
+        else:
             self._ex.usage = usage if self._ex.usage is None else self._ex.usage + usage
         return True
 
     def result(self) -> Extracted:
+        if self._unreadable:
+            return Extracted(seen=self._ex.seen)
         return self._ex
 
 

@@ -27,7 +27,7 @@ import re
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
-from ._util import Extracted, ParsedRequest, as_int, loads, parse_body, route_by_suffix
+from ._util import Counts, Extracted, ParsedRequest, count, loads, parse_body, route_by_suffix
 from .audio_duration import duration_seconds
 from .multipart import Form, form_bool, parse_form
 from .prices import TOKENS_PER_AUDIO_SECOND, genai_price, priced_per_token
@@ -183,21 +183,24 @@ def transcription_usage(u: dict[str, Any], ex: Extracted) -> None:
         return
     if "input_tokens" not in u and "output_tokens" not in u:
         return  # another shape (a compatible host's names): no usage, not zero tokens
+    c = Counts()
     details = u.get("input_token_details")
-    audio = as_int(details.get("audio_tokens")) if isinstance(details, dict) else 0
-    ex.usage = TokenUsage(
-        input_tokens=as_int(u.get("input_tokens")),
-        output_tokens=as_int(u.get("output_tokens")),
+    audio = c(details.get("audio_tokens")) if isinstance(details, dict) else 0
+    usage = TokenUsage(
+        input_tokens=c(u.get("input_tokens")),
+        output_tokens=c(u.get("output_tokens")),
         input_audio_tokens=audio,
     )
+    # A count that cannot be read: no usage (the input estimate and the text counted), not 0.
+    if not c.unreadable:
+        ex.usage = usage
 
 
 def whole_seconds(value: Any) -> int | None:
-    """Seconds of audio as billed, from a reported duration; None when it is no finite number.
+    """Seconds of audio as billed, from a reported duration; None when it cannot be read
+    (null, a bool, negative, NaN/Infinity, text: a duration is a JSON number), never 0.
     Fractions of a second are rounded up: never short, at most a second over."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        return None
-    return max(math.ceil(value), 0)
+    return None if isinstance(value, str) else count(value)
 
 
 def _seconds(value: Any, ex: Extracted) -> None:

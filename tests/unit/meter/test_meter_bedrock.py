@@ -745,7 +745,16 @@ def test_an_invoke_stream_without_metrics_is_charged_its_familys_counts(
     assert (m.source, m.usage) == ("usage", expected)
 
 
-@pytest.mark.parametrize("bad", [{"inputTokenCount": "50"}, {"cacheReadInputTokenCount": 1.5}])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"inputTokenCount": "fifty"},
+        {"inputTokenCount": -50},
+        {"outputTokenCount": True},
+        {"cacheReadInputTokenCount": float("nan")},
+        {"cacheWriteInputTokenCount": "-1"},
+    ],
+)
 def test_invocation_metrics_with_a_count_that_is_not_a_number_are_not_trusted(bad: dict) -> None:
     """As for the headers: one unreadable count would be charged as 0 tokens; the family's
     own counts are charged instead."""
@@ -754,6 +763,19 @@ def test_invocation_metrics_with_a_count_that_is_not_a_number_are_not_trusted(ba
     frames = wire.bedrock_chunk_stream(family_chunks("llama"), {**METRICS, **bad})
     m = feed(request, [b"".join(frames)])
     assert (m.source, m.usage) == ("usage", TokenUsage(input_tokens=49, output_tokens=4))
+
+
+@pytest.mark.parametrize(
+    "read",
+    [{"inputTokenCount": "50"}, {"cacheReadInputTokenCount": 63.5}, {"inputTokenCount": 50.0}],
+)
+def test_invocation_metrics_written_as_digits_or_fractions_are_read(read: dict) -> None:
+    """As every usage count: digits read as their number, a fraction rounded up."""
+    model, body = FAMILIES["llama"][:2]
+    request = inspect(invoke_path(model, stream=True), body)
+    frames = wire.bedrock_chunk_stream(family_chunks("llama"), {**METRICS, **read})
+    m = feed(request, [b"".join(frames)])
+    assert (m.source, m.usage) == ("usage", FROM_METRICS)
 
 
 def test_a_llama_stream_cut_short_counts_what_was_streamed() -> None:

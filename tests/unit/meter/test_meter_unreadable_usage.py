@@ -306,6 +306,81 @@ def test_anthropic_stream_unreadable_output_counts_the_text_on_starts_input() ->
     assert m.usage.input_tokens == 1000 and m.usage.output_tokens > 1
 
 
+SEARCH = {
+    **MESSAGES,
+    "tools": [{"type": "web_search_20250305", "name": "web_search", "max_uses": 5}],
+}
+
+
+def _searched(searches: Any, blocks: int = 2) -> dict[str, Any]:
+    """An answer that searched `blocks` times, its usage reporting `searches`."""
+    content: list[dict[str, Any]] = []
+    for i in range(blocks):
+        content.append(
+            {
+                "type": "server_tool_use",
+                "id": f"srvtoolu_{i}",
+                "name": "web_search",
+                "input": {"query": f"query {i}"},
+            }
+        )
+        content.append({"type": "web_search_tool_result", "tool_use_id": f"srvtoolu_{i}"})
+    content.append({"type": "text", "text": CHAT_TEXT})
+    usage = {"input_tokens": 1000, "output_tokens": 50, "server_tool_use": {}}
+    usage["server_tool_use"]["web_search_requests"] = searches
+    return {**_message(usage), "content": content}
+
+
+def _searched_events(answer: dict[str, Any]) -> bytes:
+    start = {"input_tokens": 1000, "output_tokens": 1}
+    events: list[tuple[str | None, dict[str, Any]]] = [
+        ("message_start", {"type": "message_start", "message": {**_message(start), "content": []}}),
+    ]
+    for i, block in enumerate(answer["content"]):
+        events.append(
+            (
+                "content_block_start",
+                {"type": "content_block_start", "index": i, "content_block": block},
+            )
+        )
+        events.append(("content_block_stop", {"type": "content_block_stop", "index": i}))
+    delta = {
+        "type": "message_delta",
+        "delta": {"stop_reason": "end_turn"},
+        "usage": answer["usage"],
+    }
+    events += [("message_delta", delta), ("message_stop", {"type": "message_stop"})]
+    return _sse(events)
+
+
+@pytest.mark.parametrize("searches", [-2, "two", NAN, True, "-2"])
+def test_anthropic_unreadable_web_search_count_charges_the_searches_made(searches: Any) -> None:
+    """The answer's server_tool_use blocks counted (was: no search charged)."""
+    request = _request("anthropic", "/v1/messages", SEARCH)
+    reported = _json(request, _searched(2))
+    assert reported.extras["web_search_calls"] == 2
+    unsearched = _json(request, _searched(0, blocks=2))
+    assert "web_search_calls" not in unsearched.extras
+    assert reported.usd_nanos > unsearched.usd_nanos
+    m = _json(request, _searched(searches))
+    assert (m.source, m.usage, dict(m.extras), m.usd_nanos) == (
+        "usage",
+        reported.usage,
+        dict(reported.extras),
+        reported.usd_nanos,
+    )
+    stream_request = _request("anthropic", "/v1/messages", {**SEARCH, "stream": True})
+    streamed = _stream(stream_request, _searched_events(_searched(searches)))
+    good = _stream(stream_request, _searched_events(_searched(2)))
+    assert good.extras["web_search_calls"] == 2
+    assert (streamed.extras.get("web_search_calls"), streamed.usd_nanos) == (2, good.usd_nanos)
+
+
+def test_anthropic_fractional_web_search_count_is_rounded_up() -> None:
+    request = _request("anthropic", "/v1/messages", SEARCH)
+    assert _json(request, _searched(1.5, blocks=0)).extras["web_search_calls"] == 2
+
+
 # --- Gemini ---------------------------------------------------------------------------------
 
 FLASH_PATH = "/v1beta/models/gemini-2.5-flash"
