@@ -1068,7 +1068,7 @@ actions:
         (
             'mode: "shadow\nbudgets: []\nactions: []\n',
             ':1: YAML syntax error: unclosed quoted text (its " is never closed): found '
-            "unexpected end of stream at line 4",
+            "unexpected end of stream at the end of the file",
         ),
         (
             "actions:\n  - kind: a\n  match: {}\n",
@@ -1317,3 +1317,150 @@ def test_a_lookalike_space_is_named(tmp_path: Path, text: str, found: str) -> No
     assert problem.endswith(
         f"(line {line} holds the character {name}, where YAML needs a plain space)"
     )
+
+
+REQUIRES_ON_LATER_LINES = """actions:
+  - {kind: crm.read, match: {host: crm.example, method: GET, path: "/c/{cid}"}}
+  - {kind: refund, match: {host: pay.example}}
+authority:
+  rules:
+    - name: read-first
+      scope: "*"
+      action: refund
+      requires:
+        - action: crm.read
+          same: {json.customer: path.id}
+"""
+
+
+@pytest.mark.parametrize(
+    ("files", "expected"),
+    [
+        pytest.param(
+            {"p.yaml": "%YAML 1.1\n"},
+            ["p.yaml:1: YAML syntax error: expected '<document start>', but found '<stream end>'"],
+            id="directive-without-document-not-past-the-end",
+        ),
+        pytest.param(
+            {"p.yaml": 'mode: "shadow\nbudgets: []\n'},
+            [
+                'p.yaml:1: YAML syntax error: unclosed quoted text (its " is never closed): found '
+                "unexpected end of stream at the end of the file"
+            ],
+            id="unclosed-quote-names-no-line-past-the-end",
+        ),
+        pytest.param(
+            {"p.yaml": "actions: [\n"},
+            [
+                "p.yaml:1: YAML syntax error: unclosed flow sequence '[': expected the node "
+                "content, but found '<stream end>' at the end of the file"
+            ],
+            id="unclosed-flow-at-the-end",
+        ),
+        pytest.param(
+            {"p.yaml": "budgets:\n  - {scope: 'a:*', usd: 1"},
+            [
+                "p.yaml:2: YAML syntax error: unclosed flow mapping '{': expected ',' or '}', "
+                "but got '<stream end>' at the end of the file"
+            ],
+            id="unclosed-flow-on-the-last-line",
+        ),
+        pytest.param(
+            {"p.yaml": "# a policy\n\nmode shadow\n"},
+            ["p.yaml:3: a policy file must be a mapping of sections"],
+            id="document-that-is-text",
+        ),
+        pytest.param(
+            {"p.yaml": "# a policy\n\n!!int abc\n"},
+            [
+                "p.yaml:3: cannot read the value 'abc' as !!int",
+                "p.yaml:3: a policy file must be a mapping of sections",
+            ],
+            id="document-that-is-an-unreadable-scalar",
+        ),
+        pytest.param(
+            {
+                "p.yaml": "actions:\n  - {kind: a, match: {host: a.example}}\nbudgets:\n"
+                '  - &run {scope: "agent:*/run:*", usd: 1}\n  - *run\n'
+            },
+            [
+                "p.yaml:5: budget 'agent:*/run:*' is defined twice (first at p.yaml:4); give one "
+                "a distinct name"
+            ],
+            id="alias-is-reported-where-it-stands",
+        ),
+        pytest.param(
+            {"p.yaml": "actions:\n  - &a {kind: a, match: {host: a.example}}\n  - *a\n"},
+            [
+                "p.yaml:3: action 'a' can never match: the action 'a' at p.yaml:2 matches every "
+                "request this one would, first (actions are tried in order: put the narrower "
+                "action first)"
+            ],
+            id="aliased-action",
+        ),
+        pytest.param(
+            {"p.yaml": "budgets:\n  - &b {scope: 'agent:*', usd: !!int x}\n  - *b\n"},
+            ["p.yaml:2: cannot read the value 'x' as !!int"],  # where its text is, once
+            id="aliased-unreadable-value",
+        ),
+        pytest.param(
+            {"p.yaml": REQUIRES_ON_LATER_LINES},
+            [
+                "p.yaml:11: 'path.id' is captured by no action it applies to (crm.read: /c/{cid}): "
+                "name a {id} segment in the action's path pattern"
+            ],
+            id="requirement-field-at-its-same-key",
+        ),
+        pytest.param(
+            {
+                "p.yaml": REQUIRES_ON_LATER_LINES.replace("path.id", "json.customer")
+                .replace("  - {kind: refund, match: {host: pay.example}}\n", "")
+                .replace("action: refund", "action: crm.read")
+            },
+            [
+                "p.yaml:10: warning: 'json.customer' is read from the request's body, but every "
+                "action this applies to matches GET or HEAD only (crm.read: GET), which carry no "
+                "body as a rule: unless this API reads one on them, this requirement is never "
+                "met, and every call it covers is refused"
+            ],
+            id="requirement-warning-at-its-same-key-once",
+        ),
+        pytest.param(
+            {
+                "p.yaml": "mode: shadow\nactions:\n  - {kind: a, match: {host: a.example}}\n"
+                "budgets:\n  - scope: 'agent:*'\n    usd: 1\n    mode: enforce\n"
+                "authority:\n  rules:\n    - scope: '*'\n      allow: [a]\n      mode: enforce\n"
+            },
+            [
+                f"p.yaml:{line}: warning: mode: enforce on this {kind} has no effect: the policy "
+                "is in shadow mode, which blocks nothing (set the policy's mode to enforce, and "
+                "mode: shadow on what is still on trial)"
+                for line, kind in ((7, "budget"), (12, "rule"))
+            ],
+            id="enforce-in-shadow-at-its-mode-key",
+        ),
+        pytest.param(
+            {"00-version.yaml": "version: 1\n", "10-actions.yaml": "# to fill in\nactions: []\n"},
+            [
+                "10-actions.yaml:2: warning: the policy defines no actions: no request is "
+                "classified, so no budget, rule or anomaly check applies to any"
+            ],
+            id="no-actions-at-the-empty-actions-key",
+        ),
+    ],
+)
+def test_every_problem_names_the_line_at_fault(
+    tmp_path: Path, files: dict[str, str], expected: list[str]
+) -> None:
+    """`FILE:0:` or a line past the end of the file, or one far from the text at fault (the
+    anchor of an alias, the first line of a long rule), sends a policy's author nowhere."""
+    folder = tmp_path / "policy"
+    folder.mkdir()
+    for name, text in files.items():
+        write(folder, text, name)
+    path = folder if len(files) > 1 else folder / next(iter(files))
+    try:
+        found = list(load_policy(path).warnings)
+    except PolicyInvalid as exc:
+        found = exc.problems
+    assert [str(p).replace(f"{folder}/", "") for p in found] == expected

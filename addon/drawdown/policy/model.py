@@ -103,6 +103,7 @@ class Budget:
     mode: str | None = None  # per-budget override of the policy mode
     file: str = ""
     line: int = 0
+    mode_line: int = field(default=0, compare=False, repr=False)  # of its `mode:`, if any
 
     def covers_action(self, kind: str | None) -> bool:
         if not self.actions:
@@ -121,6 +122,7 @@ class Requirement:
     actions: tuple[str, ...]  # globs over action kinds
     here: str | None = None  # field of this request…
     there: str | None = None  # …that must equal this field of the earlier one
+    line: int = field(default=0, compare=False, repr=False)  # of its `same:` (else its own)
 
     def describe(self) -> str:
         what = " or ".join(self.actions)
@@ -145,6 +147,7 @@ class Rule:
     name: str | None = None
     file: str = ""
     line: int = 0
+    mode_line: int = field(default=0, compare=False, repr=False)  # of its `mode:`, if any
 
     def covers(self, kind: str | None) -> bool:
         return kind is not None and any(glob.match(kind) for glob in self.actions)

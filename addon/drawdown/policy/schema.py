@@ -840,6 +840,7 @@ def _budget(check: _Checker, budgets: LList, index: int) -> Budget | None:
         mode=mode,
         file=item.file,
         line=item.line,
+        mode_line=line_of(item, "mode"),
     )
 
 
@@ -953,6 +954,7 @@ def _rule(check: _Checker, rules: LList, index: int) -> Rule | None:
         name=name,
         file=item.file,
         line=item.line,
+        mode_line=line_of(item, "mode"),
     )
 
 
@@ -1040,7 +1042,7 @@ def _requirement(check: _Checker, items: LList, index: int) -> Requirement | Non
             if field.startswith("header.") and stripped_header(field.removeprefix("header.")):
                 check.error(item, "same", _stripped(field.removeprefix("header.")))
                 return None
-    return Requirement(tuple(actions), here, there)
+    return Requirement(tuple(actions), here, there, line_of(item, "same"))
 
 
 def _anomalies(check: _Checker, section: LMap) -> list[Detector]:
@@ -1327,7 +1329,9 @@ def compile_policy(
             named[rule.name] = rule
 
     if check.problems:
-        raise PolicyInvalid(sorted(check.problems, key=lambda p: (p.file, p.line)))
+        # Once each: a mapping written once and used twice (`*run`) says the same twice.
+        unique = dict.fromkeys(check.problems)
+        raise PolicyInvalid(sorted(unique, key=lambda p: (p.file, p.line)))
     unknown_hosts, unknown_hosts_from = scalars.get("unknown_hosts", ("allow", ""))
     return Policy(
         mode=scalars.get("mode", ("enforce", ""))[0],
@@ -1366,9 +1370,17 @@ def _warnings(
             if unknown_hosts == "deny"
             else "no request is classified, so no budget, rule or anomaly check applies to any"
         )
-        found.append(
-            Problem(documents[0][0], 1, f"warning: the policy defines no actions: {outcome}")
+        # At an `actions: []` if a file has one (where the actions go), else at line 1 of the
+        # first file: the problem is the whole policy's, no line holds it.
+        file, line = next(
+            (
+                (name, line_of(doc, "actions"))
+                for name, doc in documents
+                if isinstance(doc, LMap) and "actions" in doc
+            ),
+            (documents[0][0], 1),
         )
+        found.append(Problem(file, line, f"warning: the policy defines no actions: {outcome}"))
     if unknown_hosts == "passthrough" and (hostless := hostless_action(actions)) is not None:
         file, _, line = where.rpartition(":")
         found.append(
@@ -1389,7 +1401,7 @@ def _enforced_in_shadow(mode: str, budgets: list[Budget], rules: list[Rule]) -> 
     return [
         Problem(
             item.file,
-            item.line,
+            item.mode_line or item.line,
             f"warning: mode: enforce on this {kind} has no effect: the policy is in shadow "
             "mode, which blocks nothing (set the policy's mode to enforce, and mode: shadow "
             "on what is still on trial)",
@@ -1594,8 +1606,10 @@ def _check_field_reach(check: _Checker, actions: list[Action], rules: list[Rule]
             report(test.field, rule.action_texts, rule.file, test.line or rule.line, outcome)
         for requirement in rule.requires:
             never_met = "this requirement is never met, and every call it covers is refused"
-            report(requirement.here, rule.action_texts, rule.file, rule.line, never_met)
-            report(requirement.there, requirement.actions, rule.file, rule.line, never_met)
+            line = requirement.line or rule.line
+            report(requirement.here, rule.action_texts, rule.file, line, never_met)
+            if requirement.there != requirement.here or requirement.actions != rule.action_texts:
+                report(requirement.there, requirement.actions, rule.file, line, never_met)
     return warnings
 
 

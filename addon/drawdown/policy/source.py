@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import re
 import unicodedata
 from dataclasses import dataclass, field
@@ -53,6 +54,16 @@ class LList(list):
     file: str
     line: int
     item_lines: list[int]
+
+
+@dataclass(frozen=True)
+class LScalar:
+    """A document that is one scalar (text, a number…) where a mapping belongs: kept with its
+    line, to be refused there, not at line 1 above the comments that precede it."""
+
+    value: Any
+    file: str
+    line: int
 
 
 class _Unreadable:
@@ -126,12 +137,23 @@ class _Loader(yaml.SafeLoader):
         if self._depth > MAX_DEPTH:
             mark = self.peek_event().start_mark
             raise _TooBig(mark.line + 1, f"nested more than {MAX_DEPTH} levels deep")
-        self.aliases = self.aliases or self.check_event(yaml.AliasEvent)
+        alias = self.check_event(yaml.AliasEvent)
+        self.aliases = self.aliases or alias
+        mark = self.peek_event().start_mark if alias else None
         self._depth += 1
         try:
-            return super().compose_node(parent, index)
+            node = super().compose_node(parent, index)
         finally:
             self._depth -= 1
+        if mark is None:
+            return node
+        # PyYAML returns the anchored node itself, marked where the anchor stands: a duplicate
+        # budget written `- *run` was reported at the line of `&run`, "first at" that same line.
+        # A shallow copy stands where the alias does; what is inside it stays at the anchor,
+        # where its text is.
+        located = copy.copy(node)
+        located.start_mark = mark
+        return located
 
 
 _INT = "tag:yaml.org,2002:int"
@@ -321,7 +343,10 @@ def parse_yaml(text: str, file: str) -> tuple[Any, list[Problem]]:
     if node is None:
         return None, []
     try:
-        return _construct(node, file, problems, [0]), problems
+        document = _construct(node, file, problems, [0])
+        if isinstance(node, yaml.ScalarNode) and document is not None:
+            document = LScalar(document, file, node.start_mark.line + 1)
+        return document, problems
     except _TooBig as exc:
         message = exc.message
         if exc.values and loader.aliases:
@@ -358,12 +383,21 @@ def _opener(mark: Any) -> str:
     return buffer[mark.pointer] if buffer is not None and mark.pointer < len(buffer) else ""
 
 
+def _at_end(mark: Any) -> bool:
+    """Whether `mark` is where the text ends (PyYAML's buffer ends in a NUL)."""
+    buffer = getattr(mark, "buffer", None)
+    return buffer is not None and not buffer[mark.pointer :].strip("\0")
+
+
 def _syntax_error(exc: yaml.MarkedYAMLError, file: str, opened: list[Any]) -> Problem:
     """PyYAML's error, at the line to fix. It notices an unclosed `{`, `[` or quote, or a key
     without its ':', only where the next construct begins, often lines later: the line that
     opened it is named, with where the parser stopped."""
     mark = exc.problem_mark or exc.context_mark
     line = mark.line + 1 if mark else 1
+    at_end = _at_end(mark)
+    if at_end and mark.column == 0 and line > 1:
+        line -= 1  # the end of a file ending in a newline: its last line, not one past it
     problem = exc.problem or "invalid YAML"
     context = exc.context or ""
     start, what = None, ""
@@ -378,8 +412,9 @@ def _syntax_error(exc: yaml.MarkedYAMLError, file: str, opened: list[Any]) -> Pr
         what = f"unclosed quoted text (its {_opener(start)} is never closed)"
     elif context == "while scanning a simple key":
         start, what = exc.context_mark, "a line with neither 'key: value' nor '- item'"
-    if start is not None and start.line + 1 != line:
-        problem += f" at line {line}{_lookalike_space(mark, start.line + 1, line)}"
+    if start is not None and (start.line + 1 != line or at_end):
+        stopped = "at the end of the file" if at_end else f"at line {line}"
+        problem += f" {stopped}{_lookalike_space(mark, start.line + 1, line)}"
         return Problem(file, start.line + 1, f"YAML syntax error: {what}: {problem}")
     # The line before too: a key spelled `kind:\u00a0a` reads as text, and the error comes
     # where the next key starts. Found, it is the cause: the guesses below are not.
@@ -426,6 +461,8 @@ def read_documents(path: Path) -> tuple[list[tuple[str, Any]], list[Problem]]:
     """Read and parse every file of a policy; returns (file, document) pairs and problems."""
     problems: list[Problem] = []
     documents: list[tuple[str, Any]] = []
+    # Line 0 below means "no line": the path itself could not be read as a policy file (it is
+    # missing, a link to nothing, a folder, unreadable), so there is no text to point into.
     try:
         path.stat()  # a parent folder that cannot be searched raises here, not only ENOENT
         files = policy_files(path)
