@@ -646,6 +646,7 @@ def inspect_request(
         billable=True,
         input_tokens=input_tokens,
         max_output_tokens=cap,
+        own_output_cap=parsed.cap,
         estimate_usd_nanos=nanos,
         priced=priced,
         rewritten_body=parsed.rewritten_body,
@@ -726,6 +727,8 @@ def _counted_output(request: LLMRequest, texts: list[str], config: MeterConfig) 
     tokens = count_tokens("".join(texts), request.model)
     if model_family(request.provider, request.model) is not None:
         tokens = math.ceil(tokens * config.safety_factor(request.provider, request.model))
+    if request.own_output_cap is not None:  # the provider stops there, and bills no more
+        tokens = min(tokens, request.own_output_cap)
     return tokens
 
 

@@ -123,6 +123,9 @@ class LLMRequest:
     # The Responses API's image_generation tool: the image model it names (else its default),
     # which bills the tool's tokens when the answer does not echo its tools.
     image_tool_model: str | None = None
+    # The output cap the request set itself (times n), None without one: no answer runs past
+    # it, so its text counted (tiktoken's count times the safety factor) is charged no more.
+    own_output_cap: int | None = None
     # Of input_tokens, those reserved as input audio (a transcription's upload), priced apart.
     input_audio_tokens: int = 0
     # The model this request's name was estimated as, having turned out to serve it (an Azure

@@ -303,3 +303,48 @@ def test_stream_usage_on_error_status_is_kept():
     meter = open_stream_meter(request, "text/event-stream", None, CONFIG, status=500)
     meter.feed(b'data: {"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":1}}\n\n')
     assert meter.finish()[1].usage == TokenUsage(input_tokens=3, output_tokens=1)
+
+
+@pytest.mark.parametrize(
+    ("provider", "path", "body", "answer"),
+    [
+        (
+            "openai",
+            "/v1/chat/completions",
+            {"model": "gpt-4o-mini", "max_tokens": 20, "n": 2, "messages": [{"role": "user", "content": "hi"}]},
+            {"choices": [{"message": {"content": "word " * 300}}, {"message": {"content": "word " * 300}}]},
+        ),
+        (
+            "anthropic",
+            "/v1/messages",
+            {"model": "claude-3-5-haiku-latest", "max_tokens": 40, "messages": [{"role": "user", "content": "hi"}]},
+            {"type": "message", "content": [{"type": "text", "text": "word " * 300}]},
+        ),
+        (
+            "gemini",
+            "/v1beta/models/gemini-2.0-flash:generateContent",
+            {"contents": [{"parts": [{"text": "hi"}]}], "generationConfig": {"maxOutputTokens": 30}},
+            {"candidates": [{"content": {"parts": [{"text": "word " * 300}]}}]},
+        ),
+    ],
+)  # fmt: skip
+def test_counted_output_is_never_more_than_the_requests_own_cap(
+    provider: str, path: str, body: dict[str, object], answer: dict[str, object]
+) -> None:
+    """An answer without usage is charged its text counted (tiktoken, times the family's
+    safety factor), which may come to more tokens than the provider's own count: never past
+    the cap the request set (times n), where the provider stopped and billed no more."""
+    request = inspect_request(provider, "POST", path, {}, json.dumps(body).encode(), CONFIG)
+    assert request.own_output_cap is not None
+    m = measure_body(request, 200, json.dumps(answer).encode(), CONFIG)
+    assert m.source == "counted"
+    assert m.usage.output_tokens == request.own_output_cap == request.max_output_tokens
+    without_cap = dict(body)
+    without_cap.pop("max_tokens", None)
+    without_cap.pop("generationConfig", None)
+    request = inspect_request(provider, "POST", path, {}, json.dumps(without_cap).encode(), CONFIG)
+    if request.own_output_cap is None:  # Anthropic requires max_tokens: its cap is always its own
+        assert (
+            measure_body(request, 200, json.dumps(answer).encode(), CONFIG).usage.output_tokens
+            > 300
+        )
