@@ -33,10 +33,10 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from mitmproxy import connection, ctx, exceptions, http
-from mitmproxy.proxy import layer
+from mitmproxy.proxy import layer, server_hooks
 from mitmproxy.websocket import WebSocketMessage
 
-from . import health, meter, recording, tunnels
+from . import destinations, health, meter, recording, tunnels
 from .affinity import WriterPlacement
 from .authority import evaluate, facts_of
 from .budgets import claims_for
@@ -626,6 +626,9 @@ class Drawdown:
         # answer (a call's, or a `shutting_down` refusal) is written before mitmproxy closes
         # them, so a drain that stopped before they closed cut answers already decided.
         self._closing_clients: set[str] = set()
+        # Upstream connections made to the address their name was checked at (server_connect):
+        # server id -> the (host, port) they are named by again once connected.
+        self._pinned: dict[str, tuple[str, int]] = {}
         # What we set allow_hosts to for `unknown_hosts: passthrough` (never a user's own value).
         self._managed_allow_hosts: list[str] = []
         self._running = False
@@ -679,6 +682,15 @@ class Drawdown:
             "(set by drawdown run --workers when the workers take every CPU).",
         )
         loader.add_option(
+            "drawdown_internal_hosts",
+            str,
+            "local",
+            "Upstreams on the proxy's own host (loopback, link-local such as cloud metadata, "
+            "unspecified): 'local' refuses them to clients on other hosts, 'deny' to every "
+            "client, 'allow' to none.",
+            choices=destinations.MODES,
+        )
+        loader.add_option(
             "drawdown_tokenizer_process",
             bool,
             True,
@@ -727,6 +739,14 @@ class Drawdown:
             except PolicyInvalid as exc:
                 raise exceptions.OptionsError(f"invalid drawdown policy:\n{exc}") from None
             self._policy_seen = policy_fingerprint(ctx.options.drawdown_policy)
+        if (
+            "drawdown_internal_hosts" in updated
+            and ctx.options.drawdown_internal_hosts not in destinations.MODES
+        ):
+            raise exceptions.OptionsError(
+                f"drawdown_internal_hosts must be one of {', '.join(destinations.MODES)}, not "
+                f"{ctx.options.drawdown_internal_hosts!r}"
+            )
         if "drawdown_db" in updated and ctx.options.drawdown_db != self.ledger_url:
             self._open_ledger(ctx.options.drawdown_db)
         if "drawdown_tokenizer_process" in updated and self._running:
@@ -1165,6 +1185,45 @@ class Drawdown:
         )
         return True
 
+    async def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
+        """A name that resolves to an address on this host is refused where mitmproxy
+        connects (a literal one was refused with the request: `_decide`), and the connection
+        goes to the address checked, so that a second lookup cannot answer otherwise."""
+        server = data.server
+        mode = ctx.options.drawdown_internal_hosts
+        if (
+            mode == "allow"
+            or server.error
+            or server.via is not None  # an upstream proxy's to resolve
+            or not server.address
+            or not destinations.guarded(mode, data.client)
+        ):
+            return
+        host, port = server.address
+        try:
+            addresses = await destinations.resolve(host, port)
+        except OSError:
+            return  # unresolvable: mitmproxy's own connect fails alike and says so
+        for address in addresses:
+            if destinations.internal(address):
+                server.error = destinations.refusal(host, address)
+                return
+        if addresses and destinations.literal(host) is None:
+            # TLS still names the host (as mitmproxy would: the client's SNI, else the host).
+            server.sni = server.sni or data.client.sni or host
+            self._pinned[server.id] = server.address
+            server.address = (str(addresses[0]), port)
+
+    def server_connected(self, data: server_hooks.ServerConnectionHookData) -> None:
+        # Named again by its host: mitmproxy reuses a connection for the requests whose
+        # host and port it has as its address.
+        if (address := self._pinned.pop(data.server.id, None)) is not None:
+            data.server.address = address
+
+    def server_connect_error(self, data: server_hooks.ServerConnectionHookData) -> None:
+        if (address := self._pinned.pop(data.server.id, None)) is not None:
+            data.server.address = address
+
     def http_connect(self, flow: http.HTTPFlow) -> None:
         # An unmodified agent names itself in HTTPS_PROXY=http://AGENT:RUN@host:port; the
         # credentials arrive once, on the CONNECT, and apply to every request in the tunnel.
@@ -1428,6 +1487,16 @@ class Drawdown:
             flow, state, "bad_request", f"drawdown: {classification.path_error}"
         ):
             return  # (shadow: recorded as would_deny, and decided on as sent)
+        mode = ctx.options.drawdown_internal_hosts
+        if (
+            mode != "allow"
+            and (internal := destinations.named_internal(flow.request.host)) is not None
+            and destinations.guarded(mode, flow.client_conn)
+        ):
+            # No policy's to waive: such a request never means what its client meant.
+            message = destinations.refusal(flow.request.host, internal)
+            await self._deny_before_budgets(flow, state, "internal_host", message, always=True)
+            return
         if action is None:
             # No guard applies to a host no action names, but replay needs the fingerprint to
             # re-decide its calls under a policy that names it (a loop among them).
@@ -1700,13 +1769,20 @@ class Drawdown:
         return False
 
     async def _deny_before_budgets(
-        self, flow: http.HTTPFlow, state: FlowState, code: str, message: str
+        self,
+        flow: http.HTTPFlow,
+        state: FlowState,
+        code: str,
+        message: str,
+        *,
+        always: bool = False,
     ) -> bool:
-        """A denial by authority or classification. Enforce mode: record, answer, True. Shadow: would_deny, False."""
+        """A denial by authority or classification. Enforce mode: record, answer, True. Shadow:
+        would_deny, False; `always`: refused in shadow mode too (not the policy's to decide)."""
         policy, row = state.policy, state.row
         assert policy is not None and row is not None
         row.reason_code, row.reason = code, message.removeprefix("drawdown: ")
-        if policy.mode == "shadow":
+        if policy.mode == "shadow" and not always:
             row.decision = "would_deny"
             _log_denial(row, shadow=True)
             return False

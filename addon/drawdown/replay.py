@@ -435,6 +435,14 @@ def _decide(sim: Simulation, row: dict[str, Any]) -> Replayed | None:
         return out
 
     kind = classification.kind
+    if row.get("reason_code") == "internal_host":
+        # Refused live for where its client was (drawdown_internal_hosts), which no policy
+        # waives and the ledger does not keep: the same client would be refused again.
+        out.decision, out.reason_code, out.reason, out.by = (
+            "deny", "internal_host", row.get("reason") or "", None,
+        )  # fmt: skip
+        out.status = STATUS["internal_host"]
+        return finish([], Amount(), None)
     if row.get("reason_code") == "bad_request" and unrecorded(row.get("reason")):
         # Decided live on what the ledger does not keep (a Host header, the TLS SNI, a method
         # override header): the same request would be refused again.

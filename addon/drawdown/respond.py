@@ -18,6 +18,7 @@ STATUS = {
     "not_authorized": 403,
     "requires_unmet": 403,
     "unknown_host": 403,
+    "internal_host": 403,
     "anomaly": 429,
     "ledger_unavailable": 503,
     "shutting_down": 503,

@@ -1,0 +1,97 @@
+"""Upstream addresses on the proxy's own host: what a client on another host may not reach.
+
+Through a forward proxy, `http://127.0.0.1:6333` or `http://169.254.169.254/` means the proxy's
+host, never the agent's: its local services, and in a cloud its instance metadata, which hands
+out the machine's credentials. An agent that reaches the world only through drawdown would
+reach those too. Egress proxies refuse them (Squid's default `to_localhost`, Stripe's
+Smokescreen), and so does drawdown, by the option `drawdown_internal_hosts`:
+
+- `local` (default): refused to clients on other hosts; a client on the proxy's own host could
+  reach them without it, so it may through it (a stand-in on loopback, the demo).
+- `deny`: refused to every client.
+- `allow`: never refused.
+
+"Internal" is the loopback, link-local (cloud metadata) and unspecified addresses, as IPv4,
+IPv6 or IPv4-mapped IPv6; not private networks, whose hosts the policy governs by name. A
+request naming one is refused before it is decided (`internal_host`, 403); a name that
+resolves to one is refused where mitmproxy connects, and the connection is made to the address
+checked, so that a second lookup cannot answer otherwise (DNS rebinding).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+
+from mitmproxy import connection
+
+MODES = ("local", "deny", "allow")
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def literal(host: str) -> IPAddress | None:
+    """The address a host names itself, or None for a name (`[::1]` and `::1` alike)."""
+    try:
+        return ipaddress.ip_address(host.strip("[]").split("%", 1)[0])
+    except ValueError:
+        return None
+
+
+def internal(address: IPAddress) -> bool:
+    """On the host that connects to it, whichever host that is."""
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_loopback or address.is_link_local or address.is_unspecified
+
+
+def named_internal(host: str) -> IPAddress | None:
+    """The internal address a host names without a lookup (`127.0.0.1`, `[::1]`, and
+    `localhost`, which every resolver keeps on the machine asking), else None."""
+    name = host.rstrip(".").lower()
+    if name == "localhost" or name.endswith(".localhost"):  # RFC 6761
+        return ipaddress.IPv4Address("127.0.0.1")
+    address = literal(host)
+    return address if address is not None and internal(address) else None
+
+
+def same_host(client: connection.Client) -> bool:
+    """The client connected from this host: from a loopback address, or from the address it
+    connected to (a connection to one of this host's own addresses comes from that address)."""
+    peer = literal(str(client.peername[0])) if client.peername else None
+    if peer is None:
+        return False
+    if isinstance(peer, ipaddress.IPv6Address) and peer.ipv4_mapped is not None:
+        peer = peer.ipv4_mapped
+    own = literal(str(client.sockname[0])) if client.sockname else None
+    if isinstance(own, ipaddress.IPv6Address) and own.ipv4_mapped is not None:
+        own = own.ipv4_mapped
+    return peer.is_loopback or peer == own
+
+
+def guarded(mode: str, client: connection.Client) -> bool:
+    """Whether this client's requests may not reach internal addresses."""
+    return mode == "deny" or (mode == "local" and not same_host(client))
+
+
+async def resolve(host: str, port: int) -> list[IPAddress]:
+    """The addresses a connection to `host` would try (the system resolver, off the loop)."""
+    if (address := literal(host)) is not None:
+        return [address]
+    found = await asyncio.get_running_loop().getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
+    )
+    addresses: list[IPAddress] = []
+    for _, _, _, _, sockaddr in found:
+        if (address := literal(str(sockaddr[0]))) is not None and address not in addresses:
+            addresses.append(address)
+    return addresses
+
+
+def refusal(host: str, address: IPAddress) -> str:
+    shown = host if literal(host) == address else f"{host} ({address})"
+    return (
+        f"drawdown: {shown} is an address on the proxy's own host (loopback, link-local or "
+        "unspecified), which a client on another host may not reach through it "
+        "(drawdown_internal_hosts)"
+    )

@@ -1,0 +1,220 @@
+"""Upstreams on the proxy's own host (destinations.py), and the addon's hooks that refuse them
+to clients on other hosts, driven without a network (taddons, tflow; the resolver replaced).
+tests/e2e/test_internal_hosts_e2e.py drives a real proxy with the openai SDK."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import pytest
+from drawdown import destinations
+from drawdown.addon import Drawdown
+from mitmproxy import connection, ctx, exceptions, http
+from mitmproxy.proxy import server_hooks
+from mitmproxy.test import taddons, tflow, tutils
+
+POLICY = """
+mode: shadow
+identity:
+  agent: [{value: research}]
+  run: [{value: r1}]
+actions:
+  - {kind: tool, match: {host: "*"}}
+"""
+REMOTE = ("203.0.113.7", 51000)  # an agent on another host
+PROXY = ("192.0.2.10", 8080)  # the proxy's own address it connected to
+
+
+@pytest.mark.parametrize(
+    "address",
+    ["127.0.0.1", "127.8.9.10", "::1", "169.254.169.254", "fe80::1", "0.0.0.0", "::",
+     "::ffff:127.0.0.1", "::ffff:169.254.169.254"],
+)  # fmt: skip
+def test_internal_addresses(address: str) -> None:
+    assert destinations.internal(ipaddress.ip_address(address))
+
+
+@pytest.mark.parametrize(
+    "address", ["10.0.0.5", "192.168.1.1", "172.16.0.1", "8.8.8.8", "2001:db8::1", "fd00::1"]
+)
+def test_private_and_public_addresses_are_not_internal(address: str) -> None:
+    """Private networks are the policy's to govern by name: an agent's internal API."""
+    assert not destinations.internal(ipaddress.ip_address(address))
+
+
+@pytest.mark.parametrize(
+    ("host", "named"),
+    [("127.0.0.1", "127.0.0.1"), ("[::1]", "::1"), ("localhost", "127.0.0.1"),
+     ("LOCALHOST.", "127.0.0.1"), ("api.localhost", "127.0.0.1"), ("169.254.169.254", "169.254.169.254"),
+     ("api.openai.com", None), ("10.0.0.5", None), ("localhost.example.com", None)],
+)  # fmt: skip
+def test_a_host_that_names_an_internal_address(host: str, named: str | None) -> None:
+    found = destinations.named_internal(host)
+    assert (str(found) if found else None) == named
+
+
+def client(peer: tuple[str, int], own: tuple[str, int]) -> connection.Client:
+    made = tflow.tclient_conn()
+    made.peername, made.sockname, made.sni = peer, own, None  # a plain-HTTP request's
+    return made
+
+
+@pytest.mark.parametrize(
+    ("peer", "own", "same"),
+    [(("127.0.0.1", 5000), ("127.0.0.1", 8080), True), (("::1", 5000), ("::1", 8080), True),
+     (("::ffff:127.0.0.1", 5000), ("::ffff:127.0.0.1", 8080), True),
+     (PROXY, PROXY, True),  # from this host, to one of its own addresses
+     (REMOTE, PROXY, False), (("::ffff:203.0.113.7", 1), ("::ffff:192.0.2.10", 8080), False)],
+)  # fmt: skip
+def test_a_client_on_the_proxys_host(
+    peer: tuple[str, int], own: tuple[str, int], same: bool
+) -> None:
+    assert destinations.same_host(client(peer, own)) is same
+    assert destinations.guarded("local", client(peer, own)) is not same
+    assert destinations.guarded("deny", client(peer, own))
+    assert not destinations.guarded("allow", client(peer, own))
+
+
+def run(tmp_path: Path, steps: Any, **options: str) -> Path:
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(POLICY)
+    db = tmp_path / "l.db"
+
+    async def main() -> None:
+        addon = Drawdown()
+        with taddons.context(addon) as tctx:
+            tctx.configure(addon, drawdown_policy=str(policy), drawdown_db=str(db), **options)
+            await steps(addon)
+            addon.done()
+
+    asyncio.run(main())
+    return db
+
+
+def request_to(host: str, peer: tuple[str, int]) -> http.HTTPFlow:
+    flow = tflow.tflow(
+        req=tutils.treq(host=host, port=80, scheme=b"http", method=b"GET", path=b"/x"),
+        client_conn=client(peer, PROXY if peer == REMOTE else ("127.0.0.1", 8080)),
+    )
+    return flow
+
+
+def test_a_client_on_another_host_is_refused_an_internal_upstream(tmp_path: Path) -> None:
+    """In shadow mode too, recorded as the run's denial; the same request from the proxy's
+    own host, and a public host from the other, go on."""
+    answered: dict[str, Any] = {}
+
+    async def steps(addon: Drawdown) -> None:
+        for name, flow in [
+            ("remote metadata", request_to("169.254.169.254", REMOTE)),
+            ("remote localhost", request_to("localhost", REMOTE)),
+            ("local localhost", request_to("localhost", ("127.0.0.1", 5000))),
+            ("remote public", request_to("tool.example.com", REMOTE)),
+        ]:
+            addon.requestheaders(flow)
+            await addon.request(flow)
+            answered[name] = flow.response.status_code if flow.response else None
+
+    db = run(tmp_path, steps)
+    assert answered == {
+        "remote metadata": 403,
+        "remote localhost": 403,
+        "local localhost": None,  # forwarded
+        "remote public": None,
+    }
+    with sqlite3.connect(db) as conn:
+        rows = conn.execute("SELECT host, decision, reason_code FROM decisions ORDER BY ts")
+        assert rows.fetchall() == [
+            ("169.254.169.254", "deny", "internal_host"),
+            ("localhost", "deny", "internal_host"),
+            ("localhost", "allow", None),
+            ("tool.example.com", "allow", None),
+        ]
+
+
+def connect(host: str, peer: tuple[str, int]) -> server_hooks.ServerConnectionHookData:
+    server = connection.Server(address=(host, 443))
+    return server_hooks.ServerConnectionHookData(
+        client=client(peer, PROXY if peer == REMOTE else ("127.0.0.1", 8080)), server=server
+    )
+
+
+def test_a_name_that_resolves_to_an_internal_address_is_refused_where_mitmproxy_connects(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`metadata.internal` (a name no request check can judge) resolves to the metadata
+    address: the connection is killed before it is made. A public name is connected to at
+    the address checked (a second lookup could answer otherwise: DNS rebinding), TLS still
+    naming the host, and is named by its host again once connected, so mitmproxy reuses it."""
+    table = {
+        "metadata.internal": ["169.254.169.254"],
+        "rebinding.example": ["93.184.216.34", "127.0.0.1"],
+        "api.example.com": ["93.184.216.34"],
+    }
+
+    async def resolve(host: str, port: int) -> list[Any]:
+        if host not in table:
+            raise OSError("no such name")
+        return [ipaddress.ip_address(a) for a in table[host]]
+
+    monkeypatch.setattr(destinations, "resolve", resolve)
+    seen: dict[str, Any] = {}
+
+    async def steps(addon: Drawdown) -> None:
+        for name in ["metadata.internal", "rebinding.example", "unknown.example"]:
+            data = connect(name, REMOTE)
+            await addon.server_connect(data)
+            seen[name] = data.server.error
+        data = connect("metadata.internal", ("127.0.0.1", 5000))
+        await addon.server_connect(data)
+        seen["local"] = data.server.error, data.server.address
+        data = connect("api.example.com", REMOTE)
+        await addon.server_connect(data)
+        seen["pinned"] = data.server.address, data.server.sni, data.server.error
+        addon.server_connected(data)
+        seen["connected"] = data.server.address
+
+    run(tmp_path, steps)
+    assert "169.254.169.254" in seen["metadata.internal"]
+    assert "an address on the proxy's own host" in seen["metadata.internal"]
+    assert "127.0.0.1" in seen["rebinding.example"]  # any of its addresses
+    assert seen["unknown.example"] is None  # mitmproxy's own connect reports it
+    assert seen["local"] == (None, ("metadata.internal", 443))  # untouched
+    assert seen["pinned"] == (("93.184.216.34", 443), "api.example.com", None)
+    assert seen["connected"] == ("api.example.com", 443)
+
+
+def test_allow_leaves_every_upstream_alone_and_deny_guards_local_clients(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def resolve(host: str, port: int) -> list[Any]:
+        return [ipaddress.ip_address("127.0.0.1")]
+
+    monkeypatch.setattr(destinations, "resolve", resolve)
+    errors: dict[str, Any] = {}
+
+    async def steps(addon: Drawdown) -> None:
+        for mode, peer in [("allow", REMOTE), ("deny", ("127.0.0.1", 5000))]:
+            ctx.options.update(drawdown_internal_hosts=mode)
+            data = connect("db.internal", peer)
+            await addon.server_connect(data)
+            errors[mode] = data.server.error
+
+    run(tmp_path, steps)
+    assert errors["allow"] is None
+    assert errors["deny"] is not None and "127.0.0.1" in errors["deny"]
+
+
+def test_a_mode_that_is_not_one_is_refused(tmp_path: Path) -> None:
+    addon = Drawdown()
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(POLICY)
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, drawdown_policy=str(policy), drawdown_db=str(tmp_path / "l.db"))
+        with pytest.raises(exceptions.OptionsError, match="must be one of local, deny, allow"):
+            tctx.configure(addon, drawdown_internal_hosts="remote")
+        addon.done()
