@@ -635,6 +635,7 @@ class Drawdown:
         # Option values every request needs, kept as configure sees them change.
         self._secret_password = False
         self._shared_runs = False
+        self._internal_hosts = "local"
 
     # --- mitmproxy lifecycle -------------------------------------------------------------
 
@@ -747,6 +748,8 @@ class Drawdown:
                 f"drawdown_internal_hosts must be one of {', '.join(destinations.MODES)}, not "
                 f"{ctx.options.drawdown_internal_hosts!r}"
             )
+        if "drawdown_internal_hosts" in updated:
+            self._internal_hosts = ctx.options.drawdown_internal_hosts
         if "drawdown_db" in updated and ctx.options.drawdown_db != self.ledger_url:
             self._open_ledger(ctx.options.drawdown_db)
         if "drawdown_tokenizer_process" in updated and self._running:
@@ -1190,7 +1193,7 @@ class Drawdown:
         connects (a literal one was refused with the request: `_decide`), and the connection
         goes to the address checked, so that a second lookup cannot answer otherwise."""
         server = data.server
-        mode = ctx.options.drawdown_internal_hosts
+        mode = self._internal_hosts
         if (
             mode == "allow"
             or server.error
@@ -1487,7 +1490,7 @@ class Drawdown:
             flow, state, "bad_request", f"drawdown: {classification.path_error}"
         ):
             return  # (shadow: recorded as would_deny, and decided on as sent)
-        mode = ctx.options.drawdown_internal_hosts
+        mode = self._internal_hosts
         if (
             mode != "allow"
             and (internal := destinations.named_internal(flow.request.host)) is not None

@@ -51,6 +51,11 @@ def named_internal(host: str) -> IPAddress | None:
     name = host.rstrip(".").lower()
     if name == "localhost" or name.endswith(".localhost"):  # RFC 6761
         return ipaddress.IPv4Address("127.0.0.1")
+    if not name[:1].isdigit() and ":" not in name:
+        # A name (every request's, checked cheaply): what it resolves to is checked where
+        # mitmproxy connects, as are the numbers getaddrinfo reads and ipaddress does not
+        # (`127.1`, `0x7f000001`).
+        return None
     address = literal(host)
     return address if address is not None and internal(address) else None
 

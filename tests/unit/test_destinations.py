@@ -50,7 +50,8 @@ def test_private_and_public_addresses_are_not_internal(address: str) -> None:
     ("host", "named"),
     [("127.0.0.1", "127.0.0.1"), ("[::1]", "::1"), ("localhost", "127.0.0.1"),
      ("LOCALHOST.", "127.0.0.1"), ("api.localhost", "127.0.0.1"), ("169.254.169.254", "169.254.169.254"),
-     ("api.openai.com", None), ("10.0.0.5", None), ("localhost.example.com", None)],
+     ("api.openai.com", None), ("10.0.0.5", None), ("localhost.example.com", None),
+     ("127.1", None), ("2130706433", None)],  # numbers only getaddrinfo reads: at the connect
 )  # fmt: skip
 def test_a_host_that_names_an_internal_address(host: str, named: str | None) -> None:
     found = destinations.named_internal(host)
@@ -218,3 +219,11 @@ def test_a_mode_that_is_not_one_is_refused(tmp_path: Path) -> None:
         with pytest.raises(exceptions.OptionsError, match="must be one of local, deny, allow"):
             tctx.configure(addon, drawdown_internal_hosts="remote")
         addon.done()
+
+
+@pytest.mark.parametrize("host", ["127.1", "2130706433", "0x7f000001", "localhost"])
+def test_numbers_the_resolver_reads_as_loopback_are_found_at_the_connect(host: str) -> None:
+    """glibc's getaddrinfo reads `127.1` and `2130706433` as 127.0.0.1, which ipaddress does
+    not: the request's own check passes them, the connect's finds them (no network needed)."""
+    found = asyncio.run(destinations.resolve(host, 80))
+    assert found and all(destinations.internal(address) for address in found), found
