@@ -381,6 +381,33 @@ def percentile(values: Sequence[int], pct: float) -> int:
     return ordered[min(rank, len(ordered)) - 1]
 
 
+def _step_params(detector: Detector) -> tuple[int, int, float, int, Decimal]:
+    """step_count's max, history_runs, history_percentile, history_min_runs, history_factor."""
+    return (
+        int(detector.param("max")),
+        int(detector.param("history_runs")),
+        float(detector.param("history_percentile")),
+        int(detector.param("history_min_runs")),
+        Decimal(detector.param("history_factor")),
+    )
+
+
+def _agents_runs(
+    history: Iterable[Mapping[str, Any]],
+) -> tuple[dict[tuple[Any, Any], list[Mapping[str, Any]]], dict[tuple[Any, Any], list[float]]]:
+    """Each agent's ((tenant, agent)) runs of `history`, oldest first, and their start times.
+    Sorted once, so that a run finds those started before it by bisection (sorting them again
+    for every run made reports on a ledger of 20,000 runs take minutes)."""
+    by_agent: dict[tuple[Any, Any], list[Mapping[str, Any]]] = defaultdict(list)
+    for run in history:
+        by_agent[(run.get("tenant"), run.get("agent"))].append(run)
+    started: dict[tuple[Any, Any], list[float]] = {}
+    for key, runs in by_agent.items():
+        runs.sort(key=lambda r: r["started"])  # stable: ties keep the ledger's order
+        started[key] = [r["started"] for r in runs]
+    return by_agent, started
+
+
 def step_count(
     rows: Sequence[dict[str, Any]],
     detector: Detector,
@@ -389,20 +416,8 @@ def step_count(
 ) -> list[Anomaly]:
     """`history`: {tenant, agent, scope, steps, started} for every run in the ledger;
     `retries`: anomalies.loop.retries, the failed attempts per request that are not steps."""
-    limit = int(detector.param("max"))
-    window = int(detector.param("history_runs"))
-    pct = float(detector.param("history_percentile"))
-    minimum = int(detector.param("history_min_runs"))
-    factor = Decimal(detector.param("history_factor"))
-    by_agent: dict[tuple[Any, Any], list[dict[str, Any]]] = defaultdict(list)
-    for run in history:
-        by_agent[(run.get("tenant"), run.get("agent"))].append(run)
-    # Each agent's runs sorted once, so that a run finds those started before it by bisection
-    # (sorting them again for every run made reports on a ledger of 20,000 runs take minutes).
-    started: dict[tuple[Any, Any], list[float]] = {}
-    for key, runs in by_agent.items():
-        runs.sort(key=lambda r: r["started"])  # stable: ties keep the ledger's order
-        started[key] = [r["started"] for r in runs]
+    limit, window, pct, minimum, factor = _step_params(detector)
+    by_agent, started = _agents_runs(history)
     found = []
     for scope, scope_rows in _by_scope(rows).items():
         first = scope_rows[0]
@@ -428,7 +443,7 @@ def step_count(
         key = (first.get("tenant"), first.get("agent"))
         runs = by_agent.get(key, [])
         # The last `window` of the agent's other runs started before this one, oldest first.
-        earlier: list[dict[str, Any]] = []
+        earlier: list[Mapping[str, Any]] = []
         i = bisect.bisect_left(started.get(key, []), first["ts"])
         while i > 0 and len(earlier) < window:
             i -= 1
@@ -891,18 +906,8 @@ def _may_count_too_many(
     """The runs step_count may flag, from their counts: more own rows than `max`, or than
     `history_factor` × the percentile of the agent's earlier runs. A run's own rows are at
     least its steps, so none it flags is missed. `runs`: scope → its scan() group."""
-    limit = int(detector.param("max"))
-    window = int(detector.param("history_runs"))
-    pct = float(detector.param("history_percentile"))
-    minimum = int(detector.param("history_min_runs"))
-    factor = Decimal(detector.param("history_factor"))
-    by_agent: dict[tuple[Any, Any], list[Mapping[str, Any]]] = defaultdict(list)
-    for entry in history:
-        by_agent[(entry.get("tenant"), entry.get("agent"))].append(entry)
-    started: dict[tuple[Any, Any], list[float]] = {}
-    for key, entries in by_agent.items():
-        entries.sort(key=lambda r: r["started"])  # as step_count orders them
-        started[key] = [entry["started"] for entry in entries]
+    limit, window, pct, minimum, factor = _step_params(detector)
+    by_agent, started = _agents_runs(history)  # as step_count orders them
     expected: dict[tuple[Any, Any], list[int | None]] = {}
     found = set()
     for scope, run in runs.items():

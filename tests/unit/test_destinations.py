@@ -17,6 +17,8 @@ from mitmproxy import connection, ctx, exceptions, http
 from mitmproxy.proxy import server_hooks
 from mitmproxy.test import taddons, tflow, tutils
 
+from tests.support.addon_harness import drive
+
 POLICY = """
 mode: shadow
 identity:
@@ -81,19 +83,7 @@ def test_a_client_on_the_proxys_host(
 
 
 def run(tmp_path: Path, steps: Any, **options: str) -> Path:
-    policy = tmp_path / "policy.yaml"
-    policy.write_text(POLICY)
-    db = tmp_path / "l.db"
-
-    async def main() -> None:
-        addon = Drawdown()
-        with taddons.context(addon) as tctx:
-            tctx.configure(addon, drawdown_policy=str(policy), drawdown_db=str(db), **options)
-            await steps(addon)
-            addon.done()
-
-    asyncio.run(main())
-    return db
+    return drive(tmp_path, POLICY, steps, **options)
 
 
 def request_to(host: str, peer: tuple[str, int]) -> http.HTTPFlow:

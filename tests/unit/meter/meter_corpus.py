@@ -66,6 +66,20 @@ def feed(
     return bytes(out), measurement
 
 
+def streamed(request: LLMRequest, body: bytes, content_type: str, piece: int = 1):
+    """The measurement of a stream fed whole, checked equal fed in pieces of `piece` bytes."""
+
+    def run(chunks: list[bytes]):
+        meter = open_stream_meter(request, content_type, None, CONFIG)
+        for chunk in chunks:
+            meter.feed(chunk)
+        return meter.finish()[1]
+
+    whole = run([body])
+    assert run([body[i : i + piece] for i in range(0, len(body), piece)]) == whole
+    return whole
+
+
 def cut(body: bytes, points: list[int]) -> list[bytes]:
     points = sorted({p for p in points if 0 < p < len(body)})
     bounds = [0, *points, len(body)]

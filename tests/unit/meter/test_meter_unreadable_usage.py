@@ -8,9 +8,9 @@ import json
 from typing import Any
 
 import pytest
-from drawdown.meter import TokenUsage, inspect_request, measure_body, open_stream_meter
+from drawdown.meter import TokenUsage, inspect_request, measure_body
 from drawdown.meter.openai_realtime import measure_response, transcription_usage_of
-from meter_corpus import CONFIG
+from meter_corpus import CONFIG, streamed
 
 from tests.support import wire
 
@@ -28,16 +28,7 @@ def _json(request, answer: Any, headers: dict[str, str] | None = None):
 
 def _stream(request, body: bytes, content_type: str = SSE):
     """The measurement of a stream fed whole, checked equal fed a byte at a time."""
-
-    def run(chunks: list[bytes]):
-        meter = open_stream_meter(request, content_type, None, CONFIG)
-        for chunk in chunks:
-            meter.feed(chunk)
-        return meter.finish()[1]
-
-    whole = run([body])
-    assert run([body[i : i + 1] for i in range(len(body))]) == whole
-    return whole
+    return streamed(request, body, content_type)
 
 
 def _sse(events: list[tuple[str | None, dict[str, Any]]], sep: str = "\n\n") -> bytes:
