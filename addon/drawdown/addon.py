@@ -33,7 +33,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from mitmproxy import connection, ctx, exceptions, http
-from mitmproxy.proxy import layer, server_hooks
+from mitmproxy.proxy import layer, mode_specs, server_hooks
 from mitmproxy.websocket import WebSocketMessage
 
 from . import destinations, health, meter, recording, tunnels
@@ -1189,29 +1189,42 @@ class Drawdown:
         return True
 
     async def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
-        """A name that resolves to an address on this host is refused where mitmproxy
-        connects (a literal one was refused with the request: `_decide`), and the connection
-        goes to the address checked, so that a second lookup cannot answer otherwise."""
+        """A name that resolves to an address on this host, or does not resolve, is refused
+        where mitmproxy connects (a literal one was refused with the request: `_decide`), and
+        the connection goes to the address checked, so that a second lookup cannot answer
+        otherwise."""
         server = data.server
         mode = self._internal_hosts
+        proxy_mode = data.client.proxy_mode
         if (
             mode == "allow"
             or server.error
-            or server.via is not None  # an upstream proxy's to resolve
             or not server.address
+            # The upstream proxy the operator named (`--mode upstream:…`), which every request
+            # goes through and which resolves their names (server.via is on the request's
+            # connection, never on the one opened).
+            or (
+                isinstance(proxy_mode, mode_specs.UpstreamMode)
+                and server.address == proxy_mode.address
+            )
             or not destinations.guarded(mode, data.client)
         ):
             return
         host, port = server.address
         try:
             addresses = await destinations.resolve(host, port)
-        except OSError:
-            return  # unresolvable: mitmproxy's own connect fails alike and says so
+        except OSError as exc:
+            # Refused, not left to mitmproxy's own lookup, which may answer otherwise: a name
+            # whose first lookup fails, then resolves to 127.0.0.1, would pass unchecked.
+            server.error = f"drawdown: cannot resolve {host}: {exc}"
+            return
         for address in addresses:
             if destinations.internal(address):
                 server.error = destinations.refusal(host, address)
                 return
-        if addresses and destinations.literal(host) is None:
+        if addresses and str(addresses[0]) != host:
+            # A literal the resolver would read otherwise too (`8.8.8.8%x`, checked as 8.8.8.8,
+            # is a name to getaddrinfo): the connection goes to the address checked.
             # TLS still names the host (as mitmproxy would: the client's SNI, else the host).
             server.sni = server.sni or data.client.sni or host
             self._pinned[server.id] = server.address
@@ -1219,9 +1232,12 @@ class Drawdown:
 
     def server_connected(self, data: server_hooks.ServerConnectionHookData) -> None:
         # Named again by its host: mitmproxy reuses a connection for the requests whose
-        # host and port it has as its address.
+        # host and port it has as its address, and a tunnel's requests take their host from
+        # it. mitmproxy refuses `server.address = …` on an open connection (it would no longer
+        # say where the connection goes; an Addon error, the IP left): this one goes where its
+        # name resolved, so it is set beneath that guard.
         if (address := self._pinned.pop(data.server.id, None)) is not None:
-            data.server.address = address
+            object.__setattr__(data.server, "address", address)
 
     def server_connect_error(self, data: server_hooks.ServerConnectionHookData) -> None:
         if (address := self._pinned.pop(data.server.id, None)) is not None:

@@ -56,7 +56,7 @@ def named_internal(host: str) -> IPAddress | None:
         # mitmproxy connects, as are the numbers getaddrinfo reads and ipaddress does not
         # (`127.1`, `0x7f000001`).
         return None
-    address = literal(host)
+    address = literal(name)  # `127.0.0.1.` too, which the ledger records as 127.0.0.1
     return address if address is not None and internal(address) else None
 
 

@@ -14,7 +14,7 @@ import pytest
 from drawdown import destinations
 from drawdown.addon import Drawdown
 from mitmproxy import connection, ctx, exceptions, http
-from mitmproxy.proxy import server_hooks
+from mitmproxy.proxy import mode_specs, server_hooks
 from mitmproxy.test import taddons, tflow, tutils
 
 from tests.support.addon_harness import drive
@@ -52,6 +52,7 @@ def test_private_and_public_addresses_are_not_internal(address: str) -> None:
     ("host", "named"),
     [("127.0.0.1", "127.0.0.1"), ("[::1]", "::1"), ("localhost", "127.0.0.1"),
      ("LOCALHOST.", "127.0.0.1"), ("api.localhost", "127.0.0.1"), ("169.254.169.254", "169.254.169.254"),
+     ("127.0.0.1.", "127.0.0.1"),  # as the ledger records it (classify strips the dot)
      ("api.openai.com", None), ("10.0.0.5", None), ("localhost.example.com", None),
      ("127.1", None), ("2130706433", None)],  # numbers only getaddrinfo reads: at the connect
 )  # fmt: skip
@@ -166,6 +167,7 @@ def test_a_name_that_resolves_to_an_internal_address_is_refused_where_mitmproxy_
         data = connect("api.example.com", REMOTE)
         await addon.server_connect(data)
         seen["pinned"] = data.server.address, data.server.sni, data.server.error
+        data.server.state = connection.ConnectionState.OPEN  # as mitmproxy has it by then
         addon.server_connected(data)
         seen["connected"] = data.server.address
 
@@ -173,10 +175,81 @@ def test_a_name_that_resolves_to_an_internal_address_is_refused_where_mitmproxy_
     assert "169.254.169.254" in seen["metadata.internal"]
     assert "an address on the proxy's own host" in seen["metadata.internal"]
     assert "127.0.0.1" in seen["rebinding.example"]  # any of its addresses
-    assert seen["unknown.example"] is None  # mitmproxy's own connect reports it
+    assert "cannot resolve unknown.example" in seen["unknown.example"]  # not looked up again
     assert seen["local"] == (None, ("metadata.internal", 443))  # untouched
     assert seen["pinned"] == (("93.184.216.34", 443), "api.example.com", None)
     assert seen["connected"] == ("api.example.com", 443)
+
+
+def test_a_name_whose_lookup_fails_is_refused_not_looked_up_again_by_mitmproxy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An attacker's name server answers drawdown's lookup with SERVFAIL (or too slowly), then
+    mitmproxy's own with 127.0.0.1: left to mitmproxy, the connection would reach the proxy's
+    host unchecked. It is refused where drawdown's lookup fails."""
+    answers = iter([OSError("Temporary failure in name resolution"), "127.0.0.1"])
+
+    async def resolve(host: str, port: int) -> list[Any]:
+        answer = next(answers)
+        if isinstance(answer, OSError):
+            raise answer
+        return [ipaddress.ip_address(answer)]
+
+    monkeypatch.setattr(destinations, "resolve", resolve)
+    seen: dict[str, Any] = {}
+
+    async def steps(addon: Drawdown) -> None:
+        data = connect("rebind.attacker.example", REMOTE)
+        await addon.server_connect(data)
+        seen["error"], seen["address"] = data.server.error, data.server.address
+
+    run(tmp_path, steps)
+    assert seen["error"] is not None, "left to mitmproxy's own lookup"
+    assert "cannot resolve rebind.attacker.example" in seen["error"]
+    assert "Temporary failure" in seen["error"]
+    assert seen["address"] == ("rebind.attacker.example", 443)
+
+
+@pytest.mark.parametrize("host", ["93.184.216.34%eth0", "[93.184.216.34]"])
+def test_a_literal_the_resolver_reads_as_a_name_is_connected_to_at_the_address_checked(
+    tmp_path: Path, host: str
+) -> None:
+    """`93.184.216.34%eth0` is checked as 93.184.216.34, but getaddrinfo reads it as a name,
+    which a name server could answer with 127.0.0.1: the connection goes to the address
+    checked, and is named as the client named it once connected."""
+    seen: dict[str, Any] = {}
+
+    async def steps(addon: Drawdown) -> None:
+        data = connect(host, REMOTE)
+        await addon.server_connect(data)
+        seen["pinned"] = data.server.error, data.server.address
+        data.server.state = connection.ConnectionState.OPEN
+        addon.server_connected(data)
+        seen["connected"] = data.server.address
+
+    run(tmp_path, steps)
+    assert seen["pinned"] == (None, ("93.184.216.34", 443))
+    assert seen["connected"] == (host, 443)
+
+
+def test_the_operators_upstream_proxy_is_no_internal_upstream(tmp_path: Path) -> None:
+    """`--mode upstream:http://127.0.0.1:3128` (a Squid beside the proxy): every request goes
+    through it, and it resolves their names; refusing it refused every request. Another
+    loopback address is still refused under that mode."""
+    errors: dict[str, Any] = {}
+
+    async def steps(addon: Drawdown) -> None:
+        ctx.options.update(drawdown_internal_hosts="deny")
+        for name, address in [("upstream", 3128), ("other", 6333)]:
+            data = connect("127.0.0.1", REMOTE)
+            data.client.proxy_mode = mode_specs.ProxyMode.parse("upstream:http://127.0.0.1:3128")
+            data.server.address = ("127.0.0.1", address)
+            await addon.server_connect(data)
+            errors[name] = data.server.error
+
+    run(tmp_path, steps)
+    assert errors["upstream"] is None
+    assert errors["other"] is not None and "127.0.0.1" in errors["other"]
 
 
 def test_allow_leaves_every_upstream_alone_and_deny_guards_local_clients(
