@@ -626,6 +626,9 @@ class Drawdown:
         # answer (a call's, or a `shutting_down` refusal) is written before mitmproxy closes
         # them, so a drain that stopped before they closed cut answers already decided.
         self._closing_clients: set[str] = set()
+        # Flows answered during a drain on a connection that cannot be told to close (HTTP/2),
+        # until their `response` (or `error`) hook is over.
+        self._answering: set[str] = set()
         # Upstream connections made to the address their name was checked at (server_connect):
         # server id -> the (host, port) they are named by again once connected.
         self._pinned: dict[str, tuple[str, int]] = {}
@@ -895,7 +898,7 @@ class Drawdown:
 
         def calls() -> int:
             in_flight = sum(not s.listening for s in self.inflight.values())
-            return self._deciding + in_flight + len(self._closing_clients)
+            return self._deciding + in_flight + len(self._closing_clients) + len(self._answering)
 
         if not calls() or not seconds:
             return
@@ -1858,15 +1861,20 @@ class Drawdown:
         """While the proxy stops, an HTTP/1 client must not send its next request on this
         connection: `Connection: close` makes mitmproxy close it after this response, and the
         client reconnects, to another worker or the restarted proxy."""
+        if not self.draining:
+            return
         if (
-            self.draining
-            and flow.request.http_version.startswith("HTTP/1")
+            flow.request.http_version.startswith("HTTP/1")
             # A 101's `Connection: upgrade` makes the WebSocket: its session is a call in flight.
             and response.status_code != 101
         ):
             response.headers["connection"] = "close"
             if flow.client_conn.timestamp_end is None:  # closed already: nothing to wait for
                 self._closing_clients.add(flow.client_conn.id)
+        else:
+            # An HTTP/2 connection cannot be told to close: its answer is written as the
+            # `response` hook (this addon's is the last) returns, so the drain waits for that.
+            self._answering.add(flow.id)
 
     def client_disconnected(self, client: connection.Client) -> None:
         self._closing_clients.discard(client.id)
@@ -1939,7 +1947,10 @@ class Drawdown:
         response.stream = on_chunk
 
     async def response(self, flow: http.HTTPFlow) -> None:
-        await self._settle_guarded(self._settle_response, flow)
+        try:
+            await self._settle_guarded(self._settle_response, flow)
+        finally:
+            self._answering.discard(flow.id)
 
     async def _settle_guarded(
         self, settle: Callable[[http.HTTPFlow], Awaitable[None]], flow: http.HTTPFlow
@@ -2183,7 +2194,10 @@ class Drawdown:
         return action.cost_usd_nanos or 0
 
     async def error(self, flow: http.HTTPFlow) -> None:
-        await self._settle_guarded(self._settle_error, flow)
+        try:
+            await self._settle_guarded(self._settle_error, flow)
+        finally:
+            self._answering.discard(flow.id)
 
     async def _settle_error(self, flow: http.HTTPFlow) -> None:
         state: FlowState | None = flow.metadata.get(STATE)

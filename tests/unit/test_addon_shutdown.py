@@ -118,6 +118,7 @@ def test_a_drain_waits_until_the_answers_it_closed_connections_after_are_written
             )
             addon.responseheaders(upgrade)
             seen["upgrade"] = upgrade.response.headers["connection"]
+            await addon.response(upgrade)  # mitmproxy's, for the handshake
             in_flight.response = tutils.tresp(content=b"{}")
             addon.responseheaders(in_flight)
             await addon.response(in_flight)
@@ -130,3 +131,44 @@ def test_a_drain_waits_until_the_answers_it_closed_connections_after_are_written
 
     asyncio.run(main())
     assert seen == {"refusal": (503, "close"), "upgrade": "upgrade", "waited": True}
+
+
+def test_a_drain_waits_for_an_http2_refusal_until_its_response_hook_is_over(
+    tmp_path: Path,
+) -> None:
+    """An HTTP/2 connection cannot be told to close, so no disconnect says the answer went
+    out: mitmproxy writes it as the `response` hook returns (a refusal decided in the
+    `request` hook gets that hook on the loop's next turn). The drain stopped before it."""
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(POLICY)
+    seen: dict[str, Any] = {}
+
+    async def main() -> None:
+        addon = Drawdown()
+        with taddons.context(addon, Proxyserver()) as tctx:
+            tctx.configure(
+                addon, drawdown_policy=str(policy), drawdown_db=str(tmp_path / "l.db"),
+                drawdown_drain="5",
+            )  # fmt: skip
+            in_flight = lookup()
+            addon.requestheaders(in_flight)
+            await addon.request(in_flight)
+            draining = asyncio.ensure_future(addon.drain())
+            await asyncio.sleep(0.1)
+            late = lookup()
+            late.request.http_version = "HTTP/2.0"
+            addon.requestheaders(late)
+            await addon.request(late)
+            assert late.response is not None
+            seen["refusal"] = late.response.status_code, "connection" in late.response.headers
+            in_flight.response = tutils.tresp(content=b"{}")
+            addon.responseheaders(in_flight)
+            await addon.response(in_flight)
+            await asyncio.sleep(0.3)  # six polls of the drain
+            seen["waited"] = not draining.done()
+            await addon.response(late)  # mitmproxy writes the answer as this returns
+            await asyncio.wait_for(draining, 2)
+            addon.done()
+
+    asyncio.run(main())
+    assert seen == {"refusal": (503, False), "waited": True}
