@@ -2221,10 +2221,19 @@ class Drawdown:
             await self._settle(flow, state, _the_estimate(state, status, note), status, None)
             return
         idle_cut = float(ctx.options.tcp_timeout)
-        if state.billed_though_abandoned(reason, flow.server_conn, idle_cut, time.time()):
+        now = time.time()
+        if state.billed_though_abandoned(reason, flow.server_conn, idle_cut, now):
             note = f"{recording.CLIENT_LEFT}{reason}"
             await self._settle(flow, state, _the_estimate(state, status, note), status, None)
             return
+        if (
+            state.forwarded_at is not None
+            and state.answered is None
+            and now - state.forwarded_at >= idle_cut
+        ):
+            # mitmproxy cut both sides after tcp_timeout of silence and reports the client gone:
+            # the upstream's silence is the cause, as drawdown_upstream_timeout would say.
+            reason = f"upstream timeout: no response within tcp_timeout ({idle_cut:g}s)"
         await self._settle(flow, state, None, status, reason)
 
     async def _settle(

@@ -183,11 +183,13 @@ def test_silent_upstream_is_cut_by_tcp_timeout_and_released(
         with proxy.openai_client(max_retries=0) as client, pytest.raises(openai.APIConnectionError):
             chat(client)
         rows = proxy.wait_for_query(
-            "SELECT state FROM holds", until=lambda r: r and r[0][0] != "active"
+            "SELECT state, settle_reason FROM holds", until=lambda r: r and r[0][0] != "active"
         )
     finally:
         gate.set()
-    assert rows == [("released",)]
+    # The upstream's silence, not the agent, named as the cause (mitmproxy reports the client
+    # gone when it cuts both sides).
+    assert rows == [("released", "upstream timeout: no response within tcp_timeout (2s)")]
     verify(tmp_db)
 
 
