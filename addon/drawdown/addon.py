@@ -1761,7 +1761,9 @@ class Drawdown:
             return
         state.hold_id = outcome.hold_id
         self.inflight[flow.id] = state
-        if outcome.decision == "would_deny" and outcome.shadow_shortfalls:
+        if outcome.decision == "would_deny" and (
+            outcome.shadow_shortfalls or outcome.tripped is not None
+        ):  # a budget short, or a guard (loop, step_count, fan_out) that would have refused
             _log_denial(row, shadow=True)
 
     async def _ledger_down(self, flow: http.HTTPFlow, state: FlowState, error: str) -> bool:

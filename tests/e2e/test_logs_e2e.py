@@ -51,3 +51,31 @@ def test_the_log_holds_denials_and_single_line_rejections_without_connection_lin
             line,
         ), line
     assert not any(line.startswith(str(proxy.policy_path)) for line in lines)  # no bare problem
+
+
+def test_shadow_mode_logs_what_a_guard_would_have_refused(drawdown_proxy: Factory) -> None:
+    """The log holds every denial, `would deny` in shadow mode: a budget's were logged, a
+    guard's (a loop, a step count) were recorded in the ledger and left out of the log."""
+    proxy = drawdown_proxy(
+        """
+mode: shadow
+identity:
+  agent: [{value: poller}]
+  run: [{value: p1}]
+actions:
+  - {kind: llm, provider: openai, match: {host: api.openai.com}}
+anomalies:
+  loop: {repeats: 2, on_detect: deny}
+"""
+    )
+    with proxy.openai_client(max_retries=0) as client:
+        for _ in range(4):  # shadow: every call goes through
+            client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+    refused = proxy.wait_for_query(
+        "SELECT COUNT(*) FROM decisions WHERE decision = 'would_deny' AND reason_code = 'anomaly'",
+        until=lambda r: r[0][0] == 2,
+    )
+    assert refused == [(2,)]
+    proxy.wait_for_log(r"\] drawdown: would deny tenant:default/agent:poller/run:p1 llm \S+: ")
+    lines = [line for line in proxy.log_lines() if "would deny" in line]
+    assert len(lines) == 2 and all("anomalies.loop.repeats: 2" in line for line in lines), lines
