@@ -1168,15 +1168,23 @@ class Drawdown:
         unrecorded, without proxy authentication (a probe carries none; it learns nothing
         but whether this process can take calls)."""
         request = flow.request
-        if flow.error or not health.addressed_to_proxy(
-            request.method,
-            request.host,
-            request.port,
-            request.path,
-            flow.client_conn.tls,
-            self.own_addresses,
+        if flow.error or not health.to_proxy(
+            request.host, request.port, flow.client_conn.tls, self.own_addresses
         ):
             return False
+        if not health.addressed_to_proxy(
+            request.method, request.host, request.port, request.path, False, self.own_addresses
+        ):
+            # Any other request to the proxy itself (`curl http://127.0.0.1:8080/`) is no call
+            # of an agent's: it was decided and recorded as one (a run of its own, a failed
+            # attempt), then answered 502 by mitmproxy, which will not connect to itself.
+            flow.response = http.Response.make(
+                404,
+                b'{"error": "drawdown: this is a forward proxy: send requests through it '
+                b'(HTTPS_PROXY), not to it; GET /healthz and /readyz answer here"}\n',
+                {"content-type": "application/json", "cache-control": "no-store"},
+            )
+            return True
         readiness = health.Readiness(
             policy_loaded=self.policy is not None,
             ledger_open=self.ledger is not None,

@@ -76,7 +76,14 @@ def addressed_to_proxy(
 ) -> bool:
     """A probe: a GET or HEAD of a probe path on a plain connection, naming this proxy as its
     host. A request inside a CONNECT tunnel, or to any other host, is a call to decide."""
-    if tunnelled or method.upper() not in ("GET", "HEAD") or path.split("?", 1)[0] not in PATHS:
+    if method.upper() not in ("GET", "HEAD") or path.split("?", 1)[0] not in PATHS:
+        return False
+    return to_proxy(host, port, tunnelled, own)
+
+
+def to_proxy(host: str, port: int, tunnelled: bool, own: frozenset[tuple[str, int]]) -> bool:
+    """A plain request naming this proxy as its host: for the proxy itself, not through it."""
+    if tunnelled:
         return False
     host = host.lower().rstrip(".")
     try:

@@ -61,6 +61,24 @@ def test_probes_are_answered_and_never_recorded(drawdown_proxy: Factory, tmp_pat
     assert proxy.query("SELECT decision, agent FROM decisions") == [("allow", "agent")]
 
 
+def test_other_requests_to_the_proxy_itself_are_answered_not_recorded(
+    drawdown_proxy: Factory,
+) -> None:
+    """`curl http://127.0.0.1:8080/`, a POST to /healthz: no agent's call, yet each was decided
+    and recorded as one (a run of its own, shown "+1 retried" in the report) and answered 502
+    by mitmproxy, which will not connect to itself. Now 404, saying what the proxy is."""
+    proxy = drawdown_proxy(POLICY)
+    port = proxy.address[1]
+    for method, path in [("GET", "/"), ("POST", "/healthz"), ("GET", "/v1/models")]:
+        request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", method=method)
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            _DIRECT.open(request, data=b"{}" if method == "POST" else None, timeout=10)
+        assert refused.value.code == 404, (method, path)
+        assert "this is a forward proxy" in json.loads(refused.value.read())["error"]
+    assert probe(proxy, "/healthz") == (200, {"status": "ok"})
+    assert proxy.query("SELECT COUNT(*) FROM decisions") == [(0,)]
+
+
 def test_a_proxy_without_its_ledger_is_alive_but_not_ready(
     drawdown_proxy: Factory, tmp_path: Path
 ) -> None:
