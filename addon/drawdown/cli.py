@@ -715,7 +715,8 @@ def cmd_report(args: argparse.Namespace) -> int:
             print(f"drawdown: cannot write {args.html}: {exc.strerror or exc}", file=sys.stderr)
             return 1
         print(
-            f"drawdown: wrote {args.html} ({len(data['runs'])} runs, {len(data['anomalies'])} anomalies)"
+            f"drawdown: wrote {args.html} ({_count(len(data['runs']), 'run')}, "
+            f"{_count(len(data['anomalies']), 'anomaly', 'anomalies')})"
         )
     elif args.as_json:
         print(json.dumps(data, indent=2))
@@ -1005,8 +1006,8 @@ def build_parser() -> argparse.ArgumentParser:
     explain = commands.add_parser(
         "explain", help="how a request would be classified and decided, and why"
     )
-    explain.add_argument("--policy", required=True)
-    explain.add_argument("--url", required=True)
+    explain.add_argument("--policy", required=True, help="policy file or folder of *.yaml")
+    explain.add_argument("--url", required=True, help="the request's URL, as the agent sends it")
     explain.add_argument(
         "--method",
         default=None,
@@ -1063,15 +1064,25 @@ def build_parser() -> argparse.ArgumentParser:
     verify = commands.add_parser(
         "verify", help="check the ledger's invariants (reserved, spent, one decision per request)"
     )
-    verify.add_argument("--db", type=ledger_url, default=DEFAULT_DB)
+    verify.add_argument(
+        "--db",
+        type=ledger_url,
+        default=DEFAULT_DB,
+        help=f"the ledger: PATH, sqlite:///PATH or postgresql://… [{DEFAULT_DB}]",
+    )
     verify.add_argument(
         "--settled", action="store_true", help="also require that no hold is still active"
     )
-    verify.add_argument("--json", dest="as_json", action="store_true")
+    verify.add_argument("--json", dest="as_json", action="store_true", help="machine-readable")
     verify.set_defaults(func=cmd_verify)
 
     report = commands.add_parser("report", help="runs, budgets, decisions and anomalies")
-    report.add_argument("--db", type=ledger_url, default=DEFAULT_DB)
+    report.add_argument(
+        "--db",
+        type=ledger_url,
+        default=DEFAULT_DB,
+        help=f"the ledger: PATH, sqlite:///PATH or postgresql://… [{DEFAULT_DB}]",
+    )
     report.add_argument(
         "--run", help="only this run id (as the agent sent it, or as the ledger stores it)"
     )
@@ -1107,7 +1118,12 @@ def build_parser() -> argparse.ArgumentParser:
         "replay", help="re-decide the recorded traffic under another policy"
     )
     replay.add_argument("--policy", required=True, help="the policy to replay against")
-    replay.add_argument("--db", type=ledger_url, default=DEFAULT_DB)
+    replay.add_argument(
+        "--db",
+        type=ledger_url,
+        default=DEFAULT_DB,
+        help=f"the ledger: PATH, sqlite:///PATH or postgresql://… [{DEFAULT_DB}]",
+    )
     replay.add_argument("--since", metavar="DURATION", help="only traffic this recent, e.g. 7d")
     replay.add_argument("--json", dest="as_json", action="store_true", help="machine-readable")
     replay.set_defaults(func=cmd_replay)
@@ -1122,7 +1138,12 @@ def build_parser() -> argparse.ArgumentParser:
     prune = commands.add_parser(
         "prune", help="delete the history of runs that ended long ago (budgets keep their spend)"
     )
-    prune.add_argument("--db", type=ledger_url, default=DEFAULT_DB)
+    prune.add_argument(
+        "--db",
+        type=ledger_url,
+        default=DEFAULT_DB,
+        help=f"the ledger: PATH, sqlite:///PATH or postgresql://… [{DEFAULT_DB}]",
+    )
     prune.add_argument(
         "--older-than",
         metavar="DURATION",
@@ -1213,3 +1234,8 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         os._exit(0)
+
+
+def _count(n: int, one: str, many: str | None = None) -> str:
+    """`1 run`, `2 runs`, `1 anomaly`."""
+    return f"{n} {one if n == 1 else many or one + 's'}"

@@ -91,7 +91,7 @@ def test_report_narrowed_to_a_tenant_and_workflow_in_every_format(
     page = tmp_path / "acme.html"
     html = drawdown("--db", fleet, "--tenant", "acme", "--html", str(page))
     assert html.returncode == 0, html.stderr
-    assert html.stdout == f"drawdown: wrote {page} (2 runs, 1 anomalies)\n"
+    assert html.stdout == f"drawdown: wrote {page} (2 runs, 1 anomaly)\n"
     if not fleet.endswith(".db"):
         return  # the page is the same on either backend: drawn once
     require_chromium()
