@@ -176,6 +176,9 @@ class FlowState:
     view: RequestView | None = None
     row: DecisionRow | None = None
     facts: tuple[Fact, ...] = ()
+    # Shadow budgets (budget, scope) already short at the reserve: the call's `would deny`
+    # line said so, and its commit taking them further over is no news.
+    shadow_short: frozenset[tuple[str, str]] = frozenset()
     decision: str = "allow"
     hold_id: int | None = None
     estimate: Amount = field(default_factory=Amount)
@@ -1773,6 +1776,9 @@ class Drawdown:
             outcome.shadow_shortfalls or outcome.tripped is not None
         ):  # a budget short, or a guard (loop, step_count, fan_out) that would have refused
             _log_denial(row, shadow=True)
+            state.shadow_short = frozenset(
+                (s.claim.budget, s.claim.scope) for s in outcome.shadow_shortfalls
+            )
 
     async def _ledger_down(self, flow: http.HTTPFlow, state: FlowState, error: str) -> bool:
         """Answer per `on_ledger_error`; True if the request goes on (unaccounted)."""
@@ -2304,12 +2310,13 @@ class Drawdown:
         if settled is None or operation[0] != "commit":
             return
         self._warn_if_fallback_priced(state, completion)
-        if settled.overage:
+        overage = [o for o in settled.overage if o not in state.shadow_short]
+        if overage:
             # Name the budgets, and say what follows: a shadow budget over its limit only
             # records the calls it would refuse.
             enforced = self._enforced(state, state.policy) if state.policy is not None else set()
-            over = ", ".join(f"{budget} at {scope}" for budget, scope in settled.overage)
-            if enforced & set(settled.overage):
+            over = ", ".join(f"{budget} at {scope}" for budget, scope in overage)
+            if enforced & set(overage):
                 log.warning(
                     "drawdown: %s went over %s (actual above estimate): further calls will be "
                     "denied",

@@ -79,3 +79,36 @@ anomalies:
     proxy.wait_for_log(r"\] drawdown: would deny tenant:default/agent:poller/run:p1 llm \S+: ")
     lines = [line for line in proxy.log_lines() if "would deny" in line]
     assert len(lines) == 2 and all("anomalies.loop.repeats: 2" in line for line in lines), lines
+
+
+def test_a_shadow_budget_already_short_at_the_reserve_logs_its_would_deny_only(
+    drawdown_proxy: Factory,
+) -> None:
+    """Each call past a shadow `requests` budget logged its `would deny`, then, as it
+    committed, "went over … (actual above estimate; …)": no actual was above its estimate,
+    and the line came again for every call."""
+    proxy = drawdown_proxy(
+        """
+mode: shadow
+identity:
+  agent: [{value: writer}]
+  run: [{value: w1}]
+actions:
+  - {kind: llm, provider: openai, match: {host: api.openai.com}}
+budgets:
+  - {scope: "agent:*/run:*", requests: 1}
+"""
+    )
+    with proxy.openai_client(max_retries=0) as client:
+        for n in range(3):
+            client.chat.completions.create(
+                model="gpt-4o-mini", messages=[{"role": "user", "content": f"step {n}"}]
+            )
+    proxy.wait_for_query(
+        "SELECT COUNT(*) FROM decisions WHERE completed_at IS NOT NULL",
+        until=lambda r: r[0][0] == 3,
+    )
+    proxy.wait_for_log(r"would deny .* requests 1 exhausted")
+    lines = proxy.log_lines()
+    assert len([line for line in lines if "would deny" in line]) == 2, lines
+    assert [line for line in lines if "went over" in line] == []
