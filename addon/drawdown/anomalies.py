@@ -758,17 +758,7 @@ def decision_rows(
 ) -> list[dict[str, Any]]:
     """Every decision row of these runs (scopes), `fields` (and `hold_state`, `more_columns`),
     oldest first."""
-    columns = fields + more_columns
-    wanted = sorted(set(scopes))
-    rows: list[dict[str, Any]] = []
-    for at in range(0, len(wanted), SCOPES_A_QUERY):
-        chunk = wanted[at : at + SCOPES_A_QUERY]
-        names = ", ".join(f":s{i}" for i in range(len(chunk)))
-        rows += reader.query(
-            f"""SELECT {columns} FROM decisions d LEFT JOIN holds h ON h.id = d.hold_id
-                WHERE d.scope IN ({names})""",
-            {f"s{i}": scope for i, scope in enumerate(chunk)},
-        )
+    rows = _decisions_in(reader, "scope", set(scopes), fields + more_columns)
     rows.sort(key=lambda r: (r["ts"], r["id"]))
     return rows
 
@@ -1114,15 +1104,23 @@ def find(
 
 def _of_requests(reader: Reader, ids: set[str], columns: str) -> list[dict[str, Any]]:
     """The decision rows of these request ids (`columns`, and hold_state)."""
-    wanted = sorted(ids)
+    return _decisions_in(reader, "request_id", ids, columns)
+
+
+def _decisions_in(
+    reader: Reader, column: str, values: Iterable[str], columns: str
+) -> list[dict[str, Any]]:
+    """The decision rows (`columns`, joined with their holds) whose `column` is one of
+    `values`, SCOPES_A_QUERY of them a query. `column`: this module's own names only."""
+    wanted = sorted(values)
     rows: list[dict[str, Any]] = []
     for at in range(0, len(wanted), SCOPES_A_QUERY):
         chunk = wanted[at : at + SCOPES_A_QUERY]
-        marks = ", ".join(f":r{i}" for i in range(len(chunk)))
+        marks = ", ".join(f":v{i}" for i in range(len(chunk)))
         rows += reader.query(
             f"""SELECT {columns} FROM decisions d LEFT JOIN holds h ON h.id = d.hold_id
-                WHERE d.request_id IN ({marks})""",
-            {f"r{i}": request_id for i, request_id in enumerate(chunk)},
+                WHERE d.{column} IN ({marks})""",
+            {f"v{i}": value for i, value in enumerate(chunk)},
         )
     return rows
 

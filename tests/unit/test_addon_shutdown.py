@@ -82,17 +82,11 @@ def test_a_reserve_still_queued_at_shutdown_lands_before_the_holds_are_released(
     assert states == ["released"]
 
 
-def test_a_drain_waits_until_the_answers_it_closed_connections_after_are_written(
-    tmp_path: Path,
-) -> None:
-    """A request on a connection opened before the stop is refused (503 `shutting_down`, and
-    `Connection: close`). The drain saw no call in flight once the refusal was decided and let
-    the process stop before mitmproxy had written it: under load, agents whose refusal the
-    ledger recorded got a dropped connection instead (tests/e2e/test_shutdown.py). It now waits
-    for such a connection to close, which mitmproxy does once the answer is written."""
+def drain_with_a_call_in_flight(tmp_path: Path, steps: Any) -> None:
+    """`steps(addon, in_flight, draining)` with a drain (drawdown_drain 5 s) begun 0.1 s
+    after a call was forwarded; the addon's `done` after them."""
     policy = tmp_path / "policy.yaml"
     policy.write_text(POLICY)
-    seen: dict[str, Any] = {}
 
     async def main() -> None:
         addon = Drawdown()
@@ -106,30 +100,46 @@ def test_a_drain_waits_until_the_answers_it_closed_connections_after_are_written
             await addon.request(in_flight)
             draining = asyncio.ensure_future(addon.drain())
             await asyncio.sleep(0.1)
-            late = lookup()  # on a keep-alive connection, after the stop began
-            late.client_conn.timestamp_end = None  # open (tflow's connections are closed)
-            addon.requestheaders(late)
-            await addon.request(late)
-            assert late.response is not None
-            seen["refusal"] = late.response.status_code, late.response.headers["connection"]
-            upgrade = lookup()
-            upgrade.response = tutils.tresp(
-                status_code=101, headers=http.Headers(connection="upgrade", upgrade="websocket")
-            )
-            addon.responseheaders(upgrade)
-            seen["upgrade"] = upgrade.response.headers["connection"]
-            await addon.response(upgrade)  # mitmproxy's, for the handshake
-            in_flight.response = tutils.tresp(content=b"{}")
-            addon.responseheaders(in_flight)
-            await addon.response(in_flight)
-            await asyncio.sleep(0.3)  # six polls of the drain
-            seen["waited"] = not draining.done()
-            late.client_conn.timestamp_end = time.time()
-            addon.client_disconnected(late.client_conn)  # the refusal is written: mitmproxy closes
-            await asyncio.wait_for(draining, 2)
+            await steps(addon, in_flight, draining)
             addon.done()
 
     asyncio.run(main())
+
+
+def test_a_drain_waits_until_the_answers_it_closed_connections_after_are_written(
+    tmp_path: Path,
+) -> None:
+    """A request on a connection opened before the stop is refused (503 `shutting_down`, and
+    `Connection: close`). The drain saw no call in flight once the refusal was decided and let
+    the process stop before mitmproxy had written it: under load, agents whose refusal the
+    ledger recorded got a dropped connection instead (tests/e2e/test_shutdown.py). It now waits
+    for such a connection to close, which mitmproxy does once the answer is written."""
+    seen: dict[str, Any] = {}
+
+    async def steps(addon: Drawdown, in_flight: http.HTTPFlow, draining: asyncio.Future) -> None:
+        late = lookup()  # on a keep-alive connection, after the stop began
+        late.client_conn.timestamp_end = None  # open (tflow's connections are closed)
+        addon.requestheaders(late)
+        await addon.request(late)
+        assert late.response is not None
+        seen["refusal"] = late.response.status_code, late.response.headers["connection"]
+        upgrade = lookup()
+        upgrade.response = tutils.tresp(
+            status_code=101, headers=http.Headers(connection="upgrade", upgrade="websocket")
+        )
+        addon.responseheaders(upgrade)
+        seen["upgrade"] = upgrade.response.headers["connection"]
+        await addon.response(upgrade)  # mitmproxy's, for the handshake
+        in_flight.response = tutils.tresp(content=b"{}")
+        addon.responseheaders(in_flight)
+        await addon.response(in_flight)
+        await asyncio.sleep(0.3)  # six polls of the drain
+        seen["waited"] = not draining.done()
+        late.client_conn.timestamp_end = time.time()
+        addon.client_disconnected(late.client_conn)  # the refusal is written: mitmproxy closes
+        await asyncio.wait_for(draining, 2)
+
+    drain_with_a_call_in_flight(tmp_path, steps)
     assert seen == {"refusal": (503, "close"), "upgrade": "upgrade", "waited": True}
 
 
@@ -139,36 +149,22 @@ def test_a_drain_waits_for_an_http2_refusal_until_its_response_hook_is_over(
     """An HTTP/2 connection cannot be told to close, so no disconnect says the answer went
     out: mitmproxy writes it as the `response` hook returns (a refusal decided in the
     `request` hook gets that hook on the loop's next turn). The drain stopped before it."""
-    policy = tmp_path / "policy.yaml"
-    policy.write_text(POLICY)
     seen: dict[str, Any] = {}
 
-    async def main() -> None:
-        addon = Drawdown()
-        with taddons.context(addon, Proxyserver()) as tctx:
-            tctx.configure(
-                addon, drawdown_policy=str(policy), drawdown_db=str(tmp_path / "l.db"),
-                drawdown_drain="5",
-            )  # fmt: skip
-            in_flight = lookup()
-            addon.requestheaders(in_flight)
-            await addon.request(in_flight)
-            draining = asyncio.ensure_future(addon.drain())
-            await asyncio.sleep(0.1)
-            late = lookup()
-            late.request.http_version = "HTTP/2.0"
-            addon.requestheaders(late)
-            await addon.request(late)
-            assert late.response is not None
-            seen["refusal"] = late.response.status_code, "connection" in late.response.headers
-            in_flight.response = tutils.tresp(content=b"{}")
-            addon.responseheaders(in_flight)
-            await addon.response(in_flight)
-            await asyncio.sleep(0.3)  # six polls of the drain
-            seen["waited"] = not draining.done()
-            await addon.response(late)  # mitmproxy writes the answer as this returns
-            await asyncio.wait_for(draining, 2)
-            addon.done()
+    async def steps(addon: Drawdown, in_flight: http.HTTPFlow, draining: asyncio.Future) -> None:
+        late = lookup()
+        late.request.http_version = "HTTP/2.0"
+        addon.requestheaders(late)
+        await addon.request(late)
+        assert late.response is not None
+        seen["refusal"] = late.response.status_code, "connection" in late.response.headers
+        in_flight.response = tutils.tresp(content=b"{}")
+        addon.responseheaders(in_flight)
+        await addon.response(in_flight)
+        await asyncio.sleep(0.3)  # six polls of the drain
+        seen["waited"] = not draining.done()
+        await addon.response(late)  # mitmproxy writes the answer as this returns
+        await asyncio.wait_for(draining, 2)
 
-    asyncio.run(main())
+    drain_with_a_call_in_flight(tmp_path, steps)
     assert seen == {"refusal": (503, False), "waited": True}
