@@ -83,7 +83,7 @@ def addressed_to_proxy(
 
 def to_proxy(host: str, port: int, tunnelled: bool, own: frozenset[tuple[str, int]]) -> bool:
     """A plain request naming this proxy as its host: for the proxy itself, not through it."""
-    if tunnelled:
+    if tunnelled or all(port != own_port for _, own_port in own):  # every request asks
         return False
     host = host.lower().rstrip(".")
     try:
