@@ -862,14 +862,25 @@ def _of_scopes(
     if len(scopes) > MANY_SCOPES:
         found = reader.query(sql.replace("{scopes}", "1 = 1"), dict(params))
         return [row for row in found if row["scope"] in scopes]
-    wanted = sorted(scopes)
+    return query_in(reader, sql.replace("{scopes}", "{in}"), "d.scope", scopes, params)
+
+
+def query_in(
+    reader: Reader,
+    sql: str,
+    column: str,
+    values: Iterable[str],
+    params: Mapping[str, Any] | None = None,
+) -> list[dict[str, Any]]:
+    """`sql` with its `{in}` made `column IN (…)`, SCOPES_A_QUERY of `values` (sorted) a
+    query, the rows of every query in turn. `column`: a name of ours, never a caller's text."""
+    wanted = sorted(values)
     rows: list[dict[str, Any]] = []
     for at in range(0, len(wanted), SCOPES_A_QUERY):
-        chunk = wanted[at : at + SCOPES_A_QUERY]
-        names = ", ".join(f":s{i}" for i in range(len(chunk)))
+        chunk = {f"in{i}": value for i, value in enumerate(wanted[at : at + SCOPES_A_QUERY])}
+        marks = ", ".join(f":{name}" for name in chunk)
         rows += reader.query(
-            sql.replace("{scopes}", f"d.scope IN ({names})"),
-            {**params, **{f"s{i}": scope for i, scope in enumerate(chunk)}},
+            sql.replace("{in}", f"{column} IN ({marks})"), {**(params or {}), **chunk}
         )
     return rows
 
@@ -1111,33 +1122,15 @@ def _decisions_in(
     reader: Reader, column: str, values: Iterable[str], columns: str
 ) -> list[dict[str, Any]]:
     """The decision rows (`columns`, joined with their holds) whose `column` is one of
-    `values`, SCOPES_A_QUERY of them a query. `column`: this module's own names only."""
-    wanted = sorted(values)
-    rows: list[dict[str, Any]] = []
-    for at in range(0, len(wanted), SCOPES_A_QUERY):
-        chunk = wanted[at : at + SCOPES_A_QUERY]
-        marks = ", ".join(f":v{i}" for i in range(len(chunk)))
-        rows += reader.query(
-            f"""SELECT {columns} FROM decisions d LEFT JOIN holds h ON h.id = d.hold_id
-                WHERE d.{column} IN ({marks})""",
-            {f"v{i}": value for i, value in enumerate(chunk)},
-        )
-    return rows
+    `values`. `column`: this module's own names only."""
+    sql = f"SELECT {columns} FROM decisions d LEFT JOIN holds h ON h.id = d.hold_id WHERE {{in}}"
+    return query_in(reader, sql, f"d.{column}", values)
 
 
 def _of_workflows(reader: Reader, names: set[str]) -> list[dict[str, Any]]:
     """The own decision rows of the workflows of these names (every tenant's)."""
-    wanted = sorted(names)
-    rows: list[dict[str, Any]] = []
-    for at in range(0, len(wanted), SCOPES_A_QUERY):
-        chunk = wanted[at : at + SCOPES_A_QUERY]
-        marks = ", ".join(f":w{i}" for i in range(len(chunk)))
-        rows += reader.query(
-            f"""SELECT d.id, d.request_id, d.ts, d.decision, d.reason, d.scope, d.tenant,
-                       d.workflow, d.agent, d.run, d.action, d.fingerprint, d.status,
-                       d.completed_at
-                FROM decisions d WHERE d.workflow IN ({marks})
-                  AND {agents_own("d.reason_code")}""",
-            {f"w{i}": name for i, name in enumerate(chunk)},
-        )
-    return rows
+    sql = f"""SELECT d.id, d.request_id, d.ts, d.decision, d.reason, d.scope, d.tenant,
+                     d.workflow, d.agent, d.run, d.action, d.fingerprint, d.status,
+                     d.completed_at
+              FROM decisions d WHERE {{in}} AND {agents_own("d.reason_code")}"""
+    return query_in(reader, sql, "d.workflow", names)

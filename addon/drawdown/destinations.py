@@ -38,10 +38,22 @@ def literal(host: str) -> IPAddress | None:
         return None
 
 
+def _unmapped(address: IPAddress) -> IPAddress:
+    """`::ffff:127.0.0.1` as the IPv4 address it carries."""
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+def _address_of(endpoint: tuple[str, int] | None) -> IPAddress | None:
+    """A connection end's address (a peername, a sockname), or None."""
+    found = literal(str(endpoint[0])) if endpoint else None
+    return None if found is None else _unmapped(found)
+
+
 def internal(address: IPAddress) -> bool:
     """On the host that connects to it, whichever host that is."""
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
+    address = _unmapped(address)
     return address.is_loopback or address.is_link_local or address.is_unspecified
 
 
@@ -63,15 +75,8 @@ def named_internal(host: str) -> IPAddress | None:
 def same_host(client: connection.Client) -> bool:
     """The client connected from this host: from a loopback address, or from the address it
     connected to (a connection to one of this host's own addresses comes from that address)."""
-    peer = literal(str(client.peername[0])) if client.peername else None
-    if peer is None:
-        return False
-    if isinstance(peer, ipaddress.IPv6Address) and peer.ipv4_mapped is not None:
-        peer = peer.ipv4_mapped
-    own = literal(str(client.sockname[0])) if client.sockname else None
-    if isinstance(own, ipaddress.IPv6Address) and own.ipv4_mapped is not None:
-        own = own.ipv4_mapped
-    return peer.is_loopback or peer == own
+    peer = _address_of(client.peername)
+    return peer is not None and (peer.is_loopback or peer == _address_of(client.sockname))
 
 
 def guarded(mode: str, client: connection.Client) -> bool:

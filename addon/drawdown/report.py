@@ -686,13 +686,7 @@ def _refused(
     if refusing is None or len(refusing) > anomaly_detection.MANY_SCOPES:
         denials = reader.query(sql, params)
     else:
-        wanted = sorted(refusing)
-        denials = []
-        step = anomaly_detection.SCOPES_A_QUERY
-        for at in range(0, len(wanted), step):
-            chunk = {f"s{i}": scope for i, scope in enumerate(wanted[at : at + step])}
-            marks = ", ".join(f":{name}" for name in chunk)
-            denials += reader.query(f"{sql} AND scope IN ({marks})", {**params, **chunk})
+        denials = anomaly_detection.query_in(reader, f"{sql} AND {{in}}", "scope", refusing, params)
     named = {denial["budget"] for denial in denials}
     by_scope: dict[str, list[tuple[dict[str, Any], tuple[str, ...], int | None]]] = defaultdict(
         list
