@@ -692,9 +692,9 @@ class Drawdown:
             "drawdown_internal_hosts",
             str,
             "local",
-            "Upstreams on the proxy's own host (loopback, link-local such as cloud metadata, "
-            "unspecified): 'local' refuses them to clients on other hosts, 'deny' to every "
-            "client, 'allow' to none.",
+            "Upstreams on the proxy's own host (loopback, link-local, unspecified, its own "
+            "addresses, the clouds' metadata addresses): 'local' refuses them to clients on "
+            "other hosts, 'deny' to every client, 'allow' to none.",
             choices=destinations.MODES,
         )
         loader.add_option(
@@ -1233,7 +1233,7 @@ class Drawdown:
             server.error = f"drawdown: cannot resolve {host}: {exc}"
             return
         for address in addresses:
-            if destinations.internal(address):
+            if destinations.internal_here(address):
                 server.error = destinations.refusal(host, address)
                 return
         if addresses and str(addresses[0]) != host:

@@ -11,11 +11,12 @@ Smokescreen), and so does drawdown, by the option `drawdown_internal_hosts`:
 - `deny`: refused to every client.
 - `allow`: never refused.
 
-"Internal" is the loopback, link-local (cloud metadata) and unspecified addresses, as IPv4,
-IPv6 or IPv4-mapped IPv6; not private networks, whose hosts the policy governs by name. A
-request naming one is refused before it is decided (`internal_host`, 403); a name that
-resolves to one is refused where mitmproxy connects, and the connection is made to the address
-checked, so that a second lookup cannot answer otherwise (DNS rebinding).
+"Internal" is the loopback, link-local (most clouds' metadata) and unspecified addresses, the
+clouds' metadata addresses outside link-local, and the host's own addresses (its LAN address, a
+container bridge's), as IPv4, IPv6 or IPv4-mapped IPv6; not private networks, whose hosts the
+policy governs by name. A request naming one is refused before it is decided (`internal_host`,
+403); a name that resolves to one is refused where mitmproxy connects, and the connection is
+made to the address checked, so that a second lookup cannot answer otherwise (DNS rebinding).
 """
 
 from __future__ import annotations
@@ -51,15 +52,61 @@ def _address_of(endpoint: tuple[str, int] | None) -> IPAddress | None:
     return None if found is None else _unmapped(found)
 
 
-def internal(address: IPAddress) -> bool:
-    """On the host that connects to it, whichever host that is."""
+# Instance metadata (credentials, user data) at addresses outside link-local, whose
+# 169.254.169.254 the other clouds use: AWS's and Google Cloud's over IPv6, Alibaba Cloud's,
+# Azure's WireServer, Oracle Cloud Classic's.
+CLOUD_METADATA = frozenset(
+    ipaddress.ip_address(address)
+    for address in (
+        "fd00:ec2::254",
+        "fd20:ce::254",
+        "100.100.100.200",
+        "168.63.129.16",
+        "192.0.0.192",
+    )
+)
+
+
+def internal(address: IPAddress) -> str | None:
+    """What keeps a connection to `address` on the host that makes it, whichever host that is
+    (or takes it to its cloud's metadata), or None."""
     address = _unmapped(address)
-    return address.is_loopback or address.is_link_local or address.is_unspecified
+    if address.is_loopback:
+        return "loopback"
+    if address.is_link_local:
+        return "link-local"
+    if address.is_unspecified:
+        return "unspecified"
+    if address in CLOUD_METADATA:
+        return "its cloud's instance metadata"
+    return None
+
+
+def on_this_host(address: IPAddress) -> bool:
+    """One of this host's own addresses, whatever its interfaces: the kernel routes a datagram
+    to such an address through loopback, from that same address. Connecting a UDP socket asks
+    the routing table only; nothing is sent."""
+    address = _unmapped(address)
+    family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as probe:
+            probe.connect((str(address), 9))
+            source = _address_of(probe.getsockname())
+    except OSError:
+        return False  # no route to it (or no IPv6 here): none of this host's addresses
+    return source == address
+
+
+def internal_here(address: IPAddress) -> str | None:
+    """`internal`, or one of this host's own addresses."""
+    if (kind := internal(address)) is not None:
+        return kind
+    return "one of its own addresses" if on_this_host(address) else None
 
 
 def named_internal(host: str) -> IPAddress | None:
-    """The internal address a host names without a lookup (`127.0.0.1`, `[::1]`, and
-    `localhost`, which every resolver keeps on the machine asking), else None."""
+    """The internal address (or this host's own) a host names without a lookup (`127.0.0.1`,
+    `[::1]`, and `localhost`, which every resolver keeps on the machine asking), else None."""
     name = host.rstrip(".").lower()
     if name == "localhost" or name.endswith(".localhost"):  # RFC 6761
         return ipaddress.IPv4Address("127.0.0.1")
@@ -69,7 +116,7 @@ def named_internal(host: str) -> IPAddress | None:
         # (`127.1`, `0x7f000001`).
         return None
     address = literal(name)  # `127.0.0.1.` too, which the ledger records as 127.0.0.1
-    return address if address is not None and internal(address) else None
+    return address if address is not None and internal_here(address) else None
 
 
 def same_host(client: connection.Client) -> bool:
@@ -100,8 +147,8 @@ async def resolve(host: str, port: int) -> list[IPAddress]:
 
 def refusal(host: str, address: IPAddress) -> str:
     shown = host if literal(host) == address else f"{host} ({address})"
+    kind = internal_here(address) or "internal"
     return (
-        f"drawdown: {shown} is an address on the proxy's own host (loopback, link-local or "
-        "unspecified), which a client on another host may not reach through it "
-        "(drawdown_internal_hosts)"
+        f"drawdown: {shown} is an address on the proxy's own host ({kind}), which a client "
+        "on another host may not reach through it (drawdown_internal_hosts)"
     )

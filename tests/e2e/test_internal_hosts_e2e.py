@@ -19,6 +19,7 @@ from pathlib import Path
 import openai
 import pytest
 
+from tests.support.network import own_address
 from tests.support.proxy import DrawdownProcess
 from tests.support.standin import StandIn
 
@@ -94,7 +95,11 @@ def test_a_client_on_the_proxys_host_reaches_a_local_upstream_by_default(
 
 # (`[::1]` is decided in the unit tests: the openai SDK's HTTP client writes its proxy request
 # line without the brackets, which mitmproxy refuses before drawdown sees it.)
-@pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "127.8.9.10", "169.254.169.254"])
+# (this machine's LAN address: through a proxy on another host, it reaches what the proxy's host
+# serves on any address)
+@pytest.mark.parametrize(
+    "host", ["127.0.0.1", "localhost", "127.8.9.10", "169.254.169.254", str(own_address())]
+)
 def test_an_internal_upstream_is_refused_in_shadow_mode_too_and_never_reached(
     drawdown_proxy: Factory, standin: StandIn, tmp_db: Path, tmp_path: Path, host: str
 ) -> None:

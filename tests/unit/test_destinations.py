@@ -18,6 +18,7 @@ from mitmproxy.proxy import mode_specs, server_hooks
 from mitmproxy.test import taddons, tflow, tutils
 
 from tests.support.addon_harness import drive
+from tests.support.network import own_address
 
 POLICY = """
 mode: shadow
@@ -34,10 +35,15 @@ PROXY = ("192.0.2.10", 8080)  # the proxy's own address it connected to
 @pytest.mark.parametrize(
     "address",
     ["127.0.0.1", "127.8.9.10", "::1", "169.254.169.254", "fe80::1", "0.0.0.0", "::",
-     "::ffff:127.0.0.1", "::ffff:169.254.169.254"],
+     "::ffff:127.0.0.1", "::ffff:169.254.169.254",
+     # the clouds' metadata outside link-local: AWS and Google Cloud over IPv6, Alibaba Cloud,
+     # Azure's WireServer, Oracle Cloud Classic
+     "fd00:ec2::254", "fd20:ce::254", "100.100.100.200", "::ffff:100.100.100.200",
+     "168.63.129.16", "192.0.0.192"],
 )  # fmt: skip
 def test_internal_addresses(address: str) -> None:
     assert destinations.internal(ipaddress.ip_address(address))
+    assert destinations.named_internal(address) == ipaddress.ip_address(address)
 
 
 @pytest.mark.parametrize(
@@ -59,6 +65,22 @@ def test_private_and_public_addresses_are_not_internal(address: str) -> None:
 def test_a_host_that_names_an_internal_address(host: str, named: str | None) -> None:
     found = destinations.named_internal(host)
     assert (str(found) if found else None) == named
+
+
+def test_this_hosts_own_addresses_are_internal_to_it() -> None:
+    """Through a proxy on another host, `http://10.0.0.5:8000/` (the proxy host's LAN address,
+    a container bridge's) reaches the services it holds on any address, as loopback would.
+    Found by asking the routing table, whatever the interfaces; others' addresses are not."""
+    own = own_address()
+    assert destinations.on_this_host(own)
+    assert destinations.internal(own) is None  # on this host only: not a category of address
+    assert destinations.internal_here(own) == "one of its own addresses"
+    assert destinations.named_internal(str(own)) == own
+    assert destinations.on_this_host(ipaddress.ip_address("127.0.0.1"))
+    for other in ["198.51.100.7", "10.255.1.2", "2001:db8::7"]:
+        assert not destinations.on_this_host(ipaddress.ip_address(other)), other
+        assert destinations.named_internal(other) is None
+    assert "(one of its own addresses)" in destinations.refusal(str(own), own)
 
 
 def client(peer: tuple[str, int], own: tuple[str, int]) -> connection.Client:
@@ -104,6 +126,7 @@ def test_a_client_on_another_host_is_refused_an_internal_upstream(tmp_path: Path
         for name, flow in [
             ("remote metadata", request_to("169.254.169.254", REMOTE)),
             ("remote localhost", request_to("localhost", REMOTE)),
+            ("remote own address", request_to(str(own_address()), REMOTE)),
             ("local localhost", request_to("localhost", ("127.0.0.1", 5000))),
             ("remote public", request_to("tool.example.com", REMOTE)),
         ]:
@@ -115,6 +138,7 @@ def test_a_client_on_another_host_is_refused_an_internal_upstream(tmp_path: Path
     assert answered == {
         "remote metadata": 403,
         "remote localhost": 403,
+        "remote own address": 403,
         "local localhost": None,  # forwarded
         "remote public": None,
     }
@@ -123,6 +147,7 @@ def test_a_client_on_another_host_is_refused_an_internal_upstream(tmp_path: Path
         assert rows.fetchall() == [
             ("169.254.169.254", "deny", "internal_host"),
             ("localhost", "deny", "internal_host"),
+            (str(own_address()), "deny", "internal_host"),
             ("localhost", "allow", None),
             ("tool.example.com", "allow", None),
         ]
@@ -146,6 +171,8 @@ def test_a_name_that_resolves_to_an_internal_address_is_refused_where_mitmproxy_
         "metadata.internal": ["169.254.169.254"],
         "rebinding.example": ["93.184.216.34", "127.0.0.1"],
         "api.example.com": ["93.184.216.34"],
+        "lan.example": [str(own_address())],
+        "imds6.example": ["fd00:ec2::254"],
     }
 
     async def resolve(host: str, port: int) -> list[Any]:
@@ -157,7 +184,9 @@ def test_a_name_that_resolves_to_an_internal_address_is_refused_where_mitmproxy_
     seen: dict[str, Any] = {}
 
     async def steps(addon: Drawdown) -> None:
-        for name in ["metadata.internal", "rebinding.example", "unknown.example"]:
+        for name in [
+            "metadata.internal", "rebinding.example", "unknown.example", "lan.example", "imds6.example"
+        ]:  # fmt: skip
             data = connect(name, REMOTE)
             await addon.server_connect(data)
             seen[name] = data.server.error
@@ -176,6 +205,11 @@ def test_a_name_that_resolves_to_an_internal_address_is_refused_where_mitmproxy_
     assert "an address on the proxy's own host" in seen["metadata.internal"]
     assert "127.0.0.1" in seen["rebinding.example"]  # any of its addresses
     assert "cannot resolve unknown.example" in seen["unknown.example"]  # not looked up again
+    assert "(one of its own addresses)" in seen["lan.example"]
+    assert (
+        "(fd00:ec2::254) is an address on the proxy's own host (its cloud's instance"
+        in (seen["imds6.example"])
+    )
     assert seen["local"] == (None, ("metadata.internal", 443))  # untouched
     assert seen["pinned"] == (("93.184.216.34", 443), "api.example.com", None)
     assert seen["connected"] == ("api.example.com", 443)
