@@ -36,7 +36,7 @@ from mitmproxy import connection, ctx, exceptions, http
 from mitmproxy.proxy import layer, mode_specs, server_hooks
 from mitmproxy.websocket import WebSocketMessage
 
-from . import destinations, health, meter, recording, tunnels
+from . import destinations, health, meter, metrics, recording, tunnels
 from .affinity import WriterPlacement
 from .authority import evaluate, facts_of
 from .budgets import claims_for
@@ -99,6 +99,9 @@ class _PrintableArgs(logging.Filter):
 log.addFilter(_PrintableArgs())
 
 STATE = "drawdown"
+# A scrape of GET /metrics addressed to the proxy itself, answered in the `request` hook.
+SCRAPE = "drawdown.metrics"
+PROBES_AND_METRICS = health.PATHS | {metrics.PATH}
 # Prompts above this size are tokenized on a worker thread (tiktoken releases the GIL);
 # smaller ones cost less than the thread hop.
 INLINE_TOKENIZE_BYTES = 16 * 1024
@@ -642,6 +645,8 @@ class Drawdown:
         self._secret_password = False
         self._shared_runs = False
         self._internal_hosts = "local"
+        self._metrics = True
+        self.ledger_metrics = metrics.LedgerMetrics()
 
     # --- mitmproxy lifecycle -------------------------------------------------------------
 
@@ -696,6 +701,14 @@ class Drawdown:
             "addresses, the clouds' metadata addresses): 'local' refuses them to clients on "
             "other hosts, 'deny' to every client, 'allow' to none.",
             choices=destinations.MODES,
+        )
+        loader.add_option(
+            "drawdown_metrics",
+            bool,
+            True,
+            "Answer GET /metrics on the proxy's own port with Prometheus metrics (decisions, "
+            "charges, holds, ledger errors and latency, policy reloads), counted on the ledger's "
+            "writer thread. Off: nothing is counted and /metrics is answered 404.",
         )
         loader.add_option(
             "drawdown_tokenizer_process",
@@ -756,6 +769,10 @@ class Drawdown:
             )
         if "drawdown_internal_hosts" in updated:
             self._internal_hosts = ctx.options.drawdown_internal_hosts
+        if "drawdown_metrics" in updated:
+            self._metrics = ctx.options.drawdown_metrics
+            if self.ledger is not None:
+                self.ledger.observer = self._ledger_observer()
         if "drawdown_db" in updated and ctx.options.drawdown_db != self.ledger_url:
             self._open_ledger(ctx.options.drawdown_db)
         if "drawdown_tokenizer_process" in updated and self._running:
@@ -970,15 +987,22 @@ class Drawdown:
                 "drawdown: %s — answering requests per on_ledger_error until it can be opened", exc
             )
             return
-        self.ledger = AsyncLedger(
-            backend,
-            placement=WriterPlacement.from_environment(),
-            batch_scheduling=ctx.options.drawdown_batch_writer,
-        )
+        self.ledger = self._async_ledger(backend)
         lease = self.policy.holds.lease_seconds if self.policy else 30
         swept = backend.sweep(time.time(), lease)
         if swept:
             log.info("drawdown: start-up sweep released %d hold(s) left by stopped proxies", swept)
+
+    def _async_ledger(self, backend: Any) -> AsyncLedger:
+        return AsyncLedger(
+            backend,
+            placement=WriterPlacement.from_environment(),
+            batch_scheduling=ctx.options.drawdown_batch_writer,
+            observer=self._ledger_observer(),
+        )
+
+    def _ledger_observer(self) -> Callable[[list[Any], list[Any], float], None] | None:
+        return self.ledger_metrics.observe if self._metrics else None
 
     async def _maintain(self) -> None:
         """Heartbeat this proxy's lease, sweep expired holds, keep in-flight calls' holds alive."""
@@ -1094,11 +1118,7 @@ class Drawdown:
         except LedgerError:
             return
         self.ledger_lost = None
-        self.ledger = AsyncLedger(
-            backend,
-            placement=WriterPlacement.from_environment(),
-            batch_scheduling=ctx.options.drawdown_batch_writer,
-        )
+        self.ledger = self._async_ledger(backend)
         log.info(
             "drawdown: ledger %s is available again%s",
             redact_dsn(self.ledger_url or ""),
@@ -1140,13 +1160,16 @@ class Drawdown:
                     "drawdown: policy edit rejected, the last good policy stays in force: %s",
                     str(problem),
                 )
+            metrics.policy_reloaded(applied=False)
             return
         except Exception:
             self._policy_recheck = False
             log.exception("drawdown: could not reload %s; the last good policy stays", path)
+            metrics.policy_reloaded(applied=False)
             return
         self._policy_recheck = False
         self._install_policy(policy)
+        metrics.policy_reloaded(applied=True)
         log.info("drawdown: policy reloaded from %s", path)
         override = ctx.options.drawdown_mode
         if override and policy.mode != override:
@@ -1175,8 +1198,15 @@ class Drawdown:
             request.host, request.port, flow.client_conn.tls, self.own_addresses
         ):
             return False
+        paths = PROBES_AND_METRICS if self._metrics else health.PATHS
         if not health.addressed_to_proxy(
-            request.method, request.host, request.port, request.path, False, self.own_addresses
+            request.method,
+            request.host,
+            request.port,
+            request.path,
+            False,
+            self.own_addresses,
+            paths,
         ):
             # Any other request to the proxy itself (`curl http://127.0.0.1:8080/`) is no call
             # of an agent's: it was decided and recorded as one (a run of its own, a failed
@@ -1184,9 +1214,12 @@ class Drawdown:
             flow.response = http.Response.make(
                 404,
                 b'{"error": "drawdown: this is a forward proxy: send requests through it '
-                b'(HTTPS_PROXY), not to it; GET /healthz and /readyz answer here"}\n',
+                b'(HTTPS_PROXY), not to it; GET /healthz, /readyz and /metrics answer here"}\n',
                 {"content-type": "application/json", "cache-control": "no-store"},
             )
+            return True
+        if request.path.split("?", 1)[0] == metrics.PATH:
+            flow.metadata[SCRAPE] = True  # answered in `request`: workers' values are files
             return True
         readiness = health.Readiness(
             policy_loaded=self.policy is not None,
@@ -1316,6 +1349,15 @@ class Drawdown:
         flow.metadata[STATE] = FlowState(identity=identity, started=now)
 
     async def request(self, flow: http.HTTPFlow) -> None:
+        if flow.metadata.get(SCRAPE) and not (flow.response or flow.error):
+            accept = flow.request.headers.get("accept", "")
+            text, content_type = await asyncio.to_thread(metrics.exposition, accept)
+            flow.response = http.Response.make(
+                200,
+                b"" if flow.request.method.upper() == "HEAD" else text,
+                {"content-type": content_type, "cache-control": "no-store"},
+            )
+            return
         self._deciding += 1  # not yet in self.inflight: a drain must wait for it too
         try:
             await self._decide(flow)

@@ -72,11 +72,18 @@ def _machine_addresses() -> set[str]:
 
 
 def addressed_to_proxy(
-    method: str, host: str, port: int, path: str, tunnelled: bool, own: frozenset[tuple[str, int]]
+    method: str,
+    host: str,
+    port: int,
+    path: str,
+    tunnelled: bool,
+    own: frozenset[tuple[str, int]],
+    paths: frozenset[str] = PATHS,
 ) -> bool:
-    """A probe: a GET or HEAD of a probe path on a plain connection, naming this proxy as its
-    host. A request inside a CONNECT tunnel, or to any other host, is a call to decide."""
-    if method.upper() not in ("GET", "HEAD") or path.split("?", 1)[0] not in PATHS:
+    """A probe: a GET or HEAD of a probe path (or `/metrics`, in `paths`) on a plain
+    connection, naming this proxy as its host. A request inside a CONNECT tunnel, or to any
+    other host, is a call to decide."""
+    if method.upper() not in ("GET", "HEAD") or path.split("?", 1)[0] not in paths:
         return False
     return to_proxy(host, port, tunnelled, own)
 

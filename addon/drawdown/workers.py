@@ -13,15 +13,18 @@ from __future__ import annotations
 
 import itertools
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 from collections.abc import Sequence
 from typing import Any
 
 from .affinity import writer_environment
+from .metrics import MULTIPROCESS_ENV
 
 REUSE_PORT_ENV = "DRAWDOWN_REUSE_PORT"
 # A worker's cue from its supervisor that the user will not wait for the drain. Not a second
@@ -114,10 +117,31 @@ def supervise(
 ) -> int:
     """Run `workers` copies of `drawdown run <worker_args> --listen host:port` until signalled;
     with `cpus`, worker i is pinned to cpus[i] (`--cpu-affinity`)."""
+    # The workers' metrics, in files any of them reads for a scrape; theirs alone, and gone
+    # with them (counters restart with the proxy, as one process's do).
+    metrics_dir = tempfile.mkdtemp(prefix="drawdown-metrics-")
+    try:
+        return _supervise(worker_args, workers, host, port, cpus, metrics_dir)
+    finally:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def _supervise(
+    worker_args: Sequence[str],
+    workers: int,
+    host: str,
+    port: int,
+    cpus: Sequence[int] | None,
+    metrics_dir: str,
+) -> int:
     port = port or _free_port(host)
     shown = f"[{host}]" if ":" in host else host
     command = worker_command(worker_args, workers, f"{shown}:{port}")
-    env = {**os.environ, REUSE_PORT_ENV: str(os.getpid())}  # the supervisor, for its workers
+    env = {
+        **os.environ,
+        REUSE_PORT_ENV: str(os.getpid()),  # the supervisor, for its workers
+        MULTIPROCESS_ENV: metrics_dir,
+    }
     procs = [
         subprocess.Popen(
             [*command, *(["--cpu-affinity", str(cpus[i])] if cpus else [])],

@@ -406,17 +406,21 @@ def test_a_charge_made_once_is_not_made_again(backend: LedgerBackend, ledger: An
     holds = [ledger.reserve(r, claims, Amount(requests=1), NOW + 900).hold_id for r in reads]
     # A read released (the results were not ready: 404) takes nothing and leaves the key free.
     ledger.release(reads[0].request_id, holds[0], Completion(status=404), "upstream 404", NOW)
-    ledger.commit(*_batch_results_commit(reads[1].request_id, holds[1])[1])
+    settled = [ledger.commit(*_batch_results_commit(reads[1].request_id, holds[1])[1])]
     # Read again, once alone and twice in one batch of the writer's: charged nothing more.
-    ledger.commit(*_batch_results_commit(reads[2].request_id, holds[2])[1])
+    settled.append(ledger.commit(*_batch_results_commit(reads[2].request_id, holds[2])[1]))
     other = row()
     other_hold = ledger.reserve(other, claims, Amount(requests=1), NOW + 900).hold_id
-    ledger.run_batch(
+    settled += ledger.run_batch(
         [
             _batch_results_commit(reads[3].request_id, holds[3]),
             _batch_results_commit(other.request_id, other_hold, key="k2"),
         ]
     )
+    # Said to whoever counts what was charged (the metrics): the repeats charged nothing.
+    assert [(s.applied, s.charged_before) for s in settled] == [
+        (True, False), (True, True), (True, True), (True, False)
+    ]  # fmt: skip
     for budget, scope in (("run", "agent:a/run:r1"), ("tenant", "tenant:t")):
         got = instance(backend, budget, scope)
         assert (got["spent_usd"], got["spent_tokens"], got["spent_requests"]) == (1000, 240, 4)

@@ -448,6 +448,9 @@ class Settled:
     # The (budget, scope) of each budget instance the commit left over its limit (shadow
     # budgets' too: whoever acts on it tells them apart).
     overage: tuple[tuple[str, str], ...] = ()
+    # Its once key (Completion.once) was charged already: this commit charged its request
+    # alone, no money or tokens.
+    charged_before: bool = False
 
 
 class LeaseWatch:

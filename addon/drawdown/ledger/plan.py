@@ -801,10 +801,12 @@ class Plan:
         hold = self.holds.get(hold_id)  # self.hold(), inline: this runs for every commit
         if hold is None:
             raise LedgerError(f"no hold {hold_id}")
+        charged_before = False
         if completion.once is not None and (
             hold.state == "active" or (hold.state == "expired" and hold.actual[0] is None)
         ):
-            completion = self.charge_once(request_id, completion, now)
+            charged = self.charge_once(request_id, completion, now)
+            charged_before, completion = charged is not completion, charged
         spent = completion.actual
         actual = (spent.usd, spent.tokens, spent.requests)  # amount(), inline
         batch = completion.batch
@@ -832,8 +834,10 @@ class Plan:
             if batch is not None:
                 self.batch_progress(batch, request_id, now)
             if hold.state == "active":  # kept for its batch
-                return Settled(True, "active", overage)
-            return Settled(True, "committed", overage) if overage else COMMITTED
+                return Settled(True, "active", overage, charged_before)
+            if overage or charged_before:
+                return Settled(True, "committed", overage, charged_before)
+            return COMMITTED
         if hold.state == "expired" and hold.actual[0] is None:
             # The sweeper released this hold (its proxy looked dead or it outlived its TTL), but the
             # call did complete: the money was spent, so charge it without touching reservations.
@@ -852,7 +856,7 @@ class Plan:
             self.complete(request_id, completion, now)
             if batch is not None:
                 self.batch_progress(batch, request_id, now)
-            return Settled(True, "expired", overage)
+            return Settled(True, "expired", overage, charged_before)
         return Settled(False, hold.state)
 
     def keep(

@@ -30,6 +30,7 @@ import logging
 import os
 import queue
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -62,10 +63,13 @@ class AsyncLedger:
         placement: WriterPlacement | None = None,
         batch_scheduling: bool = False,
         checkpoints: bool = True,
+        observer: Callable[[list[Any], list[Any], float], None] | None = None,
     ) -> None:
         self.ledger = ledger
         self.max_batch = max_batch
         self.placement = placement  # --cpu-affinity: where each writer thread runs
+        # Told what each batch did, on the writer thread once its waiters were woken (metrics).
+        self.observer: Callable[[list[Any], list[Any], float], None] | None = observer
         # Each entry is a list of operations (name, args, future, loop), or _STOP.
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         # Per drawdown EventLoop: the operations its current iteration queued, and the
@@ -155,8 +159,10 @@ class AsyncLedger:
                 self._run_batch(batch[first : first + self.max_batch], after_batch)
 
     def _run_batch(self, batch: list[Any], after_batch: Callable[[int], None] | None) -> None:
+        calls = [(name, args) for name, args, _, _ in batch]
+        started = time.perf_counter()
         try:
-            results = self.ledger.run_batch([(name, args) for name, args, _, _ in batch])
+            results = self.ledger.run_batch(calls)
         except LedgerError as exc:
             results = [exc] * len(batch)
         except Exception as exc:  # a bug, not a ledger fault: surface it to every waiter
@@ -173,6 +179,11 @@ class AsyncLedger:
                 loop.call_soon_threadsafe(_resolve, settled)
             except RuntimeError:  # the loop has closed; nobody is waiting any more
                 pass
+        if self.observer is not None:  # after the waiters were woken: off their path
+            try:
+                self.observer(calls, results, time.perf_counter() - started)
+            except Exception:
+                log.exception("drawdown: counting a ledger batch for the metrics failed")
 
     def close(self, timeout: float = 10.0) -> None:
         """Stop the writers once they have run everything queued (on the loop's thread: what

@@ -1,0 +1,164 @@
+"""Prometheus metrics of the proxy, answered at `GET /metrics` on its own port.
+
+What the ledger did is counted on the ledger's writer thread, once a batch's transaction is
+over (`LedgerMetrics.observe`): off the event loop, and only what the ledger committed — a
+decision is counted once its row is written, a charge once it is applied, and an operation
+the ledger failed counts as a ledger error, nothing else. The money counters are floats for
+graphs and alerts; the ledger's integers stay the account (`drawdown budgets`, `report`).
+
+Labels are bounded and carry no identity: decisions, reason codes, the policy's action kinds,
+providers. Tenants, agents and runs are the report's, where their number is no cost.
+
+`drawdown run --workers N` gives its workers one folder to write their values to
+(prometheus_client's multiprocess mode, `PROMETHEUS_MULTIPROC_DIR`): whichever worker the
+kernel hands a scrape answers for all of them.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    multiprocess,
+)
+from prometheus_client.exposition import choose_encoder
+
+PATH = "/metrics"
+MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
+NANOS_PER_USD = 1_000_000_000
+
+# `*_created` samples say when a label set was first seen, which no one graphs; multiprocess
+# mode has none, so one process and N workers expose the same series.
+disable_created_metrics()
+REGISTRY = CollectorRegistry()
+
+DECISIONS = Counter(
+    "drawdown_decisions",
+    "Calls decided and recorded, by decision (allow, deny, would_deny), reason code and the "
+    "policy's action kind",
+    ["decision", "reason", "action"],
+    registry=REGISTRY,
+)
+CHARGED_USD = Counter(
+    "drawdown_charged_usd",
+    "US dollars charged to budgets by settled calls (the ledger's nano-dollars, as a float)",
+    ["provider", "action"],
+    registry=REGISTRY,
+)
+TOKENS = Counter(
+    "drawdown_tokens",
+    "Tokens charged by settled calls, input and output",
+    ["provider", "direction"],
+    registry=REGISTRY,
+)
+HOLDS_OPEN = Gauge(
+    "drawdown_holds_open",
+    "Reservations this proxy holds for calls in flight",
+    registry=REGISTRY,
+    multiprocess_mode="livesum",
+)
+LEDGER_ERRORS = Counter(
+    "drawdown_ledger_errors",
+    "Ledger operations that failed (the call was answered per on_ledger_error)",
+    ["operation"],
+    registry=REGISTRY,
+)
+LEDGER_SECONDS = Histogram(
+    "drawdown_ledger_transaction_seconds",
+    "How long each ledger transaction took on the writer thread (one batch of operations)",
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+    registry=REGISTRY,
+)
+POLICY_RELOADS = Counter(
+    "drawdown_policy_reloads",
+    "Policy edits the watcher read: applied, or rejected (the last good policy stays)",
+    ["result"],
+    registry=REGISTRY,
+)
+POLICY_REJECTED = Gauge(
+    "drawdown_policy_edit_rejected",
+    "1 while the policy's files hold an edit that was rejected and the last good policy is "
+    "in force, else 0",
+    registry=REGISTRY,
+    multiprocess_mode="livemax",
+)
+
+
+class LedgerMetrics:
+    """Counts what each ledger batch did; called by the writer thread (AsyncLedger)."""
+
+    def __init__(self) -> None:
+        # A hold's labels from its reserve until it is settled: a commit names its hold only.
+        self._held: dict[int, tuple[str, str]] = {}
+        # Each label set's child, looked up once (`labels()` takes a lock and builds a key).
+        self._children: dict[tuple[Any, ...], Any] = {}
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        key = (metric, *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
+    def observe(
+        self, batch: Sequence[tuple[str, tuple[Any, ...]]], results: Sequence[Any], seconds: float
+    ) -> None:
+        LEDGER_SECONDS.observe(seconds)
+        held = 0
+        for (name, args), result in zip(batch, results, strict=True):
+            if isinstance(result, BaseException):
+                self._child(LEDGER_ERRORS, name).inc()
+            elif name == "reserve":
+                row = args[0]
+                action = row.action or ""
+                self._child(DECISIONS, result.decision, row.reason_code or "", action).inc()
+                if result.hold_id is not None:
+                    self._held[result.hold_id] = (row.provider or "", action)
+                    held += 1
+            elif name == "record":
+                row = args[0]
+                self._child(DECISIONS, row.decision, row.reason_code or "", row.action or "").inc()
+            elif name in ("commit", "release"):
+                held -= self._settled(name, args, result)
+        if held:
+            HOLDS_OPEN.inc(held)
+
+    def _settled(self, name: str, args: tuple[Any, ...], settled: Any) -> int:
+        """Counts a settlement; 1 if it ended a hold this process counted as open."""
+        labels = self._held.pop(args[1], None)
+        if name == "commit" and settled.applied and not settled.charged_before:
+            # (A release charges nothing; a repeat under a once key, its request alone.)
+            provider, action = labels or ("", "")
+            completion = args[2]
+            if completion.actual.usd:
+                usd = completion.actual.usd / NANOS_PER_USD
+                self._child(CHARGED_USD, provider, action).inc(usd)
+            if completion.tokens_in:
+                self._child(TOKENS, provider, "input").inc(completion.tokens_in)
+            if completion.tokens_out:
+                self._child(TOKENS, provider, "output").inc(completion.tokens_out)
+        return labels is not None
+
+
+def policy_reloaded(applied: bool) -> None:
+    POLICY_RELOADS.labels("applied" if applied else "rejected").inc()
+    POLICY_REJECTED.set(0 if applied else 1)
+
+
+def exposition(accept: str = "") -> tuple[bytes, str]:
+    """What a scrape gets, and its content type, in the format its Accept header asks for (as
+    prometheus_client's own servers answer): this process's values, or every worker's under
+    `--workers`, whose files it reads: call it off the event loop."""
+    encode, content_type = choose_encoder(accept)
+    if os.environ.get(MULTIPROCESS_ENV):
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return encode(registry), content_type
+    return encode(REGISTRY), content_type

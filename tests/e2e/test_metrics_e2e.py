@@ -1,0 +1,172 @@
+"""`GET /metrics` on the proxy's own port, as Prometheus scrapes it, from a real `drawdown run`
+driven by the openai SDK: what it counts is what the ledger recorded and charged, a rejected
+policy edit shows, and `--workers` answers for every worker whichever one is scraped."""
+
+from __future__ import annotations
+
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.support.proxy import DrawdownProcess
+from tests.support.standin import StandIn
+
+pytestmark = pytest.mark.e2e
+
+Factory = Callable[..., DrawdownProcess]
+
+POLICY = """
+mode: enforce
+identity:
+  agent: [{value: research}]
+  run: [{value: r1}]
+actions:
+  - {kind: llm, provider: openai, match: {host: api.openai.com}}
+budgets:
+  - {scope: "agent:*/run:*", requests: 3}
+"""
+
+# A scrape addresses the proxy itself: no proxy for it, whatever the environment says.
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def scrape(proxy: DrawdownProcess) -> Samples:
+    with _DIRECT.open(f"http://127.0.0.1:{proxy.address[1]}/metrics", timeout=10) as answer:
+        assert answer.status == 200
+        assert answer.headers["content-type"].startswith("text/plain; version=0.0.4")
+        text = answer.read().decode()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def sample(samples: Samples, name: str, **labels: str) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def scrape_until(
+    proxy: DrawdownProcess, done: Callable[[Samples], bool], timeout: float = 10.0
+) -> Samples:
+    """Scrape until `done` holds: the writer counts a batch just after its callers are woken,
+    so the agent may have its answer a moment before the metrics count it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        samples = scrape(proxy)
+        if done(samples) or time.monotonic() > deadline:
+            return samples
+        time.sleep(0.05)
+
+
+def chat(client: openai.OpenAI) -> int:
+    try:
+        client.chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}]
+        )
+    except openai.APIStatusError as refused:
+        return refused.status_code
+    return 200
+
+
+def allowed(samples: Samples) -> float:
+    return sample(samples, "drawdown_decisions_total", decision="allow", reason="", action="llm")
+
+
+def refused(samples: Samples) -> float:
+    return sample(
+        samples,
+        "drawdown_decisions_total",
+        decision="deny",
+        reason="budget_exhausted",
+        action="llm",
+    )
+
+
+def test_a_scrape_counts_what_the_ledger_recorded_and_charged(
+    drawdown_proxy: Factory, standin: StandIn
+) -> None:
+    proxy = drawdown_proxy(POLICY)
+    with proxy.openai_client(max_retries=0) as client:
+        statuses = [chat(client) for _ in range(4)]
+    assert statuses == [200, 200, 200, 402]
+    proxy.wait_for_query(
+        "SELECT COUNT(*) FROM decisions WHERE completed_at IS NULL", until=lambda r: r[0][0] == 0
+    )
+    samples = scrape_until(proxy, lambda s: allowed(s) == 3 and refused(s) == 1)
+    assert (allowed(samples), refused(samples)) == (3, 1)
+    ((spent_nanos, tokens_in, tokens_out),) = proxy.query(
+        "SELECT SUM(actual_usd), SUM(tokens_in), SUM(tokens_out) FROM decisions"
+    )
+    assert spent_nanos > 0 and tokens_in > 0 and tokens_out > 0
+    charged = sample(samples, "drawdown_charged_usd_total", provider="openai", action="llm")
+    assert round(charged * 1e9) == spent_nanos
+    tokens = "drawdown_tokens_total"
+    assert sample(samples, tokens, provider="openai", direction="input") == tokens_in
+    assert sample(samples, tokens, provider="openai", direction="output") == tokens_out
+    assert sample(samples, "drawdown_holds_open") == 0
+    assert sample(samples, "drawdown_ledger_transaction_seconds_count") >= 4
+    assert sample(samples, "drawdown_ledger_errors_total", operation="reserve") == 0
+    # Prometheus 3 asks for OpenMetrics first: answered in it.
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{proxy.address[1]}/metrics",
+        headers={"Accept": "application/openmetrics-text;version=1.0.0;q=0.5,text/plain;q=0.4"},
+    )
+    with _DIRECT.open(request, timeout=10) as answer:
+        assert answer.headers["content-type"].startswith("application/openmetrics-text")
+        assert answer.read().decode().endswith("# EOF\n")
+    # A scrape is no agent's call: nothing recorded for it.
+    assert proxy.query("SELECT COUNT(*) FROM decisions") == [(4,)]
+
+    # A broken edit shows until a good one is applied; the last good policy stays in force.
+    proxy.reload_policy(POLICY.replace("requests: 3", "requests: [3"))
+    proxy.wait_for_log("policy edit rejected")
+    samples = scrape(proxy)
+    assert sample(samples, "drawdown_policy_edit_rejected") == 1
+    assert sample(samples, "drawdown_policy_reloads_total", result="rejected") == 1
+    proxy.reload_policy(POLICY.replace("requests: 3", "requests: 30"))
+    proxy.wait_for_log("policy reloaded")
+    samples = scrape(proxy)
+    assert sample(samples, "drawdown_policy_edit_rejected") == 0
+    assert sample(samples, "drawdown_policy_reloads_total", result="applied") == 1
+
+
+def test_metrics_off_answers_404_and_counts_nothing(
+    drawdown_proxy: Factory, standin: StandIn
+) -> None:
+    proxy = drawdown_proxy(POLICY, extra_args=["--set", "drawdown_metrics=false"])
+    with pytest.raises(urllib.error.HTTPError) as off:
+        scrape(proxy)
+    assert off.value.code == 404
+    assert proxy.query("SELECT COUNT(*) FROM decisions") == [(0,)]
+
+
+def test_any_worker_scraped_answers_for_all_of_them(
+    drawdown_proxy: Factory, standin: StandIn
+) -> None:
+    """`--workers 2`: the kernel hands each connection, a scrape's too, to either worker;
+    every scrape counts both workers' calls (prometheus_client's multiprocess mode)."""
+    proxy = drawdown_proxy(
+        POLICY.replace("requests: 3", "requests: 10"), extra_args=["--workers", "2"]
+    )
+    statuses = []
+    for _ in range(16):  # a fresh connection each time: spread over the workers
+        with proxy.openai_client(max_retries=0) as client:
+            statuses.append(chat(client))
+    assert statuses.count(200) == 10 and statuses.count(402) == 6
+    # Both workers made holds: a scrape of either alone would count its own part.
+    assert proxy.query("SELECT COUNT(DISTINCT process_id) FROM holds") == [(2,)]
+    first = scrape_until(proxy, lambda s: allowed(s) == 10 and refused(s) == 6)
+    assert (allowed(first), refused(first)) == (10, 6)
+    for _ in range(10):  # each scrape a new connection, to one worker or the other
+        samples = scrape(proxy)
+        assert (allowed(samples), refused(samples)) == (10, 6)
+        assert sample(samples, "drawdown_holds_open") == 0
+    proxy.stop()
