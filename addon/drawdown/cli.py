@@ -795,7 +795,7 @@ def cmd_budgets(args: argparse.Namespace) -> int:
     from .ledger.api import UNITS, LedgerError
     from .ledger.dsn import redact_dsn
     from .ledger.reader import budget_instances, held_batches
-    from .money import format_usd, usd_float
+    from .money import exact_usd, format_usd, usd_float
     from .report import iso_time
 
     try:
@@ -825,7 +825,9 @@ def cmd_budgets(args: argparse.Namespace) -> int:
         return 0
 
     def cell(row: dict, unit: str) -> str:  # "spent + held / limit"
-        show = format_usd if unit == "usd" else str
+        # Dollars exactly, as the report writes them: rounded to 4 places, $0.04995 spent of
+        # $0.05 read "0.0500 / 0.0500", a budget spent that was not.
+        show = exact_usd if unit == "usd" else str
         spent, held, limit = (row[f"{c}_{unit}"] for c in ("spent", "reserved", "limit"))
         if limit is None and not spent and not held:
             return "-"

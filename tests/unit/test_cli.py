@@ -437,7 +437,21 @@ def test_budgets_names_the_batch_jobs_held_while_they_run(
         "agent:a/run:r, at most until 2026-12-05T00:00:00Z" in out
     )
     assert "k2" not in out  # ended: released
-    assert "0.0000 + 0.0029 / 0.0100" in out  # the held figure it explains
+    assert re.search(r"\s0 \+ 0\.0029 / 0\.01\s", out)  # the held figure it explains
+
+
+def test_budgets_write_dollars_exactly(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """As the report does: rounded to 4 places, $0.04995 spent of $0.05 read as spent."""
+    db = tmp_path / "ledger.db"
+    ledger = SQLiteLedger(db)
+    claim = Claim("run:*", "agent:a/run:r", 50_000_000, None, None)
+    row = DecisionRow(uuid.uuid4().hex, 1000.0, "allow", "enforce", "agent:a/run:r")
+    hold = ledger.reserve(row, [claim], Amount(usd=40_000_000), 5000)
+    spent = Completion(actual=Amount(usd=49_950_000, requests=1), status=200)
+    ledger.commit(row.request_id, hold.hold_id, spent, 1001.0)
+    ledger.close()
+    assert main(["budgets", "--db", str(db)]) == 0
+    assert re.search(r"\s0\.04995 / 0\.05\s", capsys.readouterr().out)
 
 
 def test_report_json_contract(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
