@@ -799,17 +799,22 @@ class Drawdown:
 
     def running(self) -> None:
         self._running = True
+        # A probe or scrape may come at once, before the machine's names are resolved (in
+        # _warm_up): taken for an agent's call, it was decided, recorded and answered 502.
+        self.own_addresses = health.own_addresses(self._listening(), machine=False)
         if ctx.options.drawdown_tokenizer_process:
             tokenizer_process.use_tokenizer_process()  # its child starts on the first big text
         self._spawn(self._warm_up())
         self._spawn(self._maintain())
         self._spawn(self._watch_policy())
 
-    async def _warm_up(self) -> None:
+    def _listening(self) -> list[tuple[str, int]]:
         server = ctx.master.addons.get("proxyserver")  # absent in a test's bare master
-        listening = [(host, port) for host, port, *_ in server.listen_addrs()] if server else []
+        return [(host, port) for host, port, *_ in server.listen_addrs()] if server else []
+
+    async def _warm_up(self) -> None:
         # The machine's own names are resolved off the loop: a resolver may take its time.
-        self.own_addresses = await asyncio.to_thread(health.own_addresses, listening)
+        self.own_addresses = await asyncio.to_thread(health.own_addresses, self._listening())
         bedrock = self.policy is not None and any(
             action.provider == "bedrock" for action in self.policy.actions
         )
@@ -948,6 +953,7 @@ class Drawdown:
         if mode:
             policy = replace(policy, mode=mode)
         self.policy = policy
+        self.ledger_metrics.kinds = metrics.kinds_of(policy)
         # As `drawdown check` prints them: a reload to a policy with no actions took every deny
         # and budget away without a word.
         for warning in policy.warnings:
@@ -974,6 +980,7 @@ class Drawdown:
         if self.ledger is not None:
             self.ledger.close()
             self.ledger = None
+            self.ledger_metrics.forget_holds()
         self.ledger_url = url
         self.ledger_lost = None
         try:
@@ -1064,6 +1071,7 @@ class Drawdown:
             f"; {uncharged} call(s) held in it go uncharged" if uncharged else "",
         )
         await ledger.aclose()
+        self.ledger_metrics.forget_holds()  # settled in no ledger: no longer open here
         try:
             await asyncio.to_thread(ledger.ledger.close)
         except LedgerError:
@@ -1219,7 +1227,10 @@ class Drawdown:
             )
             return True
         if request.path.split("?", 1)[0] == metrics.PATH:
-            flow.metadata[SCRAPE] = True  # answered in `request`: workers' values are files
+            # Answered in `request`: workers' values are files. Without credentials, as the
+            # probes: mitmproxy's ProxyAuth ran first and answered it 407.
+            flow.response = None
+            flow.metadata[SCRAPE] = True
             return True
         readiness = health.Readiness(
             policy_loaded=self.policy is not None,

@@ -47,13 +47,16 @@ class Readiness:
         return found
 
 
-def own_addresses(listen_addrs: Iterable[tuple[str, int]]) -> frozenset[tuple[str, int]]:
+def own_addresses(
+    listen_addrs: Iterable[tuple[str, int]], *, machine: bool = True
+) -> frozenset[tuple[str, int]]:
     """Every (host, port) a probe may address this proxy by. A wildcard listen address takes
-    the machine's own names and addresses (a Kubernetes probe names the pod's IP)."""
+    the machine's own names and addresses (a Kubernetes probe names the pod's IP), which a
+    resolver may take its time to give: `machine=False` leaves them out."""
     found: set[tuple[str, int]] = set()
     for host, port in listen_addrs:
         hosts = {host.lower(), "localhost", "127.0.0.1", "::1"}
-        if host in _WILDCARDS:
+        if host in _WILDCARDS and machine:
             hosts |= _machine_addresses()
         found |= {(h, port) for h in hosts}
     return frozenset(found)

@@ -6,8 +6,10 @@ decision is counted once its row is written, a charge once it is applied, and an
 the ledger failed counts as a ledger error, nothing else. The money counters are floats for
 graphs and alerts; the ledger's integers stay the account (`drawdown budgets`, `report`).
 
-Labels are bounded and carry no identity: decisions, reason codes, the policy's action kinds,
-providers. Tenants, agents and runs are the report's, where their number is no cost.
+Labels are bounded and carry no identity: decisions, reason codes, the action kinds the policy
+names (an MCP tool it does not name, whose kind the client's tool name completes, is counted
+under the kind its server's action gives), providers. Tenants, agents and runs are the
+report's, where their number is no cost.
 
 `drawdown run --workers N` gives its workers one folder to write their values to
 (prometheus_client's multiprocess mode, `PROMETHEUS_MULTIPROC_DIR`): whichever worker the
@@ -66,10 +68,15 @@ HOLDS_OPEN = Gauge(
 )
 LEDGER_ERRORS = Counter(
     "drawdown_ledger_errors",
-    "Ledger operations that failed (the call was answered per on_ledger_error)",
+    "Ledger operations that failed, each attempt: a call's reserve or record (the call "
+    "answered per on_ledger_error), commit or release (retried each maintenance tick), and "
+    "maintenance's own (heartbeat, sweep, extend)",
     ["operation"],
     registry=REGISTRY,
 )
+# At 0 from the start: an alert on increase() sees the first error, not a series appearing.
+for _operation in ("reserve", "record", "commit", "release"):
+    LEDGER_ERRORS.labels(_operation)
 LEDGER_SECONDS = Histogram(
     "drawdown_ledger_transaction_seconds",
     "How long each ledger transaction took on the writer thread (one batch of operations)",
@@ -99,6 +106,26 @@ class LedgerMetrics:
         self._held: dict[int, tuple[str, str]] = {}
         # Each label set's child, looked up once (`labels()` takes a lock and builds a key).
         self._children: dict[tuple[Any, ...], Any] = {}
+        # The action kinds the policy names (set by the addon): an MCP tool the policy does not
+        # name is kind `<kind>.<tool>`, the tool's name the client's to choose. None: as is.
+        self.kinds: frozenset[str] | None = None
+
+    def _action(self, action: str | None) -> str:
+        """A label a policy bounds: a kind it names, else the kind of the action it came under."""
+        if not action or self.kinds is None or action in self.kinds:
+            return action or ""
+        head = action
+        while "." in head:
+            head = head.rsplit(".", 1)[0]
+            if head in self.kinds:
+                return head
+        return "other"
+
+    def forget_holds(self) -> None:
+        """The ledger holding them is gone (lost, replaced): none of them will be settled."""
+        held, self._held = self._held, {}
+        if held:
+            HOLDS_OPEN.dec(len(held))
 
     def _child(self, metric: Any, *labels: str) -> Any:
         key = (metric, *labels)
@@ -117,14 +144,15 @@ class LedgerMetrics:
                 self._child(LEDGER_ERRORS, name).inc()
             elif name == "reserve":
                 row = args[0]
-                action = row.action or ""
+                action = self._action(row.action)
                 self._child(DECISIONS, result.decision, row.reason_code or "", action).inc()
                 if result.hold_id is not None:
                     self._held[result.hold_id] = (row.provider or "", action)
                     held += 1
             elif name == "record":
                 row = args[0]
-                self._child(DECISIONS, row.decision, row.reason_code or "", row.action or "").inc()
+                action = self._action(row.action)
+                self._child(DECISIONS, row.decision, row.reason_code or "", action).inc()
             elif name in ("commit", "release"):
                 held -= self._settled(name, args, result)
         if held:
@@ -145,6 +173,13 @@ class LedgerMetrics:
             if completion.tokens_out:
                 self._child(TOKENS, provider, "output").inc(completion.tokens_out)
         return labels is not None
+
+
+def kinds_of(policy: Any) -> frozenset[str]:
+    """The action kinds a policy names: its actions' and their MCP `tools:` maps'."""
+    kinds = {action.kind for action in policy.actions}
+    kinds.update(kind for action in policy.actions for _, kind in action.tools)
+    return frozenset(kinds)
 
 
 def policy_reloaded(applied: bool) -> None:

@@ -11,6 +11,7 @@ passes SIGTERM/SIGINT/SIGHUP on (as SIGTERM); a second one, as STOP_NOW.
 
 from __future__ import annotations
 
+import fcntl
 import itertools
 import os
 import shutil
@@ -20,7 +21,9 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from .affinity import writer_environment
@@ -119,11 +122,36 @@ def supervise(
     with `cpus`, worker i is pinned to cpus[i] (`--cpu-affinity`)."""
     # The workers' metrics, in files any of them reads for a scrape; theirs alone, and gone
     # with them (counters restart with the proxy, as one process's do).
-    metrics_dir = tempfile.mkdtemp(prefix="drawdown-metrics-")
-    try:
-        return _supervise(worker_args, workers, host, port, cpus, metrics_dir)
-    finally:
-        shutil.rmtree(metrics_dir, ignore_errors=True)
+    remove_orphaned_metrics()
+    metrics_dir = tempfile.mkdtemp(prefix=METRICS_PREFIX)
+    with open(os.path.join(metrics_dir, METRICS_LOCK), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # held while the folder is in use
+        try:
+            return _supervise(worker_args, workers, host, port, cpus, metrics_dir)
+        finally:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+METRICS_PREFIX = "drawdown-metrics-"
+METRICS_LOCK = ".supervisor.lock"
+# A folder this young may be another supervisor's that has not taken its lock yet.
+ORPHAN_AFTER_SECONDS = 60.0
+
+
+def remove_orphaned_metrics(folder: str | None = None) -> None:
+    """The metrics folders of supervisors killed before they could remove theirs (SIGKILL,
+    the OOM killer): those whose lock no process holds. A lock, not a pid: a /tmp shared
+    between containers sees other namespaces' supervisors as pids that do not exist."""
+    now = time.time()
+    for path in Path(folder or tempfile.gettempdir()).glob(f"{METRICS_PREFIX}*"):
+        try:
+            if now - path.stat().st_mtime < ORPHAN_AFTER_SECONDS:
+                continue
+            with open(path / METRICS_LOCK, "a") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                shutil.rmtree(path, ignore_errors=True)
+        except OSError:  # held (alive), another user's, or gone meanwhile
+            continue
 
 
 def _supervise(

@@ -4,17 +4,20 @@ policy edit shows, and `--workers` answers for every worker whichever one is scr
 
 from __future__ import annotations
 
+import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
+from pathlib import Path
 
+import bcrypt
 import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.proxy import DrawdownProcess
-from tests.support.standin import StandIn
+from tests.support.standin import Reply, StandIn
 
 pytestmark = pytest.mark.e2e
 
@@ -136,6 +139,39 @@ def test_a_scrape_counts_what_the_ledger_recorded_and_charged(
     samples = scrape(proxy)
     assert sample(samples, "drawdown_policy_edit_rejected") == 0
     assert sample(samples, "drawdown_policy_reloads_total", result="applied") == 1
+
+
+def test_a_scrape_needs_no_proxy_credentials(
+    drawdown_proxy: Factory, standin: StandIn, tmp_path: Path
+) -> None:
+    """As the probes: behind `proxyauth` a scrape got 407 (mitmproxy's ProxyAuth answers it
+    before drawdown's `request` hook, which answered only a flow with no answer yet)."""
+    htpasswd = tmp_path / "htpasswd"
+    htpasswd.write_text(f"agent:{bcrypt.hashpw(b'pw', bcrypt.gensalt(rounds=4)).decode()}\n")
+    proxy = drawdown_proxy(
+        POLICY, proxy_auth=("agent", "pw"), extra_args=["--set", f"proxyauth=@{htpasswd}"]
+    )
+    assert sample(scrape(proxy), "drawdown_holds_open") == 0
+    assert proxy.query("SELECT COUNT(*) FROM decisions") == [(0,)]
+
+
+def test_a_ledger_lost_with_a_call_in_flight_leaves_no_hold_open(
+    drawdown_proxy: Factory, standin: StandIn, tmp_path: Path
+) -> None:
+    """Its hold was in the deleted file: never to be settled here, so no longer open."""
+    db = tmp_path / "ledger.db"
+    proxy = drawdown_proxy(POLICY, db=db, extra_args=["--set", "drawdown_maintenance_interval=0.2"])
+    standin.script("POST", "/v1/chat/completions", Reply(delay_before_headers=3.0))
+    with proxy.openai_client(max_retries=0) as client:
+        call = threading.Thread(target=chat, args=(client,))
+        call.start()
+        held = scrape_until(proxy, lambda s: sample(s, "drawdown_holds_open") == 1)
+        assert sample(held, "drawdown_holds_open") == 1
+        for path in tmp_path.glob("ledger.db*"):
+            path.unlink()
+        proxy.wait_for_log("was deleted under the running proxy")
+        call.join(30)
+    assert sample(scrape(proxy), "drawdown_holds_open") == 0
 
 
 def test_metrics_off_answers_404_and_counts_nothing(

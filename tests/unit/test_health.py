@@ -1,11 +1,16 @@
-"""health: which requests are probes of the proxy itself, and what they are answered."""
+"""health: which requests are probes of the proxy itself (or scrapes of its metrics), and what
+they are answered."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
+from pathlib import Path
 
 from drawdown import health
+from drawdown.addon import SCRAPE, STATE, Drawdown
+from mitmproxy.test import taddons, tflow, tutils
 
 OWN = health.own_addresses([("127.0.0.1", 8080)])
 
@@ -47,3 +52,45 @@ def test_readiness_names_every_problem() -> None:
     ]
     # Liveness: the process answers, whatever it can do.
     assert health.answer("/healthz", health.Readiness(False, False, True))[0] == 200
+
+
+class ListeningServer:
+    """mitmproxy's proxyserver addon, as far as the probes need it: where it listens."""
+
+    name = "proxyserver"
+
+    def listen_addrs(self) -> list[tuple[str, int]]:
+        return [("0.0.0.0", 8080)]
+
+
+def test_a_probe_or_scrape_at_once_after_start_is_answered_not_decided(tmp_path: Path) -> None:
+    """The machine's names are resolved off the loop once running; a probe or a scrape that
+    came first, to 127.0.0.1, was taken for an agent's call: decided, recorded, answered 502."""
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(
+        "actions:\n  - {kind: llm, provider: openai, match: {host: api.openai.com}}\n"
+    )
+    seen: dict[str, object] = {}
+
+    async def start_and_probe() -> None:
+        addon = Drawdown()
+        with taddons.context(addon) as tctx:
+            tctx.master.addons.add(ListeningServer())
+            tctx.configure(addon, drawdown_policy=str(policy), drawdown_db=str(tmp_path / "l.db"))
+            addon.running()  # no await after it: _warm_up has not run
+            for path in ("/readyz", "/metrics"):
+                flow = tflow.tflow(
+                    req=tutils.treq(host="127.0.0.1", port=8080, path=path.encode(), method=b"GET")
+                )
+                flow.client_conn.tls = False
+                addon.requestheaders(flow)
+                seen[path] = (
+                    flow.response.status_code if flow.response else flow.metadata.get(SCRAPE)
+                )
+                assert STATE not in flow.metadata, "taken for an agent's call"
+            for task in addon.tasks:
+                task.cancel()
+            addon.done()
+
+    asyncio.run(start_and_probe())
+    assert seen == {"/readyz": 200, "/metrics": True}

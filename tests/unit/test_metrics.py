@@ -10,9 +10,17 @@ from typing import Any
 
 import pytest
 from drawdown import metrics
-from drawdown.ledger.api import Amount, Claim, Completion, DecisionRow, LedgerError
+from drawdown.ledger.api import (
+    Amount,
+    Claim,
+    Completion,
+    DecisionRow,
+    LedgerError,
+    ReserveOutcome,
+)
 from drawdown.ledger.sqlite import SQLiteLedger
 from drawdown.ledger.worker import AsyncLedger
+from drawdown.policy import load_policy
 from prometheus_client.parser import text_string_to_metric_families
 
 NOW = 1_700_000_000.0
@@ -82,7 +90,7 @@ def test_the_writer_counts_what_the_ledger_recorded_and_charged(tmp_path: Path) 
         refused = await worker.call("reserve", row(), budget, Amount(usd=800_000), NOW + 60)
         assert refused.decision == "deny"
         # An authority refusal, recorded without a hold.
-        denied = row("crm.write", None, reason_code="not_allowed", decision="deny")
+        denied = row("crm.write", None, reason_code="not_authorized", decision="deny")
         await worker.call("record", denied)
         # A call released (its upstream failed): its hold ends, nothing is charged.
         failed = row()
@@ -106,7 +114,9 @@ def test_the_writer_counts_what_the_ledger_recorded_and_charged(tmp_path: Path) 
     assert counted.change(decisions, decision="allow", reason="", action="llm") == 3
     assert counted.change(decisions, decision="allow", reason="", action="batch.results") == 2
     assert counted.change(decisions, decision="deny", reason="budget_exhausted", action="llm") == 1
-    assert counted.change(decisions, decision="deny", reason="not_allowed", action="crm.write") == 1
+    assert (
+        counted.change(decisions, decision="deny", reason="not_authorized", action="crm.write") == 1
+    )
     # Exactly what the ledger charged, in dollars: $0.00025 + one $0.00005 of the two reads.
     charged = "drawdown_charged_usd_total"
     assert round(counted.change(charged, provider="openai", action="llm") * 1e9) == 250_000
@@ -140,7 +150,7 @@ def test_a_failed_transaction_counts_ledger_errors_and_no_decision() -> None:
         with pytest.raises(LedgerError):
             await worker.call("reserve", row(), [], Amount(), NOW + 60)
         with pytest.raises(LedgerError):
-            await worker.call("record", row(decision="deny", reason_code="not_allowed"))
+            await worker.call("record", row(decision="deny", reason_code="not_authorized"))
 
     run_through_writer(BrokenLedger(), steps)
     assert counted.change("drawdown_ledger_errors_total", operation="reserve") == 1
@@ -170,3 +180,61 @@ def test_the_exposition_is_prometheus_text_without_created_samples() -> None:
     assert families["drawdown_ledger_transaction_seconds"].type == "histogram"
     assert families["drawdown_holds_open"].type == "gauge"
     assert not any(s.name.endswith("_created") for f in families.values() for s in f.samples)
+
+
+def test_an_mcp_tool_the_policy_does_not_name_is_counted_under_its_servers_action(
+    tmp_path: Path,
+) -> None:
+    """An unmapped tool's kind is `<action>.<tool>`, the tool named by the client: one series
+    each would grow without bound. Counted under the kind the policy names."""
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(
+        "actions:\n"
+        "  - {kind: llm, provider: openai, match: {host: api.openai.com}}\n"
+        "  - kind: mcp.docs\n"
+        "    provider: mcp\n"
+        "    match: {host: docs.example.com}\n"
+        "    tools: {search: docs.search}\n"
+    )
+    counting = metrics.LedgerMetrics()
+    counting.kinds = metrics.kinds_of(load_policy(str(policy)))
+    assert counting.kinds == {"llm", "mcp.docs", "docs.search"}
+    counted = Counted()
+    rows = [row(kind, None) for kind in ("mcp.docs.tool_9f3a", "mcp.docs.a.b", "docs.search")]
+    rows.append(row("elsewhere.x", None))  # a kind no longer named (the policy was edited)
+    counting.observe(
+        [("reserve", (r,)) for r in rows], [ReserveOutcome("allow", None)] * len(rows), 0.001
+    )
+    decisions = "drawdown_decisions_total"
+    assert counted.change(decisions, decision="allow", reason="", action="mcp.docs") == 2
+    assert counted.change(decisions, decision="allow", reason="", action="docs.search") == 1
+    assert counted.change(decisions, decision="allow", reason="", action="other") == 1
+    assert counted.change(decisions, decision="allow", reason="", action="mcp.docs.tool_9f3a") == 0
+
+
+def test_holds_of_a_ledger_lost_or_replaced_are_no_longer_open(tmp_path: Path) -> None:
+    """A ledger deleted under the proxy, or another one configured: the holds in it will never
+    be settled by this process, which must not show them open for ever."""
+    ledger = SQLiteLedger(tmp_path / "ledger.db")
+    counting = metrics.LedgerMetrics()
+    counted = Counted()
+    worker = AsyncLedger(ledger, observer=counting.observe)
+
+    async def reserve_two() -> None:
+        for _ in range(2):
+            await worker.call("reserve", row(), [], Amount(requests=1), NOW + 60)
+        await worker.aclose()
+
+    asyncio.run(reserve_two())
+    assert counted.change("drawdown_holds_open") == 2
+    counting.forget_holds()
+    assert counted.change("drawdown_holds_open") == 0
+    ledger.close()
+
+
+def test_ledger_error_series_exist_before_the_first_error() -> None:
+    """An alert on increase() needs the series at 0 before the first error, not appearing
+    with it."""
+    samples = Counted().before
+    for operation in ("reserve", "record", "commit", "release"):
+        assert ("drawdown_ledger_errors_total", (("operation", operation),)) in samples

@@ -1,9 +1,18 @@
 """The `--workers` supervisor's start-up duties, without starting a proxy."""
 
+import fcntl
 import os
+import time
+from pathlib import Path
 
 import pytest
-from drawdown.workers import takes_every_cpu, worker_command
+from drawdown.workers import (
+    METRICS_LOCK,
+    METRICS_PREFIX,
+    remove_orphaned_metrics,
+    takes_every_cpu,
+    worker_command,
+)
 
 
 def test_workers_that_take_every_cpu_get_writers_that_wait_for_their_loops() -> None:
@@ -59,3 +68,30 @@ def test_a_hangup_stops_the_proxy_unless_it_runs_under_nohup() -> None:
         assert set(stop_signals()) == {signal.SIGINT, signal.SIGTERM}
     finally:
         signal.signal(signal.SIGHUP, before)
+
+
+def test_metrics_folders_of_killed_supervisors_are_removed_and_live_ones_kept(
+    tmp_path: Path,
+) -> None:
+    """A supervisor killed by SIGKILL leaves its workers' metrics folder behind: the next one
+    removes the folders whose lock no process holds, old enough to have been locked."""
+
+    def folder(name: str, age: float) -> Path:
+        made = tmp_path / f"{METRICS_PREFIX}{name}"
+        made.mkdir()
+        (made / "counter_123.db").write_bytes(b"\0" * 16)
+        (made / METRICS_LOCK).touch()
+        then = time.time() - age
+        os.utime(made, (then, then))
+        return made
+
+    orphan = folder("orphan", age=3600)
+    live = folder("live", age=3600)
+    young = folder("young", age=1)  # a supervisor's, between making it and locking it
+    other = tmp_path / "someone-else"
+    other.mkdir()
+    with open(live / METRICS_LOCK) as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # its supervisor runs
+        remove_orphaned_metrics(str(tmp_path))
+    assert not orphan.exists()
+    assert live.exists() and young.exists() and other.exists()

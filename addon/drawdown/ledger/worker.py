@@ -53,6 +53,13 @@ def _resolve(settled: list[tuple[asyncio.Future[Any], Any]]) -> None:
             future.set_result(result)
 
 
+def _observe(observer: Callable[..., None], calls: Any, results: Any, started: float) -> None:
+    try:
+        observer(calls, results, time.perf_counter() - started)
+    except Exception:
+        log.exception("drawdown: counting a ledger batch for the metrics failed")
+
+
 class AsyncLedger:
     def __init__(
         self,
@@ -170,6 +177,12 @@ class AsyncLedger:
             results = [LedgerError(f"ledger failure: {exc}")] * len(batch)
         if after_batch is not None:
             after_batch(len(batch))
+        observer = self.observer
+        # Several writers: a caller woken now may have its next operation (the commit of a hold
+        # this batch made) counted by another writer before this one counted the hold.
+        early = observer is not None and len(self._threads) > 1
+        if early:
+            _observe(observer, calls, results, started)
         # One wake-up per event loop for the whole batch, not one per operation.
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], Any]]] = {}
         for (_, _, future, loop), result in zip(batch, results, strict=True):
@@ -179,11 +192,8 @@ class AsyncLedger:
                 loop.call_soon_threadsafe(_resolve, settled)
             except RuntimeError:  # the loop has closed; nobody is waiting any more
                 pass
-        if self.observer is not None:  # after the waiters were woken: off their path
-            try:
-                self.observer(calls, results, time.perf_counter() - started)
-            except Exception:
-                log.exception("drawdown: counting a ledger batch for the metrics failed")
+        if observer is not None and not early:  # after the waiters were woken: off their path
+            _observe(observer, calls, results, started)
 
     def close(self, timeout: float = 10.0) -> None:
         """Stop the writers once they have run everything queued (on the loop's thread: what
