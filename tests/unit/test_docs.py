@@ -6,6 +6,8 @@ import re
 from pathlib import Path
 
 import pytest
+import yaml
+from drawdown import metrics
 from drawdown.policy import load_policy
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -34,3 +36,25 @@ def test_the_readmes_walked_through_policy_passes_check(tmp_path: Path) -> None:
     path.write_text(block)
     policy = load_policy(str(path))
     assert {"llm", "crm.read", "refund.issue"} <= {a.kind for a in policy.actions}
+
+
+def test_the_readmes_metrics_are_the_ones_the_proxy_exposes() -> None:
+    """The metrics table and the alert rules a reader copies name series the proxy has."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("### Metrics\n", 1)[1].split("\n### ", 1)[0]
+    # (not `drawdown_metrics=false`, the option)
+    named = set(re.findall(r"\b(drawdown_[a-z_]+)\b(?!=)", section))
+    assert len(named) >= 8, named
+    suffixes = {
+        "counter": ["_total"],
+        "gauge": [""],
+        "histogram": ["", "_bucket", "_count", "_sum"],
+    }
+    exposed = {
+        family.name + suffix
+        for family in metrics.REGISTRY.collect()
+        for suffix in suffixes[family.type]
+    }
+    assert named <= exposed, sorted(named - exposed)
+    rules = section.split("# Prometheus rules\n", 1)[1].split("```", 1)[0]
+    assert yaml.safe_load(rules)["groups"][0]["rules"], "the rules block no longer parses"
