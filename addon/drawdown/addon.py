@@ -1369,6 +1369,7 @@ class Drawdown:
                 {"content-type": content_type, "cache-control": "no-store"},
             )
             return
+        started = time.perf_counter()
         self._deciding += 1  # not yet in self.inflight: a drain must wait for it too
         try:
             await self._decide(flow)
@@ -1387,6 +1388,8 @@ class Drawdown:
         state: FlowState | None = flow.metadata.get(STATE)
         if state is not None and state.hold_id is not None and flow.response is None:
             state.forwarded_at = time.time()
+            if self._metrics:
+                metrics.DECISION_SECONDS.observe(time.perf_counter() - started)
             # Forwarded: wait no longer than drawdown_upstream_timeout for its response headers.
             state.upstream_timer = asyncio.get_running_loop().call_later(
                 self.seconds["drawdown_upstream_timeout"], self._upstream_silent, flow

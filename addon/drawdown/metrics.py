@@ -83,6 +83,20 @@ LEDGER_SECONDS = Histogram(
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
     registry=REGISTRY,
 )
+DECISION_SECONDS = Histogram(
+    "drawdown_decision_seconds",
+    "drawdown's own time before a call is forwarded, from its whole request: classified, "
+    "estimated, authorized and its reservation made",
+    buckets=(0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
+    registry=REGISTRY,
+)
+UPSTREAM_SECONDS = Histogram(
+    "drawdown_upstream_seconds",
+    "How long settled calls' upstreams took to begin their answer once sent the request",
+    ["provider"],
+    buckets=(0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0),
+    registry=REGISTRY,
+)
 POLICY_RELOADS = Counter(
     "drawdown_policy_reloads",
     "Policy edits the watcher read: applied, or rejected (the last good policy stays)",
@@ -161,10 +175,13 @@ class LedgerMetrics:
     def _settled(self, name: str, args: tuple[Any, ...], settled: Any) -> int:
         """Counts a settlement; 1 if it ended a hold this process counted as open."""
         labels = self._held.pop(args[1], None)
+        provider, action = labels or ("", "")
+        completion = args[2]
+        if completion.upstream_ms is not None:
+            upstream = self._child(UPSTREAM_SECONDS, provider)
+            upstream.observe(completion.upstream_ms / 1000)
         if name == "commit" and settled.applied and not settled.charged_before:
             # (A release charges nothing; a repeat under a once key, its request alone.)
-            provider, action = labels or ("", "")
-            completion = args[2]
             if completion.actual.usd:
                 usd = completion.actual.usd / NANOS_PER_USD
                 self._child(CHARGED_USD, provider, action).inc(usd)

@@ -116,6 +116,10 @@ def test_a_scrape_counts_what_the_ledger_recorded_and_charged(
     assert sample(samples, tokens, provider="openai", direction="output") == tokens_out
     assert sample(samples, "drawdown_holds_open") == 0
     assert sample(samples, "drawdown_ledger_transaction_seconds_count") >= 4
+    # drawdown's own time before each forwarded call, and the upstream's before its answer.
+    assert sample(samples, "drawdown_decision_seconds_count") == 3
+    assert sample(samples, "drawdown_decision_seconds_sum") > 0
+    assert sample(samples, "drawdown_upstream_seconds_count", provider="openai") == 3
     assert sample(samples, "drawdown_ledger_errors_total", operation="reserve") == 0
     # Prometheus 3 asks for OpenMetrics first: answered in it.
     request = urllib.request.Request(

@@ -83,7 +83,7 @@ def test_the_writer_counts_what_the_ledger_recorded_and_charged(tmp_path: Path) 
         held = await worker.call("reserve", first, budget, Amount(usd=600_000), NOW + 60)
         done = Completion(
             actual=Amount(usd=250_000, tokens=130, requests=1), status=200, tokens_in=100,
-            tokens_out=30, usage_source="usage",
+            tokens_out=30, usage_source="usage", upstream_ms=120.0,
         )  # fmt: skip
         await worker.call("commit", first.request_id, held.hold_id, done, NOW)
         # $0.00075 left: an estimate of $0.0008 is refused.
@@ -95,7 +95,7 @@ def test_the_writer_counts_what_the_ledger_recorded_and_charged(tmp_path: Path) 
         # A call released (its upstream failed): its hold ends, nothing is charged.
         failed = row()
         held = await worker.call("reserve", failed, budget, Amount(usd=100_000), NOW + 60)
-        gone = Completion(actual=Amount(usd=100_000), status=502)
+        gone = Completion(actual=Amount(usd=100_000), status=502, upstream_ms=3000.0)
         await worker.call("release", failed.request_id, held.hold_id, gone, "upstream 502", NOW)
         # A batch's results read twice: charged once (the second is its request alone).
         for _ in range(2):
@@ -129,6 +129,12 @@ def test_the_writer_counts_what_the_ledger_recorded_and_charged(tmp_path: Path) 
     assert counted.change(tokens, provider="openai", direction="input") == 115
     assert counted.change(tokens, provider="openai", direction="output") == 35
     assert counted.change("drawdown_holds_open") == 1
+    # How long the upstreams took to answer: the committed call's 120 ms, the released one's 3 s.
+    upstream = "drawdown_upstream_seconds_bucket"
+    assert counted.change(upstream, provider="openai", le="0.1") == 0
+    assert counted.change(upstream, provider="openai", le="0.25") == 1
+    assert counted.change(upstream, provider="openai", le="5.0") == 2
+    assert counted.change("drawdown_upstream_seconds_sum", provider="openai") == pytest.approx(3.12)
     assert counted.change("drawdown_ledger_errors_total", operation="reserve") == 0
     assert counted.change("drawdown_ledger_transaction_seconds_count") >= 9
     ledger.close()
