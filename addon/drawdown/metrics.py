@@ -27,6 +27,7 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    ProcessCollector,
     disable_created_metrics,
     multiprocess,
 )
@@ -40,6 +41,9 @@ NANOS_PER_USD = 1_000_000_000
 # mode has none, so one process and N workers expose the same series.
 disable_created_metrics()
 REGISTRY = CollectorRegistry()
+# The process's memory, CPU and open files (`process_*`), as prometheus_client's default
+# registry has them: one process's only, so not under --workers, whose scrape is any worker's.
+ProcessCollector(registry=REGISTRY)
 
 DECISIONS = Counter(
     "drawdown_decisions",

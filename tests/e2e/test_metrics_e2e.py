@@ -116,6 +116,9 @@ def test_a_scrape_counts_what_the_ledger_recorded_and_charged(
     assert sample(samples, tokens, provider="openai", direction="output") == tokens_out
     assert sample(samples, "drawdown_holds_open") == 0
     assert sample(samples, "drawdown_ledger_transaction_seconds_count") >= 4
+    # The process's own (one process: under --workers a scrape is any worker's).
+    assert sample(samples, "process_resident_memory_bytes") > 50 * 2**20
+    assert sample(samples, "process_open_fds") > 0
     # drawdown's own time before each forwarded call, and the upstream's before its answer.
     assert sample(samples, "drawdown_decision_seconds_count") == 3
     assert sample(samples, "drawdown_decision_seconds_sum") > 0
@@ -209,4 +212,5 @@ def test_any_worker_scraped_answers_for_all_of_them(
         samples = scrape(proxy)
         assert (allowed(samples), refused(samples)) == (10, 6)
         assert sample(samples, "drawdown_holds_open") == 0
+        assert ("process_resident_memory_bytes", ()) not in samples  # whose would it be?
     proxy.stop()
