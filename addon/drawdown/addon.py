@@ -1579,11 +1579,12 @@ class Drawdown:
         mode = self._internal_hosts
         if (
             mode != "allow"
-            and (internal := destinations.named_internal(flow.request.host)) is not None
+            and (named := destinations.named_address(flow.request.host)) is not None
             and destinations.guarded(mode, flow.client_conn)
+            and destinations.internal_here(named)  # (a routing query: for a guarded client)
         ):
             # No policy's to waive: such a request never means what its client meant.
-            message = destinations.refusal(flow.request.host, internal)
+            message = destinations.refusal(flow.request.host, named)
             await self._deny_before_budgets(flow, state, "internal_host", message, always=True)
             return
         if action is None:

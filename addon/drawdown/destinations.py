@@ -104,9 +104,9 @@ def internal_here(address: IPAddress) -> str | None:
     return "one of its own addresses" if on_this_host(address) else None
 
 
-def named_internal(host: str) -> IPAddress | None:
-    """The internal address (or this host's own) a host names without a lookup (`127.0.0.1`,
-    `[::1]`, and `localhost`, which every resolver keeps on the machine asking), else None."""
+def named_address(host: str) -> IPAddress | None:
+    """The address a host names without a lookup (`127.0.0.1`, `[::1]`, and `localhost`,
+    which every resolver keeps on the machine asking), else None: a name."""
     name = host.rstrip(".").lower()
     if name == "localhost" or name.endswith(".localhost"):  # RFC 6761
         return ipaddress.IPv4Address("127.0.0.1")
@@ -115,8 +115,7 @@ def named_internal(host: str) -> IPAddress | None:
         # mitmproxy connects, as are the numbers getaddrinfo reads and ipaddress does not
         # (`127.1`, `0x7f000001`).
         return None
-    address = literal(name)  # `127.0.0.1.` too, which the ledger records as 127.0.0.1
-    return address if address is not None and internal_here(address) else None
+    return literal(name)  # `127.0.0.1.` too, which the ledger records as 127.0.0.1
 
 
 def same_host(client: connection.Client) -> bool:

@@ -32,6 +32,12 @@ REMOTE = ("203.0.113.7", 51000)  # an agent on another host
 PROXY = ("192.0.2.10", 8080)  # the proxy's own address it connected to
 
 
+def named_internal(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """As the proxy asks it of a guarded client's request (addon.py, `_decide`)."""
+    address = destinations.named_address(host)
+    return address if address is not None and destinations.internal_here(address) else None
+
+
 @pytest.mark.parametrize(
     "address",
     ["127.0.0.1", "127.8.9.10", "::1", "169.254.169.254", "fe80::1", "0.0.0.0", "::",
@@ -43,7 +49,7 @@ PROXY = ("192.0.2.10", 8080)  # the proxy's own address it connected to
 )  # fmt: skip
 def test_internal_addresses(address: str) -> None:
     assert destinations.internal(ipaddress.ip_address(address))
-    assert destinations.named_internal(address) == ipaddress.ip_address(address)
+    assert named_internal(address) == ipaddress.ip_address(address)
 
 
 @pytest.mark.parametrize(
@@ -63,7 +69,7 @@ def test_private_and_public_addresses_are_not_internal(address: str) -> None:
      ("127.1", None), ("2130706433", None)],  # numbers only getaddrinfo reads: at the connect
 )  # fmt: skip
 def test_a_host_that_names_an_internal_address(host: str, named: str | None) -> None:
-    found = destinations.named_internal(host)
+    found = named_internal(host)
     assert (str(found) if found else None) == named
 
 
@@ -75,11 +81,11 @@ def test_this_hosts_own_addresses_are_internal_to_it() -> None:
     assert destinations.on_this_host(own)
     assert destinations.internal(own) is None  # on this host only: not a category of address
     assert destinations.internal_here(own) == "one of its own addresses"
-    assert destinations.named_internal(str(own)) == own
+    assert named_internal(str(own)) == own
     assert destinations.on_this_host(ipaddress.ip_address("127.0.0.1"))
     for other in ["198.51.100.7", "10.255.1.2", "2001:db8::7"]:
         assert not destinations.on_this_host(ipaddress.ip_address(other)), other
-        assert destinations.named_internal(other) is None
+        assert named_internal(other) is None
     assert "(one of its own addresses)" in destinations.refusal(str(own), own)
 
 
