@@ -773,6 +773,8 @@ class Drawdown:
             self._metrics = ctx.options.drawdown_metrics
             if self.ledger is not None:
                 self.ledger.observer = self._ledger_observer()
+            if not self._metrics:  # their settlements go uncounted: open no longer
+                self.ledger_metrics.forget_holds()
         if "drawdown_db" in updated and ctx.options.drawdown_db != self.ledger_url:
             self._open_ledger(ctx.options.drawdown_db)
         if "drawdown_tokenizer_process" in updated and self._running:
@@ -1362,9 +1364,14 @@ class Drawdown:
     async def request(self, flow: http.HTTPFlow) -> None:
         if flow.metadata.get(SCRAPE) and not (flow.response or flow.error):
             accept = flow.request.headers.get("accept", "")
-            text, content_type = await asyncio.to_thread(metrics.exposition, accept)
+            try:
+                text, content_type = await asyncio.to_thread(metrics.exposition, accept)
+                status = 200
+            except Exception:  # never left to mitmproxy, which would forward it to itself
+                log.exception("drawdown: could not answer a scrape of %s", metrics.PATH)
+                text, content_type, status = b"drawdown: metrics unavailable\n", "text/plain", 500
             flow.response = http.Response.make(
-                200,
+                status,
                 b"" if flow.request.method.upper() == "HEAD" else text,
                 {"content-type": content_type, "cache-control": "no-store"},
             )

@@ -22,6 +22,7 @@ made to the address checked, so that a second lookup cannot answer otherwise (DN
 from __future__ import annotations
 
 import asyncio
+import errno
 import ipaddress
 import socket
 
@@ -82,19 +83,34 @@ def internal(address: IPAddress) -> str | None:
     return None
 
 
+# What connecting a UDP socket answers for an address no route leads to (or a broadcast one):
+# none of this host's addresses.
+_NO_ROUTE = frozenset(
+    {errno.ENETUNREACH, errno.EHOSTUNREACH, errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL,
+     errno.EINVAL, errno.EACCES}
+)  # fmt: skip
+
+
 def on_this_host(address: IPAddress) -> bool:
     """One of this host's own addresses, whatever its interfaces: the kernel routes a datagram
-    to such an address through loopback, from that same address. Connecting a UDP socket asks
-    the routing table only; nothing is sent."""
+    to such an address through loopback, from that same address (or from a loopback one: a
+    local route given `src 127.0.0.1`), and a route leaving the host never has a loopback
+    source. Connecting a UDP socket asks the routing table only; nothing is sent. When the
+    question cannot be asked (no descriptor left, a UDP socket denied) the answer is yes:
+    refused, never let through."""
     address = _unmapped(address)
     family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
     try:
-        with socket.socket(family, socket.SOCK_DGRAM) as probe:
+        probe = socket.socket(family, socket.SOCK_DGRAM)
+    except OSError as exc:
+        return exc.errno != errno.EAFNOSUPPORT  # no IPv6 here: none of its addresses
+    with probe:
+        try:
             probe.connect((str(address), 9))
             source = _address_of(probe.getsockname())
-    except OSError:
-        return False  # no route to it (or no IPv6 here): none of this host's addresses
-    return source == address
+        except OSError as exc:
+            return exc.errno not in _NO_ROUTE
+    return source is not None and (source == address or source.is_loopback)
 
 
 def internal_here(address: IPAddress) -> str | None:

@@ -212,7 +212,10 @@ def exposition(accept: str = "") -> tuple[bytes, str]:
     """What a scrape gets, and its content type, in the format its Accept header asks for (as
     prometheus_client's own servers answer): this process's values, or every worker's under
     `--workers`, whose files it reads: call it off the event loop."""
-    encode, content_type = choose_encoder(accept)
+    try:
+        encode, content_type = choose_encoder(accept)
+    except (TypeError, ValueError):  # a version it cannot read (`version=x.y`): the default
+        encode, content_type = choose_encoder("")
     if os.environ.get(MULTIPROCESS_ENV):
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)

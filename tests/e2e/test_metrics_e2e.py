@@ -132,6 +132,15 @@ def test_a_scrape_counts_what_the_ledger_recorded_and_charged(
     with _DIRECT.open(request, timeout=10) as answer:
         assert answer.headers["content-type"].startswith("application/openmetrics-text")
         assert answer.read().decode().endswith("# EOF\n")
+    # A version it cannot read (which raised inside the hook, and mitmproxy answered 502):
+    # the default format.
+    for accept in ("text/plain;version=x.y", "application/openmetrics-text; version=abc"):
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{proxy.address[1]}/metrics", headers={"Accept": accept}
+        )
+        with _DIRECT.open(request, timeout=10) as answer:
+            assert answer.status == 200
+            assert answer.headers["content-type"].startswith("text/plain; version=0.0.4")
     # A scrape is no agent's call: nothing recorded for it.
     assert proxy.query("SELECT COUNT(*) FROM decisions") == [(4,)]
 

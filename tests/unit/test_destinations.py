@@ -5,7 +5,9 @@ tests/e2e/test_internal_hosts_e2e.py drives a real proxy with the openai SDK."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import ipaddress
+import os
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -87,6 +89,64 @@ def test_this_hosts_own_addresses_are_internal_to_it() -> None:
         assert not destinations.on_this_host(ipaddress.ip_address(other)), other
         assert named_internal(other) is None
     assert "(one of its own addresses)" in destinations.refusal(str(own), own)
+
+
+class RoutingAnswer:
+    """A UDP socket whose connect the routing table answers as told (or refuses)."""
+
+    def __init__(self, source: str | None = None, error: int | None = None) -> None:
+        self.source, self.error = source, error
+
+    def __call__(self, family: int, kind: int) -> RoutingAnswer:
+        return self
+
+    def __enter__(self) -> RoutingAnswer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def connect(self, address: tuple[str, int]) -> None:
+        if self.error is not None:
+            raise OSError(self.error, os.strerror(self.error))
+
+    def getsockname(self) -> tuple[str, int]:
+        assert self.source is not None
+        return (self.source, 40000)
+
+
+@pytest.mark.parametrize(
+    ("answer", "own"),
+    [
+        (
+            RoutingAnswer(source="127.0.0.1"),
+            True,
+        ),  # `ip route add local 10.88.0.0/24 dev lo src 127.0.0.1`
+        (RoutingAnswer(source="192.0.2.2"), False),  # leaves the host from its LAN address
+        (RoutingAnswer(error=errno.ENETUNREACH), False),  # no route: not here
+        (RoutingAnswer(error=errno.EACCES), False),  # a broadcast address
+        (RoutingAnswer(error=errno.EPERM), True),  # a UDP connect denied: cannot tell, refused
+    ],
+)
+def test_what_the_routing_table_answers(
+    monkeypatch: pytest.MonkeyPatch, answer: RoutingAnswer, own: bool
+) -> None:
+    """A local route whose source is loopback delivers to this host (it passed the check); a
+    question the proxy cannot ask is answered yes (it was let through)."""
+    monkeypatch.setattr(destinations.socket, "socket", answer)
+    assert destinations.on_this_host(ipaddress.ip_address("10.88.0.9")) is own
+
+
+@pytest.mark.parametrize(("error", "own"), [(errno.EMFILE, True), (errno.EAFNOSUPPORT, False)])
+def test_no_socket_to_ask_with(monkeypatch: pytest.MonkeyPatch, error: int, own: bool) -> None:
+    """Out of descriptors (a remote client can push the proxy there): refused, not let
+    through. No IPv6 on this host: none of its addresses."""
+
+    def no_socket(family: int, kind: int) -> None:
+        raise OSError(error, os.strerror(error))
+
+    monkeypatch.setattr(destinations.socket, "socket", no_socket)
+    assert destinations.on_this_host(ipaddress.ip_address("10.88.0.9")) is own
 
 
 def client(peer: tuple[str, int], own: tuple[str, int]) -> connection.Client:
