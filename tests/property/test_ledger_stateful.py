@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from drawdown.ledger.api import UNITS, Amount, Claim, Completion, DecisionRow
+from drawdown.ledger.api import UNITS, Amount, Claim, Completion, DecisionRow, LeaseWatch
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -95,10 +95,14 @@ class LedgerMachine(RuleBasedStateMachine):
         super().__init__()
         self.backend: LedgerBackend = type(self).fresh()
         self.now = float(int(time.time())) + 1  # processes register with the real clock
+        # Each sweeper measures the others' leases on its own clock (LeaseWatch): here, the
+        # machine's. A lease lapses once the sweeper has seen a heartbeat unchanged for LEASE.
         self.procs: dict[str, Any] = {
-            "A": self.backend.open(process_id="A"),
-            "B": self.backend.open(process_id="B"),
+            name: self.backend.open(process_id=name, leases=LeaseWatch(clock=lambda: self.now))
+            for name in ("A", "B")
         }
+        # The model of each sweeper's watch: owner -> (heartbeat seen, unchanged since).
+        self.watched: dict[str, dict[str, tuple[float, float]]] = {"A": {}, "B": {}}
         self.alive = {"A": True, "B": True}
         self.heartbeats = {"A": self.now, "B": self.now}
         for name in ("A", "B"):
@@ -272,15 +276,34 @@ class LedgerMachine(RuleBasedStateMachine):
         return self.procs[h.owner] if self.alive[h.owner] else self.procs["A"]
 
     def _sweep(self, sweeper: str) -> None:
-        expected = 0
-        for h in self.model_holds.values():
-            lapsed = h.owner != sweeper and self.heartbeats[h.owner] < self.now - LEASE
-            if h.state == "active" and (h.expires_at < self.now or lapsed):
-                self._apply(h, [-e for e in h.est], (0, 0, 0))
-                h.state = "expired"
-                h.history.append("expired")
-                expected += 1
-        assert self.procs[sweeper].sweep(self.now, LEASE) == expected
+        def active() -> list[ModelHold]:
+            return [h for h in self.model_holds.values() if h.state == "active"]
+
+        def holders() -> set[str]:
+            return {h.owner for h in active() if h.owner != sweeper}
+
+        # The proxies whose heartbeats the sweeper reads: those holding something. PostgreSQL
+        # reads them before the TTLs expire holds (one statement ends both), SQLite after.
+        watched = holders() if self.backend.kind == "postgres" else None
+        expired = [h for h in active() if h.expires_at < self.now]
+        self._expire(expired)
+        seen, now_seen = self.watched[sweeper], {}
+        for owner in holders() if watched is None else watched:
+            beat = self.heartbeats[owner]
+            before = seen.get(owner)
+            since = before[1] if before is not None and before[0] == beat else self.now
+            now_seen[owner] = (beat, since)
+        self.watched[sweeper] = now_seen
+        dead = {owner for owner, (_, since) in now_seen.items() if self.now - since >= LEASE}
+        lapsed = [h for h in active() if h.owner in dead]
+        self._expire(lapsed)
+        assert self.procs[sweeper].sweep(self.now, LEASE) == len(expired) + len(lapsed)
+
+    def _expire(self, holds: list[ModelHold]) -> None:
+        for h in holds:
+            self._apply(h, [-e for e in h.est], (0, 0, 0))
+            h.state = "expired"
+            h.history.append("expired")
 
     # --- invariants ----------------------------------------------------------------------------
 
