@@ -22,6 +22,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+from mitmproxy import version as mitmproxy_version
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -32,6 +33,8 @@ from prometheus_client import (
     multiprocess,
 )
 from prometheus_client.exposition import choose_encoder
+
+from . import __version__
 
 PATH = "/metrics"
 MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -101,6 +104,15 @@ UPSTREAM_SECONDS = Histogram(
     buckets=(0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0),
     registry=REGISTRY,
 )
+BUILD_INFO = Gauge(
+    "drawdown_build_info",
+    "1, labelled with the drawdown and the mitmproxy this process runs: a fleet half upgraded "
+    "shows as two label sets",
+    ["version", "mitmproxy"],
+    registry=REGISTRY,
+    multiprocess_mode="livemax",
+)
+BUILD_INFO.labels(__version__, mitmproxy_version.VERSION).set(1)
 POLICY_RELOADS = Counter(
     "drawdown_policy_reloads",
     "Policy edits the watcher read: applied, or rejected (the last good policy stays)",

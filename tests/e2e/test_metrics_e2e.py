@@ -14,6 +14,8 @@ from pathlib import Path
 import bcrypt
 import openai
 import pytest
+from drawdown import __version__
+from mitmproxy.version import VERSION
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.proxy import DrawdownProcess
@@ -116,6 +118,8 @@ def test_a_scrape_counts_what_the_ledger_recorded_and_charged(
     assert sample(samples, tokens, provider="openai", direction="output") == tokens_out
     assert sample(samples, "drawdown_holds_open") == 0
     assert sample(samples, "drawdown_ledger_transaction_seconds_count") >= 4
+    # What it runs: `drawdown --version`'s figures.
+    assert sample(samples, "drawdown_build_info", version=__version__, mitmproxy=VERSION) == 1
     # The process's own (one process: under --workers a scrape is any worker's).
     assert sample(samples, "process_resident_memory_bytes") > 50 * 2**20
     assert sample(samples, "process_open_fds") > 0
@@ -222,4 +226,5 @@ def test_any_worker_scraped_answers_for_all_of_them(
         assert (allowed(samples), refused(samples)) == (10, 6)
         assert sample(samples, "drawdown_holds_open") == 0
         assert ("process_resident_memory_bytes", ()) not in samples  # whose would it be?
+        assert sample(samples, "drawdown_build_info", version=__version__, mitmproxy=VERSION) == 1
     proxy.stop()
