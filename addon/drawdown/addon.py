@@ -1279,8 +1279,8 @@ class Drawdown:
             server.error = f"drawdown: cannot resolve {host}: {exc}"
             return
         for address in addresses:
-            if destinations.internal_here(address):
-                server.error = destinations.refusal(host, address)
+            if kind := destinations.internal_here(address):
+                server.error = destinations.refusal(host, address, kind)
                 return
         if addresses and str(addresses[0]) != host:
             # A literal the resolver would read otherwise too (`8.8.8.8%x`, checked as 8.8.8.8,
@@ -1588,10 +1588,10 @@ class Drawdown:
             mode != "allow"
             and (named := destinations.named_address(flow.request.host)) is not None
             and destinations.guarded(mode, flow.client_conn)
-            and destinations.internal_here(named)  # (a routing query: for a guarded client)
+            and (kind := destinations.internal_here(named))  # a routing query: guarded only
         ):
             # No policy's to waive: such a request never means what its client meant.
-            message = destinations.refusal(flow.request.host, named)
+            message = destinations.refusal(flow.request.host, named, kind)
             await self._deny_before_budgets(flow, state, "internal_host", message, always=True)
             return
         if action is None:

@@ -160,9 +160,10 @@ async def resolve(host: str, port: int) -> list[IPAddress]:
     return addresses
 
 
-def refusal(host: str, address: IPAddress) -> str:
+def refusal(host: str, address: IPAddress, kind: str) -> str:
+    """The refusal of `address` (`host` resolved), `kind` as `internal_here` found it: asked
+    once, since whether an address is this host's own costs a routing query."""
     shown = host if literal(host) == address else f"{host} ({address})"
-    kind = internal_here(address) or "internal"
     return (
         f"drawdown: {shown} is an address on the proxy's own host ({kind}), which a client "
         "on another host may not reach through it (drawdown_internal_hosts)"

@@ -88,7 +88,9 @@ def test_this_hosts_own_addresses_are_internal_to_it() -> None:
     for other in ["198.51.100.7", "10.255.1.2", "2001:db8::7"]:
         assert not destinations.on_this_host(ipaddress.ip_address(other)), other
         assert named_internal(other) is None
-    assert "(one of its own addresses)" in destinations.refusal(str(own), own)
+    assert "(one of its own addresses)" in destinations.refusal(
+        str(own), own, destinations.internal_here(own) or ""
+    )
 
 
 class RoutingAnswer:
