@@ -73,7 +73,7 @@ from .meter.prices import url_provider
 from .money import MAX_AMOUNT, usd_to_nanos
 from .policy import Policy, PolicyInvalid, load_policy, policy_fingerprint
 from .policy.match import dig, glob_regex, missing
-from .policy.model import hostless_action
+from .policy.model import JUDGING_KEY, Judging, hostless_action
 from .policy.source import Problem
 from .realtime import RealtimeSession, UnreadableEvent, error_event, named, parse_event
 from .respond import denial
@@ -620,6 +620,9 @@ class Drawdown:
         self._policy_seen: tuple[Any, ...] = ()
         # The last look met a link to nothing: the next looks again, changed or not.
         self._policy_recheck = False
+        # The ledger and the key under which it has the policy's anomaly settings
+        # (_record_judging): done once per ledger opened and policy installed.
+        self._judging_recorded: tuple[AsyncLedger, str] | None = None
         self.seconds: dict[str, float] = {
             name: float(default) for name, default, _ in SECONDS_OPTIONS
         }
@@ -807,6 +810,7 @@ class Drawdown:
         if ctx.options.drawdown_tokenizer_process:
             tokenizer_process.use_tokenizer_process()  # its child starts on the first big text
         self._spawn(self._warm_up())
+        self._spawn(self._record_judging())
         self._spawn(self._maintain())
         self._spawn(self._watch_policy())
 
@@ -1026,6 +1030,7 @@ class Drawdown:
             policy = self.policy
             now = time.time()
             await self._retry_settlements()
+            await self._record_judging()  # if the ledger could not take it before
             try:
                 await self.ledger.call("heartbeat", now)
                 live = [
@@ -1041,6 +1046,24 @@ class Drawdown:
                         log.info("drawdown: sweeper released %d expired hold(s)", swept)
             except LedgerError as exc:
                 log.warning("drawdown: ledger maintenance failed: %s", exc)
+
+    async def _record_judging(self) -> None:
+        """Keep the policy's anomaly settings in the ledger, by the digest its decisions
+        carry, so that `drawdown report` without --policy judges them by these, not by the
+        built-in ones. Once per ledger and policy; a failure is tried again at the next tick."""
+        ledger, policy = self.ledger, self.policy
+        if ledger is None or policy is None or not policy.digest:
+            return
+        key = JUDGING_KEY + policy.digest[:16]
+        done = self._judging_recorded
+        if done is not None and done[0] is ledger and done[1] == key:
+            return
+        try:
+            await ledger.call("remember", key, Judging.of(policy).record())
+        except LedgerError as exc:
+            log.debug("drawdown: policy settings not recorded yet: %s", exc)
+            return
+        self._judging_recorded = (ledger, key)
 
     async def _ledger_file_lost(self, ledger: AsyncLedger) -> bool:
         """Whether the ledger's file was deleted or replaced under the proxy (then it is closed).
@@ -1179,6 +1202,7 @@ class Drawdown:
             return
         self._policy_recheck = False
         self._install_policy(policy)
+        self._spawn(self._record_judging())
         metrics.policy_reloaded(applied=True)
         log.info("drawdown: policy reloaded from %s", path)
         override = ctx.options.drawdown_mode

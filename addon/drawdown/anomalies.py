@@ -37,7 +37,7 @@ import itertools
 import math
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from typing import Any
 
@@ -51,7 +51,7 @@ from .ledger.api import (
 )
 from .ledger.reader import Reader
 from .money import format_usd
-from .policy.model import AnomalySettings, Detector, Policy
+from .policy.model import JUDGING_KEY, AnomalySettings, Detector, Judging, Policy
 
 LLM_PROVIDERS = ("openai", "anthropic", "gemini", "bedrock")
 MAX_EVIDENCE = 200  # ids listed per anomaly; `evidence_total` tells how many there were
@@ -1004,6 +1004,43 @@ def _per_call_suspects(settings: AnomalySettings, priced_column: str) -> tuple[s
     }
 
 
+def judging_of(reader: Reader, where: str, params: dict[str, Any]) -> Judging:
+    """The settings a report of the decisions `where` selects is judged by, without --policy:
+    those the proxy recorded for the policy it made the newest of them under (a decision made
+    under a policy whose settings were not recorded, by an older drawdown, is passed over for
+    the next newest); the defaults if none was recorded. `others` counts the other settings,
+    of older decisions, not applied."""
+    digests = [
+        row["policy_digest"]
+        for row in reader.query(
+            f"""SELECT policy_digest, MAX(ts) AS last FROM decisions
+                WHERE {where} AND policy_digest IS NOT NULL AND policy_digest <> ''
+                GROUP BY policy_digest ORDER BY last DESC""",
+            params,
+        )
+    ]
+    if not digests:
+        return Judging()
+    keys = {f"key_{i}": JUDGING_KEY + digest for i, digest in enumerate(digests)}
+    recorded = {
+        row["key"].removeprefix(JUDGING_KEY): row["value"]
+        for row in reader.query(
+            f"SELECT key, value FROM meta WHERE key IN ({', '.join(':' + k for k in keys)})", keys
+        )
+    }
+    found = [
+        judging
+        for digest in digests
+        if digest in recorded
+        and (judging := Judging.from_record(recorded[digest], digest)) is not None
+    ]
+    if not found:
+        return Judging()
+    newest = found[0]
+    others = {(j.settings, j.priced) for j in found[1:]} - {(newest.settings, newest.priced)}
+    return replace(newest, others=len(others))
+
+
 def find(
     reader: Reader,
     *,
@@ -1012,6 +1049,7 @@ def find(
     policy: Policy | None = None,
     within: dict[str, str] | None = None,
     groups: list[dict[str, Any]] | None = None,
+    judging: Judging | None = None,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(anomalies, scan()'s groups of the runs they were found for) for the runs active since
     `floor`.
@@ -1026,12 +1064,15 @@ def find(
     workflow ({"tenant": "acme"}; `drawdown report --tenant`). Their workflows are still read
     whole and the agents' history fleet-wide, so each anomaly is the one the whole report
     finds, without reading every other team's runs. `groups`: scan()'s, made with an `active`
-    flag of active_where()'s condition (the report's own pass).
+    flag of active_where()'s condition (the report's own pass). `judging`: the settings to judge
+    by (judging_of()'s), else `policy`'s, else the defaults.
     """
     where, params = active_where(floor, run, within)
     if groups is None:
         groups = scan(reader, {"active": where}, params)
-    settings = policy.anomalies if policy else AnomalySettings()
+    if judging is None:
+        judging = Judging.of(policy) if policy else Judging()
+    settings = judging.settings
     priced_column = _priced_column(reader)
     active = {group["scope"] for group in groups if group["active"]}
     window = [group for group in groups if group["scope"] in active]
@@ -1055,7 +1096,7 @@ def find(
     # In the order step_count takes each agent's runs (a stable sort keeps ties as they came):
     # its sort of each agent's runs then finds them sorted, twice a report.
     history.sort(key=lambda h: h["started"])
-    priced = frozenset(a.kind for a in policy.actions if a.price is not None) if policy else None
+    priced = judging.priced
 
     # The runs a detector may flag: a guard refused one of their requests; a request repeated
     # past loop.repeats; more own rows than step_count allows (read whole); a call the per-call

@@ -55,7 +55,7 @@ from .ledger.reader import Reader
 from .money import exact_usd
 from .money import usd_float as exact_usd_float
 from .policy.match import LEVELS
-from .policy.model import AnomalySettings, Policy
+from .policy.model import Judging, Policy
 from .recording import redact
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
@@ -344,8 +344,12 @@ def _build(
         where += run_scopes[0]
         params.update(named)
 
+    # Judged by the settings the policy given says, else by those the proxy recorded for the
+    # policy it made these decisions under: a shadow team reading its report without --policy
+    # got the built-in thresholds, not the ones it had set.
+    judging = Judging.of(policy) if policy else anomaly_detection.judging_of(reader, where, params)
     found, window = anomaly_detection.find(
-        reader, floor=floor, run=run, policy=policy, within=narrow.levels, groups=groups
+        reader, floor=floor, run=run, judging=judging, within=narrow.levels, groups=groups
     )
     if narrow:
         # Found for the filter's runs (their workflows read whole): a workflow-wide anomaly
@@ -354,8 +358,7 @@ def _build(
     # A run's steps are what its guards count: not the attempts its SDK retried after a failure
     # (up to anomalies.loop.retries a request), nor the proxy's own refusals. The attempts it
     # retried are shown too (`retried`): a reader sees the provider's trouble.
-    settings = policy.anomalies if policy else AnomalySettings()
-    retries = int(settings.get("loop").param("retries", 0))
+    retries = int(judging.settings.get("loop").param("retries", 0))
     totals: dict[str, int] = defaultdict(int)  # scope -> its rows (the whole run's)
     not_counted: dict[str, list[int]] = defaultdict(lambda: [0, 0])  # scope -> [no steps, retried]
     for group in window:
@@ -454,6 +457,11 @@ def _build(
         "runs": runs,
         "decisions": counts,
         "anomalies": found,
+        "judged_by": {
+            "source": judging.source,
+            "policy_digest": judging.digest or None,
+            "other_settings": judging.others,
+        },
         "spend": _spend(
             reader, floor, run, budgets, shown if summaries else None, narrow, run_scopes
         ),
@@ -1106,6 +1114,8 @@ def render_text(data: dict[str, Any], *, every_instance: bool = False) -> str:
     # Only shadow mode records would_deny: an enforced ledger's line says nothing of shadow.
     shadow = f", {d['would_deny']} would be denied (shadow)" if d["would_deny"] else ""
     out.append(f"decisions: {d['allow']} allowed, {d['deny']} denied{shadow}")
+    if judged := _judged_by(data.get("judged_by")):
+        out.append(judged)
     out.append("")
     out.append("RUNS")
     out.append(
@@ -1191,6 +1201,28 @@ def render_text(data: dict[str, Any], *, every_instance: bool = False) -> str:
                 denied += f" [would deny {len(a['would_deny'])}]"
             out.append(printable(f"  {a['kind']:<14} {a['scope']}: {a['detail']}{denied}"))
     return "\n".join(out)
+
+
+def _judged_by(judged: dict[str, Any] | None) -> str:
+    """Whose anomaly settings the report applied: a reader comparing it with the policy's
+    thresholds must know."""
+    if not judged:
+        return ""
+    source, digest = judged["source"], judged["policy_digest"]
+    if source == "policy":
+        line = f"anomalies judged by the policy given (--policy, {digest})"
+    elif source == "ledger":
+        line = (
+            f"anomalies judged by the settings of policy {digest}, the proxy's, as it recorded them"
+        )
+    else:
+        line = "anomalies judged by the built-in settings (no policy's were recorded; see --policy)"
+    if others := judged.get("other_settings"):
+        line += (
+            f"; earlier decisions were made under {others} other "
+            f"setting{'s' if others != 1 else ''}, not applied (choose with --policy)"
+        )
+    return line
 
 
 # --- decision log (JSON lines) -------------------------------------------------------------

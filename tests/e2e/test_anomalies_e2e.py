@@ -7,9 +7,11 @@ headless Chromium."""
 from __future__ import annotations
 
 import json
+import sqlite3
 import subprocess
 import sys
 from collections.abc import Callable
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -231,8 +233,23 @@ def test_every_anomaly_kind_is_found_and_normal_runs_raise_none(
         if run["run"].endswith("-ok") or "-ok-" in run["run"]:
             assert run["anomalies"] == [], run
     assert runs["fan-bad-0"]["status"] == "normal"  # only the runs beyond the limit are flagged
-    # With the built-in defaults, the normal runs stay normal too (they are the same traffic).
-    defaults = report_json(proxy)
+    # Without --policy: the same report, judged by the settings the proxy recorded for the
+    # policy it ran (the built-in ones would miss steps-bad at step_count's default max 60).
+    (digest,) = {row[0] for row in proxy.query("SELECT DISTINCT policy_digest FROM decisions")}
+    assert data["judged_by"] == {"source": "policy", "policy_digest": digest, "other_settings": 0}
+    recorded = report_json(proxy)
+    assert recorded["judged_by"] == {**data["judged_by"], "source": "ledger"}
+    assert recorded["anomalies"] == data["anomalies"]
+    # With the built-in defaults (a ledger that recorded none: an older proxy's), the normal
+    # runs stay normal too (they are the same traffic).
+    older = tmp_path / "older.db"
+    with closing(sqlite3.connect(proxy.db_path)) as live, closing(sqlite3.connect(older)) as copy:
+        live.backup(copy)
+        with copy:
+            copy.execute("DELETE FROM meta WHERE key LIKE 'anomalies:%'")
+    defaults = report_json(proxy, "--db", str(older))
+    assert defaults["judged_by"]["source"] == "defaults"
+    assert {a["run"] for a in defaults["anomalies"] if a["kind"] == "step_count"} == set()
     normal = {r["scope"] for r in data["runs"] if r["run"].endswith("-ok")}
     wrong = [
         (a["kind"], a["runs"], a["detail"])
@@ -255,6 +272,43 @@ def test_every_anomaly_kind_is_found_and_normal_runs_raise_none(
         r["steps"] for r in data["runs"]
     ]
     assert len(dom.find("tr", **{"class": "anomaly"})) == len(data["anomalies"])
+
+
+def test_a_report_without_policy_judges_by_the_settings_of_the_policy_reloaded(
+    drawdown_proxy: Factory, standin: StandIn
+) -> None:
+    """A shadow team tightens `loop` with the proxy running: `drawdown report` without --policy
+    judges the run by the reloaded policy's settings, which the proxy recorded in the ledger,
+    and says that the earlier decisions were made under others."""
+    shadow = POLICY + "mode: shadow\n"
+    proxy = drawdown_proxy(shadow)
+    agent = Agent(proxy, "poller", "p1")
+    for _ in range(3):
+        agent.ask("is the export ready?")
+    before = report_json(proxy)
+    assert before["anomalies"] == [] and before["judged_by"]["source"] == "ledger"
+    proxy.reload_policy(shadow.replace("loop: {repeats: 5}", "loop: {repeats: 2}"))
+    proxy.wait_for_log("policy reloaded")
+    agent.ask("and now?")
+    agent.close()
+    proxy.wait_for_query(
+        "SELECT COUNT(*) FROM decisions WHERE completed_at IS NULL", until=lambda r: r[0][0] == 0
+    )
+    digests = [row[0] for row in proxy.query("SELECT policy_digest FROM decisions ORDER BY ts")]
+    assert digests[0] != digests[-1] and digests[-1] != before["judged_by"]["policy_digest"]
+    after = report_json(proxy)
+    assert after["judged_by"] == {
+        "source": "ledger",
+        "policy_digest": digests[-1],
+        "other_settings": 1,
+    }
+    (loop,) = after["anomalies"]
+    assert loop["kind"] == "loop" and loop["run"] == "p1" and len(loop["evidence"]) == 3
+    text = subprocess.run(
+        [sys.executable, "-m", "drawdown", "report", "--db", proxy.db_path],
+        capture_output=True, text=True, timeout=60, check=True,
+    ).stdout  # fmt: skip
+    assert f"anomalies judged by the settings of policy {digests[-1]}" in text
 
 
 def test_loop_set_to_deny_lets_five_through_and_the_sixth_gets_429(

@@ -400,6 +400,29 @@ def _batch_results_commit(request_id: str, hold_id: int, key: str = "k") -> tupl
     return ("commit", (request_id, hold_id, done, NOW))
 
 
+def test_remember_keeps_the_first_value_beside_the_hot_operations(
+    backend: LedgerBackend, ledger: Any
+) -> None:
+    """A policy's anomaly settings are recorded by every proxy and worker that runs it: the
+    first is kept, the others change nothing, and a writer's batch with hot operations in it
+    (as the AsyncLedger hands them over) applies each."""
+    ledger.remember("anomalies:0123456789abcdef", '{"first": 1}')
+    ledger.remember("anomalies:0123456789abcdef", '{"second": 2}')
+    reserve = row()
+    results = ledger.run_batch(
+        [
+            ("reserve", (reserve, [claim(usd=10_000)], Amount(requests=1), NOW + 900)),
+            ("remember", ("anomalies:fedcba9876543210", '{"other": 3}')),
+            ("remember", ("anomalies:0123456789abcdef", '{"third": 3}')),
+        ]
+    )
+    assert results[0].hold_id is not None and results[1:] == [None, None]
+    assert sorted(backend.rows("SELECT key, value FROM meta WHERE key LIKE ?", "anomalies:%")) == [
+        ("anomalies:0123456789abcdef", '{"first": 1}'),
+        ("anomalies:fedcba9876543210", '{"other": 3}'),
+    ]
+
+
 def test_a_charge_made_once_is_not_made_again(backend: LedgerBackend, ledger: Any) -> None:
     claims = [claim(usd=10_000), claim("tenant", "tenant:t", usd=10_000)]
     reads = [row() for _ in range(4)]

@@ -19,6 +19,7 @@ from drawdown import report
 from drawdown.budgets import window
 from drawdown.cli import main
 from drawdown.ledger.api import Amount, BatchHold, Claim, Completion, DecisionRow, Guards
+from drawdown.policy.model import JUDGING_KEY, AnomalySettings, Judging
 
 from tests.support.policies import policy_from
 from tests.support_pg import LedgerBackend
@@ -232,6 +233,104 @@ def test_cli_report_policy_supplies_the_anomaly_settings(
     strict.write_text("anomalies:\n  loop: {repeats: 2}\n")
     assert main(["report", "--db", str(seed.path), "--json", "--policy", str(strict)]) == 0
     assert [a["kind"] for a in json.loads(capsys.readouterr().out)["anomalies"]] == ["loop"]
+
+
+def recorded_policy(tmp_path: Path, seed: Seeder, text: str, name: str) -> str:
+    """A policy as the proxy runs it: its anomaly settings kept in the ledger by its digest, as
+    the addon records them. Returns the digest its decisions carry."""
+    policy = policy_from(tmp_path, text, name)
+    digest = policy.digest[:16]
+    seed.ledger.remember(JUDGING_KEY + digest, Judging.of(policy).record())
+    return digest
+
+
+def test_a_report_without_policy_judges_by_the_settings_the_proxy_recorded(
+    backend: LedgerBackend, tmp_path: Path
+) -> None:
+    """A team reading its shadow run's report without --policy saw the built-in thresholds'
+    anomalies, not the ones its policy set: the report now judges by the settings the proxy
+    recorded for the policy the decisions were made under (the newest's, when a reload changed
+    them mid-way), says whose, and falls back to the built-in ones where none was recorded."""
+    seed = BackendSeeder(backend)
+    for _ in range(3):  # a loop at repeats 2; not at the built-in 5
+        seed.call(run="r", body="same", features={"policy_digest": "0123456789abcdef"})
+    db, now = str(seed.path), seed.now + 60
+
+    unrecorded = report.build(db, now=now)  # an older proxy's decisions: nothing recorded
+    assert unrecorded["anomalies"] == []
+    assert unrecorded["judged_by"] == {
+        "source": "defaults",
+        "policy_digest": None,
+        "other_settings": 0,
+    }
+
+    strict = recorded_policy(tmp_path, seed, "anomalies:\n  loop: {repeats: 2}\n", "strict.yaml")
+    for _ in range(3):
+        seed.call(run="s", body="same", features={"policy_digest": strict})
+    now = seed.now + 60
+    judged = report.build(db, now=now)
+    assert judged["judged_by"] == {"source": "ledger", "policy_digest": strict, "other_settings": 0}
+    # Judged by repeats 2, every run alike: the older proxy's run too.
+    assert sorted((a["kind"], a["run"]) for a in judged["anomalies"]) == [
+        ("loop", "r"),
+        ("loop", "s"),
+    ]
+    given = report.build(
+        db, now=now, policy=policy_from(tmp_path, "anomalies:\n  loop: {repeats: 2}\n")
+    )
+    assert given["judged_by"]["source"] == "policy"
+    assert given["anomalies"] == judged["anomalies"]
+
+    # Reloaded to a laxer loop (and its own price for a model): the newest decisions' settings
+    # apply, and the report says the earlier ones were not.
+    lax = recorded_policy(
+        tmp_path, seed, "anomalies:\n  loop: {repeats: 4}\n  step_count: {max: 200}\n", "lax.yaml"
+    )
+    seed.call(run="t", body="other", features={"policy_digest": lax})
+    latest = report.build(db, now=seed.now + 60)
+    assert latest["judged_by"] == {"source": "ledger", "policy_digest": lax, "other_settings": 1}
+    assert latest["anomalies"] == []
+    text = report.render_text(latest)
+    assert f"anomalies judged by the settings of policy {lax}" in text
+    assert "1 other setting, not applied (choose with --policy)" in text
+    seed.close()
+
+
+def test_the_recorded_settings_read_back_as_the_policy_wrote_them(tmp_path: Path) -> None:
+    policy = policy_from(
+        tmp_path,
+        """
+actions:
+  - {kind: llm, provider: openai, match: {host: api.openai.com}}
+  - {kind: llm.local, provider: openai, match: {host: llm.internal}, price: {input: 0.1, output: 0.4}}
+anomalies:
+  loop: {repeats: 3, retries: 0, on_detect: deny, actions: ["llm*"]}
+  under_commit: {ratio: 0.05, actions: [llm.local]}
+  handoff: {ratio: 2.5, min_steps: 4}
+""",
+    )
+    recorded = Judging.of(policy)
+    read = Judging.from_record(recorded.record(), "abc")
+    assert read is not None
+    assert read.settings == policy.anomalies  # Decimals exact, actions and on_detect kept
+    assert read.priced == frozenset({"llm.local"}) and (read.source, read.digest) == (
+        "ledger",
+        "abc",
+    )
+    assert read.settings.get("under_commit").param("ratio") == Decimal("0.05")
+    # A newer drawdown's detector or parameter is left out; one missing keeps its default.
+    data = json.loads(recorded.record())
+    data["detectors"] = [d for d in data["detectors"] if d["name"] != "fan_out"]
+    data["detectors"][0]["params"]["someday"] = 7
+    data["detectors"].append({"name": "someday", "on_detect": "flag", "actions": [], "params": {}})
+    newer = Judging.from_record(json.dumps(data), "abc")
+    assert newer is not None and newer.settings.get("loop") == policy.anomalies.get("loop")
+    assert newer.settings.get("fan_out") == AnomalySettings().get("fan_out")
+    assert "someday" not in {d.name for d in newer.settings.detectors}
+    for broken in ("", "[]", '{"detectors": [{"name": "loop"}]}', '{"detectors": [], "priced": 3}',
+                   '{"detectors": [{"name": "drift", "on_detect": "flag", "actions": [], '
+                   '"params": {"ratio": "many"}}], "priced": []}'):  # fmt: skip
+        assert Judging.from_record(broken, "abc") is None, broken
 
 
 # --- the HTML page -----------------------------------------------------------------------------

@@ -743,6 +743,15 @@ class PostgresLedger:
             ).fetchone()[0],
         )
 
+    def remember(self, key: str, value: str) -> None:
+        self._maintenance(
+            "remember",
+            lambda conn, replay: conn.execute(
+                "INSERT INTO meta (key, value) VALUES (%s, %s) ON CONFLICT (key) DO NOTHING",
+                (key, value),
+            ),
+        )
+
     def heartbeat(self, now: float) -> None:
         self._maintenance(
             "heartbeat",

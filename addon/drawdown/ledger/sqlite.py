@@ -180,7 +180,7 @@ log = logging.getLogger(__name__)
 CHECKPOINT_CHANGES = 2_000
 
 # Operations that never touch holds or budget instances: the rows this connection knows stay known.
-_KEEPS_ROWS = frozenset({"idle_run", "heartbeat", "history", "batch_input"})
+_KEEPS_ROWS = frozenset({"idle_run", "heartbeat", "history", "batch_input", "remember"})
 # Active holds kept beyond the last batch (for their commit): about the requests in flight.
 _MAX_KNOWN_HOLDS = 65_536
 
@@ -625,6 +625,14 @@ class SQLiteLedger:
         found = self.conn.execute("SELECT estimate FROM batch_inputs WHERE key = ?", (key,))
         row = found.fetchone()
         return None if row is None else row[0]
+
+    def remember(self, key: str, value: str) -> None:
+        self._write(lambda: self._remember(key, value), keeps_rows=True)
+
+    def _remember(self, key: str, value: str) -> None:
+        self.conn.execute(
+            "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO NOTHING", (key, value)
+        )
 
     def heartbeat(self, now: float) -> None:
         self._write(lambda: self._heartbeat(now), keeps_rows=True)

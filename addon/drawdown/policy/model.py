@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
@@ -247,6 +248,78 @@ class AnomalySettings:
     def denying(self, name: str) -> Detector | None:
         detector = self.get(name)
         return detector if detector.on_detect == "deny" else None
+
+
+# The ledger's `meta` key of the anomaly settings of a policy the proxy ran (Judging.record),
+# by the digest prefix its decisions carry: a report without --policy judges by them.
+JUDGING_KEY = "anomalies:"
+
+
+@dataclass(frozen=True)
+class Judging:
+    """What a report's detectors judge runs by: a policy's `anomalies:` settings, and the action
+    kinds it prices itself (which `unpriced_model` never flags). `source` says where they came
+    from: `policy` (given to the report), `ledger` (recorded by the proxy that made the
+    decisions), `defaults` (neither). `others`: how many other settings the report's decisions
+    were made under (a reload mid-way, two fleets on one ledger), not applied."""
+
+    settings: AnomalySettings = field(default_factory=AnomalySettings)
+    priced: frozenset[str] | None = None  # None: not known (no policy), ask genai-prices only
+    source: str = "defaults"
+    digest: str = ""
+    others: int = 0
+
+    @classmethod
+    def of(cls, policy: Policy) -> Judging:
+        priced = frozenset(a.kind for a in policy.actions if a.price is not None)
+        return cls(policy.anomalies, priced, "policy", policy.digest[:16])
+
+    def record(self) -> str:
+        """The settings as the ledger keeps them (JSON; Decimals as strings, exactly)."""
+        detectors = [
+            {
+                "name": d.name,
+                "on_detect": d.on_detect,
+                "actions": list(d.actions),
+                "params": {k: str(v) if isinstance(v, Decimal) else v for k, v in d.params},
+            }
+            for d in self.settings.detectors
+        ]
+        return json.dumps({"detectors": detectors, "priced": sorted(self.priced or ())})
+
+    @classmethod
+    def from_record(cls, text: str, digest: str) -> Judging | None:
+        """The settings a proxy recorded; None if unreadable. A detector or parameter this
+        drawdown does not know (recorded by a newer one) is left out; one it knows that the
+        record lacks keeps its default."""
+        try:
+            data = json.loads(text)
+            detectors = []
+            for item in data["detectors"]:
+                defaults = DETECTORS.get(item["name"])
+                if defaults is None:
+                    continue
+                params = dict(defaults)
+                for key, value in item["params"].items():
+                    if key in defaults:
+                        params[key] = (
+                            Decimal(str(value))
+                            if isinstance(defaults[key], Decimal)
+                            else int(value)
+                        )
+                on_detect = item["on_detect"] if item["on_detect"] in ("flag", "deny") else "flag"
+                actions = tuple(str(a) for a in item["actions"])
+                detectors.append(Detector(item["name"], on_detect, actions, tuple(params.items())))
+            priced = frozenset(str(kind) for kind in data["priced"])
+        except (ValueError, TypeError, KeyError, AttributeError, ArithmeticError):
+            return None
+        named = {d.name for d in detectors}
+        detectors += [
+            Detector(name, params=tuple(p.items()))
+            for name, p in DETECTORS.items()
+            if name not in named
+        ]
+        return cls(AnomalySettings(tuple(detectors)), priced, "ledger", digest)
 
 
 RECORD_BODIES = ("none", "fields", "full")
