@@ -12,7 +12,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 from mitmproxy.version import VERSION as MITMPROXY
@@ -397,10 +397,42 @@ def cmd_env(args: argparse.Namespace) -> int:
     url = f"http://{credentials}{url_host(host)}:{port}"
     for name, value in agent_environment(url, bundle).items():
         print(f"export {name}={_shell_quote(value)}")
+    _warn_of_no_proxy(os.environ)
     from .cacerts import TRUSTSTORE
 
     _java_options(host, port, bundle.parent / TRUSTSTORE)
     return 0
+
+
+# The providers' API hosts (one region's where the host names a region): an agent whose
+# NO_PROXY covers one calls it around the proxy.
+PROVIDER_HOSTS = (
+    "api.openai.com",
+    "api.anthropic.com",
+    "generativelanguage.googleapis.com",
+    "us-central1-aiplatform.googleapis.com",
+    "bedrock-runtime.us-east-1.amazonaws.com",
+    "my-resource.openai.azure.com",
+)
+
+
+def _warn_of_no_proxy(environ: Mapping[str, str]) -> None:
+    """`drawdown env` leaves NO_PROXY as it is (the agent's own services stay direct), but a
+    value there that covers a provider's host (`*`, or `.amazonaws.com` in an AWS base image)
+    sends the agent's calls to it around the proxy: unseen, unbudgeted, without a word."""
+    from urllib.request import proxy_bypass_environment
+
+    for name in ("no_proxy", "NO_PROXY"):  # Python's and curl's stacks read no_proxy first
+        value = environ.get(name, "")
+        exempt = [h for h in PROVIDER_HOSTS if value and proxy_bypass_environment(h, {"no": value})]
+        if exempt:
+            print(
+                f"drawdown: {name}={printable(value)} here exempts {', '.join(exempt)} from the proxy: an "
+                "agent in this environment calls them directly, unseen and unbudgeted. Take "
+                f"them out of {name}, or `unset no_proxy NO_PROXY`",
+                file=sys.stderr,
+            )
+            return
 
 
 def _agent_bundle(args: argparse.Namespace) -> Path:

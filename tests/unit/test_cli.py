@@ -26,6 +26,13 @@ from drawdown.ledger.sqlite import SQLiteLedger
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.fixture(autouse=True)
+def _runners_no_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A runner's own NO_PROXY would make `drawdown env` warn (its own test sets one)."""
+    for variable in ("NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(variable, raising=False)
+
+
 def test_check_valid_and_invalid(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["check", str(ROOT / "policies" / "default.yaml")]) == 0
     assert "ok — mode shadow" in capsys.readouterr().out
@@ -92,6 +99,39 @@ def test_env_prints_what_an_agent_needs(tmp_path: Path, capsys: pytest.CaptureFi
     ca = x509.load_pem_x509_certificate((confdir / "mitmproxy-ca-cert.pem").read_bytes())
     assert ca in [entry.certificate for entry in trusted]
     assert len(trusted) > 1  # the system's CAs too
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "exempt"),
+    [
+        ("NO_PROXY", "localhost,127.0.0.1,.svc,.cluster.local,169.254.169.254", ""),
+        ("NO_PROXY", "localhost,.amazonaws.com", "bedrock-runtime.us-east-1.amazonaws.com"),
+        ("no_proxy", "*", "api.openai.com, api.anthropic.com, generativelanguage.googleapis.com"),
+        ("no_proxy", "internal.example, OpenAI.com", "api.openai.com"),
+        (
+            "NO_PROXY",
+            ".googleapis.com",
+            "generativelanguage.googleapis.com, us-central1-aiplatform",
+        ),
+    ],
+)
+def test_env_warns_when_no_proxy_would_send_a_providers_calls_around_the_proxy(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+    name: str, value: str, exempt: str,
+) -> None:  # fmt: skip
+    """An AWS base image's NO_PROXY=.amazonaws.com, or a CI's `*`, made every Bedrock (or every)
+    call go around the proxy: unseen and unbudgeted, and `drawdown env` said nothing. It still
+    leaves NO_PROXY alone (the agent's own services stay direct), and says so on stderr."""
+    monkeypatch.setenv(name, value)
+    ensure_ca(tmp_path / "conf")
+    assert main(["env", "--confdir", str(tmp_path / "conf"), "--listen", "127.0.0.1:9090"]) == 0
+    out, err = capsys.readouterr()
+    assert "export HTTPS_PROXY=http://127.0.0.1:9090" in out and "NO_PROXY" not in out
+    if not exempt:
+        assert "NO_PROXY" not in err and "no_proxy" not in err
+        return
+    assert err.startswith(f"drawdown: {name}={value} here exempts {exempt}")
+    assert "unseen and unbudgeted" in err and "`unset no_proxy NO_PROXY`" in err
 
 
 def test_env_says_when_jvm_agents_cannot_be_configured(
