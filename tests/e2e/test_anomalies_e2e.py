@@ -272,6 +272,9 @@ def test_every_anomaly_kind_is_found_and_normal_runs_raise_none(
         r["steps"] for r in data["runs"]
     ]
     assert len(dom.find("tr", **{"class": "anomaly"})) == len(data["anomalies"])
+    (judged,) = dom.find("p", id="judged-by")
+    assert judged["attrs"]["data-source"] == "policy"
+    assert judged["text"] == f"Judged by the policy given (--policy, {digest})."
 
 
 def test_a_report_without_policy_judges_by_the_settings_of_the_policy_reloaded(

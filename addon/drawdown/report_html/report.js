@@ -370,6 +370,17 @@
 
   // --- anomalies ---------------------------------------------------------------------------
   var anomalySection = section("anomalies", "Anomalies", anomalies.length);
+  // Whose thresholds found them (or found none): the report's own line, as the text says it.
+  var judged = data.judged_by;
+  if (judged) {
+    var whose = judged.source === "policy" ? "the policy given (--policy, " + judged.policy_digest + ")"
+      : judged.source === "ledger" ? "the settings of policy " + judged.policy_digest + ", the proxy's, as it recorded them"
+      : "the built-in settings (no policy's were recorded; see --policy)";
+    var others = judged.other_settings ? "; earlier decisions were made under " + judged.other_settings + " other setting" +
+      (judged.other_settings === 1 ? "" : "s") + ", not applied (choose with --policy)" : "";
+    anomalySection.appendChild(el("p", { "class": "reason", id: "judged-by", "data-source": judged.source },
+      "Judged by " + whose + others + "."));
+  }
   if (!anomalies.length) {
     anomalySection.appendChild(el("p", { "class": "empty" }, "No anomalies: every run looks structurally normal."));
   } else {
