@@ -1204,13 +1204,14 @@ class Drawdown:
         self._install_policy(policy)
         self._spawn(self._record_judging())
         metrics.policy_reloaded(applied=True)
-        log.info("drawdown: policy reloaded from %s", path)
+        # The digest its decisions carry, as a report names the policy it judged by.
+        log.info("drawdown: policy reloaded from %s (policy %s)", path, policy.digest[:16])
         override = ctx.options.drawdown_mode
         if override and policy.mode != override:
             # A team switching to enforce edits the file; the flag would silently win.
             log.warning(
-                "drawdown: %s says mode: %s, but --mode %s overrides it until the proxy "
-                "restarts without --mode",
+                "drawdown: %s is in %s mode (its `mode:`, enforce where it names none), but "
+                "--mode %s overrides it until the proxy restarts without --mode",
                 path,
                 policy.mode,
                 override,

@@ -1009,7 +1009,7 @@ def judging_of(reader: Reader, where: str, params: dict[str, Any]) -> Judging:
     those the proxy recorded for the policy it made the newest of them under (a decision made
     under a policy whose settings were not recorded, by an older drawdown, is passed over for
     the next newest); the defaults if none was recorded. `others` counts the other settings,
-    of older decisions, not applied."""
+    of older decisions, not applied; `unrecorded` the policies whose settings are not known."""
     digests = [
         row["policy_digest"]
         for row in reader.query(
@@ -1034,11 +1034,12 @@ def judging_of(reader: Reader, where: str, params: dict[str, Any]) -> Judging:
         if digest in recorded
         and (judging := Judging.from_record(recorded[digest], digest)) is not None
     ]
+    unrecorded = len(digests) - len(found)
     if not found:
-        return Judging()
+        return Judging(unrecorded=unrecorded)
     newest = found[0]
     others = {(j.settings, j.priced) for j in found[1:]} - {(newest.settings, newest.priced)}
-    return replace(newest, others=len(others))
+    return replace(newest, others=len(others), unrecorded=unrecorded)
 
 
 def find(

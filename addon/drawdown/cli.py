@@ -556,7 +556,8 @@ def cmd_check(args: argparse.Namespace) -> int:
             print(warning)
         print(
             f"{path}: ok — mode {policy.mode}, {len(policy.actions)} action(s), {len(policy.budgets)} budget(s)"
-            f" from {len(policy.files)} file(s)"
+            # The digest its decisions carry, as a report names the policy it judged by.
+            f" from {len(policy.files)} file(s), policy {policy.digest[:16]}"
         )
     return status
 
@@ -1144,7 +1145,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     output.add_argument("--html", metavar="FILE", help="write a self-contained HTML page")
     report.add_argument(
-        "--policy", help="take the anomaly settings from this policy [built-in defaults]"
+        "--policy",
+        help="take the anomaly settings from this policy [those the proxy recorded for the "
+        "policy it ran; the built-in ones where none was recorded]",
     )
     report.set_defaults(func=cmd_report)
 

@@ -461,6 +461,7 @@ def _build(
             "source": judging.source,
             "policy_digest": judging.digest or None,
             "other_settings": judging.others,
+            "unrecorded_policies": judging.unrecorded,
         },
         "spend": _spend(
             reader, floor, run, budgets, shown if summaries else None, narrow, run_scopes
@@ -1209,18 +1210,26 @@ def _judged_by(judged: dict[str, Any] | None) -> str:
     if not judged:
         return ""
     source, digest = judged["source"], judged["policy_digest"]
+    unrecorded = judged.get("unrecorded_policies") or 0
     if source == "policy":
         line = f"anomalies judged by the policy given (--policy, {digest})"
     elif source == "ledger":
         line = (
             f"anomalies judged by the settings of policy {digest}, the proxy's, as it recorded them"
         )
+    elif unrecorded:
+        line = "anomalies judged by the built-in settings (see --policy)"
     else:
-        line = "anomalies judged by the built-in settings (no policy's were recorded; see --policy)"
+        return ""  # no decision here names a policy: nothing was judged that settings change
     if others := judged.get("other_settings"):
         line += (
             f"; earlier decisions were made under {others} other "
             f"setting{'s' if others != 1 else ''}, not applied (choose with --policy)"
+        )
+    if unrecorded:
+        line += (
+            f"; {unrecorded} polic{'ies' if unrecorded != 1 else 'y'} of these decisions left "
+            "no settings in the ledger (an older drawdown's)"
         )
     return line
 

@@ -236,7 +236,12 @@ def test_every_anomaly_kind_is_found_and_normal_runs_raise_none(
     # Without --policy: the same report, judged by the settings the proxy recorded for the
     # policy it ran (the built-in ones would miss steps-bad at step_count's default max 60).
     (digest,) = {row[0] for row in proxy.query("SELECT DISTINCT policy_digest FROM decisions")}
-    assert data["judged_by"] == {"source": "policy", "policy_digest": digest, "other_settings": 0}
+    assert data["judged_by"] == {
+        "source": "policy",
+        "policy_digest": digest,
+        "other_settings": 0,
+        "unrecorded_policies": 0,
+    }
     recorded = report_json(proxy)
     assert recorded["judged_by"] == {**data["judged_by"], "source": "ledger"}
     assert recorded["anomalies"] == data["anomalies"]
@@ -248,7 +253,8 @@ def test_every_anomaly_kind_is_found_and_normal_runs_raise_none(
         with copy:
             copy.execute("DELETE FROM meta WHERE key LIKE 'anomalies:%'")
     defaults = report_json(proxy, "--db", str(older))
-    assert defaults["judged_by"]["source"] == "defaults"
+    assert defaults["judged_by"] == {**data["judged_by"], "source": "defaults", "policy_digest": None,
+                                     "unrecorded_policies": 1}  # fmt: skip
     assert {a["run"] for a in defaults["anomalies"] if a["kind"] == "step_count"} == set()
     normal = {r["scope"] for r in data["runs"] if r["run"].endswith("-ok")}
     wrong = [
@@ -304,6 +310,7 @@ def test_a_report_without_policy_judges_by_the_settings_of_the_policy_reloaded(
         "source": "ledger",
         "policy_digest": digests[-1],
         "other_settings": 1,
+        "unrecorded_policies": 0,
     }
     (loop,) = after["anomalies"]
     assert loop["kind"] == "loop" and loop["run"] == "p1" and len(loop["evidence"]) == 3

@@ -953,11 +953,19 @@ def test_a_reload_that_changes_mode_under_a_mode_flag_says_the_flag_still_wins(
     budgets = '- {scope: "agent:*", requests: 1}'
     proxy = drawdown_proxy(policy(budgets, mode="shadow"), extra_args=["--mode", "shadow"])
     proxy.reload_policy(policy(budgets, mode="enforce"))
-    proxy.wait_for_log(r"says mode: enforce, but --mode shadow overrides it")
+    proxy.wait_for_log(
+        r"is in enforce mode \(its `mode:`, enforce where it names none\), but --mode shadow "
+        "overrides it"
+    )
+    # The reload names the policy by the digest its decisions carry (and reports name).
+    reloaded = proxy.wait_for_log(r"policy reloaded from \S+ \(policy ([0-9a-f]{16})\)")
     with proxy.openai_client(max_retries=0) as client:
         for _ in range(2):  # the second is over budget: recorded, not refused
             client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
     assert [d[0] for d in decision_of(proxy)] == ["allow", "would_deny"]
+    assert {row[0] for row in proxy.query("SELECT policy_digest FROM decisions")} == {
+        reloaded.group(1)
+    }
 
 
 def test_plain_mitmdump_with_the_addon_script(drawdown_proxy: Factory, standin: StandIn) -> None:

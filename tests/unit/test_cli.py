@@ -22,6 +22,7 @@ from drawdown.cacerts import ensure_ca
 from drawdown.cli import UsageError, main, parse_listen
 from drawdown.ledger.api import SCHEMA_VERSION, Amount, BatchHold, Claim, Completion, DecisionRow
 from drawdown.ledger.sqlite import SQLiteLedger
+from drawdown.policy import load_policy
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -35,7 +36,13 @@ def _runners_no_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_check_valid_and_invalid(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["check", str(ROOT / "policies" / "default.yaml")]) == 0
-    assert "ok — mode shadow" in capsys.readouterr().out
+    digest = load_policy(str(ROOT / "policies" / "default.yaml")).digest[:16]
+    # The digest its decisions carry and a report names it by.
+    assert (
+        capsys.readouterr()
+        .out.rstrip()
+        .endswith(f"ok — mode shadow, 4 action(s), 3 budget(s) from 1 file(s), policy {digest}")
+    )
     bad = tmp_path / "bad.yaml"
     bad.write_text("mode: enforce\nbudgets:\n  - {scope: 'agent:*', usd: -1}\n")
     assert main(["check", str(bad)]) == 1

@@ -262,14 +262,24 @@ def test_a_report_without_policy_judges_by_the_settings_the_proxy_recorded(
         "source": "defaults",
         "policy_digest": None,
         "other_settings": 0,
+        "unrecorded_policies": 1,
     }
+    assert (
+        "anomalies judged by the built-in settings (see --policy); 1 policy of these decisions "
+        "left no settings in the ledger (an older drawdown's)"
+    ) in report.render_text(unrecorded)
 
     strict = recorded_policy(tmp_path, seed, "anomalies:\n  loop: {repeats: 2}\n", "strict.yaml")
     for _ in range(3):
         seed.call(run="s", body="same", features={"policy_digest": strict})
     now = seed.now + 60
     judged = report.build(db, now=now)
-    assert judged["judged_by"] == {"source": "ledger", "policy_digest": strict, "other_settings": 0}
+    assert judged["judged_by"] == {
+        "source": "ledger",
+        "policy_digest": strict,
+        "other_settings": 0,
+        "unrecorded_policies": 1,  # run r's
+    }
     # Judged by repeats 2, every run alike: the older proxy's run too.
     assert sorted((a["kind"], a["run"]) for a in judged["anomalies"]) == [
         ("loop", "r"),
@@ -280,19 +290,33 @@ def test_a_report_without_policy_judges_by_the_settings_the_proxy_recorded(
     )
     assert given["judged_by"]["source"] == "policy"
     assert given["anomalies"] == judged["anomalies"]
+    # Run s alone: its own policy's settings, nothing else in its decisions.
+    (only,) = report.build(db, now=now, run="s")["runs"]
+    assert [a["kind"] for a in only["anomalies"]] == ["loop"]
+    assert report.build(db, now=now, run="s")["judged_by"]["unrecorded_policies"] == 0
 
-    # Reloaded to a laxer loop (and its own price for a model): the newest decisions' settings
-    # apply, and the report says the earlier ones were not.
+    # Reloaded to a laxer loop: the newest decisions' settings apply, and the report says the
+    # earlier ones were not.
     lax = recorded_policy(
         tmp_path, seed, "anomalies:\n  loop: {repeats: 4}\n  step_count: {max: 200}\n", "lax.yaml"
     )
     seed.call(run="t", body="other", features={"policy_digest": lax})
     latest = report.build(db, now=seed.now + 60)
-    assert latest["judged_by"] == {"source": "ledger", "policy_digest": lax, "other_settings": 1}
+    assert latest["judged_by"] == {
+        "source": "ledger",
+        "policy_digest": lax,
+        "other_settings": 1,
+        "unrecorded_policies": 1,
+    }
     assert latest["anomalies"] == []
     text = report.render_text(latest)
     assert f"anomalies judged by the settings of policy {lax}" in text
     assert "1 other setting, not applied (choose with --policy)" in text
+
+    # A period without decisions judges nothing: no line claims what was or was not recorded.
+    quiet = report.build(db, now=seed.now + 3600, since=60)
+    assert quiet["runs"] == [] and quiet["judged_by"]["source"] == "defaults"
+    assert "anomalies judged" not in report.render_text(quiet)
     seed.close()
 
 

@@ -261,13 +261,16 @@ class Judging:
     kinds it prices itself (which `unpriced_model` never flags). `source` says where they came
     from: `policy` (given to the report), `ledger` (recorded by the proxy that made the
     decisions), `defaults` (neither). `others`: how many other settings the report's decisions
-    were made under (a reload mid-way, two fleets on one ledger), not applied."""
+    were made under (a reload mid-way, two fleets on one ledger), not applied; `unrecorded`:
+    how many policies they were made under whose settings the ledger does not have (an older
+    drawdown's, or a record it cannot read), so the report cannot tell."""
 
     settings: AnomalySettings = field(default_factory=AnomalySettings)
     priced: frozenset[str] | None = None  # None: not known (no policy), ask genai-prices only
     source: str = "defaults"
     digest: str = ""
     others: int = 0
+    unrecorded: int = 0
 
     @classmethod
     def of(cls, policy: Policy) -> Judging:

@@ -372,14 +372,17 @@
   var anomalySection = section("anomalies", "Anomalies", anomalies.length);
   // Whose thresholds found them (or found none): the report's own line, as the text says it.
   var judged = data.judged_by;
-  if (judged) {
+  var unrecorded = judged ? judged.unrecorded_policies || 0 : 0;
+  if (judged && (judged.source !== "defaults" || unrecorded)) {
     var whose = judged.source === "policy" ? "the policy given (--policy, " + judged.policy_digest + ")"
       : judged.source === "ledger" ? "the settings of policy " + judged.policy_digest + ", the proxy's, as it recorded them"
-      : "the built-in settings (no policy's were recorded; see --policy)";
+      : "the built-in settings (see --policy)";
     var others = judged.other_settings ? "; earlier decisions were made under " + judged.other_settings + " other setting" +
       (judged.other_settings === 1 ? "" : "s") + ", not applied (choose with --policy)" : "";
+    var unknown = unrecorded ? "; " + unrecorded + (unrecorded === 1 ? " policy" : " policies") +
+      " of these decisions left no settings in the ledger (an older drawdown's)" : "";
     anomalySection.appendChild(el("p", { "class": "reason", id: "judged-by", "data-source": judged.source },
-      "Judged by " + whose + others + "."));
+      "Judged by " + whose + others + unknown + "."));
   }
   if (!anomalies.length) {
     anomalySection.appendChild(el("p", { "class": "empty" }, "No anomalies: every run looks structurally normal."));
