@@ -404,35 +404,33 @@ def cmd_env(args: argparse.Namespace) -> int:
     return 0
 
 
-# The providers' API hosts (one region's where the host names a region): an agent whose
-# NO_PROXY covers one calls it around the proxy.
-PROVIDER_HOSTS = (
-    "api.openai.com",
-    "api.anthropic.com",
-    "generativelanguage.googleapis.com",
-    "us-central1-aiplatform.googleapis.com",
-    "bedrock-runtime.us-east-1.amazonaws.com",
-    "my-resource.openai.azure.com",
-)
-
-
 def _warn_of_no_proxy(environ: Mapping[str, str]) -> None:
-    """`drawdown env` leaves NO_PROXY as it is (the agent's own services stay direct), but a
-    value there that covers a provider's host (`*`, or `.amazonaws.com` in an AWS base image)
+    """`drawdown env` leaves NO_PROXY as it is (the agent's own services stay direct), but an
+    entry there that covers a provider's host (`*`, or `.amazonaws.com` in an AWS base image)
     sends the agent's calls to it around the proxy: unseen, unbudgeted, without a word."""
-    from urllib.request import proxy_bypass_environment
+    from .bypass import exempted
 
-    for name in ("no_proxy", "NO_PROXY"):  # Python's and curl's stacks read no_proxy first
-        value = environ.get(name, "")
-        exempt = [h for h in PROVIDER_HOSTS if value and proxy_bypass_environment(h, {"no": value})]
-        if exempt:
-            print(
-                f"drawdown: {name}={printable(value)} here exempts {', '.join(exempt)} from the proxy: an "
-                "agent in this environment calls them directly, unseen and unbudgeted. Take "
-                f"them out of {name}, or `unset no_proxy NO_PROXY`",
-                file=sys.stderr,
-            )
-            return
+    named: dict[str, list[str]] = {}  # value -> the variables holding it
+    for name in ("no_proxy", "NO_PROXY"):
+        if value := environ.get(name, ""):
+            named.setdefault(value, []).append(name)
+    for value, names in named.items():
+        by_entry: dict[str, list[str]] = {}
+        for entry, pattern in exempted(value):
+            by_entry.setdefault(entry, []).append(pattern)
+        if not by_entry:
+            continue
+        covered = "; ".join(
+            f"{entry} covers " + ("every provider" if entry == "*" else ", ".join(patterns))
+            for entry, patterns in by_entry.items()
+        )
+        sends = "send" if len(names) > 1 else "sends"
+        print(
+            f"drawdown: {' and '.join(names)} here {sends} calls to these providers around the "
+            f"proxy, unseen and unbudgeted: {printable(covered)}. Take those entries out of "
+            f"{printable(value)}, or `unset no_proxy NO_PROXY`",
+            file=sys.stderr,
+        )
 
 
 def _agent_bundle(args: argparse.Namespace) -> Path:

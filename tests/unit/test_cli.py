@@ -109,36 +109,43 @@ def test_env_prints_what_an_agent_needs(tmp_path: Path, capsys: pytest.CaptureFi
 
 
 @pytest.mark.parametrize(
-    ("name", "value", "exempt"),
+    ("variables", "covered"),
     [
-        ("NO_PROXY", "localhost,127.0.0.1,.svc,.cluster.local,169.254.169.254", ""),
-        ("NO_PROXY", "localhost,.amazonaws.com", "bedrock-runtime.us-east-1.amazonaws.com"),
-        ("no_proxy", "*", "api.openai.com, api.anthropic.com, generativelanguage.googleapis.com"),
-        ("no_proxy", "internal.example, OpenAI.com", "api.openai.com"),
-        (
-            "NO_PROXY",
-            ".googleapis.com",
-            "generativelanguage.googleapis.com, us-central1-aiplatform",
-        ),
+        ({"NO_PROXY": "localhost,127.0.0.1,.svc,.cluster.local,169.254.169.254,s3.amazonaws.com"}, None),
+        ({"NO_PROXY": "localhost,.amazonaws.com"},
+         "NO_PROXY here sends calls to these providers around the proxy, unseen and unbudgeted: "
+         "amazonaws.com covers bedrock-runtime.*.amazonaws.com, bedrock-runtime-fips.*.amazonaws.com. "
+         "Take those entries out of localhost,.amazonaws.com"),
+        ({"no_proxy": "*", "NO_PROXY": "*"},
+         "no_proxy and NO_PROXY here send calls to these providers around the proxy, unseen and "
+         "unbudgeted: * covers every provider. Take those entries out of *"),
+        ({"no_proxy": "internal.example,*.OpenAI.com:443", "NO_PROXY": "europe-west4-aiplatform.googleapis.com"},
+         "no_proxy here sends calls to these providers around the proxy, unseen and unbudgeted: "
+         "openai.com covers api.openai.com. Take those entries out of internal.example,*.OpenAI.com:443"
+         ", or `unset no_proxy NO_PROXY`\n"
+         "drawdown: NO_PROXY here sends calls to these providers around the proxy, unseen and "
+         "unbudgeted: europe-west4-aiplatform.googleapis.com covers *-aiplatform.googleapis.com. "
+         "Take those entries out of europe-west4-aiplatform.googleapis.com"),
     ],
-)
+)  # fmt: skip
 def test_env_warns_when_no_proxy_would_send_a_providers_calls_around_the_proxy(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
-    name: str, value: str, exempt: str,
+    variables: dict[str, str], covered: str | None,
 ) -> None:  # fmt: skip
     """An AWS base image's NO_PROXY=.amazonaws.com, or a CI's `*`, made every Bedrock (or every)
     call go around the proxy: unseen and unbudgeted, and `drawdown env` said nothing. It still
-    leaves NO_PROXY alone (the agent's own services stay direct), and says so on stderr."""
-    monkeypatch.setenv(name, value)
+    leaves NO_PROXY alone (the agent's own services stay direct), and says so on stderr: once
+    for a value both variables hold, a line for each value that covers a provider."""
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
     ensure_ca(tmp_path / "conf")
     assert main(["env", "--confdir", str(tmp_path / "conf"), "--listen", "127.0.0.1:9090"]) == 0
     out, err = capsys.readouterr()
     assert "export HTTPS_PROXY=http://127.0.0.1:9090" in out and "NO_PROXY" not in out
-    if not exempt:
-        assert "NO_PROXY" not in err and "no_proxy" not in err
+    if covered is None:
+        assert err == ""
         return
-    assert err.startswith(f"drawdown: {name}={value} here exempts {exempt}")
-    assert "unseen and unbudgeted" in err and "`unset no_proxy NO_PROXY`" in err
+    assert err == f"drawdown: {covered}, or `unset no_proxy NO_PROXY`\n"
 
 
 def test_env_says_when_jvm_agents_cannot_be_configured(
