@@ -62,6 +62,7 @@ from .ledger.api import (
     HistoryQuery,
     LedgerError,
     LedgerTooNew,
+    NotALedger,
     ReserveOutcome,
     new_request_id,
 )
@@ -991,7 +992,7 @@ class Drawdown:
         self.ledger_lost = None
         try:
             backend = open_ledger(url, timeout=self.seconds["drawdown_ledger_timeout"])
-        except LedgerTooNew as exc:
+        except (LedgerTooNew, NotALedger) as exc:  # no waiting makes either a ledger
             raise exceptions.OptionsError(str(exc)) from None
         except LedgerError as exc:
             # Stay up: requests are answered per on_ledger_error until the ledger can be opened.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import math
@@ -770,6 +771,48 @@ def test_run_reports_the_real_reason_it_cannot_start_not_the_undo_s(tmp_path: Pa
         "drawdown: this ledger has schema version 99, newer than this drawdown understands "
         f"({SCHEMA_VERSION}); upgrade drawdown\n"
     )
+
+
+@pytest.mark.parametrize("content", ["tables", "text"])
+def test_run_refuses_a_database_that_is_not_a_ledger_and_leaves_it_as_it_was(
+    tmp_path: Path, content: str
+) -> None:
+    """`--db app.db`, an application's SQLite file, had ~30 ledger tables added to it and its
+    journal switched to WAL; a text file left the proxy up, answering per on_ledger_error for
+    ever. Both are refused at start, untouched (report, budgets and verify refused them already)."""
+    db = tmp_path / "app.db"
+    if content == "tables":
+        with contextlib.closing(sqlite3.connect(db)) as conn, conn:
+            conn.execute("CREATE TABLE users (id INTEGER PRIMARY KEY, email TEXT)")
+            conn.execute("CREATE TABLE orders (id INTEGER PRIMARY KEY)")
+        reason = "it holds tables drawdown does not make (orders, users)"
+    else:
+        db.write_text("not a database\n")
+        reason = "(file is not a database)"
+    before = db.read_bytes()
+    result = subprocess.run(
+        [sys.executable, "-m", "drawdown", "run", "--policy", str(ROOT / "policies" / "default.yaml"),
+         "--db", str(db), "--listen", "127.0.0.1:0", "--confdir", str(tmp_path / "conf")],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert result.stderr.startswith(f"drawdown: {db} is not a drawdown ledger")
+    assert reason in result.stderr and result.stderr.endswith(
+        "point --db at the ledger, or at a new file\n"
+    )
+    assert db.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("app.db")) == ["app.db"]
+
+
+def test_run_makes_a_ledger_of_an_empty_file(tmp_path: Path) -> None:
+    """A file made empty beforehand (a volume's placeholder, `touch`) is a new ledger."""
+    db = tmp_path / "ledger.db"
+    db.touch()
+    SQLiteLedger(db).close()
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == (
+            str(SCHEMA_VERSION),
+        )
 
 
 @pytest.mark.parametrize("workers", ["0", "-1", "two"])

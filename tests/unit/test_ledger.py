@@ -2371,7 +2371,8 @@ def test_a_new_sqlite_ledger_uses_small_pages_and_an_old_one_keeps_its_own(tmp_p
     fresh.close()
     old = sqlite3.connect(tmp_path / "old.db")
     old.execute("PRAGMA page_size = 4096")
-    old.execute("CREATE TABLE t (x)")  # the page size is fixed once the file has content
+    # The page size is fixed once the file has content: a ledger begun with 4 KiB pages.
+    old.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT)")
     old.close()
     kept = SQLiteLedger(tmp_path / "old.db")
     assert kept.conn.execute("PRAGMA page_size").fetchone() == (4096,)

@@ -12,6 +12,7 @@ from .api import (
     Ledger,
     LedgerError,
     LedgerTooNew,
+    NotALedger,
     ReserveOutcome,
 )
 
@@ -23,6 +24,7 @@ __all__ = [
     "Ledger",
     "LedgerError",
     "LedgerTooNew",
+    "NotALedger",
     "ReserveOutcome",
     "open_ledger",
 ]

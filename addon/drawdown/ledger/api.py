@@ -113,6 +113,11 @@ class LedgerTooNew(LedgerError):
     """The ledger was written by a newer drawdown; refusing to touch it."""
 
 
+class NotALedger(LedgerError):
+    """The file is a database (or no database at all) that drawdown did not make: a --db
+    pointing at an application's SQLite file would have had the ledger's tables added to it."""
+
+
 def schema_version(value: object | None, *, has_tables: bool) -> int:
     """The ledger's schema version from its `meta` row (None: no row), refused (LedgerError)
     when it is not a number, when the ledger has tables but no version (not made by

@@ -49,6 +49,7 @@ from .api import (
     HistoryQuery,
     LeaseWatch,
     LedgerError,
+    NotALedger,
     ReserveOutcome,
     Settled,
     agents_own,
@@ -203,6 +204,24 @@ def _marks(values: Sequence[Any]) -> str:
     return ",".join("?" * len(values))
 
 
+def _refuse_foreign(conn: sqlite3.Connection, path: str) -> None:
+    """NotALedger for a database holding tables but neither drawdown's `meta` nor its budgets
+    (a ledger from before `meta` is refused by migrate, with its own message)."""
+    tables = [
+        row[0]
+        for row in conn.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' "
+            "ORDER BY name"
+        )
+    ]
+    if tables and "meta" not in tables and "budget_instances" not in tables:
+        named = ", ".join(tables[:3]) + (", …" if len(tables) > 3 else "")
+        raise NotALedger(
+            f"{path} is not a drawdown ledger: it holds tables drawdown does not make ({named}); "
+            "point --db at the ledger, or at a new file"
+        )
+
+
 class SQLiteLedger:
     """Synchronous; one connection; serialise calls (AsyncLedger runs it on one writer thread)."""
 
@@ -238,6 +257,7 @@ class SQLiteLedger:
                 check_same_thread=False,
                 uri=not create,
             )
+            _refuse_foreign(self.conn, self.path)  # before a pragma or a table changes it
             # A new ledger gets 1 KiB pages: a transaction changes a few small rows in about a
             # dozen b-tree pages, and each changed page goes whole into the WAL — with 4 KiB pages
             # a lone reserve or commit wrote ~4× the bytes (measured: one operation per
@@ -280,6 +300,13 @@ class SQLiteLedger:
             if self.path != ":memory:":
                 found = os.stat(self.path)
                 self._file = (found.st_dev, found.st_ino)
+        except sqlite3.DatabaseError as exc:
+            if "file is not a database" in str(exc):  # for ever, unlike a lock or a full disk
+                raise NotALedger(
+                    f"{self.path} is not a drawdown ledger (file is not a database): point --db "
+                    "at the ledger, or at a new file"
+                ) from exc
+            raise LedgerError(f"cannot open ledger {self.path}: {exc}") from exc
         except sqlite3.Error as exc:
             raise LedgerError(f"cannot open ledger {self.path}: {exc}") from exc
         except OSError as exc:  # from mkdir: a file in the way, no permission
