@@ -758,6 +758,18 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ip_address(text: str) -> str:
+    """argparse type: an IPv4 or IPv6 address, as a client's would be."""
+    import ipaddress
+
+    try:
+        return str(ipaddress.ip_address(text.strip()))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"wants an IP address, such as 10.0.0.7 or fd00::7; got {text!r}"
+        ) from None
+
+
 def _no_such_run(args: argparse.Namespace, since: float | None = None) -> int:
     from . import report
     from .ledger.api import LedgerError
@@ -777,7 +789,17 @@ def _no_such_run(args: argparse.Namespace, since: float | None = None) -> int:
             file=sys.stderr,
         )
     else:
-        print(f"drawdown: no run {args.run!r} in {redact_dsn(args.db)}{within}", file=sys.stderr)
+        # The RUNS table shows scopes: one pasted whole names no run id.
+        _, marker, last = args.run.rpartition("run:")
+        hint = (
+            f"; --run takes the run id, the scope's last part ({last!r})"
+            if marker and "/" not in last and last
+            else ""
+        )
+        print(
+            f"drawdown: no run {args.run!r} in {redact_dsn(args.db)}{within}{hint}",
+            file=sys.stderr,
+        )
     return 1
 
 
@@ -1086,7 +1108,9 @@ def build_parser() -> argparse.ArgumentParser:
         "user is then the agent; the credentials are assumed valid, none is a 407",
     )
     explain.add_argument(
-        "--client-ip", help="as if the request came from this address (identity source client_ip)"
+        "--client-ip",
+        type=_ip_address,
+        help="as if the request came from this address (identity source client_ip)",
     )
     explain.add_argument(
         "--db", type=ledger_url, help="also show what the ledger holds for the matching budgets"

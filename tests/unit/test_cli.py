@@ -804,6 +804,26 @@ def test_run_refuses_a_database_that_is_not_a_ledger_and_leaves_it_as_it_was(
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("app.db")) == ["app.db"]
 
 
+@pytest.mark.parametrize("command", ["report", "budgets", "verify", "run"])
+def test_a_sqlite_url_naming_no_file_is_refused(
+    command: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--db sqlite:///` read the current folder ("drawdown:  is a folder"), and `run` would have
+    written its ledger to a private temporary database, lost at exit."""
+    args = [command, "--db", "sqlite:///"]
+    if command == "run":
+        result = subprocess.run(
+            [sys.executable, "-m", "drawdown", *args, "--policy", str(ROOT / "policies" / "default.yaml"),
+             "--listen", "127.0.0.1:0", "--confdir", str(tmp_path / "conf")],
+            capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+        code, err = result.returncode, result.stderr
+    else:
+        code, err = main(args), capsys.readouterr().err
+    assert code == 1
+    assert err == "drawdown: --db names no file: give it the ledger's path\n"
+
+
 def test_run_makes_a_ledger_of_an_empty_file(tmp_path: Path) -> None:
     """A file made empty beforehand (a volume's placeholder, `touch`) is a new ledger."""
     db = tmp_path / "ledger.db"
@@ -838,6 +858,26 @@ def test_report_on_a_run_the_ledger_does_not_hold_says_so(
     captured = capsys.readouterr()
     assert json.loads(captured.out)["runs"] == []  # the document still comes, for tools
     assert captured.err == f"drawdown: no run '7f3b' in {db}\n"
+    # The scope the RUNS table shows, pasted whole: the message names the run id to give.
+    assert main(["report", "--db", str(db), "--run", "agent:research/run:7f3a"]) == 1
+    assert capsys.readouterr().err == (
+        f"drawdown: no run 'agent:research/run:7f3a' in {db}; --run takes the run id, the "
+        "scope's last part ('7f3a')\n"
+    )
+
+
+@pytest.mark.parametrize("address", ["notip", "10.0.0", "example.com"])
+def test_explain_wants_an_address_for_client_ip(
+    address: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--client-ip took any text, and explain then decided as if it were an address."""
+    with pytest.raises(SystemExit) as exited:
+        main(["explain", "--policy", str(ROOT / "policies" / "default.yaml"), "--url",
+              "https://api.openai.com/v1/models", "--client-ip", address])  # fmt: skip
+    assert exited.value.code == 2
+    assert f"--client-ip: wants an IP address, such as 10.0.0.7 or fd00::7; got '{address}'" in (
+        capsys.readouterr().err
+    )
 
 
 @pytest.mark.parametrize(

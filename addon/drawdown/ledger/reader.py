@@ -46,6 +46,8 @@ class Reader:
             self._sqlite = None
         else:
             path = url.removeprefix("sqlite:///")
+            if not path.strip():  # Path("") is the current folder
+                raise LedgerError("--db names no file: give it the ledger's path")
             if not Path(path).exists():
                 raise LedgerError(
                     f"no ledger at {path} (start `drawdown run --db {path}` first, or pass --db)"

@@ -239,6 +239,8 @@ class SQLiteLedger:
         """`create=False`: open the file only if it is there (a ledger the proxy lost, see
         `lost`, is reopened, never made anew: a new file starts with empty budgets)."""
         self.path = str(path)
+        if not self.path.strip():  # SQLite would open a private temporary database: lost at exit
+            raise NotALedger("--db names no file: give it the ledger's path")
         self.busy_timeout = busy_timeout
         self.process_id = (
             process_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
