@@ -984,21 +984,27 @@ class Drawdown:
             )
 
     def _open_ledger(self, url: str) -> None:
+        unavailable: LedgerError | None = None
+        try:
+            backend = open_ledger(url, timeout=self.seconds["drawdown_ledger_timeout"])
+        except (LedgerTooNew, NotALedger) as exc:
+            # No waiting makes either a ledger: the option is refused (mitmproxy restores the
+            # old value) and the ledger in use, if any, stays in use.
+            raise exceptions.OptionsError(str(exc)) from None
+        except LedgerError as exc:
+            unavailable = exc
         if self.ledger is not None:
             self.ledger.close()
             self.ledger = None
             self.ledger_metrics.forget_holds()
         self.ledger_url = url
         self.ledger_lost = None
-        try:
-            backend = open_ledger(url, timeout=self.seconds["drawdown_ledger_timeout"])
-        except (LedgerTooNew, NotALedger) as exc:  # no waiting makes either a ledger
-            raise exceptions.OptionsError(str(exc)) from None
-        except LedgerError as exc:
+        if unavailable is not None:
             # Stay up: requests are answered per on_ledger_error until the ledger can be opened.
             # (A warning, not an error: mitmproxy exits on errors logged during start-up.)
             log.warning(
-                "drawdown: %s — answering requests per on_ledger_error until it can be opened", exc
+                "drawdown: %s — answering requests per on_ledger_error until it can be opened",
+                unavailable,
             )
             return
         self.ledger = self._async_ledger(backend)

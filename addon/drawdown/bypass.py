@@ -30,15 +30,24 @@ PROVIDER_HOSTS = (
     "api.deepseek.com",
     "openrouter.ai",
 )
-_PORT = re.compile(r":\d+$")
+# A port an entry names: undici and Go then skip the proxy for that port alone, so only the
+# ports of the providers' APIs count.
+_PORT = re.compile(r":(\d+)$")
+API_PORTS = ("443", "80")
 
 
 def entries(value: str) -> Iterator[str]:
-    """A NO_PROXY value's entries, as a host or a domain: lower case, without a port or a
-    leading `*.` or `.` (`*` alone stays)."""
+    """A NO_PROXY value's entries, as a host or a domain: lower case, without a trailing dot,
+    a leading `*.` or `.`, or an API port (`*` alone stays); an entry naming another port is
+    left out."""
     for raw in value.split(","):
-        entry = _PORT.sub("", raw.strip().lower())
-        entry = entry.removeprefix("*.").lstrip(".")
+        entry = raw.strip().lower()
+        port = _PORT.search(entry)
+        if port and "]" not in entry and entry.count(":") == 1:  # not an IPv6 address
+            if port.group(1) not in API_PORTS:
+                continue
+            entry = entry[: port.start()]
+        entry = entry.removeprefix("*.").strip(".")
         if entry:
             yield entry
 
@@ -65,9 +74,14 @@ def covers(entry: str, pattern: str) -> bool:
     if shared == entry or shared.endswith("." + entry):
         return True
     # Under one region's domain (`us-east-1.amazonaws.com`): the varying label is a region.
-    return head.endswith(".") and any(
-        f"{region}{tail}" == entry or f"{region}{tail}".endswith("." + entry)
-        for region in _aws_regions()
+    # (Only such an entry reads botocore's regions: `env` stays quick for `localhost`.)
+    return (
+        head.endswith(".")
+        and entry.endswith(tail)
+        and any(
+            f"{region}{tail}" == entry or f"{region}{tail}".endswith("." + entry)
+            for region in _aws_regions()
+        )
     )
 
 

@@ -763,11 +763,14 @@ def _ip_address(text: str) -> str:
     import ipaddress
 
     try:
-        return str(ipaddress.ip_address(text.strip()))
+        ipaddress.ip_address(text.strip())
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"wants an IP address, such as 10.0.0.7 or fd00::7; got {text!r}"
         ) from None
+    # As written: the proxy reads a client's address as the socket gives it (::ffff:10.0.0.7
+    # from an IPv4 client of a proxy on ::), which Python 3.12's str() would rewrite.
+    return text.strip()
 
 
 def _no_such_run(args: argparse.Namespace, since: float | None = None) -> int:
@@ -790,10 +793,11 @@ def _no_such_run(args: argparse.Namespace, since: float | None = None) -> int:
         )
     else:
         # The RUNS table shows scopes: one pasted whole names no run id.
-        _, marker, last = args.run.rpartition("run:")
+        scope = args.run.startswith("run:") or "/run:" in args.run
+        last = args.run.rpartition("run:")[2]
         hint = (
             f"; --run takes the run id, the scope's last part ({last!r})"
-            if marker and "/" not in last and last
+            if scope and last and "/" not in last
             else ""
         )
         print(

@@ -75,3 +75,22 @@ def test_passthrough_decrypts_a_host_written_as_a_fully_qualified_name() -> None
     api = re.compile(allow_hosts_regex(compile_host("api.openai.com")))
     assert api.search("api.openai.com.:443") and api.search("api.openai.com:443")
     assert not api.search("api.openai.com..:443") and not api.search("xapi.openai.com:443")
+
+
+def test_a_db_that_is_not_a_ledger_is_refused_and_the_ledger_in_use_stays(
+    configured, tmp_path: Path
+) -> None:
+    """Set at run time to an application's database, drawdown_db was refused, but the ledger
+    in use had been closed first: every call then answered per on_ledger_error, and the
+    maintenance task tried the refused file for ever."""
+    import sqlite3
+
+    addon, tctx = configured
+    in_use, url = addon.ledger, addon.ledger_url
+    foreign = tmp_path / "app.db"
+    with sqlite3.connect(foreign) as conn:
+        conn.execute("CREATE TABLE users (id INTEGER PRIMARY KEY)")
+    with pytest.raises(exceptions.OptionsError, match="is not a drawdown ledger"):
+        tctx.configure(addon, drawdown_db=str(foreign))
+    assert addon.ledger is in_use and addon.ledger_url == url
+    assert addon.ledger.call_sync("heartbeat", 1.0) is None  # still open

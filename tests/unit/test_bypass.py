@@ -68,6 +68,11 @@ def test_an_entry_python_would_bypass_a_providers_host_for_is_found(entry: str) 
         ("my-res.openai.azure.com", {"*.openai.azure.com"}),
         ("asia-northeast1-aiplatform.googleapis.com", {"*-aiplatform.googleapis.com"}),
         ("storage.googleapis.com,oauth2.googleapis.com", set()),
+        # A port other than the APIs' skips the proxy for that port alone; a trailing dot is
+        # the same name.
+        ("api.openai.com:8443,api.anthropic.com:80", {"api.anthropic.com"}),
+        (".amazonaws.com.", {"bedrock-runtime.*.amazonaws.com", "bedrock-runtime-fips.*.amazonaws.com"}),
+        ("::1,[::1]:8080,fd00::/8,10.0.0.0/8", set()),
     ],
 )  # fmt: skip
 def test_entries_as_other_stacks_spell_them(value: str, expected: set[str]) -> None:
@@ -78,3 +83,15 @@ def test_aws_regions_come_from_botocore() -> None:
     regions = bypass._aws_regions()
     assert {"us-east-1", "eu-central-1", "us-gov-west-1"} <= set(regions)
     assert "s3" not in regions
+
+
+def test_only_a_regions_domain_reads_botocores_regions(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Reading botocore's endpoint data cost `drawdown env` ~0.5 s for any NO_PROXY at all."""
+
+    def regions() -> tuple[str, ...]:
+        raise AssertionError("botocore's regions read for an entry under no AWS domain")
+
+    monkeypatch.setattr(bypass, "_aws_regions", regions)
+    assert bypass.exempted("localhost,127.0.0.1,.svc,.cluster.local,api.openai.com") == [
+        ("api.openai.com", "api.openai.com")
+    ]

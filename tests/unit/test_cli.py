@@ -773,7 +773,7 @@ def test_run_reports_the_real_reason_it_cannot_start_not_the_undo_s(tmp_path: Pa
     )
 
 
-@pytest.mark.parametrize("content", ["tables", "text"])
+@pytest.mark.parametrize("content", ["tables", "meta", "text"])
 def test_run_refuses_a_database_that_is_not_a_ledger_and_leaves_it_as_it_was(
     tmp_path: Path, content: str
 ) -> None:
@@ -786,6 +786,12 @@ def test_run_refuses_a_database_that_is_not_a_ledger_and_leaves_it_as_it_was(
             conn.execute("CREATE TABLE users (id INTEGER PRIMARY KEY, email TEXT)")
             conn.execute("CREATE TABLE orders (id INTEGER PRIMARY KEY)")
         reason = "it holds tables drawdown does not make (orders, users)"
+    elif content == "meta":  # as every Chromium database has: a `meta`, not drawdown's
+        with contextlib.closing(sqlite3.connect(db)) as conn, conn:
+            conn.execute("CREATE TABLE meta (key LONGVARCHAR NOT NULL UNIQUE PRIMARY KEY, value)")
+            conn.execute("INSERT INTO meta VALUES ('version', '64')")
+            conn.execute("CREATE TABLE urls (id INTEGER PRIMARY KEY, url LONGVARCHAR)")
+        reason = "it holds tables drawdown does not make (meta, urls)"
     else:
         db.write_text("not a database\n")
         reason = "(file is not a database)"

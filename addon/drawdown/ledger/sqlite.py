@@ -205,21 +205,33 @@ def _marks(values: Sequence[Any]) -> str:
 
 
 def _refuse_foreign(conn: sqlite3.Connection, path: str) -> None:
-    """NotALedger for a database holding tables but neither drawdown's `meta` nor its budgets
-    (a ledger from before `meta` is refused by migrate, with its own message)."""
+    """NotALedger for a database holding tables but neither drawdown's budgets nor a `meta`
+    table with a schema version (`meta` alone is common: every Chromium database has one). A
+    ledger from before `meta` is refused by migrate, with its own message."""
     tables = [
         row[0]
         for row in conn.execute(
-            "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' "
-            "ORDER BY name"
+            "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite\\_%' "
+            "ESCAPE '\\' ORDER BY name"
         )
     ]
-    if tables and "meta" not in tables and "budget_instances" not in tables:
-        named = ", ".join(tables[:3]) + (", …" if len(tables) > 3 else "")
-        raise NotALedger(
-            f"{path} is not a drawdown ledger: it holds tables drawdown does not make ({named}); "
-            "point --db at the ledger, or at a new file"
-        )
+    if not tables or "budget_instances" in tables or _has_schema_version(conn, tables):
+        return
+    named = ", ".join(tables[:3]) + (", …" if len(tables) > 3 else "")
+    raise NotALedger(
+        f"{path} is not a drawdown ledger: it holds tables drawdown does not make ({named}); "
+        "point --db at the ledger, or at a new file"
+    )
+
+
+def _has_schema_version(conn: sqlite3.Connection, tables: list[str]) -> bool:
+    if "meta" not in tables:
+        return False
+    try:
+        found = conn.execute("SELECT 1 FROM meta WHERE key = 'schema_version'").fetchone()
+    except sqlite3.OperationalError:  # another application's `meta`, without our columns
+        return False
+    return found is not None
 
 
 class SQLiteLedger:
