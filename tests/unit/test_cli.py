@@ -753,6 +753,16 @@ def test_run_on_a_port_in_use_says_so_in_drawdowns_terms(
     assert not (tmp_path / "l.db").exists()  # refused before anything started
 
 
+def _run_subprocess(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """`drawdown run` on the default policy, as a subprocess: a proxy that wrongly starts fails
+    the test by its timeout."""
+    return subprocess.run(
+        [sys.executable, "-m", "drawdown", "run", "--policy", str(ROOT / "policies" / "default.yaml"),
+         "--listen", "127.0.0.1:0", "--confdir", str(tmp_path / "conf"), *args],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+
+
 def test_run_reports_the_real_reason_it_cannot_start_not_the_undo_s(tmp_path: Path) -> None:
     """mitmproxy undoes a refused option update by configuring again with the old options, no
     policy among them: "drawdown_policy is not set" used to replace the real reason. (A
@@ -761,11 +771,7 @@ def test_run_reports_the_real_reason_it_cannot_start_not_the_undo_s(tmp_path: Pa
     SQLiteLedger(db).close()
     with sqlite3.connect(db) as conn:
         conn.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
-    result = subprocess.run(
-        [sys.executable, "-m", "drawdown", "run", "--policy", str(ROOT / "policies" / "default.yaml"),
-         "--db", str(db), "--listen", "127.0.0.1:0", "--confdir", str(tmp_path / "conf")],
-        capture_output=True, text=True, timeout=30,
-    )  # fmt: skip
+    result = _run_subprocess(tmp_path, "--db", str(db))
     assert result.returncode == 1
     assert result.stderr == (
         "drawdown: this ledger has schema version 99, newer than this drawdown understands "
@@ -796,11 +802,7 @@ def test_run_refuses_a_database_that_is_not_a_ledger_and_leaves_it_as_it_was(
         db.write_text("not a database\n")
         reason = "(file is not a database)"
     before = db.read_bytes()
-    result = subprocess.run(
-        [sys.executable, "-m", "drawdown", "run", "--policy", str(ROOT / "policies" / "default.yaml"),
-         "--db", str(db), "--listen", "127.0.0.1:0", "--confdir", str(tmp_path / "conf")],
-        capture_output=True, text=True, timeout=30,
-    )  # fmt: skip
+    result = _run_subprocess(tmp_path, "--db", str(db))
     assert result.returncode == 1
     assert result.stderr.startswith(f"drawdown: {db} is not a drawdown ledger")
     assert reason in result.stderr and result.stderr.endswith(
@@ -818,11 +820,7 @@ def test_a_sqlite_url_naming_no_file_is_refused(
     written its ledger to a private temporary database, lost at exit."""
     args = [command, "--db", "sqlite:///"]
     if command == "run":
-        result = subprocess.run(
-            [sys.executable, "-m", "drawdown", *args, "--policy", str(ROOT / "policies" / "default.yaml"),
-             "--listen", "127.0.0.1:0", "--confdir", str(tmp_path / "conf")],
-            capture_output=True, text=True, timeout=30,
-        )  # fmt: skip
+        result = _run_subprocess(tmp_path, *args[1:])
         code, err = result.returncode, result.stderr
     else:
         code, err = main(args), capsys.readouterr().err
