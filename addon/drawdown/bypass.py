@@ -33,7 +33,7 @@ PROVIDER_HOSTS = (
 # A port an entry names: undici and Go then skip the proxy for that port alone, so only the
 # ports of the providers' APIs count.
 _PORT = re.compile(r":(\d+)$")
-API_PORTS = ("443", "80")
+API_PORTS = ("443",)  # every provider API is HTTPS on its default port
 
 
 def entries(value: str) -> Iterator[str]:

@@ -70,7 +70,7 @@ def test_an_entry_python_would_bypass_a_providers_host_for_is_found(entry: str) 
         ("storage.googleapis.com,oauth2.googleapis.com", set()),
         # A port other than the APIs' skips the proxy for that port alone; a trailing dot is
         # the same name.
-        ("api.openai.com:8443,api.anthropic.com:80", {"api.anthropic.com"}),
+        ("api.openai.com:8443,api.groq.com:80,api.anthropic.com:443", {"api.anthropic.com"}),
         (".amazonaws.com.", {"bedrock-runtime.*.amazonaws.com", "bedrock-runtime-fips.*.amazonaws.com"}),
         ("::1,[::1]:8080,fd00::/8,10.0.0.0/8", set()),
     ],
