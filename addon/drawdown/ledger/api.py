@@ -114,8 +114,9 @@ class LedgerTooNew(LedgerError):
 
 
 class NotALedger(LedgerError):
-    """The file is a database (or no database at all) that drawdown did not make: a --db
-    pointing at an application's SQLite file would have had the ledger's tables added to it."""
+    """The file is a database drawdown did not make: a --db pointing at an application's
+    SQLite file would have had the ledger's tables added to it. (A file that is no database at
+    all may be a ledger damaged: the proxy stays up on it, answering per on_ledger_error.)"""
 
 
 def schema_version(value: object | None, *, has_tables: bool) -> int:

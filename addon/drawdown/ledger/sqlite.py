@@ -314,13 +314,6 @@ class SQLiteLedger:
             if self.path != ":memory:":
                 found = os.stat(self.path)
                 self._file = (found.st_dev, found.st_ino)
-        except sqlite3.DatabaseError as exc:
-            if "file is not a database" in str(exc):  # for ever, unlike a lock or a full disk
-                raise NotALedger(
-                    f"{self.path} is not a drawdown ledger (file is not a database): point --db "
-                    "at the ledger, or at a new file"
-                ) from exc
-            raise LedgerError(f"cannot open ledger {self.path}: {exc}") from exc
         except sqlite3.Error as exc:
             raise LedgerError(f"cannot open ledger {self.path}: {exc}") from exc
         except OSError as exc:  # from mkdir: a file in the way, no permission
