@@ -2363,6 +2363,25 @@ def test_a_writer_polls_for_the_lock_another_process_holds(
     ledger.close()
 
 
+def test_an_application_database_is_refused_without_a_descriptor_left_open(
+    tmp_path: Any,
+) -> None:
+    """A foreign database swapped in under the proxy is looked at again every maintenance
+    tick (create=False): each refusal must close what it opened."""
+    import sqlite3
+
+    from drawdown.ledger.api import NotALedger
+
+    foreign = tmp_path / "app.db"
+    with sqlite3.connect(foreign) as conn:
+        conn.execute("CREATE TABLE users (id INTEGER PRIMARY KEY)")
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(50):
+        with pytest.raises(NotALedger, match="tables drawdown does not make \\(users\\)"):
+            SQLiteLedger(foreign, create=False)
+    assert len(os.listdir("/proc/self/fd")) <= before + 2  # not one a try
+
+
 def test_a_new_sqlite_ledger_uses_small_pages_and_an_old_one_keeps_its_own(tmp_path: Any) -> None:
     import sqlite3
 

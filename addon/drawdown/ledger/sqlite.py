@@ -271,7 +271,11 @@ class SQLiteLedger:
                 check_same_thread=False,
                 uri=not create,
             )
-            _refuse_foreign(self.conn, self.path)  # before a pragma or a table changes it
+            try:
+                _refuse_foreign(self.conn, self.path)  # before a pragma or a table changes it
+            except NotALedger:
+                self.conn.close()  # the proxy's maintenance may look again every tick
+                raise
             # A new ledger gets 1 KiB pages: a transaction changes a few small rows in about a
             # dozen b-tree pages, and each changed page goes whole into the WAL — with 4 KiB pages
             # a lone reserve or commit wrote ~4× the bytes (measured: one operation per
