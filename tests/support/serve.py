@@ -17,6 +17,7 @@ import tempfile
 import threading
 from pathlib import Path
 
+from tests.conftest import standin_resolve
 from tests.support import mitm_resolve
 from tests.support.standin import StandIn
 from tests.support.tls import make_tls_material
@@ -31,11 +32,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="drawdown-standin-") as folder:
         tls = make_tls_material(folder)
         standin = StandIn(tls).start()
-        hosts = [name for name in tls.names if name not in ("localhost", "127.0.0.1", "::1")]
-        resolve = {
-            "tls": {host: standin.host_port for host in hosts},
-            "plain": {host: standin.http_host_port for host in hosts},
-        }
+        resolve = standin_resolve(standin, tls.names)  # as the tests' proxies resolve
+        hosts = list(resolve["tls"])
         script = ROOT / "tests" / "support" / "mitm_resolve.py"
         print(f"stand-in upstream on {standin.host_port} (TLS) and {standin.http_host_port}")
         print(f"answering as {', '.join(hosts)}")

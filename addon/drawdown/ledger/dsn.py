@@ -1,9 +1,12 @@
-"""Ledger URLs as they may be shown: a PostgreSQL DSN without its password."""
+"""Ledger URLs: the SQLite file one names, and how one may be shown (a PostgreSQL DSN
+without its password)."""
 
 from __future__ import annotations
 
 import re
 from urllib.parse import urlsplit, urlunsplit
+
+from .api import NotALedger
 
 # Any `scheme://`, in any case: a mistyped one (`postgresq://`, `POSTGRESQL://`) holds the
 # password all the same.
@@ -38,3 +41,13 @@ def redact_dsn(url: str) -> str:
     )
     scheme = found.group(0)[:-3]  # as written: urlsplit lowers it (`POSTGRESQL://` is a typo)
     return urlunsplit((scheme, netloc, parts.path, query, ""))
+
+
+def sqlite_path(url: str) -> str:
+    """The file a SQLite ledger URL names (`PATH` or `sqlite:///PATH`). One naming none is
+    refused: SQLite would open a private temporary database for "", lost at exit, and a
+    reader would take Path("") for the current folder."""
+    path = url.removeprefix("sqlite:///")
+    if not path.strip():
+        raise NotALedger("--db names no file: give it the ledger's path")
+    return path

@@ -14,7 +14,7 @@ from urllib.parse import quote
 
 from ..recording import redact_path
 from .api import LedgerError, schema_version
-from .dsn import redact_dsn
+from .dsn import redact_dsn, sqlite_path
 
 _NAMED = re.compile(r":([A-Za-z_][A-Za-z0-9_]*)")
 
@@ -45,9 +45,7 @@ class Reader:
                 raise LedgerError(f"cannot open ledger {self.url}: {first}") from None
             self._sqlite = None
         else:
-            path = url.removeprefix("sqlite:///")
-            if not path.strip():  # Path("") is the current folder
-                raise LedgerError("--db names no file: give it the ledger's path")
+            path = sqlite_path(url)
             if not Path(path).exists():
                 raise LedgerError(
                     f"no ledger at {path} (start `drawdown run --db {path}` first, or pass --db)"

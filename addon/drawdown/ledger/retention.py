@@ -119,11 +119,11 @@ class _Backend:
 
             self._ledger: Any = PostgresLedger(url, register=False, lock_timeout=busy_timeout)
         else:
+            from .dsn import sqlite_path
             from .sqlite import SQLiteLedger
 
-            path = url.removeprefix("sqlite:///")
             self._ledger = SQLiteLedger(
-                path, register=False, create=False, busy_timeout=busy_timeout
+                sqlite_path(url), register=False, create=False, busy_timeout=busy_timeout
             )
 
     def transaction(self, fn: Callable[[_Tx], Any]) -> Any:

@@ -55,6 +55,7 @@ from .api import (
     agents_own,
     failed_attempt,
 )
+from .dsn import sqlite_path
 from .plan import (
     COMPLETION_FIELDS,
     HOLD_COLUMNS,
@@ -251,8 +252,6 @@ class SQLiteLedger:
         """`create=False`: open the file only if it is there (a ledger the proxy lost, see
         `lost`, is reopened, never made anew: a new file starts with empty budgets)."""
         self.path = str(path)
-        if not self.path.strip():  # SQLite would open a private temporary database: lost at exit
-            raise NotALedger("--db names no file: give it the ledger's path")
         self.busy_timeout = busy_timeout
         self.process_id = (
             process_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
@@ -849,5 +848,4 @@ def _existing(path: str) -> str:
 
 
 def open_sqlite(url: str, **kwargs: Any) -> SQLiteLedger:
-    path = url.removeprefix("sqlite:///") if url.startswith("sqlite:///") else url
-    return SQLiteLedger(path, **kwargs)
+    return SQLiteLedger(sqlite_path(url), **kwargs)
