@@ -76,6 +76,8 @@ class Anomaly:
     # Whether the live guard enforces this rule: step_count's history rule and fan_out's
     # agents are only ever flagged, whatever on_detect says (the report said "deny").
     guarded: bool = True
+    # Made of a guard's refusals that no flagged anomaly explains (detect()).
+    refusals_only: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -617,7 +619,33 @@ def detect(
     priced_actions: frozenset[str] = frozenset(),
     calls_only: frozenset[str] = frozenset(),
 ) -> list[dict[str, Any]]:
-    """Every anomaly in `rows` (decision rows + `hold_state`, oldest first), as report dicts.
+    """Every anomaly in `rows` (decision rows + `hold_state`, oldest first), as report dicts,
+    in the order they began (_detect()'s arguments)."""
+    found = _detect(
+        rows,
+        settings,
+        history=history,
+        workflow_rows=workflow_rows,
+        priced_actions=priced_actions,
+        calls_only=calls_only,
+    )
+    return [a.as_dict() for a in _in_order(found)]
+
+
+def _in_order(found: list[Anomaly]) -> list[Anomaly]:
+    return sorted(found, key=lambda a: (a.first_ts, a.kind, a.scope))
+
+
+def _detect(
+    rows: Sequence[dict[str, Any]],
+    settings: AnomalySettings | None = None,
+    *,
+    history: Sequence[dict[str, Any]] = (),
+    workflow_rows: Sequence[dict[str, Any]] | None = None,
+    priced_actions: frozenset[str] = frozenset(),
+    calls_only: frozenset[str] = frozenset(),
+) -> list[Anomaly]:
+    """Every anomaly in `rows` (decision rows + `hold_state`, oldest first).
 
     `workflow_rows`: every decision of the workflows in `rows` (default: `rows`);
     `history`: step counts of every run, for step_count's history rule; `calls_only`: runs
@@ -682,6 +710,7 @@ def detect(
                                 repeats[(r["scope"], r.get("fingerprint"))].append(r)
                         involved = repeats[(scope, row["fingerprint"])]
                     match = alone[key] = _run_of(involved[0], kind, detail, involved)
+                    match.refusals_only = True
                     found.append(match)
                     index(match)
             match.on_detect = "deny"
@@ -715,8 +744,7 @@ def detect(
             and settings.get(anomaly.kind).on_detect == "deny"
         ):
             anomaly.on_detect = "deny"
-    found.sort(key=lambda a: (a.first_ts, a.kind, a.scope))
-    return [a.as_dict() for a in found]
+    return found
 
 
 # --- from a ledger -------------------------------------------------------------------------
@@ -976,13 +1004,15 @@ def _may_flag_workflows(
     return found
 
 
-def _per_call_suspects(settings: AnomalySettings, priced_column: str) -> tuple[str, dict[str, Any]]:
+def _per_call_suspects(
+    judged_by: Sequence[AnomalySettings], priced_column: str
+) -> tuple[str, dict[str, Any]]:
     """SQL for the committed calls the per-call detectors may flag (under_commit, fast_commit,
-    drift, unpriced_model), with margins that only take in more; the detectors then decide on
-    these rows as they would on every row."""
-    under = float(Decimal(settings.get("under_commit").param("ratio")))
-    over = float(Decimal(settings.get("drift").param("ratio")))
-    fast = float(settings.get("fast_commit").param("latency_ms"))
+    drift, unpriced_model) by any of these settings, with margins that only take in more; the
+    detectors then decide on these rows as they would on every row."""
+    under = max(float(Decimal(s.get("under_commit").param("ratio"))) for s in judged_by)
+    over = min(float(Decimal(s.get("drift").param("ratio"))) for s in judged_by)
+    fast = max(float(s.get("fast_commit").param("latency_ms")) for s in judged_by)
     llm = ", ".join(f"'{provider}'" for provider in LLM_PROVIDERS)
     unpriced = f"d.provider IN ({llm})" + (
         " AND (d.priced IS NULL OR d.priced = 0)" if priced_column else ""
@@ -1004,42 +1034,92 @@ def _per_call_suspects(settings: AnomalySettings, priced_column: str) -> tuple[s
     }
 
 
-def judging_of(reader: Reader, where: str, params: dict[str, Any]) -> Judging:
-    """The settings a report of the decisions `where` selects is judged by, without --policy:
-    those the proxy recorded for the policy it made the newest of them under (a decision made
-    under a policy whose settings were not recorded, by an older drawdown, is passed over for
-    the next newest); the defaults if none was recorded. `others` counts the other settings,
-    of older decisions, not applied; `unrecorded` the policies whose settings are not known."""
+@dataclass(frozen=True)
+class RunJudgings:
+    """The settings each run of a report is judged by. `newest`: the report's own (those of
+    the policy its newest decision was made under, as judging_of() finds them; a policy's given
+    with --policy; the defaults), which judge every run `of_runs` does not name; `of_runs`:
+    scope → the settings recorded for the policy the run's own newest decision was made under,
+    where they differ; `last`: scope → when the run's newest decision was made (a workflow is
+    judged by its newest run's settings)."""
+
+    newest: Judging = field(default_factory=Judging)
+    of_runs: Mapping[str, Judging] = field(default_factory=dict)
+    last: Mapping[str, float] = field(default_factory=dict)
+
+    def of(self, scope: str) -> Judging:
+        return self.of_runs.get(scope, self.newest)
+
+    def runs_by_policy(self, scopes: Iterable[str]) -> dict[str, int]:
+        """Policy digest → how many of these runs its settings judge, most runs first (none
+        for the runs the built-in settings judge)."""
+        counts: dict[str, int] = defaultdict(int)
+        for scope in scopes:
+            if digest := self.of(scope).digest:
+                counts[digest] += 1
+        return dict(sorted(counts.items(), key=lambda item: (-item[1], item[0])))
+
+
+def judging_of(reader: Reader, where: str, params: dict[str, Any]) -> RunJudgings:
+    """The settings the runs of the decisions `where` selects are judged by, without --policy:
+    each run by those the proxy recorded for the policy it made the run's newest decision
+    under (a decision made under a policy whose settings were not recorded, by an older
+    drawdown, is passed over for the run's next newest); a run with none recorded, by those of
+    the newest decision of all that has them; the defaults if none was recorded. The newest's
+    `others` counts the other settings runs are judged by; `unrecorded` the policies whose
+    settings are not known. A run's newest decision is always one `where` selects: `where`
+    picks runs by their identity and a time from which on they were active."""
     digests = [
         row["policy_digest"]
         for row in reader.query(
             f"""SELECT policy_digest, MAX(ts) AS last FROM decisions
                 WHERE {where} AND policy_digest IS NOT NULL AND policy_digest <> ''
-                GROUP BY policy_digest ORDER BY last DESC""",
+                GROUP BY policy_digest ORDER BY last DESC, policy_digest DESC""",
             params,
         )
-    ]
-    if not digests:
-        return Judging()
-    keys = {f"key_{i}": JUDGING_KEY + digest for i, digest in enumerate(digests)}
-    recorded = {
-        row["key"].removeprefix(JUDGING_KEY): row["value"]
-        for row in reader.query(
-            f"SELECT key, value FROM meta WHERE key IN ({', '.join(':' + k for k in keys)})", keys
-        )
-    }
-    found = [
-        judging
-        for digest in digests
-        if digest in recorded
-        and (judging := Judging.from_record(recorded[digest], digest)) is not None
-    ]
-    unrecorded = len(digests) - len(found)
-    if not found:
-        return Judging(unrecorded=unrecorded)
-    newest = found[0]
-    others = {(j.settings, j.priced) for j in found[1:]} - {(newest.settings, newest.priced)}
-    return replace(newest, others=len(others), unrecorded=unrecorded)
+    ]  # newest first
+    recorded: dict[str, Judging] = {}
+    for row in query_in(
+        reader, "SELECT key, value FROM meta WHERE {in}", "key", (JUDGING_KEY + d for d in digests)
+    ):
+        digest = row["key"].removeprefix(JUDGING_KEY)
+        if (judging := Judging.from_record(row["value"], digest)) is not None:
+            recorded[digest] = judging
+    unrecorded = len(digests) - len(recorded)
+    # Policies of the same settings judge as one, named by the newest of them.
+    alike: dict[tuple[AnomalySettings, frozenset[str] | None], Judging] = {}
+    for digest in digests:
+        if (judging := recorded.get(digest)) is not None:
+            recorded[digest] = alike.setdefault((judging.settings, judging.priced), judging)
+    if not alike:
+        return RunJudgings(Judging(unrecorded=unrecorded))
+    newest = next(iter(alike.values()))
+    summary = replace(newest, others=len(alike) - 1, unrecorded=unrecorded)
+    if len(alike) == 1:
+        return RunJudgings(summary)
+    # Runs made under other settings: each run's, by its newest decision's. Grouped by digest
+    # first: by scope first, SQLite walks the scope index, and a day's report read the table.
+    found = reader.query(
+        f"""SELECT scope, policy_digest, MAX(ts) AS last FROM decisions
+            WHERE {where} GROUP BY policy_digest, scope""",
+        params,
+    )
+    # Newest first; of one time, in the digests' order (no database's own).
+    found.sort(key=lambda row: (row["last"], row["policy_digest"] or ""), reverse=True)
+    last: dict[str, float] = {}
+    of_runs: dict[str, Judging] = {}
+    for row in found:
+        scope = row["scope"]
+        last.setdefault(scope, row["last"])
+        own = recorded.get(row["policy_digest"] or "")
+        if own is None or scope in of_runs:
+            continue
+        of_runs[scope] = own
+    return RunJudgings(
+        summary,
+        {scope: own for scope, own in of_runs.items() if own is not newest},
+        last,
+    )
 
 
 def find(
@@ -1050,7 +1130,7 @@ def find(
     policy: Policy | None = None,
     within: dict[str, str] | None = None,
     groups: list[dict[str, Any]] | None = None,
-    judging: Judging | None = None,
+    judging: Judging | RunJudgings | None = None,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(anomalies, scan()'s groups of the runs they were found for) for the runs active since
     `floor`.
@@ -1066,33 +1146,144 @@ def find(
     whole and the agents' history fleet-wide, so each anomaly is the one the whole report
     finds, without reading every other team's runs. `groups`: scan()'s, made with an `active`
     flag of active_where()'s condition (the report's own pass). `judging`: the settings to judge
-    by (judging_of()'s), else `policy`'s, else the defaults.
+    by, one for all runs or each run's (judging_of()'s), else `policy`'s, else the defaults.
+    The runs judged by the same settings are judged together, and a workflow by its newest
+    run's settings.
     """
     where, params = active_where(floor, run, within)
     if groups is None:
         groups = scan(reader, {"active": where}, params)
     if judging is None:
         judging = Judging.of(policy) if policy else Judging()
-    settings = judging.settings
-    priced_column = _priced_column(reader)
+    judgings = judging if isinstance(judging, RunJudgings) else RunJudgings(judging)
     active = {group["scope"] for group in groups if group["active"]}
     window = [group for group in groups if group["scope"] in active]
     runs: dict[str, dict[str, Any]] = {}
     # Rows of one scope in several groups: a ledger written by hand, read whole to be sure.
-    suspects = {g["scope"] for g in window if runs.setdefault(g["scope"], g) is not g}
+    doubled = {g["scope"] for g in window if runs.setdefault(g["scope"], g) is not g}
+    failed: dict[str, int] = defaultdict(int)  # every failed attempt of a run (handoff's bound)
+    failed_runs = reader.query(
+        f"""SELECT scope, run IS NOT NULL AS of_run, COUNT(*) AS n FROM decisions
+            WHERE {failed_attempt()} GROUP BY scope, fingerprint, run IS NOT NULL"""
+    )
+    for r in failed_runs:
+        failed[r["scope"]] += int(r["n"])
+
+    # The runs judged by each settings, and the workflows: by their newest active run's.
+    parts: dict[int, tuple[Judging, set[str]]] = {}  # by id(): judging_of() shares them
+    for scope in sorted(active):
+        own = judgings.of(scope)
+        parts.setdefault(id(own), (own, set()))[1].add(scope)
+    if not parts:
+        return [], window
+    newest_run: dict[tuple[Any, str], tuple[float, str]] = {}
+    for g in window:
+        if g["workflow"] is not None:
+            candidate = (judgings.last.get(g["scope"], 0.0), g["scope"])
+            key = (g["tenant"], g["workflow"])
+            newest_run[key] = max(newest_run.get(key, candidate), candidate)
+    workflows_of: dict[int, set[tuple[Any, str]]] = defaultdict(set)
+    for key, (_, scope) in newest_run.items():
+        workflows_of[id(judgings.of(scope))].add(key)
+    # What may be flagged by the laxest settings of all, read once: read for each settings,
+    # each read the whole table again once its runs were many (MANY_SCOPES).
+    judged_by = [own.settings for own, _ in parts.values()]
+    priced_column = _priced_column(reader)
+    repeated = _of_scopes(
+        reader,
+        "SELECT d.scope, COUNT(*) AS n FROM decisions d WHERE {scopes} "
+        "AND d.fingerprint IS NOT NULL GROUP BY d.scope, d.fingerprint HAVING COUNT(*) > :repeats",
+        {"repeats": min(int(s.get("loop").param("repeats")) for s in judged_by)},
+        active,
+    )
+    calls_sql, calls_params = _per_call_suspects(judged_by, priced_column)
+    # The runs' own steps: the proxy's refusals (a stop, its ledger down) are not theirs.
+    calls = [
+        r
+        for r in _of_scopes(reader, calls_sql, calls_params, active)
+        if r["reason_code"] not in PROXY_REFUSALS
+    ]
+    calls.sort(key=lambda r: (r["ts"], r["id"]))
+    context = _Context(
+        reader,
+        groups,
+        runs,
+        failed,
+        failed_runs,
+        history_of(groups),
+        priced_column,
+        repeated,
+        calls,
+        one_part=len(parts) == 1,
+    )
+    found: list[Anomaly] = []
+    for part, (own, scopes) in parts.items():
+        found += _find_judged(context, own, scopes, doubled & scopes, workflows_of[part])
+    if len(parts) > 1:
+        found = _with_workflows_refusals(found)
+    return [a.as_dict() for a in _in_order(found)], window
+
+
+def _with_workflows_refusals(found: list[Anomaly]) -> list[Anomaly]:
+    """`found` with the fan_out guard's refusals of a run judged by other settings than its
+    workflow moved into the workflow's fan_out anomaly: judged apart, the run's refusals were
+    explained by no anomaly of its own settings (detect() made one of them alone)."""
+    of_run = {
+        scope: anomaly
+        for anomaly in found
+        if anomaly.kind == "fan_out" and not anomaly.refusals_only
+        for scope in anomaly.runs
+    }
+    kept = []
+    for anomaly in found:
+        workflows = of_run.get(anomaly.scope) if anomaly.kind == "fan_out" else None
+        if workflows is None or not anomaly.refusals_only:
+            kept.append(anomaly)
+            continue
+        workflows.on_detect = "deny"
+        for which in ("evidence", "denied", "would_deny"):
+            ids: list[str] = getattr(workflows, which)
+            present = set(ids)
+            ids += [i for i in getattr(anomaly, which) if i not in present]
+    return kept
+
+
+@dataclass(frozen=True)
+class _Context:
+    """What find() reads once for every settings its runs are judged by."""
+
+    reader: Reader
+    groups: list[dict[str, Any]]  # scan()'s
+    runs: dict[str, dict[str, Any]]  # scope → its scan() group, of the active runs
+    failed: Mapping[str, int]  # scope → every failed attempt of the run
+    failed_runs: list[dict[str, Any]]  # scope, of_run, n: failed attempts of each request
+    history: list[dict[str, Any]]  # history_of(groups), before forgiving retries
+    priced_column: str  # _priced_column()'s
+    repeated: list[dict[str, Any]]  # scope, n: requests a run repeated, past any settings' repeats
+    calls: list[dict[str, Any]]  # calls any settings' per-call detectors may flag, oldest first
+    one_part: bool  # every active run judged by one settings
+
+
+def _find_judged(
+    context: _Context,
+    judging: Judging,
+    active: set[str],
+    suspects: set[str],
+    workflows: set[tuple[Any, str]],
+) -> list[Anomaly]:
+    """The anomalies of these active runs and workflows ((tenant, workflow)), judged by
+    `judging`; `suspects`: runs to read whole whatever the counts say."""
+    reader, groups, runs = context.reader, context.groups, context.runs
+    settings = judging.settings
+    priced_column = context.priced_column
     # Earlier runs' steps as the guards count them: less their forgiven failed attempts.
     retries = int(settings.get("loop").param("retries", 0))
     retried: dict[str, int] = defaultdict(int)
-    failed: dict[str, int] = defaultdict(int)  # every failed attempt of a run (handoff's bound)
-    for r in reader.query(
-        f"""SELECT scope, run IS NOT NULL AS of_run, COUNT(*) AS n FROM decisions
-            WHERE {failed_attempt()} GROUP BY scope, fingerprint, run IS NOT NULL"""
-    ):
-        failed[r["scope"]] += int(r["n"])
+    for r in context.failed_runs:
         if r["of_run"]:
             retried[r["scope"]] += forgiven(int(r["n"]), retries)
     history = [
-        {**h, "steps": int(h["steps"]) - retried.get(h["scope"], 0)} for h in history_of(groups)
+        {**h, "steps": int(h["steps"]) - retried.get(h["scope"], 0)} for h in context.history
     ]
     # In the order step_count takes each agent's runs (a stable sort keeps ties as they came):
     # its sort of each agent's runs then finds them sorted, twice a report.
@@ -1103,25 +1294,17 @@ def find(
     # past loop.repeats; more own rows than step_count allows (read whole); a call the per-call
     # detectors flag (decided on the few calls that may be, each judged alone: only these are
     # read of a run flagged for nothing else).
-    suspects |= {g["scope"] for g in window if g["guarded"]}
-    suspects |= _may_count_too_many(runs, history, settings.get("step_count"))
-    repeated = _of_scopes(
-        reader,
-        "SELECT d.scope FROM decisions d WHERE {scopes} AND d.fingerprint IS NOT NULL "
-        "GROUP BY d.scope, d.fingerprint HAVING COUNT(*) > :repeats",
-        {"repeats": int(settings.get("loop").param("repeats"))},
-        active,
+    suspects = set(suspects)
+    suspects |= {scope for scope in active if runs[scope]["guarded"]}
+    suspects |= _may_count_too_many(
+        {scope: runs[scope] for scope in active}, history, settings.get("step_count")
     )
-    suspects |= {row["scope"] for row in repeated}
+    repeats = int(settings.get("loop").param("repeats"))
+    suspects |= {row["scope"] for row in context.repeated if int(row["n"]) > repeats}
     suspects &= active
-    calls_sql, calls_params = _per_call_suspects(settings, priced_column)
-    # The runs' own steps: the proxy's refusals (a stop, its ledger down) are not theirs.
-    calls = [
-        r
-        for r in _of_scopes(reader, calls_sql, calls_params, active)
-        if r["reason_code"] not in PROXY_REFUSALS
-    ]
-    calls.sort(key=lambda r: (r["ts"], r["id"]))
+    calls = (
+        context.calls if context.one_part else [r for r in context.calls if r["scope"] in active]
+    )
     hits = (
         *under_commit(calls, settings.get("under_commit")),
         *fast_commit(calls, settings.get("fast_commit")),
@@ -1133,9 +1316,9 @@ def find(
     # cannot be (with `path`, a batch's submission is not flagged as a model's answer).
     flagged_calls = {i for hit in hits if hit.scope in calls_only for i in hit.evidence}
 
-    # The workflows fan_out or handoff may flag, of those the runs are in: read whole.
-    names = {g["workflow"] for g in groups if g["active"] and g["workflow"] is not None}
-    flagged_workflows = _may_flag_workflows(groups, names, settings, failed)
+    # The workflows fan_out or handoff may flag, of those judged here: read whole.
+    names = {workflow for _, workflow in workflows}
+    flagged_workflows = _may_flag_workflows(groups, names, settings, context.failed) & workflows
     workflow_rows = [
         row
         for row in _of_workflows(reader, {workflow for _, workflow in flagged_workflows})
@@ -1144,7 +1327,7 @@ def find(
     workflow_rows.sort(key=lambda r: (r["ts"], r["id"]))
     rows = decision_rows(reader, suspects, priced_column, WORDING_FIELDS)
     rows += _of_requests(reader, flagged_calls, WORDING_FIELDS + priced_column)
-    found = detect(
+    return _detect(
         [r for r in rows if r["reason_code"] not in PROXY_REFUSALS],
         settings,
         history=history,
@@ -1152,7 +1335,6 @@ def find(
         priced_actions=priced or frozenset(),
         calls_only=calls_only,
     )
-    return found, window
 
 
 def _of_requests(reader: Reader, ids: set[str], columns: str) -> list[dict[str, Any]]:

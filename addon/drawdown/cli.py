@@ -1172,8 +1172,8 @@ def build_parser() -> argparse.ArgumentParser:
     output.add_argument("--html", metavar="FILE", help="write a self-contained HTML page")
     report.add_argument(
         "--policy",
-        help="take the anomaly settings from this policy [those the proxy recorded for the "
-        "policy it ran; the built-in ones where none was recorded]",
+        help="judge every run by this policy's anomaly settings [each run by those the proxy "
+        "recorded for the policy it ran; the built-in ones where none was recorded]",
     )
     report.set_defaults(func=cmd_report)
 

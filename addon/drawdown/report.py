@@ -277,6 +277,14 @@ def run_outside(
         reader.close()
 
 
+def _retried(rows: list[dict[str, Any]], retries: Callable[[str], int]) -> set[str]:
+    """anomalies.retried() of rows of several runs, each run's by its own `retries`."""
+    by_retries: dict[int, list[dict[str, Any]]] = defaultdict(list)
+    for row in rows:
+        by_retries[retries(row["scope"])].append(row)
+    return set().union(*(anomaly_detection.retried(of, n) for n, of in by_retries.items()))
+
+
 def _status(row: dict[str, Any], anomalies: list[dict[str, Any]]) -> str:
     if row["budget_denials"]:
         return "budget_exhausted"
@@ -344,12 +352,17 @@ def _build(
         where += run_scopes[0]
         params.update(named)
 
-    # Judged by the settings the policy given says, else by those the proxy recorded for the
-    # policy it made these decisions under: a shadow team reading its report without --policy
-    # got the built-in thresholds, not the ones it had set.
-    judging = Judging.of(policy) if policy else anomaly_detection.judging_of(reader, where, params)
+    # Judged by the settings the policy given says, else each run by those the proxy recorded
+    # for the policy it made the run's decisions under: a shadow team reading its report
+    # without --policy got the built-in thresholds, not the ones it had set.
+    judgings = (
+        anomaly_detection.RunJudgings(Judging.of(policy))
+        if policy
+        else anomaly_detection.judging_of(reader, where, params)
+    )
+    judging = judgings.newest
     found, window = anomaly_detection.find(
-        reader, floor=floor, run=run, judging=judging, within=narrow.levels, groups=groups
+        reader, floor=floor, run=run, judging=judgings, within=narrow.levels, groups=groups
     )
     if narrow:
         # Found for the filter's runs (their workflows read whole): a workflow-wide anomaly
@@ -358,7 +371,10 @@ def _build(
     # A run's steps are what its guards count: not the attempts its SDK retried after a failure
     # (up to anomalies.loop.retries a request), nor the proxy's own refusals. The attempts it
     # retried are shown too (`retried`): a reader sees the provider's trouble.
-    retries = int(judging.settings.get("loop").param("retries", 0))
+
+    def retries(scope: str) -> int:
+        return int(judgings.of(scope).settings.get("loop").param("retries", 0))
+
     totals: dict[str, int] = defaultdict(int)  # scope -> its rows (the whole run's)
     not_counted: dict[str, list[int]] = defaultdict(lambda: [0, 0])  # scope -> [no steps, retried]
     for group in window:
@@ -374,8 +390,8 @@ def _build(
         if row["scope"] in totals and narrow.covers(row):
             failed[(row["scope"], row["fingerprint"])] += int(row["n"])
     for (scope, _), n in failed.items():  # the first `retries` failed attempts of a request
-        not_counted[scope][0] += forgiven(n, retries)
-        not_counted[scope][1] += forgiven(n, retries)
+        not_counted[scope][0] += forgiven(n, retries(scope))
+        not_counted[scope][1] += forgiven(n, retries(scope))
     by_run: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for anomaly in found:
         in_each_run = _for_each_run(anomaly)
@@ -432,7 +448,7 @@ def _build(
             runs,
             totals,
             found,
-            lambda rows: anomaly_detection.retried([r for r in rows if narrow.covers(r)], retries),
+            lambda rows: _retried([r for r in rows if narrow.covers(r)], retries),
             lambda scopes: anomaly_detection.decision_rows(reader, scopes),
             one_run=run is not None,
         )
@@ -462,6 +478,8 @@ def _build(
             "policy_digest": judging.digest or None,
             "other_settings": judging.others,
             "unrecorded_policies": judging.unrecorded,
+            # Which policy's settings judged how many of the runs listed.
+            "runs_by_policy": judgings.runs_by_policy(row["scope"] for row in run_rows),
         },
         "spend": _spend(
             reader, floor, run, budgets, shown if summaries else None, narrow, run_scopes
@@ -1213,6 +1231,11 @@ def _judged_by(judged: dict[str, Any] | None) -> str:
     unrecorded = judged.get("unrecorded_policies") or 0
     if source == "policy":
         line = f"anomalies judged by the policy given (--policy, {digest})"
+    elif source == "ledger" and len(by_policy := judged.get("runs_by_policy") or {}) > 1:
+        each = ", ".join(
+            f"{policy} ({n} run{'s' if n != 1 else ''})" for policy, n in by_policy.items()
+        )
+        line = f"anomalies judged by the settings the proxy recorded for each run's policy: {each}"
     elif source == "ledger":
         line = (
             f"anomalies judged by the settings of policy {digest}, the proxy's, as it recorded them"
@@ -1221,11 +1244,6 @@ def _judged_by(judged: dict[str, Any] | None) -> str:
         line = "anomalies judged by the built-in settings (see --policy)"
     else:
         return ""  # no decision here names a policy: nothing was judged that settings change
-    if others := judged.get("other_settings"):
-        line += (
-            f"; earlier decisions were made under {others} other "
-            f"setting{'s' if others != 1 else ''}, not applied (choose with --policy)"
-        )
     if unrecorded:
         line += (
             f"; {unrecorded} polic{'ies' if unrecorded != 1 else 'y'} of these decisions left "

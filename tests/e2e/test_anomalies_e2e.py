@@ -241,6 +241,7 @@ def test_every_anomaly_kind_is_found_and_normal_runs_raise_none(
         "policy_digest": digest,
         "other_settings": 0,
         "unrecorded_policies": 0,
+        "runs_by_policy": {digest: len(data["runs"])},
     }
     recorded = report_json(proxy)
     assert recorded["judged_by"] == {**data["judged_by"], "source": "ledger"}
@@ -254,7 +255,7 @@ def test_every_anomaly_kind_is_found_and_normal_runs_raise_none(
             copy.execute("DELETE FROM meta WHERE key LIKE 'anomalies:%'")
     defaults = report_json(proxy, "--db", str(older))
     assert defaults["judged_by"] == {**data["judged_by"], "source": "defaults", "policy_digest": None,
-                                     "unrecorded_policies": 1}  # fmt: skip
+                                     "unrecorded_policies": 1, "runs_by_policy": {}}  # fmt: skip
     assert {a["run"] for a in defaults["anomalies"] if a["kind"] == "step_count"} == set()
     normal = {r["scope"] for r in data["runs"] if r["run"].endswith("-ok")}
     wrong = [
@@ -284,16 +285,19 @@ def test_every_anomaly_kind_is_found_and_normal_runs_raise_none(
 
 
 def test_a_report_without_policy_judges_by_the_settings_of_the_policy_reloaded(
-    drawdown_proxy: Factory, standin: StandIn
+    drawdown_proxy: Factory, standin: StandIn, tmp_path: Path
 ) -> None:
     """A shadow team tightens `loop` with the proxy running: `drawdown report` without --policy
-    judges the run by the reloaded policy's settings, which the proxy recorded in the ledger,
-    and says that the earlier decisions were made under others."""
+    judges a run that went on after the reload by the reloaded policy's settings, which the
+    proxy recorded in the ledger, and a run that ended before it by the settings it ran under;
+    it says which judged how many runs."""
     shadow = POLICY + "mode: shadow\n"
     proxy = drawdown_proxy(shadow)
-    agent = Agent(proxy, "poller", "p1")
+    agent, earlier = Agent(proxy, "poller", "p1"), Agent(proxy, "poller", "p0")
     for _ in range(3):
         agent.ask("is the export ready?")
+        earlier.ask("is the export ready?")
+    earlier.close()
     before = report_json(proxy)
     assert before["anomalies"] == [] and before["judged_by"]["source"] == "ledger"
     proxy.reload_policy(shadow.replace("loop: {repeats: 5}", "loop: {repeats: 2}"))
@@ -311,14 +315,31 @@ def test_a_report_without_policy_judges_by_the_settings_of_the_policy_reloaded(
         "policy_digest": digests[-1],
         "other_settings": 1,
         "unrecorded_policies": 0,
+        "runs_by_policy": {digests[-1]: 1, digests[0]: 1},
     }
+    # p0's three repeats were no loop at the repeats: 5 it ran under; p1's are at its newest 2.
     (loop,) = after["anomalies"]
     assert loop["kind"] == "loop" and loop["run"] == "p1" and len(loop["evidence"]) == 3
     text = subprocess.run(
         [sys.executable, "-m", "drawdown", "report", "--db", proxy.db_path],
         capture_output=True, text=True, timeout=60, check=True,
     ).stdout  # fmt: skip
-    assert f"anomalies judged by the settings of policy {digests[-1]}" in text
+    assert (
+        "anomalies judged by the settings the proxy recorded for each run's policy: "
+        f"{min(digests[0], digests[-1])} (1 run), {max(digests[0], digests[-1])} (1 run)"
+    ) in text
+    # The page says it in the same words.
+    if CHROMIUM is None:
+        pytest.skip("headless Chromium is not installed (apt-get install chromium; CI installs it)")
+    page = tmp_path / "report.html"
+    subprocess.run([sys.executable, "-m", "drawdown", "report", "--db", proxy.db_path, "--html", str(page)],
+                   check=True, capture_output=True, timeout=60)  # fmt: skip
+    (judged,) = parse(dump_dom(page, tmp_path)).find("p", id="judged-by")
+    assert judged["attrs"]["data-source"] == "ledger"
+    assert (
+        judged["text"]
+        == "Judged by " + text.split("anomalies judged by ", 1)[1].split("\n")[0] + "."
+    )
 
 
 def test_loop_set_to_deny_lets_five_through_and_the_sixth_gets_429(

@@ -10,7 +10,7 @@ import pytest
 from drawdown import anomalies
 from drawdown.ledger.api import Guards
 from drawdown.ledger.reader import Reader
-from drawdown.policy.model import Policy
+from drawdown.policy.model import JUDGING_KEY, Judging, Policy
 
 from tests.support.policies import policy_from
 from tests.unit.seeding import Seeder
@@ -641,3 +641,93 @@ def test_a_wide_fan_out_grows_the_report_with_its_runs_not_their_square(
         assert listed["detail"] == fan["detail"]
         sizes[documents] = len(json.dumps(data))
     assert sizes[300] < 2.5 * sizes[150]  # linear: about 2; with each run's copy about 4
+
+
+def recorded(seed: Seeder, tmp_path: Path, text: str, name: str) -> str:
+    """A policy's anomaly settings kept in the ledger as the proxy keeps them; its digest."""
+    settings = policy(tmp_path, text, name)
+    digest = settings.digest[:16]
+    seed.ledger.remember(JUDGING_KEY + digest, Judging.of(settings).record())
+    return digest
+
+
+def judged_each_by_own(seed: Seeder) -> tuple[list[dict[str, Any]], anomalies.RunJudgings]:
+    """find() as a report without --policy calls it: each run by its own recorded settings."""
+    reader = Reader(str(seed.path))
+    try:
+        where, params = anomalies.active_where()
+        judgings = anomalies.judging_of(reader, where, params)
+        result, _ = anomalies.find(reader, judging=judgings)
+        return result, judgings
+    finally:
+        reader.close()
+
+
+def test_each_run_is_judged_by_its_own_policys_settings_and_a_workflow_by_its_newest_runs(
+    seed: Seeder, tmp_path: Path
+) -> None:
+    """A reload to laxer settings had a report judge every run by the newest: the runs made
+    under the strict policy lost the loops and fan-outs it was set to flag."""
+    strict = recorded(
+        seed,
+        tmp_path,
+        "anomalies:\n  loop: {repeats: 2}\n  fan_out: {max_runs_per_workflow: 2}\n",
+        "strict.yaml",
+    )
+    lax = recorded(seed, tmp_path,
+        "anomalies:\n  loop: {repeats: 5}\n  fan_out: {max_runs_per_workflow: 50}\n", "lax.yaml")  # fmt: skip
+
+    def under(digest: str, **call: Any) -> str:
+        return seed.call(**call, features={"policy_digest": digest}).request_id
+
+    looped = [under(strict, run="x", body="same") for _ in range(3)]  # a loop at repeats 2
+    for r in range(3):  # workflow w: three runs under strict, then its newest under lax
+        under(strict, run=f"w{r}", workflow="w")
+    under(lax, run="w3", workflow="w")
+    for r in range(3):  # workflow v: three runs under lax, then its newest under strict
+        under(lax, run=f"v{r}", workflow="v")
+    under(strict, run="v3", workflow="v")
+    for _ in range(3):  # the newest decisions: lax, three repeats
+        under(lax, run="y", body="again")
+
+    result, judgings = judged_each_by_own(seed)
+    assert judgings.newest.digest == lax and judgings.newest.others == 1
+    assert sorted((a["kind"], a["scope"].rsplit("/", 1)[-1]) for a in result) == [
+        ("fan_out", "workflow:v"),
+        ("loop", "run:x"),
+    ]
+    (loop,) = [a for a in result if a["kind"] == "loop"]
+    assert loop["evidence"] == looped
+
+
+def test_a_fan_out_guards_refusals_join_its_workflows_anomaly_across_settings(
+    seed: Seeder, tmp_path: Path
+) -> None:
+    """A run the fan_out guard refused under one policy, in a workflow whose newest run was
+    made under another: judged apart, its refusals made a second fan_out anomaly of their own
+    beside the workflow's."""
+    first = recorded(
+        seed,
+        tmp_path,
+        "anomalies:\n  fan_out: {max_runs_per_workflow: 2, on_detect: deny}\n",
+        "first.yaml",
+    )
+    second = recorded(seed, tmp_path,
+        "anomalies:\n  fan_out: {max_runs_per_workflow: 2, on_detect: deny}\n"
+        "  loop: {repeats: 3}\n", "second.yaml")  # fmt: skip
+    guard = Guards(max_runs_per_workflow=2)
+    for r in range(2):
+        seed.call(run=f"g{r}", workflow="g", guards=guard, features={"policy_digest": first})
+    refused = [
+        seed.call(run="g2", workflow="g", guards=guard, features={"policy_digest": first})
+        for _ in range(2)
+    ]
+    assert [row.decision for row in refused] == ["deny", "deny"]
+    seed.call(run="g0", workflow="g", features={"policy_digest": second})  # the newest run's
+
+    result, judgings = judged_each_by_own(seed)
+    assert judgings.newest.digest == second and judgings.newest.others == 1
+    (fan,) = result
+    assert fan["kind"] == "fan_out" and fan["scope"] == "tenant:acme/workflow:g"
+    assert fan["on_detect"] == "deny" and fan["denied"] == [row.request_id for row in refused]
+    assert set(fan["denied"]) <= set(fan["evidence"])

@@ -263,6 +263,7 @@ def test_a_report_without_policy_judges_by_the_settings_the_proxy_recorded(
         "policy_digest": None,
         "other_settings": 0,
         "unrecorded_policies": 1,
+        "runs_by_policy": {},
     }
     assert (
         "anomalies judged by the built-in settings (see --policy); 1 policy of these decisions "
@@ -279,6 +280,7 @@ def test_a_report_without_policy_judges_by_the_settings_the_proxy_recorded(
         "policy_digest": strict,
         "other_settings": 0,
         "unrecorded_policies": 1,  # run r's
+        "runs_by_policy": {strict: 2},
     }
     # Judged by repeats 2, every run alike: the older proxy's run too.
     assert sorted((a["kind"], a["run"]) for a in judged["anomalies"]) == [
@@ -295,8 +297,9 @@ def test_a_report_without_policy_judges_by_the_settings_the_proxy_recorded(
     assert [a["kind"] for a in only["anomalies"]] == ["loop"]
     assert report.build(db, now=now, run="s")["judged_by"]["unrecorded_policies"] == 0
 
-    # Reloaded to a laxer loop: the newest decisions' settings apply, and the report says the
-    # earlier ones were not.
+    # Reloaded to a laxer loop: each run is judged by the settings of its own policy (run s
+    # still loops at repeats 2), one with none recorded by the newest (run r: no loop at 4),
+    # and the report says which judged how many runs.
     lax = recorded_policy(
         tmp_path, seed, "anomalies:\n  loop: {repeats: 4}\n  step_count: {max: 200}\n", "lax.yaml"
     )
@@ -307,11 +310,22 @@ def test_a_report_without_policy_judges_by_the_settings_the_proxy_recorded(
         "policy_digest": lax,
         "other_settings": 1,
         "unrecorded_policies": 1,
+        "runs_by_policy": {lax: 2, strict: 1},
     }
-    assert latest["anomalies"] == []
+    assert [(a["kind"], a["run"]) for a in latest["anomalies"]] == [("loop", "s")]
+    by_run = {run["run"]: run for run in latest["runs"]}
+    assert [by_run[r]["status"] for r in "rst"] == ["normal", "anomalous", "normal"]
     text = report.render_text(latest)
-    assert f"anomalies judged by the settings of policy {lax}" in text
-    assert "1 other setting, not applied (choose with --policy)" in text
+    assert (
+        f"anomalies judged by the settings the proxy recorded for each run's policy: {lax} "
+        f"(2 runs), {strict} (1 run); 1 policy of these decisions left no settings"
+    ) in text
+    # The reload's own runs alone: its settings only, and the line says so.
+    alone = report.build(db, now=seed.now + 60, run="t")
+    assert alone["judged_by"]["runs_by_policy"] == {lax: 1} and alone["anomalies"] == []
+    assert f"anomalies judged by the settings of policy {lax}, the proxy's" in (
+        report.render_text(alone)
+    )
 
     # A period without decisions judges nothing: no line claims what was or was not recorded.
     quiet = report.build(db, now=seed.now + 3600, since=60)
@@ -777,6 +791,28 @@ def test_a_runs_steps_are_the_guards_less_the_attempts_its_sdk_retried(
     assert len(bars) == 7  # every attempt is drawn; the retried ones marked
     assert [e["text"] for e in dom.find("summary")] == ["All 7 requests"]
     assert [b["attrs"]["class"].endswith(" retried") for b in bars] == [True, True] + [False] * 5
+
+
+def test_each_runs_steps_forgive_the_retries_of_its_own_policy(
+    seed: Seeder, tmp_path: Path
+) -> None:
+    """Runs made under a policy with `loop: {retries: 0}` and one made after a reload to the
+    default 2 count their failed attempts as their own guards counted them, in the table and
+    on the page's timeline."""
+    none = recorded_policy(tmp_path, seed, "anomalies:\n  loop: {retries: 0}\n", "none.yaml")
+    default = recorded_policy(tmp_path, seed, "anomalies:\n  loop: {repeats: 5}\n", "two.yaml")
+    for run, digest in (("before", none), ("after", default)):
+        for status in (503, 200):
+            seed.call(run=run, body="ask", actual_usd=None if status == 503 else 1_000_000,
+                      status=status, features={"policy_digest": digest})  # fmt: skip
+    data = report.build(str(seed.path), now=NOW, timelines=True)
+    runs = {run["run"]: run for run in data["runs"]}
+    assert (runs["before"]["steps"], runs["before"]["retried"]) == (2, 0)
+    assert (runs["after"]["steps"], runs["after"]["retried"]) == (1, 1)
+    marked = {
+        run["run"]: [step.get("retried", False) for step in run["timeline"]] for run in data["runs"]
+    }
+    assert marked == {"before": [False, False], "after": [True, False]}
 
 
 def test_a_report_reads_the_ledger_as_of_one_moment(

@@ -374,15 +374,19 @@
   var judged = data.judged_by;
   var unrecorded = judged ? judged.unrecorded_policies || 0 : 0;
   if (judged && (judged.source !== "defaults" || unrecorded)) {
+    var byPolicy = Object.keys(judged.runs_by_policy || {}).map(function (digest) {
+      var runs = judged.runs_by_policy[digest];
+      return digest + " (" + runs + (runs === 1 ? " run)" : " runs)");
+    });
     var whose = judged.source === "policy" ? "the policy given (--policy, " + judged.policy_digest + ")"
+      : judged.source === "ledger" && byPolicy.length > 1
+        ? "the settings the proxy recorded for each run's policy: " + byPolicy.join(", ")
       : judged.source === "ledger" ? "the settings of policy " + judged.policy_digest + ", the proxy's, as it recorded them"
       : "the built-in settings (see --policy)";
-    var others = judged.other_settings ? "; earlier decisions were made under " + judged.other_settings + " other setting" +
-      (judged.other_settings === 1 ? "" : "s") + ", not applied (choose with --policy)" : "";
     var unknown = unrecorded ? "; " + unrecorded + (unrecorded === 1 ? " policy" : " policies") +
       " of these decisions left no settings in the ledger (an older drawdown's)" : "";
     anomalySection.appendChild(el("p", { "class": "reason", id: "judged-by", "data-source": judged.source },
-      "Judged by " + whose + others + unknown + "."));
+      "Judged by " + whose + unknown + "."));
   }
   if (!anomalies.length) {
     anomalySection.appendChild(el("p", { "class": "empty" }, "No anomalies: every run looks structurally normal."));
