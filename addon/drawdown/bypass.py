@@ -10,9 +10,13 @@ a provider's host.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Iterator
 from functools import cache
+
+from .policy.match import HostPattern, is_glob
+from .policy.model import Policy
 
 # The providers' API hosts drawdown meters, as host patterns: `*` stands for one label, or the
 # part of one, that varies (an Azure resource, a Vertex or AWS region).
@@ -40,16 +44,61 @@ def entries(value: str) -> Iterator[str]:
     """A NO_PROXY value's entries, as a host or a domain: lower case, without a trailing dot,
     a leading `*.` or `.`, or an API port (`*` alone stays); an entry naming another port is
     left out."""
+    for entry, port in entries_and_ports(value):
+        if port is None or port in API_PORTS:
+            yield entry
+
+
+def entries_and_ports(value: str) -> Iterator[tuple[str, str | None]]:
+    """Each entry (as entries() gives it) and the port it names, if it names one."""
     for raw in value.split(","):
-        entry = raw.strip().lower()
+        entry, named = raw.strip().lower(), None
         port = _PORT.search(entry)
         if port and "]" not in entry and entry.count(":") == 1:  # not an IPv6 address
-            if port.group(1) not in API_PORTS:
-                continue
-            entry = entry[: port.start()]
+            named, entry = port.group(1), entry[: port.start()]
         entry = entry.removeprefix("*.").strip(".")
         if entry:
-            yield entry
+            yield entry, named
+
+
+def actions_exempted(value: str, policy: Policy) -> list[tuple[str, str, str]]:
+    """(entry, host pattern, `host (action kinds)`) for each host pattern of the policy's actions an entry of
+    `value` covers: the tools an agent calls directly then go unchecked, their `deny`s and
+    budgets too. A pattern of any host (`*`) is left out: an agent's own services are what
+    NO_PROXY is for, and the policy's catch-all action does not name them."""
+    kinds: dict[HostPattern, list[str]] = {}
+    for action in policy.actions:
+        for pattern in action.match.hosts:
+            if not set(pattern.glob) <= {"*"}:
+                kinds.setdefault(pattern, []).append(action.kind)
+    found = []
+    for entry, port in entries_and_ports(value):
+        for pattern, named in kinds.items():
+            if port is not None and pattern.port is not None and int(port) != pattern.port:
+                continue  # the entry skips the proxy for another port than the action's
+            if entry == "*" or _covers_glob(entry, pattern):
+                kinds_named = ", ".join(dict.fromkeys(named))
+                found.append((entry, pattern.text, f"{pattern.text} ({kinds_named})"))
+    return found
+
+
+def _covers_glob(entry: str, pattern: HostPattern) -> bool:
+    """Whether some host `pattern` matches is `entry`, lies under it or, for an address range
+    (Go's and undici's `10.0.0.0/8`), in it. Decided on what every host of the pattern shares:
+    the literal domain after its last glob character (`*.corp.example` → corp.example)."""
+    glob = pattern.glob
+    if "/" in entry:
+        try:
+            return ipaddress.ip_address(glob) in ipaddress.ip_network(entry, strict=False)
+        except ValueError:
+            return False
+    if pattern.host.match(entry) is not None or glob == entry or glob.endswith("." + entry):
+        return True
+    if not is_glob(glob):
+        return False
+    tail = glob[max(glob.rfind(c) for c in "*?]") + 1 :]
+    shared = tail[1:] if tail.startswith(".") else tail.partition(".")[2]
+    return bool(shared) and (shared == entry or shared.endswith("." + entry))
 
 
 def exempted(value: str) -> list[tuple[str, str]]:

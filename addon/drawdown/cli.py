@@ -14,12 +14,16 @@ import sys
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 from mitmproxy.version import VERSION as MITMPROXY
 
 from . import __version__
 from .escape import printable
 from .eventloop import EventLoop
+
+if TYPE_CHECKING:
+    from .policy.model import Policy
 
 DEFAULT_LISTEN = "127.0.0.1:8080"
 DEFAULT_DB = "./drawdown.db"
@@ -387,6 +391,9 @@ def cmd_env(args: argparse.Namespace) -> int:
     if args.run and not args.agent:
         # The run travels as the proxy password, which needs a user name beside it.
         raise UsageError("--run needs --agent: the run id is sent as the proxy password")
+    policy = _load_policy_or_none(args.policy)
+    if policy is False:
+        return 2
     bundle = _agent_bundle(args)
     credentials = ""
     if args.agent:
@@ -397,36 +404,45 @@ def cmd_env(args: argparse.Namespace) -> int:
     url = f"http://{credentials}{url_host(host)}:{port}"
     for name, value in agent_environment(url, bundle).items():
         print(f"export {name}={_shell_quote(value)}")
-    _warn_of_no_proxy(os.environ)
+    _warn_of_no_proxy(os.environ, cast("Policy | None", policy))  # False returned above
     from .cacerts import TRUSTSTORE
 
     _java_options(host, port, bundle.parent / TRUSTSTORE)
     return 0
 
 
-def _warn_of_no_proxy(environ: Mapping[str, str]) -> None:
+def _warn_of_no_proxy(environ: Mapping[str, str], policy: Policy | None = None) -> None:
     """`drawdown env` leaves NO_PROXY as it is (the agent's own services stay direct), but an
     entry there that covers a provider's host (`*`, or `.amazonaws.com` in an AWS base image)
-    sends the agent's calls to it around the proxy: unseen, unbudgeted, without a word."""
-    from .bypass import exempted
+    sends the agent's calls to it around the proxy: unseen, unbudgeted, without a word. With
+    `--policy`, the hosts its actions name are checked too (a tool's `deny` goes unchecked)."""
+    from .bypass import actions_exempted, entries_and_ports, exempted
 
     named: dict[str, list[str]] = {}  # value -> the variables holding it
     for name in ("no_proxy", "NO_PROXY"):
         if value := environ.get(name, ""):
             named.setdefault(value, []).append(name)
     for value, names in named.items():
-        by_entry: dict[str, list[str]] = {}
+        by_entry: dict[str, dict[str, str]] = {}  # entry -> host pattern -> how it is named
         for entry, pattern in exempted(value):
-            by_entry.setdefault(entry, []).append(pattern)
+            by_entry.setdefault(entry, {})[pattern] = pattern
+        of_actions = actions_exempted(value, policy) if policy else []
+        for entry, pattern, label in of_actions:
+            if entry != "*":
+                by_entry.setdefault(entry, {})[pattern] = label
         if not by_entry:
             continue
+        order = [entry for entry, _ in entries_and_ports(value)]  # as the value names them
+        by_entry = dict(sorted(by_entry.items(), key=lambda item: order.index(item[0])))
+        everything = "every host" if policy else "every provider"
         covered = "; ".join(
-            f"{entry} covers " + ("every provider" if entry == "*" else ", ".join(patterns))
-            for entry, patterns in by_entry.items()
+            f"{entry} covers " + (everything if entry == "*" else ", ".join(labels.values()))
+            for entry, labels in by_entry.items()
         )
         sends = "send" if len(names) > 1 else "sends"
+        hosts = "hosts" if policy and of_actions else "providers"
         print(
-            f"drawdown: {' and '.join(names)} here {sends} calls to these providers around the "
+            f"drawdown: {' and '.join(names)} here {sends} calls to these {hosts} around the "
             f"proxy, unseen and unbudgeted: {printable(covered)}. Take those entries out of "
             f"{printable(value)}, or `unset no_proxy NO_PROXY`",
             file=sys.stderr,
@@ -1056,6 +1072,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     env.add_argument("--agent", help="name the agent in the proxy URL (identity source proxy_user)")
     env.add_argument("--run", help="name the run in the proxy URL (identity source proxy_password)")
+    env.add_argument(
+        "--policy",
+        help="the policy `run` enforces: warn too when NO_PROXY covers a host its actions name",
+    )
     env.set_defaults(func=cmd_env)
 
     check = commands.add_parser("check", help="validate policy files")

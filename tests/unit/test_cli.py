@@ -149,6 +149,73 @@ def test_env_warns_when_no_proxy_would_send_a_providers_calls_around_the_proxy(
     assert err == f"drawdown: {covered}, or `unset no_proxy NO_PROXY`\n"
 
 
+ACTIONS_POLICY = """
+actions:
+  - {kind: llm, provider: openai, match: {host: api.openai.com}}
+  - {kind: crm.read, match: {host: crm.corp.example, method: GET}, cost: {usd: 0.002}}
+  - {kind: crm.write, match: {host: crm.corp.example, method: POST}, cost: {usd: 0.01}}
+  - {kind: refund.issue, match: {host: "*.payments.example"}, cost: {usd: 0.01}}
+  - {kind: search.local, match: {host: "localhost:8443"}}
+  - {kind: ledger.tool, match: {host: 10.20.0.7}}
+  - {kind: anything.else, match: {host: "*"}}
+"""
+
+
+@pytest.mark.parametrize(
+    ("no_proxy", "covered"),
+    [
+        ("localhost:9000,127.0.0.1,.svc,other.example", None),
+        (".corp.example,localhost",
+         "NO_PROXY here sends calls to these hosts around the proxy, unseen and unbudgeted: "
+         "corp.example covers crm.corp.example (crm.read, crm.write); localhost covers "
+         "localhost:8443 (search.local). Take those entries out of .corp.example,localhost"),
+        ("eu.payments.example,10.0.0.0/8,api.openai.com",
+         "NO_PROXY here sends calls to these hosts around the proxy, unseen and unbudgeted: "
+         "eu.payments.example covers *.payments.example (refund.issue); 10.0.0.0/8 covers "
+         "10.20.0.7 (ledger.tool); api.openai.com covers api.openai.com (llm). Take those entries "
+         "out of eu.payments.example,10.0.0.0/8,api.openai.com"),
+        ("*", "NO_PROXY here sends calls to these hosts around the proxy, unseen and unbudgeted: "
+         "* covers every host. Take those entries out of *"),
+    ],
+)  # fmt: skip
+def test_env_with_the_policy_warns_when_no_proxy_covers_a_host_its_actions_name(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+    no_proxy: str, covered: str | None,
+) -> None:  # fmt: skip
+    """NO_PROXY=.corp.example sent every call to the CRM tool around the proxy: its `deny`s,
+    budgets and loop guard unchecked, and `env` checked only the LLM providers' hosts. Given
+    the policy `run` enforces, it names the hosts its actions match that an entry covers (a
+    domain, a host of a glob, an address range, the action's port), and not an entry for a
+    port the action does not use or the catch-all `*` action's any host."""
+    monkeypatch.setenv("NO_PROXY", no_proxy)
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(ACTIONS_POLICY)
+    ensure_ca(tmp_path / "conf")
+    argv = ["env", "--confdir", str(tmp_path / "conf"), "--listen", "127.0.0.1:9090"]
+    assert main([*argv, "--policy", str(policy)]) == 0
+    out, err = capsys.readouterr()
+    assert "export HTTPS_PROXY=http://127.0.0.1:9090" in out
+    if covered is None:
+        assert err == ""
+    else:
+        assert err == f"drawdown: {covered}, or `unset no_proxy NO_PROXY`\n"
+    # Without the policy, only the providers' hosts are checked.
+    assert main(argv) == 0
+    _, err = capsys.readouterr()
+    assert "crm.corp.example" not in err and "search.local" not in err
+
+
+def test_env_refuses_a_broken_policy_before_printing_an_export(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("actions:\n  - {kind: llm, match: {host: [}\n")
+    ensure_ca(tmp_path / "conf")
+    assert main(["env", "--confdir", str(tmp_path / "conf"), "--policy", str(policy)]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("drawdown: invalid policy:\n" + str(policy) + ":2:")
+
+
 def test_env_says_when_jvm_agents_cannot_be_configured(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
