@@ -1040,12 +1040,15 @@ class RunJudgings:
     the policy its newest decision was made under, as judging_of() finds them; a policy's given
     with --policy; the defaults), which judge every run `of_runs` does not name; `of_runs`:
     scope → the settings recorded for the policy the run's own newest decision was made under,
-    where they differ; `last`: scope → when the run's newest decision was made (a workflow is
-    judged by its newest run's settings)."""
+    where they differ (judged_runs()); `last`: scope → when the run's newest decision was made
+    (a workflow is judged by its newest run's settings); `recorded`: policy digest → its
+    recorded settings, one object for the policies of the same settings (`newest` for its own)."""
 
     newest: Judging = field(default_factory=Judging)
     of_runs: Mapping[str, Judging] = field(default_factory=dict)
     last: Mapping[str, float] = field(default_factory=dict)
+    recorded: Mapping[str, Judging] = field(default_factory=dict)
+    each_run: bool = False  # each_run() has found the runs' own (or that they share `newest`)
 
     def of(self, scope: str) -> Judging:
         return self.of_runs.get(scope, self.newest)
@@ -1060,15 +1063,25 @@ class RunJudgings:
         return dict(sorted(counts.items(), key=lambda item: (-item[1], item[0])))
 
 
+def _recorded(reader: Reader, digests: Iterable[str]) -> dict[str, Judging]:
+    """The settings recorded for these policies (digest → them), of those with a readable record."""
+    found: dict[str, Judging] = {}
+    for row in query_in(
+        reader, "SELECT key, value FROM meta WHERE {in}", "key", (JUDGING_KEY + d for d in digests)
+    ):
+        digest = row["key"].removeprefix(JUDGING_KEY)
+        if (judging := Judging.from_record(row["value"], digest)) is not None:
+            found[digest] = judging
+    return found
+
+
 def judging_of(reader: Reader, where: str, params: dict[str, Any]) -> RunJudgings:
-    """The settings the runs of the decisions `where` selects are judged by, without --policy:
-    each run by those the proxy recorded for the policy it made the run's newest decision
-    under (a decision made under a policy whose settings were not recorded, by an older
-    drawdown, is passed over for the run's next newest); a run with none recorded, by those of
-    the newest decision of all that has them; the defaults if none was recorded. The newest's
-    `others` counts the other settings runs are judged by; `unrecorded` the policies whose
-    settings are not known. A run's newest decision is always one `where` selects: `where`
-    picks runs by their identity and a time from which on they were active."""
+    """The settings a report of the decisions `where` selects is judged by, without --policy:
+    those the proxy recorded for the policy it made the newest of them under (a decision made
+    under a policy whose settings were not recorded, by an older drawdown, is passed over for
+    the next newest); the defaults if none was recorded. `others` counts the other settings
+    these decisions were made under; `unrecorded` the policies whose settings are not known.
+    Each run's own settings are found by judged_runs(), from these."""
     digests = [
         row["policy_digest"]
         for row in reader.query(
@@ -1078,13 +1091,7 @@ def judging_of(reader: Reader, where: str, params: dict[str, Any]) -> RunJudging
             params,
         )
     ]  # newest first
-    recorded: dict[str, Judging] = {}
-    for row in query_in(
-        reader, "SELECT key, value FROM meta WHERE {in}", "key", (JUDGING_KEY + d for d in digests)
-    ):
-        digest = row["key"].removeprefix(JUDGING_KEY)
-        if (judging := Judging.from_record(row["value"], digest)) is not None:
-            recorded[digest] = judging
+    recorded = _recorded(reader, digests)
     unrecorded = len(digests) - len(recorded)
     # Policies of the same settings judge as one, named by the newest of them.
     alike: dict[tuple[AnomalySettings, frozenset[str] | None], Judging] = {}
@@ -1095,31 +1102,70 @@ def judging_of(reader: Reader, where: str, params: dict[str, Any]) -> RunJudging
         return RunJudgings(Judging(unrecorded=unrecorded))
     newest = next(iter(alike.values()))
     summary = replace(newest, others=len(alike) - 1, unrecorded=unrecorded)
-    if len(alike) == 1:
-        return RunJudgings(summary)
-    # Runs made under other settings: each run's, by its newest decision's. Grouped by digest
-    # first: by scope first, SQLite walks the scope index, and a day's report read the table.
-    found = reader.query(
-        f"""SELECT scope, policy_digest, MAX(ts) AS last FROM decisions
-            WHERE {where} GROUP BY policy_digest, scope""",
-        params,
+    return RunJudgings(
+        summary,
+        recorded={d: summary if j is newest else j for d, j in recorded.items()},
+    )
+
+
+def judged_runs(reader: Reader, judgings: RunJudgings, scopes: set[str]) -> RunJudgings:
+    """`judgings` with each of these runs' own settings: those recorded for the policy of its
+    newest decision that has them, in the whole ledger (a run active in a report's window is
+    judged as the whole report judges it); a run with none, by `newest`."""
+    found = _of_scopes(
+        reader,
+        "SELECT d.scope, d.policy_digest, MAX(d.ts) AS last FROM decisions d "
+        "WHERE {scopes} GROUP BY d.scope, d.policy_digest",
+        {},
+        scopes,
     )
     # Newest first; of one time, in the digests' order (no database's own).
     found.sort(key=lambda row: (row["last"], row["policy_digest"] or ""), reverse=True)
+    recorded = dict(judgings.recorded)
+    unknown = {row["policy_digest"] for row in found if row["policy_digest"]} - recorded.keys()
+    if unknown:  # policies whose decisions all lie outside the report's own
+        alike = {(j.settings, j.priced): j for j in reversed(list(recorded.values()))}
+        for digest, judging in _recorded(reader, unknown).items():
+            recorded[digest] = alike.setdefault((judging.settings, judging.priced), judging)
     last: dict[str, float] = {}
     of_runs: dict[str, Judging] = {}
     for row in found:
         scope = row["scope"]
         last.setdefault(scope, row["last"])
         own = recorded.get(row["policy_digest"] or "")
-        if own is None or scope in of_runs:
-            continue
-        of_runs[scope] = own
-    return RunJudgings(
-        summary,
-        {scope: own for scope, own in of_runs.items() if own is not newest},
-        last,
+        if own is not None and scope not in of_runs:
+            of_runs[scope] = own
+    return replace(
+        judgings,
+        of_runs={scope: own for scope, own in of_runs.items() if own is not judgings.newest},
+        last=last,
+        recorded=recorded,
+        each_run=True,
     )
+
+
+def each_run(
+    reader: Reader, judgings: RunJudgings, groups: Iterable[Mapping[str, Any]], run: str | None
+) -> RunJudgings:
+    """`judgings` with the own settings of each active run of scan()'s `groups` and of every
+    run of their workflows (judged_runs()), where they may differ from `newest`: the
+    report's decisions were made under more than one, or a workflow's other runs lie outside
+    them (`--run`)."""
+    if judgings.each_run:
+        return judgings
+    if judgings.newest.source == "policy":  # --policy judges every run alike
+        return replace(judgings, each_run=True)
+    active: set[str] = set()
+    workflows = set()
+    for group in groups:
+        if group["active"]:
+            active.add(group["scope"])
+            if group["workflow"] is not None:
+                workflows.add((group["tenant"], group["workflow"]))
+    if len({id(own) for own in judgings.recorded.values()}) > 1 or (run and workflows):
+        of_workflows = {g["scope"] for g in groups if (g["tenant"], g["workflow"]) in workflows}
+        return judged_runs(reader, judgings, active | of_workflows)
+    return replace(judgings, each_run=True)
 
 
 def find(
@@ -1169,22 +1215,26 @@ def find(
     for r in failed_runs:
         failed[r["scope"]] += int(r["n"])
 
-    # The runs judged by each settings, and the workflows: by their newest active run's.
+    # The runs judged by each settings, and the workflows of the runs: by their newest run's.
+    judgings = each_run(reader, judgings, groups, run)
+    workflows = {(g["tenant"], g["workflow"]) for g in window if g["workflow"] is not None}
+    of_workflows = [g for g in groups if (g["tenant"], g["workflow"]) in workflows]
     parts: dict[int, tuple[Judging, set[str]]] = {}  # by id(): judging_of() shares them
     for scope in sorted(active):
         own = judgings.of(scope)
         parts.setdefault(id(own), (own, set()))[1].add(scope)
-    if not parts:
-        return [], window
     newest_run: dict[tuple[Any, str], tuple[float, str]] = {}
-    for g in window:
-        if g["workflow"] is not None:
-            candidate = (judgings.last.get(g["scope"], 0.0), g["scope"])
-            key = (g["tenant"], g["workflow"])
-            newest_run[key] = max(newest_run.get(key, candidate), candidate)
+    for g in of_workflows:
+        candidate = (judgings.last.get(g["scope"], 0.0), g["scope"])
+        key = (g["tenant"], g["workflow"])
+        newest_run[key] = max(newest_run.get(key, candidate), candidate)
     workflows_of: dict[int, set[tuple[Any, str]]] = defaultdict(set)
     for key, (_, scope) in newest_run.items():
-        workflows_of[id(judgings.of(scope))].add(key)
+        own = judgings.of(scope)
+        parts.setdefault(id(own), (own, set()))  # a run outside the report's may judge it
+        workflows_of[id(own)].add(key)
+    if not parts:
+        return [], window
     # What may be flagged by the laxest settings of all, read once: read for each settings,
     # each read the whole table again once its runs were many (MANY_SCOPES).
     judged_by = [own.settings for own, _ in parts.values()]
@@ -1228,12 +1278,12 @@ def _with_workflows_refusals(found: list[Anomaly]) -> list[Anomaly]:
     """`found` with the fan_out guard's refusals of a run judged by other settings than its
     workflow moved into the workflow's fan_out anomaly: judged apart, the run's refusals were
     explained by no anomaly of its own settings (detect() made one of them alone)."""
-    of_run = {
-        scope: anomaly
-        for anomaly in found
-        if anomaly.kind == "fan_out" and not anomaly.refusals_only
-        for scope in anomaly.runs
-    }
+    of_run: dict[str, Anomaly] = {}
+    for anomaly in found:
+        # The workflow's runs anomaly, which its guard enforces (the agents' is only flagged).
+        if anomaly.kind == "fan_out" and anomaly.guarded and not anomaly.refusals_only:
+            for scope in anomaly.runs:
+                of_run.setdefault(scope, anomaly)
     kept = []
     for anomaly in found:
         workflows = of_run.get(anomaly.scope) if anomaly.kind == "fan_out" else None

@@ -15,7 +15,7 @@ import re
 from collections.abc import Iterator
 from functools import cache
 
-from .policy.match import HostPattern, is_glob
+from .policy.match import HostPattern, glob_regex
 from .policy.model import Policy
 
 # The providers' API hosts drawdown meters, as host patterns: `*` stands for one label, or the
@@ -50,31 +50,41 @@ def entries(value: str) -> Iterator[str]:
 
 
 def entries_and_ports(value: str) -> Iterator[tuple[str, str | None]]:
-    """Each entry (as entries() gives it) and the port it names, if it names one."""
+    """Each entry (as entries() gives it; an IPv6 address without its brackets) and the port it
+    names, if it names one."""
     for raw in value.split(","):
         entry, named = raw.strip().lower(), None
-        port = _PORT.search(entry)
-        if port and "]" not in entry and entry.count(":") == 1:  # not an IPv6 address
+        if entry.startswith("["):  # [fd00::7] or [fd00::7]:8443, as Go reads them
+            address, _, rest = entry[1:].partition("]")
+            entry, named = address, (rest[1:] if rest[1:].isdigit() else None)
+        elif (port := _PORT.search(entry)) and entry.count(":") == 1:  # not an IPv6 address
             named, entry = port.group(1), entry[: port.start()]
         entry = entry.removeprefix("*.").strip(".")
         if entry:
             yield entry, named
 
 
+# The ports an action that names none is called on: an entry naming another port leaves it.
+DEFAULT_PORTS = ("443", "80")
+
+
 def actions_exempted(value: str, policy: Policy) -> list[tuple[str, str, str]]:
-    """(entry, host pattern, `host (action kinds)`) for each host pattern of the policy's actions an entry of
-    `value` covers: the tools an agent calls directly then go unchecked, their `deny`s and
-    budgets too. A pattern of any host (`*`) is left out: an agent's own services are what
-    NO_PROXY is for, and the policy's catch-all action does not name them."""
+    """(entry, host pattern, `host (action kinds)`) for each host pattern of the policy's
+    actions an entry of `value` covers: the tools an agent calls directly then go unchecked,
+    their `deny`s and budgets too. A pattern of any host (`*`, `*.*`) is left out: an agent's
+    own services are what NO_PROXY is for, and the policy's catch-all action does not name
+    them. An entry naming a port covers an action of that port, or of none on 443 or 80."""
     kinds: dict[HostPattern, list[str]] = {}
     for action in policy.actions:
         for pattern in action.match.hosts:
-            if not set(pattern.glob) <= {"*"}:
+            if not set(pattern.glob) <= set("*?."):
                 kinds.setdefault(pattern, []).append(action.kind)
     found = []
     for entry, port in entries_and_ports(value):
         for pattern, named in kinds.items():
-            if port is not None and pattern.port is not None and int(port) != pattern.port:
+            if port is not None and (
+                port not in DEFAULT_PORTS if pattern.port is None else int(port) != pattern.port
+            ):
                 continue  # the entry skips the proxy for another port than the action's
             if entry == "*" or _covers_glob(entry, pattern):
                 kinds_named = ", ".join(dict.fromkeys(named))
@@ -83,22 +93,35 @@ def actions_exempted(value: str, policy: Policy) -> list[tuple[str, str, str]]:
 
 
 def _covers_glob(entry: str, pattern: HostPattern) -> bool:
-    """Whether some host `pattern` matches is `entry`, lies under it or, for an address range
-    (Go's and undici's `10.0.0.0/8`), in it. Decided on what every host of the pattern shares:
-    the literal domain after its last glob character (`*.corp.example` → corp.example)."""
-    glob = pattern.glob
+    """Whether some host `pattern` matches is `entry` or lies under it (a glob's `*` crosses
+    dots: `api.*.corp.example` has hosts under `eu.corp.example`), or, for an address range
+    (Go's and undici's `10.0.0.0/8`), whether the pattern's address lies in it."""
     if "/" in entry:
         try:
-            return ipaddress.ip_address(glob) in ipaddress.ip_network(entry, strict=False)
+            return ipaddress.ip_address(pattern.glob) in ipaddress.ip_network(entry, strict=False)
         except ValueError:
             return False
-    if pattern.host.match(entry) is not None or glob == entry or glob.endswith("." + entry):
-        return True
-    if not is_glob(glob):
-        return False
-    tail = glob[max(glob.rfind(c) for c in "*?]") + 1 :]
-    shared = tail[1:] if tail.startswith(".") else tail.partition(".")[2]
-    return bool(shared) and (shared == entry or shared.endswith("." + entry))
+    return pattern.host.match(entry) is not None or _may_end_in(pattern.glob, "." + entry)
+
+
+def _may_end_in(glob: str, suffix: str) -> bool:
+    """Whether some text `glob` matches ends in `suffix`: read from the end, each character of
+    the suffix is one of the glob's, until a `*`, which takes the rest."""
+    tokens: list[str] = []
+    at = 0
+    while at < len(glob):
+        end = glob.find("]", at + 1) if glob[at] == "[" else -1
+        tokens.append(glob[at : end + 1] if end != -1 else glob[at])
+        at = end + 1 if end != -1 else at + 1
+    for offset, char in enumerate(reversed(suffix)):
+        if offset >= len(tokens):
+            return False
+        token = tokens[-1 - offset]
+        if token == "*":
+            return True
+        if token != "?" and re.fullmatch(glob_regex(token), char) is None:
+            return False
+    return True
 
 
 def exempted(value: str) -> list[tuple[str, str]]:

@@ -360,6 +360,7 @@ def _build(
         if policy
         else anomaly_detection.judging_of(reader, where, params)
     )
+    judgings = anomaly_detection.each_run(reader, judgings, groups, run)
     judging = judgings.newest
     found, window = anomaly_detection.find(
         reader, floor=floor, run=run, judging=judgings, within=narrow.levels, groups=groups
@@ -456,6 +457,8 @@ def _build(
         else None
     )
 
+    # Which policy's settings judged how many of the runs listed.
+    by_policy = judgings.runs_by_policy(row["scope"] for row in run_rows)
     refusing = {g["scope"] for g in groups if g["budget_denials"] or g["would_budget"]}
     budgets = _budgets(reader, floor, run, narrow, listed, refusing)
     # The page (as the text table) gets a per-run budget's instances past MAX_RUN_INSTANCES
@@ -476,10 +479,10 @@ def _build(
         "judged_by": {
             "source": judging.source,
             "policy_digest": judging.digest or None,
-            "other_settings": judging.others,
+            # The settings other than policy_digest's that judged some of the runs listed.
+            "other_settings": sum(1 for digest in by_policy if digest != judging.digest),
             "unrecorded_policies": judging.unrecorded,
-            # Which policy's settings judged how many of the runs listed.
-            "runs_by_policy": judgings.runs_by_policy(row["scope"] for row in run_rows),
+            "runs_by_policy": by_policy,
         },
         "spend": _spend(
             reader, floor, run, budgets, shown if summaries else None, narrow, run_scopes
@@ -1237,6 +1240,9 @@ def _judged_by(judged: dict[str, Any] | None) -> str:
         )
         line = f"anomalies judged by the settings the proxy recorded for each run's policy: {each}"
     elif source == "ledger":
+        # The one that judged the runs listed (a newer decision may be of no run: a scope
+        # without a run level).
+        digest = next(iter(by_policy), digest)
         line = (
             f"anomalies judged by the settings of policy {digest}, the proxy's, as it recorded them"
         )

@@ -731,3 +731,32 @@ def test_a_fan_out_guards_refusals_join_its_workflows_anomaly_across_settings(
     assert fan["kind"] == "fan_out" and fan["scope"] == "tenant:acme/workflow:g"
     assert fan["on_detect"] == "deny" and fan["denied"] == [row.request_id for row in refused]
     assert set(fan["denied"]) <= set(fan["evidence"])
+
+
+def test_refusals_judged_apart_join_the_workflows_runs_fan_out_not_its_agents(
+    seed: Seeder, tmp_path: Path
+) -> None:
+    """A workflow over both fan_out limits has two anomalies: too many runs (which the guard
+    enforces) and too many agents (only flagged). A run's refusals judged apart joined the
+    last of them, the agents' one, which then read `deny` with the refusals."""
+    text = (
+        "anomalies:\n  fan_out: {max_runs_per_workflow: 2, max_agents_per_workflow: 1, "
+        "on_detect: deny}\n"
+    )
+    first = recorded(seed, tmp_path, text, "first.yaml")
+    second = recorded(seed, tmp_path, text + "  loop: {repeats: 3}\n", "second.yaml")
+    guard = Guards(max_runs_per_workflow=2)
+    for r in range(2):
+        seed.call(run=f"g{r}", workflow="g", guards=guard, features={"policy_digest": first})
+    refused = [
+        seed.call(agent="other", run="g2", workflow="g", guards=guard,
+                  features={"policy_digest": first})
+        for _ in range(2)
+    ]  # fmt: skip
+    assert [row.decision for row in refused] == ["deny", "deny"]
+    seed.call(run="g0", workflow="g", features={"policy_digest": second})
+    result, _ = judged_each_by_own(seed)
+    (runs,) = [a for a in result if "runs" in a["detail"].split(":")[0]]
+    (agents,) = [a for a in result if "agents" in a["detail"].split(":")[0]]
+    assert runs["denied"] == [row.request_id for row in refused] and runs["on_detect"] == "deny"
+    assert agents["denied"] == [] and agents["on_detect"] == "flag"

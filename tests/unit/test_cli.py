@@ -157,6 +157,9 @@ actions:
   - {kind: refund.issue, match: {host: "*.payments.example"}, cost: {usd: 0.01}}
   - {kind: search.local, match: {host: "localhost:8443"}}
   - {kind: ledger.tool, match: {host: 10.20.0.7}}
+  - {kind: regional.api, match: {host: "api.*.region.example"}}
+  - {kind: vault.read, match: {host: "[fd00::7]:8443"}}
+  - {kind: dotted.else, match: {host: "*.*"}}
   - {kind: anything.else, match: {host: "*"}}
 """
 
@@ -164,7 +167,12 @@ actions:
 @pytest.mark.parametrize(
     ("no_proxy", "covered"),
     [
-        ("localhost:9000,127.0.0.1,.svc,other.example", None),
+        ("localhost:9000,127.0.0.1,.svc,other.example,api.openai.com:8080,[fd00::7]:9000", None),
+        ("eu.region.example,[fd00::7]:8443,api.openai.com:443",
+         "NO_PROXY here sends calls to these hosts around the proxy, unseen and unbudgeted: "
+         "eu.region.example covers api.*.region.example (regional.api); fd00::7 covers "
+         "[fd00::7]:8443 (vault.read); api.openai.com covers api.openai.com (llm). Take those "
+         "entries out of eu.region.example,[fd00::7]:8443,api.openai.com:443"),
         (".corp.example,localhost",
          "NO_PROXY here sends calls to these hosts around the proxy, unseen and unbudgeted: "
          "corp.example covers crm.corp.example (crm.read, crm.write); localhost covers "
@@ -186,7 +194,7 @@ def test_env_with_the_policy_warns_when_no_proxy_covers_a_host_its_actions_name(
     budgets and loop guard unchecked, and `env` checked only the LLM providers' hosts. Given
     the policy `run` enforces, it names the hosts its actions match that an entry covers (a
     domain, a host of a glob, an address range, the action's port), and not an entry for a
-    port the action does not use or the catch-all `*` action's any host."""
+    port the action does not use or a catch-all action's any host (`*`, `*.*`)."""
     monkeypatch.setenv("NO_PROXY", no_proxy)
     policy = tmp_path / "policy.yaml"
     policy.write_text(ACTIONS_POLICY)

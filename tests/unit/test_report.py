@@ -793,6 +793,60 @@ def test_a_runs_steps_are_the_guards_less_the_attempts_its_sdk_retried(
     assert [b["attrs"]["class"].endswith(" retried") for b in bars] == [True, True] + [False] * 5
 
 
+def test_a_run_and_its_workflow_are_judged_alike_in_a_narrowed_report(
+    seed: Seeder, tmp_path: Path
+) -> None:
+    """A workflow is judged by its newest run's settings: `--run` of an older run of it saw
+    only that run's decisions, judged the workflow by their settings and called the run normal
+    where the whole report flagged it."""
+    strict = recorded_policy(
+        tmp_path, seed, "anomalies:\n  fan_out: {max_runs_per_workflow: 2}\n", "strict.yaml"
+    )
+    lax = recorded_policy(
+        tmp_path, seed, "anomalies:\n  fan_out: {max_runs_per_workflow: 50}\n", "lax.yaml"
+    )
+    for r in range(3):
+        seed.call(run=f"v{r}", workflow="v", features={"policy_digest": lax})
+    seed.call(run="v3", workflow="v", features={"policy_digest": strict})
+    whole = report.build(str(seed.path), now=NOW)
+    ((kind, runs),) = [(a["kind"], a["runs"]) for a in whole["anomalies"]]
+    assert kind == "fan_out" and [scope.rsplit(":", 1)[1] for scope in runs] == ["v2", "v3"]
+    statuses = {run["run"]: run["status"] for run in whole["runs"]}
+    assert statuses == {"v0": "normal", "v1": "normal", "v2": "anomalous", "v3": "anomalous"}
+    for run in ("v2", "v0"):
+        alone = report.build(str(seed.path), now=NOW, run=run)
+        assert [a["kind"] for a in alone["anomalies"]] == ["fan_out"]
+        assert [r["status"] for r in alone["runs"]] == [statuses[run]]
+        assert alone["judged_by"]["runs_by_policy"] == {lax: 1}  # the run's own settings
+    assert report.build(str(seed.path), now=NOW, workflow="v")["anomalies"] == whole["anomalies"]
+
+
+def test_the_line_names_the_settings_that_judged_the_runs_listed(
+    seed: Seeder, tmp_path: Path
+) -> None:
+    """The newest decision may be of no run (a scope without a run level): the line named its
+    policy, which judged none of the runs listed; and a run reloaded part-way through counted
+    an `other_settings` that judged nothing."""
+    strict = recorded_policy(tmp_path, seed, "anomalies:\n  loop: {repeats: 2}\n", "strict.yaml")
+    lax = recorded_policy(tmp_path, seed, "anomalies:\n  loop: {repeats: 5}\n", "lax.yaml")
+    for _ in range(3):
+        seed.call(run="x", body="same", features={"policy_digest": strict})
+    seed.call(run=None, agent="cron", body="other", features={"policy_digest": lax})
+    data = report.build(str(seed.path), now=NOW)
+    assert [(a["kind"], a["run"]) for a in data["anomalies"]] == [("loop", "x")]
+    assert data["judged_by"]["policy_digest"] == lax  # the newest decision's
+    assert data["judged_by"]["runs_by_policy"] == {strict: 1}
+    assert data["judged_by"]["other_settings"] == 1
+    assert f"anomalies judged by the settings of policy {strict}, the proxy's" in (
+        report.render_text(data)
+    )
+    seed.call(run="x", body="last", features={"policy_digest": lax})  # reloaded mid-run
+    data = report.build(str(seed.path), now=NOW)
+    assert data["anomalies"] == []  # judged by its newest decision's: repeats 5
+    assert data["judged_by"]["runs_by_policy"] == {lax: 1}
+    assert data["judged_by"]["other_settings"] == 0
+
+
 def test_each_runs_steps_forgive_the_retries_of_its_own_policy(
     seed: Seeder, tmp_path: Path
 ) -> None:

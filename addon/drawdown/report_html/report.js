@@ -381,7 +381,8 @@
     var whose = judged.source === "policy" ? "the policy given (--policy, " + judged.policy_digest + ")"
       : judged.source === "ledger" && byPolicy.length > 1
         ? "the settings the proxy recorded for each run's policy: " + byPolicy.join(", ")
-      : judged.source === "ledger" ? "the settings of policy " + judged.policy_digest + ", the proxy's, as it recorded them"
+      : judged.source === "ledger" ? "the settings of policy " + (Object.keys(judged.runs_by_policy || {})[0] ||
+        judged.policy_digest) + ", the proxy's, as it recorded them"
       : "the built-in settings (see --policy)";
     var unknown = unrecorded ? "; " + unrecorded + (unrecorded === 1 ? " policy" : " policies") +
       " of these decisions left no settings in the ledger (an older drawdown's)" : "";
