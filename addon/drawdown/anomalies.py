@@ -611,25 +611,11 @@ def _guard_denials(rows: Sequence[dict[str, Any]]) -> dict[tuple[str, str], list
 
 
 def detect(
-    rows: Sequence[dict[str, Any]],
-    settings: AnomalySettings | None = None,
-    *,
-    history: Sequence[dict[str, Any]] = (),
-    workflow_rows: Sequence[dict[str, Any]] | None = None,
-    priced_actions: frozenset[str] = frozenset(),
-    calls_only: frozenset[str] = frozenset(),
+    rows: Sequence[dict[str, Any]], settings: AnomalySettings | None = None, **options: Any
 ) -> list[dict[str, Any]]:
     """Every anomaly in `rows` (decision rows + `hold_state`, oldest first), as report dicts,
-    in the order they began (_detect()'s arguments)."""
-    found = _detect(
-        rows,
-        settings,
-        history=history,
-        workflow_rows=workflow_rows,
-        priced_actions=priced_actions,
-        calls_only=calls_only,
-    )
-    return [a.as_dict() for a in _in_order(found)]
+    in the order they began (`options`: _detect()'s)."""
+    return [a.as_dict() for a in _in_order(_detect(rows, settings, **options))]
 
 
 def _in_order(found: list[Anomaly]) -> list[Anomaly]:
