@@ -885,6 +885,65 @@ def test_run_refuses_a_database_that_is_not_a_ledger_and_leaves_it_as_it_was(
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("app.db")) == ["app.db"]
 
 
+def _pg_tables(url: str) -> list[str]:
+    import psycopg
+
+    with psycopg.connect(url) as conn:
+        return [row[0] for row in conn.execute(
+            "SELECT tablename FROM pg_tables WHERE schemaname = current_schema() ORDER BY 1"
+        )]  # fmt: skip
+
+
+@pytest.mark.parametrize("content", ["tables", "meta"])
+def test_run_refuses_a_postgres_schema_of_another_application(
+    tmp_path: Path, pg_url: str, content: str
+) -> None:
+    """`--db postgresql://…/appdb` had ~30 ledger tables added to the application's `public`
+    schema, where SQLite's `--db app.db` is refused. It is refused at start, untouched, with
+    the way to give the ledger a schema of its own; a `meta` of another application's (without
+    drawdown's columns) is no ledger's either."""
+    import psycopg
+
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        if content == "tables":
+            conn.execute("CREATE TABLE users (id INTEGER PRIMARY KEY, email TEXT)")
+            conn.execute("CREATE TABLE orders (id INTEGER PRIMARY KEY)")
+            named = "orders, users"
+        else:
+            conn.execute("CREATE TABLE meta (name TEXT PRIMARY KEY, version INTEGER)")
+            conn.execute("CREATE TABLE urls (id INTEGER PRIMARY KEY, url TEXT)")
+            named = "meta, urls"
+        schema = conn.execute("SELECT current_schema()").fetchone()[0]
+    before = _pg_tables(pg_url)
+    result = _run_subprocess(tmp_path, "--db", pg_url)
+    assert result.returncode == 1
+    assert result.stderr.startswith("drawdown: postgresql://")
+    assert (
+        f"is not a drawdown ledger: its schema {schema} holds tables drawdown does not make "
+        f"({named}); give the ledger a schema of its own (CREATE SCHEMA drawdown, then "
+        "?options=-c%20search_path%3Ddrawdown in the URL), or point --db at the ledger\n"
+    ) in result.stderr
+    assert _pg_tables(pg_url) == before
+
+
+def test_a_ledger_is_made_beside_an_extensions_tables(pg_url: str) -> None:
+    """PostGIS puts its spatial_ref_sys in `public`: an extension's tables are no
+    application's, and the ledger is made beside them (hstore stands in for PostGIS)."""
+    import psycopg
+    from drawdown.ledger.postgres import PostgresLedger
+
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        schema = conn.execute("SELECT current_schema()").fetchone()[0]
+        conn.execute(f'CREATE EXTENSION hstore SCHEMA "{schema}"')
+        try:
+            conn.execute("CREATE TABLE spatial_ref_sys (srid INTEGER PRIMARY KEY)")
+            conn.execute("ALTER EXTENSION hstore ADD TABLE spatial_ref_sys")
+            PostgresLedger(pg_url, register=False).close()
+            assert "budget_instances" in _pg_tables(pg_url)
+        finally:
+            conn.execute("DROP EXTENSION hstore CASCADE")
+
+
 @pytest.mark.parametrize("command", ["report", "budgets", "verify", "run"])
 def test_a_sqlite_url_naming_no_file_is_refused(
     command: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]

@@ -18,7 +18,7 @@ from typing import Any
 
 import psycopg
 
-from .api import SCHEMA_VERSION, LedgerError, schema_version
+from .api import SCHEMA_VERSION, LedgerError, NotALedger, schema_version
 
 _V1 = """
 CREATE TABLE budget_instances (
@@ -235,6 +235,49 @@ def _version(conn: Any) -> int:
 # ALTER: with the session's lock_timeout (10 s) a long report stalled the old proxies' calls
 # for 10 s at each attempt. Failing fast, the proxy is not ready and tries again later.
 MIGRATION_LOCK_TIMEOUT = "500ms"
+
+
+def refuse_foreign(conn: Any, where: str) -> None:
+    """NotALedger for a schema (the session's current_schema, where the ledger's tables would
+    be made) holding tables but neither drawdown's budgets nor a `meta` with a schema version:
+    `--db` naming an application's database would have had ~30 tables added to its `public`.
+    Tables of an extension (PostGIS's spatial_ref_sys) are no application's. Ends the
+    transaction it reads in."""
+    try:
+        schema = conn.execute("SELECT current_schema()").fetchone()[0]
+        tables = [
+            row[0]
+            for row in conn.execute(
+                """SELECT c.relname FROM pg_class c
+                   JOIN pg_namespace n ON n.oid = c.relnamespace
+                   WHERE n.nspname = current_schema() AND c.relkind IN ('r', 'p')
+                     AND NOT EXISTS (SELECT 1 FROM pg_depend d
+                                     WHERE d.classid = 'pg_class'::regclass
+                                       AND d.objid = c.oid AND d.deptype = 'e')
+                   ORDER BY c.relname"""
+            )
+        ]
+        if not tables or "budget_instances" in tables or _has_schema_version(conn, tables):
+            return
+    finally:
+        conn.rollback()
+    named = ", ".join(tables[:3]) + (", …" if len(tables) > 3 else "")
+    raise NotALedger(
+        f"{where} is not a drawdown ledger: its schema {schema} holds tables drawdown does not "
+        f"make ({named}); give the ledger a schema of its own (CREATE SCHEMA drawdown, then "
+        "?options=-c%20search_path%3Ddrawdown in the URL), or point --db at the ledger"
+    )
+
+
+def _has_schema_version(conn: Any, tables: list[str]) -> bool:
+    if "meta" not in tables:
+        return False
+    try:
+        with conn.transaction():  # a savepoint: another application's `meta` may lack `key`
+            found = conn.execute("SELECT 1 FROM meta WHERE key = 'schema_version'").fetchone()
+    except psycopg.Error:
+        return False
+    return found is not None
 
 
 def migrate(conn: Any) -> int:

@@ -96,7 +96,7 @@ from .api import (
     Settled,
 )
 from .dsn import redact_dsn
-from .pg_schema import migrate
+from .pg_schema import migrate, refuse_foreign
 from .plan import (
     HOLD_COLUMNS,
     INSTANCE_COLUMNS,
@@ -377,6 +377,7 @@ class PostgresLedger:
             # ledger is too new, before a pool starts reconnecting in the background.
             with psycopg.connect(url, connect_timeout=max(1, round(connect_timeout))) as conn:
                 self._configure(conn)
+                refuse_foreign(conn, self.safe_url)
                 migrate(conn)
                 self._hold_sequence = conn.execute(
                     "SELECT pg_get_serial_sequence('holds', 'id')"
