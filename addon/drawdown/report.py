@@ -433,6 +433,8 @@ def _build(
             "status": _status(row, run_anomalies),
             "would_status": _would_status(row),
             "anomalies": run_anomalies,
+            # The policy whose recorded (or given) settings judged it; None: the built-in ones.
+            "judged_by": judgings.of(row["scope"]).digest or None,
             # A run active since the cut-off is reported whole, as its status and anomalies
             # judge it; this is the part of it inside the window.
             "in_window": {

@@ -265,6 +265,7 @@ def test_a_report_without_policy_judges_by_the_settings_the_proxy_recorded(
         "unrecorded_policies": 1,
         "runs_by_policy": {},
     }
+    assert [run["judged_by"] for run in unrecorded["runs"]] == [None]
     assert (
         "anomalies judged by the built-in settings (see --policy); 1 policy of these decisions "
         "left no settings in the ledger (an older drawdown's)"
@@ -315,6 +316,7 @@ def test_a_report_without_policy_judges_by_the_settings_the_proxy_recorded(
     assert [(a["kind"], a["run"]) for a in latest["anomalies"]] == [("loop", "s")]
     by_run = {run["run"]: run for run in latest["runs"]}
     assert [by_run[r]["status"] for r in "rst"] == ["normal", "anomalous", "normal"]
+    assert [by_run[r]["judged_by"] for r in "rst"] == [lax, strict, lax]  # each run's own
     text = report.render_text(latest)
     assert (
         f"anomalies judged by the settings the proxy recorded for each run's policy: {lax} "
