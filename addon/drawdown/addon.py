@@ -604,6 +604,8 @@ class Drawdown:
         # What became of the ledger's file when it was deleted or replaced under the running
         # proxy (SQLite): closed, and reopened only once a file is back at its path.
         self.ledger_lost: str | None = None
+        # Why the ledger's URL, once reachable, is no ledger drawdown may use: logged once.
+        self._reopen_refused: str | None = None
         self.idle_runs = IdleRuns()
         # Credentials an agent sent on its CONNECT, for every request of that tunnel.
         self.tunnel_credentials: weakref.WeakKeyDictionary[connection.Client, tuple[str, str]] = (
@@ -1155,8 +1157,16 @@ class Drawdown:
                 # A lost file is reopened once one is back, never made anew with empty budgets.
                 **({"create": False} if lost else {}),
             )
+        except (LedgerTooNew, NotALedger) as exc:
+            # Reachable at last, and no ledger to use (an application's schema, a newer
+            # drawdown's): said once, where it was silent 503s, and looked at again each tick.
+            if str(exc) != self._reopen_refused:
+                self._reopen_refused = str(exc)
+                log.warning("drawdown: %s; answering per on_ledger_error until it is", exc)
+            return
         except LedgerError:
             return
+        self._reopen_refused = None
         self.ledger_lost = None
         self.ledger = self._async_ledger(backend)
         log.info(

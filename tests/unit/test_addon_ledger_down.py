@@ -212,3 +212,41 @@ def test_a_ledger_file_replaced_under_the_proxy_is_closed_with_its_holds(tmp_pat
     clock[0] = 30.0
     assert sweeper.sweep(time.time(), 30) == 1
     sweeper.close()
+
+
+def test_a_ledger_that_comes_up_as_no_ledger_is_said_once_not_retried_in_silence(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A ledger unreachable at start (its server not up yet, here its folder not there) is
+    tried again each tick. When it comes up as another application's database, each attempt
+    was refused in silence: 503s for ever, and no word why. It is said once, and still looked
+    at each tick. (A folder stands at the path at start: SQLite cannot open it.)"""
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(ENFORCED)
+    db = tmp_path / "app.db"
+    db.mkdir()
+
+    async def main() -> None:
+        addon = Drawdown()
+        with taddons.context(addon) as tctx:
+            tctx.configure(addon, drawdown_policy=str(policy), drawdown_db=str(db))
+            addon.own_addresses = frozenset({("127.0.0.1", 8080)})
+            assert addon.ledger is None  # unavailable: the proxy stays up
+            db.rmdir()
+            with sqlite3.connect(db) as conn:
+                conn.execute("CREATE TABLE users (id INTEGER PRIMARY KEY)")
+            conn.close()
+            for _ in range(3):
+                await asyncio.to_thread(addon._reopen_ledger)
+            assert addon.ledger is None
+            refused = await call(addon)
+            assert refused.response is not None and refused.response.status_code == 503
+            addon.done()
+
+    with caplog.at_level(logging.INFO, logger="drawdown"):
+        asyncio.run(main())
+    said = [r.getMessage() for r in caplog.records if "is not a drawdown ledger" in r.getMessage()]
+    assert len(said) == 1 and "(users)" in said[0] and said[0].endswith("until it is")
+    with sqlite3.connect(db) as conn:  # left as it was
+        assert conn.execute("SELECT name FROM sqlite_master").fetchall() == [("users",)]
+    conn.close()

@@ -920,10 +920,44 @@ def test_run_refuses_a_postgres_schema_of_another_application(
     assert result.stderr.startswith("drawdown: postgresql://")
     assert (
         f"is not a drawdown ledger: its schema {schema} holds tables drawdown does not make "
-        f"({named}); give the ledger a schema of its own (CREATE SCHEMA drawdown, then "
-        "?options=-c%20search_path%3Ddrawdown in the URL), or point --db at the ledger\n"
+        f"({named}); give the ledger a schema of its own (CREATE SCHEMA drawdown, then add "
+        "options=-c%20search_path%3Ddrawdown to the URL's parameters), or point --db at the "
+        "ledger\n"
     ) in result.stderr
     assert _pg_tables(pg_url) == before
+
+
+def test_the_postgres_refusal_reads_the_search_path_as_the_ledger_does(
+    tmp_path: Path, pg_url: str
+) -> None:
+    """A schema of views (an application's reporting schema) is an application's too; a
+    ledger found further down the search_path is used, not refused for the first schema's
+    tables; a search_path naming no schema that exists says to create it."""
+    import psycopg
+    from drawdown.ledger.api import LedgerError, NotALedger
+    from drawdown.ledger.postgres import PostgresLedger
+
+    from tests.support_pg import fresh_schema, with_search_path
+
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        app = conn.execute("SELECT current_schema()").fetchone()[0]
+        conn.execute("CREATE VIEW monthly AS SELECT 1 AS n")
+        conn.execute("CREATE MATERIALIZED VIEW totals AS SELECT 2 AS n")
+    with pytest.raises(NotALedger, match=rf"its schema {app} holds tables .* \(monthly, totals\)"):
+        PostgresLedger(pg_url, register=False)
+    base = pg_url.split("?", 1)[0]
+    with fresh_schema("led") as ledger_url:
+        PostgresLedger(ledger_url, register=False).close()  # a ledger in a schema of its own
+        with psycopg.connect(ledger_url) as conn:
+            led = conn.execute("SELECT current_schema()").fetchone()[0]
+        both = with_search_path(base, f"{app},{led}")
+        PostgresLedger(both, register=False).close()  # found there, as migrate finds it
+        assert "budget_instances" not in _pg_tables(pg_url)  # nothing made in the first
+    nowhere = with_search_path(base, f"drawdown_missing_{uuid.uuid4().hex[:8]}")
+    with pytest.raises(
+        LedgerError, match=r"names no schema that exists, .*: CREATE SCHEMA it first"
+    ):
+        PostgresLedger(nowhere, register=False)
 
 
 def test_a_ledger_is_made_beside_an_extensions_tables(pg_url: str) -> None:

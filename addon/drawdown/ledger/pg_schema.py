@@ -14,6 +14,7 @@ transactional, so a migration that fails leaves nothing half-made.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import psycopg
@@ -239,33 +240,43 @@ MIGRATION_LOCK_TIMEOUT = "500ms"
 
 def refuse_foreign(conn: Any, where: str) -> None:
     """NotALedger for a schema (the session's current_schema, where the ledger's tables would
-    be made) holding tables but neither drawdown's budgets nor a `meta` with a schema version:
-    `--db` naming an application's database would have had ~30 tables added to its `public`.
-    Tables of an extension (PostGIS's spatial_ref_sys) are no application's. Ends the
-    transaction it reads in."""
+    be made) holding tables or views but neither drawdown's budgets nor a `meta` with a schema
+    version: `--db` naming an application's database would have had ~30 tables added to its
+    `public`. A ledger found elsewhere on the search_path is used, as migrate finds it; tables
+    of an extension (PostGIS's spatial_ref_sys) are no application's. LedgerError when the
+    search_path names no schema that exists. Ends the transaction it reads in."""
     try:
         schema = conn.execute("SELECT current_schema()").fetchone()[0]
+        if schema is None:
+            raise LedgerError(
+                f"{where}: its search_path names no schema that exists, so the ledger has "
+                "nowhere to be made: CREATE SCHEMA it first"
+            )
+        if conn.execute("SELECT to_regclass('budget_instances') IS NOT NULL").fetchone()[0]:
+            return  # a ledger on the search_path
         tables = [
             row[0]
             for row in conn.execute(
                 """SELECT c.relname FROM pg_class c
                    JOIN pg_namespace n ON n.oid = c.relnamespace
-                   WHERE n.nspname = current_schema() AND c.relkind IN ('r', 'p')
+                   WHERE n.nspname = current_schema() AND c.relkind IN ('r', 'p', 'v', 'm', 'f')
                      AND NOT EXISTS (SELECT 1 FROM pg_depend d
                                      WHERE d.classid = 'pg_class'::regclass
                                        AND d.objid = c.oid AND d.deptype = 'e')
                    ORDER BY c.relname"""
             )
         ]
-        if not tables or "budget_instances" in tables or _has_schema_version(conn, tables):
+        if not tables or _has_schema_version(conn, tables):
             return
     finally:
-        conn.rollback()
+        with contextlib.suppress(psycopg.Error):  # a lost connection: its own error tells
+            conn.rollback()
     named = ", ".join(tables[:3]) + (", …" if len(tables) > 3 else "")
     raise NotALedger(
         f"{where} is not a drawdown ledger: its schema {schema} holds tables drawdown does not "
-        f"make ({named}); give the ledger a schema of its own (CREATE SCHEMA drawdown, then "
-        "?options=-c%20search_path%3Ddrawdown in the URL), or point --db at the ledger"
+        f"make ({named}); give the ledger a schema of its own (CREATE SCHEMA drawdown, then add "
+        "options=-c%20search_path%3Ddrawdown to the URL's parameters), or point --db at the "
+        "ledger"
     )
 
 
