@@ -1250,7 +1250,6 @@ def find(
         priced_column,
         repeated,
         calls,
-        one_part=len(parts) == 1,
     )
     found: list[Anomaly] = []
     for part, (own, scopes) in parts.items():
@@ -1297,7 +1296,6 @@ class _Context:
     priced_column: str  # _priced_column()'s
     repeated: list[dict[str, Any]]  # scope, n: requests a run repeated, past any settings' repeats
     calls: list[dict[str, Any]]  # calls any settings' per-call detectors may flag, oldest first
-    one_part: bool  # every active run judged by one settings
 
 
 def _find_judged(
@@ -1338,9 +1336,7 @@ def _find_judged(
     repeats = int(settings.get("loop").param("repeats"))
     suspects |= {row["scope"] for row in context.repeated if int(row["n"]) > repeats}
     suspects &= active
-    calls = (
-        context.calls if context.one_part else [r for r in context.calls if r["scope"] in active]
-    )
+    calls = [r for r in context.calls if r["scope"] in active]
     hits = (
         *under_commit(calls, settings.get("under_commit")),
         *fast_commit(calls, settings.get("fast_commit")),

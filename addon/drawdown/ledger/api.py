@@ -119,6 +119,15 @@ class NotALedger(LedgerError):
     all may be a ledger damaged: the proxy stays up on it, answering per on_ledger_error.)"""
 
 
+def foreign_tables(tables: list[str], has_schema_version: Callable[[], bool]) -> str | None:
+    """The tables to name (a few, sorted as given) when a database holding `tables` is another
+    application's: tables, but neither drawdown's budgets nor a `meta` with a schema version
+    (`meta` alone is common: every Chromium database has one); None when it may be a ledger."""
+    if not tables or "budget_instances" in tables or ("meta" in tables and has_schema_version()):
+        return None
+    return ", ".join(tables[:3]) + (", …" if len(tables) > 3 else "")
+
+
 def schema_version(value: object | None, *, has_tables: bool) -> int:
     """The ledger's schema version from its `meta` row (None: no row), refused (LedgerError)
     when it is not a number, when the ledger has tables but no version (not made by

@@ -19,7 +19,7 @@ from typing import Any
 
 import psycopg
 
-from .api import SCHEMA_VERSION, LedgerError, NotALedger, schema_version
+from .api import SCHEMA_VERSION, LedgerError, NotALedger, foreign_tables, schema_version
 
 _V1 = """
 CREATE TABLE budget_instances (
@@ -240,8 +240,8 @@ MIGRATION_LOCK_TIMEOUT = "500ms"
 
 def refuse_foreign(conn: Any, where: str) -> None:
     """NotALedger for a schema (the session's current_schema, where the ledger's tables would
-    be made) holding tables or views but neither drawdown's budgets nor a `meta` with a schema
-    version: `--db` naming an application's database would have had ~30 tables added to its
+    be made) of another application's, its tables and views read as api.foreign_tables reads
+    them: `--db` naming an application's database would have had ~30 tables added to its
     `public`. A ledger found elsewhere on the search_path is used, as migrate finds it; tables
     of an extension (PostGIS's spatial_ref_sys) are no application's. LedgerError when the
     search_path names no schema that exists. Ends the transaction it reads in."""
@@ -266,12 +266,12 @@ def refuse_foreign(conn: Any, where: str) -> None:
                    ORDER BY c.relname"""
             )
         ]
-        if not tables or _has_schema_version(conn, tables):
+        named = foreign_tables(tables, lambda: _has_schema_version(conn))
+        if named is None:
             return
     finally:
         with contextlib.suppress(psycopg.Error):  # a lost connection: its own error tells
             conn.rollback()
-    named = ", ".join(tables[:3]) + (", …" if len(tables) > 3 else "")
     raise NotALedger(
         f"{where} is not a drawdown ledger: its schema {schema} holds tables drawdown does not "
         f"make ({named}); give the ledger a schema of its own (CREATE SCHEMA drawdown, then add "
@@ -280,9 +280,7 @@ def refuse_foreign(conn: Any, where: str) -> None:
     )
 
 
-def _has_schema_version(conn: Any, tables: list[str]) -> bool:
-    if "meta" not in tables:
-        return False
+def _has_schema_version(conn: Any) -> bool:
     try:
         with conn.transaction():  # a savepoint: another application's `meta` may lack `key`
             found = conn.execute("SELECT 1 FROM meta WHERE key = 'schema_version'").fetchone()

@@ -54,6 +54,7 @@ from .api import (
     Settled,
     agents_own,
     failed_attempt,
+    foreign_tables,
 )
 from .dsn import sqlite_path
 from .plan import (
@@ -206,9 +207,8 @@ def _marks(values: Sequence[Any]) -> str:
 
 
 def _refuse_foreign(conn: sqlite3.Connection, path: str) -> None:
-    """NotALedger for a database holding tables but neither drawdown's budgets nor a `meta`
-    table with a schema version (`meta` alone is common: every Chromium database has one). A
-    ledger from before `meta` is refused by migrate, with its own message."""
+    """NotALedger for another application's database (api.foreign_tables). A ledger from
+    before `meta` is refused by migrate, with its own message."""
     tables = [
         row[0]
         for row in conn.execute(
@@ -216,18 +216,14 @@ def _refuse_foreign(conn: sqlite3.Connection, path: str) -> None:
             "ESCAPE '\\' ORDER BY name"
         )
     ]
-    if not tables or "budget_instances" in tables or _has_schema_version(conn, tables):
-        return
-    named = ", ".join(tables[:3]) + (", …" if len(tables) > 3 else "")
-    raise NotALedger(
-        f"{path} is not a drawdown ledger: it holds tables drawdown does not make ({named}); "
-        "point --db at the ledger, or at a new file"
-    )
+    if named := foreign_tables(tables, lambda: _has_schema_version(conn)):
+        raise NotALedger(
+            f"{path} is not a drawdown ledger: it holds tables drawdown does not make ({named}); "
+            "point --db at the ledger, or at a new file"
+        )
 
 
-def _has_schema_version(conn: sqlite3.Connection, tables: list[str]) -> bool:
-    if "meta" not in tables:
-        return False
+def _has_schema_version(conn: sqlite3.Connection) -> bool:
     try:
         found = conn.execute("SELECT 1 FROM meta WHERE key = 'schema_version'").fetchone()
     except sqlite3.OperationalError:  # another application's `meta`, without our columns

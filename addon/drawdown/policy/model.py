@@ -260,8 +260,9 @@ class Judging:
     """What a report's detectors judge runs by: a policy's `anomalies:` settings, and the action
     kinds it prices itself (which `unpriced_model` never flags). `source` says where they came
     from: `policy` (given to the report), `ledger` (recorded by the proxy that made the
-    decisions), `defaults` (neither). `others`: how many other settings judge some of the
-    report's runs (a reload mid-way, two fleets on one ledger: anomalies.RunJudgings); `unrecorded`:
+    decisions), `defaults` (neither). `others`: how many other settings the report's
+    decisions were made under (a reload mid-way, two fleets on one ledger; which judged which
+    runs is anomalies.RunJudgings'); `unrecorded`:
     how many policies they were made under whose settings the ledger does not have (an older
     drawdown's, or a record it cannot read), so the report cannot tell."""
 
