@@ -623,6 +623,7 @@ class Drawdown:
         self._policy_seen: tuple[Any, ...] = ()
         # The last look met a link to nothing: the next looks again, changed or not.
         self._policy_recheck = False
+        self._policy_rejected = False  # the last look at the policy's files reported errors
         # The ledger and the key under which it has the policy's anomaly settings
         # (_record_judging): done once per ledger opened and policy installed.
         self._judging_recorded: tuple[AsyncLedger, str] | None = None
@@ -1187,6 +1188,12 @@ class Drawdown:
         seen = await asyncio.to_thread(policy_fingerprint, path)
         if seen == self._policy_seen and not self._policy_recheck:
             return
+        # A write in progress (a file saved in place, a copy of several files) can leave a
+        # policy that parses and validates without its end, a deny rule or a budget short: it
+        # is loaded once its files have stayed the same for one interval.
+        await asyncio.sleep(self.seconds["drawdown_reload_interval"])
+        if await asyncio.to_thread(policy_fingerprint, path) != seen:
+            return  # still being written: looked at again next time
         self._policy_seen = seen  # a broken edit is reported once, not at every look
         # Whatever the load meets (a folder unreadable for a moment, a bug), the watcher
         # reports it and goes on: dead, it would silently ignore every later edit.
@@ -1210,14 +1217,28 @@ class Drawdown:
                     "drawdown: policy edit rejected, the last good policy stays in force: %s",
                     str(problem),
                 )
+            self._policy_rejected = True
             metrics.policy_reloaded(applied=False)
             return
         except Exception:
             self._policy_recheck = False
             log.exception("drawdown: could not reload %s; the last good policy stays", path)
+            self._policy_rejected = True
             metrics.policy_reloaded(applied=False)
             return
         self._policy_recheck = False
+        rejected, self._policy_rejected = self._policy_rejected, False
+        if self.policy is not None and policy.digest == self.policy.digest:
+            # Files touched, saved unchanged, or put back as they were after a broken edit:
+            # nothing to reload, said only when a rejection was the last word on them.
+            if rejected:
+                log.info(
+                    "drawdown: %s is valid again: it is the policy in force (policy %s)",
+                    path,
+                    policy.digest[:16],
+                )
+                metrics.POLICY_REJECTED.set(0)  # no edit rejected stands: no reload either
+            return
         self._install_policy(policy)
         self._spawn(self._record_judging())
         metrics.policy_reloaded(applied=True)

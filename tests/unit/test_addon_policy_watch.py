@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 import pytest
+from drawdown import metrics
 from drawdown.addon import Drawdown
 from mitmproxy.test import taddons
 
@@ -134,3 +135,117 @@ def test_a_reload_to_a_policy_with_no_actions_is_logged_as_a_warning(
         "no request is classified, so no budget, rule or anomaly check applies to any"
     ]
     assert "policy reloaded" in caplog.text
+
+
+POLICY = (
+    BASE.format(mode="enforce")
+    + """authority:
+  rules:
+    - {scope: "agent:support", deny: [search]}
+"""
+    + BUDGETS
+)
+
+
+def reloads(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "policy reloaded" in r.getMessage()]
+
+
+def test_a_policy_being_written_is_loaded_once_it_has_stopped_changing(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file saved in place is written in pieces: its first half, ending before the deny
+    rule, parses and validates, and was installed, the rule off until the rest came."""
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(POLICY)
+    edited = POLICY.replace("requests: 5", "requests: 6")
+    first_half = BASE.format(mode="enforce")  # complete YAML, a policy: no rule, no budget
+    sleep = asyncio.sleep
+
+    async def rest_written_meanwhile(seconds: float) -> None:
+        if policy.read_text() != edited:
+            policy.write_text(edited)
+        await sleep(0)
+
+    def in_force(addon: Drawdown) -> tuple[int, int | None]:
+        assert addon.policy is not None
+        return len(addon.policy.authority.rules), addon.policy.budgets[0].limits.requests
+
+    async def main() -> list[tuple[int, int | None]]:
+        addon = Drawdown()
+        seen = []
+        with taddons.context(addon) as tctx:
+            tctx.configure(addon, drawdown_policy=str(policy), drawdown_db=str(tmp_path / "l.db"))
+            policy.write_text(first_half)
+            monkeypatch.setattr(asyncio, "sleep", rest_written_meanwhile)
+            await addon._look_at_policy(str(policy))
+            seen.append(in_force(addon))
+            await addon._look_at_policy(str(policy))
+            seen.append(in_force(addon))
+            monkeypatch.setattr(asyncio, "sleep", sleep)
+            addon.done()
+        return seen
+
+    with caplog.at_level(logging.INFO, logger="drawdown"):
+        assert asyncio.run(main()) == [(1, 5), (1, 6)]
+    assert len(reloads(caplog)) == 1
+    assert rejections(caplog) == []
+
+
+def test_files_touched_or_put_back_unchanged_are_not_reloaded(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`touch` logged "policy reloaded" with the same digest (and its warnings again); a
+    broken edit undone said nothing after the rejection, leaving the reader to guess."""
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(POLICY)
+
+    async def main() -> None:
+        addon = Drawdown()
+        with taddons.context(addon) as tctx:
+            tctx.configure(addon, drawdown_policy=str(policy), drawdown_db=str(tmp_path / "l.db"))
+            os.utime(policy, ns=(1, 10**18))
+            await addon._look_at_policy(str(policy))
+            policy.write_text(POLICY.replace("requests: 5", "requests: five"))
+            await addon._look_at_policy(str(policy))
+            rejected.append(metrics.REGISTRY.get_sample_value("drawdown_policy_edit_rejected"))
+            policy.write_text(POLICY)
+            await addon._look_at_policy(str(policy))
+            rejected.append(metrics.REGISTRY.get_sample_value("drawdown_policy_edit_rejected"))
+            addon.done()
+
+    rejected: list[float | None] = []
+    with caplog.at_level(logging.INFO, logger="drawdown"):
+        asyncio.run(main())
+    assert rejected == [1, 0]  # drawdown_policy_edit_rejected, the alert's gauge
+    assert reloads(caplog) == []
+    assert len(rejections(caplog)) == 1
+    [again] = [r.getMessage() for r in caplog.records if "valid again" in r.getMessage()]
+    assert again.startswith(f"drawdown: {policy} is valid again: it is the policy in force")
+
+
+def test_a_file_replaced_keeping_its_size_and_mtime_is_reloaded(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`cp -p new .tmp && mv .tmp policy.yaml`: `agent:support` → `agent:supprt` keeps the size,
+    the copy keeps the mtime, and the edit went unseen until the next `touch`."""
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(POLICY)
+
+    async def main() -> str:
+        addon = Drawdown()
+        with taddons.context(addon) as tctx:
+            tctx.configure(addon, drawdown_policy=str(policy), drawdown_db=str(tmp_path / "l.db"))
+            copy = tmp_path / ".policy.yaml.tmp"
+            copy.write_text(POLICY.replace("agent:support", "agent:helpers"))
+            status = policy.stat()
+            os.utime(copy, ns=(status.st_atime_ns, status.st_mtime_ns))
+            os.replace(copy, policy)
+            await addon._look_at_policy(str(policy))
+            scope = addon.policy.authority.rules[0].scope.text  # type: ignore[union-attr]
+            addon.done()
+        return str(scope)
+
+    with caplog.at_level(logging.INFO, logger="drawdown"):
+        assert "agent:helpers" in asyncio.run(main())
+    assert len(reloads(caplog)) == 1

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -545,7 +549,7 @@ authority:
         (
             '      when: {json.name: {regex: "([a-z"}}\n',
             f"{f}:7: condition on 'json.name': invalid regex '([a-z': "
-            "unterminated character set at position 1",
+            "missing ]: [a-z",
         ),
         ("      when: oops\n", f"{f}:7: when must be a mapping, not text 'oops'"),
         (
@@ -1124,7 +1128,7 @@ def test_upper_case_yaml_extensions_in_a_folder_are_read(tmp_path: Path) -> None
     policy = load_policy(tmp_path)
     assert [b.key for b in policy.budgets] == ["agent:*", "tenant:*", "run:*"]  # B.YAML first
     # The live reloader watches the same files.
-    assert {Path(f).name for f, _, _ in policy_fingerprint(tmp_path)} == {
+    assert {Path(str(f)).name for f, *_ in policy_fingerprint(tmp_path)} == {
         "a.yaml",
         "B.YAML",
         "c.Yml",
@@ -1464,3 +1468,105 @@ def test_every_problem_names_the_line_at_fault(
     except PolicyInvalid as exc:
         found = exc.problems
     assert [str(p).replace(f"{folder}/", "") for p in found] == expected
+
+
+REGEX_RULE = """actions:
+  - {kind: tool.call, match: {host: tool.example.com}}
+authority:
+  rules:
+    - {name: no-runs-of-a, scope: "*", deny: [tool.call], when: {json.q: {regex: "^(a+)+$"}}}
+"""
+
+
+@pytest.mark.parametrize(
+    ("text", "denied"), [("a" * 64 + "!", False), ("a" * 64, True)], ids=["no-match", "match"]
+)
+def test_a_regex_condition_decides_in_linear_time_on_what_an_agent_sends(
+    tmp_path: Path, text: str, denied: bool
+) -> None:
+    """Python's backtracking `re` took longer than anyone would wait on `^(a+)+$` against 64
+    a's and a `!` (2^64 ways to split them), on the event loop every agent's request passes
+    through. The timeout only bounds a hang: RE2 answers in microseconds."""
+    policy = write(tmp_path, REGEX_RULE)
+    command = [sys.executable, "-m", "drawdown", "explain", "--policy", str(policy), "--method",
+               "POST", "--url", "https://tool.example.com/q", "--json", json.dumps({"q": text}),
+               "--as-json"]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    decision = json.loads(done.stdout)["decision"]
+    assert (decision == "deny") is denied, decision
+
+
+def test_a_regex_that_needs_backtracking_is_refused_saying_why(tmp_path: Path) -> None:
+    f = tmp_path / "policy.yaml"
+    rule = '    - {scope: "*", deny: [tool.call], when: {json.q: {regex: %s}}}\n'
+    head = REGEX_RULE.rsplit("    - ", 1)[0]
+    linear = " (patterns run on RE2, in linear time: no lookaround or backreferences)"
+    for pattern, expected in (
+        ("'^(?!admin)'", f"invalid regex '^(?!admin)': invalid perl operator: (?!{linear}"),
+        ("'(?<=x)y'", f"invalid regex '(?<=x)y': invalid perl operator: (?<={linear}"),
+        ("'(a)\\1'", f"invalid regex '(a)\\1': invalid escape sequence: \\1{linear}"),
+        (
+            "'end\\Z'",
+            "invalid regex 'end\\Z': invalid escape sequence: \\Z (RE2 writes the end of the "
+            "text as \\z)",
+        ),
+    ):
+        assert problems(tmp_path, head + rule % pattern) == [
+            f"{f}:5: condition on 'json.q': {expected}"
+        ], pattern
+
+
+def load_in_a_thread(path: Path) -> BaseException | None:
+    """load_policy's outcome, or a failure if it is still reading after a minute (a read that
+    blocks would hang the test itself)."""
+    outcome: list[BaseException | None] = []
+
+    def load() -> None:
+        try:
+            load_policy(path)
+            outcome.append(None)
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            outcome.append(exc)
+
+    worker = threading.Thread(target=load, daemon=True)
+    worker.start()
+    worker.join(60)
+    assert outcome, f"load_policy({path}) was still reading after 60 s"
+    return outcome[0]
+
+
+def test_a_named_pipe_named_like_a_policy_file_is_refused_not_waited_on(tmp_path: Path) -> None:
+    """`mkfifo budgets.yaml` in the policy folder hung the reading thread until something
+    wrote to it: the watcher ignored every later edit in silence, `drawdown check` never
+    returned, and the proxy could not exit."""
+    folder = tmp_path / "policy"
+    folder.mkdir()
+    (folder / "actions.yaml").write_text("mode: enforce\n")
+    os.mkfifo(folder / "budgets.yaml")
+    caught = load_in_a_thread(folder)
+    assert isinstance(caught, PolicyInvalid)
+    assert str(caught).splitlines() == [
+        f"{folder / 'budgets.yaml'}:0: cannot read: a named pipe (FIFO), not a file"
+    ]
+    caught = load_in_a_thread(folder / "budgets.yaml")  # named alone, as `--policy`
+    assert isinstance(caught, PolicyInvalid) and "a named pipe (FIFO), not a file" in str(caught)
+
+
+def test_a_file_replaced_by_one_of_the_same_size_and_mtime_is_seen_to_change(
+    tmp_path: Path,
+) -> None:
+    """`cp -p` or `rsync -a` to a temporary name, then `mv`: an edit of `agent:x` to `agent:y`
+    keeps the size, and the copy keeps the mtime. The watcher compared those two only."""
+    from drawdown.policy import policy_fingerprint
+
+    policy = write(tmp_path, 'budgets:\n  - {scope: "agent:x", usd: 1}\n')
+    before = policy_fingerprint(tmp_path)
+    replacement = write(tmp_path, 'budgets:\n  - {scope: "agent:y", usd: 1}\n', ".policy.tmp")
+    status = policy.stat()
+    os.utime(replacement, ns=(status.st_atime_ns, status.st_mtime_ns))
+    os.replace(replacement, policy)
+    after = policy_fingerprint(tmp_path)
+    assert policy.stat().st_mtime_ns == status.st_mtime_ns
+    assert policy.stat().st_size == status.st_size
+    assert after != before

@@ -22,22 +22,30 @@ __all__ = [
 
 def load_policy(path: str | os.PathLike[str]) -> Policy:
     """Load a policy file or folder; raises PolicyInvalid listing every `FILE:LINE: message`."""
-    root = Path(path)
-    documents, problems = read_documents(root)
-    texts = []
-    for file, _ in documents:
-        try:
-            texts.append(Path(file).read_bytes())
-        except OSError:  # vanished between reads: the next reload will see it
-            texts.append(b"")
+    documents, texts, problems = read_documents(Path(path))
     return compile_policy(documents, texts, problems)
 
 
-def policy_fingerprint(path: str | os.PathLike[str]) -> tuple[tuple[str, int, int], ...]:
-    """Cheap change detection for hot reload: names, sizes and mtimes of the policy's files."""
+def policy_fingerprint(path: str | os.PathLike[str]) -> tuple[tuple[str | int, ...], ...]:
+    """Cheap change detection for hot reload: each policy file's name and what `stat` says of
+    its content. Size and mtime alone miss a file replaced by one of the same size whose mtime
+    was kept (`cp -p`, `rsync -a`, `install -p` and then `mv`); its inode and ctime do not."""
     root = Path(path)
     try:
         files = policy_files(root) if root.exists() else []
-        return tuple((str(f), f.stat().st_mtime_ns, f.stat().st_size) for f in files)
+        found: list[tuple[str | int, ...]] = []
+        for file in files:
+            status = file.stat()
+            found.append(
+                (
+                    str(file),
+                    status.st_mtime_ns,
+                    status.st_size,
+                    status.st_ino,
+                    status.st_dev,
+                    status.st_ctime_ns,
+                )
+            )
+        return tuple(found)
     except OSError:
         return ()

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
+import re2
+
 LEVELS = ("tenant", "workflow", "agent", "run")
 
 _MISSING = object()
@@ -379,10 +381,7 @@ def _operator(op: str, arg: Any) -> Condition:
     if op == "regex":
         if not isinstance(arg, str):
             raise ValueError("'regex' takes a string")
-        try:
-            rx = re.compile(arg)
-        except re.error as exc:
-            raise ValueError(f"invalid regex '{arg}': {exc}") from None
+        rx = compile_condition_regex(arg)
         return lambda value: isinstance(value, str) and rx.search(value) is not None
     bound = _number(arg)
     if bound is None:
@@ -399,6 +398,31 @@ def _operator(op: str, arg: Any) -> Condition:
         return number is not None and compare(number)
 
     return numeric
+
+
+_RE2_OPTIONS = re2.Options()
+_RE2_OPTIONS.log_errors = False  # a refused pattern is the author's error, said as FILE:LINE
+_RE2_OPTIONS.never_capture = True  # a condition only asks whether it matches
+
+
+def compile_condition_regex(pattern: str) -> Any:
+    """A `regex:` condition's pattern, compiled by RE2. It runs on what agents send, on the
+    event loop every request passes through: Python's backtracking `re` would take minutes
+    on `^(a+)+$` against 30 a's and a `!`, stalling every agent at once. RE2 matches in time
+    linear in the text, and so refuses what needs backtracking (backreferences, lookaround),
+    as Envoy's and OPA's matchers do."""
+    try:
+        return re2.compile(pattern, _RE2_OPTIONS)
+    except re2.error as exc:
+        reason = exc.args[0] if exc.args else exc
+        if isinstance(reason, bytes):
+            reason = reason.decode("utf-8", "replace")
+        hint = ""
+        if re.search(r"perl operator: \(\?(?:<?[=!]|P$)|escape sequence: \\[1-9]", str(reason)):
+            hint = " (patterns run on RE2, in linear time: no lookaround or backreferences)"
+        elif str(reason).endswith("escape sequence: \\Z"):
+            hint = " (RE2 writes the end of the text as \\z)"
+        raise ValueError(f"invalid regex '{pattern}': {reason}{hint}") from None
 
 
 def dig(document: Any, dotted: str) -> Any:

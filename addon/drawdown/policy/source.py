@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import os
 import re
+import stat
 import unicodedata
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
@@ -450,6 +452,29 @@ def policy_files(path: Path) -> list[Path]:
     return [path]
 
 
+_NOT_A_FILE = {
+    stat.S_IFIFO: "a named pipe (FIFO), not a file",
+    stat.S_IFCHR: "a device, not a file",
+    stat.S_IFBLK: "a device, not a file",
+    stat.S_IFSOCK: "a socket, not a file",
+}
+
+
+def read_policy_file(path: Path) -> bytes:
+    """A policy file's bytes; raises OSError naming what is wrong. Opened without blocking and
+    checked to be a regular file before reading: a named pipe (`mkfifo budgets.yaml`) would
+    hang the reading thread until something wrote to it, the watcher silently ignoring every
+    later edit and the proxy unable to exit."""
+    descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    with os.fdopen(descriptor, "rb") as file:
+        mode = os.fstat(descriptor).st_mode
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(21, "Is a directory")
+        if not stat.S_ISREG(mode):
+            raise OSError(0, _NOT_A_FILE.get(stat.S_IFMT(mode), "not a regular file"))
+        return file.read()
+
+
 def _is_link(path: Path) -> bool:
     try:
         return path.is_symlink()
@@ -457,10 +482,12 @@ def _is_link(path: Path) -> bool:
         return False
 
 
-def read_documents(path: Path) -> tuple[list[tuple[str, Any]], list[Problem]]:
-    """Read and parse every file of a policy; returns (file, document) pairs and problems."""
+def read_documents(path: Path) -> tuple[list[tuple[str, Any]], list[bytes], list[Problem]]:
+    """Read and parse every file of a policy once; returns (file, document) pairs, each
+    document's bytes as read (what the policy's digest is made of) and problems."""
     problems: list[Problem] = []
     documents: list[tuple[str, Any]] = []
+    texts: list[bytes] = []
     # Line 0 below means "no line": the path itself could not be read as a policy file (it is
     # missing, a link to nothing, a folder, unreadable), so there is no text to point into.
     try:
@@ -468,16 +495,16 @@ def read_documents(path: Path) -> tuple[list[tuple[str, Any]], list[Problem]]:
         files = policy_files(path)
     except FileNotFoundError:
         if _is_link(path):
-            return [], [Problem(str(path), 0, "a link to nothing", link_to_nothing=True)]
-        return [], [Problem(str(path), 0, "no such file or folder")]
+            return [], [], [Problem(str(path), 0, "a link to nothing", link_to_nothing=True)]
+        return [], [], [Problem(str(path), 0, "no such file or folder")]
     except OSError as exc:  # PermissionError, a loop of links…: a policy error, never a traceback
-        return [], [Problem(str(path), 0, f"cannot read: {exc.strerror or exc}")]
+        return [], [], [Problem(str(path), 0, f"cannot read: {exc.strerror or exc}")]
     if not files:
-        return [], [Problem(str(path), 0, "folder holds no *.yaml policy files")]
+        return [], [], [Problem(str(path), 0, "folder holds no *.yaml policy files")]
     for file in files:
         name = str(file)
         try:
-            raw = file.read_bytes()
+            raw = read_policy_file(file)
         except OSError as exc:
             broken = isinstance(exc, FileNotFoundError) and _is_link(file)
             reason = "a link to nothing" if broken else exc.strerror or str(exc)
@@ -495,8 +522,9 @@ def read_documents(path: Path) -> tuple[list[tuple[str, Any]], list[Problem]]:
         problems.extend(found)
         if document is not None:
             documents.append((name, document))
+            texts.append(raw)
         elif not found:
             # An editor saving in place truncates the file first: a hot reload that took the
             # empty file for a policy with no budgets would stop enforcing everything.
             problems.append(Problem(name, 1, "the file holds no policy (empty, or only comments)"))
-    return documents, problems
+    return documents, texts, problems
