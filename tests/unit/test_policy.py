@@ -548,8 +548,7 @@ authority:
     for rule, expected in (
         (
             '      when: {json.name: {regex: "([a-z"}}\n',
-            f"{f}:7: condition on 'json.name': invalid regex '([a-z': "
-            "missing ]: [a-z",
+            f"{f}:7: condition on 'json.name': invalid regex '([a-z': missing ]: [a-z",
         ),
         ("      when: oops\n", f"{f}:7: when must be a mapping, not text 'oops'"),
         (
@@ -1526,7 +1525,7 @@ def load_in_a_thread(path: Path) -> BaseException | None:
         try:
             load_policy(path)
             outcome.append(None)
-        except BaseException as exc:  # noqa: BLE001 - handed to the test
+        except BaseException as exc:  # handed to the test, whatever it is
             outcome.append(exc)
 
     worker = threading.Thread(target=load, daemon=True)
@@ -1570,3 +1569,36 @@ def test_a_file_replaced_by_one_of_the_same_size_and_mtime_is_seen_to_change(
     assert policy.stat().st_mtime_ns == status.st_mtime_ns
     assert policy.stat().st_size == status.st_size
     assert after != before
+
+
+def test_a_host_no_request_can_have_is_refused(tmp_path: Path) -> None:
+    """`.openai.com` (NO_PROXY's spelling of a domain) matched nothing, so the calls it was
+    meant to govern fell to `unknown_hosts`; `check` said nothing."""
+    f = tmp_path / "policy.yaml"
+    for host, expected in (
+        (
+            ".openai.com",
+            "host pattern '.openai.com' has an empty label: no host does (for a domain and "
+            "every host under it, write both: [openai.com, '*.openai.com'])",
+        ),
+        ("api..openai.com", "host pattern 'api..openai.com' has an empty label: no host does"),
+        ("999.1.1.1", "host pattern '999.1.1.1' is no IPv4 address: a part is over 255"),
+    ):
+        text = f"actions:\n  - {{kind: llm, provider: openai, match: {{host: '{host}'}}}}\n"
+        assert problems(tmp_path, text) == [f"{f}:2: {expected}"], host
+    for host in ("api.openai.com.", "10.0.0.1", "1.2.3.*", "*.openai.com", "[::1]:8443"):
+        text = f"actions:\n  - {{kind: llm, provider: openai, match: {{host: '{host}'}}}}\n"
+        load_policy(write(tmp_path, text))
+
+
+def test_record_and_version_written_as_words_say_how_to_write_them(tmp_path: Path) -> None:
+    """`record: none` said "record must be a mapping, not text 'none'", and `version: "1"`
+    "unsupported policy version '1' (this drawdown reads version 1)"."""
+    f = tmp_path / "policy.yaml"
+    assert problems(tmp_path, 'version: "1"\nrecord: none\n') == [
+        f"{f}:1: version is a number: write `version: 1`, not the text '1'",
+        f"{f}:2: record is a mapping: write `record: {{bodies: none}}`",
+    ]
+    assert problems(tmp_path, "version: true\n") == [
+        f"{f}:1: unsupported policy version: true (this drawdown reads 1)"
+    ]

@@ -152,6 +152,18 @@ def compile_host(text: str) -> HostPattern:
             f"name does{hint}"
         )
     host = canonical_host(host)  # as requests are read: `api.openai.com.` is api.openai.com
+    if ":" not in host:  # a name or an IPv4 address (an IPv6 one holds no dots to check)
+        labels = host.split(".")
+        if "" in labels:  # `.openai.com`, NO_PROXY's spelling of a domain, or `api..openai.com`
+            hint = (
+                f" (for a domain and every host under it, write both: [{host[1:]}, '*{host}'])"
+                if host.startswith(".") and host[1:]
+                else ""
+            )
+            raise ValueError(f"host pattern '{text}' has an empty label: no host does{hint}")
+        dotted_quad = len(labels) == 4 and all(label.isdigit() for label in labels)
+        if dotted_quad and any(int(label) > 255 for label in labels):
+            raise ValueError(f"host pattern '{text}' is no IPv4 address: a part is over 255")
     try:
         return HostPattern(text, compile_glob(host), port, host)
     except ValueError as exc:  # `api.anthropic.com[`: an unclosed glob class

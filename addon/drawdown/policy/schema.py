@@ -365,11 +365,12 @@ def _check_document(check: _Checker, doc: Any, file: str) -> _Partial:
         return part
     check.keys(doc, TOP_LEVEL, "the policy")
     where = lambda key: f"{file}:{line_of(doc, key)}"  # noqa: E731
-    if "version" in doc and doc["version"] != 1:
+    version = doc.get("version", 1)
+    if isinstance(version, str) and version.strip() == "1":
+        check.error(doc, "version", "version is a number: write `version: 1`, not the text '1'")
+    elif version != 1 or isinstance(version, bool):
         check.error(
-            doc,
-            "version",
-            f"unsupported policy version {doc['version']!r} (this drawdown reads version 1)",
+            doc, "version", f"unsupported policy version: {_kind(version)} (this drawdown reads 1)"
         )
     if "mode" in doc and (mode := check.choice(doc, "mode", MODES, "mode")):
         part.scalars["mode"] = (mode, where("mode"))
@@ -417,7 +418,11 @@ def _check_document(check: _Checker, doc: Any, file: str) -> _Partial:
         part.meter = (_meter(check, meter), where("meter"))
     if "holds" in doc and (holds := check.mapping(doc, "holds", "holds")) is not None:
         part.holds = (_holds(check, holds), where("holds"))
-    if "record" in doc and (record := check.mapping(doc, "record", "record")) is not None:
+    if "record" in doc and doc["record"] in RECORD_BODIES:  # `record: none`, as said aloud
+        check.error(
+            doc, "record", f"record is a mapping: write `record: {{bodies: {doc['record']}}}`"
+        )
+    elif "record" in doc and (record := check.mapping(doc, "record", "record")) is not None:
         part.record = (_record(check, record), where("record"))
     if "limits" in doc and (limits := check.mapping(doc, "limits", "limits")) is not None:
         part.limits = (_limits(check, limits), where("limits"))
