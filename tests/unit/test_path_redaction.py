@@ -255,11 +255,13 @@ authority:
 
 def test_replay_treats_a_redacted_body_value_as_absent(seed: Seeder, tmp_path: Path) -> None:
     fields = {"json.api_key": REDACTED}
-    for _ in range(2):
+    for action, method, host, path in (
+        ("telegram.send", "POST", "api.telegram.org", "/bot1/sendMessage"),
+        ("vault.open", "GET", "vault.example.com", "/open/1"),
+    ):
         last = seed.call(
-            action="vault.open", provider=None, model=None, method="GET",
-            host="vault.example.com", path="/open/1", est_usd=0, actual_usd=0,
-            features={"port": 443, "body_fields": json.dumps(fields)},
+            action=action, provider=None, model=None, method=method, host=host, path=path,
+            est_usd=0, actual_usd=0, features={"port": 443, "body_fields": json.dumps(fields)},
         )  # fmt: skip
     p = policy(
         tmp_path,
@@ -267,7 +269,7 @@ def test_replay_treats_a_redacted_body_value_as_absent(seed: Seeder, tmp_path: P
         + """
 authority:
   rules:
-    - {scope: "*", action: vault.open, requires: [{action: vault.open, same: {json.api_key: json.api_key}}]}
+    - {scope: "*", action: vault.open, requires: [{action: telegram.send, same: {json.api_key: json.api_key}}]}
 """,
     )
     data = replay(p, str(seed.path))

@@ -1417,11 +1417,11 @@ authority:
         pytest.param(
             {
                 "p.yaml": REQUIRES_ON_LATER_LINES.replace("path.id", "json.customer")
-                .replace("  - {kind: refund, match: {host: pay.example}}\n", "")
-                .replace("action: refund", "action: crm.read")
+                .replace("{host: pay.example}", "{host: crm.example, method: POST, path: /c}")
+                .replace("refund", "crm.list")
             },
             [
-                "p.yaml:10: warning: 'json.customer' is read from the request's body, but every "
+                "p.yaml:11: warning: 'json.customer' is read from the request's body, but every "
                 "action this applies to matches GET or HEAD only (crm.read: GET), which carry no "
                 "body as a rule: unless this API reads one on them, this requirement is never "
                 "met, and every call it covers is refused"
@@ -1602,3 +1602,60 @@ def test_record_and_version_written_as_words_say_how_to_write_them(tmp_path: Pat
     assert problems(tmp_path, "version: true\n") == [
         f"{f}:1: unsupported policy version: true (this drawdown reads 1)"
     ]
+
+
+def test_a_space_yaml_does_not_read_as_one_is_named_where_it_hides(tmp_path: Path) -> None:
+    """A byte order mark opening the file was named as the cause of a tab two lines down (the
+    tab's own hint lost), and a no-break space in a flow mapping went unnamed."""
+    f = tmp_path / "policy.yaml"
+    f.write_bytes("\ufeffversion: 1\n\tmode: enforce\n".encode())
+    with pytest.raises(PolicyInvalid) as caught:
+        load_policy(f)
+    assert str(caught.value) == (
+        f"{f}:2: YAML syntax error: found character '\\t' that cannot start any token "
+        "(indent with spaces, not tabs)"
+    )
+    nbsp = "the character NO-BREAK SPACE, U+00A0, where YAML needs a plain space"
+    assert problems(tmp_path, "actions:\n  - {kind: a, match: {host:\u00a0x.com}}\n") == [
+        f"{f}:2: unknown key 'host:\\xa0x.com' in match (it holds {nbsp})"
+    ]
+    assert problems(tmp_path, 'actions:\n  - {kind: a, match: "host:\u00a0x.com"}\n') == [
+        f"{f}:2: match must be a mapping, not text 'host:\\xa0x.com' (it holds {nbsp})"
+    ]
+
+
+def test_requirements_in_a_circle_are_refused_as_never_met(tmp_path: Path) -> None:
+    """`action: a, requires: [a]` and `b` requiring `c` requiring `b` loaded without a word,
+    and every such call was refused: no run can make the first."""
+    f = tmp_path / "policy.yaml"
+    text = """actions:
+  - {kind: a, match: {host: a.example.com}}
+  - {kind: b, match: {host: b.example.com}}
+  - {kind: c, match: {host: c.example.com}}
+  - {kind: d, match: {host: d.example.com}}
+authority:
+  rules:
+    - {scope: "*", action: a, requires: [a]}
+    - {scope: "agent:x", action: b, requires: [c]}
+    - {scope: "agent:x", action: c, requires: [b]}
+    - {scope: "agent:y", action: d, requires: [c]}
+"""
+    circle = "which can never come first either (the requirements go round in a circle)"
+    assert problems(tmp_path, text) == [
+        f"{f}:8: 'a' can never be allowed: it requires an earlier successful a in the same "
+        "run, so no run can make the first",
+        f"{f}:9: 'b' can never be allowed for agent:x: it requires an earlier successful c in "
+        f"the same run, {circle}",
+        f"{f}:10: 'c' can never be allowed for agent:x: it requires an earlier successful b "
+        f"in the same run, {circle}",
+    ]
+    # A way in breaks the circle: for agent:x, b needs c or d, and d needs nothing there
+    # (its requirement is agent:y's, where b needs nothing); a needs b.
+    load_policy(
+        write(
+            tmp_path,
+            text.replace("requires: [a]}", "requires: [b]}")
+            .replace("requires: [c]}", "requires: [{action: [c, d]}]}", 1)
+            .replace("action: d, requires: [c]", "action: d, requires: [a]"),
+        )
+    )

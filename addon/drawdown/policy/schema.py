@@ -51,7 +51,7 @@ from .model import (
     Source,
     hostless_action,
 )
-from .source import UNREADABLE, LList, LMap, PolicyInvalid, Problem, line_of
+from .source import UNREADABLE, LList, LMap, PolicyInvalid, Problem, line_of, lookalike_space
 from .source import clip as _clip
 
 DEFAULT_IDENTITY: dict[str, tuple[Source, ...]] = {
@@ -126,7 +126,14 @@ class _Checker:
     def mapping(self, parent: Any, key: str | int, what: str) -> LMap | None:
         value = parent[key]
         if not isinstance(value, LMap):
-            self.error(parent, key, f"{what} must be a mapping, not {_kind(value)}")
+            # `host:\u00a0x.com` reads as one text, not `host: x.com`: name the character.
+            odd = lookalike_space(value) if isinstance(value, str) else ""
+            self.error(
+                parent,
+                key,
+                f"{what} must be a mapping, not {_kind(value)}"
+                + (f" (it holds {odd})" if odd else ""),
+            )
             return None
         return value
 
@@ -147,6 +154,8 @@ class _Checker:
                 if _THOUSANDS_KEY.match(key):
                     # `{usd: 1,000}`: in a flow mapping the ',' ends the value, `000` is a key.
                     why = " (a number is written without thousands separators: 1000, not 1,000)"
+                elif odd := lookalike_space(key):  # `{host:\u00a0x.com}` is one key
+                    why = f" (it holds {odd})"
                 elif what == "the policy" and key in _BELONGS_UNDER:
                     why = f" ('{key}' belongs under '{_BELONGS_UNDER[key]}:')"
                 elif hint:
@@ -1321,6 +1330,7 @@ def compile_policy(
             )
         seen[budget.key] = budget
     _check_kind_refs(check)
+    _check_requirement_circles(check, rules)
     _check_unreachable(check, actions)
     reach_warnings = _check_field_reach(check, actions, rules)
     named: dict[str, Rule] = {}
@@ -1518,6 +1528,67 @@ def _check_kind_refs(check: _Checker) -> None:
         hint = _closest(text, kinds)
         message += f" (did you mean '{hint}'?)" if hint else f" (its kinds: {', '.join(kinds)})"
         check.problems.append(Problem(file, line, message))
+
+
+def _check_requirement_circles(check: _Checker, rules: list[Rule]) -> None:
+    """`crm.write` requiring `crm.write`, or `a` requiring `b` requiring `a`: no run can make
+    the first of them, so every such call is refused, as surely as by a deny the author did not
+    write. Judged per rule scope, with the rules of scope `*` that apply to it too, and only
+    where certain: unconditional requirements, on the policy's own kinds (an MCP tool's kind,
+    `K.<tool>`, is not known before the call)."""
+    kinds = check.kinds
+    unconditional = [rule for rule in rules if rule.requires and not rule.when]
+    prefixes = tuple(check.tool_prefixes)
+
+    def kinds_of(texts: tuple[str, ...]) -> set[str] | None:
+        """The policy's kinds these name, or None when they may name one it cannot list."""
+        found: set[str] = set()
+        for text in texts:
+            if text.startswith(prefixes) or (is_glob(text) and prefixes):
+                return None
+            pattern = compile_glob(text)
+            found.update(kind for kind in kinds if pattern.match(kind))
+        return found
+
+    said: set[tuple[int, str]] = set()  # a rule of scope `*` is judged with every scope's
+    for scope in sorted({rule.scope.text for rule in unconditional}):  # `*` (and "") first
+        needs: dict[str, list[tuple[Requirement, Rule, set[str] | None]]] = {}
+        for rule in unconditional:
+            if rule.scope.text not in (scope, "*", ""):
+                continue
+            for kind in kinds_of(rule.action_texts) or ():
+                for requirement in rule.requires:
+                    earlier = kinds_of(requirement.actions)
+                    needs.setdefault(kind, []).append((requirement, rule, earlier))
+        # Legal at some point of a run: needing nothing, or something that is legal itself.
+        legal = kinds - set(needs)
+        grown = True
+        while grown:
+            grown = False
+            for kind, required in needs.items():
+                if kind not in legal and all(e is None or e & legal for _, _, e in required):
+                    legal.add(kind)
+                    grown = True
+        for kind in sorted(set(needs) - legal):
+            requirement, rule, earlier = next(n for n in needs[kind] if not (n[2] or set()) & legal)
+            what = " or ".join(requirement.actions)
+            why = (
+                "so no run can make the first"
+                if earlier == {kind}
+                else "which can never come first either (the requirements go round in a circle)"
+            )
+            where = "" if scope in ("*", "") else f" for {scope}"
+            if (id(requirement), kind) in said:
+                continue
+            said.add((id(requirement), kind))
+            check.problems.append(
+                Problem(
+                    rule.file,
+                    requirement.line or rule.line,
+                    f"'{kind}' can never be allowed{where}: it requires an earlier successful "
+                    f"{what} in the same run, {why}",
+                )
+            )
 
 
 def _check_field_reach(check: _Checker, actions: list[Action], rules: list[Rule]) -> list[Problem]:

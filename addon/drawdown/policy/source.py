@@ -368,15 +368,22 @@ def _lookalike_space(mark: Any, first: int, last: int) -> str:
     if not buffer:
         return ""
     lines = buffer.split("\n")
+    if lines[0].startswith("\ufeff"):  # a byte order mark opening the file is no mistake
+        lines[0] = lines[0][1:]
     for number in range(max(first, 1), min(last, len(lines)) + 1):
-        if found := _LOOKALIKE_SPACES.search(lines[number - 1]):
-            char = found.group()
-            name = unicodedata.name(char, "a space character")
-            return (
-                f" (line {number} holds the character {name}, U+{ord(char):04X}, where YAML "
-                "needs a plain space)"
-            )
+        if found := lookalike_space(lines[number - 1]):
+            return f" (line {number} holds {found})"
     return ""
+
+
+def lookalike_space(text: str) -> str:
+    """'the character NO-BREAK SPACE, U+00A0, where YAML needs a plain space' for the first
+    such space in `text`, else ''."""
+    if not (found := _LOOKALIKE_SPACES.search(text)):
+        return ""
+    char = found.group()
+    name = unicodedata.name(char, "a space character")
+    return f"the character {name}, U+{ord(char):04X}, where YAML needs a plain space"
 
 
 def _opener(mark: Any) -> str:
