@@ -23,6 +23,8 @@ from .escape import printable
 from .eventloop import EventLoop
 
 if TYPE_CHECKING:
+    from mitmproxy import options
+
     from .policy.model import Policy
 
 DEFAULT_LISTEN = "127.0.0.1:8080"
@@ -131,8 +133,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     if os.environ.get(REUSE_PORT_ENV):  # a worker shares its supervisor's port and CA
         return _serve(args, host, port, sets, cpus)
-    if port:
-        _refuse_a_port_in_use(host, port)
+    _refuse_an_address_it_cannot_listen_on(host, port)
     passphrase = _set_value(sets, "cert_passphrase")
     with _ready_ca(Path(args.confdir).expanduser().absolute(), passphrase) as confdir:
         args.confdir = str(confdir)  # mitmproxy's, and the workers': maybe a private copy
@@ -220,17 +221,22 @@ def _ready_ca(confdir: Path, passphrase: str | None = None) -> Iterator[Path]:
         yield loadable
 
 
-def _refuse_a_port_in_use(host: str, port: int) -> None:
-    """Say so in drawdown's terms before mitmproxy does in its own (its hint names an option
-    drawdown does not take). Binding as the proxy will, then letting go: a port taken in the
-    instant between still fails, with mitmproxy's message."""
+def _refuse_an_address_it_cannot_listen_on(host: str, port: int) -> None:
+    """Say so in drawdown's terms before mitmproxy does in its own (`[Errno None] … could not
+    bind on any address`; its hint for a port in use names an option drawdown does not take).
+    Binding as the proxy will, then letting go: a port taken in the instant between still
+    fails, with mitmproxy's message."""
     import errno
     import socket
 
+    where = f"{url_host(host)}:{port}"
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except OSError:
-        return  # mitmproxy reports a name it cannot resolve
+        raise UsageError(
+            f"cannot listen on {where}: {host} cannot be resolved to an address; "
+            "check the host in --listen HOST:PORT"
+        ) from None
     family, kind, proto, _, address = infos[0]
     with socket.socket(family, kind, proto) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as asyncio binds
@@ -239,9 +245,37 @@ def _refuse_a_port_in_use(host: str, port: int) -> None:
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
                 raise UsageError(
-                    f"{host}:{port} is already in use (another drawdown run?); "
+                    f"{where} is already in use (another drawdown run?); "
                     "choose another with --listen HOST:PORT, or :0 for a free port"
                 ) from None
+            if exc.errno == errno.EADDRNOTAVAIL:
+                raise UsageError(
+                    f"cannot listen on {where}: {host} is not an address of this machine; "
+                    "choose one of its own with --listen HOST:PORT (0.0.0.0 for all of them)"
+                ) from None
+
+
+def _checked_choices(opts: options.Options, sets: list[str]) -> list[str]:
+    """`sets` with each value of an option that lists its values (`termlog_verbosity`,
+    `tls_version_*`) spelled as listed, in any case (`termlog_verbosity=WARN` worked before this
+    check). mitmproxy lists them but takes any: `termlog_verbosity=bogus` reached the logging
+    module, a traceback at startup."""
+    from mitmproxy import exceptions
+
+    known = dict(opts.items())
+    checked = []
+    for entry in sets:
+        name, sep, value = entry.partition("=")  # as mitmproxy splits it
+        choices = known[name].choices if sep and name in known else None
+        if choices:  # else mitmproxy's own message, or no list to check against
+            listed = {choice.lower(): choice for choice in choices}
+            if value.lower() not in listed:
+                raise exceptions.OptionsError(
+                    f"{name} must be one of {', '.join(choices)}, not {value!r}"
+                )
+            entry = f"{name}={listed[value.lower()]}"
+        checked.append(entry)
+    return checked
 
 
 def _cpus_for_workers(args: argparse.Namespace) -> list[int] | None:
@@ -311,7 +345,7 @@ async def _run_proxy(args: argparse.Namespace, host: str, port: int, sets: list[
     try:
         opts.update(drawdown_policy=args.policy, drawdown_db=args.db, drawdown_mode=args.mode or "")
         if sets:
-            opts.set(*sets)
+            opts.set(*_checked_choices(opts, sets))
     except exceptions.OptionsError as exc:
         print(f"drawdown: {refusals[0] if refusals else exc}", file=sys.stderr)
         return 1
@@ -388,6 +422,10 @@ def cmd_env(args: argparse.Namespace) -> int:
             f"--listen {args.listen}: port 0 means a free port, chosen when `drawdown run` "
             "starts; give `env` the port `run` printed (drawdown listening on http://HOST:PORT)"
         )
+    for flag, article in (("agent", "an"), ("run", "a")):
+        value = getattr(args, flag)
+        if value is not None and not value.strip():  # `--agent ""`: not "no agent in the URL"
+            raise UsageError(f"--{flag} wants {article} {flag} id; got an empty one")
     if args.run and not args.agent:
         # The run travels as the proxy password, which needs a user name beside it.
         raise UsageError("--run needs --agent: the run id is sent as the proxy password")
@@ -737,6 +775,8 @@ def cmd_report(args: argparse.Namespace) -> int:
         value = getattr(args, flag)
         if value is not None and not value.strip():  # `--tenant ""`: not "every tenant"
             raise UsageError(f"--{flag} wants a {flag} id; got an empty one")
+    if args.html == "":  # `--html ""`: not "no page", the text report
+        raise UsageError("--html wants a file to write; got an empty name")
     policy = _load_policy_or_none(args.policy)
     if policy is False:
         return 1
@@ -945,7 +985,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from .report import iso_time, parse_duration
 
     try:
-        age = parse_duration(args.older_than, "--older-than")
+        age = parse_duration(args.older_than, "--older-than", like="1d, 30d or 90d")
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     if age < PRUNE_FLOOR_SECONDS:
@@ -978,8 +1018,14 @@ def cmd_prune(args: argparse.Namespace) -> int:
             f"  their charges stay spent on their budgets (${format_usd(done.carried['usd'])}, "
             f"{done.carried['tokens']} tokens, {done.carried['requests']} requests carried)"
         )
-    if done.kept_runs:
-        print(f"  kept {done.kept_runs} quiet run(s) with a batch job still held")
+    if done.kept_runs > done.kept_newest:
+        batches = done.kept_runs - done.kept_newest
+        print(f"  kept {batches} quiet run(s) with a batch job still held")
+    if done.kept_newest:  # README's rule: on SQLite, the run of the newest hold stays
+        print(
+            f"  kept {done.kept_newest} quiet run(s) holding the ledger's newest hold "
+            "(SQLite numbers a new hold after it)"
+        )
     return 0
 
 

@@ -607,6 +607,76 @@ def test_report_json_contract(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert run["anomalies"] == [] and report["anomalies"] == []
 
 
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["report"],
+        ["budgets"],
+        ["verify"],
+        ["prune", "--older-than", "90d"],
+        ["replay", "--policy", str(ROOT / "policies" / "default.yaml")],
+    ],
+)
+def test_a_missing_ledger_is_told_to_pass_db_only_when_none_was(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    command: list[str],
+) -> None:
+    """`--db missing.db` was advised "or pass --db"; without --db (./drawdown.db, not here) the
+    user may well have meant another ledger."""
+    from drawdown import cli
+    from drawdown.ledger import reader
+
+    assert reader.DEFAULT_DB == cli.DEFAULT_DB
+    missing = tmp_path / "missing.db"
+    assert main([*command, "--db", str(missing)]) == 1
+    assert capsys.readouterr().err == (
+        f"drawdown: no ledger at {missing} (start `drawdown run --db {missing}` first)\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    assert main(command) == 1
+    assert capsys.readouterr().err == (
+        "drawdown: no ledger at ./drawdown.db (start `drawdown run --db ./drawdown.db` first, "
+        "or pass --db)\n"
+    )
+
+
+def test_a_ledger_this_user_may_not_read_is_named_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """It said "cannot read ledger …: unable to open database file", SQLite's words for any
+    failure to open. Mode 000 stops no root: for root, the refusal the kernel would give, from
+    both the access check and SQLite's open."""
+    from drawdown.ledger import reader
+
+    db = tmp_path / "ledger.db"
+    _traffic(db)
+    capsys.readouterr()
+    db.chmod(0)
+    if os.geteuid() == 0:
+        real_access, real_connect = os.access, reader._connect
+
+        def access(path: Any, mode: int, *args: Any, **kwargs: Any) -> bool:
+            return Path(path) != db and real_access(path, mode, *args, **kwargs)
+
+        def connect(uri: str) -> sqlite3.Connection:
+            if uri.startswith(f"file:{db}"):
+                raise sqlite3.OperationalError("unable to open database file")
+            return real_connect(uri)
+
+        monkeypatch.setattr(reader.os, "access", access)
+        monkeypatch.setattr(reader, "_connect", connect)
+    try:
+        for command in (["report"], ["verify"], ["budgets"]):
+            assert main([*command, "--db", str(db)]) == 1
+            assert capsys.readouterr().err == (
+                f"drawdown: cannot read ledger {db}: permission denied\n"
+            )
+    finally:
+        db.chmod(0o644)
+
+
 def test_report_text_and_missing_ledger(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     db = tmp_path / "ledger.db"
     _traffic(db)
@@ -688,6 +758,30 @@ def test_a_mistyped_run_fails_in_jsonl_as_in_the_other_formats(
         assert "no run 'nosuch'" in capsys.readouterr().err
     assert main(["report", "--db", str(db), "--run", "7f3a", "--jsonl"]) == 0
     assert len(capsys.readouterr().out.splitlines()) == 4
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["report", "--html", ""], "--html wants a file to write; got an empty name"),
+        (["env", "--agent", ""], "--agent wants an agent id; got an empty one"),
+        (["env", "--agent", "a", "--run", ""], "--run wants a run id; got an empty one"),
+    ],
+)
+def test_an_empty_html_agent_or_run_is_a_usage_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], message: str
+) -> None:
+    """`report --html ''` (an unset shell variable) printed the text report, and `env --agent
+    ''` a proxy URL naming no agent, as if neither had been asked for (`--tenant ''` is
+    refused)."""
+    db = tmp_path / "ledger.db"
+    _traffic(db)
+    ensure_ca(tmp_path / "conf")
+    capsys.readouterr()
+    where = ["--db", str(db)] if args[0] == "report" else ["--confdir", str(tmp_path / "conf")]
+    assert main([*args, *where]) == 2
+    captured = capsys.readouterr()
+    assert (captured.out, captured.err) == ("", f"drawdown: {message}\n")
 
 
 def test_report_html_to_a_path_it_cannot_write_is_a_clear_error(
@@ -828,6 +922,29 @@ def test_run_on_a_port_in_use_says_so_in_drawdowns_terms(
     assert not (tmp_path / "l.db").exists()  # refused before anything started
 
 
+@pytest.mark.parametrize(
+    ("listen", "reason"),
+    [
+        ("192.0.2.1:8080", "192.0.2.1 is not an address of this machine"),  # TEST-NET-1
+        ("nosuchhost.invalid:8080", "nosuchhost.invalid cannot be resolved to an address"),
+    ],
+)
+def test_run_on_an_address_it_cannot_listen_on_says_so_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], listen: str, reason: str
+) -> None:
+    """mitmproxy's `[Errno None] HTTP(S) proxy failed to listen on … could not bind on any
+    address` and `[Errno -2] … Name or service not known`, after starting everything else."""
+    code = main(
+        ["run", "--policy", str(ROOT / "policies" / "default.yaml"), "--db", str(tmp_path / "l.db"),
+         "--listen", listen, "--set", "proxyauth=u:p", "--confdir", str(tmp_path / "conf")]
+    )  # fmt: skip
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"drawdown: cannot listen on {listen}: {reason}; ")
+    assert err.count("\n") == 1 and "Errno" not in err
+    assert not (tmp_path / "l.db").exists()  # refused before anything started
+
+
 def _run_subprocess(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
     """`drawdown run` on the default policy, as a subprocess: a proxy that wrongly starts fails
     the test by its timeout."""
@@ -836,6 +953,42 @@ def _run_subprocess(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[s
          "--listen", "127.0.0.1:0", "--confdir", str(tmp_path / "conf"), *args],
         capture_output=True, text=True, timeout=30,
     )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("option", "choices"),
+    [
+        ("termlog_verbosity", "error, warn, info, alert, debug"),
+        ("tls_version_client_min", "UNBOUNDED, SSL3, TLS1, TLS1_1, TLS1_2, TLS1_3"),
+        ("connection_strategy", "eager, lazy"),
+    ],
+)
+def test_run_refuses_a_value_an_option_does_not_list_in_one_line(
+    tmp_path: Path, option: str, choices: str
+) -> None:
+    """mitmproxy lists an option's values but takes any: `termlog_verbosity=bogus` printed a
+    15-line traceback (`ValueError: Unknown level: 'BOGUS'`), `connection_strategy=x` started
+    a proxy. Refused as drawdown's own options are (`drawdown_drain=abc`), with their status."""
+    result = _run_subprocess(tmp_path, "--db", str(tmp_path / "l.db"), "--set", f"{option}=bogus")
+    assert result.returncode == 1
+    assert result.stderr == f"drawdown: {option} must be one of {choices}, not 'bogus'\n"
+    drain = _run_subprocess(tmp_path, "--db", str(tmp_path / "l.db"), "--set", "drawdown_drain=x")
+    assert drain.returncode == result.returncode and drain.stderr.count("\n") == 1
+
+
+def test_an_option_value_is_taken_in_any_case_and_passed_on_as_listed() -> None:
+    """`termlog_verbosity=WARN` worked (mitmproxy's log reads it upper-cased) before values
+    were checked against the option's list, which is lower-case."""
+    from drawdown.cli import _checked_choices
+    from mitmproxy import exceptions, optmanager
+
+    opts = optmanager.OptManager()
+    opts.add_option("termlog_verbosity", str, "info", "", choices=["error", "warn", "info"])
+    opts.add_option("listen_port", int, 0, "")
+    sets = ["termlog_verbosity=WARN", "listen_port=1", "switch"]
+    assert _checked_choices(opts, sets) == ["termlog_verbosity=warn", "listen_port=1", "switch"]
+    with pytest.raises(exceptions.OptionsError, match="not 'loud'"):
+        _checked_choices(opts, ["termlog_verbosity=loud"])
 
 
 def test_run_reports_the_real_reason_it_cannot_start_not_the_undo_s(tmp_path: Path) -> None:

@@ -4,6 +4,8 @@ budgets keep what they spent, and `drawdown verify` still adds up."""
 from __future__ import annotations
 
 import contextlib
+import json
+import re
 import threading
 import uuid
 from collections.abc import Iterator
@@ -14,6 +16,7 @@ from urllib.parse import urlsplit, urlunsplit
 import psycopg
 import pytest
 from drawdown.budgets import window
+from drawdown.cli import main
 from drawdown.ledger import retention
 from drawdown.ledger.api import (
     Amount,
@@ -29,6 +32,7 @@ from drawdown.ledger.integrity import verify
 from drawdown.ledger.postgres import PostgresLedger
 from drawdown.ledger.reader import Reader
 from drawdown.ledger.retention import prune
+from drawdown.ledger.sqlite import SQLiteLedger
 
 from tests.support_pg import LedgerBackend
 
@@ -270,6 +274,43 @@ def test_an_agent_back_within_its_idle_split_is_still_in_its_spent_run(
     back = OLD + 2 * DAY
     prune(backend.url, back - DAY, now=back)
     assert ledger.idle_run("agent:a", week, "run-2", back) == "run-1"
+
+
+def test_prune_says_why_it_kept_a_quiet_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A run kept for holding SQLite's newest hold was said kept "with a batch job still
+    held", in a ledger with no batch job at all."""
+    db = tmp_path / "ledger.db"
+    ledger = SQLiteLedger(db)
+    call(ledger, "old-1", OLD, [run_budget("old-1")], 100)
+    call(ledger, "old-2", OLD + 100, [run_budget("old-2")], 100)  # the newest hold
+    ledger.close()
+    assert main(["prune", "--db", str(db), "--older-than", "1d"]) == 0
+    out = capsys.readouterr().out
+    assert "pruned 1 run(s)" in out and "batch job" not in out
+    assert out.endswith(
+        "  kept 1 quiet run(s) holding the ledger's newest hold "
+        "(SQLite numbers a new hold after it)\n"
+    )
+    assert main(["prune", "--db", str(db), "--older-than", "1d", "--json"]) == 0
+    done = json.loads(capsys.readouterr().out)
+    assert (done["runs"], done["kept_runs"], done["kept_newest"]) == (0, 1, 1)
+
+
+def test_prune_gives_examples_of_durations_it_takes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--older-than abc` was told "a duration like 30m, 24h or 7d", and 30m is refused."""
+    db = tmp_path / "ledger.db"
+    SQLiteLedger(db).close()
+    assert main(["prune", "--db", str(db), "--older-than", "abc"]) == 2
+    err = capsys.readouterr().err
+    found = re.fullmatch(r"drawdown: --older-than wants a duration like (.+); got 'abc'\n", err)
+    assert found, err
+    for example in re.split(r", | or ", found.group(1)):
+        assert main(["prune", "--db", str(db), "--older-than", example, "--dry-run"]) == 0, example
+    capsys.readouterr()
 
 
 def test_a_run_that_speaks_again_while_it_is_pruned_is_kept_whole(

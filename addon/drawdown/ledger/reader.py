@@ -17,6 +17,9 @@ from .api import LedgerError, schema_version
 from .dsn import redact_dsn, sqlite_path
 
 _NAMED = re.compile(r":([A-Za-z_][A-Za-z0-9_]*)")
+# The ledger a command reads without --db (cli.DEFAULT_DB): missing, the user may have meant
+# another, and is told of --db; given, they meant this one.
+DEFAULT_DB = "./drawdown.db"
 
 
 class Reader:
@@ -47,14 +50,19 @@ class Reader:
         else:
             path = sqlite_path(url)
             if not Path(path).exists():
+                other = ", or pass --db" if url == DEFAULT_DB else ""
                 raise LedgerError(
-                    f"no ledger at {path} (start `drawdown run --db {path}` first, or pass --db)"
+                    f"no ledger at {path} (start `drawdown run --db {path}` first{other})"
                 )
             if Path(path).is_dir():
                 raise LedgerError(f"{path} is a folder, not a ledger: pass --db the ledger's file")
             try:
                 self._sqlite = _open_read_only(Path(path).resolve())
             except sqlite3.Error as exc:
+                denied = _denied(Path(path))
+                if denied is not None:  # SQLite says only "unable to open database file"
+                    on = "" if denied == Path(path) else f" on {denied}"
+                    raise LedgerError(f"cannot read ledger {path}: permission denied{on}") from exc
                 raise _unreadable(path, exc) from exc
             self._pg = None
 
@@ -136,6 +144,14 @@ def _unreadable(url: str, exc: Exception, scrub: Callable[[str], str] = str) -> 
             "`drawdown run` writes"
         )
     return LedgerError(f"cannot read ledger {url}: {text}")
+
+
+def _denied(path: Path) -> Path | None:
+    """The file of a SQLite ledger (it, or its `-wal`) this user may not read, if any."""
+    for each in (path, path.with_name(path.name + "-wal")):
+        if each.exists() and not os.access(each, os.R_OK):
+            return each
+    return None
 
 
 def _open_read_only(path: Path) -> sqlite3.Connection:

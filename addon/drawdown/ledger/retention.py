@@ -53,7 +53,8 @@ class Pruned:
     events: int = 0
     windows: int = 0  # budget instances of windows that ended before the cutoff
     processes: int = 0
-    kept_runs: int = 0  # quiet runs kept for an active hold (a batch job still running)
+    kept_runs: int = 0  # quiet runs kept: for an active hold (a batch job still running) or
+    kept_newest: int = 0  # of them, those for SQLite's newest hold alone (numbered after it)
     carried: dict[str, int] = field(default_factory=lambda: dict.fromkeys(UNITS, 0))
 
 
@@ -193,8 +194,8 @@ def prune(
         backend = _Backend(url, busy_timeout)
     try:
         reuses_ids = not backend.postgres
-        quiet, kept = backend.read(lambda tx: _quiet_runs(tx, before, reuses_ids))
-        result.runs, result.kept_runs = len(quiet), len(kept)
+        quiet, kept, newest = backend.read(lambda tx: _quiet_runs(tx, before, reuses_ids))
+        result.runs, result.kept_runs, result.kept_newest = len(quiet), len(kept), len(newest)
         if dry_run:
             backend.read(lambda tx: _count(tx, quiet, before, result))
             return result
@@ -217,10 +218,11 @@ def prune(
 
 def _quiet_runs(
     tx: _Tx, before: float, reuses_ids: bool
-) -> tuple[list[str | None], list[str | None]]:
-    """The scopes (runs) whose last decision is older than `before`, and those of them kept
-    for an active hold. A decision without a scope (refused before its caller was known)
-    counts as a run of its own: the NULL scope, pruned by age."""
+) -> tuple[list[str | None], list[str | None], list[str | None]]:
+    """The scopes (runs) whose last decision is older than `before`, those of them kept for
+    an active hold, and those of the kept that hold no active one, only the newest. A decision
+    without a scope (refused before its caller was known) counts as a run of its own: the
+    NULL scope, pruned by age."""
     quiet = [
         scope
         for (scope,) in tx.rows(
@@ -235,20 +237,24 @@ def _quiet_runs(
             "WHERE h.state = 'active' AND d.scope IS NOT NULL"
         )
     }
+    newest: set[str | None] = set()
     if reuses_ids:
         # SQLite numbers a new hold MAX(id) + 1: were the newest hold pruned, the next would
         # take its id, which a kept reference may still name (a batch's key: a download of
         # its old results then settled that new call's hold). The run holding it stays.
-        newest = tx.rows(
-            "SELECT d.scope FROM holds h JOIN decisions d ON d.request_id = h.request_id "
-            "WHERE h.id = (SELECT MAX(id) FROM holds)"
-        )
-        held.update(scope for (scope,) in newest)
-    kept = [scope for scope in quiet if scope in held]
-    pruned: list[str | None] = [scope for scope in quiet if scope not in held]
+        newest = {
+            scope
+            for (scope,) in tx.rows(
+                "SELECT d.scope FROM holds h JOIN decisions d ON d.request_id = h.request_id "
+                "WHERE h.id = (SELECT MAX(id) FROM holds)"
+            )
+        }
+    keep = held | newest
+    kept = [scope for scope in quiet if scope in keep]
+    pruned: list[str | None] = [scope for scope in quiet if scope not in keep]
     if tx.rows("SELECT 1 FROM decisions WHERE scope IS NULL AND ts < ? LIMIT 1", (before,)):
         pruned.append(None)
-    return pruned, kept  # type: ignore[return-value]
+    return pruned, kept, [scope for scope in kept if scope not in held]  # type: ignore[return-value]
 
 
 def _scope_filter(scopes: Sequence[str | None]) -> tuple[str, list[Any]]:
