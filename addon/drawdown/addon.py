@@ -1284,10 +1284,13 @@ class Drawdown:
             # Any other request to the proxy itself (`curl http://127.0.0.1:8080/`) is no call
             # of an agent's: it was decided and recorded as one (a run of its own, a failed
             # attempt), then answered 502 by mitmproxy, which will not connect to itself.
+            answering = (  # with drawdown_metrics=false, /metrics is no path of the proxy's
+                b"/healthz, /readyz and /metrics" if self._metrics else b"/healthz and /readyz"
+            )
             flow.response = http.Response.make(
                 404,
                 b'{"error": "drawdown: this is a forward proxy: send requests through it '
-                b'(HTTPS_PROXY), not to it; GET /healthz, /readyz and /metrics answer here"}\n',
+                b"(HTTPS_PROXY), not to it; GET " + answering + b' answer here"}\n',
                 {"content-type": "application/json", "cache-control": "no-store"},
             )
             return True

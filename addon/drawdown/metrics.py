@@ -81,8 +81,10 @@ LEDGER_ERRORS = Counter(
     ["operation"],
     registry=REGISTRY,
 )
-# At 0 from the start: an alert on increase() sees the first error, not a series appearing.
-for _operation in ("reserve", "record", "commit", "release"):
+# The operations the help (and README) names, at 0 from the start: an alert on increase()
+# sees the first error, not a series appearing.
+LEDGER_OPERATIONS = ("reserve", "record", "commit", "release", "heartbeat", "sweep", "extend")
+for _operation in LEDGER_OPERATIONS:
     LEDGER_ERRORS.labels(_operation)
 LEDGER_SECONDS = Histogram(
     "drawdown_ledger_transaction_seconds",

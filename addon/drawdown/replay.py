@@ -1037,8 +1037,11 @@ def _summary(
         "usd_replayed": usd_float(sum(r.usd_replayed for r in results)),
         "usd_recorded_nanos": sum(r.usd_recorded for r in results),  # exact, as runs[] carry
         "usd_replayed_nanos": sum(r.usd_replayed for r in results),
+        # Nothing replayed, nothing the policy read could have been missing from it.
         "warnings": _warnings(policy, rows, sim.redacted if sim else Counter())
-        + _metering_warnings(sim),
+        + _metering_warnings(sim)
+        if results
+        else [],
     }
 
 

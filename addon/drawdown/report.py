@@ -112,14 +112,15 @@ RUN_COLUMNS = f""",
     COALESCE(SUM(CASE WHEN ts >= :floor THEN actual_usd END), 0) AS window_usd"""
 
 
-def parse_duration(text: str, flag: str = "--since") -> float:
+def parse_duration(text: str, flag: str = "--since", like: str = "30m, 24h or 7d") -> float:
+    """`like`: examples of what the flag takes (prune's --older-than takes a day at least)."""
     if _NEGATIVE.match(text):  # `-5m`: the window counts back from now already
         raise ValueError(
-            f"{flag} counts back from now: give a positive duration like 30m, 24h or 7d; got {text!r}"
+            f"{flag} counts back from now: give a positive duration like {like}; got {text!r}"
         )
     found = _DURATION.match(text)
     if not found:
-        raise ValueError(f"{flag} wants a duration like 30m, 24h or 7d; got {text!r}")
+        raise ValueError(f"{flag} wants a duration like {like}; got {text!r}")
     if not float(found.group(1)):  # `0m` read as "no --since": the whole ledger
         raise ValueError(f"{flag} wants a duration above zero; got {text!r}")
     # A window reaching past 1970 holds the whole ledger; unbounded, it would reach past the
@@ -1192,7 +1193,7 @@ def render_text(data: dict[str, Any], *, every_instance: bool = False) -> str:
             rows.append(
                 [
                     b["budget"],  # two budgets may share an instance scope (say, one per action)
-                    b["scope"] + (" (shared)" if b.get("shared") else ""),
+                    b["scope"] + _marks(b),
                     (b["per"] or "lifetime")
                     + (f" from {b['window_start']}" if b["window_start"] else ""),
                     unit,
@@ -1225,6 +1226,13 @@ def render_text(data: dict[str, Any], *, every_instance: bool = False) -> str:
                 denied += f" [would deny {len(a['would_deny'])}]"
             out.append(printable(f"  {a['kind']:<14} {a['scope']}: {a['detail']}{denied}"))
     return "\n".join(out)
+
+
+def _marks(budget: dict[str, Any]) -> str:
+    """` (shared, exhausted)`: what the JSON says of an instance beside its numbers (an instance
+    refused a call for more than was left reads exhausted below its limit)."""
+    marks = [mark for mark in ("shared", "exhausted") if budget.get(mark)]
+    return f" ({', '.join(marks)})" if marks else ""
 
 
 def _judged_by(judged: dict[str, Any] | None) -> str:

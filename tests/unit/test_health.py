@@ -94,3 +94,47 @@ def test_a_probe_or_scrape_at_once_after_start_is_answered_not_decided(tmp_path:
 
     asyncio.run(start_and_probe())
     assert seen == {"/readyz": 200, "/metrics": True}
+
+
+def test_the_404_of_a_request_to_the_proxy_names_metrics_only_when_they_are_on(
+    tmp_path: Path,
+) -> None:
+    """With drawdown_metrics=false, /metrics is answered 404 like any other path of the proxy,
+    whose body said "GET /healthz, /readyz and /metrics answer here"."""
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(
+        "actions:\n  - {kind: llm, provider: openai, match: {host: api.openai.com}}\n"
+    )
+    said: dict[bool, dict[str, str]] = {}
+
+    async def ask(metrics_on: bool) -> None:
+        addon = Drawdown()
+        with taddons.context(addon) as tctx:
+            tctx.master.addons.add(ListeningServer())
+            tctx.configure(
+                addon,
+                drawdown_policy=str(policy),
+                drawdown_db=str(tmp_path / "l.db"),
+                drawdown_metrics=metrics_on,
+            )
+            addon.running()
+            said[metrics_on] = {}
+            for path in ("/", "/metrics"):
+                flow = tflow.tflow(
+                    req=tutils.treq(host="127.0.0.1", port=8080, path=path.encode(), method=b"GET")
+                )
+                flow.client_conn.tls = False
+                addon.requestheaders(flow)
+                if flow.response is not None:
+                    assert flow.response.status_code == 404
+                    said[metrics_on][path] = json.loads(flow.response.content)["error"]
+            for task in addon.tasks:
+                task.cancel()
+            addon.done()
+
+    for metrics_on in (True, False):
+        asyncio.run(ask(metrics_on))
+    assert said[True]["/"].endswith("; GET /healthz, /readyz and /metrics answer here")
+    assert "/metrics" not in said[True]  # scraped
+    for path in ("/", "/metrics"):
+        assert said[False][path].endswith("; GET /healthz and /readyz answer here"), path

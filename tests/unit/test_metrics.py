@@ -242,5 +242,6 @@ def test_ledger_error_series_exist_before_the_first_error() -> None:
     """An alert on increase() needs the series at 0 before the first error, not appearing
     with it."""
     samples = Counted().before
-    for operation in ("reserve", "record", "commit", "release"):
+    operations = ("reserve", "record", "commit", "release", "heartbeat", "sweep", "extend")
+    for operation in operations:  # README's: a call's, settlement's and maintenance's own
         assert ("drawdown_ledger_errors_total", (("operation", operation),)) in samples

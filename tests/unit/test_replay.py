@@ -415,6 +415,24 @@ authority:
     assert any("header.x-tier" in w and "never recorded" in w for w in warnings)
 
 
+def test_a_window_with_nothing_to_replay_warns_of_nothing(seed: Seeder, tmp_path: Path) -> None:
+    """`--since 1s` replayed 0 requests and still warned that the ledger recorded json.currency
+    "for no request"."""
+    tool(seed, "s", "POST", "api.stripe.com", "/v1/refunds", {"json.amount": 1})
+    p = policy(
+        tmp_path,
+        ACTIONS
+        + """
+authority:
+  rules:
+    - {scope: "*", action: refund.issue, when: {json: {currency: {eq: usd}}}}
+""",
+    )
+    assert replay.replay(p, str(seed.path))["warnings"]  # the whole ledger: warned
+    quiet = replay.replay(p, str(seed.path), since=1, now=seed.now + 3600)
+    assert quiet["requests"] == 0 and quiet["warnings"] == []
+
+
 def test_since_limits_the_replayed_traffic(seed: Seeder, tmp_path: Path) -> None:
     for i in range(4):
         llm(seed, "r", body=str(i), gap=3600)

@@ -592,6 +592,24 @@ def test_text_report_names_the_budget_of_each_instance(seed: Seeder) -> None:
     ]
 
 
+def test_text_report_marks_an_exhausted_instance_as_the_json_does(seed: Seeder) -> None:
+    """An instance at 12 spent against a limit of 8 (a call that cost more than it was
+    estimated) showed no sign of it in the text, while the JSON said `"exhausted": true`."""
+    over = claim("agent:worker/run:r1", usd=8_000_000)
+    room = claim("agent:worker/run:r2", usd=8_000_000)
+    seed.call(run="r1", claims=[over], est_usd=2_000_000, actual_usd=12_000_000)
+    seed.call(run="r2", claims=[room], est_usd=2_000_000, actual_usd=1_000_000)
+    data = report.build(str(seed.path), now=NOW)
+    assert {b["scope"]: b["exhausted"] for b in data["budgets"]} == {
+        "agent:worker/run:r1": True,
+        "agent:worker/run:r2": False,
+    }
+    table = report.render_text(data).split("BUDGETS\n", 1)[1].split("\n\n", 1)[0]
+    rows = [re.split(r"\s{2,}", line.strip()) for line in table.splitlines()[2:]]
+    assert [row[1] for row in rows] == ["agent:worker/run:r1 (exhausted)", "agent:worker/run:r2"]
+    assert rows[0][4:] == ["0.012", "0", "0.008"]
+
+
 @pytest.mark.parametrize(
     "code",
     ["shutting_down", "ledger_unavailable", "internal_error", "bad_request", "body_too_large"],
@@ -1056,8 +1074,8 @@ def test_text_budgets_summarise_a_per_run_budgets_many_instances(
     assert main(["report", "--db", str(seed.path), "--run", "stopped"]) == 0
     rows, notes = table(capsys.readouterr().out)
     assert [(r[1], r[3], r[4]) for r in rows] == [
-        ("agent:worker/run:stopped", "usd", "0.000000001"),
-        ("agent:worker/run:stopped", "requests", "1"),
+        ("agent:worker/run:stopped (exhausted)", "usd", "0.000000001"),
+        ("agent:worker/run:stopped (exhausted)", "requests", "1"),
     ]
     assert notes == []
 
