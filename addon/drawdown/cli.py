@@ -623,11 +623,15 @@ def cmd_explain(args: argparse.Namespace) -> int:
     except PolicyInvalid as exc:
         print(exc, file=sys.stderr)
         return 1
+    for warning in policy.warnings:  # as `check` prints them: the decision may be why
+        print(warning, file=sys.stderr)
     headers: list[tuple[str, str]] = []
     for item in args.header or []:
         name, sep, value = item.partition(":")
         if not sep or not name.strip():
             raise UsageError(f"--header wants NAME:VALUE, got {item!r}")
+        if any(c in item for c in "\r\n\0"):  # a request could not carry it: two headers, or none
+            raise UsageError(f"--header holds a line break or NUL, which no header can: {item!r}")
         headers.append((name.strip(), value.strip()))
     if args.method is not None and not _is_token(args.method):
         raise UsageError(
@@ -729,6 +733,8 @@ def _check_url(text: str) -> None:
         raise UsageError(f"--url wants an http:// or https:// URL, got {text!r}")
     if not parts.hostname:
         raise UsageError(f"--url names no host: {text!r}")
+    if any(c.isspace() or not c.isprintable() for c in parts.hostname):
+        raise UsageError(f"--url's host holds a space or control character: {text!r}")
 
 
 # --- report ---------------------------------------------------------------------------------

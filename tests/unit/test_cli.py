@@ -402,6 +402,7 @@ def test_explain_rejects_bad_json(capsys: pytest.CaptureFixture[str]) -> None:
         ("https://", "--url names no host"),
         ("https://api.openai.com:99999/v1/models", "Port out of range"),
         ("https://[::1/v1/models", "Invalid IPv6 URL"),
+        ("https://a b.example/v1", "--url's host holds a space or control character"),
     ],
 )
 def test_explain_refuses_a_url_no_proxy_would_see(
@@ -411,6 +412,37 @@ def test_explain_refuses_a_url_no_proxy_would_see(
     code = main(["explain", "--policy", str(ROOT / "policies" / "example.yaml"), "--url", url])
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("drawdown: ") and says in err and "Traceback" not in err
+
+
+def test_explain_refuses_a_header_no_request_could_carry(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`--header $'X-A: b\\r\\nX-B: c'` was explained as one header holding a line break."""
+    code = main(
+        ["explain", "--policy", str(ROOT / "policies" / "example.yaml"), "--url",
+         "https://api.openai.com/v1/models", "--header", "X-A: b\r\nX-B: c"]
+    )  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and "--header holds a line break or NUL, which no header can" in err
+
+
+def test_explain_prints_the_policys_warnings_as_check_does(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A policy that loads with warnings (here: no actions, so nothing is classified) was
+    explained without them, the likely reason for its decision unsaid."""
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("version: 1\n")
+    code = main(
+        ["explain", "--policy", str(policy), "--url", "https://api.openai.com/v1/models",
+         "--as-json"]
+    )  # fmt: skip
+    captured = capsys.readouterr()
+    assert code == 0 and json.loads(captured.out)["action"] is None
+    assert captured.err == (
+        f"{policy}:1: warning: the policy defines no actions: no request is classified, so no "
+        "budget, rule or anomaly check applies to any\n"
+    )
 
 
 def test_listen_takes_ipv6_in_brackets_and_env_writes_it_so(
