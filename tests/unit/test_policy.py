@@ -79,7 +79,10 @@ budgets:
 """,
     )
     f = str(tmp_path / "policy.yaml")
-    assert f"{f}:1: mode must be one of enforce, shadow, not 'enforcee'" in found
+    assert (
+        f"{f}:1: mode must be one of enforce, shadow, not 'enforcee' (did you mean 'enforce'?)"
+        in found
+    )
     assert any(
         p.startswith(f"{f}:3: unknown key 'headr'") and "did you mean 'header'" in p for p in found
     )
@@ -1659,3 +1662,90 @@ authority:
             .replace("action: d, requires: [c]", "action: d, requires: [a]"),
         )
     )
+
+
+def test_mistakes_that_would_never_match_are_said_plainly(tmp_path: Path) -> None:
+    """Each of these loaded (a condition that never holds, a key named "") or was refused
+    with a message that did not say what was wrong (`host: ""` "must be text or a list of
+    text", `requires: []` "needs 'requires:'", `USD: 5` twice, no hint for `opneai`)."""
+    f = tmp_path / "policy.yaml"
+    text = """actions:
+  - {kind: llm, provider: opneai, match: {host: ""}}
+  - {kind: b, match: {host: b.example.com, json: {"x..y": 1}}}
+  - {kind: c, match: {host: c.example.com}}
+budgets:
+  - {scope: "agent:*", USD: 5}
+authority:
+  rules:
+    - {scope: "*", deny: []}
+    - {scope: "*", deny: [LLM]}
+    - {scope: "*", action: c, requires: []}
+    - {scope: "*", deny: [c], when: {json.q: {regex: ""}}}
+    - {scope: "*", deny: [c], when: {json.n: {gt: 1, lt: 0}}}
+    - {scope: "*", deny: [c], when: {json.n: {eq: 1, ne: 1}}}
+    - {scope: "*", deny: [c], when: {json.n: {gte: 1, lte: 1}}}
+    - {scope: "*", deny: [c], when: {json.n: {gt: 1, lte: 1}}}
+    - {scope: "*", deny: [c], when: {json.a..b: 1}}
+"""
+    never = "this condition never holds"
+    assert problems(tmp_path, text) == [
+        f"{f}:2: provider must be one of openai, anthropic, gemini, bedrock, mcp, not 'opneai' "
+        "(did you mean 'openai'?)",
+        f"{f}:2: match.host is empty: give it a value, or leave 'host' out",
+        f"{f}:3: 'json.x..y' has an empty key: a dotted path names each (json.a.b)",
+        f"{f}:6: unknown key 'USD' in budget (did you mean 'usd'?)",
+        f"{f}:9: deny is empty: list at least one, or leave 'deny' out",
+        f"{f}:10: 'LLM' names no action kind of this policy (did you mean 'llm'?)",
+        f"{f}:11: requires is empty: list the actions that must come first",
+        f"{f}:12: condition on 'json.q': an empty regex matches every text: write {{exists: true}}",
+        f"{f}:13: condition on 'json.n': no value is both gt 1 and lt 0: {never}",
+        f"{f}:14: condition on 'json.n': eq and ne name the same value: {never}",
+        f"{f}:16: condition on 'json.n': no value is both gt 1 and lte 1: {never}",
+        f"{f}:17: 'json.a..b' has an empty key: a dotted path names each (json.a.b)",
+    ]
+
+
+def test_an_identity_source_after_one_that_always_gives_a_value_is_refused(
+    tmp_path: Path,
+) -> None:
+    """`agent: [{value: bot}, {header: X-Drawdown-Agent}]` loaded, and the header was never
+    read: every agent was `bot`, one budget for the whole fleet."""
+    f = tmp_path / "policy.yaml"
+    text = """identity:
+  agent: [{value: bot}, {header: X-Drawdown-Agent}]
+  run:
+    - {idle_split: 10}
+    - {header: X-Drawdown-Run}
+  tenant: [{header: X-Tenant}, {client_ip: true}]
+actions:
+  - {kind: c, match: {host: c.example.com}}
+"""
+    first = "(sources are tried in order: put it last)"
+    assert problems(tmp_path, text) == [
+        f"{f}:2: identity.agent: this source is never read: {{value: bot}} at line 2 always "
+        f"gives a value first {first}",
+        f"{f}:5: identity.run: this source is never read: {{idle_split: 10}} at line 4 always "
+        f"gives a value first {first}",
+    ]
+
+
+def test_merge_keys_and_x_keys_let_a_policy_say_a_thing_once(tmp_path: Path) -> None:
+    """`<<: *base` was refused (and the mapping then said to lack what the base held), and a
+    top-level `x-base: &base …` to hold the anchor was an unknown key: shared fields had to be
+    written out in every budget."""
+    text = """x-run-cap: &run-cap {scope: "agent:*/run:*", per: day}
+budgets:
+  - {<<: *run-cap, name: run-usd, usd: 1}
+  - {<<: [*run-cap, {per: hour}], name: run-requests, requests: 10, per: month}
+  - {<<: *run-cap, name: broken, usd: two}
+"""
+    f = tmp_path / "policy.yaml"
+    # A merged value's problem stands where its `<<` does; the mapping's own keys win.
+    assert problems(tmp_path, text) == [f"{f}:5: usd must be a number ≥ 0, not 'two'"]
+    policy = load_policy(write(tmp_path, text.rsplit("  - ", 1)[0]))
+    usd, requests = policy.budgets
+    assert (usd.key, usd.scope.text, usd.per) == ("run-usd", "agent:*/run:*", "day")
+    assert (requests.key, requests.per, requests.limits.requests) == ("run-requests", "month", 10)
+    assert problems(tmp_path, "budgets:\n  - {<<: [1], usd: 1, scope: '*'}\n") == [
+        f"{f}:2: a merge key (<<) takes a mapping or a list of them"
+    ]

@@ -369,7 +369,26 @@ def compile_condition(spec: Any) -> Condition:
         if op not in OPERATORS:
             raise ValueError(f"unknown operator '{op}' (expected one of {', '.join(OPERATORS)})")
         checks.append(_operator(op, arg))
+    _refuse_contradiction(spec)
     return lambda value: all(check(value) for check in checks)
+
+
+def _refuse_contradiction(spec: Mapping[str, Any]) -> None:
+    """`{gt: 1, lt: 0}` or `{eq: 1, ne: 1}` holds for no value: a deny that never fires, a
+    requirement never met. Raised as the author's error, as a condition with no operator is."""
+    if "eq" in spec and "ne" in spec and _equal(spec["eq"], spec["ne"]):
+        raise ValueError("eq and ne name the same value: this condition never holds")
+    lower = [(_number(spec[op]), op) for op in ("gt", "gte") if op in spec]
+    upper = [(_number(spec[op]), op) for op in ("lt", "lte") if op in spec]
+    for low, low_op in lower:
+        for high, high_op in upper:
+            if low is None or high is None:
+                continue
+            if low > high or (low == high and (low_op, high_op) != ("gte", "lte")):
+                raise ValueError(
+                    f"no value is both {low_op} {spec[low_op]} and {high_op} {spec[high_op]}: "
+                    "this condition never holds"
+                )
 
 
 def _operator(op: str, arg: Any) -> Condition:
@@ -393,6 +412,8 @@ def _operator(op: str, arg: Any) -> Condition:
     if op == "regex":
         if not isinstance(arg, str):
             raise ValueError("'regex' takes a string")
+        if not arg:
+            raise ValueError("an empty regex matches every text: write {exists: true}")
         rx = compile_condition_regex(arg)
         return lambda value: isinstance(value, str) and rx.search(value) is not None
     bound = _number(arg)

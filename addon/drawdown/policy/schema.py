@@ -149,6 +149,8 @@ class _Checker:
     ) -> bool:
         ok = True
         for key in value:
+            if what == "the policy" and key.startswith("x-"):
+                continue  # a place for YAML anchors (`x-base: &base {…}`), as compose files have
             if key not in allowed:
                 hint = _closest(key, allowed)
                 if _THOUSANDS_KEY.match(key):
@@ -180,8 +182,12 @@ class _Checker:
     def choice(self, parent: Any, key: str, options: tuple[str, ...], what: str) -> str | None:
         value = parent[key]
         if value not in options:
+            hint = _closest(value, options) if isinstance(value, str) else None
             self.error(
-                parent, key, f"{what} must be one of {', '.join(options)}, not {_show(value)}"
+                parent,
+                key,
+                f"{what} must be one of {', '.join(options)}, not {_show(value)}"
+                + (f" (did you mean '{hint}'?)" if hint else ""),
             )
             return None
         return value
@@ -257,7 +263,14 @@ class _Checker:
             return [value]
         if isinstance(value, LList) and value and all(isinstance(v, str) and v for v in value):
             return list(value)
-        self.error(parent, key, f"{what} must be text or a list of text")
+        if value == "":  # `host: ""`
+            self.error(parent, key, f"{what} is empty: give it a value, or leave '{key}' out")
+        elif isinstance(value, LList) and not value:  # `deny: []`
+            self.error(parent, key, f"{what} is empty: list at least one, or leave '{key}' out")
+        elif isinstance(value, LList) and "" in value:
+            self.error(parent, key, f"{what} lists an empty text")
+        else:
+            self.error(parent, key, f"{what} must be text or a list of text")
         return None
 
 
@@ -322,6 +335,10 @@ _BELONGS_UNDER = {
 
 
 def _closest(word: str, options: tuple[str, ...]) -> str | None:
+    """The option `word` likely meant: spelled in another case (`USD`, `LLM`), or close."""
+    folded = [option for option in options if option.lower() == word.lower()]
+    if folded:
+        return folded[0]
     found = difflib.get_close_matches(word, options, n=1, cutoff=0.75)
     return found[0] if found else None
 
@@ -474,7 +491,22 @@ def _identity(check: _Checker, identity: LMap) -> dict[str, tuple[Source, ...]]:
         if sources_list is None:
             continue
         sources: list[Source] = []
+        always: str | None = None  # a source before this one that always gives a value
         for index, item in enumerate(sources_list):
+            if always is not None:
+                # Tried in order, the first value found wins: `[{value: bot}, {header: X}]`
+                # never reads the header.
+                check.error(
+                    sources_list,
+                    index,
+                    f"identity.{level}: this source is never read: {always} always gives a "
+                    "value first (sources are tried in order: put it last)",
+                )
+                break
+            if isinstance(item, LMap) and len(item) == 1:
+                ((kind, arg),) = item.items()
+                if kind in ("value", "idle_split", "client_ip"):
+                    always = f"{{{kind}: {_clip(str(arg)) if kind != 'client_ip' else 'true'}}} at line {line_of(sources_list, index)}"
             if not isinstance(item, LMap) or len(item) != 1:
                 check.error(
                     sources_list,
@@ -760,7 +792,7 @@ def conditions_of(check: _Checker, conditions: LMap, prefix: str) -> list[FieldT
             check.error(conditions, name, _stripped(name))
             ok = False
             continue
-        if (problem := _compared_with_a_collection(field, spec)) is not None:
+        if (problem := _compared_with_a_collection(field, spec) or _gap_in(field)) is not None:
             check.error(conditions, name, problem)
             ok = False
             continue
@@ -770,6 +802,14 @@ def conditions_of(check: _Checker, conditions: LMap, prefix: str) -> list[FieldT
             check.error(conditions, name, f"condition on '{field}': {exc}")
             ok = False
     return tests if ok else None
+
+
+def _gap_in(field: str) -> str | None:
+    """`json.a..b` or a `json:` key "": a key named "" no request has (as cost_json refuses)."""
+    prefix, _, path = field.partition(".")
+    if prefix == "json" and "" in path.split("."):
+        return f"'{_clip(field)}' has an empty key: a dotted path names each (json.a.b)"
+    return None
 
 
 def _compared_with_a_collection(field: str, spec: Any) -> str | None:
@@ -819,7 +859,9 @@ def _budget(check: _Checker, budgets: LList, index: int) -> Budget | None:
         per = check.choice(item, "per", WINDOWS, "per")
         ok = ok and per is not None
     if not any(unit in item for unit in UNITS):
-        check.error(item, None, "a budget needs at least one limit: usd, tokens or requests")
+        misspelt = any(_closest(key, UNITS) for key in item if key not in BUDGET_KEYS)
+        if not misspelt:  # `USD: 5` is said once, as the unknown key it is
+            check.error(item, None, "a budget needs at least one limit: usd, tokens or requests")
         ok = False
     usd = check.usd(item, "usd", "usd") if "usd" in item else None
     tokens = check.integer(item, "tokens", "tokens") if "tokens" in item else None
@@ -934,6 +976,11 @@ def _rule(check: _Checker, rules: LList, index: int) -> Rule | None:
             )
             ok = False
         elif (items := check.sequence(item, "requires", "requires")) is not None:
+            if not items:  # said here, not as a rule missing its `requires:`
+                check.error(
+                    item, "requires", "requires is empty: list the actions that must come first"
+                )
+                refused = True
             for i in range(len(items)):
                 requirement = _requirement(check, items, i)
                 ok = ok and requirement is not None
@@ -993,7 +1040,7 @@ def _when(check: _Checker, conditions: LMap) -> list[FieldTest] | None:
                 check.error(conditions, key, _stripped(key.removeprefix("header.")))
                 ok = False
                 continue
-            if (problem := _compared_with_a_collection(key, spec)) is not None:
+            if (problem := _compared_with_a_collection(key, spec) or _gap_in(key)) is not None:
                 check.error(conditions, key, problem)
                 ok = False
                 continue

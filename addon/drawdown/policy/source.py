@@ -225,15 +225,22 @@ def _construct(
     if isinstance(node, yaml.MappingNode):
         result = LMap()
         result.file, result.line, result.key_lines = file, node.start_mark.line + 1, {}
+        merged: list[tuple[LMap, int]] = []  # `<<: *base`, each with the line it stands at
         for key_node, value_node in node.value:
             if key_node.tag == "tag:yaml.org,2002:merge":
-                problems.append(
-                    Problem(
-                        file,
-                        key_node.start_mark.line + 1,
-                        "YAML merge keys (<<) are not supported in policies",
-                    )
+                line = key_node.start_mark.line + 1
+                bases = (
+                    value_node.value if isinstance(value_node, yaml.SequenceNode) else [value_node]
                 )
+                for base in bases:
+                    if not isinstance(base, yaml.MappingNode):
+                        problems.append(
+                            Problem(
+                                file, line, "a merge key (<<) takes a mapping or a list of them"
+                            )
+                        )
+                        continue
+                    merged.append((_construct(base, file, problems, count, depth + 1), line))
                 continue
             if isinstance(key_node, yaml.ScalarNode) and key_node.tag in (
                 _INT,
@@ -269,6 +276,13 @@ def _construct(
                 continue
             result[key] = _construct(value_node, file, problems, count, depth + 1)
             result.key_lines[key] = key_node.start_mark.line + 1
+        # As YAML's merge: the mapping's own keys win, then the bases in the order listed. A
+        # merged value is located where the `<<` stands, as a value used through an alias is.
+        for base, line in merged:
+            for key, value in base.items():
+                if key not in result:
+                    result[key] = value
+                    result.key_lines[key] = line
         return result
     if isinstance(node, yaml.SequenceNode):
         result_list = LList()
