@@ -598,7 +598,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     status = 0
     for path in args.paths:
         try:
-            policy = load_policy(path)
+            policy = load_policy(path, once=True)
         except PolicyInvalid as exc:
             for problem in exc.problems:
                 print(problem)
@@ -619,7 +619,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     from .policy import PolicyInvalid, load_policy
 
     try:
-        policy = load_policy(args.policy)
+        policy = load_policy(args.policy, once=True)
     except PolicyInvalid as exc:
         print(exc, file=sys.stderr)
         return 1
@@ -876,7 +876,7 @@ def _load_policy_or_none(path: str | None) -> object:
     from .policy import PolicyInvalid, load_policy
 
     try:
-        return load_policy(path)
+        return load_policy(path, once=True)
     except PolicyInvalid as exc:
         print(f"drawdown: invalid policy:\n{exc}", file=sys.stderr)
         return False

@@ -1749,3 +1749,69 @@ budgets:
     assert problems(tmp_path, "budgets:\n  - {<<: [1], usd: 1, scope: '*'}\n") == [
         f"{f}:2: a merge key (<<) takes a mapping or a list of them"
     ]
+
+
+def test_a_regex_condition_reads_text_that_is_not_valid_unicode() -> None:
+    """RE2 reads UTF-8, and a lone surrogate (a Latin-1 header or `%e9` decoded with
+    surrogateescape, half an emoji escaped in JSON) raised: the request answered 500."""
+    from drawdown.policy.match import compile_condition
+
+    drop = compile_condition({"regex": "DROP"})
+    assert drop("caf\udce9 DROP TABLE") and not drop("caf\udce9") and not drop("\ud83d")
+    anything = compile_condition({"regex": "^caf.$"})  # the surrogate reads as one character
+    assert anything("caf\udce9")
+
+
+def test_a_policy_piped_to_a_command_that_reads_it_once_is_read(tmp_path: Path) -> None:
+    """`drawdown check <(git show HEAD:policy.yaml)` was refused as a named pipe, which only a
+    running proxy (reading its policy at every edit) and a policy folder must refuse."""
+    command = [sys.executable, "-m", "drawdown", "check", "/dev/stdin"]
+    text = (ROOT / "policies" / "example.yaml").read_text()
+    done = subprocess.run(command, input=text, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.startswith("/dev/stdin: ok — mode enforce")
+    os.mkfifo(tmp_path / "policy.yaml")
+    with pytest.raises(PolicyInvalid, match="a named pipe"):
+        load_policy(tmp_path / "policy.yaml")  # as `drawdown run` and its watcher read it
+
+
+def test_the_circle_check_blames_the_circle_and_leaves_what_it_cannot_judge(
+    tmp_path: Path,
+) -> None:
+    """A requirement on an MCP tool (unknown before the call) was blamed for a circle beside
+    the self-requirement that made it; a typo'd kind was said twice (once as a circle); a
+    rule in shadow mode refuses nothing, so it makes no circle."""
+    f = tmp_path / "policy.yaml"
+    head = """actions:
+  - {kind: crm.write, match: {host: crm.example}}
+  - {kind: mcp.docs, provider: mcp, match: {host: docs.example}}
+authority:
+  rules:
+"""
+    mcp_first = """    - {scope: "*", action: crm.write, requires: [mcp.docs.lookup]}
+    - {scope: "*", action: crm.write, requires: [crm.write]}
+"""
+    assert problems(tmp_path, head + mcp_first) == [
+        f"{f}:7: 'crm.write' can never be allowed: it requires an earlier successful crm.write "
+        "in the same run, so no run can make the first"
+    ]
+    typo = '    - {scope: "*", action: crm.write, requires: [crm.wrte]}\n'
+    assert problems(tmp_path, head + typo) == [
+        f"{f}:6: 'crm.wrte' names no action kind of this policy (did you mean 'crm.write'?)"
+    ]
+    shadow = '    - {scope: "*", action: crm.write, requires: [crm.write], mode: shadow}\n'
+    load_policy(write(tmp_path, head + shadow))
+    shadow_policy = "mode: shadow\n" + head + mcp_first
+    assert problems(tmp_path, shadow_policy) == [
+        f"{f}:8: 'crm.write' can never be allowed once the policy enforces: it requires an "
+        "earlier successful crm.write in the same run, so no run can make the first"
+    ]
+
+
+def test_a_repetition_re2_would_read_as_text_is_refused(tmp_path: Path) -> None:
+    """`x{,3}`: Python reads {0,3}, RE2 the text '{,3}', silently."""
+    f = tmp_path / "policy.yaml"
+    text = REGEX_RULE.replace("^(a+)+$", "^a{,3}$")
+    assert problems(tmp_path, text) == [
+        f"{f}:5: condition on 'json.q': invalid regex '^a{{,3}}$': write {{,3}} as {{0,3}}"
+    ]

@@ -20,9 +20,11 @@ __all__ = [
 ]
 
 
-def load_policy(path: str | os.PathLike[str]) -> Policy:
-    """Load a policy file or folder; raises PolicyInvalid listing every `FILE:LINE: message`."""
-    documents, texts, problems = read_documents(Path(path))
+def load_policy(path: str | os.PathLike[str], *, once: bool = False) -> Policy:
+    """Load a policy file or folder; raises PolicyInvalid listing every `FILE:LINE: message`.
+    `once`: for a command that reads it once, which may be given a pipe (`<(…)`, /dev/stdin)
+    where a running proxy, which reads its policy again at each edit, may not."""
+    documents, texts, problems = read_documents(Path(path), pipe=once)
     return compile_policy(documents, texts, problems)
 
 

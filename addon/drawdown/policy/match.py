@@ -415,7 +415,7 @@ def _operator(op: str, arg: Any) -> Condition:
         if not arg:
             raise ValueError("an empty regex matches every text: write {exists: true}")
         rx = compile_condition_regex(arg)
-        return lambda value: isinstance(value, str) and rx.search(value) is not None
+        return lambda value: isinstance(value, str) and _search(rx, value)
     bound = _number(arg)
     if bound is None:
         raise ValueError(f"'{op}' takes a number")
@@ -438,12 +438,29 @@ _RE2_OPTIONS.log_errors = False  # a refused pattern is the author's error, said
 _RE2_OPTIONS.never_capture = True  # a condition only asks whether it matches
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _search(rx: Any, text: str) -> bool:
+    """RE2 reads UTF-8: a lone surrogate (a Latin-1 header or `%e9` in a query, decoded with
+    surrogateescape; half an emoji escaped in JSON) cannot be encoded, and raised on every
+    such request. It is searched for as U+FFFD, the replacement character, instead."""
+    try:
+        return rx.search(text) is not None
+    except UnicodeEncodeError:
+        return rx.search(_SURROGATE.sub("\ufffd", text)) is not None
+
+
 def compile_condition_regex(pattern: str) -> Any:
     """A `regex:` condition's pattern, compiled by RE2. It runs on what agents send, on the
     event loop every request passes through: Python's backtracking `re` would take minutes
     on `^(a+)+$` against 30 a's and a `!`, stalling every agent at once. RE2 matches in time
     linear in the text, and so refuses what needs backtracking (backreferences, lookaround),
     as Envoy's and OPA's matchers do."""
+    if found := re.search(r"\{,[0-9]+\}", pattern):  # RE2 reads it as text, Python as {0,n}
+        raise ValueError(
+            f"invalid regex '{pattern}': write {found.group()} as {{0{found.group()[1:]}"
+        )
     try:
         return re2.compile(pattern, _RE2_OPTIONS)
     except re2.error as exc:

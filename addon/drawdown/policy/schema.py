@@ -1377,7 +1377,7 @@ def compile_policy(
             )
         seen[budget.key] = budget
     _check_kind_refs(check)
-    _check_requirement_circles(check, rules)
+    _check_requirement_circles(check, rules, scalars.get("mode", ("enforce", ""))[0])
     _check_unreachable(check, actions)
     reach_warnings = _check_field_reach(check, actions, rules)
     named: dict[str, Rule] = {}
@@ -1577,24 +1577,29 @@ def _check_kind_refs(check: _Checker) -> None:
         check.problems.append(Problem(file, line, message))
 
 
-def _check_requirement_circles(check: _Checker, rules: list[Rule]) -> None:
+def _check_requirement_circles(check: _Checker, rules: list[Rule], mode: str) -> None:
     """`crm.write` requiring `crm.write`, or `a` requiring `b` requiring `a`: no run can make
     the first of them, so every such call is refused, as surely as by a deny the author did not
     write. Judged per rule scope, with the rules of scope `*` that apply to it too, and only
     where certain: unconditional requirements, on the policy's own kinds (an MCP tool's kind,
     `K.<tool>`, is not known before the call)."""
     kinds = check.kinds
-    unconditional = [rule for rule in rules if rule.requires and not rule.when]
+    # A rule in shadow mode refuses nothing: the call goes, and meets the next requirement.
+    unconditional = [r for r in rules if r.requires and not r.when and r.mode != "shadow"]
     prefixes = tuple(check.tool_prefixes)
 
     def kinds_of(texts: tuple[str, ...]) -> set[str] | None:
-        """The policy's kinds these name, or None when they may name one it cannot list."""
+        """The policy's kinds these name, or None when they may name one it cannot list (or
+        none: a typo, which _check_kind_refs reports)."""
         found: set[str] = set()
         for text in texts:
             if text.startswith(prefixes) or (is_glob(text) and prefixes):
                 return None
             pattern = compile_glob(text)
-            found.update(kind for kind in kinds if pattern.match(kind))
+            named = {kind for kind in kinds if pattern.match(kind)}
+            if not named:
+                return None
+            found |= named
         return found
 
     said: set[tuple[int, str]] = set()  # a rule of scope `*` is judged with every scope's
@@ -1617,7 +1622,9 @@ def _check_requirement_circles(check: _Checker, rules: list[Rule]) -> None:
                     legal.add(kind)
                     grown = True
         for kind in sorted(set(needs) - legal):
-            requirement, rule, earlier = next(n for n in needs[kind] if not (n[2] or set()) & legal)
+            requirement, rule, earlier = next(
+                n for n in needs[kind] if n[2] is not None and not n[2] & legal
+            )
             what = " or ".join(requirement.actions)
             why = (
                 "so no run can make the first"
@@ -1632,7 +1639,9 @@ def _check_requirement_circles(check: _Checker, rules: list[Rule]) -> None:
                 Problem(
                     rule.file,
                     requirement.line or rule.line,
-                    f"'{kind}' can never be allowed{where}: it requires an earlier successful "
+                    f"'{kind}' can never be allowed{where}"
+                    + (" once the policy enforces" if mode == "shadow" else "")
+                    + ": it requires an earlier successful "
                     f"{what} in the same run, {why}",
                 )
             )

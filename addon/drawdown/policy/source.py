@@ -481,17 +481,20 @@ _NOT_A_FILE = {
 }
 
 
-def read_policy_file(path: Path) -> bytes:
+def read_policy_file(path: Path, *, pipe: bool = False) -> bytes:
     """A policy file's bytes; raises OSError naming what is wrong. Opened without blocking and
     checked to be a regular file before reading: a named pipe (`mkfifo budgets.yaml`) would
     hang the reading thread until something wrote to it, the watcher silently ignoring every
-    later edit and the proxy unable to exit."""
+    later edit and the proxy unable to exit. `pipe`: a command that reads the policy once
+    takes one (`drawdown check <(git show HEAD:policy.yaml)`, `/dev/stdin`)."""
     descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     with os.fdopen(descriptor, "rb") as file:
         mode = os.fstat(descriptor).st_mode
         if stat.S_ISDIR(mode):
             raise IsADirectoryError(21, "Is a directory")
-        if not stat.S_ISREG(mode):
+        if pipe and stat.S_ISFIFO(mode):
+            os.set_blocking(descriptor, True)
+        elif not stat.S_ISREG(mode):
             raise OSError(0, _NOT_A_FILE.get(stat.S_IFMT(mode), "not a regular file"))
         return file.read()
 
@@ -503,9 +506,12 @@ def _is_link(path: Path) -> bool:
         return False
 
 
-def read_documents(path: Path) -> tuple[list[tuple[str, Any]], list[bytes], list[Problem]]:
+def read_documents(
+    path: Path, *, pipe: bool = False
+) -> tuple[list[tuple[str, Any]], list[bytes], list[Problem]]:
     """Read and parse every file of a policy once; returns (file, document) pairs, each
-    document's bytes as read (what the policy's digest is made of) and problems."""
+    document's bytes as read (what the policy's digest is made of) and problems. `pipe`: the
+    path may be a pipe read once (read_policy_file), not a folder's file."""
     problems: list[Problem] = []
     documents: list[tuple[str, Any]] = []
     texts: list[bytes] = []
@@ -525,7 +531,7 @@ def read_documents(path: Path) -> tuple[list[tuple[str, Any]], list[bytes], list
     for file in files:
         name = str(file)
         try:
-            raw = read_policy_file(file)
+            raw = read_policy_file(file, pipe=pipe and file == path)
         except OSError as exc:
             broken = isinstance(exc, FileNotFoundError) and _is_link(file)
             reason = "a link to nothing" if broken else exc.strerror or str(exc)
