@@ -38,8 +38,8 @@ def test_the_log_holds_denials_and_single_line_rejections_without_connection_lin
         with pytest.raises(openai.APIStatusError):
             client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
     proxy.wait_for_log(r"\] drawdown: deny tenant:default/agent:\S+ llm \S+: ")
-    proxy.reload_policy(POLICY.format(limits="requestz: 1, usdd: 3"))  # three problems
-    proxy.wait_for_log(r"a budget needs at least one limit")
+    proxy.reload_policy(POLICY.format(limits="requestz: 1, usdd: 3, per: dy"))  # three problems
+    proxy.wait_for_log(r"per must be one of")
     lines = proxy.log_lines()
     assert [line for line in lines if CONNECTION_LINE.search(line)] == []
     rejected = [line for line in lines if "policy edit rejected" in line]
