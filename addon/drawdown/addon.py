@@ -145,6 +145,17 @@ def _seconds(name: str, text: str, *, zero: bool = False) -> float:
     return value
 
 
+def shares_runs(option: str, ledger_url: str | None) -> bool:
+    """Whether idle-split runs are minted in the ledger (drawdown_shared_runs). `auto`: on
+    PostgreSQL, the database a fleet of proxies shares (docker compose's two behind one name),
+    so an agent whose connections reach both stays in one run, its per-run budget one budget;
+    a SQLite ledger's proxy keeps them in memory, a ledger round trip fewer a request
+    (`--workers` sets true for its processes)."""
+    if option == "auto":
+        return (ledger_url or "").startswith(("postgresql://", "postgres://"))
+    return option == "true"
+
+
 def _check_upstream_trust(cafile: str | None, capath: str | None) -> None:
     """Refuse at start an upstream CA file or folder that cannot be loaded: mitmproxy loads it
     for each upstream connection, so each call got a 502 and a traceback in the log instead."""
@@ -687,10 +698,12 @@ class Drawdown:
         )
         loader.add_option(
             "drawdown_shared_runs",
-            bool,
-            False,
+            str,
+            "auto",
             "Mint idle-split runs in the ledger rather than in this process, so that several proxy "
-            "processes serving one agent agree on its run (set by drawdown run --workers).",
+            "processes serving one agent agree on its run: true (set by drawdown run --workers), "
+            "false, or auto: true on a PostgreSQL ledger, a fleet's, else false.",
+            choices=["auto", "true", "false"],
         )
         loader.add_option(
             "drawdown_batch_writer",
@@ -793,8 +806,15 @@ class Drawdown:
             # With real credentials (htpasswd, user:pass) the password is a secret.
             auth = ctx.options.proxyauth
             self._secret_password = bool(auth) and auth != "any"
-        if "drawdown_shared_runs" in updated:
-            self._shared_runs = ctx.options.drawdown_shared_runs
+        if ctx.options.drawdown_shared_runs not in ("auto", "true", "false"):
+            raise exceptions.OptionsError(
+                "drawdown_shared_runs must be auto, true or false, not "
+                f"{ctx.options.drawdown_shared_runs!r}"
+            )
+        if updated & {"drawdown_shared_runs", "drawdown_db"}:
+            self._shared_runs = shares_runs(
+                ctx.options.drawdown_shared_runs, ctx.options.drawdown_db
+            )
         if "drawdown_batch_writer" in updated and self.ledger is not None:
             self.ledger.batch_scheduling = ctx.options.drawdown_batch_writer
         if updated & {"listen_host", "proxyauth"}:

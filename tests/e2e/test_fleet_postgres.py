@@ -230,3 +230,38 @@ def _trouble(proxy: DrawdownProcess) -> list[str]:
 def _swept(proxy: DrawdownProcess) -> int:
     found = re.findall(r"sweeper released (\d+) expired hold", proxy.log_text())
     return sum(int(n) for n in found)
+
+
+def test_proxies_on_one_postgres_ledger_keep_an_unnamed_agent_in_one_run(
+    drawdown_proxy: Factory, standin: StandIn, ledger_url: str
+) -> None:
+    """An agent that names no run got one run from each proxy it reached (each minted its
+    idle-split run in memory): the per-run budget, the loop and step guards multiplied by
+    the fleet's size, unless drawdown_shared_runs was set by hand. On PostgreSQL, a fleet's
+    ledger, runs are minted in the ledger by default."""
+    answer_at_once = threading.Event()
+    answer_at_once.set()
+    standin.script(
+        "POST", "/v1/chat/completions", lambda entry: _chat_reply(entry, answer_at_once),
+        times=None,
+    )  # fmt: skip
+    policy = POLICY.format(requests=5, lease=30).replace(
+        "run: [{header: X-Drawdown-Run}, {value: default}]", "run: [{idle_split: 300}]"
+    )
+    fleet = start_fleet(drawdown_proxy, policy, ledger_url, 2)
+    clients = [p.openai_client(default_headers={"X-Drawdown-Agent": "roamer"}) for p in fleet]
+    try:
+        for turn in range(6):
+            status = 200
+            try:
+                clients[turn % 2].chat.completions.create(
+                    model="gpt-4o-mini", messages=MESSAGES, max_tokens=16
+                )
+            except openai.APIStatusError as exc:
+                status = exc.status_code
+            assert status == (200 if turn < 5 else 402), (turn, status)
+    finally:
+        for client in clients:
+            client.close()
+    runs = query(ledger_url, "SELECT DISTINCT scope FROM decisions")
+    assert len(runs) == 1 and runs[0][0].startswith("tenant:default/agent:roamer/run:"), runs

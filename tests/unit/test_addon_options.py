@@ -94,3 +94,20 @@ def test_a_db_that_is_not_a_ledger_is_refused_and_the_ledger_in_use_stays(
         tctx.configure(addon, drawdown_db=str(foreign))
     assert addon.ledger is in_use and addon.ledger_url == url
     assert addon.ledger.call_sync("heartbeat", 1.0) is None  # still open
+
+
+def test_shared_runs_follow_the_ledger_unless_set() -> None:
+    """`auto`: a PostgreSQL ledger is a fleet's, whose proxies must agree on an unnamed
+    agent's run; a SQLite ledger's proxy keeps its runs in memory (`--workers` sets true)."""
+    from drawdown.addon import shares_runs
+
+    assert shares_runs("auto", "postgresql://drawdown@db/drawdown")
+    assert shares_runs("auto", "postgres://db/drawdown")
+    assert not shares_runs("auto", "/var/lib/drawdown/ledger.db")
+    assert shares_runs("true", "ledger.db") and not shares_runs("false", "postgresql://db/x")
+
+
+def test_shared_runs_refuses_what_is_not_auto_true_or_false(configured) -> None:
+    addon, tctx = configured
+    with pytest.raises(exceptions.OptionsError, match="must be auto, true or false, not 'yes'"):
+        tctx.configure(addon, drawdown_shared_runs="yes")
