@@ -5,8 +5,10 @@ removes the links of files the update dropped."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -151,6 +153,16 @@ def reloads(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [r.getMessage() for r in caplog.records if "policy reloaded" in r.getMessage()]
 
 
+@contextlib.contextmanager
+def watching(policy: Path, tmp_path: Path) -> Iterator[Drawdown]:
+    """A proxy's addon configured with `policy`, its watcher's looks made by the test."""
+    addon = Drawdown()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, drawdown_policy=str(policy), drawdown_db=str(tmp_path / "l.db"))
+        yield addon
+        addon.done()
+
+
 def test_a_policy_being_written_is_loaded_once_it_has_stopped_changing(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -172,10 +184,8 @@ def test_a_policy_being_written_is_loaded_once_it_has_stopped_changing(
         return len(addon.policy.authority.rules), addon.policy.budgets[0].limits.requests
 
     async def main() -> list[tuple[int, int | None]]:
-        addon = Drawdown()
         seen = []
-        with taddons.context(addon) as tctx:
-            tctx.configure(addon, drawdown_policy=str(policy), drawdown_db=str(tmp_path / "l.db"))
+        with watching(policy, tmp_path) as addon:
             policy.write_text(first_half)
             monkeypatch.setattr(asyncio, "sleep", rest_written_meanwhile)
             await addon._look_at_policy(str(policy))
@@ -183,7 +193,6 @@ def test_a_policy_being_written_is_loaded_once_it_has_stopped_changing(
             await addon._look_at_policy(str(policy))
             seen.append(in_force(addon))
             monkeypatch.setattr(asyncio, "sleep", sleep)
-            addon.done()
         return seen
 
     with caplog.at_level(logging.INFO, logger="drawdown"):
@@ -201,9 +210,7 @@ def test_files_touched_or_put_back_unchanged_are_not_reloaded(
     policy.write_text(POLICY)
 
     async def main() -> None:
-        addon = Drawdown()
-        with taddons.context(addon) as tctx:
-            tctx.configure(addon, drawdown_policy=str(policy), drawdown_db=str(tmp_path / "l.db"))
+        with watching(policy, tmp_path) as addon:
             os.utime(policy, ns=(1, 10**18))
             await addon._look_at_policy(str(policy))
             policy.write_text(POLICY.replace("requests: 5", "requests: five"))
@@ -212,7 +219,6 @@ def test_files_touched_or_put_back_unchanged_are_not_reloaded(
             policy.write_text(POLICY)
             await addon._look_at_policy(str(policy))
             rejected.append(metrics.REGISTRY.get_sample_value("drawdown_policy_edit_rejected"))
-            addon.done()
 
     rejected: list[float | None] = []
     with caplog.at_level(logging.INFO, logger="drawdown"):
@@ -227,24 +233,20 @@ def test_files_touched_or_put_back_unchanged_are_not_reloaded(
 def test_a_file_replaced_keeping_its_size_and_mtime_is_reloaded(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """`cp -p new .tmp && mv .tmp policy.yaml`: `agent:support` → `agent:supprt` keeps the size,
+    """`cp -p new .tmp && mv .tmp policy.yaml`: `agent:support` → `agent:helpers` keeps the size,
     the copy keeps the mtime, and the edit went unseen until the next `touch`."""
     policy = tmp_path / "policy.yaml"
     policy.write_text(POLICY)
 
     async def main() -> str:
-        addon = Drawdown()
-        with taddons.context(addon) as tctx:
-            tctx.configure(addon, drawdown_policy=str(policy), drawdown_db=str(tmp_path / "l.db"))
+        with watching(policy, tmp_path) as addon:
             copy = tmp_path / ".policy.yaml.tmp"
             copy.write_text(POLICY.replace("agent:support", "agent:helpers"))
             status = policy.stat()
             os.utime(copy, ns=(status.st_atime_ns, status.st_mtime_ns))
             os.replace(copy, policy)
             await addon._look_at_policy(str(policy))
-            scope = addon.policy.authority.rules[0].scope.text  # type: ignore[union-attr]
-            addon.done()
-        return str(scope)
+            return addon.policy.authority.rules[0].scope.text  # type: ignore[union-attr]
 
     with caplog.at_level(logging.INFO, logger="drawdown"):
         assert "agent:helpers" in asyncio.run(main())
