@@ -66,7 +66,7 @@ from .ledger.api import (
     ReserveOutcome,
     new_request_id,
 )
-from .ledger.dsn import redact_dsn
+from .ledger.dsn import is_postgres, redact_dsn
 from .ledger.worker import AsyncLedger
 from .meter import openai_realtime, tokenizer_process
 from .meter.decode import BodyTooLarge, UndecodableBody, compressed, decode_body
@@ -152,7 +152,7 @@ def shares_runs(option: str, ledger_url: str | None) -> bool:
     a SQLite ledger's proxy keeps them in memory, a ledger round trip fewer a request
     (`--workers` sets true for its processes)."""
     if option == "auto":
-        return (ledger_url or "").startswith(("postgresql://", "postgres://"))
+        return is_postgres(ledger_url)
     return option == "true"
 
 
@@ -806,7 +806,11 @@ class Drawdown:
             # With real credentials (htpasswd, user:pass) the password is a secret.
             auth = ctx.options.proxyauth
             self._secret_password = bool(auth) and auth != "any"
-        if ctx.options.drawdown_shared_runs not in ("auto", "true", "false"):
+        if "drawdown_shared_runs" in updated and ctx.options.drawdown_shared_runs not in (
+            "auto",
+            "true",
+            "false",
+        ):
             raise exceptions.OptionsError(
                 "drawdown_shared_runs must be auto, true or false, not "
                 f"{ctx.options.drawdown_shared_runs!r}"

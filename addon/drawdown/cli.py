@@ -21,6 +21,7 @@ from mitmproxy.version import VERSION as MITMPROXY
 from . import __version__
 from .escape import printable
 from .eventloop import EventLoop
+from .ledger.dsn import DEFAULT_DB, is_postgres
 
 if TYPE_CHECKING:
     from mitmproxy import options
@@ -28,7 +29,6 @@ if TYPE_CHECKING:
     from .policy.model import Policy
 
 DEFAULT_LISTEN = "127.0.0.1:8080"
-DEFAULT_DB = "./drawdown.db"
 DEFAULT_CONFDIR = "~/.drawdown"
 CA_CERT = "mitmproxy-ca-cert.pem"  # as cacerts names it; not imported, for a quick --help
 
@@ -1311,7 +1311,7 @@ def _refuse_undecodable(args: argparse.Namespace) -> None:
         for each in value if isinstance(value, list) else [value]:
             if not isinstance(each, str) or each.isascii():
                 continue
-            if dest in _FILE_ARGUMENTS and not each.startswith(("postgresql://", "postgres://")):
+            if dest in _FILE_ARGUMENTS and not is_postgres(each):
                 continue
             bad = next((i for i, c in enumerate(each) if 0xD800 <= ord(c) <= 0xDFFF), None)
             if bad is None:

@@ -15,6 +15,7 @@ from .api import (
     NotALedger,
     ReserveOutcome,
 )
+from .dsn import is_postgres
 
 __all__ = [
     "Amount",
@@ -36,7 +37,7 @@ def open_ledger(url: str, *, timeout: float | None = None, **kwargs: Any) -> Led
     `timeout`: how long one operation may wait for a lock before it fails with LedgerError
     (SQLite's busy timeout, PostgreSQL's lock_timeout).
     """
-    if url.startswith(("postgresql://", "postgres://")):
+    if is_postgres(url):
         if timeout is not None:
             kwargs.setdefault("lock_timeout", timeout)
         try:

@@ -8,6 +8,15 @@ from urllib.parse import urlsplit, urlunsplit
 
 from .api import NotALedger
 
+# The ledger a command uses without --db.
+DEFAULT_DB = "./drawdown.db"
+
+
+def is_postgres(url: str | None) -> bool:
+    """Whether a ledger URL names a PostgreSQL database (else a SQLite file)."""
+    return (url or "").startswith(("postgresql://", "postgres://"))
+
+
 # Any `scheme://`, in any case: a mistyped one (`postgresq://`, `POSTGRESQL://`) holds the
 # password all the same.
 _SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://")

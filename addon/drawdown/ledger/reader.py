@@ -14,12 +14,9 @@ from urllib.parse import quote
 
 from ..recording import redact_path
 from .api import LedgerError, schema_version
-from .dsn import redact_dsn, sqlite_path
+from .dsn import DEFAULT_DB, is_postgres, redact_dsn, sqlite_path
 
 _NAMED = re.compile(r":([A-Za-z_][A-Za-z0-9_]*)")
-# The ledger a command reads without --db (cli.DEFAULT_DB): missing, the user may have meant
-# another, and is told of --db; given, they meant this one.
-DEFAULT_DB = "./drawdown.db"
 
 
 class Reader:
@@ -28,7 +25,7 @@ class Reader:
     def __init__(self, url: str) -> None:
         self.url = url
         self._scrub: Callable[[str], str] = str
-        if url.startswith(("postgresql://", "postgres://")):
+        if is_postgres(url):
             try:
                 import psycopg
                 from psycopg.rows import dict_row

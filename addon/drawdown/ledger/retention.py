@@ -36,6 +36,7 @@ from typing import Any
 
 from ..budgets import window
 from .api import LedgerError
+from .dsn import is_postgres
 from .reader import Reader
 
 UNITS = ("usd", "tokens", "requests")
@@ -81,7 +82,7 @@ class _ReadOnly:
 
     def __init__(self, reader: Reader) -> None:
         self._reader = reader
-        self.postgres = reader.url.startswith(("postgresql://", "postgres://"))
+        self.postgres = is_postgres(reader.url)
 
     def read(self, fn: Callable[[_Tx], Any]) -> Any:
         def execute(sql: str, params: Sequence[Any]) -> Any:
@@ -114,7 +115,7 @@ class _Backend:
     `budget_carried` exists), never creating a ledger that is not there."""
 
     def __init__(self, url: str, busy_timeout: float) -> None:
-        self.postgres = url.startswith(("postgresql://", "postgres://"))
+        self.postgres = is_postgres(url)
         if self.postgres:
             from .postgres import PostgresLedger
 
