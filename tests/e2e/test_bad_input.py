@@ -859,3 +859,41 @@ def test_a_path_or_method_a_server_reads_otherwise_is_refused(
     policy.write_text(READINGS)
     assert replay.replay(load_policy(policy), str(tmp_db))["changed"] == 0
     assert_no_traceback(proxy)
+
+
+# --- a user's mistake at start-up, under plain mitmdump ------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("policy_text", "said"),
+    [
+        (None, "drawdown_policy is not set: point it at a policy file or folder"),
+        (
+            "version: 1\nactions:\n  - {kind: llm, provider: opneai, match: {host: a.example}}\n",
+            "p.yaml:3: provider must be one of openai, anthropic, gemini, bedrock, mcp, not "
+            "'opneai' (did you mean 'openai'?)",
+        ),
+    ],
+    ids=["no-policy", "broken-policy"],
+)
+def test_plain_mitmdump_says_a_start_up_mistake_without_a_traceback(
+    tmp_path: Path, policy_text: str | None, said: str
+) -> None:
+    """mitmproxy logs a script's error at load with its traceback: a policy's `FILE:LINE:`
+    lines came under six lines of Python. They are said alone now, and mitmdump still stops."""
+    policy = tmp_path / "p.yaml"
+    options = ["--set", f"confdir={tmp_path / 'c'}", "--set", f"drawdown_db={tmp_path / 'x.db'}"]
+    if policy_text is not None:
+        policy.write_text(policy_text)
+        options += ["--set", f"drawdown_policy={policy}"]
+    mitmdump = Path(sys.executable).with_name("mitmdump")
+    addon = Path(__file__).resolve().parents[2] / "addon" / "drawdown" / "mitm.py"
+    result = subprocess.run(
+        [str(mitmdump), "-s", str(addon), "--listen-host", "127.0.0.1", "--listen-port", "0",
+         *options],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output
+    assert said in output, output
+    assert "Traceback" not in output and "error in script" not in output, output
