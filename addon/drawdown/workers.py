@@ -76,15 +76,18 @@ def enable_reuse_port() -> None:
     asyncio.start_server = reusing  # type: ignore[assignment]
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask: a container's or taskset's share)."""
+    return (
+        len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    ) or 1
+
+
 def takes_every_cpu(workers: int, available: int | None = None) -> bool:
     """Whether `workers` event loops keep every CPU this process may use busy. Then each ledger
     writer is woken beside a busy loop and runs under SCHED_BATCH (ledger/worker.py says why);
     with a CPU to spare it starts there at once, and keeps the normal policy."""
-    if available is None:
-        available = (
-            len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        ) or 1
-    return workers >= available
+    return workers >= (usable_cpus() if available is None else available)
 
 
 def worker_command(worker_args: Sequence[str], workers: int, listen: str) -> list[str]:
@@ -120,6 +123,16 @@ def supervise(
 ) -> int:
     """Run `workers` copies of `drawdown run <worker_args> --listen host:port` until signalled;
     with `cpus`, worker i is pinned to cpus[i] (`--cpu-affinity`)."""
+    available = usable_cpus()
+    if workers > available:
+        # Accepted (a share of CPUs can grow under a running proxy), but said: a worker is one
+        # event loop, busy on one CPU under load; more loops than CPUs take turns on them.
+        print(
+            f"drawdown: {workers} workers on {available} CPU{'s' if available > 1 else ''}: "
+            "workers beyond one a CPU add contention, not throughput",
+            file=sys.stderr,
+            flush=True,
+        )
     # The workers' metrics, in files any of them reads for a scrape; theirs alone, and gone
     # with them (counters restart with the proxy, as one process's do).
     remove_orphaned_metrics()
@@ -170,8 +183,9 @@ def _supervise(
         REUSE_PORT_ENV: str(os.getpid()),  # the supervisor, for its workers
         MULTIPROCESS_ENV: metrics_dir,
     }
-    procs = [
-        subprocess.Popen(
+
+    def spawn(i: int) -> subprocess.Popen[str]:
+        return subprocess.Popen(
             [*command, *(["--cpu-affinity", str(cpus[i])] if cpus else [])],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -182,25 +196,11 @@ def _supervise(
             # relays it, so a worker counts one stop request, not two (a second one means "now").
             process_group=0,
         )
-        for i in range(workers)
-    ]
-    ready = threading.Semaphore(0)
-    announced = threading.Event()
 
-    def relay(index: int, proc: subprocess.Popen[str]) -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            if line.startswith("drawdown listening on "):
-                ready.release()
-                continue
-            print(f"[worker {index}] {line}", end="", flush=True)
-
-    threads = [
-        threading.Thread(target=relay, args=(i + 1, p), daemon=True) for i, p in enumerate(procs)
-    ]
-    for thread in threads:
-        thread.start()
-
+    # The stop signals are ours before the first worker starts: stopped while starting them, the
+    # supervisor died of SIGTERM (or Ctrl-C) leaving those started orphaned, its metrics
+    # folder behind, and starts no more.
+    procs: list[subprocess.Popen[str]] = []
     signalled: set[int] = set()
 
     def stop(*_: object) -> None:
@@ -225,6 +225,29 @@ def _supervise(
     for sig in handled:
         signal.signal(sig, on_signal)
 
+    for i in range(workers):
+        if asked_to_stop.is_set():
+            break
+        procs.append(spawn(i))
+    if asked_to_stop.is_set():
+        stop()  # a signal that came while a worker was being started did not find it in `procs`
+    ready = threading.Semaphore(0)
+    announced = threading.Event()
+
+    def relay(index: int, proc: subprocess.Popen[str]) -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if line.startswith("drawdown listening on "):
+                ready.release()
+                continue
+            print(f"[worker {index}] {line}", end="", flush=True)
+
+    threads = [
+        threading.Thread(target=relay, args=(i + 1, p), daemon=True) for i, p in enumerate(procs)
+    ]
+    for thread in threads:
+        thread.start()
+
     def announce() -> None:
         for _ in procs:
             ready.acquire()
@@ -237,7 +260,7 @@ def _supervise(
     one_ended = threading.Event()
     for proc in procs:
         threading.Thread(target=lambda p=proc: (p.wait(), one_ended.set()), daemon=True).start()
-    while not one_ended.wait(0.5):  # a timeout, so the signal handlers run promptly
+    while procs and not one_ended.wait(0.5):  # a timeout, so signal handlers run promptly
         pass
     if not asked_to_stop.is_set():
         for index, proc in enumerate(procs, 1):
@@ -253,7 +276,7 @@ def _supervise(
         signal.signal(sig, signal.SIG_IGN)
     for thread in threads:
         thread.join(5)
-    if not announced.is_set():
+    if not announced.is_set() and not asked_to_stop.is_set():
         print("drawdown: the workers did not start", file=sys.stderr)
     # A second stop signal can reach a worker after its loop closed: by then its holds are
     # released and its ledger closed, so dying of it is a clean stop, not a failure.

@@ -5,8 +5,12 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import openai
 import pytest
@@ -186,3 +190,53 @@ def test_workers_signalled_again_while_they_stop_still_exit_cleanly(
     finally:
         for pidfd in workers:
             os.close(pidfd)
+
+
+@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
+def test_workers_stopped_while_they_are_being_started_all_stop_with_their_supervisor(
+    tmp_path: Path, stop_signal: signal.Signals
+) -> None:
+    """A stop signal that came while the supervisor was still starting its workers found it
+    without its handlers: SIGTERM killed it (status 143, its metrics folder left behind),
+    Ctrl-C ended it at once, and either way the workers already started ran on without it."""
+    supervisor = _start_supervisor(tmp_path, "--workers", "6")
+    started: set[int] = set()
+    while not started and supervisor.poll() is None:  # the first worker: the others are to come
+        started = children_of(supervisor.pid)
+    supervisor.send_signal(stop_signal)
+    output, _ = supervisor.communicate(timeout=60)
+    assert supervisor.returncode == 0, output
+    assert "Traceback" not in output and "did not start" not in output, output
+    assert started and not [pid for pid in started if _alive(pid)], output
+    assert not list(tmp_path.glob("drawdown-metrics-*")), output
+
+
+def test_more_workers_than_cpus_are_started_with_a_word_of_warning(tmp_path: Path) -> None:
+    """`--workers 1000` on two CPUs started a thousand event loops without a word."""
+    supervisor = _start_supervisor(
+        tmp_path, "--workers", "2",
+        preexec_fn=lambda: os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}),
+    )  # fmt: skip
+    assert supervisor.stdout is not None
+    said = [next(supervisor.stdout)]
+    while not said[-1].startswith("drawdown listening on"):
+        said.append(next(supervisor.stdout))
+    supervisor.send_signal(signal.SIGTERM)
+    output = "".join(said) + supervisor.communicate(timeout=60)[0]
+    assert supervisor.returncode == 0, output
+    assert said[0] == (
+        "drawdown: 2 workers on 1 CPU: workers beyond one a CPU add contention, not throughput\n"
+    ), output
+
+
+def _start_supervisor(tmp_path: Path, *args: str, **popen: Any) -> subprocess.Popen[str]:
+    policy = tmp_path / "p.yaml"
+    policy.write_text(POLICY)
+    return subprocess.Popen(
+        [sys.executable, "-m", "drawdown", "run", "--policy", str(policy),
+         "--db", str(tmp_path / "w.db"), "--confdir", str(tmp_path / "c"),
+         "--listen", "127.0.0.1:0", *args],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "TMPDIR": str(tmp_path)},  # where its metrics folder goes
+        **popen,
+    )  # fmt: skip
