@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import difflib
 import json
 import logging
 import os
@@ -146,6 +147,10 @@ def _serve(
     if args.workers > 1:
         from .workers import supervise
 
+        problem = asyncio.run(_check_sets_for_workers(sets), loop_factory=EventLoop)
+        if problem:
+            print(f"drawdown: {problem}", file=sys.stderr)
+            return 1
         confdir = Path(args.confdir).expanduser()
         return supervise(_worker_args(args), args.workers, host, port, str(confdir), cpus)
     if cpus:
@@ -278,6 +283,37 @@ def _checked_choices(opts: options.Options, sets: list[str]) -> list[str]:
     return checked
 
 
+def _refuse_unknown_options(opts: options.Options, sets: list[str]) -> None:
+    """A `--set` naming no option of the proxy, said with the nearest name. mitmproxy's
+    "Unknown option(s): flow_detial" came after the ledger was opened, with exit status 1."""
+    known = list(opts.keys())
+    for entry in sets:
+        name = entry.partition("=")[0]
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=1, cutoff=0.75)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise UsageError(f"--set {name}: no such option{hint}")
+
+
+async def _check_sets_for_workers(sets: list[str]) -> str | None:
+    """In the supervisor, before any worker starts: --set against the options each worker will
+    have, so that a mistake is said once rather than by every worker, each then stopped. A
+    value an option does not list is returned, for the status a worker would give it."""
+    from mitmproxy import exceptions, options
+
+    from .addon import Drawdown
+    from .master import DrawdownMaster
+
+    opts = options.Options()
+    DrawdownMaster(opts, tail=[Drawdown()])  # built for its options only: nothing is started
+    _refuse_unknown_options(opts, sets)
+    try:
+        _checked_choices(opts, sets)
+    except exceptions.OptionsError as exc:
+        return str(exc)
+    return None
+
+
 def _cpus_for_workers(args: argparse.Namespace) -> list[int] | None:
     """--cpu-affinity, checked against this machine: one CPU per worker, or None."""
     if args.cpu_affinity is None:
@@ -342,6 +378,7 @@ async def _run_proxy(args: argparse.Namespace, host: str, port: int, sets: list[
         refusals.append(exc)
 
     opts.errored.connect(refused)
+    _refuse_unknown_options(opts, sets)
     try:
         opts.update(drawdown_policy=args.policy, drawdown_db=args.db, drawdown_mode=args.mode or "")
         if sets:
@@ -349,9 +386,6 @@ async def _run_proxy(args: argparse.Namespace, host: str, port: int, sets: list[
     except exceptions.OptionsError as exc:
         print(f"drawdown: {refusals[0] if refusals else exc}", file=sys.stderr)
         return 1
-    except KeyError as exc:
-        print(f"drawdown: unknown mitmproxy option {exc}", file=sys.stderr)
-        return 2
     loop = asyncio.get_running_loop()
     stopping: list[asyncio.Task[None]] = []
 

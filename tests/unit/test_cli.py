@@ -1008,6 +1008,28 @@ def test_run_refuses_a_value_an_option_does_not_list_in_one_line(
     assert drain.returncode == result.returncode and drain.stderr.count("\n") == 1
 
 
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_run_refuses_an_option_it_does_not_have_once_naming_the_nearest(
+    tmp_path: Path, workers: str
+) -> None:
+    """mitmproxy's "Unknown option(s): drawdown_drian" came after the ledger was opened, with
+    status 1, and under --workers from every worker, each then stopped by the supervisor."""
+    ledger = tmp_path / "l.db"
+    result = _run_subprocess(
+        tmp_path, "--db", str(ledger), "--workers", workers, "--set", "drawdown_drian=1"
+    )
+    assert result.returncode == 2
+    assert result.stderr == (
+        "drawdown: --set drawdown_drian: no such option (did you mean drawdown_drain?)\n"
+    )
+    assert result.stdout == "" and not ledger.exists()
+    bad_value = _run_subprocess(
+        tmp_path, "--db", str(ledger), "--workers", workers, "--set", "connection_strategy=x"
+    )
+    assert bad_value.returncode == 1  # as a worker refuses it
+    assert bad_value.stderr == "drawdown: connection_strategy must be one of eager, lazy, not 'x'\n"
+
+
 def test_an_option_value_is_taken_in_any_case_and_passed_on_as_listed() -> None:
     """`termlog_verbosity=WARN` worked (mitmproxy's log reads it upper-cased) before values
     were checked against the option's list, which is lower-case."""
