@@ -76,7 +76,8 @@ def worker_cpus(spec: str, workers: int, allowed: set[int]) -> list[int]:
     missing = [cpu for cpu in cpus if cpu not in allowed]
     if missing:
         raise AffinityError(
-            f"--cpu-affinity: CPU {format_cpus(missing)} is not available to this process "
+            f"--cpu-affinity: {'CPUs' if len(missing) > 1 else 'CPU'} {format_cpus(missing)} "
+            f"{'are' if len(missing) > 1 else 'is'} not available to this process "
             f"(it may use {format_cpus(allowed)})"
         )
     return [cpus[i % len(cpus)] for i in range(workers)]

@@ -59,9 +59,11 @@ def test_each_worker_takes_the_next_cpu_and_they_start_over_when_there_are_more_
 
 def test_a_cpu_the_process_may_not_use_is_refused() -> None:
     with pytest.raises(
-        AffinityError, match=r"CPU 4-5 is not available to this process \(it may use 0-1\)"
+        AffinityError, match=r"CPUs 4-5 are not available to this process \(it may use 0-1\)"
     ):
         worker_cpus("0,4-5", 2, {0, 1})
+    with pytest.raises(AffinityError, match=r": CPU 7 is not available to this process"):
+        worker_cpus("0,7", 2, {0, 1})
 
 
 def test_drawdown_run_refuses_a_bad_affinity_before_starting(
