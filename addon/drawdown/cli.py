@@ -953,7 +953,7 @@ def cmd_budgets(args: argparse.Namespace) -> int:
 
     try:
         rows = budget_instances(args.db)
-        batches = [] if args.as_json else held_batches(args.db)
+        batches = held_batches(args.db)
     except LedgerError as exc:
         print(f"drawdown: {exc}", file=sys.stderr)
         return 1
@@ -970,6 +970,20 @@ def cmd_budgets(args: argparse.Namespace) -> int:
                 item[key] = {u: row[f"{column}_{u}"] for u in UNITS}
                 item[key]["usd"] = usd_float(row[f"{column}_usd"])  # display; exact in usd_nanos
                 item[key]["usd_nanos"] = row[f"{column}_usd"]
+            # Which of `held` is batch jobs', held until their results are read (as the text
+            # lists them), so that a monitor does not take it for a stranded hold.
+            item["held_for_batches"] = [
+                {
+                    "key": batch["key"],
+                    "scope": batch["scope"],
+                    "usd": usd_float(batch["est_usd"]),
+                    "usd_nanos": batch["est_usd"],
+                    "tokens": batch["est_tokens"],
+                    "until": iso_time(batch["expires_at"]),
+                }
+                for batch in batches
+                if str(row["id"]) in (batch["instance_ids"] or "").split(",")
+            ]
             out.append(item)
         print(json.dumps(out, indent=2))
         return 0

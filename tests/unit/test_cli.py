@@ -600,6 +600,19 @@ def test_budgets_names_the_batch_jobs_held_while_they_run(
     )
     assert "k2" not in out  # ended: released
     assert re.search(r"\s0 \+ 0\.0029 / 0\.01\s", out)  # the held figure it explains
+    assert main(["budgets", "--db", str(db), "--json"]) == 0
+    (instance,) = json.loads(capsys.readouterr().out)
+    assert instance["held"]["usd_nanos"] == 2_900_000
+    assert instance["held_for_batches"] == [
+        {
+            "key": "https://api.anthropic.com messages.batches.results msgbatch_1",
+            "scope": "agent:a/run:r",
+            "usd": 0.0029,
+            "usd_nanos": 2_900_000,
+            "tokens": 900,
+            "until": "2026-12-05T00:00:00Z",
+        }
+    ]
 
 
 def test_budgets_write_dollars_exactly(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -221,7 +221,7 @@ def budget_instances(url: str) -> list[dict[str, Any]]:
     reader = Reader(url)
     try:
         return reader.query(
-            "SELECT budget, scope, per, window_start, limit_usd, limit_tokens, limit_requests, "
+            "SELECT id, budget, scope, per, window_start, limit_usd, limit_tokens, limit_requests, "
             "spent_usd, spent_tokens, spent_requests, reserved_usd, reserved_tokens, "
             "reserved_requests, updated_at FROM budget_instances ORDER BY budget, scope, window_start"
         )
@@ -237,7 +237,8 @@ def held_batches(url: str) -> list[dict[str, Any]]:
         if reader.schema_version < 6:  # a ledger from before batches were held
             return []
         return reader.query(
-            "SELECT b.key, d.scope, h.est_usd, h.est_tokens, h.expires_at FROM batch_holds b "
+            "SELECT b.key, d.scope, h.est_usd, h.est_tokens, h.expires_at, "
+            "h.instance_ids FROM batch_holds b "
             "JOIN holds h ON h.id = b.hold_id JOIN decisions d ON d.request_id = b.request_id "
             "WHERE h.state = 'active' ORDER BY h.expires_at, b.key"
         )
