@@ -1178,6 +1178,16 @@ def test_the_postgres_refusal_reads_the_search_path_as_the_ledger_does(
         LedgerError, match=r"names no schema that exists, .*: CREATE SCHEMA it first"
     ):
         PostgresLedger(nowhere, register=False)
+    for command in ("budgets", "verify", "report"):  # and the read commands, each its own way
+        result = subprocess.run(
+            [sys.executable, "-m", "drawdown", command, "--db", nowhere],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert result.returncode == 1
+        assert result.stderr == (
+            f"drawdown: {nowhere}: its search_path names no schema that exists, so there is no "
+            "ledger there: check the schema's name\n"
+        )
 
 
 def test_a_ledger_is_made_beside_an_extensions_tables(pg_url: str) -> None:

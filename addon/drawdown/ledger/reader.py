@@ -44,6 +44,12 @@ class Reader:
                 first = (text.splitlines() or [type(exc).__name__])[0]
                 raise LedgerError(f"cannot open ledger {self.url}: {first}") from None
             self._sqlite = None
+            if self._pg.execute("SELECT current_schema() AS s").fetchone()["s"] is None:
+                self._pg.close()  # not "not a drawdown ledger": a schema's name mistyped
+                raise LedgerError(
+                    f"{self.url}: its search_path names no schema that exists, so there is "
+                    "no ledger there: check the schema's name"
+                )
         else:
             path = sqlite_path(url)
             if not Path(path).exists():
