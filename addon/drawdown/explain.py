@@ -26,7 +26,7 @@ from .ledger.api import (
 )
 from .ledger.plan import Counts
 from .meter.decode import compressed, request_coding_problem
-from .money import format_usd
+from .money import exact_usd, format_usd
 from .policy import Policy
 from .recording import redact, redact_path
 from .respond import STATUS
@@ -409,7 +409,7 @@ def explain(
     shortfalls = []
     for claim in claims:
         limits = ", ".join(
-            f"{unit} {format_usd(claim.limit_usd, 2) if unit == 'usd' else claim.limit(unit)}"
+            f"{unit} {exact_usd(claim.limit_usd, 2) if unit == 'usd' else claim.limit(unit)}"
             for unit in ("usd", "tokens", "requests")
             if claim.limit(unit) is not None
         )

@@ -36,11 +36,13 @@ def usd_float(nanos: int | None) -> float | None:
     return None if nanos is None else float(nanos_to_usd(nanos))
 
 
-def exact_usd(nanos: int) -> str:
-    """Dollars exactly, from integer nano-dollars, trailing zeros trimmed: `0.06076`,
-    `0.000285`, `0.5`, `0` (format_usd rounds to its places: 0.06076 reads 0.0608)."""
+def exact_usd(nanos: int, places: int = 0) -> str:
+    """Dollars exactly, from integer nano-dollars, trailing zeros trimmed to at least `places`
+    decimals: `0.06076`, `0.000285`, `0.5`, `0`; `5.00`, `0.011` with 2 (format_usd rounds to
+    its places: 0.06076 reads 0.0608, a limit of 0.015 read 0.02)."""
     whole, fraction = divmod(abs(nanos), NANOS_PER_USD)
-    text = f"{whole}.{fraction:09d}".rstrip("0").rstrip(".")
+    digits = f"{fraction:09d}".rstrip("0").ljust(places, "0")
+    text = f"{whole}.{digits}" if digits else str(whole)
     return f"-{text}" if nanos < 0 else text
 
 

@@ -252,6 +252,27 @@ def test_explain_shows_the_decision_path(capsys: pytest.CaptureFixture[str]) -> 
     assert stages[:3] == ["identity", "action", "estimate"] and stages.count("budget") == 4
 
 
+def test_explain_shows_a_budgets_dollar_limit_as_written(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`usd: 0.015` was shown "usd 0.02" (cents), and `usd: 5` stays "usd 5.00"."""
+    policy = tmp_path / "p.yaml"
+    policy.write_text(
+        "actions: [{kind: llm, provider: openai, match: {host: api.openai.com}}]\n"
+        "budgets:\n"
+        "  - {name: small, scope: 'agent:*', usd: 0.015}\n"
+        "  - {name: daily, scope: 'agent:*', usd: 5, per: day}\n"
+    )
+    code = main(
+        ["explain", "--policy", str(policy), "--url", "https://api.openai.com/v1/chat/completions",
+         "--json", '{"model": "gpt-4o-mini", "messages": [], "max_tokens": 10}']
+    )  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "budget    agent:anonymous (small; usd 0.015)\n" in out
+    assert "budget    agent:anonymous (daily; usd 5.00 per day)\n" in out
+
+
 def test_explain_counts_an_image_and_authorizes_a_free_call(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

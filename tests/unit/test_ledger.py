@@ -131,6 +131,25 @@ def test_reserve_is_all_or_nothing(backend: LedgerBackend, ledger: Any) -> None:
     assert r.decision == "deny" and "agent:a" in (r.reason or "")  # the caller's row says why
 
 
+def test_a_refusal_says_the_limit_as_written_and_a_call_no_budget_could_take_as_such(
+    ledger: Any,
+) -> None:
+    """A $0.015 limit read "usd 0.02 exhausted" (rounded to cents) while refusing a $0.016
+    total; and a lifetime budget smaller than the call said "exhausted" with most of it left,
+    as if spending were the reason."""
+    spent = row()
+    first = ledger.reserve(spent, [claim(usd=15_000_000)], Amount(usd=6_000_000), NOW + 900)
+    ledger.commit(spent.request_id, first.hold_id, Completion(actual=Amount(usd=6_000_000)), NOW)
+    refused = row()
+    ledger.reserve(refused, [claim(usd=15_000_000)], Amount(usd=10_000_000), NOW + 900)
+    assert refused.reason == (
+        "budget agent:a/run:r1 usd 0.015 exhausted (spent 0.0060, this call needs ≈0.0100)"
+    )
+    too_big = row()
+    ledger.reserve(too_big, [claim("agent", "agent:a", tokens=900)], Amount(tokens=4109), NOW)
+    assert too_big.reason == "budget agent:a tokens 900 is less than this call needs (4109)"
+
+
 def test_limit_is_inclusive_and_counts_holds(ledger: Any) -> None:
     claims = [claim(requests=2)]
     first = ledger.reserve(row(), claims, Amount(requests=1), NOW + 900)

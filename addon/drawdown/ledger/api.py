@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from ..money import format_usd
+from ..money import exact_usd, format_usd
 
 UNITS = ("usd", "tokens", "requests")
 SCHEMA_VERSION = 8
@@ -212,16 +212,19 @@ class Shortfall:
     def describe(self) -> str:
         c = self.claim
         window = f" per {c.per}" if c.per else ""
-        if c.per and self.needed > self.limit:  # "exhausted (used 0…)" would say wait
+        # A limit as its author wrote it: rounded, $0.015 read "0.02", and a refusal of $0.016
+        # looked wrong.
+        limit = exact_usd(self.limit, 2) if self.unit == "usd" else str(self.limit)
+        if self.needed > self.limit:  # "exhausted (used 0…)" would say the budget was spent
             show = format_usd if self.unit == "usd" else str
             return (
-                f"budget {c.scope} {self.unit} {show(self.limit)}{window} is less than this "
-                f"call needs ({'≈' if self.unit == 'usd' else ''}{show(self.needed)}): "
-                "no window will take it"
+                f"budget {c.scope} {self.unit} {limit}{window} is less than this call needs "
+                f"({'≈' if self.unit == 'usd' else ''}{show(self.needed)})"
+                + (": no window will take it" if c.per else "")
             )
         if self.unit == "usd":
             amounts = (
-                f"usd {format_usd(self.limit, 2)}{window} exhausted "
+                f"usd {limit}{window} exhausted "
                 f"(spent {format_usd(self.spent)}"
                 + (f", held {format_usd(self.reserved)}" if self.reserved else "")
                 + f", this call needs ≈{format_usd(self.needed)})"
