@@ -1072,7 +1072,10 @@ def _summarised(
             listed.append(budget)
         elif budget is group[0]:
             if kind == "runs":
-                top = sorted(group, key=_spent_most, reverse=True)[:TOP_INSTANCES]
+                # The exhausted first: in a shadow week, the runs enforcement would have stopped
+                # are what the report is read for, and those that spent most may not be them.
+                most = sorted(group, key=lambda b: (b["exhausted"], *_spent_most(b)), reverse=True)
+                top = most[:TOP_INSTANCES]
             else:
                 latest = sorted(group, key=lambda b: b["window_start"] or "", reverse=True)
                 top = latest[:TOP_INSTANCES]
@@ -1108,7 +1111,8 @@ def _listed_budgets(
             f"{exact_usd(s['usd_nanos']['spent'])} spent and "
             f"{exact_usd(s['usd_nanos']['reserved'])} held in all; listed: the "
             + (
-                f"{s['listed']} that spent most (`--run ID` lists a run's own, `--json` all)"
+                f"{s['listed']} exhausted or that spent most (`--run ID` lists a run's own, "
+                "`--json` all)"
                 if s["of"] == "runs"
                 else f"{s['listed']} latest (`--json` lists all)"
             )
@@ -1119,7 +1123,7 @@ def _listed_budgets(
 
 def render_text(data: dict[str, Any], *, every_instance: bool = False) -> str:
     """`every_instance`: list every per-run budget instance (`--run`), else past
-    MAX_RUN_INSTANCES of one budget only those that spent most and a count."""
+    MAX_RUN_INSTANCES of one budget only those exhausted or that spent most and a count."""
     out = []
     narrowed = data.get("filter") or {}
     if narrowed.get("tenant") is not None or narrowed.get("workflow") is not None:

@@ -102,6 +102,29 @@ def test_shadow_runs_say_what_enforcement_would_have_made_of_them(seed: Seeder) 
     assert "normal (shadow: denied)" in report.render_text(report.build(str(seed.path), now=NOW))
 
 
+def test_the_page_filters_a_shadow_weeks_runs_to_those_enforcing_would_refuse(
+    seed: Seeder, tmp_path: Path
+) -> None:
+    """Its chips filtered on `status` alone: in shadow mode every run is `normal`, and the runs
+    enforcement would have refused (the reason to read a shadow week) could not be picked out."""
+    seed.call(
+        run="s", mode="shadow", action="refund.issue", deny=("not_authorized", "not for interns")
+    )
+    for run in ("t", "u"):
+        seed.call(run=run, mode="shadow")
+    page = tmp_path / "week.html"
+    assert main(["report", "--db", str(seed.path), "--html", str(page)]) == 0
+    require_chromium()
+    dom = parse(dump_dom(page, tmp_path, "#status=shadow"))
+    chips = {b["attrs"]["data-status"]: b for b in dom.find("button")}
+    assert chips["shadow"]["text"] == "shadow: would be refused (1)"
+    assert chips["shadow"]["attrs"]["class"] == "on" and chips["all"]["attrs"]["class"] == ""
+    shown = dom.find("tr", **{"class": "run"})
+    assert [r["attrs"]["data-scope"] for r in shown] == ["tenant:acme/agent:worker/run:s"]
+    everything = parse(dump_dom(page, tmp_path)).find("tr", **{"class": "run"})
+    assert len(everything) == 3
+
+
 def test_spend_over_time_per_budget_instance(seed: Seeder) -> None:
     tenant = claim("tenant:acme", usd=10_000_000_000, budget="tenant:*")
     for i in range(10):
@@ -1032,8 +1055,8 @@ def test_text_budgets_summarise_a_per_run_budgets_many_instances(
     seed: Seeder, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """BUDGETS printed a line per unit of every run's instance: 96k of the 145k lines of a
-    week of fleet traffic (48k runs). Past MAX_RUN_INSTANCES a per-run budget lists those that
-    spent most and one line counting them all; `--run` and the JSON still give every one."""
+    week of fleet traffic (48k runs). Past MAX_RUN_INSTANCES a per-run budget lists those
+    exhausted or that spent most and one line counting them all; `--run` and the JSON still give every one."""
     tenant = claim("tenant:acme", usd=10_000_000_000, budget="tenant:*")
 
     def runs(first: int, count: int) -> None:
@@ -1055,14 +1078,19 @@ def test_text_budgets_summarise_a_per_run_budgets_many_instances(
     data = report.build(str(seed.path), now=NOW)
     assert len(data["budgets"]) == 14  # the JSON keeps every instance
     rows, notes = table(report.render_text(data))
+    # The exhausted first (here the one that spent least), then those that spent most.
     assert [(r[0], r[1], r[3]) for r in rows] == [
+        ("agent:*/run:*", "agent:worker/run:stopped (exhausted)", unit)
+        for unit in ("usd", "requests")
+    ] + [
         ("agent:*/run:*", f"agent:worker/run:r{n:02d}", unit)
-        for n in (11, 10, 9, 8, 7)
+        for n in (11, 10, 9, 8)
         for unit in ("usd", "requests")
     ] + [("tenant:*", "tenant:acme", "usd")]
     assert notes == [
         "(agent:*/run:*: 13 run instances, 1 exhausted, 0.156000001 spent and 0 held in "
-        "all; listed: the 5 that spent most (`--run ID` lists a run's own, `--json` all))"
+        "all; listed: the 5 exhausted or that spent most (`--run ID` lists a run's own, `--json` "
+        "all))"
     ]
     every, notes = table(report.render_text(data, every_instance=True))
     assert len(every) == 13 * 2 + 1 and notes == []
@@ -1118,8 +1146,8 @@ def test_the_page_summarises_a_per_run_budgets_many_instances(
 ) -> None:
     """The page embedded a budgets row per unit of every run's instance and a spend series per
     instance: 96k rows and 48k options for a week of fleet traffic (48k runs), 62 of the 94 s
-    Chromium took to open it. Past MAX_RUN_INSTANCES it gets the TOP_INSTANCES that spent most
-    and a summary row, and their series only; `--run ID --html` and `--json` keep every one."""
+    Chromium took to open it. Past MAX_RUN_INSTANCES it gets the TOP_INSTANCES exhausted or
+    that spent most and a summary row, and their series only; `--run ID --html` and `--json` keep every one."""
     tenant = claim("tenant:acme", usd=10_000_000_000, budget="tenant:*")
 
     def runs(first: int, count: int) -> None:
@@ -1138,7 +1166,8 @@ def test_the_page_summarises_a_per_run_budgets_many_instances(
     for _ in range(2):  # the second does not fit
         seed.call(run="stopped", claims=[tenant, stopped], actual_usd=1)
     page, size = page_of(tmp_path / "page.html")
-    top = [f"agent:worker/run:r{n:02d}" for n in (29, 28, 27, 26, 25)]
+    # The exhausted first (in a shadow week: stopped, had it been enforced), then the biggest.
+    top = ["agent:worker/run:stopped"] + [f"agent:worker/run:r{n:02d}" for n in (29, 28, 27, 26)]
     assert [b["scope"] for b in page["budgets"]] == [*top, "tenant:acme"]
     assert page["budget_summaries"] == [
         {
@@ -1152,8 +1181,8 @@ def test_the_page_summarises_a_per_run_budgets_many_instances(
         }
     ]
     scopes = [s["scope"] for s in page["spend"]["series"]]
-    assert scopes == ["all spend", "tenant:acme", *top]
-    assert page["spend"]["series_omitted"] == 26  # 25 runs' and the stopped run's
+    assert scopes == ["all spend", "tenant:acme", *top[1:], top[0]]  # series by spend
+    assert page["spend"]["series_omitted"] == 26  # the 26 runs' that spent least
 
     runs(30, 30)  # twice the runs: as many rows and series, a summary counting them
     bigger, bigger_size = page_of(tmp_path / "bigger.html")
@@ -1185,7 +1214,7 @@ def test_the_page_summarises_a_per_run_budgets_many_instances(
     dom = parse(dump_dom(tmp_path / "bigger.html", tmp_path))
     assert dom.find("main", id="app")[0]["attrs"]["data-ready"] == "1"
     rows = dom.find("tr", **{"class": "budget"})
-    top = [f"agent:worker/run:r{n:02d}" for n in (59, 58, 57, 56, 55)]
+    top = ["agent:worker/run:stopped"] + [f"agent:worker/run:r{n:02d}" for n in (59, 58, 57, 56)]
     assert [r["attrs"]["data-scope"] for r in rows] == [s for s in top for _ in (0, 1)] + [
         "tenant:acme"
     ]

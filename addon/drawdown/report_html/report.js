@@ -211,7 +211,10 @@
     function render(status) {
       rows.forEach(function (r) { r.close(); });
       while (body.firstChild) body.removeChild(body.firstChild);
-      shown = rows.filter(function (r) { return status === "all" || r.run.status === status; });
+      shown = rows.filter(function (r) {
+        // "shadow": the runs whose would_deny decisions enforcing would have refused
+        return status === "all" || (status === "shadow" ? !!r.run.would_status : r.run.status === status);
+      });
       drawn = 0;
       drawMore(RUN_PAGE);
     }
@@ -258,15 +261,22 @@
     drawMore(RUN_PAGE);
     var counts = { all: runs.length };
     STATUSES.forEach(function (s) { counts[s] = runs.filter(function (r) { return r.status === s; }).length; });
-    ["all"].concat(STATUSES).forEach(function (s) {
+    counts.shadow = runs.filter(function (r) { return r.would_status; }).length;
+    var chips = {};
+    ["all"].concat(STATUSES, ["shadow"]).forEach(function (s) {
       if (s !== "all" && !counts[s]) return;
-      var b = el("button", { type: "button", "data-status": s, "class": s === "all" ? "on" : null }, s.replace("_", " ") + " (" + counts[s] + ")");
+      var label = s === "shadow" ? "shadow: would be refused" : s.replace("_", " ");
+      var b = el("button", { type: "button", "data-status": s, "class": s === "all" ? "on" : null }, label + " (" + counts[s] + ")");
       b.addEventListener("click", function () {
         Array.prototype.forEach.call(filters.children, function (c) { c.classList.toggle("on", c === b); });
         render(s);
       });
       filters.appendChild(b);
+      chips[s] = b;
     });
+    // #status=NAME opens the page filtered (a link to a shadow week's runs to look at first)
+    var wanted = /^#status=(\w+)$/.exec(window.location.hash);
+    if (wanted && chips[wanted[1]]) chips[wanted[1]].click();
     runSection.appendChild(filters);
     runSection.appendChild(table);
     runSection.appendChild(el("p", { "class": "reason" }, "Click a run for its timeline (open the page with #all to expand every run, e.g. to print it)."));
@@ -477,7 +487,7 @@
           el("td", { "class": "reason", colspan: 6 },
             s.budget + ": " + fmtInt(s.instances) + (runs ? " run instances, " : " windows, ") + fmtInt(s.exhausted) + " exhausted, " +
             fmtUsd(s.usd.spent) + " spent and " + fmtUsd(s.usd.reserved) + " held in all; listed: the " + fmtInt(s.listed) +
-            (runs ? " that spent most (drawdown report --run ID --html FILE shows a run's own, --json all)" : " latest (--json lists all)")),
+            (runs ? " exhausted or that spent most (drawdown report --run ID --html FILE shows a run's own, --json all)" : " latest (--json lists all)")),
         ]));
       }
     });
