@@ -85,3 +85,19 @@ def test_the_lines_scripts_standin_prints_run_a_proxy_against_it(
     assert proc.wait(timeout=30) == 0
     assert proc.stdout is not None
     assert re.search(r"stand-in stopped after 1 request\(s\)", proc.stdout.read())
+
+
+@pytest.mark.parametrize(("args", "status"), [(["--help"], 0), (["--port", "5"], 2)])
+def test_scripts_standin_reads_its_arguments_rather_than_starting_regardless(
+    args: list[str], status: int
+) -> None:
+    """`--help` started the server, as did any argument at all."""
+    done = subprocess.run(
+        [str(ROOT / "scripts" / "standin"), *args],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == status, done.stdout + done.stderr
+    assert (
+        done.stdout.startswith("usage: scripts/standin") or "usage: scripts/standin" in done.stderr
+    )
+    assert "stand-in upstream on" not in done.stdout

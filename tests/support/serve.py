@@ -9,6 +9,7 @@ connections go to the stand-in. Runs until SIGINT or SIGTERM.
 
 from __future__ import annotations
 
+import argparse
 import json
 import shlex
 import signal
@@ -25,7 +26,13 @@ from tests.support.tls import make_tls_material
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    argparse.ArgumentParser(
+        prog="scripts/standin",
+        description="The tests' stand-in upstream (OpenAI, Anthropic, Gemini, Bedrock, tools) "
+        "over TLS on loopback: prints what the shell that starts `drawdown run` needs to send "
+        "its connections there. Runs until Ctrl-C or SIGTERM.",
+    ).parse_args(argv)  # --help, and no argument taken silently
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
