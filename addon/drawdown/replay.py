@@ -798,9 +798,27 @@ def _metering_warnings(sim: Simulation | None) -> list[str]:
     return found
 
 
-def _warnings(policy: Policy, rows: Sequence[dict[str, Any]], redacted: Counter[str]) -> list[str]:
+def _read_for(policy: Policy, kinds: set[str]) -> set[str]:
+    """The request fields the new policy reads deciding requests of these action kinds: its
+    actions' matches (classifying any request), and the rules that cover one of the kinds. A
+    rule of an action the window held no request of read nothing, and warned all the same."""
+    names = {test.field for action in policy.actions for test in action.match.tests}
+    for rule in policy.authority.rules:
+        if any(rule.covers(kind) for kind in kinds):
+            names.update(test.field for test in rule.when)
+            for requirement in rule.requires:
+                names.update(f for f in (requirement.here, requirement.there) if f)
+    return names
+
+
+def _warnings(
+    policy: Policy, rows: Sequence[dict[str, Any]], redacted: Counter[str], kinds: set[str]
+) -> list[str]:
+    """What replay could not apply of the new policy to these rows (whose requests it
+    classified as `kinds`)."""
     found = []
-    wanted = body_fields(policy)
+    read = _read_for(policy, kinds)
+    wanted = {name for name in body_fields(policy) if name in read or name in policy.record.fields}
     kept: set[str] = set()
     full = False
     omitted: set[str] = set()
@@ -822,10 +840,7 @@ def _warnings(policy: Policy, rows: Sequence[dict[str, Any]], redacted: Counter[
         found.append(
             "some requests' " + ", ".join(sorted(omitted & wanted)) + " were too large to record"
         )
-    headers = sorted(
-        {t.field for a in policy.actions for t in a.match.tests if t.field.startswith("header.")}
-        | {t.field for r in policy.authority.rules for t in r.when if t.field.startswith("header.")}
-    )
+    headers = sorted(name for name in read if name.startswith("header."))
     if headers:
         found.append(
             "the new policy reads "
@@ -846,7 +861,7 @@ def _warnings(policy: Policy, rows: Sequence[dict[str, Any]], redacted: Counter[
             + ", ".join(f"{level} {value!r} for {n} request(s)" for level, value, n in moved)
             + " (budgets and rules on those levels are replayed against the recorded ones)"
         )
-    reporting = sorted({a.kind for a in policy.actions if a.cost_header or a.cost_json})
+    reporting = sorted({a.kind for a in policy.actions if a.cost_header or a.cost_json} & kinds)
     if reporting:
         found.append(
             "the new policy reads tool costs from answers (cost_header/cost_json on "
@@ -1042,7 +1057,12 @@ def _summary(
         "usd_recorded_nanos": sum(r.usd_recorded for r in results),  # exact, as runs[] carry
         "usd_replayed_nanos": sum(r.usd_replayed for r in results),
         # Nothing replayed, nothing the policy read could have been missing from it.
-        "warnings": _warnings(policy, rows, sim.redacted if sim else Counter())
+        "warnings": _warnings(
+            policy,
+            rows,
+            sim.redacted if sim else Counter(),
+            {r.action for r in results if r.action},
+        )
         + _metering_warnings(sim)
         if results
         else [],

@@ -438,6 +438,12 @@ authority:
     # A window with nothing in it (`--since 1s`) replayed 0 requests and still warned.
     quiet = replay.replay(p, str(seed.path), since=1, now=seed.now + 3600)
     assert quiet["requests"] == 0 and quiet["warnings"] == []
+    # Nor of a rule on an action the window held no request of (found walking a shadow week).
+    later = seed.now + 3600
+    seed.now = later
+    llm(seed, "r")
+    chat_only = replay.replay(p, str(seed.path), since=60, now=later + 60)
+    assert chat_only["requests"] == 1 and chat_only["warnings"] == []
 
 
 def test_since_limits_the_replayed_traffic(seed: Seeder, tmp_path: Path) -> None:
@@ -1117,6 +1123,11 @@ def test_what_replay_cannot_apply_is_said(seed: Seeder, tmp_path: Path) -> None:
         "identity: section is not applied" in w and "tenant 'acme' for 3 request(s)" in w
         for w in warnings
     )
+    # Only once the window holds a call of that action: the llm calls read no cost.
+    assert not any("tool costs from answers" in w for w in warnings)
+    seed.call(tenant="default", action="search", provider=None, model=None, method="GET",
+              host="tool.example.com", path="/q", features={"port": 443})  # fmt: skip
+    warnings = replay.replay(policy(tmp_path, text), str(seed.path))["warnings"]
     assert any("tool costs from answers (cost_header/cost_json on search)" in w for w in warnings)
     same = "identity:\n  tenant: [{value: default}]\n" + ACTIONS
     assert replay.replay(policy(tmp_path, same, "same.yaml"), str(seed.path))["warnings"] == []
