@@ -643,6 +643,9 @@ class Drawdown:
         }
         self.seconds["drawdown_drain"] = float(DRAIN_DEFAULT)
         self.draining = False  # `drain` began: no new call is taken
+        # `drain` ended: the process stops within a few turns of the loop, too soon for an
+        # answer decided now to be written, though its decision row would land (`done`).
+        self.drained = False
         # Where a health probe may address this proxy (health.own_addresses), once running.
         self.own_addresses: frozenset[tuple[str, int]] = frozenset()
         self._deciding = 0  # requests between their headers and their reserve
@@ -960,6 +963,7 @@ class Drawdown:
             return self._deciding + in_flight + len(self._closing_clients) + len(self._answering)
 
         if not calls() or not seconds:
+            self.drained = True
             return
         log.info(
             "drawdown: stopping; %d call(s) in flight get up to %gs to finish "
@@ -971,6 +975,7 @@ class Drawdown:
         deadline = loop.time() + seconds
         while calls() and (left := deadline - loop.time()) > 0:
             await asyncio.sleep(min(0.05, left))  # shutdown only: a poll costs nothing
+        self.drained = True  # no await since calls() was last read
         if unfinished := calls():
             log.warning(
                 "drawdown: %d call(s) still in flight after %gs; stopping anyway",
@@ -1595,6 +1600,13 @@ class Drawdown:
         policy = state.policy = self.policy
         assert policy is not None
         if self.draining:  # a new request on a connection opened before the stop began
+            if self.drained or ctx.master.should_exit.is_set():
+                # Too late to answer: the process stops before mitmproxy would write a 503,
+                # and a refusal recorded but never sent (under load, several at once) told the
+                # ledger otherwise than the agent. Unrecorded, its connection closes, as a new
+                # connection's does, and the SDK retries it.
+                flow.kill()
+                return
             message = "drawdown: this proxy is shutting down; retry the request"
             self._respond(flow, state, "shutting_down", message, retryable=True)
             await self._record_refusal(flow, state, "shutting_down", message, 503)

@@ -390,3 +390,62 @@ def test_a_stop_under_load_loses_no_call_and_charges_none_twice(
     assert refused == [(len(turned_away),)], (refused, len(turned_away), log)
     assert proxy.query("SELECT SUM(spent_requests) FROM budget_instances") == [(charged,)]
     assert_ledger_verifies(tmp_db)
+
+
+def test_a_request_as_the_drain_ends_is_refused_as_recorded_or_not_at_all(
+    drawdown_proxy: Factory, standin: StandIn
+) -> None:
+    """Agents on keep-alive connections call one after another (8 ms apart) once the last call
+    in flight is over, so that some call comes as the drain ends. One that came just after it
+    was recorded refused (503 `shutting_down`), but the process stopped before the answer was
+    written and its agent saw the connection close: a race this test lost in some runs only
+    (tests/unit/test_addon_shutdown.py has the same case every time). Every agent told 503
+    has that row now, and no other agent has one."""
+    proxy = drawdown_proxy(POLICY)
+    gate = gated_stream(standin)
+    assert proxy.pid is not None
+    pid = proxy.pid
+    refused: set[str] = set()
+
+    async def main() -> None:
+        clients = [proxy.async_openai_client(max_retries=0) for _ in range(40)]
+        await asyncio.gather(*(client.models.list() for client in clients))  # kept alive
+        streaming = proxy.async_openai_client(max_retries=0)
+        chunks = await streaming.chat.completions.create(
+            model="gpt-4o-mini",
+            messages=MESSAGES,
+            stream=True,
+            extra_headers={"X-Drawdown-Run": "streamed"},
+        )
+        words = aiter(chunks)
+        for _ in range(SHOWN + 1):  # the role chunk, then SHOWN words
+            await anext(words)
+        os.kill(pid, signal.SIGTERM)
+        await asyncio.to_thread(proxy.wait_for_log, r"drawdown: stopping")
+        gate.set()
+        async for _ in words:
+            pass
+
+        async def late(n: int, client: openai.AsyncOpenAI) -> None:
+            await asyncio.sleep(n * 0.008)
+            try:
+                await client.chat.completions.create(
+                    model="gpt-4o-mini",
+                    messages=MESSAGES,
+                    extra_headers={"X-Drawdown-Run": f"late-{n}"},
+                )
+            except openai.APIStatusError as exc:
+                assert exc.response.headers["x-drawdown-reason"] == "shutting_down"
+                refused.add(f"late-{n}")
+            except openai.APIConnectionError:  # the proxy had stopped
+                pass
+
+        await asyncio.gather(*(late(n, client) for n, client in enumerate(clients)))
+        for client in [*clients, streaming]:
+            await client.close()
+
+    asyncio.run(main())
+    assert proxy.wait() == 0
+    rows = proxy.query("SELECT run FROM decisions WHERE reason_code = 'shutting_down'")
+    assert {run for (run,) in rows} == refused, proxy.log_text()[-4000:]
+    assert settled(proxy, "streamed") == ("committed", 17, 8, "usage", None, 200)

@@ -9,9 +9,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 from drawdown.addon import Drawdown
-from mitmproxy import http
+from mitmproxy import ctx, http
 from mitmproxy.addons.proxyserver import Proxyserver
+from mitmproxy.flow import Error
 from mitmproxy.test import taddons, tflow, tutils
 
 POLICY = """
@@ -168,3 +170,38 @@ def test_a_drain_waits_for_an_http2_refusal_until_its_response_hook_is_over(
 
     drain_with_a_call_in_flight(tmp_path, steps)
     assert seen == {"refusal": (503, False), "waited": True}
+
+
+@pytest.mark.parametrize("stop", ["drain over", "second signal"])
+def test_a_request_that_comes_as_the_process_stops_is_dropped_unrecorded(
+    tmp_path: Path, stop: str
+) -> None:
+    """Once the drain is over (or a second signal stops at once), the process is gone within
+    a few turns of the loop. A request on a keep-alive connection that came meanwhile was
+    refused 503 `shutting_down`, and its row landed as `done` flushed the ledger's writer, but
+    mitmproxy never wrote the answer: under load, agents whose refusals the ledger recorded saw
+    their connection close (tests/e2e/test_shutdown.py). It is now dropped, unrecorded."""
+    seen: dict[str, Any] = {}
+
+    async def steps(addon: Drawdown, in_flight: http.HTTPFlow, draining: asyncio.Future) -> None:
+        if stop == "drain over":
+            in_flight.response = tutils.tresp(content=b"{}")
+            addon.responseheaders(in_flight)
+            await addon.response(in_flight)
+            await asyncio.wait_for(draining, 2)
+        else:
+            ctx.master.shutdown()
+            await asyncio.sleep(0.01)
+        late = lookup()  # on a keep-alive connection
+        late.client_conn.timestamp_end = None
+        addon.requestheaders(late)
+        await addon.request(late)
+        seen["answer"] = late.response
+        seen["killed"] = late.error is not None and late.error.msg == Error.KILLED_MESSAGE
+        draining.cancel()
+
+    drain_with_a_call_in_flight(tmp_path, steps)
+    assert seen == {"answer": None, "killed": True}
+    with sqlite3.connect(tmp_path / "l.db") as conn:
+        rows = conn.execute("SELECT COUNT(*) FROM decisions WHERE reason_code = 'shutting_down'")
+        assert rows.fetchall() == [(0,)]
