@@ -47,7 +47,6 @@ from .ledger.api import (
     agents_own,
     failed_attempt,
     forgiven,
-    is_agents_own,
     is_failed_attempt,
 )
 from .ledger.reader import Reader
@@ -353,11 +352,6 @@ def _counted(rows: Sequence[dict[str, Any]], retries: int) -> list[bool]:
     return steps
 
 
-def _own(row: dict[str, Any]) -> bool:
-    """Whether a decision row is a step of its run's, as the guards count (api.agents_own)."""
-    return is_agents_own(row.get("decision"), row.get("reason_code"), row.get("status"))
-
-
 def retried(rows: Sequence[dict[str, Any]], retries: int) -> set[str]:
     """The request ids of `rows` (decision rows, oldest first) that are failed attempts the
     guards forgive (`_counted`): attempts the agent's SDK retried, no steps of their run.
@@ -366,7 +360,7 @@ def retried(rows: Sequence[dict[str, Any]], retries: int) -> set[str]:
     forgiven_ids: set[str] = set()
     failed: dict[tuple[str, Any], int] = defaultdict(int)
     for r in rows:
-        if not _own(r) or not _failed(r):
+        if r.get("reason_code") in PROXY_REFUSALS or not _failed(r):
             continue
         key = (r["scope"], r["fingerprint"])
         if failed[key] < retries:
@@ -377,9 +371,8 @@ def retried(rows: Sequence[dict[str, Any]], retries: int) -> set[str]:
 
 def not_steps(rows: Sequence[dict[str, Any]], retries: int) -> set[str]:
     """The request ids of `rows` (decision rows, oldest first) that are no steps of their run,
-    as the guards count: the proxy's own refusals, a budget window's, and the failed attempts
-    they forgive."""
-    refused = {r["request_id"] for r in rows if not _own(r)}
+    as the guards count: the proxy's own refusals, and the failed attempts they forgive."""
+    refused = {r["request_id"] for r in rows if r.get("reason_code") in PROXY_REFUSALS}
     return refused | retried(rows, retries)
 
 
@@ -797,13 +790,9 @@ def active_where(
     return where, {"floor": floor, "run": run, **{f"within_{k}": v for k, v in narrowed.items()}}
 
 
-# Not agents_own(): the proxy's refusals and a budget window's (api.WINDOW_REFUSAL).
-_REFUSED = (
-    f"(reason_code IN ({', '.join(f"'{code}'" for code in PROXY_REFUSALS)}) OR "
-    "(reason_code = 'budget_exhausted' AND decision = 'deny' AND status = 429))"
-)
-# What scan() counts of each run: its rows, the refusals among them that are no steps of the
-# run's, when its first own row came (step_count's history) and its requests a guard refused
+_REFUSED = f"reason_code IN ({', '.join(f"'{code}'" for code in PROXY_REFUSALS)})"
+# What scan() counts of each run: its rows, the proxy's refusals among them (no steps of the
+# run's), when its first own row came (step_count's history) and its requests a guard refused
 # (each one an anomaly). Written so that the common row (reason_code NULL) is decided at the
 # first test: NOT IN a COALESCE, three times a row, was a quarter of the pass's time.
 SCAN_COLUMNS = (
@@ -1245,7 +1234,11 @@ def find(
     )
     calls_sql, calls_params = _per_call_suspects(judged_by, priced_column)
     # The runs' own steps: the proxy's refusals (a stop, its ledger down) are not theirs.
-    calls = [r for r in _of_scopes(reader, calls_sql, calls_params, active) if _own(r)]
+    calls = [
+        r
+        for r in _of_scopes(reader, calls_sql, calls_params, active)
+        if r["reason_code"] not in PROXY_REFUSALS
+    ]
     calls.sort(key=lambda r: (r["ts"], r["id"]))
     context = _Context(
         reader,
@@ -1367,7 +1360,7 @@ def _find_judged(
     rows = decision_rows(reader, suspects, priced_column, WORDING_FIELDS)
     rows += _of_requests(reader, flagged_calls, WORDING_FIELDS + priced_column)
     return _detect(
-        [r for r in rows if _own(r)],
+        [r for r in rows if r["reason_code"] not in PROXY_REFUSALS],
         settings,
         history=history,
         workflow_rows=workflow_rows,
@@ -1395,5 +1388,5 @@ def _of_workflows(reader: Reader, names: set[str]) -> list[dict[str, Any]]:
     sql = f"""SELECT d.id, d.request_id, d.ts, d.decision, d.reason, d.scope, d.tenant,
                      d.workflow, d.agent, d.run, d.action, d.fingerprint, d.status,
                      d.completed_at
-              FROM decisions d WHERE {{in}} AND {agents_own("d.")}"""
+              FROM decisions d WHERE {{in}} AND {agents_own("d.reason_code")}"""
     return query_in(reader, sql, "d.workflow", names)

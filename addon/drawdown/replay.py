@@ -55,11 +55,10 @@ from .ledger.api import (
     Guards,
     LedgerError,
     Shortfall,
+    agents_own,
     deciding_first,
     forgiven,
-    is_agents_own,
     is_failed_attempt,
-    not_proxys_refusal,
 )
 from .ledger.reader import Reader
 from .meter import TokenUsage, openai_realtime
@@ -271,16 +270,13 @@ class Simulation:
         self._seq += 1
         heapq.heappush(self.pending, _Pending(at, self._seq, keys, estimate, actual, facts))
 
-    def count(self, row: dict[str, Any], out: Replayed, fingerprint: str | None) -> None:
+    def count(self, row: dict[str, Any], decision: str, fingerprint: str | None) -> None:
         """Every decision row counts for the guards, as it does in the ledger; one forwarded
         again that failed retryably live is forgiven from when it failed (up to the policy's
-        anomalies.loop.retries). One the new policy denies is a denial, counted, but for a
-        budget window's refusal (api.WINDOW_REFUSAL)."""
-        decision = out.decision
-        if is_agents_own(decision, out.reason_code, out.status):
-            self.steps[row["scope"]] += 1
-            if fingerprint:
-                self.repeats[(row["scope"], fingerprint)] += 1
+        anomalies.loop.retries). One the new policy denies is a denial, counted."""
+        self.steps[row["scope"]] += 1
+        if fingerprint:
+            self.repeats[(row["scope"], fingerprint)] += 1
         done = row.get("completed_at")
         if (
             fingerprint
@@ -414,7 +410,7 @@ def _decide(sim: Simulation, row: dict[str, Any]) -> Replayed | None:
         out.status = status or STATUS.get(code, 403)
 
     def finish(claims: Sequence[Claim], estimate: Amount, fingerprint: str | None) -> Replayed:
-        sim.count(row, out, fingerprint)
+        sim.count(row, out.decision, fingerprint)
         if out.decision == "deny":
             return out
         actual, repriced = _actual(row, action, estimate, policy)
@@ -918,7 +914,7 @@ def replay(
             f"SELECT {_COLUMNS}{features} FROM decisions d LEFT JOIN holds h ON h.id = d.hold_id "
             # A request the proxy's own state turned away (a stop, its ledger down) was retried
             # by its SDK, and the retry is in the ledger: replaying both would count it twice.
-            f"WHERE {window} AND {not_proxys_refusal('d.')} "
+            f"WHERE {window} AND {agents_own('d.reason_code')} "
             "ORDER BY d.ts, d.id",
             {"floor": floor},
         )

@@ -8,12 +8,12 @@ from typing import Any, ClassVar
 
 import pytest
 from drawdown import anomalies
-from drawdown.ledger.api import Claim, Guards
+from drawdown.ledger.api import Guards
 from drawdown.ledger.reader import Reader
 from drawdown.policy.model import JUDGING_KEY, Judging, Policy
 
 from tests.support.policies import policy_from
-from tests.unit.seeding import T0, Seeder
+from tests.unit.seeding import Seeder
 
 
 @pytest.fixture
@@ -77,16 +77,6 @@ def test_loop_flags_the_sixth_identical_request_with_all_six_as_evidence(seed: S
     assert loop["run"] == "looping" and loop["evidence"] == ids and loop["on_detect"] == "flag"
     assert "6 times" in loop["detail"] and "repeats: 5" in loop["detail"]
     assert not set(five) & set(loop["evidence"])
-
-
-def test_a_budget_windows_refusals_are_no_loop(seed: Seeder) -> None:
-    """As the guard counts (api.WINDOW_REFUSAL): an agent told by a window's 429 to come back
-    later, calling again at once, is refused at no cost, and its refusals are no repeats."""
-    scope = "tenant:acme/agent:worker/run:r"
-    per_minute = Claim("run", scope, None, None, 1, per="minute", window_end=int(T0) + 60)
-    rows = [seed.call(run="r", body="again", claims=[per_minute]) for _ in range(7)]
-    assert [(r.decision, r.status) for r in rows[1:]] == [("deny", 429)] * 6
-    assert found(seed) == []
 
 
 def test_loop_denied_by_the_guard_is_the_same_anomaly(seed: Seeder, tmp_path: Path) -> None:

@@ -1484,67 +1484,11 @@ def test_attempts_in_flight_and_drawdowns_own_denials_count(
     first = ledger.reserve(guarded(), [], Amount(requests=1), NOW + 900, guards)
     again = ledger.reserve(guarded(), [], Amount(requests=1), NOW + 900, guards)
     assert (first.decision, again.decision) == ("allow", "deny")
-    # A denial by drawdown carries x-should-retry: false: never forgiven (an anomaly's 429, a
-    # lifetime budget's 402, a rule's 403).
-    for status, code in ((429, "anomaly"), (402, "budget_exhausted"), (403, "not_authorized")):
-        refused = guarded(code + str(status))
-        refused.decision, refused.reason_code, refused.status = "deny", code, status
-        ledger.record(refused)
-        assert attempt(ledger, guards, 200, code + str(status), ok=True) == "deny"
-
-
-def test_a_budget_windows_refusals_are_no_repeats_nor_steps(
-    backend: LedgerBackend, ledger: Any
-) -> None:
-    """A budget window's 429 says when to come back (Retry-After). Its refusals counted as
-    repeats, so the agent that waited as told was refused for good as a loop, in a window
-    with room for it (and as steps, by step_count)."""
-    guards = Guards(max_repeats=2, max_steps=3)
-    minute = 60
-
-    def call(window: int) -> ReserveOutcome:
-        per_minute = claim(requests=1, per="minute", window_end=NOW + minute * (window + 1))
-        per_minute = dataclasses.replace(per_minute, window_start=int(NOW) + minute * window)
-        request = guarded()
-        outcome = ledger.reserve(request, [per_minute], Amount(requests=1), NOW + 900, guards)
-        if outcome.hold_id is not None:
-            done = Completion(actual=Amount(requests=1), status=200)
-            ledger.commit(request.request_id, outcome.hold_id, done, NOW)
-        return outcome
-
-    assert call(0).decision == "allow"
-    refusals = [call(0) for _ in range(3)]  # the agent retried at once, three times: refused
-    assert [(r.decision, r.tripped) for r in refusals] == [("deny", None)] * 3
-    assert {s.claim.per for r in refusals for s in r.shortfalls} == {"minute"}
-    # It waited for the next window: one repeat and one step so far, the refusals no more.
-    assert call(1).decision == "allow"
-    again = call(2)  # the third identical call: two repeats, now a loop
-    assert again.decision == "deny" and again.tripped is not None
-    assert again.tripped.detector == "loop"
-
-
-def test_a_window_refusal_decided_in_the_same_batch_is_no_repeat_either(
-    backend: LedgerBackend, ledger: Any
-) -> None:
-    """The writer decides a batch's guards before its budgets: a refusal by a window earlier
-    in the batch counted as a repeat for the identical request after it."""
-    guards = Guards(max_repeats=2)
-
-    def per_minute(window: int) -> Claim:
-        made = claim(requests=1, per="minute", window_end=NOW + 60 * (window + 1))
-        return dataclasses.replace(made, window_start=int(NOW) + 60 * window)
-
-    first = guarded()
-    held = ledger.reserve(first, [per_minute(0)], Amount(requests=1), NOW + 900, guards)
-    done = Completion(actual=Amount(requests=1), status=200)
-    ledger.commit(first.request_id, held.hold_id, done, NOW)
-    batch = [
-        ("reserve", (guarded(), [per_minute(w)], Amount(requests=1), NOW + 900, guards))
-        for w in (0, 1)  # refused by its window; then one in a window with room
-    ]
-    refused, allowed = ledger.run_batch(batch)
-    assert (refused.decision, refused.tripped) == ("deny", None)
-    assert (allowed.decision, allowed.tripped) == ("allow", None)
+    # A denial by drawdown answers 429 too, but with x-should-retry: false: never forgiven.
+    refused = guarded("budget")
+    refused.decision, refused.reason_code, refused.status = "deny", "budget_exhausted", 429
+    ledger.record(refused)
+    assert attempt(ledger, guards, 200, "budget", ok=True) == "deny"
 
 
 def test_failed_attempts_are_not_steps(backend: LedgerBackend, ledger: Any) -> None:

@@ -308,26 +308,6 @@ def test_loop_guard_in_the_new_policy(seed: Seeder, tmp_path: Path) -> None:
     assert data["blocked"][0]["by"] == "anomalies.loop" and data["blocked"][0]["status"] == 429
 
 
-def test_a_budget_windows_refusals_are_no_repeats_in_the_new_policy(
-    seed: Seeder, tmp_path: Path
-) -> None:
-    """As the ledger's guard: a window's 429 says when to come back, and the identical call
-    made then (the next minute) is no repeat of the refused ones."""
-    # Three within one minute of T0 (:20), the last followed by a minute's wait.
-    same = [llm(seed, "r", body="same", gap=60.0 if i == 2 else 0.5) for i in range(3)]
-    later = llm(seed, "r", body="same")
-    p = policy(
-        tmp_path,
-        ACTIONS
-        + 'budgets:\n  - {scope: "agent:*/run:*", per: minute, requests: 1}\n'
-        + "anomalies:\n  loop: {repeats: 2, on_detect: deny}\n",
-    )
-    data = replay.replay(p, str(seed.path))
-    blocked = {b["request_id"]: (b["reason_code"], b["status"]) for b in data["blocked"]}
-    assert blocked == {call.request_id: ("budget_exhausted", 429) for call in same[1:]}
-    assert later.request_id not in blocked
-
-
 def test_a_retried_failure_is_no_repeat_in_the_new_policy(seed: Seeder, tmp_path: Path) -> None:
     """As the ledger's guard: the first loop.retries failed attempts of a request are forgiven
     once they have failed; one still in flight when the next starts counts."""

@@ -36,32 +36,9 @@ IDLE_RUN_SQL = (
 PROXY_REFUSALS = ("shutting_down", "ledger_unavailable", "internal_error")
 
 
-def not_proxys_refusal(prefix: str = "") -> str:
-    """SQL: the decision row is a request of the agent's, not one of PROXY_REFUSALS (whose
-    retry is in the ledger too)."""
-    codes = ", ".join(f"'{c}'" for c in PROXY_REFUSALS)
-    return f"COALESCE({prefix}reason_code, '') NOT IN ({codes})"
-
-
-# A budget window's refusal (429, Retry-After) tells the agent when to come back: the call
-# it makes then is no repeat of the refused ones, nor were they steps. Counted, an agent that
-# waited as told was refused for good, as a loop, in the window that had room for it.
-WINDOW_REFUSAL = ("deny", "budget_exhausted", 429)
-
-
-def agents_own(prefix: str = "") -> str:
-    """SQL: the decision row is the agent's own step, as the loop and step_count guards count:
-    not one of PROXY_REFUSALS, nor a budget window's refusal."""
-    p = prefix
-    return (
-        f"{not_proxys_refusal(p)} AND NOT ({p}decision = 'deny' AND COALESCE({p}reason_code, '') "
-        f"= 'budget_exhausted' AND COALESCE({p}status, 0) = 429)"
-    )
-
-
-def is_agents_own(decision: str | None, reason_code: str | None, status: int | None) -> bool:
-    """agents_own(), for a row in hand."""
-    return reason_code not in PROXY_REFUSALS and (decision, reason_code, status) != WINDOW_REFUSAL
+def agents_own(reason_code: str = "reason_code") -> str:
+    """SQL: the decision row is the agent's own step, not one of PROXY_REFUSALS."""
+    return f"COALESCE({reason_code}, '') NOT IN ({', '.join(f"'{c}'" for c in PROXY_REFUSALS)})"
 
 
 # An attempt its SDK retries is not a repeat or a step of its own. The official OpenAI and

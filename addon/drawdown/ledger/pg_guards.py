@@ -30,14 +30,14 @@ SELECT pg_advisory_xact_lock(s.h) FROM (
 REPEATS = f"""
 SELECT k.scope, k.fp, (SELECT COUNT(*) FROM (
     SELECT 1 FROM decisions d
-    WHERE d.scope = k.scope AND d.fingerprint = k.fp AND {agents_own("d.")}
+    WHERE d.scope = k.scope AND d.fingerprint = k.fp AND {agents_own("d.reason_code")}
     LIMIT k.cap) s)
 FROM unnest(%s::text[], %s::text[], %s::int[]) AS k(scope, fp, cap)
 """
 # The cap is plan.step_cap(), its forgiven attempts read from the partial index in the query.
 STEPS = f"""
 SELECT k.scope, (SELECT COUNT(*) FROM (
-    SELECT 1 FROM decisions d WHERE d.scope = k.scope AND {agents_own("d.")}
+    SELECT 1 FROM decisions d WHERE d.scope = k.scope AND {agents_own("d.reason_code")}
     LIMIT k.most + %s + (
         SELECT COALESCE(SUM(LEAST(f.n, GREATEST(k.retries, 0))), 0) FROM (
             SELECT COUNT(*) AS n FROM decisions f
@@ -54,7 +54,7 @@ GROUP BY d.scope, d.fingerprint
 INFLIGHT = f"""
 SELECT d.request_id, d.scope, d.fingerprint FROM decisions d
 WHERE d.request_id = ANY(%s) AND d.completed_at IS NULL AND d.decision <> 'deny'
-  AND d.fingerprint IS NOT NULL AND {agents_own("d.")}
+  AND d.fingerprint IS NOT NULL AND {agents_own("d.reason_code")}
 """
 # A workflow's runs, walked one index seek each (the next scope and its row's tenant) up to
 # the cap: a DISTINCT read every row of them (28 ms for five runs of 20,000 rows).

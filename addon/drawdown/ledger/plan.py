@@ -22,6 +22,7 @@ from typing import Any
 from .api import (
     BATCH_HOLDER,
     LOOP_HINT,
+    PROXY_REFUSALS,
     UNITS,
     Amount,
     BatchHold,
@@ -37,7 +38,6 @@ from .api import (
     deciding_first,
     decision_values,
     forgiven,
-    is_agents_own,
     is_failed_attempt,
 )
 
@@ -207,7 +207,7 @@ class Counts:
     def add(self, row: DecisionRow, refused: bool = False) -> None:
         """A decision row the batch records (before the next reserve is checked). `refused`:
         a guard denies it, though its row still reads "allow" until the reserve is decided."""
-        if not is_agents_own(row.decision, row.reason_code, row.status):  # as agents_own()
+        if row.reason_code in PROXY_REFUSALS:  # the proxy's state, not the agent's: not counted
             return
         if row.fingerprint and (row.scope, row.fingerprint) in self.repeats:
             self.repeats[row.scope, row.fingerprint] += 1
@@ -560,9 +560,6 @@ class Plan:
         before it to be written."""
         # (workflow, tenant) -> the new runs of the batch that a budget may still refuse
         undecided: dict[tuple[str, str], set[str]] = {}
-        # the scopes of the batch's reserves a budget window may still refuse, which the loop
-        # and step_count guards would then not count (api.WINDOW_REFUSAL): counted here
-        windowed: set[str] = set()
         for i, (name, args) in enumerate(calls):
             if name in ("commit", "release"):
                 counts.settle(args[0], args[2])
@@ -577,8 +574,6 @@ class Plan:
                 if undecided and fan_out_turns_on_budgets(row, guards, counts, undecided):
                     return i
                 tripped = counts.trip(row, guards)
-                if tripped is not None and row.scope in windowed and tripped.detector != "fan_out":
-                    return i  # tripped perhaps only by a refusal before it: decided after it
                 self.tripped[i] = tripped
                 if tripped is not None and not guards.shadow:
                     self.skip.add(i)
@@ -591,8 +586,6 @@ class Plan:
                 and (row.workflow, row.scope) not in counts.known
             ):
                 undecided.setdefault((row.workflow, row.tenant or ""), set()).add(row.scope)
-            if name == "reserve" and i not in self.skip and any(c.per for c in args[1]):
-                windowed.add(row.scope)
             counts.add(row, refused=i in self.skip)
         return None
 
