@@ -46,13 +46,12 @@ from .ledger.api import (
     PROXY_REFUSALS,
     UNITS,
     Claim,
-    Shortfall,
     agents_own,
     failed_attempt,
     forgiven,
 )
 from .ledger.reader import Reader
-from .money import exact_usd
+from .money import exact_usd, format_usd
 from .money import usd_float as exact_usd_float
 from .policy.match import LEVELS
 from .policy.model import Judging, Policy
@@ -735,13 +734,9 @@ def _refused(
             row["limit_requests"],
             row["per"],
         )
-        words = tuple(
-            Shortfall(claim, unit, limit, 0, 0, 0).describe().split(" exhausted (", 1)[0]
-            + " exhausted ("
-            for unit in UNITS
-            if (limit := claim.limit(unit)) is not None
+        by_scope[row["scope"]].append(
+            (row, _refusal_words(claim), window(row["per"], row["window_start"])[1])
         )
-        by_scope[row["scope"]].append((row, words, window(row["per"], row["window_start"])[1]))
     refused: set[int] = set()
     for denial in denials:
         for row, words, end in by_scope.get(denial["budget"], ()):
@@ -753,6 +748,28 @@ def _refused(
             ):
                 refused.add(row["id"])
     return refused
+
+
+def _refusal_words(claim: Claim) -> tuple[str, ...]:
+    """How a refusal by this instance begins (Shortfall.describe), as this drawdown words it
+    and as earlier ones did: the budget spent (`… exhausted (`) or smaller than the call
+    (`… is less than this call needs`), a dollar limit exact (`usd 0.015`), or as rounded
+    before (`usd 0.02`, and `usd 0.0150` for a call bigger than a window)."""
+    per = f" per {claim.per}" if claim.per else ""
+    words = []
+    for unit in UNITS:
+        limit = claim.limit(unit)
+        if limit is None:
+            continue
+        shown = (
+            {exact_usd(limit, 2), format_usd(limit, 2), format_usd(limit)}
+            if unit == "usd"
+            else {str(limit)}
+        )
+        for limit_text in sorted(shown):
+            head = f"budget {claim.scope} {unit} {limit_text}{per}"
+            words += [f"{head} exhausted (", f"{head} is less than this call needs"]
+    return tuple(words)
 
 
 def _bucket_size(first: float, last: float) -> int:

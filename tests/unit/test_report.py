@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shutil
+import sqlite3
 import subprocess
 import uuid
 from decimal import Decimal
@@ -613,6 +614,34 @@ def test_text_report_names_the_budget_of_each_instance(seed: Seeder) -> None:
         ["agent:*/run:*", scope, "lifetime", "usd"],
         ["agent:*/run:* [refund.issue]", scope, "lifetime", "requests"],
     ]
+
+
+def test_an_instance_that_refused_a_call_bigger_than_itself_is_marked_exhausted(
+    seed: Seeder,
+) -> None:
+    """Its refusal reads `… is less than this call needs`, not `… exhausted (`: the run said
+    budget_exhausted and its budget did not. And a ledger written before limits were shown
+    exactly (`usd 0.02` for a limit of $0.015) is read as it was."""
+    small = claim("agent:worker/run:big", usd=1_000_000)
+    seed.call(run="big", claims=[small], est_usd=2_000_000)
+    exact = claim("agent:worker/run:old", usd=15_000_000)
+    seed.call(run="old", claims=[exact], est_usd=10_000_000, actual_usd=10_000_000)
+    refused = seed.call(run="old", claims=[exact], est_usd=10_000_000)
+    data = report.build(str(seed.path), now=NOW)
+    runs = {r["run"]: r["status"] for r in data["runs"]}
+    assert runs == {"big": "budget_exhausted", "old": "budget_exhausted"}
+    assert {b["scope"]: b["exhausted"] for b in data["budgets"]} == {
+        "agent:worker/run:big": True,
+        "agent:worker/run:old": True,
+    }
+    with sqlite3.connect(seed.path) as conn:  # as drawdown worded it before
+        conn.execute(
+            "UPDATE decisions SET reason = replace(reason, 'usd 0.015 ', 'usd 0.02 ') "
+            "WHERE request_id = ?",
+            (refused.request_id,),
+        )
+    again = report.build(str(seed.path), now=NOW)
+    assert [b["exhausted"] for b in again["budgets"] if b["scope"].endswith("old")] == [True]
 
 
 def test_text_report_marks_an_exhausted_instance_as_the_json_does(seed: Seeder) -> None:
