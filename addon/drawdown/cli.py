@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 import time
+from collections import defaultdict
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
@@ -962,6 +963,12 @@ def cmd_budgets(args: argparse.Namespace) -> int:
         return iso_time(row["window_start"])
 
     if args.as_json:
+        # instance id -> the batch jobs whose hold covers it: once, not per instance (a fleet's
+        # ledger holds tens of thousands of instances)
+        batches_on: dict[str, list[dict]] = defaultdict(list)
+        for batch in batches:
+            for instance_id in (batch["instance_ids"] or "").split(","):
+                batches_on[instance_id].append(batch)
         out = []
         for row in rows:
             item: dict = {"budget": row["budget"], "scope": row["scope"], "per": row["per"]}
@@ -981,8 +988,7 @@ def cmd_budgets(args: argparse.Namespace) -> int:
                     "tokens": batch["est_tokens"],
                     "until": iso_time(batch["expires_at"]),
                 }
-                for batch in batches
-                if str(row["id"]) in (batch["instance_ids"] or "").split(",")
+                for batch in batches_on.get(str(row["id"]), ())
             ]
             out.append(item)
         print(json.dumps(out, indent=2))

@@ -123,7 +123,8 @@ def supervise(
 ) -> int:
     """Run `workers` copies of `drawdown run <worker_args> --listen host:port` until signalled;
     with `cpus`, worker i is pinned to cpus[i] (`--cpu-affinity`)."""
-    available = usable_cpus()
+    # With --cpu-affinity, the CPUs they are pinned to (fewer than the workers: they share)
+    available = len(set(cpus)) if cpus else usable_cpus()
     if workers > available:
         # Accepted (a share of CPUs can grow under a running proxy), but said: a worker is one
         # event loop, busy on one CPU under load; more loops than CPUs take turns on them.

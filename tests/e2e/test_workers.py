@@ -211,12 +211,18 @@ def test_workers_stopped_while_they_are_being_started_all_stop_with_their_superv
     assert not list(tmp_path.glob("drawdown-metrics-*")), output
 
 
-def test_more_workers_than_cpus_are_started_with_a_word_of_warning(tmp_path: Path) -> None:
+@pytest.mark.parametrize("held_to_one", ["by its affinity", "by --cpu-affinity"])
+def test_more_workers_than_cpus_are_started_with_a_word_of_warning(
+    tmp_path: Path, held_to_one: str
+) -> None:
     """`--workers 1000` on two CPUs started a thousand event loops without a word."""
-    supervisor = _start_supervisor(
-        tmp_path, "--workers", "2",
-        preexec_fn=lambda: os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}),
-    )  # fmt: skip
+    one = min(os.sched_getaffinity(0))
+    if held_to_one == "by its affinity":
+        supervisor = _start_supervisor(
+            tmp_path, "--workers", "2", preexec_fn=lambda: os.sched_setaffinity(0, {one})
+        )
+    else:
+        supervisor = _start_supervisor(tmp_path, "--workers", "2", "--cpu-affinity", str(one))
     assert supervisor.stdout is not None
     said = [next(supervisor.stdout)]
     while not said[-1].startswith("drawdown listening on"):

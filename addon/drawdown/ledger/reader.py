@@ -44,7 +44,14 @@ class Reader:
                 first = (text.splitlines() or [type(exc).__name__])[0]
                 raise LedgerError(f"cannot open ledger {self.url}: {first}") from None
             self._sqlite = None
-            if self._pg.execute("SELECT current_schema() AS s").fetchone()["s"] is None:
+            try:
+                schema = self._pg.execute("SELECT current_schema() AS s").fetchone()["s"]
+            except psycopg.Error as exc:
+                self._pg.close()
+                raise LedgerError(
+                    f"cannot read ledger {self.url}: {self._scrub(str(exc).strip())}"
+                ) from None
+            if schema is None:
                 self._pg.close()  # not "not a drawdown ledger": a schema's name mistyped
                 raise LedgerError(
                     f"{self.url}: its search_path names no schema that exists, so there is "
