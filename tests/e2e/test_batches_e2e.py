@@ -225,7 +225,10 @@ def test_a_batch_past_the_runs_room_is_refused_before_it_is_sent(
         pytest.raises(anthropic.APIStatusError) as refused,
     ):
         claude.messages.batches.create(requests=claude_batch(4096), extra_headers=headers)  # type: ignore[arg-type]
-    assert refused.value.status_code == 402 and "exhausted" in str(refused.value)
+    assert refused.value.status_code == 402
+    assert "budget run:too-big usd 0.01 is less than this call needs (≈0.0923)" in str(
+        refused.value
+    )  # no budget of $0.01 takes it, spent or not
     assert standin.count("/v1/messages/batches", "POST") == 0
     data = openai_batch_file("gpt-4o", max_tokens=None)
     with proxy.openai_client(max_retries=0) as client:
