@@ -19,7 +19,7 @@ import functools
 import hashlib
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from .classify import Classification, RequestView
@@ -310,18 +310,25 @@ def redact(value: Any, name: str = "", _depth: int = 0) -> Any:
 _FIELDS_CACHE: dict[int, tuple[Policy, frozenset[str]]] = {}
 
 
+def fields_read(policy: Policy, kinds: Iterable[str] | None = None) -> set[str]:
+    """The request fields the policy reads: its actions' matches (they classify any request)
+    and its rules' `when` and `requires … same`; with `kinds`, only the rules covering one."""
+    names = {test.field for action in policy.actions for test in action.match.tests}
+    wanted = None if kinds is None else set(kinds)
+    for rule in policy.authority.rules:
+        if wanted is None or any(rule.covers(kind) for kind in wanted):
+            names.update(test.field for test in rule.when)
+            for requirement in rule.requires:
+                names.update(f for f in (requirement.here, requirement.there) if f)
+    return names
+
+
 def body_fields(policy: Policy) -> frozenset[str]:
-    """The json.* fields the policy reads (action matches, `when`, `requires … same`) plus record.fields."""
+    """The json.* fields the policy reads (fields_read) plus record.fields."""
     cached = _FIELDS_CACHE.get(id(policy))
     if cached is not None and cached[0] is policy:
         return cached[1]
-    names: set[str] = set(policy.record.fields)
-    for action in policy.actions:
-        names.update(test.field for test in action.match.tests)
-    for rule in policy.authority.rules:
-        names.update(test.field for test in rule.when)
-        for requirement in rule.requires:
-            names.update(f for f in (requirement.here, requirement.there) if f)
+    names = fields_read(policy) | set(policy.record.fields)
     found = frozenset(n for n in names if n.startswith("json."))
     if len(_FIELDS_CACHE) > 8:  # a policy lives until the next reload; keep the last few
         _FIELDS_CACHE.clear()

@@ -71,6 +71,7 @@ from .recording import (
     REDACTED,
     UNANSWERED_NOTES,
     body_fields,
+    fields_read,
     metering_digest,
     omitted_fields,
     rebuild_json,
@@ -794,26 +795,15 @@ def _metering_warnings(sim: Simulation | None) -> list[str]:
     return found
 
 
-def _read_for(policy: Policy, kinds: set[str]) -> set[str]:
-    """The request fields the new policy reads deciding requests of these action kinds: its
-    actions' matches (classifying any request), and the rules that cover one of the kinds. A
-    rule of an action the window held no request of read nothing, and warned all the same."""
-    names = {test.field for action in policy.actions for test in action.match.tests}
-    for rule in policy.authority.rules:
-        if any(rule.covers(kind) for kind in kinds):
-            names.update(test.field for test in rule.when)
-            for requirement in rule.requires:
-                names.update(f for f in (requirement.here, requirement.there) if f)
-    return names
-
-
 def _warnings(
     policy: Policy, rows: Sequence[dict[str, Any]], redacted: Counter[str], kinds: set[str]
 ) -> list[str]:
     """What replay could not apply of the new policy to these rows (whose requests it
     classified as `kinds`)."""
     found = []
-    read = _read_for(policy, kinds)
+    # What deciding the window's requests read: a rule of an action it held no request of
+    # read nothing, and warned all the same.
+    read = fields_read(policy, kinds)
     wanted = {name for name in body_fields(policy) if name in read or name in policy.record.fields}
     kept: set[str] = set()
     full = False

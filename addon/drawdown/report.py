@@ -43,9 +43,12 @@ from .escape import printable
 from .identity import clean_value
 from .ledger.api import (
     BATCH_HOLDER,
+    EXHAUSTED,
     PROXY_REFUSALS,
+    TOO_BIG,
     UNITS,
     Claim,
+    Shortfall,
     agents_own,
     failed_attempt,
     forgiven,
@@ -751,24 +754,19 @@ def _refused(
 
 
 def _refusal_words(claim: Claim) -> tuple[str, ...]:
-    """How a refusal by this instance begins (Shortfall.describe), as this drawdown words it
-    and as earlier ones did: the budget spent (`… exhausted (`) or smaller than the call
-    (`… is less than this call needs`), a dollar limit exact (`usd 0.015`), or as rounded
-    before (`usd 0.02`, and `usd 0.0150` for a call bigger than a window)."""
-    per = f" per {claim.per}" if claim.per else ""
+    """How a refusal by this instance begins (Shortfall.head), spent (`… exhausted (`) or
+    smaller than the call (`… is less than this call needs`), with its dollar limit as now
+    (`usd 0.015`) or as earlier drawdowns rounded it (`usd 0.02`; `usd 0.0150`)."""
     words = []
     for unit in UNITS:
         limit = claim.limit(unit)
         if limit is None:
             continue
-        shown = (
-            {exact_usd(limit, 2), format_usd(limit, 2), format_usd(limit)}
-            if unit == "usd"
-            else {str(limit)}
-        )
-        for limit_text in sorted(shown):
-            head = f"budget {claim.scope} {unit} {limit_text}{per}"
-            words += [f"{head} exhausted (", f"{head} is less than this call needs"]
+        short = Shortfall(claim, unit, limit, 0, 0, 0)
+        spellings = [None, format_usd(limit, 2), format_usd(limit)] if unit == "usd" else [None]
+        for spelt in spellings:
+            head = short.head(spelt)
+            words += [f"{head} {EXHAUSTED} (", f"{head} {TOO_BIG}"]
     return tuple(words)
 
 

@@ -209,33 +209,41 @@ class Shortfall:
         budget, nor for a call above a window's whole limit: no wait will help (402)."""
         return self.claim.per is not None and self.needed <= self.limit
 
+    def head(self, limit: str | None = None) -> str:
+        """`budget SCOPE UNIT LIMIT[ per P]`, how every refusal by this claim begins (the
+        report finds the refusing instance by it). `limit`: as spelt otherwise than now; a
+        limit is shown as its author wrote it (rounded to cents, $0.015 read "0.02", and a
+        refusal of $0.016 looked wrong)."""
+        if limit is None:
+            limit = exact_usd(self.limit, 2) if self.unit == "usd" else str(self.limit)
+        window = f" per {self.claim.per}" if self.claim.per else ""
+        return f"budget {self.claim.scope} {self.unit} {limit}{window}"
+
     def describe(self) -> str:
-        c = self.claim
-        window = f" per {c.per}" if c.per else ""
-        # A limit as its author wrote it: rounded, $0.015 read "0.02", and a refusal of $0.016
-        # looked wrong.
-        limit = exact_usd(self.limit, 2) if self.unit == "usd" else str(self.limit)
         if self.needed > self.limit:  # "exhausted (used 0…)" would say the budget was spent
             show = format_usd if self.unit == "usd" else str
             return (
-                f"budget {c.scope} {self.unit} {limit}{window} is less than this call needs "
-                f"({'≈' if self.unit == 'usd' else ''}{show(self.needed)})"
-                + (": no window will take it" if c.per else "")
+                f"{self.head()} {TOO_BIG} ({'≈' if self.unit == 'usd' else ''}"
+                f"{show(self.needed)})" + (": no window will take it" if self.claim.per else "")
             )
         if self.unit == "usd":
             amounts = (
-                f"usd {limit}{window} exhausted "
                 f"(spent {format_usd(self.spent)}"
                 + (f", held {format_usd(self.reserved)}" if self.reserved else "")
                 + f", this call needs ≈{format_usd(self.needed)})"
             )
         else:
             amounts = (
-                f"{self.unit} {self.limit}{window} exhausted (used {self.spent}"
+                f"(used {self.spent}"
                 + (f", held {self.reserved}" if self.reserved else "")
                 + f", this call needs {self.needed})"
             )
-        return f"budget {c.scope} {amounts}"
+        return f"{self.head()} {EXHAUSTED} {amounts}"
+
+
+# How a refusal goes on after Shortfall.head: the budget spent, or smaller than the call.
+EXHAUSTED = "exhausted"
+TOO_BIG = "is less than this call needs"
 
 
 def deciding_order(claim: Claim, waits: bool | None = None) -> tuple[bool, float]:
