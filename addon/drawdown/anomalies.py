@@ -118,13 +118,14 @@ def _committed(row: dict[str, Any]) -> bool:
 
 
 def _failed(row: dict[str, Any]) -> bool:
-    """A failed attempt its SDK retries (ledger.api.failed_attempt)."""
+    """A failed attempt its SDK retries, or a budget window's refusal (ledger.api.failed_attempt)."""
     status = row.get("status")
     return is_failed_attempt(
         row.get("decision"),
         row.get("fingerprint"),
         None if status is None else int(status),
         row.get("completed_at") is not None,
+        row.get("reason_code"),
     )
 
 
@@ -1385,7 +1386,7 @@ def _decisions_in(
 
 def _of_workflows(reader: Reader, names: set[str]) -> list[dict[str, Any]]:
     """The own decision rows of the workflows of these names (every tenant's)."""
-    sql = f"""SELECT d.id, d.request_id, d.ts, d.decision, d.reason, d.scope, d.tenant,
+    sql = f"""SELECT d.id, d.request_id, d.ts, d.decision, d.reason_code, d.reason, d.scope, d.tenant,
                      d.workflow, d.agent, d.run, d.action, d.fingerprint, d.status,
                      d.completed_at
               FROM decisions d WHERE {{in}} AND {agents_own("d.reason_code")}"""

@@ -271,13 +271,20 @@ class Simulation:
         self._seq += 1
         heapq.heappush(self.pending, _Pending(at, self._seq, keys, estimate, actual, facts))
 
-    def count(self, row: dict[str, Any], decision: str, fingerprint: str | None) -> None:
+    def count(self, row: dict[str, Any], out: Replayed, fingerprint: str | None) -> None:
         """Every decision row counts for the guards, as it does in the ledger; one forwarded
         again that failed retryably live is forgiven from when it failed (up to the policy's
-        anomalies.loop.retries). One the new policy denies is a denial, counted."""
+        anomalies.loop.retries). One the new policy denies is a denial, counted, and forgiven
+        at once if a budget window refused it (api.failed_attempt)."""
+        decision = out.decision
         self.steps[row["scope"]] += 1
         if fingerprint:
             self.repeats[(row["scope"], fingerprint)] += 1
+            # (out.status is a denial's: an allowed request's is the recording's, read below)
+            if decision == "deny" and is_failed_attempt(
+                decision, fingerprint, out.status, True, out.reason_code
+            ):
+                self.failed[row["scope"]][fingerprint] += 1  # a refusal is finished when made
         done = row.get("completed_at")
         if (
             fingerprint
@@ -411,7 +418,7 @@ def _decide(sim: Simulation, row: dict[str, Any]) -> Replayed | None:
         out.status = status or STATUS.get(code, 403)
 
     def finish(claims: Sequence[Claim], estimate: Amount, fingerprint: str | None) -> Replayed:
-        sim.count(row, out.decision, fingerprint)
+        sim.count(row, out, fingerprint)
         if out.decision == "deny":
             return out
         actual, repriced = _actual(row, action, estimate, policy)

@@ -7,7 +7,11 @@ past `loop.retries`. A stream cut mid-way is not retried by the SDK, and stays a
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Callable
 
 import anthropic
@@ -272,3 +276,66 @@ def test_an_agent_whose_timeout_is_shorter_than_the_answer_cannot_outrun_its_bud
         ("deny", 402, None, None)
     ]
     assert all(row[4].startswith("client left before the answer") for row in rows[:3])
+
+
+WINDOWED = """
+mode: enforce
+actions:
+  - {kind: llm, provider: openai, match: {host: api.openai.com}}
+budgets:
+  - {scope: "agent:*/run:*", per: minute, requests: 1}
+anomalies:
+  loop: {repeats: 2, on_detect: deny}
+"""
+
+
+def test_an_agent_that_waits_as_a_windows_429_tells_it_is_not_refused_as_a_loop(
+    drawdown_proxy: Factory, standin: StandIn
+) -> None:
+    """A budget window's 429 says when to come back (Retry-After). The agent retried at once,
+    twice (its own code: the 429 says x-should-retry: false), then waited as told: its call
+    in the next window was refused for good as a loop, the two refusals counted as repeats.
+    They are forgiven as failed attempts (loop.retries: 2); hammering on is still a loop."""
+    if time.time() % 60 > 50:  # the three calls below must fall in one minute's window
+        time.sleep(60.5 - time.time() % 60)
+    proxy = drawdown_proxy(WINDOWED)
+    headers = {"X-Drawdown-Agent": "digest", "X-Drawdown-Run": "nightly"}
+    with proxy.openai_client(default_headers=headers, max_retries=0) as client:
+        assert ask(client)
+        waits = []
+        for _ in range(2):
+            with pytest.raises(openai.RateLimitError) as caught:
+                ask(client)
+            assert caught.value.response.headers["x-drawdown-reason"] == "budget_exhausted"
+            waits.append(int(caught.value.response.headers["retry-after"]))
+        time.sleep(waits[-1])
+        assert ask(client)  # the next window: two repeats so far, the refusals forgiven
+        with pytest.raises(openai.RateLimitError) as caught:
+            ask(client)  # a third repeat: a loop, whatever the window holds
+        assert caught.value.response.headers["x-drawdown-reason"] == "anomaly"
+    assert standin.count("/v1/chat/completions") == 2
+    rows = proxy.query(
+        "SELECT request_id, decision, reason_code, status FROM decisions ORDER BY ts"
+    )
+    assert [r[1:] for r in rows] == [
+        ("allow", None, 200),
+        ("deny", "budget_exhausted", 429),
+        ("deny", "budget_exhausted", 429),
+        ("allow", None, 200),
+        ("deny", "anomaly", 429),
+    ]
+    # The report's loop detector and replay count as the guard did.
+    data = report_json(proxy, "--policy", str(proxy.policy_path))
+    (loop,) = [a for a in data["anomalies"] if a["kind"] == "loop"]
+    assert (
+        "made 3 times in this run (anomalies.loop.repeats: 2), not counting 2 failed"
+        in (loop["detail"])
+    )
+    replayed = subprocess.run(
+        [sys.executable, "-m", "drawdown", "replay", "--policy", str(proxy.policy_path),
+         "--db", proxy.db_path, "--json"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert replayed.returncode == 0, replayed.stderr
+    blocked = {b["request_id"]: b["reason_code"] for b in json.loads(replayed.stdout)["blocked"]}
+    assert blocked == {r[0]: r[2] for r in rows if r[1] == "deny"}

@@ -8,12 +8,12 @@ from typing import Any, ClassVar
 
 import pytest
 from drawdown import anomalies
-from drawdown.ledger.api import Guards
+from drawdown.ledger.api import Claim, Guards
 from drawdown.ledger.reader import Reader
 from drawdown.policy.model import JUDGING_KEY, Judging, Policy
 
 from tests.support.policies import policy_from
-from tests.unit.seeding import Seeder
+from tests.unit.seeding import T0, Seeder
 
 
 @pytest.fixture
@@ -77,6 +77,21 @@ def test_loop_flags_the_sixth_identical_request_with_all_six_as_evidence(seed: S
     assert loop["run"] == "looping" and loop["evidence"] == ids and loop["on_detect"] == "flag"
     assert "6 times" in loop["detail"] and "repeats: 5" in loop["detail"]
     assert not set(five) & set(loop["evidence"])
+
+
+def test_a_budget_windows_refusals_are_forgiven_as_the_guard_forgives_them(seed: Seeder) -> None:
+    """As the guard counts (api.failed_attempt): a window's 429 says when to come back, and
+    the first loop.retries (2) of its refusals of a request in a run are no repeats."""
+    scope = "tenant:acme/agent:worker/run:r"
+    per_minute = Claim("run", scope, None, None, 1, per="minute", window_end=int(T0) + 60)
+    rows = [seed.call(run="r", body="again", claims=[per_minute]) for _ in range(7)]
+    assert [(r.decision, r.status) for r in rows[1:]] == [("deny", 429)] * 6
+    assert found(seed) == []  # seven made, two forgiven: five, as loop.repeats allows
+    eighth = seed.call(run="r", body="again", claims=[per_minute])
+    (loop,) = found(seed)
+    assert loop["evidence"] == [r.request_id for r in [*rows, eighth]]
+    assert "made 6 times in this run" in loop["detail"]
+    assert "not counting 2 failed attempt(s)" in loop["detail"]
 
 
 def test_loop_denied_by_the_guard_is_the_same_anomaly(seed: Seeder, tmp_path: Path) -> None:

@@ -1484,11 +1484,105 @@ def test_attempts_in_flight_and_drawdowns_own_denials_count(
     first = ledger.reserve(guarded(), [], Amount(requests=1), NOW + 900, guards)
     again = ledger.reserve(guarded(), [], Amount(requests=1), NOW + 900, guards)
     assert (first.decision, again.decision) == ("allow", "deny")
-    # A denial by drawdown answers 429 too, but with x-should-retry: false: never forgiven.
-    refused = guarded("budget")
-    refused.decision, refused.reason_code, refused.status = "deny", "budget_exhausted", 429
-    ledger.record(refused)
-    assert attempt(ledger, guards, 200, "budget", ok=True) == "deny"
+    # A denial by drawdown carries x-should-retry: false: never forgiven (an anomaly's 429, a
+    # lifetime budget's 402, a rule's 403), but for a budget window's (below).
+    for status, code in ((429, "anomaly"), (402, "budget_exhausted"), (403, "not_authorized")):
+        refused = guarded(code + str(status))
+        refused.decision, refused.reason_code, refused.status = "deny", code, status
+        ledger.record(refused)
+        assert attempt(ledger, guards, 200, code + str(status), ok=True) == "deny"
+
+
+def per_minute(window: int) -> Claim:
+    """A budget of one request a minute, in the `window`-th minute from NOW."""
+    made = claim(requests=1, per="minute", window_end=NOW + 60 * (window + 1))
+    return dataclasses.replace(made, window_start=int(NOW) + 60 * window)
+
+
+def test_a_budget_windows_refusals_are_forgiven_as_failed_attempts(
+    backend: LedgerBackend, ledger: Any
+) -> None:
+    """A budget window's 429 says when to come back (Retry-After). Counted as repeats, the
+    agent that retried at once twice, then waited as told, was refused for good as a loop in
+    the window with room for its call. They are forgiven as an SDK's retried failures are:
+    the first `retries` of a request in a run, so one hammering the 429 is still stopped."""
+    guards = Guards(max_repeats=2, retries=2)
+
+    def call(window: int) -> ReserveOutcome:
+        request = guarded()
+        outcome = ledger.reserve(
+            request, [per_minute(window)], Amount(requests=1), NOW + 900, guards
+        )
+        if outcome.hold_id is not None:
+            done = Completion(actual=Amount(requests=1), status=200)
+            ledger.commit(request.request_id, outcome.hold_id, done, NOW)
+        return outcome
+
+    assert call(0).decision == "allow"
+    refusals = [call(0) for _ in range(2)]  # the agent retried at once, twice: refused
+    assert [(r.decision, r.tripped) for r in refusals] == [("deny", None)] * 2
+    assert {s.claim.per for r in refusals for s in r.shortfalls} == {"minute"}
+    # It waited for the next window: one repeat so far, the two refusals forgiven.
+    assert call(1).decision == "allow"
+    again = call(2)  # the third identical call: two repeats, now a loop
+    assert again.decision == "deny" and again.tripped is not None
+    assert again.tripped.detector == "loop"
+
+    # One that hammers a window's 429 without waiting: past its `retries` forgiven refusals
+    # and `repeats`, it is refused as a loop, not by the window again.
+    hammered = [
+        ledger.reserve(guarded("hammer"), [per_minute(3)], Amount(requests=1), NOW + 900, guards)
+        for _ in range(7)
+    ]
+    outcomes = [(o.decision, o.tripped.detector if o.tripped else None) for o in hammered]
+    assert outcomes == [("allow", None)] + [("deny", None)] * 3 + [("deny", "loop")] * 3
+
+
+def test_a_budget_windows_refusals_are_not_steps(backend: LedgerBackend, ledger: Any) -> None:
+    guards = Guards(max_steps=2, retries=1)
+
+    def call(fingerprint: str, window: int) -> ReserveOutcome:
+        request = guarded(fingerprint)
+        outcome = ledger.reserve(
+            request, [per_minute(window)], Amount(requests=1), NOW + 900, guards
+        )
+        if outcome.hold_id is not None:
+            done = Completion(actual=Amount(requests=1), status=200)
+            ledger.commit(request.request_id, outcome.hold_id, done, NOW)
+        return outcome
+
+    assert call("a", 0).decision == "allow"
+    refused = call("b", 0)
+    assert (refused.decision, refused.tripped) == ("deny", None)
+    # Two steps taken, one of them a window's refusal, forgiven: the next window takes one more.
+    assert call("b", 1).decision == "allow"
+    last = call("c", 2)
+    assert last.tripped is not None and last.tripped.detector == "step_count"
+
+
+def test_a_window_refusal_decided_in_the_same_batch_is_forgiven_too(
+    backend: LedgerBackend, ledger: Any
+) -> None:
+    """The writer decides a batch's guards before its budgets: a refusal by a window earlier
+    in the batch counted as a repeat for the identical request after it, unforgiven."""
+    guards = Guards(max_repeats=2, retries=2)
+    first = guarded()
+    held = ledger.reserve(first, [per_minute(0)], Amount(requests=1), NOW + 900, guards)
+    ledger.commit(first.request_id, held.hold_id, Completion(Amount(requests=1), status=200), NOW)
+    batch = [
+        ("reserve", (guarded(), [per_minute(w)], Amount(requests=1), NOW + 900, guards))
+        for w in (0, 1)  # refused by its window; then one in a window with room
+    ]
+    refused, allowed = ledger.run_batch(batch)
+    assert (refused.decision, refused.tripped) == ("deny", None)
+    assert (allowed.decision, allowed.tripped) == ("allow", None)
+    # A window's refusal the proxy records (a session's later messages), then the request again.
+    recorded = guarded("recorded")
+    recorded.decision, recorded.reason_code, recorded.status = "deny", "budget_exhausted", 429
+    again = ("reserve", (guarded("recorded"), [], Amount(requests=1), NOW + 900, guards))
+    twice = ("reserve", (guarded("recorded"), [], Amount(requests=1), NOW + 900, guards))
+    outcomes = ledger.run_batch([("record", (recorded,)), again, twice])
+    assert [o.decision for o in outcomes[1:]] == ["allow", "allow"]  # 3 made, 1 forgiven
 
 
 def test_failed_attempts_are_not_steps(backend: LedgerBackend, ledger: Any) -> None:
@@ -1581,6 +1675,42 @@ def test_schema_v3_drops_the_indexes_no_query_reads(backend: LedgerBackend) -> N
     names = _index_names(backend)
     assert not {"idx_holds_request_id", "idx_decisions_agent_run_ts"} & names
     assert {"idx_decisions_request_id", "idx_holds_active", "idx_decisions_failed"} <= names
+
+
+def test_schema_v9_counts_a_budget_windows_refusals_among_the_failed_attempts(
+    backend: LedgerBackend,
+) -> None:
+    """A v8 ledger's index of failed attempts is built again with a window's refusals in it,
+    those it holds already among them, and the guards' query still reads it."""
+    backend.open().close()
+    old = (
+        "CREATE INDEX idx_decisions_failed ON decisions (scope, fingerprint) "
+        "WHERE decision <> 'deny' AND fingerprint IS NOT NULL AND completed_at IS NOT NULL "
+        "AND (status IS NULL OR status IN (408, 409, 429) OR status >= 500)"
+    )
+    backend.execute("DROP INDEX idx_decisions_failed")
+    backend.execute(old)
+    backend.execute("UPDATE meta SET value = '8' WHERE key = 'schema_version'")
+    backend.open().close()
+    assert backend.scalar("SELECT value FROM meta WHERE key = 'schema_version'") == str(
+        SCHEMA_VERSION
+    )
+    if backend.kind == "sqlite":
+        from drawdown.ledger.sqlite import FAILED
+
+        (made,) = backend.rows("SELECT sql FROM sqlite_master WHERE name = 'idx_decisions_failed'")
+        plan = " ".join(r[-1] for r in backend.rows(f"EXPLAIN QUERY PLAN {FAILED}", "s"))
+    else:
+        from drawdown.ledger.pg_guards import FAILED
+
+        (made,) = backend.rows(
+            "SELECT indexdef FROM pg_indexes "
+            "WHERE indexname = 'idx_decisions_failed' AND schemaname = current_schema()"
+        )
+        backend.execute("SET enable_seqscan = off")  # an empty table: ask whether it *can*
+        plan = " ".join(r[0] for r in backend.rows(f"EXPLAIN {FAILED}", ["s"]))
+    assert "budget_exhausted" in made[0] and "status >= 500" in made[0]
+    assert "idx_decisions_failed" in plan
 
 
 def test_schema_v4_indexes_the_runs_that_got_through_for_fan_out(backend: LedgerBackend) -> None:

@@ -308,6 +308,37 @@ def test_loop_guard_in_the_new_policy(seed: Seeder, tmp_path: Path) -> None:
     assert data["blocked"][0]["by"] == "anomalies.loop" and data["blocked"][0]["status"] == 429
 
 
+def test_a_budget_windows_refusals_are_forgiven_in_the_new_policy(
+    seed: Seeder, tmp_path: Path
+) -> None:
+    """As the ledger's guard: a window's 429 says when to come back; the first loop.retries
+    of its refusals of a request are forgiven, and the identical call made after the wait
+    (the next minute) is no loop."""
+    # Three within one minute of T0 (:20), the last followed by a minute's wait.
+    same = [llm(seed, "r", body="same", gap=60.0 if i == 2 else 0.5) for i in range(3)]
+    later = llm(seed, "r", body="same")
+    p = policy(
+        tmp_path,
+        ACTIONS
+        + 'budgets:\n  - {scope: "agent:*/run:*", per: minute, requests: 1}\n'
+        + "anomalies:\n  loop: {repeats: 2, retries: 2, on_detect: deny}\n",
+    )
+    data = replay.replay(p, str(seed.path))
+    blocked = {b["request_id"]: (b["reason_code"], b["status"]) for b in data["blocked"]}
+    assert blocked == {call.request_id: ("budget_exhausted", 429) for call in same[1:]}
+    assert later.request_id not in blocked
+    # With no refusal forgiven, the call made after the wait is the third: a loop.
+    strict = policy(
+        tmp_path,
+        ACTIONS
+        + 'budgets:\n  - {scope: "agent:*/run:*", per: minute, requests: 1}\n'
+        + "anomalies:\n  loop: {repeats: 2, retries: 0, on_detect: deny}\n",
+    )
+    data = replay.replay(strict, str(seed.path))
+    blocked = {b["request_id"]: b["reason_code"] for b in data["blocked"]}
+    assert blocked[later.request_id] == "anomaly"
+
+
 def test_a_retried_failure_is_no_repeat_in_the_new_policy(seed: Seeder, tmp_path: Path) -> None:
     """As the ledger's guard: the first loop.retries failed attempts of a request are forgiven
     once they have failed; one still in flight when the next starts counts."""

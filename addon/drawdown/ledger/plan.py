@@ -213,8 +213,17 @@ class Counts:
             self.repeats[row.scope, row.fingerprint] += 1
         if row.scope in self.steps:
             self.steps[row.scope] += 1
-        if refused or row.decision == "deny":
-            return  # neither in flight nor a run of its workflow
+        if refused or row.decision == "deny":  # neither in flight nor a run of its workflow
+            fingerprint = row.fingerprint
+            if (
+                not refused
+                and fingerprint
+                and row.scope in self.failed
+                and is_failed_attempt(row.decision, fingerprint, row.status, True, row.reason_code)
+            ):  # a budget window's refusal, recorded: forgiven as the ledger will read it
+                failed = self.failed[row.scope]
+                failed[fingerprint] = failed.get(fingerprint, 0) + 1
+            return
         if row.fingerprint and row.scope in self.failed:
             self.inflight[row.request_id] = (row.scope, row.fingerprint)
         # Only runs that got a request through count: a run refused at its first request
@@ -560,6 +569,10 @@ class Plan:
         before it to be written."""
         # (workflow, tenant) -> the new runs of the batch that a budget may still refuse
         undecided: dict[tuple[str, str], set[str]] = {}
+        # The scopes of the batch's reserves a budget window may yet refuse: such a refusal is a
+        # failed attempt the loop and step_count guards forgive (api.failed_attempt), which
+        # counted here as a step would trip a guard the ledger, once written, would not.
+        windowed: set[str] = set()
         for i, (name, args) in enumerate(calls):
             if name in ("commit", "release"):
                 counts.settle(args[0], args[2])
@@ -574,6 +587,8 @@ class Plan:
                 if undecided and fan_out_turns_on_budgets(row, guards, counts, undecided):
                     return i
                 tripped = counts.trip(row, guards)
+                if tripped is not None and row.scope in windowed and tripped.detector != "fan_out":
+                    return i  # tripped perhaps only by a refusal before it: decided after it
                 self.tripped[i] = tripped
                 if tripped is not None and not guards.shadow:
                     self.skip.add(i)
@@ -586,6 +601,8 @@ class Plan:
                 and (row.workflow, row.scope) not in counts.known
             ):
                 undecided.setdefault((row.workflow, row.tenant or ""), set()).add(row.scope)
+            if name == "reserve" and i not in self.skip and any(c.per for c in args[1]):
+                windowed.add(row.scope)
             counts.add(row, refused=i in self.skip)
         return None
 
