@@ -307,6 +307,9 @@ def unpriced_model(
 # --- run and workflow structure ------------------------------------------------------------
 
 
+_BODILESS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
 def loop(rows: Sequence[dict[str, Any]], detector: Detector) -> list[Anomaly]:
     repeats = int(detector.param("repeats"))
     retries = int(detector.param("retries", 0))
@@ -327,11 +330,13 @@ def loop(rows: Sequence[dict[str, Any]], detector: Detector) -> list[Anomaly]:
             if retried
             else ""
         )
+        # The fingerprint digests method, path, query and body: a GET's is its query's.
+        of = "request" if (first.get("method") or "").upper() in _BODILESS else "body"
         found.append(
             _run_of(
                 first,
                 "loop",
-                f"the same {first.get('action')} request ({where.strip()}, body "
+                f"the same {first.get('action')} request ({where.strip()}, {of} "
                 f"#{first['fingerprint'][:8]}) was made {len(group) - retried} times in this run "
                 f"(anomalies.loop.repeats: {repeats}){not_counted}",
                 group,

@@ -76,7 +76,18 @@ def test_loop_flags_the_sixth_identical_request_with_all_six_as_evidence(seed: S
     assert loop["kind"] == "loop" and loop["scope"] == "tenant:acme/agent:worker/run:looping"
     assert loop["run"] == "looping" and loop["evidence"] == ids and loop["on_detect"] == "flag"
     assert "6 times" in loop["detail"] and "repeats: 5" in loop["detail"]
+    assert "(POST api.openai.com/v1/chat/completions, body #" in loop["detail"]
     assert not set(five) & set(loop["evidence"])
+
+
+def test_a_loop_of_gets_is_named_by_its_request_not_a_body(seed: Seeder) -> None:
+    """A GET has no body: its fingerprint is its method, path and query's."""
+    for _ in range(6):
+        seed.call(run="poll", action="jobs.status", provider=None, model=None, method="GET",
+                  host="jobs.example.com", path="/jobs/7?wait=1", body="query", est_usd=0, actual_usd=0)  # fmt: skip
+    (loop,) = found(seed)
+    assert "(GET jobs.example.com/jobs/7?wait=1, request #" in loop["detail"]
+    assert "body" not in loop["detail"]
 
 
 def test_a_budget_windows_refusals_are_forgiven_as_the_guard_forgives_them(seed: Seeder) -> None:
