@@ -48,6 +48,7 @@ from .ledger.api import (
     failed_attempt,
     forgiven,
     is_failed_attempt,
+    is_window_refusal,
 )
 from .ledger.reader import Reader
 from .money import format_usd
@@ -118,14 +119,21 @@ def _committed(row: dict[str, Any]) -> bool:
 
 
 def _failed(row: dict[str, Any]) -> bool:
-    """A failed attempt its SDK retries, or a budget window's refusal (ledger.api.failed_attempt)."""
+    """A failed attempt its SDK retries (ledger.api.failed_attempt)."""
     status = row.get("status")
     return is_failed_attempt(
         row.get("decision"),
         row.get("fingerprint"),
         None if status is None else int(status),
         row.get("completed_at") is not None,
-        row.get("reason_code"),
+    )
+
+
+def _window_refused(row: dict[str, Any]) -> bool:
+    """A budget window's refusal, which the loop guard forgives as a failed attempt."""
+    status = row.get("status")
+    return is_window_refusal(
+        row.get("decision"), row.get("reason_code"), None if status is None else int(status)
     )
 
 
@@ -310,6 +318,13 @@ def unpriced_model(
 _BODILESS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
+def _request_named(first: dict[str, Any], fingerprint: str) -> str:
+    """`METHOD host/path, body #…` of a loop's request; a GET's fingerprint is its query's."""
+    where = f"{first.get('method') or ''} {first.get('host') or ''}{first.get('path') or ''}"
+    of = "request" if (first.get("method") or "").upper() in _BODILESS else "body"
+    return f"{where.strip()}, {of} #{fingerprint[:8]}"
+
+
 def loop(rows: Sequence[dict[str, Any]], detector: Detector) -> list[Anomaly]:
     repeats = int(detector.param("repeats"))
     retries = int(detector.param("retries", 0))
@@ -319,25 +334,25 @@ def loop(rows: Sequence[dict[str, Any]], detector: Detector) -> list[Anomaly]:
             groups[(row["scope"], row["fingerprint"])].append(row)
     found = []
     for group in groups.values():
-        retried = forgiven(sum(1 for r in group if _failed(r)), retries)
+        # as the guard: a budget window's refusals are forgiven with the failed attempts
+        refusals = sum(1 for r in group if _window_refused(r))
+        retried = forgiven(sum(1 for r in group if _failed(r)) + refusals, retries)
         if len(group) - retried <= repeats:
             continue
         first = group[0]
-        where = f"{first.get('method') or ''} {first.get('host') or ''}{first.get('path') or ''}"
+        among = ", a budget window's refusals among them" if refusals else ""
         not_counted = (
-            f", not counting {retried} failed attempt(s) its client retried "
+            f", not counting {retried} failed attempt(s) its client retried{among} "
             f"(anomalies.loop.retries: {retries})"
             if retried
             else ""
         )
-        # The fingerprint digests method, path, query and body: a GET's is its query's.
-        of = "request" if (first.get("method") or "").upper() in _BODILESS else "body"
         found.append(
             _run_of(
                 first,
                 "loop",
-                f"the same {first.get('action')} request ({where.strip()}, {of} "
-                f"#{first['fingerprint'][:8]}) was made {len(group) - retried} times in this run "
+                f"the same {first.get('action')} request ({_request_named(first, first['fingerprint'])}) "
+                f"was made {len(group) - retried} times in this run "
                 f"(anomalies.loop.repeats: {repeats}){not_counted}",
                 group,
             )
@@ -719,13 +734,10 @@ def _detect(
             # Worded once its refusals are known, as loop() words a flagged one: a guard's own
             # reason ("already made 3 times") is the count when it first refused, not the run's.
             first = next(r for r in rows if r["request_id"] == anomaly.evidence[0])
-            where = (
-                f"{first.get('method') or ''} {first.get('host') or ''}{first.get('path') or ''}"
-            )
             refused = len(anomaly.denied) + len(anomaly.would_deny)
             anomaly.detail = (
-                f"the same {first.get('action')} request ({where.strip()}, body "
-                f"#{fingerprint[:8]}) was made {len(anomaly.evidence)} times in this run; "
+                f"the same {first.get('action')} request ({_request_named(first, fingerprint)}) "
+                f"was made {len(anomaly.evidence)} times in this run; "
                 f"the loop guard {'refused' if anomaly.denied else 'would have refused'} "
                 f"{refused} of them"
             )
@@ -1391,7 +1403,7 @@ def _decisions_in(
 
 def _of_workflows(reader: Reader, names: set[str]) -> list[dict[str, Any]]:
     """The own decision rows of the workflows of these names (every tenant's)."""
-    sql = f"""SELECT d.id, d.request_id, d.ts, d.decision, d.reason_code, d.reason, d.scope, d.tenant,
+    sql = f"""SELECT d.id, d.request_id, d.ts, d.decision, d.reason, d.scope, d.tenant,
                      d.workflow, d.agent, d.run, d.action, d.fingerprint, d.status,
                      d.completed_at
               FROM decisions d WHERE {{in}} AND {agents_own("d.reason_code")}"""

@@ -23,6 +23,7 @@ from .ledger.api import (
     agents_own,
     deciding_order,
     failed_attempt,
+    window_refusal,
 )
 from .ledger.plan import Counts
 from .meter.decode import compressed, request_coding_problem
@@ -545,11 +546,14 @@ def _guard_counts(db: str, row: DecisionRow, guards: Guards) -> Counts:
     try:
         where = {"scope": row.scope, "fingerprint": row.fingerprint}
         if guards.max_repeats is not None:
-            counts.repeats[row.scope, row.fingerprint or ""] = reader.query(
-                "SELECT COUNT(*) AS n FROM decisions WHERE scope = :scope "
+            (found,) = reader.query(
+                f"SELECT COUNT(*) AS n, COUNT(CASE WHEN {window_refusal()} THEN 1 END) AS w "
+                "FROM decisions WHERE scope = :scope "
                 f"AND fingerprint = :fingerprint AND {agents_own()}",
                 where,
-            )[0]["n"]
+            )
+            counts.repeats[row.scope, row.fingerprint or ""] = found["n"]
+            counts.window_refusals[row.scope, row.fingerprint or ""] = found["w"]
         if guards.max_steps is not None:
             counts.steps[row.scope] = reader.query(
                 f"SELECT COUNT(*) AS n FROM decisions WHERE scope = :scope AND {agents_own()}",

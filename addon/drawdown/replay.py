@@ -59,6 +59,7 @@ from .ledger.api import (
     deciding_first,
     forgiven,
     is_failed_attempt,
+    is_window_refusal,
 )
 from .ledger.reader import Reader
 from .meter import TokenUsage, openai_realtime
@@ -159,6 +160,8 @@ class Simulation:
         # scope -> fingerprint -> failed attempts (api.failed_attempt) finished so far; and
         # those still to finish: (completed_at, seq, scope, fingerprint), a heap
         self.failed: dict[str, Counter[str]] = defaultdict(Counter)
+        # (scope, fingerprint) -> a budget window's refusals, which the loop guard forgives too
+        self.window_refusals: Counter[tuple[str, str]] = Counter()
         self.failing: list[tuple[float, int, str, str]] = []
         self.runs: dict[tuple[str, str], set[str]] = defaultdict(
             set
@@ -215,8 +218,9 @@ class Simulation:
         scope = row["scope"]
         failed = self.failed[scope]
         if guards.max_repeats is not None and row.get("fingerprint"):
-            repeats = self.repeats[(scope, row["fingerprint"])] - forgiven(
-                failed[row["fingerprint"]], guards.retries
+            key = (scope, row["fingerprint"])
+            repeats = self.repeats[key] - forgiven(
+                failed[row["fingerprint"]] + self.window_refusals[key], guards.retries
             )
             if repeats >= guards.max_repeats:
                 return (
@@ -274,17 +278,14 @@ class Simulation:
     def count(self, row: dict[str, Any], out: Replayed, fingerprint: str | None) -> None:
         """Every decision row counts for the guards, as it does in the ledger; one forwarded
         again that failed retryably live is forgiven from when it failed (up to the policy's
-        anomalies.loop.retries). One the new policy denies is a denial, counted, and forgiven
-        at once if a budget window refused it (api.failed_attempt)."""
+        anomalies.loop.retries). One the new policy denies is a denial, counted; by a budget
+        window, the loop guard forgives it as a failed attempt (api.WINDOW_REFUSAL)."""
         decision = out.decision
         self.steps[row["scope"]] += 1
         if fingerprint:
             self.repeats[(row["scope"], fingerprint)] += 1
-            # (out.status is a denial's: an allowed request's is the recording's, read below)
-            if decision == "deny" and is_failed_attempt(
-                decision, fingerprint, out.status, True, out.reason_code
-            ):
-                self.failed[row["scope"]][fingerprint] += 1  # a refusal is finished when made
+            if is_window_refusal(decision, out.reason_code, out.status):
+                self.window_refusals[(row["scope"], fingerprint)] += 1
         done = row.get("completed_at")
         if (
             fingerprint

@@ -295,10 +295,11 @@ def test_an_agent_that_waits_as_a_windows_429_tells_it_is_not_refused_as_a_loop(
     """A budget window's 429 says when to come back (Retry-After). The agent retried at once,
     twice (its own code: the 429 says x-should-retry: false), then waited as told: its call
     in the next window was refused for good as a loop, the two refusals counted as repeats.
-    They are forgiven as failed attempts (loop.retries: 2); hammering on is still a loop."""
+    The loop guard forgives them as failed attempts (loop.retries: 2); hammering on is still a
+    loop."""
+    proxy = drawdown_proxy(WINDOWED)
     if time.time() % 60 > 50:  # the three calls below must fall in one minute's window
         time.sleep(60.5 - time.time() % 60)
-    proxy = drawdown_proxy(WINDOWED)
     headers = {"X-Drawdown-Agent": "digest", "X-Drawdown-Run": "nightly"}
     with proxy.openai_client(default_headers=headers, max_retries=0) as client:
         assert ask(client)

@@ -90,9 +90,12 @@ def test_a_loop_of_gets_is_named_by_its_request_not_a_body(seed: Seeder) -> None
     assert "body" not in loop["detail"]
 
 
-def test_a_budget_windows_refusals_are_forgiven_as_the_guard_forgives_them(seed: Seeder) -> None:
-    """As the guard counts (api.failed_attempt): a window's 429 says when to come back, and
-    the first loop.retries (2) of its refusals of a request in a run are no repeats."""
+def test_a_budget_windows_refusals_are_forgiven_as_the_guard_forgives_them(
+    seed: Seeder, tmp_path: Path
+) -> None:
+    """As the guard counts (plan.Counts.window_refusals): a window's 429 says when to come back,
+    and the first loop.retries (2) of its refusals of a request in a run are no repeats. They
+    are steps still, as step_count counts them."""
     scope = "tenant:acme/agent:worker/run:r"
     per_minute = Claim("run", scope, None, None, 1, per="minute", window_end=int(T0) + 60)
     rows = [seed.call(run="r", body="again", claims=[per_minute]) for _ in range(7)]
@@ -101,8 +104,12 @@ def test_a_budget_windows_refusals_are_forgiven_as_the_guard_forgives_them(seed:
     eighth = seed.call(run="r", body="again", claims=[per_minute])
     (loop,) = found(seed)
     assert loop["evidence"] == [r.request_id for r in [*rows, eighth]]
-    assert "made 6 times in this run" in loop["detail"]
-    assert "not counting 2 failed attempt(s)" in loop["detail"]
+    assert loop["detail"].endswith(
+        "made 6 times in this run (anomalies.loop.repeats: 5), not counting 2 failed attempt(s) "
+        "its client retried, a budget window's refusals among them (anomalies.loop.retries: 2)"
+    )
+    settings = policy(tmp_path, "anomalies:\n  step_count: {max: 7}\n")
+    assert {a["kind"] for a in found(seed, settings)} == {"loop", "step_count"}
 
 
 def test_loop_denied_by_the_guard_is_the_same_anomaly(seed: Seeder, tmp_path: Path) -> None:
@@ -129,6 +136,19 @@ def test_a_loop_only_the_guard_saw_is_told_by_its_evidence(seed: Seeder) -> None
     assert alone["detail"].endswith(
         "was made 5 times in this run; the loop guard refused 3 of them"
     ), alone["detail"]
+
+
+def test_a_loop_of_gets_only_the_guard_saw_is_named_by_its_request(seed: Seeder) -> None:
+    rows = [
+        seed.call(run="poll", action="jobs.status", provider=None, model=None, method="GET",
+                  host="jobs.example.com", path="/jobs/7", body="query", guards=Guards(max_repeats=2))
+        for _ in range(4)
+    ]  # fmt: skip
+    assert [r.decision for r in rows] == ["allow"] * 2 + ["deny"] * 2
+    (alone,) = found(seed)
+    assert alone["detail"].startswith(
+        "the same jobs.status request (GET jobs.example.com/jobs/7, request #"
+    )
 
 
 def test_two_loops_in_one_run_keep_their_own_denials(seed: Seeder) -> None:

@@ -44,6 +44,7 @@ from drawdown.ledger.api import (
 )
 from drawdown.ledger.dsn import redact_dsn
 from drawdown.ledger.integrity import verify
+from drawdown.ledger.plan import Counts, Plan
 from drawdown.ledger.postgres import PostgresLedger
 from drawdown.ledger.reader import Reader
 from drawdown.ledger.sqlite import SQLiteLedger
@@ -1538,26 +1539,41 @@ def test_a_budget_windows_refusals_are_forgiven_as_failed_attempts(
     assert outcomes == [("allow", None)] + [("deny", None)] * 3 + [("deny", "loop")] * 3
 
 
-def test_a_budget_windows_refusals_are_not_steps(backend: LedgerBackend, ledger: Any) -> None:
-    guards = Guards(max_steps=2, retries=1)
+def test_a_budget_windows_refusals_are_steps_still(backend: LedgerBackend, ledger: Any) -> None:
+    """step_count counts them: forgiven per request, distinct requests refused by a window at
+    the agent's pace would never be stopped, and each reserve would read more of them."""
+    guards = Guards(max_steps=3, retries=2)
 
-    def call(fingerprint: str, window: int) -> ReserveOutcome:
+    def call(fingerprint: str) -> ReserveOutcome:
         request = guarded(fingerprint)
-        outcome = ledger.reserve(
-            request, [per_minute(window)], Amount(requests=1), NOW + 900, guards
-        )
+        outcome = ledger.reserve(request, [per_minute(0)], Amount(requests=1), NOW + 900, guards)
         if outcome.hold_id is not None:
             done = Completion(actual=Amount(requests=1), status=200)
             ledger.commit(request.request_id, outcome.hold_id, done, NOW)
         return outcome
 
-    assert call("a", 0).decision == "allow"
-    refused = call("b", 0)
-    assert (refused.decision, refused.tripped) == ("deny", None)
-    # Two steps taken, one of them a window's refusal, forgiven: the next window takes one more.
-    assert call("b", 1).decision == "allow"
-    last = call("c", 2)
-    assert last.tripped is not None and last.tripped.detector == "step_count"
+    outcomes = [call(f"item {i}") for i in range(5)]
+    detectors = [(o.decision, o.tripped.detector if o.tripped else None) for o in outcomes]
+    assert detectors == [("allow", None)] + [("deny", None)] * 2 + [("deny", "step_count")] * 2
+
+
+def test_a_shadow_window_refuses_nothing_so_cuts_no_batch() -> None:
+    """A guard tripped after a reserve a window may refuse waits for it (the batch is cut
+    there); a shadow claim refuses nothing, so in shadow mode a looping agent's batch is
+    decided whole, not cut at every reserve."""
+    shadow = dataclasses.replace(per_minute(0), shadow=True)
+
+    def cut(claims: list[Claim], guards: Guards) -> int | None:
+        calls = [
+            ("reserve", (guarded(), claims, Amount(requests=1), NOW + 900, guards))
+            for _ in range(10)
+        ]
+        counts = Counts(repeats={("agent:a/run:r1", "fp"): 0}, failed={"agent:a/run:r1": {}})
+        return Plan("p").trip(calls, counts)
+
+    assert cut([per_minute(0)], Guards(max_repeats=1)) == 1
+    assert cut([shadow], Guards(max_repeats=1, shadow=True)) is None
+    assert cut([], Guards(max_repeats=1)) is None
 
 
 def test_a_window_refusal_decided_in_the_same_batch_is_forgiven_too(
@@ -1675,42 +1691,6 @@ def test_schema_v3_drops_the_indexes_no_query_reads(backend: LedgerBackend) -> N
     names = _index_names(backend)
     assert not {"idx_holds_request_id", "idx_decisions_agent_run_ts"} & names
     assert {"idx_decisions_request_id", "idx_holds_active", "idx_decisions_failed"} <= names
-
-
-def test_schema_v9_counts_a_budget_windows_refusals_among_the_failed_attempts(
-    backend: LedgerBackend,
-) -> None:
-    """A v8 ledger's index of failed attempts is built again with a window's refusals in it,
-    those it holds already among them, and the guards' query still reads it."""
-    backend.open().close()
-    old = (
-        "CREATE INDEX idx_decisions_failed ON decisions (scope, fingerprint) "
-        "WHERE decision <> 'deny' AND fingerprint IS NOT NULL AND completed_at IS NOT NULL "
-        "AND (status IS NULL OR status IN (408, 409, 429) OR status >= 500)"
-    )
-    backend.execute("DROP INDEX idx_decisions_failed")
-    backend.execute(old)
-    backend.execute("UPDATE meta SET value = '8' WHERE key = 'schema_version'")
-    backend.open().close()
-    assert backend.scalar("SELECT value FROM meta WHERE key = 'schema_version'") == str(
-        SCHEMA_VERSION
-    )
-    if backend.kind == "sqlite":
-        from drawdown.ledger.sqlite import FAILED
-
-        (made,) = backend.rows("SELECT sql FROM sqlite_master WHERE name = 'idx_decisions_failed'")
-        plan = " ".join(r[-1] for r in backend.rows(f"EXPLAIN QUERY PLAN {FAILED}", "s"))
-    else:
-        from drawdown.ledger.pg_guards import FAILED
-
-        (made,) = backend.rows(
-            "SELECT indexdef FROM pg_indexes "
-            "WHERE indexname = 'idx_decisions_failed' AND schemaname = current_schema()"
-        )
-        backend.execute("SET enable_seqscan = off")  # an empty table: ask whether it *can*
-        plan = " ".join(r[0] for r in backend.rows(f"EXPLAIN {FAILED}", ["s"]))
-    assert "budget_exhausted" in made[0] and "status >= 500" in made[0]
-    assert "idx_decisions_failed" in plan
 
 
 def test_schema_v4_indexes_the_runs_that_got_through_for_fan_out(backend: LedgerBackend) -> None:

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 from ..money import exact_usd, format_usd
 
 UNITS = ("usd", "tokens", "requests")
-SCHEMA_VERSION = 9
+SCHEMA_VERSION = 8
 
 
 # One statement on both backends: keep the run while the agent is busy, mint after silence.
@@ -45,45 +45,56 @@ def agents_own(reason_code: str = "reason_code") -> str:
 # Anthropic SDKs re-send the identical request after a 408, 409, 429 or 5xx answer or a
 # connection error (no answer: drawdown records a 502 when the upstream could not be reached
 # or timed out, nothing when the client left first). Only forwarded requests qualify: a
-# drawdown denial carries x-should-retry: false, and is the agent's own step, with one
-# exception: a budget window's refusal (WINDOW_REFUSAL, 429 with Retry-After) tells the agent
-# when to come back, and the agent (or boto3) that retries it does what it was told; counted
-# as steps, an agent that retried twice and then waited as told was refused for good, as a
-# loop, in the window that had room for its call. Only a finished attempt qualifies (one in
-# flight may yet succeed, and concurrent identical requests must still count), and only a
-# fingerprinted one (the forgiveness is bounded per fingerprint: the first
-# `anomalies.loop.retries` failed attempts of a request in a run, window refusals among
-# them, so an agent hammering a window's 429 is still stopped as a loop).
+# drawdown denial carries x-should-retry: false, and is the agent's own step. Only a finished
+# attempt qualifies (one in flight may yet succeed, and concurrent identical requests must
+# still count), and only a fingerprinted one (the forgiveness is bounded per fingerprint:
+# the first `anomalies.loop.retries` failed attempts of a request in a run).
 RETRIED_STATUSES = (408, 409, 429)
-WINDOW_REFUSAL = ("deny", "budget_exhausted", 429)  # (decision, reason_code, status)
 
 
 def failed_attempt(prefix: str = "") -> str:
-    """SQL: the decision row is a finished, fingerprinted request that failed retryably: one
-    forwarded, or a budget window's refusal. Word for word the predicate of the ledger's
-    idx_decisions_failed (schema v9), so the guards' queries read that small partial index,
-    never the whole run."""
+    """SQL: the decision row is a finished, forwarded, fingerprinted request that failed
+    retryably. Word for word the predicate of the ledger's idx_decisions_failed (schema v2),
+    so the guards' queries read that small partial index, never the whole run."""
     p = prefix
     return (
-        f"{p}fingerprint IS NOT NULL AND {p}completed_at IS NOT NULL AND (({p}decision <> 'deny' "
-        f"AND ({p}status IS NULL OR {p}status IN (408, 409, 429) OR {p}status >= 500)) OR "
-        f"({p}decision = 'deny' AND {p}reason_code = 'budget_exhausted' AND {p}status = 429))"
+        f"{p}decision <> 'deny' AND {p}fingerprint IS NOT NULL AND {p}completed_at IS NOT NULL "
+        f"AND ({p}status IS NULL OR {p}status IN (408, 409, 429) OR {p}status >= 500)"
     )
 
 
 def is_failed_attempt(
-    decision: str | None,
-    fingerprint: str | None,
-    status: int | None,
-    completed: bool,
-    reason_code: str | None = None,
+    decision: str | None, fingerprint: str | None, status: int | None, completed: bool
 ) -> bool:
-    """failed_attempt(), for a row in hand (without `reason_code`, of forwarded requests only)."""
-    if not fingerprint or not completed:
-        return False
-    if decision == "deny":
-        return (decision, reason_code, status) == WINDOW_REFUSAL
-    return status is None or status in RETRIED_STATUSES or status >= 500
+    """failed_attempt(), for a row in hand."""
+    return (
+        decision != "deny"
+        and bool(fingerprint)
+        and completed
+        and (status is None or status in RETRIED_STATUSES or status >= 500)
+    )
+
+
+# A budget window's refusal (429 with Retry-After) tells the agent when to come back, and an
+# agent whose own code (or boto3) retries it does what it was told. Counted as a repeat, the
+# agent that retried at once twice, then waited for the next window, was refused there for
+# good as a loop. The loop guard forgives it as it forgives a failed attempt, within the same
+# allowance (the first `anomalies.loop.retries` of a request in a run), counted in the capped
+# walk over the request's rows, so one hammering the 429 is still a loop. It stays a step for
+# step_count: forgiven per request, distinct requests refused at the agent's pace would never
+# be stopped, and each reserve would read more of them.
+WINDOW_REFUSAL = ("deny", "budget_exhausted", 429)  # (decision, reason_code, status)
+
+
+def window_refusal(prefix: str = "") -> str:
+    """SQL: the decision row is a budget window's refusal (WINDOW_REFUSAL)."""
+    p = prefix
+    return f"({p}decision = 'deny' AND {p}reason_code = 'budget_exhausted' AND {p}status = 429)"
+
+
+def is_window_refusal(decision: str | None, reason_code: str | None, status: int | None) -> bool:
+    """window_refusal(), for a row in hand."""
+    return (decision, reason_code, status) == WINDOW_REFUSAL
 
 
 def forgiven(failed: int, retries: int) -> int:

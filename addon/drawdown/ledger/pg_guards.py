@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from .api import DecisionRow, Guards, agents_own, failed_attempt
+from .api import DecisionRow, Guards, agents_own, failed_attempt, window_refusal
 from .plan import Counts, GuardKeys, step_cap
 
 # Sorted by hash, taken in that order (the subquery keeps the order for the outer call).
@@ -27,12 +27,14 @@ SELECT pg_advisory_xact_lock(s.h) FROM (
 """
 # Counted up to a cap (GuardKeys), as in SQLite: a refused agent that goes on calling must not
 # make each of its reserves count every refusal so far.
+# A budget window's refusals among them, which the loop guard forgives, in the same walk.
 REPEATS = f"""
-SELECT k.scope, k.fp, (SELECT COUNT(*) FROM (
-    SELECT 1 FROM decisions d
-    WHERE d.scope = k.scope AND d.fingerprint = k.fp AND {agents_own("d.reason_code")}
-    LIMIT k.cap) s)
-FROM unnest(%s::text[], %s::text[], %s::int[]) AS k(scope, fp, cap)
+SELECT k.scope, k.fp, s.n, s.w FROM unnest(%s::text[], %s::text[], %s::int[]) AS k(scope, fp, cap)
+CROSS JOIN LATERAL (
+    SELECT COUNT(*) AS n, COUNT(CASE WHEN {window_refusal("d.")} THEN 1 END) AS w FROM (
+        SELECT d.decision, d.reason_code, d.status FROM decisions d
+        WHERE d.scope = k.scope AND d.fingerprint = k.fp AND {agents_own("d.reason_code")}
+        LIMIT k.cap) d) s
 """
 # The cap is plan.step_cap(), its forgiven attempts read from the partial index in the query.
 STEPS = f"""
@@ -133,7 +135,10 @@ class Reader:
     def counts(self) -> Counts:
         found = Counts()
         if "repeats" in self.cursors:
-            found.repeats = {(s, f): n for s, f, n in self.cursors["repeats"].fetchall()}
+            for scope, fingerprint, n, refusals in self.cursors["repeats"].fetchall():
+                found.repeats[scope, fingerprint] = n
+                if refusals:
+                    found.window_refusals[scope, fingerprint] = refusals
         if "steps" in self.cursors:
             found.steps = dict(self.cursors["steps"].fetchall())
         found.failed = {scope: {} for scope in self.keys.failed}

@@ -215,16 +215,7 @@ CREATE TABLE IF NOT EXISTS budget_carried (
 );
 """
 
-# As SQLite's v9 (schema.py): a budget window's refusals among the failed attempts forgiven.
-_V9 = """
-DROP INDEX IF EXISTS idx_decisions_failed;
-CREATE INDEX idx_decisions_failed ON decisions (scope, fingerprint)
-    WHERE fingerprint IS NOT NULL AND completed_at IS NOT NULL AND ((decision <> 'deny'
-    AND (status IS NULL OR status IN (408, 409, 429) OR status >= 500)) OR
-    (decision = 'deny' AND reason_code = 'budget_exhausted' AND status = 429));
-"""
-
-MIGRATIONS: list[str] = [_V1, _V2, _V3, _V4, _V5, _V6, _V7, _V8, _V9]
+MIGRATIONS: list[str] = [_V1, _V2, _V3, _V4, _V5, _V6, _V7, _V8]
 assert len(MIGRATIONS) == SCHEMA_VERSION
 
 _LOCK = "SELECT pg_advisory_xact_lock(hashtextextended('drawdown.ledger.migrate:' || current_schema(), 0))"

@@ -39,6 +39,7 @@ from .api import (
     decision_values,
     forgiven,
     is_failed_attempt,
+    is_window_refusal,
 )
 
 # Operations decided by the planner; everything else (maintenance) runs as SQL of its own.
@@ -193,6 +194,9 @@ class Counts:
     # scope -> fingerprint -> the run's failed attempts of that request (api.failed_attempt),
     # for every scope the loop or step_count guards of the batch count
     failed: dict[str, dict[str, int]] = field(default_factory=dict)
+    # (scope, fingerprint) -> a budget window's refusals among the rows `repeats` counted
+    # (api.WINDOW_REFUSAL): the loop guard forgives them as failed attempts, within `retries`
+    window_refusals: dict[tuple[str, str], int] = field(default_factory=dict)
     # request id -> (scope, fingerprint): counted rows still in flight that a settlement of
     # this batch may turn into failed attempts (read by the backend, or added by the batch)
     inflight: dict[str, tuple[str, str]] = field(default_factory=dict)
@@ -209,21 +213,15 @@ class Counts:
         a guard denies it, though its row still reads "allow" until the reserve is decided."""
         if row.reason_code in PROXY_REFUSALS:  # the proxy's state, not the agent's: not counted
             return
-        if row.fingerprint and (row.scope, row.fingerprint) in self.repeats:
-            self.repeats[row.scope, row.fingerprint] += 1
+        key = (row.scope, row.fingerprint or "")
+        if row.fingerprint and key in self.repeats:
+            self.repeats[key] += 1
+            if not refused and is_window_refusal(row.decision, row.reason_code, row.status):
+                self.window_refusals[key] = self.window_refusals.get(key, 0) + 1
         if row.scope in self.steps:
             self.steps[row.scope] += 1
-        if refused or row.decision == "deny":  # neither in flight nor a run of its workflow
-            fingerprint = row.fingerprint
-            if (
-                not refused
-                and fingerprint
-                and row.scope in self.failed
-                and is_failed_attempt(row.decision, fingerprint, row.status, True, row.reason_code)
-            ):  # a budget window's refusal, recorded: forgiven as the ledger will read it
-                failed = self.failed[row.scope]
-                failed[fingerprint] = failed.get(fingerprint, 0) + 1
-            return
+        if refused or row.decision == "deny":
+            return  # neither in flight nor a run of its workflow
         if row.fingerprint and row.scope in self.failed:
             self.inflight[row.request_id] = (row.scope, row.fingerprint)
         # Only runs that got a request through count: a run refused at its first request
@@ -247,10 +245,12 @@ class Counts:
             runs[fingerprint] = runs.get(fingerprint, 0) + 1
 
     def forgiven(self, scope: str, fingerprint: str | None, retries: int) -> int:
-        """The failed attempts of one request in `scope` the guards do not count."""
+        """The failed attempts of one request in `scope` the loop guard does not count: a
+        budget window's refusals among them."""
         if not fingerprint:
             return 0
-        return forgiven(self.failed.get(scope, {}).get(fingerprint, 0), retries)
+        failed = self.failed.get(scope, {}).get(fingerprint, 0)
+        return forgiven(failed + self.window_refusals.get((scope, fingerprint), 0), retries)
 
     def forgiven_steps(self, scope: str, retries: int) -> int:
         """The failed attempts in `scope` the step count leaves out: up to `retries` per request."""
@@ -569,10 +569,10 @@ class Plan:
         before it to be written."""
         # (workflow, tenant) -> the new runs of the batch that a budget may still refuse
         undecided: dict[tuple[str, str], set[str]] = {}
-        # The scopes of the batch's reserves a budget window may yet refuse: such a refusal is a
-        # failed attempt the loop and step_count guards forgive (api.failed_attempt), which
-        # counted here as a step would trip a guard the ledger, once written, would not.
-        windowed: set[str] = set()
+        # The requests (scope, fingerprint) of the batch's reserves a budget window may yet
+        # refuse: the loop guard forgives such a refusal (Counts.window_refusals), which here,
+        # its row still "allow", would count as a repeat the written ledger does not.
+        windowed: set[tuple[str, str]] = set()
         for i, (name, args) in enumerate(calls):
             if name in ("commit", "release"):
                 counts.settle(args[0], args[2])
@@ -587,7 +587,11 @@ class Plan:
                 if undecided and fan_out_turns_on_budgets(row, guards, counts, undecided):
                     return i
                 tripped = counts.trip(row, guards)
-                if tripped is not None and row.scope in windowed and tripped.detector != "fan_out":
+                if (
+                    tripped is not None
+                    and tripped.detector == "loop"
+                    and (row.scope, row.fingerprint) in windowed
+                ):
                     return i  # tripped perhaps only by a refusal before it: decided after it
                 self.tripped[i] = tripped
                 if tripped is not None and not guards.shadow:
@@ -601,8 +605,13 @@ class Plan:
                 and (row.workflow, row.scope) not in counts.known
             ):
                 undecided.setdefault((row.workflow, row.tenant or ""), set()).add(row.scope)
-            if name == "reserve" and i not in self.skip and any(c.per for c in args[1]):
-                windowed.add(row.scope)
+            if (
+                name == "reserve"
+                and row.fingerprint
+                and i not in self.skip
+                and any(c.per and not c.shadow for c in args[1])  # a shadow claim refuses nothing
+            ):
+                windowed.add((row.scope, row.fingerprint))
             counts.add(row, refused=i in self.skip)
         return None
 

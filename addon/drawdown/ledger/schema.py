@@ -250,20 +250,8 @@ def _v8(db: sqlite_utils.Database) -> None:
     )
 
 
-def _v9(db: sqlite_utils.Database) -> None:
-    # A budget window's refusals are failed attempts the guards forgive too (api.failed_attempt,
-    # word for word): the index of v2 with them in it. Few per run, as the others.
-    db.execute("DROP INDEX IF EXISTS idx_decisions_failed")
-    db.execute(
-        "CREATE INDEX idx_decisions_failed ON decisions (scope, fingerprint) "
-        "WHERE fingerprint IS NOT NULL AND completed_at IS NOT NULL AND ((decision <> 'deny' "
-        "AND (status IS NULL OR status IN (408, 409, 429) OR status >= 500)) OR "
-        "(decision = 'deny' AND reason_code = 'budget_exhausted' AND status = 429))"
-    )
-
-
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
-    _v1, _v2, _v3, _v4, _v5, _v6, _v7, _v8, _v9,
+    _v1, _v2, _v3, _v4, _v5, _v6, _v7, _v8,
 ]  # fmt: skip
 assert len(MIGRATIONS) == SCHEMA_VERSION
 

@@ -55,6 +55,7 @@ from .api import (
     agents_own,
     failed_attempt,
     foreign_tables,
+    window_refusal,
 )
 from .dsn import sqlite_path
 from .plan import (
@@ -140,9 +141,11 @@ FAILED = (
     f"SELECT fingerprint, COUNT(*) FROM decisions WHERE scope = ? AND {failed_attempt()} "
     "GROUP BY fingerprint"
 )
-# Counted up to a cap (GuardKeys): the index finds the run's rows, the LIMIT stops the count.
+# Counted up to a cap (GuardKeys): the index finds the run's rows, the LIMIT stops the count;
+# a budget window's refusals among them, which the loop guard forgives, in the same walk.
 REPEATS = (
-    "SELECT COUNT(*) FROM (SELECT 1 FROM decisions "
+    f"SELECT COUNT(*), COUNT(CASE WHEN {window_refusal()} THEN 1 END) FROM ("
+    "SELECT decision, reason_code, status FROM decisions "
     f"WHERE scope = ? AND fingerprint = ? AND {STEP} LIMIT ?)"
 )
 STEPS = f"SELECT COUNT(*) FROM (SELECT 1 FROM decisions WHERE scope = ? AND {STEP} LIMIT ?)"
@@ -554,9 +557,10 @@ class SQLiteLedger:
         for scope in keys.failed:  # first: a step count's cap depends on them
             counts.failed[scope] = dict(conn.execute(FAILED, (scope,)).fetchall())
         for (scope, fingerprint), cap in zip(keys.repeats, keys.repeat_caps, strict=True):
-            (counts.repeats[scope, fingerprint],) = conn.execute(
-                REPEATS, (scope, fingerprint, cap)
-            ).fetchone()
+            repeats, refusals = conn.execute(REPEATS, (scope, fingerprint, cap)).fetchone()
+            counts.repeats[scope, fingerprint] = repeats
+            if refusals:
+                counts.window_refusals[scope, fingerprint] = refusals
             if counts.repeats[scope, fingerprint] >= cap:
                 counts.capped_repeats.add((scope, fingerprint))
         for scope, (most, retries) in zip(keys.steps, keys.step_limits, strict=True):
