@@ -319,7 +319,8 @@ _BODILESS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
 def _request_named(first: dict[str, Any], fingerprint: str) -> str:
-    """`METHOD host/path, body #…` of a loop's request; a GET's fingerprint is its query's."""
+    """`METHOD host/path, body #…` of a loop's request, its fingerprint (action, method, path,
+    query and body) told by what tells identical calls apart: a GET has no body."""
     where = f"{first.get('method') or ''} {first.get('host') or ''}{first.get('path') or ''}"
     of = "request" if (first.get("method") or "").upper() in _BODILESS else "body"
     return f"{where.strip()}, {of} #{fingerprint[:8]}"

@@ -84,9 +84,9 @@ def test_a_loop_of_gets_is_named_by_its_request_not_a_body(seed: Seeder) -> None
     """A GET has no body: its fingerprint is its method, path and query's."""
     for _ in range(6):
         seed.call(run="poll", action="jobs.status", provider=None, model=None, method="GET",
-                  host="jobs.example.com", path="/jobs/7?wait=1", body="query", est_usd=0, actual_usd=0)  # fmt: skip
+                  host="jobs.example.com", path="/jobs/7", body="query", est_usd=0, actual_usd=0)  # fmt: skip
     (loop,) = found(seed)
-    assert "(GET jobs.example.com/jobs/7?wait=1, request #" in loop["detail"]
+    assert "(GET jobs.example.com/jobs/7, request #" in loop["detail"]
     assert "body" not in loop["detail"]
 
 

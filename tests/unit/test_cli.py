@@ -1614,6 +1614,47 @@ def test_explain_forgives_the_failed_attempts_the_proxy_forgives(
         ledger.close()
 
 
+def test_explain_forgives_a_budget_windows_refusals_as_the_loop_guard_does(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """explain --db counts the window refusals among a request's rows as the ledger's loop
+    guard does: the first loop.retries of them are no repeats."""
+    from drawdown.addon import fingerprint
+    from drawdown.classify import RequestView, classify
+    from drawdown.policy import load_policy
+
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(
+        "identity:\n  agent: [{header: X-Drawdown-Agent}]\n  run: [{header: X-Drawdown-Run}]\n"
+        "actions:\n  - {kind: llm, provider: openai, match: {host: api.openai.com}}\n"
+        "anomalies:\n  loop: {repeats: 2, retries: 1, on_detect: deny}\n"
+    )
+    body = CHAT_HI
+    view = RequestView("POST", "api.openai.com", 443, "/v1/chat/completions", {}, {}, body.encode())
+    classification = classify(load_policy(str(policy)), view)
+    db = tmp_path / "ledger.db"
+    ledger = SQLiteLedger(db)
+
+    def recorded(decision: str, reason_code: str | None, status: int) -> None:
+        ledger.record(
+            DecisionRow(
+                request_id=uuid.uuid4().hex, ts=1.0, decision=decision, mode="enforce",
+                scope="tenant:default/agent:bot/run:r1", tenant="default", agent="bot", run="r1",
+                action="llm", fingerprint=fingerprint("llm", view, classification),
+                reason_code=reason_code, status=status,
+            )
+        )  # fmt: skip
+
+    try:
+        recorded("allow", None, 200)
+        recorded("deny", "budget_exhausted", 429)  # a window's refusal: forgiven
+        assert explained_decision(policy, db, body, capsys) == "allow"
+        recorded("deny", "budget_exhausted", 402)  # a lifetime budget's: a repeat
+        assert explained_decision(policy, db, body, capsys) == "deny"
+    finally:
+        ledger.close()
+
+
 IDLE_SPLIT_POLICY = (
     "identity:\n  agent: [{header: X-Drawdown-Agent}]\n"
     "  run: [{header: X-Drawdown-Run}, {idle_split: 300}]\n"

@@ -1563,17 +1563,48 @@ def test_a_shadow_window_refuses_nothing_so_cuts_no_batch() -> None:
     decided whole, not cut at every reserve."""
     shadow = dataclasses.replace(per_minute(0), shadow=True)
 
-    def cut(claims: list[Claim], guards: Guards) -> int | None:
+    def cut(claims: list[Claim], guards: Guards, made: int = 0) -> int | None:
         calls = [
             ("reserve", (guarded(), claims, Amount(requests=1), NOW + 900, guards))
             for _ in range(10)
         ]
-        counts = Counts(repeats={("agent:a/run:r1", "fp"): 0}, failed={"agent:a/run:r1": {}})
+        counts = Counts(repeats={("agent:a/run:r1", "fp"): made}, failed={"agent:a/run:r1": {}})
         return Plan("p").trip(calls, counts)
 
-    assert cut([per_minute(0)], Guards(max_repeats=1)) == 1
-    assert cut([shadow], Guards(max_repeats=1, shadow=True)) is None
-    assert cut([], Guards(max_repeats=1)) is None
+    assert cut([per_minute(0)], Guards(max_repeats=1, retries=2)) == 1
+    assert cut([shadow], Guards(max_repeats=1, retries=2, shadow=True)) is None
+    assert cut([], Guards(max_repeats=1, retries=2)) is None
+    # Nor where forgiving a refusal could not change the verdict (retries: 0), nor for a
+    # request already looping: its refused reserves are no window's to refuse.
+    assert cut([per_minute(0)], Guards(max_repeats=1, retries=0)) is None
+    assert cut([per_minute(0)], Guards(max_repeats=1, retries=2), made=5) is None
+
+
+def test_a_shadow_budgets_would_deny_is_no_window_refusal(
+    backend: LedgerBackend, ledger: Any
+) -> None:
+    """Under a shadow budget nothing is refused: the call went to the upstream, and if that
+    answered 429 it is a failed attempt, forgiven once, not once more as a window's refusal."""
+    guards = Guards(max_repeats=2, retries=4)
+    shadow = dataclasses.replace(per_minute(0), shadow=True)
+
+    def call(status: int) -> ReserveOutcome:
+        request = guarded()
+        outcome = ledger.reserve(request, [shadow], Amount(requests=1), NOW + 900, guards)
+        if outcome.hold_id is not None:
+            done = Completion(actual=Amount(requests=1), status=status)
+            if status == 200:
+                ledger.commit(request.request_id, outcome.hold_id, done, NOW)
+            else:
+                ledger.release(request.request_id, outcome.hold_id, done, "failed", NOW)
+        return outcome
+
+    assert call(200).decision == "allow"
+    assert [call(429).decision for _ in range(2)] == ["would_deny"] * 2  # the upstream's 429s
+    assert call(200).decision == "would_deny"  # four made, the two failed forgiven: 2 repeats
+    last = call(200)
+    assert last.decision == "deny" and last.tripped is not None
+    assert last.tripped.detector == "loop"
 
 
 def test_a_window_refusal_decided_in_the_same_batch_is_forgiven_too(

@@ -591,6 +591,7 @@ class Plan:
                     tripped is not None
                     and tripped.detector == "loop"
                     and (row.scope, row.fingerprint) in windowed
+                    and counts.forgiven(row.scope, row.fingerprint, guards.retries) < guards.retries
                 ):
                     return i  # tripped perhaps only by a refusal before it: decided after it
                 self.tripped[i] = tripped
