@@ -23,7 +23,7 @@ from .ledger.api import (
     agents_own,
     deciding_order,
     failed_attempt,
-    window_refusal,
+    window_refusals_counted,
 )
 from .ledger.plan import Counts
 from .meter.decode import compressed, request_coding_problem
@@ -547,7 +547,7 @@ def _guard_counts(db: str, row: DecisionRow, guards: Guards) -> Counts:
         where = {"scope": row.scope, "fingerprint": row.fingerprint}
         if guards.max_repeats is not None:
             (found,) = reader.query(
-                f"SELECT COUNT(*) AS n, COUNT(CASE WHEN {window_refusal()} THEN 1 END) AS w "
+                f"SELECT COUNT(*) AS n, {window_refusals_counted()} AS w "
                 "FROM decisions WHERE scope = :scope "
                 f"AND fingerprint = :fingerprint AND {agents_own()}",
                 where,

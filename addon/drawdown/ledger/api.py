@@ -92,6 +92,11 @@ def window_refusal(prefix: str = "") -> str:
     return f"({p}decision = 'deny' AND {p}reason_code = 'budget_exhausted' AND {p}status = 429)"
 
 
+def window_refusals_counted(prefix: str = "") -> str:
+    """SQL: an aggregate, how many of the rows are budget windows' refusals."""
+    return f"COUNT(CASE WHEN {window_refusal(prefix)} THEN 1 END)"
+
+
 def is_window_refusal(decision: str | None, reason_code: str | None, status: int | None) -> bool:
     """window_refusal(), for a row in hand."""
     return (decision, reason_code, status) == WINDOW_REFUSAL

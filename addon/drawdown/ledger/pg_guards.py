@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from .api import DecisionRow, Guards, agents_own, failed_attempt, window_refusal
+from .api import DecisionRow, Guards, agents_own, failed_attempt, window_refusals_counted
 from .plan import Counts, GuardKeys, step_cap
 
 # Sorted by hash, taken in that order (the subquery keeps the order for the outer call).
@@ -31,7 +31,7 @@ SELECT pg_advisory_xact_lock(s.h) FROM (
 REPEATS = f"""
 SELECT k.scope, k.fp, s.n, s.w FROM unnest(%s::text[], %s::text[], %s::int[]) AS k(scope, fp, cap)
 CROSS JOIN LATERAL (
-    SELECT COUNT(*) AS n, COUNT(CASE WHEN {window_refusal("d.")} THEN 1 END) AS w FROM (
+    SELECT COUNT(*) AS n, {window_refusals_counted("d.")} AS w FROM (
         SELECT d.decision, d.reason_code, d.status FROM decisions d
         WHERE d.scope = k.scope AND d.fingerprint = k.fp AND {agents_own("d.reason_code")}
         LIMIT k.cap) d) s

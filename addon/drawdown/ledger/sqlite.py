@@ -55,7 +55,7 @@ from .api import (
     agents_own,
     failed_attempt,
     foreign_tables,
-    window_refusal,
+    window_refusals_counted,
 )
 from .dsn import sqlite_path
 from .plan import (
@@ -144,7 +144,7 @@ FAILED = (
 # Counted up to a cap (GuardKeys): the index finds the run's rows, the LIMIT stops the count;
 # a budget window's refusals among them, which the loop guard forgives, in the same walk.
 REPEATS = (
-    f"SELECT COUNT(*), COUNT(CASE WHEN {window_refusal()} THEN 1 END) FROM ("
+    f"SELECT COUNT(*), {window_refusals_counted()} FROM ("
     "SELECT decision, reason_code, status FROM decisions "
     f"WHERE scope = ? AND fingerprint = ? AND {STEP} LIMIT ?)"
 )
